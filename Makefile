@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine:
+#   make test        set up .venv (once) and run the whole test suite
+#
+# The environment is built in .venv at the repo root. torch is installed FIRST: any requirement that
+# admits a newer torch, resolved before torch is present, would pull the multi-GB CUDA build. Where a
+# torch already exists in the system Python (NVIDIA's PyTorch containers), the venv reuses it through
+# --system-site-packages instead of installing another one. GPU extras are never installed here:
+# `pip install -e .[gpu]` by hand on a CUDA machine.
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+VPY := $(VENV)/bin/python
+# The stamp changes whenever the install recipe or setup.py changes, so `make` re-syncs exactly then.
+STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: test setup clean-venv
+
+setup: $(STAMP)
+
+$(STAMP):
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "[setup] system torch found: venv with --system-site-packages"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(VPY) -m pip install -q --upgrade pip; \
+		echo "[setup] installing $(TORCH_SPEC) first"; \
+		$(VPY) -m pip install -q "$(TORCH_SPEC)"; \
+	fi
+	$(VPY) -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

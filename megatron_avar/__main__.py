@@ -1,0 +1,4 @@
+from megatron_avar.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The `avar` command (also `python -m megatron_avar`): one subcommand per job.
+
+Each subcommand lives in the module that owns its concept and exposes ``register(subparsers)``,
+which adds its parser and sets ``handler`` (a function of the parsed namespace returning an exit
+code). Those modules keep heavy imports (torch models, datasets) inside their handlers, so
+``avar --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute subcommands, in the order `avar --help` lists them.
+SUBCOMMAND_MODULES = (
+    "megatron_avar.data.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avar",
+        description="AVAR (attention-guided multimodal reasoning) on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(title="subcommands", dest="subcommand", metavar="SUBCOMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr if args.subcommand is None else sys.stdout)
+        return 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

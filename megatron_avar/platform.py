@@ -1,0 +1,177 @@
+"""The single place that knows which accelerator stack is present.
+
+Everything else asks this module (never `torch.cuda.is_available()` directly, never `import
+transformer_engine` to probe): whether CUDA, Transformer Engine, Triton's GPU backend and vLLM are
+usable, which device and collective backend a rank uses, and, only when CUDA is absent, how to make
+megatron-core run on the CPU.
+
+Why a CPU compatibility layer is needed at all: megatron-core 0.16.1 calls CUDA unconditionally
+(`torch.cuda.current_device()` as a device, literal ``device="cuda"`` in the pipeline schedules and
+DDP buffers, ``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizer, CUDA RNG state in
+the tensor-parallel RNG tracker). :func:`enable_megatron_on_cpu` patches exactly those entry points and
+installs a ``TorchFunctionMode`` that maps ``cuda`` devices to the CPU. It is idempotent and is a
+no-op on a machine with CUDA, so training code calls :func:`prepare_megatron` unconditionally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "cuda_available",
+    "transformer_engine_available",
+    "triton_gpu_available",
+    "vllm_available",
+    "device_for_local_rank",
+    "distributed_backend",
+    "prepare_megatron",
+    "enable_megatron_on_cpu",
+    "megatron_cpu_mode_active",
+]
+
+
+@functools.cache
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def transformer_engine_available() -> bool:
+    """True only with CUDA and an installed Transformer Engine.
+
+    Transformer Engine's import raises RuntimeError (not ImportError) without a GPU, so presence is
+    checked through the import system's metadata and the module is imported only when CUDA exists.
+    """
+    if not cuda_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+@functools.cache
+def triton_gpu_available() -> bool:
+    """True when Triton can compile kernels for a GPU here (not the CPU interpreter)."""
+    if not cuda_available() or importlib.util.find_spec("triton") is None:
+        return False
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@functools.cache
+def vllm_available() -> bool:
+    return cuda_available() and importlib.util.find_spec("vllm") is not None
+
+
+def device_for_local_rank(local_rank: int | None = None) -> torch.device:
+    """The device a rank computes on: ``cuda:LOCAL_RANK`` with CUDA, else the CPU."""
+    if not cuda_available():
+        return torch.device("cpu")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def distributed_backend() -> str:
+    """The torch.distributed backend: NCCL on GPUs, gloo on CPUs (gloo has every collective megatron uses)."""
+    return "nccl" if cuda_available() else "gloo"
+
+
+def prepare_megatron() -> None:
+    """Make megatron-core usable on this machine; call before building any megatron module."""
+    if not cuda_available():
+        enable_megatron_on_cpu()
+
+
+_CPU = torch.device("cpu")
+
+
+def _cpu_if_cuda(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    if isinstance(device, int):  # `torch.device(torch.cuda.current_device())`-style integer ordinals
+        return _CPU
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` in factory calls, ``tensor.to("cuda")`` and ``tensor.cuda()`` to the CPU.
+
+    megatron's optimizer and grad clipping check ``param.type()`` against CUDA tensor type names, so the
+    type string is reported with the ``torch.cuda.`` prefix as it would be on a GPU.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs = dict(kwargs, device=_cpu_if_cuda(kwargs["device"]))
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_cpu_if_cuda(a) if isinstance(a, (str, torch.device)) else a for a in args)
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str):
+            if out.startswith("torch.") and not out.startswith("torch.cuda."):
+                out = "torch.cuda." + out[len("torch."):]
+        return out
+
+
+class _NoOpStream:
+    """Stands in for a CUDA stream: megatron's DDP and p2p code only orders work on streams."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        return None
+
+
+_cpu_mode: _CudaToCpuMode | None = None
+
+
+def megatron_cpu_mode_active() -> bool:
+    return _cpu_mode is not None
+
+
+def enable_megatron_on_cpu() -> None:
+    """Patch the CUDA entry points megatron-core uses so it runs on a CPU-only torch. Idempotent.
+
+    Raises RuntimeError if called where CUDA exists: then megatron must run on the GPU unchanged.
+    """
+    global _cpu_mode
+    if cuda_available():
+        raise RuntimeError("enable_megatron_on_cpu() is for machines without CUDA; call prepare_megatron()")
+    if _cpu_mode is not None:
+        return
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.random.default_generator.manual_seed(seed)
+    torch.cuda.manual_seed_all = lambda seed: torch.random.default_generator.manual_seed(seed)
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NoOpStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    # The tensor-parallel RNG tracker saves/restores CUDA generator states; use the CPU generator.
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+
+    _cpu_mode = _CudaToCpuMode()
+    _cpu_mode.__enter__()

