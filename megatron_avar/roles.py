@@ -1,0 +1,260 @@
+"""Token roles: every token of a rendered conversation gets exactly one role, assigned while the chat
+template is rendered segment by segment (AVAR_SPEC.md, "Token roles").
+
+The conversation is rendered as a list of segments, each a piece of template text with the role its
+tokens take: the system turn, role headers, user text, image placeholders (already expanded to the
+number of tokens the vision encoder produces for that image), assistant content. The joined text is
+tokenized ONCE, so ``input_ids`` are exactly the ids Hugging Face's ``apply_chat_template`` + Qwen2.5-VL
+processor produce, and each token takes the role of the segment its characters come from (tokenizer
+offsets). Roles are never guessed by decoding, string search or character ratios.
+
+One case needs a rule: byte-level BPE can merge characters across a segment boundary (a user text that
+starts with a newline merges with the newline of ``<|im_start|>user\\n``). Such a token takes the role of
+the content segment it covers (USER_TEXT, RESPONSE or SYSTEM), never TEMPLATE: it carries content, and
+for RESPONSE it is a token the model must learn to produce.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["TokenRole", "NUM_ROLES", "RenderedConversation", "render_conversation", "load_image", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+class TokenRole(enum.IntEnum):
+    """Role of a token; ids can be passed straight to `role_attention` as ``key_roles`` (PAD = -1)."""
+
+    SYSTEM = 0  # the whole system turn `<|im_start|>system\n … <|im_end|>\n` (position 0: the attention sink)
+    IMAGE = 1  # `<|image_pad|>` tokens, one per merged 2x2 patch
+    USER_TEXT = 2  # the user's own text
+    RESPONSE = 3  # assistant content and its closing `<|im_end|>`
+    TEMPLATE = 4  # role headers, the user's `<|im_end|>\n`, `<|vision_start|>`, `<|vision_end|>`, the `\n` after an assistant `<|im_end|>`
+    PAD = -1  # padding; never attended to
+
+
+NUM_ROLES = 5  # roles with a non-negative id
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what the Qwen2.5-VL template renders when none is given
+
+# Tokens whose literal text inside a message would change the conversation's structure or its image count.
+_STRUCTURAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_pad|>",
+)
+
+_CONTENT_ROLE = {"system": TokenRole.SYSTEM, "user": TokenRole.USER_TEXT, "assistant": TokenRole.RESPONSE}
+
+
+@dataclass
+class RenderedConversation:
+    """A tokenized conversation with one role per token.
+
+    input_ids: int64 [S]; roles: int64 [S] (TokenRole values); labels: int64 [S], the token id on RESPONSE
+    tokens and IGNORE_INDEX (-100) elsewhere (unshifted: position i holds token i); pixel_values: float32
+    [num_patches, 3*2*14*14] or None; image_grid_thw: int64 [num_images, 3] or None. The number of IMAGE
+    tokens of image k is prod(image_grid_thw[k]) // merge_size**2. text: the rendered template text
+    (image placeholders expanded).
+    """
+
+    input_ids: torch.Tensor
+    roles: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    text: str
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+
+def load_image(image: Any, image_root: str | Path | None = None):
+    """A PIL RGB image from a PIL image or a path (relative paths resolve against ``image_root``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, (str, Path)):
+        raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_absolute() and image_root is not None:
+        path = Path(image_root) / path
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path} (image paths are relative to the data file's folder)")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"image file {path} is unreadable or corrupt ({error}); re-export it as PNG/JPEG") from error
+
+
+def _content_items(message: dict, index: int) -> list[dict]:
+    """The message content as a list of {"type": "text"|"image", ...} items, validated."""
+    content = message["content"]
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"messages[{index}].content must be a string or a list of items, got {type(content).__name__}")
+    items = []
+    for item_index, item in enumerate(content):
+        where = f"messages[{index}].content[{item_index}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be a dict like {{'type': 'text', 'text': ...}}, got {type(item).__name__}")
+        kind = item.get("type")
+        if kind is None:  # the HF template also accepts {"image": ...} / {"text": ...} without a type
+            kind = "image" if "image" in item else "text" if "text" in item else None
+        if kind == "image":
+            if item.get("image") is None:
+                raise ValueError(f"{where} is an image item without an 'image' (PIL image or path)")
+            items.append({"type": "image", "image": item["image"]})
+        elif kind == "text":
+            if not isinstance(item.get("text"), str):
+                raise ValueError(f"{where} is a text item without a string 'text'")
+            items.append({"type": "text", "text": item["text"]})
+        else:
+            raise ValueError(f"{where} has type {kind!r}; supported item types are 'text' and 'image' (no video)")
+    return items
+
+
+def _check_text(text: str, where: str) -> None:
+    for token in _STRUCTURAL_TOKENS:
+        if token in text:
+            raise ValueError(
+                f"{where} contains the literal special token {token!r}: images must be given as "
+                "{'type': 'image', 'image': ...} items and turns as separate messages, never as special-token text"
+            )
+
+
+def _validated_messages(messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, list[dict]]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content'")
+        role = message["role"]
+        if role not in _CONTENT_ROLE:
+            raise ValueError(f"messages[{index}].role is {role!r}; allowed: 'system', 'user', 'assistant'")
+        if role == "system" and index != 0:
+            raise ValueError(f"messages[{index}] is a system message; only the first message may be a system turn")
+        items = _content_items(message, index)
+        for item in items:
+            if item["type"] == "text":
+                _check_text(item["text"], f"messages[{index}]")
+        if role == "assistant" and not any(item["type"] == "text" and item["text"].strip() for item in items):
+            raise ValueError(f"messages[{index}] is an empty assistant turn; drop the sample or give the response")
+        turns.append((role, items))
+    if add_generation_prompt and turns[-1][0] == "assistant":
+        raise ValueError("add_generation_prompt=True needs a conversation that ends with a user turn")
+    return turns
+
+
+def _segments(turns, image_token_counts: list[int], image_pad: str) -> list[tuple[str, TokenRole]]:
+    """The chat template of Qwen2.5-VL, as (text, role) segments. Joined, the texts equal the template's
+    output with each `<|image_pad|>` expanded to its token count."""
+    segments: list[tuple[str, TokenRole]] = []
+    if turns[0][0] != "system":
+        segments.append((f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n", TokenRole.SYSTEM))
+    image_index = 0
+    for role, items in turns:
+        in_system = role == "system"
+        frame_role = TokenRole.SYSTEM if in_system else TokenRole.TEMPLATE
+        segments.append((f"<|im_start|>{role}\n", frame_role))
+        for item in items:
+            if item["type"] == "image":
+                segments.append(("<|vision_start|>", frame_role))
+                segments.append((image_pad * image_token_counts[image_index], TokenRole.IMAGE))
+                segments.append(("<|vision_end|>", frame_role))
+                image_index += 1
+            elif item["text"]:
+                segments.append((item["text"], _CONTENT_ROLE[role]))
+        if role == "assistant":
+            segments.append(("<|im_end|>", TokenRole.RESPONSE))
+            segments.append(("\n", TokenRole.TEMPLATE))
+        else:
+            segments.append(("<|im_end|>\n", frame_role))
+    return segments
+
+
+def _roles_from_offsets(segments, offsets) -> list[int]:
+    starts, position = [], 0
+    for text, _ in segments:
+        starts.append(position)
+        position += len(text)
+    roles = []
+    for token_index, (begin, end) in enumerate(offsets):
+        if end <= begin:
+            raise RuntimeError(f"token {token_index} has an empty character span; cannot assign its role")
+        first = bisect.bisect_right(starts, begin) - 1
+        last = bisect.bisect_right(starts, end - 1) - 1
+        covered = {segments[k][1] for k in range(first, last + 1) if segments[k][0]}
+        content = covered - {TokenRole.TEMPLATE}
+        if len(content) > 1:
+            raise RuntimeError(f"token {token_index} spans segments of roles {sorted(content)}; this template is not supported")
+        roles.append(int(next(iter(content)) if content else TokenRole.TEMPLATE))
+    return roles
+
+
+def render_conversation(
+    messages: Sequence[dict],
+    processor,
+    *,
+    add_generation_prompt: bool = False,
+    image_root: str | Path | None = None,
+) -> RenderedConversation:
+    """Render a conversation with the Qwen2.5-VL chat template and return ids, roles, labels and images.
+
+    Args:
+        messages: the Hugging Face chat format, a list of {"role": "system"|"user"|"assistant", "content":
+            str or a list of {"type": "text", "text": str} / {"type": "image", "image": PIL image or path}}.
+            Any number of images. The system turn, if any, comes first; without one the template's default
+            system prompt is rendered (as Qwen2.5-VL does).
+        processor: a Qwen2.5-VL processor (see `megatron_avar.processor.load_processor`).
+        add_generation_prompt: end with `<|im_start|>assistant\\n` (a prompt for generation).
+        image_root: the folder relative image paths are resolved against.
+
+    Raises ValueError naming the message and the fix for: unknown roles, a system turn not first, literal
+    special tokens in text, an empty assistant turn, missing or unreadable image files.
+    """
+    turns = _validated_messages(messages, add_generation_prompt)
+    images = [load_image(item["image"], image_root) for _, items in turns for item in items if item["type"] == "image"]
+    pixel_values = image_grid_thw = None
+    image_token_counts: list[int] = []
+    if images:
+        vision = processor.image_processor(images=images, return_tensors="pt")
+        pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"].long()
+        merge_length = processor.image_processor.merge_size**2
+        image_token_counts = [int(thw.prod()) // merge_length for thw in image_grid_thw]
+
+    segments = _segments(turns, image_token_counts, processor.image_token)
+    if add_generation_prompt:
+        segments.append(("<|im_start|>assistant\n", TokenRole.TEMPLATE))
+    text = "".join(segment for segment, _ in segments)
+    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    roles = torch.tensor(_roles_from_offsets(segments, encoding["offset_mapping"]), dtype=torch.long)
+
+    num_image_tokens = int((input_ids == processor.image_token_id).sum())
+    if num_image_tokens != sum(image_token_counts) or int((roles == TokenRole.IMAGE).sum()) != num_image_tokens:
+        raise RuntimeError(
+            f"rendered {num_image_tokens} image tokens for {sum(image_token_counts)} vision-encoder features"
+        )
+    labels = torch.where(roles == TokenRole.RESPONSE, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return RenderedConversation(input_ids, roles, labels, pixel_values, image_grid_thw, text)
