@@ -156,7 +156,7 @@ def load_processor(
 
     Args:
         path: a directory holding an HF Qwen2.5-VL tokenizer (tokenizer.json / vocab.json + merges.txt) and
-            preprocessor_config.json; its chat template is read from chat_template.jinja/.json or
+            preprocessor_config.json (or a transformers-5 processor_config.json); its chat template is read from chat_template.jinja/.json or
             tokenizer_config.json (the packaged Qwen2.5-VL template where none is given).
         min_pixels, max_pixels: override the image preprocessing pixel bounds (images are resized so that
             their pixel count lies in [min_pixels, max_pixels], each side a multiple of 28).
@@ -177,9 +177,9 @@ def load_processor(
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
-        if not (path / "preprocessor_config.json").is_file():
+        if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
             raise ValueError(
-                f"{path} has no preprocessor_config.json: not a Qwen2.5-VL model directory "
+                f"{path} has neither preprocessor_config.json nor processor_config.json: not a Qwen2.5-VL model directory "
                 "(pass path=None for the offline default processor)"
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
