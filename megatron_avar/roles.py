@@ -24,7 +24,15 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["TokenRole", "NUM_ROLES", "RenderedConversation", "render_conversation", "load_image", "IGNORE_INDEX"]
+__all__ = [
+    "TokenRole",
+    "NUM_ROLES",
+    "IGNORE_INDEX",
+    "RenderedConversation",
+    "render_conversation",
+    "validate_messages",
+    "load_image",
+]
 
 IGNORE_INDEX = -100
 
@@ -142,7 +150,11 @@ def _check_text(text: str, where: str) -> None:
             )
 
 
-def _validated_messages(messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, list[dict]]]:
+def validate_messages(messages: Sequence[dict], add_generation_prompt: bool = False) -> list[tuple[str, list[dict]]]:
+    """Check a conversation against the chat format; return it as (role, content items) turns.
+
+    Content strings become one text item (the template renders both forms identically).
+    """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     turns = []
@@ -233,7 +245,7 @@ def render_conversation(
     Raises ValueError naming the message and the fix for: unknown roles, a system turn not first, literal
     special tokens in text, an empty assistant turn, missing or unreadable image files.
     """
-    turns = _validated_messages(messages, add_generation_prompt)
+    turns = validate_messages(messages, add_generation_prompt)
     images = [load_image(item["image"], image_root) for _, items in turns for item in items if item["type"] == "image"]
     pixel_values = image_grid_thw = None
     image_token_counts: list[int] = []

@@ -1,0 +1,335 @@
+"""The conversation record format: one home for reading, validating and writing conversation datasets.
+
+A record is one JSON object (a jsonl line) or one parquet row:
+
+    {"id": "geo-17",                                   # optional, unique string; defaults to "<file>:<line>"
+     "messages": [                                     # the Hugging Face chat format
+        {"role": "system", "content": "..."},          # optional, first only
+        {"role": "user", "content": [{"type": "image", "image": "images/geo-17.png"},
+                                     {"type": "text", "text": "What is x?"}]},
+        {"role": "assistant", "content": "<think>...</think><answer>3</answer>"}],
+     "answer": "3",                                    # optional ground truth (GRPO rewards, evaluation)
+     "metadata": {"source": "geo3k"}}                  # optional, free-form JSON object
+
+- Image paths are relative to the data file's folder, or absolute. In parquet an image item may instead
+  hold the encoded bytes, as {"bytes": b"...", "path": "name.png"} (what `write_conversations` writes).
+- LLaVA-style records are accepted too: a top-level "images" list of paths and one "<image>"
+  placeholder per image in the message texts, in order. They are rewritten into image items.
+- Unknown top-level keys are errors: a typo like "answers" must not silently drop the ground truth.
+
+Loaded, a dataset has one canonical Arrow schema, so records of any origin mix and shard freely:
+``id``, ``messages`` (content always a list of {"type", "text"} items; an image item's text is null),
+``images`` (the images in order of appearance, a `datasets.Image` sequence: path or embedded bytes),
+``answer`` and ``metadata`` (JSON text). `to_chat_messages(row)` turns a row back into the chat format
+with PIL images, ready for `megatron_avar.roles.render_conversation`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from megatron_avar.roles import validate_messages
+
+__all__ = [
+    "RECORD_KEYS",
+    "LLAVA_IMAGE_PLACEHOLDER",
+    "load_conversations",
+    "normalize_record",
+    "to_chat_messages",
+    "write_conversations",
+]
+
+RECORD_KEYS = ("id", "messages", "answer", "metadata", "images")
+LLAVA_IMAGE_PLACEHOLDER = "<image>"
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _features():
+    from datasets import Features, Image, List, Value
+
+    item = {"type": Value("string"), "text": Value("string")}
+    return Features(
+        {
+            "id": Value("string"),
+            "messages": List({"role": Value("string"), "content": List(item)}),
+            "images": List(Image()),
+            "answer": Value("string"),
+            "metadata": Value("string"),
+        }
+    )
+
+
+def _check_image_file(path: Path, where: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"{where}: image file not found: {path} (paths are relative to the data file's folder)")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{where}: image file {path} is unreadable or corrupt ({error})") from error
+
+
+def _check_image_bytes(data: bytes, where: str) -> None:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{where}: embedded image bytes are unreadable or corrupt ({error})") from error
+
+
+def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
+    """An image reference as the Arrow image struct {"bytes", "path"}, checked to be readable."""
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        _check_image_bytes(image["bytes"], where)
+        return {"bytes": image["bytes"], "path": image.get("path")}
+    if isinstance(image, dict):
+        image = image.get("path")
+    if not isinstance(image, (str, os.PathLike)) or not str(image):
+        raise ValueError(f"{where}: an image must be a file path (or embedded bytes in parquet), got {type(image).__name__}")
+    path = Path(image)
+    if not path.is_absolute():
+        path = base_dir / path
+    _check_image_file(path, where)
+    return {"bytes": None, "path": str(path.resolve())}
+
+
+def _expand_llava_placeholders(messages: list, images: list, where: str) -> list:
+    """Rewrite "<image>" placeholders in texts (LLaVA style) into image items, in order."""
+    if not isinstance(images, list):
+        raise ValueError(f"{where}: 'images' must be a list of image paths")
+    num_placeholders, expanded = 0, []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, (str, list)):
+            expanded.append(message)  # validate_messages reports the malformed turn
+            continue
+        new_items = []
+        for item in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            text = item.get("text") if isinstance(item, dict) and item.get("type", "text") == "text" else None
+            if not isinstance(text, str):
+                new_items.append(item)
+                continue
+            for index, piece in enumerate(text.split(LLAVA_IMAGE_PLACEHOLDER)):
+                if index > 0:
+                    if num_placeholders < len(images):
+                        new_items.append({"type": "image", "image": images[num_placeholders]})
+                    num_placeholders += 1
+                if piece:
+                    new_items.append({"type": "text", "text": piece})
+        expanded.append({**message, "content": new_items})
+    if num_placeholders != len(images):
+        raise ValueError(
+            f"{where}: {num_placeholders} '{LLAVA_IMAGE_PLACEHOLDER}' placeholders but {len(images)} images; "
+            "give exactly one placeholder per entry of 'images'"
+        )
+    return expanded
+
+
+def normalize_record(record: Any, base_dir: Path, where: str) -> dict:
+    """Validate one record and return it in the canonical schema (see module docstring).
+
+    ``where`` names the record in error messages (e.g. "data.jsonl line 12").
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(RECORD_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; a record may have {list(RECORD_KEYS)}")
+    if "messages" not in record:
+        raise ValueError(f"{where}: missing 'messages' (a list of chat turns)")
+    messages = record["messages"]
+    if record.get("images") is not None:
+        messages = _expand_llava_placeholders(list(messages), record["images"], where)
+    try:
+        turns = validate_messages(messages)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+    images, canonical_messages = [], []
+    for role, items in turns:
+        content = []
+        for item in items:
+            if item["type"] == "image":
+                images.append(_resolve_image(item["image"], base_dir, where))
+                content.append({"type": "image", "text": None})
+            else:
+                content.append({"type": "text", "text": item["text"]})
+        canonical_messages.append({"role": role, "content": content})
+
+    answer = record.get("answer")
+    if answer is not None and not isinstance(answer, (str, int, float)):
+        raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    metadata = record.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"{where}: 'metadata' must be a JSON object")
+    record_id = record.get("id", where)
+    if not isinstance(record_id, (str, int)):
+        raise ValueError(f"{where}: 'id' must be a string")
+    return {
+        "id": str(record_id),
+        "messages": canonical_messages,
+        "images": images,
+        "answer": None if answer is None else str(answer),
+        "metadata": None if metadata is None else json.dumps(metadata, sort_keys=True),
+    }
+
+
+def _inline_canonical_images(row: dict, where: str) -> dict:
+    """A row in the canonical schema (image items without payload, images in an 'images' column, metadata as
+    JSON text) back in the chat format; other rows (chat format, LLaVA style) are returned unchanged."""
+    if isinstance(row.get("metadata"), str):
+        try:
+            row["metadata"] = json.loads(row["metadata"])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: 'metadata' text is not valid JSON ({error})") from None
+    image_items = [
+        item for message in row.get("messages") or [] if isinstance(message.get("content"), list)
+        for item in message["content"] if isinstance(item, dict) and item.get("type") == "image"
+    ]
+    if not image_items or any(item.get("image") is not None for item in image_items):
+        return row
+    images = row.pop("images", None) or []
+    if len(images) != len(image_items):
+        raise ValueError(f"{where}: {len(image_items)} image items but {len(images)} entries in 'images'")
+    for item, image in zip(image_items, images):
+        item["image"] = image
+    return row
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in _DATA_SUFFIXES:
+            raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {list(_DATA_SUFFIXES)}")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in _DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"{path}: no {'/'.join(_DATA_SUFFIXES)} files in this folder")
+        return files
+    raise ValueError(f"data path not found: {path}")
+
+
+def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for index, row in enumerate(pq.read_table(file).to_pylist()):
+            where = f"{file.name} row {index}"
+            yield _inline_canonical_images({k: v for k, v in row.items() if v is not None}, where), where
+        return
+    with file.open(encoding="utf-8") as handle:
+        if file.suffix == ".json":
+            records = json.load(handle)
+            if not isinstance(records, list):
+                raise ValueError(f"{file}: a .json data file must hold a list of records (or use .jsonl)")
+            for index, record in enumerate(records):
+                yield record, f"{file.name} record {index}"
+            return
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file.name} line {line_number}: not valid JSON ({error})") from None
+            yield record, f"{file.name} line {line_number}"
+
+
+def load_conversations(path: str | Path):
+    """Load and validate a conversation dataset: a .jsonl/.json/.parquet file, a folder of them, or a
+    folder written by `datasets.Dataset.save_to_disk` in the canonical schema. Returns a `datasets.Dataset`.
+
+    Every record is validated before anything is returned; the first bad record raises ValueError naming
+    the file, the line/row, the problem and the fix. Duplicate ids are errors.
+    """
+    import datasets
+
+    path = Path(path)
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        dataset = datasets.load_from_disk(str(path))
+        if set(dataset.column_names) != set(_features()):
+            raise ValueError(f"{path}: a saved dataset must have the columns {sorted(_features())}")
+        return dataset.cast(_features())
+    records, seen_ids = [], {}
+    for file in _data_files(path):
+        for raw, where in _raw_records(file):
+            record = normalize_record(raw, file.parent, where)
+            if record["id"] in seen_ids:
+                raise ValueError(f"{where}: duplicate id {record['id']!r} (first seen at {seen_ids[record['id']]})")
+            seen_ids[record["id"]] = where
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return datasets.Dataset.from_list(records, features=_features())
+
+
+def to_chat_messages(row: dict) -> list[dict]:
+    """A canonical dataset row back in the chat format, images as PIL images (in order of appearance)."""
+    images = iter(row["images"])
+    messages = []
+    for message in row["messages"]:
+        content = []
+        for item in message["content"]:
+            if item["type"] == "image":
+                content.append({"type": "image", "image": next(images)})
+            else:
+                content.append({"type": "text", "text": item["text"]})
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _embedded_image(image) -> dict:
+    """An image (PIL, or an Arrow {"bytes", "path"} struct) as a struct holding its encoded bytes."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, Image.Image):  # rows of a loaded dataset decode images; PNG keeps pixels exact
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    if image.get("bytes") is not None:
+        return image
+    return {"bytes": Path(image["path"]).read_bytes(), "path": Path(image["path"]).name}
+
+
+def write_conversations(rows: Iterable[dict], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write canonical rows (e.g. a loaded dataset) to one parquet file with the image bytes embedded
+    (files are embedded as they are; decoded PIL images are encoded as PNG).
+
+    The file is written next to its destination and renamed into place, so a crash never leaves a
+    half-written dataset, and an existing file is replaced only with ``overwrite=True``.
+    """
+    import datasets
+
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise ValueError(f"{path}: write_conversations writes parquet; name the file *.parquet")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists; pass overwrite=True to replace it")
+    embedded = []
+    for row in rows:
+        images = []
+        for image in row["images"]:
+            images.append(_embedded_image(image))
+        embedded.append({**row, "images": images})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = datasets.Dataset.from_list(embedded, features=_features())
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        dataset.to_parquet(str(tmp_path))
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,114 @@
+"""The conversation record format: loading (jsonl, json, parquet, folders), validation errors, round trips."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from megatron_avar.data.conversations import load_conversations, to_chat_messages, write_conversations
+from megatron_avar.processor import load_processor
+from megatron_avar.roles import TokenRole, render_conversation
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "images" / "red.png")
+    Image.new("RGB", (30, 90), "blue").save(tmp_path / "images" / "blue.png")
+    return tmp_path
+
+
+def _record(**overrides):
+    record = {
+        "id": "s1",
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "images/red.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "<think>It is red.</think><answer>red</answer>"},
+        ],
+        "answer": "red",
+    }
+    record.update(overrides)
+    return record
+
+
+def test_jsonl_loads_and_renders_like_the_inline_conversation(folder, processor):
+    text_only = {"id": "s2", "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}], "answer": 2}
+    dataset = load_conversations(_write_jsonl(folder / "data.jsonl", [_record(metadata={"source": "toy"}), text_only]))
+    assert len(dataset) == 2 and dataset[0]["id"] == "s1" and dataset[1]["answer"] == "2"
+    assert json.loads(dataset[0]["metadata"]) == {"source": "toy"} and dataset[1]["images"] == []
+    rendered = render_conversation(to_chat_messages(dataset[0]), processor)
+    direct = render_conversation(_record()["messages"], processor, image_root=folder)
+    assert torch.equal(rendered.input_ids, direct.input_ids) and torch.equal(rendered.pixel_values, direct.pixel_values)
+    assert int((rendered.roles == TokenRole.IMAGE).sum()) > 0
+
+
+def test_parquet_round_trip_embeds_images_and_survives_the_source_files(folder, processor):
+    dataset = load_conversations(_write_jsonl(folder / "data.jsonl", [_record()]))
+    original_row = dataset[0]
+    original = render_conversation(to_chat_messages(original_row), processor)
+    out = write_conversations(dataset, folder / "out" / "train.parquet")
+    (folder / "images" / "red.png").unlink()  # the parquet must not depend on the original files
+    reloaded = load_conversations(out)
+    assert reloaded[0]["messages"] == original_row["messages"]
+    from_parquet = render_conversation(to_chat_messages(reloaded[0]), processor)
+    assert torch.equal(from_parquet.pixel_values, original.pixel_values)
+    assert torch.equal(from_parquet.input_ids, original.input_ids)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        write_conversations(reloaded, out)
+
+
+def test_llava_style_placeholders_become_image_items(folder):
+    record = {"id": "l1", "images": ["images/red.png", "images/blue.png"],
+              "messages": [{"role": "user", "content": "<image>Left, <image> right: which is red?"},
+                           {"role": "assistant", "content": "left"}]}
+    row = load_conversations(_write_jsonl(folder / "d.jsonl", [record]))[0]
+    assert [item["type"] for item in row["messages"][0]["content"]] == ["image", "text", "image", "text"]
+    assert [image.size for image in row["images"]] == [(64, 48), (30, 90)]
+
+
+def test_folder_of_files_loads_in_name_order(folder):
+    _write_jsonl(folder / "b.jsonl", [_record(id="b")])
+    _write_jsonl(folder / "a.jsonl", [_record(id="a")])
+    assert load_conversations(folder)["id"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (_record(answers="red"), r"unknown keys \['answers'\]"),
+        (_record(messages=[{"role": "user", "content": [{"type": "image", "image": "images/none.png"}]}]), "image file not found"),
+        (_record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]), "empty assistant turn"),
+        (_record(images=["images/red.png"], messages=[{"role": "user", "content": "no placeholder"}]), "0 '<image>' placeholders but 1 images"),
+        (_record(messages=[{"role": "user", "content": "see <|image_pad|>"}]), "literal special token"),
+        ({"id": "x"}, "missing 'messages'"),
+    ],
+)
+def test_bad_records_name_the_line_and_the_problem(folder, record, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_conversations(_write_jsonl(folder / "bad.jsonl", [_record(id="ok"), record]))
+    assert "bad.jsonl line 2" in str(error.value)
+
+
+def test_corrupt_image_duplicate_ids_and_bad_json_are_reported(folder):
+    (folder / "images" / "broken.png").write_bytes(b"\x89PNG garbage")
+    broken = _record(messages=[{"role": "user", "content": [{"type": "image", "image": "images/broken.png"}]}])
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        load_conversations(_write_jsonl(folder / "c.jsonl", [broken]))
+    with pytest.raises(ValueError, match="duplicate id 's1'"):
+        load_conversations(_write_jsonl(folder / "c.jsonl", [_record(), _record()]))
+    (folder / "c.jsonl").write_text(json.dumps(_record()) + "\n{not json\n")
+    with pytest.raises(ValueError, match="c.jsonl line 2: not valid JSON"):
+        load_conversations(folder / "c.jsonl")
+    with pytest.raises(ValueError, match="data path not found"):
+        load_conversations(folder / "nope.jsonl")
