@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Modules that contribute subcommands, in the order `avar --help` lists them.
@@ -36,7 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr if args.subcommand is None else sys.stdout)
         return 2
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ValueError as error:
+        # Bad input raises ValueError with a message that names the problem and the fix: show just that.
+        # AVAR_DEBUG=1 shows the traceback too.
+        if os.environ.get("AVAR_DEBUG") == "1":
+            raise
+        print(f"avar {args.subcommand}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""The `avar` command: help lists the subcommands; data generate + validate end to end; clean errors."""
+
+import json
+import subprocess
+import sys
+
+from megatron_avar.cli import main
+
+
+def test_help_lists_subcommands():
+    result = subprocess.run([sys.executable, "-m", "megatron_avar", "--help"], capture_output=True, text=True, check=True)
+    assert "data" in result.stdout and "SUBCOMMAND" in result.stdout
+
+
+def test_generate_then_validate(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["data", "generate", "--out", str(out), "--num-samples", "4", "--image-size", "112", "84"]) == 0
+    assert len((out / "data.jsonl").read_text().splitlines()) == 4
+    capsys.readouterr()
+    assert main(["data", "validate", str(out), "--max-pixels", str(28 * 28 * 64)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 4 and summary["images"] == 4 and summary["with_answer"] == 4
+    assert summary["image_tokens"] >= 4 and summary["tokens_min"] > 20
+    assert main(["data", "validate", str(out), "--max-length", "10", "--max-pixels", str(28 * 28 * 64)]) == 1
+
+
+def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["data", "generate", "--out", str(out), "--num-samples", "2"]) == 0
+    assert main(["data", "generate", "--out", str(out), "--num-samples", "2"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["data", "generate", "--out", str(tmp_path / "x"), "--kinds", "count_colour,unicorns"]) == 2
+    assert "unknown kind(s) ['unicorns']" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "messages": [], "answer": "1"}\n')
+    assert main(["data", "validate", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl line 1" in capsys.readouterr().err
