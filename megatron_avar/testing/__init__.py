@@ -1,0 +1,19 @@
+"""Helpers for tests: run a function on several gloo/NCCL ranks, build megatron modules with identical
+logical weights at any TP/PP layout.
+
+    from megatron_avar.testing import run_on_ranks, RankFailedError, RanksTimedOutError
+"""
+
+from megatron_avar.testing.multiprocess import (
+    MultiprocessError,
+    RankFailedError,
+    RanksTimedOutError,
+    run_on_ranks,
+)
+
+__all__ = [
+    "run_on_ranks",
+    "MultiprocessError",
+    "RankFailedError",
+    "RanksTimedOutError",
+]

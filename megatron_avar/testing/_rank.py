@@ -1,0 +1,114 @@
+"""The child side of :func:`megatron_avar.testing.run_on_ranks`: what one rank does, start to exit.
+
+This module is also the forkserver's preload (see ``multiprocess.py`` for why a forkserver): importing
+it imports torch and megatron-core once in the server, so every rank forked from it starts with them
+already loaded. Nothing here may start threads or run torch ops at import time: the server must stay
+single-threaded for its forks to be safe.
+
+Protocol with the parent, over one ``Connection`` per rank: exactly one message, either
+``("ok", pickled_result)`` or ``("error", exception_type_name, traceback_text)``. A rank that exits
+without a message (``os._exit``, a signal, a crash in C++) is detected by the parent through the
+process sentinel.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import pickle
+import sys
+import traceback
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar import platform
+from megatron_avar.testing.multiprocess import STACK_DUMP_SIGNAL
+
+with warnings.catch_warnings():
+    # megatron-core warns at import that Transformer Engine / apex are absent: expected on CPU.
+    warnings.simplefilter("ignore")
+    try:
+        import megatron.core  # noqa: F401  (preloaded for the ranks; the import costs ~4-5 s)
+        import megatron.core.models.gpt  # noqa: F401
+        import megatron.core.pipeline_parallel  # noqa: F401
+    except ImportError:  # the harness itself does not need megatron
+        pass
+
+
+def rank_main(
+    conn,
+    rank: int,
+    world_size: int,
+    store_port: int,
+    environ: dict[str, str],
+    sys_path: list[str],
+    cwd: str,
+    payload: bytes,
+    log_path: str,
+    timeout_s: float,
+) -> None:
+    """Run one rank: environment, process group, ``fn(*args, **kwargs)``, teardown, reply.
+
+    The rank's stdout/stderr (fds 1 and 2, so C++ output too) go to ``log_path``; the parent replays
+    it. ``environ``/``sys_path``/``cwd`` are the caller's at call time: the forkserver captured its own
+    when it started, which may be stale.
+    """
+    log = open(log_path, "w", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=log, all_threads=True)
+    try:
+        os.environ.clear()
+        os.environ.update(environ)
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(store_port),
+        )
+        sys.path[:] = sys_path + [p for p in sys.path if p not in sys_path]
+        os.chdir(cwd)
+        # The ranks share the machine's cores; more threads than cores makes every collective wait on
+        # the slowest, oversubscribed rank.
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world_size))
+        fn, args, kwargs = pickle.loads(payload)
+        _init_process_group(rank, world_size, store_port, timeout_s)
+        result = fn(*args, **kwargs)
+        _teardown()
+        message = ("ok", pickle.dumps(result))
+    except BaseException as exc:  # noqa: BLE001 - every failure, SystemExit included, goes to the parent
+        message = ("error", type(exc).__qualname__, traceback.format_exc())
+    conn.send(message)
+    conn.close()
+    log.flush()
+
+
+def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float) -> None:
+    # The parent owns the TCPStore server (port chosen by the OS while binding, so no race with other
+    # runs for a "free" port); ranks connect as clients. A rank that finishes early therefore cannot
+    # take the store down under the others, as rank 0 hosting it would.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(
+        platform.distributed_backend(),
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,  # a rank stuck in a collective errors out even if the parent vanished
+    )
+
+
+def _teardown() -> None:
+    """Destroy megatron's parallel state (if the test initialised it) and the default process group."""
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,129 @@
+"""run_on_ranks: results in rank order, working collectives, prompt and informative failures."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_avar import platform
+from megatron_avar.testing import RankFailedError, RanksTimedOutError, run_on_ranks
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _report_rank(offset, *, scale):
+    rank = dist.get_rank()
+    summed = torch.tensor([float(rank + offset)])
+    dist.all_reduce(summed)
+    gathered = [torch.zeros(2) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([rank, rank * scale], dtype=torch.float32))
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "AVAR_TEST_MARKER")
+    return {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "backend": dist.get_backend(),
+        "env": {key: os.environ.get(key) for key in env_keys},
+        "sum": summed.item(),
+        "gathered": torch.stack(gathered),
+    }
+
+
+def test_results_in_rank_order_and_collectives_work():
+    results = run_on_ranks(_report_rank, 3, 10, scale=3, timeout_s=120, env={"AVAR_TEST_MARKER": "x"})
+
+    assert [r["rank"] for r in results] == [0, 1, 2]
+    ports = {r["env"]["MASTER_PORT"] for r in results}
+    assert len(ports) == 1 and int(ports.pop()) > 0
+    for rank, r in enumerate(results):
+        assert r["world_size"] == 3
+        assert r["backend"] == platform.distributed_backend()
+        assert r["env"]["RANK"] == r["env"]["LOCAL_RANK"] == str(rank)
+        assert r["env"]["WORLD_SIZE"] == "3"
+        assert r["env"]["MASTER_ADDR"] == "127.0.0.1"
+        assert r["env"]["AVAR_TEST_MARKER"] == "x"
+        assert r["sum"] == 10 * 3 + (0 + 1 + 2)
+        torch.testing.assert_close(r["gathered"], torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, 6.0]]))
+
+
+def _init_megatron_and_record_teardown(record_dir):
+    """Leaves megatron's parallel state initialised; records the harness's teardown calls in a file."""
+    from megatron.core import parallel_state
+
+    record = os.path.join(record_dir, f"rank{dist.get_rank()}")
+
+    def recording(name, original):
+        def wrapper(*args, **kwargs):
+            if not args and not kwargs:  # megatron destroys its subgroups through the same function
+                with open(record, "a") as f:
+                    f.write(name + "\n")
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
+    parallel_state.destroy_model_parallel = recording("megatron", parallel_state.destroy_model_parallel)
+    dist.destroy_process_group = recording("process_group", dist.destroy_process_group)
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def test_megatron_parallel_state_and_process_group_are_destroyed(tmp_path):
+    assert run_on_ranks(_init_megatron_and_record_teardown, 2, str(tmp_path), timeout_s=120) == [0, 1]
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}").read_text().split() == ["megatron", "process_group"]
+
+
+def _fail_on_rank_one():
+    if dist.get_rank() == 1:
+        raise ValueError("deliberate failure on rank one")
+    dist.all_reduce(torch.zeros(1))  # never completes: rank 1 does not join
+    return "unreachable"
+
+
+def _die_on_rank_zero():
+    if dist.get_rank() == 0:
+        os._exit(7)  # no exception, no message: only the exit is visible
+    dist.barrier()
+
+
+def test_failing_rank_reports_traceback_and_others_do_not_hang():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        run_on_ranks(_fail_on_rank_one, 2, timeout_s=120)
+    assert time.monotonic() - start < 30, "rank 0 blocked in all_reduce must be killed, not waited for"
+    err = info.value
+    assert err.rank == 1 and err.exception_type == "ValueError"
+    message = str(err)
+    assert "rank 1 of 2" in message
+    assert "deliberate failure on rank one" in message
+    assert "_fail_on_rank_one" in message and "Traceback (most recent call last)" in message
+
+    with pytest.raises(RankFailedError, match=r"rank 0 of 2 exited without a result \(exit code 7\)"):
+        run_on_ranks(_die_on_rank_zero, 2, timeout_s=120)
+
+
+def _hang_on_rank_one():
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    return "done"
+
+
+def test_timeout_names_unfinished_ranks_and_shows_their_stacks():
+    start = time.monotonic()
+    with pytest.raises(RanksTimedOutError) as info:
+        run_on_ranks(_hang_on_rank_one, 2, timeout_s=4)
+    assert time.monotonic() - start < 4 + 10
+    assert info.value.unfinished_ranks == [1]
+    message = str(info.value)
+    assert "ranks [1] of 2 did not finish" in message and "finished: [0]" in message
+    assert "_hang_on_rank_one" in message, "the stack dump should show where rank 1 was stuck"
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="world_size"):
+        run_on_ranks(_report_rank, 0, 1, scale=1)
+    with pytest.raises(ValueError, match="timeout_s"):
+        run_on_ranks(_report_rank, 2, 1, scale=1, timeout_s=0)
+    with pytest.raises(ValueError, match="module-level function"):
+        run_on_ranks(lambda: None, 2)
