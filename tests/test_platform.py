@@ -1,0 +1,63 @@
+"""The platform module is the single place that knows the device stack, and it makes megatron-core run on CPU."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_avar import platform
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_avar"
+
+
+def test_no_other_module_branches_on_the_device():
+    # Only platform.py may probe CUDA / Transformer Engine / vLLM; everything else asks it.
+    probe = re.compile(r"torch\.cuda\.is_available|import transformer_engine|import vllm|find_spec\(\"(transformer_engine|vllm)\"\)")
+    offenders = [
+        str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+        if path.name != "platform.py" and probe.search(path.read_text())
+    ]
+    assert offenders == []
+
+
+@pytest.mark.skipif(platform.cuda_available(), reason="checks the CPU-only answers")
+def test_cpu_machine_reports_no_gpu_stack():
+    assert not platform.transformer_engine_available()
+    assert not platform.triton_gpu_available()
+    assert not platform.vllm_available()
+    assert platform.distributed_backend() == "gloo"
+    assert platform.device_for_local_rank(3).type == "cpu"
+
+
+@pytest.mark.skipif(platform.cuda_available(), reason="the CPU compatibility layer is for machines without CUDA")
+def test_megatron_runs_on_cpu_after_prepare():
+    # In a subprocess: the compatibility layer is process-global by design.
+    script = """
+import torch
+from megatron_avar import platform
+platform.prepare_megatron(); platform.prepare_megatron()  # idempotent
+assert platform.megatron_cpu_mode_active()
+assert torch.zeros(2, device="cuda").device.type == "cpu"
+assert torch.ones(1).cuda().device.type == "cpu" and torch.ones(1).to("cuda:0").device.type == "cpu"
+assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # what megatron's optimizer checks
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+store = dist.HashStore()
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+parallel_state.initialize_model_parallel(1, 1)
+tensor_parallel.model_parallel_cuda_manual_seed(1)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True)
+model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=64, max_sequence_length=16)
+tokens = torch.randint(0, 64, (1, 8)); positions = torch.arange(8)[None]
+mask = torch.triu(torch.ones(1, 1, 8, 8, dtype=torch.bool), 1)
+model(tokens, positions, mask, labels=tokens).mean().backward()
+print("ok", next(model.parameters()).device)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok cpu")
