@@ -112,8 +112,8 @@ def _hang_on_rank_one():
 def test_timeout_names_unfinished_ranks_and_shows_their_stacks():
     start = time.monotonic()
     with pytest.raises(RanksTimedOutError) as info:
-        run_on_ranks(_hang_on_rank_one, 2, timeout_s=4)
-    assert time.monotonic() - start < 4 + 10
+        run_on_ranks(_hang_on_rank_one, 2, timeout_s=2)
+    assert time.monotonic() - start < 2 + 10  # + forkserver start when this test runs alone
     assert info.value.unfinished_ranks == [1]
     message = str(info.value)
     assert "ranks [1] of 2 did not finish" in message and "finished: [0]" in message

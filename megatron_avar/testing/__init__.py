@@ -2,6 +2,7 @@
 logical weights at any TP/PP layout.
 
     from megatron_avar.testing import run_on_ranks, RankFailedError, RanksTimedOutError
+    from megatron_avar.testing import fill_logical_weights, gather_full_tensors, global_named_parameters
 """
 
 from megatron_avar.testing.multiprocess import (
@@ -10,10 +11,20 @@ from megatron_avar.testing.multiprocess import (
     RanksTimedOutError,
     run_on_ranks,
 )
+from megatron_avar.testing.weights import (
+    fill_logical_weights,
+    gather_full_tensors,
+    global_named_parameters,
+    logical_tensor,
+)
 
 __all__ = [
     "run_on_ranks",
     "MultiprocessError",
     "RankFailedError",
     "RanksTimedOutError",
+    "fill_logical_weights",
+    "gather_full_tensors",
+    "global_named_parameters",
+    "logical_tensor",
 ]

@@ -54,7 +54,7 @@ _PRELOAD = ["megatron_avar.testing._rank"]
 # Sent to a rank before it is killed on timeout: its faulthandler dumps every thread's Python stack.
 STACK_DUMP_SIGNAL = signal.SIGUSR1
 _KILL_GRACE_S = 2.0  # SIGTERM first, SIGKILL after this
-_STACK_DUMP_WAIT_S = 1.0
+_STACK_DUMP_WAIT_S = 0.5  # faulthandler writes from its C signal handler: milliseconds
 _LOG_TAIL_LINES = 80
 
 
@@ -98,8 +98,9 @@ def run_on_ranks(
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (all ranks are local), and ``torch.distributed`` is
     initialised with ``platform.distributed_backend()`` before ``fn`` runs. Each rank gets
     ``cores // world_size`` torch threads. What ranks print is written to this process's stderr once
-    they finish (so pytest shows it with a failing test). ``timeout_s`` bounds the whole call,
-    process start included; it also becomes the process group's collective timeout.
+    they finish (so pytest shows it with a failing test). ``timeout_s`` bounds the run from the moment
+    all ranks are forked (the forkserver's one-time start is not counted); it is also the process
+    group's collective timeout.
 
     Raises ValueError for bad arguments or an unpicklable ``fn``/arguments, :class:`RankFailedError`,
     :class:`RanksTimedOutError`.
@@ -139,6 +140,8 @@ def run_on_ranks(
                 process.start()
                 child_conn.close()  # so that a dead rank reads as EOF here
                 ranks.append(_Rank(rank, process, parent_conn))
+            # The clock starts once every rank is forked, so the forkserver's one-time start (~5 s,
+            # the first call of a process) is not charged to the first caller's timeout.
             return _collect(ranks, time.monotonic() + timeout_s, log_paths)
         finally:
             _stop(ranks)
