@@ -422,7 +422,7 @@ def _bar_chart(rng: np.random.Generator, config: ProceduralConfig) -> TaskParts:
     margin_top, margin_bottom = round(0.06 * height) + 2, round(1.5 * font_size) + 6
     chart_w, chart_h = width - margin_left - margin_right, height - margin_top - margin_bottom
     low, high = {1: (3, 4), 2: (4, 6), 3: (5, 8)}[difficulty]
-    high = max(3, min(high, chart_w // 10))
+    high = max(3, min(high, chart_w // max(10, round(1.5 * font_size))))  # letters stay apart
     num_bars = int(rng.integers(min(low, high), high + 1))
     tallest = difficulty < 3 or rng.random() < 0.5
     gap_px = max(2, round({1: 0.15, 2: 0.07, 3: 0.03}[difficulty] * chart_h))
