@@ -554,19 +554,23 @@ def generate_tasks(config: ProceduralConfig) -> Iterator[ProceduralTask]:
         yield generate_task(kind, rng, config, task_id=f"{kind}-s{config.seed}-{index:06d}")
 
 
-def task_record(task: ProceduralTask, image_path: str) -> dict:
-    """The conversation record of `task`, its image referenced by `image_path` (relative to the
-    JSON-lines file). The assistant turn is present only when the task has reasoning."""
+def task_record(task: ProceduralTask, image_path: str, config: ProceduralConfig) -> dict:
+    """The task as a record of the project's conversation format (megatron_avar.data.conversations),
+    its image referenced by `image_path` (relative to the JSON-lines file). The assistant turn is
+    present only when the task has reasoning. The task kind goes into "metadata", the format's place
+    for free-form fields (its loader rejects unknown top-level keys)."""
     messages: list[dict] = [{"role": "user", "content": [{"type": "image", "image": image_path},
                                                          {"type": "text", "text": task.question}]}]
     if task.reasoning is not None:
         messages.append({"role": "assistant", "content": task.reasoning})
-    return {"id": task.id, "messages": messages, "answer": task.answer, "kind": task.kind}
+    metadata = {"source": "procedural", "kind": task.kind, "difficulty": config.difficulty,
+                "seed": config.seed}
+    return {"id": task.id, "messages": messages, "answer": task.answer, "metadata": metadata}
 
 
 def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write out_dir/images/<id>.png and out_dir/data.jsonl (one task_record per line); return the
-    path of data.jsonl.
+    """Write out_dir/images/<id>.png and out_dir/data.jsonl (one task_record per line, loadable with
+    megatron_avar.data.conversations.load_conversations); return the path of data.jsonl.
 
     Atomic: everything is written into a temporary folder next to out_dir and renamed into place, so
     a crash leaves either the old dataset or the new one, never a mix. An existing non-empty out_dir
@@ -584,7 +588,7 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
             for task in generate_tasks(config):
                 relative = f"images/{task.id}.png"
                 (staging / relative).write_bytes(task.png_bytes())
-                jsonl.write(json.dumps(task_record(task, relative), ensure_ascii=False) + "\n")
+                jsonl.write(json.dumps(task_record(task, relative, config), ensure_ascii=False) + "\n")
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

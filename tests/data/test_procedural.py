@@ -348,8 +348,9 @@ def test_write_dataset_records_and_images(tmp_path):
     tasks = list(generate_tasks(config))
     assert len(records) == len(tasks)
     for record, task in zip(records, tasks):
-        assert set(record) == {"id", "messages", "answer", "kind"}
-        assert (record["id"], record["answer"], record["kind"]) == (task.id, task.answer, task.kind)
+        assert set(record) == {"id", "messages", "answer", "metadata"}
+        assert (record["id"], record["answer"]) == (task.id, task.answer)
+        assert record["metadata"] == {"source": "procedural", "kind": task.kind, "difficulty": 1, "seed": 2}
         user, assistant = record["messages"]
         image_part, text_part = user["content"]
         assert user["role"] == "user" and image_part == {"type": "image", "image": f"images/{task.id}.png"}
@@ -360,6 +361,17 @@ def test_write_dataset_records_and_images(tmp_path):
         with Image.open(image_file) as image:
             assert image.mode == "RGB" and image.size == (128, 96)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"], "no temporary folders left behind"
+
+
+def test_written_dataset_loads_with_the_project_loader(tmp_path):
+    from megatron_avar.data.conversations import load_conversations
+
+    config = ProceduralConfig(num_samples=4, seed=8)
+    write_dataset(config, tmp_path / "ds")
+    dataset = load_conversations(tmp_path / "ds")
+    tasks = list(generate_tasks(config))
+    assert dataset["id"] == [t.id for t in tasks] and dataset["answer"] == [t.answer for t in tasks]
+    assert [json.loads(m)["kind"] for m in dataset["metadata"]] == [t.kind for t in tasks]
 
 
 def test_write_dataset_without_reasoning_has_only_the_user_turn(tmp_path):
