@@ -212,14 +212,24 @@ def _where(cx: float, cy: float, image_size: tuple[int, int]) -> str:
     return row if col == "centre" else f"{row} {col}"
 
 
+def _grid_shape(image_size: tuple[int, int], cells_per_side: int) -> tuple[int, int]:
+    """(columns, rows) of about cells_per_side**2 roughly square cells, each at least 16 px wide and
+    high, so wide and tall images get wide and tall grids."""
+    width, height = image_size
+    target = cells_per_side**2
+    columns = max(1, round(math.sqrt(target * width / height)))
+    rows = max(1, round(target / columns))
+    return max(1, min(columns, width // 16)), max(1, min(rows, height // 16))
+
+
 def _grid_cells(rng: np.random.Generator, image_size: tuple[int, int], cells_per_side: int,
                 count: int) -> list[tuple[float, float, float, float]]:
-    """`count` distinct random cells of a cells_per_side grid as (x0, y0, width, height), in
-    reading order. Shapes kept inside their cells never touch."""
-    grid = min(cells_per_side, max(2, min(image_size) // 16))
-    width, height = image_size[0] / grid, image_size[1] / grid
-    chosen = sorted(rng.choice(grid * grid, size=min(count, grid * grid), replace=False).tolist())
-    return [((c % grid) * width, (c // grid) * height, width, height) for c in chosen]
+    """`count` distinct random cells of the _grid_shape grid as (x0, y0, width, height), in reading
+    order. Shapes kept inside their cells never touch."""
+    columns, rows = _grid_shape(image_size, cells_per_side)
+    width, height = image_size[0] / columns, image_size[1] / rows
+    chosen = sorted(rng.choice(columns * rows, size=min(count, columns * rows), replace=False).tolist())
+    return [((c % columns) * width, (c // columns) * height, width, height) for c in chosen]
 
 
 def _place_in_cell(rng: np.random.Generator, cell: tuple[float, float, float, float],
@@ -261,8 +271,8 @@ def _count_colour(rng: np.random.Generator, config: ProceduralConfig) -> TaskPar
     palette = [str(name) for name in rng.choice(list(COLOURS), size=num_colours, replace=False)]
     target = palette[0]
 
-    grid = min(cells_per_side, max(2, min(image_size) // 16))
-    num_cells = grid * grid
+    columns, rows = _grid_shape(image_size, cells_per_side)
+    num_cells = columns * rows
     num_shapes = int(rng.integers(max(2, num_cells // 3), max(3, round(num_cells * 0.8)) + 1))
     num_target = int(rng.integers(1, min(max_target, num_shapes - 1) + 1))
     colours = [target] * num_target + [str(c) for c in rng.choice(palette[1:], size=num_shapes - num_target)]
