@@ -22,15 +22,14 @@ font (no system font), so PNG bytes are identical for the same numpy and Pillow 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
-import dataclasses
 import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -62,6 +61,7 @@ COLOURS: dict[str, Colour] = {
 }
 
 SHAPES = ("circle", "square", "triangle")
+TASK_KINDS: tuple[str, ...] = ("count_colour", "right_triangle", "bar_chart", "largest_shape")
 MIN_IMAGE_SIDE = 56
 MAX_IMAGE_SIDE = 4096
 
@@ -80,7 +80,7 @@ class ProceduralConfig:
     difficulty: int = 1
     """1, 2 or 3: more shapes/bars, more distractor colours, smaller gaps, smaller labels and harder
     questions as it grows."""
-    kinds: tuple[str, ...] = ("count_colour", "right_triangle", "bar_chart", "largest_shape")
+    kinds: tuple[str, ...] = TASK_KINDS
     """Task kinds to cycle through (sample i gets kinds[i % len(kinds)]); names from TASK_KINDS, no
     repeats."""
     with_reasoning: bool = True
@@ -90,6 +90,7 @@ class ProceduralConfig:
         for name in ("num_samples", "seed", "difficulty"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(f"ProceduralConfig.{name} must be an int, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))  # numpy ints -> int (JSON)
         if self.num_samples < 1:
             raise ValueError(f"ProceduralConfig.num_samples must be >= 1, got {self.num_samples}")
         if self.seed < 0:
@@ -101,7 +102,7 @@ class ProceduralConfig:
                 or not all(MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE for s in size)):
             raise ValueError(f"ProceduralConfig.image_size must be (width, height) with integers in "
                              f"[{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}], got {size!r}")
-        object.__setattr__(self, "image_size", tuple(size))
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         if isinstance(self.kinds, str) or not isinstance(self.kinds, (tuple, list)) or not self.kinds:
             raise ValueError(f"ProceduralConfig.kinds must be a non-empty tuple of names from "
                              f"{list(TASK_KINDS)}, got {self.kinds!r}")
@@ -274,6 +275,7 @@ def _count_colour(rng: np.random.Generator, config: ProceduralConfig) -> TaskPar
     columns, rows = _grid_shape(image_size, cells_per_side)
     num_cells = columns * rows
     num_shapes = int(rng.integers(max(2, num_cells // 3), max(3, round(num_cells * 0.8)) + 1))
+    assert num_shapes <= num_cells, (num_shapes, num_cells)
     num_target = int(rng.integers(1, min(max_target, num_shapes - 1) + 1))
     colours = [target] * num_target + [str(c) for c in rng.choice(palette[1:], size=num_shapes - num_target)]
     colours = [colours[i] for i in rng.permutation(num_shapes)]
@@ -534,7 +536,7 @@ _GENERATORS: dict[str, Callable[[np.random.Generator, ProceduralConfig], TaskPar
     "bar_chart": _bar_chart,
     "largest_shape": _largest_shape,
 }
-TASK_KINDS: tuple[str, ...] = tuple(_GENERATORS)
+assert tuple(_GENERATORS) == TASK_KINDS
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -582,16 +584,22 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
     """Write out_dir/images/<id>.png and out_dir/data.jsonl (one task_record per line, loadable with
     megatron_avar.data.conversations.load_conversations); return the path of data.jsonl.
 
-    Atomic: everything is written into a temporary folder next to out_dir and renamed into place, so
-    a crash leaves either the old dataset or the new one, never a mix. An existing non-empty out_dir
-    is replaced only with overwrite=True."""
+    Atomic: everything is written into a hidden folder next to out_dir and renamed into place, so an
+    interrupted run leaves either the old dataset or the new one, never a mix. An existing non-empty
+    out_dir is replaced only with overwrite=True, and only if it holds nothing but what this
+    function writes (data.jsonl, images/): a mistyped --out never deletes an unrelated folder."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if existing and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    foreign = [name for name in existing if name not in ("data.jsonl", "images")]
+    if foreign:
+        raise ValueError(f"{out_dir} holds {foreign[:5]}, which write_dataset did not write; refusing to "
+                         f"replace it even with overwrite=True (remove it yourself or pick another folder)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = _sibling_dir(out_dir, "tmp")
     try:
         (staging / "images").mkdir()
         with open(staging / "data.jsonl", "w", encoding="utf-8") as jsonl:
@@ -599,11 +607,25 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
                 relative = f"images/{task.id}.png"
                 (staging / relative).write_bytes(task.png_bytes())
                 jsonl.write(json.dumps(task_record(task, relative, config), ensure_ascii=False) + "\n")
+            jsonl.flush()
+            os.fsync(jsonl.fileno())
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir / "data.jsonl"
+
+
+def _sibling_dir(path: Path, tag: str) -> Path:
+    """A new hidden folder next to `path`, with the default (umask) permissions, unlike mkdtemp's 0700,
+    so the renamed dataset stays readable by the group."""
+    while True:
+        candidate = path.parent / f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -612,7 +634,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     if not target.exists():
         os.replace(new, target)
         return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    backup = _sibling_dir(target, "old")
     os.rmdir(backup)
     os.replace(target, backup)
     try:

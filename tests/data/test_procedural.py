@@ -394,6 +394,23 @@ def test_write_dataset_refuses_to_overwrite_and_keeps_old_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+def test_write_dataset_never_replaces_a_folder_it_did_not_write(tmp_path):
+    out_dir = tmp_path / "precious"
+    (out_dir / "images").mkdir(parents=True)
+    (out_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"\['notes.txt'\].*even with overwrite=True"):
+        write_dataset(ProceduralConfig(num_samples=1), out_dir, overwrite=True)
+    assert (out_dir / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_written_dataset_has_default_permissions(tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    write_dataset(ProceduralConfig(num_samples=1), tmp_path / "ds")
+    assert (tmp_path / "ds").stat().st_mode == reference.stat().st_mode
+
+
 def test_write_dataset_into_an_existing_empty_folder(tmp_path):
     (tmp_path / "ds").mkdir()
     assert len(_read_dataset(write_dataset(ProceduralConfig(num_samples=2), tmp_path / "ds"))) == 2
