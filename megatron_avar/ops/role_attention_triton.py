@@ -1,0 +1,556 @@
+"""Triton kernels for role-mass attention (the GPU path of :func:`megatron_avar.ops.role_attention`).
+
+Design: FlashAttention-2 (Tri Dao, https://tridao.me/publications/flash2/flash2.pdf) as laid out in
+Triton's fused-attention tutorial (python/tutorials/06-fused-attention.py): the forward walks key
+tiles with an online softmax in base 2 and keeps only the row log-sum-exp; the backward recomputes P
+per tile, with one kernel for dK/dV (per key tile) and one for dQ (per query tile), so nothing is
+accumulated with atomics and results are deterministic. Written here from that design, not copied.
+
+What is added to the tutorial's kernels:
+* Role masses: inside the forward tile loop, per role r, the masked row sum of P over the tile's
+  keys of role r is added to an fp32 accumulator [BLOCK_M, R] that is rescaled by the running max
+  exactly like the output accumulator (selects and adds only; no extra exponentials).
+* Backward through the masses: with upstream gradient g[i, r] on mass[i, r], dS_ij gains
+  P_ij * (g[i, role_j] - sum_r g[i, r] mass[i, r]); the row term is folded into the usual
+  D_i = dO_i . O_i, so dS_ij = P_ij * (dP_ij + g[i, role_j] - D_i).
+* Masks beyond causal: key padding (role -1), per-query key windows [row_start, row_end) for packed
+  (THD) samples, and rows with no allowed key (out 0, mass 0, log-sum-exp +inf so the backward's P
+  is exactly 0).
+* Per-role logit edits on rows where query_mask is set: z = (q.k) * scale * role_scale + role_bias.
+* GQA: q head h reads kv head h // G; the dK/dV kernel loops over the G query heads of a kv head.
+
+Under TRITON_INTERPRET=1 (CPU tests) the same kernels run in Triton's interpreter, with two
+adjustments (both interpreter traps measured in ENVIRONMENT.md): tl.dot operands are cast to fp32
+(bf16 dots return garbage there) and one fixed block configuration replaces autotuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_avar import platform
+from megatron_avar.ops.role_attention import RoleAttentionProblem
+
+# Whether @triton.jit below produces interpreted functions: decided by Triton at decoration time.
+INTERPRETING = bool(triton.knobs.runtime.interpret)
+
+# Block sizes used under the interpreter (each program instance costs milliseconds there, so fewer,
+# larger blocks are faster); tests may lower them to get several tiles on short sequences.
+INTERPRETER_BLOCK_M = 32
+INTERPRETER_BLOCK_N = 32
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_rows(Ptr, offs, n, other):
+    return tl.load(Ptr + offs, mask=offs < n, other=other)
+
+
+@triton.jit
+def _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab, head,
+                 sm_scale_log2, NUM_ROLES: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Base-2 logits of a [BLOCK_M, BLOCK_N] tile (-inf where not allowed) and the factor c2 with
+    d(logit2)/d(q.k) = c2 (a scalar when there is no per-role scale)."""
+    allowed = roles_n[None, :] >= 0
+    if CAUSAL:
+        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_WINDOWS:
+        allowed = allowed & (offs_n[None, :] >= row_start_m[:, None]) & (offs_n[None, :] < row_end_m[:, None])
+    if HAS_SCALE:
+        role_scale = tl.load(ScaleTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=1.0)
+        c2 = tl.where(qmask_m[:, None], role_scale[None, :] * sm_scale_log2, sm_scale_log2)
+    else:
+        c2 = sm_scale_log2
+    s = qk * c2
+    if HAS_BIAS:
+        role_bias = tl.load(BiasTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=0.0) * 1.4426950408889634
+        s = s + tl.where(qmask_m[:, None], role_bias[None, :], 0.0)
+    return tl.where(allowed, s, float("-inf")), c2
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Roles, QMask, RowStart, RowEnd, ScaleTab, BiasTab, Out, Mass, Lse,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    seq_len, num_q_heads, group, sm_scale_log2, seq_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, COMPUTE_MASS: tl.constexpr, DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_q_heads).to(tl.int64)
+    head = pid_bh % num_q_heads
+    kv_head = head // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_len
+    d_ok = offs_d < HEAD_DIM
+    tok = batch * seq_len  # offset of this sequence in the [B, S] per-token arrays
+
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qmask_m = row_ok  # placeholder when unused (constexpr branches below decide)
+    if HAS_SCALE or HAS_BIAS:
+        qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
+    row_start_m = offs_m
+    row_end_m = offs_m
+    lo = 0
+    hi = seq_len
+    if HAS_WINDOWS:
+        row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
+        row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
+        lo = tl.load(RowStart + tok + pid_m * BLOCK_M)  # windows are monotone in the row index
+        hi = tl.load(RowEnd + tok + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1)
+    if CAUSAL:
+        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mass_acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < seq_len
+        roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
+        k_t = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None],
+                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k_t = k_t.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, k_t, input_precision=PRECISION)
+        s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
+                             head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing allowed yet keep max -inf: shift by 0 so exp2 gives 0 instead of NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - shift)
+        p = tl.exp2(s - shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if COMPUTE_MASS:
+            mass_acc = mass_acc * alpha[:, None]
+            for r in tl.static_range(NUM_ROLES):
+                role_sum = tl.sum(tl.where(roles_n[None, :] == r, p, 0.0), 1)
+                mass_acc += tl.where(offs_r[None, :] == r, role_sum[:, None], 0.0)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    out = acc * inv_l[:, None]
+    tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    bh_rows = (batch * num_q_heads + head) * seq_len + offs_m  # row index into [B, H, S] arrays
+    # +inf on empty rows: the backward's exp2(s - lse) is then exactly 0 for every key.
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("inf"))
+    tl.store(Lse + bh_rows, lse, mask=row_ok)
+    if COMPUTE_MASS:
+        tl.store(Mass + bh_rows[:, None] * NUM_ROLES + offs_r[None, :], mass_acc * inv_l[:, None],
+                 mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES))
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DOut, Mass, DMass, Delta, stride_ob, stride_os, stride_oh,
+                           stride_db, stride_ds, stride_dh, seq_len, num_q_heads,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, HAS_OUT_GRAD: tl.constexpr,
+                           HAS_MASS_GRAD: tl.constexpr):
+    """Delta[b, h, i] = dO_i . O_i + sum_r g[i, r] mass[i, r] (the softmax-backward row term)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_q_heads).to(tl.int64)
+    head = pid_bh % num_q_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < seq_len
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_OUT_GRAD:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        o = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        delta += tl.sum(o * do, 1)
+    bh_rows = (batch * num_q_heads + head) * seq_len + offs_m
+    if HAS_MASS_GRAD:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask = row_ok[:, None] & (offs_r[None, :] < NUM_ROLES)
+        ptrs = bh_rows[:, None] * NUM_ROLES + offs_r[None, :]
+        delta += tl.sum(tl.load(Mass + ptrs, mask=mask, other=0.0) * tl.load(DMass + ptrs, mask=mask, other=0.0), 1)
+    tl.store(Delta + bh_rows, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Roles, QMask, RowStart, RowEnd, ScaleTab, BiasTab, Lse, Delta, DMass, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
+    seq_len, num_q_heads, group, sm_scale_log2, seq_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile of one kv head: loops over the G query heads sharing it and over the
+    query tiles that may see these keys. dK/dV strides (stride_g*) are those of contiguous [B, S, Hkv, D]."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    num_kv_heads = num_q_heads // group
+    batch = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_head = pid_bh % num_kv_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < seq_len
+    d_ok = offs_d < HEAD_DIM
+    tok = batch * seq_len
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    k_t = tl.trans(k)
+    v_t = tl.trans(v)
+    roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
+
+    lo = 0
+    hi = seq_len
+    if HAS_WINDOWS:  # a key's packed sample is the sample of the query at the same index
+        lo = tl.load(RowStart + tok + pid_n * BLOCK_N)
+        hi = tl.load(RowEnd + tok + tl.minimum(pid_n * BLOCK_N + BLOCK_N, seq_len) - 1)
+    if CAUSAL:
+        lo = tl.maximum(lo, pid_n * BLOCK_N)
+    lo = (lo // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for member in range(0, group):
+        head = kv_head * group + member
+        bh_base = (batch * num_q_heads + head) * seq_len
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            row_ok = offs_m < seq_len
+            q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                q = q.to(tl.float32)
+            qmask_m = row_ok
+            if HAS_SCALE or HAS_BIAS:
+                qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
+            row_start_m = offs_m
+            row_end_m = offs_m
+            if HAS_WINDOWS:
+                row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
+                row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
+            lse = _load_rows(Lse + bh_base, offs_m, seq_len, float("inf"))
+            delta = _load_rows(Delta + bh_base, offs_m, seq_len, 0.0)
+            qk = tl.dot(q, k_t, input_precision=PRECISION)
+            s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
+                                 head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_OUT_GRAD:
+                do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if DOT_FP32:
+                    do = do.to(tl.float32)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, v_t, input_precision=PRECISION)
+            if HAS_MASS_GRAD:  # dP_ij += g[i, role_j]
+                for r in tl.static_range(NUM_ROLES):
+                    g_r = tl.load(DMass + (bh_base + offs_m) * NUM_ROLES + r, mask=row_ok, other=0.0)
+                    dp += tl.where(roles_n[None, :] == r, g_r[:, None], 0.0)
+            ds = p * (dp - delta[:, None])
+            dqk = ds * c2
+            dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision=PRECISION)
+    # c2 carries log2(e) (logits are in base 2); d(natural logit)/d(q.k) = c2 * ln 2.
+    dk = dk * 0.6931471805599453
+    out_off = batch * stride_gb + kv_head * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Roles, QMask, RowStart, RowEnd, ScaleTab, BiasTab, Lse, Delta, DMass, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
+    seq_len, num_q_heads, group, sm_scale_log2, seq_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ of one query tile of one head (stride_g*: dQ's strides)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // num_q_heads).to(tl.int64)
+    head = pid_bh % num_q_heads
+    kv_head = head // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = offs_m < seq_len
+    d_ok = offs_d < HEAD_DIM
+    tok = batch * seq_len
+    bh_base = (batch * num_q_heads + head) * seq_len
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    do = q
+    if HAS_OUT_GRAD:
+        do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        if DOT_FP32:
+            do = do.to(tl.float32)
+    g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    if HAS_MASS_GRAD:
+        g = tl.load(DMass + (bh_base + offs_m)[:, None] * NUM_ROLES + offs_r[None, :],
+                    mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
+    lse = _load_rows(Lse + bh_base, offs_m, seq_len, float("inf"))
+    delta = _load_rows(Delta + bh_base, offs_m, seq_len, 0.0)
+    qmask_m = row_ok
+    if HAS_SCALE or HAS_BIAS:
+        qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
+    row_start_m = offs_m
+    row_end_m = offs_m
+    lo = 0
+    hi = seq_len
+    if HAS_WINDOWS:
+        row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
+        row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
+        lo = tl.load(RowStart + tok + pid_m * BLOCK_M)
+        hi = tl.load(RowEnd + tok + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1)
+    if CAUSAL:
+        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < seq_len
+        roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
+        k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
+                             head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_OUT_GRAD:
+            v_t = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[None, :] * stride_vs + offs_d[:, None],
+                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_FP32:
+                v_t = v_t.to(tl.float32)
+            dp = tl.dot(do, v_t, input_precision=PRECISION)
+        if HAS_MASS_GRAD:  # dP_ij += g[i, role_j]
+            for r in tl.static_range(NUM_ROLES):
+                g_r = tl.sum(tl.where(offs_r[None, :] == r, g, 0.0), 1)
+                dp += tl.where(roles_n[None, :] == r, g_r[:, None], 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot((ds * c2).to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * 0.6931471805599453  # c2 carries log2(e); see _bwd_dkdv_kernel
+    tl.store(DQ + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configuration: autotuned on GPUs, one fixed configuration under the interpreter.
+
+_TUNING_KEYS = ["seq_bucket", "HEAD_DIM", "NUM_ROLES", "CAUSAL", "HAS_WINDOWS", "HAS_SCALE", "HAS_BIAS"]
+
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
+
+
+if INTERPRETING:
+    _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+else:  # Every kernel only stores its outputs (no accumulation across launches): safe to autotune.
+    _fwd = triton.autotune(
+        _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]),
+        key=_TUNING_KEYS + ["COMPUTE_MASS"])(_fwd_kernel)
+    _dkdv = triton.autotune(
+        _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]),
+        key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dkdv_kernel)
+    _dq = triton.autotune(
+        _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]),
+        key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dq_kernel)
+
+
+def _fixed_blocks():
+    """Block sizes passed explicitly when not autotuning (the interpreter)."""
+    return dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N) if INTERPRETING else {}
+
+
+def _check_runnable(problem: RoleAttentionProblem) -> None:
+    q = problem.q
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"impl='triton' supports float32/float16/bfloat16, got {q.dtype}")
+    if INTERPRETING:
+        if q.is_cuda:
+            raise ValueError("TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors; unset it to run on CUDA")
+    elif not (q.is_cuda and platform.triton_gpu_available()):
+        raise ValueError("impl='triton' needs CUDA tensors and Triton's GPU backend (or TRITON_INTERPRET=1 set "
+                         "before importing megatron_avar.ops on a CPU machine); use impl='blockwise' here")
+    if q.shape[-1] > 256:
+        raise ValueError(f"impl='triton' supports head_dim <= 256, got {q.shape[-1]}; use impl='blockwise'")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """Arguments shared by the kernels of one problem (pointers to per-token arrays, flags)."""
+
+    roles: torch.Tensor
+    qmask: torch.Tensor
+    row_start: torch.Tensor
+    row_end: torch.Tensor
+    scale_tab: torch.Tensor
+    bias_tab: torch.Tensor
+    flags: dict
+
+
+def _launch_args(problem: RoleAttentionProblem) -> _Launch:
+    q = problem.q
+    roles = problem.key_roles.to(torch.int32).contiguous()
+    edits = problem.has_edits
+    head_dim = q.shape[-1]
+    # Unused pointer arguments (feature off) get any tensor: the constexpr flags keep them unread.
+    return _Launch(
+        roles=roles,
+        qmask=problem.query_mask.to(torch.int8).contiguous() if edits else roles,
+        row_start=problem.row_start.contiguous() if problem.row_start is not None else roles,
+        row_end=problem.row_end.contiguous() if problem.row_end is not None else roles,
+        scale_tab=problem.logit_scale if edits and problem.logit_scale is not None else q,
+        bias_tab=problem.logit_bias if edits and problem.logit_bias is not None else q,
+        flags=dict(
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NUM_ROLES=problem.num_roles,
+            CAUSAL=problem.causal, HAS_WINDOWS=problem.row_start is not None,
+            HAS_SCALE=edits and problem.logit_scale is not None, HAS_BIAS=edits and problem.logit_bias is not None,
+            # Interpreter trap: tl.dot on bf16/fp16 returns garbage there; fp32 operands are exact.
+            DOT_FP32=INTERPRETING and q.dtype != torch.float32,
+            # fp32 inputs get true fp32 products (as torch.matmul by default), not TF32.
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ),
+    )
+
+
+def _scalars(problem: RoleAttentionProblem):
+    batch, seq_len, num_q_heads, _ = problem.q.shape
+    return dict(seq_len=seq_len, num_q_heads=num_q_heads, group=num_q_heads // problem.k.shape[2],
+                sm_scale_log2=problem.softmax_scale * _LOG2E, seq_bucket=triton.next_power_of_2(seq_len))
+
+
+def _forward(problem: RoleAttentionProblem, compute_mass: bool):
+    """Returns out [B, S, Hq, D], mass [B, Hq, S, R] fp32 (empty [0] if not computed), lse2 [B, Hq, S] fp32."""
+    q, k, v = (_last_dim_contiguous(t) for t in (problem.q, problem.k, problem.v))
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    launch = _launch_args(problem)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    mass = torch.empty(batch, num_q_heads, seq_len, problem.num_roles if compute_mass else 0,
+                       dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_q_heads, seq_len, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
+    _fwd[grid](
+        q, k, v, launch.roles, launch.qmask, launch.row_start, launch.row_end, launch.scale_tab, launch.bias_tab,
+        out, mass, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        **_scalars(problem), **launch.flags, BLOCK_R=triton.next_power_of_2(max(problem.num_roles, 2)),
+        COMPUTE_MASS=compute_mass, **_fixed_blocks(),
+    )
+    return out, mass, lse
+
+
+def _backward(problem: RoleAttentionProblem, out, mass, lse, grad_out, grad_mass):
+    q, k, v = (_last_dim_contiguous(t) for t in (problem.q, problem.k, problem.v))
+    batch, seq_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    launch = _launch_args(problem)
+    flags = dict(launch.flags)
+    block_r = triton.next_power_of_2(max(problem.num_roles, 2))
+    has_out_grad, has_mass_grad = grad_out is not None, grad_mass is not None
+    grad_out = _last_dim_contiguous(grad_out) if has_out_grad else out       # placeholder when absent
+    grad_mass = grad_mass.to(torch.float32).contiguous() if has_mass_grad else lse
+    delta = torch.empty_like(lse)
+    pre_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * num_q_heads)](
+        out, grad_out, mass, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3], seq_len, num_q_heads,
+        HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], NUM_ROLES=problem.num_roles, BLOCK_R=block_r,
+        BLOCK_M=pre_block, HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad,
+    )
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = (q, k, v, grad_out, launch.roles, launch.qmask, launch.row_start, launch.row_end, launch.scale_tab,
+              launch.bias_tab, lse, delta, grad_mass)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
+    grad_flags = dict(HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad, **_fixed_blocks())
+    grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
+    _dkdv[grid_kv](*common, dk, dv, *strides, *dk.stride()[:3], **_scalars(problem), **flags, **grad_flags)
+    grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
+    _dq[grid_q](*common, dq, *strides, *dq.stride()[:3], **_scalars(problem), **flags, BLOCK_R=block_r,
+                **grad_flags)
+    return dq, dk, dv
+
+
+class _TritonRoleAttention(torch.autograd.Function):
+    """Fused forward saving out, mass and the row log-sum-exp; backward recomputes P per tile."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, problem, compute_mass):
+        out, mass, lse = _forward(problem, compute_mass)
+        ctx.problem = dataclasses.replace(problem, q=None, k=None, v=None)
+        ctx.save_for_backward(q, k, v, out, mass, lse)
+        ctx.set_materialize_grads(False)
+        if not compute_mass:
+            ctx.mark_non_differentiable(mass)
+        return out, mass
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_mass):
+        q, k, v, out, mass, lse = ctx.saved_tensors
+        if grad_out is None and grad_mass is None:
+            return None, None, None, None, None
+        problem = dataclasses.replace(ctx.problem, q=q, k=k, v=v)
+        dq, dk, dv = _backward(problem, out, mass, lse, grad_out, grad_mass)
+        return dq, dk, dv, None, None
+
+
+def triton_role_attention(problem: RoleAttentionProblem, compute_mass: bool = True):
+    """Run the Triton kernels on a validated problem; returns (out, mass) like the functional API.
+
+    compute_mass=False skips the mass accumulation (the kernel is then plain FlashAttention-2 with
+    the same masks and edits) and returns an empty mass [B, Hq, S, 0]; it exists for benchmarks
+    that measure what the masses cost.
+    """
+    _check_runnable(problem)
+    return _TritonRoleAttention.apply(problem.q, problem.k, problem.v, problem, compute_mass)
