@@ -120,6 +120,21 @@ def test_timeout_names_unfinished_ranks_and_shows_their_stacks():
     assert "_hang_on_rank_one" in message, "the stack dump should show where rank 1 was stuck"
 
 
+def _multithreaded_matmul():
+    x = torch.randn(512, 512)
+    for _ in range(3):
+        x = torch.tanh(x @ x)
+    return torch.get_num_threads()
+
+
+def test_ranks_can_use_multithreaded_torch_ops():
+    # A rank forked from a process whose OpenMP pool had started deadlocks in its first parallel op:
+    # this fails (times out) if the harness ever forks the caller instead of using the forkserver.
+    torch.matmul(torch.randn(512, 512), torch.randn(512, 512))  # start this process's thread pool
+    cores = len(os.sched_getaffinity(0))
+    assert run_on_ranks(_multithreaded_matmul, 1, timeout_s=30) == [cores]
+
+
 def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="world_size"):
         run_on_ranks(_report_rank, 0, 1, scale=1)

@@ -85,9 +85,11 @@ def rank_main(
         message = ("ok", pickle.dumps(result))
     except BaseException as exc:  # noqa: BLE001 - every failure, SystemExit included, goes to the parent
         message = ("error", type(exc).__qualname__, traceback.format_exc())
+    sys.stdout.flush()  # before replying: the parent may kill the rank any time after the reply
+    sys.stderr.flush()
+    log.flush()
     conn.send(message)
     conn.close()
-    log.flush()
 
 
 def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float) -> None:

@@ -11,19 +11,22 @@
 * nothing finished after ``timeout_s`` -> each unfinished rank's Python stacks are dumped into its log,
   all ranks are killed, and :class:`RanksTimedOutError` names the unfinished ranks and shows the dumps.
 
-Start method: a forkserver with torch and megatron-core preloaded (measured on the 2-core CPU machine,
-two ranks, torch 2.13 CPU; ``import megatron.core`` alone is 4.3 s):
+Start method: a forkserver with torch and megatron-core preloaded. Measured on the 2-core CPU machine
+(torch 2.13 CPU, megatron-core 0.16.1; `import megatron.core` alone takes 4.3 s), 2 ranks, for a
+trivial collective / for the 3-layout GPT check of tests/test_megatron_parallel.py:
 
-* ``spawn``: every rank re-imports torch + megatron: 5-6 s per 2-rank run even for a tiny matmul
-  (both ranks importing on 2 cores at once), every run.
-* ``fork`` of the caller: ~0.3 s, but it DEADLOCKED (first matmul in the child hangs forever) as soon as
-  the caller had run one multi-threaded torch op: the OpenMP (libgomp) pool does not survive fork.
-  ``torch.set_num_threads(1)`` in the child avoids that particular hang, but the caller of a test helper
-  is pytest after arbitrary earlier tests: other threads holding locks (a TCPStore server, tokenizer
-  pools, CUDA contexts on GPU machines) still make fork unsafe.
-* ``forkserver`` preloading ``_rank`` (torch + megatron-core): the server is a fresh interpreter that
-  only imported modules and never ran a parallel region, so its forks are safe; its ~5 s start is paid
-  once per caller process, then a 2-rank run starts in ~0.5 s.
+* ``spawn``: 7.4-7.9 s / 8.7-10.0 s on every call: each rank re-imports torch + megatron, both ranks
+  at once on 2 cores.
+* ``fork`` of a caller that has megatron imported: 0.1-0.2 s / 1.6-1.7 s, but unreliable: once the
+  caller has run a multi-threaded torch op, a rank's first multi-threaded op deadlocks (reproduced:
+  1 rank with 2 threads hangs in its first matmul; the OpenMP (libgomp) pool does not survive fork).
+  It only survives here because 2 ranks on 2 cores get 1 thread each. The caller is pytest after
+  arbitrary other tests, so other threads holding locks (a TCPStore server, tokenizer pools, CUDA on
+  GPU machines) make fork unsafe as well.
+* ``forkserver`` preloading ``_rank`` (torch + megatron-core): 4.3 s for the first call of a process
+  (server start), then 0.2 s / 1.7 s. The server is a fresh interpreter that only imported modules
+  and never ran a parallel region, so its forks are safe (tests/test_multiprocess.py runs a
+  multi-threaded matmul in a rank to keep it so).
 
 ``fn``, its arguments and its return value travel by pickle: ``fn`` must be a module-level function of
 an importable module (a test module is fine), not a lambda or closure. As with any non-fork start
@@ -127,6 +130,7 @@ def run_on_ranks(
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as log_dir:
         log_paths = [os.path.join(log_dir, f"rank{r}.log") for r in range(world_size)]
         ranks = []
+        results = None
         try:
             for rank in range(world_size):
                 parent_conn, child_conn = context.Pipe(duplex=False)
@@ -142,9 +146,11 @@ def run_on_ranks(
                 ranks.append(_Rank(rank, process, parent_conn))
             # The clock starts once every rank is forked, so the forkserver's one-time start (~5 s,
             # the first call of a process) is not charged to the first caller's timeout.
-            return _collect(ranks, time.monotonic() + timeout_s, log_paths)
+            results = _collect(ranks, time.monotonic() + timeout_s, log_paths)
+            return results
         finally:
-            _stop(ranks)
+            # After success the ranks are exiting on their own; after a failure nobody waits for them.
+            _stop(ranks, exit_grace_s=_KILL_GRACE_S if results is not None else 0.0)
             _replay_logs(log_paths)
             del store
 
@@ -224,8 +230,11 @@ def _timeout_error(unfinished: list[int], world_size: int, log_paths: list[str],
     )
 
 
-def _stop(ranks: list[_Rank]) -> None:
-    """Terminate (then kill) every rank still running; reap all of them."""
+def _stop(ranks: list[_Rank], exit_grace_s: float) -> None:
+    """Let ranks exit for ``exit_grace_s``, then terminate (and finally kill) the rest; reap all."""
+    deadline = time.monotonic() + exit_grace_s
+    for r in ranks:
+        r.process.join(timeout=max(0.0, deadline - time.monotonic()))
     for r in ranks:
         if r.process.is_alive():
             _signal(r.process, signal.SIGTERM)
