@@ -1,0 +1,325 @@
+"""Typed Qwen2.5-VL configuration, read from a Hugging Face config, and the megatron-core configs built from it.
+
+    config = Qwen25VLConfig.from_hf("/path/to/Qwen2.5-VL-7B-Instruct")      # dir, config.json, dict or HF config
+    configs = build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=2))
+    configs.language, configs.vision, configs.merger                          # megatron TransformerConfigs
+
+Only what the megatron implementation here reproduces exactly is accepted; anything else (sliding-window
+attention, rope scaling, other activations, non-integer patch sizes) is refused with a ValueError naming the
+field, instead of silently building a different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_avar import platform
+
+__all__ = [
+    "Qwen25VLTextConfig",
+    "Qwen25VLVisionConfig",
+    "Qwen25VLConfig",
+    "MegatronSettings",
+    "Qwen25VLTransformerConfigs",
+    "build_transformer_configs",
+]
+
+# The Qwen2.5-VL vision RMSNorms (blocks and merger.ln_q) hard-code eps=1e-6, independent of the text config.
+VISION_RMS_NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLTextConfig:
+    """The language model (a Qwen2 decoder with multimodal rope)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int  # HF num_key_value_heads (GQA)
+    ffn_hidden_size: int  # HF intermediate_size (SwiGLU)
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    mrope_section: tuple[int, int, int]  # rotary frequencies given to (t, h, w); sums to head_dim / 2
+    max_position_embeddings: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        _require_positive(self, "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                          "num_query_groups", "ffn_hidden_size", "max_position_embeddings")
+        _require_divisible(self, "hidden_size", "num_attention_heads")
+        _require_divisible(self, "num_attention_heads", "num_query_groups")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"text mrope_section={list(self.mrope_section)} must be 3 sizes summing to "
+                             f"head_dim/2 = {self.head_dim // 2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLVisionConfig:
+    """The vision transformer with its 2x2 patch merger."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int  # SwiGLU MLP width of each block
+    out_hidden_size: int  # merger output = the language model's hidden size
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    window_size: int = 112  # in pixels; windows are window_size // (patch_size * spatial_merge_size) merged tokens wide
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)  # 0-based blocks attending over the whole image
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened pixel patch (channels x temporal x patch x patch), as the processor emits it."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def window_merged_tokens(self) -> int:
+        """Side of an attention window in merged (2x2-patch) tokens."""
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
+
+    def __post_init__(self):
+        _require_positive(self, "depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
+                          "patch_size", "temporal_patch_size", "spatial_merge_size", "in_channels", "window_size")
+        _require_divisible(self, "hidden_size", "num_heads")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim={self.head_dim} must be divisible by 4: the 2-D rotary embedding "
+                             "gives head_dim/4 frequencies to each of the h and w axes")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ValueError(f"vision window_size={self.window_size} must be a multiple of patch_size * "
+                             f"spatial_merge_size = {self.patch_size * self.spatial_merge_size}")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision fullatt_block_indexes {bad} are outside [0, depth={self.depth})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    text: Qwen25VLTextConfig
+    vision: Qwen25VLVisionConfig
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+
+    def __post_init__(self):
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"vision out_hidden_size={self.vision.out_hidden_size} must equal the text "
+                             f"hidden_size={self.text.hidden_size}: merged patches replace token embeddings")
+        if not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} is outside the vocabulary "
+                             f"[0, {self.text.vocab_size})")
+
+    @classmethod
+    def from_hf(cls, source: Any) -> "Qwen25VLConfig":
+        """Read a Hugging Face Qwen2.5-VL config: a model directory, a config.json path, its dict, or a
+        `transformers.Qwen2_5_VLConfig`. Legacy hub layouts (text fields at the top level, `rope_scaling`
+        with type "mrope") are normalised by transformers itself."""
+        from transformers import Qwen2_5_VLConfig
+
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            path = path / "config.json" if path.is_dir() else path
+            source = json.loads(path.read_text())
+        if isinstance(source, Mapping):
+            if source.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
+                raise ValueError(f"model_type={source['model_type']!r}: only 'qwen2_5_vl' is supported")
+            source = Qwen2_5_VLConfig(**source)
+        if not isinstance(source, Qwen2_5_VLConfig):
+            raise TypeError(f"expected a path, dict or transformers.Qwen2_5_VLConfig, got {type(source).__name__}")
+        return cls(
+            text=_text_from_hf(source.text_config, bool(source.tie_word_embeddings)),
+            vision=_vision_from_hf(source.vision_config),
+            image_token_id=source.image_token_id,
+            video_token_id=source.video_token_id,
+            vision_start_token_id=source.vision_start_token_id,
+            vision_end_token_id=source.vision_end_token_id,
+        )
+
+
+def _text_from_hf(hf, tie_word_embeddings: bool) -> Qwen25VLTextConfig:
+    if hf.hidden_act != "silu":
+        raise ValueError(f"text hidden_act={hf.hidden_act!r}: only 'silu' (SwiGLU) is supported")
+    if getattr(hf, "use_sliding_window", False):
+        raise ValueError("text use_sliding_window=True: sliding-window attention is not supported")
+    rope = dict(hf.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"text rope_type={rope['rope_type']!r}: only the default (unscaled) multimodal rope "
+                         "is supported")
+    head_dim = getattr(hf, "head_dim", None)
+    if head_dim not in (None, hf.hidden_size // hf.num_attention_heads):
+        raise ValueError(f"text head_dim={head_dim} must be hidden_size / num_attention_heads")
+    return Qwen25VLTextConfig(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads or hf.num_attention_heads,
+        ffn_hidden_size=hf.intermediate_size,
+        rope_theta=float(rope["rope_theta"]),
+        rms_norm_eps=float(hf.rms_norm_eps),
+        tie_word_embeddings=tie_word_embeddings,
+        mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+        max_position_embeddings=hf.max_position_embeddings,
+    )
+
+
+def _vision_from_hf(hf) -> Qwen25VLVisionConfig:
+    if hf.hidden_act != "silu":
+        raise ValueError(f"vision hidden_act={hf.hidden_act!r}: only 'silu' (SwiGLU blocks) is supported")
+    for name in ("patch_size", "temporal_patch_size"):
+        if not isinstance(getattr(hf, name), int):
+            raise ValueError(f"vision {name}={getattr(hf, name)!r}: only a single int is supported")
+    rope = dict(hf.rope_parameters or {})
+    if rope.get("rope_type", "axial") != "axial":
+        raise ValueError(f"vision rope_type={rope['rope_type']!r}: only 'axial' is supported")
+    return Qwen25VLVisionConfig(
+        depth=hf.depth,
+        hidden_size=hf.hidden_size,
+        num_heads=hf.num_heads,
+        intermediate_size=hf.intermediate_size,
+        out_hidden_size=hf.out_hidden_size,
+        patch_size=hf.patch_size,
+        temporal_patch_size=hf.temporal_patch_size,
+        spatial_merge_size=hf.spatial_merge_size,
+        in_channels=hf.in_channels,
+        window_size=hf.window_size,
+        fullatt_block_indexes=tuple(int(i) for i in hf.fullatt_block_indexes),
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronSettings:
+    """How the megatron modules are built, independent of the architecture."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    params_dtype: torch.dtype = torch.float32  # also the compute dtype: bf16 turns on megatron's bf16 mode
+    # GPU fusions (bias+activation, bias+dropout+add, masked softmax, rope, grad-accumulation). None: on
+    # exactly when CUDA is present (platform); on CPU they would fall back to torch.compile (+14 s, no gain).
+    fused_kernels: bool | None = None
+    perform_initialization: bool = True  # False when weights are loaded right after (saves time)
+    init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
+
+    def __post_init__(self):
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got "
+                             f"{self.tensor_model_parallel_size} and {self.pipeline_model_parallel_size}")
+        if self.params_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"params_dtype={self.params_dtype}: allowed torch.float32, torch.bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLTransformerConfigs:
+    language: Any  # megatron TransformerConfig of the decoder
+    vision: Any  # of the vision blocks (never pipelined: the vision tower lives on the first stage)
+    merger: Any  # of the 2x2 patch merger MLP (hidden_size = its output size)
+
+
+def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings = MegatronSettings()
+                              ) -> Qwen25VLTransformerConfigs:
+    """megatron TransformerConfigs for the language model, the vision blocks and the merger.
+
+    Raises ValueError when a size does not split over ``settings.tensor_model_parallel_size``.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = settings.tensor_model_parallel_size
+    text, vision = config.text, config.vision
+    for owner, field, value in (
+        ("text", "vocab_size", text.vocab_size), ("text", "num_query_groups", text.num_query_groups),
+        ("text", "ffn_hidden_size", text.ffn_hidden_size), ("vision", "num_heads", vision.num_heads),
+        ("vision", "intermediate_size", vision.intermediate_size),
+    ):
+        if value % tp:
+            raise ValueError(f"{owner} {field}={value} does not split over tensor_model_parallel_size={tp}")
+    fused = platform.cuda_available() if settings.fused_kernels is None else settings.fused_kernels
+    common = dict(
+        params_dtype=settings.params_dtype,
+        pipeline_dtype=settings.params_dtype,
+        bf16=settings.params_dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        perform_initialization=settings.perform_initialization and not settings.init_on_meta_device,
+        init_model_with_meta_device=settings.init_on_meta_device,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        masked_softmax_fusion=fused,
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=fused,
+    )
+    language = TransformerConfig(
+        num_layers=text.num_layers,
+        hidden_size=text.hidden_size,
+        num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_query_groups,
+        kv_channels=text.head_dim,
+        ffn_hidden_size=text.ffn_hidden_size,
+        layernorm_epsilon=text.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        mrope_section=list(text.mrope_section),
+        pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
+        **common,
+    )
+    vision_config = TransformerConfig(
+        num_layers=vision.depth,
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_heads,
+        num_query_groups=vision.num_heads,
+        kv_channels=vision.head_dim,
+        ffn_hidden_size=vision.intermediate_size,
+        layernorm_epsilon=VISION_RMS_NORM_EPS,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=1,
+        **common,
+    )
+    merger = dataclasses.replace(
+        vision_config,
+        num_layers=1,
+        hidden_size=vision.out_hidden_size,
+        ffn_hidden_size=vision.hidden_size * vision.spatial_merge_size**2,
+        gated_linear_unit=False,
+        activation_func=F.gelu,  # exact (erf) GELU, as torch.nn.GELU() in the HF merger
+    )
+    return Qwen25VLTransformerConfigs(language=language, vision=vision_config, merger=merger)
+
+
+def _require_positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(obj).__name__}.{name}={value!r} must be a positive int")
+
+
+def _require_divisible(obj, numerator, denominator):
+    a, b = getattr(obj, numerator), getattr(obj, denominator)
+    if a % b:
+        raise ValueError(f"{type(obj).__name__}.{numerator}={a} must be divisible by {denominator}={b}")

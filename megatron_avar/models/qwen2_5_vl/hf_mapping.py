@@ -1,0 +1,263 @@
+"""Hugging Face Qwen2.5-VL weights <-> the megatron model here, both directions, at any tensor-parallel size.
+
+Two layers:
+* name/layout conversion between full (unsharded) state dicts: :func:`hf_to_megatron`, :func:`megatron_to_hf`.
+  One table (:func:`param_mappings`) drives both directions, so they are exact inverses (the round trip
+  only reshapes and concatenates: bit-exact).
+* sharding for one tensor-parallel rank: :func:`load_hf_state_dict` cuts each full tensor the way the
+  parameter is partitioned (``partition_dim``), :func:`export_hf_state_dict` gathers them back.
+
+Layouts that differ from HF:
+* attention ``linear_qkv`` (language model and vision): rows grouped per query group,
+  ``[q heads of group g, k_g, v_g]`` for g = 0..G-1 (HF: separate q/k/v projections, or the vision tower's
+  fused ``qkv`` with rows [all q; all k; all v]). Tensor parallelism splits whole groups, so a rank's shard is
+  a contiguous row block of this layout.
+* SwiGLU ``linear_fc1`` = ``[gate; up]``; tensor-parallel rank r holds ``[gate chunk r; up chunk r]``.
+* the vision patch embedding is a Linear over the flattened patch (HF: the equivalent Conv3d weight).
+* Transformer Engine layer specs fuse the pre-attention / pre-MLP norms into the next linear
+  (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): ``fused_layer_norms=True``.
+
+HF names are the transformers-5 layout (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``);
+the hub checkpoints' older layout (``model.layers.*``, ``visual.*``) is accepted on input. With tied
+embeddings no ``lm_head.weight`` is produced (what ``save_pretrained`` writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar.models.qwen2_5_vl.config import Qwen25VLConfig
+
+__all__ = ["ParamMapping", "param_mappings", "hf_to_megatron", "megatron_to_hf", "canonical_hf_name",
+           "load_hf_state_dict", "export_hf_state_dict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+    """One megatron parameter and the HF tensors it is made of. kind: "copy", "qkv" (HF q, k, v -> grouped),
+    "fused_qkv" (HF [q; k; v] rows -> grouped), "gate_up" (HF gate, up -> [gate; up]), "patch_embed"."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    kind: str = "copy"
+    num_groups: int = 0  # qkv kinds: query groups (= kv heads)
+    head_dim: int = 0
+
+
+def param_mappings(config: Qwen25VLConfig, *, fused_layer_norms: bool = False) -> list[ParamMapping]:
+    """Every parameter of the full model, in a fixed order."""
+    text, vision = config.text, config.vision
+    pre_attn_norm = "self_attention.linear_qkv.layer_norm_weight" if fused_layer_norms else "input_layernorm.weight"
+    pre_mlp_norm = "mlp.linear_fc1.layer_norm_weight" if fused_layer_norms else "pre_mlp_layernorm.weight"
+    out = [ParamMapping("vision.patch_embed.weight", ("model.visual.patch_embed.proj.weight",), "patch_embed")]
+    for i in range(vision.depth):
+        m, h = f"vision.layers.{i}.", f"model.visual.blocks.{i}."
+        out += [
+            ParamMapping(m + "input_layernorm.weight", (h + "norm1.weight",)),
+            ParamMapping(m + "pre_mlp_layernorm.weight", (h + "norm2.weight",)),
+            *(ParamMapping(m + f"self_attention.linear_qkv.{p}", (h + f"attn.qkv.{p}",), "fused_qkv",
+                           vision.num_heads, vision.head_dim) for p in ("weight", "bias")),
+            *(ParamMapping(m + f"self_attention.linear_proj.{p}", (h + f"attn.proj.{p}",)) for p in ("weight", "bias")),
+            *(ParamMapping(m + f"mlp.linear_fc1.{p}", (h + f"mlp.gate_proj.{p}", h + f"mlp.up_proj.{p}"), "gate_up")
+              for p in ("weight", "bias")),
+            *(ParamMapping(m + f"mlp.linear_fc2.{p}", (h + f"mlp.down_proj.{p}",)) for p in ("weight", "bias")),
+        ]
+    out.append(ParamMapping("vision.final_layernorm.weight", ("model.visual.merger.ln_q.weight",)))
+    for fc, index in (("linear_fc1", 0), ("linear_fc2", 2)):
+        out += [ParamMapping(f"vision.merger.encoder.{fc}.{p}", (f"model.visual.merger.mlp.{index}.{p}",))
+                for p in ("weight", "bias")]
+    out.append(ParamMapping("language_model.embedding.word_embeddings.weight",
+                            ("model.language_model.embed_tokens.weight",)))
+    for i in range(text.num_layers):
+        m, h = f"language_model.decoder.layers.{i}.", f"model.language_model.layers.{i}."
+        out += [
+            ParamMapping(m + pre_attn_norm, (h + "input_layernorm.weight",)),
+            *(ParamMapping(m + f"self_attention.linear_qkv.{p}",
+                           tuple(h + f"self_attn.{x}_proj.{p}" for x in "qkv"), "qkv",
+                           text.num_query_groups, text.head_dim) for p in ("weight", "bias")),
+            ParamMapping(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",)),
+            ParamMapping(m + pre_mlp_norm, (h + "post_attention_layernorm.weight",)),
+            ParamMapping(m + "mlp.linear_fc1.weight", (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"),
+                         "gate_up"),
+            ParamMapping(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",)),
+        ]
+    out.append(ParamMapping("language_model.decoder.final_layernorm.weight", ("model.language_model.norm.weight",)))
+    if not text.tie_word_embeddings:
+        out.append(ParamMapping("language_model.output_layer.weight", ("lm_head.weight",)))
+    return out
+
+
+_LEGACY_TEXT = re.compile(r"^model\.(?!visual\.|language_model\.)")
+
+
+def canonical_hf_name(name: str) -> str:
+    """transformers-5 name of an HF Qwen2.5-VL tensor given in either layout."""
+    if name.startswith("visual."):
+        return "model." + name
+    return _LEGACY_TEXT.sub("model.language_model.", name)
+
+
+def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], config: Qwen25VLConfig, *,
+                   fused_layer_norms: bool = False) -> dict[str, torch.Tensor]:
+    """Full megatron state (names of :class:`Qwen25VLModel`, unsharded) from a full HF state dict.
+
+    Raises ValueError listing missing or unexpected HF tensors (a tied ``lm_head.weight`` is ignored)."""
+    hf = {canonical_hf_name(k): v for k, v in hf_state.items()}
+    if config.text.tie_word_embeddings:
+        hf.pop("lm_head.weight", None)
+    mappings = param_mappings(config, fused_layer_norms=fused_layer_norms)
+    needed = {name for m in mappings for name in m.hf}
+    missing, unexpected = sorted(needed - hf.keys()), sorted(hf.keys() - needed)
+    if missing or unexpected:
+        raise ValueError(f"HF state dict does not match the config: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    return {m.megatron: _to_megatron(m, [hf[name] for name in m.hf]) for m in mappings}
+
+
+def megatron_to_hf(megatron_state: Mapping[str, torch.Tensor], config: Qwen25VLConfig, *,
+                   fused_layer_norms: bool = False) -> dict[str, torch.Tensor]:
+    """Full HF state dict (transformers-5 names) from a full megatron state; inverse of :func:`hf_to_megatron`."""
+    mappings = param_mappings(config, fused_layer_norms=fused_layer_norms)
+    missing = sorted({m.megatron for m in mappings} - megatron_state.keys())
+    if missing:
+        raise ValueError(f"megatron state lacks {len(missing)} parameters, e.g. {missing[:8]}")
+    out = {}
+    for m in mappings:
+        out.update(zip(m.hf, _to_hf(m, megatron_state[m.megatron], config)))
+    return out
+
+
+def _to_megatron(m: ParamMapping, tensors: list[torch.Tensor]) -> torch.Tensor:
+    if m.kind == "copy":
+        return tensors[0]
+    if m.kind == "patch_embed":
+        return tensors[0].reshape(tensors[0].shape[0], -1)  # Conv3d [out, c, t, p, p] -> [out, c*t*p*p]
+    if m.kind == "gate_up":
+        return torch.cat(tensors, dim=0)
+    q, k, v = tensors if m.kind == "qkv" else tensors[0].chunk(3, dim=0)
+    rest = q.shape[1:]
+    groups = [x.reshape(m.num_groups, -1, *rest) for x in (q, k, v)]
+    return torch.cat(groups, dim=1).reshape(-1, *rest)
+
+
+def _to_hf(m: ParamMapping, tensor: torch.Tensor, config: Qwen25VLConfig) -> tuple[torch.Tensor, ...]:
+    if m.kind == "copy":
+        return (tensor,)
+    if m.kind == "patch_embed":
+        v = config.vision
+        return (tensor.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size),)
+    if m.kind == "gate_up":
+        return tuple(tensor.chunk(2, dim=0))
+    rest = tensor.shape[1:]
+    grouped = tensor.reshape(m.num_groups, -1, m.head_dim, *rest)  # [G, heads_per_group + 2, D, ...]
+    q, k, v = grouped.split([grouped.shape[1] - 2, 1, 1], dim=1)
+    q, k, v = (x.reshape(-1, *rest) for x in (q, k, v))
+    return (q, k, v) if m.kind == "qkv" else (torch.cat([q, k, v], dim=0),)
+
+
+# ---- tensor-parallel loading / export -------------------------------------------------------------------
+
+def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tensor], config: Qwen25VLConfig, *,
+                       tp_group: dist.ProcessGroup | None = None) -> None:
+    """Copy a full HF state dict into this rank's parameters (its TP shard, its pipeline stage's layers).
+
+    ``model``: a :class:`Qwen25VLModel`. ``tp_group`` defaults to the language model's. Local, no
+    communication. Raises ValueError if a parameter of the model has no HF tensor or a shape disagrees."""
+    params = dict(_global_named_parameters(model))
+    full = hf_to_megatron(hf_state, config, fused_layer_norms=_has_fused_norms(params))
+    rank, size = _rank_and_size(model, tp_group)
+    gated = _gated_fc1_ids(model)
+    with torch.no_grad():
+        for name, param in params.items():
+            if name not in full:
+                raise ValueError(f"model parameter {name} has no HF counterpart")
+            shard = _shard(full[name], param, gated=id(param) in gated, rank=rank, size=size)
+            if shard.shape != param.shape:
+                raise ValueError(f"{name}: HF gives {tuple(full[name].shape)} -> shard {tuple(shard.shape)} for "
+                                 f"TP rank {rank}/{size}, the parameter is {tuple(param.shape)}")
+            param.copy_(shard)
+
+
+def export_hf_state_dict(model: torch.nn.Module, config: Qwen25VLConfig, *,
+                         tp_group: dist.ProcessGroup | None = None) -> dict[str, torch.Tensor]:
+    """HF tensors of the parameters this pipeline stage holds, gathered over tensor parallelism.
+
+    Collective over ``tp_group`` (every rank of it must call). With one pipeline stage: the whole HF state
+    dict. Tensors are copies on the parameters' device, in their dtype."""
+    params = dict(_global_named_parameters(model))
+    rank, size = _rank_and_size(model, tp_group)
+    group = tp_group if tp_group is not None else model.language_model.pg_collection.tp
+    gated = _gated_fc1_ids(model)
+    full = {}
+    for name, param in params.items():
+        local = param.detach()
+        if size == 1 or not getattr(param, "tensor_model_parallel", False):
+            full[name] = local.clone()
+            continue
+        shards = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(shards, local.contiguous(), group=group)
+        if id(param) in gated:  # each shard is [gate_r; up_r]
+            halves = [s.chunk(2, dim=0) for s in shards]
+            full[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        else:
+            full[name] = torch.cat(shards, dim=param.partition_dim)
+    fused = _has_fused_norms(params)
+    held = [m for m in param_mappings(config, fused_layer_norms=fused) if m.megatron in full]
+    out = {}
+    for m in held:
+        out.update(zip(m.hf, _to_hf(m, full[m.megatron], config)))
+    return out
+
+
+def _shard(full: torch.Tensor, param, *, gated: bool, rank: int, size: int) -> torch.Tensor:
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    if getattr(param, "partition_stride", 1) != 1:
+        raise ValueError(f"partition_stride={param.partition_stride} is not supported")
+    if gated:
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    return full.chunk(size, dim=param.partition_dim)[rank]
+
+
+def _global_named_parameters(model: torch.nn.Module):
+    """(name, param) with pipeline-local decoder layer indexes replaced by global ones (megatron's 1-based
+    ``layer_number``), and a last-stage copy of tied embeddings named after the embedding."""
+    renamed = {}
+    for name, sub in model.named_modules():
+        number = getattr(sub, "layer_number", None)
+        if name.startswith("language_model.decoder.layers.") and name.count(".") == 3 and isinstance(number, int):
+            renamed[name + "."] = f"language_model.decoder.layers.{number - 1}."
+    for name, param in model.named_parameters():
+        for prefix, new in renamed.items():
+            if name.startswith(prefix):
+                name = new + name[len(prefix):]
+                break
+        if name == "language_model.output_layer.weight" and getattr(param, "shared_embedding", False):
+            name = "language_model.embedding.word_embeddings.weight"
+        yield name, param
+
+
+def _has_fused_norms(params: Mapping[str, torch.nn.Parameter]) -> bool:
+    return any(name.endswith("linear_qkv.layer_norm_weight") for name in params)
+
+
+def _gated_fc1_ids(model: torch.nn.Module) -> set[int]:
+    """ids of the weight/bias of every SwiGLU ``linear_fc1`` (how megatron shards [gate; up])."""
+    from megatron.core.transformer.mlp import MLP
+
+    return {id(p) for sub in model.modules() if isinstance(sub, MLP) and sub.config.gated_linear_unit
+            for name, p in sub.linear_fc1.named_parameters() if name in ("weight", "bias")}
+
+
+def _rank_and_size(model, tp_group) -> tuple[int, int]:
+    group = tp_group if tp_group is not None else model.language_model.pg_collection.tp
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)

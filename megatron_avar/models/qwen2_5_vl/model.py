@@ -1,0 +1,184 @@
+"""Qwen2.5-VL on megatron-core: the vision encoder feeding a megatron GPTModel configured as Qwen2 with mrope.
+
+    model = Qwen25VLModel(config, MegatronSettings(tensor_model_parallel_size=tp), pg_collection=pgs)
+    logits = model(input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grids)  # [B, S, V/tp]
+
+Pipeline parallelism: the vision encoder and the embeddings exist only on the first stage
+(``pre_process``), the output layer only on the last (``post_process``); every stage needs the 3-D position
+ids and the padding mask, which are cheap functions of the batch (:func:`mrope_position_ids`).
+
+The seam for per-role attention masses (AVAR, phase 2): :func:`language_block_spec` builds the decoder's
+layer specs and puts a given core-attention module into exactly the layers listed in ``role_mass_layers``
+(0-based global layer indexes); every other layer keeps the standard core attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Collection
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_avar import platform
+from megatron_avar.models.qwen2_5_vl.config import (
+    MegatronSettings,
+    Qwen25VLConfig,
+    build_transformer_configs,
+)
+from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
+from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
+
+__all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features",
+           "decoder_attention_mask"]
+
+
+def language_layer_spec(core_attention: type | None = None):
+    """ModuleSpec of one Qwen2 decoder layer: Transformer Engine modules when the platform has them, megatron's
+    local modules otherwise; ``core_attention`` (a megatron core-attention class or ModuleSpec) replaces the
+    standard one."""
+    if platform.transformer_engine_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if core_attention is not None:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = core_attention
+    return spec
+
+
+def language_block_spec(language_config, *, role_mass_layers: Collection[int] = (),
+                        role_mass_core_attention: type | None = None, pp_rank: int = 0,
+                        vp_stage: int | None = None):
+    """`TransformerBlockSubmodules` for the decoder layers of one pipeline stage (``pp_rank``, ``vp_stage``).
+
+    Layers whose 0-based global index is in ``role_mass_layers`` get ``role_mass_core_attention``.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    role_mass_layers = frozenset(role_mass_layers)
+    outside = sorted(i for i in role_mass_layers if not 0 <= i < language_config.num_layers)
+    if outside:
+        raise ValueError(f"role_mass_layers {outside} are outside [0, num_layers={language_config.num_layers})")
+    if role_mass_layers and role_mass_core_attention is None:
+        raise ValueError("role_mass_layers is set but no role_mass_core_attention module was given")
+    num_local = get_num_layers_to_build(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
+    offset = get_transformer_layer_offset(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
+    standard = language_layer_spec()
+    with_masses = language_layer_spec(role_mass_core_attention) if role_mass_layers else None
+    layer_specs = [with_masses if offset + i in role_mass_layers else standard for i in range(num_local)]
+    if platform.transformer_engine_available():
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm as final_norm
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
+
+
+def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
+                           image_token_id: int) -> torch.Tensor:
+    """Put image features at the image-token positions. embeddings [S, B, H] (megatron layout); input_ids
+    [B, S]; features [N, H], in batch-major token order (sample 0's image tokens first). Differentiable in
+    both; returns a new tensor."""
+    batch_index, seq_index = torch.nonzero(input_ids == image_token_id, as_tuple=True)  # row-major over [B, S]
+    if batch_index.numel() != features.shape[0]:
+        raise ValueError(f"the batch has {batch_index.numel()} image tokens but the vision encoder produced "
+                         f"{features.shape[0]} image features: image tokens and image_grid_thw disagree")
+    return embeddings.index_put((seq_index, batch_index), features.to(embeddings.dtype))
+
+
+def decoder_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """megatron's mask (bool [B, 1, S, S], True = not attended) for causal attention over real tokens, from
+    a padding mask [B, S] (nonzero = real token). None (plain causal) when there is no padding."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    seq = attention_mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return ~allowed
+
+
+class Qwen25VLModel(MegatronModule):
+    """Qwen2.5-VL: ``vision`` (first pipeline stage only) and ``language_model`` (a megatron GPTModel).
+
+    pg_collection: megatron `ProcessGroupCollection` for the language model (tp, cp, pp, embd, ...); the
+    vision encoder uses its tp (and cp) group. ``parallel_output``: logits stay split over the vocabulary
+    across tensor-parallel ranks (what megatron's vocab-parallel cross entropy wants).
+    """
+
+    def __init__(self, config: Qwen25VLConfig, settings: MegatronSettings = MegatronSettings(), *,
+                 pg_collection, pre_process: bool = True, post_process: bool = True, parallel_output: bool = True,
+                 role_mass_layers: Collection[int] = (), role_mass_core_attention: type | None = None,
+                 vp_stage: int | None = None):
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        configs = build_transformer_configs(config, settings)
+        super().__init__(config=configs.language)
+        if get_pg_size(pg_collection.tp) != settings.tensor_model_parallel_size:
+            raise ValueError(f"the tensor-parallel group has {get_pg_size(pg_collection.tp)} ranks but "
+                             f"settings.tensor_model_parallel_size={settings.tensor_model_parallel_size}")
+        self.qwen_config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        block_spec = language_block_spec(
+            configs.language, role_mass_layers=role_mass_layers, role_mass_core_attention=role_mass_core_attention,
+            pp_rank=get_pg_rank(getattr(pg_collection, "pp", None)), vp_stage=vp_stage,
+        )
+        device = torch.device("meta") if settings.init_on_meta_device else contextlib.nullcontext()
+        with device:
+            self.vision = (Qwen25VisionModel(config.vision, configs.vision, configs.merger,
+                                             pg_collection=pg_collection) if pre_process else None)
+            self.language_model = GPTModel(
+                configs.language, block_spec, vocab_size=config.text.vocab_size,
+                max_sequence_length=config.text.max_position_embeddings, pre_process=pre_process,
+                post_process=post_process, parallel_output=parallel_output,
+                share_embeddings_and_output_weights=config.text.tie_word_embeddings,
+                position_embedding_type="mrope", rotary_base=config.text.rope_theta,
+                # Image features go in before the sequence-parallel scatter, so the scatter is done here.
+                scatter_embedding_sequence_parallel=False,
+                pg_collection=pg_collection, vp_stage=vp_stage,
+            )
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline parallelism: the hidden states a non-first stage receives."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
+        pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
+        batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`); labels int [B, S].
+
+        Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
+        labels), or the hidden states [S, B, H] for the next pipeline stage.
+        """
+        cfg = self.qwen_config
+        if bool((input_ids == cfg.video_token_id).any()):
+            raise ValueError(f"video tokens (id {cfg.video_token_id}) are not supported, only images")
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together")
+        if position_ids is None:
+            position_ids, _ = mrope_position_ids(input_ids, image_grid_thw, image_token_id=cfg.image_token_id,
+                                                 spatial_merge_size=cfg.vision.spatial_merge_size,
+                                                 attention_mask=attention_mask)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+            if pixel_values is not None:
+                features = self.vision(pixel_values, image_grid_thw)
+                decoder_input = scatter_image_features(decoder_input, input_ids, features, cfg.image_token_id)
+            elif bool((input_ids == cfg.image_token_id).any()):
+                raise ValueError(f"the batch has {int((input_ids == cfg.image_token_id).sum())} image tokens "
+                                 "but no pixel_values")
+            if self.config.sequence_parallel:
+                from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=self.language_model.pg_collection.tp)
+        return self.language_model(input_ids, position_ids, decoder_attention_mask(attention_mask),
+                                   decoder_input=decoder_input, labels=labels)

@@ -1,0 +1,235 @@
+"""The Qwen2.5-VL vision encoder in megatron-core terms, tensor-parallel.
+
+    vision = Qwen25VisionModel(config.vision, configs.vision, configs.merger, pg_collection=pgs)
+    features = vision(pixel_values, image_grid_thw)     # [num_image_tokens, out_hidden_size]
+
+Structure (the same maths as HF's `Qwen2_5_VisionTransformerPretrainedModel`):
+* patch embedding: HF's Conv3d has kernel = stride = (temporal_patch, patch, patch) over a patch that the
+  processor already flattened in (channel, t, y, x) order, so it is one bias-free linear map of the flattened
+  patch. Replicated on every tensor-parallel rank (it is small and its input is the same everywhere).
+* blocks: megatron `TransformerLayer`s from a ModuleSpec: RMSNorm, self-attention with column-parallel qkv
+  (with bias) and row-parallel proj, RMSNorm, SwiGLU MLP with bias. Attention is non-causal within a
+  segment: a window of ``window_merged_tokens`` x ``window_merged_tokens`` merged tokens, or the whole frame
+  in the blocks listed in ``fullatt_block_indexes``.
+* 2-D rotary embedding: head_dim/4 frequencies rotate by the patch row, the next head_dim/4 by the column,
+  applied with megatron's own (non-interleaved) rotary code from per-patch angles.
+* merger: RMSNorm (the block stack's final norm), 4 neighbouring patches concatenated, MLP
+  (column-parallel fc1 + GELU + row-parallel fc2) to the language model's hidden size.
+
+Packing: every patch of every image goes into one sequence ([num_patches, 1, hidden], megatron's
+[s, b, h]). Patches are reordered once so that each window is contiguous (whole 2x2 merge groups move
+together, so the merger still sees its 4 patches side by side); full-attention segments (frames) are
+contiguous in that order too. Segments are given to the core attention as cumulative lengths in megatron's
+`PackedSeqParams` (``qkv_format="sbhd"``, so megatron's attention applies rope per token and does not
+reinterpret the layout), and the core attention runs each group of equal-length segments as one batched
+`scaled_dot_product_attention`: exact variable-length attention without an S x S mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_avar.models.qwen2_5_vl.config import Qwen25VLVisionConfig
+
+__all__ = ["Qwen25VisionModel", "VisionSegmentAttention", "vision_layer_spec", "vision_packing"]
+
+
+class VisionPacking:
+    """Where each patch goes in the packed, window-ordered sequence, and the segment boundaries.
+
+    order: int64 [P], packed position -> original patch index; inverse_merged_order: int64 [P / m^2], maps
+    merged tokens back to processor order; cu_windows / cu_frames: int32 [num_segments + 1] cumulative
+    lengths of windows / frames in packed order; rotary_hw: int64 [P, 2] (row, column) of each patch, in
+    packed order.
+    """
+
+    def __init__(self, order, inverse_merged_order, cu_windows, cu_frames, rotary_hw):
+        self.order, self.inverse_merged_order = order, inverse_merged_order
+        self.cu_windows, self.cu_frames, self.rotary_hw = cu_windows, cu_frames, rotary_hw
+
+
+def vision_packing(grid_thw: torch.Tensor, config: Qwen25VLVisionConfig) -> VisionPacking:
+    """Packing of the patches of the images in ``grid_thw`` ([num_images, 3]: T, H, W in patches).
+
+    The processor emits an image's patches frame by frame, in row-major order of 2x2 merge groups, row-major
+    inside a group. Windows tile each frame's merged-token grid from the top-left corner; edge windows are
+    smaller. In packed order windows follow each other row-major, and inside a window merge groups stay in
+    row-major order.
+    """
+    merge, side = config.spatial_merge_size, config.window_merged_tokens
+    unit = merge * merge
+    merged_order, window_lengths, frame_lengths, rows, columns = [], [], [], [], []
+    offset = 0  # merged tokens of the previous images
+    for t, h, w in grid_thw.tolist():
+        if h % merge or w % merge:
+            raise ValueError(f"image grid {t}x{h}x{w} is not divisible by spatial_merge_size={merge}")
+        mh, mw = h // merge, w // merge
+        row, column = torch.meshgrid(torch.arange(mh), torch.arange(mw), indexing="ij")
+        windows_per_row = -(-mw // side)
+        window_id = ((row // side) * windows_per_row + column // side).flatten()  # per merged token
+        within_frame = torch.argsort(window_id, stable=True)  # stable: row-major inside each window
+        lengths = torch.bincount(window_id)
+        for frame in range(t):
+            merged_order.append(offset + frame * mh * mw + within_frame)
+            window_lengths.append(lengths[lengths > 0])
+            frame_lengths.append(torch.tensor([mh * mw]))
+        # Patch (row, column) in processor order: merge group (r, c), then (i, j) inside the group.
+        r, c, i, j = torch.meshgrid(torch.arange(mh), torch.arange(mw), torch.arange(merge), torch.arange(merge),
+                                    indexing="ij")
+        rows.append((r * merge + i).flatten().repeat(t))
+        columns.append((c * merge + j).flatten().repeat(t))
+        offset += t * mh * mw
+    merged_order = torch.cat(merged_order)
+    order = (merged_order[:, None] * unit + torch.arange(unit)).flatten()
+    hw = torch.stack([torch.cat(rows), torch.cat(columns)], dim=-1)[order]
+    return VisionPacking(
+        order=order,
+        inverse_merged_order=torch.argsort(merged_order),
+        cu_windows=_cumulative(torch.cat(window_lengths) * unit),
+        cu_frames=_cumulative(torch.cat(frame_lengths) * unit),
+        rotary_hw=hw,
+    )
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+class VisionSegmentAttention(torch.nn.Module):
+    """Core attention (megatron's interface) over contiguous, independent, non-causal segments.
+
+    The segments are ``packed_seq_params.cu_seqlens_q`` (cumulative lengths over the packed sequence).
+    query/key/value: [s, 1, heads_per_rank, head_dim] -> [s, 1, heads_per_rank * head_dim]. Segments of
+    equal length are batched into one `scaled_dot_product_attention` call (windows mostly share a length).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        if config.context_parallel_size != 1:
+            raise ValueError("the vision encoder does not support context parallelism")
+        self.softmax_scale = softmax_scale  # None: 1/sqrt(head_dim), as HF
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
+            raise ValueError("vision attention needs the segment boundaries (packed_seq_params.cu_seqlens_q)")
+        if query.shape[1] != 1:
+            raise ValueError(f"vision attention expects one packed sequence (batch 1), got {query.shape[1]}")
+        q, k, v = (x[:, 0] for x in (query, key, value))  # [s, heads, dim]
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        starts, lengths = torch.tensor(cu[:-1]), torch.tensor(cu[1:]) - torch.tensor(cu[:-1])
+        out = torch.empty_like(q)
+        for length in lengths.unique().tolist():
+            index = (starts[lengths == length][:, None] + torch.arange(length)).to(q.device)  # [n, length]
+            batch = [x[index].transpose(1, 2) for x in (q, k, v)]  # [n, heads, length, dim]
+            attended = F.scaled_dot_product_attention(*batch, scale=self.softmax_scale)
+            out[index.flatten()] = attended.transpose(1, 2).flatten(0, 1)
+        return out.flatten(1).unsqueeze(1)
+
+
+def vision_layer_spec():
+    """ModuleSpec of one vision block (local megatron modules + :class:`VisionSegmentAttention`)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=VisionSegmentAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class Qwen25VisionModel(MegatronModule):
+    """Pixel patches of several images -> one LM-sized embedding per merged 2x2 patch group.
+
+    ``transformer_config`` / ``merger_config``: from :func:`build_transformer_configs` (``.vision``,
+    ``.merger``). ``pg_collection``: megatron `ProcessGroupCollection` with at least ``tp`` and ``cp``; the
+    vision tower is never pipelined, so its layers see no pipeline group.
+    """
+
+    def __init__(self, config: Qwen25VLVisionConfig, transformer_config, merger_config, *, pg_collection):
+        super().__init__(config=transformer_config)
+        from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.mlp import MLPSubmodules
+        from megatron.core.transformer.spec_utils import build_module
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        self.vision_config = config
+        vision_groups = ProcessGroupCollection(tp=pg_collection.tp, cp=pg_collection.cp, pp=None)
+        self.patch_embed = torch.nn.Linear(config.patch_dim, config.hidden_size, bias=False,
+                                           dtype=transformer_config.params_dtype)
+        spec = vision_layer_spec()
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=transformer_config, layer_number=i + 1, pg_collection=vision_groups)
+            for i in range(config.depth)
+        )
+        self.final_layernorm = WrappedTorchNorm(transformer_config, config.hidden_size,
+                                                eps=transformer_config.layernorm_epsilon)
+        self.merger = MultimodalProjector(
+            merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            projector_type="mlp", input_size=merger_config.ffn_hidden_size, tp_group=pg_collection.tp,
+        )
+        head_quarter = config.head_dim // 4
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(head_quarter, dtype=torch.float32) / head_quarter)
+        self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
+
+    def rotary_angles(self, rotary_hw: torch.Tensor) -> torch.Tensor:
+        """[P, 1, 1, head_dim] angles for megatron's rotate-half rope: (rows, columns) frequencies, twice."""
+        half = (rotary_hw[..., None].float() * self.rotary_inv_freq.to(rotary_hw.device)).flatten(1)
+        return torch.cat([half, half], dim=-1)[:, None, None, :]
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values: [num_patches, patch_dim] as the Qwen2.5-VL processor emits them (all images
+        concatenated); image_grid_thw: int [num_images, 3]. Returns [num_patches / merge**2, out_hidden_size],
+        images in order, each image's merged tokens in the order its image tokens appear in the text."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        expected = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.shape != (expected, self.vision_config.patch_dim):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_thw needs "
+                             f"({expected}, {self.vision_config.patch_dim})")
+        packing = vision_packing(image_grid_thw.cpu(), self.vision_config)
+        device = pixel_values.device
+        hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)[packing.order.to(device)])
+        hidden = hidden.unsqueeze(1)  # [s, b=1, h]
+        rotary = self.rotary_angles(packing.rotary_hw.to(device))
+        segments = {
+            window: PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device))
+            for window, cu in ((True, packing.cu_windows), (False, packing.cu_frames))
+        }
+        full_attention = set(self.vision_config.fullatt_block_indexes)
+        for index, layer in enumerate(self.layers):
+            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=segments[index not in full_attention])
+        hidden = self.final_layernorm(hidden)
+        merged = hidden.reshape(-1, 1, self.merger.encoder.linear_fc1.input_size)  # 2x2 groups are contiguous
+        return self.merger(merged)[:, 0][packing.inverse_merged_order.to(device)]

@@ -1,0 +1,109 @@
+"""Qwen25VLConfig reads HF configs (tiny, and the real 3B/7B/72B config.json layouts) and refuses what the
+megatron implementation would not reproduce; the megatron TransformerConfigs carry the right fields."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig, build_transformer_configs
+from qwen_vl_cases import IMAGE, tiny_hf_config
+from qwen_vl_real_configs import QWEN2_5_VL_3B, QWEN2_5_VL_7B, QWEN2_5_VL_72B
+
+
+def test_tiny_hf_config_fields():
+    config = Qwen25VLConfig.from_hf(tiny_hf_config())
+    text, vision = config.text, config.vision
+    assert (text.vocab_size, text.hidden_size, text.num_layers, text.num_attention_heads) == (256, 64, 3, 4)
+    assert (text.num_query_groups, text.ffn_hidden_size, text.head_dim) == (2, 128, 16)
+    assert (text.rope_theta, text.rms_norm_eps, text.mrope_section) == (1e6, 1e-6, (2, 3, 3))
+    assert not text.tie_word_embeddings
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.intermediate_size) == (3, 32, 2, 64)
+    assert (vision.out_hidden_size, vision.window_size, vision.fullatt_block_indexes) == (64, 56, (1,))
+    assert (vision.patch_dim, vision.window_merged_tokens, vision.rope_theta) == (1176, 2, 10000.0)
+    assert config.image_token_id == IMAGE
+    assert Qwen25VLConfig.from_hf(tiny_hf_config(tie_word_embeddings=True)).text.tie_word_embeddings
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (QWEN2_5_VL_3B, dict(hidden_size=2048, num_layers=36, num_query_groups=2, tie_word_embeddings=True,
+                         vocab_size=151936)),
+    (QWEN2_5_VL_7B, dict(hidden_size=3584, num_layers=28, num_query_groups=4, tie_word_embeddings=False,
+                         vocab_size=152064)),
+    (QWEN2_5_VL_72B, dict(hidden_size=8192, num_layers=80, num_query_groups=8, tie_word_embeddings=False,
+                          vocab_size=152064)),
+])
+def test_hub_config_json_layout(tmp_path, raw, expected):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = Qwen25VLConfig.from_hf(tmp_path)  # a model directory
+    assert config == Qwen25VLConfig.from_hf(raw)
+    for field, value in expected.items():
+        assert getattr(config.text, field) == value, field
+    assert config.text.mrope_section == (16, 24, 24) and config.text.rope_theta == 1e6
+    assert config.text.rms_norm_eps == 1e-6
+    assert config.vision.fullatt_block_indexes == (7, 15, 23, 31) and config.vision.window_merged_tokens == 4
+    assert config.vision.out_hidden_size == config.text.hidden_size
+    assert config.image_token_id == 151655
+
+
+def _with(raw, path, value):
+    raw = copy.deepcopy(raw)
+    *parents, leaf = path
+    target = raw
+    for key in parents:
+        target = target[key]
+    target[leaf] = value
+    return raw
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("use_sliding_window",), True, "use_sliding_window"),
+    (("rope_scaling",), {"type": "yarn", "factor": 4.0, "mrope_section": [16, 24, 24]}, "rope_type='yarn'"),
+    (("rope_scaling",), {"type": "mrope", "mrope_section": [16, 24, 16]}, "mrope_section"),
+    (("hidden_act",), "gelu", "text hidden_act='gelu'"),
+    (("vision_config", "hidden_act"), "gelu", "vision hidden_act='gelu'"),
+    (("vision_config", "fullatt_block_indexes"), [7, 32], r"fullatt_block_indexes \[32\]"),
+    (("vision_config", "window_size"), 100, "window_size=100"),
+    (("vision_config", "out_hidden_size"), 2048, "out_hidden_size=2048"),
+    (("model_type",), "qwen2_vl", "model_type='qwen2_vl'"),
+])
+def test_unsupported_configs_are_refused(path, value, message):
+    with pytest.raises(ValueError, match=message):
+        Qwen25VLConfig.from_hf(_with(QWEN2_5_VL_7B, path, value))
+
+
+def test_tensor_parallel_sizes_that_do_not_split_are_refused():
+    config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
+    build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=4))
+    with pytest.raises(ValueError, match="text num_query_groups=4 does not split over tensor_model_parallel_size=8"):
+        build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=8))
+    build_transformer_configs(Qwen25VLConfig.from_hf(QWEN2_5_VL_72B), MegatronSettings(tensor_model_parallel_size=8))
+    # A vision MLP width of 3420 (3B/7B) = 4 * 855 does not split over 8 ranks; 72B's 3456 does.
+    odd_vision = Qwen25VLConfig.from_hf(_with(QWEN2_5_VL_72B, ("vision_config", "intermediate_size"), 3420))
+    with pytest.raises(ValueError, match="vision intermediate_size=3420 does not split over tensor_model_parallel_size=8"):
+        build_transformer_configs(odd_vision, MegatronSettings(tensor_model_parallel_size=8))
+    with pytest.raises(ValueError, match="params_dtype"):
+        MegatronSettings(params_dtype=torch.float16)
+
+
+def test_megatron_transformer_configs():
+    config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
+    configs = build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=2,
+                                                                 params_dtype=torch.bfloat16))
+    lm, vision, merger = configs.language, configs.vision, configs.merger
+    assert (lm.num_layers, lm.hidden_size, lm.num_attention_heads, lm.num_query_groups) == (28, 3584, 28, 4)
+    assert (lm.kv_channels, lm.ffn_hidden_size, lm.layernorm_epsilon) == (128, 18944, 1e-6)
+    assert lm.normalization == "RMSNorm" and lm.gated_linear_unit and lm.activation_func is F.silu
+    assert lm.add_qkv_bias and not lm.add_bias_linear and lm.mrope_section == [16, 24, 24]
+    assert lm.bf16 and lm.params_dtype == torch.bfloat16 and lm.tensor_model_parallel_size == 2
+    assert (vision.num_layers, vision.hidden_size, vision.num_attention_heads, vision.num_query_groups) == (
+        32, 1280, 16, 16)
+    assert vision.add_bias_linear and vision.add_qkv_bias and vision.gated_linear_unit
+    assert vision.layernorm_epsilon == 1e-6 and vision.ffn_hidden_size == 3420
+    assert (merger.hidden_size, merger.ffn_hidden_size) == (3584, 1280 * 4)
+    assert merger.activation_func is F.gelu and not merger.gated_linear_unit and merger.add_bias_linear
+    # On this CPU machine the GPU fusions default to off (they would fall back to torch.compile).
+    assert not (lm.bias_activation_fusion or lm.masked_softmax_fusion or lm.apply_rope_fusion)

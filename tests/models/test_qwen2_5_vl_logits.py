@@ -1,0 +1,158 @@
+"""The megatron Qwen2.5-VL (TP=1, fp32) gives HF's logits, loads and exports HF weights exactly, and swaps a
+core-attention module into chosen decoder layers through the layer-spec seam.
+
+Everything megatron runs in one single-rank launch (`run_on_ranks(..., 1)`): the CPU compatibility layer is
+process-global, so it stays out of the pytest process. Tolerance: both sides compute in fp32 with different
+kernels and summation orders (megatron's baddbmm + softmax vs torch SDPA, torch RMSNorm vs HF's, per-window
+batching in the vision tower); the observed difference is ~1e-6 of the largest logit, the bound is 1e-5.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_avar.testing import run_on_ranks
+from qwen_vl_cases import CASES, case_batch, hf_logits, tiny_hf_model
+
+RELATIVE_TOLERANCE = 1e-5
+ROLE_MASS_LAYERS = {1}
+
+
+def _recording_attention():
+    """A DotProductAttention that counts its calls: stands in for the phase-2 role-mass core attention."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class RecordingAttention(DotProductAttention):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            type(self).calls += 1
+            return super().forward(*args, **kwargs)
+
+    return RecordingAttention
+
+
+def _build(config, **kwargs):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+
+    return Qwen25VLModel(config, MegatronSettings(perform_initialization=False),
+                         pg_collection=ProcessGroupCollection.use_mpu_process_groups(), **kwargs).eval()
+
+
+def _forward(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"), **kwargs)
+
+
+def _tp1_results():
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict, load_hf_state_dict
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)  # megatron's attention forks this RNG state even without dropout
+    results = {"logits": {}, "tied_logits": {}}
+    hf = tiny_hf_model()
+    config = Qwen25VLConfig.from_hf(hf.config)
+    model = _build(config)
+    load_hf_state_dict(model, hf.state_dict(), config)
+    for name in CASES:
+        inputs = case_batch(name)
+        results["logits"][name] = (_forward(model, inputs), hf_logits(hf, inputs), inputs["attention_mask"].bool())
+    inputs = case_batch("several_images")
+    with torch.no_grad():
+        results["vision"] = (model.vision(inputs["pixel_values"], inputs["image_grid_thw"]),
+                             hf.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output)
+    labels = torch.roll(inputs["input_ids"], -1, dims=1)
+    results["loss"] = (_forward(model, inputs, labels=labels),
+                       F.cross_entropy(hf_logits(hf, inputs).transpose(1, 2), labels, reduction="none"))
+    results["export"] = (export_hf_state_dict(model, config), hf.state_dict())
+
+    # Negative control: HF's [q; k; v] rows loaded without megatron's per-group interleaving.
+    qkv = model.language_model.decoder.layers[0].self_attention.linear_qkv.weight
+    attn = hf.model.language_model.layers[0].self_attn
+    with torch.no_grad():
+        qkv.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    results["ungrouped_qkv_logits"] = _forward(model, case_batch("one_image"))
+
+    tied_hf = tiny_hf_model(seed=1, tie_word_embeddings=True)
+    tied_config = Qwen25VLConfig.from_hf(tied_hf.config)
+    tied = _build(tied_config)
+    load_hf_state_dict(tied, tied_hf.state_dict(), tied_config)
+    for name in ("text_only", "several_images"):
+        inputs = case_batch(name)
+        results["tied_logits"][name] = (_forward(tied, inputs), hf_logits(tied_hf, inputs),
+                                        inputs["attention_mask"].bool())
+
+    recording = _recording_attention()
+    swapped = _build(config, role_mass_layers=ROLE_MASS_LAYERS, role_mass_core_attention=recording)
+    load_hf_state_dict(swapped, hf.state_dict(), config)
+    results["swap"] = {
+        "core_attention_types": [type(layer.self_attention.core_attention).__name__
+                                 for layer in swapped.language_model.decoder.layers],
+        "logits": (_forward(swapped, case_batch("several_images")), results["logits"]["several_images"][0]),
+        "calls": recording.calls,
+    }
+    return results
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_on_ranks(_tp1_results, 1, timeout_s=240)[0]
+
+
+def _relative(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_logits_equal_hf(results, name):
+    ours, reference, real = results["logits"][name]
+    assert ours.shape == reference.shape
+    # Only real tokens: HF and megatron both give finite but different values on fully masked padding rows.
+    assert _relative(ours[real], reference[real]) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["text_only", "several_images"])
+def test_logits_equal_hf_with_tied_embeddings(results, name):
+    ours, reference, real = results["tied_logits"][name]
+    assert _relative(ours[real], reference[real]) < RELATIVE_TOLERANCE
+
+
+def test_vision_features_equal_hf(results):
+    ours, reference = results["vision"]
+    assert ours.shape == reference.shape == (16 + 6 + 1 + 6, 64)
+    assert _relative(ours, reference) < RELATIVE_TOLERANCE
+
+
+def test_per_token_loss_equals_hf_cross_entropy(results):
+    ours, reference = results["loss"]
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=RELATIVE_TOLERANCE, atol=1e-6)
+
+
+def test_export_from_the_model_is_bit_exact(results):
+    exported, reference = results["export"]
+    assert set(exported) == set(reference)
+    assert all(torch.equal(exported[name], reference[name]) for name in reference)
+
+
+def test_logit_check_detects_a_wrong_qkv_layout(results):
+    reference = results["logits"]["one_image"][1]
+    assert _relative(results["ungrouped_qkv_logits"], reference) > 100 * RELATIVE_TOLERANCE
+
+
+def test_core_attention_is_swapped_only_in_the_chosen_layers(results):
+    swap = results["swap"]
+    assert swap["core_attention_types"] == ["DotProductAttention", "RecordingAttention", "DotProductAttention"]
+    assert swap["calls"] == 1  # one forward, one layer
+    ours, plain = swap["logits"]
+    assert torch.equal(ours, plain)  # same maths: the swap changes nothing else
