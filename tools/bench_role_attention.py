@@ -1,0 +1,287 @@
+"""Benchmark role_attention: time, TFLOP/s and peak memory, written to tools/results/ (Markdown + JSON).
+
+  python tools/bench_role_attention.py            # GPU part if CUDA + Triton are usable, else CPU part
+  python tools/bench_role_attention.py --part cpu --seq-lens 1024 2048 4096
+
+GPU part (Qwen2.5-VL-7B attention: 28 query / 4 kv heads, head_dim 128, bf16, batch 1, causal, 5 roles),
+per sequence length (1k-32k), forward and forward+backward, for:
+  role_attention[triton]   the fused kernels, masses on (what training uses)
+  triton, masses off       the same kernels with mass accumulation compiled out (cost of the masses)
+  torch SDPA (flash)       torch's FlashAttention backend, K/V pre-expanded to 28 heads; no masses
+  eager + mass             plain PyTorch attention materialising P [B, H, S, S] in bf16 (fp32 softmax),
+                           masses from P; the baseline without a fused kernel (OOM at long S)
+CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise vs reference
+at 1k/2k/4k, each measurement in a fresh subprocess; peak memory = growth of the process's peak
+resident set over its resident set with inputs allocated (/proc/self/clear_refs resets the peak).
+
+FLOP convention (FlashAttention's): forward = 2 matmuls (Q K^T, P V) of 2*S*S*D flops per head, halved
+when causal; backward = 2.5x forward (5 matmuls). Mass accumulation and masking are not counted as
+useful flops, so the masses' cost shows as lower TFLOP/s at equal FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform as host_platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megatron_avar import platform  # noqa: E402
+from megatron_avar.ops import role_attention  # noqa: E402
+from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
+
+NUM_ROLES = 5
+
+
+def attention_flops(batch, num_q_heads, seq_len, head_dim, causal, with_backward):
+    """Useful flops of attention: 4*B*H*S^2*D forward (Q K^T and P V), /2 causal, x3.5 with backward."""
+    forward = 4 * batch * num_q_heads * seq_len * seq_len * head_dim
+    if causal:
+        forward //= 2
+    return int(forward * 3.5) if with_backward else forward
+
+
+def make_inputs(batch, seq_len, num_q_heads, num_kv_heads, head_dim, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(batch, seq_len, num_q_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(batch, seq_len, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(batch, seq_len, num_kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    # A chat-like layout: system prefix, a long image span, user text, response.
+    cuts = [0, seq_len // 16, seq_len // 2, seq_len * 5 // 8, seq_len]
+    roles = torch.empty(batch, seq_len, dtype=torch.long)
+    for role, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        roles[:, a:b] = role if role < 3 else 3
+    return q, k, v, roles.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU part
+
+
+def _gpu_methods(q, k, v, roles):
+    """name -> (forward callable returning tensors, whether it is differentiable)."""
+    from megatron_avar.ops import role_attention_triton
+
+    problem, _ = build_problem(q, k, v, roles, num_roles=NUM_ROLES)
+    group = q.shape[2] // k.shape[2]
+    # Separate leaves in SDPA's [B, H, S, D] layout, K/V expanded once outside the timed region.
+    q_sdpa = q.detach().transpose(1, 2).requires_grad_()
+    k_sdpa = k.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
+    v_sdpa = v.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
+
+    def sdpa():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return (torch.nn.functional.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True),)
+
+    return {
+        "role_attention[triton]": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=True),
+        "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
+        "torch SDPA (flash)": sdpa,
+        "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),
+    }, (q_sdpa, k_sdpa, v_sdpa)
+
+
+def _cuda_time_ms(fn, reps):
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_gpu(seq_lens, reps):
+    rows = []
+    num_q_heads, num_kv_heads, head_dim, batch = 28, 4, 128, 1
+    for seq_len in seq_lens:
+        q, k, v, roles = make_inputs(batch, seq_len, num_q_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
+        for t in (q, k, v):
+            t.requires_grad_()
+        methods, sdpa_inputs = _gpu_methods(q, k, v, roles)
+        for name, forward in methods.items():
+            for mode in ("fwd", "fwd+bwd"):
+                row = dict(method=name, seq_len=seq_len, mode=mode)
+                try:
+                    if mode == "fwd":
+                        step = lambda: forward()  # noqa: E731  (autograd graph built, as in training)
+                    else:
+                        def step():
+                            outs = forward()
+                            torch.autograd.backward([o for o in outs if o.numel()],
+                                                    [torch.ones_like(o) for o in outs if o.numel()])
+                    step()  # compile / autotune
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    ms = _cuda_time_ms(step, reps)
+                    flops = attention_flops(batch, num_q_heads, seq_len, head_dim, True, mode == "fwd+bwd")
+                    row.update(ms=ms, tflops=flops / ms / 1e9,
+                               peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+                except torch.OutOfMemoryError:
+                    row.update(ms=None, tflops=None, peak_extra_mib=None, note="OOM")
+                for t in (q, k, v, *sdpa_inputs):
+                    t.grad = None
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(row, flush=True)
+    return rows, dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
+                      dtype="bfloat16", causal=True, num_roles=NUM_ROLES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU part (each measurement in its own process, so peak RSS belongs to that measurement alone)
+
+CPU_SHAPE = dict(batch=1, num_q_heads=7, num_kv_heads=1, head_dim=128)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_worker(impl, seq_len, mode, reps):
+    q, k, v, roles = make_inputs(seq_len=seq_len, dtype=torch.float32, device="cpu", **CPU_SHAPE)
+    for t in (q, k, v):
+        t.requires_grad_(mode == "fwd+bwd")
+
+    def step():
+        with torch.set_grad_enabled(mode == "fwd+bwd"):
+            out, mass = role_attention(q, k, v, roles, num_roles=NUM_ROLES, impl=impl)
+            if mode == "fwd+bwd":
+                torch.autograd.backward([out, mass], [torch.ones_like(out), torch.ones_like(mass)])
+
+    # Warm up on a short prefix in the same mode: loads libraries and autograd's one-time state.
+    warm = [t[:, :64].detach().requires_grad_(mode == "fwd+bwd") for t in (q, k, v)]
+    with torch.set_grad_enabled(mode == "fwd+bwd"):
+        outs = role_attention(*warm, roles[:, :64], num_roles=NUM_ROLES, impl=impl)
+        if mode == "fwd+bwd":
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    del warm, outs
+    rss_before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set to the current one
+    start = time.perf_counter()
+    step()
+    times = [time.perf_counter() - start]
+    peak_extra_mib = (_status_kib("VmHWM") - rss_before) / 1024
+    for _ in range(reps - 1):
+        for t in (q, k, v):
+            t.grad = None
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    ms = statistics.median(times) * 1e3
+    flops = attention_flops(CPU_SHAPE["batch"], CPU_SHAPE["num_q_heads"], seq_len, CPU_SHAPE["head_dim"], True,
+                            mode == "fwd+bwd")
+    print(json.dumps(dict(method=impl, seq_len=seq_len, mode=mode, ms=ms, tflops=flops / ms / 1e9,
+                          peak_extra_mib=peak_extra_mib)))
+
+
+def bench_cpu(seq_lens, reps):
+    rows = []
+    for seq_len in seq_lens:
+        for impl in ("blockwise", "reference"):
+            for mode in ("fwd", "fwd+bwd"):
+                cmd = [sys.executable, __file__, "--cpu-worker", impl, str(seq_len), mode, "--reps", str(reps)]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(row, flush=True)
+    return rows, dict(CPU_SHAPE, dtype="float32", causal=True, num_roles=NUM_ROLES, threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results
+
+
+def _device_name(part):
+    if part == "gpu":
+        return torch.cuda.get_device_name()
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 host_platform.processor() or "cpu")
+    return f"{model} x{os.cpu_count()} cores"
+
+
+def _git_commit():
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "megatron_avar/ops", "tools"],
+                           capture_output=True, text=True).stdout.strip()
+    return done.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def write_results(part, rows, shape, out_dir: Path):
+    import triton
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    device = _device_name(part)
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
+    stem = out_dir / f"role_attention_{part}_{slug}_{now:%Y-%m-%d}"
+    meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=_git_commit(), torch=torch.__version__,
+                triton=triton.__version__, shape=shape,
+                flop_formula="4*B*Hq*S^2*D forward, /2 causal; backward = 2.5x forward")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    baseline = "reference" if part == "cpu" else "torch SDPA (flash)"
+    lines = [f"# role_attention benchmark ({part})", "",
+             *(f"- {key}: {value}" for key, value in meta.items()), "",
+             f"Time relative to the baseline `{baseline}` at the same length and mode.", "",
+             "| method | S | mode | ms | TFLOP/s | peak extra MiB | time vs baseline |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    base = {(r["seq_len"], r["mode"]): r["ms"] for r in rows if r["method"] == baseline}
+    for r in rows:
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        ref = base.get((r["seq_len"], r["mode"]))
+        ratio = f"{r['ms'] / ref:.2f}x" if r["ms"] and ref else r.get("note", "-")
+        lines.append(f"| {r['method']} | {r['seq_len']} | {r['mode']} | {fmt(r['ms'], '.1f')} | "
+                     f"{fmt(r['tflops'], '.3g')} | {fmt(r['peak_extra_mib'], '.0f')} | {ratio} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["auto", "gpu", "cpu"], default="auto",
+                        help="gpu: Triton vs SDPA vs eager on CUDA; cpu: blockwise vs reference (default: gpu if usable)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                        help="sequence lengths (default gpu: 1k..32k, cpu: 1k 2k 4k)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")
+    parser.add_argument("--out-dir", type=Path, default=REPO / "tools" / "results")
+    parser.add_argument("--cpu-worker", nargs=3, metavar=("IMPL", "S", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.cpu_worker:
+        impl, seq_len, mode = args.cpu_worker
+        return cpu_worker(impl, int(seq_len), mode, args.reps or 3)
+    part = args.part
+    if part == "auto":
+        part = "gpu" if platform.cuda_available() and platform.triton_gpu_available() else "cpu"
+    if part == "gpu":
+        if not (platform.cuda_available() and platform.triton_gpu_available()):
+            raise SystemExit("--part gpu needs CUDA and Triton's GPU backend (and TRITON_INTERPRET unset)")
+        rows, shape = bench_gpu(args.seq_lens or [1024, 2048, 4096, 8192, 16384, 32768], args.reps or 10)
+    else:
+        rows, shape = bench_cpu(args.seq_lens or [1024, 2048, 4096], args.reps or 3)
+    stem = write_results(part, rows, shape, args.out_dir)
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    main()
