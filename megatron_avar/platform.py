@@ -30,6 +30,7 @@ __all__ = [
     "vllm_available",
     "device_for_local_rank",
     "distributed_backend",
+    "bind_device",
     "prepare_megatron",
     "enable_megatron_on_cpu",
     "megatron_cpu_mode_active",
@@ -82,6 +83,15 @@ def device_for_local_rank(local_rank: int | None = None) -> torch.device:
 def distributed_backend() -> str:
     """The torch.distributed backend: NCCL on GPUs, gloo on CPUs (gloo has every collective megatron uses)."""
     return "nccl" if cuda_available() else "gloo"
+
+
+def bind_device(local_rank: int) -> torch.device:
+    """Pin this process to its device before creating the process group (NCCL and megatron need
+    ``torch.cuda.set_device``; on the CPU there is nothing to pin). Returns the device."""
+    device = device_for_local_rank(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def prepare_megatron() -> None:

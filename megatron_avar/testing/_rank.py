@@ -96,6 +96,7 @@ def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: 
     # The parent owns the TCPStore server (port chosen by the OS while binding, so no race with other
     # runs for a "free" port); ranks connect as clients. A rank that finishes early therefore cannot
     # take the store down under the others, as rank 0 hosting it would.
+    platform.bind_device(int(os.environ["LOCAL_RANK"]))
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
     dist.init_process_group(
