@@ -12,7 +12,9 @@ Layouts that differ from HF:
   ``[q heads of group g, k_g, v_g]`` for g = 0..G-1 (HF: separate q/k/v projections, or the vision tower's
   fused ``qkv`` with rows [all q; all k; all v]). Tensor parallelism splits whole groups, so a rank's shard is
   a contiguous row block of this layout.
-* SwiGLU ``linear_fc1`` = ``[gate; up]``; tensor-parallel rank r holds ``[gate chunk r; up chunk r]``.
+* SwiGLU ``linear_fc1`` = ``[gate; up]``; tensor-parallel rank r holds ``[gate chunk r; up chunk r]``
+  (megatron marks these parameters ``partition_stride=2``; sharding here follows ``partition_dim`` and
+  ``partition_stride`` of each parameter).
 * the vision patch embedding is a Linear over the flattened patch (HF: the equivalent Conv3d weight).
 * Transformer Engine layer specs fuse the pre-attention / pre-MLP norms into the next linear
   (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): ``fused_layer_norms=True``.
@@ -34,7 +36,7 @@ import torch.distributed as dist
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLConfig
 
 __all__ = ["ParamMapping", "param_mappings", "hf_to_megatron", "megatron_to_hf", "canonical_hf_name",
-           "load_hf_state_dict", "export_hf_state_dict"]
+           "load_hf_state_dict", "export_hf_state_dict", "full_megatron_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +174,11 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
     params = dict(_global_named_parameters(model))
     full = hf_to_megatron(hf_state, config, fused_layer_norms=_has_fused_norms(params))
     rank, size = _rank_and_size(model, tp_group)
-    gated = _gated_fc1_ids(model)
     with torch.no_grad():
         for name, param in params.items():
             if name not in full:
                 raise ValueError(f"model parameter {name} has no HF counterpart")
-            shard = _shard(full[name], param, gated=id(param) in gated, rank=rank, size=size)
+            shard = _shard(full[name], param, rank=rank, size=size)
             if shard.shape != param.shape:
                 raise ValueError(f"{name}: HF gives {tuple(full[name].shape)} -> shard {tuple(shard.shape)} for "
                                  f"TP rank {rank}/{size}, the parameter is {tuple(param.shape)}")
@@ -190,40 +191,49 @@ def export_hf_state_dict(model: torch.nn.Module, config: Qwen25VLConfig, *,
 
     Collective over ``tp_group`` (every rank of it must call). With one pipeline stage: the whole HF state
     dict. Tensors are copies on the parameters' device, in their dtype."""
-    params = dict(_global_named_parameters(model))
+    full = full_megatron_state(model, tp_group=tp_group)
+    fused = any(name.endswith("linear_qkv.layer_norm_weight") for name in full)
+    out = {}
+    for m in param_mappings(config, fused_layer_norms=fused):
+        if m.megatron in full:
+            out.update(zip(m.hf, _to_hf(m, full[m.megatron], config)))
+    return out
+
+
+def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup | None = None,
+                        grads: bool = False) -> dict[str, torch.Tensor]:
+    """Full (TP-gathered) copies of this rank's parameters, or of their ``.grad``, by global name (decoder
+    layer indexes counted over all pipeline stages). Collective over ``tp_group``."""
     rank, size = _rank_and_size(model, tp_group)
     group = tp_group if tp_group is not None else model.language_model.pg_collection.tp
-    gated = _gated_fc1_ids(model)
     full = {}
-    for name, param in params.items():
-        local = param.detach()
+    for name, param in _global_named_parameters(model):
+        local = param.grad if grads else param
+        if local is None:
+            raise ValueError(f"{name} has no .grad: run backward first, or pass grads=False")
+        local = local.detach()
         if size == 1 or not getattr(param, "tensor_model_parallel", False):
             full[name] = local.clone()
             continue
         shards = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(shards, local.contiguous(), group=group)
-        if id(param) in gated:  # each shard is [gate_r; up_r]
-            halves = [s.chunk(2, dim=0) for s in shards]
-            full[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-        else:
-            full[name] = torch.cat(shards, dim=param.partition_dim)
-    fused = _has_fused_norms(params)
-    held = [m for m in param_mappings(config, fused_layer_norms=fused) if m.megatron in full]
-    out = {}
-    for m in held:
-        out.update(zip(m.hf, _to_hf(m, full[m.megatron], config)))
-    return out
+        full[name] = _unshard(shards, param)
+    return full
 
 
-def _shard(full: torch.Tensor, param, *, gated: bool, rank: int, size: int) -> torch.Tensor:
+def _shard(full: torch.Tensor, param, *, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece, megatron's way: the full tensor is cut into ``partition_stride`` blocks along
+    ``partition_dim`` (SwiGLU fc1: stride 2, the [gate; up] halves), and the rank takes its chunk of each."""
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    if getattr(param, "partition_stride", 1) != 1:
-        raise ValueError(f"partition_stride={param.partition_stride} is not supported")
-    if gated:
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
-    return full.chunk(size, dim=param.partition_dim)[rank]
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    return torch.cat([block.chunk(size, dim)[rank] for block in full.chunk(stride, dim)], dim)
+
+
+def _unshard(shards: list[torch.Tensor], param) -> torch.Tensor:
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    pieces = [shard.chunk(stride, dim) for shard in shards]
+    return torch.cat([pieces[rank][block] for block in range(stride) for rank in range(len(shards))], dim)
 
 
 def _global_named_parameters(model: torch.nn.Module):
@@ -246,14 +256,6 @@ def _global_named_parameters(model: torch.nn.Module):
 
 def _has_fused_norms(params: Mapping[str, torch.nn.Parameter]) -> bool:
     return any(name.endswith("linear_qkv.layer_norm_weight") for name in params)
-
-
-def _gated_fc1_ids(model: torch.nn.Module) -> set[int]:
-    """ids of the weight/bias of every SwiGLU ``linear_fc1`` (how megatron shards [gate; up])."""
-    from megatron.core.transformer.mlp import MLP
-
-    return {id(p) for sub in model.modules() if isinstance(sub, MLP) and sub.config.gated_linear_unit
-            for name, p in sub.linear_fc1.named_parameters() if name in ("weight", "bias")}
 
 
 def _rank_and_size(model, tp_group) -> tuple[int, int]:

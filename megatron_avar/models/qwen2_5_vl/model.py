@@ -103,6 +103,28 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor 
     return ~allowed
 
 
+def _restore_tensor_parallel_attributes(module: torch.nn.Module) -> None:
+    """Mark split weights as megatron does when it initialises them.
+
+    megatron-core 0.16.1 sets ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on
+    Column/RowParallelLinear and VocabParallelEmbedding weights only inside its initialisation routines, so
+    with ``perform_initialization=False`` (weights loaded right after) the marks are missing, and everything
+    that reads them (sharded loading here, grad-norm de-duplication, checkpointing) would treat a shard as a
+    replicated tensor. Strides follow megatron's MLP: 2 for a SwiGLU ``linear_fc1`` ([gate_r; up_r] per rank).
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    from megatron.core.transformer.mlp import MLP
+
+    gated_fc1 = {id(sub.linear_fc1) for sub in module.modules()
+                 if isinstance(sub, MLP) and sub.config.gated_linear_unit}
+    for sub in module.modules():
+        dim = {ColumnParallelLinear: 0, RowParallelLinear: 1, VocabParallelEmbedding: 0}.get(type(sub))
+        weight = getattr(sub, "weight", None)
+        if dim is not None and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 2 if id(sub) in gated_fc1 else 1)
+
+
 class Qwen25VLModel(MegatronModule):
     """Qwen2.5-VL: ``vision`` (first pipeline stage only) and ``language_model`` (a megatron GPTModel).
 
@@ -143,6 +165,8 @@ class Qwen25VLModel(MegatronModule):
                 scatter_embedding_sequence_parallel=False,
                 pg_collection=pg_collection, vp_stage=vp_stage,
             )
+
+        _restore_tensor_parallel_attributes(self)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline parallelism: the hidden states a non-first stage receives."""
