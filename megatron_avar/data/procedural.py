@@ -23,7 +23,6 @@ font (no system font), so PNG bytes are identical for the same numpy and Pillow 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import json
@@ -34,31 +33,28 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-Colour = tuple[int, int, int]
-
-BACKGROUND: Colour = (255, 255, 255)
-# Text is pure black (anti-aliased onto a white box, so always neutral grey); every other drawn thing
-# has a tinted colour, which lets tests separate text ink from lines, axes and shapes.
-TEXT_COLOUR: Colour = (0, 0, 0)
-LINE_COLOUR: Colour = (30, 60, 160)
-AXIS_COLOUR: Colour = (70, 70, 90)
-GRID_COLOUR: Colour = (225, 225, 225)
-
-# Named, clearly distinct, saturated fill colours (max - min channel > 40); the name is the answer
-# word of `largest_shape` and the question word of `count_colour`.
-COLOURS: dict[str, Colour] = {
-    "red": (220, 38, 38),
-    "blue": (37, 99, 235),
-    "green": (22, 163, 74),
-    "yellow": (234, 179, 8),
-    "purple": (147, 51, 234),
-    "orange": (249, 115, 22),
-    "pink": (236, 72, 153),
-    "brown": (146, 84, 38),
-    "cyan": (6, 182, 212),
-}
+from megatron_avar.data.drawing import (  # noqa: F401  (re-exported: tests and users read the palette and fonts here)
+    BACKGROUND,
+    LINE_COLOUR,
+    AXIS_COLOUR,
+    GRID_COLOUR,
+    COLOURS,
+    label_font,
+    label_font_size,
+    draw_label,
+    label_box,
+    draw_shape,
+    shape_area,
+    position_word,
+    grid_shape,
+    grid_cells,
+    place_in_cell,
+    wrap_reasoning,
+    with_article,
+    join_words,
+)
 
 SHAPES = ("circle", "square", "triangle")
 TASK_KINDS: tuple[str, ...] = ("count_colour", "right_triangle", "bar_chart", "largest_shape")
@@ -141,122 +137,6 @@ class ProceduralTask:
         return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------------------------- drawing
-
-
-@functools.lru_cache(maxsize=None)
-def label_font(size: int) -> ImageFont.FreeTypeFont:
-    """Pillow's bundled scalable font at `size` pixels: identical on every machine with the same
-    Pillow, unlike a system font."""
-    return ImageFont.load_default(size=size)
-
-
-def label_font_size(image_size: tuple[int, int], difficulty: int) -> int:
-    """Pixel size of the label text: smaller labels at higher difficulty, never below 9 px."""
-    fraction = {1: 0.09, 2: 0.075, 3: 0.06}[difficulty]
-    return max(9, round(min(image_size) * fraction))
-
-
-def _draw_label(draw: ImageDraw.ImageDraw, text: str, centre: tuple[float, float], size: int) -> None:
-    """Black `text` on a white box centred at `centre` (clamped inside the image). The text origin is
-    an integer pixel, so the glyphs' pixels do not depend on where the label lands."""
-    font = label_font(size)
-    left, top, right, bottom = font.getbbox(text)
-    width, height = draw.im.size
-    pad = 2
-    x = min(max(round(centre[0] - (right - left) / 2), pad), width - pad - (right - left))
-    y = min(max(round(centre[1] - (bottom - top) / 2), pad), height - pad - (bottom - top))
-    draw.rectangle([x - pad, y - pad, x + right - left + pad - 1, y + bottom - top + pad - 1],
-                   fill=BACKGROUND)
-    draw.text((x - left, y - top), text, font=font, fill=TEXT_COLOUR)
-
-
-def _label_box(text: str, size: int) -> tuple[int, int]:
-    """(width, height) of the white box _draw_label draws for `text`."""
-    left, top, right, bottom = label_font(size).getbbox(text)
-    return right - left + 4, bottom - top + 4
-
-
-def _shape_box(cx: int, cy: int, size: int) -> list[int]:
-    x0, y0 = cx - size // 2, cy - size // 2
-    return [x0, y0, x0 + size - 1, y0 + size - 1]
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, size: int,
-                colour: Colour | int) -> None:
-    """A flat, not anti-aliased shape filling the size x size pixel box centred at integer (cx, cy);
-    its pixels are the same up to translation wherever it is drawn."""
-    x0, y0, x1, y1 = _shape_box(cx, cy, size)
-    if shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=colour)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=colour)
-    else:  # triangle pointing up
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
-
-
-@functools.lru_cache(maxsize=4096)
-def _shape_area(shape: str, size: int) -> int:
-    """Exact number of pixels _draw_shape paints for this shape and size, wherever it is drawn."""
-    side = size + 4
-    mask = Image.new("L", (side, side), 0)
-    _draw_shape(ImageDraw.Draw(mask), shape, side // 2, side // 2, size, 255)
-    return int((np.asarray(mask) > 0).sum())
-
-
-def _where(cx: float, cy: float, image_size: tuple[int, int]) -> str:
-    """A coarse position word for reasoning chains: "top left", "centre", "bottom right", ..."""
-    col = ("left", "centre", "right")[min(int(3 * cx / image_size[0]), 2)]
-    row = ("top", "middle", "bottom")[min(int(3 * cy / image_size[1]), 2)]
-    if row == "middle":
-        return "centre" if col == "centre" else f"middle {col}"
-    return row if col == "centre" else f"{row} {col}"
-
-
-def _grid_shape(image_size: tuple[int, int], cells_per_side: int) -> tuple[int, int]:
-    """(columns, rows) of about cells_per_side**2 roughly square cells, each at least 16 px wide and
-    high, so wide and tall images get wide and tall grids."""
-    width, height = image_size
-    target = cells_per_side**2
-    columns = max(1, round(math.sqrt(target * width / height)))
-    rows = max(1, round(target / columns))
-    return max(1, min(columns, width // 16)), max(1, min(rows, height // 16))
-
-
-def _grid_cells(rng: np.random.Generator, image_size: tuple[int, int], cells_per_side: int,
-                count: int) -> list[tuple[float, float, float, float]]:
-    """`count` distinct random cells of the _grid_shape grid as (x0, y0, width, height), in reading
-    order. Shapes kept inside their cells never touch."""
-    columns, rows = _grid_shape(image_size, cells_per_side)
-    width, height = image_size[0] / columns, image_size[1] / rows
-    chosen = sorted(rng.choice(columns * rows, size=min(count, columns * rows), replace=False).tolist())
-    return [((c % columns) * width, (c // columns) * height, width, height) for c in chosen]
-
-
-def _place_in_cell(rng: np.random.Generator, cell: tuple[float, float, float, float],
-                   size: int) -> tuple[int, int]:
-    """A random integer centre that keeps a size x size box at least 1.5 px inside the cell, so
-    shapes in neighbouring cells are at least 3 px apart."""
-    x0, y0, width, height = cell
-    slack_x = max(width - size - 4, 0.0)
-    slack_y = max(height - size - 4, 0.0)
-    cx = round(x0 + 2 + size / 2 + rng.uniform(0, slack_x))
-    cy = round(y0 + 2 + size / 2 + rng.uniform(0, slack_y))
-    return cx, cy
-
-
-def _wrap(think: str, answer: str) -> str:
-    return f"<think>{think}</think><answer>{answer}</answer>"
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
-def _join(words: list[str]) -> str:
-    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-
-
 # ------------------------------------------------------------------------------------- task kinds
 # Each returns (image, question, answer, think) for one sample.
 
@@ -272,7 +152,7 @@ def _count_colour(rng: np.random.Generator, config: ProceduralConfig) -> TaskPar
     palette = [str(name) for name in rng.choice(list(COLOURS), size=num_colours, replace=False)]
     target = palette[0]
 
-    columns, rows = _grid_shape(image_size, cells_per_side)
+    columns, rows = grid_shape(image_size, cells_per_side)
     num_cells = columns * rows
     num_shapes = int(rng.integers(max(2, num_cells // 3), max(3, round(num_cells * 0.8)) + 1))
     assert num_shapes <= num_cells, (num_shapes, num_cells)
@@ -283,20 +163,20 @@ def _count_colour(rng: np.random.Generator, config: ProceduralConfig) -> TaskPar
     image = Image.new("RGB", image_size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     found = []
-    for cell, colour in zip(_grid_cells(rng, image_size, cells_per_side, num_shapes), colours):
+    for cell, colour in zip(grid_cells(rng, image_size, cells_per_side, num_shapes), colours):
         size = max(4, int(min(cell[2], cell[3]) * rng.uniform(0.45, 0.8)))
         shape = str(rng.choice(shapes))
-        cx, cy = _place_in_cell(rng, cell, size)
-        _draw_shape(draw, shape, cx, cy, size, COLOURS[colour])
+        cx, cy = place_in_cell(rng, cell, size)
+        draw_shape(draw, shape, cx, cy, size, COLOURS[colour])
         if colour == target:
-            found.append(f"{_a(shape)} ({_where(cx, cy, image_size)})")
+            found.append(f"{with_article(shape)} ({position_word(cx, cy, image_size)})")
 
     used = [c for c in palette if c in colours]
     answer = str(num_target)
     total = "there is 1" if num_target == 1 else f"there are {answer}"
     think = (f"The question asks for the number of {target} shapes. The image shows {num_shapes} shapes in "
-             f"{len(used)} colours: {_join(used)}. Scanning the image row by row from the top, the {target} "
-             f"shapes are: {_join(found)}. Looking at the image again to check for {target} shapes I might "
+             f"{len(used)} colours: {join_words(used)}. Scanning the image row by row from the top, the {target} "
+             f"shapes are: {join_words(found)}. Looking at the image again to check for {target} shapes I might "
              f"have missed, there are no others, so {total} {target} shape{'' if num_target == 1 else 's'}.")
     return image, f"How many {target} shapes are in the image?", answer, think
 
@@ -318,8 +198,8 @@ def _draw_right_triangle(image_size: tuple[int, int], horizontal: int, vertical:
     width, height = image_size
     line_width = max(1, round(min(image_size) / 112))
     gap, pad = 3 + line_width, 3
-    label_w = max(_label_box(text, font_size)[0] for text in labels.values() if text)
-    label_h = _label_box("0", font_size)[1]
+    label_w = max(label_box(text, font_size)[0] for text in labels.values() if text)
+    label_h = label_box("0", font_size)[1]
     # The leg labels sit outside the legs, on the right angle's side; the hypotenuse label sits in
     # the empty half of the triangle's bounding box, so only the legs' sides need a label margin.
     free_w, free_h = width - label_w - gap - 2 * pad, height - label_h - gap - 2 * pad
@@ -341,20 +221,20 @@ def _draw_right_triangle(image_size: tuple[int, int], horizontal: int, vertical:
                (right_angle[0] + sign_x * mark, right_angle[1] + sign_y * mark),
                (right_angle[0], right_angle[1] + sign_y * mark)], fill=LINE_COLOUR, width=1)
     if labels["horizontal"]:
-        box_w, box_h = _label_box(labels["horizontal"], font_size)
-        _draw_label(draw, labels["horizontal"], ((right_angle[0] + end_h[0]) / 2,
+        box_w, box_h = label_box(labels["horizontal"], font_size)
+        draw_label(draw, labels["horizontal"], ((right_angle[0] + end_h[0]) / 2,
                     right_angle[1] - sign_y * (box_h / 2 + gap)), font_size)
     if labels["vertical"]:
-        box_w, box_h = _label_box(labels["vertical"], font_size)
-        _draw_label(draw, labels["vertical"], (right_angle[0] - sign_x * (box_w / 2 + gap),
+        box_w, box_h = label_box(labels["vertical"], font_size)
+        draw_label(draw, labels["vertical"], (right_angle[0] - sign_x * (box_w / 2 + gap),
                     (right_angle[1] + end_v[1]) / 2), font_size)
     if labels["hypotenuse"]:
-        box_w, box_h = _label_box(labels["hypotenuse"], font_size)
+        box_w, box_h = label_box(labels["hypotenuse"], font_size)
         normal_x, normal_y = sign_x * run_y, sign_y * run_x  # points away from the right angle
         norm = math.hypot(normal_x, normal_y)
         normal_x, normal_y = normal_x / norm, normal_y / norm
         offset = abs(normal_x) * box_w / 2 + abs(normal_y) * box_h / 2 + gap
-        _draw_label(draw, labels["hypotenuse"], ((end_h[0] + end_v[0]) / 2 + normal_x * offset,
+        draw_label(draw, labels["hypotenuse"], ((end_h[0] + end_v[0]) / 2 + normal_x * offset,
                     (end_h[1] + end_v[1]) / 2 + normal_y * offset), font_size)
     return image
 
@@ -467,8 +347,8 @@ def _bar_chart(rng: np.random.Generator, config: ProceduralConfig) -> TaskParts:
     for i, (bar_height, colour) in enumerate(zip(heights, colours)):
         x0 = round(margin_left + i * slot + (slot - bar_w) / 2)
         draw.rectangle([x0, base_y - bar_height, x0 + bar_w - 1, base_y - 1], fill=COLOURS[colour])
-        _, label_h = _label_box(letters[i], font_size)
-        _draw_label(draw, letters[i], (x0 + bar_w / 2, base_y + 3 + label_h / 2), font_size)
+        _, label_h = label_box(letters[i], font_size)
+        draw_label(draw, letters[i], (x0 + bar_w / 2, base_y + 3 + label_h / 2), font_size)
     draw.line([(margin_left - 1, margin_top), (margin_left - 1, base_y)], fill=AXIS_COLOUR, width=1)
     draw.line([(margin_left - 1, base_y), (margin_left + chart_w, base_y)], fill=AXIS_COLOUR, width=1)
 
@@ -494,7 +374,7 @@ def _largest_shape(rng: np.random.Generator, config: ProceduralConfig) -> TaskPa
     min_ratio = {1: 1.5, 2: 1.25, 3: 1.12}[difficulty]  # largest area / second largest area
     shapes = {1: SHAPES[:1], 2: SHAPES[:2], 3: SHAPES}[difficulty]
     num_shapes = int(rng.integers(low, high + 1))
-    cells = _grid_cells(rng, image_size, cells_per_side, num_shapes)
+    cells = grid_cells(rng, image_size, cells_per_side, num_shapes)
     num_shapes = len(cells)
     colours = [str(c) for c in rng.choice(list(COLOURS), size=num_shapes, replace=False)]
     cell_side = min(cells[0][2], cells[0][3]) - 4
@@ -503,11 +383,11 @@ def _largest_shape(rng: np.random.Generator, config: ProceduralConfig) -> TaskPa
     kinds = [str(rng.choice(shapes)) for _ in range(num_shapes)]
     sizes = [0] * num_shapes
     sizes[winner] = int(cell_side * rng.uniform(0.8, 1.0))
-    limit = _shape_area(kinds[winner], sizes[winner]) / min_ratio
+    limit = shape_area(kinds[winner], sizes[winner]) / min_ratio
     for i in range(num_shapes):
         if i != winner:
             size = int(cell_side * rng.uniform(0.3, 0.95))
-            while size > 2 and _shape_area(kinds[i], size) > limit:
+            while size > 2 and shape_area(kinds[i], size) > limit:
                 size -= 1
             sizes[i] = size
 
@@ -515,14 +395,14 @@ def _largest_shape(rng: np.random.Generator, config: ProceduralConfig) -> TaskPa
     draw = ImageDraw.Draw(image)
     described = []
     for cell, shape, size, colour in zip(cells, kinds, sizes, colours):
-        cx, cy = _place_in_cell(rng, cell, size)
-        _draw_shape(draw, shape, cx, cy, size, COLOURS[colour])
-        described.append(f"{_a(colour)} {shape} ({_where(cx, cy, image_size)})")
+        cx, cy = place_in_cell(rng, cell, size)
+        draw_shape(draw, shape, cx, cy, size, COLOURS[colour])
+        described.append(f"{with_article(colour)} {shape} ({position_word(cx, cy, image_size)})")
 
-    areas = [_shape_area(k, s) for k, s in zip(kinds, sizes)]
+    areas = [shape_area(k, s) for k, s in zip(kinds, sizes)]
     runner_up = max((i for i in range(num_shapes) if i != winner), key=lambda i: areas[i])
     answer = colours[winner]
-    think = (f"The image shows {num_shapes} shapes: {_join(described)}. Comparing how much area each one "
+    think = (f"The image shows {num_shapes} shapes: {join_words(described)}. Comparing how much area each one "
              f"covers, the {answer} {kinds[winner]} is the largest. Looking at the image again, the next "
              f"largest, the {colours[runner_up]} {kinds[runner_up]}, covers only about "
              f"{round(100 * areas[runner_up] / areas[winner])}% of the {answer} {kinds[winner]}'s area, so the "
@@ -549,7 +429,7 @@ def generate_task(kind: str, rng: np.random.Generator, config: ProceduralConfig,
     if kind not in _GENERATORS:
         raise ValueError(f"unknown task kind {kind!r}; known kinds: {list(TASK_KINDS)}")
     image, question, answer, think = _GENERATORS[kind](rng, config)
-    reasoning = _wrap(think, answer) if config.with_reasoning else None
+    reasoning = wrap_reasoning(think, answer) if config.with_reasoning else None
     task = ProceduralTask(id=task_id or "", kind=kind, image=image, question=question, answer=answer,
                           reasoning=reasoning)
     if task_id is None:
