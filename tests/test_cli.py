@@ -34,3 +34,11 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "messages": [], "answer": "1"}\n')
     assert main(["data", "validate", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl line 1" in capsys.readouterr().err
+
+
+def test_the_readme_example_dataset_validates(capsys):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "data" / "format_examples.jsonl"
+    assert main(["data", "validate", str(examples)]) == 0
+    assert json.loads(capsys.readouterr().out)["records"] == 4
