@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_avar.testing import run_on_ranks
-from qwen_vl_cases import CASES, case_batch, hf_logits, tiny_hf_model
+from qwen_vl_cases import CASES, IMAGE, case_batch, hf_logits, tiny_hf_model
 
 RELATIVE_TOLERANCE = 1e-5
 ROLE_MASS_LAYERS = {1}
@@ -156,3 +156,17 @@ def test_core_attention_is_swapped_only_in_the_chosen_layers(results):
     assert swap["calls"] == 1  # one forward, one layer
     ours, plain = swap["logits"]
     assert torch.equal(ours, plain)  # same maths: the swap changes nothing else
+
+
+def test_image_features_go_to_image_tokens_in_batch_major_order():
+    from megatron_avar.models.qwen2_5_vl.model import scatter_image_features
+
+    input_ids = torch.tensor([[1, IMAGE, IMAGE, 2], [IMAGE, 3, 4, IMAGE]])
+    embeddings = torch.zeros(4, 2, 3)  # megatron's [S, B, H]
+    features = torch.arange(1.0, 5.0)[:, None].expand(4, 3)
+    out = scatter_image_features(embeddings, input_ids, features, IMAGE)
+    assert out[:, :, 0].T.tolist() == [[0, 1, 2, 0], [3, 0, 0, 4]]
+    assert not embeddings.any()  # a new tensor
+    with pytest.raises(ValueError, match="the batch has 4 image tokens but the vision encoder produced 3 image "
+                                         "features"):
+        scatter_image_features(embeddings, input_ids, features[:3], IMAGE)

@@ -28,6 +28,7 @@ _LAZY = {
     "megatron_to_hf": "hf_mapping",
     "load_hf_state_dict": "hf_mapping",
     "export_hf_state_dict": "hf_mapping",
+    "full_megatron_state": "hf_mapping",
 }
 
 __all__ = [

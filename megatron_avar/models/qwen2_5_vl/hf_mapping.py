@@ -13,8 +13,8 @@ Layouts that differ from HF:
   fused ``qkv`` with rows [all q; all k; all v]). Tensor parallelism splits whole groups, so a rank's shard is
   a contiguous row block of this layout.
 * SwiGLU ``linear_fc1`` = ``[gate; up]``; tensor-parallel rank r holds ``[gate chunk r; up chunk r]``
-  (megatron marks these parameters ``partition_stride=2``; sharding here follows ``partition_dim`` and
-  ``partition_stride`` of each parameter).
+  (megatron marks these parameters ``partition_stride=2``; sharding here follows each parameter's
+  ``partition_dim`` and stride).
 * the vision patch embedding is a Linear over the flattened patch (HF: the equivalent Conv3d weight).
 * Transformer Engine layer specs fuse the pre-attention / pre-MLP norms into the next linear
   (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): ``fused_layer_norms=True``.
@@ -174,11 +174,12 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
     params = dict(_global_named_parameters(model))
     full = hf_to_megatron(hf_state, config, fused_layer_norms=_has_fused_norms(params))
     rank, size = _rank_and_size(model, tp_group)
+    strides = _partition_strides(model)
     with torch.no_grad():
         for name, param in params.items():
             if name not in full:
                 raise ValueError(f"model parameter {name} has no HF counterpart")
-            shard = _shard(full[name], param, rank=rank, size=size)
+            shard = _shard(full[name], param, strides[id(param)], rank=rank, size=size)
             if shard.shape != param.shape:
                 raise ValueError(f"{name}: HF gives {tuple(full[name].shape)} -> shard {tuple(shard.shape)} for "
                                  f"TP rank {rank}/{size}, the parameter is {tuple(param.shape)}")
@@ -206,6 +207,7 @@ def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup |
     layer indexes counted over all pipeline stages). Collective over ``tp_group``."""
     rank, size = _rank_and_size(model, tp_group)
     group = tp_group if tp_group is not None else model.language_model.pg_collection.tp
+    strides = _partition_strides(model)
     full = {}
     for name, param in _global_named_parameters(model):
         local = param.grad if grads else param
@@ -217,21 +219,20 @@ def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup |
             continue
         shards = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(shards, local.contiguous(), group=group)
-        full[name] = _unshard(shards, param)
+        full[name] = _unshard(shards, param.partition_dim, strides[id(param)])
     return full
 
 
-def _shard(full: torch.Tensor, param, *, rank: int, size: int) -> torch.Tensor:
-    """This rank's piece, megatron's way: the full tensor is cut into ``partition_stride`` blocks along
+def _shard(full: torch.Tensor, param, stride: int, *, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece, megatron's way: the full tensor is cut into ``stride`` blocks along
     ``partition_dim`` (SwiGLU fc1: stride 2, the [gate; up] halves), and the rank takes its chunk of each."""
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    dim = param.partition_dim
     return torch.cat([block.chunk(size, dim)[rank] for block in full.chunk(stride, dim)], dim)
 
 
-def _unshard(shards: list[torch.Tensor], param) -> torch.Tensor:
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+def _unshard(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     pieces = [shard.chunk(stride, dim) for shard in shards]
     return torch.cat([pieces[rank][block] for block in range(stride) for rank in range(len(shards))], dim)
 
@@ -256,6 +257,19 @@ def _global_named_parameters(model: torch.nn.Module):
 
 def _has_fused_norms(params: Mapping[str, torch.nn.Parameter]) -> bool:
     return any(name.endswith("linear_qkv.layer_norm_weight") for name in params)
+
+
+def _partition_strides(model: torch.nn.Module) -> dict[int, int]:
+    """Stride of every parameter by id: 2 for the weight/bias of a SwiGLU ``linear_fc1`` whatever the
+    parameter declares (each rank computes gate * up from its own [gate_r; up_r] rows, so that is the layout
+    even where a linear implementation reports ``partition_stride=1``), else the declared stride."""
+    from megatron.core.transformer.mlp import MLP
+
+    strides = {id(p): getattr(p, "partition_stride", 1) for p in model.parameters()}
+    for sub in model.modules():
+        if isinstance(sub, MLP) and sub.config.gated_linear_unit:
+            strides.update((id(p), 2) for name, p in sub.linear_fc1.named_parameters() if name in ("weight", "bias"))
+    return strides
 
 
 def _rank_and_size(model, tp_group) -> tuple[int, int]:

@@ -151,8 +151,8 @@ class Qwen25VLModel(MegatronModule):
             configs.language, role_mass_layers=role_mass_layers, role_mass_core_attention=role_mass_core_attention,
             pp_rank=get_pg_rank(getattr(pg_collection, "pp", None)), vp_stage=vp_stage,
         )
-        device = torch.device("meta") if settings.init_on_meta_device else contextlib.nullcontext()
-        with device:
+        placement = torch.device("meta") if settings.init_on_meta_device else contextlib.nullcontext()
+        with placement:
             self.vision = (Qwen25VisionModel(config.vision, configs.vision, configs.merger,
                                              pg_collection=pg_collection) if pre_process else None)
             self.language_model = GPTModel(
@@ -203,6 +203,7 @@ class Qwen25VLModel(MegatronModule):
             if self.config.sequence_parallel:
                 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
-                decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=self.language_model.pg_collection.tp)
+                tp_group = self.language_model.pg_collection.tp
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=tp_group)
         return self.language_model(input_ids, position_ids, decoder_attention_mask(attention_mask),
                                    decoder_input=decoder_input, labels=labels)
