@@ -235,7 +235,9 @@ def write_results(part, rows, shape, out_dir: Path):
     device = _device_name(part)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
     stem = out_dir / f"role_attention_{part}_{slug}_{now:%Y-%m-%d}"
+    # CPU timings on a shared machine depend on what else runs: record the load next to them.
     meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=_git_commit(), torch=torch.__version__,
+                load_average_1_5_15min=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                 triton=triton.__version__, shape=shape,
                 flop_formula="4*B*Hq*S^2*D forward, /2 causal; backward = 2.5x forward")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -44,8 +44,10 @@ INTERPRETING = bool(triton.knobs.runtime.interpret)
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 32
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+MAX_TRITON_ROLES = 16
+# Logits are handled in base 2 (exp2/log2 are the fast hardware paths): z2 = z * log2(e).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, S
         c2 = sm_scale_log2
     s = qk * c2
     if HAS_BIAS:
-        role_bias = tl.load(BiasTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=0.0) * 1.4426950408889634
+        role_bias = tl.load(BiasTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=0.0) * _LOG2E
         s = s + tl.where(qmask_m[:, None], role_bias[None, :], 0.0)
     return tl.where(allowed, s, float("-inf")), c2
 
@@ -284,7 +286,7 @@ def _bwd_dkdv_kernel(
             dqk = ds * c2
             dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision=PRECISION)
     # c2 carries log2(e) (logits are in base 2); d(natural logit)/d(q.k) = c2 * ln 2.
-    dk = dk * 0.6931471805599453
+    dk = dk * _LN2
     out_off = batch * stride_gb + kv_head * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -374,7 +376,7 @@ def _bwd_dq_kernel(
                 dp += tl.where(roles_n[None, :] == r, g_r[:, None], 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot((ds * c2).to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * 0.6931471805599453  # c2 carries log2(e); see _bwd_dkdv_kernel
+    dq = dq * _LN2  # c2 carries log2(e); see _bwd_dkdv_kernel
     tl.store(DQ + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -418,6 +420,10 @@ def _check_runnable(problem: RoleAttentionProblem) -> None:
     elif not (q.is_cuda and platform.triton_gpu_available()):
         raise ValueError("impl='triton' needs CUDA tensors and Triton's GPU backend (or TRITON_INTERPRET=1 set "
                          "before importing megatron_avar.ops on a CPU machine); use impl='blockwise' here")
+    if problem.num_roles > MAX_TRITON_ROLES:
+        # The role loops are unrolled at compile time (one masked row sum per role).
+        raise ValueError(f"impl='triton' supports num_roles <= {MAX_TRITON_ROLES}, got {problem.num_roles}; "
+                         "use impl='blockwise'")
     if q.shape[-1] > 256:
         raise ValueError(f"impl='triton' supports head_dim <= 256, got {q.shape[-1]}; use impl='blockwise'")
 
@@ -467,7 +473,7 @@ def _launch_args(problem: RoleAttentionProblem) -> _Launch:
 def _scalars(problem: RoleAttentionProblem):
     batch, seq_len, num_q_heads, _ = problem.q.shape
     return dict(seq_len=seq_len, num_q_heads=num_q_heads, group=num_q_heads // problem.k.shape[2],
-                sm_scale_log2=problem.softmax_scale * _LOG2E, seq_bucket=triton.next_power_of_2(seq_len))
+                sm_scale_log2=problem.softmax_scale * _LOG2E.value, seq_bucket=triton.next_power_of_2(seq_len))
 
 
 def _forward(problem: RoleAttentionProblem, compute_mass: bool):
@@ -482,7 +488,10 @@ def _forward(problem: RoleAttentionProblem, compute_mass: bool):
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _fwd[grid](
         q, k, v, launch.roles, launch.qmask, launch.row_start, launch.row_end, launch.scale_tab, launch.bias_tab,
-        out, mass, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        # An empty mass has a null data pointer, which Triton's launcher rejects: pass lse instead
+        # (never read or written when COMPUTE_MASS is off).
+        out, mass if compute_mass else lse, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *out.stride()[:3],
         **_scalars(problem), **launch.flags, BLOCK_R=triton.next_power_of_2(max(problem.num_roles, 2)),
         COMPUTE_MASS=compute_mass, **_fixed_blocks(),
     )
@@ -502,7 +511,7 @@ def _backward(problem: RoleAttentionProblem, out, mass, lse, grad_out, grad_mass
     delta = torch.empty_like(lse)
     pre_block = 64
     _bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * num_q_heads)](
-        out, grad_out, mass, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3], seq_len, num_q_heads,
+        out, grad_out, mass if has_mass_grad else lse, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3], seq_len, num_q_heads,
         HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], NUM_ROLES=problem.num_roles, BLOCK_R=block_r,
         BLOCK_M=pre_block, HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad,
     )

@@ -5,6 +5,11 @@ blocks (several tiles per sequence); on a CUDA machine the same tests run compil
 """
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +113,23 @@ def test_triton_is_deterministic(device):
     second = values_and_grads(q, k, v, roles, kwargs, "triton")
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+def test_kernels_compile_for_hopper():
+    """The compiler (not the interpreter) accepts every kernel variant for sm_90, run through ptxas.
+
+    In a subprocess without TRITON_INTERPRET, since this process imported the kernels interpreted.
+    """
+    repo = Path(__file__).resolve().parents[2]
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(repo), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("role_attention_aot.py"))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 6
+    for name, info in report.items():  # H100/H200 give a block at most 227 KiB of shared memory
+        assert 0 < info["shared_bytes"] <= 227 * 1024, name
 
 
 @pytest.mark.gpu

@@ -1,0 +1,71 @@
+"""Compile the role-attention Triton kernels for Hopper (sm_90) without a GPU, through ptxas.
+
+Run as a script in a process where TRITON_INTERPRET is unset (the kernels must be real JIT functions):
+the interpreter executes kernels as Python and so never checks what only the compiler checks (types
+of loop-carried values, constexpr branches, dot shapes, shared-memory layouts). Prints one JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from megatron_avar.ops import role_attention_triton as rat
+
+_POINTER_TYPES = {"Roles": "*i32", "QMask": "*i8", "RowStart": "*i32", "RowEnd": "*i32", "ScaleTab": "*fp32",
+                  "BiasTab": "*fp32", "Mass": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "DMass": "*fp32"}
+
+
+def compile_for(kernel, dtype, constexprs, num_warps, num_stages, target):
+    """Compile `kernel` with tensor pointers of `dtype` ("bf16", "fp16", "fp32") and the given constexprs."""
+    names = kernel.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():                  # pointer arguments are capitalised
+            signature[name] = _POINTER_TYPES.get(name, "*" + dtype)
+        else:
+            signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def variants():
+    every = dict(HEAD_DIM=128, BLOCK_D=128, NUM_ROLES=5, CAUSAL=True, HAS_WINDOWS=True, HAS_SCALE=True,
+                 HAS_BIAS=True, DOT_FP32=False, PRECISION="tf32")
+    plain = dict(HEAD_DIM=80, BLOCK_D=128, NUM_ROLES=2, CAUSAL=False, HAS_WINDOWS=False, HAS_SCALE=False,
+                 HAS_BIAS=False, DOT_FP32=False, PRECISION="ieee")
+    yield "fwd bf16 all features", rat._fwd_kernel, "bf16", dict(every, BLOCK_R=8, BLOCK_M=128, BLOCK_N=64,
+                                                                  COMPUTE_MASS=True), 8, 3
+    yield "fwd fp32 masses off", rat._fwd_kernel, "fp32", dict(plain, BLOCK_R=2, BLOCK_M=64, BLOCK_N=32,
+                                                                COMPUTE_MASS=False), 4, 3
+    yield "dkdv bf16 all features", rat._bwd_dkdv_kernel, "bf16", dict(every, BLOCK_M=32, BLOCK_N=128,
+                                                                        HAS_OUT_GRAD=True, HAS_MASS_GRAD=True), 4, 3
+    yield "dq bf16 all features", rat._bwd_dq_kernel, "bf16", dict(every, BLOCK_R=8, BLOCK_M=128, BLOCK_N=32,
+                                                                    HAS_OUT_GRAD=True, HAS_MASS_GRAD=True), 4, 3
+    yield "dkdv fp16 mass grad only", rat._bwd_dkdv_kernel, "fp16", dict(every, BLOCK_M=64, BLOCK_N=64,
+                                                                          HAS_OUT_GRAD=False, HAS_MASS_GRAD=True), 4, 2
+    yield "preprocess", rat._bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=128, BLOCK_D=128, NUM_ROLES=5, BLOCK_R=8,
+                                                                  BLOCK_M=64, HAS_OUT_GRAD=True,
+                                                                  HAS_MASS_GRAD=True), 4, 2
+
+
+def main():
+    if rat.INTERPRETING or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
+    target = GPUTarget("cuda", 90, 32)
+    report = {}
+    for name, kernel, dtype, constexprs, warps, stages in variants():
+        start = time.perf_counter()
+        compiled = compile_for(kernel, dtype, constexprs, warps, stages, target)
+        report[name] = dict(seconds=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
