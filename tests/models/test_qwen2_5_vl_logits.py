@@ -170,3 +170,27 @@ def test_image_features_go_to_image_tokens_in_batch_major_order():
     with pytest.raises(ValueError, match="the batch has 4 image tokens but the vision encoder produced 3 image "
                                          "features"):
         scatter_image_features(embeddings, input_ids, features[:3], IMAGE)
+
+
+def test_role_mass_layers_are_global_indexes_under_pipeline_parallelism():
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig, build_transformer_configs
+    from megatron_avar.models.qwen2_5_vl.model import language_block_spec
+    from qwen_vl_real_configs import QWEN2_5_VL_7B
+
+    class RoleMassAttention:  # only its identity matters: no module is built here
+        pass
+
+    config = build_transformer_configs(Qwen25VLConfig.from_hf(QWEN2_5_VL_7B),
+                                       MegatronSettings(pipeline_model_parallel_size=4)).language
+    chosen = {}
+    for stage in range(4):  # 28 layers, 7 per stage
+        spec = language_block_spec(config, role_mass_layers={6, 7, 8, 13}, role_mass_core_attention=RoleMassAttention,
+                                   pp_rank=stage)
+        assert len(spec.layer_specs) == 7
+        chosen[stage] = [i for i, layer in enumerate(spec.layer_specs)
+                         if layer.submodules.self_attention.submodules.core_attention is RoleMassAttention]
+    assert chosen == {0: [6], 1: [0, 1, 6], 2: [], 3: []}
+    with pytest.raises(ValueError, match=r"role_mass_layers \[28\] are outside \[0, num_layers=28\)"):
+        language_block_spec(config, role_mass_layers={28}, role_mass_core_attention=RoleMassAttention)
+    with pytest.raises(ValueError, match="no role_mass_core_attention"):
+        language_block_spec(config, role_mass_layers={3})

@@ -19,21 +19,25 @@ Structure (the same maths as HF's `Qwen2_5_VisionTransformerPretrainedModel`):
 Packing: every patch of every image goes into one sequence ([num_patches, 1, hidden], megatron's
 [s, b, h]). Patches are reordered once so that each window is contiguous (whole 2x2 merge groups move
 together, so the merger still sees its 4 patches side by side); full-attention segments (frames) are
-contiguous in that order too. Segments are given to the core attention as cumulative lengths in megatron's
-`PackedSeqParams` (``qkv_format="sbhd"``, so megatron's attention applies rope per token and does not
-reinterpret the layout), and the core attention runs each group of equal-length segments as one batched
-`scaled_dot_product_attention`: exact variable-length attention without an S x S mask.
+contiguous in that order too. Segments reach the core attention through megatron's ``packed_seq_params``
+argument, as :class:`VisionSegments` (a `PackedSeqParams` with ``qkv_format="sbhd"``, so megatron's
+attention applies rope per token and does not reinterpret the layout), and the core attention runs each group
+of equal-length segments as one batched `scaled_dot_product_attention`: exact variable-length attention
+without an S x S mask. (On GPUs a flash-attention varlen kernel can take the same cumulative lengths.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLVisionConfig
 
-__all__ = ["Qwen25VisionModel", "VisionSegmentAttention", "vision_layer_spec", "vision_packing"]
+__all__ = ["Qwen25VisionModel", "VisionSegmentAttention", "VisionSegments", "vision_layer_spec", "vision_packing"]
 
 
 class VisionPacking:
@@ -97,12 +101,35 @@ def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
+@dataclasses.dataclass
+class VisionSegments(PackedSeqParams):
+    """Segment boundaries for :class:`VisionSegmentAttention`, with the segments already grouped by length.
+
+    ``equal_length_groups``: one int64 [num_segments_of_that_length, length] index tensor (positions in the
+    packed sequence, on the compute device) per distinct length; computed once per forward, used by every
+    layer. ``qkv_format`` is "sbhd" so that megatron's attention applies rope per token and leaves the layout.
+    """
+
+    equal_length_groups: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    def from_cumulative(cls, cu_seqlens: torch.Tensor, device) -> "VisionSegments":
+        cu = cu_seqlens.cpu().long()
+        starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        groups = tuple((starts[lengths == length][:, None] + torch.arange(length)).to(device)
+                       for length in lengths.unique().tolist() if length > 0)
+        cu_device = cu_seqlens.to(device=device, dtype=torch.int32)
+        return cls(qkv_format="sbhd", cu_seqlens_q=cu_device, cu_seqlens_kv=cu_device,
+                   max_seqlen_q=int(lengths.max()), max_seqlen_kv=int(lengths.max()), equal_length_groups=groups)
+
+
 class VisionSegmentAttention(torch.nn.Module):
     """Core attention (megatron's interface) over contiguous, independent, non-causal segments.
 
-    The segments are ``packed_seq_params.cu_seqlens_q`` (cumulative lengths over the packed sequence).
-    query/key/value: [s, 1, heads_per_rank, head_dim] -> [s, 1, heads_per_rank * head_dim]. Segments of
-    equal length are batched into one `scaled_dot_product_attention` call (windows mostly share a length).
+    The segments come as :class:`VisionSegments` in ``packed_seq_params``. query/key/value:
+    [s, 1, heads_per_rank, head_dim] -> [s, 1, heads_per_rank * head_dim]. Segments of equal length are
+    batched into one `scaled_dot_product_attention` call (windows mostly share a length), so no S x S mask
+    is ever formed.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -114,16 +141,14 @@ class VisionSegmentAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is None or packed_seq_params.cu_seqlens_q is None:
-            raise ValueError("vision attention needs the segment boundaries (packed_seq_params.cu_seqlens_q)")
+        if not isinstance(packed_seq_params, VisionSegments):
+            raise TypeError("vision attention needs its segments as VisionSegments in packed_seq_params, got "
+                            f"{type(packed_seq_params).__name__}")
         if query.shape[1] != 1:
             raise ValueError(f"vision attention expects one packed sequence (batch 1), got {query.shape[1]}")
         q, k, v = (x[:, 0] for x in (query, key, value))  # [s, heads, dim]
-        cu = packed_seq_params.cu_seqlens_q.tolist()
-        starts, lengths = torch.tensor(cu[:-1]), torch.tensor(cu[1:]) - torch.tensor(cu[:-1])
         out = torch.empty_like(q)
-        for length in lengths.unique().tolist():
-            index = (starts[lengths == length][:, None] + torch.arange(length)).to(q.device)  # [n, length]
+        for index in packed_seq_params.equal_length_groups:  # [n, length]
             batch = [x[index].transpose(1, 2) for x in (q, k, v)]  # [n, heads, length, dim]
             attended = F.scaled_dot_product_attention(*batch, scale=self.softmax_scale)
             out[index.flatten()] = attended.transpose(1, 2).flatten(0, 1)
@@ -211,8 +236,6 @@ class Qwen25VisionModel(MegatronModule):
         """pixel_values: [num_patches, patch_dim] as the Qwen2.5-VL processor emits them (all images
         concatenated); image_grid_thw: int [num_images, 3]. Returns [num_patches / merge**2, out_hidden_size],
         images in order, each image's merged tokens in the order its image tokens appear in the text."""
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         expected = int(image_grid_thw.prod(-1).sum())
         if pixel_values.shape != (expected, self.vision_config.patch_dim):
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, image_grid_thw needs "
@@ -222,10 +245,8 @@ class Qwen25VisionModel(MegatronModule):
         hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)[packing.order.to(device)])
         hidden = hidden.unsqueeze(1)  # [s, b=1, h]
         rotary = self.rotary_angles(packing.rotary_hw.to(device))
-        segments = {
-            window: PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu.to(device), cu_seqlens_kv=cu.to(device))
-            for window, cu in ((True, packing.cu_windows), (False, packing.cu_frames))
-        }
+        segments = {True: VisionSegments.from_cumulative(packing.cu_windows, device),
+                    False: VisionSegments.from_cumulative(packing.cu_frames, device)}
         full_attention = set(self.vision_config.fullatt_block_indexes)
         for index, layer in enumerate(self.layers):
             hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
