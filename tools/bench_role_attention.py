@@ -225,7 +225,7 @@ def _device_name(part):
 
 def _git_commit():
     done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "megatron_avar/ops", "tools"],
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "megatron_avar/ops", __file__],
                            capture_output=True, text=True).stdout.strip()
     return done.stdout.strip() + ("+dirty" if dirty else "")
 

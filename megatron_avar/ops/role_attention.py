@@ -84,17 +84,6 @@ class RoleAttentionProblem:
             hi = min(hi, i1)
         return lo, hi
 
-    def query_range(self, j0: int, j1: int) -> tuple[int, int]:
-        """Queries [lo, hi) that may attend to any key in [j0, j1) (a superset)."""
-        seq_len = self.q.shape[1]
-        lo, hi = 0, seq_len
-        if self.row_bounds_host is not None:
-            starts, ends = self.row_bounds_host
-            lo, hi = starts[j0], ends[j1 - 1]  # a key's sample is the sample of the query at its index
-        if self.causal:
-            lo = max(lo, j0)
-        return lo, hi
-
 
 def role_attention(
     q: torch.Tensor,
