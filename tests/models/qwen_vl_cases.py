@@ -20,11 +20,11 @@ GRID_C = (1, 8, 8)   # 4x4 merged: four full windows (no edge)
 GRID_D = (1, 2, 2)   # one merged token, smaller than a window
 
 
-def tiny_hf_config(*, tie_word_embeddings: bool = False):
+def tiny_hf_config(*, tie_word_embeddings: bool = False, num_text_layers: int = 3):
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_text_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None,
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 1e6}),
@@ -36,14 +36,16 @@ def tiny_hf_config(*, tie_word_embeddings: bool = False):
     )
 
 
-def tiny_hf_model(seed: int = 0, *, tie_word_embeddings: bool = False):
+def tiny_hf_model(seed: int = 0, *, tie_word_embeddings: bool = False, num_text_layers: int = 3):
     """fp32, eval mode, weights drawn with a larger std than HF's init (0.02) so that every layer matters.
 
-    Norm weights are 1 + noise (not exactly 1) so that a norm mapped to the wrong place is noticed."""
+    Norm weights are 1 + noise (not exactly 1) so that a norm mapped to the wrong place is noticed.
+    ``num_text_layers``: 4 for pipeline tests (megatron splits layers evenly over the stages)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tie_word_embeddings=tie_word_embeddings))
+    model = Qwen2_5_VLForConditionalGeneration(
+        tiny_hf_config(tie_word_embeddings=tie_word_embeddings, num_text_layers=num_text_layers))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -137,6 +137,7 @@ class Qwen25VLModel(MegatronModule):
                  pg_collection, pre_process: bool = True, post_process: bool = True, parallel_output: bool = True,
                  role_mass_layers: Collection[int] = (), role_mass_core_attention: type | None = None,
                  vp_stage: int | None = None):
+        from megatron.core.enums import ModelType
         from megatron.core.models.gpt import GPTModel
         from megatron.core.utils import get_pg_rank, get_pg_size
 
@@ -146,6 +147,7 @@ class Qwen25VLModel(MegatronModule):
             raise ValueError(f"the tensor-parallel group has {get_pg_size(pg_collection.tp)} ranks but "
                              f"settings.tensor_model_parallel_size={settings.tensor_model_parallel_size}")
         self.qwen_config = config
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process, self.post_process = pre_process, post_process
         block_spec = language_block_spec(
             configs.language, role_mass_layers=role_mass_layers, role_mass_core_attention=role_mass_core_attention,
