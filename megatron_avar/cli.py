@@ -16,6 +16,7 @@ import sys
 # Modules that contribute subcommands, in the order `avar --help` lists them.
 SUBCOMMAND_MODULES = (
     "megatron_avar.data.cli",
+    "megatron_avar.convert.cli",
 )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,8 @@ import torch.distributed as dist
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLConfig
 
 __all__ = ["ParamMapping", "param_mappings", "hf_to_megatron", "megatron_to_hf", "canonical_hf_name",
-           "load_hf_state_dict", "export_hf_state_dict", "full_megatron_state"]
+           "load_hf_state_dict", "load_hf_tensors", "export_hf_state_dict", "iter_hf_tensors",
+           "full_megatron_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +185,72 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
                 raise ValueError(f"{name}: HF gives {tuple(full[name].shape)} -> shard {tuple(shard.shape)} for "
                                  f"TP rank {rank}/{size}, the parameter is {tuple(param.shape)}")
             param.copy_(shard)
+
+
+def load_hf_tensors(model: torch.nn.Module, hf_tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
+                    config: Qwen25VLConfig, *, tp_group: dist.ProcessGroup | None = None) -> None:
+    """Streaming :func:`load_hf_state_dict`: ``hf_tensors`` yields ``(hf_name, read)`` pairs (e.g. the keys of
+    safetensors shards, file by file); ``read()`` is called only for tensors this rank's parameters need, and
+    a full tensor is kept only until the last HF tensor of its parameter has arrived.
+
+    Local, no communication. Raises ValueError naming the tensor for an HF name the config does not have, a
+    shape that does not fit the parameter, a dtype other than the parameter's (loading must not round), and
+    for parameters left without an HF tensor."""
+    params = dict(_global_named_parameters(model))
+    mappings = param_mappings(config, fused_layer_norms=_has_fused_norms(params))
+    by_hf_name = {hf_name: m for m in mappings for hf_name in m.hf}
+    rank, size = _rank_and_size(model, tp_group)
+    strides = _partition_strides(model)
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    filled = set()
+    for raw_name, read in hf_tensors:
+        name = canonical_hf_name(raw_name)
+        if name == "lm_head.weight" and config.text.tie_word_embeddings:
+            continue
+        mapping = by_hf_name.get(name)
+        if mapping is None:
+            raise ValueError(f"HF tensor {raw_name!r} is not part of a Qwen2.5-VL model with this config")
+        param = params.get(mapping.megatron)
+        if param is None:  # another pipeline stage's parameter
+            continue
+        tensor = read()
+        if tensor.dtype != param.dtype:
+            raise ValueError(f"HF tensor {raw_name!r} is {tensor.dtype} but the model is built in {param.dtype}")
+        parts = pending.setdefault(mapping.megatron, {})
+        parts[name] = tensor
+        if len(parts) < len(mapping.hf):
+            continue
+        del pending[mapping.megatron]
+        try:
+            full = _to_megatron(mapping, [parts[n] for n in mapping.hf])
+        except RuntimeError as error:  # a reshape that does not fit
+            raise ValueError(f"HF tensors {list(mapping.hf)} have shapes {[tuple(parts[n].shape) for n in mapping.hf]}"
+                             f" that do not fit {mapping.megatron}: {error}") from None
+        shard = _shard(full, param, strides[id(param)], rank=rank, size=size)
+        if shard.shape != param.shape:
+            raise ValueError(f"HF tensor(s) {list(mapping.hf)}: shape(s) {[tuple(parts[n].shape) for n in mapping.hf]}"
+                             f" give {mapping.megatron} {tuple(full.shape)} -> shard {tuple(shard.shape)} for TP "
+                             f"rank {rank}/{size}, but the parameter is {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(shard)
+        filled.add(mapping.megatron)
+    missing = sorted(params.keys() - filled)
+    if missing:
+        needed = [hf_name for m in mappings if m.megatron in missing for hf_name in m.hf]
+        raise ValueError(f"the HF checkpoint lacks {len(needed)} tensors, e.g. {needed[:6]}")
+
+
+def iter_hf_tensors(model: torch.nn.Module, config: Qwen25VLConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every parameter of a model without tensor or pipeline parallelism, one mapping at a
+    time and without copying the model (views where the layout allows): for streaming export to files."""
+    params = dict(_global_named_parameters(model))
+    for m in param_mappings(config, fused_layer_norms=_has_fused_norms(params)):
+        param = params.get(m.megatron)
+        if param is None:
+            raise ValueError(f"the model has no parameter {m.megatron}: export needs the whole model (TP=1, PP=1)")
+        if getattr(param, "tensor_model_parallel", False) and _rank_and_size(model, None)[1] > 1:
+            raise ValueError("iter_hf_tensors needs a model without tensor parallelism")
+        yield from zip(m.hf, _to_hf(m, param.detach(), config))
 
 
 def export_hf_state_dict(model: torch.nn.Module, config: Qwen25VLConfig, *,

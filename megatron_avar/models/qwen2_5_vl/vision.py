@@ -227,6 +227,23 @@ class Qwen25VisionModel(MegatronModule):
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(head_quarter, dtype=torch.float32) / head_quarter)
         self.register_buffer("rotary_inv_freq", inv_freq, persistent=False)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Checkpoint metadata (megatron dist_checkpointing). The blocks sit in a plain ModuleList, which
+        megatron's default would describe as replicated tensors (local shapes as global ones); each block
+        describes its own tensor-parallel split instead."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sharded = {}
+        for name, child in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(child):
+                    sharded.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",
+                                                            sharded_offsets=sharded_offsets, metadata=metadata))
+            else:
+                sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                          tp_group=self.merger.encoder.linear_fc1.tp_group))
+        return sharded
+
     def rotary_angles(self, rotary_hw: torch.Tensor) -> torch.Tensor:
         """[P, 1, 1, head_dim] angles for megatron's rotate-half rope: (rows, columns) frequencies, twice."""
         half = (rotary_hw[..., None].float() * self.rotary_inv_freq.to(rotary_hw.device)).flatten(1)

@@ -1,0 +1,66 @@
+"""`avar convert hf-to-mcore | mcore-to-hf | verify`: Qwen2.5-VL checkpoints between HF and megatron."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert Qwen2.5-VL checkpoints between HF and megatron")
+    commands = parser.add_subparsers(title="convert commands", dest="convert_command", metavar="COMMAND")
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+
+    to_mcore = commands.add_parser("hf-to-mcore", formatter_class=formatter,
+                                   help="HF safetensors -> megatron distributed checkpoint (torch_dist)")
+    to_mcore.add_argument("--hf-path", required=True, type=Path, help="HF model folder (config.json + safetensors)")
+    to_mcore.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing ranks")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the writing ranks")
+    to_mcore.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_mcore.set_defaults(handler=_hf_to_mcore)
+
+    to_hf = commands.add_parser("mcore-to-hf", formatter_class=formatter,
+                                help="megatron checkpoint written by hf-to-mcore -> HF safetensors folder")
+    to_hf.add_argument("--mcore-path", required=True, type=Path, help="megatron checkpoint folder")
+    to_hf.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    to_hf.add_argument("--max-shard-size-mb", type=float, default=5000.0, help="largest safetensors file")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_hf.set_defaults(handler=_mcore_to_hf)
+    parser.set_defaults(handler=None)
+
+
+def _hf_to_mcore(args) -> int:
+    from megatron_avar.convert import checkpoint, hf_files
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+
+    if args.tp < 1 or args.pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
+    hf_dir = args.hf_path.absolute()
+    config = Qwen25VLConfig.from_hf(str(hf_dir))  # refuses configs the model does not reproduce
+    if config.text.num_layers % args.pp:
+        raise ValueError(f"--pp {args.pp} does not divide the {config.text.num_layers} language-model layers")
+    num_tensors = checkpoint.check_hf_names(hf_dir, config)
+    dtype = checkpoint.checkpoint_dtype(hf_dir)
+    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
+        checkpoint.launch(checkpoint.hf_to_mcore_rank, args.tp * args.pp, str(hf_dir), str(temp), args.tp, args.pp,
+                          dtype, num_tensors)
+        hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
+        checkpoint.write_checkpoint_info(temp, tp=args.tp, pp=args.pp, dtype=dtype, source=str(hf_dir))
+    print(f"wrote megatron checkpoint (torch_dist, TP={args.tp} PP={args.pp}, {dtype}) to {args.out}")
+    return 0
+
+
+def _mcore_to_hf(args) -> int:
+    from megatron_avar.convert import checkpoint, hf_files
+
+    mcore_dir = args.mcore_path.absolute()
+    checkpoint.read_checkpoint_info(mcore_dir)
+    if args.max_shard_size_mb <= 0:
+        raise ValueError(f"--max-shard-size-mb must be > 0, got {args.max_shard_size_mb}")
+    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
+        checkpoint.launch(checkpoint.mcore_to_hf_rank, 1, str(mcore_dir), str(temp),
+                          int(args.max_shard_size_mb * 2**20))
+        hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
+    print(f"wrote HF checkpoint to {args.out}")
+    return 0

@@ -1,0 +1,138 @@
+"""Hugging Face checkpoint folders: read safetensors shards lazily, write sharded safetensors with an index,
+copy the non-weight files, and publish an output folder atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight files are rewritten, never copied; everything else at the top level of an HF folder (config.json,
+# generation_config.json, tokenizer.json, tokenizer_config.json, vocab/merges, preprocessor_config.json,
+# chat_template.json / .jinja, ...) travels with the checkpoint.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+
+
+def safetensors_files(hf_dir: Path) -> list[Path]:
+    """The weight files of an HF folder, in index order. Raises ValueError if there are none."""
+    index = hf_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (hf_dir / f).is_file()]
+        if absent:
+            raise ValueError(f"{index} names shard files that are missing: {absent}")
+        return [hf_dir / f for f in files]
+    if (hf_dir / SINGLE_NAME).is_file():
+        return [hf_dir / SINGLE_NAME]
+    raise ValueError(f"{hf_dir} has neither {INDEX_NAME} nor {SINGLE_NAME} (only safetensors checkpoints are "
+                     "supported)")
+
+
+def tensor_names_and_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype string) of every tensor, from the safetensors headers only (no tensor is read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in safetensors_files(hf_dir):
+        with safe_open(path, framework="pt") as reader:
+            for name in reader.keys():
+                piece = reader.get_slice(name)
+                out[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return out
+
+
+def iter_lazy_tensors(hf_dir: Path) -> Iterator[tuple[str, callable]]:
+    """(name, read) for every tensor, file by file; ``read()`` loads that one tensor. One file open at a time."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(hf_dir):
+        with safe_open(path, framework="pt") as reader:
+            for name in reader.keys():
+                yield name, (lambda reader=reader, name=name: reader.get_tensor(name))
+
+
+def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, *,
+                              max_shard_bytes: int, progress=None) -> list[str]:
+    """Write tensors into ``model-0000i-of-0000n.safetensors`` files of at most ``max_shard_bytes`` each (a
+    larger tensor gets a file of its own) plus ``model.safetensors.index.json``; one file when everything fits,
+    as ``save_pretrained`` does. Only one shard is held in memory. Returns the file names."""
+    from safetensors.torch import save_file
+
+    temp_names, weight_map, total = [], {}, 0
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"shard-{len(temp_names):05d}.tmp"
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            temp_names.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[name] = tensor.contiguous()
+        shard_bytes += size
+        total += size
+        if progress is not None:
+            progress.update(1)
+    flush()
+    if len(temp_names) == 1:
+        os.replace(out_dir / temp_names[0][0], out_dir / SINGLE_NAME)
+        return [SINGLE_NAME]
+    final = []
+    for i, (temp, names) in enumerate(temp_names):
+        file_name = f"model-{i + 1:05d}-of-{len(temp_names):05d}.safetensors"
+        os.replace(out_dir / temp, out_dir / file_name)
+        weight_map.update((n, file_name) for n in names)
+        final.append(file_name)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return final
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the top-level non-weight files (config, tokenizer, processor, chat template) from src to dst."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(src.iterdir()):
+        if path.is_file() and path.name != INDEX_NAME and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, dst / path.name)
+            copied.append(path.name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, *, overwrite: bool):
+    """Yield a fresh temporary folder next to ``out``; on success it becomes ``out`` by a rename (an existing
+    ``out`` is replaced only with ``overwrite``), on failure it is removed and ``out`` is untouched."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(temp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, out)
