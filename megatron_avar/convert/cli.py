@@ -27,6 +27,15 @@ def register(subparsers) -> None:
     to_hf.add_argument("--max-shard-size-mb", type=float, default=5000.0, help="largest safetensors file")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     to_hf.set_defaults(handler=_mcore_to_hf)
+    check = commands.add_parser("verify", formatter_class=formatter,
+                                help="same batch (text + an image) through HF and the converted model: compare logits")
+    check.add_argument("--hf-path", required=True, type=Path, help="HF model folder")
+    check.add_argument("--mcore-path", required=True, type=Path, help="megatron checkpoint folder")
+    check.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
+    check.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (only 1 for now)")
+    check.add_argument("--max-abs-diff", type=float, default=1e-3,
+                       help="fail (exit 1) when the largest absolute logit difference exceeds this")
+    check.set_defaults(handler=_verify)
     parser.set_defaults(handler=None)
 
 
@@ -64,3 +73,13 @@ def _mcore_to_hf(args) -> int:
         hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
     print(f"wrote HF checkpoint to {args.out}")
     return 0
+
+
+def _verify(args) -> int:
+    from megatron_avar.convert.verify import verify
+
+    max_diff, mean_diff = verify(args.hf_path.absolute(), args.mcore_path.absolute(), tp=args.tp, pp=args.pp)
+    ok = max_diff <= args.max_abs_diff
+    print(f"logits |HF - megatron|: max {max_diff:.3e}, mean {mean_diff:.3e} (tolerance {args.max_abs_diff:.1e}): "
+          f"{'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1

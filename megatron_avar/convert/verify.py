@@ -1,0 +1,81 @@
+"""`avar convert verify`: one batch (text and an image) through the HF model and through the megatron model
+loaded from a converted checkpoint; the logits must agree."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from megatron_avar.convert import checkpoint
+
+
+def verification_batch(config, *, seed: int = 0) -> dict:
+    """input_ids [1, S] = 6 text tokens, <vision_start>, image tokens of a 4x4-patch image, <vision_end>,
+    6 text tokens; pixel_values [16, patch_dim]; image_grid_thw [[1, 4, 4]]. Text ids avoid special ids."""
+    generator = torch.Generator().manual_seed(seed)
+    special = {config.image_token_id, config.video_token_id, config.vision_start_token_id,
+               config.vision_end_token_id}
+    high = min(config.text.vocab_size, 1000)
+    candidates = torch.tensor([i for i in range(high) if i not in special])
+    text = lambda n: candidates[torch.randint(len(candidates), (n,), generator=generator)].tolist()  # noqa: E731
+    merge = config.vision.spatial_merge_size
+    grid = (1, 2 * merge, 2 * merge)
+    num_image_tokens = grid[1] * grid[2] // merge**2
+    ids = text(6) + [config.vision_start_token_id] + [config.image_token_id] * num_image_tokens + \
+        [config.vision_end_token_id] + text(6)
+    v = config.vision
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "pixel_values": torch.randn(grid[1] * grid[2], patch_dim, generator=generator),
+            "image_grid_thw": torch.tensor([grid])}
+
+
+def verify_rank(mcore_dir: str, tp: int, batch: dict, out_file: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+
+    info = checkpoint.read_checkpoint_info(Path(mcore_dir))
+    config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
+    dtype = checkpoint._DTYPES[info["dtype"]]
+    try:
+        model = checkpoint._build_model(config, tp, 1, dtype)
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
+        model.eval()
+        with torch.no_grad():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"].to(dtype), image_grid_thw=batch["image_grid_thw"])
+            logits = gather_from_tensor_model_parallel_region(logits, group=model.language_model.pg_collection.tp)
+        if dist.get_rank() == 0:
+            torch.save(logits.float(), out_file)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, float]:
+    """(max, mean) absolute logit difference between HF and megatron on :func:`verification_batch`."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+
+    if pp != 1:
+        raise ValueError(f"--pp {pp}: verify runs the megatron model without pipeline parallelism (use --pp 1)")
+    info = checkpoint.read_checkpoint_info(mcore_dir)
+    dtype = checkpoint._DTYPES[info["dtype"]]
+    config = Qwen25VLConfig.from_hf(str(hf_dir))
+    batch = verification_batch(config)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       pixel_values=batch["pixel_values"].to(dtype), image_grid_thw=batch["image_grid_thw"],
+                       mm_token_type_ids=(batch["input_ids"] == config.image_token_id).int()).logits.float()
+    with tempfile.TemporaryDirectory() as temp:
+        out_file = str(Path(temp) / "logits.pt")
+        checkpoint.launch(verify_rank, tp, str(mcore_dir), tp, batch, out_file)
+        ours = torch.load(out_file)
+    diff = (ours - hf_logits).abs()
+    return diff.max().item(), diff.mean().item()
