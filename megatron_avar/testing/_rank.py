@@ -6,7 +6,9 @@ already loaded. Nothing here may start threads or run torch ops at import time: 
 single-threaded for its forks to be safe.
 
 Protocol with the parent, over one ``Connection`` per rank: exactly one message, either
-``("ok", pickled_result)`` or ``("error", exception_type_name, traceback_text)``. A rank that exits
+``("ok", pickled_result)`` or ``("error", exception_type_name, traceback_text, time.monotonic())``
+(the system-wide monotonic time of the failure, so the parent can tell the first failure from the
+errors it caused in ranks blocked on a collective with it). A rank that exits
 without a message (``os._exit``, a signal, a crash in C++) is detected by the parent through the
 process sentinel.
 """
@@ -18,6 +20,7 @@ import faulthandler
 import os
 import pickle
 import sys
+import time
 import traceback
 import warnings
 
@@ -84,7 +87,7 @@ def rank_main(
         _teardown()
         message = ("ok", pickle.dumps(result))
     except BaseException as exc:  # noqa: BLE001 - every failure, SystemExit included, goes to the parent
-        message = ("error", type(exc).__qualname__, traceback.format_exc())
+        message = ("error", type(exc).__qualname__, traceback.format_exc(), time.monotonic())
     sys.stdout.flush()  # before replying: the parent may kill the rank any time after the reply
     sys.stderr.flush()
     log.flush()

@@ -59,6 +59,7 @@ STACK_DUMP_SIGNAL = signal.SIGUSR1
 _KILL_GRACE_S = 2.0  # SIGTERM first, SIGKILL after this
 _STACK_DUMP_WAIT_S = 0.5  # faulthandler writes from its C signal handler: milliseconds
 _LOG_TAIL_LINES = 80
+_FIRST_FAILURE_WAIT_S = 0.3  # how long a failure waits for other ranks' reports (see _first_failure)
 
 
 class MultiprocessError(RuntimeError):
@@ -186,8 +187,26 @@ def _collect(ranks: list[_Rank], deadline: float, log_paths: list[str]) -> list[
                 continue  # spurious wake-up: nothing readable yet
             del pending[r.rank]
             if r.message is None or r.message[0] == "error":
-                raise _failure_error(r, len(ranks), log_paths[r.rank])
+                raise _failure_error(_first_failure(r, pending.values()), len(ranks), log_paths)
     return [pickle.loads(r.message[1]) for r in ranks]
+
+
+def _first_failure(failed: _Rank, others) -> _Rank:
+    """The rank that failed first. When one rank raises, ranks blocked with it in a collective fail
+    moments later with a connection error; their report can reach the parent first. Wait briefly for
+    the others' reports and pick the earliest failure time. A rank that died without a report (a crash,
+    no time stamp) is taken as the cause: ranks that report errors after a peer vanished are the effect."""
+    if failed.message is None:
+        return failed
+    time.sleep(_FIRST_FAILURE_WAIT_S)
+    candidates = [failed]
+    for r in others:
+        _receive(r)
+        if r.message is None and not r.process.is_alive():
+            return r
+        if r.message is not None and r.message[0] == "error":
+            candidates.append(r)
+    return min(candidates, key=lambda r: r.message[3])
 
 
 def _receive(r: _Rank) -> None:
@@ -199,9 +218,10 @@ def _receive(r: _Rank) -> None:
         r.process.join(timeout=_KILL_GRACE_S)
 
 
-def _failure_error(r: _Rank, world_size: int, log_path: str) -> RankFailedError:
+def _failure_error(r: _Rank, world_size: int, log_paths: list[str]) -> RankFailedError:
+    log_path = log_paths[r.rank]
     if r.message is not None:
-        _, exception_type, rank_traceback = r.message
+        _, exception_type, rank_traceback, _ = r.message
         return RankFailedError(
             f"rank {r.rank} of {world_size} raised {exception_type}; the other ranks were killed.\n"
             f"--- traceback of rank {r.rank} ---\n{rank_traceback}",
