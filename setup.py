@@ -24,6 +24,9 @@ BASE_REQUIREMENTS = [
     "matplotlib>=3.8",
     "safetensors>=0.4",
     "numpy>=1.26",
+    # megatron-core's torch_dist checkpoint writer measures its worker's memory with psutil and dies
+    # (hanging the save) without it; megatron-core does not declare the dependency.
+    "psutil>=5.9",
 ]
 
 EXTRAS = {

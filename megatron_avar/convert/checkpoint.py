@@ -81,17 +81,6 @@ def _rank_entry(rank: int, world_size: int, port: int, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def _allow_save_without_psutil() -> None:
-    """megatron-core 0.16.1's torch_dist writer measures its worker's memory with psutil for a debug log line
-    and dies (hanging the save) when psutil is absent; without psutil that measurement reads 0."""
-    import importlib.util
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if importlib.util.find_spec("psutil") is None:
-        filesystem_async._process_memory = lambda: 0
-
-
 def _build_model(config, tp: int, pp: int, dtype: torch.dtype):
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -125,7 +114,6 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
         if dist.get_rank() == 0:
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
         load_hf_tensors(model, tensors, config)
-        _allow_save_without_psutil()
         dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     finally:
         parallel_state.destroy_model_parallel()
