@@ -63,34 +63,26 @@ def _features():
     )
 
 
-def _check_image_file(path: Path, where: str) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise ValueError(f"{where}: image file not found: {path} (paths are relative to the data file's folder)")
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{where}: image file {path} is unreadable or corrupt ({error})") from error
-
-
-def _check_image_bytes(data: bytes, where: str) -> None:
+def _verify_image(source: Path | bytes, where: str) -> None:
+    """Check that an image file (or embedded bytes) decodes as an image, without decoding its pixels."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, Path) and not source.is_file():
+        raise ValueError(f"{where}: image file not found: {source} (paths are relative to the data file's folder)")
+    what = f"image file {source}" if isinstance(source, Path) else "embedded image bytes"
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{where}: embedded image bytes are unreadable or corrupt ({error})") from error
+        raise ValueError(f"{where}: {what} is unreadable or corrupt ({error})") from error
 
 
 def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     """An image reference as the Arrow image struct {"bytes", "path"}, checked to be readable."""
     if isinstance(image, dict) and image.get("bytes") is not None:
-        _check_image_bytes(image["bytes"], where)
+        _verify_image(image["bytes"], where)
         return {"bytes": image["bytes"], "path": image.get("path")}
     if isinstance(image, dict):
         image = image.get("path")
@@ -99,7 +91,7 @@ def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     path = Path(image)
     if not path.is_absolute():
         path = base_dir / path
-    _check_image_file(path, where)
+    _verify_image(path, where)
     return {"bytes": None, "path": str(path.resolve())}
 
 
