@@ -1,0 +1,225 @@
+"""role_attention inside a loaded Hugging Face Qwen2.5-VL model, through transformers' AttentionInterface.
+
+    with RoleAttentionHook(model) as hook:
+        hook.set_batch(roles, on_mass=lambda layer, mass: ..., intervention=spec)   # roles [B, S], PAD = -1
+        model(**batch)   or   model.generate(**batch)
+
+Inside the context every text decoder attention call (a module with ``layer_idx`` and ``is_causal``) runs
+role_attention with key roles ``mass_key_roles(roles)`` (num_roles = MASS_NUM_ROLES: the five TokenRoles
+plus the sink) and the batch's role-logit edits; every other call (the vision tower) passes through to the
+implementation the model had before. HF's own mask is not used by the text layers: causality and padding
+come from the roles (PAD = -1 keys are never attended), so no [S, S] mask is ever built; the 2-D
+attention_mask the model receives is checked against the roles instead.
+
+Prefill (query length == key length): role_attention (blockwise on CPU, Triton on GPU); ``on_mass(layer,
+mass [B, H, S, MASS_NUM_ROLES])`` is called for every layer in ``mass_layers``.
+Cached decoding (query length < key length, keys = cache + new tokens): the new tokens are RESPONSE keys
+appended to the batch's roles; attention runs eagerly on the [q_len x kv_len] slice (small: q_len is 1 per
+step), with the same edits on intervention rows (rows with an image: generated tokens follow it).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from megatron_avar.analysis.intervention import InterventionSpec, intervention_query_mask
+from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
+from megatron_avar.ops import role_attention
+from megatron_avar.roles import TokenRole
+
+__all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
+
+ATTENTION_NAME = "avar_role_attention"
+_HOOK_BY_MODULE: dict[int, tuple["RoleAttentionHook", int]] = {}  # id(text attention module) -> (hook, layer)
+_HOOK_BY_CONFIG: dict[int, "RoleAttentionHook"] = {}              # id(text config) -> hook (mask checks)
+_ACTIVE: list["RoleAttentionHook"] = []
+
+
+def text_attention_modules(model) -> dict[int, torch.nn.Module]:
+    """The causal decoder self-attention modules of ``model`` by layer index (the vision tower excluded)."""
+    modules = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if layer is not None and getattr(module, "is_causal", False) and module.__class__.__name__.endswith("Attention"):
+            modules[int(layer)] = module
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no causal attention modules with a layer_idx; the role "
+                         "attention hook supports transformers decoder models such as Qwen2.5-VL")
+    return dict(sorted(modules.items()))
+
+
+def _passthrough(module, query, key, value, attention_mask, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = _ACTIVE[-1].previous_implementation if _ACTIVE else "sdpa"
+    if previous in (None, "eager") or previous not in ALL_ATTENTION_FUNCTIONS:
+        function = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        function = ALL_ATTENTION_FUNCTIONS[previous]
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    entry = _HOOK_BY_MODULE.get(id(module))
+    if entry is None:
+        return _passthrough(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    hook, layer = entry
+    if dropout and module.training:
+        raise ValueError("the role attention hook runs without attention dropout; call model.eval() first")
+    if getattr(module, "sliding_window", None) is not None:
+        raise ValueError(f"layer {layer} uses sliding-window attention, which the role attention hook does not model")
+    return hook._text_attention(layer, query, key, value, scaling), None
+
+
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+          config=None, **kwargs):
+    """No mask (the text layers mask by roles); the 2-D padding mask is checked against the batch roles."""
+    hook = _HOOK_BY_CONFIG.get(id(config))
+    if hook is not None and attention_mask is not None and hook._key_roles is not None:
+        hook._check_padding(attention_mask)
+    return None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _mask)
+
+
+class RoleAttentionHook:
+    """Context manager running a HF model's text attention through role_attention (module docstring).
+
+    impl: role_attention implementation ("auto": Triton on CUDA, blockwise on CPU). Hooks do not nest
+    on one model; leaving the context restores the model's previous attention implementation.
+    """
+
+    def __init__(self, model, *, impl: str = "auto"):
+        self.model = model
+        self.impl = impl
+        self.modules = text_attention_modules(model)
+        self.num_layers = len(self.modules)
+        self.previous_implementation = None
+        self._key_roles = None
+        self._query_mask = None
+        self._row_has_image = None
+        self._on_mass = None
+        self._mass_layers: frozenset[int] = frozenset()
+        self._intervention: InterventionSpec | None = None
+        self._tables: dict = {}
+
+    def __enter__(self) -> "RoleAttentionHook":
+        if any(id(m) in _HOOK_BY_MODULE for m in self.modules.values()):
+            raise RuntimeError("a RoleAttentionHook is already active on this model")
+        _register()
+        self.previous_implementation = self.model.config._attn_implementation
+        for layer, module in self.modules.items():
+            _HOOK_BY_MODULE[id(module)] = (self, layer)
+            _HOOK_BY_CONFIG[id(module.config)] = self
+        _ACTIVE.append(self)
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.modules.values():
+            _HOOK_BY_MODULE.pop(id(module), None)
+            _HOOK_BY_CONFIG.pop(id(module.config), None)
+        _ACTIVE.remove(self)
+        self.model.set_attn_implementation(self.previous_implementation or "eager")
+        self.clear_batch()
+
+    def set_batch(self, roles: torch.Tensor, *, on_mass: Callable[[int, torch.Tensor], None] | None = None,
+                  mass_layers=None, intervention: InterventionSpec | None = None) -> None:
+        """Roles of the next forward / generate batch: int [B, S] TokenRole ids of exactly its input_ids
+        (PAD = -1 where attention_mask is 0). ``on_mass(layer, mass)`` receives the prefill masses of the
+        layers in ``mass_layers`` (default: all). ``intervention``: logit edits (None = plain attention)."""
+        if roles.dim() != 2:
+            raise ValueError(f"roles must be [B, S], got shape {tuple(roles.shape)}")
+        if intervention is not None and intervention.layers is not None and max(intervention.layers) >= self.num_layers:
+            raise ValueError(f"intervention layer {max(intervention.layers)} is out of range; the model has "
+                             f"{self.num_layers} decoder layers (0-{self.num_layers - 1})")
+        self._key_roles = mass_key_roles(roles)
+        self._intervention = None if intervention is None or intervention.is_identity else intervention
+        self._row_has_image = (roles == TokenRole.IMAGE).any(1)
+        self._query_mask = None if self._intervention is None else intervention_query_mask(roles, intervention.queries)
+        self._on_mass = on_mass
+        self._mass_layers = frozenset(self.modules if mass_layers is None else mass_layers)
+        if self._intervention is not None:
+            scale, bias = self._intervention.role_logit_tables(MASS_NUM_ROLES)
+            self._tables = dict(scale=scale, bias=bias)
+
+    def clear_batch(self) -> None:
+        self._key_roles = self._query_mask = self._row_has_image = self._on_mass = self._intervention = None
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _check_padding(self, attention_mask: torch.Tensor) -> None:
+        known = self._key_roles.shape[1]
+        real = attention_mask.to("cpu", torch.bool)[:, :known]
+        if real.shape[0] != self._key_roles.shape[0] or not torch.equal(real, self._key_roles[:, :real.shape[1]] >= 0):
+            raise ValueError("attention_mask and the roles given to set_batch disagree on which tokens are padding; "
+                             "roles must be PAD (-1) exactly where attention_mask is 0")
+
+    def _grow(self, kv_length: int) -> None:
+        """Append generated tokens (RESPONSE keys; intervention rows where the row has an image)."""
+        known = self._key_roles.shape[1]
+        if kv_length <= known:
+            return
+        new = kv_length - known
+        batch = self._key_roles.shape[0]
+        self._key_roles = torch.cat([self._key_roles, torch.full((batch, new), int(TokenRole.RESPONSE))], 1)
+        if self._query_mask is not None:
+            self._query_mask = torch.cat([self._query_mask, self._row_has_image[:, None].expand(batch, new)], 1)
+
+    def _text_attention(self, layer: int, query, key, value, scaling) -> torch.Tensor:
+        """query [B, Hq, q_len, D], key/value [B, Hkv, kv_len, D] (HF layout) -> out [B, q_len, Hq, D]."""
+        if self._key_roles is None:
+            raise RuntimeError("RoleAttentionHook: call set_batch(roles) before running the model")
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len == kv_len and kv_len != self._key_roles.shape[1]:
+            raise ValueError(f"the batch roles cover {self._key_roles.shape[1]} tokens but the model sees {kv_len}: "
+                             "set_batch needs the roles of exactly these input_ids (and a fresh cache)")
+        self._grow(kv_len)
+        device = query.device
+        key_roles = self._key_roles[:, :kv_len].to(device)
+        edit = self._intervention is not None and self._intervention.applies_to(layer)
+        scale = self._tables["scale"] if edit else None
+        bias = self._tables["bias"] if edit else None
+        if q_len == kv_len:
+            query_mask = self._query_mask[:, :kv_len].to(device) if edit else None
+            out, mass = role_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_roles,
+                num_roles=MASS_NUM_ROLES, softmax_scale=scaling, query_mask=query_mask,
+                role_logit_scale=None if scale is None else scale.to(device),
+                role_logit_bias=None if bias is None else bias.to(device), impl=self.impl)
+            if self._on_mass is not None and layer in self._mass_layers:
+                self._on_mass(layer, mass)
+            return out
+        query_mask = self._query_mask[:, kv_len - q_len:kv_len].to(device) if edit else None
+        return _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias)
+
+
+def _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias) -> torch.Tensor:
+    """Eager attention of the last q_len positions over kv_len cached keys, fp32 softmax, the same edits
+    and masking as role_attention. Returns [B, q_len, Hq, D] in query's dtype."""
+    batch, num_heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    groups = num_heads // key.shape[1]
+    k = key.float().repeat_interleave(groups, dim=1)
+    v = value.float().repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query.float(), k.transpose(2, 3)) * scaling              # [B, H, q_len, kv_len]
+    if query_mask is not None:
+        safe_roles = key_roles.clamp(min=0)
+        multiplier = torch.ones_like(logits[:, 0, 0]) if scale is None else scale.to(query.device)[safe_roles]
+        offset = torch.zeros_like(logits[:, 0, 0]) if bias is None else bias.to(query.device)[safe_roles]
+        edited = logits * multiplier[:, None, None, :] + offset[:, None, None, :]
+        logits = torch.where(query_mask[:, None, :, None], edited, logits)
+    positions = torch.arange(kv_len, device=query.device)
+    query_positions = torch.arange(kv_len - q_len, kv_len, device=query.device)
+    allowed = (key_roles >= 0)[:, None, None, :] & (positions[None, :] <= query_positions[:, None])[None, None]
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v).to(query.dtype).transpose(1, 2)
