@@ -19,7 +19,7 @@ ROLE_MASS_LAYERS = {1}
 
 
 def _recording_attention():
-    """A DotProductAttention that counts its calls: stands in for the phase-2 role-mass core attention."""
+    """A DotProductAttention that counts its calls: any core attention can be swapped in."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     class RecordingAttention(DotProductAttention):
@@ -152,7 +152,8 @@ def test_logit_check_detects_a_wrong_qkv_layout(results):
 
 def test_core_attention_is_swapped_only_in_the_chosen_layers(results):
     swap = results["swap"]
-    assert swap["core_attention_types"] == ["DotProductAttention", "RecordingAttention", "DotProductAttention"]
+    standard = "DotProductAttentionIgnoringRoles"  # the local attention, told to ignore AVAR per-batch inputs
+    assert swap["core_attention_types"] == [standard, "RecordingAttention", standard]
     assert swap["calls"] == 1  # one forward, one layer
     ours, plain = swap["logits"]
     assert torch.equal(ours, plain)  # same maths: the swap changes nothing else
@@ -192,5 +193,7 @@ def test_role_mass_layers_are_global_indexes_under_pipeline_parallelism():
     assert chosen == {0: [6], 1: [0, 1, 6], 2: [], 3: []}
     with pytest.raises(ValueError, match=r"role_mass_layers \[28\] are outside \[0, num_layers=28\)"):
         language_block_spec(config, role_mass_layers={28}, role_mass_core_attention=RoleMassAttention)
-    with pytest.raises(ValueError, match="no role_mass_core_attention"):
-        language_block_spec(config, role_mass_layers={3})
+    from megatron_avar.models.role_mass_attention import RoleMassCoreAttention
+
+    default = language_block_spec(config, role_mass_layers={3})
+    assert default.layer_specs[3].submodules.self_attention.submodules.core_attention is RoleMassCoreAttention

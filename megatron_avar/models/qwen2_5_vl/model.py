@@ -7,9 +7,14 @@ Pipeline parallelism: the vision encoder and the embeddings exist only on the fi
 (``pre_process``), the output layer only on the last (``post_process``); every stage needs the 3-D position
 ids and the padding mask, which are cheap functions of the batch (:func:`mrope_position_ids`).
 
-The seam for per-role attention masses (AVAR, phase 2): :func:`language_block_spec` builds the decoder's
-layer specs and puts a given core-attention module into exactly the layers listed in ``role_mass_layers``
-(0-based global layer indexes); every other layer keeps the standard core attention.
+AVAR layers: :func:`language_block_spec` builds the decoder's layer specs and puts the role-mass core
+attention (:class:`~megatron_avar.models.role_mass_attention.RoleMassCoreAttention`, or any module given)
+into exactly the layers listed in ``role_mass_layers`` (0-based global layer indexes); every other layer
+keeps the standard core attention. Called with ``token_roles`` (and a ``mass_sink``), those layers hand
+their per-role attention masses to the sink as they run — on whichever pipeline stage holds them.
+
+Packed rows (several samples back to back in one row, ``segment_ids``): attention never crosses samples;
+pass the per-sample position ids (:func:`mrope_position_ids` per sample, concatenated).
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from megatron_avar.models.qwen2_5_vl.config import (
 )
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
+from megatron_avar.models.role_mass_attention import (
+    MassSink,
+    RoleLogitEdits,
+    RoleMassCoreAttention,
+    RoleMassParams,
+    ignoring_role_mass_params,
+)
 
 __all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features",
            "decoder_attention_mask"]
@@ -37,7 +49,7 @@ __all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatt
 def language_layer_spec(core_attention: type | None = None):
     """ModuleSpec of one Qwen2 decoder layer: Transformer Engine modules when the platform has them, megatron's
     local modules otherwise; ``core_attention`` (a megatron core-attention class or ModuleSpec) replaces the
-    standard one."""
+    standard one, which is wrapped to ignore the AVAR per-batch inputs (its dense mask holds the packing)."""
     if platform.transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -46,9 +58,9 @@ def language_layer_spec(core_attention: type | None = None):
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    if core_attention is not None:
-        spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = core_attention
+    spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = core_attention or ignoring_role_mass_params(attention.core_attention)
     return spec
 
 
@@ -57,7 +69,8 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
                         vp_stage: int | None = None):
     """`TransformerBlockSubmodules` for the decoder layers of one pipeline stage (``pp_rank``, ``vp_stage``).
 
-    Layers whose 0-based global index is in ``role_mass_layers`` get ``role_mass_core_attention``.
+    Layers whose 0-based global index is in ``role_mass_layers`` get ``role_mass_core_attention`` (default:
+    :class:`RoleMassCoreAttention`).
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -66,12 +79,10 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
     outside = sorted(i for i in role_mass_layers if not 0 <= i < language_config.num_layers)
     if outside:
         raise ValueError(f"role_mass_layers {outside} are outside [0, num_layers={language_config.num_layers})")
-    if role_mass_layers and role_mass_core_attention is None:
-        raise ValueError("role_mass_layers is set but no role_mass_core_attention module was given")
     num_local = get_num_layers_to_build(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     standard = language_layer_spec()
-    with_masses = language_layer_spec(role_mass_core_attention) if role_mass_layers else None
+    with_masses = language_layer_spec(role_mass_core_attention or RoleMassCoreAttention) if role_mass_layers else None
     layer_specs = [with_masses if offset + i in role_mass_layers else standard for i in range(num_local)]
     if platform.transformer_engine_available():
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
@@ -92,14 +103,20 @@ def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, fe
     return embeddings.index_put((seq_index, batch_index), features.to(embeddings.dtype))
 
 
-def decoder_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+def decoder_attention_mask(attention_mask: torch.Tensor | None,
+                           segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """megatron's mask (bool [B, 1, S, S], True = not attended) for causal attention over real tokens, from
-    a padding mask [B, S] (nonzero = real token). None (plain causal) when there is no padding."""
-    if attention_mask is None or bool(attention_mask.bool().all()):
+    a padding mask [B, S] (nonzero = real token) and, for packed rows, ``segment_ids`` [B, S] (a query sees
+    only keys of its own sample). None (plain causal) when there is neither padding nor packing."""
+    if segment_ids is None and (attention_mask is None or bool(attention_mask.bool().all())):
         return None
-    seq = attention_mask.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
-    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    reference = attention_mask if attention_mask is not None else segment_ids
+    seq = reference.shape[1]
+    allowed = torch.ones(seq, seq, dtype=torch.bool, device=reference.device).tril()[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return ~allowed
 
 
@@ -149,6 +166,7 @@ class Qwen25VLModel(MegatronModule):
         self.qwen_config = config
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.pre_process, self.post_process = pre_process, post_process
+        self.role_mass_layers = frozenset(role_mass_layers)
         block_spec = language_block_spec(
             configs.language, role_mass_layers=role_mass_layers, role_mass_core_attention=role_mass_core_attention,
             pp_rank=get_pg_rank(getattr(pg_collection, "pp", None)), vp_stage=vp_stage,
@@ -176,10 +194,16 @@ class Qwen25VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                token_roles: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                mass_sink: MassSink | None = None, logit_edits: RoleLogitEdits | None = None,
+                role_attention_impl: str = "auto") -> torch.Tensor:
         """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
-        batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`); labels int [B, S].
+        batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
+        labels int [B, S]. segment_ids int [B, S]: packed rows, the sample index of each token (-1 on padding).
+        token_roles int [B, S] (TokenRole): required when the model has AVAR layers; they report their masses
+        to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention.
 
         Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
         labels), or the hidden states [S, B, H] for the next pipeline stage.
@@ -190,6 +214,8 @@ class Qwen25VLModel(MegatronModule):
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
         if position_ids is None:
+            if segment_ids is not None:
+                raise ValueError("packed rows (segment_ids) need their per-sample position_ids")
             position_ids, _ = mrope_position_ids(input_ids, image_grid_thw, image_token_id=cfg.image_token_id,
                                                  spatial_merge_size=cfg.vision.spatial_merge_size,
                                                  attention_mask=attention_mask)
@@ -207,5 +233,14 @@ class Qwen25VLModel(MegatronModule):
 
                 tp_group = self.language_model.pg_collection.tp
                 decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=tp_group)
-        return self.language_model(input_ids, position_ids, decoder_attention_mask(attention_mask),
-                                   decoder_input=decoder_input, labels=labels)
+        role_params = None
+        if token_roles is not None:
+            key_roles = token_roles if attention_mask is None else token_roles.masked_fill(attention_mask == 0, -1)
+            if segment_ids is not None:
+                key_roles = key_roles.masked_fill(segment_ids < 0, -1)
+            role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
+                                         sink=mass_sink, impl=role_attention_impl)
+        if segment_ids is not None and attention_mask is None:
+            attention_mask = (segment_ids >= 0).long()
+        return self.language_model(input_ids, position_ids, decoder_attention_mask(attention_mask, segment_ids),
+                                   decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)

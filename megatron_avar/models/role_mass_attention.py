@@ -1,0 +1,221 @@
+"""megatron-core core attention for AVAR layers: role_attention, plus the per-role masses of the layer.
+
+AVAR's losses, metrics and rewards are functions of m_IMG and m_SYS, the attention mass each query puts on
+IMAGE and SYSTEM keys (AVAR_SPEC.md). In the layers listed as AVAR layers, the model's core attention is
+:class:`RoleMassCoreAttention` (chosen through megatron's layer spec, see
+``models.qwen2_5_vl.model.language_block_spec``); it computes attention with
+:func:`megatron_avar.ops.role_attention` — never the S x S matrix — and hands the layer's masses
+``[B, heads of this TP rank, S, R]`` to a :class:`MassSink` (the AGTO loss, a VAS meter, the GRPO visual
+reward), which may attach an auxiliary loss to the layer's output.
+
+How the per-batch inputs reach every layer: megatron hands one per-batch object down to every core
+attention call, ``packed_seq_params`` — through the transformer block, full-layer activation recompute
+(the recomputed forward sees the same object, by closure) and every pipeline schedule. Its subclass
+:class:`RoleMassParams` carries the token roles, the packing of samples into rows, the logit edits of the
+training-free intervention and the sink. Standard layers get the same object; their core attention is
+wrapped by :func:`ignoring_role_mass_params`, since their dense attention mask already encodes padding
+and packing.
+
+Under tensor parallelism each rank holds ``Hq / tp`` query heads: masses are per local head, and a sink
+that averages over heads divides the local sum by the global head count (``LayerHeads``), which makes
+the sum over TP ranks the exact head mean and each rank's gradient exact for its own heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_avar.ops import role_attention
+from megatron_avar.roles import NUM_ROLES
+
+__all__ = ["RoleMassParams", "RoleLogitEdits", "LayerHeads", "MassSink", "RoleMassCoreAttention",
+           "ignoring_role_mass_params", "segment_cu_seqlens"]
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """Which query heads of a layer this rank holds: ``first`` .. ``first + local - 1`` of ``total``."""
+
+    first: int
+    local: int
+    total: int
+
+
+class MassSink(Protocol):
+    """Receives the masses of every AVAR layer as the layer runs.
+
+    ``layer_index``: 0-based global decoder layer; ``mass``: float32 [B, heads.local, S, R], differentiable
+    with respect to the layer's q and k; ``out``: the layer's attention output [S, B, heads.local * D].
+    Returns ``out`` or a tensor equal to it carrying an auxiliary loss (see ``training.aux_loss``). Under
+    activation recompute the same layer is reported twice per step (the first time with grad disabled);
+    a sink keeps per-layer results keyed by ``layer_index`` so the second report replaces the first.
+    """
+
+    def __call__(self, layer_index: int, mass: torch.Tensor, out: torch.Tensor, heads: LayerHeads) -> torch.Tensor:
+        ...
+
+
+@dataclass(frozen=True)
+class RoleLogitEdits:
+    """The training-free intervention (AVAR_SPEC.md §3) as role_attention logit edits.
+
+    query_mask: bool [B, S], the query rows edited (queries after the first image, generated ones included);
+    scale / bias: float [R] or [Hq, R] over the GLOBAL query heads (each TP rank takes its slice); either may
+    be None. layers: 0-based global decoder layers where the edits apply; None: every AVAR layer.
+    """
+
+    query_mask: torch.Tensor
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    layers: frozenset[int] | None = None
+
+    def for_heads(self, heads: LayerHeads) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        def local(table):
+            if table is None or table.dim() == 1:
+                return table
+            if table.shape[0] != heads.total:
+                raise ValueError(f"a per-head logit edit table has {table.shape[0]} rows but the layer has "
+                                 f"{heads.total} query heads")
+            return table[heads.first:heads.first + heads.local]
+
+        return local(self.scale), local(self.bias)
+
+
+@dataclass
+class RoleMassParams(PackedSeqParams):
+    """Per-batch inputs of the AVAR layers, passed to megatron as ``packed_seq_params`` (sbhd format).
+
+    key_roles: int [B, S], TokenRole of every token, -1 on padding (never attended).
+    segment_ids: int [B, S] or None: packed rows, the sample index of every token within its row (-1 on
+        padding); attention never crosses samples. None: each row is one sample.
+    edits: the intervention's logit edits, or None.
+    sink: where each AVAR layer's masses go, or None (masses computed and dropped).
+    impl: role_attention implementation ("auto" picks Triton on GPU, blockwise on CPU).
+    """
+
+    key_roles: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    edits: RoleLogitEdits | None = None
+    sink: MassSink | None = None
+    impl: str = "auto"
+    _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.qkv_format = "sbhd"  # megatron's rotary / TE code paths must not read this as a THD batch
+        if self.key_roles is None:
+            raise ValueError("RoleMassParams needs key_roles (int [B, S], TokenRole per token, -1 on padding)")
+
+    def packed_cu_seqlens(self) -> torch.Tensor | None:
+        """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
+        run of padding), computed once per batch."""
+        if self.segment_ids is None:
+            return None
+        if self._cu_seqlens is None:
+            self._cu_seqlens = segment_cu_seqlens(self.segment_ids)
+        return self._cu_seqlens
+
+
+def segment_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
+    """int32 [N + 1] boundaries of the runs of equal segment id in each row of ``segment_ids`` [B, S], over
+    the flattened B * S stream (a run never spans two rows)."""
+    batch, seq = segment_ids.shape
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    positions = torch.nonzero(starts.reshape(-1), as_tuple=True)[0]
+    end = torch.tensor([batch * seq], device=segment_ids.device)
+    return torch.cat([positions, end]).to(torch.int32)
+
+
+class RoleMassCoreAttention(MegatronModule):
+    """Drop-in megatron core attention (DotProductAttention's constructor and forward signature) computing
+    causal attention with role_attention and reporting the layer's per-role masses to the batch's sink.
+
+    Inputs query [S, B, Hq_local, D], key / value [S, B, Hkv_local, D] (GQA kept, no repeat); output
+    [S, B, Hq_local * D]. Padding and packing come from ``packed_seq_params`` (a :class:`RoleMassParams`,
+    required), not from the dense attention mask.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, impl: str | None = None):
+        super().__init__(config=config)
+        from megatron.core.utils import get_pg_rank, get_pg_size
+
+        if attention_type != "self":
+            raise ValueError(f"role-mass attention is self-attention only, got attention_type={attention_type!r}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"role-mass attention has no attention dropout; set attention_dropout=0 (got {dropout})")
+        if pg_collection is None:
+            raise ValueError("RoleMassCoreAttention needs the model's pg_collection (explicit process groups)")
+        if get_pg_size(getattr(pg_collection, "cp", None)) > 1:
+            raise ValueError("context parallelism is not supported in AVAR layers yet; use context_parallel_size=1")
+        tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
+        if config.num_attention_heads % tp_size or config.num_query_groups % tp_size:
+            raise ValueError(f"{config.num_attention_heads} query heads / {config.num_query_groups} kv heads do "
+                             f"not divide over tensor_model_parallel_size={tp_size}")
+        local = config.num_attention_heads // tp_size
+        self.layer_index = layer_number - 1  # megatron's layer_number is 1-based and global (offset included)
+        self.heads = LayerHeads(first=tp_rank * local, local=local, total=config.num_attention_heads)
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+        self.impl = impl
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> torch.Tensor:
+        if not isinstance(packed_seq_params, RoleMassParams):
+            raise ValueError(f"decoder layer {self.layer_index} is an AVAR layer: the model must be called with "
+                             "token roles (RoleMassParams as packed_seq_params); got "
+                             f"{type(packed_seq_params).__name__}")
+        if attention_bias is not None:
+            raise ValueError("role-mass attention takes no attention_bias")
+        params = packed_seq_params
+        seq, batch = query.shape[:2]
+        if tuple(params.key_roles.shape) != (batch, seq):
+            raise ValueError(f"key_roles has shape {tuple(params.key_roles.shape)} but the layer sees "
+                             f"[batch={batch}, seq={seq}] (sequence parallel layouts are not supported here)")
+        query_mask = scale = bias = None
+        if params.edits is not None and (params.edits.layers is None or self.layer_index in params.edits.layers):
+            query_mask = params.edits.query_mask
+            scale, bias = params.edits.for_heads(self.heads)
+        impl = self.impl or params.impl
+        cu_seqlens = params.packed_cu_seqlens()
+        if cu_seqlens is None:
+            out, mass = role_attention(
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), params.key_roles,
+                num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale, query_mask=query_mask,
+                role_logit_scale=scale, role_logit_bias=bias, impl=impl)            # out [B, S, H, D]
+        else:  # packed rows: one THD problem over the flattened B * S stream, one segment per sample
+            flat = lambda x: x.transpose(0, 1).reshape(batch * seq, *x.shape[2:])  # noqa: E731
+            out, mass = role_attention(
+                flat(query), flat(key), flat(value), params.key_roles.reshape(-1), num_roles=NUM_ROLES,
+                causal=True, softmax_scale=self.softmax_scale,
+                query_mask=None if query_mask is None else query_mask.reshape(-1),
+                role_logit_scale=scale, role_logit_bias=bias, impl=impl, cu_seqlens=cu_seqlens)
+            out = out.view(batch, seq, *out.shape[1:])
+            mass = mass.view(mass.shape[0], batch, seq, mass.shape[-1]).transpose(0, 1)  # [B, H, S, R]
+        out = out.transpose(0, 1).reshape(seq, batch, -1)
+        if params.sink is not None:
+            out = params.sink(self.layer_index, mass, out, self.heads)
+        return out
+
+
+def ignoring_role_mass_params(core_attention_cls: type) -> type:
+    """A subclass of a standard megatron core attention (local DotProductAttention, TEDotProductAttention) that
+    drops :class:`RoleMassParams` before its forward: in non-AVAR layers the dense attention mask already
+    holds padding and packing, and the roles are not needed."""
+
+    class WithoutRoleMassParams(core_attention_cls):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None, **kwargs):
+            if isinstance(packed_seq_params, RoleMassParams):
+                packed_seq_params = None
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+
+    WithoutRoleMassParams.__name__ = WithoutRoleMassParams.__qualname__ = f"{core_attention_cls.__name__}IgnoringRoles"
+    return WithoutRoleMassParams
