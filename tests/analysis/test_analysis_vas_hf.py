@@ -1,0 +1,138 @@
+"""VAS through the role-attention hook equals VAS computed directly from HF's eager attention probabilities.
+
+The ground truth is written from the definitions (AVAR_SPEC.md section 1) over the [S, S] probabilities
+HF's eager attention returns (output_attentions=True), with plain Python loops over samples.
+"""
+
+import pytest
+import torch
+
+from analysis_cases import role_batch, tiny_hf_model
+
+from megatron_avar.analysis.hf_attention import RoleAttentionHook
+from megatron_avar.analysis.vas import EPS, MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses
+from megatron_avar.roles import TokenRole
+
+NUM_LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def run():
+    model = tiny_hf_model(num_text_layers=NUM_LAYERS)
+    model.set_attn_implementation("eager")
+    inputs, roles = role_batch()
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True)
+    masses = {}
+    with RoleAttentionHook(model) as hook:
+        hook.set_batch(roles, on_mass=lambda layer, mass: masses.__setitem__(layer, mass))
+        with torch.no_grad():
+            hooked = model(**inputs)
+    assert model.config._attn_implementation == "eager"  # restored
+    return dict(inputs=inputs, roles=roles, probs=[a.double() for a in eager.attentions], eager_logits=eager.logits,
+                hooked_logits=hooked.logits, masses=masses)
+
+
+def direct_vas(probs, roles, layers, exclude_sink):
+    """Per-sample dicts of the definitions, straight from probabilities [B, H, S, S] per layer."""
+    out = {}
+    for b in range(roles.shape[0]):
+        row = roles[b].tolist()
+        if TokenRole.IMAGE not in row:
+            continue
+        first_image = row.index(TokenRole.IMAGE)
+        queries = [i for i, r in enumerate(row) if r == TokenRole.USER_TEXT and i > first_image]
+        sink = next(i for i, r in enumerate(row) if r >= 0)
+        img_keys = [j for j, r in enumerate(row) if r == TokenRole.IMAGE]
+        sys_keys = [j for j, r in enumerate(row) if r == TokenRole.SYSTEM and not (exclude_sink and j == sink)]
+        ratio = torch.zeros(len(layers), probs[0].shape[1], dtype=torch.float64)
+        img = torch.zeros_like(ratio)
+        sys = torch.zeros_like(ratio)
+        for k, layer in enumerate(layers):
+            p = probs[layer][b]                                   # [H, S, S]
+            for i in queries:
+                m_img, m_sys = p[:, i, img_keys].sum(-1), p[:, i, sys_keys].sum(-1)
+                ratio[k] += m_img / (m_sys + EPS) / len(queries)
+                img[k] += m_img / len(queries)
+                sys[k] += m_sys / len(queries)
+        out[b] = dict(ratio=ratio, img=img, sys=sys)
+    return out
+
+
+def test_hook_logits_equal_eager(run):
+    real = run["inputs"]["attention_mask"].bool()
+    torch.testing.assert_close(run["hooked_logits"][real], run["eager_logits"][real], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [(0, 1, 2), (1,), (0, 2)])
+def test_vas_equals_direct_computation(run, layers):
+    accumulator = VASAccumulator(layers, num_heads=4)
+    # Two batches (rows 0-1, then row 2) must give the same as one: statistics are per sample.
+    for rows in ([0, 1], [2]):
+        accumulator.begin_batch(run["roles"][rows], sample_ids=[f"s{r}" for r in rows])
+        for layer, mass in run["masses"].items():
+            accumulator.add_layer(layer, mass[rows])
+        accumulator.end_batch()
+    result = accumulator.result()
+    assert result.sample_ids == ["s0", "s1"] and result.skipped_sample_ids == ["s2"]
+    for variant, exclude_sink in (("sink_included", False), ("sink_excluded", True)):
+        direct = direct_vas(run["probs"], run["roles"], layers, exclude_sink)
+        got = result.variants[variant]
+        samples = list(direct.values())
+        per_head = sum(s["ratio"] for s in samples) / len(samples)
+        image = sum(s["img"] for s in samples) / len(samples)
+        system = sum(s["sys"] for s in samples) / len(samples)
+        # fp32 masses from role_attention vs fp32 probabilities summed in fp64: ratios up to ~1e2 carry ~1e-5.
+        tol = dict(rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(got["vas_per_head"], dtype=torch.float64), per_head, **tol)
+        torch.testing.assert_close(torch.tensor(got["vas_per_layer"], dtype=torch.float64), per_head.mean(1), **tol)
+        assert got["vas"] == pytest.approx(float(per_head.mean()), rel=2e-5)
+        assert got["per_sample_vas"] == pytest.approx([float(s["ratio"].mean()) for s in samples], rel=2e-5)
+        assert result.image_share == pytest.approx(float(image.mean()), rel=2e-5)
+        torch.testing.assert_close(torch.tensor(result.image_share_per_layer_head, dtype=torch.float64), image, **tol)
+        assert got["system_share"] == pytest.approx(float(system.mean()), rel=2e-5)
+        assert got["ratio_of_means"] == pytest.approx(float(image.mean() / system.mean()), rel=2e-5)
+        assert sum(got["ratio_histogram"]) == sum(result.num_queries) * len(layers) * 4
+
+
+def test_exclude_sink_changes_only_the_system_keys(run):
+    result = vas_from_masses(run["masses"], run["roles"])
+    included, excluded = result.variants["sink_included"], result.variants["sink_excluded"]
+    # Removing the sink from K_sys lowers the system share by exactly the sink's mass and raises the VAS.
+    probs, roles = run["probs"], run["roles"]
+    sink_share = []
+    for b in (0, 1):
+        row = roles[b].tolist()
+        sink = next(i for i, r in enumerate(row) if r >= 0)
+        first_image = row.index(TokenRole.IMAGE)
+        queries = [i for i, r in enumerate(row) if r == TokenRole.USER_TEXT and i > first_image]
+        sink_share.append(torch.stack([p[b][:, queries, sink].mean() for p in probs]).mean())
+    assert included["system_share"] - excluded["system_share"] == pytest.approx(float(sum(sink_share) / 2), rel=1e-5)
+    assert excluded["vas"] > included["vas"] > 0
+    # Masses with plain TokenRoles (the sink inside SYSTEM) give the sink-included numbers, and no excluded variant.
+    plain = {layer: torch.cat([m[..., :TokenRole.TEMPLATE + 1].clone(), m[..., MASS_NUM_ROLES - 1:]], -1)
+             for layer, m in run["masses"].items()}
+    for m in plain.values():
+        m[..., TokenRole.SYSTEM] += m[..., -1]
+    plain = {layer: m[..., :-1] for layer, m in plain.items()}
+    plain_result = vas_from_masses(plain, roles)
+    assert plain_result.variants["sink_included"]["vas"] == pytest.approx(included["vas"], rel=1e-6)
+    assert plain_result.variants["sink_excluded"] is None
+    with pytest.raises(ValueError, match="separate sink role"):
+        plain_result.to_json(exclude_sink=True)
+
+
+def test_mass_key_roles_marks_the_first_real_token():
+    roles = torch.tensor([[-1, -1, 0, 0, 4, 1, 2], [0, 0, 4, 2, 2, -1, -1]])
+    key_roles = mass_key_roles(roles)
+    assert key_roles.tolist() == [[-1, -1, 5, 0, 4, 1, 2], [5, 0, 4, 2, 2, -1, -1]]
+
+
+def test_accumulator_rejects_bad_feeds(run):
+    accumulator = VASAccumulator([0, 1], num_heads=4)
+    accumulator.begin_batch(run["roles"])
+    with pytest.raises(ValueError, match="mass must be"):
+        accumulator.add_layer(0, run["masses"][0][:, :2])
+    accumulator.add_layer(0, run["masses"][0])
+    with pytest.raises(ValueError, match="without masses for layers \\[1\\]"):
+        accumulator.end_batch()
