@@ -1,0 +1,166 @@
+"""AVAR layers in the megatron Qwen2.5-VL: the per-role masses they report equal masses summed from Hugging
+Face's eager attention probabilities, the model's logits stay HF's, packed rows equal their samples run
+alone, and at TP=2 each rank reports its own heads of the same masses.
+
+Tolerance: fp32 on both sides, different kernels (blockwise online softmax vs eager softmax); observed
+~1e-7 absolute on masses (probabilities, at most 1), bound 2e-6; logits as in test_qwen2_5_vl_logits.
+"""
+
+import pytest
+import torch
+
+from megatron_avar.roles import TokenRole
+from megatron_avar.testing import run_on_ranks
+from qwen_vl_cases import IMAGE, VISION_END, VISION_START, case_batch, hf_logits, tiny_hf_model
+
+MASS_TOLERANCE = 2e-6
+RELATIVE_TOLERANCE = 1e-5
+ALL_LAYERS = (0, 1, 2)
+
+
+def chat_like_roles(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A role layout over a test batch: 2 SYSTEM tokens, IMAGE / TEMPLATE for image and vision-marker tokens,
+    the last 3 real tokens RESPONSE, the other text USER_TEXT, padding -1."""
+    roles = torch.full_like(input_ids, int(TokenRole.USER_TEXT))
+    roles[input_ids == IMAGE] = TokenRole.IMAGE
+    roles[(input_ids == VISION_START) | (input_ids == VISION_END)] = TokenRole.TEMPLATE
+    for b in range(input_ids.shape[0]):
+        real = torch.nonzero(attention_mask[b], as_tuple=True)[0]
+        roles[b, real[:2]] = TokenRole.SYSTEM
+        roles[b, real[-3:]] = TokenRole.RESPONSE
+    return roles.masked_fill(attention_mask == 0, -1)
+
+
+class Recorder:
+    """A mass sink keeping each layer's masses (detached)."""
+
+    def __init__(self):
+        self.masses = {}
+
+    def __call__(self, layer_index, mass, out, heads):
+        self.masses[layer_index] = (mass.detach().clone(), heads)
+        return out
+
+
+def _build(config, tp):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+
+    return Qwen25VLModel(config, MegatronSettings(tensor_model_parallel_size=tp, perform_initialization=False),
+                         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                         role_mass_layers=ALL_LAYERS).eval()
+
+
+def _run(model, inputs, roles, **kwargs):
+    recorder = Recorder()
+    with torch.no_grad():
+        logits = model(inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                       pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                       token_roles=roles, mass_sink=recorder, **kwargs)
+    return logits, recorder.masses
+
+
+def _packed(inputs, roles, config):
+    """Rows 0 and 1 of a right-padded batch packed back to back into one row (with 4 padding tokens)."""
+    from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
+
+    ids, seg, rls, pos = [], [], [], []
+    positions, _ = mrope_position_ids(inputs["input_ids"], inputs["image_grid_thw"], image_token_id=IMAGE,
+                                      spatial_merge_size=2, attention_mask=inputs["attention_mask"])
+    for b in range(2):
+        n = int(inputs["attention_mask"][b].sum())
+        ids.append(inputs["input_ids"][b, :n]); rls.append(roles[b, :n]); pos.append(positions[:, b, :n])
+        seg.append(torch.full((n,), b))
+    ids.append(torch.zeros(4, dtype=torch.long)); rls.append(torch.full((4,), -1)); seg.append(torch.full((4,), -1))
+    pos.append(torch.zeros(3, 4, dtype=torch.long))
+    return dict(input_ids=torch.cat(ids)[None], pixel_values=inputs["pixel_values"],
+                image_grid_thw=inputs["image_grid_thw"]), torch.cat(rls)[None], dict(
+                    segment_ids=torch.cat(seg)[None], position_ids=torch.cat(pos, dim=1)[:, None])
+
+
+def _results(tp):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    model_parallel_cuda_manual_seed(0)
+    hf = tiny_hf_model()
+    config = Qwen25VLConfig.from_hf(hf.config)
+    model = _build(config, tp)
+    load_hf_state_dict(model, hf.state_dict(), config)
+    inputs = case_batch("padded_right")
+    roles = chat_like_roles(inputs["input_ids"], inputs["attention_mask"])
+    logits, masses = _run(model, inputs, roles)
+    out = {"masses": {layer: mass for layer, (mass, _) in masses.items()},
+           "heads": {layer: heads for layer, (_, heads) in masses.items()}, "roles": roles}
+    if tp > 1:
+        return out
+    out["logits"] = (logits, hf_logits(hf, inputs), inputs["attention_mask"].bool())
+    packed_inputs, packed_roles, packing = _packed(inputs, roles, config)
+    out["packed"] = _run(model, packed_inputs, packed_roles, **packing)
+    out["lengths"] = inputs["attention_mask"].sum(1).tolist()
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        out["eager"] = hf(**inputs, mm_token_type_ids=(inputs["input_ids"] == IMAGE).int(),
+                          output_attentions=True).attentions
+    parallel_state.destroy_model_parallel()
+    dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    return run_on_ranks(_results, 1, 1, timeout_s=240)[0]
+
+
+def _eager_masses(probs, roles):
+    """mass[b, h, i, r] = sum over keys j of role r of the eager probabilities [B, H, S, S]."""
+    one_hot = torch.stack([(roles == r) for r in range(5)], dim=-1).to(probs.dtype)  # [B, S, R]
+    return torch.einsum("bhij,bjr->bhir", probs, one_hot)
+
+
+def test_masses_equal_hf_eager_attention(tp1):
+    roles = tp1["roles"]
+    real = roles >= 0
+    assert sorted(tp1["masses"]) == list(ALL_LAYERS)
+    for layer, probs in enumerate(tp1["eager"]):
+        ours, reference = tp1["masses"][layer], _eager_masses(probs, roles)
+        assert ours.shape == reference.shape == (3, 4, roles.shape[1], 5)
+        difference = (ours - reference).abs().permute(0, 2, 1, 3)[real]  # real query rows only
+        assert difference.max() < MASS_TOLERANCE
+        assert ours[..., TokenRole.IMAGE].permute(0, 2, 1)[real].max() > 0.05  # the check can see image mass
+
+
+def test_logits_with_every_layer_an_avar_layer_equal_hf(tp1):
+    ours, reference, real = tp1["logits"]
+    assert ((ours - reference)[real].abs().max() / reference[real].abs().max()) < RELATIVE_TOLERANCE
+
+
+def test_packed_row_equals_its_samples_run_alone(tp1):
+    logits, masses = tp1["packed"]
+    unpacked_logits = tp1["logits"][0]
+    start = 0
+    for b, length in enumerate(tp1["lengths"][:2]):
+        torch.testing.assert_close(logits[0, start:start + length], unpacked_logits[b, :length], rtol=1e-5, atol=1e-5)
+        for layer in ALL_LAYERS:
+            torch.testing.assert_close(masses[layer][0][0, :, start:start + length],
+                                       tp1["masses"][layer][b, :, :length], rtol=0, atol=MASS_TOLERANCE)
+        start += length
+    assert masses[0][0][0, :, start:].abs().max() == 0  # padding rows: no mass
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_ranks_report_their_heads_of_the_same_masses(tp1):
+    ranks = run_on_ranks(_results, 2, 2, timeout_s=240)
+    for layer in ALL_LAYERS:
+        assert [(h.first, h.local, h.total) for h in (r["heads"][layer] for r in ranks)] == [(0, 2, 4), (2, 2, 4)]
+        gathered = torch.cat([r["masses"][layer] for r in ranks], dim=1)
+        torch.testing.assert_close(gathered, tp1["masses"][layer], rtol=0, atol=MASS_TOLERANCE)
