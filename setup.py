@@ -27,6 +27,7 @@ BASE_REQUIREMENTS = [
     # megatron-core's torch_dist checkpoint writer measures its worker's memory with psutil and dies
     # (hanging the save) without it; megatron-core does not declare the dependency.
     "psutil>=5.9",
+    "tensorboard>=2.16",  # training metrics (torch.utils.tensorboard writes the event files)
 ]
 
 EXTRAS = {
