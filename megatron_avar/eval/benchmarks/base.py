@@ -1,0 +1,128 @@
+"""The benchmark interface: read a split, build prompts, judge one answer, aggregate scores.
+
+A benchmark turns each row of its split into a :class:`Sample` — the user turn (images and text, in the
+order the model sees them) and a JSON ``target`` holding everything scoring needs — so that scoring reads
+only the predictions file and never the dataset again (re-scoring is exact and cheap).
+
+Judging one response: the `<think>/<answer>` harness rule (`answers.final_answer_text`) picks the answer
+text; an unclosed ``<think>`` is a *format failure* (wrong). The benchmark's :meth:`Benchmark.judge`
+extracts its answer; ``extracted=None`` is an *extraction failure* (wrong). Both rates are reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from megatron_avar.eval.answers import final_answer_text
+from megatron_avar.eval.data import load_split
+
+__all__ = ["Sample", "Judgement", "Benchmark", "accuracy", "group_accuracy"]
+
+
+@dataclass
+class Sample:
+    """One benchmark item. content: the user turn as chat items ({"type": "image", "image": PIL image} /
+    {"type": "text", "text": str}); target: JSON-serialisable gold answer and grouping keys."""
+
+    id: str
+    content: list[dict]
+    target: dict[str, Any]
+
+    @property
+    def prompt_text(self) -> str:
+        """The text of the prompt with ``<image>`` where each image goes (stored for inspection)."""
+        return "".join("<image>" if item["type"] == "image" else item["text"] for item in self.content)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    extracted: str | None  # the answer the rules found (a letter, a number, "Yes"...); None: extraction failure
+    correct: bool
+
+
+def accuracy(records: list[dict]) -> float:
+    """Percentage of records with ``correct`` true (0.0 for none)."""
+    return 100.0 * sum(bool(r["correct"]) for r in records) / len(records) if records else 0.0
+
+
+def group_accuracy(records: list[dict], key: str) -> dict[str, float]:
+    """Accuracy per value of ``target[key]`` (sorted by value)."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(str(record["target"].get(key)), []).append(record)
+    return {name: round(accuracy(groups[name]), 2) for name in sorted(groups)}
+
+
+class Benchmark:
+    """Base class. Subclasses set the class attributes and implement :meth:`build` and :meth:`judge`.
+
+    name: the CLI name. hub_name / configs / split: where the data lives on the hub (configs: None for a
+    dataset without configs). local_dir: the folder under ``--data-root``. paper_column: the results-table
+    column. breakdown_key: a target key whose per-value accuracy is reported (or None).
+    """
+
+    name: str = ""
+    hub_name: str = ""
+    configs: tuple[str | None, ...] = (None,)
+    split: str = ""
+    local_dir: str = ""
+    paper_column: str = ""
+    breakdown_key: str | None = None
+    config_subdir: bool = True  # each config's files live in local_dir/<config>/ (see data.load_split)
+
+    # -- data -----------------------------------------------------------------------------------------
+    def load_rows(self, data_root: Path | None, allow_hub: bool) -> Iterator[tuple[str | None, dict]]:
+        """(config, row) pairs in dataset order, config by config."""
+        local = None if data_root is None else Path(data_root) / self.local_dir
+        for config in self.configs:
+            dataset = load_split(hub_name=self.hub_name, config=config, split=self.split, local_dir=local,
+                                 allow_hub=allow_hub, benchmark=self.name, config_subdir=self.config_subdir)
+            for row in dataset:
+                yield config, row
+
+    def keep(self, row: dict) -> bool:
+        """Whether a row belongs to the evaluated subset (all rows by default)."""
+        return True
+
+    def samples(self, data_root: Path | None, *, allow_hub: bool = False, limit: int | None = None) -> Iterator[Sample]:
+        """The evaluated samples in a fixed order; ``limit``: the first ``limit`` of them."""
+        count = 0
+        for config, row in self.load_rows(data_root, allow_hub):
+            if limit is not None and count >= limit:
+                return
+            if self.keep(row):
+                yield self.build(row, config)
+                count += 1
+
+    def build(self, row: dict, config: str | None) -> Sample:
+        raise NotImplementedError
+
+    # -- scoring --------------------------------------------------------------------------------------
+    def judge(self, answer: str, target: dict) -> Judgement:
+        """Extract the answer from the harness answer text and compare it with the target."""
+        raise NotImplementedError
+
+    def evaluate(self, response: str, target: dict) -> dict:
+        """{"answer_source", "extracted", "correct"} for one raw model response."""
+        harness = final_answer_text(response)
+        if harness.format_failure:
+            return {"answer_source": harness.source, "extracted": None, "correct": False}
+        judgement = self.judge(harness.text, target)
+        return {"answer_source": harness.source, "extracted": judgement.extracted, "correct": bool(judgement.correct)}
+
+    def aggregate(self, records: list[dict]) -> dict[str, Any]:
+        """Scores of judged records (each: target + the keys of :meth:`evaluate`). ``score`` is the headline
+        number (percent) the results table shows."""
+        num = len(records)
+        summary: dict[str, Any] = {
+            "score": round(accuracy(records), 2),
+            "accuracy": round(accuracy(records), 2),
+            "num_samples": num,
+            "format_failure_rate": round(100.0 * sum(r["answer_source"] == "unclosed_think" for r in records) / num, 2) if num else 0.0,
+            "extraction_failure_rate": round(100.0 * sum(r["extracted"] is None for r in records) / num, 2) if num else 0.0,
+        }
+        if self.breakdown_key is not None:
+            summary[f"by_{self.breakdown_key}"] = group_accuracy(records, self.breakdown_key)
+        return summary

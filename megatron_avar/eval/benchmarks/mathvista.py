@@ -1,0 +1,81 @@
+"""MathVista testmini (`AI4Math/MathVista`, split ``testmini``, 1000 items; EVAL_BENCHMARKS.md §1).
+
+Row schema: pid, question, image (a path), decoded_image (Image), choices (list or None), unit, precision
+(float or None), answer (str), question_type ("multi_choice" | "free_form"), answer_type ("text" |
+"integer" | "float" | "list"), metadata {task, skills, ...}, query (Hint + Question + Choices).
+
+Prompt: the image, then ``query`` verbatim (VLMEvalKit's default prompt for Qwen2.5-VL).
+
+Scoring (offline MathVista rules, no GPT extractor):
+- multi_choice: the letter :func:`mcq_letter` finds maps to its option text; without a letter, the cue
+  answer (boxed / "answer is") maps to the nearest option by edit distance (the official normalisation);
+  with neither, an extraction failure. Correct when the option text equals ``answer``.
+- integer: the cue answer, a short answer or the last number, parsed (LaTeX and fractions with
+  math-verify), then int(); float: rounded to ``precision`` decimals; both compared as strings.
+- text: lowercased stripped string equality; list: math-verify equivalence.
+Breakdown: accuracy per ``metadata.task``.
+"""
+
+from __future__ import annotations
+
+from megatron_avar.eval.answers import (
+    cue_answer, edit_distance, free_form_candidate, math_equal, mcq_letter, option_letters, to_number,
+)
+from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
+from megatron_avar.eval.data import to_pil
+
+__all__ = ["MathVista"]
+
+
+class MathVista(Benchmark):
+    name = "mathvista"
+    hub_name = "AI4Math/MathVista"
+    split = "testmini"
+    local_dir = "mathvista"
+    paper_column = "MathVista"
+    breakdown_key = "task"
+
+    def build(self, row: dict, config: str | None) -> Sample:
+        image = row.get("decoded_image") or row.get("image")
+        metadata = row.get("metadata") or {}
+        choices = list(row.get("choices") or [])
+        target = {
+            "answer": str(row["answer"]),
+            "question_type": row["question_type"],
+            "answer_type": row["answer_type"],
+            "choices": choices,
+            "precision": row.get("precision"),
+            "task": metadata.get("task"),
+        }
+        content = [{"type": "image", "image": to_pil(image)}, {"type": "text", "text": row["query"]}]
+        return Sample(id=str(row["pid"]), content=content, target=target)
+
+    def judge(self, answer: str, target: dict) -> Judgement:
+        kind = target["answer_type"]
+        if target["question_type"] == "multi_choice":
+            options = dict(zip(option_letters(len(target["choices"])), target["choices"]))
+            letter = mcq_letter(answer, options)
+            if letter is not None:
+                return Judgement(letter, options[letter] == target["answer"])
+            cue = cue_answer(answer)
+            if cue is None:
+                return Judgement(None, False)
+            nearest = min(options, key=lambda k: (edit_distance(cue.lower(), options[k].lower()), k))
+            return Judgement(nearest, options[nearest] == target["answer"])
+        candidate = free_form_candidate(answer, numeric=kind in ("integer", "float"))
+        if candidate is None:
+            return Judgement(None, False)
+        if kind in ("integer", "float"):
+            value = to_number(candidate)
+            if value is None:
+                return Judgement(None, False)
+            gold = float(target["answer"])
+            if kind == "integer":
+                return Judgement(str(int(value)), str(int(value)) == str(int(gold)))
+            digits = int(target["precision"] or 0)
+            predicted = f"{round(value, digits):.{digits}f}"
+            return Judgement(predicted, predicted == f"{round(gold, digits):.{digits}f}")
+        if kind == "list":
+            return Judgement(candidate, math_equal(target["answer"], candidate))
+        return Judgement(candidate, candidate.strip().lower().rstrip(".") == target["answer"].strip().lower())
+

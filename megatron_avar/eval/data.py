@@ -1,0 +1,104 @@
+"""Reading a benchmark split with `datasets`, from a local copy (clusters are often offline) or the hub.
+
+Local layout: ``DATA_ROOT/<benchmark dir>/[<config>/]`` holding the split in any of these forms, which are
+what ``huggingface-cli download --repo-type dataset <hub name> --local-dir DATA_ROOT/<benchmark dir>``
+and ``Dataset.save_to_disk`` produce:
+
+- parquet / jsonl / json files whose name starts with the split (``testmini-00000-of-00001.parquet``,
+  ``data/testmini.parquet``, ``validation.jsonl``), anywhere below the folder;
+- a ``save_to_disk`` folder named after the split (``testmini/dataset_info.json``), or the folder itself.
+
+Image columns keep the benchmark's own schema: a `datasets.Image` (embedded bytes or a path) or, in json
+files, a path relative to the file's folder; :func:`to_pil` turns any of them into a PIL image.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load_split", "to_pil", "split_files"]
+
+_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def split_files(folder: Path, split: str) -> list[Path]:
+    """Data files below ``folder`` whose name is the split or starts with ``<split>-`` / ``<split>.``/``_``."""
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix not in _SUFFIXES or not path.is_file() or path.name.startswith("."):
+            continue
+        stem = path.name[: -len(path.suffix)]
+        if stem == split or stem.startswith((f"{split}-", f"{split}.", f"{split}_")):
+            found.append(path)
+    return found
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").is_file() and (folder / "state.json").is_file()
+
+
+def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path | None, allow_hub: bool,
+               benchmark: str, config_subdir: bool = True):
+    """The split as a `datasets.Dataset`, with the benchmark's columns untouched.
+
+    local_dir: ``DATA_ROOT/<benchmark dir>`` (None without ``--data-root``). config_subdir: the config's data
+    lives in ``local_dir/<config>/`` (required then: a benchmark with several configs must not mix them);
+    False reads ``local_dir`` itself. allow_hub: fall back to ``load_dataset(hub_name, config, split=split)``.
+    Raises ValueError naming the expected files and the hub name when neither source has the split.
+    """
+    import datasets
+
+    if local_dir is not None:
+        folder = local_dir / config if config is not None and config_subdir else local_dir
+        if (folder / split).is_dir() and _is_saved_dataset(folder / split):
+            return datasets.load_from_disk(str(folder / split))
+        if _is_saved_dataset(folder):
+            return datasets.load_from_disk(str(folder))
+        files = split_files(folder, split) if folder.is_dir() else []
+        if files:
+            kinds = {path.suffix for path in files}
+            if len(kinds) > 1:
+                raise ValueError(f"{benchmark}: {folder} mixes {sorted(kinds)} files for split {split!r}; keep one format")
+            builder = "parquet" if ".parquet" in kinds else "json"
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+    if allow_hub:
+        try:
+            return datasets.load_dataset(hub_name, config, split=split)
+        except Exception as error:  # noqa: BLE001 - any hub failure becomes the same actionable message
+            hub_error = f"; the hub failed too ({type(error).__name__}: {str(error)[:200]})"
+    else:
+        hub_error = " (pass --allow-hub to try the hub)"
+    where = local_dir / config if (local_dir is not None and config is not None and config_subdir) else local_dir
+    expected = (f"{where}/{split}-*.parquet (or {split}*.jsonl, or a save_to_disk folder {where}/{split}/)"
+                if where is not None else "nothing: no --data-root was given")
+    raise ValueError(
+        f"benchmark {benchmark}: split {split!r} not found. Looked for {expected}; download it with "
+        f"`huggingface-cli download --repo-type dataset {hub_name} --local-dir <DATA_ROOT>/{local_dir.name if local_dir else '<dir>'}`"
+        f" (hub name {hub_name}{', config ' + repr(config) if config else ''}){hub_error}"
+    )
+
+
+def to_pil(image: Any, base_dir: Path | None = None):
+    """A PIL RGB image from a decoded PIL image, a `datasets.Image` dict ({"bytes", "path"}), raw bytes or
+    a path (relative to ``base_dir``). Raises ValueError when there is no image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+        image = image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if isinstance(image, str) and image:
+        path = Path(image)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if not path.is_file():
+            raise ValueError(f"image file not found: {path}")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    raise ValueError(f"no image in this field (got {type(image).__name__}); the benchmark row has no decodable image")

@@ -1,0 +1,156 @@
+"""Generation backends for evaluation: Hugging Face ``generate`` (CPU or one GPU) and vLLM (GPU, see
+`megatron_avar.eval.vllm_backend`). Both take :class:`~megatron_avar.eval.benchmarks.base.Sample` objects and
+return the raw response text, `<think>`/`<answer>` tags kept (they are special tokens in AVAR checkpoints,
+so decoding must not skip special tokens; the response is cut at the first end-of-turn token instead).
+
+Prompts are rendered with `megatron_avar.roles.render_conversation(add_generation_prompt=True)`: one user
+turn (images and text in the benchmark's order), no system turn (the template's default system prompt is
+rendered, as Qwen2.5-VL and VLMEvalKit do), so image token counts come from the checkpoint's processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["GenerationConfig", "HFGenerator", "make_generator"]
+
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How responses are generated (the same for every benchmark of a run).
+
+    max_new_tokens: response length limit (VLMEvalKit uses 2048 for Qwen2.5-VL).
+    do_sample: False = greedy (the default, as in VLMEvalKit); True samples with temperature / top_p / top_k
+        (top_k 0 = off), reproducibly: the torch seed is reset to ``seed`` before every batch.
+    batch_size: prompts per ``generate`` call (HF backend; left padding). Greedy outputs do not depend on it.
+    min_pixels / max_pixels: image preprocessing bounds; None keeps the checkpoint's processor config.
+        VLMEvalKit's Qwen2.5-VL setting is 1280*28*28 / 16384*28*28 (small images are upscaled).
+    dtype: model weights; "auto" = bfloat16 on CUDA, float32 on CPU.
+    backend: "hf" (transformers generate) or "vllm" (GPU only). tensor_parallel_size: vLLM only.
+    """
+
+    max_new_tokens: int = 2048
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    batch_size: int = 1
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    dtype: str = "auto"
+    backend: str = "hf"
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class HFGenerator:
+    """Greedy or sampled generation with ``Qwen2_5_VLForConditionalGeneration.generate``."""
+
+    def __init__(self, model_dir: str, config: GenerationConfig):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from megatron_avar.platform import device_for_local_rank
+        from megatron_avar.processor import load_processor
+
+        self.config = config
+        self.processor = load_processor(model_dir, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
+        self.device = device_for_local_rank()
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=_torch_dtype(config.dtype, self.device)).to(self.device).eval()
+        tokenizer = self.processor.tokenizer
+        generation = self.model.generation_config
+        eos = generation.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids.discard(None)
+        self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+
+    def _batch(self, samples) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images."""
+        from megatron_avar.roles import render_conversation
+
+        rendered = [render_conversation([{"role": "user", "content": s.content}], self.processor,
+                                        add_generation_prompt=True) for s in samples]
+        length = max(len(r) for r in rendered)
+        input_ids = torch.full((len(rendered), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rendered), length), dtype=torch.long)
+        for row, r in enumerate(rendered):
+            input_ids[row, length - len(r):] = r.input_ids
+            attention_mask[row, length - len(r):] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions (ENVIRONMENT.md)
+                 "mm_token_type_ids": (input_ids == self.processor.image_token_id).int() * attention_mask.int()}
+        with_images = [r for r in rendered if r.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(self.model.dtype)
+            batch["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _decode(self, ids: list[int]) -> str:
+        for index, token in enumerate(ids):
+            if token in self.stop_ids:
+                ids = ids[:index]
+                break
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=False)
+
+    @torch.inference_mode()
+    def generate(self, samples) -> list[str]:
+        """Responses for ``samples`` (in order), at most ``batch_size`` per ``generate`` call."""
+        config, responses = self.config, []
+        for start in range(0, len(samples), config.batch_size):
+            batch = self._batch(samples[start:start + config.batch_size])
+            options = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                           pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))
+            if config.do_sample:
+                torch.manual_seed(config.seed)
+                options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+            else:
+                options.update(temperature=None, top_p=None, top_k=None)
+            output = self.model.generate(**batch, **options)
+            prompt_length = batch["input_ids"].shape[1]
+            responses += [self._decode(row[prompt_length:].tolist()) for row in output]
+        return responses
+
+
+def make_generator(model_dir: str, config: GenerationConfig):
+    """The backend ``config.backend`` names. vLLM needs a CUDA machine with vLLM installed (the ``gpu``
+    extra); it is imported only then."""
+    if config.backend == "vllm":
+        from megatron_avar.platform import vllm_available
+
+        if not vllm_available():
+            raise ValueError("--backend vllm needs CUDA and vLLM (pip install -e .[gpu]); use --backend hf on this machine")
+        from megatron_avar.eval.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(model_dir, config)
+    return HFGenerator(model_dir, config)

@@ -1,0 +1,69 @@
+"""scores.json and the results table (Markdown) with the paper's rows beside ours.
+
+The table has one column per benchmark in the paper's order plus the average over the seven, and the
+paper's Qwen2.5-VL-7B and AVAR-Thinker rows (AVAR_SPEC.md §7) above the evaluated model. Headline numbers:
+MMMU-Pro = mean(standard-10, vision); HallusionBench = mean(aAcc, fAcc, qAcc) (VLMEvalKit's single number;
+which metric the paper's 50.7 is remains unknown, EVAL_BENCHMARKS.md §7), with all three listed below the
+table. The average is left empty unless all seven benchmarks were evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_avar.eval.benchmarks import BENCHMARKS
+
+__all__ = ["PAPER_ROWS", "results_table", "write_report"]
+
+# AVAR_SPEC.md §7, in BENCHMARKS order: MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar,
+# HallusionBench, then the paper's average.
+PAPER_ROWS = {
+    "Qwen2.5-VL-7B (paper)": (68.2, 25.2, 41.1, 58.1, 38.3, 62.1, 50.7, 49.1),
+    "AVAR-Thinker-7B (paper)": (74.7, 37.4, 50.4, 63.8, 42.9, 64.1, 59.5, 56.1),
+}
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | None = None) -> str:
+    """The Markdown results table (see the module docstring) plus per-benchmark detail lines."""
+    names = list(BENCHMARKS)
+    header = "| model | " + " | ".join(BENCHMARKS[n].paper_column for n in names) + " | Avg |"
+    lines = [header, "|---|" + "---:|" * (len(names) + 1)]
+    for row_name, values in PAPER_ROWS.items():
+        lines.append(f"| {row_name} | " + " | ".join(_cell(v) for v in values) + " |")
+    ours = [summaries[n]["score"] if n in summaries else None for n in names]
+    average = sum(ours) / len(ours) if all(v is not None for v in ours) else None
+    lines.append(f"| {model_name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |")
+    lines.append("")
+    for name in names:
+        if name not in summaries:
+            continue
+        s = summaries[name]
+        detail = f"- {BENCHMARKS[name].paper_column}: n={s['num_samples']}, extraction failures {s['extraction_failure_rate']:.1f}%, " \
+                 f"unclosed <think> {s['format_failure_rate']:.1f}%"
+        if name == "hallusionbench":
+            detail += f"; aAcc {s['aAcc']:.1f}, fAcc {s['fAcc']:.1f}, qAcc {s['qAcc']:.1f} (score = their mean)"
+        if name == "mmmu_pro":
+            detail += "; " + ", ".join(f"{k} {v:.1f}" for k, v in s["by_setting"].items()) + f" (score = {s['headline']})"
+        lines.append(detail)
+    if limit is not None:
+        lines.append(f"\nOnly the first {limit} samples per benchmark were evaluated: not comparable with the paper's rows.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, summaries: dict[str, dict]) -> dict:
+    """Write ``out/scores.json`` and ``out/results.md``; return the scores dict."""
+    run_config_path = out / "run_config.json"
+    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+    model = run_config.get("model") or "evaluated model"
+    scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
+    if all(name in summaries for name in BENCHMARKS):
+        scores["average"] = round(sum(summaries[n]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    limit = run_config.get("limit")
+    (out / "results.md").write_text(results_table(summaries, f"ours: {Path(model).name}", limit=limit))
+    return scores
