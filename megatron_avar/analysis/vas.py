@@ -41,9 +41,9 @@ EPS = 1e-6
 SINK_ROLE = NUM_ROLES  # extra key role: the first real token of each row (the attention sink, a SYSTEM token)
 MASS_NUM_ROLES = NUM_ROLES + 1  # num_roles to pass to role_attention with mass_key_roles(...)
 VARIANTS = ("sink_included", "sink_excluded")
-# Histogram of log10(ratio) over RATIO_BINS (49 edges, -6 .. 6; ratios are at most 1 / eps = 1e6):
-# count 0 holds log10 ratio <= -6 (zero included), count k (1..48) holds (edges[k-1], edges[k]].
-RATIO_BINS = torch.linspace(-6.0, 6.0, 49, dtype=torch.float64)
+# Histogram of log10(ratio) over RATIO_BINS (121 edges, -6 .. 6 by 0.1; ratios are at most 1 / eps = 1e6):
+# count 0 holds log10 ratio <= -6 (zero included), count k (1..120) holds (edges[k-1], edges[k]].
+RATIO_BINS = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
 
 
 def _check_roles(roles: torch.Tensor) -> None:

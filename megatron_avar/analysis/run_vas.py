@@ -1,0 +1,99 @@
+"""`avar vas`: the Visual Attention Score of an HF Qwen2.5-VL checkpoint on a conversation dataset.
+
+Prompt-only prefill (final assistant turn dropped, generation prompt added), batched with left padding;
+the text attention runs through role_attention (no [S, S] matrix), masses stream into a VASAccumulator.
+Output folder: report.json (every number of vas.py, both sink variants, the config, the checkpoint identity)
+and vas_per_layer.png, image_share_heatmap.png, ratio_distribution.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["VASConfig", "run_vas"]
+
+
+@dataclass(frozen=True)
+class VASConfig:
+    """model: HF checkpoint directory. data: conversation file/folder. out: output folder (created).
+    num_samples: first N records. layers: "all", "A-B" or "i,j". exclude_sink: top-level numbers without the
+    sink in K_sys (both variants are always in report.json). batch_size: prompts per forward.
+    device / dtype / device_map: see model_loading.load_hf_model. impl: role_attention implementation.
+    name: the checkpoint's label in `avar vas compare` (default: the model folder's name)."""
+
+    model: str
+    data: str
+    out: str
+    num_samples: int = 200
+    layers: str = "all"
+    exclude_sink: bool = False
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    impl: str = "auto"
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def run_vas(config: VASConfig) -> dict:
+    """Compute the report, write report.json and the figures into ``config.out``; return the report."""
+    import torch
+
+    from megatron_avar.analysis import figures
+    from megatron_avar.analysis.batching import collate_prompts, prompt_samples
+    from megatron_avar.analysis.hf_attention import RoleAttentionHook
+    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.analysis.vas import VASAccumulator
+
+    check_hf_checkpoint(config.model)
+    text_config = json.loads((Path(config.model) / "config.json").read_text())
+    num_layers = int(text_config.get("text_config", text_config)["num_hidden_layers"])
+    layers = parse_layers(config.layers, num_layers)  # fail on a bad layer set before loading anything
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
+                                             device_map=config.device_map)
+    samples = prompt_samples(config.data, processor, num_samples=config.num_samples)
+    num_heads = model.config.text_config.num_attention_heads
+    accumulator = VASAccumulator(layers, num_heads)
+    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    with RoleAttentionHook(model, impl=config.impl) as hook, torch.no_grad():
+        for start in range(0, len(samples), config.batch_size):
+            batch = collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
+                                    image_token_id=processor.image_token_id).to(device)
+            accumulator.begin_batch(batch.roles, batch.ids)
+            hook.set_batch(batch.roles, on_mass=accumulator.add_layer, mass_layers=layers)
+            model(**batch.inputs, logits_to_keep=1)
+            accumulator.end_batch()
+    result = accumulator.result()
+
+    report = result.to_json(exclude_sink=config.exclude_sink)
+    report["name"] = config.name or Path(config.model).resolve().name
+    report["config"] = dict(asdict(config), layers_resolved=list(layers), num_model_layers=num_layers)
+    report["checkpoint"] = checkpoint_identity(config.model)
+    report["runtime"] = dict(seconds=round(time.time() - started, 2), device=device, torch=torch.__version__,
+                             num_records_rendered=len(samples))
+    _write_json(out / "report.json", report)
+    figures.plot_vas_per_layer(report, out / "vas_per_layer.png")
+    figures.plot_image_share_heatmap(report, out / "image_share_heatmap.png")
+    figures.plot_ratio_distribution(report, out / "ratio_distribution.png")
+    return report
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
