@@ -1,0 +1,128 @@
+"""`avar vas` (VAS report of a checkpoint), `avar vas compare` (reports side by side, VAS vs accuracy) and
+`avar intervene` (generation with the attention intervention, graded; --sweep for a grid)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_model_options(parser) -> None:
+    parser.add_argument("--model", help="HF Qwen2.5-VL checkpoint directory")
+    parser.add_argument("--data", help="conversation dataset (.jsonl/.json/.parquet file or folder; see README Data format)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per forward / generate call")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device-map", default=None, help="e.g. 'auto': spread a large model over the visible GPUs")
+    parser.add_argument("--impl", default="auto", choices=("auto", "blockwise", "triton", "reference"),
+                        help="role_attention implementation")
+
+
+def register(subparsers) -> None:
+    vas = subparsers.add_parser(
+        "vas", formatter_class=_DEFAULTS,
+        help="Visual Attention Score of a checkpoint (or `avar vas compare REPORT...`)",
+        description="Compute the VAS (AVAR_SPEC.md section 1) of an HF Qwen2.5-VL checkpoint from a prompt-only "
+                    "prefill: `avar vas --model DIR --data FILE --out DIR`. Compare reports: "
+                    "`avar vas compare REPORT... [--accuracy FILE] [--out DIR]`.")
+    _add_model_options(vas)
+    vas.add_argument("--out", help="output folder for report.json and the figures")
+    vas.add_argument("--num-samples", type=int, default=200, help="use the first N records")
+    vas.add_argument("--layers", default="all", help="decoder layers: all, middle, A-B (inclusive) or i,j,k")
+    vas.add_argument("--exclude-sink", action="store_true",
+                     help="top-level numbers without the sink (position 0) in K_sys; report.json always holds both")
+    vas.add_argument("--name", default=None, help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
+    commands = vas.add_subparsers(title="vas commands", dest="vas_command", metavar="COMMAND")
+    compare = commands.add_parser("compare", formatter_class=_DEFAULTS, help="VAS reports side by side; VAS vs accuracy",
+                                  description="A table of VAS reports (the first is the reference for the relative "
+                                              "change) and, with --accuracy, Pearson r, its p-value and a scatter plot.")
+    compare.add_argument("reports", nargs="+", help="report.json files or folders written by `avar vas`")
+    compare.add_argument("--accuracy", default=None,
+                         help='accuracies: JSON {"name": accuracy} or CSV with columns name,accuracy (name = report name or path)')
+    compare.add_argument("--out", dest="compare_out", default=None, help="folder for compare.md, compare.json, vas_vs_accuracy.png")
+    compare.set_defaults(handler=_compare)
+    vas.set_defaults(handler=_vas)
+
+    intervene = subparsers.add_parser(
+        "intervene", formatter_class=_DEFAULTS,
+        help="generate with the attention intervention (AVAR_SPEC.md section 3) and grade the answers",
+        description="Rescale pre-softmax logits by key role on the queries after the image (generated tokens "
+                    "included) in a layer set, generate greedily with the KV cache, grade with math-verify.")
+    _add_model_options(intervene)
+    intervene.add_argument("--out", help="output JSON file (a sweep also writes <stem>.md and <stem>.png)")
+    intervene.add_argument("--alpha-img", type=float, default=0.15, help="IMAGE keys: z*(1+a) or z+log(1+a)")
+    intervene.add_argument("--alpha-sys", type=float, default=0.05, help="SYSTEM keys: z*(1-a) or z+log(1-a)")
+    intervene.add_argument("--layers", default="middle",
+                           help="decoder layers: middle (8-13 of 28, scaled to the model), all, A-B or i,j,k")
+    intervene.add_argument("--mode", default="multiplicative", choices=("multiplicative", "additive"), help="edit form")
+    intervene.add_argument("--queries", default="user_text_and_response", choices=("user_text_and_response", "all_after_image"),
+                           help="edited query rows after the first image")
+    intervene.add_argument("--keep-sink", action="store_true", help="do not edit the sink key (position 0)")
+    intervene.add_argument("--num-samples", type=int, default=None, help="use the first N records (default: all)")
+    intervene.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per answer")
+    intervene.add_argument("--sweep", action="store_true",
+                           help="baseline + alpha_sys in --sweep-alpha-sys x layer sets in --sweep-layers")
+    intervene.add_argument("--sweep-alpha-sys", default="0,0.05,0.4,0.6", help="comma-separated alpha_sys values")
+    intervene.add_argument("--sweep-layers", default=None,
+                           help="layer sets separated by ';' (default: the --layers value and all)")
+    intervene.set_defaults(handler=_intervene)
+
+
+def _require(args, names: tuple[str, ...], usage: str) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}; usage: {usage}")
+
+
+def _vas(args) -> int:
+    from megatron_avar.analysis.run_vas import VASConfig, run_vas
+
+    _require(args, ("model", "data", "out"), "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
+    config = VASConfig(model=args.model, data=args.data, out=args.out, num_samples=args.num_samples, layers=args.layers,
+                       exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       device_map=args.device_map, impl=args.impl, name=args.name)
+    report = run_vas(config)
+    excluded = report["variants"].get("sink_excluded")
+    print(f"VAS {report['vas']:.4f}" + ("" if excluded is None else f" (without sink {excluded['vas']:.4f})")
+          + f", ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
+          f"over {report['num_samples']} samples ({len(report['skipped_sample_ids'])} without VAS queries skipped); "
+          f"wrote {args.out}/report.json and figures")
+    return 0
+
+
+def _compare(args) -> int:
+    from megatron_avar.analysis.compare import compare_reports
+
+    if args.model is not None or args.data is not None or args.out is not None:
+        raise ValueError("`avar vas compare` takes reports, not --model/--data/--out before `compare`; "
+                         "use `avar vas compare REPORT... --out DIR`")
+    result = compare_reports(args.reports, args.accuracy, args.compare_out)
+    sys.stdout.write(result["markdown"])
+    return 0
+
+
+def _intervene(args) -> int:
+    from megatron_avar.analysis.run_intervene import InterveneConfig, run_intervene
+
+    _require(args, ("model", "data", "out"), "avar intervene --model DIR --data FILE --out FILE.json")
+    try:
+        alphas = tuple(float(a) for a in args.sweep_alpha_sys.split(",") if a.strip())
+    except ValueError:
+        raise ValueError(f"--sweep-alpha-sys {args.sweep_alpha_sys!r}: give comma-separated numbers like 0,0.05,0.4") from None
+    sweep_layers = tuple(s.strip() for s in (args.sweep_layers or f"{args.layers};all").split(";") if s.strip())
+    config = InterveneConfig(
+        model=args.model, data=args.data, out=args.out, alpha_img=args.alpha_img, alpha_sys=args.alpha_sys,
+        mode=args.mode, layers=args.layers, queries=args.queries, edit_sink=not args.keep_sink,
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
+        dtype=args.dtype, device_map=args.device_map, impl=args.impl, sweep=args.sweep, sweep_alpha_sys=alphas,
+        sweep_layers=tuple(dict.fromkeys(sweep_layers)))
+    written = run_intervene(config)
+    if args.sweep:
+        print(f"baseline accuracy {written['baseline']['accuracy']}; {len(written['rows'])} settings; wrote {args.out}, "
+              f"{args.out[:-5]}.md, {args.out[:-5]}.png")
+    else:
+        print(f"accuracy {written['accuracy']} over {written['num_graded']} graded samples; wrote {args.out}")
+    return 0

@@ -1,0 +1,133 @@
+"""`avar vas compare`: several VAS reports side by side, and VAS against accuracy (Pearson r, p, scatter).
+
+The first report is the reference for the relative change column (the Lazy Attention Localization
+comparison: base, then multimodal cold-start, then text-only cold-start). Accuracies come from a JSON
+object {name: accuracy} or a CSV with columns ``name,accuracy``; a key is the path given on the command line or
+a report's ``name`` (the model folder's name unless `avar vas --name` set it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["load_report", "load_accuracies", "compare_reports"]
+
+_COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "image_share", "system_share",
+            "num_samples", "accuracy")
+
+
+def load_report(path: str | Path) -> tuple[str, dict]:
+    """(argument, report) of a report.json or a folder holding one; ValueError if it is not a VAS report."""
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no VAS report found (pass report.json files or the folders `avar vas --out` wrote)")
+    try:
+        report = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file}: not valid JSON ({error})") from error
+    missing = [key for key in ("vas", "vas_per_layer", "ratio_of_means", "image_share", "num_samples") if key not in report]
+    if missing:
+        raise ValueError(f"{file}: not a VAS report (missing {missing})")
+    report.setdefault("name", file.parent.name)
+    return str(path), report
+
+
+def load_accuracies(path: str | Path) -> dict[str, float]:
+    """{name: accuracy} from a JSON object or a CSV file with a header ``name,accuracy``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--accuracy {path}: file not found")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"name", "accuracy"} <= set(reader.fieldnames):
+                raise ValueError(f"--accuracy {path}: a CSV needs the columns 'name' and 'accuracy'")
+            raw = {row["name"]: row["accuracy"] for row in reader}
+    else:
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--accuracy {path}: not valid JSON ({error}); use {{\"name\": accuracy}} or a CSV") from error
+        if not isinstance(raw, dict):
+            raise ValueError(f"--accuracy {path}: the JSON must be an object {{\"name\": accuracy}}")
+    accuracies = {}
+    for name, value in raw.items():
+        try:
+            accuracies[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--accuracy {path}: accuracy of {name!r} is {value!r}, not a number") from None
+    return accuracies
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.4g}"
+    return str(value)
+
+
+def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out: str | None = None) -> dict:
+    """Build the comparison; write compare.md / compare.json (and vas_vs_accuracy.png) into ``out`` if given.
+    Returns {"rows": [...], "markdown": str, "pearson": {...} or None}."""
+    from megatron_avar.analysis.stats import pearson
+
+    if not paths:
+        raise ValueError("avar vas compare needs at least one report")
+    loaded = [load_report(p) for p in paths]
+    accuracies = load_accuracies(accuracy_file) if accuracy_file else {}
+    rows = []
+    first_vas = loaded[0][1]["vas"]
+    for argument, report in loaded:
+        excluded = (report.get("variants") or {}).get("sink_excluded")
+        accuracy = accuracies.get(argument)
+        if accuracy is None and report["name"] in accuracies:
+            if sum(r["name"] == report["name"] for _, r in loaded) > 1:
+                raise ValueError(f"several reports are named {report['name']!r}: key --accuracy by the report paths "
+                                 "instead, or give each run its own `avar vas --name`")
+            accuracy = accuracies[report["name"]]
+        if accuracy_file and accuracy is None:
+            raise ValueError(f"--accuracy {accuracy_file}: no accuracy for report {report['name']!r} ({argument}); "
+                             f"names there: {sorted(accuracies)}")
+        rows.append(dict(name=report["name"], path=argument, vas=report["vas"],
+                         vas_no_sink=None if excluded is None else excluded["vas"],
+                         delta_vs_first=(report["vas"] - first_vas) / first_vas if first_vas else None,
+                         ratio_of_means=report["ratio_of_means"], image_share=report["image_share"],
+                         system_share=report.get("system_share"), num_samples=report["num_samples"],
+                         accuracy=accuracy, exclude_sink=report.get("exclude_sink", False)))
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    names = [row["name"] for row in rows]
+    for row in rows:
+        if names.count(row["name"]) > 1:  # same model folder name: tell the rows apart by their paths
+            row = dict(row, name=f"{row['name']} ({row['path']})")
+        cells = [_fmt(row[c]) if c != "delta_vs_first" or row[c] is None else f"{100 * row[c]:+.1f}%" for c in _COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    correlation = None
+    if accuracy_file:
+        if len(rows) < 2:
+            raise ValueError("a correlation needs at least two reports with accuracies")
+        r, p = pearson([row["vas"] for row in rows], [row["accuracy"] for row in rows])
+        correlation = dict(r=r, p_value=p, n=len(rows))
+        lines += ["", f"Pearson r (VAS vs accuracy) = {r:.4f}, p = {_fmt(p)}, n = {len(rows)}"
+                  + (" (p undefined for n = 2)" if p is None else "")]
+    if any(row["exclude_sink"] for row in rows) and not all(row["exclude_sink"] for row in rows):
+        lines += ["", "warning: the reports mix --exclude-sink settings; compare the vas_no_sink column instead"]
+    markdown = "\n".join(lines) + "\n"
+    result = dict(rows=rows, markdown=markdown, pearson=correlation)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "compare.md").write_text(markdown)
+        (folder / "compare.json").write_text(json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n")
+        if correlation is not None:
+            from megatron_avar.analysis.figures import plot_vas_vs_accuracy
+
+            plot_vas_vs_accuracy([row["name"] for row in rows], [row["vas"] for row in rows],
+                                 [row["accuracy"] for row in rows], correlation["r"], correlation["p_value"],
+                                 folder / "vas_vs_accuracy.png")
+    return result

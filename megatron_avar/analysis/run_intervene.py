@@ -1,0 +1,162 @@
+"""`avar intervene`: generate answers with the attention intervention on, grade them, optionally sweep.
+
+Greedy HF generate with the KV cache, the text attention through role_attention (hf_attention.py) with the
+InterventionSpec's logit edits; answers graded against each record's ``answer`` (grading.py).
+Single run: ``out`` (JSON) holds the config, the checkpoint identity, the accuracy and every sample.
+Sweep: one run without intervention (the baseline), then alpha_sys over ``sweep_alpha_sys`` x the layer
+sets ``sweep_layers`` (alpha_img fixed); ``out`` holds the table, plus ``<out stem>.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["InterveneConfig", "run_intervene"]
+
+
+@dataclass(frozen=True)
+class InterveneConfig:
+    """model / data: as `avar vas`. out: the JSON file to write. alpha_img, alpha_sys, mode, queries, edit_sink:
+    see intervention.InterventionSpec. layers: a layer set ("middle" = layers 8-13 of 28, scaled). num_samples:
+    first N records (None: all). max_new_tokens: generation budget. batch_size: prompts per generate call.
+    sweep: run the grid; sweep_alpha_sys: its alpha_sys values; sweep_layers: its layer sets."""
+
+    model: str
+    data: str
+    out: str
+    alpha_img: float = 0.15
+    alpha_sys: float = 0.05
+    mode: str = "multiplicative"
+    layers: str = "middle"
+    queries: str = "user_text_and_response"
+    edit_sink: bool = True
+    num_samples: int | None = None
+    max_new_tokens: int = 512
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    impl: str = "auto"
+    sweep: bool = False
+    sweep_alpha_sys: tuple[float, ...] = (0.0, 0.05, 0.4, 0.6)
+    sweep_layers: tuple[str, ...] = ("middle", "all")
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.sweep and (not self.sweep_alpha_sys or not self.sweep_layers):
+            raise ValueError("a sweep needs at least one alpha_sys value and one layer set")
+
+
+def _generate_and_grade(model, processor, samples, hook, spec, config, device) -> dict:
+    """Accuracy and per-sample results of one setting (``spec`` None: no intervention)."""
+    import torch
+
+    from megatron_avar.analysis.batching import collate_prompts
+    from megatron_avar.analysis.grading import grade_answer
+
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+    results = []
+    for start in range(0, len(samples), config.batch_size):
+        batch = collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
+                                image_token_id=processor.image_token_id).to(device)
+        hook.set_batch(batch.roles, intervention=spec)
+        with torch.no_grad():
+            sequences = model.generate(**batch.inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                       pad_token_id=pad_id)
+        prompt_length = batch.inputs["input_ids"].shape[1]
+        for row, (sample_id, truth) in enumerate(zip(batch.ids, batch.answers)):
+            tokens = sequences[row, prompt_length:].tolist()
+            stop = next((k for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
+            # Decode with special tokens: <answer> / </answer> are special tokens in AVAR tokenizers.
+            text = tokenizer.decode(tokens[:stop], skip_special_tokens=False)
+            entry = dict(id=sample_id, answer=truth, generated=text, num_tokens=stop)
+            if truth is not None:
+                entry["correct"], entry["extracted"] = grade_answer(text, truth)
+            results.append(entry)
+    graded = [r for r in results if "correct" in r]
+    accuracy = sum(r["correct"] for r in graded) / len(graded) if graded else None
+    return dict(accuracy=accuracy, num_graded=len(graded), num_samples=len(results), samples=results)
+
+
+def run_intervene(config: InterveneConfig) -> dict:
+    """Run (or sweep), write ``config.out`` (and the sweep's .md / .png); return what was written."""
+    from megatron_avar.analysis.batching import prompt_samples
+    from megatron_avar.analysis.hf_attention import RoleAttentionHook
+    from megatron_avar.analysis.intervention import InterventionSpec
+    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+
+    check_hf_checkpoint(config.model)
+    model_config = json.loads((Path(config.model) / "config.json").read_text())
+    num_layers = int(model_config.get("text_config", model_config)["num_hidden_layers"])
+
+    def spec(alpha_sys: float, layer_text: str) -> InterventionSpec:
+        return InterventionSpec(alpha_img=config.alpha_img, alpha_sys=alpha_sys, mode=config.mode,
+                                layers=parse_layers(layer_text, num_layers), queries=config.queries,
+                                edit_sink=config.edit_sink)
+
+    # Validate every setting before loading the model.
+    settings = [(a, layer_text) for layer_text in config.sweep_layers for a in config.sweep_alpha_sys] \
+        if config.sweep else [(config.alpha_sys, config.layers)]
+    specs = [(layer_text, spec(a, layer_text)) for a, layer_text in settings]
+    out = Path(config.out)
+    if out.suffix.lower() != ".json":
+        raise ValueError(f"--out {out}: give a .json file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    started = time.time()
+    model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
+                                             device_map=config.device_map)
+    samples = prompt_samples(config.data, processor, num_samples=config.num_samples)
+    if all(s.answer is None for s in samples):
+        raise ValueError(f"--data {config.data}: no record has an 'answer'; grading needs ground-truth answers")
+    header = dict(config=asdict(config), checkpoint=checkpoint_identity(config.model), num_model_layers=num_layers)
+    with RoleAttentionHook(model, impl=config.impl) as hook:
+        if not config.sweep:
+            layer_text, the_spec = specs[0]
+            run = _generate_and_grade(model, processor, samples, hook, the_spec, config, device)
+            written = dict(header, intervention=the_spec.to_json(), **run)
+        else:
+            baseline = _generate_and_grade(model, processor, samples, hook, None, config, device)
+            rows = []
+            for layer_text, the_spec in specs:
+                run = _generate_and_grade(model, processor, samples, hook, the_spec, config, device)
+                rows.append(dict(layers=layer_text, layer_indexes=list(the_spec.layers), alpha_img=the_spec.alpha_img,
+                                 alpha_sys=the_spec.alpha_sys, mode=the_spec.mode, accuracy=run["accuracy"],
+                                 num_graded=run["num_graded"],
+                                 correct=[s.get("correct") for s in run["samples"]]))
+            written = dict(header, baseline=dict(accuracy=baseline["accuracy"], num_graded=baseline["num_graded"],
+                                                 samples=baseline["samples"]), rows=rows)
+    written["runtime"] = dict(seconds=round(time.time() - started, 2), device=device)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(written, indent=2) + "\n")
+    os.replace(tmp, out)
+    if config.sweep:
+        from megatron_avar.analysis.figures import plot_accuracy_vs_alpha
+
+        out.with_suffix(".md").write_text(_sweep_markdown(written))
+        plot_accuracy_vs_alpha(written["rows"], written["baseline"]["accuracy"], out.with_suffix(".png"))
+    return written
+
+
+def _sweep_markdown(written: dict) -> str:
+    base = written["baseline"]["accuracy"]
+    lines = [f"Intervention sweep on {written['checkpoint']['path']} ({written['baseline']['num_graded']} graded samples)",
+             "", f"No intervention: accuracy {base:.4f}" if base is not None else "No intervention: no graded samples", "",
+             "| layers | mode | alpha_img | alpha_sys | accuracy | delta vs none |", "|---|---|---|---|---|---|"]
+    for row in written["rows"]:
+        acc = row["accuracy"]
+        delta = "-" if acc is None or base is None else f"{acc - base:+.4f}"
+        lines.append(f"| {row['layers']} ({','.join(map(str, row['layer_indexes']))}) | {row['mode']} | "
+                     f"{row['alpha_img']} | {row['alpha_sys']} | {'-' if acc is None else f'{acc:.4f}'} | {delta} |")
+    return "\n".join(lines) + "\n"
