@@ -30,8 +30,14 @@ BASE_REQUIREMENTS = [
     "tensorboard>=2.16",  # training metrics (torch.utils.tensorboard writes the event files)
 ]
 
+# `avar synth` runs on NeMo Curator (Ray underneath, ~480 MB): an extra, so training images need not carry it.
+# The test extra includes it, so `make test` (and CI) run the synthesis tests. It changes no pinned package
+# (it downgrades antlr4-python3-runtime to 4.9.3, which math-verify's latex2sympy2_extended supports).
+SYNTH_REQUIREMENTS = ["nemo-curator==1.4.0"]
+
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"] + SYNTH_REQUIREMENTS,
+    "synth": SYNTH_REQUIREMENTS,
     "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn"],
 }
 
@@ -42,7 +48,7 @@ setup(
     long_description=__doc__,
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_avar", "megatron_avar.*"]),
-    package_data={"megatron_avar": ["templates/*.jinja"]},
+    package_data={"megatron_avar": ["templates/*.jinja", "synth/prompts/*/*.txt"]},
     install_requires=BASE_REQUIREMENTS,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["avar = megatron_avar.cli:main"]},

@@ -1,0 +1,11 @@
+"""AVAR data synthesis (AVAR_SPEC.md §4): visual-anchored reflection data from teacher models.
+
+`avar synth --config examples/synth/<name>.yaml` runs a NeMo Curator pipeline
+
+    read sources -> describe (VLM teacher) -> reason (LLM teacher) -> anchor (LLM) -> verify -> write
+
+config.py (typed config), prompts/ (versioned prompt files), client.py (OpenAI-compatible client, retries,
+request cache), records.py (sources -> working rows), teachers.py (stage logic), verify.py (answers and
+format), writer.py (shards, counts), stages.py (Curator stages), pipeline.py (run, Ray, manifest),
+progress.py (progress lines), cli.py. NeMo Curator is imported only by stages.py / pipeline.py.
+"""

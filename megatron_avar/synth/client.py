@@ -1,0 +1,237 @@
+"""Teacher requests: an OpenAI-compatible chat client with retries, timeouts, a concurrency limit and a
+resumable on-disk cache.
+
+Cache: one JSON file per answered request, ``<work_dir>/cache/<stage>/<key[:2]>/<key>.json``, where the key
+is the SHA-256 of (prompt version, stage, model, messages, sampling parameters, candidate, attempt). A file
+is written (fsync, then atomic rename) the moment its answer arrives, so a run killed at any point has
+kept every answer it paid for, and a rerun asks only for the rest. Failed requests are not cached. The
+endpoint URL is not in the key: per-node servers of the same model share the cache.
+
+Only the standard library speaks HTTP here (urllib), so the client has no dependency to pin. The API key is
+read from the environment variable named in the config when the client is built; it is sent as a Bearer
+token and appears in no message, log line, cache file or repr.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import socket
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+from megatron_avar.synth.config import ClientConfig, TeacherConfig
+
+logger = logging.getLogger("megatron_avar.synth")
+T = TypeVar("T")
+R = TypeVar("R")
+
+FATAL_HTTP_CODES = (401, 403, 404)
+
+
+class TeacherRequestError(Exception):
+    """One request failed for good (retries exhausted or a non-retryable 4xx): its record is dropped."""
+
+
+class TeacherConfigError(ValueError):
+    """The endpoint rejects every request (bad key, unknown model or URL): the run stops."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatResult:
+    content: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    """True when the answer came from the cache (no request, no tokens spent by this run)."""
+
+
+@dataclasses.dataclass
+class ClientStats:
+    """Counters of one client (thread-safe through ``add``)."""
+
+    requests: int = 0
+    """HTTP requests sent, retries included."""
+    answered: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+class RequestCache:
+    """Content-addressed store of teacher answers (see module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @staticmethod
+    def key(**fields) -> str:
+        blob = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def _path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:2] / f"{key}.json"
+
+    def get(self, stage: str, key: str) -> dict | None:
+        path = self._path(stage, key)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Cannot happen with the atomic write below unless the file was edited; ask again.
+            logger.warning("request cache: ignoring unreadable entry %s", path)
+            return None
+
+    def put(self, stage: str, key: str, entry: dict) -> None:
+        path = self._path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp",
+                                         delete=False, encoding="utf-8") as handle:
+            json.dump(entry, handle, ensure_ascii=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*/*.json"))
+
+
+class ChatClient:
+    """Sends chat requests for one pipeline stage to one teacher.
+
+    ``chat`` returns the answer text (cached or fresh) or raises TeacherRequestError after
+    ``client.max_retries`` retries; ``map`` runs a function over items with at most
+    ``client.concurrency`` requests in flight.
+    """
+
+    def __init__(self, stage: str, teacher: TeacherConfig, client: ClientConfig, cache: RequestCache,
+                 prompt_version: str, stats: ClientStats | None = None):
+        self.stage, self.teacher, self.client, self.cache = stage, teacher, client, cache
+        self.prompt_version = prompt_version
+        self.stats = stats if stats is not None else ClientStats()
+        self._url = teacher.base_url.rstrip("/") + "/chat/completions"
+        self._api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
+        if teacher.api_key_env and not self._api_key:
+            raise TeacherConfigError(f"{stage} teacher: environment variable {teacher.api_key_env!r} is not set")
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ChatClient(stage={self.stage!r}, model={self.teacher.model!r}, url={self._url!r})"
+
+    def _body(self, messages: list[dict], candidate: int, attempt: int) -> dict:
+        teacher = self.teacher
+        return {**teacher.extra_body, "model": teacher.model, "messages": messages,
+                "temperature": teacher.temperature, "top_p": teacher.top_p, "max_tokens": teacher.max_tokens,
+                "seed": teacher.seed + candidate + 1000 * attempt}
+
+    def chat(self, messages: list[dict], *, candidate: int = 0, attempt: int = 0) -> ChatResult:
+        body = self._body(messages, candidate, attempt)
+        key = RequestCache.key(prompt_version=self.prompt_version, stage=self.stage, body=body)
+        entry = self.cache.get(self.stage, key)
+        if entry is not None:
+            self.stats.add(cache_hits=1)
+            return ChatResult(entry["content"], entry["prompt_tokens"], entry["completion_tokens"], cached=True)
+        response = self._post_with_retries(body)
+        try:
+            content = response["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):
+            self.stats.add(failures=1)
+            raise TeacherRequestError(f"{self.stage}: response without choices[0].message.content")
+        usage = response.get("usage") or {}
+        result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), cached=False)
+        self.cache.put(self.stage, key, {"content": content, "prompt_tokens": result.prompt_tokens,
+                                         "completion_tokens": result.completion_tokens, "model": self.teacher.model,
+                                         "prompt_version": self.prompt_version, "time": time.time()})
+        self.stats.add(answered=1, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+        return result
+
+    def _post_with_retries(self, body: dict) -> dict:
+        data = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        for attempt in range(self.client.max_retries + 1):
+            retry_after = None
+            self.stats.add(requests=1)
+            try:
+                request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.client.timeout_s) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as error:
+                if error.code in FATAL_HTTP_CODES:
+                    hint = (f"check the key in ${self.teacher.api_key_env}" if self.teacher.api_key_env
+                            else "set <stage>.teacher.api_key_env if the endpoint needs a key")
+                    raise TeacherConfigError(
+                        f"{self.stage} teacher {self.teacher.model!r} at {self._url}: HTTP {error.code} "
+                        f"(wrong URL or model name, or {hint})") from None
+                if error.code != 429 and error.code < 500:
+                    self.stats.add(failures=1)
+                    raise TeacherRequestError(f"{self.stage}: HTTP {error.code} ({_short(error)})") from None
+                reason = f"HTTP {error.code}"
+                retry_after = _retry_after(error)
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
+                    http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as error:
+                reason = type(error).__name__ if not isinstance(error, urllib.error.URLError) else f"URLError({error.reason})"
+            if attempt == self.client.max_retries:
+                self.stats.add(failures=1)
+                raise TeacherRequestError(f"{self.stage}: gave up after {attempt + 1} attempts (last: {reason})")
+            delay = min(self.client.backoff_max_s, self.client.backoff_initial_s * 2 ** attempt)
+            delay = retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0)
+            logger.debug("%s: %s, retry %d in %.2fs", self.stage, reason, attempt + 1, delay)
+            self.stats.add(retries=1)
+            time.sleep(min(delay, self.client.backoff_max_s))
+        raise AssertionError("unreachable")
+
+    def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``[function(item) for item in items]`` with at most ``concurrency`` calls running at once.
+        The first TeacherConfigError stops the map and is raised."""
+        items = list(items)
+        if self.client.concurrency == 1 or len(items) <= 1:
+            return [function(item) for item in items]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.client.concurrency) as pool:
+            futures = [pool.submit(function, item) for item in items]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+
+def _retry_after(error: urllib.error.HTTPError) -> float | None:
+    value = error.headers.get("Retry-After") if error.headers else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _short(error: urllib.error.HTTPError) -> str:
+    try:
+        return error.read(300).decode("utf-8", "replace").strip() or error.reason
+    except Exception:  # noqa: BLE001 - only decorates an error message
+        return str(error.reason)

@@ -1,0 +1,319 @@
+"""`avar synth` configuration: typed dataclasses, validated once, loaded from YAML plus dotted overrides.
+
+Every field has a documented default; an example YAML (examples/synth/*.yaml) is a minimal diff over
+them. Validation happens in ``__post_init__`` and raises ValueError naming the field (as a dotted path
+such as ``reason.teacher.max_tokens``) and the allowed values. Unknown keys are errors, so a typo cannot
+silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+EXECUTORS = ("xenna", "ray_data", "local")
+SOURCE_FORMATS = ("conversations", "columns")
+SELECT_RULES = ("most_anchors", "first")
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"synth config: {field} {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One input dataset of (image, question, answer) records."""
+
+    name: str
+    """Source name: the key of this source's counts in the manifest and ``metadata.source`` of its records."""
+    path: str
+    """A .jsonl/.json/.parquet file, a folder of them, or a `datasets.save_to_disk` folder."""
+    format: str = "conversations"
+    """"conversations": the project's conversation format (first user turn = image + question, "answer"
+    field = ground truth), e.g. `avar data generate` output. "columns": a flat table whose columns are
+    named by image_column / question_column / answer_column (id_column optional)."""
+    image_column: str = "image"
+    """Column with the image (path relative to the data file, or an HF Image struct); format "columns"."""
+    question_column: str = "question"
+    """Column with the question text; format "columns"."""
+    answer_column: str = "answer"
+    """Column with the ground-truth answer; format "columns"."""
+    id_column: str | None = None
+    """Column with a record id (default: "<name>-<row index>"); format "columns"."""
+    limit: int | None = None
+    """Read at most this many records (after nothing else; before dedup). None: all."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "." not in self.name, "sources[].name", f"must be a non-empty name without dots, got {self.name!r}")
+        _check(bool(self.path), f"sources[{self.name}].path", "must name a file or folder")
+        _check(self.format in SOURCE_FORMATS, f"sources[{self.name}].format", f"must be one of {list(SOURCE_FORMATS)}, got {self.format!r}")
+        _check(self.limit is None or self.limit >= 1, f"sources[{self.name}].limit", f"must be >= 1 or null, got {self.limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """A teacher model behind an OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs)."""
+
+    model: str = "Qwen/Qwen2.5-VL-72B-Instruct"
+    """Model name sent in the request (part of the cache key)."""
+    base_url: str = "http://localhost:8000/v1"
+    """Endpoint root; requests go to ``{base_url}/chat/completions``. Not part of the cache key, so per-node
+    servers of the same model share one cache. The env var SYNTH_BASE_URL, when set, overrides it (used by
+    slurm/synth.sh to point each node at its local server)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (sent as a Bearer token), or null for none.
+    Keys are never read from the config file and never logged."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_tokens: int = 4096
+    """Completion token limit."""
+    seed: int = 0
+    """Sampling seed sent with the request; candidate i of a record uses seed + i."""
+    extra_body: dict = dataclasses.field(default_factory=dict)
+    """Extra request fields (e.g. vLLM's ``chat_template_kwargs``); part of the cache key."""
+
+    def validate(self, where: str) -> None:
+        _check(bool(self.model), f"{where}.model", "must be a model name")
+        _check(self.base_url.startswith(("http://", "https://")), f"{where}.base_url", f"must start with http:// or https://, got {self.base_url!r}")
+        _check(0.0 <= self.temperature <= 2.0, f"{where}.temperature", f"must be in [0, 2], got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"{where}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.max_tokens >= 1, f"{where}.max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if self.api_key_env is not None:
+            _check(bool(os.environ.get(self.api_key_env)), f"{where}.api_key_env",
+                   f"names the environment variable {self.api_key_env!r}, which is not set; export it (or set "
+                   f"{where}.api_key_env=null for an endpoint without a key)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """How teacher requests are sent (shared by all stages)."""
+
+    concurrency: int = 8
+    """Requests in flight per stage worker (total = workers x concurrency)."""
+    timeout_s: float = 300.0
+    """Socket timeout of one request (connect and each read); a timeout is retried."""
+    max_retries: int = 6
+    """Retries after HTTP 429/5xx, timeouts and connection errors; then the record is dropped (not cached,
+    so the next run asks again)."""
+    backoff_initial_s: float = 1.0
+    """First retry delay; doubles per retry (with jitter), at most backoff_max_s. A Retry-After header wins."""
+    backoff_max_s: float = 60.0
+    """Longest retry delay."""
+    format_retries: int = 1
+    """Extra attempts (new seed) when a teacher's answer is malformed; then the record is dropped."""
+
+    def __post_init__(self) -> None:
+        _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
+        _check(self.timeout_s > 0, "client.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check(self.max_retries >= 0, "client.max_retries", f"must be >= 0, got {self.max_retries}")
+        _check(0 <= self.backoff_initial_s <= self.backoff_max_s, "client.backoff_initial_s",
+               f"must be in [0, backoff_max_s={self.backoff_max_s}], got {self.backoff_initial_s}")
+        _check(self.format_retries >= 0, "client.format_retries", f"must be >= 0, got {self.format_retries}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadConfig:
+    dedup: bool = True
+    """Drop records whose (image bytes, question) repeat an earlier record (counted as read.duplicate)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DescribeConfig:
+    enabled: bool = True
+    """False: no description; the reasoning prompt gets only the question."""
+    teacher: TeacherConfig = dataclasses.field(default_factory=lambda: TeacherConfig(temperature=0.2))
+    """The vision-language teacher (paper: Gemini 2.5 Pro)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasonConfig:
+    teacher: TeacherConfig = dataclasses.field(default_factory=lambda: TeacherConfig(model="Qwen/Qwen3-235B-A22B"))
+    """The text teacher that writes the reflective chain (paper: Qwen3-235B-A22B)."""
+    num_candidates: int = 1
+    """Chains sampled per record; verify keeps the best correct one."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.num_candidates <= 64, "reason.num_candidates", f"must be in [1, 64], got {self.num_candidates}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    enabled: bool = True
+    """False: chains are kept as the reasoning teacher wrote them."""
+    teacher: TeacherConfig = dataclasses.field(default_factory=lambda: TeacherConfig(model="Qwen/Qwen3-32B", temperature=0.3))
+    """The LLM that inserts visual anchors (paper: Qwen3-32B)."""
+    min_anchors: int = 1
+    """A rewritten chain with fewer marked anchors is malformed."""
+    only_correct: bool = True
+    """Anchor only candidates whose answer is already correct (saves requests when verify.keep_only_correct)."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_anchors >= 0, "anchor.min_anchors", f"must be >= 0, got {self.min_anchors}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    keep_only_correct: bool = True
+    """Drop records whose final answer does not match the ground truth (math-verify or same text)."""
+    select: str = "most_anchors"
+    """Which correct candidate to keep: "most_anchors" (ties: lowest index) or "first"."""
+
+    def __post_init__(self) -> None:
+        _check(self.select in SELECT_RULES, "verify.select", f"must be one of {list(SELECT_RULES)}, got {self.select!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/synth"
+    """Output folder: data/shard-*.parquet (images embedded) and manifest.json."""
+    overwrite: bool = False
+    """Replace a finished run's output (one with a manifest.json). An unfinished run is always resumed."""
+    system_prompt: str | None = None
+    """System turn of the written conversations; null: none (Qwen2.5-VL's default is rendered)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    executor: str = "xenna"
+    """"xenna" (Curator's Xenna executor in batch mode; works on 2 cores), "ray_data" (Curator's Ray Data
+    executor) or "local" (the same stages in this process, no Ray: debugging and tests)."""
+    batch_records: int = 64
+    """Records per Curator task (and per output shard at most)."""
+    work_dir: str | None = None
+    """Request cache, image store and progress files; default "<output.dir>.work". Keep it to resume."""
+    prompt_version: str = "v1"
+    """Prompt set under megatron_avar/synth/prompts/ (part of the cache key)."""
+    progress_interval_s: float = 30.0
+    """Seconds between progress lines."""
+    ray_num_cpus: int | None = None
+    """CPUs for a local Ray start (no RAY_ADDRESS); default max(4, cpu count): Xenna needs a few slots."""
+
+    def __post_init__(self) -> None:
+        _check(self.executor in EXECUTORS, "run.executor", f"must be one of {list(EXECUTORS)}, got {self.executor!r}")
+        _check(self.batch_records >= 1, "run.batch_records", f"must be >= 1, got {self.batch_records}")
+        _check(self.progress_interval_s > 0, "run.progress_interval_s", f"must be > 0, got {self.progress_interval_s}")
+        _check(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "run.ray_num_cpus", f"must be >= 1 or null, got {self.ray_num_cpus}")
+        prompt_dir = Path(__file__).parent / "prompts" / self.prompt_version
+        _check(prompt_dir.is_dir(), "run.prompt_version", f"must name a folder of megatron_avar/synth/prompts/, got {self.prompt_version!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """The whole `avar synth` run."""
+
+    sources: tuple[SourceConfig, ...] = ()
+    """Input datasets (at least one)."""
+    read: ReadConfig = dataclasses.field(default_factory=ReadConfig)
+    describe: DescribeConfig = dataclasses.field(default_factory=DescribeConfig)
+    reason: ReasonConfig = dataclasses.field(default_factory=ReasonConfig)
+    anchor: AnchorConfig = dataclasses.field(default_factory=AnchorConfig)
+    verify: VerifyConfig = dataclasses.field(default_factory=VerifyConfig)
+    client: ClientConfig = dataclasses.field(default_factory=ClientConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) >= 1, "sources", "must list at least one source (name, path)")
+        names = [source.name for source in self.sources]
+        _check(len(set(names)) == len(names), "sources[].name", f"must be unique, got {names}")
+        if self.describe.enabled:
+            self.describe.teacher.validate("describe.teacher")
+        self.reason.teacher.validate("reason.teacher")
+        if self.anchor.enabled:
+            self.anchor.teacher.validate("anchor.teacher")
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.run.work_dir) if self.run.work_dir else Path(f"{self.output.dir.rstrip('/')}.work")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (parsed YAML) as the annotated type ``hint``, recursing into dataclasses and tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"synth config: {where} must be a mapping of {[f.name for f in dataclasses.fields(hint)]}")
+        return from_dict(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"synth config: {where} must be a list")
+        return tuple(_coerce(item, args[0], f"{where}[{index}]") for index, item in enumerate(value))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or hint
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"synth config: {where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys raise ValueError listing the known ones."""
+    hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"synth config: unknown key(s) {[f'{where}.{k}'.lstrip('.') for k in unknown]}; "
+                         f"{where or 'the top level'} accepts {names}")
+    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}".lstrip(".")) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML; list items by index: sources.0.path=...)."""
+    import yaml
+
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like dotted.key=value (e.g. reason.num_candidates=4)")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = data
+    for position, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {key!r}: {'.'.join(parts[:position])} has {len(node)} items; index {part!r} is not one")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ValueError(f"override {key!r}: {'.'.join(parts[:position + 1])} is not a mapping")
+    last = parts[-1]
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override {key!r}: index {last!r} out of range")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SynthConfig:
+    """Read a YAML config (or start from defaults with ``path=None``), apply dotted overrides, validate."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a synth config must be a YAML mapping")
+    for override in overrides:
+        apply_override(data, override)
+    return from_dict(SynthConfig, data)
+
+
+def to_dict(config: SynthConfig) -> dict:
+    """The resolved config as plain data (written into the manifest; holds no secrets: only env var names)."""
+    return dataclasses.asdict(config)

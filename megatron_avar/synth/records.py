@@ -1,0 +1,173 @@
+"""Reading sources into the pipeline's working rows: normalise to one schema, store images by content,
+drop duplicates.
+
+A working row is a flat dict (one row of the Arrow table a Curator task carries between stages):
+
+  id, source, question, answer        strings; answer is the ground truth
+  image_path, image_mime, image_sha   the image, stored once per content under <work_dir>/images/<sha>.<ext>
+  metadata                            JSON text: the source record's metadata
+  description                         the describe stage's text (null until then, or when disabled)
+  candidates                          JSON text: a list of reasoning candidates (see teachers.py)
+  response                            the final "<think>…</think><answer>…</answer>" (verify stage)
+  drop_reason                         null while the row is alive; "<stage>.<reason>" once it is dropped.
+                                      Dropped rows travel on (without further requests) so the writer can
+                                      count every record per source and per filter.
+  tokens_spent, tokens_cached         teacher tokens paid by this run / reused from the request cache
+
+Rows hold image paths, never image bytes, so tasks stay small; the work dir must be on a filesystem all
+nodes see (as on any Slurm cluster) when the pipeline runs on several nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from megatron_avar.synth.config import SourceConfig
+
+ROW_COLUMNS = ("id", "source", "question", "answer", "image_path", "image_mime", "image_sha", "metadata",
+               "description", "candidates", "response", "drop_reason", "tokens_spent", "tokens_cached")
+_MIME = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp"),
+         "GIF": ("image/gif", "gif"), "BMP": ("image/bmp", "bmp")}
+
+
+def new_row(**fields) -> dict:
+    row = dict.fromkeys(ROW_COLUMNS)
+    row.update(tokens_spent=0, tokens_cached=0, candidates="[]")
+    row.update(fields)
+    return row
+
+
+def rows_to_table(rows: list[dict]):
+    """Rows as a pyarrow Table with the fixed ROW_COLUMNS schema (so empty and full batches agree)."""
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.int64() if name.startswith("tokens_") else pa.string()) for name in ROW_COLUMNS])
+    return pa.Table.from_pylist([{name: row.get(name) for name in ROW_COLUMNS} for row in rows], schema=schema)
+
+
+def table_to_rows(table) -> list[dict]:
+    return table.to_pylist()
+
+
+def store_image(image_bytes: bytes, store_dir: Path) -> tuple[str, str, str]:
+    """Check the bytes decode as an image and store them by content; returns (path, mime, sha256).
+    ValueError when they are not a readable image of a supported format."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image_format = image.format
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"unreadable image ({error})") from None
+    if image_format not in _MIME:
+        raise ValueError(f"image format {image_format} is not one of {sorted(_MIME)}")
+    mime, extension = _MIME[image_format]
+    sha = hashlib.sha256(image_bytes).hexdigest()
+    path = store_dir / f"{sha}.{extension}"
+    if not path.is_file():
+        store_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=store_dir, prefix=f".{sha[:8]}.", delete=False) as handle:
+            handle.write(image_bytes)
+        os.replace(handle.name, path)
+    return str(path.resolve()), mime, sha
+
+
+def _image_bytes(value, base_dir: Path) -> bytes:
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return value["bytes"]
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"no image (got {type(value).__name__})")
+    path = Path(path) if Path(path).is_absolute() else base_dir / path
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    return path.read_bytes()
+
+
+def _conversation_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str | None, object, Path, dict]]:
+    """(id, question, answer, image or error, base_dir, metadata) from the project's conversation format."""
+    from datasets import Image, List
+
+    from megatron_avar.data.conversations import load_conversations
+
+    dataset = load_conversations(source.path)
+    dataset = dataset.cast_column("images", List(Image(decode=False)))
+    for row in dataset:
+        users = [m for m in row["messages"] if m["role"] == "user"]
+        texts = [item["text"] for item in users[0]["content"] if item["type"] == "text"] if users else []
+        image = row["images"][0] if len(row["images"]) == 1 else ValueError(
+            f"{len(row['images'])} images (synthesis needs exactly one)")
+        metadata = json.loads(row["metadata"]) if row["metadata"] else {}
+        yield row["id"], "\n".join(texts).strip() or None, row["answer"], image, Path(source.path), metadata
+
+
+def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str | None, object, Path, dict]]:
+    import datasets
+
+    path = Path(source.path)
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        dataset, base_dir = datasets.load_from_disk(str(path)), path
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise ValueError(f"source {source.name}: no .jsonl/.json/.parquet data at {path}")
+        builder = "parquet" if files[0].suffix == ".parquet" else "json"
+        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        base_dir = files[0].parent
+    for column in (source.image_column, source.question_column, source.answer_column, source.id_column):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(f"source {source.name}: no column {column!r} in {path} (columns: {dataset.column_names}); "
+                             f"set sources[].image_column/question_column/answer_column/id_column")
+    if isinstance(dataset.features[source.image_column], datasets.Image):
+        dataset = dataset.cast_column(source.image_column, datasets.Image(decode=False))
+    for index, row in enumerate(dataset):
+        record_id = str(row[source.id_column]) if source.id_column else f"{source.name}-{index}"
+        answer = row[source.answer_column]
+        yield (record_id, row[source.question_column], None if answer is None else str(answer),
+               row[source.image_column], base_dir, {})
+
+
+def _normal_question(question: str) -> str:
+    return re.sub(r"\s+", " ", question.strip())
+
+
+def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool) -> list[dict]:
+    """Every record of every source as a working row, in config then file order. Records that cannot be
+    used (no question, no answer, not exactly one readable image) become rows dropped as "read.invalid";
+    repeats of an earlier (image bytes, question) pair are dropped as "read.duplicate" when ``dedup``."""
+    rows, seen = [], set()
+    for source in sources:
+        reader = _conversation_records if source.format == "conversations" else _column_records
+        for count, (record_id, question, answer, image, base_dir, metadata) in enumerate(reader(source)):
+            if source.limit is not None and count >= source.limit:
+                break
+            row = new_row(id=f"{source.name}/{record_id}", source=source.name, question=question, answer=answer,
+                          metadata=json.dumps(metadata, sort_keys=True))
+            try:
+                if isinstance(image, Exception):
+                    raise image
+                if not question or not str(question).strip():
+                    raise ValueError("no question text")
+                if answer is None or not str(answer).strip():
+                    raise ValueError("no ground-truth answer")
+                folder = base_dir if base_dir.is_dir() else base_dir.parent
+                row["image_path"], row["image_mime"], row["image_sha"] = store_image(_image_bytes(image, folder), store_dir)
+            except ValueError as error:
+                row["drop_reason"] = "read.invalid"
+                row["metadata"] = json.dumps({**metadata, "invalid": str(error)}, sort_keys=True)
+                rows.append(row)
+                continue
+            key = (row["image_sha"], _normal_question(question))
+            if dedup and key in seen:
+                row["drop_reason"] = "read.duplicate"
+            seen.add(key)
+            rows.append(row)
+    return rows

@@ -1,0 +1,197 @@
+"""The logic of the teacher stages and of verify, on lists of working rows (see records.py).
+
+Each function takes the rows of one Curator task and returns them, same order and length, with its
+columns filled in or ``drop_reason`` set. Rows already dropped are passed through untouched and cost no
+request. These functions are what the Curator stages (stages.py) call; they run without Ray too.
+
+Candidates (the ``candidates`` JSON column) are dicts:
+  index        0 .. reason.num_candidates-1 (the sampling seed offset)
+  chain        the reasoning teacher's chain (null when it failed: see error)
+  predicted    the answer extracted from the chain; correct: predicted matches the ground truth
+  anchored     the chain after the anchor stage, tags removed; num_anchors: how many were inserted
+  error        why this candidate has no chain / no anchored chain ("malformed", "request_failed")
+  eligible     set by verify: this candidate may be kept
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from megatron_avar.synth import prompts
+from megatron_avar.synth.client import ChatClient, ChatResult, TeacherRequestError
+from megatron_avar.synth.config import SynthConfig
+from megatron_avar.synth.verify import (answers_match, extract_answer, format_response, select_candidate,
+                                        strip_anchor_tags)
+
+DESCRIPTION_SECTIONS = ("Global scan", "Elements", "Relations", "Scene")
+_CHAIN_WRAPPER = re.compile(r"^\s*<chain>\s*(.*?)\s*</chain>\s*$", re.DOTALL | re.IGNORECASE)
+
+
+class Malformed(Exception):
+    """A teacher answered, but not in the requested form."""
+
+
+def _account(row: dict, result: ChatResult) -> None:
+    tokens = result.prompt_tokens + result.completion_tokens
+    row["tokens_cached" if result.cached else "tokens_spent"] += tokens
+
+
+def _ask(client: ChatClient, row: dict, messages: list[dict], parse, *, candidate: int = 0, format_retries: int):
+    """Ask until ``parse`` accepts the answer (at most 1 + format_retries answers, each with its own seed).
+    Returns parse's value; raises Malformed or TeacherRequestError."""
+    for attempt in range(format_retries + 1):
+        result = client.chat(messages, candidate=candidate, attempt=attempt)
+        _account(row, result)
+        try:
+            return parse(result.content)
+        except Malformed:
+            if attempt == format_retries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def parse_description(text: str) -> str:
+    """The description when it has the four sections (as Markdown headings, in order, none empty)."""
+    positions = []
+    for section in DESCRIPTION_SECTIONS:
+        match = re.search(rf"^\s*#+\s*{re.escape(section)}\s*:?\s*$", text, re.IGNORECASE | re.MULTILINE)
+        if match is None:
+            raise Malformed(f"no '## {section}' section")
+        positions.append((match.start(), match.end()))
+    if [p[0] for p in positions] != sorted(p[0] for p in positions):
+        raise Malformed("sections out of order")
+    bounds = [p[1] for p in positions], [p[0] for p in positions[1:]] + [len(text)]
+    if any(not text[start:end].strip() for start, end in zip(*bounds)):
+        raise Malformed("an empty section")
+    return text.strip()
+
+
+def parse_chain(text: str) -> tuple[str, str]:
+    """(chain, predicted answer) when the chain ends in a final answer."""
+    predicted = extract_answer(text)
+    if predicted is None:
+        raise Malformed("no 'Final answer:' line")
+    return text.strip(), predicted
+
+
+def make_anchor_parser(min_anchors: int, original_answer: str):
+    def parse_anchored(text: str) -> tuple[str, int]:
+        wrapped = _CHAIN_WRAPPER.match(text)
+        text = wrapped.group(1) if wrapped else text
+        stripped, num_anchors = strip_anchor_tags(text)
+        if num_anchors < 0:
+            raise Malformed("unbalanced <anchor> tags")
+        if num_anchors < min_anchors:
+            raise Malformed(f"{num_anchors} anchors, fewer than anchor.min_anchors={min_anchors}")
+        if extract_answer(stripped) is None:
+            raise Malformed("the 'Final answer:' line was lost")
+        return stripped.strip(), num_anchors
+    return parse_anchored
+
+
+def describe_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> list[dict]:
+    version, retries = config.run.prompt_version, config.client.format_retries
+
+    def describe(row: dict) -> None:
+        if row["drop_reason"] is not None:
+            return
+        messages = prompts.describe_messages(version, row["question"], Path(row["image_path"]).read_bytes(), row["image_mime"])
+        try:
+            row["description"] = _ask(client, row, messages, parse_description, format_retries=retries)
+        except Malformed:
+            row["drop_reason"] = "describe.malformed"
+        except TeacherRequestError:
+            row["drop_reason"] = "describe.request_failed"
+
+    client.map(describe, rows)
+    return rows
+
+
+def reason_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> list[dict]:
+    version, retries = config.run.prompt_version, config.client.format_retries
+    jobs = [(row, index) for row in rows if row["drop_reason"] is None for index in range(config.reason.num_candidates)]
+    results: dict[tuple[int, int], dict] = {}
+
+    def reason(job: tuple[dict, int]) -> None:
+        row, index = job
+        candidate = {"index": index}
+        messages = prompts.reason_messages(version, row["question"], row["description"])
+        try:
+            candidate["chain"], candidate["predicted"] = _ask(client, row, messages, parse_chain, candidate=index,
+                                                              format_retries=retries)
+            candidate["correct"] = answers_match(row["answer"], candidate["predicted"])
+        except Malformed:
+            candidate["error"] = "malformed"
+        except TeacherRequestError:
+            candidate["error"] = "request_failed"
+        results[(id(row), index)] = candidate
+
+    client.map(reason, jobs)
+    for row in rows:
+        if row["drop_reason"] is not None:
+            continue
+        candidates = [results[(id(row), index)] for index in range(config.reason.num_candidates)]
+        row["candidates"] = json.dumps(candidates)
+        errors = [c.get("error") for c in candidates]
+        if all(errors):
+            row["drop_reason"] = "reason.request_failed" if all(e == "request_failed" for e in errors) else "reason.malformed"
+    return rows
+
+
+def anchor_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> list[dict]:
+    version, retries, anchor = config.run.prompt_version, config.client.format_retries, config.anchor
+    live = [row for row in rows if row["drop_reason"] is None]
+    candidates_of = {id(row): json.loads(row["candidates"]) for row in live}
+    jobs = [(row, candidate) for row in live for candidate in candidates_of[id(row)]
+            if candidate.get("chain") and (candidate.get("correct") or not anchor.only_correct)]
+
+    def anchor_one(job: tuple[dict, dict]) -> None:
+        row, candidate = job
+        messages = prompts.anchor_messages(version, row["question"], row["description"], candidate["chain"], anchor.min_anchors)
+        parse = make_anchor_parser(anchor.min_anchors, candidate["predicted"])
+        try:
+            candidate["anchored"], candidate["num_anchors"] = _ask(client, row, messages, parse,
+                                                                   candidate=candidate["index"], format_retries=retries)
+        except Malformed:
+            candidate["error"] = "anchor_malformed"
+        except TeacherRequestError:
+            candidate["error"] = "anchor_request_failed"
+
+    client.map(anchor_one, jobs)
+    for row in live:
+        tried = [c for c in candidates_of[id(row)] if c.get("chain") and (c.get("correct") or not anchor.only_correct)]
+        row["candidates"] = json.dumps(candidates_of[id(row)])
+        if tried and not any(c.get("anchored") for c in tried):
+            failed = {c.get("error") for c in tried}
+            row["drop_reason"] = "anchor.request_failed" if failed == {"anchor_request_failed"} else "anchor.malformed"
+    return rows
+
+
+def verify_rows(rows: list[dict], config: SynthConfig) -> list[dict]:
+    """Re-extract and grade each candidate's final chain, keep the best, format the response."""
+    for row in rows:
+        if row["drop_reason"] is not None:
+            continue
+        candidates = json.loads(row["candidates"])
+        for candidate in candidates:
+            final = candidate.get("anchored") if config.anchor.enabled else candidate.get("chain")
+            candidate["final_answer"] = extract_answer(final) if final else None
+            candidate["final_correct"] = final is not None and answers_match(row["answer"], candidate["final_answer"])
+            candidate["eligible"] = final is not None and candidate["final_answer"] is not None and (
+                candidate["final_correct"] or not config.verify.keep_only_correct)
+        chosen = select_candidate(candidates, config.verify.select)
+        row["candidates"] = json.dumps(candidates)
+        if chosen is None:
+            had_answer = any(c.get("predicted") for c in candidates)
+            changed = any(c.get("correct") and c.get("anchored") for c in candidates)
+            row["drop_reason"] = ("verify.answer_changed" if changed else "verify.wrong_answer") if had_answer else "verify.no_answer"
+            continue
+        final = chosen.get("anchored") if config.anchor.enabled else chosen["chain"]
+        row["response"] = format_response(final, chosen["final_answer"])
+        metadata = json.loads(row["metadata"]) if row["metadata"] else {}
+        metadata["synth"] = {"candidate": chosen["index"], "num_candidates": len(candidates),
+                             "num_anchors": chosen.get("num_anchors"), "correct": chosen["final_correct"]}
+        row["metadata"] = json.dumps(metadata, sort_keys=True)
+    return rows
