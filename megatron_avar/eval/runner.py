@@ -84,8 +84,10 @@ def read_predictions(path: Path) -> dict[str, dict]:
 def _check_run_config(out: Path, config: EvalConfig) -> None:
     """Record the run's model and generation settings; refuse to mix different ones in one folder."""
     path = out / "run_config.json"
-    current = {"model": str(config.model), "generation": config.generation.to_dict(),
-               "mathvision_split": config.mathvision_split}
+    # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do
+    generation = {k: v for k, v in config.generation.to_dict().items()
+                  if k != "batch_size" or config.generation.do_sample}
+    current = {"model": str(config.model), "generation": generation, "mathvision_split": config.mathvision_split}
     if path.is_file():
         previous = json.loads(path.read_text())
         mismatched = [k for k in current if previous.get(k) != current[k]]

@@ -1,0 +1,105 @@
+"""The shared extraction rules against hand-worked examples (EVAL_BENCHMARKS.md §0) and math-verify."""
+
+import threading
+
+import pytest
+
+from megatron_avar.eval.answers import (
+    can_infer, cue_answer, edit_distance, final_answer_text, free_form_candidate, math_equal, to_number,
+)
+
+ABCD = {"A": "circle", "B": "square", "C": "triangle", "D": "star"}
+
+
+@pytest.mark.parametrize("response, text, source", [
+    ("<think>look</think><answer> 5 </answer>", "5", "answer_tag"),
+    ("<answer>1</answer> then <answer>2</answer>", "2", "answer_tag"),  # the last answer block
+    ("<think>a</think>B", "B", "after_think"),
+    ("<think>a</think><think>b</think> C", "C", "after_think"),  # the text after the LAST </think>
+    ("<think>never closed <answer>", None, "unclosed_think"),  # an unclosed <answer> is no answer block
+    ("plain answer", "plain answer", "raw"),
+])
+def test_harness_rule(response, text, source):
+    answer = final_answer_text(response)
+    assert (answer.text, answer.source) == (text, source)
+    assert answer.format_failure == (text is None)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("[B]", "B"), ("**B**", "B"),
+    ("<answer>B</answer>", None),  # `<` `>` are not separators in VLMEvalKit: the harness rule unwraps first
+    ("A or B", None),  # two letters, no option text
+    ("The answer is B", "B"),
+    ("B is right because the figure shows four equal sides and right angles", None),  # letter not in last 4 tokens (#1175)
+    ("It must be the square", "B"),  # exactly one option text inside
+    ("a square or a circle", None),  # two option texts
+    ("Z", None),  # Z only counts when the choices carry a Z option
+])
+def test_can_infer(answer, expected):
+    assert can_infer(answer, ABCD) == expected
+
+
+def test_can_infer_rules_switchable():
+    long = "B is right because the figure shows four equal sides and right angles"
+    assert can_infer(long, ABCD, last_tokens=None) == "B"  # VLMEvalKit before #1175
+    assert can_infer("None of them: Z", {**ABCD, "Z": "none"}) == "Z"
+    assert can_infer("I think the answer is C, not A", ABCD) == "C"  # "answer is X" fallback (#1552)
+    assert can_infer("I think the answer is C, not A", ABCD, answer_is_fallback=False) is None
+
+
+@pytest.mark.parametrize("text, cue", [
+    ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{1} first, then \\boxed{x^{2}}", "x^{2}"),  # the last box, nested braces kept
+    ("The answer is 42.", "42"),
+    ("Answer: (B)\nbecause ...", "(B)"),
+    ("Final answer: $3$", "3"),
+    ("no cue here", None),
+])
+def test_cue_answer(text, cue):
+    assert cue_answer(text) == cue
+
+
+@pytest.mark.parametrize("text, value", [
+    ("12 cm", 12.0), ("45°", 45.0), ("60^\\circ", 60.0), ("1,000", 1000.0), ("-2.5", -2.5), ("3/4", 0.75),
+    ("\\frac{3}{4}", 0.75), ("$5$", 5.0), ("50\\%", 50.0), ("12\\text{ m}", 12.0), ("abc", None), (None, None),
+])
+def test_to_number(text, value):
+    result = to_number(text)
+    assert (result is None) if value is None else result == pytest.approx(value)
+
+
+def test_to_number_evaluates_latex_like_sympy():
+    import math
+
+    assert to_number("2\\sqrt{2}") == pytest.approx(2 * math.sqrt(2))
+    assert to_number("\\frac{\\pi}{4}") == pytest.approx(math.pi / 4)
+
+
+@pytest.mark.parametrize("gold, predicted, equal", [
+    ("0.5", "\\frac{1}{2}", True), ("\\frac{1}{2}", "0.5", True), ("0.75", "3/4", True),
+    ("12", "12 cm", True), ("60°", "60", True), ("2\\sqrt{3}", "\\sqrt{12}", True),
+    ("x+1", "1+x", True), ("(1,2)", "(1, 2)", True), ("12", "13", False), ("0.5", "0.51", False),
+    ("Paris", "paris", True), ("12", "", False), ("12", None, False),
+])
+def test_math_equal(gold, predicted, equal):
+    assert math_equal(gold, predicted) is equal
+
+
+def test_math_equal_outside_the_main_thread():
+    # math-verify's SIGALRM timeouts only work in the main thread; we switch them off elsewhere.
+    results = []
+    thread = threading.Thread(target=lambda: results.append((math_equal("x+1", "1+x"), math_equal("\\sqrt{2}", "1.4142136"))))
+    thread.start()
+    thread.join()
+    assert results == [(True, True)]
+
+
+def test_free_form_candidate():
+    assert free_form_candidate("The side is 13 cm long and more words follow", numeric=True) == "13"
+    assert free_form_candidate("\\frac{1}{2}", numeric=True) == "\\frac{1}{2}"
+    assert free_form_candidate("The answer is about 7 meters", numeric=True) == "7"
+    assert free_form_candidate("a long sentence without any number in it", numeric=True) is None
+
+
+def test_edit_distance():
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3 and edit_distance("5cm", "5 cm") == 1

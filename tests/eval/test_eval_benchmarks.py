@@ -1,0 +1,146 @@
+"""Each benchmark read from a copy in its real hub schema and layout; prompts, extraction and scores
+against hand-worked expectations (eval_fixtures.CASES); re-scoring a predictions file is exact."""
+
+import json
+
+import pytest
+
+from eval_fixtures import CASES, HALLUSION_ROWS, hallusion_id
+from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
+from megatron_avar.eval.runner import score_run
+
+
+def _samples(name, root, **kwargs):
+    return {s.id: s for s in get_benchmark(name).samples(root, **kwargs)}
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_every_case_is_judged_as_worked_out_by_hand(name, eval_data_root):
+    samples = _samples(name, eval_data_root)
+    benchmark = get_benchmark(name)
+    wrong = [(sid, response, expected) for sid, response, expected in CASES[name]
+             if benchmark.evaluate(response, samples[sid].target)["correct"] is not expected]
+    assert not wrong
+    # every sample of the copy is exercised, and every prompt carries its images
+    assert {sid for sid, _, _ in CASES[name]} == set(samples)
+    assert all(any(item["type"] == "image" for item in s.content) for s in samples.values())
+
+
+def _write_predictions(out, name, root, responses):
+    samples = _samples(name, root)
+    with (out / "predictions" / f"{name}.jsonl").open("w") as handle:
+        for sid, response in responses.items():
+            handle.write(json.dumps({"id": sid, "response": response, "target": samples[sid].target}) + "\n")
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_accuracy_of_a_predictions_file_and_rescoring_is_exact(name, eval_data_root, tmp_path):
+    first = {}
+    for sid, response, expected in CASES[name]:
+        first.setdefault(sid, (response, expected))
+    (tmp_path / "predictions").mkdir()
+    _write_predictions(tmp_path, name, eval_data_root, {sid: r for sid, (r, _) in first.items()})
+    scores = score_run(tmp_path, (name,))["benchmarks"][name]
+    expected_accuracy = 100.0 * sum(e for _, e in first.values()) / len(first)
+    assert scores["accuracy"] == pytest.approx(expected_accuracy, abs=0.01)
+    assert scores["num_samples"] == len(first)
+    snapshot = (tmp_path / "scores.json").read_bytes(), (tmp_path / "results.md").read_bytes()
+    score_run(tmp_path, (name,))
+    assert ((tmp_path / "scores.json").read_bytes(), (tmp_path / "results.md").read_bytes()) == snapshot
+
+
+def test_hallusionbench_question_and_figure_accuracy(eval_data_root, tmp_path):
+    # canned: VD/illusion f0q0 ok, f0q1 ok, f1q0 wrong, f1q1 ok; VS/math ok; VD/math unknown (wrong)
+    responses = dict(zip([hallusion_id(r) for r in HALLUSION_ROWS], ["Yes", "No", "Yes", "No", "Yes", "Unknown"]))
+    (tmp_path / "predictions").mkdir()
+    _write_predictions(tmp_path, "hallusionbench", eval_data_root, responses)
+    s = score_run(tmp_path, ("hallusionbench",))["benchmarks"]["hallusionbench"]
+    # aAcc 4/6; figures {VD-ill-f0: ok, VD-ill-f1: no, VS-math-f0: ok, VD-math-f0: no} -> 2/4;
+    # questions {VD-ill-q0: no, VD-ill-q1: ok, VS-math-q0: ok, VD-math-q0: no} -> 2/4 (category keeps the two
+    # "math" subcategories apart: merged, fAcc would be 1/3)
+    assert (s["aAcc"], s["fAcc"], s["qAcc"]) == (pytest.approx(66.67), 50.0, 50.0)
+    assert s["score"] == pytest.approx((200 / 3 + 50 + 50) / 3, abs=0.01)
+    assert s["extraction_failure_rate"] == pytest.approx(100 / 6, abs=0.01)
+
+
+def test_failure_rates_separate_format_and_extraction(eval_data_root, tmp_path):
+    responses = {"0": "<think>never closed", "1": "no letter here", "2": "<think>x</think>B"}
+    (tmp_path / "predictions").mkdir()
+    _write_predictions(tmp_path, "mmstar", eval_data_root, responses)
+    s = score_run(tmp_path, ("mmstar",))["benchmarks"]["mmstar"]
+    assert s["format_failure_rate"] == pytest.approx(100 / 3, abs=0.01)
+    assert s["extraction_failure_rate"] == pytest.approx(200 / 3, abs=0.01)  # the format failure has no answer either
+    assert s["accuracy"] == pytest.approx(100 / 3, abs=0.01)
+    assert s["by_category"] == {"coarse perception": 0.0, "math": 50.0}
+
+
+def test_mmmu_pro_headline_is_the_mean_of_its_two_settings(eval_data_root, tmp_path):
+    responses = {"standard (10 options)/test_Math_1": "J", "standard (10 options)/test_Math_2": "C",
+                 "vision/test_Art_1": "C", "vision/test_Art_2": "B"}
+    (tmp_path / "predictions").mkdir()
+    _write_predictions(tmp_path, "mmmu_pro", eval_data_root, responses)
+    s = score_run(tmp_path, ("mmmu_pro",))["benchmarks"]["mmmu_pro"]
+    assert s["by_setting"] == {"standard (10 options)": 100.0, "vision": 50.0}
+    assert s["score"] == 75.0 and s["accuracy"] == 75.0
+
+
+def test_prompts_follow_the_harness(eval_data_root):
+    vista = _samples("mathvista", eval_data_root)["1"]
+    assert vista.content[0]["type"] == "image" and vista.content[1]["text"].startswith("Hint: answer it.\nQuestion: question 1?")
+    mmmu = _samples("mmmu", eval_data_root)
+    assert mmmu["validation_Math_1"].prompt_text == (
+        "Question: How many sides does <image> have?\nOptions:\nA. 2\nB. 4\nC. 6\nD. 8\n"
+        "Please select the correct answer from the options above. \n")
+    # images interleaved where referenced, also inside options; unreferenced image_3 dropped
+    kinds = [item["type"] for item in mmmu["validation_Math_3"].content]
+    assert kinds == ["text", "image", "text", "image", "text"]
+    assert mmmu["validation_Math_2"].prompt_text == "Question: Compare <image> with <image>: what is the sum?\n"
+    pro = _samples("mmmu_pro", eval_data_root)
+    assert pro["vision/test_Art_1"].prompt_text == ("<image>Answer the following multiple-choice question in the image. "
+                                                    "Answer directly with the option letter from the given choices. ")
+    assert pro["standard (10 options)/test_Math_1"].prompt_text.endswith(
+        "J. 9\nAnswer directly with the option letter from the given choices. ")
+    star = _samples("mmstar", eval_data_root)["0"]
+    assert star.prompt_text == ("<image>Question: Which shape is shown?\nOptions:\nA. circle\nB. square\nC. triangle\n"
+                                "D. star\nPlease select the correct answer from the options above. \n")
+    hallusion = _samples("hallusionbench", eval_data_root)["VD_illusion_0_0_1"]
+    assert hallusion.prompt_text == "<image>Is statement 1 true for figure 0?"
+    vision = _samples("mathvision", eval_data_root)
+    assert "<image1>" not in vision["1"].prompt_text and "(E) 5/6" in vision["1"].prompt_text
+    assert vision["2"].prompt_text.startswith("<image>Hint: Please answer the question and provide the final answer")
+
+
+def test_subsets_splits_and_limits(eval_data_root):
+    verse = _samples("mathverse_vo", eval_data_root)
+    assert list(verse) == ["2", "4", "6"]  # only the "Vision Only" rows of the five versions
+    assert all(s.target["question_for_eval"] for s in verse.values())
+    assert len(_samples("mmmu", eval_data_root)) == 4  # the dev split next to validation is not read
+    assert list(_samples("mathvista", eval_data_root, limit=2)) == ["1", "2"]
+    pro = _samples("mmmu_pro", eval_data_root, limit=1)  # --limit applies per setting
+    assert list(pro) == ["standard (10 options)/test_Math_1", "vision/test_Art_1"]
+
+
+def test_missing_benchmark_names_the_expected_files_and_hub(tmp_path):
+    with pytest.raises(ValueError, match=r"mathvista.*testmini-\*\.parquet.*AI4Math/MathVista"):
+        list(get_benchmark("mathvista").samples(tmp_path))
+    (tmp_path / "mmmu_pro" / "standard (10 options)").mkdir(parents=True)  # an empty config folder
+    with pytest.raises(ValueError, match=r"mmmu_pro/standard \(10 options\)/test-\*\.parquet.*MMMU/MMMU_Pro"):
+        list(get_benchmark("mmmu_pro").samples(tmp_path))
+    with pytest.raises(ValueError, match="no --data-root"):
+        list(get_benchmark("mmstar").samples(None))
+
+
+def test_jsonl_copy_with_image_paths_reads_like_parquet(eval_data_root, tmp_path):
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(eval_data_root / "mmstar" / "mmstar.parquet"), split="train")
+    folder = tmp_path / "mmstar"
+    (folder / "images").mkdir(parents=True)
+    with (folder / "val.jsonl").open("w") as handle:
+        for row in rows:
+            row["image"].save(folder / "images" / f"{row['index']}.png")
+            handle.write(json.dumps({**row, "image": str(folder / "images" / f"{row['index']}.png")}) + "\n")
+    from_jsonl, from_parquet = _samples("mmstar", tmp_path), _samples("mmstar", eval_data_root)
+    assert list(from_jsonl) == list(from_parquet)
+    assert from_jsonl["1"].target == from_parquet["1"].target
+    assert from_jsonl["1"].content[0]["image"].tobytes() == from_parquet["1"].content[0]["image"].tobytes()

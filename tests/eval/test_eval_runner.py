@@ -1,0 +1,98 @@
+"""The resumable loop with a stand-in generator: done samples are skipped, an interrupted file resumes,
+runs with other settings are refused, scores come from the files."""
+
+import json
+
+import pytest
+
+import megatron_avar.eval.runner as runner
+from megatron_avar.cli import main
+from megatron_avar.eval.generation import GenerationConfig
+from megatron_avar.eval.runner import EvalConfig, read_predictions, run_eval
+
+
+class RecordingGenerator:
+    """Answers "B" to everything and records which sample ids it was asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, samples):
+        self.calls.append([s.id for s in samples])
+        return ["<think>looking</think><answer>B</answer>"] * len(samples)
+
+
+@pytest.fixture
+def fake_generator(monkeypatch):
+    generator = RecordingGenerator()
+    monkeypatch.setattr(runner, "make_generator", lambda model, config: generator)
+    return generator
+
+
+def _config(tmp_path, root, **kwargs):
+    (tmp_path / "model").mkdir(exist_ok=True)
+    kwargs.setdefault("benchmarks", ("mmstar", "mathvista"))
+    return EvalConfig(model=str(tmp_path / "model"), out=tmp_path / "out", data_root=root, **kwargs)
+
+
+def test_resume_skips_done_samples(fake_generator, tmp_path, eval_data_root):
+    run_eval(_config(tmp_path, eval_data_root, limit=2, generation=GenerationConfig(batch_size=2)))
+    assert fake_generator.calls == [["0", "1"], ["1", "2"]]  # mmstar 0,1 then mathvista pids 1,2, batched
+    path = tmp_path / "out" / "predictions" / "mmstar.jsonl"
+    first_lines = path.read_text().splitlines()
+    fake_generator.calls.clear()
+    scores = run_eval(_config(tmp_path, eval_data_root, generation=GenerationConfig(batch_size=2)))  # no limit now
+    assert fake_generator.calls == [["2"], ["3", "4"]]  # only what is missing
+    assert path.read_text().splitlines()[:2] == first_lines  # earlier predictions untouched
+    assert scores["benchmarks"]["mmstar"]["num_samples"] == 3 and scores["benchmarks"]["mmstar"]["accuracy"] == 100.0
+    fake_generator.calls.clear()
+    run_eval(_config(tmp_path, eval_data_root))  # everything done: the generator is not even asked
+    assert fake_generator.calls == []
+
+
+def test_interrupted_write_is_dropped_and_redone(fake_generator, tmp_path, eval_data_root):
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    path = tmp_path / "out" / "predictions" / "mmstar.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # the process died mid-line
+    fake_generator.calls.clear()
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    assert fake_generator.calls == [["2"]]
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["0", "1", "2"]
+
+
+def test_malformed_line_in_the_middle_is_an_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:2 is not valid JSON"):
+        read_predictions(path)
+
+
+def test_other_settings_in_the_same_folder_are_refused(fake_generator, tmp_path, eval_data_root):
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    with pytest.raises(ValueError, match="different generation"):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), generation=GenerationConfig(max_new_tokens=7)))
+
+
+def test_results_table_has_the_paper_rows_and_ours(fake_generator, tmp_path, eval_data_root):
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar", "hallusionbench")))
+    table = (tmp_path / "out" / "results.md").read_text().splitlines()
+    assert table[0] == "| model | MathVista | MathVision | MathVerse-VO | MMMU | MMMU-Pro | MMStar | HallusionBench | Avg |"
+    assert table[2] == "| Qwen2.5-VL-7B (paper) | 68.2 | 25.2 | 41.1 | 58.1 | 38.3 | 62.1 | 50.7 | 49.1 |"
+    assert table[3] == "| AVAR-Thinker-7B (paper) | 74.7 | 37.4 | 50.4 | 63.8 | 42.9 | 64.1 | 59.5 | 56.1 |"
+    hallusion = scores["benchmarks"]["hallusionbench"]["score"]
+    assert table[4] == f"| ours: model |  |  |  |  |  | 100.0 | {hallusion:.1f} |  |"  # no average without all seven
+    assert "average" not in json.loads((tmp_path / "out" / "scores.json").read_text())
+
+
+def test_cli_errors_and_score_only(fake_generator, tmp_path, eval_data_root, capsys):
+    assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar,nope"]) == 2
+    assert "unknown; choose from mathvista" in capsys.readouterr().err
+    assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar", "--score-only"]) == 2
+    assert "no predictions for mmstar" in capsys.readouterr().err
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    before = (tmp_path / "out" / "scores.json").read_text()
+    assert main(["eval", "--out", str(tmp_path / "out"), "--benchmarks", "mmstar", "--score-only"]) == 0
+    assert (tmp_path / "out" / "scores.json").read_text() == before
