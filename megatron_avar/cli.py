@@ -17,6 +17,7 @@ import sys
 SUBCOMMAND_MODULES = (
     "megatron_avar.data.cli",
     "megatron_avar.convert.cli",
+    "megatron_avar.sft.cli",
     "megatron_avar.analysis.cli",
     "megatron_avar.eval.cli",
     "megatron_avar.synth.cli",

@@ -134,11 +134,15 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int) -> None
     config = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     try:
         model = _build_model(config, 1, 1, _DTYPES[info["dtype"]])
-        try:
-            state = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
-                                            strict=StrictHandling.RAISE_ALL)
+        try:  # a training checkpoint also holds optimizer states ("optimizer." keys): those are not exported
+            state, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
+                                                                 strict=StrictHandling.RETURN_ALL)
         except CheckpointingException as error:
             raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
+        unexpected = sorted(k for k in unexpected if not k.startswith("optimizer."))
+        if missing or unexpected:
+            raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: missing "
+                             f"{sorted(missing)[:5]}, unexpected {unexpected[:5]}")
         model.load_state_dict(state)
         total = sum(len(m.hf) for m in param_mappings(config))
         with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:

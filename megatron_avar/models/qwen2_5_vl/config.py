@@ -207,6 +207,9 @@ def _vision_from_hf(hf) -> Qwen25VLVisionConfig:
     )
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
 @dataclasses.dataclass(frozen=True)
 class MegatronSettings:
     """How the megatron modules are built, independent of the architecture."""
@@ -219,8 +222,13 @@ class MegatronSettings:
     fused_kernels: bool | None = None
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
+    # Activation recompute of the decoder: "none"; "selective" (megatron's core-attention recompute);
+    # "full" (every decoder layer's activations recomputed in the backward pass: the 72B setting).
+    recompute: str = "none"
 
     def __post_init__(self):
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got "
                              f"{self.tensor_model_parallel_size} and {self.pipeline_model_parallel_size}")
@@ -284,6 +292,7 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         add_qkv_bias=True,
         mrope_section=list(text.mrope_section),
         pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
+        **_recompute_options(settings.recompute),
         **common,
     )
     vision_config = TransformerConfig(
@@ -323,3 +332,11 @@ def _require_divisible(obj, numerator, denominator):
     a, b = getattr(obj, numerator), getattr(obj, denominator)
     if a % b:
         raise ValueError(f"{type(obj).__name__}.{numerator}={a} must be divisible by {denominator}={b}")
+
+
+def _recompute_options(mode: str) -> dict:
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return {}

@@ -1,0 +1,214 @@
+"""`avar sft`: AVAR cold-start SFT on megatron-core (L = L_LM + α·L_enh + β·L_sup, AVAR_SPEC.md §5).
+
+One optimizer step = megatron's forward/backward schedule (1F1B under pipeline parallelism) over this rank's
+micro-batches of packed rows, then the optimizer. Losses are normalised by counts over the whole global batch
+(loss tokens for L_LM, eligible samples for AGTO, both known before the step), so a step's loss and gradients
+do not depend on the TP/PP/DP layout or the micro-batch split; see ``training.objective``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar.roles import IGNORE_INDEX, TokenRole
+from megatron_avar.sft.config import SFTConfig
+from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
+
+__all__ = ["run_sft", "train_step"]
+
+
+def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """Key roles with each sample's first token (the attention sink) moved out of SYSTEM (to TEMPLATE)."""
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(first & (segment_ids >= 0) & (roles == TokenRole.SYSTEM), int(TokenRole.TEMPLATE), roles)
+
+
+def _to_device(batch, device):
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, ...], layout) -> dict[str, float]:
+    """One optimizer step on this rank's micro-batches; returns world-reduced metrics (on every rank)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(model.module.parameters()).device
+    microbatches = [_to_device(mb, device) for mb in step_batch.microbatches]
+    sets = [QuerySets(mb.roles.cpu(), mb.segment_ids.cpu(), exclude_sink=config.avar.exclude_sink)
+            for mb in microbatches]
+    eligible = torch.tensor([float(sum(s.num_eligible for s in sets))], device=device)
+    dist.all_reduce(eligible, group=parallel_state.get_data_parallel_group())
+    num_eligible, num_loss_tokens = int(eligible.item()), step_batch.num_loss_tokens
+    if num_loss_tokens == 0:
+        raise ValueError(f"step {step_batch.step}: the global batch has no loss (RESPONSE) tokens")
+    num_microbatches, dp = len(microbatches), layout.dp
+    loss_scale = 1.0  # bf16 / fp32: megatron applies no loss scale (fp16 is not offered)
+    sinks, lm_sums = [], []
+
+    def forward_step(data_iterator, ddp_model):
+        index, mb = next(data_iterator)
+        sink = AGTOSink(sets[index], config.avar, num_layers=len(avar_layers),
+                        weight=1.0 / num_eligible if num_eligible else 0.0, grad_scale=dp * loss_scale)
+        sinks.append(sink)
+        key_roles = _sink_key_roles(mb.roles, mb.segment_ids) if config.avar.exclude_sink else mb.roles
+        output = ddp_model(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
+                           image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=key_roles,
+                           segment_ids=mb.segment_ids, mass_sink=sink,
+                           role_attention_impl=config.model.role_attention_impl)
+
+        def loss_func(per_token_loss):
+            lm_sum = (per_token_loss.float() * (mb.labels != IGNORE_INDEX)).sum()
+            if not torch.isfinite(lm_sum):
+                raise FloatingPointError(f"non-finite LM loss at step {step_batch.step}, micro-batch {index}, "
+                                         f"samples {mb.sample_ids}: lower the learning rate or inspect these samples")
+            lm_sums.append(lm_sum.detach())
+            # megatron divides by num_microbatches and DDP averages over DP; undo both: global token mean.
+            return lm_sum * (num_microbatches * dp / num_loss_tokens), {"lm_sum": lm_sum.detach()}
+
+        return output, loss_func
+
+    model.ddp.zero_grad_buffer()
+    model.optimizer.zero_grad()
+    rows = microbatches[0].input_ids.shape
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(enumerate(microbatches)), model=[model.ddp],
+        num_microbatches=num_microbatches, seq_length=rows[1], micro_batch_size=rows[0], forward_only=False)
+    update_ok, grad_norm, _ = model.optimizer.step()
+    if not update_ok:
+        raise FloatingPointError(f"step {step_batch.step}: the optimizer skipped the update (non-finite gradients)")
+    model.scheduler.step(increment=1)
+    return _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout, device)
+
+
+def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout, device):
+    from megatron.core import parallel_state
+
+    num_metrics = len(LAYER_METRICS)
+    layer_sums = torch.zeros(len(avar_layers), num_metrics, dtype=torch.float64)
+    position = {layer: k for k, layer in enumerate(avar_layers)}
+    for sink in sinks:
+        for layer, sums in sink.layer_sums.items():
+            layer_sums[position[layer]] += sums.double()
+    counts_lm = sum(float(s) for s in lm_sums) if parallel_state.get_tensor_model_parallel_rank() == 0 else 0.0
+    packed = torch.cat([layer_sums.reshape(-1), torch.tensor([counts_lm], dtype=torch.float64)]).to(device)
+    dist.all_reduce(packed)  # layers (PP), head shares (TP), samples (DP): each counted exactly once
+    layer_sums, lm_total = packed[:-1].reshape(len(avar_layers), num_metrics).cpu(), float(packed[-1])
+    per_layer = layer_sums / max(num_eligible, 1)
+    metrics = {"loss/lm": lm_total / num_loss_tokens, "optim/lr": model.optimizer.param_groups[0]["lr"],
+               "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "data/samples_with_agto_term": float(num_eligible)}
+    if num_eligible:
+        for k, name in enumerate(LAYER_METRICS):
+            metrics[f"avar/{name}"] = float(per_layer[:, k].mean())
+            for layer, value in zip(avar_layers, per_layer[:, k].tolist()):
+                metrics[f"avar/layer_{layer:02d}/{name}"] = value
+    return metrics
+
+
+def run_sft(config: SFTConfig) -> dict:
+    """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training import checkpointing
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
+    from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
+    from megatron_avar.training.sft_data import SFTDataLoader
+
+    parallel = config.parallel
+    layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                              seed=config.train.seed)
+    out = Path(config.out)
+    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
+    if layout.is_logging_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
+    avar_layers = config.avar.layer_indexes(qwen_config.text.num_layers)
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
+                        role_mass_layers=avar_layers, hf_path=None if resume_from else config.model.hf_path,
+                        distributed_optimizer=parallel.distributed_optimizer)
+    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype,
+                    distributed_optimizer=parallel.distributed_optimizer)
+    data_config = config.data
+    if data_config.processor_path is None:
+        data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)
+    data = SFTDataLoader(data_config, global_batch_size=config.train.global_batch_size, dp_rank=layout.dp_rank,
+                         dp_size=layout.dp)
+    image_pad = data.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    if image_pad != qwen_config.image_token_id:
+        raise ValueError(f"the tokenizer's <|image_pad|> id is {image_pad} but the model's image_token_id is "
+                         f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    start_step = 0
+    if resume_from is not None:
+        state = checkpointing.load_checkpoint(resume_from, model)
+        data.load_state_dict(state["data"])
+        start_step = state["step"] + 1
+        if layout.is_logging_rank:
+            print(f"resumed from {resume_from} (step {start_step})", flush=True)
+
+    lm_params, vision_params = matmul_params(qwen_config)
+    def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
+        from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
+        from megatron_avar.convert.hf_files import copy_side_files
+
+        copy_side_files(Path(config.model.hf_path), path / HF_SIDE_DIR)
+        write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=f"avar sft {config.out}")
+
+    preemption = checkpointing.PreemptionFlag()
+    logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
+                           tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
+                           run_config=config_to_dict(config))
+    history, saved, stopped_by = [], [], None
+    batches = iter(data)
+    try:
+        for step in range(start_step, config.train.steps):
+            step_batch = next(batches)
+            started = time.monotonic()
+            metrics = train_step(model, step_batch, config, avar_layers=avar_layers, layout=layout)
+            seconds = time.monotonic() - started
+            lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+            patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
+                          if mb.image_grid_thw is not None)
+            # This rank's rows x dp = the global batch (every DP rank trains the same number of rows).
+            flops = training_flops(lm_params=lm_params, vision_params=vision_params,
+                                   num_layers=qwen_config.text.num_layers, hidden_size=qwen_config.text.hidden_size,
+                                   sample_lengths=lengths, num_patches=patches) * layout.dp
+            metrics.update({"perf/step_seconds": seconds,
+                            "perf/tokens_per_second": step_batch.num_real_tokens / seconds,
+                            "perf/tflops_per_gpu": flops / seconds / layout.world_size / 1e12,
+                            "data/epoch": float(step_batch.epoch)})
+            history.append({"step": step, **{k: v for k, v in metrics.items() if "/layer_" not in k}})
+            if step % config.log.interval == 0 or step == config.train.steps - 1:
+                logger.log(step, metrics)
+            interrupted = preemption.any_rank()
+            last = step == config.train.steps - 1
+            if interrupted or last or (config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0):
+                trainer_state = {"data": data.state_dict(), "metrics": history[-1]}
+                saved.append(str(checkpointing.save_checkpoint(out, step, model, trainer_state,
+                                                               keep=config.checkpoint.keep, describe=describe)))
+            if interrupted:
+                stopped_by = preemption.received or "signal on another rank"
+                if layout.is_logging_rank:
+                    print(f"stopping after step {step + 1}: {stopped_by}; checkpoint {saved[-1]}", flush=True)
+                break
+    finally:
+        logger.close()
+    summary = {"steps_run": len(history), "start_step": start_step, "last_step": history[-1]["step"] if history else None,
+               "stopped_by": stopped_by, "checkpoints": saved, "history": history,
+               "layout": dataclasses.asdict(layout), "packing_efficiency": data.packing_efficiency()}
+    if layout.is_logging_rank:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    parallel_state.destroy_model_parallel()
+    return summary

@@ -1,0 +1,145 @@
+"""Process groups, model, DDP, optimizer and schedule of a megatron training job (shared by SFT and GRPO).
+
+Launch-agnostic: ranks come from torchrun (RANK / WORLD_SIZE / LOCAL_RANK), from `srun` alone (SLURM_PROCID /
+SLURM_NTASKS / SLURM_LOCALID, rendezvous in MASTER_ADDR / MASTER_PORT), or a single process with neither.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar import platform
+
+__all__ = ["RankLayout", "init_distributed", "build_model", "build_optimizer", "TrainingModel"]
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """This process's place in the world: global rank, world size, local rank, and tp/pp/dp coordinates."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int, pp: int, *, seed: int) -> RankLayout:
+    """Initialise torch.distributed (if needed) and megatron's parallel state; seed megatron's RNG tracker."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    platform.prepare_megatron()
+    if not dist.is_initialized():
+        rank = _env_int("RANK", "SLURM_PROCID")
+        world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
+        local = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+        if rank is None or world is None:
+            rank, world, local = 0, 1, 0
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ValueError(f"{name} is not set: launch with torchrun, or export it before srun "
+                                 "(see slurm/avar_sft_7b.sh)")
+        platform.bind_device(local or 0)
+        dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size ({tp}) x "
+                         f"pipeline_model_parallel_size ({pp}); change the parallel layout or the number of ranks")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+    return RankLayout(
+        rank=dist.get_rank(), world_size=world, local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0, tp=tp,
+        pp=pp, dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank())
+
+
+@dataclass
+class TrainingModel:
+    """The DDP-wrapped model of this rank (``ddp``), its inner Qwen25VLModel (``module``), the optimizer and the
+    learning-rate schedule."""
+
+    ddp: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: object = None
+    scheduler: object = None
+
+
+def build_model(qwen_config, *, tp: int, pp: int, dtype: torch.dtype, recompute: str, role_mass_layers,
+                hf_path: str | None, distributed_optimizer: bool) -> TrainingModel:
+    """This pipeline stage of Qwen2.5-VL with AVAR layers, HF weights loaded (streamed, each rank reading only
+    its shard) when ``hf_path`` is given, wrapped in megatron's DistributedDataParallel."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_avar.convert.hf_files import iter_lazy_tensors
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_tensors
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+
+    settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
+                                perform_initialization=hf_path is None, recompute=recompute)
+    module = Qwen25VLModel(qwen_config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                           pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)
+    if platform.cuda_available():
+        module.cuda(torch.cuda.current_device())
+    if hf_path is not None:
+        from pathlib import Path
+
+        load_hf_tensors(module, iter_lazy_tensors(Path(hf_path)), qwen_config)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed_optimizer, bucket_size=None)
+    ddp = DistributedDataParallel(module.config, ddp_config, module)
+    module.config.finalize_model_grads_func = finalize_model_grads
+    return TrainingModel(ddp=ddp, module=module)
+
+
+def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype, distributed_optimizer: bool):
+    """AdamW (megatron's optimizer: fp32 main params for bf16, grad clipping, optional ZeRO-1) and a cosine
+    schedule with linear warmup; set on ``model``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                             adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                             bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=optim.clip_grad,
+                             use_distributed_optimizer=distributed_optimizer)
+    model.optimizer = get_megatron_optimizer(config, [model.ddp])
+    model.scheduler = OptimizerParamScheduler(
+        model.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+    return model

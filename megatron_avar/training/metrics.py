@@ -1,0 +1,95 @@
+"""Training metrics: the FLOP count behind TFLOP/s, and the logger (console line, metrics.jsonl, TensorBoard,
+optional W&B). Only the logging rank writes; every number it gets is already reduced over the world."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+__all__ = ["matmul_params", "training_flops", "MetricsLogger"]
+
+
+def matmul_params(qwen_config) -> tuple[int, int]:
+    """Weights that take part in matmuls, (language model, vision tower), from the architecture alone.
+
+    Language model per layer: q and o projections (h x Hq·d each), k and v (h x Hkv·d each), SwiGLU
+    (3 x h x ffn); plus the output layer (V x h, also when tied). Vision per block: qkv + proj (4 x hv²),
+    SwiGLU (3 x hv x ffn_v); the patch embedding (C·t·p² x hv) and the 2x2 merger MLP ((4hv)² + 4hv x h).
+    """
+    text, vision = qwen_config.text, qwen_config.vision
+    head_dim = text.hidden_size // text.num_attention_heads
+    per_layer = (2 * text.hidden_size * text.num_attention_heads * head_dim
+                 + 2 * text.hidden_size * text.num_query_groups * head_dim + 3 * text.hidden_size * text.ffn_hidden_size)
+    lm = text.num_layers * per_layer + text.vocab_size * text.hidden_size
+    hv, merged = vision.hidden_size, vision.hidden_size * vision.spatial_merge_size ** 2
+    per_block = 4 * hv * hv + 3 * hv * vision.intermediate_size
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2 * hv
+    return lm, vision.depth * per_block + patch + merged * merged + merged * vision.out_hidden_size
+
+
+def training_flops(*, lm_params: int, vision_params: int, num_layers: int, hidden_size: int,
+                   sample_lengths: list[int], num_patches: int) -> float:
+    """Model FLOPs of one forward + backward pass over a global batch (the usual 3x forward count).
+
+        6 · P_lm · T                 dense matmuls of the language model (T = real tokens, packing: no padding)
+      + 6 · L · d · Σ_i s_i²         causal attention scores and values: 2 matmuls x 2 FLOP x s²/2 per layer,
+                                     forward x 3 for backward (s_i = length of packed sample i)
+      + 6 · P_vision · patches       dense matmuls of the vision tower (windowed attention scores not counted)
+    with P_lm, P_vision from :func:`matmul_params` (embedding lookups are not matmuls).
+    """
+    tokens = sum(sample_lengths)
+    attention = 6 * num_layers * hidden_size * sum(s * s for s in sample_lengths)
+    return 6.0 * lm_params * tokens + attention + 6.0 * vision_params * num_patches
+
+
+class MetricsLogger:
+    """Writes each step's metrics: a console line with ETA, <out>/metrics.jsonl, TensorBoard, W&B."""
+
+    def __init__(self, out_dir: str | Path, *, total_steps: int, enabled: bool, tensorboard: bool,
+                 wandb_project: str | None, run_config: dict):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.start_time, self.start_step = time.monotonic(), None
+        self.writer = self.wandb = None
+        if not enabled:
+            return
+        out = Path(out_dir)
+        self.jsonl = (out / "metrics.jsonl").open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(out), config=run_config)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step, time.monotonic()
+        record = {"step": step, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        done = step + 1 - self.start_step
+        per_step = (time.monotonic() - self.start_time) / max(done, 1)
+        eta = per_step * (self.total_steps - step - 1)
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/layer_" not in k)
+        print(f"step {step + 1}/{self.total_steps} | {shown} | eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
