@@ -1,4 +1,10 @@
-"""`avar eval`: evaluate an HF Qwen2.5-VL checkpoint on the seven AVAR benchmarks (or re-score a run)."""
+"""`avar eval`: evaluate an HF Qwen2.5-VL checkpoint on the seven AVAR benchmarks (or re-score a run).
+
+Settings come from `megatron_avar.eval.runner.EvalConfig` (and its ``generation`` section,
+`megatron_avar.eval.generation.GenerationConfig`): documented defaults, then ``--config FILE.yaml``, then
+dotted ``KEY=VALUE`` overrides, then the flags below (each flag sets one config field; a flag left out
+leaves the field alone).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-ALL_BENCHMARKS = "mathvista,mathvision,mathverse_vo,mmmu,mmmu_pro,mmstar,hallusionbench"
+# flag dest -> dotted config key
+_FLAG_KEYS = {
+    "model": "model", "benchmarks": "benchmarks", "out": "out", "data_root": "data_root", "allow_hub": "allow_hub",
+    "limit": "limit", "mathvision_split": "mathvision_split", "backend": "generation.backend",
+    "max_new_tokens": "generation.max_new_tokens", "batch_size": "generation.batch_size",
+    "do_sample": "generation.do_sample", "temperature": "generation.temperature", "top_p": "generation.top_p",
+    "top_k": "generation.top_k", "seed": "generation.seed", "min_pixels": "generation.min_pixels",
+    "max_pixels": "generation.max_pixels", "dtype": "generation.dtype",
+    "tensor_parallel_size": "generation.tensor_parallel_size",
+}
 
 
 def register(subparsers) -> None:
@@ -14,57 +29,76 @@ def register(subparsers) -> None:
         "eval",
         help="evaluate a checkpoint on MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar, HallusionBench",
         description="Generate answers, score them with VLMEvalKit-style rules (no GPT judge) and write "
-                    "predictions/<benchmark>.jsonl, scores.json and results.md to --out. Reruns resume.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "predictions/<benchmark>.jsonl, scores.json and results.md to --out. Reruns resume. "
+                    "Defaults: megatron_avar/eval/runner.py (EvalConfig) and generation.py (GenerationConfig).",
     )
-    parser.add_argument("--model", default=None, help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
-    parser.add_argument("--benchmarks", default=ALL_BENCHMARKS, help="comma-separated benchmark names")
-    parser.add_argument("--out", required=True, help="output folder (reusing one resumes the run)")
-    parser.add_argument("--data-root", default=None,
-                        help="folder with one subfolder per benchmark (mathvista/, mathvision/, mathverse/, mmmu/, "
-                             "mmmu_pro/, mmstar/, hallusionbench/) holding the hub files")
-    parser.add_argument("--allow-hub", action="store_true", help="load a benchmark missing locally from the HF hub")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples of each benchmark")
-    parser.add_argument("--mathvision-split", default="test", choices=("test", "testmini"), help="MathVision split")
-    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="generation backend (vllm: GPU only)")
-    parser.add_argument("--max-new-tokens", type=int, default=2048, help="response length limit")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (hf backend)")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --do-sample)")
-    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (with --do-sample)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--min-pixels", type=int, default=None,
-                        help="image min pixels (default: the checkpoint's; VLMEvalKit uses 1003520 = 1280*28*28)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="image max pixels (default: the checkpoint's; VLMEvalKit uses 12845056 = 16384*28*28)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallelism")
-    parser.add_argument("--score-only", action="store_true", help="re-score the predictions in --out without generating")
+    add = parser.add_argument
+    add("--config", default=None, help="YAML config (see examples/eval/); flags and KEY=VALUE override it")
+    add("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. generation.max_new_tokens=1024")
+    add("--model", help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
+    add("--benchmarks", help="comma-separated names (default: all seven: mathvista,mathvision,mathverse_vo,mmmu,"
+                             "mmmu_pro,mmstar,hallusionbench)")
+    add("--out", help="output folder (reusing one resumes the run)")
+    add("--data-root", help="folder with one subfolder per benchmark (mathvista/, mathvision/, mathverse/, mmmu/, "
+                            "mmmu_pro/, mmstar/, hallusionbench/) holding the hub files")
+    add("--allow-hub", action="store_true", default=None, help="load a benchmark missing locally from the HF hub")
+    add("--limit", type=int, help="evaluate only the first N samples of each benchmark (MMMU-Pro: of each setting)")
+    add("--mathvision-split", choices=("test", "testmini"), help="MathVision split (default: test, the paper's)")
+    add("--backend", choices=("hf", "vllm"), help="generation backend (default: hf; vllm: GPU only)")
+    add("--max-new-tokens", type=int, help="response length limit (default: 2048)")
+    add("--batch-size", type=int, help="prompts per generate call, hf backend (default: 1)")
+    add("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    add("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    add("--top-p", type=float, help="nucleus sampling (default: 1.0)")
+    add("--top-k", type=int, help="top-k sampling, 0 = off (default: 0)")
+    add("--seed", type=int, help="sampling seed (default: 0)")
+    add("--min-pixels", type=int, help="image min pixels (default: the checkpoint's; VLMEvalKit: 1003520 = 1280*28*28)")
+    add("--max-pixels", type=int, help="image max pixels (default: the checkpoint's; VLMEvalKit: 12845056 = 16384*28*28)")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
+    add("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default: 1)")
+    add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
+    add("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(handler=_eval)
 
 
-def _eval(args) -> int:
-    from megatron_avar.eval.generation import GenerationConfig
-    from megatron_avar.eval.runner import EvalConfig, run_eval, score_run
+def resolve_config(args):
+    """The EvalConfig of parsed ``avar eval`` arguments (defaults < --config < KEY=VALUE < flags)."""
+    import yaml
 
-    benchmarks = tuple(name.strip() for name in args.benchmarks.split(",") if name.strip())
-    generation = GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
-        min_pixels=args.min_pixels, max_pixels=args.max_pixels, dtype=args.dtype, backend=args.backend,
-        tensor_parallel_size=args.tensor_parallel_size,
-    )
-    config = EvalConfig(
-        model=args.model, benchmarks=benchmarks, out=Path(args.out),
-        data_root=None if args.data_root is None else Path(args.data_root), allow_hub=args.allow_hub,
-        limit=args.limit, mathvision_split=args.mathvision_split, generation=generation,
-    )
+    from megatron_avar.config import apply_overrides, config_from_dict
+    from megatron_avar.eval.runner import EvalConfig
+
+    values: dict = {}
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+    flags = []
+    for dest, key in _FLAG_KEYS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            if dest == "benchmarks":
+                value = [name.strip() for name in value.split(",") if name.strip()]
+            flags.append(f"{key}={json.dumps(value)}")
+    values = apply_overrides(values, list(args.overrides) + flags)
+    if "out" not in values:
+        raise ValueError("an output folder is needed: --out DIR (or out: in the config)")
+    return config_from_dict(EvalConfig, values)
+
+
+def _eval(args) -> int:
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.eval.runner import run_eval, score_run
+
+    config = resolve_config(args)
+    if args.print_config:
+        print(json.dumps(config_to_dict(config), indent=2, default=str))
+        return 0
     if args.score_only:
         scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split)
     else:
         scores = run_eval(config)
-    print((Path(args.out) / "results.md").read_text())
+    print((config.out / "results.md").read_text())
     print(json.dumps({name: s["score"] for name, s in scores["benchmarks"].items()}, indent=2))
     return 0

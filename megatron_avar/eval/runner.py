@@ -25,6 +25,7 @@ from megatron_avar.eval.generation import GenerationConfig, make_generator
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions"]
 
+ALL_BENCHMARKS = tuple(BENCHMARKS)
 _VLLM_CHUNK = 256  # prompts handed to vLLM at once (it schedules them itself); also the resume granularity
 
 
@@ -32,15 +33,15 @@ _VLLM_CHUNK = 256  # prompts handed to vLLM at once (it schedules them itself); 
 class EvalConfig:
     """One evaluation run.
 
-    model: HF checkpoint directory (None only to re-score existing predictions). benchmarks: CLI names
-    (see `megatron_avar.eval.benchmarks.BENCHMARKS`). out: output folder. data_root: the folder holding one
+    out: output folder. model: HF checkpoint directory (None only to re-score existing predictions).
+    benchmarks: CLI names (default: all seven, `megatron_avar.eval.benchmarks.BENCHMARKS`). data_root: the folder holding one
     subfolder per benchmark (`megatron_avar.eval.data`); allow_hub: also try the hub. limit: the first
     ``limit`` samples of each benchmark (None = all). mathvision_split: "test" (the paper's) or "testmini".
     """
 
-    model: str | None
-    benchmarks: tuple[str, ...]
     out: Path
+    model: str | None = None
+    benchmarks: tuple[str, ...] = ALL_BENCHMARKS
     data_root: Path | None = None
     allow_hub: bool = False
     limit: int | None = None
@@ -48,6 +49,13 @@ class EvalConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
+        # values from YAML arrive as str / list: normalise once (the dataclass is frozen afterwards)
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "data_root", None if self.data_root is None else Path(self.data_root))
+        object.__setattr__(self, "model", None if self.model is None else str(self.model))
+        object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
+        if isinstance(self.generation, dict):
+            object.__setattr__(self, "generation", GenerationConfig(**self.generation))
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         if unknown or not self.benchmarks:
             raise ValueError(f"benchmarks {unknown or '(none)'} unknown; choose from {', '.join(BENCHMARKS)}")

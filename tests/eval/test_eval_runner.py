@@ -96,3 +96,22 @@ def test_cli_errors_and_score_only(fake_generator, tmp_path, eval_data_root, cap
     before = (tmp_path / "out" / "scores.json").read_text()
     assert main(["eval", "--out", str(tmp_path / "out"), "--benchmarks", "mmstar", "--score-only"]) == 0
     assert (tmp_path / "out" / "scores.json").read_text() == before
+
+
+def test_example_config_then_overrides_then_flags(tmp_path):
+    from pathlib import Path
+
+    from megatron_avar.cli import build_parser
+    from megatron_avar.eval.cli import resolve_config
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "eval" / "vlmevalkit_qwen2_5_vl.yaml"
+    args = build_parser().parse_args(["eval", "--config", str(example), "out=o", "generation.max_new_tokens=64",
+                                      "limit=5", "--limit", "2", "--benchmarks", "mmstar,mmmu", "--batch-size", "4"])
+    config = resolve_config(args)
+    assert config.generation.min_pixels == 1280 * 28 * 28 and config.generation.max_pixels == 16384 * 28 * 28
+    assert config.generation.max_new_tokens == 64 and config.generation.batch_size == 4
+    assert config.limit == 2 and config.benchmarks == ("mmstar", "mmmu") and str(config.out) == "o"
+    assert resolve_config(build_parser().parse_args(["eval", "--out", "o"])).benchmarks == tuple(
+        "mathvista mathvision mathverse_vo mmmu mmmu_pro mmstar hallusionbench".split())
+    with pytest.raises(ValueError, match="generation.top_q"):
+        resolve_config(build_parser().parse_args(["eval", "--out", "o", "generation.top_q=1"]))
