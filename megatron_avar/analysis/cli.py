@@ -85,9 +85,10 @@ def _vas(args) -> int:
                        exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                        device_map=args.device_map, impl=args.impl, name=args.name)
     report = run_vas(config)
-    excluded = report["variants"].get("sink_excluded")
-    print(f"VAS {report['vas']:.4f}" + ("" if excluded is None else f" (without sink {excluded['vas']:.4f})")
-          + f", ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
+    included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
+    print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
+          + ("" if excluded is None else f", {excluded['vas']:.4f} (without the sink)")
+          + f"; top-level numbers {'without' if args.exclude_sink else 'with'} the sink: ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
           f"over {report['num_samples']} samples ({len(report['skipped_sample_ids'])} without VAS queries skipped); "
           f"wrote {args.out}/report.json and figures")
     return 0

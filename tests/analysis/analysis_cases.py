@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 from qwen_vl_cases import IMAGE, TEXT_TOKENS, VISION_END, VISION_START, tiny_hf_model  # noqa: E402,F401
 
+EPS = 1e-6  # AVAR_SPEC.md section 1 (written here, not imported: this is the ground truth)
 from megatron_avar.roles import TokenRole  # noqa: E402
 
 ROLE_OF = {"sys": TokenRole.SYSTEM, "tmpl": TokenRole.TEMPLATE, "user": TokenRole.USER_TEXT, "resp": TokenRole.RESPONSE}
@@ -56,3 +57,29 @@ def role_batch(rows=ROWS, seed: int = 0):
         inputs["pixel_values"] = torch.randn(int(grid_thw.prod(-1).sum()), 3 * 2 * 14 * 14, generator=generator)
         inputs["image_grid_thw"] = grid_thw
     return inputs, roles
+
+
+def direct_vas(probs, roles, layers, exclude_sink):
+    """Per-sample dicts of the definitions, straight from probabilities [B, H, S, S] per layer."""
+    out = {}
+    for b in range(roles.shape[0]):
+        row = roles[b].tolist()
+        if TokenRole.IMAGE not in row:
+            continue
+        first_image = row.index(TokenRole.IMAGE)
+        queries = [i for i, r in enumerate(row) if r == TokenRole.USER_TEXT and i > first_image]
+        sink = next(i for i, r in enumerate(row) if r >= 0)
+        img_keys = [j for j, r in enumerate(row) if r == TokenRole.IMAGE]
+        sys_keys = [j for j, r in enumerate(row) if r == TokenRole.SYSTEM and not (exclude_sink and j == sink)]
+        ratio = torch.zeros(len(layers), probs[0].shape[1], dtype=torch.float64)
+        img = torch.zeros_like(ratio)
+        sys = torch.zeros_like(ratio)
+        for k, layer in enumerate(layers):
+            p = probs[layer][b]                                   # [H, S, S]
+            for i in queries:
+                m_img, m_sys = p[:, i, img_keys].sum(-1), p[:, i, sys_keys].sum(-1)
+                ratio[k] += m_img / (m_sys + EPS) / len(queries)
+                img[k] += m_img / len(queries)
+                sys[k] += m_sys / len(queries)
+        out[b] = dict(ratio=ratio, img=img, sys=sys)
+    return out

@@ -7,10 +7,10 @@ HF's eager attention returns (output_attentions=True), with plain Python loops o
 import pytest
 import torch
 
-from analysis_cases import role_batch, tiny_hf_model
+from analysis_cases import direct_vas, role_batch, tiny_hf_model
 
 from megatron_avar.analysis.hf_attention import RoleAttentionHook
-from megatron_avar.analysis.vas import EPS, MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses
+from megatron_avar.analysis.vas import MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses
 from megatron_avar.roles import TokenRole
 
 NUM_LAYERS = 3
@@ -31,32 +31,6 @@ def run():
     assert model.config._attn_implementation == "eager"  # restored
     return dict(inputs=inputs, roles=roles, probs=[a.double() for a in eager.attentions], eager_logits=eager.logits,
                 hooked_logits=hooked.logits, masses=masses)
-
-
-def direct_vas(probs, roles, layers, exclude_sink):
-    """Per-sample dicts of the definitions, straight from probabilities [B, H, S, S] per layer."""
-    out = {}
-    for b in range(roles.shape[0]):
-        row = roles[b].tolist()
-        if TokenRole.IMAGE not in row:
-            continue
-        first_image = row.index(TokenRole.IMAGE)
-        queries = [i for i, r in enumerate(row) if r == TokenRole.USER_TEXT and i > first_image]
-        sink = next(i for i, r in enumerate(row) if r >= 0)
-        img_keys = [j for j, r in enumerate(row) if r == TokenRole.IMAGE]
-        sys_keys = [j for j, r in enumerate(row) if r == TokenRole.SYSTEM and not (exclude_sink and j == sink)]
-        ratio = torch.zeros(len(layers), probs[0].shape[1], dtype=torch.float64)
-        img = torch.zeros_like(ratio)
-        sys = torch.zeros_like(ratio)
-        for k, layer in enumerate(layers):
-            p = probs[layer][b]                                   # [H, S, S]
-            for i in queries:
-                m_img, m_sys = p[:, i, img_keys].sum(-1), p[:, i, sys_keys].sum(-1)
-                ratio[k] += m_img / (m_sys + EPS) / len(queries)
-                img[k] += m_img / len(queries)
-                sys[k] += m_sys / len(queries)
-        out[b] = dict(ratio=ratio, img=img, sys=sys)
-    return out
 
 
 def test_hook_logits_equal_eager(run):

@@ -1,0 +1,169 @@
+"""`avar vas`, `avar vas compare` and `avar intervene` end to end on the toy checkpoint (real tokenizer, tiny
+random weights) and a procedural dataset; bad input gives clear errors."""
+
+import csv
+import json
+import math
+
+import mpmath
+import pytest
+import torch
+
+from analysis_cases import direct_vas
+
+from megatron_avar.cli import main
+
+NUM_SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
+    root = tmp_path_factory.mktemp("analysis_cli")
+    checkpoint = write_toy_checkpoint(root / "toy-model", ToyModelConfig(num_layers=2))
+    data = write_dataset(ProceduralConfig(num_samples=NUM_SAMPLES, image_size=(112, 84)), root / "data")
+    return dict(root=root, model=str(checkpoint), data=str(data))
+
+
+@pytest.fixture(scope="module")
+def vas_run(toy):
+    out = toy["root"] / "vas"
+    # batch size 3 over 4 samples: a left-padded batch and a partial one
+    code = main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--batch-size", "3",
+                 "--name", "base"])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_vas_report_and_figures(toy, vas_run):
+    out, report = vas_run
+    for key in ("vas", "vas_per_layer", "ratio_of_means", "image_share", "num_samples", "vas_per_head", "variants",
+                "config", "checkpoint"):
+        assert key in report
+    assert report["num_samples"] == NUM_SAMPLES and report["layers"] == [0, 1]
+    assert len(report["vas_per_head"]) == 2 and len(report["vas_per_head"][0]) == 4
+    assert report["checkpoint"]["config_sha256"] and report["checkpoint"]["first_shard_head_sha256"]
+    assert report["vas"] == report["variants"]["sink_included"]["vas"] != report["variants"]["sink_excluded"]["vas"]
+    for name in ("vas_per_layer.png", "image_share_heatmap.png", "ratio_distribution.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_cli_vas_equals_unbatched_eager_probabilities(toy, vas_run):
+    """Batched, padded role-attention VAS == per-sample VAS from HF eager probabilities and rendered roles."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_avar.analysis.batching import collate_prompts, prompt_samples
+    from megatron_avar.processor import load_processor
+
+    _, report = vas_run
+    processor = load_processor(toy["model"])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(toy["model"], attn_implementation="eager").eval()
+    per_sample = {variant: [] for variant in ("sink_included", "sink_excluded")}
+    for sample in prompt_samples(toy["data"], processor):
+        batch = collate_prompts([sample], pad_token_id=0, image_token_id=processor.image_token_id)
+        with torch.no_grad():
+            probs = [a.double() for a in model(**batch.inputs, output_attentions=True).attentions]
+        for variant, exclude in (("sink_included", False), ("sink_excluded", True)):
+            per_sample[variant].append(float(direct_vas(probs, batch.roles, [0, 1], exclude)[0]["ratio"].mean()))
+    for variant, values in per_sample.items():
+        assert report["variants"][variant]["per_sample_vas"] == pytest.approx(values, rel=2e-5)
+        assert report["variants"][variant]["vas"] == pytest.approx(sum(values) / len(values), rel=2e-5)
+
+
+def test_vas_exclude_sink_and_layer_subset(toy, vas_run):
+    _, full = vas_run
+    out = toy["root"] / "vas-layer1"
+    assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--layers", "1",
+                 "--exclude-sink", "--name", "layer1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["exclude_sink"] and report["layers"] == [1]
+    # other batch sizes pad differently: fp32 noise only
+    assert report["vas"] == pytest.approx(full["variants"]["sink_excluded"]["vas_per_layer"][1], rel=1e-6)
+
+
+def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
+    out, _ = vas_run
+    layer1 = toy["root"] / "vas-layer1"
+    if not (layer1 / "report.json").is_file():
+        pytest.skip("needs test_vas_exclude_sink_and_layer_subset's report")
+    third = tmp_path / "third"
+    third.mkdir()
+    report = json.loads((out / "report.json").read_text())
+    report.update(name="text-sft", vas=report["vas"] * 1.5)
+    (third / "report.json").write_text(json.dumps(report))
+    accuracies = {"base": 0.40, "layer1": 0.35, "text-sft": 0.55}
+    vas_values = [json.loads((p / "report.json").read_text())["vas"] for p in (out, layer1, third)]
+    json_file = tmp_path / "acc.json"
+    json_file.write_text(json.dumps(accuracies))
+    csv_file = tmp_path / "acc.csv"
+    with open(csv_file, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "accuracy"])
+        writer.writerows(accuracies.items())
+    expected_r = float(torch.corrcoef(torch.tensor([vas_values, list(accuracies.values())], dtype=torch.float64))[0, 1])
+    # n = 3: one degree of freedom, Student's t is the Cauchy distribution; two-sided tail by quadrature.
+    t = expected_r * math.sqrt(1 / (1 - expected_r**2))
+    expected_p = float(2 * mpmath.quad(lambda x: 1 / (mpmath.pi * (1 + x * x)), [abs(t), mpmath.inf]))
+    for accuracy_file in (json_file, csv_file):
+        capsys.readouterr()
+        compare_out = tmp_path / f"cmp-{accuracy_file.suffix[1:]}"
+        assert main(["vas", "compare", str(out), str(layer1), str(third), "--accuracy", str(accuracy_file),
+                     "--out", str(compare_out)]) == 0
+        printed = capsys.readouterr().out
+        assert "| base |" in printed and "+50.0%" in printed and "Pearson r" in printed
+        written = json.loads((compare_out / "compare.json").read_text())
+        assert written["pearson"]["r"] == pytest.approx(expected_r, rel=1e-9)
+        assert written["pearson"]["p_value"] == pytest.approx(expected_p, rel=1e-6)
+        assert (compare_out / "compare.md").read_text().startswith("| name |")
+        assert (compare_out / "vas_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"base": 0.4}))
+    assert main(["vas", "compare", str(out), str(layer1), "--accuracy", str(bad)]) == 2
+    assert "no accuracy for report 'layer1'" in capsys.readouterr().err
+
+
+def test_intervene_and_sweep(toy, tmp_path):
+    out = tmp_path / "intervene.json"
+    assert main(["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--alpha-sys", "0.4",
+                 "--layers", "all", "--max-new-tokens", "4", "--num-samples", "2", "--mode", "additive"]) == 0
+    written = json.loads(out.read_text())
+    assert written["intervention"]["mode"] == "additive" and written["intervention"]["layers"] == [0, 1]
+    assert written["num_graded"] == 2 and 0 <= written["accuracy"] <= 1
+    assert all({"generated", "extracted", "correct", "answer"} <= set(s) for s in written["samples"])
+
+    sweep = tmp_path / "sweep.json"
+    assert main(["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(sweep), "--sweep",
+                 "--sweep-alpha-sys", "0,0.6", "--sweep-layers", "0;all", "--max-new-tokens", "3",
+                 "--num-samples", "2", "--batch-size", "2"]) == 0
+    table = json.loads(sweep.read_text())
+    assert [(r["layers"], r["alpha_sys"]) for r in table["rows"]] == [("0", 0.0), ("0", 0.6), ("all", 0.0), ("all", 0.6)]
+    assert table["baseline"]["num_graded"] == 2
+    assert "| layers |" in sweep.with_suffix(".md").read_text()
+    assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
+    def error_of(argv):
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    missing_image = tmp_path / "missing.jsonl"
+    missing_image.write_text(json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image", "image": "nowhere.png"}, {"type": "text", "text": "How many?"}]}], "answer": "3"}) + "\n")
+    base = ["vas", "--model", toy["model"], "--out", str(tmp_path / "o")]
+    assert "image file not found" in error_of(base + ["--data", str(missing_image)])
+    assert "cannot read '8-x'" in error_of(base + ["--data", toy["data"], "--layers", "8-x"])
+    assert "layer 8 is out of range; this model has 2 decoder layers (0-1)" in error_of(
+        ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(tmp_path / "i.json"), "--layers", "8-13"])
+    megatron = tmp_path / "megatron-ckpt"
+    megatron.mkdir()
+    (megatron / "avar_checkpoint.json").write_text("{}")
+    assert "Megatron checkpoint: export with avar convert mcore-to-hf first" in error_of(
+        ["vas", "--model", str(megatron), "--data", toy["data"], "--out", str(tmp_path / "o")])
+    assert "missing --data" in error_of(["vas", "--model", toy["model"], "--out", str(tmp_path / "o")])
+    assert "alpha_sys" in error_of(["intervene", "--model", toy["model"], "--data", toy["data"],
+                                    "--out", str(tmp_path / "i.json"), "--alpha-sys", "1.5"])
