@@ -180,9 +180,10 @@ class OutputConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    executor: str = "xenna"
-    """"xenna" (Curator's Xenna executor in batch mode; works on 2 cores), "ray_data" (Curator's Ray Data
-    executor) or "local" (the same stages in this process, no Ray: debugging and tests)."""
+    executor: str = "ray_data"
+    """"ray_data" (Curator's Ray Data executor: stages stream, so the teacher stages overlap), "xenna"
+    (Curator's Xenna executor in batch mode, stage after stage: streaming Xenna refuses 2-core machines) or
+    "local" (the same stages one after the other in this process, no Ray: debugging and tests)."""
     batch_records: int = 64
     """Records per Curator task (and per output shard at most)."""
     work_dir: str | None = None

@@ -80,7 +80,8 @@ def ray_session(config: SynthConfig):
         yield
         return
     num_cpus = config.run.ray_num_cpus or max(8, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # The dashboard stays on: Xenna lists actors through its state API.
+    ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
     raylets = {p.pid for p in psutil.Process().children(recursive=True) if p.name() == "raylet"}
     try:
         yield
@@ -136,7 +137,8 @@ def run_synthesis(config: SynthConfig) -> dict:
     prepare_output(config)
     stages = build_stages(config)
     started = time.time()
-    with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s):
+    teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
+    with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages):
         if config.run.executor == "local":
             results = run_local(stages)
         else:

@@ -65,8 +65,9 @@ def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:
     return totals
 
 
-def format_progress(totals: dict[str, dict], elapsed_s: float) -> str:
-    """One line: per stage records in→out, tokens spent, and an ETA from the slowest teacher stage's rate."""
+def format_progress(totals: dict[str, dict], elapsed_s: float, teacher_stages: tuple[str, ...] = ()) -> str:
+    """One line: per stage records in→out, tokens spent, and an ETA: the longest remaining time of the
+    started teacher stages at their current rates ("≥" while some of ``teacher_stages`` have not started)."""
     total = totals.get("read", {}).get("records_out", 0)
     parts, tokens, eta = [], 0, None
     for stage in STAGE_ORDER:
@@ -80,15 +81,16 @@ def format_progress(totals: dict[str, dict], elapsed_s: float) -> str:
             rate = counts["records_in"] / max(1e-6, time.time() - counts["started"])
             remaining = max(0, total - counts["records_in"]) / rate
             eta = remaining if eta is None else max(eta, remaining)
-    eta_text = "?" if eta is None else f"{eta / 60:.1f} min"
+    pending = any(stage not in totals for stage in teacher_stages)
+    eta_text = "?" if eta is None else f"{'≥' if pending else ''}{eta / 60:.1f} min"
     return f"[synth {elapsed_s / 60:.1f} min] " + " | ".join(parts) + f" | tokens spent {tokens:,} | ETA {eta_text}"
 
 
 class ProgressMonitor:
     """Logs `format_progress` every ``interval_s`` seconds in a daemon thread until stopped."""
 
-    def __init__(self, progress_dir: str | os.PathLike, interval_s: float):
-        self.progress_dir, self.interval_s = Path(progress_dir), interval_s
+    def __init__(self, progress_dir: str | os.PathLike, interval_s: float, teacher_stages: tuple[str, ...] = ()):
+        self.progress_dir, self.interval_s, self.teacher_stages = Path(progress_dir), interval_s, teacher_stages
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="synth-progress", daemon=True)
         self.started = time.time()
@@ -100,8 +102,8 @@ class ProgressMonitor:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started))
+        logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started, self.teacher_stages))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started))
+            logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started, self.teacher_stages))

@@ -1,0 +1,117 @@
+"""The teacher client over real HTTP against the fake OpenAI-compatible server: retries on 429/500/
+timeouts/garbage, giving up, fatal auth errors, the request cache, the concurrency limit, the API key."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from megatron_avar.synth import prompts
+from megatron_avar.synth.client import ChatClient, RequestCache, TeacherConfigError, TeacherRequestError
+from megatron_avar.synth.config import ClientConfig, TeacherConfig
+from synth_fake_teacher import FakeTeacher, Fault
+
+QUESTION = "How many pink shapes are in the image?"
+
+
+def make_client(tmp_path, server, *, stage="reason", concurrency=2, timeout_s=5.0, max_retries=3, api_key_env=None):
+    teacher = TeacherConfig(model="teacher-x", base_url=server.base_url, api_key_env=api_key_env)
+    client = ClientConfig(concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries,
+                          backoff_initial_s=0.01, backoff_max_s=0.05)
+    return ChatClient(stage, teacher, client, RequestCache(tmp_path / "cache"), "v1")
+
+
+def reason_messages(question=QUESTION, value="1"):
+    description = f"## Elements\nThe element the question asks about shows the value {value}.\n"
+    return prompts.reason_messages("v1", question, description)
+
+
+@pytest.fixture
+def server():
+    with FakeTeacher({}) as fake:
+        yield fake
+
+
+def test_transient_errors_are_retried_then_answered_once(tmp_path, server):
+    server.faults.append(Fault("reason", ["429", "500", "garbage"]))
+    client = make_client(tmp_path, server)
+    result = client.chat(reason_messages())
+    assert result.content.endswith("Final answer: 1") and not result.cached
+    assert [r["status"] for r in server.requests()] == ["429", "500", "garbage", "ok"]
+    assert client.stats.retries == 3 and client.stats.requests == 4 and client.stats.answered == 1
+    assert result.completion_tokens > 0 and client.stats.completion_tokens == result.completion_tokens
+
+
+def test_timeout_is_retried(tmp_path, server):
+    server.slow_s = 1.0
+    server.faults.append(Fault("reason", ["timeout"]))
+    client = make_client(tmp_path, server, timeout_s=0.3)
+    assert client.chat(reason_messages()).content.endswith("Final answer: 1")
+    assert sorted(r["status"] for r in server.wait_for_requests(2)) == ["ok", "timeout"]
+    assert client.stats.retries == 1
+
+
+def test_gives_up_after_max_retries_and_caches_nothing(tmp_path, server):
+    server.faults.append(Fault("reason", ["500"], always=True))
+    client = make_client(tmp_path, server, max_retries=2)
+    with pytest.raises(TeacherRequestError, match="gave up after 3 attempts"):
+        client.chat(reason_messages())
+    assert len(server.requests()) == 3 and len(client.cache) == 0
+    server.faults.clear()
+    assert client.chat(reason_messages()).content  # asked again, since the failure was not cached
+    assert len(server.requests()) == 4
+
+
+def test_cache_answers_repeats_without_a_request(tmp_path, server):
+    client = make_client(tmp_path, server)
+    first = client.chat(reason_messages())
+    again = make_client(tmp_path, server).chat(reason_messages())  # a new client: the cache is on disk
+    assert again.cached and again.content == first.content and len(server.requests()) == 1
+    # Another candidate (seed) or another attempt is another request.
+    client.chat(reason_messages(), candidate=1)
+    client.chat(reason_messages(), attempt=1)
+    assert sorted(r["seed"] for r in server.requests()) == [0, 1, 1000]
+    assert len(client.cache) == 3
+
+
+def test_concurrency_limit(tmp_path, server):
+    server.slow_s = 0.2
+    server.faults.append(Fault("reason", ["timeout"], always=True))  # every answer takes 0.2 s
+    client = make_client(tmp_path, server, concurrency=3)
+    questions = [f"Question number {i}?" for i in range(9)]
+    answers = client.map(lambda q: client.chat(reason_messages(q)).content, questions)
+    assert [a.splitlines()[0] for a in answers] == [f"The question asks: {q}" for q in questions]
+    assert server.max_in_flight == 3
+
+
+def test_api_key_is_sent_but_never_written(tmp_path, monkeypatch, caplog):
+    secret = "sk-test-DO-NOT-LEAK-1234"
+    monkeypatch.setenv("SYNTH_TEST_KEY", secret)
+    with FakeTeacher({}, api_key=secret) as server, caplog.at_level(logging.DEBUG):
+        server.faults.append(Fault("reason", ["500"]))
+        client = make_client(tmp_path, server, api_key_env="SYNTH_TEST_KEY")
+        assert client.chat(reason_messages()).content
+        assert secret not in repr(client)
+        monkeypatch.setenv("SYNTH_TEST_KEY", "sk-wrong")
+        with pytest.raises(TeacherConfigError, match="HTTP 401") as error:
+            make_client(tmp_path, server, api_key_env="SYNTH_TEST_KEY").chat(reason_messages("Another?"))
+    assert "sk-wrong" not in str(error.value) and "SYNTH_TEST_KEY" in str(error.value)
+    assert secret not in caplog.text
+    for path in (tmp_path / "cache").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text()
+
+
+def test_missing_api_key_env_is_a_config_error(tmp_path, server, monkeypatch):
+    monkeypatch.delenv("SYNTH_ABSENT_KEY", raising=False)
+    with pytest.raises(TeacherConfigError, match="SYNTH_ABSENT_KEY"):
+        make_client(tmp_path, server, api_key_env="SYNTH_ABSENT_KEY")
+
+
+def test_map_stops_on_a_fatal_error(tmp_path):
+    with FakeTeacher({}, api_key="right") as server:
+        client = make_client(tmp_path, server, concurrency=2)
+        with pytest.raises(TeacherConfigError):
+            client.map(lambda q: client.chat(reason_messages(q)), [f"q{i}?" for i in range(6)])
+        assert {r["status"] for r in server.requests()} <= {"ok"} and client.stats.answered == 0

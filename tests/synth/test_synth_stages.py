@@ -1,0 +1,154 @@
+"""Each stage's behaviour through the real client over HTTP, with the stages run in-process
+(run.executor=local: the same stage objects Curator runs): malformed teacher output, timeouts, 429/500,
+wrong answers, k candidates, dedup, column sources, the manifest's counts, and the SFT-ready output."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from datasets import Image, List
+
+from megatron_avar.data.conversations import load_conversations, to_chat_messages
+from megatron_avar.synth.pipeline import run_synthesis
+from synth_fake_teacher import Fault
+from synth_helpers import synth_config
+
+RESPONSE_FORMAT = re.compile(r"^<think>(.+)</think><answer>(.+)</answer>$", re.DOTALL)
+
+
+def statuses(teacher, stage, match):
+    return [r["status"] for r in teacher.requests(stage) if match in r["question"]]
+
+
+def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, procedural_source, teacher):
+    data, _, records = procedural_source
+    teacher.slow_s = 1.0
+    teacher.faults += [
+        Fault("describe", ["malformed"], match="pink"),                 # fixed by the format retry
+        Fault("describe", ["timeout"], match="brown"),                  # retried after the client's timeout
+        Fault("describe", ["malformed"], match="largest", always=True),  # records 3, 7: describe.malformed
+        Fault("reason", ["429", "500"], match="brown"),                 # retried
+        Fault("reason", ["wrong"], match="vertical leg", always=True),  # records 1, 5: wrong answers
+        Fault("anchor", ["malformed"], match="tallest", always=True),   # records 2, 6: anchor.malformed
+        Fault("anchor", ["500"], match="brown", always=True),           # record 4: anchor.request_failed
+    ]
+    config = synth_config(tmp_path, data, teacher, "client.timeout_s=0.5")
+    manifest = run_synthesis(config)
+
+    assert manifest["filters"] == {"describe.malformed": 2, "verify.wrong_answer": 2, "anchor.malformed": 2,
+                                   "anchor.request_failed": 1}
+    assert manifest["read"] == 8 and manifest["kept"] == 1
+    assert manifest["sources"]["proc"]["dropped"] == manifest["filters"]
+    assert statuses(teacher, "describe", "pink") == ["malformed", "ok"]
+    assert sorted(statuses(teacher, "describe", "brown")) == ["ok", "timeout"]
+    assert statuses(teacher, "describe", "largest").count("malformed") == 4  # 2 records x (1 + format retry)
+    assert statuses(teacher, "reason", "brown") == ["429", "500", "ok"]
+    assert statuses(teacher, "anchor", "vertical leg") == []  # wrong chains are not sent for anchoring
+    assert statuses(teacher, "anchor", "brown") == ["500"] * 4  # 1 + client.max_retries, then dropped
+    stats = manifest["teachers"]
+    assert stats["reason"]["retries"] == 2 and stats["anchor"]["failures"] == 1
+    assert manifest["tokens"]["spent"] == sum(s["prompt_tokens"] + s["completion_tokens"] for s in stats.values())
+
+    # The kept record: the right one, in the AVAR format, anchors in the chain with their tags removed.
+    dataset = load_conversations(tmp_path / "run" / "data")
+    assert dataset["id"] == ["proc/" + records[0]["id"]] and dataset["answer"] == [records[0]["answer"]]
+    response = dataset[0]["messages"][1]["content"][0]["text"]
+    think, answer = RESPONSE_FORMAT.match(response).groups()
+    assert answer == records[0]["answer"] and "Looking at the figure again" in think
+    assert "<anchor>" not in response and "Final answer" not in think
+    assert dataset[0]["messages"][0]["content"][1]["text"] == records[0]["messages"][0]["content"][1]["text"]
+    image = (data.parent / records[0]["messages"][0]["content"][0]["image"]).read_bytes()
+    assert dataset.cast_column("images", List(Image(decode=False)))[0]["images"][0]["bytes"] == image  # embedded
+    metadata = json.loads(dataset[0]["metadata"])
+    assert metadata["source"] == "proc" and metadata["synth"]["num_anchors"] == 1
+
+    # A finished run is not overwritten by accident; with overwrite it is redone from the cache: the only
+    # requests are those that failed before (failures are never cached).
+    with pytest.raises(ValueError, match="finished run"):
+        run_synthesis(config)
+    before = len(teacher.requests())
+    teacher.faults.clear()
+    rerun = run_synthesis(synth_config(tmp_path, data, teacher, "client.timeout_s=0.5", "output.overwrite=true"))
+    new = teacher.requests()[before:]
+    assert {(r["stage"], r["question"]) for r in new} == {("anchor", records[4]["messages"][0]["content"][1]["text"])}
+    assert rerun["kept"] == 2 and rerun["filters"]["describe.malformed"] == 2
+
+
+def test_candidates_keep_the_best_correct_one(tmp_path, procedural_source, teacher):
+    data, _, records = procedural_source
+    teacher.faults.append(Fault("reason", ["wrong"], match="pink", seed=2, always=True))
+    # The fake anchor teacher inserts 1 + seed % 3 anchors: candidates 0, 1 get 1, 2 anchors; 2 is wrong.
+    overrides = ["sources.0.limit=1", "reason.num_candidates=3"]
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, *overrides, name="best"))
+    chosen = json.loads(load_conversations(tmp_path / "best" / "data")[0]["metadata"])["synth"]
+    assert manifest["kept"] == 1 and chosen == {"candidate": 1, "num_anchors": 2, "num_candidates": 3, "correct": True}
+    assert sorted(r["seed"] for r in teacher.requests("reason")) == [0, 1, 2]
+    assert sorted(r["seed"] for r in teacher.requests("anchor")) == [0, 1]  # the wrong candidate is not anchored
+
+    requests = len(teacher.requests())
+    run_synthesis(synth_config(tmp_path, data, teacher, *overrides, "verify.select=first", name="first"))
+    first = json.loads(load_conversations(tmp_path / "first" / "data")[0]["metadata"])["synth"]
+    assert first["candidate"] == 0 and len(teacher.requests()) == requests  # all answers came from the cache
+
+
+def test_disabled_filter_keeps_wrong_answers(tmp_path, procedural_source, teacher):
+    data, _, records = procedural_source
+    teacher.faults.append(Fault("reason", ["wrong"], match="pink", always=True))
+    overrides = ["sources.0.limit=1", "verify.keep_only_correct=false", "anchor.only_correct=false", "anchor.enabled=false"]
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, *overrides))
+    row = load_conversations(tmp_path / "run" / "data")[0]
+    assert manifest["kept"] == 1 and teacher.requests("anchor") == []
+    assert row["messages"][1]["content"][0]["text"].endswith(f"<answer>{int(records[0]['answer']) + 1}</answer>")
+    assert json.loads(row["metadata"])["synth"]["correct"] is False
+
+
+def test_dedup_and_column_sources(tmp_path, procedural_source, teacher):
+    data, _, records = procedural_source
+    # A flat table with other column names, its images by relative path; one row has no answer.
+    table = tmp_path / "table" / "rows.jsonl"
+    table.parent.mkdir()
+    (table.parent / "images").symlink_to(data.parent / "images")
+    rows = [{"picture": r["messages"][0]["content"][0]["image"], "prompt": r["messages"][0]["content"][1]["text"],
+             "gt": r["answer"], "uid": f"t{i}"} for i, r in enumerate(records[:3])]
+    rows[2]["gt"] = None
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sources = (f"sources=[{{name: proc, path: '{data}', limit: 2}}, {{name: copy, path: '{data}', limit: 3}}, "
+               f"{{name: table, path: '{table}', format: columns, image_column: picture, question_column: prompt, "
+               f"answer_column: gt, id_column: uid}}]")
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, sources))
+    assert (manifest["sources"]["proc"]["read"], manifest["sources"]["proc"]["kept"]) == (2, 2)
+    assert manifest["sources"]["copy"]["dropped"] == {"read.duplicate": 2} and manifest["sources"]["copy"]["kept"] == 1
+    assert manifest["sources"]["table"]["dropped"] == {"read.duplicate": 2, "read.invalid": 1}
+    assert manifest["sources"]["copy"]["tokens_spent"] > 0 and manifest["kept"] == 3
+    assert len(teacher.requests("describe")) == 3  # duplicates and invalid rows cost nothing
+    assert sorted(load_conversations(tmp_path / "run" / "data")["id"]) == sorted(
+        ["proc/" + records[0]["id"], "proc/" + records[1]["id"], "copy/" + records[2]["id"]])
+
+
+def test_output_is_sft_ready(tmp_path, procedural_source, teacher):
+    """The written shards load with the SFT data loader and render with exact token roles."""
+    import torch
+
+    from megatron_avar.processor import load_processor
+    from megatron_avar.roles import TokenRole, render_conversation
+    from megatron_avar.training.sft_data import SFTDataConfig, SFTDataLoader
+
+    data, _, records = procedural_source
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "sources.0.limit=4", "output.system_prompt='Be careful.'"))
+    assert manifest["kept"] == 4
+    processor = load_processor(reasoning_tokens=True)
+    dataset = load_conversations(tmp_path / "run" / "data")
+    think_id = processor.tokenizer.convert_tokens_to_ids("<think>")
+    for row in dataset:
+        rendered = render_conversation(to_chat_messages(row), processor)
+        response_ids = rendered.input_ids[rendered.roles == TokenRole.RESPONSE]
+        assert response_ids[0] == think_id and (rendered.roles == TokenRole.SYSTEM).any()
+        assert (rendered.roles == TokenRole.IMAGE).sum() > 0
+    loader = SFTDataLoader(SFTDataConfig(path=str(tmp_path / "run" / "data"), seq_length=1024), processor,
+                           global_batch_size=1)
+    step = next(iter(loader))
+    batch = step.microbatches[0]
+    assert step.num_loss_tokens > 0 and batch.pixel_values is not None
+    assert torch.isin(torch.tensor(think_id), batch.input_ids)
