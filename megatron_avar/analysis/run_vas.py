@@ -2,7 +2,8 @@
 
 Prompt-only prefill (final assistant turn dropped, generation prompt added), batched with left padding;
 the text attention runs through role_attention (no [S, S] matrix), masses stream into a VASAccumulator.
-Output folder: report.json (every number of vas.py, both sink variants, the config, the checkpoint identity)
+The loop is source-agnostic (``accumulate_vas`` + ``write_vas_report``): a megatron model that returns
+per-layer role masses plugs in through the same two calls. Output folder: report.json (every number of vas.py, both sink variants, the config, the checkpoint identity)
 and vas_per_layer.png, image_share_heatmap.png, ratio_distribution.png.
 """
 
@@ -13,8 +14,9 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
-__all__ = ["VASConfig", "run_vas"]
+__all__ = ["VASConfig", "run_vas", "accumulate_vas", "write_vas_report"]
 
 
 @dataclass(frozen=True)
@@ -49,43 +51,65 @@ def run_vas(config: VASConfig) -> dict:
     """Compute the report, write report.json and the figures into ``config.out``; return the report."""
     import torch
 
-    from megatron_avar.analysis import figures
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.layers import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
-    from megatron_avar.analysis.vas import VASAccumulator
 
     check_hf_checkpoint(config.model)
     text_config = json.loads((Path(config.model) / "config.json").read_text())
     num_layers = int(text_config.get("text_config", text_config)["num_hidden_layers"])
     layers = parse_layers(config.layers, num_layers)  # fail on a bad layer set before loading anything
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
     model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
                                              device_map=config.device_map)
     samples = prompt_samples(config.data, processor, num_samples=config.num_samples)
     num_heads = model.config.text_config.num_attention_heads
-    accumulator = VASAccumulator(layers, num_heads)
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
+                               image_token_id=processor.image_token_id).to(device)
+               for start in range(0, len(samples), config.batch_size))
     with RoleAttentionHook(model, impl=config.impl) as hook, torch.no_grad():
-        for start in range(0, len(samples), config.batch_size):
-            batch = collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
-                                    image_token_id=processor.image_token_id).to(device)
-            accumulator.begin_batch(batch.roles, batch.ids)
-            hook.set_batch(batch.roles, on_mass=accumulator.add_layer, mass_layers=layers)
+        def forward(batch, on_mass):
+            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
             model(**batch.inputs, logits_to_keep=1)
-            accumulator.end_batch()
-    result = accumulator.result()
 
-    report = result.to_json(exclude_sink=config.exclude_sink)
-    report["name"] = config.name or Path(config.model).resolve().name
-    report["config"] = dict(asdict(config), layers_resolved=list(layers), num_model_layers=num_layers)
-    report["checkpoint"] = checkpoint_identity(config.model)
-    report["runtime"] = dict(seconds=round(time.time() - started, 2), device=device, torch=torch.__version__,
-                             num_records_rendered=len(samples))
+        result = accumulate_vas(batches, forward, layers, num_heads)
+    runtime = dict(seconds=round(time.time() - started, 2), device=device, torch=torch.__version__,
+                   num_records_rendered=len(samples))
+    return write_vas_report(result, config.out, exclude_sink=config.exclude_sink,
+                            name=config.name or Path(config.model).resolve().name,
+                            config=dict(asdict(config), layers_resolved=list(layers), num_model_layers=num_layers),
+                            checkpoint=checkpoint_identity(config.model), runtime=runtime)
+
+
+def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], num_heads: int):
+    """VASResult over ``batches`` (PromptBatch-like: ``.roles`` [B, S], ``.ids``) for any attention source.
+
+    ``forward(batch, on_mass)`` runs the model on one batch (prompt-only prefill) and calls
+    ``on_mass(layer, mass)`` once per layer in ``layers`` with mass float [B, H, S, R] over all H heads
+    (R = MASS_NUM_ROLES with key roles ``vas.mass_key_roles(batch.roles)``, or 5 without a sink role).
+    """
+    from megatron_avar.analysis.vas import VASAccumulator
+
+    accumulator = VASAccumulator(layers, num_heads)
+    for batch in batches:
+        accumulator.begin_batch(batch.roles, batch.ids)
+        forward(batch, accumulator.add_layer)
+        accumulator.end_batch()
+    return accumulator.result()
+
+
+def write_vas_report(result, out: str | Path, *, exclude_sink: bool, name: str, config: dict, checkpoint: dict,
+                     runtime: dict) -> dict:
+    """Write ``out``/report.json (result.to_json + name, config, checkpoint, runtime) and the three figures."""
+    from megatron_avar.analysis import figures
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = result.to_json(exclude_sink=exclude_sink)
+    report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime)
     _write_json(out / "report.json", report)
     figures.plot_vas_per_layer(report, out / "vas_per_layer.png")
     figures.plot_image_share_heatmap(report, out / "image_share_heatmap.png")
