@@ -20,7 +20,7 @@ from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.sft.config import SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
 
-__all__ = ["run_sft", "train_step"]
+__all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
 
 
 def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -113,33 +113,32 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
     return metrics
 
 
-def run_sft(config: SFTConfig) -> dict:
-    """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
-    from megatron.core import parallel_state
+@dataclasses.dataclass
+class SFTRun:
+    """Everything a rank trains with: the model (DDP, optimizer, schedule), its data loader, and the facts
+    the loop needs."""
 
-    from megatron_avar.config import config_to_dict
+    model: object
+    data: object
+    qwen_config: object
+    avar_layers: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFTRun:
+    """Build this rank's model (HF weights streamed in unless resuming), optimizer, schedule and data loader."""
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.training import checkpointing
-    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
-    from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer
     from megatron_avar.training.sft_data import SFTDataLoader
 
-    parallel = config.parallel
-    layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                              seed=config.train.seed)
-    out = Path(config.out)
-    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
-    if layout.is_logging_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     avar_layers = config.avar.layer_indexes(qwen_config.text.num_layers)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=avar_layers, hf_path=None if resume_from else config.model.hf_path,
-                        distributed_optimizer=parallel.distributed_optimizer)
+                        role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None,
+                        distributed_optimizer=config.parallel.distributed_optimizer)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype,
-                    distributed_optimizer=parallel.distributed_optimizer)
+                    distributed_optimizer=config.parallel.distributed_optimizer)
     data_config = config.data
     if data_config.processor_path is None:
         data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)
@@ -149,6 +148,28 @@ def run_sft(config: SFTConfig) -> dict:
     if image_pad != qwen_config.image_token_id:
         raise ValueError(f"the tokenizer's <|image_pad|> id is {image_pad} but the model's image_token_id is "
                          f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    return SFTRun(model=model, data=data, qwen_config=qwen_config, avar_layers=avar_layers, dtype=dtype)
+
+
+def run_sft(config: SFTConfig) -> dict:
+    """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.training import checkpointing
+    from megatron_avar.training.megatron_setup import init_distributed
+    from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
+
+    parallel = config.parallel
+    layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                              seed=config.train.seed)
+    out = Path(config.out)
+    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
+    if layout.is_logging_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    run = build_run(config, layout, load_hf_weights=resume_from is None)
+    model, data, qwen_config, avar_layers, dtype = run.model, run.data, run.qwen_config, run.avar_layers, run.dtype
     start_step = 0
     if resume_from is not None:
         state = checkpointing.load_checkpoint(resume_from, model)

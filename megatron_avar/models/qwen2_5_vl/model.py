@@ -188,6 +188,15 @@ class Qwen25VLModel(MegatronModule):
 
         _restore_tensor_parallel_attributes(self)
 
+    # megatron's finalize_model_grads all-reduces the tied embedding / output weight between the first and the
+    # last pipeline stage through these two GPTModel members of the unwrapped model.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline parallelism: the hidden states a non-first stage receives."""
         self.language_model.set_input_tensor(input_tensor)

@@ -1,0 +1,67 @@
+"""One AVAR SFT step gives the same losses, AVAR metrics and gradient norm at every parallel layout (TP=2,
+PP=2, DP=2 against a single rank), and the next step, after the optimizer update, agrees too: the LM loss is a
+global-batch token mean, each AGTO layer term is attached where its layer runs (also on the first pipeline
+stage, which never sees the loss) and head means are exact under TP.
+
+Tolerance: fp32 everywhere; TP changes summation orders (~1e-7 relative), PP and DP only the grouping of
+micro-batches. Bound 1e-5 relative (losses, metrics, grad norm) after one step; 1e-4 after an Adam update
+(which divides by sqrt(v) and so amplifies the smallest gradient differences).
+"""
+
+import pytest
+
+from megatron_avar.testing import run_on_ranks
+from conftest import sft_overrides
+
+pytestmark = pytest.mark.multiprocess
+COMPARED = ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas", "avar/image_share", "optim/grad_norm")
+
+
+def _two_steps(overrides, layouts):
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sft.trainer import build_run, train_step
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    results = {}
+    for tp, pp, extra in layouts:
+        config = load_config(SFTConfig, None, overrides + [f"parallel.tensor_model_parallel_size={tp}",
+                                                           f"parallel.pipeline_model_parallel_size={pp}"] + extra)
+        layout = init_distributed(tp, pp, seed=config.train.seed)
+        run = build_run(config, layout)
+        batches = iter(run.data)
+        results[(tp, pp, tuple(extra))] = [train_step(run.model, next(batches), config, avar_layers=run.avar_layers,
+                                                      layout=layout) for _ in range(2)]
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+@pytest.fixture(scope="module")
+def layouts(sft_inputs, tmp_path_factory):
+    overrides = sft_overrides(sft_inputs, tmp_path_factory.mktemp("layouts"))
+    single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"])],
+                          timeout_s=400)[0]
+    two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, [])], timeout_s=600)
+    return single, two
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+def test_steps_equal_the_single_rank_run(layouts, layout):
+    single, two = layouts
+    reference = single[(1, 1, ())]
+    for rank in two:  # every rank reports the same world-reduced metrics
+        ours = rank[(*layout, ())]
+        for step, tolerance in ((0, 1e-5), (1, 1e-4)):
+            for name in COMPARED:
+                assert ours[step][name] == pytest.approx(reference[step][name], rel=tolerance), (step, name)
+    assert reference[0]["data/samples_with_agto_term"] > 0
+
+
+def test_agto_gradient_is_present_and_the_lm_loss_is_not_changed_by_it(layouts):
+    single, _ = layouts
+    with_agto, without = single[(1, 1, ())][0], single[(1, 1, ("avar.alpha=0", "avar.beta=0"))][0]
+    assert without["loss/lm"] == pytest.approx(with_agto["loss/lm"], rel=1e-6)
+    assert without["avar/l_enh"] == pytest.approx(with_agto["avar/l_enh"], rel=1e-6)  # still measured
+    assert abs(without["optim/grad_norm"] - with_agto["optim/grad_norm"]) > 1e-3 * with_agto["optim/grad_norm"]
