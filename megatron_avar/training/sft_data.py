@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -124,11 +123,21 @@ class SFTStep:
 
 
 class _RowRenderer(torch.utils.data.Dataset):
-    """Map-style dataset: (epoch, row index in epoch) -> `PackedRow` (renders images lazily)."""
+    """Map-style dataset: (epoch, row index in epoch) -> `PackedRow` (renders images lazily). Picklable
+    (DataLoader workers started with spawn/forkserver get a copy and re-pack epochs themselves)."""
 
-    def __init__(self, loader: "SFTDataLoader"):
-        self.dataset, self.processor = loader.dataset, loader.processor
-        self.stats, self.config, self.epoch_rows = loader.stats, loader.config, loader.epoch_rows
+    def __init__(self, dataset, processor, stats: SampleStats, config: SFTDataConfig):
+        self.dataset, self.processor, self.stats, self.config = dataset, processor, stats, config
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 4:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = pack_epoch(self.stats.lengths, seq_length=self.config.seq_length,
+                                             seed=self.config.seed, epoch=epoch,
+                                             buffer_size=self.config.packing_buffer)
+        return self._epochs[epoch]
 
     def __getitem__(self, key: tuple[int, int]) -> PackedRow:
         from megatron_avar.data.conversations import to_chat_messages
@@ -181,8 +190,12 @@ class SFTDataLoader:
         self.stats, self.fingerprint = load_or_compute_stats(
             self.dataset, self.processor, seq_length=config.seq_length, truncate=config.truncate,
             num_workers=config.num_workers, cache_dir=config.cache_dir)
-        self.epoch_rows = lru_cache(maxsize=4)(self._epoch_rows)
+        self._renderer = _RowRenderer(self.dataset, self.processor, self.stats, config)
         self._epoch, self._row, self._step = 0, 0, 0
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """The packed rows of an epoch: lists of dataset indexes (see `pack_epoch`)."""
+        return self._renderer.epoch_rows(epoch)
 
     def _check_processor(self) -> None:
         size = self.processor.image_processor.size
@@ -191,10 +204,6 @@ class SFTDataLoader:
             if wanted is not None and size[key] != wanted:
                 raise ValueError(f"the processor's {name} is {size[key]} but SFTDataConfig.{name} is {wanted}; "
                                  "pass processor=None or a processor built with build_processor(config)")
-
-    def _epoch_rows(self, epoch: int) -> list[list[int]]:
-        return pack_epoch(self.stats.lengths, seq_length=self.config.seq_length, seed=self.config.seed,
-                          epoch=epoch, buffer_size=self.config.packing_buffer)
 
     def packing_efficiency(self, epoch: int = 0) -> float:
         """Real tokens / (rows x seq_length) of an epoch's packing."""
@@ -258,7 +267,7 @@ class SFTDataLoader:
                 yield from plan[2]
 
         batches = iter(torch.utils.data.DataLoader(
-            _RowRenderer(self), sampler=keys_of_rank(), batch_size=mbs, collate_fn=collate_rows,
+            self._renderer, sampler=keys_of_rank(), batch_size=mbs, collate_fn=collate_rows,
             num_workers=self.config.num_workers))
         while True:
             microbatches = [next(batches) for _ in range(per_step)]

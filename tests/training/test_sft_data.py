@@ -3,6 +3,7 @@ and loud errors for samples that cannot be trained on."""
 
 import itertools
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -174,6 +175,15 @@ def test_worker_processes_give_the_same_batches(processor, data_dir):
     for a, b in zip(serial, workers):
         assert [ids for ids, _ in _rows(a)] == [ids for ids, _ in _rows(b)]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(_rows(a), _rows(b)))
+
+
+def test_row_renderer_survives_pickling(processor, data_dir):
+    """Workers started with spawn/forkserver (Python 3.14's default) receive the renderer pickled."""
+    renderer = _loader(processor, data_dir)._renderer
+    copy = pickle.loads(pickle.dumps(renderer))
+    for key in [(0, 0), (1, 2)]:
+        row, copied = renderer[key], copy[key]
+        assert row.sample_ids == copied.sample_ids and torch.equal(row.input_ids, copied.input_ids)
 
 
 def test_stats_cache_is_used_and_a_stale_one_is_caught(processor, data_dir, tmp_path, monkeypatch):
