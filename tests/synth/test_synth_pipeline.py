@@ -1,0 +1,109 @@
+"""End to end: a run of `avar synth` killed mid-run (SIGKILL) resumes through NeMo Curator on Ray, loses
+nothing and repeats no teacher request (counted at the server), writes the same dataset as an
+uninterrupted run, and leaves no Ray process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from datasets import Image, List
+
+from megatron_avar.data.conversations import load_conversations
+from megatron_avar.synth.client import RequestCache
+from megatron_avar.synth.pipeline import MANIFEST, run_synthesis
+from synth_fake_teacher import FakeTeacher, Fault
+from synth_helpers import synth_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dataset_rows(folder: Path) -> list[dict]:
+    dataset = load_conversations(folder).cast_column("images", List(Image(decode=False)))
+    rows = sorted(dataset.to_list(), key=lambda row: row["id"])
+    for row in rows:
+        row["images"] = [image["bytes"] for image in row["images"]]
+    return rows
+
+
+def ray_processes(since: float) -> list[psutil.Process]:
+    """Live (non-zombie) Ray processes started after ``since``."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline", "create_time", "status"]):
+        info = process.info
+        if info["create_time"] < since or info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        command = " ".join(info["cmdline"] or [])
+        if info["name"] in ("raylet", "gcs_server") or command.startswith("ray::") or "ray/_private" in command \
+                or "ray/dashboard" in command:
+            found.append(process)
+    return found
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, procedural_source):
+    data, facts, _ = procedural_source
+    wrong = Fault("reason", ["wrong"], match="vertical leg", always=True)  # two records filtered out
+
+    # Reference: an uninterrupted run (in-process stages, its own cache).
+    with FakeTeacher(facts) as reference_teacher:
+        reference_teacher.faults.append(wrong)
+        reference = run_synthesis(synth_config(tmp_path / "reference", data, reference_teacher))
+    expected_bodies = set(reference_teacher.ok_by_body)
+    assert reference["kept"] == 6 and max(reference_teacher.ok_by_body.values()) == 1
+
+    started = time.time()
+    with FakeTeacher(facts) as teacher:
+        teacher.faults.append(wrong)
+        teacher.hold_after = 8  # the 8 descriptions get answered; then requests hang ...
+        config = synth_config(tmp_path, data, teacher)
+        config_file = tmp_path / "synth.yaml"
+        config_file.write_text(yaml.safe_dump({
+            "sources": [{"name": "proc", "path": str(data)}],
+            "output": {"dir": config.output.dir}, "run": {"work_dir": config.run.work_dir, "batch_records": 3},
+            "client": {"timeout_s": 60, "concurrency": 4},
+            **{stage: {"teacher": {"base_url": teacher.base_url}} for stage in ("describe", "reason", "anchor")}}))
+        cache = RequestCache(Path(config.run.work_dir) / "cache")
+        log = (tmp_path / "killed.log").open("w")
+        process = subprocess.Popen([sys.executable, "-m", "megatron_avar", "synth", "--config", str(config_file),
+                                    "run.executor=local"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # ... and the run is killed while they hang, after its 8 answers are in the cache.
+            wait_until(lambda: len(cache) == 8 and teacher.in_flight > 0 or process.poll() is not None, 120,
+                       "the run to reach 8 cached answers")
+            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+        assert not (Path(config.output.dir) / MANIFEST).exists()
+        teacher.hold_after = None
+        teacher.release.set()  # the hung requests of the dead run end as 503: nothing was paid for them
+
+        # Resume, this time on NeMo Curator (Ray Data executor, local Ray started and stopped by the run).
+        resumed = run_synthesis(synth_config(tmp_path, data, teacher, "run.executor=ray_data"))
+
+    assert max(teacher.ok_by_body.values()) == 1  # no request answered twice over both runs
+    assert set(teacher.ok_by_body) == expected_bodies  # and none missing
+    cache_hits = sum(stats["cache_hits"] for stats in resumed["teachers"].values())
+    answered = sum(stats["answered"] for stats in resumed["teachers"].values())
+    assert (cache_hits, answered) == (8, len(expected_bodies) - 8)
+    assert resumed["filters"] == reference["filters"] == {"verify.wrong_answer": 2}
+    assert dataset_rows(Path(resumed["config"]["output"]["dir"]) / "data") == dataset_rows(
+        Path(reference["config"]["output"]["dir"]) / "data")
+    assert [p.info for p in ray_processes(started)] == []
