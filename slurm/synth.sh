@@ -1,0 +1,90 @@
+#!/bin/bash
+# AVAR data synthesis on a Slurm allocation: one Ray cluster across the nodes, vLLM teacher servers on
+# every node, then `avar synth` on the head node (NeMo Curator schedules the stages over the Ray cluster).
+#
+#   sbatch --nodes=4 slurm/synth.sh examples/synth/vard_cluster.yaml [dotted.overrides ...]
+#
+# Teachers: every node serves the models in VLLM_MODELS, each entry MODEL@PORT@GPU_LIST, started with
+# tensor parallelism over its GPUs. Stage workers reach "their" node's servers at http://localhost:PORT/v1,
+# which is what the config's teacher base_urls say: requests never cross nodes, and the pipeline's
+# throughput grows with the node count. The request cache is keyed by model, not URL, so every node's
+# answers land in one shared cache (work_dir must be on a filesystem all nodes see).
+#
+# Resume: re-submitting the same command resumes an unfinished run without repeating any teacher request
+# already answered (see megatron_avar/synth/pipeline.py).
+#
+# Environment knobs (defaults below): VLLM_MODELS, VLLM_ARGS (extra `vllm serve` flags), RAY_PORT,
+# VENV (the Python environment with `pip install -e .[synth,gpu]`), SERVER_WAIT_S.
+#SBATCH --job-name=avar-synth
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+
+set -euo pipefail
+
+CONFIG=${1:?usage: sbatch slurm/synth.sh CONFIG.yaml [dotted.overrides ...]}
+shift
+OVERRIDES=("$@")
+VLLM_MODELS=${VLLM_MODELS:-"Qwen/Qwen2.5-VL-72B-Instruct@8000@0,1,2,3 Qwen/Qwen3-32B@8001@4,5,6,7"}
+VLLM_ARGS=${VLLM_ARGS:-"--max-model-len 32768 --gpu-memory-utilization 0.90"}
+RAY_PORT=${RAY_PORT:-6379}
+SERVER_WAIT_S=${SERVER_WAIT_S:-1800}
+VENV=${VENV:-$PWD/.venv}
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+mkdir -p logs
+
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD=${NODES[0]}
+HEAD_IP=$(srun --nodes=1 --ntasks=1 --overlap -w "$HEAD" hostname --ip-address | awk '{print $1}')
+export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
+echo "[synth] nodes: ${NODES[*]}; ray head $RAY_ADDRESS; teachers per node: $VLLM_MODELS"
+
+cleanup() {
+    # Stop the Ray cluster and the servers on every node (also on failure or scancel), then the steps.
+    srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap ray stop --force >/dev/null 2>&1 || true
+    kill $(jobs -p) 2>/dev/null || true
+    wait || true
+}
+trap cleanup EXIT
+
+# 1. Teacher servers: one srun step on all nodes; each task starts the node's servers and waits on them.
+#    The Ray workers use no GPU (num-gpus 0 below), so the GPUs belong to vLLM.
+srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap --kill-on-bad-exit=1 \
+    --output="logs/%x-%j-vllm-%N.out" bash -c '
+    for entry in '"$VLLM_MODELS"'; do
+        IFS=@ read -r model port gpus <<< "$entry"
+        tp=$(awk -F, "{print NF}" <<< "$gpus")
+        CUDA_VISIBLE_DEVICES=$gpus vllm serve "$model" --port "$port" --tensor-parallel-size "$tp" \
+            '"$VLLM_ARGS"' &
+    done
+    wait' &
+
+# 2. Ray: the head, then one worker per other node. --block keeps each step alive for the whole job.
+srun --nodes=1 --ntasks=1 --overlap -w "$HEAD" \
+    ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-gpus=0 --block &
+sleep 15
+for node in "${NODES[@]:1}"; do
+    srun --nodes=1 --ntasks=1 --overlap -w "$node" \
+        ray start --address="$RAY_ADDRESS" --num-gpus=0 --block &
+done
+
+# 3. Wait until every node's servers answer (model loading takes minutes).
+deadline=$((SECONDS + SERVER_WAIT_S))
+for entry in $VLLM_MODELS; do
+    IFS=@ read -r _ port _ <<< "$entry"
+    until srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap \
+            curl -sf "http://localhost:$port/v1/models" >/dev/null 2>&1; do
+        (( SECONDS < deadline )) || { echo "[synth] servers on port $port not up after ${SERVER_WAIT_S}s"; exit 1; }
+        sleep 20
+    done
+    echo "[synth] port $port serving on all nodes"
+done
+
+# 4. The pipeline, driven from the head node; RAY_ADDRESS makes it join the cluster (and leave it running:
+#    cleanup stops it). API keys of hosted teachers come from the environment variables the config names.
+python -m megatron_avar synth --config "$CONFIG" "${OVERRIDES[@]}"
