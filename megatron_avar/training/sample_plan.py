@@ -30,7 +30,7 @@ import torch
 from megatron_avar import roles as roles_module
 from megatron_avar.roles import TokenRole, validate_messages
 
-__all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats",
+__all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats", "undecoded",
            "dataset_fingerprint", "processor_fingerprint", "load_or_compute_stats"]
 
 _CACHE_FORMAT = 1
@@ -154,7 +154,8 @@ def _row_stats(row: dict, processor, seq_length: int, truncate: bool) -> tuple[A
         sample = sample_roles(to_chat_messages(row), grids, processor)
         kept = kept_length(sample, seq_length, truncate, sample_id)
     except ValueError as error:
-        return sample_id, str(error)
+        text = str(error)
+        return sample_id, text if repr(sample_id) in text else f"sample {sample_id!r}: {text}"
     loss = int((sample[1:kept] == TokenRole.RESPONSE).sum())
     return sample_id, int(sample.numel()), kept, loss, len(grids)
 

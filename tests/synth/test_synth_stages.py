@@ -5,10 +5,11 @@ wrong answers, k candidates, dedup, column sources, the manifest's counts, and t
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
-from datasets import Image, List
+from datasets import Dataset, Image, List
 
 from megatron_avar.data.conversations import load_conversations, to_chat_messages
 from megatron_avar.synth.pipeline import run_synthesis
@@ -76,8 +77,9 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
     assert rerun["kept"] == 2 and rerun["filters"]["describe.malformed"] == 2
 
 
-def test_candidates_keep_the_best_correct_one(tmp_path, procedural_source, teacher):
+def test_candidates_keep_the_best_correct_one(tmp_path, procedural_source, teacher, caplog):
     data, _, records = procedural_source
+    caplog.set_level(logging.INFO, logger="megatron_avar.synth")
     teacher.faults.append(Fault("reason", ["wrong"], match="pink", seed=2, always=True))
     # The fake anchor teacher inserts 1 + seed % 3 anchors: candidates 0, 1 get 1, 2 anchors; 2 is wrong.
     overrides = ["sources.0.limit=1", "reason.num_candidates=3"]
@@ -86,6 +88,10 @@ def test_candidates_keep_the_best_correct_one(tmp_path, procedural_source, teach
     assert manifest["kept"] == 1 and chosen == {"candidate": 1, "num_anchors": 2, "num_candidates": 3, "correct": True}
     assert sorted(r["seed"] for r in teacher.requests("reason")) == [0, 1, 2]
     assert sorted(r["seed"] for r in teacher.requests("anchor")) == [0, 1]  # the wrong candidate is not anchored
+    # Progress: records in -> out per stage and the tokens spent (the final line, printed when the run ends).
+    spent = manifest["tokens"]["spent"]
+    assert re.search(rf"read 1 \| describe 1→1 \| reason 1→1 \| anchor 1→1 \| verify 1→1 \| write 1→1 \| "
+                     rf"tokens spent {spent:,} \| ETA", caplog.text)
 
     requests = len(teacher.requests())
     run_synthesis(synth_config(tmp_path, data, teacher, *overrides, "verify.select=first", name="first"))
@@ -114,17 +120,23 @@ def test_dedup_and_column_sources(tmp_path, procedural_source, teacher):
              "gt": r["answer"], "uid": f"t{i}"} for i, r in enumerate(records[:3])]
     rows[2]["gt"] = None
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # An HF dataset saved to disk, its image as an Image feature.
+    saved = tmp_path / "saved"
+    record = records[3]
+    Dataset.from_dict({"image": [str(data.parent / record["messages"][0]["content"][0]["image"])],
+                       "question": [record["messages"][0]["content"][1]["text"]], "answer": [record["answer"]]}
+                      ).cast_column("image", Image()).save_to_disk(str(saved))
     sources = (f"sources=[{{name: proc, path: '{data}', limit: 2}}, {{name: copy, path: '{data}', limit: 3}}, "
                f"{{name: table, path: '{table}', format: columns, image_column: picture, question_column: prompt, "
-               f"answer_column: gt, id_column: uid}}]")
+               f"answer_column: gt, id_column: uid}}, {{name: hf, path: '{saved}', format: columns}}]")
     manifest = run_synthesis(synth_config(tmp_path, data, teacher, sources))
     assert (manifest["sources"]["proc"]["read"], manifest["sources"]["proc"]["kept"]) == (2, 2)
     assert manifest["sources"]["copy"]["dropped"] == {"read.duplicate": 2} and manifest["sources"]["copy"]["kept"] == 1
     assert manifest["sources"]["table"]["dropped"] == {"read.duplicate": 2, "read.invalid": 1}
-    assert manifest["sources"]["copy"]["tokens_spent"] > 0 and manifest["kept"] == 3
-    assert len(teacher.requests("describe")) == 3  # duplicates and invalid rows cost nothing
+    assert manifest["sources"]["copy"]["tokens_spent"] > 0 and manifest["kept"] == 4
+    assert len(teacher.requests("describe")) == 4  # duplicates and invalid rows cost nothing
     assert sorted(load_conversations(tmp_path / "run" / "data")["id"]) == sorted(
-        ["proc/" + records[0]["id"], "proc/" + records[1]["id"], "copy/" + records[2]["id"]])
+        ["proc/" + records[0]["id"], "proc/" + records[1]["id"], "copy/" + records[2]["id"], "hf/hf-0"])
 
 
 def test_output_is_sft_ready(tmp_path, procedural_source, teacher):

@@ -235,6 +235,15 @@ def test_unusable_samples_fail_loudly_with_their_id(processor, tmp_path, case, t
         _loader(processor, path, seq_length=128, truncate=truncate, global_batch_size=1)
 
 
+def test_all_bad_samples_are_named_together(processor, tmp_path):
+    turn = lambda text: [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]  # noqa: E731
+    path = _write_jsonl(tmp_path / "three.jsonl", [{"id": "long-a", "messages": turn(LONG)},
+                                                    {"id": "fine", "messages": turn("hi")},
+                                                    {"id": "long-b", "messages": turn(LONG + LONG)}])
+    with pytest.raises(ValueError, match=r"2 of 3 samples cannot be trained on:\n  sample 'long-a' .*\n  sample 'long-b'"):
+        _loader(processor, path, seq_length=128, global_batch_size=1)
+
+
 def test_truncation_keeps_a_prefix_and_never_labels_past_the_cut(processor, tmp_path):
     path = _one_sample(tmp_path, "Count.", " ".join(map(str, range(200))))
     loader = _loader(processor, path, seq_length=128, truncate=True, global_batch_size=1)
