@@ -187,6 +187,8 @@ class SFTDataLoader:
         self.processor = build_processor(config) if processor is None else processor
         self._check_processor()
         self.dataset = load_conversations(config.path) if dataset is None else dataset
+        if len(self.dataset) == 0:
+            raise ValueError(f"the dataset at {config.path} has no samples")
         self.stats, self.fingerprint = load_or_compute_stats(
             self.dataset, self.processor, seq_length=config.seq_length, truncate=config.truncate,
             num_workers=config.num_workers, cache_dir=config.cache_dir)
@@ -222,7 +224,8 @@ class SFTDataLoader:
                 "seq_length": self.config.seq_length}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings."""
+        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings.
+        The position is global (rows of the whole global batch), so a run may resume with another dp_size."""
         for key, mine in (("fingerprint", self.fingerprint), ("seed", self.config.seed),
                           ("global_batch_size", self.global_batch_size), ("seq_length", self.config.seq_length)):
             if state.get(key) != mine:

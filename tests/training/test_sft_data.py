@@ -165,6 +165,15 @@ def test_resume_reproduces_the_uninterrupted_run(processor, data_dir):
     for expected, got in zip(uninterrupted, head + [_rows(step) for step in tail]):
         assert [ids for ids, _ in expected] == [ids for ids, _ in got]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(expected, got))
+    # the position is global: resuming on two data-parallel ranks continues the same global batches
+    ranks = []
+    for rank in range(2):
+        loader = _loader(processor, data_dir, global_batch_size=2, dp_rank=rank, dp_size=2)
+        loader.load_state_dict(state)
+        ranks.append(list(itertools.islice(loader, 3)))
+    for k in range(3):
+        union = _rows(ranks[0][k]) + _rows(ranks[1][k])
+        assert [ids for ids, _ in union] == [ids for ids, _ in uninterrupted[5 + k]]
     with pytest.raises(ValueError, match="seed=0 but this loader has 1"):
         _loader(processor, data_dir, global_batch_size=2, seed=1).load_state_dict(state)
 
