@@ -41,8 +41,10 @@ class PromptBatch:
         return PromptBatch(self.ids, self.answers, inputs, self.roles)
 
 
-def prompt_samples(path: str | Path, processor, *, num_samples: int | None = None) -> list[PromptSample]:
-    """Load ``path`` (the conversation record format) and render the first ``num_samples`` records as prompts."""
+def prompt_samples(path: str | Path, processor, *, num_samples: int | None = None,
+                   shard: tuple[int, int] | None = None) -> list[PromptSample]:
+    """Load ``path`` (the conversation record format) and render the first ``num_samples`` records as prompts;
+    ``shard=(i, n)`` keeps records i, i + n, ... of those."""
     from megatron_avar.data.conversations import load_conversations, to_chat_messages
 
     dataset = load_conversations(path)
@@ -50,7 +52,7 @@ def prompt_samples(path: str | Path, processor, *, num_samples: int | None = Non
     if num_samples is not None and num_samples < 1:
         raise ValueError(f"--num-samples must be at least 1, got {num_samples}")
     samples = []
-    for index in range(count):
+    for index in range(count) if shard is None else range(shard[0], count, shard[1]):
         row = dataset[index]
         messages = to_chat_messages(row)
         if messages and messages[-1]["role"] == "assistant":

@@ -1,5 +1,5 @@
-"""`avar vas` (VAS report of a checkpoint), `avar vas compare` (reports side by side, VAS vs accuracy) and
-`avar intervene` (generation with the attention intervention, graded; --sweep for a grid)."""
+"""`avar vas` (VAS report of a checkpoint), `avar vas compare` (reports side by side, VAS vs accuracy),
+`avar vas merge` (join data-sharded reports) and `avar intervene` (generation with the attention intervention, graded; --sweep for a grid)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     vas.add_argument("--layers", default="all", help="decoder layers: all, middle, A-B (inclusive) or i,j,k")
     vas.add_argument("--exclude-sink", action="store_true",
                      help="top-level numbers without the sink (position 0) in K_sys; report.json always holds both")
+    vas.add_argument("--shard", default=None,
+                     help="I/N: only records I, I+N, ... (one job per GPU); join the reports with `avar vas merge`")
     vas.add_argument("--name", default=None, help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
     commands = vas.add_subparsers(title="vas commands", dest="vas_command", metavar="COMMAND")
     compare = commands.add_parser("compare", formatter_class=_DEFAULTS, help="VAS reports side by side; VAS vs accuracy",
@@ -44,6 +46,12 @@ def register(subparsers) -> None:
                          help='accuracies: JSON {"name": accuracy} or CSV with columns name,accuracy (name = report name or path)')
     compare.add_argument("--out", dest="compare_out", default=None, help="folder for compare.md, compare.json, vas_vs_accuracy.png")
     compare.set_defaults(handler=_compare)
+    merge = commands.add_parser("merge", formatter_class=_DEFAULTS, help="join the reports of `avar vas --shard I/N` jobs",
+                                description="Exact merge of data-sharded VAS reports (same checkpoint and settings, "
+                                            "disjoint samples) into one report with its figures.")
+    merge.add_argument("reports", nargs="+", help="report.json files or folders of the shards")
+    merge.add_argument("--out", dest="merge_out", required=True, help="output folder of the merged report")
+    merge.set_defaults(handler=_merge)
     vas.set_defaults(handler=_vas)
 
     intervene = subparsers.add_parser(
@@ -83,7 +91,7 @@ def _vas(args) -> int:
     _require(args, ("model", "data", "out"), "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
     config = VASConfig(model=args.model, data=args.data, out=args.out, num_samples=args.num_samples, layers=args.layers,
                        exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       device_map=args.device_map, impl=args.impl, name=args.name)
+                       device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard)
     report = run_vas(config)
     included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
     print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
@@ -102,6 +110,18 @@ def _compare(args) -> int:
                          "use `avar vas compare REPORT... --out DIR`")
     result = compare_reports(args.reports, args.accuracy, args.compare_out)
     sys.stdout.write(result["markdown"])
+    return 0
+
+
+def _merge(args) -> int:
+    from megatron_avar.analysis.run_vas import merge_vas_reports
+
+    if args.model is not None or args.data is not None or args.out is not None:
+        raise ValueError("`avar vas merge` takes reports, not --model/--data/--out before `merge`; "
+                         "use `avar vas merge REPORT... --out DIR`")
+    report = merge_vas_reports(args.reports, args.merge_out)
+    print(f"merged {len(args.reports)} reports: VAS {report['vas']:.4f} over {report['num_samples']} samples; "
+          f"wrote {args.merge_out}/report.json and figures")
     return 0
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["VASConfig", "run_vas", "accumulate_vas", "write_vas_report"]
+__all__ = ["VASConfig", "run_vas", "accumulate_vas", "write_vas_report", "merge_vas_reports"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class VASConfig:
     num_samples: first N records. layers: "all", "A-B" or "i,j". exclude_sink: top-level numbers without the
     sink in K_sys (both variants are always in report.json). batch_size: prompts per forward.
     device / dtype / device_map: see model_loading.load_hf_model. impl: role_attention implementation.
-    name: the checkpoint's label in `avar vas compare` (default: the model folder's name)."""
+    name: the checkpoint's label in `avar vas compare` (default: the model folder's name). shard: "I/N" takes
+    records I, I + N, ... of the first num_samples (one job per GPU; `avar vas merge` joins the reports)."""
 
     model: str
     data: str
@@ -39,12 +40,44 @@ class VASConfig:
     device_map: str | None = None
     impl: str = "auto"
     name: str | None = None
+    shard: str | None = None
 
     def __post_init__(self):
+        if self.shard is not None:
+            index, _, count = self.shard.partition("/")
+            if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+                raise ValueError(f"shard={self.shard!r}: use I/N with 0 <= I < N (this job takes records I, I+N, ...)")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def shard_index(self) -> tuple[int, int] | None:
+        """(I, N) of ``shard``, or None."""
+        if self.shard is None:
+            return None
+        index, _, count = self.shard.partition("/")
+        return int(index), int(count)
+
+
+def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bool | None = None) -> dict:
+    """Join the reports of `avar vas --shard I/N` jobs (same checkpoint and settings) into one report in ``out``."""
+    from megatron_avar.analysis.compare import load_report
+    from megatron_avar.analysis.vas import VASAccumulator
+
+    reports = [load_report(p)[1] for p in paths]
+    for path, report in zip(paths, reports):
+        if "accumulator_state" not in report:
+            raise ValueError(f"{path}: the report has no accumulator_state (written by an older avar vas); rerun it")
+        if report["checkpoint"]["config_sha256"] != reports[0]["checkpoint"]["config_sha256"]:
+            raise ValueError(f"{path} comes from another checkpoint than {paths[0]}; merge shards of one run only")
+    accumulator = VASAccumulator.merge([r["accumulator_state"] for r in reports])
+    first = reports[0]
+    config = dict(first["config"], shard=None, merged_from=[str(p) for p in paths])
+    runtime = dict(seconds=sum(r["runtime"]["seconds"] for r in reports), shards=[r["runtime"] for r in reports])
+    return write_vas_report(accumulator, out, exclude_sink=first["exclude_sink"] if exclude_sink is None else exclude_sink,
+                            name=first["name"], config=config, checkpoint=first["checkpoint"], runtime=runtime)
 
 
 def run_vas(config: VASConfig) -> dict:
@@ -64,7 +97,7 @@ def run_vas(config: VASConfig) -> dict:
     started = time.time()
     model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
                                              device_map=config.device_map)
-    samples = prompt_samples(config.data, processor, num_samples=config.num_samples)
+    samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
     num_heads = model.config.text_config.num_attention_heads
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
@@ -75,17 +108,17 @@ def run_vas(config: VASConfig) -> dict:
             hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
             model(**batch.inputs, logits_to_keep=1)
 
-        result = accumulate_vas(batches, forward, layers, num_heads)
+        accumulator = accumulate_vas(batches, forward, layers, num_heads)
     runtime = dict(seconds=round(time.time() - started, 2), device=device, torch=torch.__version__,
                    num_records_rendered=len(samples))
-    return write_vas_report(result, config.out, exclude_sink=config.exclude_sink,
+    return write_vas_report(accumulator, config.out, exclude_sink=config.exclude_sink,
                             name=config.name or Path(config.model).resolve().name,
                             config=dict(asdict(config), layers_resolved=list(layers), num_model_layers=num_layers),
                             checkpoint=checkpoint_identity(config.model), runtime=runtime)
 
 
 def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], num_heads: int):
-    """VASResult over ``batches`` (PromptBatch-like: ``.roles`` [B, S], ``.ids``) for any attention source.
+    """The VASAccumulator (``.result()``: the statistics) over ``batches`` (PromptBatch-like: ``.roles`` [B, S], ``.ids``) for any attention source.
 
     ``forward(batch, on_mass)`` runs the model on one batch (prompt-only prefill) and calls
     ``on_mass(layer, mass)`` once per layer in ``layers`` with mass float [B, H, S, R] over all H heads
@@ -98,18 +131,20 @@ def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], 
         accumulator.begin_batch(batch.roles, batch.ids)
         forward(batch, accumulator.add_layer)
         accumulator.end_batch()
-    return accumulator.result()
+    return accumulator
 
 
-def write_vas_report(result, out: str | Path, *, exclude_sink: bool, name: str, config: dict, checkpoint: dict,
+def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: str, config: dict, checkpoint: dict,
                      runtime: dict) -> dict:
-    """Write ``out``/report.json (result.to_json + name, config, checkpoint, runtime) and the three figures."""
+    """Write ``out``/report.json (the statistics, name, config, checkpoint, runtime and the accumulator state that
+    `avar vas merge` combines across data shards) and the three figures; return the report."""
     from megatron_avar.analysis import figures
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = result.to_json(exclude_sink=exclude_sink)
-    report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime)
+    report = accumulator.result().to_json(exclude_sink=exclude_sink)
+    report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime,
+                  accumulator_state=accumulator.state_dict())
     _write_json(out / "report.json", report)
     figures.plot_vas_per_layer(report, out / "vas_per_layer.png")
     figures.plot_image_share_heatmap(report, out / "image_share_heatmap.png")

@@ -220,6 +220,50 @@ class VASAccumulator:
                 self._sample_vas[variant].append(float(state["ratio"][variant][b]) / num_terms)
         self._batch = None
 
+    def state_dict(self) -> dict:
+        """The sums as plain JSON values; ``merge`` of the states of disjoint data shards is the accumulator of
+        all their samples (exact up to float64 summation order)."""
+        if self._batch is not None:
+            raise RuntimeError("state_dict() during a batch; call end_batch first")
+        return dict(layers=self.layers, num_heads=self.num_heads, eps=self.eps, sink_separated=self._sink_separated,
+                    sample_ids=self.sample_ids, skipped=self.skipped, num_queries=self.num_queries,
+                    img_sum=self._img_sum.tolist(),
+                    ratio_sum={v: t.tolist() for v, t in self._ratio_sum.items()},
+                    sys_sum={v: t.tolist() for v, t in self._sys_sum.items()},
+                    hist={v: t.tolist() for v, t in self._hist.items()}, sample_vas=self._sample_vas)
+
+    @classmethod
+    def merge(cls, states: Sequence[dict]) -> "VASAccumulator":
+        """One accumulator from the ``state_dict`` of several shards (same layers, heads and eps; disjoint samples)."""
+        if not states:
+            raise ValueError("nothing to merge")
+        first = states[0]
+        merged = cls(first["layers"], first["num_heads"], eps=first["eps"])
+        seen: set[str] = set()
+        for index, state in enumerate(states):
+            for key in ("layers", "num_heads", "eps"):
+                if state[key] != first[key]:
+                    raise ValueError(f"shard {index} has {key}={state[key]!r} but shard 0 has {first[key]!r}; "
+                                     "merge only shards of one run configuration")
+            ids = set(state["sample_ids"]) | set(state["skipped"])
+            if ids & seen:
+                raise ValueError(f"shard {index} repeats samples {sorted(ids & seen)[:5]}: shards must be disjoint")
+            seen |= ids
+            if state["sink_separated"] is not None:
+                if merged._sink_separated not in (None, state["sink_separated"]):
+                    raise ValueError("shards disagree on whether masses separate the sink role")
+                merged._sink_separated = state["sink_separated"]
+            merged.sample_ids += state["sample_ids"]
+            merged.skipped += state["skipped"]
+            merged.num_queries += state["num_queries"]
+            merged._img_sum += torch.tensor(state["img_sum"], dtype=torch.float64)
+            for v in VARIANTS:
+                merged._ratio_sum[v] += torch.tensor(state["ratio_sum"][v], dtype=torch.float64)
+                merged._sys_sum[v] += torch.tensor(state["sys_sum"][v], dtype=torch.float64)
+                merged._hist[v] += torch.tensor(state["hist"][v], dtype=torch.float64)
+                merged._sample_vas[v] += state["sample_vas"][v]
+        return merged
+
     def result(self) -> VASResult:
         """The statistics; raises ValueError when no sample had VAS queries (nothing to average)."""
         if self._batch is not None:

@@ -84,6 +84,23 @@ def test_vas_exclude_sink_and_layer_subset(toy, vas_run):
     assert report["vas"] == pytest.approx(full["variants"]["sink_excluded"]["vas_per_layer"][1], rel=1e-6)
 
 
+def test_vas_shards_merge(toy, vas_run, capsys):
+    _, full = vas_run
+    shards = []
+    for index in (0, 1):
+        shards.append(str(toy["root"] / f"shard{index}"))
+        assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", shards[-1], "--shard", f"{index}/2",
+                     "--batch-size", "3"]) == 0
+    assert main(["vas", "merge", *shards, "--out", str(toy["root"] / "merged")]) == 0
+    merged = json.loads((toy["root"] / "merged" / "report.json").read_text())
+    assert merged["num_samples"] == NUM_SAMPLES and merged["config"]["merged_from"] == shards
+    assert merged["vas"] == pytest.approx(full["vas"], rel=1e-6)  # other batches pad differently: fp32 noise only
+    assert sorted(s["id"] for s in merged["samples"]) == sorted(s["id"] for s in full["samples"])
+    capsys.readouterr()
+    assert main(["vas", "merge", shards[0], shards[0], "--out", str(toy["root"] / "bad")]) == 2
+    assert "disjoint" in capsys.readouterr().err
+
+
 def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
     out, _ = vas_run
     layer1 = toy["root"] / "vas-layer1"

@@ -110,3 +110,28 @@ def test_accumulator_rejects_bad_feeds(run):
     accumulator.add_layer(0, run["masses"][0])
     with pytest.raises(ValueError, match="without masses for layers \\[1\\]"):
         accumulator.end_batch()
+
+
+def test_sharded_accumulators_merge_to_the_whole(run):
+    import json
+
+    from megatron_avar.analysis.vas import VASAccumulator
+
+    whole = vas_from_masses(run["masses"], run["roles"], sample_ids=["a", "b", "c"])
+    states = []
+    for rows in ([1], [0, 2]):
+        shard = VASAccumulator([0, 1, 2], num_heads=4)
+        shard.begin_batch(run["roles"][rows], sample_ids=[["a", "b", "c"][r] for r in rows])
+        for layer, mass in run["masses"].items():
+            shard.add_layer(layer, mass[rows])
+        shard.end_batch()
+        states.append(json.loads(json.dumps(shard.state_dict())))  # as stored in report.json
+    merged = VASAccumulator.merge(states).result()
+    for variant in ("sink_included", "sink_excluded"):
+        for key in ("vas", "ratio_of_means", "system_share"):
+            assert merged.variants[variant][key] == pytest.approx(whole.variants[variant][key], rel=1e-12)
+        assert merged.variants[variant]["ratio_histogram"] == whole.variants[variant]["ratio_histogram"]
+    assert merged.image_share == pytest.approx(whole.image_share, rel=1e-12)
+    assert sorted(merged.sample_ids) == ["a", "b"] and merged.skipped_sample_ids == ["c"]
+    with pytest.raises(ValueError, match="disjoint"):
+        VASAccumulator.merge([states[0], states[0]])
