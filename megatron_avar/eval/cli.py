@@ -20,7 +20,7 @@ _FLAG_KEYS = {
     "do_sample": "generation.do_sample", "temperature": "generation.temperature", "top_p": "generation.top_p",
     "top_k": "generation.top_k", "seed": "generation.seed", "min_pixels": "generation.min_pixels",
     "max_pixels": "generation.max_pixels", "dtype": "generation.dtype",
-    "tensor_parallel_size": "generation.tensor_parallel_size",
+    "tensor_parallel_size": "generation.tensor_parallel_size", "num_shards": "num_shards", "shard_index": "shard_index",
 }
 
 
@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     add("--max-pixels", type=int, help="image max pixels (default: the checkpoint's; VLMEvalKit: 12845056 = 16384*28*28)")
     add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
     add("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default: 1)")
+    add("--num-shards", type=int, help="data parallelism: split every benchmark over N processes (default: 1)")
+    add("--shard-index", type=int, help="this process's shard in [0, N) (default: 0); --score-only when all are done")
     add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
     add("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(handler=_eval)
@@ -99,6 +101,10 @@ def _eval(args) -> int:
         scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split)
     else:
         scores = run_eval(config)
+        if scores is None:
+            print(f"shard {config.shard_index} of {config.num_shards} done; when every shard is, score the run with "
+                  f"`avar eval --out {config.out} --benchmarks {','.join(config.benchmarks)} --score-only`")
+            return 0
     print((config.out / "results.md").read_text())
     print(json.dumps({name: s["score"] for name, s in scores["benchmarks"].items()}, indent=2))
     return 0

@@ -78,6 +78,7 @@ class HFGenerator:
     """Greedy or sampled generation with ``Qwen2_5_VLForConditionalGeneration.generate``."""
 
     def __init__(self, model_dir: str, config: GenerationConfig):
+        from transformers import GenerationConfig as GenerationConfig_
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         from megatron_avar.platform import device_for_local_rank
@@ -94,6 +95,13 @@ class HFGenerator:
         self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids.discard(None)
         self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+        # A fresh generation config, so that the checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships
+        # do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05) cannot change the decoding we report.
+        sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None) \
+            if config.do_sample else dict(temperature=None, top_p=None, top_k=None)
+        self.generation_config = GenerationConfig_(
+            max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, repetition_penalty=1.0,
+            pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids), **sampling)
 
     def _batch(self, samples) -> dict[str, torch.Tensor]:
         """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images."""
@@ -129,14 +137,9 @@ class HFGenerator:
         config, responses = self.config, []
         for start in range(0, len(samples), config.batch_size):
             batch = self._batch(samples[start:start + config.batch_size])
-            options = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
-                           pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids))
             if config.do_sample:
                 torch.manual_seed(config.seed)
-                options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
-            else:
-                options.update(temperature=None, top_p=None, top_k=None)
-            output = self.model.generate(**batch, **options)
+            output = self.model.generate(**batch, generation_config=self.generation_config)
             prompt_length = batch["input_ids"].shape[1]
             responses += [self._decode(row[prompt_length:].tolist()) for row in output]
         return responses

@@ -10,6 +10,7 @@ table. The average is left empty unless all seven benchmarks were evaluated.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from megatron_avar.eval.benchmarks import BENCHMARKS
@@ -55,6 +56,12 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_report(out: Path, summaries: dict[str, dict]) -> dict:
     """Write ``out/scores.json`` and ``out/results.md``; return the scores dict."""
     run_config_path = out / "run_config.json"
@@ -63,7 +70,7 @@ def write_report(out: Path, summaries: dict[str, dict]) -> dict:
     scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
     if all(name in summaries for name in BENCHMARKS):
         scores["average"] = round(sum(summaries[n]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
-    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    _write_atomic(out / "scores.json", json.dumps(scores, indent=2) + "\n")
     limit = run_config.get("limit")
-    (out / "results.md").write_text(results_table(summaries, f"ours: {Path(model).name}", limit=limit))
+    _write_atomic(out / "results.md", results_table(summaries, f"ours: {Path(model).name}", limit=limit))
     return scores

@@ -11,11 +11,16 @@ Resuming: samples whose id is already in the predictions file are skipped, so an
 where it stopped (a half-written last line is dropped). Scores are always recomputed from the stored
 responses of the whole file, so scoring the same file twice gives the same numbers, and a rule change
 re-scores old runs without generating again.
+
+Data parallelism: ``num_shards`` processes (e.g. one per GPU, via Slurm array tasks or ``CUDA_VISIBLE_DEVICES``)
+with ``shard_index`` 0..N-1 share one ``--out``; each appends to ``predictions/<benchmark>.shard-<i>-of-<n>.jsonl``
+and does not score; ``--score-only`` afterwards scores the union of the shard files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ from pathlib import Path
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
 from megatron_avar.eval.generation import GenerationConfig, make_generator
 
-__all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions"]
+__all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files"]
 
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 _VLLM_CHUNK = 256  # prompts handed to vLLM at once (it schedules them itself); also the resume granularity
@@ -37,6 +42,9 @@ class EvalConfig:
     benchmarks: CLI names (default: all seven, `megatron_avar.eval.benchmarks.BENCHMARKS`). data_root: the folder holding one
     subfolder per benchmark (`megatron_avar.eval.data`); allow_hub: also try the hub. limit: the first
     ``limit`` samples of each benchmark (None = all). mathvision_split: "test" (the paper's) or "testmini".
+    num_shards / shard_index: data parallelism over processes (one per GPU or GPU group): shard i generates
+    the samples at positions p with p % num_shards == i into its own predictions file; scoring reads all
+    shard files (run ``--score-only`` once every shard has finished).
     """
 
     out: Path
@@ -46,6 +54,8 @@ class EvalConfig:
     allow_hub: bool = False
     limit: int | None = None
     mathvision_split: str = "test"
+    num_shards: int = 1
+    shard_index: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def __post_init__(self):
@@ -63,6 +73,9 @@ class EvalConfig:
             raise ValueError(f"benchmarks lists a name twice: {', '.join(self.benchmarks)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 (or None for all samples), got {self.limit}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
+                             f"{self.shard_index} / {self.num_shards}")
         if self.mathvision_split not in ("test", "testmini"):
             raise ValueError(f"mathvision_split must be 'test' or 'testmini', got {self.mathvision_split!r}")
 
@@ -89,6 +102,18 @@ def read_predictions(path: Path) -> dict[str, dict]:
     return records
 
 
+def predictions_path(out: Path, benchmark: str, config: EvalConfig) -> Path:
+    """``predictions/<benchmark>.jsonl``, or ``<benchmark>.shard-<i>-of-<n>.jsonl`` for a sharded run."""
+    suffix = "" if config.num_shards == 1 else f".shard-{config.shard_index}-of-{config.num_shards}"
+    return out / "predictions" / f"{benchmark}{suffix}.jsonl"
+
+
+def prediction_files(out: Path, benchmark: str) -> list[Path]:
+    """Every predictions file of ``benchmark`` in ``out`` (unsharded and shard files), sorted."""
+    folder = out / "predictions"
+    return sorted([*folder.glob(f"{benchmark}.jsonl"), *folder.glob(f"{benchmark}.shard-*-of-*.jsonl")])
+
+
 def _check_run_config(out: Path, config: EvalConfig) -> None:
     """Record the run's model and generation settings; refuse to mix different ones in one folder."""
     path = out / "run_config.json"
@@ -104,7 +129,10 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
                 f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
                 f"mix them. Use another --out, or delete {out} to start over")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**current, "limit": config.limit}, indent=2) + "\n")
+    # atomic: shards of one run write this file concurrently (with the same content)
+    temporary = path.with_name(f".run_config.{config.shard_index}.tmp")
+    temporary.write_text(json.dumps({**current, "limit": config.limit}, indent=2) + "\n")
+    os.replace(temporary, path)
 
 
 def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path) -> int:
@@ -115,7 +143,7 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     seen: set[str] = set()
     chunk_size = _VLLM_CHUNK if config.generation.backend == "vllm" else config.generation.batch_size
     pending, written = [], 0
-    progress = tqdm(desc=benchmark.name, unit="sample", total=config.limit, file=sys.stderr)
+    progress = tqdm(desc=benchmark.name, unit="sample", file=sys.stderr)
 
     def flush():
         nonlocal written
@@ -129,10 +157,12 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         progress.update(len(pending))
         pending.clear()
 
-    for sample in benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=config.limit):
+    for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=config.limit)):
         if sample.id in seen:
             raise ValueError(f"{benchmark.name}: sample id {sample.id!r} occurs twice in the data; ids must be unique")
         seen.add(sample.id)
+        if position % config.num_shards != config.shard_index:
+            continue
         if sample.id in done:
             progress.update(1)
             continue
@@ -151,18 +181,22 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
 
     summaries = {}
     for name in benchmarks:
-        path = out / "predictions" / f"{name}.jsonl"
-        records = list(read_predictions(path).values())
+        records = {}
+        for path in prediction_files(out, name):
+            for sample_id, record in read_predictions(path).items():
+                records.setdefault(sample_id, record)
+        records = list(records.values())
         if not records:
-            raise ValueError(f"no predictions for {name} in {path}; run `avar eval --model ...` first")
+            raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
         judged = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
         summaries[name] = benchmark.aggregate(judged)
     return write_report(out, summaries)
 
 
-def run_eval(config: EvalConfig) -> dict:
-    """Generate what is missing for every benchmark, then score all of them; returns the scores dict."""
+def run_eval(config: EvalConfig) -> dict | None:
+    """Generate what is missing for every benchmark, then score all of them; returns the scores dict
+    (None for one shard of a sharded run: score with `score_run` once all shards are done)."""
     if config.model is None:
         raise ValueError("a model directory is needed to generate (--model); use --score-only to re-score")
     if not Path(config.model).is_dir():
@@ -180,6 +214,8 @@ def run_eval(config: EvalConfig) -> dict:
 
     for name in config.benchmarks:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
-        written = _generate_benchmark(benchmark, config, get_generator, out / "predictions" / f"{name}.jsonl")
+        written = _generate_benchmark(benchmark, config, get_generator, predictions_path(out, name, config))
         print(f"{name}: {written} new predictions", file=sys.stderr)
+    if config.num_shards > 1:
+        return None
     return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split)

@@ -28,7 +28,7 @@ class VLLMGenerator:
                        dtype="bfloat16" if config.dtype == "auto" else config.dtype,
                        limit_mm_per_prompt={"image": 8}, mm_processor_kwargs=mm_kwargs or None)
         self.sampling = SamplingParams(
-            max_tokens=config.max_new_tokens, seed=config.seed, skip_special_tokens=False,
+            max_tokens=config.max_new_tokens, seed=config.seed, skip_special_tokens=False, repetition_penalty=1.0,
             temperature=config.temperature if config.do_sample else 0.0,
             top_p=config.top_p if config.do_sample else 1.0,
             top_k=(config.top_k or -1) if config.do_sample else -1,

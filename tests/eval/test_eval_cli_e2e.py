@@ -46,3 +46,20 @@ def test_greedy_generation_is_deterministic_and_batch_independent(toy_checkpoint
     assert batched.generate(samples) == responses  # left padding + mrope positions per row
     assert one.generate(samples) == responses
     assert len(set(responses)) > 1  # the images and texts matter
+
+
+def test_checkpoint_generation_config_does_not_change_greedy_decoding(toy_checkpoint, eval_data_root, tmp_path):
+    import shutil
+
+    from megatron_avar.eval.benchmarks import get_benchmark
+    from megatron_avar.eval.generation import GenerationConfig, HFGenerator
+
+    # Qwen2.5-VL-Instruct ships sampling defaults and a repetition penalty in generation_config.json
+    shipped = tmp_path / "shipped"
+    shutil.copytree(toy_checkpoint, shipped)
+    generation = json.loads((shipped / "generation_config.json").read_text())
+    generation.update(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=3.0)
+    (shipped / "generation_config.json").write_text(json.dumps(generation))
+    samples = list(get_benchmark("hallusionbench").samples(eval_data_root, limit=2))
+    config = GenerationConfig(max_new_tokens=8)
+    assert HFGenerator(str(shipped), config).generate(samples) == HFGenerator(str(toy_checkpoint), config).generate(samples)

@@ -30,7 +30,7 @@ def fake_generator(monkeypatch):
 
 
 def _config(tmp_path, root, **kwargs):
-    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model").mkdir(parents=True, exist_ok=True)
     kwargs.setdefault("benchmarks", ("mmstar", "mathvista"))
     return EvalConfig(model=str(tmp_path / "model"), out=tmp_path / "out", data_root=root, **kwargs)
 
@@ -115,3 +115,22 @@ def test_example_config_then_overrides_then_flags(tmp_path):
         "mathvista mathvision mathverse_vo mmmu mmmu_pro mmstar hallusionbench".split())
     with pytest.raises(ValueError, match="generation.top_q"):
         resolve_config(build_parser().parse_args(["eval", "--out", "o", "generation.top_q=1"]))
+
+
+def test_shards_cover_every_sample_once_and_score_like_one_process(fake_generator, tmp_path, eval_data_root):
+    from megatron_avar.eval.runner import score_run
+
+    benchmarks = ("mathvista", "mmmu_pro", "hallusionbench")
+    single = run_eval(_config(tmp_path / "single", eval_data_root, benchmarks=benchmarks))
+    asked = [sid for call in fake_generator.calls for sid in call]
+    fake_generator.calls.clear()
+    for index in (1, 0, 2):  # any order, one shared folder
+        assert run_eval(_config(tmp_path, eval_data_root, benchmarks=benchmarks, num_shards=3, shard_index=index)) is None
+    sharded_ids = [sid for call in fake_generator.calls for sid in call]
+    assert sorted(sharded_ids) == sorted(asked)  # every sample exactly once over the shards
+    files = sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir())
+    assert files == [f"{b}.shard-{i}-of-3.jsonl" for b in sorted(benchmarks) for i in range(3)]
+    sharded = score_run(tmp_path / "out", benchmarks)
+    assert sharded["benchmarks"] == single["benchmarks"]
+    with pytest.raises(ValueError, match="shard_index"):
+        _config(tmp_path, eval_data_root, num_shards=2, shard_index=2)
