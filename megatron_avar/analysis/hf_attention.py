@@ -79,7 +79,7 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     """No mask (the text layers mask by roles); the 2-D padding mask is checked against the batch roles."""
     hook = _HOOK_BY_CONFIG.get(id(config))
     if hook is not None and attention_mask is not None and hook._key_roles is not None:
-        hook._check_padding(attention_mask)
+        hook._check_padding(attention_mask, prefill=q_length == kv_length)
     return None
 
 
@@ -156,10 +156,14 @@ class RoleAttentionHook:
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _check_padding(self, attention_mask: torch.Tensor) -> None:
-        known = self._key_roles.shape[1]
+    def _check_padding(self, attention_mask: torch.Tensor, prefill: bool) -> None:
+        batch, known = self._key_roles.shape
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < known \
+                or (prefill and attention_mask.shape[1] != known):
+            raise ValueError(f"the roles given to set_batch are [{batch}, {known}] but the attention_mask is "
+                             f"{list(attention_mask.shape)}; pass the roles of exactly this batch's input_ids")
         real = attention_mask.to("cpu", torch.bool)[:, :known]
-        if real.shape[0] != self._key_roles.shape[0] or not torch.equal(real, self._key_roles[:, :real.shape[1]] >= 0):
+        if not torch.equal(real, self._key_roles >= 0):
             raise ValueError("attention_mask and the roles given to set_batch disagree on which tokens are padding; "
                              "roles must be PAD (-1) exactly where attention_mask is 0")
 

@@ -142,3 +142,18 @@ def test_spec_validation_and_tables():
     scale, bias = InterventionSpec(alpha_img=0.15, alpha_sys=0.05, mode="additive", edit_sink=False).role_logit_tables()
     assert scale is None and bias.tolist() == pytest.approx([torch.log(torch.tensor(0.95)).item(),
                                                              torch.log(torch.tensor(1.15)).item(), 0, 0, 0, 0])
+
+
+def test_hook_refuses_roles_that_do_not_fit_the_batch(setup):
+    model, inputs, roles = setup
+    wrong_padding = roles.clone()
+    wrong_padding[2, 0] = int(TokenRole.USER_TEXT)  # row 2 is left-padded: position 0 is padding
+    with RoleAttentionHook(model) as hook, torch.no_grad():
+        for bad, message in ((wrong_padding, "disagree on which tokens are padding"), (roles[:, 1:], "exactly this batch")):
+            hook.set_batch(bad)
+            with pytest.raises(ValueError, match=message):
+                model(**inputs)
+        hook.clear_batch()
+        with pytest.raises(RuntimeError, match="call set_batch"):
+            model(**inputs)
+    assert model.config._attn_implementation == "eager"
