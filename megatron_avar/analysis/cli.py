@@ -9,16 +9,20 @@ import sys
 _DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _add_model_options(parser) -> None:
+def _add_model_options(parser, with_defaults: bool = True) -> None:
+    """Options shared by `avar vas` and `avar intervene` (intervene: no defaults here, its config has them)."""
+    def default(value):
+        return value if with_defaults else None
+
     parser.add_argument("--model", help="HF Qwen2.5-VL checkpoint directory")
     parser.add_argument("--data", help="conversation dataset (.jsonl/.json/.parquet file or folder; see README Data format)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per forward / generate call")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--batch-size", type=int, default=default(4), help="prompts per forward / generate call (4)")
+    parser.add_argument("--device", default=default("auto"), help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=default("auto"), choices=("auto", "float32", "bfloat16", "float16"),
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device-map", default=None, help="e.g. 'auto': spread a large model over the visible GPUs")
-    parser.add_argument("--impl", default="auto", choices=("auto", "blockwise", "triton", "reference"),
-                        help="role_attention implementation")
+    parser.add_argument("--impl", default=default("auto"), choices=("auto", "blockwise", "triton", "reference"),
+                        help="role_attention implementation (auto)")
 
 
 def register(subparsers) -> None:
@@ -55,28 +59,77 @@ def register(subparsers) -> None:
     vas.set_defaults(handler=_vas)
 
     intervene = subparsers.add_parser(
-        "intervene", formatter_class=_DEFAULTS,
+        "intervene",
         help="generate with the attention intervention (AVAR_SPEC.md section 3) and grade the answers",
         description="Rescale pre-softmax logits by key role on the queries after the image (generated tokens "
-                    "included) in a layer set, generate greedily with the KV cache, grade with math-verify.")
-    _add_model_options(intervene)
-    intervene.add_argument("--out", help="output JSON file (a sweep also writes <stem>.md and <stem>.png)")
-    intervene.add_argument("--alpha-img", type=float, default=0.15, help="IMAGE keys: z*(1+a) or z+log(1+a)")
-    intervene.add_argument("--alpha-sys", type=float, default=0.05, help="SYSTEM keys: z*(1-a) or z+log(1-a)")
-    intervene.add_argument("--layers", default="middle",
-                           help="decoder layers: middle (8-13 of 28, scaled to the model), all, A-B or i,j,k")
-    intervene.add_argument("--mode", default="multiplicative", choices=("multiplicative", "additive"), help="edit form")
-    intervene.add_argument("--queries", default="user_text_and_response", choices=("user_text_and_response", "all_after_image"),
-                           help="edited query rows after the first image")
-    intervene.add_argument("--keep-sink", action="store_true", help="do not edit the sink key (position 0)")
-    intervene.add_argument("--num-samples", type=int, default=None, help="use the first N records (default: all)")
-    intervene.add_argument("--max-new-tokens", type=int, default=512, help="generation budget per answer")
-    intervene.add_argument("--sweep", action="store_true",
-                           help="baseline + alpha_sys in --sweep-alpha-sys x layer sets in --sweep-layers")
-    intervene.add_argument("--sweep-alpha-sys", default="0,0.05,0.4,0.6", help="comma-separated alpha_sys values")
-    intervene.add_argument("--sweep-layers", default=None,
-                           help="layer sets separated by ';' (default: the --layers value and all)")
+                    "included) in a layer set, generate greedily with the KV cache, grade with math-verify. "
+                    "Settings: the defaults of megatron_avar/analysis/run_intervene.py (InterveneConfig), then "
+                    "--config FILE.yaml, then KEY=VALUE overrides, then the flags (a flag left out changes nothing).")
+    add = intervene.add_argument
+    add("--config", default=None, help="YAML config (see examples/vas/); flags and KEY=VALUE override it")
+    add("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of InterveneConfig fields, e.g. max_new_tokens=1024")
+    _add_model_options(intervene, with_defaults=False)
+    add("--out", help="output JSON file (a sweep also writes <stem>.md and <stem>.png)")
+    add("--alpha-img", type=float, help="IMAGE keys: z*(1+a) or z+log(1+a) (0.15)")
+    add("--alpha-sys", type=float, help="SYSTEM keys: z*(1-a) or z+log(1-a) (0.05)")
+    add("--layers", help="decoder layers: middle (8-13 of 28, scaled to the model; the default), all, A-B or i,j,k")
+    add("--mode", choices=("multiplicative", "additive"), help="edit form (multiplicative)")
+    add("--queries", choices=("user_text_and_response", "all_after_image"),
+        help="edited query rows after the first image (user_text_and_response)")
+    add("--keep-sink", action="store_true", default=None, help="do not edit the sink key (position 0)")
+    add("--num-samples", type=int, help="use the first N records (default: all)")
+    add("--max-new-tokens", type=int, help="generation budget per answer (512)")
+    add("--sweep", action="store_true", default=None,
+        help="baseline + alpha_sys in --sweep-alpha-sys x layer sets in --sweep-layers")
+    add("--sweep-alpha-sys", help="comma-separated alpha_sys values (0,0.05,0.4,0.6)")
+    add("--sweep-layers", help="layer sets separated by ';' (middle;all)")
+    add("--print-config", action="store_true", help="print the resolved config and exit")
     intervene.set_defaults(handler=_intervene)
+
+
+# avar intervene flag dest -> InterveneConfig field
+_INTERVENE_FLAGS = {
+    "model": "model", "data": "data", "out": "out", "alpha_img": "alpha_img", "alpha_sys": "alpha_sys",
+    "layers": "layers", "mode": "mode", "queries": "queries", "num_samples": "num_samples",
+    "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "device": "device", "dtype": "dtype",
+    "device_map": "device_map", "impl": "impl", "sweep": "sweep",
+}
+
+
+def resolve_intervene_config(args):
+    """The InterveneConfig of parsed `avar intervene` arguments (defaults < --config < KEY=VALUE < flags)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from megatron_avar.analysis.run_intervene import InterveneConfig
+    from megatron_avar.config import apply_overrides, config_from_dict
+
+    values: dict = {}
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+    flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in _INTERVENE_FLAGS.items()
+             if getattr(args, dest) is not None]
+    if args.keep_sink:
+        flags.append("edit_sink=false")
+    if args.sweep_alpha_sys is not None:
+        try:
+            alphas = [float(a) for a in args.sweep_alpha_sys.split(",") if a.strip()]
+        except ValueError:
+            raise ValueError(f"--sweep-alpha-sys {args.sweep_alpha_sys!r}: give comma-separated numbers like 0,0.05,0.4") from None
+        flags.append(f"sweep_alpha_sys={json.dumps(alphas)}")
+    if args.sweep_layers is not None:
+        flags.append(f"sweep_layers={json.dumps([s.strip() for s in args.sweep_layers.split(';') if s.strip()])}")
+    values = apply_overrides(values, list(args.overrides) + flags)
+    missing = [f"--{key.replace('_', '-')}" for key in ("model", "data", "out") if values.get(key) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}; usage: avar intervene --model DIR --data FILE --out FILE.json "
+                         "(or model:/data:/out: in --config)")
+    return config_from_dict(InterveneConfig, values)
 
 
 def _require(args, names: tuple[str, ...], usage: str) -> None:
@@ -126,24 +179,20 @@ def _merge(args) -> int:
 
 
 def _intervene(args) -> int:
-    from megatron_avar.analysis.run_intervene import InterveneConfig, run_intervene
+    from megatron_avar.analysis.run_intervene import run_intervene
+    from megatron_avar.config import config_to_dict
 
-    _require(args, ("model", "data", "out"), "avar intervene --model DIR --data FILE --out FILE.json")
-    try:
-        alphas = tuple(float(a) for a in args.sweep_alpha_sys.split(",") if a.strip())
-    except ValueError:
-        raise ValueError(f"--sweep-alpha-sys {args.sweep_alpha_sys!r}: give comma-separated numbers like 0,0.05,0.4") from None
-    sweep_layers = tuple(s.strip() for s in (args.sweep_layers or f"{args.layers};all").split(";") if s.strip())
-    config = InterveneConfig(
-        model=args.model, data=args.data, out=args.out, alpha_img=args.alpha_img, alpha_sys=args.alpha_sys,
-        mode=args.mode, layers=args.layers, queries=args.queries, edit_sink=not args.keep_sink,
-        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, device_map=args.device_map, impl=args.impl, sweep=args.sweep, sweep_alpha_sys=alphas,
-        sweep_layers=tuple(dict.fromkeys(sweep_layers)))
+    config = resolve_intervene_config(args)
+    if args.print_config:
+        import json
+
+        print(json.dumps(config_to_dict(config), indent=2))
+        return 0
     written = run_intervene(config)
-    if args.sweep:
-        print(f"baseline accuracy {written['baseline']['accuracy']}; {len(written['rows'])} settings; wrote {args.out}, "
-              f"{args.out[:-5]}.md, {args.out[:-5]}.png")
+    if config.sweep:
+        stem = config.out[:-len(".json")]
+        print(f"baseline accuracy {written['baseline']['accuracy']}; {len(written['rows'])} settings; wrote {config.out}, "
+              f"{stem}.md, {stem}.png")
     else:
-        print(f"accuracy {written['accuracy']} over {written['num_graded']} graded samples; wrote {args.out}")
+        print(f"accuracy {written['accuracy']} over {written['num_graded']} graded samples; wrote {config.out}")
     return 0

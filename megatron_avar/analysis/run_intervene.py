@@ -46,6 +46,11 @@ class InterveneConfig:
     sweep_layers: tuple[str, ...] = ("middle", "all")
 
     def __post_init__(self):
+        # YAML gives lists: keep the frozen config hashable and its sweep order fixed
+        object.__setattr__(self, "sweep_alpha_sys", tuple(float(a) for a in self.sweep_alpha_sys))
+        object.__setattr__(self, "sweep_layers", tuple(dict.fromkeys(str(s) for s in self.sweep_layers)))
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 or null (all), got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:

@@ -184,3 +184,20 @@ def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     assert "missing --data" in error_of(["vas", "--model", toy["model"], "--out", str(tmp_path / "o")])
     assert "alpha_sys" in error_of(["intervene", "--model", toy["model"], "--data", toy["data"],
                                     "--out", str(tmp_path / "i.json"), "--alpha-sys", "1.5"])
+
+
+def test_intervene_config_file_overrides_and_flags(capsys):
+    """defaults < examples/vas/intervene_sweep.yaml < KEY=VALUE < flags."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "vas" / "intervene_sweep.yaml"
+    capsys.readouterr()
+    assert main(["intervene", "--config", str(example), "--model", "m", "--data", "d", "--out", "o.json",
+                 "max_new_tokens=64", "alpha_sys=0.3", "--alpha-sys", "0.2", "--sweep-layers", "0-1;all", "--keep-sink",
+                 "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["sweep"] is True and config["sweep_alpha_sys"] == [0.0, 0.05, 0.4, 0.6]   # from the file
+    assert config["max_new_tokens"] == 64 and config["alpha_sys"] == 0.2                    # override, then flag
+    assert config["sweep_layers"] == ["0-1", "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
+    assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "alpha_sis=0.3"]) == 2
+    assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
