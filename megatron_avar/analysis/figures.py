@@ -125,6 +125,8 @@ def plot_accuracy_vs_alpha(rows: Sequence[dict], baseline: float | None, path: P
         ax.plot([a for a, _ in points], [acc for _, acc in points], marker="o", label=f"layers {layer_set}")
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="no intervention")
+    values = [row["accuracy"] for row in rows if row["accuracy"] is not None] + ([baseline] if baseline is not None else [])
+    ax.set_ylim(0, min(1.0, 1.15 * max(values)) if values and max(values) > 0 else 1.0)  # accuracy is in [0, 1]
     ax.set_xlabel("alpha_sys")
     ax.set_ylabel("accuracy")
     first = rows[0] if rows else {}
