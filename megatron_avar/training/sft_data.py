@@ -216,6 +216,13 @@ class SFTDataLoader:
         """Optimizer steps an epoch's rows fill (fractional: steps may span epochs)."""
         return len(self.epoch_rows(epoch)) / self.global_batch_size
 
+    def summary(self, epoch: int = 0) -> dict:
+        """What to log at start-up: samples, truncated samples, rows, steps and packing efficiency of an epoch."""
+        return {"num_samples": len(self.stats), "num_truncated": self.stats.num_truncated,
+                "num_samples_with_image": sum(n > 0 for n in self.stats.num_images),
+                "rows_per_epoch": len(self.epoch_rows(epoch)), "steps_per_epoch": self.steps_per_epoch(epoch),
+                "packing_efficiency": self.packing_efficiency(epoch), "fingerprint": self.fingerprint}
+
     # -------------------------------------------------------------------------------- resume state
     def state_dict(self) -> dict:
         """Position after the last step handed out: {epoch, row_in_epoch, step, seed, fingerprint}."""

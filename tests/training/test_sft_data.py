@@ -112,6 +112,9 @@ def test_one_epoch_holds_every_sample_once_as_rendered_alone(processor, data_dir
     assert sorted(seen) == sorted(dataset["id"])  # every sample exactly once
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["row_in_epoch"] == 0
     assert loader.packing_efficiency(0) == pytest.approx(real_tokens / (num_rows * SEQ))
+    summary = loader.summary()
+    assert summary["num_samples"] == 26 and summary["rows_per_epoch"] == num_rows
+    assert summary["num_samples_with_image"] == 20 + 3 and summary["steps_per_epoch"] == num_rows
     # one buffer over the whole dataset: FFD's bound, at most 11/9 * OPT + 6/9 rows, OPT >= ceil(tokens / S)
     whole = _loader(processor, data_dir, global_batch_size=1, packing_buffer=len(dataset))
     optimum_bound = -(-sum(whole.stats.lengths) // SEQ)
