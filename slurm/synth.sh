@@ -86,5 +86,7 @@ for entry in $VLLM_MODELS; do
 done
 
 # 4. The pipeline, driven from the head node; RAY_ADDRESS makes it join the cluster (and leave it running:
-#    cleanup stops it). API keys of hosted teachers come from the environment variables the config names.
+#    cleanup stops it). API keys of hosted teachers come from the environment variables the config names:
+#    export them before sbatch (Slurm passes the environment to the job, and `ray start` above passes it to
+#    the stage workers); never put a key in the config.
 python -m megatron_avar synth --config "$CONFIG" "${OVERRIDES[@]}"

@@ -76,7 +76,10 @@ def parse_chain(text: str) -> tuple[str, str]:
     return text.strip(), predicted
 
 
-def make_anchor_parser(min_anchors: int, original_answer: str):
+def make_anchor_parser(min_anchors: int):
+    """A parser accepting a rewritten chain with >= min_anchors balanced <anchor> spans and its final-answer
+    line; returns (chain without tags, number of anchors). Whether the answer survived is verify's check."""
+
     def parse_anchored(text: str) -> tuple[str, int]:
         wrapped = _CHAIN_WRAPPER.match(text)
         text = wrapped.group(1) if wrapped else text
@@ -150,7 +153,7 @@ def anchor_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
     def anchor_one(job: tuple[dict, dict]) -> None:
         row, candidate = job
         messages = prompts.anchor_messages(version, row["question"], row["description"], candidate["chain"], anchor.min_anchors)
-        parse = make_anchor_parser(anchor.min_anchors, candidate["predicted"])
+        parse = make_anchor_parser(anchor.min_anchors)
         try:
             candidate["anchored"], candidate["num_anchors"] = _ask(client, row, messages, parse,
                                                                    candidate=candidate["index"], format_retries=retries)
