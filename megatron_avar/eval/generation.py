@@ -149,9 +149,9 @@ def make_generator(model_dir: str, config: GenerationConfig):
     """The backend ``config.backend`` names. vLLM needs a CUDA machine with vLLM installed (the ``gpu``
     extra); it is imported only then."""
     if config.backend == "vllm":
-        from megatron_avar.platform import vllm_available
+        from megatron_avar import platform
 
-        if not vllm_available():
+        if not platform.vllm_available():
             raise ValueError("--backend vllm needs CUDA and vLLM (pip install -e .[gpu]); use --backend hf on this machine")
         from megatron_avar.eval.vllm_backend import VLLMGenerator
 
