@@ -4,8 +4,10 @@ Local layout: ``DATA_ROOT/<benchmark dir>/[<config>/]`` holding the split in any
 what ``huggingface-cli download --repo-type dataset <hub name> --local-dir DATA_ROOT/<benchmark dir>``
 and ``Dataset.save_to_disk`` produce:
 
-- parquet / jsonl / json files whose name starts with the split (``testmini-00000-of-00001.parquet``,
-  ``data/testmini.parquet``, ``validation.jsonl``), anywhere below the folder;
+- parquet / jsonl / json files named after the split (``testmini.parquet``, ``validation.jsonl``) or hub
+  shards of it (``data/testmini-00000-of-00001-<hash>.parquet``), anywhere below the folder; where a split
+  has both parquet and json files (MathVerse ships ``testmini.parquet`` and ``testmini.json``), the parquet
+  files are read (they embed the images). ``testmini_text_only.parquet`` is not the ``testmini`` split;
 - a ``save_to_disk`` folder named after the split (``testmini/dataset_info.json``), or the folder itself.
 
 Image columns keep the benchmark's own schema: a `datasets.Image` (embedded bytes or a path) or, in json
@@ -24,15 +26,16 @@ _SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def split_files(folder: Path, split: str) -> list[Path]:
-    """Data files below ``folder`` whose name is the split or starts with ``<split>-`` / ``<split>.``/``_``."""
+    """Data files below ``folder`` named ``<split>.<ext>`` or ``<split>-*.<ext>``; parquet ones when there are any."""
     found = []
     for path in sorted(folder.rglob("*")):
         if path.suffix not in _SUFFIXES or not path.is_file() or path.name.startswith("."):
             continue
         stem = path.name[: -len(path.suffix)]
-        if stem == split or stem.startswith((f"{split}-", f"{split}.", f"{split}_")):
+        if stem == split or stem.startswith(f"{split}-"):
             found.append(path)
-    return found
+    parquet = [path for path in found if path.suffix == ".parquet"]
+    return parquet or found
 
 
 def _is_saved_dataset(folder: Path) -> bool:

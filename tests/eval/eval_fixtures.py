@@ -91,6 +91,13 @@ def write_mathverse(root: Path) -> None:
                 "answer": S, "question_type": S, "metadata": {"split": S, "source": S, "subject": S, "subfield": S},
                 "query_wo": S, "query_cot": S, "question_for_eval": S}
     _write(rows, features, root / "mathverse" / "testmini.parquet")
+    # the hub repository also holds the same split as json (image paths into images.zip) and a text-only
+    # config: neither may be read as the vision-only split
+    import json
+
+    (root / "mathverse" / "testmini.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in rows]))
+    text_only = [{**rows[0], "sample_index": "99", "problem_version": "Vision Only"}]
+    _write(text_only, features, root / "mathverse" / "testmini_text_only.parquet")
 
 
 def _mmmu_features(num_images=7):
