@@ -8,10 +8,12 @@ and ``Dataset.save_to_disk`` produce:
   shards of it (``data/testmini-00000-of-00001-<hash>.parquet``), anywhere below the folder; where a split
   has both parquet and json files (MathVerse ships ``testmini.parquet`` and ``testmini.json``), the parquet
   files are read (they embed the images). ``testmini_text_only.parquet`` is not the ``testmini`` split;
+- files in a folder named after the split (``vision/test/0000.parquet``, the hub's parquet-converter layout);
 - a ``save_to_disk`` folder named after the split (``testmini/dataset_info.json``), or the folder itself.
 
 Image columns keep the benchmark's own schema: a `datasets.Image` (embedded bytes or a path) or, in json
-files, a path relative to the file's folder; :func:`to_pil` turns any of them into a PIL image.
+files, an image path (absolute, or relative to the working directory); :func:`to_pil` turns any of them into
+a PIL image.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ _SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def split_files(folder: Path, split: str) -> list[Path]:
-    """Data files below ``folder`` named ``<split>.<ext>`` or ``<split>-*.<ext>``; parquet ones when there are any."""
+    """Data files below ``folder`` named ``<split>.<ext>`` or ``<split>-*.<ext>``, or inside a ``<split>/`` folder
+    (the hub's refs/convert/parquet layout ``<config>/<split>/0000.parquet``); parquet ones when there are any."""
     found = []
     for path in sorted(folder.rglob("*")):
         if path.suffix not in _SUFFIXES or not path.is_file() or path.name.startswith("."):
             continue
         stem = path.name[: -len(path.suffix)]
-        if stem == split or stem.startswith(f"{split}-"):
+        if stem == split or stem.startswith(f"{split}-") or path.parent.name == split:
             found.append(path)
     parquet = [path for path in found if path.suffix == ".parquet"]
     return parquet or found

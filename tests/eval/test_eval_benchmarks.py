@@ -144,3 +144,19 @@ def test_jsonl_copy_with_image_paths_reads_like_parquet(eval_data_root, tmp_path
     assert list(from_jsonl) == list(from_parquet)
     assert from_jsonl["1"].target == from_parquet["1"].target
     assert from_jsonl["1"].content[0]["image"].tobytes() == from_parquet["1"].content[0]["image"].tobytes()
+
+
+def test_parquet_converter_layout_and_save_to_disk_read_like_the_hub_files(eval_data_root, tmp_path):
+    import shutil
+
+    import datasets
+
+    (tmp_path / "converted" / "mmstar" / "val").mkdir(parents=True)  # refs/convert/parquet: <split>/0000.parquet
+    shutil.copy(eval_data_root / "mmstar" / "mmstar.parquet", tmp_path / "converted" / "mmstar" / "val" / "0000.parquet")
+    rows = datasets.load_dataset("parquet", data_files=str(eval_data_root / "mmstar" / "mmstar.parquet"), split="train")
+    rows.save_to_disk(str(tmp_path / "saved" / "mmstar" / "val"))
+    reference = _samples("mmstar", eval_data_root)
+    for root in (tmp_path / "converted", tmp_path / "saved"):
+        samples = _samples("mmstar", root)
+        assert list(samples) == list(reference)
+        assert [s.target for s in samples.values()] == [s.target for s in reference.values()]
