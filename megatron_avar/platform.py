@@ -80,6 +80,11 @@ def device_for_local_rank(local_rank: int | None = None) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def current_device() -> torch.device:
+    """The device this process computes on now (the one `bind_device` chose): the current CUDA device, or CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
 def distributed_backend() -> str:
     """The torch.distributed backend: NCCL on GPUs, gloo on CPUs (gloo has every collective megatron uses)."""
     return "nccl" if cuda_available() else "gloo"

@@ -122,8 +122,6 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
 def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int) -> None:
     """One process: load the checkpoint resharded to TP=1, PP=1 and write HF safetensors, shard by shard."""
     from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.core import CheckpointingException
-    from megatron.core.dist_checkpointing.validation import StrictHandling
     from tqdm import tqdm
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -134,22 +132,33 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int) -> None
     config = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     try:
         model = _build_model(config, 1, 1, _DTYPES[info["dtype"]])
-        try:  # a training checkpoint also holds optimizer states ("optimizer." keys): those are not exported
-            state, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
-                                                                 strict=StrictHandling.RETURN_ALL)
-        except CheckpointingException as error:
-            raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
-        unexpected = sorted(k for k in unexpected if not k.startswith("optimizer."))
-        if missing or unexpected:
-            raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: missing "
-                             f"{sorted(missing)[:5]}, unexpected {unexpected[:5]}")
-        model.load_state_dict(state)
+        load_model_weights(model, mcore_dir)
         total = sum(len(m.hf) for m in param_mappings(config))
         with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:
             hf_files.write_sharded_safetensors(iter_hf_tensors(model, config), Path(out_dir),
                                                max_shard_bytes=max_shard_bytes, progress=progress)
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def load_model_weights(model, mcore_dir: Path) -> None:
+    """Fill ``model`` (any TP/PP layout) from a megatron checkpoint written by `avar convert` or by training
+    (whose optimizer states are skipped); ValueError when the model's tensors and the checkpoint's differ."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    try:
+        state, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
+                                                             strict=StrictHandling.RETURN_ALL)
+    except CheckpointingException as error:
+        raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
+    # Keys on one side only, optimizer states aside (megatron's names for the two sides vary by version).
+    missing, unexpected = ([k for k in sorted(keys) if not k.startswith("optimizer.")] for keys in (missing, unexpected))
+    if missing or unexpected:
+        raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k != "optimizer"})
 
 
 def read_checkpoint_info(mcore_dir: Path) -> dict:

@@ -34,7 +34,7 @@ def verification_batch(config, *, seed: int = 0) -> dict:
 
 def verify_rank(mcore_dir: str, tp: int, batch: dict, out_file: str) -> None:
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -44,7 +44,7 @@ def verify_rank(mcore_dir: str, tp: int, batch: dict, out_file: str) -> None:
     dtype = checkpoint._DTYPES[info["dtype"]]
     try:
         model = checkpoint._build_model(config, tp, 1, dtype)
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
+        checkpoint.load_model_weights(model, Path(mcore_dir))
         model.eval()
         with torch.no_grad():
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],

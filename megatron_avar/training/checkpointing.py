@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_avar import platform
+
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "PreemptionFlag"]
 
 LATEST = "latest"
@@ -50,7 +52,7 @@ def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
     state = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
+    if platform.cuda_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -60,15 +62,35 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and platform.cuda_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
 # The distributed optimizer's states saved in model space, so they reload at another DP (and TP/PP) layout.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """megatron's DistributedOptimizer can describe its state for loading only once that state exists (torch's
+    Adam creates it at the first step): fill it with placeholders, which the load then overwrites."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _restore_adam_step_count(optimizer, num_updates: int) -> None:
+    """torch's Adam keeps its bias-correction step count per parameter; megatron 0.16's distributed optimizer
+    does not bring it back from a dist checkpoint (it keeps the placeholder's 1), which changes every update
+    after a resume. Every trainer step is one update (a skipped update stops the run), so the count is known."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(num_updates), dtype=state["step"].dtype, device=state["step"].device)
 
 
 def _sharded_state(model, *, is_loading: bool) -> dict:
+    if is_loading:
+        _materialise_optimizer_state(model.optimizer)
     model_state = model.module.sharded_state_dict()
     optimizer_state = model.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                          metadata=_OPTIMIZER_METADATA)
@@ -121,8 +143,10 @@ def load_checkpoint(path: Path, model) -> dict:
 
     state = dist_checkpointing.load(_sharded_state(model, is_loading=True), str(path))
     model.module.load_state_dict(state["model"])
-    model.optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # the optimizer copies into fp32 main params, which are the (leaf) params in fp32 runs
+        model.optimizer.load_state_dict(state["optimizer"])
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    _restore_adam_step_count(model.optimizer, trainer_state["step"] + 1)
     model.scheduler.load_state_dict(trainer_state["scheduler"])
     rank_file = path / "rank_state" / f"{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
@@ -149,8 +173,6 @@ class PreemptionFlag:
         self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = torch.tensor([1.0 if self.received else 0.0], device=platform.current_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

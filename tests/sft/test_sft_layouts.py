@@ -11,7 +11,7 @@ micro-batches. Bound 1e-5 relative (losses, metrics, grad norm) after one step; 
 import pytest
 
 from megatron_avar.testing import run_on_ranks
-from conftest import sft_overrides
+from sft_cases import sft_overrides
 
 pytestmark = pytest.mark.multiprocess
 COMPARED = ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas", "avar/image_share", "optim/grad_norm")
