@@ -58,12 +58,14 @@ def prepare_output(config: SynthConfig) -> None:
 
 
 def _ray_worker_pids(raylet_pids: set[int]) -> list:
+    """Live processes spawned under one of our raylets (Ray puts RAY_RAYLET_PID in their environment)."""
     import psutil
 
     found = []
-    for process in psutil.process_iter(["pid"]):
+    for process in psutil.process_iter(["pid", "status"]):
         try:
-            if int(process.environ().get("RAY_RAYLET_PID", -1)) in raylet_pids:
+            if process.info["status"] != psutil.STATUS_ZOMBIE and \
+                    int(process.environ().get("RAY_RAYLET_PID", -1)) in raylet_pids:
                 found.append(process)
         except (psutil.Error, ValueError, OSError):
             continue
@@ -87,14 +89,20 @@ def ray_session(config: SynthConfig):
         yield
     finally:
         ray.shutdown()
-        leftovers = _ray_worker_pids(raylets) if raylets else []
-        for process in leftovers:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-        _, alive = psutil.wait_procs(leftovers, timeout=5)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+        # Several rounds: a worker's own children (e.g. a multiprocessing forkserver) can appear late.
+        for _ in range(3):
+            leftovers = _ray_worker_pids(raylets) if raylets else []
+            if not leftovers:
+                break
+            logger.info("synth: stopping %d Ray worker process(es) left after ray.shutdown()", len(leftovers))
+            for process in leftovers:
+                with contextlib.suppress(psutil.Error):
+                    process.terminate()
+            _, alive = psutil.wait_procs(leftovers, timeout=5)
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            time.sleep(1)
 
 
 def run_local(stages) -> list:

@@ -90,10 +90,10 @@ class FakeTeacher:
         with self._lock:
             return [r for r in self.log if (stage is None or r["stage"] == stage) and (status is None or r["status"] == status)]
 
-    def wait_for_requests(self, count: int, timeout_s: float = 10.0) -> list[dict]:
-        """The log once it has ``count`` entries (a handler still sleeping through a "timeout" logs late)."""
+    def settle(self, timeout_s: float = 10.0) -> list[dict]:
+        """The log once no request is being handled (a handler sleeping through a "timeout" logs late)."""
         deadline = time.time() + timeout_s
-        while len(self.requests()) < count and time.time() < deadline:
+        while self.in_flight and time.time() < deadline:
             time.sleep(0.02)
         return self.requests()
 
@@ -188,15 +188,17 @@ class FakeTeacher:
                         status, payload, label = 503, "{}", "parked"
                     else:
                         status, payload, label = teacher.respond(body)
-                    self._send(status, payload)
-                finally:
+                    # Logged before the reply is sent, so a client that has its answer finds it counted.
                     with teacher._lock:
-                        teacher.in_flight -= 1
                         stage = stage_of(body)
                         teacher.log.append({"stage": stage, "question": question_of(body, stage), "seed": body.get("seed"),
                                             "status": label, "body": digest, "time": time.time()})
                         if label in ("ok", "wrong", "malformed"):
                             teacher.ok_by_body[digest] += 1
+                    self._send(status, payload)
+                finally:
+                    with teacher._lock:
+                        teacher.in_flight -= 1
 
             def _send(self, status: int, payload: str) -> None:
                 data = payload.encode("utf-8")

@@ -48,7 +48,7 @@ def test_timeout_is_retried(tmp_path, server):
     server.faults.append(Fault("reason", ["timeout"]))
     client = make_client(tmp_path, server, timeout_s=0.3)
     assert client.chat(reason_messages()).content.endswith("Final answer: 1")
-    assert sorted(r["status"] for r in server.wait_for_requests(2)) == ["ok", "timeout"]
+    assert sorted(r["status"] for r in server.settle()) == ["ok", "timeout"]
     assert client.stats.retries == 1
 
 

@@ -37,6 +37,7 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
     ]
     config = synth_config(tmp_path, data, teacher, "client.timeout_s=0.5")
     manifest = run_synthesis(config)
+    teacher.settle()
 
     assert manifest["filters"] == {"describe.malformed": 2, "verify.wrong_answer": 2, "anchor.malformed": 2,
                                    "anchor.request_failed": 1}
