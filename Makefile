@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine:
+#   make quickstart  set up .venv (once) and run the AVAR recipe at toy scale (runs/quickstart/summary.json)
 #   make test        set up .venv (once) and run the whole test suite
 #
 # The environment is built in .venv at the repo root. torch is installed FIRST: any requirement that
@@ -15,7 +16,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: test setup clean-venv
+.PHONY: test quickstart setup clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ $(STAMP):
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+quickstart: $(STAMP)
+	$(VPY) -m megatron_avar quickstart --out runs/quickstart --overwrite
 
 clean-venv:
 	rm -rf $(VENV)
