@@ -1,0 +1,117 @@
+#!/bin/bash
+# The shared body of slurm/avar_sft_*.sh: sourced by them inside the batch job, after they set their
+# defaults. Launches `avar sft` with one rank per GPU (srun starts the ranks directly: no torchrun, so a
+# signal sent to the step reaches every rank), handles preemption and the time limit by checkpointing and
+# requeueing, and keeps everything a run needs to be understood later in its run directory.
+#
+# Environment (set with `sbatch --export=ALL,NAME=value ...` or exported before sbatch):
+#   CONFIG          the avar sft YAML config (the calling script sets a default)
+#   RUN_DIR         the run directory; passed to the trainer as out=RUN_DIR (the calling script sets a default)
+#   OVERRIDES       extra dotted overrides, space separated (e.g. "optim.lr=1e-5 train.steps=600"); the
+#                   batch script's own arguments are appended: `sbatch slurm/avar_sft_7b.sh optim.lr=1e-5`
+#   NPROC_PER_NODE  ranks per node (default: sbatch's --ntasks-per-node, i.e. one per GPU)
+#   PYTHON          the interpreter (default: $VENV/bin/python if VENV is set, else <repo>/.venv/bin/python
+#                   if it exists, else python3; `python` inside a container)
+#   CONTAINER       optional container image for the ranks (pyxis: srun --container-image), with
+#                   CONTAINER_MOUNTS (default: the repo at the same path) and the repo as working directory
+#   MASTER_PORT     rendezvous port (default: 15000 + job id mod 20000, so jobs sharing a node differ)
+#   MAX_REQUEUES    how many times the job requeues itself after a USR1 (default 20)
+#   SRUN_ARGS       extra srun options (e.g. "--cpu-bind=none")
+#   REPO            the repository (default: the directory sbatch was called from)
+#
+# Preemption / time limit: the calling script asks for `--signal=B:USR1@S` (USR1 to this batch shell S
+# seconds before the time limit; `scancel --batch --signal=USR1 JOBID` sends it by hand). The trap below
+# forwards it to the srun step, every rank finishes its current step, writes a checkpoint
+# (<RUN_DIR>/checkpoints/latest) and exits 0; then this script requeues the job (same job id, log
+# appended), and the requeued job's identical command resumes from that checkpoint. SIGTERM (scancel,
+# preemption with PreemptMode=REQUEUE) is forwarded as well so the ranks checkpoint within KillWait, but
+# never requeues by itself: Slurm decides whether a preempted job comes back.
+
+set -euo pipefail
+
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO"
+: "${CONFIG:?set CONFIG to an avar sft YAML config}"
+: "${RUN_DIR:?set RUN_DIR to the run directory}"
+: "${SLURM_JOB_ID:?run this through sbatch}"
+OVERRIDES=${OVERRIDES:-}
+NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_NTASKS_PER_NODE:-8}}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+MAX_REQUEUES=${MAX_REQUEUES:-20}
+RESTARTS=${SLURM_RESTART_COUNT:-0}
+SRUN_ARGS=${SRUN_ARGS:-}
+if [ -z "${PYTHON:-}" ]; then
+    if [ -n "${CONTAINER:-}" ]; then PYTHON=python
+    elif [ -n "${VENV:-}" ]; then PYTHON=$VENV/bin/python
+    elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python
+    else PYTHON=python3; fi
+fi
+
+mkdir -p "$RUN_DIR"
+LOG=$RUN_DIR/slurm-$SLURM_JOB_ID.out
+echo "[avar-slurm] job $SLURM_JOB_ID: logging to $LOG"
+exec >>"$LOG" 2>&1   # this shell and the ranks, appended across requeues (same job id)
+log() { echo "[avar-slurm $(date -u +%FT%TZ)] $*"; }
+
+# Rendezvous: the first host of the allocation; a port derived from the job id (stable across requeues).
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron's TP comm/compute ordering
+export PYTHONUNBUFFERED=1
+
+read -r -a override_args <<< "$OVERRIDES"
+COMMAND=("$PYTHON" -m megatron_avar sft --config "$CONFIG" "out=$RUN_DIR" "${override_args[@]}" "$@")
+SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE" --ntasks=$((NNODES * NPROC_PER_NODE))
+      --kill-on-bad-exit=1 --label)
+if [ -n "${CONTAINER:-}" ]; then
+    SRUN+=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$REPO:$REPO}"
+           --container-workdir="$REPO")
+fi
+read -r -a extra_srun <<< "$SRUN_ARGS"
+SRUN+=("${extra_srun[@]}")
+
+# What this attempt ran with: the config as given (the trainer writes the resolved one to config.json),
+# the command and the Slurm environment.
+cp "$CONFIG" "$RUN_DIR/config-input.yaml"
+{
+    echo "# job $SLURM_JOB_ID attempt $RESTARTS, $(date -u +%FT%TZ), $(hostname)"
+    echo "# command: ${SRUN[*]} ${COMMAND[*]}"
+    env | grep -E '^(SLURM_|SBATCH_|MASTER_|CUDA_|NCCL_|OMP_|CONFIG=|RUN_DIR=|OVERRIDES=|PYTHON=|CONTAINER=|CONTAINER_MOUNTS=)' | sort
+} >>"$RUN_DIR/slurm-$SLURM_JOB_ID.env"
+log "job $SLURM_JOB_ID attempt $RESTARTS on $SLURM_JOB_NODELIST: $NNODES node(s) x $NPROC_PER_NODE ranks," \
+    "rendezvous $MASTER_ADDR:$MASTER_PORT"
+log "command: ${COMMAND[*]}"
+
+STOP_SIGNAL=""
+SRUN_PID=""
+forward() {
+    STOP_SIGNAL=$1
+    log "received SIG$1: asking the ranks to checkpoint and stop"
+    if [ -n "$SRUN_PID" ]; then kill -s "$1" "$SRUN_PID" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+"${SRUN[@]}" "${COMMAND[@]}" &
+SRUN_PID=$!
+while :; do
+    rc=0
+    wait "$SRUN_PID" || rc=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break  # still alive: wait was interrupted by a trapped signal
+done
+log "ranks exited with status $rc"
+
+if [ "$STOP_SIGNAL" = USR1 ]; then
+    if [ "$rc" -eq 0 ] && grep -q '"stopped_by": null' "$RUN_DIR/summary.json" 2>/dev/null; then
+        log "training finished before the signal took effect: not requeueing"
+    elif [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
+        log "already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing"; exit 1
+    else
+        log "requeueing job $SLURM_JOB_ID (attempt $((RESTARTS + 1))); it resumes from $RUN_DIR/checkpoints"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+fi
+exit "$rc"
