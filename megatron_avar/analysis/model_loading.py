@@ -67,11 +67,11 @@ def checkpoint_identity(path: str | Path) -> dict:
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    from megatron_avar import platform
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if platform.cuda_available() else "cpu"
+    if device.startswith("cuda") and not platform.cuda_available():
         raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
     return device
 
