@@ -135,3 +135,45 @@ def test_sharded_accumulators_merge_to_the_whole(run):
     assert sorted(merged.sample_ids) == ["a", "b"] and merged.skipped_sample_ids == ["c"]
     with pytest.raises(ValueError, match="disjoint"):
         VASAccumulator.merge([states[0], states[0]])
+
+
+def test_pipeline_stages_merge_to_all_layers(run):
+    from megatron_avar.analysis.vas import VASAccumulator
+    from megatron_avar.analysis.vas_parallel import merge_stage_states
+
+    whole = vas_from_masses(run["masses"], run["roles"])
+    states = []
+    for stage_layers in ([2], [0, 1]):  # stage order need not follow layer order
+        stage = VASAccumulator(stage_layers, num_heads=4)
+        stage.begin_batch(run["roles"])
+        for layer in stage_layers:
+            stage.add_layer(layer, run["masses"][layer])
+        stage.end_batch()
+        states.append(stage.state_dict())
+    merged = VASAccumulator.merge([merge_stage_states(states)]).result()
+    for variant in ("sink_included", "sink_excluded"):
+        for key in ("vas", "ratio_of_means"):
+            assert merged.variants[variant][key] == pytest.approx(whole.variants[variant][key], rel=1e-12)
+        assert merged.variants[variant]["vas_per_layer"] == pytest.approx(whole.variants[variant]["vas_per_layer"], rel=1e-12)
+        assert merged.variants[variant]["per_sample_vas"] == pytest.approx(whole.variants[variant]["per_sample_vas"], rel=1e-12)
+    assert merged.layers == [0, 1, 2]
+
+
+def test_packed_masses_unpack_to_the_padded_layout(run):
+    """Masses of packed samples (role_attention with cu_seqlens) give the VAS of the padded batch."""
+    from megatron_avar.analysis.vas_parallel import unpack_thd
+
+    roles = run["roles"]
+    real = roles >= 0
+    roles_t = roles[real]                                              # rows concatenated without padding
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), real.sum(1).cumsum(0)])
+    packed = {layer: m.permute(1, 0, 2, 3)[:, real] for layer, m in run["masses"].items()}   # [H, T, R]
+    unpacked = {}
+    for layer, mass_htr in packed.items():
+        padded_roles, unpacked[layer] = unpack_thd(cu_seqlens, roles_t, mass_htr)
+    assert torch.equal(padded_roles[padded_roles >= 0], roles_t)
+    got, expected = vas_from_masses(unpacked, padded_roles), vas_from_masses(run["masses"], roles)
+    for variant in ("sink_included", "sink_excluded"):
+        for key in ("vas_per_layer", "per_sample_vas"):
+            assert got.variants[variant][key] == pytest.approx(expected.variants[variant][key], rel=1e-12)
+        assert got.variants[variant]["ratio_histogram"] == expected.variants[variant]["ratio_histogram"]
