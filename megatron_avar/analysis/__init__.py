@@ -1,7 +1,9 @@
 """Diagnostics and training-free interventions on attention by token role (AVAR_SPEC.md sections 1-3).
 
 vas.py: the Visual Attention Score over per-layer role masses (any source: HF hook or megatron);
+vas_parallel.py: packed (THD) masses and pipeline-stage merging for that accumulator;
 intervention.py: the logit-rescaling spec; hf_attention.py: role_attention inside a HF model;
 batching.py: prompt-only batches; run_vas.py / run_intervene.py / compare.py: the `avar vas` and
-`avar intervene` jobs; cli.py: their command lines.
+`avar intervene` jobs; grading.py, stats.py, figures.py, layers.py, model_loading.py: their pieces;
+cli.py: the command lines.
 """
