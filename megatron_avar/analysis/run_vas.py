@@ -89,6 +89,10 @@ def run_vas(config: VASConfig) -> dict:
     from megatron_avar.analysis.layers import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
 
+    from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
+
+    if is_megatron_checkpoint(config.model):
+        return run_vas_megatron(config)
     check_hf_checkpoint(config.model)
     text_config = json.loads((Path(config.model) / "config.json").read_text())
     num_layers = int(text_config.get("text_config", text_config)["num_hidden_layers"])

@@ -179,8 +179,10 @@ def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     megatron = tmp_path / "megatron-ckpt"
     megatron.mkdir()
     (megatron / "avar_checkpoint.json").write_text("{}")
-    assert "Megatron checkpoint: export with avar convert mcore-to-hf first" in error_of(
+    assert "unsupported checkpoint description" in error_of(
         ["vas", "--model", str(megatron), "--data", toy["data"], "--out", str(tmp_path / "o")])
+    assert "Megatron checkpoint: export with avar convert mcore-to-hf first" in error_of(
+        ["intervene", "--model", str(megatron), "--data", toy["data"], "--out", str(tmp_path / "i.json")])
     assert "missing --data" in error_of(["vas", "--model", toy["model"], "--out", str(tmp_path / "o")])
     assert "alpha_sys" in error_of(["intervene", "--model", toy["model"], "--data", toy["data"],
                                     "--out", str(tmp_path / "i.json"), "--alpha-sys", "1.5"])
@@ -201,3 +203,17 @@ def test_intervene_config_file_overrides_and_flags(capsys):
     assert config["sweep_layers"] == ["0-1", "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
     assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "alpha_sis=0.3"]) == 2
     assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
+
+
+def test_megatron_checkpoint_gives_the_hf_vas(toy, vas_run):
+    """The same weights converted to a megatron checkpoint: VAS from the megatron model's AVAR layers
+    (RoleMassCoreAttention) equals VAS from the HF model's hooked attention (fp32; other batching, too)."""
+    _, hf_report = vas_run
+    mcore = toy["root"] / "mcore"
+    assert main(["convert", "hf-to-mcore", "--hf-path", toy["model"], "--out", str(mcore)]) == 0
+    out = toy["root"] / "vas-mcore"
+    assert main(["vas", "--model", str(mcore), "--data", toy["data"], "--out", str(out), "--batch-size", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["runtime"]["backend"] == "megatron" and report["num_samples"] == hf_report["num_samples"]
+    for key in ("vas", "ratio_of_means", "image_share", "vas_per_layer"):
+        assert report[key] == pytest.approx(hf_report[key], rel=1e-5), key

@@ -1,0 +1,94 @@
+"""`avar vas` on a megatron checkpoint of ours (from `avar convert hf-to-mcore` or from training).
+
+The model is loaded at TP=1, PP=1 (the checkpoint reshards on load) in one local rank, with every requested
+layer an AVAR layer: its RoleMassCoreAttention hands each layer's masses straight to the same VASAccumulator
+the HF path feeds, so both paths compute one definition. Same batches, same report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["is_megatron_checkpoint", "run_vas_megatron"]
+
+
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO
+
+    return (Path(path) / CHECKPOINT_INFO).is_file()
+
+
+def run_vas_megatron(config) -> dict:
+    """The report of ``config`` (a VASConfig) computed with the megatron model."""
+    from megatron_avar.convert.checkpoint import launch, read_checkpoint_info
+
+    read_checkpoint_info(Path(config.model))  # a clear error before any process starts
+    if config.device_map is not None or config.device not in ("auto", "cpu", "cuda"):
+        raise ValueError("--device-map / --device cuda:N apply to HF checkpoints; a megatron checkpoint runs on one "
+                         "local rank (its device chosen by the platform)")
+    launch(_rank, 1, config)
+    return json.loads((Path(config.out) / "report.json").read_text())
+
+
+def _rank(config) -> None:
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.analysis.batching import collate_prompts, prompt_samples
+    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
+    from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_avar.processor import load_processor
+
+    started = time.time()
+    mcore_dir = Path(config.model)
+    info = read_checkpoint_info(mcore_dir)
+    qwen = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
+    layers = parse_layers(config.layers, qwen.text.num_layers)
+    dtype = _DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        model_parallel_cuda_manual_seed(0)
+        model = Qwen25VLModel(qwen, MegatronSettings(params_dtype=dtype, perform_initialization=False),
+                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(), role_mass_layers=layers)
+        model = model.to(platform.current_device())
+        load_model_weights(model, mcore_dir)
+        model.eval()
+        processor = load_processor(mcore_dir / HF_SIDE_DIR)
+        samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
+        pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+        device = platform.current_device()
+        batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
+                                   image_token_id=processor.image_token_id).to(device)
+                   for start in range(0, len(samples), config.batch_size))
+
+        def forward(batch, on_mass):
+            inputs = batch.inputs
+
+            def sink(layer, mass, out, heads):  # TP=1: every head is local
+                on_mass(layer, mass)
+                return out
+
+            with torch.no_grad():
+                model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                      token_roles=batch.roles.to(device), mass_sink=sink, role_attention_impl=config.impl)
+
+        accumulator = accumulate_vas(batches, forward, layers, qwen.text.num_attention_heads)
+        write_vas_report(
+            accumulator, config.out, exclude_sink=config.exclude_sink,
+            name=config.name or mcore_dir.resolve().name,
+            config=dict(asdict(config), layers_resolved=list(layers), num_model_layers=qwen.text.num_layers),
+            checkpoint=dict(path=str(mcore_dir.resolve()), format="megatron torch_dist", info=info),
+            runtime=dict(seconds=round(time.time() - started, 2), device=str(device), backend="megatron",
+                         num_records_rendered=len(samples)))
+    finally:
+        parallel_state.destroy_model_parallel()
