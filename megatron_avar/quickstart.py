@@ -1,12 +1,14 @@
 """`avar quickstart`: the AVAR recipe end to end at toy scale on a CPU, through the same commands a cluster runs.
 
-    data    avar data generate         procedural visual-reasoning tasks with <think>/<answer> chains
-    model   toy Qwen2.5-VL checkpoint   the real tokenizer and processor, tiny random weights
-    vas     avar vas                    the base model's Visual Attention Score
-    sft     avar sft (torchrun, TP=2)   the AVAR objective on megatron-core, checkpoints
-    export  avar convert mcore-to-hf    the trained model as an HF checkpoint
-    vas     avar vas + vas compare      VAS after training, side by side with the base model
-Writes <out>/summary.json with the losses, AVAR metrics, VAS before/after and the time of each stage.
+    data      avar data generate         procedural visual-reasoning tasks with <think>/<answer> chains
+    model     toy Qwen2.5-VL checkpoint   the real tokenizer and processor, tiny random weights
+    vas       avar vas                    the base model's Visual Attention Score (held-out samples)
+    sft       avar sft (torchrun, TP=2)   the AVAR objective on megatron-core, checkpoints
+    baseline  avar sft ... alpha=beta=0   the same run without the attention terms
+    export    avar convert mcore-to-hf    both trained models as HF checkpoints
+    vas       avar vas + vas compare      VAS after training, base vs AVAR vs baseline
+Writes <out>/summary.json: vas_before, vas_after, vas_after_baseline, final_lm_loss, final_lm_loss_baseline,
+hf_export_dir, the AVAR metrics of both runs and the time of each stage.
 """
 
 from __future__ import annotations
@@ -71,42 +73,57 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     _prepare_out(out, overwrite)
     seconds: dict[str, float] = {}
 
-    def stage(name: str, fn) -> None:
+    def stage(name: str, fn):
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
-        fn()
+        result = fn()
         seconds[name] = round(time.monotonic() - started, 1)
+        return result
 
-    data = out / "data" / "data.jsonl"
-    model, sft, exported = out / "toy-model", out / "sft", out / "sft-hf"
-    vas_args = ["--data", str(data), "--num-samples", str(vas_samples)]
+    data, held_out = out / "data" / "data.jsonl", out / "held-out" / "data.jsonl"
+    model = out / "toy-model"
     stage("data", lambda: write_dataset(ProceduralConfig(num_samples=num_samples, image_size=(112, 84)), data.parent))
+    stage("held_out", lambda: write_dataset(ProceduralConfig(num_samples=vas_samples, seed=1, image_size=(112, 84)),
+                                            held_out.parent))
     stage("model", lambda: write_toy_checkpoint(model, ToyModelConfig(num_layers=4)))
-    stage("vas_base", lambda: _avar("vas", "--model", str(model), *vas_args, "--name", "base", "--out",
-                                    str(out / "vas-base")))
-    tp = "2" if nproc % 2 == 0 else "1"
-    stage("sft", lambda: _avar("sft", "--config", str(SFT_CONFIG), f"out={sft}", f"model.hf_path={model}",
-                               f"data.path={data}", f"parallel.tensor_model_parallel_size={tp}", *overrides,
-                               nproc=nproc))
-    latest = sft / "checkpoints" / (sft / "checkpoints" / "latest").read_text().strip()
-    stage("export", lambda: _avar("convert", "mcore-to-hf", "--mcore-path", str(latest), "--out", str(exported)))
-    stage("vas_trained", lambda: _avar("vas", "--model", str(exported), *vas_args, "--name", "avar-sft", "--out",
-                                       str(out / "vas-trained")))
-    stage("vas_compare", lambda: _avar("vas", "compare", str(out / "vas-base"), str(out / "vas-trained"),
+
+    def vas(checkpoint: Path, name: str) -> dict:
+        _avar("vas", "--model", str(checkpoint), "--data", str(held_out), "--num-samples", str(vas_samples),
+              "--name", name, "--out", str(out / f"vas-{name}"))
+        return json.loads((out / f"vas-{name}" / "report.json").read_text())
+
+    def train(name: str, extra: list[str]) -> dict:
+        run = out / name
+        tp = "2" if nproc % 2 == 0 else "1"
+        _avar("sft", "--config", str(SFT_CONFIG), f"out={run}", f"model.hf_path={model}", f"data.path={data}",
+              f"parallel.tensor_model_parallel_size={tp}", *extra, *overrides, nproc=nproc)
+        latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        _avar("convert", "mcore-to-hf", "--mcore-path", str(latest), "--out", str(out / f"{name}-hf"))
+        return json.loads((run / "summary.json").read_text())["history"]
+
+    reports = {"base": stage("vas_base", lambda: vas(model, "base"))}
+    histories = {"avar": stage("sft", lambda: train("sft", [])),
+                 "baseline": stage("sft_baseline", lambda: train("sft-baseline", ["avar.alpha=0", "avar.beta=0"]))}
+    reports["avar"] = stage("vas_avar", lambda: vas(out / "sft-hf", "avar-sft"))
+    reports["baseline"] = stage("vas_baseline", lambda: vas(out / "sft-baseline-hf", "plain-sft"))
+    stage("vas_compare", lambda: _avar("vas", "compare", *(str(out / f"vas-{n}") for n in
+                                                           ("base", "avar-sft", "plain-sft")),
                                        "--out", str(out / "vas-compare")))
-    history = json.loads((sft / "summary.json").read_text())["history"]
-    vas = {name: json.loads((out / f"vas-{name}" / "report.json").read_text()) for name in ("base", "trained")}
     picked = ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas", "avar/image_share")
     summary = {
-        "sft": {"steps": len(history), "first": {k: history[0].get(k) for k in picked},
-                "last": {k: history[-1].get(k) for k in picked},
-                "tokens_per_second": history[-1].get("perf/tokens_per_second")},
-        "vas": {name: {k: report[k] for k in ("vas", "ratio_of_means", "image_share", "num_samples")}
-                for name, report in vas.items()},
-        "seconds": seconds, "checkpoint": str(latest), "exported_hf": str(exported),
+        "vas_before": reports["base"]["vas"], "vas_after": reports["avar"]["vas"],
+        "vas_after_baseline": reports["baseline"]["vas"],
+        "final_lm_loss": histories["avar"][-1]["loss/lm"], "final_lm_loss_baseline": histories["baseline"][-1]["loss/lm"],
+        "hf_export_dir": str(out / "sft-hf"), "hf_export_dir_baseline": str(out / "sft-baseline-hf"),
+        "image_share": {name: report["image_share"] for name, report in reports.items()},
+        "training": {name: {"steps": len(h), "first": {k: h[0].get(k) for k in picked},
+                            "last": {k: h[-1].get(k) for k in picked}} for name, h in histories.items()},
+        "seconds": seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nquickstart done in {sum(seconds.values()):.0f} s: {out / 'summary.json'}\n"
-          f"  LM loss {summary['sft']['first']['loss/lm']:.3f} -> {summary['sft']['last']['loss/lm']:.3f}; "
-          f"VAS {vas['base']['vas']:.3f} (base) -> {vas['trained']['vas']:.3f} (AVAR SFT)", flush=True)
+          f"  VAS on held-out samples: {summary['vas_before']:.3f} (base) -> {summary['vas_after']:.3f} (AVAR SFT) "
+          f"vs {summary['vas_after_baseline']:.3f} (plain SFT)\n"
+          f"  final LM loss: {summary['final_lm_loss']:.3f} (AVAR SFT), {summary['final_lm_loss_baseline']:.3f} "
+          f"(plain SFT)", flush=True)
     return 0
