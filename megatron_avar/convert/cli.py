@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     check.add_argument("--hf-path", required=True, type=Path, help="HF model folder")
     check.add_argument("--mcore-path", required=True, type=Path, help="megatron checkpoint folder")
     check.add_argument("--tp", type=int, default=1, help="tensor-parallel size to load the checkpoint at")
-    check.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (only 1 for now)")
+    check.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is loaded at")
     check.add_argument("--max-abs-diff", type=float, default=1e-3,
                        help="fail (exit 1) when the largest absolute logit difference exceeds this")
     check.set_defaults(handler=_verify)

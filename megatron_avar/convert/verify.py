@@ -32,9 +32,11 @@ def verification_batch(config, *, seed: int = 0) -> dict:
             "image_grid_thw": torch.tensor([grid])}
 
 
-def verify_rank(mcore_dir: str, tp: int, batch: dict, out_file: str) -> None:
-    import torch.distributed as dist
+def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str) -> None:
+    """One rank of the megatron side: the checkpoint loaded at TP=tp x PP=pp, the batch run forward (through
+    megatron's pipeline schedule when pp > 1); the last stage's first TP rank saves the gathered logits."""
     from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -43,15 +45,30 @@ def verify_rank(mcore_dir: str, tp: int, batch: dict, out_file: str) -> None:
     config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
     dtype = checkpoint._DTYPES[info["dtype"]]
     try:
-        model = checkpoint._build_model(config, tp, 1, dtype)
+        model = checkpoint._build_model(config, tp, pp, dtype)
         checkpoint.load_model_weights(model, Path(mcore_dir))
         model.eval()
+        outputs = []
+
+        def forward_step(data_iterator, stage_model):
+            inputs = next(data_iterator)
+            output = stage_model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 pixel_values=inputs["pixel_values"].to(dtype), image_grid_thw=inputs["image_grid_thw"])
+
+            def keep_logits(logits):
+                outputs.append(logits.detach())
+                return logits.sum() * 0, {}
+
+            return output, keep_logits
+
         with torch.no_grad():
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"].to(dtype), image_grid_thw=batch["image_grid_thw"])
-            logits = gather_from_tensor_model_parallel_region(logits, group=model.language_model.pg_collection.tp)
-        if dist.get_rank() == 0:
-            torch.save(logits.float(), out_file)
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
+                                        num_microbatches=1, seq_length=batch["input_ids"].shape[1],
+                                        micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
+        if parallel_state.is_pipeline_last_stage():
+            logits = gather_from_tensor_model_parallel_region(outputs[0], group=model.language_model.pg_collection.tp)
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                torch.save(logits.float(), out_file)
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -62,8 +79,8 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, f
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
-    if pp != 1:
-        raise ValueError(f"--pp {pp}: verify runs the megatron model without pipeline parallelism (use --pp 1)")
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
     info = checkpoint.read_checkpoint_info(mcore_dir)
     dtype = checkpoint._DTYPES[info["dtype"]]
     config = Qwen25VLConfig.from_hf(str(hf_dir))
@@ -75,7 +92,7 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, f
                        mm_token_type_ids=(batch["input_ids"] == config.image_token_id).int()).logits.float()
     with tempfile.TemporaryDirectory() as temp:
         out_file = str(Path(temp) / "logits.pt")
-        checkpoint.launch(verify_rank, tp, str(mcore_dir), tp, batch, out_file)
+        checkpoint.launch(verify_rank, tp * pp, str(mcore_dir), tp, pp, batch, out_file)
         ours = torch.load(out_file)
     diff = (ours - hf_logits).abs()
     return diff.max().item(), diff.mean().item()
