@@ -32,6 +32,9 @@ class GenerationConfig:
         VLMEvalKit's Qwen2.5-VL setting is 1280*28*28 / 16384*28*28 (small images are upscaled).
     dtype: model weights; "auto" = bfloat16 on CUDA, float32 on CPU.
     backend: "hf" (transformers generate) or "vllm" (GPU only). tensor_parallel_size: vLLM only.
+    intervene: apply the training-free attention intervention (AVAR_SPEC.md §3; hf backend) with alpha_img,
+        alpha_sys, intervene_mode ("multiplicative" | "additive") in the decoder layers intervene_layers
+        ("middle", "all", "A-B" or "i,j"), on the user-text and generated queries after the image.
     """
 
     max_new_tokens: int = 2048
@@ -46,8 +49,16 @@ class GenerationConfig:
     dtype: str = "auto"
     backend: str = "hf"
     tensor_parallel_size: int = 1
+    intervene: bool = False
+    alpha_img: float = 0.15
+    alpha_sys: float = 0.05
+    intervene_mode: str = "multiplicative"
+    intervene_layers: str = "middle"
 
     def __post_init__(self):
+        if self.intervene and self.backend != "hf":
+            raise ValueError("generation.intervene needs the hf backend (vLLM has no per-role logit edits); "
+                             "use --backend hf")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -102,9 +113,18 @@ class HFGenerator:
         self.generation_config = GenerationConfig_(
             max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, repetition_penalty=1.0,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids), **sampling)
+        self.intervention = None
+        if config.intervene:
+            from megatron_avar.analysis.intervention import InterventionSpec
+            from megatron_avar.analysis.layers import parse_layers
 
-    def _batch(self, samples) -> dict[str, torch.Tensor]:
-        """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images."""
+            layers = parse_layers(config.intervene_layers, self.model.config.text_config.num_hidden_layers)
+            self.intervention = InterventionSpec(alpha_img=config.alpha_img, alpha_sys=config.alpha_sys,
+                                                 mode=config.intervene_mode, layers=layers)
+
+    def _batch(self, samples) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images, and the
+        token roles [B, S] (PAD = -1) for the intervention."""
         from megatron_avar.roles import render_conversation
 
         rendered = [render_conversation([{"role": "user", "content": s.content}], self.processor,
@@ -112,9 +132,11 @@ class HFGenerator:
         length = max(len(r) for r in rendered)
         input_ids = torch.full((len(rendered), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rendered), length), dtype=torch.long)
+        roles = torch.full((len(rendered), length), -1, dtype=torch.long)
         for row, r in enumerate(rendered):
             input_ids[row, length - len(r):] = r.input_ids
             attention_mask[row, length - len(r):] = 1
+            roles[row, length - len(r):] = r.roles
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions (ENVIRONMENT.md)
                  "mm_token_type_ids": (input_ids == self.processor.image_token_id).int() * attention_mask.int()}
@@ -122,7 +144,7 @@ class HFGenerator:
         if with_images:
             batch["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(self.model.dtype)
             batch["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images])
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}, roles.to(self.device)
 
     def _decode(self, ids: list[int]) -> str:
         for index, token in enumerate(ids):
@@ -136,10 +158,17 @@ class HFGenerator:
         """Responses for ``samples`` (in order), at most ``batch_size`` per ``generate`` call."""
         config, responses = self.config, []
         for start in range(0, len(samples), config.batch_size):
-            batch = self._batch(samples[start:start + config.batch_size])
+            batch, roles = self._batch(samples[start:start + config.batch_size])
             if config.do_sample:
                 torch.manual_seed(config.seed)
-            output = self.model.generate(**batch, generation_config=self.generation_config)
+            if self.intervention is None:
+                output = self.model.generate(**batch, generation_config=self.generation_config)
+            else:
+                from megatron_avar.analysis.hf_attention import RoleAttentionHook
+
+                with RoleAttentionHook(self.model) as hook:
+                    hook.set_batch(roles, intervention=self.intervention)
+                    output = self.model.generate(**batch, generation_config=self.generation_config)
             prompt_length = batch["input_ids"].shape[1]
             responses += [self._decode(row[prompt_length:].tolist()) for row in output]
         return responses

@@ -63,3 +63,22 @@ def test_checkpoint_generation_config_does_not_change_greedy_decoding(toy_checkp
     samples = list(get_benchmark("hallusionbench").samples(eval_data_root, limit=2))
     config = GenerationConfig(max_new_tokens=8)
     assert HFGenerator(str(shipped), config).generate(samples) == HFGenerator(str(toy_checkpoint), config).generate(samples)
+
+
+def test_intervention_during_evaluation(toy_checkpoint, eval_data_root):
+    """--intervene: α = 0 leaves every response as plain generation; strong α changes some (the edit reaches
+    the generated tokens through the KV cache); vLLM refuses it."""
+    import pytest
+
+    from megatron_avar.eval.benchmarks import get_benchmark
+    from megatron_avar.eval.generation import GenerationConfig, HFGenerator
+
+    samples = list(get_benchmark("mmmu").samples(eval_data_root))[:3]
+    plain = HFGenerator(str(toy_checkpoint), GenerationConfig(max_new_tokens=6, batch_size=3)).generate(samples)
+    identity = GenerationConfig(max_new_tokens=6, batch_size=3, intervene=True, alpha_img=0.0, alpha_sys=0.0)
+    assert HFGenerator(str(toy_checkpoint), identity).generate(samples) == plain
+    strong = GenerationConfig(max_new_tokens=6, batch_size=3, intervene=True, alpha_img=3.0, alpha_sys=0.9,
+                              intervene_layers="all")
+    assert HFGenerator(str(toy_checkpoint), strong).generate(samples) != plain
+    with pytest.raises(ValueError, match="intervene needs the hf backend"):
+        GenerationConfig(backend="vllm", intervene=True)
