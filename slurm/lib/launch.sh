@@ -65,6 +65,8 @@ read -r -a override_args <<< "$OVERRIDES"
 COMMAND=("$PYTHON" -m megatron_avar sft --config "$CONFIG" "out=$RUN_DIR" "${override_args[@]}" "$@")
 SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE" --ntasks=$((NNODES * NPROC_PER_NODE))
       --kill-on-bad-exit=1 --label)
+# Slurm >= 23.11 no longer hands sbatch's --cpus-per-task to srun: pass it on, or each rank gets one core.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 if [ -n "${CONTAINER:-}" ]; then
     SRUN+=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$REPO:$REPO}"
            --container-workdir="$REPO")
