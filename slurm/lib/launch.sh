@@ -9,6 +9,8 @@
 #   RUN_DIR         the run directory; passed to the trainer as out=RUN_DIR (the calling script sets a default)
 #   OVERRIDES       extra dotted overrides, space separated (e.g. "optim.lr=1e-5 train.steps=600"); the
 #                   batch script's own arguments are appended: `sbatch slurm/avar_sft_7b.sh optim.lr=1e-5`
+#                   (pass values with commas, e.g. avar.layers=[8,9,10], as arguments or `export` them:
+#                   sbatch's --export=NAME=value list splits at commas)
 #   NPROC_PER_NODE  ranks per node (default: sbatch's --ntasks-per-node, i.e. one per GPU)
 #   PYTHON          the interpreter (default: $VENV/bin/python if VENV is set, else <repo>/.venv/bin/python
 #                   if it exists, else python3; `python` inside a container)
