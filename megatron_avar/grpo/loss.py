@@ -100,8 +100,10 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     total_tokens = int(lengths.sum()) if num_tokens is None else int(num_tokens)
     total_sequences = n if num_sequences is None else int(num_sequences)
 
-    # Padding may hold anything (NaN from an empty softmax, -inf): zero the log-prob differences there.
-    log_ratio = torch.where(mask, logp_new - logp_old.detach(), 0.0)
+    # Padding may hold anything (NaN from an empty softmax, -inf): replace it by 0 BEFORE any arithmetic,
+    # so no inf / NaN appears in the forward pass nor (as 0 * NaN) in the backward pass.
+    logp_new = torch.where(mask, logp_new, 0.0)
+    log_ratio = logp_new - torch.where(mask, logp_old.detach(), 0.0)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().to(ratio.dtype)[:, None]
     unclipped = ratio * adv
@@ -109,7 +111,7 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     token_loss = -torch.minimum(unclipped, clipped)
     kl = None
     if config.kl_coef > 0:
-        kl = k3_kl(logp_new, torch.where(mask, logp_ref.detach(), logp_new.detach()))
+        kl = k3_kl(logp_new, torch.where(mask, logp_ref.detach(), 0.0))
         token_loss = token_loss + config.kl_coef * kl
     token_loss = torch.where(mask, token_loss, 0.0)
 
