@@ -97,12 +97,12 @@ def test_padding_values_are_ignored_and_micro_batches_add_up():
     poisoned, _ = policy_loss(poisoned_new, poisoned_old, adv, mask, config,
                               logp_ref=logp_ref.masked_fill(~mask, float("nan")))
     poisoned.backward()
-    assert float(poisoned) == pytest.approx(float(full), rel=1e-12)
+    assert poisoned.item() == pytest.approx(full.item(), rel=1e-12)
     assert torch.isfinite(poisoned_new.grad).all() and (poisoned_new.grad[~mask] == 0).all()
     # token_mean over the global batch: micro-batches normalised by the global token count add up.
     parts = [policy_loss(logp_new[rows], logp_old[rows], adv[rows], mask[rows], config, logp_ref=logp_ref[rows],
                          num_tokens=int(mask.sum()))[0] for rows in ([0], [1, 2])]
-    assert float(sum(parts)) == pytest.approx(float(full), rel=1e-12)
+    assert sum(parts).item() == pytest.approx(full.item(), rel=1e-12)
 
 
 def test_bad_inputs_are_named():
