@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "megatron_avar.analysis.cli",
     "megatron_avar.eval.cli",
     "megatron_avar.synth.cli",
+    "megatron_avar.sweep.cli",
     "megatron_avar.quickstart",
 )
 

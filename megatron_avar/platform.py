@@ -34,6 +34,7 @@ __all__ = [
     "prepare_megatron",
     "enable_megatron_on_cpu",
     "megatron_cpu_mode_active",
+    "peak_memory_bytes",
 ]
 
 
@@ -83,6 +84,17 @@ def device_for_local_rank(local_rank: int | None = None) -> torch.device:
 def current_device() -> torch.device:
     """The device this process computes on now (the one `bind_device` chose): the current CUDA device, or CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+def peak_memory_bytes() -> int:
+    """The most memory this process has held so far: CUDA's max allocated bytes on the current device (tensors
+    only, not the caching allocator's reserve), or, on the CPU, the process's peak resident set size (Linux
+    ``ru_maxrss`` is in KiB; it includes the interpreter and libraries, so it is an upper bound)."""
+    if cuda_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def distributed_backend() -> str:

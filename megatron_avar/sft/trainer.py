@@ -125,6 +125,15 @@ class SFTRun:
     dtype: torch.dtype
 
 
+def _peak_memory_gb() -> float:
+    """The largest per-rank peak memory over the world, in GB (1e9 bytes); see platform.peak_memory_bytes."""
+    from megatron_avar import platform
+
+    peak = torch.tensor([float(platform.peak_memory_bytes())], device=platform.current_device())
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 1e9
+
+
 def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFTRun:
     """Build this rank's model (HF weights streamed in unless resuming), optimizer, schedule and data loader."""
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -209,6 +218,7 @@ def run_sft(config: SFTConfig) -> dict:
             metrics.update({"perf/step_seconds": seconds,
                             "perf/tokens_per_second": step_batch.num_real_tokens / seconds,
                             "perf/tflops_per_gpu": flops / seconds / layout.world_size / 1e12,
+                            "perf/peak_memory_gb": _peak_memory_gb(),
                             "data/epoch": float(step_batch.epoch)})
             history.append({"step": step, **{k: v for k, v in metrics.items() if "/layer_" not in k}})
             if step % config.log.interval == 0 or step == config.train.steps - 1:

@@ -1,0 +1,82 @@
+"""`avar sweep --config FILE [dotted.key=value ...]`: submit a grid of `avar sft` runs as Slurm jobs, wait, collect.
+`avar sweep collect --out DIR`: collect again (results.csv/.json, agto_overhead.csv, plots) without submitting."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+__all__ = ["register"]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="scaling sweep: a grid of SFT runs as Slurm jobs -> throughput / MFU / memory CSV and plots",
+        description="Submit every point of the sweep config (examples/sweeps/) that has not finished and has no "
+                    "job in the queue, as sbatch jobs of the config's script (at most max_concurrent at once), "
+                    "wait for them and collect <out>/results.csv, results.json, agto_overhead.csv and plots. "
+                    "Run it from the repository root. `avar sweep collect --out DIR` only collects. Every field "
+                    "of megatron_avar/sweep/config.py can be overridden as dotted.key=value.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="sweep YAML config (see examples/sweeps/)")
+    parser.add_argument("--out", help="the sweep directory, for `avar sweep collect` (default: the config's out)")
+    parser.add_argument("--no-wait", action="store_true", help="submit and return; collect later")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, help="how often to ask squeue while waiting")
+    parser.add_argument("--timeout-seconds", type=float, default=None, help="give up waiting after this long")
+    parser.add_argument("args", nargs="*", metavar="collect | KEY=VALUE",
+                        help="`collect`, or dotted overrides of the sweep config")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args) -> int:
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.collect import collect
+    from megatron_avar.sweep.config import SweepConfig
+
+    if args.args[:1] == ["collect"]:
+        if args.out is None and args.config is None:
+            raise ValueError("`avar sweep collect` needs --out DIR (or --config FILE)")
+        out = args.out or load_config(SweepConfig, args.config, args.args[1:]).out
+        rows = collect(out)
+        return 0 if rows else 1
+    if args.config is None:
+        raise ValueError("--config FILE is required (or `avar sweep collect --out DIR`)")
+    config = load_config(SweepConfig, args.config, args.args)
+    points = _checked_points(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(config),
+                                                "points": [p.as_dict() for p in points]}, indent=2) + "\n")
+    from megatron_avar.sweep.submit import submit_points, wait_for_jobs
+
+    jobs = submit_points(config, points, repo=Path.cwd())
+    if args.no_wait:
+        print(f"[sweep] submitted; collect with: avar sweep collect --out {out}")
+        return 0
+    wait_for_jobs([ids[-1] for name, ids in jobs.items() if any(p.name == name for p in points)],
+                  poll_s=args.poll_seconds, timeout_s=args.timeout_seconds)
+    rows = collect(out)
+    return 0 if all(row["state"] == "ok" for row in rows) else 1
+
+
+def _checked_points(config):
+    """The sweep's points, after checking that the script exists here and that every point's SFT config loads
+    (a typo in an override fails now, not after hours in the queue)."""
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sweep.grid import resolve_points
+
+    if not Path(config.script).is_file():
+        raise ValueError(f"script {config.script} not found from {Path.cwd()}: run `avar sweep` from the repository "
+                         "root or set script=")
+    if not Path(config.sft_config).is_file():
+        raise ValueError(f"sft_config {config.sft_config} does not exist")
+    points = resolve_points(config)
+    for point in points:
+        try:
+            load_config(SFTConfig, config.sft_config, [*point.overrides, f"out={point.run_dir}"])
+        except ValueError as error:
+            raise ValueError(f"point {point.name}: its SFT config does not load: {error}") from None
+    return points

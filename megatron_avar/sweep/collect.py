@@ -1,0 +1,159 @@
+"""Collecting a sweep: one row per point (every point, finished or not) -> results.csv / results.json, the
+AGTO overhead per layout -> agto_overhead.csv, and the plots (megatron_avar.sweep.plots).
+
+Per finished point, from <run_dir>/metrics.jsonl (the last record of each step: a resumed run logs a step
+again), over the steps after ``warmup_steps``:
+  median_step_seconds        median of perf/step_seconds
+  tokens_per_second_per_gpu  median of perf/tokens_per_second (global real tokens) / num_gpus
+  tflops_per_gpu             median of perf/tflops_per_gpu (the trainer's explicit FLOP formula,
+                             megatron_avar.training.metrics.training_flops)
+  mfu                        tflops_per_gpu / peak_tflops_per_gpu
+  peak_memory_gb             max of perf/peak_memory_gb (max over ranks; CUDA max allocated, CPU peak RSS)
+A point that did not finish keeps its row with ``state`` (Slurm's: FAILED, CANCELLED, TIMEOUT, PREEMPTED, ...;
+PENDING / RUNNING while queued; NOT_SUBMITTED) and ``log`` (its Slurm log) and ``error`` (the log's last error
+line), and empty numbers: never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+from megatron_avar.sweep.submit import job_states, load_state, run_finished
+
+__all__ = ["collect", "COLUMNS"]
+
+COLUMNS = ("name", "state", "job_id", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length", "agto",
+           "steps", "steps_measured", "median_step_seconds", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu",
+           "peak_memory_gb", "final_lm_loss", "run_dir", "log", "error")
+_EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception|Interrupt): |avar [\w-]+: error: ")
+OVERHEAD_COLUMNS = ("layout", "step_seconds_agto_off", "step_seconds_agto_on", "step_time_overhead",
+                    "peak_memory_gb_agto_off", "peak_memory_gb_agto_on", "extra_memory_gb")
+
+
+def _step_records(run_dir: Path) -> dict[int, dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in records}
+
+
+def _log_and_error(run_dir: Path, job: str | None) -> tuple[str, str]:
+    candidates = [run_dir / f"slurm-{job}.out", run_dir / f"sbatch-{job}.out"] if job else []
+    logs = [p for p in candidates if p.is_file()]
+    error = ""
+    for log in logs:  # the last Python exception line, else the last line that mentions an error
+        lines = log.read_text(errors="replace").splitlines()
+        found = ([line for line in lines if _EXCEPTION.search(line)]
+                 or [line for line in lines if "error" in line.lower()])
+        if found:
+            error = found[-1].strip()[:300]
+            break
+    return (str(logs[0]) if logs else (str(candidates[0]) if candidates else "")), error
+
+
+def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: float) -> dict:
+    records = _step_records(run_dir)
+    measured = [records[s] for s in sorted(records) if s >= warmup_steps] or [records[s] for s in sorted(records)]
+    if not measured:
+        return {}
+
+    def median(key):
+        values = [r[key] for r in measured if key in r]
+        return statistics.median(values) if values else None
+
+    tflops = median("perf/tflops_per_gpu")
+    tokens = median("perf/tokens_per_second")
+    peaks = [r["perf/peak_memory_gb"] for r in records.values() if "perf/peak_memory_gb" in r]
+    return {"steps_measured": len(measured), "median_step_seconds": median("perf/step_seconds"),
+            "tokens_per_second_per_gpu": None if tokens is None else tokens / num_gpus,
+            "tflops_per_gpu": tflops, "mfu": None if tflops is None else tflops / peak_tflops,
+            "peak_memory_gb": max(peaks) if peaks else None,
+            "final_lm_loss": records[max(records)].get("loss/lm")}
+
+
+def collect(out: str | Path, *, log=print) -> list[dict]:
+    """Rows of the sweep in <out> (as submitted: <out>/sweep.json); writes results.csv/.json, agto_overhead.csv
+    and the plots next to them. Returns the rows."""
+    out = Path(out)
+    sweep_file = out / "sweep.json"
+    if not sweep_file.is_file():
+        raise ValueError(f"{out} has no sweep.json: not a sweep directory (run `avar sweep --config ...` first)")
+    sweep = json.loads(sweep_file.read_text())
+    settings, points = sweep["config"], sweep["points"]
+    jobs = load_state(out)
+    last = {p["name"]: jobs[p["name"]][-1] for p in points if jobs.get(p["name"])}
+    states = job_states(sorted(set(last.values())))
+    rows = []
+    for point in points:
+        run_dir, job = Path(point["run_dir"]), last.get(point["name"])
+        row = dict.fromkeys(COLUMNS)
+        row.update({k: point[k] for k in ("name", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length",
+                                          "agto", "steps")})
+        row.update(job_id=job, run_dir=str(run_dir))
+        row["log"], row["error"] = _log_and_error(run_dir, job)
+        if run_finished(run_dir):
+            row["state"] = "ok"
+            row.update(_metrics_row(run_dir, point["num_gpus"], settings["warmup_steps"],
+                                    settings["peak_tflops_per_gpu"]))
+            row["error"] = ""
+        else:
+            row["state"] = "NOT_SUBMITTED" if job is None else states.get(job, "UNKNOWN")
+            if row["state"] == "COMPLETED":  # Slurm says it ended well but the run did not reach its last step
+                row["state"] = "INCOMPLETE"
+        rows.append(row)
+    _write(out, rows)
+    overhead = agto_overhead(rows)
+    _write_csv(out / "agto_overhead.csv", OVERHEAD_COLUMNS, overhead)
+    from megatron_avar.sweep.plots import plot_agto_overhead, plot_scaling
+
+    plot_scaling(rows, out / "throughput_vs_gpus.png")
+    plot_agto_overhead(overhead, out / "agto_overhead.png")
+    for row in rows:
+        if row["state"] != "ok":
+            log(f"[sweep] {row['name']}: {row['state']} (job {row['job_id']}, log {row['log'] or '-'})"
+                + (f": {row['error']}" if row["error"] else ""))
+    done = sum(r["state"] == "ok" for r in rows)
+    log(f"[sweep] {done}/{len(rows)} points finished; {out / 'results.csv'}")
+    return rows
+
+
+def agto_overhead(rows: list[dict]) -> list[dict]:
+    """Per layout (everything but agto equal) with both an AGTO-on and an AGTO-off finished run: the step time
+    and peak memory of each and on/off - 1 (step_time_overhead) and on - off (extra_memory_gb)."""
+    def layout(row):  # the point's name without its AGTO part (names are deterministic, see sweep.grid)
+        return row["name"].replace("_agto-on", "").replace("_agto-off", "")
+
+    pairs: dict[str, dict[bool, dict]] = {}
+    for row in rows:
+        if row["state"] == "ok" and row["median_step_seconds"]:
+            pairs.setdefault(layout(row), {})[bool(row["agto"])] = row
+    result = []
+    for name, pair in pairs.items():
+        if True in pair and False in pair:
+            on, off = pair[True], pair[False]
+            memory = (None if on["peak_memory_gb"] is None or off["peak_memory_gb"] is None
+                      else on["peak_memory_gb"] - off["peak_memory_gb"])
+            result.append({"layout": name, "step_seconds_agto_off": off["median_step_seconds"],
+                           "step_seconds_agto_on": on["median_step_seconds"],
+                           "step_time_overhead": on["median_step_seconds"] / off["median_step_seconds"] - 1,
+                           "peak_memory_gb_agto_off": off["peak_memory_gb"],
+                           "peak_memory_gb_agto_on": on["peak_memory_gb"], "extra_memory_gb": memory})
+    return result
+
+
+def _write_csv(path: Path, columns, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+
+def _write(out: Path, rows: list[dict]) -> None:
+    _write_csv(out / "results.csv", COLUMNS, rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

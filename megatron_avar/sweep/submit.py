@@ -1,0 +1,153 @@
+"""Submitting sweep points as Slurm jobs and asking Slurm what became of them.
+
+max_concurrent is enforced with dependency chains: the points are dealt round-robin into ``max_concurrent``
+chains and each job is submitted with ``--dependency=afterany:<the previous job of its chain>``, so Slurm
+itself never runs more than max_concurrent of them at once, a failed point does not block its chain, and
+nothing has to stay alive on the login node (``--no-wait`` submits everything and returns). Not a job array:
+an array shares one set of sbatch options, and the points differ in --nodes (and the sweep resubmits single
+failed points). Not a polling submitter: that needs a process babysitting the queue for the whole sweep.
+
+State kept in ``<out>/state.json``: every job id submitted per point (newest last), so a re-run knows which
+points still have a job in the queue and `avar sweep collect` can name each point's job and log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from megatron_avar.sweep.config import SweepConfig
+from megatron_avar.sweep.grid import Point
+
+__all__ = ["submit_points", "wait_for_jobs", "job_states", "run_finished", "load_state", "ACTIVE_STATES"]
+
+# squeue states of a job that may still run.
+ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
+
+
+def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+def load_state(out: Path) -> dict[str, list[str]]:
+    path = out / "state.json"
+    return json.loads(path.read_text())["jobs"] if path.is_file() else {}
+
+
+def _save_state(out: Path, jobs: dict[str, list[str]]) -> None:
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps({"jobs": jobs}, indent=2) + "\n")
+    tmp.replace(out / "state.json")
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """Slurm's state of each job: squeue for queued/running ones, then sacct (needs accounting), then scontrol
+    (remembers finished jobs for MinJobAge, 300 s by default); "UNKNOWN" when none of them knows the job."""
+    states: dict[str, str] = {}
+    if not job_ids:
+        return states
+    queue = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"])
+    for line in queue.stdout.splitlines():
+        job, _, state = line.strip().partition(" ")
+        if job in job_ids:
+            states[job] = state
+    rest = [j for j in job_ids if j not in states]
+    if rest:
+        sacct = _run(["sacct", "-X", "-n", "-P", "-j", ",".join(rest), "-o", "JobID,State"])
+        if sacct.returncode == 0:
+            for line in sacct.stdout.splitlines():
+                job, _, state = line.partition("|")
+                if job in rest and state:
+                    states[job] = state.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    for job in [j for j in job_ids if j not in states]:
+        shown = _run(["scontrol", "show", "job", "-o", job])
+        fields = dict(token.partition("=")[::2] for token in shown.stdout.split()) if shown.returncode == 0 else {}
+        states[job] = fields.get("JobState", "UNKNOWN")
+    return states
+
+
+def run_finished(run_dir: Path) -> bool:
+    """True when the run's summary.json says it trained through its last configured step without a stop signal."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        steps = json.loads((run_dir / "config.json").read_text())["train"]["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return summary.get("stopped_by") is None and summary.get("last_step") == steps - 1
+
+
+def _sbatch_command(config: SweepConfig, point: Point, dependency: list[str]) -> list[str]:
+    slurm = config.slurm
+    command = ["sbatch", "--parsable", f"--job-name=avar-sweep-{point.name}", f"--nodes={point.spec.nodes}",
+               f"--ntasks-per-node={config.ranks}", f"--gpus-per-node={config.gpus_per_node}",
+               f"--output={point.run_dir.resolve()}/sbatch-%j.out"]
+    for option in ("account", "partition", "qos", "time"):
+        if getattr(slurm, option) is not None:
+            command.append(f"--{option}={getattr(slurm, option)}")
+    command += slurm.extra_args
+    if dependency:
+        command.append("--dependency=afterany:" + ":".join(dependency))
+    return [*command, config.script]
+
+
+def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=print) -> dict[str, list[str]]:
+    """Submit every point that has neither finished nor a job still in the queue; returns the state (point ->
+    job ids). Jobs of an earlier invocation that are still queued head the chains, so the limit holds across
+    re-runs too."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = load_state(out)
+    last_jobs = {p.name: jobs[p.name][-1] for p in points if jobs.get(p.name)}
+    states = job_states(sorted(set(last_jobs.values())))
+    chains: list[list[str]] = [[] for _ in range(config.max_concurrent)]
+    active = sorted((j for j in last_jobs.values() if states.get(j) in ACTIVE_STATES), key=int)
+    for index, job in enumerate(active):
+        chains[index % len(chains)].append(job)
+    next_chain = len(active)
+    for point in points:
+        if run_finished(point.run_dir):
+            log(f"[sweep] {point.name}: finished, skipped")
+            continue
+        if point.name in last_jobs and states.get(last_jobs[point.name]) in ACTIVE_STATES:
+            log(f"[sweep] {point.name}: job {last_jobs[point.name]} still {states[last_jobs[point.name]]}, skipped")
+            continue
+        point.run_dir.mkdir(parents=True, exist_ok=True)  # sbatch's --output directory must exist
+        chain = chains[next_chain % len(chains)]
+        next_chain += 1
+        env = {**os.environ, **config.slurm.env, "CONFIG": str(Path(config.sft_config).resolve()),
+               "RUN_DIR": str(point.run_dir.resolve()), "OVERRIDES": " ".join(point.overrides), "REPO": str(repo)}
+        command = _sbatch_command(config, point, chain[-1:])
+        result = _run(command, env=env, cwd=repo)
+        if result.returncode != 0:
+            raise RuntimeError(f"sbatch for point {point.name} failed ({result.returncode}): "
+                               f"{result.stderr.strip()}\ncommand: {' '.join(command)}")
+        job = result.stdout.strip().split(";")[0]
+        chain.append(job)
+        jobs.setdefault(point.name, []).append(job)
+        _save_state(out, jobs)
+        previous = f" after {chain[-2]}" if len(chain) > 1 else ""
+        log(f"[sweep] {point.name}: submitted job {job}{previous} -> {point.run_dir}")
+    _save_state(out, jobs)
+    return jobs
+
+
+def wait_for_jobs(job_ids: list[str], *, poll_s: float = 10.0, timeout_s: float | None = None, log=print) -> None:
+    """Block until none of ``job_ids`` is queued or running (TimeoutError after ``timeout_s``)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    previous = None
+    while True:
+        states = job_states(job_ids)
+        active = {j: s for j, s in states.items() if s in ACTIVE_STATES}
+        summary = ", ".join(f"{j} {s}" for j, s in sorted(active.items(), key=lambda kv: int(kv[0])))
+        if summary != previous and active:
+            log(f"[sweep] waiting for {len(active)} job(s): {summary}")
+            previous = summary
+        if not active:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"sweep jobs still active after {timeout_s} s: {summary}")
+        time.sleep(poll_s)

@@ -1,0 +1,179 @@
+"""`avar sweep` on a real one-node Slurm cluster (megatron_avar.testing.slurm; Debian's Slurm, apt-installed when
+missing): examples/sweeps/tiny_cpu.yaml (slurm/avar_sft_7b.sh with examples/sft/slurm_tiny.yaml on 2 CPU
+ranks, TP=2, AGTO on and off, 3 steps) plus one point that fails on purpose (TP=1 with avar.layers=[7] on a
+2-layer model: the config loads, the job fails when the model is built), max_concurrent=1.
+
+1. Submitting with --no-wait queues all three jobs, each after the previous one (dependency chain): Slurm never
+   runs two at once (start/end times from scontrol).
+2. `avar sweep collect`: results.csv has the two finished points with their numbers (checked against
+   metrics.jsonl and Slurm's own run time) and the failed point with state FAILED, its log and the error;
+   agto_overhead.csv pairs the two TP=2 runs; the plots are PNG files.
+3. Running the sweep again skips the finished points (their run directories untouched), resubmits only the
+   failed one, waits for it and collects again. No process is left behind.
+"""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+REPO = Path(__file__).parents[2]
+STEPS, WARMUP = 3, 1  # examples/sweeps/tiny_cpu.yaml
+JOB_TIMEOUT_S = 240
+
+
+def _slurm_time(value: str) -> float:
+    return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    with (out / "results.csv").open() as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+    from megatron_avar.testing.slurm import LocalSlurm, SlurmUnavailable, ensure_slurm_installed
+
+    try:
+        ensure_slurm_installed()
+    except SlurmUnavailable as error:
+        pytest.skip(f"no Slurm: {error}")
+    root = tmp_path_factory.mktemp("sweep")
+    model = write_toy_checkpoint(root / "toy-model", ToyModelConfig(num_layers=2))
+    data = write_dataset(ProceduralConfig(num_samples=12, image_size=(112, 84)), root / "data")
+    out = root / "sweep"
+    command = [sys.executable, "-m", "megatron_avar", "sweep", "--config", "examples/sweeps/tiny_cpu.yaml",
+               "--poll-seconds", "1", f"out={out}",
+               f"sft_overrides=[model.hf_path={model},data.path={data},checkpoint.interval=0,train.steps={STEPS}]",
+               'points=[{tp: 1, overrides: ["avar.layers=[7]"]}]', f"slurm.env={{PYTHON: {sys.executable}}}"]
+    result = {"out": out}
+    with LocalSlurm.start() as cluster:
+        def avar(*extra):
+            done = subprocess.run([*command, *extra], env=cluster.env, cwd=REPO, capture_output=True, text=True,
+                                  timeout=3 * JOB_TIMEOUT_S)
+            return done.returncode, done.stdout + done.stderr
+
+        started = time.monotonic()
+        result["submit"] = avar("--no-wait")
+        assert result["submit"][0] == 0, result["submit"][1]
+        state = json.loads((out / "state.json").read_text())["jobs"]
+        result["first_jobs"] = {name: ids[-1] for name, ids in state.items()}
+        result["queued"] = {j: cluster.job(j) for j in result["first_jobs"].values()}  # right after submission
+        for job in sorted(result["first_jobs"].values(), key=int):
+            cluster.wait(job, timeout_s=JOB_TIMEOUT_S)
+        result["finished"] = {j: cluster.job(j) for j in result["first_jobs"].values()}
+        collect = subprocess.run([sys.executable, "-m", "megatron_avar", "sweep", "collect", "--out", str(out)],
+                                 env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        result["collect"] = (collect.returncode, collect.stdout + collect.stderr)
+        result["first_rows"] = _rows(out)
+        result["state_after_collect"] = json.loads((out / "state.json").read_text())["jobs"]
+        result["first_seconds"] = time.monotonic() - started
+        result["metrics_mtimes"] = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.jsonl")}
+        result["rerun"] = avar()
+        result["second_jobs"] = json.loads((out / "state.json").read_text())["jobs"]
+        result["scratch"] = cluster.scratch
+    result["leftover_pids"] = cluster.leftover_pids()
+    print(f"\n[sweep] 3 points submitted, run and collected in {result['first_seconds']:.0f} s")
+    return result
+
+
+FAILING = "base_n1_tp1_pp1_dp2_seqbase_agto-on_stepsbase"  # + _x<hash of its overrides>
+TP2_ON = "base_n1_tp2_pp1_dp1_seqbase_agto-on_stepsbase"
+TP2_OFF = "base_n1_tp2_pp1_dp1_seqbase_agto-off_stepsbase"
+
+
+def _failing_name(names) -> str:
+    (name,) = [n for n in names if n.startswith(FAILING + "_x")]
+    return name
+
+
+def test_submission_respects_max_concurrent(sweep):
+    code, output = sweep["submit"]
+    assert code == 0, output
+    jobs = sweep["first_jobs"]
+    assert set(jobs) == {TP2_ON, TP2_OFF, _failing_name(jobs)}, output
+    order = [jobs[TP2_ON], jobs[TP2_OFF], jobs[_failing_name(jobs)]]  # grid points, then explicit points
+    assert order == sorted(order, key=int)
+    # One chain (max_concurrent=1): each job waits for the previous one, as submitted.
+    for previous, job in zip(order, order[1:]):
+        assert f"afterany:{previous}" in sweep["queued"][job]["Dependency"], sweep["queued"][job]
+    # And Slurm ran them one after the other.
+    finished = sweep["finished"]
+    for previous, job in zip(order, order[1:]):
+        assert _slurm_time(finished[job]["StartTime"]) >= _slurm_time(finished[previous]["EndTime"])
+
+
+def test_collect_reports_finished_and_failed_points(sweep):
+    code, output = sweep["collect"]
+    assert code == 0, output
+    rows, out, jobs = sweep["first_rows"], sweep["out"], sweep["first_jobs"]
+    failing = _failing_name(rows)
+    assert set(rows) == {TP2_ON, TP2_OFF, failing}
+    for name in (TP2_ON, TP2_OFF):
+        row = rows[name]
+        assert row["state"] == "ok" and row["job_id"] == jobs[name], row
+        assert (row["tp"], row["dp"], row["num_gpus"], row["agto"]) == ("2", "1", "2", str(name == TP2_ON))
+        # The medians leave the warmup step out and come from the run's own metrics.jsonl ...
+        records = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        measured = [r for r in records if r["step"] >= WARMUP]
+        assert int(row["steps_measured"]) == STEPS - WARMUP == len(measured)
+        step_seconds = float(row["median_step_seconds"])
+        assert step_seconds == pytest.approx(statistics.median(r["perf/step_seconds"] for r in measured))
+        assert float(row["tokens_per_second_per_gpu"]) == pytest.approx(
+            statistics.median(r["perf/tokens_per_second"] for r in measured) / 2)
+        assert float(row["mfu"]) == pytest.approx(float(row["tflops_per_gpu"]) / 989.0)
+        # ... and are consistent with what Slurm measured: the steps fit in the job's run time.
+        info = sweep["finished"][jobs[name]]
+        run_seconds = _slurm_time(info["EndTime"]) - _slurm_time(info["StartTime"])
+        assert 0 < step_seconds * STEPS <= run_seconds + 1, (step_seconds, info["RunTime"])
+        # Peak memory: the CPU ranks' peak RSS (torch + megatron + the toy model: well above 100 MB, below RAM).
+        assert 0.1 < float(row["peak_memory_gb"]) < 24
+        assert float(row["final_lm_loss"]) > 0
+    bad = rows[failing]
+    assert bad["state"] == "FAILED" and bad["job_id"] == jobs[failing], bad
+    assert bad["median_step_seconds"] == "" and bad["tokens_per_second_per_gpu"] == ""
+    assert Path(bad["log"]) == out / "runs" / failing / f"slurm-{jobs[failing]}.out" and Path(bad["log"]).is_file()
+    assert "avar.layers [7]" in bad["error"], bad
+    assert f"{failing}: FAILED (job {jobs[failing]}" in output
+    assert sweep["state_after_collect"] == {n: [j] for n, j in jobs.items()}  # collect submitted nothing
+
+    as_json = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
+    assert as_json[failing]["state"] == "FAILED" and as_json[TP2_ON]["median_step_seconds"] > 0
+    with (out / "agto_overhead.csv").open() as f:
+        (overhead,) = list(csv.DictReader(f))
+    assert overhead["layout"] == "base_n1_tp2_pp1_dp1_seqbase_stepsbase"
+    assert float(overhead["step_time_overhead"]) == pytest.approx(
+        float(rows[TP2_ON]["median_step_seconds"]) / float(rows[TP2_OFF]["median_step_seconds"]) - 1)
+    for plot in ("throughput_vs_gpus.png", "agto_overhead.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_points_and_resubmits_the_failed_one(sweep):
+    code, output = sweep["rerun"]
+    first, second, out = sweep["first_jobs"], sweep["second_jobs"], sweep["out"]
+    failing = _failing_name(first)
+    assert code == 1, output  # a point failed (again): the sweep says so with its exit code
+    assert f"{TP2_ON}: finished, skipped" in output and f"{TP2_OFF}: finished, skipped" in output
+    assert second[TP2_ON] == [first[TP2_ON]] and second[TP2_OFF] == [first[TP2_OFF]]
+    assert len(second[failing]) == 2 and second[failing][0] == first[failing]
+    assert int(second[failing][1]) > max(int(j) for j in first.values())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.jsonl")} == sweep["metrics_mtimes"]
+    rows = _rows(out)
+    assert [rows[n]["state"] for n in (TP2_ON, TP2_OFF, failing)] == ["ok", "ok", "FAILED"]
+    assert rows[failing]["job_id"] == second[failing][1]
+    assert rows[TP2_ON]["median_step_seconds"] == sweep["first_rows"][TP2_ON]["median_step_seconds"]
+
+
+def test_no_leftover_processes(sweep):
+    assert sweep["leftover_pids"] == []
+    assert not Path(sweep["scratch"]).exists()
