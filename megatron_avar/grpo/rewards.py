@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from megatron_avar.eval.answers import final_answer_text, last_boxed, math_equal
 
-__all__ = ["RewardConfig", "RewardParts", "FORMAT_PATTERN", "format_reward", "extract_answer",
+__all__ = ["RewardConfig", "RewardParts", "VisualAnchoredReward", "FORMAT_PATTERN", "format_reward", "extract_answer",
            "transform_visual", "score_rollout"]
 
 _TAG = r"</?(?:think|answer)>"
@@ -161,3 +161,13 @@ def score_rollout(response_text: str, ground_truth: str, r_visual: float,
     gate = (accuracy > 0) if config.gate_visual_on_correct else True
     total = accuracy + config.lambda_visual * visual * gate + config.lambda_format * form
     return RewardParts(accuracy=accuracy, format=form, visual=visual, total=total, answer=answer)
+
+
+class VisualAnchoredReward:
+    """The default ``grpo.interfaces.Reward``: :func:`score_rollout` with one fixed :class:`RewardConfig`."""
+
+    def __init__(self, config: RewardConfig = RewardConfig()):
+        self.config = config
+
+    def score(self, response: str, ground_truth: str, r_visual: float) -> RewardParts:
+        return score_rollout(response, ground_truth, r_visual, self.config)
