@@ -118,7 +118,8 @@ def build_model(qwen_config, *, tp: int, pp: int, dtype: torch.dtype, recompute:
     if hf_path is not None:
         from pathlib import Path
 
-        load_hf_tensors(module, iter_lazy_tensors(Path(hf_path)), qwen_config)
+        # The run's precision decides: bf16 training from fp32 weights (or the reverse) casts on load.
+        load_hf_tensors(module, iter_lazy_tensors(Path(hf_path)), qwen_config, cast_to_model_dtype=True)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed_optimizer, bucket_size=None)
     ddp = DistributedDataParallel(module.config, ddp_config, module)

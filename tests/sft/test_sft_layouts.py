@@ -41,8 +41,8 @@ def _two_steps(overrides, layouts):
 @pytest.fixture(scope="module")
 def layouts(sft_inputs, tmp_path_factory):
     overrides = sft_overrides(sft_inputs, tmp_path_factory.mktemp("layouts"))
-    single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"])],
-                          timeout_s=400)[0]
+    single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"]),
+                                                     (1, 1, ["train.precision=bf16"])], timeout_s=400)[0]
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, [])], timeout_s=600)
     return single, two
 
@@ -65,3 +65,13 @@ def test_agto_gradient_is_present_and_the_lm_loss_is_not_changed_by_it(layouts):
     assert without["loss/lm"] == pytest.approx(with_agto["loss/lm"], rel=1e-6)
     assert without["avar/l_enh"] == pytest.approx(with_agto["avar/l_enh"], rel=1e-6)  # still measured
     assert abs(without["optim/grad_norm"] - with_agto["optim/grad_norm"]) > 1e-3 * with_agto["optim/grad_norm"]
+
+
+def test_bf16_step_is_close_to_fp32(layouts):
+    """bf16 weights and activations (fp32 main params and grad reduction, megatron's mixed precision): the first
+    step's losses within bf16's ~3 significant digits of fp32 (bound 2e-2 relative; the gradient norm 5e-2)."""
+    single, _ = layouts
+    fp32, bf16 = single[(1, 1, ())][0], single[(1, 1, ("train.precision=bf16",))][0]
+    for name in ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas"):
+        assert bf16[name] == pytest.approx(fp32[name], rel=2e-2), name
+    assert bf16["optim/grad_norm"] == pytest.approx(fp32["optim/grad_norm"], rel=5e-2)

@@ -188,14 +188,16 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
 
 
 def load_hf_tensors(model: torch.nn.Module, hf_tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]],
-                    config: Qwen25VLConfig, *, tp_group: dist.ProcessGroup | None = None) -> None:
+                    config: Qwen25VLConfig, *, tp_group: dist.ProcessGroup | None = None,
+                    cast_to_model_dtype: bool = False) -> None:
     """Streaming :func:`load_hf_state_dict`: ``hf_tensors`` yields ``(hf_name, read)`` pairs (e.g. the keys of
     safetensors shards, file by file); ``read()`` is called only for tensors this rank's parameters need, and
     a full tensor is kept only until the last HF tensor of its parameter has arrived.
 
     Local, no communication. Raises ValueError naming the tensor for an HF name the config does not have, a
-    shape that does not fit the parameter, a dtype other than the parameter's (loading must not round), and
-    for parameters left without an HF tensor."""
+    shape that does not fit the parameter, a dtype other than the parameter's (conversion must not round;
+    training, which chooses its precision, passes ``cast_to_model_dtype=True``), and for parameters left
+    without an HF tensor."""
     params = dict(_global_named_parameters(model))
     mappings = param_mappings(config, fused_layer_norms=_has_fused_norms(params))
     by_hf_name = {hf_name: m for m in mappings for hf_name in m.hf}
@@ -214,6 +216,8 @@ def load_hf_tensors(model: torch.nn.Module, hf_tensors: Iterable[tuple[str, Call
         if param is None:  # another pipeline stage's parameter
             continue
         tensor = read()
+        if tensor.dtype != param.dtype and cast_to_model_dtype:
+            tensor = tensor.to(param.dtype)
         if tensor.dtype != param.dtype:
             raise ValueError(f"HF tensor {raw_name!r} is {tensor.dtype} but the model is built in {param.dtype}")
         parts = pending.setdefault(mapping.megatron, {})
