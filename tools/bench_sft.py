@@ -1,0 +1,288 @@
+"""Benchmark one AVAR SFT step: step time and peak memory with AGTO on vs off, at sequence 4k and 8k.
+
+  python tools/bench_sft.py                          # GPU: 7B widths, 4 layers, bf16, seq 4096 and 8192
+  python tools/bench_sft.py --layers 8 --seq-lens 4096 8192 16384
+  python tools/bench_sft.py --device cpu --tiny      # CPU smoke run of the same code path (< 60 s); its
+                                                     # results are named *_cpu-smoke_* and are not a benchmark
+
+Model: Qwen2.5-VL-7B's published config (tests/models/qwen_vl_real_configs.py: hidden 3584, 28 query / 4 kv
+heads, head dim 128, FFN 18944, vocab 152064; vision 1280 wide) with fewer language layers (--layers) and
+vision blocks (--vision-depth), random weights (megatron's own initialisation; nothing is downloaded). --tiny
+scales the widths down (hidden 256, 2 heads of 128) for the CPU smoke run.
+
+Data: one procedural visual-reasoning sample per packed row (megatron_avar.data.procedural), its image sized
+so that the sample fills ~80-90% of the sequence: the worst case for attention (one S-token sequence, not many
+short packed ones). Batch = 1 row, TP = PP = DP = 1, the trainer's own train_step (forward, backward, optimizer).
+
+Modes, each measured in a fresh process (so peak memory is its own), same data and seed:
+  off      baseline: no AVAR layers (plain attention in every layer), no AGTO term
+  masses   every layer returns per-role attention masses (role_attention), alpha = beta = 0
+  agto     every layer returns masses and carries the AGTO term (alpha = beta = 0.15): what AVAR SFT runs
+Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
+(CUDA max allocated; CPU peak RSS) after the last step. Overheads are relative to "off".
+
+FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops with matmul_params of the model —
+  6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·patches
+(T real tokens, s_i sample lengths, L layers, d hidden size; the masses and AGTO are not counted as useful work).
+MFU = TFLOP/s / --peak-tflops (H100 SXM bf16 dense: 989).
+
+The authors' eager implementation keeps S×S attention probabilities per layer and head: the column
+"eager S×S" is L·H·S²·4 bytes·2 (fp32 probabilities, forward copy + the copy saved for backward) for this
+model's L and, beside it, for the full 28-layer 7B (at 8k: 421 GB; the issue's ~105 GB is L·H·S²·2 bytes, one
+bf16 copy).
+
+Target (issue 6): AGTO costs <= 5% step time and <= 1 GB extra memory over "off" at 4k and 8k on one H100.
+
+Results: tools/results/bench_sft_<hardware>_<date>.md and .json, with the commit. CPU smoke runs are named
+bench_sft_cpu-smoke_<host>_<date> and are not GPU results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform as host_platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODES = ("off", "masses", "agto")
+TEXT_RESERVE_TOKENS = 150  # a procedural sample's text (prompt + reasoning + answer): ~115-135 tokens
+FULL_7B_LAYERS, FULL_7B_HEADS = 28, 28
+
+
+def model_config(layers: int, vision_depth: int, tiny: bool) -> dict:
+    """The HF config.json of Qwen2.5-VL-7B with ``layers`` LM layers and ``vision_depth`` vision blocks."""
+    sys.path.insert(0, str(REPO / "tests" / "models"))
+    from qwen_vl_real_configs import QWEN2_5_VL_7B
+
+    config = json.loads(json.dumps(QWEN2_5_VL_7B))
+    config.update(num_hidden_layers=layers, max_window_layers=layers)
+    vision = config["vision_config"]
+    vision.update(depth=vision_depth, fullatt_block_indexes=[vision_depth - 1])
+    if tiny:  # head dim stays 128 (the mrope sections need it); everything else small
+        config.update(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, intermediate_size=512)
+        vision.update(hidden_size=128, num_heads=2, intermediate_size=256, out_hidden_size=256)
+    return config
+
+
+def image_side_pixels(seq_length: int) -> int:
+    """Side of a square image whose merged tokens ((side/28)²) plus the text fill ~80-90% of ``seq_length``
+    (more than half: the packer then puts exactly one sample in each row)."""
+    tokens = max(4, int(0.9 * seq_length) - TEXT_RESERVE_TOKENS)
+    return 28 * max(2, int(math.sqrt(tokens)))
+
+
+def prepare(work: Path, args) -> dict[int, dict]:
+    """Write the model directory (config + tokenizer/processor, no weights) and one dataset per length."""
+    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
+    from megatron_avar.processor import load_processor
+
+    model_dir = work / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(model_config(args.layers, args.vision_depth, args.tiny)))
+    largest = image_side_pixels(max(args.seq_lens)) ** 2
+    load_processor(None, min_pixels=56 * 56, max_pixels=largest, reasoning_tokens=True).save_pretrained(model_dir)
+    datasets = {}
+    for seq in args.seq_lens:
+        side = image_side_pixels(seq)
+        path = write_dataset(ProceduralConfig(num_samples=4, image_size=(side, side)), work / f"data_{seq}", overwrite=True)
+        datasets[seq] = {"path": str(path), "image_side": side}
+    return {"model": str(model_dir), "datasets": datasets}
+
+
+def worker(spec: dict) -> dict:
+    """One mode at one sequence length in this process: build, warm up, time ``steps`` steps."""
+    from megatron_avar import platform
+    from megatron_avar.config import load_config
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sft.trainer import train_step
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
+    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.sft_data import SFTDataLoader
+
+    import torch
+
+    mode, seq = spec["mode"], spec["seq_length"]
+    alpha = 0.15 if mode == "agto" else 0.0
+    config = load_config(SFTConfig, None, [
+        f"out={spec['work']}/run_{mode}_{seq}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
+        f"data.seq_length={seq}", f"data.max_pixels={spec['image_side'] ** 2}", "train.global_batch_size=1",
+        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps']}",
+        f"avar.alpha={alpha}", f"avar.beta={alpha}", "optim.lr=1.0e-6"])
+    layout = init_distributed(1, 1, seed=config.train.seed)
+    qwen = Qwen25VLConfig.from_hf(config.model.hf_path)
+    avar_layers = () if mode == "off" else config.avar.layer_indexes(qwen.text.num_layers)
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    model = build_model(qwen, tp=1, pp=1, dtype=dtype, recompute="none", role_mass_layers=avar_layers, hf_path=None,
+                        distributed_optimizer=True)
+    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype, distributed_optimizer=True)
+    data = SFTDataLoader(config.data.__class__(**{**config.data.__dict__, "processor_path": config.model.hf_path}),
+                         global_batch_size=1, dp_rank=0, dp_size=1)
+    lm_params, vision_params = matmul_params(qwen)
+    batches, times, flops, tokens = iter(data), [], [], []
+    for step in range(spec["warmup"] + spec["steps"]):
+        batch = next(batches)
+        started = time.monotonic()
+        train_step(model, batch, config, avar_layers=avar_layers, layout=layout)  # ends in .item(): synchronised
+        seconds = time.monotonic() - started
+        if step >= spec["warmup"]:
+            lengths = [int(b - a) for mb in batch.microbatches for cu in mb.cu_seqlens
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+            patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in batch.microbatches
+                          if mb.image_grid_thw is not None)
+            times.append(seconds)
+            tokens.append(batch.num_real_tokens)
+            flops.append(training_flops(lm_params=lm_params, vision_params=vision_params,
+                                        num_layers=qwen.text.num_layers, hidden_size=qwen.text.hidden_size,
+                                        sample_lengths=lengths, num_patches=patches))
+    median = statistics.median(times)
+    return {"mode": mode, "seq_length": seq, "step_seconds": median, "step_seconds_all": times,
+            "real_tokens": statistics.median(tokens), "tflops": statistics.median(flops) / median / 1e12,
+            "peak_memory_gb": platform.peak_memory_bytes() / 1e9, "device": str(platform.current_device()),
+            "gpu_name": torch.cuda.get_device_name() if platform.cuda_available() else None,
+            "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads}
+
+
+def run_worker(spec: dict, device: str) -> dict:
+    env = dict(os.environ)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                          text=True, cwd=REPO)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    if done.returncode != 0 or not lines:
+        oom = "out of memory" in done.stderr.lower()
+        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "error": "OOM" if oom else
+                f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
+    return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def eager_attention_gb(layers: int, heads: int, seq: int) -> float:
+    """The authors' eager attention probabilities: L·H·S²·4 bytes (fp32) x 2 (forward + saved for backward)."""
+    return layers * heads * seq * seq * 4 * 2 / 1e9
+
+
+def table(results: list[dict], args) -> list[dict]:
+    rows = []
+    for seq in args.seq_lens:
+        by_mode = {r["mode"]: r for r in results if r["seq_length"] == seq}
+        base = by_mode.get("off", {})
+        for mode in args.modes:
+            r = by_mode.get(mode, {})
+            row = {"seq_length": seq, "mode": mode, "error": r.get("error")}
+            if "step_seconds" in r:
+                row.update(step_seconds=r["step_seconds"], real_tokens=r["real_tokens"], tflops=r["tflops"],
+                           mfu=r["tflops"] / args.peak_tflops, peak_memory_gb=r["peak_memory_gb"],
+                           eager_attention_gb=eager_attention_gb(r["layers"], r["heads"], seq),
+                           eager_attention_gb_full_7b=eager_attention_gb(FULL_7B_LAYERS, FULL_7B_HEADS, seq))
+                if "step_seconds" in base:
+                    row.update(step_time_overhead=r["step_seconds"] / base["step_seconds"] - 1,
+                               extra_memory_gb=r["peak_memory_gb"] - base["peak_memory_gb"])
+            rows.append(row)
+    return rows
+
+
+def _fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# AVAR SFT step benchmark ({meta['hardware']}, {meta['date']})", "",
+             f"Commit `{meta['commit']}`. {meta['model']}. Batch 1 row, TP=PP=DP=1, {meta['precision']}, median of "
+             f"{meta['steps']} steps after {meta['warmup']} warm-up. Baseline: mode `off` (no AVAR layers). "
+             "Target: AGTO <= 5% step time, <= 1 GB extra memory. FLOP formula and modes: tools/bench_sft.py.",
+             "", "| seq | mode | step s | vs off | peak GB | extra GB vs off | tokens | TFLOP/s | MFU | eager S×S GB "
+             "(this L) | eager S×S GB (28 L) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r['error']} | | | | | | | | |")
+            continue
+        overhead = r.get("step_time_overhead")
+        lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
+                     f"{'baseline' if r['mode'] == 'off' else _fmt(None if overhead is None else 100 * overhead, '+.1f') + '%'}"
+                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('extra_memory_gb'), '+.2f')} | {r['real_tokens']:.0f} | "
+                     f"{r['tflops']:.2f} | {100 * r['mfu']:.1f}% | {r['eager_attention_gb']:.1f} | "
+                     f"{r['eager_attention_gb_full_7b']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small widths and sequences (CPU smoke run)")
+    parser.add_argument("--layers", type=int, default=None, help="LM layers (default 4; --tiny: 2)")
+    parser.add_argument("--vision-depth", type=int, default=2)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 4096 8192; --tiny: 512")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default all; --tiny: off agto")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3; --tiny: 1")
+    parser.add_argument("--steps", type=int, default=None, help="default 5; --tiny: 2")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator per GPU")
+    parser.add_argument("--work", default="runs/bench_sft", help="scratch directory (model config, data)")
+    parser.add_argument("--results", default=str(REPO / "tools" / "results"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("BENCH_RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    tiny = args.tiny
+    args.layers = args.layers or (2 if tiny else 4)
+    args.vision_depth = 1 if tiny else args.vision_depth
+    args.seq_lens = args.seq_lens or ([512] if tiny else [4096, 8192])
+    args.modes = args.modes or (["off", "agto"] if tiny else list(MODES))
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    args.steps = args.steps or (2 if tiny else 5)
+    if "off" not in args.modes:
+        args.modes.insert(0, "off")  # the baseline column is not optional
+    from megatron_avar import platform
+
+    if args.device == "cuda" and not platform.cuda_available():
+        raise SystemExit("bench_sft: no CUDA device here; run on a GPU, or `--device cpu --tiny` for a smoke run")
+    work = Path(args.work).resolve()
+    started = time.monotonic()
+    prepared = prepare(work, args)
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    results = []
+    for seq in args.seq_lens:
+        for mode in args.modes:
+            spec = {"mode": mode, "seq_length": seq, "work": str(work), "model": prepared["model"],
+                    "data": prepared["datasets"][seq]["path"], "image_side": prepared["datasets"][seq]["image_side"],
+                    "precision": precision, "warmup": args.warmup, "steps": args.steps}
+            result = run_worker(spec, args.device)
+            print(f"[bench_sft] seq {seq} {mode}: " + (result.get("error") or
+                  f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
+            results.append(result)
+    rows = table(results, args)
+    gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
+    hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "megatron_avar", "tools/bench_sft.py"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    date = datetime.date.today().isoformat()
+    meta = {"hardware": hardware, "date": date, "commit": commit + ("+dirty" if dirty else ""),
+            "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if tiny else ''}, {args.layers} LM layers, "
+                      f"{args.vision_depth} vision blocks"), "precision": precision, "warmup": args.warmup,
+            "steps": args.steps, "seconds": time.monotonic() - started, "argv": sys.argv[1:]}
+    stem = Path(args.results) / f"bench_sft_{hardware}_{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+    print(f"[bench_sft] {stem}.md / .json ({meta['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
