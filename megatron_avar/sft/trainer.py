@@ -169,6 +169,9 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
 
+    # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
+    # ranks; it is honoured after the first step.
+    preemption = checkpointing.PreemptionFlag()
     parallel = config.parallel
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                               seed=config.train.seed)
@@ -195,7 +198,6 @@ def run_sft(config: SFTConfig) -> dict:
         copy_side_files(Path(config.model.hf_path), path / HF_SIDE_DIR)
         write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=f"avar sft {config.out}")
 
-    preemption = checkpointing.PreemptionFlag()
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                            run_config=config_to_dict(config))
