@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     if not job_ids:
         return states
+    if shutil.which("squeue") is None:  # collecting on a machine without Slurm: the run directories still tell
+        return dict.fromkeys(job_ids, "UNKNOWN")
     queue = _run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i %T"])
     for line in queue.stdout.splitlines():
         job, _, state = line.strip().partition(" ")
@@ -98,6 +101,8 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=p
     """Submit every point that has neither finished nor a job still in the queue; returns the state (point ->
     job ids). Jobs of an earlier invocation that are still queued head the chains, so the limit holds across
     re-runs too."""
+    if shutil.which("sbatch") is None:
+        raise ValueError("sbatch not found: run `avar sweep` on a Slurm login node (or `avar sweep collect`)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = load_state(out)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 REPO = Path(__file__).parents[2]
 STEPS, WARMUP = 3, 1  # examples/sweeps/tiny_cpu.yaml
@@ -97,6 +96,8 @@ def _failing_name(names) -> str:
     return name
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_submission_respects_max_concurrent(sweep):
     code, output = sweep["submit"]
     assert code == 0, output
@@ -113,6 +114,8 @@ def test_submission_respects_max_concurrent(sweep):
         assert _slurm_time(finished[job]["StartTime"]) >= _slurm_time(finished[previous]["EndTime"])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_collect_reports_finished_and_failed_points(sweep):
     code, output = sweep["collect"]
     assert code == 0, output
@@ -158,6 +161,8 @@ def test_collect_reports_finished_and_failed_points(sweep):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_rerun_skips_finished_points_and_resubmits_the_failed_one(sweep):
     code, output = sweep["rerun"]
     first, second, out = sweep["first_jobs"], sweep["second_jobs"], sweep["out"]
@@ -174,6 +179,61 @@ def test_rerun_skips_finished_points_and_resubmits_the_failed_one(sweep):
     assert rows[TP2_ON]["median_step_seconds"] == sweep["first_rows"][TP2_ON]["median_step_seconds"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_no_leftover_processes(sweep):
     assert sweep["leftover_pids"] == []
     assert not Path(sweep["scratch"]).exists()
+
+
+# -- without a cluster: the sweep config and its points --------------------------------------------------------
+
+def test_example_grid_resolves_to_named_layouts(monkeypatch):
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.cli import _checked_points
+    from megatron_avar.sweep.config import SweepConfig
+
+    monkeypatch.chdir(REPO)
+    config = load_config(SweepConfig, "examples/sweeps/h100_7b_scaling.yaml", ["slurm.account=acct"])
+    points = _checked_points(config)  # every point's SFT config (examples/sft/avar_7b.yaml + overrides) loads
+    assert len(points) == 3 * 2 * 2 * 2 and len({p.name for p in points}) == len(points)
+    for point in points:
+        spec = point.spec
+        assert point.dp * spec.tp * spec.pp == point.num_gpus == 8 * spec.nodes
+        assert f"train.global_batch_size={16 * point.dp}" in point.overrides
+        assert ("avar.alpha=0" in point.overrides) == (not spec.agto)
+        assert point.run_dir == Path(config.out) / "runs" / point.name
+    named = {p.name: p for p in points}
+    assert named["base_n2_tp4_pp1_dp4_seq8192_agto-off_steps200"].overrides[-4:] == (
+        "train.steps=200", "avar.alpha=0", "avar.beta=0", "train.global_batch_size=64")
+    # The same config gives the same names (re-runs find their run directories).
+    from megatron_avar.sweep.grid import resolve_points
+
+    assert [p.name for p in resolve_points(config)] == [p.name for p in points]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["grid.tp=[3]"], "not divisible by tp x pp"),
+    (["sft_overrides=[optim.lr= 1.0e-5]"], "without spaces"),
+    (["gpus_per_node=0"], "ranks_per_node must be set"),
+    (["points=[{tp: 0}]"], "nodes/tp/pp must be >= 1"),
+    (["points=[{layout: 2}]"], "unknown config key(s) points[0].layout"),
+    (["slurm.env={RUN_DIR: x}"], "slurm.env.RUN_DIR is set by the sweep"),
+    (["grid.enabled=false"], "the sweep has no points"),
+    (["points=[{overrides: [train.precision=fp64]}]", "grid.enabled=false"], "train.precision='fp64'"),
+])
+def test_bad_sweep_configs_fail_before_submitting(tmp_path, capsys, overrides, message):
+    from megatron_avar.cli import main
+
+    code = main(["sweep", "--config", str(REPO / "examples/sweeps/h100_7b_scaling.yaml"), f"out={tmp_path}/s",
+                 f"sft_config={REPO / 'examples/sft/avar_7b.yaml'}", f"script={REPO / 'slurm/avar_sft_7b.sh'}",
+                 *overrides])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "s" / "state.json").exists()  # nothing was submitted
+
+
+def test_collect_outside_a_sweep_directory(tmp_path, capsys):
+    from megatron_avar.cli import main
+
+    assert main(["sweep", "collect", "--out", str(tmp_path / "nothing")]) == 2
+    assert "has no sweep.json" in capsys.readouterr().err
