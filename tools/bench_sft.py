@@ -40,6 +40,7 @@ bench_sft_cpu-smoke_<host>_<date> and are not GPU results.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -126,8 +127,8 @@ def worker(spec: dict) -> dict:
     model = build_model(qwen, tp=1, pp=1, dtype=dtype, recompute="none", role_mass_layers=avar_layers, hf_path=None,
                         distributed_optimizer=True)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype, distributed_optimizer=True)
-    data = SFTDataLoader(config.data.__class__(**{**config.data.__dict__, "processor_path": config.model.hf_path}),
-                         global_batch_size=1, dp_rank=0, dp_size=1)
+    data = SFTDataLoader(dataclasses.replace(config.data, processor_path=config.model.hf_path), global_batch_size=1,
+                         dp_rank=0, dp_size=1)
     lm_params, vision_params = matmul_params(qwen)
     batches, times, flops, tokens = iter(data), [], [], []
     for step in range(spec["warmup"] + spec["steps"]):

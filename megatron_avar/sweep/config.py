@@ -115,6 +115,7 @@ class SweepConfig:
     see megatron_avar.sweep.slurm). global_batch_per_dp: set train.global_batch_size = this x DP per point
     (weak scaling); None keeps the base config's global batch (strong scaling). warmup_steps: the first steps
     of each run left out of the medians. peak_tflops_per_gpu: the MFU denominator (H100 SXM bf16 dense: 989).
+    grid / points: see the module docstring.
     """
 
     out: str
@@ -129,7 +130,7 @@ class SweepConfig:
     peak_tflops_per_gpu: float = 989.0
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     grid: GridConfig = field(default_factory=GridConfig)
-    points: list = field(default_factory=list)
+    points: list = field(default_factory=list)  # list[PointSpec]; YAML mappings are converted and validated below
 
     def __post_init__(self):
         if self.gpus_per_node < 0:
