@@ -20,6 +20,9 @@ Rollouts: ``roles`` [B, S] (TokenRole, PAD = -1) and ``segment_ids`` [B, S] (pac
 token within its row, -1 on padding) or None (padded batch: one rollout per row). Rollouts are numbered
 row-major, by row and then by segment id within the row, counting only segments that exist — with the same
 number of segments in every row this is ``training.objective.QuerySets``'s numbering (b · per_row + seg).
+A row of padding only holds no rollout. K_img / K_sys are the keys the model was given as IMAGE / SYSTEM:
+the sink (position 0) is inside K_sys, as in the spec; to leave it out, give it the TEMPLATE role in the
+AVAR layers, as the SFT trainer does for ``exclude_sink``.
 
 The sink never changes the layer output and attaches no gradient: rewards are constants of the step.
 """
