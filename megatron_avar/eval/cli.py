@@ -21,7 +21,7 @@ _FLAG_KEYS = {
     "top_k": "generation.top_k", "seed": "generation.seed", "min_pixels": "generation.min_pixels",
     "max_pixels": "generation.max_pixels", "dtype": "generation.dtype",
     "tensor_parallel_size": "generation.tensor_parallel_size", "num_shards": "num_shards", "shard_index": "shard_index",
-    "intervene": "generation.intervene", "alpha_img": "generation.alpha_img", "alpha_sys": "generation.alpha_sys",
+    "vas_samples": "vas_samples", "intervene": "generation.intervene", "alpha_img": "generation.alpha_img", "alpha_sys": "generation.alpha_sys",
     "intervene_mode": "generation.intervene_mode", "intervene_layers": "generation.intervene_layers",
 }
 
@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     add("--max-pixels", type=int, help="image max pixels (default: the checkpoint's; VLMEvalKit: 12845056 = 16384*28*28)")
     add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
     add("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default: 1)")
+    add("--vas-samples", type=int, help="also compute VAS on the first N samples of each benchmark (hf backend; "
+                                        "default: 0 = off)")
     add("--intervene", action="store_true", default=None,
         help="apply the training-free attention intervention while generating (hf backend; the causal check)")
     add("--alpha-img", type=float, help="intervention: gain on IMAGE keys (default: 0.15)")

@@ -51,6 +51,11 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         if name == "mmmu_pro":
             detail += "; " + ", ".join(f"{k} {v:.1f}" for k, v in s["by_setting"].items()) + f" (score = {s['headline']})"
         lines.append(detail)
+    with_vas = [n for n in names if n in summaries and "vas" in summaries[n]]
+    if with_vas:
+        lines.append("\nVisual Attention Score (prompt-only prefill, all layers and heads; AVAR_SPEC.md §1): "
+                     + ", ".join(f"{BENCHMARKS[n].paper_column} {summaries[n]['vas']['vas']:.3f} "
+                                 f"(n={summaries[n]['vas']['num_samples']})" for n in with_vas))
     if limit is not None:
         lines.append(f"\nOnly the first {limit} samples per benchmark were evaluated: not comparable with the paper's rows.")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
 from megatron_avar.eval.generation import GenerationConfig, make_generator
+from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files"]
 
@@ -45,6 +46,8 @@ class EvalConfig:
     num_shards / shard_index: data parallelism over processes (one per GPU or GPU group): shard i generates
     the samples at positions p with p % num_shards == i into its own predictions file; scoring reads all
     shard files (run ``--score-only`` once every shard has finished).
+    vas_samples: also compute the model's VAS on the first N samples of each benchmark (0 = off; hf backend;
+    written to vas/<benchmark>.json, reported beside the scores).
     """
 
     out: Path
@@ -57,6 +60,7 @@ class EvalConfig:
     num_shards: int = 1
     shard_index: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    vas_samples: int = 0
 
     def __post_init__(self):
         # values from YAML arrive as str / list: normalise once (the dataclass is frozen afterwards)
@@ -76,6 +80,11 @@ class EvalConfig:
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, num_shards) and num_shards >= 1, got "
                              f"{self.shard_index} / {self.num_shards}")
+        if self.vas_samples < 0:
+            raise ValueError(f"vas_samples must be >= 0 (0 = off), got {self.vas_samples}")
+        if self.vas_samples and self.generation.backend != "hf":
+            raise ValueError("vas_samples needs the hf backend (attention masses come from the HF model); run VAS "
+                             "in a separate `avar eval --backend hf --vas-samples N` or with `avar vas`")
         if self.mathvision_split not in ("test", "testmini"):
             raise ValueError(f"mathvision_split must be 'test' or 'testmini', got {self.mathvision_split!r}")
 
@@ -191,6 +200,9 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
         judged = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
         summaries[name] = benchmark.aggregate(judged)
+        vas = read_vas(out, name)
+        if vas is not None:
+            summaries[name]["vas"] = vas
     return write_report(out, summaries)
 
 
@@ -216,6 +228,12 @@ def run_eval(config: EvalConfig) -> dict | None:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         written = _generate_benchmark(benchmark, config, get_generator, predictions_path(out, name, config))
         print(f"{name}: {written} new predictions", file=sys.stderr)
+        if config.vas_samples and config.shard_index == 0 and read_vas(out, name) is None:
+            limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples)
+            samples = list(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=limit))
+            generator = get_generator()
+            write_vas(out, name, benchmark_vas(generator.model, generator.processor, samples,
+                                               batch_size=config.generation.batch_size, device=generator.device))
     if config.num_shards > 1:
         return None
     return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split)

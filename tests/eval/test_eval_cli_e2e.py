@@ -82,3 +82,28 @@ def test_intervention_during_evaluation(toy_checkpoint, eval_data_root):
     assert HFGenerator(str(toy_checkpoint), strong).generate(samples) != plain
     with pytest.raises(ValueError, match="intervene needs the hf backend"):
         GenerationConfig(backend="vllm", intervene=True)
+
+
+def test_vas_on_a_subset_of_each_benchmark(toy_checkpoint, eval_data_root, tmp_path):
+    """--vas-samples N: VAS of the first N prompts per benchmark in scores.json and results.md; kept on rerun."""
+    import math
+
+    import pytest
+
+    from megatron_avar.eval.runner import EvalConfig
+
+    out = tmp_path / "run"
+    argv = ["eval", "--model", str(toy_checkpoint), "--data-root", str(eval_data_root), "--out", str(out),
+            "--benchmarks", "mathvista,mmstar", "--limit", "3", "--max-new-tokens", "2", "--batch-size", "2",
+            "--vas-samples", "2"]
+    assert main(argv) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    for name in ("mathvista", "mmstar"):
+        vas = scores["benchmarks"][name]["vas"]
+        assert vas["num_samples"] == 2 and math.isfinite(vas["vas"]) and vas["vas"] > 0
+        assert 0 < vas["image_share"] < 1
+    assert "Visual Attention Score" in (out / "results.md").read_text()
+    stored = (out / "vas" / "mathvista.json").read_text()
+    assert main(argv) == 0 and (out / "vas" / "mathvista.json").read_text() == stored
+    with pytest.raises(ValueError, match="vas_samples needs the hf backend"):
+        EvalConfig(out=tmp_path, vas_samples=2, generation={"backend": "vllm"})
