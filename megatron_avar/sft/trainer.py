@@ -191,6 +191,7 @@ def run_sft(config: SFTConfig) -> dict:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
 
     lm_params, vision_params = matmul_params(qwen_config)
+
     def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
         from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
         from megatron_avar.convert.hf_files import copy_side_files
