@@ -14,11 +14,12 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 
-__all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides"]
+__all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides", "read_config_file",
+           "flag_overrides"]
 
 T = TypeVar("T")
 
@@ -75,15 +76,28 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def read_config_file(path: str | Path | None) -> dict:
+    """The mapping in the YAML file at ``path`` ({} for None); ValueError when the file is missing."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
+    """``key=value`` overrides (JSON values) for the command-line flags that were given: ``flag_keys`` maps an
+    argparse destination to its dotted config key; flags left at None are skipped."""
+    import json
+
+    return [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in flag_keys.items()
+            if getattr(args, dest) is not None]
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path`` (if any), then by ``overrides``."""
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-    return config_from_dict(cls, apply_overrides(values, list(overrides)))
+    return config_from_dict(cls, apply_overrides(read_config_file(path), list(overrides)))
 
 
 def config_to_dict(config) -> dict:

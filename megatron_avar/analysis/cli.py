@@ -99,21 +99,12 @@ _INTERVENE_FLAGS = {
 def resolve_intervene_config(args):
     """The InterveneConfig of parsed `avar intervene` arguments (defaults < --config < KEY=VALUE < flags)."""
     import json
-    from pathlib import Path
-
-    import yaml
 
     from megatron_avar.analysis.run_intervene import InterveneConfig
-    from megatron_avar.config import apply_overrides, config_from_dict
+    from megatron_avar.config import apply_overrides, config_from_dict, flag_overrides, read_config_file
 
-    values: dict = {}
-    if args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-    flags = [f"{key}={json.dumps(getattr(args, dest))}" for dest, key in _INTERVENE_FLAGS.items()
-             if getattr(args, dest) is not None]
+    values = read_config_file(args.config)
+    flags = flag_overrides(args, _INTERVENE_FLAGS)
     if args.keep_sink:
         flags.append("edit_sink=false")
     if args.sweep_alpha_sys is not None:

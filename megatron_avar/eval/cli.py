@@ -8,9 +8,7 @@ leaves the field alone).
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 # flag dest -> dotted config key
 _FLAG_KEYS = {
@@ -75,24 +73,13 @@ def register(subparsers) -> None:
 
 def resolve_config(args):
     """The EvalConfig of parsed ``avar eval`` arguments (defaults < --config < KEY=VALUE < flags)."""
-    import yaml
-
-    from megatron_avar.config import apply_overrides, config_from_dict
+    from megatron_avar.config import apply_overrides, config_from_dict, flag_overrides, read_config_file
     from megatron_avar.eval.runner import EvalConfig
 
-    values: dict = {}
-    if args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-    flags = []
-    for dest, key in _FLAG_KEYS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            if dest == "benchmarks":
-                value = [name.strip() for name in value.split(",") if name.strip()]
-            flags.append(f"{key}={json.dumps(value)}")
+    values = read_config_file(args.config)
+    flags = flag_overrides(args, {dest: key for dest, key in _FLAG_KEYS.items() if dest != "benchmarks"})
+    if args.benchmarks is not None:  # comma-separated on the command line, a list in the config
+        flags.append(f"benchmarks={json.dumps([name.strip() for name in args.benchmarks.split(',') if name.strip()])}")
     values = apply_overrides(values, list(args.overrides) + flags)
     if "out" not in values:
         raise ValueError("an output folder is needed: --out DIR (or out: in the config)")
