@@ -11,6 +11,7 @@ error naming the key and the allowed ones — never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,21 @@ __all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides
            "flag_overrides"]
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``1e-5`` as a string (its floats need a dot); learning rates are written that way,
+    so numbers with an exponent and no dot are floats here too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _dataclass_type(annotation) -> type | None:
@@ -72,7 +88,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _load_yaml(raw)
     return values
 
 
@@ -83,7 +99,7 @@ def read_config_file(path: str | Path | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    return yaml.safe_load(path.read_text()) or {}
+    return _load_yaml(path.read_text()) or {}
 
 
 def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
