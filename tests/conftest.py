@@ -1,4 +1,4 @@
-"""Test-wide setup.
+"""Test-wide setup and shared inputs.
 
 TRITON_INTERPRET must be set before any module defining @triton.jit kernels is imported, so CPU tests
 run the real Triton kernels under the interpreter (ENVIRONMENT.md). Tests that need a GPU are marked
@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def sft_inputs(tmp_path_factory):
+    """A toy Qwen2.5-VL checkpoint (real tokenizer, 2 layers) and a procedural visual-reasoning dataset with
+    known answers and image sizes of 4-64 patches: what the SFT, Slurm and sweep tests train on."""
+    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
+    root = tmp_path_factory.mktemp("sft_inputs")
+    model = write_toy_checkpoint(root / "toy-model", ToyModelConfig(num_layers=2))
+    data = write_dataset(ProceduralConfig(num_samples=12, image_size=(112, 84)), root / "data")
+    return {"hf_path": str(model), "data_path": str(data)}

@@ -35,18 +35,11 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(tmp_path_factory):
-    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
-    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
-    from megatron_avar.testing.slurm import LocalSlurm, SlurmUnavailable, ensure_slurm_installed
+def slurm_runs(tmp_path_factory, slurm_installed, sft_inputs):
+    from megatron_avar.testing.slurm import LocalSlurm
 
-    try:
-        ensure_slurm_installed()
-    except SlurmUnavailable as error:
-        pytest.skip(f"no Slurm: {error}")
     root = tmp_path_factory.mktemp("slurm_sft")
-    model = write_toy_checkpoint(root / "toy-model", ToyModelConfig(num_layers=2))
-    data = write_dataset(ProceduralConfig(num_samples=12, image_size=(112, 84)), root / "data")
+    model, data = sft_inputs["hf_path"], sft_inputs["data_path"]
 
     def submit(cluster, name: str) -> tuple[str, Path, float]:
         run_dir = root / name

@@ -38,18 +38,11 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
-    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
-    from megatron_avar.testing.slurm import LocalSlurm, SlurmUnavailable, ensure_slurm_installed
+def sweep(tmp_path_factory, slurm_installed, sft_inputs):
+    from megatron_avar.testing.slurm import LocalSlurm
 
-    try:
-        ensure_slurm_installed()
-    except SlurmUnavailable as error:
-        pytest.skip(f"no Slurm: {error}")
     root = tmp_path_factory.mktemp("sweep")
-    model = write_toy_checkpoint(root / "toy-model", ToyModelConfig(num_layers=2))
-    data = write_dataset(ProceduralConfig(num_samples=12, image_size=(112, 84)), root / "data")
+    model, data = sft_inputs["hf_path"], sft_inputs["data_path"]
     out = root / "sweep"
     command = [sys.executable, "-m", "megatron_avar", "sweep", "--config", "examples/sweeps/tiny_cpu.yaml",
                "--poll-seconds", "1", f"out={out}",
