@@ -36,16 +36,14 @@ def run_vas_megatron(config) -> dict:
 def _rank(config) -> None:
     import torch
     from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_avar import platform
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.layers import parse_layers
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
-    from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
-    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig
-    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_avar.convert.checkpoint import (_DTYPES, HF_SIDE_DIR, _build_model, load_model_weights,
+                                                  read_checkpoint_info)
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.processor import load_processor
 
     started = time.time()
@@ -54,12 +52,8 @@ def _rank(config) -> None:
     qwen = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     layers = parse_layers(config.layers, qwen.text.num_layers)
     dtype = _DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
-    parallel_state.initialize_model_parallel(1, 1)
     try:
-        model_parallel_cuda_manual_seed(0)
-        model = Qwen25VLModel(qwen, MegatronSettings(params_dtype=dtype, perform_initialization=False),
-                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(), role_mass_layers=layers)
-        model = model.to(platform.current_device())
+        model = _build_model(qwen, 1, 1, dtype, role_mass_layers=layers).to(platform.current_device())
         load_model_weights(model, mcore_dir)
         model.eval()
         processor = load_processor(mcore_dir / HF_SIDE_DIR)

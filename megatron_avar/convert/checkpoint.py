@@ -81,7 +81,9 @@ def _rank_entry(rank: int, world_size: int, port: int, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def _build_model(config, tp: int, pp: int, dtype: torch.dtype):
+def _build_model(config, tp: int, pp: int, dtype: torch.dtype, *, role_mass_layers=()):
+    """This rank's stage of the model (no DDP) after initialising megatron's parallel state at TP x PP;
+    ``role_mass_layers``: decoder layers built as AVAR layers (per-role masses, for `avar vas`)."""
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -95,7 +97,7 @@ def _build_model(config, tp: int, pp: int, dtype: torch.dtype):
                                 perform_initialization=False)
     return Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                          pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage())
+                         post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)
 
 
 def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.dtype, num_tensors: int) -> None:
@@ -121,7 +123,7 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
 
 def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int) -> None:
     """One process: load the checkpoint resharded to TP=1, PP=1 and write HF safetensors, shard by shard."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
     from tqdm import tqdm
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
