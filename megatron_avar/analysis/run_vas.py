@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["VASConfig", "run_vas", "accumulate_vas", "write_vas_report", "merge_vas_reports"]
+__all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,6 @@ def run_vas(config: VASConfig) -> dict:
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.layers import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
 
@@ -102,23 +101,32 @@ def run_vas(config: VASConfig) -> dict:
     model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
                                              device_map=config.device_map)
     samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
-    num_heads = model.config.text_config.num_attention_heads
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
                                image_token_id=processor.image_token_id).to(device)
                for start in range(0, len(samples), config.batch_size))
-    with RoleAttentionHook(model, impl=config.impl) as hook, torch.no_grad():
-        def forward(batch, on_mass):
-            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
-            model(**batch.inputs, logits_to_keep=1)
-
-        accumulator = accumulate_vas(batches, forward, layers, num_heads)
+    accumulator = accumulate_hf_vas(model, batches, layers, impl=config.impl)
     runtime = dict(seconds=round(time.time() - started, 2), device=device, torch=torch.__version__,
                    num_records_rendered=len(samples))
     return write_vas_report(accumulator, config.out, exclude_sink=config.exclude_sink,
                             name=config.name or Path(config.model).resolve().name,
                             config=dict(asdict(config), layers_resolved=list(layers), num_model_layers=num_layers),
                             checkpoint=checkpoint_identity(config.model), runtime=runtime)
+
+
+def accumulate_hf_vas(model, batches: Iterable, layers: Sequence[int], *, impl: str = "auto"):
+    """:func:`accumulate_vas` for an HF Qwen2.5-VL model: a prompt-only prefill of each PromptBatch with the text
+    attention through role_attention (`RoleAttentionHook`)."""
+    import torch
+
+    from megatron_avar.analysis.hf_attention import RoleAttentionHook
+
+    with RoleAttentionHook(model, impl=impl) as hook, torch.no_grad():
+        def forward(batch, on_mass):
+            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
+            model(**batch.inputs, logits_to_keep=1)
+
+        return accumulate_vas(batches, forward, layers, model.config.text_config.num_attention_heads)
 
 
 def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], num_heads: int):

@@ -10,9 +10,7 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-__all__ = ["benchmark_vas", "vas_path", "read_vas"]
+__all__ = ["benchmark_vas", "vas_path", "read_vas", "write_vas"]
 
 VAS_KEYS = ("vas", "vas_no_sink", "ratio_of_means", "image_share", "num_samples")
 
@@ -30,28 +28,18 @@ def benchmark_vas(model, processor, samples, *, batch_size: int, device) -> dict
     """{vas, vas_no_sink, ratio_of_means, image_share, num_samples} over ``samples`` (benchmark samples with
     ``.id`` and ``.content``, the user turn) for an HF Qwen2.5-VL ``model``."""
     from megatron_avar.analysis.batching import PromptSample, collate_prompts
-    from megatron_avar.analysis.hf_attention import RoleAttentionHook
-    from megatron_avar.analysis.run_vas import accumulate_vas
+    from megatron_avar.analysis.run_vas import accumulate_hf_vas
     from megatron_avar.roles import render_conversation
 
     prompts = [PromptSample(id=s.id, rendered=render_conversation([{"role": "user", "content": s.content}], processor,
                                                                   add_generation_prompt=True), answer=None)
                for s in samples]
-    text = model.config.text_config
-    layers = tuple(range(text.num_hidden_layers))
+    layers = tuple(range(model.config.text_config.num_hidden_layers))
     pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
     batches = (collate_prompts(prompts[i:i + batch_size], pad_token_id=pad_id,
                                image_token_id=processor.image_token_id).to(device)
                for i in range(0, len(prompts), batch_size))
-    with RoleAttentionHook(model) as hook, torch.no_grad():
-        def forward(batch, on_mass):
-            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
-            inputs = dict(batch.inputs)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            model(**inputs, logits_to_keep=1)
-
-        accumulator = accumulate_vas(batches, forward, layers, text.num_attention_heads)
+    accumulator = accumulate_hf_vas(model, batches, layers)
     report = accumulator.result().to_json(exclude_sink=False)
     return {key: report.get(key) for key in VAS_KEYS}
 
