@@ -79,6 +79,37 @@ def _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, S
 
 
 @triton.jit
+def _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len, HAS_WINDOWS: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Per query row of a tile: whether its logits are edited (query_mask; ``row_ok`` stands in when there are
+    no edits) and its key window [row_start, row_end) (packed samples; the row index stands in without)."""
+    qmask_m = row_ok
+    if HAS_SCALE or HAS_BIAS:
+        qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
+    row_start_m = offs_m
+    row_end_m = offs_m
+    if HAS_WINDOWS:
+        row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
+        row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
+    return qmask_m, row_start_m, row_end_m
+
+
+@triton.jit
+def _key_range(RowStart, RowEnd, tok, pid_m, seq_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr):
+    """Keys [lo, hi) that query tile ``pid_m`` can see, lo aligned down to BLOCK_N."""
+    lo = 0
+    hi = seq_len
+    if HAS_WINDOWS:
+        lo = tl.load(RowStart + tok + pid_m * BLOCK_M)  # windows are monotone in the row index
+        hi = tl.load(RowEnd + tok + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1)
+    if CAUSAL:
+        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Roles, QMask, RowStart, RowEnd, ScaleTab, BiasTab, Out, Mass, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -105,21 +136,9 @@ def _fwd_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    qmask_m = row_ok  # placeholder when unused (constexpr branches below decide)
-    if HAS_SCALE or HAS_BIAS:
-        qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
-    row_start_m = offs_m
-    row_end_m = offs_m
-    lo = 0
-    hi = seq_len
-    if HAS_WINDOWS:
-        row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
-        row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
-        lo = tl.load(RowStart + tok + pid_m * BLOCK_M)  # windows are monotone in the row index
-        hi = tl.load(RowEnd + tok + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1)
-    if CAUSAL:
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
+                                                  HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+    lo, hi = _key_range(RowStart, RowEnd, tok, pid_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOWS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -256,14 +275,8 @@ def _bwd_dkdv_kernel(
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_FP32:
                 q = q.to(tl.float32)
-            qmask_m = row_ok
-            if HAS_SCALE or HAS_BIAS:
-                qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
-            row_start_m = offs_m
-            row_end_m = offs_m
-            if HAS_WINDOWS:
-                row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
-                row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
+            qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
+                                                          HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
             lse = _load_rows(Lse + bh_base, offs_m, seq_len, float("inf"))
             delta = _load_rows(Delta + bh_base, offs_m, seq_len, 0.0)
             qk = tl.dot(q, k_t, input_precision=PRECISION)
@@ -334,21 +347,9 @@ def _bwd_dq_kernel(
                     mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
     lse = _load_rows(Lse + bh_base, offs_m, seq_len, float("inf"))
     delta = _load_rows(Delta + bh_base, offs_m, seq_len, 0.0)
-    qmask_m = row_ok
-    if HAS_SCALE or HAS_BIAS:
-        qmask_m = _load_rows(QMask + tok, offs_m, seq_len, 0) != 0
-    row_start_m = offs_m
-    row_end_m = offs_m
-    lo = 0
-    hi = seq_len
-    if HAS_WINDOWS:
-        row_start_m = _load_rows(RowStart + tok, offs_m, seq_len, 0)
-        row_end_m = _load_rows(RowEnd + tok, offs_m, seq_len, 0)
-        lo = tl.load(RowStart + tok + pid_m * BLOCK_M)
-        hi = tl.load(RowEnd + tok + tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len) - 1)
-    if CAUSAL:
-        hi = tl.minimum(hi, pid_m * BLOCK_M + BLOCK_M)
-    lo = (lo // BLOCK_N) * BLOCK_N
+    qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
+                                                  HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+    lo, hi = _key_range(RowStart, RowEnd, tok, pid_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOWS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
