@@ -41,9 +41,10 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = next(model.module.parameters()).device
+    # Query sets from the loader's host tensors, before the copy to the device (no round trip back).
+    sets = [QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink)
+            for mb in step_batch.microbatches]
     microbatches = [_to_device(mb, device) for mb in step_batch.microbatches]
-    sets = [QuerySets(mb.roles.cpu(), mb.segment_ids.cpu(), exclude_sink=config.avar.exclude_sink)
-            for mb in microbatches]
     eligible = torch.tensor([float(sum(s.num_eligible for s in sets))], device=device)
     dist.all_reduce(eligible, group=parallel_state.get_data_parallel_group())
     num_eligible, num_loss_tokens = int(eligible.item()), step_batch.num_loss_tokens
