@@ -140,6 +140,8 @@ class RoleMassCoreAttention(MegatronModule):
     required), not from the dense attention mask.
     """
 
+    uses_dense_mask = False  # the model skips building the [B, 1, S, S] mask when no layer needs it
+
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None, impl: str | None = None):

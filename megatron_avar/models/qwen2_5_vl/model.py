@@ -187,6 +187,10 @@ class Qwen25VLModel(MegatronModule):
             )
 
         _restore_tensor_parallel_attributes(self)
+        # The dense [B, 1, S, S] mask serves only standard core attentions; AVAR layers take padding and packing
+        # from the token roles, so a stage made only of AVAR layers never builds it (S^2 bytes per row).
+        self._dense_mask_needed = any(getattr(layer.self_attention.core_attention, "uses_dense_mask", True)
+                                      for layer in self.language_model.decoder.layers)
 
     # megatron's finalize_model_grads all-reduces the tied embedding / output weight between the first and the
     # last pipeline stage through these two GPTModel members of the unwrapped model.
@@ -251,5 +255,6 @@ class Qwen25VLModel(MegatronModule):
                                          sink=mass_sink, impl=role_attention_impl)
         if segment_ids is not None and attention_mask is None:
             attention_mask = (segment_ids >= 0).long()
-        return self.language_model(input_ids, position_ids, decoder_attention_mask(attention_mask, segment_ids),
+        dense_mask = decoder_attention_mask(attention_mask, segment_ids) if self._dense_mask_needed else None
+        return self.language_model(input_ids, position_ids, dense_mask,
                                    decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)
