@@ -59,6 +59,10 @@ class GenerationConfig:
         if self.intervene and self.backend != "hf":
             raise ValueError("generation.intervene needs the hf backend (vLLM has no per-role logit edits); "
                              "use --backend hf")
+        if self.intervene:  # alphas and mode checked now, not after the model has loaded
+            from megatron_avar.analysis.intervention import InterventionSpec
+
+            InterventionSpec(alpha_img=self.alpha_img, alpha_sys=self.alpha_sys, mode=self.intervene_mode)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:

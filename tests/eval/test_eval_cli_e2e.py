@@ -82,6 +82,10 @@ def test_intervention_during_evaluation(toy_checkpoint, eval_data_root):
     assert HFGenerator(str(toy_checkpoint), strong).generate(samples) != plain
     with pytest.raises(ValueError, match="intervene needs the hf backend"):
         GenerationConfig(backend="vllm", intervene=True)
+    with pytest.raises(ValueError, match="mode='scaled'"):
+        GenerationConfig(intervene=True, intervene_mode="scaled")
+    with pytest.raises(ValueError, match="alpha_sys"):
+        GenerationConfig(intervene=True, alpha_sys=1.5)
 
 
 def test_vas_on_a_subset_of_each_benchmark(toy_checkpoint, eval_data_root, tmp_path):
