@@ -19,7 +19,8 @@ Order, deterministic in (the kept prompts, seed, shuffle, prompts_per_step):
 
 Length check, once at construction and exact: every prompt's token count comes from the template text with
 each image expanded to the tokens its size gives (`training.sample_plan.image_grid`, sizes read from the
-image file headers: no pixels decoded), tokenized in one batched call (about 0.3 ms a prompt on one core).
+image file headers: no pixels decoded), tokenized in one batched call: about 0.5 ms a prompt on one core
+(1.1 s for 2,000 procedural 448x448 prompts, so ~10 s for an 18K-prompt set).
 Rendering a step later re-checks the count. Images are decoded only when a step is rendered.
 
 Resume: ``state_dict()`` holds the next step; ``load_state_dict`` on a fresh loader (any dp_size) continues
@@ -80,7 +81,8 @@ class GRPODataConfig:
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"GRPODataConfig.path must be a non-empty path string, got {self.path!r}")
         if self.processor_path is not None and (not isinstance(self.processor_path, str) or not self.processor_path):
-            raise ValueError(f"GRPODataConfig.processor_path must be None or a path string, got {self.processor_path!r}")
+            raise ValueError(f"GRPODataConfig.processor_path must be None or a path string, "
+                             f"got {self.processor_path!r}")
         for name in ("instruction", "system_prompt"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
