@@ -1,0 +1,525 @@
+"""VLLMGenerationBackend: GRPO rollouts with vLLM 0.33, colocated with the Megatron actor (same processes,
+same GPUs), implementing :class:`megatron_avar.grpo.interfaces.GenerationBackend` with the contract of
+:class:`megatron_avar.grpo.local_backend.LocalGenerationBackend` (the CPU reference).
+
+UNTESTED HERE: vLLM is a GPU-only extra (ENVIRONMENT.md). Every vLLM name used below was read in the vLLM
+0.33.0 wheel's own source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
+``vllm/v1/executor/uniproc_executor.py``, ``vllm/v1/worker/gpu_worker.py``,
+``vllm/model_executor/models/qwen2_5_vl.py``, ``vllm/multimodal/processing/processor.py``); the GPU tests in
+``tests/grpo/test_vllm_backend.py`` check the behaviour. Pure helpers (no vLLM import) are tested on the CPU.
+
+Colocation. Under torchrun the engine is built with ``distributed_executor_backend="external_launcher"``: one
+vLLM worker inside each trainer process, on ``cuda:LOCAL_RANK``, reusing the trainer's default process group;
+vLLM cuts the world into tensor-parallel groups of consecutive ranks (its "external data parallel" layout), so
+every rank builds the backend, and all ranks of one vLLM TP group must call :meth:`generate` with the same
+prompts and sampling (checked). The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which
+external_launcher requires; set here for the single-process case too), so ``LLM.collective_rpc`` runs the
+weight loader in this process with the trainer's tensors by reference: no serialization, no disk.
+
+Prompts. The trainer's ``input_ids`` hold image pads already expanded (one ``<|image_pad|>`` per merged patch).
+vLLM 0.33 always applies Qwen2.5-VL's prompt update to token prompts (each single pad -> prod(grid_thw)/4
+pads), and its only pre-processed image input is ``image_embeds`` (model outputs, not ``pixel_values``). So
+each run of pads is collapsed to one pad (:func:`collapse_image_pads`) and each image is rebuilt exactly from
+its ``pixel_values`` (:func:`images_from_pixel_values`: the processor's patchify + normalisation inverted to
+the uint8 image the trainer's processor resized, sides multiples of 28). vLLM's processor, given the same
+min/max pixels, leaves that size unchanged, re-derives the same grid and expands the pads back; every
+rollout checks that vLLM's expanded prompt ids equal the trainer's ids.
+
+Log-probs. ``logprobs_mode="processed_logprobs"``: vLLM returns log_softmax of the logits after logit bias
+and temperature and after top-k/top-p truncation; with top_p=1 and top_k=0 (the only sampling accepted,
+:func:`sampling_request_kwargs`) that is ``log_softmax(logits / T)`` over the vocabulary minus the five
+suppressed vision tokens. The trainer (and the local backend) normalise over the full vocabulary: the two
+differ by ``-log(1 - P_vision)`` >= 0 per token (P_vision = the suppressed tokens' probability at T),
+~1e-6 for a trained model. No vLLM 0.33 mode gives the untruncated distribution under top-p/top-k
+("raw_*" modes are before temperature), so truncated sampling is refused rather than returning different
+numbers.
+
+Caches across refits. :meth:`update_weights` resets the prefix cache (``LLM.reset_prefix_cache``) and the
+encoder cache (``LLMEngine.reset_encoder_cache``: vision-tower outputs keyed by image hash, computed with the
+old weights), and every prompt carries ``cache_salt`` = the weight version, so no KV block or vision
+embedding computed before a refit is reused after it. The multimodal processor cache (``mm_processor_cache_gb``)
+stays on: it holds the HF processor's outputs (pixel values), which do not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
+from megatron_avar.grpo.local_backend import END_OF_TURN, SUPPRESSED_TOKENS, sample_seed
+from megatron_avar.roles import TokenRole
+
+__all__ = ["VLLMGenerationBackend", "RefitStats", "engine_kwargs", "sampling_request_kwargs",
+           "collapse_image_pads", "images_from_pixel_values", "sampled_token_logprobs", "assemble_rollout",
+           "checked_hf_names", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT"]
+
+LOGPROBS_MODE = "processed_logprobs"
+MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
+DTYPES = ("bfloat16", "float16", "float32")
+VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
+VLLM_GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (its _SAMPLING_EPS)
+HF_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
+RESUME_HINT = "the run resumes from the last checkpoint (restart the job)"
+
+
+def engine_kwargs(*, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int, seed: int,
+                  enable_sleep_mode: bool, dtype: str, min_pixels: int, max_pixels: int, world_size: int,
+                  distributed_initialized: bool) -> dict:
+    """Keyword arguments of ``vllm.LLM`` (all names are vLLM 0.33 ``EngineArgs`` fields).
+
+    world_size / distributed_initialized: the launcher's WORLD_SIZE and whether torch.distributed is set up.
+    Any multi-process job (or an initialised process group) uses ``external_launcher``: ``world_size`` must
+    divide by ``tensor_parallel_size`` and the trainer's process group must exist first (vLLM would otherwise
+    create a world of only tensor_parallel_size ranks). A single process uses the in-process "uni" executor.
+    """
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_model_len < 1:
+        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if world_size > 1 or distributed_initialized:
+        if world_size % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the world size {world_size} "
+                             "(vLLM groups consecutive ranks into tensor-parallel engines)")
+        if not distributed_initialized:
+            raise ValueError("build the vLLM backend after torch.distributed.init_process_group (the trainer's "
+                             "process group): vLLM's external_launcher reuses it")
+        executor = "external_launcher"
+    else:
+        if tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs one process per GPU: launch with "
+                             "torchrun (the backend is colocated with the trainer's ranks)")
+        executor = "uni"
+    return dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode, dtype=dtype,
+                distributed_executor_backend=executor, logprobs_mode=LOGPROBS_MODE, enable_prefix_caching=True,
+                limit_mm_per_prompt={"image": MAX_IMAGES_PER_PROMPT, "video": 0},
+                mm_processor_kwargs={"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)},
+                # normalise on the CPU in float32 like the trainer's processor (vLLM's default defers it to the GPU)
+                mm_device_do_normalize=False)
+
+
+def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_ids: Sequence[int],
+                            suppressed_token_ids: Sequence[int]) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams`` for ONE sample (n=1) seeded with ``seed``.
+
+    logprobs=0: only the sampled token's log-prob (module docstring for its meaning). logit_bias -inf on the
+    suppressed vision tokens: they can never be sampled. stop_token_ids: end of turn / eos; the stop token is
+    part of ``token_ids``. detokenize=False: the response text is decoded here with special tokens kept.
+    Refuses what vLLM cannot sample with the trainer's log-prob convention (top-p/top-k) or at all (T > 2).
+    """
+    if sampling.top_p < 1.0 or sampling.top_k > 0:
+        raise ValueError(f"the vLLM backend samples with top_p=1 and top_k=0 only (got top_p={sampling.top_p}, "
+                         f"top_k={sampling.top_k}): vLLM 0.33 returns log-probs after top-p/top-k truncation, not "
+                         "the log_softmax(logits / T) the trainer's ratio uses; set sampling.top_p=1 top_k=0 or use "
+                         "the local backend")
+    if not VLLM_GREEDY_BELOW <= sampling.temperature <= VLLM_MAX_TEMPERATURE:
+        raise ValueError(f"sampling.temperature must be in [{VLLM_GREEDY_BELOW}, {VLLM_MAX_TEMPERATURE}] for vLLM "
+                         f"(below it samples greedily, above it refuses), got {sampling.temperature}")
+    return dict(n=1, temperature=float(sampling.temperature), top_p=1.0, top_k=0, min_p=0.0,
+                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=int(seed),
+                max_tokens=int(sampling.max_new_tokens), stop_token_ids=sorted(int(i) for i in stop_token_ids),
+                logprobs=0, logit_bias={int(i): float("-inf") for i in suppressed_token_ids},
+                skip_special_tokens=False, detokenize=False)
+
+
+def collapse_image_pads(input_ids: Sequence[int], image_token_id: int, image_grid_thw: torch.Tensor | None,
+                        merge_size: int) -> list[int]:
+    """``input_ids`` with each run of image pads replaced by ONE pad (what vLLM expands back).
+
+    Raises ValueError unless there is one run per image whose length is prod(image_grid_thw[k]) // merge_size**2.
+    """
+    ids = [int(i) for i in input_ids]
+    runs: list[tuple[int, int]] = []  # (start, length)
+    for pos, token in enumerate(ids):
+        if token == image_token_id:
+            if runs and runs[-1][0] + runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((pos, 1))
+    expected = [] if image_grid_thw is None else [int(torch.prod(g)) // merge_size ** 2 for g in image_grid_thw]
+    if [length for _, length in runs] != expected:
+        raise ValueError(f"image pad runs of lengths {[length for _, length in runs]} do not match image_grid_thw "
+                         f"(expected {expected}): the prompt's ids and images disagree")
+    out, cursor = [], 0
+    for start, length in runs:
+        out += ids[cursor:start + 1]
+        cursor = start + length
+    return out + ids[cursor:]
+
+
+def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *, image_mean, image_std,
+                             rescale_factor: float, patch_size: int, temporal_patch_size: int,
+                             merge_size: int) -> list[np.ndarray]:
+    """The uint8 RGB images [H, W, 3] (H = 14·grid_h, W = 14·grid_w) whose Qwen2-VL preprocessing is
+    ``pixel_values`` [num_patches, 3·T·14·14] (float32), inverting the processor's rescale, normalisation and
+    patch layout (patches ordered (h/m, w/m, m, m), each flattened as (C, T, P, P), T copies of the frame).
+
+    Raises ValueError when the values are not those of a uint8 image (e.g. cast to bf16 on the way), since a
+    rounded reconstruction would give vLLM different pixels from the trainer's.
+    """
+    mean = torch.tensor(image_mean, dtype=torch.float64).view(-1, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float64).view(-1, 1, 1)
+    channels = mean.shape[0]
+    images, offset = [], 0
+    for t, h, w in image_grid_thw.view(-1, 3).tolist():
+        if t != 1 or h % merge_size or w % merge_size:
+            raise ValueError(f"image grid {(t, h, w)} is not a single image with sides divisible by {merge_size}")
+        patches = pixel_values[offset:offset + h * w].to(torch.float64)
+        offset += h * w
+        patches = patches.reshape(h // merge_size, w // merge_size, merge_size, merge_size, channels,
+                                  temporal_patch_size, patch_size, patch_size)[:, :, :, :, :, 0]
+        image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch_size, w * patch_size)
+        levels = (image * std + mean) / rescale_factor
+        rounded = levels.round().clamp(0, 255)
+        worst = float((levels - rounded).abs().max())
+        if worst > 0.05:
+            raise ValueError(f"pixel_values are {worst:.2f} grey levels away from a uint8 image: pass the processor's "
+                             "float32 pixel values unchanged (not cast to bf16/fp16)")
+        images.append(rounded.to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
+    if offset != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw accounts for {offset}")
+    return images
+
+
+def sampled_token_logprobs(token_ids: Sequence[int], logprobs: Sequence) -> torch.Tensor:
+    """float32 [len(token_ids)]: the log-prob of each generated token, from vLLM's per-position
+    ``{token_id: Logprob}`` dicts (``CompletionOutput.logprobs`` with ``SamplingParams(logprobs=0)``)."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise RuntimeError(f"vLLM returned {0 if logprobs is None else len(logprobs)} log-prob positions for "
+                           f"{len(token_ids)} tokens (was SamplingParams.logprobs set?)")
+    values = []
+    for pos, (token, position) in enumerate(zip(token_ids, logprobs)):
+        entry = position.get(int(token)) if position is not None else None
+        if entry is None:
+            raise RuntimeError(f"vLLM's log-probs at position {pos} do not include the sampled token {token}")
+        values.append(float(entry.logprob))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def assemble_rollout(prompts: PromptBatch, p: int, sample_index: int, response_ids: Sequence[int],
+                     logprobs: torch.Tensor, finish_reason: str, *, stop_token_ids: Sequence[int],
+                     suppressed: dict[int, str], decode: Callable[[list[int]], str]) -> Rollout:
+    """One :class:`Rollout` of prompt ``p``: prompt ids + response ids, roles (prompt roles, then RESPONSE),
+    ``response_text`` = ``decode`` of the response without its final stop token. Raises ValueError if a
+    suppressed vision token was generated, RuntimeError for an engine finish reason other than stop/length."""
+    prompt_id = prompts.prompt_ids[p]
+    response = torch.tensor([int(t) for t in response_ids], dtype=torch.long)
+    found = sorted({name for token_id, name in suppressed.items() if bool((response == token_id).any())})
+    if found:
+        raise ValueError(f"prompt {prompt_id} sample {sample_index}: the response contains {found}, which would "
+                         "break the trainer's image token/feature accounting; vLLM's logit_bias should have "
+                         "forbidden them")
+    if finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"prompt {prompt_id} sample {sample_index}: vLLM finished with {finish_reason!r}")
+    ends_with_stop = response.numel() > 0 and int(response[-1]) in set(stop_token_ids)
+    if finish_reason == "stop" and not ends_with_stop:
+        raise RuntimeError(f"prompt {prompt_id} sample {sample_index}: finish_reason 'stop' without a stop token")
+    text_ids = response[:-1] if finish_reason == "stop" else response
+    prompt_ids = prompts.input_ids[p].to(torch.long).cpu()
+    roles = torch.cat([prompts.roles[p].to(torch.long).cpu(),
+                       torch.full((response.numel(),), int(TokenRole.RESPONSE), dtype=torch.long)])
+    return Rollout(prompt_id=prompt_id, sample_index=sample_index, ground_truth=prompts.ground_truths[p],
+                   input_ids=torch.cat([prompt_ids, response]), roles=roles, prompt_length=int(prompt_ids.numel()),
+                   response_text=decode(text_ids.tolist()), generator_logprobs=logprobs.to(torch.float32),
+                   finish_reason=finish_reason, pixel_values=prompts.pixel_values[p],
+                   image_grid_thw=prompts.image_grid_thw[p], metadata={})
+
+
+@dataclasses.dataclass
+class RefitStats:
+    """One :meth:`VLLMGenerationBackend.update_weights`: tensors and bytes handed over (Σ numel · element
+    size, in the trainer's dtype), seconds (wake of the weights + load, synchronised), vLLM parameters loaded."""
+
+    num_tensors: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    num_params_loaded: int = 0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("nan")
+
+
+def checked_hf_names(named_tensors: Iterable[tuple[str, torch.Tensor]], stats: RefitStats
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer's (name, tensor) pairs in transformers-5 HF names (``hf_mapping.canonical_hf_name``: vLLM's
+    Qwen2.5-VL ``hf_to_vllm_mapper`` maps both layouts, this fixes one), counted into ``stats``. Raises
+    ValueError for a name that is not an HF Qwen2.5-VL tensor (e.g. a megatron name)."""
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import canonical_hf_name
+
+    for name, tensor in named_tensors:
+        hf_name = canonical_hf_name(name)
+        if not hf_name.startswith(HF_PREFIXES):
+            raise ValueError(f"update_weights: {name!r} is not a Hugging Face Qwen2.5-VL tensor name (expected a "
+                             f"prefix in {HF_PREFIXES}); export with hf_mapping.export_hf_state_dict")
+        stats.num_tensors += 1
+        stats.num_bytes += tensor.numel() * tensor.element_size()
+        yield hf_name, tensor.detach()
+
+
+def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, list[str]]:
+    """Runs inside the vLLM worker (``LLM.collective_rpc`` passes the worker first): the model's own
+    ``load_weights`` (HF names, full tensors; each parameter's weight_loader takes its tensor-parallel shard).
+    Returns the number of parameters loaded and the names of those never loaded."""
+    from vllm.config import set_current_vllm_config
+
+    model = worker.model_runner.get_model()  # unwrapped from vLLM's CUDA-graph wrapper
+    with set_current_vllm_config(worker.vllm_config):
+        loaded = model.load_weights(weights=weights)
+    missing = sorted(set(name for name, _ in model.named_parameters()) - set(loaded or ()))
+    return len(loaded or ()), missing
+
+
+
+class VLLMGenerationBackend:
+    """vLLM rollouts colocated with the trainer (module docstring: colocation, prompts, log-probs, caches).
+
+    hf_path: the HF Qwen2.5-VL checkpoint directory the engine starts from (tokenizer, processor config);
+    the trainer replaces its weights with :meth:`update_weights`. processor: ``processor.load_processor`` of
+    the checkpoint, the one that rendered the prompts (its min/max pixels are passed to vLLM; decodes the
+    responses). tensor_parallel_size: vLLM TP (divides WORLD_SIZE under torchrun). gpu_memory_utilization:
+    the fraction of the GPU vLLM takes for weights + KV cache while awake. max_model_len: prompt + response
+    tokens. seed: the engine seed (every sample also has its own request seed). enable_sleep_mode: allows
+    :meth:`sleep` / :meth:`wake_up` (vLLM's cumem allocator). dtype: the engine's weights/activations.
+
+    Lifecycle of a colocated step: ``wake_up()`` (or ``update_weights`` on a sleeping engine, which wakes the
+    weights only, so the KV cache is not allocated while the trainer's gathered tensors exist) ->
+    ``update_weights`` -> ``wake_up()`` -> ``generate`` -> ``sleep()`` -> trainer step. ``generate`` refuses
+    to run asleep rather than waking silently.
+    """
+
+    def __init__(self, hf_path: str, processor, *, tensor_parallel_size: int, gpu_memory_utilization: float = 0.5,
+                 max_model_len: int, seed: int = 0, enable_sleep_mode: bool = True, dtype: str = "bfloat16"):
+        from megatron_avar import platform
+
+        if not platform.vllm_available():
+            raise RuntimeError("VLLMGenerationBackend needs CUDA and vLLM (the gpu extra: pip install -e .[gpu] on "
+                               "a GPU machine); on this machine use grpo.local_backend.LocalGenerationBackend")
+        size = processor.image_processor.size
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._engine_args = engine_kwargs(
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode, dtype=dtype,
+            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
+            world_size=int(os.environ.get("WORLD_SIZE", "1")), distributed_initialized=distributed)
+        self.processor, self.max_model_len, self.enable_sleep_mode = processor, max_model_len, enable_sleep_mode
+        self.image_token_id = int(processor.image_token_id)
+        self.suppressed = {self._token_id(t): t for t in SUPPRESSED_TOKENS}
+        self.stop_ids = self._stop_token_ids(hf_path)
+        self.last_refit: RefitStats | None = None
+        self._weight_version = 0
+        self._asleep: set[str] = set()
+        self._stale: str | None = None
+        # The engine core and its worker must live in this process (module docstring); external_launcher
+        # asserts it, the single-process "uni" executor needs it for collective_rpc to pass tensors by reference.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        self._llm = LLM(model=hf_path, **self._engine_kwargs())
+        self._tp_group = None
+        if tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            self._tp_group = get_tp_group().cpu_group
+
+    def _engine_kwargs(self) -> dict:
+        """The ``vllm.LLM`` keyword arguments (a subclass may add some, e.g. the refit benchmark's
+        ``load_format="dummy"``)."""
+        return dict(self._engine_args)
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.processor.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token: not a Qwen2.5-VL processor")
+        return int(token_id)
+
+    def _stop_token_ids(self, hf_path: str) -> list[int]:
+        """The local backend's stop set: the checkpoint's generation eos ids, the tokenizer's eos, <|im_end|>."""
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            generation = GenerationConfig.from_pretrained(hf_path)
+        except OSError:  # no generation_config.json: HF derives it from the model config
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(hf_path))
+        eos = generation.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        ids = {int(i) for i in eos if i is not None} | {self._token_id(END_OF_TURN)}
+        if self.processor.tokenizer.eos_token_id is not None:
+            ids.add(int(self.processor.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    def _check_ready(self) -> None:
+        if self._llm is None:
+            raise RuntimeError("VLLMGenerationBackend is closed; build a new one")
+        if self._stale is not None:
+            raise RuntimeError(f"the engine's weights are inconsistent after a failed update_weights ({self._stale}); "
+                               "call update_weights again with the complete state")
+
+    # ------------------------------------------------------------------ generation
+    def _request(self, prompts: PromptBatch, p: int) -> dict:
+        """A ``vllm.TokensPrompt`` dict: collapsed pads, the rebuilt images, the weight version as cache salt."""
+        from PIL import Image
+
+        prompt_id, ids, grid = prompts.prompt_ids[p], prompts.input_ids[p], prompts.image_grid_thw[p]
+        if (prompts.pixel_values[p] is None) != (grid is None):
+            raise ValueError(f"prompt {prompt_id}: pixel_values and image_grid_thw must both be given or both be None")
+        if ids.numel() >= self.max_model_len:
+            raise ValueError(f"prompt {prompt_id} has {ids.numel()} tokens, max_model_len is {self.max_model_len}: "
+                             "raise max_model_len or filter long prompts")
+        image_processor = self.processor.image_processor
+        request = {"prompt_token_ids": collapse_image_pads(ids.tolist(), self.image_token_id, grid,
+                                                           image_processor.merge_size),
+                   "cache_salt": f"avar-weights-{self._weight_version}"}
+        if grid is not None:
+            if grid.shape[0] > MAX_IMAGES_PER_PROMPT:
+                raise ValueError(f"prompt {prompt_id} has {grid.shape[0]} images; the vLLM backend allows "
+                                 f"{MAX_IMAGES_PER_PROMPT} (MAX_IMAGES_PER_PROMPT)")
+            images = images_from_pixel_values(
+                prompts.pixel_values[p].float().cpu(), grid.cpu(), image_mean=image_processor.image_mean,
+                image_std=image_processor.image_std, rescale_factor=image_processor.rescale_factor,
+                patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
+                merge_size=image_processor.merge_size)
+            request["multi_modal_data"] = {"image": [Image.fromarray(image) for image in images]}
+        return request
+
+    def _check_same_step_on_tp_group(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> None:
+        """All ranks of a vLLM tensor-parallel group run one engine: they must submit identical requests."""
+        if self._tp_group is None:
+            return
+        digest = hashlib.sha256(repr((prompts.prompt_ids, n, dataclasses.astuple(sampling))).encode())
+        for ids in prompts.input_ids:
+            digest.update(ids.to(torch.int64).cpu().numpy().tobytes())
+        gathered = [None] * torch.distributed.get_world_size(self._tp_group)
+        torch.distributed.all_gather_object(gathered, digest.hexdigest(), group=self._tp_group)
+        if len(set(gathered)) != 1:
+            raise ValueError("the ranks of one vLLM tensor-parallel group called generate with different prompts or "
+                             "sampling: give every rank of a TP group the same PromptBatch (shard prompts over "
+                             "data-parallel groups only)")
+
+    def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
+        """``len(prompts) * n`` rollouts, rollout ``p * n + k`` = sample k of prompt p, each one vLLM request
+        (n=1) seeded with ``local_backend.sample_seed(sampling.seed, prompt_id, k)``: reproducible per sample as
+        far as vLLM's numerics allow (a sample's logits can change in the last bits with the batch it runs in).
+        Raises RuntimeError naming the step's prompts when the engine fails (the run resumes from the last
+        checkpoint), ValueError for prompts or sampling the backend cannot serve."""
+        if n < 1:
+            raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        self._check_ready()
+        if self._asleep:
+            raise RuntimeError(f"the vLLM engine is asleep ({sorted(self._asleep)} released); call wake_up() before "
+                               "generate()")
+        from vllm import SamplingParams as VllmSamplingParams
+
+        requests, params = [], []
+        for p in range(len(prompts)):
+            request = self._request(prompts, p)
+            for k in range(n):
+                requests.append(dict(request))
+                params.append(VllmSamplingParams(**sampling_request_kwargs(
+                    sampling, seed=sample_seed(sampling.seed, prompts.prompt_ids[p], k),
+                    stop_token_ids=self.stop_ids, suppressed_token_ids=sorted(self.suppressed))))
+        self._check_same_step_on_tp_group(prompts, n, sampling)
+        try:
+            outputs = self._llm.generate(requests, params, use_tqdm=False)
+        except Exception as error:
+            shown = ", ".join(prompts.prompt_ids[:8]) + (" ..." if len(prompts) > 8 else "")
+            raise RuntimeError(f"the vLLM rollout engine failed on this step's {len(prompts)} prompts x {n} samples "
+                               f"(prompt ids {shown}): {type(error).__name__}: {error}; {RESUME_HINT}") from error
+        if len(outputs) != len(requests):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(requests)} requests; {RESUME_HINT}")
+        decode = lambda ids: self.processor.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+        rollouts = []
+        for index, output in enumerate(outputs):
+            p, k = divmod(index, n)
+            if list(output.prompt_token_ids) != prompts.input_ids[p].tolist():
+                raise ValueError(f"prompt {prompts.prompt_ids[p]}: vLLM expanded the prompt to "
+                                 f"{len(output.prompt_token_ids)} tokens, the trainer's has {prompts.input_ids[p].numel()}:"
+                                 " its image processor changed the image size (compare min_pixels/max_pixels of the "
+                                 "checkpoint's preprocessor config with the processor passed here)")
+            completion = output.outputs[0]
+            logprobs = sampled_token_logprobs(completion.token_ids, completion.logprobs)
+            rollouts.append(assemble_rollout(prompts, p, k, completion.token_ids, logprobs, completion.finish_reason,
+                                             stop_token_ids=self.stop_ids, suppressed=self.suppressed, decode=decode))
+        return rollouts
+
+    # ------------------------------------------------------------------ weights and memory
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's full weights (HF names, full unsharded tensors, any device/dtype) into the engine
+        in place through ``LLM.collective_rpc`` -> the model's ``load_weights`` (module docstring), then
+        invalidate the prefix and encoder caches. The iterable is consumed once, lazily (the trainer may gather
+        one tensor at a time). Timing and sizes go to :attr:`last_refit`. A sleeping engine gets its weights
+        woken first (its KV cache stays released). Raises ValueError for a non-HF name or when some vLLM
+        parameters were never given (``generate`` then refuses until a complete refit)."""
+        if self._llm is None:
+            raise RuntimeError("VLLMGenerationBackend is closed; build a new one")
+        stats = RefitStats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        if "weights" in self._asleep:
+            self._llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        self._stale = "update in progress"
+        try:
+            (num_loaded, missing), *_ = self._llm.collective_rpc(
+                _load_weights_on_worker, args=(checked_hf_names(named_tensors, stats),))
+        except ValueError:
+            raise
+        except Exception as error:
+            raise RuntimeError(f"vLLM failed loading the refit weights after {stats.num_tensors} tensors: "
+                               f"{type(error).__name__}: {error}; {RESUME_HINT}") from error
+        torch.cuda.synchronize()
+        stats.seconds, stats.num_params_loaded = time.perf_counter() - start, num_loaded
+        if missing:
+            self._stale = f"{len(missing)} vLLM parameters never given"
+            raise ValueError(f"update_weights: {len(missing)} vLLM parameters were not loaded, e.g. {missing[:5]}; a "
+                             "refit must pass the full HF state")
+        self._stale = None
+        self._weight_version += 1  # new cache salt: no prefix block of the old weights can match
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after the refit (requests still running?); "
+                               f"{RESUME_HINT}")
+        self._llm.llm_engine.reset_encoder_cache()  # vision embeddings computed with the old weights
+        self.last_refit = stats
+
+    def sleep(self) -> None:
+        """Release the engine's GPU memory for the trainer: ``LLM.sleep(level=1)`` moves the weights to pinned
+        CPU memory and discards the KV cache (and the prefix cache). Level 1, not 2: a partial refit after a
+        level-2 sleep would leave garbage weights. Idempotent."""
+        self._check_ready()
+        if not self.enable_sleep_mode:
+            raise ValueError("this backend was built with enable_sleep_mode=False; build it with True to sleep")
+        if not self._asleep:
+            self._llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
+    def wake_up(self) -> None:
+        """Restore what :meth:`sleep` released (``LLM.wake_up(tags=...)``: weights first, then the KV cache)."""
+        if self._llm is None:
+            raise RuntimeError("VLLMGenerationBackend is closed; build a new one")
+        for tag in ("weights", "kv_cache"):
+            if tag in self._asleep:
+                self._llm.wake_up(tags=[tag])
+                self._asleep.discard(tag)
+
+    def close(self) -> None:
+        """Shut the engine down (its in-process engine core and worker) and free its GPU memory. Idempotent."""
+        if self._llm is None:
+            return
+        try:
+            self._llm.llm_engine.engine_core.shutdown()
+        finally:
+            self._llm = None
+            gc.collect()
+            torch.cuda.empty_cache()
