@@ -1,0 +1,212 @@
+"""The Megatron actor: ``grpo.interfaces.Policy`` on megatron-core with TP / PP / DP.
+
+- :meth:`MegatronPolicy.log_probs_with_masses`: one no-grad pass of megatron's forward schedule over the
+  rollouts packed into rows (``grpo.rollout_batches``). The last stage turns its vocab-parallel logits into
+  response log-probs, log softmax(logits / temperature)[token] (the convention of both generation
+  backends); every AVAR layer hands its per-role masses to a ``grpo.visual_reward.VisualRewardSink`` in the
+  same pass, reduced over TP and PP afterwards — r_visual costs no extra forward. Log-probs are broadcast
+  from the last stage, so every rank returns the same tensors.
+- :meth:`MegatronPolicy.train_step`: one optimizer step of ``grpo.loss.policy_loss`` over this rank's
+  rollouts, normalised by counts over the whole data-parallel batch (so the step does not depend on the
+  layout or the packing); megatron's 1/num_microbatches and DDP's 1/dp are undone as in SFT.
+- :meth:`MegatronPolicy.named_weights`: the full weights in HF naming (TP-gathered, every PP stage's layers),
+  for the generation backend's refit; no disk round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar.grpo.interfaces import PolicyLogProbs, Rollout, response_token_mask
+from megatron_avar.grpo.loss import PolicyLossConfig, policy_loss
+from megatron_avar.grpo.rollout_batches import RolloutMicroBatch, pack_rollouts, scatter_response_values
+from megatron_avar.grpo.visual_reward import ResponseTokens, VisualRewardSink
+
+__all__ = ["MegatronPolicy", "LOSS_METRICS"]
+
+# policy_loss metrics that are token means (averaged over the step's tokens); ratio_max is a max.
+LOSS_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean", "pg_loss")
+
+
+class MegatronPolicy:
+    """model: ``training.megatron_setup.TrainingModel`` with its optimizer; qwen_config: the model's
+    ``Qwen25VLConfig``; visual_layers: the layers r_visual averages over (AVAR layers of the model);
+    seq_length: tokens per packed row; temperature: the rollouts' sampling temperature."""
+
+    def __init__(self, model, qwen_config, *, visual_layers: Sequence[int], epsilon: float, seq_length: int,
+                 temperature: float, loss: PolicyLossConfig, pad_token_id: int, role_attention_impl: str = "auto"):
+        self.model, self.qwen_config = model, qwen_config
+        self.visual_layers, self.epsilon = tuple(visual_layers), float(epsilon)
+        self.seq_length, self.temperature, self.loss = seq_length, float(temperature), loss
+        self.pad_token_id, self.role_attention_impl = pad_token_id, role_attention_impl
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.module.parameters()).device
+
+    def _pack(self, rollouts: Sequence[Rollout]) -> list[RolloutMicroBatch]:
+        cfg = self.qwen_config
+        return pack_rollouts(rollouts, seq_length=self.seq_length, pad_token_id=self.pad_token_id,
+                             image_token_id=cfg.image_token_id, spatial_merge_size=cfg.vision.spatial_merge_size)
+
+    def _forward(self, ddp_model, mb: RolloutMicroBatch, sink=None):
+        b = mb.batch
+        device = self._device
+        to = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return ddp_model(to(b.input_ids), position_ids=to(b.position_ids), pixel_values=to(b.pixel_values),
+                         image_grid_thw=to(b.image_grid_thw), token_roles=to(b.roles), segment_ids=to(b.segment_ids),
+                         mass_sink=sink, role_attention_impl=self.role_attention_impl)
+
+    def _token_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch) -> torch.Tensor:
+        """[1, S] log softmax(logits / T)[next token] from vocab-parallel logits [1, S, V / tp] (0 where the
+        row has no label)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from megatron_avar.roles import IGNORE_INDEX
+
+        labels = mb.batch.labels.to(logits.device)
+        targets = labels.clamp(min=0)
+        nll = vocab_parallel_cross_entropy(logits.float() / self.temperature, targets)
+        return torch.where(labels != IGNORE_INDEX, -nll, 0.0)
+
+    def _schedule(self, micro_batches, forward_step, *, forward_only: bool) -> None:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(list(enumerate(micro_batches))),
+            model=[self.model.ddp], num_microbatches=len(micro_batches), seq_length=self.seq_length,
+            micro_batch_size=1, forward_only=forward_only)
+
+    # -- Policy ---------------------------------------------------------------------------------------------
+    def log_probs_with_masses(self, rollouts: Sequence[Rollout]) -> PolicyLogProbs:
+        from megatron.core import parallel_state
+
+        micro_batches = self._pack(rollouts)
+        num_columns = int(response_token_mask(rollouts).shape[1])
+        device = self._device
+        logp = torch.zeros(len(rollouts), num_columns, device=device)
+        sinks: list[VisualRewardSink] = []
+
+        def forward_step(data_iterator, ddp_model):
+            index, mb = next(data_iterator)
+            sink = VisualRewardSink(ResponseTokens(mb.batch.roles, mb.batch.segment_ids), self.visual_layers,
+                                    epsilon=self.epsilon)
+            sinks.append(sink)
+            output = self._forward(ddp_model, mb, sink)
+
+            def loss_func(logits):
+                values = scatter_response_values(self._token_log_probs(logits, mb), mb, num_columns)
+                logp[torch.tensor(mb.rollouts, device=device)] = values
+                return values.new_zeros(()), {}
+
+            return output, loss_func
+
+        self.model.ddp.eval()
+        with torch.no_grad():
+            self._schedule(micro_batches, forward_step, forward_only=True)
+        self.model.ddp.train()
+        groups = [parallel_state.get_tensor_model_parallel_group()]
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            groups.append(parallel_state.get_pipeline_model_parallel_group())
+        r_visual = torch.zeros(len(rollouts), device=device)
+        for sink, mb in zip(sinks, micro_batches):
+            sink.all_reduce(groups)
+            r_visual[torch.tensor(mb.rollouts, device=device)] = sink.r_visual().to(device)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(logp, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        return PolicyLogProbs(logp=logp.cpu(), r_visual=r_visual.cpu())
+
+    def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor
+                   ) -> dict[str, float]:
+        from megatron.core import parallel_state
+
+        micro_batches = self._pack(rollouts)
+        mask = response_token_mask(rollouts)
+        num_columns = int(mask.shape[1])
+        if old_logp.shape != mask.shape or advantages.shape != (len(rollouts),):
+            raise ValueError(f"old_logp {tuple(old_logp.shape)} must be {tuple(mask.shape)} and advantages "
+                             f"{tuple(advantages.shape)} must be ({len(rollouts)},)")
+        device = self._device
+        dp_group = parallel_state.get_data_parallel_group()
+        counts = torch.tensor([float(mask.sum()), float(len(rollouts))], device=device)
+        dist.all_reduce(counts, group=dp_group)
+        num_tokens, num_sequences = int(counts[0]), int(counts[1])
+        dp = parallel_state.get_data_parallel_world_size()
+        scale = len(micro_batches) * dp  # undo megatron's 1/num_microbatches and DDP's 1/dp
+        sums = torch.zeros(len(LOSS_METRICS) + 1, dtype=torch.float64)
+        ratio_max = torch.tensor(0.0)
+
+        def forward_step(data_iterator, ddp_model):
+            index, mb = next(data_iterator)
+            output = self._forward(ddp_model, mb)
+            rows = torch.tensor(mb.rollouts)
+
+            def loss_func(logits):
+                nonlocal ratio_max
+                logp_new = scatter_response_values(self._token_log_probs(logits, mb), mb, num_columns)
+                loss, metrics = policy_loss(logp_new, old_logp[rows].to(device), advantages[rows].to(device),
+                                            mask[rows].to(device), self.loss, num_tokens=num_tokens,
+                                            num_sequences=num_sequences)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite policy loss for rollouts "
+                                             f"{[f'{rollouts[i].prompt_id}/{rollouts[i].sample_index}' for i in mb.rollouts]}")
+                tokens = float(metrics["num_tokens"])
+                for k, name in enumerate(LOSS_METRICS):
+                    sums[k] += float(metrics[name]) * tokens
+                sums[-1] += float(loss.detach())  # already normalised by the global counts: shares add up
+                ratio_max = torch.maximum(ratio_max, metrics["ratio_max"].cpu())
+                return loss * scale, {}
+
+            return output, loss_func
+
+        self.model.ddp.zero_grad_buffer()
+        self.model.optimizer.zero_grad()
+        self._schedule(micro_batches, forward_step, forward_only=False)
+        update_ok, grad_norm, _ = self.model.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError("the optimizer skipped the GRPO update (non-finite gradients)")
+        self.model.scheduler.step(increment=1)
+
+        # Each token counted once: the last pipeline stage, tensor-parallel rank 0, summed over DP.
+        counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        packed = torch.cat([sums if counted else torch.zeros_like(sums),
+                            torch.tensor([float(ratio_max)], dtype=torch.float64)]).to(device)
+        dist.all_reduce(packed[:-1])
+        dist.all_reduce(packed[-1:], op=dist.ReduceOp.MAX)
+        packed = packed.cpu()
+        metrics = {f"loss/{name}": float(packed[k]) / num_tokens for k, name in enumerate(LOSS_METRICS)}
+        metrics.update({"loss/policy": float(packed[len(LOSS_METRICS)]), "loss/ratio_max": float(packed[-1]),
+                        "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "optim/lr": self.model.optimizer.param_groups[0]["lr"],
+                        "data/response_tokens": float(num_tokens)})
+        return metrics
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every HF tensor of the model (collective over the model-parallel group: every rank of it must
+        consume the whole iterator). Stage by stage: each stage's tensors, gathered over TP, are broadcast
+        over the pipeline group, so every rank sees the whole model one stage at a time."""
+        from megatron.core import parallel_state
+
+        from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict
+
+        local = export_hf_state_dict(self.model.module, self.qwen_config,
+                                     tp_group=parallel_state.get_tensor_model_parallel_group())
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if pp == 1:
+            yield from local.items()
+            return
+        group = parallel_state.get_pipeline_model_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        me = parallel_state.get_pipeline_model_parallel_rank()
+        for stage, src in enumerate(ranks):
+            header = [[(name, tuple(t.shape), t.dtype) for name, t in local.items()] if stage == me else None]
+            dist.broadcast_object_list(header, src=src, group=group)
+            for name, shape, dtype in header[0]:
+                tensor = local[name] if stage == me else torch.empty(shape, dtype=dtype, device=self._device)
+                dist.broadcast(tensor, src=src, group=group)
+                yield name, tensor

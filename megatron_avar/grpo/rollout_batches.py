@@ -1,0 +1,89 @@
+"""Rollouts as the policy's micro-batches: whole rollouts packed into rows, and the way back from a row's
+per-position values to the [N, T] response-token layout of ``grpo.interfaces``.
+
+A rollout is one sample of ``training.packing`` (prompt + response, one sequence, its own mrope positions and
+block-diagonal attention); its labels are its response tokens, so the packed row's shifted labels mark
+exactly the positions whose next-token log-prob is a response log-prob: position p of a row predicts the
+token at p + 1, and the positions with a label are, row-major, the response tokens of the row's rollouts in
+segment order and token order. Each micro-batch is ONE row of ``seq_length`` tokens (fixed shapes, as the
+pipeline schedules need; the THD attention path costs nothing for the row's padding tail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from megatron_avar.grpo.interfaces import Rollout
+from megatron_avar.roles import IGNORE_INDEX, RenderedConversation, TokenRole
+from megatron_avar.training.packing import PackedBatch, collate_rows, first_fit_decreasing, pack_row
+
+__all__ = ["RolloutMicroBatch", "pack_rollouts", "scatter_response_values"]
+
+
+@dataclass
+class RolloutMicroBatch:
+    """One packed row of rollouts. batch: the ``PackedBatch`` (B = 1). rollouts: the indexes (into the list
+    given to :func:`pack_rollouts`) of the row's rollouts in segment order — the order of
+    ``grpo.visual_reward.ResponseTokens`` and of the row's labelled positions. response_lengths: their
+    response lengths (labelled positions per rollout)."""
+
+    batch: PackedBatch
+    rollouts: list[int]
+    response_lengths: list[int]
+
+
+def _as_sample(rollout: Rollout) -> RenderedConversation:
+    labels = torch.where(rollout.roles == TokenRole.RESPONSE, rollout.input_ids, IGNORE_INDEX)
+    return RenderedConversation(rollout.input_ids, rollout.roles, labels, rollout.pixel_values,
+                                rollout.image_grid_thw, text="")
+
+
+def pack_rollouts(rollouts: Sequence[Rollout], *, seq_length: int, pad_token_id: int, image_token_id: int,
+                  spatial_merge_size: int) -> list[RolloutMicroBatch]:
+    """Pack ``rollouts`` whole into rows of ``seq_length`` tokens (first fit, longest first; deterministic),
+    one :class:`RolloutMicroBatch` per row. Raises ValueError naming the rollout when one is longer than
+    ``seq_length`` or holds image tokens its image grid does not account for (e.g. a generated
+    ``<|image_pad|>``)."""
+    if not rollouts:
+        raise ValueError("pack_rollouts needs at least one rollout")
+    lengths = [int(r.input_ids.numel()) for r in rollouts]
+    for rollout, length in zip(rollouts, lengths):
+        if length > seq_length:
+            raise ValueError(f"rollout {rollout.prompt_id}/{rollout.sample_index} has {length} tokens, more than "
+                             f"the packed row's {seq_length}: raise train.seq_length (or lower "
+                             "data.max_prompt_length / rollout.max_new_tokens)")
+        generated_images = int((rollout.input_ids[rollout.prompt_length:] == image_token_id).sum())
+        if generated_images:
+            raise ValueError(f"rollout {rollout.prompt_id}/{rollout.sample_index} generated {generated_images} "
+                             "<|image_pad|> tokens, which have no image features: the generation backend must "
+                             "forbid vision special tokens")
+    rows = first_fit_decreasing(lengths, list(range(len(rollouts))), seq_length, buffer_size=len(rollouts))
+    out = []
+    for row in rows:
+        samples = [_as_sample(rollouts[i]) for i in row]
+        ids = [f"{rollouts[i].prompt_id}/{rollouts[i].sample_index}" for i in row]
+        packed = pack_row(samples, ids, seq_length=seq_length, pad_token_id=pad_token_id,
+                          image_token_id=image_token_id, spatial_merge_size=spatial_merge_size)
+        out.append(RolloutMicroBatch(batch=collate_rows([packed]), rollouts=list(row),
+                                     response_lengths=[rollouts[i].response_length for i in row]))
+    return out
+
+
+def scatter_response_values(per_position: torch.Tensor, micro_batch: RolloutMicroBatch, num_columns: int
+                            ) -> torch.Tensor:
+    """[len(micro_batch.rollouts), num_columns]: the values of ``per_position`` [1, S] (e.g. next-token
+    log-probs) at the row's labelled positions, laid out as response tokens (row j = the micro-batch's j-th
+    rollout, column t = its t-th response token, 0 beyond its length). Differentiable (index_put)."""
+    labels = micro_batch.batch.labels.to(per_position.device)
+    values = per_position[labels != IGNORE_INDEX]
+    lengths = torch.tensor(micro_batch.response_lengths)
+    if values.numel() != int(lengths.sum()):
+        raise RuntimeError(f"{values.numel()} labelled positions for {int(lengths.sum())} response tokens: the "
+                           "packed row and its rollouts disagree")
+    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    cols = torch.cat([torch.arange(int(n)) for n in lengths])
+    out = per_position.new_zeros(len(lengths), num_columns)
+    return out.index_put((rows.to(out.device), cols.to(out.device)), values)

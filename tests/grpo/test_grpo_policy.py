@@ -1,0 +1,156 @@
+"""The Megatron actor against Hugging Face, and against itself across parallel layouts.
+
+- Old log-probs, log softmax(logits / T)[token], equal HF Qwen2.5-VL's on the same prompt + response tokens.
+- r_visual from the masses of the SAME pass equals the definition (AVAR_SPEC.md §6) computed from HF eager
+  attention probabilities: per response query and layer, head-mean mass on IMAGE keys over head-mean mass
+  on SYSTEM keys + ε, averaged over layers then tokens.
+- One GRPO update at TP=2, PP=2 and DP=2 gives the loss metrics, gradient norm and updated log-probs of the
+  single-rank update (the loss is normalised by global token counts, so the layout cannot change it).
+
+Rollouts are the toy model's real prompts (real tokenizer, images of the procedural dataset) with random
+responses, several packed per row, so the test does not depend on a generation backend.
+"""
+
+import pytest
+import torch
+
+from megatron_avar.testing import run_on_ranks
+
+pytestmark = pytest.mark.multiprocess
+TEMPERATURE = 0.7
+SEQ_LENGTH = 512
+COMPARED = ("loss/policy", "loss/pg_loss", "loss/clip_fraction", "loss/approx_kl", "loss/ratio_mean",
+            "optim/grad_norm")
+
+
+def _rollouts(hf_path, data_path, *, num_prompts=3, n=2, seed=0):
+    from megatron_avar.data.conversations import load_conversations, to_chat_messages
+    from megatron_avar.grpo.interfaces import Rollout
+    from megatron_avar.processor import load_processor
+    from megatron_avar.roles import TokenRole, render_conversation
+
+    processor = load_processor(hf_path, min_pixels=3136, max_pixels=12544)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    generator = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for record in list(load_conversations(data_path))[:num_prompts]:
+        messages = [m for m in to_chat_messages(record) if m["role"] != "assistant"]
+        prompt = render_conversation(messages, processor, add_generation_prompt=True)
+        for k in range(n):
+            length = int(torch.randint(4, 24, (1,), generator=generator))
+            response = torch.cat([torch.randint(1000, 20000, (length,), generator=generator), torch.tensor([im_end])])
+            rollouts.append(Rollout(
+                prompt_id=record["id"], sample_index=k, ground_truth=str(record["answer"]),
+                input_ids=torch.cat([prompt.input_ids, response]),
+                roles=torch.cat([prompt.roles, torch.full_like(response, int(TokenRole.RESPONSE))]),
+                prompt_length=len(prompt), response_text="", generator_logprobs=torch.zeros(length + 1),
+                finish_reason="stop", pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw))
+    return rollouts, processor.tokenizer.pad_token_id
+
+
+def _policy_runs(hf_path, data_path, layouts):
+    """On every rank: for each (tp, pp), old log-probs + r_visual, one update, the new log-probs. Each DP rank
+    takes its contiguous share of the rollouts (whole prompt groups)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.grpo.loss import PolicyLossConfig
+    from megatron_avar.grpo.policy import MegatronPolicy
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.sft.config import OptimConfig
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
+
+    rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=4)
+    advantages = torch.linspace(-1.0, 1.0, len(rollouts))
+    results = {}
+    for tp, pp in layouts:
+        layout = init_distributed(tp, pp, seed=1)
+        qwen_config = Qwen25VLConfig.from_hf(hf_path)
+        layers = tuple(range(qwen_config.text.num_layers))
+        model = build_model(qwen_config, tp=tp, pp=pp, dtype=torch.float32, recompute="none", role_mass_layers=layers,
+                            hf_path=hf_path, distributed_optimizer=False)
+        build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32, distributed_optimizer=False)
+        policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
+                                temperature=TEMPERATURE, loss=PolicyLossConfig(clip_low=0.1, clip_high=0.1),
+                                pad_token_id=pad_id)
+        share = len(rollouts) // layout.dp
+        mine = slice(layout.dp_rank * share, (layout.dp_rank + 1) * share)
+        ours = rollouts[mine]
+        old = policy.log_probs_with_masses(ours)
+        # A perturbed "old" policy, so ratios differ from 1 and some are clipped.
+        # (a function of the rollout's global index and the column, so every layout perturbs alike).
+        rows = torch.arange(mine.start, mine.stop, dtype=torch.float32)[:, None]
+        perturbed = old.logp + 0.2 * torch.sin(37 * rows + torch.arange(old.logp.shape[1])[None, :])
+        metrics = policy.train_step(ours, perturbed, advantages[mine])
+        new = policy.log_probs_with_masses(ours)
+        results[(tp, pp)] = {"slice": (mine.start, mine.stop), "logp": old.logp, "r_visual": old.r_visual,
+                             "metrics": metrics, "new_logp": new.logp}
+        parallel_state.destroy_model_parallel()
+    return results
+
+
+def _hf_reference(hf_path, rollouts):
+    """Per rollout: response log-probs at TEMPERATURE and r_visual from eager attention probabilities."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_avar.roles import TokenRole
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_path, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    image_token = model.config.image_token_id
+    logps, visuals = [], []
+    for r in rollouts:
+        ids = r.input_ids[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token).int(),
+                        pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw, output_attentions=True)
+        p = r.prompt_length
+        logits = out.logits[0, p - 1:-1].float() / TEMPERATURE
+        logps.append(torch.log_softmax(logits, -1).gather(-1, r.input_ids[p:, None])[:, 0])
+        image, system = r.roles == TokenRole.IMAGE, r.roles == TokenRole.SYSTEM
+        ratios = []
+        for probs in out.attentions:                                    # [1, H, L, L] per layer
+            queries = probs[0, :, p:, :].double()                        # [H, T, L]
+            m_img = queries[..., image].sum(-1).mean(0)                  # head mean, [T]
+            m_sys = queries[..., system].sum(-1).mean(0)
+            ratios.append(m_img / (m_sys + 1e-6))
+        visuals.append(float(torch.stack(ratios).mean(0).mean()))
+    return logps, torch.tensor(visuals, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def runs(sft_inputs):
+    single = run_on_ranks(_policy_runs, 1, sft_inputs["hf_path"], sft_inputs["data_path"], [(1, 1)],
+                          timeout_s=400)[0]
+    two = run_on_ranks(_policy_runs, 2, sft_inputs["hf_path"], sft_inputs["data_path"], [(1, 1), (2, 1), (1, 2)],
+                       timeout_s=600)
+    return single, two
+
+
+def test_old_log_probs_and_r_visual_equal_hf_eager(runs, sft_inputs):
+    single, _ = runs
+    rollouts, _ = _rollouts(sft_inputs["hf_path"], sft_inputs["data_path"], num_prompts=4)
+    logps, visuals = _hf_reference(sft_inputs["hf_path"], rollouts)
+    ours = single[(1, 1)]
+    for i, (r, expected) in enumerate(zip(rollouts, logps)):
+        got = ours["logp"][i, :r.response_length]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        assert bool((ours["logp"][i, r.response_length:] == 0).all())
+    torch.testing.assert_close(ours["r_visual"].double(), visuals, rtol=1e-4, atol=1e-6)
+    assert float(visuals.min()) > 0
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+def test_update_equals_the_single_rank_update(runs, layout):
+    single, two = runs
+    reference = single[(1, 1)]
+    assert 0 < reference["metrics"]["loss/clip_fraction"] < 1  # the perturbed old policy clips some tokens
+    for rank in two:
+        ours = rank[layout]
+        start, stop = ours["slice"]
+        width = ours["logp"].shape[1]
+        torch.testing.assert_close(ours["logp"], reference["logp"][start:stop, :width], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours["r_visual"], reference["r_visual"][start:stop], rtol=1e-5, atol=1e-6)
+        for name in COMPARED:
+            assert ours["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-5, abs=1e-7), name
+        torch.testing.assert_close(ours["new_logp"], reference["new_logp"][start:stop, :width], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(reference["new_logp"], reference["logp"])  # the update changed the policy
