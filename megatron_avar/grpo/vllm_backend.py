@@ -172,8 +172,12 @@ def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.T
     mean = torch.tensor(image_mean, dtype=torch.float64).view(-1, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float64).view(-1, 1, 1)
     channels = mean.shape[0]
+    grids = image_grid_thw.view(-1, 3).tolist()
+    if sum(t * h * w for t, h, w in grids) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw accounts for "
+                         f"{sum(t * h * w for t, h, w in grids)}")
     images, offset = [], 0
-    for t, h, w in image_grid_thw.view(-1, 3).tolist():
+    for t, h, w in grids:
         if t != 1 or h % merge_size or w % merge_size:
             raise ValueError(f"image grid {(t, h, w)} is not a single image with sides divisible by {merge_size}")
         patches = pixel_values[offset:offset + h * w].to(torch.float64)
@@ -188,8 +192,6 @@ def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.T
             raise ValueError(f"pixel_values are {worst:.2f} grey levels away from a uint8 image: pass the processor's "
                              "float32 pixel values unchanged (not cast to bf16/fp16)")
         images.append(rounded.to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
-    if offset != pixel_values.shape[0]:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw accounts for {offset}")
     return images
 
 
