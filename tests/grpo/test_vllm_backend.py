@@ -291,6 +291,7 @@ def _check_against_hf(g, rollouts, state, temperature, label):
 def test_generator_logprobs_match_a_teacher_forced_hf_forward(gpu):
     backend, prompts = gpu["backend"], gpu["prompts"]
     backend.update_weights(gpu["state"].items())  # the checkpoint's own weights (legacy HF names)
+    assert backend.last_refit.num_params_loaded > 0 and backend.last_refit.num_tensors == len(gpu["state"])
     sampling = SamplingParams(temperature=0.8, max_new_tokens=24, seed=3)
     rollouts = backend.generate(prompts, 2, sampling)
     assert [(r.prompt_id, r.sample_index) for r in rollouts] == [(p, k) for p in prompts.prompt_ids for k in range(2)]
@@ -303,8 +304,9 @@ def test_generator_logprobs_match_a_teacher_forced_hf_forward(gpu):
     reference = _check_against_hf(gpu, rollouts, gpu["state"], 0.8, "original weights")
     full_vocab = _teacher_forced(gpu["hf_model"](gpu["state"], torch.float32), rollouts, 0.8)
     print(f"full-vocabulary reference differs from the suppressed one by {_max_diff(full_vocab, reference):.2e}")
-    again = backend.generate(prompts, 2, sampling)  # prefix cache hits now; same request seeds
-    assert [r.input_ids.tolist() for r in again] == [r.input_ids.tolist() for r in rollouts]
+    backend.update_weights(gpu["state"].items())  # same weights, caches reset: the same computation again
+    again = backend.generate(prompts, 2, sampling)
+    assert [r.input_ids.tolist() for r in again] == [r.input_ids.tolist() for r in rollouts]  # per-request seeds
     other = backend.generate(prompts, 2, dataclasses.replace(sampling, seed=4))
     assert [r.input_ids.tolist() for r in other] != [r.input_ids.tolist() for r in rollouts]
 
