@@ -10,12 +10,13 @@ the RAW logits [rows, V] and
   1. records ``log_softmax(logits / temperature)[token]`` of the token it picks (``generator_logprobs``);
   2. applies transformers' own processors in HF's order: suppress the vision tokens (``SUPPRESSED_TOKENS``),
      temperature, top-k (0 = off), top-p;
-  3. draws the token of row k (exponential race over the probabilities) from its own ``torch.Generator`` seeded with
-     :func:`sample_seed` ``(sampling.seed, prompt_id, sample_index)`` and hands HF a one-hot score row, so
-     HF's argmax takes exactly that token.
+  3. draws the token of row k (an exponential race over the probabilities) from the row's own
+     ``torch.Generator``, seeded with :func:`sample_seed` ``(sampling.seed, prompt_id, sample_index)``, and
+     hands HF a one-hot score row, so HF's argmax takes exactly that token.
 So a rollout depends only on (weights, prompt, sampling, seed, prompt_id, sample_index): never on the other
 prompts of the batch, on ``batch_size``, on how prompts are split over data-parallel ranks, or on the global
-torch RNG (bit-identical tokens up to the float rounding of batched matmuls). The seed is
+torch RNG (identical tokens up to the float rounding of batched matmuls; CPU and CUDA generators give
+different streams, so samples repeat on the same device type only). The seed is
 ``zlib.crc32(f"{seed}/{prompt_id}/{sample_index}")`` (stable across processes, unlike ``hash()``); the vLLM
 backend seeds each sample's request with the same function.
 

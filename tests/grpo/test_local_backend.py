@@ -224,3 +224,18 @@ def test_update_weights_refits_what_hf_loads_from_files(setup):
     again = backend.generate(_subset(prompts, [2]), 1, sampling)[0]
     expected, _ = _teacher_forced(setup["reference"], again, sampling.temperature)
     torch.testing.assert_close(again.generator_logprobs, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_on_cuda_logprobs_equal_the_hf_forward_and_samples_repeat(setup):
+    prompts = setup["prompts"]
+    backend = LocalGenerationBackend(str(setup["checkpoint"]), setup["processor"], device=torch.device("cuda"))
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=12, seed=5)
+    rollouts = backend.generate(prompts, 3, sampling)
+    again = backend.generate(prompts, 3, sampling)
+    backend.close()
+    assert [r.input_ids.tolist() for r in rollouts] == [r.input_ids.tolist() for r in again]
+    for r in rollouts:
+        assert r.input_ids.device.type == "cpu" and r.generator_logprobs.device.type == "cpu"
+        expected, _ = _teacher_forced(setup["reference"], r, sampling.temperature)  # HF fp32 on the CPU
+        torch.testing.assert_close(r.generator_logprobs, expected, atol=1e-3, rtol=0)
