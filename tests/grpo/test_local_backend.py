@@ -114,6 +114,7 @@ def test_generator_logprobs_equal_a_teacher_forced_hf_forward(setup):
         # top_k=20 honoured: every sampled token is among the 20 largest HF logits (chance: 20 / 151936 each)
         top20 = logits.topk(20, dim=-1).indices
         assert bool((top20 == r.input_ids[r.prompt_length:, None]).any(-1).all())
+    print(f"max |generator - HF teacher-forced| log-prob = {worst:.2e} over {len(rollouts)} rollouts")
     assert worst < 1e-4, worst
     # the checkpoint's top_k=1 did not leak in: a prompt's samples differ
     for p in range(len(prompts)):
@@ -150,6 +151,7 @@ def test_responses_end_at_the_first_end_of_turn(setup):
     rollouts = backend.generate(prompts, 4, SamplingParams(max_new_tokens=8, seed=0))
     backend.close()
     reasons = [r.finish_reason for r in rollouts]
+    print(f"finish reasons: {reasons.count('stop')} stop, {reasons.count('length')} length")
     assert "stop" in reasons and "length" in reasons, reasons
     decode = setup["processor"].tokenizer.decode
     for r in rollouts:
