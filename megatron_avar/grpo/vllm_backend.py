@@ -29,15 +29,16 @@ Log-probs. ``logprobs_mode="processed_logprobs"``: vLLM returns log_softmax of t
 and temperature and after top-k/top-p truncation; with top_p=1 and top_k=0 (the only sampling accepted,
 :func:`sampling_request_kwargs`) that is ``log_softmax(logits / T)`` over the vocabulary minus the five
 suppressed vision tokens. The trainer (and the local backend) normalise over the full vocabulary: the two
-differ by ``-log(1 - P_vision)`` >= 0 per token (P_vision = the suppressed tokens' probability at T),
-~1e-6 for a trained model. No vLLM 0.33 mode gives the untruncated distribution under top-p/top-k
+differ by ``-log(1 - P_vision)`` >= 0 per token (P_vision = the suppressed tokens' probability at T), which
+is negligible while the model gives vision tokens little probability inside a response (the GPU test
+reports it on a random toy model). No vLLM 0.33 mode gives the untruncated distribution under top-p/top-k
 ("raw_*" modes are before temperature), so truncated sampling is refused rather than returning different
 numbers.
 
 Caches across refits. :meth:`update_weights` resets the prefix cache (``LLM.reset_prefix_cache``) and the
 encoder cache (``LLMEngine.reset_encoder_cache``: vision-tower outputs keyed by image hash, computed with the
-old weights), and every prompt carries ``cache_salt`` = the weight version, so no KV block or vision
-embedding computed before a refit is reused after it. The multimodal processor cache (``mm_processor_cache_gb``)
+old weights), and every prompt carries ``cache_salt`` = the weight version (a second guard for the prefix
+cache), so no KV block and no vision embedding computed before a refit is reused after it. The multimodal processor cache (``mm_processor_cache_gb``)
 stays on: it holds the HF processor's outputs (pixel values), which do not depend on the weights.
 """
 
