@@ -38,8 +38,9 @@ numbers.
 Caches across refits. :meth:`update_weights` resets the prefix cache (``LLM.reset_prefix_cache``) and the
 encoder cache (``LLMEngine.reset_encoder_cache``: vision-tower outputs keyed by image hash, computed with the
 old weights), and every prompt carries ``cache_salt`` = the weight version (a second guard for the prefix
-cache), so no KV block and no vision embedding computed before a refit is reused after it. The multimodal processor cache (``mm_processor_cache_gb``)
-stays on: it holds the HF processor's outputs (pixel values), which do not depend on the weights.
+cache), so no KV block and no vision embedding computed before a refit is reused after it. The multimodal
+processor cache (``mm_processor_cache_gb``) stays on: it holds the HF processor's outputs (pixel values),
+which do not depend on the weights.
 """
 
 from __future__ import annotations
@@ -293,7 +294,9 @@ class VLLMGenerationBackend:
     the trainer replaces its weights with :meth:`update_weights`. processor: ``processor.load_processor`` of
     the checkpoint, the one that rendered the prompts (its min/max pixels are passed to vLLM; decodes the
     responses). tensor_parallel_size: vLLM TP (divides WORLD_SIZE under torchrun). gpu_memory_utilization:
-    the fraction of the GPU vLLM takes for weights + KV cache while awake. max_model_len: prompt + response
+    the fraction of the whole GPU vLLM takes for weights + KV cache while awake; vLLM refuses to start unless
+    that much is free when the backend is built (build it before the trainer's optimizer state exists, or
+    lower it). Every rank must build the backend (vLLM's start-up runs collectives). max_model_len: prompt + response
     tokens. seed: the engine seed (every sample also has its own request seed). enable_sleep_mode: allows
     :meth:`sleep` / :meth:`wake_up` (vLLM's cumem allocator). dtype: the engine's weights/activations.
 
@@ -447,10 +450,10 @@ class VLLMGenerationBackend:
         for index, output in enumerate(outputs):
             p, k = divmod(index, n)
             if list(output.prompt_token_ids) != prompts.input_ids[p].tolist():
-                raise ValueError(f"prompt {prompts.prompt_ids[p]}: vLLM expanded the prompt to "
-                                 f"{len(output.prompt_token_ids)} tokens, the trainer's has {prompts.input_ids[p].numel()}:"
-                                 " its image processor changed the image size (compare min_pixels/max_pixels of the "
-                                 "checkpoint's preprocessor config with the processor passed here)")
+                raise ValueError(f"prompt {prompts.prompt_ids[p]}: vLLM's expanded prompt ids differ from the "
+                                 f"trainer's ({len(output.prompt_token_ids)} vs {prompts.input_ids[p].numel()} "
+                                 "tokens), e.g. its image processor resized an image: compare min_pixels/max_pixels "
+                                 "of the checkpoint's processor config with the processor passed here")
             completion = output.outputs[0]
             logprobs = sampled_token_logprobs(completion.token_ids, completion.logprobs)
             rollouts.append(assemble_rollout(prompts, p, k, completion.token_ids, logprobs, completion.finish_reason,

@@ -247,7 +247,8 @@ def gpu(tmp_path_factory):
         shutil.copytree(checkpoint, directory)
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors", metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors",
+                  metadata={"format": "pt"})
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dtype).cuda().eval()
 
     yield dict(backend=backend, prompts=prompts, processor=processor, hf_model=hf_model,
@@ -354,7 +355,8 @@ def test_vision_tokens_are_never_generated(gpu):
             ids = prompts.input_ids[p][None].cuda()
             inputs = dict(input_ids=ids, mm_token_type_ids=(ids == IMAGE_PAD).long())
             if prompts.pixel_values[p] is not None:
-                inputs.update(pixel_values=prompts.pixel_values[p].cuda(), image_grid_thw=prompts.image_grid_thw[p].cuda())
+                inputs.update(pixel_values=prompts.pixel_values[p].cuda(),
+                              image_grid_thw=prompts.image_grid_thw[p].cuda())
             probs = torch.softmax(reference(**inputs).logits[0, -1].float(), -1)
             assert float(probs[gpu["suppressed"]].sum()) > 0.99  # unsuppressed sampling would emit a vision token
     backend.update_weights(state.items())
