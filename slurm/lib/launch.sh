@@ -1,11 +1,13 @@
 #!/bin/bash
-# The shared body of slurm/avar_sft_*.sh: sourced by them inside the batch job, after they set their
-# defaults. Launches `avar sft` with one rank per GPU (srun starts the ranks directly: no torchrun, so a
+# The shared body of slurm/avar_sft_*.sh and slurm/avar_grpo_*.sh: sourced by them inside the batch job,
+# after they set their defaults. Launches `avar $SUBCOMMAND` (sft or grpo) with one rank per GPU (srun
+# starts the ranks directly: no torchrun, so a
 # signal sent to the step reaches every rank), handles preemption and the time limit by checkpointing and
 # requeueing, and keeps everything a run needs to be understood later in its run directory.
 #
 # Environment (set with `sbatch --export=ALL,NAME=value ...` or exported before sbatch):
-#   CONFIG          the avar sft YAML config (the calling script sets a default)
+#   SUBCOMMAND      the avar training subcommand: sft (default) or grpo (the calling script sets it)
+#   CONFIG          its YAML config (the calling script sets a default)
 #   RUN_DIR         the run directory; passed to the trainer as out=RUN_DIR (the calling script sets a default)
 #   OVERRIDES       extra dotted overrides, space separated (e.g. "optim.lr=1e-5 train.steps=600"); the
 #                   batch script's own arguments are appended: `sbatch slurm/avar_sft_7b.sh optim.lr=1e-5`
@@ -33,7 +35,9 @@ set -euo pipefail
 
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO"
-: "${CONFIG:?set CONFIG to an avar sft YAML config}"
+: "${SUBCOMMAND:=sft}"
+case "$SUBCOMMAND" in sft|grpo) ;; *) echo "SUBCOMMAND=$SUBCOMMAND: allowed sft, grpo" >&2; exit 2;; esac
+: "${CONFIG:?set CONFIG to an avar $SUBCOMMAND YAML config}"
 : "${RUN_DIR:?set RUN_DIR to the run directory}"
 : "${SLURM_JOB_ID:?run this through sbatch}"
 OVERRIDES=${OVERRIDES:-}
@@ -64,7 +68,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron
 export PYTHONUNBUFFERED=1
 
 read -r -a override_args <<< "$OVERRIDES"
-COMMAND=("$PYTHON" -m megatron_avar sft --config "$CONFIG" "out=$RUN_DIR" "${override_args[@]}" "$@")
+COMMAND=("$PYTHON" -m megatron_avar "$SUBCOMMAND" --config "$CONFIG" "out=$RUN_DIR" "${override_args[@]}" "$@")
 SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE" --ntasks=$((NNODES * NPROC_PER_NODE))
       --kill-on-bad-exit=1 --label)
 # Slurm >= 23.11 no longer hands sbatch's --cpus-per-task to srun: pass it on, or each rank gets one core.

@@ -1,0 +1,145 @@
+"""The config of `avar grpo`: every field documented, validated once. YAML files in examples/grpo/ override it.
+
+Model, parallel layout, optimizer, checkpoint and logging sections are SFT's (``sft.config``); the GRPO
+sections are the rollout (how responses are sampled), the reward (``grpo.rewards.RewardConfig``), the
+advantage, the policy loss (``grpo.loss.PolicyLossConfig``) and the step shape (:class:`GRPOTrainConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megatron_avar.grpo.advantages import ADVANTAGE_MODES
+from megatron_avar.grpo.loss import PolicyLossConfig
+from megatron_avar.grpo.prompts import GRPODataConfig
+from megatron_avar.grpo.rewards import RewardConfig
+from megatron_avar.sft.config import (PRECISIONS, RECOMPUTE, CheckpointConfig, LogConfig, ModelConfig, OptimConfig,
+                                      ParallelConfig)
+
+__all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "BACKENDS"]
+
+BACKENDS = ("local", "vllm")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How responses are sampled.
+
+    backend: "local" (Hugging Face Qwen2.5-VL with a KV cache in the trainer's processes, weights refit in
+        memory every step; CPU and small GPU runs) or "vllm" (GPU; colocated with the actor, sleeping while
+        it trains). n: rollouts per prompt (the GRPO group; paper: 8). temperature / top_p / top_k (0 =
+        off) / max_new_tokens: sampling; log-probs on both sides are of softmax(logits / temperature).
+    seed: the sampling seed; step s samples with seed + s, so a resumed run draws the same rollouts.
+    batch_size: local backend, rows per generate call. vllm_gpu_memory_utilization: the fraction of GPU
+    memory vLLM may take while awake. vllm_enable_sleep: release vLLM's weights and KV cache during the
+    policy update (colocated runs need it unless the GPU holds both).
+    """
+
+    backend: str = "local"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+    vllm_gpu_memory_utilization: float = 0.5
+    vllm_enable_sleep: bool = True
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"rollout.backend={self.backend!r}: allowed {', '.join(BACKENDS)}")
+        if not isinstance(self.n, int) or self.n < 2:
+            raise ValueError(f"rollout.n must be an integer >= 2 (a GRPO group compares rollouts of one prompt), "
+                             f"got {self.n!r}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError("rollout needs temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
+                             f"{self.temperature}, {self.top_p}, {self.top_k}, {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"rollout.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1), got "
+                             f"{self.vllm_gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """mode: "grpo" ((r − mean) / (std + eps) within a prompt's group) or "dr_grpo" (r − mean);
+    eps: the std guard (> 0). See ``grpo.advantages``."""
+
+    mode: str = "grpo"
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.mode not in ADVANTAGE_MODES:
+            raise ValueError(f"advantage.mode={self.mode!r}: allowed {', '.join(ADVANTAGE_MODES)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"advantage.eps must be a finite number > 0, got {self.eps}")
+
+
+@dataclass(frozen=True)
+class GRPOTrainConfig:
+    """steps: GRPO steps (each: generate, score, update). prompts_per_step: prompts over all data-parallel
+    ranks per step (paper: 256; rollouts = prompts_per_step * rollout.n). updates_per_step: optimizer steps
+    per rollout batch, each on an equal share of the prompts' groups (1 = on-policy; >1 reuses the rollouts
+    with the clipped ratio). seq_length: tokens per packed row of the policy's forward passes (rollouts of
+    up to max_prompt_length + max_new_tokens tokens are packed whole; default 0 = that sum).
+    precision, recompute, seed: as in SFT.
+    """
+
+    steps: int = 100
+    prompts_per_step: int = 256
+    updates_per_step: int = 1
+    seq_length: int = 0
+    precision: str = "bf16"
+    recompute: str = "none"
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.steps < 1 or self.prompts_per_step < 1 or self.updates_per_step < 1 or self.seq_length < 0:
+            raise ValueError("train.steps, train.prompts_per_step and train.updates_per_step must be >= 1, "
+                             "train.seq_length >= 0")
+        if self.prompts_per_step % self.updates_per_step:
+            raise ValueError(f"train.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                             f"train.updates_per_step ({self.updates_per_step})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """out: the run directory (resolved config, metrics, TensorBoard, checkpoints under <out>/checkpoints).
+    model.hf_path: the HF checkpoint the actor starts from (an exported AVAR SFT checkpoint)."""
+
+    out: str
+    model: ModelConfig
+    data: GRPODataConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        if self.loss.kl_coef > 0:
+            raise ValueError("loss.kl_coef > 0 needs a frozen reference model, which `avar grpo` does not build "
+                             "(the paper trains without a KL term); set loss.kl_coef=0")
+        if self.loss.aggregation == "sequence_sum_norm" and self.loss.max_len != self.rollout.max_new_tokens:
+            raise ValueError(f"loss.aggregation=sequence_sum_norm normalises by the response budget: set "
+                             f"loss.max_len={self.rollout.max_new_tokens} (rollout.max_new_tokens)")
+        if self.train.seq_length and self.train.seq_length < self.data.max_prompt_length + self.rollout.max_new_tokens:
+            raise ValueError(f"train.seq_length ({self.train.seq_length}) must hold the longest rollout: "
+                             f"data.max_prompt_length + rollout.max_new_tokens = "
+                             f"{self.data.max_prompt_length + self.rollout.max_new_tokens} (or 0 for that sum)")
+
+    @property
+    def seq_length(self) -> int:
+        """Tokens per packed row of the policy's forward passes."""
+        return self.train.seq_length or self.data.max_prompt_length + self.rollout.max_new_tokens

@@ -1,0 +1,273 @@
+"""`avar grpo`: GRPO with the visual-anchored reward (AVAR_SPEC.md §6) on a Megatron actor.
+
+One step, on every data-parallel replica for its share of the step's prompts:
+
+    refit       policy.named_weights() ──> backend.update_weights        (in memory, HF names)
+    generate    backend.generate(prompts, n, sampling)                   rollouts, grouped by prompt
+    old logp    policy.log_probs_with_masses(rollouts)                   log-probs + r_visual, ONE forward
+    reward      reward.score(response, truth, r_visual) ──> group_advantages
+    update      policy.train_step(...)  × train.updates_per_step         (each on an equal share of groups)
+
+The loop only sees the three interfaces of ``grpo.interfaces``. Where rollouts are generated: the local
+backend runs on the first rank of each model-parallel group and broadcasts the rollouts to the group (or
+the error, so that every rank fails together: a rollout-engine crash stops the run cleanly, nothing of the
+step is trained, and a rerun resumes from the last checkpoint); vLLM runs in every rank of the group, its
+tensor parallelism the trainer's (colocated, asleep during the update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar.grpo.advantages import group_advantages
+from megatron_avar.grpo.config import GRPOConfig
+from megatron_avar.grpo.interfaces import SamplingParams
+from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
+
+__all__ = ["run_grpo", "RolloutEngineError"]
+
+
+class RolloutEngineError(RuntimeError):
+    """The generation backend failed; the step is abandoned before any update."""
+
+
+def _model_parallel_source():
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return group, dist.get_process_group_ranks(group)[0]
+
+
+def _generate(backend, prompts, config: GRPOConfig, step: int, layout):
+    """This replica's rollouts on every rank of its model-parallel group (see the module docstring)."""
+    sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                              top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
+                              seed=config.rollout.seed + step)
+    group, source = _model_parallel_source()
+    if config.rollout.backend == "vllm" or dist.get_world_size(group) == 1:
+        try:
+            return backend.generate(prompts, config.rollout.n, sampling)
+        except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
+            raise RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
+                                     f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
+                                     "same command to resume from the last checkpoint") from error
+    payload = [None]
+    if dist.get_rank() == source:
+        try:
+            payload = [("ok", backend.generate(prompts, config.rollout.n, sampling))]
+        except Exception as error:  # noqa: BLE001
+            payload = [("error", f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(payload, src=source, group=group)
+    status, value = payload[0]
+    if status == "error":
+        raise RolloutEngineError(f"step {step}: rollout generation failed on rank {source} ({value}) for prompts "
+                                 f"{prompts.prompt_ids[:4]}...; no update was made — rerun the same command to "
+                                 "resume from the last checkpoint")
+    return value
+
+
+def _refit(backend, policy) -> None:
+    """Every rank walks the policy's weights (collective); the ranks holding a backend load them."""
+    if backend is None:
+        for _ in policy.named_weights():
+            pass
+        return
+    backend.update_weights(policy.named_weights())
+
+
+def _build_backend(config: GRPOConfig, processor, layout, qwen_config):
+    """The generation backend of this rank (None on ranks that do not generate)."""
+    from megatron_avar import platform
+
+    if config.rollout.backend == "vllm":
+        if layout.pp != 1:
+            raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
+                             "parallel.pipeline_model_parallel_size=1")
+        if not platform.vllm_available():
+            raise ValueError("rollout.backend=vllm needs CUDA and vLLM (pip install -e .[gpu]); use "
+                             "rollout.backend=local on this machine")
+        from megatron_avar.grpo.vllm_backend import VLLMGenerationBackend
+
+        return VLLMGenerationBackend(config.model.hf_path, processor, tensor_parallel_size=layout.tp,
+                                     gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
+                                     max_model_len=config.seq_length, seed=config.rollout.seed,
+                                     enable_sleep_mode=config.rollout.vllm_enable_sleep)
+    group, source = _model_parallel_source()
+    if dist.get_rank() != source:
+        return None
+    from megatron_avar.grpo.local_backend import LocalGenerationBackend
+
+    dtype = torch.bfloat16 if config.train.precision == "bf16" and platform.cuda_available() else torch.float32
+    return LocalGenerationBackend(config.model.hf_path, processor, device=platform.current_device(), dtype=dtype,
+                                  batch_size=config.rollout.batch_size)
+
+
+def _peak_memory_gb() -> float:
+    from megatron_avar import platform
+
+    peak = torch.tensor([float(platform.peak_memory_bytes())], device=platform.current_device())
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 1e9
+
+
+def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, layout) -> dict[str, float]:
+    """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics."""
+    from megatron.core import parallel_state
+
+    timings = {}
+    vllm = config.rollout.backend == "vllm"
+    started = time.monotonic()
+    if vllm:
+        backend.wake_up()  # weights and KV cache back on the GPU (they slept during the last update)
+    _refit(backend, policy)
+    timings["perf/refit_seconds"] = time.monotonic() - started
+
+    started = time.monotonic()
+    rollouts = _generate(backend, prompts, config, step, layout)
+    if vllm:
+        backend.sleep()
+    timings["perf/generate_seconds"] = time.monotonic() - started
+    generated = sum(r.response_length for r in rollouts)
+
+    started = time.monotonic()
+    old = policy.log_probs_with_masses(rollouts)
+    timings["perf/logprob_seconds"] = time.monotonic() - started
+
+    parts = [reward.score(r.response_text, r.ground_truth, float(v)) for r, v in zip(rollouts, old.r_visual)]
+    advantages = group_advantages(torch.tensor([p.total for p in parts], dtype=torch.float64), config.rollout.n,
+                                  mode=config.advantage.mode, eps=config.advantage.eps)
+    stats = rollout_stats(rollouts, parts, old.r_visual, advantages, old.logp)
+
+    started = time.monotonic()
+    updates = config.train.updates_per_step
+    per_update = len(rollouts) // updates  # whole groups: prompts per replica is a multiple of `updates`
+    update_metrics: list[dict[str, float]] = []
+    for k in range(updates):
+        part = slice(k * per_update, (k + 1) * per_update)
+        update_metrics.append(policy.train_step(rollouts[part], old.logp[part][:, :max(
+            r.response_length for r in rollouts[part])], advantages[part]))
+    timings["perf/update_seconds"] = time.monotonic() - started
+
+    metrics = reduce_rollout_stats(stats, group=parallel_state.get_data_parallel_group(),
+                                   device=old.logp.device)
+    for name in update_metrics[0]:
+        values = [m[name] for m in update_metrics]
+        metrics[name] = max(values) if name.endswith("_max") else sum(values) / len(values)
+    generated_total = torch.tensor([float(generated)])
+    dist.all_reduce(generated_total, group=parallel_state.get_data_parallel_group())
+    metrics.update(timings)
+    metrics["perf/generated_tokens_per_second"] = float(generated_total) / max(timings["perf/generate_seconds"], 1e-9)
+    return metrics
+
+
+def run_grpo(config: GRPOConfig) -> dict:
+    """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.grpo.policy import MegatronPolicy
+    from megatron_avar.grpo.prompts import PromptLoader, build_prompt_processor
+    from megatron_avar.grpo.rewards import VisualAnchoredReward
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training import checkpointing
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
+    from megatron_avar.training.metrics import MetricsLogger
+
+    preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
+    parallel = config.parallel
+    layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                              seed=config.train.seed)
+    per_replica = config.train.prompts_per_step // layout.dp
+    if config.train.prompts_per_step % layout.dp or per_replica % config.train.updates_per_step:
+        raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must split evenly over the "
+                         f"{layout.dp} data-parallel replicas and then over train.updates_per_step "
+                         f"({config.train.updates_per_step})")
+    out = Path(config.out)
+    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
+    if layout.is_logging_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+    qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
+    visual_layers = config.reward.layer_indexes(qwen_config.text.num_layers)
+    dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
+                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
+                        distributed_optimizer=parallel.distributed_optimizer)
+    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
+                    distributed_optimizer=parallel.distributed_optimizer)
+    data_config = config.data
+    processor = build_prompt_processor(data_config, data_config.processor_path or config.model.hf_path)
+    if processor.image_token_id != qwen_config.image_token_id:
+        raise ValueError(f"the processor's <|image_pad|> id {processor.image_token_id} is not the model's "
+                         f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
+                           dp_rank=layout.dp_rank, dp_size=layout.dp)
+    policy = MegatronPolicy(model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
+                            seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
+                            pad_token_id=processor.tokenizer.pad_token_id,
+                            role_attention_impl=config.model.role_attention_impl)
+    reward = VisualAnchoredReward(config.reward)
+    start_step = 0
+    if resume_from is not None:
+        state = checkpointing.load_checkpoint(resume_from, model)
+        prompts.load_state_dict(state["data"])
+        start_step = state["step"] + 1
+        if layout.is_logging_rank:
+            print(f"resumed from {resume_from} (step {start_step})", flush=True)
+    backend = _build_backend(config, processor, layout, qwen_config)
+
+    def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
+        from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
+        from megatron_avar.convert.hf_files import copy_side_files
+
+        copy_side_files(Path(config.model.hf_path), path / HF_SIDE_DIR)
+        write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=f"avar grpo {config.out}")
+
+    logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
+                           tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
+                           run_config=config_to_dict(config))
+    history, saved, stopped_by = [], [], None
+    batches = iter(prompts)
+    try:
+        for step in range(start_step, config.train.steps):
+            data_step, prompt_batch = next(batches)
+            if data_step != step:
+                raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
+            started = time.monotonic()
+            metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
+                                layout=layout)
+            metrics["perf/step_seconds"] = time.monotonic() - started
+            metrics["perf/peak_memory_gb"] = _peak_memory_gb()
+            history.append({"step": step, **metrics})
+            if step % config.log.interval == 0 or step == config.train.steps - 1:
+                logger.log(step, metrics)
+            interrupted = preemption.any_rank()
+            last = step == config.train.steps - 1
+            if interrupted or last or (config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0):
+                trainer_state = {"data": prompts.state_dict(), "metrics": history[-1]}
+                saved.append(str(checkpointing.save_checkpoint(out, step, model, trainer_state,
+                                                               keep=config.checkpoint.keep, describe=describe)))
+            if interrupted:
+                stopped_by = preemption.received or "signal on another rank"
+                if layout.is_logging_rank:
+                    print(f"stopping after step {step + 1}: {stopped_by}; checkpoint {saved[-1]}", flush=True)
+                break
+    finally:
+        logger.close()
+        if backend is not None and hasattr(backend, "close"):
+            backend.close()
+    summary = {"steps_run": len(history), "start_step": start_step,
+               "last_step": history[-1]["step"] if history else None, "stopped_by": stopped_by,
+               "checkpoints": saved, "history": history, "layout": dataclasses.asdict(layout),
+               "prompts": prompts.summary()}
+    if layout.is_logging_rank:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    parallel_state.destroy_model_parallel()
+    return summary
