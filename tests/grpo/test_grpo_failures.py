@@ -1,0 +1,86 @@
+"""Failure modes of a GRPO run end in clear errors: a rollout-engine crash fails the step on every rank of the
+model-parallel group (no rank left waiting in a collective), a generated image token is refused before it
+reaches the model, and config mistakes are named with their fix."""
+
+import pytest
+import torch
+
+from megatron_avar.config import load_config
+from megatron_avar.grpo.config import GRPOConfig
+from megatron_avar.grpo.interfaces import Rollout
+from megatron_avar.grpo.rollout_batches import pack_rollouts
+from megatron_avar.roles import TokenRole
+from megatron_avar.testing import run_on_ranks
+
+
+class _CrashingBackend:
+    def generate(self, prompts, n, sampling):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def _generate_with_crashing_backend():
+    from megatron.core import parallel_state
+
+    from megatron_avar.grpo.trainer import RolloutEngineError, _generate
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    layout = init_distributed(2, 1, seed=0)
+    config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused"])
+    prompts = type("Prompts", (), {"prompt_ids": ["p0", "p1"]})()
+    backend = _CrashingBackend() if layout.tp_rank == 0 else None
+    try:
+        _generate(backend, prompts, config, 7, layout)
+    except RolloutEngineError as error:
+        return str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return "no error"
+
+
+@pytest.mark.multiprocess
+def test_a_rollout_engine_crash_fails_every_rank_of_the_group():
+    messages = run_on_ranks(_generate_with_crashing_backend, 2, timeout_s=120)
+    for message in messages:
+        assert "step 7" in message and "illegal memory access" in message and "resume" in message
+
+
+def _rollout(response_ids):
+    prompt = torch.tensor([151644, 8948, 151652, 151655, 151653, 151645])
+    roles = torch.tensor([TokenRole.TEMPLATE, TokenRole.SYSTEM, TokenRole.TEMPLATE, TokenRole.IMAGE,
+                          TokenRole.TEMPLATE, TokenRole.TEMPLATE])
+    response = torch.tensor(response_ids)
+    return Rollout(prompt_id="p", sample_index=0, ground_truth="1", input_ids=torch.cat([prompt, response]),
+                   roles=torch.cat([roles, torch.full_like(response, int(TokenRole.RESPONSE))]),
+                   prompt_length=len(prompt), response_text="", generator_logprobs=torch.zeros(len(response)),
+                   finish_reason="stop", pixel_values=torch.zeros(4, 1176),
+                   image_grid_thw=torch.tensor([[1, 2, 2]]))
+
+
+def test_a_generated_image_token_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"generated 1 <\|image_pad\|> tokens.*forbid vision special tokens"):
+        pack_rollouts([_rollout([11, 151655, 151645])], seq_length=64, pad_token_id=151643, image_token_id=151655,
+                      spatial_merge_size=2)
+    rows = pack_rollouts([_rollout([11, 12, 151645]), _rollout([13, 151645])], seq_length=64, pad_token_id=151643,
+                         image_token_id=151655, spatial_merge_size=2)
+    assert len(rows) == 1 and rows[0].response_lengths == [3, 2]
+
+
+def test_a_rollout_longer_than_the_row_is_refused():
+    with pytest.raises(ValueError, match="raise train.seq_length"):
+        pack_rollouts([_rollout([11] * 20)], seq_length=16, pad_token_id=151643, image_token_id=151655,
+                      spatial_merge_size=2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.kl_coef=0.01", "reference model"),
+    ("rollout.n=1", "rollout.n must be an integer >= 2"),
+    ("rollout.backend=sglang", "allowed local, vllm"),
+    ("train.seq_length=100", "must hold the longest rollout"),
+    ("train.updates_per_step=3", "multiple of train.updates_per_step"),
+    ("loss.aggregation=sequence_sum_norm loss.max_len=100", "set loss.max_len=2048"),
+    ("rollout.temprature=0.5", "temprature"),
+])
+def test_config_mistakes_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(GRPOConfig, None, ["out=/tmp/x", "model.hf_path=/m", "data.path=/d", "train.prompts_per_step=4",
+                                       *override.split()])
