@@ -61,17 +61,18 @@ class MegatronPolicy:
                          image_grid_thw=to(b.image_grid_thw), token_roles=to(b.roles), segment_ids=to(b.segment_ids),
                          mass_sink=sink, role_attention_impl=self.role_attention_impl)
 
-    def _token_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch) -> torch.Tensor:
-        """[1, S] log softmax(logits / T)[next token] from vocab-parallel logits [1, S, V / tp] (0 where the
-        row has no label)."""
+    def _response_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
+        """[rollouts of mb, num_columns] log softmax(logits / T)[next token] at the response tokens, from the
+        vocab-parallel logits [1, S, V / tp] — taken at the labelled positions first, so the softmax runs over
+        response tokens only (not the prompts nor the row's padding tail)."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         from megatron_avar.roles import IGNORE_INDEX
 
         labels = mb.batch.labels.to(logits.device)
-        targets = labels.clamp(min=0)
-        nll = vocab_parallel_cross_entropy(logits.float() / self.temperature, targets)
-        return torch.where(labels != IGNORE_INDEX, -nll, 0.0)
+        labelled = labels != IGNORE_INDEX
+        nll = vocab_parallel_cross_entropy(logits[labelled].float() / self.temperature, labels[labelled])
+        return scatter_response_values(-nll, mb, num_columns)
 
     def _schedule(self, micro_batches, forward_step, *, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -99,7 +100,7 @@ class MegatronPolicy:
             output = self._forward(ddp_model, mb, sink)
 
             def loss_func(logits):
-                values = scatter_response_values(self._token_log_probs(logits, mb), mb, num_columns)
+                values = self._response_log_probs(logits, mb, num_columns)
                 logp[torch.tensor(mb.rollouts, device=device)] = values
                 return values.new_zeros(()), {}
 
@@ -148,7 +149,7 @@ class MegatronPolicy:
 
             def loss_func(logits):
                 nonlocal ratio_max
-                logp_new = scatter_response_values(self._token_log_probs(logits, mb), mb, num_columns)
+                logp_new = self._response_log_probs(logits, mb, num_columns)
                 loss, metrics = policy_loss(logp_new, old_logp[rows].to(device), advantages[rows].to(device),
                                             mask[rows].to(device), self.loss, num_tokens=num_tokens,
                                             num_sequences=num_sequences)

@@ -72,18 +72,15 @@ def pack_rollouts(rollouts: Sequence[Rollout], *, seq_length: int, pad_token_id:
     return out
 
 
-def scatter_response_values(per_position: torch.Tensor, micro_batch: RolloutMicroBatch, num_columns: int
-                            ) -> torch.Tensor:
-    """[len(micro_batch.rollouts), num_columns]: the values of ``per_position`` [1, S] (e.g. next-token
-    log-probs) at the row's labelled positions, laid out as response tokens (row j = the micro-batch's j-th
+def scatter_response_values(values: torch.Tensor, micro_batch: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
+    """[len(micro_batch.rollouts), num_columns]: ``values`` [N_t], one per labelled position of the row in
+    row order (e.g. next-token log-probs), laid out as response tokens (row j = the micro-batch's j-th
     rollout, column t = its t-th response token, 0 beyond its length). Differentiable (index_put)."""
-    labels = micro_batch.batch.labels.to(per_position.device)
-    values = per_position[labels != IGNORE_INDEX]
     lengths = torch.tensor(micro_batch.response_lengths)
-    if values.numel() != int(lengths.sum()):
-        raise RuntimeError(f"{values.numel()} labelled positions for {int(lengths.sum())} response tokens: the "
-                           "packed row and its rollouts disagree")
+    if values.dim() != 1 or values.numel() != int(lengths.sum()):
+        raise RuntimeError(f"{tuple(values.shape)} values for {int(lengths.sum())} response tokens: the packed row "
+                           "and its rollouts disagree")
     rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
     cols = torch.cat([torch.arange(int(n)) for n in lengths])
-    out = per_position.new_zeros(len(lengths), num_columns)
+    out = values.new_zeros(len(lengths), num_columns)
     return out.index_put((rows.to(out.device), cols.to(out.device)), values)
