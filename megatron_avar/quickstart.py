@@ -7,8 +7,9 @@
     baseline  avar sft ... alpha=beta=0   the same run without the attention terms
     export    avar convert mcore-to-hf    both trained models as HF checkpoints
     vas       avar vas + vas compare      VAS after training, base vs AVAR vs baseline
+    grpo      avar grpo (torchrun, TP=2)  GRPO with the visual reward from the AVAR SFT model, local rollouts
 Writes <out>/summary.json: vas_before, vas_after, vas_after_baseline, final_lm_loss, final_lm_loss_baseline,
-hf_export_dir, the AVAR metrics of both runs and the time of each stage.
+hf_export_dir, the AVAR metrics of both runs, the GRPO reward curve (grpo) and the time of each stage.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ __all__ = ["register", "run_quickstart"]
 
 MARKER = "quickstart.json"
 SFT_CONFIG = Path("examples/sft/quickstart.yaml")
+GRPO_CONFIG = Path("examples/grpo/tiny.yaml")
+GRPO_CURVE = ("reward/total", "reward/accuracy", "reward/format", "vas/rollouts", "response/length_mean",
+              "logprob/generator_max_abs_diff")
 
 
 def register(subparsers) -> None:
@@ -66,7 +70,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     from megatron_avar.data.procedural import ProceduralConfig, write_dataset
     from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
 
-    if not SFT_CONFIG.is_file():
+    if not SFT_CONFIG.is_file() or not GRPO_CONFIG.is_file():
         raise ValueError(f"{SFT_CONFIG} not found: run `avar quickstart` from the repository root")
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
@@ -109,6 +113,16 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     stage("vas_compare", lambda: _avar("vas", "compare", *(str(out / f"vas-{n}") for n in
                                                            ("base", "avar-sft", "plain-sft")),
                                        "--out", str(out / "vas-compare")))
+
+    def grpo() -> list[dict]:
+        run = out / "grpo"
+        tp = "2" if nproc % 2 == 0 else "1"
+        _avar("grpo", "--config", str(GRPO_CONFIG), f"out={run}", f"model.hf_path={out / 'sft-hf'}",
+              f"data.path={data}", f"parallel.tensor_model_parallel_size={tp}", "train.steps=2", nproc=nproc)
+        return [{"step": h["step"], **{k: h[k] for k in GRPO_CURVE}}
+                for h in json.loads((run / "summary.json").read_text())["history"]]
+
+    grpo_curve = stage("grpo", grpo)
     picked = ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas", "avar/image_share")
     summary = {
         "vas_before": reports["base"]["vas"], "vas_after": reports["avar"]["vas"],
@@ -118,6 +132,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
         "image_share": {name: report["image_share"] for name, report in reports.items()},
         "training": {name: {"steps": len(h), "first": {k: h[0].get(k) for k in picked},
                             "last": {k: h[-1].get(k) for k in picked}} for name, h in histories.items()},
+        "grpo": grpo_curve,
         "seconds": seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -125,5 +140,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
           f"  VAS on held-out samples: {summary['vas_before']:.3f} (base) -> {summary['vas_after']:.3f} (AVAR SFT) "
           f"vs {summary['vas_after_baseline']:.3f} (plain SFT)\n"
           f"  final LM loss: {summary['final_lm_loss']:.3f} (AVAR SFT), {summary['final_lm_loss_baseline']:.3f} "
-          f"(plain SFT)", flush=True)
+          f"(plain SFT)\n"
+          f"  GRPO: reward {[round(h['reward/total'], 3) for h in grpo_curve]}, r_visual of the rollouts "
+          f"{[round(h['vas/rollouts'], 3) for h in grpo_curve]}", flush=True)
     return 0

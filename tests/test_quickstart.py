@@ -27,6 +27,9 @@ def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path):
     assert summary["vas_after"] > summary["vas_after_baseline"]
     assert (Path(summary["hf_export_dir"]) / "config.json").is_file()
     assert (out / "vas-compare" / "compare.md").is_file()
+    # GRPO from the AVAR SFT model: two steps logged with their reward parts and the rollouts' r_visual.
+    assert [h["step"] for h in summary["grpo"]] == [0, 1]
+    assert all(h["vas/rollouts"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in summary["grpo"])
     # A second quickstart refuses to clobber the run without --overwrite.
     again = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
