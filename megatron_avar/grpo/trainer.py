@@ -121,7 +121,7 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
     from megatron.core import parallel_state
 
     timings = {}
-    vllm = config.rollout.backend == "vllm"
+    vllm = config.rollout.backend == "vllm" and config.rollout.vllm_enable_sleep  # asleep between rollouts
     started = time.monotonic()
     if vllm:
         backend.wake_up()  # weights and KV cache back on the GPU (they slept during the last update)
