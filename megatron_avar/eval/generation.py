@@ -111,8 +111,9 @@ class HFGenerator:
         self.stop_ids.discard(None)
         self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
         # A fresh generation config, so that the checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships
-        # do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05) cannot change the decoding we report.
-        sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None) \
+        # do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05) cannot change the decoding we report. Sampling
+        # fields are given explicitly (top_k 0 = off): transformers fills fields left None from the checkpoint's.
+        sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k) \
             if config.do_sample else dict(temperature=None, top_p=None, top_k=None)
         self.generation_config = GenerationConfig_(
             max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, repetition_penalty=1.0,
