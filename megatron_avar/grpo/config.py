@@ -112,7 +112,8 @@ class GRPOTrainConfig:
 @dataclass(frozen=True)
 class GRPOConfig:
     """out: the run directory (resolved config, metrics, TensorBoard, checkpoints under <out>/checkpoints).
-    model.hf_path: the HF checkpoint the actor starts from (an exported AVAR SFT checkpoint)."""
+    model.hf_path: the HF checkpoint the actor starts from (an exported AVAR SFT checkpoint); with
+    loss.kl_coef > 0 it is also the frozen reference policy (a second copy of the weights, no optimizer)."""
 
     out: str
     model: ModelConfig
@@ -128,9 +129,6 @@ class GRPOConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        if self.loss.kl_coef > 0:
-            raise ValueError("loss.kl_coef > 0 needs a frozen reference model, which `avar grpo` does not build "
-                             "(the paper trains without a KL term); set loss.kl_coef=0")
         if self.loss.aggregation == "sequence_sum_norm" and self.loss.max_len != self.rollout.max_new_tokens:
             raise ValueError(f"loss.aggregation=sequence_sum_norm normalises by the response budget: set "
                              f"loss.max_len={self.rollout.max_new_tokens} (rollout.max_new_tokens)")

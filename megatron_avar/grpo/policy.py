@@ -122,8 +122,10 @@ class MegatronPolicy:
             dist.broadcast(logp, src=last, group=parallel_state.get_pipeline_model_parallel_group())
         return PolicyLogProbs(logp=logp.cpu(), r_visual=r_visual.cpu())
 
-    def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor
-                   ) -> dict[str, float]:
+    def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor,
+                   ref_logp: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step (module docstring). ref_logp [N, T]: the frozen reference policy's log-probs of
+        the same tokens, needed when ``loss.kl_coef > 0`` (then ``loss/kl_ref`` is reported)."""
         from megatron.core import parallel_state
 
         micro_batches = self._pack(rollouts)
@@ -132,6 +134,10 @@ class MegatronPolicy:
         if old_logp.shape != mask.shape or advantages.shape != (len(rollouts),):
             raise ValueError(f"old_logp {tuple(old_logp.shape)} must be {tuple(mask.shape)} and advantages "
                              f"{tuple(advantages.shape)} must be ({len(rollouts)},)")
+        if (ref_logp is None) != (self.loss.kl_coef == 0) or (ref_logp is not None and ref_logp.shape != mask.shape):
+            raise ValueError(f"ref_logp {None if ref_logp is None else tuple(ref_logp.shape)}: pass the reference "
+                             f"log-probs [{', '.join(map(str, mask.shape))}] exactly when loss.kl_coef > 0")
+        names = LOSS_METRICS + (("kl_ref",) if ref_logp is not None else ())
         device = self._device
         dp_group = parallel_state.get_data_parallel_group()
         counts = torch.tensor([float(mask.sum()), float(len(rollouts))], device=device)
@@ -139,7 +145,7 @@ class MegatronPolicy:
         num_tokens, num_sequences = int(counts[0]), int(counts[1])
         dp = parallel_state.get_data_parallel_world_size()
         scale = len(micro_batches) * dp  # undo megatron's 1/num_microbatches and DDP's 1/dp
-        sums = torch.zeros(len(LOSS_METRICS) + 1, dtype=torch.float64)
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
         ratio_max = torch.tensor(0.0)
 
         def forward_step(data_iterator, ddp_model):
@@ -152,12 +158,13 @@ class MegatronPolicy:
                 logp_new = self._response_log_probs(logits, mb, num_columns)
                 loss, metrics = policy_loss(logp_new, old_logp[rows].to(device), advantages[rows].to(device),
                                             mask[rows].to(device), self.loss, num_tokens=num_tokens,
-                                            num_sequences=num_sequences)
+                                            num_sequences=num_sequences,
+                                            logp_ref=None if ref_logp is None else ref_logp[rows].to(device))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite policy loss for rollouts "
                                              f"{[f'{rollouts[i].prompt_id}/{rollouts[i].sample_index}' for i in mb.rollouts]}")
                 tokens = float(metrics["num_tokens"])
-                for k, name in enumerate(LOSS_METRICS):
+                for k, name in enumerate(names):
                     sums[k] += float(metrics[name]) * tokens
                 sums[-1] += float(loss.detach())  # already normalised by the global counts: shares add up
                 ratio_max = torch.maximum(ratio_max, metrics["ratio_max"].cpu())
@@ -180,8 +187,8 @@ class MegatronPolicy:
         dist.all_reduce(packed[:-1])
         dist.all_reduce(packed[-1:], op=dist.ReduceOp.MAX)
         packed = packed.cpu()
-        metrics = {f"loss/{name}": float(packed[k]) / num_tokens for k, name in enumerate(LOSS_METRICS)}
-        metrics.update({"loss/policy": float(packed[len(LOSS_METRICS)]), "loss/ratio_max": float(packed[-1]),
+        metrics = {f"loss/{name}": float(packed[k]) / num_tokens for k, name in enumerate(names)}
+        metrics.update({"loss/policy": float(packed[len(names)]), "loss/ratio_max": float(packed[-1]),
                         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "optim/lr": self.model.optimizer.param_groups[0]["lr"],
                         "data/response_tokens": float(num_tokens)})

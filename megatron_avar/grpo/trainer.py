@@ -5,6 +5,7 @@ One step, on every data-parallel replica for its share of the step's prompts:
     refit       policy.named_weights() ──> backend.update_weights        (in memory, HF names)
     generate    backend.generate(prompts, n, sampling)                   rollouts, grouped by prompt
     old logp    policy.log_probs_with_masses(rollouts)                   log-probs + r_visual, ONE forward
+    (ref logp   reference.log_probs_with_masses(rollouts)                only with loss.kl_coef > 0)
     reward      reward.score(response, truth, r_visual) ──> group_advantages
     update      policy.train_step(...)  × train.updates_per_step         (each on an equal share of groups)
 
@@ -116,8 +117,10 @@ def _peak_memory_gb() -> float:
     return peak.item() / 1e9
 
 
-def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, layout) -> dict[str, float]:
-    """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics."""
+def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, layout,
+              reference=None) -> dict[str, float]:
+    """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics.
+    reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
     from megatron.core import parallel_state
 
     timings = {}
@@ -138,6 +141,11 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
     started = time.monotonic()
     old = policy.log_probs_with_masses(rollouts)
     timings["perf/logprob_seconds"] = time.monotonic() - started
+    ref_logp = None
+    if reference is not None:
+        started = time.monotonic()
+        ref_logp = reference.log_probs_with_masses(rollouts).logp
+        timings["perf/reference_logprob_seconds"] = time.monotonic() - started
 
     parts = [reward.score(r.response_text, r.ground_truth, float(v)) for r, v in zip(rollouts, old.r_visual)]
     advantages = group_advantages(torch.tensor([p.total for p in parts], dtype=torch.float64), config.rollout.n,
@@ -150,8 +158,10 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
     update_metrics: list[dict[str, float]] = []
     for k in range(updates):
         part = slice(k * per_update, (k + 1) * per_update)
-        update_metrics.append(policy.train_step(rollouts[part], old.logp[part][:, :max(
-            r.response_length for r in rollouts[part])], advantages[part]))
+        width = max(r.response_length for r in rollouts[part])
+        update_metrics.append(policy.train_step(
+            rollouts[part], old.logp[part][:, :width], advantages[part],
+            ref_logp=None if ref_logp is None else ref_logp[part][:, :width]))
     timings["perf/update_seconds"] = time.monotonic() - started
 
     metrics = reduce_rollout_stats(stats, group=parallel_state.get_data_parallel_group(),
@@ -214,6 +224,15 @@ def run_grpo(config: GRPOConfig) -> dict:
                             pad_token_id=processor.tokenizer.pad_token_id,
                             role_attention_impl=config.model.role_attention_impl)
     reward = VisualAnchoredReward(config.reward)
+    reference = None
+    if config.loss.kl_coef > 0:  # the starting weights, frozen (also after a resume: always from model.hf_path)
+        reference_model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute="none",
+                                      role_mass_layers=visual_layers, hf_path=config.model.hf_path,
+                                      distributed_optimizer=False)
+        reference = MegatronPolicy(
+            reference_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
+            seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
+            pad_token_id=processor.tokenizer.pad_token_id, role_attention_impl=config.model.role_attention_impl)
     start_step = 0
     if resume_from is not None:
         state = checkpointing.load_checkpoint(resume_from, model)
@@ -242,7 +261,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                 raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
             started = time.monotonic()
             metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
-                                layout=layout)
+                                layout=layout, reference=reference)
             metrics["perf/step_seconds"] = time.monotonic() - started
             metrics["perf/peak_memory_gb"] = _peak_memory_gb()
             history.append({"step": step, **metrics})

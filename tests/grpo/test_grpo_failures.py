@@ -72,7 +72,6 @@ def test_a_rollout_longer_than_the_row_is_refused():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.kl_coef=0.01", "reference model"),
     ("rollout.n=1", "rollout.n must be an integer >= 2"),
     ("rollout.backend=sglang", "allowed local, vllm"),
     ("train.seq_length=100", "must hold the longest rollout"),

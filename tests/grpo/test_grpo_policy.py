@@ -88,6 +88,51 @@ def _policy_runs(hf_path, data_path, layouts):
     return results
 
 
+def _kl_update(hf_path, data_path):
+    """One update with a KL term to a given reference: the metrics, the old and the reference log-probs."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.grpo.loss import PolicyLossConfig
+    from megatron_avar.grpo.policy import MegatronPolicy
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.sft.config import OptimConfig
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
+
+    rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=2)
+    init_distributed(1, 1, seed=1)
+    qwen_config = Qwen25VLConfig.from_hf(hf_path)
+    layers = tuple(range(qwen_config.text.num_layers))
+    model = build_model(qwen_config, tp=1, pp=1, dtype=torch.float32, recompute="none", role_mass_layers=layers,
+                        hf_path=hf_path, distributed_optimizer=False)
+    build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32, distributed_optimizer=False)
+    policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
+                            temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
+    old = policy.log_probs_with_masses(rollouts)
+    ref = old.logp + 0.3 * torch.cos(torch.arange(old.logp.shape[1], dtype=torch.float32))[None, :]
+    advantages = torch.linspace(-1.0, 1.0, len(rollouts))
+    with pytest.raises(ValueError, match="exactly when loss.kl_coef > 0"):
+        policy.train_step(rollouts, old.logp, advantages)
+    metrics = policy.train_step(rollouts, old.logp, advantages, ref_logp=ref)
+    parallel_state.destroy_model_parallel()
+    return {"metrics": metrics, "old": old.logp, "ref": ref, "advantages": advantages,
+            "lengths": [r.response_length for r in rollouts]}
+
+
+def test_the_kl_term_to_a_reference_policy(sft_inputs):
+    """The policy is the one that produced ``old`` (ratio 1), so the reported KL is the k3 estimate between old
+    and reference log-probs, and the token-mean loss is the policy-gradient mean plus kl_coef times it."""
+    from megatron_avar.grpo.loss import k3_kl
+
+    out = run_on_ranks(_kl_update, 1, sft_inputs["hf_path"], sft_inputs["data_path"], timeout_s=300)[0]
+    mask = torch.arange(out["old"].shape[1])[None, :] < torch.tensor(out["lengths"])[:, None]
+    expected_kl = k3_kl(out["old"], out["ref"])[mask].double().mean()
+    expected_pg = -(out["advantages"][:, None].expand_as(mask)[mask]).double().mean()
+    metrics = out["metrics"]
+    assert metrics["loss/kl_ref"] == pytest.approx(float(expected_kl), rel=1e-5)
+    assert metrics["loss/pg_loss"] == pytest.approx(float(expected_pg), rel=1e-5, abs=1e-7)
+    assert metrics["loss/policy"] == pytest.approx(float(expected_pg + 0.1 * expected_kl), rel=1e-5, abs=1e-7)
+
+
 def _hf_reference(hf_path, rollouts):
     """Per rollout: response log-probs at TEMPERATURE and r_visual from eager attention probabilities."""
     from transformers import Qwen2_5_VLForConditionalGeneration

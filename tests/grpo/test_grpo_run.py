@@ -70,6 +70,16 @@ def test_run_completes_logs_and_checkpoints(runs):
     assert (checkpoints / "latest").read_text().strip() == f"step_{STEPS - 1:08d}"
 
 
+def test_kl_to_the_frozen_reference(sft_inputs, tmp_path):
+    """loss.kl_coef > 0: the reference is the starting model, so the KL is 0 at the first step and grows once
+    the policy has moved."""
+    summary = _run(grpo_overrides(sft_inputs, tmp_path / "kl", **{"loss.kl_coef": 0.05, "train.steps": 2,
+                                                                   "optim.lr": 1e-3, "checkpoint.interval": 0}))
+    first, second = summary["history"]
+    assert first["loss/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert second["loss/kl_ref"] > 1e-6 and second["perf/reference_logprob_seconds"] > 0
+
+
 def _assert_same_steps(ours_history, reference_history):
     for ours, reference in zip(ours_history, reference_history, strict=True):
         assert ours["step"] == reference["step"]
