@@ -45,7 +45,7 @@ def _model_parallel_source():
     return group, dist.get_process_group_ranks(group)[0]
 
 
-def _generate(backend, prompts, config: GRPOConfig, step: int, layout):
+def _generate(backend, prompts, config: GRPOConfig, step: int):
     """This replica's rollouts on every rank of its model-parallel group (see the module docstring)."""
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
@@ -82,7 +82,7 @@ def _refit(backend, policy) -> None:
     backend.update_weights(policy.named_weights())
 
 
-def _build_backend(config: GRPOConfig, processor, layout, qwen_config):
+def _build_backend(config: GRPOConfig, processor, layout):
     """The generation backend of this rank (None on ranks that do not generate)."""
     from megatron_avar import platform
 
@@ -99,7 +99,7 @@ def _build_backend(config: GRPOConfig, processor, layout, qwen_config):
                                      gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
                                      max_model_len=config.seq_length, seed=config.rollout.seed,
                                      enable_sleep_mode=config.rollout.vllm_enable_sleep)
-    group, source = _model_parallel_source()
+    _, source = _model_parallel_source()
     if dist.get_rank() != source:
         return None
     from megatron_avar.grpo.local_backend import LocalGenerationBackend
@@ -117,11 +117,12 @@ def _peak_memory_gb() -> float:
     return peak.item() / 1e9
 
 
-def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, layout,
-              reference=None) -> dict[str, float]:
+def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, reference=None) -> dict[str, float]:
     """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics.
     reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
     from megatron.core import parallel_state
+
+    from megatron_avar import platform
 
     timings = {}
     vllm = config.rollout.backend == "vllm" and config.rollout.vllm_enable_sleep  # asleep between rollouts
@@ -132,7 +133,7 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
     timings["perf/refit_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    rollouts = _generate(backend, prompts, config, step, layout)
+    rollouts = _generate(backend, prompts, config, step)
     if vllm:
         backend.sleep()
     timings["perf/generate_seconds"] = time.monotonic() - started
@@ -164,12 +165,12 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
             ref_logp=None if ref_logp is None else ref_logp[part][:, :width]))
     timings["perf/update_seconds"] = time.monotonic() - started
 
-    metrics = reduce_rollout_stats(stats, group=parallel_state.get_data_parallel_group(),
-                                   device=old.logp.device)
+    device = platform.current_device()  # collectives on the backend's device (NCCL: the GPU)
+    metrics = reduce_rollout_stats(stats, group=parallel_state.get_data_parallel_group(), device=device)
     for name in update_metrics[0]:
         values = [m[name] for m in update_metrics]
         metrics[name] = max(values) if name.endswith("_max") else sum(values) / len(values)
-    generated_total = torch.tensor([float(generated)])
+    generated_total = torch.tensor([float(generated)], device=device)
     dist.all_reduce(generated_total, group=parallel_state.get_data_parallel_group())
     metrics.update(timings)
     metrics["perf/generated_tokens_per_second"] = float(generated_total) / max(timings["perf/generate_seconds"], 1e-9)
@@ -240,7 +241,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
-    backend = _build_backend(config, processor, layout, qwen_config)
+    backend = _build_backend(config, processor, layout)
 
     def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
         from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
@@ -261,7 +262,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                 raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
             started = time.monotonic()
             metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
-                                layout=layout, reference=reference)
+                                reference=reference)
             metrics["perf/step_seconds"] = time.monotonic() - started
             metrics["perf/peak_memory_gb"] = _peak_memory_gb()
             history.append({"step": step, **metrics})

@@ -29,7 +29,7 @@ def _generate_with_crashing_backend():
     prompts = type("Prompts", (), {"prompt_ids": ["p0", "p1"]})()
     backend = _CrashingBackend() if layout.tp_rank == 0 else None
     try:
-        _generate(backend, prompts, config, 7, layout)
+        _generate(backend, prompts, config, 7)
     except RolloutEngineError as error:
         return str(error)
     finally:
