@@ -136,7 +136,7 @@ def measure(backend, shapes, repeats: int):
     backend.sleep()  # room for the baseline's destination tensors
     destinations = [torch.empty_like(t) for _, t in tensors]
     baseline = timed(lambda: [d.copy_(t) for d, (_, t) in zip(destinations, tensors)], repeats)
-    del destinations
+    destinations.clear()  # free the copies before vLLM wakes up
     backend.wake_up()
     return rows, baseline, tensors, num_bytes
 

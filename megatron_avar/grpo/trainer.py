@@ -208,11 +208,6 @@ def run_grpo(config: GRPOConfig) -> dict:
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     visual_layers = config.reward.layer_indexes(qwen_config.text.num_layers)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
-    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
-                        distributed_optimizer=parallel.distributed_optimizer)
-    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
-                    distributed_optimizer=parallel.distributed_optimizer)
     data_config = config.data
     processor = build_prompt_processor(data_config, data_config.processor_path or config.model.hf_path)
     if processor.image_token_id != qwen_config.image_token_id:
@@ -220,6 +215,15 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
                            dp_rank=layout.dp_rank, dp_size=layout.dp)
+    # vLLM first: it needs its share of GPU memory free when it starts; it then sleeps until the first step.
+    backend = _build_backend(config, processor, layout)
+    if config.rollout.backend == "vllm" and config.rollout.vllm_enable_sleep:
+        backend.sleep()
+    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
+                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
+                        distributed_optimizer=parallel.distributed_optimizer)
+    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
+                    distributed_optimizer=parallel.distributed_optimizer)
     policy = MegatronPolicy(model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
                             seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
                             pad_token_id=processor.tokenizer.pad_token_id,
@@ -241,7 +245,6 @@ def run_grpo(config: GRPOConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
-    backend = _build_backend(config, processor, layout)
 
     def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
         from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info

@@ -6,7 +6,8 @@ UNTESTED HERE: vLLM is a GPU-only extra (ENVIRONMENT.md). Every vLLM name used b
 0.33.0 wheel's own source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
 ``vllm/v1/executor/uniproc_executor.py``, ``vllm/v1/worker/gpu_worker.py``,
 ``vllm/model_executor/models/qwen2_5_vl.py``, ``vllm/multimodal/processing/processor.py``); the GPU tests in
-``tests/grpo/test_vllm_backend.py`` check the behaviour. Pure helpers (no vLLM import) are tested on the CPU.
+``tests/grpo/test_vllm_backend.py`` check the behaviour. The request building and output decoding live in
+``grpo.vllm_requests`` (pure, no vLLM import) and are tested on the CPU.
 
 Colocation. Under torchrun the engine is built with ``distributed_executor_backend="external_launcher"``: one
 vLLM worker inside each trainer process, on ``cuda:LOCAL_RANK``, reusing the trainer's default process group;
@@ -50,241 +51,18 @@ import gc
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable
 
-import numpy as np
 import torch
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.grpo.local_backend import END_OF_TURN, SUPPRESSED_TOKENS, sample_seed
-from megatron_avar.roles import TokenRole
+from megatron_avar.grpo.vllm_requests import (MAX_IMAGES_PER_PROMPT, RESUME_HINT, RefitStats, load_weights_on_worker,
+                                              assemble_rollout, checked_hf_names, collapse_image_pads, engine_kwargs,
+                                              images_from_pixel_values, sampled_token_logprobs,
+                                              sampling_request_kwargs)
 
-__all__ = ["VLLMGenerationBackend", "RefitStats", "engine_kwargs", "sampling_request_kwargs",
-           "collapse_image_pads", "images_from_pixel_values", "sampled_token_logprobs", "assemble_rollout",
-           "checked_hf_names", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT"]
-
-LOGPROBS_MODE = "processed_logprobs"
-MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
-DTYPES = ("bfloat16", "float16", "float32")
-VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
-VLLM_GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (its _SAMPLING_EPS)
-HF_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
-RESUME_HINT = "the run resumes from the last checkpoint (restart the job)"
-
-
-def engine_kwargs(*, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int, seed: int,
-                  enable_sleep_mode: bool, dtype: str, min_pixels: int, max_pixels: int, world_size: int,
-                  distributed_initialized: bool) -> dict:
-    """Keyword arguments of ``vllm.LLM`` (all names are vLLM 0.33 ``EngineArgs`` fields).
-
-    world_size / distributed_initialized: the launcher's WORLD_SIZE and whether torch.distributed is set up.
-    Any multi-process job (or an initialised process group) uses ``external_launcher``: ``world_size`` must
-    divide by ``tensor_parallel_size`` and the trainer's process group must exist first (vLLM would otherwise
-    create a world of only tensor_parallel_size ranks). A single process uses the in-process "uni" executor.
-    """
-    if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-    if max_model_len < 1:
-        raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if world_size > 1 or distributed_initialized:
-        if world_size % tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} must divide the world size {world_size} "
-                             "(vLLM groups consecutive ranks into tensor-parallel engines)")
-        if not distributed_initialized:
-            raise ValueError("build the vLLM backend after torch.distributed.init_process_group (the trainer's "
-                             "process group): vLLM's external_launcher reuses it")
-        executor = "external_launcher"
-    else:
-        if tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} needs one process per GPU: launch with "
-                             "torchrun (the backend is colocated with the trainer's ranks)")
-        executor = "uni"
-    return dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode, dtype=dtype,
-                distributed_executor_backend=executor, logprobs_mode=LOGPROBS_MODE, enable_prefix_caching=True,
-                limit_mm_per_prompt={"image": MAX_IMAGES_PER_PROMPT, "video": 0},
-                mm_processor_kwargs={"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)},
-                # normalise on the CPU in float32 like the trainer's processor (vLLM's default defers it to the GPU)
-                mm_device_do_normalize=False)
-
-
-def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_ids: Sequence[int],
-                            suppressed_token_ids: Sequence[int]) -> dict:
-    """Keyword arguments of ``vllm.SamplingParams`` for ONE sample (n=1) seeded with ``seed``.
-
-    logprobs=0: only the sampled token's log-prob (module docstring for its meaning). logit_bias -inf on the
-    suppressed vision tokens: they can never be sampled. stop_token_ids: end of turn / eos; the stop token is
-    part of ``token_ids``. detokenize=False: the response text is decoded here with special tokens kept.
-    Refuses what vLLM cannot sample with the trainer's log-prob convention (top-p/top-k) or at all (T > 2).
-    """
-    if sampling.top_p < 1.0 or sampling.top_k > 0:
-        raise ValueError(f"the vLLM backend samples with top_p=1 and top_k=0 only (got top_p={sampling.top_p}, "
-                         f"top_k={sampling.top_k}): vLLM 0.33 returns log-probs after top-p/top-k truncation, not "
-                         "the log_softmax(logits / T) the trainer's ratio uses; set sampling.top_p=1 top_k=0 or use "
-                         "the local backend")
-    if not VLLM_GREEDY_BELOW <= sampling.temperature <= VLLM_MAX_TEMPERATURE:
-        raise ValueError(f"sampling.temperature must be in [{VLLM_GREEDY_BELOW}, {VLLM_MAX_TEMPERATURE}] for vLLM "
-                         f"(below it samples greedily, above it refuses), got {sampling.temperature}")
-    return dict(n=1, temperature=float(sampling.temperature), top_p=1.0, top_k=0, min_p=0.0,
-                repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=int(seed),
-                max_tokens=int(sampling.max_new_tokens), stop_token_ids=sorted(int(i) for i in stop_token_ids),
-                logprobs=0, logit_bias={int(i): float("-inf") for i in suppressed_token_ids},
-                skip_special_tokens=False, detokenize=False)
-
-
-def collapse_image_pads(input_ids: Sequence[int], image_token_id: int, image_grid_thw: torch.Tensor | None,
-                        merge_size: int) -> list[int]:
-    """``input_ids`` with each run of image pads replaced by ONE pad (what vLLM expands back).
-
-    Raises ValueError unless there is one run per image whose length is prod(image_grid_thw[k]) // merge_size**2.
-    """
-    ids = [int(i) for i in input_ids]
-    runs: list[tuple[int, int]] = []  # (start, length)
-    for pos, token in enumerate(ids):
-        if token == image_token_id:
-            if runs and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((pos, 1))
-    expected = [] if image_grid_thw is None else [int(torch.prod(g)) // merge_size ** 2 for g in image_grid_thw]
-    if [length for _, length in runs] != expected:
-        raise ValueError(f"image pad runs of lengths {[length for _, length in runs]} do not match image_grid_thw "
-                         f"(expected {expected}): the prompt's ids and images disagree")
-    out, cursor = [], 0
-    for start, length in runs:
-        out += ids[cursor:start + 1]
-        cursor = start + length
-    return out + ids[cursor:]
-
-
-def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *, image_mean, image_std,
-                             rescale_factor: float, patch_size: int, temporal_patch_size: int,
-                             merge_size: int) -> list[np.ndarray]:
-    """The uint8 RGB images [H, W, 3] (H = 14·grid_h, W = 14·grid_w) whose Qwen2-VL preprocessing is
-    ``pixel_values`` [num_patches, 3·T·14·14] (float32), inverting the processor's rescale, normalisation and
-    patch layout (patches ordered (h/m, w/m, m, m), each flattened as (C, T, P, P), T copies of the frame).
-
-    Raises ValueError when the values are not those of a uint8 image (e.g. cast to bf16 on the way), since a
-    rounded reconstruction would give vLLM different pixels from the trainer's.
-    """
-    mean = torch.tensor(image_mean, dtype=torch.float64).view(-1, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float64).view(-1, 1, 1)
-    channels = mean.shape[0]
-    grids = image_grid_thw.view(-1, 3).tolist()
-    if sum(t * h * w for t, h, w in grids) != pixel_values.shape[0]:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw accounts for "
-                         f"{sum(t * h * w for t, h, w in grids)}")
-    images, offset = [], 0
-    for t, h, w in grids:
-        if t != 1 or h % merge_size or w % merge_size:
-            raise ValueError(f"image grid {(t, h, w)} is not a single image with sides divisible by {merge_size}")
-        patches = pixel_values[offset:offset + h * w].to(torch.float64)
-        offset += h * w
-        patches = patches.reshape(h // merge_size, w // merge_size, merge_size, merge_size, channels,
-                                  temporal_patch_size, patch_size, patch_size)[:, :, :, :, :, 0]
-        image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch_size, w * patch_size)
-        levels = (image * std + mean) / rescale_factor
-        rounded = levels.round().clamp(0, 255)
-        worst = float((levels - rounded).abs().max())
-        if worst > 0.05:
-            raise ValueError(f"pixel_values are {worst:.2f} grey levels away from a uint8 image: pass the processor's "
-                             "float32 pixel values unchanged (not cast to bf16/fp16)")
-        images.append(rounded.to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
-    return images
-
-
-def sampled_token_logprobs(token_ids: Sequence[int], logprobs: Sequence) -> torch.Tensor:
-    """float32 [len(token_ids)]: the log-prob of each generated token, from vLLM's per-position
-    ``{token_id: Logprob}`` dicts (``CompletionOutput.logprobs`` with ``SamplingParams(logprobs=0)``)."""
-    if logprobs is None or len(logprobs) != len(token_ids):
-        raise RuntimeError(f"vLLM returned {0 if logprobs is None else len(logprobs)} log-prob positions for "
-                           f"{len(token_ids)} tokens (was SamplingParams.logprobs set?)")
-    values = []
-    for pos, (token, position) in enumerate(zip(token_ids, logprobs)):
-        entry = position.get(int(token)) if position is not None else None
-        if entry is None:
-            raise RuntimeError(f"vLLM's log-probs at position {pos} do not include the sampled token {token}")
-        values.append(float(entry.logprob))
-    return torch.tensor(values, dtype=torch.float32)
-
-
-def assemble_rollout(prompts: PromptBatch, p: int, sample_index: int, response_ids: Sequence[int],
-                     logprobs: torch.Tensor, finish_reason: str, *, stop_token_ids: Sequence[int],
-                     suppressed: dict[int, str], decode: Callable[[list[int]], str]) -> Rollout:
-    """One :class:`Rollout` of prompt ``p``: prompt ids + response ids, roles (prompt roles, then RESPONSE),
-    ``response_text`` = ``decode`` of the response without its final stop token. Raises ValueError if a
-    suppressed vision token was generated, RuntimeError for an engine finish reason other than stop/length."""
-    prompt_id = prompts.prompt_ids[p]
-    response = torch.tensor([int(t) for t in response_ids], dtype=torch.long)
-    found = sorted({name for token_id, name in suppressed.items() if bool((response == token_id).any())})
-    if found:
-        raise ValueError(f"prompt {prompt_id} sample {sample_index}: the response contains {found}, which would "
-                         "break the trainer's image token/feature accounting; vLLM's logit_bias should have "
-                         "forbidden them")
-    if finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"prompt {prompt_id} sample {sample_index}: vLLM finished with {finish_reason!r}")
-    ends_with_stop = response.numel() > 0 and int(response[-1]) in set(stop_token_ids)
-    if finish_reason == "stop" and not ends_with_stop:
-        raise RuntimeError(f"prompt {prompt_id} sample {sample_index}: finish_reason 'stop' without a stop token")
-    text_ids = response[:-1] if finish_reason == "stop" else response
-    prompt_ids = prompts.input_ids[p].to(torch.long).cpu()
-    roles = torch.cat([prompts.roles[p].to(torch.long).cpu(),
-                       torch.full((response.numel(),), int(TokenRole.RESPONSE), dtype=torch.long)])
-    return Rollout(prompt_id=prompt_id, sample_index=sample_index, ground_truth=prompts.ground_truths[p],
-                   input_ids=torch.cat([prompt_ids, response]), roles=roles, prompt_length=int(prompt_ids.numel()),
-                   response_text=decode(text_ids.tolist()), generator_logprobs=logprobs.to(torch.float32),
-                   finish_reason=finish_reason, pixel_values=prompts.pixel_values[p],
-                   image_grid_thw=prompts.image_grid_thw[p], metadata={})
-
-
-@dataclasses.dataclass
-class RefitStats:
-    """One :meth:`VLLMGenerationBackend.update_weights`: tensors and bytes handed over (Σ numel · element
-    size, in the trainer's dtype), seconds (wake of the weights + load, synchronised), vLLM parameters loaded."""
-
-    num_tensors: int = 0
-    num_bytes: int = 0
-    seconds: float = 0.0
-    num_params_loaded: int = 0
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("nan")
-
-
-def checked_hf_names(named_tensors: Iterable[tuple[str, torch.Tensor]], stats: RefitStats
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer's (name, tensor) pairs in transformers-5 HF names (``hf_mapping.canonical_hf_name``: vLLM's
-    Qwen2.5-VL ``hf_to_vllm_mapper`` maps both layouts, this fixes one), counted into ``stats``. Raises
-    ValueError for a name that is not an HF Qwen2.5-VL tensor (e.g. a megatron name)."""
-    from megatron_avar.models.qwen2_5_vl.hf_mapping import canonical_hf_name
-
-    for name, tensor in named_tensors:
-        hf_name = canonical_hf_name(name)
-        if not hf_name.startswith(HF_PREFIXES):
-            raise ValueError(f"update_weights: {name!r} is not a Hugging Face Qwen2.5-VL tensor name (expected a "
-                             f"prefix in {HF_PREFIXES}); export with hf_mapping.export_hf_state_dict")
-        stats.num_tensors += 1
-        stats.num_bytes += tensor.numel() * tensor.element_size()
-        yield hf_name, tensor.detach()
-
-
-def _load_weights_on_worker(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[int, list[str]]:
-    """Runs inside the vLLM worker (``LLM.collective_rpc`` passes the worker first): the model's own
-    ``load_weights`` (HF names, full tensors; each parameter's weight_loader takes its tensor-parallel shard).
-    Returns the number of parameters loaded and the names of those never loaded."""
-    from vllm.config import set_current_vllm_config
-
-    model = worker.model_runner.get_model()  # unwrapped from vLLM's CUDA-graph wrapper
-    with set_current_vllm_config(worker.vllm_config):
-        loaded = model.load_weights(weights=weights)
-    missing = sorted(set(name for name, _ in model.named_parameters()) - set(loaded or ()))
-    return len(loaded or ()), missing
-
+__all__ = ["VLLMGenerationBackend"]
 
 
 class VLLMGenerationBackend:
@@ -479,7 +257,7 @@ class VLLMGenerationBackend:
         self._stale = "update in progress"
         try:
             (num_loaded, missing), *_ = self._llm.collective_rpc(
-                _load_weights_on_worker, args=(checked_hf_names(named_tensors, stats),))
+                load_weights_on_worker, args=(checked_hf_names(named_tensors, stats),))
         except ValueError:
             raise
         except Exception as error:

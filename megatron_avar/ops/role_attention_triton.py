@@ -27,7 +27,6 @@ adjustments (both interpreter traps measured in ENVIRONMENT.md): tl.dot operands
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import triton

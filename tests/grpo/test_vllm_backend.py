@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from megatron_avar.grpo import vllm_backend as vb
+from megatron_avar.grpo import vllm_requests as vr
 from megatron_avar.grpo.interfaces import PromptBatch, SamplingParams
 from megatron_avar.grpo.local_backend import SUPPRESSED_TOKENS, sample_seed
 from megatron_avar.processor import load_processor
@@ -52,17 +53,17 @@ def test_images_rebuilt_from_pixel_values_reprocess_to_the_same_pixels(processor
     image_processor = processor.image_processor
     images = [_random_image(100, 70, 0), _random_image(56, 84, 1), _random_image(230, 150, 2)]
     out = image_processor(images=images, return_tensors="pt")
-    rebuilt = vb.images_from_pixel_values(out["pixel_values"], out["image_grid_thw"], **_image_kwargs(image_processor))
+    rebuilt = vr.images_from_pixel_values(out["pixel_values"], out["image_grid_thw"], **_image_kwargs(image_processor))
     assert [r.shape for r in rebuilt] == [(14 * int(h), 14 * int(w), 3) for _, h, w in out["image_grid_thw"]]
     again = image_processor(images=[Image.fromarray(r) for r in rebuilt], return_tensors="pt")
     assert torch.equal(again["image_grid_thw"], out["image_grid_thw"])  # the size is a fixed point of the resize
     assert torch.equal(again["pixel_values"], out["pixel_values"])  # bit-identical features
     assert np.array_equal(rebuilt[1], np.asarray(images[1]))  # an image already at a 28-multiple size is itself
     with pytest.raises(ValueError, match="grey levels"):  # bf16 pixel values cannot be inverted exactly
-        vb.images_from_pixel_values(out["pixel_values"].bfloat16().float(), out["image_grid_thw"],
+        vr.images_from_pixel_values(out["pixel_values"].bfloat16().float(), out["image_grid_thw"],
                                     **_image_kwargs(image_processor))
     with pytest.raises(ValueError, match="patches"):
-        vb.images_from_pixel_values(out["pixel_values"][:-4], out["image_grid_thw"], **_image_kwargs(image_processor))
+        vr.images_from_pixel_values(out["pixel_values"][:-4], out["image_grid_thw"], **_image_kwargs(image_processor))
 
 
 def _expand_like_vllm(ids, grid_thw, merge_size):
@@ -84,13 +85,13 @@ def test_collapsed_image_pads_expand_back_to_the_trainers_ids(processor):
                                              {"type": "image", "image": _random_image(60, 200, 4)}]}]
     rendered = render_conversation(messages, processor, add_generation_prompt=True)
     merge = processor.image_processor.merge_size
-    collapsed = vb.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw, merge)
+    collapsed = vr.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw, merge)
     assert collapsed.count(IMAGE_PAD) == 2
     assert _expand_like_vllm(collapsed, rendered.image_grid_thw, merge) == rendered.input_ids.tolist()
     text_only = render_conversation([{"role": "user", "content": "hi"}], processor, add_generation_prompt=True)
-    assert vb.collapse_image_pads(text_only.input_ids.tolist(), IMAGE_PAD, None, merge) == text_only.input_ids.tolist()
+    assert vr.collapse_image_pads(text_only.input_ids.tolist(), IMAGE_PAD, None, merge) == text_only.input_ids.tolist()
     with pytest.raises(ValueError, match="do not match image_grid_thw"):
-        vb.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw[:1], merge)
+        vr.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw[:1], merge)
 
 
 def _suppressed_ids(processor):
@@ -100,7 +101,7 @@ def _suppressed_ids(processor):
 def test_sampling_request_kwargs(processor):
     suppressed = _suppressed_ids(processor)
     assert suppressed == [151652, 151653, 151654, 151655, 151656]  # the real Qwen2.5-VL vision token ids
-    kwargs = vb.sampling_request_kwargs(SamplingParams(temperature=0.7, max_new_tokens=33, seed=5),
+    kwargs = vr.sampling_request_kwargs(SamplingParams(temperature=0.7, max_new_tokens=33, seed=5),
                                         seed=sample_seed(5, "p0", 1), stop_token_ids=[IM_END, 151643],
                                         suppressed_token_ids=suppressed)
     assert kwargs["seed"] == sample_seed(5, "p0", 1) != sample_seed(5, "p0", 0)
@@ -111,7 +112,7 @@ def test_sampling_request_kwargs(processor):
     for bad, match in ((dict(top_p=0.9), "top_p=1 and top_k=0"), (dict(top_k=20), "top_p=1 and top_k=0"),
                        (dict(temperature=2.5), "temperature")):
         with pytest.raises(ValueError, match=match):
-            vb.sampling_request_kwargs(SamplingParams(**bad), seed=0, stop_token_ids=[IM_END],
+            vr.sampling_request_kwargs(SamplingParams(**bad), seed=0, stop_token_ids=[IM_END],
                                        suppressed_token_ids=suppressed)
 
 
@@ -120,10 +121,10 @@ def test_kwargs_are_real_vllm_fields(processor):
     from vllm import EngineArgs
     from vllm import SamplingParams as VllmSamplingParams
 
-    params = VllmSamplingParams(**vb.sampling_request_kwargs(SamplingParams(), seed=1, stop_token_ids=[IM_END],
+    params = VllmSamplingParams(**vr.sampling_request_kwargs(SamplingParams(), seed=1, stop_token_ids=[IM_END],
                                                              suppressed_token_ids=_suppressed_ids(processor)))
     assert params.logprobs == 0 and params.seed == 1
-    engine = vb.engine_kwargs(tensor_parallel_size=1, gpu_memory_utilization=0.5, max_model_len=4096, seed=0,
+    engine = vr.engine_kwargs(tensor_parallel_size=1, gpu_memory_utilization=0.5, max_model_len=4096, seed=0,
                               enable_sleep_mode=True, dtype="bfloat16", min_pixels=3136, max_pixels=12845056,
                               world_size=1, distributed_initialized=False)
     assert set(engine) <= {f.name for f in dataclasses.fields(EngineArgs)}
@@ -132,10 +133,10 @@ def test_kwargs_are_real_vllm_fields(processor):
 def test_engine_kwargs_choose_the_executor():
     common = dict(gpu_memory_utilization=0.5, max_model_len=4096, seed=0, enable_sleep_mode=True, dtype="bfloat16",
                   min_pixels=3136, max_pixels=50176)
-    single = vb.engine_kwargs(tensor_parallel_size=1, world_size=1, distributed_initialized=False, **common)
-    assert single["distributed_executor_backend"] == "uni" and single["logprobs_mode"] == vb.LOGPROBS_MODE
+    single = vr.engine_kwargs(tensor_parallel_size=1, world_size=1, distributed_initialized=False, **common)
+    assert single["distributed_executor_backend"] == "uni" and single["logprobs_mode"] == vr.LOGPROBS_MODE
     assert single["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 50176}
-    colocated = vb.engine_kwargs(tensor_parallel_size=2, world_size=8, distributed_initialized=True, **common)
+    colocated = vr.engine_kwargs(tensor_parallel_size=2, world_size=8, distributed_initialized=True, **common)
     assert colocated["distributed_executor_backend"] == "external_launcher"
     for args, match in (
         (dict(tensor_parallel_size=3, world_size=8, distributed_initialized=True), "must divide the world size"),
@@ -143,9 +144,9 @@ def test_engine_kwargs_choose_the_executor():
         (dict(tensor_parallel_size=2, world_size=1, distributed_initialized=False), "torchrun"),
     ):
         with pytest.raises(ValueError, match=match):
-            vb.engine_kwargs(**args, **common)
+            vr.engine_kwargs(**args, **common)
     with pytest.raises(ValueError, match="dtype"):
-        vb.engine_kwargs(tensor_parallel_size=1, world_size=1, distributed_initialized=False,
+        vr.engine_kwargs(tensor_parallel_size=1, world_size=1, distributed_initialized=False,
                          **{**common, "dtype": "auto"})
 
 
@@ -163,7 +164,7 @@ def test_assemble_rollout_layout(processor):
     suppressed = {tokenizer.convert_tokens_to_ids(t): t for t in SUPPRESSED_TOKENS}
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     body = tokenizer.encode("<think>count</think><answer>3</answer>", add_special_tokens=False)
-    rollout = vb.assemble_rollout(prompts, 0, 1, body + [IM_END], torch.zeros(len(body) + 1), "stop",
+    rollout = vr.assemble_rollout(prompts, 0, 1, body + [IM_END], torch.zeros(len(body) + 1), "stop",
                                   stop_token_ids=[IM_END], suppressed=suppressed, decode=decode)
     length = prompts.input_ids[0].numel()
     assert rollout.prompt_length == length and rollout.sample_index == 1 and rollout.ground_truth == "3"
@@ -172,38 +173,38 @@ def test_assemble_rollout_layout(processor):
     assert (rollout.roles[length:] == TokenRole.RESPONSE).all()
     assert rollout.response_text == "<think>count</think><answer>3</answer>"  # tags kept, <|im_end|> dropped
     assert rollout.pixel_values is prompts.pixel_values[0] and rollout.generator_logprobs.dtype == torch.float32
-    cut = vb.assemble_rollout(prompts, 1, 0, body, torch.zeros(len(body)), "length", stop_token_ids=[IM_END],
+    cut = vr.assemble_rollout(prompts, 1, 0, body, torch.zeros(len(body)), "length", stop_token_ids=[IM_END],
                               suppressed=suppressed, decode=decode)
     assert cut.response_text == decode(body) and cut.finish_reason == "length" and cut.pixel_values is None
     with pytest.raises(ValueError, match="image_pad"):
-        vb.assemble_rollout(prompts, 1, 0, body + [IMAGE_PAD], torch.zeros(len(body) + 1), "length",
+        vr.assemble_rollout(prompts, 1, 0, body + [IMAGE_PAD], torch.zeros(len(body) + 1), "length",
                             stop_token_ids=[IM_END], suppressed=suppressed, decode=decode)
     with pytest.raises(RuntimeError, match="abort"):
-        vb.assemble_rollout(prompts, 1, 0, body, torch.zeros(len(body)), "abort", stop_token_ids=[IM_END],
+        vr.assemble_rollout(prompts, 1, 0, body, torch.zeros(len(body)), "abort", stop_token_ids=[IM_END],
                             suppressed=suppressed, decode=decode)
 
 
 def test_sampled_token_logprobs():
     logprob = namedtuple("Logprob", "logprob rank decoded_token")  # the fields of vllm.logprobs.Logprob
     positions = [{7: logprob(-0.5, 3, None)}, {9: logprob(-2.0, 1, None), 4: logprob(-0.1, 1, None)}]
-    assert vb.sampled_token_logprobs([7, 9], positions).tolist() == [-0.5, -2.0]
+    assert vr.sampled_token_logprobs([7, 9], positions).tolist() == [-0.5, -2.0]
     with pytest.raises(RuntimeError, match="do not include the sampled token"):
-        vb.sampled_token_logprobs([7, 5], positions)
+        vr.sampled_token_logprobs([7, 5], positions)
     with pytest.raises(RuntimeError, match="log-prob positions"):
-        vb.sampled_token_logprobs([7], positions)
+        vr.sampled_token_logprobs([7], positions)
 
 
 def test_checked_hf_names_canonicalise_and_count():
-    stats = vb.RefitStats()
+    stats = vr.RefitStats()
     tensors = [("model.layers.0.mlp.up_proj.weight", torch.zeros(4, 3, dtype=torch.bfloat16)),
                ("visual.blocks.0.attn.qkv.weight", torch.zeros(6, 2)), ("lm_head.weight", torch.zeros(5))]
-    names = [name for name, _ in vb.checked_hf_names(tensors, stats)]
+    names = [name for name, _ in vr.checked_hf_names(tensors, stats)]
     assert names == ["model.language_model.layers.0.mlp.up_proj.weight", "model.visual.blocks.0.attn.qkv.weight",
                      "lm_head.weight"]
     assert (stats.num_tensors, stats.num_bytes) == (3, 12 * 2 + 12 * 4 + 5 * 4)
     with pytest.raises(ValueError, match="not a Hugging Face"):
-        list(vb.checked_hf_names([("language_model.decoder.layers.0.mlp.linear_fc1.weight", torch.zeros(1))],
-                                 vb.RefitStats()))
+        list(vr.checked_hf_names([("language_model.decoder.layers.0.mlp.linear_fc1.weight", torch.zeros(1))],
+                                 vr.RefitStats()))
 
 
 def test_backend_refuses_clearly_without_cuda_or_vllm(processor):
