@@ -8,6 +8,7 @@
     export    avar convert mcore-to-hf    both trained models as HF checkpoints
     vas       avar vas + vas compare      VAS after training, base vs AVAR vs baseline
     grpo      avar grpo (torchrun, TP=2)  GRPO with the visual reward from the AVAR SFT model, local rollouts
+                                          (the visual term on every rollout: a toy model is never right)
 Writes <out>/summary.json: vas_before, vas_after, vas_after_baseline, final_lm_loss, final_lm_loss_baseline,
 hf_export_dir, the AVAR metrics of both runs, the GRPO reward curve (grpo) and the time of each stage.
 """
@@ -26,8 +27,9 @@ __all__ = ["register", "run_quickstart"]
 MARKER = "quickstart.json"
 SFT_CONFIG = Path("examples/sft/quickstart.yaml")
 GRPO_CONFIG = Path("examples/grpo/tiny.yaml")
+GRPO_STEPS = 6
 GRPO_CURVE = ("reward/total", "reward/accuracy", "reward/format", "vas/rollouts", "response/length_mean",
-              "logprob/generator_max_abs_diff")
+              "logprob/generator_max_abs_diff", "optim/grad_norm")
 
 
 def register(subparsers) -> None:
@@ -117,8 +119,12 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     def grpo() -> list[dict]:
         run = out / "grpo"
         tp = "2" if nproc % 2 == 0 else "1"
+        # A toy model never answers right, so the paper's correctness gate would zero every reward (and every
+        # advantage): here the visual term is added to every rollout (reward.gate_visual_on_correct=false, the
+        # ablation flag), so the groups' rewards differ and the policy is updated.
         _avar("grpo", "--config", str(GRPO_CONFIG), f"out={run}", f"model.hf_path={out / 'sft-hf'}",
-              f"data.path={data}", f"parallel.tensor_model_parallel_size={tp}", "train.steps=2", nproc=nproc)
+              f"data.path={data}", f"parallel.tensor_model_parallel_size={tp}", f"train.steps={GRPO_STEPS}",
+              "reward.gate_visual_on_correct=false", "optim.lr=1e-3", "checkpoint.interval=0", nproc=nproc)
         return [{"step": h["step"], **{k: h[k] for k in GRPO_CURVE}}
                 for h in json.loads((run / "summary.json").read_text())["history"]]
 

@@ -27,9 +27,12 @@ def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path):
     assert summary["vas_after"] > summary["vas_after_baseline"]
     assert (Path(summary["hf_export_dir"]) / "config.json").is_file()
     assert (out / "vas-compare" / "compare.md").is_file()
-    # GRPO from the AVAR SFT model: two steps logged with their reward parts and the rollouts' r_visual.
-    assert [h["step"] for h in summary["grpo"]] == [0, 1]
-    assert all(h["vas/rollouts"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in summary["grpo"])
+    # GRPO from the AVAR SFT model: every step logged with its reward parts and the rollouts' r_visual, and
+    # (the visual term on every rollout) rewards that differ within groups, so the policy is really updated.
+    curve = summary["grpo"]
+    assert [h["step"] for h in curve] == list(range(6))
+    assert all(h["vas/rollouts"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in curve)
+    assert all(h["reward/total"] > 0 and h["optim/grad_norm"] > 0 for h in curve)
     # A second quickstart refuses to clobber the run without --overwrite.
     again = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
