@@ -93,6 +93,8 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
                                             held_out.parent))
     stage("model", lambda: write_toy_checkpoint(model, ToyModelConfig(num_layers=4)))
 
+    tp = "2" if nproc % 2 == 0 else "1"  # tensor parallelism of the training stages
+
     def vas(checkpoint: Path, name: str) -> dict:
         _avar("vas", "--model", str(checkpoint), "--data", str(held_out), "--num-samples", str(vas_samples),
               "--name", name, "--out", str(out / f"vas-{name}"))
@@ -100,7 +102,6 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
 
     def train(name: str, extra: list[str]) -> dict:
         run = out / name
-        tp = "2" if nproc % 2 == 0 else "1"
         _avar("sft", "--config", str(SFT_CONFIG), f"out={run}", f"model.hf_path={model}", f"data.path={data}",
               f"parallel.tensor_model_parallel_size={tp}", *extra, *overrides, nproc=nproc)
         latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
@@ -118,7 +119,6 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
 
     def grpo() -> list[dict]:
         run = out / "grpo"
-        tp = "2" if nproc % 2 == 0 else "1"
         # A toy model never answers right, so the paper's correctness gate would zero every reward (and every
         # advantage): here the visual term is added to every rollout (reward.gate_visual_on_correct=false, the
         # ablation flag), so the groups' rewards differ and the policy is updated.

@@ -109,14 +109,6 @@ def _build_backend(config: GRPOConfig, processor, layout):
                                   batch_size=config.rollout.batch_size)
 
 
-def _peak_memory_gb() -> float:
-    from megatron_avar import platform
-
-    peak = torch.tensor([float(platform.peak_memory_bytes())], device=platform.current_device())
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item() / 1e9
-
-
 def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, reference=None) -> dict[str, float]:
     """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics.
     reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
@@ -189,6 +181,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
+    from megatron_avar.training.run_loop import hf_export_describer, run_steps
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -224,20 +217,21 @@ def run_grpo(config: GRPOConfig) -> dict:
                         distributed_optimizer=parallel.distributed_optimizer)
     build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
                     distributed_optimizer=parallel.distributed_optimizer)
-    policy = MegatronPolicy(model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
-                            seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
-                            pad_token_id=processor.tokenizer.pad_token_id,
-                            role_attention_impl=config.model.role_attention_impl)
+
+    def policy_of(training_model) -> MegatronPolicy:
+        return MegatronPolicy(training_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
+                              seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
+                              pad_token_id=processor.tokenizer.pad_token_id,
+                              role_attention_impl=config.model.role_attention_impl)
+
+    policy = policy_of(model)
     reward = VisualAnchoredReward(config.reward)
     reference = None
     if config.loss.kl_coef > 0:  # the starting weights, frozen (also after a resume: always from model.hf_path)
         reference_model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute="none",
                                       role_mass_layers=visual_layers, hf_path=config.model.hf_path,
                                       distributed_optimizer=False)
-        reference = MegatronPolicy(
-            reference_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
-            seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
-            pad_token_id=processor.tokenizer.pad_token_id, role_attention_impl=config.model.role_attention_impl)
+        reference = policy_of(reference_model)
     start_step = 0
     if resume_from is not None:
         state = checkpointing.load_checkpoint(resume_from, model)
@@ -246,49 +240,34 @@ def run_grpo(config: GRPOConfig) -> dict:
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
 
-    def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
-        from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
-        from megatron_avar.convert.hf_files import copy_side_files
-
-        copy_side_files(Path(config.model.hf_path), path / HF_SIDE_DIR)
-        write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=f"avar grpo {config.out}")
-
+    describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar grpo {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                            run_config=config_to_dict(config))
-    history, saved, stopped_by = [], [], None
     batches = iter(prompts)
+
+    def step_fn(step: int) -> dict[str, float]:
+        data_step, prompt_batch = next(batches)
+        if data_step != step:
+            raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
+        started = time.monotonic()
+        metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
+                            reference=reference)
+        metrics["perf/step_seconds"] = time.monotonic() - started
+        return metrics
+
     try:
-        for step in range(start_step, config.train.steps):
-            data_step, prompt_batch = next(batches)
-            if data_step != step:
-                raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
-            started = time.monotonic()
-            metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
-                                reference=reference)
-            metrics["perf/step_seconds"] = time.monotonic() - started
-            metrics["perf/peak_memory_gb"] = _peak_memory_gb()
-            history.append({"step": step, **metrics})
-            if step % config.log.interval == 0 or step == config.train.steps - 1:
-                logger.log(step, metrics)
-            interrupted = preemption.any_rank()
-            last = step == config.train.steps - 1
-            if interrupted or last or (config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0):
-                trainer_state = {"data": prompts.state_dict(), "metrics": history[-1]}
-                saved.append(str(checkpointing.save_checkpoint(out, step, model, trainer_state,
-                                                               keep=config.checkpoint.keep, describe=describe)))
-            if interrupted:
-                stopped_by = preemption.received or "signal on another rank"
-                if layout.is_logging_rank:
-                    print(f"stopping after step {step + 1}: {stopped_by}; checkpoint {saved[-1]}", flush=True)
-                break
+        outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
+                            data=prompts, layout=layout, logger=logger, preemption=preemption,
+                            log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe)
     finally:
         logger.close()
         if backend is not None and hasattr(backend, "close"):
             backend.close()
+    history = outcome.history
     summary = {"steps_run": len(history), "start_step": start_step,
-               "last_step": history[-1]["step"] if history else None, "stopped_by": stopped_by,
-               "checkpoints": saved, "history": history, "layout": dataclasses.asdict(layout),
+               "last_step": history[-1]["step"] if history else None, "stopped_by": outcome.stopped_by,
+               "checkpoints": outcome.checkpoints, "history": history, "layout": dataclasses.asdict(layout),
                "prompts": prompts.summary()}
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -126,15 +126,6 @@ class SFTRun:
     dtype: torch.dtype
 
 
-def _peak_memory_gb() -> float:
-    """The largest per-rank peak memory over the world, in GB (1e9 bytes); see platform.peak_memory_bytes."""
-    from megatron_avar import platform
-
-    peak = torch.tensor([float(platform.peak_memory_bytes())], device=platform.current_device())
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item() / 1e9
-
-
 def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFTRun:
     """Build this rank's model (HF weights streamed in unless resuming), optimizer, schedule and data loader."""
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -169,6 +160,7 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
+    from megatron_avar.training.run_loop import hf_export_describer, run_steps
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -193,55 +185,41 @@ def run_sft(config: SFTConfig) -> dict:
 
     lm_params, vision_params = matmul_params(qwen_config)
 
-    def describe(path: Path) -> None:  # what `avar convert mcore-to-hf` reads to export the checkpoint
-        from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
-        from megatron_avar.convert.hf_files import copy_side_files
-
-        copy_side_files(Path(config.model.hf_path), path / HF_SIDE_DIR)
-        write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=f"avar sft {config.out}")
-
+    describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar sft {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                            run_config=config_to_dict(config))
-    history, saved, stopped_by = [], [], None
     batches = iter(data)
+
+    def step_fn(step: int) -> dict[str, float]:
+        step_batch = next(batches)
+        started = time.monotonic()
+        metrics = train_step(model, step_batch, config, avar_layers=avar_layers, layout=layout)
+        seconds = time.monotonic() - started
+        lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
+                   for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
+                      if mb.image_grid_thw is not None)
+        # This rank's rows x dp = the global batch (every DP rank trains the same number of rows).
+        flops = training_flops(lm_params=lm_params, vision_params=vision_params,
+                               num_layers=qwen_config.text.num_layers, hidden_size=qwen_config.text.hidden_size,
+                               sample_lengths=lengths, num_patches=patches) * layout.dp
+        metrics.update({"perf/step_seconds": seconds,
+                        "perf/tokens_per_second": step_batch.num_real_tokens / seconds,
+                        "perf/tflops_per_gpu": flops / seconds / layout.world_size / 1e12,
+                        "data/epoch": float(step_batch.epoch)})
+        return metrics
+
     try:
-        for step in range(start_step, config.train.steps):
-            step_batch = next(batches)
-            started = time.monotonic()
-            metrics = train_step(model, step_batch, config, avar_layers=avar_layers, layout=layout)
-            seconds = time.monotonic() - started
-            lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
-                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-            patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
-                          if mb.image_grid_thw is not None)
-            # This rank's rows x dp = the global batch (every DP rank trains the same number of rows).
-            flops = training_flops(lm_params=lm_params, vision_params=vision_params,
-                                   num_layers=qwen_config.text.num_layers, hidden_size=qwen_config.text.hidden_size,
-                                   sample_lengths=lengths, num_patches=patches) * layout.dp
-            metrics.update({"perf/step_seconds": seconds,
-                            "perf/tokens_per_second": step_batch.num_real_tokens / seconds,
-                            "perf/tflops_per_gpu": flops / seconds / layout.world_size / 1e12,
-                            "perf/peak_memory_gb": _peak_memory_gb(),
-                            "data/epoch": float(step_batch.epoch)})
-            history.append({"step": step, **{k: v for k, v in metrics.items() if "/layer_" not in k}})
-            if step % config.log.interval == 0 or step == config.train.steps - 1:
-                logger.log(step, metrics)
-            interrupted = preemption.any_rank()
-            last = step == config.train.steps - 1
-            if interrupted or last or (config.checkpoint.interval and (step + 1) % config.checkpoint.interval == 0):
-                trainer_state = {"data": data.state_dict(), "metrics": history[-1]}
-                saved.append(str(checkpointing.save_checkpoint(out, step, model, trainer_state,
-                                                               keep=config.checkpoint.keep, describe=describe)))
-            if interrupted:
-                stopped_by = preemption.received or "signal on another rank"
-                if layout.is_logging_rank:
-                    print(f"stopping after step {step + 1}: {stopped_by}; checkpoint {saved[-1]}", flush=True)
-                break
+        outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
+                            data=data, layout=layout, logger=logger, preemption=preemption,
+                            log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
+                            history_filter=lambda name: "/layer_" not in name)
     finally:
         logger.close()
+    history = outcome.history
     summary = {"steps_run": len(history), "start_step": start_step, "last_step": history[-1]["step"] if history else None,
-               "stopped_by": stopped_by, "checkpoints": saved, "history": history,
+               "stopped_by": outcome.stopped_by, "checkpoints": outcome.checkpoints, "history": history,
                "layout": dataclasses.asdict(layout), "packing_efficiency": data.packing_efficiency()}
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["matmul_params", "training_flops", "MetricsLogger"]
+__all__ = ["matmul_params", "training_flops", "peak_memory_gb", "MetricsLogger"]
 
 
 def matmul_params(qwen_config) -> tuple[int, int]:
@@ -41,6 +41,19 @@ def training_flops(*, lm_params: int, vision_params: int, num_layers: int, hidde
     tokens = sum(sample_lengths)
     attention = 6 * num_layers * hidden_size * sum(s * s for s in sample_lengths)
     return 6.0 * lm_params * tokens + attention + 6.0 * vision_params * num_patches
+
+
+def peak_memory_gb() -> float:
+    """The largest per-rank peak memory over the world, in GB (1e9 bytes); see platform.peak_memory_bytes.
+    Collective over the default group."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_avar import platform
+
+    peak = torch.tensor([float(platform.peak_memory_bytes())], device=platform.current_device())
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 1e9
 
 
 class MetricsLogger:
