@@ -148,7 +148,9 @@ def main() -> int:
                                    num_patches=patches) / 3
     overhead = rows["old log-probs + masses"] / rows["old log-probs, plain attention (baseline)"] - 1
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    result = {"device": device, "dtype": str(dtype), "model": vars(toy) | {"tiny": args.tiny},
+    from results_meta import git_commit
+
+    result = {"device": device, "commit": git_commit("megatron_avar", "tools/bench_grpo.py"), "dtype": str(dtype), "model": vars(toy) | {"tiny": args.tiny},
               "rollouts": len(rollouts), "tokens": sum(lengths), "generated_tokens": sum(r.response_length for r in rollouts),
               "seconds": rows, "old_logprob_tflops": forward_flops / rows["old log-probs + masses"] / 1e12,
               "visual_reward_overhead": overhead, "layout": str(layout)}
@@ -158,6 +160,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"bench_grpo_{tag}_{date}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# GRPO step breakdown ({device}, {dtype}, {len(rollouts)} rollouts, {sum(lengths)} tokens)", "",
+             f"Commit `{result['commit']}`, {date}.", "",
              "| phase | seconds |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in rows.items()]
     lines += ["", f"Visual-reward cost in the old-log-prob pass: {100 * overhead:+.1f}% over the baseline "
                   "(target <= 5% on a GPU).",

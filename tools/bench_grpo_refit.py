@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results_meta import git_commit  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's config.json (sizes and special-token ids).
 QWEN2_5_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -101,13 +102,6 @@ def timed(fn, repeats: int) -> float:
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(backend, shapes, repeats: int):
@@ -180,7 +174,7 @@ def main(argv=None) -> int:
                       "gb_per_s": moved / seconds / 1e9 if moved else None,
                       "x_baseline": seconds / baseline if moved else None})
     gpu = torch.cuda.get_device_name()
-    meta = {"date": datetime.date.today().isoformat(), "commit": commit(), "gpu": gpu, "vllm": vllm.__version__,
+    meta = {"date": datetime.date.today().isoformat(), "commit": git_commit("megatron_avar", "tools/bench_grpo_refit.py"), "gpu": gpu, "vllm": vllm.__version__,
             "torch": torch.__version__, "tp": args.tp, "layers": args.layers, "num_tensors": len(tensors),
             "bytes_formula": "sum(numel) * 2 (bf16)", "repeats": args.repeats}
     lines = [f"# GRPO refit (VLLMGenerationBackend.update_weights), Qwen2.5-VL-7B shapes ({args.layers} LM layers)",

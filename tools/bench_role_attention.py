@@ -8,6 +8,7 @@ per sequence length (1k-32k), forward and forward+backward, for:
   role_attention[triton]   the fused kernels, masses on (what training uses)
   triton, masses off       the same kernels with mass accumulation compiled out (cost of the masses)
   torch SDPA (flash)       torch's FlashAttention backend, K/V pre-expanded to 28 heads; no masses
+  torch SDPA (cuDNN)       torch's cuDNN fused-attention backend, same inputs; no masses
   eager + mass             plain PyTorch attention materialising P [B, H, S, S] in bf16 (fp32 softmax),
                            masses from P; the baseline without a fused kernel (OOM at long S)
 CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise vs reference
@@ -16,7 +17,9 @@ resident set over its resident set with inputs allocated (/proc/self/clear_refs 
 
 FLOP convention (FlashAttention's): forward = 2 matmuls (Q K^T, P V) of 2*S*S*D flops per head, halved
 when causal; backward = 2.5x forward (5 matmuls). Mass accumulation and masking are not counted as
-useful flops, so the masses' cost shows as lower TFLOP/s at equal FLOPs.
+useful flops, so the masses' cost shows as lower TFLOP/s at equal FLOPs. Each GPU row also records the largest
+|out| difference between the Triton kernel (as autotuned) and SDPA flash on the same inputs: a check that the
+configurations autotuning picked compute the same attention.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from megatron_avar import platform  # noqa: E402
 from megatron_avar.ops import role_attention  # noqa: E402
 from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
+from results_meta import git_commit  # noqa: E402
 
 NUM_ROLES = 5
 
@@ -80,16 +84,21 @@ def _gpu_methods(q, k, v, roles):
     k_sdpa = k.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
     v_sdpa = v.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
 
-    def sdpa():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def sdpa(backend):
+        from torch.nn.attention import sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return (torch.nn.functional.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True),)
+        def run():
+            with sdpa_kernel(backend):
+                return (torch.nn.functional.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True),)
+        return run
+
+    from torch.nn.attention import SDPBackend
 
     return {
         "role_attention[triton]": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=True),
         "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
-        "torch SDPA (flash)": sdpa,
+        "torch SDPA (flash)": sdpa(SDPBackend.FLASH_ATTENTION),
+        "torch SDPA (cuDNN)": sdpa(SDPBackend.CUDNN_ATTENTION),
         "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),
     }, (q_sdpa, k_sdpa, v_sdpa)
 
@@ -114,9 +123,14 @@ def bench_gpu(seq_lens, reps):
         for t in (q, k, v):
             t.requires_grad_()
         methods, sdpa_inputs = _gpu_methods(q, k, v, roles)
+        with torch.no_grad():  # the timed kernels compute the same attention: largest |difference| of out
+            ours = methods["role_attention[triton]"]()[0].float()
+            flash = methods["torch SDPA (flash)"]()[0].transpose(1, 2).float()
+            out_difference = (ours - flash).abs().max().item()
+            del ours, flash
         for name, forward in methods.items():
             for mode in ("fwd", "fwd+bwd"):
-                row = dict(method=name, seq_len=seq_len, mode=mode)
+                row = dict(method=name, seq_len=seq_len, mode=mode, out_max_abs_diff_triton_vs_flash=out_difference)
                 try:
                     if mode == "fwd":
                         step = lambda: forward()  # noqa: E731  (autograd graph built, as in training)
@@ -135,6 +149,8 @@ def bench_gpu(seq_lens, reps):
                                peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
                 except torch.OutOfMemoryError:
                     row.update(ms=None, tflops=None, peak_extra_mib=None, note="OOM")
+                except RuntimeError as exc:  # e.g. a backend that does not support this shape or GPU
+                    row.update(ms=None, tflops=None, peak_extra_mib=None, note=f"failed: {str(exc)[:120]}")
                 for t in (q, k, v, *sdpa_inputs):
                     t.grad = None
                 torch.cuda.empty_cache()
@@ -223,13 +239,6 @@ def _device_name(part):
     return f"{model} x{os.cpu_count()} cores"
 
 
-def _git_commit():
-    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "megatron_avar/ops", __file__],
-                           capture_output=True, text=True).stdout.strip()
-    return done.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def write_results(part, rows, shape, out_dir: Path):
     import triton
 
@@ -238,7 +247,7 @@ def write_results(part, rows, shape, out_dir: Path):
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
     stem = out_dir / f"role_attention_{part}_{slug}_{now:%Y-%m-%d}"
     # CPU timings on a shared machine depend on what else runs: record the load next to them.
-    meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=_git_commit(), torch=torch.__version__,
+    meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=git_commit("megatron_avar/ops", __file__), torch=torch.__version__,
                 load_average_1_5_15min=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                 triton=triton.__version__, shape=shape,
                 flop_formula="4*B*Hq*S^2*D forward, /2 causal; backward = 2.5x forward")

@@ -207,8 +207,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "", "| seq | mode | step s | vs off | peak GB | extra GB vs off | tokens | TFLOP/s | MFU | eager S×S GB "
              "(this L) | eager S×S GB (28 L) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['seq_length']} | {r['mode']} | {r['error']} | | | | | | | | |")
+        if r.get("error") or "step_seconds" not in r:
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} | | | | | | | | |")
             continue
         overhead = r.get("step_time_overhead")
         lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
@@ -217,6 +217,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['tflops']:.2f} | {100 * r['mfu']:.1f}% | {r['eager_attention_gb']:.1f} | "
                      f"{r['eager_attention_gb_full_7b']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(results: list[dict], args, precision: str, commit: str, date: str, seconds: float):
+    """tools/results/bench_sft_<hardware>_<date>.md and .json of the rows measured so far."""
+    rows = table(results, args)
+    gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
+    hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
+    meta = {"hardware": hardware, "date": date, "commit": commit,
+            "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if args.tiny else ''}, {args.layers} LM layers, "
+                      f"{args.vision_depth} vision blocks"), "precision": precision, "warmup": args.warmup,
+            "steps": args.steps, "seconds": seconds, "argv": sys.argv[1:]}
+    stem = Path(args.results) / f"bench_sft_{hardware}_{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")
+    text = markdown(rows, meta)
+    stem.with_suffix(".md").write_text(text)
+    return stem, text
 
 
 def main() -> int:
@@ -254,6 +271,10 @@ def main() -> int:
     started = time.monotonic()
     prepared = prepare(work, args)
     precision = "bf16" if args.device == "cuda" else "fp32"
+    from results_meta import git_commit
+
+    date = datetime.date.today().isoformat()
+    commit = git_commit("megatron_avar", "tools/bench_sft.py")
     results = []
     for seq in args.seq_lens:
         for mode in args.modes:
@@ -264,24 +285,10 @@ def main() -> int:
             print(f"[bench_sft] seq {seq} {mode}: " + (result.get("error") or
                   f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
             results.append(result)
-    rows = table(results, args)
-    gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
-    hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "megatron_avar", "tools/bench_sft.py"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    date = datetime.date.today().isoformat()
-    meta = {"hardware": hardware, "date": date, "commit": commit + ("+dirty" if dirty else ""),
-            "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if tiny else ''}, {args.layers} LM layers, "
-                      f"{args.vision_depth} vision blocks"), "precision": precision, "warmup": args.warmup,
-            "steps": args.steps, "seconds": time.monotonic() - started, "argv": sys.argv[1:]}
-    stem = Path(args.results) / f"bench_sft_{hardware}_{date}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
-    print(f"[bench_sft] {stem}.md / .json ({meta['seconds']:.0f} s)")
+            # Written after every measurement: a run stopped part-way keeps what it measured.
+            stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started)
+    print(text)
+    print(f"[bench_sft] {stem}.md / .json ({time.monotonic() - started:.0f} s)")
     return 0
 
 

@@ -27,6 +27,7 @@ adjustments (both interpreter traps measured in ENVIRONMENT.md): tl.dot operands
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
@@ -391,18 +392,30 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
+# Each candidate is compiled separately (~1 s each), once per specialisation (head dim, roles, masks,
+# dtype). AUTOTUNE_ENV=0 keeps only the first candidate of each kernel: same kernels and results, a
+# fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py's tests).
+AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+_DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+
+
+def _candidates(shapes):
+    setting = os.environ.get(AUTOTUNE_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}={setting!r}: use 1 (autotune, the default) or 0 (first config only)")
+    return _configs(shapes if setting == "1" else shapes[:1])
+
+
 if INTERPRETING:
     _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 else:  # Every kernel only stores its outputs (no accumulation across launches): safe to autotune.
-    _fwd = triton.autotune(
-        _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]),
-        key=_TUNING_KEYS + ["COMPUTE_MASS"])(_fwd_kernel)
-    _dkdv = triton.autotune(
-        _configs([(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]),
-        key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dkdv_kernel)
-    _dq = triton.autotune(
-        _configs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]),
-        key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dq_kernel)
+    _fwd = triton.autotune(_candidates(_FWD_CONFIGS), key=_TUNING_KEYS + ["COMPUTE_MASS"])(_fwd_kernel)
+    _dkdv = triton.autotune(_candidates(_DKDV_CONFIGS),
+                            key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dkdv_kernel)
+    _dq = triton.autotune(_candidates(_DQ_CONFIGS),
+                          key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dq_kernel)
 
 
 def _fixed_blocks():

