@@ -27,6 +27,7 @@ __all__ = [
     "cuda_available",
     "transformer_engine_available",
     "triton_gpu_available",
+    "cuda_extension_available",
     "vllm_available",
     "device_for_local_rank",
     "distributed_backend",
@@ -65,6 +66,15 @@ def triton_gpu_available() -> bool:
     if not cuda_available() or importlib.util.find_spec("triton") is None:
         return False
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+@functools.cache
+def cuda_extension_available(module: str) -> bool:
+    """Whether a compiled CUDA extension module that megatron-core imports for a fusion is installed here
+    (apex / megatron's fused kernels: ``fused_weight_gradient_mlp_cuda``, ``scaled_masked_softmax_cuda``,
+    ``scaled_upper_triang_masked_softmax_cuda``). megatron imports them inside the fused path, so a fusion
+    switched on without its module fails at the first forward or backward."""
+    return cuda_available() and importlib.util.find_spec(module) is not None
 
 
 @functools.cache

@@ -19,14 +19,14 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     report = json.loads(next(tmp_path.glob("gpu_check_cpu-dry-run_*.json")).read_text())
     steps = {step["name"]: step for step in report["steps"]}
     assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_role_attention", "bench_sft",
-                           "bench_grpo"]
+                           "bench_grpo", "triton_sweep"]
     assert all(step["status"] == "passed" for step in steps.values())
     assert report["meta"]["environment"]["imports"]["megatron.core"] == "0.16.1"
     assert "test_triton_error_budget_at_long_sequences_on_gpu" in steps["triton_kernels"]["log_tail"]
     assert "test_cuda_fp32_step_equals_the_cpu_step" in steps["gpu_tests"]["log_tail"]
     for bench in ("role_attention_cpu_*", "bench_sft_cpu-smoke_*", "bench_grpo_cpu-smoke-tiny_*"):
         assert len(list(tmp_path.glob(bench + ".json"))) == 1, bench
-    assert (tmp_path / next(tmp_path.glob("gpu_check_*.md")).name).read_text().count("| passed |") == 6
+    assert (tmp_path / next(tmp_path.glob("gpu_check_*.md")).name).read_text().count("| passed |") == 7
 
 
 def test_unknown_step_is_refused_by_name(tmp_path):

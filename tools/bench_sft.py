@@ -46,6 +46,7 @@ import json
 import math
 import os
 import platform as host_platform
+import re
 import statistics
 import subprocess
 import sys
@@ -164,9 +165,15 @@ def run_worker(spec: dict, device: str) -> dict:
                           text=True, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
     if done.returncode != 0 or not lines:
+        log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}.log"
+        log.write_text(done.stdout + done.stderr)
+        print(f"[bench_sft] worker failed (exit {done.returncode}); its output: {log}; the end of it:\n"
+              + "\n".join(done.stderr.strip().splitlines()[-25:]), flush=True)
         oom = "out of memory" in done.stderr.lower()
+        # The exception line, not the last line (which can be a warning printed at exit).
+        raised = [line for line in done.stderr.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
         return {"mode": spec["mode"], "seq_length": spec["seq_length"], "error": "OOM" if oom else
-                f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
+                f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
 
 

@@ -8,8 +8,8 @@ Steps, in order, each a subprocess with its own time limit (the whole run also h
 would start after the budget is recorded as not run, so a rerun can take it with --only):
   environment           GPU, driver, versions; the measured bf16 matmul rate and copy bandwidth (the ceilings
                         the benchmarks' TFLOP/s are read against); the project's imports
-  triton_kernels        tests/ops/test_role_attention_triton.py compiled for the GPU: the whole sweep against
-                        the reference, bf16/fp16 at Qwen2.5-VL-7B heads up to a 32k packed row, determinism
+  triton_kernels        the Triton kernels' GPU tests: bf16/fp16 at Qwen2.5-VL-7B heads up to a 32k packed row
+                        against the reference, determinism
   gpu_tests             every other test marked `gpu`: the SFT step on CUDA (fp32 = CPU, bf16 within bf16
                         error), the local rollout backend's CUDA log-probs = the HF forward (vLLM's are skipped
                         where vLLM is not installed)
@@ -17,6 +17,8 @@ would start after the budget is recorded as not run, so a rerun can take it with
   bench_sft             tools/bench_sft.py: 7B widths, 4 layers, 8k and 16k packed rows, bf16, every mode
   bench_grpo            tools/bench_grpo.py: the old-log-prob pass with and without the visual reward,
                         local-backend generation
+  triton_sweep          the rest of tests/ops/test_role_attention_triton.py compiled for the GPU (the CPU
+                        suite's small-shape sweep: masks, GQA, edits, padding; each shape compiles anew)
 The tests compile each Triton kernel with its first autotune candidate only
 (MEGATRON_AVAR_TRITON_AUTOTUNE=0: minutes less of compiling on a fresh machine); the benchmarks autotune.
 
@@ -66,7 +68,7 @@ class Step:
 
 def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
     py, out = sys.executable, str(out_dir)
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs"]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--durations=0"]
     if dry_run:  # the same entry points at toy sizes; tests only collected (the CPU suite runs them)
         return [
             Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 120),
@@ -80,10 +82,12 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                "--results", out], 300),
             Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
                                 "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
+            Step("triton_sweep", pytest + ["--collect-only", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
+                 120, junit=True),
         ]
     return [
         Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 60),
-        Step("triton_kernels", pytest + ["tests/ops/test_role_attention_triton.py"], 150, junit=True),
+        Step("triton_kernels", pytest + ["-m", "gpu", "tests/ops/test_role_attention_triton.py"], 150, junit=True),
         Step("gpu_tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
              180, junit=True),
         Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
@@ -91,6 +95,7 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--warmup", "1", "--steps", "3",
                            "--work", str(work / "bench_sft"), "--results", out], 240),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
+        Step("triton_sweep", pytest + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300, junit=True),
     ]
 
 

@@ -293,9 +293,16 @@ _context = None
 
 
 def _forkserver_context():
-    """The forkserver context, with the preload set before its server first starts (once per process)."""
+    """How ranks start: on the CPU, forked from a forkserver that preloaded torch and megatron-core (set
+    before its server first starts, once per process); with CUDA, spawned. Importing megatron-core
+    initialises CUDA, and a process forked from one with CUDA initialised cannot use CUDA."""
     global _context
     if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
+        from megatron_avar import platform
+
+        if platform.cuda_available():
+            _context = multiprocessing.get_context("spawn")
+        else:
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(_PRELOAD)
     return _context

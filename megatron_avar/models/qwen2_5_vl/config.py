@@ -217,8 +217,11 @@ class MegatronSettings:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     params_dtype: torch.dtype = torch.float32  # also the compute dtype: bf16 turns on megatron's bf16 mode
-    # GPU fusions (bias+activation, bias+dropout+add, masked softmax, rope, grad-accumulation). None: on
-    # exactly when CUDA is present (platform); on CPU they would fall back to torch.compile (+14 s, no gain).
+    # GPU fusions (bias+activation, bias+dropout+add; masked softmax and grad-accumulation where apex's /
+    # megatron's compiled extensions are installed). None: on exactly when CUDA is present (platform); on
+    # CPU they would fall back to torch.compile (+14 s, no gain). RoPE is never fused: Transformer Engine's
+    # fused THD rope indexes the frequencies by position inside each packed sample, which is not Qwen2.5-VL's
+    # multimodal (3-D) rotary position of each token.
     fused_kernels: bool | None = None
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
@@ -274,9 +277,10 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         init_model_with_meta_device=settings.init_on_meta_device,
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
-        apply_rope_fusion=fused,
-        gradient_accumulation_fusion=fused,
+        masked_softmax_fusion=fused and all(map(platform.cuda_extension_available, (
+            "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))),
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=fused and platform.cuda_extension_available("fused_weight_gradient_mlp_cuda"),
     )
     language = TransformerConfig(
         num_layers=text.num_layers,
