@@ -171,7 +171,8 @@ def run_worker(spec: dict, device: str) -> dict:
               + "\n".join(done.stderr.strip().splitlines()[-25:]), flush=True)
         oom = "out of memory" in done.stderr.lower()
         # The exception line, not the last line (which can be a warning printed at exit).
-        raised = [line for line in done.stderr.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+        raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in done.stderr.splitlines())
+                  if re.match(r"^[\w.]*(Error|Exception)\b", line)]
         return {"mode": spec["mode"], "seq_length": spec["seq_length"], "error": "OOM" if oom else
                 f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))

@@ -165,6 +165,16 @@ def environment_report(path: Path) -> dict:
 # Running the steps
 
 
+def _gpu_name() -> str:
+    """The GPU's name from nvidia-smi (when the environment step was not run), or 'unknown'."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return "unknown"
+    done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                          timeout=30)
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
 def install_wheels(wheels: Path, target: Path) -> None:
     """pip-install ``wheels``/*.whl (no index, no dependency resolution) into ``target``; put it on the path."""
     files = sorted(wheels.glob("*.whl"))
@@ -283,12 +293,13 @@ def main(argv=None) -> int:
     environment = {}
     if (work / "environment.json").exists():
         environment = json.loads((work / "environment.json").read_text())
-    device = environment.get("device", "unknown")
+    device = environment.get("device") or _gpu_name()
     slug = ("cpu-dry-run" if args.dry_run else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
-    date = datetime.date.today().isoformat()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    date = now.date().isoformat()
     meta = {"device": device, "date": date, "commit": env["MEGATRON_AVAR_COMMIT"], "argv": list(argv or sys.argv[1:]),
             "seconds": time.monotonic() - started, "environment": environment}
-    stem = out_dir / f"gpu_check_{slug}_{date}"
+    stem = out_dir / f"gpu_check_{slug}_{now:%Y-%m-%dT%H%M}"  # reruns the same day keep their own report
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": results}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(meta, results))
     print(markdown(meta, results))

@@ -392,30 +392,50 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
 
-# Each candidate is compiled separately (~1 s each), once per specialisation (head dim, roles, masks,
-# dtype). AUTOTUNE_ENV=0 keeps only the first candidate of each kernel: same kernels and results, a
-# fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py's tests).
+# Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages). Each is compiled separately, once per
+# specialisation (head dim, roles, masks, dtype): seconds each for 2-byte inputs, up to ~30 s for fp32 with
+# 128-wide heads. fp32 inputs with BLOCK_D >= 128 take the *_WIDE_FP32 lists only: the others need more
+# than the 227 KiB of shared memory a Hopper block may use (ptxas for sm_90: the first forward candidate
+# needs 225 KiB in fp32 at D=128; the wide-fp32 ones 69-146 KiB), and a config that does not fit fails
+# at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and
+# results, a fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py).
 AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+_FWD_CONFIGS_WIDE_FP32 = [(64, 64, 4, 2), (64, 32, 4, 2)]
 _DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
+_DKDV_CONFIGS_WIDE_FP32 = [(32, 64, 4, 2), (64, 64, 4, 2)]
 _DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+_DQ_CONFIGS_WIDE_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
 
 
-def _candidates(shapes):
+def _autotune_all() -> bool:
     setting = os.environ.get(AUTOTUNE_ENV, "1")
     if setting not in ("0", "1"):
         raise ValueError(f"{AUTOTUNE_ENV}={setting!r}: use 1 (autotune, the default) or 0 (first config only)")
-    return _configs(shapes if setting == "1" else shapes[:1])
+    return setting == "1"
+
+
+def _autotuned(kernel, shapes, wide_fp32_shapes, key):
+    """``kernel`` autotuned over ``shapes`` (2-byte inputs, or fp32 with narrow heads) or ``wide_fp32_shapes``."""
+    every = list(dict.fromkeys(shapes + wide_fp32_shapes))
+    autotune_all = _autotune_all()  # read once, at import, like the decoration itself
+
+    def prune(configs, named_args, **kwargs):
+        wide = named_args["Q"].element_size() == 4 and kwargs["BLOCK_D"] >= 128
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        kept = [by_shape[shape] for shape in (wide_fp32_shapes if wide else shapes)]  # in the list's order
+        return kept if autotune_all else kept[:1]
+
+    return triton.autotune(_configs(every), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 if INTERPRETING:
     _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 else:  # Every kernel only stores its outputs (no accumulation across launches): safe to autotune.
-    _fwd = triton.autotune(_candidates(_FWD_CONFIGS), key=_TUNING_KEYS + ["COMPUTE_MASS"])(_fwd_kernel)
-    _dkdv = triton.autotune(_candidates(_DKDV_CONFIGS),
-                            key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dkdv_kernel)
-    _dq = triton.autotune(_candidates(_DQ_CONFIGS),
-                          key=_TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])(_bwd_dq_kernel)
+    _fwd = _autotuned(_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_WIDE_FP32, _TUNING_KEYS + ["COMPUTE_MASS"])
+    _dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_WIDE_FP32,
+                       _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
+    _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE_FP32, _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
 
 
 def _fixed_blocks():

@@ -46,6 +46,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
             for mb in step_batch.microbatches]
     microbatches = [_to_device(mb, device) for mb in step_batch.microbatches]
     eligible = torch.tensor([float(sum(s.num_eligible for s in sets))], device=device)
+    sets = [s.to(device) for s in sets]
     dist.all_reduce(eligible, group=parallel_state.get_data_parallel_group())
     num_eligible, num_loss_tokens = int(eligible.item()), step_batch.num_loss_tokens
     if num_loss_tokens == 0:
@@ -93,13 +94,16 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
     from megatron.core import parallel_state
 
     num_metrics = len(LAYER_METRICS)
-    layer_sums = torch.zeros(len(avar_layers), num_metrics, dtype=torch.float64)
+    layer_sums = torch.zeros(len(avar_layers), num_metrics, dtype=torch.float64, device=device)
     position = {layer: k for k, layer in enumerate(avar_layers)}
     for sink in sinks:
         for layer, sums in sink.layer_sums.items():
-            layer_sums[position[layer]] += sums.double()
-    counts_lm = sum(float(s) for s in lm_sums) if parallel_state.get_tensor_model_parallel_rank() == 0 else 0.0
-    packed = torch.cat([layer_sums.reshape(-1), torch.tensor([counts_lm], dtype=torch.float64)]).to(device)
+            layer_sums[position[layer]] += sums
+    lm_sum = torch.zeros(1, dtype=torch.float64, device=device)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        for s in lm_sums:
+            lm_sum += s.double()
+    packed = torch.cat([layer_sums.reshape(-1), lm_sum])
     dist.all_reduce(packed)  # layers (PP), head shares (TP), samples (DP): each counted exactly once
     layer_sums, lm_total = packed[:-1].reshape(len(avar_layers), num_metrics).cpu(), float(packed[-1])
     per_layer = layer_sums / max(num_eligible, 1)

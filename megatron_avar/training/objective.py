@@ -103,13 +103,23 @@ class QuerySets:
     def num_eligible(self) -> int:
         return int(self.eligible.sum())
 
+    def to(self, device: torch.device) -> QuerySets:
+        """The same sets with every tensor on ``device`` (once per micro-batch, so no layer copies them)."""
+        moved = object.__new__(QuerySets)
+        moved.num_samples = self.num_samples
+        for name in ("q_index", "q_sample", "q_count", "image_count", "system_count", "eligible"):
+            setattr(moved, name, getattr(self, name).to(device, non_blocking=True))
+        return moved
+
 
 class AGTOSink:
     """The mass sink of one microbatch: attaches each layer's AGTO term and keeps its metrics.
 
-    weight: 1 / N (eligible samples of the whole global batch). grad_scale: what the main loss's gradient is
-    multiplied by that this term must also get (data-parallel size, as megatron's DDP averages gradients
-    over DP, times the fp16 loss scale if any). num_layers: the number of AVAR layers (for mean_l).
+    sets: on the device of the masses (``QuerySets.to``). weight: 1 / N (eligible samples of the whole global
+    batch). grad_scale: what the main loss's gradient is multiplied by that this term must also get
+    (data-parallel size, as megatron's DDP averages gradients over DP, times the fp16 loss scale if any).
+    num_layers: the number of AVAR layers (for mean_l). ``layer_sums`` stay on that device (float64): the
+    trainer reads them once per step, so no layer waits for the host.
     """
 
     def __init__(self, sets: QuerySets, config: AGTOConfig, *, num_layers: int, weight: float, grad_scale: float):
@@ -124,10 +134,10 @@ class AGTOSink:
         zeros = q_mass.new_zeros(sets.num_samples, local_heads)
         image_sum = zeros.index_add(0, sets.q_sample, q_mass[..., TokenRole.IMAGE])
         system_sum = zeros.index_add(0, sets.q_sample, q_mass[..., TokenRole.SYSTEM])
-        eligible = sets.eligible.to(mass.device)
-        q_count = sets.q_count.to(mass.device).clamp(min=1)[:, None].to(mass.dtype)
-        a = image_sum / (q_count * sets.image_count.to(mass.device).clamp(min=1)[:, None])
-        b = system_sum / (q_count * sets.system_count.to(mass.device).clamp(min=1)[:, None])
+        eligible = sets.eligible
+        q_count = sets.q_count.clamp(min=1)[:, None].to(mass.dtype)
+        a = image_sum / (q_count * sets.image_count.clamp(min=1)[:, None])
+        b = system_sum / (q_count * sets.system_count.clamp(min=1)[:, None])
         l_enh = -torch.log(a + eps).sum(1) / heads.total   # per sample, this rank's share of the head mean
         l_sup = torch.log(b + eps).sum(1) / heads.total
         term = (self.config.alpha * l_enh + self.config.beta * l_sup) / self.num_layers
@@ -137,7 +147,7 @@ class AGTOSink:
             vas = zeros.index_add(0, sets.q_sample, ratio).sum(1) / (heads.total * q_count[:, 0])
             share = image_sum.detach().sum(1) / (heads.total * q_count[:, 0])
             metrics = torch.stack([l_enh.detach(), l_sup.detach(), vas, share], dim=1)  # [num_samples, 4]
-            self.layer_sums[layer_index] = (metrics * eligible[:, None]).sum(0).float().cpu()
+            self.layer_sums[layer_index] = (metrics * eligible[:, None]).sum(0).double()
         if self.config.alpha == 0 and self.config.beta == 0:
             return out
         return attach_aux_loss(out, aux, self.grad_scale)

@@ -50,6 +50,17 @@ def variants():
                                                                     HAS_OUT_GRAD=True, HAS_MASS_GRAD=True), 4, 3
     yield "dkdv fp16 mass grad only", rat._bwd_dkdv_kernel, "fp16", dict(every, BLOCK_M=64, BLOCK_N=64,
                                                                           HAS_OUT_GRAD=False, HAS_MASS_GRAD=True), 4, 2
+    # fp32 with 128-wide heads: the first candidate of each wide-fp32 list (what MEGATRON_AVAR_TRITON_AUTOTUNE=0
+    # launches); the 2-byte lists' candidates need more shared memory than a block may have in fp32.
+    wide = dict(every, PRECISION="ieee")
+    for name, kernel, shapes, extra in (
+            ("fwd", rat._fwd_kernel, rat._FWD_CONFIGS_WIDE_FP32, dict(BLOCK_R=8, COMPUTE_MASS=True)),
+            ("dkdv", rat._bwd_dkdv_kernel, rat._DKDV_CONFIGS_WIDE_FP32, dict(HAS_OUT_GRAD=True, HAS_MASS_GRAD=True)),
+            ("dq", rat._bwd_dq_kernel, rat._DQ_CONFIGS_WIDE_FP32, dict(BLOCK_R=8, HAS_OUT_GRAD=True,
+                                                                      HAS_MASS_GRAD=True))):
+        m, n, warps, stages = shapes[0]
+        yield f"{name} fp32 D=128 first wide candidate", kernel, "fp32", dict(wide, BLOCK_M=m, BLOCK_N=n, **extra), \
+            warps, stages
     yield "preprocess", rat._bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=128, BLOCK_D=128, NUM_ROLES=5, BLOCK_R=8,
                                                                   BLOCK_M=64, HAS_OUT_GRAD=True,
                                                                   HAS_MASS_GRAD=True), 4, 2
@@ -64,7 +75,16 @@ def main():
         start = time.perf_counter()
         compiled = compile_for(kernel, dtype, constexprs, warps, stages, target)
         report[name] = dict(seconds=round(time.perf_counter() - start, 2), shared_bytes=compiled.metadata.shared)
-    print(json.dumps(report))
+    # Which candidates each kernel may launch, by input dtype and BLOCK_D (its autotune pruning).
+    import torch
+
+    pruned = {}
+    for kernel_name, tuned in (("fwd", rat._fwd), ("dkdv", rat._dkdv), ("dq", rat._dq)):
+        for dtype, block_d in ((torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128)):
+            kept = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+            pruned[f"{kernel_name} {dtype} {block_d}"] = [
+                [c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages] for c in kept]
+    print(json.dumps({"compiled": report, "pruned": pruned}))
 
 
 if __name__ == "__main__":

@@ -121,15 +121,25 @@ def test_kernels_compile_for_hopper():
     In a subprocess without TRITON_INTERPRET, since this process imported the kernels interpreted.
     """
     repo = Path(__file__).resolve().parents[2]
-    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env = {key: val for key, val in os.environ.items()
+           if key not in ("TRITON_INTERPRET", role_attention_triton.AUTOTUNE_ENV)}  # every candidate listed
     env.update(PYTHONPATH=str(repo), TRITON_DEFAULT_FP_FUSION="1")
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("role_attention_aot.py"))], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 6
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    report, pruned = result["compiled"], result["pruned"]
+    assert len(report) == 9
     for name, info in report.items():  # H100/H200 give a block at most 227 KiB of shared memory
         assert 0 < info["shared_bytes"] <= 227 * 1024, name
+    as_lists = lambda shapes: [list(c) for c in shapes]  # noqa: E731
+    for kernel, narrow, wide in (("fwd", role_attention_triton._FWD_CONFIGS, role_attention_triton._FWD_CONFIGS_WIDE_FP32),
+                                 ("dkdv", role_attention_triton._DKDV_CONFIGS,
+                                  role_attention_triton._DKDV_CONFIGS_WIDE_FP32),
+                                 ("dq", role_attention_triton._DQ_CONFIGS, role_attention_triton._DQ_CONFIGS_WIDE_FP32)):
+        assert pruned[f"{kernel} torch.float32 128"] == as_lists(wide)
+        assert pruned[f"{kernel} torch.float32 64"] == as_lists(narrow)
+        assert pruned[f"{kernel} torch.bfloat16 128"] == as_lists(narrow)
 
 
 @pytest.mark.gpu
