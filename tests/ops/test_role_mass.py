@@ -1,0 +1,187 @@
+"""role_mass (the probe) equals role_attention's masses at the selected rows, in values and in gradients w.r.t.
+q and k, for every layout and mask; its cost follows the rows' keys, not S².
+
+Truth: role_attention's materialising reference in float64 on the same inputs, masses at those rows.
+Tolerances: float64 paths agree to 1e-10 (summation order only). float32 / bfloat16 inputs: the probe
+computes logits and masses in float32 from the inputs as given, so against the float64 truth of the same
+(rounded) inputs its error is float32 accumulation noise: masses within 1e-5, gradients within 1e-5 of
+their largest magnitude (sums over up to ~100 keys of O(1) terms, ~1e-7 each).
+"""
+
+import dataclasses
+import importlib
+import math
+
+import pytest
+import torch
+
+from megatron_avar.ops import role_attention, role_mass
+from role_attention_cases import Case, make
+
+role_mass_module = importlib.import_module("megatron_avar.ops.role_mass")  # the package's name is the function
+IMPLS = ("reference", "blockwise")
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Several row tiles and key tiles even on ~40-token sequences."""
+    monkeypatch.setattr(role_mass_module, "BLOCKWISE_ROWS", 3)
+    monkeypatch.setattr(role_mass_module, "BLOCKWISE_KEYS", 8)
+
+
+def _truth(q, k, v, roles, kwargs, rows, grad_weights):
+    """role_attention's reference masses at ``rows`` [N, Hq, R] and d(loss)/d(q, k) in float64."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _, mass = role_attention(q64, k64, v64, roles, impl="reference", **kwargs)
+    flat = mass.permute(1, 0, 2) if "cu_seqlens" in kwargs else mass.permute(0, 2, 1, 3).reshape(
+        -1, mass.shape[1], mass.shape[3])                                     # [B*S or T, Hq, R]
+    picked = flat[rows]
+    dq, dk = torch.autograd.grad((picked * grad_weights).sum(), (q64, k64))
+    return picked.detach(), dq, dk
+
+
+def _probe(q, k, roles, kwargs, rows, grad_weights, impl):
+    q_, k_ = (t.detach().clone().requires_grad_() for t in (q, k))
+    kwargs = {key: val for key, val in kwargs.items() if key in ("num_roles", "causal", "cu_seqlens")}
+    mass = role_mass(q_, k_, roles, rows, impl=impl, **kwargs)
+    dq, dk = torch.autograd.grad((mass.double() * grad_weights).sum(), (q_, k_), allow_unused=True)
+    return mass.detach(), torch.zeros_like(q_) if dq is None else dq, torch.zeros_like(k_) if dk is None else dk
+
+
+def _rows(case: Case, how: str, gen) -> torch.Tensor:
+    total = sum(case.packed) if case.packed else case.batch * case.seq_len
+    if how == "all":
+        return torch.arange(total)
+    if how == "one":
+        return torch.tensor([total - 1])
+    if how == "edges":  # first and last token of every sample / batch row, in reverse order, one repeated
+        if case.packed:
+            ends = list(torch.tensor(case.packed).cumsum(0))
+            starts = [0] + ends[:-1]
+        else:
+            starts = [b * case.seq_len for b in range(case.batch)]
+            ends = [s + case.seq_len for s in starts]
+        edges = sorted({int(x) for s, e in zip(starts, ends) if e > s for x in (s, e - 1)}, reverse=True)
+        return torch.tensor(edges + edges[:1])
+    return torch.randperm(total, generator=gen)[: max(1, total // 3)]     # "random": a third, shuffled
+
+
+CASES = [
+    (Case(), "random"),
+    (Case(causal=False, padding="right"), "all"),
+    (Case(num_q_heads=2, num_kv_heads=2, padding="left"), "edges"),                       # GQA 1
+    (Case(num_q_heads=7, num_kv_heads=1, head_dim=80, roles="scattered", num_roles=5), "random"),  # GQA 7
+    (Case(batch=1, seq_len=45, head_dim=128, num_roles=6, roles="scattered"), "one"),
+    (Case(padding="all", num_q_heads=2, num_kv_heads=1), "all"),                          # rows without keys
+    (Case(packed=(13, 1, 24, 0, 9), num_q_heads=4, num_kv_heads=2), "edges"),
+    (Case(packed=(20, 17), causal=False, padding="tail", num_q_heads=2, num_kv_heads=1), "random"),
+    (Case(packed=(13, 1, 24, 9), num_q_heads=4, num_kv_heads=2, head_dim=32), "all"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case,how", CASES, ids=[f"{c}-{h}" for c, h in CASES])
+def test_probe_equals_role_attention_masses_and_gradients(case, how, impl):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, roles, kwargs = make(case, torch.float64, seed=21)
+    rows = _rows(case, how, gen)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, impl)
+    assert got.dtype == torch.float64 and got.shape == (rows.numel(), case.num_q_heads, case.num_roles)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    torch.testing.assert_close(dq, want_dq, atol=1e-10, rtol=0)
+    torch.testing.assert_close(dk, want_dk, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [Case(num_q_heads=7, num_kv_heads=1, head_dim=128, num_roles=5, padding="left"),
+                                  Case(packed=(30, 1, 11), num_q_heads=4, num_kv_heads=2, head_dim=16)], ids=str)
+def test_low_precision_inputs_accumulate_in_float32(case, dtype):
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, roles, kwargs = make(case, dtype, seed=22)
+    rows = _rows(case, "random", gen)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "blockwise")
+    assert got.dtype == torch.float32 and dq.dtype == dtype and dk.dtype == dtype
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # The gradients are returned in the input dtype: bf16 rounding (2^-8 relative) on top of fp32 noise.
+    grad_tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for got_g, want_g in ((dq, want_dq), (dk, want_dk)):
+        torch.testing.assert_close(got_g.double(), want_g, atol=grad_tol * want_g.abs().max().item(), rtol=grad_tol)
+
+
+def test_masses_of_rows_with_keys_sum_to_one_and_empty_rows_are_zero():
+    case = Case(padding="all", num_q_heads=2, num_kv_heads=1)
+    q, k, _, roles, kwargs = make(case, torch.float32, seed=23)
+    mass = role_mass(q, k, roles, torch.arange(2 * case.seq_len), num_roles=case.num_roles)
+    sums = mass.sum(-1)
+    assert torch.equal(sums[: case.seq_len], torch.zeros_like(sums[: case.seq_len]))   # batch row 0 all padding
+    assert not torch.isnan(mass).any()
+    has_keys = torch.cumsum(roles[1] >= 0, 0) > 0                       # causal: some allowed key at or before
+    torch.testing.assert_close(sums[case.seq_len:][has_keys], torch.ones_like(sums[case.seq_len:][has_keys]))
+
+
+def test_no_rows_gives_an_empty_result_that_backpropagates():
+    q, k, _, roles, kwargs = make(Case(), torch.float32, seed=24)
+    mass = role_mass(q, k, roles, torch.zeros(0, dtype=torch.long), num_roles=3)
+    assert mass.shape == (0, 4, 3)
+    mass.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_blockwise_work_follows_the_rows_keys_not_the_sequence(monkeypatch):
+    """In a 4-sample packed row, the probe of rows in one sample touches only that sample's keys."""
+    seen = []
+    original = role_mass_module._tile_logits
+
+    def recording(problem, q_tile, j0, j1, lo_t, hi_t):
+        seen.append((j0, j1))
+        return original(problem, q_tile, j0, j1, lo_t, hi_t)
+
+    monkeypatch.setattr(role_mass_module, "_tile_logits", recording)
+    case = Case(packed=(64, 64, 64, 64), num_q_heads=2, num_kv_heads=1)
+    q, k, _, roles, kwargs = make(case, torch.float32, seed=25)
+    role_mass(q, k, roles, torch.tensor([140, 150, 130]), num_roles=3, cu_seqlens=kwargs["cu_seqlens"])
+    assert seen and min(j0 for j0, _ in seen) == 128 and max(j1 for _, j1 in seen) == 151
+    assert sum(j1 - j0 for j0, j1 in seen) == 151 - 128                 # one row tile: every key once
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(query_rows=torch.tensor([0, 74])), r"query_rows must be flat query indices in \[0, 74\)"),
+    (dict(query_rows=torch.tensor([[0]])), "query_rows must be a 1-D int64 tensor"),
+    (dict(query_rows=torch.tensor([0.0])), "query_rows must be a 1-D int64 tensor"),
+    (dict(num_roles=2), r"key_roles values must lie in \[-1, num_roles=2\)"),
+    (dict(impl="fast"), "impl='fast' is not an implementation"),
+    (dict(k=torch.zeros(2, 37, 3, 16)), "query heads \\(4\\) must be a multiple of key heads \\(3\\)"),
+    (dict(cu_seqlens=torch.tensor([0, 74])), r"q must be \[T, H, D\] \(THD, cu_seqlens given\)"),
+])
+def test_bad_arguments_are_refused_by_name(bad, match):
+    q, k, _, roles, _ = make(Case(), torch.float32, seed=26)
+    args = {**dict(q=q, k=k, key_roles=roles, query_rows=torch.tensor([0, 5]), num_roles=3), **bad}
+    with pytest.raises((ValueError, TypeError), match=match):
+        role_mass(args.pop("q"), args.pop("k"), args.pop("key_roles"), args.pop("query_rows"), **args)
+
+
+def test_bad_cu_seqlens_is_refused():
+    case = Case(packed=(10, 20))
+    q, k, _, roles, _ = make(case, torch.float32, seed=27)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=30"):
+        role_mass(q, k, roles, torch.tensor([3]), num_roles=3, cu_seqlens=torch.tensor([0, 10, 29]))
+
+
+def test_no_host_sync_without_value_checks(monkeypatch):
+    """check_values=False: nothing in the blockwise-free path (reference) reads a device value on the host."""
+    case = dataclasses.replace(Case(packed=(10, 20)))
+    q, k, _, roles, kwargs = make(case, torch.float32, seed=28)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host sync")
+
+    for name in ("item", "tolist", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    mass = role_mass(q, k, roles, torch.tensor([3, 25]), num_roles=3, cu_seqlens=kwargs["cu_seqlens"],
+                     impl="reference", check_values=False)
+    monkeypatch.undo()
+    assert mass.shape == (2, 4, 3) and math.isclose(float(mass[1].sum(-1).mean()), 1.0, rel_tol=1e-5)
