@@ -9,6 +9,8 @@ per sequence length (1k-32k), forward and forward+backward, for:
   triton, masses off       the same kernels with mass accumulation compiled out (cost of the masses)
   torch SDPA (flash)       torch's FlashAttention backend, K/V pre-expanded to 28 heads; no masses
   torch SDPA (cuDNN)       torch's cuDNN fused-attention backend, same inputs; no masses
+  role_mass probe          masses of 256 user-text rows only (ops.role_mass), no out: what an AVAR layer adds
+                           to the platform's fastest attention; its FLOPs are its own (2*N*Hq*keys*D, x3 fwd+bwd)
   eager + mass             plain PyTorch attention materialising P [B, H, S, S] in bf16 (fp32 softmax),
                            masses from P; the baseline without a fused kernel (OOM at long S)
 CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise vs reference
@@ -41,11 +43,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from megatron_avar import platform  # noqa: E402
-from megatron_avar.ops import role_attention  # noqa: E402
+from megatron_avar.ops import role_attention, role_mass  # noqa: E402
 from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
 from results_meta import git_commit  # noqa: E402
 
 NUM_ROLES = 5
+PROBE_ROWS = 256  # rows the role_mass probe computes: a packed row's AGTO query set is tens to hundreds
 
 
 def attention_flops(batch, num_q_heads, seq_len, head_dim, causal, with_backward):
@@ -94,12 +97,19 @@ def _gpu_methods(q, k, v, roles):
 
     from torch.nn.attention import SDPBackend
 
+    # The probe's rows: PROBE_ROWS user-text queries (the third segment of make_inputs' layout), as AGTO reads.
+    seq_len = q.shape[1]
+    user_text = torch.arange(seq_len // 2, seq_len * 5 // 8, device=q.device)
+    probe_rows = user_text[torch.linspace(0, user_text.numel() - 1, PROBE_ROWS, device=q.device).long()]
+
     return {
         "role_attention[triton]": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=True),
         "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
         "torch SDPA (flash)": sdpa(SDPBackend.FLASH_ATTENTION),
         "torch SDPA (cuDNN)": sdpa(SDPBackend.CUDNN_ATTENTION),
         "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),
+        f"role_mass probe ({PROBE_ROWS} rows)": lambda: (role_mass(q, k, roles, probe_rows, num_roles=NUM_ROLES,
+                                                                   check_values=False),),
     }, (q_sdpa, k_sdpa, v_sdpa)
 
 
@@ -145,6 +155,9 @@ def bench_gpu(seq_lens, reps):
                     base = torch.cuda.memory_allocated()
                     ms = _cuda_time_ms(step, reps)
                     flops = attention_flops(batch, num_q_heads, seq_len, head_dim, True, mode == "fwd+bwd")
+                    if name.startswith("role_mass"):  # Q K^T of its rows only: 2*N*Hq*keys*D, x3 with backward
+                        keys_seen = seq_len * 9 // 16  # the rows sit at 1/2..5/8 of the sequence (causal)
+                        flops = 2 * PROBE_ROWS * num_q_heads * keys_seen * head_dim * (3 if mode == "fwd+bwd" else 1)
                     row.update(ms=ms, tflops=flops / ms / 1e9,
                                peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
                 except torch.OutOfMemoryError:

@@ -8,8 +8,9 @@ Steps, in order, each a subprocess with its own time limit (the whole run also h
 would start after the budget is recorded as not run, so a rerun can take it with --only):
   environment           GPU, driver, versions; the measured bf16 matmul rate and copy bandwidth (the ceilings
                         the benchmarks' TFLOP/s are read against); the project's imports
-  triton_kernels        the Triton kernels' GPU tests: bf16/fp16 at Qwen2.5-VL-7B heads up to a 32k packed row
-                        against the reference, determinism
+  triton_kernels        the Triton kernels' GPU tests: role_attention bf16/fp16 at Qwen2.5-VL-7B heads up to a
+                        32k packed row against the reference, determinism; the role_mass probe's kernels
+                        (every layout and mask, low precision, determinism, 512 rows of a 32k row)
   gpu_tests             every other test marked `gpu`: the SFT step on CUDA (fp32 = CPU, bf16 within bf16
                         error), the local rollout backend's CUDA log-probs = the HF forward (vLLM's are skipped
                         where vLLM is not installed)
@@ -72,7 +73,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
     if dry_run:  # the same entry points at toy sizes; tests only collected (the CPU suite runs them)
         return [
             Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 120),
-            Step("triton_kernels", pytest + ["--collect-only", "tests/ops/test_role_attention_triton.py"], 120,
+            Step("triton_kernels", pytest + ["--collect-only", "tests/ops/test_role_attention_triton.py",
+                                             "tests/ops/test_role_mass.py", "-k", "gpu or triton_probe"], 120,
                  junit=True),
             Step("gpu_tests", pytest + ["--collect-only", "-m", "gpu", "tests"], 180, junit=True),
             Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "cpu", "--seq-lens", "256",
@@ -87,7 +89,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
         ]
     return [
         Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 60),
-        Step("triton_kernels", pytest + ["-m", "gpu", "tests/ops/test_role_attention_triton.py"], 150, junit=True),
+        Step("triton_kernels", pytest + ["tests/ops/test_role_attention_triton.py", "tests/ops/test_role_mass.py",
+                                         "-k", "gpu or triton_probe"], 150, junit=True),
         Step("gpu_tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
              180, junit=True),
         Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",

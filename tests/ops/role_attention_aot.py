@@ -15,9 +15,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from megatron_avar.ops import role_attention_triton as rat
+from megatron_avar.ops import role_mass_triton as rmt
 
 _POINTER_TYPES = {"Roles": "*i32", "QMask": "*i8", "RowStart": "*i32", "RowEnd": "*i32", "ScaleTab": "*fp32",
-                  "BiasTab": "*fp32", "Mass": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "DMass": "*fp32"}
+                  "BiasTab": "*fp32", "Mass": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "DMass": "*fp32",
+                  "Rows": "*i64", "KeyLo": "*i64", "KeyHi": "*i64", "BlockLo": "*i64", "BlockHi": "*i64"}
+_FLOAT_SCALARS = ("sm_scale_log2", "sm_scale")
 
 
 def compile_for(kernel, dtype, constexprs, num_warps, num_stages, target):
@@ -30,7 +33,7 @@ def compile_for(kernel, dtype, constexprs, num_warps, num_stages, target):
         elif name[0].isupper():                  # pointer arguments are capitalised
             signature[name] = _POINTER_TYPES.get(name, "*" + dtype)
         else:
-            signature[name] = "fp32" if name == "sm_scale_log2" else "i32"
+            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -61,6 +64,13 @@ def variants():
         m, n, warps, stages = shapes[0]
         yield f"{name} fp32 D=128 first wide candidate", kernel, "fp32", dict(wide, BLOCK_M=m, BLOCK_N=n, **extra), \
             warps, stages
+    # The role-mass probe's kernels (one block configuration on GPUs), bf16 and fp32 at D=128.
+    mass_m, mass_n, mass_warps, mass_stages = rmt.GPU_BLOCKS
+    for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+        probe = dict(HEAD_DIM=128, BLOCK_D=128, NUM_ROLES=5, BLOCK_R=16, BLOCK_M=mass_m, BLOCK_N=mass_n,
+                     DOT_FP32=False, PRECISION=precision)
+        for name, kernel in (("fwd", rmt._mass_fwd_kernel), ("dq", rmt._mass_dq_kernel), ("dk", rmt._mass_dk_kernel)):
+            yield f"role_mass {name} {dtype}", kernel, dtype, probe, mass_warps, mass_stages
     yield "preprocess", rat._bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=128, BLOCK_D=128, NUM_ROLES=5, BLOCK_R=8,
                                                                   BLOCK_M=64, HAS_OUT_GRAD=True,
                                                                   HAS_MASS_GRAD=True), 4, 2

@@ -20,6 +20,7 @@ from role_attention_cases import Case, make
 
 role_mass_module = importlib.import_module("megatron_avar.ops.role_mass")  # the package's name is the function
 IMPLS = ("reference", "blockwise")
+role_mass_triton = importlib.import_module("megatron_avar.ops.role_mass_triton")
 
 
 @pytest.fixture(autouse=True)
@@ -185,3 +186,104 @@ def test_no_host_sync_without_value_checks(monkeypatch):
                      impl="reference", check_values=False)
     monkeypatch.undo()
     assert mass.shape == (2, 4, 3) and math.isclose(float(mass[1].sum(-1).mean()), 1.0, rel_tol=1e-5)
+
+
+@pytest.fixture
+def triton_device():
+    """CPU under the Triton interpreter (tests/conftest.py sets it without CUDA), else the GPU."""
+    if role_mass_triton.INTERPRETING:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1")
+    return torch.device("cuda")
+
+
+def _to(device, q, k, v, roles, kwargs):
+    kwargs = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
+    return q.to(device), k.to(device), v.to(device), roles.to(device), kwargs
+
+
+@pytest.mark.parametrize("case,how", CASES, ids=[f"{c}-{h}" for c, h in CASES])
+def test_triton_probe_equals_role_attention_masses_and_gradients(case, how, triton_device):
+    """fp32 inputs, dots in IEEE fp32: against the float64 truth, float32 accumulation noise only."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=29))
+    rows = _rows(case, how, gen).to(triton_device)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    weights = weights.to(triton_device)
+    want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    for got_g, want_g in ((dq, want_dq), (dk, want_dk)):
+        scale = max(want_g.abs().max().item(), 1.0)
+        torch.testing.assert_close(got_g.double(), want_g, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_probe_low_precision_within_the_blockwise_budget(dtype, triton_device):
+    """bf16/fp16 inputs: masses accumulate in fp32 (as blockwise: within 1e-5 of the truth); the gradients'
+    products run in the input dtype, so their error may be at most 2x plain low-precision PyTorch's
+    (role_attention's reference computed in that dtype) plus fp32 noise."""
+    case = Case(packed=(30, 1, 18), num_q_heads=4, num_kv_heads=2, head_dim=64, num_roles=5)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, roles, kwargs = _to(triton_device, *make(case, dtype, seed=30))
+    rows = _rows(case, "random", gen).to(triton_device)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    weights = weights.to(triton_device)
+    want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    plain_dq, plain_dk = _plain_grads(q, k, v, roles, kwargs, rows, weights)
+    for name, got_g, plain_g, want_g in (("dq", dq, plain_dq, want_dq), ("dk", dk, plain_dk, want_dk)):
+        err = (got_g.double() - want_g).abs().max().item()
+        plain_err = (plain_g.double() - want_g).abs().max().item()
+        floor = 32 * torch.finfo(torch.float32).eps * max(1.0, want_g.abs().max().item())
+        assert err <= 2 * plain_err + floor, f"{name}: {err:.2e} > 2 x {plain_err:.2e} + {floor:.1e}"
+
+
+def _plain_grads(q, k, v, roles, kwargs, rows, weights):
+    """dq, dk of the same loss through role_attention's reference computed in q's dtype (plain PyTorch)."""
+    from megatron_avar.ops.role_attention import build_problem, reference_role_attention
+
+    q_, k_, v_ = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    problem, thd = build_problem(q_, k_, v_, roles, **kwargs)
+    _, mass = reference_role_attention(problem, compute_dtype=q.dtype)
+    flat = mass.squeeze(0).permute(1, 0, 2) if thd else mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])
+    return torch.autograd.grad((flat[rows].double() * weights).sum(), (q_, k_))
+
+
+def test_triton_probe_is_deterministic(triton_device):
+    case = Case(packed=(25, 40), num_q_heads=4, num_kv_heads=1, head_dim=32)
+    q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=31))
+    rows = torch.tensor([60, 3, 24, 30, 61, 64], device=triton_device)
+    weights = torch.ones(rows.numel(), case.num_q_heads, case.num_roles, dtype=torch.float64, device=triton_device)
+    first = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    second = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_probe_at_qwen_scale_on_gpu(dtype):
+    """Qwen2.5-VL-7B's heads (28 / 4, D=128), a 32,768-token packed row of 4 samples, 512 rows spread over the
+    samples. Truth: the materialising probe reference (equal to role_attention's masses: the CPU tests) in
+    float64 from the same inputs. Masses accumulate in fp32 (1e-5); the gradients' products run in the input
+    dtype, so they are held to that dtype's resolution: 2^-7 (bf16) / 2^-10 (fp16) of their largest value."""
+    from megatron_avar.ops.role_mass import build_mass_problem, reference_role_mass
+
+    case = Case(packed=(9000, 1, 15000, 8767), num_q_heads=28, num_kv_heads=4, head_dim=128, num_roles=5,
+                padding="tail")
+    q, k, _, roles, kwargs = _to(torch.device("cuda"), *make(case, dtype, seed=32))
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.randperm(sum(case.packed), generator=gen)[:512].cuda()
+    weights = torch.randn(512, 28, 5, generator=gen, dtype=torch.float64).cuda()
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    want = reference_role_mass(build_mass_problem(q64, k64, roles, rows, num_roles=5, cu_seqlens=kwargs["cu_seqlens"]))
+    want_dq, want_dk = torch.autograd.grad((want * weights).sum(), (q64, k64))
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=0)
+    resolution = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for got_g, want_g in ((dq, want_dq), (dk, want_dk)):
+        torch.testing.assert_close(got_g.double(), want_g, atol=resolution * want_g.abs().max().item(), rtol=0)
