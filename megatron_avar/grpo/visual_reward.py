@@ -109,7 +109,6 @@ class VisualRewardSink:
         self._partial: torch.Tensor | None = None   # float32 [N_t, num_layers, 2]: (IMG, SYS) head-mean shares
         self._coverage: torch.Tensor | None = None  # float32 [num_layers]: Σ local heads / total heads
         self._reduced = False
-        self._index: torch.Tensor | None = None     # tokens.index on the masses' device
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._partial is None:
@@ -117,25 +116,28 @@ class VisualRewardSink:
             self._coverage = torch.zeros(len(self.layers), device=device)
         return self._partial, self._coverage
 
+    @property
+    def query_rows(self) -> torch.Tensor:
+        """The rows this sink reads (``MassSink``): every RESPONSE query, flat [B * S] indices."""
+        return self.tokens.index
+
     def __call__(self, layer_index: int, mass: torch.Tensor, out: torch.Tensor, heads: LayerHeads) -> torch.Tensor:
+        """mass: float32 [N_t, heads.local, R], the masses of ``query_rows`` (the response tokens)."""
         slot = self._slot.get(layer_index)
         if slot is None:
             return out
         if self._reduced:
             raise RuntimeError("VisualRewardSink received masses after all_reduce: use a new sink per forward pass")
-        batch, local_heads, seq, num_roles = mass.shape
-        if (batch, seq) != (self.tokens.batch_size, self.tokens.seq_length) or num_roles != NUM_ROLES:
-            raise ValueError(f"layer {layer_index} reported masses of shape {tuple(mass.shape)}; this sink's "
-                             f"tokens are [B={self.tokens.batch_size}, S={self.tokens.seq_length}] and it needs "
-                             f"R = NUM_ROLES = {NUM_ROLES} (TokenRole key roles, SYSTEM including the sink)")
+        num_tokens, local_heads, num_roles = mass.shape
+        if num_tokens != self.tokens.num_tokens or num_roles != NUM_ROLES:
+            raise ValueError(f"layer {layer_index} reported masses of shape {tuple(mass.shape)}; this sink reads "
+                             f"{self.tokens.num_tokens} response rows and needs R = NUM_ROLES = {NUM_ROLES} "
+                             "(TokenRole key roles, SYSTEM including the sink)")
         if local_heads != heads.local:
             raise ValueError(f"layer {layer_index}: masses hold {local_heads} heads but heads.local = {heads.local}")
         partial, coverage = self._buffers(mass.device)
         with torch.no_grad():  # a reward, never a loss: no graph is kept or extended
-            roles_bs2 = mass.detach()[..., [TokenRole.IMAGE, TokenRole.SYSTEM]].sum(1)       # [B, S, 2]
-            if self._index is None or self._index.device != mass.device:
-                self._index = self.tokens.index.to(mass.device)
-            rows = roles_bs2.reshape(batch * seq, 2).index_select(0, self._index)
+            rows = mass.detach()[..., [TokenRole.IMAGE, TokenRole.SYSTEM]].sum(1)            # [N_t, 2]
             # Assignment, not accumulation: under activation recompute a layer is reported twice.
             partial[:, slot] = rows.float() / heads.total
             coverage[slot] = heads.local / heads.total

@@ -1,12 +1,20 @@
-"""megatron-core core attention for AVAR layers: role_attention, plus the per-role masses of the layer.
+"""megatron-core core attention for AVAR layers: attention, plus the per-role masses of the layer.
 
 AVAR's losses, metrics and rewards are functions of m_IMG and m_SYS, the attention mass each query puts on
 IMAGE and SYSTEM keys (AVAR_SPEC.md). In the layers listed as AVAR layers, the model's core attention is
 :class:`RoleMassCoreAttention` (chosen through megatron's layer spec, see
-``models.qwen2_5_vl.model.language_block_spec``); it computes attention with
-:func:`megatron_avar.ops.role_attention` — never the S x S matrix — and hands the layer's masses
-``[B, heads of this TP rank, S, R]`` to a :class:`MassSink` (the AGTO loss, a VAS meter, the GRPO visual
-reward), which may attach an auxiliary loss to the layer's output.
+``models.qwen2_5_vl.model.language_block_spec``); it never forms the S x S matrix, and hands the layer's
+masses to a :class:`MassSink` (the AGTO loss, a VAS meter, the GRPO visual reward), which may attach an
+auxiliary loss to the layer's output.
+
+Two ways to get the masses (``RoleMassParams.mass_mode``):
+  "probe" (default): ``out`` from the platform's fastest causal attention
+      (:func:`megatron_avar.ops.causal_attention`) and the masses of only the rows the sink reads
+      (``MassSink.query_rows``) from :func:`megatron_avar.ops.role_mass`; with no sink, no masses at all.
+  "fused": :func:`megatron_avar.ops.role_attention` computes ``out`` and every row's masses in one kernel.
+Either way a sink that declares ``query_rows`` receives float32 [N, heads of this TP rank, R] for those rows,
+and one that does not receives [B, heads of this TP rank, S, R] (computed fused). The training-free
+intervention's logit edits change ``out``, so an edited layer always runs fused.
 
 How the per-batch inputs reach every layer: megatron hands one per-batch object down to every core
 attention call, ``packed_seq_params`` — through the transformer block, full-layer activation recompute
@@ -30,11 +38,14 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_avar.ops import role_attention
+from megatron_avar.ops import role_attention, role_mass
+from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.roles import NUM_ROLES
 
 __all__ = ["RoleMassParams", "RoleLogitEdits", "LayerHeads", "MassSink", "RoleMassCoreAttention",
-           "ignoring_role_mass_params", "segment_cu_seqlens"]
+           "ignoring_role_mass_params", "segment_cu_seqlens", "MASS_MODES"]
+
+MASS_MODES = ("probe", "fused")
 
 
 @dataclass(frozen=True)
@@ -49,11 +60,14 @@ class LayerHeads:
 class MassSink(Protocol):
     """Receives the masses of every AVAR layer as the layer runs.
 
-    ``layer_index``: 0-based global decoder layer; ``mass``: float32 [B, heads.local, S, R], differentiable
-    with respect to the layer's q and k; ``out``: the layer's attention output [S, B, heads.local * D].
-    Returns ``out`` or a tensor equal to it carrying an auxiliary loss (see ``training.aux_loss``). Under
-    activation recompute the same layer is reported twice per step (the first time with grad disabled);
-    a sink keeps per-layer results keyed by ``layer_index`` so the second report replaces the first.
+    ``query_rows`` (optional attribute): int64 [N] on the batch's device, the rows the sink reads, as indices
+    into the row-major flattened [B * S] token stream, set once per batch (e.g. AGTO's queries). Then ``mass``
+    is float32 [N, heads.local, R] for those rows, in that order; without it (or None), [B, heads.local, S, R].
+    ``layer_index``: 0-based global decoder layer; ``mass`` is differentiable with respect to the layer's q
+    and k; ``out``: the layer's attention output [S, B, heads.local * D]. Returns ``out`` or a tensor equal
+    to it carrying an auxiliary loss (see ``training.aux_loss``). Under activation recompute the same layer
+    is reported twice per step (the first time with grad disabled); a sink keeps per-layer results keyed by
+    ``layer_index`` so the second report replaces the first.
     """
 
     def __call__(self, layer_index: int, mass: torch.Tensor, out: torch.Tensor, heads: LayerHeads) -> torch.Tensor:
@@ -94,8 +108,10 @@ class RoleMassParams(PackedSeqParams):
     segment_ids: int [B, S] or None: packed rows, the sample index of every token within its row (-1 on
         padding); attention never crosses samples. None: each row is one sample.
     edits: the intervention's logit edits, or None.
-    sink: where each AVAR layer's masses go, or None (masses computed and dropped).
-    impl: role_attention implementation ("auto" picks Triton on GPU, blockwise on CPU).
+    sink: where each AVAR layer's masses go, or None (no masses are needed).
+    impl: kernel family ("auto": Triton on GPU, the CPU path otherwise; "triton", "blockwise", "reference").
+    mass_mode: "probe" (fast attention + the probe on the sink's rows) or "fused" (module docstring).
+    Built once per batch: key_roles' values are checked here, so no layer waits on the device for them.
     """
 
     key_roles: torch.Tensor | None = None
@@ -103,20 +119,27 @@ class RoleMassParams(PackedSeqParams):
     edits: RoleLogitEdits | None = None
     sink: MassSink | None = None
     impl: str = "auto"
+    mass_mode: str = "probe"
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.qkv_format = "sbhd"  # megatron's rotary / TE code paths must not read this as a THD batch
         if self.key_roles is None:
             raise ValueError("RoleMassParams needs key_roles (int [B, S], TokenRole per token, -1 on padding)")
+        if self.mass_mode not in MASS_MODES:
+            raise ValueError(f"mass_mode={self.mass_mode!r}: allowed {', '.join(MASS_MODES)}")
+        if self.impl not in ("auto", "triton", "blockwise", "reference"):
+            raise ValueError(f"impl={self.impl!r}: allowed auto, triton, blockwise, reference")
+        if self.key_roles.numel():
+            low, high = (int(x) for x in torch.aminmax(self.key_roles))
+            if low < -1 or high >= NUM_ROLES:
+                raise ValueError(f"key_roles must lie in [-1, {NUM_ROLES}) (TokenRole, -1 padding), got {low}..{high}")
+        if self.segment_ids is not None and self._cu_seqlens is None:
+            self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:
         """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
-        run of padding), computed once per batch."""
-        if self.segment_ids is None:
-            return None
-        if self._cu_seqlens is None:
-            self._cu_seqlens = segment_cu_seqlens(self.segment_ids)
+        run of padding), computed once per batch (None: one sample per row)."""
         return self._cu_seqlens
 
 
@@ -184,26 +207,68 @@ class RoleMassCoreAttention(MegatronModule):
         if params.edits is not None and (params.edits.layers is None or self.layer_index in params.edits.layers):
             query_mask = params.edits.query_mask
             scale, bias = params.edits.for_heads(self.heads)
-        impl = self.impl or params.impl
+        sink = params.sink
+        rows = getattr(sink, "query_rows", None) if sink is not None else None
         cu_seqlens = params.packed_cu_seqlens()
-        if cu_seqlens is None:
-            out, mass = role_attention(
-                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), params.key_roles,
-                num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale, query_mask=query_mask,
-                role_logit_scale=scale, role_logit_bias=bias, impl=impl)            # out [B, S, H, D]
-        else:  # packed rows: one THD problem over the flattened B * S stream, one segment per sample
-            flat = lambda x: x.transpose(0, 1).reshape(batch * seq, *x.shape[2:])  # noqa: E731
-            out, mass = role_attention(
-                flat(query), flat(key), flat(value), params.key_roles.reshape(-1), num_roles=NUM_ROLES,
-                causal=True, softmax_scale=self.softmax_scale,
-                query_mask=None if query_mask is None else query_mask.reshape(-1),
-                role_logit_scale=scale, role_logit_bias=bias, impl=impl, cu_seqlens=cu_seqlens)
-            out = out.view(batch, seq, *out.shape[1:])
-            mass = mass.view(mass.shape[0], batch, seq, mass.shape[-1]).transpose(0, 1)  # [B, H, S, R]
+        fused = params.mass_mode == "fused" or query_mask is not None or (sink is not None and rows is None)
+        if fused:
+            out, mass = self._fused(query, key, value, params, cu_seqlens, query_mask, scale, bias)
+            if rows is not None:
+                mass = mass.permute(0, 2, 1, 3).reshape(batch * seq, *mass.shape[1::2])[rows]  # [N, H, R]
+        else:
+            out, mass = self._probe(query, key, value, params, cu_seqlens, rows)
         out = out.transpose(0, 1).reshape(seq, batch, -1)
-        if params.sink is not None:
-            out = params.sink(self.layer_index, mass, out, self.heads)
+        if sink is not None:
+            out = sink(self.layer_index, mass, out, self.heads)
         return out
+
+    def _fused(self, query, key, value, params, cu_seqlens, query_mask, scale, bias):
+        """role_attention: out [B, S, H, D] and every row's masses [B, H, S, R]."""
+        seq, batch = query.shape[:2]
+        common = dict(num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale, role_logit_scale=scale,
+                      role_logit_bias=bias, impl=self.impl or params.impl, check_values=False)
+        if cu_seqlens is None:
+            return role_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                  params.key_roles, query_mask=query_mask, **common)
+        # packed rows: one THD problem over the flattened B * S stream, one segment per sample
+        flat = lambda x: x.transpose(0, 1).reshape(batch * seq, *x.shape[2:])  # noqa: E731
+        out, mass = role_attention(flat(query), flat(key), flat(value), params.key_roles.reshape(-1),
+                                   query_mask=None if query_mask is None else query_mask.reshape(-1),
+                                   cu_seqlens=cu_seqlens, **common)
+        out = out.view(batch, seq, *out.shape[1:])
+        return out, mass.view(mass.shape[0], batch, seq, mass.shape[-1]).transpose(0, 1)  # [B, H, S, R]
+
+    def _probe(self, query, key, value, params, cu_seqlens, rows):
+        """causal_attention's out [B, S, H, D] and role_mass at ``rows`` [N, H, R] (None without rows)."""
+        seq, batch = query.shape[:2]
+        impl = self.impl or params.impl
+        attention_impl = _ATTENTION_IMPL[impl]
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))         # [B, S, H, D]
+        if cu_seqlens is None:
+            out = causal_attention(q, k, v, params.key_roles, softmax_scale=self.softmax_scale, impl=attention_impl,
+                                   check_values=False)
+        else:
+            flat = lambda x: x.reshape(batch * seq, *x.shape[2:])  # noqa: E731
+            out = causal_attention(flat(q), flat(k), flat(v), params.key_roles.reshape(-1),
+                                   softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, impl=attention_impl,
+                                   check_values=False).view(batch, seq, *q.shape[2:])
+        if rows is None:
+            return out, None
+        mass = role_mass(q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),
+                         params.key_roles.reshape(-1), rows, num_roles=NUM_ROLES, softmax_scale=self.softmax_scale,
+                         cu_seqlens=cu_seqlens if cu_seqlens is not None else _whole_rows(batch, seq, q.device),
+                         impl=impl, check_values=False)
+        return out, mass
+
+
+# The attention behind ``out`` in probe mode, per kernel family: the CPU family's plain attention is SDPA; the
+# reference family stays exact (role_attention's blockwise path) for tests.
+_ATTENTION_IMPL = {"auto": "auto", "triton": "triton", "blockwise": "sdpa", "reference": "blockwise"}
+
+
+def _whole_rows(batch: int, seq: int, device) -> torch.Tensor:
+    """cu_seqlens of a padded batch seen as one THD stream: each row one sample (padding keys are masked)."""
+    return torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
 
 
 def ignoring_role_mass_params(core_attention_cls: type) -> type:

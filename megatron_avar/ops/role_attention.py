@@ -24,6 +24,7 @@ where c_ij = softmax_scale * scale[h, role_j] on edited rows and softmax_scale e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -50,9 +51,8 @@ class RoleAttentionProblem:
 
     q [B, S, Hq, D]; k, v [B, S, Hkv, D]; key_roles int [B, S] in [-1, num_roles);
     query_mask bool [B, S] or None; row_start / row_end int32 [B, S] or None (None: every query may
-    see keys [0, S)); row_bounds_host: (start, end) lists per token for THD, used to skip tiles
-    without a device sync; logit_scale / logit_bias float32 [Hq, R] or None (only set together with
-    query_mask; a missing one of the two means 1 / 0).
+    see keys [0, S)), built on the device; logit_scale / logit_bias float32 [Hq, R] or None (only set
+    together with query_mask; a missing one of the two means 1 / 0).
     """
 
     q: torch.Tensor
@@ -67,11 +67,18 @@ class RoleAttentionProblem:
     logit_bias: torch.Tensor | None
     row_start: torch.Tensor | None
     row_end: torch.Tensor | None
-    row_bounds_host: tuple[list[int], list[int]] | None
 
     @property
     def has_edits(self) -> bool:
         return self.query_mask is not None and (self.logit_scale is not None or self.logit_bias is not None)
+
+    @functools.cached_property
+    def row_bounds_host(self) -> tuple[list[int], list[int]] | None:
+        """(start, end) lists per token of the THD windows, for the blockwise path's tile skipping (one
+        device-to-host copy, made only when that path asks)."""
+        if self.row_start is None:
+            return None
+        return self.row_start.reshape(-1).tolist(), self.row_end.reshape(-1).tolist()
 
     def key_range(self, i0: int, i1: int) -> tuple[int, int]:
         """Keys [lo, hi) that any query in [i0, i1) may attend to (a superset; masks do the rest)."""
@@ -99,6 +106,7 @@ def role_attention(
     role_logit_bias: torch.Tensor | Sequence[float] | None = None,
     impl: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention that also returns the per-role probability mass of every query row and head.
 
@@ -130,11 +138,15 @@ def role_attention(
     "blockwise" tiles queries and keys with an online softmax (extra memory O(B*Hq*S*R) plus
     O(B*Hq*tile^2)); "triton" runs fused kernels (CUDA, or the Triton interpreter on CPU);
     "auto" picks triton for CUDA tensors when Triton's GPU backend is usable, blockwise otherwise.
+
+    check_values: verify key_roles' range, the logit tables and cu_seqlens on the host (a device sync
+    each). Callers that validated them once per batch (the AVAR layers) pass False: then building the
+    problem waits for nothing on the device (the blockwise path still reads the packed windows once).
     """
     problem, thd = build_problem(
         q, k, v, key_roles, num_roles=num_roles, causal=causal, softmax_scale=softmax_scale,
         query_mask=query_mask, role_logit_scale=role_logit_scale, role_logit_bias=role_logit_bias,
-        impl=impl, cu_seqlens=cu_seqlens,
+        impl=impl, cu_seqlens=cu_seqlens, check_values=check_values,
     )
     impl = _resolve_impl(impl, problem.q)
     if problem.q.numel() == 0 or problem.q.shape[1] == 0:
@@ -157,11 +169,11 @@ def role_attention(
 
 
 def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=None, query_mask=None,
-                  role_logit_scale=None, role_logit_bias=None, impl="auto", cu_seqlens=None):
+                  role_logit_scale=None, role_logit_bias=None, impl="auto", cu_seqlens=None, check_values=True):
     """Validate :func:`role_attention`'s arguments (same meaning) and return (problem, is_thd).
 
-    Raises TypeError / ValueError naming the bad argument and the fix. Checks key_roles' value range
-    and cu_seqlens on the host (one device sync each).
+    Raises TypeError / ValueError naming the bad argument and the fix. With ``check_values`` it also
+    checks key_roles' value range, the logit tables and cu_seqlens on the host (one device sync each).
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl={impl!r} is not an implementation; use one of {IMPLEMENTATIONS}")
@@ -205,7 +217,7 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
     if tuple(key_roles.shape) != tokens_shape:
         raise ValueError(f"key_roles must have shape {tokens_shape} (one role per key), got {tuple(key_roles.shape)}")
     key_roles = key_roles.reshape(batch, seq_len)
-    if key_roles.numel():
+    if check_values and key_roles.numel():
         lo, hi = (int(x) for x in torch.aminmax(key_roles))
         if lo < -1 or hi >= num_roles:
             raise ValueError(f"key_roles values must lie in [-1, num_roles={num_roles}) (-1 = padding), "
@@ -221,9 +233,9 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
         query_mask = query_mask.reshape(batch, seq_len)
     logit_scale = _role_table("role_logit_scale", role_logit_scale, num_q_heads, num_roles, q.device)
     logit_bias = _role_table("role_logit_bias", role_logit_bias, num_q_heads, num_roles, q.device)
-    if logit_scale is not None and not bool(torch.isfinite(logit_scale).all()):
+    if check_values and logit_scale is not None and not bool(torch.isfinite(logit_scale).all()):
         raise ValueError("role_logit_scale must be finite")
-    if logit_bias is not None and bool((torch.isnan(logit_bias) | (logit_bias == math.inf)).any()):
+    if check_values and logit_bias is not None and bool((torch.isnan(logit_bias) | (logit_bias == math.inf)).any()):
         raise ValueError("role_logit_bias must not be NaN or +inf (-inf is allowed: it drops that role)")
     if (logit_scale is not None or logit_bias is not None) and query_mask is None:
         raise ValueError("role_logit_scale/role_logit_bias apply only on rows where query_mask is True, but "
@@ -236,13 +248,13 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(D)), got {softmax_scale!r}")
 
-    row_start = row_end = bounds_host = None
+    row_start = row_end = None
     if thd:
-        row_start, row_end, bounds_host = _packed_row_windows(cu_seqlens, seq_len, q.device)
+        row_start, row_end = _packed_row_windows(cu_seqlens, seq_len, q.device, check_values)
     problem = RoleAttentionProblem(
         q=q, k=k, v=v, key_roles=key_roles, num_roles=num_roles, causal=causal,
         softmax_scale=float(softmax_scale), query_mask=query_mask, logit_scale=logit_scale,
-        logit_bias=logit_bias, row_start=row_start, row_end=row_end, row_bounds_host=bounds_host,
+        logit_bias=logit_bias, row_start=row_start, row_end=row_end,
     )
     return problem, thd
 
@@ -271,26 +283,24 @@ def _role_table(name, value, num_q_heads, num_roles, device):
     return table.contiguous()
 
 
-def _packed_row_windows(cu_seqlens, total, device):
-    """Per-token key windows [start, end) of its packed sample, as int32 [1, T] tensors and host lists."""
+def _packed_row_windows(cu_seqlens, total, device, check_values=True):
+    """Per-token key windows [start, end) of its packed sample, int32 [1, T] tensors built on the device
+    (a sample lookup per token; no host copy of cu_seqlens unless ``check_values``)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
-            or cu_seqlens.dtype == torch.bool:
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
         raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1] of cumulative sample lengths")
-    bounds = [int(x) for x in cu_seqlens.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total} (the packed length), got "
-                         f"{bounds[:3]}...{bounds[-2:]}" if len(bounds) > 4 else
-                         f"cu_seqlens must start at 0 and end at T={total} (the packed length), got {bounds}")
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must be non-decreasing (sample lengths >= 0), got {bounds}")
-    starts, ends = [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        starts += [a] * (b - a)
-        ends += [b] * (b - a)
-    row_start = torch.tensor(starts, dtype=torch.int32, device=device).reshape(1, total)
-    row_end = torch.tensor(ends, dtype=torch.int32, device=device).reshape(1, total)
-    return row_start, row_end, (starts, ends)
+    bounds = cu_seqlens.to(device=device, dtype=torch.long)
+    if check_values:
+        host = bounds.tolist()
+        if host[0] != 0 or host[-1] != total:
+            shown = f"{host[:3]}...{host[-2:]}" if len(host) > 4 else f"{host}"
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={total} (the packed length), got {shown}")
+        if any(b < a for a, b in zip(host[:-1], host[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing (sample lengths >= 0), got {host}")
+    sample = torch.searchsorted(bounds[1:], torch.arange(total, device=device), right=True)
+    row_start = bounds[sample].to(torch.int32).reshape(1, total)
+    row_end = bounds[sample + 1].to(torch.int32).reshape(1, total)
+    return row_start, row_end
 
 
 def _resolve_impl(impl: str, q: torch.Tensor) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 
 def register(subparsers) -> None:
@@ -36,9 +37,14 @@ def _synth(args) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron_avar.synth").setLevel(logging.INFO)
-    from megatron_avar.synth.pipeline import run_synthesis
+    from megatron_avar.synth.pipeline import TeacherFailuresError, run_synthesis
 
-    manifest = run_synthesis(config)
+    try:
+        manifest = run_synthesis(config)
+    except TeacherFailuresError as error:
+        # Not a usage error (exit 2, which the top-level CLI gives ValueError): the run itself failed.
+        print(f"avar synth: error: {error}", file=sys.stderr)
+        return 1
     summary = {key: manifest[key] for key in ("read", "kept", "filters", "tokens", "elapsed_s")}
     print(json.dumps(summary, indent=2))
     return 0

@@ -9,7 +9,10 @@ endpoint URL is not in the key: per-node servers of the same model share the cac
 
 Only the standard library speaks HTTP here (urllib), so the client has no dependency to pin. The API key is
 read from the environment variable named in the config when the client is built; it is sent as a Bearer
-token and appears in no message, log line, cache file or repr.
+token and appears in no message, log line, cache file or repr. It never leaves the endpoint's origin
+(scheme, host, port): urllib's default redirect handler copies every header, Authorization included, to
+whatever a Location names, so redirects are followed only within the origin and a redirect elsewhere is a
+TeacherConfigError naming both URLs (issue 16).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -41,7 +45,12 @@ FATAL_HTTP_CODES = (401, 403, 404)
 
 
 class TeacherRequestError(Exception):
-    """One request failed for good (retries exhausted or a non-retryable 4xx): its record is dropped."""
+    """One request failed for good (retries exhausted or a non-retryable 4xx): its record is dropped.
+    ``reason`` is the cause without per-request detail (e.g. "HTTP 400"), so equal causes count together."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class TeacherConfigError(ValueError):
@@ -59,7 +68,7 @@ class ChatResult:
 
 @dataclasses.dataclass
 class ClientStats:
-    """Counters of one client (thread-safe through ``add``)."""
+    """Counters of one client (thread-safe through ``add`` and ``fail``)."""
 
     requests: int = 0
     """HTTP requests sent, retries included."""
@@ -67,8 +76,11 @@ class ClientStats:
     cache_hits: int = 0
     retries: int = 0
     failures: int = 0
+    """Chat calls that raised TeacherRequestError (their records are dropped)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    errors: dict = dataclasses.field(default_factory=dict)
+    """Failures by TeacherRequestError.reason: what the end-of-run check reports as the most common error."""
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -76,8 +88,17 @@ class ClientStats:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
 
+    def fail(self, error: TeacherRequestError) -> TeacherRequestError:
+        """Count one failure and its reason; returns ``error`` for ``raise stats.fail(...)``."""
+        with self._lock:
+            self.failures += 1
+            self.errors[error.reason] = self.errors.get(error.reason, 0) + 1
+        return error
+
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        with self._lock:
+            return {f.name: dict(value) if isinstance(value := getattr(self, f.name), dict) else value
+                    for f in dataclasses.fields(self) if not f.name.startswith("_")}
 
 
 class RequestCache:
@@ -119,6 +140,50 @@ class RequestCache:
         return sum(1 for _ in self.root.glob("*/*/*.json"))
 
 
+def chat_url(teacher: TeacherConfig) -> str:
+    """Where a teacher's chat requests go."""
+    return teacher.base_url.rstrip("/") + "/chat/completions"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, default ports filled in: two URLs may share credentials only if equal."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a malformed port: an origin equal to no other
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` for an error message: a Location may carry user:password@ and the message may be logged."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+
+
+class _CrossOriginRedirect(Exception):
+    def __init__(self, code: int, source: str, target: str):
+        super().__init__(code, source, target)
+        self.code, self.source, self.target = code, source, target
+
+
+class _SameOriginRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the request's origin (module docstring); anything else raises
+    _CrossOriginRedirect before a byte goes to the other server."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            fp.close()  # the base class reads and closes it only when it follows the redirect
+            raise _CrossOriginRedirect(code, req.full_url, newurl)
+        if code in (307, 308) and req.get_method() == "POST":
+            # 307/308 mean "the same request again, there" (RFC 9110 §15.4.8/9); urllib refuses them for a POST,
+            # and 301/302/303 become a bodiless GET, which no chat endpoint answers.
+            return urllib.request.Request(newurl, data=req.data, headers=req.headers, origin_req_host=req.origin_req_host,
+                                          unverifiable=True, method="POST")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class ChatClient:
     """Sends chat requests for one pipeline stage to one teacher.
 
@@ -132,7 +197,8 @@ class ChatClient:
         self.stage, self.teacher, self.client, self.cache = stage, teacher, client, cache
         self.prompt_version = prompt_version
         self.stats = stats if stats is not None else ClientStats()
-        self._url = teacher.base_url.rstrip("/") + "/chat/completions"
+        self._url = chat_url(teacher)
+        self._opener = urllib.request.build_opener(_SameOriginRedirectHandler)
         self._api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
         if teacher.api_key_env and not self._api_key:
             raise TeacherConfigError(f"{stage} teacher: environment variable {teacher.api_key_env!r} is not set")
@@ -159,8 +225,8 @@ class ChatClient:
         except (KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
-            self.stats.add(failures=1)
-            raise TeacherRequestError(f"{self.stage}: response without choices[0].message.content")
+            reason = "response without choices[0].message.content"
+            raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
         usage = response.get("usage") or {}
         result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), cached=False)
         self.cache.put(self.stage, key, {"content": content, "prompt_tokens": result.prompt_tokens,
@@ -179,8 +245,16 @@ class ChatClient:
             self.stats.add(requests=1)
             try:
                 request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.client.timeout_s) as response:
+                with self._opener.open(request, timeout=self.client.timeout_s) as response:
                     return json.loads(response.read().decode("utf-8"))
+            except _CrossOriginRedirect as redirect:
+                # Every request would be sent there, so the run stops rather than drop every record.
+                target = _without_userinfo(redirect.target)
+                raise TeacherConfigError(
+                    f"{self.stage} teacher {self.teacher.model!r}: {self._url} answered HTTP {redirect.code}, a redirect "
+                    f"to {target}, another origin (scheme, host, port); not followed, so the request and its API key "
+                    f"stay with {self._url}. If {target} is the teacher, set {self.stage}.teacher.base_url to it "
+                    f"(without /chat/completions)") from None
             except urllib.error.HTTPError as error:
                 if error.code in FATAL_HTTP_CODES:
                     hint = (f"check the key in ${self.teacher.api_key_env}" if self.teacher.api_key_env
@@ -189,16 +263,16 @@ class ChatClient:
                         f"{self.stage} teacher {self.teacher.model!r} at {self._url}: HTTP {error.code} "
                         f"(wrong URL or model name, or {hint})") from None
                 if error.code != 429 and error.code < 500:
-                    self.stats.add(failures=1)
-                    raise TeacherRequestError(f"{self.stage}: HTTP {error.code} ({_short(error)})") from None
+                    raise self.stats.fail(TeacherRequestError(f"{self.stage}: HTTP {error.code} ({_short(error)})",
+                                                              f"HTTP {error.code}")) from None
                 reason = f"HTTP {error.code}"
                 retry_after = _retry_after(error)
             except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
                     http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as error:
                 reason = type(error).__name__ if not isinstance(error, urllib.error.URLError) else f"URLError({error.reason})"
             if attempt == self.client.max_retries:
-                self.stats.add(failures=1)
-                raise TeacherRequestError(f"{self.stage}: gave up after {attempt + 1} attempts (last: {reason})")
+                reason = f"gave up after {attempt + 1} attempts (last: {reason})"
+                raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
             delay = min(self.client.backoff_max_s, self.client.backoff_initial_s * 2 ** attempt)
             delay = retry_after if retry_after is not None else delay * random.uniform(0.5, 1.0)
             logger.debug("%s: %s, retry %d in %.2fs", self.stage, reason, attempt + 1, delay)

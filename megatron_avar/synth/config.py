@@ -107,6 +107,13 @@ class ClientConfig:
     """Longest retry delay."""
     format_retries: int = 1
     """Extra attempts (new seed) when a teacher's answer is malformed; then the record is dropped."""
+    max_failed_share: float = 0.05
+    """Largest share of a teacher stage's requests (answered + cached + failed) that may fail for good
+    (retries exhausted, non-retryable 4xx) in a successful run. Above it, or when every request of a stage
+    failed (a dead endpoint), the run ends with an error naming the stage, the counts, the most common error
+    and the endpoint, and writes no manifest.json: the shards written so far stay, and rerunning the same
+    command resumes (cached answers are reused, only the failed requests are asked again). 0: any failure
+    fails the run; 1: only a stage whose every request failed does."""
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
@@ -115,6 +122,8 @@ class ClientConfig:
         _check(0 <= self.backoff_initial_s <= self.backoff_max_s, "client.backoff_initial_s",
                f"must be in [0, backoff_max_s={self.backoff_max_s}], got {self.backoff_initial_s}")
         _check(self.format_retries >= 0, "client.format_retries", f"must be >= 0, got {self.format_retries}")
+        _check(0.0 <= self.max_failed_share <= 1.0, "client.max_failed_share",
+               f"must be in [0, 1] (a share of requests, e.g. 0.05 for 5%), got {self.max_failed_share}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,11 @@ command resumes it: shards are rewritten from scratch (deterministic names), and
 already in the request cache (``<work_dir>/cache``) is reused, so nothing paid for is asked again. With it
 the run is finished and is replaced only with ``output.overwrite=true``.
 
+Failed requests: a teacher stage whose every request failed (a dead endpoint), or more than
+``client.max_failed_share`` of whose requests failed, makes the run raise TeacherFailuresError after the
+pipeline ends, before the manifest is written: the shards stay, the run counts as unfinished, and the same
+command resumes it once the endpoint is fixed (without the check such a run "succeeded" with 0 records).
+
 Ray: with RAY_ADDRESS set (a cluster started by slurm/synth.sh) the run joins that cluster and leaves it
 running. Otherwise it starts a local Ray instance and stops it afterwards, also killing worker processes
 that outlive `ray.shutdown()` (Xenna's NodeResourceMonitor actor does, ENVIRONMENT.md).
@@ -21,12 +26,17 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_avar.synth.client import chat_url
 from megatron_avar.synth.config import SynthConfig, to_dict
 from megatron_avar.synth.progress import ProgressMonitor, read_progress
 from megatron_avar.synth.writer import merge_counts
 
 logger = logging.getLogger("megatron_avar.synth")
 MANIFEST = "manifest.json"
+
+
+class TeacherFailuresError(RuntimeError):
+    """Too many teacher requests failed for the run to count as done (module docstring); `avar synth` exits 1."""
 
 
 def resolve_paths(config: SynthConfig) -> SynthConfig:
@@ -154,6 +164,7 @@ def run_synthesis(config: SynthConfig) -> dict:
                 pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data", stages=stages)
                 results = pipeline.run(executor=_executor(config))
     manifest = build_manifest(config, results, time.time() - started)
+    check_teacher_failures(config, manifest)
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{MANIFEST}.tmp"
@@ -189,3 +200,32 @@ def build_manifest(config: SynthConfig, results: list, elapsed_s: float) -> dict
         "elapsed_s": round(elapsed_s, 3),
         "config": to_dict(config),
     }
+
+
+def check_teacher_failures(config: SynthConfig, manifest: dict) -> None:
+    """Raise TeacherFailuresError when a teacher stage failed too often (module docstring). Shares are per
+    stage, since each stage has its own endpoint: a dead anchor server must not hide behind a healthy
+    describe server's successes."""
+    limit = config.client.max_failed_share
+    problems = []
+    for stage, stats in manifest["teachers"].items():
+        failed = stats.get("failures", 0)
+        succeeded = stats.get("answered", 0) + stats.get("cache_hits", 0)
+        total = failed + succeeded
+        # Cached answers count as successes: on a resumed run they are most of the work, and a few requests
+        # that fail again must stay acceptable through client.max_failed_share, as the message below promises.
+        if not failed or (succeeded and failed <= limit * total):
+            continue
+        errors = stats.get("errors") or {}
+        reason, count = max(errors.items(), key=lambda item: item[1]) if errors else ("unknown", failed)
+        why = "every request failed" if not succeeded else f"more than client.max_failed_share={limit}"
+        teacher = getattr(config, stage).teacher
+        problems.append(f"{stage} teacher {teacher.model!r} at {chat_url(teacher)}: {failed} of {total} requests failed "
+                        f"({failed / total:.0%}; {why}); most common error ({count} of {failed}): {reason}")
+    if problems:
+        raise TeacherFailuresError(
+            "; ".join(problems) + f". Kept {manifest['kept']} of {manifest['read']} records (shards in "
+            f"{Path(config.output.dir) / 'data'}), but wrote no {MANIFEST}: the run is unfinished. Once the endpoint "
+            "answers (is its server up? are base_url and model right?), rerun the same command: it resumes, reusing "
+            "every cached answer and asking only the failed requests again. To accept the loss instead, raise "
+            "client.max_failed_share.")

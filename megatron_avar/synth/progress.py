@@ -60,7 +60,12 @@ def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:
         for name in COUNTERS:
             stage[name] += payload[name]
         for name, value in payload["client"].items():
-            stage["client"][name] = stage["client"].get(name, 0) + value
+            if isinstance(value, dict):  # counts by key (ClientStats.errors): summed key by key
+                merged = stage["client"].setdefault(name, {})
+                for key, count in value.items():
+                    merged[key] = merged.get(key, 0) + count
+            else:
+                stage["client"][name] = stage["client"].get(name, 0) + value
         stage["started"] = min(stage["started"], payload["started"])
     return totals
 

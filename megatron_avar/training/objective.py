@@ -127,15 +127,20 @@ class AGTOSink:
         self.num_layers, self.weight, self.grad_scale = num_layers, weight, grad_scale
         self.layer_sums: dict[int, torch.Tensor] = {}  # layer -> [len(LAYER_METRICS)] sums, detached
 
-    def __call__(self, layer_index: int, mass: torch.Tensor, out: torch.Tensor, heads: LayerHeads) -> torch.Tensor:
+    @property
+    def query_rows(self) -> torch.Tensor:
+        """The rows this sink reads (``MassSink``): the queries Q of every sample, flat [B * S] indices."""
+        return self.sets.q_index
+
+    def __call__(self, layer_index: int, q_mass: torch.Tensor, out: torch.Tensor, heads: LayerHeads) -> torch.Tensor:
+        """q_mass: float32 [Nq, heads.local, R], the masses of ``query_rows``."""
         sets, eps = self.sets, self.config.epsilon
-        batch, local_heads, seq, num_roles = mass.shape
-        q_mass = mass.permute(0, 2, 1, 3).reshape(batch * seq, local_heads, num_roles)[sets.q_index]  # [Nq, H, R]
+        local_heads = q_mass.shape[1]
         zeros = q_mass.new_zeros(sets.num_samples, local_heads)
         image_sum = zeros.index_add(0, sets.q_sample, q_mass[..., TokenRole.IMAGE])
         system_sum = zeros.index_add(0, sets.q_sample, q_mass[..., TokenRole.SYSTEM])
         eligible = sets.eligible
-        q_count = sets.q_count.clamp(min=1)[:, None].to(mass.dtype)
+        q_count = sets.q_count.clamp(min=1)[:, None].to(q_mass.dtype)
         a = image_sum / (q_count * sets.image_count.clamp(min=1)[:, None])
         b = system_sum / (q_count * sets.system_count.clamp(min=1)[:, None])
         l_enh = -torch.log(a + eps).sum(1) / heads.total   # per sample, this rank's share of the head mean

@@ -66,11 +66,16 @@ def _direct_from_masses(masses, roles, segments, layers):
     return torch.tensor(result, dtype=torch.float64)
 
 
+def at_rows(mass, rows):
+    """[B, H, S, R] masses at flat [B * S] rows -> [N, H, R]: what an AVAR layer hands a sink with query_rows."""
+    return mass.permute(0, 2, 1, 3).reshape(-1, mass.shape[1], mass.shape[3])[rows]
+
+
 def _sink_r_visual(masses, roles, segments, layers, heads=slice(None), reported=range(NUM_LAYERS), group=None):
     sink = VisualRewardSink(ResponseTokens(roles, segments), layers, epsilon=EPS)
     first = 0 if heads.start is None else heads.start
     for layer in reported:
-        part = masses[layer][:, heads]
+        part = at_rows(masses[layer][:, heads], sink.query_rows)
         out = torch.zeros(1)
         assert sink(layer, part, out, LayerHeads(first, part.shape[1], HEADS)) is out
     sink.all_reduce(group)
@@ -104,9 +109,9 @@ def test_recomputed_layer_replaces_and_no_gradient_is_attached():
     sink = VisualRewardSink(ResponseTokens(ROLES, SEGMENTS), (0, 1), epsilon=EPS)
     out = torch.randn(5, requires_grad=True)
     # Activation recompute: layer 0 is reported twice; the second report (the real masses) must replace the first.
-    assert sink(0, _hand_masses(seed=7)[0], out, LayerHeads(0, HEADS, HEADS)) is out
+    assert sink(0, at_rows(_hand_masses(seed=7)[0], sink.query_rows), out, LayerHeads(0, HEADS, HEADS)) is out
     for layer in range(NUM_LAYERS):
-        assert sink(layer, masses[layer], out, LayerHeads(0, HEADS, HEADS)) is out
+        assert sink(layer, at_rows(masses[layer], sink.query_rows), out, LayerHeads(0, HEADS, HEADS)) is out
     sink.all_reduce(None)
     got = sink.r_visual()
     assert not got.requires_grad and got.grad_fn is None
@@ -125,7 +130,7 @@ def test_missing_reduction_or_layer_is_refused():
     with pytest.raises(ValueError, match="no RESPONSE token"):
         ResponseTokens(torch.tensor([[S, U, A], [S, U, U]]))
     with pytest.raises(ValueError, match="R = NUM_ROLES"):
-        sink(0, torch.zeros(3, HEADS, 24, 6), torch.zeros(1), LayerHeads(0, HEADS, HEADS))
+        sink(0, torch.zeros(sink.tokens.num_tokens, HEADS, 6), torch.zeros(1), LayerHeads(0, HEADS, HEADS))
 
 
 # ---- Hugging Face eager attention ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """AVAR layers in the megatron Qwen2.5-VL: the per-role masses they report equal masses summed from Hugging
 Face's eager attention probabilities, the model's logits stay HF's, packed rows equal their samples run
-alone, and at TP=2 each rank reports its own heads of the same masses.
+alone, and at TP=2 each rank reports its own heads of the same masses. Both mass modes: "fused" (a sink
+without query_rows gets every row's masses from role_attention) and "probe" (causal attention for the output,
+role_mass for the sink's rows only), padded and packed.
 
 Tolerance: fp32 on both sides, different kernels (blockwise online softmax vs eager softmax); observed
 ~1e-7 absolute on masses (probabilities, at most 1), bound 2e-6; logits as in test_qwen2_5_vl_logits.
@@ -42,6 +44,14 @@ class Recorder:
         return out
 
 
+class RowRecorder(Recorder):
+    """A mass sink reading only ``query_rows`` (flat [B * S] indices): the probe computes just those."""
+
+    def __init__(self, rows: torch.Tensor):
+        super().__init__()
+        self.query_rows = rows
+
+
 def _build(config, tp):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -53,8 +63,8 @@ def _build(config, tp):
                          role_mass_layers=ALL_LAYERS).eval()
 
 
-def _run(model, inputs, roles, **kwargs):
-    recorder = Recorder()
+def _run(model, inputs, roles, recorder=None, **kwargs):
+    recorder = Recorder() if recorder is None else recorder
     with torch.no_grad():
         logits = model(inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                        pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
@@ -106,6 +116,17 @@ def _results(tp):
     out["logits"] = (logits, hf_logits(hf, inputs), inputs["attention_mask"].bool())
     packed_inputs, packed_roles, packing = _packed(inputs, roles, config)
     out["packed"] = _run(model, packed_inputs, packed_roles, **packing)
+    # The probe on every other real row (in reverse order), padded and packed; and fused with the same rows.
+    rows = torch.nonzero(roles.reshape(-1) >= 0, as_tuple=True)[0][::2].flip(0)
+    packed_rows = torch.nonzero(packed_roles.reshape(-1) >= 0, as_tuple=True)[0][::2].flip(0)
+    out["rows"], out["packed_rows"] = rows, packed_rows
+    out["probe"] = _run(model, inputs, roles, RowRecorder(rows), mass_mode="probe")
+    out["probe_fused"] = _run(model, inputs, roles, RowRecorder(rows), mass_mode="fused")
+    out["probe_packed"] = _run(model, packed_inputs, packed_roles, RowRecorder(packed_rows), mass_mode="probe",
+                               **packing)
+    out["probe_no_sink"] = model(inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                 pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                                 token_roles=roles, mass_mode="probe").detach()
     out["lengths"] = inputs["attention_mask"].sum(1).tolist()
     hf.set_attn_implementation("eager")
     with torch.no_grad():
@@ -164,3 +185,117 @@ def test_tensor_parallel_ranks_report_their_heads_of_the_same_masses(tp1):
         assert [(h.first, h.local, h.total) for h in (r["heads"][layer] for r in ranks)] == [(0, 2, 4), (2, 2, 4)]
         gathered = torch.cat([r["masses"][layer] for r in ranks], dim=1)
         torch.testing.assert_close(gathered, tp1["masses"][layer], rtol=0, atol=MASS_TOLERANCE)
+
+
+def _at_rows(mass, rows):
+    return mass.permute(0, 2, 1, 3).reshape(-1, mass.shape[1], mass.shape[3])[rows]
+
+
+def test_probe_masses_at_the_sinks_rows_equal_hf_eager(tp1):
+    rows, roles = tp1["rows"], tp1["roles"]
+    logits, masses = tp1["probe"]
+    _, fused = tp1["probe_fused"]
+    for layer, probs in enumerate(tp1["eager"]):
+        reference = _at_rows(_eager_masses(probs, roles), rows)
+        assert masses[layer][0].shape == fused[layer][0].shape == (rows.numel(), 4, 5)
+        assert (masses[layer][0] - reference).abs().max() < MASS_TOLERANCE
+        assert (fused[layer][0] - reference).abs().max() < MASS_TOLERANCE
+
+
+def test_probe_mode_logits_equal_hf_with_and_without_a_sink(tp1):
+    _, reference, real = tp1["logits"]
+    for ours in (tp1["probe"][0], tp1["probe_no_sink"]):
+        assert ((ours - reference)[real].abs().max() / reference[real].abs().max()) < RELATIVE_TOLERANCE
+
+
+def test_probe_on_a_packed_row_equals_the_samples_run_alone(tp1):
+    logits, masses = tp1["probe_packed"]
+    fused_logits, fused_masses = tp1["packed"]
+    real = tp1["packed_rows"]
+    torch.testing.assert_close(logits[0, :real.max() + 1], fused_logits[0, :real.max() + 1], rtol=1e-5, atol=1e-5)
+    for layer in ALL_LAYERS:
+        torch.testing.assert_close(masses[layer][0], _at_rows(fused_masses[layer][0], real), rtol=0,
+                                   atol=MASS_TOLERANCE)
+
+
+_SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _refuse_host_syncs():
+    """Patch the Tensor methods that read device values on the host to raise; returns the undo."""
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNCING}
+
+    def refuse(name):
+        def method(*_args, **_kwargs):
+            raise AssertionError(f"host sync inside an AVAR layer: Tensor.{name}")
+        return method
+
+    for name in _SYNCING:
+        setattr(torch.Tensor, name, refuse(name))
+    return lambda: [setattr(torch.Tensor, name, fn) for name, fn in originals.items()]
+
+
+def _no_sync_steps():
+    """Forward and backward of a packed batch through AVAR layers on the GPU kernel path ("triton"), with the
+    kernels replaced by their pure-PyTorch references (the Triton launches themselves never read the device
+    on the host; the interpreter would), and every host read refused inside the layers' forward and backward."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.models import role_mass_attention
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.ops import role_attention_triton, role_mass_triton
+    from megatron_avar.ops.role_attention import reference_role_attention
+    from megatron_avar.ops.role_mass import reference_role_mass
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(0)
+    role_mass_triton.triton_role_mass = reference_role_mass
+    role_attention_triton.triton_role_attention = lambda problem, compute_mass=True: reference_role_attention(problem)
+    hf = tiny_hf_model()
+    config = Qwen25VLConfig.from_hf(hf.config)
+    model = _build(config, 1)
+    inputs = case_batch("padded_right")
+    roles = chat_like_roles(inputs["input_ids"], inputs["attention_mask"])
+    packed_inputs, packed_roles, packing = _packed(inputs, roles, config)
+    rows = torch.nonzero(packed_roles.reshape(-1) == TokenRole.USER_TEXT, as_tuple=True)[0]
+
+    forward = role_mass_attention.RoleMassCoreAttention.forward
+    undo_box = []
+
+    def guarded_forward(self, *args, **kwargs):
+        undo = _refuse_host_syncs()
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            undo()
+
+    role_mass_attention.RoleMassCoreAttention.forward = guarded_forward
+    done = []
+    for mode in ("probe", "fused"):
+        class GradSink(RowRecorder):
+            def __call__(self, layer_index, mass, out, heads):
+                # a loss of the masses, added to the output's gradient path, as AGTO's term is
+                return out + 0.0 * mass.sum()
+
+        logits = model(packed_inputs["input_ids"], pixel_values=packed_inputs["pixel_values"],
+                       image_grid_thw=packed_inputs["image_grid_thw"], token_roles=packed_roles,
+                       mass_sink=GradSink(rows), role_attention_impl="triton", mass_mode=mode, **packing)
+        loss = logits.float().square().mean()
+        undo_box.append(_refuse_host_syncs())
+        try:
+            loss.backward()
+        finally:
+            undo_box.pop()()
+        done.append(mode)
+    role_mass_attention.RoleMassCoreAttention.forward = forward
+    parallel_state.destroy_model_parallel()
+    dist.barrier()
+    return done
+
+
+def test_no_host_sync_inside_avar_layers_on_the_gpu_path():
+    assert run_on_ranks(_no_sync_steps, 1, timeout_s=240)[0] == ["probe", "fused"]

@@ -23,6 +23,7 @@ import re
 import threading
 import time
 from collections import Counter
+from typing import Callable
 
 
 @dataclasses.dataclass
@@ -210,5 +211,64 @@ class FakeTeacher:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) or was killed
+
+        return Handler
+
+
+class RecordingServer:
+    """A bare HTTP server on localhost that records every request (method, path, headers) and answers it
+    with HTTP ``code`` and a Location header when ``redirect(path)`` gives one, else with a fixed chat
+    completion. Stands in for both ends of a redirect in the credential tests."""
+
+    def __init__(self, *, redirect: Callable[[str], str | None] = lambda path: None, code: int = 302):
+        self.redirect, self.code = redirect, code
+        self.received: list[dict] = []
+        self._lock = threading.Lock()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/v1"
+
+    def __enter__(self) -> "RecordingServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with server._lock:
+                    server.received.append({"method": self.command, "path": self.path, "headers": dict(self.headers)})
+                location = server.redirect(self.path)
+                if location is not None:
+                    self.send_response(server.code)
+                    self.send_header("Location", location)
+                    data = b""
+                else:
+                    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Final answer: 1"}}],
+                                       "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode("utf-8")
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer  # noqa: N815 (a 302 turns urllib's POST into a GET)
 
         return Handler

@@ -1,5 +1,6 @@
 """The teacher client over real HTTP against the fake OpenAI-compatible server: retries on 429/500/
-timeouts/garbage, giving up, fatal auth errors, the request cache, the concurrency limit, the API key."""
+timeouts/garbage, giving up, fatal auth errors, the request cache, the concurrency limit, the API key
+(never sent to another origin by a redirect)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import pytest
 from megatron_avar.synth import prompts
 from megatron_avar.synth.client import ChatClient, RequestCache, TeacherConfigError, TeacherRequestError
 from megatron_avar.synth.config import ClientConfig, TeacherConfig
-from synth_fake_teacher import FakeTeacher, Fault
+from synth_fake_teacher import FakeTeacher, Fault, RecordingServer
 
 QUESTION = "How many pink shapes are in the image?"
 
 
-def make_client(tmp_path, server, *, stage="reason", concurrency=2, timeout_s=5.0, max_retries=3, api_key_env=None):
-    teacher = TeacherConfig(model="teacher-x", base_url=server.base_url, api_key_env=api_key_env)
+def make_client(tmp_path, server, *, stage="reason", concurrency=2, timeout_s=5.0, max_retries=3, api_key_env=None,
+                base_url=None):
+    teacher = TeacherConfig(model="teacher-x", base_url=base_url or server.base_url, api_key_env=api_key_env)
     client = ClientConfig(concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries,
                           backoff_initial_s=0.01, backoff_max_s=0.05)
     return ChatClient(stage, teacher, client, RequestCache(tmp_path / "cache"), "v1")
@@ -115,3 +117,35 @@ def test_map_stops_on_a_fatal_error(tmp_path):
         with pytest.raises(TeacherConfigError):
             client.map(lambda q: client.chat(reason_messages(q)), [f"q{i}?" for i in range(6)])
         assert {r["status"] for r in server.requests()} <= {"ok"} and client.stats.answered == 0
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirect_to_another_origin_is_refused_and_gets_no_key(tmp_path, monkeypatch, code):
+    """Fault injection (issue 16): a 302 to another host:port received the Bearer key. Now a redirect that
+    leaves the endpoint's origin is a config error naming both URLs, and the other server hears nothing."""
+    secret = "sk-test-REDIRECT-5678"
+    monkeypatch.setenv("SYNTH_TEST_KEY", secret)
+    with RecordingServer() as target, RecordingServer(redirect=lambda path: target.origin + path, code=code) as source:
+        client = make_client(tmp_path, source, api_key_env="SYNTH_TEST_KEY")
+        with pytest.raises(TeacherConfigError) as error:
+            client.chat(reason_messages())
+        message = str(error.value)
+        assert f"{source.base_url}/chat/completions" in message and f"{target.base_url}/chat/completions" in message
+        assert "another origin" in message and "reason.teacher.base_url" in message and secret not in message
+        assert [r["path"] for r in source.received] == ["/v1/chat/completions"]  # asked once: not retried
+        assert source.received[0]["headers"]["Authorization"] == f"Bearer {secret}"
+        assert target.received == []
+        assert client.stats.requests == 1 and client.stats.failures == 0 and len(client.cache) == 0
+
+
+def test_same_origin_redirect_keeps_the_post_and_the_key(tmp_path, monkeypatch):
+    """A 307/308 within the endpoint's origin (e.g. a proxy moving the API path) is followed as the same
+    POST, body and key included."""
+    monkeypatch.setenv("SYNTH_TEST_KEY", "sk-same-origin")
+    moved = lambda path: path.replace("/old", "", 1) if path.startswith("/old/") else None  # noqa: E731
+    with RecordingServer(redirect=moved, code=307) as server:
+        client = make_client(tmp_path, server, api_key_env="SYNTH_TEST_KEY", base_url=server.origin + "/old/v1")
+        assert client.chat(reason_messages()).content == "Final answer: 1"
+    assert [(r["method"], r["path"]) for r in server.received] == [("POST", "/old/v1/chat/completions"),
+                                                                  ("POST", "/v1/chat/completions")]
+    assert all(r["headers"]["Authorization"] == "Bearer sk-same-origin" for r in server.received)

@@ -31,6 +31,8 @@ def test_example_configs_are_valid(name):
     (SOURCE + ["run.executor=spark"], r"run.executor must be one of \['xenna', 'ray_data', 'local'\]"),
     (SOURCE + ["reason.num_candidates=0"], r"reason.num_candidates must be in \[1, 64\]"),
     (SOURCE + ["reason.num_candidates=two"], "reason.num_candidates must be int"),
+    (SOURCE + ["client.max_failed_share=1.5"], r"client.max_failed_share must be in \[0, 1\]"),
+    (SOURCE + ["client.max_failed_share=-0.1"], r"client.max_failed_share must be in \[0, 1\]"),
     (SOURCE + ["verify.select=best"], "verify.select must be one of"),
     (SOURCE + ["describe.teacher.base_url=localhost:8000"], "describe.teacher.base_url must start with http"),
     (SOURCE + ["anchor.teacher.api_key_env=SYNTH_UNSET_VARIABLE"], "SYNTH_UNSET_VARIABLE.*not set"),

@@ -35,7 +35,8 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
         Fault("anchor", ["malformed"], match="tallest", always=True),   # records 2, 6: anchor.malformed
         Fault("anchor", ["500"], match="brown", always=True),           # record 4: anchor.request_failed
     ]
-    config = synth_config(tmp_path, data, teacher, "client.timeout_s=0.5")
+    # 1 of the anchor stage's 6 requests fails for good, above the default client.max_failed_share: accepted here.
+    config = synth_config(tmp_path, data, teacher, "client.timeout_s=0.5", "client.max_failed_share=0.5")
     manifest = run_synthesis(config)
     teacher.settle()
 
@@ -51,6 +52,7 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
     assert statuses(teacher, "anchor", "brown") == ["500"] * 4  # 1 + client.max_retries, then dropped
     stats = manifest["teachers"]
     assert stats["reason"]["retries"] == 2 and stats["anchor"]["failures"] == 1
+    assert stats["anchor"]["errors"] == {"gave up after 4 attempts (last: HTTP 500)": 1}
     assert manifest["tokens"]["spent"] == sum(s["prompt_tokens"] + s["completion_tokens"] for s in stats.values())
 
     # The kept record: the right one, in the AVAR format, anchors in the chain with their tags removed.

@@ -65,6 +65,11 @@ def test_query_sets_follow_the_spec():
     assert QuerySets(ROLES, SEGMENTS, exclude_sink=True).system_count.tolist() == [2, 1, 1, 2]
 
 
+def at_rows(mass, rows):
+    """[B, H, S, R] masses at flat [B * S] rows -> [N, H, R]: what an AVAR layer hands a sink with query_rows."""
+    return mass.permute(0, 2, 1, 3).reshape(-1, mass.shape[1], mass.shape[3])[rows]
+
+
 @pytest.mark.parametrize("exclude_sink", [False, True])
 def test_injected_gradient_and_metrics_equal_the_direct_computation(exclude_sink):
     config = AGTOConfig(alpha=0.15, beta=0.3, exclude_sink=exclude_sink)
@@ -73,7 +78,7 @@ def test_injected_gradient_and_metrics_equal_the_direct_computation(exclude_sink
     sink = AGTOSink(QuerySets(ROLES, SEGMENTS, exclude_sink=exclude_sink), config, num_layers=num_layers,
                     weight=weight, grad_scale=grad_scale)
     activation = torch.zeros(3, requires_grad=True)
-    sink(7, mass, activation, LayerHeads(0, HEADS, HEADS)).sum().backward()
+    sink(7, at_rows(mass, sink.query_rows), activation, LayerHeads(0, HEADS, HEADS)).sum().backward()
     ours = logits.grad.clone()
 
     logits.grad = None
@@ -94,7 +99,7 @@ def test_tensor_parallel_head_shares_add_up_to_the_full_layer():
     def run(mass_part, heads):
         leaf = mass_part.detach().requires_grad_()
         sink = AGTOSink(sets, config, num_layers=1, weight=1.0, grad_scale=1.0)
-        sink(0, leaf, torch.zeros(1, requires_grad=True), heads).sum().backward()
+        sink(0, at_rows(leaf, sink.query_rows), torch.zeros(1, requires_grad=True), heads).sum().backward()
         return sink.layer_sums[0], leaf.grad
 
     full_sums, full_grad = run(mass, LayerHeads(0, 4, 4))

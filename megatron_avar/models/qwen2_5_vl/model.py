@@ -210,13 +210,14 @@ class Qwen25VLModel(MegatronModule):
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 token_roles: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 mass_sink: MassSink | None = None, logit_edits: RoleLogitEdits | None = None,
-                role_attention_impl: str = "auto") -> torch.Tensor:
+                role_attention_impl: str = "auto", mass_mode: str = "probe") -> torch.Tensor:
         """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
         batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
         labels int [B, S]. segment_ids int [B, S]: packed rows, the sample index of each token (-1 on padding).
         token_roles int [B, S] (TokenRole): required when the model has AVAR layers; they report their masses
-        to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention.
+        to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention; ``mass_mode``
+        "probe" or "fused" (``models.role_mass_attention``).
 
         Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
         labels), or the hidden states [S, B, H] for the next pipeline stage.
@@ -252,7 +253,7 @@ class Qwen25VLModel(MegatronModule):
             if segment_ids is not None:
                 key_roles = key_roles.masked_fill(segment_ids < 0, -1)
             role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
-                                         sink=mass_sink, impl=role_attention_impl)
+                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode)
         if segment_ids is not None and attention_mask is None:
             attention_mask = (segment_ids >= 0).long()
         dense_mask = decoder_attention_mask(attention_mask, segment_ids) if self._dense_mask_needed else None

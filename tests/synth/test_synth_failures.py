@@ -1,0 +1,79 @@
+"""Failed teacher requests fail the run (fault injection, issue 16: a dead teacher endpoint used to give
+`avar synth` exit 0 with 0 records kept): a stage whose every request failed, or more than
+client.max_failed_share of whose requests failed, ends the run with an error naming the counts, the most
+common error and the endpoint; the shards already written stay, no manifest is written, and the same
+command resumes the run."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from megatron_avar.cli import main
+from megatron_avar.data.conversations import load_conversations
+from megatron_avar.synth.pipeline import MANIFEST, TeacherFailuresError, run_synthesis
+from synth_fake_teacher import Fault
+from synth_helpers import synth_config, synth_overrides
+
+
+@pytest.fixture
+def dead_url():
+    """A base_url with nothing listening: the port stays bound (so nothing else takes it) but never listens,
+    so every connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize("dead_stage", ["describe", "anchor"])
+def test_dead_endpoint_exits_nonzero_with_the_reason(tmp_path, procedural_source, teacher, dead_url, dead_stage, capsys):
+    data = procedural_source[0]
+    # Per-stage shares: with anchor dead, describe and reason succeed (2/3 of all requests), still an error.
+    args = synth_overrides(tmp_path, data, teacher, f"{dead_stage}.teacher.base_url={dead_url}")
+    assert main(["synth", *args]) == 1
+    error = capsys.readouterr().err
+    assert f"avar synth: error: {dead_stage} teacher " in error
+    assert f"at {dead_url}/chat/completions: 8 of 8 requests failed (100%; every request failed)" in error
+    assert "most common error (8 of 8): gave up after 4 attempts (last: URLError([Errno 111] Connection refused))" in error
+    assert "Kept 0 of 8 records" in error and "rerun the same command" in error
+    assert not (tmp_path / "run" / MANIFEST).exists()
+    if dead_stage == "describe":
+        assert teacher.requests() == []  # records without a description never reach the other teachers
+
+
+def test_every_request_failing_fails_even_at_share_one(tmp_path, procedural_source, teacher, dead_url):
+    config = synth_config(tmp_path, procedural_source[0], teacher, f"reason.teacher.base_url={dead_url}",
+                          "client.max_failed_share=1")
+    with pytest.raises(TeacherFailuresError, match=r"reason teacher .* 8 of 8 requests failed"):
+        run_synthesis(config)
+
+
+def test_failed_share_above_the_limit_fails_below_it_succeeds(tmp_path, procedural_source, teacher):
+    data = procedural_source[0]
+    teacher.faults.append(Fault("describe", ["500"], match="pink", always=True))  # 1 of 8 records: 12.5%
+
+    # Above the default limit (5%): an error, the 7 records already written stay, no manifest.
+    with pytest.raises(TeacherFailuresError) as error:
+        run_synthesis(synth_config(tmp_path, data, teacher))
+    message = str(error.value)
+    assert f"describe teacher 'Qwen/Qwen2.5-VL-72B-Instruct' at {teacher.base_url}/chat/completions: 1 of 8 " \
+           "requests failed (12%; more than client.max_failed_share=0.05)" in message
+    assert "most common error (1 of 1): gave up after 4 attempts (last: HTTP 500)" in message
+    assert "Kept 7 of 8 records" in message
+    assert len(load_conversations(tmp_path / "run" / "data")) == 7 and not (tmp_path / "run" / MANIFEST).exists()
+
+    # Below a raised limit: the same run succeeds, from the cache, asking only for the failed record again.
+    before = len(teacher.requests())
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "client.max_failed_share=0.2"))
+    assert manifest["kept"] == 7 and manifest["filters"] == {"describe.request_failed": 1}
+    assert (tmp_path / "run" / MANIFEST).is_file()
+    assert {r["stage"] for r in teacher.requests()[before:]} == {"describe"} and \
+        all("pink" in r["question"] for r in teacher.requests()[before:])
+
+    # Fixed endpoint: a rerun (overwrite, since that run finished) completes the data set.
+    teacher.faults.clear()
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "output.overwrite=true"))
+    assert manifest["kept"] == 8 and manifest["teachers"]["describe"]["failures"] == 0
+    assert len(load_conversations(Path(manifest["config"]["output"]["dir"]) / "data")) == 8
