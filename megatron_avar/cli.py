@@ -47,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         # Bad input raises ValueError with a message that names the problem and the fix: show just that.
+        # A FileNotFoundError is a path given wrong (a config value or flag read before anything checked it):
+        # its one line names the path, and the traceback would only show where it was read.
         # AVAR_DEBUG=1 shows the traceback too.
         if os.environ.get("AVAR_DEBUG") == "1":
             raise
+        if isinstance(error, FileNotFoundError) and error.filename is not None:
+            error = f"{error.strerror or error}: {error.filename} (AVAR_DEBUG=1 shows where it was read)"
         print(f"avar {args.subcommand}: error: {error}", file=sys.stderr)
         return 2
 

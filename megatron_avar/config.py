@@ -5,22 +5,27 @@
 A config is a tree of frozen dataclasses whose fields are documented and validated in ``__post_init__``.
 The YAML file is a minimal diff over those defaults. Overrides are ``dotted.key=value`` with the value read
 as YAML (``1e-5``, ``true``, ``[8, 9]``, ``null``). Any unknown key, in the file or an override, is an
-error naming the key and the allowed ones — never silently ignored.
+error naming the key and the allowed ones — never silently ignored. Every value is checked against its
+field's type hint before the dataclass validates it, so a wrong one is a one-line ValueError naming the key,
+the value, what the field takes and where the value was set (``FILE:LINE`` or the override), e.g.
+
+    train.steps=2.5 (override train.steps=2.5): expected an integer, got a non-integral number
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TypeVar
 
 import yaml
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides", "read_config_file",
-           "flag_overrides"]
+           "flag_overrides", "ConfigValues"]
 
 T = TypeVar("T")
 
@@ -40,66 +45,298 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def _dataclass_type(annotation) -> type | None:
-    """The dataclass in an annotation (``X`` or ``X | None``), else None."""
-    if dataclasses.is_dataclass(annotation):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
-        return inner[0] if len(inner) == 1 else None
+def _yaml_error(error: yaml.YAMLError) -> tuple[str, str]:
+    """(``LINE:COLUMN``, 1-based, or "" when PyYAML gives no place; the problem) of a YAML error."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None and context_mark is not mark:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return (f"{mark.line + 1}:{mark.column + 1}" if mark is not None else ""), problem
+
+
+class ConfigValues(dict):
+    """Raw config values (nested dicts, as YAML gives them) plus ``origins``: where each dotted key was set,
+    ``FILE:LINE`` or ``override KEY=VALUE``. :func:`read_config_file` and :func:`apply_overrides` fill it in and
+    :func:`config_from_dict` names it in errors, so a wrong value says where to fix it."""
+
+    def __init__(self, values=(), origins: dict[str, str] | None = None):
+        super().__init__(values)
+        self.origins = dict(origins or {})
+
+
+def _origin(origins: dict[str, str], key: str) -> str | None:
+    """Where ``key`` was set: its own entry, else where a key inside it was (``train.steps.x=1`` made
+    ``train.steps`` a mapping), else its nearest section's (``train=5`` sets ``train.steps`` too)."""
+    if key in origins:
+        return origins[key]
+    inside = [o for k, o in origins.items() if k.startswith(key + ".")]
+    if inside:
+        return inside[-1]
+    while "." in key:
+        key = key.rpartition(".")[0]
+        if key in origins:
+            return origins[key]
     return None
 
 
-def config_from_dict(cls: type[T], values: dict, where: str = "") -> T:
-    """Build dataclass ``cls`` from a (nested) dict, recursing into dataclass-typed fields."""
+def _yaml_lines(node, prefix: str, path, origins: dict[str, str]) -> None:
+    """Record ``FILE:LINE`` of every mapping key under ``node`` (nested sections too, not list items)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                origins[prefix + key_node.value] = f"{path}:{key_node.start_mark.line + 1}"
+                _yaml_lines(value_node, f"{prefix}{key_node.value}.", path, origins)
+
+
+class _Mismatch(Exception):
+    """A value that does not fit a type hint (turned into a ValueError naming the field by the caller)."""
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _describe(hint, plural: bool = False) -> str:
+    """What a type hint accepts, in the words of a YAML user: "an integer", "a list of integers", ..."""
+    if _is_union(hint):
+        members = sorted(typing.get_args(hint), key=lambda m: m is type(None))  # "or null" last
+        return " or ".join(_describe(m, plural) for m in members)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return ("one of " if not plural else "values among ") + ", ".join(json.dumps(a) for a in args)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not args:
+            return "lists" if plural else "a list"
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            inner = f"{len(args)} {_describe(args[0], True)}" if len(set(args)) == 1 else \
+                "[" + ", ".join(_describe(a) for a in args) + "]"
+        else:
+            inner = _describe(args[0], True)
+        return ("lists of " if plural else "a list of ") + inner
+    if origin is dict or hint is dict:
+        if not args:
+            return "mappings" if plural else "a mapping"
+        inner = f"{_describe(args[0], True)} to {_describe(args[1], True)}"
+        return ("mappings of " if plural else "a mapping of ") + inner
+    if dataclasses.is_dataclass(hint):
+        keys = ", ".join(sorted(f.name for f in dataclasses.fields(hint) if f.init and not f.name.startswith("_")))
+        return f"sections (mappings of {keys})" if plural else f"a section (a mapping of {keys})"
+    words = {bool: ("true or false", "true/false values"), int: ("an integer", "integers"),
+             float: ("a number", "numbers"), str: ("a string", "strings"), type(None): ("null", "nulls")}
+    if hint in words:
+        return words[hint][plural]
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        return "paths" if plural else "a path"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{name} values" if plural else f"a {name}"
+
+
+def _accepts_int(hint) -> bool:
+    return hint is int or _is_union(hint) and any(_accepts_int(m) for m in typing.get_args(hint))
+
+
+def _got(value, hint) -> str:
+    """What ``value`` is, in the words of :func:`_describe`."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, float):
+        return "a non-integral number" if _accepts_int(hint) and not value.is_integer() else "a number"
+    for kind, words in ((int, "an integer"), (str, "a string"), (type(None), "null"), (list, "a list"),
+                        (tuple, "a list"), (dict, "a mapping")):
+        if isinstance(value, kind):
+            return words
+    return f"a {type(value).__name__}"
+
+
+def _show(value) -> str:
+    """``value`` as the user would write it (JSON is YAML), cut short when long."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _convert(hint, value, key: str, origins: dict[str, str]):
+    """``value`` checked against ``hint``; raises _Mismatch when it does not fit. The conversions are the exact
+    ones only: an int where a float is wanted, an integral float (YAML's ``1e3``) where an int is, a string
+    where a path is. true/false is never a number: bool subclasses int in Python, but ``steps: true`` is a
+    mistake, not 1 (YAML 1.1 also reads yes/no/on/off as booleans)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if _is_union(hint):
+        for member in args:
+            try:
+                return _convert(member, value, key, origins)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is typing.Literal:
+        if any(type(value) is type(a) and value == a for a in args):
+            return value
+        raise _Mismatch
+    if hint is type(None):
+        if value is None:
+            return value
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint is str:
+        # a number where a string is wanted is refused, not stringified: YAML 1.1 has already changed it
+        # (01:00:00 is read as 3600, 0123 as 83), so the fix is quoting it
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if isinstance(hint, type) and issubclass(hint, PurePath):
+        if isinstance(value, (str, PurePath)):
+            return hint(value)
+        raise _Mismatch
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return _from_dict(hint, value, f"{key}.", origins)
+        raise _Mismatch
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if not args:
+            return value
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise _Mismatch
+            items = [_convert(a, v, f"{key}[{i}]", origins) for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            items = [_convert(args[0], v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
+        return type(value)(items)  # a list stays a list: __post_init__ methods decide about tuples
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if not args:
+            return value
+        return {_convert(args[0], k, key, origins): _convert(args[1], v, f"{key}.{k}", origins)
+                for k, v in value.items()}
+    if isinstance(hint, type) and origin is None and hint is not typing.Any:
+        if isinstance(value, hint):
+            return value
+        raise _Mismatch
+    return value  # a hint this loader does not read (Any, Callable, ...): the dataclass validates it
+
+
+def _where(key: str, origins: dict[str, str]) -> str:
+    origin = _origin(origins, key)
+    return f" ({origin})" if origin else ""
+
+
+def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str]) -> T:
     if not isinstance(values, dict):
-        raise ValueError(f"config section {where or '<root>'!r} must be a mapping, got {type(values).__name__}")
+        section = where.rstrip(".")
+        raise ValueError(f"{section or 'the config'}={_show(values)}{_where(section, origins)}: expected "
+                         f"{_describe(cls)}, got {_got(values, cls)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     unknown = sorted(set(values) - set(fields))
     if unknown:
+        located = [f"{where}{k}: {o}" for k in unknown if (o := _origin(origins, where + k))]
         raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
-                         f"allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
+                         f"allowed in {where.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}"
+                         + (f" ({'; '.join(located)})" if located else ""))
     kwargs = {}
     for name, value in values.items():
-        nested = _dataclass_type(hints[name])
-        if nested is not None and isinstance(value, dict):
-            value = config_from_dict(nested, value, f"{where}{name}.")
-        kwargs[name] = value
+        key, hint = where + name, hints[name]
+        if value is None and dataclasses.is_dataclass(hint):
+            value = {}  # a section left empty in YAML (`train:` with its keys commented out) keeps its defaults
+        try:
+            kwargs[name] = _convert(hint, value, key, origins)
+        except _Mismatch:
+            raise ValueError(f"{key}={_show(value)}{_where(key, origins)}: expected {_describe(hint)}, "
+                             f"got {_got(value, hint)}") from None
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"config key(s) {', '.join(where + m for m in missing)} must be set")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        # the section's own validation names fields, not where they were set: add that for the fields it names
+        message = str(error)
+        located = [f"{where}{n}: {o}" for n in values if (o := _origin(origins, where + n))
+                   and re.search(rf"(?<![\w.]){re.escape(where + n)}(?![\w])", message)]
+        if not located:
+            raise
+        raise ValueError(f"{message} ({'; '.join(located)})") from error
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """A copy of ``values`` with each ``a.b.c=value`` applied (value parsed as YAML)."""
+def config_from_dict(cls: type[T], values: dict, where: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) dict, recursing into dataclass-typed fields. Every value is
+    checked against its field's type hint first (ValueError naming the dotted key, the value, what the field
+    takes and, for :class:`ConfigValues`, where the value was set), so ``__post_init__`` sees the declared types."""
+    return _from_dict(cls, values, where, getattr(values, "origins", {}))
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> ConfigValues:
+    """A copy of ``values`` with each ``a.b.c=value`` applied (value parsed as YAML); origins recorded."""
     import copy
 
-    values = copy.deepcopy(values)
+    result = ConfigValues(copy.deepcopy(dict(values)), getattr(values, "origins", {}))
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {override!r} is not of the form dotted.key=value")
-        *parents, leaf = key.strip().split(".")
-        node = values
+        key = key.strip()
+        try:
+            value = _load_yaml(raw)
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or error
+            raise ValueError(f"override {override!r}: the value is not valid YAML ({problem}); quote strings with "
+                             "special characters, write lists as [8, 9]") from None
+        *parents, leaf = key.split(".")
+        node = result
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or a section left empty in YAML (`train:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = _load_yaml(raw)
-    return values
+        node[leaf] = value
+        result.origins = {k: o for k, o in result.origins.items() if k != key and not k.startswith(key + ".")}
+        result.origins[key] = f"override {override}"
+    return result
 
 
-def read_config_file(path: str | Path | None) -> dict:
-    """The mapping in the YAML file at ``path`` ({} for None); ValueError when the file is missing."""
+def read_config_file(path: str | Path | None) -> ConfigValues:
+    """The mapping in the YAML file at ``path`` ({} for None), with the file:line of every key; ValueError
+    when the file is missing, is not valid YAML (file:line:column) or does not hold a mapping."""
     if path is None:
-        return {}
+        return ConfigValues()
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    return _load_yaml(path.read_text()) or {}
+    loader = _Loader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        values = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        place, problem = _yaml_error(error)
+        raise ValueError(f"{path}:{place + ':' if place else ''} invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if values is None:
+        return ConfigValues()
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {_got(values, dict)}")
+    origins: dict[str, str] = {}
+    _yaml_lines(node, "", path, origins)
+    return ConfigValues(values, origins)
 
 
 def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
@@ -112,7 +349,8 @@ def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path`` (if any), then by ``overrides``."""
+    """Defaults of ``cls``, updated by the YAML file at ``path`` (if any), then by ``overrides``. Every error
+    is a ValueError of one line naming the key, the value, what is expected and where it was set."""
     return config_from_dict(cls, apply_overrides(read_config_file(path), list(overrides)))
 
 

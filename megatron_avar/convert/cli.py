@@ -43,6 +43,8 @@ def _hf_to_mcore(args) -> int:
     from megatron_avar.convert import checkpoint, hf_files
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
+    inputs = {"--hf-path": args.hf_path}
+    hf_files.check_output_apart(args.out, inputs)  # first: before anything is read, created or replaced
     if args.tp < 1 or args.pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
     hf_dir = args.hf_path.absolute()
@@ -51,7 +53,7 @@ def _hf_to_mcore(args) -> int:
         raise ValueError(f"--pp {args.pp} does not divide the {config.text.num_layers} language-model layers")
     num_tensors = checkpoint.check_hf_names(hf_dir, config)
     dtype = checkpoint.checkpoint_dtype(hf_dir)
-    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
+    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
         checkpoint.launch(checkpoint.hf_to_mcore_rank, args.tp * args.pp, str(hf_dir), str(temp), args.tp, args.pp,
                           dtype, num_tensors)
         hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
@@ -63,11 +65,13 @@ def _hf_to_mcore(args) -> int:
 def _mcore_to_hf(args) -> int:
     from megatron_avar.convert import checkpoint, hf_files
 
+    inputs = {"--mcore-path": args.mcore_path}
+    hf_files.check_output_apart(args.out, inputs)  # first: before anything is read, created or replaced
     mcore_dir = args.mcore_path.absolute()
     checkpoint.read_checkpoint_info(mcore_dir)
     if args.max_shard_size_mb <= 0:
         raise ValueError(f"--max-shard-size-mb must be > 0, got {args.max_shard_size_mb}")
-    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
+    with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
         checkpoint.launch(checkpoint.mcore_to_hf_rank, 1, str(mcore_dir), str(temp),
                           int(args.max_shard_size_mb * 2**20))
         hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)

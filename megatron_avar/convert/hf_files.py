@@ -113,10 +113,30 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def check_output_apart(out: Path, inputs: dict[str, Path]) -> None:
+    """ValueError unless the output folder ``out`` and each input (``{"--flag": path}``) are disjoint: neither is
+    the other nor lies inside it, symlinks resolved. An --out equal to or containing the input would be replaced
+    (with --overwrite) by the conversion of that input, deleting it (and, for a checkpoint inside a run
+    directory, the whole run); an --out inside the input would write into the folder being read."""
+    out_real = Path(out).resolve()
+    for flag, path in inputs.items():
+        real = Path(path).resolve()
+        relation = ("is the same folder as" if out_real == real else "contains" if out_real in real.parents else
+                    "is inside" if real in out_real.parents else None)
+        if relation is not None:
+            resolved = "" if (out_real, real) == (Path(out).absolute(), Path(path).absolute()) else \
+                f" (resolved: {out_real} and {real})"
+            raise ValueError(f"--out {out} {relation} {flag} {path}{resolved}: the output would replace or write "
+                             f"into the input; choose an --out that neither is, contains nor lies inside {path}")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool):
+def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     """Yield a fresh temporary folder next to ``out``; on success it becomes ``out`` by a rename (an existing
-    ``out`` is replaced only with ``overwrite``), on failure it is removed and ``out`` is untouched."""
+    ``out`` is replaced only with ``overwrite``), on failure it is removed and ``out`` is untouched. ``inputs``
+    (``{"--flag": path}``): the folders the conversion reads, which ``out`` must not overlap (see
+    :func:`check_output_apart`; checked here too, since this is what replaces ``out``)."""
+    check_output_apart(out, inputs)
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")

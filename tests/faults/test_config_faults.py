@@ -1,0 +1,121 @@
+"""Fault injection (issue 16) on the config loader: wrong-typed values on the command line or in YAML, bad YAML
+syntax and a missing model folder give one line naming the field, the value, what is expected and (for YAML) the
+file and line; through `avar sft` that line and exit code 2, never a traceback. No training runs here."""
+
+import pytest
+
+from megatron_avar.cli import main
+from megatron_avar.config import load_config
+from megatron_avar.sft.config import SFTConfig
+
+BASE = ["out=o", "model.hf_path=m", "data.path=d"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", r'train\.steps="abc" \(override train\.steps=abc\): expected an integer, got a string'),
+    ("optim.lr=abc", r'optim\.lr="abc" \(override optim\.lr=abc\): expected a number, got a string'),
+    ("train=5", r"train=5 \(override train=5\): expected a section \(a mapping of global_batch_size, .*steps.*\), "
+                r"got an integer"),
+    ("train.steps=2.5", r"train\.steps=2\.5 \(override train\.steps=2\.5\): expected an integer, got a "
+                        r"non-integral number"),
+    ("train.steps=true", r"train\.steps=true \(override train\.steps=true\): expected an integer, got true/false"),
+    ("log.wandb_project=[1]", r"log\.wandb_project=\[1\] .*: expected a string or null, got a list"),
+    ("avar.layers=[8, x]", r'avar\.layers=\[8, "x"\] .*: expected a string or a list of integers'),
+])
+def test_a_wrong_typed_override_names_field_value_and_expected_type(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(SFTConfig, None, BASE + [override])
+
+
+def test_accepted_conversions_are_exact():
+    config = load_config(SFTConfig, None, BASE + ["train.steps=1e3", "optim.lr=1"])
+    assert config.train.steps == 1000 and type(config.train.steps) is int  # an integral float is that integer
+    assert config.optim.lr == 1.0 and type(config.optim.lr) is float
+    # a section left empty (`train:` in YAML, or null) keeps its defaults; an override can still fill it in
+    assert load_config(SFTConfig, None, BASE + ["train=null"]).train.steps == 100
+    assert load_config(SFTConfig, None, BASE + ["train=null", "train.steps=7"]).train.steps == 7
+
+
+def test_yaml_values_are_named_with_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\ntrain:\n  global_batch_size: 4\n  steps: true\n")
+    with pytest.raises(ValueError, match=rf"^train\.steps=true \({path}:6\): expected an integer, got true/false$"):
+        load_config(SFTConfig, path)
+    # an override replaces the file's value, and is what the message then names
+    with pytest.raises(ValueError, match=r"^train\.steps=2\.5 \(override train\.steps=2\.5\): expected an integer"):
+        load_config(SFTConfig, path, ["train.steps=2.5"])
+    # errors of a section's own validation name the file lines of the fields they mention
+    path.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\ntrain:\n  precision: fp16\n")
+    with pytest.raises(ValueError, match=rf"^train\.precision='fp16'.* \(train\.precision: {path}:5\)$"):
+        load_config(SFTConfig, path)
+    path.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\noptim:\n  lrr: 1\n")
+    with pytest.raises(ValueError, match=rf"unknown config key\(s\) optim\.lrr; allowed in optim: .* "
+                                         rf"\(optim\.lrr: {path}:5\)"):
+        load_config(SFTConfig, path)
+
+
+def test_bad_yaml_syntax_names_file_line_and_column(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("out: o\nmodel:\n  hf_path: m\n data: x\n")
+    with pytest.raises(ValueError, match=rf"^{path}:4:2: invalid YAML: expected <block end>"):
+        load_config(SFTConfig, path)
+    path.write_text("- out: o\n")
+    with pytest.raises(ValueError, match=rf"^{path}: expected a mapping of config keys at the top level, got a list"):
+        load_config(SFTConfig, path)
+    with pytest.raises(ValueError, match=r"^override 'avar\.layers=\[8, 9': the value is not valid YAML"):
+        load_config(SFTConfig, None, BASE + ["avar.layers=[8, 9"])
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """`avar sft` with run_sft replaced: a config that gets through the loader is recorded, not trained."""
+    import megatron_avar.sft.trainer as trainer
+
+    started = []
+    monkeypatch.setattr(trainer, "run_sft", started.append)
+    monkeypatch.delenv("AVAR_DEBUG", raising=False)
+    return started
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps=abc", 'train.steps="abc" (override train.steps=abc): expected an integer, got a string'),
+    ("train.steps=2.5", "train.steps=2.5 (override train.steps=2.5): expected an integer, got a non-integral"),
+    ("train.steps=true", "train.steps=true (override train.steps=true): expected an integer, got true/false"),
+    ("train=5", "train=5 (override train=5): expected a section"),
+])
+def test_avar_sft_prints_the_one_line_and_exits_2(override, expected, tmp_path, capsys, no_training):
+    config = tmp_path / "run.yaml"
+    config.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\n")
+    assert main(["sft", "--config", str(config), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"avar sft: error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and not no_training
+
+
+def test_avar_sft_bad_yaml_file_is_one_line_with_file_and_line(tmp_path, capsys, no_training):
+    config = tmp_path / "run.yaml"
+    config.write_text("out: o\nmodel: {hf_path: m\ndata: {path: d}\n")
+    assert main(["sft", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"avar sft: error: {config}:3:") and "invalid YAML" in err, err
+    assert len(err.strip().splitlines()) == 1 and not no_training
+
+
+def test_a_missing_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """model.hf_path=/nonexistent surfaces as a FileNotFoundError from model loading (the trainer owns the
+    up-front check); `avar` reports it in one line naming the path, with AVAR_DEBUG=1 for the traceback."""
+    import megatron_avar.sft.trainer as trainer
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+
+    monkeypatch.setattr(trainer, "run_sft", lambda config: Qwen25VLConfig.from_hf(config.model.hf_path))
+    monkeypatch.delenv("AVAR_DEBUG", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\n")
+    missing = tmp_path / "nonexistent"
+    assert main(["sft", "--config", str(config), f"model.hf_path={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avar sft: error: No such file or directory: ") and str(missing) in err, err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.setenv("AVAR_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["sft", "--config", str(config), f"model.hf_path={missing}"])

@@ -1,0 +1,80 @@
+"""Fault injection (issue 16) on `avar convert`: an --out that is, contains or lies inside the input (also through
+a symlink) is refused before anything is read or written, naming both paths, with or without --overwrite.
+
+The conversion ranks are replaced by a stand-in that writes one file (the real ones take tens of seconds): without
+the refusal, `mcore-to-hf --overwrite` would then replace --out, and with it the run directory holding the input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_avar.cli import main
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A training run directory whose checkpoint looks like one `avar convert` can read; conversion stubbed."""
+    from megatron_avar.convert import checkpoint
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "iter_0000010"
+    (ckpt / "hf").mkdir(parents=True)
+    (ckpt / "hf" / "config.json").write_text("{}")
+    (ckpt / "avar_checkpoint.json").write_text(json.dumps({"format": "torch_dist", "dtype": "F32"}))
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("{}\n")
+
+    def fake_launch(fn, world_size, source, out_dir, *args):
+        (tmp_path / "launched").write_text(out_dir)
+        (Path(out_dir) / "model.safetensors").touch()
+
+    monkeypatch.setattr(checkpoint, "launch", fake_launch)
+    monkeypatch.delenv("AVAR_DEBUG", raising=False)
+    return run
+
+
+def _snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("out_of", [
+    lambda run, ckpt: ckpt,                    # --out is the input
+    lambda run, ckpt: run,                     # --out contains the input (the whole run directory)
+    lambda run, ckpt: ckpt / "export",         # --out inside the input
+    lambda run, ckpt: ckpt.parent / "latest",  # a symlink to the input
+], ids=["same", "contains", "inside", "symlink"])
+@pytest.mark.parametrize("overwrite", [True, False], ids=["overwrite", "no-overwrite"])
+def test_mcore_to_hf_refuses_an_out_overlapping_the_input(run_dir, out_of, overwrite, tmp_path, capsys):
+    ckpt = run_dir / "checkpoints" / "iter_0000010"
+    (ckpt.parent / "latest").symlink_to(ckpt.name)
+    out = out_of(run_dir, ckpt)
+    before = _snapshot(tmp_path)
+    argv = ["convert", "mcore-to-hf", "--mcore-path", str(ckpt), "--out", str(out)] + ["--overwrite"] * overwrite
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and f"--mcore-path {ckpt}" in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(tmp_path) == before and not (tmp_path / "launched").exists()
+
+
+def test_mcore_to_hf_to_a_separate_folder_still_works(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints" / "iter_0000010"
+    out = tmp_path / "hf-export"  # a sibling whose name starts like the input's parent's: not inside it
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(ckpt), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    out = tmp_path / "run-hf"
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(ckpt), "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("relation", ["same", "contains", "inside"])
+def test_hf_to_mcore_refuses_an_out_overlapping_the_input(relation, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("AVAR_DEBUG", raising=False)
+    hf = tmp_path / "models" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")  # refused before it is read
+    out = {"same": hf, "contains": hf.parent, "inside": hf / "mcore"}[relation]
+    before = _snapshot(tmp_path)
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(hf), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}" in err and f"--hf-path {hf}" in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(tmp_path) == before
