@@ -14,9 +14,10 @@ Phases, as `avar grpo` runs them (megatron_avar.grpo.trainer.grpo_step): refit (
 backend.update_weights), generate (--prompts x --n rollouts of --max-new-tokens), old log-probs with masses
 (policy.log_probs_with_masses: every layer an AVAR layer, VisualRewardSink attached), update (policy.train_step).
 
-Visual-reward cost = t(old log-probs, AVAR layers + sink) / t(old log-probs, plain attention, no sink) − 1, on
-the same rollouts, each the median of --repeats passes; the baseline is a second model with no AVAR layers
-(megatron's attention: Transformer Engine / local) and the same weights. Target (issue 7): <= 5% on a GPU.
+Visual-reward cost = t(old log-probs, AVAR layers + sink) / t(old log-probs, no sink) − 1, on the same rollouts
+and the same model, each the median of --repeats passes: without a sink the AVAR layers (probe mode) run only
+the platform's fastest causal attention, so the difference is the role_mass probe on the response rows and the
+reward's bookkeeping. Target: <= 5% on a GPU.
 
 FLOPs of one old-log-prob pass (forward only) = training_flops / 3 with megatron_avar.training.metrics:
   2·P_lm·T + 2·L·d·Σ s_i² + 2·P_vision·patches     (T tokens of the packed rollouts, s_i rollout lengths)
@@ -70,7 +71,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def _plain_log_probs(policy, rollouts):
-    """The old-log-prob pass of ``policy`` without a mass sink (its model has no AVAR layers)."""
+    """The old-log-prob pass of ``policy`` without a mass sink: the same attention, no masses."""
     from megatron_avar.grpo.interfaces import response_token_mask
 
     micro_batches = policy._pack(rollouts)
@@ -123,7 +124,8 @@ def main() -> int:
         return MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=seq_length,
                               temperature=1.0, loss=PolicyLossConfig(), pad_token_id=processor.tokenizer.pad_token_id)
 
-    policy, plain = policy_of(layers), policy_of(())
+    policy = policy_of(layers)
+    plain = policy  # the same model and attention: only the sink, hence the probe, is left out
     backend = LocalGenerationBackend(str(hf_path), processor, device=platform.current_device(), dtype=dtype)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
     rows = {}

@@ -99,11 +99,17 @@ def test_mass_off_flag_keeps_out_and_skips_masses(device):
     problem, _ = build_problem(q, k, v, roles, **kwargs)
     out_on, mass_on = role_attention_triton.triton_role_attention(problem, compute_mass=True)
     out_off, mass_off = role_attention_triton.triton_role_attention(problem, compute_mass=False)
-    assert torch.equal(out_on, out_off)
     assert mass_off.shape == (*mass_on.shape[:3], 0)
     dq_on, = torch.autograd.grad(out_on.square().sum(), q)
     dq_off, = torch.autograd.grad(out_off.square().sum(), q)
-    assert torch.equal(dq_on, dq_off)
+    # Same blocks (interpreter, or one autotune candidate): bitwise equal. Autotuned, the two variants may pick
+    # different tiles, which only reorders fp32 sums.
+    same_blocks = role_attention_triton.INTERPRETING or os.environ.get(role_attention_triton.AUTOTUNE_ENV) == "0"
+    for on, off in ((out_on, out_off), (dq_on, dq_off)):
+        if same_blocks:
+            assert torch.equal(on, off)
+        else:
+            torch.testing.assert_close(on, off, rtol=0, atol=1e-6 * max(1.0, on.abs().max().item()))
 
 
 def test_triton_is_deterministic(device):
