@@ -150,6 +150,9 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from megatron_avar.training.checkpointing import vet_dist_checkpoint
+
+    vet_dist_checkpoint(Path(mcore_dir))  # megatron unpickles parts of it: refuse anything but plain data first
     try:
         state, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
                                                              strict=StrictHandling.RETURN_ALL)

@@ -14,12 +14,16 @@ from megatron_avar.grpo.advantages import ADVANTAGE_MODES
 from megatron_avar.grpo.loss import PolicyLossConfig
 from megatron_avar.grpo.prompts import GRPODataConfig
 from megatron_avar.grpo.rewards import RewardConfig
-from megatron_avar.sft.config import (PRECISIONS, RECOMPUTE, CheckpointConfig, LogConfig, ModelConfig, OptimConfig,
-                                      ParallelConfig)
+from megatron_avar.sft.config import (OPTIM_RESUME_FIXED, PRECISIONS, RECOMPUTE, CheckpointConfig, LogConfig,
+                                      ModelConfig, OptimConfig, ParallelConfig)
 
-__all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "BACKENDS"]
+__all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "BACKENDS", "RESUME_FIXED"]
 
 BACKENDS = ("local", "vllm")
+
+# What a resumed run must keep unchanged (see sft.config): the schedule's horizon here is
+# train.steps * train.updates_per_step optimizer steps.
+RESUME_FIXED = OPTIM_RESUME_FIXED + ("train.steps", "train.updates_per_step")
 
 
 @dataclass(frozen=True)

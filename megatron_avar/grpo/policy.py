@@ -37,11 +37,12 @@ class MegatronPolicy:
     seq_length: tokens per packed row; temperature: the rollouts' sampling temperature."""
 
     def __init__(self, model, qwen_config, *, visual_layers: Sequence[int], epsilon: float, seq_length: int,
-                 temperature: float, loss: PolicyLossConfig, pad_token_id: int, role_attention_impl: str = "auto"):
+                 temperature: float, loss: PolicyLossConfig, pad_token_id: int, role_attention_impl: str = "auto",
+                 mass_mode: str = "probe"):
         self.model, self.qwen_config = model, qwen_config
         self.visual_layers, self.epsilon = tuple(visual_layers), float(epsilon)
         self.seq_length, self.temperature, self.loss = seq_length, float(temperature), loss
-        self.pad_token_id, self.role_attention_impl = pad_token_id, role_attention_impl
+        self.pad_token_id, self.role_attention_impl, self.mass_mode = pad_token_id, role_attention_impl, mass_mode
 
     # -- helpers --------------------------------------------------------------------------------------------
     @property
@@ -59,7 +60,7 @@ class MegatronPolicy:
         to = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return ddp_model(to(b.input_ids), position_ids=to(b.position_ids), pixel_values=to(b.pixel_values),
                          image_grid_thw=to(b.image_grid_thw), token_roles=to(b.roles), segment_ids=to(b.segment_ids),
-                         mass_sink=sink, role_attention_impl=self.role_attention_impl)
+                         mass_sink=sink, role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
 
     def _response_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
         """[rollouts of mb, num_columns] log softmax(logits / T)[next token] at the response tokens, from the
@@ -94,7 +95,9 @@ class MegatronPolicy:
 
         def forward_step(data_iterator, ddp_model):
             index, mb = next(data_iterator)
-            sink = VisualRewardSink(ResponseTokens(mb.batch.roles, mb.batch.segment_ids), self.visual_layers,
+            segments = None if mb.batch.segment_ids is None else mb.batch.segment_ids.to(device)
+            # Built on the device: the layers read its rows there (once per micro-batch, not per layer).
+            sink = VisualRewardSink(ResponseTokens(mb.batch.roles.to(device), segments), self.visual_layers,
                                     epsilon=self.epsilon)
             sinks.append(sink)
             output = self._forward(ddp_model, mb, sink)

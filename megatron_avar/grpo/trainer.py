@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar.grpo.advantages import group_advantages
-from megatron_avar.grpo.config import GRPOConfig
+from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 
@@ -155,6 +155,8 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
         update_metrics.append(policy.train_step(
             rollouts[part], old.logp[part][:, :width], advantages[part],
             ref_logp=None if ref_logp is None else ref_logp[part][:, :width]))
+        _check_update(policy, update_metrics[-1], step=step, update=k, updates=updates, prompts=prompts,
+                      grad_norm_known=config.optim.clip_grad > 0)
     timings["perf/update_seconds"] = time.monotonic() - started
 
     device = platform.current_device()  # collectives on the backend's device (NCCL: the GPU)
@@ -169,8 +171,37 @@ def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig
     return metrics
 
 
+def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, updates: int, prompts,
+                  grad_norm_known: bool) -> None:
+    """Collective, after each policy update: raise NonFiniteUpdateError on every rank when its loss, gradient
+    norm or updated weights are not finite, naming the step and its prompts over all data-parallel replicas.
+    Checked here, at the update that caused it: otherwise the next step's rollouts and attention masses come
+    out NaN and the error would blame those. grad_norm_known: the optimizer computes the norm (clipping on)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.training.run_loop import NonFiniteUpdateError, nonfinite_update
+
+    checked = {name: value for name, value in metrics.items() if name.startswith("loss/")}
+    if grad_norm_known:
+        checked["optim/grad_norm"] = metrics["optim/grad_norm"]
+    problems = nonfinite_update(policy.model, checked)
+    if not problems:
+        return
+    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, list(prompts.prompt_ids), group=parallel_state.get_data_parallel_group())
+    ids = [str(prompt_id) for replica in gathered for prompt_id in replica]
+    shown = ", ".join(ids[:64]) + (f", ... ({len(ids)} in all)" if len(ids) > 64 else "")
+    raise NonFiniteUpdateError(
+        f"step {step}: policy update {update + 1} of {updates} is not finite ({'; '.join(problems)}): the optimizer "
+        f"update diverged. Prompts of this step: {shown}. Lower optim.lr (or check the loss settings), or inspect "
+        f"these prompts")
+
+
 def run_grpo(config: GRPOConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
+    if not (Path(config.model.hf_path) / "config.json").is_file():  # before any process group or run dir exists
+        raise ValueError(f"model.hf_path={config.model.hf_path}: no config.json there; give a Hugging Face "
+                         "Qwen2.5-VL checkpoint folder")
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict
@@ -181,7 +212,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (finished_run_summary, hf_export_describer, plan_start,
+                                                 prepare_run_dir, run_steps, schedule_record)
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -193,10 +225,15 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"{layout.dp} data-parallel replicas and then over train.updates_per_step "
                          f"({config.train.updates_per_step})")
     out = Path(config.out)
-    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
+    # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
+    schedule = schedule_record(config, RESUME_FIXED)
+    start = plan_start(out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    if start.finished:
+        parallel_state.destroy_model_parallel()
+        return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
+    resume_from = start.resume_from
     if layout.is_logging_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        prepare_run_dir(out, start, config_to_dict(config))
 
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     visual_layers = config.reward.layer_indexes(qwen_config.text.num_layers)
@@ -222,7 +259,8 @@ def run_grpo(config: GRPOConfig) -> dict:
         return MegatronPolicy(training_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
                               seq_length=config.seq_length, temperature=config.rollout.temperature, loss=config.loss,
                               pad_token_id=processor.tokenizer.pad_token_id,
-                              role_attention_impl=config.model.role_attention_impl)
+                              role_attention_impl=config.model.role_attention_impl,
+                              mass_mode=config.model.mass_mode)
 
     policy = policy_of(model)
     reward = VisualAnchoredReward(config.reward)
@@ -259,7 +297,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     try:
         outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
                             data=prompts, layout=layout, logger=logger, preemption=preemption,
-                            log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe)
+                            log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
+                            schedule=schedule)
     finally:
         logger.close()
         if backend is not None and hasattr(backend, "close"):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
-from megatron_avar.sft.config import SFTConfig
+from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
 
 __all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
@@ -53,7 +53,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         raise ValueError(f"step {step_batch.step}: the global batch has no loss (RESPONSE) tokens")
     num_microbatches, dp = len(microbatches), layout.dp
     loss_scale = 1.0  # bf16 / fp32: megatron applies no loss scale (fp16 is not offered)
-    sinks, lm_sums = [], []
+    sinks, lm_sums, nonfinite_lm = [], [], []
 
     def forward_step(data_iterator, ddp_model):
         index, mb = next(data_iterator)
@@ -63,14 +63,15 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         key_roles = _sink_key_roles(mb.roles, mb.segment_ids) if config.avar.exclude_sink else mb.roles
         output = ddp_model(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
                            image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=key_roles,
-                           segment_ids=mb.segment_ids, mass_sink=sink,
-                           role_attention_impl=config.model.role_attention_impl)
+                           segment_ids=mb.segment_ids, mass_sink=sink if avar_layers else None,
+                           role_attention_impl=config.model.role_attention_impl, mass_mode=config.model.mass_mode)
 
         def loss_func(per_token_loss):
             lm_sum = (per_token_loss.float() * (mb.labels != IGNORE_INDEX)).sum()
+            # Noted, not raised: raising here on one rank would leave the others waiting in a collective; the
+            # check after the update (_check_update) stops every rank together and names these samples.
             if not torch.isfinite(lm_sum):
-                raise FloatingPointError(f"non-finite LM loss at step {step_batch.step}, micro-batch {index}, "
-                                         f"samples {mb.sample_ids}: lower the learning rate or inspect these samples")
+                nonfinite_lm.extend(sample for row in mb.sample_ids for sample in row)
             lm_sums.append(lm_sum.detach())
             # megatron divides by num_microbatches and DDP averages over DP; undo both: global token mean.
             return lm_sum * (num_microbatches * dp / num_loss_tokens), {"lm_sum": lm_sum.detach()}
@@ -84,10 +85,42 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         forward_step_func=forward_step, data_iterator=iter(enumerate(microbatches)), model=[model.ddp],
         num_microbatches=num_microbatches, seq_length=rows[1], micro_batch_size=rows[0], forward_only=False)
     update_ok, grad_norm, _ = model.optimizer.step()
+    if update_ok:
+        model.scheduler.step(increment=1)
+    metrics = _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout,
+                              device)
+    _check_update(model, metrics, step_batch, update_ok=update_ok, grad_norm=grad_norm, nonfinite_lm=nonfinite_lm)
+    return metrics
+
+
+def _check_update(model, metrics: dict[str, float], step_batch, *, update_ok: bool, grad_norm,
+                  nonfinite_lm: list[str]) -> None:
+    """Collective: raise NonFiniteUpdateError on every rank when the step's LM loss, AGTO terms, gradient norm
+    or updated weights are not finite (the same verdict everywhere: the values are world-reduced), naming the
+    step and its samples over all data-parallel ranks. The run loop then stops before logging or saving."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.training.run_loop import NonFiniteUpdateError, nonfinite_update
+
+    checked = {name: value for name, value in metrics.items()
+               if name.startswith(("loss/", "avar/")) and "/layer_" not in name}
+    if grad_norm is not None:  # None: the optimizer did not compute it (no clipping)
+        checked["optim/grad_norm"] = float(grad_norm)
+    problems = nonfinite_update(model, checked)
     if not update_ok:
-        raise FloatingPointError(f"step {step_batch.step}: the optimizer skipped the update (non-finite gradients)")
-    model.scheduler.step(increment=1)
-    return _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout, device)
+        problems.insert(0, "the optimizer skipped the update (non-finite gradients)")
+    if not problems:
+        return
+    mine = ([sample for mb in step_batch.microbatches for row in mb.sample_ids for sample in row], nonfinite_lm)
+    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
+    samples = [sample for ids, _ in gathered for sample in ids]
+    bad = [sample for _, ids in gathered for sample in ids]
+    shown = ", ".join(map(str, samples[:64])) + (f", ... ({len(samples)} in all)" if len(samples) > 64 else "")
+    lm_note = f"; the LM loss is not finite in samples {', '.join(map(str, bad[:64]))}" if bad else ""
+    raise NonFiniteUpdateError(
+        f"step {step_batch.step}: the update is not finite ({'; '.join(problems)}){lm_note}. Samples of this step: "
+        f"{shown}. Lower optim.lr (or avar.alpha / avar.beta), or inspect these samples")
 
 
 def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout, device):
@@ -110,7 +143,7 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
     metrics = {"loss/lm": lm_total / num_loss_tokens, "optim/lr": model.optimizer.param_groups[0]["lr"],
                "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "data/samples_with_agto_term": float(num_eligible)}
-    if num_eligible:
+    if num_eligible and avar_layers:  # no AVAR layers (plain SFT): no AVAR metrics, rather than NaN means
         for k, name in enumerate(LAYER_METRICS):
             metrics[f"avar/{name}"] = float(per_layer[:, k].mean())
             for layer, value in zip(avar_layers, per_layer[:, k].tolist()):
@@ -158,13 +191,17 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
 
 def run_sft(config: SFTConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
+    if not (Path(config.model.hf_path) / "config.json").is_file():  # before any process group or run dir exists
+        raise ValueError(f"model.hf_path={config.model.hf_path}: no config.json there; give a Hugging Face "
+                         "Qwen2.5-VL checkpoint folder")
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
-    from megatron_avar.training.run_loop import hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (finished_run_summary, hf_export_describer, plan_start,
+                                                 prepare_run_dir, run_steps, schedule_record)
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -173,10 +210,15 @@ def run_sft(config: SFTConfig) -> dict:
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                               seed=config.train.seed)
     out = Path(config.out)
-    resume_from = checkpointing.latest_checkpoint(out) if config.checkpoint.resume else None
+    # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
+    schedule = schedule_record(config, RESUME_FIXED)
+    start = plan_start(out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    if start.finished:
+        parallel_state.destroy_model_parallel()
+        return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
+    resume_from = start.resume_from
     if layout.is_logging_rank:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        prepare_run_dir(out, start, config_to_dict(config))
     run = build_run(config, layout, load_hf_weights=resume_from is None)
     model, data, qwen_config, avar_layers, dtype = run.model, run.data, run.qwen_config, run.avar_layers, run.dtype
     start_step = 0
@@ -218,7 +260,7 @@ def run_sft(config: SFTConfig) -> dict:
         outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
                             data=data, layout=layout, logger=logger, preemption=preemption,
                             log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
-                            history_filter=lambda name: "/layer_" not in name)
+                            history_filter=lambda name: "/layer_" not in name, schedule=schedule)
     finally:
         logger.close()
     history = outcome.history

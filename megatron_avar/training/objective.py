@@ -20,6 +20,7 @@ key the TEMPLATE role in the AVAR layers, so m_SYS no longer contains it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,9 @@ class AGTOConfig:
     exclude_sink: bool = False
 
     def __post_init__(self):
-        if self.alpha < 0 or self.beta < 0:
-            raise ValueError(f"avar.alpha and avar.beta must be >= 0, got {self.alpha}, {self.beta}")
-        if not self.epsilon > 0:
+        if not (math.isfinite(self.alpha) and math.isfinite(self.beta)) or self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"avar.alpha and avar.beta must be finite and >= 0, got {self.alpha}, {self.beta}")
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ValueError(f"avar.epsilon must be > 0, got {self.epsilon}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"avar.layers must be 'all' or a list of layer indexes, got {self.layers!r}")

@@ -5,17 +5,184 @@ any rank, then stop), and keep the per-step history for the run summary.
 The trainer supplies one step (``step_fn(step) -> metrics``, already reduced over the world) and the object that
 knows the data position (``data.state_dict()``, saved in every checkpoint); this loop adds the peak memory of
 the step and does everything else the same way for both trainers.
+
+Also shared: where a run starts (:func:`plan_start`: resume, refuse, or a finished run that a rerun leaves
+alone) and what it does to its directory before the first step (:func:`prepare_run_dir`), and the check that
+an update is finite (:func:`nonfinite_update`). Invariants: a step whose update is not finite is neither logged
+nor saved (``latest`` stays the last good checkpoint); a run never mixes its checkpoints with another run's;
+a resumed run trains with the schedule it was started with; metrics.jsonl holds each step once.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["LoopOutcome", "run_steps", "hf_export_describer"]
+__all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
+           "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError"]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteUpdateError(ValueError):
+    """A step whose loss, gradient norm, objective terms or updated weights are not finite. The run stops
+    before the step is logged or saved, so ``latest`` stays the last good checkpoint. A ValueError: the cause
+    is a setting (learning rate, objective weights) or the data, and the CLI shows the message alone."""
+
+
+def nonfinite_update(model, values: dict[str, float]) -> list[str]:
+    """Collective over the world, after an optimizer step: what is not finite — ``values`` (world-reduced
+    metrics and the gradient norm, the same on every rank) and this model's weights on any rank — as
+    "name = value" strings; empty when everything is finite. The weights are checked too because a finite
+    gradient can still make them non-finite (an enormous step), and they are what a checkpoint saves."""
+    import torch.distributed as dist
+
+    from megatron_avar import platform
+
+    problems = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
+    params = list(model.module.parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    flag = (~finite).to(device=platform.current_device(), dtype=torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        problems.append("the updated weights hold NaN or inf")
+    return problems
+
+
+def schedule_record(config, fields: tuple[str, ...]) -> dict:
+    """{"optim.lr": 1e-05, ...}: the values of the dotted ``fields`` of ``config`` (saved in every checkpoint;
+    compared on resume by :func:`plan_start`)."""
+    record = {}
+    for dotted in fields:
+        node = config
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        record[dotted] = node
+    return record
+
+
+def _saved_schedule(state: dict) -> dict:
+    """The schedule record of a checkpoint's trainer state; checkpoints written before the record existed give
+    what their scheduler state holds."""
+    if isinstance(state.get("schedule"), dict):
+        return state["schedule"]
+    scheduler = state.get("scheduler", {})
+    names = {"optim.lr": "max_lr", "optim.min_lr": "min_lr", "optim.warmup_steps": "lr_warmup_steps",
+             "optim.weight_decay": "start_wd"}
+    return {field: scheduler[key] for field, key in names.items() if key in scheduler}
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run starts (:func:`plan_start`). resume_from: the checkpoint to resume (None: step 0);
+    start_step: the first step to run; finished: every step already ran (a rerun does nothing);
+    replace_earlier: the directory holds an earlier run the user consented to replace (checkpoint.overwrite)."""
+
+    resume_from: Path | None
+    start_step: int
+    finished: bool = False
+    replace_earlier: bool = False
+
+
+def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int) -> RunStart:
+    """Decide where the run in ``out`` starts; reads only, on every rank, before anything is written.
+
+    checkpoint.resume (default): resume from the latest checkpoint when there is one. The restored scheduler,
+    optimizer and RNG states carry the values of the config fields in ``schedule`` (the trainer's
+    ``RESUME_FIXED``: learning-rate schedule, train.steps, Adam's betas/eps, seed) and would silently override
+    new ones, so a resume with any of them changed is refused, naming each with its old and new value: the
+    rule is that a run keeps the schedule it started with. A checkpoint of the last step means the run is
+    finished: ``finished`` is set and the trainer does nothing (metrics and summary stay as they are).
+    checkpoint.resume=false: a directory that holds checkpoints is refused (the new run's checkpoints would
+    mix with the old ones, and pruning by step number could delete the new ones) unless checkpoint.overwrite
+    gives consent; then ``replace_earlier`` is set and :func:`prepare_run_dir` removes the earlier run's
+    outputs before the new run writes anything.
+    """
+    from megatron_avar.training import checkpointing
+
+    out = Path(out)
+    if not checkpoint.resume:
+        if checkpointing.has_checkpoints(out) and not checkpoint.overwrite:
+            raise ValueError(f"{out} holds checkpoints of an earlier run ({out / 'checkpoints'}) and "
+                             "checkpoint.resume=false would start a new run over them: resume it (drop "
+                             "checkpoint.resume=false), or replace it (checkpoint.resume=false "
+                             "checkpoint.overwrite=true), or choose another out")
+        return RunStart(resume_from=None, start_step=0, replace_earlier=checkpoint.overwrite)
+    latest = checkpointing.latest_checkpoint(out)
+    if latest is None:
+        return RunStart(resume_from=None, start_step=0)
+    state = checkpointing.read_trainer_state(latest)
+    saved = _saved_schedule(state)
+    changed = [(name, saved[name], value) for name, value in schedule.items() if name in saved and saved[name] != value]
+    if changed:
+        listed = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
+        raise ValueError(f"{out} resumes from {latest.name}, whose schedule differs from this config ({listed}). A "
+                         "resumed run keeps the schedule it started with (the restored scheduler and optimizer "
+                         "would silently keep the old values): set the old values to resume, or start a new run "
+                         "— another out (from an export of this checkpoint: avar convert mcore-to-hf), or "
+                         "checkpoint.resume=false checkpoint.overwrite=true to replace this one")
+    start_step = state["step"] + 1
+    return RunStart(resume_from=latest, start_step=start_step, finished=start_step >= steps)
+
+
+def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
+    """What a rerun of a finished run returns (it writes nothing): the run's summary.json as it is (or, if
+    that is missing, a record saying the run is finished)."""
+    out = Path(out)
+    if announce:
+        print(f"{out} holds a finished run: all {steps} steps ran (checkpoint {start.resume_from.name}); nothing to "
+              "do, nothing written. To train it again pass checkpoint.resume=false checkpoint.overwrite=true, or "
+              "choose another out", flush=True)
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {"steps_run": 0, "start_step": start.start_step, "last_step": start.start_step - 1,
+                   "stopped_by": None, "checkpoints": [str(start.resume_from)], "history": []}
+    summary["already_finished"] = True
+    return summary
+
+
+def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
+    """Logging rank, after :func:`plan_start` and before the logger opens: create ``out``; with consent to
+    replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events (before this run
+    writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the steps before
+    ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again); write the
+    resolved config."""
+    from megatron_avar.training import checkpointing
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if start.replace_earlier:
+        checkpointing.remove_checkpoints(out)
+        for name in (METRICS_FILE, SUMMARY_FILE):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    _trim_metrics(out / METRICS_FILE, start.start_step)
+    (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+
+
+def _trim_metrics(path: Path, start_step: int) -> None:
+    """Keep the records of steps < start_step (a torn last line of a crashed run goes too); atomic."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < start_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(line + "\n" for line in kept))
+    os.replace(temp, path)
 
 
 @dataclass
@@ -45,16 +212,26 @@ def hf_export_describer(hf_path: str | Path, *, layout, dtype: torch.dtype, sour
 
 def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, steps: int, run_dir: str | Path,
               model, data, layout, logger, preemption, log_interval: int, checkpoint, describe,
-              history_filter: Callable[[str], bool] = lambda name: True) -> LoopOutcome:
+              history_filter: Callable[[str], bool] = lambda name: True, schedule: dict | None = None) -> LoopOutcome:
     """Steps ``start_step .. steps - 1`` (collective over all ranks; module docstring). ``checkpoint``: the
     trainer's CheckpointConfig (interval, keep); ``history_filter(name)``: which metrics the history keeps (all
-    are logged)."""
+    are logged); ``schedule``: the :func:`schedule_record` saved in every checkpoint. A NonFiniteUpdateError of
+    ``step_fn`` stops the loop before that step is logged or saved; its message then names the checkpoint
+    that stays ``latest``."""
     from megatron_avar.training import checkpointing
     from megatron_avar.training.metrics import peak_memory_gb
 
     outcome = LoopOutcome(history=[], checkpoints=[], stopped_by=None)
     for step in range(start_step, steps):
-        metrics = step_fn(step)
+        try:
+            metrics = step_fn(step)
+        except NonFiniteUpdateError as error:
+            latest = checkpointing.latest_checkpoint(run_dir)
+            # A rerun resumes there; what it may change is plan_start's rule (not the schedule).
+            kept = (f"{latest} stays the latest checkpoint: a rerun resumes there (with the same learning-rate "
+                    "schedule; a lower optim.lr needs a new run, e.g. from an export of that checkpoint)"
+                    if latest is not None else "no checkpoint had been written yet")
+            raise NonFiniteUpdateError(f"{error}. Nothing of step {step} was logged or saved; {kept}") from None
         metrics["perf/peak_memory_gb"] = peak_memory_gb()
         outcome.history.append({"step": step, **{k: v for k, v in metrics.items() if history_filter(k)}})
         last = step == steps - 1
@@ -62,7 +239,7 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
             logger.log(step, metrics)
         interrupted = preemption.any_rank()
         if interrupted or last or (checkpoint.interval and (step + 1) % checkpoint.interval == 0):
-            trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1]}
+            trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
         if interrupted:

@@ -119,3 +119,30 @@ def test_a_missing_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AVAR_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(["sft", "--config", str(config), f"model.hf_path={missing}"])
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_a_missing_model_folder_is_refused_by_field_before_anything_is_written(tmp_path, command):
+    """The trainers check model.hf_path first: no process group, no run directory left behind."""
+    from megatron_avar.config import load_config
+
+    if command == "sft":
+        from megatron_avar.sft.config import SFTConfig as Config
+        from megatron_avar.sft.trainer import run_sft as run
+    else:
+        from megatron_avar.grpo.config import GRPOConfig as Config
+        from megatron_avar.grpo.trainer import run_grpo as run
+    out, missing = tmp_path / "run", tmp_path / "nonexistent"
+    config = load_config(Config, None, [f"out={out}", f"model.hf_path={missing}", f"data.path={tmp_path}"])
+    with pytest.raises(ValueError, match=f"model.hf_path={missing}: no config.json there"):
+        run(config)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-0.5"])
+def test_a_non_finite_or_negative_agto_weight_is_refused(value):
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+
+    with pytest.raises(ValueError, match="avar.alpha and avar.beta must be finite and >= 0"):
+        load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", f"avar.alpha={value}"])

@@ -42,7 +42,8 @@ def _two_steps(overrides, layouts):
 def layouts(sft_inputs, tmp_path_factory):
     overrides = sft_overrides(sft_inputs, tmp_path_factory.mktemp("layouts"))
     single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"]),
-                                                     (1, 1, ["train.precision=bf16"])], timeout_s=400)[0]
+                                                     (1, 1, ["train.precision=bf16"]),
+                                                     (1, 1, ["model.mass_mode=fused"])], timeout_s=400)[0]
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, [])], timeout_s=600)
     return single, two
 
@@ -75,3 +76,13 @@ def test_bf16_step_is_close_to_fp32(layouts):
     for name in ("loss/lm", "avar/l_enh", "avar/l_sup", "avar/vas"):
         assert bf16[name] == pytest.approx(fp32[name], rel=2e-2), name
     assert bf16["optim/grad_norm"] == pytest.approx(fp32["optim/grad_norm"], rel=5e-2)
+
+
+def test_probe_and_fused_mass_modes_give_the_same_steps(layouts):
+    """The default probe mode (plain attention for the output, role_mass on AGTO's query rows) and the fused
+    kernel (output and every row's masses) are the same computation: fp32 bounds as across layouts."""
+    single, _ = layouts
+    probe, fused = single[(1, 1, ())], single[(1, 1, ("model.mass_mode=fused",))]
+    for step, tolerance in ((0, 1e-5), (1, 1e-4)):
+        for name in COMPARED:
+            assert probe[step][name] == pytest.approx(fused[step][name], rel=tolerance), (step, name)

@@ -1,0 +1,254 @@
+"""Fault injection (issue 16) on `avar sft` run directories, through the real command line: what reaches the
+disk after a fault, and what a user sees.
+
+- a non-finite update (avar.alpha=1e30: a valid weight whose update overflows) stops the run before it is
+  logged or saved: the last good checkpoint stays `latest`, the error names the step and its samples (before:
+  the NaN weights were saved as `latest`); a NaN weight is refused by config validation;
+- a non-finite learning rate is refused by config validation;
+- the same command on a finished run does nothing (before: metrics.jsonl repeated steps, summary.json was
+  overwritten with steps_run 0);
+- checkpoint.resume=false over an earlier run's checkpoints is refused, and replaces them only with
+  checkpoint.overwrite=true (before: the runs mixed and pruning by step number deleted the new checkpoints);
+- a resume that changes the schedule is refused by name (before: the restored scheduler silently kept the old
+  learning rate and horizon while config.json recorded the new ones);
+- resuming never unpickles code planted in a checkpoint: the per-rank RNG state is safetensors, a pickle where
+  the old rank_state/*.pt was is refused (legacy) or ignored, and megatron's pickled parts (.metadata, the
+  byte items in *.distcp, common.pt) are vetted before megatron reads them (before: os.system ran on resume).
+
+One 2-step run (a checkpoint after each step) is made once; each test works on a copy of it.
+"""
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "sft"))  # the shared tiny SFT settings (tests/sft)
+from sft_cases import sft_overrides  # noqa: E402
+
+REPO = Path(__file__).parents[2]
+BASE_SETTINGS = {"train.steps": 2, "train.global_batch_size": 2, "checkpoint.interval": 1,
+                 "parallel.tensor_model_parallel_size": 1}
+
+
+def _sft(out: Path, sft_inputs, **extra) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "megatron_avar", "sft", "--config", "examples/sft/quickstart.yaml",
+               *sft_overrides(sft_inputs, out, **{**BASE_SETTINGS, **extra})]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _output(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr
+
+
+def _link_or_copy(src, dst):
+    # The multi-MB tensor files are never written in place: hard links keep the copies cheap.
+    if src.endswith(".distcp"):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _copy_run(base: Path, dest: Path, *, latest_step: int | None = None) -> Path:
+    """A copy of the base run; with latest_step, as if it had stopped (preempted) after that step."""
+    shutil.copytree(base, dest, copy_function=_link_or_copy)
+    if latest_step is not None:
+        checkpoints = dest / "checkpoints"
+        for folder in checkpoints.glob("step_*"):
+            if int(folder.name.split("_")[1]) > latest_step:
+                shutil.rmtree(folder)
+        (checkpoints / "latest").write_text(f"step_{latest_step:08d}\n")
+    return dest
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_run(sft_inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "base"
+    done = _sft(out, sft_inputs)
+    assert done.returncode == 0, _output(done)[-3000:]
+    return out
+
+
+# -- 1. non-finite updates ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.lr", ".inf", r"optim\.lr must be a finite number, got inf"),
+    ("optim.lr", ".nan", r"optim\.lr must be a finite number, got nan"),
+    ("optim.lr", "0", r"optim\.lr must be a finite number > 0, got 0"),
+    ("optim.adam_beta2", "1.0", r"optim\.adam_beta1 and optim\.adam_beta2 must be in \[0, 1\)"),
+    ("optim.adam_eps", "0", r"optim\.adam_eps > 0"),
+])
+def test_sft_config_refuses_a_nonfinite_or_degenerate_optimizer_setting(field, value, message):
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+
+    with pytest.raises(ValueError, match=message):
+        load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", f"{field}={value}"])
+
+
+def test_a_nonfinite_update_is_never_saved_and_the_last_good_checkpoint_stays_latest(base_run, sft_inputs,
+                                                                                      tmp_path):
+    run = _copy_run(base_run, tmp_path / "run", latest_step=0)  # preempted after step 0; metrics has 0 and 1
+    done = _sft(run, sft_inputs, **{"avar.alpha": "1e30"})  # finite, valid, and the update overflows
+    output = _output(done)
+    assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
+    error = output[output.index("avar sft: error: "):]
+    assert error.startswith("avar sft: error: step 1: the update is not finite (")
+    assert "optim/grad_norm = inf" in error and "Lower optim.lr (or avar.alpha" in error
+    dataset_ids = {json.loads(line)["id"] for line in Path(sft_inputs["data_path"]).read_text().splitlines()}
+    named = re.search(r"Samples of this step: (.*?)\. Lower", error).group(1).split(", ")
+    assert named and set(named) <= dataset_ids
+    assert f"{run / 'checkpoints' / 'step_00000000'} stays the latest checkpoint" in error
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000000"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000000"]  # no step 1, no partial
+    assert _steps(run) == [0]  # the NaN step is not logged; step 1 of the earlier session was trimmed on resume
+
+
+# -- 4. rerun of a finished run -------------------------------------------------------------------------------
+def test_rerunning_a_finished_run_changes_nothing(base_run, sft_inputs, tmp_path):
+    run = _copy_run(base_run, tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "summary.json", "config.json")}
+    done = _sft(run, sft_inputs)
+    assert done.returncode == 0, _output(done)[-3000:]
+    assert "holds a finished run: all 2 steps ran (checkpoint step_00000001); nothing to do" in done.stdout
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert _steps(run) == [0, 1] and json.loads(before["summary.json"])["steps_run"] == 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+# -- 2. resume=false over an earlier run ----------------------------------------------------------------------
+def test_resume_false_over_earlier_checkpoints_is_refused_and_replaces_them_only_with_consent(base_run, sft_inputs,
+                                                                                            tmp_path):
+    run = _copy_run(base_run, tmp_path / "run")
+    done = _sft(run, sft_inputs, **{"checkpoint.resume": "false", "train.steps": 1})
+    assert done.returncode == 2, _output(done)[-3000:]
+    assert f"avar sft: error: {run} holds checkpoints of an earlier run" in done.stderr
+    for way_out in ("drop checkpoint.resume=false", "checkpoint.overwrite=true", "another out"):
+        assert way_out in done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000000", "step_00000001"]
+    assert _steps(run) == [0, 1]
+
+    done = _sft(run, sft_inputs, **{"checkpoint.resume": "false", "checkpoint.overwrite": "true", "train.steps": 1})
+    assert done.returncode == 0, _output(done)[-3000:]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000000"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000000"
+    state = json.loads((checkpoints / "step_00000000" / "trainer_state.json").read_text())
+    assert state["schedule"]["train.steps"] == 1  # the new run's checkpoint, not the old one
+    assert _steps(run) == [0] and json.loads((run / "summary.json").read_text())["steps_run"] == 1
+
+
+def test_overwrite_without_resume_false_is_refused_by_config():
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+
+    with pytest.raises(ValueError, match=r"checkpoint\.overwrite=true starts the run over.*checkpoint\.resume=false"):
+        load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", "checkpoint.overwrite=true"])
+
+
+# -- 3. schedule changed on resume ----------------------------------------------------------------------------
+def test_a_resume_that_changes_the_schedule_is_refused_by_name(base_run, sft_inputs, tmp_path):
+    run = _copy_run(base_run, tmp_path / "run", latest_step=0)
+    config_before = (run / "config.json").read_bytes()
+    done = _sft(run, sft_inputs, **{"optim.lr": 2e-3, "train.steps": 4})
+    assert done.returncode == 2, _output(done)[-3000:]
+    assert f"avar sft: error: {run} resumes from step_00000000, whose schedule differs" in done.stderr
+    assert "optim.lr: 0.001 in the checkpoint, 0.002 now" in done.stderr
+    assert "train.steps: 2 in the checkpoint, 4 now" in done.stderr
+    assert "set the old values to resume" in done.stderr
+    assert (run / "config.json").read_bytes() == config_before  # the config on disk still describes the run
+
+
+# -- 5. planted pickles ---------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs `touch <marker>`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(path: Path, payload, *, plain_pickle: bool = False) -> None:
+    path.unlink(missing_ok=True)  # a new file: never write through a hard link into the base run
+    if plain_pickle:
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+
+
+def test_a_pickle_planted_as_rank_state_is_refused_on_resume_and_never_runs(base_run, sft_inputs, tmp_path):
+    run = _copy_run(base_run, tmp_path / "run", latest_step=0)
+    marker = tmp_path / "pwned"
+    rank_state = run / "checkpoints" / "step_00000000" / "rank_state"
+    (rank_state / "00000.safetensors").unlink(missing_ok=True)  # the old layout, as a crafted checkpoint has
+    _plant(rank_state / "00000.pt", {"torch": _Payload(marker), "tracker": {}})
+    done = _sft(run, sft_inputs)
+    assert done.returncode == 2, _output(done)[-3000:]
+    assert f"avar sft: error: {rank_state / '00000.pt'} is refused" in done.stderr
+    assert "Traceback" not in _output(done) and not marker.exists()
+
+
+def test_rank_state_is_safetensors_and_a_pickle_beside_it_is_never_read(base_run, tmp_path):
+    from megatron_avar.training.checkpointing import _read_rank_state
+
+    step = _copy_run(base_run, tmp_path / "run") / "checkpoints" / "step_00000001"
+    assert sorted(p.name for p in (step / "rank_state").iterdir()) == ["00000.safetensors"]
+    marker = tmp_path / "pwned"
+    _plant(step / "rank_state" / "00000.pt", {"torch": _Payload(marker), "tracker": {}})
+    state = _read_rank_state(step, 0)
+    assert state["torch"].dtype == torch.uint8 and any(name.startswith("tracker/") for name in state)
+    assert not marker.exists()
+    # a pickle in place of the safetensors file is not a safetensors file
+    _plant(step / "rank_state" / "00000.safetensors", _Payload(marker), plain_pickle=True)
+    with pytest.raises(ValueError, match=r"00000\.safetensors is not a safetensors file of RNG states"):
+        _read_rank_state(step, 0)
+    assert not marker.exists()
+
+
+def test_megatrons_pickled_parts_are_vetted_before_megatron_reads_them(base_run, tmp_path):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from megatron_avar.training.checkpointing import vet_dist_checkpoint
+
+    marker = tmp_path / "pwned"
+    step = _copy_run(base_run, tmp_path / "run") / "checkpoints" / "step_00000001"
+    vet_dist_checkpoint(step)  # what avar writes passes
+    metadata = pickle.loads((step / ".metadata").read_bytes())
+
+    # .metadata itself: megatron (torch.distributed.checkpoint) reads it with plain pickle.load
+    original = (step / ".metadata").read_bytes()
+    _plant(step / ".metadata", {"metadata": _Payload(marker)}, plain_pickle=True)
+    with pytest.raises(ValueError, match=r"\.metadata is refused \(it names posix\.system"):
+        vet_dist_checkpoint(step)
+    (step / ".metadata").write_bytes(original)
+
+    # a byte item (read by torch's load planner with torch.load(weights_only=False)) pointing at a planted blob
+    item = next(index for index, info in metadata.storage_data.items()
+                if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata))
+    _plant(step / "__9_0.distcp", [_Payload(marker)])
+    blob_length = (step / "__9_0.distcp").stat().st_size
+    metadata.storage_data[item] = _StorageInfo(relative_path="__9_0.distcp", offset=0, length=blob_length)
+    _plant(step / ".metadata", metadata, plain_pickle=True)
+    with pytest.raises(ValueError, match=rf"__9_0\.distcp is refused \(item {re.escape(item.fqn)}"):
+        vet_dist_checkpoint(step)
+    (step / ".metadata").write_bytes(original)
+
+    # common.pt (torch.load with torch's default)
+    _plant(step / "common.pt", {"optimizer": _Payload(marker)})
+    with pytest.raises(ValueError, match=r"common\.pt is refused"):
+        vet_dist_checkpoint(step)
+    assert not marker.exists()
