@@ -11,7 +11,8 @@ Model: Qwen2.5-VL-7B's published config (tests/models/qwen_vl_real_configs.py: h
 heads, head dim 128, FFN 18944, vocab 152064; vision 1280 wide) with fewer language layers (--layers) and
 vision blocks (--vision-depth), random weights (megatron's own initialisation; nothing is downloaded).
 --hidden / --heads / --kv-heads change the language widths (head dim stays 128: the mrope sections need it;
-FFN = 4 x hidden); --tiny scales everything down for the CPU smoke run.
+FFN = 4 x hidden) and narrow the vision tower (128 wide), so attention is a real share of a CPU step; --tiny
+scales everything down for the CPU smoke run.
 
 Data: one procedural visual-reasoning sample per packed row (megatron_avar.data.procedural), its image sized
 so that the sample fills ~80-90% of the sequence: the worst case for attention (one S-token sequence, not many
@@ -90,7 +91,9 @@ def model_config(args) -> dict:
                              "--kv-heads dividing --heads")
         config.update(hidden_size=args.hidden, num_attention_heads=heads, num_key_value_heads=args.kv_heads or heads,
                       intermediate_size=4 * args.hidden)
-        vision.update(out_hidden_size=args.hidden)
+        # A narrow vision tower, so the language model's attention is a real share of the step (a 7B-wide
+        # tower over a 4k-token image costs as much as the whole 1024-wide language model on a CPU).
+        vision.update(hidden_size=128, num_heads=2, intermediate_size=256, out_hidden_size=args.hidden)
     return config
 
 
