@@ -30,6 +30,7 @@ from megatron_avar.grpo.advantages import group_advantages
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
+from megatron_avar.training.run_loop import check_model_path
 
 __all__ = ["run_grpo", "RolloutEngineError"]
 
@@ -199,9 +200,7 @@ def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, 
 
 def run_grpo(config: GRPOConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
-    if not (Path(config.model.hf_path) / "config.json").is_file():  # before any process group or run dir exists
-        raise ValueError(f"model.hf_path={config.model.hf_path}: no config.json there; give a Hugging Face "
-                         "Qwen2.5-VL checkpoint folder")
+    check_model_path(config.model.hf_path)  # before any process group or run directory exists
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict
@@ -212,8 +211,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import (finished_run_summary, hf_export_describer, plan_start,
-                                                 prepare_run_dir, run_steps, schedule_record)
+    from megatron_avar.training.run_loop import begin_run, finished_run_summary, hf_export_describer, run_steps
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -226,14 +224,11 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"({config.train.updates_per_step})")
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    schedule = schedule_record(config, RESUME_FIXED)
-    start = plan_start(out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
     if start.finished:
         parallel_state.destroy_model_parallel()
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
-    if layout.is_logging_rank:
-        prepare_run_dir(out, start, config_to_dict(config))
 
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     visual_layers = config.reward.layer_indexes(qwen_config.text.num_layers)

@@ -175,22 +175,8 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
     Raises TypeError / ValueError naming the bad argument and the fix. With ``check_values`` it also
     checks key_roles' value range, the logit tables and cu_seqlens on the host (one device sync each).
     """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl={impl!r} is not an implementation; use one of {IMPLEMENTATIONS}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("key_roles", key_roles)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(num_roles, bool) or not isinstance(num_roles, int) or num_roles < 1:
-        raise ValueError(f"num_roles must be a positive int (the number of key roles R), got {num_roles!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; use float32, float16 or bfloat16")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast k and v to q's")
-    if not (q.device == k.device == v.device == key_roles.device):
-        raise ValueError(f"q, k, v, key_roles must be on one device, got {q.device}, {k.device}, {v.device}, "
-                         f"{key_roles.device}")
+    check_common_args(dict(q=q, k=k, v=v), dict(key_roles=key_roles), num_roles=num_roles, causal=causal,
+                      impl=impl, implementations=IMPLEMENTATIONS)
 
     thd = cu_seqlens is not None
     layout = "[T, H, D] (THD, cu_seqlens given)" if thd else "[B, S, H, D]"
@@ -257,6 +243,32 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
         logit_bias=logit_bias, row_start=row_start, row_end=row_end,
     )
     return problem, thd
+
+
+def check_common_args(floats: dict, integers: dict, *, num_roles, causal, impl, implementations) -> None:
+    """The checks role_attention and role_mass share: ``impl`` one of ``implementations``; every tensor a
+    tensor; num_roles a positive int; causal a bool; the ``floats`` (q first) one float dtype; every tensor on
+    one device. Raises TypeError / ValueError naming the argument and the fix."""
+    if impl not in implementations:
+        raise ValueError(f"impl={impl!r} is not an implementation; use one of {implementations}")
+    tensors = {**floats, **integers}
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if isinstance(num_roles, bool) or not isinstance(num_roles, int) or num_roles < 1:
+        raise ValueError(f"num_roles must be a positive int (the number of key roles R), got {num_roles!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    q = floats["q"]
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; use float32, float16 or bfloat16")
+    if any(t.dtype != q.dtype for t in floats.values()):
+        others = ", ".join(name for name in floats if name != "q")
+        raise TypeError(f"{', '.join(floats)} must share one dtype, got "
+                        f"{', '.join(str(t.dtype) for t in floats.values())}; cast {others} to q's")
+    if len({t.device for t in tensors.values()}) > 1:
+        raise ValueError(f"{', '.join(tensors)} must be on one device, got "
+                         f"{', '.join(str(t.device) for t in tensors.values())}")
 
 
 def _role_table(name, value, num_q_heads, num_roles, device):

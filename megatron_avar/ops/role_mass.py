@@ -26,12 +26,11 @@ import math
 
 import torch
 
-from megatron_avar import platform
+from megatron_avar.ops.role_attention import _mass_dtype, _resolve_impl, check_common_args
 
 __all__ = ["role_mass", "build_mass_problem", "reference_role_mass", "RoleMassProblem", "MASS_IMPLEMENTATIONS"]
 
 MASS_IMPLEMENTATIONS = ("auto", "reference", "blockwise", "triton")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Blockwise tiles: rows per tile (never across a sample boundary) and keys per tile. Tests lower them.
 BLOCKWISE_ROWS = 64
@@ -115,22 +114,8 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
 
     Raises TypeError / ValueError naming the bad argument and the fix.
     """
-    if impl not in MASS_IMPLEMENTATIONS:
-        raise ValueError(f"impl={impl!r} is not an implementation; use one of {MASS_IMPLEMENTATIONS}")
-    for name, t in (("q", q), ("k", k), ("key_roles", key_roles), ("query_rows", query_rows)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(num_roles, bool) or not isinstance(num_roles, int) or num_roles < 1:
-        raise ValueError(f"num_roles must be a positive int (the number of key roles R), got {num_roles!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; use float32, float16 or bfloat16")
-    if k.dtype != q.dtype:
-        raise TypeError(f"q and k must share one dtype, got {q.dtype} and {k.dtype}; cast k to q's")
-    if not (q.device == k.device == key_roles.device == query_rows.device):
-        raise ValueError(f"q, k, key_roles, query_rows must be on one device, got {q.device}, {k.device}, "
-                         f"{key_roles.device}, {query_rows.device}")
+    check_common_args(dict(q=q, k=k), dict(key_roles=key_roles, query_rows=query_rows), num_roles=num_roles,
+                      causal=causal, impl=impl, implementations=MASS_IMPLEMENTATIONS)
     thd = cu_seqlens is not None
     want_dim = 3 if thd else 4
     layout = "[T, H, D] (THD, cu_seqlens given)" if thd else "[B, S, H, D]"
@@ -197,19 +182,6 @@ def _packed_windows(cu_seqlens, rows, total, check_values):
                              f"decrease, got {bounds[:4].tolist()}...{bounds[-2:].tolist()}")
     sample = torch.searchsorted(bounds[1:], rows, right=True)
     return bounds[sample], bounds[sample + 1]
-
-
-def _resolve_impl(impl: str, q: torch.Tensor) -> str:
-    if impl == "auto":
-        use_triton = platform.triton_gpu_available() and q.is_cuda and q.dtype != torch.float64
-        return "triton" if use_triton else "blockwise"
-    if impl == "triton" and q.dtype == torch.float64:
-        raise TypeError("impl='triton' supports float32/float16/bfloat16; use impl='blockwise' for float64")
-    return impl
-
-
-def _mass_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _role_one_hot(roles: torch.Tensor, num_roles: int, dtype) -> torch.Tensor:

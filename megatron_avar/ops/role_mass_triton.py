@@ -47,6 +47,34 @@ def _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows):
 
 
 @triton.jit
+def _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The selected rows' q [BLOCK_M, BLOCK_D] of one head (fp32 under the interpreter)."""
+    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _key_span(row_ok, lo, hi):
+    """The rows that see any key, and the keys [start, end) the block walks (start > end when none does)."""
+    nonempty = row_ok & (hi > lo)
+    return nonempty, tl.min(tl.where(nonempty, lo, _NO_KEY), 0), tl.max(tl.where(nonempty, hi, 0), 0)
+
+
+@triton.jit
+def _load_grad_terms(Lse, Delta, DMass, rows64, row_ok, head, num_q_heads, stride_gn, stride_gh, offs_r,
+                     NUM_ROLES: tl.constexpr):
+    """Per row of one head: the base-2 lse, D = sum_r g_r mass_r, and g [BLOCK_M, BLOCK_R]."""
+    lse = tl.load(Lse + rows64 * num_q_heads + head, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + rows64 * num_q_heads + head, mask=row_ok, other=0.0)
+    g = tl.load(DMass + rows64[:, None] * stride_gn + head * stride_gh + offs_r[None, :],
+                mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
+    return lse, delta, g
+
+
+@triton.jit
 def _scores(q, K, Roles, kv_head, offs_n, offs_d, lo, hi, num_keys, stride_kt, stride_kh, sm_scale_log2,
             HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Masked base-2 logits [BLOCK_M, BLOCK_N] of the rows against one key tile, the tile's K and roles."""
@@ -76,16 +104,11 @@ def _mass_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     row_ok, tok, lo, hi = _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows)
-    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_FP32)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    nonempty = row_ok & (hi > lo)
-    start = tl.min(tl.where(nonempty, lo, _NO_KEY), 0)
-    end = tl.max(tl.where(nonempty, hi, 0), 0)
+    nonempty, start, end = _key_span(row_ok, lo, hi)
     for j0 in range(start, end, BLOCK_N):
         if tl.max((nonempty & (lo < j0 + BLOCK_N) & (hi > j0)).to(tl.int32), 0) > 0:  # some row sees the tile
             offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -133,19 +156,12 @@ def _mass_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     row_ok, tok, lo, hi = _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows)
-    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_FP32)
     rows64 = offs_m.to(tl.int64)
-    lse = tl.load(Lse + rows64 * num_q_heads + head, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + rows64 * num_q_heads + head, mask=row_ok, other=0.0)
-    g = tl.load(DMass + rows64[:, None] * stride_gn + head * stride_gh + offs_r[None, :],
-                mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
+    lse, delta, g = _load_grad_terms(Lse, Delta, DMass, rows64, row_ok, head, num_q_heads, stride_gn, stride_gh,
+                                     offs_r, NUM_ROLES)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    nonempty = row_ok & (hi > lo)
-    start = tl.min(tl.where(nonempty, lo, _NO_KEY), 0)
-    end = tl.max(tl.where(nonempty, hi, 0), 0)
+    nonempty, start, end = _key_span(row_ok, lo, hi)
     for j0 in range(start, end, BLOCK_N):
         if tl.max((nonempty & (lo < j0 + BLOCK_N) & (hi > j0)).to(tl.int32), 0) > 0:
             offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -181,14 +197,9 @@ def _mass_dk_kernel(
             rows64 = offs_m.to(tl.int64)
             for member in range(0, group):
                 head = kv_head * group + member
-                q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                            mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-                if DOT_FP32:
-                    q = q.to(tl.float32)
-                lse = tl.load(Lse + rows64 * num_q_heads + head, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + rows64 * num_q_heads + head, mask=row_ok, other=0.0)
-                g = tl.load(DMass + rows64[:, None] * stride_gn + head * stride_gh + offs_r[None, :],
-                            mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
+                q = _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_FP32)
+                lse, delta, g = _load_grad_terms(Lse, Delta, DMass, rows64, row_ok, head, num_q_heads, stride_gn,
+                                                 stride_gh, offs_r, NUM_ROLES)
                 qk, k, roles = _scores(q, K, Roles, kv_head, offs_n, offs_d, lo, hi, num_keys, stride_kt,
                                        stride_kh, sm_scale_log2, HEAD_DIM, DOT_FP32, PRECISION)
                 dz = _dz(qk, lse, delta, g, roles, offs_r)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
+from megatron_avar.training.run_loop import check_model_path
 
 __all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
 
@@ -191,17 +192,14 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
 
 def run_sft(config: SFTConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
-    if not (Path(config.model.hf_path) / "config.json").is_file():  # before any process group or run dir exists
-        raise ValueError(f"model.hf_path={config.model.hf_path}: no config.json there; give a Hugging Face "
-                         "Qwen2.5-VL checkpoint folder")
+    check_model_path(config.model.hf_path)  # before any process group or run directory exists
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
-    from megatron_avar.training.run_loop import (finished_run_summary, hf_export_describer, plan_start,
-                                                 prepare_run_dir, run_steps, schedule_record)
+    from megatron_avar.training.run_loop import begin_run, finished_run_summary, hf_export_describer, run_steps
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -211,14 +209,11 @@ def run_sft(config: SFTConfig) -> dict:
                               seed=config.train.seed)
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    schedule = schedule_record(config, RESUME_FIXED)
-    start = plan_start(out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
     if start.finished:
         parallel_state.destroy_model_parallel()
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
-    if layout.is_logging_rank:
-        prepare_run_dir(out, start, config_to_dict(config))
     run = build_run(config, layout, load_hf_weights=resume_from is None)
     model, data, qwen_config, avar_layers, dtype = run.model, run.data, run.qwen_config, run.avar_layers, run.dtype
     start_step = 0

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 
 __all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
-           "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError"]
+           "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError", "begin_run",
+           "check_model_path"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -131,6 +132,23 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int) -> Ru
                          "checkpoint.resume=false checkpoint.overwrite=true to replace this one")
     start_step = state["step"] + 1
     return RunStart(resume_from=latest, start_step=start_step, finished=start_step >= steps)
+
+
+def check_model_path(hf_path: str | Path) -> None:
+    """Refuse a model.hf_path without a config.json, before any process group or run directory exists."""
+    if not (Path(hf_path) / "config.json").is_file():
+        raise ValueError(f"model.hf_path={hf_path}: no config.json there; give a Hugging Face Qwen2.5-VL "
+                         "checkpoint folder")
+
+
+def begin_run(config, fixed_fields: tuple[str, ...], *, layout, run_config: dict) -> tuple[RunStart, dict]:
+    """Both trainers' start: the schedule record of ``fixed_fields``, :func:`plan_start`, and, unless the run is
+    finished, :func:`prepare_run_dir` on the logging rank. Returns (start, schedule)."""
+    schedule = schedule_record(config, fixed_fields)
+    start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    if not start.finished and layout.is_logging_rank:
+        prepare_run_dir(config.out, start, run_config)
+    return start, schedule
 
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
