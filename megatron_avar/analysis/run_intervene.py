@@ -1,7 +1,8 @@
 """`avar intervene`: generate answers with the attention intervention on, grade them, optionally sweep.
 
 Greedy HF generate with the KV cache, the text attention through role_attention (hf_attention.py) with the
-InterventionSpec's logit edits; answers graded against each record's ``answer`` (grading.py).
+InterventionSpec's logit edits; answers graded against each record's ``answer`` by ``grading.INTERVENTION``
+(lenient: a tag, a box, else the last number; docs/grading.md).
 Single run: ``out`` (JSON) holds the config, the checkpoint identity, the accuracy and every sample.
 Sweep: one run without intervention (the baseline), then alpha_sys over ``sweep_alpha_sys`` x the layer
 sets ``sweep_layers`` (alpha_img fixed); ``out`` holds the table, plus ``<out stem>.md`` and ``.png``.
@@ -64,7 +65,7 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts
-    from megatron_avar.analysis.grading import grade_answer
+    from megatron_avar.grading import INTERVENTION, grade
 
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -86,7 +87,8 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
             text = tokenizer.decode(tokens[:stop], skip_special_tokens=False)
             entry = dict(id=sample_id, answer=truth, generated=text, num_tokens=stop)
             if truth is not None:
-                entry["correct"], entry["extracted"] = grade_answer(text, truth)
+                graded = grade(text, truth, INTERVENTION)
+                entry["correct"], entry["extracted"] = graded.correct, graded.answer
             results.append(entry)
     graded = [r for r in results if "correct" in r]
     accuracy = sum(r["correct"] for r in graded) / len(graded) if graded else None

@@ -2,21 +2,20 @@
 
     r = r_acc + λ_v · v · 1[r_acc > 0] + λ_f · r_format
 
-r_acc ∈ {0, 1}: the extracted final answer equals the ground truth by ``eval.answers.math_equal`` (numbers,
-then math-verify's symbolic equivalence, then case-folded text) — the same grader as the evaluation.
-r_format ∈ {0, 1}: the response has the `<think>…</think>\\s*<answer>…</answer>` shape (:data:`FORMAT_PATTERN`).
+r_acc ∈ {0, 1}: the extracted final answer equals the ground truth by ``grading.math_equal`` (numbers,
+then math-verify's symbolic equivalence, then case-folded text) — the comparison the evaluation uses too.
+r_format ∈ {0, 1}: the response has the `<think>…</think>\\s*<answer>…</answer>` shape
+(``grading.STRICT_FORMAT``: nothing else outside the two blocks, one of each, both non-empty).
 v: the rollout's visual-attention score r_visual (``grpo.visual_reward``), optionally clipped and squashed
 (:class:`RewardConfig`); it is added only to correct rollouts (``gate_visual_on_correct``), so a wrong
 answer cannot be rewarded for looking at the image.
 
-Answer extraction (:func:`extract_answer`), in order:
-1. the response has an ``<answer>…</answer>`` block: the inner text of the LAST one, and inside it the
-   content of the last ``\\boxed{…}`` when there is one ("<answer>\\boxed{5}</answer>" -> "5");
-2. otherwise the last ``\\boxed{…}`` of the final-answer text of ``eval.answers.final_answer_text``: the
-   text after the last ``</think>``, or the whole response when it has no think block;
-3. otherwise no answer (r_acc = 0). A response whose ``<think>`` is never closed (cut off at the
-   generation budget) has no answer, even if its reasoning contains a ``\\boxed{}``; bare text without a
-   tag or a box is not graded (the policy is asked for one of the two).
+Answer extraction and comparison: ``grading.RL_REWARD`` (docs/grading.md), strict on purpose — the format is
+part of what is rewarded. The last ``<answer>…</answer>`` block (its last ``\\boxed{…}`` when it holds one:
+"<answer>\\boxed{5}</answer>" -> "5"); else the last ``\\boxed{…}`` after the last ``</think>`` (or anywhere
+without a think block); else no answer (r_acc = 0). A response whose ``<think>`` is never closed (cut off at
+the generation budget) has no answer, even if its reasoning contains a ``\\boxed{}``; bare text without a
+tag or a box is not graded ("…</think> so the answer is 7" earns r_acc = 0; `avar intervene` would read 7).
 
 The response text is what the policy generated, decoded with the `<think>` / `<answer>` tags kept and
 without the closing end-of-turn token (`<|im_end|>`): a trailing special token fails the format check.
@@ -25,25 +24,12 @@ without the closing end-of-turn token (`<|im_end|>`): a trailing special token f
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
-from megatron_avar.eval.answers import final_answer_text, last_boxed, math_equal
+from megatron_avar.grading import RL_REWARD, grade, is_strictly_formatted
 
-__all__ = ["RewardConfig", "RewardParts", "VisualAnchoredReward", "FORMAT_PATTERN", "format_reward", "extract_answer",
-           "transform_visual", "score_rollout"]
-
-_TAG = r"</?(?:think|answer)>"
-# [decision] The format rule, matched against the WHOLE response (re.fullmatch, DOTALL):
-# - optional whitespace before `<think>` and after `</answer>`, any whitespace (newlines included) between
-#   `</think>` and `<answer>`, nothing else outside the two blocks;
-# - exactly one think block and one answer block: neither block's content may contain another
-#   `<think>`, `</think>`, `<answer>` or `</answer>` tag (so "…</answer><answer>…</answer>" fails);
-# - both blocks non-empty: at least one non-whitespace character inside each (checked on the two groups,
-#   which keeps the pattern free of backtracking: the tempered `.` cannot step over a tag).
-FORMAT_PATTERN = re.compile(
-    rf"\s*<think>((?:(?!{_TAG}).)*)</think>\s*<answer>((?:(?!{_TAG}).)*)</answer>\s*", re.DOTALL)
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+__all__ = ["RewardConfig", "RewardParts", "VisualAnchoredReward", "format_reward", "transform_visual",
+           "score_rollout"]
 
 
 @dataclass(frozen=True)
@@ -116,22 +102,9 @@ class RewardParts:
 
 
 def format_reward(response: str) -> float:
-    """1.0 when the whole response matches :data:`FORMAT_PATTERN` with both blocks non-empty, else 0.0."""
-    match = FORMAT_PATTERN.fullmatch(response)
-    return 1.0 if match and match.group(1).strip() and match.group(2).strip() else 0.0
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response by the module docstring's rules; None when there is none."""
-    blocks = _ANSWER_BLOCK.findall(response)
-    if blocks:
-        inner = blocks[-1]
-        boxed = last_boxed(inner)
-        return (boxed if boxed is not None else inner).strip()
-    final = final_answer_text(response)
-    if final.text is None:  # unclosed <think>: cut off before any answer
-        return None
-    return last_boxed(final.text)
+    """1.0 when the whole response has the strict `<think>/<answer>` shape (``grading.STRICT_FORMAT``, both
+    blocks non-empty), else 0.0."""
+    return 1.0 if is_strictly_formatted(response) else 0.0
 
 
 def transform_visual(r_visual: float, config: RewardConfig) -> float:
@@ -154,13 +127,13 @@ def score_rollout(response_text: str, ground_truth: str, r_visual: float,
     rollout (a Python float; 0.0 when the prompt has no image)."""
     if not isinstance(ground_truth, str) or not ground_truth.strip():
         raise ValueError(f"ground_truth must be a non-empty string, got {ground_truth!r}")
-    answer = extract_answer(response_text)
-    accuracy = 1.0 if answer is not None and math_equal(ground_truth, answer) else 0.0
+    graded = grade(response_text, ground_truth, RL_REWARD)
+    accuracy = 1.0 if graded.correct else 0.0
     form = format_reward(response_text)
     visual = transform_visual(r_visual, config)
     gate = (accuracy > 0) if config.gate_visual_on_correct else True
     total = accuracy + config.lambda_visual * visual * gate + config.lambda_format * form
-    return RewardParts(accuracy=accuracy, format=form, visual=visual, total=total, answer=answer)
+    return RewardParts(accuracy=accuracy, format=form, visual=visual, total=total, answer=graded.answer)
 
 
 class VisualAnchoredReward:

@@ -19,11 +19,11 @@ import json
 import re
 from pathlib import Path
 
+from megatron_avar.grading import SYNTHESIS, extract_answer, grade, math_equal
 from megatron_avar.synth import prompts
 from megatron_avar.synth.client import ChatClient, ChatResult, TeacherRequestError
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.verify import (answers_match, extract_answer, format_response, select_candidate,
-                                        strip_anchor_tags)
+from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
 
 DESCRIPTION_SECTIONS = ("Global scan", "Elements", "Relations", "Scene")
 _CHAIN_WRAPPER = re.compile(r"^\s*<chain>\s*(.*?)\s*</chain>\s*$", re.DOTALL | re.IGNORECASE)
@@ -70,7 +70,7 @@ def parse_description(text: str) -> str:
 
 def parse_chain(text: str) -> tuple[str, str]:
     """(chain, predicted answer) when the chain ends in a final answer."""
-    predicted = extract_answer(text)
+    predicted = extract_answer(text, SYNTHESIS).text
     if predicted is None:
         raise Malformed("no 'Final answer:' line")
     return text.strip(), predicted
@@ -88,7 +88,7 @@ def make_anchor_parser(min_anchors: int):
             raise Malformed("unbalanced <anchor> tags")
         if num_anchors < min_anchors:
             raise Malformed(f"{num_anchors} anchors, fewer than anchor.min_anchors={min_anchors}")
-        if extract_answer(stripped) is None:
+        if extract_answer(stripped, SYNTHESIS).text is None:
             raise Malformed("the 'Final answer:' line was lost")
         return stripped.strip(), num_anchors
     return parse_anchored
@@ -124,7 +124,7 @@ def reason_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
         try:
             candidate["chain"], candidate["predicted"] = _ask(client, row, messages, parse_chain, candidate=index,
                                                               format_retries=retries)
-            candidate["correct"] = answers_match(row["answer"], candidate["predicted"])
+            candidate["correct"] = math_equal(row["answer"], candidate["predicted"])
         except Malformed:
             candidate["error"] = "malformed"
         except TeacherRequestError:
@@ -180,8 +180,9 @@ def verify_rows(rows: list[dict], config: SynthConfig) -> list[dict]:
         candidates = json.loads(row["candidates"])
         for candidate in candidates:
             final = candidate.get("anchored") if config.anchor.enabled else candidate.get("chain")
-            candidate["final_answer"] = extract_answer(final) if final else None
-            candidate["final_correct"] = final is not None and answers_match(row["answer"], candidate["final_answer"])
+            graded = grade(final, row["answer"], SYNTHESIS) if final else None
+            candidate["final_answer"] = graded.answer if graded else None
+            candidate["final_correct"] = graded is not None and graded.correct
             candidate["eligible"] = final is not None and candidate["final_answer"] is not None and (
                 candidate["final_correct"] or not config.verify.keep_only_correct)
         chosen = select_candidate(candidates, config.verify.select)

@@ -1,9 +1,10 @@
-"""Final answers: extraction from a chain, grading against the ground truth, choosing among candidates,
-and the AVAR response format ``<think>…</think><answer>…</answer>``.
+"""Candidates of a synthesised sample: anchor tags, choosing among candidates, and the AVAR response format
+``<think>…</think><answer>…</answer>``.
 
 A chain ends with a line ``Final answer: <answer>`` (the v1 reasoning prompt asks for it); a trailing
-``\\boxed{…}`` is accepted too. Grading: `megatron_avar.eval.answers.math_equal` (math-verify equivalence,
-``\\frac{1}{2}`` = ``0.5``; else the same normalised text, which covers option letters and colour words).
+``\\boxed{…}`` is accepted too. Extraction and grading are ``grading.SYNTHESIS`` (docs/grading.md):
+``grading.math_equal`` (math-verify equivalence, ``\\frac{1}{2}`` = ``0.5``; else the same normalised text,
+which covers option letters and colour words).
 """
 
 from __future__ import annotations
@@ -11,52 +12,10 @@ from __future__ import annotations
 import re
 
 from megatron_avar.data.drawing import wrap_reasoning
+from megatron_avar.grading import remove_final_answer_line
 
-_FINAL_LINE = re.compile(r"^\s*\**\s*final answer\s*\**\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-_BOXED = re.compile(r"\\boxed\{")
 ANCHOR_TAG = re.compile(r"</?anchor>", re.IGNORECASE)
 _ANCHOR_SPAN = re.compile(r"<anchor>(.+?)</anchor>", re.IGNORECASE | re.DOTALL)
-
-
-def _last_boxed(text: str) -> str | None:
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for position in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[position], 0)
-        if depth == 0:
-            return text[start:position].strip() or None
-    return None
-
-
-def extract_answer(chain: str) -> str | None:
-    """The chain's final answer: the text after its last "Final answer:" line, else its last \\boxed{}."""
-    matches = _FINAL_LINE.findall(chain)
-    if matches:
-        answer = matches[-1].strip()
-        boxed = _last_boxed(answer)
-        answer = boxed if boxed is not None else answer.strip("*").strip()
-        return answer or None
-    return _last_boxed(chain)
-
-
-def strip_final_line(chain: str) -> str:
-    """The chain without its last "Final answer:" line (the answer goes into <answer>)."""
-    matches = list(_FINAL_LINE.finditer(chain))
-    if not matches:
-        return chain.strip()
-    last = matches[-1]
-    return (chain[:last.start()] + chain[last.end():]).strip()
-
-
-def answers_match(gold: str, predicted: str | None) -> bool:
-    """Whether ``predicted`` is the ground truth ``gold``: the project's one grading rule,
-    `megatron_avar.eval.answers.math_equal` (numbers with units stripped, math-verify equivalence,
-    else the same lowercased text)."""
-    from megatron_avar.eval.answers import math_equal
-
-    return math_equal(gold, predicted)
 
 
 def strip_anchor_tags(text: str) -> tuple[str, int]:
@@ -81,4 +40,4 @@ def select_candidate(candidates: list[dict], rule: str) -> dict | None:
 
 def format_response(chain: str, answer: str) -> str:
     """The AVAR assistant turn: the chain (final-answer line removed) in <think>, the answer in <answer>."""
-    return wrap_reasoning(strip_final_line(chain), answer)
+    return wrap_reasoning(remove_final_answer_line(chain), answer)

@@ -7,9 +7,9 @@ import threading
 import mpmath
 import pytest
 
-from megatron_avar.analysis.grading import extract_answer, grade_answer
 from megatron_avar.analysis.layers import middle_layers, parse_layers
 from megatron_avar.analysis.stats import pearson, regularized_incomplete_beta, student_t_two_sided_p
+from megatron_avar.grading import INTERVENTION, extract_answer, grade
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 8, 30, 500])
@@ -58,16 +58,17 @@ CASES = [
 
 @pytest.mark.parametrize("generated,truth,correct,extracted", CASES)
 def test_grade_answer(generated, truth, correct, extracted):
-    assert extract_answer(generated) == extracted
-    assert grade_answer(generated, truth) == (correct, extracted)
+    assert extract_answer(generated, INTERVENTION).text == extracted
+    graded = grade(generated, truth, INTERVENTION)
+    assert (graded.correct, graded.answer) == (correct, extracted)
 
 
 def test_grade_answer_in_a_worker_thread():
     results = []
-    worker = threading.Thread(target=lambda: results.append(grade_answer("<answer>0.5</answer>", "\\frac{1}{2}")))
+    worker = threading.Thread(target=lambda: results.append(grade("<answer>0.5</answer>", "\\frac{1}{2}", INTERVENTION)))
     worker.start()
     worker.join()
-    assert results == [(True, "0.5")]
+    assert [(graded.correct, graded.answer) for graded in results] == [(True, "0.5")]
 
 
 def test_layer_sets():

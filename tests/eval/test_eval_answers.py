@@ -4,9 +4,8 @@ import threading
 
 import pytest
 
-from megatron_avar.eval.answers import (
-    can_infer, cue_answer, edit_distance, final_answer_text, free_form_candidate, math_equal, to_number,
-)
+from megatron_avar.eval.answers import can_infer, free_form_candidate
+from megatron_avar.grading import EVAL_HARNESS, cue_answer, edit_distance, extract_answer, math_equal, to_number
 
 ABCD = {"A": "circle", "B": "square", "C": "triangle", "D": "star"}
 
@@ -20,7 +19,7 @@ ABCD = {"A": "circle", "B": "square", "C": "triangle", "D": "star"}
     ("plain answer", "plain answer", "raw"),
 ])
 def test_harness_rule(response, text, source):
-    answer = final_answer_text(response)
+    answer = extract_answer(response, EVAL_HARNESS)
     assert (answer.text, answer.source) == (text, source)
     assert answer.format_failure == (text is None)
 

@@ -5,7 +5,8 @@ Expected totals are written out from the formula r = r_acc + λ_v·v·1[r_acc > 
 
 import pytest
 
-from megatron_avar.grpo.rewards import RewardConfig, extract_answer, format_reward, score_rollout
+from megatron_avar.grading import RL_REWARD, extract_answer
+from megatron_avar.grpo.rewards import RewardConfig, format_reward, score_rollout
 
 FORMAT_CASES = [
     ("<think>reasoning</think><answer>3</answer>", 1.0),
@@ -46,7 +47,7 @@ EXTRACTION_CASES = [
 
 @pytest.mark.parametrize("response,expected", EXTRACTION_CASES)
 def test_answer_extraction(response, expected):
-    assert extract_answer(response) == expected
+    assert extract_answer(response, RL_REWARD).text == expected
 
 
 def test_parts_and_gated_total():

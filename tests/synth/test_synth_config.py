@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from megatron_avar.cli import main
+from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
 from megatron_avar.synth.config import load_config
 from megatron_avar.synth.prompts import load_prompts, reason_messages
 from megatron_avar.synth.teachers import Malformed, parse_description
-from megatron_avar.synth.verify import (answers_match, extract_answer, format_response, select_candidate,
-                                        strip_anchor_tags)
+from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = ["sources=[{name: a, path: data.jsonl}]"]
@@ -77,14 +77,14 @@ def test_prompts_are_versioned_templates():
     ("no conclusion at all", None),
 ])
 def test_extract_answer(chain, expected):
-    assert extract_answer(chain) == expected
+    assert extract_answer(chain, SYNTHESIS).text == expected
 
 
 def test_response_format_and_grading():
     response = format_response("Look at the figure.\nIt shows 0.5.\nFinal answer: 0.5", "0.5")
     assert response == "<think>Look at the figure.\nIt shows 0.5.</think><answer>0.5</answer>"
-    assert answers_match("\\frac{1}{2}", "0.5") and answers_match("purple", "Purple.")
-    assert not answers_match("A", "B") and not answers_match("27", "28") and not answers_match("3", None)
+    assert math_equal("\\frac{1}{2}", "0.5") and math_equal("purple", "Purple.")
+    assert not math_equal("A", "B") and not math_equal("27", "28") and not math_equal("3", None)
 
 
 def test_anchor_tags():

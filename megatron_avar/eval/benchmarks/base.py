@@ -4,7 +4,7 @@ A benchmark turns each row of its split into a :class:`Sample` — the user turn
 order the model sees them) and a JSON ``target`` holding everything scoring needs — so that scoring reads
 only the predictions file and never the dataset again (re-scoring is exact and cheap).
 
-Judging one response: the `<think>/<answer>` harness rule (`answers.final_answer_text`) picks the answer
+Judging one response: the `<think>/<answer>` harness rule (`grading.EVAL_HARNESS`) picks the answer
 text; an unclosed ``<think>`` is a *format failure* (wrong). The benchmark's :meth:`Benchmark.judge`
 extracts its answer; ``extracted=None`` is an *extraction failure* (wrong). Both rates are reported.
 """
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_avar.eval.answers import final_answer_text
 from megatron_avar.eval.data import load_split
+from megatron_avar.grading import EVAL_HARNESS, extract_answer
 
 __all__ = ["Sample", "Judgement", "Benchmark", "accuracy", "group_accuracy"]
 
@@ -106,7 +106,7 @@ class Benchmark:
 
     def evaluate(self, response: str, target: dict) -> dict:
         """{"answer_source", "extracted", "correct"} for one raw model response."""
-        harness = final_answer_text(response)
+        harness = extract_answer(response, EVAL_HARNESS)
         if harness.format_failure:
             return {"answer_source": harness.source, "extracted": None, "correct": False}
         judgement = self.judge(harness.text, target)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import re
 
-from megatron_avar.eval.answers import free_form_candidate, math_equal, mcq_letter, option_letters
+from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.grading import math_equal
 
 __all__ = ["MathVision"]
 

@@ -18,11 +18,10 @@ Breakdown: accuracy per ``metadata.task``.
 
 from __future__ import annotations
 
-from megatron_avar.eval.answers import (
-    cue_answer, edit_distance, free_form_candidate, math_equal, mcq_letter, option_letters, to_number,
-)
+from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.grading import cue_answer, edit_distance, math_equal, to_number
 
 __all__ = ["MathVista"]
 

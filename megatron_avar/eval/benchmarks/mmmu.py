@@ -29,9 +29,10 @@ from __future__ import annotations
 import ast
 import re
 
-from megatron_avar.eval.answers import math_equal, numbers_in, option_letters, to_number
+from megatron_avar.eval.answers import option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.grading import math_equal, numbers_in, to_number
 
 __all__ = ["MMMU", "MMMU_SUBJECTS", "parse_choice", "parse_open", "interleave", "mcq_prompt", "parse_options"]
 

@@ -1,0 +1,115 @@
+"""Whether an extracted answer equals the ground truth: numbers, then mathematics, then text.
+
+:func:`math_equal` is the project's one comparison (GRPO's r_acc, synthesis verification, the free-form
+benchmarks of `avar eval`, `avar intervene`); :func:`same_words` is the looser text rule `avar intervene`
+adds for answers in words. math-verify is imported on first use (it is slow to import).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+__all__ = ["strip_units", "to_number", "math_equal", "same_words", "math_equal_or_same_words", "edit_distance"]
+
+_UNIT_NOISE = re.compile(r"\\(?:text|mathrm|mbox)\{[^}]*\}|\^\{?\\circ\}?|°|\\circ|\\%|%|\$|\\,|\\!|\\;")
+
+
+def strip_units(text: str) -> str:
+    """Remove degree signs, percent signs, ``$``, LaTeX spacing and ``\\text{…}`` units, then trailing
+    alphabetic unit words ("12 cm" -> "12", "45°" -> "45"); leaves other text as it is."""
+    cleaned = _UNIT_NOISE.sub(" ", text).strip()
+    cleaned = re.sub(r"^([-+]?[\d.,/]+(?:\s*/\s*\d+)?)\s*[a-zA-Z][a-zA-Z\s^23²³]*\.?$", r"\1", cleaned)
+    return cleaned.strip()
+
+
+def _math_verify_kwargs() -> tuple[dict, dict]:
+    # math-verify times out with SIGALRM, which only works in the main thread (ENVIRONMENT.md).
+    if threading.current_thread() is threading.main_thread():
+        return {}, {}
+    return {"parsing_timeout": None}, {"timeout_seconds": None}
+
+
+def _parse(text: str):
+    from math_verify import parse
+
+    parse_kwargs, _ = _math_verify_kwargs()
+    wrapped = text if "$" in text or "\\boxed" in text else f"${text}$"
+    parsed = parse(wrapped, **parse_kwargs)
+    return parsed or parse(text, **parse_kwargs)
+
+
+def to_number(text: str | None) -> float | None:
+    """The value of a numeric answer: plain ("1,000", "-2.5", "12 cm", "45°"), a fraction ("3/4") or LaTeX
+    (``\\frac{3}{4}``, ``2\\sqrt{2}``) evaluated by math-verify; None when it is not a single number."""
+    if text is None:
+        return None
+    cleaned = strip_units(text.strip())
+    plain = cleaned.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", cleaned) else cleaned
+    try:
+        return float(plain)
+    except ValueError:
+        pass
+    fraction = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", plain)
+    if fraction and float(fraction.group(2)) != 0:
+        return float(fraction.group(1)) / float(fraction.group(2))
+    for value in _parse(cleaned)[:1]:
+        try:
+            number = complex(value.evalf()) if hasattr(value, "evalf") else None
+        except (TypeError, ValueError):
+            return None
+        if number is not None and abs(number.imag) < 1e-12:
+            return float(number.real)
+    return None
+
+
+def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bool:
+    """Whether ``predicted`` equals ``gold`` as mathematics: equal numbers (relative tolerance ``rel_tol``,
+    after units/°/$ are stripped), else math-verify's symbolic equivalence (LaTeX vs plain, fractions vs
+    decimals, intervals, sets), else the same lowercased text (trailing full stop and ``$`` ignored).
+    None or blank ``predicted`` is never equal."""
+    if predicted is None or not predicted.strip():
+        return False
+    gold_number, predicted_number = to_number(gold), to_number(predicted)
+    if gold_number is not None and predicted_number is not None:
+        return abs(gold_number - predicted_number) <= rel_tol * max(1.0, abs(gold_number))
+    from math_verify import verify
+
+    _, verify_kwargs = _math_verify_kwargs()
+    parsed_gold, parsed_predicted = _parse(strip_units(gold)), _parse(strip_units(predicted))
+    if parsed_gold and parsed_predicted and verify(parsed_gold, parsed_predicted, **verify_kwargs):
+        return True
+    return _plain(gold) == _plain(predicted)
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().strip("$").strip().rstrip(".")).lower()
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def same_words(gold: str, predicted: str | None) -> bool:
+    """Whether both hold the same words, ignoring case and every punctuation mark ("Red!" = "red",
+    "dark-red" = "dark red"); blank or punctuation-only text is never equal."""
+    if predicted is None:
+        return False
+    words = _words(predicted)
+    return bool(words) and words == _words(gold)
+
+
+def math_equal_or_same_words(gold: str, predicted: str | None) -> bool:
+    """:func:`math_equal`, else :func:`same_words`: the comparison of `avar intervene`."""
+    return math_equal(gold, predicted) or same_words(gold, predicted)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
