@@ -1,6 +1,10 @@
 """`avar convert`: HF safetensors -> megatron torch_dist checkpoint written by TP=2 x PP=2 ranks -> HF again,
-loaded at TP=1/PP=1 (megatron reshards on load): every tensor comes back bit for bit, side files are copied,
-and bad input is refused with the tensor or folder named; `verify` compares logits with HF."""
+loaded at TP=1/PP=1 (megatron reshards on load): every tensor comes back bit for bit under its own name, side
+files are copied, and bad input is refused with the tensor or folder named; `verify` compares logits with HF.
+
+Export layout: by default the published names (every Qwen2.5-VL checkpoint on the Hub, and what save_pretrained
+writes, also in transformers 5), so HF -> megatron -> HF of a Hub checkpoint gives back the same key set;
+``--hf-layout transformers5`` gives back a checkpoint in transformers-5 module names the same way."""
 
 import json
 import sys
@@ -10,20 +14,49 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from qwen_vl_cases import tiny_hf_model  # noqa: E402
+from qwen_vl_cases import case_batch, hf_logits, tiny_hf_model  # noqa: E402
 
 from megatron_avar.cli import main  # noqa: E402
+from megatron_avar.convert.hf_files import INDEX_NAME  # noqa: E402
+from megatron_avar.models.qwen2_5_vl.hf_mapping import hf_name_in_layout  # noqa: E402
+
+_WEIGHT_FILES = ("*.safetensors", INDEX_NAME)
 
 
 def _hf_tensors(folder):
+    """Every tensor of an HF folder under the name it is stored with."""
     from safetensors.torch import load_file
-
-    from megatron_avar.models.qwen2_5_vl.hf_mapping import canonical_hf_name
 
     out = {}
     for path in sorted(Path(folder).glob("*.safetensors")):
-        out.update({canonical_hf_name(k): v for k, v in load_file(path).items()})
+        out.update(load_file(path))
     return out
+
+
+def _assert_same_tensors(converted, original):
+    """Same names, dtypes and bits."""
+    assert sorted(converted) == sorted(original)
+    for name, tensor in original.items():
+        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
+
+
+def _side_files(folder):
+    weights = {p for pattern in _WEIGHT_FILES for p in Path(folder).glob(pattern)}
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p not in weights}
+
+
+def _assert_loads_like(export, source):
+    """from_pretrained of the export reports no missing, unexpected or mismatched keys and gives the source's
+    logits exactly (the weights are the same bits in the same dtype)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    exported, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(source)
+    assert exported.dtype == reference.dtype
+    inputs = case_batch("several_images")
+    inputs["pixel_values"] = inputs["pixel_values"].to(reference.dtype)
+    assert torch.equal(hf_logits(exported.eval(), inputs), hf_logits(reference.eval(), inputs))
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +76,13 @@ def test_hf_to_mcore_tp2_pp2_and_back_is_bit_exact(hf_dir, tmp_path):
     assert info["format"] == "torch_dist" and (mcore / "metadata.json").is_file()
     assert main(["convert", "mcore-to-hf", "--mcore-path", str(mcore), "--out", str(back),
                  "--max-shard-size-mb", "0.2"]) == 0
-    assert (back / "model.safetensors.index.json").is_file()
-    original, converted = _hf_tensors(hf_dir), _hf_tensors(back)
-    assert set(converted) == set(original)
-    for name, tensor in original.items():
-        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
-    for side in ("config.json", "generation_config.json", "chat_template.jinja"):
-        assert (back / side).read_bytes() == (hf_dir / side).read_bytes()
+    original = _hf_tensors(hf_dir)
+    assert all(hf_name_in_layout(name, "published") == name for name in original)  # what save_pretrained writes
+    _assert_same_tensors(_hf_tensors(back), original)
+    assert sorted(json.loads((back / INDEX_NAME).read_text())["weight_map"]) == sorted(original)
+    assert _side_files(back) == _side_files(hf_dir)
+    assert {"config.json", "generation_config.json", "chat_template.jinja"} <= set(_side_files(back))
+    _assert_loads_like(back, hf_dir)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary folders left behind
     # verify: the checkpoint written at TP=2 x PP=2, loaded at TP=2 and at PP=2 (megatron's pipeline schedule),
     # gives HF's logits (fp32: ~2e-6 observed)
@@ -82,3 +115,80 @@ def test_unknown_tensor_is_refused_by_name(hf_dir, tmp_path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf-path", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "model.visual.extra.weight" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _save_published(folder, model):
+    model.save_pretrained(folder)
+    for name, text in (("tokenizer_config.json", '{"model_max_length": 32768}'), ("chat_template.jinja", "{{ x }}"),
+                       ("preprocessor_config.json", '{"patch_size": 14}')):
+        (folder / name).write_text(text)  # stand-ins: side files travel as bytes, whatever they hold
+
+
+def _save_transformers5(folder, model):
+    """A checkpoint in transformers-5 module names (what `avar convert` exported before the published layout):
+    save_pretrained's folder with its weights rewritten under the in-memory names."""
+    from safetensors.torch import save_file
+
+    _save_published(folder, model)
+    (folder / "model.safetensors").unlink()
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert all(name.startswith(("model.language_model.", "model.visual.", "lm_head.")) for name in state)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+# (source layout, dtype, tied embeddings, TP, PP): Hub-like bf16 with Qwen2.5-VL-3B's tied embeddings at one rank;
+# fp32 untied (the 7B/32B/72B style) in transformers-5 names written by two pipeline stages. (Published names, fp32,
+# untied, written at TP=2 x PP=2: the first test.)
+LAYOUT_CASES = {
+    "published-bf16-tied-1x1": ("published", torch.bfloat16, True, 1, 1),
+    "transformers5-fp32-1x2": ("transformers5", torch.float32, False, 1, 2),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_export_gives_back_the_source_checkpoint_in_its_layout(case, tmp_path):
+    layout, dtype, tied, tp, pp = LAYOUT_CASES[case]
+    model = tiny_hf_model(tie_word_embeddings=tied, num_text_layers=2).to(dtype)
+    source, mcore, back = tmp_path / "source", tmp_path / "mcore", tmp_path / "back"
+    {"published": _save_published, "transformers5": _save_transformers5}[layout](source, model)
+    original = _hf_tensors(source)
+    assert ("lm_head.weight" in original) == (not tied)
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(source), "--out", str(mcore), "--tp", str(tp),
+                 "--pp", str(pp)]) == 0
+    layout_flag = [] if layout == "published" else ["--hf-layout", layout]  # published is the default
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(mcore), "--out", str(back), *layout_flag]) == 0
+    _assert_same_tensors(_hf_tensors(back), original)
+    assert _side_files(back) == _side_files(source)
+    _assert_loads_like(back, source)
+    if layout == "transformers5":  # the default export of it: what save_pretrained writes for the same model
+        published, reference = tmp_path / "published", tmp_path / "save_pretrained"
+        assert main(["convert", "mcore-to-hf", "--mcore-path", str(mcore), "--out", str(published)]) == 0
+        model.save_pretrained(reference)
+        _assert_same_tensors(_hf_tensors(published), _hf_tensors(reference))
+
+
+def test_hf_layout_names():
+    from megatron_avar.convert import cli
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import HF_LAYOUTS
+
+    assert cli.HF_LAYOUTS == HF_LAYOUTS
+    published = {"model.language_model.embed_tokens.weight": "model.embed_tokens.weight",
+                 "model.language_model.layers.3.mlp.up_proj.weight": "model.layers.3.mlp.up_proj.weight",
+                 "model.language_model.norm.weight": "model.norm.weight",
+                 "model.visual.blocks.0.attn.qkv.bias": "visual.blocks.0.attn.qkv.bias",
+                 "model.visual.merger.mlp.0.weight": "visual.merger.mlp.0.weight",
+                 "lm_head.weight": "lm_head.weight"}
+    for transformers5, name in published.items():
+        for given in (transformers5, name):  # either layout in, the asked one out
+            assert hf_name_in_layout(given, "published") == name
+            assert hf_name_in_layout(given, "transformers5") == transformers5
+    with pytest.raises(ValueError, match="transformers5"):
+        hf_name_in_layout("lm_head.weight", "hub")
+
+
+def test_unknown_hf_layout_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "mcore-to-hf", "--mcore-path", str(tmp_path), "--out", str(tmp_path / "out"),
+              "--hf-layout", "hub"])
+    assert exit_.value.code == 2 and "published" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -6,7 +6,9 @@
 
 A megatron checkpoint written here is megatron-core's ``torch_dist`` format of the model's
 ``sharded_state_dict`` (it loads at any TP/PP), plus ``hf/`` (the HF config, tokenizer, processor and chat
-template files, so the way back is self-contained) and ``avar_checkpoint.json`` (what wrote it).
+template files, so the way back is self-contained) and ``avar_checkpoint.json`` (what wrote it). The way back
+writes the tensor names of the published Qwen2.5-VL checkpoints (``model.layers.*``, ``visual.*``; what
+``save_pretrained`` writes) unless ``--hf-layout transformers5``; the way in reads either.
 Modules: :mod:`.hf_files` (safetensors shards, side files, atomic output folders), :mod:`.checkpoint` (the
 per-rank conversion work and its launcher), :mod:`.cli` (the subcommands).
 """

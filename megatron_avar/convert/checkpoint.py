@@ -112,33 +112,42 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
     config = Qwen25VLConfig.from_hf(hf_dir)
     try:
         model = _build_model(config, tp, pp, dtype)
+        # Megatron's local (non-Transformer-Engine) norms keep float32 parameters in a bfloat16 model: they take
+        # the checkpoint's bfloat16 values exactly (export casts them back). Nothing else may differ: no rounding.
+        assert {p.dtype for p in model.parameters()} <= {dtype, torch.float32}, "conversion would round"
         tensors = hf_files.iter_lazy_tensors(Path(hf_dir))
         if dist.get_rank() == 0:
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
-        load_hf_tensors(model, tensors, config)
+        load_hf_tensors(model, tensors, config, cast_to_model_dtype=True)
         dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int) -> None:
-    """One process: load the checkpoint resharded to TP=1, PP=1 and write HF safetensors, shard by shard."""
+def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layout: str = "published") -> None:
+    """One process: load the checkpoint resharded to TP=1, PP=1 and write HF safetensors, shard by shard, with
+    tensor names in ``hf_layout`` (``hf_mapping.HF_LAYOUTS``; "published": the Hub checkpoints' names) and every
+    tensor in the checkpoint's dtype (``avar_checkpoint.json``), as in the published checkpoints: norms that
+    megatron keeps in float32 in a bfloat16 model are written in bfloat16 too."""
     from megatron.core import parallel_state
     from tqdm import tqdm
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.models.qwen2_5_vl.hf_mapping import iter_hf_tensors, param_mappings
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import hf_name_in_layout, iter_hf_tensors, param_mappings
 
     mcore_dir = Path(mcore_dir)
     info = read_checkpoint_info(mcore_dir)
     config = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     try:
-        model = _build_model(config, 1, 1, _DTYPES[info["dtype"]])
+        dtype = _DTYPES[info["dtype"]]
+        model = _build_model(config, 1, 1, dtype)
         load_model_weights(model, mcore_dir)
         total = sum(len(m.hf) for m in param_mappings(config))
         with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:
-            hf_files.write_sharded_safetensors(iter_hf_tensors(model, config), Path(out_dir),
-                                               max_shard_bytes=max_shard_bytes, progress=progress)
+            tensors = ((hf_name_in_layout(name, hf_layout), tensor.to(dtype))
+                       for name, tensor in iter_hf_tensors(model, config))
+            hf_files.write_sharded_safetensors(tensors, Path(out_dir), max_shard_bytes=max_shard_bytes,
+                                               progress=progress)
     finally:
         parallel_state.destroy_model_parallel()
 

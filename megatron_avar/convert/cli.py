@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# The choices of --hf-layout, spelled here so that `avar --help` does not import torch; equal to
+# hf_mapping.HF_LAYOUTS (tested).
+HF_LAYOUTS = ("published", "transformers5")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert Qwen2.5-VL checkpoints between HF and megatron")
@@ -25,6 +29,12 @@ def register(subparsers) -> None:
     to_hf.add_argument("--mcore-path", required=True, type=Path, help="megatron checkpoint folder")
     to_hf.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     to_hf.add_argument("--max-shard-size-mb", type=float, default=5000.0, help="largest safetensors file")
+    to_hf.add_argument("--hf-layout", choices=HF_LAYOUTS, default="published",
+                       help="tensor names: 'published' = those of every Qwen2.5-VL checkpoint on the Hub and of "
+                            "save_pretrained (model.embed_tokens, model.layers.*, model.norm, visual.*, lm_head; "
+                            "loads in transformers 4.x and 5.x alike); 'transformers5' = transformers >= 4.52's "
+                            "module names (model.language_model.*, model.visual.*, lm_head), which transformers 5 "
+                            "loads too")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     to_hf.set_defaults(handler=_mcore_to_hf)
     check = commands.add_parser("verify", formatter_class=formatter,
@@ -73,9 +83,9 @@ def _mcore_to_hf(args) -> int:
         raise ValueError(f"--max-shard-size-mb must be > 0, got {args.max_shard_size_mb}")
     with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
         checkpoint.launch(checkpoint.mcore_to_hf_rank, 1, str(mcore_dir), str(temp),
-                          int(args.max_shard_size_mb * 2**20))
+                          int(args.max_shard_size_mb * 2**20), args.hf_layout)
         hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
-    print(f"wrote HF checkpoint to {args.out}")
+    print(f"wrote HF checkpoint ({args.hf_layout} tensor names) to {args.out}")
     return 0
 
 

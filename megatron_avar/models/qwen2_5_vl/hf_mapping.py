@@ -19,9 +19,12 @@ Layouts that differ from HF:
 * Transformer Engine layer specs fuse the pre-attention / pre-MLP norms into the next linear
   (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``): ``fused_layer_norms=True``.
 
-HF names are the transformers-5 layout (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``);
-the hub checkpoints' older layout (``model.layers.*``, ``visual.*``) is accepted on input. With tied
-embeddings no ``lm_head.weight`` is produced (what ``save_pretrained`` writes).
+HF names here are the transformers-5 in-memory layout (``model.language_model.*``, ``model.visual.*``,
+``lm_head.*``). Every published Qwen2.5-VL checkpoint, and ``save_pretrained`` (transformers 4.x, and 5.x,
+which converts back on save), uses the older layout (``model.embed_tokens``, ``model.layers.*``,
+``model.norm``, ``visual.*``, ``lm_head.*``): both are accepted on input (:func:`canonical_hf_name`), and
+:func:`hf_name_in_layout` renames for output. With tied embeddings no ``lm_head.weight`` is produced (what
+``save_pretrained`` writes, and what the tied Hub checkpoints such as Qwen2.5-VL-3B hold).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ import torch.distributed as dist
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLConfig
 
 __all__ = ["ParamMapping", "param_mappings", "hf_to_megatron", "megatron_to_hf", "canonical_hf_name",
-           "load_hf_state_dict", "load_hf_tensors", "export_hf_state_dict", "iter_hf_tensors",
-           "full_megatron_state"]
+           "HF_LAYOUTS", "hf_name_in_layout", "load_hf_state_dict", "load_hf_tensors", "export_hf_state_dict",
+           "iter_hf_tensors", "full_megatron_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +100,31 @@ def param_mappings(config: Qwen25VLConfig, *, fused_layer_norms: bool = False) -
 
 _LEGACY_TEXT = re.compile(r"^model\.(?!visual\.|language_model\.)")
 
+# Layouts of HF tensor names. "published": every Qwen2.5-VL checkpoint on the Hub and what save_pretrained writes
+# (model.embed_tokens / model.layers / model.norm, visual.*, lm_head); "transformers5": the in-memory module
+# names of transformers >= 4.52 (model.language_model.*, model.visual.*, lm_head), the names used in this module.
+HF_LAYOUTS = ("published", "transformers5")
+
 
 def canonical_hf_name(name: str) -> str:
     """transformers-5 name of an HF Qwen2.5-VL tensor given in either layout."""
     if name.startswith("visual."):
         return "model." + name
     return _LEGACY_TEXT.sub("model.language_model.", name)
+
+
+def hf_name_in_layout(name: str, layout: str) -> str:
+    """The name of a tensor (given in either layout) in ``layout`` (one of :data:`HF_LAYOUTS`); inverse of
+    :func:`canonical_hf_name` for "published". ``lm_head.*`` is the same in both."""
+    if layout not in HF_LAYOUTS:
+        raise ValueError(f"HF layout must be one of {HF_LAYOUTS}, got {layout!r}")
+    name = canonical_hf_name(name)
+    if layout == "transformers5":
+        return name
+    for prefix, published in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if name.startswith(prefix):
+            return published + name[len(prefix):]
+    return name
 
 
 def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], config: Qwen25VLConfig, *,
