@@ -16,14 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Cycles known and not fixed yet, each with the reason. The test fails when one of them disappears too,
 # so that this list only ever shrinks.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    # training -> convert: megatron_setup.py / run_loop.py read HF shards and write checkpoint info with
-    # convert.hf_files / convert.checkpoint; convert -> training: convert/checkpoint.py vets a megatron
-    # checkpoint with training.checkpointing.vet_dist_checkpoint before loading it. Fix: move the checkpoint
-    # vetting (vet_dist_checkpoint and its allow-list) out of training/ into convert/ or a leaf module;
-    # left to the owners of training/ and convert/ (issue 17).
-    frozenset({"training", "convert"}): "convert.checkpoint uses training.checkpointing.vet_dist_checkpoint",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
 
 # Packages that must not import anything else from megatron_avar, so that every command can use them.
 LEAF_PACKAGES = ("grading",)

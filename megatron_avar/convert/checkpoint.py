@@ -159,7 +159,7 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from megatron_avar.training.checkpointing import vet_dist_checkpoint
+    from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
     vet_dist_checkpoint(Path(mcore_dir))  # megatron unpickles parts of it: refuse anything but plain data first
     try:

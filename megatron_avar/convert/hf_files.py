@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -130,6 +131,38 @@ def check_output_apart(out: Path, inputs: dict[str, Path]) -> None:
                              f"into the input; choose an --out that neither is, contains nor lies inside {path}")
 
 
+def _owner() -> str:
+    """``<host>-<pid>``: names this process's temporary folders, so a later run can tell whether they are stale."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed conversion into ``out`` left on this host: ``.<name>.tmp-<host>-<pid>`` folders
+    of processes that no longer run. A ``.<name>.old-…`` folder is the previous ``out`` moved aside just
+    before the new one took its place; if the process died in between (``out`` missing), it is moved back."""
+    host = socket.gethostname()
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-{host}-*")):
+        kind, _, pid = leftover.name[len(out.name) + 2:].partition(f"-{host}-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(leftover, out)
+            print(f"restored {out} from {leftover.name}, left by a conversion that was killed while replacing it",
+                  flush=True)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     """Yield a fresh temporary folder next to ``out``; on success it becomes ``out`` by a rename (an existing
@@ -141,7 +174,8 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _clean_leftovers(out)
+    temp = out.parent / f".{out.name}.tmp-{_owner()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
@@ -150,7 +184,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
         shutil.rmtree(temp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{_owner()}"
         os.replace(out, old)
         os.replace(temp, out)
         shutil.rmtree(old, ignore_errors=True)

@@ -75,6 +75,11 @@ def _verify_image(source: Path | bytes, where: str) -> None:
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
             image.verify()
+    except Image.DecompressionBombError as error:
+        # PIL refuses to open images over twice Image.MAX_IMAGE_PIXELS (a crafted file that would take
+        # gigabytes to decode, or a huge scan); the model sees at most max_pixels of it anyway.
+        raise ValueError(f"{where}: {what} is refused as a decompression bomb ({error}); downscale it (training "
+                         "resizes every image to at most data.max_pixels) or drop the record") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{where}: {what} is unreadable or corrupt ({error})") from error
 
@@ -219,15 +224,20 @@ def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
             where = f"{file.name} row {index}"
             yield _inline_canonical_images({k: v for k, v in row.items() if v is not None}, where), where
         return
-    with file.open(encoding="utf-8") as handle:
-        if file.suffix == ".json":
-            records = json.load(handle)
-            if not isinstance(records, list):
-                raise ValueError(f"{file}: a .json data file must hold a list of records (or use .jsonl)")
-            for index, record in enumerate(records):
-                yield record, f"{file.name} record {index}"
-            return
-        for line_number, line in enumerate(handle, start=1):
+    if file.suffix == ".json":
+        raw = file.read_bytes()
+        try:
+            records = json.loads(_utf8(raw, file, line_number=None))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file.name} line {error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{file}: a .json data file must hold a list of records (or use .jsonl)")
+        for index, record in enumerate(records):
+            yield record, f"{file.name} record {index}"
+        return
+    with file.open("rb") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            line = _utf8(raw_line, file, line_number=line_number)
             if not line.strip():
                 continue
             try:
@@ -235,6 +245,21 @@ def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file.name} line {line_number}: not valid JSON ({error})") from None
             yield record, f"{file.name} line {line_number}"
+
+
+def _utf8(raw: bytes, file: Path, *, line_number: int | None) -> str:
+    """``raw`` decoded as UTF-8; ValueError naming the file, line and column of the first invalid byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if line_number is None:  # a whole file: find the line
+            line_number = raw.count(b"\n", 0, error.start) + 1
+            column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        else:
+            column = error.start + 1
+        raise ValueError(f"{file.name} line {line_number}: byte {raw[error.start]:#04x} at column {column} is not "
+                         "UTF-8; data files must be UTF-8 (re-encode the file, e.g. iconv -f <its encoding> -t "
+                         "UTF-8)") from None
 
 
 def load_conversations(path: str | Path):

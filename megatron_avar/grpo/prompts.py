@@ -282,9 +282,16 @@ class PromptLoader:
         return {"step": self._step, "seed": self.config.seed, "shuffle": self.config.shuffle,
                 "prompts_per_step": self.prompts_per_step, "fingerprint": self.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`; ValueError when it was made with other prompts or order settings."""
-        for key, mine in (("fingerprint", self.fingerprint), ("seed", self.config.seed),
+    def load_state_dict(self, state: dict, *, accept_data_change: bool = False) -> None:
+        """Continue from a `state_dict()`; ValueError when it was made with other prompts (unless
+        ``accept_data_change``: the step is then applied to these prompts) or order settings."""
+        if state.get("fingerprint") != self.fingerprint and not accept_data_change:
+            raise ValueError(f"the prompts of {self.config.path} differ from the checkpoint's (fingerprint "
+                             f"{self.fingerprint[:12]}, the checkpoint's {str(state.get('fingerprint'))[:12]}: a "
+                             "record, its prompt length, the processor or max_prompt_length changed). Resume with "
+                             "the prompts the run was started with, or pass checkpoint.accept_data_change=true to "
+                             "continue at the same step on these prompts")
+        for key, mine in (("seed", self.config.seed),
                           ("shuffle", self.config.shuffle), ("prompts_per_step", self.prompts_per_step)):
             if state.get(key) != mine:
                 raise ValueError(f"prompt data state has {key}={state.get(key)!r} but this loader has {mine!r}: the "

@@ -1,4 +1,4 @@
-"""`avar grpo`: GRPO with the visual-anchored reward (AVAR_SPEC.md §6) on a Megatron actor.
+"""`avar grpo`: GRPO with the visual reward on a Megatron actor (docs/method.md, 'Visual-anchored reward (GRPO)').
 
 One step, on every data-parallel replica for its share of the step's prompts:
 
@@ -211,7 +211,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import begin_run, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (begin_run, end_run, finished_run_summary, hf_export_describer,
+                                                 run_steps)
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -227,6 +228,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
     if start.finished:
         parallel_state.destroy_model_parallel()
+        end_run(out)
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
 
@@ -268,7 +270,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     start_step = 0
     if resume_from is not None:
         state = checkpointing.load_checkpoint(resume_from, model)
-        prompts.load_state_dict(state["data"])
+        prompts.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
@@ -306,4 +308,5 @@ def run_grpo(config: GRPOConfig) -> dict:
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     parallel_state.destroy_model_parallel()
+    end_run(out)
     return summary

@@ -123,12 +123,16 @@ class CheckpointConfig:
     latest checkpoint when there is one; overwrite: with resume=false, consent to start over in a run directory
     that holds checkpoints of an earlier run: its checkpoints, metrics and summary are removed before the new
     run writes anything (without it such a directory is refused, never mixed with the new run's checkpoints;
-    see ``training.run_loop.plan_start``)."""
+    see ``training.run_loop.plan_start``); accept_data_change: resume even though the data differ from the
+    checkpoint's (their fingerprint: record ids, messages, image names relative to their common folder, sizes
+    and dimensions — moving the data or touching files does not change it). The position (epoch, row / step)
+    is kept and applied to the new data, so the steps after the resume are not those of an unchanged run."""
 
     interval: int = 100
     keep: int = 2
     resume: bool = True
     overwrite: bool = False
+    accept_data_change: bool = False
 
     def __post_init__(self):
         if self.interval < 0 or self.keep < 1:

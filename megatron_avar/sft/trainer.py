@@ -1,4 +1,4 @@
-"""`avar sft`: AVAR cold-start SFT on megatron-core (L = L_LM + α·L_enh + β·L_sup, AVAR_SPEC.md §5).
+"""`avar sft`: AVAR cold-start SFT on megatron-core (L = L_LM + α·L_enh + β·L_sup; docs/method.md, 'AGTO objective').
 
 One optimizer step = megatron's forward/backward schedule (1F1B under pipeline parallelism) over this rank's
 micro-batches of packed rows, then the optimizer. Losses are normalised by counts over the whole global batch
@@ -199,7 +199,8 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
-    from megatron_avar.training.run_loop import begin_run, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (begin_run, end_run, finished_run_summary, hf_export_describer,
+                                                 run_steps)
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -212,6 +213,7 @@ def run_sft(config: SFTConfig) -> dict:
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
     if start.finished:
         parallel_state.destroy_model_parallel()
+        end_run(out)
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
     run = build_run(config, layout, load_hf_weights=resume_from is None)
@@ -219,7 +221,7 @@ def run_sft(config: SFTConfig) -> dict:
     start_step = 0
     if resume_from is not None:
         state = checkpointing.load_checkpoint(resume_from, model)
-        data.load_state_dict(state["data"])
+        data.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
@@ -265,4 +267,5 @@ def run_sft(config: SFTConfig) -> dict:
     if layout.is_logging_rank:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     parallel_state.destroy_model_parallel()
+    end_run(out)
     return summary

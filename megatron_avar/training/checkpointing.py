@@ -11,30 +11,33 @@ A checkpoint is written into ``.step_N.partial`` and renamed once every rank has
 is replaced; older checkpoints beyond ``keep`` are removed only after that. A crash at any moment leaves the
 last complete checkpoint untouched and ``latest`` pointing at it. The model and optimizer are saved with
 megatron's dist_checkpointing (torch_dist), so the model part loads at any other TP/PP layout
-(``avar convert mcore-to-hf`` exports it); optimizer states resume at the layout they were written with.
+(``avar convert mcore-to-hf`` exports it); optimizer states resume at the tensor/pipeline layout they were
+written with (below).
 Pruning never removes the checkpoint just written, whatever step numbers other folders carry.
+
+Layout changes: a run resumes at another data-parallel size (the data position is global, the distributed
+optimizer's states are saved reshardable over DP, and each rank restores the RNG states of a rank with its
+tensor/pipeline coordinates); the tensor/pipeline layout must stay (``run_loop.plan_start`` refuses a change,
+naming both layouts, before anything is read).
 
 Trust: a checkpoint folder may come from someone else, and unpickling runs code. What this module writes
 itself holds no pickle: the trainer state is JSON, the RNG states are safetensors (a checkpoint written before
 that, with ``rank_state/*.pt``, is read with ``torch.load(weights_only=True)``, which refuses anything but
-tensors and plain containers). megatron's own torch_dist format cannot avoid pickle: torch.distributed.checkpoint
-reads ``.metadata`` with plain ``pickle.load``, and its load planner reads the byte items stored in the
-``*.distcp`` files (the layers' ``_extra_state``, the distributed optimizer's param groups) with
-``torch.load(weights_only=False)``; ``common.pt`` is read with torch.load's default. So before megatron reads
-a checkpoint, :func:`load_checkpoint` vets each of those with an allow-list (``.metadata``: only torch's
-checkpoint-metadata records, sizes, dtypes and layouts; the byte items and ``common.pt``:
-``torch.load(weights_only=True)``) and refuses the checkpoint, naming the file, when anything else is named.
-Whatever passes holds only allow-listed objects, so megatron's unrestricted reads of it then build nothing else.
-(A file swapped between the check and megatron's read is outside this: it needs write access to the run.)
+tensors and plain containers). megatron's own parts are vetted by ``megatron_avar.checkpoint_vetting`` before
+megatron reads them (an allow-list for its pickles; data files checked against their recorded sizes).
+
+Failures while writing (a full disk, a quota): the partial folder is removed and the error names the checkpoint,
+the cause and the checkpoint that stays ``latest``. No process outlives a killed rank: megatron's writer would
+keep its results queue in a separate server process, which outlives a rank killed with SIGKILL; saves here are
+synchronous, so that queue is an in-process one.
 """
 
 from __future__ import annotations
 
-import collections
-import io
+import errno
 import json
 import os
-import pickle
+import queue
 import shutil
 from pathlib import Path
 
@@ -42,9 +45,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar import platform
+from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "has_checkpoints",
-           "remove_checkpoints", "vet_dist_checkpoint", "PreemptionFlag"]
+           "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag"]
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -121,8 +125,56 @@ def _set_rng_state(flat: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(flat["cuda"])
 
 
+def _coordinates() -> dict[str, int]:
+    """This rank's tensor / pipeline / data-parallel ranks and the data-parallel size (megatron's parallel state)."""
+    from megatron.core import parallel_state
+
+    return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": parallel_state.get_data_parallel_rank(), "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def saved_layout(path: Path) -> dict[str, int] | None:
+    """{"tp", "pp", "dp"} a complete checkpoint was written at: from its trainer state, or (checkpoints written
+    before the state recorded it) from the export record and the number of rank-state files; None if unknown."""
+    layout = read_trainer_state(path).get("layout")
+    if isinstance(layout, dict) and all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp")):
+        return {k: layout[k] for k in ("tp", "pp", "dp")}
+    try:
+        info = json.loads((path / "avar_checkpoint.json").read_text())
+        tp, pp = int(info["written_at_tp"]), int(info["written_at_pp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ranks = len({f.stem for f in (path / RANK_STATE).glob("*") if f.suffix in (".safetensors", ".pt")})
+    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp)} if ranks and ranks % (tp * pp) == 0 else None
+
+
+def _rank_state_source(path: Path, rank: int, saved_dp: int | None) -> int:
+    """The rank whose RNG states this rank restores: itself when the data-parallel size is unchanged; after a
+    change, the saved rank with this rank's tensor/pipeline coordinates and data-parallel rank modulo the old
+    size (megatron's tracker states depend on the tensor/pipeline ranks only; data order does not depend on RNG)."""
+    from safetensors import safe_open
+
+    mine = _coordinates()
+    if saved_dp is None or saved_dp == mine["dp"]:
+        return rank
+    wanted = {"tp_rank": mine["tp_rank"], "pp_rank": mine["pp_rank"], "dp_rank": mine["dp_rank"] % saved_dp}
+    for file in sorted((path / RANK_STATE).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as opened:
+                metadata = opened.metadata() or {}
+        except Exception:  # noqa: BLE001 — a damaged file: the read of the chosen one reports it
+            continue
+        if all(metadata.get(key) == str(value) for key, value in wanted.items()):
+            return int(file.stem)
+    raise ValueError(f"{path / RANK_STATE} has no RNG state of a rank at tensor rank {wanted['tp_rank']}, pipeline "
+                     f"rank {wanted['pp_rank']}, data-parallel rank {wanted['dp_rank']} of {saved_dp}: resuming at "
+                     f"data-parallel size {mine['dp']} needs the states written by this version of avar (with "
+                     "each rank's coordinates); resume with the data-parallel size it was written with")
+
+
 def _read_rank_state(path: Path, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's RNG states from checkpoint ``path``, read without unpickling anything (module docstring)."""
+    """Rank ``rank``'s RNG states from checkpoint ``path``, read without unpickling anything (module docstring)."""
     from safetensors.torch import load_file
 
     file, legacy = _rank_state_file(path, rank), _rank_state_file(path, rank, ".pt")
@@ -153,88 +205,6 @@ def _read_rank_state(path: Path, rank: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file if file.is_file() else legacy} does not hold RNG states (byte tensors named "
                          "torch, cuda, tracker/*); the checkpoint was not written by avar")
     return flat
-
-
-# -- vetting megatron's pickled parts before megatron reads them (module docstring) ----------------------------
-_DCP_RECORD_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                       "torch.distributed.checkpoint.filesystem")
-
-
-def _allowed_metadata_global(module: str, name: str):
-    """What torch.distributed.checkpoint's ``.metadata`` pickle may name: its plain record classes (dataclasses
-    and enums of the DCP modules), torch.Size, dtypes / layouts / memory formats; None for anything else."""
-    import dataclasses
-    import enum
-    import importlib
-
-    if "." in name:  # pickle resolves dotted names attribute by attribute: a way out of any allow-list
-        return None
-    if module in _DCP_RECORD_MODULES:
-        obj = getattr(importlib.import_module(module), name, None)
-        if isinstance(obj, type) and obj.__module__ == module and (dataclasses.is_dataclass(obj)
-                                                                   or issubclass(obj, enum.Enum)):
-            return obj
-    elif module == "torch":
-        obj = getattr(torch, name, None)
-        if obj is torch.Size or isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
-            return obj
-    elif (module, name) == ("torch.serialization", "_get_layout"):
-        return torch.serialization._get_layout
-    elif (module, name) == ("collections", "OrderedDict"):
-        return collections.OrderedDict
-    return None
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        obj = _allowed_metadata_global(module, name)
-        if obj is None:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which torch's checkpoint metadata never holds")
-        return obj
-
-
-def _refused(file: Path, error: BaseException) -> ValueError:
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return ValueError(f"{file} is refused ({detail}): a checkpoint's pickled parts may hold only plain data, and "
-                      "unpickling anything else could run code; this checkpoint was not written by avar or was "
-                      "altered. Resume from a checkpoint you trust, or start over (checkpoint.resume=false "
-                      "checkpoint.overwrite=true)")
-
-
-def vet_dist_checkpoint(path: Path) -> None:
-    """Refuse (ValueError naming the file) a megatron dist checkpoint whose pickled parts name anything but
-    plain data, before megatron unpickles them without restriction (module docstring). Reads only metadata,
-    the small byte items and ``common.pt``, not the tensors."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    metadata_file = path / ".metadata"
-    if not metadata_file.is_file():
-        raise ValueError(f"{path} has no .metadata: it is not a complete megatron torch_dist checkpoint")
-    try:
-        with metadata_file.open("rb") as stream:
-            metadata = _MetadataUnpickler(stream).load()
-        byte_items = [(index, info) for index, info in metadata.storage_data.items()
-                      if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)]
-    except Exception as error:  # noqa: BLE001 — UnpicklingError, AttributeError of a foreign object, ...
-        raise _refused(metadata_file, error) from None
-    for index, info in byte_items:
-        data_file = path / str(info.relative_path)
-        if Path(info.relative_path).name != info.relative_path or info.transform_descriptors:
-            raise _refused(metadata_file, ValueError(f"item {index.fqn} is stored as {info.relative_path!r} with "
-                                                     f"transforms {info.transform_descriptors}"))
-        try:
-            with data_file.open("rb") as stream:
-                stream.seek(info.offset)
-                blob = stream.read(info.length)
-            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001
-            raise _refused(data_file, ValueError(f"item {index.fqn}: {error}")) from None
-    common = path / "common.pt"
-    if common.is_file():
-        try:
-            torch.load(common, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001
-            raise _refused(common, error) from None
 
 
 # The distributed optimizer's states saved in model space, so they reload at another DP (and TP/PP) layout.
@@ -269,35 +239,128 @@ def _sharded_state(model, *, is_loading: bool) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+class CheckpointWriteError(ValueError):
+    """Writing a checkpoint failed (a full disk, a quota, an I/O error); nothing of it was published. A
+    ValueError: the CLI shows the message alone."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself, its cause or context, or one of the per-rank failures a
+    torch.distributed.checkpoint CheckpointException (or megatron's wrapper) carries."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        pending += [current.__cause__, current.__context__]
+        pending += [e for e in getattr(current, "failures", {}).values() if isinstance(e, BaseException)]
+        pending += [e for e in current.args if isinstance(e, BaseException)]
+    if "No space left on device" in str(error):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def _write_failure(error: BaseException, *, root: Path, final: Path, partial: Path) -> CheckpointWriteError:
+    cause = _os_error_in(error)
+    try:
+        latest = latest_checkpoint(root.parent)
+    except ValueError:  # a dangling pointer: not this failure's business, the next start reports it
+        latest = None
+    kept = f"{latest} stays the latest checkpoint" if latest is not None else "no earlier checkpoint exists"
+    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(root).free / 1e9
+        sizes = [sum(f.stat().st_size for f in latest.rglob("*") if f.is_file()) / 1e9] if latest is not None else []
+        needs = f"; the last checkpoint took {sizes[0]:.2f} GB" if sizes else ""
+        fix = (f"free space on the file system of {root} ({free:.2f} GB free now{needs}) or lower checkpoint.keep, "
+               "then rerun the same command: it resumes from the latest checkpoint")
+        what = os.strerror(cause.errno)
+    else:
+        detail = str(cause or error).strip().splitlines()
+        what = f"{type(cause or error).__name__}: {detail[0] if detail else ''}"
+        fix = f"check the file system of {root}, then rerun the same command: it resumes from the latest checkpoint"
+    return CheckpointWriteError(f"writing checkpoint {final.name} failed ({what}). Nothing of it was published "
+                                f"(the partial folder {partial.name} is removed) and {kept}; {fix}")
+
+
+def _write_results_in_process() -> None:
+    """megatron's torch_dist writer passes each rank's write results through a queue that it otherwise keeps in
+    a multiprocessing Manager: a server process started on the first save that outlives a rank killed with
+    SIGKILL. Saves here are synchronous (results are produced and read in this process), so an in-process
+    queue does the same work with no process to orphan."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", ()) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, *, keep: int,
                     describe=None) -> Path:
     """Collective: save model + optimizer + per-rank RNG + ``trainer_state`` as checkpoint ``step``.
 
     ``describe(path)``: run on rank 0 inside the checkpoint before it is published (the trainer writes what
-    ``avar convert mcore-to-hf`` needs to export the model: the HF config, tokenizer and processor files)."""
-    from megatron.core import dist_checkpointing
-
+    ``avar convert mcore-to-hf`` needs to export the model: the HF config, tokenizer and processor files).
+    A failure to write raises :class:`CheckpointWriteError` on the ranks that saw it (module docstring)."""
     root = _checkpoint_root(run_dir)
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
-    rank = dist.get_rank()
-    if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save of the same step
-        partial.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, is_loading=False), str(partial))
-    if rank == 0:
-        (partial / RANK_STATE).mkdir()
-    dist.barrier()
+    try:
+        _write(root, final, partial, model, trainer_state, step=step, describe=describe)
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        if not isinstance(error, Exception) and type(error).__name__ != "CheckpointException":
+            raise  # KeyboardInterrupt, SystemExit
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _write_failure(error, root=root, final=final, partial=partial) from error
+    _publish(root, final, partial, keep=keep)
+    return final
+
+
+def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *, step: int, describe) -> None:
+    """Collective: everything of the checkpoint into ``partial``. A rank's own write failure is shared with
+    every rank before the next collective, so no rank waits for one that has given up."""
+    from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
-    save_file(_rng_state(), str(_rank_state_file(partial, rank)))
-    if rank == 0:
-        state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict())
-        if describe is not None:
-            describe(partial)
-        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
-    dist.barrier()
-    if rank == 0:
+    rank = dist.get_rank()
+
+    def on_every_rank(write) -> None:
+        failure = None
+        try:
+            write()
+        except Exception as error:  # noqa: BLE001
+            failure = error
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=platform.current_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if flag.item():
+            raise RuntimeError("another rank failed to write its part (its error names the cause)")
+
+    def make_folder() -> None:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save of the same step
+            (partial / RANK_STATE).mkdir(parents=True)
+
+    def write_rank_state() -> None:
+        save_file(_rng_state(), str(_rank_state_file(partial, rank)),
+                  metadata={key: str(value) for key, value in _coordinates().items()})
+        if rank == 0:
+            state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict())
+            if describe is not None:
+                describe(partial)
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
+
+    on_every_rank(make_folder)
+    _write_results_in_process()
+    dist_checkpointing.save(_sharded_state(model, is_loading=False), str(partial))
+    on_every_rank(write_rank_state)
+
+
+def _publish(root: Path, final: Path, partial: Path, *, keep: int) -> None:
+    """Collective: rename the complete ``partial`` to ``final``, point ``latest`` at it, prune (rank 0)."""
+    if dist.get_rank() == 0:
         if final.exists():  # a complete checkpoint of this step exists (e.g. re-run after resume): replace it
             shutil.rmtree(final)
         os.rename(partial, final)
@@ -310,7 +373,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
         for old in others[:max(len(others) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return final
 
 
 def load_checkpoint(path: Path, model) -> dict:
@@ -322,7 +384,9 @@ def load_checkpoint(path: Path, model) -> dict:
     refusal = None
     try:
         trainer_state = read_trainer_state(path)
-        rng_state = _read_rank_state(path, dist.get_rank())
+        layout = saved_layout(path)
+        source = _rank_state_source(path, dist.get_rank(), None if layout is None else layout["dp"])
+        rng_state = _read_rank_state(path, source)
         vet_dist_checkpoint(path)
     except ValueError as error:
         refusal = error

@@ -25,9 +25,11 @@ from typing import Callable
 
 import torch
 
+from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+
 __all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
            "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError", "begin_run",
-           "check_model_path"]
+           "end_run", "check_model_path"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -93,7 +95,24 @@ class RunStart:
     replace_earlier: bool = False
 
 
-def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int) -> RunStart:
+def _check_layout(out: Path, latest: Path, layout) -> None:
+    """Refuse a resume at another tensor/pipeline layout (module docstring of training.checkpointing)."""
+    from megatron_avar.training import checkpointing
+
+    saved = checkpointing.saved_layout(latest)
+    if saved is None or (saved["tp"], saved["pp"]) == (layout.tp, layout.pp):
+        return
+    raise ValueError(f"{out} resumes from {latest.name}, written at TP={saved['tp']} PP={saved['pp']} "
+                     f"(DP={saved['dp']}), but this run is TP={layout.tp} PP={layout.pp} (DP={layout.dp}). A run "
+                     "resumes at the tensor/pipeline layout it was written with (its optimizer states and RNG "
+                     "streams are per shard); the data-parallel size may change. Resume with "
+                     f"parallel.tensor_model_parallel_size={saved['tp']} "
+                     f"parallel.pipeline_model_parallel_size={saved['pp']} (a world size that is a multiple of "
+                     f"{saved['tp'] * saved['pp']}), or start a new run at the new layout from an export of the "
+                     f"checkpoint (avar convert mcore-to-hf --mcore-path {latest} --out DIR, then model.hf_path=DIR)")
+
+
+def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layout) -> RunStart:
     """Decide where the run in ``out`` starts; reads only, on every rank, before anything is written.
 
     checkpoint.resume (default): resume from the latest checkpoint when there is one. The restored scheduler,
@@ -105,7 +124,8 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int) -> Ru
     checkpoint.resume=false: a directory that holds checkpoints is refused (the new run's checkpoints would
     mix with the old ones, and pruning by step number could delete the new ones) unless checkpoint.overwrite
     gives consent; then ``replace_earlier`` is set and :func:`prepare_run_dir` removes the earlier run's
-    outputs before the new run writes anything.
+    outputs before the new run writes anything. A resume at another tensor/pipeline layout than the
+    checkpoint's (``layout``: this run's RankLayout) is refused naming both; another data-parallel size resumes.
     """
     from megatron_avar.training import checkpointing
 
@@ -121,6 +141,7 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int) -> Ru
     if latest is None:
         return RunStart(resume_from=None, start_step=0)
     state = checkpointing.read_trainer_state(latest)
+    _check_layout(out, latest, layout)
     saved = _saved_schedule(state)
     changed = [(name, saved[name], value) for name, value in schedule.items() if name in saved and saved[name] != value]
     if changed:
@@ -142,13 +163,20 @@ def check_model_path(hf_path: str | Path) -> None:
 
 
 def begin_run(config, fixed_fields: tuple[str, ...], *, layout, run_config: dict) -> tuple[RunStart, dict]:
-    """Both trainers' start: the schedule record of ``fixed_fields``, :func:`plan_start`, and, unless the run is
-    finished, :func:`prepare_run_dir` on the logging rank. Returns (start, schedule)."""
+    """Both trainers' start (collective): the run directory's lock (``training.run_lock``: one run per out,
+    released by :func:`end_run`), the schedule record of ``fixed_fields``, :func:`plan_start`, and, unless the
+    run is finished, :func:`prepare_run_dir` on the logging rank. Returns (start, schedule)."""
+    acquire_run_lock(config.out, is_logging_rank=layout.is_logging_rank)
     schedule = schedule_record(config, fixed_fields)
-    start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps)
+    start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps, layout=layout)
     if not start.finished and layout.is_logging_rank:
         prepare_run_dir(config.out, start, run_config)
     return start, schedule
+
+
+def end_run(out: str | Path) -> None:
+    """Both trainers' end: release the run directory's lock taken by :func:`begin_run`."""
+    release_run_lock(out)
 
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
@@ -257,7 +285,8 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
             logger.log(step, metrics)
         interrupted = preemption.any_rank()
         if interrupted or last or (checkpoint.interval and (step + 1) % checkpoint.interval == 0):
-            trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule}
+            trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule,
+                             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
         if interrupted:

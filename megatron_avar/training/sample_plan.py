@@ -200,17 +200,23 @@ def compute_sample_stats(dataset, processor, *, seq_length: int, truncate: bool,
 
 
 def dataset_fingerprint(dataset) -> str:
-    """sha256 over every row's id, messages and image identity (embedded bytes hashed; files by path, size
-    and modification time): changes whenever anything that decides token counts may have changed."""
+    """sha256 over every row's id, messages and images: embedded bytes hashed; files by their name relative to
+    the folder holding all of them, byte size and pixel dimensions (read from the header). Changes whenever
+    anything that decides token counts may have changed, and stays the same when the data move (a Slurm job
+    staging them to node-local disk) or a file's modification time changes."""
+    rows = list(undecoded(dataset).select_columns(["id", "messages", "images"]))
+    paths = [ref["path"] for row in rows for ref in row["images"] if ref.get("bytes") is None]
+    root = os.path.commonpath([os.path.dirname(path) for path in paths]) if paths else ""
     digest = hashlib.sha256()
-    for row in undecoded(dataset).select_columns(["id", "messages", "images"]):
+    for row in rows:
         digest.update(json.dumps([row["id"], row["messages"]], sort_keys=True).encode())
         for ref in row["images"]:
             if ref.get("bytes") is not None:
                 digest.update(hashlib.sha1(ref["bytes"]).digest())
             else:
-                stat = os.stat(ref["path"])
-                digest.update(f"{ref['path']}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+                size = os.stat(ref["path"]).st_size
+                width, height = _image_size(ref)
+                digest.update(f"{os.path.relpath(ref['path'], root)}|{size}|{width}x{height}".encode())
     return digest.hexdigest()
 
 

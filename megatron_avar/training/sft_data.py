@@ -230,16 +230,26 @@ class SFTDataLoader:
                 "fingerprint": self.fingerprint, "global_batch_size": self.global_batch_size,
                 "seq_length": self.config.seq_length}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings.
+    def load_state_dict(self, state: dict, *, accept_data_change: bool = False) -> None:
+        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings
+        (other data are accepted with ``accept_data_change``: the position is then applied to these data).
         The position is global (rows of the whole global batch), so a run may resume with another dp_size."""
-        for key, mine in (("fingerprint", self.fingerprint), ("seed", self.config.seed),
-                          ("global_batch_size", self.global_batch_size), ("seq_length", self.config.seq_length)):
+        checks = [("seed", self.config.seed), ("global_batch_size", self.global_batch_size),
+                  ("seq_length", self.config.seq_length)]
+        if state.get("fingerprint") != self.fingerprint and not accept_data_change:
+            raise ValueError(f"the data of {self.config.path} differ from the checkpoint's (fingerprint "
+                             f"{self.fingerprint[:12]}, the checkpoint's {str(state.get('fingerprint'))[:12]}: a "
+                             "record, its messages or an image's name, size or dimensions changed; moving the data "
+                             "does not change it). Resume with the data the run was started with, or pass "
+                             "checkpoint.accept_data_change=true to continue at the same position on these data")
+        for key, mine in checks:
             if state.get(key) != mine:
                 raise ValueError(f"data state has {key}={state.get(key)!r} but this loader has {mine!r}: the "
                                  "checkpoint was made with another dataset, processor or packing setting")
         if not 0 <= state["row_in_epoch"] < len(self.epoch_rows(state["epoch"])):
-            raise ValueError(f"data state row_in_epoch {state['row_in_epoch']} is outside epoch {state['epoch']}")
+            raise ValueError(f"data state row_in_epoch {state['row_in_epoch']} is outside epoch {state['epoch']} "
+                             f"of {self.config.path} ({len(self.epoch_rows(state['epoch']))} rows): the data changed "
+                             "too much to continue at the checkpoint's position; start a new run")
         self._epoch, self._row, self._step = state["epoch"], state["row_in_epoch"], state["step"]
 
     # -------------------------------------------------------------------------------- iteration

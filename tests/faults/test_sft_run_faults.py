@@ -22,63 +22,15 @@ import json
 import os
 import pickle
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "sft"))  # the shared tiny SFT settings (tests/sft)
-from sft_cases import sft_overrides  # noqa: E402
-
-REPO = Path(__file__).parents[2]
-BASE_SETTINGS = {"train.steps": 2, "train.global_batch_size": 2, "checkpoint.interval": 1,
-                 "parallel.tensor_model_parallel_size": 1}
-
-
-def _sft(out: Path, sft_inputs, **extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "megatron_avar", "sft", "--config", "examples/sft/quickstart.yaml",
-               *sft_overrides(sft_inputs, out, **{**BASE_SETTINGS, **extra})]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def _output(done: subprocess.CompletedProcess) -> str:
-    return done.stdout + done.stderr
-
-
-def _link_or_copy(src, dst):
-    # The multi-MB tensor files are never written in place: hard links keep the copies cheap.
-    if src.endswith(".distcp"):
-        os.link(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
-def _copy_run(base: Path, dest: Path, *, latest_step: int | None = None) -> Path:
-    """A copy of the base run; with latest_step, as if it had stopped (preempted) after that step."""
-    shutil.copytree(base, dest, copy_function=_link_or_copy)
-    if latest_step is not None:
-        checkpoints = dest / "checkpoints"
-        for folder in checkpoints.glob("step_*"):
-            if int(folder.name.split("_")[1]) > latest_step:
-                shutil.rmtree(folder)
-        (checkpoints / "latest").write_text(f"step_{latest_step:08d}\n")
-    return dest
-
-
-def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def base_run(sft_inputs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "base"
-    done = _sft(out, sft_inputs)
-    assert done.returncode == 0, _output(done)[-3000:]
-    return out
-
+from fault_runs import copy_run as _copy_run
+from fault_runs import logged_steps as _steps
+from fault_runs import output as _output
+from fault_runs import run_sft as _sft
 
 # -- 1. non-finite updates ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value, message", [
@@ -222,7 +174,7 @@ def test_megatrons_pickled_parts_are_vetted_before_megatron_reads_them(base_run,
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_avar.training.checkpointing import vet_dist_checkpoint
+    from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
     marker = tmp_path / "pwned"
     step = _copy_run(base_run, tmp_path / "run") / "checkpoints" / "step_00000001"

@@ -1,0 +1,60 @@
+"""What the fault tests share (a module with a unique name, imported by the test modules of this folder): the
+`avar sft` command line of a small 2-step run that checkpoints after every step, and cheap copies of its run
+directory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "sft"))  # the shared tiny SFT settings (tests/sft)
+from sft_cases import sft_overrides  # noqa: E402
+
+REPO = Path(__file__).parents[2]
+BASE_SETTINGS = {"train.steps": 2, "train.global_batch_size": 2, "checkpoint.interval": 1,
+                 "parallel.tensor_model_parallel_size": 1}
+
+
+def sft_command(out: Path, sft_inputs, **extra) -> list[str]:
+    return [sys.executable, "-m", "megatron_avar", "sft", "--config", "examples/sft/quickstart.yaml",
+            *sft_overrides(sft_inputs, out, **{**BASE_SETTINGS, **extra})]
+
+
+def run_sft(out: Path, sft_inputs, *, env: dict | None = None, **extra) -> subprocess.CompletedProcess:
+    """`avar sft` to completion (or failure), its output captured."""
+    return subprocess.run(sft_command(out, sft_inputs, **extra), cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=None if env is None else {**os.environ, **env})
+
+
+def output(done: subprocess.CompletedProcess) -> str:
+    return done.stdout + done.stderr
+
+
+def _link_or_copy(src, dst):
+    # The multi-MB tensor files are never written in place: hard links keep the copies cheap.
+    if src.endswith(".distcp"):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def copy_run(base: Path, dest: Path, *, latest_step: int | None = None) -> Path:
+    """A copy of the base run; with latest_step, as if it had stopped (preempted) after that step."""
+    shutil.copytree(base, dest, copy_function=_link_or_copy)
+    if latest_step is not None:
+        checkpoints = dest / "checkpoints"
+        for folder in checkpoints.glob("step_*"):
+            if int(folder.name.split("_")[1]) > latest_step:
+                shutil.rmtree(folder)
+        (checkpoints / "latest").write_text(f"step_{latest_step:08d}\n")
+    return dest
+
+
+def logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss/lm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}

@@ -1,0 +1,212 @@
+"""Fault injection (issue 16) on resuming and checkpointing, through the real command line where the fault is
+the run's: what a user sees and what stays on disk.
+
+- a truncated ``*.distcp`` in the latest checkpoint is refused before megatron reads it, naming the file and
+  the missing bytes (before: a bare EOFError from inside megatron's load);
+- a full disk while a checkpoint is written: the run stops saying "No space left on device", the partial
+  folder is gone, the last complete checkpoint stays ``latest``, and the same command then resumes (before: a
+  torch writer error that never named the cause);
+- two runs on one out: the second is refused, naming the holder (before: FileNotFoundError mid-run);
+- a resume at another TP/PP is refused naming both layouts (before: megatron's "Global shape mismatch"); a
+  resume at another DP runs and continues the loss curve of the uninterrupted run (before: refused for want of
+  the RNG states of the new ranks, while the README said DP may change);
+- the data fingerprint ignores where the data are and file modification times, and a real change is refused
+  with the override named; the override resumes.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fault_runs import REPO, copy_run, logged_steps, losses, output, run_sft, sft_command
+
+CHECKPOINTS = "checkpoints"
+
+
+def _latest(run: Path) -> str:
+    return (run / CHECKPOINTS / "latest").read_text().strip()
+
+
+# -- a truncated data file ------------------------------------------------------------------------------------
+def test_a_truncated_distcp_is_refused_naming_the_file_before_megatron_reads_it(base_run, sft_inputs, tmp_path):
+    from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    step = run / CHECKPOINTS / "step_00000000"
+    victim = max(step.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = victim.read_bytes()
+    victim.unlink()  # a hard link to the base run's file: replace it, never write through it
+    victim.write_bytes(data[:len(data) - 4096])
+    with pytest.raises(ValueError, match=rf"{victim.name} holds {len(data) - 4096} bytes, 4096 fewer than "
+                                         r"\.metadata places in it: the checkpoint is incomplete"):
+        vet_dist_checkpoint(step)
+    done = run_sft(run, sft_inputs)
+    assert done.returncode == 2, output(done)[-3000:]
+    assert f"{victim.name} holds {len(data) - 4096} bytes" in done.stderr and "Traceback" not in output(done)
+    assert _latest(run) == "step_00000000" and sorted(p.name for p in (run / CHECKPOINTS).iterdir()) == [
+        "latest", "step_00000000"]
+
+
+# -- a full disk while saving -----------------------------------------------------------------------------------
+_FULL_DISK = '''
+import builtins, errno, os
+_open = builtins.open
+def _full_disk_open(file, mode="r", *args, **kwargs):
+    name = os.fspath(file) if isinstance(file, (str, bytes, os.PathLike)) else ""
+    if ".step_00000001.partial" in str(name) and str(name).endswith(".distcp") and "w" in mode:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    return _open(file, mode, *args, **kwargs)
+builtins.open = _full_disk_open
+'''
+
+
+def test_a_full_disk_while_saving_names_the_cause_and_keeps_the_last_checkpoint(sft_inputs, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_FULL_DISK)  # the disk is "full" for step 1's tensor files
+    run = tmp_path / "run"
+    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    done = run_sft(run, sft_inputs, env={"PYTHONPATH": path})
+    assert done.returncode == 2, output(done)[-3000:]
+    assert "writing checkpoint step_00000001 failed (No space left on device)" in done.stderr
+    assert f"{run / CHECKPOINTS / 'step_00000000'} stays the latest checkpoint" in done.stderr
+    assert "free space on the file system" in done.stderr and "Traceback" not in output(done)
+    assert _latest(run) == "step_00000000"
+    assert sorted(p.name for p in (run / CHECKPOINTS).iterdir()) == ["latest", "step_00000000"]
+    resumed = run_sft(run, sft_inputs)  # space freed: the same command resumes and finishes
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    assert logged_steps(run) == [0, 1] and _latest(run) == "step_00000001"
+
+
+# -- two runs on one out ------------------------------------------------------------------------------------------
+def test_a_second_run_on_an_out_in_use_is_refused_naming_the_holder(base_run, sft_inputs, tmp_path):
+    import fcntl
+
+    run = copy_run(base_run, tmp_path / "run")
+    with (run / ".avar.lock").open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.seek(0)
+        held.truncate()  # the record of the base run, which held it last
+        held.write(json.dumps({"host": "node-a17", "pid": 4242, "slurm_job": "991", "started": "then"}))
+        held.flush()
+        before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+        done = run_sft(run, sft_inputs)
+        assert done.returncode == 2, output(done)[-3000:]
+        assert (f"{run} is in use by a run on node-a17 (pid 4242, Slurm job 991, started then): two runs writing "
+                "one out would mix their checkpoints") in done.stderr
+        assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    done = run_sft(run, sft_inputs)  # released (the holder ended): the finished run is recognised
+    assert done.returncode == 0 and "holds a finished run" in done.stdout, output(done)[-3000:]
+    holder = json.loads((run / ".avar.lock").read_text())
+    assert holder["host"] == socket.gethostname() and holder["pid"] != 4242
+
+
+def test_the_lock_is_taken_released_and_refused_in_process(tmp_path):
+    from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+
+    acquire_run_lock(tmp_path / "out", is_logging_rank=True)
+    other = subprocess.run([sys.executable, "-c", "import sys; from megatron_avar.training.run_lock import "
+                            "acquire_run_lock as a; a(sys.argv[1], is_logging_rank=True)", str(tmp_path / "out")],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and f"is in use by a run on {socket.gethostname()} (pid {os.getpid()}" in other.stderr
+    release_run_lock(tmp_path / "out")
+    again = subprocess.run(other.args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+
+
+# -- resuming at another layout ---------------------------------------------------------------------------------
+class _Layout:
+    def __init__(self, tp, pp, dp):
+        self.tp, self.pp, self.dp = tp, pp, dp
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["layout-recorded", "older-checkpoint"])
+def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(base_run, tmp_path, recorded):
+    from megatron_avar.sft.config import CheckpointConfig
+    from megatron_avar.training.run_loop import plan_start
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    state_file = run / CHECKPOINTS / "step_00000000" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    if not recorded:  # written before the layout was recorded: read from the export record and the rank files
+        del state["layout"]
+        state_file.write_text(json.dumps(state))
+    schedule = state["schedule"]
+    with pytest.raises(ValueError, match=r"written at TP=1 PP=1 \(DP=1\), but this run is TP=2 PP=1 \(DP=2\)"):
+        plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(2, 1, 2))
+    with pytest.raises(ValueError, match=r"parallel\.pipeline_model_parallel_size=1 \(a world size that is a "):
+        plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 2, 1))
+    start = plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 1, 2))
+    assert start.start_step == 1  # another data-parallel size resumes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    port = str(_free_port())
+    ranks = [subprocess.Popen(sft_command(run, sft_inputs), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in range(2)]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "resumed from" in outputs[0]
+    straight, resumed = losses(base_run), losses(run)
+    assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
+    assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
+    final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
+    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+
+
+# -- the data fingerprint -----------------------------------------------------------------------------------------
+def _records(data: Path) -> list[dict]:
+    return [json.loads(line) for line in data.read_text().splitlines()]
+
+
+def test_the_data_fingerprint_ignores_location_and_mtime_but_not_content(sft_inputs, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from megatron_avar.data.conversations import load_conversations
+    from megatron_avar.training.sample_plan import dataset_fingerprint
+
+    original = dataset_fingerprint(load_conversations(sft_inputs["data_path"]))
+    source = Path(sft_inputs["data_path"]).parent
+    moved = shutil.copytree(source, tmp_path / "staged" / "data") / "data.jsonl"  # e.g. on node-local disk
+    image = sorted((moved.parent / "images").iterdir())[0]
+    os.utime(image, (1, 1))
+    assert dataset_fingerprint(load_conversations(moved)) == original
+    with Image.open(image) as opened:
+        opened.resize((opened.width + 28, opened.height)).save(image)
+    assert dataset_fingerprint(load_conversations(moved)) != original
+
+
+def test_resume_on_changed_data_is_refused_and_the_override_continues(base_run, sft_inputs, tmp_path):
+    import shutil
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    data = shutil.copytree(Path(sft_inputs["data_path"]).parent, tmp_path / "data") / "data.jsonl"
+    records = _records(data)
+    records[0]["messages"][0]["content"][-1]["text"] += " Count carefully."  # one question reworded
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = run_sft(run, sft_inputs, **{"data.path": str(data)})
+    assert done.returncode == 2, output(done)[-3000:]
+    assert f"the data of {data} differ from the checkpoint's" in done.stderr
+    assert "checkpoint.accept_data_change=true" in done.stderr
+    done = run_sft(run, sft_inputs, **{"data.path": str(data), "checkpoint.accept_data_change": "true"})
+    assert done.returncode == 0, output(done)[-3000:]
+    assert logged_steps(run) == [0, 1] and _latest(run) == "step_00000001"
