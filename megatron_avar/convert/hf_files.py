@@ -171,10 +171,10 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     :func:`check_output_apart`; checked here too, since this is what replaces ``out``)."""
     check_output_apart(out, inputs)
     out = Path(out).absolute()
+    _clean_leftovers(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out)
     temp = out.parent / f".{out.name}.tmp-{_owner()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()

@@ -5,6 +5,8 @@ The conversion ranks are replaced by a stand-in that writes one file (the real o
 the refusal, `mcore-to-hf --overwrite` would then replace --out, and with it the run directory holding the input."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,31 @@ def test_hf_to_mcore_refuses_an_out_overlapping_the_input(relation, tmp_path, ca
     err = capsys.readouterr().err
     assert f"--out {out}" in err and f"--hf-path {hf}" in err and len(err.strip().splitlines()) == 1, err
     assert _snapshot(tmp_path) == before
+
+
+def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_restored(tmp_path):
+    import socket
+    import subprocess
+
+    from megatron_avar.convert.hf_files import atomic_output_dir
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names nothing now
+    out = tmp_path / "export"
+    stale = tmp_path / f".export.tmp-{host}-{dead.pid}"
+    live = tmp_path / f".export.tmp-{host}-{os.getppid()}"  # a conversion still running on this host
+    elsewhere = tmp_path / ".export.tmp-other-node-1"  # another host's: cannot be judged here
+    moved_aside = tmp_path / f".export.old-{host}-{dead.pid}"  # killed between moving out aside and replacing it
+    for folder in (stale, live, elsewhere, moved_aside):
+        folder.mkdir()
+    (moved_aside / "model.safetensors").write_text("the previous export")
+    with pytest.raises(ValueError, match="exists: choose another --out or pass --overwrite"):
+        with atomic_output_dir(out, overwrite=False, inputs={}):
+            pass
+    assert (out / "model.safetensors").read_text() == "the previous export"  # restored, not lost
+    with atomic_output_dir(out, overwrite=True, inputs={}) as temp:
+        (temp / "model.safetensors").write_text("the new export")
+    assert (out / "model.safetensors").read_text() == "the new export"
+    assert not stale.exists() and not moved_aside.exists() and live.is_dir() and elsewhere.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, elsewhere.name])
