@@ -23,6 +23,8 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_avar import console
+
 __all__ = [
     "cuda_available",
     "transformer_engine_available",
@@ -121,10 +123,20 @@ def bind_device(local_rank: int) -> torch.device:
     return device
 
 
+# Said once, by the logging rank, where it costs something: a CUDA machine without Transformer Engine. On a CPU
+# Transformer Engine cannot be installed, so nothing is said there (megatron-core's own warnings are filtered).
+MISSING_TRANSFORMER_ENGINE_NOTE = (
+    "Transformer Engine is not installed: megatron-core falls back to its local PyTorch attention, norms and "
+    "linear layers and to torch's AdamW (slower, more memory); see docs/installation.md, 'GPU clusters: NVIDIA PyTorch containers'")
+
+
 def prepare_megatron() -> None:
-    """Make megatron-core usable on this machine; call before building any megatron module."""
+    """Make megatron-core usable on this machine; call before building any megatron module. On a CUDA machine
+    without Transformer Engine, says once (logging rank only) what that costs."""
     if not cuda_available():
         enable_megatron_on_cpu()
+    elif not transformer_engine_available():
+        console.note_once(MISSING_TRANSFORMER_ENGINE_NOTE)
 
 
 _CPU = torch.device("cpu")
@@ -195,6 +207,7 @@ def enable_megatron_on_cpu() -> None:
         raise RuntimeError("enable_megatron_on_cpu() is for machines without CUDA; call prepare_megatron()")
     if _cpu_mode is not None:
         return
+    console.install_cpu_warning_filters()
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)

@@ -1,5 +1,5 @@
 """Token roles: every token of a rendered conversation gets exactly one role, assigned while the chat
-template is rendered segment by segment (AVAR_SPEC.md, "Token roles").
+template is rendered segment by segment (docs/method.md, 'Token roles').
 
 The conversation is rendered as a list of segments, each a piece of template text with the role its
 tokens take: the system turn, role headers, user text, image placeholders (already expanded to the

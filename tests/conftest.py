@@ -1,8 +1,8 @@
 """Test-wide setup and shared inputs.
 
 TRITON_INTERPRET must be set before any module defining @triton.jit kernels is imported, so CPU tests
-run the real Triton kernels under the interpreter (ENVIRONMENT.md). Tests that need a GPU are marked
-`gpu` and skipped here when CUDA is absent.
+run the real Triton kernels under the interpreter (docs/architecture.md, 'Testing and tolerances'). Tests that need a
+GPU are marked `gpu` and skipped here when CUDA is absent.
 """
 
 import os
@@ -17,6 +17,14 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    # pytest restores the warning filters after importing conftests and after collection, which undoes the ones
+    # `import megatron_avar` installs; installed here, they hold for the whole run (megatron_avar/console.py).
+    from megatron_avar import console
+
+    console.install_warning_filters()
 
 
 def pytest_collection_modifyitems(config, items):

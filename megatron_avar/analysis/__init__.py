@@ -1,4 +1,4 @@
-"""Diagnostics and training-free interventions on attention by token role (AVAR_SPEC.md sections 1-3).
+"""Diagnostics and training-free interventions on attention by token role (docs/method.md).
 
 vas.py: the Visual Attention Score over per-layer role masses (any source: HF hook or megatron);
 vas_parallel.py: packed (THD) masses and pipeline-stage merging for that accumulator;

@@ -29,9 +29,9 @@ def register(subparsers) -> None:
     vas = subparsers.add_parser(
         "vas", formatter_class=_DEFAULTS,
         help="Visual Attention Score of a checkpoint (or `avar vas compare REPORT...`)",
-        description="Compute the VAS (AVAR_SPEC.md section 1) of an HF Qwen2.5-VL checkpoint from a prompt-only "
-                    "prefill: `avar vas --model DIR --data FILE --out DIR`. Compare reports: "
-                    "`avar vas compare REPORT... [--accuracy FILE] [--out DIR]`.")
+        description="Compute the VAS (docs/method.md, 'Visual Attention Score (VAS)') of an HF Qwen2.5-VL "
+                    "checkpoint from a prompt-only prefill: `avar vas --model DIR --data FILE --out DIR`. Compare "
+                    "reports: `avar vas compare REPORT... [--accuracy FILE] [--out DIR]`.")
     _add_model_options(vas)
     vas.add_argument("--out", help="output folder for report.json and the figures")
     vas.add_argument("--num-samples", type=int, default=200, help="use the first N records")
@@ -60,7 +60,8 @@ def register(subparsers) -> None:
 
     intervene = subparsers.add_parser(
         "intervene",
-        help="generate with the attention intervention (AVAR_SPEC.md section 3) and grade the answers",
+        help="generate with the attention intervention (docs/method.md, 'Training-free intervention') "
+             "and grade the answers",
         description="Rescale pre-softmax logits by key role on the queries after the image (generated tokens "
                     "included) in a layer set, generate greedily with the KV cache, grade with math-verify. "
                     "Settings: the defaults of megatron_avar/analysis/run_intervene.py (InterveneConfig), then "

@@ -1,4 +1,4 @@
-"""The training-free attention intervention of AVAR_SPEC.md section 3, as one typed spec.
+"""The training-free attention intervention (docs/method.md, 'Training-free intervention'), as one typed spec.
 
 In the layers ``layers``, on the intervention queries, the pre-softmax logit z = (q . k) * scale of a
 key becomes (role_attention's role_logit_scale / role_logit_bias):
@@ -9,7 +9,7 @@ Other keys are untouched. The additive form multiplies the unnormalised attentio
 
 Intervention queries (``queries``):
   "user_text_and_response"  Q plus generated tokens: USER_TEXT and RESPONSE tokens after the row's first
-                            IMAGE token (AVAR_SPEC.md section 3 read literally; generated tokens are RESPONSE)
+                            IMAGE token (docs/method.md: the paper's rule read literally; generated tokens are RESPONSE)
   "all_after_image"         every token after the first IMAGE token (template tokens such as the
                             `<|im_start|>assistant\\n` header that predicts the first answer token included)
 Rows without an image are never edited. The system sink (the row's first token) is a SYSTEM key and is

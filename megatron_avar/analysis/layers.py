@@ -6,7 +6,8 @@ __all__ = ["parse_layers", "middle_layers"]
 
 
 def middle_layers(num_layers: int) -> tuple[int, ...]:
-    """The default intervention band (AVAR_SPEC.md section 3): layers 8-13 of 28, scaled to ``num_layers``."""
+    """The default intervention band (docs/method.md, 'Training-free intervention'): layers 8-13 of 28, scaled to
+    ``num_layers``."""
     start = min(num_layers - 1, round(num_layers * 8 / 28))
     end = max(start + 1, round(num_layers * 14 / 28))
     return tuple(range(start, min(end, num_layers)))

@@ -1,4 +1,4 @@
-"""Visual Attention Score (AVAR_SPEC.md section 1) as pure functions over per-layer role masses.
+"""Visual Attention Score (docs/method.md, 'Visual Attention Score (VAS)') as pure functions over per-layer role masses.
 
 Any attention source feeds the same accumulator: the Hugging Face hook (``hf_attention.py``), or a
 megatron core-attention module that returns role masses. The contract of one fed layer:

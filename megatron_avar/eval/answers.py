@@ -1,9 +1,10 @@
-"""The benchmarks' own extraction rules, over the answer text the harness policy gives (EVAL_BENCHMARKS.md §0).
+"""The benchmarks' own extraction rules, over the answer text the harness policy gives
+(docs/evaluation.md, 'Shared rules').
 
 A response first goes through ``grading.EVAL_HARNESS`` (the `<think>/<answer>` harness rule, in
-eval/benchmarks/base.py); the rules here read that text. Every rule is rule-based (no GPT judge): where
-VLMEvalKit would call a judge after its rules fail, we count an extraction failure and score the item wrong,
-so a parser bug shows up as a failure rate instead of hiding in the accuracy. The generic pieces (boxes,
+eval/benchmarks/base.py); the rules here read that text. Where they fail, we count an extraction failure and
+score the item wrong, so a parser bug shows up as a failure rate instead of hiding in the accuracy; as in
+VLMEvalKit, ``--judge`` then lets a chat model read those items (`megatron_avar.eval.judge`). The generic pieces (boxes,
 cues, numbers, ``math_equal``) live in ``megatron_avar.grading``.
 
 - :func:`can_infer` — VLMEvalKit's rule-based multiple-choice matcher (HEAD, Aug 2026 behaviour).
@@ -44,7 +45,7 @@ def can_infer(answer: str, choices: dict[str, str], *, last_tokens: int | None =
        when the choices carry one). Since #1552: "answer is X" (A-D) as a fallback.
     2. Otherwise, if exactly one option's text (lowercased) is a substring of the lowercased answer, that
        option — skipped when the answer is longer than twice the total option text (#1175).
-    Both fail: None (VLMEvalKit would ask a judge; we count an extraction failure).
+    Both fail: None (an extraction failure; VLMEvalKit, and ``avar eval --judge``, then ask a judge).
 
     choices: letter -> option text, e.g. {"A": "3 cm", "B": "4 cm"}.
     """

@@ -9,6 +9,7 @@ leaves the field alone).
 from __future__ import annotations
 
 import json
+import sys
 
 # flag dest -> dotted config key
 _FLAG_KEYS = {
@@ -21,6 +22,7 @@ _FLAG_KEYS = {
     "tensor_parallel_size": "generation.tensor_parallel_size", "num_shards": "num_shards", "shard_index": "shard_index",
     "vas_samples": "vas_samples", "intervene": "generation.intervene", "alpha_img": "generation.alpha_img", "alpha_sys": "generation.alpha_sys",
     "intervene_mode": "generation.intervene_mode", "intervene_layers": "generation.intervene_layers",
+    "judge": "judge",
 }
 
 
@@ -28,9 +30,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a checkpoint on MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar, HallusionBench",
-        description="Generate answers, score them with VLMEvalKit-style rules (no GPT judge) and write "
-                    "predictions/<benchmark>.jsonl, scores.json and results.md to --out. Reruns resume. "
-                    "Defaults: megatron_avar/eval/runner.py (EvalConfig) and generation.py (GenerationConfig).",
+        description="Generate answers, score them with VLMEvalKit-style rules (and, with --judge, a chat-model "
+                    "answer judge for what the rules cannot read) and write predictions/<benchmark>.jsonl, "
+                    "scores.json and results.md to --out. Reruns resume. Defaults: megatron_avar/eval/runner.py "
+                    "(EvalConfig), generation.py (GenerationConfig) and judge.py (JudgeConfig).",
     )
     add = parser.add_argument
     add("--config", default=None, help="YAML config (see examples/eval/); flags and KEY=VALUE override it")
@@ -66,6 +69,9 @@ def register(subparsers) -> None:
     add("--intervene-layers", help="intervention layers: middle, all, A-B or i,j (default: middle)")
     add("--num-shards", type=int, help="data parallelism: split every benchmark over N processes (default: 1)")
     add("--shard-index", type=int, help="this process's shard in [0, N) (default: 0); --score-only when all are done")
+    add("--judge", metavar="JUDGE.yaml", help="answer judge config (see examples/eval/judge.yaml): an OpenAI-"
+                                             "compatible model extracts the answers the rules could not read, as "
+                                             "VLMEvalKit's GPT judge does; both scores are reported (default: rules only)")
     add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
     add("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(handler=_eval)
@@ -88,20 +94,32 @@ def resolve_config(args):
 
 def _eval(args) -> int:
     from megatron_avar.config import config_to_dict
+    from megatron_avar.eval.judge import JudgeFailuresError, load_judge_config
     from megatron_avar.eval.runner import run_eval, score_run
 
     config = resolve_config(args)
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
-    if args.score_only:
-        scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split)
-    else:
-        scores = run_eval(config)
-        if scores is None:
-            print(f"shard {config.shard_index} of {config.num_shards} done; when every shard is, score the run with "
-                  f"`avar eval --out {config.out} --benchmarks {','.join(config.benchmarks)} --score-only`")
-            return 0
+    try:
+        if args.score_only:
+            judge = None if config.judge is None else load_judge_config(config.judge)
+            scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)
+        else:
+            scores = run_eval(config)
+            if scores is None:
+                judge = "" if config.judge is None else f" --judge {config.judge}"
+                print(f"shard {config.shard_index} of {config.num_shards} done; when every shard is, score the run "
+                      f"with `avar eval --out {config.out} --benchmarks {','.join(config.benchmarks)} --score-only"
+                      f"{judge}`")
+                return 0
+    except JudgeFailuresError as error:
+        # Not a usage error (exit 2, which the top-level CLI gives ValueError): the judge failed; the report is written.
+        print((config.out / "results.md").read_text())
+        print(f"avar eval: error: {error}", file=sys.stderr)
+        return 1
     print((config.out / "results.md").read_text())
-    print(json.dumps({name: s["score"] for name, s in scores["benchmarks"].items()}, indent=2))
+    print(json.dumps({name: s["score"] if "with_judge" not in s else {"rule": s["score"],
+                                                                       "rule+judge": s["with_judge"]["score"]}
+                      for name, s in scores["benchmarks"].items()}, indent=2))
     return 0

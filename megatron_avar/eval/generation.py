@@ -32,7 +32,8 @@ class GenerationConfig:
         VLMEvalKit's Qwen2.5-VL setting is 1280*28*28 / 16384*28*28 (small images are upscaled).
     dtype: model weights; "auto" = bfloat16 on CUDA, float32 on CPU.
     backend: "hf" (transformers generate) or "vllm" (GPU only). tensor_parallel_size: vLLM only.
-    intervene: apply the training-free attention intervention (AVAR_SPEC.md §3; hf backend) with alpha_img,
+    intervene: apply the training-free attention intervention (docs/method.md, 'Training-free intervention'; hf
+        backend) with alpha_img,
         alpha_sys, intervene_mode ("multiplicative" | "additive") in the decoder layers intervene_layers
         ("middle", "all", "A-B" or "i,j"), on the user-text and generated queries after the image.
     """
@@ -143,7 +144,8 @@ class HFGenerator:
             attention_mask[row, length - len(r):] = 1
             roles[row, length - len(r):] = r.roles
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions (ENVIRONMENT.md)
+                 # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions
+                 # (docs/installation.md, 'Known dependency quirks')
                  "mm_token_type_ids": (input_ids == self.processor.image_token_id).int() * attention_mask.int()}
         with_images = [r for r in rendered if r.pixel_values is not None]
         if with_images:

@@ -1,10 +1,17 @@
 """scores.json and the results table (Markdown) with the paper's rows beside ours.
 
 The table has one column per benchmark in the paper's order plus the average over the seven, and the
-paper's Qwen2.5-VL-7B and AVAR-Thinker rows (AVAR_SPEC.md §7) above the evaluated model. Headline numbers:
+paper's Qwen2.5-VL-7B and AVAR-Thinker rows (docs/evaluation.md, 'The results table') above the evaluated model.
+Headline numbers:
 MMMU-Pro = mean(standard-10, vision); HallusionBench = mean(aAcc, fAcc, qAcc) (VLMEvalKit's single number;
-which metric the paper's 50.7 is remains unknown, EVAL_BENCHMARKS.md §7), with all three listed below the
+which metric the paper's 50.7 is remains unknown, docs/evaluation.md, 'HallusionBench'), with all three listed below the
 table. The average is left empty unless all seven benchmarks were evaluated.
+
+With an answer judge (`avar eval --judge`, `megatron_avar.eval.judge`) our row appears twice, "rule" (the
+judge ignored) and "rule+judge", followed by a table of both scores per benchmark with the judge's counts:
+items sent to it, answers it extracted, items it also found no answer in, and failed requests (those items
+count as wrong). In scores.json each benchmark's ``score`` stays the rule score; ``with_judge`` holds the
+rule+judge summary and ``judge`` the counts.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from megatron_avar.eval.benchmarks import BENCHMARKS
 
 __all__ = ["PAPER_ROWS", "results_table", "write_report"]
 
-# AVAR_SPEC.md §7, in BENCHMARKS order: MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar,
+# docs/method.md, 'Paper results', in BENCHMARKS order: MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar,
 # HallusionBench, then the paper's average.
 PAPER_ROWS = {
     "Qwen2.5-VL-7B (paper)": (68.2, 25.2, 41.1, 58.1, 38.3, 62.1, 50.7, 49.1),
@@ -29,16 +36,41 @@ def _cell(value) -> str:
     return "" if value is None else f"{value:.1f}"
 
 
-def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | None = None) -> str:
-    """The Markdown results table (see the module docstring) plus per-benchmark detail lines."""
+def _our_row(name: str, summaries: dict[str, dict], score=lambda summary: summary["score"]) -> str:
+    ours = [score(summaries[n]) if n in summaries else None for n in BENCHMARKS]
+    average = sum(ours) / len(ours) if all(v is not None for v in ours) else None
+    return f"| {name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |"
+
+
+def _judge_lines(summaries: dict[str, dict], judge: dict) -> list[str]:
+    lines = [f"\nAnswer judge `{judge['model']}` ({judge['url']}, VLMEvalKit's prompts {judge['prompt_version']}), "
+             "asked only where the rules read no answer:", "",
+             "| benchmark | rule | rule+judge | sent to judge | judge extracted | judge also failed | judge errors |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in BENCHMARKS:
+        if name in summaries:
+            s, c = summaries[name], summaries[name]["judge"]
+            lines.append(f"| {BENCHMARKS[name].paper_column} | {_cell(s['score'])} | {_cell(s['with_judge']['score'])} "
+                         f"| {c['judged']} | {c['extracted']} | {c['no_answer']} | {c['errors']} |")
+    if any(summaries[n]["judge"]["errors"] for n in summaries):
+        lines.append("\nJudge errors are requests that failed for good; their items count as wrong in rule+judge.")
+    return lines
+
+
+def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | None = None,
+                  judge: dict | None = None) -> str:
+    """The Markdown results table (see the module docstring) plus per-benchmark detail lines. judge: the
+    judge's description (`AnswerJudge.describe`) when the summaries carry judged scores."""
     names = list(BENCHMARKS)
     header = "| model | " + " | ".join(BENCHMARKS[n].paper_column for n in names) + " | Avg |"
     lines = [header, "|---|" + "---:|" * (len(names) + 1)]
     for row_name, values in PAPER_ROWS.items():
         lines.append(f"| {row_name} | " + " | ".join(_cell(v) for v in values) + " |")
-    ours = [summaries[n]["score"] if n in summaries else None for n in names]
-    average = sum(ours) / len(ours) if all(v is not None for v in ours) else None
-    lines.append(f"| {model_name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |")
+    if judge is None:
+        lines.append(_our_row(model_name, summaries))
+    else:
+        lines.append(_our_row(f"{model_name}, rule", summaries))
+        lines.append(_our_row(f"{model_name}, rule+judge", summaries, lambda summary: summary["with_judge"]["score"]))
     lines.append("")
     for name in names:
         if name not in summaries:
@@ -53,9 +85,11 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         lines.append(detail)
     with_vas = [n for n in names if n in summaries and "vas" in summaries[n]]
     if with_vas:
-        lines.append("\nVisual Attention Score (prompt-only prefill, all layers and heads; AVAR_SPEC.md §1): "
+        lines.append("\nVisual Attention Score (prompt-only prefill, all layers and heads; docs/method.md): "
                      + ", ".join(f"{BENCHMARKS[n].paper_column} {summaries[n]['vas']['vas']:.3f} "
                                  f"(n={summaries[n]['vas']['num_samples']})" for n in with_vas))
+    if judge is not None:
+        lines += _judge_lines(summaries, judge)
     if limit is not None:
         lines.append(f"\nOnly the first {limit} samples per benchmark were evaluated: not comparable with the paper's rows.")
     return "\n".join(lines) + "\n"
@@ -67,15 +101,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_report(out: Path, summaries: dict[str, dict]) -> dict:
-    """Write ``out/scores.json`` and ``out/results.md``; return the scores dict."""
+def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = None) -> dict:
+    """Write ``out/scores.json`` and ``out/results.md``; return the scores dict. judge: as for
+    :func:`results_table`."""
     run_config_path = out / "run_config.json"
     run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
     model = run_config.get("model") or "evaluated model"
     scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
     if all(name in summaries for name in BENCHMARKS):
         scores["average"] = round(sum(summaries[n]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
+        if judge is not None:
+            scores["average_with_judge"] = round(
+                sum(summaries[n]["with_judge"]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
+    if judge is not None:
+        scores["judge"] = judge
     _write_atomic(out / "scores.json", json.dumps(scores, indent=2) + "\n")
     limit = run_config.get("limit")
-    _write_atomic(out / "results.md", results_table(summaries, f"ours: {Path(model).name}", limit=limit))
+    _write_atomic(out / "results.md", results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge))
     return scores

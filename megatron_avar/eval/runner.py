@@ -3,9 +3,12 @@
 Output folder (``--out``):
     run_config.json              model, generation config, benchmarks (a rerun must match it)
     predictions/<benchmark>.jsonl one line per sample: id, prompt (text, ``<image>`` marks), response, target,
-                                 and the judgement at write time (answer_source, extracted, correct)
-    scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns)
+                                 and the judgement at write time (answer_source, extracted, correct); with
+                                 ``--judge``, a judged sample also its ``judge`` field (`megatron_avar.eval.judge`)
+    scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns; with
+                                 ``--judge`` also ``with_judge`` and the judge's counts)
     results.md                   the results table with the paper's rows (see `megatron_avar.eval.report`)
+    judge_cache/                 with ``--judge``: every judge reply, as it arrives (unless cache_dir says elsewhere)
 
 Resuming: samples whose id is already in the predictions file are skipped, so an interrupted run continues
 where it stopped (a half-written last line is dropped). Scores are always recomputed from the stored
@@ -15,6 +18,10 @@ re-scores old runs without generating again.
 Data parallelism: ``num_shards`` processes (e.g. one per GPU, via Slurm array tasks or ``CUDA_VISIBLE_DEVICES``)
 with ``shard_index`` 0..N-1 share one ``--out``; each appends to ``predictions/<benchmark>.shard-<i>-of-<n>.jsonl``
 and does not score; ``--score-only`` afterwards scores the union of the shard files.
+
+Judging (``--judge FILE.yaml``) happens while scoring, once generation is done: the items the rules could not
+read go to the judge, and the predictions files are rewritten (atomically) with each judged record's ``judge``
+field. Score only when no process still appends to them (a sharded run: after every shard has finished).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
 from megatron_avar.eval.generation import GenerationConfig, make_generator
+from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
 from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files"]
@@ -48,6 +56,8 @@ class EvalConfig:
     shard files (run ``--score-only`` once every shard has finished).
     vas_samples: also compute the model's VAS on the first N samples of each benchmark (0 = off; hf backend;
     written to vas/<benchmark>.json, reported beside the scores).
+    judge: a judge config YAML (`megatron_avar.eval.judge.JudgeConfig`): after the rules, a chat model extracts
+    the answers they could not read, and rule and rule+judge scores are both reported (None = rules only).
     """
 
     out: Path
@@ -61,11 +71,13 @@ class EvalConfig:
     shard_index: int = 0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     vas_samples: int = 0
+    judge: Path | None = None
 
     def __post_init__(self):
         # values from YAML arrive as str / list: normalise once (the dataclass is frozen afterwards)
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "data_root", None if self.data_root is None else Path(self.data_root))
+        object.__setattr__(self, "judge", None if self.judge is None else Path(self.judge))
         object.__setattr__(self, "model", None if self.model is None else str(self.model))
         object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
         if isinstance(self.generation, dict):
@@ -184,26 +196,48 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     return written
 
 
-def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str = "test") -> dict:
-    """Score every predictions file of ``benchmarks`` in ``out``; write scores.json and results.md."""
+def _rewrite_predictions(path: Path, records: dict[str, dict]) -> None:
+    """Replace a predictions file by ``records`` (id -> record, in file order), atomically."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records.values()))
+    os.replace(temporary, path)
+
+
+def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str = "test",
+              judge: JudgeConfig | None = None) -> dict:
+    """Score every predictions file of ``benchmarks`` in ``out``; write scores.json and results.md. With a
+    ``judge``, also judge the rule failures (`megatron_avar.eval.judge`), record the judge's replies in the
+    predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed."""
     from megatron_avar.eval.report import write_report
 
+    answer_judge = None if judge is None else AnswerJudge(judge, out)
     summaries = {}
     for name in benchmarks:
-        records = {}
-        for path in prediction_files(out, name):
-            for sample_id, record in read_predictions(path).items():
-                records.setdefault(sample_id, record)
-        records = list(records.values())
+        files = {path: read_predictions(path) for path in prediction_files(out, name)}
+        records, home = {}, {}
+        for path, file_records in files.items():
+            for sample_id, record in file_records.items():
+                if sample_id not in records:
+                    records[sample_id], home[sample_id] = record, path
         if not records:
             raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
-        judged = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
-        summaries[name] = benchmark.aggregate(judged)
+        ids, records = list(records), list(records.values())
+        ruled = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
+        summaries[name] = benchmark.aggregate(ruled)
+        if answer_judge is not None:
+            with_judge, changed = answer_judge.judge_benchmark(benchmark, records, ruled)
+            for path in {home[ids[index]] for index in changed}:  # records are the files' own dicts
+                _rewrite_predictions(path, files[path])
+            summaries[name]["with_judge"] = benchmark.aggregate(with_judge)
+            summaries[name]["judge"] = answer_judge.counts[name]
         vas = read_vas(out, name)
         if vas is not None:
             summaries[name]["vas"] = vas
-    return write_report(out, summaries)
+    scores = write_report(out, summaries, judge=None if answer_judge is None else answer_judge.describe())
+    if answer_judge is not None:
+        answer_judge.check_failures()
+    return scores
 
 
 def run_eval(config: EvalConfig) -> dict | None:
@@ -213,6 +247,8 @@ def run_eval(config: EvalConfig) -> dict | None:
         raise ValueError("a model directory is needed to generate (--model); use --score-only to re-score")
     if not Path(config.model).is_dir():
         raise ValueError(f"--model {config.model} is not a directory; pass an HF Qwen2.5-VL checkpoint folder")
+    # loaded first, so that a bad config or an unset key fails before hours of generation; a shard never judges
+    judge = None if config.judge is None or config.num_shards > 1 else load_judge_config(config.judge)
     out = Path(config.out)
     _check_run_config(out, config)
     (out / "predictions").mkdir(exist_ok=True)
@@ -236,4 +272,4 @@ def run_eval(config: EvalConfig) -> dict | None:
                                                batch_size=config.generation.batch_size, device=generator.device))
     if config.num_shards > 1:
         return None
-    return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split)
+    return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)

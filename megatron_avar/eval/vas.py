@@ -1,5 +1,6 @@
 """VAS of the evaluated model on the first N samples of a benchmark (`avar eval --vas-samples N`), so a results
-table can carry the Visual Attention Score next to accuracy (AVAR_SPEC.md §1: prompt-only prefill, all layers
+table can carry the Visual Attention Score next to accuracy (docs/method.md, 'Visual Attention Score (VAS)':
+prompt-only prefill, all layers
 and heads, the sink in K_sys). The prompts are the benchmark's own, rendered as for generation; the
 attention goes through the same role_attention hook and accumulator as `avar vas`.
 """

@@ -24,7 +24,8 @@ def strip_units(text: str) -> str:
 
 
 def _math_verify_kwargs() -> tuple[dict, dict]:
-    # math-verify times out with SIGALRM, which only works in the main thread (ENVIRONMENT.md).
+    # math-verify times out with SIGALRM, which only works in the main thread
+    # (docs/installation.md, 'Known dependency quirks').
     if threading.current_thread() is threading.main_thread():
         return {}, {}
     return {"parsing_timeout": None}, {"timeout_seconds": None}

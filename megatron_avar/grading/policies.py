@@ -162,7 +162,7 @@ RL_REWARD = AnswerPolicy(
 
 EVAL_HARNESS = AnswerPolicy(
     name="eval_harness",
-    doc="""`avar eval`'s harness rule (eval/benchmarks/base.py, EVAL_BENCHMARKS.md §0).
+    doc="""`avar eval`'s harness rule (eval/benchmarks/base.py, docs/evaluation.md, 'Shared rules').
 
     Gives the answer TEXT a benchmark's judge reads next, not the final answer: the last ``<answer>`` block;
     else the text after the last ``</think>``; else, when a ``<think>`` was never closed, no answer (counted

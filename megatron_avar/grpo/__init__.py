@@ -1,4 +1,4 @@
-"""`avar grpo`: GRPO with the visual-anchored reward (AVAR_SPEC.md §6) on a Megatron actor.
+"""`avar grpo`: GRPO with the visual reward on a Megatron actor (docs/method.md, 'Visual-anchored reward (GRPO)').
 
 The mathematics:
 - ``rewards``: RewardConfig, score_rollout -> RewardParts (accuracy by math-verify, format, gated r_visual).

@@ -169,7 +169,8 @@ class LocalGenerationBackend:
     def _model_inputs(self, prompts: PromptBatch, p: int, rows: int) -> dict[str, torch.Tensor]:
         """input_ids / attention_mask / mm_token_type_ids [rows, L] (identical rows) and the images x rows."""
         ids = prompts.input_ids[p].to(device=self.device, dtype=torch.long)[None].expand(rows, -1).contiguous()
-        # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions (ENVIRONMENT.md)
+        # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions
+        # (docs/installation.md, 'Known dependency quirks')
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                   "mm_token_type_ids": (ids == self.image_token_id).long()}
         pixel_values, grid = prompts.pixel_values[p], prompts.image_grid_thw[p]

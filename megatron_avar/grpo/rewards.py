@@ -1,4 +1,4 @@
-"""The scalar reward of one GRPO rollout (AVAR_SPEC.md §6, visual-anchored reward shaping):
+"""The scalar reward of one GRPO rollout (docs/method.md, 'Visual-anchored reward (GRPO)'):
 
     r = r_acc + λ_v · v · 1[r_acc > 0] + λ_f · r_format
 
@@ -34,7 +34,7 @@ __all__ = ["RewardConfig", "RewardParts", "VisualAnchoredReward", "format_reward
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """How the reward parts are combined (AVAR_SPEC.md §6; defaults are the paper's).
+    """How the reward parts are combined (docs/method.md, 'Visual-anchored reward (GRPO)'; defaults are the paper's).
 
     lambda_visual: λ_v, weight of r_visual (>= 0). lambda_format: λ_f, weight of r_format (>= 0).
     epsilon: ε in m̄_IMG / (m̄_SYS + ε) (> 0; used by ``grpo.visual_reward``).

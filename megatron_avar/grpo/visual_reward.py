@@ -1,6 +1,6 @@
-"""r_visual, the visual-attention score of each rollout (AVAR_SPEC.md §6), from the masses of the forward pass
-that recomputes the old log-probs — no extra forward, no attention matrix, nothing but a few numbers per
-response token leaving the attention kernels' outputs.
+"""r_visual, the visual-attention score of each rollout (docs/method.md, 'Visual-anchored reward (GRPO)'), from the
+masses of the forward pass that recomputes the old log-probs — no extra forward, no attention matrix, nothing but a
+few numbers per response token leaving the attention kernels' outputs.
 
 Per rollout, with T its RESPONSE queries (tokens whose own role is RESPONSE: the assistant content and its
 closing `<|im_end|>`), L the configured layers, H the layer's query heads (ALL of them, over every TP rank):

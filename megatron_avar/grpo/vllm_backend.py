@@ -2,8 +2,8 @@
 same GPUs), implementing :class:`megatron_avar.grpo.interfaces.GenerationBackend` with the contract of
 :class:`megatron_avar.grpo.local_backend.LocalGenerationBackend` (the CPU reference).
 
-UNTESTED HERE: vLLM is a GPU-only extra (ENVIRONMENT.md). Every vLLM name used below was read in the vLLM
-0.33.0 wheel's own source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
+UNTESTED HERE: vLLM is a GPU-only extra (docs/installation.md, 'Not yet proven on GPU'). Every vLLM name used below
+was read in the vLLM 0.33.0 wheel's own source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
 ``vllm/v1/executor/uniproc_executor.py``, ``vllm/v1/worker/gpu_worker.py``,
 ``vllm/model_executor/models/qwen2_5_vl.py``, ``vllm/multimodal/processing/processor.py``); the GPU tests in
 ``tests/grpo/test_vllm_backend.py`` check the behaviour. The request building and output decoding live in

@@ -1,8 +1,8 @@
 """megatron-core core attention for AVAR layers: attention, plus the per-role masses of the layer.
 
 AVAR's losses, metrics and rewards are functions of m_IMG and m_SYS, the attention mass each query puts on
-IMAGE and SYSTEM keys (AVAR_SPEC.md). In the layers listed as AVAR layers, the model's core attention is
-:class:`RoleMassCoreAttention` (chosen through megatron's layer spec, see
+IMAGE and SYSTEM keys (docs/method.md, 'Attention mass'). In the layers listed as AVAR layers, the model's core
+attention is :class:`RoleMassCoreAttention` (chosen through megatron's layer spec, see
 ``models.qwen2_5_vl.model.language_block_spec``); it never forms the S x S matrix, and hands the layer's
 masses to a :class:`MassSink` (the AGTO loss, a VAS meter, the GRPO visual reward), which may attach an
 auxiliary loss to the layer's output.
@@ -76,7 +76,7 @@ class MassSink(Protocol):
 
 @dataclass(frozen=True)
 class RoleLogitEdits:
-    """The training-free intervention (AVAR_SPEC.md §3) as role_attention logit edits.
+    """The training-free intervention (docs/method.md, 'Training-free intervention') as role_attention logit edits.
 
     query_mask: bool [B, S], the query rows edited (queries after the first image, generated ones included);
     scale / bias: float [R] or [Hq, R] over the GLOBAL query heads (each TP rank takes its slice); either may

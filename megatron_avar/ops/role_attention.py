@@ -127,8 +127,8 @@ def role_attention(
     Logits: z_ij = (q_i . k_j) * softmax_scale (default 1 / sqrt(D)). On query rows where query_mask
     is True, z_ij becomes z_ij * role_logit_scale[role_j] + role_logit_bias[role_j] (per head when
     given as [Hq, R]; either may be omitted: scale 1, bias 0). These are the training-free
-    interventions of AVAR_SPEC section 3; they are constants (no gradient). A bias of -inf removes
-    that role from the edited rows' softmax.
+    interventions (docs/method.md, 'Training-free intervention'); they are constants (no gradient). A bias of -inf
+    removes that role from the edited rows' softmax.
 
     Differentiable w.r.t. q, k, v through out and mass (any loss of both; first order only).
     dtypes: float32, float16, bfloat16 (float64 too for reference / blockwise: then mass is float64);

@@ -20,7 +20,7 @@ What is added to the tutorial's kernels:
 * GQA: q head h reads kv head h // G; the dK/dV kernel loops over the G query heads of a kv head.
 
 Under TRITON_INTERPRET=1 (CPU tests) the same kernels run in Triton's interpreter, with two
-adjustments (both interpreter traps measured in ENVIRONMENT.md): tl.dot operands are cast to fp32
+adjustments (both interpreter traps: docs/installation.md, 'Known dependency quirks'): tl.dot operands are cast to fp32
 (bf16 dots return garbage there) and one fixed block configuration replaces autotuning.
 """
 

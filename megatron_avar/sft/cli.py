@@ -11,8 +11,8 @@ __all__ = ["register"]
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "sft", help="AVAR cold-start SFT on megatron-core (LM loss + attention-guided objective)",
-        description="Train Qwen2.5-VL with L = L_LM + alpha*L_enh + beta*L_sup (AVAR_SPEC.md section 5). Every "
-                    "field of megatron_avar/sft/config.py can be set in the YAML file or overridden as "
+        description="Train Qwen2.5-VL with L = L_LM + alpha*L_enh + beta*L_sup (docs/method.md, 'AGTO objective'). "
+                    "Every field of megatron_avar/sft/config.py can be set in the YAML file or overridden as "
                     "dotted.key=value (e.g. optim.lr=1e-5 avar.layers=[8,9,10]).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config (see examples/sft/)")

@@ -1,4 +1,4 @@
-"""AVAR data synthesis (AVAR_SPEC.md §4): visual-anchored reflection data from teacher models.
+"""AVAR data synthesis (docs/method.md, 'Reflection data synthesis (VARD)'): reflection data from teacher models.
 
 `avar synth --config examples/synth/<name>.yaml` runs a NeMo Curator pipeline
 

@@ -1,4 +1,4 @@
-"""`avar synth`: visual-anchored reflection data synthesis (AVAR_SPEC.md §4) with NeMo Curator."""
+"""`avar synth`: reflection data synthesis with NeMo Curator (docs/method.md, 'Reflection data synthesis (VARD)')."""
 
 from __future__ import annotations
 

@@ -189,19 +189,22 @@ class ChatClient:
 
     ``chat`` returns the answer text (cached or fresh) or raises TeacherRequestError after
     ``client.max_retries`` retries; ``map`` runs a function over items with at most
-    ``client.concurrency`` requests in flight.
+    ``client.concurrency`` requests in flight. ``config_key`` is the config section of the endpoint, named in
+    error messages (default ``<stage>.teacher``; `avar eval --judge` uses this client too, with ``endpoint``).
     """
 
     def __init__(self, stage: str, teacher: TeacherConfig, client: ClientConfig, cache: RequestCache,
-                 prompt_version: str, stats: ClientStats | None = None):
+                 prompt_version: str, stats: ClientStats | None = None, *, config_key: str | None = None):
         self.stage, self.teacher, self.client, self.cache = stage, teacher, client, cache
         self.prompt_version = prompt_version
+        self.config_key = config_key or f"{stage}.teacher"
         self.stats = stats if stats is not None else ClientStats()
         self._url = chat_url(teacher)
         self._opener = urllib.request.build_opener(_SameOriginRedirectHandler)
         self._api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
         if teacher.api_key_env and not self._api_key:
-            raise TeacherConfigError(f"{stage} teacher: environment variable {teacher.api_key_env!r} is not set")
+            raise TeacherConfigError(f"{stage} teacher: environment variable {teacher.api_key_env!r} (named by "
+                                     f"{self.config_key}.api_key_env) is not set")
 
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient(stage={self.stage!r}, model={self.teacher.model!r}, url={self._url!r})"
@@ -253,12 +256,12 @@ class ChatClient:
                 raise TeacherConfigError(
                     f"{self.stage} teacher {self.teacher.model!r}: {self._url} answered HTTP {redirect.code}, a redirect "
                     f"to {target}, another origin (scheme, host, port); not followed, so the request and its API key "
-                    f"stay with {self._url}. If {target} is the teacher, set {self.stage}.teacher.base_url to it "
+                    f"stay with {self._url}. If {target} is the teacher, set {self.config_key}.base_url to it "
                     f"(without /chat/completions)") from None
             except urllib.error.HTTPError as error:
                 if error.code in FATAL_HTTP_CODES:
                     hint = (f"check the key in ${self.teacher.api_key_env}" if self.teacher.api_key_env
-                            else "set <stage>.teacher.api_key_env if the endpoint needs a key")
+                            else f"set {self.config_key}.api_key_env if the endpoint needs a key")
                     raise TeacherConfigError(
                         f"{self.stage} teacher {self.teacher.model!r} at {self._url}: HTTP {error.code} "
                         f"(wrong URL or model name, or {hint})") from None

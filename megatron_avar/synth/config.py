@@ -20,8 +20,10 @@ SELECT_RULES = ("most_anchors", "first")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
+    # No "synth config:" prefix: TeacherConfig and ClientConfig are also sections of `avar eval --judge`'s
+    # config, and the field's dotted name already says where it is.
     if not condition:
-        raise ValueError(f"synth config: {field} {message}")
+        raise ValueError(f"{field} {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,8 @@ class SourceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """A teacher model behind an OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs)."""
+    """A teacher model behind an OpenAI-compatible chat endpoint (`vllm serve`, hosted APIs); also the answer
+    judge's ``endpoint`` (`megatron_avar.eval.judge`)."""
 
     model: str = "Qwen/Qwen2.5-VL-72B-Instruct"
     """Model name sent in the request (part of the cache key)."""

@@ -12,7 +12,7 @@ command resumes it once the endpoint is fixed (without the check such a run "suc
 
 Ray: with RAY_ADDRESS set (a cluster started by slurm/synth.sh) the run joins that cluster and leaves it
 running. Otherwise it starts a local Ray instance and stops it afterwards, also killing worker processes
-that outlive `ray.shutdown()` (Xenna's NodeResourceMonitor actor does, ENVIRONMENT.md).
+that outlive `ray.shutdown()` (Xenna's NodeResourceMonitor actor does, docs/installation.md, 'Known dependency quirks').
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ def _executor(config: SynthConfig):
     if config.run.executor == "xenna":
         from nemo_curator.backends.xenna import XennaExecutor
 
-        # Streaming mode refuses to start on a 2-core machine; batch mode runs anywhere (ENVIRONMENT.md).
+        # Streaming mode refuses to start on a 2-core machine; batch mode runs anywhere
+        # (docs/installation.md, 'Known dependency quirks').
         return XennaExecutor(config={"execution_mode": "batch", "logging_interval": config.run.progress_interval_s})
     from nemo_curator.backends.ray_data import RayDataExecutor
 

@@ -22,7 +22,6 @@ import pickle
 import sys
 import time
 import traceback
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,15 +29,14 @@ import torch.distributed as dist
 from megatron_avar import platform
 from megatron_avar.testing.multiprocess import STACK_DUMP_SIGNAL
 
-with warnings.catch_warnings():
-    # megatron-core warns at import that Transformer Engine / apex are absent: expected on CPU.
-    warnings.simplefilter("ignore")
-    try:
-        import megatron.core  # noqa: F401  (preloaded for the ranks; the import costs ~4-5 s)
-        import megatron.core.models.gpt  # noqa: F401
-        import megatron.core.pipeline_parallel  # noqa: F401
-    except ImportError:  # the harness itself does not need megatron
-        pass
+# megatron-core's import-time warnings (Transformer Engine / Apex absent) are filtered by megatron_avar.console,
+# installed when the package was imported above; any other warning still shows in the rank logs.
+try:
+    import megatron.core  # noqa: F401  (preloaded for the ranks; the import costs ~4-5 s)
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.pipeline_parallel  # noqa: F401
+except ImportError:  # the harness itself does not need megatron
+    pass
 
 
 def rank_main(

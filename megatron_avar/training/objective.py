@@ -1,4 +1,4 @@
-"""The AVAR SFT objective: L = L_LM + α·L_enh + β·L_sup (AVAR_SPEC.md §5), exact under TP, PP, DP and
+"""The AVAR SFT objective: L = L_LM + α·L_enh + β·L_sup (docs/method.md, 'AGTO objective'), exact under TP, PP, DP and
 gradient accumulation.
 
 Per sample s with an image (and a non-empty query set), per AVAR layer l and head h, with Q_s the USER_TEXT
@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from megatron_avar.models.role_mass_attention import LayerHeads
 from megatron_avar.roles import TokenRole
 from megatron_avar.training.aux_loss import attach_aux_loss
+
+if TYPE_CHECKING:  # megatron.core: config modules import this file and must not load megatron
+    from megatron_avar.models.role_mass_attention import LayerHeads
 
 __all__ = ["AGTOConfig", "QuerySets", "AGTOSink", "LAYER_METRICS"]
 

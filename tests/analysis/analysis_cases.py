@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 from qwen_vl_cases import IMAGE, TEXT_TOKENS, VISION_END, VISION_START, tiny_hf_model  # noqa: E402,F401
 
-EPS = 1e-6  # AVAR_SPEC.md section 1 (written here, not imported: this is the ground truth)
+EPS = 1e-6  # docs/method.md, 'Visual Attention Score (VAS)' (written here, not imported: this is the ground truth)
 from megatron_avar.roles import TokenRole  # noqa: E402
 
 ROLE_OF = {"sys": TokenRole.SYSTEM, "tmpl": TokenRole.TEMPLATE, "user": TokenRole.USER_TEXT, "resp": TokenRole.RESPONSE}

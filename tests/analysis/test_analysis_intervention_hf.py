@@ -19,7 +19,8 @@ HAND = {}  # what the hand-edited eager attention applies: roles, spec
 
 
 def _hand_edited_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """HF's eager attention, with the AVAR_SPEC section 3 edit written out on the logits."""
+    """HF's eager attention, with the edit of docs/method.md, 'Training-free intervention', written out on the
+    logits."""
     layer = getattr(module, "layer_idx", None)
     spec = HAND["spec"]
     if layer is None or spec is None or not spec.applies_to(layer):

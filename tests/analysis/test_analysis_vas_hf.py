@@ -1,7 +1,7 @@
 """VAS through the role-attention hook equals VAS computed directly from HF's eager attention probabilities.
 
-The ground truth is written from the definitions (AVAR_SPEC.md section 1) over the [S, S] probabilities
-HF's eager attention returns (output_attentions=True), with plain Python loops over samples.
+The ground truth is written from the definitions (docs/method.md, 'Visual Attention Score (VAS)') over the [S, S]
+probabilities HF's eager attention returns (output_attentions=True), with plain Python loops over samples.
 """
 
 import pytest

@@ -2,7 +2,7 @@
 
 `write_all(root)` writes DATA_ROOT the way `huggingface-cli download` lays the hub repositories out (images
 embedded as parquet `Image` columns, generated with PIL). `CASES[benchmark]` lists (sample id, response,
-expected correct) triples whose expectations follow the rules of EVAL_BENCHMARKS.md, worked out by hand;
+expected correct) triples whose expectations follow the rules of docs/evaluation.md, worked out by hand;
 the first case of each sample is its "canned" response for whole-file scoring.
 """
 

@@ -1,4 +1,4 @@
-"""The shared extraction rules against hand-worked examples (EVAL_BENCHMARKS.md §0) and math-verify."""
+"""The shared extraction rules against hand-worked examples (docs/evaluation.md, 'Shared rules') and math-verify."""
 
 import threading
 

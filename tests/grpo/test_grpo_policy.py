@@ -1,9 +1,9 @@
 """The Megatron actor against Hugging Face, and against itself across parallel layouts.
 
 - Old log-probs, log softmax(logits / T)[token], equal HF Qwen2.5-VL's on the same prompt + response tokens.
-- r_visual from the masses of the SAME pass equals the definition (AVAR_SPEC.md §6) computed from HF eager
-  attention probabilities: per response query and layer, head-mean mass on IMAGE keys over head-mean mass
-  on SYSTEM keys + ε, averaged over layers then tokens.
+- r_visual from the masses of the SAME pass equals the definition (docs/method.md, 'Visual-anchored reward (GRPO)')
+  computed from HF eager attention probabilities: per response query and layer, head-mean mass on IMAGE keys over
+  head-mean mass on SYSTEM keys + ε, averaged over layers then tokens.
 - One GRPO update at TP=2, PP=2 and DP=2 gives the loss metrics, gradient norm and updated log-probs of the
   single-rank update (the loss is normalised by global token counts, so the layout cannot change it).
 

@@ -1,7 +1,7 @@
-"""r_visual from VisualRewardSink equals AVAR_SPEC §6 computed directly, rollout by rollout, in plain Python
-loops: from hand-made masses (packed rows and a padded batch), and from the attention probabilities Hugging
-Face's EAGER attention returns for a tiny random Qwen2.5-VL (masses = probabilities summed per key role;
-the direct computation reads the [S, S] probabilities themselves). Under tensor parallelism two sinks that
+"""r_visual from VisualRewardSink equals docs/method.md, 'Visual-anchored reward (GRPO)', computed directly, rollout
+by rollout, in plain Python loops: from hand-made masses (packed rows and a padded batch), and from the attention
+probabilities Hugging Face's EAGER attention returns for a tiny random Qwen2.5-VL (masses = probabilities summed per
+key role; the direct computation reads the [S, S] probabilities themselves). Under tensor parallelism two sinks that
 each see half of the heads, summed by a real all_reduce over 2 gloo ranks, give the full result (and a
 pipeline split of the layers over 2 ranks does too); without the reduction the sink refuses. Finally the
 sink inside our megatron Qwen2.5-VL's forward pass at TP=2 (the model's own masses, reduced over its TP
@@ -24,7 +24,7 @@ from megatron_avar.testing import run_on_ranks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 from analysis_cases import role_batch, tiny_hf_model  # noqa: E402
 
-EPS = 1e-6  # AVAR_SPEC.md §6, written here: this file is the ground truth
+EPS = 1e-6  # docs/method.md, 'Visual-anchored reward (GRPO)', written here: this file is the ground truth
 S, I, U, A, T = int(R.SYSTEM), int(R.IMAGE), int(R.USER_TEXT), int(R.RESPONSE), int(R.TEMPLATE)
 HEADS, NUM_LAYERS = 4, 3
 # Packed: row 0 holds 3 rollouts (the middle one without an image), row 1 two and padding, row 2 one.

@@ -108,7 +108,8 @@ def case_batch(name: str, seed: int = 0):
 
 
 def hf_logits(model, inputs) -> torch.Tensor:
-    """HF logits with the inputs HF needs to use 3-D positions (`mm_token_type_ids`, see ENVIRONMENT.md)."""
+    """HF logits with the inputs HF needs to use 3-D positions (`mm_token_type_ids`, see
+    docs/installation.md, 'Known dependency quirks')."""
     mm_token_type_ids = (inputs["input_ids"] == IMAGE).int()
     with torch.no_grad():
         return model(**inputs, mm_token_type_ids=mm_token_type_ids).logits

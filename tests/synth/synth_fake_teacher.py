@@ -10,6 +10,7 @@ It answers the way the teachers are asked to, from what the request contains:
 Faults make it misbehave for chosen requests: HTTP 429/500, a reply slower than the client's timeout,
 malformed content, non-JSON bodies, wrong answers. Every request is logged; ``ok_by_body`` counts the
 answers (200 with a completion, even a bad one) per request body: how the tests prove that nothing paid for is asked twice.
+A subclass answers other requests (tests/eval's fake answer judge) by overriding ``classify`` and ``answer``.
 """
 
 from __future__ import annotations
@@ -116,10 +117,14 @@ class FakeTeacher:
                     return fault.kinds[-1]
         return None
 
+    def classify(self, body: dict) -> tuple[str, str]:
+        """(stage, question) of a request: what faults match and the log records."""
+        stage = stage_of(body)
+        return stage, question_of(body, stage)
+
     def respond(self, body: dict) -> tuple[int, str, str]:
         """(HTTP status, response body, status label for the log) for one request."""
-        stage = stage_of(body)
-        question = question_of(body, stage)
+        stage, question = self.classify(body)
         seed = body.get("seed", 0)
         fault = self._fault_for(stage, question, seed)
         if fault in ("429", "500"):
@@ -128,6 +133,14 @@ class FakeTeacher:
             return 200, "<html>proxy error</html>", "garbage"
         if fault == "timeout":
             time.sleep(self.slow_s)
+        text = self.answer(body, stage, question, seed, fault)
+        completion = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4, "completion_tokens": len(text) // 4}}
+        return 200, json.dumps(completion), fault or "ok"
+
+    def answer(self, body: dict, stage: str, question: str, seed: int, fault: str | None) -> str:
+        """The completion text of a request that gets one (``fault``: None, "timeout", "malformed" or "wrong")."""
         user = body["messages"][-1]["content"]
         if stage == "describe":
             image_url = next(item["image_url"]["url"] for item in user if item["type"] == "image_url")
@@ -159,10 +172,7 @@ class FakeTeacher:
             if fault == "malformed":
                 inserted = ["<anchor>Looking at the figure again, it matches."]  # unclosed tag
             text = "\n".join(lines[:1] + inserted + lines[1:])
-        completion = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                      "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4, "completion_tokens": len(text) // 4}}
-        return 200, json.dumps(completion), fault or "ok"
+        return text
 
     def _handler_class(self):
         teacher = self
@@ -191,8 +201,8 @@ class FakeTeacher:
                         status, payload, label = teacher.respond(body)
                     # Logged before the reply is sent, so a client that has its answer finds it counted.
                     with teacher._lock:
-                        stage = stage_of(body)
-                        teacher.log.append({"stage": stage, "question": question_of(body, stage), "seed": body.get("seed"),
+                        stage, question = teacher.classify(body)
+                        teacher.log.append({"stage": stage, "question": question, "seed": body.get("seed"),
                                             "status": label, "body": digest, "time": time.time()})
                         if label in ("ok", "wrong", "malformed"):
                             teacher.ok_by_body[digest] += 1

@@ -1,5 +1,5 @@
-"""The AGTO sink equals AVAR_SPEC §5 computed directly, sample by sample, in plain Python loops: the loss it
-injects into the backward pass (through its gradient), its metrics, sample eligibility, packing, the sink
+"""The AGTO sink equals docs/method.md, 'AGTO objective', computed directly, sample by sample, in plain Python loops:
+the loss it injects into the backward pass (through its gradient), its metrics, sample eligibility, packing, the sink
 exclusion, and the split of heads over tensor-parallel ranks."""
 
 import math

@@ -1,4 +1,4 @@
-"""The seven AVAR benchmarks (AVAR_SPEC.md §7), one small adapter each; :data:`BENCHMARKS` maps CLI names
+"""The seven AVAR benchmarks (docs/evaluation.md), one small adapter each; :data:`BENCHMARKS` maps CLI names
 to classes in the order of the paper's table."""
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ only the predictions file and never the dataset again (re-scoring is exact and c
 Judging one response: the `<think>/<answer>` harness rule (`grading.EVAL_HARNESS`) picks the answer
 text; an unclosed ``<think>`` is a *format failure* (wrong). The benchmark's :meth:`Benchmark.judge`
 extracts its answer; ``extracted=None`` is an *extraction failure* (wrong). Both rates are reported.
+With ``--judge``, :meth:`Benchmark.judge_prompt` gives the prompt that sends an extraction failure to the
+answer judge (`megatron_avar.eval.judge`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,13 @@ class Benchmark:
             return {"answer_source": harness.source, "extracted": None, "correct": False}
         judgement = self.judge(harness.text, target)
         return {"answer_source": harness.source, "extracted": judgement.extracted, "correct": bool(judgement.correct)}
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str | None:
+        """The answer judge's prompt (VLMEvalKit's for this benchmark, `megatron_avar.eval.judge_prompts`) for an
+        answer the rules could not read, or None: no judge for this item (the default). prompt_text: the sample's
+        prompt with ``<image>`` marks; answer: the harness answer text the rules read. The judge's reply is then
+        graded by :meth:`evaluate` (`megatron_avar.eval.judge`)."""
+        return None
 
     def aggregate(self, records: list[dict]) -> dict[str, Any]:
         """Scores of judged records (each: target + the keys of :meth:`evaluate`). ``score`` is the headline

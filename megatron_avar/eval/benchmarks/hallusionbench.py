@@ -1,5 +1,5 @@
 """HallusionBench, the 951 questions with an image (`lmms-lab/HallusionBench`, split ``image``;
-EVAL_BENCHMARKS.md §7).
+docs/evaluation.md, 'HallusionBench').
 
 Row schema: category ("VD" | "VS"), subcategory, visual_input ("1" original figure, "2" edited), set_id,
 figure_id, sample_note, question_id, question, gt_answer_details, gt_answer ("1" = yes, "0" = no),
@@ -7,7 +7,7 @@ filename, image (Image).
 
 Prompt: the image, then the question, nothing added.
 Extraction: the lowercased words of the answer: "yes" without "no" is Yes, "no" without "yes" is No;
-anything else is Unknown (an extraction failure, wrong; VLMEvalKit would ask a judge).
+anything else is Unknown (an extraction failure, wrong; VLMEvalKit, and ``--judge``, ask a judge).
 Metrics (percent): aAcc = per-question accuracy; fAcc = share of figure groups (category, subcategory,
 set_id, figure_id) answered fully correctly; qAcc = share of question groups (category, subcategory,
 set_id, question_id: one question over the original and the edited figure) fully correct. The category is
@@ -21,6 +21,7 @@ import re
 
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.eval.judge_prompts import yes_no_prompt
 
 __all__ = ["HallusionBench", "yes_no"]
 
@@ -64,6 +65,9 @@ class HallusionBench(Benchmark):
     def judge(self, answer: str, target: dict) -> Judgement:
         predicted = yes_no(answer)
         return Judgement(predicted, predicted == target["answer"])
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        return yes_no_prompt(prompt_text.replace("<image>", "").strip(), answer)
 
     def aggregate(self, records):
         summary = super().aggregate(records)

@@ -1,6 +1,6 @@
 """MathVerse, vision-only (`AI4Math/MathVerse`, config and split ``testmini``: 3940 rows = 788 problems x 5
 versions; the vision-only subset is the 788 rows with ``problem_version == "Vision Only"``;
-EVAL_BENCHMARKS.md §3).
+docs/evaluation.md, 'MathVerse vision-only').
 
 Row schema: sample_index, problem_index, problem_version, question, image (Image), answer, question_type
 ("multi-choice" | "free-form"), metadata {split, source, subject, subfield}, query_wo, query_cot,
@@ -8,7 +8,8 @@ question_for_eval. In the vision-only version the whole problem, choices include
 
 Prompt: the image, then ``query_wo`` (the direct-answer instruction, VLMEvalKit's TSV question).
 
-Scoring (offline; VLMEvalKit uses two GPT calls): multi-choice: the letter (A-E) :func:`mcq_letter` finds
+Scoring (offline; VLMEvalKit uses two GPT calls, extract then grade; ``--judge`` makes the first for the rules'
+failures): multi-choice: the letter (A-E) :func:`mcq_letter` finds
 equals the gold letter. Free-form: the cue answer, a short answer or the last number equals the gold answer
 by :func:`math_equal` (units, degree signs and ``$`` removed, numeric tolerance 1e-6 relative, LaTeX via
 math-verify). Breakdown: accuracy per ``metadata.subject``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.eval.judge_prompts import mathverse_extraction_prompt
 from megatron_avar.grading import math_equal
 
 __all__ = ["MathVerseVisionOnly"]
@@ -53,3 +55,7 @@ class MathVerseVisionOnly(Benchmark):
             return Judgement(letter, letter == gold)
         candidate = free_form_candidate(answer, numeric=True)
         return Judgement(candidate, candidate is not None and math_equal(target["answer"], candidate))
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        # VLMEvalKit's extraction call only; its second call (a GPT 0/1 grade) is replaced by judge() above
+        return mathverse_extraction_prompt(answer)

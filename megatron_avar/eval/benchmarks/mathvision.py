@@ -1,5 +1,5 @@
 """MathVision (`MathLLMs/MathVision`, split ``test`` 3040 items — the reported "full" set — or ``testmini``
-304; EVAL_BENCHMARKS.md §2).
+304; docs/evaluation.md, 'MathVision').
 
 Row schema: id, question (may hold ``<image1>`` placeholders), options (list, A-E; empty for free-form),
 image (a path), decoded_image (Image), answer (a letter or a value), solution, level, subject.
@@ -24,6 +24,7 @@ import re
 from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.eval.judge_prompts import math_extraction_prompt
 from megatron_avar.grading import math_equal
 
 __all__ = ["MathVision"]
@@ -74,3 +75,7 @@ class MathVision(Benchmark):
             return Judgement(letter, letter == target["answer"])
         candidate = free_form_candidate(answer, numeric=True)
         return Judgement(candidate, candidate is not None and math_equal(target["answer"], candidate))
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        # VLMEvalKit's MATH_V_auxeval: the question is the TSV's, formatted as our prompt text is
+        return math_extraction_prompt(prompt_text.replace("<image>", "").strip(), answer, style="mathvision")

@@ -1,4 +1,4 @@
-"""MathVista testmini (`AI4Math/MathVista`, split ``testmini``, 1000 items; EVAL_BENCHMARKS.md §1).
+"""MathVista testmini (`AI4Math/MathVista`, split ``testmini``, 1000 items; docs/evaluation.md, 'MathVista').
 
 Row schema: pid, question, image (a path), decoded_image (Image), choices (list or None), unit, precision
 (float or None), answer (str), question_type ("multi_choice" | "free_form"), answer_type ("text" |
@@ -6,7 +6,7 @@ Row schema: pid, question, image (a path), decoded_image (Image), choices (list 
 
 Prompt: the image, then ``query`` verbatim (VLMEvalKit's default prompt for Qwen2.5-VL).
 
-Scoring (offline MathVista rules, no GPT extractor):
+Scoring (offline MathVista rules; with ``--judge`` VLMEvalKit's GPT extractor reads their failures):
 - multi_choice: the letter :func:`mcq_letter` finds maps to its option text; without a letter, the cue
   answer (boxed / "answer is") maps to the nearest option by edit distance (the official normalisation);
   with neither, an extraction failure. Correct when the option text equals ``answer``.
@@ -21,6 +21,7 @@ from __future__ import annotations
 from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.eval.judge_prompts import math_extraction_prompt
 from megatron_avar.grading import cue_answer, edit_distance, math_equal, to_number
 
 __all__ = ["MathVista"]
@@ -77,4 +78,8 @@ class MathVista(Benchmark):
         if kind == "list":
             return Judgement(candidate, math_equal(target["answer"], candidate))
         return Judgement(candidate, candidate.strip().lower().rstrip(".") == target["answer"].strip().lower())
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        # VLMEvalKit's MathVista_auxeval: the question is the TSV's `query`, i.e. our prompt text
+        return math_extraction_prompt(prompt_text.replace("<image>", "").strip(), answer, style="mathvista")
 

@@ -1,4 +1,4 @@
-"""MMMU validation (`MMMU/MMMU`, 30 subject configs, split ``validation``, 900 items; EVAL_BENCHMARKS.md §4).
+"""MMMU validation (`MMMU/MMMU`, 30 subject configs, split ``validation``, 900 items; docs/evaluation.md, 'MMMU').
 
 Row schema: id ("validation_<Subject>_<n>"), question (with ``<image k>`` references), options (a Python
 list literal string, "[]" for open questions), image_1 .. image_7 (Image or None), answer (a letter, or
@@ -17,7 +17,8 @@ are dropped; a question that references no image gets all its images first.
 Scoring (MMMU's official rules, a sound offline choice):
 - multiple choice — :func:`parse_choice`: ``(X)``, else `` X `` as a word, else ``X.``; only when none is
   found and the response has more than 5 words, an option text it contains; with several hits the one
-  mentioned last. With none the official code picks at random: we count an extraction failure (wrong).
+  mentioned last. With none the official code picks at random: we count an extraction failure (wrong;
+  ``--judge``: VLMEvalKit's option-matching judge reads it).
 - open — :func:`parse_open`: the text after the last cue word of each sentence ("is", "so", "thus",
   "therefore", "final", "answer", "result", "could be") plus the numbers in it; correct when the gold
   answer (any of them, for a list) is a substring of a candidate or equal to it as a number/LaTeX.
@@ -32,9 +33,11 @@ import re
 from megatron_avar.eval.answers import option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
+from megatron_avar.eval.judge_prompts import multiple_choice_prompt
 from megatron_avar.grading import math_equal, numbers_in, to_number
 
-__all__ = ["MMMU", "MMMU_SUBJECTS", "parse_choice", "parse_open", "interleave", "mcq_prompt", "parse_options"]
+__all__ = ["MMMU", "MMMU_SUBJECTS", "parse_choice", "parse_open", "interleave", "mcq_prompt", "parse_options",
+           "choice_judge_prompt"]
 
 MMMU_SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory", "Basic_Medical_Science",
@@ -127,6 +130,16 @@ def open_correct(gold: str, candidates: list[str]) -> bool:
     return False
 
 
+def choice_judge_prompt(prompt_text: str, answer: str, options: dict[str, str], instruction: str) -> str:
+    """The multiple-choice judge prompt of an :func:`mcq_prompt` sample: its question without the leading images,
+    ``Question: ``, the options and ``instruction``; ``<image>`` marks inside stay, as VLMEvalKit's judge sees
+    ``<image 1>``."""
+    question = re.sub(r"^(?:<image>)+", "", prompt_text).split("\nOptions:\n", 1)[0].replace(instruction, "")
+    question = question.strip()
+    return multiple_choice_prompt(question[len("Question: "):] if question.startswith("Question: ") else question,
+                                  options, answer)
+
+
 def judge_choice(answer: str, target: dict) -> Judgement:
     options = dict(zip(option_letters(len(target["options"])), target["options"]))
     letter = parse_choice(answer, options)
@@ -167,6 +180,12 @@ class MMMU(Benchmark):
             candidates = parse_open(answer)
             return Judgement(candidates[0] if candidates else None, open_correct(target["answer"], candidates))
         return judge_choice(answer, target)
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str | None:
+        if target["open"]:  # VLMEvalKit asks whether it matches the gold answer: grading, not extraction
+            return None
+        options = dict(zip(option_letters(len(target["options"])), target["options"]))
+        return choice_judge_prompt(prompt_text, answer, options, MMMU_INSTRUCTION)
 
     def aggregate(self, records):
         summary = super().aggregate(records)

@@ -1,4 +1,4 @@
-"""MMMU-Pro (`MMMU/MMMU_Pro`, split ``test``, 1730 items per config; EVAL_BENCHMARKS.md §5).
+"""MMMU-Pro (`MMMU/MMMU_Pro`, split ``test``, 1730 items per config; docs/evaluation.md, 'MMMU-Pro').
 
 Two settings, each a hub config with its own local folder ``DATA_ROOT/mmmu_pro/<config>/``:
 - ``standard (10 options)``: the MMMU schema (id, question with ``<image k>``, options as a list literal of
@@ -14,7 +14,8 @@ first N items of *each* setting, so a limited run still covers both.
 from __future__ import annotations
 
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample, accuracy
-from megatron_avar.eval.benchmarks.mmmu import interleave, judge_choice, mcq_prompt, parse_options
+from megatron_avar.eval.answers import option_letters
+from megatron_avar.eval.benchmarks.mmmu import choice_judge_prompt, interleave, judge_choice, mcq_prompt, parse_options
 from megatron_avar.eval.data import to_pil
 
 __all__ = ["MMMUPro"]
@@ -53,6 +54,10 @@ class MMMUPro(Benchmark):
 
     def judge(self, answer: str, target: dict) -> Judgement:
         return judge_choice(answer, target)
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        options = dict(zip(option_letters(len(target["options"])), target["options"]))
+        return choice_judge_prompt(prompt_text, answer, options, DIRECT)
 
     def aggregate(self, records):
         summary = super().aggregate(records)

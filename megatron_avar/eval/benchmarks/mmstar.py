@@ -1,4 +1,4 @@
-"""MMStar (`Lin-Chen/MMStar`, split ``val``, 1500 items; EVAL_BENCHMARKS.md §6).
+"""MMStar (`Lin-Chen/MMStar`, split ``val``, 1500 items; docs/evaluation.md, 'MMStar').
 
 Row schema: index, question (options inline: "…\\nOptions: A: …, B: …, C: …, D: …"), image (Image), answer
 (a letter), category (6 core capabilities), l2_category (18), meta_info. The hub repository stores the
@@ -9,8 +9,8 @@ one ``A. …`` line per option and ``Please select the correct answer from the o
 options are split out of the question at ``Options:`` (VLMEvalKit's TSV holds them as A-D columns); when
 they cannot be parsed the question is kept verbatim with letters A-D.
 
-Scoring: :func:`can_infer` (VLMEvalKit's rules; no judge) must give the gold letter; none = extraction
-failure. Report: overall accuracy and per ``category`` (the 6 capabilities).
+Scoring: :func:`can_infer` (VLMEvalKit's rules; ``--judge`` adds its option-matching judge) must give the gold
+letter; none = extraction failure. Report: overall accuracy and per ``category`` (the 6 capabilities).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import re
 
 from megatron_avar.eval.answers import can_infer
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
-from megatron_avar.eval.benchmarks.mmmu import MMMU_INSTRUCTION, mcq_prompt
+from megatron_avar.eval.benchmarks.mmmu import MMMU_INSTRUCTION, choice_judge_prompt, mcq_prompt
 from megatron_avar.eval.data import load_split, to_pil
 
 __all__ = ["MMStar", "split_inline_options"]
@@ -76,3 +76,6 @@ class MMStar(Benchmark):
     def judge(self, answer: str, target: dict) -> Judgement:
         letter = can_infer(answer, target["options"])
         return Judgement(letter, letter == target["answer"])
+
+    def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
+        return choice_judge_prompt(prompt_text, answer, target["options"], MMMU_INSTRUCTION)
