@@ -123,11 +123,46 @@ def bind_device(local_rank: int) -> torch.device:
     return device
 
 
+_forking_parent: int | None = None  # the pid of the process about to fork (set by the at-fork hook)
+_children_tied = False
+
+
+def _remember_parent() -> None:
+    global _forking_parent
+    _forking_parent = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a freshly forked child: ask the kernel for SIGKILL when the parent dies (PR_SET_PDEATHSIG), and exit
+    at once if it died before the request was in place."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() != _forking_parent:  # 1: PR_SET_PDEATHSIG
+        os._exit(1)
+
+
+def tie_forked_children_to_this_process() -> None:
+    """Linux, once per process (a training or conversion rank): every child it forks from now on (megatron's
+    checkpoint writer workers, DataLoader workers) is killed when the rank dies. Without this, a rank killed
+    with SIGKILL (the OOM killer, a failed node's job step) leaves a writer worker blocked for good on the
+    queue its dead parent would have read. Children started with spawn / subprocess (fork + exec) are
+    unaffected. The signal follows the thread that forked, so call it from the main thread of a process whose
+    forks all come from there."""
+    global _children_tied
+    if _children_tied or not hasattr(os, "register_at_fork") or not os.path.exists("/proc/self"):
+        return
+    os.register_at_fork(before=_remember_parent, after_in_child=_die_with_parent)
+    _children_tied = True
+
+
 # Said once, by the logging rank, where it costs something: a CUDA machine without Transformer Engine. On a CPU
 # Transformer Engine cannot be installed, so nothing is said there (megatron-core's own warnings are filtered).
 MISSING_TRANSFORMER_ENGINE_NOTE = (
     "Transformer Engine is not installed: megatron-core falls back to its local PyTorch attention, norms and "
-    "linear layers and to torch's AdamW (slower, more memory); see docs/installation.md, 'GPU clusters: NVIDIA PyTorch containers'")
+    "linear layers and to torch's AdamW (slower, more memory); see docs/installation.md, "
+    "'GPU clusters: NVIDIA PyTorch containers'")
 
 
 def prepare_megatron() -> None:

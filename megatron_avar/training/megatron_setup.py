@@ -53,9 +53,11 @@ def _free_port() -> int:
 def init_distributed(tp: int, pp: int, *, seed: int) -> RankLayout:
     """Initialise torch.distributed (if needed) and megatron's parallel state; seed megatron's RNG tracker."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar.models.qwen2_5_vl.build import init_model_parallel
 
     platform.prepare_megatron()
+    platform.tie_forked_children_to_this_process()  # nothing this rank forks outlives it
     if not dist.is_initialized():
         rank = _env_int("RANK", "SLURM_PROCID")
         world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
@@ -74,8 +76,7 @@ def init_distributed(tp: int, pp: int, *, seed: int) -> RankLayout:
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size ({tp}) x "
                          f"pipeline_model_parallel_size ({pp}); change the parallel layout or the number of ranks")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(seed)
+    init_model_parallel(tp, pp, seed=seed)
     return RankLayout(
         rank=dist.get_rank(), world_size=world, local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0, tp=tp,
         pp=pp, dp=parallel_state.get_data_parallel_world_size(),
@@ -97,29 +98,20 @@ class TrainingModel:
 
 def build_model(qwen_config, *, tp: int, pp: int, dtype: torch.dtype, recompute: str, role_mass_layers,
                 hf_path: str | None, distributed_optimizer: bool) -> TrainingModel:
-    """This pipeline stage of Qwen2.5-VL with AVAR layers, HF weights loaded (streamed, each rank reading only
-    its shard) when ``hf_path`` is given, wrapped in megatron's DistributedDataParallel."""
-    from megatron.core import parallel_state
+    """This pipeline stage of Qwen2.5-VL with AVAR layers (``models.qwen2_5_vl.build.build_stage``, on this
+    rank's device), HF weights loaded (streamed, each rank reading only its shard) when ``hf_path`` is given,
+    wrapped in megatron's DistributedDataParallel."""
+    from pathlib import Path
+
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_avar.convert.hf_files import iter_lazy_tensors
-    from megatron_avar.models.qwen2_5_vl import MegatronSettings
-    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_tensors
-    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_avar.models.qwen2_5_vl.build import build_stage
 
-    settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
-                                perform_initialization=hf_path is None, recompute=recompute)
-    module = Qwen25VLModel(qwen_config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                           pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)
-    if platform.cuda_available():
-        module.cuda(torch.cuda.current_device())
-    if hf_path is not None:
-        from pathlib import Path
-
-        # The run's precision decides: bf16 training from fp32 weights (or the reverse) casts on load.
-        load_hf_tensors(module, iter_lazy_tensors(Path(hf_path)), qwen_config, cast_to_model_dtype=True)
+    # The run's precision decides: bf16 training from fp32 weights (or the reverse) casts on load.
+    module = build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers,
+                         recompute=recompute, initialize=hf_path is None, device=platform.current_device(),
+                         hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed_optimizer, bucket_size=None)
     ddp = DistributedDataParallel(module.config, ddp_config, module)
