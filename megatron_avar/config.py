@@ -3,13 +3,18 @@
     config = load_config(SFTConfig, "examples/sft/quickstart.yaml", ["optim.lr=1e-5", "avar.layers=[8,9]"])
 
 A config is a tree of frozen dataclasses whose fields are documented and validated in ``__post_init__``.
-The YAML file is a minimal diff over those defaults. Overrides are ``dotted.key=value`` with the value read
-as YAML (``1e-5``, ``true``, ``[8, 9]``, ``null``). Any unknown key, in the file or an override, is an
-error naming the key and the allowed ones — never silently ignored. Every value is checked against its
-field's type hint before the dataclass validates it, so a wrong one is a one-line ValueError naming the key,
-the value, what the field takes and where the value was set (``FILE:LINE`` or the override), e.g.
+The YAML file is a minimal diff over those defaults: a section that sets some of its keys keeps the defaults
+of the others, including a field's own default section (``describe.teacher`` defaults to a teacher with
+temperature 0.2; ``describe: {teacher: {model: m}}`` keeps that 0.2). Overrides are ``dotted.key=value`` with
+the value read as YAML (``1e-5``, ``true``, ``[8, 9]``, ``null``); a number in the key indexes a list that is
+already set (``sources.0.limit=100``). Any unknown key, in the file or an override, is an error naming the
+key and the allowed ones — never silently ignored. Every value is checked against its field's type hint
+before the dataclass validates it, so a wrong one is a one-line ValueError naming the key (list items by
+index, as overrides write them), the value, what the field takes and where the value was set (``FILE:LINE``
+or the override), e.g.
 
     train.steps=2.5 (override train.steps=2.5): expected an integer, got a non-integral number
+    sources.0.limit="all" (run.yaml:4): expected an integer or null, got a string
 """
 
 from __future__ import annotations
@@ -81,12 +86,17 @@ def _origin(origins: dict[str, str], key: str) -> str | None:
 
 
 def _yaml_lines(node, prefix: str, path, origins: dict[str, str]) -> None:
-    """Record ``FILE:LINE`` of every mapping key under ``node`` (nested sections too, not list items)."""
+    """Record ``FILE:LINE`` of every mapping key and list item under ``node``, nested ones too (list items by
+    index: ``sources.0``, ``sources.0.path``)."""
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 origins[prefix + key_node.value] = f"{path}:{key_node.start_mark.line + 1}"
                 _yaml_lines(value_node, f"{prefix}{key_node.value}.", path, origins)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item_node in enumerate(node.value):
+            origins[f"{prefix}{index}"] = f"{path}:{item_node.start_mark.line + 1}"
+            _yaml_lines(item_node, f"{prefix}{index}.", path, origins)
 
 
 class _Mismatch(Exception):
@@ -155,16 +165,17 @@ def _show(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _convert(hint, value, key: str, origins: dict[str, str]):
+def _convert(hint, value, key: str, origins: dict[str, str], default=None):
     """``value`` checked against ``hint``; raises _Mismatch when it does not fit. The conversions are the exact
     ones only: an int where a float is wanted, an integral float (YAML's ``1e3``) where an int is, a string
     where a path is. true/false is never a number: bool subclasses int in Python, but ``steps: true`` is a
-    mistake, not 1 (YAML 1.1 also reads yes/no/on/off as booleans)."""
+    mistake, not 1 (YAML 1.1 also reads yes/no/on/off as booleans). ``default``: the field's default value; a
+    mapping given for a section updates it when it is a section too (keys not given keep its values)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if _is_union(hint):
         for member in args:
             try:
-                return _convert(member, value, key, origins)
+                return _convert(member, value, key, origins, default)
             except _Mismatch:
                 pass
         raise _Mismatch
@@ -204,7 +215,7 @@ def _convert(hint, value, key: str, origins: dict[str, str]):
         if isinstance(value, hint):
             return value
         if isinstance(value, dict):
-            return _from_dict(hint, value, f"{key}.", origins)
+            return _from_dict(hint, value, f"{key}.", origins, default if isinstance(default, hint) else None)
         raise _Mismatch
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -214,9 +225,9 @@ def _convert(hint, value, key: str, origins: dict[str, str]):
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise _Mismatch
-            items = [_convert(a, v, f"{key}[{i}]", origins) for i, (a, v) in enumerate(zip(args, value))]
+            items = [_convert(a, v, f"{key}.{i}", origins) for i, (a, v) in enumerate(zip(args, value))]
         else:
-            items = [_convert(args[0], v, f"{key}[{i}]", origins) for i, v in enumerate(value)]
+            items = [_convert(args[0], v, f"{key}.{i}", origins) for i, v in enumerate(value)]
         return type(value)(items)  # a list stays a list: __post_init__ methods decide about tuples
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
@@ -237,7 +248,22 @@ def _where(key: str, origins: dict[str, str]) -> str:
     return f" ({origin})" if origin else ""
 
 
-def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str]) -> T:
+def _section_default(field: dataclasses.Field):
+    """The default of a section-typed field as an instance (``default_factory`` called), else None."""
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return None
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str], base=None) -> T:
+    """``cls`` from ``values``; ``base``: an instance of ``cls`` whose values the keys not given keep (a field's
+    default section, e.g. ``DescribeConfig.teacher``), instead of the class defaults."""
+    if base is not None:
+        cls = type(base)  # a subclass instance as the default keeps its own fields and defaults
     if not isinstance(values, dict):
         section = where.rstrip(".")
         raise ValueError(f"{section or 'the config'}={_show(values)}{_where(section, origins)}: expected "
@@ -255,11 +281,15 @@ def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str]) 
         key, hint = where + name, hints[name]
         if value is None and dataclasses.is_dataclass(hint):
             value = {}  # a section left empty in YAML (`train:` with its keys commented out) keeps its defaults
+        default = _section_default(fields[name]) if isinstance(value, dict) else None
         try:
-            kwargs[name] = _convert(hint, value, key, origins)
+            kwargs[name] = _convert(hint, value, key, origins, default)
         except _Mismatch:
             raise ValueError(f"{key}={_show(value)}{_where(key, origins)}: expected {_describe(hint)}, "
                              f"got {_got(value, hint)}") from None
+    if base is not None:
+        kwargs.update({f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                       if f.init and f.name not in kwargs})
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -283,8 +313,35 @@ def config_from_dict(cls: type[T], values: dict, where: str = "") -> T:
     return _from_dict(cls, values, where, getattr(values, "origins", {}))
 
 
+def _list_index(items: list, part: str, override: str, name: str) -> int:
+    """``part`` of an override key as an index into the list ``items`` set at ``name``; ValueError otherwise."""
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    where = f"indexes from 0 to {len(items) - 1}" if items else "no index: it is empty"
+    raise ValueError(f"override {override!r}: {name} is a list of {len(items)} item(s), so {part!r} is not one of "
+                     f"its items ({where}); set the whole list instead ({name}=[...])")
+
+
+def _override_child(node, part: str, next_part: str, override: str, name: str):
+    """The section or list at ``part`` of ``node`` (a mapping or a list; created as an empty section when absent)
+    that the rest of an override's key walks into; ``name``: the dotted key of ``part``."""
+    if isinstance(node, list):
+        child = node[_list_index(node, part, override, name.rpartition(".")[0])]
+    else:
+        child = node.get(part)
+        if child is None:  # absent, or a section left empty in YAML (`train:`)
+            if next_part.isdigit():
+                raise ValueError(f"override {override!r}: {name} is not set here (its default applies), so it has "
+                                 f"no item {next_part}; set the whole list instead ({name}=[...])")
+            child = node[part] = {}
+    if not isinstance(child, (dict, list)):
+        raise ValueError(f"override {override!r}: {name} is not a section or a list")
+    return child
+
+
 def apply_overrides(values: dict, overrides: list[str]) -> ConfigValues:
-    """A copy of ``values`` with each ``a.b.c=value`` applied (value parsed as YAML); origins recorded."""
+    """A copy of ``values`` with each ``a.b.c=value`` applied (value parsed as YAML); origins recorded. A number
+    in the key indexes a list already set (``sources.0.limit=100``): the item must exist."""
     import copy
 
     result = ConfigValues(copy.deepcopy(dict(values)), getattr(values, "origins", {}))
@@ -299,15 +356,14 @@ def apply_overrides(values: dict, overrides: list[str]) -> ConfigValues:
             problem = getattr(error, "problem", None) or error
             raise ValueError(f"override {override!r}: the value is not valid YAML ({problem}); quote strings with "
                              "special characters, write lists as [8, 9]") from None
-        *parents, leaf = key.split(".")
+        parts = key.split(".")
         node = result
-        for part in parents:
-            if node.get(part) is None:  # absent, or a section left empty in YAML (`train:`)
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ValueError(f"override {override!r}: {part!r} is not a section")
-        node[leaf] = value
+        for depth, part in enumerate(parts[:-1]):
+            node = _override_child(node, part, parts[depth + 1], override, ".".join(parts[:depth + 1]))
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], override, ".".join(parts[:-1]))] = value
+        else:
+            node[parts[-1]] = value
         result.origins = {k: o for k, o in result.origins.items() if k != key and not k.startswith(key + ".")}
         result.origins[key] = f"override {override}"
     return result
@@ -355,7 +411,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
 
 
 def config_to_dict(config) -> dict:
-    """The resolved config as plain data (for run directories and logs)."""
-    return {f.name: (config_to_dict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else
-                     list(v) if isinstance(v, tuple) else v)
-            for f in dataclasses.fields(config) if not f.name.startswith("_")}
+    """The resolved config as plain data (for run directories, logs and manifests): sections as dicts, tuples
+    as lists, sections inside lists too."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.name.startswith("_")}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value

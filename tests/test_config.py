@@ -27,3 +27,26 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
         load_config(SFTConfig, None, base + ["optim.lr"])
     with pytest.raises(ValueError, match="does not exist"):
         load_config(SFTConfig, tmp_path / "missing.yaml", base)
+
+
+def test_a_partial_section_keeps_the_fields_own_default_section():
+    from megatron_avar.grpo.config import GRPOConfig
+
+    # GRPO's optim defaults to OptimConfig(lr=1e-6); setting another optim field keeps that lr (not SFT's 5e-6)
+    base = ["out=o", "model.hf_path=m", "data.path=d", "train.prompts_per_step=4"]
+    assert load_config(GRPOConfig, None, base + ["optim.weight_decay=0.1"]).optim.lr == 1e-6
+    assert load_config(GRPOConfig, None, base + ["optim={}"]).optim.lr == 1e-6
+
+
+def test_list_items_are_overridden_by_index(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\navar:\n  layers:\n    - 8\n    - 9\n")
+    assert load_config(SFTConfig, config_file, ["avar.layers.1=12"]).avar.layers == [8, 12]
+    with pytest.raises(ValueError, match=r"avar.layers is a list of 2 item\(s\), so '2' is not one of its items "
+                                         r"\(indexes from 0 to 1\); set the whole list instead"):
+        load_config(SFTConfig, config_file, ["avar.layers.2=12"])
+    with pytest.raises(ValueError, match=r"avar.layers is not set here \(its default applies\), so it has no item 0"):
+        load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", "avar.layers.0=12"])
+    with pytest.raises(ValueError, match=r"override 'out.x=1': out is not a section or a list"):
+        load_config(SFTConfig, config_file, ["out.x=1"])
+    assert apply_overrides({"a": [{"b": 1}, {"b": 2}]}, ["a.1.b=3"]) == {"a": [{"b": 1}, {"b": 3}]}

@@ -60,9 +60,10 @@ def _sweep(path: Path):
 
 
 def _synth(path: Path):
-    from megatron_avar.synth.config import load_config
+    from megatron_avar.config import load_config
+    from megatron_avar.synth.config import SynthConfig
 
-    return load_config(path)
+    return load_config(SynthConfig, path)
 
 
 def _parse(argv: list[str]):

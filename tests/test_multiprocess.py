@@ -142,3 +142,30 @@ def test_bad_arguments_raise_value_error():
         run_on_ranks(_report_rank, 2, 1, scale=1, timeout_s=0)
     with pytest.raises(ValueError, match="module-level function"):
         run_on_ranks(lambda: None, 2)
+
+
+def _start_a_child_process():
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=os.getpid)  # as megatron's checkpoint writer does
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+def _bad_input_on_rank_one(error_type):
+    if dist.get_rank() == 1:
+        raise error_type("tensor 'x' does not match the config")
+    return "ok"
+
+
+def test_launch_runs_command_ranks_without_deadline_and_keeps_value_errors():
+    from megatron_avar.local_ranks import launch
+
+    assert launch(_start_a_child_process, 1) == [0], "ranks are not daemonic: they may start processes"
+    with pytest.raises(ValueError) as info:
+        launch(_bad_input_on_rank_one, 2, ValueError)
+    assert str(info.value) == "tensor 'x' does not match the config"  # the rank's message, for the CLI's one line
+    with pytest.raises(RankFailedError, match="RuntimeError"):
+        launch(_bad_input_on_rank_one, 2, RuntimeError)
+    assert run_on_ranks(_report_rank, 2, 0, scale=1, timeout_s=None, capture_output=False)[1]["rank"] == 1

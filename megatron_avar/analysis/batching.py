@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_avar.roles import TokenRole, render_conversation
+from megatron_avar.models.hf_inference import collate_left_padded
+from megatron_avar.roles import render_conversation
 
 __all__ = ["PromptSample", "PromptBatch", "prompt_samples", "collate_prompts"]
 
@@ -66,23 +67,9 @@ def prompt_samples(path: str | Path, processor, *, num_samples: int | None = Non
 
 
 def collate_prompts(samples: list[PromptSample], *, pad_token_id: int, image_token_id: int) -> PromptBatch:
-    """Left-pad rendered prompts into one batch (see PromptBatch)."""
+    """Left-pad rendered prompts into one batch (see PromptBatch; ``models.hf_inference.collate_left_padded``)."""
     if not samples:
         raise ValueError("no samples to collate")
-    length = max(len(s.rendered) for s in samples)
-    batch = len(samples)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    roles = torch.full((batch, length), int(TokenRole.PAD), dtype=torch.long)
-    for b, sample in enumerate(samples):
-        n = len(sample.rendered)
-        input_ids[b, length - n:] = sample.rendered.input_ids
-        attention_mask[b, length - n:] = 1
-        roles[b, length - n:] = sample.rendered.roles
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask,
-                  mm_token_type_ids=(input_ids == image_token_id).long() * attention_mask)
-    with_images = [s.rendered for s in samples if s.rendered.pixel_values is not None]
-    if with_images:
-        inputs["pixel_values"] = torch.cat([r.pixel_values for r in with_images])
-        inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images])
+    inputs, roles = collate_left_padded([s.rendered for s in samples], pad_token_id=pad_token_id,
+                                        image_token_id=image_token_id)
     return PromptBatch(ids=[s.id for s in samples], answers=[s.answer for s in samples], inputs=inputs, roles=roles)

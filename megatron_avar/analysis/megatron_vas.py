@@ -23,7 +23,8 @@ def is_megatron_checkpoint(path: str | Path) -> bool:
 
 def run_vas_megatron(config) -> dict:
     """The report of ``config`` (a VASConfig) computed with the megatron model."""
-    from megatron_avar.convert.checkpoint import launch, read_checkpoint_info
+    from megatron_avar.convert.checkpoint import read_checkpoint_info
+    from megatron_avar.local_ranks import launch
 
     read_checkpoint_info(Path(config.model))  # a clear error before any process starts
     if config.device_map is not None or config.device not in ("auto", "cpu", "cuda"):
@@ -39,11 +40,12 @@ def _rank(config) -> None:
 
     from megatron_avar import platform
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
-    from megatron_avar.convert.checkpoint import (_DTYPES, HF_SIDE_DIR, _build_model, load_model_weights,
-                                                  read_checkpoint_info)
+    from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.hf_inference import pad_token_id
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
     from megatron_avar.processor import load_processor
 
     started = time.time()
@@ -53,12 +55,13 @@ def _rank(config) -> None:
     layers = parse_layers(config.layers, qwen.text.num_layers)
     dtype = _DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
     try:
-        model = _build_model(qwen, 1, 1, dtype, role_mass_layers=layers).to(platform.current_device())
+        init_model_parallel(1, 1, seed=0)
+        model = build_stage(qwen, tp=1, pp=1, dtype=dtype, role_mass_layers=layers, device=platform.current_device())
         load_model_weights(model, mcore_dir)
         model.eval()
         processor = load_processor(mcore_dir / HF_SIDE_DIR)
         samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
-        pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(processor.tokenizer)
         device = platform.current_device()
         batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
                                    image_token_id=processor.image_token_id).to(device)

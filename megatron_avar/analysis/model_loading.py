@@ -10,9 +10,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from megatron_avar.models.hf_inference import DTYPES
+
 __all__ = ["check_hf_checkpoint", "checkpoint_identity", "load_hf_model", "resolve_device", "DTYPES"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _HEAD_BYTES = 16 << 20  # the first shard's first 16 MiB (safetensors header + leading tensors) identify the weights
 
 
@@ -77,26 +78,18 @@ def resolve_device(device: str) -> str:
 
 
 def load_hf_model(path: str | Path, *, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
-    """(model in eval mode, processor, resolved device) of an HF Qwen2.5-VL directory.
+    """(model in eval mode, processor, resolved device) of an HF Qwen2.5-VL directory
+    (``models.hf_inference.load_model``, as eval and the rollout backend load it).
 
     dtype "auto": bfloat16 on CUDA, float32 on CPU. device_map (e.g. "auto") spreads a large model over the
     visible GPUs through accelerate instead of placing it on ``device``."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from megatron_avar.models.hf_inference import load_model, resolve_dtype
     from megatron_avar.processor import load_processor
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {DTYPES}")
     path = check_hf_checkpoint(path)
     device = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
     processor = load_processor(path)
-    kwargs = dict(dtype=getattr(torch, dtype))
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kwargs).eval()
-    if device_map is None:
-        model.to(device)
+    model = load_model(path, device=device, dtype=resolve_dtype(dtype, device), device_map=device_map)
     return model, processor, str(model.device)

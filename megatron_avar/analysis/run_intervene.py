@@ -66,11 +66,11 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
 
     from megatron_avar.analysis.batching import collate_prompts
     from megatron_avar.grading import INTERVENTION, grade
+    from megatron_avar.models.hf_inference import cut_at_stop, pad_token_id, stop_token_ids
 
     tokenizer = processor.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+    pad_id = pad_token_id(tokenizer, model.generation_config)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
     results = []
     for start in range(0, len(samples), config.batch_size):
         batch = collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
@@ -78,14 +78,13 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
         hook.set_batch(batch.roles, intervention=spec)
         with torch.no_grad():
             sequences = model.generate(**batch.inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                       pad_token_id=pad_id)
+                                       pad_token_id=pad_id, eos_token_id=stop_ids)
         prompt_length = batch.inputs["input_ids"].shape[1]
         for row, (sample_id, truth) in enumerate(zip(batch.ids, batch.answers)):
-            tokens = sequences[row, prompt_length:].tolist()
-            stop = next((k for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
+            tokens = cut_at_stop(sequences[row, prompt_length:].tolist(), stop_ids)
             # Decode with special tokens: <answer> / </answer> are special tokens in AVAR tokenizers.
-            text = tokenizer.decode(tokens[:stop], skip_special_tokens=False)
-            entry = dict(id=sample_id, answer=truth, generated=text, num_tokens=stop)
+            text = tokenizer.decode(tokens, skip_special_tokens=False)
+            entry = dict(id=sample_id, answer=truth, generated=text, num_tokens=len(tokens))
             if truth is not None:
                 graded = grade(text, truth, INTERVENTION)
                 entry["correct"], entry["extracted"] = graded.correct, graded.answer
@@ -100,7 +99,7 @@ def run_intervene(config: InterveneConfig) -> dict:
     from megatron_avar.analysis.batching import prompt_samples
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.intervention import InterventionSpec
-    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
 
     check_hf_checkpoint(config.model)

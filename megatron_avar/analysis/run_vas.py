@@ -85,8 +85,9 @@ def run_vas(config: VASConfig) -> dict:
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.analysis.layers import parse_layers
+    from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.models.hf_inference import pad_token_id
 
     from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
 
@@ -101,7 +102,7 @@ def run_vas(config: VASConfig) -> dict:
     model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,
                                              device_map=config.device_map)
     samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(processor.tokenizer, model.generation_config)
     batches = (collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
                                image_token_id=processor.image_token_id).to(device)
                for start in range(0, len(samples), config.batch_size))

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from megatron_avar.roles import NUM_ROLES, TokenRole
+from megatron_avar.segments import attention_sink_mask
 
 __all__ = [
     "EPS", "SINK_ROLE", "MASS_NUM_ROLES", "VARIANTS", "RATIO_BINS", "mass_key_roles", "vas_query_mask",
@@ -52,26 +53,12 @@ def _check_roles(roles: torch.Tensor) -> None:
                          f"{getattr(roles, 'shape', type(roles).__name__)}")
 
 
-def first_real_position(roles: torch.Tensor) -> torch.Tensor:
-    """int64 [B]: index of the first non-padding token of each row (S for an all-padding row)."""
-    _check_roles(roles)
-    real = roles >= 0
-    seq_len = roles.shape[1]
-    first = torch.where(real.any(1), real.to(torch.int8).argmax(1), torch.full_like(real[:, 0], seq_len, dtype=torch.long))
-    return first.long()
-
-
 def mass_key_roles(roles: torch.Tensor) -> torch.Tensor:
-    """Key roles for role_attention (num_roles=MASS_NUM_ROLES): ``roles`` with each row's first real
-    token set to SINK_ROLE when it is a SYSTEM token (the attention sink). int64 [B, S]; PAD stays -1."""
+    """Key roles for role_attention (num_roles=MASS_NUM_ROLES): ``roles`` with each row's attention sink
+    (``segments.attention_sink_mask``: its first real token, when a SYSTEM one) set to SINK_ROLE. int64 [B, S];
+    PAD stays -1."""
     _check_roles(roles)
-    key_roles = roles.clone().long()
-    first = first_real_position(roles)
-    rows = torch.nonzero(first < roles.shape[1]).flatten()
-    cols = first[rows]
-    is_system = key_roles[rows, cols] == TokenRole.SYSTEM
-    key_roles[rows[is_system], cols[is_system]] = SINK_ROLE
-    return key_roles
+    return torch.where(attention_sink_mask(roles), SINK_ROLE, roles.long())
 
 
 def vas_query_mask(roles: torch.Tensor) -> torch.Tensor:

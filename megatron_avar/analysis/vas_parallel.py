@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from megatron_avar.analysis.vas import VARIANTS
+from megatron_avar.segments import check_cu_seqlens
 
 __all__ = ["unpack_thd", "merge_stage_states"]
 
@@ -26,9 +27,8 @@ def unpack_thd(cu_seqlens: torch.Tensor, roles_t: torch.Tensor, mass_htr: torch.
 
     cu_seqlens: int [N + 1], 0 = cu[0] <= ... <= cu[N] = T (as role_attention's). Padding: role -1, mass 0.
     """
+    check_cu_seqlens(cu_seqlens, roles_t.shape[0])
     bounds = [int(x) for x in cu_seqlens.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != roles_t.shape[0] or any(a > b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T={roles_t.shape[0]}, got {bounds}")
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     num, longest = len(lengths), max(lengths)
     roles = torch.full((num, longest), -1, dtype=torch.long, device=roles_t.device)

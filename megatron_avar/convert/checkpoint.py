@@ -1,21 +1,19 @@
 """The conversion work: HF safetensors -> megatron distributed checkpoint (one process per TP x PP rank, each
 reading only the tensors of its own shard) and back (one process, the checkpoint resharded to TP=1, PP=1 on
-load), plus the local launcher that starts those processes.
-
-Ranks are started with ``torch.multiprocessing`` (spawn, non-daemonic: megatron's torch_dist writer starts
-helper processes of its own). Under ``torchrun`` the same rank functions can be called directly.
+load). The model is built by ``models.qwen2_5_vl.build`` (as in training); the ranks are started by the
+package's launcher, ``megatron_avar.local_ranks.launch``. Under ``torchrun`` the same rank functions can be
+called directly.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
 
 from megatron_avar.convert import hf_files
+from megatron_avar.local_ranks import launch  # noqa: F401  (how cli.py and verify.py start the rank functions)
 
 CHECKPOINT_INFO = "avar_checkpoint.json"
 HF_SIDE_DIR = "hf"
@@ -47,59 +45,6 @@ def check_hf_names(hf_dir: Path, config) -> int:
     return len(present)
 
 
-def launch(fn, world_size: int, *args) -> None:
-    """Run ``fn(*args)`` on ``world_size`` local ranks with torch.distributed (and megatron) initialised.
-    A ValueError raised by a rank is raised here as ValueError with the rank's message."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    try:
-        mp.start_processes(_rank_entry, args=(world_size, port, fn, args), nprocs=world_size, start_method="spawn")
-    except mp.ProcessRaisedException as error:
-        last = str(error).strip().splitlines()[-1]
-        if last.startswith("ValueError: "):
-            raise ValueError(last[len("ValueError: "):]) from None
-        raise
-
-
-def _rank_entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    import torch.distributed as dist
-
-    from megatron_avar import platform
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    platform.bind_device(rank)
-    dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world_size)
-    try:
-        platform.prepare_megatron()
-        fn(*args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _build_model(config, tp: int, pp: int, dtype: torch.dtype, *, role_mass_layers=()):
-    """This rank's stage of the model (no DDP) after initialising megatron's parallel state at TP x PP;
-    ``role_mass_layers``: decoder layers built as AVAR layers (per-role masses, for `avar vas`)."""
-    from megatron.core import parallel_state
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_avar.models.qwen2_5_vl import MegatronSettings
-    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    model_parallel_cuda_manual_seed(0)
-    settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
-                                perform_initialization=False)
-    return Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)
-
-
 def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.dtype, num_tensors: int) -> None:
     """One rank: build its shard of the model, fill it from the HF shards, save collectively (torch_dist)."""
     import torch.distributed as dist
@@ -107,18 +52,18 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
     from tqdm import tqdm
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_tensors
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
 
     config = Qwen25VLConfig.from_hf(hf_dir)
     try:
-        model = _build_model(config, tp, pp, dtype)
-        # Megatron's local (non-Transformer-Engine) norms keep float32 parameters in a bfloat16 model: they take
-        # the checkpoint's bfloat16 values exactly (export casts them back). Nothing else may differ: no rounding.
-        assert {p.dtype for p in model.parameters()} <= {dtype, torch.float32}, "conversion would round"
+        init_model_parallel(tp, pp, seed=0)
         tensors = hf_files.iter_lazy_tensors(Path(hf_dir))
         if dist.get_rank() == 0:
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
-        load_hf_tensors(model, tensors, config, cast_to_model_dtype=True)
+        model = build_stage(config, tp=tp, pp=pp, dtype=dtype, hf_tensors=tensors)
+        # Megatron's local (non-Transformer-Engine) norms keep float32 parameters in a bfloat16 model: they take
+        # the checkpoint's bfloat16 values exactly (export casts them back). Nothing else may differ: no rounding.
+        assert {p.dtype for p in model.parameters()} <= {dtype, torch.float32}, "conversion would round"
         dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     finally:
         parallel_state.destroy_model_parallel()
@@ -133,6 +78,7 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layo
     from tqdm import tqdm
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
     from megatron_avar.models.qwen2_5_vl.hf_mapping import hf_name_in_layout, iter_hf_tensors, param_mappings
 
     mcore_dir = Path(mcore_dir)
@@ -140,7 +86,8 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layo
     config = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     try:
         dtype = _DTYPES[info["dtype"]]
-        model = _build_model(config, 1, 1, dtype)
+        init_model_parallel(1, 1, seed=0)
+        model = build_stage(config, tp=1, pp=1, dtype=dtype)
         load_model_weights(model, mcore_dir)
         total = sum(len(m.hf) for m in param_mappings(config))
         with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:

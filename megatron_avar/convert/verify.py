@@ -40,12 +40,14 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str) ->
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
 
     info = checkpoint.read_checkpoint_info(Path(mcore_dir))
     config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
     dtype = checkpoint._DTYPES[info["dtype"]]
     try:
-        model = checkpoint._build_model(config, tp, pp, dtype)
+        init_model_parallel(tp, pp, seed=0)
+        model = build_stage(config, tp=tp, pp=pp, dtype=dtype)
         checkpoint.load_model_weights(model, Path(mcore_dir))
         model.eval()
         outputs = []

@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from megatron_avar.models import hf_inference
+from megatron_avar.models.hf_inference import DTYPES
+
 __all__ = ["GenerationConfig", "HFGenerator", "make_generator"]
 
 BACKENDS = ("hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -84,18 +86,12 @@ class GenerationConfig:
         return asdict(self)
 
 
-def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class HFGenerator:
-    """Greedy or sampled generation with ``Qwen2_5_VLForConditionalGeneration.generate``."""
+    """Greedy or sampled generation with ``Qwen2_5_VLForConditionalGeneration.generate`` (model loading, stop and
+    pad ids and left-padded batches from ``models.hf_inference``, shared with the rollout backend and intervene)."""
 
     def __init__(self, model_dir: str, config: GenerationConfig):
         from transformers import GenerationConfig as GenerationConfig_
-        from transformers import Qwen2_5_VLForConditionalGeneration
 
         from megatron_avar.platform import device_for_local_rank
         from megatron_avar.processor import load_processor
@@ -103,14 +99,11 @@ class HFGenerator:
         self.config = config
         self.processor = load_processor(model_dir, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
         self.device = device_for_local_rank()
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            model_dir, dtype=_torch_dtype(config.dtype, self.device)).to(self.device).eval()
+        self.model = hf_inference.load_model(model_dir, device=self.device,
+                                             dtype=hf_inference.resolve_dtype(config.dtype, self.device))
         tokenizer = self.processor.tokenizer
-        generation = self.model.generation_config
-        eos = generation.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_ids.discard(None)
-        self.pad_id = generation.pad_token_id if generation.pad_token_id is not None else tokenizer.pad_token_id
+        self.stop_ids = set(hf_inference.stop_token_ids(tokenizer, self.model.generation_config))
+        self.pad_id = hf_inference.pad_token_id(tokenizer, self.model.generation_config)
         # A fresh generation config, so that the checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships
         # do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05) cannot change the decoding we report. Sampling
         # fields are given explicitly (top_k 0 = off): transformers fills fields left None from the checkpoint's.
@@ -122,7 +115,7 @@ class HFGenerator:
         self.intervention = None
         if config.intervene:
             from megatron_avar.analysis.intervention import InterventionSpec
-            from megatron_avar.analysis.layers import parse_layers
+            from megatron_avar.models.layer_sets import parse_layers
 
             layers = parse_layers(config.intervene_layers, self.model.config.text_config.num_hidden_layers)
             self.intervention = InterventionSpec(alpha_img=config.alpha_img, alpha_sys=config.alpha_sys,
@@ -130,35 +123,19 @@ class HFGenerator:
 
     def _batch(self, samples) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images, and the
-        token roles [B, S] (PAD = -1) for the intervention."""
+        token roles [B, S] (PAD = -1) for the intervention (``hf_inference.collate_left_padded``)."""
         from megatron_avar.roles import render_conversation
 
         rendered = [render_conversation([{"role": "user", "content": s.content}], self.processor,
                                         add_generation_prompt=True) for s in samples]
-        length = max(len(r) for r in rendered)
-        input_ids = torch.full((len(rendered), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rendered), length), dtype=torch.long)
-        roles = torch.full((len(rendered), length), -1, dtype=torch.long)
-        for row, r in enumerate(rendered):
-            input_ids[row, length - len(r):] = r.input_ids
-            attention_mask[row, length - len(r):] = 1
-            roles[row, length - len(r):] = r.roles
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions
-                 # (docs/installation.md, 'Known dependency quirks')
-                 "mm_token_type_ids": (input_ids == self.processor.image_token_id).int() * attention_mask.int()}
-        with_images = [r for r in rendered if r.pixel_values is not None]
-        if with_images:
-            batch["pixel_values"] = torch.cat([r.pixel_values for r in with_images]).to(self.model.dtype)
-            batch["image_grid_thw"] = torch.cat([r.image_grid_thw for r in with_images])
+        batch, roles = hf_inference.collate_left_padded(rendered, pad_token_id=self.pad_id,
+                                                        image_token_id=self.processor.image_token_id)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         return {k: v.to(self.device) for k, v in batch.items()}, roles.to(self.device)
 
     def _decode(self, ids: list[int]) -> str:
-        for index, token in enumerate(ids):
-            if token in self.stop_ids:
-                ids = ids[:index]
-                break
-        return self.processor.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.processor.tokenizer.decode(hf_inference.cut_at_stop(ids, self.stop_ids), skip_special_tokens=False)
 
     @torch.inference_mode()
     def generate(self, samples) -> list[str]:

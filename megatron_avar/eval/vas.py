@@ -30,13 +30,14 @@ def benchmark_vas(model, processor, samples, *, batch_size: int, device) -> dict
     ``.id`` and ``.content``, the user turn) for an HF Qwen2.5-VL ``model``."""
     from megatron_avar.analysis.batching import PromptSample, collate_prompts
     from megatron_avar.analysis.run_vas import accumulate_hf_vas
+    from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.roles import render_conversation
 
     prompts = [PromptSample(id=s.id, rendered=render_conversation([{"role": "user", "content": s.content}], processor,
                                                                   add_generation_prompt=True), answer=None)
                for s in samples]
     layers = tuple(range(model.config.text_config.num_hidden_layers))
-    pad_id = processor.tokenizer.pad_token_id if processor.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(processor.tokenizer, model.generation_config)
     batches = (collate_prompts(prompts[i:i + batch_size], pad_token_id=pad_id,
                                image_token_id=processor.image_token_id).to(device)
                for i in range(0, len(prompts), batch_size))

@@ -12,6 +12,6 @@ The loop and what it is written against:
 - ``policy``: MegatronPolicy (log-probs + r_visual in one pass, the update, HF-named weights for refit),
   over ``rollout_batches`` (rollouts packed into rows and back to the [N, T] response layout).
 - ``local_backend`` (HF with a KV cache) and ``vllm_backend`` (colocated vLLM; its requests and answers in
-  ``vllm_requests``): the generation backends.
+  ``vllm_requests``): the generation backends, built by name through the registry in ``backends``.
 - ``trainer`` (run_grpo, grpo_step), ``rollout_metrics``, ``config`` (GRPOConfig), ``cli`` (`avar grpo`).
 """

@@ -11,15 +11,14 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_avar.grpo.advantages import ADVANTAGE_MODES
+from megatron_avar.grpo.backends import backend_names
 from megatron_avar.grpo.loss import PolicyLossConfig
 from megatron_avar.grpo.prompts import GRPODataConfig
 from megatron_avar.grpo.rewards import RewardConfig
 from megatron_avar.sft.config import (OPTIM_RESUME_FIXED, PRECISIONS, RECOMPUTE, CheckpointConfig, LogConfig,
                                       ModelConfig, OptimConfig, ParallelConfig)
 
-__all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "BACKENDS", "RESUME_FIXED"]
-
-BACKENDS = ("local", "vllm")
+__all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "RESUME_FIXED"]
 
 # What a resumed run must keep unchanged (see sft.config): the schedule's horizon here is
 # train.steps * train.updates_per_step optimizer steps.
@@ -52,8 +51,8 @@ class RolloutConfig:
     vllm_enable_sleep: bool = True
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"rollout.backend={self.backend!r}: allowed {', '.join(BACKENDS)}")
+        if self.backend not in backend_names():  # the registry of grpo.backends
+            raise ValueError(f"rollout.backend={self.backend!r}: allowed {', '.join(backend_names())}")
         if not isinstance(self.n, int) or self.n < 2:
             raise ValueError(f"rollout.n must be an integer >= 2 (a GRPO group compares rollouts of one prompt), "
                              f"got {self.n!r}")

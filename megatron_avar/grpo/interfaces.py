@@ -173,15 +173,33 @@ class Policy(Protocol):
 
 
 class GenerationBackend(Protocol):
-    """Samples responses (vLLM on GPU; a local KV-cache generator on CPU)."""
+    """Samples responses (vLLM on GPU; a local KV-cache generator on CPU). Built by name through
+    ``grpo.backends``; every rank holds one. The loop calls, on every rank: ``finish_generation`` once after
+    building (before the trainer's model exists), then per step ``prepare_generation`` -> ``update_weights`` ->
+    ``generate`` -> ``finish_generation``, and ``close`` at the end of the run."""
+
+    def prepare_generation(self) -> None:
+        """Take back what :meth:`finish_generation` released, before the step's refit (vLLM: wake its weights
+        and KV cache up). A backend that releases nothing does nothing."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (Hugging Face names, full tensors) before the next ``generate``."""
+        ...
 
     def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
         """n rollouts per prompt, ``len(prompts) * n`` in all, grouped by prompt in prompt order and sample
         order (rollout p * n + k is sample k of prompt p)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new policy weights (Hugging Face names, full tensors) before the next ``generate``."""
+    def finish_generation(self) -> None:
+        """Release what the trainer's forward passes and update need until the next step (vLLM, colocated:
+        sleep, moving its weights to CPU memory and dropping its KV cache). A backend that shares nothing
+        does nothing."""
+        ...
+
+    def close(self) -> None:
+        """Free the backend's resources at the end of the run (also after a failed step). Idempotent."""
         ...
 
 

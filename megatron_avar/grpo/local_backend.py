@@ -30,7 +30,8 @@ Decoding uses a fresh ``transformers.GenerationConfig`` (greedy over the one-hot
 1.0); the model's own ``generation_config`` is replaced at load, because ``generate`` fills every field left
 None from it (Qwen2.5-VL-Instruct's generation_config.json says top_k=1, top_p=0.001, repetition 1.05).
 
-Stop: the first ``<|im_end|>`` or model eos id ends a response and is part of it (finish_reason "stop");
+Stop: the first stop id (``models.hf_inference.stop_token_ids``: the model's generation eos ids, the tokenizer's
+eos, ``<|im_end|>``; the vLLM backend's set too) ends a response and is part of it (finish_reason "stop");
 otherwise the response is all ``max_new_tokens`` tokens ("length"). ``response_text`` is decoded without
 that stop token and with special tokens kept (`<think>`/`<answer>` tags).
 """
@@ -42,16 +43,17 @@ import zlib
 from collections.abc import Iterable
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, Qwen2_5_VLForConditionalGeneration
+from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
+from megatron_avar.models import hf_inference
+from megatron_avar.models.hf_inference import END_OF_TURN
 from megatron_avar.roles import TokenRole
 
 __all__ = ["LocalGenerationBackend", "sample_seed", "SUPPRESSED_TOKENS", "END_OF_TURN"]
 
-END_OF_TURN = "<|im_end|>"
 # Never generated: each would change the number of image tokens the trainer matches to vision features.
 SUPPRESSED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
@@ -117,26 +119,16 @@ class LocalGenerationBackend:
 
             device = device_for_local_rank()
         self.device, self.dtype, self.batch_size, self.processor = torch.device(device), dtype, batch_size, processor
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_path, dtype=dtype).to(self.device).eval()
+        self.model = hf_inference.load_model(hf_path, device=self.device, dtype=dtype)
         tokenizer = processor.tokenizer
         self.image_token_id = int(processor.image_token_id)
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = sorted({int(i) for i in eos if i is not None} | {self._token_id(END_OF_TURN)})
-        self.suppressed = {self._token_id(t): t for t in SUPPRESSED_TOKENS}
-        pad = self.model.generation_config.pad_token_id
-        pad = tokenizer.pad_token_id if pad is None else pad
-        self.pad_id = int(self.stop_ids[0] if pad is None else pad)
+        self.stop_ids = hf_inference.stop_token_ids(tokenizer, self.model.generation_config)
+        self.suppressed = {hf_inference.token_id(tokenizer, t): t for t in SUPPRESSED_TOKENS}
+        self.pad_id = hf_inference.pad_token_id(tokenizer, self.model.generation_config)
         # Replace the checkpoint's generation config: generate() fills every None field from it (docstring).
         self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
         self._params = self._parameter_names()
         self._stale: str | None = None  # why the weights are unusable (a failed update_weights)
-
-    def _token_id(self, token: str) -> int:
-        token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.processor.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token: not a Qwen2.5-VL processor")
-        return int(token_id)
 
     def _parameter_names(self) -> dict[str, torch.nn.Parameter]:
         """In-memory parameter name -> parameter, tied aliases included (``lm_head.weight`` when tied)."""
@@ -167,12 +159,11 @@ class LocalGenerationBackend:
         return rollouts
 
     def _model_inputs(self, prompts: PromptBatch, p: int, rows: int) -> dict[str, torch.Tensor]:
-        """input_ids / attention_mask / mm_token_type_ids [rows, L] (identical rows) and the images x rows."""
-        ids = prompts.input_ids[p].to(device=self.device, dtype=torch.long)[None].expand(rows, -1).contiguous()
-        # without mm_token_type_ids Qwen2.5-VL silently uses 1-D positions
-        # (docs/installation.md, 'Known dependency quirks')
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "mm_token_type_ids": (ids == self.image_token_id).long()}
+        """input_ids / attention_mask / mm_token_type_ids [rows, L] (identical rows: no padding) and the images x
+        rows."""
+        ids = prompts.input_ids[p].to(dtype=torch.long)
+        inputs = {k: v.to(self.device) for k, v in hf_inference.left_padded_inputs(
+            [ids] * rows, pad_token_id=self.pad_id, image_token_id=self.image_token_id).items()}
         pixel_values, grid = prompts.pixel_values[p], prompts.image_grid_thw[p]
         if (pixel_values is None) != (grid is None):
             raise ValueError(f"prompt {prompts.prompt_ids[p]}: pixel_values and image_grid_thw must both be given "
@@ -226,6 +217,12 @@ class LocalGenerationBackend:
                              "sampling (check that SUPPRESSED_TOKENS reach the logits processor)")
 
     # ------------------------------------------------------------------ weights
+    def prepare_generation(self) -> None:
+        """Nothing to take back: the model stays where it is between steps (GenerationBackend protocol)."""
+
+    def finish_generation(self) -> None:
+        """Nothing to release: the model stays where it is between steps (GenerationBackend protocol)."""
+
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the trainer's full weights into the model in place (``param.copy_``: one copy per tensor, cast

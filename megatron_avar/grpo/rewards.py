@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_avar.grading import RL_REWARD, grade, is_strictly_formatted
+from megatron_avar.models.layer_sets import check_layer_set, parse_layers
 
 __all__ = ["RewardConfig", "RewardParts", "VisualAnchoredReward", "format_reward", "transform_visual",
            "score_rollout"]
@@ -44,8 +45,8 @@ class RewardConfig:
         (≈ 7.5 for Qwen2.5-VL-7B on prompt queries), so unclipped and unnormalised λ_v·v can outweigh r_acc.
     gate_visual_on_correct: add the visual term only when r_acc > 0 (the paper's rule; False adds it to
         every rollout, an ablation).
-    visual_layers: the decoder layers r_visual averages over: "all" (the spec's default) or a list of
-        0-based layer indexes (they must be AVAR layers of the model).
+    visual_layers: the decoder layers r_visual averages over, a layer set (``models.layer_sets``): "all" (the
+        spec's default), "middle", "A-B", "i,j,k" or a list of 0-based layer indexes (built as AVAR layers).
     """
 
     lambda_visual: float = 0.3
@@ -70,22 +71,11 @@ class RewardConfig:
         for name in ("visual_normalise", "gate_visual_on_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"reward.{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.visual_layers, str):
-            if self.visual_layers != "all":
-                raise ValueError(f"reward.visual_layers must be 'all' or a list of layer indexes, got "
-                                 f"{self.visual_layers!r}")
-        else:
-            object.__setattr__(self, "visual_layers", tuple(int(i) for i in self.visual_layers))
+        object.__setattr__(self, "visual_layers", check_layer_set(self.visual_layers, field="reward.visual_layers"))
 
     def layer_indexes(self, num_layers: int) -> tuple[int, ...]:
         """visual_layers resolved for a model with ``num_layers`` decoder layers (sorted, distinct)."""
-        if self.visual_layers == "all":
-            return tuple(range(num_layers))
-        bad = [i for i in self.visual_layers if not 0 <= i < num_layers]
-        if bad or not self.visual_layers:
-            raise ValueError(f"reward.visual_layers {list(self.visual_layers)}: the model has layers "
-                             f"0..{num_layers - 1}")
-        return tuple(sorted(set(self.visual_layers)))
+        return parse_layers(self.visual_layers, num_layers, field="reward.visual_layers")
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,13 @@ One step, on every data-parallel replica for its share of the step's prompts:
     reward      reward.score(response, truth, r_visual) ──> group_advantages
     update      policy.train_step(...)  × train.updates_per_step         (each on an equal share of groups)
 
-The loop only sees the three interfaces of ``grpo.interfaces``. Where rollouts are generated: the local
-backend runs on the first rank of each model-parallel group and broadcasts the rollouts to the group (or
-the error, so that every rank fails together: a rollout-engine crash stops the run cleanly, nothing of the
-step is trained, and a rerun resumes from the last checkpoint); vLLM runs in every rank of the group, its
-tensor parallelism the trainer's (colocated, asleep during the update).
+The loop only sees the three interfaces of ``grpo.interfaces``; the backend comes from the registry of
+``grpo.backends`` by ``rollout.backend``, and every rank holds one. Around refit and generate the loop calls
+the backend's ``prepare_generation`` / ``finish_generation`` (vLLM, colocated, wakes up and then sleeps through
+the update). Where rollouts are generated is the backend's business: the local backend on the first rank of
+each model-parallel group, broadcasting the rollouts (or its error) to the group; vLLM in every rank at the
+trainer's tensor parallelism. A rollout-engine crash fails the step on every rank together: nothing of the
+step is trained, and a rerun resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar.grpo.advantages import group_advantages
+from megatron_avar.grpo.backends import build_backend
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
-from megatron_avar.grpo.interfaces import SamplingParams
+from megatron_avar.grpo.interfaces import GenerationBackend, Rollout, SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 from megatron_avar.training.run_loop import check_model_path
 
@@ -39,97 +42,54 @@ class RolloutEngineError(RuntimeError):
     """The generation backend failed; the step is abandoned before any update."""
 
 
-def _model_parallel_source():
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_model_parallel_group()
-    return group, dist.get_process_group_ranks(group)[0]
-
-
-def _generate(backend, prompts, config: GRPOConfig, step: int):
-    """This replica's rollouts on every rank of its model-parallel group (see the module docstring)."""
+def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int) -> list[Rollout]:
+    """This replica's rollouts, on every rank of its model-parallel group (where they are generated is the
+    backend's business: ``grpo.backends``); any failure is a RolloutEngineError naming the step and prompts."""
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                               seed=config.rollout.seed + step)
-    group, source = _model_parallel_source()
-    if config.rollout.backend == "vllm" or dist.get_world_size(group) == 1:
-        try:
-            return backend.generate(prompts, config.rollout.n, sampling)
-        except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
-            raise RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
-                                     f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
-                                     "same command to resume from the last checkpoint") from error
-    payload = [None]
-    if dist.get_rank() == source:
-        try:
-            payload = [("ok", backend.generate(prompts, config.rollout.n, sampling))]
-        except Exception as error:  # noqa: BLE001
-            payload = [("error", f"{type(error).__name__}: {error}")]
-    dist.broadcast_object_list(payload, src=source, group=group)
-    status, value = payload[0]
-    if status == "error":
-        raise RolloutEngineError(f"step {step}: rollout generation failed on rank {source} ({value}) for prompts "
-                                 f"{prompts.prompt_ids[:4]}...; no update was made — rerun the same command to "
-                                 "resume from the last checkpoint")
-    return value
+    try:
+        return backend.generate(prompts, config.rollout.n, sampling)
+    except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
+        raise RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
+                                 f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
+                                 "same command to resume from the last checkpoint") from error
 
 
-def _refit(backend, policy) -> None:
-    """Every rank walks the policy's weights (collective); the ranks holding a backend load them."""
-    if backend is None:
-        for _ in policy.named_weights():
-            pass
-        return
-    backend.update_weights(policy.named_weights())
+def _rollouts(step: int, prompts, *, policy, backend: GenerationBackend, config: GRPOConfig,
+              timings: dict[str, float]) -> list[Rollout]:
+    """Refit the backend to the policy's weights and generate, between the backend's ``prepare_generation`` and
+    ``finish_generation`` (vLLM wakes up, then sleeps through the policy's passes); times into ``timings``."""
+    started = time.monotonic()
+    backend.prepare_generation()
+    backend.update_weights(policy.named_weights())  # collective: every rank walks the policy's weights
+    timings["perf/refit_seconds"] = time.monotonic() - started
+
+    started = time.monotonic()
+    rollouts = _generate(backend, prompts, config, step)
+    backend.finish_generation()
+    timings["perf/generate_seconds"] = time.monotonic() - started
+    return rollouts
 
 
-def _build_backend(config: GRPOConfig, processor, layout):
-    """The generation backend of this rank (None on ranks that do not generate)."""
-    from megatron_avar import platform
-
-    if config.rollout.backend == "vllm":
-        if layout.pp != 1:
-            raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
-                             "parallel.pipeline_model_parallel_size=1")
-        if not platform.vllm_available():
-            raise ValueError("rollout.backend=vllm needs CUDA and vLLM (pip install -e .[gpu]); use "
-                             "rollout.backend=local on this machine")
-        from megatron_avar.grpo.vllm_backend import VLLMGenerationBackend
-
-        return VLLMGenerationBackend(config.model.hf_path, processor, tensor_parallel_size=layout.tp,
-                                     gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
-                                     max_model_len=config.seq_length, seed=config.rollout.seed,
-                                     enable_sleep_mode=config.rollout.vllm_enable_sleep)
-    _, source = _model_parallel_source()
-    if dist.get_rank() != source:
-        return None
-    from megatron_avar.grpo.local_backend import LocalGenerationBackend
-
-    dtype = torch.bfloat16 if config.train.precision == "bf16" and platform.cuda_available() else torch.float32
-    return LocalGenerationBackend(config.model.hf_path, processor, device=platform.current_device(), dtype=dtype,
-                                  batch_size=config.rollout.batch_size)
+def _start_backend(config: GRPOConfig, processor, layout) -> GenerationBackend:
+    """This rank's rollout backend (``grpo.backends``), released until the first step. Built before the
+    trainer's model: vLLM needs its share of GPU memory free when it starts."""
+    backend = build_backend(config, processor, layout)
+    backend.finish_generation()
+    return backend
 
 
-def grpo_step(step: int, prompts, *, policy, backend, reward, config: GRPOConfig, reference=None) -> dict[str, float]:
+def grpo_step(step: int, prompts, *, policy, backend: GenerationBackend, reward, config: GRPOConfig,
+              reference=None) -> dict[str, float]:
     """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics.
     reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
     from megatron.core import parallel_state
 
     from megatron_avar import platform
 
-    timings = {}
-    vllm = config.rollout.backend == "vllm" and config.rollout.vllm_enable_sleep  # asleep between rollouts
-    started = time.monotonic()
-    if vllm:
-        backend.wake_up()  # weights and KV cache back on the GPU (they slept during the last update)
-    _refit(backend, policy)
-    timings["perf/refit_seconds"] = time.monotonic() - started
-
-    started = time.monotonic()
-    rollouts = _generate(backend, prompts, config, step)
-    if vllm:
-        backend.sleep()
-    timings["perf/generate_seconds"] = time.monotonic() - started
+    timings: dict[str, float] = {}
+    rollouts = _rollouts(step, prompts, policy=policy, backend=backend, config=config, timings=timings)
     generated = sum(r.response_length for r in rollouts)
 
     started = time.monotonic()
@@ -242,10 +202,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
                            dp_rank=layout.dp_rank, dp_size=layout.dp)
-    # vLLM first: it needs its share of GPU memory free when it starts; it then sleeps until the first step.
-    backend = _build_backend(config, processor, layout)
-    if config.rollout.backend == "vllm" and config.rollout.vllm_enable_sleep:
-        backend.sleep()
+    backend = _start_backend(config, processor, layout)  # before the model (see _start_backend)
     model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
                         role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
                         distributed_optimizer=parallel.distributed_optimizer)
@@ -278,7 +235,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar grpo {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
-                           run_config=config_to_dict(config))
+                           run_config=config_to_dict(config), first_step=start_step)
     batches = iter(prompts)
 
     def step_fn(step: int) -> dict[str, float]:
@@ -298,8 +255,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                             schedule=schedule)
     finally:
         logger.close()
-        if backend is not None and hasattr(backend, "close"):
-            backend.close()
+        backend.close()
     history = outcome.history
     summary = {"steps_run": len(history), "start_step": start_step,
                "last_step": history[-1]["step"] if history else None, "stopped_by": outcome.stopped_by,

@@ -20,9 +20,9 @@ Rollouts: ``roles`` [B, S] (TokenRole, PAD = -1) and ``segment_ids`` [B, S] (pac
 token within its row, -1 on padding) or None (padded batch: one rollout per row). Rollouts are numbered
 row-major, by row and then by segment id within the row, counting only segments that exist — with the same
 number of segments in every row this is ``training.objective.QuerySets``'s numbering (b · per_row + seg).
-A row of padding only holds no rollout. K_img / K_sys are the keys the model was given as IMAGE / SYSTEM:
-the sink (position 0) is inside K_sys, as in the spec; to leave it out, give it the TEMPLATE role in the
-AVAR layers, as the SFT trainer does for ``exclude_sink``.
+A row of padding only holds no rollout (numbering: ``segments.sample_index``). K_img / K_sys are the keys the
+model was given as IMAGE / SYSTEM: the sink (``segments.attention_sink_mask``) is inside K_sys, as in the spec;
+to leave it out, give it the TEMPLATE role in the AVAR layers, as the SFT trainer does for ``exclude_sink``.
 
 The sink never changes the layer output and attaches no gradient: rewards are constants of the step.
 """
@@ -35,6 +35,7 @@ import torch
 
 from megatron_avar.models.role_mass_attention import LayerHeads
 from megatron_avar.roles import NUM_ROLES, TokenRole
+from megatron_avar.segments import sample_index, unpacked_segment_ids
 
 __all__ = ["ResponseTokens", "VisualRewardSink"]
 
@@ -54,15 +55,14 @@ class ResponseTokens:
             raise ValueError(f"roles must be [B, S], got shape {tuple(roles.shape)}")
         batch, seq = roles.shape
         if segment_ids is None:
-            segment_ids = torch.where(roles >= 0, 0, -1)
+            segment_ids = unpacked_segment_ids(roles)
         elif segment_ids.shape != roles.shape:
             raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must have the shape of roles {tuple(roles.shape)}")
         if bool(((segment_ids < 0) != (roles < 0)).any()):
             raise ValueError("segment_ids must be -1 exactly where roles are PAD (-1)")
-        roles, segment_ids = roles.long(), segment_ids.long()
-        per_row = int(segment_ids.max()) + 1 if bool((segment_ids >= 0).any()) else 1
-        key = torch.where(segment_ids >= 0, segment_ids + per_row * torch.arange(batch, device=roles.device)[:, None],
-                          -1).reshape(-1)
+        roles = roles.long()
+        key, per_row = sample_index(roles, segment_ids)
+        per_row = max(per_row, 1)  # no real token: no rollout, and nothing to divide
         keys, dense = torch.unique(key[key >= 0], return_inverse=True)   # sorted: row-major, then segment
         rollout_of_token = torch.full_like(key, -1)
         rollout_of_token[key >= 0] = dense

@@ -56,7 +56,8 @@ from collections.abc import Iterable
 import torch
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
-from megatron_avar.grpo.local_backend import END_OF_TURN, SUPPRESSED_TOKENS, sample_seed
+from megatron_avar.grpo.local_backend import SUPPRESSED_TOKENS, sample_seed
+from megatron_avar.models import hf_inference
 from megatron_avar.grpo.vllm_requests import (MAX_IMAGES_PER_PROMPT, RESUME_HINT, RefitStats, load_weights_on_worker,
                                               assemble_rollout, checked_hf_names, collapse_image_pads, engine_kwargs,
                                               images_from_pixel_values, sampled_token_logprobs,
@@ -100,7 +101,7 @@ class VLLMGenerationBackend:
             world_size=int(os.environ.get("WORLD_SIZE", "1")), distributed_initialized=distributed)
         self.processor, self.max_model_len, self.enable_sleep_mode = processor, max_model_len, enable_sleep_mode
         self.image_token_id = int(processor.image_token_id)
-        self.suppressed = {self._token_id(t): t for t in SUPPRESSED_TOKENS}
+        self.suppressed = {hf_inference.token_id(processor.tokenizer, t): t for t in SUPPRESSED_TOKENS}
         self.stop_ids = self._stop_token_ids(hf_path)
         self.last_refit: RefitStats | None = None
         self._weight_version = 0
@@ -123,26 +124,15 @@ class VLLMGenerationBackend:
         ``load_format="dummy"``)."""
         return dict(self._engine_args)
 
-    def _token_id(self, token: str) -> int:
-        token_id = self.processor.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.processor.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token: not a Qwen2.5-VL processor")
-        return int(token_id)
-
     def _stop_token_ids(self, hf_path: str) -> list[int]:
-        """The local backend's stop set: the checkpoint's generation eos ids, the tokenizer's eos, <|im_end|>."""
+        """The local backend's stop set (``hf_inference.stop_token_ids``) of the checkpoint's generation config."""
         from transformers import AutoConfig, GenerationConfig
 
         try:
             generation = GenerationConfig.from_pretrained(hf_path)
         except OSError:  # no generation_config.json: HF derives it from the model config
             generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(hf_path))
-        eos = generation.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        ids = {int(i) for i in eos if i is not None} | {self._token_id(END_OF_TURN)}
-        if self.processor.tokenizer.eos_token_id is not None:
-            ids.add(int(self.processor.tokenizer.eos_token_id))
-        return sorted(ids)
+        return hf_inference.stop_token_ids(self.processor.tokenizer, generation)
 
     def _check_ready(self) -> None:
         if self._llm is None:
@@ -296,6 +286,16 @@ class VLLMGenerationBackend:
             if tag in self._asleep:
                 self._llm.wake_up(tags=[tag])
                 self._asleep.discard(tag)
+
+    def prepare_generation(self) -> None:
+        """GenerationBackend protocol, before a step's refit: :meth:`wake_up` (nothing when awake)."""
+        self.wake_up()
+
+    def finish_generation(self) -> None:
+        """GenerationBackend protocol, after a step's rollouts and once after start-up: :meth:`sleep`, giving the
+        colocated trainer the GPU memory, when built with ``enable_sleep_mode``; otherwise nothing."""
+        if self.enable_sleep_mode:
+            self.sleep()
 
     def close(self) -> None:
         """Shut the engine down (its in-process engine core and worker) and free its GPU memory. Idempotent."""

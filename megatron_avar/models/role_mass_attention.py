@@ -41,9 +41,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_avar.ops import role_attention, role_mass
 from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.roles import NUM_ROLES
+from megatron_avar.segments import segment_cu_seqlens
 
 __all__ = ["RoleMassParams", "RoleLogitEdits", "LayerHeads", "MassSink", "RoleMassCoreAttention",
-           "ignoring_role_mass_params", "segment_cu_seqlens", "MASS_MODES"]
+           "ignoring_role_mass_params", "MASS_MODES"]
 
 MASS_MODES = ("probe", "fused")
 
@@ -141,17 +142,6 @@ class RoleMassParams(PackedSeqParams):
         """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
         run of padding), computed once per batch (None: one sample per row)."""
         return self._cu_seqlens
-
-
-def segment_cu_seqlens(segment_ids: torch.Tensor) -> torch.Tensor:
-    """int32 [N + 1] boundaries of the runs of equal segment id in each row of ``segment_ids`` [B, S], over
-    the flattened B * S stream (a run never spans two rows)."""
-    batch, seq = segment_ids.shape
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    positions = torch.nonzero(starts.reshape(-1), as_tuple=True)[0]
-    end = torch.tensor([batch * seq], device=segment_ids.device)
-    return torch.cat([positions, end]).to(torch.int32)
 
 
 class RoleMassCoreAttention(MegatronModule):

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from megatron_avar import platform
+from megatron_avar.segments import packed_sample_windows
 
 __all__ = ["role_attention", "build_problem", "reference_role_attention", "RoleAttentionProblem", "IMPLEMENTATIONS"]
 
@@ -297,22 +298,10 @@ def _role_table(name, value, num_q_heads, num_roles, device):
 
 def _packed_row_windows(cu_seqlens, total, device, check_values=True):
     """Per-token key windows [start, end) of its packed sample, int32 [1, T] tensors built on the device
-    (a sample lookup per token; no host copy of cu_seqlens unless ``check_values``)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
-            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
-        raise TypeError("cu_seqlens must be a 1-D integer tensor [N + 1] of cumulative sample lengths")
-    bounds = cu_seqlens.to(device=device, dtype=torch.long)
-    if check_values:
-        host = bounds.tolist()
-        if host[0] != 0 or host[-1] != total:
-            shown = f"{host[:3]}...{host[-2:]}" if len(host) > 4 else f"{host}"
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={total} (the packed length), got {shown}")
-        if any(b < a for a, b in zip(host[:-1], host[1:])):
-            raise ValueError(f"cu_seqlens must be non-decreasing (sample lengths >= 0), got {host}")
-    sample = torch.searchsorted(bounds[1:], torch.arange(total, device=device), right=True)
-    row_start = bounds[sample].to(torch.int32).reshape(1, total)
-    row_end = bounds[sample + 1].to(torch.int32).reshape(1, total)
-    return row_start, row_end
+    (``segments.packed_sample_windows``: no host copy of cu_seqlens unless ``check_values``)."""
+    start, end = packed_sample_windows(cu_seqlens, torch.arange(total, device=device), total,
+                                       check_values=check_values)
+    return start.to(torch.int32).reshape(1, total), end.to(torch.int32).reshape(1, total)
 
 
 def _resolve_impl(impl: str, q: torch.Tensor) -> str:

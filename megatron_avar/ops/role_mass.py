@@ -27,6 +27,7 @@ import math
 import torch
 
 from megatron_avar.ops.role_attention import _mass_dtype, _resolve_impl, check_common_args
+from megatron_avar.segments import packed_sample_windows
 
 __all__ = ["role_mass", "build_mass_problem", "reference_role_mass", "RoleMassProblem", "MASS_IMPLEMENTATIONS"]
 
@@ -168,20 +169,11 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
 
 
 def _packed_windows(cu_seqlens, rows, total, check_values):
-    """[lo, hi) of each row's packed sample, on the device (searchsorted; no host copy of cu_seqlens)."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point \
-            or cu_seqlens.dtype == torch.bool or cu_seqlens.numel() < 2:
-        raise TypeError("cu_seqlens must be a 1-D integer tensor [M + 1] of cumulative sample lengths")
-    if cu_seqlens.device != rows.device:
+    """[lo, hi) of each row's packed sample, on the device (``segments.packed_sample_windows``; no host copy of
+    cu_seqlens unless ``check_values``)."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != rows.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but query_rows is on {rows.device}")
-    bounds = cu_seqlens.long()
-    if check_values:
-        first, last = int(bounds[0]), int(bounds[-1])
-        if first != 0 or last != total or bool((bounds[1:] < bounds[:-1]).any()):
-            raise ValueError(f"cu_seqlens must start at 0, end at T={total} (the packed length) and never "
-                             f"decrease, got {bounds[:4].tolist()}...{bounds[-2:].tolist()}")
-    sample = torch.searchsorted(bounds[1:], rows, right=True)
-    return bounds[sample], bounds[sample + 1]
+    return packed_sample_windows(cu_seqlens, rows, total, check_values=check_values)
 
 
 def _role_one_hot(roles: torch.Tensor, num_roles: int, dtype) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
+from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
 from megatron_avar.training.run_loop import check_model_path
@@ -25,10 +26,9 @@ __all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
 
 
 def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """Key roles with each sample's first token (the attention sink) moved out of SYSTEM (to TEMPLATE)."""
-    first = torch.ones_like(segment_ids, dtype=torch.bool)
-    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    return torch.where(first & (segment_ids >= 0) & (roles == TokenRole.SYSTEM), int(TokenRole.TEMPLATE), roles)
+    """Key roles with each sample's attention sink (``segments.attention_sink_mask``) moved out of SYSTEM (to
+    TEMPLATE)."""
+    return torch.where(attention_sink_mask(roles, segment_ids), int(TokenRole.TEMPLATE), roles)
 
 
 def _to_device(batch, device):
@@ -231,7 +231,7 @@ def run_sft(config: SFTConfig) -> dict:
     describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar sft {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
-                           run_config=config_to_dict(config))
+                           run_config=config_to_dict(config), first_step=start_step)
     batches = iter(data)
 
     def step_fn(step: int) -> dict[str, float]:

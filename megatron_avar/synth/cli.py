@@ -29,11 +29,12 @@ def register(subparsers) -> None:
 
 
 def _synth(args) -> int:
-    from megatron_avar.synth.config import load_config, to_dict
+    from megatron_avar.config import config_to_dict, load_config
+    from megatron_avar.synth.config import SynthConfig
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(SynthConfig, args.config, args.overrides)
     if args.print_config:
-        print(json.dumps(to_dict(config), indent=2))
+        print(json.dumps(config_to_dict(config), indent=2))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron_avar.synth").setLevel(logging.INFO)

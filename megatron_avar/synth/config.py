@@ -1,18 +1,18 @@
-"""`avar synth` configuration: typed dataclasses, validated once, loaded from YAML plus dotted overrides.
+"""`avar synth` configuration: typed dataclasses, validated once.
 
 Every field has a documented default; an example YAML (examples/synth/*.yaml) is a minimal diff over
 them. Validation happens in ``__post_init__`` and raises ValueError naming the field (as a dotted path
-such as ``reason.teacher.max_tokens``) and the allowed values. Unknown keys are errors, so a typo cannot
-silently fall back to a default.
+such as ``reason.teacher.max_tokens``) and the allowed values. The project's one loader reads them
+(``megatron_avar.config.load_config(SynthConfig, path, overrides)``): unknown keys are errors, a wrong type
+names the key, the value and the file:line or override that set it, overrides index list items
+(``sources.0.limit=100``), and a teacher section that sets some fields keeps its stage's defaults for the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from pathlib import Path
-from typing import Any
 
 EXECUTORS = ("xenna", "ray_data", "local")
 SOURCE_FORMATS = ("conversations", "columns")
@@ -232,6 +232,7 @@ class SynthConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))  # the loader gives a list
         _check(len(self.sources) >= 1, "sources", "must list at least one source (name, path)")
         names = [source.name for source in self.sources]
         _check(len(set(names)) == len(names), "sources[].name", f"must be unique, got {names}")
@@ -244,89 +245,3 @@ class SynthConfig:
     @property
     def work_dir(self) -> Path:
         return Path(self.run.work_dir) if self.run.work_dir else Path(f"{self.output.dir.rstrip('/')}.work")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` (parsed YAML) as the annotated type ``hint``, recursing into dataclasses and tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ValueError(f"synth config: {where} must be a mapping of {[f.name for f in dataclasses.fields(hint)]}")
-        return from_dict(hint, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"synth config: {where} must be a list")
-        return tuple(_coerce(item, args[0], f"{where}[{index}]") for index, item in enumerate(value))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [arg for arg in args if arg is not type(None)]
-        return _coerce(value, inner, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = origin or hint
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"synth config: {where} must be {getattr(expected, '__name__', expected)}, got {value!r}")
-    return value
-
-
-def from_dict(cls, data: dict, where: str = ""):
-    """Build dataclass ``cls`` from a mapping; unknown keys raise ValueError listing the known ones."""
-    hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"synth config: unknown key(s) {[f'{where}.{k}'.lstrip('.') for k in unknown]}; "
-                         f"{where or 'the top level'} accepts {names}")
-    kwargs = {key: _coerce(value, hints[key], f"{where}.{key}".lstrip(".")) for key, value in data.items()}
-    return cls(**kwargs)
-
-
-def apply_override(data: dict, override: str) -> None:
-    """Apply one ``dotted.key=value`` override (value parsed as YAML; list items by index: sources.0.path=...)."""
-    import yaml
-
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like dotted.key=value (e.g. reason.num_candidates=4)")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    node: Any = data
-    for position, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"override {key!r}: {'.'.join(parts[:position])} has {len(node)} items; index {part!r} is not one")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ValueError(f"override {key!r}: {'.'.join(parts[:position + 1])} is not a mapping")
-    last = parts[-1]
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ValueError(f"override {key!r}: index {last!r} out of range")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> SynthConfig:
-    """Read a YAML config (or start from defaults with ``path=None``), apply dotted overrides, validate."""
-    import yaml
-
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a synth config must be a YAML mapping")
-    for override in overrides:
-        apply_override(data, override)
-    return from_dict(SynthConfig, data)
-
-
-def to_dict(config: SynthConfig) -> dict:
-    """The resolved config as plain data (written into the manifest; holds no secrets: only env var names)."""
-    return dataclasses.asdict(config)

@@ -26,8 +26,9 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_avar.config import config_to_dict
 from megatron_avar.synth.client import chat_url
-from megatron_avar.synth.config import SynthConfig, to_dict
+from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.progress import ProgressMonitor, read_progress
 from megatron_avar.synth.writer import merge_counts
 
@@ -199,7 +200,7 @@ def build_manifest(config: SynthConfig, results: list, elapsed_s: float) -> dict
         "tokens": {"spent": sum(s["tokens_spent"] for s in sources.values()),
                    "cached": sum(s["tokens_cached"] for s in sources.values())},
         "elapsed_s": round(elapsed_s, 3),
-        "config": to_dict(config),
+        "config": config_to_dict(config),  # env var names only, no secrets
     }
 
 

@@ -1,11 +1,11 @@
-"""Helpers for tests: run a function on several gloo/NCCL ranks, build megatron modules with identical
-logical weights at any TP/PP layout.
+"""Helpers for tests: run a function on several gloo/NCCL ranks (the package's launcher,
+``megatron_avar.local_ranks``), build megatron modules with identical logical weights at any TP/PP layout.
 
     from megatron_avar.testing import run_on_ranks, RankFailedError, RanksTimedOutError
     from megatron_avar.testing import fill_logical_weights, gather_full_tensors, global_named_parameters
 """
 
-from megatron_avar.testing.multiprocess import (
+from megatron_avar.local_ranks import (
     MultiprocessError,
     RankFailedError,
     RanksTimedOutError,

@@ -341,9 +341,10 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
     def make_folder() -> None:
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save of the same step
-            (partial / RANK_STATE).mkdir(parents=True)
+            partial.mkdir(parents=True)  # empty: megatron takes a non-empty folder for an old broken checkpoint
 
     def write_rank_state() -> None:
+        (partial / RANK_STATE).mkdir(exist_ok=True)
         save_file(_rng_state(), str(_rank_state_file(partial, rank)),
                   metadata={key: str(value) for key, value in _coordinates().items()})
         if rank == 0:

@@ -57,10 +57,12 @@ def peak_memory_gb() -> float:
 
 
 class MetricsLogger:
-    """Writes each step's metrics: a console line with ETA, <out>/metrics.jsonl, TensorBoard, W&B."""
+    """Writes each step's metrics: a console line with ETA, <out>/metrics.jsonl, TensorBoard, W&B.
+    ``first_step``: the step this run starts at; a resumed run's TensorBoard writer purges the events of that
+    step and later that the interrupted run had written (those steps run again), so no step shows twice."""
 
     def __init__(self, out_dir: str | Path, *, total_steps: int, enabled: bool, tensorboard: bool,
-                 wandb_project: str | None, run_config: dict):
+                 wandb_project: str | None, run_config: dict, first_step: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
         self.start_time, self.start_step = time.monotonic(), None
         self.writer = self.wandb = None
@@ -71,7 +73,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step or None)
         if wandb_project:
             try:
                 import wandb

@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megatron_avar.models.layer_sets import check_layer_set, parse_layers
 from megatron_avar.roles import TokenRole
+from megatron_avar.segments import attention_sink_mask, sample_index
 from megatron_avar.training.aux_loss import attach_aux_loss
 
 if TYPE_CHECKING:  # megatron.core: config modules import this file and must not load megatron
@@ -42,7 +44,8 @@ LAYER_METRICS = ("l_enh", "l_sup", "vas", "image_share")
 @dataclass(frozen=True)
 class AGTOConfig:
     """alpha: weight of L_enh (raise image mass). beta: weight of L_sup (lower system mass). epsilon: inside
-    the logs and the VAS ratio. layers: AVAR layers, "all" or a list of 0-based decoder layer indexes.
+    the logs and the VAS ratio. layers: the AVAR layers, a layer set (``models.layer_sets``: "all", "middle",
+    "A-B", "i,j,k" or a list of 0-based decoder layer indexes).
     exclude_sink: drop each sample's first token from K_sys. alpha = beta = 0 trains plain SFT while the
     masses are still measured (a baseline with identical logging)."""
 
@@ -57,31 +60,25 @@ class AGTOConfig:
             raise ValueError(f"avar.alpha and avar.beta must be finite and >= 0, got {self.alpha}, {self.beta}")
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
             raise ValueError(f"avar.epsilon must be > 0, got {self.epsilon}")
-        if isinstance(self.layers, str) and self.layers != "all":
-            raise ValueError(f"avar.layers must be 'all' or a list of layer indexes, got {self.layers!r}")
+        check_layer_set(self.layers, field="avar.layers")
 
     def layer_indexes(self, num_layers: int) -> tuple[int, ...]:
-        if self.layers == "all":
-            return tuple(range(num_layers))
-        bad = [i for i in self.layers if not 0 <= int(i) < num_layers]
-        if bad or not self.layers:
-            raise ValueError(f"avar.layers {list(self.layers)}: the model has layers 0..{num_layers - 1}")
-        return tuple(sorted({int(i) for i in self.layers}))
+        """``layers`` resolved for a model with ``num_layers`` decoder layers (sorted, distinct)."""
+        return parse_layers(self.layers, num_layers, field="avar.layers")
 
 
 class QuerySets:
     """The token sets of one microbatch: Q per sample, and |Q|, |K_img|, |K_sys| per sample.
 
     roles int [B, S] (TokenRole, -1 padding); segment_ids int [B, S] or None (packed rows: the sample index
-    of each token in its row, -1 padding; None: one sample per row). Samples are numbered row-major.
+    of each token in its row, -1 padding; None: one sample per row). Samples are numbered row-major
+    (``segments.sample_index``). exclude_sink: K_sys without each sample's attention sink
+    (``segments.attention_sink_mask``, the tokens the trainer gives the TEMPLATE role).
     """
 
     def __init__(self, roles: torch.Tensor, segment_ids: torch.Tensor | None, *, exclude_sink: bool = False):
-        batch, seq = roles.shape
-        if segment_ids is None:
-            segment_ids = torch.where(roles >= 0, 0, -1).expand(batch, seq)
-        per_row = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-        sample = torch.where(segment_ids >= 0, segment_ids + per_row * torch.arange(batch)[:, None], -1).reshape(-1)
+        batch = roles.shape[0]
+        sample, per_row = sample_index(roles, segment_ids)
         flat_roles = roles.reshape(-1)
         self.num_samples = batch * per_row
         count = lambda mask: torch.zeros(self.num_samples, dtype=torch.long).index_add_(  # noqa: E731
@@ -100,7 +97,10 @@ class QuerySets:
         self.q_sample = sample[self.q_index]
         self.q_count = count(query)
         self.image_count = count(image)
-        self.system_count = count(real & (flat_roles == TokenRole.SYSTEM)) - (1 if exclude_sink else 0)
+        system = real & (flat_roles == TokenRole.SYSTEM)
+        if exclude_sink:
+            system = system & ~attention_sink_mask(roles, segment_ids).reshape(-1)
+        self.system_count = count(system)
         self.eligible = (self.q_count > 0) & (self.image_count > 0) & (self.system_count > 0)
 
     @property

@@ -19,6 +19,7 @@ import torch
 
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.roles import IGNORE_INDEX, RenderedConversation, TokenRole
+from megatron_avar.segments import segment_ids_from_cu_seqlens
 
 __all__ = ["PackedRow", "PackedBatch", "pack_row", "collate_rows", "shift_labels", "first_fit_decreasing"]
 
@@ -79,10 +80,7 @@ class PackedRow:
 
     def segment_ids(self) -> torch.Tensor:
         """int64 [S]: the index of the sample each token belongs to (0..num_samples-1), -1 in the tail."""
-        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        segments = torch.full((self.seq_length,), -1, dtype=torch.long)
-        segments[: self.num_real_tokens] = torch.repeat_interleave(torch.arange(self.num_samples), lengths)
-        return segments
+        return segment_ids_from_cu_seqlens(self.cu_seqlens, self.seq_length)
 
     def cu_seqlens_padded(self) -> torch.Tensor:
         """int32 boundaries covering the whole row: `cu_seqlens`, plus the tail as one more segment when the

@@ -7,7 +7,7 @@ import threading
 import mpmath
 import pytest
 
-from megatron_avar.analysis.layers import middle_layers, parse_layers
+from megatron_avar.models.layer_sets import middle_layers, parse_layers
 from megatron_avar.analysis.stats import pearson, regularized_incomplete_beta, student_t_two_sided_p
 from megatron_avar.grading import INTERVENTION, extract_answer, grade
 

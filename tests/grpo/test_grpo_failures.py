@@ -14,34 +14,60 @@ from megatron_avar.testing import run_on_ranks
 
 
 class _CrashingBackend:
+    calls: list[str] = []  # of the one instance, on the rank that builds it
+
+    def prepare_generation(self):
+        self.calls.append("prepare_generation")
+
+    def update_weights(self, named_tensors):
+        self.calls.append(f"update_weights({len(list(named_tensors))})")
+
     def generate(self, prompts, n, sampling):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def finish_generation(self):
+        self.calls.append("finish_generation")
+
+    def close(self):
+        self.calls.append("close")
 
 
 def _generate_with_crashing_backend():
     from megatron.core import parallel_state
 
+    from megatron_avar.grpo.backends import on_model_parallel_source
     from megatron_avar.grpo.trainer import RolloutEngineError, _generate
     from megatron_avar.training.megatron_setup import init_distributed
 
-    layout = init_distributed(2, 1, seed=0)
+    init_distributed(2, 1, seed=0)
     config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused"])
     prompts = type("Prompts", (), {"prompt_ids": ["p0", "p1"]})()
-    backend = _CrashingBackend() if layout.tp_rank == 0 else None
+    backend = on_model_parallel_source(_CrashingBackend)  # as the local backend: generated on TP rank 0 only
+    walked = []
+    backend.prepare_generation()
+    backend.update_weights(walked.append((name, None)) or (name, torch.zeros(1)) for name in ("a", "b"))
+    message = "no error"
     try:
         _generate(backend, prompts, config, 7)
     except RolloutEngineError as error:
-        return str(error)
+        message = str(error)
     finally:
         parallel_state.destroy_model_parallel()
-    return "no error"
+    backend.finish_generation()
+    backend.close()
+    return message, len(walked), list(_CrashingBackend.calls)
 
 
 @pytest.mark.multiprocess
 def test_a_rollout_engine_crash_fails_every_rank_of_the_group():
-    messages = run_on_ranks(_generate_with_crashing_backend, 2, timeout_s=120)
-    for message in messages:
+    results = run_on_ranks(_generate_with_crashing_backend, 2, timeout_s=120)
+    for message, walked, _ in results:
         assert "step 7" in message and "illegal memory access" in message and "resume" in message
+        assert "rank 0, which generates for its model-parallel group, failed" in message
+        assert walked == 2  # every rank joins the weight walk (a collective)
+    # only the source holds the backend; the others pass the calls on to nothing
+    assert results[0][2] == ["prepare_generation", "update_weights(2)", "finish_generation", "close"]
+    assert results[1][2] == []
 
 
 def _rollout(response_ids):

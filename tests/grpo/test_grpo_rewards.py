@@ -87,9 +87,10 @@ def test_config_and_input_validation():
         RewardConfig(visual_clip=0.0)
     with pytest.raises(ValueError, match="reward.epsilon"):
         RewardConfig(epsilon=0)
-    with pytest.raises(ValueError, match="reward.visual_layers"):
-        RewardConfig(visual_layers="middle")
-    with pytest.raises(ValueError, match=r"reward.visual_layers \[1, 5\]: the model has layers 0..3"):
+    with pytest.raises(ValueError, match="reward.visual_layers 'last_half': cannot read"):
+        RewardConfig(visual_layers="last_half")
+    assert RewardConfig(visual_layers="0,2-3").layer_indexes(4) == (0, 2, 3)  # the one layer-set syntax
+    with pytest.raises(ValueError, match=r"reward.visual_layers \[1, 5\]: layer 5 is out of range; this model has 4"):
         RewardConfig(visual_layers=[1, 5]).layer_indexes(4)
     assert RewardConfig(visual_layers=[3, 1, 1]).layer_indexes(4) == (1, 3)
     assert RewardConfig().layer_indexes(3) == (0, 1, 2)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_avar.synth.config import load_config
+from megatron_avar.config import load_config
+from megatron_avar.synth.config import SynthConfig
 from synth_fake_teacher import FakeTeacher
 
 # Fast client settings: retries with millisecond backoff, a short timeout for the "timeout" fault.
@@ -24,4 +25,4 @@ def synth_overrides(tmp_path: Path, data: Path, teacher: FakeTeacher, *overrides
 def synth_config(tmp_path: Path, data: Path, teacher: FakeTeacher, *overrides: str, name: str = "run"):
     """A config reading ``data`` with all teachers at ``teacher``, output in tmp_path/<name>,
     request cache shared by all runs of a test (tmp_path/work)."""
-    return load_config(None, synth_overrides(tmp_path, data, teacher, *overrides, name=name))
+    return load_config(SynthConfig, None, synth_overrides(tmp_path, data, teacher, *overrides, name=name))

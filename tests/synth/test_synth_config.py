@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 from megatron_avar.cli import main
 from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
-from megatron_avar.synth.config import load_config
+from megatron_avar.config import load_config
+from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.prompts import load_prompts, reason_messages
 from megatron_avar.synth.teachers import Malformed, parse_description
 from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
@@ -20,17 +23,19 @@ SOURCE = ["sources=[{name: a, path: data.jsonl}]"]
 
 @pytest.mark.parametrize("name", ["procedural_local.yaml", "vard_cluster.yaml"])
 def test_example_configs_are_valid(name):
-    config = load_config(REPO / "examples" / "synth" / name)
+    config = load_config(SynthConfig, REPO / "examples" / "synth" / name)
     assert config.sources and config.work_dir.name.endswith(".work")
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["sources=[]"], "sources must list at least one source"),
     (["sources=[{name: a, path: x}, {name: a, path: y}]"], r"sources\[\].name must be unique"),
-    (SOURCE + ["reason.num_candidate=2"], r"unknown key\(s\) \['reason.num_candidate'\]; reason accepts"),
+    (SOURCE + ["reason.num_candidate=2"], r"unknown config key\(s\) reason.num_candidate; allowed in reason: "
+                                          "num_candidates, teacher"),
     (SOURCE + ["run.executor=spark"], r"run.executor must be one of \['xenna', 'ray_data', 'local'\]"),
     (SOURCE + ["reason.num_candidates=0"], r"reason.num_candidates must be in \[1, 64\]"),
-    (SOURCE + ["reason.num_candidates=two"], "reason.num_candidates must be int"),
+    (SOURCE + ["reason.num_candidates=two"], r'reason.num_candidates="two" \(override reason.num_candidates=two\): '
+                                             "expected an integer, got a string"),
     (SOURCE + ["client.max_failed_share=1.5"], r"client.max_failed_share must be in \[0, 1\]"),
     (SOURCE + ["client.max_failed_share=-0.1"], r"client.max_failed_share must be in \[0, 1\]"),
     (SOURCE + ["verify.select=best"], "verify.select must be one of"),
@@ -38,26 +43,84 @@ def test_example_configs_are_valid(name):
     (SOURCE + ["anchor.teacher.api_key_env=SYNTH_UNSET_VARIABLE"], "SYNTH_UNSET_VARIABLE.*not set"),
     (SOURCE + ["run.prompt_version=v0"], "run.prompt_version must name a folder"),
     (["sources=[{name: a, path: x, format: csv}]"], r"sources\[a\].format must be one of"),
-    (SOURCE + ["sources.3.path=y"], "sources has 1 items; index '3' is not one"),
-    (SOURCE + ["reason"], "must look like dotted.key=value"),
+    (SOURCE + ["sources.3.path=y"], r"sources is a list of 1 item\(s\), so '3' is not one of its items \(indexes "
+                                    r"from 0 to 0\); set the whole list instead \(sources=\[...\]\)"),
+    (["sources.0.path=y"], r"sources is not set here .*no item 0; set the whole list"),
+    (SOURCE + ["reason"], "not of the form dotted.key=value"),
 ])
 def test_invalid_configs_name_the_field(overrides, message, monkeypatch):
     monkeypatch.delenv("SYNTH_UNSET_VARIABLE", raising=False)
     with pytest.raises(ValueError, match=message):
-        load_config(None, overrides)
+        load_config(SynthConfig, None, overrides)
 
 
 def test_overrides_reach_list_items_and_disabled_stages_skip_their_checks(monkeypatch):
-    config = load_config(None, SOURCE + ["sources.0.limit=5", "client.timeout_s=3", "anchor.enabled=false",
+    config = load_config(SynthConfig, None, SOURCE + ["sources.0.limit=5", "client.timeout_s=3", "anchor.enabled=false",
                                          "anchor.teacher.api_key_env=SYNTH_UNSET_VARIABLE"])
     assert config.sources[0].limit == 5 and config.client.timeout_s == 3.0 and not config.anchor.enabled
 
 
+def test_a_wrong_type_names_the_key_the_value_and_where_it_was_set(tmp_path):
+    config_file = tmp_path / "synth.yaml"
+    config_file.write_text("sources:\n  - name: a\n    path: data.jsonl\n    limit: all\n"
+                           "describe:\n  teacher:\n    temperature: warm\n")
+    with pytest.raises(ValueError, match=rf'^sources.0.limit="all" \({config_file}:4\): expected an integer or '
+                                         "null, got a string$"):
+        load_config(SynthConfig, config_file)
+    config_file.write_text("sources: [{name: a, path: data.jsonl}]\ndescribe:\n  teacher:\n    temperature: warm\n")
+    with pytest.raises(ValueError, match=rf'^describe.teacher.temperature="warm" \({config_file}:4\): expected a '
+                                         "number, got a string$"):
+        load_config(SynthConfig, config_file)
+    with pytest.raises(ValueError, match=r'^reason.teacher.max_tokens=2.5 \(override reason.teacher.max_tokens=2.5\)'
+                                         ": expected an integer, got a non-integral number$"):
+        load_config(SynthConfig, config_file, ["describe.teacher.temperature=0.1", "reason.teacher.max_tokens=2.5"])
+
+
+def test_list_items_are_overridden_by_index_and_named_by_index(tmp_path):
+    config_file = tmp_path / "synth.yaml"
+    config_file.write_text("sources:\n  - {name: a, path: a.jsonl}\n  - {name: b, path: b.jsonl}\n")
+    config = load_config(SynthConfig, config_file, ["sources.1.limit=7", "sources.0.format=columns"])
+    assert [(s.name, s.format, s.limit) for s in config.sources] == [("a", "columns", None), ("b", "conversations", 7)]
+    assert isinstance(config.sources, tuple)
+    with pytest.raises(ValueError, match=r'^sources.1.limit="x" \(override sources.1.limit=x\): expected an integer'):
+        load_config(SynthConfig, config_file, ["sources.1.limit=x"])
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) sources.0.pth; allowed in sources.0: answer_column"):
+        load_config(SynthConfig, config_file, ["sources.0.pth=x"])
+    with pytest.raises(ValueError, match=r"config key\(s\) sources.1.path must be set"):
+        load_config(SynthConfig, config_file, ["sources.1={name: b}"])
+
+
+def test_a_partial_teacher_section_keeps_the_stage_defaults_of_the_other_fields(tmp_path):
+    config_file = tmp_path / "synth.yaml"
+    config_file.write_text("sources: [{name: a, path: data.jsonl}]\n"
+                           "describe:\n  teacher: {model: m}\nanchor:\n  teacher:\n    max_tokens: 64\n")
+    config = load_config(SynthConfig, config_file, ["reason.teacher.top_p=0.9"])
+    defaults = SynthConfig(sources=config.sources)
+    assert config.describe.teacher == dataclasses.replace(defaults.describe.teacher, model="m")
+    assert config.describe.teacher.temperature == 0.2  # DescribeConfig's default teacher, not TeacherConfig's 0.7
+    assert config.anchor.teacher == dataclasses.replace(defaults.anchor.teacher, max_tokens=64)
+    assert config.anchor.teacher.model == "Qwen/Qwen3-32B" and config.anchor.teacher.temperature == 0.3
+    assert config.reason.teacher == dataclasses.replace(defaults.reason.teacher, top_p=0.9)
+    assert config.reason.teacher.model == "Qwen/Qwen3-235B-A22B"
+    empty = load_config(SynthConfig, None, SOURCE + ["describe.teacher={}"])
+    assert empty.describe.teacher == defaults.describe.teacher
+
+
 def test_cli_reports_bad_input_as_usage_error(tmp_path, capsys):
     assert main(["synth", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "avar synth: error: config file not found" in capsys.readouterr().err
+    assert f"avar synth: error: config file {tmp_path / 'missing.yaml'} does not exist" in capsys.readouterr().err
     assert main(["synth", "sources=[{name: a, path: x}]", "run.executor=spark"]) == 2
     assert "run.executor must be one of" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert main(["synth", "--print-config", "sources=[{name: a, path: x}]", "sources.0.limit=3",
+                 "anchor.teacher.max_tokens=64"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["sources"][0] | {"limit": None} == {"name": "a", "path": "x", "format": "conversations",
+                                                       "image_column": "image", "question_column": "question",
+                                                       "answer_column": "answer", "id_column": None, "limit": None}
+    assert printed["sources"][0]["limit"] == 3 and printed["anchor"]["teacher"]["temperature"] == 0.3
 
 
 def test_prompts_are_versioned_templates():

@@ -122,9 +122,10 @@ def test_attach_is_the_identity_forward_and_inert_without_grad():
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="avar.alpha"):
         AGTOConfig(alpha=-1)
-    with pytest.raises(ValueError, match="avar.layers"):
-        AGTOConfig(layers="middle")
-    with pytest.raises(ValueError, match=r"avar.layers \[0, 9\]: the model has layers 0..3"):
+    with pytest.raises(ValueError, match="avar.layers 'last_half': cannot read 'last_half'"):
+        AGTOConfig(layers="last_half")
+    assert AGTOConfig(layers="2-3").layer_indexes(4) == (2, 3)  # the one layer-set syntax (models.layer_sets)
+    with pytest.raises(ValueError, match=r"avar.layers \[0, 9\]: layer 9 is out of range; this model has 4 decoder"):
         AGTOConfig(layers=[0, 9]).layer_indexes(4)
     assert AGTOConfig(layers=[3, 1, 1]).layer_indexes(4) == (1, 3)
     assert math.isclose(AGTOConfig().alpha, 0.15)

@@ -1,14 +1,14 @@
-"""The child side of :func:`megatron_avar.testing.run_on_ranks`: what one rank does, start to exit.
+"""The child side of :func:`megatron_avar.local_ranks.run_on_ranks`: what one rank does, start to exit.
 
-This module is also the forkserver's preload (see ``multiprocess.py`` for why a forkserver): importing
+This module is also the forkserver's preload (see ``launcher.py`` for why a forkserver): importing
 it imports torch and megatron-core once in the server, so every rank forked from it starts with them
 already loaded. Nothing here may start threads or run torch ops at import time: the server must stay
 single-threaded for its forks to be safe.
 
 Protocol with the parent, over one ``Connection`` per rank: exactly one message, either
-``("ok", pickled_result)`` or ``("error", exception_type_name, traceback_text, time.monotonic())``
-(the system-wide monotonic time of the failure, so the parent can tell the first failure from the
-errors it caused in ranks blocked on a collective with it). A rank that exits
+``("ok", pickled_result)`` or ``("error", exception_type_name, traceback_text, time.monotonic(),
+str(exception))`` (the system-wide monotonic time of the failure, so the parent can tell the first failure
+from the errors it caused in ranks blocked on a collective with it). A rank that exits
 without a message (``os._exit``, a signal, a crash in C++) is detected by the parent through the
 process sentinel.
 """
@@ -25,9 +25,10 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from megatron_avar import platform
-from megatron_avar.testing.multiprocess import STACK_DUMP_SIGNAL
+from megatron_avar.local_ranks.launcher import STACK_DUMP_SIGNAL
 
 # megatron-core's import-time warnings (Transformer Engine / Apex absent) are filtered by megatron_avar.console,
 # installed when the package was imported above; any other warning still shows in the rank logs.
@@ -48,21 +49,23 @@ def rank_main(
     sys_path: list[str],
     cwd: str,
     payload: bytes,
-    log_path: str,
-    timeout_s: float,
+    log_path: str | None,
+    timeout_s: float | None,
 ) -> None:
     """Run one rank: environment, process group, ``fn(*args, **kwargs)``, teardown, reply.
 
-    The rank's stdout/stderr (fds 1 and 2, so C++ output too) go to ``log_path``; the parent replays
-    it. ``environ``/``sys_path``/``cwd`` are the caller's at call time: the forkserver captured its own
-    when it started, which may be stale.
+    The rank's stdout/stderr (fds 1 and 2, so C++ output too) go to ``log_path``, which the parent replays
+    (None: they stay where they are). ``environ``/``sys_path``/``cwd`` are the caller's at call time: the
+    forkserver captured its own when it started, which may be stale.
     """
-    log = open(log_path, "w", buffering=1)
+    log = open(log_path, "w", buffering=1) if log_path is not None else sys.stderr
     sys.stdout.flush()
     sys.stderr.flush()
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
+    if log_path is not None:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
     faulthandler.register(STACK_DUMP_SIGNAL, file=log, all_threads=True)
+    platform.tie_forked_children_to_this_process()
     try:
         os.environ.clear()
         os.environ.update(environ)
@@ -85,7 +88,7 @@ def rank_main(
         _teardown()
         message = ("ok", pickle.dumps(result))
     except BaseException as exc:  # noqa: BLE001 - every failure, SystemExit included, goes to the parent
-        message = ("error", type(exc).__qualname__, traceback.format_exc(), time.monotonic())
+        message = ("error", type(exc).__qualname__, traceback.format_exc(), time.monotonic(), str(exc))
     sys.stdout.flush()  # before replying: the parent may kill the rank any time after the reply
     sys.stderr.flush()
     log.flush()
@@ -93,19 +96,20 @@ def rank_main(
     conn.close()
 
 
-def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float) -> None:
+def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float | None) -> None:
     # The parent owns the TCPStore server (port chosen by the OS while binding, so no race with other
     # runs for a "free" port); ranks connect as clients. A rank that finishes early therefore cannot
     # take the store down under the others, as rank 0 hosting it would.
     platform.bind_device(int(os.environ["LOCAL_RANK"]))
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False, timeout=timeout)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False,
+                          timeout=timeout or default_pg_timeout)
     dist.init_process_group(
         platform.distributed_backend(),
         store=store,
         rank=rank,
         world_size=world_size,
-        timeout=timeout,  # a rank stuck in a collective errors out even if the parent vanished
+        timeout=timeout,  # a rank stuck in a collective errors out even if the parent vanished (None: torch's)
     )
 
 

@@ -1,7 +1,10 @@
-"""Run a function on N torch.distributed ranks (gloo on CPU, NCCL on GPUs) and collect per-rank results.
+"""Run a function on N local torch.distributed ranks (gloo on CPU, NCCL on GPUs) and collect per-rank results:
+the one launcher of the package, used by the commands that start their own ranks (`avar convert`, `avar vas`
+on a megatron checkpoint: :func:`launch`) and by the tests (:func:`run_on_ranks`, re-exported by
+``megatron_avar.testing``).
 
-    from megatron_avar.testing import run_on_ranks
     results = run_on_ranks(check_tp2, 2, seq_len, timeout_s=120)   # [rank 0 result, rank 1 result]
+    launch(hf_to_mcore_rank, tp * pp, hf_dir, out_dir, ...)        # live output, no deadline, ValueError kept
 
 ``fn`` runs on every rank with the default process group initialised; megatron's parallel state, if
 ``fn`` initialises it, is destroyed afterwards, as is the process group. Failures surface promptly:
@@ -10,6 +13,10 @@
   are killed at once and :class:`RankFailedError` carries the failing rank's number and traceback;
 * nothing finished after ``timeout_s`` -> each unfinished rank's Python stacks are dumped into its log,
   all ranks are killed, and :class:`RanksTimedOutError` names the unfinished ranks and shows the dumps.
+
+Ranks are not daemonic: megatron's torch_dist checkpoint writer starts worker processes of its own, which a
+daemonic process may not. Every rank ties the children it forks to itself
+(``platform.tie_forked_children_to_this_process``) and the launcher kills the ranks it leaves behind.
 
 Start method: a forkserver with torch and megatron-core preloaded. Measured on the 2-core CPU machine
 (torch 2.13 CPU, megatron-core 0.16.1; `import megatron.core` alone takes 4.3 s), 2 ranks, for a
@@ -51,9 +58,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["run_on_ranks", "MultiprocessError", "RankFailedError", "RanksTimedOutError"]
+__all__ = ["launch", "run_on_ranks", "MultiprocessError", "RankFailedError", "RanksTimedOutError"]
 
-_PRELOAD = ["megatron_avar.testing._rank"]
+_PRELOAD = ["megatron_avar.local_ranks._rank"]
 # Sent to a rank before it is killed on timeout: its faulthandler dumps every thread's Python stack.
 STACK_DUMP_SIGNAL = signal.SIGUSR1
 _KILL_GRACE_S = 2.0  # SIGTERM first, SIGKILL after this
@@ -70,13 +77,16 @@ class RankFailedError(MultiprocessError):
     """A rank raised or exited without a result.
 
     Attributes: ``rank``, ``exception_type`` (qualified name, or None if the rank died without raising),
-    ``rank_traceback`` (the formatted traceback, or the tail of the rank's output if it died).
+    ``exception_message`` (``str()`` of the exception, or None), ``rank_traceback`` (the formatted traceback,
+    or the tail of the rank's output if it died).
     """
 
-    def __init__(self, message: str, rank: int, exception_type: str | None, rank_traceback: str):
+    def __init__(self, message: str, rank: int, exception_type: str | None, rank_traceback: str,
+                 exception_message: str | None = None):
         super().__init__(message)
         self.rank = rank
         self.exception_type = exception_type
+        self.exception_message = exception_message
         self.rank_traceback = rank_traceback
 
 
@@ -92,8 +102,9 @@ def run_on_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout_s: float = 300.0,
+    timeout_s: float | None = 300.0,
     env: Mapping[str, str] | None = None,
+    capture_output: bool = True,
     **kwargs: Any,
 ) -> list[Any]:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` ranks and return the results, index = rank.
@@ -101,18 +112,19 @@ def run_on_ranks(
     Each rank sees the caller's environment plus ``env`` plus RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (all ranks are local), and ``torch.distributed`` is
     initialised with ``platform.distributed_backend()`` before ``fn`` runs. Each rank gets
-    ``cores // world_size`` torch threads. What ranks print is written to this process's stderr once
-    they finish (so pytest shows it with a failing test). ``timeout_s`` bounds the run from the moment
-    all ranks are forked (the forkserver's one-time start is not counted); it is also the process
-    group's collective timeout.
+    ``cores // world_size`` torch threads. ``capture_output``: what ranks print is written to this process's
+    stderr once they finish (so pytest shows it with a failing test); False lets it through as it comes (to
+    where this process's output went when the first ranks of the process started: the forkserver's). ``timeout_s``
+    bounds the run from the moment all ranks are started (the forkserver's one-time start is not counted); it
+    is also the process group's collective timeout. None: no deadline, torch's default collective timeout.
 
     Raises ValueError for bad arguments or an unpicklable ``fn``/arguments, :class:`RankFailedError`,
     :class:`RanksTimedOutError`.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds or None (no deadline), got {timeout_s!r}")
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ValueError(f"env must map str to str (os.environ values), got {dict(env)!r}")
     try:
@@ -129,7 +141,7 @@ def run_on_ranks(
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     context = _forkserver_context()
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as log_dir:
-        log_paths = [os.path.join(log_dir, f"rank{r}.log") for r in range(world_size)]
+        log_paths = [os.path.join(log_dir, f"rank{r}.log") if capture_output else None for r in range(world_size)]
         ranks = []
         results = None
         try:
@@ -140,14 +152,15 @@ def run_on_ranks(
                     name=f"run_on_ranks-rank{rank}",
                     args=(child_conn, rank, world_size, store.port, environ, list(sys.path),
                           os.getcwd(), payload, log_paths[rank], timeout_s),
-                    daemon=True,
+                    daemon=False,  # megatron's checkpoint writer forks workers (module docstring)
                 )
                 process.start()
                 child_conn.close()  # so that a dead rank reads as EOF here
                 ranks.append(_Rank(rank, process, parent_conn))
             # The clock starts once every rank is forked, so the forkserver's one-time start (~5 s,
             # the first call of a process) is not charged to the first caller's timeout.
-            results = _collect(ranks, time.monotonic() + timeout_s, log_paths)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            results = _collect(ranks, deadline, log_paths)
             return results
         finally:
             # After success the ranks are exiting on their own; after a failure nobody waits for them.
@@ -156,10 +169,23 @@ def run_on_ranks(
             del store
 
 
+def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """:func:`run_on_ranks` as a command starts its ranks (`avar convert`, `avar vas` on a megatron checkpoint):
+    their output shown as it comes (progress bars), no deadline (a 72B conversion takes hours), and a rank's
+    ValueError (bad input the rank found, e.g. a checkpoint that does not match its config) raised here as a
+    ValueError with the rank's message, which the CLI reports in one line."""
+    try:
+        return run_on_ranks(fn, world_size, *args, timeout_s=None, capture_output=False)
+    except RankFailedError as error:
+        if error.exception_type == "ValueError" and error.exception_message is not None:
+            raise ValueError(error.exception_message) from None
+        raise
+
+
 def _rank_entry(*args) -> None:
     # Imported here, not at the top: the forkserver already holds `_rank` (and megatron), while the
     # caller should not pay megatron's import just to start ranks.
-    from megatron_avar.testing._rank import rank_main
+    from megatron_avar.local_ranks._rank import rank_main
 
     rank_main(*args)
 
@@ -170,11 +196,11 @@ class _Rank:
         self.message: tuple | None = None
 
 
-def _collect(ranks: list[_Rank], deadline: float, log_paths: list[str]) -> list[Any]:
+def _collect(ranks: list[_Rank], deadline: float | None, log_paths: list[str | None]) -> list[Any]:
     pending = {r.rank: r for r in ranks}
     while pending:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
             raise _timeout_error(sorted(pending), len(ranks), log_paths, ranks)
         waitables = {}
         for r in pending.values():
@@ -218,14 +244,14 @@ def _receive(r: _Rank) -> None:
         r.process.join(timeout=_KILL_GRACE_S)
 
 
-def _failure_error(r: _Rank, world_size: int, log_paths: list[str]) -> RankFailedError:
+def _failure_error(r: _Rank, world_size: int, log_paths: list[str | None]) -> RankFailedError:
     log_path = log_paths[r.rank]
     if r.message is not None:
-        _, exception_type, rank_traceback, _ = r.message
+        _, exception_type, rank_traceback, _, exception_message = r.message
         return RankFailedError(
             f"rank {r.rank} of {world_size} raised {exception_type}; the other ranks were killed.\n"
             f"--- traceback of rank {r.rank} ---\n{rank_traceback}",
-            r.rank, exception_type, rank_traceback,
+            r.rank, exception_type, rank_traceback, exception_message,
         )
     r.process.join(timeout=_KILL_GRACE_S)
     tail = _tail(log_path)
@@ -236,7 +262,7 @@ def _failure_error(r: _Rank, world_size: int, log_paths: list[str]) -> RankFaile
     )
 
 
-def _timeout_error(unfinished: list[int], world_size: int, log_paths: list[str], ranks) -> RanksTimedOutError:
+def _timeout_error(unfinished: list[int], world_size: int, log_paths: list[str | None], ranks) -> RanksTimedOutError:
     for rank in unfinished:
         _signal(ranks[rank].process, STACK_DUMP_SIGNAL)
     time.sleep(_STACK_DUMP_WAIT_S)  # let faulthandler write the stacks before the ranks are killed
@@ -274,7 +300,9 @@ def _signal(process, signum: int) -> None:
         pass
 
 
-def _tail(path: str) -> str:
+def _tail(path: str | None) -> str:
+    if path is None:
+        return "(the rank's output was not captured: it is above)"
     try:
         with open(path, errors="replace") as f:
             return "".join(f.readlines()[-_LOG_TAIL_LINES:])
@@ -282,9 +310,9 @@ def _tail(path: str) -> str:
         return "(the rank wrote no output)"
 
 
-def _replay_logs(log_paths: list[str]) -> None:
+def _replay_logs(log_paths: list[str | None]) -> None:
     for rank, path in enumerate(log_paths):
-        if os.path.exists(path) and os.path.getsize(path) > 0:
+        if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path, errors="replace") as f:
                 sys.stderr.write(f"----- output of rank {rank} -----\n{f.read()}")
 

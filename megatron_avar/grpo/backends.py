@@ -1,0 +1,169 @@
+"""The rollout backends that ``rollout.backend`` names: a registry of name -> factory.
+
+    backend = build_backend(config, processor, layout)    # on every rank
+    backend.finish_generation()                           # release what it holds until the first step
+    per step: prepare_generation -> update_weights -> generate -> finish_generation
+    backend.close()                                       # at the end of the run
+
+A factory builds THIS rank's :class:`~megatron_avar.grpo.interfaces.GenerationBackend`, and decides where
+generation runs, so the GRPO loop calls every rank's backend the same way whatever its name:
+- "local" (:class:`~megatron_avar.grpo.local_backend.LocalGenerationBackend`, HF with a KV cache) runs on the
+  first rank of each model-parallel group; the group's other ranks hold a :class:`SourceRankBackend` without
+  a generator, which joins the weight walk (a collective) and receives the rollouts by broadcast — or the
+  source's error, so every rank of the group fails together and none is left waiting in a collective.
+- "vllm" (:class:`~megatron_avar.grpo.vllm_backend.VLLMGenerationBackend`) runs in every rank, one engine per
+  group at the trainer's tensor parallelism, colocated with the actor and asleep while it trains.
+
+A new backend: implement the interface, then ``@register_backend("name")`` a factory here
+(docs/architecture.md, 'A new rollout backend'). ``rollout.backend`` accepts the registered names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_avar.grpo.interfaces import GenerationBackend, PromptBatch, Rollout, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_avar.grpo.config import GRPOConfig
+    from megatron_avar.training.megatron_setup import RankLayout
+
+__all__ = ["BACKENDS", "BackendFactory", "register_backend", "backend_names", "build_backend", "SourceRankBackend",
+           "on_model_parallel_source", "SourceRankGenerationError"]
+
+BackendFactory = Callable[["GRPOConfig", Any, "RankLayout"], GenerationBackend]
+"""(config, processor, layout) -> this rank's backend. processor: the one that rendered the prompts
+(``grpo.prompts.build_prompt_processor``); layout: the rank layout of ``init_distributed``. Raises ValueError
+naming the fix when the backend cannot run here (platform, parallel layout)."""
+
+BACKENDS: dict[str, BackendFactory] = {}
+"""Backend name -> factory, in registration order (the order ``rollout.backend``'s error lists them in)."""
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator: register ``factory`` as the backend ``rollout.backend=name`` builds."""
+    def register(factory: BackendFactory) -> BackendFactory:
+        if name in BACKENDS:
+            raise ValueError(f"rollout backend {name!r} is registered twice")
+        BACKENDS[name] = factory
+        return factory
+    return register
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def build_backend(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
+    """This rank's backend, built by the factory ``config.rollout.backend`` names (collective: every rank of
+    the run calls it)."""
+    name = config.rollout.backend
+    if name not in BACKENDS:
+        raise ValueError(f"rollout.backend={name!r}: allowed {', '.join(BACKENDS)}")
+    return BACKENDS[name](config, processor, layout)
+
+
+class SourceRankGenerationError(RuntimeError):
+    """Generation failed on the group's source rank; raised on every rank of the group."""
+
+
+class SourceRankBackend:
+    """A backend that generates on one rank of a process group (the source) for all of its ranks.
+
+    inner: the backend on the source rank, None on the others. group / source: the process group (the
+    model-parallel group) and the global rank that generates. ``generate`` is collective over the group:
+    the source broadcasts its rollouts, or its error (then every rank raises SourceRankGenerationError
+    naming the source and the error). ``update_weights`` is called on every rank, since walking the
+    policy's weights gathers tensor-parallel shards (a collective); only the source loads them."""
+
+    def __init__(self, inner: GenerationBackend | None, *, group, source: int):
+        self.inner, self.group, self.source = inner, group, source
+        if (inner is not None) != (dist.get_rank() == source):
+            raise ValueError(f"SourceRankBackend: rank {dist.get_rank()} must hold the backend exactly when it is "
+                             f"the source ({source})")
+
+    def prepare_generation(self) -> None:
+        if self.inner is not None:
+            self.inner.prepare_generation()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.inner is not None:
+            self.inner.update_weights(named_tensors)
+        else:
+            for _ in named_tensors:  # the walk is collective: join it, load nothing
+                pass
+
+    def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
+        if dist.get_world_size(self.group) == 1:
+            return self.inner.generate(prompts, n, sampling)
+        payload, failure = [None], None
+        if self.inner is not None:
+            try:
+                payload = [("ok", self.inner.generate(prompts, n, sampling))]
+            except Exception as error:  # noqa: BLE001 — any failure must reach every rank of the group
+                payload, failure = [("error", f"{type(error).__name__}: {error}")], error
+        dist.broadcast_object_list(payload, src=self.source, group=self.group)
+        status, value = payload[0]
+        if status == "error":
+            raise SourceRankGenerationError(f"rank {self.source}, which generates for its model-parallel group, "
+                                            f"failed: {value}") from failure
+        return value
+
+    def finish_generation(self) -> None:
+        if self.inner is not None:
+            self.inner.finish_generation()
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
+def _model_parallel_source():
+    """(this rank's model-parallel group, the global rank of its first member)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return group, dist.get_process_group_ranks(group)[0]
+
+
+def on_model_parallel_source(build: Callable[[], GenerationBackend]) -> SourceRankBackend:
+    """``build()`` on the first rank of this rank's model-parallel group only, wrapped for the whole group."""
+    group, source = _model_parallel_source()
+    return SourceRankBackend(build() if dist.get_rank() == source else None, group=group, source=source)
+
+
+@register_backend("local")
+def _local(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
+    from megatron_avar import platform
+
+    def build() -> GenerationBackend:
+        from megatron_avar.grpo.local_backend import LocalGenerationBackend
+
+        use_bf16 = config.train.precision == "bf16" and platform.cuda_available()
+        return LocalGenerationBackend(config.model.hf_path, processor, device=platform.current_device(),
+                                      dtype=torch.bfloat16 if use_bf16 else torch.float32,
+                                      batch_size=config.rollout.batch_size)
+
+    return on_model_parallel_source(build)
+
+
+@register_backend("vllm")
+def _vllm(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
+    from megatron_avar import platform
+
+    if layout.pp != 1:
+        raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
+                         "parallel.pipeline_model_parallel_size=1")
+    if not platform.vllm_available():
+        raise ValueError("rollout.backend=vllm needs CUDA and vLLM (pip install -e .[gpu]); use "
+                         "rollout.backend=local on this machine")
+    from megatron_avar.grpo.vllm_backend import VLLMGenerationBackend
+
+    return VLLMGenerationBackend(config.model.hf_path, processor, tensor_parallel_size=layout.tp,
+                                 gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
+                                 max_model_len=config.seq_length, seed=config.rollout.seed,
+                                 enable_sleep_mode=config.rollout.vllm_enable_sleep)

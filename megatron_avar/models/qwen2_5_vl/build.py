@@ -1,0 +1,66 @@
+"""The one way to build this rank's stage of Qwen2.5-VL on megatron: training (SFT, the GRPO policy and its
+reference), `avar convert` (both directions, `verify`) and `avar vas` on a megatron checkpoint all call
+:func:`build_stage`, after :func:`init_model_parallel` (training through ``init_distributed``).
+
+    init_model_parallel(tp, pp, seed=0)
+    model = build_stage(config, tp=tp, pp=pp, dtype=torch.bfloat16, role_mass_layers=(14, 15))
+
+Precision: every parameter is ``dtype`` except the RMSNorm weights of megatron's local (non-Transformer-Engine)
+modules, which megatron keeps in float32 in a bfloat16 model; loading HF weights casts to the parameter's dtype,
+so a bfloat16 checkpoint's norms are widened exactly (conversion relies on it: no value is rounded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable
+
+import torch
+
+from megatron_avar import platform
+
+__all__ = ["init_model_parallel", "build_stage"]
+
+
+def init_model_parallel(tp: int, pp: int, *, seed: int) -> None:
+    """Make megatron usable here (``platform.prepare_megatron``), initialise its parallel state at TP x PP over
+    the default process group (already initialised) and seed its tensor-parallel RNG tracker with ``seed``."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layers: Collection[int] = (),
+                recompute: str = "none", initialize: bool = False, device: torch.device | None = None,
+                hf_tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]] | None = None):
+    """This rank's pipeline stage of Qwen2.5-VL (a ``Qwen25VLModel``, not wrapped in DDP) on megatron's
+    process groups (``ProcessGroupCollection.use_mpu_process_groups``; :func:`init_model_parallel` first).
+
+    config: ``Qwen25VLConfig``. tp, pp: the parallel layout (must be megatron's current one). dtype: float32 or
+    bfloat16 (module docstring). role_mass_layers: 0-based global decoder layers built as AVAR layers
+    (``RoleMassCoreAttention``; per-role masses for the AVAR loss, the visual reward or VAS); every other layer
+    has the standard core attention. recompute: ``MegatronSettings.recompute``. initialize: run megatron's
+    weight initialisation (False when weights are loaded next: saves time). device: where to move the stage
+    (None: leave it where megatron built it, the CPU). hf_tensors: (HF name, read()) pairs to load after the
+    move (``hf_mapping.load_hf_tensors``: each rank reads only its shard's tensors, cast to the parameter's
+    dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_avar.models.qwen2_5_vl.config import MegatronSettings
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_tensors
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+
+    settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
+                                perform_initialization=initialize, recompute=recompute)
+    model = Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                          pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)
+    if device is not None:
+        model.to(device)
+    if hf_tensors is not None:
+        load_hf_tensors(model, hf_tensors, config, cast_to_model_dtype=True)
+    return model

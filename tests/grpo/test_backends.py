@@ -1,0 +1,124 @@
+"""Rollout backends come from one registry (name -> factory), and the GRPO loop drives every backend through the
+same GenerationBackend calls: built, released until the first step, then per step prepare -> refit -> generate
+-> finish. The vLLM backend's prepare/finish are its wake_up/sleep (checked here without vLLM)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_avar.config import load_config
+from megatron_avar.grpo import backends
+from megatron_avar.grpo.config import GRPOConfig
+from megatron_avar.grpo.interfaces import Rollout
+from megatron_avar.roles import TokenRole
+
+BASE = ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused"]
+
+
+def test_the_registry_lists_the_backends_and_the_config_accepts_exactly_those():
+    assert backends.backend_names() == ("local", "vllm")
+    assert load_config(GRPOConfig, None, BASE + ["rollout.backend=vllm"]).rollout.backend == "vllm"
+    with pytest.raises(ValueError, match=r"^rollout.backend='sglang': allowed local, vllm"):
+        load_config(GRPOConfig, None, BASE + ["rollout.backend=sglang"])
+
+
+def test_an_unknown_backend_is_refused_with_the_list():
+    config = SimpleNamespace(rollout=SimpleNamespace(backend="sglang"))
+    with pytest.raises(ValueError, match=r"^rollout.backend='sglang': allowed local, vllm$"):
+        backends.build_backend(config, processor=None, layout=None)
+    with pytest.raises(ValueError, match="registered twice"):
+        backends.register_backend("local")(lambda config, processor, layout: None)
+
+
+def test_vllm_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
+    from megatron_avar import platform
+
+    config = load_config(GRPOConfig, None, BASE + ["rollout.backend=vllm"])
+    with pytest.raises(ValueError, match="needs parallel.pipeline_model_parallel_size=1"):
+        backends.build_backend(config, None, SimpleNamespace(tp=1, pp=2))
+    monkeypatch.setattr(platform, "vllm_available", lambda: False)
+    with pytest.raises(ValueError, match="use rollout.backend=local on this machine"):
+        backends.build_backend(config, None, SimpleNamespace(tp=1, pp=1))
+
+
+class _FakeBackend:
+    """Records the loop's calls; generates n one-token rollouts per prompt (or raises, with ``fail``)."""
+
+    def __init__(self, calls: list, fail: bool = False):
+        self.calls, self.fail = calls, fail
+
+    def prepare_generation(self):
+        self.calls.append("prepare_generation")
+
+    def update_weights(self, named_tensors):
+        self.calls.append(f"update_weights({len(list(named_tensors))} tensors)")
+
+    def generate(self, prompts, n, sampling):
+        self.calls.append(f"generate(n={n}, seed={sampling.seed})")
+        if self.fail:
+            raise RuntimeError("engine died")
+        ids = torch.tensor([1, 2, 3])  # a two-token prompt, a one-token response
+        roles = torch.tensor([TokenRole.TEMPLATE, TokenRole.TEMPLATE, TokenRole.RESPONSE])
+        return [Rollout(prompt_id=pid, sample_index=k, ground_truth="1", input_ids=ids, roles=roles, prompt_length=2, response_text="1", generator_logprobs=torch.zeros(1),
+                        finish_reason="stop") for pid in prompts.prompt_ids for k in range(n)]
+
+    def finish_generation(self):
+        self.calls.append("finish_generation")
+
+    def close(self):
+        self.calls.append("close")
+
+
+class _FakePolicy:
+    def named_weights(self):
+        yield from [("a", torch.zeros(1)), ("b", torch.zeros(1))]
+
+
+def test_the_loop_drives_any_registered_backend_through_the_interface(monkeypatch):
+    from megatron_avar.grpo.trainer import RolloutEngineError, _rollouts, _start_backend
+
+    calls: list[str] = []
+    monkeypatch.setitem(backends.BACKENDS, "fake", lambda config, processor, layout: _FakeBackend(calls))
+    config = load_config(GRPOConfig, None, BASE + ["rollout.backend=fake", "rollout.n=2", "rollout.seed=10"])
+    backend = _start_backend(config, processor=None, layout=None)
+    assert calls == ["finish_generation"]  # released until the first step
+
+    prompts = SimpleNamespace(prompt_ids=["p0", "p1"])
+    timings: dict[str, float] = {}
+    rollouts = _rollouts(3, prompts, policy=_FakePolicy(), backend=backend, config=config, timings=timings)
+    assert [(r.prompt_id, r.sample_index) for r in rollouts] == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1)]
+    assert calls[1:] == ["prepare_generation", "update_weights(2 tensors)", "generate(n=2, seed=13)",
+                         "finish_generation"]
+    assert set(timings) == {"perf/refit_seconds", "perf/generate_seconds"}
+
+    failing = _FakeBackend(calls := [], fail=True)
+    with pytest.raises(RolloutEngineError, match=r"step 4: rollout generation failed \(RuntimeError: engine died\)"
+                                                 r".*rerun the same command to resume"):
+        _rollouts(4, prompts, policy=_FakePolicy(), backend=failing, config=config, timings={})
+    assert calls == ["prepare_generation", "update_weights(2 tensors)", "generate(n=2, seed=14)"]
+
+
+class _FakeLLM:
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(f"sleep(level={level})")
+
+    def wake_up(self, tags):
+        self.calls.append(f"wake_up({tags})")
+
+
+@pytest.mark.parametrize("sleep_mode", [True, False])
+def test_vllm_prepare_and_finish_are_wake_up_and_sleep(sleep_mode):
+    from megatron_avar.grpo.vllm_backend import VLLMGenerationBackend
+
+    backend = object.__new__(VLLMGenerationBackend)  # no engine: vLLM does not run here
+    backend._llm, backend._stale, backend._asleep, backend.enable_sleep_mode = _FakeLLM(), None, set(), sleep_mode
+    backend.finish_generation()
+    backend.finish_generation()  # idempotent
+    backend.prepare_generation()
+    backend.prepare_generation()
+    expected = ["sleep(level=1)", "wake_up(['weights'])", "wake_up(['kv_cache'])"] if sleep_mode else []
+    assert backend._llm.calls == expected

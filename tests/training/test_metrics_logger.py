@@ -1,0 +1,24 @@
+"""The metrics logger of a resumed run: TensorBoard shows each step once (the interrupted run's events of the
+steps that run again are purged), as metrics.jsonl does (run_loop trims it)."""
+
+from megatron_avar.training.metrics import MetricsLogger
+
+
+def _log(out, steps, first_step):
+    logger = MetricsLogger(out, total_steps=4, enabled=True, tensorboard=True, wandb_project=None, run_config={},
+                           first_step=first_step)
+    for step in steps:
+        logger.log(step, {"loss/lm": float(10 * first_step + step)})
+    logger.close()
+
+
+def test_a_resumed_runs_tensorboard_holds_each_step_once_with_the_new_values(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _log(tmp_path, [0, 1, 2], first_step=0)  # interrupted after step 2, whose checkpoint was never written
+    _log(tmp_path, [1, 2, 3], first_step=1)  # resumed from step 0's checkpoint
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss/lm")
+    assert [e.step for e in scalars] == [0, 1, 2, 3]
+    assert [e.value for e in scalars] == [0.0, 11.0, 12.0, 13.0]
