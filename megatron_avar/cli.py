@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "megatron_avar.convert.cli",
     "megatron_avar.sft.cli",
     "megatron_avar.grpo.cli",
+    "megatron_avar.plan.cli",
     "megatron_avar.analysis.cli",
     "megatron_avar.eval.cli",
     "megatron_avar.synth.cli",

@@ -45,20 +45,28 @@ def _run(args) -> int:
         raise ValueError("--config FILE is required (or `avar sweep collect --out DIR`)")
     config = load_config(SweepConfig, args.config, args.args)
     points = _checked_points(config)
+    from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit, plan_points
+
+    plans = plan_points(config, points)  # {} without a gpu setting
+    runnable = [p for p in points if plans.get(p.name, {}).get("fits", True)]
+    for point in points:
+        if point not in runnable:
+            print(f"[sweep] {point.name}: {describe_misfit(plans[point.name])}; not submitted")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(config),
-                                                "points": [p.as_dict() for p in points]}, indent=2) + "\n")
+                                                "points": [{**p.as_dict(), "plan": plans.get(p.name)}
+                                                           for p in points]}, indent=2) + "\n")
     from megatron_avar.sweep.submit import submit_points, wait_for_jobs
 
-    jobs = submit_points(config, points, repo=Path.cwd())
+    jobs = submit_points(config, runnable, repo=Path.cwd())
     if args.no_wait:
         print(f"[sweep] submitted; collect with: avar sweep collect --out {out}")
         return 0
-    wait_for_jobs([ids[-1] for name, ids in jobs.items() if any(p.name == name for p in points)],
+    wait_for_jobs([ids[-1] for name, ids in jobs.items() if any(p.name == name for p in runnable)],
                   poll_s=args.poll_seconds, timeout_s=args.timeout_seconds)
     rows = collect(out)
-    return 0 if all(row["state"] == "ok" for row in rows) else 1
+    return 0 if all(row["state"] in ("ok", DOES_NOT_FIT) for row in rows) else 1
 
 
 def _checked_points(config):

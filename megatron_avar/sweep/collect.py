@@ -9,9 +9,11 @@ again), over the steps after ``warmup_steps``:
                              megatron_avar.training.metrics.training_flops)
   mfu                        tflops_per_gpu / peak_tflops_per_gpu
   peak_memory_gb             max of perf/peak_memory_gb (max over ranks; CUDA max allocated, CPU peak RSS)
-A point that did not finish keeps its row with ``state`` (Slurm's: FAILED, CANCELLED, TIMEOUT, PREEMPTED, ...;
-PENDING / RUNNING while queued; NOT_SUBMITTED) and ``log`` (its Slurm log) and ``error`` (the log's last error
-line), and empty numbers: never dropped.
+  planned_peak_gb            `avar plan`'s peak for the point (sweeps with a ``gpu``; every point, run or not)
+A point the plan says does not fit the sweep's GPU was never submitted: state DOES_NOT_FIT, the plan's numbers
+in ``error``. A point that did not finish keeps its row with ``state`` (Slurm's: FAILED, CANCELLED, TIMEOUT,
+PREEMPTED, ...; PENDING / RUNNING while queued; NOT_SUBMITTED) and ``log`` (its Slurm log) and ``error`` (the
+log's last error line), and empty numbers: never dropped.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import re
 import statistics
 from pathlib import Path
 
+from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
 from megatron_avar.sweep.submit import job_states, load_state, run_finished
 
 __all__ = ["collect", "COLUMNS"]
 
 COLUMNS = ("name", "state", "job_id", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length", "agto",
            "steps", "steps_measured", "median_step_seconds", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu",
-           "peak_memory_gb", "final_lm_loss", "run_dir", "log", "error")
+           "peak_memory_gb", "planned_peak_gb", "final_lm_loss", "run_dir", "log", "error")
 _EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception|Interrupt): |avar [\w-]+: error: ")
 OVERHEAD_COLUMNS = ("layout", "step_seconds_agto_off", "step_seconds_agto_on", "step_time_overhead",
                     "peak_memory_gb_agto_off", "peak_memory_gb_agto_on", "extra_memory_gb")
@@ -96,11 +99,16 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
                                           "agto", "steps")})
         row.update(job_id=job, run_dir=str(run_dir))
         row["log"], row["error"] = _log_and_error(run_dir, job)
+        plan = point.get("plan")
+        if plan is not None:
+            row["planned_peak_gb"] = plan["planned_peak_gb"]
         if run_finished(run_dir):
             row["state"] = "ok"
             row.update(_metrics_row(run_dir, point["num_gpus"], settings["warmup_steps"],
                                     settings["peak_tflops_per_gpu"]))
             row["error"] = ""
+        elif plan is not None and not plan["fits"] and job is None:
+            row["state"], row["error"] = DOES_NOT_FIT, describe_misfit(plan)
         else:
             row["state"] = "NOT_SUBMITTED" if job is None else states.get(job, "UNKNOWN")
             if row["state"] == "COMPLETED":  # Slurm says it ended well but the run did not reach its last step

@@ -115,6 +115,11 @@ class SweepConfig:
     see megatron_avar.sweep.slurm). global_batch_per_dp: set train.global_batch_size = this x DP per point
     (weak scaling); None keeps the base config's global batch (strong scaling). warmup_steps: the first steps
     of each run left out of the medians. peak_tflops_per_gpu: the MFU denominator (H100 SXM bf16 dense: 989).
+    gpu: the GPU the points run on (h100, h200: ``megatron_avar.plan.gpus``); before submitting, every point is
+    planned as `avar plan` plans it, and a point that does not fit is not submitted but reported with the state
+    DOES_NOT_FIT (None: no check). gpu_memory_gb: that GPU's memory in GB (1e9 bytes) when it is not the table's.
+    plan_model: the published size (3b, 7b, 72b) to plan with when a point's model.hf_path has no config.json on
+    the submitting machine.
     grid / points: see the module docstring.
     """
 
@@ -128,6 +133,9 @@ class SweepConfig:
     global_batch_per_dp: int | None = None
     warmup_steps: int = 2
     peak_tflops_per_gpu: float = 989.0
+    gpu: str | None = None
+    gpu_memory_gb: float | None = None
+    plan_model: str | None = None
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     grid: GridConfig = field(default_factory=GridConfig)
     points: list = field(default_factory=list)  # list[PointSpec]; YAML mappings are converted and validated below
@@ -144,6 +152,19 @@ class SweepConfig:
         if self.global_batch_per_dp is not None and self.global_batch_per_dp < 1:
             raise ValueError(f"global_batch_per_dp must be >= 1 or null, got {self.global_batch_per_dp}")
         _check_overrides("sft_overrides", self.sft_overrides)
+        from megatron_avar.plan.gpus import GPUS
+
+        if self.gpu is not None and self.gpu.lower() not in GPUS:
+            raise ValueError(f"gpu={self.gpu!r}: allowed {', '.join(GPUS)} (or null: no memory check)")
+        if self.gpu is not None and self.gpus_per_node == 0:
+            raise ValueError("gpu is set but gpus_per_node is 0 (a CPU cluster): set gpu: null")
+        if self.gpu_memory_gb is not None and (self.gpu is None or not self.gpu_memory_gb > 0):
+            raise ValueError(f"gpu_memory_gb={self.gpu_memory_gb} needs gpu set and a value > 0")
+        if self.plan_model is not None:
+            from megatron_avar.models.qwen2_5_vl.published import PUBLISHED
+
+            if self.plan_model.lower() not in PUBLISHED:
+                raise ValueError(f"plan_model={self.plan_model!r}: allowed {', '.join(PUBLISHED)} (published sizes)")
         specs = tuple(p if isinstance(p, PointSpec) else config_from_dict(PointSpec, p, f"points[{i}].")
                       for i, p in enumerate(self.points))
         object.__setattr__(self, "points", list(specs))  # validated once, here: dicts from YAML -> PointSpec

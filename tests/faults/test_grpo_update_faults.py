@@ -32,6 +32,15 @@ def _rollout(prompt_id: str, sample_index: int):
 
 
 class _Backend:
+    def prepare_generation(self):
+        pass
+
+    def finish_generation(self):
+        pass
+
+    def close(self):
+        pass
+
     def update_weights(self, weights):
         for _ in weights:
             pass

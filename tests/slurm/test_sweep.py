@@ -14,6 +14,7 @@ ranks, TP=2, AGTO on and off, 3 steps) plus one point that fails on purpose (TP=
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 
 REPO = Path(__file__).parents[2]
 STEPS, WARMUP = 3, 1  # examples/sweeps/tiny_cpu.yaml
@@ -230,3 +230,44 @@ def test_collect_outside_a_sweep_directory(tmp_path, capsys):
 
     assert main(["sweep", "collect", "--out", str(tmp_path / "nothing")]) == 2
     assert "has no sweep.json" in capsys.readouterr().err
+
+
+def test_points_that_do_not_fit_the_gpu_are_reported_not_submitted(tmp_path, monkeypatch, capsys):
+    """examples/sweeps/h100_7b_scaling.yaml plans every point on an 80 GB H100 (`avar plan`, the 7B dimensions):
+    the 8k-token TP=2 points of 1 and 2 nodes do not fit and are never submitted; the others go to sbatch (absent
+    here, so the command stops there); collecting reports DOES_NOT_FIT with the plan's numbers."""
+    from megatron_avar.cli import main
+    from megatron_avar.sweep.collect import collect
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / squeue: nothing can be submitted by accident
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--config", "examples/sweeps/h100_7b_scaling.yaml", f"out={out}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "sbatch not found" in captured.err
+    misfits = {"base_n1_tp2_pp1_dp4_seq8192", "base_n2_tp2_pp1_dp8_seq8192"}
+    skipped = {line.split(":")[0].removeprefix("[sweep] ") for line in captured.out.splitlines()
+               if "does not fit H100 80GB" in line and line.endswith("not submitted")}
+    assert {name.rsplit("_agto", 1)[0] for name in skipped} == misfits and len(skipped) == 4
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert all(p["plan"]["gpu"] == "H100 80GB" and p["plan"]["planned_peak_gb"] > 0 for p in points)
+    rows = {row["name"]: row for row in collect(out, log=lambda *_: None)}
+    for name, row in rows.items():
+        fits = name.rsplit("_agto", 1)[0] not in misfits
+        assert row["state"] == ("NOT_SUBMITTED" if fits else "DOES_NOT_FIT"), row
+        assert row["planned_peak_gb"] > 0
+        if not fits:
+            assert "does not fit H100 80GB: planned peak" in row["error"] and "of 85.5 GB" in row["error"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["gpu=a100"], "gpu='a100': allowed h100, h200"),
+    (["gpu=null", "gpu_memory_gb=94"], "gpu_memory_gb=94.0 needs gpu set"),
+    (["plan_model=13b"], "plan_model='13b': allowed 3b, 7b, 72b"),
+])
+def test_bad_gpu_settings_are_refused(overrides, message):
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.config import SweepConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(SweepConfig, REPO / "examples/sweeps/h100_7b_scaling.yaml", overrides)

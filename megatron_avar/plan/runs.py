@@ -1,0 +1,253 @@
+"""The plan of an `avar sft` or `avar grpo` run: its config turned into a layout and a step shape, the memory of
+every stage (``plan.memory``), the step's FLOPs and time at a stated MFU, and a verdict per GPU (``plan.gpus``).
+
+What a config does not say is an :class:`Assumptions` field, printed with every plan: the world size, the share of
+a row that is image tokens, the mean packed sample length (attention FLOPs, GRPO's rows), the AGTO query rows
+and the MFU. FLOPs are the trainer's own formula (``training.metrics.training_flops``) over full rows.
+
+GRPO, per step: the update is an SFT-like step over the rollouts (one row per micro-batch, the response loss),
+the old-log-prob pass and the reference pass (``loss.kl_coef > 0``) are forward passes over the same rows, and
+generation is not timed. Memory: the reference model is a second copy of the weights in megatron's DDP (with
+its gradient buffer, which DDP allocates although the reference never trains); a colocated vLLM engine
+sleeps during the update (weights to host memory, KV cache freed; :data:`VLLM_ASLEEP_BYTES` assumed left on
+the GPU) and takes ``rollout.vllm_gpu_memory_utilization`` of the card while it generates, next to the trainer's
+weights, gradients and optimizer states; the local backend keeps a full Hugging Face copy of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_avar.plan.gpus import GPU, GPUS, Verdict, verdict
+from megatron_avar.plan.memory import KERNELS, MemoryPlan, Parallelism, StepShape, memory_plan, stage_parameters
+
+__all__ = ["Assumptions", "RunPlan", "plan_sft", "plan_grpo", "plan_config", "load_model_config", "detect_command",
+           "VLLM_ASLEEP_BYTES"]
+
+# What a sleeping vLLM engine keeps on the GPU (CUDA-graph pool, sampler buffers): an assumption, not measured.
+VLLM_ASLEEP_BYTES = 10**9
+GRPO_SECTIONS = ("rollout", "reward", "advantage", "loss")
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """gpus: ranks of the job (None: the smallest multiple of tp x pp that fills an 8-GPU node). image_fraction:
+    share of a row's tokens that are image tokens (4 vision patches each). sample_tokens: mean tokens per packed
+    sample (None: min(2048, seq_length) for SFT; the longest rollout, prompt + response, for GRPO).
+    query_fraction: share of a row that AGTO reads masses of (user text after the image). mfu: the model FLOPs
+    utilisation the step time is predicted at. kernels: the kernel family (``plan.memory.KERNELS``): "gpu"
+    (Transformer Engine, Triton), "gpu-no-te" (megatron's local modules on CUDA, Triton) or "cpu"."""
+
+    gpus: int | None = None
+    image_fraction: float = 0.5
+    sample_tokens: int | None = None
+    query_fraction: float = 0.1
+    mfu: float = 0.4
+    kernels: str = "gpu"
+
+    def __post_init__(self):
+        if self.gpus is not None and self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1, got {self.gpus}")
+        for name in ("image_fraction", "query_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.sample_tokens is not None and self.sample_tokens < 1:
+            raise ValueError(f"sample_tokens must be >= 1, got {self.sample_tokens}")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels={self.kernels!r}: allowed {', '.join(KERNELS)}")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """command: "sft" or "grpo"; model: where the dimensions came from; parameters: the model's total.
+    flops_per_step: model FLOPs of one step over the world (``training_flops``; GRPO: update + forward passes).
+    GRPO: rollout_engine ("vllm" / "local"); rollout_peak: bytes the trainer holds while the engine generates;
+    engine_fraction: the share of the card a vLLM engine takes awake; engine_sleeps: whether it gives it back
+    during the update."""
+
+    command: str
+    model: str
+    parameters: int
+    parallel: Parallelism
+    shape: StepShape
+    memory: MemoryPlan
+    flops_per_step: float
+    assumptions: Assumptions
+    sample_tokens: int
+    rollout_engine: str | None = None
+    rollout_peak: int | None = None
+    engine_fraction: float = 0.0
+    engine_sleeps: bool = True
+
+    def step_seconds(self, gpu: GPU) -> float:
+        """The step time at ``assumptions.mfu`` on ``gpu`` (GRPO: without generation)."""
+        peak = gpu.peak_tflops[self.shape.precision] * 1e12
+        return self.flops_per_step / (self.parallel.world_size * peak * self.assumptions.mfu)
+
+    def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[Verdict]:
+        """The verdict on each of ``gpus`` (default: every GPU of ``plan.gpus.GPUS``)."""
+        return [verdict(gpu, self.memory.peak, rollout_peak=self.rollout_peak, engine_fraction=self.engine_fraction,
+                        engine_sleeps=self.engine_sleeps, step_seconds=self.step_seconds(gpu))
+                for gpu in gpus or GPUS.values()]
+
+    def as_dict(self, gpus: tuple[GPU, ...] | None = None) -> dict:
+        return {"command": self.command, "model": self.model, "parameters": self.parameters,
+                "parallel": dataclasses.asdict(self.parallel), "step": dataclasses.asdict(self.shape),
+                "assumptions": dataclasses.asdict(self.assumptions), "sample_tokens": self.sample_tokens,
+                "flops_per_step": self.flops_per_step, "memory": self.memory.as_dict(),
+                "rollout": {"engine": self.rollout_engine, "trainer_bytes": self.rollout_peak,
+                            "engine_fraction": self.engine_fraction, "engine_sleeps": self.engine_sleeps},
+                "verdicts": [v.as_dict() for v in self.verdicts(gpus)]}
+
+
+def load_model_config(hf_path: str, preset: str | None):
+    """``Qwen25VLConfig`` from ``hf_path``/config.json when it exists here, else from the published ``preset``
+    (3b / 7b / 72b); returns (config, where it came from)."""
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.published import PUBLISHED
+
+    config_json = Path(hf_path) / "config.json"
+    if config_json.is_file():
+        return Qwen25VLConfig.from_hf(config_json), str(config_json)
+    if preset is None:
+        raise ValueError(f"model.hf_path={hf_path} has no config.json on this machine: pass --model "
+                         f"{'|'.join(PUBLISHED)} to plan with a published Qwen2.5-VL size")
+    if preset.lower() not in PUBLISHED:
+        raise ValueError(f"--model {preset!r}: allowed {', '.join(PUBLISHED)}")
+    return Qwen25VLConfig.from_hf(PUBLISHED[preset.lower()]), f"published Qwen2.5-VL-{preset.upper()} config"
+
+
+def _layout(parallel_config, gpus: int | None) -> Parallelism:
+    # Context / sequence parallelism and virtual pipeline stages: read here once the config has them.
+    tp, pp = parallel_config.tensor_model_parallel_size, parallel_config.pipeline_model_parallel_size
+    model_parallel = tp * pp
+    world = gpus if gpus is not None else model_parallel * math.ceil(8 / model_parallel)
+    if world % model_parallel:
+        raise ValueError(f"--gpus {world} is not a multiple of tensor x pipeline parallel size = {model_parallel}")
+    return Parallelism(tp=tp, pp=pp, dp=world // model_parallel,
+                       distributed_optimizer=parallel_config.distributed_optimizer)
+
+
+def _flops(qwen_config, *, samples: int, sample_tokens: int, patches: int) -> float:
+    from megatron_avar.training.metrics import matmul_params, training_flops
+
+    lm_params, vision_params = matmul_params(qwen_config)
+    return training_flops(lm_params=lm_params, vision_params=vision_params, num_layers=qwen_config.text.num_layers,
+                          hidden_size=qwen_config.text.hidden_size, sample_lengths=[sample_tokens] * samples,
+                          num_patches=patches)
+
+
+def _total_parameters(qwen_config) -> int:
+    return stage_parameters(qwen_config, Parallelism(), 0)[0]
+
+
+def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumptions()) -> RunPlan:
+    """The plan of `avar sft` with ``config`` (``SFTConfig``) on a model of ``qwen_config``."""
+    parallel = _layout(config.parallel, assumptions.gpus)
+    data, train = config.data, config.train
+    if train.global_batch_size % parallel.dp:
+        raise ValueError(f"train.global_batch_size={train.global_batch_size} does not split over the "
+                         f"{parallel.dp} data-parallel replicas of {parallel.world_size} GPUs")
+    seq = data.seq_length
+    image_tokens = round(assumptions.image_fraction * seq)
+    agto_trains = config.avar.alpha > 0 or config.avar.beta > 0
+    shape = StepShape(seq_length=seq, micro_batch_size=data.micro_batch_size,
+                      num_microbatches=math.ceil(train.global_batch_size // parallel.dp / data.micro_batch_size),
+                      image_tokens=image_tokens,
+                      mass_rows=round(assumptions.query_fraction * seq) if agto_trains else 0,
+                      loss="lm", precision=train.precision, recompute=train.recompute,
+                      avar_layers=config.avar.layer_indexes(qwen_config.text.num_layers))
+    memory = memory_plan(qwen_config, parallel, shape, kernels=KERNELS[assumptions.kernels])
+    sample_tokens = min(assumptions.sample_tokens or 2048, seq)
+    rows = train.global_batch_size
+    merge = qwen_config.vision.spatial_merge_size ** 2
+    flops = _flops(qwen_config, samples=rows * seq // sample_tokens, sample_tokens=sample_tokens,
+                   patches=rows * image_tokens * merge)
+    return RunPlan(command="sft", model=model, parameters=_total_parameters(qwen_config), parallel=parallel,
+                   shape=shape, memory=memory, flops_per_step=flops, assumptions=assumptions,
+                   sample_tokens=sample_tokens)
+
+
+def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assumptions()) -> RunPlan:
+    """The plan of `avar grpo` with ``config`` (``GRPOConfig``) on a model of ``qwen_config``."""
+    parallel = _layout(config.parallel, assumptions.gpus)
+    train, rollout = config.train, config.rollout
+    seq = config.seq_length
+    per_update = train.prompts_per_step // train.updates_per_step
+    if per_update % parallel.dp:
+        raise ValueError(f"train.prompts_per_step / updates_per_step = {per_update} prompts do not split over the "
+                         f"{parallel.dp} data-parallel replicas of {parallel.world_size} GPUs")
+    sample_tokens = min(assumptions.sample_tokens or config.data.max_prompt_length + rollout.max_new_tokens, seq)
+    rollouts_per_rank = per_update // parallel.dp * rollout.n
+    rows = math.ceil(rollouts_per_rank * sample_tokens / seq)
+    image_tokens = round(assumptions.image_fraction * seq)
+    layers = config.reward.layer_indexes(qwen_config.text.num_layers)
+    shape = StepShape(seq_length=seq, micro_batch_size=1, num_microbatches=rows, image_tokens=image_tokens,
+                      mass_rows=0, loss="response", loss_rows=seq - image_tokens, precision=train.precision,
+                      recompute=train.recompute, avar_layers=layers)
+    value = shape.bytes_per_value
+    params = max(stage_parameters(qwen_config, parallel, s)[0] for s in range(parallel.pp))
+    total = _total_parameters(qwen_config)
+    extra = {}
+    if config.loss.kl_coef > 0:
+        extra["reference_model"] = params * (value + 4)
+    vllm = rollout.backend == "vllm"
+    if vllm and rollout.vllm_enable_sleep:
+        extra["rollout_engine_asleep"] = VLLM_ASLEEP_BYTES
+    elif not vllm:
+        extra["rollout_model_copy"] = total * value
+    memory = memory_plan(qwen_config, parallel, shape, kernels=KERNELS[assumptions.kernels], extra_static=extra)
+    # While the engine generates it is awake (its share, not its sleeping remainder, is beside the trainer).
+    trainer_static = sum(memory.worst.static.values()) + extra.get("reference_model", 0) + extra.get(
+        "rollout_model_copy", 0)
+    if vllm:
+        rollout_peak = trainer_static
+    else:  # the local backend generates with the HF copy: + a KV cache of batch_size rollouts, last-position logits
+        text = qwen_config.text
+        kv = rollout.batch_size * seq * 2 * text.num_layers * text.num_query_groups * text.head_dim * value
+        rollout_peak = trainer_static + kv + rollout.batch_size * text.vocab_size * 4
+    samples = rollouts_per_rank * parallel.dp * train.updates_per_step
+    merge = qwen_config.vision.spatial_merge_size ** 2
+    update = _flops(qwen_config, samples=samples, sample_tokens=sample_tokens,
+                    patches=samples * round(assumptions.image_fraction * sample_tokens) * merge)
+    forward_passes = 1 + (config.loss.kl_coef > 0)  # old log-probs (+ the reference's): a third of fwd + bwd each
+    return RunPlan(command="grpo", model=model, parameters=total, parallel=parallel, shape=shape, memory=memory,
+                   flops_per_step=update * (1 + forward_passes / 3), assumptions=assumptions,
+                   sample_tokens=sample_tokens, rollout_engine=rollout.backend, rollout_peak=rollout_peak,
+                   engine_fraction=rollout.vllm_gpu_memory_utilization if vllm else 0.0,
+                   engine_sleeps=not vllm or rollout.vllm_enable_sleep)
+
+
+def detect_command(config_path: str | None, overrides: list[str]) -> str:
+    """"grpo" when the YAML file or the overrides set a GRPO-only section (rollout, reward, advantage, loss),
+    else "sft"."""
+    from megatron_avar.config import read_config_file
+
+    sections = set(read_config_file(config_path)) | {override.split("=", 1)[0].split(".")[0] for override in overrides}
+    return "grpo" if sections & set(GRPO_SECTIONS) else "sft"
+
+
+def plan_config(config_path: str | None, overrides: list[str], *, command: str | None = None,
+                preset: str | None = None, assumptions: Assumptions = Assumptions()) -> RunPlan:
+    """Load the `avar sft` / `avar grpo` config (``command``: None detects it) and plan it."""
+    from megatron_avar.config import load_config
+
+    command = command or detect_command(config_path, overrides)
+    if command == "sft":
+        from megatron_avar.sft.config import SFTConfig
+
+        config = load_config(SFTConfig, config_path, overrides)
+        qwen_config, model = load_model_config(config.model.hf_path, preset)
+        return plan_sft(config, qwen_config, model, assumptions)
+    if command == "grpo":
+        from megatron_avar.grpo.config import GRPOConfig
+
+        config = load_config(GRPOConfig, config_path, overrides)
+        qwen_config, model = load_model_config(config.model.hf_path, preset)
+        return plan_grpo(config, qwen_config, model, assumptions)
+    raise ValueError(f"command={command!r}: allowed sft, grpo")

@@ -1,0 +1,83 @@
+"""`avar plan` on the command line: the README's plans are what the command prints, --json carries the same numbers,
+model sizes come from model.hf_path/config.json before --model, the config's command is detected, and bad input
+is a one-line error."""
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_avar.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+README_PLAN = re.compile(r"```text\n\$ avar plan (?P<args>[^\n]+)\n(?P<output>.*?)\n```", re.DOTALL)
+
+
+def _plan(*args) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["plan", *args])
+    return code, out.getvalue()
+
+
+def test_the_readmes_plans_are_what_the_command_prints(monkeypatch):
+    monkeypatch.chdir(REPO)
+    blocks = list(README_PLAN.finditer((REPO / "README.md").read_text()))
+    assert {m["args"].split()[1] for m in blocks} >= {"examples/sft/avar_7b.yaml", "examples/sft/avar_72b.yaml",
+                                                       "examples/grpo/avar_7b.yaml"}
+    for block in blocks:
+        code, output = _plan(*block["args"].split())
+        assert code == 0
+        assert output.rstrip() == block["output"], (
+            f"README.md's `avar plan {block['args']}` is stale: run it and paste its output")
+
+
+def test_json_has_every_stage_and_verdict(monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, output = _plan("--config", "examples/sft/avar_72b.yaml", "--model", "72b", "--gpus", "64", "--json")
+    plan = json.loads(output)
+    assert code == 0 and plan["command"] == "sft" and plan["parallel"]["dp"] == 2
+    stages = plan["memory"]["stages"]
+    assert [s["stage"] for s in stages] == [0, 1, 2, 3] and [s["in_flight_forwards"] for s in stages] == [4, 3, 2, 1]
+    worst = max(stages, key=lambda s: s["peak"])
+    assert plan["memory"]["peak_bytes"] == worst["peak"] == (
+        sum(worst["static"].values()) + sum(worst["stored"].values()) + max(worst["transient"].values()))
+    assert {v["gpu"] for v in plan["verdicts"]} == {"h100", "h200"}
+    assert all(v["headroom_bytes"] == v["memory_bytes"] - v["required_bytes"] for v in plan["verdicts"])
+
+
+def test_config_json_of_the_checkpoint_comes_before_the_preset(tmp_path, monkeypatch):
+    from megatron_avar.models.qwen2_5_vl.published import QWEN2_5_VL_3B
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_5_VL_3B))
+    code, output = _plan("--config", "examples/sft/avar_7b.yaml", f"model.hf_path={tmp_path}", "--model", "7b",
+                         "--json")
+    plan = json.loads(output)
+    assert code == 0 and plan["model"] == str(tmp_path / "config.json") and plan["parameters"] == 3754622976
+
+
+def test_the_command_is_detected_from_the_config():
+    from megatron_avar.plan.runs import detect_command
+
+    assert detect_command(str(REPO / "examples/grpo/avar_7b.yaml"), []) == "grpo"
+    assert detect_command(str(REPO / "examples/sft/avar_7b.yaml"), []) == "sft"
+    assert detect_command(None, ["rollout.n=4"]) == "grpo"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "examples/sft/avar_7b.yaml"], "has no config.json on this machine: pass --model"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "13b"], "--model '13b': allowed 3b, 7b, 72b"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "3"], "not a multiple of tensor x pipeline"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "6"], "does not split over the 3"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--mfu", "1.5"], "mfu must be in (0, 1]"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "train.recompute=some"], "train.recompute='some'"),
+])
+def test_bad_input_is_a_one_line_error(monkeypatch, capsys, args, message):
+    monkeypatch.chdir(REPO)
+    assert main(["plan", *args]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error

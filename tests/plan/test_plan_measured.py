@@ -1,0 +1,272 @@
+"""`avar plan` against measurements: the predicted peak of a toy training step on this machine within 15% of the
+measured one (fp32 and bf16), the activations autograd saves within 15% of the plan's (each recompute mode, bf16,
+a standard layer with megatron's local attention; tests/conftest.py's toy model and data), the one H200 step
+recorded in tools/results within 15%, and every rank's parameter count of the published 7B / 3B at TP=2 and PP=2
+exactly (built on the meta device).
+
+How memory is measured, and why not with ``perf/peak_memory_gb``: on a CPU that metric is the process's peak
+resident set size, which also holds the interpreter, torch, megatron, transformers and the data loader (hundreds
+of MB, more than the toy model's step; it grew by 440-820 MB in these runs for 440-530 MB of tensors), and glibc
+keeps freed blocks resident. Instead the rank runs the steps inside torch's profiler with ``profile_memory=True``:
+every allocation and free of torch's CPU allocator is an event with its size, so the running sum of those
+events from just before the model is built is the tensor memory the run holds — what
+``torch.cuda.max_memory_allocated`` counts on a GPU, the quantity the plan predicts. Its maximum over two steps
+(the second one has Adam's states) is the measured peak. Activations are measured separately and exactly: a
+forward pass under ``torch.autograd.graph.saved_tensors_hooks`` records every storage autograd keeps for
+backward (parameters and the loss's saved softmax, which the plan counts as weights and logits, left out).
+
+What this checks and what it cannot: the static terms (weights, fp32 gradients, main params and Adam moments),
+the logits phase (the toy's 152k vocabulary makes it most of the toy's peak: activations are ~1% of it, hence
+the separate activation check) and the CPU kernel family's activation coefficients (``plan.memory.CPU_KERNELS``),
+on one rank; and, from the H200 record, the GPU family without Transformer Engine at 7B widths. The Transformer
+Engine family (the clusters'), vLLM, and the activations of multi-rank layouts are not measured; the in-flight
+counts of the pipeline schedules are checked against megatron's own schedule functions in test_plan_memory.py.
+"""
+
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_avar.testing import run_on_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))  # the shared tiny SFT settings (tests/sft)
+from sft_cases import sft_overrides  # noqa: E402
+
+TOLERANCE = 0.15  # the issue's bound; every comparison here lands within ~2% (printed with -s)
+
+
+def _microbatch_counts(mb, config, image_token_id: int) -> tuple[int, int]:
+    """(image tokens, AGTO query rows) of a micro-batch: what the plan is told about a row."""
+    from megatron_avar.training.objective import QuerySets
+
+    image_tokens = int((mb.input_ids == image_token_id).sum())
+    return image_tokens, int(QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink).q_index.numel())
+
+
+def _profiled_steps(overrides: list[str], steps: int) -> dict:
+    """Build the run and train ``steps`` steps under the profiler; the peak of live tensor bytes and the
+    largest per-micro-batch image-token and query-row counts (what the plan is given)."""
+    import resource
+
+    import torch
+    from megatron.core import parallel_state
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sft.trainer import build_run, train_step
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    config = load_config(SFTConfig, None, overrides)
+    layout = init_distributed(1, 1, seed=config.train.seed)
+    gc.collect()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    image_tokens = query_rows = 0
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run = build_run(config, layout)
+        batches = iter(run.data)
+        for _ in range(steps):
+            step = next(batches)
+            for mb in step.microbatches:
+                counts = _microbatch_counts(mb, config, run.qwen_config.image_token_id)
+                image_tokens, query_rows = max(image_tokens, counts[0]), max(query_rows, counts[1])
+            train_step(run.model, step, config, avar_layers=run.avar_layers, layout=layout)
+    events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    rss_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    parallel_state.destroy_model_parallel()
+    del run, batches
+    gc.collect()
+    return {"peak": peak, "image_tokens": image_tokens, "query_rows": query_rows, "rss_growth": rss_growth}
+
+
+def _saved_activations(overrides: list[str]) -> dict:
+    """Bytes autograd saves in one micro-batch's forward (no parameters, no loss softmax)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sft.trainer import build_run
+    from megatron_avar.training.megatron_setup import init_distributed
+    from megatron_avar.training.objective import AGTOSink, QuerySets
+
+    config = load_config(SFTConfig, None, overrides)
+    layout = init_distributed(1, 1, seed=config.train.seed)
+    run = build_run(config, layout)
+    image_token_id = run.qwen_config.image_token_id
+    mb = max(next(iter(run.data)).microbatches, key=lambda m: _microbatch_counts(m, config, image_token_id))
+    parameters = {p.untyped_storage().data_ptr() for p in run.model.ddp.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    sink = AGTOSink(QuerySets(mb.roles, mb.segment_ids), config.avar, num_layers=len(run.avar_layers), weight=1.0,
+                    grad_scale=1.0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run.model.ddp(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
+                      image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
+                      segment_ids=mb.segment_ids, mass_sink=sink)
+    vocab_logits = mb.input_ids.numel() * run.qwen_config.text.vocab_size * run.dtype.itemsize * (
+        4 // run.dtype.itemsize)  # the cross entropy keeps an fp32 softmax of the logits
+    logits = [n for n in saved.values() if n == vocab_logits]
+    parallel_state.destroy_model_parallel()
+    image_tokens, query_rows = _microbatch_counts(mb, config, image_token_id)
+    return {"saved": sum(saved.values()) - sum(logits), "logits_saved": len(logits), "image_tokens": image_tokens,
+            "query_rows": query_rows}
+
+
+def _on_one_rank(function, runs: dict[str, list[str]], *args) -> dict:
+    """Rank process: ``function(overrides, *args)`` for each named run, one after the other."""
+    return {name: function(overrides, *args) for name, overrides in runs.items()}
+
+
+def _plan(overrides, image_tokens, query_rows):
+    from megatron_avar.config import load_config
+    from megatron_avar.plan import Assumptions, load_model_config, plan_sft
+    from megatron_avar.sft.config import SFTConfig
+
+    config = load_config(SFTConfig, None, overrides)
+    qwen_config, source = load_model_config(config.model.hf_path, None)
+    seq = config.data.seq_length
+    return plan_sft(config, qwen_config, source, Assumptions(gpus=1, image_fraction=image_tokens / seq,
+                                                              query_fraction=query_rows / seq, kernels="cpu"))
+
+
+@pytest.fixture(scope="module")
+def overrides(sft_inputs, tmp_path_factory):
+    return {precision: sft_overrides(sft_inputs, tmp_path_factory.mktemp(f"plan_{precision}"),
+                                     **{"train.precision": precision})
+            for precision in ("fp32", "bf16")}
+
+
+@pytest.fixture(scope="module")
+def profiled(overrides):
+    return run_on_ranks(_on_one_rank, 1, _profiled_steps, overrides, 2, timeout_s=400)[0]
+
+
+# Activation runs: each recompute mode (fp32), bf16 (torch norms upcast to fp32), and a model whose second layer is
+# a standard layer (megatron's local attention: S x S probabilities and the dense mask).
+ACTIVATION_RUNS = {
+    "none": ("fp32", ["train.recompute=none"]), "selective": ("fp32", ["train.recompute=selective"]),
+    "full": ("fp32", ["train.recompute=full"]), "bf16": ("bf16", []),
+    "standard-layer": ("fp32", ["avar.layers=[0]"]), "standard-layer-bf16": ("bf16", ["avar.layers=[0]"]),
+}
+
+
+@pytest.fixture(scope="module")
+def activation_runs(overrides):
+    runs = {name: overrides[precision] + extra for name, (precision, extra) in ACTIVATION_RUNS.items()}
+    return runs, run_on_ranks(_on_one_rank, 1, _saved_activations, runs, timeout_s=400)[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predicted_peak_is_within_15_percent_of_the_measured_toy_run(overrides, profiled, precision):
+    measured = profiled[precision]
+    plan = _plan(overrides[precision], measured["image_tokens"], measured["query_rows"])
+    predicted = plan.memory.peak
+    print(f"\n[plan] toy SFT {precision}: measured peak {measured['peak'] / 1e6:.1f} MB (tensors; peak RSS grew "
+          f"{measured['rss_growth'] / 1e6:.1f} MB), predicted {predicted / 1e6:.1f} MB "
+          f"({predicted / measured['peak'] - 1:+.1%})")
+    assert predicted == pytest.approx(measured["peak"], rel=TOLERANCE)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", list(ACTIVATION_RUNS))
+def test_saved_activations_are_predicted(activation_runs, name):
+    runs, measured_runs = activation_runs
+    run_overrides, measured = runs[name], measured_runs[name]
+    assert measured["logits_saved"] == 1
+    worst = _plan(run_overrides, measured["image_tokens"], measured["query_rows"]).memory.worst
+    predicted = sum(worst.stored.values()) / worst.in_flight
+    print(f"\n[plan] toy SFT {name}: saved activations {measured['saved'] / 1e6:.3f} MB, predicted "
+          f"{predicted / 1e6:.3f} MB ({predicted / measured['saved'] - 1:+.1%})")
+    assert predicted == pytest.approx(measured["saved"], rel=TOLERANCE)
+
+
+def _local_parameter_counts(layouts) -> dict:
+    """Rank process: this rank's parameter count of each (published size, tp, pp), built on the meta device."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_avar.models.qwen2_5_vl.published import PUBLISHED
+
+    platform.prepare_megatron()
+    counts = {}
+    for size, tp, pp in layouts:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        model_parallel_cuda_manual_seed(0)
+        settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                    params_dtype=torch.bfloat16, init_on_meta_device=True)
+        model = Qwen25VLModel(Qwen25VLConfig.from_hf(PUBLISHED[size]), settings,
+                              pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+                              pre_process=parallel_state.is_pipeline_first_stage(),
+                              post_process=parallel_state.is_pipeline_last_stage())
+        counts[(size, tp, pp)] = (parallel_state.get_pipeline_model_parallel_rank(),
+                                  sum(p.numel() for p in model.parameters()))
+        parallel_state.destroy_model_parallel()
+    return counts
+
+
+LAYOUTS = [("7b", 2, 1), ("7b", 1, 2), ("3b", 1, 2)]  # 3B ties its embeddings: the last stage holds a copy
+
+
+@pytest.mark.multiprocess
+def test_every_rank_holds_the_planned_parameter_count():
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.published import PUBLISHED
+    from megatron_avar.plan import Parallelism, stage_parameters
+
+    ranks = run_on_ranks(_local_parameter_counts, 2, LAYOUTS, timeout_s=300)
+    for size, tp, pp in LAYOUTS:
+        config = Qwen25VLConfig.from_hf(PUBLISHED[size])
+        for rank in ranks:
+            stage, count = rank[(size, tp, pp)]
+            assert stage_parameters(config, Parallelism(tp=tp, pp=pp), stage)[0] == count, (size, tp, pp, stage)
+
+
+def test_the_recorded_h200_step_is_predicted():
+    """The one GPU measurement in the repository: tools/bench_sft.py at commit 754c086 on one H200
+    (tools/results/bench_sft_nvidia-h200_2026-12-04.json, mode "off"): Qwen2.5-VL-7B widths with 4 decoder layers
+    and 2 vision blocks (the last one full attention), random weights, one 8192-token row holding one sample of
+    7174 tokens whose 2352 x 2352 image is 7056 merged tokens, bf16, TP = PP = DP = 1, no AVAR layers (at that
+    commit "off" built none), no Transformer Engine on that machine: megatron's local modules on CUDA, whose local
+    attention keeps S x S probabilities per layer. Peak: torch.cuda.max_memory_allocated over 4 steps.
+    The plan of that step with the "gpu-no-te" kernels must be within 15% (it is -2%; the backward transient of the
+    local attention's scores, ~19 GB there, is the term this measurement showed was missing)."""
+    import json
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.published import QWEN2_5_VL_7B
+    from megatron_avar.plan import GPU_NO_TE_KERNELS, Parallelism, StepShape, memory_plan
+
+    record = json.loads((REPO / "tools/results/bench_sft_nvidia-h200_2026-12-04.json").read_text())
+    (row,) = [r for r in record["rows"] if r["mode"] == "off" and r["seq_length"] == 8192]
+    assert record["meta"]["commit"] == "754c086" and row["real_tokens"] == 7174
+    config = json.loads(json.dumps(QWEN2_5_VL_7B))
+    config.update(num_hidden_layers=4, max_window_layers=4)
+    config["vision_config"].update(depth=2, fullatt_block_indexes=[1])
+    plan = memory_plan(Qwen25VLConfig.from_hf(config), Parallelism(),
+                       StepShape(seq_length=8192, image_tokens=(2352 // 28) ** 2, precision="bf16"),
+                       kernels=GPU_NO_TE_KERNELS)
+    measured = row["peak_memory_gb"] * 1e9
+    print(f"\n[plan] H200 bench_sft off @754c086: measured {measured / 1e9:.1f} GB, predicted "
+          f"{plan.peak / 1e9:.1f} GB ({plan.peak / measured - 1:+.1%})")
+    assert plan.peak == pytest.approx(measured, rel=TOLERANCE)
