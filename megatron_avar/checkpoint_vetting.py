@@ -124,7 +124,8 @@ def _check_file_sizes(path: Path, storage: dict) -> None:
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
         if actual is None or actual < size:
-            state = "is missing" if actual is None else f"holds {actual} bytes, {size - actual} fewer than .metadata places in it"
+            state = ("is missing" if actual is None
+                     else f"holds {actual} bytes, {size - actual} fewer than .metadata places in it")
             raise ValueError(f"{file} {state}: the checkpoint is incomplete (a copy cut short, or a damaged file "
                              f"system). Resume from another complete checkpoint (point {path.parent / 'latest'} at "
                              "an earlier step_* folder), copy the checkpoint again, or start over "

@@ -24,6 +24,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import TypeVar
 
@@ -211,7 +212,7 @@ def _convert(hint, value, key: str, origins: dict[str, str], default=None):
         if isinstance(value, (str, PurePath)):
             return hint(value)
         raise _Mismatch
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if isinstance(value, dict):
@@ -264,6 +265,8 @@ def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str], 
     default section, e.g. ``DescribeConfig.teacher``), instead of the class defaults."""
     if base is not None:
         cls = type(base)  # a subclass instance as the default keeps its own fields and defaults
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass: configs are dataclasses")
     if not isinstance(values, dict):
         section = where.rstrip(".")
         raise ValueError(f"{section or 'the config'}={_show(values)}{_where(section, origins)}: expected "
@@ -404,7 +407,7 @@ def flag_overrides(args, flag_keys: dict[str, str]) -> list[str]:
             if getattr(args, dest) is not None]
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
     """Defaults of ``cls``, updated by the YAML file at ``path`` (if any), then by ``overrides``. Every error
     is a ValueError of one line naming the key, the value, what is expected and where it was set."""
     return config_from_dict(cls, apply_overrides(read_config_file(path), list(overrides)))

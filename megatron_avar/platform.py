@@ -246,8 +246,8 @@ def enable_megatron_on_cpu() -> None:
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: torch.random.default_generator.manual_seed(seed)
-    torch.cuda.manual_seed_all = lambda seed: torch.random.default_generator.manual_seed(seed)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(seed)
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.current_stream = lambda device=None: _NoOpStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()

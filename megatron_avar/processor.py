@@ -106,17 +106,19 @@ def _offline_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def _offline_tokenizer():
     """The real Qwen2.5 tokenizer rebuilt from the packaged vocabulary (about 1.5 s the first time)."""
-    from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
+    from transformers import AddedToken, Qwen2Tokenizer  # (tokenizers' AddedToken, as add_tokens is typed)
 
     vocab, merges = _offline_vocab_and_merges()
-    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None)
+    # Merges as (left, right) pairs and no unk token are what the BPE model takes; transformers' annotations are
+    # narrower (merges as "left right" strings, unk_token a str).
+    tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), unk_token=None)  # pyright: ignore[reportArgumentType]
     # Added tokens take the next free ids in order, so adding them in id order reproduces the real ids.
     for token_id, token, special in QWEN2_5_VL_SPECIAL_TOKENS:
         if tokenizer.convert_tokens_to_ids(token) != token_id:
             tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)], special_tokens=special)
         if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise RuntimeError(f"offline tokenizer: {token} got id {tokenizer.convert_tokens_to_ids(token)}, not {token_id}")
+            raise RuntimeError(f"offline tokenizer: {token} got id {tokenizer.convert_tokens_to_ids(token)}, "
+                               f"not {token_id}")
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
     tokenizer.model_max_length = 131072
@@ -156,8 +158,8 @@ def load_processor(
 
     Args:
         path: a directory holding an HF Qwen2.5-VL tokenizer (tokenizer.json / vocab.json + merges.txt) and
-            preprocessor_config.json (or a transformers-5 processor_config.json); its chat template is read from chat_template.jinja/.json or
-            tokenizer_config.json (the packaged Qwen2.5-VL template where none is given).
+            preprocessor_config.json (or a transformers-5 processor_config.json); its chat template is read from
+            chat_template.jinja/.json or tokenizer_config.json (the packaged Qwen2.5-VL template where none is given).
         min_pixels, max_pixels: override the image preprocessing pixel bounds (images are resized so that
             their pixel count lies in [min_pixels, max_pixels], each side a multiple of 28).
         reasoning_tokens: add `<think>`, `</think>`, `<answer>`, `</answer>` as special tokens.
@@ -179,8 +181,8 @@ def load_processor(
             raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
         if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
             raise ValueError(
-                f"{path} has neither preprocessor_config.json nor processor_config.json: not a Qwen2.5-VL model directory "
-                "(pass path=None for the offline default processor)"
+                f"{path} has neither preprocessor_config.json nor processor_config.json: not a Qwen2.5-VL model "
+                "directory (pass path=None for the offline default processor)"
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
@@ -192,7 +194,8 @@ def load_processor(
         template = _chat_template_from_directory(path)
     if tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN) in (None, tokenizer.unk_token_id):
         raise ValueError(f"the tokenizer at {path} has no {IMAGE_PAD_TOKEN} token: not a Qwen2.5-VL tokenizer")
-    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                             chat_template=template)
     if reasoning_tokens:
         add_reasoning_tokens(processor)
     return processor

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -44,7 +45,9 @@ class TokenRole(enum.IntEnum):
     IMAGE = 1  # `<|image_pad|>` tokens, one per merged 2x2 patch
     USER_TEXT = 2  # the user's own text
     RESPONSE = 3  # assistant content and its closing `<|im_end|>`
-    TEMPLATE = 4  # role headers, the user's `<|im_end|>\n`, `<|vision_start|>`, `<|vision_end|>`, the `\n` after an assistant `<|im_end|>`
+    # role headers, the user's `<|im_end|>\n`, `<|vision_start|>`, `<|vision_end|>`, the `\n` after an assistant
+    # `<|im_end|>`
+    TEMPLATE = 4
     PAD = -1  # padding; never attended to
 
 
@@ -219,7 +222,8 @@ def _roles_from_offsets(segments, offsets) -> list[int]:
         covered = {segments[k][1] for k in range(first, last + 1) if segments[k][0]}
         content = covered - {TokenRole.TEMPLATE}
         if len(content) > 1:
-            raise RuntimeError(f"token {token_index} spans segments of roles {sorted(content)}; this template is not supported")
+            raise RuntimeError(f"token {token_index} spans segments of roles {sorted(content)}; this template is not "
+                               "supported")
         roles.append(int(next(iter(content)) if content else TokenRole.TEMPLATE))
     return roles
 

@@ -8,7 +8,8 @@ from megatron_avar.cli import main
 
 
 def test_help_lists_subcommands():
-    result = subprocess.run([sys.executable, "-m", "megatron_avar", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "megatron_avar", "--help"], capture_output=True, text=True,
+                            check=True)
     assert "data" in result.stdout and "SUBCOMMAND" in result.stdout
 
 

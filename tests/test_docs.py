@@ -117,7 +117,8 @@ def test_every_markdown_reference_exists_in_the_repository():
 def test_the_checker_finds_bad_references():
     """The check above can fail: a missing file, a missing section and outside documentation are reported."""
     fake = REPO / "megatron_avar" / "example.py"
-    good = 'see docs/method.md, \'AGTO objective\', [eval](evaluation.md#mmmu), https://x.org/a.md, <stem>.md, out/results.md'
+    good = ("see docs/method.md, 'AGTO objective', [eval](evaluation.md#mmmu), https://x.org/a.md, <stem>.md, "
+            "out/results.md")
     assert reference_problems(fake, good) == []
     md = ".md"  # the bad references are assembled here so that this file itself holds none
     bad = {

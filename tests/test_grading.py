@@ -7,8 +7,17 @@ from pathlib import Path
 import pytest
 
 from megatron_avar.eval.answers import free_form_candidate
-from megatron_avar.grading import (EVAL_HARNESS, INTERVENTION, POLICIES, RL_REWARD, SYNTHESIS, AnswerPolicy,
-                                   extract_answer, grade, math_equal)
+from megatron_avar.grading import (
+    EVAL_HARNESS,
+    INTERVENTION,
+    POLICIES,
+    RL_REWARD,
+    SYNTHESIS,
+    AnswerPolicy,
+    extract_answer,
+    grade,
+    math_equal,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TRUTH = "7"

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_avar"
 
 def test_no_other_module_branches_on_the_device():
     # Only platform.py may probe CUDA / Transformer Engine / vLLM; everything else asks it.
-    probe = re.compile(r"torch\.cuda\.is_available|import transformer_engine|import vllm|find_spec\(\"(transformer_engine|vllm)\"\)")
+    probe = re.compile(r"torch\.cuda\.is_available|import transformer_engine|import vllm"
+                       r"|find_spec\(\"(transformer_engine|vllm)\"\)")
     offenders = [
         str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
         if path.name != "platform.py" and probe.search(path.read_text())

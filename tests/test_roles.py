@@ -39,7 +39,8 @@ def _random_text(rng: random.Random) -> str:
 def _random_conversation(rng: random.Random):
     messages, images = [], []
     if rng.random() < 0.5:
-        messages.append({"role": "system", "content": _random_text(rng) if rng.random() < 0.7 else [{"type": "text", "text": _random_text(rng)}]})
+        content = _random_text(rng) if rng.random() < 0.7 else [{"type": "text", "text": _random_text(rng)}]
+        messages.append({"role": "system", "content": content})
     for turn in range(rng.randint(1, 3)):
         if rng.random() < 0.3:
             messages.append({"role": "user", "content": _random_text(rng)})
@@ -89,7 +90,8 @@ def _check_role_invariants(processor, rendered, messages):
     assert set(roles.tolist()) <= set(range(NUM_ROLES))  # every token has exactly one real role
     # SYSTEM is exactly the prefix up to and including the first `<|im_end|>\n`.
     num_system = int((roles == TokenRole.SYSTEM).sum())
-    assert roles[:num_system].eq(TokenRole.SYSTEM).all() and ids[0] == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert roles[:num_system].eq(TokenRole.SYSTEM).all()
+    assert ids[0] == processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert processor.tokenizer.decode(ids[:num_system]).endswith("<|im_end|>\n")
     # IMAGE: exactly the image-pad ids, one contiguous run per image with prod(thw)/4 tokens between vision markers.
     is_image = roles == TokenRole.IMAGE
@@ -98,7 +100,7 @@ def _check_role_invariants(processor, rendered, messages):
     runs = _runs(is_image)
     expected = [] if rendered.image_grid_thw is None else [int(thw.prod()) // 4 for thw in rendered.image_grid_thw]
     assert [length for _, length in runs] == expected
-    for start, length in runs:
+    for start, _ in runs:
         assert ids[start - 1] == vision_start and roles[start - 1] == TokenRole.TEMPLATE
     # Labels are the ids on RESPONSE tokens only, and each assistant turn's RESPONSE run decodes to its content.
     assert torch.equal(rendered.labels != IGNORE_INDEX, roles == TokenRole.RESPONSE)
@@ -127,7 +129,9 @@ def test_roles_of_a_hand_checked_conversation(processor):
         {"role": "assistant", "content": "Two"},
     ]
     rendered = render_conversation(messages, processor)
-    S, I, U, R, T = (TokenRole.SYSTEM, TokenRole.IMAGE, TokenRole.USER_TEXT, TokenRole.RESPONSE, TokenRole.TEMPLATE)
+    # One letter per role (I: IMAGE).
+    S, I, U, R, T = (  # noqa: E741
+        TokenRole.SYSTEM, TokenRole.IMAGE, TokenRole.USER_TEXT, TokenRole.RESPONSE, TokenRole.TEMPLATE)
     expected = [
         ("<|im_start|>", S), ("system", S), ("\n", S), ("You", S), (" are", S), (" a", S), (" helpful", S),
         (" assistant", S), (".", S), ("<|im_end|>", S), ("\n", S),
@@ -151,7 +155,8 @@ def test_token_merged_across_a_segment_boundary_takes_the_content_role(processor
 
 
 def test_default_system_prompt_only_when_none_given(processor):
-    with_system = render_conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], processor)
+    with_system = render_conversation([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                      processor)
     without = render_conversation([{"role": "user", "content": "Hi"}], processor)
     assert "Be brief." in with_system.text and "You are a helpful assistant." not in with_system.text
     assert without.text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
@@ -169,7 +174,8 @@ def test_pixel_bounds_are_honoured():
 def test_reasoning_tokens_are_single_special_tokens():
     processor = load_processor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, reasoning_tokens=True)
     rendered = render_conversation(
-        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>easy</think><answer>4</answer>"}],
+        [{"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "<think>easy</think><answer>4</answer>"}],
         processor,
     )
     think_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<answer>", "</answer>")]
@@ -190,7 +196,8 @@ def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):
 @pytest.mark.parametrize(
     "messages, message",
     [
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}], "only the first message may be a system"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "late"}],
+         "only the first message may be a system"),
         ([{"role": "robot", "content": "a"}], "allowed: 'system', 'user', 'assistant'"),
         ([{"role": "user", "content": "look <|image_pad|>"}], "literal special token"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "empty assistant turn"),
@@ -208,7 +215,8 @@ def test_missing_and_corrupt_images_are_named(processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     for name, message in (("absent.png", "image file not found"), ("broken.png", "unreadable or corrupt")):
         with pytest.raises(ValueError, match=message) as error:
-            render_conversation([{"role": "user", "content": [{"type": "image", "image": name}]}], processor, image_root=tmp_path)
+            render_conversation([{"role": "user", "content": [{"type": "image", "image": name}]}], processor,
+                                image_root=tmp_path)
         assert name in str(error.value)
 
 
@@ -220,4 +228,5 @@ def test_offline_tokenizer_reproduces_the_real_qwen_ids(processor):
     alphabet = "abcXYZ 019\n\t.,;:!?'\"()[]{}<>/\\$^_-+=*&%#@~`|αβγ数学题三角形émigré😀\r"
     for _ in range(300):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
-        assert processor.tokenizer(text, add_special_tokens=False).input_ids == reference.encode(text, allowed_special=set()), text
+        ours = processor.tokenizer(text, add_special_tokens=False).input_ids
+        assert ours == reference.encode(text, allowed_special=set()), text

@@ -5,11 +5,19 @@ import pytest
 import torch
 
 from megatron_avar.roles import TokenRole
-from megatron_avar.segments import (attention_sink_mask, check_cu_seqlens, packed_sample_windows, sample_index,
-                                    segment_cu_seqlens, segment_ids_from_cu_seqlens)
+from megatron_avar.segments import (
+    attention_sink_mask,
+    check_cu_seqlens,
+    packed_sample_windows,
+    sample_index,
+    segment_cu_seqlens,
+    segment_ids_from_cu_seqlens,
+)
 
-S, I, U, R, T, P = (int(TokenRole.SYSTEM), int(TokenRole.IMAGE), int(TokenRole.USER_TEXT), int(TokenRole.RESPONSE),
-                    int(TokenRole.TEMPLATE), int(TokenRole.PAD))
+# One letter per role, for the role tables below (I: IMAGE).
+S, I, U, R, T, P = (  # noqa: E741
+    int(TokenRole.SYSTEM), int(TokenRole.IMAGE), int(TokenRole.USER_TEXT), int(TokenRole.RESPONSE),
+    int(TokenRole.TEMPLATE), int(TokenRole.PAD))
 
 
 def test_segment_ids_and_flat_boundaries_from_cu_seqlens():

@@ -115,7 +115,8 @@ def main() -> int:
     data_config = GRPODataConfig(path=str(data), max_prompt_length=2048)
     processor = build_prompt_processor(data_config, str(hf_path))
     _, prompts = next(iter(PromptLoader(data_config, processor, prompts_per_step=args.prompts)))
-    seq_length = max(int(ids.numel()) for ids in prompts.input_ids) + args.max_new_tokens  # the longest rollout fits a row
+    # The longest rollout fits a row.
+    seq_length = max(int(ids.numel()) for ids in prompts.input_ids) + args.max_new_tokens
 
     def policy_of(role_layers):
         model = build_model(qwen_config, tp=1, pp=1, dtype=dtype, recompute="none", role_mass_layers=role_layers,
@@ -152,8 +153,10 @@ def main() -> int:
     device = torch.cuda.get_device_name() if gpu else "cpu"
     from results_meta import git_commit
 
-    result = {"device": device, "commit": git_commit("megatron_avar", "tools/bench_grpo.py"), "dtype": str(dtype), "model": vars(toy) | {"tiny": args.tiny},
-              "rollouts": len(rollouts), "tokens": sum(lengths), "generated_tokens": sum(r.response_length for r in rollouts),
+    result = {"device": device, "commit": git_commit("megatron_avar", "tools/bench_grpo.py"), "dtype": str(dtype),
+              "model": vars(toy) | {"tiny": args.tiny},
+              "rollouts": len(rollouts), "tokens": sum(lengths),
+              "generated_tokens": sum(r.response_length for r in rollouts),
               "seconds": rows, "old_logprob_tflops": forward_flops / rows["old log-probs + masses"] / 1e12,
               "visual_reward_overhead": overhead, "layout": str(layout)}
     date = datetime.date.today().isoformat()

@@ -174,7 +174,8 @@ def main(argv=None) -> int:
                       "gb_per_s": moved / seconds / 1e9 if moved else None,
                       "x_baseline": seconds / baseline if moved else None})
     gpu = torch.cuda.get_device_name()
-    meta = {"date": datetime.date.today().isoformat(), "commit": git_commit("megatron_avar", "tools/bench_grpo_refit.py"), "gpu": gpu, "vllm": vllm.__version__,
+    meta = {"date": datetime.date.today().isoformat(),
+            "commit": git_commit("megatron_avar", "tools/bench_grpo_refit.py"), "gpu": gpu, "vllm": vllm.__version__,
             "torch": torch.__version__, "tp": args.tp, "layers": args.layers, "num_tensors": len(tensors),
             "bytes_formula": "sum(numel) * 2 (bf16)", "repeats": args.repeats}
     lines = [f"# GRPO refit (VLLMGenerationBackend.update_weights), Qwen2.5-VL-7B shapes ({args.layers} LM layers)",

@@ -42,10 +42,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from results_meta import git_commit  # noqa: E402
+
 from megatron_avar import platform  # noqa: E402
 from megatron_avar.ops import role_attention, role_mass  # noqa: E402
 from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
-from results_meta import git_commit  # noqa: E402
 
 NUM_ROLES = 5
 PROBE_ROWS = 256  # rows the role_mass probe computes: a packed row's AGTO query set is tens to hundreds
@@ -143,9 +144,9 @@ def bench_gpu(seq_lens, reps):
                 row = dict(method=name, seq_len=seq_len, mode=mode, out_max_abs_diff_triton_vs_flash=out_difference)
                 try:
                     if mode == "fwd":
-                        step = lambda: forward()  # noqa: E731  (autograd graph built, as in training)
+                        step = forward  # autograd graph built, as in training
                     else:
-                        def step():
+                        def step(forward=forward):
                             outs = forward()
                             torch.autograd.backward([o for o in outs if o.numel()],
                                                     [torch.ones_like(o) for o in outs if o.numel()])
@@ -255,12 +256,13 @@ def _device_name(part):
 def write_results(part, rows, shape, out_dir: Path):
     import triton
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     device = _device_name(part)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
     stem = out_dir / f"role_attention_{part}_{slug}_{now:%Y-%m-%d}"
     # CPU timings on a shared machine depend on what else runs: record the load next to them.
-    meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=git_commit("megatron_avar/ops", __file__), torch=torch.__version__,
+    meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=git_commit("megatron_avar/ops", __file__),
+                torch=torch.__version__,
                 load_average_1_5_15min=" ".join(f"{x:.2f}" for x in os.getloadavg()),
                 triton=triton.__version__, shape=shape,
                 flop_formula="4*B*Hq*S^2*D forward, /2 causal; backward = 2.5x forward")
@@ -289,7 +291,8 @@ def write_results(part, rows, shape, out_dir: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["auto", "gpu", "cpu"], default="auto",
-                        help="gpu: Triton vs SDPA vs eager on CUDA; cpu: blockwise vs reference (default: gpu if usable)")
+                        help="gpu: Triton vs SDPA vs eager on CUDA; cpu: blockwise vs reference "
+                             "(default: gpu if usable)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
                         help="sequence lengths (default gpu: 1k..32k, cpu: 1k 2k 4k)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median reported)")

@@ -117,21 +117,22 @@ def prepare(work: Path, args) -> dict[int, dict]:
     datasets = {}
     for seq in args.seq_lens:
         side = image_side_pixels(seq)
-        path = write_dataset(ProceduralConfig(num_samples=4, image_size=(side, side)), work / f"data_{seq}", overwrite=True)
+        path = write_dataset(ProceduralConfig(num_samples=4, image_size=(side, side)), work / f"data_{seq}",
+                             overwrite=True)
         datasets[seq] = {"path": str(path), "image_side": side}
     return {"model": str(model_dir), "datasets": datasets}
 
 
 def worker(spec: dict) -> dict:
     """One mode at one sequence length in this process: build, warm up, time ``steps`` steps."""
+    import torch
+
     from megatron_avar import platform
     from megatron_avar.config import load_config
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.sft.config import SFTConfig
     from megatron_avar.training.metrics import matmul_params, training_flops
     from megatron_avar.training.sft_data import SFTDataLoader
-
-    import torch
 
     mode, seq = spec["mode"], spec["seq_length"]
     alpha = 0.15 if mode in ("probe", "fused") else 0.0
@@ -208,7 +209,8 @@ def _hf_sdpa_steps(config, dtype):
 
     def step(batch):
         for mb in batch.microbatches:
-            real = (mb.segment_ids >= 0) if mb.segment_ids is not None else torch.ones_like(mb.input_ids, dtype=torch.bool)
+            real = ((mb.segment_ids >= 0) if mb.segment_ids is not None
+                    else torch.ones_like(mb.input_ids, dtype=torch.bool))
             input_ids = mb.input_ids.to(device)
             # our labels hold the next token at each position; HF shifts its labels itself
             labels = torch.where(torch.roll(mb.labels, 1, dims=1) != IGNORE_INDEX, mb.input_ids, -100).to(device)
@@ -284,16 +286,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['steps']} steps after {meta['warmup']} warm-up. Baseline: mode `off` (plain SFT, the same "
              "fast attention, no masses). Targets: probe <= 1.05x off (CPU), <= 1.03x (GPU); memory <= +5%. FLOP "
              "formula and modes: tools/bench_sft.py.",
-             "", "| seq | mode | step s | vs off | peak GB | extra GB vs off | tokens | TFLOP/s | attention share | MFU "
+             "",
+             "| seq | mode | step s | vs off | peak GB | extra GB vs off | tokens | TFLOP/s | attention share | MFU "
              "| eager S×S GB (this L) | eager S×S GB (28 L) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_seconds" not in r:
             lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} | | | | | | | | | |")
             continue
         overhead = r.get("step_time_overhead")
-        lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
-                     f"{'baseline' if r['mode'] == 'off' else _fmt(None if overhead is None else 100 * overhead, '+.1f') + '%'}"
-                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('extra_memory_gb'), '+.2f')} | {r['real_tokens']:.0f} | "
+        vs_off = "baseline" if r["mode"] == "off" else _fmt(None if overhead is None else 100 * overhead, "+.1f") + "%"
+        lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | {vs_off}"
+                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
+                     f"{r['real_tokens']:.0f} | "
                      f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | {100 * r['mfu']:.1f}% | "
                      f"{r['eager_attention_gb']:.1f} | "
                      f"{r['eager_attention_gb_full_7b']:.1f} |")
@@ -305,11 +309,15 @@ def write_results(results: list[dict], args, precision: str, commit: str, date: 
     rows = table(results, args)
     gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
     hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
+    widths = ""
+    if args.hidden:
+        heads = args.heads or args.hidden // 128
+        widths = f" (hidden {args.hidden}, {heads}/{args.kv_heads or heads} heads)"
     meta = {"hardware": hardware, "date": date, "commit": commit,
-            "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if args.tiny else ''}"
-                      f"{f' (hidden {args.hidden}, {args.heads or args.hidden // 128}/{args.kv_heads or args.heads or args.hidden // 128} heads)' if args.hidden else ''}, {args.layers} LM layers, "
-                      f"{args.vision_depth} vision blocks"), "precision": precision, "warmup": args.warmup,
-            "steps": args.steps, "seconds": seconds, "argv": sys.argv[1:]}
+            "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if args.tiny else ''}{widths}, "
+                      f"{args.layers} LM layers, {args.vision_depth} vision blocks"),
+            "precision": precision, "warmup": args.warmup, "steps": args.steps, "seconds": seconds,
+            "argv": sys.argv[1:]}
     stem = Path(args.results) / f"bench_sft_{hardware}_{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")

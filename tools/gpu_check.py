@@ -85,7 +85,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                "--results", out], 300),
             Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
                                 "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
-            Step("triton_sweep", pytest + ["--collect-only", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
+            Step("triton_sweep",
+                 pytest + ["--collect-only", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
                  120, junit=True),
         ]
     return [
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         environment = json.loads((work / "environment.json").read_text())
     device = environment.get("device") or _gpu_name()
     slug = ("cpu-dry-run" if args.dry_run else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     date = now.date().isoformat()
     meta = {"device": device, "date": date, "commit": env["MEGATRON_AVAR_COMMIT"], "argv": list(argv or sys.argv[1:]),
             "seconds": time.monotonic() - started, "environment": environment}

@@ -37,7 +37,7 @@ class PromptBatch:
     inputs: dict
     roles: torch.Tensor
 
-    def to(self, device) -> "PromptBatch":
+    def to(self, device) -> PromptBatch:
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
         return PromptBatch(self.ids, self.answers, inputs, self.roles)
 

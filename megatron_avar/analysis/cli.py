@@ -1,5 +1,6 @@
 """`avar vas` (VAS report of a checkpoint), `avar vas compare` (reports side by side, VAS vs accuracy),
-`avar vas merge` (join data-sharded reports) and `avar intervene` (generation with the attention intervention, graded; --sweep for a grid)."""
+`avar vas merge` (join data-sharded reports) and `avar intervene` (generation with the attention intervention,
+graded; --sweep for a grid)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ def _add_model_options(parser, with_defaults: bool = True) -> None:
         return value if with_defaults else None
 
     parser.add_argument("--model", help="HF Qwen2.5-VL checkpoint directory")
-    parser.add_argument("--data", help="conversation dataset (.jsonl/.json/.parquet file or folder; see README Data format)")
+    parser.add_argument("--data",
+                        help="conversation dataset (.jsonl/.json/.parquet file or folder; see README Data format)")
     parser.add_argument("--batch-size", type=int, default=default(4), help="prompts per forward / generate call (4)")
-    parser.add_argument("--device", default=default("auto"), help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--device", default=default("auto"),
+                        help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=default("auto"), choices=("auto", "float32", "bfloat16", "float16"),
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--device-map", default=None, help="e.g. 'auto': spread a large model over the visible GPUs")
@@ -40,17 +43,23 @@ def register(subparsers) -> None:
                      help="top-level numbers without the sink (position 0) in K_sys; report.json always holds both")
     vas.add_argument("--shard", default=None,
                      help="I/N: only records I, I+N, ... (one job per GPU); join the reports with `avar vas merge`")
-    vas.add_argument("--name", default=None, help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
+    vas.add_argument("--name", default=None,
+                     help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
     commands = vas.add_subparsers(title="vas commands", dest="vas_command", metavar="COMMAND")
-    compare = commands.add_parser("compare", formatter_class=_DEFAULTS, help="VAS reports side by side; VAS vs accuracy",
+    compare = commands.add_parser("compare", formatter_class=_DEFAULTS,
+                                  help="VAS reports side by side; VAS vs accuracy",
                                   description="A table of VAS reports (the first is the reference for the relative "
-                                              "change) and, with --accuracy, Pearson r, its p-value and a scatter plot.")
+                                              "change) and, with --accuracy, Pearson r, its p-value and a scatter "
+                                              "plot.")
     compare.add_argument("reports", nargs="+", help="report.json files or folders written by `avar vas`")
     compare.add_argument("--accuracy", default=None,
-                         help='accuracies: JSON {"name": accuracy} or CSV with columns name,accuracy (name = report name or path)')
-    compare.add_argument("--out", dest="compare_out", default=None, help="folder for compare.md, compare.json, vas_vs_accuracy.png")
+                         help='accuracies: JSON {"name": accuracy} or CSV with columns name,accuracy '
+                              '(name = report name or path)')
+    compare.add_argument("--out", dest="compare_out", default=None,
+                         help="folder for compare.md, compare.json, vas_vs_accuracy.png")
     compare.set_defaults(handler=_compare)
-    merge = commands.add_parser("merge", formatter_class=_DEFAULTS, help="join the reports of `avar vas --shard I/N` jobs",
+    merge = commands.add_parser("merge", formatter_class=_DEFAULTS,
+                                help="join the reports of `avar vas --shard I/N` jobs",
                                 description="Exact merge of data-sharded VAS reports (same checkpoint and settings, "
                                             "disjoint samples) into one report with its figures.")
     merge.add_argument("reports", nargs="+", help="report.json files or folders of the shards")
@@ -68,7 +77,8 @@ def register(subparsers) -> None:
                     "--config FILE.yaml, then KEY=VALUE overrides, then the flags (a flag left out changes nothing).")
     add = intervene.add_argument
     add("--config", default=None, help="YAML config (see examples/vas/); flags and KEY=VALUE override it")
-    add("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of InterveneConfig fields, e.g. max_new_tokens=1024")
+    add("overrides", nargs="*", metavar="KEY=VALUE",
+        help="overrides of InterveneConfig fields, e.g. max_new_tokens=1024")
     _add_model_options(intervene, with_defaults=False)
     add("--out", help="output JSON file (a sweep also writes <stem>.md and <stem>.png)")
     add("--alpha-img", type=float, help="IMAGE keys: z*(1+a) or z+log(1+a) (0.15)")
@@ -112,7 +122,8 @@ def resolve_intervene_config(args):
         try:
             alphas = [float(a) for a in args.sweep_alpha_sys.split(",") if a.strip()]
         except ValueError:
-            raise ValueError(f"--sweep-alpha-sys {args.sweep_alpha_sys!r}: give comma-separated numbers like 0,0.05,0.4") from None
+            raise ValueError(f"--sweep-alpha-sys {args.sweep_alpha_sys!r}: give comma-separated numbers like "
+                             "0,0.05,0.4") from None
         flags.append(f"sweep_alpha_sys={json.dumps(alphas)}")
     if args.sweep_layers is not None:
         flags.append(f"sweep_layers={json.dumps([s.strip() for s in args.sweep_layers.split(';') if s.strip()])}")
@@ -133,7 +144,8 @@ def _require(args, names: tuple[str, ...], usage: str) -> None:
 def _vas(args) -> int:
     from megatron_avar.analysis.run_vas import VASConfig, run_vas
 
-    _require(args, ("model", "data", "out"), "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
+    _require(args, ("model", "data", "out"),
+             "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
     config = VASConfig(model=args.model, data=args.data, out=args.out, num_samples=args.num_samples, layers=args.layers,
                        exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                        device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard)
@@ -141,7 +153,8 @@ def _vas(args) -> int:
     included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
     print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
           + ("" if excluded is None else f", {excluded['vas']:.4f} (without the sink)")
-          + f"; top-level numbers {'without' if args.exclude_sink else 'with'} the sink: ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
+          + f"; top-level numbers {'without' if args.exclude_sink else 'with'} the sink: "
+          f"ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
           f"over {report['num_samples']} samples ({len(report['skipped_sample_ids'])} without VAS queries skipped); "
           f"wrote {args.out}/report.json and figures")
     return 0
@@ -183,8 +196,8 @@ def _intervene(args) -> int:
     written = run_intervene(config)
     if config.sweep:
         stem = config.out[:-len(".json")]
-        print(f"baseline accuracy {written['baseline']['accuracy']}; {len(written['rows'])} settings; wrote {config.out}, "
-              f"{stem}.md, {stem}.png")
+        print(f"baseline accuracy {written['baseline']['accuracy']}; {len(written['rows'])} settings; "
+              f"wrote {config.out}, {stem}.md, {stem}.png")
     else:
         print(f"accuracy {written['accuracy']} over {written['num_graded']} graded samples; wrote {config.out}")
     return 0

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 __all__ = ["load_report", "load_accuracies", "compare_reports"]
 
@@ -30,7 +31,8 @@ def load_report(path: str | Path) -> tuple[str, dict]:
         report = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: not valid JSON ({error})") from error
-    missing = [key for key in ("vas", "vas_per_layer", "ratio_of_means", "image_share", "num_samples") if key not in report]
+    required = ("vas", "vas_per_layer", "ratio_of_means", "image_share", "num_samples")
+    missing = [key for key in required if key not in report]
     if missing:
         raise ValueError(f"{file}: not a VAS report (missing {missing})")
     report.setdefault("name", file.parent.name)
@@ -52,7 +54,8 @@ def load_accuracies(path: str | Path) -> dict[str, float]:
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise ValueError(f"--accuracy {path}: not valid JSON ({error}); use {{\"name\": accuracy}} or a CSV") from error
+            raise ValueError(f"--accuracy {path}: not valid JSON ({error}); "
+                             'use {"name": accuracy} or a CSV') from error
         if not isinstance(raw, dict):
             raise ValueError(f"--accuracy {path}: the JSON must be an object {{\"name\": accuracy}}")
     accuracies = {}
@@ -107,7 +110,7 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
             row = dict(row, name=f"{row['name']} ({row['path']})")
         cells = [_fmt(row[c]) if c != "delta_vs_first" or row[c] is None else f"{100 * row[c]:+.1f}%" for c in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    correlation = None
+    correlation: dict[str, Any] | None = None  # r, p_value (None for n = 2), n
     if accuracy_file:
         if len(rows) < 2:
             raise ValueError("a correlation needs at least two reports with accuracies")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["plot_vas_per_layer", "plot_image_share_heatmap", "plot_ratio_distribution", "plot_vas_vs_accuracy",
            "plot_accuracy_vs_alpha"]
@@ -41,7 +41,8 @@ def plot_vas_per_layer(report: dict, path: Path) -> Path:
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("VAS  (mean of m_IMG / (m_SYS + eps))")
     ax.set_title(f"Visual attention score per layer ({report['num_samples']} samples)")
-    ax.set_yscale("log" if min(report["vas_per_layer"]) > 0 and max(report["vas_per_layer"]) > 50 * min(report["vas_per_layer"]) else "linear")
+    lowest, highest = min(report["vas_per_layer"]), max(report["vas_per_layer"])
+    ax.set_yscale("log" if lowest > 0 and highest > 50 * lowest else "linear")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -125,7 +126,8 @@ def plot_accuracy_vs_alpha(rows: Sequence[dict], baseline: float | None, path: P
         ax.plot([a for a, _ in points], [acc for _, acc in points], marker="o", label=f"layers {layer_set}")
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="no intervention")
-    values = [row["accuracy"] for row in rows if row["accuracy"] is not None] + ([baseline] if baseline is not None else [])
+    values = [row["accuracy"] for row in rows if row["accuracy"] is not None]
+    values += [baseline] if baseline is not None else []
     ax.set_ylim(0, min(1.0, 1.15 * max(values)) if values and max(values) > 0 else 1.0)  # accuracy is in [0, 1]
     ax.set_xlabel("alpha_sys")
     ax.set_ylabel("accuracy")

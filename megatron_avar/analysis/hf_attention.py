@@ -21,7 +21,7 @@ step), with the same edits on intervention rows (rows with an image: generated t
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -33,9 +33,9 @@ from megatron_avar.roles import TokenRole
 __all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
 
 ATTENTION_NAME = "avar_role_attention"
-_HOOK_BY_MODULE: dict[int, tuple["RoleAttentionHook", int]] = {}  # id(text attention module) -> (hook, layer)
-_HOOK_BY_CONFIG: dict[int, "RoleAttentionHook"] = {}              # id(text config) -> hook (mask checks)
-_ACTIVE: list["RoleAttentionHook"] = []
+_HOOK_BY_MODULE: dict[int, tuple[RoleAttentionHook, int]] = {}  # id(text attention module) -> (hook, layer)
+_HOOK_BY_CONFIG: dict[int, RoleAttentionHook] = {}              # id(text config) -> hook (mask checks)
+_ACTIVE: list[RoleAttentionHook] = []
 
 
 def text_attention_modules(model) -> dict[int, torch.nn.Module]:
@@ -43,7 +43,8 @@ def text_attention_modules(model) -> dict[int, torch.nn.Module]:
     modules = {}
     for module in model.modules():
         layer = getattr(module, "layer_idx", None)
-        if layer is not None and getattr(module, "is_causal", False) and module.__class__.__name__.endswith("Attention"):
+        is_attention = getattr(module, "is_causal", False) and module.__class__.__name__.endswith("Attention")
+        if layer is not None and is_attention:
             modules[int(layer)] = module
     if not modules:
         raise ValueError(f"{type(model).__name__} has no causal attention modules with a layer_idx; the role "
@@ -111,7 +112,7 @@ class RoleAttentionHook:
         self._intervention: InterventionSpec | None = None
         self._tables: dict = {}
 
-    def __enter__(self) -> "RoleAttentionHook":
+    def __enter__(self) -> RoleAttentionHook:
         if any(id(m) in _HOOK_BY_MODULE for m in self.modules.values()):
             raise RuntimeError("a RoleAttentionHook is already active on this model")
         _register()
@@ -144,7 +145,8 @@ class RoleAttentionHook:
         self._key_roles = mass_key_roles(roles)
         self._intervention = None if intervention is None or intervention.is_identity else intervention
         self._row_has_image = (roles == TokenRole.IMAGE).any(1)
-        self._query_mask = None if self._intervention is None else intervention_query_mask(roles, intervention.queries)
+        self._query_mask = (None if self._intervention is None
+                            else intervention_query_mask(roles, self._intervention.queries))
         self._on_mass = on_mass
         self._mass_layers = frozenset(self.modules if mass_layers is None else mass_layers)
         if self._intervention is not None:
@@ -156,44 +158,51 @@ class RoleAttentionHook:
 
     # -- internals ---------------------------------------------------------------------------------------
 
+    def _batch_roles(self) -> torch.Tensor:
+        """The key roles of the batch given to set_batch (grown by the generated tokens so far)."""
+        if self._key_roles is None:
+            raise RuntimeError("RoleAttentionHook: call set_batch(roles) before running the model")
+        return self._key_roles
+
     def _check_padding(self, attention_mask: torch.Tensor, prefill: bool) -> None:
-        batch, known = self._key_roles.shape
+        key_roles = self._batch_roles()
+        batch, known = key_roles.shape
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < known \
                 or (prefill and attention_mask.shape[1] != known):
             raise ValueError(f"the roles given to set_batch are [{batch}, {known}] but the attention_mask is "
                              f"{list(attention_mask.shape)}; pass the roles of exactly this batch's input_ids")
         real = attention_mask.to("cpu", torch.bool)[:, :known]
-        if not torch.equal(real, self._key_roles >= 0):
+        if not torch.equal(real, key_roles >= 0):
             raise ValueError("attention_mask and the roles given to set_batch disagree on which tokens are padding; "
                              "roles must be PAD (-1) exactly where attention_mask is 0")
 
     def _grow(self, kv_length: int) -> None:
         """Append generated tokens (RESPONSE keys; intervention rows where the row has an image)."""
-        known = self._key_roles.shape[1]
+        key_roles = self._batch_roles()
+        batch, known = key_roles.shape
         if kv_length <= known:
             return
         new = kv_length - known
-        batch = self._key_roles.shape[0]
-        self._key_roles = torch.cat([self._key_roles, torch.full((batch, new), int(TokenRole.RESPONSE))], 1)
-        if self._query_mask is not None:
+        self._key_roles = torch.cat([key_roles, torch.full((batch, new), int(TokenRole.RESPONSE))], 1)
+        if self._query_mask is not None and self._row_has_image is not None:  # set together by set_batch
             self._query_mask = torch.cat([self._query_mask, self._row_has_image[:, None].expand(batch, new)], 1)
 
     def _text_attention(self, layer: int, query, key, value, scaling) -> torch.Tensor:
         """query [B, Hq, q_len, D], key/value [B, Hkv, kv_len, D] (HF layout) -> out [B, q_len, Hq, D]."""
-        if self._key_roles is None:
-            raise RuntimeError("RoleAttentionHook: call set_batch(roles) before running the model")
         q_len, kv_len = query.shape[2], key.shape[2]
-        if q_len == kv_len and kv_len != self._key_roles.shape[1]:
-            raise ValueError(f"the batch roles cover {self._key_roles.shape[1]} tokens but the model sees {kv_len}: "
+        known = self._batch_roles().shape[1]
+        if q_len == kv_len and kv_len != known:
+            raise ValueError(f"the batch roles cover {known} tokens but the model sees {kv_len}: "
                              "set_batch needs the roles of exactly these input_ids (and a fresh cache)")
         self._grow(kv_len)
         device = query.device
-        key_roles = self._key_roles[:, :kv_len].to(device)
+        key_roles = self._batch_roles()[:, :kv_len].to(device)
         edit = self._intervention is not None and self._intervention.applies_to(layer)
         scale = self._tables["scale"] if edit else None
         bias = self._tables["bias"] if edit else None
+        all_query_mask = self._query_mask if edit else None  # not None exactly when edit (set_batch)
         if q_len == kv_len:
-            query_mask = self._query_mask[:, :kv_len].to(device) if edit else None
+            query_mask = None if all_query_mask is None else all_query_mask[:, :kv_len].to(device)
             out, mass = role_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_roles,
                 num_roles=MASS_NUM_ROLES, softmax_scale=scaling, query_mask=query_mask,
@@ -202,7 +211,7 @@ class RoleAttentionHook:
             if self._on_mass is not None and layer in self._mass_layers:
                 self._on_mass(layer, mass)
             return out
-        query_mask = self._query_mask[:, kv_len - q_len:kv_len].to(device) if edit else None
+        query_mask = None if all_query_mask is None else all_query_mask[:, kv_len - q_len:kv_len].to(device)
         return _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias)
 
 

@@ -56,7 +56,8 @@ class InterventionSpec:
             raise ValueError(f"alpha_sys={self.alpha_sys!r} must be in [0, 1) (1 - alpha_sys > 0)")
         if self.layers is not None:
             if not all(isinstance(layer, int) and layer >= 0 for layer in self.layers) or not self.layers:
-                raise ValueError(f"layers={self.layers!r} must be None (all) or a non-empty tuple of layer indexes >= 0")
+                raise ValueError(f"layers={self.layers!r} must be None (all) or a non-empty tuple of layer "
+                                 "indexes >= 0")
             object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
 
     @property

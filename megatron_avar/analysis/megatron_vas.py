@@ -40,11 +40,11 @@ def _rank(config) -> None:
 
     from megatron_avar import platform
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
     from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
-    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.hf_inference import pad_token_id
+    from megatron_avar.models.layer_sets import parse_layers
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
     from megatron_avar.processor import load_processor
 

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["InterveneConfig", "run_intervene"]
 
@@ -99,8 +100,8 @@ def run_intervene(config: InterveneConfig) -> dict:
     from megatron_avar.analysis.batching import prompt_samples
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.intervention import InterventionSpec
-    from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.models.layer_sets import parse_layers
 
     check_hf_checkpoint(config.model)
     model_config = json.loads((Path(config.model) / "config.json").read_text())
@@ -127,6 +128,7 @@ def run_intervene(config: InterveneConfig) -> dict:
     if all(s.answer is None for s in samples):
         raise ValueError(f"--data {config.data}: no record has an 'answer'; grading needs ground-truth answers")
     header = dict(config=asdict(config), checkpoint=checkpoint_identity(config.model), num_model_layers=num_layers)
+    written: dict[str, Any]
     with RoleAttentionHook(model, impl=config.impl) as hook:
         if not config.sweep:
             layer_text, the_spec = specs[0]
@@ -137,7 +139,8 @@ def run_intervene(config: InterveneConfig) -> dict:
             rows = []
             for layer_text, the_spec in specs:
                 run = _generate_and_grade(model, processor, samples, hook, the_spec, config, device)
-                rows.append(dict(layers=layer_text, layer_indexes=list(the_spec.layers), alpha_img=the_spec.alpha_img,
+                layer_indexes = None if the_spec.layers is None else list(the_spec.layers)  # None: all
+                rows.append(dict(layers=layer_text, layer_indexes=layer_indexes, alpha_img=the_spec.alpha_img,
                                  alpha_sys=the_spec.alpha_sys, mode=the_spec.mode, accuracy=run["accuracy"],
                                  num_graded=run["num_graded"],
                                  correct=[s.get("correct") for s in run["samples"]]))
@@ -157,8 +160,10 @@ def run_intervene(config: InterveneConfig) -> dict:
 
 def _sweep_markdown(written: dict) -> str:
     base = written["baseline"]["accuracy"]
-    lines = [f"Intervention sweep on {written['checkpoint']['path']} ({written['baseline']['num_graded']} graded samples)",
-             "", f"No intervention: accuracy {base:.4f}" if base is not None else "No intervention: no graded samples", "",
+    lines = [f"Intervention sweep on {written['checkpoint']['path']} "
+             f"({written['baseline']['num_graded']} graded samples)",
+             "", f"No intervention: accuracy {base:.4f}" if base is not None else "No intervention: no graded samples",
+             "",
              "| layers | mode | alpha_img | alpha_sys | accuracy | delta vs none |", "|---|---|---|---|---|---|"]
     for row in written["rows"]:
         acc = row["accuracy"]

@@ -3,8 +3,9 @@
 Prompt-only prefill (final assistant turn dropped, generation prompt added), batched with left padding;
 the text attention runs through role_attention (no [S, S] matrix), masses stream into a VASAccumulator.
 The loop is source-agnostic (``accumulate_vas`` + ``write_vas_report``): a megatron model that returns
-per-layer role masses plugs in through the same two calls. Output folder: report.json (every number of vas.py, both sink variants, the config, the checkpoint identity)
-and vas_per_layer.png, image_share_heatmap.png, ratio_distribution.png.
+per-layer role masses plugs in through the same two calls. Output folder: report.json (every number of vas.py,
+both sink variants, the config, the checkpoint identity) and vas_per_layer.png, image_share_heatmap.png,
+ratio_distribution.png.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 __all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports"]
 
@@ -76,7 +77,8 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
     first = reports[0]
     config = dict(first["config"], shard=None, merged_from=[str(p) for p in paths])
     runtime = dict(seconds=sum(r["runtime"]["seconds"] for r in reports), shards=[r["runtime"] for r in reports])
-    return write_vas_report(accumulator, out, exclude_sink=first["exclude_sink"] if exclude_sink is None else exclude_sink,
+    return write_vas_report(accumulator, out,
+                            exclude_sink=first["exclude_sink"] if exclude_sink is None else exclude_sink,
                             name=first["name"], config=config, checkpoint=first["checkpoint"], runtime=runtime)
 
 
@@ -85,11 +87,10 @@ def run_vas(config: VASConfig) -> dict:
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.models.layer_sets import parse_layers
+    from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
     from megatron_avar.models.hf_inference import pad_token_id
-
-    from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
+    from megatron_avar.models.layer_sets import parse_layers
 
     if is_megatron_checkpoint(config.model):
         return run_vas_megatron(config)
@@ -131,7 +132,8 @@ def accumulate_hf_vas(model, batches: Iterable, layers: Sequence[int], *, impl: 
 
 
 def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], num_heads: int):
-    """The VASAccumulator (``.result()``: the statistics) over ``batches`` (PromptBatch-like: ``.roles`` [B, S], ``.ids``) for any attention source.
+    """The VASAccumulator (``.result()``: the statistics) over ``batches`` (PromptBatch-like: ``.roles`` [B, S],
+    ``.ids``) for any attention source.
 
     ``forward(batch, on_mass)`` runs the model on one batch (prompt-only prefill) and calls
     ``on_mass(layer, mass)`` once per layer in ``layers`` with mass float [B, H, S, R] over all H heads

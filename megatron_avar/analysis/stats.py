@@ -9,7 +9,7 @@ returns; here I_x is evaluated with its continued fraction (modified Lentz metho
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["pearson", "student_t_two_sided_p", "regularized_incomplete_beta"]
 

@@ -25,8 +25,8 @@ Samples without an image, or without user text after it, have an empty Q: they a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -96,16 +96,29 @@ class VASResult:
         if chosen is None:
             raise ValueError("exclude_sink needs masses with a separate sink role (R = MASS_NUM_ROLES, key roles "
                              "from mass_key_roles); these masses have the sink inside SYSTEM")
+        present = {v: variant for v in VARIANTS if (variant := self.variants[v]) is not None}
         top = {key: chosen[key] for key in ("vas", "vas_per_layer", "vas_per_head", "ratio_of_means",
                                             "ratio_of_means_per_layer", "system_share")}
         return dict(top, image_share=self.image_share, image_share_per_layer=self.image_share_per_layer,
                     image_share_per_layer_head=self.image_share_per_layer_head, num_samples=self.num_samples,
                     layers=self.layers, num_heads=self.num_heads, exclude_sink=exclude_sink,
                     variants=self.variants, ratio_histogram_log10_edges=RATIO_BINS.tolist(),
-                    samples=[{"id": i, "num_queries": n, **{f"vas_{v}": self.variants[v]["per_sample_vas"][k]
-                                                           for v in VARIANTS if self.variants[v] is not None}}
+                    samples=[{"id": i, "num_queries": n, **{f"vas_{v}": variant["per_sample_vas"][k]
+                                                           for v, variant in present.items()}}
                              for k, (i, n) in enumerate(zip(self.sample_ids, self.num_queries))],
                     skipped_sample_ids=self.skipped_sample_ids)
+
+
+@dataclass
+class _BatchState:
+    """What VASAccumulator holds between begin_batch and end_batch."""
+
+    roles: torch.Tensor  # int [B, S] TokenRole ids
+    query: torch.Tensor  # bool [B, S]: the VAS query rows Q
+    counts: torch.Tensor  # int [B]: |Q| per row
+    ids: list[str]  # sample id per row
+    ratio: dict[str, torch.Tensor]  # per variant, float64 [B]: the row's ratio summed over layers and heads
+    seen: set[int] = field(default_factory=set)  # layers added so far
 
 
 class VASAccumulator:
@@ -133,7 +146,7 @@ class VASAccumulator:
         self.sample_ids: list[str] = []
         self.skipped: list[str] = []
         self.num_queries: list[int] = []
-        self._batch = None
+        self._batch: _BatchState | None = None
 
     def begin_batch(self, roles: torch.Tensor, sample_ids: Sequence[str] | None = None) -> None:
         """Start a batch: ``roles`` int [B, S] TokenRole ids (PAD = -1); ``sample_ids`` names the rows."""
@@ -147,8 +160,8 @@ class VASAccumulator:
             raise ValueError(f"{len(ids)} sample ids for a batch of {batch} rows")
         query = vas_query_mask(roles).cpu()
         counts = query.sum(1)
-        self._batch = dict(roles=roles.cpu(), query=query, counts=counts, ids=ids, seen=set(),
-                           ratio={v: torch.zeros(batch, dtype=torch.float64) for v in VARIANTS})
+        self._batch = _BatchState(roles=roles.cpu(), query=query, counts=counts, ids=ids,
+                                  ratio={v: torch.zeros(batch, dtype=torch.float64) for v in VARIANTS})
 
     def add_layer(self, layer: int, mass: torch.Tensor) -> None:
         """Add one layer's masses, float [B, H, S, R] with R = MASS_NUM_ROLES or NUM_ROLES (module docstring)."""
@@ -157,9 +170,9 @@ class VASAccumulator:
             raise RuntimeError("add_layer before begin_batch")
         if layer not in self._slot:
             return  # a layer outside the selected set: not part of this VAS
-        if layer in state["seen"]:
+        if layer in state.seen:
             raise ValueError(f"layer {layer} added twice in one batch")
-        batch, seq_len = state["roles"].shape
+        batch, seq_len = state.roles.shape
         if mass.dim() != 4 or tuple(mass.shape[:3]) != (batch, self.num_heads, seq_len) \
                 or mass.shape[3] not in (NUM_ROLES, MASS_NUM_ROLES):
             raise ValueError(f"layer {layer}: mass must be [B={batch}, H={self.num_heads}, S={seq_len}, R] with R in "
@@ -169,10 +182,10 @@ class VASAccumulator:
             self._sink_separated = separated
         elif self._sink_separated != separated:
             raise ValueError("all layers must give masses with the same number of roles")
-        state["seen"].add(layer)
+        state.seen.add(layer)
         slot = self._slot[layer]
         mass = mass.detach().to("cpu", torch.float64)
-        query, counts = state["query"], state["counts"]
+        query, counts = state.query, state.counts
         weights = query.double() / counts.clamp(min=1)[:, None].double()      # [B, S]: 1/|Q| on Q rows
         m_img = mass[..., TokenRole.IMAGE]
         m_sys_excl = mass[..., TokenRole.SYSTEM]
@@ -184,7 +197,7 @@ class VASAccumulator:
             per_row_head = torch.einsum("bhs,bs->bh", ratio, weights)          # mean over Q per (row, head)
             self._ratio_sum[variant][slot] += per_row_head.sum(0)
             self._sys_sum[variant][slot] += torch.einsum("bhs,bs->h", m_sys[variant], weights)
-            state["ratio"][variant] += per_row_head.sum(1)
+            state.ratio[variant] += per_row_head.sum(1)
             values = ratio.permute(0, 2, 1)[query]                             # [num Q rows, H]
             bins = torch.bucketize(torch.log10(values.clamp(min=1e-300)), RATIO_BINS).clamp(max=len(RATIO_BINS) - 1)
             self._hist[variant] += torch.bincount(bins.flatten(), minlength=len(RATIO_BINS)).double()
@@ -193,18 +206,18 @@ class VASAccumulator:
         state = self._batch
         if state is None:
             raise RuntimeError("end_batch before begin_batch")
-        missing = [layer for layer in self.layers if layer not in state["seen"]]
+        missing = [layer for layer in self.layers if layer not in state.seen]
         if missing:
             raise ValueError(f"batch ended without masses for layers {missing}; every selected layer must be added")
         num_terms = len(self.layers) * self.num_heads
-        for b, sample_id in enumerate(state["ids"]):
-            if int(state["counts"][b]) == 0:
+        for b, sample_id in enumerate(state.ids):
+            if int(state.counts[b]) == 0:
                 self.skipped.append(sample_id)
                 continue
             self.sample_ids.append(sample_id)
-            self.num_queries.append(int(state["counts"][b]))
+            self.num_queries.append(int(state.counts[b]))
             for variant in VARIANTS:
-                self._sample_vas[variant].append(float(state["ratio"][variant][b]) / num_terms)
+                self._sample_vas[variant].append(float(state.ratio[variant][b]) / num_terms)
         self._batch = None
 
     def state_dict(self) -> dict:
@@ -220,7 +233,7 @@ class VASAccumulator:
                     hist={v: t.tolist() for v, t in self._hist.items()}, sample_vas=self._sample_vas)
 
     @classmethod
-    def merge(cls, states: Sequence[dict]) -> "VASAccumulator":
+    def merge(cls, states: Sequence[dict]) -> VASAccumulator:
         """One accumulator from the ``state_dict`` of several shards (same layers, heads and eps; disjoint samples)."""
         if not states:
             raise ValueError("nothing to merge")
@@ -270,7 +283,8 @@ class VASAccumulator:
             variants[variant] = dict(
                 vas=float(per_head.mean()), vas_per_layer=per_head.mean(1).tolist(), vas_per_head=per_head.tolist(),
                 ratio_of_means=_safe_div(float(img.mean()), float(sys_share.mean())),
-                ratio_of_means_per_layer=[_safe_div(a, s) for a, s in zip(img.mean(1).tolist(), sys_share.mean(1).tolist())],
+                ratio_of_means_per_layer=[
+                    _safe_div(a, s) for a, s in zip(img.mean(1).tolist(), sys_share.mean(1).tolist())],
                 system_share=float(sys_share.mean()), system_share_per_layer_head=sys_share.tolist(),
                 ratio_histogram=[int(c) for c in self._hist[variant].tolist()],
                 per_sample_vas=list(self._sample_vas[variant]))

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def unpack_thd(cu_seqlens: torch.Tensor, roles_t: torch.Tensor, mass_htr: torch.
         mass = mass_htr.new_zeros(num, mass_htr.shape[0], longest, mass_htr.shape[2])
     for n, (start, end) in enumerate(zip(bounds, bounds[1:])):
         roles[n, :end - start] = roles_t[start:end]
-        if mass is not None:
+        if mass is not None and mass_htr is not None:
             mass[n, :, :end - start] = mass_htr[:, start:end]
     return roles, mass
 
@@ -56,7 +56,8 @@ def merge_stage_states(states: Sequence[dict]) -> dict:
                                  "same batches in the same order")
     layers = [layer for state in states for layer in state["layers"]]
     if len(set(layers)) != len(layers):
-        raise ValueError(f"stages share layers {sorted({x for x in layers if layers.count(x) > 1})}; a layer belongs to one stage")
+        shared = sorted({x for x in layers if layers.count(x) > 1})
+        raise ValueError(f"stages share layers {shared}; a layer belongs to one stage")
     separated = {s["sink_separated"] for s in states} - {None}
     if len(separated) > 1:
         raise ValueError("stages disagree on whether masses separate the sink role")

@@ -8,6 +8,7 @@ called directly.
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import torch
@@ -81,14 +82,14 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layo
     from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
     from megatron_avar.models.qwen2_5_vl.hf_mapping import hf_name_in_layout, iter_hf_tensors, param_mappings
 
-    mcore_dir = Path(mcore_dir)
-    info = read_checkpoint_info(mcore_dir)
-    config = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
+    folder = Path(mcore_dir)
+    info = read_checkpoint_info(folder)
+    config = Qwen25VLConfig.from_hf(str(folder / HF_SIDE_DIR))
     try:
         dtype = _DTYPES[info["dtype"]]
         init_model_parallel(1, 1, seed=0)
         model = build_stage(config, tp=1, pp=1, dtype=dtype)
-        load_model_weights(model, mcore_dir)
+        load_model_weights(model, folder)
         total = sum(len(m.hf) for m in param_mappings(config))
         with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:
             tensors = ((hf_name_in_layout(name, hf_layout), tensor.to(dtype))
@@ -110,12 +111,15 @@ def load_model_weights(model, mcore_dir: Path) -> None:
 
     vet_dist_checkpoint(Path(mcore_dir))  # megatron unpickles parts of it: refuse anything but plain data first
     try:
-        state, missing, unexpected = dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir),
-                                                             strict=StrictHandling.RETURN_ALL)
+        # RETURN_ALL: megatron returns (state, missing keys, unexpected keys); its annotation is a union
+        state, missing, unexpected = typing.cast(
+            tuple[dict, set[str], set[str]],
+            dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir), strict=StrictHandling.RETURN_ALL))
     except CheckpointingException as error:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
     # Keys on one side only, optimizer states aside (megatron's names for the two sides vary by version).
-    missing, unexpected = ([k for k in sorted(keys) if not k.startswith("optimizer.")] for keys in (missing, unexpected))
+    missing, unexpected = ([k for k in sorted(keys) if not k.startswith("optimizer.")]
+                           for keys in (missing, unexpected))
     if missing or unexpected:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ def tensor_names_and_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], st
     return out
 
 
-def iter_lazy_tensors(hf_dir: Path) -> Iterator[tuple[str, callable]]:
+def iter_lazy_tensors(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, read) for every tensor, file by file; ``read()`` loads that one tensor. One file open at a time."""
     from safetensors import safe_open
 

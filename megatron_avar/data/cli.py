@@ -36,9 +36,11 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     validate.add_argument("path", help="a .jsonl/.json/.parquet file or a folder of them")
-    validate.add_argument("--processor", default=None, help="HF model directory for tokenizer/processor (default: offline Qwen2.5-VL)")
+    validate.add_argument("--processor", default=None,
+                          help="HF model directory for tokenizer/processor (default: offline Qwen2.5-VL)")
     validate.add_argument("--max-pixels", type=int, default=None, help="image preprocessing max_pixels")
-    validate.add_argument("--max-length", type=int, default=None, help="report records longer than this many tokens as errors")
+    validate.add_argument("--max-length", type=int, default=None,
+                          help="report records longer than this many tokens as errors")
     validate.set_defaults(handler=_validate)
     parser.set_defaults(handler=None)
 
@@ -61,7 +63,7 @@ def _generate(args) -> int:
 
 
 def _validate(args) -> int:
-    from megatron_avar.data.conversations import load_conversations, to_chat_messages
+    from megatron_avar.data.conversations import dataset_rows, load_conversations, to_chat_messages
     from megatron_avar.processor import load_processor
     from megatron_avar.roles import TokenRole, render_conversation
 
@@ -72,7 +74,7 @@ def _validate(args) -> int:
         return 1
     processor = load_processor(args.processor, max_pixels=args.max_pixels)
     lengths, image_tokens, num_images, too_long = [], 0, 0, []
-    for row in dataset:
+    for row in dataset_rows(dataset):
         rendered = render_conversation(to_chat_messages(row), processor)
         lengths.append(len(rendered))
         image_tokens += int((rendered.roles == TokenRole.IMAGE).sum())

@@ -29,15 +29,22 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import typing
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from megatron_avar.roles import validate_messages
+
+if TYPE_CHECKING:  # loaded lazily: `import megatron_avar.data` stays light
+    import datasets
 
 __all__ = [
     "RECORD_KEYS",
     "LLAVA_IMAGE_PLACEHOLDER",
     "load_conversations",
+    "single_split",
+    "dataset_rows",
     "normalize_record",
     "to_chat_messages",
     "write_conversations",
@@ -92,7 +99,8 @@ def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     if isinstance(image, dict):
         image = image.get("path")
     if not isinstance(image, (str, os.PathLike)) or not str(image):
-        raise ValueError(f"{where}: an image must be a file path (or embedded bytes in parquet), got {type(image).__name__}")
+        raise ValueError(f"{where}: an image must be a file path (or embedded bytes in parquet), "
+                         f"got {type(image).__name__}")
     path = Path(image)
     if not path.is_absolute():
         path = base_dir / path
@@ -262,7 +270,7 @@ def _utf8(raw: bytes, file: Path, *, line_number: int | None) -> str:
                          "UTF-8)") from None
 
 
-def load_conversations(path: str | Path):
+def load_conversations(path: str | Path) -> datasets.Dataset:
     """Load and validate a conversation dataset: a .jsonl/.json/.parquet file, a folder of them, or a
     folder written by `datasets.Dataset.save_to_disk` in the canonical schema. Returns a `datasets.Dataset`.
 
@@ -273,7 +281,7 @@ def load_conversations(path: str | Path):
 
     path = Path(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
-        dataset = datasets.load_from_disk(str(path))
+        dataset = single_split(datasets.load_from_disk(str(path)), str(path))
         if set(dataset.column_names) != set(_features()):
             raise ValueError(f"{path}: a saved dataset must have the columns {sorted(_features())}")
         return dataset.cast(_features())
@@ -288,6 +296,22 @@ def load_conversations(path: str | Path):
     if not records:
         raise ValueError(f"{path}: no records")
     return datasets.Dataset.from_list(records, features=_features())
+
+
+def single_split(dataset: object, source: str) -> datasets.Dataset:
+    """``dataset`` (what ``datasets.load_dataset(..., split=...)`` or ``load_from_disk`` returned) when it is one
+    split; ValueError naming ``source`` for a DatasetDict or a streaming dataset."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"{source}: expected one split (a datasets.Dataset), got a {type(dataset).__name__}")
+    return dataset
+
+
+def dataset_rows(dataset: datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """The rows of ``dataset`` in order, each a dict of its columns: datasets' own iterator, typed (the datasets
+    package ships no annotations for it)."""
+    return typing.cast(Iterator[dict[str, Any]], iter(dataset))
 
 
 def to_chat_messages(row: dict) -> list[dict]:

@@ -40,11 +40,14 @@ COLOURS: dict[str, Colour] = {
 
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def label_font(size: int) -> ImageFont.FreeTypeFont:
     """Pillow's bundled scalable font at `size` pixels: identical on every machine with the same
     Pillow, unlike a system font."""
-    return ImageFont.load_default(size=size)
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow built without FreeType: a fixed-size bitmap font
+        raise RuntimeError("the procedural data needs Pillow with FreeType support (its scalable default font)")
+    return font
 
 
 def label_font_size(image_size: tuple[int, int], difficulty: int) -> int:
@@ -69,8 +72,8 @@ def draw_label(draw: ImageDraw.ImageDraw, text: str, centre: tuple[float, float]
 
 def label_box(text: str, size: int) -> tuple[int, int]:
     """(width, height) of the white box draw_label draws for `text`."""
-    left, top, right, bottom = label_font(size).getbbox(text)
-    return right - left + 4, bottom - top + 4
+    left, top, right, bottom = label_font(size).getbbox(text)  # whole pixels (typed float by Pillow)
+    return int(right - left) + 4, int(bottom - top) + 4
 
 
 def shape_box(cx: int, cy: int, size: int) -> list[int]:

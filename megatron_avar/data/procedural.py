@@ -36,24 +36,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from megatron_avar.data.drawing import (  # noqa: F401  (re-exported: tests and users read the palette and fonts here)
-    BACKGROUND,
-    LINE_COLOUR,
     AXIS_COLOUR,
-    GRID_COLOUR,
+    BACKGROUND,
     COLOURS,
+    GRID_COLOUR,
+    LINE_COLOUR,
+    draw_label,
+    draw_shape,
+    grid_cells,
+    grid_shape,
+    join_words,
+    label_box,
     label_font,
     label_font_size,
-    draw_label,
-    label_box,
-    draw_shape,
-    shape_area,
-    position_word,
-    grid_shape,
-    grid_cells,
     place_in_cell,
-    wrap_reasoning,
+    position_word,
+    shape_area,
     with_article,
-    join_words,
+    wrap_reasoning,
 )
 
 SHAPES = ("circle", "square", "triangle")

@@ -20,7 +20,8 @@ _FLAG_KEYS = {
     "top_k": "generation.top_k", "seed": "generation.seed", "min_pixels": "generation.min_pixels",
     "max_pixels": "generation.max_pixels", "dtype": "generation.dtype",
     "tensor_parallel_size": "generation.tensor_parallel_size", "num_shards": "num_shards", "shard_index": "shard_index",
-    "vas_samples": "vas_samples", "intervene": "generation.intervene", "alpha_img": "generation.alpha_img", "alpha_sys": "generation.alpha_sys",
+    "vas_samples": "vas_samples", "intervene": "generation.intervene", "alpha_img": "generation.alpha_img",
+    "alpha_sys": "generation.alpha_sys",
     "intervene_mode": "generation.intervene_mode", "intervene_layers": "generation.intervene_layers",
     "judge": "judge",
 }
@@ -56,8 +57,10 @@ def register(subparsers) -> None:
     add("--top-k", type=int, help="top-k sampling, 0 = off (default: 0)")
     add("--seed", type=int, help="sampling seed (default: 0)")
     add("--min-pixels", type=int, help="image min pixels (default: the checkpoint's; VLMEvalKit: 1003520 = 1280*28*28)")
-    add("--max-pixels", type=int, help="image max pixels (default: the checkpoint's; VLMEvalKit: 12845056 = 16384*28*28)")
-    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
+    add("--max-pixels", type=int,
+        help="image max pixels (default: the checkpoint's; VLMEvalKit: 12845056 = 16384*28*28)")
+    add("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
     add("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default: 1)")
     add("--vas-samples", type=int, help="also compute VAS on the first N samples of each benchmark (hf backend; "
                                         "default: 0 = off)")
@@ -71,7 +74,8 @@ def register(subparsers) -> None:
     add("--shard-index", type=int, help="this process's shard in [0, N) (default: 0); --score-only when all are done")
     add("--judge", metavar="JUDGE.yaml", help="answer judge config (see examples/eval/judge.yaml): an OpenAI-"
                                              "compatible model extracts the answers the rules could not read, as "
-                                             "VLMEvalKit's GPT judge does; both scores are reported (default: rules only)")
+                                             "VLMEvalKit's GPT judge does; both scores are reported (default: rules "
+                                             "only)")
     add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
     add("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(handler=_eval)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # loaded lazily, by the functions that read data
+    import datasets
 
 __all__ = ["load_split", "to_pil", "split_files"]
 
@@ -46,7 +49,7 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path | None, allow_hub: bool,
-               benchmark: str, config_subdir: bool = True):
+               benchmark: str, config_subdir: bool = True) -> datasets.Dataset:
     """The split as a `datasets.Dataset`, with the benchmark's columns untouched.
 
     local_dir: ``DATA_ROOT/<benchmark dir>`` (None without ``--data-root``). config_subdir: the config's data
@@ -56,24 +59,30 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
     """
     import datasets
 
+    from megatron_avar.data.conversations import single_split
+
     if local_dir is not None:
         folder = local_dir / config if config is not None and config_subdir else local_dir
         if (folder / split).is_dir() and _is_saved_dataset(folder / split):
-            return datasets.load_from_disk(str(folder / split))
+            return single_split(datasets.load_from_disk(str(folder / split)), str(folder / split))
         if _is_saved_dataset(folder):
-            return datasets.load_from_disk(str(folder))
+            return single_split(datasets.load_from_disk(str(folder)), str(folder))
         files = split_files(folder, split) if folder.is_dir() else []
         if files:
             kinds = {path.suffix for path in files}
             if len(kinds) > 1:
-                raise ValueError(f"{benchmark}: {folder} mixes {sorted(kinds)} files for split {split!r}; keep one format")
+                raise ValueError(f"{benchmark}: {folder} mixes {sorted(kinds)} files for split {split!r}; "
+                                 "keep one format")
             builder = "parquet" if ".parquet" in kinds else "json"
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+            return single_split(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"),
+                              str(folder))
     if allow_hub:
         try:
-            return datasets.load_dataset(hub_name, config, split=split)
+            hub_dataset = datasets.load_dataset(hub_name, config, split=split)
         except Exception as error:  # noqa: BLE001 - any hub failure becomes the same actionable message
             hub_error = f"; the hub failed too ({type(error).__name__}: {str(error)[:200]})"
+        else:
+            return single_split(hub_dataset, hub_name)
     else:
         hub_error = " (pass --allow-hub to try the hub)"
     where = local_dir / config if (local_dir is not None and config is not None and config_subdir) else local_dir
@@ -81,7 +90,8 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
                 if where is not None else "nothing: no --data-root was given")
     raise ValueError(
         f"benchmark {benchmark}: split {split!r} not found. Looked for {expected}; download it with "
-        f"`huggingface-cli download --repo-type dataset {hub_name} --local-dir <DATA_ROOT>/{local_dir.name if local_dir else '<dir>'}`"
+        f"`huggingface-cli download --repo-type dataset {hub_name} "
+        f"--local-dir <DATA_ROOT>/{local_dir.name if local_dir else '<dir>'}`"
         f" (hub name {hub_name}{', config ' + repr(config) if config else ''}){hub_error}"
     )
 

@@ -117,7 +117,7 @@ class HFGenerator:
             from megatron_avar.analysis.intervention import InterventionSpec
             from megatron_avar.models.layer_sets import parse_layers
 
-            layers = parse_layers(config.intervene_layers, self.model.config.text_config.num_hidden_layers)
+            layers = parse_layers(config.intervene_layers, self.model.config.get_text_config().num_hidden_layers)
             self.intervention = InterventionSpec(alpha_img=config.alpha_img, alpha_sys=config.alpha_sys,
                                                  mode=config.intervene_mode, layers=layers)
 
@@ -145,14 +145,17 @@ class HFGenerator:
             batch, roles = self._batch(samples[start:start + config.batch_size])
             if config.do_sample:
                 torch.manual_seed(config.seed)
+            # (pyright: transformers types generate's self as a Protocol its own model classes do not meet)
             if self.intervention is None:
-                output = self.model.generate(**batch, generation_config=self.generation_config)
+                output = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                    **batch, generation_config=self.generation_config)
             else:
                 from megatron_avar.analysis.hf_attention import RoleAttentionHook
 
                 with RoleAttentionHook(self.model) as hook:
                     hook.set_batch(roles, intervention=self.intervention)
-                    output = self.model.generate(**batch, generation_config=self.generation_config)
+                    output = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                        **batch, generation_config=self.generation_config)
             prompt_length = batch["input_ids"].shape[1]
             responses += [self._decode(row[prompt_length:].tolist()) for row in output]
         return responses
@@ -165,7 +168,8 @@ def make_generator(model_dir: str, config: GenerationConfig):
         from megatron_avar import platform
 
         if not platform.vllm_available():
-            raise ValueError("--backend vllm needs CUDA and vLLM (pip install -e .[gpu]); use --backend hf on this machine")
+            raise ValueError("--backend vllm needs CUDA and vLLM (pip install -e .[gpu]); use --backend hf on this "
+                             "machine")
         from megatron_avar.eval.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(model_dir, config)

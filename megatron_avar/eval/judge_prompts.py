@@ -67,8 +67,10 @@ def math_extraction_prompt(question: str, response: str, *, style: str = "mathvi
     newline between the response and "Extracted answer:"; neither do we."""
     if style not in ("mathvista", "mathvision"):
         raise ValueError(f"style must be 'mathvista' or 'mathvision', got {style!r}")
-    column = 0 if style == "mathvista" else 1
-    examples = "".join(_math_example(example[column], *example[2:]) + "\n" for example in _MATH_EXAMPLES)
+    examples = "".join(_math_example(vista_hint if style == "mathvista" else vision_hint, example_question, choices,
+                                     example_response, extracted) + "\n"
+                       for vista_hint, vision_hint, example_question, choices, example_response, extracted
+                       in _MATH_EXAMPLES)
     return f"{_MATH_TASK}{examples}{question}\nModel respone: {response}Extracted answer:"
 
 

@@ -38,7 +38,8 @@ def _cell(value) -> str:
 
 def _our_row(name: str, summaries: dict[str, dict], score=lambda summary: summary["score"]) -> str:
     ours = [score(summaries[n]) if n in summaries else None for n in BENCHMARKS]
-    average = sum(ours) / len(ours) if all(v is not None for v in ours) else None
+    scored = [v for v in ours if v is not None]
+    average = sum(scored) / len(scored) if len(scored) == len(ours) else None
     return f"| {name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |"
 
 
@@ -76,12 +77,14 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         if name not in summaries:
             continue
         s = summaries[name]
-        detail = f"- {BENCHMARKS[name].paper_column}: n={s['num_samples']}, extraction failures {s['extraction_failure_rate']:.1f}%, " \
-                 f"unclosed <think> {s['format_failure_rate']:.1f}%"
+        detail = (f"- {BENCHMARKS[name].paper_column}: n={s['num_samples']}, "
+                  f"extraction failures {s['extraction_failure_rate']:.1f}%, "
+                  f"unclosed <think> {s['format_failure_rate']:.1f}%")
         if name == "hallusionbench":
             detail += f"; aAcc {s['aAcc']:.1f}, fAcc {s['fAcc']:.1f}, qAcc {s['qAcc']:.1f} (score = their mean)"
         if name == "mmmu_pro":
-            detail += "; " + ", ".join(f"{k} {v:.1f}" for k, v in s["by_setting"].items()) + f" (score = {s['headline']})"
+            settings = ", ".join(f"{k} {v:.1f}" for k, v in s["by_setting"].items())
+            detail += f"; {settings} (score = {s['headline']})"
         lines.append(detail)
     with_vas = [n for n in names if n in summaries and "vas" in summaries[n]]
     if with_vas:
@@ -91,7 +94,8 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     if judge is not None:
         lines += _judge_lines(summaries, judge)
     if limit is not None:
-        lines.append(f"\nOnly the first {limit} samples per benchmark were evaluated: not comparable with the paper's rows.")
+        lines.append(f"\nOnly the first {limit} samples per benchmark were evaluated: not comparable with the "
+                     "paper's rows.")
     return "\n".join(lines) + "\n"
 
 

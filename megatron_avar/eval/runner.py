@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
-from megatron_avar.eval.generation import GenerationConfig, make_generator
+from megatron_avar.eval.generation import GenerationConfig, HFGenerator, make_generator
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
 from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
@@ -48,8 +48,8 @@ class EvalConfig:
     """One evaluation run.
 
     out: output folder. model: HF checkpoint directory (None only to re-score existing predictions).
-    benchmarks: CLI names (default: all seven, `megatron_avar.eval.benchmarks.BENCHMARKS`). data_root: the folder holding one
-    subfolder per benchmark (`megatron_avar.eval.data`); allow_hub: also try the hub. limit: the first
+    benchmarks: CLI names (default: all seven, `megatron_avar.eval.benchmarks.BENCHMARKS`). data_root: the folder
+    holding one subfolder per benchmark (`megatron_avar.eval.data`); allow_hub: also try the hub. limit: the first
     ``limit`` samples of each benchmark (None = all). mathvision_split: "test" (the paper's) or "testmini".
     num_shards / shard_index: data parallelism over processes (one per GPU or GPU group): shard i generates
     the samples at positions p with p % num_shards == i into its own predictions file; scoring reads all
@@ -178,7 +178,8 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         progress.update(len(pending))
         pending.clear()
 
-    for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=config.limit)):
+    for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
+                                                        limit=config.limit)):
         if sample.id in seen:
             raise ValueError(f"{benchmark.name}: sample id {sample.id!r} occurs twice in the data; ids must be unique")
         seen.add(sample.id)
@@ -247,6 +248,7 @@ def run_eval(config: EvalConfig) -> dict | None:
         raise ValueError("a model directory is needed to generate (--model); use --score-only to re-score")
     if not Path(config.model).is_dir():
         raise ValueError(f"--model {config.model} is not a directory; pass an HF Qwen2.5-VL checkpoint folder")
+    model_dir = config.model
     # loaded first, so that a bad config or an unset key fails before hours of generation; a shard never judges
     judge = None if config.judge is None or config.num_shards > 1 else load_judge_config(config.judge)
     out = Path(config.out)
@@ -257,7 +259,7 @@ def run_eval(config: EvalConfig) -> dict | None:
     def get_generator():  # loaded only when something is left to generate
         nonlocal generator
         if generator is None:
-            generator = make_generator(config.model, config.generation)
+            generator = make_generator(model_dir, config.generation)
         return generator
 
     for name in config.benchmarks:
@@ -267,9 +269,10 @@ def run_eval(config: EvalConfig) -> dict | None:
         if config.vas_samples and config.shard_index == 0 and read_vas(out, name) is None:
             limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples)
             samples = list(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=limit))
-            generator = get_generator()
-            write_vas(out, name, benchmark_vas(generator.model, generator.processor, samples,
-                                               batch_size=config.generation.batch_size, device=generator.device))
+            hf = get_generator()
+            assert isinstance(hf, HFGenerator), "EvalConfig allows vas_samples with the hf backend only"
+            write_vas(out, name, benchmark_vas(hf.model, hf.processor, samples,
+                                               batch_size=config.generation.batch_size, device=hf.device))
     if config.num_shards > 1:
         return None
     return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)

@@ -14,14 +14,36 @@ A leaf package: it imports nothing else from megatron_avar (tests/test_import_cy
 command may depend on it without depending on another command.
 """
 
-from megatron_avar.grading.compare import (edit_distance, math_equal, math_equal_or_same_words, same_words,
-                                           strip_units, to_number)
-from megatron_avar.grading.policies import (EVAL_HARNESS, INTERVENTION, POLICIES, RL_REWARD, SYNTHESIS,
-                                            AnswerPolicy, Extraction, Grade, Step, extract_answer, grade)
-from megatron_avar.grading.spans import (cue_answer, final_answer_line, last_boxed, numbers_in,
-                                         remove_final_answer_line)
-from megatron_avar.grading.tags import (ANSWER_BLOCK, STRICT_FORMAT, has_unclosed_think, is_strictly_formatted,
-                                        last_answer_block, text_after_think)
+from megatron_avar.grading.compare import (
+    edit_distance,
+    math_equal,
+    math_equal_or_same_words,
+    same_words,
+    strip_units,
+    to_number,
+)
+from megatron_avar.grading.policies import (
+    EVAL_HARNESS,
+    INTERVENTION,
+    POLICIES,
+    RL_REWARD,
+    SYNTHESIS,
+    AnswerPolicy,
+    Extraction,
+    Grade,
+    Step,
+    extract_answer,
+    grade,
+)
+from megatron_avar.grading.spans import cue_answer, final_answer_line, last_boxed, numbers_in, remove_final_answer_line
+from megatron_avar.grading.tags import (
+    ANSWER_BLOCK,
+    STRICT_FORMAT,
+    has_unclosed_think,
+    is_strictly_formatted,
+    last_answer_block,
+    text_after_think,
+)
 
 __all__ = [
     "AnswerPolicy", "Step", "Extraction", "Grade", "extract_answer", "grade",

@@ -19,8 +19,8 @@ SYNTHESIS          final_answer_line, boxed (an empty answer is none)
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from megatron_avar.grading.compare import math_equal, math_equal_or_same_words
 from megatron_avar.grading.spans import final_answer_line, last_boxed, numbers_in

@@ -99,8 +99,10 @@ class SourceRankBackend:
 
     def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
         if dist.get_world_size(self.group) == 1:
+            assert self.inner is not None, "a group of one rank is its own source rank"
             return self.inner.generate(prompts, n, sampling)
-        payload, failure = [None], None
+        payload: list = [None]  # ("ok", rollouts) or ("error", message), broadcast from the source rank
+        failure = None
         if self.inner is not None:
             try:
                 payload = [("ok", self.inner.generate(prompts, n, sampling))]
@@ -127,7 +129,8 @@ def _model_parallel_source():
     from megatron.core import parallel_state
 
     group = parallel_state.get_model_parallel_group()
-    return group, dist.get_process_group_ranks(group)[0]
+    # megatron's getter is unannotated (its global also holds other types); initialised, it is a ProcessGroup
+    return group, dist.get_process_group_ranks(group)[0]  # pyright: ignore[reportArgumentType]
 
 
 def on_model_parallel_source(build: Callable[[], GenerationBackend]) -> SourceRankBackend:

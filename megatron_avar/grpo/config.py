@@ -15,8 +15,16 @@ from megatron_avar.grpo.backends import backend_names
 from megatron_avar.grpo.loss import PolicyLossConfig
 from megatron_avar.grpo.prompts import GRPODataConfig
 from megatron_avar.grpo.rewards import RewardConfig
-from megatron_avar.sft.config import (OPTIM_RESUME_FIXED, PRECISIONS, RECOMPUTE, CheckpointConfig, LogConfig,
-                                      ModelConfig, OptimConfig, ParallelConfig)
+from megatron_avar.sft.config import (
+    OPTIM_RESUME_FIXED,
+    PRECISIONS,
+    RECOMPUTE,
+    CheckpointConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+)
 
 __all__ = ["GRPOConfig", "RolloutConfig", "AdvantageConfig", "GRPOTrainConfig", "RESUME_FIXED"]
 

@@ -17,8 +17,9 @@ Layout conventions shared by every implementation:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -109,7 +110,8 @@ class Rollout:
     def __post_init__(self):
         length = int(self.input_ids.numel())
         if self.roles.shape != self.input_ids.shape or self.input_ids.dim() != 1:
-            raise ValueError(f"rollout {self.prompt_id}/{self.sample_index}: input_ids and roles must be equal 1-D shapes")
+            raise ValueError(f"rollout {self.prompt_id}/{self.sample_index}: input_ids and roles must be equal 1-D "
+                             "shapes")
         if not 0 < self.prompt_length < length:
             raise ValueError(f"rollout {self.prompt_id}/{self.sample_index}: prompt_length {self.prompt_length} must "
                              f"leave at least one response token in {length} tokens")
@@ -160,11 +162,12 @@ class Policy(Protocol):
         rides along in the AVAR layers; heads reduced over TP). Shapes: :class:`PolicyLogProbs`."""
         ...
 
-    def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor
-                   ) -> dict[str, float]:
+    def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor,
+                   ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on ``grpo.loss.policy_loss`` over the rollouts (old_logp [N, T] from
-        :meth:`log_probs_with_masses`, advantages [N]); returns the loss metrics (clip fraction, approx KL,
-        ratio mean / max, grad norm, ...) as floats."""
+        :meth:`log_probs_with_masses`, advantages [N]; ref_logp [N, T]: the frozen reference policy's log-probs
+        of the same tokens, given exactly when ``loss.kl_coef > 0``); returns the loss metrics (clip fraction,
+        approx KL, ratio mean / max, grad norm, ...) as floats."""
         ...
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:

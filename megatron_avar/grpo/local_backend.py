@@ -44,8 +44,13 @@ from collections.abc import Iterable
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
-from transformers.generation.logits_process import (SuppressTokensLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.models import hf_inference
@@ -60,7 +65,7 @@ SUPPRESSED_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vi
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     """The RNG seed of sample ``sample_index`` of prompt ``prompt_id`` (32 bits, identical in every process)."""
-    return zlib.crc32(f"{seed}/{prompt_id}/{sample_index}".encode("utf-8"))
+    return zlib.crc32(f"{seed}/{prompt_id}/{sample_index}".encode())
 
 
 class _RowSampler:
@@ -72,7 +77,7 @@ class _RowSampler:
                  device: torch.device):
         self.generators = generators
         self.temperature = sampling.temperature
-        self.warpers = [SuppressTokensLogitsProcessor(suppressed, device=device)]
+        self.warpers: list[LogitsProcessor] = [SuppressTokensLogitsProcessor(suppressed, device=str(device))]
         if sampling.temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(sampling.temperature))
         if sampling.top_k > 0:
@@ -86,7 +91,8 @@ class _RowSampler:
         raw = scores.float()
         warped = raw
         for warper in self.warpers:
-            warped = warper(input_ids, warped)
+            # transformers annotates input_ids as torch.LongTensor, a legacy class a plain Tensor does not match
+            warped = warper(input_ids, warped)  # pyright: ignore[reportArgumentType]
         probs = torch.softmax(warped, dim=-1)
         # Exponential race (Gumbel-max): argmax p_v / E_v with E_v ~ Exp(1) is a draw from p; one RNG call per row,
         # ~20x faster than torch.multinomial over a 152k vocabulary on a CPU.
@@ -127,19 +133,18 @@ class LocalGenerationBackend:
         self.pad_id = hf_inference.pad_token_id(tokenizer, self.model.generation_config)
         # Replace the checkpoint's generation config: generate() fills every None field from it (docstring).
         self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
-        self._params = self._parameter_names()
+        # In-memory parameter name -> parameter, tied aliases included (``lm_head.weight`` when tied).
+        self._params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters(remove_duplicate=False))
         self._stale: str | None = None  # why the weights are unusable (a failed update_weights)
 
-    def _parameter_names(self) -> dict[str, torch.nn.Parameter]:
-        """In-memory parameter name -> parameter, tied aliases included (``lm_head.weight`` when tied)."""
-        return dict(self.model.named_parameters(remove_duplicate=False))
-
-    def _check_ready(self) -> None:
+    def _ready_model(self):
+        """The model, when it may generate: not closed, and no failed update_weights since the last good one."""
         if self.model is None:
             raise RuntimeError("LocalGenerationBackend is closed; build a new one")
         if self._stale is not None:
             raise RuntimeError(f"the weights are inconsistent after a failed update_weights ({self._stale}); "
                                "call update_weights again with the complete state")
+        return self.model
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -147,7 +152,7 @@ class LocalGenerationBackend:
         """``len(prompts) * n`` rollouts, rollout ``p * n + k`` = sample k of prompt p (see module docstring)."""
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
-        self._check_ready()
+        self._ready_model()
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, num_beams=1,
                                   repetition_penalty=1.0, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                   use_cache=True)
@@ -168,8 +173,8 @@ class LocalGenerationBackend:
         if (pixel_values is None) != (grid is None):
             raise ValueError(f"prompt {prompts.prompt_ids[p]}: pixel_values and image_grid_thw must both be given "
                              "or both be None")
-        if pixel_values is not None:
-            inputs["pixel_values"] = pixel_values.to(self.device, self.model.dtype).repeat(rows, 1)
+        if pixel_values is not None and grid is not None:
+            inputs["pixel_values"] = pixel_values.to(self.device, self._ready_model().dtype).repeat(rows, 1)
             inputs["image_grid_thw"] = grid.to(self.device, torch.long).repeat(rows, 1)
         return inputs
 
@@ -180,8 +185,9 @@ class LocalGenerationBackend:
         generators = [torch.Generator(device=self.device).manual_seed(sample_seed(sampling.seed, prompt_id, k))
                       for k in samples]
         sampler = _RowSampler(generators, sampling, sorted(self.suppressed), self.device)
-        sequences = self.model.generate(**inputs, generation_config=config,
-                                        logits_processor=LogitsProcessorList([sampler]))
+        # transformers types generate's self as a Protocol its own model classes do not meet
+        sequences = self._ready_model().generate(  # pyright: ignore[reportAttributeAccessIssue]
+            **inputs, generation_config=config, logits_processor=LogitsProcessorList([sampler]))
         prompt_length = inputs["input_ids"].shape[1]
         generated = sequences[:, prompt_length:].cpu()
         tokens, logprobs = torch.stack(sampler.tokens, 1).cpu(), torch.stack(sampler.logprobs, 1).cpu()

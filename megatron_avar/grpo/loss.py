@@ -110,7 +110,7 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     clipped = torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high) * adv
     token_loss = -torch.minimum(unclipped, clipped)
     kl = None
-    if config.kl_coef > 0:
+    if config.kl_coef > 0 and logp_ref is not None:  # (logp_ref is given whenever kl_coef > 0: checked above)
         kl = k3_kl(logp_new, torch.where(mask, logp_ref.detach(), 0.0))
         token_loss = token_loss + config.kl_coef * kl
     token_loss = torch.where(mask, token_loss, 0.0)
@@ -120,6 +120,7 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     elif config.aggregation == "sequence_mean":
         loss = (token_loss.sum(1) / lengths.to(token_loss.dtype)).sum() / total_sequences
     else:  # sequence_sum_norm
+        assert config.max_len is not None  # PolicyLossConfig requires it with this aggregation
         loss = token_loss.sum() / (config.max_len * total_sequences)
 
     with torch.no_grad():

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,13 @@ __all__ = ["MegatronPolicy", "LOSS_METRICS"]
 
 # policy_loss metrics that are token means (averaged over the step's tokens); ratio_max is a max.
 LOSS_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean", "pg_loss")
+
+
+def _process_group(group) -> dist.ProcessGroup:
+    """A group from megatron's parallel_state getters, typed: they are unannotated and the module globals they read
+    also hold ints and lists, so a type checker infers a union; once model parallel is initialised they return a
+    ProcessGroup."""
+    return group
 
 
 class MegatronPolicy:
@@ -113,16 +120,16 @@ class MegatronPolicy:
         with torch.no_grad():
             self._schedule(micro_batches, forward_step, forward_only=True)
         self.model.ddp.train()
-        groups = [parallel_state.get_tensor_model_parallel_group()]
+        groups = [_process_group(parallel_state.get_tensor_model_parallel_group())]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            groups.append(parallel_state.get_pipeline_model_parallel_group())
+            groups.append(_process_group(parallel_state.get_pipeline_model_parallel_group()))
         r_visual = torch.zeros(len(rollouts), device=device)
         for sink, mb in zip(sinks, micro_batches):
             sink.all_reduce(groups)
             r_visual[torch.tensor(mb.rollouts, device=device)] = sink.r_visual().to(device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
-            dist.broadcast(logp, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast(logp, src=last, group=_process_group(parallel_state.get_pipeline_model_parallel_group()))
         return PolicyLogProbs(logp=logp.cpu(), r_visual=r_visual.cpu())
 
     def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -164,8 +171,8 @@ class MegatronPolicy:
                                             num_sequences=num_sequences,
                                             logp_ref=None if ref_logp is None else ref_logp[rows].to(device))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite policy loss for rollouts "
-                                             f"{[f'{rollouts[i].prompt_id}/{rollouts[i].sample_index}' for i in mb.rollouts]}")
+                    failed = [f"{rollouts[i].prompt_id}/{rollouts[i].sample_index}" for i in mb.rollouts]
+                    raise FloatingPointError(f"non-finite policy loss for rollouts {failed}")
                 tokens = float(metrics["num_tokens"])
                 for k, name in enumerate(names):
                     sums[k] += float(metrics[name]) * tokens
@@ -206,17 +213,19 @@ class MegatronPolicy:
         from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict
 
         local = export_hf_state_dict(self.model.module, self.qwen_config,
-                                     tp_group=parallel_state.get_tensor_model_parallel_group())
+                                     tp_group=_process_group(parallel_state.get_tensor_model_parallel_group()))
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         if pp == 1:
             yield from local.items()
             return
-        group = parallel_state.get_pipeline_model_parallel_group()
+        group = _process_group(parallel_state.get_pipeline_model_parallel_group())
         ranks = dist.get_process_group_ranks(group)
         me = parallel_state.get_pipeline_model_parallel_rank()
         for stage, src in enumerate(ranks):
-            header = [[(name, tuple(t.shape), t.dtype) for name, t in local.items()] if stage == me else None]
+            header: list[list | None] = [
+                [(name, tuple(t.shape), t.dtype) for name, t in local.items()] if stage == me else None]
             dist.broadcast_object_list(header, src=src, group=group)
+            assert header[0] is not None  # filled by the broadcast from the stage's rank
             for name, shape, dtype in header[0]:
                 tensor = local[name] if stage == me else torch.empty(shape, dtype=dtype, device=self._device)
                 dist.broadcast(tensor, src=src, group=group)

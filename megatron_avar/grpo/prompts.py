@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -220,11 +221,12 @@ class PromptLoader:
     def _prompt_lengths(self) -> list[int]:
         """Exact rendered token count of every record's prompt (module docstring); ValueError listing every
         record without an answer or without a user turn, with the fix."""
+        from megatron_avar.data.conversations import dataset_rows
         from megatron_avar.training.sample_plan import _image_size, image_grid, undecoded
 
         processor, texts, errors = self.processor, [], []
         merge = processor.image_processor.merge_size
-        for row in undecoded(self.dataset):
+        for row in dataset_rows(undecoded(self.dataset)):
             answer = row["answer"]
             if answer is None or not str(answer).strip():
                 errors.append(f"record {row['id']!r} has no answer: GRPO rewards need the ground truth; give it "

@@ -11,8 +11,8 @@ pipeline schedules need; the THD attention path costs nothing for the row's padd
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

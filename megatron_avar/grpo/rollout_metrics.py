@@ -7,7 +7,7 @@ once per DP rank) and turns them into means over the global batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

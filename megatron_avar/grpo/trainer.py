@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_avar.grpo.advantages import group_advantages
 from megatron_avar.grpo.backends import build_backend
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
-from megatron_avar.grpo.interfaces import GenerationBackend, Rollout, SamplingParams
+from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 from megatron_avar.training.run_loop import check_model_path
 
@@ -56,7 +56,7 @@ def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int
                                  "same command to resume from the last checkpoint") from error
 
 
-def _rollouts(step: int, prompts, *, policy, backend: GenerationBackend, config: GRPOConfig,
+def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend, config: GRPOConfig,
               timings: dict[str, float]) -> list[Rollout]:
     """Refit the backend to the policy's weights and generate, between the backend's ``prepare_generation`` and
     ``finish_generation`` (vLLM wakes up, then sleeps through the policy's passes); times into ``timings``."""
@@ -80,7 +80,7 @@ def _start_backend(config: GRPOConfig, processor, layout) -> GenerationBackend:
     return backend
 
 
-def grpo_step(step: int, prompts, *, policy, backend: GenerationBackend, reward, config: GRPOConfig,
+def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend, reward, config: GRPOConfig,
               reference=None) -> dict[str, float]:
     """One GRPO step for this replica's prompts (module docstring); returns globally reduced metrics.
     reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
@@ -148,7 +148,7 @@ def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, 
     problems = nonfinite_update(policy.model, checked)
     if not problems:
         return
-    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    gathered: list = [None] * parallel_state.get_data_parallel_world_size()  # each rank's prompt ids
     dist.all_gather_object(gathered, list(prompts.prompt_ids), group=parallel_state.get_data_parallel_group())
     ids = [str(prompt_id) for replica in gathered for prompt_id in replica]
     shown = ", ".join(ids[:64]) + (f", ... ({len(ids)} in all)" if len(ids) > 64 else "")
@@ -171,8 +171,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import (begin_run, end_run, finished_run_summary, hf_export_describer,
-                                                 run_steps)
+    from megatron_avar.training.run_loop import begin_run, end_run, finished_run_summary, hf_export_describer, run_steps
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel

@@ -29,7 +29,7 @@ The sink never changes the layer output and attaches no gradient: rewards are co
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -57,7 +57,8 @@ class ResponseTokens:
         if segment_ids is None:
             segment_ids = unpacked_segment_ids(roles)
         elif segment_ids.shape != roles.shape:
-            raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must have the shape of roles {tuple(roles.shape)}")
+            raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must have the shape of roles "
+                             f"{tuple(roles.shape)}")
         if bool(((segment_ids < 0) != (roles < 0)).any()):
             raise ValueError("segment_ids must be -1 exactly where roles are PAD (-1)")
         roles = roles.long()
@@ -111,7 +112,7 @@ class VisualRewardSink:
         self._reduced = False
 
     def _buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._partial is None:
+        if self._partial is None or self._coverage is None:  # (made together)
             self._partial = torch.zeros(self.tokens.num_tokens, len(self.layers), 2, device=device)
             self._coverage = torch.zeros(len(self.layers), device=device)
         return self._partial, self._coverage
@@ -181,7 +182,7 @@ class VisualRewardSink:
         if not self._reduced:
             raise RuntimeError("call VisualRewardSink.all_reduce(tp_group) (None without model parallelism) "
                                "before r_visual(): head means need every tensor-parallel rank's heads")
-        if self._partial is None:
+        if self._partial is None or self._coverage is None:
             raise ValueError(f"no masses reached the visual-reward sink for layers {list(self.layers)}: pass it "
                              "as the model's mass_sink in the old-log-prob forward pass")
         coverage = self._coverage.tolist()

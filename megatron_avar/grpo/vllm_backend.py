@@ -57,11 +57,20 @@ import torch
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.grpo.local_backend import SUPPRESSED_TOKENS, sample_seed
+from megatron_avar.grpo.vllm_requests import (
+    MAX_IMAGES_PER_PROMPT,
+    RESUME_HINT,
+    RefitStats,
+    assemble_rollout,
+    checked_hf_names,
+    collapse_image_pads,
+    engine_kwargs,
+    images_from_pixel_values,
+    load_weights_on_worker,
+    sampled_token_logprobs,
+    sampling_request_kwargs,
+)
 from megatron_avar.models import hf_inference
-from megatron_avar.grpo.vllm_requests import (MAX_IMAGES_PER_PROMPT, RESUME_HINT, RefitStats, load_weights_on_worker,
-                                              assemble_rollout, checked_hf_names, collapse_image_pads, engine_kwargs,
-                                              images_from_pixel_values, sampled_token_logprobs,
-                                              sampling_request_kwargs)
 
 __all__ = ["VLLMGenerationBackend"]
 
@@ -134,12 +143,14 @@ class VLLMGenerationBackend:
             generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(hf_path))
         return hf_inference.stop_token_ids(self.processor.tokenizer, generation)
 
-    def _check_ready(self) -> None:
+    def _ready_llm(self):
+        """The engine, when it may generate: not closed, and no failed update_weights since the last good one."""
         if self._llm is None:
             raise RuntimeError("VLLMGenerationBackend is closed; build a new one")
         if self._stale is not None:
             raise RuntimeError(f"the engine's weights are inconsistent after a failed update_weights ({self._stale}); "
                                "call update_weights again with the complete state")
+        return self._llm
 
     # ------------------------------------------------------------------ generation
     def _request(self, prompts: PromptBatch, p: int) -> dict:
@@ -156,12 +167,13 @@ class VLLMGenerationBackend:
         request = {"prompt_token_ids": collapse_image_pads(ids.tolist(), self.image_token_id, grid,
                                                            image_processor.merge_size),
                    "cache_salt": f"avar-weights-{self._weight_version}"}
-        if grid is not None:
+        pixel_values = prompts.pixel_values[p]
+        if grid is not None and pixel_values is not None:
             if grid.shape[0] > MAX_IMAGES_PER_PROMPT:
                 raise ValueError(f"prompt {prompt_id} has {grid.shape[0]} images; the vLLM backend allows "
                                  f"{MAX_IMAGES_PER_PROMPT} (MAX_IMAGES_PER_PROMPT)")
             images = images_from_pixel_values(
-                prompts.pixel_values[p].float().cpu(), grid.cpu(), image_mean=image_processor.image_mean,
+                pixel_values.float().cpu(), grid.cpu(), image_mean=image_processor.image_mean,
                 image_std=image_processor.image_std, rescale_factor=image_processor.rescale_factor,
                 patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
                 merge_size=image_processor.merge_size)
@@ -190,7 +202,7 @@ class VLLMGenerationBackend:
         checkpoint), ValueError for prompts or sampling the backend cannot serve."""
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
-        self._check_ready()
+        llm = self._ready_llm()
         if self._asleep:
             raise RuntimeError(f"the vLLM engine is asleep ({sorted(self._asleep)} released); call wake_up() before "
                                "generate()")
@@ -206,7 +218,7 @@ class VLLMGenerationBackend:
                     stop_token_ids=self.stop_ids, suppressed_token_ids=sorted(self.suppressed))))
         self._check_same_step_on_tp_group(prompts, n, sampling)
         try:
-            outputs = self._llm.generate(requests, params, use_tqdm=False)
+            outputs = llm.generate(requests, params, use_tqdm=False)
         except Exception as error:
             shown = ", ".join(prompts.prompt_ids[:8]) + (" ..." if len(prompts) > 8 else "")
             raise RuntimeError(f"the vLLM rollout engine failed on this step's {len(prompts)} prompts x {n} samples "
@@ -271,11 +283,11 @@ class VLLMGenerationBackend:
         """Release the engine's GPU memory for the trainer: ``LLM.sleep(level=1)`` moves the weights to pinned
         CPU memory and discards the KV cache (and the prefix cache). Level 1, not 2: a partial refit after a
         level-2 sleep would leave garbage weights. Idempotent."""
-        self._check_ready()
+        llm = self._ready_llm()
         if not self.enable_sleep_mode:
             raise ValueError("this backend was built with enable_sleep_mode=False; build it with True to sleep")
         if not self._asleep:
-            self._llm.sleep(level=1)
+            llm.sleep(level=1)
             self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:

@@ -102,8 +102,9 @@ def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: 
     # take the store down under the others, as rank 0 hosting it would.
     platform.bind_device(int(os.environ["LOCAL_RANK"]))
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", store_port, world_size, is_master=False,
-                          timeout=timeout or default_pg_timeout)
+    # (dist.TCPStore is public torch API that torch.distributed's __init__ re-exports without an __all__ entry)
+    store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+        "127.0.0.1", store_port, world_size, is_master=False, timeout=timeout or default_pg_timeout)
     dist.init_process_group(
         platform.distributed_backend(),
         store=store,

@@ -138,7 +138,9 @@ def run_on_ranks(
 
     environ = {**os.environ, **(env or {})}
     # The OS picks the port while binding the server here, so concurrent runs cannot collide.
-    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
+    # (dist.TCPStore is public torch API that torch.distributed's __init__ re-exports without an __all__ entry)
+    store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+        "127.0.0.1", 0, None, is_master=True, wait_for_workers=False)
     context = _forkserver_context()
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as log_dir:
         log_paths = [os.path.join(log_dir, f"rank{r}.log") if capture_output else None for r in range(world_size)]
@@ -214,7 +216,11 @@ def _collect(ranks: list[_Rank], deadline: float | None, log_paths: list[str | N
             del pending[r.rank]
             if r.message is None or r.message[0] == "error":
                 raise _failure_error(_first_failure(r, pending.values()), len(ranks), log_paths)
-    return [pickle.loads(r.message[1]) for r in ranks]
+    results = []
+    for r in ranks:
+        assert r.message is not None  # every rank reported success: a failure or a silent exit raised above
+        results.append(pickle.loads(r.message[1]))
+    return results
 
 
 def _first_failure(failed: _Rank, others) -> _Rank:
@@ -225,14 +231,14 @@ def _first_failure(failed: _Rank, others) -> _Rank:
     if failed.message is None:
         return failed
     time.sleep(_FIRST_FAILURE_WAIT_S)
-    candidates = [failed]
+    candidates = [(failed.message[3], failed)]  # (failure time, rank)
     for r in others:
         _receive(r)
         if r.message is None and not r.process.is_alive():
             return r
         if r.message is not None and r.message[0] == "error":
-            candidates.append(r)
-    return min(candidates, key=lambda r: r.message[3])
+            candidates.append((r.message[3], r))
+    return min(candidates, key=lambda candidate: candidate[0])[1]
 
 
 def _receive(r: _Rank) -> None:

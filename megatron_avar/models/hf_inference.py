@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,10 +47,11 @@ def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dty
     ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    kwargs = {} if device_map is None else {"device_map": device_map}
+    kwargs: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, **kwargs)
     if device_map is None:
-        model.to(device)
+        # transformers defines `to` through functools.wraps(Module.to), whose static type is no longer a bound method
+        model.to(device)  # pyright: ignore[reportArgumentType]
     return model.eval()
 
 

@@ -80,10 +80,8 @@ def parse_layers(spec: LayerSet, num_layers: int, *, field: str = "layer set") -
     if num_layers < 1:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     pieces = _pieces(spec, field)
-    if pieces == "all":
-        return tuple(range(num_layers))
-    if pieces == "middle":
-        return middle_layers(num_layers)
+    if isinstance(pieces, str):  # "all" or "middle"
+        return tuple(range(num_layers)) if pieces == "all" else middle_layers(num_layers)
     shown = repr(spec.strip()) if isinstance(spec, str) else repr(spec if isinstance(spec, int) else list(spec))
     for chosen in pieces:  # the first layer out of range, in the order the set names them
         if chosen.start < 0 or chosen.stop > num_layers:

@@ -32,7 +32,7 @@ the sum over TP ranks the exact head mean and each rank's gradient exact for its
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -189,6 +189,7 @@ class RoleMassCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("role-mass attention takes no attention_bias")
         params = packed_seq_params
+        assert params.key_roles is not None  # RoleMassParams requires it
         seq, batch = query.shape[:2]
         if tuple(params.key_roles.shape) != (batch, seq):
             raise ValueError(f"key_roles has shape {tuple(params.key_roles.shape)} but the layer sees "
@@ -209,14 +210,16 @@ class RoleMassCoreAttention(MegatronModule):
             out, mass = self._probe(query, key, value, params, cu_seqlens, rows)
         out = out.transpose(0, 1).reshape(seq, batch, -1)
         if sink is not None:
+            assert mass is not None  # a sink without query rows takes the fused path, which returns every mass
             out = sink(self.layer_index, mass, out, self.heads)
         return out
 
     def _fused(self, query, key, value, params, cu_seqlens, query_mask, scale, bias):
         """role_attention: out [B, S, H, D] and every row's masses [B, H, S, R]."""
         seq, batch = query.shape[:2]
-        common = dict(num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale, role_logit_scale=scale,
-                      role_logit_bias=bias, impl=self.impl or params.impl, check_values=False)
+        common: dict[str, Any] = dict(num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale,
+                                      role_logit_scale=scale, role_logit_bias=bias, impl=self.impl or params.impl,
+                                      check_values=False)
         if cu_seqlens is None:
             return role_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
                                   params.key_roles, query_mask=query_mask, **common)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ class RoleAttentionProblem:
     def row_bounds_host(self) -> tuple[list[int], list[int]] | None:
         """(start, end) lists per token of the THD windows, for the blockwise path's tile skipping (one
         device-to-host copy, made only when that path asks)."""
-        if self.row_start is None:
+        if self.row_start is None or self.row_end is None:  # (set together: THD problems have both)
             return None
         return self.row_start.reshape(-1).tolist(), self.row_end.reshape(-1).tolist()
 
@@ -232,7 +232,8 @@ def build_problem(q, k, v, key_roles, *, num_roles, causal=True, softmax_scale=N
 
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+            or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(D)), got {softmax_scale!r}")
 
     row_start = row_end = None
@@ -337,7 +338,7 @@ def _allowed(problem: RoleAttentionProblem, i0: int, i1: int, j0: int, j1: int) 
     if problem.causal:
         rows = torch.arange(i0, i1, device=device)
         allowed = allowed & (cols[None, None, :] <= rows[None, :, None])
-    if problem.row_start is not None:
+    if problem.row_start is not None and problem.row_end is not None:  # (set together: THD problems have both)
         allowed = allowed & (cols[None, None, :] >= problem.row_start[:, i0:i1, None]) \
             & (cols[None, None, :] < problem.row_end[:, i0:i1, None])
     return allowed
@@ -488,7 +489,9 @@ def _blockwise_backward(problem, out, mass, lse, grad_out, grad_mass):
         delta += (grad_out.to(cdt) * out.to(cdt)).sum(-1).transpose(1, 2)
     if grad_mass is not None:
         delta += (grad_mass.to(cdt) * mass.to(cdt)).sum(-1)
-    grouped_stat = lambda x, i0, i1: x[:, :, i0:i1].reshape(batch, num_kv_heads, group, i1 - i0, *x.shape[3:])
+    def grouped_stat(x, i0, i1):
+        return x[:, :, i0:i1].reshape(batch, num_kv_heads, group, i1 - i0, *x.shape[3:])
+
     for i0 in range(0, seq_len, BLOCKWISE_TILE_Q):
         i1 = min(i0 + BLOCKWISE_TILE_Q, seq_len)
         qt = _grouped(q[:, i0:i1], num_kv_heads, cdt)

@@ -31,10 +31,17 @@ import os
 
 import torch
 import triton
+import triton.knobs
 import triton.language as tl
 
 from megatron_avar import platform
 from megatron_avar.ops.role_attention import RoleAttentionProblem
+
+# Triton's DSL as pyright reads it: @triton.jit kernels take Python ints and bools for their tl.constexpr
+# parameters at launch, iterate tl.static_range, and index with None/slices; pyright checks them as plain Python
+# calls and reports false errors. Those four rules are off in this file (the launchers' Python is still checked
+# for Optional access, attributes and returns).
+# pyright: reportArgumentType=false, reportCallIssue=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
 
 # Whether @triton.jit below produces interpreted functions: decided by Triton at decoration time.
 INTERPRETING = bool(triton.knobs.runtime.interpret)
@@ -285,7 +292,8 @@ def _bwd_dkdv_kernel(
             p = tl.exp2(s - lse[:, None])
             dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_OUT_GRAD:
-                do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+                do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds
+                             + offs_d[None, :],
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 if DOT_FP32:
                     do = do.to(tl.float32)
@@ -435,7 +443,8 @@ else:  # Every kernel only stores its outputs (no accumulation across launches):
     _fwd = _autotuned(_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_WIDE_FP32, _TUNING_KEYS + ["COMPUTE_MASS"])
     _dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_WIDE_FP32,
                        _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
-    _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE_FP32, _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
+    _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE_FP32,
+                     _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
 
 
 def _fixed_blocks():
@@ -486,7 +495,7 @@ def _launch_args(problem: RoleAttentionProblem) -> _Launch:
     # Unused pointer arguments (feature off) get any tensor: the constexpr flags keep them unread.
     return _Launch(
         roles=roles,
-        qmask=problem.query_mask.to(torch.int8).contiguous() if edits else roles,
+        qmask=problem.query_mask.to(torch.int8).contiguous() if edits and problem.query_mask is not None else roles,
         row_start=problem.row_start.contiguous() if problem.row_start is not None else roles,
         row_end=problem.row_end.contiguous() if problem.row_end is not None else roles,
         scale_tab=problem.logit_scale if edits and problem.logit_scale is not None else q,
@@ -544,7 +553,8 @@ def _backward(problem: RoleAttentionProblem, out, mass, lse, grad_out, grad_mass
     delta = torch.empty_like(lse)
     pre_block = 64
     _bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * num_q_heads)](
-        out, grad_out, mass if has_mass_grad else lse, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3], seq_len, num_q_heads,
+        out, grad_out, mass if has_mass_grad else lse, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3],
+        seq_len, num_q_heads,
         HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], NUM_ROLES=problem.num_roles, BLOCK_R=block_r,
         BLOCK_M=pre_block, HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad,
     )

@@ -151,7 +151,8 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
                              f"({'T' if thd else 'B*S'} = {total}), got min {lo}, max {hi}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
+            or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number or None (1/sqrt(D)), got {softmax_scale!r}")
 
     rows = query_rows.long()

@@ -22,9 +22,16 @@ import dataclasses
 
 import torch
 import triton
+import triton.knobs
 import triton.language as tl
 
 from megatron_avar.ops.role_mass import RoleMassProblem
+
+# Triton's DSL as pyright reads it: @triton.jit kernels take Python ints and bools for their tl.constexpr
+# parameters at launch, iterate tl.static_range, and index with None/slices; pyright checks them as plain Python
+# calls and reports false errors. Those four rules are off in this file (the launchers' Python is still checked
+# for Optional access, attributes and returns).
+# pyright: reportArgumentType=false, reportCallIssue=false, reportGeneralTypeIssues=false, reportOperatorIssue=false
 
 INTERPRETING = bool(triton.knobs.runtime.interpret)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): rows are few, so one configuration (no autotune, no

@@ -9,13 +9,15 @@ import json
 __all__ = ["register", "format_plan"]
 
 _GB = 1e9
-_LABELS = {"weights": "weights", "gradients": "gradients (fp32)", "optimizer_states": "optimizer states",
-           "decoder_activations": "decoder activations", "vision_activations": "vision encoder activations",
-           "avar_masses": "AVAR masses", "head_inputs": "final norm / LM head inputs",
-           "reference_model": "reference model", "rollout_engine_asleep": "vLLM engine, asleep (assumed)",
-           "rollout_model_copy": "rollout model copy (local backend)", "logits": "logits",
-           "weight_gradient": "weight gradient", "recomputed_layer": "recomputed layer",
-           "attention_scores": "local attention scores (backward)"}
+_LABELS: dict[str, str] = {
+    "weights": "weights", "gradients": "gradients (fp32)", "optimizer_states": "optimizer states",
+    "decoder_activations": "decoder activations", "vision_activations": "vision encoder activations",
+    "avar_masses": "AVAR masses", "head_inputs": "final norm / LM head inputs",
+    "reference_model": "reference model", "rollout_engine_asleep": "vLLM engine, asleep (assumed)",
+    "rollout_model_copy": "rollout model copy (local backend)", "logits": "logits",
+    "weight_gradient": "weight gradient", "recomputed_layer": "recomputed layer",
+    "attention_scores": "local attention scores (backward)",
+}
 
 
 def register(subparsers) -> None:
@@ -87,9 +89,10 @@ def format_plan(plan) -> str:
     ]
     for name, value in [*worst.static.items(), *memory.extra_static.items(), *worst.stored.items()]:
         lines.append(f"  {_LABELS.get(name, name):<36}{_gb(value)}")
-    transient = max(worst.transient, key=worst.transient.get)
+    transient = max(worst.transient, key=worst.transient.__getitem__)
     shown = ", ".join(f"{_LABELS.get(k, k)} {v / _GB:.2f}" for k, v in worst.transient.items())
-    lines.append(f"  {'transient: ' + _LABELS.get(transient, transient):<36}{_gb(worst.transient[transient])}"
+    label = "transient: " + (_LABELS[transient] if transient in _LABELS else transient)
+    lines.append(f"  {label:<36}{_gb(worst.transient[transient])}"
                  f"   (largest of: {shown})")
     lines.append(f"  {'peak':<36}{_gb(memory.peak)}")
     if p.pp > 1:

@@ -85,7 +85,7 @@ def verdict(gpu: GPU, training_peak: int, *, rollout_peak: int | None = None, en
     phases = {"training": needed(training_peak) + (0 if engine_sleeps else engine)}
     if rollout_peak is not None:
         phases["rollout"] = needed(rollout_peak) + engine
-    phase = max(phases, key=phases.get)
+    phase = max(phases, key=phases.__getitem__)
     required = int(phases[phase])
     return Verdict(gpu=gpu, required_bytes=required, headroom_bytes=gpu.memory_bytes - required, phase=phase,
                    step_seconds=step_seconds)

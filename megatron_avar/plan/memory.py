@@ -388,7 +388,7 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
                 masses += (sum(i in avar for i in layers) * shape.micro_batch_size * shape.mass_rows
                            * text.num_attention_heads / parallel.tp * (NUM_ROLES + 1) * 4)
         stored = {"decoder_activations": decoder, "vision_activations": vision_bytes, "avar_masses": masses}
-        transient = {"weight_gradient": largest * value}
+        transient: dict[str, float] = {"weight_gradient": largest * value}
         if last:
             sp = parallel.tp if parallel.sequence_parallel else 1
             stored["head_inputs"] = (_tokens(shape, parallel) * _norm_bytes(kernels.final_norm, value)

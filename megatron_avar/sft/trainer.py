@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,11 @@ from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
 from megatron_avar.training.run_loop import check_model_path
+
+if TYPE_CHECKING:  # built lazily (build_run): importing this module loads no megatron
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training.megatron_setup import TrainingModel
+    from megatron_avar.training.sft_data import SFTDataLoader
 
 __all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
 
@@ -113,7 +119,7 @@ def _check_update(model, metrics: dict[str, float], step_batch, *, update_ok: bo
     if not problems:
         return
     mine = ([sample for mb in step_batch.microbatches for row in mb.sample_ids for sample in row], nonfinite_lm)
-    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    gathered: list = [None] * parallel_state.get_data_parallel_world_size()  # each rank's ``mine``
     dist.all_gather_object(gathered, mine, group=parallel_state.get_data_parallel_group())
     samples = [sample for ids, _ in gathered for sample in ids]
     bad = [sample for _, ids in gathered for sample in ids]
@@ -157,9 +163,9 @@ class SFTRun:
     """Everything a rank trains with: the model (DDP, optimizer, schedule), its data loader, and the facts
     the loop needs."""
 
-    model: object
-    data: object
-    qwen_config: object
+    model: TrainingModel
+    data: SFTDataLoader
+    qwen_config: Qwen25VLConfig
     avar_layers: tuple[int, ...]
     dtype: torch.dtype
 
@@ -199,8 +205,7 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
-    from megatron_avar.training.run_loop import (begin_run, end_run, finished_run_summary, hf_export_describer,
-                                                 run_steps)
+    from megatron_avar.training.run_loop import begin_run, end_run, finished_run_summary, hf_export_describer, run_steps
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -261,7 +266,8 @@ def run_sft(config: SFTConfig) -> dict:
     finally:
         logger.close()
     history = outcome.history
-    summary = {"steps_run": len(history), "start_step": start_step, "last_step": history[-1]["step"] if history else None,
+    summary = {"steps_run": len(history), "start_step": start_step,
+               "last_step": history[-1]["step"] if history else None,
                "stopped_by": outcome.stopped_by, "checkpoints": outcome.checkpoints, "history": history,
                "layout": dataclasses.asdict(layout), "packing_efficiency": data.packing_efficiency()}
     if layout.is_logging_rank:

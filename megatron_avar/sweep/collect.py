@@ -23,6 +23,7 @@ import json
 import re
 import statistics
 from pathlib import Path
+from typing import Any
 
 from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
 from megatron_avar.sweep.submit import job_states, load_state, run_finished
@@ -94,7 +95,7 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
     rows = []
     for point in points:
         run_dir, job = Path(point["run_dir"]), last.get(point["name"])
-        row = dict.fromkeys(COLUMNS)
+        row: dict[str, Any] = dict.fromkeys(COLUMNS)
         row.update({k: point[k] for k in ("name", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length",
                                           "agto", "steps")})
         row.update(job_id=job, run_dir=str(run_dir))

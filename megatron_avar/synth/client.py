@@ -25,15 +25,15 @@ import json
 import logging
 import os
 import random
-import socket
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 from megatron_avar.synth.config import ClientConfig, TeacherConfig
 
@@ -179,7 +179,8 @@ class _SameOriginRedirectHandler(urllib.request.HTTPRedirectHandler):
         if code in (307, 308) and req.get_method() == "POST":
             # 307/308 mean "the same request again, there" (RFC 9110 §15.4.8/9); urllib refuses them for a POST,
             # and 301/302/303 become a bodiless GET, which no chat endpoint answers.
-            return urllib.request.Request(newurl, data=req.data, headers=req.headers, origin_req_host=req.origin_req_host,
+            return urllib.request.Request(newurl, data=req.data, headers=req.headers,
+                                          origin_req_host=req.origin_req_host,
                                           unverifiable=True, method="POST")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -231,7 +232,8 @@ class ChatClient:
             reason = "response without choices[0].message.content"
             raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
         usage = response.get("usage") or {}
-        result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), cached=False)
+        result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                            cached=False)
         self.cache.put(self.stage, key, {"content": content, "prompt_tokens": result.prompt_tokens,
                                          "completion_tokens": result.completion_tokens, "model": self.teacher.model,
                                          "prompt_version": self.prompt_version, "time": time.time()})
@@ -254,10 +256,10 @@ class ChatClient:
                 # Every request would be sent there, so the run stops rather than drop every record.
                 target = _without_userinfo(redirect.target)
                 raise TeacherConfigError(
-                    f"{self.stage} teacher {self.teacher.model!r}: {self._url} answered HTTP {redirect.code}, a redirect "
-                    f"to {target}, another origin (scheme, host, port); not followed, so the request and its API key "
-                    f"stay with {self._url}. If {target} is the teacher, set {self.config_key}.base_url to it "
-                    f"(without /chat/completions)") from None
+                    f"{self.stage} teacher {self.teacher.model!r}: {self._url} answered HTTP {redirect.code}, "
+                    f"a redirect to {target}, another origin (scheme, host, port); not followed, so the request and "
+                    f"its API key stay with {self._url}. If {target} is the teacher, set {self.config_key}.base_url "
+                    f"to it (without /chat/completions)") from None
             except urllib.error.HTTPError as error:
                 if error.code in FATAL_HTTP_CODES:
                     hint = (f"check the key in ${self.teacher.api_key_env}" if self.teacher.api_key_env
@@ -270,9 +272,10 @@ class ChatClient:
                                                               f"HTTP {error.code}")) from None
                 reason = f"HTTP {error.code}"
                 retry_after = _retry_after(error)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError,
-                    http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as error:
-                reason = type(error).__name__ if not isinstance(error, urllib.error.URLError) else f"URLError({error.reason})"
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+                    json.JSONDecodeError, UnicodeDecodeError) as error:
+                reason = (f"URLError({error.reason})" if isinstance(error, urllib.error.URLError)
+                          else type(error).__name__)
             if attempt == self.client.max_retries:
                 reason = f"gave up after {attempt + 1} attempts (last: {reason})"
                 raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))

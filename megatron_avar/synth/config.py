@@ -50,10 +50,13 @@ class SourceConfig:
     """Read at most this many records (after nothing else; before dedup). None: all."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "." not in self.name, "sources[].name", f"must be a non-empty name without dots, got {self.name!r}")
+        _check(bool(self.name) and "." not in self.name, "sources[].name",
+               f"must be a non-empty name without dots, got {self.name!r}")
         _check(bool(self.path), f"sources[{self.name}].path", "must name a file or folder")
-        _check(self.format in SOURCE_FORMATS, f"sources[{self.name}].format", f"must be one of {list(SOURCE_FORMATS)}, got {self.format!r}")
-        _check(self.limit is None or self.limit >= 1, f"sources[{self.name}].limit", f"must be >= 1 or null, got {self.limit}")
+        _check(self.format in SOURCE_FORMATS, f"sources[{self.name}].format",
+               f"must be one of {list(SOURCE_FORMATS)}, got {self.format!r}")
+        _check(self.limit is None or self.limit >= 1, f"sources[{self.name}].limit",
+               f"must be >= 1 or null, got {self.limit}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +86,8 @@ class TeacherConfig:
 
     def validate(self, where: str) -> None:
         _check(bool(self.model), f"{where}.model", "must be a model name")
-        _check(self.base_url.startswith(("http://", "https://")), f"{where}.base_url", f"must start with http:// or https://, got {self.base_url!r}")
+        _check(self.base_url.startswith(("http://", "https://")), f"{where}.base_url",
+               f"must start with http:// or https://, got {self.base_url!r}")
         _check(0.0 <= self.temperature <= 2.0, f"{where}.temperature", f"must be in [0, 2], got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"{where}.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.max_tokens >= 1, f"{where}.max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -151,14 +155,16 @@ class ReasonConfig:
     """Chains sampled per record; verify keeps the best correct one."""
 
     def __post_init__(self) -> None:
-        _check(1 <= self.num_candidates <= 64, "reason.num_candidates", f"must be in [1, 64], got {self.num_candidates}")
+        _check(1 <= self.num_candidates <= 64, "reason.num_candidates",
+               f"must be in [1, 64], got {self.num_candidates}")
 
 
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
     enabled: bool = True
     """False: chains are kept as the reasoning teacher wrote them."""
-    teacher: TeacherConfig = dataclasses.field(default_factory=lambda: TeacherConfig(model="Qwen/Qwen3-32B", temperature=0.3))
+    teacher: TeacherConfig = dataclasses.field(default_factory=lambda: TeacherConfig(model="Qwen/Qwen3-32B",
+                                                                                     temperature=0.3))
     """The LLM that inserts visual anchors (paper: Qwen3-32B)."""
     min_anchors: int = 1
     """A rewritten chain with fewer marked anchors is malformed."""
@@ -177,7 +183,8 @@ class VerifyConfig:
     """Which correct candidate to keep: "most_anchors" (ties: lowest index) or "first"."""
 
     def __post_init__(self) -> None:
-        _check(self.select in SELECT_RULES, "verify.select", f"must be one of {list(SELECT_RULES)}, got {self.select!r}")
+        _check(self.select in SELECT_RULES, "verify.select",
+               f"must be one of {list(SELECT_RULES)}, got {self.select!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +218,11 @@ class RunConfig:
         _check(self.executor in EXECUTORS, "run.executor", f"must be one of {list(EXECUTORS)}, got {self.executor!r}")
         _check(self.batch_records >= 1, "run.batch_records", f"must be >= 1, got {self.batch_records}")
         _check(self.progress_interval_s > 0, "run.progress_interval_s", f"must be > 0, got {self.progress_interval_s}")
-        _check(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "run.ray_num_cpus", f"must be >= 1 or null, got {self.ray_num_cpus}")
+        _check(self.ray_num_cpus is None or self.ray_num_cpus >= 1, "run.ray_num_cpus",
+               f"must be >= 1 or null, got {self.ray_num_cpus}")
         prompt_dir = Path(__file__).parent / "prompts" / self.prompt_version
-        _check(prompt_dir.is_dir(), "run.prompt_version", f"must name a folder of megatron_avar/synth/prompts/, got {self.prompt_version!r}")
+        _check(prompt_dir.is_dir(), "run.prompt_version",
+               f"must name a folder of megatron_avar/synth/prompts/, got {self.prompt_version!r}")
 
 
 @dataclasses.dataclass(frozen=True)

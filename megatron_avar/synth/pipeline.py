@@ -56,7 +56,8 @@ def prepare_output(config: SynthConfig) -> None:
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in ("data", MANIFEST))
         if foreign:
-            raise ValueError(f"output.dir {out} holds {foreign[:5]}, which avar synth did not write; choose another output.dir")
+            raise ValueError(f"output.dir {out} holds {foreign[:5]}, which avar synth did not write; choose another "
+                             "output.dir")
         if (out / MANIFEST).is_file():
             if not config.output.overwrite:
                 raise ValueError(f"output.dir {out} holds a finished run ({MANIFEST}); pass output.overwrite=true to "
@@ -150,7 +151,8 @@ def run_synthesis(config: SynthConfig) -> dict:
     try:
         from nemo_curator.pipeline import Pipeline
     except ImportError as error:
-        raise ValueError(f"avar synth needs NeMo Curator ({error}); install it with pip install -e '.[synth]'") from None
+        raise ValueError(f"avar synth needs NeMo Curator ({error}); install it with "
+                         "pip install -e '.[synth]'") from None
     from megatron_avar.synth.stages import build_stages
 
     config = resolve_paths(config)
@@ -163,8 +165,11 @@ def run_synthesis(config: SynthConfig) -> dict:
             results = run_local(stages)
         else:
             with ray_session(config):
-                pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data", stages=stages)
+                pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data",
+                                    stages=stages)
                 results = pipeline.run(executor=_executor(config))
+    if results is None:  # NeMo Curator's run() is typed Optional; its executors return the last stage's tasks
+        raise RuntimeError("NeMo Curator's pipeline returned no tasks; expected the writer stage's output")
     manifest = build_manifest(config, results, time.time() - started)
     check_teacher_failures(config, manifest)
     out = Path(config.output.dir)
@@ -222,8 +227,8 @@ def check_teacher_failures(config: SynthConfig, manifest: dict) -> None:
         reason, count = max(errors.items(), key=lambda item: item[1]) if errors else ("unknown", failed)
         why = "every request failed" if not succeeded else f"more than client.max_failed_share={limit}"
         teacher = getattr(config, stage).teacher
-        problems.append(f"{stage} teacher {teacher.model!r} at {chat_url(teacher)}: {failed} of {total} requests failed "
-                        f"({failed / total:.0%}; {why}); most common error ({count} of {failed}): {reason}")
+        problems.append(f"{stage} teacher {teacher.model!r} at {chat_url(teacher)}: {failed} of {total} requests "
+                        f"failed ({failed / total:.0%}; {why}); most common error ({count} of {failed}): {reason}")
     if problems:
         raise TeacherFailuresError(
             "; ".join(problems) + f". Kept {manifest['kept']} of {manifest['read']} records (shards in "

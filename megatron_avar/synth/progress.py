@@ -56,7 +56,8 @@ def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:
             payload = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue  # being replaced right now; the next read sees it
-        stage = totals.setdefault(payload["stage"], {**dict.fromkeys(COUNTERS, 0), "client": {}, "started": payload["started"]})
+        stage = totals.setdefault(payload["stage"],
+                                  {**dict.fromkeys(COUNTERS, 0), "client": {}, "started": payload["started"]})
         for name in COUNTERS:
             stage[name] += payload[name]
         for name, value in payload["client"].items():
@@ -79,7 +80,8 @@ def format_progress(totals: dict[str, dict], elapsed_s: float, teacher_stages: t
         if stage not in totals:
             continue
         counts = totals[stage]
-        parts.append(f"{stage} {counts['records_in']}→{counts['records_out']}" if stage != "read" else f"read {counts['records_out']}")
+        parts.append(f"{stage} {counts['records_in']}→{counts['records_out']}" if stage != "read"
+                     else f"read {counts['records_out']}")
         client = counts["client"]
         tokens += client.get("prompt_tokens", 0) + client.get("completion_tokens", 0)
         if client and total and counts["records_in"]:
@@ -100,7 +102,7 @@ class ProgressMonitor:
         self._thread = threading.Thread(target=self._loop, name="synth-progress", daemon=True)
         self.started = time.time()
 
-    def __enter__(self) -> "ProgressMonitor":
+    def __enter__(self) -> ProgressMonitor:
         self._thread.start()
         return self
 
@@ -111,4 +113,5 @@ class ProgressMonitor:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started, self.teacher_stages))
+            logger.info(format_progress(read_progress(self.progress_dir), time.time() - self.started,
+                                        self.teacher_stages))

@@ -17,7 +17,7 @@ PROMPT_ROOT = Path(__file__).parent / "prompts"
 PROMPT_FILES = ("describe_system", "describe_user", "reason_system", "reason_user", "anchor_system", "anchor_user")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_prompts(version: str) -> dict[str, string.Template]:
     """All templates of one version, by file stem; ValueError when the folder or a file is missing."""
     folder = PROMPT_ROOT / version

@@ -26,8 +26,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from megatron_avar.synth.config import SourceConfig
 
@@ -38,7 +39,7 @@ _MIME = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("i
 
 
 def new_row(**fields) -> dict:
-    row = dict.fromkeys(ROW_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS)
     row.update(tokens_spent=0, tokens_cached=0, candidates="[]")
     row.update(fields)
     return row
@@ -96,11 +97,11 @@ def _conversation_records(source: SourceConfig) -> Iterator[tuple[str, str | Non
     """(id, question, answer, image or error, base_dir, metadata) from the project's conversation format."""
     from datasets import Image, List
 
-    from megatron_avar.data.conversations import load_conversations
+    from megatron_avar.data.conversations import dataset_rows, load_conversations
 
     dataset = load_conversations(source.path)
     dataset = dataset.cast_column("images", List(Image(decode=False)))
-    for row in dataset:
+    for row in dataset_rows(dataset):
         users = [m for m in row["messages"] if m["role"] == "user"]
         texts = [item["text"] for item in users[0]["content"] if item["type"] == "text"] if users else []
         image = row["images"][0] if len(row["images"]) == 1 else ValueError(
@@ -112,15 +113,19 @@ def _conversation_records(source: SourceConfig) -> Iterator[tuple[str, str | Non
 def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str | None, object, Path, dict]]:
     import datasets
 
+    from megatron_avar.data.conversations import dataset_rows, single_split
+
     path = Path(source.path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
-        dataset, base_dir = datasets.load_from_disk(str(path)), path
+        dataset, base_dir = single_split(datasets.load_from_disk(str(path)), str(path)), path
     else:
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")) if path.is_dir() else [path]
+        files = ([p for p in sorted(path.iterdir()) if p.suffix in (".jsonl", ".json", ".parquet")] if path.is_dir()
+                 else [path])
         if not files or not all(f.is_file() for f in files):
             raise ValueError(f"source {source.name}: no .jsonl/.json/.parquet data at {path}")
         builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        dataset = single_split(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train"),
+                               str(path))
         base_dir = files[0].parent
     for column in (source.image_column, source.question_column, source.answer_column, source.id_column):
         if column is not None and column not in dataset.column_names:
@@ -128,7 +133,7 @@ def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str
                              f"set sources[].image_column/question_column/answer_column/id_column")
     if isinstance(dataset.features[source.image_column], datasets.Image):
         dataset = dataset.cast_column(source.image_column, datasets.Image(decode=False))
-    for index, row in enumerate(dataset):
+    for index, row in enumerate(dataset_rows(dataset)):
         record_id = str(row[source.id_column]) if source.id_column else f"{source.name}-{index}"
         answer = row[source.answer_column]
         yield (record_id, row[source.question_column], None if answer is None else str(answer),
@@ -159,7 +164,8 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
                 if answer is None or not str(answer).strip():
                     raise ValueError("no ground-truth answer")
                 folder = base_dir if base_dir.is_dir() else base_dir.parent
-                row["image_path"], row["image_mime"], row["image_sha"] = store_image(_image_bytes(image, folder), store_dir)
+                row["image_path"], row["image_mime"], row["image_sha"] = store_image(_image_bytes(image, folder),
+                                                                                     store_dir)
             except ValueError as error:
                 row["drop_reason"] = "read.invalid"
                 row["metadata"] = json.dumps({**metadata, "invalid": str(error)}, sort_keys=True)

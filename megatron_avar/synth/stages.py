@@ -53,6 +53,12 @@ class _RowStage(ProcessingStage[DocumentBatch, DocumentBatch]):
             self._client = ChatClient(self.teacher_stage, teacher, self.config.client, RequestCache(paths["cache"]),
                                       self.config.run.prompt_version)
 
+    def _teacher(self) -> ChatClient:
+        """The teacher client of a teacher stage (made by setup)."""
+        if self._client is None:
+            raise RuntimeError(f"stage {self.name}: no teacher client (not a teacher stage, or setup() not run)")
+        return self._client
+
     def inputs(self) -> tuple[list[str], list[str]]:
         return ["data"], ["id", "drop_reason"]
 
@@ -62,6 +68,7 @@ class _RowStage(ProcessingStage[DocumentBatch, DocumentBatch]):
     def process(self, task: DocumentBatch) -> DocumentBatch:
         if self._progress is None:
             self.setup()
+        assert self._progress is not None  # made by setup()
         rows = table_to_rows(task.to_pyarrow())
         alive_before = [dict(row) for row in rows]
         rows = self.apply(rows)
@@ -75,7 +82,7 @@ class DescribeStage(_RowStage):
     teacher_stage = "describe"
 
     def apply(self, rows):
-        return teachers.describe_rows(rows, self._client, self.config)
+        return teachers.describe_rows(rows, self._teacher(), self.config)
 
 
 class ReasonStage(_RowStage):
@@ -83,7 +90,7 @@ class ReasonStage(_RowStage):
     teacher_stage = "reason"
 
     def apply(self, rows):
-        return teachers.reason_rows(rows, self._client, self.config)
+        return teachers.reason_rows(rows, self._teacher(), self.config)
 
 
 class AnchorStage(_RowStage):
@@ -91,7 +98,7 @@ class AnchorStage(_RowStage):
     teacher_stage = "anchor"
 
     def apply(self, rows):
-        return teachers.anchor_rows(rows, self._client, self.config)
+        return teachers.anchor_rows(rows, self._teacher(), self.config)
 
 
 class VerifyStage(_RowStage):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from megatron_avar.grading import SYNTHESIS, extract_answer, grade, math_equal
 from megatron_avar.synth import prompts
@@ -100,7 +101,8 @@ def describe_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> 
     def describe(row: dict) -> None:
         if row["drop_reason"] is not None:
             return
-        messages = prompts.describe_messages(version, row["question"], Path(row["image_path"]).read_bytes(), row["image_mime"])
+        messages = prompts.describe_messages(version, row["question"], Path(row["image_path"]).read_bytes(),
+                                             row["image_mime"])
         try:
             row["description"] = _ask(client, row, messages, parse_description, format_retries=retries)
         except Malformed:
@@ -119,7 +121,7 @@ def reason_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
 
     def reason(job: tuple[dict, int]) -> None:
         row, index = job
-        candidate = {"index": index}
+        candidate: dict[str, Any] = {"index": index}
         messages = prompts.reason_messages(version, row["question"], row["description"])
         try:
             candidate["chain"], candidate["predicted"] = _ask(client, row, messages, parse_chain, candidate=index,
@@ -139,7 +141,8 @@ def reason_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
         row["candidates"] = json.dumps(candidates)
         errors = [c.get("error") for c in candidates]
         if all(errors):
-            row["drop_reason"] = "reason.request_failed" if all(e == "request_failed" for e in errors) else "reason.malformed"
+            all_failed = all(e == "request_failed" for e in errors)
+            row["drop_reason"] = "reason.request_failed" if all_failed else "reason.malformed"
     return rows
 
 
@@ -152,7 +155,8 @@ def anchor_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
 
     def anchor_one(job: tuple[dict, dict]) -> None:
         row, candidate = job
-        messages = prompts.anchor_messages(version, row["question"], row["description"], candidate["chain"], anchor.min_anchors)
+        messages = prompts.anchor_messages(version, row["question"], row["description"], candidate["chain"],
+                                           anchor.min_anchors)
         parse = make_anchor_parser(anchor.min_anchors)
         try:
             candidate["anchored"], candidate["num_anchors"] = _ask(client, row, messages, parse,
@@ -190,9 +194,11 @@ def verify_rows(rows: list[dict], config: SynthConfig) -> list[dict]:
         if chosen is None:
             had_answer = any(c.get("predicted") for c in candidates)
             changed = any(c.get("correct") and c.get("anchored") for c in candidates)
-            row["drop_reason"] = ("verify.answer_changed" if changed else "verify.wrong_answer") if had_answer else "verify.no_answer"
+            wrong = "verify.answer_changed" if changed else "verify.wrong_answer"
+            row["drop_reason"] = wrong if had_answer else "verify.no_answer"
             continue
         final = chosen.get("anchored") if config.anchor.enabled else chosen["chain"]
+        assert final is not None  # select_candidate picks eligible candidates, which have their final text
         row["response"] = format_response(final, chosen["final_answer"])
         metadata = json.loads(row["metadata"]) if row["metadata"] else {}
         metadata["synth"] = {"candidate": chosen["index"], "num_candidates": len(candidates),

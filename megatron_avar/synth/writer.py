@@ -15,7 +15,8 @@ def conversation_record(row: dict, system_prompt: str | None) -> dict:
     """A kept working row as a record of the project's conversation format (image by absolute path)."""
     messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     messages += [
-        {"role": "user", "content": [{"type": "image", "image": row["image_path"]}, {"type": "text", "text": row["question"]}]},
+        {"role": "user",
+         "content": [{"type": "image", "image": row["image_path"]}, {"type": "text", "text": row["question"]}]},
         {"role": "assistant", "content": row["response"]},
     ]
     metadata = json.loads(row["metadata"]) if row["metadata"] else {}
@@ -33,7 +34,8 @@ def count_rows(rows: list[dict]) -> dict:
     """{source: {"read", "kept", "dropped": {reason: n}, "tokens_spent", "tokens_cached"}} over ``rows``."""
     counts: dict[str, dict] = {}
     for row in rows:
-        source = counts.setdefault(row["source"], {"read": 0, "kept": 0, "dropped": {}, "tokens_spent": 0, "tokens_cached": 0})
+        source = counts.setdefault(row["source"],
+                                   {"read": 0, "kept": 0, "dropped": {}, "tokens_spent": 0, "tokens_cached": 0})
         source["read"] += 1
         source["tokens_spent"] += row["tokens_spent"] or 0
         source["tokens_cached"] += row["tokens_cached"] or 0
@@ -62,7 +64,8 @@ def merge_counts(parts: list[dict]) -> dict:
     merged: dict[str, dict] = {}
     for part in parts:
         for name, source in part.items():
-            target = merged.setdefault(name, {"read": 0, "kept": 0, "dropped": {}, "tokens_spent": 0, "tokens_cached": 0})
+            target = merged.setdefault(name,
+                                       {"read": 0, "kept": 0, "dropped": {}, "tokens_spent": 0, "tokens_cached": 0})
             for key in ("read", "kept", "tokens_spent", "tokens_cached"):
                 target[key] += source[key]
             for reason, count in source["dropped"].items():

@@ -78,6 +78,8 @@ def _slurm_conf(scratch: Path, ctld_port: int, slurmd_port: int) -> str:
     mem_mb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
                       if line.startswith("MemTotal"))) // 1024 - 1024
     cpus = os.cpu_count() or 1
+    node = (f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 "
+            f"RealMemory={mem_mb} State=UNKNOWN")
     return f"""ClusterName=local
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
@@ -105,7 +107,7 @@ SchedulerParameters=bf_interval=1,sched_interval=1
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem_mb} State=UNKNOWN
+{node}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 

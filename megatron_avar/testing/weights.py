@@ -154,7 +154,8 @@ def _tp_split(global_name: str, param: torch.nn.Parameter, glu_params: set[int])
         raise ValueError(f"{global_name} is an expert-parallel (MoE) parameter: not supported")
     if not getattr(param, "tensor_model_parallel", False):
         return None
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    # megatron sets partition_dim on its tensor-parallel Parameters (an attribute torch's Parameter does not declare)
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)  # pyright: ignore[reportAttributeAccessIssue]
     if id(param) in glu_params:
         if dim != 0:
             raise ValueError(f"{global_name}: a gated linear_fc1 must be split along dim 0, got {dim}")

@@ -39,6 +39,7 @@ import json
 import os
 import queue
 import shutil
+import typing
 from pathlib import Path
 
 import torch
@@ -108,7 +109,8 @@ def _rng_state() -> dict[str, torch.Tensor]:
     from megatron.core import tensor_parallel
 
     flat = {"torch": torch.get_rng_state()}
-    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+    tracker = tensor_parallel.get_cuda_rng_tracker()  # initialised by the getter (its global reads as Optional)
+    for name, state in tracker.get_states().items():  # pyright: ignore[reportOptionalMemberAccess]
         flat[f"tracker/{name}"] = state
     if platform.cuda_available():
         flat["cuda"] = torch.cuda.get_rng_state()
@@ -119,7 +121,8 @@ def _set_rng_state(flat: dict[str, torch.Tensor]) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(flat["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(
+    tracker = tensor_parallel.get_cuda_rng_tracker()  # initialised by the getter (its global reads as Optional)
+    tracker.set_states(  # pyright: ignore[reportOptionalMemberAccess]
         {name.split("/", 1)[1]: t for name, t in flat.items() if name.startswith("tracker/")})
     if "cuda" in flat and platform.cuda_available():
         torch.cuda.set_rng_state(flat["cuda"])
@@ -398,7 +401,8 @@ def load_checkpoint(path: Path, model) -> dict:
     if refused.item():
         raise ValueError(f"{path} was refused on another rank (that rank's error names the file): resume from a "
                          "checkpoint you trust, or start over (checkpoint.resume=false checkpoint.overwrite=true)")
-    state = dist_checkpointing.load(_sharded_state(model, is_loading=True), str(path))
+    # the default strict handling returns the state dict alone (megatron's annotation is a union with a tuple)
+    state = typing.cast(dict, dist_checkpointing.load(_sharded_state(model, is_loading=True), str(path)))
     model.module.load_state_dict(state["model"])
     with torch.no_grad():  # the optimizer copies into fp32 main params, which are the (leaf) params in fp32 runs
         model.optimizer.load_state_dict(state["optimizer"])

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_avar import platform
+
+if TYPE_CHECKING:  # megatron is imported inside the functions, after platform.prepare_megatron()
+    from megatron.core.distributed import DistributedDataParallel
 
 __all__ = ["RankLayout", "init_distributed", "build_model", "build_optimizer", "TrainingModel"]
 
@@ -90,7 +94,7 @@ class TrainingModel:
     """The DDP-wrapped model of this rank (``ddp``), its inner Qwen25VLModel (``module``), the optimizer and the
     learning-rate schedule."""
 
-    ddp: torch.nn.Module
+    ddp: DistributedDataParallel
     module: torch.nn.Module
     optimizer: object = None
     scheduler: object = None

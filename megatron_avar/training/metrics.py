@@ -20,7 +20,8 @@ def matmul_params(qwen_config) -> tuple[int, int]:
     text, vision = qwen_config.text, qwen_config.vision
     head_dim = text.hidden_size // text.num_attention_heads
     per_layer = (2 * text.hidden_size * text.num_attention_heads * head_dim
-                 + 2 * text.hidden_size * text.num_query_groups * head_dim + 3 * text.hidden_size * text.ffn_hidden_size)
+                 + 2 * text.hidden_size * text.num_query_groups * head_dim
+                 + 3 * text.hidden_size * text.ffn_hidden_size)
     lm = text.num_layers * per_layer + text.vocab_size * text.hidden_size
     hv, merged = vision.hidden_size, vision.hidden_size * vision.spatial_merge_size ** 2
     per_block = 4 * hv * hv + 3 * hv * vision.intermediate_size

@@ -30,7 +30,7 @@ _held: dict[Path, IO[str]] = {}  # out (resolved) -> the open lock file of this 
 
 def _holder_record() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def _describe_holder(path: Path) -> str:

@@ -19,9 +19,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -184,7 +184,8 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
     that is missing, a record saying the run is finished)."""
     out = Path(out)
     if announce:
-        print(f"{out} holds a finished run: all {steps} steps ran (checkpoint {start.resume_from.name}); nothing to "
+        checkpoint = "none" if start.resume_from is None else start.resume_from.name
+        print(f"{out} holds a finished run: all {steps} steps ran (checkpoint {checkpoint}); nothing to "
               "do, nothing written. To train it again pass checkpoint.resume=false checkpoint.overwrite=true, or "
               "choose another out", flush=True)
     try:

@@ -22,13 +22,16 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from megatron_avar import roles as roles_module
 from megatron_avar.roles import TokenRole, validate_messages
+
+if TYPE_CHECKING:
+    import datasets
 
 __all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats", "undecoded",
            "dataset_fingerprint", "processor_fingerprint", "load_or_compute_stats"]
@@ -171,7 +174,7 @@ class _StatsTask(torch.utils.data.Dataset):
         return _row_stats(self.dataset[index], self.processor, self.seq_length, self.truncate)
 
 
-def undecoded(dataset):
+def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
     """The dataset with its images as {"bytes", "path"} references (nothing decoded)."""
     import datasets
 
@@ -204,7 +207,9 @@ def dataset_fingerprint(dataset) -> str:
     the folder holding all of them, byte size and pixel dimensions (read from the header). Changes whenever
     anything that decides token counts may have changed, and stays the same when the data move (a Slurm job
     staging them to node-local disk) or a file's modification time changes."""
-    rows = list(undecoded(dataset).select_columns(["id", "messages", "images"]))
+    from megatron_avar.data.conversations import dataset_rows
+
+    rows = list(dataset_rows(undecoded(dataset).select_columns(["id", "messages", "images"])))
     paths = [ref["path"] for row in rows for ref in row["images"] if ref.get("bytes") is None]
     root = os.path.commonpath([os.path.dirname(path) for path in paths]) if paths else ""
     digest = hashlib.sha256()

@@ -19,8 +19,8 @@ loader continues with exactly the microbatches an uninterrupted run would have p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -21,7 +21,8 @@ from megatron_avar.roles import TokenRole  # noqa: E402
 ROLE_OF = {"sys": TokenRole.SYSTEM, "tmpl": TokenRole.TEMPLATE, "user": TokenRole.USER_TEXT, "resp": TokenRole.RESPONSE}
 ROWS = [
     [("sys", 5), ("tmpl", 2), ("img", (1, 4, 6)), ("user", 6), ("tmpl", 3)],
-    [("sys", 4), ("tmpl", 2), ("user", 3), ("img", (1, 6, 4)), ("user", 4), ("img", (1, 2, 2)), ("user", 2), ("tmpl", 3)],
+    [("sys", 4), ("tmpl", 2), ("user", 3), ("img", (1, 6, 4)), ("user", 4), ("img", (1, 2, 2)), ("user", 2),
+     ("tmpl", 3)],
     [("sys", 5), ("tmpl", 2), ("user", 8), ("tmpl", 3)],
 ]
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from analysis_cases import direct_vas
-
 from megatron_avar.cli import main
 
 NUM_SAMPLES = 4
@@ -89,7 +88,8 @@ def test_vas_shards_merge(toy, vas_run, capsys):
     shards = []
     for index in (0, 1):
         shards.append(str(toy["root"] / f"shard{index}"))
-        assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", shards[-1], "--shard", f"{index}/2",
+        assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", shards[-1], "--shard",
+                     f"{index}/2",
                      "--batch-size", "3"]) == 0
     assert main(["vas", "merge", *shards, "--out", str(toy["root"] / "merged")]) == 0
     merged = json.loads((toy["root"] / "merged" / "report.json").read_text())
@@ -156,7 +156,8 @@ def test_intervene_and_sweep(toy, tmp_path):
                  "--sweep-alpha-sys", "0,0.6", "--sweep-layers", "0;all", "--max-new-tokens", "3",
                  "--num-samples", "2", "--batch-size", "2"]) == 0
     table = json.loads(sweep.read_text())
-    assert [(r["layers"], r["alpha_sys"]) for r in table["rows"]] == [("0", 0.0), ("0", 0.6), ("all", 0.0), ("all", 0.6)]
+    assert [(r["layers"], r["alpha_sys"]) for r in table["rows"]] == [("0", 0.0), ("0", 0.6), ("all", 0.0),
+                                                                      ("all", 0.6)]
     assert table["baseline"]["num_graded"] == 2
     assert "| layers |" in sweep.with_suffix(".md").read_text()
     assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -175,7 +176,8 @@ def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     assert "image file not found" in error_of(base + ["--data", str(missing_image)])
     assert "cannot read '8-x'" in error_of(base + ["--data", toy["data"], "--layers", "8-x"])
     assert "layer 8 is out of range; this model has 2 decoder layers (0-1)" in error_of(
-        ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(tmp_path / "i.json"), "--layers", "8-13"])
+        ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(tmp_path / "i.json"), "--layers",
+         "8-13"])
     megatron = tmp_path / "megatron-ckpt"
     megatron.mkdir()
     (megatron / "avar_checkpoint.json").write_text("{}")
@@ -200,7 +202,8 @@ def test_intervene_config_file_overrides_and_flags(capsys):
     config = json.loads(capsys.readouterr().out)
     assert config["sweep"] is True and config["sweep_alpha_sys"] == [0.0, 0.05, 0.4, 0.6]   # from the file
     assert config["max_new_tokens"] == 64 and config["alpha_sys"] == 0.2                    # override, then flag
-    assert config["sweep_layers"] == ["0-1", "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
+    assert config["sweep_layers"] == ["0-1",
+                                      "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
     assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "alpha_sis=0.3"]) == 2
     assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from analysis_cases import role_batch, tiny_hf_model
-
 from megatron_avar.analysis.hf_attention import RoleAttentionHook
 from megatron_avar.analysis.intervention import InterventionSpec, intervention_query_mask
 from megatron_avar.roles import TokenRole
@@ -150,7 +149,8 @@ def test_hook_refuses_roles_that_do_not_fit_the_batch(setup):
     wrong_padding = roles.clone()
     wrong_padding[2, 0] = int(TokenRole.USER_TEXT)  # row 2 is left-padded: position 0 is padding
     with RoleAttentionHook(model) as hook, torch.no_grad():
-        for bad, message in ((wrong_padding, "disagree on which tokens are padding"), (roles[:, 1:], "exactly this batch")):
+        for bad, message in ((wrong_padding, "disagree on which tokens are padding"),
+                             (roles[:, 1:], "exactly this batch")):
             hook.set_batch(bad)
             with pytest.raises(ValueError, match=message):
                 model(**inputs)

@@ -7,9 +7,9 @@ import threading
 import mpmath
 import pytest
 
-from megatron_avar.models.layer_sets import middle_layers, parse_layers
 from megatron_avar.analysis.stats import pearson, regularized_incomplete_beta, student_t_two_sided_p
 from megatron_avar.grading import INTERVENTION, extract_answer, grade
+from megatron_avar.models.layer_sets import middle_layers, parse_layers
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 8, 30, 500])
@@ -65,7 +65,8 @@ def test_grade_answer(generated, truth, correct, extracted):
 
 def test_grade_answer_in_a_worker_thread():
     results = []
-    worker = threading.Thread(target=lambda: results.append(grade("<answer>0.5</answer>", "\\frac{1}{2}", INTERVENTION)))
+    worker = threading.Thread(target=lambda: results.append(grade("<answer>0.5</answer>", "\\frac{1}{2}",
+                                                                  INTERVENTION)))
     worker.start()
     worker.join()
     assert [(graded.correct, graded.answer) for graded in results] == [(True, "0.5")]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from analysis_cases import direct_vas, role_batch, tiny_hf_model
-
 from megatron_avar.analysis.hf_attention import RoleAttentionHook
 from megatron_avar.analysis.vas import MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses
 from megatron_avar.roles import TokenRole
@@ -154,8 +153,10 @@ def test_pipeline_stages_merge_to_all_layers(run):
     for variant in ("sink_included", "sink_excluded"):
         for key in ("vas", "ratio_of_means"):
             assert merged.variants[variant][key] == pytest.approx(whole.variants[variant][key], rel=1e-12)
-        assert merged.variants[variant]["vas_per_layer"] == pytest.approx(whole.variants[variant]["vas_per_layer"], rel=1e-12)
-        assert merged.variants[variant]["per_sample_vas"] == pytest.approx(whole.variants[variant]["per_sample_vas"], rel=1e-12)
+        assert merged.variants[variant]["vas_per_layer"] == pytest.approx(whole.variants[variant]["vas_per_layer"],
+                                                                          rel=1e-12)
+        assert merged.variants[variant]["per_sample_vas"] == pytest.approx(whole.variants[variant]["per_sample_vas"],
+                                                                           rel=1e-12)
     assert merged.layers == [0, 1, 2]
 
 

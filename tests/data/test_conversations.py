@@ -33,7 +33,8 @@ def _record(**overrides):
     record = {
         "id": "s1",
         "messages": [
-            {"role": "user", "content": [{"type": "image", "image": "images/red.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "user",
+             "content": [{"type": "image", "image": "images/red.png"}, {"type": "text", "text": "Colour?"}]},
             {"role": "assistant", "content": "<think>It is red.</think><answer>red</answer>"},
         ],
         "answer": "red",
@@ -43,7 +44,8 @@ def _record(**overrides):
 
 
 def test_jsonl_loads_and_renders_like_the_inline_conversation(folder, processor):
-    text_only = {"id": "s2", "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}], "answer": 2}
+    text_only = {"id": "s2", "messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+                 "answer": 2}
     dataset = load_conversations(_write_jsonl(folder / "data.jsonl", [_record(metadata={"source": "toy"}), text_only]))
     assert len(dataset) == 2 and dataset[0]["id"] == "s1" and dataset[1]["answer"] == "2"
     assert json.loads(dataset[0]["metadata"]) == {"source": "toy"} and dataset[1]["images"] == []
@@ -87,9 +89,12 @@ def test_folder_of_files_loads_in_name_order(folder):
     "record, message",
     [
         (_record(answers="red"), r"unknown keys \['answers'\]"),
-        (_record(messages=[{"role": "user", "content": [{"type": "image", "image": "images/none.png"}]}]), "image file not found"),
-        (_record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]), "empty assistant turn"),
-        (_record(images=["images/red.png"], messages=[{"role": "user", "content": "no placeholder"}]), "0 '<image>' placeholders but 1 images"),
+        (_record(messages=[{"role": "user", "content": [{"type": "image", "image": "images/none.png"}]}]),
+         "image file not found"),
+        (_record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]),
+         "empty assistant turn"),
+        (_record(images=["images/red.png"], messages=[{"role": "user", "content": "no placeholder"}]),
+         "0 '<image>' placeholders but 1 images"),
         (_record(messages=[{"role": "user", "content": "see <|image_pad|>"}]), "literal special token"),
         ({"id": "x"}, "missing 'messages'"),
     ],

@@ -181,7 +181,8 @@ def _check_right_triangle(task, config) -> None:
         read[side] = text
     numbers = {side: int(text) for side, text in read.items() if text != "?"}
     if "horizontal" in numbers and "vertical" in numbers:  # drawn to scale
-        assert run_x / run_y == pytest.approx(numbers["horizontal"] / numbers["vertical"], rel=0.05 + 4 / min(run_x, run_y))
+        assert run_x / run_y == pytest.approx(numbers["horizontal"] / numbers["vertical"],
+                                              rel=0.05 + 4 / min(run_x, run_y))
 
     question = task.question
     if "horizontal leg" in question or "vertical leg" in question:

@@ -35,13 +35,15 @@ def _S():
 
 
 def write_mathvista(root: Path) -> None:
-    from datasets import Image as ImageFeature, List, Value
+    from datasets import Image as ImageFeature
+    from datasets import List, Value
 
     S = _S()
     def row(pid, qtype, atype, answer, choices=None, precision=None, task="math word problem"):
         query = f"Hint: answer it.\nQuestion: question {pid}?" + (
             "\nChoices:\n" + "\n".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices)) if choices else "")
-        return {"pid": pid, "question": f"question {pid}?", "image": f"images/{pid}.jpg", "decoded_image": image(int(pid)),
+        return {"pid": pid, "question": f"question {pid}?", "image": f"images/{pid}.jpg",
+                "decoded_image": image(int(pid)),
                 "choices": choices, "unit": None, "precision": precision, "answer": answer, "question_type": qtype,
                 "answer_type": atype, "metadata": {"task": task, "skills": ["arithmetic reasoning"]}, "query": query}
     rows = [row("1", "multi_choice", "text", "5 cm", ["3 cm", "5 cm", "7 cm", "9 cm"], task="geometry problem solving"),
@@ -55,7 +57,8 @@ def write_mathvista(root: Path) -> None:
 
 
 def write_mathvision(root: Path) -> None:
-    from datasets import Image as ImageFeature, List, Value
+    from datasets import Image as ImageFeature
+    from datasets import List, Value
 
     S = _S()
     def row(i, question, options, answer, subject="algebra"):
@@ -95,7 +98,8 @@ def write_mathverse(root: Path) -> None:
     # config: neither may be read as the vision-only split
     import json
 
-    (root / "mathverse" / "testmini.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "image"} for r in rows]))
+    without_image = [{k: v for k, v in r.items() if k != "image"} for r in rows]
+    (root / "mathverse" / "testmini.json").write_text(json.dumps(without_image))
     text_only = [{**rows[0], "sample_index": "99", "problem_version": "Vision Only"}]
     _write(text_only, features, root / "mathverse" / "testmini_text_only.parquet")
 
@@ -152,10 +156,11 @@ def write_mmmu_pro(root: Path) -> None:
 
 
 def write_mmstar(root: Path) -> None:
-    from datasets import Image as ImageFeature, Value
+    from datasets import Image as ImageFeature
+    from datasets import Value
 
     S = _S()
-    rows = [{"index": i, "question": f"Which shape is shown?\nOptions: A: circle, B: square, C: triangle, D: star",
+    rows = [{"index": i, "question": "Which shape is shown?\nOptions: A: circle, B: square, C: triangle, D: star",
              "image": image(50 + i), "answer": "B", "category": category, "l2_category": "shape",
              "meta_info": {"source": "x", "split": "val", "image_path": f"{i}.jpg"}}
             for i, category in ((0, "coarse perception"), (1, "math"), (2, "math"))]

@@ -29,7 +29,8 @@ def test_harness_rule(response, text, source):
     ("<answer>B</answer>", None),  # `<` `>` are not separators in VLMEvalKit: the harness rule unwraps first
     ("A or B", None),  # two letters, no option text
     ("The answer is B", "B"),
-    ("B is right because the figure shows four equal sides and right angles", None),  # letter not in last 4 tokens (#1175)
+    # The letter is not in the last 4 tokens (#1175).
+    ("B is right because the figure shows four equal sides and right angles", None),
     ("It must be the square", "B"),  # exactly one option text inside
     ("a square or a circle", None),  # two option texts
     ("Z", None),  # Z only counts when the choices carry a Z option
@@ -87,7 +88,8 @@ def test_math_equal(gold, predicted, equal):
 def test_math_equal_outside_the_main_thread():
     # math-verify's SIGALRM timeouts only work in the main thread; we switch them off elsewhere.
     results = []
-    thread = threading.Thread(target=lambda: results.append((math_equal("x+1", "1+x"), math_equal("\\sqrt{2}", "1.4142136"))))
+    thread = threading.Thread(target=lambda: results.append((math_equal("x+1", "1+x"),
+                                                             math_equal("\\sqrt{2}", "1.4142136"))))
     thread.start()
     thread.join()
     assert results == [(True, True)]
@@ -101,4 +103,5 @@ def test_free_form_candidate():
 
 
 def test_edit_distance():
-    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3 and edit_distance("5cm", "5 cm") == 1
+    assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3
+    assert edit_distance("5cm", "5 cm") == 1

@@ -86,7 +86,8 @@ def test_mmmu_pro_headline_is_the_mean_of_its_two_settings(eval_data_root, tmp_p
 
 def test_prompts_follow_the_harness(eval_data_root):
     vista = _samples("mathvista", eval_data_root)["1"]
-    assert vista.content[0]["type"] == "image" and vista.content[1]["text"].startswith("Hint: answer it.\nQuestion: question 1?")
+    assert vista.content[0]["type"] == "image"
+    assert vista.content[1]["text"].startswith("Hint: answer it.\nQuestion: question 1?")
     mmmu = _samples("mmmu", eval_data_root)
     assert mmmu["validation_Math_1"].prompt_text == (
         "Question: How many sides does <image> have?\nOptions:\nA. 2\nB. 4\nC. 6\nD. 8\n"
@@ -96,8 +97,9 @@ def test_prompts_follow_the_harness(eval_data_root):
     assert kinds == ["text", "image", "text", "image", "text"]
     assert mmmu["validation_Math_2"].prompt_text == "Question: Compare <image> with <image>: what is the sum?\n"
     pro = _samples("mmmu_pro", eval_data_root)
-    assert pro["vision/test_Art_1"].prompt_text == ("<image>Answer the following multiple-choice question in the image. "
-                                                    "Answer directly with the option letter from the given choices. ")
+    assert pro["vision/test_Art_1"].prompt_text == (
+        "<image>Answer the following multiple-choice question in the image. "
+        "Answer directly with the option letter from the given choices. ")
     assert pro["standard (10 options)/test_Math_1"].prompt_text.endswith(
         "J. 9\nAnswer directly with the option letter from the given choices. ")
     star = _samples("mmstar", eval_data_root)["0"]
@@ -152,7 +154,8 @@ def test_parquet_converter_layout_and_save_to_disk_read_like_the_hub_files(eval_
     import datasets
 
     (tmp_path / "converted" / "mmstar" / "val").mkdir(parents=True)  # refs/convert/parquet: <split>/0000.parquet
-    shutil.copy(eval_data_root / "mmstar" / "mmstar.parquet", tmp_path / "converted" / "mmstar" / "val" / "0000.parquet")
+    shutil.copy(eval_data_root / "mmstar" / "mmstar.parquet",
+                tmp_path / "converted" / "mmstar" / "val" / "0000.parquet")
     rows = datasets.load_dataset("parquet", data_files=str(eval_data_root / "mmstar" / "mmstar.parquet"), split="train")
     rows.save_to_disk(str(tmp_path / "saved" / "mmstar" / "val"))
     reference = _samples("mmstar", eval_data_root)

@@ -62,7 +62,8 @@ def test_checkpoint_generation_config_does_not_change_greedy_decoding(toy_checkp
     (shipped / "generation_config.json").write_text(json.dumps(generation))
     samples = list(get_benchmark("hallusionbench").samples(eval_data_root, limit=2))
     config = GenerationConfig(max_new_tokens=8)
-    assert HFGenerator(str(shipped), config).generate(samples) == HFGenerator(str(toy_checkpoint), config).generate(samples)
+    from_shipped = HFGenerator(str(shipped), config).generate(samples)
+    assert from_shipped == HFGenerator(str(toy_checkpoint), config).generate(samples)
 
 
 def test_intervention_during_evaluation(toy_checkpoint, eval_data_root):

@@ -32,6 +32,7 @@ from fault_runs import logged_steps as _steps
 from fault_runs import output as _output
 from fault_runs import run_sft as _sft
 
+
 # -- 1. non-finite updates ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, value, message", [
     ("optim.lr", ".inf", r"optim\.lr must be a finite number, got inf"),

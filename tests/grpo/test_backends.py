@@ -60,7 +60,8 @@ class _FakeBackend:
             raise RuntimeError("engine died")
         ids = torch.tensor([1, 2, 3])  # a two-token prompt, a one-token response
         roles = torch.tensor([TokenRole.TEMPLATE, TokenRole.TEMPLATE, TokenRole.RESPONSE])
-        return [Rollout(prompt_id=pid, sample_index=k, ground_truth="1", input_ids=ids, roles=roles, prompt_length=2, response_text="1", generator_logprobs=torch.zeros(1),
+        return [Rollout(prompt_id=pid, sample_index=k, ground_truth="1", input_ids=ids, roles=roles, prompt_length=2,
+                        response_text="1", generator_logprobs=torch.zeros(1),
                         finish_reason="stop") for pid in prompts.prompt_ids for k in range(n)]
 
     def finish_generation(self):

@@ -146,7 +146,8 @@ def _hf_reference(hf_path, rollouts):
     for r in rollouts:
         ids = r.input_ids[None]
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token).int(),
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        mm_token_type_ids=(ids == image_token).int(),
                         pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw, output_attentions=True)
         p = r.prompt_length
         logits = out.logits[0, p - 1:-1].float() / TEMPERATURE

@@ -22,7 +22,8 @@ def grpo_overrides(sft_inputs, out, **extra) -> list[str]:
               "data.max_prompt_length": 384, "data.min_pixels": 3136, "data.max_pixels": 12544,
               "parallel.tensor_model_parallel_size": 2, "rollout.n": 3, "rollout.max_new_tokens": 12,
               "rollout.temperature": 1.0, "train.steps": STEPS, "train.prompts_per_step": 2,
-              "train.precision": "fp32", "optim.lr": 1e-4, "log.tensorboard": False, "checkpoint.interval": 1, "checkpoint.keep": STEPS,
+              "train.precision": "fp32", "optim.lr": 1e-4, "log.tensorboard": False, "checkpoint.interval": 1,
+              "checkpoint.keep": STEPS,
               # A random toy model never answers right, so the paper's gate would zero every reward: rewarding
               # r_visual on every rollout (the ablation flag) gives groups with distinct rewards to learn from.
               "reward.gate_visual_on_correct": False, **extra}

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 from analysis_cases import role_batch, tiny_hf_model  # noqa: E402
 
 EPS = 1e-6  # docs/method.md, 'Visual-anchored reward (GRPO)', written here: this file is the ground truth
-S, I, U, A, T = int(R.SYSTEM), int(R.IMAGE), int(R.USER_TEXT), int(R.RESPONSE), int(R.TEMPLATE)
+# One letter per role, for the role tables below (I: IMAGE).
+S, I, U, A, T = int(R.SYSTEM), int(R.IMAGE), int(R.USER_TEXT), int(R.RESPONSE), int(R.TEMPLATE)  # noqa: E741
 HEADS, NUM_LAYERS = 4, 3
 # Packed: row 0 holds 3 rollouts (the middle one without an image), row 1 two and padding, row 2 one.
 ROLES = torch.tensor([

@@ -35,8 +35,7 @@ CHECKED_GRADS = (
 def _run_layout(tp, hf, config):
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region, model_parallel_cuda_manual_seed
 
     from megatron_avar.models.qwen2_5_vl import MegatronSettings
     from megatron_avar.models.qwen2_5_vl.hf_mapping import (

@@ -81,9 +81,13 @@ def _packed(inputs, roles, config):
                                       spatial_merge_size=2, attention_mask=inputs["attention_mask"])
     for b in range(2):
         n = int(inputs["attention_mask"][b].sum())
-        ids.append(inputs["input_ids"][b, :n]); rls.append(roles[b, :n]); pos.append(positions[:, b, :n])
+        ids.append(inputs["input_ids"][b, :n])
+        rls.append(roles[b, :n])
+        pos.append(positions[:, b, :n])
         seg.append(torch.full((n,), b))
-    ids.append(torch.zeros(4, dtype=torch.long)); rls.append(torch.full((4,), -1)); seg.append(torch.full((4,), -1))
+    ids.append(torch.zeros(4, dtype=torch.long))
+    rls.append(torch.full((4,), -1))
+    seg.append(torch.full((4,), -1))
     pos.append(torch.zeros(3, 4, dtype=torch.long))
     return dict(input_ids=torch.cat(ids)[None], pixel_values=inputs["pixel_values"],
                 image_grid_thw=inputs["image_grid_thw"]), torch.cat(rls)[None], dict(
@@ -95,8 +99,8 @@ def _results(tp):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
 
     platform.prepare_megatron()

@@ -131,7 +131,8 @@ def _call(**overrides):
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(impl="flash"), ValueError, "impl='flash'"),
     (dict(num_roles=0), ValueError, "num_roles"),
-    (dict(num_roles=2, key_roles=torch.arange(8).remainder(3).repeat(2, 1)), ValueError, r"key_roles values must lie in \[-1, num_roles=2\)"),
+    (dict(num_roles=2, key_roles=torch.arange(8).remainder(3).repeat(2, 1)), ValueError,
+     r"key_roles values must lie in \[-1, num_roles=2\)"),
     (dict(key_roles=torch.full((2, 8), -2)), ValueError, "key_roles values"),
     (dict(key_roles=torch.zeros(2, 8)), TypeError, "integer tensor"),
     (dict(key_roles=torch.zeros(2, 7, dtype=torch.long)), ValueError, r"key_roles must have shape \(2, 8\)"),

@@ -10,8 +10,15 @@ import zlib
 import pytest
 import torch
 
-from role_attention_cases import (NAMES, Case, assert_within_low_precision_budget, detached64, make,
-                                  plain_low_precision, values_and_grads)
+from role_attention_cases import (
+    NAMES,
+    Case,
+    assert_within_low_precision_budget,
+    detached64,
+    make,
+    plain_low_precision,
+    values_and_grads,
+)
 
 # The package re-exports the function under the module's name, so `import ... as` would give the
 # function; the module itself is reached through the import system.
@@ -63,7 +70,7 @@ def test_blockwise_matches_reference_fp64(case, small_tiles):
     # Both compute in fp64; they differ only in summation order (~1e-15 relative).
     for name, a, b in zip(NAMES, got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name} ({case}): {m}")
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"{name} ({case}): {m}")
 
 
 LOW_PRECISION_CASES = [

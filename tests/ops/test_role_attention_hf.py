@@ -13,8 +13,12 @@ from megatron_avar import platform
 from megatron_avar.ops import role_attention, role_attention_triton
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AttentionInterface, AttentionMaskInterface, Qwen2_5_VLConfig,  # noqa: E402
-                          Qwen2_5_VLForConditionalGeneration)
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    AttentionMaskInterface,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 from transformers.masking_utils import eager_mask  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl  # noqa: E402
 

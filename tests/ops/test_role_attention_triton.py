@@ -17,8 +17,16 @@ import torch
 from megatron_avar import platform
 from megatron_avar.ops import role_attention, role_attention_triton
 from megatron_avar.ops.role_attention import build_problem
-from role_attention_cases import (NAMES, Case, assert_within_low_precision_budget, detached64, make,
-                                  plain_low_precision, random_loss, values_and_grads)
+from role_attention_cases import (
+    NAMES,
+    Case,
+    assert_within_low_precision_budget,
+    detached64,
+    make,
+    plain_low_precision,
+    random_loss,
+    values_and_grads,
+)
 
 
 @pytest.fixture
@@ -91,7 +99,7 @@ def test_triton_backward_with_one_output_used(use, device):
         grads[impl] = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
     for name, a, b in zip(NAMES[2:], grads["triton"], grads["reference"]):
         b = torch.zeros_like(a) if b is None else b  # mass does not depend on v
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_mass_off_flag_keeps_out_and_skips_masses(device):
@@ -139,10 +147,12 @@ def test_kernels_compile_for_hopper():
     for name, info in report.items():  # H100/H200 give a block at most 227 KiB of shared memory
         assert 0 < info["shared_bytes"] <= 227 * 1024, name
     as_lists = lambda shapes: [list(c) for c in shapes]  # noqa: E731
-    for kernel, narrow, wide in (("fwd", role_attention_triton._FWD_CONFIGS, role_attention_triton._FWD_CONFIGS_WIDE_FP32),
+    for kernel, narrow, wide in (("fwd", role_attention_triton._FWD_CONFIGS,
+                                  role_attention_triton._FWD_CONFIGS_WIDE_FP32),
                                  ("dkdv", role_attention_triton._DKDV_CONFIGS,
                                   role_attention_triton._DKDV_CONFIGS_WIDE_FP32),
-                                 ("dq", role_attention_triton._DQ_CONFIGS, role_attention_triton._DQ_CONFIGS_WIDE_FP32)):
+                                 ("dq", role_attention_triton._DQ_CONFIGS,
+                                  role_attention_triton._DQ_CONFIGS_WIDE_FP32)):
         assert pruned[f"{kernel} torch.float32 128"] == as_lists(wide)
         assert pruned[f"{kernel} torch.float32 64"] == as_lists(narrow)
         assert pruned[f"{kernel} torch.bfloat16 128"] == as_lists(narrow)

@@ -9,7 +9,8 @@ It answers the way the teachers are asked to, from what the request contains:
 
 Faults make it misbehave for chosen requests: HTTP 429/500, a reply slower than the client's timeout,
 malformed content, non-JSON bodies, wrong answers. Every request is logged; ``ok_by_body`` counts the
-answers (200 with a completion, even a bad one) per request body: how the tests prove that nothing paid for is asked twice.
+answers (200 with a completion, even a bad one) per request body: how the tests prove that nothing paid for is
+asked twice.
 A subclass answers other requests (tests/eval's fake answer judge) by overriding ``classify`` and ``answer``.
 """
 
@@ -24,7 +25,7 @@ import re
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ class FakeTeacher:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def __enter__(self) -> "FakeTeacher":
+    def __enter__(self) -> FakeTeacher:
         self._thread.start()
         return self
 
@@ -90,7 +91,8 @@ class FakeTeacher:
 
     def requests(self, stage: str | None = None, status: str | None = None) -> list[dict]:
         with self._lock:
-            return [r for r in self.log if (stage is None or r["stage"] == stage) and (status is None or r["status"] == status)]
+            return [r for r in self.log
+                    if (stage is None or r["stage"] == stage) and (status is None or r["status"] == status)]
 
     def settle(self, timeout_s: float = 10.0) -> list[dict]:
         """The log once no request is being handled (a handler sleeping through a "timeout" logs late)."""
@@ -107,7 +109,8 @@ class FakeTeacher:
     def _fault_for(self, stage: str, question: str, seed: int) -> str | None:
         with self._lock:
             for index, fault in enumerate(self.faults):
-                if fault.stage != stage or fault.match not in question or (fault.seed is not None and fault.seed != seed):
+                seed_differs = fault.seed is not None and fault.seed != seed
+                if fault.stage != stage or fault.match not in question or seed_differs:
                     continue
                 uses = self._fault_uses[(index, question)]
                 self._fault_uses[(index, question)] += 1
@@ -135,8 +138,10 @@ class FakeTeacher:
             time.sleep(self.slow_s)
         text = self.answer(body, stage, question, seed, fault)
         completion = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                      "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4, "completion_tokens": len(text) // 4}}
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4,
+                                "completion_tokens": len(text) // 4}}
         return 200, json.dumps(completion), fault or "ok"
 
     def answer(self, body: dict, stage: str, question: str, seed: int, fault: str | None) -> str:
@@ -246,7 +251,7 @@ class RecordingServer:
     def base_url(self) -> str:
         return f"{self.origin}/v1"
 
-    def __enter__(self) -> "RecordingServer":
+    def __enter__(self) -> RecordingServer:
         self._thread.start()
         return self
 

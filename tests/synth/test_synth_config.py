@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_avar.cli import main
-from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
 from megatron_avar.config import load_config
+from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
 from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.prompts import load_prompts, reason_messages
 from megatron_avar.synth.teachers import Malformed, parse_description
@@ -151,7 +151,8 @@ def test_response_format_and_grading():
 
 
 def test_anchor_tags():
-    assert strip_anchor_tags("a <anchor>Look again.</anchor> b <ANCHOR>Check.</ANCHOR>") == ("a Look again. b Check.", 2)
+    assert strip_anchor_tags("a <anchor>Look again.</anchor> b <ANCHOR>Check.</ANCHOR>") == (
+        "a Look again. b Check.", 2)
     assert strip_anchor_tags("a <anchor>Look again. b")[1] == -1
     assert strip_anchor_tags("a </anchor>x<anchor> b")[1] == -1
     candidates = [{"index": 0, "eligible": True, "num_anchors": 1}, {"index": 1, "eligible": True, "num_anchors": 3},

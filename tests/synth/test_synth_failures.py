@@ -28,7 +28,8 @@ def dead_url():
 
 
 @pytest.mark.parametrize("dead_stage", ["describe", "anchor"])
-def test_dead_endpoint_exits_nonzero_with_the_reason(tmp_path, procedural_source, teacher, dead_url, dead_stage, capsys):
+def test_dead_endpoint_exits_nonzero_with_the_reason(tmp_path, procedural_source, teacher, dead_url, dead_stage,
+                                                     capsys):
     data = procedural_source[0]
     # Per-stage shares: with anchor dead, describe and reason succeed (2/3 of all requests), still an error.
     args = synth_overrides(tmp_path, data, teacher, f"{dead_stage}.teacher.base_url={dead_url}")
@@ -36,7 +37,8 @@ def test_dead_endpoint_exits_nonzero_with_the_reason(tmp_path, procedural_source
     error = capsys.readouterr().err
     assert f"avar synth: error: {dead_stage} teacher " in error
     assert f"at {dead_url}/chat/completions: 8 of 8 requests failed (100%; every request failed)" in error
-    assert "most common error (8 of 8): gave up after 4 attempts (last: URLError([Errno 111] Connection refused))" in error
+    assert ("most common error (8 of 8): gave up after 4 attempts (last: URLError([Errno 111] Connection refused))"
+            in error)
     assert "Kept 0 of 8 records" in error and "rerun the same command" in error
     assert not (tmp_path / "run" / MANIFEST).exists()
     if dead_stage == "describe":

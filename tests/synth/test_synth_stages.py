@@ -105,7 +105,8 @@ def test_candidates_keep_the_best_correct_one(tmp_path, procedural_source, teach
 def test_disabled_filter_keeps_wrong_answers(tmp_path, procedural_source, teacher):
     data, _, records = procedural_source
     teacher.faults.append(Fault("reason", ["wrong"], match="pink", always=True))
-    overrides = ["sources.0.limit=1", "verify.keep_only_correct=false", "anchor.only_correct=false", "anchor.enabled=false"]
+    overrides = ["sources.0.limit=1", "verify.keep_only_correct=false", "anchor.only_correct=false",
+                 "anchor.enabled=false"]
     manifest = run_synthesis(synth_config(tmp_path, data, teacher, *overrides))
     row = load_conversations(tmp_path / "run" / "data")[0]
     assert manifest["kept"] == 1 and teacher.requests("anchor") == []
@@ -151,7 +152,8 @@ def test_output_is_sft_ready(tmp_path, procedural_source, teacher):
     from megatron_avar.training.sft_data import SFTDataConfig, SFTDataLoader
 
     data, _, records = procedural_source
-    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "sources.0.limit=4", "output.system_prompt='Be careful.'"))
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "sources.0.limit=4",
+                                          "output.system_prompt='Be careful.'"))
     assert manifest["kept"] == 4
     processor = load_processor(reasoning_tokens=True)
     dataset = load_conversations(tmp_path / "run" / "data")

@@ -12,7 +12,8 @@ from megatron_avar.roles import TokenRole as R
 from megatron_avar.training.aux_loss import attach_aux_loss
 from megatron_avar.training.objective import AGTOConfig, AGTOSink, QuerySets
 
-S, I, U, A, T = int(R.SYSTEM), int(R.IMAGE), int(R.USER_TEXT), int(R.RESPONSE), int(R.TEMPLATE)
+# One letter per role, for the role tables below (I: IMAGE).
+S, I, U, A, T = int(R.SYSTEM), int(R.IMAGE), int(R.USER_TEXT), int(R.RESPONSE), int(R.TEMPLATE)  # noqa: E741
 # Row 0 packs sample 0 (image then question: eligible) and sample 1 (question BEFORE the image: Q empty).
 # Row 1 packs sample 0 (text only) and sample 1 (two images, text between and after: eligible), then padding.
 ROLES = torch.tensor([

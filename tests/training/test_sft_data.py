@@ -252,7 +252,8 @@ def test_all_bad_samples_are_named_together(processor, tmp_path):
     path = _write_jsonl(tmp_path / "three.jsonl", [{"id": "long-a", "messages": turn(LONG)},
                                                     {"id": "fine", "messages": turn("hi")},
                                                     {"id": "long-b", "messages": turn(LONG + LONG)}])
-    with pytest.raises(ValueError, match=r"2 of 3 samples cannot be trained on:\n  sample 'long-a' .*\n  sample 'long-b'"):
+    with pytest.raises(ValueError,
+                       match=r"2 of 3 samples cannot be trained on:\n  sample 'long-a' .*\n  sample 'long-b'"):
         _loader(processor, path, seq_length=128, global_batch_size=1)
 
 

@@ -13,10 +13,12 @@ answer judge (`megatron_avar.eval.judge`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from megatron_avar.data.conversations import dataset_rows
 from megatron_avar.eval.data import load_split
 from megatron_avar.grading import EVAL_HARNESS, extract_answer
 
@@ -47,6 +49,11 @@ class Judgement:
 def accuracy(records: list[dict]) -> float:
     """Percentage of records with ``correct`` true (0.0 for none)."""
     return 100.0 * sum(bool(r["correct"]) for r in records) / len(records) if records else 0.0
+
+
+def _percent(count: int, total: int) -> float:
+    """``count`` of ``total`` in percent, rounded to 2 decimals (0.0 for no records)."""
+    return round(100.0 * count / total, 2) if total else 0.0
 
 
 def group_accuracy(records: list[dict], key: str) -> dict[str, float]:
@@ -81,7 +88,7 @@ class Benchmark:
         for config in self.configs:
             dataset = load_split(hub_name=self.hub_name, config=config, split=self.split, local_dir=local,
                                  allow_hub=allow_hub, benchmark=self.name, config_subdir=self.config_subdir)
-            for row in dataset:
+            for row in dataset_rows(dataset):
                 yield config, row
 
     def keep(self, row: dict) -> bool:
@@ -109,7 +116,7 @@ class Benchmark:
     def evaluate(self, response: str, target: dict) -> dict:
         """{"answer_source", "extracted", "correct"} for one raw model response."""
         harness = extract_answer(response, EVAL_HARNESS)
-        if harness.format_failure:
+        if harness.format_failure or harness.text is None:  # the harness reads no text only on a format failure
             return {"answer_source": harness.source, "extracted": None, "correct": False}
         judgement = self.judge(harness.text, target)
         return {"answer_source": harness.source, "extracted": judgement.extracted, "correct": bool(judgement.correct)}
@@ -129,8 +136,8 @@ class Benchmark:
             "score": round(accuracy(records), 2),
             "accuracy": round(accuracy(records), 2),
             "num_samples": num,
-            "format_failure_rate": round(100.0 * sum(r["answer_source"] == "unclosed_think" for r in records) / num, 2) if num else 0.0,
-            "extraction_failure_rate": round(100.0 * sum(r["extracted"] is None for r in records) / num, 2) if num else 0.0,
+            "format_failure_rate": _percent(sum(r["answer_source"] == "unclosed_think" for r in records), num),
+            "extraction_failure_rate": _percent(sum(r["extracted"] is None for r in records), num),
         }
         if self.breakdown_key is not None:
             summary[f"by_{self.breakdown_key}"] = group_accuracy(records, self.breakdown_key)

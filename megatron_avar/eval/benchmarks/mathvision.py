@@ -64,7 +64,8 @@ class MathVision(Benchmark):
                   "level": row.get("level")}
         image = row.get("decoded_image") or row.get("image")
         text = mathvision_prompt(row["question"], options)
-        return Sample(id=str(row["id"]), content=[{"type": "image", "image": to_pil(image)}, {"type": "text", "text": text}],
+        return Sample(id=str(row["id"]),
+                      content=[{"type": "image", "image": to_pil(image)}, {"type": "text", "text": text}],
                       target=target)
 
     def judge(self, answer: str, target: dict) -> Judgement:

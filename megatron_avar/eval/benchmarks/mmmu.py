@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Mapping
 
 from megatron_avar.eval.answers import option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
@@ -67,7 +68,7 @@ def mcq_prompt(question: str, options: list[str], instruction: str) -> str:
     return text
 
 
-def interleave(text: str, images: dict[int, object]) -> list[dict]:
+def interleave(text: str, images: Mapping[int, object]) -> list[dict]:
     """Chat items with image k placed at every ``<image k>`` of ``text`` (see the module docstring)."""
     parts = _IMAGE_REF.split(text)
     if len(parts) == 1:
@@ -90,12 +91,12 @@ def parse_choice(response: str, options: dict[str, str]) -> str | None:
     for pattern in patterns:
         hits = {k: text.rfind(pattern.format(k)) for k in options if pattern.format(k) in text}
         if hits:
-            return max(hits, key=hits.get)
+            return max(hits, key=hits.__getitem__)
     if len(response.split()) > 5:
         lowered = text.lower()
         hits = {k: lowered.rfind(o.lower()) for k, o in options.items() if o.strip() and o.lower() in lowered}
         if hits:
-            return max(hits, key=hits.get)
+            return max(hits, key=hits.__getitem__)
     return None
 
 

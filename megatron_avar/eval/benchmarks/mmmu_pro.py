@@ -13,8 +13,8 @@ first N items of *each* setting, so a limited run still covers both.
 
 from __future__ import annotations
 
-from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample, accuracy
 from megatron_avar.eval.answers import option_letters
+from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample, accuracy
 from megatron_avar.eval.benchmarks.mmmu import choice_judge_prompt, interleave, judge_choice, mcq_prompt, parse_options
 from megatron_avar.eval.data import to_pil
 

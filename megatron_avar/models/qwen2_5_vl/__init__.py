@@ -31,7 +31,8 @@ _LAZY = {
     "full_megatron_state": "hf_mapping",
 }
 
-__all__ = [
+# (the lazy names, loaded by __getattr__, are spliced in: pyright reads only a literal list)
+__all__ = [  # pyright: ignore[reportUnsupportedDunderAll]
     "MegatronSettings",
     "Qwen25VLConfig",
     "Qwen25VLTextConfig",

@@ -48,7 +48,7 @@ class Qwen25VLTextConfig:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
-    mrope_section: tuple[int, int, int]  # rotary frequencies given to (t, h, w); sums to head_dim / 2
+    mrope_section: tuple[int, ...]  # rotary frequencies given to (t, h, w): 3 sizes summing to head_dim / 2
     max_position_embeddings: int
 
     @property
@@ -129,7 +129,7 @@ class Qwen25VLConfig:
                              f"[0, {self.text.vocab_size})")
 
     @classmethod
-    def from_hf(cls, source: Any) -> "Qwen25VLConfig":
+    def from_hf(cls, source: Any) -> Qwen25VLConfig:
         """Read a Hugging Face Qwen2.5-VL config: a model directory, a config.json path, its dict, or a
         `transformers.Qwen2_5_VLConfig`. Legacy hub layouts (text fields at the top level, `rope_scaling`
         with type "mrope") are normalised by transformers itself."""
@@ -264,7 +264,8 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         if value % tp:
             raise ValueError(f"{owner} {field}={value} does not split over tensor_model_parallel_size={tp}")
     fused = platform.cuda_available() if settings.fused_kernels is None else settings.fused_kernels
-    common = dict(
+    # The settings both TransformerConfigs share (keyword arguments of differing types: hence Any).
+    common: dict[str, Any] = dict(
         params_dtype=settings.params_dtype,
         pipeline_dtype=settings.params_dtype,
         bf16=settings.params_dtype == torch.bfloat16,
@@ -338,7 +339,7 @@ def _require_divisible(obj, numerator, denominator):
         raise ValueError(f"{type(obj).__name__}.{numerator}={a} must be divisible by {denominator}={b}")
 
 
-def _recompute_options(mode: str) -> dict:
+def _recompute_options(mode: str) -> dict[str, Any]:
     if mode == "full":
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if mode == "selective":

@@ -299,7 +299,8 @@ def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup |
     """Full (TP-gathered) copies of this rank's parameters, or of their ``.grad``, by global name (decoder
     layer indexes counted over all pipeline stages). Collective over ``tp_group``."""
     rank, size = _rank_and_size(model, tp_group)
-    group = tp_group if tp_group is not None else model.language_model.pg_collection.tp
+    # (torch types a submodule reached by attribute as Tensor | Module)
+    group = tp_group if tp_group is not None else model.language_model.pg_collection.tp  # pyright: ignore[reportAttributeAccessIssue]
     strides = _partition_strides(model)
     full = {}
     for name, param in _global_named_parameters(model):
@@ -312,7 +313,8 @@ def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup |
             continue
         shards = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(shards, local.contiguous(), group=group)
-        full[name] = _unshard(shards, param.partition_dim, strides[id(param)])
+        # megatron sets partition_dim on its tensor-parallel Parameters (an attribute torch does not declare)
+        full[name] = _unshard(shards, param.partition_dim, strides[id(param)])  # pyright: ignore[reportAttributeAccessIssue]
     return full
 
 

@@ -59,7 +59,8 @@ def language_layer_spec(core_attention: type | None = None):
 
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec = copy.deepcopy(spec)
-    attention = spec.submodules.self_attention.submodules
+    # (megatron types ModuleSpec.submodules as object; a GPT layer spec holds TransformerLayerSubmodules)
+    attention = spec.submodules.self_attention.submodules  # pyright: ignore[reportAttributeAccessIssue]
     attention.core_attention = core_attention or ignoring_role_mass_params(attention.core_attention)
     return spec
 
@@ -82,13 +83,15 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
     num_local = get_num_layers_to_build(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     standard = language_layer_spec()
-    with_masses = language_layer_spec(role_mass_core_attention or RoleMassCoreAttention) if role_mass_layers else None
+    with_masses = (language_layer_spec(role_mass_core_attention or RoleMassCoreAttention) if role_mass_layers
+                   else standard)
     layer_specs = [with_masses if offset + i in role_mass_layers else standard for i in range(num_local)]
     if platform.transformer_engine_available():
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         from megatron.core.transformer.torch_norm import WrappedTorchNorm as final_norm
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
+    # (megatron's own block specs pass the norm class; its annotation asks for a ModuleSpec or a module)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)  # pyright: ignore[reportArgumentType]
 
 
 def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
@@ -111,6 +114,7 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None,
     if segment_ids is None and (attention_mask is None or bool(attention_mask.bool().all())):
         return None
     reference = attention_mask if attention_mask is not None else segment_ids
+    assert reference is not None  # neither given returned above
     seq = reference.shape[1]
     allowed = torch.ones(seq, seq, dtype=torch.bool, device=reference.device).tril()[None, None]
     if attention_mask is not None:
@@ -175,12 +179,14 @@ class Qwen25VLModel(MegatronModule):
         with placement:
             self.vision = (Qwen25VisionModel(config.vision, configs.vision, configs.merger,
                                              pg_collection=pg_collection) if pre_process else None)
+            # (megatron annotates transformer_layer_spec as a ModuleSpec and rotary_base as int; GPTModel takes block
+            # submodules as well, and the base is used in float arithmetic)
             self.language_model = GPTModel(
-                configs.language, block_spec, vocab_size=config.text.vocab_size,
+                configs.language, block_spec, vocab_size=config.text.vocab_size,  # pyright: ignore[reportArgumentType]
                 max_sequence_length=config.text.max_position_embeddings, pre_process=pre_process,
                 post_process=post_process, parallel_output=parallel_output,
                 share_embeddings_and_output_weights=config.text.tie_word_embeddings,
-                position_embedding_type="mrope", rotary_base=config.text.rope_theta,
+                position_embedding_type="mrope", rotary_base=config.text.rope_theta,  # pyright: ignore[reportArgumentType]
                 # Image features go in before the sequence-parallel scatter, so the scatter is done here.
                 scatter_embedding_sequence_parallel=False,
                 pg_collection=pg_collection, vp_stage=vp_stage,
@@ -189,7 +195,8 @@ class Qwen25VLModel(MegatronModule):
         _restore_tensor_parallel_attributes(self)
         # The dense [B, 1, S, S] mask serves only standard core attentions; AVAR layers take padding and packing
         # from the token roles, so a stage made only of AVAR layers never builds it (S^2 bytes per row).
-        self._dense_mask_needed = any(getattr(layer.self_attention.core_attention, "uses_dense_mask", True)
+        # (torch types a submodule reached by attribute as Tensor | Module)
+        self._dense_mask_needed = any(getattr(layer.self_attention.core_attention, "uses_dense_mask", True)  # pyright: ignore[reportAttributeAccessIssue]
                                       for layer in self.language_model.decoder.layers)
 
     # megatron's finalize_model_grads all-reduces the tied embedding / output weight between the first and the
@@ -237,6 +244,7 @@ class Qwen25VLModel(MegatronModule):
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
             if pixel_values is not None:
+                assert self.vision is not None  # built on the first pipeline stage (pre_process)
                 features = self.vision(pixel_values, image_grid_thw)
                 decoder_input = scatter_image_features(decoder_input, input_ids, features, cfg.image_token_id)
             elif bool((input_ids == cfg.image_token_id).any()):

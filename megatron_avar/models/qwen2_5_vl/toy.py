@@ -78,8 +78,9 @@ def toy_hf_config(toy: ToyModelConfig = ToyModelConfig()):
             temporal_patch_size=2, window_size=112, fullatt_block_indexes=[toy.vision_depth - 1],
         ),
         image_token_id=_IMAGE_TOKEN_ID, video_token_id=_VIDEO_TOKEN_ID, vision_start_token_id=_VISION_START_ID,
-        vision_end_token_id=_VISION_END_ID, bos_token_id=_ENDOFTEXT_ID, eos_token_id=_IM_END_ID,
-        pad_token_id=_ENDOFTEXT_ID, tie_word_embeddings=True,
+        # (transformers 5 configs take other fields through __post_init__(**kwargs), which their typed __init__ hides)
+        vision_end_token_id=_VISION_END_ID, bos_token_id=_ENDOFTEXT_ID, eos_token_id=_IM_END_ID,  # pyright: ignore[reportCallIssue]
+        pad_token_id=_ENDOFTEXT_ID, tie_word_embeddings=True,  # pyright: ignore[reportCallIssue]
     )
 
 

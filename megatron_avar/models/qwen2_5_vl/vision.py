@@ -113,7 +113,7 @@ class VisionSegments(PackedSeqParams):
     equal_length_groups: tuple[torch.Tensor, ...] = ()
 
     @classmethod
-    def from_cumulative(cls, cu_seqlens: torch.Tensor, device) -> "VisionSegments":
+    def from_cumulative(cls, cu_seqlens: torch.Tensor, device) -> VisionSegments:
         cu = cu_seqlens.cpu().long()
         starts, lengths = cu[:-1], cu[1:] - cu[:-1]
         groups = tuple((starts[lengths == length][:, None] + torch.arange(length)).to(device)
@@ -182,11 +182,12 @@ def vision_layer_spec():
                     k_layernorm=IdentityOp,
                 ),
             ),
-            self_attn_bda=get_bias_dropout_add,
+            # (megatron's own specs pass this factory; its annotation asks for a ModuleSpec or a class)
+            self_attn_bda=get_bias_dropout_add,  # pyright: ignore[reportArgumentType]
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add,
+            mlp_bda=get_bias_dropout_add,  # pyright: ignore[reportArgumentType]
         ),
     )
 
@@ -198,6 +199,8 @@ class Qwen25VisionModel(MegatronModule):
     ``.merger``). ``pg_collection``: megatron `ProcessGroupCollection` with at least ``tp`` and ``cp``; the
     vision tower is never pipelined, so its layers see no pipeline group.
     """
+
+    rotary_inv_freq: torch.Tensor  # float32 [head_dim / 4]: a non-persistent buffer (registered in __init__)
 
     def __init__(self, config: Qwen25VLVisionConfig, transformer_config, merger_config, *, pg_collection):
         super().__init__(config=transformer_config)
@@ -213,8 +216,9 @@ class Qwen25VisionModel(MegatronModule):
         self.patch_embed = torch.nn.Linear(config.patch_dim, config.hidden_size, bias=False,
                                            dtype=transformer_config.params_dtype)
         spec = vision_layer_spec()
+        # (megatron's build_module is typed to return any callable; given a layer spec it builds a module)
         self.layers = torch.nn.ModuleList(
-            build_module(spec, config=transformer_config, layer_number=i + 1, pg_collection=vision_groups)
+            build_module(spec, config=transformer_config, layer_number=i + 1, pg_collection=vision_groups)  # pyright: ignore[reportArgumentType]
             for i in range(config.depth)
         )
         self.final_layernorm = WrappedTorchNorm(transformer_config, config.hidden_size,
@@ -236,8 +240,8 @@ class Qwen25VisionModel(MegatronModule):
         sharded = {}
         for name, child in self.named_children():
             if name == "layers":
-                for i, layer in enumerate(child):
-                    sharded.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",
+                for i, layer in enumerate(self.layers):  # megatron TransformerLayers (torch types them as Module)
+                    sharded.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",  # pyright: ignore[reportCallIssue]
                                                             sharded_offsets=sharded_offsets, metadata=metadata))
             else:
                 sharded.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
