@@ -97,7 +97,7 @@ def main() -> int:
     from megatron_avar.grpo.prompts import GRPODataConfig, PromptLoader, build_prompt_processor
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
-    from megatron_avar.sft.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import matmul_params, training_flops
 

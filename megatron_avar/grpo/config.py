@@ -15,7 +15,7 @@ from megatron_avar.grpo.backends import backend_names
 from megatron_avar.grpo.loss import PolicyLossConfig
 from megatron_avar.grpo.prompts import GRPODataConfig
 from megatron_avar.grpo.rewards import RewardConfig
-from megatron_avar.sft.config import (
+from megatron_avar.training.config import (
     OPTIM_RESUME_FIXED,
     PRECISIONS,
     RECOMPUTE,

@@ -2,97 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from megatron_avar.training.config import (
+    OPTIM_RESUME_FIXED,
+    PRECISIONS,
+    RECOMPUTE,
+    CheckpointConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+)
 from megatron_avar.training.objective import AGTOConfig
 from megatron_avar.training.sft_data import SFTDataConfig
 
-__all__ = ["SFTConfig", "ModelConfig", "ParallelConfig", "OptimConfig", "TrainConfig", "CheckpointConfig",
-           "LogConfig", "RESUME_FIXED"]
+# The sections shared with `avar grpo` live in training/config.py; imported here, they are SFTConfig's too.
+__all__ = ["SFTConfig", "TrainConfig", "RESUME_FIXED", "ModelConfig", "ParallelConfig", "OptimConfig",
+           "CheckpointConfig", "LogConfig"]
 
-PRECISIONS = ("fp32", "bf16")
-RECOMPUTE = ("none", "selective", "full")
-
-# What a resumed run must keep unchanged: the restored learning-rate schedule (peak, floor, warmup, decay
-# horizon = train.steps, weight decay), the optimizer's restored param groups (Adam's betas and eps) and RNG
-# states (train.seed) carry the checkpoint's values and would silently override new ones. A resume with any of
-# them changed is refused by name (``training.run_loop.plan_start``). optim.clip_grad is not restored: a new
-# value applies.
-OPTIM_RESUME_FIXED = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.adam_beta1",
-                      "optim.adam_beta2", "optim.adam_eps", "train.seed")
 RESUME_FIXED = OPTIM_RESUME_FIXED + ("train.steps",)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """hf_path: the HF Qwen2.5-VL checkpoint directory training starts from (weights, config, tokenizer and
-    processor). role_attention_impl: kernel family of the AVAR layers ("auto": Triton on GPU, the CPU path
-    otherwise; "blockwise", "triton", "reference"). mass_mode: how AVAR layers get their masses — "probe"
-    (default: the fastest plain attention for the output, masses only for the rows the objective reads) or
-    "fused" (one kernel computes the output and every row's masses); both give the same step."""
-
-    hf_path: str
-    role_attention_impl: str = "auto"
-    mass_mode: str = "probe"
-
-    def __post_init__(self):
-        if self.role_attention_impl not in ("auto", "blockwise", "triton", "reference"):
-            raise ValueError(f"model.role_attention_impl={self.role_attention_impl!r}: allowed auto, blockwise, "
-                             "triton, reference")
-        if self.mass_mode not in ("probe", "fused"):
-            raise ValueError(f"model.mass_mode={self.mass_mode!r}: allowed probe, fused")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """tensor / pipeline model-parallel sizes; the data-parallel size is world_size / (tp * pp).
-    distributed_optimizer: shard optimizer states over data-parallel ranks (megatron's ZeRO-1)."""
-
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    distributed_optimizer: bool = True
-
-    def __post_init__(self):
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with a cosine schedule after linear warmup. lr: peak learning rate (paper: 5e-6); min_lr: the
-    floor the cosine decays to; warmup_steps: linear warmup from 0; clip_grad: global grad-norm clip (0: off).
-
-    Every number must be finite: an infinite or NaN setting is not an error of the first step's loss but of
-    every update after it (``optim.lr=.inf`` turns the weights into NaN while the step still "succeeds")."""
-
-    lr: float = 5e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
-
-    def __post_init__(self):
-        for name in ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "clip_grad"):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"optim.{name} must be a finite number, got {value}")
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be a finite number > 0, got {self.lr}")
-        if self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"optim.min_lr must be in [0, optim.lr = {self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0 or not self.adam_eps > 0:
-            raise ValueError(f"optim.weight_decay must be >= 0 and optim.adam_eps > 0, got {self.weight_decay}, "
-                             f"{self.adam_eps}")
-        # beta2 = 1 divides by Adam's bias correction 1 - beta2^t = 0.
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError(f"optim.adam_beta1 and optim.adam_beta2 must be in [0, 1), got {self.adam_beta1}, "
-                             f"{self.adam_beta2}")
-        if self.warmup_steps < 0 or self.clip_grad < 0:
-            raise ValueError("optim.warmup_steps and optim.clip_grad must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -114,47 +43,6 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """interval: save every N steps (0: only at the end and on SIGTERM/SIGUSR1); keep: how many checkpoints to
-    keep (older ones are removed after a newer one is complete); resume: continue from the run directory's
-    latest checkpoint when there is one; overwrite: with resume=false, consent to start over in a run directory
-    that holds checkpoints of an earlier run: its checkpoints, metrics and summary are removed before the new
-    run writes anything (without it such a directory is refused, never mixed with the new run's checkpoints;
-    see ``training.run_loop.plan_start``); accept_data_change: resume even though the data differ from the
-    checkpoint's (their fingerprint: record ids, messages, image names relative to their common folder, sizes
-    and dimensions — moving the data or touching files does not change it). The position (epoch, row / step)
-    is kept and applied to the new data, so the steps after the resume are not those of an unchanged run."""
-
-    interval: int = 100
-    keep: int = 2
-    resume: bool = True
-    overwrite: bool = False
-    accept_data_change: bool = False
-
-    def __post_init__(self):
-        if self.interval < 0 or self.keep < 1:
-            raise ValueError("checkpoint.interval must be >= 0 and checkpoint.keep >= 1")
-        if self.overwrite and self.resume:
-            raise ValueError("checkpoint.overwrite=true starts the run over, which contradicts checkpoint.resume=true "
-                             "(the default): pass checkpoint.resume=false with it, or drop checkpoint.overwrite to "
-                             "resume")
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    """interval: log every N steps; tensorboard: write event files under <out>/tensorboard; wandb_project:
-    also log to Weights & Biases (needs `pip install wandb` and WANDB_API_KEY)."""
-
-    interval: int = 1
-    tensorboard: bool = True
-    wandb_project: str | None = None
-
-    def __post_init__(self):
-        if self.interval < 1:
-            raise ValueError("log.interval must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class _Layout:
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["layout-recorded", "older-checkpoint"])
 def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(base_run, tmp_path, recorded):
-    from megatron_avar.sft.config import CheckpointConfig
+    from megatron_avar.training.config import CheckpointConfig
     from megatron_avar.training.run_loop import plan_start
 
     run = copy_run(base_run, tmp_path / "run", latest_step=0)

@@ -56,7 +56,7 @@ def _policy_runs(hf_path, data_path, layouts):
     from megatron_avar.grpo.loss import PolicyLossConfig
     from megatron_avar.grpo.policy import MegatronPolicy
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.sft.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=4)
@@ -95,7 +95,7 @@ def _kl_update(hf_path, data_path):
     from megatron_avar.grpo.loss import PolicyLossConfig
     from megatron_avar.grpo.policy import MegatronPolicy
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.sft.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=2)
