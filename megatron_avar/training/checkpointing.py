@@ -247,6 +247,10 @@ class CheckpointWriteError(ValueError):
     ValueError: the CLI shows the message alone."""
 
 
+class _PeerWriteFailure(RuntimeError):
+    """Another rank failed to write its part of the checkpoint (that rank reports the cause)."""
+
+
 def _os_error_in(error: BaseException) -> OSError | None:
     """The OSError behind ``error``: itself, its cause or context, or one of the per-rank failures a
     torch.distributed.checkpoint CheckpointException (or megatron's wrapper) carries."""
@@ -315,6 +319,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
             raise  # KeyboardInterrupt, SystemExit
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
+        if _os_error_in(error) is None and not isinstance(error, _PeerWriteFailure):
+            raise  # not a file-system failure (a bug): its own traceback says more than a summary would
         raise _write_failure(error, root=root, final=final, partial=partial) from error
     _publish(root, final, partial, keep=keep)
     return final
@@ -339,7 +345,7 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
         if failure is not None:
             raise failure
         if flag.item():
-            raise RuntimeError("another rank failed to write its part (its error names the cause)")
+            raise _PeerWriteFailure("another rank failed to write its part (its error names the cause)")
 
     def make_folder() -> None:
         if rank == 0:
