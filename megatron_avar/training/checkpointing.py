@@ -247,6 +247,13 @@ class CheckpointWriteError(ValueError):
     ValueError: the CLI shows the message alone."""
 
 
+def _on_any_rank(happened: bool) -> bool:
+    """Collective: whether ``happened`` holds on any rank (so every rank stops together, none left waiting)."""
+    flag = torch.tensor([1.0 if happened else 0.0], device=platform.current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class _PeerWriteFailure(RuntimeError):
     """Another rank failed to write its part of the checkpoint (that rank reports the cause)."""
 
@@ -340,11 +347,10 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
             write()
         except Exception as error:  # noqa: BLE001
             failure = error
-        flag = torch.tensor([0.0 if failure is None else 1.0], device=platform.current_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed_somewhere = _on_any_rank(failure is not None)
         if failure is not None:
             raise failure
-        if flag.item():
+        if failed_somewhere:
             raise _PeerWriteFailure("another rank failed to write its part (its error names the cause)")
 
     def make_folder() -> None:
@@ -400,11 +406,10 @@ def load_checkpoint(path: Path, model) -> dict:
         vet_dist_checkpoint(path)
     except ValueError as error:
         refusal = error
-    refused = torch.tensor([0.0 if refusal is None else 1.0], device=platform.current_device())
-    dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+    refused_somewhere = _on_any_rank(refusal is not None)
     if refusal is not None:
         raise refusal
-    if refused.item():
+    if refused_somewhere:
         raise ValueError(f"{path} was refused on another rank (that rank's error names the file): resume from a "
                          "checkpoint you trust, or start over (checkpoint.resume=false checkpoint.overwrite=true)")
     # the default strict handling returns the state dict alone (megatron's annotation is a union with a tuple)
