@@ -97,7 +97,7 @@ def main() -> int:
     from megatron_avar.grpo.prompts import GRPODataConfig, PromptLoader, build_prompt_processor
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
-    from megatron_avar.training.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig, ParallelConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import matmul_params, training_flops
 
@@ -119,9 +119,9 @@ def main() -> int:
     seq_length = max(int(ids.numel()) for ids in prompts.input_ids) + args.max_new_tokens
 
     def policy_of(role_layers):
-        model = build_model(qwen_config, tp=1, pp=1, dtype=dtype, recompute="none", role_mass_layers=role_layers,
-                            hf_path=str(hf_path), distributed_optimizer=False)
-        build_optimizer(model, OptimConfig(lr=1e-6), steps=10, dtype=dtype, distributed_optimizer=False)
+        model = build_model(qwen_config, ParallelConfig(distributed_optimizer=False), dtype=dtype, recompute="none",
+                            role_mass_layers=role_layers, hf_path=str(hf_path))
+        build_optimizer(model, OptimConfig(lr=1e-6), steps=10, dtype=dtype)
         return MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=seq_length,
                               temperature=1.0, loss=PolicyLossConfig(), pad_token_id=processor.tokenizer.pad_token_id)
 

@@ -182,10 +182,9 @@ def _megatron_steps(config, qwen, dtype, mode):
 
     layout = init_distributed(1, 1, seed=config.train.seed)
     every_layer = tuple(range(qwen.text.num_layers))
-    model = build_model(qwen, tp=1, pp=1, dtype=dtype, recompute="none",
-                        role_mass_layers=() if mode == "megatron" else every_layer, hf_path=None,
-                        distributed_optimizer=True)
-    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype, distributed_optimizer=True)
+    model = build_model(qwen, config.parallel, dtype=dtype, recompute="none",
+                        role_mass_layers=() if mode == "megatron" else every_layer, hf_path=None)
+    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
     avar_layers = every_layer if mode in ("probe", "fused") else ()  # (): no sink, so no masses at all
     return lambda batch: train_step(model, batch, config, avar_layers=avar_layers, layout=layout)
 

@@ -147,8 +147,18 @@ class GRPOConfig:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must hold the longest rollout: "
                              f"data.max_prompt_length + rollout.max_new_tokens = "
                              f"{self.data.max_prompt_length + self.rollout.max_new_tokens} (or 0 for that sum)")
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and self.train.seq_length % tp:
+            raise ValueError(f"train.seq_length ({self.train.seq_length}) must be a multiple of "
+                             f"parallel.tensor_model_parallel_size ({tp}) with parallel.sequence_parallel=true (each "
+                             "rank holds an equal slice of every row), or 0 for the longest rollout rounded up")
 
     @property
     def seq_length(self) -> int:
-        """Tokens per packed row of the policy's forward passes."""
-        return self.train.seq_length or self.data.max_prompt_length + self.rollout.max_new_tokens
+        """Tokens per packed row of the policy's forward passes (train.seq_length, or the longest rollout rounded
+        up to a multiple of the tensor-parallel size under sequence parallelism)."""
+        if self.train.seq_length:
+            return self.train.seq_length
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        multiple = self.parallel.tensor_model_parallel_size if self.parallel.sequence_parallel else 1
+        return -(-longest // multiple) * multiple

@@ -205,13 +205,14 @@ class MegatronPolicy:
         return metrics
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every HF tensor of the model (collective over the model-parallel group: every rank of it must
-        consume the whole iterator). Stage by stage: each stage's tensors, gathered over TP, are broadcast
-        over the pipeline group, so every rank sees the whole model one stage at a time."""
+        """Every HF tensor of the model (collective over every rank: each must consume the whole iterator).
+        Stage by stage: each stage's tensors, gathered over TP, are broadcast over the pipeline group, so every
+        rank sees the whole model one stage at a time."""
         from megatron.core import parallel_state
 
         from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict
 
+        self.model.gather_updated_weights()  # collective over data-parallel ranks (overlap_param_gather)
         local = export_hf_state_dict(self.model.module, self.qwen_config,
                                      tp_group=_process_group(parallel_state.get_tensor_model_parallel_group()))
         pp = parallel_state.get_pipeline_model_parallel_world_size()

@@ -202,11 +202,9 @@ def run_grpo(config: GRPOConfig) -> dict:
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
                            dp_rank=layout.dp_rank, dp_size=layout.dp)
     backend = _start_backend(config, processor, layout)  # before the model (see _start_backend)
-    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
-                        distributed_optimizer=parallel.distributed_optimizer)
-    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
-                    distributed_optimizer=parallel.distributed_optimizer)
+    model = build_model(qwen_config, parallel, dtype=dtype, recompute=config.train.recompute,
+                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path)
+    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype)
 
     def policy_of(training_model) -> MegatronPolicy:
         return MegatronPolicy(training_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
@@ -219,9 +217,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     reward = VisualAnchoredReward(config.reward)
     reference = None
     if config.loss.kl_coef > 0:  # the starting weights, frozen (also after a resume: always from model.hf_path)
-        reference_model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute="none",
-                                      role_mass_layers=visual_layers, hf_path=config.model.hf_path,
-                                      distributed_optimizer=False)
+        reference_model = build_model(qwen_config, parallel, dtype=dtype, recompute="none",
+                                      role_mass_layers=visual_layers, hf_path=config.model.hf_path, trainable=False)
         reference = policy_of(reference_model)
     start_step = 0
     if resume_from is not None:

@@ -16,6 +16,7 @@ _LABELS: dict[str, str] = {
     "reference_model": "reference model", "rollout_engine_asleep": "vLLM engine, asleep (assumed)",
     "rollout_model_copy": "rollout model copy (local backend)", "logits": "logits",
     "weight_gradient": "weight gradient", "recomputed_layer": "recomputed layer",
+    "recomputed_vision_block": "recomputed vision block",
     "attention_scores": "local attention scores (backward)",
 }
 

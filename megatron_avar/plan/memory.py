@@ -12,8 +12,8 @@ What each pipeline stage holds at its peak, the first backward pass after the la
                 AVAR masses        rows read x heads/tp x (roles + 1) x 4 per AVAR layer that feeds a loss
                 head inputs        tokens x b_norm·h / t_sp                (last stage: final norm, output layer)
     transient   the largest of:    the logits phase (last stage), the backward of a layer's local attention
-                                   scores, one recomputed layer (full recompute), the weight gradient of the
-                                   largest weight before DDP adds it to its fp32 buffer
+                                   scores, one recomputed layer or vision block (full recompute), the weight
+                                   gradient of the largest weight before DDP adds it to its fp32 buffer
     peak        static + stored + transient
 
 Tokens of a micro-batch on a rank: rows x seq_length / cp. Bytes saved for backward per token and decoder layer
@@ -30,10 +30,11 @@ b_norm, per normalised element: Transformer Engine's fused norm + linear keeps i
 torch's RMSNorm (megatron's local modules, and the vision encoder everywhere) keeps an fp32 copy of its input,
 the fp32 normalised value and its output (8 + b_act: its fp32 weights make it upcast in bf16).
 
-Vision encoder per image patch (4 per merged image token; never recomputed, never sequence-parallel):
-m_vision = depth x (2·b_norm·hv + b_act·((a_v·hv + n_vmlp·fv) / t + n_rope·dv)) + b_act·patch_dim + b_norm·hv
-+ b_act·2·hv / t (patch embedding input, final norm, 2x2 merger). Logits (last stage, one micro-batch at a time;
-L = tokens x vocab / t): the LM loss (megatron's vocab-parallel cross entropy upcasts to fp32, keeps the softmax in
+Vision encoder per image patch (4 per merged image token):
+m_vision = depth x m_block + b_act·patch_dim + b_norm·hv / t_sp + b_act·2·hv / t (patch embedding input, final
+norm, 2x2 merger), m_block = 2·b_norm·hv / t_sp + b_act·((a_v·hv + n_vmlp·fv) / t + n_rope·dv); under full
+recompute m_block = b_act·hv / t_sp (each block's input), plus one block's activations while it is recomputed.
+Logits (last stage, one micro-batch at a time; L = tokens x vocab / t): the LM loss (megatron's vocab-parallel cross entropy upcasts to fp32, keeps the softmax in
 place) peaks at 6·L bytes in bf16 (bf16 logits + their fp32 copy; again in backward: fp32 softmax gradient + its
 bf16 cast) and 4·L in fp32, and at 2·L + the output layer's weight gradient when that is larger; GRPO's response
 loss (``grpo.policy``: the response rows gathered, upcast and divided by the temperature) peaks at b_act·L +
@@ -317,15 +318,27 @@ def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels
     return stored
 
 
+def _vision_patches(vision, shape: StepShape) -> int:
+    return shape.micro_batch_size * shape.image_tokens * vision.spatial_merge_size ** 2
+
+
+def _vision_block_bytes(vision, parallel: Parallelism, kernels: Kernels, value: int) -> float:
+    """Bytes one vision block keeps per patch without recompute (norm inputs split over TP under SP)."""
+    hv, fv, tp = vision.hidden_size, vision.intermediate_size, parallel.tp
+    sp = tp if parallel.sequence_parallel else 1
+    return (2 * _norm_bytes("torch", value) * hv / sp
+            + value * ((kernels.vision_attention * hv + kernels.vision_mlp * fv) / tp + kernels.rope * vision.head_dim))
+
+
 def _vision_bytes(vision, shape: StepShape, parallel: Parallelism, kernels: Kernels) -> float:
-    """Bytes the vision encoder keeps for one micro-batch (the images of its rows)."""
-    patches = shape.micro_batch_size * shape.image_tokens * vision.spatial_merge_size ** 2
-    hv, fv, tp, value = vision.hidden_size, vision.intermediate_size, parallel.tp, shape.bytes_per_value
-    norm = _norm_bytes("torch", value)
-    block = 2 * norm * hv + value * ((kernels.vision_attention * hv + kernels.vision_mlp * fv) / tp
-                                     + kernels.rope * vision.head_dim)
-    outside = value * vision.patch_dim + norm * hv + value * 2 * hv / tp
-    return patches * (vision.depth * block + outside)
+    """Bytes the vision encoder keeps for one micro-batch (the images of its rows); under full recompute each
+    block keeps only its input."""
+    hv, tp, value = vision.hidden_size, parallel.tp, shape.bytes_per_value
+    sp = tp if parallel.sequence_parallel else 1
+    block = (value * hv / sp if shape.recompute == "full"
+             else _vision_block_bytes(vision, parallel, kernels, value))
+    outside = value * vision.patch_dim + _norm_bytes("torch", value) * hv / sp + value * 2 * hv / tp
+    return _vision_patches(vision, shape) * (vision.depth * block + outside)
 
 
 def _logits_bytes(text, shape: StepShape, parallel: Parallelism, output_weight: int) -> float:
@@ -401,6 +414,9 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
             transient["recomputed_layer"] = max(
                 _layer_bytes(text, shape, parallel, kernels, avar=i in avar, recompute="none")
                 for chunk in chunks for i in chunk)
+            if first and shape.image_tokens:
+                transient["recomputed_vision_block"] = (_vision_patches(vision, shape)
+                                                        * _vision_block_bytes(vision, parallel, kernels, value))
         static = {"weights": params * value, "gradients": params * 4,
                   "optimizer_states": params * optimizer_bytes / shards}
         stages.append(StageMemory(stage=stage, parameters=params, in_flight=len(flights),

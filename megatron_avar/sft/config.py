@@ -58,3 +58,10 @@ class SFTConfig:
     avar: AGTOConfig = field(default_factory=AGTOConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and self.data.seq_length % tp:
+            raise ValueError(f"data.seq_length ({self.data.seq_length}) must be a multiple of "
+                             f"parallel.tensor_model_parallel_size ({tp}) with parallel.sequence_parallel=true: each "
+                             "rank holds an equal slice of every packed row")

@@ -179,11 +179,9 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     avar_layers = config.avar.layer_indexes(qwen_config.text.num_layers)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
-    model = build_model(qwen_config, tp=layout.tp, pp=layout.pp, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None,
-                        distributed_optimizer=config.parallel.distributed_optimizer)
-    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype,
-                    distributed_optimizer=config.parallel.distributed_optimizer)
+    model = build_model(qwen_config, config.parallel, dtype=dtype, recompute=config.train.recompute,
+                        role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None)
+    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
     data_config = config.data
     if data_config.processor_path is None:
         data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)

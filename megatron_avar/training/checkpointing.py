@@ -242,6 +242,40 @@ def _sharded_state(model, *, is_loading: bool) -> dict:
     return {"model": model_state, "optimizer": optimizer_state}
 
 
+def _grad_bucket_record(model) -> dict:
+    """The gradient-bucket layout the distributed optimizer's saved state follows (``_OPTIMIZER_METADATA``), with
+    the settings that made it; empty without the distributed optimizer (its state is then per parameter)."""
+    ddp_config = model.ddp.ddp_config
+    if not ddp_config.use_distributed_optimizer:
+        return {}
+    return {"grad_buckets": {"params_per_bucket": model.grad_bucket_layout(),
+                             "overlap_grad_reduce": ddp_config.overlap_grad_reduce,
+                             "bucket_size": ddp_config.bucket_size}}
+
+
+def _check_grad_buckets(path: Path, trainer_state: dict, model) -> None:
+    """Refuse a resume whose gradient buckets differ from the checkpoint's: megatron would map the saved optimizer
+    states onto the wrong parameters. Checkpoints written before the record existed had one bucket per buffer
+    (no overlap), which the comparison then assumes."""
+    ours = _grad_bucket_record(model).get("grad_buckets")
+    if ours is None:
+        return
+    saved = trainer_state.get("grad_buckets")
+    if saved is None:
+        saved = {"params_per_bucket": [[sum(buffer)] for buffer in ours["params_per_bucket"]],
+                 "overlap_grad_reduce": False, "bucket_size": None}
+    if saved["params_per_bucket"] == ours["params_per_bucket"]:
+        return
+    settings = f"parallel.overlap_grad_reduce={str(saved['overlap_grad_reduce']).lower()}"
+    if saved["overlap_grad_reduce"]:
+        settings += f" parallel.ddp_bucket_size={saved['bucket_size']}"
+    raise ValueError(f"{path} holds the distributed optimizer's states in gradient buckets of "
+                     f"{saved['params_per_bucket']} parameters, but this run's buckets hold "
+                     f"{ours['params_per_bucket']} (parallel.overlap_grad_reduce and "
+                     "parallel.ddp_bucket_size decide them). Resume with the settings the checkpoint was written "
+                     f"with ({settings}), or start a new run from an export of it (avar convert mcore-to-hf)")
+
+
 class CheckpointWriteError(ValueError):
     """Writing a checkpoint failed (a full disk, a quota, an I/O error); nothing of it was published. A
     ValueError: the CLI shows the message alone."""
@@ -319,6 +353,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     A failure to write raises :class:`CheckpointWriteError` on the ranks that saw it (module docstring)."""
     root = _checkpoint_root(run_dir)
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
+    model.gather_updated_weights()  # an overlapped weight gather would otherwise save the pre-update weights
+    trainer_state = {**trainer_state, **_grad_bucket_record(model)}
     try:
         _write(root, final, partial, model, trainer_state, step=step, describe=describe)
     except BaseException as error:  # torch's CheckpointException is a BaseException
@@ -403,6 +439,7 @@ def load_checkpoint(path: Path, model) -> dict:
         layout = saved_layout(path)
         source = _rank_state_source(path, dist.get_rank(), None if layout is None else layout["dp"])
         rng_state = _read_rank_state(path, source)
+        _check_grad_buckets(path, trainer_state, model)
         vet_dist_checkpoint(path)
     except ValueError as error:
         refusal = error

@@ -44,16 +44,45 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """tensor / pipeline model-parallel sizes; the data-parallel size is world_size / (tp * pp).
-    distributed_optimizer: shard optimizer states over data-parallel ranks (megatron's ZeRO-1)."""
+    """How the ranks share the work; the data-parallel size is world_size / (tp * pp).
+
+    tensor_model_parallel_size / pipeline_model_parallel_size: megatron's tensor and pipeline parallel sizes.
+    sequence_parallel: megatron's sequence parallelism (needs tp > 1): between the tensor-parallel regions
+        (norms, residual stream) every rank holds 1/tp of each row, in the language model and the vision encoder,
+        which divides that activation memory by tp; attention and the AVAR masses still see every token. Rows
+        must hold a multiple of tp tokens.
+    distributed_optimizer: shard optimizer states over data-parallel ranks (megatron's ZeRO-1).
+    overlap_grad_reduce: reduce the gradients bucket by bucket while the backward pass still runs (the last
+        micro-batch's), instead of all at once after it. Same result; on by default.
+    overlap_param_gather: with the distributed optimizer, all-gather the updated weights bucket by bucket during
+        the next forward pass instead of right after the update. Same result; on by default with
+        overlap_grad_reduce and the distributed optimizer.
+    ddp_bucket_size: parameters per gradient bucket when overlapping (null: megatron's max(40M, 1M x DP)). The
+        optimizer state of a checkpoint is stored per bucket: a resume needs the bucket layout it was written
+        with (a change is refused by name)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    ddp_bucket_size: int | None = None
 
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("parallel.sequence_parallel=true splits rows over tensor-parallel ranks: it needs "
+                             "parallel.tensor_model_parallel_size > 1")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError(f"parallel.ddp_bucket_size must be >= 1 (or null), got {self.ddp_bucket_size}")
+
+    @property
+    def param_gather_overlapped(self) -> bool:
+        """Whether the updated weights reach the model only during the next forward pass (megatron's
+        overlap_param_gather: it needs the distributed optimizer and overlap_grad_reduce)."""
+        return self.overlap_param_gather and self.overlap_grad_reduce and self.distributed_optimizer
 
 
 @dataclass(frozen=True)

@@ -99,12 +99,30 @@ class TrainingModel:
     optimizer: object = None
     scheduler: object = None
 
+    def gather_updated_weights(self) -> None:
+        """Collective over the data-parallel group: make this rank's weights the updated ones. Needed before the
+        weights are read outside a forward pass (a checkpoint, a refit of the rollout engine) when the update's
+        all-gather is overlapped with the next forward (``parallel.overlap_param_gather``); a no-op otherwise."""
+        if self.ddp.use_forward_hook:
+            self.ddp.start_param_sync(force_sync=True)
 
-def build_model(qwen_config, *, tp: int, pp: int, dtype: torch.dtype, recompute: str, role_mass_layers,
-                hf_path: str | None, distributed_optimizer: bool) -> TrainingModel:
+    def grad_bucket_layout(self) -> list[list[int]]:
+        """Parameters per gradient bucket, per buffer (the distributed optimizer's checkpointed state follows it;
+        independent of the data-parallel size)."""
+        # (megatron's DDP replaces Module.buffers() with its list of parameter-and-gradient buffers)
+        buffers = [*self.ddp.buffers, *self.ddp.expert_parallel_buffers]  # pyright: ignore[reportGeneralTypeIssues]
+        return [[sum(p.numel() for p in bucket.params) for bucket in buffer.buckets] for buffer in buffers]
+
+
+def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, role_mass_layers,
+                hf_path: str | None, trainable: bool = True) -> TrainingModel:
     """This pipeline stage of Qwen2.5-VL with AVAR layers (``models.qwen2_5_vl.build.build_stage``, on this
     rank's device), HF weights loaded (streamed, each rank reading only its shard) when ``hf_path`` is given,
-    wrapped in megatron's DistributedDataParallel."""
+    wrapped in megatron's DistributedDataParallel.
+
+    parallel: the run's ``ParallelConfig`` (TP / PP / SP; the gradient reduce and weight gather it asks for are
+    set up here, with the schedule hooks megatron's pipeline schedules call). trainable=False (a frozen
+    reference model): no optimizer will step it, so nothing is overlapped."""
     from pathlib import Path
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -112,18 +130,30 @@ def build_model(qwen_config, *, tp: int, pp: int, dtype: torch.dtype, recompute:
     from megatron_avar.convert.hf_files import iter_lazy_tensors
     from megatron_avar.models.qwen2_5_vl.build import build_stage
 
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     # The run's precision decides: bf16 training from fp32 weights (or the reverse) casts on load.
     module = build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers,
-                         recompute=recompute, initialize=hf_path is None, device=platform.current_device(),
+                         recompute=recompute, sequence_parallel=parallel.sequence_parallel,
+                         initialize=hf_path is None, device=platform.current_device(),
                          hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=distributed_optimizer, bucket_size=None)
+    distributed_optimizer = parallel.distributed_optimizer and trainable
+    overlap_grads = parallel.overlap_grad_reduce and trainable
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer,
+        overlap_grad_reduce=overlap_grads, overlap_param_gather=parallel.param_gather_overlapped and trainable,
+        bucket_size=parallel.ddp_bucket_size)
     ddp = DistributedDataParallel(module.config, ddp_config, module)
-    module.config.finalize_model_grads_func = finalize_model_grads
+    config = module.config
+    config.finalize_model_grads_func = finalize_model_grads
+    if overlap_grads:
+        # megatron's schedules: no reduce before the last micro-batch's backward; with pipeline stages, each
+        # stage launches its remaining buckets as soon as its last backward is done.
+        config.no_sync_func = ddp.no_sync
+        config.grad_sync_func = ddp.start_grad_sync
     return TrainingModel(ddp=ddp, module=module)
 
 
-def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype, distributed_optimizer: bool):
+def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype):
     """AdamW (megatron's optimizer: fp32 main params for bf16, grad clipping, optional ZeRO-1) and a cosine
     schedule with linear warmup; set on ``model``."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -132,7 +162,7 @@ def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dty
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                              bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=optim.clip_grad,
-                             use_distributed_optimizer=distributed_optimizer)
+                             use_distributed_optimizer=model.ddp.ddp_config.use_distributed_optimizer)
     model.optimizer = get_megatron_optimizer(config, [model.ddp])
     model.scheduler = OptimizerParamScheduler(
         model.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,

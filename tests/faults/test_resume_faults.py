@@ -171,6 +171,21 @@ def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_ru
     assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2}
 
 
+def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
+    """The distributed optimizer's states are saved per gradient bucket: a resume whose buckets differ (here
+    parallel.ddp_bucket_size splits the toy model's one bucket into many) would map them onto the wrong
+    parameters, so it is refused, naming the settings the checkpoint was written with."""
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    record = json.loads((run / CHECKPOINTS / "step_00000000" / "trainer_state.json").read_text())["grad_buckets"]
+    assert record["overlap_grad_reduce"] and len(record["params_per_bucket"][0]) == 1
+    done = run_sft(run, sft_inputs, **{"parallel.ddp_bucket_size": 40000})
+    assert done.returncode == 2, output(done)[-3000:]
+    assert "Traceback" not in output(done)
+    assert (f"Resume with the settings the checkpoint was written with (parallel.overlap_grad_reduce=true "
+            f"parallel.ddp_bucket_size={record['bucket_size']})") in output(done)
+    assert logged_steps(run) == [0, 1] and (run / CHECKPOINTS / "latest").read_text().strip() == "step_00000000"
+
+
 # -- the data fingerprint -----------------------------------------------------------------------------------------
 def _records(data: Path) -> list[dict]:
     return [json.loads(line) for line in data.read_text().splitlines()]

@@ -56,7 +56,7 @@ def _policy_runs(hf_path, data_path, layouts):
     from megatron_avar.grpo.loss import PolicyLossConfig
     from megatron_avar.grpo.policy import MegatronPolicy
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.training.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig, ParallelConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=4)
@@ -66,9 +66,11 @@ def _policy_runs(hf_path, data_path, layouts):
         layout = init_distributed(tp, pp, seed=1)
         qwen_config = Qwen25VLConfig.from_hf(hf_path)
         layers = tuple(range(qwen_config.text.num_layers))
-        model = build_model(qwen_config, tp=tp, pp=pp, dtype=torch.float32, recompute="none", role_mass_layers=layers,
-                            hf_path=hf_path, distributed_optimizer=False)
-        build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32, distributed_optimizer=False)
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  distributed_optimizer=False)
+        model = build_model(qwen_config, parallel, dtype=torch.float32, recompute="none", role_mass_layers=layers,
+                            hf_path=hf_path)
+        build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32)
         policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
                                 temperature=TEMPERATURE, loss=PolicyLossConfig(clip_low=0.1, clip_high=0.1),
                                 pad_token_id=pad_id)
@@ -95,16 +97,16 @@ def _kl_update(hf_path, data_path):
     from megatron_avar.grpo.loss import PolicyLossConfig
     from megatron_avar.grpo.policy import MegatronPolicy
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.training.config import OptimConfig
+    from megatron_avar.training.config import OptimConfig, ParallelConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=2)
     init_distributed(1, 1, seed=1)
     qwen_config = Qwen25VLConfig.from_hf(hf_path)
     layers = tuple(range(qwen_config.text.num_layers))
-    model = build_model(qwen_config, tp=1, pp=1, dtype=torch.float32, recompute="none", role_mass_layers=layers,
-                        hf_path=hf_path, distributed_optimizer=False)
-    build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32, distributed_optimizer=False)
+    model = build_model(qwen_config, ParallelConfig(distributed_optimizer=False), dtype=torch.float32, recompute="none",
+                        role_mass_layers=layers, hf_path=hf_path)
+    build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32)
     policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
                             temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
     old = policy.log_probs_with_masses(rollouts)

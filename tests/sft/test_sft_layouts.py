@@ -1,7 +1,9 @@
 """One AVAR SFT step gives the same losses, AVAR metrics and gradient norm at every parallel layout (TP=2,
-PP=2, DP=2 against a single rank), and the next step, after the optimizer update, agrees too: the LM loss is a
-global-batch token mean, each AGTO layer term is attached where its layer runs (also on the first pipeline
-stage, which never sees the loss) and head means are exact under TP.
+TP=2 with sequence parallelism, PP=2, DP=2 with the gradient reduce and weight gather overlapped — megatron's
+default bucket and many small buckets — and not overlapped, against a single rank), and the next step, after the
+optimizer update, agrees too: the LM loss is a global-batch token mean, each AGTO layer term is attached where
+its layer runs (also on the first pipeline stage, which never sees the loss), head means are exact under TP and
+the AVAR masses see every token under SP (the attention gathers the sequence).
 
 Tolerance: fp32 everywhere; TP changes summation orders (~1e-7 relative), PP and DP only the grouping of
 micro-batches. Bound 1e-5 relative (losses, metrics, grad norm) after one step; 1e-4 after an Adam update
@@ -34,6 +36,12 @@ def _two_steps(overrides, layouts):
         batches = iter(run.data)
         results[(tp, pp, tuple(extra))] = [train_step(run.model, next(batches), config, avar_layers=run.avar_layers,
                                                       layout=layout) for _ in range(2)]
+        ddp = run.model.ddp
+        results[("built", tp, pp, tuple(extra))] = {
+            "sequence_parallel": run.model.module.config.sequence_parallel,
+            "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
+            "overlap_param_gather": ddp.ddp_config.overlap_param_gather,
+            "buckets": sum(len(buffer) for buffer in run.model.grad_bucket_layout())}
         parallel_state.destroy_model_parallel()
     return results
 
@@ -44,20 +52,38 @@ def layouts(sft_inputs, tmp_path_factory):
     single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"]),
                                                      (1, 1, ["train.precision=bf16"]),
                                                      (1, 1, ["model.mass_mode=fused"])], timeout_s=400)[0]
-    two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, [])], timeout_s=600)
+    two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
+                                                  (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS])], timeout_s=600)
     return single, two
 
 
-@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+SP = "parallel.sequence_parallel=true"
+NO_OVERLAP = "parallel.overlap_grad_reduce=false"
+SMALL_BUCKETS = "parallel.ddp_bucket_size=40000"  # several buckets: reduces and gathers overlap compute
+
+
+@pytest.mark.parametrize("layout", [(1, 1, ()), (2, 1, ()), (1, 2, ()), (2, 1, (SP,)), (1, 1, (NO_OVERLAP,)),
+                                    (1, 1, (SMALL_BUCKETS,))],
+                         ids=["dp2", "tp2", "pp2", "tp2_sp", "dp2_no_overlap", "dp2_overlap_small_buckets"])
 def test_steps_equal_the_single_rank_run(layouts, layout):
     single, two = layouts
     reference = single[(1, 1, ())]
     for rank in two:  # every rank reports the same world-reduced metrics
-        ours = rank[(*layout, ())]
+        ours = rank[layout]
         for step, tolerance in ((0, 1e-5), (1, 1e-4)):
             for name in COMPARED:
                 assert ours[step][name] == pytest.approx(reference[step][name], rel=tolerance), (step, name)
     assert reference[0]["data/samples_with_agto_term"] > 0
+
+
+def test_layouts_were_built_as_asked(layouts):
+    """The comparisons above compare what they claim: SP really on, overlap on by default, small buckets many."""
+    _, two = layouts
+    built = {key[1:]: value for key, value in two[0].items() if key[0] == "built"}
+    assert built[(2, 1, (SP,))]["sequence_parallel"] and not built[(2, 1, ())]["sequence_parallel"]
+    assert built[(1, 1, ())]["overlap_grad_reduce"] and built[(1, 1, ())]["overlap_param_gather"]
+    assert not built[(1, 1, (NO_OVERLAP,))]["overlap_grad_reduce"]
+    assert built[(1, 1, (SMALL_BUCKETS,))]["buckets"] >= 4 > built[(1, 1, ())]["buckets"]
 
 
 def test_agto_gradient_is_present_and_the_lm_loss_is_not_changed_by_it(layouts):

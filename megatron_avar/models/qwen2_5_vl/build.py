@@ -33,7 +33,8 @@ def init_model_parallel(tp: int, pp: int, *, seed: int) -> None:
 
 
 def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layers: Collection[int] = (),
-                recompute: str = "none", initialize: bool = False, device: torch.device | None = None,
+                recompute: str = "none", sequence_parallel: bool = False, initialize: bool = False,
+                device: torch.device | None = None,
                 hf_tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]] | None = None):
     """This rank's pipeline stage of Qwen2.5-VL (a ``Qwen25VLModel``, not wrapped in DDP) on megatron's
     process groups (``ProcessGroupCollection.use_mpu_process_groups``; :func:`init_model_parallel` first).
@@ -41,8 +42,8 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     config: ``Qwen25VLConfig``. tp, pp: the parallel layout (must be megatron's current one). dtype: float32 or
     bfloat16 (module docstring). role_mass_layers: 0-based global decoder layers built as AVAR layers
     (``RoleMassCoreAttention``; per-role masses for the AVAR loss, the visual reward or VAS); every other layer
-    has the standard core attention. recompute: ``MegatronSettings.recompute``. initialize: run megatron's
-    weight initialisation (False when weights are loaded next: saves time). device: where to move the stage
+    has the standard core attention. recompute, sequence_parallel: as in ``MegatronSettings``. initialize: run
+    megatron's weight initialisation (False when weights are loaded next: saves time). device: where to move the stage
     (None: leave it where megatron built it, the CPU). hf_tensors: (HF name, read()) pairs to load after the
     move (``hf_mapping.load_hf_tensors``: each rank reads only its shard's tensors, cast to the parameter's
     dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
@@ -55,7 +56,8 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
 
     settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
-                                perform_initialization=initialize, recompute=recompute)
+                                perform_initialization=initialize, recompute=recompute,
+                                sequence_parallel=sequence_parallel)
     model = Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                           pre_process=parallel_state.is_pipeline_first_stage(),
                           post_process=parallel_state.is_pipeline_last_stage(), role_mass_layers=role_mass_layers)

@@ -228,8 +228,15 @@ class MegatronSettings:
     # Activation recompute of the decoder: "none"; "selective" (megatron's core-attention recompute);
     # "full" (every decoder layer's activations recomputed in the backward pass: the 72B setting).
     recompute: str = "none"
+    # megatron's sequence parallelism (needs tensor_model_parallel_size > 1): norms, residuals and dropout-free
+    # activations between the tensor-parallel regions hold 1/tp of the sequence, in the language model and in
+    # the vision encoder; attention still sees every token (the qkv projection gathers the sequence).
+    sequence_parallel: bool = False
 
     def __post_init__(self):
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("sequence_parallel splits the sequence over tensor-parallel ranks: it needs "
+                             "tensor_model_parallel_size > 1")
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
@@ -270,6 +277,7 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         pipeline_dtype=settings.params_dtype,
         bf16=settings.params_dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
+        sequence_parallel=settings.sequence_parallel,
         normalization="RMSNorm",
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -313,6 +321,9 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         add_bias_linear=True,
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,
+        # Full recompute also recomputes each vision block (Qwen25VisionModel.forward); selective recompute has
+        # nothing to do there (window attention keeps no scores).
+        **(_recompute_options("full") if settings.recompute == "full" else {}),
         **common,
     )
     merger = dataclasses.replace(

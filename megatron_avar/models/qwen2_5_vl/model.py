@@ -32,6 +32,7 @@ from megatron_avar.models.qwen2_5_vl.config import (
     Qwen25VLConfig,
     build_transformer_configs,
 )
+from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
 from megatron_avar.models.role_mass_attention import (
@@ -53,12 +54,13 @@ def language_layer_spec(core_attention: type | None = None):
     if platform.transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec = copy.deepcopy(spec)
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        # megatron's local norm refuses sequence parallelism; ours marks its weights for the TP grad all-reduce
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm  # pyright: ignore[reportAttributeAccessIssue]
     # (megatron types ModuleSpec.submodules as object; a GPT layer spec holds TransformerLayerSubmodules)
     attention = spec.submodules.self_attention.submodules  # pyright: ignore[reportAttributeAccessIssue]
     attention.core_attention = core_attention or ignoring_role_mass_params(attention.core_attention)
@@ -89,7 +91,7 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
     if platform.transformer_engine_available():
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm as final_norm
+        final_norm = TorchNorm
     # (megatron's own block specs pass the norm class; its annotation asks for a ModuleSpec or a module)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)  # pyright: ignore[reportArgumentType]
 
@@ -212,6 +214,16 @@ class Qwen25VLModel(MegatronModule):
         """Pipeline parallelism: the hidden states a non-first stage receives."""
         self.language_model.set_input_tensor(input_tensor)
 
+    def _blank_image_weighted_by_zero(self) -> torch.Tensor:
+        """0 x the vision encoder's output on one blank merge group: a text-only micro-batch still gives every
+        vision parameter a (zero) gradient, which megatron's overlapped gradient reduce waits for."""
+        assert self.vision is not None
+        side = self.qwen_config.vision.spatial_merge_size
+        grid = torch.tensor([[1, side, side]])
+        weight = self.vision.patch_embed.weight
+        pixels = torch.zeros(side * side, self.qwen_config.vision.patch_dim, dtype=weight.dtype, device=weight.device)
+        return self.vision(pixels, grid).sum() * 0.0
+
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -234,6 +246,10 @@ class Qwen25VLModel(MegatronModule):
             raise ValueError(f"video tokens (id {cfg.video_token_id}) are not supported, only images")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
+        if self.config.sequence_parallel and input_ids.shape[1] % self.config.tensor_model_parallel_size:
+            raise ValueError(f"sequence parallelism splits every row over the {self.config.tensor_model_parallel_size}"
+                             f" tensor-parallel ranks, but the rows have {input_ids.shape[1]} tokens: make the row "
+                             "length a multiple of tensor_model_parallel_size")
         if position_ids is None:
             if segment_ids is not None:
                 raise ValueError("packed rows (segment_ids) need their per-sample position_ids")
@@ -250,6 +266,8 @@ class Qwen25VLModel(MegatronModule):
             elif bool((input_ids == cfg.image_token_id).any()):
                 raise ValueError(f"the batch has {int((input_ids == cfg.image_token_id).sum())} image tokens "
                                  "but no pixel_values")
+            elif torch.is_grad_enabled():
+                decoder_input = decoder_input + self._blank_image_weighted_by_zero()
             if self.config.sequence_parallel:
                 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 

@@ -24,18 +24,34 @@ argument, as :class:`VisionSegments` (a `PackedSeqParams` with ``qkv_format="sbh
 attention applies rope per token and does not reinterpret the layout), and the core attention runs each group
 of equal-length segments as one batched `scaled_dot_product_attention`: exact variable-length attention
 without an S x S mask. (On GPUs a flash-attention varlen kernel can take the same cumulative lengths.)
+
+Sequence parallelism (``sequence_parallel`` in the TransformerConfig): the packed sequence is padded to a
+multiple of merge_size^2 x tp patches (the padding is a segment of its own, attended by nothing real) and
+split over the tensor-parallel ranks, so each holds whole merge groups through the blocks and the merger; the
+merged tokens are gathered back, without the padding, before they go into the language model.
+
+Activation recompute: with the decoder's full recompute (``recompute_granularity="full"`` in the vision
+TransformerConfig) each block keeps only its input and is recomputed in the backward pass (megatron's
+``tensor_parallel.checkpoint``, which restores the RNG states).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import (
+    checkpoint,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLVisionConfig
+from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
 
 __all__ = ["Qwen25VisionModel", "VisionSegmentAttention", "VisionSegments", "vision_layer_spec", "vision_packing"]
 
@@ -164,13 +180,12 @@ def vision_layer_spec():
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=TorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
@@ -184,12 +199,16 @@ def vision_layer_spec():
             ),
             # (megatron's own specs pass this factory; its annotation asks for a ModuleSpec or a class)
             self_attn_bda=get_bias_dropout_add,  # pyright: ignore[reportArgumentType]
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=TorchNorm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,  # pyright: ignore[reportArgumentType]
         ),
     )
+
+
+def _run_block(layer, hidden: torch.Tensor, rotary: torch.Tensor, *, packed_seq_params) -> torch.Tensor:
+    return layer(hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)[0]
 
 
 class Qwen25VisionModel(MegatronModule):
@@ -209,9 +228,9 @@ class Qwen25VisionModel(MegatronModule):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLPSubmodules
         from megatron.core.transformer.spec_utils import build_module
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
         self.vision_config = config
+        self.tp_group = pg_collection.tp
         vision_groups = ProcessGroupCollection(tp=pg_collection.tp, cp=pg_collection.cp, pp=None)
         self.patch_embed = torch.nn.Linear(config.patch_dim, config.hidden_size, bias=False,
                                            dtype=transformer_config.params_dtype)
@@ -221,7 +240,7 @@ class Qwen25VisionModel(MegatronModule):
             build_module(spec, config=transformer_config, layer_number=i + 1, pg_collection=vision_groups)  # pyright: ignore[reportArgumentType]
             for i in range(config.depth)
         )
-        self.final_layernorm = WrappedTorchNorm(transformer_config, config.hidden_size,
+        self.final_layernorm = TorchNorm(transformer_config, config.hidden_size,
                                                 eps=transformer_config.layernorm_epsilon)
         self.merger = MultimodalProjector(
             merger_config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
@@ -265,13 +284,36 @@ class Qwen25VisionModel(MegatronModule):
         device = pixel_values.device
         hidden = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)[packing.order.to(device)])
         hidden = hidden.unsqueeze(1)  # [s, b=1, h]
-        rotary = self.rotary_angles(packing.rotary_hw.to(device))
-        segments = {True: VisionSegments.from_cumulative(packing.cu_windows, device),
-                    False: VisionSegments.from_cumulative(packing.cu_frames, device)}
+        rotary_hw, cu_windows, cu_frames = packing.rotary_hw, packing.cu_windows, packing.cu_frames
+        sequence_parallel = self.config.sequence_parallel
+        if sequence_parallel:
+            # Each tensor-parallel rank holds a slice of whole merge groups (the merger's rows). The padding
+            # patches form one more segment, so no real patch attends to them; they are dropped at the end.
+            tp = self.config.tensor_model_parallel_size
+            unit = self.vision_config.spatial_merge_size ** 2
+            pad = -hidden.shape[0] % (unit * tp)
+            if pad:
+                hidden = F.pad(hidden, (0, 0, 0, 0, 0, pad))
+                rotary_hw = F.pad(rotary_hw, (0, 0, 0, pad))
+                cu_windows, cu_frames = (torch.cat([cu, cu.new_tensor([hidden.shape[0]])])
+                                         for cu in (cu_windows, cu_frames))
+            hidden = scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        rotary = self.rotary_angles(rotary_hw.to(device))
+        segments = {True: VisionSegments.from_cumulative(cu_windows, device),
+                    False: VisionSegments.from_cumulative(cu_frames, device)}
         full_attention = set(self.vision_config.fullatt_block_indexes)
+        recompute = self.config.recompute_granularity == "full" and torch.is_grad_enabled()
         for index, layer in enumerate(self.layers):
-            hidden, _ = layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
-                              packed_seq_params=segments[index not in full_attention])
+            block = functools.partial(_run_block, layer, packed_seq_params=segments[index not in full_attention])
+            # full recompute: keep only each block's input; its activations are recomputed in the backward pass
+            hidden = checkpoint(block, False, hidden, rotary) if recompute else block(hidden, rotary)
         hidden = self.final_layernorm(hidden)
         merged = hidden.reshape(-1, 1, self.merger.encoder.linear_fc1.input_size)  # 2x2 groups are contiguous
-        return self.merger(merged)[:, 0][packing.inverse_merged_order.to(device)]
+        features = self.merger(merged)
+        if sequence_parallel:
+            # Downstream (the language model's embedding) every rank computes the same full-sequence tensor, so
+            # each rank's gradient of these features is the whole gradient: the backward takes this rank's slice.
+            features = gather_from_sequence_parallel_region(features, tensor_parallel_output_grad=False,
+                                                            group=self.tp_group)
+            features = features[:packing.inverse_merged_order.shape[0]]
+        return features[:, 0][packing.inverse_merged_order.to(device)]
