@@ -34,12 +34,13 @@ Vision encoder per image patch (4 per merged image token):
 m_vision = depth x m_block + b_act·patch_dim + b_norm·hv / t_sp + b_act·2·hv / t (patch embedding input, final
 norm, 2x2 merger), m_block = 2·b_norm·hv / t_sp + b_act·((a_v·hv + n_vmlp·fv) / t + n_rope·dv); under full
 recompute m_block = b_act·hv / t_sp (each block's input), plus one block's activations while it is recomputed.
-Logits (last stage, one micro-batch at a time; L = tokens x vocab / t): the LM loss (megatron's vocab-parallel cross entropy upcasts to fp32, keeps the softmax in
-place) peaks at 6·L bytes in bf16 (bf16 logits + their fp32 copy; again in backward: fp32 softmax gradient + its
-bf16 cast) and 4·L in fp32, and at 2·L + the output layer's weight gradient when that is larger; GRPO's response
-loss (``grpo.policy``: the response rows gathered, upcast and divided by the temperature) peaks at b_act·L +
-8·N·vocab/t for N response rows. A standard layer under megatron's local attention forms its probabilities again
-in backward: (8 + b_act) bytes per score (the fp32 gradients of the softmax and of its input, the cast).
+Logits (last stage, one micro-batch at a time; L = tokens x vocab / t): the LM loss (megatron's vocab-parallel cross
+entropy upcasts to fp32, keeps the softmax in place) peaks at 6·L bytes in bf16 (bf16 logits + their fp32 copy;
+again in backward: fp32 softmax gradient + its bf16 cast) and 4·L in fp32, and at 2·L + the output layer's weight
+gradient when that is larger; GRPO's response loss (``grpo.policy``: the response rows gathered, upcast and divided
+by the temperature) peaks at b_act·L + 8·N·vocab/t for N response rows. A standard layer under megatron's local
+attention forms its probabilities again in backward: (8 + b_act) bytes per score (the fp32 gradients of the softmax
+and of its input, the cast).
 
 In flight on pipeline rank r (megatron's schedules): plain 1F1B keeps min(pp - r, micro-batches) forward passes;
 the interleaved schedule (v model chunks per rank) keeps its warm-up, (pp - r - 1)·2 + (v - 1)·pp chunk forwards,
