@@ -1,5 +1,5 @@
 #!/bin/bash
-# AVAR GRPO of Qwen2.5-VL-72B (examples/grpo/avar_72b.yaml): 8 nodes x 8 H200, TP=8 (within a node) x DP=8,
+# AVAR GRPO of Qwen2.5-VL-72B (examples/grpo/avar_72b.yaml): 8 nodes x 8 H200, TP=8 (within a node, SP) x DP=8,
 # vLLM colocated with TP=8 (PP=1; the memory arithmetic is in the config). Same launcher, knobs and preemption
 # handling as slurm/avar_grpo_7b.sh (slurm/lib/launch.sh).
 #

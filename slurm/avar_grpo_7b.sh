@@ -1,5 +1,5 @@
 #!/bin/bash
-# AVAR GRPO of Qwen2.5-VL-7B (examples/grpo/avar_7b.yaml): 1 node x 8 H100, TP=2 x DP=4, vLLM colocated in
+# AVAR GRPO of Qwen2.5-VL-7B (examples/grpo/avar_7b.yaml): 1 node x 8 H100, TP=2 (SP) x DP=4, vLLM colocated in
 # the trainer's ranks (one rank per GPU started by srun). Same launcher, knobs and preemption handling as
 # the SFT scripts (slurm/lib/launch.sh): USR1 ten minutes before the time limit -> checkpoint -> requeue ->
 # resume. A CPU smoke test on one node with the local backend:

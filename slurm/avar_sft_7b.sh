@@ -1,6 +1,6 @@
 #!/bin/bash
-# AVAR cold-start SFT of Qwen2.5-VL-7B (examples/sft/avar_7b.yaml): 2 nodes x 8 H100, TP=2 x DP=8, one rank
-# per GPU started by srun.
+# AVAR cold-start SFT of Qwen2.5-VL-7B (examples/sft/avar_7b.yaml): 2 nodes x 8 H100, TP=2 (sequence parallel)
+# x DP=8, full recompute, one rank per GPU started by srun.
 #
 #   sbatch slurm/avar_sft_7b.sh [dotted.overrides ...]
 #   sbatch --export=ALL,RUN_DIR=runs/7b_lr1e-5 slurm/avar_sft_7b.sh optim.lr=1e-5

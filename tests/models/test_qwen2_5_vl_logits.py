@@ -76,6 +76,13 @@ def _tp1_results():
                        F.cross_entropy(hf_logits(hf, inputs).transpose(1, 2), labels, reduction="none"))
     results["export"] = (export_hf_state_dict(model, config), hf.state_dict())
 
+    text = case_batch("text_only")  # with autograd on, a text-only batch also runs the blank image (times zero)
+    logits = model(text["input_ids"], attention_mask=text["attention_mask"])
+    logits.sum().backward()
+    results["text_only_training"] = (logits.detach(), results["logits"]["text_only"][0],
+                                     {name: p.grad for name, p in model.vision.named_parameters()})
+    model.zero_grad()
+
     # Negative control: HF's [q; k; v] rows loaded without megatron's per-group interleaving.
     qkv = model.language_model.decoder.layers[0].self_attention.linear_qkv.weight
     attn = hf.model.language_model.layers[0].self_attn
@@ -137,6 +144,15 @@ def test_per_token_loss_equals_hf_cross_entropy(results):
     ours, reference = results["loss"]
     assert ours.shape == reference.shape
     torch.testing.assert_close(ours, reference, rtol=RELATIVE_TOLERANCE, atol=1e-6)
+
+
+def test_a_text_only_training_batch_gives_every_vision_parameter_a_zero_gradient(results):
+    """megatron's overlapped gradient reduce waits for every parameter's gradient in every step: a text-only
+    micro-batch runs the vision encoder on a blank merge group weighted by zero, which leaves the logits as
+    they are."""
+    logits, inference_logits, vision_grads = results["text_only_training"]
+    assert torch.equal(logits, inference_logits)
+    assert vision_grads and all(grad is not None and not grad.any() for grad in vision_grads.values())
 
 
 def test_export_from_the_model_is_bit_exact(results):

@@ -51,7 +51,9 @@ def layouts(sft_inputs, tmp_path_factory):
     overrides = sft_overrides(sft_inputs, tmp_path_factory.mktemp("layouts"))
     single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"]),
                                                      (1, 1, ["train.precision=bf16"]),
-                                                     (1, 1, ["model.mass_mode=fused"])], timeout_s=400)[0]
+                                                     (1, 1, ["model.mass_mode=fused"]),
+                                                     (1, 1, ["train.recompute=full"]),
+                                                     (1, 1, ["train.recompute=selective"])], timeout_s=400)[0]
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
                                                   (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS])], timeout_s=600)
     return single, two
@@ -92,6 +94,17 @@ def test_agto_gradient_is_present_and_the_lm_loss_is_not_changed_by_it(layouts):
     assert without["loss/lm"] == pytest.approx(with_agto["loss/lm"], rel=1e-6)
     assert without["avar/l_enh"] == pytest.approx(with_agto["avar/l_enh"], rel=1e-6)  # still measured
     assert abs(without["optim/grad_norm"] - with_agto["optim/grad_norm"]) > 1e-3 * with_agto["optim/grad_norm"]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_recompute_gives_the_same_steps(layouts, mode):
+    """Recompute (the decoder's layers or core attention; under full recompute also the vision blocks) repeats
+    the same forward in the backward pass: fp32 bounds as across layouts."""
+    single, _ = layouts
+    plain, recomputed = single[(1, 1, ())], single[(1, 1, (f"train.recompute={mode}",))]
+    for step, tolerance in ((0, 1e-5), (1, 1e-4)):
+        for name in COMPARED:
+            assert recomputed[step][name] == pytest.approx(plain[step][name], rel=tolerance), (step, name)
 
 
 def test_bf16_step_is_close_to_fp32(layouts):
