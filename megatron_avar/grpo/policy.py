@@ -54,7 +54,7 @@ class MegatronPolicy:
     # -- helpers --------------------------------------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
-        return next(self.model.module.parameters()).device
+        return self.model.device
 
     def _pack(self, rollouts: Sequence[Rollout]) -> list[RolloutMicroBatch]:
         cfg = self.qwen_config
@@ -85,10 +85,11 @@ class MegatronPolicy:
     def _schedule(self, micro_batches, forward_step, *, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        model, data_iterator = self.model.schedule_inputs(enumerate(micro_batches))
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(list(enumerate(micro_batches))),
-            model=[self.model.ddp], num_microbatches=len(micro_batches), seq_length=self.seq_length,
-            micro_batch_size=1, forward_only=forward_only)
+            forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+            num_microbatches=len(micro_batches), seq_length=self.seq_length, micro_batch_size=1,
+            forward_only=forward_only)
 
     # -- Policy ---------------------------------------------------------------------------------------------
     def log_probs_with_masses(self, rollouts: Sequence[Rollout]) -> PolicyLogProbs:
@@ -116,10 +117,10 @@ class MegatronPolicy:
 
             return output, loss_func
 
-        self.model.ddp.eval()
+        self.model.train(False)
         with torch.no_grad():
             self._schedule(micro_batches, forward_step, forward_only=True)
-        self.model.ddp.train()
+        self.model.train()
         groups = [_process_group(parallel_state.get_tensor_model_parallel_group())]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             groups.append(_process_group(parallel_state.get_pipeline_model_parallel_group()))
@@ -182,7 +183,7 @@ class MegatronPolicy:
 
             return output, loss_func
 
-        self.model.ddp.zero_grad_buffer()
+        self.model.zero_grad_buffer()
         self.model.optimizer.zero_grad()
         self._schedule(micro_batches, forward_step, forward_only=False)
         update_ok, grad_norm, _ = self.model.optimizer.step()
@@ -213,8 +214,9 @@ class MegatronPolicy:
         from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict
 
         self.model.gather_updated_weights()  # collective over data-parallel ranks (overlap_param_gather)
-        local = export_hf_state_dict(self.model.module, self.qwen_config,
-                                     tp_group=_process_group(parallel_state.get_tensor_model_parallel_group()))
+        tp_group = _process_group(parallel_state.get_tensor_model_parallel_group())
+        local = {name: tensor for module in self.model.modules  # this rank's model chunks
+                 for name, tensor in export_hf_state_dict(module, self.qwen_config, tp_group=tp_group).items()}
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         if pp == 1:
             yield from local.items()

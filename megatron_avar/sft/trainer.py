@@ -47,7 +47,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    device = next(model.module.parameters()).device
+    device = model.device
     # Query sets from the loader's host tensors, before the copy to the device (no round trip back).
     sets = [QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink)
             for mb in step_batch.microbatches]
@@ -85,11 +85,12 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
 
         return output, loss_func
 
-    model.ddp.zero_grad_buffer()
+    model.zero_grad_buffer()
     model.optimizer.zero_grad()
     rows = microbatches[0].input_ids.shape
+    chunks, data_iterator = model.schedule_inputs(enumerate(microbatches))
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(enumerate(microbatches)), model=[model.ddp],
+        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
         num_microbatches=num_microbatches, seq_length=rows[1], micro_batch_size=rows[0], forward_only=False)
     update_ok, grad_norm, _ = model.optimizer.step()
     if update_ok:
@@ -210,7 +211,7 @@ def run_sft(config: SFTConfig) -> dict:
     preemption = checkpointing.PreemptionFlag()
     parallel = config.parallel
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                              seed=config.train.seed)
+                              seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size)
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))

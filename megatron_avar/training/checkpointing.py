@@ -138,18 +138,19 @@ def _coordinates() -> dict[str, int]:
 
 
 def saved_layout(path: Path) -> dict[str, int] | None:
-    """{"tp", "pp", "dp"} a complete checkpoint was written at: from its trainer state, or (checkpoints written
-    before the state recorded it) from the export record and the number of rank-state files; None if unknown."""
+    """{"tp", "pp", "dp", "vpp"} a complete checkpoint was written at: from its trainer state, or (checkpoints
+    written before the state recorded it) from the export record and the number of rank-state files; None if
+    unknown. Checkpoints written before virtual pipeline stages existed had one chunk per rank (vpp 1)."""
     layout = read_trainer_state(path).get("layout")
     if isinstance(layout, dict) and all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp")):
-        return {k: layout[k] for k in ("tp", "pp", "dp")}
+        return {"vpp": 1, **{k: layout[k] for k in ("tp", "pp", "dp", "vpp") if isinstance(layout.get(k), int)}}
     try:
         info = json.loads((path / "avar_checkpoint.json").read_text())
         tp, pp = int(info["written_at_tp"]), int(info["written_at_pp"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     ranks = len({f.stem for f in (path / RANK_STATE).glob("*") if f.suffix in (".safetensors", ".pt")})
-    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp)} if ranks and ranks % (tp * pp) == 0 else None
+    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp), "vpp": 1} if ranks and ranks % (tp * pp) == 0 else None
 
 
 def _rank_state_source(path: Path, rank: int, saved_dp: int | None) -> int:
@@ -236,44 +237,59 @@ def _restore_adam_step_count(optimizer, num_updates: int) -> None:
 def _sharded_state(model, *, is_loading: bool) -> dict:
     if is_loading:
         _materialise_optimizer_state(model.optimizer)
-    model_state = model.module.sharded_state_dict()
+    # One entry per model chunk; megatron's keys name global layer numbers, so the files do not depend on how the
+    # layers were split into chunks (the container's nesting is not part of the saved keys).
+    model_state = {_chunk_key(index): module.sharded_state_dict() for index, module in enumerate(model.modules)}
     optimizer_state = model.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                          metadata=_OPTIMIZER_METADATA)
-    return {"model": model_state, "optimizer": optimizer_state}
+    return {**model_state, "optimizer": optimizer_state}
+
+
+def _chunk_key(index: int) -> str:
+    return "model" if index == 0 else f"model{index}"
+
+
+def _model_shard() -> str:
+    """This rank's model shard, "tp<r>.pp<r>" (every data-parallel replica of it has the same gradient buckets)."""
+    coordinates = _coordinates()
+    return f"tp{coordinates['tp_rank']}.pp{coordinates['pp_rank']}"
 
 
 def _grad_bucket_record(model) -> dict:
-    """The gradient-bucket layout the distributed optimizer's saved state follows (``_OPTIMIZER_METADATA``), with
-    the settings that made it; empty without the distributed optimizer (its state is then per parameter)."""
-    ddp_config = model.ddp.ddp_config
+    """Collective: the gradient-bucket layout of every model shard, which the distributed optimizer's saved state
+    follows (``_OPTIMIZER_METADATA``), with the settings that made it; empty without the distributed optimizer
+    (its state is then per parameter)."""
+    ddp_config = model.chunks[0].ddp_config
     if not ddp_config.use_distributed_optimizer:
         return {}
-    return {"grad_buckets": {"params_per_bucket": model.grad_bucket_layout(),
-                             "overlap_grad_reduce": ddp_config.overlap_grad_reduce,
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (_model_shard(), model.grad_bucket_layout()))
+    return {"grad_buckets": {"params_per_bucket": dict(shards), "overlap_grad_reduce": ddp_config.overlap_grad_reduce,
                              "bucket_size": ddp_config.bucket_size}}
 
 
 def _check_grad_buckets(path: Path, trainer_state: dict, model) -> None:
-    """Refuse a resume whose gradient buckets differ from the checkpoint's: megatron would map the saved optimizer
-    states onto the wrong parameters. Checkpoints written before the record existed had one bucket per buffer
-    (no overlap), which the comparison then assumes."""
-    ours = _grad_bucket_record(model).get("grad_buckets")
-    if ours is None:
+    """Refuse a resume whose gradient buckets differ from the checkpoint's on this rank's model shard: megatron
+    would map the saved optimizer states onto the wrong parameters. Checkpoints written before the record existed
+    had one bucket per buffer (no overlap), which the comparison then assumes."""
+    if not model.chunks[0].ddp_config.use_distributed_optimizer:
         return
+    ours = model.grad_bucket_layout()
     saved = trainer_state.get("grad_buckets")
     if saved is None:
-        saved = {"params_per_bucket": [[sum(buffer)] for buffer in ours["params_per_bucket"]],
+        saved = {"params_per_bucket": {_model_shard(): [[sum(buffer)] for buffer in ours]},
                  "overlap_grad_reduce": False, "bucket_size": None}
-    if saved["params_per_bucket"] == ours["params_per_bucket"]:
+    theirs = saved["params_per_bucket"].get(_model_shard())
+    if theirs == ours:
         return
     settings = f"parallel.overlap_grad_reduce={str(saved['overlap_grad_reduce']).lower()}"
     if saved["overlap_grad_reduce"]:
         settings += f" parallel.ddp_bucket_size={saved['bucket_size']}"
-    raise ValueError(f"{path} holds the distributed optimizer's states in gradient buckets of "
-                     f"{saved['params_per_bucket']} parameters, but this run's buckets hold "
-                     f"{ours['params_per_bucket']} (parallel.overlap_grad_reduce and "
-                     "parallel.ddp_bucket_size decide them). Resume with the settings the checkpoint was written "
-                     f"with ({settings}), or start a new run from an export of it (avar convert mcore-to-hf)")
+    raise ValueError(f"{path} holds the distributed optimizer's states of model shard {_model_shard()} in gradient "
+                     f"buckets of {theirs} parameters, but this run's buckets hold {ours} "
+                     "(parallel.overlap_grad_reduce and parallel.ddp_bucket_size decide them). Resume with the "
+                     f"settings the checkpoint was written with ({settings}), or start a new run from an export of it "
+                     "(avar convert mcore-to-hf)")
 
 
 class CheckpointWriteError(ValueError):
@@ -451,7 +467,8 @@ def load_checkpoint(path: Path, model) -> dict:
                          "checkpoint you trust, or start over (checkpoint.resume=false checkpoint.overwrite=true)")
     # the default strict handling returns the state dict alone (megatron's annotation is a union with a tuple)
     state = typing.cast(dict, dist_checkpointing.load(_sharded_state(model, is_loading=True), str(path)))
-    model.module.load_state_dict(state["model"])
+    for index, module in enumerate(model.modules):
+        module.load_state_dict(state[_chunk_key(index)])
     with torch.no_grad():  # the optimizer copies into fp32 main params, which are the (leaf) params in fp32 runs
         model.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_step_count(model.optimizer, int(trainer_state["scheduler"]["num_steps"]))

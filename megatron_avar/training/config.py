@@ -47,6 +47,9 @@ class ParallelConfig:
     """How the ranks share the work; the data-parallel size is world_size / (tp * pp).
 
     tensor_model_parallel_size / pipeline_model_parallel_size: megatron's tensor and pipeline parallel sizes.
+    virtual_pipeline_model_parallel_size: model chunks per pipeline rank (megatron's interleaved 1F1B schedule:
+        rank r holds decoder layer blocks r, r + pp, ...; the pipeline bubble shrinks by this factor). Needs pp > 1,
+        a layer count divisible by pp x this, and micro-batches per step a multiple of pp. 1: plain 1F1B.
     sequence_parallel: megatron's sequence parallelism (needs tp > 1): between the tensor-parallel regions
         (norms, residual stream) every rank holds 1/tp of each row, in the language model and the vision encoder,
         which divides that activation memory by tp; attention and the AVAR masses still see every token. Rows
@@ -63,6 +66,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = True
@@ -72,6 +76,11 @@ class ParallelConfig:
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.virtual_pipeline_model_parallel_size < 1:
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size must be >= 1")
+        if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size > 1 interleaves pipeline stages: it needs "
+                             "parallel.pipeline_model_parallel_size > 1")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("parallel.sequence_parallel=true splits rows over tensor-parallel ranks: it needs "
                              "parallel.tensor_model_parallel_size > 1")

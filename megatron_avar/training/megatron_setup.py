@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,8 @@ __all__ = ["RankLayout", "init_distributed", "build_model", "build_optimizer", "
 
 @dataclass(frozen=True)
 class RankLayout:
-    """This process's place in the world: global rank, world size, local rank, and tp/pp/dp coordinates."""
+    """This process's place in the world: global rank, world size, local rank, tp/pp/dp coordinates and the model
+    chunks per pipeline rank."""
 
     rank: int
     world_size: int
@@ -35,6 +37,7 @@ class RankLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    vpp: int = 1  # model chunks per pipeline rank (interleaved schedule)
 
     @property
     def is_logging_rank(self) -> bool:
@@ -54,8 +57,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int, pp: int, *, seed: int) -> RankLayout:
-    """Initialise torch.distributed (if needed) and megatron's parallel state; seed megatron's RNG tracker."""
+def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1) -> RankLayout:
+    """Initialise torch.distributed (if needed) and megatron's parallel state (``vpp`` model chunks per pipeline
+    rank); seed megatron's RNG tracker."""
     from megatron.core import parallel_state
 
     from megatron_avar.models.qwen2_5_vl.build import init_model_parallel
@@ -80,48 +84,75 @@ def init_distributed(tp: int, pp: int, *, seed: int) -> RankLayout:
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size ({tp}) x "
                          f"pipeline_model_parallel_size ({pp}); change the parallel layout or the number of ranks")
-    init_model_parallel(tp, pp, seed=seed)
+    init_model_parallel(tp, pp, seed=seed, vpp=vpp)
     return RankLayout(
         rank=dist.get_rank(), world_size=world, local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0, tp=tp,
         pp=pp, dp=parallel_state.get_data_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank())
+        dp_rank=parallel_state.get_data_parallel_rank(), vpp=vpp)
 
 
 @dataclass
 class TrainingModel:
-    """The DDP-wrapped model of this rank (``ddp``), its inner Qwen25VLModel (``module``), the optimizer and the
-    learning-rate schedule."""
+    """This rank's model: its model chunks, each wrapped in megatron's DistributedDataParallel (``chunks``; one
+    per virtual pipeline stage, a single one without the interleaved schedule) around a Qwen25VLModel
+    (``modules``), the optimizer over all of them and the learning-rate schedule."""
 
-    ddp: DistributedDataParallel
-    module: torch.nn.Module
+    chunks: list[DistributedDataParallel]
+    modules: Sequence[torch.nn.Module]
     optimizer: object = None
     scheduler: object = None
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        for module in self.modules:
+            yield from module.parameters()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def zero_grad_buffer(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+
+    def train(self, mode: bool = True) -> None:
+        for chunk in self.chunks:
+            chunk.train(mode)
 
     def gather_updated_weights(self) -> None:
         """Collective over the data-parallel group: make this rank's weights the updated ones. Needed before the
         weights are read outside a forward pass (a checkpoint, a refit of the rollout engine) when the update's
         all-gather is overlapped with the next forward (``parallel.overlap_param_gather``); a no-op otherwise."""
-        if self.ddp.use_forward_hook:
-            self.ddp.start_param_sync(force_sync=True)
+        for chunk in self.chunks:
+            if chunk.use_forward_hook:
+                chunk.start_param_sync(force_sync=True)
 
     def grad_bucket_layout(self) -> list[list[int]]:
-        """Parameters per gradient bucket, per buffer (the distributed optimizer's checkpointed state follows it;
-        independent of the data-parallel size)."""
+        """Parameters per gradient bucket, per buffer of every chunk (the distributed optimizer's checkpointed
+        state follows it; independent of the data-parallel size)."""
         # (megatron's DDP replaces Module.buffers() with its list of parameter-and-gradient buffers)
-        buffers = [*self.ddp.buffers, *self.ddp.expert_parallel_buffers]  # pyright: ignore[reportGeneralTypeIssues]
+        buffers = [buffer for chunk in self.chunks
+                   for buffer in [*getattr(chunk, "buffers"), *chunk.expert_parallel_buffers]]  # noqa: B009
         return [[sum(p.numel() for p in bucket.params) for bucket in buffer.buckets] for buffer in buffers]
+
+    def schedule_inputs(self, items: Iterable) -> tuple[list, object]:
+        """(model, data_iterator) for megatron's ``get_forward_backward_func``: the chunk list, and one iterator
+        over ``items`` per chunk (the interleaved schedule runs every micro-batch through each chunk)."""
+        items = list(items)
+        iterators = [iter(items) for _ in self.chunks]
+        return list(self.chunks), iterators if len(iterators) > 1 else iterators[0]
 
 
 def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, role_mass_layers,
                 hf_path: str | None, trainable: bool = True) -> TrainingModel:
-    """This pipeline stage of Qwen2.5-VL with AVAR layers (``models.qwen2_5_vl.build.build_stage``, on this
-    rank's device), HF weights loaded (streamed, each rank reading only its shard) when ``hf_path`` is given,
-    wrapped in megatron's DistributedDataParallel.
+    """This pipeline rank's stage of Qwen2.5-VL with AVAR layers — one model chunk, or one per virtual pipeline
+    stage (``models.qwen2_5_vl.build.build_stage``, on this rank's device) — with HF weights loaded (streamed,
+    each rank reading only its shard) when ``hf_path`` is given, each chunk wrapped in megatron's
+    DistributedDataParallel.
 
-    parallel: the run's ``ParallelConfig`` (TP / PP / SP; the gradient reduce and weight gather it asks for are
-    set up here, with the schedule hooks megatron's pipeline schedules call). trainable=False (a frozen
+    parallel: the run's ``ParallelConfig`` (TP / PP / virtual stages / SP; the gradient reduce and weight gather
+    it asks for are set up here, with the hooks megatron's pipeline schedules call). trainable=False (a frozen
     reference model): no optimizer will step it, so nothing is overlapped."""
     from pathlib import Path
 
@@ -131,26 +162,34 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
     from megatron_avar.models.qwen2_5_vl.build import build_stage
 
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    vpp = parallel.virtual_pipeline_model_parallel_size
     # The run's precision decides: bf16 training from fp32 weights (or the reverse) casts on load.
-    module = build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers,
-                         recompute=recompute, sequence_parallel=parallel.sequence_parallel,
-                         initialize=hf_path is None, device=platform.current_device(),
-                         hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
-    distributed_optimizer = parallel.distributed_optimizer and trainable
+    modules = [
+        build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers, recompute=recompute,
+                    sequence_parallel=parallel.sequence_parallel, vpp=vpp, vp_stage=stage if vpp > 1 else None,
+                    initialize=hf_path is None, device=platform.current_device(),
+                    hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
+        for stage in range(vpp)]
     overlap_grads = parallel.overlap_grad_reduce and trainable
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer and trainable,
         overlap_grad_reduce=overlap_grads, overlap_param_gather=parallel.param_gather_overlapped and trainable,
         bucket_size=parallel.ddp_bucket_size)
-    ddp = DistributedDataParallel(module.config, ddp_config, module)
-    config = module.config
+    # As megatron's own training loop: chunks after the first keep one bucket each (their gradients are ready
+    # only at the end of the interleaved schedule's backward passes).
+    chunks = [DistributedDataParallel(module.config, ddp_config, module, disable_bucketing=index > 0)
+              for index, module in enumerate(modules)]
+    config = modules[0].config  # megatron's schedules read the first chunk's config
     config.finalize_model_grads_func = finalize_model_grads
     if overlap_grads:
         # megatron's schedules: no reduce before the last micro-batch's backward; with pipeline stages, each
-        # stage launches its remaining buckets as soon as its last backward is done.
-        config.no_sync_func = ddp.no_sync
-        config.grad_sync_func = ddp.start_grad_sync
-    return TrainingModel(ddp=ddp, module=module)
+        # chunk launches its remaining buckets as soon as its last backward is done.
+        no_sync = [chunk.no_sync for chunk in chunks]
+        grad_sync = [chunk.start_grad_sync for chunk in chunks]
+        # (megatron types these as one callable; its schedules also take one per chunk)
+        config.no_sync_func = cast(Any, no_sync if vpp > 1 else no_sync[0])
+        config.grad_sync_func = cast(Any, grad_sync if vpp > 1 else grad_sync[0])
+    return TrainingModel(chunks=chunks, modules=modules)
 
 
 def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype):
@@ -162,8 +201,8 @@ def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dty
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                              bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=optim.clip_grad,
-                             use_distributed_optimizer=model.ddp.ddp_config.use_distributed_optimizer)
-    model.optimizer = get_megatron_optimizer(config, [model.ddp])
+                             use_distributed_optimizer=model.chunks[0].ddp_config.use_distributed_optimizer)
+    model.optimizer = get_megatron_optimizer(config, cast(Any, model.chunks))
     model.scheduler = OptimizerParamScheduler(
         model.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(steps, optim.warmup_steps + 1),

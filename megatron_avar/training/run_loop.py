@@ -51,7 +51,7 @@ def nonfinite_update(model, values: dict[str, float]) -> list[str]:
     from megatron_avar import platform
 
     problems = [f"{name} = {value}" for name, value in values.items() if not math.isfinite(value)]
-    params = list(model.module.parameters())
+    params = list(model.parameters())
     finite = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
     flag = (~finite).to(device=platform.current_device(), dtype=torch.float32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -100,16 +100,19 @@ def _check_layout(out: Path, latest: Path, layout) -> None:
     from megatron_avar.training import checkpointing
 
     saved = checkpointing.saved_layout(latest)
-    if saved is None or (saved["tp"], saved["pp"]) == (layout.tp, layout.pp):
+    if saved is None or (saved["tp"], saved["pp"], saved["vpp"]) == (layout.tp, layout.pp, layout.vpp):
         return
-    raise ValueError(f"{out} resumes from {latest.name}, written at TP={saved['tp']} PP={saved['pp']} "
-                     f"(DP={saved['dp']}), but this run is TP={layout.tp} PP={layout.pp} (DP={layout.dp}). A run "
-                     "resumes at the tensor/pipeline layout it was written with (its optimizer states and RNG "
-                     "streams are per shard); the data-parallel size may change. Resume with "
-                     f"parallel.tensor_model_parallel_size={saved['tp']} "
-                     f"parallel.pipeline_model_parallel_size={saved['pp']} (a world size that is a multiple of "
-                     f"{saved['tp'] * saved['pp']}), or start a new run at the new layout from an export of the "
-                     f"checkpoint (avar convert mcore-to-hf --mcore-path {latest} --out DIR, then model.hf_path=DIR)")
+    chunks = lambda vpp: f" VPP={vpp}" if vpp > 1 else ""  # noqa: E731
+    raise ValueError(f"{out} resumes from {latest.name}, written at TP={saved['tp']} PP={saved['pp']}"
+                     f"{chunks(saved['vpp'])} (DP={saved['dp']}), but this run is TP={layout.tp} PP={layout.pp}"
+                     f"{chunks(layout.vpp)} (DP={layout.dp}). A run resumes at the tensor/pipeline layout it was "
+                     "written with (its optimizer states and RNG streams are per shard); the data-parallel size "
+                     f"may change. Resume with parallel.tensor_model_parallel_size={saved['tp']} "
+                     f"parallel.pipeline_model_parallel_size={saved['pp']} "
+                     f"parallel.virtual_pipeline_model_parallel_size={saved['vpp']} (a world size that is a "
+                     f"multiple of {saved['tp'] * saved['pp']}), or start a new run at the new layout from an "
+                     f"export of the checkpoint (avar convert mcore-to-hf --mcore-path {latest} --out DIR, then "
+                     "model.hf_path=DIR)")
 
 
 def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layout) -> RunStart:
@@ -287,7 +290,7 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
         interrupted = preemption.any_rank()
         if interrupted or last or (checkpoint.interval and (step + 1) % checkpoint.interval == 0):
             trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule,
-                             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}}
+                             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp}}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
         if interrupted:

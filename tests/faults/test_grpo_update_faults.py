@@ -54,23 +54,22 @@ class _DivergingPolicy:
     diverging Adam step looks like from outside); its r_visual comes from the weights, as the real one's does."""
 
     def __init__(self):
-        module = torch.nn.Linear(2, 2)
-        self.model = type("TrainingModel", (), {"module": module})()
+        self.model = torch.nn.Linear(2, 2)  # what the trainer reads of a TrainingModel: parameters()
 
     def named_weights(self):
-        yield from self.model.module.named_parameters()
+        yield from self.model.named_parameters()
 
     def log_probs_with_masses(self, rollouts):
         from megatron_avar.grpo.interfaces import PolicyLogProbs, response_token_mask
 
         mask = response_token_mask(rollouts)
-        weight_mean = float(self.model.module.weight.detach().abs().mean())
+        weight_mean = float(self.model.weight.detach().abs().mean())
         return PolicyLogProbs(logp=torch.where(mask, -1.0, 0.0),
                               r_visual=torch.full((len(rollouts),), 1.0 + weight_mean))
 
     def train_step(self, rollouts, old_logp, advantages, ref_logp=None):
         with torch.no_grad():
-            self.model.module.weight.fill_(float("nan"))
+            self.model.weight.fill_(float("nan"))
         return {"loss/policy": 0.25, "loss/ratio_max": 1.0, "optim/grad_norm": 0.5, "optim/lr": 1e-6,
                 "data/response_tokens": float(3 * len(rollouts))}
 

@@ -121,8 +121,8 @@ def test_the_lock_is_taken_released_and_refused_in_process(tmp_path):
 
 # -- resuming at another layout ---------------------------------------------------------------------------------
 class _Layout:
-    def __init__(self, tp, pp, dp):
-        self.tp, self.pp, self.dp = tp, pp, dp
+    def __init__(self, tp, pp, dp, vpp=1):
+        self.tp, self.pp, self.dp, self.vpp = tp, pp, dp, vpp
 
 
 @pytest.mark.parametrize("recorded", [True, False], ids=["layout-recorded", "older-checkpoint"])
@@ -133,17 +133,24 @@ def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(ba
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     state_file = run / CHECKPOINTS / "step_00000000" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1}
     if not recorded:  # written before the layout was recorded: read from the export record and the rank files
         del state["layout"]
         state_file.write_text(json.dumps(state))
     schedule = state["schedule"]
     with pytest.raises(ValueError, match=r"written at TP=1 PP=1 \(DP=1\), but this run is TP=2 PP=1 \(DP=2\)"):
         plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(2, 1, 2))
-    with pytest.raises(ValueError, match=r"parallel\.pipeline_model_parallel_size=1 \(a world size that is a "):
+    with pytest.raises(ValueError, match=r"parallel\.pipeline_model_parallel_size=1 "
+                                         r"parallel\.virtual_pipeline_model_parallel_size=1 \(a world size that is a "):
         plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 2, 1))
     start = plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 1, 2))
     assert start.start_step == 1  # another data-parallel size resumes
+    if recorded:  # model chunks per pipeline rank are part of the layout
+        state["layout"] = {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(ValueError, match=r"written at TP=1 PP=2 VPP=2 \(DP=1\), but this run is TP=1 PP=2 "
+                                             r"\(DP=1\)"):
+            plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 2, 1))
 
 
 def _free_port() -> int:
@@ -152,23 +159,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.multiprocess
-def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
-    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+def _on_two_ranks(command: list[str]) -> list[str]:
+    """Run ``command`` as 2 ranks (torchrun's environment variables); both must succeed. Returns their outputs."""
     port = str(_free_port())
-    ranks = [subprocess.Popen(sft_command(run, sft_inputs), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
+    ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
              for rank in range(2)]
     outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+@pytest.mark.multiprocess
+def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    outputs = _on_two_ranks(sft_command(run, sft_inputs))
     assert "resumed from" in outputs[0]
     straight, resumed = losses(base_run), losses(run)
     assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
     final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
-    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2, "vpp": 1}
 
 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
@@ -177,7 +189,7 @@ def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(bas
     parameters, so it is refused, naming the settings the checkpoint was written with."""
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     record = json.loads((run / CHECKPOINTS / "step_00000000" / "trainer_state.json").read_text())["grad_buckets"]
-    assert record["overlap_grad_reduce"] and len(record["params_per_bucket"][0]) == 1
+    assert record["overlap_grad_reduce"] and len(record["params_per_bucket"]["tp0.pp0"][0]) == 1
     done = run_sft(run, sft_inputs, **{"parallel.ddp_bucket_size": 40000})
     assert done.returncode == 2, output(done)[-3000:]
     assert "Traceback" not in output(done)
@@ -186,6 +198,30 @@ def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(bas
     # refused when the model is built, after the run directory was prepared for the resume (as for a truncated
     # file): the checkpoint stays, metrics keep the steps it covers
     assert (run / CHECKPOINTS / "latest").read_text().strip() == "step_00000000" and logged_steps(run) == [0]
+
+
+@pytest.mark.multiprocess
+def test_an_interleaved_pipeline_run_resumes_and_exports(sft_inputs, tmp_path):
+    """PP=2 x VPP=2 (two model chunks per rank): the checkpoint holds every chunk, a resume from it continues the
+    loss curve, and it exports to HF with logits equal to the checkpoint's (`avar convert verify`)."""
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
+    toy = write_toy_checkpoint(tmp_path / "toy4", ToyModelConfig(num_layers=4))
+    layout = {"model.hf_path": toy, "parallel.pipeline_model_parallel_size": 2,
+              "parallel.virtual_pipeline_model_parallel_size": 2}
+    straight = tmp_path / "straight"
+    _on_two_ranks(sft_command(straight, sft_inputs, **layout))
+    state = json.loads((straight / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+    resumed = copy_run(straight, tmp_path / "resumed", latest_step=0)
+    assert "resumed from" in _on_two_ranks(sft_command(resumed, sft_inputs, **layout))[0]
+    assert losses(resumed)[1] == pytest.approx(losses(straight)[1], rel=1e-6)
+    checkpoint, hf = resumed / CHECKPOINTS / "step_00000001", tmp_path / "hf"
+    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
+                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
+        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, output(done)[-3000:]
 
 
 # -- the data fingerprint -----------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def _saved_activations(overrides: list[str]) -> dict:
     run = build_run(config, layout)
     image_token_id = run.qwen_config.image_token_id
     mb = max(next(iter(run.data)).microbatches, key=lambda m: _microbatch_counts(m, config, image_token_id))
-    parameters = {p.untyped_storage().data_ptr() for p in run.model.ddp.parameters()}
+    parameters = {p.untyped_storage().data_ptr() for p in run.model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(tensor):
@@ -115,9 +115,9 @@ def _saved_activations(overrides: list[str]) -> dict:
     sink = AGTOSink(QuerySets(mb.roles, mb.segment_ids), config.avar, num_layers=len(run.avar_layers), weight=1.0,
                     grad_scale=1.0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run.model.ddp(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
-                      image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
-                      segment_ids=mb.segment_ids, mass_sink=sink)
+        run.model.chunks[0](mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
+                            image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
+                            segment_ids=mb.segment_ids, mass_sink=sink)
     vocab_logits = mb.input_ids.numel() * run.qwen_config.text.vocab_size * run.dtype.itemsize * (
         4 // run.dtype.itemsize)  # the cross entropy keeps an fp32 softmax of the logits
     logits = [n for n in saved.values() if n == vocab_logits]

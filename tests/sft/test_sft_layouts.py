@@ -31,37 +31,52 @@ def _two_steps(overrides, layouts):
     for tp, pp, extra in layouts:
         config = load_config(SFTConfig, None, overrides + [f"parallel.tensor_model_parallel_size={tp}",
                                                            f"parallel.pipeline_model_parallel_size={pp}"] + extra)
-        layout = init_distributed(tp, pp, seed=config.train.seed)
+        layout = init_distributed(tp, pp, seed=config.train.seed,
+                                  vpp=config.parallel.virtual_pipeline_model_parallel_size)
         run = build_run(config, layout)
         batches = iter(run.data)
         results[(tp, pp, tuple(extra))] = [train_step(run.model, next(batches), config, avar_layers=run.avar_layers,
                                                       layout=layout) for _ in range(2)]
-        ddp = run.model.ddp
+        ddp = run.model.chunks[0]
         results[("built", tp, pp, tuple(extra))] = {
-            "sequence_parallel": run.model.module.config.sequence_parallel,
+            "sequence_parallel": run.model.modules[0].config.sequence_parallel,
             "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
             "overlap_param_gather": ddp.ddp_config.overlap_param_gather,
-            "buckets": sum(len(buffer) for buffer in run.model.grad_bucket_layout())}
+            "buckets": sum(len(buffer) for buffer in run.model.grad_bucket_layout()),
+            "chunks": len(run.model.chunks)}
         parallel_state.destroy_model_parallel()
     return results
 
 
 @pytest.fixture(scope="module")
 def layouts(sft_inputs, tmp_path_factory):
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
     overrides = sft_overrides(sft_inputs, tmp_path_factory.mktemp("layouts"))
+    # 4 layers: PP=2 x VPP=2 gives each rank two chunks of one layer
+    toy = write_toy_checkpoint(tmp_path_factory.mktemp("toy4") / "model", ToyModelConfig(num_layers=4))
+    four_layers = f"model.hf_path={toy}"
     single = run_on_ranks(_two_steps, 1, overrides, [(1, 1, []), (1, 1, ["avar.alpha=0", "avar.beta=0"]),
                                                      (1, 1, ["train.precision=bf16"]),
                                                      (1, 1, ["model.mass_mode=fused"]),
                                                      (1, 1, ["train.recompute=full"]),
-                                                     (1, 1, ["train.recompute=selective"])], timeout_s=400)[0]
+                                                     (1, 1, ["train.recompute=selective"]),
+                                                     (1, 1, [four_layers])], timeout_s=400)[0]
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
-                                                  (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS])], timeout_s=600)
-    return single, two
+                                                  (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS]),
+                                                  (1, 2, [four_layers, VPP])], timeout_s=600)
+    # the 4-layer model's runs under a path-free name
+    rename = lambda results: {tuple(FOUR_LAYERS if part == four_layers else part for part in key[:-1])  # noqa: E731
+                              + (tuple(FOUR_LAYERS if x == four_layers else x for x in key[-1]),): value
+                              for key, value in results.items()}
+    return rename(single), [rename(rank) for rank in two]
 
 
 SP = "parallel.sequence_parallel=true"
 NO_OVERLAP = "parallel.overlap_grad_reduce=false"
 SMALL_BUCKETS = "parallel.ddp_bucket_size=40000"  # several buckets: reduces and gathers overlap compute
+VPP = "parallel.virtual_pipeline_model_parallel_size=2"
+FOUR_LAYERS = "a 4-layer toy model"
 
 
 @pytest.mark.parametrize("layout", [(1, 1, ()), (2, 1, ()), (1, 2, ()), (2, 1, (SP,)), (1, 1, (NO_OVERLAP,)),
@@ -76,6 +91,20 @@ def test_steps_equal_the_single_rank_run(layouts, layout):
             for name in COMPARED:
                 assert ours[step][name] == pytest.approx(reference[step][name], rel=tolerance), (step, name)
     assert reference[0]["data/samples_with_agto_term"] > 0
+
+
+def test_interleaved_pipeline_steps_equal_the_single_rank_run(layouts):
+    """PP=2 x VPP=2 on a 4-layer model: each rank holds two one-layer chunks (layers 0 and 2, or 1 and 3), the
+    interleaved 1F1B schedule runs them; losses, AGTO terms of every layer and the gradient norm as one rank."""
+    single, two = layouts
+    reference = single[(1, 1, (FOUR_LAYERS,))]
+    for rank in two:
+        ours = rank[(1, 2, (FOUR_LAYERS, VPP))]
+        for step, tolerance in ((0, 1e-5), (1, 1e-4)):
+            for name in COMPARED + tuple(f"avar/layer_{layer:02d}/l_enh" for layer in range(4)):
+                assert ours[step][name] == pytest.approx(reference[step][name], rel=tolerance), (step, name)
+    built = two[0][("built", 1, 2, (FOUR_LAYERS, VPP))]
+    assert built["chunks"] == 2
 
 
 def test_layouts_were_built_as_asked(layouts):

@@ -232,6 +232,8 @@ class MegatronSettings:
     # activations between the tensor-parallel regions hold 1/tp of the sequence, in the language model and in
     # the vision encoder; attention still sees every token (the qkv projection gathers the sequence).
     sequence_parallel: bool = False
+    # model chunks per pipeline rank (megatron's interleaved schedule); 1: one stage per rank
+    virtual_pipeline_model_parallel_size: int = 1
 
     def __post_init__(self):
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
@@ -270,6 +272,10 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
     ):
         if value % tp:
             raise ValueError(f"{owner} {field}={value} does not split over tensor_model_parallel_size={tp}")
+    chunks = settings.pipeline_model_parallel_size * settings.virtual_pipeline_model_parallel_size
+    if settings.virtual_pipeline_model_parallel_size > 1 and text.num_layers % chunks:
+        raise ValueError(f"text num_layers={text.num_layers} does not split into pipeline_model_parallel_size x "
+                         f"virtual_pipeline_model_parallel_size = {chunks} model chunks of equal size")
     fused = platform.cuda_available() if settings.fused_kernels is None else settings.fused_kernels
     # The settings both TransformerConfigs share (keyword arguments of differing types: hence Any).
     common: dict[str, Any] = dict(
@@ -305,6 +311,13 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         add_qkv_bias=True,
         mrope_section=list(text.mrope_section),
         pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=(settings.virtual_pipeline_model_parallel_size
+                                              if settings.virtual_pipeline_model_parallel_size > 1 else None),
+        # gloo pairs a batch of sends and receives between the same two ranks in the order they are posted, and
+        # megatron's batched order is not the same on both sides: with two pipeline ranks the interleaved schedule
+        # (activation and gradient in flight to the same peer) would swap them. Its unbatched p2p posts in an
+        # order that pairs on either backend.
+        batch_p2p_comm=platform.distributed_backend() == "nccl",
         **_recompute_options(settings.recompute),
         **common,
     )
