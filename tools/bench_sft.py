@@ -29,7 +29,9 @@ Modes, each measured in a fresh process (so peak memory is its own), same data a
   hf-sdpa   Hugging Face's Qwen2.5-VL with SDPA attention, plain LM loss, torch AdamW, same config and tokens:
             what users run without AVAR
 Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
-(CUDA max allocated; CPU peak RSS) after the last step. Overheads are relative to "off".
+(CUDA max allocated; CPU peak RSS) after the last step. Overheads are relative to "off". "planned GB" (GPU, our
+trainer's modes): `avar plan`'s predicted peak for the same config and row (its image tokens and AGTO query rows),
+so a GPU run of this benchmark validates the plan.
 
 FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops with matmul_params of the model —
   6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·patches
@@ -167,12 +169,32 @@ def worker(spec: dict) -> dict:
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
     median = statistics.median(times)
+    planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", "probe", "fused") else None
     return {"mode": mode, "seq_length": seq, "step_seconds": median, "step_seconds_all": times,
+            "planned_peak_gb": planned,
             "real_tokens": statistics.median(tokens), "tflops": statistics.median(flops) / median / 1e12,
             "attention_share": statistics.median(attention),
             "peak_memory_gb": platform.peak_memory_bytes() / 1e9, "device": str(platform.current_device()),
             "gpu_name": torch.cuda.get_device_name() if platform.cuda_available() else None,
             "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads}
+
+
+def _planned_peak_gb(config, qwen, batch) -> float | None:
+    """`avar plan`'s predicted peak (GB) for this step's row (its image tokens and AGTO query rows), with the
+    kernel family this GPU runs; None on a CPU, where the measured peak is the process's RSS, not tensors."""
+    from megatron_avar import platform
+    from megatron_avar.plan import Assumptions, plan_sft
+    from megatron_avar.training.objective import QuerySets
+
+    if not platform.cuda_available():
+        return None
+    mb = batch.microbatches[0]
+    seq = config.data.seq_length
+    queries = int(QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink).q_index.numel())
+    assumptions = Assumptions(gpus=1, image_fraction=int((mb.input_ids == qwen.image_token_id).sum()) / seq,
+                              query_fraction=queries / seq, sample_tokens=batch.num_real_tokens,
+                              kernels="gpu" if platform.transformer_engine_available() else "gpu-no-te")
+    return plan_sft(config, qwen, "bench", assumptions).memory.peak / 1e9
 
 
 def _megatron_steps(config, qwen, dtype, mode):
@@ -265,6 +287,7 @@ def table(results: list[dict], args) -> list[dict]:
                 row.update(step_seconds=r["step_seconds"], real_tokens=r["real_tokens"], tflops=r["tflops"],
                            attention_share=r["attention_share"],
                            mfu=r["tflops"] / args.peak_tflops, peak_memory_gb=r["peak_memory_gb"],
+                           planned_peak_gb=r.get("planned_peak_gb"),
                            eager_attention_gb=eager_attention_gb(r["layers"], r["heads"], seq),
                            eager_attention_gb_full_7b=eager_attention_gb(FULL_7B_LAYERS, FULL_7B_HEADS, seq))
                 if "step_seconds" in base:
@@ -286,16 +309,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "fast attention, no masses). Targets: probe <= 1.05x off (CPU), <= 1.03x (GPU); memory <= +5%. FLOP "
              "formula and modes: tools/bench_sft.py.",
              "",
-             "| seq | mode | step s | vs off | peak GB | extra GB vs off | tokens | TFLOP/s | attention share | MFU "
-             "| eager S×S GB (this L) | eager S×S GB (28 L) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seq | mode | step s | vs off | peak GB | planned GB | extra GB vs off | tokens | TFLOP/s | attention "
+             "share | MFU | eager S×S GB (this L) | eager S×S GB (28 L) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_seconds" not in r:
-            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} | | | | | | | | | |")
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} | | | | | | | | | | |")
             continue
         overhead = r.get("step_time_overhead")
         vs_off = "baseline" if r["mode"] == "off" else _fmt(None if overhead is None else 100 * overhead, "+.1f") + "%"
         lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | {vs_off}"
-                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
+                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
+                     f" | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
                      f"{r['real_tokens']:.0f} | "
                      f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | {100 * r['mfu']:.1f}% | "
                      f"{r['eager_attention_gb']:.1f} | "
