@@ -314,7 +314,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_seconds" not in r:
-            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} | | | | | | | | | | |")
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 10)
             continue
         overhead = r.get("step_time_overhead")
         vs_off = "baseline" if r["mode"] == "off" else _fmt(None if overhead is None else 100 * overhead, "+.1f") + "%"
