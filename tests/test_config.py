@@ -50,3 +50,35 @@ def test_list_items_are_overridden_by_index(tmp_path):
     with pytest.raises(ValueError, match=r"override 'out.x=1': out is not a section or a list"):
         load_config(SFTConfig, config_file, ["out.x=1"])
     assert apply_overrides({"a": [{"b": 1}, {"b": 2}]}, ["a.1.b=3"]) == {"a": [{"b": 1}, {"b": 3}]}
+
+
+def test_parallel_layouts_that_cannot_run_are_refused_by_name():
+    from megatron_avar.grpo.config import GRPOConfig
+    from megatron_avar.sft.trainer import build_run
+    from megatron_avar.training.megatron_setup import RankLayout
+
+    base = ["out=o", "model.hf_path=m", "data.path=d"]
+    with pytest.raises(ValueError, match="sequence_parallel=true splits rows over tensor-parallel ranks: it needs"):
+        load_config(SFTConfig, None, base + ["parallel.sequence_parallel=true"])
+    with pytest.raises(ValueError, match=r"data.seq_length \(4095\) must be a multiple of "
+                                         r"parallel.tensor_model_parallel_size \(2\)"):
+        load_config(SFTConfig, None, base + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+                                             "data.seq_length=4095"])
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size > 1 interleaves pipeline stages: it "
+                                         "needs parallel.pipeline_model_parallel_size > 1"):
+        load_config(SFTConfig, None, base + ["parallel.virtual_pipeline_model_parallel_size=2"])
+    with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size > 1 is for avar sft"):
+        load_config(GRPOConfig, None, base + ["parallel.pipeline_model_parallel_size=2",
+                                              "parallel.virtual_pipeline_model_parallel_size=2"])
+    # GRPO's default row length (the longest rollout) is rounded up to a multiple of TP under SP
+    grpo = load_config(GRPOConfig, None, base + ["parallel.tensor_model_parallel_size=4",
+                                                 "parallel.sequence_parallel=true", "data.max_prompt_length=1001",
+                                                 "rollout.max_new_tokens=1000"])
+    assert grpo.seq_length == 2004
+    # the interleaved schedule's micro-batch groups, checked before anything is built
+    sft = load_config(SFTConfig, None, base + ["parallel.pipeline_model_parallel_size=2",
+                                               "parallel.virtual_pipeline_model_parallel_size=2",
+                                               "train.global_batch_size=3"])
+    layout = RankLayout(rank=0, world_size=2, local_rank=0, tp=1, pp=2, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, vpp=2)
+    with pytest.raises(ValueError, match=r"a step has 3 per data-parallel rank .* make it a multiple of 2"):
+        build_run(sft, layout)

@@ -147,6 +147,11 @@ class GRPOConfig:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must hold the longest rollout: "
                              f"data.max_prompt_length + rollout.max_new_tokens = "
                              f"{self.data.max_prompt_length + self.rollout.max_new_tokens} (or 0 for that sum)")
+        if self.parallel.virtual_pipeline_model_parallel_size > 1:
+            raise ValueError("parallel.virtual_pipeline_model_parallel_size > 1 is for avar sft: megatron's "
+                             "interleaved schedule needs a number of micro-batches that fits the pipeline (a multiple "
+                             "of pipeline_model_parallel_size), and a GRPO step has as many as its rollouts fill "
+                             "rows; use 1 (the plain 1F1B schedule)")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and self.train.seq_length % tp:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must be a multiple of "

@@ -177,6 +177,13 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
     from megatron_avar.training.megatron_setup import build_model, build_optimizer
     from megatron_avar.training.sft_data import SFTDataLoader
 
+    vpp, pp = config.parallel.virtual_pipeline_model_parallel_size, layout.pp
+    microbatches = config.train.global_batch_size // layout.dp // config.data.micro_batch_size
+    if vpp > 1 and microbatches % pp:
+        raise ValueError(f"the interleaved pipeline schedule (parallel.virtual_pipeline_model_parallel_size={vpp}) "
+                         f"runs micro-batches in groups of pipeline_model_parallel_size={pp}, but a step has "
+                         f"{microbatches} per data-parallel rank (train.global_batch_size / DP / "
+                         f"data.micro_batch_size): make it a multiple of {pp}")
     qwen_config = Qwen25VLConfig.from_hf(config.model.hf_path)
     avar_layers = config.avar.layer_indexes(qwen_config.text.num_layers)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
