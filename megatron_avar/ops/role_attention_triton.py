@@ -7,21 +7,32 @@ per tile, with one kernel for dK/dV (per key tile) and one for dQ (per query til
 accumulated with atomics and results are deterministic. Written here from that design, not copied.
 
 What is added to the tutorial's kernels:
-* Role masses: inside the forward tile loop, per role r, the masked row sum of P over the tile's
-  keys of role r is added to an fp32 accumulator [BLOCK_M, R] that is rescaled by the running max
-  exactly like the output accumulator (selects and adds only; no extra exponentials).
+* Role masses: inside the forward tile loop, P @ one_hot(key roles) ([BLOCK_M, BLOCK_N] x [BLOCK_N, BLOCK_R],
+  BLOCK_R >= 16 for tl.dot) is added to an fp32 accumulator [BLOCK_M, BLOCK_R] that is rescaled by the running
+  max exactly like the output accumulator. The product runs on tensor cores with P split into three bf16
+  parts (hi + mid + lo hold all 24 bits of an fp32 significand, and one-hot entries are exact), so the
+  masses are fp32 sums of the fp32 probabilities, as a per-role masked row sum would give (_role_dot).
 * Backward through the masses: with upstream gradient g[i, r] on mass[i, r], dS_ij gains
   P_ij * (g[i, role_j] - sum_r g[i, r] mass[i, r]); the row term is folded into the usual
-  D_i = dO_i . O_i, so dS_ij = P_ij * (dP_ij + g[i, role_j] - D_i).
+  D_i = dO_i . O_i, so dS_ij = P_ij * (dP_ij + g[i, role_j] - D_i). g[i, role_j] is the same split
+  product, g @ one_hot^T, exact in fp32.
 * Masks beyond causal: key padding (role -1), per-query key windows [row_start, row_end) for packed
   (THD) samples, and rows with no allowed key (out 0, mass 0, log-sum-exp +inf so the backward's P
   is exactly 0).
 * Per-role logit edits on rows where query_mask is set: z = (q.k) * scale * role_scale + role_bias.
 * GQA: q head h reads kv head h // G; the dK/dV kernel loops over the G query heads of a kv head.
+* 64-bit addressing: a tile's row offset start * stride_s (and the batch and head offsets) are int64, so
+  sequences whose offsets pass 2^31 elements (466k tokens of a fused-QKV view at Qwen2.5-VL-7B widths) are
+  addressed correctly; offsets inside a tile stay int32, which a launcher guard keeps exact (_tile_ready).
 
-Under TRITON_INTERPRET=1 (CPU tests) the same kernels run in Triton's interpreter, with two
-adjustments (both interpreter traps: docs/installation.md, 'Known dependency quirks'): tl.dot operands are cast to fp32
-(bf16 dots return garbage there) and one fixed block configuration replaces autotuning.
+The dK/dV kernel works on transposed tiles (S^T = K Q^T, [BLOCK_N, BLOCK_M]), as the tutorial does: every
+product then has BLOCK_N rows, so a 32-row query tile still maps to Hopper's 64-row wgmma, and P^T, dS^T
+feed dV += P^T dO and dK += dS^T Q from registers without a transpose.
+
+Under TRITON_INTERPRET=1 (CPU tests) the same kernels run in Triton's interpreter, with three adjustments
+(interpreter traps: docs/installation.md, 'Known dependency quirks'): tl.dot operands are cast to fp32 (bf16 dots
+return garbage there), one fixed block configuration replaces autotuning, and one-hot matrices are built with
+tl.where (a bool tensor cast to bf16 gives zeros).
 """
 
 from __future__ import annotations
@@ -51,7 +62,12 @@ INTERPRETING = bool(triton.knobs.runtime.interpret)
 INTERPRETER_BLOCK_M = 32
 INTERPRETER_BLOCK_N = 32
 
-MAX_TRITON_ROLES = 16
+MAX_TRITON_ROLES = 16  # the one-hot role matrices are BLOCK_R = 16 wide
+# Offsets inside a tile are int32: (BLOCK - 1) * stride_s + BLOCK_D < 2^31 for BLOCK <= 128, BLOCK_D <= 256 while a
+# per-token stride is below 2^24 elements. Inputs with a larger one are copied (a [.., H, D] layout has H * D).
+MAX_TILE_ROW_STRIDE = 2 ** 24
+# The role dots' bf16 operands go to the interpreter's tl.dot as fp32 (its bf16 dots are wrong; fp32 is exact).
+_BF16_DOTS_IN_FP32 = tl.constexpr(INTERPRETING)
 # Logits are handled in base 2 (exp2/log2 are the fast hardware paths): z2 = z * log2(e).
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -63,26 +79,92 @@ def _load_rows(Ptr, offs, n, other):
 
 
 @triton.jit
-def _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab, head,
-                 sm_scale_log2, NUM_ROLES: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Base-2 logits of a [BLOCK_M, BLOCK_N] tile (-inf where not allowed) and the factor c2 with
-    d(logit2)/d(q.k) = c2 (a scalar when there is no per-role scale)."""
-    allowed = roles_n[None, :] >= 0
-    if CAUSAL:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
-    if HAS_WINDOWS:
-        allowed = allowed & (offs_n[None, :] >= row_start_m[:, None]) & (offs_n[None, :] < row_end_m[:, None])
-    if HAS_SCALE:
-        role_scale = tl.load(ScaleTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=1.0)
-        c2 = tl.where(qmask_m[:, None], role_scale[None, :] * sm_scale_log2, sm_scale_log2)
+def _row_offset(start, stride):
+    """Element offset of row ``start`` (int64: start * stride passes 2^31 on long sequences)."""
+    return tl.cast(start, tl.int64) * stride
+
+
+@triton.jit
+def _one_hot(is_role):
+    """1.0 / 0.0 in bf16 (a bool tensor cast straight to bf16 gives zeros under the interpreter)."""
+    return tl.where(is_role, 1.0, 0.0).to(tl.bfloat16)
+
+
+@triton.jit
+def _dot16(a, b, acc):
+    """acc + a @ b for bf16 operands."""
+    if _BF16_DOTS_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        c2 = sm_scale_log2
-    s = qk * c2
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _role_dot_step(x, one_hot, acc, X_FIRST: tl.constexpr):
+    """(acc + part @ one_hot or one_hot @ part, x - part) for part = x rounded to bf16 (the remainder is exact in
+    fp32: Sterbenz)."""
+    part = x.to(tl.bfloat16)
+    if X_FIRST:
+        acc = _dot16(part, one_hot, acc)
+    else:
+        acc = _dot16(one_hot, part, acc)
+    return acc, x - part.to(tl.float32)
+
+
+@triton.jit
+def _role_dot(x, one_hot, acc, X_FIRST: tl.constexpr):
+    """acc + x @ one_hot (X_FIRST) or acc + one_hot @ x on tensor cores, exact up to fp32 accumulation: fp32 ``x``
+    is split into three bf16 parts x = hi + mid + lo (8 + 8 + 8 significant bits hold fp32's 24; each remainder is
+    exact), each multiplied by a one-hot bf16 matrix of key roles (entries 0 or 1, products exact)."""
+    acc, rest = _role_dot_step(x, one_hot, acc, X_FIRST)
+    acc, rest = _role_dot_step(rest, one_hot, acc, X_FIRST)
+    acc, _ = _role_dot_step(rest, one_hot, acc, X_FIRST)
+    return acc
+
+
+@triton.jit
+def _key_edits(ScaleTab, BiasTab, head, roles2, NUM_ROLES: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """Per key (``roles2``, broadcastable like the tile) for one head: the role's logit scale and its bias in base 2,
+    applied on edited rows; each is a scalar (1, 0) when that edit is off."""
+    key_scale = 1.0
+    key_bias = 0.0
+    if HAS_SCALE:
+        key_scale = tl.load(ScaleTab + head * NUM_ROLES + roles2, mask=roles2 >= 0, other=1.0)
     if HAS_BIAS:
-        role_bias = tl.load(BiasTab + head * NUM_ROLES + roles_n, mask=roles_n >= 0, other=0.0) * _LOG2E
-        s = s + tl.where(qmask_m[:, None], role_bias[None, :], 0.0)
-    return tl.where(allowed, s, float("-inf")), c2
+        key_bias = tl.load(BiasTab + head * NUM_ROLES + roles2, mask=roles2 >= 0, other=0.0) * _LOG2E
+    return key_scale, key_bias
+
+
+@triton.jit
+def _tile_logits(qk, m2, n2, roles2, qmask2, win_idx2, win_start2, win_end2, key_scale2, key_bias2, sm_scale_log2,
+                 CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Base-2 logits of a tile of q.k products, -inf where not allowed. The per-query operands (m2 row index,
+    qmask2) and per-key ones (n2 key index, roles2, and _key_edits' key_scale2, key_bias2) come broadcastable to
+    qk's shape: [M, 1] and [1, N] for a query-major tile, [1, M] and [N, 1] for the dK/dV kernel's key-major one.
+    Packed samples (HAS_WINDOWS) also need win_start2 <= win_idx2 < win_end2: the key index against the query's
+    window, or the query index against the key's. Windows are whole samples, so the two tests agree; each kernel
+    takes the window of its tile's rows (a per-row vector costs a thread 2 registers in Hopper's MMA layout, a
+    per-column one a quarter of the tile's width)."""
+    allowed = roles2 >= 0
+    if CAUSAL:
+        allowed = allowed & (n2 <= m2)
+    if HAS_WINDOWS:
+        allowed = allowed & (win_idx2 >= win_start2) & (win_idx2 < win_end2)
+    s = qk * sm_scale_log2
+    if HAS_SCALE or HAS_BIAS:
+        s = tl.where(qmask2, s * key_scale2 + key_bias2, s)
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _edited_grad(ds, qmask2, key_scale2, HAS_SCALE: tl.constexpr):
+    """``ds`` times the role scale on edited rows (operands as in _tile_logits): d(logit2)/d(q.k) is that times
+    sm_scale_log2, which the kernels apply once, to the accumulated dQ or dK. Formed unlike _tile_logits' product,
+    so no [M, N] tile of factors stays live from the logits to the gradient."""
+    if HAS_SCALE:
+        ds = tl.where(qmask2, ds * key_scale2, ds)
+    return ds
 
 
 @triton.jit
@@ -132,15 +214,22 @@ def _fwd_kernel(
     batch = (pid_bh // num_q_heads).to(tl.int64)
     head = pid_bh % num_q_heads
     kv_head = head // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m0
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
     row_ok = offs_m < seq_len
     d_ok = offs_d < HEAD_DIM
     tok = batch * seq_len  # offset of this sequence in the [B, S] per-token arrays
+    q_rows = Q + batch * stride_qb + _row_offset(head, stride_qh) + _row_offset(pid_m * BLOCK_M, stride_qs)
+    k_head = K + batch * stride_kb + _row_offset(kv_head, stride_kh)
+    v_head = V + batch * stride_vb + _row_offset(kv_head, stride_vh)
+    k_t_offs = offs_n0[None, :] * stride_ks + offs_d[:, None]  # in-tile offsets (int32)
+    v_offs = offs_n0[:, None] * stride_vs + offs_d[None, :]
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(q_rows + offs_m0[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
     qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
@@ -151,40 +240,39 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     mass_acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < seq_len
         roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
-        k_t = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None],
-                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k_t = tl.load(k_head + _row_offset(start_n, stride_ks) + k_t_offs, mask=n_ok[None, :] & d_ok[:, None],
+                      other=0.0)
+        v = tl.load(v_head + _row_offset(start_n, stride_vs) + v_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             k_t = k_t.to(tl.float32)
             v = v.to(tl.float32)
         qk = tl.dot(q, k_t, input_precision=PRECISION)
-        s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
-                             head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+        key_scale, key_bias = _key_edits(ScaleTab, BiasTab, head, roles_n[None, :], NUM_ROLES, HAS_SCALE, HAS_BIAS)
+        s = _tile_logits(qk, offs_m[:, None], offs_n[None, :], roles_n[None, :], qmask_m[:, None], offs_n[None, :],
+                         row_start_m[:, None], row_end_m[:, None], key_scale, key_bias, sm_scale_log2, CAUSAL,
+                         HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing allowed yet keep max -inf: shift by 0 so exp2 gives 0 instead of NaN.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - shift)
         p = tl.exp2(s - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        if COMPUTE_MASS:
-            mass_acc = mass_acc * alpha[:, None]
-            for r in tl.static_range(NUM_ROLES):
-                role_sum = tl.sum(tl.where(roles_n[None, :] == r, p, 0.0), 1)
-                mass_acc += tl.where(offs_r[None, :] == r, role_sum[:, None], 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        if COMPUTE_MASS:  # mass_acc[i, r] += sum of p[i, j] over keys j of role r (none for padding, role -1)
+            one_hot = _one_hot(roles_n[:, None] == offs_r[None, :])  # [BLOCK_N, BLOCK_R]
+            mass_acc = _role_dot(p, one_hot, mass_acc * alpha[:, None], True)
         m_i = m_new
 
     nonempty = l_i > 0.0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
     out = acc * inv_l[:, None]
-    tl.store(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_rows = Out + batch * stride_ob + _row_offset(head, stride_oh) + _row_offset(pid_m * BLOCK_M, stride_os)
+    tl.store(o_rows + offs_m0[:, None] * stride_os + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
     bh_rows = (batch * num_q_heads + head) * seq_len + offs_m  # row index into [B, H, S] arrays
     # +inf on empty rows: the backward's exp2(s - lse) is then exactly 0 for every key.
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("inf"))
@@ -205,16 +293,17 @@ def _bwd_preprocess_kernel(Out, DOut, Mass, DMass, Delta, stride_ob, stride_os, 
     pid_bh = tl.program_id(1)
     batch = (pid_bh // num_q_heads).to(tl.int64)
     head = pid_bh % num_q_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m0
     row_ok = offs_m < seq_len
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_OUT_GRAD:
         offs_d = tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        o = tl.load(Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+        o_rows = Out + batch * stride_ob + _row_offset(head, stride_oh) + _row_offset(pid_m * BLOCK_M, stride_os)
+        do_rows = DOut + batch * stride_db + _row_offset(head, stride_dh) + _row_offset(pid_m * BLOCK_M, stride_ds)
+        o = tl.load(o_rows + offs_m0[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(do_rows + offs_m0[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         delta += tl.sum(o * do, 1)
     bh_rows = (batch * num_q_heads + head) * seq_len + offs_m
     if HAS_MASS_GRAD:
@@ -231,39 +320,46 @@ def _bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh, stride_gb, stride_gs, stride_gh,
     seq_len, num_q_heads, group, sm_scale_log2, seq_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOWS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_OUT_GRAD: tl.constexpr, HAS_MASS_GRAD: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile of one kv head: loops over the G query heads sharing it and over the
-    query tiles that may see these keys. dK/dV strides (stride_g*) are those of contiguous [B, S, Hkv, D]."""
+    query tiles that may see these keys, on key-major tiles ([BLOCK_N, BLOCK_M]: S^T = K Q^T).
+    dK/dV strides (stride_g*) are those of contiguous [B, S, Hkv, D]."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     num_kv_heads = num_q_heads // group
     batch = (pid_bh // num_kv_heads).to(tl.int64)
     kv_head = pid_bh % num_kv_heads
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + offs_n0
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < seq_len
     d_ok = offs_d < HEAD_DIM
     tok = batch * seq_len
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k_rows = K + batch * stride_kb + _row_offset(kv_head, stride_kh) + _row_offset(pid_n * BLOCK_N, stride_ks)
+    v_rows = V + batch * stride_vb + _row_offset(kv_head, stride_vh) + _row_offset(pid_n * BLOCK_N, stride_vs)
+    k = tl.load(k_rows + offs_n0[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_rows + offs_n0[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     if DOT_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    k_t = tl.trans(k)
-    v_t = tl.trans(v)
     roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
+    offs_r = tl.arange(0, BLOCK_R)
+    one_hot = _one_hot(roles_n[:, None] == offs_r[None, :])  # [BLOCK_N, BLOCK_R]
+    q_offs = offs_m0[:, None] * stride_qs + offs_d[None, :]  # in-tile offsets (int32)
+    do_offs = offs_m0[:, None] * stride_ds + offs_d[None, :]
 
     lo = 0
     hi = seq_len
-    if HAS_WINDOWS:  # a key's packed sample is the sample of the query at the same index
+    # A key's packed sample is the sample of the query at the same index: the key's window bounds the queries.
+    key_start, key_end = _query_rows(QMask, RowStart, RowEnd, tok, offs_n, n_ok, seq_len, HAS_WINDOWS, False,
+                                     False)[1:]
+    if HAS_WINDOWS:
         lo = tl.load(RowStart + tok + pid_n * BLOCK_N)
         hi = tl.load(RowEnd + tok + tl.minimum(pid_n * BLOCK_N + BLOCK_N, seq_len) - 1)
     if CAUSAL:
@@ -275,42 +371,46 @@ def _bwd_dkdv_kernel(
     for member in range(0, group):
         head = kv_head * group + member
         bh_base = (batch * num_q_heads + head) * seq_len
+        q_head = Q + batch * stride_qb + _row_offset(head, stride_qh)
+        do_head = DOut + batch * stride_db + _row_offset(head, stride_dh)
+        key_scale, key_bias = _key_edits(ScaleTab, BiasTab, head, roles_n[:, None], NUM_ROLES, HAS_SCALE, HAS_BIAS)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             row_ok = offs_m < seq_len
-            q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(q_head + _row_offset(start_m, stride_qs) + q_offs, mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0)
             if DOT_FP32:
                 q = q.to(tl.float32)
-            qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
-                                                          HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+            qmask_m, _, _ = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len, False, HAS_SCALE,
+                                        HAS_BIAS)
             lse = _load_rows(Lse + bh_base, offs_m, seq_len, float("inf"))
             delta = _load_rows(Delta + bh_base, offs_m, seq_len, 0.0)
-            qk = tl.dot(q, k_t, input_precision=PRECISION)
-            s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
-                                 head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
-            p = tl.exp2(s - lse[:, None])
-            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+            s_t = _tile_logits(qk_t, offs_m[None, :], offs_n[:, None], roles_n[:, None], qmask_m[None, :],
+                               offs_m[None, :], key_start[:, None], key_end[:, None], key_scale, key_bias,
+                               sm_scale_log2, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+            p_t = tl.exp2(s_t - lse[None, :])
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             if HAS_OUT_GRAD:
-                do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds
-                             + offs_d[None, :],
+                do = tl.load(do_head + _row_offset(start_m, stride_ds) + do_offs,
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 if DOT_FP32:
                     do = do.to(tl.float32)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                dp = tl.dot(do, v_t, input_precision=PRECISION)
-            if HAS_MASS_GRAD:  # dP_ij += g[i, role_j]
-                for r in tl.static_range(NUM_ROLES):
-                    g_r = tl.load(DMass + (bh_base + offs_m) * NUM_ROLES + r, mask=row_ok, other=0.0)
-                    dp += tl.where(roles_n[None, :] == r, g_r[:, None], 0.0)
-            ds = p * (dp - delta[:, None])
-            dqk = ds * c2
-            dk += tl.dot(tl.trans(dqk.to(q.dtype)), q, input_precision=PRECISION)
-    # c2 carries log2(e) (logits are in base 2); d(natural logit)/d(q.k) = c2 * ln 2.
-    dk = dk * _LN2
-    out_off = batch * stride_gb + kv_head * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HAS_MASS_GRAD:  # dP^T[j, i] += g[i, role_j] = (one_hot g^T)[j, i]
+                g = tl.load(DMass + (bh_base + offs_m)[:, None] * NUM_ROLES + offs_r[None, :],
+                            mask=row_ok[:, None] & (offs_r[None, :] < NUM_ROLES), other=0.0)
+                dp_t = _role_dot(tl.trans(g), one_hot, dp_t, False)
+            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = _edited_grad(ds_t, qmask_m[None, :], key_scale, HAS_SCALE)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    # Logits are in base 2: d(natural logit)/d(q.k) = sm_scale_log2 * ln 2 (times the role scale, applied above).
+    dk = dk * (sm_scale_log2 * _LN2)
+    out_rows = batch * stride_gb + _row_offset(kv_head, stride_gh) + _row_offset(pid_n * BLOCK_N, stride_gs)
+    out_offs = offs_n0[:, None] * stride_gs + offs_d[None, :]
+    tl.store(DK + out_rows + out_offs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_rows + out_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -330,7 +430,8 @@ def _bwd_dq_kernel(
     batch = (pid_bh // num_q_heads).to(tl.int64)
     head = pid_bh % num_q_heads
     kv_head = head // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m0
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -339,14 +440,15 @@ def _bwd_dq_kernel(
     tok = batch * seq_len
     bh_base = (batch * num_q_heads + head) * seq_len
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=q_mask, other=0.0)
+    row0 = pid_m * BLOCK_M
+    q_rows = Q + batch * stride_qb + _row_offset(head, stride_qh) + _row_offset(row0, stride_qs)
+    q = tl.load(q_rows + offs_m0[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
     do = q
     if HAS_OUT_GRAD:
-        do = tl.load(DOut + batch * stride_db + head * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
-                     mask=q_mask, other=0.0)
+        do_rows = DOut + batch * stride_db + _row_offset(head, stride_dh) + _row_offset(row0, stride_ds)
+        do = tl.load(do_rows + offs_m0[:, None] * stride_ds + offs_d[None, :], mask=q_mask, other=0.0)
         if DOT_FP32:
             do = do.to(tl.float32)
     g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -358,36 +460,41 @@ def _bwd_dq_kernel(
     qmask_m, row_start_m, row_end_m = _query_rows(QMask, RowStart, RowEnd, tok, offs_m, row_ok, seq_len,
                                                   HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
     lo, hi = _key_range(RowStart, RowEnd, tok, pid_m, seq_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOWS)
+    k_head = K + batch * stride_kb + _row_offset(kv_head, stride_kh)
+    v_head = V + batch * stride_vb + _row_offset(kv_head, stride_vh)
+    k_offs = offs_n0[:, None] * stride_ks + offs_d[None, :]  # in-tile offsets (int32)
+    v_t_offs = offs_n0[None, :] * stride_vs + offs_d[:, None]
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < seq_len
         roles_n = tl.load(Roles + tok + offs_n, mask=n_ok, other=-1)
-        k = tl.load(K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_head + _row_offset(start_n, stride_ks) + k_offs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s, c2 = _tile_scores(qk, offs_m, offs_n, roles_n, qmask_m, row_start_m, row_end_m, ScaleTab, BiasTab,
-                             head, sm_scale_log2, NUM_ROLES, CAUSAL, HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
+        key_scale, key_bias = _key_edits(ScaleTab, BiasTab, head, roles_n[None, :], NUM_ROLES, HAS_SCALE, HAS_BIAS)
+        s = _tile_logits(qk, offs_m[:, None], offs_n[None, :], roles_n[None, :], qmask_m[:, None], offs_n[None, :],
+                         row_start_m[:, None], row_end_m[:, None], key_scale, key_bias, sm_scale_log2, CAUSAL,
+                         HAS_WINDOWS, HAS_SCALE, HAS_BIAS)
         p = tl.exp2(s - lse[:, None])
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_OUT_GRAD:
-            v_t = tl.load(V + batch * stride_vb + kv_head * stride_vh + offs_n[None, :] * stride_vs + offs_d[:, None],
-                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            v_t = tl.load(v_head + _row_offset(start_n, stride_vs) + v_t_offs, mask=n_ok[None, :] & d_ok[:, None],
+                          other=0.0)
             if DOT_FP32:
                 v_t = v_t.to(tl.float32)
             dp = tl.dot(do, v_t, input_precision=PRECISION)
-        if HAS_MASS_GRAD:  # dP_ij += g[i, role_j]
-            for r in tl.static_range(NUM_ROLES):
-                g_r = tl.sum(tl.where(offs_r[None, :] == r, g, 0.0), 1)
-                dp += tl.where(roles_n[None, :] == r, g_r[:, None], 0.0)
+        if HAS_MASS_GRAD:  # dP[i, j] += g[i, role_j] = (g one_hot^T)[i, j]
+            one_hot_t = _one_hot(offs_r[:, None] == roles_n[None, :])  # [BLOCK_R, BLOCK_N]
+            dp = _role_dot(g, one_hot_t, dp, True)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot((ds * c2).to(k.dtype), k, input_precision=PRECISION)
-    dq = dq * _LN2  # c2 carries log2(e); see _bwd_dkdv_kernel
-    tl.store(DQ + batch * stride_gb + head * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+        ds = _edited_grad(ds, qmask_m[:, None], key_scale, HAS_SCALE)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    dq = dq * (sm_scale_log2 * _LN2)  # see _bwd_dkdv_kernel
+    dq_rows = DQ + batch * stride_gb + _row_offset(head, stride_gh) + _row_offset(row0, stride_gs)
+    tl.store(dq_rows + offs_m0[:, None] * stride_gs + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,10 +514,13 @@ def _configs(shapes):
 # needs 225 KiB in fp32 at D=128; the wide-fp32 ones 69-146 KiB), and a config that does not fit fails
 # at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and
 # results, a fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py).
+# dK/dV at D=128: its fp32 dK and dV accumulators take 128 of a thread's 255 registers (BLOCK_N = 16 x num_warps),
+# so its candidates are those ptxas compiles without register spills at Qwen2.5-VL-7B shapes with every feature
+# on (tests/ops/role_attention_aot.py checks them): 16- or 32-row query tiles, the 32-row ones unpipelined.
 AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
 _FWD_CONFIGS_WIDE_FP32 = [(64, 64, 4, 2), (64, 32, 4, 2)]
-_DKDV_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
+_DKDV_CONFIGS = [(32, 64, 4, 1), (16, 64, 4, 2), (32, 128, 8, 1), (16, 128, 8, 2), (16, 64, 4, 3)]
 _DKDV_CONFIGS_WIDE_FP32 = [(32, 64, 4, 2), (64, 64, 4, 2)]
 _DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
 _DQ_CONFIGS_WIDE_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
@@ -462,16 +572,17 @@ def _check_runnable(problem: RoleAttentionProblem) -> None:
     elif not (q.is_cuda and platform.triton_gpu_available()):
         raise ValueError("impl='triton' needs CUDA tensors and Triton's GPU backend (or TRITON_INTERPRET=1 set "
                          "before importing megatron_avar.ops on a CPU machine); use impl='blockwise' here")
-    if problem.num_roles > MAX_TRITON_ROLES:
-        # The role loops are unrolled at compile time (one masked row sum per role).
+    if problem.num_roles > MAX_TRITON_ROLES:  # the one-hot role matrices have BLOCK_R = 16 columns
         raise ValueError(f"impl='triton' supports num_roles <= {MAX_TRITON_ROLES}, got {problem.num_roles}; "
                          "use impl='blockwise'")
     if q.shape[-1] > 256:
         raise ValueError(f"impl='triton' supports head_dim <= 256, got {q.shape[-1]}; use impl='blockwise'")
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _tile_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, S, H, D] as the kernels address it: unit stride along D, and a per-token stride below
+    MAX_TILE_ROW_STRIDE (in-tile offsets are int32); otherwise a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(1) < MAX_TILE_ROW_STRIDE else t.contiguous()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,6 +613,7 @@ def _launch_args(problem: RoleAttentionProblem) -> _Launch:
         bias_tab=problem.logit_bias if edits and problem.logit_bias is not None else q,
         flags=dict(
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), NUM_ROLES=problem.num_roles,
+            BLOCK_R=16,  # tl.dot's smallest width; num_roles <= MAX_TRITON_ROLES = 16
             CAUSAL=problem.causal, HAS_WINDOWS=problem.row_start is not None,
             HAS_SCALE=edits and problem.logit_scale is not None, HAS_BIAS=edits and problem.logit_bias is not None,
             # Interpreter trap: tl.dot on bf16/fp16 returns garbage there; fp32 operands are exact.
@@ -520,7 +632,7 @@ def _scalars(problem: RoleAttentionProblem):
 
 def _forward(problem: RoleAttentionProblem, compute_mass: bool):
     """Returns out [B, S, Hq, D], mass [B, Hq, S, R] fp32 (empty [0] if not computed), lse2 [B, Hq, S] fp32."""
-    q, k, v = (_last_dim_contiguous(t) for t in (problem.q, problem.k, problem.v))
+    q, k, v = (_tile_ready(t) for t in (problem.q, problem.k, problem.v))
     batch, seq_len, num_q_heads, head_dim = q.shape
     launch = _launch_args(problem)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -534,28 +646,26 @@ def _forward(problem: RoleAttentionProblem, compute_mass: bool):
         # (never read or written when COMPUTE_MASS is off).
         out, mass if compute_mass else lse, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *out.stride()[:3],
-        **_scalars(problem), **launch.flags, BLOCK_R=triton.next_power_of_2(max(problem.num_roles, 2)),
-        COMPUTE_MASS=compute_mass, **_fixed_blocks(),
+        **_scalars(problem), **launch.flags, COMPUTE_MASS=compute_mass, **_fixed_blocks(),
     )
     return out, mass, lse
 
 
 def _backward(problem: RoleAttentionProblem, out, mass, lse, grad_out, grad_mass):
-    q, k, v = (_last_dim_contiguous(t) for t in (problem.q, problem.k, problem.v))
+    q, k, v = (_tile_ready(t) for t in (problem.q, problem.k, problem.v))
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     launch = _launch_args(problem)
     flags = dict(launch.flags)
-    block_r = triton.next_power_of_2(max(problem.num_roles, 2))
     has_out_grad, has_mass_grad = grad_out is not None, grad_mass is not None
-    grad_out = _last_dim_contiguous(grad_out) if has_out_grad else out       # placeholder when absent
+    grad_out = _tile_ready(grad_out) if has_out_grad else out       # placeholder when absent
     grad_mass = grad_mass.to(torch.float32).contiguous() if has_mass_grad else lse
     delta = torch.empty_like(lse)
     pre_block = 64
     _bwd_preprocess_kernel[(triton.cdiv(seq_len, pre_block), batch * num_q_heads)](
         out, grad_out, mass if has_mass_grad else lse, grad_mass, delta, *out.stride()[:3], *grad_out.stride()[:3],
         seq_len, num_q_heads,
-        HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], NUM_ROLES=problem.num_roles, BLOCK_R=block_r,
+        HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], NUM_ROLES=problem.num_roles, BLOCK_R=flags["BLOCK_R"],
         BLOCK_M=pre_block, HAS_OUT_GRAD=has_out_grad, HAS_MASS_GRAD=has_mass_grad,
     )
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -568,8 +678,7 @@ def _backward(problem: RoleAttentionProblem, out, mass, lse, grad_out, grad_mass
     grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
     _dkdv[grid_kv](*common, dk, dv, *strides, *dk.stride()[:3], **_scalars(problem), **flags, **grad_flags)
     grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
-    _dq[grid_q](*common, dq, *strides, *dq.stride()[:3], **_scalars(problem), **flags, BLOCK_R=block_r,
-                **grad_flags)
+    _dq[grid_q](*common, dq, *strides, *dq.stride()[:3], **_scalars(problem), **flags, **grad_flags)
     return dq, dk, dv
 
 

@@ -190,7 +190,7 @@ def _mass_dk_kernel(
 ):
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
-    j0 = pid_n * BLOCK_N
+    j0 = pid_n.to(tl.int64) * BLOCK_N  # key offsets (offs_n * stride_kt) in 64 bits, as the other kernels' are
     offs_n = j0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -211,7 +211,7 @@ def _mass_dk_kernel(
                                        stride_kh, sm_scale_log2, HEAD_DIM, DOT_FP32, PRECISION)
                 dz = _dz(qk, lse, delta, g, roles, offs_r)
                 dk += tl.dot(tl.trans(dz.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK + offs_n.to(tl.int64)[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+    tl.store(DK + offs_n[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty),
              mask=(offs_n[:, None] < num_keys) & (offs_d[None, :] < HEAD_DIM))
 

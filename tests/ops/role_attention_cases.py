@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import mmap
+import sys
 
 import torch
 
@@ -152,3 +154,34 @@ def assert_within_low_precision_budget(got, plain, truth, label):
         floor = 32 * eps32 * max(1.0, want.abs().max().item())
         assert err[name] <= 2 * plain_err[name] + floor, (
             f"{label} {name}: error {err[name]:.2e} > 2 x plain {plain_err[name]:.2e} + {floor:.1e}")
+
+
+# Linux's MAP_NORESERVE (Python's mmap module does not export it): reserve address space without committing memory.
+_MAP_NORESERVE = 0x4000
+INT32_HEADROOM = 2 ** 31  # elements before a far_apart view: offsets wrapped at 2^31 land there, not outside
+
+
+def far_apart(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero tensor of ``shape`` with element ``strides`` far apart enough that offsets pass 2^31 elements.
+
+    It views a buffer INT32_HEADROOM elements in: a kernel whose offsets wrap at 2^31 elements then reads the
+    zeros before it (a wrong result, not a fault). On the CPU the buffer is an anonymous private mapping that
+    only reserves address space, so only the pages the tensor's elements touch take memory; on CUDA it is
+    allocated (about 2 bytes x (2^31 + span) for 2-byte types). Skips the test where the mapping is refused.
+    """
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    elements = INT32_HEADROOM + span
+    if torch.device(device).type == "cuda":
+        base = torch.zeros(elements, dtype=dtype, device=device)
+    else:
+        import pytest
+
+        if not sys.platform.startswith("linux"):
+            pytest.skip("needs Linux's MAP_NORESERVE")
+        try:
+            buffer = mmap.mmap(-1, elements * dtype.itemsize,
+                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+        except OSError as err:  # e.g. vm.overcommit_memory=2
+            pytest.skip(f"cannot reserve {elements * dtype.itemsize / 2**30:.1f} GiB of address space: {err}")
+        base = torch.frombuffer(buffer, dtype=dtype)  # keeps the mapping alive
+    return base[INT32_HEADROOM:].as_strided(shape, strides)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_avar.ops import role_attention, role_mass
-from role_attention_cases import Case, make
+from role_attention_cases import Case, far_apart, make
 
 role_mass_module = importlib.import_module("megatron_avar.ops.role_mass")  # the package's name is the function
 IMPLS = ("reference", "blockwise")
@@ -262,6 +262,42 @@ def test_triton_probe_is_deterministic(triton_device):
     second = _probe(q, k, roles, kwargs, rows, weights, "triton")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_triton_probe_key_offsets_past_2_31_elements(triton_device, monkeypatch):
+    """The dk kernel's key offsets are 64-bit: relaunched on K rows 2^24 - 16 elements apart (keys 128-135 past
+    2^31 elements; the launcher would copy such a K to contiguous, so the recorded launch is repeated with only
+    K and its stride changed), it returns bitwise the same dk. With offsets that wrap at 2^31 those keys read the
+    zeros before the view instead. (The forward and dq kernels walk keys from 64-bit row windows.)"""
+    case = Case(packed=(70, 66), num_q_heads=2, num_kv_heads=1, head_dim=16)
+    q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.bfloat16, seed=33))
+    rows = torch.tensor([3, 69, 100, 129, 135, 131], device=triton_device)  # rows of both samples, past key 128
+    weights = torch.randn(rows.numel(), 2, case.num_roles, generator=torch.Generator().manual_seed(8),
+                          dtype=torch.float64).to(triton_device)
+    kernel, launches = role_mass_triton._mass_dk_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, args, kw))
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(role_mass_triton, "_mass_dk_kernel", Recorded())
+    _probe(q, k, roles, kwargs, rows, weights, "triton")
+    (grid, args, kw), = launches
+    args, names = list(args), kernel.arg_names
+    stride = 2 ** 24 - 16
+    keys = args[names.index("K")]
+    assert (keys.shape[0] - 1) * stride >= 2 ** 31 and keys.stride(0) < stride
+    wide = far_apart(tuple(keys.shape), (stride, *keys.stride()[1:]), keys.dtype, triton_device)
+    wide.copy_(keys)
+    want: torch.Tensor = args[names.index("DK")]
+    got = torch.empty_like(want)
+    args[names.index("K")], args[names.index("stride_kt")], args[names.index("DK")] = wide, stride, got
+    kernel[grid](*args, **kw)
+    assert want.abs().amax((1, 2))[128:].min() > 0  # the far keys get gradient
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
