@@ -4,8 +4,9 @@
 - r_visual from the masses of the SAME pass equals the definition (docs/method.md, 'Visual-anchored reward (GRPO)')
   computed from HF eager attention probabilities: per response query and layer, head-mean mass on IMAGE keys over
   head-mean mass on SYSTEM keys + ε, averaged over layers then tokens.
-- One GRPO update at TP=2, PP=2 and DP=2 gives the loss metrics, gradient norm and updated log-probs of the
-  single-rank update (the loss is normalised by global token counts, so the layout cannot change it).
+- One GRPO update at TP=2, TP=2 with sequence parallelism, PP=2 and DP=2 gives the loss metrics, gradient norm and
+  updated log-probs of the single-rank update (the loss is normalised by global token counts, so the layout cannot
+  change it).
 
 Rollouts are the toy model's real prompts (real tokenizer, images of the procedural dataset) with random
 responses, several packed per row, so the test does not depend on a generation backend.
@@ -62,12 +63,12 @@ def _policy_runs(hf_path, data_path, layouts):
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=4)
     advantages = torch.linspace(-1.0, 1.0, len(rollouts))
     results = {}
-    for tp, pp in layouts:
+    for tp, pp, *options in layouts:  # options: ("sp",) for sequence parallelism
         layout = init_distributed(tp, pp, seed=1)
         qwen_config = Qwen25VLConfig.from_hf(hf_path)
         layers = tuple(range(qwen_config.text.num_layers))
         parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  distributed_optimizer=False)
+                                  sequence_parallel="sp" in options, distributed_optimizer=False)
         model = build_model(qwen_config, parallel, dtype=torch.float32, recompute="none", role_mass_layers=layers,
                             hf_path=hf_path)
         build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32)
@@ -84,7 +85,7 @@ def _policy_runs(hf_path, data_path, layouts):
         perturbed = old.logp + 0.2 * torch.sin(37 * rows + torch.arange(old.logp.shape[1])[None, :])
         metrics = policy.train_step(ours, perturbed, advantages[mine])
         new = policy.log_probs_with_masses(ours)
-        results[(tp, pp)] = {"slice": (mine.start, mine.stop), "logp": old.logp, "r_visual": old.r_visual,
+        results[(tp, pp, *options)] = {"slice": (mine.start, mine.stop), "logp": old.logp, "r_visual": old.r_visual,
                              "metrics": metrics, "new_logp": new.logp}
         parallel_state.destroy_model_parallel()
     return results
@@ -169,8 +170,8 @@ def _hf_reference(hf_path, rollouts):
 def runs(sft_inputs):
     single = run_on_ranks(_policy_runs, 1, sft_inputs["hf_path"], sft_inputs["data_path"], [(1, 1)],
                           timeout_s=400)[0]
-    two = run_on_ranks(_policy_runs, 2, sft_inputs["hf_path"], sft_inputs["data_path"], [(1, 1), (2, 1), (1, 2)],
-                       timeout_s=600)
+    two = run_on_ranks(_policy_runs, 2, sft_inputs["hf_path"], sft_inputs["data_path"],
+                       [(1, 1), (2, 1), (1, 2), (2, 1, "sp")], timeout_s=600)
     return single, two
 
 
@@ -187,7 +188,7 @@ def test_old_log_probs_and_r_visual_equal_hf_eager(runs, sft_inputs):
     assert float(visuals.min()) > 0
 
 
-@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2), (2, 1, "sp")], ids=["dp2", "tp2", "pp2", "tp2_sp"])
 def test_update_equals_the_single_rank_update(runs, layout):
     single, two = runs
     reference = single[(1, 1)]
