@@ -9,13 +9,18 @@ per sequence length (1k-32k), forward and forward+backward, for:
   triton, masses off       the same kernels with mass accumulation compiled out (cost of the masses)
   torch SDPA (flash)       torch's FlashAttention backend, K/V pre-expanded to 28 heads; no masses
   torch SDPA (cuDNN)       torch's cuDNN fused-attention backend, same inputs; no masses
+  FlexAttention, LSE/role  the nearest public alternative with masses: compiled flex_attention (GQA), one causal
+                           call for out and the log-sum-exp over all keys, one more per role with the other roles'
+                           keys masked; mass_r = exp(lse_r - lse) (flex_role_attention). Block masks are built
+                           once per input, outside the timed region, as a user with fixed roles would.
   role_mass probe          masses of 256 user-text rows only (ops.role_mass), no out: what an AVAR layer adds
                            to the platform's fastest attention; its FLOPs are its own (2*N*Hq*keys*D, x3 fwd+bwd)
   eager + mass             plain PyTorch attention materialising P [B, H, S, S] in bf16 (fp32 softmax),
                            masses from P; the baseline without a fused kernel (OOM at long S)
-CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise vs reference
-at 1k/2k/4k, each measurement in a fresh subprocess; peak memory = growth of the process's peak
-resident set over its resident set with inputs allocated (/proc/self/clear_refs resets the peak); time = best of N runs.
+CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise and torch SDPA
+(its CPU flash kernel, no masses) vs reference at 1k/2k/4k, each measurement in a fresh subprocess; peak memory
+= growth of the process's peak resident set over its resident set with inputs allocated (/proc/self/clear_refs
+resets the peak); time = best of N runs.
 
 FLOP convention (FlashAttention's): forward = 2 matmuls (Q K^T, P V) of 2*S*S*D flops per head, halved
 when causal; backward = 2.5x forward (5 matmuls). Mass accumulation and masking are not counted as
@@ -77,6 +82,38 @@ def make_inputs(batch, seq_len, num_q_heads, num_kv_heads, head_dim, dtype, devi
 # GPU part
 
 
+def flex_role_attention(q, k, v, roles, num_roles, *, compiled: bool = True):
+    """FlexAttention's way to role masses, as a callable: () -> (out [B, S, Hq, D], mass [B, Hq, S, R]).
+    q [B, S, Hq, D], k / v [B, S, Hkv, D], roles int [B, S] (-1: never attended). One causal call gives out and
+    the log-sum-exp over every allowed key; one call per role with the keys of other roles masked gives lse_r;
+    mass_r = exp(lse_r - lse) (0 where a row sees no key of role r). Block masks are built here, once."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    attend = torch.compile(flex_attention) if compiled else flex_attention
+    batch, seq = roles.shape
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D]
+
+    def mask_of(role):
+        def allowed(b, h, q_idx, kv_idx):
+            keep = (q_idx >= kv_idx) & (roles[b, kv_idx] >= 0)
+            return keep if role is None else keep & (roles[b, kv_idx] == role)
+        return create_block_mask(allowed, batch, None, seq, seq, device=str(q.device))
+
+    masks = [mask_of(None)] + [mask_of(role) for role in range(num_roles)]
+    gqa = q.shape[2] != k.shape[2]
+
+    lse_only = AuxRequest(lse=True)
+
+    def run():
+        out, aux = attend(qt, kt, vt, block_mask=masks[0], enable_gqa=gqa, return_aux=lse_only)
+        role_lse = [attend(qt, kt, vt, block_mask=mask, enable_gqa=gqa, return_aux=lse_only)[1].lse
+                    for mask in masks[1:]]
+        mass = torch.stack([torch.exp(r - aux.lse) for r in role_lse], dim=-1)  # [B, H, S, R]
+        return out.transpose(1, 2), mass
+
+    return run
+
+
 def _gpu_methods(q, k, v, roles):
     """name -> (forward callable returning tensors, whether it is differentiable)."""
     from megatron_avar.ops import role_attention_triton
@@ -108,6 +145,7 @@ def _gpu_methods(q, k, v, roles):
         "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
         "torch SDPA (flash)": sdpa(SDPBackend.FLASH_ATTENTION),
         "torch SDPA (cuDNN)": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "FlexAttention, LSE/role": flex_role_attention(q, k, v, roles, NUM_ROLES),
         "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),
         f"role_mass probe ({PROBE_ROWS} rows)": lambda: (role_mass(q, k, roles, probe_rows, num_roles=NUM_ROLES,
                                                                    check_values=False),),
@@ -193,16 +231,24 @@ def cpu_worker(impl, seq_len, mode, reps):
     for t in (q, k, v):
         t.requires_grad_(mode == "fwd+bwd")
 
+    def attend(q, k, v, roles):
+        if impl == "sdpa":  # the baseline users have: torch's causal attention, no masses
+            group = q.shape[2] // k.shape[2]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=group > 1)
+            return (out,)
+        return role_attention(q, k, v, roles, num_roles=NUM_ROLES, impl=impl)
+
     def step():
         with torch.set_grad_enabled(mode == "fwd+bwd"):
-            out, mass = role_attention(q, k, v, roles, num_roles=NUM_ROLES, impl=impl)
+            outs = attend(q, k, v, roles)
             if mode == "fwd+bwd":
-                torch.autograd.backward([out, mass], [torch.ones_like(out), torch.ones_like(mass)])
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
 
     # Warm up on a short prefix in the same mode: loads libraries and autograd's one-time state.
     warm = [t[:, :64].detach().requires_grad_(mode == "fwd+bwd") for t in (q, k, v)]
     with torch.set_grad_enabled(mode == "fwd+bwd"):
-        outs = role_attention(*warm, roles[:, :64], num_roles=NUM_ROLES, impl=impl)
+        outs = attend(*warm, roles[:, :64])
         if mode == "fwd+bwd":
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     del warm, outs
@@ -231,7 +277,7 @@ def cpu_worker(impl, seq_len, mode, reps):
 def bench_cpu(seq_lens, reps):
     rows = []
     for seq_len in seq_lens:
-        for impl in ("blockwise", "reference"):
+        for impl in ("blockwise", "sdpa", "reference"):
             for mode in ("fwd", "fwd+bwd"):
                 cmd = [sys.executable, __file__, "--cpu-worker", impl, str(seq_len), mode, "--reps", str(reps)]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -291,7 +337,8 @@ def write_results(part, rows, shape, out_dir: Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["auto", "gpu", "cpu"], default="auto",
-                        help="gpu: Triton vs SDPA vs eager on CUDA; cpu: blockwise vs reference "
+                        help="gpu: Triton vs SDPA, FlexAttention and eager on CUDA; cpu: blockwise and SDPA vs "
+                             "reference "
                              "(default: gpu if usable)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None,
                         help="sequence lengths (default gpu: 1k..32k, cpu: 1k 2k 4k)")
