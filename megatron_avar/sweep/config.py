@@ -51,7 +51,8 @@ class SlurmOptions:
 @dataclass(frozen=True)
 class PointSpec:
     """One run. model: an HF checkpoint directory (None: the base config's model.hf_path); nodes; tp / pp:
-    tensor / pipeline parallel sizes; seq_length / steps: None keeps the base config's; agto: False trains with
+    tensor / pipeline parallel sizes (a TP=1 point runs without the base config's sequence parallelism, which
+    needs TP > 1); seq_length / steps: None keeps the base config's; agto: False trains with
     avar.alpha = avar.beta = 0 (the masses are still computed, so this measures the objective's terms and their
     backward, not the mass-returning attention itself); overrides: extra dotted overrides of this point."""
 

@@ -61,6 +61,8 @@ def resolve_points(config: SweepConfig) -> list[Point]:
         dp = world // (spec.tp * spec.pp)
         overrides = [f"parallel.tensor_model_parallel_size={spec.tp}",
                      f"parallel.pipeline_model_parallel_size={spec.pp}"]
+        if spec.tp == 1:  # the base config's sequence parallelism applies where there is TP to split over
+            overrides.append("parallel.sequence_parallel=false")
         if spec.model is not None:
             overrides.append(f"model.hf_path={spec.model}")
         if spec.seq_length is not None:

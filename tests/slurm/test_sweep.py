@@ -233,16 +233,19 @@ def test_collect_outside_a_sweep_directory(tmp_path, capsys):
 
 
 def test_points_that_do_not_fit_the_gpu_are_reported_not_submitted(tmp_path, monkeypatch, capsys):
-    """examples/sweeps/h100_7b_scaling.yaml plans every point on an 80 GB H100 (`avar plan`, the 7B dimensions):
-    the 8k-token TP=2 points of 1 and 2 nodes do not fit and are never submitted; the others go to sbatch (absent
-    here, so the command stops there); collecting reports DOES_NOT_FIT with the plan's numbers."""
+    """examples/sweeps/h100_7b_scaling.yaml plans every point on an 80 GB H100 (`avar plan`, the 7B dimensions).
+    Its base config (sequence parallelism, full recompute) fits everywhere; without sequence parallelism and with
+    selective recompute, the 8k-token TP=2 points of 1 and 2 nodes do not fit and are never submitted; the others
+    go to sbatch (absent here, so the command stops there); collecting reports DOES_NOT_FIT with the plan's
+    numbers."""
     from megatron_avar.cli import main
     from megatron_avar.sweep.collect import collect
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / squeue: nothing can be submitted by accident
     out = tmp_path / "sweep"
-    code = main(["sweep", "--config", "examples/sweeps/h100_7b_scaling.yaml", f"out={out}"])
+    code = main(["sweep", "--config", "examples/sweeps/h100_7b_scaling.yaml", f"out={out}",
+                 "sft_overrides=[checkpoint.interval=0, parallel.sequence_parallel=false, train.recompute=selective]"])
     captured = capsys.readouterr()
     assert code == 2 and "sbatch not found" in captured.err
     misfits = {"base_n1_tp2_pp1_dp4_seq8192", "base_n2_tp2_pp1_dp8_seq8192"}
