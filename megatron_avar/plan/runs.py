@@ -7,8 +7,8 @@ and the MFU. FLOPs are the trainer's own formula (``training.metrics.training_fl
 
 GRPO, per step: the update is an SFT-like step over the rollouts (one row per micro-batch, the response loss),
 the old-log-prob pass and the reference pass (``loss.kl_coef > 0``) are forward passes over the same rows, and
-generation is not timed. Memory: the reference model is a second copy of the weights in megatron's DDP (with
-its gradient buffer, which DDP allocates although the reference never trains); a colocated vLLM engine
+generation is not timed. Memory: the reference model is a second copy of the weights (frozen: no DDP wrapper,
+no gradient buffer, ``training.megatron_setup.build_model(trainable=False)``); a colocated vLLM engine
 sleeps during the update (weights to host memory, KV cache freed; :data:`VLLM_ASLEEP_BYTES` assumed left on
 the GPU) and takes ``rollout.vllm_gpu_memory_utilization`` of the card while it generates, next to the trainer's
 weights, gradients and optimizer states; the local backend keeps a full Hugging Face copy of the model.
@@ -197,7 +197,7 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
     total = _total_parameters(qwen_config)
     extra = {}
     if config.loss.kl_coef > 0:
-        extra["reference_model"] = params * (value + 4)
+        extra["reference_model"] = params * value
     vllm = rollout.backend == "vllm"
     if vllm and rollout.vllm_enable_sleep:
         extra["rollout_engine_asleep"] = VLLM_ASLEEP_BYTES

@@ -10,15 +10,12 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
 from megatron_avar import platform
-
-if TYPE_CHECKING:  # megatron is imported inside the functions, after platform.prepare_megatron()
-    from megatron.core.distributed import DistributedDataParallel
 
 __all__ = ["RankLayout", "init_distributed", "build_model", "build_optimizer", "TrainingModel"]
 
@@ -95,11 +92,12 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1) -> RankLayout
 
 @dataclass
 class TrainingModel:
-    """This rank's model: its model chunks, each wrapped in megatron's DistributedDataParallel (``chunks``; one
-    per virtual pipeline stage, a single one without the interleaved schedule) around a Qwen25VLModel
-    (``modules``), the optimizer over all of them and the learning-rate schedule."""
+    """This rank's model: its model chunks (``chunks``; one per virtual pipeline stage, a single one without the
+    interleaved schedule), each a Qwen25VLModel (``modules``) wrapped in megatron's DistributedDataParallel when
+    it trains (a frozen model's chunks are the modules themselves), the optimizer over all of them and the
+    learning-rate schedule."""
 
-    chunks: list[DistributedDataParallel]
+    chunks: Sequence[torch.nn.Module]
     modules: Sequence[torch.nn.Module]
     optimizer: object = None
     scheduler: object = None
@@ -114,7 +112,7 @@ class TrainingModel:
 
     def zero_grad_buffer(self) -> None:
         for chunk in self.chunks:
-            chunk.zero_grad_buffer()
+            cast(Any, chunk).zero_grad_buffer()  # a trained model's chunks are megatron DDP modules
 
     def train(self, mode: bool = True) -> None:
         for chunk in self.chunks:
@@ -125,15 +123,15 @@ class TrainingModel:
         weights are read outside a forward pass (a checkpoint, a refit of the rollout engine) when the update's
         all-gather is overlapped with the next forward (``parallel.overlap_param_gather``); a no-op otherwise."""
         for chunk in self.chunks:
-            if chunk.use_forward_hook:
-                chunk.start_param_sync(force_sync=True)
+            if getattr(chunk, "use_forward_hook", False):  # a DDP chunk whose weight gather is overlapped
+                cast(Any, chunk).start_param_sync(force_sync=True)
 
     def grad_bucket_layout(self) -> list[list[int]]:
         """Parameters per gradient bucket, per buffer of every chunk (the distributed optimizer's checkpointed
         state follows it; independent of the data-parallel size)."""
         # (megatron's DDP replaces Module.buffers() with its list of parameter-and-gradient buffers)
         buffers = [buffer for chunk in self.chunks
-                   for buffer in [*getattr(chunk, "buffers"), *chunk.expert_parallel_buffers]]  # noqa: B009
+                   for buffer in [*getattr(chunk, "buffers"), *getattr(chunk, "expert_parallel_buffers")]]  # noqa: B009
         return [[sum(p.numel() for p in bucket.params) for bucket in buffer.buckets] for buffer in buffers]
 
     def schedule_inputs(self, items: Iterable) -> tuple[list, object]:
@@ -152,8 +150,8 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
     DistributedDataParallel.
 
     parallel: the run's ``ParallelConfig`` (TP / PP / virtual stages / SP; the gradient reduce and weight gather
-    it asks for are set up here, with the hooks megatron's pipeline schedules call). trainable=False (a frozen
-    reference model): no optimizer will step it, so nothing is overlapped."""
+    it asks for are set up here, with the hooks megatron's pipeline schedules call). trainable=False (GRPO's
+    frozen reference policy): no DDP wrapper and no gradients, so its memory is its weights alone."""
     from pathlib import Path
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -170,10 +168,14 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
                     initialize=hf_path is None, device=platform.current_device(),
                     hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
         for stage in range(vpp)]
-    overlap_grads = parallel.overlap_grad_reduce and trainable
+    if not trainable:
+        for module in modules:
+            module.requires_grad_(False)
+        return TrainingModel(chunks=list(modules), modules=modules)
+    overlap_grads = parallel.overlap_grad_reduce
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer and trainable,
-        overlap_grad_reduce=overlap_grads, overlap_param_gather=parallel.param_gather_overlapped and trainable,
+        grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.distributed_optimizer,
+        overlap_grad_reduce=overlap_grads, overlap_param_gather=parallel.param_gather_overlapped,
         bucket_size=parallel.ddp_bucket_size)
     # As megatron's own training loop: chunks after the first keep one bucket each (their gradients are ready
     # only at the end of the interleaved schedule's backward passes).
@@ -201,7 +203,7 @@ def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dty
     config = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                              adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                              bf16=dtype == torch.bfloat16, params_dtype=dtype, clip_grad=optim.clip_grad,
-                             use_distributed_optimizer=model.chunks[0].ddp_config.use_distributed_optimizer)
+                             use_distributed_optimizer=cast(Any, model.chunks[0]).ddp_config.use_distributed_optimizer)
     model.optimizer = get_megatron_optimizer(config, cast(Any, model.chunks))
     model.scheduler = OptimizerParamScheduler(
         model.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,

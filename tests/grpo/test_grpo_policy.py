@@ -111,6 +111,15 @@ def _kl_update(hf_path, data_path):
     policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
                             temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
     old = policy.log_probs_with_masses(rollouts)
+    # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients.
+    frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=layers,
+                         hf_path=hf_path, trainable=False)
+    frozen_logp = MegatronPolicy(frozen, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
+                                 temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1),
+                                 pad_token_id=pad_id).log_probs_with_masses(rollouts).logp
+    frozen_facts = {"equal": bool(torch.equal(frozen_logp, old.logp)),
+                    "trainable": any(p.requires_grad for p in frozen.parameters()),
+                    "wrapped": any(chunk is not module for chunk, module in zip(frozen.chunks, frozen.modules))}
     ref = old.logp + 0.3 * torch.cos(torch.arange(old.logp.shape[1], dtype=torch.float32))[None, :]
     advantages = torch.linspace(-1.0, 1.0, len(rollouts))
     with pytest.raises(ValueError, match="exactly when loss.kl_coef > 0"):
@@ -118,7 +127,7 @@ def _kl_update(hf_path, data_path):
     metrics = policy.train_step(rollouts, old.logp, advantages, ref_logp=ref)
     parallel_state.destroy_model_parallel()
     return {"metrics": metrics, "old": old.logp, "ref": ref, "advantages": advantages,
-            "lengths": [r.response_length for r in rollouts]}
+            "lengths": [r.response_length for r in rollouts], "frozen": frozen_facts}
 
 
 def test_the_kl_term_to_a_reference_policy(sft_inputs):
@@ -127,6 +136,8 @@ def test_the_kl_term_to_a_reference_policy(sft_inputs):
     from megatron_avar.grpo.loss import k3_kl
 
     out = run_on_ranks(_kl_update, 1, sft_inputs["hf_path"], sft_inputs["data_path"], timeout_s=300)[0]
+    # the frozen reference gives the same log-probs as the policy it started as, holding weights only
+    assert out["frozen"] == {"equal": True, "trainable": False, "wrapped": False}
     mask = torch.arange(out["old"].shape[1])[None, :] < torch.tensor(out["lengths"])[:, None]
     expected_kl = k3_kl(out["old"], out["ref"])[mask].double().mean()
     expected_pg = -(out["advantages"][:, None].expand_as(mask)[mask]).double().mean()
