@@ -274,18 +274,18 @@ def _check_grad_buckets(path: Path, trainer_state: dict, model) -> None:
     had one bucket per buffer (no overlap), which the comparison then assumes."""
     if not model.chunks[0].ddp_config.use_distributed_optimizer:
         return
-    ours = model.grad_bucket_layout()
+    ours, shard = model.grad_bucket_layout(), _model_shard()
     saved = trainer_state.get("grad_buckets")
     if saved is None:
-        saved = {"params_per_bucket": {_model_shard(): [[sum(buffer)] for buffer in ours]},
+        saved = {"params_per_bucket": {shard: [[sum(buffer)] for buffer in ours]},
                  "overlap_grad_reduce": False, "bucket_size": None}
-    theirs = saved["params_per_bucket"].get(_model_shard())
+    theirs = saved["params_per_bucket"].get(shard)
     if theirs == ours:
         return
     settings = f"parallel.overlap_grad_reduce={str(saved['overlap_grad_reduce']).lower()}"
     if saved["overlap_grad_reduce"]:
         settings += f" parallel.ddp_bucket_size={saved['bucket_size']}"
-    raise ValueError(f"{path} holds the distributed optimizer's states of model shard {_model_shard()} in gradient "
+    raise ValueError(f"{path} holds the distributed optimizer's states of model shard {shard} in gradient "
                      f"buckets of {theirs} parameters, but this run's buckets hold {ours} "
                      "(parallel.overlap_grad_reduce and parallel.ddp_bucket_size decide them). Resume with the "
                      f"settings the checkpoint was written with ({settings}), or start a new run from an export of it "

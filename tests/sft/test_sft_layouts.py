@@ -65,9 +65,8 @@ def layouts(sft_inputs, tmp_path_factory):
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
                                                   (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS]),
                                                   (1, 2, [four_layers, VPP])], timeout_s=600)
-    # the 4-layer model's runs under a path-free name
-    rename = lambda results: {tuple(FOUR_LAYERS if part == four_layers else part for part in key[:-1])  # noqa: E731
-                              + (tuple(FOUR_LAYERS if x == four_layers else x for x in key[-1]),): value
+    # the 4-layer model's runs under a path-free name (the overrides are each key's last part)
+    rename = lambda results: {(*key[:-1], tuple(FOUR_LAYERS if x == four_layers else x for x in key[-1])): value  # noqa: E731
                               for key, value in results.items()}
     return rename(single), [rename(rank) for rank in two]
 

@@ -261,19 +261,19 @@ class Qwen25VLModel(MegatronModule):
             # The vision encoder runs before the embedding: modules run in the order their parameters were
             # registered, which is the order megatron's overlapped weight gather fetches them in.
             assert self.vision is not None  # built on the first pipeline stage (pre_process)
-            features = None
+            features = blank = None
             if pixel_values is not None:
                 features = self.vision(pixel_values, image_grid_thw)
             elif bool((input_ids == cfg.image_token_id).any()):
                 raise ValueError(f"the batch has {int((input_ids == cfg.image_token_id).sum())} image tokens "
                                  "but no pixel_values")
             elif torch.is_grad_enabled():
-                features = self._blank_image_weighted_by_zero()
+                blank = self._blank_image_weighted_by_zero()
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-            if features is not None and pixel_values is not None:
+            if features is not None:
                 decoder_input = scatter_image_features(decoder_input, input_ids, features, cfg.image_token_id)
-            elif features is not None:  # the blank image's zero
-                decoder_input = decoder_input + features
+            if blank is not None:
+                decoder_input = decoder_input + blank
             if self.config.sequence_parallel:
                 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
