@@ -60,10 +60,19 @@ def test_parallel_layouts_that_cannot_run_are_refused_by_name():
     base = ["out=o", "model.hf_path=m", "data.path=d"]
     with pytest.raises(ValueError, match="sequence_parallel=true splits rows over tensor-parallel ranks: it needs"):
         load_config(SFTConfig, None, base + ["parallel.sequence_parallel=true"])
-    with pytest.raises(ValueError, match=r"data.seq_length \(4095\) must be a multiple of "
-                                         r"parallel.tensor_model_parallel_size \(2\)"):
+    with pytest.raises(ValueError, match=r"data.seq_length \(4095\) must be a multiple of 2: parallel.sequence_parallel "
+                                         r"splits each row over tensor_model_parallel_size=2 ranks"):
         load_config(SFTConfig, None, base + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
                                              "data.seq_length=4095"])
+    with pytest.raises(ValueError, match=r"data.seq_length \(4100\) must be a multiple of 16: parallel."
+                                         r"context_parallel_size=2 cuts each row into 4 equal chunks and "
+                                         r"sequence_parallel splits each chunk over tensor_model_parallel_size=4"):
+        load_config(SFTConfig, None, base + ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
+                                             "parallel.context_parallel_size=2", "data.seq_length=4100"])
+    with pytest.raises(ValueError, match="context_parallel_size must be >= 1"):
+        load_config(SFTConfig, None, base + ["parallel.context_parallel_size=0"])
+    with pytest.raises(ValueError, match="context_parallel_size > 1 is for avar sft so far"):
+        load_config(GRPOConfig, None, base + ["parallel.context_parallel_size=2"])
     with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size > 1 interleaves pipeline stages: it "
                                          "needs parallel.pipeline_model_parallel_size > 1"):
         load_config(SFTConfig, None, base + ["parallel.virtual_pipeline_model_parallel_size=2"])

@@ -152,6 +152,9 @@ class GRPOConfig:
                              "interleaved schedule needs a number of micro-batches that fits the pipeline (a multiple "
                              "of pipeline_model_parallel_size), and a GRPO step has as many as its rollouts fill "
                              "rows; use 1 (the plain 1F1B schedule)")
+        if self.parallel.context_parallel_size > 1:
+            raise ValueError("parallel.context_parallel_size > 1 is for avar sft so far: GRPO's rollout rows are "
+                             "short (prompt + response), so use 1 and scale with data or tensor parallelism")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and self.train.seq_length % tp:
             raise ValueError(f"train.seq_length ({self.train.seq_length}) must be a multiple of "

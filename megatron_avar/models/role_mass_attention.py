@@ -24,6 +24,12 @@ training-free intervention and the sink. Standard layers get the same object; th
 wrapped by :func:`ignoring_role_mass_params`, since their dense attention mask already encodes padding
 and packing.
 
+Under context parallelism (``RoleMassParams.context``) each rank holds part of every row: the layer gathers the
+row's keys and values over the CP group and the sink gets the exact masses of all its rows on every CP rank
+(``models.context_parallel``); standard layers then use :class:`ContextParallelCoreAttention` (the same path,
+without masses). Masses come from the probe there: the fused kernel, the intervention's edits and sinks without
+``query_rows`` are refused.
+
 Under tensor parallelism each rank holds ``Hq / tp`` query heads: masses are per local head, and a sink
 that averages over heads divides the local sum by the global head count (``LayerHeads``), which makes
 the sum over TP ranks the exact head mean and each rank's gradient exact for its own heads.
@@ -38,13 +44,14 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention, local_rows_masses
 from megatron_avar.ops import role_attention, role_mass
 from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.roles import NUM_ROLES
 from megatron_avar.segments import segment_cu_seqlens
 
 __all__ = ["RoleMassParams", "RoleLogitEdits", "LayerHeads", "MassSink", "RoleMassCoreAttention",
-           "ignoring_role_mass_params", "MASS_MODES"]
+           "ContextParallelCoreAttention", "ignoring_role_mass_params", "MASS_MODES"]
 
 MASS_MODES = ("probe", "fused")
 
@@ -112,6 +119,8 @@ class RoleMassParams(PackedSeqParams):
     sink: where each AVAR layer's masses go, or None (no masses are needed).
     impl: kernel family ("auto": Triton on GPU, the CPU path otherwise; "triton", "blockwise", "reference").
     mass_mode: "probe" (fast attention + the probe on the sink's rows) or "fused" (module docstring).
+    context: the rows' split over the context-parallel group, or None (each rank holds whole rows). Under it,
+        key_roles and segment_ids are those of the whole rows (the same on every CP rank).
     Built once per batch: key_roles' values are checked here, so no layer waits on the device for them.
     """
 
@@ -121,6 +130,7 @@ class RoleMassParams(PackedSeqParams):
     sink: MassSink | None = None
     impl: str = "auto"
     mass_mode: str = "probe"
+    context: ContextSplit | None = None
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -137,6 +147,16 @@ class RoleMassParams(PackedSeqParams):
                 raise ValueError(f"key_roles must lie in [-1, {NUM_ROLES}) (TokenRole, -1 padding), got {low}..{high}")
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
+        if self.context is not None:
+            if self.mass_mode != "probe" or self.edits is not None:
+                raise ValueError("context parallelism computes AVAR masses with the probe only: use "
+                                 "model.mass_mode=probe and no logit edits (interventions run with "
+                                 "context_parallel_size=1)")
+            if self.sink is not None and getattr(self.sink, "query_rows", None) is None:
+                raise ValueError("under context parallelism a mass sink must declare its query_rows")
+            if self.key_roles.shape[1] != self.context.seq:
+                raise ValueError(f"key_roles has {self.key_roles.shape[1]} tokens per row but the context-parallel "
+                                 f"split is of {self.context.seq}-token rows")
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:
         """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
@@ -154,6 +174,7 @@ class RoleMassCoreAttention(MegatronModule):
     """
 
     uses_dense_mask = False  # the model skips building the [B, 1, S, S] mask when no layer needs it
+    reports_masses = True    # False: a standard layer under context parallelism (ContextParallelCoreAttention)
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -168,8 +189,6 @@ class RoleMassCoreAttention(MegatronModule):
             raise ValueError(f"role-mass attention has no attention dropout; set attention_dropout=0 (got {dropout})")
         if pg_collection is None:
             raise ValueError("RoleMassCoreAttention needs the model's pg_collection (explicit process groups)")
-        if get_pg_size(getattr(pg_collection, "cp", None)) > 1:
-            raise ValueError("context parallelism is not supported in AVAR layers yet; use context_parallel_size=1")
         tp_size, tp_rank = get_pg_size(pg_collection.tp), get_pg_rank(pg_collection.tp)
         if config.num_attention_heads % tp_size or config.num_query_groups % tp_size:
             raise ValueError(f"{config.num_attention_heads} query heads / {config.num_query_groups} kv heads do "
@@ -190,6 +209,8 @@ class RoleMassCoreAttention(MegatronModule):
             raise ValueError("role-mass attention takes no attention_bias")
         params = packed_seq_params
         assert params.key_roles is not None  # RoleMassParams requires it
+        if params.context is not None:
+            return self._context_parallel(query, key, value, params)
         seq, batch = query.shape[:2]
         if tuple(params.key_roles.shape) != (batch, seq):
             raise ValueError(f"key_roles has shape {tuple(params.key_roles.shape)} but the layer sees "
@@ -198,7 +219,7 @@ class RoleMassCoreAttention(MegatronModule):
         if params.edits is not None and (params.edits.layers is None or self.layer_index in params.edits.layers):
             query_mask = params.edits.query_mask
             scale, bias = params.edits.for_heads(self.heads)
-        sink = params.sink
+        sink = params.sink if self.reports_masses else None
         rows = getattr(sink, "query_rows", None) if sink is not None else None
         cu_seqlens = params.packed_cu_seqlens()
         fused = params.mass_mode == "fused" or query_mask is not None or (sink is not None and rows is None)
@@ -213,6 +234,28 @@ class RoleMassCoreAttention(MegatronModule):
             assert mass is not None  # a sink without query rows takes the fused path, which returns every mass
             out = sink(self.layer_index, mass, out, self.heads)
         return out
+
+    def _context_parallel(self, query, key, value, params: RoleMassParams) -> torch.Tensor:
+        """This CP rank's rows: attention over the gathered row, and the sink's masses (``models.context_parallel``)."""
+        split = params.context
+        assert split is not None and params.key_roles is not None
+        seq, batch = query.shape[:2]
+        if seq * split.size != split.seq or params.key_roles.shape[0] != batch:
+            raise ValueError(f"the layer sees {seq} tokens of {batch} rows on each of {split.size} context-parallel "
+                             f"ranks, but the batch's rows have {split.seq} tokens ({params.key_roles.shape[0]} rows)")
+        key, value = split.gather(key), split.gather(value)
+        out = local_rows_attention(query, key, value, split, key_roles=params.key_roles,
+                                   segment_ids=params.segment_ids, softmax_scale=self.softmax_scale)
+        out = out.transpose(0, 1).reshape(seq, batch, -1)
+        sink = params.sink if self.reports_masses else None
+        if sink is None:
+            return out
+        cu_seqlens = params.packed_cu_seqlens()
+        mass = local_rows_masses(query, key, split, sink.query_rows, key_roles=params.key_roles,
+                                 cu_seqlens=cu_seqlens if cu_seqlens is not None else
+                                 _whole_rows(batch, split.seq, query.device), num_roles=NUM_ROLES,
+                                 softmax_scale=self.softmax_scale, impl=self.impl or params.impl)
+        return sink(self.layer_index, mass, out, self.heads)
 
     def _fused(self, query, key, value, params, cu_seqlens, query_mask, scale, bias):
         """role_attention: out [B, S, H, D] and every row's masses [B, H, S, R]."""
@@ -252,6 +295,13 @@ class RoleMassCoreAttention(MegatronModule):
                          cu_seqlens=cu_seqlens if cu_seqlens is not None else _whole_rows(batch, seq, q.device),
                          impl=impl, check_values=False)
         return out, mass
+
+
+class ContextParallelCoreAttention(RoleMassCoreAttention):
+    """The core attention of a standard (non-AVAR) layer under context parallelism: the same attention over the
+    gathered row, reporting no masses (megatron's local attention has no context-parallel path)."""
+
+    reports_masses = False
 
 
 # The attention behind ``out`` in probe mode, per kernel family: the CPU family's plain attention is SDPA; the

@@ -60,8 +60,4 @@ class SFTConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        tp = self.parallel.tensor_model_parallel_size
-        if self.parallel.sequence_parallel and self.data.seq_length % tp:
-            raise ValueError(f"data.seq_length ({self.data.seq_length}) must be a multiple of "
-                             f"parallel.tensor_model_parallel_size ({tp}) with parallel.sequence_parallel=true: each "
-                             "rank holds an equal slice of every packed row")
+        self.parallel.check_row_length(self.data.seq_length, field="data.seq_length")

@@ -218,7 +218,8 @@ def run_sft(config: SFTConfig) -> dict:
     preemption = checkpointing.PreemptionFlag()
     parallel = config.parallel
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                              seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size)
+                              seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size,
+                              cp=parallel.context_parallel_size)
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))

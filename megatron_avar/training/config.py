@@ -44,7 +44,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the ranks share the work; the data-parallel size is world_size / (tp * pp).
+    """How the ranks share the work; the data-parallel size is world_size / (tp * pp * cp).
 
     tensor_model_parallel_size / pipeline_model_parallel_size: megatron's tensor and pipeline parallel sizes.
     virtual_pipeline_model_parallel_size: model chunks per pipeline rank (megatron's interleaved 1F1B schedule:
@@ -54,7 +54,14 @@ class ParallelConfig:
         (norms, residual stream) every rank holds 1/tp of each row, in the language model and the vision encoder,
         which divides that activation memory by tp; attention and the AVAR masses still see every token. Rows
         must hold a multiple of tp tokens.
-    distributed_optimizer: shard optimizer states over data-parallel ranks (megatron's ZeRO-1).
+    context_parallel_size: split every row over this many ranks (long packed rows): the row is cut into 2 x cp
+        equal chunks and rank r holds chunks r and 2 cp - 1 - r (megatron's causal load balancing), which divides
+        the language model's activation memory by cp. Every attention layer gathers the row's keys and values over
+        the context-parallel group, so attention, the AVAR masses and the AGTO terms are exact; the vision encoder
+        runs whole on every rank. Rows must hold a multiple of 2 x cp tokens (2 x cp x tp with sequence_parallel).
+        SFT only for now (``avar grpo`` refuses it).
+    distributed_optimizer: shard optimizer states over data-parallel (and context-parallel) ranks (megatron's
+        ZeRO-1).
     overlap_grad_reduce: reduce the gradients bucket by bucket while the backward pass still runs (the last
         micro-batch's), instead of all at once after it. Same result; on by default.
     overlap_param_gather: with the distributed optimizer, all-gather the updated weights bucket by bucket during
@@ -68,6 +75,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
@@ -76,6 +84,8 @@ class ParallelConfig:
     def __post_init__(self):
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
             raise ValueError("parallel.tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1")
+        if self.context_parallel_size < 1:
+            raise ValueError(f"parallel.context_parallel_size must be >= 1, got {self.context_parallel_size}")
         if self.virtual_pipeline_model_parallel_size < 1:
             raise ValueError("parallel.virtual_pipeline_model_parallel_size must be >= 1")
         if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
@@ -86,6 +96,26 @@ class ParallelConfig:
                              "parallel.tensor_model_parallel_size > 1")
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ValueError(f"parallel.ddp_bucket_size must be >= 1 (or null), got {self.ddp_bucket_size}")
+
+    @property
+    def row_multiple(self) -> int:
+        """What every row's token count must be a multiple of: 2 x cp load-balanced chunks under context
+        parallelism, and each rank's part split over the tp ranks under sequence parallelism."""
+        chunks = 2 * self.context_parallel_size if self.context_parallel_size > 1 else 1
+        return chunks * (self.tensor_model_parallel_size if self.sequence_parallel else 1)
+
+    def check_row_length(self, tokens: int, *, field: str) -> None:
+        """Refuse a row length (config field ``field``) the layout cannot split (``row_multiple``)."""
+        multiple = self.row_multiple
+        if tokens % multiple:
+            why = []
+            if self.context_parallel_size > 1:
+                why.append(f"context_parallel_size={self.context_parallel_size} cuts each row into "
+                           f"{2 * self.context_parallel_size} equal chunks")
+            if self.sequence_parallel:
+                why.append(f"sequence_parallel splits {'each chunk' if why else 'each row'} over "
+                           f"tensor_model_parallel_size={self.tensor_model_parallel_size} ranks")
+            raise ValueError(f"{field} ({tokens}) must be a multiple of {multiple}: parallel.{' and '.join(why)}")
 
     @property
     def param_gather_overlapped(self) -> bool:

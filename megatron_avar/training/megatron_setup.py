@@ -22,8 +22,9 @@ __all__ = ["RankLayout", "init_distributed", "build_model", "build_optimizer", "
 
 @dataclass(frozen=True)
 class RankLayout:
-    """This process's place in the world: global rank, world size, local rank, tp/pp/dp coordinates and the model
-    chunks per pipeline rank."""
+    """This process's place in the world: global rank, world size, local rank, tp/pp/dp/cp coordinates and the model
+    chunks per pipeline rank. dp counts the data-parallel replicas (different data); the cp ranks of a replica
+    share its rows, each holding part of every row."""
 
     rank: int
     world_size: int
@@ -35,6 +36,8 @@ class RankLayout:
     pp_rank: int
     dp_rank: int
     vpp: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    cp: int = 1
+    cp_rank: int = 0
 
     @property
     def is_logging_rank(self) -> bool:
@@ -54,9 +57,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1) -> RankLayout:
+def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) -> RankLayout:
     """Initialise torch.distributed (if needed) and megatron's parallel state (``vpp`` model chunks per pipeline
-    rank); seed megatron's RNG tracker."""
+    rank, ``cp`` context-parallel ranks); seed megatron's RNG tracker."""
     from megatron.core import parallel_state
 
     from megatron_avar.models.qwen2_5_vl.build import init_model_parallel
@@ -78,16 +81,18 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1) -> RankLayout
         platform.bind_device(local or 0)
         dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world)
     world = dist.get_world_size()
-    if world % (tp * pp):
+    if world % (tp * pp * cp):
         raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size ({tp}) x "
-                         f"pipeline_model_parallel_size ({pp}); change the parallel layout or the number of ranks")
-    init_model_parallel(tp, pp, seed=seed, vpp=vpp)
+                         f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}); change the parallel "
+                         "layout or the number of ranks")
+    init_model_parallel(tp, pp, seed=seed, vpp=vpp, cp=cp)
     return RankLayout(
         rank=dist.get_rank(), world_size=world, local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID") or 0, tp=tp,
         pp=pp, dp=parallel_state.get_data_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-        dp_rank=parallel_state.get_data_parallel_rank(), vpp=vpp)
+        dp_rank=parallel_state.get_data_parallel_rank(), vpp=vpp, cp=cp,
+        cp_rank=parallel_state.get_context_parallel_rank())
 
 
 @dataclass
@@ -165,6 +170,7 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
     modules = [
         build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers, recompute=recompute,
                     sequence_parallel=parallel.sequence_parallel, vpp=vpp, vp_stage=stage if vpp > 1 else None,
+                    cp=parallel.context_parallel_size,
                     initialize=hf_path is None, device=platform.current_device(),
                     hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
         for stage in range(vpp)]

@@ -21,27 +21,29 @@ from megatron_avar import platform
 __all__ = ["init_model_parallel", "build_stage"]
 
 
-def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1) -> None:
-    """Make megatron usable here (``platform.prepare_megatron``), initialise its parallel state at TP x PP (with
-    ``vpp`` model chunks per pipeline rank) over the default process group (already initialised) and seed its
-    tensor-parallel RNG tracker with ``seed``."""
+def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) -> None:
+    """Make megatron usable here (``platform.prepare_megatron``), initialise its parallel state at TP x PP x CP
+    (with ``vpp`` model chunks per pipeline rank) over the default process group (already initialised) and seed
+    its tensor-parallel RNG tracker with ``seed``."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     platform.prepare_megatron()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None)
+                                             virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+                                             context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
 
 
 def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layers: Collection[int] = (),
                 recompute: str = "none", sequence_parallel: bool = False, vpp: int = 1, vp_stage: int | None = None,
+                cp: int = 1,
                 initialize: bool = False, device: torch.device | None = None,
                 hf_tensors: Iterable[tuple[str, Callable[[], torch.Tensor]]] | None = None):
     """This rank's pipeline stage of Qwen2.5-VL (a ``Qwen25VLModel``, not wrapped in DDP) on megatron's
     process groups (``ProcessGroupCollection.use_mpu_process_groups``; :func:`init_model_parallel` first).
 
-    config: ``Qwen25VLConfig``. tp, pp: the parallel layout (must be megatron's current one). dtype: float32 or
+    config: ``Qwen25VLConfig``. tp, pp, cp: the parallel layout (must be megatron's current one). dtype: float32 or
     bfloat16 (module docstring). role_mass_layers: 0-based global decoder layers built as AVAR layers
     (``RoleMassCoreAttention``; per-role masses for the AVAR loss, the visual reward or VAS); every other layer
     has the standard core attention. recompute, sequence_parallel: as in ``MegatronSettings``. vpp, vp_stage: model
@@ -60,7 +62,8 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
 
     settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
                                 perform_initialization=initialize, recompute=recompute,
-                                sequence_parallel=sequence_parallel, virtual_pipeline_model_parallel_size=vpp)
+                                sequence_parallel=sequence_parallel, virtual_pipeline_model_parallel_size=vpp,
+                                context_parallel_size=cp)
     model = Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
                           pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                           post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

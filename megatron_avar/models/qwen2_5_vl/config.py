@@ -234,6 +234,9 @@ class MegatronSettings:
     sequence_parallel: bool = False
     # model chunks per pipeline rank (megatron's interleaved schedule); 1: one stage per rank
     virtual_pipeline_model_parallel_size: int = 1
+    # context parallelism of the language model (models.qwen2_5_vl.context_parallel); the vision encoder runs
+    # whole on every context-parallel rank
+    context_parallel_size: int = 1
 
     def __post_init__(self):
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
@@ -241,9 +244,10 @@ class MegatronSettings:
                              "tensor_model_parallel_size > 1")
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("tensor_model_parallel_size and pipeline_model_parallel_size must be >= 1, got "
-                             f"{self.tensor_model_parallel_size} and {self.pipeline_model_parallel_size}")
+        if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size) < 1:
+            raise ValueError("tensor_model_parallel_size, pipeline_model_parallel_size and context_parallel_size "
+                             f"must be >= 1, got {self.tensor_model_parallel_size}, "
+                             f"{self.pipeline_model_parallel_size} and {self.context_parallel_size}")
         if self.params_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"params_dtype={self.params_dtype}: allowed torch.float32, torch.bfloat16")
 
@@ -311,6 +315,7 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         add_qkv_bias=True,
         mrope_section=list(text.mrope_section),
         pipeline_model_parallel_size=settings.pipeline_model_parallel_size,
+        context_parallel_size=settings.context_parallel_size,
         virtual_pipeline_model_parallel_size=(settings.virtual_pipeline_model_parallel_size
                                               if settings.virtual_pipeline_model_parallel_size > 1 else None),
         # gloo pairs a batch of sends and receives between the same two ranks in the order they are posted, and

@@ -15,6 +15,12 @@ their per-role attention masses to the sink as they run — on whichever pipelin
 
 Packed rows (several samples back to back in one row, ``segment_ids``): attention never crosses samples;
 pass the per-sample position ids (:func:`mrope_position_ids` per sample, concatenated).
+
+Context parallelism (``MegatronSettings.context_parallel_size`` > 1): every rank of the CP group is called with
+the whole rows; the vision encoder and the embedding run on the whole rows, then the language model keeps this
+rank's tokens (``models.context_parallel``). Logits and per-token losses are of those tokens, in
+``context_parallel.local_positions`` order; every decoder layer's attention is ours (AVAR layers:
+:class:`RoleMassCoreAttention`, the others :class:`ContextParallelCoreAttention`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar import platform
+from megatron_avar.models.context_parallel import ContextSplit
 from megatron_avar.models.qwen2_5_vl.config import (
     MegatronSettings,
     Qwen25VLConfig,
@@ -36,6 +43,7 @@ from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
 from megatron_avar.models.role_mass_attention import (
+    ContextParallelCoreAttention,
     MassSink,
     RoleLogitEdits,
     RoleMassCoreAttention,
@@ -73,7 +81,7 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
     """`TransformerBlockSubmodules` for the decoder layers of one pipeline stage (``pp_rank``, ``vp_stage``).
 
     Layers whose 0-based global index is in ``role_mass_layers`` get ``role_mass_core_attention`` (default:
-    :class:`RoleMassCoreAttention`).
+    :class:`RoleMassCoreAttention`); under context parallelism the others get :class:`ContextParallelCoreAttention`.
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -84,7 +92,8 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
         raise ValueError(f"role_mass_layers {outside} are outside [0, num_layers={language_config.num_layers})")
     num_local = get_num_layers_to_build(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
-    standard = language_layer_spec()
+    standard = language_layer_spec(ContextParallelCoreAttention if language_config.context_parallel_size > 1
+                                   else None)
     with_masses = (language_layer_spec(role_mass_core_attention or RoleMassCoreAttention) if role_mass_layers
                    else standard)
     layer_specs = [with_masses if offset + i in role_mass_layers else standard for i in range(num_local)]
@@ -194,6 +203,10 @@ class Qwen25VLModel(MegatronModule):
                 pg_collection=pg_collection, vp_stage=vp_stage,
             )
 
+        # Under context parallelism the model hands megatron this rank's position ids already (forward);
+        # megatron's own per-rank slicing of the rotary table (which also assumes CUDA) stays off.
+        self.language_model.rotary_pos_emb.cp_group = None
+        self._cp_group = pg_collection.cp if configs.language.context_parallel_size > 1 else None
         _restore_tensor_parallel_attributes(self)
         # The dense [B, 1, S, S] mask serves only standard core attentions; AVAR layers take padding and packing
         # from the token roles, so a stage made only of AVAR layers never builds it (S^2 bytes per row).
@@ -246,10 +259,13 @@ class Qwen25VLModel(MegatronModule):
             raise ValueError(f"video tokens (id {cfg.video_token_id}) are not supported, only images")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
-        if self.config.sequence_parallel and input_ids.shape[1] % self.config.tensor_model_parallel_size:
+        split = None if self._cp_group is None else ContextSplit.build(self._cp_group, input_ids.shape[1],
+                                                                          input_ids.device)
+        local_seq = input_ids.shape[1] // (split.size if split is not None else 1)
+        if self.config.sequence_parallel and local_seq % self.config.tensor_model_parallel_size:
             raise ValueError(f"sequence parallelism splits every row over the {self.config.tensor_model_parallel_size}"
-                             f" tensor-parallel ranks, but the rows have {input_ids.shape[1]} tokens: make the row "
-                             "length a multiple of tensor_model_parallel_size")
+                             f" tensor-parallel ranks, but each rank's rows have {local_seq} tokens: make the row "
+                             "length a multiple of tensor_model_parallel_size (x 2 x context_parallel_size)")
         if position_ids is None:
             if segment_ids is not None:
                 raise ValueError("packed rows (segment_ids) need their per-sample position_ids")
@@ -274,6 +290,8 @@ class Qwen25VLModel(MegatronModule):
                 decoder_input = scatter_image_features(decoder_input, input_ids, features, cfg.image_token_id)
             if blank is not None:
                 decoder_input = decoder_input + blank
+            if split is not None:
+                decoder_input = split.local(decoder_input, 0)
             if self.config.sequence_parallel:
                 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
@@ -285,9 +303,18 @@ class Qwen25VLModel(MegatronModule):
             if segment_ids is not None:
                 key_roles = key_roles.masked_fill(segment_ids < 0, -1)
             role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
-                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode)
+                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split)
+        elif split is not None:  # no roles: every layer is a standard one, and needs only the padding and packing
+            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+            if segment_ids is not None:
+                real = real & (segment_ids >= 0)
+            role_params = RoleMassParams(key_roles=torch.where(real, 0, -1), segment_ids=segment_ids,
+                                         impl=role_attention_impl, context=split)
         if segment_ids is not None and attention_mask is None:
             attention_mask = (segment_ids >= 0).long()
         dense_mask = decoder_attention_mask(attention_mask, segment_ids) if self._dense_mask_needed else None
+        if split is not None:  # the language model sees this rank's tokens only
+            input_ids, position_ids = split.local(input_ids, 1), split.local(position_ids, 2)
+            labels = None if labels is None else split.local(labels, 1)
         return self.language_model(input_ids, position_ids, dense_mask,
                                    decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)

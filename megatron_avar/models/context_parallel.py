@@ -1,0 +1,149 @@
+"""Context parallelism of the language model: every row split over the context-parallel (CP) group, attention exact.
+
+The split (megatron's causal load balancing): a row of S tokens is cut into 2·cp equal chunks of L = S / (2·cp)
+tokens, and CP rank r holds chunks r and 2·cp − 1 − r, in that order — so every rank has the same share of
+causal attention work. The model splits the row right after the embedding (image features already in place)
+and hands each rank's positions, labels and per-token loss in that order (:func:`local_positions`).
+
+Attention, on every CP rank, for its own S / cp query rows: the keys and values of the whole row are all-gathered
+over the CP group (their gradients are reduce-scattered back), and each local chunk attends to the keys up to
+its own end (:func:`local_rows_attention`): causal, within its packed sample, never to padding. The per-batch
+facts (roles, packing) are those of the whole row, identical on every CP rank.
+
+AVAR masses of the rows a sink reads (:func:`local_rows_masses`): each rank computes the rows it holds (its
+queries, every key of the row), zero for the others, and the results are summed over the CP group — so every
+rank hands its sink the exact masses of all the sink's rows and computes the same AGTO term. The sum's backward
+passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact gradient, as
+the language-model loss's do (each rank's tokens). Memory: the gathered keys and values (2·S·Hkv·D per layer),
+and a boolean mask of at most ``QUERY_BLOCK`` x S per row at a time; never S x S scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "QUERY_BLOCK"]
+
+# Query rows per masked-attention call: the boolean mask is QUERY_BLOCK x (keys up to the block's end) per row.
+QUERY_BLOCK = 2048
+
+
+def local_positions(seq: int, size: int, rank: int, device=None) -> torch.Tensor:
+    """int64 [seq / size]: the positions of a row of ``seq`` tokens that CP rank ``rank`` of ``size`` holds, in the
+    order it holds them (chunks ``rank`` and ``2·size − 1 − rank`` of ``2·size``)."""
+    if seq % (2 * size):
+        raise ValueError(f"context parallelism over {size} ranks cuts each row into {2 * size} equal chunks, but "
+                         f"the rows have {seq} tokens: make the row length a multiple of {2 * size}")
+    chunk = seq // (2 * size)
+    first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
+    second = torch.arange((2 * size - 1 - rank) * chunk, (2 * size - rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+@dataclass(frozen=True)
+class ContextSplit:
+    """One batch's rows over a CP group: ``group`` (size > 1), this process's ``rank`` in it, the full row length
+    ``seq``; ``positions`` int64 [seq / size] (:func:`local_positions`) and ``gather_order`` int64 [seq]: where each
+    position of the row lies in the CP group's all-gather of the ranks' local tokens. Built once per batch, on
+    the batch's device."""
+
+    group: object
+    size: int
+    rank: int
+    seq: int
+    positions: torch.Tensor
+    gather_order: torch.Tensor
+
+    @classmethod
+    def build(cls, group, seq: int, device) -> ContextSplit:
+        size, rank = group.size(), group.rank()
+        gathered = torch.cat([local_positions(seq, size, r, device) for r in range(size)])
+        return cls(group=group, size=size, rank=rank, seq=seq, positions=local_positions(seq, size, rank, device),
+                   gather_order=torch.argsort(gathered))
+
+    @property
+    def chunk(self) -> int:
+        return self.seq // (2 * self.size)
+
+    def local(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's tokens of ``x`` along its sequence dimension ``dim`` (differentiable)."""
+        return x.index_select(dim, self.positions)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[seq / size, ...] local tokens (dim 0) -> [seq, ...] the whole row in position order; the backward
+        reduce-scatters the gradient back to each rank's tokens."""
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        gathered = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=self.group)
+        return gathered.index_select(0, self.gather_order)
+
+
+def _allowed_keys(query_pos: torch.Tensor, keys: int, key_roles: torch.Tensor,
+                  segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """bool [B, 1, n, keys]: row position ``query_pos`` [n] may attend key j < keys (causal, real key, same
+    sample). A row with no allowed key (a padding query) is allowed every key, so the softmax stays finite; its
+    output is zeroed by the caller."""
+    j = torch.arange(keys, device=query_pos.device)
+    allowed = (j[None, :] <= query_pos[:, None])[None] & (key_roles[:, None, :keys] >= 0)
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, query_pos, None] == segment_ids[:, None, :keys])
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None]
+
+
+def local_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: ContextSplit, *,
+                         key_roles: torch.Tensor, segment_ids: torch.Tensor | None,
+                         softmax_scale: float) -> torch.Tensor:
+    """Causal attention of this rank's rows over the whole row.
+
+    query [S_l, B, Hq, D] (this rank's tokens, in ``split.positions`` order); key / value [S, B, Hkv, D] of the
+    whole row (``split.gather``); key_roles int [B, S] (-1: never attended), segment_ids int [B, S] or None
+    (packed samples), both of the whole row. Returns out [B, S_l, Hq, D]; rows of role -1 give 0.
+    """
+    group = query.shape[2] // key.shape[2]
+    k, v = (x.permute(1, 2, 0, 3) for x in (key, value))                  # [B, Hkv, S, D]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q = query.permute(1, 2, 0, 3)                                           # [B, Hq, S_l, D]
+    pieces = []
+    for index, chunk_id in enumerate((split.rank, 2 * split.size - 1 - split.rank)):
+        start = chunk_id * split.chunk
+        for offset in range(0, split.chunk, QUERY_BLOCK):
+            rows = min(QUERY_BLOCK, split.chunk - offset)
+            first = start + offset
+            query_pos = torch.arange(first, first + rows, device=query.device)
+            end = first + rows                                               # keys after the block's last row: masked
+            local = index * split.chunk + offset
+            mask = _allowed_keys(query_pos, end, key_roles, segment_ids)
+            pieces.append(F.scaled_dot_product_attention(q[:, :, local:local + rows], k[:, :, :end], v[:, :, :end],
+                                                         attn_mask=mask, scale=softmax_scale))
+    out = torch.cat(pieces, dim=2).transpose(1, 2)                          # [B, S_l, Hq, D]
+    real = split.local(key_roles, 1) >= 0
+    return out * real[..., None, None].to(out.dtype)
+
+
+def local_rows_masses(query: torch.Tensor, key: torch.Tensor, split: ContextSplit, rows: torch.Tensor, *,
+                      key_roles: torch.Tensor, cu_seqlens: torch.Tensor, num_roles: int, softmax_scale: float,
+                      impl: str) -> torch.Tensor:
+    """The role masses of ``rows`` (int64 [N], flat indices into the whole batch's [B * S] tokens), exact on every
+    CP rank: float32 [N, Hq, R].
+
+    query [S_l, B, Hq, D] of this rank; key [S, B, Hkv, D] of the whole row; key_roles int [B, S]; cu_seqlens the
+    whole batch's samples over the flat [B * S] stream. Each rank computes its own rows and the CP group sums
+    (module docstring).
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    from megatron_avar.ops import role_mass
+
+    seq, batch = key.shape[:2]
+    q_full = query.new_zeros(batch, seq, *query.shape[2:]).index_copy(1, split.positions, query.transpose(0, 1))
+    mass = role_mass(q_full.reshape(batch * seq, *query.shape[2:]), key.transpose(0, 1).reshape(batch * seq,
+                     *key.shape[2:]), key_roles.reshape(-1), rows, num_roles=num_roles, softmax_scale=softmax_scale,
+                     cu_seqlens=cu_seqlens, impl=impl, check_values=False)
+    owner = torch.zeros(seq, dtype=torch.bool, device=rows.device).index_fill(0, split.positions, True)
+    mine = owner[rows % seq]
+    return reduce_from_tensor_model_parallel_region(mass * mine[:, None, None].to(mass.dtype), group=split.group)
