@@ -60,8 +60,8 @@ def test_parallel_layouts_that_cannot_run_are_refused_by_name():
     base = ["out=o", "model.hf_path=m", "data.path=d"]
     with pytest.raises(ValueError, match="sequence_parallel=true splits rows over tensor-parallel ranks: it needs"):
         load_config(SFTConfig, None, base + ["parallel.sequence_parallel=true"])
-    with pytest.raises(ValueError, match=r"data.seq_length \(4095\) must be a multiple of 2: parallel.sequence_parallel "
-                                         r"splits each row over tensor_model_parallel_size=2 ranks"):
+    with pytest.raises(ValueError, match=r"data.seq_length \(4095\) must be a multiple of 2: parallel."
+                                         r"sequence_parallel splits each row over tensor_model_parallel_size=2"):
         load_config(SFTConfig, None, base + ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
                                              "data.seq_length=4095"])
     with pytest.raises(ValueError, match=r"data.seq_length \(4100\) must be a multiple of 16: parallel."

@@ -85,6 +85,13 @@ def _cases():
     return {"padded": _pad_to(padded, roles, {}, 4), "packed": _pad_to(packed, packed_roles, packing, 4)}
 
 
+def _whole_rows(split):
+    """[B, S_l, ...] of this CP rank -> [B, S, ...] of the whole rows (identity without CP)."""
+    if split is None:
+        return lambda x: x
+    return lambda x: split.gather(x.transpose(0, 1)).transpose(0, 1)
+
+
 def _run_layout(cp, hf, config):
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -110,8 +117,8 @@ def _run_layout(cp, hf, config):
             kwargs = dict(attention_mask=inputs.get("attention_mask"), pixel_values=inputs["pixel_values"],
                           image_grid_thw=inputs["image_grid_thw"], token_roles=roles, **packing)
             split = ContextSplit.build(groups.cp, seq, torch.device("cpu")) if cp > 1 else None
-            whole = (lambda x: x) if split is None else (lambda x: split.gather(x.transpose(0, 1)).transpose(0, 1))
-            local = (lambda x: x) if split is None else (lambda x: split.local(x, 1))
+            whole = _whole_rows(split)
+            local = (lambda x: x) if split is None else (lambda x, s=split: s.local(x, 1))
             model.eval()
             with torch.no_grad():
                 logits = whole(model(inputs["input_ids"], **kwargs))
