@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
@@ -60,12 +61,18 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         raise ValueError(f"step {step_batch.step}: the global batch has no loss (RESPONSE) tokens")
     num_microbatches, dp = len(microbatches), layout.dp
     loss_scale = 1.0  # bf16 / fp32: megatron applies no loss scale (fp16 is not offered)
+    # Under context parallelism the model returns the per-token losses of this rank's tokens (every rank of the CP
+    # group trains the same rows); megatron's schedule multiplies the loss by cp and DDP averages over dp x cp.
+    # The AGTO term is computed whole on every CP rank, each rank's gradient reaching its own tokens only
+    # (models.context_parallel), so it needs the dp x cp factor itself.
+    rows = microbatches[0].input_ids.shape
+    held = None if layout.cp == 1 else local_positions(rows[1], layout.cp, layout.cp_rank, device)
     sinks, lm_sums, nonfinite_lm = [], [], []
 
     def forward_step(data_iterator, ddp_model):
         index, mb = next(data_iterator)
         sink = AGTOSink(sets[index], config.avar, num_layers=len(avar_layers),
-                        weight=1.0 / num_eligible if num_eligible else 0.0, grad_scale=dp * loss_scale)
+                        weight=1.0 / num_eligible if num_eligible else 0.0, grad_scale=dp * layout.cp * loss_scale)
         sinks.append(sink)
         key_roles = _sink_key_roles(mb.roles, mb.segment_ids) if config.avar.exclude_sink else mb.roles
         output = ddp_model(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
@@ -73,21 +80,25 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
                            segment_ids=mb.segment_ids, mass_sink=sink if avar_layers else None,
                            role_attention_impl=config.model.role_attention_impl, mass_mode=config.model.mass_mode)
 
+        loss_mask = mb.labels != IGNORE_INDEX
+        if held is not None:
+            loss_mask = loss_mask[:, held]
+
         def loss_func(per_token_loss):
-            lm_sum = (per_token_loss.float() * (mb.labels != IGNORE_INDEX)).sum()
+            lm_sum = (per_token_loss.float() * loss_mask).sum()
             # Noted, not raised: raising here on one rank would leave the others waiting in a collective; the
             # check after the update (_check_update) stops every rank together and names these samples.
             if not torch.isfinite(lm_sum):
                 nonfinite_lm.extend(sample for row in mb.sample_ids for sample in row)
             lm_sums.append(lm_sum.detach())
-            # megatron divides by num_microbatches and DDP averages over DP; undo both: global token mean.
+            # megatron divides by num_microbatches (and multiplies by cp) and DDP averages over DP (x CP); undo
+            # both: the global batch's token mean.
             return lm_sum * (num_microbatches * dp / num_loss_tokens), {"lm_sum": lm_sum.detach()}
 
         return output, loss_func
 
     model.zero_grad_buffer()
     model.optimizer.zero_grad()
-    rows = microbatches[0].input_ids.shape
     chunks, data_iterator = model.schedule_inputs(enumerate(microbatches))
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
@@ -137,7 +148,7 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
     num_metrics = len(LAYER_METRICS)
     layer_sums = torch.zeros(len(avar_layers), num_metrics, dtype=torch.float64, device=device)
     position = {layer: k for k, layer in enumerate(avar_layers)}
-    for sink in sinks:
+    for sink in sinks if layout.cp_rank == 0 else ():  # every CP rank's sinks see the same (whole-row) masses
         for layer, sums in sink.layer_sums.items():
             layer_sums[position[layer]] += sums
     lm_sum = torch.zeros(1, dtype=torch.float64, device=device)
@@ -145,7 +156,7 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
         for s in lm_sums:
             lm_sum += s.double()
     packed = torch.cat([layer_sums.reshape(-1), lm_sum])
-    dist.all_reduce(packed)  # layers (PP), head shares (TP), samples (DP): each counted exactly once
+    dist.all_reduce(packed)  # layers (PP), head shares (TP), samples (DP), tokens (CP): each counted exactly once
     layer_sums, lm_total = packed[:-1].reshape(len(avar_layers), num_metrics).cpu(), float(packed[-1])
     per_layer = layer_sums / max(num_eligible, 1)
     metrics = {"loss/lm": lm_total / num_loss_tokens, "optim/lr": model.optimizer.param_groups[0]["lr"],

@@ -15,9 +15,9 @@ megatron's dist_checkpointing (torch_dist), so the model part loads at any other
 written with (below).
 Pruning never removes the checkpoint just written, whatever step numbers other folders carry.
 
-Layout changes: a run resumes at another data-parallel size (the data position is global, the distributed
-optimizer's states are saved reshardable over DP, and each rank restores the RNG states of a rank with its
-tensor/pipeline coordinates); the tensor/pipeline layout must stay (``run_loop.plan_start`` refuses a change,
+Layout changes: a run resumes at another data-parallel or context-parallel size (the data position is global,
+the distributed optimizer's states are saved reshardable over DP x CP, and each rank restores the RNG states of
+a rank with its tensor/pipeline coordinates); the tensor/pipeline layout must stay (``run_loop.plan_start`` refuses a change,
 naming both layouts, before anything is read).
 
 Trust: a checkpoint folder may come from someone else, and unpickling runs code. What this module writes
@@ -129,52 +129,62 @@ def _set_rng_state(flat: dict[str, torch.Tensor]) -> None:
 
 
 def _coordinates() -> dict[str, int]:
-    """This rank's tensor / pipeline / data-parallel ranks and the data-parallel size (megatron's parallel state)."""
+    """This rank's tensor / pipeline / data-parallel / context-parallel ranks and the data- and context-parallel
+    sizes (megatron's parallel state)."""
     from megatron.core import parallel_state
 
     return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
-            "dp_rank": parallel_state.get_data_parallel_rank(), "dp": parallel_state.get_data_parallel_world_size()}
+            "dp_rank": parallel_state.get_data_parallel_rank(), "dp": parallel_state.get_data_parallel_world_size(),
+            "cp_rank": parallel_state.get_context_parallel_rank(),
+            "cp": parallel_state.get_context_parallel_world_size()}
 
 
 def saved_layout(path: Path) -> dict[str, int] | None:
-    """{"tp", "pp", "dp", "vpp"} a complete checkpoint was written at: from its trainer state, or (checkpoints
+    """{"tp", "pp", "dp", "vpp", "cp"} a complete checkpoint was written at: from its trainer state, or (checkpoints
     written before the state recorded it) from the export record and the number of rank-state files; None if
-    unknown. Checkpoints written before virtual pipeline stages existed had one chunk per rank (vpp 1)."""
+    unknown. Checkpoints written before virtual pipeline stages or context parallelism existed had one chunk per
+    rank (vpp 1) and whole rows (cp 1)."""
     layout = read_trainer_state(path).get("layout")
     if isinstance(layout, dict) and all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp")):
-        return {"vpp": 1, **{k: layout[k] for k in ("tp", "pp", "dp", "vpp") if isinstance(layout.get(k), int)}}
+        return {"vpp": 1, "cp": 1, **{k: layout[k] for k in ("tp", "pp", "dp", "vpp", "cp")
+                                      if isinstance(layout.get(k), int)}}
     try:
         info = json.loads((path / "avar_checkpoint.json").read_text())
         tp, pp = int(info["written_at_tp"]), int(info["written_at_pp"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     ranks = len({f.stem for f in (path / RANK_STATE).glob("*") if f.suffix in (".safetensors", ".pt")})
-    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp), "vpp": 1} if ranks and ranks % (tp * pp) == 0 else None
+    if not ranks or ranks % (tp * pp):
+        return None
+    return {"tp": tp, "pp": pp, "dp": ranks // (tp * pp), "vpp": 1, "cp": 1}
 
 
-def _rank_state_source(path: Path, rank: int, saved_dp: int | None) -> int:
-    """The rank whose RNG states this rank restores: itself when the data-parallel size is unchanged; after a
-    change, the saved rank with this rank's tensor/pipeline coordinates and data-parallel rank modulo the old
-    size (megatron's tracker states depend on the tensor/pipeline ranks only; data order does not depend on RNG)."""
+def _rank_state_source(path: Path, rank: int, saved: dict[str, int] | None) -> int:
+    """The rank whose RNG states this rank restores: itself when the data- and context-parallel sizes are
+    unchanged; after a change, the saved rank with this rank's tensor/pipeline coordinates, data-parallel rank
+    modulo the old DP size and context-parallel rank modulo the old CP size (megatron's tracker states depend on
+    the tensor/pipeline ranks only; data order does not depend on RNG)."""
     from safetensors import safe_open
 
     mine = _coordinates()
-    if saved_dp is None or saved_dp == mine["dp"]:
+    if saved is None or (saved["dp"], saved["cp"]) == (mine["dp"], mine["cp"]):
         return rank
-    wanted = {"tp_rank": mine["tp_rank"], "pp_rank": mine["pp_rank"], "dp_rank": mine["dp_rank"] % saved_dp}
+    wanted = {"tp_rank": mine["tp_rank"], "pp_rank": mine["pp_rank"], "dp_rank": mine["dp_rank"] % saved["dp"],
+              "cp_rank": mine["cp_rank"] % saved["cp"]}
     for file in sorted((path / RANK_STATE).glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as opened:
-                metadata = opened.metadata() or {}
+                metadata = {"cp_rank": "0", **(opened.metadata() or {})}  # written before CP: whole rows
         except Exception:  # noqa: BLE001 — a damaged file: the read of the chosen one reports it
             continue
         if all(metadata.get(key) == str(value) for key, value in wanted.items()):
             return int(file.stem)
     raise ValueError(f"{path / RANK_STATE} has no RNG state of a rank at tensor rank {wanted['tp_rank']}, pipeline "
-                     f"rank {wanted['pp_rank']}, data-parallel rank {wanted['dp_rank']} of {saved_dp}: resuming at "
-                     f"data-parallel size {mine['dp']} needs the states written by this version of avar (with "
-                     "each rank's coordinates); resume with the data-parallel size it was written with")
+                     f"rank {wanted['pp_rank']}, data-parallel rank {wanted['dp_rank']} of {saved['dp']}, "
+                     f"context-parallel rank {wanted['cp_rank']} of {saved['cp']}: resuming at data-parallel size "
+                     f"{mine['dp']} and context-parallel size {mine['cp']} needs the states written by this version "
+                     "of avar (with each rank's coordinates); resume with the sizes it was written with")
 
 
 def _read_rank_state(path: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -453,7 +463,7 @@ def load_checkpoint(path: Path, model) -> dict:
     try:
         trainer_state = read_trainer_state(path)
         layout = saved_layout(path)
-        source = _rank_state_source(path, dist.get_rank(), None if layout is None else layout["dp"])
+        source = _rank_state_source(path, dist.get_rank(), layout)
         rng_state = _read_rank_state(path, source)
         _check_grad_buckets(path, trainer_state, model)
         vet_dist_checkpoint(path)

@@ -106,8 +106,8 @@ def _check_layout(out: Path, latest: Path, layout) -> None:
     raise ValueError(f"{out} resumes from {latest.name}, written at TP={saved['tp']} PP={saved['pp']}"
                      f"{chunks(saved['vpp'])} (DP={saved['dp']}), but this run is TP={layout.tp} PP={layout.pp}"
                      f"{chunks(layout.vpp)} (DP={layout.dp}). A run resumes at the tensor/pipeline layout it was "
-                     "written with (its optimizer states and RNG streams are per shard); the data-parallel size "
-                     f"may change. Resume with parallel.tensor_model_parallel_size={saved['tp']} "
+                     "written with (its optimizer states and RNG streams are per shard); the data- and "
+                     "context-parallel sizes may change. Resume with parallel.tensor_model_parallel_size={saved['tp']} "
                      f"parallel.pipeline_model_parallel_size={saved['pp']} "
                      f"parallel.virtual_pipeline_model_parallel_size={saved['vpp']} (a world size that is a "
                      f"multiple of {saved['tp'] * saved['pp']}), or start a new run at the new layout from an "
@@ -290,7 +290,8 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
         interrupted = preemption.any_rank()
         if interrupted or last or (checkpoint.interval and (step + 1) % checkpoint.interval == 0):
             trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule,
-                             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp}}
+                             "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp,
+                                        "cp": layout.cp}}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
         if interrupted:

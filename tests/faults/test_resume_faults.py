@@ -8,8 +8,8 @@ the run's: what a user sees and what stays on disk.
   torch writer error that never named the cause);
 - two runs on one out: the second is refused, naming the holder (before: FileNotFoundError mid-run);
 - a resume at another TP/PP is refused naming both layouts (before: megatron's "Global shape mismatch"); a
-  resume at another DP runs and continues the loss curve of the uninterrupted run (before: refused for want of
-  the RNG states of the new ranks, while the README said DP may change);
+  resume at another DP, or at context-parallel size 2, runs and continues the loss curve of the uninterrupted
+  run (before: refused for want of the RNG states of the new ranks, while the README said DP may change);
 - the data fingerprint ignores where the data are and file modification times, and a real change is refused
   with the override named; the override resumes.
 """
@@ -133,7 +133,7 @@ def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(ba
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     state_file = run / CHECKPOINTS / "step_00000000" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1}
+    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 1}
     if not recorded:  # written before the layout was recorded: read from the export record and the rank files
         del state["layout"]
         state_file.write_text(json.dumps(state))
@@ -180,7 +180,21 @@ def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_ru
     assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
     final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
-    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2, "vpp": 1}
+    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2, "vpp": 1, "cp": 1}
+
+
+@pytest.mark.multiprocess
+def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
+    """A single-rank checkpoint resumed with every row split over 2 context-parallel ranks: the next step's loss
+    is the uninterrupted run's (CP changes only summation orders), and the checkpoint it writes records CP=2."""
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    outputs = _on_two_ranks(sft_command(run, sft_inputs, **{"parallel.context_parallel_size": 2}))
+    assert "resumed from" in outputs[0]
+    straight, resumed = losses(base_run), losses(run)
+    assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
+    assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
+    final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
+    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 2}
 
 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
@@ -212,7 +226,7 @@ def test_an_interleaved_pipeline_run_resumes_and_exports(sft_inputs, tmp_path):
     straight = tmp_path / "straight"
     _on_two_ranks(sft_command(straight, sft_inputs, **layout))
     state = json.loads((straight / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
-    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+    assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2, "cp": 1}
     resumed = copy_run(straight, tmp_path / "resumed", latest_step=0)
     assert "resumed from" in _on_two_ranks(sft_command(resumed, sft_inputs, **layout))[0]
     assert losses(resumed)[1] == pytest.approx(losses(straight)[1], rel=1e-6)
