@@ -69,6 +69,8 @@ def test_parallel_layouts_that_cannot_run_are_refused_by_name():
                                          r"sequence_parallel splits each chunk over tensor_model_parallel_size=4"):
         load_config(SFTConfig, None, base + ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
                                              "parallel.context_parallel_size=2", "data.seq_length=4100"])
+    with pytest.raises(ValueError, match="with parallel.context_parallel_size > 1 use model.mass_mode=probe"):
+        load_config(SFTConfig, None, base + ["parallel.context_parallel_size=2", "model.mass_mode=fused"])
     with pytest.raises(ValueError, match="context_parallel_size must be >= 1"):
         load_config(SFTConfig, None, base + ["parallel.context_parallel_size=0"])
     with pytest.raises(ValueError, match="context_parallel_size > 1 is for avar sft so far"):

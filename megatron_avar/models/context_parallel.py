@@ -15,7 +15,8 @@ queries, every key of the row), zero for the others, and the results are summed 
 rank hands its sink the exact masses of all the sink's rows and computes the same AGTO term. The sum's backward
 passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact gradient, as
 the language-model loss's do (each rank's tokens). Memory: the gathered keys and values (2·S·Hkv·D per layer),
-and a boolean mask of at most ``QUERY_BLOCK`` x S per row at a time; never S x S scores.
+and a boolean mask of at most ``QUERY_BLOCK`` x S per row at a time; never S x S scores. Grouped-query heads
+share their key/value head without copies (the query heads of a group are folded into the query rows).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 __all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "QUERY_BLOCK"]
 
-# Query rows per masked-attention call: the boolean mask is QUERY_BLOCK x (keys up to the block's end) per row.
+# Query rows (x query heads per kv head) per masked-attention call: the boolean mask is QUERY_BLOCK x (keys up to
+# the block's end) per row.
 QUERY_BLOCK = 2048
 
 
@@ -103,24 +105,26 @@ def local_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     whole row (``split.gather``); key_roles int [B, S] (-1: never attended), segment_ids int [B, S] or None
     (packed samples), both of the whole row. Returns out [B, S_l, Hq, D]; rows of role -1 give 0.
     """
-    group = query.shape[2] // key.shape[2]
-    k, v = (x.permute(1, 2, 0, 3) for x in (key, value))                  # [B, Hkv, S, D]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    q = query.permute(1, 2, 0, 3)                                           # [B, Hq, S_l, D]
+    batch, heads, kv_heads, dim = query.shape[1], query.shape[2], key.shape[2], query.shape[3]
+    group = heads // kv_heads
+    # GQA without repeating keys: the `group` query heads of a kv head are folded into the query-row dimension
+    # (query head h uses kv head h // group), so backward keeps the gathered keys and values once.
+    k, v = (x.permute(1, 2, 0, 3).contiguous() for x in (key, value))     # [B, Hkv, S, D]
+    q = query.permute(1, 2, 0, 3).reshape(batch, kv_heads, group, -1, dim)  # [B, Hkv, G, S_l, D]
+    rows_per_call = max(1, QUERY_BLOCK // group)
     pieces = []
     for index, chunk_id in enumerate((split.rank, 2 * split.size - 1 - split.rank)):
-        start = chunk_id * split.chunk
-        for offset in range(0, split.chunk, QUERY_BLOCK):
-            rows = min(QUERY_BLOCK, split.chunk - offset)
-            first = start + offset
-            query_pos = torch.arange(first, first + rows, device=query.device)
-            end = first + rows                                               # keys after the block's last row: masked
+        for offset in range(0, split.chunk, rows_per_call):
+            rows = min(rows_per_call, split.chunk - offset)
+            first = chunk_id * split.chunk + offset                         # row position of the block's first row
+            end = first + rows                                              # keys after its last row: all masked
             local = index * split.chunk + offset
-            mask = _allowed_keys(query_pos, end, key_roles, segment_ids)
-            pieces.append(F.scaled_dot_product_attention(q[:, :, local:local + rows], k[:, :, :end], v[:, :, :end],
-                                                         attn_mask=mask, scale=softmax_scale))
-    out = torch.cat(pieces, dim=2).transpose(1, 2)                          # [B, S_l, Hq, D]
+            mask = _allowed_keys(torch.arange(first, end, device=query.device), end, key_roles, segment_ids)
+            block = q[:, :, :, local:local + rows].reshape(batch, kv_heads, group * rows, dim)
+            block_out = F.scaled_dot_product_attention(block, k[:, :, :end], v[:, :, :end],
+                                                       attn_mask=mask.repeat(1, 1, group, 1), scale=softmax_scale)
+            pieces.append(block_out.view(batch, kv_heads, group, rows, dim))
+    out = torch.cat(pieces, dim=3).reshape(batch, heads, -1, dim).transpose(1, 2)  # [B, S_l, Hq, D]
     real = split.local(key_roles, 1) >= 0
     return out * real[..., None, None].to(out.dtype)
 

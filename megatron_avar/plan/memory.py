@@ -22,6 +22,8 @@ parallelism, else 1; b_act = 2 in bf16, 4 in fp32):
 
     m_layer = 2·b_norm·h / t_sp + b_act·((a_h·h + a_g·g) / t + n_mlp·f / t + n_rope·d)
               (+ the [heads/t, s, s] probabilities of megatron's local attention in a standard layer)
+              under context parallelism (every layer's attention gathers the row): + 2·b_act·g·s / (t·tokens) for
+              the gathered keys and values, and no probabilities
     recompute "full":       b_act·h / t_sp per layer (the layer's input), plus one layer's m_layer while it is
                             recomputed
     recompute "selective":  megatron's core-attention recompute: the attention keeps only its inputs and output
@@ -49,8 +51,8 @@ plus one, the chunks taking turns in groups of pp micro-batches (megatron's sche
 The coefficients are counted from what the kernels save (``Kernels`` documents each); the CPU family's are checked
 against the tensors autograd saves in a toy model and the peak of toy runs, the GPU family without Transformer
 Engine against the one recorded H200 measurement (tests/plan/test_plan_measured.py). The Transformer Engine
-family is not measured yet. Context parallelism, sequence parallelism and virtual pipeline stages are parameters
-of :class:`Parallelism` (default off) for when the configs get them. Not counted: the CUDA context, NCCL
+family is not measured yet; nor is context parallelism (its term above is counted from what its attention
+keeps). Not counted: the CUDA context, NCCL
 buffers, the caching allocator's fragmentation (the verdict's reserve in ``plan.gpus``), and the data loader's
 host memory.
 """
@@ -313,6 +315,12 @@ def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels
                  + value * ((attention[0] * h + attention[1] * g) / parallel.tp + kernels.mlp * f / parallel.tp
                             + kernels.rope * d))
     stored = tokens * per_token
+    if parallel.cp > 1:
+        # every layer's attention is models.context_parallel's: it keeps the whole row's gathered keys and values
+        # (selective recompute gathers them again in backward), and no layer forms scores
+        if recompute == "none":
+            stored += 2 * shape.micro_batch_size * shape.seq_length * g / parallel.tp * value
+        return stored
     if kernels.standard_scores and not avar and recompute == "none":
         # megatron's local attention keeps fp32 probabilities (and their bf16 cast in bf16)
         stored += _scores(text, shape, parallel) * (4 + (value if value != 4 else 0))
@@ -394,7 +402,7 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
             layers = chunks[chunk_index]
             decoder += sum(_layer_bytes(text, shape, parallel, kernels, avar=i in avar, recompute=shape.recompute)
                            for i in layers)
-            if any(i not in avar for i in layers):  # the dense [b, 1, s, s] mask of the standard layers
+            if parallel.cp == 1 and any(i not in avar for i in layers):  # the standard layers' dense [b,1,s,s] mask
                 decoder += shape.micro_batch_size * shape.seq_length ** 2 / parallel.cp
             if first and chunk_index == 0:
                 vision_bytes += _vision_bytes(vision, shape, parallel, kernels)

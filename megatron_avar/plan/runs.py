@@ -123,13 +123,14 @@ def load_model_config(hf_path: str, preset: str | None):
 
 
 def _layout(parallel_config, gpus: int | None) -> Parallelism:
-    # Context parallelism: read here once the config has it.
     tp, pp = parallel_config.tensor_model_parallel_size, parallel_config.pipeline_model_parallel_size
-    model_parallel = tp * pp
+    cp = parallel_config.context_parallel_size
+    model_parallel = tp * pp * cp
     world = gpus if gpus is not None else model_parallel * math.ceil(8 / model_parallel)
     if world % model_parallel:
-        raise ValueError(f"--gpus {world} is not a multiple of tensor x pipeline parallel size = {model_parallel}")
-    return Parallelism(tp=tp, pp=pp, dp=world // model_parallel,
+        raise ValueError(f"--gpus {world} is not a multiple of tensor x pipeline x context parallel size = "
+                         f"{model_parallel}")
+    return Parallelism(tp=tp, pp=pp, dp=world // model_parallel, cp=cp,
                        sequence_parallel=parallel_config.sequence_parallel,
                        virtual_pipeline=parallel_config.virtual_pipeline_model_parallel_size,
                        distributed_optimizer=parallel_config.distributed_optimizer)

@@ -61,3 +61,7 @@ class SFTConfig:
 
     def __post_init__(self):
         self.parallel.check_row_length(self.data.seq_length, field="data.seq_length")
+        if self.parallel.context_parallel_size > 1 and self.model.mass_mode != "probe":
+            raise ValueError(f"model.mass_mode={self.model.mass_mode} computes every row's masses in one kernel over "
+                             "whole rows; with parallel.context_parallel_size > 1 use model.mass_mode=probe (the same "
+                             "step, masses only for the rows the objective reads)")

@@ -17,8 +17,8 @@ Pruning never removes the checkpoint just written, whatever step numbers other f
 
 Layout changes: a run resumes at another data-parallel or context-parallel size (the data position is global,
 the distributed optimizer's states are saved reshardable over DP x CP, and each rank restores the RNG states of
-a rank with its tensor/pipeline coordinates); the tensor/pipeline layout must stay (``run_loop.plan_start`` refuses a change,
-naming both layouts, before anything is read).
+a rank with its tensor/pipeline coordinates); the tensor/pipeline layout must stay (``run_loop.plan_start``
+refuses a change, naming both layouts, before anything is read).
 
 Trust: a checkpoint folder may come from someone else, and unpickling runs code. What this module writes
 itself holds no pickle: the trainer state is JSON, the RNG states are safetensors (a checkpoint written before

@@ -4,7 +4,8 @@ sink reads (rows held by either rank), and the CP ranks' gradients add up to the
 LM loss and an auxiliary loss of the masses — on a padded batch and on a packed row whose samples are split
 across the ranks. Layer 1 is a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
 
-Also: the load-balanced split itself (chunks r and 2cp-1-r), and the row-length refusal.
+Also: the load-balanced split itself (chunks r and 2cp-1-r), and the row-length refusal. The attention runs in
+blocks of 3 query rows here (several per chunk, the last one short), 2 query heads per kv head.
 
 Tolerance: fp32 on both sides; CP changes only the summation order (SDPA over the gathered keys vs over the
 whole row, partial gradients summed over ranks): ~1e-7 relative observed, bound 1e-5 (masses 2e-6 absolute).
@@ -144,7 +145,11 @@ def _both_layouts():
     from megatron_avar import platform
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
+    from megatron_avar.models import context_parallel
+
     platform.prepare_megatron()
+    # blocks of 3 query rows x 2 query heads per kv head: several masked-attention calls per chunk, the last short
+    context_parallel.QUERY_BLOCK = 6
     hf = tiny_hf_model()
     config = Qwen25VLConfig.from_hf(hf.config)
     return {"cp1": _run_layout(1, hf, config), "cp2": _run_layout(2, hf, config)}

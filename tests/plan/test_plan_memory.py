@@ -66,7 +66,8 @@ def test_decoder_activations_by_recompute_mode_and_layout():
     sequence_parallel = _decoder(Parallelism(tp=t, sequence_parallel=True))
     assert sequence_parallel.stored["decoder_activations"] == int(L * s * (per_token - 4 * H + 4 * H / t) * 2)
     context_parallel = _decoder(Parallelism(tp=t, cp=2))
-    assert context_parallel.stored["decoder_activations"] == int(L * s / 2 * per_token * 2)
+    # half the tokens, plus the whole row's gathered keys and values (2 x s x g / t) in every layer
+    assert context_parallel.stored["decoder_activations"] == int(L * (s / 2 * per_token + 2 * s * G / t) * 2)
     # a standard layer (TE attention) keeps no separate projection input, and needs the dense [s, s] mask
     standard = memory_plan(QWEN_7B, Parallelism(tp=t), StepShape(seq_length=s)).worst
     assert standard.stored["decoder_activations"] == int(L * s * (per_token - H / t) * 2) + s * s
