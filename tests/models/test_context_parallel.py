@@ -143,9 +143,8 @@ def _run_layout(cp, hf, config):
 
 def _both_layouts():
     from megatron_avar import platform
-    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-
     from megatron_avar.models import context_parallel
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
     platform.prepare_megatron()
     # blocks of 3 query rows x 2 query heads per kv head: several masked-attention calls per chunk, the last short
