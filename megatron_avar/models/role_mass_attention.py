@@ -251,7 +251,8 @@ class RoleMassCoreAttention(MegatronModule):
         if sink is None:
             return out
         cu_seqlens = params.packed_cu_seqlens()
-        mass = local_rows_masses(query, key, split, sink.query_rows, key_roles=params.key_roles,
+        rows = getattr(sink, "query_rows")  # noqa: B009 — an optional attribute of MassSink; RoleMassParams checked it
+        mass = local_rows_masses(query, key, split, rows, key_roles=params.key_roles,
                                  cu_seqlens=cu_seqlens if cu_seqlens is not None else
                                  _whole_rows(batch, split.seq, query.device), num_roles=NUM_ROLES,
                                  softmax_scale=self.softmax_scale, impl=self.impl or params.impl)
