@@ -49,6 +49,23 @@ def test_json_has_every_stage_and_verdict(monkeypatch):
     assert all(v["headroom_bytes"] == v["memory_bytes"] - v["required_bytes"] for v in plan["verdicts"])
 
 
+def test_the_long_rows_example_plans_context_parallelism_and_fits_an_h100(monkeypatch):
+    """README quotes ~44 GB for the 32k-row example (CP=2): the plan reads CP from the config, halves the tokens
+    per rank, and the verdict is an H100 fit; without CP the same rows need more."""
+    monkeypatch.chdir(REPO)
+    plans = {}
+    for cp in (2, 1):
+        code, output = _plan("--config", "examples/sft/avar_7b_long_rows.yaml", "--model", "7b", "--gpus", "16",
+                             f"parallel.context_parallel_size={cp}", "--json")
+        assert code == 0
+        plans[cp] = json.loads(output)
+    assert (plans[2]["parallel"]["cp"], plans[2]["parallel"]["dp"]) == (2, 4)
+    assert round(plans[2]["memory"]["peak_bytes"] / 1e9) == 44
+    assert {v["gpu"]: v["fits"] for v in plans[2]["verdicts"]}["h100"]
+    decoder = [plans[cp]["memory"]["stages"][0]["stored"]["decoder_activations"] for cp in (2, 1)]
+    assert decoder[0] == pytest.approx(decoder[1] / 2)  # full recompute: each layer's input, half the tokens
+
+
 def test_config_json_of_the_checkpoint_comes_before_the_preset(tmp_path, monkeypatch):
     from megatron_avar.models.qwen2_5_vl.published import QWEN2_5_VL_3B
 
