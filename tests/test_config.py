@@ -73,8 +73,9 @@ def test_parallel_layouts_that_cannot_run_are_refused_by_name():
         load_config(SFTConfig, None, base + ["parallel.context_parallel_size=2", "model.mass_mode=fused"])
     with pytest.raises(ValueError, match="context_parallel_size must be >= 1"):
         load_config(SFTConfig, None, base + ["parallel.context_parallel_size=0"])
-    with pytest.raises(ValueError, match="context_parallel_size > 1 is for avar sft so far"):
-        load_config(GRPOConfig, None, base + ["parallel.context_parallel_size=2"])
+    with pytest.raises(ValueError, match=r"train.seq_length \(8190\) must be a multiple of 4: parallel."
+                                         r"context_parallel_size=2 cuts each row into 4 equal chunks"):
+        load_config(GRPOConfig, None, base + ["parallel.context_parallel_size=2", "train.seq_length=8190"])
     with pytest.raises(ValueError, match="virtual_pipeline_model_parallel_size > 1 interleaves pipeline stages: it "
                                          "needs parallel.pipeline_model_parallel_size > 1"):
         load_config(SFTConfig, None, base + ["parallel.virtual_pipeline_model_parallel_size=2"])
@@ -86,6 +87,10 @@ def test_parallel_layouts_that_cannot_run_are_refused_by_name():
                                                  "parallel.sequence_parallel=true", "data.max_prompt_length=1001",
                                                  "rollout.max_new_tokens=1000"])
     assert grpo.seq_length == 2004
+    grpo = load_config(GRPOConfig, None, base + ["parallel.tensor_model_parallel_size=2",
+                                                 "parallel.context_parallel_size=2", "parallel.sequence_parallel=true",
+                                                 "data.max_prompt_length=1001", "rollout.max_new_tokens=1000"])
+    assert grpo.seq_length == 2008  # 2 x CP chunks, each split over TP
     # the interleaved schedule's micro-batch groups, checked before anything is built
     sft = load_config(SFTConfig, None, base + ["parallel.pipeline_model_parallel_size=2",
                                                "parallel.virtual_pipeline_model_parallel_size=2",

@@ -14,6 +14,10 @@ generation runs, so the GRPO loop calls every rank's backend the same way whatev
 - "vllm" (:class:`~megatron_avar.grpo.vllm_backend.VLLMGenerationBackend`) runs in every rank, one engine per
   group at the trainer's tensor parallelism, colocated with the actor and asleep while it trains.
 
+Under context parallelism the ranks of a CP group train on the same rollouts: only CP rank 0's model-parallel
+group builds and runs the backend, and a :class:`SourceRankBackend` over the CP group hands its rollouts to the
+other CP ranks (which join the weight walk and load nothing).
+
 A new backend: implement the interface, then ``@register_backend("name")`` a factory here
 (docs/architecture.md, 'A new rollout backend'). ``rollout.backend`` accepts the registered names.
 """
@@ -64,7 +68,14 @@ def build_backend(config: GRPOConfig, processor, layout: RankLayout) -> Generati
     name = config.rollout.backend
     if name not in BACKENDS:
         raise ValueError(f"rollout.backend={name!r}: allowed {', '.join(BACKENDS)}")
-    return BACKENDS[name](config, processor, layout)
+    if getattr(layout, "cp", 1) == 1:  # (a layout without CP coordinates holds whole rows)
+        return BACKENDS[name](config, processor, layout)
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    source = dist.get_process_group_ranks(group)[0]  # pyright: ignore[reportArgumentType]
+    inner = BACKENDS[name](config, processor, layout) if layout.cp_rank == 0 else None
+    return SourceRankBackend(inner, group=group, source=source, serves="context-parallel group")
 
 
 class SourceRankGenerationError(RuntimeError):
@@ -75,13 +86,14 @@ class SourceRankBackend:
     """A backend that generates on one rank of a process group (the source) for all of its ranks.
 
     inner: the backend on the source rank, None on the others. group / source: the process group (the
-    model-parallel group) and the global rank that generates. ``generate`` is collective over the group:
+    model-parallel group, or the context-parallel group) and the global rank that generates; ``serves`` names
+    the group in errors. ``generate`` is collective over the group:
     the source broadcasts its rollouts, or its error (then every rank raises SourceRankGenerationError
     naming the source and the error). ``update_weights`` is called on every rank, since walking the
     policy's weights gathers tensor-parallel shards (a collective); only the source loads them."""
 
-    def __init__(self, inner: GenerationBackend | None, *, group, source: int):
-        self.inner, self.group, self.source = inner, group, source
+    def __init__(self, inner: GenerationBackend | None, *, group, source: int, serves: str = "model-parallel group"):
+        self.inner, self.group, self.source, self.serves = inner, group, source, serves
         if (inner is not None) != (dist.get_rank() == source):
             raise ValueError(f"SourceRankBackend: rank {dist.get_rank()} must hold the backend exactly when it is "
                              f"the source ({source})")
@@ -111,7 +123,7 @@ class SourceRankBackend:
         dist.broadcast_object_list(payload, src=self.source, group=self.group)
         status, value = payload[0]
         if status == "error":
-            raise SourceRankGenerationError(f"rank {self.source}, which generates for its model-parallel group, "
+            raise SourceRankGenerationError(f"rank {self.source}, which generates for its {self.serves}, "
                                             f"failed: {value}") from failure
         return value
 

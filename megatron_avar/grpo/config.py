@@ -152,21 +152,18 @@ class GRPOConfig:
                              "interleaved schedule needs a number of micro-batches that fits the pipeline (a multiple "
                              "of pipeline_model_parallel_size), and a GRPO step has as many as its rollouts fill "
                              "rows; use 1 (the plain 1F1B schedule)")
-        if self.parallel.context_parallel_size > 1:
-            raise ValueError("parallel.context_parallel_size > 1 is for avar sft so far: GRPO's rollout rows are "
-                             "short (prompt + response), so use 1 and scale with data or tensor parallelism")
-        tp = self.parallel.tensor_model_parallel_size
-        if self.parallel.sequence_parallel and self.train.seq_length % tp:
-            raise ValueError(f"train.seq_length ({self.train.seq_length}) must be a multiple of "
-                             f"parallel.tensor_model_parallel_size ({tp}) with parallel.sequence_parallel=true (each "
-                             "rank holds an equal slice of every row), or 0 for the longest rollout rounded up")
+        if self.train.seq_length:
+            self.parallel.check_row_length(self.train.seq_length, field="train.seq_length")
+        if self.parallel.context_parallel_size > 1 and self.model.mass_mode != "probe":
+            raise ValueError(f"model.mass_mode={self.model.mass_mode} computes every row's masses in one kernel over "
+                             "whole rows; with parallel.context_parallel_size > 1 use model.mass_mode=probe")
 
     @property
     def seq_length(self) -> int:
         """Tokens per packed row of the policy's forward passes (train.seq_length, or the longest rollout rounded
-        up to a multiple of the tensor-parallel size under sequence parallelism)."""
+        up to what the layout splits rows by: ``ParallelConfig.row_multiple``)."""
         if self.train.seq_length:
             return self.train.seq_length
         longest = self.data.max_prompt_length + self.rollout.max_new_tokens
-        multiple = self.parallel.tensor_model_parallel_size if self.parallel.sequence_parallel else 1
+        multiple = self.parallel.row_multiple
         return -(-longest // multiple) * multiple

@@ -11,6 +11,13 @@
   layout or the packing); megatron's 1/num_microbatches and DDP's 1/dp are undone as in SFT.
 - :meth:`MegatronPolicy.named_weights`: the full weights in HF naming (TP-gathered, every PP stage's layers),
   for the generation backend's refit; no disk round trip.
+
+Context parallelism: each CP rank holds part of every row (``models.context_parallel``). Its response log-probs
+are placed at their row positions and summed over the CP group (backward: each rank's own positions), so every
+CP rank holds all log-probs and computes the same loss, whose gradient reaches each rank's own tokens: the CP
+ranks' gradients add up to the exact one (megatron's schedule multiplies the loss by CP and DDP averages over
+DP x CP, which the loss's DP factor already accounts for). The visual-reward sink gets the masses of every
+response row on every CP rank, so r_visual needs no CP reduction.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from megatron_avar.grpo.interfaces import PolicyLogProbs, Rollout, response_toke
 from megatron_avar.grpo.loss import PolicyLossConfig, policy_loss
 from megatron_avar.grpo.rollout_batches import RolloutMicroBatch, pack_rollouts, scatter_response_values
 from megatron_avar.grpo.visual_reward import ResponseTokens, VisualRewardSink
+from megatron_avar.models.context_parallel import local_positions
 
 __all__ = ["MegatronPolicy", "LOSS_METRICS"]
 
@@ -50,6 +58,10 @@ class MegatronPolicy:
         self.visual_layers, self.epsilon = tuple(visual_layers), float(epsilon)
         self.seq_length, self.temperature, self.loss = seq_length, float(temperature), loss
         self.pad_token_id, self.role_attention_impl, self.mass_mode = pad_token_id, role_attention_impl, mass_mode
+        from megatron.core import parallel_state
+
+        cp_group = _process_group(parallel_state.get_context_parallel_group(check_initialized=False))
+        self._cp_group = cp_group if cp_group is not None and cp_group.size() > 1 else None
 
     # -- helpers --------------------------------------------------------------------------------------------
     @property
@@ -79,8 +91,20 @@ class MegatronPolicy:
 
         labels = mb.batch.labels.to(logits.device)
         labelled = labels != IGNORE_INDEX
-        nll = vocab_parallel_cross_entropy(logits[labelled].float() / self.temperature, labels[labelled])
-        return scatter_response_values(-nll, mb, num_columns)
+        if self._cp_group is None:
+            nll = vocab_parallel_cross_entropy(logits[labelled].float() / self.temperature, labels[labelled])
+            return scatter_response_values(-nll, mb, num_columns)
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        held = local_positions(labels.shape[1], self._cp_group.size(), self._cp_group.rank(), labels.device)
+        mine = labels[:, held]
+        nll = vocab_parallel_cross_entropy(logits[mine != IGNORE_INDEX].float() / self.temperature,
+                                           mine[mine != IGNORE_INDEX])
+        local = torch.zeros(mine.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mine != IGNORE_INDEX,
+                                                                                          -nll)
+        row = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).index_copy(1, held, local)
+        row = reduce_from_tensor_model_parallel_region(row, group=self._cp_group)  # every position, every CP rank
+        return scatter_response_values(row[labelled], mb, num_columns)
 
     def _schedule(self, micro_batches, forward_step, *, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -191,8 +215,9 @@ class MegatronPolicy:
             raise FloatingPointError("the optimizer skipped the GRPO update (non-finite gradients)")
         self.model.scheduler.step(increment=1)
 
-        # Each token counted once: the last pipeline stage, tensor-parallel rank 0, summed over DP.
-        counted = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        # Each token counted once: the last pipeline stage, tensor- and context-parallel rank 0, summed over DP.
+        counted = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                   and parallel_state.get_context_parallel_rank() == 0)
         packed = torch.cat([sums if counted else torch.zeros_like(sums),
                             torch.tensor([float(ratio_max)], dtype=torch.float64)]).to(device)
         dist.all_reduce(packed[:-1])

@@ -176,7 +176,8 @@ def run_grpo(config: GRPOConfig) -> dict:
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                              seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size)
+                              seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size,
+                              cp=parallel.context_parallel_size)
     per_replica = config.train.prompts_per_step // layout.dp
     if config.train.prompts_per_step % layout.dp or per_replica % config.train.updates_per_step:
         raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must split evenly over the "

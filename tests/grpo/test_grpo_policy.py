@@ -4,9 +4,9 @@
 - r_visual from the masses of the SAME pass equals the definition (docs/method.md, 'Visual-anchored reward (GRPO)')
   computed from HF eager attention probabilities: per response query and layer, head-mean mass on IMAGE keys over
   head-mean mass on SYSTEM keys + ε, averaged over layers then tokens.
-- One GRPO update at TP=2, TP=2 with sequence parallelism, PP=2 and DP=2 gives the loss metrics, gradient norm and
-  updated log-probs of the single-rank update (the loss is normalised by global token counts, so the layout cannot
-  change it).
+- One GRPO update at TP=2, TP=2 with sequence parallelism, PP=2, DP=2 and CP=2 (rows split over 2 context-parallel
+  ranks) gives the loss metrics, gradient norm, r_visual and updated log-probs of the single-rank update (the loss
+  is normalised by global token counts, so the layout cannot change it).
 
 Rollouts are the toy model's real prompts (real tokenizer, images of the procedural dataset) with random
 responses, several packed per row, so the test does not depend on a generation backend.
@@ -63,12 +63,14 @@ def _policy_runs(hf_path, data_path, layouts):
     rollouts, pad_id = _rollouts(hf_path, data_path, num_prompts=4)
     advantages = torch.linspace(-1.0, 1.0, len(rollouts))
     results = {}
-    for tp, pp, *options in layouts:  # options: ("sp",) for sequence parallelism
-        layout = init_distributed(tp, pp, seed=1)
+    for tp, pp, *options in layouts:  # options: "sp" sequence parallelism, "cp" context parallelism over 2 ranks
+        cp = 2 if "cp" in options else 1
+        layout = init_distributed(tp, pp, seed=1, cp=cp)
         qwen_config = Qwen25VLConfig.from_hf(hf_path)
         layers = tuple(range(qwen_config.text.num_layers))
         parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  sequence_parallel="sp" in options, distributed_optimizer=False)
+                                  sequence_parallel="sp" in options, context_parallel_size=cp,
+                                  distributed_optimizer=False)
         model = build_model(qwen_config, parallel, dtype=torch.float32, recompute="none", role_mass_layers=layers,
                             hf_path=hf_path)
         build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32)
@@ -182,7 +184,7 @@ def runs(sft_inputs):
     single = run_on_ranks(_policy_runs, 1, sft_inputs["hf_path"], sft_inputs["data_path"], [(1, 1)],
                           timeout_s=400)[0]
     two = run_on_ranks(_policy_runs, 2, sft_inputs["hf_path"], sft_inputs["data_path"],
-                       [(1, 1), (2, 1), (1, 2), (2, 1, "sp")], timeout_s=600)
+                       [(1, 1), (2, 1), (1, 2), (2, 1, "sp"), (1, 1, "cp")], timeout_s=600)
     return single, two
 
 
@@ -199,7 +201,8 @@ def test_old_log_probs_and_r_visual_equal_hf_eager(runs, sft_inputs):
     assert float(visuals.min()) > 0
 
 
-@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2), (2, 1, "sp")], ids=["dp2", "tp2", "pp2", "tp2_sp"])
+@pytest.mark.parametrize("layout", [(1, 1), (2, 1), (1, 2), (2, 1, "sp"), (1, 1, "cp")],
+                         ids=["dp2", "tp2", "pp2", "tp2_sp", "cp2"])
 def test_update_equals_the_single_rank_update(runs, layout):
     single, two = runs
     reference = single[(1, 1)]

@@ -1,7 +1,8 @@
 """`avar grpo` end to end on 2 gloo ranks (TP=2) with the local backend: the toy model on the procedural visual
 dataset. It completes, logs the reward curve, checkpoints; a run stopped after 2 steps and resumed gives the
 numbers of the uninterrupted run; the same seed gives the same numbers; rollouts and trainer agree on the
-log-probs of the rollouts' own tokens (HF generator against the Megatron actor after the refit)."""
+log-probs of the rollouts' own tokens (HF generator against the Megatron actor after the refit); a run at
+context-parallel size 2 gives the same first step."""
 
 import json
 import shutil
@@ -86,6 +87,20 @@ def _assert_same_steps(ours_history, reference_history):
         assert ours["step"] == reference["step"]
         for name in REPRODUCED:
             assert ours[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-6), (ours["step"], name)
+
+
+def test_a_context_parallel_run_gives_the_tensor_parallel_runs_first_step(runs, sft_inputs):
+    """The same first step with every row split over 2 context-parallel ranks (TP=1) instead of TP=2: CP rank 0
+    generates and hands the rollouts to rank 1 (the same rollouts as the TP=2 run: same weights and seeds), and
+    rewards, r_visual and the update's loss agree."""
+    root, full, _, _ = runs
+    out = root / "context_parallel"
+    summary = _run(grpo_overrides(sft_inputs, out, **{"parallel.tensor_model_parallel_size": 1,
+                                                      "parallel.context_parallel_size": 2, "train.steps": 1}))
+    assert summary["layout"]["cp"] == 2 and summary["layout"]["dp"] == 1
+    ours, expected = summary["history"][0], full["history"][0]
+    for name in REPRODUCED:
+        assert ours[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
 
 
 def test_the_same_seed_gives_the_same_numbers(runs):
