@@ -4,7 +4,8 @@ sink reads (rows held by either rank), and the CP ranks' gradients add up to the
 LM loss and an auxiliary loss of the masses — on a padded batch and on a packed row whose samples are split
 across the ranks. Layer 1 is a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
 
-Also: the load-balanced split itself (chunks r and 2cp-1-r), and the row-length refusal. The attention runs in
+Also: the load-balanced split itself (chunks r and 2cp-1-r), the row-length refusal, and no host synchronisation
+inside the layers' forward or backward on the GPU kernel path under CP. The attention runs in
 blocks of 3 query rows here (several per chunk, the last one short), 2 query heads per kv head.
 
 Tolerance: fp32 on both sides; CP changes only the summation order (SDPA over the gathered keys vs over the
@@ -17,7 +18,7 @@ import torch
 from megatron_avar.roles import TokenRole
 from megatron_avar.testing import run_on_ranks
 from qwen_vl_cases import IMAGE, case_batch, tiny_hf_model
-from test_role_mass_layers import _packed, chat_like_roles
+from test_role_mass_layers import _packed, _refuse_host_syncs, chat_like_roles
 
 pytestmark = pytest.mark.multiprocess
 
@@ -201,3 +202,59 @@ def test_the_ranks_gradients_add_up_to_one_ranks(layouts, name, param):
     expected = layouts[0]["cp1"][name]["grads"][param]
     for rank in range(2):
         assert _relative(layouts[rank]["cp2"][name]["grads"][param], expected) < RELATIVE_TOLERANCE
+
+
+def _no_sync_under_context_parallelism():
+    """Forward and backward of the packed row at CP=2 on the GPU kernel path (the probe's Triton kernel replaced by
+    its PyTorch reference, as in test_role_mass_layers), every host read refused inside the core attentions'
+    forward (AVAR and standard layers) and in the whole backward."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.models import role_mass_attention
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+    from megatron_avar.ops import role_mass_triton
+    from megatron_avar.ops.role_mass import reference_role_mass
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    model_parallel_cuda_manual_seed(0)
+    role_mass_triton.triton_role_mass = reference_role_mass
+    hf = tiny_hf_model()
+    config = Qwen25VLConfig.from_hf(hf.config)
+    model = Qwen25VLModel(config, MegatronSettings(context_parallel_size=2, perform_initialization=False),
+                          pg_collection=ProcessGroupCollection.use_mpu_process_groups(), role_mass_layers=AVAR_LAYERS)
+    load_hf_state_dict(model, hf.state_dict(), config)
+    inputs, roles, packing = _cases()["packed"]
+    sink = AuxSink(torch.nonzero(roles.reshape(-1) == TokenRole.USER_TEXT, as_tuple=True)[0])
+    forward = role_mass_attention.RoleMassCoreAttention.forward
+
+    def guarded_forward(self, *args, **kwargs):
+        undo = _refuse_host_syncs()
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            undo()
+
+    role_mass_attention.RoleMassCoreAttention.forward = guarded_forward  # the standard layers' subclass too
+    try:
+        loss = model(inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                     token_roles=roles, mass_sink=sink, role_attention_impl="triton",
+                     labels=torch.roll(inputs["input_ids"], -1, dims=1), **packing)
+        undo = _refuse_host_syncs()
+        try:
+            loss.sum().backward()
+        finally:
+            undo()
+    finally:
+        role_mass_attention.RoleMassCoreAttention.forward = forward
+        parallel_state.destroy_model_parallel()
+    return sorted(sink.masses)
+
+
+def test_no_host_sync_inside_the_layers_under_context_parallelism():
+    assert run_on_ranks(_no_sync_under_context_parallelism, 2, timeout_s=240) == [list(AVAR_LAYERS)] * 2
