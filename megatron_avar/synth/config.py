@@ -68,8 +68,8 @@ class TeacherConfig:
     """Model name sent in the request (part of the cache key)."""
     base_url: str = "http://localhost:8000/v1"
     """Endpoint root; requests go to ``{base_url}/chat/completions``. Not part of the cache key, so per-node
-    servers of the same model share one cache. The env var SYNTH_BASE_URL, when set, overrides it (used by
-    slurm/synth.sh to point each node at its local server)."""
+    servers of the same model share one cache: slurm/synth.sh serves every teacher on each node, so a localhost
+    base_url sends each node's requests to its own server."""
     api_key_env: str | None = None
     """Name of the environment variable holding the API key (sent as a Bearer token), or null for none.
     Keys are never read from the config file and never logged."""
