@@ -16,9 +16,10 @@ so every rank hands its sink the exact masses of all the sink's rows and compute
 runs the probe over all N rows, those held elsewhere with a zero query and masked out: a fixed-size call, so the
 row split needs no host synchronisation; the probe's cost is N rows per rank, a small share of attention.) The sum's backward
 passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact gradient, as
-the language-model loss's do (each rank's tokens). Memory: the gathered keys and values (2·S·Hkv·D per layer),
-and a boolean mask of at most ``QUERY_BLOCK`` x S per row at a time; never S x S scores. Grouped-query heads
-share their key/value head without copies (the query heads of a group are folded into the query rows).
+the language-model loss's do (each rank's tokens). Memory: the gathered keys and values (2·S·Hkv·D per layer) are
+kept for backward; each block of ``QUERY_BLOCK`` rows is attended with a boolean mask of its rows x its keys,
+recomputed in backward (one more attention forward) so that neither masks nor scores are ever kept; never S x S.
+Grouped-query heads share their key/value head without copies (a group's query heads are folded into the rows).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "QUERY_BLOCK"]
 
@@ -98,6 +100,14 @@ def _allowed_keys(query_pos: torch.Tensor, keys: int, key_roles: torch.Tensor,
     return allowed[:, None]
 
 
+def _masked_block(block, k, v, first: int, end: int, group: int, key_roles, segment_ids, softmax_scale: float):
+    """SDPA of one block of rows (positions [first, end), its ``group`` query heads per kv head folded into the
+    rows) over keys [0, end), with the block's mask built here."""
+    mask = _allowed_keys(torch.arange(first, end, device=block.device), end, key_roles, segment_ids)
+    return F.scaled_dot_product_attention(block, k[:, :, :end], v[:, :, :end], attn_mask=mask.repeat(1, 1, group, 1),
+                                          scale=softmax_scale)
+
+
 def local_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, split: ContextSplit, *,
                          key_roles: torch.Tensor, segment_ids: torch.Tensor | None,
                          softmax_scale: float) -> torch.Tensor:
@@ -121,10 +131,10 @@ def local_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
             first = chunk_id * split.chunk + offset                         # row position of the block's first row
             end = first + rows                                              # keys after its last row: all masked
             local = index * split.chunk + offset
-            mask = _allowed_keys(torch.arange(first, end, device=query.device), end, key_roles, segment_ids)
             block = q[:, :, :, local:local + rows].reshape(batch, kv_heads, group * rows, dim)
-            block_out = F.scaled_dot_product_attention(block, k[:, :, :end], v[:, :, :end],
-                                                       attn_mask=mask.repeat(1, 1, group, 1), scale=softmax_scale)
+            # recomputed in backward: neither the block's mask nor its scores are kept
+            block_out = checkpoint(_masked_block, block, k, v, first, end, group, key_roles, segment_ids,
+                                   softmax_scale, use_reentrant=False)
             pieces.append(block_out.view(batch, kv_heads, group, rows, dim))
     out = torch.cat(pieces, dim=3).reshape(batch, heads, -1, dim).transpose(1, 2)  # [B, S_l, Hq, D]
     real = split.local(key_roles, 1) >= 0

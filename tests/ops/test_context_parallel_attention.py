@@ -100,3 +100,25 @@ def test_qwen_7b_heads_on_an_8k_packed_row_on_gpu():
     expected = want.index_select(0, split.positions).transpose(0, 1)
     torch.testing.assert_close(out.float(), expected, atol=2 ** -7 * expected.abs().max().item(), rtol=0)
     assert peak < 1e9, f"peak {peak / 1e9:.2f} GB"
+
+
+def test_backward_keeps_the_inputs_not_masks_or_scores():
+    """What autograd keeps of one rank's attention: its queries and the gathered keys and values (once, as the
+    kernel's [B, Hkv, S, D] layout) and the padding mask of its rows — far below the masks of its blocks (rows x
+    keys x query heads per kv head bytes: 4.2 MB here), which are rebuilt in backward."""
+    seq, size = 2048, 2
+    q, k, v, roles, segments = _case(seq, 1, 4, 2, 16, packed=True)
+    split = _split(seq, size, 0, q.device)
+    inputs = [t.requires_grad_() for t in (split.local(q, 0).detach(), k, v)]
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = local_rows_attention(*inputs, split, key_roles=roles, segment_ids=segments, softmax_scale=0.25)
+    inputs_bytes = sum(t.numel() * t.element_size() for t in inputs)
+    masks_bytes = (seq // size) * 2 * seq
+    assert sum(saved.values()) < 2.2 * inputs_bytes < masks_bytes / 2
+    out.sum().backward()  # the recomputed blocks give the gradients (their values: the test above)
