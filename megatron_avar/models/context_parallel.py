@@ -12,14 +12,16 @@ facts (roles, packing) are those of the whole row, identical on every CP rank.
 
 AVAR masses of the rows a sink reads (:func:`local_rows_masses`): each rank's masses are exact for the rows it
 holds (its queries, every key of the row) and zero for the others, and the results are summed over the CP group —
-so every rank hands its sink the exact masses of all the sink's rows and computes the same AGTO term. (Each rank
-runs the probe over all N rows, those held elsewhere with a zero query and masked out: a fixed-size call, so the
-row split needs no host synchronisation; the probe's cost is N rows per rank, a small share of attention.) The sum's backward
-passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact gradient, as
-the language-model loss's do (each rank's tokens). Memory: the gathered keys and values (2·S·Hkv·D per layer) are
-kept for backward; each block of ``QUERY_BLOCK`` rows is attended with a boolean mask of its rows x its keys,
-recomputed in backward (one more attention forward) so that neither masks nor scores are ever kept; never S x S.
-Grouped-query heads share their key/value head without copies (a group's query heads are folded into the rows).
+so every rank hands its sink the exact masses of all the sink's rows and computes the same AGTO term. The sum's
+backward passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact
+gradient, as the language-model loss's do (each rank's tokens). Each rank runs the probe over all N rows, those
+held elsewhere with a zero query and masked out: a fixed-size call, so the split needs no host synchronisation;
+the probe's cost is N rows per rank, a small share of the attention's.
+
+Memory: the gathered keys and values (2·S·Hkv·D per layer) are kept for backward; each block of ``QUERY_BLOCK``
+rows is attended with a boolean mask of its rows x its keys, recomputed in backward (one more attention forward)
+so that neither masks nor scores are ever kept; never S x S. Grouped-query heads share their key/value head
+without copies (a group's query heads are folded into the rows).
 """
 
 from __future__ import annotations
