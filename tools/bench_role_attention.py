@@ -15,6 +15,10 @@ per sequence length (1k-32k), forward and forward+backward, for:
                            once per input, outside the timed region, as a user with fixed roles would.
   role_mass probe          masses of 256 user-text rows only (ops.role_mass), no out: what an AVAR layer adds
                            to the platform's fastest attention; its FLOPs are its own (2*N*Hq*keys*D, x3 fwd+bwd)
+  CP rank of 2             context parallelism's attention (models.context_parallel.local_rows_attention): one
+                           rank's half of the rows (its two load-balanced chunks) over the whole row's keys, as
+                           after the all-gather (not timed: no second GPU), blocks recomputed in backward; its
+                           FLOPs are half the row's, so equal TFLOP/s means as fast per token as flash
   eager + mass             plain PyTorch attention materialising P [B, H, S, S] in bf16 (fp32 softmax),
                            masses from P; the baseline without a fused kernel (OOM at long S)
 CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32): blockwise and torch SDPA
@@ -50,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from results_meta import git_commit  # noqa: E402
 
 from megatron_avar import platform  # noqa: E402
+from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention  # noqa: E402
 from megatron_avar.ops import role_attention, role_mass  # noqa: E402
 from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
 
@@ -140,16 +145,26 @@ def _gpu_methods(q, k, v, roles):
     user_text = torch.arange(seq_len // 2, seq_len * 5 // 8, device=q.device)
     probe_rows = user_text[torch.linspace(0, user_text.numel() - 1, PROBE_ROWS, device=q.device).long()]
 
+    # One context-parallel rank (of 2): its rows [S/2, B, Hq, D] and the whole row's keys / values [S, B, Hkv, D].
+    split = ContextSplit.for_rank(seq_len, 2, 0, q.device)
+    q_cp = q.detach().transpose(0, 1).index_select(0, split.positions).requires_grad_()
+    k_cp, v_cp = (x.detach().transpose(0, 1).requires_grad_() for x in (k, v))
+
+    def context_parallel_rank():
+        return (local_rows_attention(q_cp, k_cp, v_cp, split, key_roles=roles, segment_ids=None,
+                                     softmax_scale=q.shape[-1] ** -0.5),)
+
     return {
         "role_attention[triton]": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=True),
         "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
         "torch SDPA (flash)": sdpa(SDPBackend.FLASH_ATTENTION),
         "torch SDPA (cuDNN)": sdpa(SDPBackend.CUDNN_ATTENTION),
         "FlexAttention, LSE/role": flex_role_attention(q, k, v, roles, NUM_ROLES),
+        "CP rank of 2": context_parallel_rank,
         "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),
         f"role_mass probe ({PROBE_ROWS} rows)": lambda: (role_mass(q, k, roles, probe_rows, num_roles=NUM_ROLES,
                                                                    check_values=False),),
-    }, (q_sdpa, k_sdpa, v_sdpa)
+    }, (q_sdpa, k_sdpa, v_sdpa, q_cp, k_cp, v_cp)
 
 
 def _cuda_time_ms(fn, reps):
@@ -194,6 +209,8 @@ def bench_gpu(seq_lens, reps):
                     base = torch.cuda.memory_allocated()
                     ms = _cuda_time_ms(step, reps)
                     flops = attention_flops(batch, num_q_heads, seq_len, head_dim, True, mode == "fwd+bwd")
+                    if name.startswith("CP rank"):  # its two chunks hold half the row's causal work
+                        flops /= 2
                     if name.startswith("role_mass"):  # Q K^T of its rows only: 2*N*Hq*keys*D, x3 with backward
                         keys_seen = seq_len * 9 // 16  # the rows sit at 1/2..5/8 of the sequence (causal)
                         flops = 2 * PROBE_ROWS * num_q_heads * keys_seen * head_dim * (3 if mode == "fwd+bwd" else 1)

@@ -67,7 +67,13 @@ class ContextSplit:
 
     @classmethod
     def build(cls, group, seq: int, device) -> ContextSplit:
-        size, rank = group.size(), group.rank()
+        """This process's split over ``group``."""
+        return cls.for_rank(seq, group.size(), group.rank(), device, group=group)
+
+    @classmethod
+    def for_rank(cls, seq: int, size: int, rank: int, device, *, group=None) -> ContextSplit:
+        """Rank ``rank`` of ``size``'s split (``group`` None: no process group, for the attention of one rank's
+        rows given the whole row's keys, as in tests and benchmarks; ``gather`` then cannot run)."""
         gathered = torch.cat([local_positions(seq, size, r, device) for r in range(size)])
         return cls(group=group, size=size, rank=rank, seq=seq, positions=local_positions(seq, size, rank, device),
                    gather_order=torch.argsort(gathered))

@@ -11,15 +11,13 @@ softmax attention over the same keys in different blockings: ~1e-7 observed, bou
 import pytest
 import torch
 
-from megatron_avar.models.context_parallel import ContextSplit, local_positions, local_rows_attention
+from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention
 from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.segments import segment_cu_seqlens
 
 
 def _split(seq: int, size: int, rank: int, device) -> ContextSplit:
-    gathered = torch.cat([local_positions(seq, size, r, device) for r in range(size)])
-    return ContextSplit(group=None, size=size, rank=rank, seq=seq, positions=local_positions(seq, size, rank, device),
-                        gather_order=torch.argsort(gathered))
+    return ContextSplit.for_rank(seq, size, rank, device)
 
 
 def _case(seq, batch, heads, kv_heads, dim, *, packed: bool, dtype=torch.float32, device="cpu", seed=0):
