@@ -186,7 +186,8 @@ def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_ru
 @pytest.mark.multiprocess
 def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
     """A single-rank checkpoint resumed with every row split over 2 context-parallel ranks: the next step's loss
-    is the uninterrupted run's (CP changes only summation orders), and the checkpoint it writes records CP=2."""
+    is the uninterrupted run's (CP changes only summation orders), and the checkpoint it writes records CP=2 and
+    exports to HF."""
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     outputs = _on_two_ranks(sft_command(run, sft_inputs, **{"parallel.context_parallel_size": 2}))
     assert "resumed from" in outputs[0]
@@ -195,6 +196,13 @@ def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, 
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
     final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
     assert final["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 2}
+    # the checkpoint written at CP=2 exports to HF with logits equal to its own (`avar convert verify`)
+    checkpoint, hf = run / CHECKPOINTS / "step_00000001", tmp_path / "hf"
+    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
+                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
+        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, output(done)[-3000:]
 
 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):

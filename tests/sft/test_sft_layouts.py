@@ -1,6 +1,7 @@
 """One AVAR SFT step gives the same losses, AVAR metrics and gradient norm at every parallel layout (TP=2,
 TP=2 with sequence parallelism, PP=2, DP=2 with the gradient reduce and weight gather overlapped — megatron's
-default bucket and many small buckets — and not overlapped, against a single rank), and the next step, after the
+default bucket and many small buckets — and not overlapped, CP=2 alone and with TP=2 (± SP) or PP=2 on 4 ranks,
+against a single rank), and the next step, after the
 optimizer update, agrees too: the LM loss is a global-batch token mean, each AGTO layer term is attached where
 its layer runs (also on the first pipeline stage, which never sees the loss), head means are exact under TP and
 the AVAR masses see every token under SP (the attention gathers the sequence).
@@ -66,7 +67,7 @@ def layouts(sft_inputs, tmp_path_factory):
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
                                                   (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS]),
                                                   (1, 2, [four_layers, VPP]), (1, 1, [CP])], timeout_s=600)
-    four = run_on_ranks(_two_steps, 4, overrides, [(2, 1, [CP]), (2, 1, [CP, SP])], timeout_s=600)
+    four = run_on_ranks(_two_steps, 4, overrides, [(2, 1, [CP]), (2, 1, [CP, SP]), (1, 2, [CP])], timeout_s=600)
     # the 4-layer model's runs under a path-free name (the overrides are each key's last part)
     rename = lambda results: {(*key[:-1], tuple(FOUR_LAYERS if x == four_layers else x for x in key[-1])): value  # noqa: E731
                               for key, value in results.items()}
@@ -95,11 +96,12 @@ def test_steps_equal_the_single_rank_run(layouts, layout):
     assert reference[0]["data/samples_with_agto_term"] > 0
 
 
-@pytest.mark.parametrize("ranks, layout", [(2, (1, 1, (CP,))), (4, (2, 1, (CP,))), (4, (2, 1, (CP, SP)))],
-                         ids=["cp2", "tp2_cp2", "tp2_cp2_sp"])
+@pytest.mark.parametrize("ranks, layout", [(2, (1, 1, (CP,))), (4, (2, 1, (CP,))), (4, (2, 1, (CP, SP))),
+                                           (4, (1, 2, (CP,)))], ids=["cp2", "tp2_cp2", "tp2_cp2_sp", "pp2_cp2"])
 def test_context_parallel_steps_equal_the_single_rank_run(layouts, ranks, layout):
-    """Every packed row split over 2 context-parallel ranks (samples straddle the ranks' chunks), alone and with
-    TP=2 (and SP): losses, AGTO terms of every layer and the gradient norm as one rank, over two steps."""
+    """Every packed row split over 2 context-parallel ranks (samples straddle the ranks' chunks), alone, with TP=2
+    (and SP) and with PP=2 (the stages pass this rank's part of the rows): losses, AGTO terms of every layer and
+    the gradient norm as one rank, over two steps."""
     single, two, four = layouts
     reference = single[(1, 1, ())]
     for rank in two if ranks == 2 else four:
