@@ -51,8 +51,8 @@ plus one, the chunks taking turns in groups of pp micro-batches (megatron's sche
 The coefficients are counted from what the kernels save (``Kernels`` documents each); the CPU family's are checked
 against the tensors autograd saves in a toy model and the peak of toy runs, the GPU family without Transformer
 Engine against the one recorded H200 measurement (tests/plan/test_plan_measured.py). The Transformer Engine
-family is not measured yet; nor is context parallelism (its term above is counted from what its attention
-keeps). Not counted: the CUDA context, NCCL
+family is not measured yet. Context parallelism's activations are checked on CPU toy runs at CP=2 (each rank's
+saved tensors). Not counted: the CUDA context, NCCL
 buffers, the caching allocator's fragmentation (the verdict's reserve in ``plan.gpus``), and the data loader's
 host memory.
 """

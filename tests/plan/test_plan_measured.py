@@ -1,6 +1,7 @@
 """`avar plan` against measurements: the predicted peak of a toy training step on this machine within 15% of the
 measured one (fp32 and bf16), the activations autograd saves within 15% of the plan's (each recompute mode, bf16,
-a standard layer with megatron's local attention; tests/conftest.py's toy model and data), the one H200 step
+a standard layer with megatron's local attention, context parallelism over 2 ranks; tests/conftest.py's toy model
+and data), the one H200 step
 recorded in tools/results within 15%, and every rank's parameter count of the published 7B / 3B at TP=2 and PP=2
 exactly (built on the meta device).
 
@@ -19,7 +20,8 @@ What this checks and what it cannot: the static terms (weights, fp32 gradients, 
 the logits phase (the toy's 152k vocabulary makes it most of the toy's peak: activations are ~1% of it, hence
 the separate activation check) and the CPU kernel family's activation coefficients (``plan.memory.CPU_KERNELS``),
 on one rank; and, from the H200 record, the GPU family without Transformer Engine at 7B widths. The Transformer
-Engine family (the clusters'), vLLM, and the activations of multi-rank layouts are not measured; the in-flight
+Engine family (the clusters'), vLLM, and the activations of multi-rank layouts other than CP=2 (measured on 2
+ranks: each keeps half the tokens' activations plus the gathered keys and values) are not measured; the in-flight
 counts of the pipeline schedules are checked against megatron's own schedule functions in test_plan_memory.py.
 """
 
@@ -99,7 +101,8 @@ def _saved_activations(overrides: list[str]) -> dict:
     from megatron_avar.training.objective import AGTOSink, QuerySets
 
     config = load_config(SFTConfig, None, overrides)
-    layout = init_distributed(1, 1, seed=config.train.seed)
+    cp = config.parallel.context_parallel_size
+    layout = init_distributed(1, 1, seed=config.train.seed, cp=cp)
     run = build_run(config, layout)
     image_token_id = run.qwen_config.image_token_id
     mb = max(next(iter(run.data)).microbatches, key=lambda m: _microbatch_counts(m, config, image_token_id))
@@ -118,8 +121,8 @@ def _saved_activations(overrides: list[str]) -> dict:
         run.model.chunks[0](mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
                             image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
                             segment_ids=mb.segment_ids, mass_sink=sink)
-    vocab_logits = mb.input_ids.numel() * run.qwen_config.text.vocab_size * run.dtype.itemsize * (
-        4 // run.dtype.itemsize)  # the cross entropy keeps an fp32 softmax of the logits
+    vocab_logits = mb.input_ids.numel() // cp * run.qwen_config.text.vocab_size * run.dtype.itemsize * (
+        4 // run.dtype.itemsize)  # the cross entropy keeps an fp32 softmax of this rank's logits
     logits = [n for n in saved.values() if n == vocab_logits]
     parallel_state.destroy_model_parallel()
     image_tokens, query_rows = _microbatch_counts(mb, config, image_token_id)
@@ -132,7 +135,7 @@ def _on_one_rank(function, runs: dict[str, list[str]], *args) -> dict:
     return {name: function(overrides, *args) for name, overrides in runs.items()}
 
 
-def _plan(overrides, image_tokens, query_rows):
+def _plan(overrides, image_tokens, query_rows, gpus=1):
     from megatron_avar.config import load_config
     from megatron_avar.plan import Assumptions, load_model_config, plan_sft
     from megatron_avar.sft.config import SFTConfig
@@ -140,7 +143,7 @@ def _plan(overrides, image_tokens, query_rows):
     config = load_config(SFTConfig, None, overrides)
     qwen_config, source = load_model_config(config.model.hf_path, None)
     seq = config.data.seq_length
-    return plan_sft(config, qwen_config, source, Assumptions(gpus=1, image_fraction=image_tokens / seq,
+    return plan_sft(config, qwen_config, source, Assumptions(gpus=gpus, image_fraction=image_tokens / seq,
                                                               query_fraction=query_rows / seq, kernels="cpu"))
 
 
@@ -194,6 +197,21 @@ def test_saved_activations_are_predicted(activation_runs, name):
     print(f"\n[plan] toy SFT {name}: saved activations {measured['saved'] / 1e6:.3f} MB, predicted "
           f"{predicted / 1e6:.3f} MB ({predicted / measured['saved'] - 1:+.1%})")
     assert predicted == pytest.approx(measured["saved"], rel=TOLERANCE)
+
+
+@pytest.mark.multiprocess
+def test_saved_activations_under_context_parallelism_are_predicted(overrides):
+    """CP=2 on 2 ranks: each rank keeps its half of the per-token activations plus every layer's gathered keys and
+    values of the whole row (the plan's CP term); the same 15% bound, on every rank."""
+    run_overrides = overrides["fp32"] + ["parallel.context_parallel_size=2"]
+    for measured in run_on_ranks(_on_one_rank, 2, _saved_activations, {"cp": run_overrides}, timeout_s=400):
+        measured = measured["cp"]
+        assert measured["logits_saved"] == 1
+        worst = _plan(run_overrides, measured["image_tokens"], measured["query_rows"], gpus=2).memory.worst
+        predicted = sum(worst.stored.values()) / worst.in_flight
+        print(f"\n[plan] toy SFT CP=2: saved activations {measured['saved'] / 1e6:.3f} MB, predicted "
+              f"{predicted / 1e6:.3f} MB ({predicted / measured['saved'] - 1:+.1%})")
+        assert predicted == pytest.approx(measured["saved"], rel=TOLERANCE)
 
 
 def _local_parameter_counts(layouts) -> dict:
