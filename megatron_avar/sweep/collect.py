@@ -30,7 +30,7 @@ from megatron_avar.sweep.submit import job_states, load_state, run_finished
 
 __all__ = ["collect", "COLUMNS"]
 
-COLUMNS = ("name", "state", "job_id", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length", "agto",
+COLUMNS = ("name", "state", "job_id", "model", "nodes", "num_gpus", "tp", "pp", "cp", "dp", "seq_length", "agto",
            "steps", "steps_measured", "median_step_seconds", "tokens_per_second_per_gpu", "tflops_per_gpu", "mfu",
            "peak_memory_gb", "planned_peak_gb", "final_lm_loss", "run_dir", "log", "error")
 _EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception|Interrupt): |avar [\w-]+: error: ")
@@ -98,6 +98,7 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
         row.update({k: point[k] for k in ("name", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length",
                                           "agto", "steps")})
+        row["cp"] = point.get("cp", 1)  # (sweeps written before CP ran every point at 1)
         row.update(job_id=job, run_dir=str(run_dir))
         row["log"], row["error"] = _log_and_error(run_dir, job)
         plan = point.get("plan")

@@ -1,7 +1,7 @@
 """The config of `avar sweep`: a grid of `avar sft` runs submitted as Slurm jobs (examples/sweeps/).
 
 A sweep is one base SFT config (``sft_config`` + ``sft_overrides``) and a set of points. Each point fixes a
-layout and a few knobs — model checkpoint, nodes, TP, PP (DP = nodes x ranks_per_node / (TP x PP)), sequence
+layout and a few knobs — model checkpoint, nodes, TP, PP, CP (DP = nodes x ranks_per_node / (TP x PP x CP)), sequence
 length, AGTO on/off, steps — plus optional extra dotted overrides, and becomes one sbatch of ``script`` with
 its own run directory ``<out>/runs/<point name>``. Points come from ``grid`` (the cartesian product of its
 axes) followed by ``points`` (an explicit list, for sets that are not a product); a point listed twice is run
@@ -50,9 +50,9 @@ class SlurmOptions:
 
 @dataclass(frozen=True)
 class PointSpec:
-    """One run. model: an HF checkpoint directory (None: the base config's model.hf_path); nodes; tp / pp:
-    tensor / pipeline parallel sizes (a TP=1 point runs without the base config's sequence parallelism, which
-    needs TP > 1); seq_length / steps: None keeps the base config's; agto: False trains with
+    """One run. model: an HF checkpoint directory (None: the base config's model.hf_path); nodes; tp / pp / cp:
+    tensor / pipeline / context parallel sizes (a TP=1 point runs without the base config's sequence parallelism,
+    which needs TP > 1); seq_length / steps: None keeps the base config's; agto: False trains with
     avar.alpha = avar.beta = 0 (the masses are still computed, so this measures the objective's terms and their
     backward, not the mass-returning attention itself); overrides: extra dotted overrides of this point."""
 
@@ -60,14 +60,15 @@ class PointSpec:
     nodes: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     seq_length: int | None = None
     agto: bool = True
     steps: int | None = None
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.nodes < 1 or self.tp < 1 or self.pp < 1:
-            raise ValueError(f"point nodes/tp/pp must be >= 1, got {self.nodes}/{self.tp}/{self.pp}")
+        if self.nodes < 1 or self.tp < 1 or self.pp < 1 or self.cp < 1:
+            raise ValueError(f"point nodes/tp/pp/cp must be >= 1, got {self.nodes}/{self.tp}/{self.pp}/{self.cp}")
         if self.seq_length is not None and self.seq_length < 1 or self.steps is not None and self.steps < 1:
             raise ValueError("point seq_length and steps must be >= 1 (or null for the base config's)")
         if not isinstance(self.agto, bool):
@@ -86,12 +87,13 @@ class GridConfig:
     nodes: list[int] = field(default_factory=lambda: [1])
     tp: list[int] = field(default_factory=lambda: [1])
     pp: list[int] = field(default_factory=lambda: [1])
+    cp: list[int] = field(default_factory=lambda: [1])
     seq_length: list[int] = field(default_factory=list)
     agto: list[bool] = field(default_factory=lambda: [True])
     steps: list[int] = field(default_factory=list)
 
     def __post_init__(self):
-        for name in ("nodes", "tp", "pp", "agto"):
+        for name in ("nodes", "tp", "pp", "cp", "agto"):
             if not getattr(self, name):
                 raise ValueError(f"grid.{name} must list at least one value")
 
@@ -100,10 +102,10 @@ class GridConfig:
 
         if not self.enabled:
             return []
-        axes = [self.model or [None], self.nodes, self.tp, self.pp, self.seq_length or [None], self.agto,
+        axes = [self.model or [None], self.nodes, self.tp, self.pp, self.cp, self.seq_length or [None], self.agto,
                 self.steps or [None]]
-        return [PointSpec(model=m, nodes=n, tp=t, pp=p, seq_length=s, agto=a, steps=k)
-                for m, n, t, p, s, a, k in itertools.product(*axes)]
+        return [PointSpec(model=m, nodes=n, tp=t, pp=p, cp=c, seq_length=s, agto=a, steps=k)
+                for m, n, t, p, c, s, a, k in itertools.product(*axes)]
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ class Point:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "model": self.spec.model, "nodes": self.spec.nodes, "tp": self.spec.tp,
-                "pp": self.spec.pp, "dp": self.dp, "num_gpus": self.num_gpus, "seq_length": self.spec.seq_length,
+                "pp": self.spec.pp, "cp": self.spec.cp, "dp": self.dp, "num_gpus": self.num_gpus, "seq_length": self.spec.seq_length,
                 "agto": self.spec.agto, "steps": self.spec.steps, "extra_overrides": list(self.spec.overrides),
                 "overrides": list(self.overrides), "run_dir": str(self.run_dir)}
 
@@ -43,7 +43,8 @@ def _tag(value) -> str:
 
 def point_name(spec: PointSpec, dp: int) -> str:
     model = "base" if spec.model is None else re.sub(r"[^A-Za-z0-9.-]+", "-", Path(spec.model).name) or "model"
-    name = (f"{model}_n{spec.nodes}_tp{spec.tp}_pp{spec.pp}_dp{dp}_seq{_tag(spec.seq_length)}"
+    context = f"_cp{spec.cp}" if spec.cp > 1 else ""  # (names of CP=1 points are those of sweeps before CP)
+    name = (f"{model}_n{spec.nodes}_tp{spec.tp}_pp{spec.pp}{context}_dp{dp}_seq{_tag(spec.seq_length)}"
             f"_agto-{'on' if spec.agto else 'off'}_steps{_tag(spec.steps)}")
     if spec.overrides:
         name += "_x" + hashlib.sha1(" ".join(spec.overrides).encode()).hexdigest()[:8]
@@ -55,12 +56,13 @@ def resolve_points(config: SweepConfig) -> list[Point]:
     points, names = [], {}
     for spec in config.all_points():
         world = spec.nodes * config.ranks
-        if world % (spec.tp * spec.pp):
-            raise ValueError(f"point nodes={spec.nodes} tp={spec.tp} pp={spec.pp}: {world} ranks "
-                             f"({spec.nodes} x {config.ranks} per node) are not divisible by tp x pp")
-        dp = world // (spec.tp * spec.pp)
+        if world % (spec.tp * spec.pp * spec.cp):
+            raise ValueError(f"point nodes={spec.nodes} tp={spec.tp} pp={spec.pp} cp={spec.cp}: {world} ranks "
+                             f"({spec.nodes} x {config.ranks} per node) are not divisible by tp x pp x cp")
+        dp = world // (spec.tp * spec.pp * spec.cp)
         overrides = [f"parallel.tensor_model_parallel_size={spec.tp}",
-                     f"parallel.pipeline_model_parallel_size={spec.pp}"]
+                     f"parallel.pipeline_model_parallel_size={spec.pp}",
+                     f"parallel.context_parallel_size={spec.cp}"]
         if spec.tp == 1:  # the base config's sequence parallelism applies where there is TP to split over
             overrides.append("parallel.sequence_parallel=false")
         if spec.model is not None:

@@ -205,11 +205,30 @@ def test_example_grid_resolves_to_named_layouts(monkeypatch):
     assert [p.name for p in resolve_points(config)] == [p.name for p in points]
 
 
+def test_a_context_parallel_point_divides_its_ranks_by_cp_too(monkeypatch):
+    """grid.cp: DP = ranks / (TP x PP x CP), the point's name says cp (names of CP=1 points are unchanged), and its
+    run gets parallel.context_parallel_size."""
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.config import SweepConfig
+    from megatron_avar.sweep.grid import resolve_points
+
+    monkeypatch.chdir(REPO)
+    config = load_config(SweepConfig, "examples/sweeps/h100_7b_scaling.yaml",
+                         ["slurm.account=acct", "grid.cp=[1,2]", "grid.nodes=[2]", "grid.tp=[2]", "grid.seq_length=[]",
+                          "grid.agto=[true]"])
+    points = {p.spec.cp: p for p in resolve_points(config)}
+    assert (points[1].dp, points[2].dp) == (8, 4)
+    assert "_cp" not in points[1].name and "_tp2_pp1_cp2_dp4_" in points[2].name
+    assert "parallel.context_parallel_size=2" in points[2].overrides
+    assert points[2].as_dict()["cp"] == 2
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["grid.tp=[3]"], "not divisible by tp x pp"),
     (["sft_overrides=[optim.lr= 1.0e-5]"], "without spaces"),
     (["gpus_per_node=0"], "ranks_per_node must be set"),
-    (["points=[{tp: 0}]"], "nodes/tp/pp must be >= 1"),
+    (["points=[{tp: 0}]"], "nodes/tp/pp/cp must be >= 1"),
+    (["grid.cp=[3]"], "not divisible by tp x pp x cp"),
     (["points=[{layout: 2}]"], "unknown config key(s) points[0].layout"),
     (["slurm.env={RUN_DIR: x}"], "slurm.env.RUN_DIR is set by the sweep"),
     (["grid.enabled=false"], "the sweep has no points"),
