@@ -33,8 +33,9 @@ class Point:
     def as_dict(self) -> dict:
         return {"name": self.name, "model": self.spec.model, "nodes": self.spec.nodes, "tp": self.spec.tp,
                 "pp": self.spec.pp, "cp": self.spec.cp, "dp": self.dp, "num_gpus": self.num_gpus,
-                "seq_length": self.spec.seq_length, "agto": self.spec.agto, "steps": self.spec.steps, "extra_overrides": list(self.spec.overrides),
-                "overrides": list(self.overrides), "run_dir": str(self.run_dir)}
+                "seq_length": self.spec.seq_length, "agto": self.spec.agto, "steps": self.spec.steps,
+                "extra_overrides": list(self.spec.overrides), "overrides": list(self.overrides),
+                "run_dir": str(self.run_dir)}
 
 
 def _tag(value) -> str:
