@@ -53,7 +53,8 @@ def local_positions(seq: int, size: int, rank: int, device=None) -> torch.Tensor
 
 @dataclass(frozen=True)
 class ContextSplit:
-    """One batch's rows over a CP group: ``group`` (size > 1), this process's ``rank`` in it, the full row length
+    """One batch's rows over a CP group: ``group`` (None from ``for_rank`` without one), ``size`` ranks, this
+    process's ``rank`` among them, the full row length
     ``seq``; ``positions`` int64 [seq / size] (:func:`local_positions`) and ``gather_order`` int64 [seq]: where each
     position of the row lies in the CP group's all-gather of the ranks' local tokens. Built once per batch, on
     the batch's device."""

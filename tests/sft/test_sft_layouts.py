@@ -66,7 +66,9 @@ def layouts(sft_inputs, tmp_path_factory):
                                                      (1, 1, [four_layers])], timeout_s=400)[0]
     two = run_on_ranks(_two_steps, 2, overrides, [(1, 1, []), (2, 1, []), (1, 2, []), (2, 1, [SP]),
                                                   (1, 1, [NO_OVERLAP]), (1, 1, [SMALL_BUCKETS]),
-                                                  (1, 2, [four_layers, VPP]), (1, 1, [CP])], timeout_s=600)
+                                                  (1, 2, [four_layers, VPP]), (1, 1, [CP]),
+                                                  (1, 1, [CP, "train.recompute=full"]),
+                                                  (1, 1, [CP, "train.recompute=selective"])], timeout_s=600)
     four = run_on_ranks(_two_steps, 4, overrides, [(2, 1, [CP]), (2, 1, [CP, SP]), (1, 2, [CP])], timeout_s=600)
     # the 4-layer model's runs under a path-free name (the overrides are each key's last part)
     rename = lambda results: {(*key[:-1], tuple(FOUR_LAYERS if x == four_layers else x for x in key[-1])): value  # noqa: E731
@@ -96,12 +98,16 @@ def test_steps_equal_the_single_rank_run(layouts, layout):
     assert reference[0]["data/samples_with_agto_term"] > 0
 
 
-@pytest.mark.parametrize("ranks, layout", [(2, (1, 1, (CP,))), (4, (2, 1, (CP,))), (4, (2, 1, (CP, SP))),
-                                           (4, (1, 2, (CP,)))], ids=["cp2", "tp2_cp2", "tp2_cp2_sp", "pp2_cp2"])
+@pytest.mark.parametrize("ranks, layout", [(2, (1, 1, (CP,))), (2, (1, 1, (CP, "train.recompute=full"))),
+                                           (2, (1, 1, (CP, "train.recompute=selective"))), (4, (2, 1, (CP,))),
+                                           (4, (2, 1, (CP, SP))), (4, (1, 2, (CP,)))],
+                         ids=["cp2", "cp2_full_recompute", "cp2_selective_recompute", "tp2_cp2", "tp2_cp2_sp",
+                              "pp2_cp2"])
 def test_context_parallel_steps_equal_the_single_rank_run(layouts, ranks, layout):
-    """Every packed row split over 2 context-parallel ranks (samples straddle the ranks' chunks), alone, with TP=2
-    (and SP) and with PP=2 (the stages pass this rank's part of the rows): losses, AGTO terms of every layer and
-    the gradient norm as one rank, over two steps."""
+    """Every packed row split over 2 context-parallel ranks (samples straddle the ranks' chunks), alone (also with
+    full and selective recompute: the gathers run again in backward), with TP=2 (and SP) and with PP=2 (the stages
+    pass this rank's part of the rows): losses, AGTO terms of every layer and the gradient norm as one rank, over
+    two steps."""
     single, two, four = layouts
     reference = single[(1, 1, ())]
     for rank in two if ranks == 2 else four:
