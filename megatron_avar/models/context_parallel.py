@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "QUERY_BLOCK"]
+__all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "split_images",
+           "gather_image_features", "QUERY_BLOCK"]
 
 # Query rows (x query heads per kv head) per masked-attention call: the boolean mask is QUERY_BLOCK x (keys up to
 # the block's end) per row.
@@ -172,3 +173,27 @@ def local_rows_masses(query: torch.Tensor, key: torch.Tensor, split: ContextSpli
     owner = torch.zeros(seq, dtype=torch.bool, device=rows.device).index_fill(0, split.positions, True)
     mine = owner[rows % seq]
     return reduce_from_tensor_model_parallel_region(mass * mine[:, None, None].to(mass.dtype), group=split.group)
+
+
+def split_images(patches: list[int], size: int) -> list[tuple[int, int]]:
+    """The images each of ``size`` CP ranks encodes: contiguous [first, end) ranges of the batch's images, balanced
+    by patch count (``patches``: per image, in order; an image goes to the rank its middle patch falls in). A rank
+    may get none (fewer images than ranks)."""
+    total, starts, seen = sum(patches), [], 0
+    for count in patches:
+        starts.append(min(size - 1, (2 * seen + count) * size // max(2 * total, 1)))
+        seen += count
+    return [(sum(1 for owner in starts if owner < rank), sum(1 for owner in starts if owner <= rank))
+            for rank in range(size)]
+
+
+def gather_image_features(features: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+    """[counts[rank], H] merged image tokens this CP rank encoded -> [sum(counts), H] of every rank, in rank
+    order; the backward sums each token's gradient over the ranks (the LM tokens that read it may sit on any rank)
+    and hands every rank the gradient of its own tokens. Padded to max(counts) for the collective."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    width = max(counts)
+    padded = F.pad(features, (0, 0, 0, width - features.shape[0]))
+    gathered = gather_from_sequence_parallel_region(padded, tensor_parallel_output_grad=True, group=group)
+    return torch.cat([gathered[rank * width:rank * width + count] for rank, count in enumerate(counts)])

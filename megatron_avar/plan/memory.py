@@ -32,7 +32,8 @@ b_norm, per normalised element: Transformer Engine's fused norm + linear keeps i
 torch's RMSNorm (megatron's local modules, and the vision encoder everywhere) keeps an fp32 copy of its input,
 the fp32 normalised value and its output (8 + b_act: its fp32 weights make it upcast in bf16).
 
-Vision encoder per image patch (4 per merged image token):
+Vision encoder per image patch (4 per merged image token; under context parallelism each rank encodes 1/cp of the
+images, balanced by patches):
 m_vision = depth x m_block + b_act·patch_dim + b_norm·hv / t_sp + b_act·2·hv / t (patch embedding input, final
 norm, 2x2 merger), m_block = 2·b_norm·hv / t_sp + b_act·((a_v·hv + n_vmlp·fv) / t + n_rope·dv); under full
 recompute m_block = b_act·hv / t_sp (each block's input), plus one block's activations while it is recomputed.
@@ -327,8 +328,9 @@ def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels
     return stored
 
 
-def _vision_patches(vision, shape: StepShape) -> int:
-    return shape.micro_batch_size * shape.image_tokens * vision.spatial_merge_size ** 2
+def _vision_patches(vision, shape: StepShape, parallel: Parallelism) -> float:
+    """Image patches a rank encodes per micro-batch: the rows' images, shared by the context-parallel ranks."""
+    return shape.micro_batch_size * shape.image_tokens * vision.spatial_merge_size ** 2 / parallel.cp
 
 
 def _vision_block_bytes(vision, parallel: Parallelism, kernels: Kernels, value: int) -> float:
@@ -347,7 +349,7 @@ def _vision_bytes(vision, shape: StepShape, parallel: Parallelism, kernels: Kern
     block = (value * hv / sp if shape.recompute == "full"
              else _vision_block_bytes(vision, parallel, kernels, value))
     outside = value * vision.patch_dim + _norm_bytes("torch", value) * hv / sp + value * 2 * hv / tp
-    return _vision_patches(vision, shape) * (vision.depth * block + outside)
+    return _vision_patches(vision, shape, parallel) * (vision.depth * block + outside)
 
 
 def _logits_bytes(text, shape: StepShape, parallel: Parallelism, output_weight: int) -> float:
@@ -424,7 +426,7 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
                 _layer_bytes(text, shape, parallel, kernels, avar=i in avar, recompute="none")
                 for chunk in chunks for i in chunk)
             if first and shape.image_tokens:
-                transient["recomputed_vision_block"] = (_vision_patches(vision, shape)
+                transient["recomputed_vision_block"] = (_vision_patches(vision, shape, parallel)
                                                         * _vision_block_bytes(vision, parallel, kernels, value))
         static = {"weights": params * value, "gradients": params * 4,
                   "optimizer_states": params * optimizer_bytes / shards}

@@ -1,8 +1,9 @@
 """Context parallelism (2 gloo ranks): with every row split over the CP group, the Qwen2.5-VL model gives the
 single-rank per-token losses and logits, its AVAR layers hand their sink the single-rank masses of every row the
 sink reads (rows held by either rank), and the CP ranks' gradients add up to the single-rank gradient — for the
-LM loss and an auxiliary loss of the masses — on a padded batch and on a packed row whose samples are split
-across the ranks. Layer 1 is a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
+LM loss and an auxiliary loss of the masses — on a padded batch, on a packed row whose samples are split
+across the ranks, and on one image for two ranks. Each rank encodes its share of the images (the other one's
+vision gradients come through the gathered features), a rank without images the blank merge group. Layer 1 is a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
 
 Also: the load-balanced split itself (chunks r and 2cp-1-r), the row-length refusal, and no host synchronisation
 inside the layers' forward or backward on the GPU kernel path under CP. The attention runs in
@@ -84,7 +85,10 @@ def _cases():
     padded = case_batch("padded_right")
     roles = chat_like_roles(padded["input_ids"], padded["attention_mask"])
     packed, packed_roles, packing = _packed(padded, roles, None)
-    return {"padded": _pad_to(padded, roles, {}, 4), "packed": _pad_to(packed, packed_roles, packing, 4)}
+    one = case_batch("one_image")  # one image for two ranks: the other encodes the blank group (weighted by 0)
+    one_roles = chat_like_roles(one["input_ids"], one["attention_mask"])
+    return {"padded": _pad_to(padded, roles, {}, 4), "packed": _pad_to(packed, packed_roles, packing, 4),
+            "one_image": _pad_to(one, one_roles, {}, 4)}
 
 
 def _whole_rows(split):
@@ -164,7 +168,7 @@ def _relative(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-CASE_NAMES = ("padded", "packed")
+CASE_NAMES = ("padded", "packed", "one_image")
 
 
 def test_the_packed_case_splits_samples_across_ranks():

@@ -17,8 +17,8 @@ Packed rows (several samples back to back in one row, ``segment_ids``): attentio
 pass the per-sample position ids (:func:`mrope_position_ids` per sample, concatenated).
 
 Context parallelism (``MegatronSettings.context_parallel_size`` > 1): every rank of the CP group is called with
-the whole rows; the vision encoder and the embedding run on the whole rows, then the language model keeps this
-rank's tokens (``models.context_parallel``). Logits and per-token losses are of those tokens, in
+the whole rows; each rank encodes its share of the images and the ranks all-gather the image features, the
+embedding runs on the whole rows, then the language model keeps this rank's tokens (``models.context_parallel``). Logits and per-token losses are of those tokens, in
 ``context_parallel.local_positions`` order; every decoder layer's attention is ours (AVAR layers:
 :class:`RoleMassCoreAttention`, the others :class:`ContextParallelCoreAttention`).
 """
@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from collections.abc import Collection
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar import platform
-from megatron_avar.models.context_parallel import ContextSplit
+from megatron_avar.models.context_parallel import ContextSplit, gather_image_features, split_images
 from megatron_avar.models.qwen2_5_vl.config import (
     MegatronSettings,
     Qwen25VLConfig,
@@ -237,6 +238,28 @@ class Qwen25VLModel(MegatronModule):
         pixels = torch.zeros(side * side, self.qwen_config.vision.patch_dim, dtype=weight.dtype, device=weight.device)
         return self.vision(pixels, grid).sum() * 0.0
 
+    def _images_over_context_parallel(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                                      split: ContextSplit) -> torch.Tensor:
+        """The features of every image of the batch: each CP rank encodes its share of the images
+        (``context_parallel.split_images``) and the ranks all-gather the merged tokens, so the vision encoder's
+        work and activations are divided by CP. A rank without images encodes the blank merge group (weighted by
+        0): every vision parameter still gets its gradient, and the rank takes part in the gather's backward."""
+        assert self.vision is not None
+        patches = image_grid_thw.prod(-1).tolist()  # one host read per batch (the vision packing reads it too)
+        merge = self.qwen_config.vision.spatial_merge_size ** 2
+        ranges = split_images(patches, split.size)
+        first, end = ranges[split.rank]
+        offsets = [0, *itertools.accumulate(patches)]
+        if end > first:
+            mine = self.vision(pixel_values[offsets[first]:offsets[end]], image_grid_thw[first:end])
+        else:
+            mine = pixel_values.new_zeros((0, self.qwen_config.vision.out_hidden_size),
+                                          dtype=self.vision.patch_embed.weight.dtype)
+            if torch.is_grad_enabled():  # in the graph, so this rank joins the gather's backward like the others
+                mine = mine + self._blank_image_weighted_by_zero()
+        counts = [(offsets[b] - offsets[a]) // merge for a, b in ranges]
+        return gather_image_features(mine, counts, split.group)
+
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -278,7 +301,9 @@ class Qwen25VLModel(MegatronModule):
             # registered, which is the order megatron's overlapped weight gather fetches them in.
             assert self.vision is not None  # built on the first pipeline stage (pre_process)
             features = blank = None
-            if pixel_values is not None:
+            if pixel_values is not None and split is not None:
+                features = self._images_over_context_parallel(pixel_values, image_grid_thw, split)
+            elif pixel_values is not None:
                 features = self.vision(pixel_values, image_grid_thw)
             elif bool((input_ids == cfg.image_token_id).any()):
                 raise ValueError(f"the batch has {int((input_ids == cfg.image_token_id).sum())} image tokens "
