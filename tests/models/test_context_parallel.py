@@ -3,7 +3,8 @@ single-rank per-token losses and logits, its AVAR layers hand their sink the sin
 sink reads (rows held by either rank), and the CP ranks' gradients add up to the single-rank gradient — for the
 LM loss and an auxiliary loss of the masses — on a padded batch, on a packed row whose samples are split
 across the ranks, and on one image for two ranks. Each rank encodes its share of the images (the other one's
-vision gradients come through the gathered features), a rank without images the blank merge group. Layer 1 is a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
+vision gradients come through the gathered features), a rank without images the blank merge group. Layer 1 is
+a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
 
 Also: the load-balanced split itself (chunks r and 2cp-1-r), the row-length refusal, and no host synchronisation
 inside the layers' forward or backward on the GPU kernel path under CP. The attention runs in

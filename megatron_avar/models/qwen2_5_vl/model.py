@@ -18,9 +18,10 @@ pass the per-sample position ids (:func:`mrope_position_ids` per sample, concate
 
 Context parallelism (``MegatronSettings.context_parallel_size`` > 1): every rank of the CP group is called with
 the whole rows; each rank encodes its share of the images and the ranks all-gather the image features, the
-embedding runs on the whole rows, then the language model keeps this rank's tokens (``models.context_parallel``). Logits and per-token losses are of those tokens, in
-``context_parallel.local_positions`` order; every decoder layer's attention is ours (AVAR layers:
-:class:`RoleMassCoreAttention`, the others :class:`ContextParallelCoreAttention`).
+embedding runs on the whole rows, then the language model keeps this rank's tokens (``models.context_parallel``).
+Logits and per-token losses are of those tokens, in ``context_parallel.local_positions`` order; every decoder
+layer's attention is ours (AVAR layers: :class:`RoleMassCoreAttention`, the others
+:class:`ContextParallelCoreAttention`).
 """
 
 from __future__ import annotations
