@@ -302,7 +302,7 @@ class Qwen25VLModel(MegatronModule):
             # registered, which is the order megatron's overlapped weight gather fetches them in.
             assert self.vision is not None  # built on the first pipeline stage (pre_process)
             features = blank = None
-            if pixel_values is not None and split is not None:
+            if pixel_values is not None and image_grid_thw is not None and split is not None:
                 features = self._images_over_context_parallel(pixel_values, image_grid_thw, split)
             elif pixel_values is not None:
                 features = self.vision(pixel_values, image_grid_thw)
