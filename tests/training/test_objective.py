@@ -87,7 +87,7 @@ def test_injected_gradient_and_metrics_equal_the_direct_computation(exclude_sink
     assert len(direct) == 2
     (sum(d["term"] for d in direct) / num_layers * weight * grad_scale).backward()
     torch.testing.assert_close(ours, logits.grad, rtol=1e-10, atol=1e-12)
-    expected = torch.tensor([[float(d[k]) for k in ("enh", "sup", "vas", "share")] for d in direct],
+    expected = torch.tensor([[float(d[k].detach()) for k in ("enh", "sup", "vas", "share")] for d in direct],
                             dtype=torch.float64).sum(0)
     torch.testing.assert_close(sink.layer_sums[7].double(), expected, rtol=1e-6, atol=1e-7)
 
