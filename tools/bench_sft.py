@@ -183,15 +183,14 @@ def _planned_peak_gb(config, qwen, batch) -> float | None:
     """`avar plan`'s predicted peak (GB) for this step's row (its image tokens and AGTO query rows), with the
     kernel family this GPU runs; None on a CPU, where the measured peak is the process's RSS, not tensors."""
     from megatron_avar import platform
-    from megatron_avar.plan import Assumptions, plan_sft
-    from megatron_avar.training.objective import QuerySets
+    from megatron_avar.plan import Assumptions, microbatch_row_counts, plan_sft
 
     if not platform.cuda_available():
         return None
-    mb = batch.microbatches[0]
     seq = config.data.seq_length
-    queries = int(QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink).q_index.numel())
-    assumptions = Assumptions(gpus=1, image_fraction=int((mb.input_ids == qwen.image_token_id).sum()) / seq,
+    image_tokens, queries = microbatch_row_counts(batch.microbatches[0], image_token_id=qwen.image_token_id,
+                                                  exclude_sink=config.avar.exclude_sink)
+    assumptions = Assumptions(gpus=1, image_fraction=image_tokens / seq,
                               query_fraction=queries / seq, sample_tokens=batch.num_real_tokens,
                               kernels="gpu" if platform.transformer_engine_available() else "gpu-no-te")
     return plan_sft(config, qwen, "bench", assumptions).memory.peak / 1e9

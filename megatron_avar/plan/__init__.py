@@ -17,7 +17,8 @@ _EXPORTS = {
     "gpus": ("GPUS", "Verdict", "gpu_named", "verdict"),
     "memory": ("CPU_KERNELS", "GPU_KERNELS", "GPU_NO_TE_KERNELS", "KERNELS", "Kernels", "MemoryPlan", "Parallelism",
                "StageMemory", "StepShape", "memory_plan", "stage_parameters"),
-    "runs": ("Assumptions", "RunPlan", "load_model_config", "plan_config", "plan_grpo", "plan_sft"),
+    "runs": ("Assumptions", "RunPlan", "load_model_config", "microbatch_row_counts", "plan_config", "plan_grpo",
+             "plan_sft"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -25,7 +25,7 @@ from megatron_avar.plan.gpus import GPU, GPUS, Verdict, verdict
 from megatron_avar.plan.memory import KERNELS, MemoryPlan, Parallelism, StepShape, memory_plan, stage_parameters
 
 __all__ = ["Assumptions", "RunPlan", "plan_sft", "plan_grpo", "plan_config", "load_model_config", "detect_command",
-           "VLLM_ASLEEP_BYTES"]
+           "microbatch_row_counts", "VLLM_ASLEEP_BYTES"]
 
 # What a sleeping vLLM engine keeps on the GPU (CUDA-graph pool, sampler buffers): an assumption, not measured.
 VLLM_ASLEEP_BYTES = 10**9
@@ -60,6 +60,15 @@ class Assumptions:
             raise ValueError(f"mfu must be in (0, 1], got {self.mfu}")
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels={self.kernels!r}: allowed {', '.join(KERNELS)}")
+
+
+def microbatch_row_counts(microbatch, *, image_token_id: int, exclude_sink: bool) -> tuple[int, int]:
+    """(image tokens, AGTO query rows) of an SFT micro-batch (``training.sft_data``): what a plan is told about a
+    measured step's rows (``Assumptions.image_fraction`` / ``query_fraction`` = these / seq_length)."""
+    from megatron_avar.training.objective import QuerySets
+
+    queries = QuerySets(microbatch.roles, microbatch.segment_ids, exclude_sink=exclude_sink)
+    return int((microbatch.input_ids == image_token_id).sum()), int(queries.q_index.numel())
 
 
 @dataclass(frozen=True)

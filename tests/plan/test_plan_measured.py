@@ -44,10 +44,9 @@ TOLERANCE = 0.15  # the issue's bound; every comparison here lands within ~2% (p
 
 def _microbatch_counts(mb, config, image_token_id: int) -> tuple[int, int]:
     """(image tokens, AGTO query rows) of a micro-batch: what the plan is told about a row."""
-    from megatron_avar.training.objective import QuerySets
+    from megatron_avar.plan import microbatch_row_counts
 
-    image_tokens = int((mb.input_ids == image_token_id).sum())
-    return image_tokens, int(QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink).q_index.numel())
+    return microbatch_row_counts(mb, image_token_id=image_token_id, exclude_sink=config.avar.exclude_sink)
 
 
 def _profiled_steps(overrides: list[str], steps: int) -> dict:
