@@ -171,16 +171,30 @@ def _on_two_ranks(command: list[str]) -> list[str]:
     return outputs
 
 
-@pytest.mark.multiprocess
-def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
-    run = copy_run(base_run, tmp_path / "run", latest_step=0)
-    outputs = _on_two_ranks(sft_command(run, sft_inputs))
+def _resumed_on_two_ranks(base_run, sft_inputs, run: Path, **extra) -> dict:
+    """Resume ``run`` (a copy of the single-rank base run at step 0) on 2 ranks with ``extra`` overrides: it
+    continues the uninterrupted loss curve. Returns the layout its final checkpoint records."""
+    outputs = _on_two_ranks(sft_command(run, sft_inputs, **extra))
     assert "resumed from" in outputs[0]
     straight, resumed = losses(base_run), losses(run)
     assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
-    final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
-    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 2, "vpp": 1, "cp": 1}
+    return json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())["layout"]
+
+
+def _exports_and_verifies(checkpoint: Path, hf: Path) -> None:
+    """`avar convert mcore-to-hf` of ``checkpoint`` into ``hf``, then `avar convert verify` (equal logits)."""
+    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
+                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
+        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, output(done)[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_a_resume_at_another_data_parallel_size_continues_the_loss_curve(base_run, sft_inputs, tmp_path):
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    assert _resumed_on_two_ranks(base_run, sft_inputs, run) == {"tp": 1, "pp": 1, "dp": 2, "vpp": 1, "cp": 1}
 
 
 @pytest.mark.multiprocess
@@ -189,20 +203,9 @@ def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, 
     is the uninterrupted run's (CP changes only summation orders), and the checkpoint it writes records CP=2 and
     exports to HF."""
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
-    outputs = _on_two_ranks(sft_command(run, sft_inputs, **{"parallel.context_parallel_size": 2}))
-    assert "resumed from" in outputs[0]
-    straight, resumed = losses(base_run), losses(run)
-    assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
-    assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
-    final = json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
-    assert final["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 2}
-    # the checkpoint written at CP=2 exports to HF with logits equal to its own (`avar convert verify`)
-    checkpoint, hf = run / CHECKPOINTS / "step_00000001", tmp_path / "hf"
-    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
-                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
-        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, output(done)[-3000:]
+    layout = _resumed_on_two_ranks(base_run, sft_inputs, run, **{"parallel.context_parallel_size": 2})
+    assert layout == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 2}
+    _exports_and_verifies(run / CHECKPOINTS / "step_00000001", tmp_path / "hf")
 
 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
@@ -238,12 +241,7 @@ def test_an_interleaved_pipeline_run_resumes_and_exports(sft_inputs, tmp_path):
     resumed = copy_run(straight, tmp_path / "resumed", latest_step=0)
     assert "resumed from" in _on_two_ranks(sft_command(resumed, sft_inputs, **layout))[0]
     assert losses(resumed)[1] == pytest.approx(losses(straight)[1], rel=1e-6)
-    checkpoint, hf = resumed / CHECKPOINTS / "step_00000001", tmp_path / "hf"
-    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
-                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
-        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, output(done)[-3000:]
+    _exports_and_verifies(resumed / CHECKPOINTS / "step_00000001", tmp_path / "hf")
 
 
 # -- the data fingerprint -----------------------------------------------------------------------------------------

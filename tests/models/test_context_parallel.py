@@ -20,7 +20,7 @@ import torch
 from megatron_avar.roles import TokenRole
 from megatron_avar.testing import run_on_ranks
 from qwen_vl_cases import IMAGE, case_batch, tiny_hf_model
-from test_role_mass_layers import _packed, _refuse_host_syncs, chat_like_roles
+from test_role_mass_layers import _packed, _refuse_host_syncs, chat_like_roles, forward_refusing_host_syncs
 
 pytestmark = pytest.mark.multiprocess
 
@@ -237,15 +237,8 @@ def _no_sync_under_context_parallelism():
     inputs, roles, packing = _cases()["packed"]
     sink = AuxSink(torch.nonzero(roles.reshape(-1) == TokenRole.USER_TEXT, as_tuple=True)[0])
     forward = role_mass_attention.RoleMassCoreAttention.forward
-
-    def guarded_forward(self, *args, **kwargs):
-        undo = _refuse_host_syncs()
-        try:
-            return forward(self, *args, **kwargs)
-        finally:
-            undo()
-
-    role_mass_attention.RoleMassCoreAttention.forward = guarded_forward  # the standard layers' subclass too
+    # (the standard layers' ContextParallelCoreAttention inherits it)
+    role_mass_attention.RoleMassCoreAttention.forward = forward_refusing_host_syncs(forward)
     try:
         loss = model(inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                      token_roles=roles, mass_sink=sink, role_attention_impl="triton",

@@ -239,6 +239,17 @@ def _refuse_host_syncs():
     return lambda: [setattr(torch.Tensor, name, fn) for name, fn in originals.items()]
 
 
+def forward_refusing_host_syncs(forward):
+    """``forward`` (a core attention's) with every host read refused while it runs."""
+    def guarded_forward(self, *args, **kwargs):
+        undo = _refuse_host_syncs()
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            undo()
+    return guarded_forward
+
+
 def _no_sync_steps():
     """Forward and backward of a packed batch through AVAR layers on the GPU kernel path ("triton"), with the
     kernels replaced by their pure-PyTorch references (the Triton launches themselves never read the device
@@ -269,15 +280,7 @@ def _no_sync_steps():
 
     forward = role_mass_attention.RoleMassCoreAttention.forward
     undo_box = []
-
-    def guarded_forward(self, *args, **kwargs):
-        undo = _refuse_host_syncs()
-        try:
-            return forward(self, *args, **kwargs)
-        finally:
-            undo()
-
-    role_mass_attention.RoleMassCoreAttention.forward = guarded_forward
+    role_mass_attention.RoleMassCoreAttention.forward = forward_refusing_host_syncs(forward)
     done = []
     for mode in ("probe", "fused"):
         class GradSink(RowRecorder):
