@@ -10,13 +10,14 @@ over the CP group (their gradients are reduce-scattered back), and each local ch
 its own end (:func:`local_rows_attention`): causal, within its packed sample, never to padding. The per-batch
 facts (roles, packing) are those of the whole row, identical on every CP rank.
 
-AVAR masses of the rows a sink reads (:func:`local_rows_masses`): each rank's masses are exact for the rows it
-holds (its queries, every key of the row) and zero for the others, and the results are summed over the CP group —
-so every rank hands its sink the exact masses of all the sink's rows and computes the same AGTO term. The sum's
-backward passes each rank's gradient to its own rows only, so the CP ranks' gradients add up to the exact
-gradient, as the language-model loss's do (each rank's tokens). Each rank runs the probe over all N rows, those
-held elsewhere with a zero query and masked out: a fixed-size call, so the split needs no host synchronisation;
-the probe's cost is N rows per rank, a small share of the attention's.
+AVAR masses of the rows a sink reads (:func:`local_rows_masses`): each rank probes only the sink's rows it holds
+(its own queries against every key of the row), and the CP group all-gathers the results — so every rank hands
+its sink the exact masses of all the sink's rows and computes the same AGTO term. The gather's backward hands
+each rank its own gradient of its own rows, so the CP ranks' gradients add up to the exact gradient, as the
+language-model loss's do (each rank's tokens). Which rows each rank holds, and where each row's masses land in
+the gather, is worked out once per batch (:class:`ContextRows`, one host read of the per-rank counts); the
+layers then make fixed-size calls. The probe's work per rank is its own rows' (the busiest rank's count), not
+all N rows.
 
 Memory: the gathered keys and values (2·S·Hkv·D per layer) are kept for backward; each block of ``QUERY_BLOCK``
 rows is attended with a boolean mask of its rows x its keys, recomputed in backward (one more attention forward)
@@ -32,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ContextSplit", "local_positions", "local_rows_attention", "local_rows_masses", "split_images",
-           "gather_image_features", "QUERY_BLOCK"]
+__all__ = ["ContextSplit", "ContextRows", "local_positions", "local_rows_attention", "local_rows_masses",
+           "own_rows_masses", "split_images", "gather_image_features", "QUERY_BLOCK"]
 
 # Query rows (x query heads per kv head) per masked-attention call: the boolean mask is QUERY_BLOCK x (keys up to
 # the block's end) per row.
@@ -151,28 +152,67 @@ def local_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return out * real[..., None, None].to(out.dtype)
 
 
-def local_rows_masses(query: torch.Tensor, key: torch.Tensor, split: ContextSplit, rows: torch.Tensor, *,
-                      key_roles: torch.Tensor, cu_seqlens: torch.Tensor, num_roles: int, softmax_scale: float,
-                      impl: str) -> torch.Tensor:
-    """The role masses of ``rows`` (int64 [N], flat indices into the whole batch's [B * S] tokens), exact on every
-    CP rank: float32 [N, Hq, R].
+@dataclass(frozen=True)
+class ContextRows:
+    """A sink's rows over the CP group, worked out once per batch on its device.
+
+    ``rows`` int64 [M]: the flat [B * S] indices of the sink's rows this rank holds, M the most any rank holds (a
+    rank with fewer repeats its first position; those results are never read); ``queries`` int64 [M]: where their
+    queries lie in this rank's local queries [S_l, B] flattened (slot·B + row); ``assemble`` int64 [N]: where each
+    of the sink's N rows lies in the group's all-gather of every rank's [M] results.
+    """
+
+    rows: torch.Tensor
+    queries: torch.Tensor
+    assemble: torch.Tensor
+
+    @classmethod
+    def build(cls, split: ContextSplit, rows: torch.Tensor, batch: int) -> ContextRows:
+        """``rows``: the sink's int64 [N] flat indices into the whole batch's [B * S] tokens (any order)."""
+        chunk, size = split.chunk, split.size
+        position, sample = rows % split.seq, rows // split.seq
+        piece = position // chunk
+        first_half = piece < size
+        owner = torch.where(first_half, piece, 2 * size - 1 - piece)
+        slot = position - piece * chunk + torch.where(first_half, 0, chunk)
+        counts = torch.bincount(owner, minlength=size).tolist()        # the batch's one host read
+        width = max(1, *counts)
+        order = torch.argsort(owner, stable=True)
+        starts = [sum(counts[:r]) for r in range(size)]
+        in_gather = (owner[order] * width + torch.arange(rows.numel(), device=rows.device)
+                     - torch.tensor(starts, device=rows.device)[owner[order]])
+        mine = order[starts[split.rank]:starts[split.rank] + counts[split.rank]]
+        spare = width - counts[split.rank]
+        return cls(rows=torch.cat([rows[mine], split.positions[:1].expand(spare)]),
+                   queries=torch.cat([(slot * batch + sample)[mine], rows.new_zeros(spare)]),
+                   assemble=torch.empty_like(rows).index_copy_(0, order, in_gather))
+
+
+def own_rows_masses(query: torch.Tensor, key: torch.Tensor, rows: ContextRows, *, key_roles: torch.Tensor,
+                    cu_seqlens: torch.Tensor, num_roles: int, softmax_scale: float, impl: str) -> torch.Tensor:
+    """This rank's part: float32 [M, Hq, R], the masses of ``rows.rows`` (its own queries, every key of the row).
 
     query [S_l, B, Hq, D] of this rank; key [S, B, Hkv, D] of the whole row; key_roles int [B, S]; cu_seqlens the
-    whole batch's samples over the flat [B * S] stream. Each rank computes its own rows and the CP group sums
-    (module docstring).
-    """
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
+    whole batch's samples over the flat [B * S] stream."""
     from megatron_avar.ops import role_mass
 
     seq, batch = key.shape[:2]
-    q_full = query.new_zeros(batch, seq, *query.shape[2:]).index_copy(1, split.positions, query.transpose(0, 1))
-    mass = role_mass(q_full.reshape(batch * seq, *query.shape[2:]), key.transpose(0, 1).reshape(batch * seq,
-                     *key.shape[2:]), key_roles.reshape(-1), rows, num_roles=num_roles, softmax_scale=softmax_scale,
-                     cu_seqlens=cu_seqlens, impl=impl, check_values=False)
-    owner = torch.zeros(seq, dtype=torch.bool, device=rows.device).index_fill(0, split.positions, True)
-    mine = owner[rows % seq]
-    return reduce_from_tensor_model_parallel_region(mass * mine[:, None, None].to(mass.dtype), group=split.group)
+    return role_mass(query.reshape(-1, *query.shape[2:]), key.transpose(0, 1).reshape(batch * seq, *key.shape[2:]),
+                     key_roles.reshape(-1), rows.rows, q_index=rows.queries, num_roles=num_roles,
+                     softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, impl=impl, check_values=False)
+
+
+def local_rows_masses(query: torch.Tensor, key: torch.Tensor, split: ContextSplit, rows: ContextRows,
+                      **probe) -> torch.Tensor:
+    """The role masses of a sink's rows, exact on every CP rank: float32 [N, Hq, R] in the sink's row order.
+    Each rank probes its own rows (:func:`own_rows_masses`, which takes ``probe``'s keywords) and the CP group
+    all-gathers; the backward hands each rank the gradient of its own results (every rank's sink computes the
+    same terms)."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    mass = own_rows_masses(query, key, rows, **probe)
+    gathered = gather_from_sequence_parallel_region(mass, tensor_parallel_output_grad=False, group=split.group)
+    return gathered[rows.assemble]
 
 
 def split_images(patches: list[int], size: int) -> list[tuple[int, int]]:

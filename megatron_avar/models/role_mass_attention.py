@@ -44,7 +44,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention, local_rows_masses
+from megatron_avar.models.context_parallel import ContextRows, ContextSplit, local_rows_attention, local_rows_masses
 from megatron_avar.ops import role_attention, role_mass
 from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.roles import NUM_ROLES
@@ -132,6 +132,7 @@ class RoleMassParams(PackedSeqParams):
     mass_mode: str = "probe"
     context: ContextSplit | None = None
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
+    _context_rows: ContextRows | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.qkv_format = "sbhd"  # megatron's rotary / TE code paths must not read this as a THD batch
@@ -152,11 +153,20 @@ class RoleMassParams(PackedSeqParams):
                 raise ValueError("context parallelism computes AVAR masses with the probe only: use "
                                  "model.mass_mode=probe and no logit edits (interventions run with "
                                  "context_parallel_size=1)")
-            if self.sink is not None and getattr(self.sink, "query_rows", None) is None:
-                raise ValueError("under context parallelism a mass sink must declare its query_rows")
             if self.key_roles.shape[1] != self.context.seq:
                 raise ValueError(f"key_roles has {self.key_roles.shape[1]} tokens per row but the context-parallel "
                                  f"split is of {self.context.seq}-token rows")
+            if self.sink is not None:
+                rows = getattr(self.sink, "query_rows", None)
+                if rows is None:
+                    raise ValueError("under context parallelism a mass sink must declare its query_rows")
+                self._context_rows = ContextRows.build(self.context, rows, self.key_roles.shape[0])
+
+    def context_rows(self) -> ContextRows:
+        """The sink's rows over the CP group (built with the params; needs ``context`` and a sink)."""
+        if self._context_rows is None:
+            raise ValueError("context_rows: these params have no context-parallel split with a mass sink")
+        return self._context_rows
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:
         """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
@@ -251,8 +261,7 @@ class RoleMassCoreAttention(MegatronModule):
         if sink is None:
             return out
         cu_seqlens = params.packed_cu_seqlens()
-        rows = getattr(sink, "query_rows")  # noqa: B009 — an optional attribute of MassSink; RoleMassParams checked it
-        mass = local_rows_masses(query, key, split, rows, key_roles=params.key_roles,
+        mass = local_rows_masses(query, key, split, params.context_rows(), key_roles=params.key_roles,
                                  cu_seqlens=cu_seqlens if cu_seqlens is not None else
                                  _whole_rows(batch, split.seq, query.device), num_roles=NUM_ROLES,
                                  softmax_scale=self.softmax_scale, impl=self.impl or params.impl)

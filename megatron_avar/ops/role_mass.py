@@ -42,16 +42,18 @@ BLOCKWISE_KEYS = 512
 class RoleMassProblem:
     """A validated call in flat form.
 
-    q [T, Hq, D] and k [T, Hkv, D] (a padded [B, S] batch flattened to T = B*S tokens); key_roles int [T] in
-    [-1, R); rows int64 [N] flat query indices; key_lo / key_hi int64 [N]: the keys [lo, hi) row n may see
-    (its batch row or packed sample, cut at the row itself when causal). Built on the inputs' device with no
-    host synchronisation.
+    q [M, Hq, D] and k [T, Hkv, D] (a padded [B, S] batch flattened to T = B*S tokens); key_roles int [T] in
+    [-1, R); rows int64 [N] flat query indices; q_index int64 [N]: the row of q holding row n's query (``rows``
+    itself when q has k's tokens, M = T); key_lo / key_hi int64 [N]: the keys [lo, hi) row n may see (its batch
+    row or packed sample, cut at the row itself when causal). Built on the inputs' device with no host
+    synchronisation.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     key_roles: torch.Tensor
     rows: torch.Tensor
+    q_index: torch.Tensor
     key_lo: torch.Tensor
     key_hi: torch.Tensor
     num_roles: int
@@ -70,6 +72,7 @@ def role_mass(
     cu_seqlens: torch.Tensor | None = None,
     impl: str = "auto",
     check_values: bool = True,
+    q_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-role attention mass of the query rows ``query_rows``: float32 [N, Hq, R] (float64 for float64 q).
 
@@ -88,10 +91,14 @@ def role_mass(
     check_values: verify key_roles' range, cu_seqlens and query_rows' range on the host (one device sync
     each). Callers that validated them once per batch (the AVAR layers) pass False: then nothing here waits
     for the device.
+
+    q_index: int64 [N] or None. Given, q holds only queries, q [M, Hq, D] in any order, and row n's query is
+    q[q_index[n]] while its keys and mask are those of token query_rows[n] in k's layout (context parallelism:
+    a rank's own queries against the whole row's keys). None: q has k's tokens and row n's query is its own.
     """
     problem = build_mass_problem(q, k, key_roles, query_rows, num_roles=num_roles, causal=causal,
                                  softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, impl=impl,
-                                 check_values=check_values)
+                                 check_values=check_values, q_index=q_index)
     impl = _resolve_impl(impl, problem.q)
     if problem.rows.numel() == 0:
         return problem.q.new_zeros(0, problem.q.shape[1], num_roles, dtype=_mass_dtype(problem.q.dtype)) \
@@ -110,27 +117,35 @@ def role_mass(
 
 
 def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, softmax_scale=None,
-                       cu_seqlens=None, impl="auto", check_values=True) -> RoleMassProblem:
+                       cu_seqlens=None, impl="auto", check_values=True, q_index=None) -> RoleMassProblem:
     """Validate :func:`role_mass`'s arguments (same meaning) into a :class:`RoleMassProblem`.
 
     Raises TypeError / ValueError naming the bad argument and the fix.
     """
-    check_common_args(dict(q=q, k=k), dict(key_roles=key_roles, query_rows=query_rows), num_roles=num_roles,
-                      causal=causal, impl=impl, implementations=MASS_IMPLEMENTATIONS)
+    indices = dict(key_roles=key_roles, query_rows=query_rows) | ({} if q_index is None else dict(q_index=q_index))
+    check_common_args(dict(q=q, k=k), indices, num_roles=num_roles, causal=causal, impl=impl,
+                      implementations=MASS_IMPLEMENTATIONS)
     thd = cu_seqlens is not None
     want_dim = 3 if thd else 4
     layout = "[T, H, D] (THD, cu_seqlens given)" if thd else "[B, S, H, D]"
-    for name, t in (("q", q), ("k", k)):
+    for name, t in (("q", q), ("k", k)) if q_index is None else (("k", k),):
         if t.dim() != want_dim:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}"
                              + ("" if thd else "; for packed sequences pass cu_seqlens"))
-    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+    if q_index is None and (q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]):
         raise ValueError(f"k shape {tuple(k.shape)} does not match q {tuple(q.shape)} in tokens or head_dim; "
                          "only the head count may differ (GQA)")
+    if q_index is not None:
+        if q.dim() != 3 or q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"with q_index, q must be [M, Hq, D] queries with k's head_dim ({k.shape[-1]}), got "
+                             f"shape {tuple(q.shape)}")
+        if q_index.dim() != 1 or q_index.dtype not in (torch.int64, torch.int32) or q_index.shape != query_rows.shape:
+            raise TypeError(f"q_index must be int64 [N] like query_rows ({tuple(query_rows.shape)}), got "
+                            f"{q_index.dtype} of shape {tuple(q_index.shape)}")
     num_q_heads, num_kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key heads ({num_kv_heads})")
-    tokens_shape = tuple(q.shape[:-2])
+    tokens_shape = tuple(k.shape[:-2])
     if key_roles.dtype.is_floating_point or key_roles.dtype.is_complex or key_roles.dtype == torch.bool:
         raise TypeError(f"key_roles must be an integer tensor of role ids, got {key_roles.dtype}")
     if tuple(key_roles.shape) != tokens_shape:
@@ -149,6 +164,10 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
         if lo < 0 or hi >= total:
             raise ValueError(f"query_rows must be flat query indices in [0, {total}) "
                              f"({'T' if thd else 'B*S'} = {total}), got min {lo}, max {hi}")
+    if check_values and q_index is not None and q_index.numel():
+        lo, hi = (int(x) for x in torch.aminmax(q_index))
+        if lo < 0 or hi >= q.shape[0]:
+            raise ValueError(f"q_index must index q's {q.shape[0]} queries, got min {lo}, max {hi}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
     if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))
@@ -164,8 +183,9 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
         key_hi = key_lo + seq_len
     if causal:
         key_hi = torch.minimum(key_hi, rows + 1)
-    return RoleMassProblem(q=q.reshape(total, num_q_heads, head_dim), k=k.reshape(total, num_kv_heads, head_dim),
-                           key_roles=key_roles.reshape(total), rows=rows, key_lo=key_lo, key_hi=key_hi,
+    return RoleMassProblem(q=q.reshape(total, num_q_heads, head_dim) if q_index is None else q,
+                           k=k.reshape(total, num_kv_heads, head_dim), key_roles=key_roles.reshape(total), rows=rows,
+                           q_index=rows if q_index is None else q_index.long(), key_lo=key_lo, key_hi=key_hi,
                            num_roles=num_roles, softmax_scale=float(softmax_scale))
 
 
@@ -191,10 +211,10 @@ def reference_role_mass(problem: RoleMassProblem) -> torch.Tensor:
     p = problem
     cdt = _mass_dtype(p.q.dtype)
     group = p.q.shape[1] // p.k.shape[1]
-    q_rows = p.q[p.rows].to(cdt)                                              # [N, Hq, D]
+    q_rows = p.q[p.q_index].to(cdt)                                           # [N, Hq, D]
     keys = p.k.to(cdt).repeat_interleave(group, dim=1)                       # [T, Hq, D]
     logits = torch.einsum("nhd,thd->nht", q_rows, keys) * p.softmax_scale
-    cols = torch.arange(p.q.shape[0], device=p.q.device)
+    cols = torch.arange(p.k.shape[0], device=p.k.device)
     allowed = (cols >= p.key_lo[:, None]) & (cols < p.key_hi[:, None]) & (p.key_roles >= 0)[None]   # [N, T]
     logits = logits.masked_fill(~allowed[:, None], -math.inf)
     empty = ~allowed.any(-1)[:, None, None]
@@ -242,7 +262,7 @@ def _blockwise_forward(problem: RoleMassProblem):
     lse = torch.full((num_rows, num_q_heads), math.inf, dtype=cdt, device=problem.q.device)
     for a, b, key_lo, key_hi in tiles:
         index = order[a:b]
-        q_tile = problem.q[problem.rows[index]].to(cdt).reshape(b - a, num_kv_heads, group, head_dim)
+        q_tile = problem.q[problem.q_index[index]].to(cdt).reshape(b - a, num_kv_heads, group, head_dim)
         lo_t, hi_t = problem.key_lo[index], problem.key_hi[index]
         row_max = torch.full((b - a, num_kv_heads, group), -math.inf, dtype=cdt, device=q_tile.device)
         row_sum = torch.zeros_like(row_max)
@@ -276,7 +296,7 @@ def _blockwise_backward(problem: RoleMassProblem, mass, lse, grad_mass):
     order, tiles = _row_tiles(problem)
     for a, b, key_lo, key_hi in tiles:
         index = order[a:b]
-        rows = problem.rows[index]
+        rows = problem.q_index[index]
         q_tile = problem.q[rows].to(cdt).reshape(b - a, num_kv_heads, group, head_dim)
         lo_t, hi_t = problem.key_lo[index], problem.key_hi[index]
         shape = (b - a, num_kv_heads, group)

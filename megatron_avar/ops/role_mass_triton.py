@@ -45,9 +45,10 @@ _NO_KEY = tl.constexpr(_NO_KEY_VALUE)
 
 
 @triton.jit
-def _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows):
+def _load_rows(Queries, KeyLo, KeyHi, offs_m, num_rows):
+    """Per row of the block: in range, the row of q holding its query, its key window [lo, hi)."""
     row_ok = offs_m < num_rows
-    tok = tl.load(Rows + offs_m, mask=row_ok, other=0)
+    tok = tl.load(Queries + offs_m, mask=row_ok, other=0)
     lo = tl.load(KeyLo + offs_m, mask=row_ok, other=0)
     hi = tl.load(KeyHi + offs_m, mask=row_ok, other=0)  # padding rows: empty window [0, 0)
     return row_ok, tok, lo, hi
@@ -98,7 +99,7 @@ def _scores(q, K, Roles, kv_head, offs_n, offs_d, lo, hi, num_keys, stride_kt, s
 
 @triton.jit
 def _mass_fwd_kernel(
-    Q, K, Roles, Rows, KeyLo, KeyHi, Mass, Lse,
+    Q, K, Roles, Queries, KeyLo, KeyHi, Mass, Lse,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_mn, stride_mh,
     num_rows, num_keys, num_q_heads, group, sm_scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -110,7 +111,7 @@ def _mass_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    row_ok, tok, lo, hi = _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows)
+    row_ok, tok, lo, hi = _load_rows(Queries, KeyLo, KeyHi, offs_m, num_rows)
     q = _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_FP32)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -150,7 +151,7 @@ def _dz(qk, lse, delta, g, roles, offs_r):
 
 @triton.jit
 def _mass_dq_kernel(
-    Q, K, Roles, Rows, KeyLo, KeyHi, Lse, Delta, DMass, DQ,
+    Q, K, Roles, Queries, KeyLo, KeyHi, Lse, Delta, DMass, DQ,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_gn, stride_gh, stride_dn, stride_dh,
     num_rows, num_keys, num_q_heads, group, sm_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -162,7 +163,7 @@ def _mass_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    row_ok, tok, lo, hi = _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows)
+    row_ok, tok, lo, hi = _load_rows(Queries, KeyLo, KeyHi, offs_m, num_rows)
     q = _load_q(Q, tok, row_ok, head, offs_d, stride_qt, stride_qh, HEAD_DIM, DOT_FP32)
     rows64 = offs_m.to(tl.int64)
     lse, delta, g = _load_grad_terms(Lse, Delta, DMass, rows64, row_ok, head, num_q_heads, stride_gn, stride_gh,
@@ -182,7 +183,7 @@ def _mass_dq_kernel(
 
 @triton.jit
 def _mass_dk_kernel(
-    Q, K, Roles, Rows, KeyLo, KeyHi, BlockLo, BlockHi, Lse, Delta, DMass, DK,
+    Q, K, Roles, Queries, KeyLo, KeyHi, BlockLo, BlockHi, Lse, Delta, DMass, DK,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_gn, stride_gh, stride_dkt, stride_dkh,
     num_rows, num_keys, num_q_heads, group, num_row_blocks, sm_scale_log2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_ROLES: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -200,7 +201,7 @@ def _mass_dk_kernel(
         block_hi = tl.load(BlockHi + rb)
         if (block_lo < j0 + BLOCK_N) & (block_hi > j0):                        # the block's rows may see the tile
             offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok, tok, lo, hi = _load_rows(Rows, KeyLo, KeyHi, offs_m, num_rows)
+            row_ok, tok, lo, hi = _load_rows(Queries, KeyLo, KeyHi, offs_m, num_rows)
             rows64 = offs_m.to(tl.int64)
             for member in range(0, group):
                 head = kv_head * group + member
@@ -223,7 +224,7 @@ def _mass_dk_kernel(
 @dataclasses.dataclass(frozen=True)
 class _Sorted:
     order: torch.Tensor   # sorted position -> caller's row index
-    rows: torch.Tensor    # sorted flat query indices
+    queries: torch.Tensor  # the rows of q holding the sorted rows' queries (the kernels read q there only)
     lo: torch.Tensor
     hi: torch.Tensor
 
@@ -254,20 +255,20 @@ def _flags(problem: RoleMassProblem) -> dict:
 
 def _sort(problem: RoleMassProblem) -> _Sorted:
     order = torch.argsort(problem.rows, stable=True)
-    return _Sorted(order=order, rows=problem.rows[order].contiguous(), lo=problem.key_lo[order].contiguous(),
+    return _Sorted(order=order, queries=problem.q_index[order].contiguous(), lo=problem.key_lo[order].contiguous(),
                    hi=problem.key_hi[order].contiguous())
 
 
 def _forward(problem: RoleMassProblem, rows: _Sorted):
     """mass [N, Hq, R] fp32 and the base-2 lse [N, Hq] fp32, both in sorted row order."""
     q, k = problem.q.contiguous(), problem.k.contiguous()
-    num_rows, num_q_heads = rows.rows.numel(), q.shape[1]
+    num_rows, num_q_heads = rows.queries.numel(), q.shape[1]
     mass = torch.empty(num_rows, num_q_heads, problem.num_roles, dtype=torch.float32, device=q.device)
     lse = torch.empty(num_rows, num_q_heads, dtype=torch.float32, device=q.device)
     blocks, launch = _blocks()
     grid = (triton.cdiv(num_rows, blocks["BLOCK_M"]), num_q_heads)
     _mass_fwd_kernel[grid](
-        q, k, problem.key_roles.to(torch.int32).contiguous(), rows.rows, rows.lo, rows.hi, mass, lse,
+        q, k, problem.key_roles.to(torch.int32).contiguous(), rows.queries, rows.lo, rows.hi, mass, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), mass.stride(0), mass.stride(1),
         num_rows, k.shape[0], num_q_heads, num_q_heads // k.shape[1], problem.softmax_scale * _LOG2E,
         **_flags(problem), **blocks, **launch)
@@ -277,7 +278,7 @@ def _forward(problem: RoleMassProblem, rows: _Sorted):
 def _backward(problem: RoleMassProblem, rows: _Sorted, mass, lse, grad_mass):
     """dq, dk of a loss with gradient ``grad_mass`` [N, Hq, R] (sorted order) on the masses."""
     q, k = problem.q.contiguous(), problem.k.contiguous()
-    num_rows, num_q_heads = rows.rows.numel(), q.shape[1]
+    num_rows, num_q_heads = rows.queries.numel(), q.shape[1]
     num_keys, num_kv_heads = k.shape[0], k.shape[1]
     grad_mass = grad_mass.to(torch.float32).contiguous()
     delta = (grad_mass * mass).sum(-1).contiguous()                               # [N, Hq]
@@ -294,17 +295,17 @@ def _backward(problem: RoleMassProblem, rows: _Sorted, mass, lse, grad_mass):
     flags, scalars = _flags(problem), (problem.softmax_scale * _LOG2E, problem.softmax_scale)
     dq_rows = torch.empty(num_rows, num_q_heads, q.shape[2], dtype=torch.float32, device=q.device)
     _mass_dq_kernel[(num_row_blocks, num_q_heads)](
-        q, k, roles, rows.rows, rows.lo, rows.hi, lse, delta, grad_mass, dq_rows,
+        q, k, roles, rows.queries, rows.lo, rows.hi, lse, delta, grad_mass, dq_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad_mass.stride(0), grad_mass.stride(1),
         dq_rows.stride(0), dq_rows.stride(1), num_rows, num_keys, num_q_heads, num_q_heads // num_kv_heads,
         *scalars, **flags, **blocks, **launch)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _mass_dk_kernel[(triton.cdiv(num_keys, blocks["BLOCK_N"]), num_kv_heads)](
-        q, k, roles, rows.rows, rows.lo, rows.hi, block_lo, block_hi, lse, delta, grad_mass, dk,
+        q, k, roles, rows.queries, rows.lo, rows.hi, block_lo, block_hi, lse, delta, grad_mass, dk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), grad_mass.stride(0), grad_mass.stride(1),
         dk.stride(0), dk.stride(1), num_rows, num_keys, num_q_heads, num_q_heads // num_kv_heads, num_row_blocks,
         *scalars, **flags, **blocks, **launch)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_add_(0, rows.rows, dq_rows)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device).index_add_(0, rows.queries, dq_rows)
     return dq.to(q.dtype), dk
 
 

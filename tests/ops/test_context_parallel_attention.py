@@ -1,8 +1,9 @@
 """The context-parallel attention of one rank (``models.context_parallel.local_rows_attention``), without a process
 group: every rank's rows attended over the whole row's keys, put back in row order, equal causal attention of the
 whole row — padded rows, packed rows whose samples straddle the ranks' chunks, GQA, CP = 2 and 3 — in values and
-in the gradients summed over the ranks. On a GPU: Qwen2.5-VL-7B's heads on an 8k packed row in bf16, with memory
-far below one S x S score matrix.
+in the gradients summed over the ranks. Likewise the AVAR masses: each rank probes the sink's rows it holds
+(``ContextRows``), and the results, gathered, equal the probe of the whole row. On a GPU: Qwen2.5-VL-7B's heads
+on an 8k packed row in bf16, with memory far below one S x S score matrix.
 
 Truth: ``causal_attention`` (role_attention's exact blockwise path) on the whole row. Tolerance: fp32, both are
 softmax attention over the same keys in different blockings: ~1e-7 observed, bound 1e-5 relative.
@@ -11,7 +12,8 @@ softmax attention over the same keys in different blockings: ~1e-7 observed, bou
 import pytest
 import torch
 
-from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention
+from megatron_avar.models.context_parallel import ContextRows, ContextSplit, local_rows_attention, own_rows_masses
+from megatron_avar.ops import role_mass
 from megatron_avar.ops.causal_attention import causal_attention
 from megatron_avar.segments import segment_cu_seqlens
 
@@ -76,6 +78,46 @@ def test_the_ranks_rows_equal_attention_of_the_whole_row(size, packed, query_blo
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
     assert bool((got[roles.t() < 0] == 0).all())  # padding rows give 0
+
+
+ROW_CHOICES = {
+    "every_other": lambda seq, batch: torch.arange(0, seq * batch, 2),
+    "one_chunk": lambda seq, batch: torch.tensor([seq + 2, seq + 1, 3, 2]),  # rows of chunk 0 only: one rank
+    "shuffled_with_repeats": lambda seq, batch: torch.cat([torch.randperm(seq * batch,
+                                                           generator=torch.Generator().manual_seed(5))[:30],
+                                                           torch.tensor([7, 7])]),
+}
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("choice", list(ROW_CHOICES))
+def test_each_rank_probes_its_own_rows_and_the_gather_gives_every_rows_masses(size, packed, choice):
+    """ContextRows: each rank probes only the rows it holds (a rank may hold none), and the ranks' results, put
+    side by side as the CP group's all-gather puts them and picked by ``assemble``, equal the probe of the whole
+    row at the sink's rows, in the sink's order — in values, and in the gradients of q and k summed over ranks."""
+    seq, batch = 16 * size, 2
+    q, k, _, roles, segments = _case(seq, batch, 4, 2, 16, packed=packed, seed=4)
+    cu_seqlens = segment_cu_seqlens(segments if segments is not None else torch.where(roles >= 0, 0, -1))
+    rows = ROW_CHOICES[choice](seq, batch)
+    q.requires_grad_(), k.requires_grad_()
+    flat = lambda x: x.transpose(0, 1).reshape(batch * seq, *x.shape[2:])  # noqa: E731
+    probe = dict(num_roles=5, softmax_scale=0.25, cu_seqlens=cu_seqlens)
+    want = role_mass(flat(q), flat(k), roles.reshape(-1), rows, impl="reference", **probe)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(6))
+    want_grads = torch.autograd.grad((want * weights).sum(), (q, k))
+    splits = [_split(seq, size, rank, q.device) for rank in range(size)]
+    plans = [ContextRows.build(split, rows, batch) for split in splits]
+    assert all(torch.equal(plan.assemble, plans[0].assemble) for plan in plans)  # the same on every rank
+    parts = [own_rows_masses(split.local(q, 0), k, plan, key_roles=roles, impl="blockwise", **probe)
+             for split, plan in zip(splits, plans)]
+    assert len({part.shape[0] for part in parts}) == 1  # one size for the all-gather: the busiest rank's count
+    got = torch.cat(parts)[plans[0].assemble]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got_grad, want_grad in zip(torch.autograd.grad((got * weights).sum(), (q, k)), want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    if choice == "one_chunk":  # rank 0 holds the four rows; the others probe one spare row each, never read
+        assert sorted(plans[0].rows.tolist()) == sorted(rows.tolist()) and int(plans[0].assemble.max()) < 4
 
 
 @pytest.mark.gpu

@@ -95,6 +95,39 @@ def test_probe_equals_role_attention_masses_and_gradients(case, how, impl):
     torch.testing.assert_close(dk, want_dk, atol=1e-10, rtol=0)
 
 
+HELD_APART = [CASES[0], CASES[3], CASES[8]]  # padded, GQA 7 with scattered roles, packed THD; no repeated rows
+
+
+def _held_apart(q, k, roles, kwargs, rows, weights, impl):
+    """The probe with the rows' queries held apart (``q_index``), shuffled, after a decoy query no row reads:
+    masses, dq scattered back to the rows' positions in q's layout, dk, and the decoy's gradient."""
+    flat = q.detach().reshape(-1, *q.shape[-2:])
+    order = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(4))
+    held = torch.cat([torch.ones_like(flat[:1]), flat[rows[order]]]).requires_grad_()
+    k_ = k.detach().clone().requires_grad_()
+    kwargs = {key: val for key, val in kwargs.items() if key in ("num_roles", "causal", "cu_seqlens")}
+    mass = role_mass(held, k_, roles, rows, q_index=1 + torch.argsort(order).to(rows.device), impl=impl, **kwargs)
+    d_held, dk = torch.autograd.grad((mass.double() * weights).sum(), (held, k_))
+    dq = torch.zeros_like(flat).index_copy(0, rows[order], d_held[1:]).reshape(q.shape)
+    return mass.detach(), dq, dk, d_held[0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case,how", HELD_APART, ids=[f"{c}-{h}" for c, h in HELD_APART])
+def test_queries_held_apart_equal_queries_in_place(case, how, impl):
+    """q_index (context parallelism's own queries against the whole row's keys): the same masses and gradients
+    as the queries in k's layout; a query no row reads gets no gradient."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, _, roles, kwargs = make(case, torch.float64, seed=34)
+    rows = _rows(case, how, gen)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    want = _probe(q, k, roles, kwargs, rows, weights, impl)
+    *got, decoy = _held_apart(q, k, roles, kwargs, rows, weights, impl)
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t, want_t, atol=1e-12, rtol=0)
+    assert not decoy.any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [Case(num_q_heads=7, num_kv_heads=1, head_dim=128, num_roles=5, padding="left"),
                                   Case(packed=(30, 1, 11), num_q_heads=4, num_kv_heads=2, head_dim=16)], ids=str)
@@ -157,6 +190,9 @@ def test_blockwise_work_follows_the_rows_keys_not_the_sequence(monkeypatch):
     (dict(impl="fast"), "impl='fast' is not an implementation"),
     (dict(k=torch.zeros(2, 37, 3, 16)), "query heads \\(4\\) must be a multiple of key heads \\(3\\)"),
     (dict(cu_seqlens=torch.tensor([0, 74])), r"q must be \[T, H, D\] \(THD, cu_seqlens given\)"),
+    (dict(q=torch.zeros(3, 4, 16), q_index=torch.tensor([0])), r"q_index must be int64 \[N\] like query_rows"),
+    (dict(q=torch.zeros(3, 4, 16), q_index=torch.tensor([0, 3])), "q_index must index q's 3 queries"),
+    (dict(q=torch.zeros(3, 4, 8), q_index=torch.tensor([0, 1])), r"with q_index, q must be \[M, Hq, D\]"),
 ])
 def test_bad_arguments_are_refused_by_name(bad, match):
     q, k, _, roles, _ = make(Case(), torch.float32, seed=26)
@@ -218,6 +254,21 @@ def test_triton_probe_equals_role_attention_masses_and_gradients(case, how, trit
     for got_g, want_g in ((dq, want_dq), (dk, want_dk)):
         scale = max(want_g.abs().max().item(), 1.0)
         torch.testing.assert_close(got_g.double(), want_g, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("case,how", HELD_APART, ids=[f"{c}-{h}" for c, h in HELD_APART])
+def test_triton_queries_held_apart_equal_queries_in_place(case, how, triton_device):
+    """q_index on the kernels: they read each row's query where q_index points, and its dq lands there."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, _, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=35))
+    rows = _rows(case, how, gen).to(triton_device)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    weights = weights.to(triton_device)
+    want = _probe(q, k, roles, kwargs, rows, weights, "triton")
+    *got, decoy = _held_apart(q, k, roles, kwargs, rows, weights, "triton")
+    for got_t, want_t in zip(got, want):
+        torch.testing.assert_close(got_t, want_t, atol=1e-6, rtol=0)
+    assert not decoy.any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
