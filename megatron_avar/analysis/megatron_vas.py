@@ -2,7 +2,8 @@
 
 The model is loaded at TP=1, PP=1 (the checkpoint reshards on load) in one local rank, with every requested
 layer an AVAR layer: its RoleMassCoreAttention hands each layer's masses straight to the same VASAccumulator
-the HF path feeds, so both paths compute one definition. Same batches, same report.json.
+the HF path feeds, so both paths compute one definition. Same batches, same report.json: the attention sink is a
+key role of its own here too (``analysis.vas.mass_key_roles``), so both sink variants are reported.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def _rank(config) -> None:
     from megatron_avar import platform
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
+    from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
     from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
@@ -77,7 +79,8 @@ def _rank(config) -> None:
             with torch.no_grad():
                 model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
-                      token_roles=batch.roles.to(device), mass_sink=sink, role_attention_impl=config.impl)
+                      token_roles=mass_key_roles(batch.roles).to(device), num_roles=MASS_NUM_ROLES,
+                      mass_sink=sink, role_attention_impl=config.impl)
 
         accumulator = accumulate_vas(batches, forward, layers, qwen.text.num_attention_heads)
         write_vas_report(

@@ -121,6 +121,8 @@ class RoleMassParams(PackedSeqParams):
     mass_mode: "probe" (fast attention + the probe on the sink's rows) or "fused" (module docstring).
     context: the rows' split over the context-parallel group, or None (each rank holds whole rows). Under it,
         key_roles and segment_ids are those of the whole rows (the same on every CP rank).
+    num_roles: the key roles' count R (masses are [..., R]): TokenRole's by default; the VAS analysis passes
+        ``analysis.vas.MASS_NUM_ROLES`` with each sample's attention sink as a role of its own.
     Built once per batch: key_roles' values are checked here, so no layer waits on the device for them.
     """
 
@@ -131,6 +133,7 @@ class RoleMassParams(PackedSeqParams):
     impl: str = "auto"
     mass_mode: str = "probe"
     context: ContextSplit | None = None
+    num_roles: int = NUM_ROLES
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
     _context_rows: ContextRows | None = field(default=None, repr=False)
 
@@ -142,10 +145,13 @@ class RoleMassParams(PackedSeqParams):
             raise ValueError(f"mass_mode={self.mass_mode!r}: allowed {', '.join(MASS_MODES)}")
         if self.impl not in ("auto", "triton", "blockwise", "reference"):
             raise ValueError(f"impl={self.impl!r}: allowed auto, triton, blockwise, reference")
+        if self.num_roles < NUM_ROLES:
+            raise ValueError(f"num_roles={self.num_roles}: the key roles include TokenRole's {NUM_ROLES}")
         if self.key_roles.numel():
             low, high = (int(x) for x in torch.aminmax(self.key_roles))
-            if low < -1 or high >= NUM_ROLES:
-                raise ValueError(f"key_roles must lie in [-1, {NUM_ROLES}) (TokenRole, -1 padding), got {low}..{high}")
+            if low < -1 or high >= self.num_roles:
+                raise ValueError(f"key_roles must lie in [-1, {self.num_roles}) (TokenRole, -1 padding), got "
+                                 f"{low}..{high}")
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
         if self.context is not None:
@@ -263,14 +269,14 @@ class RoleMassCoreAttention(MegatronModule):
         cu_seqlens = params.packed_cu_seqlens()
         mass = local_rows_masses(query, key, split, params.context_rows(), key_roles=params.key_roles,
                                  cu_seqlens=cu_seqlens if cu_seqlens is not None else
-                                 _whole_rows(batch, split.seq, query.device), num_roles=NUM_ROLES,
+                                 _whole_rows(batch, split.seq, query.device), num_roles=params.num_roles,
                                  softmax_scale=self.softmax_scale, impl=self.impl or params.impl)
         return sink(self.layer_index, mass, out, self.heads)
 
     def _fused(self, query, key, value, params, cu_seqlens, query_mask, scale, bias):
         """role_attention: out [B, S, H, D] and every row's masses [B, H, S, R]."""
         seq, batch = query.shape[:2]
-        common: dict[str, Any] = dict(num_roles=NUM_ROLES, causal=True, softmax_scale=self.softmax_scale,
+        common: dict[str, Any] = dict(num_roles=params.num_roles, causal=True, softmax_scale=self.softmax_scale,
                                       role_logit_scale=scale, role_logit_bias=bias, impl=self.impl or params.impl,
                                       check_values=False)
         if cu_seqlens is None:
@@ -301,7 +307,8 @@ class RoleMassCoreAttention(MegatronModule):
         if rows is None:
             return out, None
         mass = role_mass(q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),
-                         params.key_roles.reshape(-1), rows, num_roles=NUM_ROLES, softmax_scale=self.softmax_scale,
+                         params.key_roles.reshape(-1), rows, num_roles=params.num_roles,
+                         softmax_scale=self.softmax_scale,
                          cu_seqlens=cu_seqlens if cu_seqlens is not None else _whole_rows(batch, seq, q.device),
                          impl=impl, check_values=False)
         return out, mass

@@ -210,13 +210,20 @@ def test_intervene_config_file_overrides_and_flags(capsys):
 
 def test_megatron_checkpoint_gives_the_hf_vas(toy, vas_run):
     """The same weights converted to a megatron checkpoint: VAS from the megatron model's AVAR layers
-    (RoleMassCoreAttention) equals VAS from the HF model's hooked attention (fp32; other batching, too)."""
+    (RoleMassCoreAttention) equals VAS from the HF model's hooked attention (fp32; other batching, too), with the
+    attention sink in K_sys and without it (--exclude-sink: the top-level numbers are the latter)."""
     _, hf_report = vas_run
     mcore = toy["root"] / "mcore"
     assert main(["convert", "hf-to-mcore", "--hf-path", toy["model"], "--out", str(mcore)]) == 0
     out = toy["root"] / "vas-mcore"
-    assert main(["vas", "--model", str(mcore), "--data", toy["data"], "--out", str(out), "--batch-size", "2"]) == 0
+    assert main(["vas", "--model", str(mcore), "--data", toy["data"], "--out", str(out), "--batch-size", "2",
+                 "--exclude-sink"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["runtime"]["backend"] == "megatron" and report["num_samples"] == hf_report["num_samples"]
-    for key in ("vas", "ratio_of_means", "image_share", "vas_per_layer"):
-        assert report[key] == pytest.approx(hf_report[key], rel=1e-5), key
+    assert report["exclude_sink"] is True
+    for variant in ("sink_included", "sink_excluded"):
+        got, want = report["variants"][variant], hf_report["variants"][variant]
+        for key in ("vas", "ratio_of_means", "system_share", "vas_per_layer"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (variant, key)
+    assert report["image_share"] == pytest.approx(hf_report["image_share"], rel=1e-5)
+    assert report["vas"] == pytest.approx(hf_report["variants"]["sink_excluded"]["vas"], rel=1e-5)

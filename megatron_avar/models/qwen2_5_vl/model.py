@@ -52,6 +52,7 @@ from megatron_avar.models.role_mass_attention import (
     RoleMassParams,
     ignoring_role_mass_params,
 )
+from megatron_avar.roles import NUM_ROLES
 
 __all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features",
            "decoder_attention_mask"]
@@ -266,14 +267,16 @@ class Qwen25VLModel(MegatronModule):
                 image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 token_roles: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 mass_sink: MassSink | None = None, logit_edits: RoleLogitEdits | None = None,
-                role_attention_impl: str = "auto", mass_mode: str = "probe") -> torch.Tensor:
+                role_attention_impl: str = "auto", mass_mode: str = "probe",
+                num_roles: int = NUM_ROLES) -> torch.Tensor:
         """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
         batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
         labels int [B, S]. segment_ids int [B, S]: packed rows, the sample index of each token (-1 on padding).
         token_roles int [B, S] (TokenRole): required when the model has AVAR layers; they report their masses
         to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention; ``mass_mode``
-        "probe" or "fused" (``models.role_mass_attention``).
+        "probe" or "fused" (``models.role_mass_attention``). ``num_roles``: token_roles lie in [-1, num_roles);
+        more than TokenRole's when an analysis gives some tokens a role of their own (VAS's attention sink).
 
         Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
         labels), or the hidden states [S, B, H] for the next pipeline stage.
@@ -329,7 +332,8 @@ class Qwen25VLModel(MegatronModule):
             if segment_ids is not None:
                 key_roles = key_roles.masked_fill(segment_ids < 0, -1)
             role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
-                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split)
+                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split,
+                                         num_roles=num_roles)
         elif split is not None:  # no roles: every layer is a standard one, and needs only the padding and packing
             real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
             if segment_ids is not None:
