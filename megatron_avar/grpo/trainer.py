@@ -171,7 +171,14 @@ def run_grpo(config: GRPOConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import begin_run, end_run, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (
+        begin_run,
+        end_run,
+        enter_run_dir,
+        finished_run_summary,
+        hf_export_describer,
+        run_steps,
+    )
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -185,7 +192,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"({config.train.updates_per_step})")
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
+    start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
     if start.finished:
         parallel_state.destroy_model_parallel()
         end_run(out)
@@ -228,6 +235,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
+    enter_run_dir(config, start, layout=layout, run_config=config_to_dict(config))  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar grpo {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,

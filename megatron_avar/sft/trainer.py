@@ -222,7 +222,14 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
-    from megatron_avar.training.run_loop import begin_run, end_run, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (
+        begin_run,
+        end_run,
+        enter_run_dir,
+        finished_run_summary,
+        hf_export_describer,
+        run_steps,
+    )
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -233,7 +240,7 @@ def run_sft(config: SFTConfig) -> dict:
                               cp=parallel.context_parallel_size)
     out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    start, schedule = begin_run(config, RESUME_FIXED, layout=layout, run_config=config_to_dict(config))
+    start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
     if start.finished:
         parallel_state.destroy_model_parallel()
         end_run(out)
@@ -248,6 +255,7 @@ def run_sft(config: SFTConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
+    enter_run_dir(config, start, layout=layout, run_config=config_to_dict(config))  # every refusal passed
 
     lm_params, vision_params = matmul_params(qwen_config)
 

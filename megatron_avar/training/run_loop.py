@@ -7,7 +7,8 @@ knows the data position (``data.state_dict()``, saved in every checkpoint); this
 the step and does everything else the same way for both trainers.
 
 Also shared: where a run starts (:func:`plan_start`: resume, refuse, or a finished run that a rerun leaves
-alone) and what it does to its directory before the first step (:func:`prepare_run_dir`), and the check that
+alone) and what it does to its directory before the first step (:func:`prepare_run_dir`, once the resume is
+loaded, so a refused resume changes nothing), and the check that
 an update is finite (:func:`nonfinite_update`). Invariants: a step whose update is not finite is neither logged
 nor saved (``latest`` stays the last good checkpoint); a run never mixes its checkpoints with another run's;
 a resumed run trains with the schedule it was started with; metrics.jsonl holds each step once.
@@ -28,8 +29,8 @@ import torch
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
 __all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
-           "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError", "begin_run",
-           "end_run", "check_model_path"]
+           "enter_run_dir", "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError",
+           "begin_run", "end_run", "check_model_path"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -165,16 +166,23 @@ def check_model_path(hf_path: str | Path) -> None:
                          "checkpoint folder")
 
 
-def begin_run(config, fixed_fields: tuple[str, ...], *, layout, run_config: dict) -> tuple[RunStart, dict]:
+def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStart, dict]:
     """Both trainers' start (collective): the run directory's lock (``training.run_lock``: one run per out,
-    released by :func:`end_run`), the schedule record of ``fixed_fields``, :func:`plan_start`, and, unless the
-    run is finished, :func:`prepare_run_dir` on the logging rank. Returns (start, schedule)."""
+    released by :func:`end_run`), the schedule record of ``fixed_fields`` and :func:`plan_start`. Nothing in the
+    run directory changes yet: the trainer calls :func:`enter_run_dir` once the model is built and the resume
+    loaded, so a resume refused on the way (gradient buckets, changed data, an unreadable checkpoint) leaves the
+    directory as it was. Returns (start, schedule)."""
     acquire_run_lock(config.out, is_logging_rank=layout.is_logging_rank)
     schedule = schedule_record(config, fixed_fields)
     start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps, layout=layout)
-    if not start.finished and layout.is_logging_rank:
-        prepare_run_dir(config.out, start, run_config)
     return start, schedule
+
+
+def enter_run_dir(config, start: RunStart, *, layout, run_config: dict) -> None:
+    """Both trainers, after the resume loaded (every refusal passed) and before the logger opens:
+    :func:`prepare_run_dir` on the logging rank."""
+    if layout.is_logging_rank:
+        prepare_run_dir(config.out, start, run_config)
 
 
 def end_run(out: str | Path) -> None:
@@ -201,7 +209,7 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
 
 
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
-    """Logging rank, after :func:`plan_start` and before the logger opens: create ``out``; with consent to
+    """Logging rank, after :func:`plan_start` and the resume's load, before the logger opens: create ``out``; with consent to
     replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events (before this run
     writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the steps before
     ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again); write the

@@ -211,18 +211,23 @@ def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
     """The distributed optimizer's states are saved per gradient bucket: a resume whose buckets differ (here
     parallel.ddp_bucket_size splits the toy model's one bucket into many) would map them onto the wrong
-    parameters, so it is refused, naming the settings the checkpoint was written with."""
+    parameters, so it is refused, naming the settings the checkpoint was written with, with the run directory
+    left as it was."""
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     record = json.loads((run / CHECKPOINTS / "step_00000000" / "trainer_state.json").read_text())["grad_buckets"]
     assert record["overlap_grad_reduce"] and len(record["params_per_bucket"]["tp0.pp0"][0]) == 1
+    written = lambda: {path.name: path.read_bytes() for path in run.iterdir()  # noqa: E731
+                       if path.is_file() and path.name != ".avar.lock"}   # the lock records its last holder
+    before = written()
     done = run_sft(run, sft_inputs, **{"parallel.ddp_bucket_size": 40000})
     assert done.returncode == 2, output(done)[-3000:]
     assert "Traceback" not in output(done)
     assert (f"Resume with the settings the checkpoint was written with (parallel.overlap_grad_reduce=true "
             f"parallel.ddp_bucket_size={record['bucket_size']})") in output(done)
-    # refused when the model is built, after the run directory was prepared for the resume (as for a truncated
-    # file): the checkpoint stays, metrics keep the steps it covers
-    assert (run / CHECKPOINTS / "latest").read_text().strip() == "step_00000000" and logged_steps(run) == [0]
+    # refused once the model is built, before the run directory is touched: the checkpoint stays, and metrics
+    # (the steps after the checkpoint too), config.json and summary are as they were
+    assert (run / CHECKPOINTS / "latest").read_text().strip() == "step_00000000" and logged_steps(run) == [0, 1]
+    assert written() == before
 
 
 @pytest.mark.multiprocess
