@@ -211,9 +211,9 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
     """Logging rank, after :func:`plan_start` and the resume's load, before the logger opens: create ``out``;
     with consent to replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events
-    (before this run writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the steps before
-    ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again); write the
-    resolved config."""
+    (before this run writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the
+    steps before ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again);
+    write the resolved config."""
     from megatron_avar.training import checkpointing
 
     out = Path(out)
