@@ -28,9 +28,10 @@ parallelism, else 1; b_act = 2 in bf16, 4 in fp32):
                             recomputed
     recompute "selective":  megatron's core-attention recompute: the attention keeps only its inputs and output
 
-b_norm, per normalised element: Transformer Engine's fused norm + linear keeps its input and output (2·b_act);
-torch's RMSNorm (megatron's local modules, and the vision encoder everywhere) keeps an fp32 copy of its input,
-the fp32 normalised value and its output (8 + b_act: its fp32 weights make it upcast in bf16).
+b_norm = 2·b_act per normalised element: the norm keeps its input and the linear after it the output, both in the
+activation dtype — Transformer Engine's fused norm + linear, and this project's RMSNorm (``models.qwen2_5_vl.norm``:
+megatron's local modules and the vision encoder everywhere), which also keeps one fp32 rsqrt per row (4 / h bytes
+per element, not counted). torch's own composite RMSNorm would keep 8 + b_act.
 
 Vision encoder per image patch (4 per merged image token; under context parallelism each rank encodes 1/cp of the
 images, balanced by patches):
@@ -145,9 +146,7 @@ class StepShape:
 class Kernels:
     """What a kernel family saves for backward, per token and decoder layer (per patch and vision block).
 
-    norm / final_norm: "te" (Transformer Engine's fused norm + linear: input and output in the activation dtype)
-    or "torch" (torch's RMSNorm: fp32 input copy, fp32 normalised value, output); final_norm is the last stage's
-    norm before the output layer. The vision encoder's norms are torch's on every platform.
+    Norms are not a field: every family's keep the same (module docstring, b_norm).
     avar_attention / standard_attention / selective_attention: (units of h, units of g), the attention of an AVAR
     layer, of a standard layer, and of either under selective recompute, from: the fused qkv output (kept whole
     while a kernel holds the value as a view of it), the roped q and k, k and v repeated to the query heads, the
@@ -159,14 +158,12 @@ class Kernels:
     """
 
     name: str
-    norm: str
     avar_attention: tuple[int, int]
     standard_attention: tuple[int, int]
     selective_attention: tuple[int, int]
     standard_scores: bool
     mlp: int
     rope: int
-    final_norm: str
     vision_attention: int
     vision_mlp: int
 
@@ -174,25 +171,23 @@ class Kernels:
 # GPU with Transformer Engine (the clusters): TE layers, the Triton AVAR attention (q, k, v views, its output, then
 # the masked copy the projection reads), TE's fused attention elsewhere (its output is the projection's input),
 # fused SwiGLU. Not measured yet.
-GPU_KERNELS = Kernels(name="gpu", norm="te", avar_attention=(4, 3), standard_attention=(3, 3),
-                      selective_attention=(3, 3), standard_scores=False, mlp=3, rope=4, final_norm="te",
-                      vision_attention=5, vision_mlp=3)
-# GPU without Transformer Engine: megatron's local modules (torch norms, local S x S attention with k and v repeated
+GPU_KERNELS = Kernels(name="gpu", avar_attention=(4, 3), standard_attention=(3, 3), selective_attention=(3, 3),
+                      standard_scores=False, mlp=3, rope=4, vision_attention=5, vision_mlp=3)
+# GPU without Transformer Engine: megatron's local modules (our RMSNorm, local S x S attention with k and v repeated
 # to the query heads), the Triton AVAR attention, megatron's fused SwiGLU.
-GPU_NO_TE_KERNELS = Kernels(name="gpu-no-te", norm="torch", avar_attention=(4, 3), standard_attention=(4, 0),
-                            selective_attention=(3, 3), standard_scores=True, mlp=3, rope=4, final_norm="torch",
-                            vision_attention=5, vision_mlp=3)
+GPU_NO_TE_KERNELS = Kernels(name="gpu-no-te", avar_attention=(4, 3), standard_attention=(4, 0),
+                            selective_attention=(3, 3), standard_scores=True, mlp=3, rope=4, vision_attention=5,
+                            vision_mlp=3)
 # CPU: megatron's local modules, SDPA per packed sample with k and v repeated to the query heads (AVAR layers),
 # megatron's local S x S attention in standard layers, unfused SwiGLU.
-CPU_KERNELS = Kernels(name="cpu", norm="torch", avar_attention=(5, 1), standard_attention=(4, 0),
-                      selective_attention=(3, 3), standard_scores=True, mlp=5, rope=4, final_norm="torch",
-                      vision_attention=5, vision_mlp=5)
+CPU_KERNELS = Kernels(name="cpu", avar_attention=(5, 1), standard_attention=(4, 0), selective_attention=(3, 3),
+                      standard_scores=True, mlp=5, rope=4, vision_attention=5, vision_mlp=5)
 KERNELS = {k.name: k for k in (GPU_KERNELS, GPU_NO_TE_KERNELS, CPU_KERNELS)}
 
 
-def _norm_bytes(kind: str, value: int) -> int:
-    """Bytes a norm (and the linear after it) keeps per normalised element."""
-    return 2 * value if kind == "te" else 8 + value
+def _norm_bytes(value: int) -> int:
+    """Bytes a norm (and the linear after it) keeps per normalised element: its input and its output."""
+    return 2 * value
 
 
 @dataclass(frozen=True)
@@ -312,7 +307,7 @@ def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels
         attention = kernels.selective_attention
     else:
         attention = kernels.avar_attention if avar else kernels.standard_attention
-    per_token = (2 * _norm_bytes(kernels.norm, value) * h / sp
+    per_token = (2 * _norm_bytes(value) * h / sp
                  + value * ((attention[0] * h + attention[1] * g) / parallel.tp + kernels.mlp * f / parallel.tp
                             + kernels.rope * d))
     stored = tokens * per_token
@@ -337,7 +332,7 @@ def _vision_block_bytes(vision, parallel: Parallelism, kernels: Kernels, value: 
     """Bytes one vision block keeps per patch without recompute (norm inputs split over TP under SP)."""
     hv, fv, tp = vision.hidden_size, vision.intermediate_size, parallel.tp
     sp = tp if parallel.sequence_parallel else 1
-    return (2 * _norm_bytes("torch", value) * hv / sp
+    return (2 * _norm_bytes(value) * hv / sp
             + value * ((kernels.vision_attention * hv + kernels.vision_mlp * fv) / tp + kernels.rope * vision.head_dim))
 
 
@@ -348,7 +343,7 @@ def _vision_bytes(vision, shape: StepShape, parallel: Parallelism, kernels: Kern
     sp = tp if parallel.sequence_parallel else 1
     block = (value * hv / sp if shape.recompute == "full"
              else _vision_block_bytes(vision, parallel, kernels, value))
-    outside = value * vision.patch_dim + _norm_bytes("torch", value) * hv / sp + value * 2 * hv / tp
+    outside = value * vision.patch_dim + _norm_bytes(value) * hv / sp + value * 2 * hv / tp
     return _vision_patches(vision, shape, parallel) * (vision.depth * block + outside)
 
 
@@ -415,7 +410,7 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
         transient: dict[str, float] = {"weight_gradient": largest * value}
         if last:
             sp = parallel.tp if parallel.sequence_parallel else 1
-            stored["head_inputs"] = (_tokens(shape, parallel) * _norm_bytes(kernels.final_norm, value)
+            stored["head_inputs"] = (_tokens(shape, parallel) * _norm_bytes(value)
                                      * text.hidden_size / sp)
             transient["logits"] = _logits_bytes(text, shape, parallel, text.vocab_size // parallel.tp
                                                 * text.hidden_size)

@@ -76,8 +76,8 @@ def test_decoder_activations_by_recompute_mode_and_layout():
 def test_vision_activations_count_four_patches_per_image_token():
     hv, fv, dv, depth, patch_dim, t = 1280, 3420, 80, 32, 1176, 2
     plan = memory_plan(QWEN_7B, Parallelism(tp=t), StepShape(seq_length=4096, image_tokens=1000)).worst
-    # bytes per patch: torch norms keep an fp32 input copy, the fp32 normalised value and the bf16 output (10 B)
-    per_patch = (depth * (2 * 10 * hv + 2 * ((5 * hv + 3 * fv) / t + 4 * dv)) + 2 * patch_dim + 10 * hv
+    # bytes per patch: a norm keeps its bf16 input, the linear after it the bf16 output (4 B)
+    per_patch = (depth * (2 * 4 * hv + 2 * ((5 * hv + 3 * fv) / t + 4 * dv)) + 2 * patch_dim + 4 * hv
                  + 2 * 2 * hv / t)
     assert plan.stored["vision_activations"] == int(4000 * per_patch)
 
@@ -150,13 +150,13 @@ def test_layouts_that_do_not_divide_are_refused():
 def test_cpu_kernels_count_what_the_cpu_path_saves():
     cpu = memory_plan(QWEN_7B, Parallelism(), StepShape(seq_length=1024, avar_layers=tuple(range(L))),
                       kernels=CPU_KERNELS).worst
-    # torch RMSNorms (fp32 input copy, fp32 normalised value, bf16 output: 10 B each), SDPA with k and v repeated
-    # to the query heads (5h + g), unfused SwiGLU (5f)
-    assert cpu.stored["decoder_activations"] == int(L * 1024 * (2 * 10 * H + 2 * (5 * H + G + 5 * F + 4 * D)))
+    # RMSNorms (bf16 input and output: 4 B each), SDPA with k and v repeated to the query heads (5h + g), unfused
+    # SwiGLU (5f)
+    assert cpu.stored["decoder_activations"] == int(L * 1024 * (2 * 4 * H + 2 * (5 * H + G + 5 * F + 4 * D)))
     fp32 = memory_plan(QWEN_7B, Parallelism(), StepShape(seq_length=1024, avar_layers=(), precision="fp32"),
                        kernels=CPU_KERNELS).worst
-    # fp32 norms keep three fp32 tensors; a standard layer: 4h + the fp32 [heads, s, s] probabilities, and the mask
-    per_token = 2 * 12 * H + 4 * (4 * H + 5 * F + 4 * D)
+    # fp32 norms: input and output; a standard layer: 4h + the fp32 [heads, s, s] probabilities, and the mask
+    per_token = 2 * 8 * H + 4 * (4 * H + 5 * F + 4 * D)
     assert fp32.stored["decoder_activations"] == int(L * (1024 * per_token + 28 * 1024 ** 2 * 4) + 1024 ** 2)
     assert fp32.transient["attention_scores"] == 28 * 1024 ** 2 * 12  # its backward: softmax gradients + cast
 
