@@ -67,6 +67,20 @@ def _rows(case: Case, how: str, gen) -> torch.Tensor:
     return torch.randperm(total, generator=gen)[: max(1, total // 3)]     # "random": a third, shuffled
 
 
+def _to(device, q, k, v, roles, kwargs):
+    kwargs = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
+    return q.to(device), k.to(device), v.to(device), roles.to(device), kwargs
+
+
+def _inputs(case: Case, how: str, dtype, *, seed: int, rows_seed: int, device="cpu"):
+    """(q, k, v, key_roles, kwargs, rows, weights) on ``device``: ``make``'s inputs, the rows ``how`` picks, and
+    float64 weights [N, Hq, R] of the loss whose gradients the tests compare."""
+    gen = torch.Generator().manual_seed(rows_seed)
+    rows = _rows(case, how, gen)
+    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    return (*_to(device, *make(case, dtype, seed=seed)), rows.to(device), weights.to(device))
+
+
 CASES = [
     (Case(), "random"),
     (Case(causal=False, padding="right"), "all"),
@@ -83,10 +97,7 @@ CASES = [
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case,how", CASES, ids=[f"{c}-{h}" for c, h in CASES])
 def test_probe_equals_role_attention_masses_and_gradients(case, how, impl):
-    gen = torch.Generator().manual_seed(3)
-    q, k, v, roles, kwargs = make(case, torch.float64, seed=21)
-    rows = _rows(case, how, gen)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    q, k, v, roles, kwargs, rows, weights = _inputs(case, how, torch.float64, seed=21, rows_seed=3)
     want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
     got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, impl)
     assert got.dtype == torch.float64 and got.shape == (rows.numel(), case.num_q_heads, case.num_roles)
@@ -117,10 +128,7 @@ def _held_apart(q, k, roles, kwargs, rows, weights, impl):
 def test_queries_held_apart_equal_queries_in_place(case, how, impl):
     """q_index (context parallelism's own queries against the whole row's keys): the same masses and gradients
     as the queries in k's layout; a query no row reads gets no gradient."""
-    gen = torch.Generator().manual_seed(9)
-    q, k, _, roles, kwargs = make(case, torch.float64, seed=34)
-    rows = _rows(case, how, gen)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    q, k, _, roles, kwargs, rows, weights = _inputs(case, how, torch.float64, seed=34, rows_seed=9)
     want = _probe(q, k, roles, kwargs, rows, weights, impl)
     *got, decoy = _held_apart(q, k, roles, kwargs, rows, weights, impl)
     for got_t, want_t in zip(got, want):
@@ -132,10 +140,7 @@ def test_queries_held_apart_equal_queries_in_place(case, how, impl):
 @pytest.mark.parametrize("case", [Case(num_q_heads=7, num_kv_heads=1, head_dim=128, num_roles=5, padding="left"),
                                   Case(packed=(30, 1, 11), num_q_heads=4, num_kv_heads=2, head_dim=16)], ids=str)
 def test_low_precision_inputs_accumulate_in_float32(case, dtype):
-    gen = torch.Generator().manual_seed(4)
-    q, k, v, roles, kwargs = make(case, dtype, seed=22)
-    rows = _rows(case, "random", gen)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
+    q, k, v, roles, kwargs, rows, weights = _inputs(case, "random", dtype, seed=22, rows_seed=4)
     want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
     got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "blockwise")
     assert got.dtype == torch.float32 and dq.dtype == dtype and dk.dtype == dtype
@@ -234,19 +239,11 @@ def triton_device():
     return torch.device("cuda")
 
 
-def _to(device, q, k, v, roles, kwargs):
-    kwargs = {key: val.to(device) if isinstance(val, torch.Tensor) else val for key, val in kwargs.items()}
-    return q.to(device), k.to(device), v.to(device), roles.to(device), kwargs
-
-
 @pytest.mark.parametrize("case,how", CASES, ids=[f"{c}-{h}" for c, h in CASES])
 def test_triton_probe_equals_role_attention_masses_and_gradients(case, how, triton_device):
     """fp32 inputs, dots in IEEE fp32: against the float64 truth, float32 accumulation noise only."""
-    gen = torch.Generator().manual_seed(5)
-    q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=29))
-    rows = _rows(case, how, gen).to(triton_device)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
-    weights = weights.to(triton_device)
+    q, k, v, roles, kwargs, rows, weights = _inputs(case, how, torch.float32, seed=29, rows_seed=5,
+                                                    device=triton_device)
     want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
     got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "triton")
     assert got.dtype == torch.float32
@@ -259,11 +256,8 @@ def test_triton_probe_equals_role_attention_masses_and_gradients(case, how, trit
 @pytest.mark.parametrize("case,how", HELD_APART, ids=[f"{c}-{h}" for c, h in HELD_APART])
 def test_triton_queries_held_apart_equal_queries_in_place(case, how, triton_device):
     """q_index on the kernels: they read each row's query where q_index points, and its dq lands there."""
-    gen = torch.Generator().manual_seed(10)
-    q, k, _, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=35))
-    rows = _rows(case, how, gen).to(triton_device)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
-    weights = weights.to(triton_device)
+    q, k, _, roles, kwargs, rows, weights = _inputs(case, how, torch.float32, seed=35, rows_seed=10,
+                                                    device=triton_device)
     want = _probe(q, k, roles, kwargs, rows, weights, "triton")
     *got, decoy = _held_apart(q, k, roles, kwargs, rows, weights, "triton")
     for got_t, want_t in zip(got, want):
@@ -277,11 +271,7 @@ def test_triton_probe_low_precision_within_the_blockwise_budget(dtype, triton_de
     products run in the input dtype, so their error may be at most 2x plain low-precision PyTorch's
     (role_attention's reference computed in that dtype) plus fp32 noise."""
     case = Case(packed=(30, 1, 18), num_q_heads=4, num_kv_heads=2, head_dim=64, num_roles=5)
-    gen = torch.Generator().manual_seed(6)
-    q, k, v, roles, kwargs = _to(triton_device, *make(case, dtype, seed=30))
-    rows = _rows(case, "random", gen).to(triton_device)
-    weights = torch.randn(rows.numel(), case.num_q_heads, case.num_roles, generator=gen, dtype=torch.float64)
-    weights = weights.to(triton_device)
+    q, k, v, roles, kwargs, rows, weights = _inputs(case, "random", dtype, seed=30, rows_seed=6, device=triton_device)
     want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights)
     got, dq, dk = _probe(q, k, roles, kwargs, rows, weights, "triton")
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
