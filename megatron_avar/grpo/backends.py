@@ -14,9 +14,11 @@ generation runs, so the GRPO loop calls every rank's backend the same way whatev
 - "vllm" (:class:`~megatron_avar.grpo.vllm_backend.VLLMGenerationBackend`) runs in every rank, one engine per
   group at the trainer's tensor parallelism, colocated with the actor and asleep while it trains.
 
-Under context parallelism the ranks of a CP group train on the same rollouts: only CP rank 0's model-parallel
-group builds and runs the backend, and a :class:`SourceRankBackend` over the CP group hands its rollouts to the
-other CP ranks (which join the weight walk and load nothing).
+Under context parallelism the ranks of a CP group train on the same rollouts, and share their generation: every
+CP rank's model-parallel group builds the backend and generates a contiguous share of the step's prompts, and a
+:class:`PromptShareBackend` all-gathers the shares over the CP group, in prompt order. A rollout depends only on
+its weights, prompt and per-sample seed (``local_backend.sample_seed``), not on which rank generated it, so the
+rollouts are those one rank would generate, in 1/CP of the time.
 
 A new backend: implement the interface, then ``@register_backend("name")`` a factory here
 (docs/architecture.md, 'A new rollout backend'). ``rollout.backend`` accepts the registered names.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from megatron_avar.training.megatron_setup import RankLayout
 
 __all__ = ["BACKENDS", "BackendFactory", "register_backend", "backend_names", "build_backend", "SourceRankBackend",
-           "on_model_parallel_source", "SourceRankGenerationError"]
+           "PromptShareBackend", "prompt_share", "on_model_parallel_source", "SourceRankGenerationError"]
 
 BackendFactory = Callable[["GRPOConfig", Any, "RankLayout"], GenerationBackend]
 """(config, processor, layout) -> this rank's backend. processor: the one that rendered the prompts
@@ -72,14 +74,12 @@ def build_backend(config: GRPOConfig, processor, layout: RankLayout) -> Generati
         return BACKENDS[name](config, processor, layout)
     from megatron.core import parallel_state
 
-    group = parallel_state.get_context_parallel_group()
-    source = dist.get_process_group_ranks(group)[0]  # pyright: ignore[reportArgumentType]
-    inner = BACKENDS[name](config, processor, layout) if layout.cp_rank == 0 else None
-    return SourceRankBackend(inner, group=group, source=source, serves="context-parallel group")
+    return PromptShareBackend(BACKENDS[name](config, processor, layout),
+                              group=parallel_state.get_context_parallel_group(), serves="context-parallel group")
 
 
 class SourceRankGenerationError(RuntimeError):
-    """Generation failed on the group's source rank; raised on every rank of the group."""
+    """Generation failed on a rank that generates for its group; raised on every rank of the group."""
 
 
 class SourceRankBackend:
@@ -134,6 +134,56 @@ class SourceRankBackend:
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
+
+
+def prompt_share(count: int, size: int, rank: int) -> tuple[int, int]:
+    """[first, end) of the ``count`` prompts that rank ``rank`` of ``size`` generates: contiguous, the first
+    ``count % size`` ranks one more (a rank may get none)."""
+    base, extra = divmod(count, size)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
+
+
+class PromptShareBackend:
+    """A backend whose process group shares the generation of every step: each rank generates its
+    :func:`prompt_share` of the prompts with ``inner`` and the group all-gathers the rollouts, in prompt order.
+
+    ``generate`` is collective over ``group``; a failure on any rank reaches every rank (then each raises
+    SourceRankGenerationError naming the failed ranks and their errors), so none is left waiting. The inner
+    backend sees only its share; its other calls (prepare, the weight walk, finish, close) are every rank's own."""
+
+    def __init__(self, inner: GenerationBackend, *, group, serves: str):
+        self.inner, self.group, self.serves = inner, group, serves
+
+    def prepare_generation(self) -> None:
+        self.inner.prepare_generation()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.inner.update_weights(named_tensors)
+
+    def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
+        size, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        first, end = prompt_share(len(prompts), size, rank)
+        payload: tuple = ("ok", [])
+        failure = None
+        if end > first:
+            try:
+                payload = ("ok", self.inner.generate(prompts.subset(first, end), n, sampling))
+            except Exception as error:  # noqa: BLE001 — any failure must reach every rank of the group
+                payload, failure = ("error", f"{type(error).__name__}: {error}"), error
+        shares: list = [None] * size
+        dist.all_gather_object(shares, (dist.get_rank(), *payload), group=self.group)
+        errors = [f"rank {source}: {value}" for source, status, value in shares if status == "error"]
+        if errors:
+            raise SourceRankGenerationError(f"generation shared by the {self.serves} failed on "
+                                            f"{'; '.join(errors)}") from failure
+        return [rollout for _, _, share in shares for rollout in share]
+
+    def finish_generation(self) -> None:
+        self.inner.finish_generation()
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def _model_parallel_source():

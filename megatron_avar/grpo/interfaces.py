@@ -79,6 +79,12 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def subset(self, first: int, end: int) -> PromptBatch:
+        """Prompts [first, end) (the tensors shared, not copied)."""
+        return PromptBatch(prompt_ids=self.prompt_ids[first:end], input_ids=self.input_ids[first:end],
+                           roles=self.roles[first:end], pixel_values=self.pixel_values[first:end],
+                           image_grid_thw=self.image_grid_thw[first:end], ground_truths=self.ground_truths[first:end])
+
 
 @dataclass
 class Rollout:

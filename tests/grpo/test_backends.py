@@ -123,3 +123,65 @@ def test_vllm_prepare_and_finish_are_wake_up_and_sleep(sleep_mode):
     backend.prepare_generation()
     expected = ["sleep(level=1)", "wake_up(['weights'])", "wake_up(['kv_cache'])"] if sleep_mode else []
     assert backend._llm.calls == expected
+
+
+def test_prompt_shares_are_contiguous_balanced_and_cover_every_prompt():
+    for count in range(0, 9):
+        for size in (1, 2, 3, 4):
+            shares = [backends.prompt_share(count, size, rank) for rank in range(size)]
+            assert [first for first, _ in shares] == [0] + [end for _, end in shares[:-1]]
+            assert shares[-1][1] == count and max(e - f for f, e in shares) - min(e - f for f, e in shares) <= 1
+
+
+def _prompts(count: int):
+    from megatron_avar.grpo.interfaces import PromptBatch
+
+    ids = [torch.tensor([1, 2]) for _ in range(count)]
+    return PromptBatch(prompt_ids=[f"p{i}" for i in range(count)], input_ids=ids,
+                       roles=[torch.tensor([TokenRole.TEMPLATE, TokenRole.TEMPLATE]) for _ in range(count)],
+                       pixel_values=[None] * count, image_grid_thw=[None] * count, ground_truths=["1"] * count)
+
+
+def _share_generation(count: int, failing_rank: int | None):
+    """Rank process: a PromptShareBackend over the world group; (what this rank's inner backend generated, what
+    the group's generate returned as (prompt, sample) pairs, or the error)."""
+    import torch.distributed as dist
+
+    from megatron_avar.grpo.interfaces import SamplingParams
+
+    calls: list[str] = []
+    inner = _FakeBackend(calls, fail=dist.get_rank() == failing_rank)
+    generated = []
+    original = inner.generate
+
+    def recording(prompts, n, sampling):
+        generated.extend(prompts.prompt_ids)
+        return original(prompts, n, sampling)
+
+    inner.generate = recording
+    backend = backends.PromptShareBackend(inner, group=dist.group.WORLD, serves="context-parallel group")
+    try:
+        rollouts = backend.generate(_prompts(count), 2, SamplingParams(seed=3))
+        return generated, [(r.prompt_id, r.sample_index) for r in rollouts]
+    except backends.SourceRankGenerationError as error:
+        return generated, str(error)
+
+
+@pytest.mark.multiprocess
+def test_a_shared_generation_gives_every_rank_all_rollouts_in_prompt_order():
+    """Context parallelism's generation: each rank generates its share of the prompts (a rank may have none) and
+    every rank gets all the rollouts, in prompt order; a failure on one rank fails the step on every rank, named."""
+    from megatron_avar.testing import run_on_ranks
+
+    every = [(f"p{i}", k) for i in range(5) for k in range(2)]
+    results = run_on_ranks(_share_generation, 2, 5, None, timeout_s=120)
+    assert [generated for generated, _ in results] == [["p0", "p1", "p2"], ["p3", "p4"]]
+    assert [rollouts for _, rollouts in results] == [every, every]
+    results = run_on_ranks(_share_generation, 2, 1, None, timeout_s=120)
+    assert [generated for generated, _ in results] == [["p0"], []]
+    assert [rollouts for _, rollouts in results] == [[("p0", 0), ("p0", 1)]] * 2
+    results = run_on_ranks(_share_generation, 2, 4, 1, timeout_s=120)
+    assert [generated for generated, _ in results] == [["p0", "p1"], ["p2", "p3"]]
+    for _, error in results:
+        assert error == ("generation shared by the context-parallel group failed on rank 1: RuntimeError: "
+                         "engine died")

@@ -90,9 +90,9 @@ def _assert_same_steps(ours_history, reference_history):
 
 
 def test_a_context_parallel_run_gives_the_tensor_parallel_runs_first_step(runs, sft_inputs):
-    """The same first step with every row split over 2 context-parallel ranks (TP=1) instead of TP=2: CP rank 0
-    generates and hands the rollouts to rank 1 (the same rollouts as the TP=2 run: same weights and seeds), and
-    rewards, r_visual and the update's loss agree."""
+    """The same first step with every row split over 2 context-parallel ranks (TP=1) instead of TP=2: each CP rank
+    generates half of the prompts and both receive all the rollouts (the same rollouts as the TP=2 run: same
+    weights and per-sample seeds), and rewards, r_visual and the update's loss agree."""
     root, full, _, _ = runs
     out = root / "context_parallel"
     summary = _run(grpo_overrides(sft_inputs, out, **{"parallel.tensor_model_parallel_size": 1,
