@@ -142,6 +142,30 @@ def test_qwen_7b_heads_on_an_8k_packed_row_on_gpu():
     assert peak < 1e9, f"peak {peak / 1e9:.2f} GB"
 
 
+@pytest.mark.gpu
+def test_each_ranks_own_rows_masses_on_gpu_at_qwen_7b_heads():
+    """28 / 4 heads, D=128, bf16, CP=2, an 8k packed row: 400 sink rows across the two ranks' chunks, each rank
+    probing its own with the Triton kernels, gathered, equal the whole row's masses (the fp32 reference on the same
+    bf16 values: the kernels' products are exact in fp32, so float32 accumulation noise, bound 1e-4), and the
+    backward runs to finite gradients."""
+    device = torch.device("cuda")
+    q, k, _, roles, segments = _case(8192, 1, 28, 4, 128, packed=True, dtype=torch.bfloat16, device=device)
+    cu_seqlens = segment_cu_seqlens(segments)
+    rows = torch.arange(1900, 2300, device=device)  # chunk 0 (rank 0) and chunk 1 (rank 1)
+    probe = dict(num_roles=5, softmax_scale=128 ** -0.5, cu_seqlens=cu_seqlens)
+    want = role_mass(q.float()[:, 0], k.float()[:, 0], roles[0], rows, impl="reference", **probe)
+    key = k.requires_grad_()
+    splits = [_split(8192, 2, rank, device) for rank in range(2)]
+    plans = [ContextRows.build(split, rows, 1) for split in splits]
+    queries = [split.local(q, 0).detach().requires_grad_() for split in splits]
+    parts = [own_rows_masses(query, key, plan, key_roles=roles, impl="triton", **probe)
+             for query, plan in zip(queries, plans)]
+    got = torch.cat(parts)[plans[0].assemble]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    got[..., 3].sum().backward()
+    assert all(bool(t.grad.isfinite().all()) for t in (*queries, key))
+
+
 def test_backward_keeps_the_inputs_not_masks_or_scores():
     """What autograd keeps of one rank's attention: its queries and the gathered keys and values (once, as the
     kernel's [B, Hkv, S, D] layout) and the padding mask of its rows — far below the masks of its blocks (rows x
