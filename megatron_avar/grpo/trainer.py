@@ -235,7 +235,7 @@ def run_grpo(config: GRPOConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
-    enter_run_dir(config, start, layout=layout, run_config=config_to_dict(config))  # every refusal passed
+    enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar grpo {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,

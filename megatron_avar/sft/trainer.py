@@ -255,7 +255,7 @@ def run_sft(config: SFTConfig) -> dict:
         start_step = state["step"] + 1
         if layout.is_logging_rank:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
-    enter_run_dir(config, start, layout=layout, run_config=config_to_dict(config))  # every refusal passed
+    enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     lm_params, vision_params = matmul_params(qwen_config)
 

@@ -178,11 +178,13 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
     return start, schedule
 
 
-def enter_run_dir(config, start: RunStart, *, layout, run_config: dict) -> None:
+def enter_run_dir(config, start: RunStart, *, layout) -> None:
     """Both trainers, after the resume loaded (every refusal passed) and before the logger opens:
-    :func:`prepare_run_dir` on the logging rank."""
+    :func:`prepare_run_dir` with the resolved ``config`` on the logging rank."""
+    from megatron_avar.config import config_to_dict
+
     if layout.is_logging_rank:
-        prepare_run_dir(config.out, start, run_config)
+        prepare_run_dir(config.out, start, config_to_dict(config))
 
 
 def end_run(out: str | Path) -> None:
