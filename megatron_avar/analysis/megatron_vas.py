@@ -1,8 +1,9 @@
 """`avar vas` on a megatron checkpoint of ours (from `avar convert hf-to-mcore` or from training).
 
 The model is loaded at TP=1, PP=1 (the checkpoint reshards on load) in one local rank, with every requested
-layer an AVAR layer: its RoleMassCoreAttention hands each layer's masses straight to the same VASAccumulator
-the HF path feeds, so both paths compute one definition. Same batches, same report.json: the attention sink is a
+layer an AVAR layer: its RoleMassCoreAttention computes ``out`` with the plain attention and probes only the VAS
+query rows, whose masses go straight to the same VASAccumulator the HF path feeds, so both paths compute one
+definition. Same batches, same report.json: the attention sink is a
 key role of its own here too (``analysis.vas.mass_key_roles``), so both sink variants are reported.
 """
 
@@ -35,6 +36,19 @@ def run_vas_megatron(config) -> dict:
     return json.loads((Path(config.out) / "report.json").read_text())
 
 
+class _QueryRowsSink:
+    """The mass sink of a VAS pass: it declares the VAS query rows, so each AVAR layer computes ``out`` with the
+    plain attention and probes only those rows (``models.role_mass_attention``), and it hands their masses
+    [N, H, R] to the accumulator (TP=1: every head is local)."""
+
+    def __init__(self, query_rows, on_mass):
+        self.query_rows, self._on_mass = query_rows, on_mass
+
+    def __call__(self, layer_index, mass, out, heads):
+        self._on_mass(layer_index, mass)
+        return out
+
+
 def _rank(config) -> None:
     import torch
     from megatron.core import parallel_state
@@ -42,7 +56,7 @@ def _rank(config) -> None:
     from megatron_avar import platform
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
-    from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
+    from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles, vas_query_rows
     from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
@@ -71,11 +85,7 @@ def _rank(config) -> None:
 
         def forward(batch, on_mass):
             inputs = batch.inputs
-
-            def sink(layer, mass, out, heads):  # TP=1: every head is local
-                on_mass(layer, mass)
-                return out
-
+            sink = _QueryRowsSink(vas_query_rows(batch.roles).to(device), on_mass)
             with torch.no_grad():
                 model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),

@@ -9,6 +9,7 @@ megatron core-attention module that returns role masses. The contract of one fed
                              TokenRoles (R = 5: the sink is inside SYSTEM; the sink-excluded variant is
                              then not available).
   roles int [B, S]           the TokenRole of every token (PAD = -1 on padding, left or right).
+  or only the rows VAS reads: mass float [N, H, R] at the rows of :func:`vas_query_rows` (a probe's output).
 
 Definitions, per layer l, head h, query i, with eps = 1e-6:
   Q            USER_TEXT queries after the first IMAGE token of the row (causal: earlier ones cannot see it)
@@ -35,6 +36,7 @@ from megatron_avar.segments import attention_sink_mask
 
 __all__ = [
     "EPS", "SINK_ROLE", "MASS_NUM_ROLES", "VARIANTS", "RATIO_BINS", "mass_key_roles", "vas_query_mask",
+    "vas_query_rows",
     "VASAccumulator", "VASResult", "vas_from_masses",
 ]
 
@@ -59,6 +61,12 @@ def mass_key_roles(roles: torch.Tensor) -> torch.Tensor:
     PAD stays -1."""
     _check_roles(roles)
     return torch.where(attention_sink_mask(roles), SINK_ROLE, roles.long())
+
+
+def vas_query_rows(roles: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: the VAS queries Q as flat indices b * S + i, in row-major order (a mass sink's ``query_rows``;
+    ``VASAccumulator.add_layer`` takes the masses of these rows in this order)."""
+    return vas_query_mask(roles).flatten().nonzero().squeeze(1)
 
 
 def vas_query_mask(roles: torch.Tensor) -> torch.Tensor:
@@ -116,6 +124,7 @@ class _BatchState:
     roles: torch.Tensor  # int [B, S] TokenRole ids
     query: torch.Tensor  # bool [B, S]: the VAS query rows Q
     counts: torch.Tensor  # int [B]: |Q| per row
+    row_sample: torch.Tensor  # int64 [N]: the row of each Q row, in vas_query_rows order
     ids: list[str]  # sample id per row
     ratio: dict[str, torch.Tensor]  # per variant, float64 [B]: the row's ratio summed over layers and heads
     seen: set[int] = field(default_factory=set)  # layers added so far
@@ -161,10 +170,13 @@ class VASAccumulator:
         query = vas_query_mask(roles).cpu()
         counts = query.sum(1)
         self._batch = _BatchState(roles=roles.cpu(), query=query, counts=counts, ids=ids,
+                                  row_sample=query.nonzero()[:, 0],
                                   ratio={v: torch.zeros(batch, dtype=torch.float64) for v in VARIANTS})
 
     def add_layer(self, layer: int, mass: torch.Tensor) -> None:
-        """Add one layer's masses, float [B, H, S, R] with R = MASS_NUM_ROLES or NUM_ROLES (module docstring)."""
+        """Add one layer's masses: every row's, float [B, H, S, R], or only the VAS query rows', float [N, H, R] in
+        the order of :func:`vas_query_rows` (what a probe of those rows returns). R = MASS_NUM_ROLES or NUM_ROLES
+        (module docstring)."""
         state = self._batch
         if state is None:
             raise RuntimeError("add_layer before begin_batch")
@@ -173,33 +185,37 @@ class VASAccumulator:
         if layer in state.seen:
             raise ValueError(f"layer {layer} added twice in one batch")
         batch, seq_len = state.roles.shape
-        if mass.dim() != 4 or tuple(mass.shape[:3]) != (batch, self.num_heads, seq_len) \
-                or mass.shape[3] not in (NUM_ROLES, MASS_NUM_ROLES):
-            raise ValueError(f"layer {layer}: mass must be [B={batch}, H={self.num_heads}, S={seq_len}, R] with R in "
+        num_rows = state.row_sample.numel()
+        full = mass.dim() == 4 and tuple(mass.shape[:3]) == (batch, self.num_heads, seq_len)
+        rows_only = mass.dim() == 3 and tuple(mass.shape[:2]) == (num_rows, self.num_heads)
+        if not (full or rows_only) or mass.shape[-1] not in (NUM_ROLES, MASS_NUM_ROLES):
+            raise ValueError(f"layer {layer}: mass must be [B={batch}, H={self.num_heads}, S={seq_len}, R] (every "
+                             f"row) or [N={num_rows}, H={self.num_heads}, R] (the VAS query rows) with R in "
                              f"({NUM_ROLES}, {MASS_NUM_ROLES}), got {tuple(mass.shape)}")
-        separated = mass.shape[3] == MASS_NUM_ROLES
+        separated = mass.shape[-1] == MASS_NUM_ROLES
         if self._sink_separated is None:
             self._sink_separated = separated
         elif self._sink_separated != separated:
             raise ValueError("all layers must give masses with the same number of roles")
         state.seen.add(layer)
         slot = self._slot[layer]
+        if full:
+            mass = mass.detach().permute(0, 2, 1, 3)[state.query.to(mass.device)]  # [N, H, R]: the Q rows
         mass = mass.detach().to("cpu", torch.float64)
-        query, counts = state.query, state.counts
-        weights = query.double() / counts.clamp(min=1)[:, None].double()      # [B, S]: 1/|Q| on Q rows
+        weights = 1.0 / state.counts[state.row_sample].double()                    # [N]: 1/|Q| of the row's sample
         m_img = mass[..., TokenRole.IMAGE]
         m_sys_excl = mass[..., TokenRole.SYSTEM]
         m_sys = {"sink_excluded": m_sys_excl,
                  "sink_included": m_sys_excl + mass[..., SINK_ROLE] if separated else m_sys_excl}
-        self._img_sum[slot] += torch.einsum("bhs,bs->h", m_img, weights)
+        self._img_sum[slot] += weights @ m_img
         for variant in VARIANTS:
-            ratio = m_img / (m_sys[variant] + self.eps)                        # [B, H, S]
-            per_row_head = torch.einsum("bhs,bs->bh", ratio, weights)          # mean over Q per (row, head)
+            ratio = m_img / (m_sys[variant] + self.eps)                              # [N, H]
+            per_row_head = torch.zeros(batch, self.num_heads, dtype=torch.float64).index_add_(
+                0, state.row_sample, ratio * weights[:, None])                       # mean over Q per (row, head)
             self._ratio_sum[variant][slot] += per_row_head.sum(0)
-            self._sys_sum[variant][slot] += torch.einsum("bhs,bs->h", m_sys[variant], weights)
+            self._sys_sum[variant][slot] += weights @ m_sys[variant]
             state.ratio[variant] += per_row_head.sum(1)
-            values = ratio.permute(0, 2, 1)[query]                             # [num Q rows, H]
-            bins = torch.bucketize(torch.log10(values.clamp(min=1e-300)), RATIO_BINS).clamp(max=len(RATIO_BINS) - 1)
+            bins = torch.bucketize(torch.log10(ratio.clamp(min=1e-300)), RATIO_BINS).clamp(max=len(RATIO_BINS) - 1)
             self._hist[variant] += torch.bincount(bins.flatten(), minlength=len(RATIO_BINS)).double()
 
     def end_batch(self) -> None:

@@ -9,7 +9,9 @@ import torch
 
 from analysis_cases import direct_vas, role_batch, tiny_hf_model
 from megatron_avar.analysis.hf_attention import RoleAttentionHook
-from megatron_avar.analysis.vas import MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses
+from megatron_avar.analysis.vas import (
+    MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses, vas_query_mask, vas_query_rows,
+)
 from megatron_avar.roles import TokenRole
 
 NUM_LAYERS = 3
@@ -109,6 +111,25 @@ def test_accumulator_rejects_bad_feeds(run):
     accumulator.add_layer(0, run["masses"][0])
     with pytest.raises(ValueError, match="without masses for layers \\[1\\]"):
         accumulator.end_batch()
+
+
+def test_query_row_masses_give_the_whole_rows_vas(run):
+    """A probe hands the accumulator only the VAS query rows' masses [N, H, R] (vas_query_rows order): the same
+    statistics, bit for bit, as every row's masses [B, H, S, R]."""
+    roles = run["roles"]
+    rows = vas_query_rows(roles)
+    assert rows.tolist() == vas_query_mask(roles).flatten().nonzero().flatten().tolist() and rows.numel() > 2
+    whole = vas_from_masses(run["masses"], roles)
+    accumulator = VASAccumulator(sorted(run["masses"]), num_heads=4)
+    accumulator.begin_batch(roles)
+    for layer, mass in run["masses"].items():
+        flat = mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])  # [B * S, H, R]
+        accumulator.add_layer(layer, flat[rows])
+    accumulator.end_batch()
+    assert accumulator.result() == whole
+    accumulator.begin_batch(roles)
+    with pytest.raises(ValueError, match=f"\\[N={rows.numel()}, H=4, R\\] \\(the VAS query rows\\)"):
+        accumulator.add_layer(0, flat[rows[1:]])
 
 
 def test_sharded_accumulators_merge_to_the_whole(run):
