@@ -10,7 +10,12 @@ import torch
 from analysis_cases import direct_vas, role_batch, tiny_hf_model
 from megatron_avar.analysis.hf_attention import RoleAttentionHook
 from megatron_avar.analysis.vas import (
-    MASS_NUM_ROLES, VASAccumulator, mass_key_roles, vas_from_masses, vas_query_mask, vas_query_rows,
+    MASS_NUM_ROLES,
+    VASAccumulator,
+    mass_key_roles,
+    vas_from_masses,
+    vas_query_mask,
+    vas_query_rows,
 )
 from megatron_avar.roles import TokenRole
 
