@@ -225,8 +225,10 @@ def bench_gpu(seq_lens, reps):
                 torch.cuda.empty_cache()
                 rows.append(row)
                 print(row, flush=True)
+    from megatron_avar.ops.role_attention_triton import autotune_choices
+
     return rows, dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
-                      dtype="bfloat16", causal=True, num_roles=NUM_ROLES)
+                      dtype="bfloat16", causal=True, num_roles=NUM_ROLES, autotune_choices=autotune_choices())
 
 
 # ----------------------------------------------------------------------------------------------------

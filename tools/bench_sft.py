@@ -176,7 +176,15 @@ def worker(spec: dict) -> dict:
             "attention_share": statistics.median(attention),
             "peak_memory_gb": platform.peak_memory_bytes() / 1e9, "device": str(platform.current_device()),
             "gpu_name": torch.cuda.get_device_name() if platform.cuda_available() else None,
-            "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads}
+            "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads,
+            "autotune_choices": _autotune_choices()}
+
+
+def _autotune_choices() -> dict | None:
+    """The Triton candidates this worker's autotuning chose (None where no Triton GPU kernel ran)."""
+    if "megatron_avar.ops.role_attention_triton" not in sys.modules:
+        return None
+    return sys.modules["megatron_avar.ops.role_attention_triton"].autotune_choices()
 
 
 def _planned_peak_gb(config, qwen, batch) -> float | None:

@@ -11,8 +11,12 @@ implementation the model had before. HF's own mask is not used by the text layer
 come from the roles (PAD = -1 keys are never attended), so no [S, S] mask is ever built; the 2-D
 attention_mask the model receives is checked against the roles instead.
 
-Prefill (query length == key length): role_attention (blockwise on CPU, Triton on GPU); ``on_mass(layer,
-mass [B, H, S, MASS_NUM_ROLES])`` is called for every layer in ``mass_layers``.
+Prefill (query length == key length): a layer with logit edits, or whose every row's masses are asked for, runs
+role_attention (blockwise on CPU, Triton on GPU); ``on_mass(layer, mass [B, H, S, MASS_NUM_ROLES])`` is called
+for every layer in ``mass_layers``. Given ``mass_rows`` (flat indices b * S + i), the layers without edits take
+``out`` from the plain attention (``ops.causal_attention``) and probe only those rows (``ops.role_mass``):
+``on_mass`` then receives mass [N, H, MASS_NUM_ROLES]. A layer that neither edits nor reports runs only the
+plain attention.
 Cached decoding (query length < key length, keys = cache + new tokens): the new tokens are RESPONSE keys
 appended to the batch's roles; attention runs eagerly on the [q_len x kv_len] slice (small: q_len is 1 per
 step), with the same edits on intervention rows (rows with an image: generated tokens follow it).
@@ -27,7 +31,8 @@ import torch
 
 from megatron_avar.analysis.intervention import InterventionSpec, intervention_query_mask
 from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
-from megatron_avar.ops import role_attention
+from megatron_avar.ops import role_attention, role_mass
+from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, causal_attention
 from megatron_avar.roles import TokenRole
 
 __all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
@@ -94,11 +99,15 @@ def _register() -> None:
 class RoleAttentionHook:
     """Context manager running a HF model's text attention through role_attention (module docstring).
 
-    impl: role_attention implementation ("auto": Triton on CUDA, blockwise on CPU). Hooks do not nest
+    impl: the kernel family ("auto": Triton on CUDA, blockwise on CPU; the plain attention beside it is
+    ``ops.causal_attention.PLAIN_ATTENTION_FOR[impl]``: Triton / SDPA). Hooks do not nest
     on one model; leaving the context restores the model's previous attention implementation.
     """
 
     def __init__(self, model, *, impl: str = "auto"):
+        if impl not in PLAIN_ATTENTION_FOR:
+            raise ValueError(f"impl={impl!r} is not a role_attention implementation; use one of "
+                             f"{tuple(PLAIN_ATTENTION_FOR)}")
         self.model = model
         self.impl = impl
         self.modules = text_attention_modules(model)
@@ -108,6 +117,7 @@ class RoleAttentionHook:
         self._query_mask = None
         self._row_has_image = None
         self._on_mass = None
+        self._mass_rows: torch.Tensor | None = None
         self._mass_layers: frozenset[int] = frozenset()
         self._intervention: InterventionSpec | None = None
         self._tables: dict = {}
@@ -133,12 +143,19 @@ class RoleAttentionHook:
         self.clear_batch()
 
     def set_batch(self, roles: torch.Tensor, *, on_mass: Callable[[int, torch.Tensor], None] | None = None,
-                  mass_layers=None, intervention: InterventionSpec | None = None) -> None:
+                  mass_layers=None, mass_rows: torch.Tensor | None = None,
+                  intervention: InterventionSpec | None = None) -> None:
         """Roles of the next forward / generate batch: int [B, S] TokenRole ids of exactly its input_ids
         (PAD = -1 where attention_mask is 0). ``on_mass(layer, mass)`` receives the prefill masses of the
-        layers in ``mass_layers`` (default: all). ``intervention``: logit edits (None = plain attention)."""
+        layers in ``mass_layers`` (default: all): every row's [B, H, S, R], or with ``mass_rows`` (int64 [N],
+        flat indices b * S + i) those rows' [N, H, R]. ``intervention``: logit edits (None = plain attention)."""
         if roles.dim() != 2:
             raise ValueError(f"roles must be [B, S], got shape {tuple(roles.shape)}")
+        if mass_rows is not None and (mass_rows.dim() != 1 or mass_rows.dtype != torch.long
+                                      or (mass_rows.numel() and not 0 <= int(mass_rows.min())
+                                          <= int(mass_rows.max()) < roles.numel())):
+            raise ValueError(f"mass_rows must be int64 [N] flat indices b * S + i in [0, {roles.numel()}) of the "
+                             f"batch's [B, S] = {list(roles.shape)} roles")
         if intervention is not None and intervention.layers is not None and max(intervention.layers) >= self.num_layers:
             raise ValueError(f"intervention layer {max(intervention.layers)} is out of range; the model has "
                              f"{self.num_layers} decoder layers (0-{self.num_layers - 1})")
@@ -148,6 +165,7 @@ class RoleAttentionHook:
         self._query_mask = (None if self._intervention is None
                             else intervention_query_mask(roles, self._intervention.queries))
         self._on_mass = on_mass
+        self._mass_rows = mass_rows
         self._mass_layers = frozenset(self.modules if mass_layers is None else mass_layers)
         if self._intervention is not None:
             scale, bias = self._intervention.role_logit_tables(MASS_NUM_ROLES)
@@ -155,6 +173,7 @@ class RoleAttentionHook:
 
     def clear_batch(self) -> None:
         self._key_roles = self._query_mask = self._row_has_image = self._on_mass = self._intervention = None
+        self._mass_rows = None
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -202,13 +221,24 @@ class RoleAttentionHook:
         bias = self._tables["bias"] if edit else None
         all_query_mask = self._query_mask if edit else None  # not None exactly when edit (set_batch)
         if q_len == kv_len:
-            query_mask = None if all_query_mask is None else all_query_mask[:, :kv_len].to(device)
-            out, mass = role_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_roles,
-                num_roles=MASS_NUM_ROLES, softmax_scale=scaling, query_mask=query_mask,
-                role_logit_scale=None if scale is None else scale.to(device),
-                role_logit_bias=None if bias is None else bias.to(device), impl=self.impl)
-            if self._on_mass is not None and layer in self._mass_layers:
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S, H, D]
+            reports = self._on_mass is not None and layer in self._mass_layers
+            rows = None if self._mass_rows is None else self._mass_rows.to(device)
+            if edit or (reports and rows is None):
+                query_mask = None if all_query_mask is None else all_query_mask[:, :kv_len].to(device)
+                out, mass = role_attention(
+                    q, k, v, key_roles, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, query_mask=query_mask,
+                    role_logit_scale=None if scale is None else scale.to(device),
+                    role_logit_bias=None if bias is None else bias.to(device), impl=self.impl)
+                if rows is not None:
+                    mass = mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])[rows]  # [N, H, R]
+            else:
+                out = causal_attention(q, k, v, key_roles, softmax_scale=scaling,
+                                       impl=PLAIN_ATTENTION_FOR[self.impl])
+                mass = None if not reports or rows is None else role_mass(
+                    q, k, key_roles, rows, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, impl=self.impl)
+            if reports:
+                assert self._on_mass is not None and mass is not None
                 self._on_mass(layer, mass)
             return out
         query_mask = None if all_query_mask is None else all_query_mask[:, kv_len - q_len:kv_len].to(device)

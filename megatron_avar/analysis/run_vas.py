@@ -117,15 +117,16 @@ def run_vas(config: VASConfig) -> dict:
 
 
 def accumulate_hf_vas(model, batches: Iterable, layers: Sequence[int], *, impl: str = "auto"):
-    """:func:`accumulate_vas` for an HF Qwen2.5-VL model: a prompt-only prefill of each PromptBatch with the text
-    attention through role_attention (`RoleAttentionHook`)."""
+    """:func:`accumulate_vas` for an HF Qwen2.5-VL model: a prompt-only prefill of each PromptBatch through
+    `RoleAttentionHook`, whose text layers take ``out`` from the plain attention and probe the VAS query rows."""
     import torch
 
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
+    from megatron_avar.analysis.vas import vas_query_rows
 
     with RoleAttentionHook(model, impl=impl) as hook, torch.no_grad():
         def forward(batch, on_mass):
-            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers)
+            hook.set_batch(batch.roles, on_mass=on_mass, mass_layers=layers, mass_rows=vas_query_rows(batch.roles))
             model(**batch.inputs, logits_to_keep=1)
 
         return accumulate_vas(batches, forward, layers, model.config.text_config.num_attention_heads)

@@ -46,7 +46,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar.models.context_parallel import ContextRows, ContextSplit, local_rows_attention, local_rows_masses
 from megatron_avar.ops import role_attention, role_mass
-from megatron_avar.ops.causal_attention import causal_attention
+from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, causal_attention
 from megatron_avar.roles import NUM_ROLES
 from megatron_avar.segments import segment_cu_seqlens
 
@@ -294,7 +294,7 @@ class RoleMassCoreAttention(MegatronModule):
         """causal_attention's out [B, S, H, D] and role_mass at ``rows`` [N, H, R] (None without rows)."""
         seq, batch = query.shape[:2]
         impl = self.impl or params.impl
-        attention_impl = _ATTENTION_IMPL[impl]
+        attention_impl = PLAIN_ATTENTION_FOR[impl]
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))         # [B, S, H, D]
         if cu_seqlens is None:
             out = causal_attention(q, k, v, params.key_roles, softmax_scale=self.softmax_scale, impl=attention_impl,
@@ -320,10 +320,6 @@ class ContextParallelCoreAttention(RoleMassCoreAttention):
 
     reports_masses = False
 
-
-# The attention behind ``out`` in probe mode, per kernel family: the CPU family's plain attention is SDPA; the
-# reference family stays exact (role_attention's blockwise path) for tests.
-_ATTENTION_IMPL = {"auto": "auto", "triton": "triton", "blockwise": "sdpa", "reference": "blockwise"}
 
 
 def _whole_rows(batch: int, seq: int, device) -> torch.Tensor:

@@ -28,9 +28,12 @@ import torch.nn.functional as F
 from megatron_avar import platform
 from megatron_avar.ops.role_attention import build_problem, role_attention
 
-__all__ = ["causal_attention", "ATTENTION_IMPLEMENTATIONS"]
+__all__ = ["causal_attention", "ATTENTION_IMPLEMENTATIONS", "PLAIN_ATTENTION_FOR"]
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "triton", "sdpa", "blockwise")
+# The plain attention beside each role_attention implementation (what a caller that chose a kernel family for
+# its masses uses for ``out``): the CPU family's is SDPA; the reference family stays exact (blockwise) for tests.
+PLAIN_ATTENTION_FOR = {"auto": "auto", "triton": "triton", "blockwise": "sdpa", "reference": "blockwise"}
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_roles: torch.Tensor, *,

@@ -514,15 +514,18 @@ def _configs(shapes):
 # needs 225 KiB in fp32 at D=128; the wide-fp32 ones 69-146 KiB), and a config that does not fit fails
 # at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and
 # results, a fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py).
-# dK/dV at D=128: its fp32 dK and dV accumulators take 128 of a thread's 255 registers (BLOCK_N = 16 x num_warps),
-# so its candidates are those ptxas compiles without register spills at Qwen2.5-VL-7B shapes with every feature
-# on (tests/ops/role_attention_aot.py checks them): 16- or 32-row query tiles, the 32-row ones unpipelined.
+# Every 2-byte candidate is one ptxas compiles without register spills at Qwen2.5-VL's attention shape (D=128,
+# bf16, fused-QKV views), with every feature on and with none (tests/ops/role_attention_aot.py checks them all).
+# Spilling shapes dropped on that evidence: forward 128x64 w4 s3 (~1.4 KiB/thread), 128x128 w8 s2 (~0.4 KiB),
+# 128x32 w4 s3, 64x128 w4 s2; dQ 128x32 w4 s3 (~0.3 KiB), 128x64 w4 s2 (~1.5 KiB), 64x64 w4 s2/s3 (8-16 B).
+# dK/dV at D=128: its fp32 dK and dV accumulators take 128 of a thread's 255 registers (BLOCK_N = 16 x num_warps):
+# 16- or 32-row query tiles, the 32-row ones unpipelined.
 AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 4)]
 _FWD_CONFIGS_WIDE_FP32 = [(64, 64, 4, 2), (64, 32, 4, 2)]
 _DKDV_CONFIGS = [(32, 64, 4, 1), (16, 64, 4, 2), (32, 128, 8, 1), (16, 128, 8, 2), (16, 64, 4, 3)]
 _DKDV_CONFIGS_WIDE_FP32 = [(32, 64, 4, 2), (64, 64, 4, 2)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+_DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)]
 _DQ_CONFIGS_WIDE_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
 
 
@@ -555,6 +558,22 @@ else:  # Every kernel only stores its outputs (no accumulation across launches):
                        _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
     _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE_FP32,
                      _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
+
+
+def autotune_choices() -> dict[str, list[dict]]:
+    """The configuration autotuning chose for each specialisation seen so far in this process, per kernel ("fwd",
+    "dkdv", "dq"): [{"key": {tuning argument: value}, "dtypes": [the tensors' dtypes], "config": [BLOCK_M,
+    BLOCK_N, num_warps, num_stages]}]. Empty
+    lists under the interpreter (no autotuning). Benchmarks record it, so candidate lists are pruned from
+    measurements."""
+    choices: dict[str, list[dict]] = {}
+    for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq)):
+        names = list(getattr(kernel, "keys", []))  # Triton's key: these arguments' values, then tensor dtypes
+        choices[name] = [
+            dict(key=dict(zip(names, map(str, key))), dtypes=sorted(set(map(str, key[len(names):]))),
+                 config=[c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages])
+            for key, c in getattr(kernel, "cache", {}).items()]
+    return choices
 
 
 def _fixed_blocks():

@@ -35,8 +35,8 @@ def run():
         with torch.no_grad():
             hooked = model(**inputs)
     assert model.config._attn_implementation == "eager"  # restored
-    return dict(inputs=inputs, roles=roles, probs=[a.double() for a in eager.attentions], eager_logits=eager.logits,
-                hooked_logits=hooked.logits, masses=masses)
+    return dict(model=model, inputs=inputs, roles=roles, probs=[a.double() for a in eager.attentions],
+                eager_logits=eager.logits, hooked_logits=hooked.logits, masses=masses)
 
 
 def test_hook_logits_equal_eager(run):
@@ -135,6 +135,32 @@ def test_query_row_masses_give_the_whole_rows_vas(run):
     accumulator.begin_batch(roles)
     with pytest.raises(ValueError, match=f"\\[N={rows.numel()}, H=4, R\\] \\(the VAS query rows\\)"):
         accumulator.add_layer(0, flat[rows[1:]])
+
+
+def test_hook_with_mass_rows_runs_plain_attention_and_the_probe(run, monkeypatch):
+    """Given mass_rows, the hook's layers take out from the plain attention and probe only those rows: the fused
+    kernel never runs, the logits stay eager's, and the rows' masses are role_attention's at those rows."""
+    from megatron_avar.analysis import hf_attention
+
+    def no_fused_kernel(*args, **kwargs):
+        raise AssertionError("role_attention ran: the hook should have used the plain attention and the probe")
+
+    monkeypatch.setattr(hf_attention, "role_attention", no_fused_kernel)
+    roles, rows = run["roles"], vas_query_rows(run["roles"])
+    masses = {}
+    with RoleAttentionHook(run["model"]) as hook:
+        with pytest.raises(ValueError, match="mass_rows must be int64"):
+            hook.set_batch(roles, on_mass=masses.__setitem__, mass_rows=rows + roles.numel())
+        hook.set_batch(roles, on_mass=masses.__setitem__, mass_layers=[0, 2], mass_rows=rows)
+        with torch.no_grad():
+            logits = run["model"](**run["inputs"]).logits
+    real = run["inputs"]["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], run["eager_logits"][real], atol=2e-5, rtol=1e-5)
+    assert sorted(masses) == [0, 2]
+    for layer, mass in masses.items():
+        whole = run["masses"][layer]
+        torch.testing.assert_close(mass, whole.permute(0, 2, 1, 3).reshape(-1, *whole.shape[1::2])[rows],
+                                   atol=1e-6, rtol=1e-5)
 
 
 def test_sharded_accumulators_merge_to_the_whole(run):

@@ -12,10 +12,9 @@ kernels are compiled per candidate their pruning keeps. Inputs at Qwen2.5-VL-7B'
 28 query / 4 kv heads, D=128, 5 roles) are views of a fused QKV projection, as the model passes them.
 
   python tests/ops/role_attention_aot.py         # what test_kernels_compile_for_hopper checks
-  python tests/ops/role_attention_aot.py --all   # also every candidate of the forward and dQ kernels (retuning)
 
 Register spills ("spill_stores" / "spill_loads", bytes per thread) come from ptxas -v run again on the
-compiled PTX with Triton's flags, for the entries that report them.
+compiled PTX with Triton's flags, for every autotune candidate at Qwen2.5-VL-7B's shape.
 """
 
 from __future__ import annotations
@@ -170,21 +169,16 @@ def candidates(tuned, args, kwargs) -> list:
              dict(kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)) for c in kept]
 
 
-def variants(every_candidate: bool):
+def variants():
     """(entry name, jit function, args, kwargs, report spills) for each compilation."""
     tuned = {"_fwd": rat._fwd, "_dkdv": rat._dkdv, "_dq": rat._dq}
     short = {"_fwd": "fwd", "_dkdv": "dkdv", "_dq": "dq"}
     for label, every_feature in (("every feature", True), ("plain", False)):
         launches = attention_launches(attention_problem(torch.bfloat16, every_feature, **QWEN))
         for name in ("_fwd", "_dkdv", "_dq"):
-            if name != "_dkdv" and not every_candidate and not every_feature:
-                continue
             args, kwargs = launches[name]
-            configs = candidates(tuned[name], args, kwargs)
-            # Spills are checked for every dK/dV candidate; the forward and dQ compile their first one unless --all.
-            for config, config_kwargs in configs if name == "_dkdv" or every_candidate else configs[:1]:
-                yield (f"{short[name]} qwen7b bf16 {label} {config}", tuned[name].fn, args, config_kwargs,
-                       name == "_dkdv" or every_candidate)
+            for config, config_kwargs in candidates(tuned[name], args, kwargs):  # every candidate, with spills
+                yield f"{short[name]} qwen7b bf16 {label} {config}", tuned[name].fn, args, config_kwargs, True
         if every_feature:
             args, kwargs = launches["_bwd_preprocess_kernel"]
             yield "preprocess qwen7b bf16", rat._bwd_preprocess_kernel, args, kwargs, False
@@ -204,13 +198,11 @@ def variants(every_candidate: bool):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--all", action="store_true", help="every candidate of every autotuned kernel, with spills")
-    every_candidate = parser.parse_args().all
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if rat.INTERPRETING or os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile")
     report = {}
-    for name, jit_fn, args, kwargs, spills in variants(every_candidate):
+    for name, jit_fn, args, kwargs, spills in variants():
         start = time.perf_counter()
         compiled = compile_launch(jit_fn, args, kwargs)
         ptx = compiled.asm["ptx"]

@@ -204,10 +204,28 @@ def test_triton_is_deterministic(device):
         assert torch.equal(a, b), name
 
 
+def test_autotune_choices_name_each_specialisation(monkeypatch):
+    """What the benchmarks record: per kernel, the tuning key (argument values, then the tensors' dtypes) and
+    the chosen candidate. Under the interpreter nothing is autotuned: empty lists."""
+    if role_attention_triton.INTERPRETING:
+        assert role_attention_triton.autotune_choices() == {"fwd": [], "dkdv": [], "dq": []}
+
+    @triton.jit
+    def kernel(X, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pass
+
+    tuned = triton.autotune(role_attention_triton._configs([(128, 64, 8, 3), (64, 32, 4, 4)]), key=["N"])(kernel)
+    tuned.cache[(4096, "torch.bfloat16", "torch.bfloat16")] = tuned.configs[1]
+    monkeypatch.setattr(role_attention_triton, "_fwd", tuned)
+    assert role_attention_triton.autotune_choices()["fwd"] == [
+        dict(key=dict(N="4096"), dtypes=["torch.bfloat16"], config=[64, 32, 4, 4])]
+
+
 def test_kernels_compile_for_hopper():
     """The compiler (not the interpreter) accepts every kernel variant for sm_90, run through ptxas, specialised
-    as the runtime specialises real launches (role_attention_aot.py). At Qwen2.5-VL-7B's shapes every dK/dV
-    candidate keeps its hot loop in registers (no spills) and the bf16 products run on wgmma, not mma.sync.
+    as the runtime specialises real launches (role_attention_aot.py). At Qwen2.5-VL-7B's shapes every autotune
+    candidate of every kernel (forward, dK/dV, dQ; every feature on and none) keeps its hot loop in registers (no
+    spills) and the bf16 products run on wgmma, not mma.sync.
 
     In a subprocess without TRITON_INTERPRET, since this process imported the kernels interpreted.
     """
@@ -220,13 +238,14 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     report, pruned = result["compiled"], result["pruned"]
-    dkdv = [name for name in report if name.startswith("dkdv qwen7b")]
-    assert len(dkdv) == 2 * len(role_attention_triton._DKDV_CONFIGS) and len(report) == len(dkdv) + 14
+    qwen = [name for name in report if "qwen7b bf16" in name and not name.startswith("preprocess")]
+    lists = (role_attention_triton._FWD_CONFIGS, role_attention_triton._DKDV_CONFIGS, role_attention_triton._DQ_CONFIGS)
+    assert len(qwen) == 2 * sum(map(len, lists))
+    assert len(report) == len(qwen) + 12  # preprocess, other dtypes and head sizes, role_mass
     for name, info in report.items():  # H100/H200 give a block at most 227 KiB of shared memory
         assert 0 < info["shared_bytes"] <= 227 * 1024, name
-        if "qwen7b" in name and not name.startswith("preprocess"):
-            assert info["wgmma"] > 0 and info["mma_sync"] == 0, (name, info)
-    for name in dkdv:
+    for name in qwen:
+        assert report[name]["wgmma"] > 0 and report[name]["mma_sync"] == 0, (name, report[name])
         assert report[name]["spill_stores"] == report[name]["spill_loads"] == 0, (name, report[name])
     as_lists = lambda shapes: [list(c) for c in shapes]  # noqa: E731
     for kernel, narrow, wide in (("fwd", role_attention_triton._FWD_CONFIGS,
