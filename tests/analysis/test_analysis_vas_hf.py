@@ -230,3 +230,29 @@ def test_packed_masses_unpack_to_the_padded_layout(run):
         for key in ("vas_per_layer", "per_sample_vas"):
             assert got.variants[variant][key] == pytest.approx(expected.variants[variant][key], rel=1e-12)
         assert got.variants[variant]["ratio_histogram"] == expected.variants[variant]["ratio_histogram"]
+
+
+@pytest.mark.gpu
+def test_hook_on_gpu_gives_the_cpu_masses_and_logits(run, monkeypatch):
+    """On CUDA the hook's two routes run Triton: the fused kernel (every row's masses) and the plain attention
+    with the probe (mass_rows). fp32 with TF32 off: both equal the CPU masses at the rows, logits equal eager's."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the vision tower's patch convolution
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = copy.deepcopy(run["model"]).cuda()
+    inputs = {key: value.cuda() for key, value in run["inputs"].items()}
+    roles, rows = run["roles"], vas_query_rows(run["roles"])
+    real = run["inputs"]["attention_mask"].bool()
+    for mass_rows in (None, rows):
+        masses = {}
+        with RoleAttentionHook(model) as hook, torch.no_grad():
+            hook.set_batch(roles, on_mass=masses.__setitem__, mass_rows=mass_rows)
+            logits = model(**inputs).logits.cpu()
+        torch.testing.assert_close(logits[real], run["eager_logits"][real], atol=1e-4, rtol=1e-4)
+        for layer, mass in masses.items():
+            whole = run["masses"][layer]
+            at_rows = whole.permute(0, 2, 1, 3).reshape(-1, *whole.shape[1::2])[rows]
+            got = mass.cpu() if mass_rows is not None else mass.cpu().permute(0, 2, 1, 3).reshape(
+                -1, *mass.shape[1::2])[rows]
+            torch.testing.assert_close(got, at_rows, atol=1e-5, rtol=1e-4)
