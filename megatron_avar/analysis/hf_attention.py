@@ -32,7 +32,7 @@ import torch
 from megatron_avar.analysis.intervention import InterventionSpec, intervention_query_mask
 from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
 from megatron_avar.ops import role_attention, role_mass
-from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, causal_attention
+from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, AttentionSpans, attention_spans, causal_attention
 from megatron_avar.roles import TokenRole
 
 __all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
@@ -118,6 +118,7 @@ class RoleAttentionHook:
         self._row_has_image = None
         self._on_mass = None
         self._mass_rows: torch.Tensor | None = None
+        self._spans: AttentionSpans | None = None
         self._mass_layers: frozenset[int] = frozenset()
         self._intervention: InterventionSpec | None = None
         self._tables: dict = {}
@@ -160,6 +161,7 @@ class RoleAttentionHook:
             raise ValueError(f"intervention layer {max(intervention.layers)} is out of range; the model has "
                              f"{self.num_layers} decoder layers (0-{self.num_layers - 1})")
         self._key_roles = mass_key_roles(roles)
+        self._spans = attention_spans(self._key_roles)  # the prefill's runs of real tokens (host, once per batch)
         self._intervention = None if intervention is None or intervention.is_identity else intervention
         self._row_has_image = (roles == TokenRole.IMAGE).any(1)
         self._query_mask = (None if self._intervention is None
@@ -173,7 +175,7 @@ class RoleAttentionHook:
 
     def clear_batch(self) -> None:
         self._key_roles = self._query_mask = self._row_has_image = self._on_mass = self._intervention = None
-        self._mass_rows = None
+        self._mass_rows = self._spans = None
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -234,7 +236,7 @@ class RoleAttentionHook:
                     mass = mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])[rows]  # [N, H, R]
             else:
                 out = causal_attention(q, k, v, key_roles, softmax_scale=scaling,
-                                       impl=PLAIN_ATTENTION_FOR[self.impl])
+                                       impl=PLAIN_ATTENTION_FOR[self.impl], spans=self._spans)
                 mass = None if not reports or rows is None else role_mass(
                     q, k, key_roles, rows, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, impl=self.impl)
             if reports:

@@ -46,7 +46,12 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar.models.context_parallel import ContextRows, ContextSplit, local_rows_attention, local_rows_masses
 from megatron_avar.ops import role_attention, role_mass
-from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, causal_attention
+from megatron_avar.ops.causal_attention import (
+    PLAIN_ATTENTION_FOR,
+    AttentionSpans,
+    attention_spans,
+    causal_attention,
+)
 from megatron_avar.roles import NUM_ROLES
 from megatron_avar.segments import segment_cu_seqlens
 
@@ -136,6 +141,7 @@ class RoleMassParams(PackedSeqParams):
     num_roles: int = NUM_ROLES
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
     _context_rows: ContextRows | None = field(default=None, repr=False)
+    _spans: AttentionSpans | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.qkv_format = "sbhd"  # megatron's rotary / TE code paths must not read this as a THD batch
@@ -154,6 +160,10 @@ class RoleMassParams(PackedSeqParams):
                                  f"{low}..{high}")
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
+        if self.context is None and self.mass_mode == "probe":
+            # the spans the plain attention may run SDPA over (ops.causal_attention), read on the host once per batch
+            self._spans = attention_spans(self.key_roles.reshape(-1) if self._cu_seqlens is not None
+                                          else self.key_roles, self._cu_seqlens)
         if self.context is not None:
             if self.mass_mode != "probe" or self.edits is not None:
                 raise ValueError("context parallelism computes AVAR masses with the probe only: use "
@@ -173,6 +183,11 @@ class RoleMassParams(PackedSeqParams):
         if self._context_rows is None:
             raise ValueError("context_rows: these params have no context-parallel split with a mass sink")
         return self._context_rows
+
+    def attention_spans(self) -> AttentionSpans | None:
+        """The spans of real tokens the plain attention may run SDPA over (``ops.causal_attention``), worked out
+        with the params (None under context parallelism or in fused mode: no layer runs the plain attention)."""
+        return self._spans
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:
         """cu_seqlens over the row-major flattened [B * S] token stream, one segment per sample (and per
@@ -298,12 +313,12 @@ class RoleMassCoreAttention(MegatronModule):
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))         # [B, S, H, D]
         if cu_seqlens is None:
             out = causal_attention(q, k, v, params.key_roles, softmax_scale=self.softmax_scale, impl=attention_impl,
-                                   check_values=False)
+                                   check_values=False, spans=params.attention_spans())
         else:
             flat = lambda x: x.reshape(batch * seq, *x.shape[2:])  # noqa: E731
             out = causal_attention(flat(q), flat(k), flat(v), params.key_roles.reshape(-1),
                                    softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, impl=attention_impl,
-                                   check_values=False).view(batch, seq, *q.shape[2:])
+                                   check_values=False, spans=params.attention_spans()).view(batch, seq, *q.shape[2:])
         if rows is None:
             return out, None
         mass = role_mass(q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),

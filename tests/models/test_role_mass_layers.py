@@ -282,15 +282,20 @@ def _no_sync_steps():
     undo_box = []
     role_mass_attention.RoleMassCoreAttention.forward = forward_refusing_host_syncs(forward)
     done = []
-    for mode in ("probe", "fused"):
+    plain_attention = dict(role_mass_attention.PLAIN_ATTENTION_FOR)
+    for mode in ("probe", "probe, out from SDPA", "fused"):
         class GradSink(RowRecorder):
             def __call__(self, layer_index, mass, out, heads):
                 # a loss of the masses, added to the output's gradient path, as AGTO's term is
                 return out + 0.0 * mass.sum()
 
+        # "out from SDPA": the route "auto" takes on GPUs for bf16 rows (SDPA per span, spans from the params)
+        role_mass_attention.PLAIN_ATTENTION_FOR = dict(plain_attention, triton="sdpa") if "SDPA" in mode \
+            else plain_attention
         logits = model(packed_inputs["input_ids"], pixel_values=packed_inputs["pixel_values"],
                        image_grid_thw=packed_inputs["image_grid_thw"], token_roles=packed_roles,
-                       mass_sink=GradSink(rows), role_attention_impl="triton", mass_mode=mode, **packing)
+                       mass_sink=GradSink(rows), role_attention_impl="triton",
+                       mass_mode=mode.split(",")[0], **packing)
         loss = logits.float().square().mean()
         undo_box.append(_refuse_host_syncs())
         try:
@@ -299,10 +304,11 @@ def _no_sync_steps():
             undo_box.pop()()
         done.append(mode)
     role_mass_attention.RoleMassCoreAttention.forward = forward
+    role_mass_attention.PLAIN_ATTENTION_FOR = plain_attention
     parallel_state.destroy_model_parallel()
     dist.barrier()
     return done
 
 
 def test_no_host_sync_inside_avar_layers_on_the_gpu_path():
-    assert run_on_ranks(_no_sync_steps, 1, timeout_s=240)[0] == ["probe", "fused"]
+    assert run_on_ranks(_no_sync_steps, 1, timeout_s=240)[0] == ["probe", "probe, out from SDPA", "fused"]

@@ -10,8 +10,9 @@ import importlib
 import pytest
 import torch
 
+from megatron_avar.ops import causal_attention as causal_attention_module
 from megatron_avar.ops import role_attention
-from megatron_avar.ops.causal_attention import causal_attention
+from megatron_avar.ops.causal_attention import SDPA_MAX_SPANS, AttentionSpans, attention_spans, causal_attention
 from role_attention_cases import Case, make
 
 role_attention_triton = importlib.import_module("megatron_avar.ops.role_attention_triton")
@@ -43,11 +44,13 @@ def _truth(q, k, v, roles, kwargs):
         a, b, c, roles, num_roles=kwargs["num_roles"], impl="reference", **cu)[0])
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "blockwise"])
+@pytest.mark.parametrize("impl", ["sdpa", "sdpa with spans", "blockwise"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_out_equals_role_attention_on_real_rows(case, impl):
     q, k, v, roles, kwargs = make(case, torch.float64, seed=41)
     cu = {"cu_seqlens": kwargs["cu_seqlens"]} if "cu_seqlens" in kwargs else {}
+    if impl == "sdpa with spans":  # worked out once per batch, as the AVAR layers and the HF hook do
+        impl, cu = "sdpa", dict(cu, spans=attention_spans(roles, cu.get("cu_seqlens")))
     got = _values_and_grads(q, k, v, roles, kwargs, lambda a, b, c: causal_attention(a, b, c, roles, impl=impl, **cu))
     want = _truth(q, k, v, roles, kwargs)
     real = (roles >= 0).unsqueeze(-1).unsqueeze(-1)
@@ -85,3 +88,51 @@ def test_unknown_implementation_is_refused():
     q, k, v, roles, _ = make(Case(), torch.float32, seed=44)
     with pytest.raises(ValueError, match="impl='flash' is not an attention implementation"):
         causal_attention(q, k, v, roles, impl="flash")
+
+
+def test_attention_spans_are_the_runs_of_real_tokens():
+    """Padded rows: each row's real tokens, as flat b * S + i ranges; THD: each sample's real tokens; a sample
+    with padding between real tokens is flagged (SDPA per run would not be exact)."""
+    roles = torch.tensor([[-1, -1, 0, 1, 2], [3, 4, -1, -1, -1], [-1, -1, -1, -1, -1]])
+    assert attention_spans(roles) == AttentionSpans(((2, 5), (5, 7)), True)
+    flat = torch.tensor([0, 1, 2, -1, 0, 0, -1, -1, 1])
+    assert attention_spans(flat, torch.tensor([0, 4, 8, 9])) == AttentionSpans(((0, 3), (4, 6), (8, 9)), True)
+    holed = torch.tensor([[0, -1, 1, 2]])
+    assert attention_spans(holed) == AttentionSpans(((0, 4),), False)
+
+
+def test_sdpa_with_spans_reads_nothing_on_the_host(monkeypatch):
+    """Given the batch's spans (and check_values=False, as the layers call it), the SDPA path never reads a
+    device value on the host, forward or backward: no Tensor.item / tolist / cpu / bool / int inside."""
+    q, k, v, roles, kwargs = make(Case(packed=(13, 1, 24, 0, 9), num_q_heads=4, num_kv_heads=2), torch.float32,
+                                  seed=45)
+    spans = attention_spans(roles, kwargs["cu_seqlens"])
+    for t in (q, k, v):
+        t.requires_grad_()
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, _refuse(name))
+    out = causal_attention(q, k, v, roles, impl="sdpa", cu_seqlens=kwargs["cu_seqlens"], check_values=False,
+                           spans=spans)
+    out.square().sum().backward()
+    monkeypatch.undo()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def _refuse(name):
+    def method(*_args, **_kwargs):
+        raise AssertionError(f"host read: Tensor.{name}")
+    return method
+
+
+def test_auto_takes_sdpa_on_gpus_only_where_it_is_flash_and_costs_no_host_read():
+    """On CUDA "auto" runs SDPA (FlashAttention-2: 2-byte inputs) when the batch's spans were given, contiguous and
+    at most SDPA_MAX_SPANS; otherwise the Triton kernel (one launch for all samples, no host read). CPU: SDPA."""
+    choose = causal_attention_module._auto_impl
+    few = AttentionSpans(((0, 5), (5, 9)), True)
+    many = AttentionSpans(tuple((i, i + 1) for i in range(SDPA_MAX_SPANS + 1)), True)
+    assert choose(True, torch.bfloat16, few) == choose(True, torch.float16, few) == "sdpa"
+    assert choose(True, torch.float32, few) == "triton"                     # SDPA's fp32 kernel has no GQA
+    assert choose(True, torch.bfloat16, None) == "triton"                   # spans would cost a host read here
+    assert choose(True, torch.bfloat16, many) == "triton"
+    assert choose(True, torch.bfloat16, AttentionSpans(((0, 9),), False)) == "triton"
+    assert choose(False, torch.float32, None) == choose(False, torch.bfloat16, many) == "sdpa"
