@@ -20,9 +20,11 @@ short packed ones). Batch = 1 row, TP = PP = DP = 1, the trainer's own train_ste
 
 Modes, each measured in a fresh process (so peak memory is its own), same data and seed:
   off       baseline, plain SFT: every layer's attention is the platform's fastest causal attention
-            (ops.causal_attention: Triton masses-off on GPU, SDPA on CPU), no masses, no AGTO term
+            (ops.causal_attention "auto": SDPA per sample, FlashAttention-2 on GPU), no masses, no AGTO term
   probe     AVAR SFT as it runs by default: AGTO on (alpha = beta = 0.15), the same attention for the output,
             the masses of AGTO's query rows from the role_mass probe
+  probe-triton  (GPU only) as probe, with the output from our Triton kernel with masses compiled out
+            (model.role_attention_impl=triton): the other route "auto" takes (many packed samples, fp32)
   fused     AGTO on, output and every row's masses from the fused role_attention kernel
   megatron  megatron-core's own attention without Transformer Engine (local DotProductAttention: S x S
             scores), no AVAR layers: what a megatron user without TE runs
@@ -68,7 +70,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODES = ("off", "probe", "fused", "megatron", "hf-sdpa")
+MODES = ("off", "probe", "probe-triton", "fused", "megatron", "hf-sdpa")
+AVAR_MODES = ("probe", "probe-triton", "fused")  # AGTO on
 TEXT_RESERVE_TOKENS = 150  # a procedural sample's text (prompt + reasoning + answer): ~115-135 tokens
 FULL_7B_LAYERS, FULL_7B_HEADS = 28, 28
 
@@ -137,13 +140,14 @@ def worker(spec: dict) -> dict:
     from megatron_avar.training.sft_data import SFTDataLoader
 
     mode, seq = spec["mode"], spec["seq_length"]
-    alpha = 0.15 if mode in ("probe", "fused") else 0.0
+    alpha = 0.15 if mode in AVAR_MODES else 0.0
     config = load_config(SFTConfig, None, [
         f"out={spec['work']}/run_{mode}_{seq}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
         f"data.seq_length={seq}", f"data.max_pixels={spec['image_side'] ** 2}", "train.global_batch_size=1",
         f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps']}",
         f"avar.alpha={alpha}", f"avar.beta={alpha}", "optim.lr=1.0e-6",
-        f"model.mass_mode={'fused' if mode == 'fused' else 'probe'}"])
+        f"model.mass_mode={'fused' if mode == 'fused' else 'probe'}",
+        f"model.role_attention_impl={'triton' if mode == 'probe-triton' else 'auto'}"])
     qwen = Qwen25VLConfig.from_hf(config.model.hf_path)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     data = SFTDataLoader(dataclasses.replace(config.data, processor_path=config.model.hf_path), global_batch_size=1,
@@ -169,7 +173,7 @@ def worker(spec: dict) -> dict:
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
     median = statistics.median(times)
-    planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", "probe", "fused") else None
+    planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
     return {"mode": mode, "seq_length": seq, "step_seconds": median, "step_seconds_all": times,
             "planned_peak_gb": planned,
             "real_tokens": statistics.median(tokens), "tflops": statistics.median(flops) / median / 1e12,
@@ -214,7 +218,7 @@ def _megatron_steps(config, qwen, dtype, mode):
     model = build_model(qwen, config.parallel, dtype=dtype, recompute="none",
                         role_mass_layers=() if mode == "megatron" else every_layer, hf_path=None)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
-    avar_layers = every_layer if mode in ("probe", "fused") else ()  # (): no sink, so no masses at all
+    avar_layers = every_layer if mode in AVAR_MODES else ()  # (): no sink, so no masses at all
     return lambda batch: train_step(model, batch, config, avar_layers=avar_layers, layout=layout)
 
 
@@ -367,7 +371,8 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=None, help="query heads (default hidden / 128)")
     parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=None, help="default 4096 8192; --tiny: 512")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default all; --tiny: off probe")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                        help="default all (CPU: not probe-triton); --tiny: off probe")
     parser.add_argument("--warmup", type=int, default=None, help="default 3; --tiny: 1")
     parser.add_argument("--steps", type=int, default=None, help="default 5; --tiny: 2")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator per GPU")
@@ -382,7 +387,8 @@ def main() -> int:
     args.layers = args.layers or (2 if tiny else 4)
     args.vision_depth = 1 if tiny else args.vision_depth
     args.seq_lens = args.seq_lens or ([512] if tiny else [4096, 8192])
-    args.modes = args.modes or (["off", "probe"] if tiny else list(MODES))
+    args.modes = args.modes or (["off", "probe"] if tiny else
+                                [m for m in MODES if args.device == "cuda" or m != "probe-triton"])
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     args.steps = args.steps or (2 if tiny else 5)
     if "off" not in args.modes:
@@ -391,6 +397,9 @@ def main() -> int:
 
     if args.device == "cuda" and not platform.cuda_available():
         raise SystemExit("bench_sft: no CUDA device here; run on a GPU, or `--device cpu --tiny` for a smoke run")
+    if args.device == "cpu" and "probe-triton" in args.modes:
+        raise SystemExit("bench_sft: mode probe-triton runs the Triton kernels, which need a CUDA GPU; leave it out "
+                         "with --device cpu")
     work = Path(args.work).resolve()
     started = time.monotonic()
     prepared = prepare(work, args)

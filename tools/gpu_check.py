@@ -16,7 +16,8 @@ would start after the budget is recorded as not run, so a rerun can take it with
                         where vLLM is not installed)
   bench_role_attention  tools/bench_role_attention.py --part gpu (1k-32k; SDPA flash / cuDNN columns)
   bench_sft             tools/bench_sft.py: 7B widths, 4 layers, 8k and 16k packed rows, bf16: plain SFT with the
-                        same attention (off), AVAR with the probe and fused, HF's Qwen2.5-VL with SDPA
+                        same attention (off), AVAR with the probe (out from SDPA, and from our Triton kernel)
+                        and fused, HF's Qwen2.5-VL with SDPA
   bench_grpo            tools/bench_grpo.py: the old-log-prob pass with and without the visual reward,
                         local-backend generation
   triton_sweep          the rest of tests/ops/test_role_attention_triton.py compiled for the GPU (the CPU
@@ -98,8 +99,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
         Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
                                       "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--modes", "off", "probe",
-                           "fused", "hf-sdpa", "--warmup", "1", "--steps", "3", "--work", str(work / "bench_sft"),
-                           "--results", out], 300),
+                           "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3",
+                           "--work", str(work / "bench_sft"), "--results", out], 300),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
         Step("triton_sweep", pytest + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300, junit=True),
     ]
