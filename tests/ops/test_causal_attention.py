@@ -155,8 +155,8 @@ def test_sdpa_and_triton_routes_agree_at_qwen_scale_on_gpu():
         a, b, c, roles, impl="sdpa", cu_seqlens=cu_seqlens, spans=spans))
     for impl in ("sdpa", "triton"):
         got = _values_and_grads(q.bfloat16(), k.bfloat16(), v.bfloat16(), roles, kwargs,
-                                lambda a, b, c: causal_attention(a, b, c, roles, impl=impl, cu_seqlens=cu_seqlens,
-                                                                 spans=spans, check_values=False))
+                                lambda a, b, c, impl=impl: causal_attention(
+                                    a, b, c, roles, impl=impl, cu_seqlens=cu_seqlens, spans=spans, check_values=False))
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, truth):
             scale = b.abs().max().item()
             assert (a.float() - b.float()).abs().max().item() <= 5e-2 * max(scale, 1e-6), (impl, name)
