@@ -45,6 +45,7 @@ def register(subparsers) -> None:
                      help="I/N: only records I, I+N, ... (one job per GPU); join the reports with `avar vas merge`")
     vas.add_argument("--name", default=None,
                      help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
+    vas.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
     commands = vas.add_subparsers(title="vas commands", dest="vas_command", metavar="COMMAND")
     compare = commands.add_parser("compare", formatter_class=_DEFAULTS,
                                   help="VAS reports side by side; VAS vs accuracy",
@@ -64,6 +65,8 @@ def register(subparsers) -> None:
                                             "disjoint samples) into one report with its figures.")
     merge.add_argument("reports", nargs="+", help="report.json files or folders of the shards")
     merge.add_argument("--out", dest="merge_out", required=True, help="output folder of the merged report")
+    merge.add_argument("--overwrite", dest="merge_overwrite", action="store_true",
+                       help="replace the report of an earlier merge in --out")
     merge.set_defaults(handler=_merge)
     vas.set_defaults(handler=_vas)
 
@@ -94,6 +97,7 @@ def register(subparsers) -> None:
         help="baseline + alpha_sys in --sweep-alpha-sys x layer sets in --sweep-layers")
     add("--sweep-alpha-sys", help="comma-separated alpha_sys values (0,0.05,0.4,0.6)")
     add("--sweep-layers", help="layer sets separated by ';' (middle;all)")
+    add("--overwrite", action="store_true", default=None, help="replace the results of an earlier run at --out")
     add("--print-config", action="store_true", help="print the resolved config and exit")
     intervene.set_defaults(handler=_intervene)
 
@@ -103,7 +107,7 @@ _INTERVENE_FLAGS = {
     "model": "model", "data": "data", "out": "out", "alpha_img": "alpha_img", "alpha_sys": "alpha_sys",
     "layers": "layers", "mode": "mode", "queries": "queries", "num_samples": "num_samples",
     "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "device": "device", "dtype": "dtype",
-    "device_map": "device_map", "impl": "impl", "sweep": "sweep",
+    "device_map": "device_map", "impl": "impl", "sweep": "sweep", "overwrite": "overwrite",
 }
 
 
@@ -148,7 +152,8 @@ def _vas(args) -> int:
              "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
     config = VASConfig(model=args.model, data=args.data, out=args.out, num_samples=args.num_samples, layers=args.layers,
                        exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard)
+                       device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard,
+                       overwrite=args.overwrite)
     report = run_vas(config)
     included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
     print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
@@ -177,7 +182,7 @@ def _merge(args) -> int:
     if args.model is not None or args.data is not None or args.out is not None:
         raise ValueError("`avar vas merge` takes reports, not --model/--data/--out before `merge`; "
                          "use `avar vas merge REPORT... --out DIR`")
-    report = merge_vas_reports(args.reports, args.merge_out)
+    report = merge_vas_reports(args.reports, args.merge_out, overwrite=args.merge_overwrite)
     print(f"merged {len(args.reports)} reports: VAS {report['vas']:.4f} over {report['num_samples']} samples; "
           f"wrote {args.merge_out}/report.json and figures")
     return 0

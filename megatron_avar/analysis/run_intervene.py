@@ -25,7 +25,8 @@ class InterveneConfig:
     """model / data: as `avar vas`. out: the JSON file to write. alpha_img, alpha_sys, mode, queries, edit_sink:
     see intervention.InterventionSpec. layers: a layer set ("middle" = layers 8-13 of 28, scaled). num_samples:
     first N records (None: all). max_new_tokens: generation budget. batch_size: prompts per generate call.
-    sweep: run the grid; sweep_alpha_sys: its alpha_sys values; sweep_layers: its layer sets."""
+    sweep: run the grid; sweep_alpha_sys: its alpha_sys values; sweep_layers: its layer sets. overwrite: replace
+    the results of an earlier run at ``out`` (refused otherwise, before the model loads)."""
 
     model: str
     data: str
@@ -46,6 +47,7 @@ class InterveneConfig:
     sweep: bool = False
     sweep_alpha_sys: tuple[float, ...] = (0.0, 0.05, 0.4, 0.6)
     sweep_layers: tuple[str, ...] = ("middle", "all")
+    overwrite: bool = False
 
     def __post_init__(self):
         # YAML gives lists: keep the frozen config hashable and its sweep order fixed
@@ -101,6 +103,7 @@ def run_intervene(config: InterveneConfig) -> dict:
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.intervention import InterventionSpec
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.analysis.run_vas import refuse_existing_outputs
     from megatron_avar.models.layer_sets import parse_layers
 
     check_hf_checkpoint(config.model)
@@ -119,6 +122,8 @@ def run_intervene(config: InterveneConfig) -> dict:
     out = Path(config.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: give a .json file path")
+    refuse_existing_outputs([out, *([out.with_suffix(".md"), out.with_suffix(".png")] if config.sweep else [])],
+                            overwrite=config.overwrite, what="intervention results")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     started = time.time()

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports"]
+__all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports",
+           "refuse_existing_outputs"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class VASConfig:
     sink in K_sys (both variants are always in report.json). batch_size: prompts per forward.
     device / dtype / device_map: see model_loading.load_hf_model. impl: role_attention implementation.
     name: the checkpoint's label in `avar vas compare` (default: the model folder's name). shard: "I/N" takes
-    records I, I + N, ... of the first num_samples (one job per GPU; `avar vas merge` joins the reports)."""
+    records I, I + N, ... of the first num_samples (one job per GPU; `avar vas merge` joins the reports).
+    overwrite: replace the report of an earlier run in ``out`` (refused otherwise, before anything runs)."""
 
     model: str
     data: str
@@ -42,6 +44,7 @@ class VASConfig:
     impl: str = "auto"
     name: str | None = None
     shard: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.shard is not None:
@@ -62,11 +65,23 @@ class VASConfig:
         return int(index), int(count)
 
 
-def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bool | None = None) -> dict:
-    """Join the reports of `avar vas --shard I/N` jobs (same checkpoint and settings) into one report in ``out``."""
+def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, what: str) -> None:
+    """A second run never replaces an earlier run's results unasked: ValueError naming the first of ``paths`` that
+    exists (``what`` it holds) and the fix, unless ``overwrite``. Called before any work starts."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]} holds {what} from an earlier run; pass --overwrite to replace it, or choose "
+                         "another --out")
+
+
+def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bool | None = None,
+                      overwrite: bool = False) -> dict:
+    """Join the reports of `avar vas --shard I/N` jobs (same checkpoint and settings) into one report in ``out``
+    (an earlier report there is replaced only with ``overwrite``)."""
     from megatron_avar.analysis.compare import load_report
     from megatron_avar.analysis.vas import VASAccumulator
 
+    refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report")
     reports = [load_report(p)[1] for p in paths]
     for path, report in zip(paths, reports):
         if "accumulator_state" not in report:
@@ -92,6 +107,7 @@ def run_vas(config: VASConfig) -> dict:
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
 
+    refuse_existing_outputs([Path(config.out) / "report.json"], overwrite=config.overwrite, what="a VAS report")
     if is_megatron_checkpoint(config.model):
         return run_vas_megatron(config)
     check_hf_checkpoint(config.model)

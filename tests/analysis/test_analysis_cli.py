@@ -4,6 +4,7 @@ random weights) and a procedural dataset; bad input gives clear errors."""
 import csv
 import json
 import math
+import shutil
 
 import mpmath
 import pytest
@@ -99,6 +100,34 @@ def test_vas_shards_merge(toy, vas_run, capsys):
     capsys.readouterr()
     assert main(["vas", "merge", shards[0], shards[0], "--out", str(toy["root"] / "bad")]) == 2
     assert "disjoint" in capsys.readouterr().err
+
+
+def test_a_second_run_never_replaces_results_unasked(toy, vas_run, capsys, tmp_path):
+    """`avar vas`, `avar vas merge` and `avar intervene` refuse an --out holding an earlier run's results before
+    any work (the files stay byte-identical) and name the fix; --overwrite replaces them."""
+    out, _ = vas_run
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--layers", "1"]) == 2
+    assert f"{out / 'report.json'} holds a VAS report from an earlier run; pass --overwrite" in capsys.readouterr().err
+    assert main(["vas", "merge", str(out), "--out", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    replaced = tmp_path / "vas"
+    shutil.copytree(out, replaced)
+    assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(replaced), "--layers", "1",
+                 "--num-samples", "2", "--overwrite"]) == 0
+    assert json.loads((replaced / "report.json").read_text())["layers"] == [1]
+
+    sweep = tmp_path / "sweep.json"
+    sweep.with_suffix(".png").write_bytes(b"an earlier plot")
+    argv = ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(sweep), "--sweep",
+            "--sweep-alpha-sys", "0", "--sweep-layers", "0", "--max-new-tokens", "2", "--num-samples", "1"]
+    assert main(argv) == 2
+    assert f"{sweep.with_suffix('.png')} holds intervention results" in capsys.readouterr().err
+    assert not sweep.exists() and sweep.with_suffix(".png").read_bytes() == b"an earlier plot"
+    assert main([*argv, "--overwrite"]) == 0
+    assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
