@@ -71,6 +71,13 @@ def triton_gpu_available() -> bool:
 
 
 @functools.cache
+def flash_attention_capable(device_index: int) -> bool:
+    """Whether torch's SDPA has its FlashAttention kernel on this CUDA device (compute capability 8.0 or newer:
+    A100, H100, H200); older GPUs fall back to kernels without grouped-query attention."""
+    return cuda_available() and torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+@functools.cache
 def cuda_extension_available(module: str) -> bool:
     """Whether a compiled CUDA extension module that megatron-core imports for a fusion is installed here
     (apex / megatron's fused kernels: ``fused_weight_gradient_mlp_cuda``, ``scaled_masked_softmax_cuda``,

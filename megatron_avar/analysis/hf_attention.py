@@ -5,9 +5,9 @@
         model(**batch)   or   model.generate(**batch)
 
 Inside the context every text decoder attention call (a module with ``layer_idx`` and ``is_causal``) runs
-role_attention with key roles ``mass_key_roles(roles)`` (num_roles = MASS_NUM_ROLES: the five TokenRoles
-plus the sink) and the batch's role-logit edits; every other call (the vision tower) passes through to the
-implementation the model had before. HF's own mask is not used by the text layers: causality and padding
+this project's attention with key roles ``mass_key_roles(roles)`` (num_roles = MASS_NUM_ROLES: the five
+TokenRoles plus the sink) and the batch's role-logit edits; every other call (the vision tower) passes through
+to the implementation the model had before. HF's own mask is not used by the text layers: causality and padding
 come from the roles (PAD = -1 keys are never attended), so no [S, S] mask is ever built; the 2-D
 attention_mask the model receives is checked against the roles instead.
 
@@ -33,7 +33,7 @@ from megatron_avar.analysis.intervention import InterventionSpec, intervention_q
 from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
 from megatron_avar.ops import role_attention, role_mass
 from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, AttentionSpans, attention_spans, causal_attention
-from megatron_avar.roles import TokenRole
+from megatron_avar.roles import NUM_ROLES, TokenRole
 
 __all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
 
@@ -119,6 +119,7 @@ class RoleAttentionHook:
         self._on_mass = None
         self._mass_rows: torch.Tensor | None = None
         self._spans: AttentionSpans | None = None
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}  # per-batch copies on each layer's device
         self._mass_layers: frozenset[int] = frozenset()
         self._intervention: InterventionSpec | None = None
         self._tables: dict = {}
@@ -152,6 +153,12 @@ class RoleAttentionHook:
         flat indices b * S + i) those rows' [N, H, R]. ``intervention``: logit edits (None = plain attention)."""
         if roles.dim() != 2:
             raise ValueError(f"roles must be [B, S], got shape {tuple(roles.shape)}")
+        roles = roles.cpu()  # the host copy every check and growth step works on (one read per batch)
+        if roles.numel() and not -1 <= int(roles.min()) <= int(roles.max()) < NUM_ROLES:
+            raise ValueError(f"roles must be TokenRole ids (PAD = -1), got values {int(roles.min())}..."
+                             f"{int(roles.max())}")
+        if mass_rows is not None:
+            mass_rows = mass_rows.cpu()
         if mass_rows is not None and (mass_rows.dim() != 1 or mass_rows.dtype != torch.long
                                       or (mass_rows.numel() and not 0 <= int(mass_rows.min())
                                           <= int(mass_rows.max()) < roles.numel())):
@@ -168,6 +175,7 @@ class RoleAttentionHook:
                             else intervention_query_mask(roles, self._intervention.queries))
         self._on_mass = on_mass
         self._mass_rows = mass_rows
+        self._on_device = {}
         self._mass_layers = frozenset(self.modules if mass_layers is None else mass_layers)
         if self._intervention is not None:
             scale, bias = self._intervention.role_logit_tables(MASS_NUM_ROLES)
@@ -176,6 +184,7 @@ class RoleAttentionHook:
     def clear_batch(self) -> None:
         self._key_roles = self._query_mask = self._row_has_image = self._on_mass = self._intervention = None
         self._mass_rows = self._spans = None
+        self._on_device = {}
 
     # -- internals ---------------------------------------------------------------------------------------
 
@@ -207,6 +216,18 @@ class RoleAttentionHook:
         self._key_roles = torch.cat([key_roles, torch.full((batch, new), int(TokenRole.RESPONSE))], 1)
         if self._query_mask is not None and self._row_has_image is not None:  # set together by set_batch
             self._query_mask = torch.cat([self._query_mask, self._row_has_image[:, None].expand(batch, new)], 1)
+        # what was laid out on the [B, S] grid: the spans are worked out again, the mass rows moved to [B, S + new]
+        self._spans = None
+        if self._mass_rows is not None:
+            self._mass_rows = self._mass_rows // known * kv_length + self._mass_rows % known
+        self._on_device = {}
+
+    def _device_copy(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` (a per-batch host tensor) on ``device``, copied once per batch, not once per layer."""
+        key = (name, device)
+        if key not in self._on_device:
+            self._on_device[key] = tensor.to(device)
+        return self._on_device[key]
 
     def _text_attention(self, layer: int, query, key, value, scaling) -> torch.Tensor:
         """query [B, Hq, q_len, D], key/value [B, Hkv, kv_len, D] (HF layout) -> out [B, q_len, Hq, D]."""
@@ -217,32 +238,40 @@ class RoleAttentionHook:
                              "set_batch needs the roles of exactly these input_ids (and a fresh cache)")
         self._grow(kv_len)
         device = query.device
-        key_roles = self._batch_roles()[:, :kv_len].to(device)
         edit = self._intervention is not None and self._intervention.applies_to(layer)
         scale = self._tables["scale"] if edit else None
         bias = self._tables["bias"] if edit else None
         all_query_mask = self._query_mask if edit else None  # not None exactly when edit (set_batch)
         if q_len == kv_len:
+            # Prefill: everything per batch (roles on the device, spans, mass rows) is made once, by the first
+            # layer, and the values were checked in set_batch: no layer reads the device on the host.
+            key_roles = self._device_copy("key_roles", self._batch_roles(), device)
             q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S, H, D]
             reports = self._on_mass is not None and layer in self._mass_layers
-            rows = None if self._mass_rows is None else self._mass_rows.to(device)
+            rows = None if self._mass_rows is None else self._device_copy("mass_rows", self._mass_rows, device)
             if edit or (reports and rows is None):
-                query_mask = None if all_query_mask is None else all_query_mask[:, :kv_len].to(device)
+                query_mask = None if all_query_mask is None else self._device_copy("query_mask", all_query_mask,
+                                                                                   device)
                 out, mass = role_attention(
                     q, k, v, key_roles, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, query_mask=query_mask,
-                    role_logit_scale=None if scale is None else scale.to(device),
-                    role_logit_bias=None if bias is None else bias.to(device), impl=self.impl)
+                    role_logit_scale=None if scale is None else self._device_copy("scale", scale, device),
+                    role_logit_bias=None if bias is None else self._device_copy("bias", bias, device),
+                    impl=self.impl, check_values=False)
                 if rows is not None:
                     mass = mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])[rows]  # [N, H, R]
             else:
-                out = causal_attention(q, k, v, key_roles, softmax_scale=scaling,
-                                       impl=PLAIN_ATTENTION_FOR[self.impl], spans=self._spans)
+                if self._spans is None:  # a prefill over prompt and generated tokens (after _grow)
+                    self._spans = attention_spans(self._batch_roles())
+                out = causal_attention(q, k, v, key_roles, softmax_scale=scaling, impl=PLAIN_ATTENTION_FOR[self.impl],
+                                       check_values=False, spans=self._spans)
                 mass = None if not reports or rows is None else role_mass(
-                    q, k, key_roles, rows, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, impl=self.impl)
+                    q, k, key_roles, rows, num_roles=MASS_NUM_ROLES, softmax_scale=scaling, impl=self.impl,
+                    check_values=False)
             if reports:
                 assert self._on_mass is not None and mass is not None
                 self._on_mass(layer, mass)
             return out
+        key_roles = self._batch_roles()[:, :kv_len].to(device)
         query_mask = None if all_query_mask is None else all_query_mask[:, kv_len - q_len:kv_len].to(device)
         return _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias)
 

@@ -160,7 +160,7 @@ class RoleMassParams(PackedSeqParams):
                                  f"{low}..{high}")
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
-        if self.context is None and self.mass_mode == "probe":
+        if self.context is None and self.mass_mode == "probe" and PLAIN_ATTENTION_FOR[self.impl] in ("auto", "sdpa"):
             # the spans the plain attention may run SDPA over (ops.causal_attention), read on the host once per batch
             self._spans = attention_spans(self.key_roles.reshape(-1) if self._cu_seqlens is not None
                                           else self.key_roles, self._cu_seqlens)
@@ -186,7 +186,8 @@ class RoleMassParams(PackedSeqParams):
 
     def attention_spans(self) -> AttentionSpans | None:
         """The spans of real tokens the plain attention may run SDPA over (``ops.causal_attention``), worked out
-        with the params (None under context parallelism or in fused mode: no layer runs the plain attention)."""
+        with the params; None under context parallelism, in fused mode (no layer runs the plain attention) and
+        for the kernel families whose plain attention never runs SDPA (triton, reference)."""
         return self._spans
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:

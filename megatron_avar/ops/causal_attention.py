@@ -17,8 +17,9 @@ Implementations:
             :func:`attention_spans`, and nothing here waits for the device; without them they are read here.
             A sample whose padding is not at its ends runs "blockwise" instead.
   "blockwise" role_attention's blockwise path (masses computed and dropped): tests and that fallback.
-  "auto"    on CUDA with Triton's GPU backend: "sdpa" for 2-byte inputs given spans, at most SDPA_MAX_SPANS of
-            them, all contiguous; "triton" otherwise. Elsewhere "sdpa".
+  "auto"    on CUDA with Triton's GPU backend: "sdpa" for 2-byte inputs on a GPU with FlashAttention (compute
+            capability 8.0+) given the call's spans, at most SDPA_MAX_SPANS of them (over all rows of the call),
+            all contiguous, unless torch.use_deterministic_algorithms is on; "triton" otherwise. Elsewhere "sdpa".
 Transformer Engine's fused attention is not used yet (not verified in this project's environments).
 """
 
@@ -48,32 +49,37 @@ SDPA_MAX_SPANS = 64
 
 @dataclass(frozen=True)
 class AttentionSpans:
-    """The runs of real tokens SDPA attends over, one call each, in the flattened token stream (padded [B, S]:
-    index b * S + i; THD: the token index): ``spans`` ((start, end), ...) in order. ``contiguous`` is False when
-    some sample has padding between real tokens (SDPA per run would not be exact there)."""
+    """The runs of real tokens SDPA attends over, one call each. ``shape``: the call's token grid, (B, S) padded
+    or (1, T) packed THD; ``spans`` ((row, start, end), ...) in order, positions within the row; ``contiguous``
+    False when some sample has padding between real tokens (SDPA per run would not be exact there)."""
 
-    spans: tuple[tuple[int, int], ...]
+    shape: tuple[int, int]
+    spans: tuple[tuple[int, int, int], ...]
     contiguous: bool
 
 
 def attention_spans(key_roles: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> AttentionSpans:
     """The spans of a batch: key_roles int [B, S] (or [T] with cu_seqlens, as causal_attention's). Reads
     key_roles (and cu_seqlens) on the host: call once per batch, not per layer."""
-    real = (key_roles >= 0).reshape(-1).cpu()
-    if cu_seqlens is None:
-        seq = key_roles.shape[-1]
-        bounds = list(range(0, real.numel() + 1, seq)) if seq else [0]
-    else:
-        bounds = [int(x) for x in cu_seqlens.cpu().tolist()]
-    spans, contiguous = [], True
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        index = torch.nonzero(real[start:end], as_tuple=True)[0]
-        if index.numel() == 0:
-            continue
-        first, last = start + int(index[0]), start + int(index[-1]) + 1
-        contiguous &= int(index.numel()) == last - first
-        spans.append((first, last))
-    return AttentionSpans(tuple(spans), contiguous)
+    grid = key_roles.reshape(1, -1) if cu_seqlens is not None else key_roles
+    if grid.dim() != 2:
+        raise ValueError(f"key_roles must be [B, S] (or [T] with cu_seqlens), got {tuple(key_roles.shape)}")
+    rows, length = grid.shape
+    real = (grid >= 0).reshape(-1).cpu()
+    tokens = real.numel()
+    bounds = (torch.arange(0, tokens + 1, max(length, 1)) if cu_seqlens is None
+              else cu_seqlens.detach().cpu().long())                         # samples: [bounds[i], bounds[i + 1])
+    edge = torch.zeros(tokens + 1, dtype=torch.bool)
+    edge[bounds.clamp(max=tokens)] = True                                  # a sample starts (or the stream ends)
+    before = torch.cat([torch.zeros(1, dtype=torch.bool), real])           # real[p - 1], False at p = 0
+    after = torch.cat([real, torch.zeros(1, dtype=torch.bool)])            # real[p], False at p = T
+    starts = torch.nonzero(after & (edge | ~before)).flatten()             # a real token opening a run
+    ends = torch.nonzero(before & (edge | ~after)).flatten()               # one past a real token closing it
+    sample = torch.searchsorted(bounds, starts, right=True) - 1
+    contiguous = sample.unique().numel() == sample.numel()                 # one run per sample at most
+    row, offset = starts // max(length, 1), starts % max(length, 1)
+    spans = tuple(zip(row.tolist(), offset.tolist(), (ends - starts + offset).tolist()))
+    return AttentionSpans((rows, length), spans, contiguous)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_roles: torch.Tensor, *,
@@ -90,7 +96,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_role
     if not isinstance(key_roles, torch.Tensor):
         raise TypeError(f"key_roles must be a torch.Tensor, got {type(key_roles).__name__}")
     if impl == "auto":
-        impl = _auto_impl(q.is_cuda and platform.triton_gpu_available(), q.dtype, spans)
+        on_gpu = q.is_cuda and platform.triton_gpu_available()
+        impl = _auto_impl(on_gpu, q.dtype, spans, flash=on_gpu and platform.flash_attention_capable(q.device.index),
+                          deterministic=torch.are_deterministic_algorithms_enabled())
     padding = key_roles.clamp(max=0)  # only padding (-1) matters here: one role, 0, for every real key
     if impl == "triton":
         from megatron_avar.ops import role_attention_triton
@@ -104,44 +112,63 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_role
         build_problem(q, k, v, padding, num_roles=1, causal=True, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                       check_values=check_values)
         spans = spans if spans is not None else attention_spans(key_roles, cu_seqlens)
+        grid = (1, q.shape[0]) if cu_seqlens is not None else tuple(q.shape[:2])
+        if spans.shape != grid:
+            raise ValueError(f"spans were worked out for a {list(spans.shape)} token grid but this call has "
+                             f"{list(grid)}: pass attention_spans of this call's key_roles")
         if not spans.contiguous:  # padding inside a sample: the masked blockwise path
             return causal_attention(q, k, v, padding, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                                     impl="blockwise", check_values=False)
-        out = _sdpa(q, k, v, spans, softmax_scale)
+        out = _sdpa(q, k, v, spans, softmax_scale, thd=cu_seqlens is not None)
     else:
         out, _ = role_attention(q, k, v, padding, num_roles=1, causal=True, softmax_scale=softmax_scale,
                                 impl="blockwise", cu_seqlens=cu_seqlens, check_values=check_values)
     return out * (key_roles >= 0).unsqueeze(-1).unsqueeze(-1).to(out.dtype)
 
 
-def _auto_impl(on_gpu: bool, dtype: torch.dtype, spans: AttentionSpans | None) -> str:
-    """"auto"'s choice (module docstring): SDPA where it is FlashAttention-2 and its spans cost no host read."""
+def _auto_impl(on_gpu: bool, dtype: torch.dtype, spans: AttentionSpans | None, *, flash: bool = True,
+               deterministic: bool = False) -> str:
+    """"auto"'s choice (module docstring): SDPA where it is FlashAttention-2 (``flash``: the device has it) and its
+    spans cost no host read; the Triton kernel, bitwise reproducible, under torch.use_deterministic_algorithms
+    (FlashAttention's backward accumulates in a varying order)."""
     if not on_gpu:
         return "sdpa"
     few_spans = spans is not None and spans.contiguous and len(spans.spans) <= SDPA_MAX_SPANS
-    return "sdpa" if few_spans and dtype in (torch.float16, torch.bfloat16) else "triton"
+    two_bytes = dtype in (torch.float16, torch.bfloat16)
+    return "sdpa" if few_spans and two_bytes and flash and not deterministic else "triton"
 
 
-def _sdpa(q, k, v, spans: AttentionSpans, softmax_scale):
-    """SDPA over each span of real tokens; 0 on the tokens between spans (padding)."""
-    shape = q.shape
-    q, k, v = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, v))  # the flattened token stream [T, H, D]
+def _sdpa(q, k, v, spans: AttentionSpans, softmax_scale, *, thd: bool):
+    """SDPA over each span of real tokens, row by row (views, no copies of q, k, v); 0 between spans."""
+    if thd:
+        q, k, v = q[None], k[None], v[None]                                  # one row: [1, T, H, D]
+    rows, length = q.shape[:2]
+    if rows == 0 or length == 0:
+        return q.new_zeros(q.shape[1:] if thd else q.shape)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     group = q.shape[-2] // k.shape[-2]
     # GQA in SDPA's kernel (no repeated keys), except on CUDA in fp32: there the memory-efficient kernel, which
     # takes no GQA, is the one that keeps memory O(S).
     repeat = group > 1 and q.is_cuda and q.dtype == torch.float32
     if repeat:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    pieces, done = [], 0
-    for start, end in spans.spans:
-        if start > done:
-            pieces.append(q.new_zeros(start - done, *q.shape[1:]))
-        attended = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None],
-            v[start:end].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=group > 1 and not repeat)
-        pieces.append(attended[0].transpose(0, 1))
-        done = end
-    if done < q.shape[0]:
-        pieces.append(q.new_zeros(q.shape[0] - done, *q.shape[1:]))
-    return torch.cat(pieces).view(shape)
+        k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    by_row: dict[int, list[tuple[int, int]]] = {}
+    for row, start, end in spans.spans:
+        by_row.setdefault(row, []).append((start, end))
+    out_rows = []
+    for row in range(rows):
+        pieces, done = [], 0
+        for start, end in by_row.get(row, ()):
+            if start > done:
+                pieces.append(q.new_zeros(start - done, *q.shape[2:]))
+            attended = F.scaled_dot_product_attention(
+                q[row, start:end].transpose(0, 1)[None], k[row, start:end].transpose(0, 1)[None],
+                v[row, start:end].transpose(0, 1)[None], is_causal=True, scale=scale,
+                enable_gqa=group > 1 and not repeat)
+            pieces.append(attended[0].transpose(0, 1))
+            done = end
+        if done < length:
+            pieces.append(q.new_zeros(length - done, *q.shape[2:]))
+        out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+    out = torch.stack(out_rows)
+    return out[0] if thd else out

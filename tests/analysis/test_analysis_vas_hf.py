@@ -163,6 +163,35 @@ def test_hook_with_mass_rows_runs_plain_attention_and_the_probe(run, monkeypatch
                                    atol=1e-6, rtol=1e-5)
 
 
+def test_a_prefill_after_generated_tokens_lays_the_batch_out_again(run):
+    """After cached decoding grew the batch (two generated tokens per row), a full forward over prompt and
+    generated tokens sees the grown [B, S + 2] grid: the spans are worked out again (logits = eager's) and the
+    mass rows move to it (their masses are the prompt-only prefill's: causal rows do not see later tokens)."""
+    from analysis_cases import TEXT_TOKENS
+
+    roles, rows = run["roles"], vas_query_rows(run["roles"])
+    inputs = dict(run["inputs"])
+    batch, seq = roles.shape
+    new = torch.randint(*TEXT_TOKENS, (batch, 2), generator=torch.Generator().manual_seed(3))
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], new], 1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], 1)
+    with torch.no_grad():
+        eager = run["model"](**inputs).logits
+    masses = {}
+    with RoleAttentionHook(run["model"]) as hook:
+        hook.set_batch(roles, on_mass=masses.__setitem__, mass_rows=rows)
+        hook._grow(seq + 2)  # what two cached decoding steps do
+        with torch.no_grad():
+            logits = run["model"](**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], eager[real], atol=2e-5, rtol=1e-5)
+    for layer, mass in masses.items():
+        whole = run["masses"][layer]
+        torch.testing.assert_close(mass, whole.permute(0, 2, 1, 3).reshape(-1, *whole.shape[1::2])[rows],
+                                   atol=1e-6, rtol=1e-5)
+
+
 def test_sharded_accumulators_merge_to_the_whole(run):
     import json
 

@@ -91,14 +91,28 @@ def test_unknown_implementation_is_refused():
 
 
 def test_attention_spans_are_the_runs_of_real_tokens():
-    """Padded rows: each row's real tokens, as flat b * S + i ranges; THD: each sample's real tokens; a sample
-    with padding between real tokens is flagged (SDPA per run would not be exact)."""
+    """Padded rows: each row's real tokens; THD: each sample's (an empty sample holds none); a sample with padding
+    between real tokens is flagged (SDPA per run would not be exact). Spans are (row, start, end) on the grid."""
     roles = torch.tensor([[-1, -1, 0, 1, 2], [3, 4, -1, -1, -1], [-1, -1, -1, -1, -1]])
-    assert attention_spans(roles) == AttentionSpans(((2, 5), (5, 7)), True)
+    assert attention_spans(roles) == AttentionSpans((3, 5), ((0, 2, 5), (1, 0, 2)), True)
     flat = torch.tensor([0, 1, 2, -1, 0, 0, -1, -1, 1])
-    assert attention_spans(flat, torch.tensor([0, 4, 8, 9])) == AttentionSpans(((0, 3), (4, 6), (8, 9)), True)
-    holed = torch.tensor([[0, -1, 1, 2]])
-    assert attention_spans(holed) == AttentionSpans(((0, 4),), False)
+    assert attention_spans(flat, torch.tensor([0, 4, 8, 9])) == AttentionSpans(
+        (1, 9), ((0, 0, 3), (0, 4, 6), (0, 8, 9)), True)
+    assert attention_spans(torch.arange(5), torch.tensor([0, 3, 3, 5])) == AttentionSpans(
+        (1, 5), ((0, 0, 3), (0, 3, 5)), True)
+    assert not attention_spans(torch.tensor([[0, -1, 1, 2]])).contiguous
+    assert attention_spans(torch.zeros(0, 7, dtype=torch.long)) == AttentionSpans((0, 7), (), True)
+
+
+def test_spans_of_another_call_and_empty_calls():
+    """Spans worked out for another token grid are refused by name (they would attend the wrong tokens); a call
+    with no tokens gives an empty output."""
+    q, k, v, roles, _ = make(Case(padding="left"), torch.float64, seed=47)
+    with pytest.raises(ValueError, match="spans were worked out for a \\[2, 30\\] token grid but this call has "
+                                         "\\[2, 37\\]"):
+        causal_attention(q, k, v, roles, impl="sdpa", spans=attention_spans(roles[:, :30]))
+    empty = causal_attention(q[:, :0], k[:, :0], v[:, :0], roles[:, :0], impl="sdpa")
+    assert empty.shape == q[:, :0].shape
 
 
 def test_sdpa_with_spans_reads_nothing_on_the_host(monkeypatch):
@@ -125,16 +139,19 @@ def _refuse(name):
 
 
 def test_auto_takes_sdpa_on_gpus_only_where_it_is_flash_and_costs_no_host_read():
-    """On CUDA "auto" runs SDPA (FlashAttention-2: 2-byte inputs) when the batch's spans were given, contiguous and
-    at most SDPA_MAX_SPANS; otherwise the Triton kernel (one launch for all samples, no host read). CPU: SDPA."""
+    """On CUDA "auto" runs SDPA (FlashAttention-2: 2-byte inputs, a GPU of compute capability 8.0+) when the call's
+    spans were given, contiguous and at most SDPA_MAX_SPANS, and bitwise reproducibility was not asked for;
+    otherwise the Triton kernel (one launch for all samples, no host read, deterministic). CPU: SDPA."""
     choose = causal_attention_module._auto_impl
-    few = AttentionSpans(((0, 5), (5, 9)), True)
-    many = AttentionSpans(tuple((i, i + 1) for i in range(SDPA_MAX_SPANS + 1)), True)
+    few = AttentionSpans((1, 9), ((0, 0, 5), (0, 5, 9)), True)
+    many = AttentionSpans((1, 99), tuple((0, i, i + 1) for i in range(SDPA_MAX_SPANS + 1)), True)
     assert choose(True, torch.bfloat16, few) == choose(True, torch.float16, few) == "sdpa"
     assert choose(True, torch.float32, few) == "triton"                     # SDPA's fp32 kernel has no GQA
+    assert choose(True, torch.bfloat16, few, flash=False) == "triton"       # a V100 / T4: no FlashAttention
+    assert choose(True, torch.bfloat16, few, deterministic=True) == "triton"
     assert choose(True, torch.bfloat16, None) == "triton"                   # spans would cost a host read here
     assert choose(True, torch.bfloat16, many) == "triton"
-    assert choose(True, torch.bfloat16, AttentionSpans(((0, 9),), False)) == "triton"
+    assert choose(True, torch.bfloat16, AttentionSpans((1, 9), ((0, 0, 2), (0, 3, 9)), False)) == "triton"
     assert choose(False, torch.float32, None) == choose(False, torch.bfloat16, many) == "sdpa"
 
 
