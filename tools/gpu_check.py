@@ -100,7 +100,7 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                       "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--modes", "off", "probe",
                            "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3",
-                           "--work", str(work / "bench_sft"), "--results", out], 300),
+                           "--work", str(work / "bench_sft"), "--results", out], 360),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
         Step("triton_sweep", pytest + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300, junit=True),
     ]

@@ -16,7 +16,8 @@ role_attention (blockwise on CPU, Triton on GPU); ``on_mass(layer, mass [B, H, S
 for every layer in ``mass_layers``. Given ``mass_rows`` (flat indices b * S + i), the layers without edits take
 ``out`` from the plain attention (``ops.causal_attention``) and probe only those rows (``ops.role_mass``):
 ``on_mass`` then receives mass [N, H, MASS_NUM_ROLES]. A layer that neither edits nor reports runs only the
-plain attention.
+plain attention, so in an intervention run the edited layers' outputs differ from the baseline's by the edit
+and by the two kernels' float rounding (about one bf16 ulp), and α = 0 (no edits) is the baseline exactly.
 Cached decoding (query length < key length, keys = cache + new tokens): the new tokens are RESPONSE keys
 appended to the batch's roles; attention runs eagerly on the [q_len x kv_len] slice (small: q_len is 1 per
 step), with the same edits on intervention rows (rows with an image: generated tokens follow it).

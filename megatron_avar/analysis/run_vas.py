@@ -1,7 +1,8 @@
 """`avar vas`: the Visual Attention Score of an HF Qwen2.5-VL checkpoint on a conversation dataset.
 
-Prompt-only prefill (final assistant turn dropped, generation prompt added), batched with left padding;
-the text attention runs through role_attention (no [S, S] matrix), masses stream into a VASAccumulator.
+Prompt-only prefill (final assistant turn dropped, generation prompt added), batched with left padding; the
+text attention runs through `RoleAttentionHook` (no [S, S] matrix: plain attention for the output, the probe
+for the masses of the VAS query rows), masses stream into a VASAccumulator.
 The loop is source-agnostic (``accumulate_vas`` + ``write_vas_report``): a megatron model that returns
 per-layer role masses plugs in through the same two calls. Output folder: report.json (every number of vas.py,
 both sink variants, the config, the checkpoint identity) and vas_per_layer.png, image_share_heatmap.png,
@@ -153,8 +154,9 @@ def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], 
     ``.ids``) for any attention source.
 
     ``forward(batch, on_mass)`` runs the model on one batch (prompt-only prefill) and calls
-    ``on_mass(layer, mass)`` once per layer in ``layers`` with mass float [B, H, S, R] over all H heads
-    (R = MASS_NUM_ROLES with key roles ``vas.mass_key_roles(batch.roles)``, or 5 without a sink role).
+    ``on_mass(layer, mass)`` once per layer in ``layers`` with mass float [B, H, S, R] over all H heads, or
+    [N, H, R] at the rows of ``vas.vas_query_rows(batch.roles)`` (R = MASS_NUM_ROLES with key roles
+    ``vas.mass_key_roles(batch.roles)``, or 5 without a sink role).
     """
     from megatron_avar.analysis.vas import VASAccumulator
 
