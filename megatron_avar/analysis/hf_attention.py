@@ -272,29 +272,35 @@ class RoleAttentionHook:
                 assert self._on_mass is not None and mass is not None
                 self._on_mass(layer, mass)
             return out
-        key_roles = self._batch_roles()[:, :kv_len].to(device)
-        query_mask = None if all_query_mask is None else all_query_mask[:, kv_len - q_len:kv_len].to(device)
-        return _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias)
+        # Cached decoding: the batch grew by this step's tokens (``_grow``); the first layer copies it to the device
+        key_roles = self._device_copy("key_roles", self._batch_roles(), device)[:, :kv_len]
+        query_mask = None if all_query_mask is None else self._device_copy(
+            "query_mask", all_query_mask, device)[:, kv_len - q_len:kv_len]
+        return _decode_attention(query, key, value, key_roles, scaling, query_mask,
+                                 None if scale is None else self._device_copy("scale", scale, device),
+                                 None if bias is None else self._device_copy("bias", bias, device))
 
 
 def _decode_attention(query, key, value, key_roles, scaling, query_mask, scale, bias) -> torch.Tensor:
     """Eager attention of the last q_len positions over kv_len cached keys, fp32 softmax, the same edits
-    and masking as role_attention. Returns [B, q_len, Hq, D] in query's dtype."""
-    batch, num_heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    groups = num_heads // key.shape[1]
-    k = key.float().repeat_interleave(groups, dim=1)
-    v = value.float().repeat_interleave(groups, dim=1)
-    logits = torch.matmul(query.float(), k.transpose(2, 3)) * scaling              # [B, H, q_len, kv_len]
+    and masking as role_attention. Returns [B, q_len, Hq, D] in query's dtype. Grouped-query heads are folded
+    into the query rows (query head h uses kv head h // G), so the cache is read once per kv head, not G times."""
+    batch, num_heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = num_heads // kv_heads
+    folded = query.float().reshape(batch, kv_heads, groups * q_len, dim)              # [B, Hkv, G * q_len, D]
+    logits = torch.matmul(folded, key.float().transpose(2, 3)) * scaling
+    logits = logits.view(batch, num_heads, q_len, kv_len)                               # [B, H, q_len, kv_len]
     if query_mask is not None:
         safe_roles = key_roles.clamp(min=0)
-        multiplier = torch.ones_like(logits[:, 0, 0]) if scale is None else scale.to(query.device)[safe_roles]
-        offset = torch.zeros_like(logits[:, 0, 0]) if bias is None else bias.to(query.device)[safe_roles]
+        multiplier = torch.ones_like(logits[:, 0, 0]) if scale is None else scale[safe_roles]
+        offset = torch.zeros_like(logits[:, 0, 0]) if bias is None else bias[safe_roles]
         edited = logits * multiplier[:, None, None, :] + offset[:, None, None, :]
         logits = torch.where(query_mask[:, None, :, None], edited, logits)
     positions = torch.arange(kv_len, device=query.device)
     query_positions = torch.arange(kv_len - q_len, kv_len, device=query.device)
     allowed = (key_roles >= 0)[:, None, None, :] & (positions[None, :] <= query_positions[:, None])[None, None]
     logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    return torch.matmul(probs, v).to(query.dtype).transpose(1, 2)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(batch, kv_heads, groups * q_len, kv_len)
+    out = torch.matmul(probs, value.float()).view(batch, num_heads, q_len, dim)
+    return out.to(query.dtype).transpose(1, 2)
