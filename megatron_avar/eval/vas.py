@@ -2,7 +2,8 @@
 table can carry the Visual Attention Score next to accuracy (docs/method.md, 'Visual Attention Score (VAS)':
 prompt-only prefill, all layers
 and heads, the sink in K_sys). The prompts are the benchmark's own, rendered as for generation; the
-attention goes through the same role_attention hook and accumulator as `avar vas`.
+attention goes through the same hook (plain attention, the probe on the VAS query rows) and accumulator as
+`avar vas`.
 """
 
 from __future__ import annotations
