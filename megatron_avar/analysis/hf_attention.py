@@ -1,4 +1,4 @@
-"""role_attention inside a loaded Hugging Face Qwen2.5-VL model, through transformers' AttentionInterface.
+"""AVAR's attention inside a loaded Hugging Face Qwen2.5-VL model, through transformers' AttentionInterface.
 
     with RoleAttentionHook(model) as hook:
         hook.set_batch(roles, on_mass=lambda layer, mass: ..., intervention=spec)   # roles [B, S], PAD = -1
@@ -98,7 +98,7 @@ def _register() -> None:
 
 
 class RoleAttentionHook:
-    """Context manager running a HF model's text attention through role_attention (module docstring).
+    """Context manager running a HF model's text attention through this project's attention (module docstring).
 
     impl: the kernel family ("auto": Triton on CUDA, blockwise on CPU; the plain attention beside it is
     ``ops.causal_attention.PLAIN_ATTENTION_FOR[impl]``: Triton / SDPA). Hooks do not nest
