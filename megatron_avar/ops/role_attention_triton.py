@@ -516,8 +516,9 @@ def _configs(shapes):
 # results, a fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py).
 # Every 2-byte candidate is one ptxas compiles without register spills at Qwen2.5-VL's attention shape (D=128,
 # bf16, fused-QKV views), with every feature on and with none (tests/ops/role_attention_aot.py checks them all).
-# Spilling shapes dropped on that evidence: forward 128x64 w4 s3 (~1.4 KiB/thread), 128x128 w8 s2 (~0.4 KiB),
-# 128x32 w4 s3, 64x128 w4 s2; dQ 128x32 w4 s3 (~0.3 KiB), 128x64 w4 s2 (~1.5 KiB), 64x64 w4 s2/s3 (8-16 B).
+# Spilling shapes dropped or not taken on that evidence: forward 128x64 w4 s3 (~1.4 KiB/thread), 128x128 w8 s2
+# (~0.4 KiB), 64x64 w4 s3 (12 B, masses off), 128x32 w4 s3, 64x128 w4 s2; dQ 128x32 w4 s3 (~0.3 KiB), 128x64 w4
+# s2 (~1.5 KiB), 64x64 w4 s2/s3 (8-16 B).
 # dK/dV at D=128: its fp32 dK and dV accumulators take 128 of a thread's 255 registers (BLOCK_N = 16 x num_warps):
 # 16- or 32-row query tiles, the 32-row ones unpipelined.
 AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
