@@ -34,6 +34,7 @@ from megatron_avar.analysis.intervention import InterventionSpec, intervention_q
 from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles
 from megatron_avar.ops import role_attention, role_mass
 from megatron_avar.ops.causal_attention import PLAIN_ATTENTION_FOR, AttentionSpans, attention_spans, causal_attention
+from megatron_avar.ops.role_mass import masses_at_rows
 from megatron_avar.roles import NUM_ROLES, TokenRole
 
 __all__ = ["ATTENTION_NAME", "RoleAttentionHook", "text_attention_modules"]
@@ -259,7 +260,7 @@ class RoleAttentionHook:
                     role_logit_bias=None if bias is None else self._device_copy("bias", bias, device),
                     impl=self.impl, check_values=False)
                 if rows is not None:
-                    mass = mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])[rows]  # [N, H, R]
+                    mass = masses_at_rows(mass, rows)  # [N, H, R]
             else:
                 if self._spans is None:  # a prefill over prompt and generated tokens (after _grow)
                     self._spans = attention_spans(self._batch_roles())

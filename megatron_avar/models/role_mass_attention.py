@@ -52,6 +52,7 @@ from megatron_avar.ops.causal_attention import (
     attention_spans,
     causal_attention,
 )
+from megatron_avar.ops.role_mass import masses_at_rows
 from megatron_avar.roles import NUM_ROLES
 from megatron_avar.segments import segment_cu_seqlens
 
@@ -258,7 +259,7 @@ class RoleMassCoreAttention(MegatronModule):
         if fused:
             out, mass = self._fused(query, key, value, params, cu_seqlens, query_mask, scale, bias)
             if rows is not None:
-                mass = mass.permute(0, 2, 1, 3).reshape(batch * seq, *mass.shape[1::2])[rows]  # [N, H, R]
+                mass = masses_at_rows(mass, rows)  # [N, H, R]
         else:
             out, mass = self._probe(query, key, value, params, cu_seqlens, rows)
         out = out.transpose(0, 1).reshape(seq, batch, -1)

@@ -564,9 +564,8 @@ else:  # Every kernel only stores its outputs (no accumulation across launches):
 def autotune_choices() -> dict[str, list[dict]]:
     """The configuration autotuning chose for each specialisation seen so far in this process, per kernel ("fwd",
     "dkdv", "dq"): [{"key": {tuning argument: value}, "dtypes": [the tensors' dtypes], "config": [BLOCK_M,
-    BLOCK_N, num_warps, num_stages]}]. Empty
-    lists under the interpreter (no autotuning). Benchmarks record it, so candidate lists are pruned from
-    measurements."""
+    BLOCK_N, num_warps, num_stages]}]. Empty lists under the interpreter (no autotuning). Benchmarks record it,
+    so candidate lists are pruned from measurements."""
     choices: dict[str, list[dict]] = {}
     for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq)):
         names = list(getattr(kernel, "keys", []))  # Triton's key: these arguments' values, then tensor dtypes

@@ -29,7 +29,8 @@ import torch
 from megatron_avar.ops.role_attention import _mass_dtype, _resolve_impl, check_common_args
 from megatron_avar.segments import packed_sample_windows
 
-__all__ = ["role_mass", "build_mass_problem", "reference_role_mass", "RoleMassProblem", "MASS_IMPLEMENTATIONS"]
+__all__ = ["role_mass", "masses_at_rows", "build_mass_problem", "reference_role_mass", "RoleMassProblem",
+           "MASS_IMPLEMENTATIONS"]
 
 MASS_IMPLEMENTATIONS = ("auto", "reference", "blockwise", "triton")
 
@@ -58,6 +59,12 @@ class RoleMassProblem:
     key_hi: torch.Tensor
     num_roles: int
     softmax_scale: float
+
+
+def masses_at_rows(mass: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """role_attention's padded masses [B, H, S, R] at flat query rows ``rows`` (b * S + i): [N, H, R], what
+    :func:`role_mass` returns for those rows."""
+    return mass.permute(0, 2, 1, 3).reshape(-1, *mass.shape[1::2])[rows]
 
 
 def role_mass(
