@@ -167,8 +167,8 @@ def tie_forked_children_to_this_process() -> None:
 # Said once, by the logging rank, where it costs something: a CUDA machine without Transformer Engine. On a CPU
 # Transformer Engine cannot be installed, so nothing is said there (megatron-core's own warnings are filtered).
 MISSING_TRANSFORMER_ENGINE_NOTE = (
-    "Transformer Engine is not installed: megatron-core falls back to its local PyTorch attention, norms and "
-    "linear layers and to torch's AdamW (slower, more memory); see docs/installation.md, "
+    "Transformer Engine is not installed: megatron-core falls back to its local PyTorch norms and linear layers "
+    "and to torch's AdamW (slower, more memory); see docs/installation.md, "
     "'GPU clusters: NVIDIA PyTorch containers'")
 
 

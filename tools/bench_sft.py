@@ -19,15 +19,13 @@ so that the sample fills ~80-90% of the sequence: the worst case for attention (
 short packed ones). Batch = 1 row, TP = PP = DP = 1, the trainer's own train_step (forward, backward, optimizer).
 
 Modes, each measured in a fresh process (so peak memory is its own), same data and seed:
-  off       baseline, plain SFT: every layer's attention is the platform's fastest causal attention
+  off       baseline, plain SFT: no AVAR layer; every layer's attention is the platform's fastest causal attention
             (ops.causal_attention "auto": SDPA per sample, FlashAttention-2 on GPU), no masses, no AGTO term
   probe     AVAR SFT as it runs by default: AGTO on (alpha = beta = 0.15), the same attention for the output,
             the masses of AGTO's query rows from the role_mass probe
   probe-triton  (GPU only) as probe, with the output from our Triton kernel with masses compiled out
             (model.role_attention_impl=triton): the other route "auto" takes (many packed samples, fp32)
   fused     AGTO on, output and every row's masses from the fused role_attention kernel
-  megatron  megatron-core's own attention without Transformer Engine (local DotProductAttention: S x S
-            scores), no AVAR layers: what a megatron user without TE runs
   hf-sdpa   Hugging Face's Qwen2.5-VL with SDPA attention, plain LM loss, torch AdamW, same config and tokens:
             what users run without AVAR
 Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
@@ -70,7 +68,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODES = ("off", "probe", "probe-triton", "fused", "megatron", "hf-sdpa")
+MODES = ("off", "probe", "probe-triton", "fused", "hf-sdpa")
 AVAR_MODES = ("probe", "probe-triton", "fused")  # AGTO on
 TEXT_RESERVE_TOKENS = 150  # a procedural sample's text (prompt + reasoning + answer): ~115-135 tokens
 FULL_7B_LAYERS, FULL_7B_HEADS = 28, 28
@@ -193,7 +191,7 @@ def _autotune_choices() -> dict | None:
 
 def _planned_peak_gb(config, qwen, batch) -> float | None:
     """`avar plan`'s predicted peak (GB) for this step's row (its image tokens and AGTO query rows), with the
-    kernel family this GPU runs; None on a CPU, where the measured peak is the process's RSS, not tensors."""
+    GPU kernel family; None on a CPU, where the measured peak is the process's RSS, not tensors."""
     from megatron_avar import platform
     from megatron_avar.plan import Assumptions, microbatch_row_counts, plan_sft
 
@@ -204,21 +202,20 @@ def _planned_peak_gb(config, qwen, batch) -> float | None:
                                                   exclude_sink=config.avar.exclude_sink)
     assumptions = Assumptions(gpus=1, image_fraction=image_tokens / seq,
                               query_fraction=queries / seq, sample_tokens=batch.num_real_tokens,
-                              kernels="gpu" if platform.transformer_engine_available() else "gpu-no-te")
+                              kernels="gpu")
     return plan_sft(config, qwen, "bench", assumptions).memory.peak / 1e9
 
 
 def _megatron_steps(config, qwen, dtype, mode):
-    """train_step of our trainer: AVAR layers everywhere (their attention) except in mode "megatron"."""
+    """train_step of our trainer: every layer an AVAR layer in the AGTO modes, none in "off"."""
     from megatron_avar.sft.trainer import train_step
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     layout = init_distributed(1, 1, seed=config.train.seed)
-    every_layer = tuple(range(qwen.text.num_layers))
-    model = build_model(qwen, config.parallel, dtype=dtype, recompute="none",
-                        role_mass_layers=() if mode == "megatron" else every_layer, hf_path=None)
+    avar_layers = tuple(range(qwen.text.num_layers)) if mode in AVAR_MODES else ()  # (): no sink, no masses
+    model = build_model(qwen, config.parallel, dtype=dtype, recompute="none", role_mass_layers=avar_layers,
+                        hf_path=None)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
-    avar_layers = every_layer if mode in AVAR_MODES else ()  # (): no sink, so no masses at all
     return lambda batch: train_step(model, batch, config, avar_layers=avar_layers, layout=layout)
 
 

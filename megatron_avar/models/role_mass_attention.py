@@ -20,15 +20,18 @@ How the per-batch inputs reach every layer: megatron hands one per-batch object 
 attention call, ``packed_seq_params`` — through the transformer block, full-layer activation recompute
 (the recomputed forward sees the same object, by closure) and every pipeline schedule. Its subclass
 :class:`RoleMassParams` carries the token roles, the packing of samples into rows, the logit edits of the
-training-free intervention and the sink. Standard layers get the same object; their core attention is
-wrapped by :func:`ignoring_role_mass_params`, since their dense attention mask already encodes padding
-and packing.
+training-free intervention and the sink.
 
-Under context parallelism (``RoleMassParams.context``) each rank holds part of every row: the layer gathers the
+Standard (non-AVAR) layers run :class:`PlainCoreAttention`: the same attention for ``out``, reporting no masses.
+No layer runs megatron's own core attentions: the local one forms S x S scores, and Transformer Engine's (under a
+``causal`` mask type) would ignore the dense mask that holds padding and packing. A model called without token
+roles gives every real token role 0 (its params then only mark padding and packing): no layer ever needs the dense
+[B, 1, S, S] mask.
+
+Under context parallelism (``RoleMassParams.context``) each rank holds part of every row: every layer gathers the
 row's keys and values over the CP group and the sink gets the exact masses of all its rows on every CP rank
-(``models.context_parallel``); standard layers then use :class:`ContextParallelCoreAttention` (the same path,
-without masses). Masses come from the probe there: the fused kernel, the intervention's edits and sinks without
-``query_rows`` are refused.
+(``models.context_parallel``). Masses come from the probe there: the fused kernel, the intervention's edits and
+sinks without ``query_rows`` are refused.
 
 Under tensor parallelism each rank holds ``Hq / tp`` query heads: masses are per local head, and a sink
 that averages over heads divides the local sum by the global head count (``LayerHeads``), which makes
@@ -57,7 +60,7 @@ from megatron_avar.roles import NUM_ROLES
 from megatron_avar.segments import segment_cu_seqlens
 
 __all__ = ["RoleMassParams", "RoleLogitEdits", "LayerHeads", "MassSink", "RoleMassCoreAttention",
-           "ContextParallelCoreAttention", "ignoring_role_mass_params", "MASS_MODES"]
+           "PlainCoreAttention", "MASS_MODES"]
 
 MASS_MODES = ("probe", "fused")
 
@@ -206,8 +209,7 @@ class RoleMassCoreAttention(MegatronModule):
     required), not from the dense attention mask.
     """
 
-    uses_dense_mask = False  # the model skips building the [B, 1, S, S] mask when no layer needs it
-    reports_masses = True    # False: a standard layer under context parallelism (ContextParallelCoreAttention)
+    reports_masses = True  # False: a standard layer (PlainCoreAttention)
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
@@ -235,8 +237,8 @@ class RoleMassCoreAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                 attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> torch.Tensor:
         if not isinstance(packed_seq_params, RoleMassParams):
-            raise ValueError(f"decoder layer {self.layer_index} is an AVAR layer: the model must be called with "
-                             "token roles (RoleMassParams as packed_seq_params); got "
+            raise ValueError(f"decoder layer {self.layer_index}'s core attention takes padding and packing from "
+                             "RoleMassParams as packed_seq_params (Qwen25VLModel.forward builds them); got "
                              f"{type(packed_seq_params).__name__}")
         if attention_bias is not None:
             raise ValueError("role-mass attention takes no attention_bias")
@@ -331,31 +333,13 @@ class RoleMassCoreAttention(MegatronModule):
         return out, mass
 
 
-class ContextParallelCoreAttention(RoleMassCoreAttention):
-    """The core attention of a standard (non-AVAR) layer under context parallelism: the same attention over the
-    gathered row, reporting no masses (megatron's local attention has no context-parallel path)."""
+class PlainCoreAttention(RoleMassCoreAttention):
+    """The core attention of a standard (non-AVAR) layer: an AVAR layer's attention for ``out`` (also under context
+    parallelism), reporting no masses."""
 
     reports_masses = False
-
 
 
 def _whole_rows(batch: int, seq: int, device) -> torch.Tensor:
     """cu_seqlens of a padded batch seen as one THD stream: each row one sample (padding keys are masked)."""
     return torch.arange(0, (batch + 1) * seq, seq, device=device, dtype=torch.int32)
-
-
-def ignoring_role_mass_params(core_attention_cls: type) -> type:
-    """A subclass of a standard megatron core attention (local DotProductAttention, TEDotProductAttention) that
-    drops :class:`RoleMassParams` before its forward: in non-AVAR layers the dense attention mask already
-    holds padding and packing, and the roles are not needed."""
-
-    class WithoutRoleMassParams(core_attention_cls):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None, **kwargs):
-            if isinstance(packed_seq_params, RoleMassParams):
-                packed_seq_params = None
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
-
-    WithoutRoleMassParams.__name__ = WithoutRoleMassParams.__qualname__ = f"{core_attention_cls.__name__}IgnoringRoles"
-    return WithoutRoleMassParams

@@ -15,7 +15,7 @@ import importlib
 # model configs, whose package imports torch).
 _EXPORTS = {
     "gpus": ("GPUS", "Verdict", "gpu_named", "verdict"),
-    "memory": ("CPU_KERNELS", "GPU_KERNELS", "GPU_NO_TE_KERNELS", "KERNELS", "Kernels", "MemoryPlan", "Parallelism",
+    "memory": ("CPU_KERNELS", "GPU_KERNELS", "KERNELS", "Kernels", "MemoryPlan", "Parallelism",
                "StageMemory", "StepShape", "memory_plan", "stage_parameters"),
     "runs": ("Assumptions", "RunPlan", "load_model_config", "microbatch_row_counts", "plan_config", "plan_grpo",
              "plan_sft"),

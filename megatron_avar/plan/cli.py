@@ -17,7 +17,6 @@ _LABELS: dict[str, str] = {
     "rollout_model_copy": "rollout model copy (local backend)", "logits": "logits",
     "weight_gradient": "weight gradient", "recomputed_layer": "recomputed layer",
     "recomputed_vision_block": "recomputed vision block",
-    "attention_scores": "local attention scores (backward)",
 }
 
 
@@ -45,9 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--sample-tokens", type=int, default=None,
                         help="mean tokens per packed sample (attention FLOPs; GRPO rows); None: min(2048, "
                              "seq_length) for sft, the longest rollout for grpo")
-    parser.add_argument("--kernels", choices=("gpu", "gpu-no-te", "cpu"), default="gpu",
-                        help="kernel family: gpu (Transformer Engine, Triton AVAR attention), gpu-no-te (megatron's "
-                             "local modules on CUDA), cpu")
+    parser.add_argument("--kernels", choices=("gpu", "cpu"), default="gpu",
+                        help="kernel family: gpu (with or without Transformer Engine: the same bytes), cpu")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
     parser.set_defaults(handler=_run)
 

@@ -11,9 +11,9 @@ What each pipeline stage holds at its peak, the first backward pass after the la
                 vision encoder     in-flight micro-batches holding chunk 0 of stage 0 x patches x m_vision
                 AVAR masses        rows read x heads/tp x (roles + 1) x 4 per AVAR layer that feeds a loss
                 head inputs        tokens x b_norm·h / t_sp                (last stage: final norm, output layer)
-    transient   the largest of:    the logits phase (last stage), the backward of a layer's local attention
-                                   scores, one recomputed layer or vision block (full recompute), the weight
-                                   gradient of the largest weight before DDP adds it to its fp32 buffer
+    transient   the largest of:    the logits phase (last stage), one recomputed layer or vision block (full
+                                   recompute), the weight gradient of the largest weight before DDP adds it to
+                                   its fp32 buffer
     peak        static + stored + transient
 
 Tokens of a micro-batch on a rank: rows x seq_length / cp. Bytes saved for backward per token and decoder layer
@@ -21,9 +21,10 @@ Tokens of a micro-batch on a rank: rows x seq_length / cp. Bytes saved for backw
 parallelism, else 1; b_act = 2 in bf16, 4 in fp32):
 
     m_layer = 2·b_norm·h / t_sp + b_act·((a_h·h + a_g·g) / t + n_mlp·f / t + n_rope·d)
-              (+ the [heads/t, s, s] probabilities of megatron's local attention in a standard layer)
               under context parallelism (every layer's attention gathers the row): + 2·b_act·g·s / (t·tokens) for
-              the gathered keys and values, and no probabilities
+              the gathered keys and values
+Every layer's attention is this project's (``models.role_mass_attention``: AVAR and standard layers alike), so no
+layer keeps S x S scores and no dense [s, s] mask exists.
     recompute "full":       b_act·h / t_sp per layer (the layer's input), plus one layer's m_layer while it is
                             recomputed
     recompute "selective":  megatron's core-attention recompute: the attention keeps only its inputs and output
@@ -42,19 +43,18 @@ Logits (last stage, one micro-batch at a time; L = tokens x vocab / t): the LM l
 entropy upcasts to fp32, keeps the softmax in place) peaks at 6·L bytes in bf16 (bf16 logits + their fp32 copy;
 again in backward: fp32 softmax gradient + its bf16 cast) and 4·L in fp32, and at 2·L + the output layer's weight
 gradient when that is larger; GRPO's response loss (``grpo.policy``: the response rows gathered, upcast and divided
-by the temperature) peaks at b_act·L + 8·N·vocab/t for N response rows. A standard layer under megatron's local
-attention forms its probabilities again in backward: (8 + b_act) bytes per score (the fp32 gradients of the softmax
-and of its input, the cast).
+by the temperature) peaks at b_act·L + 8·N·vocab/t for N response rows.
 
 In flight on pipeline rank r (megatron's schedules): plain 1F1B keeps min(pp - r, micro-batches) forward passes;
 the interleaved schedule (v model chunks per rank) keeps its warm-up, (pp - r - 1)·2 + (v - 1)·pp chunk forwards,
 plus one, the chunks taking turns in groups of pp micro-batches (megatron's schedule table).
 
 The coefficients are counted from what the kernels save (``Kernels`` documents each); the CPU family's are checked
-against the tensors autograd saves in a toy model and the peak of toy runs, the GPU family without Transformer
-Engine against the one recorded H200 measurement (tests/plan/test_plan_measured.py). The Transformer Engine
-family is not measured yet. Context parallelism's activations are checked on CPU toy runs at CP=2 (each rank's
-saved tensors). Not counted: the CUDA context, NCCL
+against the tensors autograd saves in a toy model and the peak of toy runs (tests/plan/test_plan_measured.py). The
+GPU family is not measured yet: the one H200 record in tools/results predates this project's attention in standard
+layers (it ran megatron's local attention there); the GPU check (tools/gpu_check.py) writes the plan's peak beside
+each measured one. Context parallelism's activations are checked on CPU toy runs at CP=2 (each rank's saved
+tensors). Not counted: the CUDA context, NCCL
 buffers, the caching allocator's fragmentation (the verdict's reserve in ``plan.gpus``), and the data loader's
 host memory.
 """
@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from megatron_avar.models.qwen2_5_vl.config import RECOMPUTE_MODES
 from megatron_avar.roles import NUM_ROLES
 
-__all__ = ["Parallelism", "StepShape", "Kernels", "GPU_KERNELS", "GPU_NO_TE_KERNELS", "CPU_KERNELS", "KERNELS",
+__all__ = ["Parallelism", "StepShape", "Kernels", "GPU_KERNELS", "CPU_KERNELS", "KERNELS",
            "StageMemory", "MemoryPlan", "stage_parameters", "memory_plan", "RECOMPUTE_MODES", "LOSS_KINDS"]
 
 LOSS_KINDS = ("lm", "response")
@@ -147,42 +147,33 @@ class Kernels:
     """What a kernel family saves for backward, per token and decoder layer (per patch and vision block).
 
     Norms are not a field: every family's keep the same (module docstring, b_norm).
-    avar_attention / standard_attention / selective_attention: (units of h, units of g), the attention of an AVAR
-    layer, of a standard layer, and of either under selective recompute, from: the fused qkv output (kept whole
-    while a kernel holds the value as a view of it), the roped q and k, k and v repeated to the query heads, the
-    kernel's own output and the projection's input. standard_scores: the standard attention keeps its [heads, s, s]
-    probabilities (megatron's local attention: fp32 softmax, plus the bf16 cast in bf16). mlp: units of f (SwiGLU:
+    attention / selective_attention: (units of h, units of g), a layer's attention (AVAR and standard layers run
+    the same one; the probe's masses are counted apart), and under selective recompute, from: the fused qkv output
+    (kept whole while a kernel holds the value as a view of it), the roped q and k, k and v repeated to the query
+    heads, the kernel's own output and the projection's input. mlp: units of f (SwiGLU:
     fused keeps the fc1 output and the fc2 input, 3; unfused also the activation and the linear half's offset
     copy, 5). rope: units of head_dim (cos and sin for q and k). vision_attention / vision_mlp: a vision block's
     windowed SDPA (gathered q, k, v, its output, the projection input: 5 hv) and MLP (units of fv).
     """
 
     name: str
-    avar_attention: tuple[int, int]
-    standard_attention: tuple[int, int]
+    attention: tuple[int, int]
     selective_attention: tuple[int, int]
-    standard_scores: bool
     mlp: int
     rope: int
     vision_attention: int
     vision_mlp: int
 
 
-# GPU with Transformer Engine (the clusters): TE layers, the Triton AVAR attention (q, k, v views, its output, then
-# the masked copy the projection reads), TE's fused attention elsewhere (its output is the projection's input),
-# fused SwiGLU. Not measured yet.
-GPU_KERNELS = Kernels(name="gpu", avar_attention=(4, 3), standard_attention=(3, 3), selective_attention=(3, 3),
-                      standard_scores=False, mlp=3, rope=4, vision_attention=5, vision_mlp=3)
-# GPU without Transformer Engine: megatron's local modules (our RMSNorm, local S x S attention with k and v repeated
-# to the query heads), the Triton AVAR attention, megatron's fused SwiGLU.
-GPU_NO_TE_KERNELS = Kernels(name="gpu-no-te", avar_attention=(4, 3), standard_attention=(4, 0),
-                            selective_attention=(3, 3), standard_scores=True, mlp=3, rope=4, vision_attention=5,
-                            vision_mlp=3)
-# CPU: megatron's local modules, SDPA per packed sample with k and v repeated to the query heads (AVAR layers),
-# megatron's local S x S attention in standard layers, unfused SwiGLU.
-CPU_KERNELS = Kernels(name="cpu", avar_attention=(5, 1), standard_attention=(4, 0), selective_attention=(3, 3),
-                      standard_scores=True, mlp=5, rope=4, vision_attention=5, vision_mlp=5)
-KERNELS = {k.name: k for k in (GPU_KERNELS, GPU_NO_TE_KERNELS, CPU_KERNELS)}
+# GPU (Transformer Engine's layers where installed, megatron's local modules otherwise; the same bytes): the
+# attention keeps q, k, v views of the fused qkv output and its output, then the masked copy the projection reads
+# (ops.causal_attention: SDPA or the Triton kernel), fused SwiGLU. Not measured yet.
+GPU_KERNELS = Kernels(name="gpu", attention=(4, 3), selective_attention=(3, 3), mlp=3, rope=4, vision_attention=5,
+                      vision_mlp=3)
+# CPU: megatron's local modules, SDPA per packed sample with k and v repeated to the query heads, unfused SwiGLU.
+CPU_KERNELS = Kernels(name="cpu", attention=(5, 1), selective_attention=(3, 3), mlp=5, rope=4, vision_attention=5,
+                      vision_mlp=5)
+KERNELS = {k.name: k for k in (GPU_KERNELS, CPU_KERNELS)}
 
 
 def _norm_bytes(value: int) -> int:
@@ -290,36 +281,23 @@ def _tokens(shape: StepShape, parallel: Parallelism) -> int:
     return shape.micro_batch_size * math.ceil(shape.seq_length / parallel.cp)
 
 
-def _scores(text, shape: StepShape, parallel: Parallelism) -> float:
-    """Attention scores of one standard layer and micro-batch: [rows, heads / tp, s / cp, s]."""
-    return shape.micro_batch_size * text.num_attention_heads / parallel.tp * shape.seq_length ** 2 / parallel.cp
-
-
-def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels, *, avar: bool,
-                 recompute: str) -> float:
+def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels, *, recompute: str) -> float:
     """Bytes one decoder layer keeps for one micro-batch under ``recompute``."""
     h, g, f, d = text.hidden_size, text.num_query_groups * text.head_dim, text.ffn_hidden_size, text.head_dim
     tokens, value = _tokens(shape, parallel), shape.bytes_per_value
     sp = parallel.tp if parallel.sequence_parallel else 1
     if recompute == "full":
         return tokens * h / sp * value
-    if recompute == "selective":
-        attention = kernels.selective_attention
-    else:
-        attention = kernels.avar_attention if avar else kernels.standard_attention
+    attention = kernels.selective_attention if recompute == "selective" else kernels.attention
     per_token = (2 * _norm_bytes(value) * h / sp
                  + value * ((attention[0] * h + attention[1] * g) / parallel.tp + kernels.mlp * f / parallel.tp
                             + kernels.rope * d))
     stored = tokens * per_token
     if parallel.cp > 1:
         # every layer's attention is models.context_parallel's: it keeps the whole row's gathered keys and values
-        # (selective recompute gathers them again in backward), and no layer forms scores
+        # (selective recompute gathers them again in backward)
         if recompute == "none":
             stored += 2 * shape.micro_batch_size * shape.seq_length * g / parallel.tp * value
-        return stored
-    if kernels.standard_scores and not avar and recompute == "none":
-        # megatron's local attention keeps fp32 probabilities (and their bf16 cast in bf16)
-        stored += _scores(text, shape, parallel) * (4 + (value if value != 4 else 0))
     return stored
 
 
@@ -397,10 +375,7 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
         decoder = vision_bytes = masses = 0.0
         for chunk_index in flights:
             layers = chunks[chunk_index]
-            decoder += sum(_layer_bytes(text, shape, parallel, kernels, avar=i in avar, recompute=shape.recompute)
-                           for i in layers)
-            if parallel.cp == 1 and any(i not in avar for i in layers):  # the standard layers' dense [b,1,s,s] mask
-                decoder += shape.micro_batch_size * shape.seq_length ** 2 / parallel.cp
+            decoder += len(layers) * _layer_bytes(text, shape, parallel, kernels, recompute=shape.recompute)
             if first and chunk_index == 0:
                 vision_bytes += _vision_bytes(vision, shape, parallel, kernels)
             if shape.recompute != "full":
@@ -414,12 +389,8 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
                                      * text.hidden_size / sp)
             transient["logits"] = _logits_bytes(text, shape, parallel, text.vocab_size // parallel.tp
                                                 * text.hidden_size)
-        if kernels.standard_scores and any(i not in avar for chunk in chunks for i in chunk):
-            transient["attention_scores"] = _scores(text, shape, parallel) * (8 + value)
         if shape.recompute == "full":
-            transient["recomputed_layer"] = max(
-                _layer_bytes(text, shape, parallel, kernels, avar=i in avar, recompute="none")
-                for chunk in chunks for i in chunk)
+            transient["recomputed_layer"] = _layer_bytes(text, shape, parallel, kernels, recompute="none")
             if first and shape.image_tokens:
                 transient["recomputed_vision_block"] = (_vision_patches(vision, shape, parallel)
                                                         * _vision_block_bytes(vision, parallel, kernels, value))

@@ -39,7 +39,7 @@ class Assumptions:
     sample (None: min(2048, seq_length) for SFT; the longest rollout, prompt + response, for GRPO).
     query_fraction: share of a row that AGTO reads masses of (user text after the image). mfu: the model FLOPs
     utilisation the step time is predicted at. kernels: the kernel family (``plan.memory.KERNELS``): "gpu"
-    (Transformer Engine, Triton), "gpu-no-te" (megatron's local modules on CUDA, Triton) or "cpu"."""
+    (with or without Transformer Engine) or "cpu"."""
 
     gpus: int | None = None
     image_fraction: float = 0.5

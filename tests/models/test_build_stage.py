@@ -26,7 +26,8 @@ def _built(hf_dir):
     other_dtypes = {p.dtype for n, p in bf16.named_parameters()
                     if not ("layernorm" in n or n.endswith("norm.weight"))}
     avar = sorted(i for i, layer in enumerate(bf16.language_model.decoder.layers)
-                  if isinstance(layer.self_attention.core_attention, RoleMassCoreAttention))
+                  if isinstance(layer.self_attention.core_attention, RoleMassCoreAttention)
+                  and layer.self_attention.core_attention.reports_masses)  # the others: PlainCoreAttention
     fp32 = build_stage(Qwen25VLConfig.from_hf(hf_dir), tp=1, pp=1, dtype=torch.float32,
                        device=platform.current_device(), hf_tensors=iter_lazy_tensors(Path(hf_dir)))
     exported = {k: v.cpu() for k, v in export_hf_state_dict(fp32, Qwen25VLConfig.from_hf(hf_dir)).items()}

@@ -4,7 +4,7 @@ sink reads (rows held by either rank), and the CP ranks' gradients add up to the
 LM loss and an auxiliary loss of the masses — on a padded batch, on a packed row whose samples are split
 across the ranks, and on one image for two ranks. Each rank encodes its share of the images (the other one's
 vision gradients come through the gathered features), a rank without images the blank merge group. Layer 1 is
-a standard layer (ContextParallelCoreAttention), layers 0 and 2 AVAR layers.
+a standard layer (PlainCoreAttention), layers 0 and 2 AVAR layers.
 
 Also: the load-balanced split itself (chunks r and 2cp-1-r), the row-length refusal, and no host synchronisation
 inside the layers' forward or backward on the GPU kernel path under CP. The attention runs in
@@ -237,7 +237,7 @@ def _no_sync_under_context_parallelism():
     inputs, roles, packing = _cases()["packed"]
     sink = AuxSink(torch.nonzero(roles.reshape(-1) == TokenRole.USER_TEXT, as_tuple=True)[0])
     forward = role_mass_attention.RoleMassCoreAttention.forward
-    # (the standard layers' ContextParallelCoreAttention inherits it)
+    # (the standard layers' PlainCoreAttention inherits it)
     role_mass_attention.RoleMassCoreAttention.forward = forward_refusing_host_syncs(forward)
     try:
         loss = model(inputs["input_ids"], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],

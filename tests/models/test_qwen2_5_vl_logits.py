@@ -19,10 +19,10 @@ ROLE_MASS_LAYERS = {1}
 
 
 def _recording_attention():
-    """A DotProductAttention that counts its calls: any core attention can be swapped in."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    """A role-mass core attention that counts its calls: any core attention class can be swapped in."""
+    from megatron_avar.models.role_mass_attention import RoleMassCoreAttention
 
-    class RecordingAttention(DotProductAttention):
+    class RecordingAttention(RoleMassCoreAttention):
         calls = 0
 
         def forward(self, *args, **kwargs):
@@ -73,7 +73,8 @@ def _tp1_results():
                              hf.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output)
     labels = torch.roll(inputs["input_ids"], -1, dims=1)
     results["loss"] = (_forward(model, inputs, labels=labels),
-                       F.cross_entropy(hf_logits(hf, inputs).transpose(1, 2), labels, reduction="none"))
+                       F.cross_entropy(hf_logits(hf, inputs).transpose(1, 2), labels, reduction="none"),
+                       inputs["attention_mask"].bool())
     results["export"] = (export_hf_state_dict(model, config), hf.state_dict())
 
     text = case_batch("text_only")  # with autograd on, a text-only batch also runs the blank image (times zero)
@@ -141,9 +142,10 @@ def test_vision_features_equal_hf(results):
 
 
 def test_per_token_loss_equals_hf_cross_entropy(results):
-    ours, reference = results["loss"]
+    ours, reference, real = results["loss"]
     assert ours.shape == reference.shape
-    torch.testing.assert_close(ours, reference, rtol=RELATIVE_TOLERANCE, atol=1e-6)
+    # real tokens (padding rows: as in test_logits_equal_hf; no loss reads them, labels mask them)
+    torch.testing.assert_close(ours[real], reference[real], rtol=RELATIVE_TOLERANCE, atol=1e-6)
 
 
 def test_a_text_only_training_batch_gives_every_vision_parameter_a_zero_gradient(results):
@@ -168,7 +170,7 @@ def test_logit_check_detects_a_wrong_qkv_layout(results):
 
 def test_core_attention_is_swapped_only_in_the_chosen_layers(results):
     swap = results["swap"]
-    standard = "DotProductAttentionIgnoringRoles"  # the local attention, told to ignore AVAR per-batch inputs
+    standard = "PlainCoreAttention"  # never megatron's own core attention
     assert swap["core_attention_types"] == [standard, "RecordingAttention", standard]
     assert swap["calls"] == 1  # one forward, one layer
     ours, plain = swap["logits"]
@@ -209,7 +211,9 @@ def test_role_mass_layers_are_global_indexes_under_pipeline_parallelism():
     assert chosen == {0: [6], 1: [0, 1, 6], 2: [], 3: []}
     with pytest.raises(ValueError, match=r"role_mass_layers \[28\] are outside \[0, num_layers=28\)"):
         language_block_spec(config, role_mass_layers={28}, role_mass_core_attention=RoleMassAttention)
-    from megatron_avar.models.role_mass_attention import RoleMassCoreAttention
+    from megatron_avar.models.role_mass_attention import PlainCoreAttention, RoleMassCoreAttention
 
     default = language_block_spec(config, role_mass_layers={3})
-    assert default.layer_specs[3].submodules.self_attention.submodules.core_attention is RoleMassCoreAttention
+    core = [layer.submodules.self_attention.submodules.core_attention for layer in default.layer_specs]
+    # no layer keeps megatron's own core attention (local: S x S scores; TE: ignores the packing under "causal")
+    assert core[3] is RoleMassCoreAttention and all(c is PlainCoreAttention for i, c in enumerate(core) if i != 3)

@@ -52,7 +52,7 @@ class RowRecorder(Recorder):
         self.query_rows = rows
 
 
-def _build(config, tp):
+def _build(config, tp, role_mass_layers=ALL_LAYERS):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_avar.models.qwen2_5_vl import MegatronSettings
@@ -60,7 +60,7 @@ def _build(config, tp):
 
     return Qwen25VLModel(config, MegatronSettings(tensor_model_parallel_size=tp, perform_initialization=False),
                          pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
-                         role_mass_layers=ALL_LAYERS).eval()
+                         role_mass_layers=role_mass_layers).eval()
 
 
 def _run(model, inputs, roles, recorder=None, **kwargs):
@@ -132,6 +132,12 @@ def _results(tp):
                                  pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                                  token_roles=roles, mass_mode="probe").detach()
     out["lengths"] = inputs["attention_mask"].sum(1).tolist()
+    # No AVAR layer and no token roles: every layer is a standard one (PlainCoreAttention), packing from segment_ids.
+    plain = _build(config, 1, role_mass_layers=())
+    load_hf_state_dict(plain, hf.state_dict(), config)
+    with torch.no_grad():
+        out["plain_packed"] = plain(packed_inputs["input_ids"], pixel_values=packed_inputs["pixel_values"],
+                                    image_grid_thw=packed_inputs["image_grid_thw"], **packing)
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         out["eager"] = hf(**inputs, mm_token_type_ids=(inputs["input_ids"] == IMAGE).int(),
@@ -210,6 +216,16 @@ def test_probe_mode_logits_equal_hf_with_and_without_a_sink(tp1):
     _, reference, real = tp1["logits"]
     for ours in (tp1["probe"][0], tp1["probe_no_sink"]):
         assert ((ours - reference)[real].abs().max() / reference[real].abs().max()) < RELATIVE_TOLERANCE
+
+
+def test_standard_layers_keep_packed_samples_apart(tp1):
+    """A model without AVAR layers, called without token roles: its packed row's logits are each sample's own, as
+    HF gives them for the samples in separate rows (no layer attends across samples or to padding)."""
+    logits, (_, reference, _) = tp1["plain_packed"], tp1["logits"]
+    start = 0
+    for b, length in enumerate(tp1["lengths"][:2]):
+        torch.testing.assert_close(logits[0, start:start + length], reference[b, :length], rtol=1e-4, atol=1e-4)
+        start += length
 
 
 def test_probe_on_a_packed_row_equals_the_samples_run_alone(tp1):

@@ -16,12 +16,14 @@ their per-role attention masses to the sink as they run — on whichever pipelin
 Packed rows (several samples back to back in one row, ``segment_ids``): attention never crosses samples;
 pass the per-sample position ids (:func:`mrope_position_ids` per sample, concatenated).
 
+Every decoder layer's core attention is this project's (``models.role_mass_attention``): AVAR layers
+:class:`RoleMassCoreAttention`, the others :class:`PlainCoreAttention` — the platform's fastest causal attention
+with padding and packing taken from the token roles and ``segment_ids``, memory O(S), no [B, 1, S, S] mask.
+
 Context parallelism (``MegatronSettings.context_parallel_size`` > 1): every rank of the CP group is called with
 the whole rows; each rank encodes its share of the images and the ranks all-gather the image features, the
 embedding runs on the whole rows, then the language model keeps this rank's tokens (``models.context_parallel``).
-Logits and per-token losses are of those tokens, in ``context_parallel.local_positions`` order; every decoder
-layer's attention is ours (AVAR layers: :class:`RoleMassCoreAttention`, the others
-:class:`ContextParallelCoreAttention`).
+Logits and per-token losses are of those tokens, in ``context_parallel.local_positions`` order.
 """
 
 from __future__ import annotations
@@ -45,23 +47,21 @@ from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
 from megatron_avar.models.role_mass_attention import (
-    ContextParallelCoreAttention,
     MassSink,
+    PlainCoreAttention,
     RoleLogitEdits,
     RoleMassCoreAttention,
     RoleMassParams,
-    ignoring_role_mass_params,
 )
 from megatron_avar.roles import NUM_ROLES
 
-__all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features",
-           "decoder_attention_mask"]
+__all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features"]
 
 
-def language_layer_spec(core_attention: type | None = None):
+def language_layer_spec(core_attention: type):
     """ModuleSpec of one Qwen2 decoder layer: Transformer Engine modules when the platform has them, megatron's
-    local modules otherwise; ``core_attention`` (a megatron core-attention class or ModuleSpec) replaces the
-    standard one, which is wrapped to ignore the AVAR per-batch inputs (its dense mask holds the packing)."""
+    local modules otherwise, with ``core_attention`` (a core-attention class of ``models.role_mass_attention``, or
+    a ModuleSpec) in place of megatron's."""
     if platform.transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -74,7 +74,7 @@ def language_layer_spec(core_attention: type | None = None):
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchNorm  # pyright: ignore[reportAttributeAccessIssue]
     # (megatron types ModuleSpec.submodules as object; a GPT layer spec holds TransformerLayerSubmodules)
     attention = spec.submodules.self_attention.submodules  # pyright: ignore[reportAttributeAccessIssue]
-    attention.core_attention = core_attention or ignoring_role_mass_params(attention.core_attention)
+    attention.core_attention = core_attention
     return spec
 
 
@@ -84,7 +84,7 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
     """`TransformerBlockSubmodules` for the decoder layers of one pipeline stage (``pp_rank``, ``vp_stage``).
 
     Layers whose 0-based global index is in ``role_mass_layers`` get ``role_mass_core_attention`` (default:
-    :class:`RoleMassCoreAttention`); under context parallelism the others get :class:`ContextParallelCoreAttention`.
+    :class:`RoleMassCoreAttention`), the others :class:`PlainCoreAttention`.
     """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -95,8 +95,7 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
         raise ValueError(f"role_mass_layers {outside} are outside [0, num_layers={language_config.num_layers})")
     num_local = get_num_layers_to_build(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
     offset = get_transformer_layer_offset(language_config, vp_stage=vp_stage, pp_rank=pp_rank)
-    standard = language_layer_spec(ContextParallelCoreAttention if language_config.context_parallel_size > 1
-                                   else None)
+    standard = language_layer_spec(PlainCoreAttention)
     with_masses = (language_layer_spec(role_mass_core_attention or RoleMassCoreAttention) if role_mass_layers
                    else standard)
     layer_specs = [with_masses if offset + i in role_mass_layers else standard for i in range(num_local)]
@@ -118,24 +117,6 @@ def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, fe
         raise ValueError(f"the batch has {batch_index.numel()} image tokens but the vision encoder produced "
                          f"{features.shape[0]} image features: image tokens and image_grid_thw disagree")
     return embeddings.index_put((seq_index, batch_index), features.to(embeddings.dtype))
-
-
-def decoder_attention_mask(attention_mask: torch.Tensor | None,
-                           segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-    """megatron's mask (bool [B, 1, S, S], True = not attended) for causal attention over real tokens, from
-    a padding mask [B, S] (nonzero = real token) and, for packed rows, ``segment_ids`` [B, S] (a query sees
-    only keys of its own sample). None (plain causal) when there is neither padding nor packing."""
-    if segment_ids is None and (attention_mask is None or bool(attention_mask.bool().all())):
-        return None
-    reference = attention_mask if attention_mask is not None else segment_ids
-    assert reference is not None  # neither given returned above
-    seq = reference.shape[1]
-    allowed = torch.ones(seq, seq, dtype=torch.bool, device=reference.device).tril()[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return ~allowed
 
 
 def _restore_tensor_parallel_attributes(module: torch.nn.Module) -> None:
@@ -211,11 +192,6 @@ class Qwen25VLModel(MegatronModule):
         self.language_model.rotary_pos_emb.cp_group = None
         self._cp_group = pg_collection.cp if configs.language.context_parallel_size > 1 else None
         _restore_tensor_parallel_attributes(self)
-        # The dense [B, 1, S, S] mask serves only standard core attentions; AVAR layers take padding and packing
-        # from the token roles, so a stage made only of AVAR layers never builds it (S^2 bytes per row).
-        # (torch types a submodule reached by attribute as Tensor | Module)
-        self._dense_mask_needed = any(getattr(layer.self_attention.core_attention, "uses_dense_mask", True)  # pyright: ignore[reportAttributeAccessIssue]
-                                      for layer in self.language_model.decoder.layers)
 
     # megatron's finalize_model_grads all-reduces the tied embedding / output weight between the first and the
     # last pipeline stage through these two GPTModel members of the unwrapped model.
@@ -273,8 +249,9 @@ class Qwen25VLModel(MegatronModule):
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
         batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
         labels int [B, S]. segment_ids int [B, S]: packed rows, the sample index of each token (-1 on padding).
-        token_roles int [B, S] (TokenRole): required when the model has AVAR layers; they report their masses
-        to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention; ``mass_mode``
+        token_roles int [B, S] (TokenRole): needed with ``mass_sink`` or ``logit_edits``; the AVAR layers report
+        their masses to ``mass_sink`` and apply ``logit_edits``; ``role_attention_impl`` as in role_attention (the
+        kernel family of every layer's attention, ``ops.causal_attention.PLAIN_ATTENTION_FOR``); ``mass_mode``
         "probe" or "fused" (``models.role_mass_attention``). ``num_roles``: token_roles lie in [-1, num_roles);
         more than TokenRole's when an analysis gives some tokens a role of their own (VAS's attention sink).
 
@@ -326,25 +303,20 @@ class Qwen25VLModel(MegatronModule):
 
                 tp_group = self.language_model.pg_collection.tp
                 decoder_input = scatter_to_sequence_parallel_region(decoder_input, group=tp_group)
-        role_params = None
-        if token_roles is not None:
-            key_roles = token_roles if attention_mask is None else token_roles.masked_fill(attention_mask == 0, -1)
-            if segment_ids is not None:
-                key_roles = key_roles.masked_fill(segment_ids < 0, -1)
-            role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
-                                         sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split,
-                                         num_roles=num_roles)
-        elif split is not None:  # no roles: every layer is a standard one, and needs only the padding and packing
-            real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
-            if segment_ids is not None:
-                real = real & (segment_ids >= 0)
-            role_params = RoleMassParams(key_roles=torch.where(real, 0, -1), segment_ids=segment_ids,
-                                         impl=role_attention_impl, context=split)
-        if segment_ids is not None and attention_mask is None:
-            attention_mask = (segment_ids >= 0).long()
-        dense_mask = decoder_attention_mask(attention_mask, segment_ids) if self._dense_mask_needed else None
+        if token_roles is None and (mass_sink is not None or logit_edits is not None):
+            raise ValueError("mass_sink and logit_edits need token_roles (TokenRole per token)")
+        # Every layer takes padding and packing from the key roles (-1: never attended): without token roles,
+        # every real token has role 0.
+        key_roles = token_roles if token_roles is not None else torch.zeros_like(input_ids)
+        if attention_mask is not None:
+            key_roles = key_roles.masked_fill(attention_mask == 0, -1)
+        if segment_ids is not None:
+            key_roles = key_roles.masked_fill(segment_ids < 0, -1)
+        role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
+                                     sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split,
+                                     num_roles=num_roles)
         if split is not None:  # the language model sees this rank's tokens only
             input_ids, position_ids = split.local(input_ids, 1), split.local(position_ids, 2)
             labels = None if labels is None else split.local(labels, 1)
-        return self.language_model(input_ids, position_ids, dense_mask,
+        return self.language_model(input_ids, position_ids, None,
                                    decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)
