@@ -9,6 +9,11 @@ per sequence length (1k-32k), forward and forward+backward, for:
   triton, masses off       the same kernels with mass accumulation compiled out (cost of the masses)
   torch SDPA (flash)       torch's FlashAttention backend, K/V pre-expanded to 28 heads; no masses
   torch SDPA (cuDNN)       torch's cuDNN fused-attention backend, same inputs; no masses
+  SDPA cuDNN, GQA          the cuDNN backend on the 4 kv heads (enable_gqa), as our SDPA route would call it
+                           (recorded as failed where that backend refuses GQA)
+  causal_attention[sdpa]   the AVAR layers' plain attention as they call it (ops.causal_attention, the SDPA route,
+                           spans worked out once outside the timed region): GQA in SDPA's kernel, the backend
+                           torch's own dispatch picks
   FlexAttention, LSE/role  the nearest public alternative with masses: compiled flex_attention (GQA), one causal
                            call for out and the log-sum-exp over all keys, one more per role with the other roles'
                            keys masked; mass_r = exp(lse_r - lse) (flex_role_attention). Block masks are built
@@ -56,6 +61,7 @@ from results_meta import git_commit  # noqa: E402
 from megatron_avar import platform  # noqa: E402
 from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention  # noqa: E402
 from megatron_avar.ops import role_attention, role_mass  # noqa: E402
+from megatron_avar.ops.causal_attention import attention_spans, causal_attention  # noqa: E402
 from megatron_avar.ops.role_attention import build_problem, reference_role_attention  # noqa: E402
 
 NUM_ROLES = 5
@@ -130,13 +136,18 @@ def _gpu_methods(q, k, v, roles):
     k_sdpa = k.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
     v_sdpa = v.detach().repeat_interleave(group, 2).transpose(1, 2).requires_grad_()
 
-    def sdpa(backend):
+    def sdpa(backend, gqa=False):
         from torch.nn.attention import sdpa_kernel
+
+        keys, values = (k.transpose(1, 2), v.transpose(1, 2)) if gqa else (k_sdpa, v_sdpa)
 
         def run():
             with sdpa_kernel(backend):
-                return (torch.nn.functional.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, is_causal=True),)
+                return (torch.nn.functional.scaled_dot_product_attention(q_sdpa, keys, values, is_causal=True,
+                                                                         enable_gqa=gqa and group > 1),)
         return run
+
+    spans = attention_spans(roles)  # once per batch, as RoleMassParams does
 
     from torch.nn.attention import SDPBackend
 
@@ -159,6 +170,9 @@ def _gpu_methods(q, k, v, roles):
         "triton, masses off": lambda: role_attention_triton.triton_role_attention(problem, compute_mass=False)[:1],
         "torch SDPA (flash)": sdpa(SDPBackend.FLASH_ATTENTION),
         "torch SDPA (cuDNN)": sdpa(SDPBackend.CUDNN_ATTENTION),
+        "SDPA cuDNN, GQA": sdpa(SDPBackend.CUDNN_ATTENTION, gqa=True),
+        "causal_attention[sdpa]": lambda: (causal_attention(q, k, v, roles, impl="sdpa", check_values=False,
+                                                            spans=spans),),
         "FlexAttention, LSE/role": flex_role_attention(q, k, v, roles, NUM_ROLES),
         "CP rank of 2": context_parallel_rank,
         "eager + mass": lambda: reference_role_attention(problem, compute_dtype=q.dtype),

@@ -188,7 +188,7 @@ class RoleMassParams(PackedSeqParams):
             raise ValueError("context_rows: these params have no context-parallel split with a mass sink")
         return self._context_rows
 
-    def attention_spans(self) -> AttentionSpans | None:
+    def sdpa_spans(self) -> AttentionSpans | None:
         """The spans of real tokens the plain attention may run SDPA over (``ops.causal_attention``), worked out
         with the params; None under context parallelism, in fused mode (no layer runs the plain attention) and
         for the kernel families whose plain attention never runs SDPA (triton, reference)."""
@@ -317,12 +317,12 @@ class RoleMassCoreAttention(MegatronModule):
         q, k, v = (x.transpose(0, 1) for x in (query, key, value))         # [B, S, H, D]
         if cu_seqlens is None:
             out = causal_attention(q, k, v, params.key_roles, softmax_scale=self.softmax_scale, impl=attention_impl,
-                                   check_values=False, spans=params.attention_spans())
+                                   check_values=False, spans=params.sdpa_spans())
         else:
             flat = lambda x: x.reshape(batch * seq, *x.shape[2:])  # noqa: E731
             out = causal_attention(flat(q), flat(k), flat(v), params.key_roles.reshape(-1),
                                    softmax_scale=self.softmax_scale, cu_seqlens=cu_seqlens, impl=attention_impl,
-                                   check_values=False, spans=params.attention_spans()).view(batch, seq, *q.shape[2:])
+                                   check_values=False, spans=params.sdpa_spans()).view(batch, seq, *q.shape[2:])
         if rows is None:
             return out, None
         mass = role_mass(q.reshape(batch * seq, *q.shape[2:]), k.reshape(batch * seq, *k.shape[2:]),
