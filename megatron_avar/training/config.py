@@ -25,10 +25,11 @@ OPTIM_RESUME_FIXED = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.w
 @dataclass(frozen=True)
 class ModelConfig:
     """hf_path: the HF Qwen2.5-VL checkpoint directory training starts from (weights, config, tokenizer and
-    processor). role_attention_impl: kernel family of the AVAR layers ("auto": Triton on GPU, the CPU path
-    otherwise; "blockwise", "triton", "reference"); with "auto" the probe mode's output comes from SDPA per
-    sample (FlashAttention-2 on GPUs, bf16/fp16) where ``ops.causal_attention`` says it pays, and "triton"
-    keeps the output on our Triton kernel too. mass_mode: how AVAR layers get their masses — "probe"
+    processor). role_attention_impl: kernel family of every decoder layer's attention ("auto": Triton on GPU,
+    the CPU path otherwise; "blockwise", "triton", "reference"); with "auto" the output of every layer that
+    runs no fused kernel (standard layers, and AVAR layers in probe mode) comes from SDPA per sample
+    (FlashAttention-2 on GPUs, bf16/fp16) where ``ops.causal_attention`` says it pays, and "triton" keeps it
+    on our Triton kernel too. mass_mode: how AVAR layers get their masses — "probe"
     (default: the fastest plain attention for the output, masses only for the rows the objective reads) or
     "fused" (one kernel computes the output and every row's masses); both give the same step."""
 
