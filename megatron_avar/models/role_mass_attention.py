@@ -97,7 +97,8 @@ class RoleLogitEdits:
 
     query_mask: bool [B, S], the query rows edited (queries after the first image, generated ones included);
     scale / bias: float [R] or [Hq, R] over the GLOBAL query heads (each TP rank takes its slice); either may
-    be None. layers: 0-based global decoder layers where the edits apply; None: every AVAR layer.
+    be None. layers: 0-based global decoder layers where the edits apply; None: every AVAR layer. Standard layers
+    never apply them.
     """
 
     query_mask: torch.Tensor
@@ -119,7 +120,8 @@ class RoleLogitEdits:
 
 @dataclass
 class RoleMassParams(PackedSeqParams):
-    """Per-batch inputs of the AVAR layers, passed to megatron as ``packed_seq_params`` (sbhd format).
+    """Per-batch inputs of every decoder layer's core attention, passed to megatron as ``packed_seq_params`` (sbhd
+    format); the sink, the edits and the mass mode concern the AVAR layers only.
 
     key_roles: int [B, S], TokenRole of every token, -1 on padding (never attended).
     segment_ids: int [B, S] or None: packed rows, the sample index of every token within its row (-1 on
@@ -127,7 +129,8 @@ class RoleMassParams(PackedSeqParams):
     edits: the intervention's logit edits, or None.
     sink: where each AVAR layer's masses go, or None (no masses are needed).
     impl: kernel family ("auto": Triton on GPU, the CPU path otherwise; "triton", "blockwise", "reference").
-    mass_mode: "probe" (fast attention + the probe on the sink's rows) or "fused" (module docstring).
+    mass_mode: "probe" (fast attention + the probe on the sink's rows) or "fused" (module docstring); standard
+        layers run the plain attention in either mode.
     context: the rows' split over the context-parallel group, or None (each rank holds whole rows). Under it,
         key_roles and segment_ids are those of the whole rows (the same on every CP rank).
     num_roles: the key roles' count R (masses are [..., R]): TokenRole's by default; the VAS analysis passes
@@ -164,8 +167,9 @@ class RoleMassParams(PackedSeqParams):
                                  f"{low}..{high}")
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
-        if self.context is None and self.mass_mode == "probe" and PLAIN_ATTENTION_FOR[self.impl] in ("auto", "sdpa"):
-            # the spans the plain attention may run SDPA over (ops.causal_attention), read on the host once per batch
+        if self.context is None and PLAIN_ATTENTION_FOR[self.impl] in ("auto", "sdpa"):
+            # the spans the plain attention (standard layers; AVAR layers in probe mode) may run SDPA over
+            # (ops.causal_attention), read on the host once per batch
             self._spans = attention_spans(self.key_roles.reshape(-1) if self._cu_seqlens is not None
                                           else self.key_roles, self._cu_seqlens)
         if self.context is not None:
@@ -190,8 +194,8 @@ class RoleMassParams(PackedSeqParams):
 
     def sdpa_spans(self) -> AttentionSpans | None:
         """The spans of real tokens the plain attention may run SDPA over (``ops.causal_attention``), worked out
-        with the params; None under context parallelism, in fused mode (no layer runs the plain attention) and
-        for the kernel families whose plain attention never runs SDPA (triton, reference)."""
+        with the params; None under context parallelism and for the kernel families whose plain attention never
+        runs SDPA (triton, reference)."""
         return self._spans
 
     def packed_cu_seqlens(self) -> torch.Tensor | None:
@@ -251,13 +255,15 @@ class RoleMassCoreAttention(MegatronModule):
             raise ValueError(f"key_roles has shape {tuple(params.key_roles.shape)} but the layer sees "
                              f"[batch={batch}, seq={seq}] (sequence parallel layouts are not supported here)")
         query_mask = scale = bias = None
-        if params.edits is not None and (params.edits.layers is None or self.layer_index in params.edits.layers):
-            query_mask = params.edits.query_mask
-            scale, bias = params.edits.for_heads(self.heads)
+        edits = params.edits if self.reports_masses else None  # a standard layer: plain attention, always
+        if edits is not None and (edits.layers is None or self.layer_index in edits.layers):
+            query_mask = edits.query_mask
+            scale, bias = edits.for_heads(self.heads)
         sink = params.sink if self.reports_masses else None
         rows = getattr(sink, "query_rows", None) if sink is not None else None
         cu_seqlens = params.packed_cu_seqlens()
-        fused = params.mass_mode == "fused" or query_mask is not None or (sink is not None and rows is None)
+        fused = self.reports_masses and (params.mass_mode == "fused" or query_mask is not None
+                                         or (sink is not None and rows is None))
         if fused:
             out, mass = self._fused(query, key, value, params, cu_seqlens, query_mask, scale, bias)
             if rows is not None:

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                         help="mean tokens per packed sample (attention FLOPs; GRPO rows); None: min(2048, "
                              "seq_length) for sft, the longest rollout for grpo")
     parser.add_argument("--kernels", choices=("gpu", "cpu"), default="gpu",
-                        help="kernel family: gpu (with or without Transformer Engine: the same bytes), cpu")
+                        help="kernel family: gpu (with or without Transformer Engine, assumed to keep the same "
+                             "bytes), cpu")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (bytes) instead of a table")
     parser.set_defaults(handler=_run)
 

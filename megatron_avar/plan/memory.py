@@ -23,11 +23,11 @@ parallelism, else 1; b_act = 2 in bf16, 4 in fp32):
     m_layer = 2·b_norm·h / t_sp + b_act·((a_h·h + a_g·g) / t + n_mlp·f / t + n_rope·d)
               under context parallelism (every layer's attention gathers the row): + 2·b_act·g·s / (t·tokens) for
               the gathered keys and values
-Every layer's attention is this project's (``models.role_mass_attention``: AVAR and standard layers alike), so no
-layer keeps S x S scores and no dense [s, s] mask exists.
     recompute "full":       b_act·h / t_sp per layer (the layer's input), plus one layer's m_layer while it is
                             recomputed
     recompute "selective":  megatron's core-attention recompute: the attention keeps only its inputs and output
+Every layer's attention is this project's (``models.role_mass_attention``: AVAR and standard layers alike), so no
+layer keeps S x S scores and no dense [s, s] mask exists.
 
 b_norm = 2·b_act per normalised element: the norm keeps its input and the linear after it the output, both in the
 activation dtype — Transformer Engine's fused norm + linear, and this project's RMSNorm (``models.qwen2_5_vl.norm``:
@@ -165,9 +165,9 @@ class Kernels:
     vision_mlp: int
 
 
-# GPU (Transformer Engine's layers where installed, megatron's local modules otherwise; the same bytes): the
-# attention keeps q, k, v views of the fused qkv output and its output, then the masked copy the projection reads
-# (ops.causal_attention: SDPA or the Triton kernel), fused SwiGLU. Not measured yet.
+# GPU (Transformer Engine's layers where installed, megatron's local modules otherwise; assumed to keep the same
+# bytes, neither measured yet): the attention (ops.causal_attention: SDPA or the Triton kernel) keeps q, k, v views
+# of the fused qkv output and its output, then the masked copy the projection reads; fused SwiGLU.
 GPU_KERNELS = Kernels(name="gpu", attention=(4, 3), selective_attention=(3, 3), mlp=3, rope=4, vision_attention=5,
                       vision_mlp=3)
 # CPU: megatron's local modules, SDPA per packed sample with k and v repeated to the query heads, unfused SwiGLU.

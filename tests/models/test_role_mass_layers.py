@@ -138,6 +138,7 @@ def _results(tp):
     with torch.no_grad():
         out["plain_packed"] = plain(packed_inputs["input_ids"], pixel_values=packed_inputs["pixel_values"],
                                     image_grid_thw=packed_inputs["image_grid_thw"], **packing)
+    out["standard_layers"] = _standard_layers(config, hf, inputs, roles)
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         out["eager"] = hf(**inputs, mm_token_type_ids=(inputs["input_ids"] == IMAGE).int(),
@@ -145,6 +146,40 @@ def _results(tp):
     parallel_state.destroy_model_parallel()
     dist.barrier()
     return out
+
+
+def _standard_layers(config, hf, inputs, roles):
+    """Layer 1 the only AVAR layer: how often the fused kernel runs in fused mode, the logits under logit edits
+    meant for every AVAR layer, for layer 1 alone, and none, and the refusal of a sink without token roles."""
+    from megatron_avar.models import role_mass_attention
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
+    from megatron_avar.models.role_mass_attention import RoleLogitEdits
+
+    model = _build(config, 1, role_mass_layers=(1,))
+    load_hf_state_dict(model, hf.state_dict(), config)
+    images = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    calls = []
+    fused_kernel = role_mass_attention.role_attention
+    role_mass_attention.role_attention = lambda *args, **kwargs: calls.append(1) or fused_kernel(*args, **kwargs)
+    try:
+        _run(model, inputs, roles, mass_mode="fused")
+    finally:
+        role_mass_attention.role_attention = fused_kernel
+    edits = RoleLogitEdits(query_mask=roles >= 0, bias=torch.tensor([0.0, 2.0, -1.0, 0.5, 0.0]))
+
+    def logits(layers=None, edit=True):
+        with torch.no_grad():
+            return model(inputs["input_ids"], attention_mask=inputs["attention_mask"], token_roles=roles, **images,
+                         logit_edits=RoleLogitEdits(edits.query_mask, bias=edits.bias, layers=layers) if edit
+                         else None)
+
+    try:
+        model(inputs["input_ids"], attention_mask=inputs["attention_mask"], mass_sink=Recorder(), **images)
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    return dict(fused_calls=len(calls), every_avar_layer=logits(), layer_1=logits(frozenset({1})),
+                unedited=logits(edit=False), real=inputs["attention_mask"].bool(), refusal=refusal)
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +261,17 @@ def test_standard_layers_keep_packed_samples_apart(tp1):
     for b, length in enumerate(tp1["lengths"][:2]):
         torch.testing.assert_close(logits[0, start:start + length], reference[b, :length], rtol=1e-4, atol=1e-4)
         start += length
+
+
+def test_standard_layers_run_plain_attention_in_every_mode(tp1):
+    """Layer 1 the only AVAR layer: in fused mode the fused kernel runs once per forward (layer 1), and logit
+    edits meant for "every AVAR layer" change layer 1 alone; a sink without token roles is refused by name."""
+    standard = tp1["standard_layers"]
+    assert standard["fused_calls"] == 1
+    real = standard["real"]
+    assert torch.equal(standard["every_avar_layer"], standard["layer_1"])
+    assert (standard["layer_1"] - standard["unedited"])[real].abs().max() > 1e-3  # the edits did change layer 1
+    assert standard["refusal"] == "mass_sink and logit_edits need token_roles (TokenRole per token)"
 
 
 def test_probe_on_a_packed_row_equals_the_samples_run_alone(tp1):

@@ -46,12 +46,12 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     config: ``Qwen25VLConfig``. tp, pp, cp: the parallel layout (must be megatron's current one). dtype: float32 or
     bfloat16 (module docstring). role_mass_layers: 0-based global decoder layers built as AVAR layers
     (``RoleMassCoreAttention``; per-role masses for the AVAR loss, the visual reward or VAS); every other layer
-    has the standard core attention. recompute, sequence_parallel: as in ``MegatronSettings``. vpp, vp_stage: model
-    chunks per pipeline rank and which of them to build (interleaved schedule; None without it). initialize: run
-    megatron's weight initialisation (False when weights are loaded next: saves time). device: where to move the stage
-    (None: leave it where megatron built it, the CPU). hf_tensors: (HF name, read()) pairs to load after the
-    move (``hf_mapping.load_hf_tensors``: each rank reads only its shard's tensors, cast to the parameter's
-    dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
+    has ``PlainCoreAttention`` (the same attention, no masses). recompute, sequence_parallel: as in
+    ``MegatronSettings``. vpp, vp_stage: model chunks per pipeline rank and which of them to build (interleaved
+    schedule; None without it). initialize: run megatron's weight initialisation (False when weights are loaded
+    next: saves time). device: where to move the stage (None: leave it where megatron built it, the CPU).
+    hf_tensors: (HF name, read()) pairs to load after the move (``hf_mapping.load_hf_tensors``: each rank reads
+    only its shard's tensors, cast to the parameter's dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection

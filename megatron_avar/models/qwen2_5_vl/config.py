@@ -217,8 +217,8 @@ class MegatronSettings:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     params_dtype: torch.dtype = torch.float32  # also the compute dtype: bf16 turns on megatron's bf16 mode
-    # GPU fusions (bias+activation, bias+dropout+add; masked softmax and grad-accumulation where apex's /
-    # megatron's compiled extensions are installed). None: on exactly when CUDA is present (platform); on
+    # GPU fusions (bias+activation, bias+dropout+add; grad-accumulation where apex's / megatron's compiled
+    # extension is installed). None: on exactly when CUDA is present (platform); on
     # CPU they would fall back to torch.compile (+14 s, no gain). RoPE is never fused: Transformer Engine's
     # fused THD rope indexes the frequencies by position inside each packed sample, which is not Qwen2.5-VL's
     # multimodal (3-D) rotary position of each token.
@@ -296,8 +296,7 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         init_model_with_meta_device=settings.init_on_meta_device,
         bias_activation_fusion=fused,
         bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused and all(map(platform.cuda_extension_available, (
-            "scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))),
+        masked_softmax_fusion=False,  # no layer runs megatron's DotProductAttention (models.role_mass_attention)
         apply_rope_fusion=False,
         gradient_accumulation_fusion=fused and platform.cuda_extension_available("fused_weight_gradient_mlp_cuda"),
     )

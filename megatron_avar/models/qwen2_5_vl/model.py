@@ -10,7 +10,8 @@ ids and the padding mask, which are cheap functions of the batch (:func:`mrope_p
 AVAR layers: :func:`language_block_spec` builds the decoder's layer specs and puts the role-mass core
 attention (:class:`~megatron_avar.models.role_mass_attention.RoleMassCoreAttention`, or any module given)
 into exactly the layers listed in ``role_mass_layers`` (0-based global layer indexes); every other layer
-keeps the standard core attention. Called with ``token_roles`` (and a ``mass_sink``), those layers hand
+gets :class:`~megatron_avar.models.role_mass_attention.PlainCoreAttention` (the same attention, no masses).
+Called with ``token_roles`` (and a ``mass_sink``), those layers hand
 their per-role attention masses to the sink as they run — on whichever pipeline stage holds them.
 
 Packed rows (several samples back to back in one row, ``segment_ids``): attention never crosses samples;
