@@ -151,7 +151,7 @@ def main() -> int:
                                    num_patches=patches) / 3
     overhead = rows["old log-probs + masses"] / rows["old log-probs, plain attention (baseline)"] - 1
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    from results_meta import git_commit
+    from results_meta import git_commit, results_stem
 
     result = {"device": device, "commit": git_commit("megatron_avar", "tools/bench_grpo.py"), "dtype": str(dtype),
               "model": vars(toy) | {"tiny": args.tiny},
@@ -161,16 +161,15 @@ def main() -> int:
               "visual_reward_overhead": overhead, "layout": str(layout)}
     date = datetime.date.today().isoformat()
     tag = ("cpu-smoke" if not gpu else device.replace(" ", "-").lower()) + ("-tiny" if args.tiny else "")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_grpo_{tag}_{date}.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = results_stem(args.out, f"bench_grpo_{tag}_{date}")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# GRPO step breakdown ({device}, {dtype}, {len(rollouts)} rollouts, {sum(lengths)} tokens)", "",
              f"Commit `{result['commit']}`, {date}.", "",
              "| phase | seconds |", "|---|---|"] + [f"| {name} | {value:.3f} |" for name, value in rows.items()]
     lines += ["", f"Visual-reward cost in the old-log-prob pass: {100 * overhead:+.1f}% over the baseline "
                   "(target <= 5% on a GPU).",
               f"Old-log-prob pass: {result['old_logprob_tflops']:.3f} TFLOP/s (forward FLOPs = training_flops / 3)."]
-    (out / f"bench_grpo_{tag}_{date}.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

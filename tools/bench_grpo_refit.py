@@ -44,7 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from results_meta import git_commit  # noqa: E402
+from results_meta import git_commit, results_stem  # noqa: E402
 
 # Qwen2.5-VL-7B-Instruct's config.json (sizes and special-token ids).
 QWEN2_5_VL_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -190,8 +190,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if rank == 0:
         hardware = gpu.lower().replace(" ", "-")
-        stem = Path(args.results) / f"bench_grpo_refit_{hardware}_tp{args.tp}_{meta['date']}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem = results_stem(args.results, f"bench_grpo_refit_{hardware}_tp{args.tp}_{meta['date']}")
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
         stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2) + "\n")
     if torch.distributed.is_initialized():

@@ -56,7 +56,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from results_meta import git_commit  # noqa: E402
+from results_meta import git_commit, results_stem  # noqa: E402
 
 from megatron_avar import platform  # noqa: E402
 from megatron_avar.models.context_parallel import ContextSplit, local_rows_attention  # noqa: E402
@@ -338,7 +338,7 @@ def write_results(part, rows, shape, out_dir: Path):
     now = datetime.datetime.now(datetime.UTC)
     device = _device_name(part)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
-    stem = out_dir / f"role_attention_{part}_{slug}_{now:%Y-%m-%d}"
+    stem = results_stem(out_dir, f"role_attention_{part}_{slug}_{now:%Y-%m-%d}")
     # CPU timings on a shared machine depend on what else runs: record the load next to them.
     meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=git_commit("megatron_avar/ops", __file__),
                 torch=torch.__version__,

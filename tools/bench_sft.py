@@ -336,8 +336,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: list[dict], args, precision: str, commit: str, date: str, seconds: float):
-    """tools/results/bench_sft_<hardware>_<date>.md and .json of the rows measured so far."""
+def write_results(results: list[dict], args, precision: str, commit: str, date: str, seconds: float,
+                  stem: Path | None = None):
+    """tools/results/bench_sft_<hardware>_<date>.md and .json of the rows measured so far (at ``stem``: this run's
+    files, from its first call; the first call picks a name no earlier run's results have)."""
+    from results_meta import results_stem
+
     rows = table(results, args)
     gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
     hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
@@ -350,8 +354,7 @@ def write_results(results: list[dict], args, precision: str, commit: str, date: 
                       f"{args.layers} LM layers, {args.vision_depth} vision blocks"),
             "precision": precision, "warmup": args.warmup, "steps": args.steps, "seconds": seconds,
             "argv": sys.argv[1:]}
-    stem = Path(args.results) / f"bench_sft_{hardware}_{date}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = stem or results_stem(args.results, f"bench_sft_{hardware}_{date}")
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")
     text = markdown(rows, meta)
     stem.with_suffix(".md").write_text(text)
@@ -404,6 +407,7 @@ def main() -> int:
     from results_meta import git_commit
 
     date = datetime.date.today().isoformat()
+    stem = None
     commit = git_commit("megatron_avar", "tools/bench_sft.py")
     results = []
     for seq in args.seq_lens:
@@ -416,7 +420,7 @@ def main() -> int:
                   f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
             results.append(result)
             # Written after every measurement: a run stopped part-way keeps what it measured.
-            stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started)
+            stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
     print(text)
     print(f"[bench_sft] {stem}.md / .json ({time.monotonic() - started:.0f} s)")
     return 0
