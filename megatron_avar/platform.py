@@ -81,8 +81,7 @@ def flash_attention_capable(device_index: int) -> bool:
 def cuda_extension_available(module: str) -> bool:
     """Whether a compiled CUDA extension module that megatron-core imports for a fusion is installed here
     (apex / megatron's fused kernels, e.g. ``fused_weight_gradient_mlp_cuda``). megatron imports them inside the
-    fused path, so a fusion
-    switched on without its module fails at the first forward or backward."""
+    fused path, so a fusion switched on without its module fails at the first forward or backward."""
     return cuda_available() and importlib.util.find_spec(module) is not None
 
 

@@ -218,10 +218,10 @@ class MegatronSettings:
     pipeline_model_parallel_size: int = 1
     params_dtype: torch.dtype = torch.float32  # also the compute dtype: bf16 turns on megatron's bf16 mode
     # GPU fusions (bias+activation, bias+dropout+add; grad-accumulation where apex's / megatron's compiled
-    # extension is installed). None: on exactly when CUDA is present (platform); on
-    # CPU they would fall back to torch.compile (+14 s, no gain). RoPE is never fused: Transformer Engine's
-    # fused THD rope indexes the frequencies by position inside each packed sample, which is not Qwen2.5-VL's
-    # multimodal (3-D) rotary position of each token.
+    # extension is installed). None: on exactly when CUDA is present (platform); on CPU they would fall back to
+    # torch.compile (+14 s, no gain). RoPE is never fused: Transformer Engine's fused THD rope indexes the
+    # frequencies by position inside each packed sample, which is not Qwen2.5-VL's multimodal (3-D) rotary
+    # position of each token.
     fused_kernels: bool | None = None
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
