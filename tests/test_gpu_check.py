@@ -18,7 +18,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(next(tmp_path.glob("gpu_check_cpu-dry-run_*.json")).read_text())
     steps = {step["name"]: step for step in report["steps"]}
-    assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_role_attention", "bench_sft",
+    assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_sft", "bench_role_attention",
                            "bench_grpo", "triton_sweep"]
     assert all(step["status"] == "passed" for step in steps.values())
     assert report["meta"]["environment"]["imports"]["megatron.core"] == "0.16.1"

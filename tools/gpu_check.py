@@ -14,10 +14,10 @@ would start after the budget is recorded as not run, so a rerun can take it with
   gpu_tests             every other test marked `gpu`: the SFT step on CUDA (fp32 = CPU, bf16 within bf16
                         error), the local rollout backend's CUDA log-probs = the HF forward (vLLM's are skipped
                         where vLLM is not installed)
-  bench_role_attention  tools/bench_role_attention.py --part gpu (1k-32k; SDPA flash / cuDNN columns)
   bench_sft             tools/bench_sft.py: 7B widths, 4 layers, 8k and 16k packed rows, bf16: plain SFT with the
                         same attention (off), AVAR with the probe (out from SDPA, and from our Triton kernel)
                         and fused, HF's Qwen2.5-VL with SDPA
+  bench_role_attention  tools/bench_role_attention.py --part gpu (1k-32k; SDPA flash / cuDNN columns)
   bench_grpo            tools/bench_grpo.py: the old-log-prob pass with and without the visual reward,
                         local-backend generation
   triton_sweep          the rest of tests/ops/test_role_attention_triton.py compiled for the GPU (the CPU
@@ -79,11 +79,11 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                              "tests/ops/test_role_mass.py", "-k", "gpu or triton_probe"], 120,
                  junit=True),
             Step("gpu_tests", pytest + ["--collect-only", "-m", "gpu", "tests"], 180, junit=True),
-            Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "cpu", "--seq-lens", "256",
-                                          "--reps", "1", "--out-dir", out], 120),
             Step("bench_sft", [py, "tools/bench_sft.py", "--device", "cpu", "--tiny", "--seq-lens", "512",
                                "--warmup", "0", "--steps", "1", "--work", str(work / "bench_sft"),
                                "--results", out], 300),
+            Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "cpu", "--seq-lens", "256",
+                                          "--reps", "1", "--out-dir", out], 120),
             Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
                                 "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
             Step("triton_sweep",
@@ -96,11 +96,11 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                          "-k", "gpu or triton_probe"], 150, junit=True),
         Step("gpu_tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
              180, junit=True),
-        Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
-                                      "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--modes", "off", "probe",
                            "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3",
                            "--work", str(work / "bench_sft"), "--results", out], 360),
+        Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
+                                      "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
         Step("triton_sweep", pytest + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300, junit=True),
     ]
