@@ -1,9 +1,12 @@
 """tools/gpu_check.py, the one command a session lent a GPU runs, works before a GPU is lent: its dry run
-(the same steps at toy sizes on the CPU, tests collected, Triton interpreted) passes and writes its report."""
+(the same steps at toy sizes on the CPU, tests collected, Triton interpreted) passes and writes its report and
+its archive."""
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
+    earlier = tmp_path / "role_attention_gpu_earlier-run.json"  # an older result in the same folder
+    earlier.write_text("{}")
+    os.utime(earlier, (1e9, 1e9))
+    archive = tmp_path / "back" / "gpu_check.tgz"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=REPO)
+                           str(tmp_path), "--archive", str(archive)], capture_output=True, text=True, timeout=900,
+                          cwd=REPO)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(next(tmp_path.glob("gpu_check_cpu-dry-run_*.json")).read_text())
     steps = {step["name"]: step for step in report["steps"]}
@@ -27,6 +35,17 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     for bench in ("role_attention_cpu_*", "bench_sft_cpu-smoke_*", "bench_grpo_cpu-smoke-tiny_*"):
         assert len(list(tmp_path.glob(bench + ".json"))) == 1, bench
     assert (tmp_path / next(tmp_path.glob("gpu_check_*.md")).name).read_text().count("| passed |") == 7
+    # The archive holds this run's report, results and step logs, not what the folder held before.
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    for stem in ("gpu_check_cpu-dry-run_*", "role_attention_cpu_*", "bench_sft_cpu-smoke_*",
+                 "bench_grpo_cpu-smoke-tiny_*"):
+        for suffix in (".json", ".md"):
+            wanted = {f"results/{p.name}" for p in tmp_path.glob(stem + suffix)}
+            assert wanted and wanted <= names, (stem, suffix, sorted(names))
+    assert "results/" + earlier.name not in names
+    assert {f"logs/{step}.log" for step in steps} <= names
+    assert not archive.with_name(archive.name + ".partial").exists()
 
 
 def test_unknown_step_is_refused_by_name(tmp_path):

