@@ -230,8 +230,10 @@ def _hf_sdpa_steps(config, dtype):
 
     device = platform.current_device()
     hf_config = Qwen2_5_VLConfig.from_pretrained(config.model.hf_path)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa",
-                                                            torch_dtype=dtype).to(device)
+    with device:  # weights drawn where they live: HF's host initialisation of 2B parameters takes ~30 s
+        model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa",
+                                                                torch_dtype=dtype)
+    model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     image_token_id = hf_config.image_token_id

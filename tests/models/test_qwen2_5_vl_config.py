@@ -88,6 +88,17 @@ def test_tensor_parallel_sizes_that_do_not_split_are_refused():
         build_transformer_configs(odd_vision, eight_ranks)
     with pytest.raises(ValueError, match="params_dtype"):
         MegatronSettings(params_dtype=torch.float16)
+    with pytest.raises(ValueError, match="init_device='tpu': allowed cpu, cuda"):
+        MegatronSettings(init_device="tpu")
+
+
+def test_parameters_are_built_on_the_host_unless_the_gpu_is_asked_for():
+    """CPU initialisation (the same weights at every layout) by default; megatron's GPU path on request."""
+    config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
+    host = build_transformer_configs(config, MegatronSettings())
+    gpu = build_transformer_configs(config, MegatronSettings(init_device="cuda"))
+    assert all(c.use_cpu_initialization for c in (host.language, host.vision, host.merger))
+    assert not any(c.use_cpu_initialization for c in (gpu.language, gpu.vision, gpu.merger))
 
 
 def test_megatron_transformer_configs():

@@ -49,7 +49,9 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     has ``PlainCoreAttention`` (the same attention, no masses). recompute, sequence_parallel: as in
     ``MegatronSettings``. vpp, vp_stage: model chunks per pipeline rank and which of them to build (interleaved
     schedule; None without it). initialize: run megatron's weight initialisation (False when weights are loaded
-    next: saves time). device: where to move the stage (None: leave it where megatron built it, the CPU).
+    next: saves time). device: where the stage lives: a CUDA device has megatron allocate (and initialise) the
+    parameters there (``MegatronSettings.init_device``), anything else builds on the host and moves the stage
+    (None: it stays on the CPU, as conversion wants).
     hf_tensors: (HF name, read()) pairs to load after the move (``hf_mapping.load_hf_tensors``: each rank reads
     only its shard's tensors, cast to the parameter's dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
     """
@@ -62,6 +64,7 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
 
     settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
                                 perform_initialization=initialize, recompute=recompute,
+                                init_device="cuda" if device is not None and device.type == "cuda" else "cpu",
                                 sequence_parallel=sequence_parallel, virtual_pipeline_model_parallel_size=vpp,
                                 context_parallel_size=cp)
     model = Qwen25VLModel(config, settings, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),

@@ -208,6 +208,7 @@ def _vision_from_hf(hf) -> Qwen25VLVisionConfig:
 
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+INIT_DEVICES = ("cpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,13 @@ class MegatronSettings:
     # position of each token.
     fused_kernels: bool | None = None
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
+    # Where megatron allocates (and, with perform_initialization, randomly initialises) the parameters:
+    # "cpu": each weight's whole master copy is drawn on the host and split by tensor-parallel rank, so every
+    # layout starts from the same weights (what the layout-equality tests rely on), at host speed (~35 s for
+    # 2B parameters on 2 cores, every rank drawing every full weight: a 72B model takes tens of minutes);
+    # "cuda": on the current GPU, each tensor-parallel rank drawing its own shard from megatron's per-rank RNG
+    # streams (the same distribution, other values at another TP size), in seconds, with no host copy.
+    init_device: str = "cpu"
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
     # Activation recompute of the decoder: "none"; "selective" (megatron's core-attention recompute);
     # "full" (every decoder layer's activations recomputed in the backward pass: the 72B setting).
@@ -250,6 +258,8 @@ class MegatronSettings:
                              f"{self.pipeline_model_parallel_size} and {self.context_parallel_size}")
         if self.params_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"params_dtype={self.params_dtype}: allowed torch.float32, torch.bfloat16")
+        if self.init_device not in INIT_DEVICES:
+            raise ValueError(f"init_device={self.init_device!r}: allowed {', '.join(INIT_DEVICES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +301,7 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         normalization="RMSNorm",
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        use_cpu_initialization=True,
+        use_cpu_initialization=settings.init_device == "cpu",
         perform_initialization=settings.perform_initialization and not settings.init_on_meta_device,
         init_model_with_meta_device=settings.init_on_meta_device,
         bias_activation_fusion=fused,
