@@ -227,8 +227,9 @@ class MegatronSettings:
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
     # Where megatron allocates (and, with perform_initialization, randomly initialises) the parameters:
     # "cpu": each weight's whole master copy is drawn on the host and split by tensor-parallel rank, so every
-    # layout starts from the same weights (what the layout-equality tests rely on), at host speed (~35 s for
-    # 2B parameters on 2 cores, every rank drawing every full weight: a 72B model takes tens of minutes);
+    # layout starts from the same weights (what the layout-equality tests rely on), at host speed: ~35 s for
+    # 2B parameters on this project's 2-core machine, and every rank draws every full weight of its stage (72B
+    # at PP=4: ~18B draws per rank, minutes; a resumed run initialises before its checkpoint is loaded);
     # "cuda": on the current GPU, each tensor-parallel rank drawing its own shard from megatron's per-rank RNG
     # streams (the same distribution, other values at another TP size), in seconds, with no host copy.
     init_device: str = "cpu"
