@@ -1,0 +1,77 @@
+"""A stage built for a CUDA device has megatron allocate and initialise its parameters on the GPU
+(``MegatronSettings.init_device="cuda"``): every parameter lands there, finite, with the spread of the host's
+initialisation (the same init methods, other random streams). The host path stays the default everywhere else:
+the layout tests rely on its same-weights-at-every-layout property, conversion on its staying off the GPU.
+On a CPU machine megatron's GPU path runs with its device pointed at the host (``platform.prepare_megatron``),
+so CI checks the setting's initialisation too.
+
+Tolerance on each weight's standard deviation: 15% relative. The smallest weight here has 1,024 entries, whose
+sample standard deviation varies by ~1/sqrt(2n) = 2.2%; a wrong init method (the output projections' 1/sqrt(2L)
+scaling missing: 0.02 instead of 0.008, or zeros) is off by 60% or more.
+"""
+
+import pytest
+import torch
+
+from megatron_avar.testing import run_on_ranks
+from qwen_vl_cases import tiny_hf_config
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _stats(model) -> dict:
+    params = dict(model.named_parameters())
+    return {"devices": sorted({p.device.type for p in params.values()}),
+            "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
+            "std": {name: float(p.std()) for name, p in params.items() if p.dim() >= 2},
+            "split_marks": sorted(name for name, p in params.items() if getattr(p, "tensor_model_parallel", False))}
+
+
+def _assert_same_spread(host: dict, other: dict) -> None:
+    assert host["finite"] and other["finite"]
+    assert host["std"].keys() == other["std"].keys() and host["split_marks"] == other["split_marks"]
+    for name, spread in host["std"].items():
+        assert other["std"][name] == pytest.approx(spread, rel=0.15), name
+
+
+def _host_and_gpu_path_on_the_host():
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_avar.models.qwen2_5_vl import MegatronSettings, Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.build import init_model_parallel
+    from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
+
+    init_model_parallel(1, 1, seed=5)
+    config = Qwen25VLConfig.from_hf(tiny_hf_config().to_dict())
+    built = {}
+    for init_device in ("cpu", "cuda"):
+        built[init_device] = _stats(Qwen25VLModel(config, MegatronSettings(init_device=init_device),
+                                                  pg_collection=ProcessGroupCollection.use_mpu_process_groups()))
+    return built
+
+
+def test_megatrons_gpu_initialisation_path_gives_the_host_paths_spread():
+    """megatron allocates at torch.cuda.current_device(), which the platform's CPU shim points at the host."""
+    built = run_on_ranks(_host_and_gpu_path_on_the_host, 1, timeout_s=300)[0]
+    _assert_same_spread(built["cpu"], built["cuda"])
+
+
+def _built_on_each_device():
+    from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
+
+    init_model_parallel(1, 1, seed=5)
+    config = Qwen25VLConfig.from_hf(tiny_hf_config().to_dict())
+    found = {}
+    for device in (torch.device("cpu"), platform.current_device()):
+        found[device.type] = _stats(build_stage(config, tp=1, pp=1, dtype=torch.float32, initialize=True,
+                                                device=device))
+    return found
+
+
+@pytest.mark.gpu
+def test_a_stage_built_for_the_gpu_is_initialised_there_like_the_host_one():
+    found = run_on_ranks(_built_on_each_device, 1, timeout_s=300)[0]
+    assert found["cpu"]["devices"] == ["cpu"] and found["cuda"]["devices"] == ["cuda"]
+    _assert_same_spread(found["cpu"], found["cuda"])
