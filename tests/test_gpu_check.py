@@ -29,6 +29,8 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_sft", "bench_role_attention",
                            "bench_grpo", "triton_sweep"]
     assert all(step["status"] == "passed" for step in steps.values())
+    assert all(step["host_peak_rss_gib_so_far"] > 0 for step in steps.values())
+    assert report["meta"]["environment"]["host_memory_gib"] > 0
     assert report["meta"]["environment"]["imports"]["megatron.core"] == "0.16.1"
     assert "test_triton_error_budget_at_long_sequences_on_gpu" in steps["triton_kernels"]["log_tail"]
     assert "test_cuda_fp32_step_equals_the_cpu_step" in steps["gpu_tests"]["log_tail"]

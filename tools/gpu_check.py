@@ -47,6 +47,7 @@ import json
 import os
 import platform as host_platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -131,12 +132,23 @@ def _timed_cuda(fn, reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def _host_memory_gib() -> float | None:
+    """MemTotal of /proc/meminfo (None where there is none). A VM that grows its memory on use reports less."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
 def environment_report(path: Path) -> dict:
     """Versions, the device, and (on CUDA) the measured ceilings: bf16 8192^3 matmul, device-to-device copy."""
     import importlib
 
     report: dict = {"python": sys.version.split()[0], "host": host_platform.node(), "cpus": os.cpu_count(),
-                    "imports": {}}
+                    "host_memory_gib": _host_memory_gib(), "imports": {}}
     for name in IMPORTS:
         try:
             module = importlib.import_module(name)
@@ -235,8 +247,11 @@ def run_step(step: Step, logs: Path, env: dict, seconds_left: float) -> dict:
                 status += f"; still running {KILL_WAIT_S} s after SIGKILL (left behind)"
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")
+    # The largest resident set of any finished process this run started so far (Linux reports KiB): a host-memory
+    # reading for each step, where the GPU's own counters say nothing about the machine.
+    host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     result = {"name": step.name, "status": status, "seconds": round(seconds, 1), "command": " ".join(argv[1:]),
-              "log_tail": text[-LOG_TAIL_CHARS:]}
+              "host_peak_rss_gib_so_far": round(host_peak, 1), "log_tail": text[-LOG_TAIL_CHARS:]}
     if step.junit:
         result["tests"] = _junit_summary(junit)
     print(f"[gpu_check] {step.name}: {status} in {seconds:.0f} s"
@@ -252,14 +267,15 @@ def markdown(meta: dict, results: list[dict]) -> str:
     if env:
         lines += [f"- {key}: {env[key]}" for key in ("device", "memory_gib", "capability", "cuda_runtime", "nvidia_smi",
                                                       "bf16_matmul_tflops_8192", "copy_tb_per_s_read_plus_write",
-                                                      "python") if key in env]
+                                                      "python", "cpus", "host_memory_gib") if key in env]
         lines += ["- imports: " + ", ".join(f"{k} {v}" for k, v in env.get("imports", {}).items()), ""]
-    lines += ["| step | status | seconds | tests |", "|---|---|---:|---|"]
+    lines += ["| step | status | seconds | tests | host RSS peak so far, GiB |", "|---|---|---:|---|---:|"]
     for r in results:
         tests = r.get("tests") or {}
         counts = (f"{tests.get('passed', 0)} passed, {tests.get('failures', 0) + tests.get('errors', 0)} failed, "
                   f"{tests.get('skipped', 0)} skipped" if tests else "")
-        lines.append(f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} | {counts} |")
+        lines.append(f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} | {counts} | "
+                     f"{r.get('host_peak_rss_gib_so_far', '')} |")
     for r in results:
         failed = (r.get("tests") or {}).get("failed_tests")
         if failed:
