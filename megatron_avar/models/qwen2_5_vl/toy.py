@@ -99,8 +99,11 @@ def write_toy_checkpoint(out_dir: str | Path, toy: ToyModelConfig = ToyModelConf
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"{out} exists and is not empty; choose another directory or pass overwrite=True")
-    torch.manual_seed(toy.seed)
-    model = Qwen2_5_VLForConditionalGeneration(toy_hf_config(toy))
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every weight is drawn below: HF's own initialisation would be thrown away (~30 s at 7B)
+        model = Qwen2_5_VLForConditionalGeneration(toy_hf_config(toy))
+    model.tie_weights()
     generator = torch.Generator().manual_seed(toy.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
