@@ -1,6 +1,6 @@
 """The GPU half of the project in one command: kernel and model tests on CUDA, then the benchmarks.
 
-  python3 tools/gpu_check.py                     # on one GPU (an H100/H200): ~8 minutes
+  python3 tools/gpu_check.py                     # one GPU (an H100/H200); stops starting steps at --budget-s
   python3 tools/gpu_check.py --only bench_sft    # some steps only (names below)
   python3 tools/gpu_check.py --dry-run           # CPU: the same steps at toy sizes (Triton interpreted)
 
