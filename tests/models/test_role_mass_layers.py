@@ -2,7 +2,8 @@
 Face's eager attention probabilities, the model's logits stay HF's, packed rows equal their samples run
 alone, and at TP=2 each rank reports its own heads of the same masses. Both mass modes: "fused" (a sink
 without query_rows gets every row's masses from role_attention) and "probe" (causal attention for the output,
-role_mass for the sink's rows only), padded and packed.
+role_mass for the sink's rows only), padded and packed. The GPU kernel family (the Triton kernels, under the
+interpreter here) gives the CPU family's logits, masses and gradients in the model.
 
 Tolerance: fp32 on both sides, different kernels (blockwise online softmax vs eager softmax); observed
 ~1e-7 absolute on masses (probabilities, at most 1), bound 2e-6; logits as in test_qwen2_5_vl_logits.
@@ -282,6 +283,72 @@ def test_probe_on_a_packed_row_equals_the_samples_run_alone(tp1):
     for layer in ALL_LAYERS:
         torch.testing.assert_close(masses[layer][0], _at_rows(fused_masses[layer][0], real), rtol=0,
                                    atol=MASS_TOLERANCE)
+
+
+def _kernel_families():
+    """A packed row's logits, the masses at the sink's rows and every parameter's gradient of a loss of both,
+    through the GPU kernel family ("triton": role_attention's and role_mass's Triton kernels, here under the
+    interpreter, with megatron's strided q/k/v views) and the CPU family ("blockwise"), in both mass modes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_avar import platform
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
+
+    platform.prepare_megatron()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(0)
+    hf = tiny_hf_model()
+    config = Qwen25VLConfig.from_hf(hf.config)
+    model = _build(config, 1)
+    load_hf_state_dict(model, hf.state_dict(), config)
+    inputs = case_batch("padded_right")
+    packed_inputs, packed_roles, packing = _packed(inputs, chat_like_roles(inputs["input_ids"],
+                                                                           inputs["attention_mask"]), config)
+    rows = torch.nonzero(packed_roles.reshape(-1) == TokenRole.USER_TEXT, as_tuple=True)[0]
+
+    class KeepingSink(RowRecorder):  # keeps the masses in the graph, as AGTO's sink does
+        def __call__(self, layer_index, mass, out, heads):
+            self.masses[layer_index] = mass
+            return out
+
+    results = {}
+    for impl in ("blockwise", "triton"):
+        for mode in ("probe", "fused"):
+            sink = KeepingSink(rows)
+            model.zero_grad(set_to_none=True)
+            logits = model(packed_inputs["input_ids"], pixel_values=packed_inputs["pixel_values"],
+                           image_grid_thw=packed_inputs["image_grid_thw"], token_roles=packed_roles, mass_sink=sink,
+                           role_attention_impl=impl, mass_mode=mode, **packing)
+            loss = logits.float().square().mean() + sum(mass.square().sum() for mass in sink.masses.values())
+            loss.backward()
+            results[impl, mode] = {
+                "logits": logits.detach(), "masses": {k: v.detach() for k, v in sink.masses.items()},
+                "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}}
+    parallel_state.destroy_model_parallel()
+    dist.barrier()
+    return results
+
+
+def test_the_gpu_kernel_family_equals_the_cpu_family_in_the_model():
+    """What bench_sft's probe-triton and fused modes run on a GPU, checked before a GPU is lent: fp32 on both
+    sides, the same mathematics in other summation orders (observed ~1e-6 of the largest logit or gradient,
+    ~1e-7 on masses), so 1e-5 relative to the largest magnitude and MASS_TOLERANCE on masses; a wrong stride,
+    window or offset in the kernels' launch gives errors of order 1."""
+    results = run_on_ranks(_kernel_families, 1, timeout_s=300)[0]
+    for mode in ("probe", "fused"):
+        cpu, gpu = results["blockwise", mode], results["triton", mode]
+        assert set(gpu["masses"]) == set(ALL_LAYERS) and gpu["grads"].keys() == cpu["grads"].keys()
+        scale = cpu["logits"].abs().max()
+        torch.testing.assert_close(gpu["logits"], cpu["logits"], rtol=0, atol=RELATIVE_TOLERANCE * scale)
+        for layer in ALL_LAYERS:
+            torch.testing.assert_close(gpu["masses"][layer], cpu["masses"][layer], rtol=0, atol=MASS_TOLERANCE)
+        for name, grad in cpu["grads"].items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(gpu["grads"][name], grad, rtol=0, atol=RELATIVE_TOLERANCE * grad.abs().max(),
+                                       msg=lambda text, name=name: f"{name}: {text}")
 
 
 _SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
