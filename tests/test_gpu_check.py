@@ -7,11 +7,15 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import gpu_check  # noqa: E402
 
 
 @pytest.mark.slow
@@ -19,7 +23,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     earlier = tmp_path / "role_attention_gpu_earlier-run.json"  # an older result in the same folder
     earlier.write_text("{}")
     os.utime(earlier, (1e9, 1e9))
-    archive = tmp_path / "back" / "gpu_check.tgz"
+    archive = tmp_path / "gpu_check.tgz"  # beside the results, as in the folder a lent machine sends back
     done = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--dry-run", "--out-dir",
                            str(tmp_path), "--archive", str(archive)], capture_output=True, text=True, timeout=900,
                           cwd=REPO)
@@ -29,7 +33,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     assert list(steps) == ["environment", "triton_kernels", "gpu_tests", "bench_sft", "bench_role_attention",
                            "bench_grpo", "triton_sweep"]
     assert all(step["status"] == "passed" for step in steps.values())
-    assert all(step["host_peak_rss_gib_so_far"] > 0 for step in steps.values())
+    assert all(step["host_peak_rss_gib"] > 0 for step in steps.values())
     assert report["meta"]["environment"]["host_memory_gib"] > 0
     assert report["meta"]["environment"]["imports"]["megatron.core"] == "0.16.1"
     assert "test_triton_error_budget_at_long_sequences_on_gpu" in steps["triton_kernels"]["log_tail"]
@@ -46,6 +50,7 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
             wanted = {f"results/{p.name}" for p in tmp_path.glob(stem + suffix)}
             assert wanted and wanted <= names, (stem, suffix, sorted(names))
     assert "results/" + earlier.name not in names
+    assert not any(name.endswith((".tgz", ".partial")) for name in names)  # not itself, nor a half-written file
     assert {f"logs/{step}.log" for step in steps} <= names
     assert not archive.with_name(archive.name + ".partial").exists()
 
@@ -62,3 +67,16 @@ def test_offline_wheels_refuses_a_python_version_it_cannot_tag():
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 2
     assert "PYTHON_VERSION must look like 3.12" in done.stderr and "'312'" in done.stderr
+
+
+def test_a_step_past_its_limit_is_killed_with_its_process_tree(tmp_path):
+    """Its whole process group (here a shell and two children) is killed at the limit and waited for; the
+    report names the timeout, and the next step is not held up."""
+    step = gpu_check.Step("sleepy", ["bash", "-c", "sleep 120 & sleep 120 & wait"], timeout_s=2)
+    started = time.monotonic()
+    result = gpu_check.run_step(step, tmp_path, dict(os.environ), seconds_left=600)
+    assert result["status"] == "timed out after 2 s"
+    assert time.monotonic() - started < 20
+    done = gpu_check.run_step(gpu_check.Step("quick", [sys.executable, "-c", "print('ok')"], timeout_s=30), tmp_path,
+                              dict(os.environ), seconds_left=600)
+    assert done["status"] == "passed" and "ok" in done["log_tail"] and done["host_peak_rss_gib"] >= 0

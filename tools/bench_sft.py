@@ -263,17 +263,19 @@ def run_worker(spec: dict, device: str) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, cwd=REPO)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
+    # The worker writes straight to its log: one stopped from outside (a time limit) still leaves its output.
+    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}.log"
+    with open(log, "w") as sink:
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=sink,
+                              stderr=subprocess.STDOUT, cwd=REPO)
+    output = log.read_text(errors="replace")
+    lines = [line for line in output.splitlines() if line.startswith("BENCH_RESULT ")]
     if done.returncode != 0 or not lines:
-        log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}.log"
-        log.write_text(done.stdout + done.stderr)
         print(f"[bench_sft] worker failed (exit {done.returncode}); its output: {log}; the end of it:\n"
-              + "\n".join(done.stderr.strip().splitlines()[-25:]), flush=True)
-        oom = "out of memory" in done.stderr.lower()
+              + "\n".join(output.strip().splitlines()[-25:]), flush=True)
+        oom = "out of memory" in output.lower()
         # The exception line, not the last line (which can be a warning printed at exit).
-        raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in done.stderr.splitlines())
+        raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in output.splitlines())
                   if re.match(r"^[\w.]*(Error|Exception)\b", line)]
         return {"mode": spec["mode"], "seq_length": spec["seq_length"], "error": "OOM" if oom else
                 f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}

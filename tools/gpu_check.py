@@ -48,7 +48,6 @@ import json
 import os
 import platform as host_platform
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -114,7 +113,9 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
         Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
                                       "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
-        Step("triton_sweep", pytest + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300, junit=True),
+        # (its sm_90 compile test builds every kernel variant in one test: the step's limit, not 150 s per test)
+        Step("triton_sweep", pytest + ["--timeout=300", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
+             300, junit=True),
     ]
 
 
@@ -136,15 +137,30 @@ def _timed_cuda(fn, reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file and a rename: a kill never leaves half a report."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def _host_memory_gib() -> float | None:
-    """MemTotal of /proc/meminfo (None where there is none). A VM that grows its memory on use reports less."""
+    """The memory this process may use: MemTotal of /proc/meminfo, or the cgroup's limit where that is lower (a
+    container). None where neither can be read. A VM that grows its memory on use reports less than it has."""
+    sizes = []
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
+                sizes.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            sizes.append(int(limit))
+    except OSError:
+        pass
+    return round(min(sizes) / 2**30, 1) if sizes else None
 
 
 def environment_report(path: Path) -> dict:
@@ -228,6 +244,29 @@ def _junit_summary(path: Path) -> dict:
             "failed_tests": failed}
 
 
+def _reap(pid: int, deadline: float):
+    """(exit code, resource usage) of child ``pid`` once it ends, or (None, None) at ``deadline`` (monotonic)."""
+    while True:
+        done, wait_status, usage = os.wait4(pid, os.WNOHANG)
+        if done == pid:
+            return os.waitstatus_to_exitcode(wait_status), usage
+        if time.monotonic() >= deadline:
+            return None, None
+        time.sleep(0.2)
+
+
+def _group_gone(pgid: int, deadline: float) -> bool:
+    """Whether every process of group ``pgid`` has ended by ``deadline`` (monotonic)."""
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+
+
 def run_step(step: Step, logs: Path, env: dict, seconds_left: float) -> dict:
     timeout = int(min(step.timeout_s, seconds_left))
     argv = list(step.argv)
@@ -240,22 +279,24 @@ def run_step(step: Step, logs: Path, env: dict, seconds_left: float) -> dict:
     with open(log, "w") as sink:
         # A new session, so a timeout kills the step's whole process tree (pytest's ranks, bench workers).
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            status = "passed" if proc.wait(timeout=timeout) == 0 else f"failed (exit {proc.returncode})"
-        except subprocess.TimeoutExpired:
+        exit_code, usage = _reap(proc.pid, started + timeout)
+        if exit_code is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            exit_code, usage = _reap(proc.pid, time.monotonic() + KILL_WAIT_S)
             status = f"timed out after {timeout} s"
-            try:  # bounded: a process blocked inside the GPU driver may outlive SIGKILL; the next steps go on
-                proc.wait(timeout=KILL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                status += f"; still running {KILL_WAIT_S} s after SIGKILL (left behind)"
+            # bounded: a process blocked inside the GPU driver may outlive SIGKILL; the next steps go on
+            if exit_code is None or not _group_gone(proc.pid, time.monotonic() + KILL_WAIT_S):
+                status += f"; part of it still running {KILL_WAIT_S} s after SIGKILL (left behind)"
+        else:
+            status = "passed" if exit_code == 0 else f"failed (exit {exit_code})"
+        proc.returncode = exit_code  # reaped here, not by Popen
     seconds = time.monotonic() - started
     text = log.read_text(errors="replace")
-    # The largest resident set of any finished process this run started so far (Linux reports KiB): a host-memory
-    # reading for each step, where the GPU's own counters say nothing about the machine.
-    host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    # The largest resident set of this step's process or of any of its descendants that process waited for
+    # (Linux reports KiB): the step's host memory, which the GPU's own counters do not show.
     result = {"name": step.name, "status": status, "seconds": round(seconds, 1), "command": " ".join(argv[1:]),
-              "host_peak_rss_gib_so_far": round(host_peak, 1), "log_tail": text[-LOG_TAIL_CHARS:]}
+              "host_peak_rss_gib": round(usage.ru_maxrss / 2**20, 1) if usage else None,
+              "log_tail": text[-LOG_TAIL_CHARS:]}
     if step.junit:
         result["tests"] = _junit_summary(junit)
     print(f"[gpu_check] {step.name}: {status} in {seconds:.0f} s"
@@ -273,13 +314,13 @@ def markdown(meta: dict, results: list[dict]) -> str:
                                                       "bf16_matmul_tflops_8192", "copy_tb_per_s_read_plus_write",
                                                       "python", "cpus", "host_memory_gib") if key in env]
         lines += ["- imports: " + ", ".join(f"{k} {v}" for k, v in env.get("imports", {}).items()), ""]
-    lines += ["| step | status | seconds | tests | host RSS peak so far, GiB |", "|---|---|---:|---|---:|"]
+    lines += ["| step | status | seconds | tests | host RSS peak, GiB |", "|---|---|---:|---|---:|"]
     for r in results:
         tests = r.get("tests") or {}
         counts = (f"{tests.get('passed', 0)} passed, {tests.get('failures', 0) + tests.get('errors', 0)} failed, "
                   f"{tests.get('skipped', 0)} skipped" if tests else "")
         lines.append(f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} | {counts} | "
-                     f"{r.get('host_peak_rss_gib_so_far', '')} |")
+                     f"{r.get('host_peak_rss_gib') or ''} |")
     for r in results:
         failed = (r.get("tests") or {}).get("failed_tests")
         if failed:
@@ -307,16 +348,22 @@ class Report:
         self.meta["seconds"] = seconds
         slug = "cpu-dry-run" if self.dry_run else re.sub(r"[^a-z0-9]+", "-", self.meta["device"].lower()).strip("-")
         stem = self.out_dir / f"gpu_check_{slug}_{self.started_at:%Y-%m-%dT%H%M}"  # a rerun keeps its own report
-        stem.with_suffix(".json").write_text(json.dumps({"meta": self.meta, "steps": results}, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(self.meta, results))
+        _write_atomically(stem.with_suffix(".json"), json.dumps({"meta": self.meta, "steps": results}, indent=2) + "\n")
+        _write_atomically(stem.with_suffix(".md"), markdown(self.meta, results))
         if self.archive:
-            self._write_archive(self.archive)
+            try:
+                self._write_archive(self.archive)
+            except OSError as exc:  # (a full disk, say) the report above stands; the next steps still run
+                print(f"[gpu_check] could not write the archive {self.archive}: {exc}", flush=True)
+                self.archive.with_name(self.archive.name + ".partial").unlink(missing_ok=True)
         return stem
 
     def _write_archive(self, archive: Path) -> None:
         """Results written since the run began (out_dir may hold older ones) and every log, atomically replaced."""
         since = self.started_at.timestamp() - 1
-        fresh = [p for p in sorted(self.out_dir.iterdir()) if p.is_file() and p.stat().st_mtime >= since]
+        own = {archive.resolve(), archive.with_name(archive.name + ".partial").resolve()}
+        fresh = [p for p in sorted(self.out_dir.iterdir()) if p.is_file() and p.stat().st_mtime >= since
+                 and p.resolve() not in own and not p.name.endswith(".partial")]
         archive.parent.mkdir(parents=True, exist_ok=True)
         partial = archive.with_name(archive.name + ".partial")
         with tarfile.open(partial, "w:gz") as tar:
@@ -372,10 +419,13 @@ def main(argv=None) -> int:
             continue
         # Benchmarks autotune; only the tests keep the first Triton configuration.
         step_env = env if step.junit else {k: v for k, v in env.items() if k != "MEGATRON_AVAR_TRITON_AUTOTUNE"}
+        # Before and after every step: a run stopped part-way (a lease's time limit) keeps what it measured and
+        # names the step it was in.
+        later = [{"name": s.name, "status": "not reached"} for s in selected[index + 1:]]
+        report.write(results + [{"name": step.name, "status": f"running since {time.monotonic() - started:.0f} s "
+                                 "(the run stopped inside this step)"}] + later, time.monotonic() - started)
         results.append(run_step(step, logs, step_env, left))
-        # After every step: a run stopped part-way (a lease's time limit) keeps what it measured.
-        report.write(results + [{"name": s.name, "status": "not reached"} for s in selected[index + 1:]],
-                     time.monotonic() - started)
+        report.write(results + later, time.monotonic() - started)
     stem = report.write(results, time.monotonic() - started)
     print(markdown(report.meta, results))
     print(f"[gpu_check] {stem}.md / .json; logs in {logs}"

