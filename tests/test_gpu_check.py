@@ -62,11 +62,15 @@ def test_unknown_step_is_refused_by_name(tmp_path):
     assert "unknown step(s) bench_xyz" in done.stderr and "bench_sft" in done.stderr
 
 
-def test_offline_wheels_refuses_a_python_version_it_cannot_tag():
+def test_offline_wheels_refuses_a_python_version_it_cannot_tag_and_unknown_options():
     done = subprocess.run(["bash", str(REPO / "tools" / "offline_wheels.sh"), "unused-dir", "312"],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 2
     assert "PYTHON_VERSION must look like 3.12" in done.stderr and "'312'" in done.stderr
+    done = subprocess.run(["bash", str(REPO / "tools" / "offline_wheels.sh"), "--dir", "x"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "unknown option '--dir'" in done.stderr
+    assert not (REPO / "--dir").exists()
 
 
 def test_a_step_past_its_limit_is_killed_with_its_process_tree(tmp_path):

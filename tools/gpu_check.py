@@ -79,17 +79,20 @@ class Step:
 
 def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
     py, out = sys.executable, str(out_dir)
-    # --timeout: a test that hangs (a stuck collective, a kernel that never returns) costs its own 150 s, not the
-    # step's whole limit (pytest.ini's 900 s is for the CPU suite)
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--durations=0",
-              "--timeout=150"]
+
+    def pytest(per_test_s: int = 150) -> list[str]:
+        # --timeout: a test that hangs (a stuck collective, a kernel that never returns) costs its own limit, not
+        # the step's whole limit (pytest.ini's 900 s is for the CPU suite)
+        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs", "--durations=0",
+                f"--timeout={per_test_s}"]
+
     if dry_run:  # the same entry points at toy sizes; tests only collected (the CPU suite runs them)
         return [
             Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 120),
-            Step("triton_kernels", pytest + ["--collect-only", "tests/ops/test_role_attention_triton.py",
+            Step("triton_kernels", pytest() + ["--collect-only", "tests/ops/test_role_attention_triton.py",
                                              "tests/ops/test_role_mass.py", "-k", "gpu or triton_probe"], 120,
                  junit=True),
-            Step("gpu_tests", pytest + ["--collect-only", "-m", "gpu", "tests"], 180, junit=True),
+            Step("gpu_tests", pytest() + ["--collect-only", "-m", "gpu", "tests"], 180, junit=True),
             Step("bench_sft", [py, "tools/bench_sft.py", "--device", "cpu", "--tiny", "--seq-lens", "512",
                                "--warmup", "0", "--steps", "1", "--work", str(work / "bench_sft"),
                                "--results", out], 300),
@@ -98,14 +101,14 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
             Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
                                 "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
             Step("triton_sweep",
-                 pytest + ["--collect-only", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
+                 pytest(300) + ["--collect-only", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
                  120, junit=True),
         ]
     return [
         Step("environment", [py, __file__, "--environment-report", str(work / "environment.json")], 60),
-        Step("triton_kernels", pytest + ["tests/ops/test_role_attention_triton.py", "tests/ops/test_role_mass.py",
+        Step("triton_kernels", pytest() + ["tests/ops/test_role_attention_triton.py", "tests/ops/test_role_mass.py",
                                          "-k", "gpu or triton_probe"], 150, junit=True),
-        Step("gpu_tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
+        Step("gpu_tests", pytest() + ["-m", "gpu", "tests", "--ignore", "tests/ops/test_role_attention_triton.py"],
              180, junit=True),
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--modes", "off", "probe",
                            "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3",
@@ -114,8 +117,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
                                       "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
         # (its sm_90 compile test builds every kernel variant in one test: the step's limit, not 150 s per test)
-        Step("triton_sweep", pytest + ["--timeout=300", "-m", "not gpu", "tests/ops/test_role_attention_triton.py"],
-             300, junit=True),
+        Step("triton_sweep", pytest(300) + ["-m", "not gpu", "tests/ops/test_role_attention_triton.py"], 300,
+             junit=True),
     ]
 
 
@@ -137,9 +140,14 @@ def _timed_cuda(fn, reps: int) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
+    return path.with_name(path.name + ".partial")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """``text`` to ``path`` through a temporary file and a rename: a kill never leaves half a report."""
-    partial = path.with_name(path.name + ".partial")
+    partial = _partial(path)
     partial.write_text(text)
     os.replace(partial, path)
 
@@ -355,17 +363,17 @@ class Report:
                 self._write_archive(self.archive)
             except OSError as exc:  # (a full disk, say) the report above stands; the next steps still run
                 print(f"[gpu_check] could not write the archive {self.archive}: {exc}", flush=True)
-                self.archive.with_name(self.archive.name + ".partial").unlink(missing_ok=True)
+                _partial(self.archive).unlink(missing_ok=True)
         return stem
 
     def _write_archive(self, archive: Path) -> None:
         """Results written since the run began (out_dir may hold older ones) and every log, atomically replaced."""
         since = self.started_at.timestamp() - 1
-        own = {archive.resolve(), archive.with_name(archive.name + ".partial").resolve()}
+        partial = _partial(archive)
+        own = {archive.resolve(), partial.resolve()}
         fresh = [p for p in sorted(self.out_dir.iterdir()) if p.is_file() and p.stat().st_mtime >= since
                  and p.resolve() not in own and not p.name.endswith(".partial")]
         archive.parent.mkdir(parents=True, exist_ok=True)
-        partial = archive.with_name(archive.name + ".partial")
         with tarfile.open(partial, "w:gz") as tar:
             for path in fresh:
                 tar.add(path, arcname=f"results/{path.name}")
@@ -419,13 +427,12 @@ def main(argv=None) -> int:
             continue
         # Benchmarks autotune; only the tests keep the first Triton configuration.
         step_env = env if step.junit else {k: v for k, v in env.items() if k != "MEGATRON_AVAR_TRITON_AUTOTUNE"}
-        # Before and after every step: a run stopped part-way (a lease's time limit) keeps what it measured and
-        # names the step it was in.
+        # Before every step (so also right after the one before it) and once at the end: a run stopped part-way
+        # (a lease's time limit) keeps what it measured and names the step it was in.
         later = [{"name": s.name, "status": "not reached"} for s in selected[index + 1:]]
         report.write(results + [{"name": step.name, "status": f"running since {time.monotonic() - started:.0f} s "
                                  "(the run stopped inside this step)"}] + later, time.monotonic() - started)
         results.append(run_step(step, logs, step_env, left))
-        report.write(results + later, time.monotonic() - started)
     stem = report.write(results, time.monotonic() - started)
     print(markdown(report.meta, results))
     print(f"[gpu_check] {stem}.md / .json; logs in {logs}"

@@ -12,6 +12,12 @@
 #   python3 tools/gpu_check.py --wheels DIR
 set -euo pipefail
 
+if [[ "${1:-}" == -* ]]; then  # --help, or an option this script does not take
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    [[ "$1" == "-h" || "$1" == "--help" ]] && exit 0
+    echo "offline_wheels: unknown option '$1' (it takes DIR and PYTHON_VERSION only)" >&2
+    exit 2
+fi
 DIR="${1:-.whl}"
 PYTHON_VERSION="${2:-3.12}"
 if ! [[ "$PYTHON_VERSION" =~ ^3\.[0-9]+$ ]]; then

@@ -93,7 +93,7 @@ def test_tensor_parallel_sizes_that_do_not_split_are_refused():
 
 
 def test_parameters_are_built_on_the_host_unless_the_gpu_is_asked_for():
-    """CPU initialisation (the same weights at every layout) by default; megatron's GPU path on request."""
+    """CPU initialisation (the same weights at any TP size) by default; megatron's GPU path on request."""
     config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
     host = build_transformer_configs(config, MegatronSettings())
     gpu = build_transformer_configs(config, MegatronSettings(init_device="cuda"))
