@@ -211,7 +211,8 @@ def run_grpo(config: GRPOConfig) -> dict:
                            dp_rank=layout.dp_rank, dp_size=layout.dp)
     backend = _start_backend(config, processor, layout)  # before the model (see _start_backend)
     model = build_model(qwen_config, parallel, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path)
+                        role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
+                        checkpoint_follows=resume_from is not None)
     build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype)
 
     def policy_of(training_model) -> MegatronPolicy:

@@ -199,7 +199,8 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
     avar_layers = config.avar.layer_indexes(qwen_config.text.num_layers)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     model = build_model(qwen_config, config.parallel, dtype=dtype, recompute=config.train.recompute,
-                        role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None)
+                        role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None,
+                        checkpoint_follows=not load_hf_weights)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
     data_config = config.data
     if data_config.processor_path is None:

@@ -148,7 +148,7 @@ class TrainingModel:
 
 
 def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, role_mass_layers,
-                hf_path: str | None, trainable: bool = True) -> TrainingModel:
+                hf_path: str | None, trainable: bool = True, checkpoint_follows: bool = False) -> TrainingModel:
     """This pipeline rank's stage of Qwen2.5-VL with AVAR layers — one model chunk, or one per virtual pipeline
     stage (``models.qwen2_5_vl.build.build_stage``, on this rank's device) — with HF weights loaded (streamed,
     each rank reading only its shard) when ``hf_path`` is given, each chunk wrapped in megatron's
@@ -156,7 +156,10 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
 
     parallel: the run's ``ParallelConfig`` (TP / PP / virtual stages / SP; the gradient reduce and weight gather
     it asks for are set up here, with the hooks megatron's pipeline schedules call). trainable=False (GRPO's
-    frozen reference policy): no DDP wrapper and no gradients, so its memory is its weights alone."""
+    frozen reference policy): no DDP wrapper and no gradients, so its memory is its weights alone.
+    checkpoint_follows: a training checkpoint's weights are loaded right after (a resume): the parameters are
+    allocated but not randomly initialised, which at 72B scale is minutes of host time per rank; the load that
+    follows is strict, so no parameter is left as allocated. Without it and without ``hf_path``: random weights."""
     from pathlib import Path
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -171,7 +174,7 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
         build_stage(qwen_config, tp=tp, pp=pp, dtype=dtype, role_mass_layers=role_mass_layers, recompute=recompute,
                     sequence_parallel=parallel.sequence_parallel, vpp=vpp, vp_stage=stage if vpp > 1 else None,
                     cp=parallel.context_parallel_size,
-                    initialize=hf_path is None, device=platform.current_device(),
+                    initialize=hf_path is None and not checkpoint_follows, device=platform.current_device(),
                     hf_tensors=None if hf_path is None else iter_lazy_tensors(Path(hf_path)))
         for stage in range(vpp)]
     if not trainable:

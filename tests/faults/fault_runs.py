@@ -5,6 +5,7 @@ directory."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,30 @@ def logged_steps(run: Path) -> list[int]:
 
 def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/lm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_two_ranks(command: list[str]) -> list[str]:
+    """Run ``command`` as 2 ranks (torchrun's environment variables); both must succeed. Returns their outputs."""
+    port = str(_free_port())
+    ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in range(2)]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def exports_and_verifies(checkpoint: Path, hf: Path) -> None:
+    """`avar convert mcore-to-hf` of ``checkpoint`` into ``hf``, then `avar convert verify` (equal logits)."""
+    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
+                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
+        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, output(done)[-3000:]

@@ -23,7 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from fault_runs import REPO, copy_run, logged_steps, losses, output, run_sft, sft_command
+from fault_runs import (
+    REPO,
+    copy_run,
+    exports_and_verifies,
+    logged_steps,
+    losses,
+    on_two_ranks,
+    output,
+    run_sft,
+    sft_command,
+)
 
 CHECKPOINTS = "checkpoints"
 
@@ -153,42 +163,15 @@ def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(ba
             plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 2, 1))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _on_two_ranks(command: list[str]) -> list[str]:
-    """Run ``command`` as 2 ranks (torchrun's environment variables); both must succeed. Returns their outputs."""
-    port = str(_free_port())
-    ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for rank in range(2)]
-    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    return outputs
-
-
 def _resumed_on_two_ranks(base_run, sft_inputs, run: Path, **extra) -> dict:
     """Resume ``run`` (a copy of the single-rank base run at step 0) on 2 ranks with ``extra`` overrides: it
     continues the uninterrupted loss curve. Returns the layout its final checkpoint records."""
-    outputs = _on_two_ranks(sft_command(run, sft_inputs, **extra))
+    outputs = on_two_ranks(sft_command(run, sft_inputs, **extra))
     assert "resumed from" in outputs[0]
     straight, resumed = losses(base_run), losses(run)
     assert sorted(resumed) == [0, 1] and resumed[0] == straight[0]
     assert resumed[1] == pytest.approx(straight[1], rel=1e-5, abs=1e-6)
     return json.loads((run / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())["layout"]
-
-
-def _exports_and_verifies(checkpoint: Path, hf: Path) -> None:
-    """`avar convert mcore-to-hf` of ``checkpoint`` into ``hf``, then `avar convert verify` (equal logits)."""
-    for args in (["mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(hf)],
-                 ["verify", "--hf-path", str(hf), "--mcore-path", str(checkpoint)]):
-        done = subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, output(done)[-3000:]
 
 
 @pytest.mark.multiprocess
@@ -205,7 +188,7 @@ def test_a_resume_at_context_parallel_size_2_continues_the_loss_curve(base_run, 
     run = copy_run(base_run, tmp_path / "run", latest_step=0)
     layout = _resumed_on_two_ranks(base_run, sft_inputs, run, **{"parallel.context_parallel_size": 2})
     assert layout == {"tp": 1, "pp": 1, "dp": 1, "vpp": 1, "cp": 2}
-    _exports_and_verifies(run / CHECKPOINTS / "step_00000001", tmp_path / "hf")
+    exports_and_verifies(run / CHECKPOINTS / "step_00000001", tmp_path / "hf")
 
 
 def test_a_resume_with_other_gradient_buckets_is_refused_naming_the_settings(base_run, sft_inputs, tmp_path):
@@ -240,13 +223,13 @@ def test_an_interleaved_pipeline_run_resumes_and_exports(sft_inputs, tmp_path):
     layout = {"model.hf_path": toy, "parallel.pipeline_model_parallel_size": 2,
               "parallel.virtual_pipeline_model_parallel_size": 2}
     straight = tmp_path / "straight"
-    _on_two_ranks(sft_command(straight, sft_inputs, **layout))
+    on_two_ranks(sft_command(straight, sft_inputs, **layout))
     state = json.loads((straight / CHECKPOINTS / "step_00000001" / "trainer_state.json").read_text())
     assert state["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2, "cp": 1}
     resumed = copy_run(straight, tmp_path / "resumed", latest_step=0)
-    assert "resumed from" in _on_two_ranks(sft_command(resumed, sft_inputs, **layout))[0]
+    assert "resumed from" in on_two_ranks(sft_command(resumed, sft_inputs, **layout))[0]
     assert losses(resumed)[1] == pytest.approx(losses(straight)[1], rel=1e-6)
-    _exports_and_verifies(resumed / CHECKPOINTS / "step_00000001", tmp_path / "hf")
+    exports_and_verifies(resumed / CHECKPOINTS / "step_00000001", tmp_path / "hf")
 
 
 # -- the data fingerprint -----------------------------------------------------------------------------------------

@@ -79,3 +79,29 @@ def test_a_stage_built_for_the_gpu_is_initialised_there_like_the_host_one():
     # build_stage chose megatron's GPU path for the CUDA device (moving a host-built stage would pass the rest)
     assert found["cpu"]["cpu_initialization"] and not found["cuda"]["cpu_initialization"]
     _assert_same_spread(found["cpu"], found["cuda"])
+
+
+def _initialised_by_the_training_builder() -> dict[str, bool]:
+    from megatron.core import parallel_state
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training.config import ParallelConfig
+    from megatron_avar.training.megatron_setup import build_model, init_distributed
+
+    init_distributed(1, 1, seed=5)
+    config = Qwen25VLConfig.from_hf(tiny_hf_config().to_dict())
+    found = {}
+    for case, follows in (("new run", False), ("resume", True)):
+        model = build_model(config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=(),
+                            hf_path=None, checkpoint_follows=follows)
+        found[case] = model.modules[0].config.perform_initialization
+    parallel_state.destroy_model_parallel()
+    return found
+
+
+def test_a_resume_builds_its_model_without_drawing_weights_the_checkpoint_replaces():
+    """The trainers' resume (``build_model(checkpoint_follows=True)``) skips megatron's random initialisation;
+    that the strict load then fills every parameter is what the resume tests (tests/faults, tests/sft) prove by
+    reproducing the uninterrupted loss curve, also in bf16 at the second step after the resume."""
+    found = run_on_ranks(_initialised_by_the_training_builder, 1, timeout_s=300)[0]
+    assert found == {"new run": True, "resume": False}

@@ -67,13 +67,17 @@ def test_backward_keeps_the_input_and_one_rsqrt_per_row():
 
 def test_torch_norm_marks_sequence_parallel_weights_and_builds_both_kinds():
     config = types.SimpleNamespace(layernorm_zero_centered_gamma=False, memory_efficient_layer_norm=False,
-                                   normalization="RMSNorm", sequence_parallel=True)
+                                   normalization="RMSNorm", sequence_parallel=True, params_dtype=torch.float32)
     norm = TorchNorm(config, 32, eps=1e-6)
     assert isinstance(norm, RMSNorm) and norm.eps == 1e-6 and norm.weight.sequence_parallel is True
     assert norm.weight.dtype == torch.float32
-    config.normalization, config.sequence_parallel = "LayerNorm", False
+    # the model's parameter dtype, as every other weight (megatron's mixed-precision optimizers expect it)
+    config.normalization, config.sequence_parallel, config.params_dtype = "LayerNorm", False, torch.bfloat16
     layer = TorchNorm(config, 32)
     assert isinstance(layer, torch.nn.LayerNorm) and layer.weight.sequence_parallel is False
+    assert layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+    config.normalization = "RMSNorm"
+    assert TorchNorm(config, 32).weight.dtype == torch.bfloat16
     config.normalization = "ScaleNorm"
     with pytest.raises(ValueError, match="normalization='ScaleNorm': allowed RMSNorm, LayerNorm"):
         TorchNorm(config, 32)

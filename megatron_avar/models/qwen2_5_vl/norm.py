@@ -5,8 +5,11 @@ megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel``. Under sequen
 tensor-parallel rank normalises its own slice of the sequence, so a norm weight's gradient on one rank is a
 partial sum; megatron's ``finalize_model_grads`` all-reduces, over the tensor-parallel group, the gradients of
 every parameter marked ``sequence_parallel`` (Transformer Engine's norms mark theirs). :class:`TorchNorm` builds
-the norm with megatron's norm constructor (float32 weights, also in a bfloat16 model) and marks its parameters,
-so the local modules give the gradients of the unsplit model.
+the norm with megatron's norm constructor and marks its parameters, so the local modules give the gradients of
+the unsplit model. Its weights are in the model's ``params_dtype``, as Transformer Engine's norms, megatron's
+``Float16Module`` and Hugging Face's checkpoints have them: megatron's mixed-precision optimizers (and the
+distributed optimizer's buffers) expect every parameter of a bfloat16 model in bfloat16, and keep the float32
+copy themselves (a float32 norm weight among them broke their checkpoints).
 
 :class:`RMSNorm` computes what ``torch.nn.RMSNorm`` computes, in the same float32 operations
 (``y = (float(x) · rsqrt(mean(float(x)²) + eps)) · w``, cast back to x's dtype; float64 stays float64), so its
@@ -60,9 +63,9 @@ class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dimension (``torch.nn.RMSNorm``'s outputs, parameter ``weight``), keeping only its
     input and a float32 rsqrt per row for backward (module docstring)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,8 @@ class RMSNorm(torch.nn.Module):
 
 class TorchNorm:
     """:class:`RMSNorm` / ``torch.nn.LayerNorm`` with megatron's norm constructor, parameters marked
-    ``sequence_parallel`` when ``config.sequence_parallel`` (a drop-in for ``WrappedTorchNorm`` in layer specs)."""
+    ``sequence_parallel`` when ``config.sequence_parallel``, weights in ``config.params_dtype`` (a drop-in for
+    ``WrappedTorchNorm`` in layer specs)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
                 zero_centered_gamma: bool = False, normalization: str = "LayerNorm") -> torch.nn.Module:
@@ -82,9 +86,9 @@ class TorchNorm:
             raise ValueError("layernorm_zero_centered_gamma / memory_efficient_layer_norm need Transformer Engine "
                              "norms")
         if config.normalization == "RMSNorm":
-            norm = RMSNorm(hidden_size, eps=eps)
+            norm = RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(normalized_shape=hidden_size, eps=eps)
+            norm = torch.nn.LayerNorm(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         else:
             raise ValueError(f"normalization={config.normalization!r}: allowed RMSNorm, LayerNorm")
         for param in norm.parameters():
