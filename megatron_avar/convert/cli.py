@@ -45,6 +45,10 @@ def register(subparsers) -> None:
     check.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is loaded at")
     check.add_argument("--max-abs-diff", type=float, default=1e-3,
                        help="fail (exit 1) when the largest absolute logit difference exceeds this")
+    check.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="both models run in this dtype: float32 compares the conversion alone (bf16 weights "
+                            "upcast exactly); bfloat16 halves the memory but adds two implementations' bf16 "
+                            "rounding (~5e-2 in logits): raise --max-abs-diff with it")
     check.set_defaults(handler=_verify)
     parser.set_defaults(handler=None)
 
@@ -90,9 +94,10 @@ def _mcore_to_hf(args) -> int:
 
 
 def _verify(args) -> int:
-    from megatron_avar.convert.verify import verify
+    from megatron_avar.convert.verify import VERIFY_DTYPES, verify
 
-    max_diff, mean_diff = verify(args.hf_path.absolute(), args.mcore_path.absolute(), tp=args.tp, pp=args.pp)
+    max_diff, mean_diff = verify(args.hf_path.absolute(), args.mcore_path.absolute(), tp=args.tp, pp=args.pp,
+                                 dtype=VERIFY_DTYPES[args.dtype])
     ok = max_diff <= args.max_abs_diff
     print(f"logits |HF - megatron|: max {max_diff:.3e}, mean {mean_diff:.3e} (tolerance {args.max_abs_diff:.1e}): "
           f"{'OK' if ok else 'FAILED'}")

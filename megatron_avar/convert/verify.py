@@ -1,9 +1,11 @@
 """`avar convert verify`: one batch (text and an image) through the HF model and through the megatron model
 loaded from a converted checkpoint; the logits must agree.
 
-Both sides run in float32 whatever the checkpoints store: a bfloat16 checkpoint's weights are upcast exactly on
-both sides, so what is compared is the conversion (names, splits, layouts), not two implementations' bfloat16
-rounding (which alone differs by ~5e-2 in logits at toy sizes, hiding any conversion error smaller than that)."""
+Both sides run in float32 by default, whatever the checkpoints store: a bfloat16 checkpoint's weights are upcast
+exactly on both sides, so what is compared is the conversion (names, splits, layouts), not two implementations'
+bfloat16 rounding (which alone differs by ~5e-2 in logits at toy sizes, hiding any conversion error smaller than
+that). ``dtype=torch.bfloat16`` halves the memory of both models (a 72B check in float32 holds 2 x 290 GB on the
+host) and then compares that rounding too: raise the tolerance with it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 import torch
 
 from megatron_avar.convert import checkpoint
+
+VERIFY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def verification_batch(config, *, seed: int = 0) -> dict:
@@ -36,7 +40,7 @@ def verification_batch(config, *, seed: int = 0) -> dict:
             "image_grid_thw": torch.tensor([grid])}
 
 
-def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str) -> None:
+def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dtype: torch.dtype) -> None:
     """One rank of the megatron side: the checkpoint loaded at TP=tp x PP=pp, the batch run forward (through
     megatron's pipeline schedule when pp > 1); the last stage's first TP rank saves the gathered logits."""
     from megatron.core import parallel_state
@@ -48,7 +52,6 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str) ->
 
     checkpoint.read_checkpoint_info(Path(mcore_dir))  # a checkpoint `avar convert` or training wrote
     config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
-    dtype = torch.float32  # the stored weights upcast exactly (module docstring)
     try:
         init_model_parallel(tp, pp, seed=0)
         model = build_stage(config, tp=tp, pp=pp, dtype=dtype)
@@ -79,9 +82,10 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str) ->
         parallel_state.destroy_model_parallel()
 
 
-def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, float]:
-    """(max, mean) absolute logit difference between HF and megatron on :func:`verification_batch`, both in
-    float32."""
+def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int,
+           dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(max, mean) absolute logit difference between HF and megatron on :func:`verification_batch`, both run in
+    ``dtype`` (module docstring)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -89,7 +93,6 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, f
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
     checkpoint.read_checkpoint_info(mcore_dir)  # refused here, before HF loads, if it is not one
-    dtype = torch.float32  # both sides (module docstring)
     config = Qwen25VLConfig.from_hf(str(hf_dir))
     batch = verification_batch(config)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype).eval()
@@ -99,7 +102,7 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int) -> tuple[float, f
                        mm_token_type_ids=(batch["input_ids"] == config.image_token_id).int()).logits.float()
     with tempfile.TemporaryDirectory() as temp:
         out_file = str(Path(temp) / "logits.pt")
-        checkpoint.launch(verify_rank, tp * pp, str(mcore_dir), tp, pp, batch, out_file)
+        checkpoint.launch(verify_rank, tp * pp, str(mcore_dir), tp, pp, batch, out_file, dtype)
         ours = torch.load(out_file)
     diff = (ours - hf_logits).abs()
     return diff.max().item(), diff.mean().item()
