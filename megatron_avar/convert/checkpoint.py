@@ -62,9 +62,7 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
         if dist.get_rank() == 0:
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
         model = build_stage(config, tp=tp, pp=pp, dtype=dtype, hf_tensors=tensors)
-        # Megatron's local (non-Transformer-Engine) norms keep float32 parameters in a bfloat16 model: they take
-        # the checkpoint's bfloat16 values exactly (export casts them back). Nothing else may differ: no rounding.
-        assert {p.dtype for p in model.parameters()} <= {dtype, torch.float32}, "conversion would round"
+        assert {p.dtype for p in model.parameters()} == {dtype}, "conversion would round"
         dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     finally:
         parallel_state.destroy_model_parallel()
@@ -108,6 +106,7 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
+    from megatron_avar.training.checkpointing import load_module_state, without_extra_states
 
     vet_dist_checkpoint(Path(mcore_dir))  # megatron unpickles parts of it: refuse anything but plain data first
     try:
@@ -117,13 +116,14 @@ def load_model_weights(model, mcore_dir: Path) -> None:
             dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir), strict=StrictHandling.RETURN_ALL))
     except CheckpointingException as error:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
-    # Keys on one side only, optimizer states aside (megatron's names for the two sides vary by version).
-    missing, unexpected = ([k for k in sorted(keys) if not k.startswith("optimizer.")]
+    # Keys on one side only, optimizer states and Transformer Engine's extra states aside (megatron's names for the
+    # two sides vary by version; training.checkpointing: a checkpoint written with TE loads without it).
+    missing, unexpected = ([k for k in without_extra_states(keys) if not k.startswith("optimizer.")]
                            for keys in (missing, unexpected))
     if missing or unexpected:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    model.load_state_dict({k: v for k, v in state.items() if k != "optimizer"})
+    load_module_state(model, {k: v for k, v in state.items() if k != "optimizer"}, source=Path(mcore_dir))
 
 
 def read_checkpoint_info(mcore_dir: Path) -> dict:

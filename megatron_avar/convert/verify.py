@@ -41,12 +41,14 @@ def verification_batch(config, *, seed: int = 0) -> dict:
 
 
 def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dtype: torch.dtype) -> None:
-    """One rank of the megatron side: the checkpoint loaded at TP=tp x PP=pp, the batch run forward (through
-    megatron's pipeline schedule when pp > 1); the last stage's first TP rank saves the gathered logits."""
+    """One rank of the megatron side: the checkpoint loaded at TP=tp x PP=pp on the rank's device (its GPU where
+    there is one: Transformer Engine's modules run only there), the batch run forward (through megatron's pipeline
+    schedule when pp > 1); the last stage's first TP rank saves the gathered logits."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_avar import platform
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
 
@@ -54,8 +56,10 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dt
     config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
     try:
         init_model_parallel(tp, pp, seed=0)
-        model = build_stage(config, tp=tp, pp=pp, dtype=dtype)
+        device = platform.current_device()
+        model = build_stage(config, tp=tp, pp=pp, dtype=dtype, device=device)
         checkpoint.load_model_weights(model, Path(mcore_dir))
+        batch = {name: value.to(device) for name, value in batch.items()}
         model.eval()
         outputs = []
 
@@ -77,7 +81,7 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dt
         if parallel_state.is_pipeline_last_stage():
             logits = gather_from_tensor_model_parallel_region(outputs[0], group=model.language_model.pg_collection.tp)
             if parallel_state.get_tensor_model_parallel_rank() == 0:
-                torch.save(logits.float(), out_file)
+                torch.save(logits.float().cpu(), out_file)
     finally:
         parallel_state.destroy_model_parallel()
 

@@ -26,6 +26,11 @@ that, with ``rank_state/*.pt``, is read with ``torch.load(weights_only=True)``, 
 tensors and plain containers). megatron's own parts are vetted by ``megatron_avar.checkpoint_vetting`` before
 megatron reads them (an allow-list for its pickles; data files checked against their recorded sizes).
 
+Transformer Engine: its modules add one ``_extra_state`` entry each (FP8 scaling metadata, empty without FP8,
+which no run here uses), megatron's local modules none. Those entries alone may be on one side only, so a
+checkpoint written on a machine with Transformer Engine resumes and exports on one without it and the reverse
+(:func:`load_module_state`); every other difference is still refused.
+
 Failures while writing (a full disk, a quota): the partial folder is removed and the error names the checkpoint,
 the cause and the checkpoint that stays ``latest``. No process outlives a killed rank: megatron's writer would
 keep its results queue in a separate server process, which outlives a rank killed with SIGKILL; saves here are
@@ -255,6 +260,23 @@ def _sharded_state(model, *, is_loading: bool) -> dict:
     return {**model_state, "optimizer": optimizer_state}
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def without_extra_states(keys) -> list[str]:
+    """``keys`` without Transformer Engine's ``_extra_state`` entries (module docstring), sorted."""
+    return sorted(key for key in keys if not str(key).endswith(EXTRA_STATE_SUFFIX))
+
+
+def load_module_state(module: torch.nn.Module, state: dict, *, source: Path) -> None:
+    """``module.load_state_dict(state)``, strict except for ``_extra_state`` entries on either side (module
+    docstring); ValueError naming ``source`` and the first differing keys otherwise."""
+    result = module.load_state_dict(state, strict=False)
+    missing, unexpected = without_extra_states(result.missing_keys), without_extra_states(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def _chunk_key(index: int) -> str:
     return "model" if index == 0 else f"model{index}"
 
@@ -458,6 +480,7 @@ def load_checkpoint(path: Path, model) -> dict:
     file is checked before anything is read from it without restriction (module docstring: Trust); a refusal
     on any rank stops every rank (none is left waiting in megatron's collective load)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     refusal = None
     try:
@@ -475,10 +498,17 @@ def load_checkpoint(path: Path, model) -> dict:
     if refused_somewhere:
         raise ValueError(f"{path} was refused on another rank (that rank's error names the file): resume from a "
                          "checkpoint you trust, or start over (checkpoint.resume=false checkpoint.overwrite=true)")
-    # the default strict handling returns the state dict alone (megatron's annotation is a union with a tuple)
-    state = typing.cast(dict, dist_checkpointing.load(_sharded_state(model, is_loading=True), str(path)))
+    # RETURN_ALL: what the model asks for and the checkpoint lacks is left out of the load and returned (megatron's
+    # annotation is a union with the state dict alone); only Transformer Engine's extra states may be (docstring).
+    state, _, absent = typing.cast(tuple[dict, set[str], set[str]], dist_checkpointing.load(
+        _sharded_state(model, is_loading=True), str(path), strict=StrictHandling.RETURN_ALL))
+    absent = without_extra_states(absent)
+    if _on_any_rank(bool(absent)):
+        raise ValueError(f"{path} lacks parts this model has ({absent[:5] or 'on another rank'}): it was written "
+                         "for another model; resume from a checkpoint of this run, or start over "
+                         "(checkpoint.resume=false checkpoint.overwrite=true)")
     for index, module in enumerate(model.modules):
-        module.load_state_dict(state[_chunk_key(index)])
+        load_module_state(module, state[_chunk_key(index)], source=path)
     with torch.no_grad():  # the optimizer copies into fp32 main params, which are the (leaf) params in fp32 runs
         model.optimizer.load_state_dict(state["optimizer"])
     _restore_adam_step_count(model.optimizer, int(trainer_state["scheduler"]["num_steps"]))

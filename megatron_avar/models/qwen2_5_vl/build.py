@@ -5,9 +5,9 @@ reference), `avar convert` (both directions, `verify`) and `avar vas` on a megat
     init_model_parallel(tp, pp, seed=0)
     model = build_stage(config, tp=tp, pp=pp, dtype=torch.bfloat16, role_mass_layers=(14, 15))
 
-Precision: every parameter is ``dtype`` except the RMSNorm weights of megatron's local (non-Transformer-Engine)
-modules, which megatron keeps in float32 in a bfloat16 model; loading HF weights casts to the parameter's dtype,
-so a bfloat16 checkpoint's norms are widened exactly (conversion relies on it: no value is rounded).
+Precision: every parameter is ``dtype``, norms included, with Transformer Engine's modules and with megatron's
+local ones alike (megatron's mixed-precision optimizers expect it); loading HF weights casts to the parameter's
+dtype (conversion builds in the checkpoint's dtype: no value is rounded).
 """
 
 from __future__ import annotations
