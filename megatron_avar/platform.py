@@ -38,6 +38,7 @@ __all__ = [
     "enable_megatron_on_cpu",
     "megatron_cpu_mode_active",
     "peak_memory_bytes",
+    "reset_peak_memory",
 ]
 
 
@@ -113,6 +114,14 @@ def peak_memory_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_memory() -> None:
+    """Start :func:`peak_memory_bytes` over from what is held now, on CUDA (e.g. after warm-up steps, whose one-off
+    buffers — Triton autotuning's cache-flush tensor — are not the step's). A no-op on the CPU, whose peak RSS
+    cannot be reset."""
+    if cuda_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def distributed_backend() -> str:

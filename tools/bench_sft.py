@@ -29,9 +29,9 @@ Modes, each measured in a fresh process (so peak memory is its own), same data a
   hf-sdpa   Hugging Face's Qwen2.5-VL with SDPA attention, plain LM loss, torch AdamW, same config and tokens:
             what users run without AVAR
 Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
-(CUDA max allocated; CPU peak RSS) after the last step. Overheads are relative to "off". "planned GB" (GPU, our
-trainer's modes): `avar plan`'s predicted peak for the same config and row (its image tokens and AGTO query rows),
-so a GPU run of this benchmark validates the plan.
+(CUDA max allocated over the timed steps, from what the warm-up left held; CPU peak RSS) after the last step.
+Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
+same config and row (its image tokens and AGTO query rows), so a GPU run of this benchmark validates the plan.
 
 FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops with matmul_params of the model —
   6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·patches
@@ -155,6 +155,8 @@ def worker(spec: dict) -> dict:
     batches, times, flops, attention, tokens = iter(data), [], [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         batch = next(batches)
+        if step == spec["warmup"]:
+            platform.reset_peak_memory()  # the warm-up's one-off buffers (Triton autotuning's) are not the step's
         started = time.monotonic()
         step_fn(batch)  # ends in a host read of the loss: synchronised
         seconds = time.monotonic() - started

@@ -512,8 +512,9 @@ def _configs(shapes):
 # 128-wide heads. fp32 inputs with BLOCK_D >= 128 take the *_WIDE_FP32 lists only: the others need more
 # than the 227 KiB of shared memory a Hopper block may use (ptxas for sm_90: the first forward candidate
 # needs 225 KiB in fp32 at D=128; the wide-fp32 ones 69-146 KiB), and a config that does not fit fails
-# at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and
-# results, a fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py).
+# at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and results, a
+# fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py); so does
+# torch.use_deterministic_algorithms (kept_configs).
 # Every 2-byte candidate is one ptxas compiles without register spills at Qwen2.5-VL's attention shape (D=128,
 # bf16, fused-QKV views), with every feature on and with none (tests/ops/role_attention_aot.py checks them all).
 # Spilling shapes dropped or not taken on that evidence: forward 128x64 w4 s3 (~1.4 KiB/thread), 128x128 w8 s2
@@ -537,6 +538,16 @@ def _autotune_all() -> bool:
     return setting == "1"
 
 
+def kept_configs(configs, shapes, *, autotune_all: bool):
+    """The candidates of ``configs`` whose (BLOCK_M, BLOCK_N, num_warps, num_stages) are in ``shapes``, in its
+    order; only the first without autotuning, and under ``torch.use_deterministic_algorithms``: candidates tile the
+    keys differently, so they sum in different orders, and a choice made by timing (noisy) could differ in the
+    next process (a resumed run), breaking bitwise reproducibility."""
+    by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+    kept = [by_shape[shape] for shape in shapes]
+    return kept if autotune_all and not torch.are_deterministic_algorithms_enabled() else kept[:1]
+
+
 def _autotuned(kernel, shapes, wide_fp32_shapes, key):
     """``kernel`` autotuned over ``shapes`` (2-byte inputs, or fp32 with narrow heads) or ``wide_fp32_shapes``."""
     every = list(dict.fromkeys(shapes + wide_fp32_shapes))
@@ -544,9 +555,7 @@ def _autotuned(kernel, shapes, wide_fp32_shapes, key):
 
     def prune(configs, named_args, **kwargs):
         wide = named_args["Q"].element_size() == 4 and kwargs["BLOCK_D"] >= 128
-        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
-        kept = [by_shape[shape] for shape in (wide_fp32_shapes if wide else shapes)]  # in the list's order
-        return kept if autotune_all else kept[:1]
+        return kept_configs(configs, wide_fp32_shapes if wide else shapes, autotune_all=autotune_all)
 
     return triton.autotune(_configs(every), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_avar import platform
+from megatron_avar import console, platform
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "has_checkpoints",
@@ -122,13 +122,24 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return {name: t.detach().cpu().contiguous() for name, t in flat.items()}
 
 
+ANOTHER_DEVICE_RNG_NOTE = ("the checkpoint was written on another kind of device (GPU / CPU): megatron's "
+                           "tensor-parallel random streams start again from train.seed; the rest resumes as saved")
+
+
 def _set_rng_state(flat: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`_rng_state`'s states. The tracker's states are CUDA generator states on a GPU and CPU ones
+    on the CPU (platform's CPU mode), of other sizes: from a checkpoint written on the other kind of device the
+    tracker keeps the streams ``init_distributed`` seeded (said once), instead of failing at its first use."""
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(flat["torch"])
-    tracker = tensor_parallel.get_cuda_rng_tracker()  # initialised by the getter (its global reads as Optional)
-    tracker.set_states(  # pyright: ignore[reportOptionalMemberAccess]
-        {name.split("/", 1)[1]: t for name, t in flat.items() if name.startswith("tracker/")})
+    tracker = typing.cast(typing.Any, tensor_parallel.get_cuda_rng_tracker())  # its global reads as Optional
+    saved = {name.split("/", 1)[1]: t for name, t in flat.items() if name.startswith("tracker/")}
+    current = tracker.get_states()
+    if all(name not in current or current[name].numel() == state.numel() for name, state in saved.items()):
+        tracker.set_states(saved)
+    else:
+        console.note_once(ANOTHER_DEVICE_RNG_NOTE)
     if "cuda" in flat and platform.cuda_available():
         torch.cuda.set_rng_state(flat["cuda"])
 

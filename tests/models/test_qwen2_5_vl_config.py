@@ -119,3 +119,8 @@ def test_megatron_transformer_configs():
     assert merger.activation_func is F.gelu and not merger.gated_linear_unit and merger.add_bias_linear
     # On this CPU machine the GPU fusions default to off (they would fall back to torch.compile).
     assert not (lm.bias_activation_fusion or lm.masked_softmax_fusion or lm.apply_rope_fusion)
+    # With them on (a GPU), the merger's bias+GELU stays unfused: megatron's fused GELU is the tanh approximation,
+    # HF's merger the exact one. The SwiGLU fusions are exact and stay on.
+    fused = build_transformer_configs(config, MegatronSettings(fused_kernels=True))
+    assert fused.language.bias_activation_fusion and fused.vision.bias_activation_fusion
+    assert not fused.merger.bias_activation_fusion and fused.merger.activation_func is F.gelu

@@ -204,6 +204,22 @@ def test_triton_is_deterministic(device):
         assert torch.equal(a, b), name
 
 
+def test_deterministic_algorithms_keep_one_candidate_so_every_process_tiles_alike():
+    """Autotuning picks by timing, and candidates tile (so sum) differently: under
+    torch.use_deterministic_algorithms only the first candidate runs, in this process and in a resumed one."""
+    shapes = role_attention_triton._FWD_CONFIGS
+    configs = role_attention_triton._configs(shapes + role_attention_triton._FWD_CONFIGS_WIDE_FP32)
+    kept = lambda **kw: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+                         for c in role_attention_triton.kept_configs(configs, shapes, **kw)]
+    assert kept(autotune_all=True) == shapes and kept(autotune_all=False) == shapes[:1]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kept(autotune_all=True) == shapes[:1]
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_autotune_choices_name_each_specialisation(monkeypatch):
     """What the benchmarks record: per kernel, the tuning key (argument values, then the tensors' dtypes) and
     the chosen candidate. Under the interpreter nothing is autotuned: empty lists."""

@@ -218,7 +218,7 @@ class MegatronSettings:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     params_dtype: torch.dtype = torch.float32  # also the compute dtype: bf16 turns on megatron's bf16 mode
-    # GPU fusions (bias+activation, bias+dropout+add; grad-accumulation where apex's / megatron's compiled
+    # GPU fusions (bias+SwiGLU, bias+dropout+add; grad-accumulation where apex's / megatron's compiled
     # extension is installed). None: on exactly when CUDA is present (platform); on CPU they would fall back to
     # torch.compile (+14 s, no gain). RoPE is never fused: Transformer Engine's fused THD rope indexes the
     # frequencies by position inside each packed sample, which is not Qwen2.5-VL's multimodal (3-D) rotary
@@ -364,6 +364,9 @@ def build_transformer_configs(config: Qwen25VLConfig, settings: MegatronSettings
         ffn_hidden_size=vision.hidden_size * vision.spatial_merge_size**2,
         gated_linear_unit=False,
         activation_func=F.gelu,  # exact (erf) GELU, as torch.nn.GELU() in the HF merger
+        # megatron's fused bias+GELU is the tanh approximation (4.7e-4 off per activation, its gradient too): the
+        # merger would differ from HF's on every GPU run. SwiGLU's fusion, elsewhere, is exact.
+        bias_activation_fusion=False,
     )
     return Qwen25VLTransformerConfigs(language=language, vision=vision_config, merger=merger)
 
