@@ -105,8 +105,8 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
     from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
-    from megatron_avar.training.checkpointing import load_module_state, without_extra_states
 
     vet_dist_checkpoint(Path(mcore_dir))  # megatron unpickles parts of it: refuse anything but plain data first
     try:
@@ -117,7 +117,7 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     except CheckpointingException as error:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
     # Keys on one side only, optimizer states and Transformer Engine's extra states aside (megatron's names for the
-    # two sides vary by version; training.checkpointing: a checkpoint written with TE loads without it).
+    # two sides vary by version; checkpoint_matching: a checkpoint written with TE loads without it).
     missing, unexpected = ([k for k in without_extra_states(keys) if not k.startswith("optimizer.")]
                            for keys in (missing, unexpected))
     if missing or unexpected:

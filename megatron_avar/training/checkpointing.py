@@ -27,9 +27,9 @@ tensors and plain containers). megatron's own parts are vetted by ``megatron_ava
 megatron reads them (an allow-list for its pickles; data files checked against their recorded sizes).
 
 Transformer Engine: its modules add one ``_extra_state`` entry each (FP8 scaling metadata, empty without FP8,
-which no run here uses), megatron's local modules none. Those entries alone may be on one side only, so a
-checkpoint written on a machine with Transformer Engine resumes and exports on one without it and the reverse
-(:func:`load_module_state`); every other difference is still refused.
+which no run here uses), megatron's local modules only for their linears. Those entries alone may be on one
+side, so a checkpoint written on a machine with Transformer Engine resumes and exports on one without it and the
+reverse (``megatron_avar.checkpoint_matching``); every other difference is still refused.
 
 Failures while writing (a full disk, a quota): the partial folder is removed and the error names the checkpoint,
 the cause and the checkpoint that stays ``latest``. No process outlives a killed rank: megatron's writer would
@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_avar import console, platform
+from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "has_checkpoints",
@@ -269,23 +270,6 @@ def _sharded_state(model, *, is_loading: bool) -> dict:
     optimizer_state = model.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                          metadata=_OPTIMIZER_METADATA)
     return {**model_state, "optimizer": optimizer_state}
-
-
-EXTRA_STATE_SUFFIX = "_extra_state"
-
-
-def without_extra_states(keys) -> list[str]:
-    """``keys`` without Transformer Engine's ``_extra_state`` entries (module docstring), sorted."""
-    return sorted(key for key in keys if not str(key).endswith(EXTRA_STATE_SUFFIX))
-
-
-def load_module_state(module: torch.nn.Module, state: dict, *, source: Path) -> None:
-    """``module.load_state_dict(state)``, strict except for ``_extra_state`` entries on either side (module
-    docstring); ValueError naming ``source`` and the first differing keys otherwise."""
-    result = module.load_state_dict(state, strict=False)
-    missing, unexpected = without_extra_states(result.missing_keys), without_extra_states(result.unexpected_keys)
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _chunk_key(index: int) -> str:

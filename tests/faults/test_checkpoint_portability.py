@@ -69,7 +69,7 @@ def test_checkpoints_resume_and_export_across_transformer_engine_and_local_modul
 
 
 def test_only_extra_states_may_differ_between_a_checkpoint_and_the_model(tmp_path):
-    from megatron_avar.training.checkpointing import load_module_state
+    from megatron_avar.checkpoint_matching import load_module_state
 
     class WithExtraState(torch.nn.Linear):
         def get_extra_state(self):
