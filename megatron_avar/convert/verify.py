@@ -52,7 +52,6 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dt
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
 
-    checkpoint.read_checkpoint_info(Path(mcore_dir))  # a checkpoint `avar convert` or training wrote
     config = Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR))
     try:
         init_model_parallel(tp, pp, seed=0)

@@ -228,8 +228,8 @@ class MegatronSettings:
     # Where megatron allocates (and, with perform_initialization, randomly initialises) the parameters:
     # "cpu": each weight's whole master copy is drawn on the host and split by tensor-parallel rank (the same
     # weights at any TP size), at host speed: ~35 s for 2B parameters on this project's 2-core machine, and
-    # every rank draws every full weight of its stage (72B at PP=4: ~18B draws per rank, minutes; a resumed run
-    # initialises before its checkpoint is loaded). Conversion and CPU runs build here.
+    # every rank draws every full weight of its stage (72B at PP=4: ~18B draws per rank, minutes; a resume draws
+    # none: perform_initialization=False). Conversion and CPU runs build here.
     # "cuda": on the current GPU, each tensor-parallel rank drawing its own shard from megatron's per-rank RNG
     # streams (the same distribution, other values at another TP size), in seconds, with no host copy.
     # Either way every pipeline stage starts from the same seed (megatron's own pretraining adds 100 x the
