@@ -105,3 +105,27 @@ def test_a_resume_builds_its_model_without_drawing_weights_the_checkpoint_replac
     reproducing the uninterrupted loss curve, also in bf16 at the second step after the resume."""
     found = run_on_ranks(_initialised_by_the_training_builder, 1, timeout_s=300)[0]
     assert found == {"new run": True, "resume": False}
+
+
+
+def _first_layer_of_this_stage():
+    from megatron.core import parallel_state
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
+
+    init_model_parallel(1, 4, seed=5)
+    config = Qwen25VLConfig.from_hf(tiny_hf_config(num_text_layers=4).to_dict())
+    model = build_stage(config, tp=1, pp=4, dtype=torch.float32, initialize=True)
+    return parallel_state.get_pipeline_model_parallel_rank(), model.language_model.decoder.layers[0].state_dict()
+
+
+def test_each_pipeline_stage_initialises_its_layers_from_its_own_stream():
+    """Megatron's rule (seed + 100 x pipeline rank). The middle stages build the same modules in the same order
+    (a decoder layer each, no vision encoder, no embedding, no head): from one seed they were copies."""
+    layers = dict(run_on_ranks(_first_layer_of_this_stage, 4, timeout_s=300))
+    assert sorted(layers) == [0, 1, 2, 3]
+    weights = [name for name, w in layers[1].items() if w is not None and w.dim() >= 2]
+    assert weights and layers[1].keys() == layers[2].keys()
+    for name in weights:
+        assert not torch.equal(layers[1][name], layers[2][name]), name

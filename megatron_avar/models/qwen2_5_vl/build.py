@@ -24,7 +24,8 @@ __all__ = ["init_model_parallel", "build_stage"]
 def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) -> None:
     """Make megatron usable here (``platform.prepare_megatron``), initialise its parallel state at TP x PP x CP
     (with ``vpp`` model chunks per pipeline rank) over the default process group (already initialised) and seed
-    its tensor-parallel RNG tracker with ``seed``."""
+    the RNGs megatron initialises weights with: ``seed + 100 * pipeline rank`` (megatron's own rule), so each
+    pipeline stage draws its layers from its own stream instead of repeating the first stage's."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -32,7 +33,7 @@ def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
                                              context_parallel_size=cp)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
 
 def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layers: Collection[int] = (),
