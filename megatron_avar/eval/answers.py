@@ -71,17 +71,26 @@ def can_infer(answer: str, choices: dict[str, str], *, last_tokens: int | None =
     return None
 
 
+# A number standing on its own in a cue's words: not glued to a letter, a power, a LaTeX command or a brace,
+# and not a term of a sum or product ("x^2 + 3", "2 * 4").
+_STANDALONE_NUMBER = re.compile(r"(?<![\w^\\{.+*/])(?<![+*/] )-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w^{]|\.\d|\s?[-+*/^])")
+
+
 def free_form_candidate(text: str, *, numeric: bool) -> str | None:
     """The free-form answer in a response: the cue answer (boxed / "answer is"); else the whole text when it
     is short (at most 5 words, e.g. "12 cm", "\\frac{1}{2}"); else, for numeric answers, the last number.
-    For a numeric answer a cue holding words and a number ("it is 12 units long") gives its last number.
-    None when nothing qualifies (an extraction failure)."""
+    ``numeric``: the gold answer is a number (``to_number(gold) is not None``); an expression, an interval or a
+    word answer is then read whole. For a numeric answer a cue holding words and numbers ("7 because 3 red
+    and 4 green") gives its first number standing on its own, the one the cue states; a number that is part
+    of an expression ("12x", "x^2") is not one, and such a cue stays whole. None when nothing qualifies (an
+    extraction failure)."""
     candidate = cue_answer(text)
     if candidate is None and len(text.split()) <= 5 and text.strip():
         candidate = text.strip()
     if numeric:
-        if candidate is not None and to_number(candidate) is None and numbers_in(candidate):
-            return numbers_in(candidate)[-1]
+        if candidate is not None and to_number(candidate) is None:
+            stated = _STANDALONE_NUMBER.findall(candidate)
+            return stated[0].replace(",", "") if stated else candidate
         if candidate is None and numbers_in(text):
             return numbers_in(text)[-1]
     return candidate

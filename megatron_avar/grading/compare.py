@@ -15,11 +15,30 @@ __all__ = ["strip_units", "to_number", "math_equal", "same_words", "math_equal_o
 _UNIT_NOISE = re.compile(r"\\(?:text|mathrm|mbox)\{[^}]*\}|\^\{?\\circ\}?|°|\\circ|\\%|%|\$|\\,|\\!|\\;")
 
 
+# Words a number may carry as its unit ("12 cm", "5 m/s", "3 square units", "4 apples"). A single letter counts
+# only when it is a unit symbol here: "2x", "3 x^2" and "2 pi" are mathematics, not 2 with a unit.
+_UNIT_LETTERS = frozenset("mgslLNJWVAKh")
+_MATH_WORDS = frozenset({"pi", "sqrt", "and", "or", "to", "ln", "log", "exp", "sin", "cos", "tan", "cot", "csc",
+                         "arcsin", "arccos", "arctan", "times", "plus", "minus", "over", "divided", "by", "of",
+                         "infty", "infinity", "inf", "not", "than", "i", "e"})
+_UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?|[²³])?"
+_WITH_UNIT = re.compile(rf"([-+]?[\d.,/]*\d[\d.,/]*)\s*({_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD})*)\s*\.?")
+
+
+def _is_unit(phrase: str) -> bool:
+    words = [re.sub(r"\^\{?[23]\}?|[²³]", "", word) for word in re.split(r"\s+|\s*/\s*", phrase.strip())]
+    return all(word.lower() not in _MATH_WORDS and (len(word) > 1 or word in _UNIT_LETTERS) for word in words)
+
+
 def strip_units(text: str) -> str:
-    """Remove degree signs, percent signs, ``$``, LaTeX spacing and ``\\text{…}`` units, then trailing
-    alphabetic unit words ("12 cm" -> "12", "45°" -> "45"); leaves other text as it is."""
+    """Remove degree signs, percent signs, ``$``, LaTeX spacing and ``\\text{…}`` units, then the unit words
+    after a number ("12 cm" -> "12", "5 m/s" -> "5", "45°" -> "45", "3 square units" -> "3"); leaves other text
+    as it is. Mathematics after a number is not a unit: "2x", "3x^2", "2 pi", "2 sqrt 2", "2 and 3" and "1e3"
+    stay whole (a single letter is a unit only when it is a unit symbol: m, g, s, l, L, N, J, W, V, A, K, h)."""
     cleaned = _UNIT_NOISE.sub(" ", text).strip()
-    cleaned = re.sub(r"^([-+]?[\d.,/]+(?:\s*/\s*\d+)?)\s*[a-zA-Z][a-zA-Z\s^23²³]*\.?$", r"\1", cleaned)
+    match = _WITH_UNIT.fullmatch(cleaned)
+    if match and _is_unit(match.group(2)):
+        cleaned = match.group(1)
     return cleaned.strip()
 
 

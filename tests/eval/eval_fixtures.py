@@ -223,11 +223,15 @@ CASES = {
         ("3", "1.54", True),  # official MathVista rounds to the precision (1 decimal)
         ("3", "1.6", False),
         ("4", "yes", True), ("4", "No", False),
+        ("2", "The answer is 12 because 5 and 7 make it", True),  # the number the cue states, not the last
+        ("2", "\\boxed{\\infty}", False), ("2", "\\boxed{10^{1000}}", False),  # no int(): an answer, wrong
+        ("4", "\\boxed{\\text{Yes}}", True),
     ],
     "mathvision": [
         ("1", "\\boxed{C}", True), ("1", "(C)", True), ("1", "The answer is 3/4", True), ("1", "\\boxed{D}", False),
         ("2", "The answer is 0.6", False), ("2", "\\boxed{\\frac{1}{2}}", True), ("2", "1/2", True),
         ("3", "\\boxed{12\\text{ cm}}", True), ("3", "12 cm", True), ("3", "The side is 13 cm long.", False),
+        ("3", "The answer is 12x", False), ("3", "\\boxed{12 \\pi}", False),  # expressions, not 12 with a unit
         ("4", "0.8660254", True), ("4", "\\sqrt{3}/2", True), ("4", "\\frac{1}{2}", False),
     ],
     "mathverse_vo": [
@@ -246,6 +250,9 @@ CASES = {
         ("validation_Math_3", "A", True), ("validation_Math_3", "", False),
         ("validation_Art_1", "The ratio is 3.5", True), ("validation_Art_1", "7/2", True),
         ("validation_Art_1", "The ratio is 4", False),
+        # numbers are equal when both round to the same 2 decimals (the official rule)
+        ("validation_Art_1", "The ratio is 3.504", True), ("validation_Art_1", "The ratio is 3.53", False),
+        ("validation_Math_1", "<think>4 sides</think><answer>\\boxed{B}</answer>", True),
     ],
     "mmmu_pro": [
         ("standard (10 options)/test_Math_1", "J", True), ("standard (10 options)/test_Math_1", "(I)", False),

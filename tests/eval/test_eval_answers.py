@@ -80,6 +80,10 @@ def test_to_number_evaluates_latex_like_sympy():
     ("12", "12 cm", True), ("60°", "60", True), ("2\\sqrt{3}", "\\sqrt{12}", True),
     ("x+1", "1+x", True), ("(1,2)", "(1, 2)", True), ("12", "13", False), ("0.5", "0.51", False),
     ("Paris", "paris", True), ("12", "", False), ("12", None, False),
+    # units are words after a number; mathematics after a number is not a unit
+    ("5", "5 m/s", True), ("12", "12 cm^2", True), ("3", "3 square units", True), ("1000", "1e3", True),
+    ("2", "2x", False), ("3", "3x^2", False), ("3x^2", "3", False), ("2", "2 pi", False),
+    ("2", "2 sqrt 2", False), ("2", "2 and 3", False),
 ])
 def test_math_equal(gold, predicted, equal):
     assert math_equal(gold, predicted) is equal
@@ -100,6 +104,25 @@ def test_free_form_candidate():
     assert free_form_candidate("\\frac{1}{2}", numeric=True) == "\\frac{1}{2}"
     assert free_form_candidate("The answer is about 7 meters", numeric=True) == "7"
     assert free_form_candidate("a long sentence without any number in it", numeric=True) is None
+    # a numeric cue: the number it states first, unless every number is part of an expression
+    assert free_form_candidate("The answer is 7 because 3 red and 4 green", numeric=True) == "7"
+    assert free_form_candidate("The answer is x = 5.", numeric=True) == "5"
+    assert free_form_candidate("The answer is 12x", numeric=True) == "12x"
+    assert free_form_candidate("\\boxed{x^2 + 3}", numeric=True) == "x^2 + 3"
+    # an expression answer is read whole
+    assert free_form_candidate("The answer is y = 2x + 1", numeric=False) == "y = 2x + 1"
+
+
+@pytest.mark.parametrize("name", ["mathverse_vo", "mathvision"])
+@pytest.mark.parametrize("gold, response, correct", [
+    ("y=2x+1", "\\boxed{y=2x+1}", True), ("(1,2)", "\\boxed{(1,2)}", True), ("[-3,3]", "\\boxed{[-3,3]}", True),
+    ("x^2+1", "The answer is x^2+1", True), ("y=2x+1", "\\boxed{y=2x+3}", False), ("3", "The answer is 3x", False),
+])
+def test_free_form_benchmarks_read_expression_answers_whole(name, gold, response, correct):
+    from megatron_avar.eval.benchmarks import get_benchmark
+
+    target = {"answer": gold, "question_type": "free-form", "is_mcq": False, "options": []}
+    assert get_benchmark(name).judge(response, target).correct is correct
 
 
 def test_edit_distance():

@@ -21,7 +21,7 @@ from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_l
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
 from megatron_avar.eval.judge_prompts import mathverse_extraction_prompt
-from megatron_avar.grading import math_equal
+from megatron_avar.grading import math_equal, to_number
 
 __all__ = ["MathVerseVisionOnly"]
 
@@ -53,7 +53,7 @@ class MathVerseVisionOnly(Benchmark):
             gold = target["answer"].strip("()").strip()
             letter = mcq_letter(answer, dict.fromkeys(option_letters(5), ""))
             return Judgement(letter, letter == gold)
-        candidate = free_form_candidate(answer, numeric=True)
+        candidate = free_form_candidate(answer, numeric=to_number(target["answer"]) is not None)
         return Judgement(candidate, candidate is not None and math_equal(target["answer"], candidate))
 
     def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:

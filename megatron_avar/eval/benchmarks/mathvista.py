@@ -11,12 +11,16 @@ Scoring (offline MathVista rules; with ``--judge`` VLMEvalKit's GPT extractor re
   answer (boxed / "answer is") maps to the nearest option by edit distance (the official normalisation);
   with neither, an extraction failure. Correct when the option text equals ``answer``.
 - integer: the cue answer, a short answer or the last number, parsed (LaTeX and fractions with
-  math-verify), then int(); float: rounded to ``precision`` decimals; both compared as strings.
-- text: lowercased stripped string equality; list: math-verify equivalence.
+  math-verify), then int(); float: rounded to ``precision`` decimals; both compared as strings (an infinite
+  value is a wrong answer).
+- text: lowercased stripped string equality, ``\\text{…}`` unwrapped; list: math-verify equivalence.
 Breakdown: accuracy per ``metadata.task``.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 from megatron_avar.eval.answers import free_form_candidate, mcq_letter, option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
@@ -25,6 +29,8 @@ from megatron_avar.eval.judge_prompts import math_extraction_prompt
 from megatron_avar.grading import cue_answer, edit_distance, math_equal, to_number
 
 __all__ = ["MathVista"]
+
+_LATEX_TEXT = re.compile(r"\\(?:text|mathrm|textbf|mbox)\{([^{}]*)\}")
 
 
 class MathVista(Benchmark):
@@ -69,6 +75,8 @@ class MathVista(Benchmark):
             value = to_number(candidate)
             if value is None:
                 return Judgement(None, False)
+            if not math.isfinite(value):  # "\\infty", "10^{1000}": an answer, and not the gold number
+                return Judgement(candidate, False)
             gold = float(target["answer"])
             if kind == "integer":
                 return Judgement(str(int(value)), str(int(value)) == str(int(gold)))
@@ -77,7 +85,8 @@ class MathVista(Benchmark):
             return Judgement(predicted, predicted == f"{round(gold, digits):.{digits}f}")
         if kind == "list":
             return Judgement(candidate, math_equal(target["answer"], candidate))
-        return Judgement(candidate, candidate.strip().lower().rstrip(".") == target["answer"].strip().lower())
+        text = _LATEX_TEXT.sub(r"\1", candidate).strip()  # "\\text{Yes}" is the word Yes
+        return Judgement(text, text.lower().rstrip(".") == target["answer"].strip().lower())
 
     def judge_prompt(self, prompt_text: str, answer: str, target: dict) -> str:
         # VLMEvalKit's MathVista_auxeval: the question is the TSV's `query`, i.e. our prompt text

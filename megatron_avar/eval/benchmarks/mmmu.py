@@ -15,19 +15,21 @@ newline; open questions get only the question line. Interleaving: the text is sp
 are dropped; a question that references no image gets all its images first.
 
 Scoring (MMMU's official rules, a sound offline choice):
-- multiple choice — :func:`parse_choice`: ``(X)``, else `` X `` as a word, else ``X.``; only when none is
-  found and the response has more than 5 words, an option text it contains; with several hits the one
-  mentioned last. With none the official code picks at random: we count an extraction failure (wrong;
-  ``--judge``: VLMEvalKit's option-matching judge reads it).
+- multiple choice — :func:`parse_choice` (on the last ``\\boxed{}`` first when it holds a letter): ``(X)``,
+  else `` X `` as a word, else ``X.``; only when none is found and the response has more than 5 words, an
+  option text it contains; with several hits the one mentioned last. With none the official code picks at
+  random: we count an extraction failure (wrong; ``--judge``: VLMEvalKit's option-matching judge reads it).
 - open — :func:`parse_open`: the text after the last cue word of each sentence ("is", "so", "thus",
   "therefore", "final", "answer", "result", "could be") plus the numbers in it; correct when the gold
-  answer (any of them, for a list) is a substring of a candidate or equal to it as a number/LaTeX.
+  answer (any of them, for a list) is a substring of a candidate, or, for a number, equal to a candidate's
+  number (plain or LaTeX) once both are rounded to 2 decimals (the official rule).
 Breakdown: accuracy per subject (from the id).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections.abc import Mapping
 
@@ -35,7 +37,7 @@ from megatron_avar.eval.answers import option_letters
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.data import to_pil
 from megatron_avar.eval.judge_prompts import multiple_choice_prompt
-from megatron_avar.grading import math_equal, numbers_in, to_number
+from megatron_avar.grading import last_boxed, numbers_in, to_number
 
 __all__ = ["MMMU", "MMMU_SUBJECTS", "parse_choice", "parse_open", "interleave", "mcq_prompt", "parse_options",
            "choice_judge_prompt"]
@@ -120,13 +122,17 @@ def parse_open(response: str) -> list[str]:
 
 
 def open_correct(gold: str, candidates: list[str]) -> bool:
+    """MMMU's official open-question rule: a numeric gold answer equals a candidate's number when both are
+    rounded to 2 decimals; any other gold answer is a (lowercased) substring of a candidate."""
     golds = parse_options(gold) if gold.strip().startswith("[") else [gold]
     for answer in golds:
-        numeric = to_number(answer) is not None
+        gold_number = to_number(answer)
         for candidate in candidates:
-            if numeric and math_equal(answer, candidate, rel_tol=1e-2 if "." in answer else 1e-6):
-                return True
-            if not numeric and answer.strip().lower() in candidate.lower():
+            if gold_number is not None:
+                value = to_number(candidate)
+                if value is not None and math.isfinite(value) and round(value, 2) == round(gold_number, 2):
+                    return True
+            elif answer.strip().lower() in candidate.lower():
                 return True
     return False
 
@@ -142,8 +148,12 @@ def choice_judge_prompt(prompt_text: str, answer: str, options: dict[str, str], 
 
 
 def judge_choice(answer: str, target: dict) -> Judgement:
+    """:func:`parse_choice` on the response's last ``\\boxed{}`` when it names a letter there, else on the whole
+    response (a model asked for a boxed answer gives ``\\boxed{B}``, which the official patterns miss)."""
     options = dict(zip(option_letters(len(target["options"])), target["options"]))
-    letter = parse_choice(answer, options)
+    boxed = last_boxed(answer)
+    letter = parse_choice(boxed, options) if boxed else None
+    letter = letter or parse_choice(answer, options)
     return Judgement(letter, letter == target["answer"])
 
 
