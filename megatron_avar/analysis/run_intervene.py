@@ -69,19 +69,20 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
 
     from megatron_avar.analysis.batching import collate_prompts
     from megatron_avar.grading import INTERVENTION, grade
-    from megatron_avar.models.hf_inference import cut_at_stop, pad_token_id, stop_token_ids
+    from megatron_avar.models.hf_inference import cut_at_stop, decoding_config, pad_token_id, stop_token_ids
 
     tokenizer = processor.tokenizer
     pad_id = pad_token_id(tokenizer, model.generation_config)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
+    # greedy as `avar eval` decodes, not with the checkpoint's repetition penalty or sampling fields
+    generation_config = decoding_config(max_new_tokens=config.max_new_tokens, pad_token_id=pad_id, stop_ids=stop_ids)
     results = []
     for start in range(0, len(samples), config.batch_size):
         batch = collate_prompts(samples[start:start + config.batch_size], pad_token_id=pad_id,
                                 image_token_id=processor.image_token_id).to(device)
         hook.set_batch(batch.roles, intervention=spec)
         with torch.no_grad():
-            sequences = model.generate(**batch.inputs, max_new_tokens=config.max_new_tokens, do_sample=False,
-                                       pad_token_id=pad_id, eos_token_id=stop_ids)
+            sequences = model.generate(**batch.inputs, generation_config=generation_config)
         prompt_length = batch.inputs["input_ids"].shape[1]
         for row, (sample_id, truth) in enumerate(zip(batch.ids, batch.answers)):
             tokens = cut_at_stop(sequences[row, prompt_length:].tolist(), stop_ids)

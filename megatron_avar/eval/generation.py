@@ -91,8 +91,6 @@ class HFGenerator:
     pad ids and left-padded batches from ``models.hf_inference``, shared with the rollout backend and intervene)."""
 
     def __init__(self, model_dir: str, config: GenerationConfig):
-        from transformers import GenerationConfig as GenerationConfig_
-
         from megatron_avar.platform import device_for_local_rank
         from megatron_avar.processor import load_processor
 
@@ -104,14 +102,10 @@ class HFGenerator:
         tokenizer = self.processor.tokenizer
         self.stop_ids = set(hf_inference.stop_token_ids(tokenizer, self.model.generation_config))
         self.pad_id = hf_inference.pad_token_id(tokenizer, self.model.generation_config)
-        # A fresh generation config, so that the checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships
-        # do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05) cannot change the decoding we report. Sampling
-        # fields are given explicitly (top_k 0 = off): transformers fills fields left None from the checkpoint's.
-        sampling = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k) \
-            if config.do_sample else dict(temperature=None, top_p=None, top_k=None)
-        self.generation_config = GenerationConfig_(
-            max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, repetition_penalty=1.0,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.stop_ids), **sampling)
+        # The decoding reported, whatever the checkpoint's generation_config.json holds (hf_inference.decoding_config).
+        self.generation_config = hf_inference.decoding_config(
+            max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id, stop_ids=self.stop_ids,
+            do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
         self.intervention = None
         if config.intervene:
             from megatron_avar.analysis.intervention import InterventionSpec

@@ -40,6 +40,7 @@ from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files"]
 
 ALL_BENCHMARKS = tuple(BENCHMARKS)
+PREDICTION_KEYS = ("id", "response", "target")  # what scoring reads of each predictions record
 _VLLM_CHUNK = 256  # prompts handed to vLLM at once (it schedules them itself); also the resume granularity
 
 
@@ -103,7 +104,7 @@ class EvalConfig:
 
 def read_predictions(path: Path) -> dict[str, dict]:
     """id -> record of a predictions file; a half-written last line (an interrupted run) is dropped from
-    the file. A malformed line elsewhere is an error naming it."""
+    the file. A malformed line elsewhere, or one without :data:`PREDICTION_KEYS`, is an error naming it."""
     if not path.is_file():
         return {}
     lines = path.read_text().split("\n")
@@ -119,6 +120,10 @@ def read_predictions(path: Path) -> dict[str, dict]:
                 print(f"{path}: dropped a half-written last line", file=sys.stderr)
                 break
             raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete that line") from error
+        missing = [key for key in PREDICTION_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ValueError(f"{path}:{number} lacks {', '.join(missing)} (a predictions record holds "
+                             f"{', '.join(PREDICTION_KEYS)}); fix or delete that line")
         records[record["id"]] = record
     return records
 
@@ -136,14 +141,18 @@ def prediction_files(out: Path, benchmark: str) -> list[Path]:
 
 
 def _check_run_config(out: Path, config: EvalConfig) -> None:
-    """Record the run's model and generation settings; refuse to mix different ones in one folder."""
+    """Record the run's model and generation settings; refuse to mix different ones in one folder. The recorded
+    ``limit`` is what the folder holds: the largest limit of its runs, None once one ran every sample."""
     path = out / "run_config.json"
     # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do
     generation = {k: v for k, v in config.generation.to_dict().items()
                   if k != "batch_size" or config.generation.do_sample}
     current = {"model": str(config.model), "generation": generation, "mathvision_split": config.mathvision_split}
+    limit = config.limit
     if path.is_file():
         previous = json.loads(path.read_text())
+        # scoring reads every stored record: the folder holds the first max(limits) samples (all after a full run)
+        limit = None if limit is None or previous.get("limit", limit) is None else max(limit, previous["limit"])
         mismatched = [k for k in current if previous.get(k) != current[k]]
         if mismatched:
             raise ValueError(
@@ -152,7 +161,7 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # atomic: shards of one run write this file concurrently (with the same content)
     temporary = path.with_name(f".run_config.{config.shard_index}.tmp")
-    temporary.write_text(json.dumps({**current, "limit": config.limit}, indent=2) + "\n")
+    temporary.write_text(json.dumps({**current, "limit": limit}, indent=2) + "\n")
     os.replace(temporary, path)
 
 

@@ -44,7 +44,9 @@ def benchmark_vas(model, processor, samples, *, batch_size: int, device) -> dict
                for i in range(0, len(prompts), batch_size))
     accumulator = accumulate_hf_vas(model, batches, layers)
     report = accumulator.result().to_json(exclude_sink=False)
-    return {key: report.get(key) for key in VAS_KEYS}
+    excluded = report["variants"].get("sink_excluded")  # None when the masses have the sink inside SYSTEM
+    report["vas_no_sink"] = None if excluded is None else excluded["vas"]
+    return {key: report[key] for key in VAS_KEYS}
 
 
 def write_vas(out: Path, benchmark: str, result: dict) -> None:

@@ -8,6 +8,8 @@ vLLM backend's) and `avar vas` / `avar intervene` (``analysis/``).
   eos and ``<|im_end|>`` (the end of a chat turn, which a checkpoint's generation config may not list).
   :func:`cut_at_stop` keeps what comes before it.
 * :func:`pad_token_id`: the generation config's pad id, else the tokenizer's, else the first stop id.
+* :func:`decoding_config`: a ``GenerationConfig`` that decodes exactly as asked, whatever the checkpoint's
+  generation_config.json holds.
 * :func:`left_padded_inputs` / :func:`collate_left_padded`: prompts of different lengths left-padded (what
   ``generate`` needs), with ``mm_token_type_ids`` (:func:`mm_token_type_ids`): without it Qwen2.5-VL silently
   uses 1-D positions for the image tokens (docs/installation.md, 'Known dependency quirks').
@@ -26,7 +28,7 @@ import torch
 from megatron_avar.roles import TokenRole
 
 __all__ = ["DTYPES", "END_OF_TURN", "resolve_dtype", "load_model", "token_id", "stop_token_ids", "pad_token_id",
-           "cut_at_stop", "mm_token_type_ids", "left_padded_inputs", "collate_left_padded"]
+           "decoding_config", "cut_at_stop", "mm_token_type_ids", "left_padded_inputs", "collate_left_padded"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 END_OF_TURN = "<|im_end|>"
@@ -83,6 +85,20 @@ def pad_token_id(tokenizer, generation_config=None) -> int:
     if pad is None:
         pad = stop_token_ids(tokenizer, generation_config)[0]
     return int(pad)
+
+
+def decoding_config(*, max_new_tokens: int, pad_token_id: int, stop_ids: Collection[int], do_sample: bool = False,
+                    temperature: float | None = None, top_p: float | None = None, top_k: int | None = None):
+    """A fresh ``transformers.GenerationConfig`` for ``generate(generation_config=...)``: greedy unless
+    ``do_sample``, no repetition penalty. Built from scratch and with every sampling field given, because
+    transformers fills a field left unset from the checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships
+    do_sample, top_k=1, top_p=0.001, repetition_penalty=1.05). top_k 0 = off."""
+    from transformers import GenerationConfig
+
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample \
+        else dict(temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=1.0,
+                            pad_token_id=pad_token_id, eos_token_id=sorted(stop_ids), **sampling)
 
 
 def cut_at_stop(ids: Sequence[int], stop_ids: Collection[int]) -> list[int]:

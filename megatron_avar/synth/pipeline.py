@@ -34,6 +34,7 @@ from megatron_avar.synth.writer import merge_counts
 
 logger = logging.getLogger("megatron_avar.synth")
 MANIFEST = "manifest.json"
+MANIFEST_TMP = f".{MANIFEST}.tmp"  # written, then renamed to MANIFEST
 
 
 class TeacherFailuresError(RuntimeError):
@@ -54,6 +55,8 @@ def prepare_output(config: SynthConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output.dir {out} exists and is not a folder")
     if out.is_dir():
+        # a kill while the manifest was being written leaves its temporary file: ours, and never a result
+        (out / MANIFEST_TMP).unlink(missing_ok=True)
         foreign = sorted(p.name for p in out.iterdir() if p.name not in ("data", MANIFEST))
         if foreign:
             raise ValueError(f"output.dir {out} holds {foreign[:5]}, which avar synth did not write; choose another "
@@ -174,7 +177,7 @@ def run_synthesis(config: SynthConfig) -> dict:
     check_teacher_failures(config, manifest)
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MANIFEST}.tmp"
+    tmp = out / MANIFEST_TMP
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
     logger.info("synth: kept %d of %d records; output %s", manifest["kept"], manifest["read"], out / "data")

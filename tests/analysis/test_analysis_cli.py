@@ -192,6 +192,23 @@ def test_intervene_and_sweep(toy, tmp_path):
     assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_intervene_decodes_greedily_whatever_the_checkpoint_ships(toy, tmp_path):
+    """Qwen2.5-VL-Instruct's generation_config.json holds sampling fields and a repetition penalty; the baseline
+    `avar intervene` reports is plain greedy decoding, as `avar eval`'s."""
+    shipped = tmp_path / "shipped"
+    shutil.copytree(toy["model"], shipped)
+    generation = json.loads((shipped / "generation_config.json").read_text())
+    generation.update(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=3.0)
+    (shipped / "generation_config.json").write_text(json.dumps(generation))
+    generated = []
+    for model in (toy["model"], str(shipped)):
+        out = tmp_path / f"{len(generated)}.json"
+        assert main(["intervene", "--model", model, "--data", toy["data"], "--out", str(out), "--alpha-sys", "0",
+                     "--max-new-tokens", "6", "--num-samples", "2"]) == 0
+        generated.append([s["generated"] for s in json.loads(out.read_text())["samples"]])
+    assert generated[0] == generated[1]
+
+
 def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     def error_of(argv):
         capsys.readouterr()

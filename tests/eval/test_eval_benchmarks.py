@@ -148,6 +148,27 @@ def test_jsonl_copy_with_image_paths_reads_like_parquet(eval_data_root, tmp_path
     assert from_jsonl["1"].content[0]["image"].tobytes() == from_parquet["1"].content[0]["image"].tobytes()
 
 
+def test_a_copy_without_a_hub_column_and_a_record_without_a_response_are_named(eval_data_root, tmp_path):
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(eval_data_root / "mmstar" / "mmstar.parquet"), split="train")
+    folder = tmp_path / "data" / "mmstar"
+    (folder / "images").mkdir(parents=True)
+    with (folder / "val.jsonl").open("w") as handle:
+        for row in rows:
+            row["image"].save(folder / "images" / f"{row['index']}.png")
+            record = {k: v for k, v in row.items() if k != "question"}
+            handle.write(json.dumps({**record, "image": str(folder / "images" / f"{row['index']}.png")}) + "\n")
+    with pytest.raises(ValueError, match=r"mmstar: a row lacks the column 'question' of Lin-Chen/MMStar"):
+        _samples("mmstar", tmp_path / "data")
+
+    out = tmp_path / "run"
+    (out / "predictions").mkdir(parents=True)
+    (out / "predictions" / "mmstar.jsonl").write_text(json.dumps({"id": "0", "target": {"answer": "B"}}) + "\n")
+    with pytest.raises(ValueError, match=r"mmstar.jsonl:1 lacks response"):
+        score_run(out, ("mmstar",))
+
+
 def test_parquet_converter_layout_and_save_to_disk_read_like_the_hub_files(eval_data_root, tmp_path):
     import shutil
 

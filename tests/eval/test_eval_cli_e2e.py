@@ -107,6 +107,7 @@ def test_vas_on_a_subset_of_each_benchmark(toy_checkpoint, eval_data_root, tmp_p
         vas = scores["benchmarks"][name]["vas"]
         assert vas["num_samples"] == 2 and math.isfinite(vas["vas"]) and vas["vas"] > 0
         assert 0 < vas["image_share"] < 1
+        assert vas["vas_no_sink"] > vas["vas"]  # the sink's mass leaves K_sys, and every ratio grows
     assert "Visual Attention Score" in (out / "results.md").read_text()
     stored = (out / "vas" / "mathvista.json").read_text()
     assert main(argv) == 0 and (out / "vas" / "mathvista.json").read_text() == stored

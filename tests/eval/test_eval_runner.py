@@ -50,6 +50,18 @@ def test_resume_skips_done_samples(fake_generator, tmp_path, eval_data_root):
     assert fake_generator.calls == []
 
 
+def test_the_table_says_how_many_samples_the_folder_holds(fake_generator, tmp_path, eval_data_root):
+    """Scores cover every stored record: a shorter --limit over a fuller folder does not relabel them."""
+    results = tmp_path / "out" / "results.md"
+    run_eval(_config(tmp_path, eval_data_root, limit=2))
+    assert "Only the first 2 samples" in results.read_text()
+    run_eval(_config(tmp_path, eval_data_root, limit=1))
+    assert "Only the first 2 samples" in results.read_text()
+    run_eval(_config(tmp_path, eval_data_root))
+    run_eval(_config(tmp_path, eval_data_root, limit=1))
+    assert "Only the first" not in results.read_text()
+
+
 def test_interrupted_write_is_dropped_and_redone(fake_generator, tmp_path, eval_data_root):
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
     path = tmp_path / "out" / "predictions" / "mmstar.jsonl"
@@ -63,7 +75,8 @@ def test_interrupted_write_is_dropped_and_redone(fake_generator, tmp_path, eval_
 
 def test_malformed_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    record = '{"id": "%s", "response": "B", "target": {"answer": "B"}}\n'
+    path.write_text(record % "a" + "not json\n" + record % "b")
     with pytest.raises(ValueError, match="p.jsonl:2 is not valid JSON"):
         read_predictions(path)
 

@@ -170,3 +170,18 @@ def test_description_needs_all_sections_in_order():
                      ("## Elements\nBars.\n## Global scan\nA chart.\n## Relations\nB.\n## Scene\nS.", "order")]:
         with pytest.raises(Malformed, match=why):
             parse_description(bad)
+
+
+def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_path):
+    from megatron_avar.synth.pipeline import MANIFEST_TMP, prepare_output
+
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / MANIFEST_TMP).write_text('{"kept": ')
+    config = load_config(SynthConfig, None, SOURCE + [f"output.dir={out}", f"run.work_dir={tmp_path / 'work'}"])
+    prepare_output(config)
+    assert not (out / MANIFEST_TMP).exists()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which avar synth did not write"):
+        prepare_output(config)
+    assert (out / "notes.txt").read_text() == "the user's"

@@ -101,8 +101,15 @@ class Benchmark:
         for config, row in self.load_rows(data_root, allow_hub):
             if limit is not None and count >= limit:
                 return
-            if self.keep(row):
-                yield self.build(row, config)
+            try:
+                kept = self.keep(row)
+                sample = self.build(row, config) if kept else None
+            except KeyError as error:
+                raise ValueError(f"{self.name}: a row lacks the column {error} of {self.hub_name}; a local copy "
+                                 "keeps the hub's columns: download it again (`huggingface-cli download --repo-type "
+                                 f"dataset {self.hub_name} --local-dir DATA_ROOT/{self.local_dir}`)") from error
+            if sample is not None:
+                yield sample
                 count += 1
 
     def build(self, row: dict, config: str | None) -> Sample:
