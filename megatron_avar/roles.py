@@ -33,6 +33,7 @@ __all__ = [
     "render_conversation",
     "validate_messages",
     "load_image",
+    "to_rgb",
 ]
 
 IGNORE_INDEX = -100
@@ -95,12 +96,27 @@ class RenderedConversation:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
 
+def to_rgb(image):
+    """RGB with any transparency composited onto white, as Qwen2.5-VL's own preprocessing (and transformers'
+    ``convert_to_rgb``) does: a plain ``convert("RGB")`` keeps the colour hidden under transparent pixels, often
+    black, and a diagram drawn on a transparent background turns black."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(image: Any, image_root: str | Path | None = None):
-    """A PIL RGB image from a PIL image or a path (relative paths resolve against ``image_root``)."""
+    """A PIL RGB image from a PIL image or a path (relative paths resolve against ``image_root``); transparent
+    pixels become white (:func:`to_rgb`)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if not isinstance(image, (str, Path)):
         raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
     path = Path(image)
@@ -111,7 +127,7 @@ def load_image(image: Any, image_root: str | Path | None = None):
     try:
         with Image.open(path) as opened:
             opened.load()
-            return opened.convert("RGB")
+            return to_rgb(opened)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"image file {path} is unreadable or corrupt ({error}); re-export it as PNG/JPEG") from error
 

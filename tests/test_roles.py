@@ -230,3 +230,26 @@ def test_offline_tokenizer_reproduces_the_real_qwen_ids(processor):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
         ours = processor.tokenizer(text, add_special_tokens=False).input_ids
         assert ours == reference.encode(text, allowed_special=set()), text
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white_as_in_hugging_face(processor, mode, tmp_path):
+    """A shape drawn on a transparent background (common in charts and diagrams): plain convert("RGB") gave
+    the colour under the transparency (black here), HF's processor composites onto white."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGBA", (112, 84), (0, 0, 0, 0))
+    ImageDraw.Draw(image).polygon([(10, 70), (56, 10), (100, 70)], outline=(0, 0, 0, 255))
+    if mode == "P":
+        image = image.convert("P", palette=Image.Palette.ADAPTIVE)
+        image.info["transparency"] = image.getpixel((0, 0))
+    else:
+        image = image.convert(mode)
+    path = tmp_path / "drawing.png"
+    image.save(path)
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "?"}]}]
+    rendered = render_conversation(messages, processor, add_generation_prompt=True)
+    with Image.open(path) as reopened:
+        reference = _hf_reference(processor, messages, [reopened.copy()], True)
+    assert torch.equal(rendered.pixel_values, reference["pixel_values"])
+    assert rendered.pixel_values.mean() > 1  # mostly white (normalised), not black

@@ -97,18 +97,21 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
 
 
 def to_pil(image: Any, base_dir: Path | None = None):
-    """A PIL RGB image from a decoded PIL image, a `datasets.Image` dict ({"bytes", "path"}), raw bytes or
-    a path (relative to ``base_dir``). Raises ValueError when there is no image."""
+    """A PIL RGB image (transparency on white, ``roles.to_rgb``) from a decoded PIL image, a `datasets.Image`
+    dict ({"bytes", "path"}), raw bytes or a path (relative to ``base_dir``). Raises ValueError when there is no
+    image."""
     from PIL import Image
 
+    from megatron_avar.roles import to_rgb
+
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, dict):
         if image.get("bytes"):
-            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(image["bytes"])))
         image = image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return Image.open(io.BytesIO(image)).convert("RGB")
+        return to_rgb(Image.open(io.BytesIO(image)))
     if isinstance(image, str) and image:
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
@@ -116,5 +119,5 @@ def to_pil(image: Any, base_dir: Path | None = None):
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
         with Image.open(path) as opened:
-            return opened.convert("RGB")
+            return to_rgb(opened)
     raise ValueError(f"no image in this field (got {type(image).__name__}); the benchmark row has no decodable image")

@@ -242,20 +242,22 @@ def processor_fingerprint(processor) -> str:
 
 
 def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool, num_workers: int = 0,
-                          cache_dir: str | Path | None = None) -> tuple[SampleStats, str]:
-    """`SampleStats` of the dataset and their fingerprint (dataset + processor + seq_length + truncate).
+                          cache_dir: str | Path | None = None) -> tuple[SampleStats, str, str]:
+    """`SampleStats` of the dataset, their fingerprint (dataset + processor + seq_length + truncate) and the
+    dataset's alone (:func:`dataset_fingerprint`).
 
     With ``cache_dir`` the stats are read from / written to ``cache_dir/sample_stats_<fingerprint>.json``
     (written atomically), so a 30K-sample dataset is tokenized once per setting.
     """
-    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, dataset_fingerprint(dataset), processor_fingerprint(processor),
+    data = dataset_fingerprint(dataset)
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, data, processor_fingerprint(processor),
                                      seq_length, truncate]).encode()).hexdigest()[:32]
     path = None if cache_dir is None else Path(cache_dir) / f"sample_stats_{key}.json"
     if path is not None and path.is_file():
         stats = SampleStats(**json.loads(path.read_text()))
         if stats.ids != list(dataset["id"]):
             raise ValueError(f"{path} does not match the dataset's ids; delete it (it is recomputed)")
-        return stats, key
+        return stats, key, data
     stats = compute_sample_stats(dataset, processor, seq_length=seq_length, truncate=truncate,
                                  num_workers=num_workers)
     if path is not None:
@@ -263,4 +265,4 @@ def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
             json.dump(asdict(stats), tmp)
         os.replace(tmp.name, path)
-    return stats, key
+    return stats, key, data

@@ -19,6 +19,8 @@ loader continues with exactly the microbatches an uninterrupted run would have p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -189,7 +191,7 @@ class SFTDataLoader:
         self.dataset = load_conversations(config.path) if dataset is None else dataset
         if len(self.dataset) == 0:
             raise ValueError(f"the dataset at {config.path} has no samples")
-        self.stats, self.fingerprint = load_or_compute_stats(
+        self.stats, self.fingerprint, self.data_fingerprint = load_or_compute_stats(
             self.dataset, self.processor, seq_length=config.seq_length, truncate=config.truncate,
             num_workers=config.num_workers, cache_dir=config.cache_dir)
         self._renderer = _RowRenderer(self.dataset, self.processor, self.stats, config)
@@ -225,27 +227,49 @@ class SFTDataLoader:
 
     # -------------------------------------------------------------------------------- resume state
     def state_dict(self) -> dict:
-        """Position after the last step handed out: {epoch, row_in_epoch, step, seed, fingerprint}."""
+        """Position after the last step handed out: {epoch, row_in_epoch, step}, and what decides the rows it
+        points into: the data (``data_fingerprint``), every sample's token count (``lengths_fingerprint``), seed,
+        global_batch_size, seq_length and packing_buffer (``fingerprint``: the stats' cache key)."""
         return {"epoch": self._epoch, "row_in_epoch": self._row, "step": self._step, "seed": self.config.seed,
-                "fingerprint": self.fingerprint, "global_batch_size": self.global_batch_size,
-                "seq_length": self.config.seq_length}
+                "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
+                "lengths_fingerprint": self._lengths_fingerprint(), "global_batch_size": self.global_batch_size,
+                "seq_length": self.config.seq_length, "packing_buffer": self.config.packing_buffer}
+
+    def _lengths_fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.stats.lengths).encode()).hexdigest()
 
     def load_state_dict(self, state: dict, *, accept_data_change: bool = False) -> None:
-        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings
-        (other data are accepted with ``accept_data_change``: the position is then applied to these data).
-        The position is global (rows of the whole global batch), so a run may resume with another dp_size."""
-        checks = [("seed", self.config.seed), ("global_batch_size", self.global_batch_size),
-                  ("seq_length", self.config.seq_length)]
-        if state.get("fingerprint") != self.fingerprint and not accept_data_change:
-            raise ValueError(f"the data of {self.config.path} differ from the checkpoint's (fingerprint "
-                             f"{self.fingerprint[:12]}, the checkpoint's {str(state.get('fingerprint'))[:12]}: a "
-                             "record, its messages or an image's name, size or dimensions changed; moving the data "
-                             "does not change it). Resume with the data the run was started with, or pass "
+        """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings, naming
+        which (other data or token counts are accepted with ``accept_data_change``: the position is then applied
+        to these rows). The same data with the same token counts resume even when the processor's fingerprint
+        changed (e.g. a new version of the token-role renderer that counts the same tokens): the rows are the
+        same. The position is global (rows of the whole global batch), so a run may resume with another dp_size."""
+        checks = [("data.seed", self.config.seed), ("train.global_batch_size", self.global_batch_size),
+                  ("data.seq_length", self.config.seq_length), ("data.packing_buffer", self.config.packing_buffer)]
+        if "lengths_fingerprint" in state:
+            same_data = state.get("data_fingerprint") == self.data_fingerprint
+            same_rows = same_data and state["lengths_fingerprint"] == self._lengths_fingerprint()
+        else:  # written before the data and token counts were recorded apart
+            same_data = same_rows = state.get("fingerprint") == self.fingerprint
+        if not same_rows and not accept_data_change:
+            if same_data:
+                raise ValueError(f"the token counts of {self.config.path}'s samples differ from the checkpoint's: "
+                                 "the data are the same, but the processor (tokenizer, image pixel bounds, "
+                                 "data.reasoning_tokens), data.truncate or the token-role renderer of this version "
+                                 "count them differently, so the packed rows are not the run's. Resume with the "
+                                 "settings and version the run was started with, or pass "
+                                 "checkpoint.accept_data_change=true to continue at the same position on these rows")
+            raise ValueError(f"the data of {self.config.path} differ from the checkpoint's (a record, its messages "
+                             "or an image's name, size or dimensions changed; moving the data does not change it"
+                             + ("" if "lengths_fingerprint" in state else "; a checkpoint written before this "
+                                "version also counts a changed processor or token-role renderer here") +
+                             "). Resume with the data the run was started with, or pass "
                              "checkpoint.accept_data_change=true to continue at the same position on these data")
-        for key, mine in checks:
-            if state.get(key) != mine:
-                raise ValueError(f"data state has {key}={state.get(key)!r} but this loader has {mine!r}: the "
-                                 "checkpoint was made with another dataset, processor or packing setting")
+        for setting, mine in checks:
+            key = setting.split(".")[1]
+            if key in state and state[key] != mine:  # packing_buffer: absent from older checkpoints
+                raise ValueError(f"the checkpoint's data position was made with {setting}={state[key]!r}, this run "
+                                 f"has {mine!r}: its rows would not be the run's; resume with {setting}={state[key]!r}")
         if not 0 <= state["row_in_epoch"] < len(self.epoch_rows(state["epoch"])):
             raise ValueError(f"data state row_in_epoch {state['row_in_epoch']} is outside epoch {state['epoch']} "
                              f"of {self.config.path} ({len(self.epoch_rows(state['epoch']))} rows): the data changed "

@@ -177,8 +177,27 @@ def test_resume_reproduces_the_uninterrupted_run(processor, data_dir):
     for k in range(3):
         union = _rows(ranks[0][k]) + _rows(ranks[1][k])
         assert [ids for ids, _ in union] == [ids for ids, _ in uninterrupted[5 + k]]
-    with pytest.raises(ValueError, match="seed=0 but this loader has 1"):
+    with pytest.raises(ValueError, match=r"made with data.seed=0, this run has 1"):
         _loader(processor, data_dir, global_batch_size=2, seed=1).load_state_dict(state)
+
+
+def test_a_resume_refuses_other_rows_and_names_what_changed(processor, data_dir):
+    """Another packing buffer packs other rows: refused (it used to repeat and skip samples silently). Other
+    token counts of the same data are named as such, not as a data change. The same data and counts resume
+    even when the stats' fingerprint changed (a new renderer version that counts the same tokens)."""
+    first = _loader(processor, data_dir, global_batch_size=2)
+    next(iter(first))
+    state = json.loads(json.dumps(first.state_dict()))
+    with pytest.raises(ValueError, match=r"made with data.packing_buffer=8, this run has 3"):
+        _loader(processor, data_dir, global_batch_size=2, packing_buffer=3).load_state_dict(state)
+    counted_otherwise = {**state, "lengths_fingerprint": "other token counts", "fingerprint": "other processor"}
+    with pytest.raises(ValueError, match=r"token counts of .* differ from the checkpoint's: the data are the same"):
+        _loader(processor, data_dir, global_batch_size=2).load_state_dict(counted_otherwise)
+    _loader(processor, data_dir, global_batch_size=2).load_state_dict({**state, "fingerprint": "another renderer"})
+    older = {k: v for k, v in state.items() if k not in ("data_fingerprint", "lengths_fingerprint", "packing_buffer")}
+    _loader(processor, data_dir, global_batch_size=2).load_state_dict(older)  # a checkpoint of the last version
+    with pytest.raises(ValueError, match=r"differ from the checkpoint's .*written before this version"):
+        _loader(processor, data_dir, global_batch_size=2).load_state_dict({**older, "fingerprint": "another"})
 
 
 def test_worker_processes_give_the_same_batches(processor, data_dir):
