@@ -34,6 +34,7 @@ RESPONSES = {
     "tag_then_box": "<think>3 + 3</think><answer>6</answer> oh, \\boxed{7}",
     "cut_off": "<think>3 + 4 is \\boxed{7}, so",
     "box_in_tag": "<think>x</think><answer>so \\boxed{7}</answer>",
+    "tag_in_cut_off": "<think>3 + 4 <answer>7</answer>? wait, let me re-check the",
 }
 
 NONE = (None, "none")
@@ -53,6 +54,7 @@ EXTRACTED = {
     "cut_off": ((None, "unclosed_think"), (None, "unclosed_think"), ("7", "boxed"), ("7", "boxed")),
     "box_in_tag": (("7", "answer_tag_boxed"), ("so \\boxed{7}", "answer_tag"), ("so \\boxed{7}", "answer_tag"),
                    ("7", "boxed")),
+    "tag_in_cut_off": ((None, "unclosed_think"), ("7", "answer_tag"), ("7", "answer_tag"), NONE),
 }
 ORDER = (RL_REWARD, EVAL_HARNESS, INTERVENTION, SYNTHESIS)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any, cast
 
 __all__ = ["strip_units", "to_number", "math_equal", "same_words", "math_equal_or_same_words", "edit_distance"]
 
@@ -74,6 +75,8 @@ def to_number(text: str | None) -> float | None:
     if fraction and float(fraction.group(2)) != 0:
         return float(fraction.group(1)) / float(fraction.group(2))
     for value in _parse(cleaned)[:1]:
+        if hasattr(value, "evalf") and not _cheap_to_evaluate(value):
+            return None  # a number too large to be an answer, and too slow to evaluate
         try:
             number = complex(value.evalf()) if hasattr(value, "evalf") else None
         except (TypeError, ValueError):
@@ -83,11 +86,40 @@ def to_number(text: str | None) -> float | None:
     return None
 
 
+_MAX_EXPONENT = 1e4  # of a power, or argument of a factorial: 2^{100} and 100! evaluate in milliseconds
+
+
+def _cheap_to_evaluate(expression) -> bool:
+    """Whether sympy's ``evalf`` of a parsed answer ends quickly: every power's exponent and every factorial's
+    argument is at most :data:`_MAX_EXPONENT` in size. A tower such as ``10^{10^{10^{10}}}`` or ``10!!!`` (a
+    factorial of a factorial of a factorial) keeps sympy busy for hours; math-verify's own timeouts do not cover
+    ``evalf``, and a policy may well write one into an answer, which would stall its GRPO step."""
+    import sympy
+
+    for node in sympy.preorder_traversal(expression):
+        if isinstance(node, sympy.Pow):
+            argument = node.exp
+        elif isinstance(node, (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.gamma)):
+            argument = node.args[0]
+        else:
+            continue
+        if not argument.is_Number and not _cheap_to_evaluate(argument):
+            return False
+        try:
+            size = abs(complex(cast(Any, argument) if argument.is_Number else cast(Any, argument).evalf()))
+        except (TypeError, ValueError):
+            continue  # not a number (a free symbol): evalf stays symbolic, and to_number gives None
+        if size > _MAX_EXPONENT:
+            return False
+    return True
+
+
 def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bool:
     """Whether ``predicted`` equals ``gold`` as mathematics: equal numbers (relative tolerance ``rel_tol``,
     after units/°/$ are stripped), else math-verify's symbolic equivalence (LaTeX vs plain, fractions vs
     decimals, intervals, sets), else the same lowercased text (trailing full stop and ``$`` ignored).
-    None or blank ``predicted`` is never equal."""
+    None or blank ``predicted`` is never equal. An expression too large to evaluate (``10!!!``, a power
+    tower) is compared as text only: sympy would run for hours on it, holding the GIL, in any thread."""
     if predicted is None or not predicted.strip():
         return False
     gold_number, predicted_number = to_number(gold), to_number(predicted)
@@ -97,7 +129,8 @@ def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bo
 
     _, verify_kwargs = _math_verify_kwargs()
     parsed_gold, parsed_predicted = _parse(strip_units(gold)), _parse(strip_units(predicted))
-    if parsed_gold and parsed_predicted and verify(parsed_gold, parsed_predicted, **verify_kwargs):
+    comparable = all(_cheap_to_evaluate(v) for v in (*parsed_gold, *parsed_predicted) if hasattr(v, "evalf"))
+    if comparable and parsed_gold and parsed_predicted and verify(parsed_gold, parsed_predicted, **verify_kwargs):
         return True
     return _plain(gold) == _plain(predicted)
 

@@ -150,13 +150,14 @@ RL_REWARD = AnswerPolicy(
     name="rl_reward",
     doc="""GRPO's r_acc (grpo/rewards.py). Strict on purpose: the format is part of what is rewarded.
 
-    Accepts the last ``<answer>`` block (narrowed to its last ``\\boxed{}`` when it holds one); without a
-    block, the last ``\\boxed{}`` after the last ``</think>`` (anywhere when there is no think block).
-    Refuses a response whose ``<think>`` is never closed, even when its reasoning holds a box, and never
-    reads bare text: "…</think> so the answer is 7" has no answer (r_acc = 0). A policy learns whatever the
-    reader accepts, so the reader accepts only an answer the model committed to in the asked-for form, not
-    a number met in its reasoning or a guess cut off at the budget. Compared by ``math_equal``.""",
-    steps=(ANSWER_TAG_BOXED, UNCLOSED_THINK, BOXED_AFTER_THINK),
+    Refuses a response whose ``<think>`` is never closed, even when its reasoning holds a box or an
+    ``<answer>`` block (cut off at the budget); else accepts the last ``<answer>`` block (narrowed to its last
+    ``\\boxed{}`` when it holds one); without a block, the last ``\\boxed{}`` after the last ``</think>``
+    (anywhere when there is no think block). It never reads bare text: "…</think> so the answer is 7" has
+    no answer (r_acc = 0). A policy learns whatever the reader accepts, so the reader accepts only an answer
+    the model committed to in the asked-for form, not a number met in its reasoning or a guess cut off at the
+    budget. Compared by ``math_equal``.""",
+    steps=(UNCLOSED_THINK, ANSWER_TAG_BOXED, BOXED_AFTER_THINK),
     matches=math_equal,
 )
 

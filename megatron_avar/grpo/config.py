@@ -64,9 +64,9 @@ class RolloutConfig:
         if not isinstance(self.n, int) or self.n < 2:
             raise ValueError(f"rollout.n must be an integer >= 2 (a GRPO group compares rollouts of one prompt), "
                              f"got {self.n!r}")
-        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
-            raise ValueError("rollout needs temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
-                             f"{self.temperature}, {self.top_p}, {self.top_k}, {self.max_new_tokens}")
+        if not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
+            raise ValueError("rollout needs a finite temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; "
+                             f"got {self.temperature}, {self.top_p}, {self.top_k}, {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"rollout.batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:

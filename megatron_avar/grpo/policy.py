@@ -213,6 +213,7 @@ class MegatronPolicy:
         update_ok, grad_norm, _ = self.model.optimizer.step()
         if not update_ok:
             raise FloatingPointError("the optimizer skipped the GRPO update (non-finite gradients)")
+        lr = self.model.optimizer.param_groups[0]["lr"]  # the rate this update used, before the schedule moves on
         self.model.scheduler.step(increment=1)
 
         # Each token counted once: the last pipeline stage, tensor- and context-parallel rank 0, summed over DP.
@@ -226,7 +227,7 @@ class MegatronPolicy:
         metrics = {f"loss/{name}": float(packed[k]) / num_tokens for k, name in enumerate(names)}
         metrics.update({"loss/policy": float(packed[len(names)]), "loss/ratio_max": float(packed[-1]),
                         "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "optim/lr": self.model.optimizer.param_groups[0]["lr"],
+                        "optim/lr": lr,
                         "data/response_tokens": float(num_tokens)})
         return metrics
 

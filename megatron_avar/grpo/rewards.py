@@ -62,8 +62,9 @@ class RewardConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"reward.{name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.epsilon, (int, float)) and self.epsilon > 0):
-            raise ValueError(f"reward.epsilon must be a number > 0, got {self.epsilon!r}")
+        if not (isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"reward.epsilon must be a finite number > 0 (an infinite one makes every r_visual 0), "
+                             f"got {self.epsilon!r}")
         if self.visual_clip is not None and not (isinstance(self.visual_clip, (int, float))
                                                  and math.isfinite(self.visual_clip) and self.visual_clip > 0):
             raise ValueError(f"reward.visual_clip must be null (no clipping) or a finite number > 0, "

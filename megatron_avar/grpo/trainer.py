@@ -122,9 +122,10 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
 
     device = platform.current_device()  # collectives on the backend's device (NCCL: the GPU)
     metrics = reduce_rollout_stats(stats, group=parallel_state.get_data_parallel_group(), device=device)
-    for name in update_metrics[0]:
+    for name in update_metrics[0]:  # the step's: maxima, the tokens trained on (summed), means of the rest
         values = [m[name] for m in update_metrics]
-        metrics[name] = max(values) if name.endswith("_max") else sum(values) / len(values)
+        metrics[name] = max(values) if name.endswith("_max") else \
+            sum(values) if name == "data/response_tokens" else sum(values) / len(values)
     generated_total = torch.tensor([float(generated)], device=device)
     dist.all_reduce(generated_total, group=parallel_state.get_data_parallel_group())
     metrics.update(timings)

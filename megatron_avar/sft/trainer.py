@@ -104,9 +104,10 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
         num_microbatches=num_microbatches, seq_length=rows[1], micro_batch_size=rows[0], forward_only=False)
     update_ok, grad_norm, _ = model.optimizer.step()
+    lr = model.optimizer.param_groups[0]["lr"]  # the rate this update used, before the schedule moves on
     if update_ok:
         model.scheduler.step(increment=1)
-    metrics = _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout,
+    metrics = _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, lr, layout,
                               device)
     _check_update(model, metrics, step_batch, update_ok=update_ok, grad_norm=grad_norm, nonfinite_lm=nonfinite_lm)
     return metrics
@@ -142,7 +143,7 @@ def _check_update(model, metrics: dict[str, float], step_batch, *, update_ok: bo
         f"{shown}. Lower optim.lr (or avar.alpha / avar.beta), or inspect these samples")
 
 
-def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, model, layout, device):
+def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, grad_norm, lr, layout, device):
     from megatron.core import parallel_state
 
     num_metrics = len(LAYER_METRICS)
@@ -159,7 +160,7 @@ def _reduce_metrics(sinks, lm_sums, avar_layers, num_eligible, num_loss_tokens, 
     dist.all_reduce(packed)  # layers (PP), head shares (TP), samples (DP), tokens (CP): each counted exactly once
     layer_sums, lm_total = packed[:-1].reshape(len(avar_layers), num_metrics).cpu(), float(packed[-1])
     per_layer = layer_sums / max(num_eligible, 1)
-    metrics = {"loss/lm": lm_total / num_loss_tokens, "optim/lr": model.optimizer.param_groups[0]["lr"],
+    metrics = {"loss/lm": lm_total / num_loss_tokens, "optim/lr": lr,
                "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                "data/samples_with_agto_term": float(num_eligible)}
     if num_eligible and avar_layers:  # no AVAR layers (plain SFT): no AVAR metrics, rather than NaN means

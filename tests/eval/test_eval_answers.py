@@ -99,6 +99,22 @@ def test_math_equal_outside_the_main_thread():
     assert results == [(True, True)]
 
 
+def test_answers_too_large_to_evaluate_are_graded_at_once_in_any_thread():
+    """A power tower or a triple factorial kept sympy busy for hours, holding the GIL (a GRPO step or the
+    synthesis thread pool stalled); in a subprocess, so that a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("import threading; from megatron_avar.grading import math_equal, to_number; "
+            "towers = ['10^{10^{10^{10}}}', '10!!!', '2^{10^9}']; "
+            "found = []; worker = threading.Thread(target=lambda: found.extend([to_number(t) for t in towers] + "
+            "[math_equal('5', t) for t in towers] + [math_equal(towers[0], towers[0])])); "
+            "worker.start(); worker.join(); print(found)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[None, None, None, False, False, False, True]", done.stderr[-2000:]
+    assert to_number("100!") == pytest.approx(9.332621544394415e157) and to_number("2^{100}") == 2.0 ** 100
+
+
 def test_free_form_candidate():
     assert free_form_candidate("The side is 13 cm long and more words follow", numeric=True) == "13"
     assert free_form_candidate("\\frac{1}{2}", numeric=True) == "\\frac{1}{2}"

@@ -104,6 +104,8 @@ def test_a_rollout_longer_than_the_row_is_refused():
     ("train.updates_per_step=3", "multiple of train.updates_per_step"),
     ("loss.aggregation=sequence_sum_norm loss.max_len=100", "set loss.max_len=2048"),
     ("rollout.temprature=0.5", "temprature"),
+    ("rollout.temperature=.inf", "finite temperature > 0"),  # HF samples uniformly then
+    ("reward.epsilon=.inf", "reward.epsilon must be a finite number > 0"),  # every r_visual would be 0
 ])
 def test_config_mistakes_are_named(override, message):
     with pytest.raises(ValueError, match=message):

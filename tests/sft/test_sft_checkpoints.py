@@ -59,6 +59,16 @@ def runs(sft_inputs, tmp_path_factory):
                 first_output=first_output, resumed_output=resumed_output)
 
 
+def test_each_step_logs_the_learning_rate_its_update_used(runs):
+    """optim.lr 1e-3, 2 warm-up steps from 0, then cosine to 0 at step 5 (megatron's schedule): the rate a step
+    trained with, not the next step's (which logged 0 for the last step, a step that still trained)."""
+    import math
+
+    records = [json.loads(line) for line in (runs["straight"] / "metrics.jsonl").read_text().splitlines()]
+    cosine = [0.5 * (math.cos(math.pi * k / 3) + 1) * 1e-3 for k in (1, 2)]
+    assert [r["optim/lr"] for r in records] == pytest.approx([0.0, 5e-4, 1e-3, *cosine])
+
+
 def test_signal_stops_at_a_step_with_a_checkpoint(runs):
     summary = runs["first_summary"]
     assert summary["stopped_by"] == "SIGUSR1"
