@@ -23,6 +23,19 @@ def test_generate_then_validate(tmp_path, capsys):
     assert summary["records"] == 4 and summary["images"] == 4 and summary["with_answer"] == 4
     assert summary["image_tokens"] >= 4 and summary["tokens_min"] > 20
     assert main(["data", "validate", str(out), "--max-length", "10", "--max-pixels", str(28 * 28 * 64)]) == 1
+    # token counts as training counts them: <think>/<answer> single tokens by default (data.reasoning_tokens)
+    from megatron_avar.data.conversations import load_conversations
+    from megatron_avar.processor import load_processor
+    from megatron_avar.training.sample_plan import compute_sample_stats
+
+    capsys.readouterr()
+    processor = load_processor(None, max_pixels=28 * 28 * 64, reasoning_tokens=True)
+    stats = compute_sample_stats(load_conversations(out), processor, seq_length=4096, truncate=False)
+    assert main(["data", "validate", str(out), "--max-pixels", str(28 * 28 * 64), "--max-length",
+                 str(max(stats.full_lengths))]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_max"] == max(stats.full_lengths)
+    assert main(["data", "validate", str(out), "--max-pixels", str(28 * 28 * 64), "--no-reasoning-tokens"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_max"] > max(stats.full_lengths)
 
 
 def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):

@@ -38,7 +38,11 @@ def register(subparsers) -> None:
     validate.add_argument("path", help="a .jsonl/.json/.parquet file or a folder of them")
     validate.add_argument("--processor", default=None,
                           help="HF model directory for tokenizer/processor (default: offline Qwen2.5-VL)")
+    validate.add_argument("--min-pixels", type=int, default=None, help="image preprocessing min_pixels")
     validate.add_argument("--max-pixels", type=int, default=None, help="image preprocessing max_pixels")
+    validate.add_argument("--reasoning-tokens", action=argparse.BooleanOptionalAction, default=True,
+                          help="count <think>/<answer> as single tokens, as training does by default "
+                               "(data.reasoning_tokens)")
     validate.add_argument("--max-length", type=int, default=None,
                           help="report records longer than this many tokens as errors")
     validate.set_defaults(handler=_validate)
@@ -72,15 +76,24 @@ def _validate(args) -> int:
     except ValueError as error:
         print(f"invalid dataset: {error}", file=sys.stderr)
         return 1
-    processor = load_processor(args.processor, max_pixels=args.max_pixels)
-    lengths, image_tokens, num_images, too_long = [], 0, 0, []
+    processor = load_processor(args.processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                               reasoning_tokens=args.reasoning_tokens)
+    lengths, image_tokens, num_images, too_long, unreadable = [], 0, 0, [], []
     for row in dataset_rows(dataset):
-        rendered = render_conversation(to_chat_messages(row), processor)
+        try:
+            rendered = render_conversation(to_chat_messages(row), processor)
+        except (ValueError, OSError, SyntaxError) as error:  # OSError, SyntaxError: PIL decoding an image
+            unreadable.append(f"{row['id']}: {error}")
+            continue
         lengths.append(len(rendered))
         image_tokens += int((rendered.roles == TokenRole.IMAGE).sum())
         num_images += rendered.num_images
         if args.max_length is not None and len(rendered) > args.max_length:
             too_long.append(row["id"])
+    if unreadable:
+        listed = "\n  ".join(unreadable[:10])
+        print(f"{len(unreadable)} records cannot be rendered:\n  {listed}", file=sys.stderr)
+        return 1
     lengths.sort()
     summary = {
         "records": len(dataset),

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # loaded lazily: `import megatron_avar.data` stays light
 
 __all__ = [
     "RECORD_KEYS",
+    "undecoded",
     "LLAVA_IMAGE_PLACEHOLDER",
     "load_conversations",
     "single_split",
@@ -71,7 +72,8 @@ def _features():
 
 
 def _verify_image(source: Path | bytes, where: str) -> None:
-    """Check that an image file (or embedded bytes) decodes as an image, without decoding its pixels."""
+    """Check that an image file (or embedded bytes) decodes as an image: PIL's verify, and for a JPEG a decode
+    at 1/8 scale (verify reads only its headers, so a truncated file would pass and fail mid-training)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -81,7 +83,11 @@ def _verify_image(source: Path | bytes, where: str) -> None:
     what = f"image file {source}" if isinstance(source, Path) else "embedded image bytes"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
-            image.verify()
+            image.verify()  # PNG: every chunk's checksum; JPEG: only the headers
+        if image.format == "JPEG":  # a truncated JPEG passes verify(); decode it at 1/8 scale (cheap) to find out
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
     except Image.DecompressionBombError as error:
         # PIL refuses to open images over twice Image.MAX_IMAGE_PIXELS (a crafted file that would take
         # gigabytes to decode, or a huge scan); the model sees at most max_pixels of it anyway.
@@ -153,6 +159,11 @@ def normalize_record(record: Any, base_dir: Path, where: str) -> dict:
     if "messages" not in record:
         raise ValueError(f"{where}: missing 'messages' (a list of chat turns)")
     messages = record["messages"]
+    if not isinstance(messages, list):
+        hint = (" (it is text: store the turns as a list of {role, content} objects, not as JSON in a string)"
+                if isinstance(messages, str) else "")
+        raise ValueError(f"{where}: messages must be a non-empty list of chat turns, got "
+                         f"{type(messages).__name__}{hint}")
     if record.get("images") is not None:
         messages = _expand_llava_placeholders(list(messages), record["images"], where)
     try:
@@ -197,8 +208,11 @@ def _inline_canonical_images(row: dict, where: str) -> dict:
             row["metadata"] = json.loads(row["metadata"])
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: 'metadata' text is not valid JSON ({error})") from None
+    messages = row.get("messages")
+    if not isinstance(messages, list):  # JSON text or a wrong type: normalize_record names it
+        return row
     image_items = [
-        item for message in row.get("messages") or [] if isinstance(message.get("content"), list)
+        item for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
         for item in message["content"] if isinstance(item, dict) and item.get("type") == "image"
     ]
     if not image_items or any(item.get("image") is not None for item in image_items):
@@ -284,7 +298,16 @@ def load_conversations(path: str | Path) -> datasets.Dataset:
         dataset = single_split(datasets.load_from_disk(str(path)), str(path))
         if set(dataset.column_names) != set(_features()):
             raise ValueError(f"{path}: a saved dataset must have the columns {sorted(_features())}")
-        return dataset.cast(_features())
+        dataset = dataset.cast(_features())
+        seen_ids = {}
+        for index, row in enumerate(dataset_rows(undecoded(dataset))):  # the checks a data file's records get
+            where = f"{path.name} row {index}"
+            record = normalize_record(_inline_canonical_images({k: v for k, v in row.items() if v is not None},
+                                                               where), path, where)
+            if record["id"] in seen_ids:
+                raise ValueError(f"{where}: duplicate id {record['id']!r} (first seen at {seen_ids[record['id']]})")
+            seen_ids[record["id"]] = where
+        return dataset
     records, seen_ids = [], {}
     for file in _data_files(path):
         for raw, where in _raw_records(file):
@@ -306,6 +329,19 @@ def single_split(dataset: object, source: str) -> datasets.Dataset:
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError(f"{source}: expected one split (a datasets.Dataset), got a {type(dataset).__name__}")
     return dataset
+
+
+def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The dataset with its images as {"bytes", "path"} references (nothing decoded)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a cast of a few columns is not worth a progress bar per call
+    try:
+        return dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def dataset_rows(dataset: datasets.Dataset) -> Iterator[dict[str, Any]]:

@@ -221,8 +221,8 @@ class PromptLoader:
     def _prompt_lengths(self) -> list[int]:
         """Exact rendered token count of every record's prompt (module docstring); ValueError listing every
         record without an answer or without a user turn, with the fix."""
-        from megatron_avar.data.conversations import dataset_rows
-        from megatron_avar.training.sample_plan import _image_size, image_grid, undecoded
+        from megatron_avar.data.conversations import dataset_rows, undecoded
+        from megatron_avar.training.sample_plan import _image_size, image_grid
 
         processor, texts, errors = self.processor, [], []
         merge = processor.image_processor.merge_size

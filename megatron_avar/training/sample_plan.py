@@ -31,9 +31,9 @@ from megatron_avar import roles as roles_module
 from megatron_avar.roles import TokenRole, validate_messages
 
 if TYPE_CHECKING:
-    import datasets
+    pass
 
-__all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats", "undecoded",
+__all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats",
            "dataset_fingerprint", "processor_fingerprint", "load_or_compute_stats"]
 
 _CACHE_FORMAT = 1
@@ -156,8 +156,8 @@ def _row_stats(row: dict, processor, seq_length: int, truncate: bool) -> tuple[A
         grids = [image_grid(*_image_size(ref), processor.image_processor) for ref in row["images"]]
         sample = sample_roles(to_chat_messages(row), grids, processor)
         kept = kept_length(sample, seq_length, truncate, sample_id)
-    except ValueError as error:
-        text = str(error)
+    except (ValueError, OSError, SyntaxError) as error:  # OSError, SyntaxError: PIL on an unreadable image header
+        text = str(error) if isinstance(error, ValueError) else f"its image is unreadable or corrupt ({error})"
         return sample_id, text if repr(sample_id) in text else f"sample {sample_id!r}: {text}"
     loss = int((sample[1:kept] == TokenRole.RESPONSE).sum())
     return sample_id, int(sample.numel()), kept, loss, len(grids)
@@ -174,22 +174,11 @@ class _StatsTask(torch.utils.data.Dataset):
         return _row_stats(self.dataset[index], self.processor, self.seq_length, self.truncate)
 
 
-def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The dataset with its images as {"bytes", "path"} references (nothing decoded)."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a cast of a few columns is not worth a progress bar per call
-    try:
-        return dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def compute_sample_stats(dataset, processor, *, seq_length: int, truncate: bool, num_workers: int = 0) -> SampleStats:
     """`SampleStats` of a canonical conversation dataset (`load_conversations`); ``num_workers`` processes
     (0: this one). Raises ValueError listing every bad sample (id and fix) when any is unusable."""
+    from megatron_avar.data.conversations import undecoded
+
     task = _StatsTask(undecoded(dataset), processor, seq_length, truncate)
     loader = torch.utils.data.DataLoader(task, batch_size=64, num_workers=num_workers, collate_fn=list)
     results = [result for batch in loader for result in batch]
@@ -207,7 +196,7 @@ def dataset_fingerprint(dataset) -> str:
     the folder holding all of them, byte size and pixel dimensions (read from the header). Changes whenever
     anything that decides token counts may have changed, and stays the same when the data move (a Slurm job
     staging them to node-local disk) or a file's modification time changes."""
-    from megatron_avar.data.conversations import dataset_rows
+    from megatron_avar.data.conversations import dataset_rows, undecoded
 
     rows = list(dataset_rows(undecoded(dataset).select_columns(["id", "messages", "images"])))
     paths = [ref["path"] for row in rows for ref in row["images"] if ref.get("bytes") is None]

@@ -117,3 +117,53 @@ def test_corrupt_image_duplicate_ids_and_bad_json_are_reported(folder):
         load_conversations(folder / "c.jsonl")
     with pytest.raises(ValueError, match="data path not found"):
         load_conversations(folder / "nope.jsonl")
+
+
+def test_a_truncated_jpeg_is_caught_when_the_data_load(folder):
+    """PIL's verify() reads only a JPEG's headers: the half of one passed every check and failed at the first
+    training step with a raw OSError naming no sample."""
+    Image.effect_noise((96, 64), 64).convert("RGB").save(folder / "images" / "full.jpg", quality=90)
+    data = (folder / "images" / "full.jpg").read_bytes()
+    (folder / "images" / "half.jpg").write_bytes(data[: len(data) // 2])
+    record = lambda path: _record(messages=[  # noqa: E731
+        {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "x"}])
+    assert len(load_conversations(_write_jsonl(folder / "ok.jsonl", [record("images/full.jpg")]))) == 1
+    with pytest.raises(ValueError, match=r"t.jsonl line 1: image file .*half.jpg is unreadable or corrupt \(image "
+                                         r"file is truncated"):
+        load_conversations(_write_jsonl(folder / "t.jsonl", [record("images/half.jpg")]))
+
+
+@pytest.mark.parametrize("messages, message", [
+    (None, "messages must be a non-empty list of chat turns, got NoneType"),
+    (3, "messages must be a non-empty list of chat turns, got int"),
+    ('[{"role": "user", "content": "hi"}]', r"messages must be .* got str \(it is text: store the turns as a list"),
+])
+def test_messages_of_the_wrong_type_are_named_beside_images(folder, messages, message):
+    record = {"id": "x", "messages": messages, "images": ["images/red.png"]}
+    with pytest.raises(ValueError, match=rf"m.jsonl line 1: {message}"):
+        load_conversations(_write_jsonl(folder / "m.jsonl", [record]))
+
+
+def test_parquet_with_messages_as_json_text_is_named(folder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["x"], "messages": [json.dumps([{"role": "user", "content": "hi"}])]})
+    pq.write_table(table, folder / "text.parquet")
+    with pytest.raises(ValueError, match=r"text.parquet row 0: messages must be a non-empty list .* got str"):
+        load_conversations(folder / "text.parquet")
+
+
+def test_a_saved_dataset_is_validated_like_a_data_file(folder):
+    """A `save_to_disk` folder used to be loaded unchecked: a bad image failed later, inside the stats pass."""
+    from megatron_avar.data.conversations import undecoded
+
+    dataset = load_conversations(_write_jsonl(folder / "data.jsonl", [_record(), _record(id="s2")]))
+    dataset.save_to_disk(str(folder / "saved"))
+    assert load_conversations(folder / "saved")["id"] == ["s1", "s2"]
+    broken = undecoded(dataset).map(lambda row: {"images": [{"bytes": b"garbage", "path": None}]
+                                                 if row["id"] == "s2" else row["images"]})
+    broken.cast(dataset.features).save_to_disk(str(folder / "broken"))
+    with pytest.raises(ValueError, match=r"broken row 1: embedded image bytes is unreadable or corrupt"):
+        load_conversations(folder / "broken")
