@@ -153,7 +153,7 @@ class _RowRenderer(torch.utils.data.Dataset):
                 rendered = render_conversation(to_chat_messages(self.dataset[index]), self.processor)
             except (OSError, SyntaxError, ValueError) as error:
                 raise ValueError(f"sample {self.stats.ids[index]!r} of {self.config.path} cannot be rendered "
-                                 f"({error}); fix or drop that record (`avar data validate` reads every one)") from error
+                                 f"({error}); fix or drop that record (`avar data validate` reads them all)") from error
             if len(rendered) != self.stats.full_lengths[index]:
                 raise ValueError(f"sample {self.stats.ids[index]!r} renders to {len(rendered)} tokens, the plan "
                                  f"says {self.stats.full_lengths[index]}; the stats cache is stale (delete it from "
