@@ -38,7 +38,21 @@ T = TypeVar("T")
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 (PyYAML) reads ``1e-5`` as a string (its floats need a dot); learning rates are written that way,
-    so numbers with an exponent and no dot are floats here too."""
+    so numbers with an exponent and no dot are floats here too. A key written twice in one mapping is an error
+    (PyYAML keeps the last silently: a second ``train:`` section would drop the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeated (first at line {first[key]}); keep one of them",
+                    key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -273,7 +287,7 @@ def _from_dict(cls: type[T], values: dict, where: str, origins: dict[str, str], 
                          f"{_describe(cls)}, got {_got(values, cls)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(str(k) for k in set(values) - set(fields))  # str: YAML keys may be numbers (`2: x`)
     if unknown:
         located = [f"{where}{k}: {o}" for k in unknown if (o := _origin(origins, where + k))]
         raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "

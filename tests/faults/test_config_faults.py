@@ -66,6 +66,25 @@ def test_bad_yaml_syntax_names_file_line_and_column(tmp_path):
         load_config(SFTConfig, None, BASE + ["avar.layers=[8, 9"])
 
 
+def test_a_key_written_twice_is_named_not_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` section silently dropped the whole first one."""
+    path = tmp_path / "run.yaml"
+    path.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\ntrain:\n  steps: 7\noptim: {lr: 1e-5}\n"
+                    "train:\n  precision: fp32\n")
+    with pytest.raises(ValueError, match=rf"^{path}:7:1: invalid YAML: key 'train' repeated \(first at line 4\)"):
+        load_config(SFTConfig, path)
+    path.write_text("out: o\nmodel: {hf_path: m, hf_path: n}\ndata: {path: d}\n")
+    with pytest.raises(ValueError, match=r"key 'hf_path' repeated \(first at line 2\)"):
+        load_config(SFTConfig, path)
+    path.write_text("out: o\n2: oops\n")  # a key YAML reads as a number
+    with pytest.raises(ValueError, match=rf"unknown config key\(s\) 2; allowed in the top level: .* \(2: {path}:2\)"):
+        load_config(SFTConfig, path)
+    from megatron_avar.config import read_config_file
+
+    path.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")  # a merge key's values may still be overridden
+    assert read_config_file(path)["b"] == {"x": 3, "y": 2}
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     """`avar sft` with run_sft replaced: a config that gets through the loader is recorded, not trained."""
