@@ -1,7 +1,8 @@
 """Process groups, model, DDP, optimizer and schedule of a megatron training job (shared by SFT and GRPO).
 
 Launch-agnostic: ranks come from torchrun (RANK / WORLD_SIZE / LOCAL_RANK), from `srun` alone (SLURM_PROCID /
-SLURM_NTASKS / SLURM_LOCALID, rendezvous in MASTER_ADDR / MASTER_PORT), or a single process with neither.
+SLURM_STEP_NUM_TASKS / SLURM_LOCALID, rendezvous in MASTER_ADDR / MASTER_PORT), or a single process with neither
+(a batch script or salloc shell too: its SLURM_PROCID and SLURM_NTASKS describe the allocation, not a step).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ class RankLayout:
         return self.rank == 0
 
 
-def _env_int(*names: str) -> int | None:
+def _env_int(*names: str | None) -> int | None:
     for name in names:
-        if os.environ.get(name):
+        if name is not None and os.environ.get(name):
             return int(os.environ[name])
     return None
 
@@ -67,9 +68,13 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
     platform.prepare_megatron()
     platform.tie_forked_children_to_this_process()  # nothing this rank forks outlives it
     if not dist.is_initialized():
-        rank = _env_int("RANK", "SLURM_PROCID")
-        world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
-        local = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+        # srun's tasks: srun sets SLURM_STEP_NUM_TASKS; a batch script (or salloc shell) running one process
+        # also has SLURM_PROCID=0 and the allocation's SLURM_NTASKS, and must not wait for ranks nobody starts
+        slurm = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID") if os.environ.get("SLURM_STEP_NUM_TASKS") \
+            else (None, None, None)
+        rank = _env_int("RANK", slurm[0])
+        world = _env_int("WORLD_SIZE", slurm[1])
+        local = _env_int("LOCAL_RANK", slurm[2])
         if rank is None or world is None:
             rank, world, local = 0, 1, 0
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

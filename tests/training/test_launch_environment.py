@@ -1,0 +1,32 @@
+"""Where `init_distributed` takes its ranks from: torchrun's variables, an srun step's, or a single process. A
+batch script (or an salloc shell) also has SLURM_PROCID=0 and the allocation's SLURM_NTASKS, yet runs one
+process: it used to ask for MASTER_ADDR, or, with it set, wait for ranks nobody starts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_PROBE = ("import json; from megatron_avar.training.megatron_setup import init_distributed; "
+          "layout = init_distributed(1, 1, seed=0); print(json.dumps([layout.rank, layout.world_size]))")
+
+
+def _ranks(**env) -> tuple[int, list[int] | str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                         "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[2])
+    return done.returncode, json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 \
+        else done.stderr[-1500:]
+
+
+def test_one_process_in_a_batch_script_runs_alone():
+    assert _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_LOCALID="0") == (0, [0, 1])
+
+
+def test_an_srun_step_without_a_rendezvous_is_told_to_set_one():
+    code, error = _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
+                         SLURM_LOCALID="0")
+    assert code != 0 and "MASTER_ADDR is not set" in error
