@@ -6,8 +6,8 @@
 #   sbatch --export=ALL,RUN_DIR=runs/7b_lr1e-5 slurm/avar_sft_7b.sh optim.lr=1e-5
 #
 # The log, the Slurm environment and the config go to RUN_DIR (slurm-<jobid>.out, slurm-<jobid>.env,
-# config-input.yaml; the trainer adds config.json, metrics.jsonl, summary.json, checkpoints/). Ten minutes
-# before the time limit (or on `scancel --batch --signal=USR1 JOBID`) the ranks checkpoint and the job
+# config-input-<jobid>.yaml; the trainer adds config.json, metrics.jsonl, summary.json, checkpoints/). Ten
+# minutes before the time limit (or on `scancel --batch --signal=USR1 JOBID`) the ranks checkpoint and the job
 # requeues itself; the same command then resumes. All knobs: slurm/lib/launch.sh. Every #SBATCH line
 # below is a default that sbatch's own options override, e.g. a CPU smoke test on one node:
 #   sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --gpus-per-node=0 --mem=4G --time=10 \

@@ -80,9 +80,10 @@ fi
 read -r -a extra_srun <<< "$SRUN_ARGS"
 SRUN+=("${extra_srun[@]}")
 
-# What this attempt ran with: the config as given (the trainer writes the resolved one to config.json),
-# the command and the Slurm environment.
-cp "$CONFIG" "$RUN_DIR/config-input.yaml"
+# What this job ran with: the config as given (the trainer writes the resolved one to config.json), the
+# command and the Slurm environment, in files named by the job id: a second job on this RUN_DIR (refused by
+# the trainer when the run is in use or finished) never replaces the record of the first.
+cp "$CONFIG" "$RUN_DIR/config-input-$SLURM_JOB_ID.yaml"
 {
     echo "# job $SLURM_JOB_ID attempt $RESTARTS, $(date -u +%FT%TZ), $(hostname)"
     echo "# command: ${SRUN[*]} ${COMMAND[*]}"

@@ -101,7 +101,8 @@ def test_job_trains_checkpoints_and_records_the_run(slurm_runs):
     environment = (run_dir / f"slurm-{job}.env").read_text()
     assert f"SLURM_JOB_ID={job}" in environment and "SLURM_NTASKS=2" in environment
     assert "MASTER_ADDR=localhost" in environment and f"MASTER_PORT={15000 + int(job) % 20000}" in environment
-    assert (run_dir / "config-input.yaml").read_text() == (REPO / "examples/sft/slurm_tiny.yaml").read_text()
+    given = (REPO / "examples/sft/slurm_tiny.yaml").read_text()
+    assert (run_dir / f"config-input-{job}.yaml").read_text() == given  # by job: a second job never replaces it
 
 
 def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(slurm_runs):
