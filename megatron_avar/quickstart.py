@@ -67,6 +67,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text(json.dumps({"written_by": "avar quickstart"}) + "\n")
 
 
+def _check_overrides(overrides: list[str]) -> None:
+    """ValueError naming a bad override of the SFT stages (unknown key, wrong type), as `avar sft` would."""
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+
+    load_config(SFTConfig, SFT_CONFIG, ["out=unused", "model.hf_path=unused", "data.path=unused", *overrides])
+
+
 def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int, overwrite: bool,
                    overrides: list[str]) -> int:
     from megatron_avar.data.procedural import ProceduralConfig, write_dataset
@@ -76,6 +84,9 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
         raise ValueError(f"{SFT_CONFIG} not found: run `avar quickstart` from the repository root")
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the quickstart's runs")
+    _check_overrides(overrides)  # before anything is written: a typo must not cost the stages before sft
     _prepare_out(out, overwrite)
     seconds: dict[str, float] = {}
 
@@ -103,7 +114,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     def train(name: str, extra: list[str]) -> dict:
         run = out / name
         _avar("sft", "--config", str(SFT_CONFIG), f"out={run}", f"model.hf_path={model}", f"data.path={data}",
-              f"parallel.tensor_model_parallel_size={tp}", *extra, *overrides, nproc=nproc)
+              f"parallel.tensor_model_parallel_size={tp}", *overrides, *extra, nproc=nproc)  # the baseline's α=β=0 last
         latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
         _avar("convert", "mcore-to-hf", "--mcore-path", str(latest), "--out", str(out / f"{name}-hf"))
         return json.loads((run / "summary.json").read_text())["history"]

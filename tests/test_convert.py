@@ -100,6 +100,24 @@ def test_existing_output_is_not_clobbered(hf_dir, tmp_path, capsys):
     assert (out / "keep").read_text() == "x"
 
 
+def test_layouts_and_folders_that_cannot_work_are_named_before_any_rank_starts(hf_dir, tmp_path, capsys):
+    """megatron's own checks are assertions inside each rank (a traceback per rank)."""
+    for flags, message in ((["--pp", "3"], "4 language-model layers do not split over 3 pipeline stages"),
+                           (["--tp", "4"], "2 key/value heads do not split over 4 tensor-parallel ranks")):
+        assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "avar_checkpoint.json").write_text(json.dumps({"format": "torch_dist", "dtype": "float32"}))
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(partial), "--out", str(tmp_path / "o")]) == 2
+    assert "lacks hf/config.json" in capsys.readouterr().err
+    assert main(["convert", "verify", "--hf-path", str(tmp_path / "nowhere"), "--mcore-path", str(partial)]) == 2
+    assert "lacks hf/config.json" in capsys.readouterr().err
+
+
 def test_unknown_tensor_is_refused_by_name(hf_dir, tmp_path, capsys):
     import shutil
 

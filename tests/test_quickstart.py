@@ -36,3 +36,14 @@ def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path):
     # A second quickstart refuses to clobber the run without --overwrite.
     again = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_a_bad_override_or_out_is_refused_before_anything_is_written(tmp_path, capsys):
+    from megatron_avar.cli import main
+
+    out = tmp_path / "quickstart"
+    assert main(["quickstart", "--out", str(out), "train.stepz=1"]) == 2
+    assert "unknown config key(s) train.stepz" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "file").write_text("mine")
+    assert main(["quickstart", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"

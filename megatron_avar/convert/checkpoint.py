@@ -127,9 +127,17 @@ def load_model_weights(model, mcore_dir: Path) -> None:
 
 
 def read_checkpoint_info(mcore_dir: Path) -> dict:
+    """The checkpoint's description; ValueError when the folder is missing, is not a checkpoint written by
+    `avar convert` or training, or lacks its HF side files (config, tokenizer, processor)."""
+    if not Path(mcore_dir).is_dir():
+        raise ValueError(f"{mcore_dir} does not exist: give a megatron checkpoint folder (`avar convert hf-to-mcore` "
+                         "output, or a training run's checkpoints/step_N)")
     path = Path(mcore_dir) / CHECKPOINT_INFO
     if not path.is_file():
         raise ValueError(f"{mcore_dir} has no {CHECKPOINT_INFO}: not a checkpoint written by `avar convert`")
+    if not (Path(mcore_dir) / HF_SIDE_DIR / "config.json").is_file():
+        raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config, tokenizer and processor "
+                         "files every checkpoint carries): not a complete checkpoint")
     info = json.loads(path.read_text())
     if info.get("format") != "torch_dist" or info.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: unsupported checkpoint description {info}")

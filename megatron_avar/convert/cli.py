@@ -63,8 +63,7 @@ def _hf_to_mcore(args) -> int:
         raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
     hf_dir = args.hf_path.absolute()
     config = Qwen25VLConfig.from_hf(str(hf_dir))  # refuses configs the model does not reproduce
-    if config.text.num_layers % args.pp:
-        raise ValueError(f"--pp {args.pp} does not divide the {config.text.num_layers} language-model layers")
+    config.check_layout(tp=args.tp, pp=args.pp)
     num_tensors = checkpoint.check_hf_names(hf_dir, config)
     dtype = checkpoint.checkpoint_dtype(hf_dir)
     with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:

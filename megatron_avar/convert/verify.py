@@ -97,6 +97,7 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int,
         raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
     checkpoint.read_checkpoint_info(mcore_dir)  # refused here, before HF loads, if it is not one
     config = Qwen25VLConfig.from_hf(str(hf_dir))
+    config.check_layout(tp=tp, pp=pp)
     batch = verification_batch(config)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype).eval()
     with torch.no_grad():

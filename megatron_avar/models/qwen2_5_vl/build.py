@@ -63,6 +63,7 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_tensors
     from megatron_avar.models.qwen2_5_vl.model import Qwen25VLModel
 
+    config.check_layout(tp=tp, pp=pp, vpp=vpp)  # a named error, not megatron's assertion in every rank
     settings = MegatronSettings(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, params_dtype=dtype,
                                 perform_initialization=initialize, recompute=recompute,
                                 init_device="cuda" if device is not None and device.type == "cuda" else "cpu",

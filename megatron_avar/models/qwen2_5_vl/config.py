@@ -128,6 +128,21 @@ class Qwen25VLConfig:
             raise ValueError(f"image_token_id={self.image_token_id} is outside the vocabulary "
                              f"[0, {self.text.vocab_size})")
 
+    def check_layout(self, *, tp: int, pp: int, vpp: int = 1) -> None:
+        """ValueError naming what does not split, when this model cannot be built at TP=tp x PP=pp (with vpp
+        model chunks per pipeline rank): megatron's own checks are assertions inside every rank."""
+        if tp < 1 or pp < 1 or vpp < 1:
+            raise ValueError(f"tensor, pipeline and virtual pipeline sizes must be >= 1, got {tp}, {pp}, {vpp}")
+        splits = [(self.text.num_layers, pp * vpp, "language-model layers", "pipeline stages x model chunks"
+                   if vpp > 1 else "pipeline stages"),
+                  (self.text.num_attention_heads, tp, "attention heads", "tensor-parallel ranks"),
+                  (self.text.num_query_groups, tp, "key/value heads", "tensor-parallel ranks"),
+                  (self.vision.num_heads, tp, "vision attention heads", "tensor-parallel ranks")]
+        for count, ways, what, over in splits:
+            if count % ways:
+                raise ValueError(f"this model's {count} {what} do not split over {ways} {over}; choose a layout "
+                                 f"that divides them")
+
     @classmethod
     def from_hf(cls, source: Any) -> Qwen25VLConfig:
         """Read a Hugging Face Qwen2.5-VL config: a model directory, a config.json path, its dict, or a
@@ -138,7 +153,12 @@ class Qwen25VLConfig:
         if isinstance(source, (str, Path)):
             path = Path(source)
             path = path / "config.json" if path.is_dir() else path
-            source = json.loads(path.read_text())
+            if not path.is_file():
+                raise ValueError(f"{path} not found: a Qwen2.5-VL model folder holds config.json")
+            try:
+                source = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error})") from None
         if isinstance(source, Mapping):
             if source.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
                 raise ValueError(f"model_type={source['model_type']!r}: only 'qwen2_5_vl' is supported")
