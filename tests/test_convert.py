@@ -107,7 +107,8 @@ def test_layouts_and_folders_that_cannot_work_are_named_before_any_rank_starts(h
         assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(tmp_path / "o"), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert main(["convert", "mcore-to-hf", "--mcore-path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    out = str(tmp_path / "o")
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
     partial = tmp_path / "partial"
     partial.mkdir()
