@@ -220,10 +220,7 @@ def _local(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBacke
 def _vllm(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
     from megatron_avar import platform
 
-    if layout.pp != 1:
-        raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
-                         "parallel.pipeline_model_parallel_size=1")
-    if not platform.vllm_available():
+    if not platform.vllm_available():  # the layout and sampling it cannot run: GRPOConfig refuses them
         raise ValueError("rollout.backend=vllm needs CUDA and vLLM (pip install -e .[gpu]); use "
                          "rollout.backend=local on this machine")
     from megatron_avar.grpo.vllm_backend import VLLMGenerationBackend

@@ -157,6 +157,27 @@ class GRPOConfig:
         if self.parallel.context_parallel_size > 1 and self.model.mass_mode != "probe":
             raise ValueError(f"model.mass_mode={self.model.mass_mode} computes every row's masses in one kernel over "
                              "whole rows; with parallel.context_parallel_size > 1 use model.mass_mode=probe")
+        if self.rollout.backend == "vllm":
+            self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        """What the vLLM backend cannot run, refused with the config (and by `avar plan`), not at the first
+        rollout after minutes of start-up."""
+        from megatron_avar.grpo.vllm_requests import VLLM_GREEDY_BELOW, VLLM_MAX_TEMPERATURE
+
+        rollout = self.rollout
+        if self.parallel.pipeline_model_parallel_size != 1:
+            raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
+                             "parallel.pipeline_model_parallel_size=1")
+        if rollout.top_p < 1.0 or rollout.top_k > 0:
+            raise ValueError(f"rollout.backend=vllm samples with rollout.top_p=1 and rollout.top_k=0 only (got "
+                             f"{rollout.top_p}, {rollout.top_k}): vLLM returns log-probs after top-p/top-k "
+                             "truncation, not the log_softmax(logits / T) the trainer's ratio uses; use "
+                             "rollout.backend=local for truncated sampling")
+        if not VLLM_GREEDY_BELOW <= rollout.temperature <= VLLM_MAX_TEMPERATURE:
+            raise ValueError(f"rollout.backend=vllm needs rollout.temperature in [{VLLM_GREEDY_BELOW}, "
+                             f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples greedily, above it refuses), got "
+                             f"{rollout.temperature}")
 
     @property
     def seq_length(self) -> int:

@@ -161,15 +161,22 @@ def _total_parameters(qwen_config) -> int:
 def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumptions()) -> RunPlan:
     """The plan of `avar sft` with ``config`` (``SFTConfig``) on a model of ``qwen_config``."""
     parallel = _layout(config.parallel, assumptions.gpus)
+    qwen_config.check_layout(tp=parallel.tp, pp=parallel.pp, vpp=parallel.virtual_pipeline)
     data, train = config.data, config.train
-    if train.global_batch_size % parallel.dp:
-        raise ValueError(f"train.global_batch_size={train.global_batch_size} does not split over the "
-                         f"{parallel.dp} data-parallel replicas of {parallel.world_size} GPUs")
+    if train.global_batch_size % (parallel.dp * data.micro_batch_size):
+        raise ValueError(f"train.global_batch_size={train.global_batch_size} does not split into micro-batches of "
+                         f"data.micro_batch_size={data.micro_batch_size} over the {parallel.dp} data-parallel "
+                         f"replicas of {parallel.world_size} GPUs")
+    microbatches = train.global_batch_size // parallel.dp // data.micro_batch_size
+    if parallel.virtual_pipeline > 1 and microbatches % parallel.pp:
+        raise ValueError(f"the interleaved pipeline schedule runs micro-batches in groups of "
+                         f"pipeline_model_parallel_size={parallel.pp}, but a step has {microbatches} per "
+                         f"data-parallel rank: make it a multiple of {parallel.pp}")
     seq = data.seq_length
     image_tokens = round(assumptions.image_fraction * seq)
     agto_trains = config.avar.alpha > 0 or config.avar.beta > 0
     shape = StepShape(seq_length=seq, micro_batch_size=data.micro_batch_size,
-                      num_microbatches=math.ceil(train.global_batch_size // parallel.dp / data.micro_batch_size),
+                      num_microbatches=microbatches,
                       image_tokens=image_tokens,
                       mass_rows=round(assumptions.query_fraction * seq) if agto_trains else 0,
                       loss="lm", precision=train.precision, recompute=train.recompute,
@@ -188,6 +195,7 @@ def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumpt
 def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assumptions()) -> RunPlan:
     """The plan of `avar grpo` with ``config`` (``GRPOConfig``) on a model of ``qwen_config``."""
     parallel = _layout(config.parallel, assumptions.gpus)
+    qwen_config.check_layout(tp=parallel.tp, pp=parallel.pp)
     train, rollout = config.train, config.rollout
     seq = config.seq_length
     per_update = train.prompts_per_step // train.updates_per_step
@@ -236,12 +244,29 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
 
 
 def detect_command(config_path: str | None, overrides: list[str]) -> str:
-    """"grpo" when the YAML file or the overrides set a GRPO-only section (rollout, reward, advantage, loss),
-    else "sft"."""
-    from megatron_avar.config import read_config_file
+    """"grpo" when the YAML file or the overrides set a GRPO-only section (rollout, reward, advantage, loss) or
+    a key only GRPO's sections have (``train.prompts_per_step``, ``data.max_prompt_length``), else "sft"."""
+    import typing
 
-    sections = set(read_config_file(config_path)) | {override.split("=", 1)[0].split(".")[0] for override in overrides}
-    return "grpo" if sections & set(GRPO_SECTIONS) else "sft"
+    from megatron_avar.config import read_config_file
+    from megatron_avar.grpo.config import GRPOConfig
+    from megatron_avar.sft.config import SFTConfig
+
+    keys = {override.split("=", 1)[0] for override in overrides}
+    for section, values in read_config_file(config_path).items():
+        keys |= {f"{section}.{key}" for key in values} if isinstance(values, dict) else {str(section)}
+    if {key.split(".")[0] for key in keys} & set(GRPO_SECTIONS):
+        return "grpo"
+
+    def fields(cls, section: str) -> set[str]:
+        hint = typing.get_type_hints(cls).get(section)
+        return {f.name for f in dataclasses.fields(hint)} if dataclasses.is_dataclass(hint) else set()
+
+    for key in keys:
+        section, _, name = key.partition(".")
+        if name and name.split(".")[0] in fields(GRPOConfig, section) - fields(SFTConfig, section):
+            return "grpo"
+    return "sft"
 
 
 def plan_config(config_path: str | None, overrides: list[str], *, command: str | None = None,

@@ -26,8 +26,9 @@ def plan_points(config: SweepConfig, points: list[Point]) -> dict[str, dict]:
             plan = plan_config(config.sft_config, [*point.overrides, f"out={point.run_dir}"], command="sft",
                                preset=config.plan_model, assumptions=Assumptions(gpus=point.num_gpus))
         except ValueError as error:
-            raise ValueError(f"point {point.name}: cannot plan its memory ({error}); set plan_model, or gpu: null "
-                             "to submit without the check") from None
+            raise ValueError(f"point {point.name}: {error} (the sweep plans every point before submitting it: "
+                             "plan_model names the model size where model.hf_path has no config.json, gpu: null "
+                             "submits without the check)") from None
         verdict = plan.verdicts([gpu])[0]
         plans[point.name] = {"gpu": gpu.label, "memory_gb": gpu.memory_bytes / 1e9,
                              "planned_peak_gb": plan.memory.peak / 1e9, "required_gb": verdict.required_bytes / 1e9,

@@ -35,8 +35,14 @@ def test_vllm_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
     from megatron_avar import platform
 
     config = load_config(GRPOConfig, None, BASE + ["rollout.backend=vllm"])
-    with pytest.raises(ValueError, match="needs parallel.pipeline_model_parallel_size=1"):
-        backends.build_backend(config, None, SimpleNamespace(tp=1, pp=2))
+    # what vLLM cannot run is refused with the config (and by `avar plan`), not at the first rollout
+    for override, message in (
+            ("parallel.pipeline_model_parallel_size=2", "needs parallel.pipeline_model_parallel_size=1"),
+            ("rollout.top_p=0.9", r"samples with rollout.top_p=1 and rollout.top_k=0 only \(got 0.9, 0\)"),
+            ("rollout.top_k=20", r"rollout.top_k=0 only \(got 1.0, 20\)"),
+            ("rollout.temperature=3", r"needs rollout.temperature in \[1e-05, 2.0\]")):
+        with pytest.raises(ValueError, match=message):
+            load_config(GRPOConfig, None, BASE + ["rollout.backend=vllm", override])
     monkeypatch.setattr(platform, "vllm_available", lambda: False)
     with pytest.raises(ValueError, match="use rollout.backend=local on this machine"):
         backends.build_backend(config, None, SimpleNamespace(tp=1, pp=1))

@@ -84,13 +84,26 @@ def test_the_command_is_detected_from_the_config():
     assert detect_command(str(REPO / "examples/grpo/avar_7b.yaml"), []) == "grpo"
     assert detect_command(str(REPO / "examples/sft/avar_7b.yaml"), []) == "sft"
     assert detect_command(None, ["rollout.n=4"]) == "grpo"
+    assert detect_command(None, ["train.prompts_per_step=4"]) == "grpo"  # a key only GRPO's train section has
+    assert detect_command(None, ["data.max_prompt_length=512", "train.steps=3"]) == "grpo"
+    assert detect_command(None, ["train.steps=3"]) == "sft"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "examples/sft/avar_7b.yaml"], "has no config.json on this machine: pass --model"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "13b"], "--model '13b': allowed 3b, 7b, 72b"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "3"], "not a multiple of tensor x pipeline"),
-    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "6"], "does not split over the 3"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "6"], "over the 3 data-parallel replicas"),
+    # what the trainer would refuse, refused here too (a sweep skips such points instead of queueing them)
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "16", "data.micro_batch_size=3"],
+     "does not split into micro-batches of data.micro_batch_size=3"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--gpus", "16",
+      "parallel.tensor_model_parallel_size=8"], "28 attention heads do not split over 8 tensor-parallel ranks"),
+    (["--config", "examples/sft/avar_72b.yaml", "--model", "72b", "--gpus", "64",
+      "parallel.virtual_pipeline_model_parallel_size=2", "train.global_batch_size=6"],
+     "a step has 3 per data-parallel rank: make it a multiple of 4"),
+    (["--config", "examples/grpo/avar_7b.yaml", "--model", "7b", "parallel.pipeline_model_parallel_size=2"],
+     "rollout.backend=vllm runs vLLM with the trainer's tensor parallelism"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--mfu", "1.5"], "mfu must be in (0, 1]"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "train.recompute=some"], "train.recompute='some'"),
 ])
