@@ -83,6 +83,34 @@ def run_finished(run_dir: Path) -> bool:
     return summary.get("stopped_by") is None and summary.get("last_step") == steps - 1
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _check_finished_settings(config: SweepConfig, point: Point) -> None:
+    """ValueError when a finished run of ``point`` trained with other settings than the point has now (another
+    global_batch_per_dp, sft_overrides or sft_config than the sweep that ran it): skipping it would report its
+    numbers under the new settings. Compares every key both configs have, except ``out``."""
+    from megatron_avar.config import config_to_dict, load_config
+    from megatron_avar.sft.config import SFTConfig
+
+    ran = _flat(json.loads((point.run_dir / "config.json").read_text()))
+    wanted = _flat(config_to_dict(load_config(SFTConfig, config.sft_config,
+                                              [*point.overrides, f"out={point.run_dir}"])))
+    differ = sorted(k for k in ran.keys() & wanted.keys() if k != "out" and ran[k] != wanted[k])
+    if differ:
+        shown = ", ".join(f"{k}: ran {ran[k]!r}, now {wanted[k]!r}" for k in differ[:5])
+        raise ValueError(f"point {point.name} finished in {point.run_dir} with other settings ({shown}); its "
+                         f"results would be reported under these. Use another out= for this sweep, or delete "
+                         f"{point.run_dir} to train the point again")
+
+
 def _sbatch_command(config: SweepConfig, point: Point, dependency: list[str]) -> list[str]:
     slurm = config.slurm
     command = ["sbatch", "--parsable", f"--job-name=avar-sweep-{point.name}", f"--nodes={point.spec.nodes}",
@@ -113,8 +141,11 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=p
     for index, job in enumerate(active):
         chains[index % len(chains)].append(job)
     next_chain = len(active)
+    finished = [point for point in points if run_finished(point.run_dir)]
+    for point in finished:  # before anything is submitted
+        _check_finished_settings(config, point)
     for point in points:
-        if run_finished(point.run_dir):
+        if point in finished:
             log(f"[sweep] {point.name}: finished, skipped")
             continue
         if point.name in last_jobs and states.get(last_jobs[point.name]) in ACTIVE_STATES:
@@ -128,8 +159,9 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=p
         command = _sbatch_command(config, point, chain[-1:])
         result = _run(command, env=env, cwd=repo)
         if result.returncode != 0:
-            raise RuntimeError(f"sbatch for point {point.name} failed ({result.returncode}): "
-                               f"{result.stderr.strip()}\ncommand: {' '.join(command)}")
+            submitted = f"; points submitted before it are in {out / 'state.json'}" if jobs else ""
+            raise ValueError(f"sbatch for point {point.name} failed ({result.returncode}): "
+                             f"{result.stderr.strip()}{submitted}\ncommand: {' '.join(command)}")
         job = result.stdout.strip().split(";")[0]
         chain.append(job)
         jobs.setdefault(point.name, []).append(job)
@@ -141,7 +173,7 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=p
 
 
 def wait_for_jobs(job_ids: list[str], *, poll_s: float = 10.0, timeout_s: float | None = None, log=print) -> None:
-    """Block until none of ``job_ids`` is queued or running (TimeoutError after ``timeout_s``)."""
+    """Block until none of ``job_ids`` is queued or running (ValueError after ``timeout_s``; the jobs go on)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     previous = None
     while True:
@@ -154,5 +186,6 @@ def wait_for_jobs(job_ids: list[str], *, poll_s: float = 10.0, timeout_s: float 
         if not active:
             return
         if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError(f"sweep jobs still active after {timeout_s} s: {summary}")
+            raise ValueError(f"sweep jobs still active after --timeout-seconds {timeout_s}: {summary}; they keep "
+                             "running: `avar sweep collect --out OUT` reads them when they end")
         time.sleep(poll_s)

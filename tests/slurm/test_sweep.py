@@ -73,6 +73,10 @@ def sweep(tmp_path_factory, slurm_installed, sft_inputs):
         result["metrics_mtimes"] = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.jsonl")}
         result["rerun"] = avar()
         result["second_jobs"] = json.loads((out / "state.json").read_text())["jobs"]
+        # the same sweep with another learning rate: its finished points trained otherwise
+        result["changed"] = avar(f"sft_overrides=[model.hf_path={model},data.path={data},checkpoint.interval=0,"
+                                 f"train.steps={STEPS},optim.lr=0.5]")
+        result["jobs_after_changed"] = json.loads((out / "state.json").read_text())["jobs"]
         result["scratch"] = cluster.scratch
     result["leftover_pids"] = cluster.leftover_pids()
     print(f"\n[sweep] 3 points submitted, run and collected in {result['first_seconds']:.0f} s")
@@ -174,6 +178,14 @@ def test_rerun_skips_finished_points_and_resubmits_the_failed_one(sweep):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+def test_a_finished_point_with_other_settings_is_refused_before_anything_is_submitted(sweep):
+    code, output = sweep["changed"]
+    assert code == 2 and "finished in" in output and "with other settings (optim.lr: ran" in output, output
+    assert "now 0.5" in output and sweep["jobs_after_changed"] == sweep["second_jobs"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_no_leftover_processes(sweep):
     assert sweep["leftover_pids"] == []
     assert not Path(sweep["scratch"]).exists()
@@ -242,6 +254,21 @@ def test_bad_sweep_configs_fail_before_submitting(tmp_path, capsys, overrides, m
                  *overrides])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "s" / "state.json").exists()  # nothing was submitted
+
+
+def test_a_failing_sbatch_is_one_line_naming_the_point(tmp_path, monkeypatch, capsys):
+    from megatron_avar.cli import main
+
+    monkeypatch.chdir(REPO)
+    for tool, script in (("sbatch", "echo 'sbatch: error: Unable to contact slurm controller' >&2; exit 1"),
+                         ("squeue", "exit 0"), ("sacct", "exit 0"), ("scontrol", "exit 1")):
+        (tmp_path / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert main(["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", f"out={tmp_path / 's'}", "--no-wait"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("avar sweep: error: sbatch for point ") and "Unable to contact slurm controller" in error
+    assert "Traceback" not in error
 
 
 def test_collect_outside_a_sweep_directory(tmp_path, capsys):
