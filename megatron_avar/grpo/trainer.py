@@ -49,11 +49,21 @@ def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                               seed=config.rollout.seed + step)
     try:
-        return backend.generate(prompts, config.rollout.n, sampling)
+        rollouts = backend.generate(prompts, config.rollout.n, sampling)
     except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
         raise RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
                                  f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
                                  "same command to resume from the last checkpoint") from error
+    # Groups are contiguous runs of n (group_advantages): a backend returning another order would compare
+    # rollouts of different prompts, silently.
+    n = config.rollout.n
+    expected = [(prompt_id, k) for prompt_id in prompts.prompt_ids for k in range(n)]
+    if [(r.prompt_id, r.sample_index) for r in rollouts] != expected:
+        raise RolloutEngineError(f"step {step}: the rollout backend returned {len(rollouts)} rollouts not in "
+                                 f"prompt-major order (prompt p's sample k at p x {n} + k, for "
+                                 f"{len(prompts.prompt_ids)} prompts x {n}); a backend must keep that order "
+                                 "(grpo.interfaces.GenerationBackend.generate)")
+    return rollouts
 
 
 def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend, config: GRPOConfig,

@@ -70,6 +70,26 @@ def test_a_rollout_engine_crash_fails_every_rank_of_the_group():
     assert results[1][2] == []
 
 
+def test_rollouts_out_of_prompt_major_order_are_refused():
+    """Groups are contiguous runs of n: a backend returning sample-major order would mix prompts' advantages."""
+    import dataclasses
+
+    from megatron_avar.grpo.trainer import RolloutEngineError, _generate
+
+    config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
+                                            "rollout.n=2"])
+    prompts = type("Prompts", (), {"prompt_ids": ["p0", "p1"]})()
+    one = _rollout([11, 151645])
+    in_order = [dataclasses.replace(one, prompt_id=p, sample_index=k) for p in ("p0", "p1") for k in (0, 1)]
+    backend = type("Backend", (), {"generate": lambda self, prompts, n, sampling: list(returned)})()
+    returned = in_order
+    assert _generate(backend, prompts, config, 3) == in_order
+    returned = [in_order[k] for k in (0, 2, 1, 3)]  # sample-major
+    with pytest.raises(RolloutEngineError, match=r"step 3: the rollout backend returned 4 rollouts not in "
+                                                 r"prompt-major order"):
+        _generate(backend, prompts, config, 3)
+
+
 def _rollout(response_ids):
     prompt = torch.tensor([151644, 8948, 151652, 151655, 151653, 151645])
     roles = torch.tensor([TokenRole.TEMPLATE, TokenRole.SYSTEM, TokenRole.TEMPLATE, TokenRole.IMAGE,
