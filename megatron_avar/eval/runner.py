@@ -178,14 +178,23 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     def flush():
         nonlocal written
         responses = get_generator().generate(pending)
+        failed = None
         with path.open("a") as handle:
             for sample, response in zip(pending, responses):
                 record = {"id": sample.id, "prompt": sample.prompt_text, "response": response, "target": sample.target}
-                record.update(benchmark.evaluate(response, sample.target))
+                try:
+                    record.update(benchmark.evaluate(response, sample.target))
+                except Exception as error:  # noqa: BLE001 — the response is kept whatever the rules do with it
+                    failed = failed or (sample.id, error)
+                    record["scoring_error"] = f"{type(error).__name__}: {error}"
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         written += len(pending)
         progress.update(len(pending))
         pending.clear()
+        if failed is not None:
+            raise ValueError(f"{benchmark.name}: scoring sample {failed[0]!r} failed ({type(failed[1]).__name__}: "
+                             f"{failed[1]}); its response is saved in {path}: after a fix, `avar eval --score-only` "
+                             "scores the stored responses without generating them again") from failed[1]
 
     for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
                                                         limit=config.limit)):

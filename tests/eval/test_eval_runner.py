@@ -8,7 +8,7 @@ import pytest
 import megatron_avar.eval.runner as runner
 from megatron_avar.cli import main
 from megatron_avar.eval.generation import GenerationConfig
-from megatron_avar.eval.runner import EvalConfig, read_predictions, run_eval
+from megatron_avar.eval.runner import EvalConfig, read_predictions, run_eval, score_run
 
 
 class RecordingGenerator:
@@ -150,3 +150,23 @@ def test_shards_cover_every_sample_once_and_score_like_one_process(fake_generato
     assert sharded["benchmarks"] == single["benchmarks"]
     with pytest.raises(ValueError, match="shard_index"):
         _config(tmp_path, eval_data_root, num_shards=2, shard_index=2)
+
+
+def test_a_scoring_failure_keeps_the_generated_responses(fake_generator, tmp_path, eval_data_root, monkeypatch):
+    """A rule that raises (a bug, or an input it never met) must not throw away what the model generated."""
+    from megatron_avar.eval.benchmarks.mmstar import MMStar
+
+    def broken(self, response, target):
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(MMStar, "evaluate", broken)
+    with pytest.raises(ValueError, match=r"mmstar: scoring sample '0' failed \(OverflowError: .*its response is "
+                                         r"saved in .*--score-only"):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=2,
+                         generation=GenerationConfig(batch_size=2)))
+    saved = read_predictions(tmp_path / "out" / "predictions" / "mmstar.jsonl")
+    assert list(saved) == ["0", "1"] and all("OverflowError" in r["scoring_error"] for r in saved.values())
+    monkeypatch.undo()
+    fake_generator.calls.clear()
+    scores = score_run(tmp_path / "out", ("mmstar",))  # after the fix: scored from the stored responses
+    assert scores["benchmarks"]["mmstar"]["num_samples"] == 2 and fake_generator.calls == []
