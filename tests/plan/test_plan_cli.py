@@ -50,7 +50,7 @@ def test_json_has_every_stage_and_verdict(monkeypatch):
 
 
 def test_the_long_rows_example_plans_context_parallelism_and_fits_an_h100(monkeypatch):
-    """README quotes ~42 GB for the 32k-row example (CP=2): the plan reads CP from the config, halves the tokens
+    """README quotes a ~42 GB peak for the 32k-row example (CP=2): the plan reads CP from the config, halves the tokens
     and the image patches per rank, and the verdict is an H100 fit; without CP the same rows need more."""
     monkeypatch.chdir(REPO)
     plans = {}
