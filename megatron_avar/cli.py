@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="subcommands", dest="subcommand", metavar="SUBCOMMAND")
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for sub in subparsers.choices.values():  # `avar convert` alone shows convert's subcommands, not avar's
+        sub.set_defaults(help_parser=sub)
     return parser
 
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
-        parser.print_help(sys.stderr if args.subcommand is None else sys.stdout)
+        getattr(args, "help_parser", parser).print_help(sys.stderr)
         return 2
     try:
         return int(args.handler(args) or 0)

@@ -13,6 +13,12 @@ def test_help_lists_subcommands():
     assert "data" in result.stdout and "SUBCOMMAND" in result.stdout
 
 
+def test_a_subcommand_without_its_command_shows_its_own_help(capsys):
+    assert main(["convert"]) == 2
+    shown = capsys.readouterr().err
+    assert shown.startswith("usage: avar convert") and "hf-to-mcore" in shown and "quickstart" not in shown
+
+
 def test_generate_then_validate(tmp_path, capsys):
     out = tmp_path / "toy"
     assert main(["data", "generate", "--out", str(out), "--num-samples", "4", "--image-size", "112", "84"]) == 0
