@@ -215,6 +215,26 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
     return SFTRun(model=model, data=data, qwen_config=qwen_config, avar_layers=avar_layers, dtype=dtype)
 
 
+def global_step_flops(step_batch, qwen_config, *, device) -> float:
+    """Training FLOPs of a step's global batch (``training.metrics.training_flops`` of this rank's samples and
+    image patches, summed over the data-parallel ranks: they train as many rows each, not as many tokens)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.training.metrics import matmul_params, training_flops
+
+    lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
+               for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
+                  if mb.image_grid_thw is not None)
+    lm_params, vision_params = matmul_params(qwen_config)
+    flops = torch.tensor([training_flops(lm_params=lm_params, vision_params=vision_params,
+                                         num_layers=qwen_config.text.num_layers,
+                                         hidden_size=qwen_config.text.hidden_size, sample_lengths=lengths,
+                                         num_patches=patches)], dtype=torch.float64, device=device)
+    dist.all_reduce(flops, group=parallel_state.get_data_parallel_group())
+    return float(flops)
+
+
 def run_sft(config: SFTConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
     check_model_path(config.model.hf_path)  # before any process group or run directory exists
@@ -223,7 +243,7 @@ def run_sft(config: SFTConfig) -> dict:
     from megatron_avar.config import config_to_dict
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
-    from megatron_avar.training.metrics import MetricsLogger, matmul_params, training_flops
+    from megatron_avar.training.metrics import MetricsLogger
     from megatron_avar.training.run_loop import (
         begin_run,
         end_run,
@@ -259,8 +279,6 @@ def run_sft(config: SFTConfig) -> dict:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
-    lm_params, vision_params = matmul_params(qwen_config)
-
     describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar sft {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
@@ -272,14 +290,7 @@ def run_sft(config: SFTConfig) -> dict:
         started = time.monotonic()
         metrics = train_step(model, step_batch, config, avar_layers=avar_layers, layout=layout)
         seconds = time.monotonic() - started
-        lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
-                   for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-        patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
-                      if mb.image_grid_thw is not None)
-        # This rank's rows x dp = the global batch (every DP rank trains the same number of rows).
-        flops = training_flops(lm_params=lm_params, vision_params=vision_params,
-                               num_layers=qwen_config.text.num_layers, hidden_size=qwen_config.text.hidden_size,
-                               sample_lengths=lengths, num_patches=patches) * layout.dp
+        flops = global_step_flops(step_batch, qwen_config, device=model.device)
         metrics.update({"perf/step_seconds": seconds,
                         "perf/tokens_per_second": step_batch.num_real_tokens / seconds,
                         "perf/tflops_per_gpu": flops / seconds / layout.world_size / 1e12,

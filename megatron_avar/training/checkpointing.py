@@ -462,9 +462,10 @@ def _publish(root: Path, final: Path, partial: Path, *, keep: int) -> None:
         pointer_tmp = root / f".{LATEST}.tmp"
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, root / LATEST)
-        # The newest by step number, but never the one just written: folders of a higher step than this
-        # run's (left by another run) must not make it prune its own checkpoint and leave `latest` dangling.
-        others = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file() and p != final)
+        # The newest of the steps before this one. Folders of a higher step (left by an abandoned attempt, after
+        # `latest` was pointed back at an earlier step) neither count nor go: counting them pruned this run's own
+        # previous checkpoints; this run replaces each when it reaches its step.
+        others = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file() and p.name < final.name)
         for old in others[:max(len(others) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -74,7 +74,8 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step or None)
+            # purge events from first_step on (0 too: a run that died before its first checkpoint starts over)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
         if wandb_project:
             try:
                 import wandb

@@ -193,8 +193,8 @@ def end_run(out: str | Path) -> None:
 
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
-    """What a rerun of a finished run returns (it writes nothing): the run's summary.json as it is (or, if
-    that is missing, a record saying the run is finished)."""
+    """What a rerun of a finished run returns: the run's summary.json as it is. It writes nothing, except to
+    repair a summary.json that is missing or records a stop (``announce``: the logging rank writes)."""
     out = Path(out)
     if announce:
         checkpoint = "none" if start.resume_from is None else start.resume_from.name
@@ -204,8 +204,16 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
     try:
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
-        summary = {"steps_run": 0, "start_step": start.start_step, "last_step": start.start_step - 1,
-                   "stopped_by": None, "checkpoints": [str(start.resume_from)], "history": []}
+        summary = None
+    if summary is None or summary.get("stopped_by") is not None:
+        # The run was killed between its last checkpoint and its summary, or (before this version) a stop signal
+        # during the last step was recorded as a stop: say it finished, or Slurm requeues and sweeps resubmit it.
+        summary = {**(summary or {"steps_run": 0, "start_step": start.start_step, "last_step": steps - 1,
+                                  "checkpoints": [str(start.resume_from)], "history": []}), "stopped_by": None}
+        if announce:
+            temporary = out / f".{SUMMARY_FILE}.tmp"
+            temporary.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(temporary, out / SUMMARY_FILE)
     summary["already_finished"] = True
     return summary
 
@@ -278,11 +286,13 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
     are logged); ``schedule``: the :func:`schedule_record` saved in every checkpoint. A NonFiniteUpdateError of
     ``step_fn`` stops the loop before that step is logged or saved; its message then names the checkpoint
     that stays ``latest``."""
+    from megatron_avar import platform
     from megatron_avar.training import checkpointing
     from megatron_avar.training.metrics import peak_memory_gb
 
     outcome = LoopOutcome(history=[], checkpoints=[], stopped_by=None)
     for step in range(start_step, steps):
+        platform.reset_peak_memory()  # perf/peak_memory_gb is the step's (GPU), not the build's or the load's
         try:
             metrics = step_fn(step)
         except NonFiniteUpdateError as error:
@@ -304,7 +314,7 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
                                         "cp": layout.cp}}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
-        if interrupted:
+        if interrupted and not last:  # a signal during the last step: every step ran, the run is finished
             outcome.stopped_by = preemption.received or "signal on another rank"
             if layout.is_logging_rank:
                 print(f"stopping after step {step + 1}: {outcome.stopped_by}; checkpoint {outcome.checkpoints[-1]}",

@@ -22,3 +22,14 @@ def test_a_resumed_runs_tensorboard_holds_each_step_once_with_the_new_values(tmp
     scalars = events.Scalars("loss/lm")
     assert [e.step for e in scalars] == [0, 1, 2, 3]
     assert [e.value for e in scalars] == [0.0, 11.0, 12.0, 13.0]
+
+
+def test_a_run_restarted_from_step_0_shows_each_step_once(tmp_path):
+    """A run that died before its first checkpoint starts over at step 0: its dead attempt's events go too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _log(tmp_path, [0, 1], first_step=0)
+    _log(tmp_path, [0, 1, 2], first_step=0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/lm")] == [0, 1, 2]
