@@ -112,7 +112,7 @@ def test_layouts_and_folders_that_cannot_work_are_named_before_any_rank_starts(h
     assert "nowhere does not exist" in capsys.readouterr().err
     partial = tmp_path / "partial"
     partial.mkdir()
-    (partial / "avar_checkpoint.json").write_text(json.dumps({"format": "torch_dist", "dtype": "float32"}))
+    (partial / "avar_checkpoint.json").write_text(json.dumps({"format": "torch_dist", "dtype": "F32"}))
     assert main(["convert", "mcore-to-hf", "--mcore-path", str(partial), "--out", str(tmp_path / "o")]) == 2
     assert "lacks hf/config.json" in capsys.readouterr().err
     assert main(["convert", "verify", "--hf-path", str(tmp_path / "nowhere"), "--mcore-path", str(partial)]) == 2

@@ -58,6 +58,8 @@ def register(subparsers) -> None:
                               '(name = report name or path)')
     compare.add_argument("--out", dest="compare_out", default=None,
                          help="folder for compare.md, compare.json, vas_vs_accuracy.png")
+    compare.add_argument("--overwrite", dest="compare_overwrite", action="store_true",
+                         help="replace an earlier comparison in --out (refused otherwise)")
     compare.set_defaults(handler=_compare)
     merge = commands.add_parser("merge", formatter_class=_DEFAULTS,
                                 help="join the reports of `avar vas --shard I/N` jobs",
@@ -155,6 +157,8 @@ def _vas(args) -> int:
                        device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard,
                        overwrite=args.overwrite)
     report = run_vas(config)
+    if report["num_samples"] == 0:  # a shard of records without VAS queries: its state is written for the merge
+        return 0
     included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
     print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
           + ("" if excluded is None else f", {excluded['vas']:.4f} (without the sink)")
@@ -171,7 +175,7 @@ def _compare(args) -> int:
     if args.model is not None or args.data is not None or args.out is not None:
         raise ValueError("`avar vas compare` takes reports, not --model/--data/--out before `compare`; "
                          "use `avar vas compare REPORT... --out DIR`")
-    result = compare_reports(args.reports, args.accuracy, args.compare_out)
+    result = compare_reports(args.reports, args.accuracy, args.compare_out, overwrite=args.compare_overwrite)
     sys.stdout.write(result["markdown"])
     return 0
 

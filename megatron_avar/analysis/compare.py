@@ -21,8 +21,9 @@ _COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "i
             "num_samples", "accuracy")
 
 
-def load_report(path: str | Path) -> tuple[str, dict]:
-    """(argument, report) of a report.json or a folder holding one; ValueError if it is not a VAS report."""
+def load_report(path: str | Path, *, shard_without_samples: bool = False) -> tuple[str, dict]:
+    """(argument, report) of a report.json or a folder holding one; ValueError if it is not a VAS report.
+    shard_without_samples: also accept the state a shard with no VAS query writes (what `avar vas merge` reads)."""
     path = Path(path)
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
@@ -31,6 +32,12 @@ def load_report(path: str | Path) -> tuple[str, dict]:
         report = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(report, dict):
+        raise ValueError(f"{file}: not a VAS report (a JSON {type(report).__name__}, not an object)")
+    if report.get("num_samples") == 0 and "accumulator_state" in report:
+        if shard_without_samples:
+            return str(path), report
+        raise ValueError(f"{file}: a shard without VAS samples; merge the run's shards (`avar vas merge`) first")
     required = ("vas", "vas_per_layer", "ratio_of_means", "image_share", "num_samples")
     missing = [key for key in required if key not in report]
     if missing:
@@ -64,6 +71,8 @@ def load_accuracies(path: str | Path) -> dict[str, float]:
             accuracies[str(name)] = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"--accuracy {path}: accuracy of {name!r} is {value!r}, not a number") from None
+        if not math.isfinite(accuracies[str(name)]):  # a NaN made Pearson r 1.0 with p = 0
+            raise ValueError(f"--accuracy {path}: accuracy of {name!r} is {value!r}, not a finite number")
     return accuracies
 
 
@@ -75,13 +84,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out: str | None = None) -> dict:
-    """Build the comparison; write compare.md / compare.json (and vas_vs_accuracy.png) into ``out`` if given.
-    Returns {"rows": [...], "markdown": str, "pearson": {...} or None}."""
+COMPARE_FILES = ("compare.md", "compare.json", "vas_vs_accuracy.png")
+
+
+def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out: str | None = None, *,
+                    overwrite: bool = False) -> dict:
+    """Build the comparison; write compare.md / compare.json (and vas_vs_accuracy.png) into ``out`` if given
+    (an earlier comparison there is replaced only with ``overwrite``). Returns {"rows": [...], "markdown": str,
+    "pearson": {...} or None}."""
+    from megatron_avar.analysis.run_vas import refuse_existing_outputs
     from megatron_avar.analysis.stats import pearson
 
     if not paths:
         raise ValueError("avar vas compare needs at least one report")
+    if out is not None:
+        refuse_existing_outputs([Path(out) / name for name in COMPARE_FILES], overwrite=overwrite,
+                                what="a VAS comparison")
     loaded = [load_report(p) for p in paths]
     accuracies = load_accuracies(accuracy_file) if accuracy_file else {}
     rows = []
@@ -127,6 +145,7 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "compare.md").write_text(markdown)
         (folder / "compare.json").write_text(json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n")
+        (folder / COMPARE_FILES[2]).unlink(missing_ok=True)  # an earlier comparison's plot (with --overwrite)
         if correlation is not None:
             from megatron_avar.analysis.figures import plot_vas_vs_accuracy
 

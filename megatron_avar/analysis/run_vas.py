@@ -68,11 +68,38 @@ class VASConfig:
 
 def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, what: str) -> None:
     """A second run never replaces an earlier run's results unasked: ValueError naming the first of ``paths`` that
-    exists (``what`` it holds) and the fix, unless ``overwrite``. Called before any work starts."""
+    exists (``what`` it holds) and the fix, unless ``overwrite``; also when their folder is a file. Called before
+    any work starts."""
+    for folder in {Path(p).parent for p in paths}:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {folder} is a file; give a folder for the results")
     existing = [Path(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ValueError(f"{existing[0]} holds {what} from an earlier run; pass --overwrite to replace it, or choose "
                          "another --out")
+
+
+# What the shards of one `avar vas` run share (besides the checkpoint); batch size and device may differ.
+_SHARD_RUN_KEYS = ("data", "num_samples", "layers_resolved", "dtype", "impl")
+
+
+def _weights_identity(report: dict) -> dict:
+    """The checkpoint record of a report without what a copy or a touch changes (shard modification times)."""
+    checkpoint = dict(report["checkpoint"])
+    checkpoint["shards"] = [(s["name"], s["bytes"]) for s in checkpoint.get("shards", [])]
+    return checkpoint
+
+
+def _check_shard_set(paths: Sequence[str], reports: list[dict]) -> None:
+    """ValueError unless the reports are exactly the shards 0/N .. N-1/N of one run (each once)."""
+    shards = [report["config"].get("shard") for report in reports]
+    if any(shard is None for shard in shards):
+        raise ValueError(f"{paths[shards.index(None)]} is not a shard (`avar vas --shard I/N`); merge only shard reports")
+    counts = {int(shard.partition("/")[2]) for shard in shards}
+    indexes = sorted(int(shard.partition("/")[0]) for shard in shards)
+    if len(counts) != 1 or indexes != list(range(next(iter(counts)))):
+        raise ValueError(f"the reports are shards {sorted(shards)}: a merge needs each of 0/N .. N-1/N exactly once "
+                         "(a missing shard would leave its samples out of the merged report)")
 
 
 def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bool | None = None,
@@ -83,12 +110,18 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
     from megatron_avar.analysis.vas import VASAccumulator
 
     refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report")
-    reports = [load_report(p)[1] for p in paths]
+    reports = [load_report(p, shard_without_samples=True)[1] for p in paths]
     for path, report in zip(paths, reports):
         if "accumulator_state" not in report:
             raise ValueError(f"{path}: the report has no accumulator_state (written by an older avar vas); rerun it")
-        if report["checkpoint"]["config_sha256"] != reports[0]["checkpoint"]["config_sha256"]:
-            raise ValueError(f"{path} comes from another checkpoint than {paths[0]}; merge shards of one run only")
+        if _weights_identity(report) != _weights_identity(reports[0]):
+            raise ValueError(f"{path} comes from another checkpoint than {paths[0]} (checkpoint records differ); merge "
+                             "shards of one run only")
+        differ = [key for key in _SHARD_RUN_KEYS if report["config"].get(key) != reports[0]["config"].get(key)]
+        if differ:
+            raise ValueError(f"{path} was run with other {', '.join(differ)} than {paths[0]}; merge shards of one run "
+                             "only")
+    _check_shard_set(paths, reports)
     accumulator = VASAccumulator.merge([r["accumulator_state"] for r in reports])
     first = reports[0]
     config = dict(first["config"], shard=None, merged_from=[str(p) for p in paths])
@@ -176,6 +209,15 @@ def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not accumulator.sample_ids and config.get("shard"):
+        # A shard whose records hold no VAS query (text-only ones) still writes its state: `avar vas merge` needs
+        # every shard, and the merged report counts these samples as skipped.
+        report = dict(vas=None, num_samples=0, skipped_sample_ids=list(accumulator.skipped), name=name,
+                      config=config, checkpoint=checkpoint, runtime=runtime, accumulator_state=accumulator.state_dict())
+        _write_json(out / "report.json", report)
+        print(f"shard {config['shard']}: no sample has VAS queries ({len(accumulator.skipped)} skipped); its state "
+              f"is in {out / 'report.json'} for `avar vas merge`", flush=True)
+        return report
     report = accumulator.result().to_json(exclude_sink=exclude_sink)
     report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime,
                   accumulator_state=accumulator.state_dict())

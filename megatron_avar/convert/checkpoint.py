@@ -135,12 +135,12 @@ def read_checkpoint_info(mcore_dir: Path) -> dict:
     path = Path(mcore_dir) / CHECKPOINT_INFO
     if not path.is_file():
         raise ValueError(f"{mcore_dir} has no {CHECKPOINT_INFO}: not a checkpoint written by `avar convert`")
-    if not (Path(mcore_dir) / HF_SIDE_DIR / "config.json").is_file():
-        raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config, tokenizer and processor "
-                         "files every checkpoint carries): not a complete checkpoint")
     info = json.loads(path.read_text())
     if info.get("format") != "torch_dist" or info.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: unsupported checkpoint description {info}")
+    if not (Path(mcore_dir) / HF_SIDE_DIR / "config.json").is_file():
+        raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config, tokenizer and processor "
+                         "files every checkpoint carries): not a complete checkpoint")
     return info
 
 

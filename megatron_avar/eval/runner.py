@@ -284,13 +284,16 @@ def run_eval(config: EvalConfig) -> dict | None:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         written = _generate_benchmark(benchmark, config, get_generator, predictions_path(out, name, config))
         print(f"{name}: {written} new predictions", file=sys.stderr)
-        if config.vas_samples and config.shard_index == 0 and read_vas(out, name) is None:
-            limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples)
+        limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples or 0)
+        stored = read_vas(out, name)
+        # kept on a rerun asking for the same samples; another --vas-samples (or --limit) computes it again
+        if config.vas_samples and config.shard_index == 0 and (stored or {}).get("requested_samples") != limit:
             samples = list(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=limit))
             hf = get_generator()
             assert isinstance(hf, HFGenerator), "EvalConfig allows vas_samples with the hf backend only"
-            write_vas(out, name, benchmark_vas(hf.model, hf.processor, samples,
-                                               batch_size=config.generation.batch_size, device=hf.device))
+            write_vas(out, name, {**benchmark_vas(hf.model, hf.processor, samples,
+                                                  batch_size=config.generation.batch_size, device=hf.device),
+                                  "requested_samples": limit})
     if config.num_shards > 1:
         return None
     return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import mpmath
 import pytest
@@ -99,7 +100,44 @@ def test_vas_shards_merge(toy, vas_run, capsys):
     assert sorted(s["id"] for s in merged["samples"]) == sorted(s["id"] for s in full["samples"])
     capsys.readouterr()
     assert main(["vas", "merge", shards[0], shards[0], "--out", str(toy["root"] / "bad")]) == 2
-    assert "disjoint" in capsys.readouterr().err
+    assert "['0/2', '0/2']: a merge needs each of 0/N .. N-1/N exactly once" in capsys.readouterr().err
+    # only the shards of one run, all of them: another checkpoint or setting, a missing shard, a whole-run report
+    edited = toy["root"] / "shard1-edited"
+    for change, message in ((lambda r: r["checkpoint"].update(first_shard_head_sha256="0" * 64), "another checkpoint"),
+                            (lambda r: r["config"].update(num_samples=3), "was run with other num_samples")):
+        report = json.loads((Path(shards[1]) / "report.json").read_text())
+        change(report)
+        edited.mkdir(exist_ok=True)
+        (edited / "report.json").write_text(json.dumps(report))
+        assert main(["vas", "merge", shards[0], str(edited), "--out", str(toy["root"] / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["vas", "merge", shards[0], "--out", str(toy["root"] / "bad")]) == 2
+    assert "a merge needs each of 0/N .. N-1/N exactly once" in capsys.readouterr().err
+    assert main(["vas", "merge", shards[0], str(vas_run[0]), "--out", str(toy["root"] / "bad")]) == 2
+    assert "is not a shard" in capsys.readouterr().err
+    assert not (toy["root"] / "bad").exists()
+
+
+def test_a_shard_without_vas_queries_still_merges(toy, tmp_path, capsys):
+    """A shard of text-only records has no VAS query: it writes its state anyway, for the merge."""
+    first = json.loads(Path(toy["data"]).read_text().splitlines()[0])
+    text_only = {"id": "text-only", "messages": [{"role": "user", "content": "1 + 1?"},
+                                                 {"role": "assistant", "content": "2"}], "answer": "2"}
+    for image in first["messages"][0]["content"]:
+        if image["type"] == "image":
+            image["image"] = str(Path(toy["data"]).parent / image["image"])
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps(first) + "\n" + json.dumps(text_only) + "\n")
+    shards = [str(tmp_path / f"shard{index}") for index in (0, 1)]
+    for index, shard in enumerate(shards):
+        assert main(["vas", "--model", toy["model"], "--data", str(data), "--out", shard, "--shard", f"{index}/2"]) == 0
+    assert json.loads((Path(shards[1]) / "report.json").read_text())["num_samples"] == 0
+    assert main(["vas", "merge", *shards, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert merged["num_samples"] == 1 and merged["skipped_sample_ids"] == ["text-only"]
+    capsys.readouterr()
+    assert main(["vas", "compare", shards[1]]) == 2
+    assert "a shard without VAS samples" in capsys.readouterr().err
 
 
 def test_a_second_run_never_replaces_results_unasked(toy, vas_run, capsys, tmp_path):
@@ -169,6 +207,18 @@ def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
     bad.write_text(json.dumps({"base": 0.4}))
     assert main(["vas", "compare", str(out), str(layer1), "--accuracy", str(bad)]) == 2
     assert "no accuracy for report 'layer1'" in capsys.readouterr().err
+    bad.write_text('{"base": 0.4, "layer1": NaN, "text-sft": 0.5}')  # a NaN gave r = 1.0000, p = 0
+    assert main(["vas", "compare", str(out), str(layer1), str(third), "--accuracy", str(bad)]) == 2
+    assert "accuracy of 'layer1' is nan, not a finite number" in capsys.readouterr().err
+    # an earlier comparison is replaced only with --overwrite, and its plot does not outlive it
+    compare_out = tmp_path / "cmp-json"
+    assert main(["vas", "compare", str(out), "--out", str(compare_out)]) == 2
+    assert "holds a VAS comparison from an earlier run; pass --overwrite" in capsys.readouterr().err
+    assert main(["vas", "compare", str(out), "--out", str(compare_out), "--overwrite"]) == 0
+    assert not (compare_out / "vas_vs_accuracy.png").exists()
+    bad.write_text("5")
+    assert main(["vas", "compare", str(bad)]) == 2
+    assert "not a VAS report (a JSON int, not an object)" in capsys.readouterr().err
 
 
 def test_intervene_and_sweep(toy, tmp_path):

@@ -111,5 +111,8 @@ def test_vas_on_a_subset_of_each_benchmark(toy_checkpoint, eval_data_root, tmp_p
     assert "Visual Attention Score" in (out / "results.md").read_text()
     stored = (out / "vas" / "mathvista.json").read_text()
     assert main(argv) == 0 and (out / "vas" / "mathvista.json").read_text() == stored
+    # another --vas-samples is computed again (the stored VAS of 2 samples was kept and reported before)
+    assert main([*argv[:-1], "3"]) == 0
+    assert json.loads((out / "scores.json").read_text())["benchmarks"]["mathvista"]["vas"]["num_samples"] == 3
     with pytest.raises(ValueError, match="vas_samples needs the hf backend"):
         EvalConfig(out=tmp_path, vas_samples=2, generation={"backend": "vllm"})
