@@ -94,7 +94,8 @@ def _check_shard_set(paths: Sequence[str], reports: list[dict]) -> None:
     """ValueError unless the reports are exactly the shards 0/N .. N-1/N of one run (each once)."""
     shards = [report["config"].get("shard") for report in reports]
     if any(shard is None for shard in shards):
-        raise ValueError(f"{paths[shards.index(None)]} is not a shard (`avar vas --shard I/N`); merge only shard reports")
+        raise ValueError(f"{paths[shards.index(None)]} is not a shard (`avar vas --shard I/N`); merge only shard "
+                         "reports")
     counts = {int(shard.partition("/")[2]) for shard in shards}
     indexes = sorted(int(shard.partition("/")[0]) for shard in shards)
     if len(counts) != 1 or indexes != list(range(next(iter(counts)))):
