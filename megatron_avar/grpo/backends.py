@@ -2,7 +2,7 @@
 
     backend = build_backend(config, processor, layout)    # on every rank
     backend.finish_generation()                           # release what it holds until the first step
-    per step: prepare_generation -> update_weights -> generate -> finish_generation
+    per step: update_weights -> prepare_generation -> generate -> finish_generation
     backend.close()                                       # at the end of the run
 
 A factory builds THIS rank's :class:`~megatron_avar.grpo.interfaces.GenerationBackend`, and decides where

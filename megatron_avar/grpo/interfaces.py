@@ -184,16 +184,17 @@ class Policy(Protocol):
 class GenerationBackend(Protocol):
     """Samples responses (vLLM on GPU; a local KV-cache generator on CPU). Built by name through
     ``grpo.backends``; every rank holds one. The loop calls, on every rank: ``finish_generation`` once after
-    building (before the trainer's model exists), then per step ``prepare_generation`` -> ``update_weights`` ->
+    building (before the trainer's model exists), then per step ``update_weights`` -> ``prepare_generation`` ->
     ``generate`` -> ``finish_generation``, and ``close`` at the end of the run."""
 
-    def prepare_generation(self) -> None:
-        """Take back what :meth:`finish_generation` released, before the step's refit (vLLM: wake its weights
-        and KV cache up). A backend that releases nothing does nothing."""
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (Hugging Face names, full tensors) before the next ``generate``; called while
+        the backend is released (vLLM: it wakes its weights alone for the copy, not its KV cache)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new policy weights (Hugging Face names, full tensors) before the next ``generate``."""
+    def prepare_generation(self) -> None:
+        """Take back what :meth:`finish_generation` released, after the step's refit and before ``generate``
+        (vLLM: wake its KV cache up). A backend that releases nothing does nothing."""
         ...
 
     def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:

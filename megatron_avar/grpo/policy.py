@@ -233,20 +233,22 @@ class MegatronPolicy:
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every HF tensor of the model (collective over every rank: each must consume the whole iterator).
-        Stage by stage: each stage's tensors, gathered over TP, are broadcast over the pipeline group, so every
-        rank sees the whole model one stage at a time."""
+        Without pipeline parallelism one tensor at a time, gathered over TP as it is yielded. Else stage by
+        stage: each stage's tensors, gathered over TP, are broadcast over the pipeline group, so every rank sees
+        the whole model one stage at a time (a stage's gathered copy exists meanwhile)."""
         from megatron.core import parallel_state
 
-        from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict
+        from megatron_avar.models.qwen2_5_vl.hf_mapping import iter_gathered_hf_tensors
 
         self.model.gather_updated_weights()  # collective over data-parallel ranks (overlap_param_gather)
         tp_group = _process_group(parallel_state.get_tensor_model_parallel_group())
-        local = {name: tensor for module in self.model.modules  # this rank's model chunks
-                 for name, tensor in export_hf_state_dict(module, self.qwen_config, tp_group=tp_group).items()}
+        gathered = (pair for module in self.model.modules  # this rank's model chunks
+                    for pair in iter_gathered_hf_tensors(module, self.qwen_config, tp_group=tp_group))
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if pp == 1:
-            yield from local.items()
+        if pp == 1:  # one gathered tensor at a time: a whole gathered copy is the model again (145 GB at 72B)
+            yield from gathered
             return
+        local = dict(gathered)  # this stage's, named to every stage in a header first
         group = _process_group(parallel_state.get_pipeline_model_parallel_group())
         ranks = dist.get_process_group_ranks(group)
         me = parallel_state.get_pipeline_model_parallel_rank()

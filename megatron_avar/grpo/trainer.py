@@ -68,11 +68,13 @@ def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int
 
 def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend, config: GRPOConfig,
               timings: dict[str, float]) -> list[Rollout]:
-    """Refit the backend to the policy's weights and generate, between the backend's ``prepare_generation`` and
+    """Refit the backend to the policy's weights, then generate between the backend's ``prepare_generation`` and
     ``finish_generation`` (vLLM wakes up, then sleeps through the policy's passes); times into ``timings``."""
     started = time.monotonic()
-    backend.prepare_generation()
+    # The refit first: vLLM wakes only its weights for it, and its KV cache after, once the policy's gathered
+    # copy of the weights is gone (both at once would not fit beside the trainer).
     backend.update_weights(policy.named_weights())  # collective: every rank walks the policy's weights
+    backend.prepare_generation()
     timings["perf/refit_seconds"] = time.monotonic() - started
 
     started = time.monotonic()

@@ -88,10 +88,10 @@ class VLLMGenerationBackend:
     tokens. seed: the engine seed (every sample also has its own request seed). enable_sleep_mode: allows
     :meth:`sleep` / :meth:`wake_up` (vLLM's cumem allocator). dtype: the engine's weights/activations.
 
-    Lifecycle of a colocated step: ``wake_up()`` (or ``update_weights`` on a sleeping engine, which wakes the
-    weights only, so the KV cache is not allocated while the trainer's gathered tensors exist) ->
-    ``update_weights`` -> ``wake_up()`` -> ``generate`` -> ``sleep()`` -> trainer step. ``generate`` refuses
-    to run asleep rather than waking silently.
+    Lifecycle of a colocated step (``grpo.trainer``): ``update_weights`` on the sleeping engine, which wakes
+    the weights only, so the KV cache is not allocated while the trainer's gathered tensors exist ->
+    ``wake_up()`` (``prepare_generation``: the KV cache) -> ``generate`` -> ``sleep()`` -> trainer step.
+    ``generate`` refuses to run asleep rather than waking silently.
     """
 
     def __init__(self, hf_path: str, processor, *, tensor_parallel_size: int, gpu_memory_utilization: float = 0.5,
@@ -300,7 +300,7 @@ class VLLMGenerationBackend:
                 self._asleep.discard(tag)
 
     def prepare_generation(self) -> None:
-        """GenerationBackend protocol, before a step's refit: :meth:`wake_up` (nothing when awake)."""
+        """GenerationBackend protocol, after a step's refit: :meth:`wake_up` (the KV cache; nothing when awake)."""
         self.wake_up()
 
     def finish_generation(self) -> None:

@@ -102,6 +102,9 @@ def format_plan(plan) -> str:
         engine = (f" + vLLM awake {plan.engine_fraction:g} x the card" if plan.rollout_engine == "vllm"
                   else " (HF copy, KV cache)")
         lines.append(f"  {'rollout phase: trainer':<36}{_gb(plan.rollout_peak)}{engine}")
+    if plan.refit_peak is not None:
+        lines.append(f"  {'refit phase':<36}{_gb(plan.refit_peak)}   (trainer, weights gathered over TP"
+                     + (", vLLM's weights awake)" if plan.rollout_engine == "vllm" else ")"))
     lines += ["", f"{'GPU':<12}{'memory':>9}{'needed':>9}{'headroom':>10}  {'verdict':<24}step time at MFU {a.mfu:g}"]
     for v in plan.verdicts():
         verdict = "fits" if v.fits else "does not fit"

@@ -75,16 +75,19 @@ class Verdict:
 
 
 def verdict(gpu: GPU, training_peak: int, *, rollout_peak: int | None = None, engine_fraction: float = 0.0,
-            engine_sleeps: bool = True, step_seconds: float | None = None) -> Verdict:
+            engine_sleeps: bool = True, refit_peak: int | None = None, step_seconds: float | None = None) -> Verdict:
     """Whether a step fits ``gpu``. training_peak: the update's peak bytes. GRPO with a colocated engine:
     rollout_peak, the bytes the trainer holds while the engine generates, beside the engine's share
     ``engine_fraction`` x the card's memory (vLLM's gpu_memory_utilization); an engine that does not sleep
-    (``engine_sleeps=False``) keeps that share through the update too."""
+    (``engine_sleeps=False``) keeps that share through the update too. refit_peak: the bytes of the weight
+    refit (the trainer, its gathered copy of the weights and the engine's weights, which wake alone for it)."""
     engine = engine_fraction * gpu.memory_bytes
     needed = lambda peak: peak * (1 + FRAGMENTATION) + RUNTIME_RESERVE_BYTES  # noqa: E731
     phases = {"training": needed(training_peak) + (0 if engine_sleeps else engine)}
     if rollout_peak is not None:
         phases["rollout"] = needed(rollout_peak) + engine
+    if refit_peak is not None:
+        phases["refit"] = needed(refit_peak) + (0 if engine_sleeps else engine)
     phase = max(phases, key=phases.__getitem__)
     required = int(phases[phase])
     return Verdict(gpu=gpu, required_bytes=required, headroom_bytes=gpu.memory_bytes - required, phase=phase,

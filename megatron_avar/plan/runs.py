@@ -77,7 +77,8 @@ class RunPlan:
     flops_per_step: model FLOPs of one step over the world (``training_flops``; GRPO: update + forward passes).
     GRPO: rollout_engine ("vllm" / "local"); rollout_peak: bytes the trainer holds while the engine generates;
     engine_fraction: the share of the card a vLLM engine takes awake; engine_sleeps: whether it gives it back
-    during the update."""
+    during the update; refit_peak: bytes during the weight refit (trainer, its gathered weights, and a vLLM
+    engine's weights, awake without their KV cache)."""
 
     command: str
     model: str
@@ -92,6 +93,7 @@ class RunPlan:
     rollout_peak: int | None = None
     engine_fraction: float = 0.0
     engine_sleeps: bool = True
+    refit_peak: int | None = None
 
     def step_seconds(self, gpu: GPU) -> float:
         """The step time at ``assumptions.mfu`` on ``gpu`` (GRPO: without generation)."""
@@ -101,7 +103,8 @@ class RunPlan:
     def verdicts(self, gpus: tuple[GPU, ...] | None = None) -> list[Verdict]:
         """The verdict on each of ``gpus`` (default: every GPU of ``plan.gpus.GPUS``)."""
         return [verdict(gpu, self.memory.peak, rollout_peak=self.rollout_peak, engine_fraction=self.engine_fraction,
-                        engine_sleeps=self.engine_sleeps, step_seconds=self.step_seconds(gpu))
+                        engine_sleeps=self.engine_sleeps, refit_peak=self.refit_peak,
+                        step_seconds=self.step_seconds(gpu))
                 for gpu in gpus or GPUS.values()]
 
     def as_dict(self, gpus: tuple[GPU, ...] | None = None) -> dict:
@@ -110,7 +113,8 @@ class RunPlan:
                 "assumptions": dataclasses.asdict(self.assumptions), "sample_tokens": self.sample_tokens,
                 "flops_per_step": self.flops_per_step, "memory": self.memory.as_dict(),
                 "rollout": {"engine": self.rollout_engine, "trainer_bytes": self.rollout_peak,
-                            "engine_fraction": self.engine_fraction, "engine_sleeps": self.engine_sleeps},
+                            "engine_fraction": self.engine_fraction, "engine_sleeps": self.engine_sleeps,
+                            "refit_bytes": self.refit_peak},
                 "verdicts": [v.as_dict() for v in self.verdicts(gpus)]}
 
 
@@ -225,6 +229,13 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
     # While the engine generates it is awake (its share, not its sleeping remainder, is beside the trainer).
     trainer_static = sum(memory.worst.static.values()) + extra.get("reference_model", 0) + extra.get(
         "rollout_model_copy", 0)
+    # The refit, beside the trainer: the policy's weights gathered over TP (one tensor at a time, with its HF
+    # pieces, under PP=1; a stage's whole copy under PP) and a vLLM engine's TP shard of the weights (awake, its
+    # KV cache not yet).
+    whole = [stage_parameters(qwen_config, Parallelism(pp=parallel.pp, virtual_pipeline=parallel.virtual_pipeline), s)
+             for s in range(parallel.pp)]
+    gathered = 2 * max(largest for _, largest in whole) if parallel.pp == 1 else max(count for count, _ in whole)
+    refit_peak = trainer_static + gathered * value + (total * value // parallel.tp if vllm else 0)
     if vllm:
         rollout_peak = trainer_static
     else:  # the local backend generates with the HF copy: + a KV cache of batch_size rollouts, last-position logits
@@ -240,7 +251,7 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
                    flops_per_step=update * (1 + forward_passes / 3), assumptions=assumptions,
                    sample_tokens=sample_tokens, rollout_engine=rollout.backend, rollout_peak=rollout_peak,
                    engine_fraction=rollout.vllm_gpu_memory_utilization if vllm else 0.0,
-                   engine_sleeps=not vllm or rollout.vllm_enable_sleep)
+                   engine_sleeps=not vllm or rollout.vllm_enable_sleep, refit_peak=refit_peak)
 
 
 def detect_command(config_path: str | None, overrides: list[str]) -> str:

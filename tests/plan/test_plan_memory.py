@@ -175,6 +175,28 @@ def test_verdict_adds_fragmentation_and_reserve_and_the_engine_share():
     awake = verdict(h100, 30 * 10**9, rollout_peak=20 * 10**9, engine_fraction=0.3, engine_sleeps=False)
     assert awake.phase == "training"
     assert awake.required_bytes == int(30e9 * (1 + FRAGMENTATION) + RUNTIME_RESERVE_BYTES + 0.3 * h100.memory_bytes)
+    refit = verdict(h100, peak, rollout_peak=20 * 10**9, engine_fraction=0.1, refit_peak=80 * 10**9)
+    assert refit.phase == "refit" and not refit.fits  # the engine's share is not beside the refit: its KV cache sleeps
+    assert refit.required_bytes == int(80e9 * (1 + FRAGMENTATION) + RUNTIME_RESERVE_BYTES)
+
+
+def test_a_grpo_refit_gathers_one_tensor_at_a_time():
+    """The refit streams the policy's weights gathered over TP one tensor at a time (a whole gathered copy per
+    rank was the 72B model again, 145 GB, on every rank): the plan counts the largest weight and its HF pieces,
+    and vLLM's TP shard of the weights, beside the trainer."""
+    import json
+
+    from megatron_avar.plan import Assumptions, plan_config
+
+    plan = plan_config(str(REPO / "examples/grpo/avar_72b.yaml"), [], preset="72b",
+                       assumptions=Assumptions(gpus=64)).as_dict()
+    memory, value = plan["memory"], 2  # bf16
+    trainer = plan["rollout"]["trainer_bytes"]
+    embedding = 152064 * 8192  # the largest weight: the embedding (and the output layer)
+    total = plan["parameters"]
+    assert plan["rollout"]["refit_bytes"] == trainer + 2 * embedding * value + total * value // 8
+    assert json.dumps(memory)  # the plan stays plain data
+    assert {v["gpu"]: v["fits"] for v in plan["verdicts"]}["h200"]
 
 
 def test_step_time_is_the_trainers_flops_at_the_stated_mfu():

@@ -40,7 +40,7 @@ from megatron_avar.models.qwen2_5_vl.config import Qwen25VLConfig
 
 __all__ = ["ParamMapping", "param_mappings", "hf_to_megatron", "megatron_to_hf", "canonical_hf_name",
            "HF_LAYOUTS", "hf_name_in_layout", "load_hf_state_dict", "load_hf_tensors", "export_hf_state_dict",
-           "iter_hf_tensors", "full_megatron_state"]
+           "iter_hf_tensors", "iter_gathered_hf_tensors", "full_megatron_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,20 +285,29 @@ def export_hf_state_dict(model: torch.nn.Module, config: Qwen25VLConfig, *,
 
     Collective over ``tp_group`` (every rank of it must call). With one pipeline stage: the whole HF state
     dict. Tensors are copies on the parameters' device, in their dtype."""
-    full = full_megatron_state(model, tp_group=tp_group)
-    fused = any(name.endswith("linear_qkv.layer_norm_weight") for name in full)
-    out = {}
-    for m in param_mappings(config, fused_layer_norms=fused):
-        if m.megatron in full:
-            out.update(zip(m.hf, _to_hf(m, full[m.megatron], config)))
-    return out
+    return dict(iter_gathered_hf_tensors(model, config, tp_group=tp_group))
+
+
+def iter_gathered_hf_tensors(model: torch.nn.Module, config: Qwen25VLConfig, *,
+                             tp_group: dist.ProcessGroup | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`export_hf_state_dict`'s (HF name, tensor) pairs one megatron parameter at a time: besides the model,
+    only the parameter being gathered (and its HF pieces) exists at once, where the dict holds a whole copy of
+    the stage (145 GB per rank for 72B). Collective over ``tp_group``: every rank of it iterates to the end."""
+    _, size = _rank_and_size(model, tp_group)
+    group = tp_group if tp_group is not None else model.language_model.pg_collection.tp  # pyright: ignore[reportAttributeAccessIssue]
+    strides = _partition_strides(model)
+    params = dict(_global_named_parameters(model))
+    for m in param_mappings(config, fused_layer_norms=_has_fused_norms(params)):
+        if m.megatron in params:
+            full = _full_tensor(params[m.megatron], params[m.megatron].detach(), size, group, strides)
+            yield from zip(m.hf, _to_hf(m, full, config))
 
 
 def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup | None = None,
                         grads: bool = False) -> dict[str, torch.Tensor]:
     """Full (TP-gathered) copies of this rank's parameters, or of their ``.grad``, by global name (decoder
     layer indexes counted over all pipeline stages). Collective over ``tp_group``."""
-    rank, size = _rank_and_size(model, tp_group)
+    _, size = _rank_and_size(model, tp_group)
     # (torch types a submodule reached by attribute as Tensor | Module)
     group = tp_group if tp_group is not None else model.language_model.pg_collection.tp  # pyright: ignore[reportAttributeAccessIssue]
     strides = _partition_strides(model)
@@ -307,15 +316,19 @@ def full_megatron_state(model: torch.nn.Module, *, tp_group: dist.ProcessGroup |
         local = param.grad if grads else param
         if local is None:
             raise ValueError(f"{name} has no .grad: run backward first, or pass grads=False")
-        local = local.detach()
-        if size == 1 or not getattr(param, "tensor_model_parallel", False):
-            full[name] = local.clone()
-            continue
-        shards = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(shards, local.contiguous(), group=group)
-        # megatron sets partition_dim on its tensor-parallel Parameters (an attribute torch does not declare)
-        full[name] = _unshard(shards, param.partition_dim, strides[id(param)])  # pyright: ignore[reportAttributeAccessIssue]
+        full[name] = _full_tensor(param, local.detach(), size, group, strides)
     return full
+
+
+def _full_tensor(param, local: torch.Tensor, size: int, group, strides: dict[int, int]) -> torch.Tensor:
+    """A copy of ``local`` (``param`` or its gradient) gathered over the ``size`` ranks of ``group`` when ``param``
+    is tensor-parallel. Collective over ``group`` then."""
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return local.clone()
+    shards = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(shards, local.contiguous(), group=group)
+    # megatron sets partition_dim on its tensor-parallel Parameters (an attribute torch does not declare)
+    return _unshard(shards, param.partition_dim, strides[id(param)])  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _shard(full: torch.Tensor, param, stride: int, *, rank: int, size: int) -> torch.Tensor:
