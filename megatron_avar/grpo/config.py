@@ -163,7 +163,7 @@ class GRPOConfig:
     def _check_vllm(self) -> None:
         """What the vLLM backend cannot run, refused with the config (and by `avar plan`), not at the first
         rollout after minutes of start-up."""
-        from megatron_avar.grpo.vllm_requests import VLLM_GREEDY_BELOW, VLLM_MAX_TEMPERATURE
+        from megatron_avar.grpo.vllm_requests import VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE
 
         rollout = self.rollout
         if self.parallel.pipeline_model_parallel_size != 1:
@@ -174,9 +174,10 @@ class GRPOConfig:
                              f"{rollout.top_p}, {rollout.top_k}): vLLM returns log-probs after top-p/top-k "
                              "truncation, not the log_softmax(logits / T) the trainer's ratio uses; use "
                              "rollout.backend=local for truncated sampling")
-        if not VLLM_GREEDY_BELOW <= rollout.temperature <= VLLM_MAX_TEMPERATURE:
-            raise ValueError(f"rollout.backend=vllm needs rollout.temperature in [{VLLM_GREEDY_BELOW}, "
-                             f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples greedily, above it refuses), got "
+        if not VLLM_MIN_TEMPERATURE <= rollout.temperature <= VLLM_MAX_TEMPERATURE:
+            raise ValueError(f"rollout.backend=vllm needs rollout.temperature in [{VLLM_MIN_TEMPERATURE}, "
+                             f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples at another temperature than the "
+                             "trainer's log-probs use, above it refuses), got "
                              f"{rollout.temperature}")
 
     @property

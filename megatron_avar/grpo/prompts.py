@@ -160,10 +160,12 @@ class PromptLoader:
         prompts_per_step: prompts per optimizer step over all ranks, a multiple of dp_size, at most the
             number of kept prompts. dp_rank, dp_size: this rank's data-parallel coordinates.
         dataset: the loaded canonical dataset (None: `load_conversations(config.path)`).
+        max_images: the most images a prompt may have (the rollout backend's limit; vLLM's
+            ``MAX_IMAGES_PER_PROMPT``); a record with more is refused by id here, not at its step.
     """
 
     def __init__(self, config: GRPODataConfig, processor=None, *, prompts_per_step: int, dp_rank: int = 0,
-                 dp_size: int = 1, dataset=None):
+                 dp_size: int = 1, dataset=None, max_images: int | None = None):
         from megatron_avar.data.conversations import load_conversations
 
         for name, value in (("prompts_per_step", prompts_per_step), ("dp_size", dp_size)):
@@ -175,6 +177,7 @@ class PromptLoader:
             raise ValueError(f"prompts_per_step ({prompts_per_step}) must be a multiple of dp_size ({dp_size}): "
                              "every rank takes whole prompts (a GRPO group stays on one rank)")
         self.config, self.prompts_per_step, self.dp_rank, self.dp_size = config, prompts_per_step, dp_rank, dp_size
+        self.max_images = max_images
         self.processor = build_prompt_processor(config) if processor is None else processor
         self._check_processor()
         self.dataset = load_conversations(config.path) if dataset is None else dataset
@@ -220,7 +223,8 @@ class PromptLoader:
 
     def _prompt_lengths(self) -> list[int]:
         """Exact rendered token count of every record's prompt (module docstring); ValueError listing every
-        record without an answer or without a user turn, with the fix."""
+        record without an answer or a user turn, with more images than ``max_images`` or with an image the
+        processor refuses, with the fix."""
         from megatron_avar.data.conversations import dataset_rows, undecoded
         from megatron_avar.training.sample_plan import _image_size, image_grid
 
@@ -237,7 +241,15 @@ class PromptLoader:
             except ValueError as error:
                 errors.append(str(error) if repr(row["id"]) in str(error) else f"record {row['id']!r}: {error}")
                 continue
-            grids = [image_grid(*_image_size(ref), processor.image_processor) for ref in row["images"]]
+            if self.max_images is not None and len(row["images"]) > self.max_images:
+                errors.append(f"record {row['id']!r} has {len(row['images'])} images; the rollout backend takes at "
+                              f"most {self.max_images} per prompt: drop it from the GRPO data or split it")
+                continue
+            try:  # transformers' resize refuses an extreme aspect ratio, naming no record
+                grids = [image_grid(*_image_size(ref), processor.image_processor) for ref in row["images"]]
+            except (ValueError, OSError, SyntaxError) as error:
+                errors.append(f"record {row['id']!r}: its image cannot be a prompt image ({error})")
+                continue
             counts = [t * h * w // merge**2 for t, h, w in grids]
             segments = roles_module._segments(turns, counts, processor.image_token)
             texts.append("".join(text for text, _ in segments) + _GENERATION_PROMPT)

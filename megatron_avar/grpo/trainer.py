@@ -220,8 +220,11 @@ def run_grpo(config: GRPOConfig) -> dict:
     if processor.image_token_id != qwen_config.image_token_id:
         raise ValueError(f"the processor's <|image_pad|> id {processor.image_token_id} is not the model's "
                          f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    from megatron_avar.grpo.vllm_requests import MAX_IMAGES_PER_PROMPT
+
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
-                           dp_rank=layout.dp_rank, dp_size=layout.dp)
+                           dp_rank=layout.dp_rank, dp_size=layout.dp,
+                           max_images=MAX_IMAGES_PER_PROMPT if config.rollout.backend == "vllm" else None)
     backend = _start_backend(config, processor, layout)  # before the model (see _start_backend)
     model = build_model(qwen_config, parallel, dtype=dtype, recompute=config.train.recompute,
                         role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,

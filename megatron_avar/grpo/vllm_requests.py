@@ -23,7 +23,9 @@ LOGPROBS_MODE = "processed_logprobs"
 MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
 DTYPES = ("bfloat16", "float16", "float32")
 VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
-VLLM_GREEDY_BELOW = 1e-5  # vLLM samples greedily below this temperature (its _SAMPLING_EPS)
+# vLLM samples greedily below 1e-5 (its _SAMPLING_EPS) and raises any temperature below 1e-2 (its _MAX_TEMP) to
+# 1e-2 with a warning: the trainer's log-probs would use the requested one. So 1e-2 is the lowest accepted.
+VLLM_MIN_TEMPERATURE = 1e-2
 HF_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
 RESUME_HINT = "the run resumes from the last checkpoint (restart the job)"
 
@@ -82,9 +84,10 @@ def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_i
                          f"top_k={sampling.top_k}): vLLM 0.33 returns log-probs after top-p/top-k truncation, not "
                          "the log_softmax(logits / T) the trainer's ratio uses; set sampling.top_p=1 top_k=0 or use "
                          "the local backend")
-    if not VLLM_GREEDY_BELOW <= sampling.temperature <= VLLM_MAX_TEMPERATURE:
-        raise ValueError(f"sampling.temperature must be in [{VLLM_GREEDY_BELOW}, {VLLM_MAX_TEMPERATURE}] for vLLM "
-                         f"(below it samples greedily, above it refuses), got {sampling.temperature}")
+    if not VLLM_MIN_TEMPERATURE <= sampling.temperature <= VLLM_MAX_TEMPERATURE:
+        raise ValueError(f"sampling.temperature must be in [{VLLM_MIN_TEMPERATURE}, {VLLM_MAX_TEMPERATURE}] for vLLM "
+                         f"(below it vLLM samples at another temperature, above it refuses), got "
+                         f"{sampling.temperature}")
     return dict(n=1, temperature=float(sampling.temperature), top_p=1.0, top_k=0, min_p=0.0,
                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=int(seed),
                 max_tokens=int(sampling.max_new_tokens), stop_token_ids=sorted(int(i) for i in stop_token_ids),

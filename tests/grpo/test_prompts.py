@@ -202,6 +202,24 @@ def test_unusable_records_are_named(processor, tmp_path, row, match):
         _loader(data_file, processor, prompts_per_step=1)
 
 
+def test_images_a_backend_cannot_take_are_named_at_start_up(processor, tmp_path):
+    """More images than vLLM takes per prompt, or one transformers' resize refuses (aspect ratio over 200): named by
+    record when the prompts load, not at the step that draws them (a resume would fail there again)."""
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "square.png")
+    Image.new("RGB", (600, 2), "red").save(tmp_path / "strip.png")
+    image = lambda name: {"type": "image", "image": name}  # noqa: E731
+    rows = [{"id": "good", "answer": "1", "messages": [{"role": "user", "content": [image("square.png")]}]},
+            {"id": "three", "answer": "1", "messages": [{"role": "user", "content": [image("square.png")] * 3}]},
+            {"id": "strip", "answer": "1", "messages": [{"role": "user", "content": [image("strip.png")]}]}]
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"(?s)2 of 3 records .*'three' has 3 images; the rollout backend takes at "
+                                         r"most 2.*'strip': its image cannot be a prompt image \(absolute aspect"):
+        PromptLoader(GRPODataConfig(path=str(data_file)), processor, prompts_per_step=1, max_images=2)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("path", "", "path"), ("processor_path", 3, "processor_path"), ("instruction", 5, "instruction"),
     ("instruction", "see <|image_pad|>", "instruction"), ("system_prompt", " ", "system_prompt"),
