@@ -163,7 +163,7 @@ class GRPOConfig:
     def _check_vllm(self) -> None:
         """What the vLLM backend cannot run, refused with the config (and by `avar plan`), not at the first
         rollout after minutes of start-up."""
-        from megatron_avar.grpo.vllm_requests import VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE
+        from megatron_avar.grpo.vllm_requests import VLLM_MAX_TEMPERATURE, VLLM_MIN_TEMPERATURE
 
         rollout = self.rollout
         if self.parallel.pipeline_model_parallel_size != 1:
