@@ -121,12 +121,12 @@ def test_avar_sft_bad_yaml_file_is_one_line_with_file_and_line(tmp_path, capsys,
 
 
 def test_a_missing_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
-    """model.hf_path=/nonexistent surfaces as a FileNotFoundError from model loading (the trainer owns the
-    up-front check); `avar` reports it in one line naming the path, with AVAR_DEBUG=1 for the traceback."""
+    """A path given wrong that surfaces as a FileNotFoundError where it is read (here a stand-in trainer opening
+    model.hf_path; the trainer's own up-front check names it as a ValueError): `avar` reports it in one line
+    naming the path, with AVAR_DEBUG=1 for the traceback."""
     import megatron_avar.sft.trainer as trainer
-    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
-    monkeypatch.setattr(trainer, "run_sft", lambda config: Qwen25VLConfig.from_hf(config.model.hf_path))
+    monkeypatch.setattr(trainer, "run_sft", lambda config: open(config.model.hf_path))  # noqa: SIM115
     monkeypatch.delenv("AVAR_DEBUG", raising=False)
     config = tmp_path / "run.yaml"
     config.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\n")
