@@ -22,16 +22,13 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from megatron_avar import roles as roles_module
 from megatron_avar.roles import TokenRole, validate_messages
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats",
            "dataset_fingerprint", "processor_fingerprint", "load_or_compute_stats"]
