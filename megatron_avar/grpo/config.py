@@ -163,22 +163,13 @@ class GRPOConfig:
     def _check_vllm(self) -> None:
         """What the vLLM backend cannot run, refused with the config (and by `avar plan`), not at the first
         rollout after minutes of start-up."""
-        from megatron_avar.grpo.vllm_requests import VLLM_MAX_TEMPERATURE, VLLM_MIN_TEMPERATURE
+        from megatron_avar.grpo.vllm_requests import check_vllm_sampling
 
-        rollout = self.rollout
         if self.parallel.pipeline_model_parallel_size != 1:
             raise ValueError("rollout.backend=vllm runs vLLM with the trainer's tensor parallelism and needs "
                              "parallel.pipeline_model_parallel_size=1")
-        if rollout.top_p < 1.0 or rollout.top_k > 0:
-            raise ValueError(f"rollout.backend=vllm samples with rollout.top_p=1 and rollout.top_k=0 only (got "
-                             f"{rollout.top_p}, {rollout.top_k}): vLLM returns log-probs after top-p/top-k "
-                             "truncation, not the log_softmax(logits / T) the trainer's ratio uses; use "
-                             "rollout.backend=local for truncated sampling")
-        if not VLLM_MIN_TEMPERATURE <= rollout.temperature <= VLLM_MAX_TEMPERATURE:
-            raise ValueError(f"rollout.backend=vllm needs rollout.temperature in [{VLLM_MIN_TEMPERATURE}, "
-                             f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples at another temperature than the "
-                             "trainer's log-probs use, above it refuses), got "
-                             f"{rollout.temperature}")
+        check_vllm_sampling(temperature=self.rollout.temperature, top_p=self.rollout.top_p, top_k=self.rollout.top_k,
+                            prefix="rollout.")
 
     @property
     def seq_length(self) -> int:

@@ -17,7 +17,8 @@ from megatron_avar.roles import TokenRole
 
 __all__ = ["RefitStats", "engine_kwargs", "sampling_request_kwargs", "collapse_image_pads",
            "images_from_pixel_values", "sampled_token_logprobs", "assemble_rollout", "checked_hf_names",
-           "load_weights_on_worker", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT", "RESUME_HINT"]
+           "load_weights_on_worker", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT", "RESUME_HINT",
+           "check_vllm_sampling"]
 
 LOGPROBS_MODE = "processed_logprobs"
 MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
@@ -70,6 +71,21 @@ def engine_kwargs(*, tensor_parallel_size: int, gpu_memory_utilization: float, m
                 mm_device_do_normalize=False)
 
 
+def check_vllm_sampling(*, temperature: float, top_p: float, top_k: int, prefix: str) -> None:
+    """ValueError for sampling vLLM cannot do with the trainer's log-prob convention: top-p/top-k (vLLM returns
+    log-probs after the truncation, not log_softmax(logits / T)) or a temperature outside
+    [VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE]. ``prefix`` names the settings ("rollout.", "sampling.")."""
+    if top_p < 1.0 or top_k > 0:
+        raise ValueError(f"the vLLM backend samples with {prefix}top_p=1 and {prefix}top_k=0 only (got {top_p}, "
+                         f"{top_k}): vLLM returns log-probs after top-p/top-k truncation, not the "
+                         "log_softmax(logits / T) the trainer's ratio uses; use the local backend for truncated "
+                         "sampling")
+    if not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
+        raise ValueError(f"the vLLM backend needs {prefix}temperature in [{VLLM_MIN_TEMPERATURE}, "
+                         f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples at another temperature than the "
+                         f"trainer's log-probs use, above it refuses), got {temperature}")
+
+
 def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_ids: Sequence[int],
                             suppressed_token_ids: Sequence[int]) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for ONE sample (n=1) seeded with ``seed``.
@@ -79,15 +95,8 @@ def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_i
     part of ``token_ids``. detokenize=False: the response text is decoded here with special tokens kept.
     Refuses what vLLM cannot sample with the trainer's log-prob convention (top-p/top-k) or at all (T > 2).
     """
-    if sampling.top_p < 1.0 or sampling.top_k > 0:
-        raise ValueError(f"the vLLM backend samples with top_p=1 and top_k=0 only (got top_p={sampling.top_p}, "
-                         f"top_k={sampling.top_k}): vLLM 0.33 returns log-probs after top-p/top-k truncation, not "
-                         "the log_softmax(logits / T) the trainer's ratio uses; set sampling.top_p=1 top_k=0 or use "
-                         "the local backend")
-    if not VLLM_MIN_TEMPERATURE <= sampling.temperature <= VLLM_MAX_TEMPERATURE:
-        raise ValueError(f"sampling.temperature must be in [{VLLM_MIN_TEMPERATURE}, {VLLM_MAX_TEMPERATURE}] for vLLM "
-                         f"(below it vLLM samples at another temperature, above it refuses), got "
-                         f"{sampling.temperature}")
+    check_vllm_sampling(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                        prefix="sampling.")
     return dict(n=1, temperature=float(sampling.temperature), top_p=1.0, top_k=0, min_p=0.0,
                 repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=int(seed),
                 max_tokens=int(sampling.max_new_tokens), stop_token_ids=sorted(int(i) for i in stop_token_ids),

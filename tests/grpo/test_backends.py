@@ -40,7 +40,7 @@ def test_vllm_is_refused_with_the_fix_where_it_cannot_run(monkeypatch):
             ("parallel.pipeline_model_parallel_size=2", "needs parallel.pipeline_model_parallel_size=1"),
             ("rollout.top_p=0.9", r"samples with rollout.top_p=1 and rollout.top_k=0 only \(got 0.9, 0\)"),
             ("rollout.top_k=20", r"rollout.top_k=0 only \(got 1.0, 20\)"),
-            ("rollout.temperature=3", r"needs rollout.temperature in \[0.01, 2.0\]"),
+            ("rollout.temperature=3", r"vLLM backend needs rollout.temperature in \[0.01, 2.0\]"),
             ("rollout.temperature=0.005", r"needs rollout.temperature in \[0.01, 2.0\]")):  # vLLM would use 0.01
         with pytest.raises(ValueError, match=message):
             load_config(GRPOConfig, None, BASE + ["rollout.backend=vllm", override])

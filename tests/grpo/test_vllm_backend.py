@@ -109,8 +109,8 @@ def test_sampling_request_kwargs(processor):
     assert (kwargs["top_p"], kwargs["top_k"], kwargs["repetition_penalty"]) == (1.0, 0, 1.0)
     assert kwargs["logit_bias"] == {i: float("-inf") for i in suppressed}
     assert kwargs["stop_token_ids"] == [151643, IM_END] and kwargs["skip_special_tokens"] is False
-    for bad, match in ((dict(top_p=0.9), "top_p=1 and top_k=0"), (dict(top_k=20), "top_p=1 and top_k=0"),
-                       (dict(temperature=2.5), "temperature")):
+    for bad, match in ((dict(top_p=0.9), "top_p=1 and sampling.top_k=0"),
+                       (dict(top_k=20), "top_p=1 and sampling.top_k=0"), (dict(temperature=2.5), "temperature")):
         with pytest.raises(ValueError, match=match):
             vr.sampling_request_kwargs(SamplingParams(**bad), seed=0, stop_token_ids=[IM_END],
                                        suppressed_token_ids=suppressed)
