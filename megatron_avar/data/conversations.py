@@ -299,26 +299,28 @@ def load_conversations(path: str | Path) -> datasets.Dataset:
         if set(dataset.column_names) != set(_features()):
             raise ValueError(f"{path}: a saved dataset must have the columns {sorted(_features())}")
         dataset = dataset.cast(_features())
-        seen_ids = {}
-        for index, row in enumerate(dataset_rows(undecoded(dataset))):  # the checks a data file's records get
-            where = f"{path.name} row {index}"
-            record = normalize_record(_inline_canonical_images({k: v for k, v in row.items() if v is not None},
-                                                               where), path, where)
-            if record["id"] in seen_ids:
-                raise ValueError(f"{where}: duplicate id {record['id']!r} (first seen at {seen_ids[record['id']]})")
-            seen_ids[record["id"]] = where
+        rows = ((row, f"{path.name} row {index}") for index, row in enumerate(dataset_rows(undecoded(dataset))))
+        for _ in _checked_records((_inline_canonical_images({k: v for k, v in row.items() if v is not None}, where),
+                                   path, where) for row, where in rows):
+            pass  # the checks a data file's records get; the saved dataset itself is returned
         return dataset
-    records, seen_ids = [], {}
-    for file in _data_files(path):
-        for raw, where in _raw_records(file):
-            record = normalize_record(raw, file.parent, where)
-            if record["id"] in seen_ids:
-                raise ValueError(f"{where}: duplicate id {record['id']!r} (first seen at {seen_ids[record['id']]})")
-            seen_ids[record["id"]] = where
-            records.append(record)
+    records = list(_checked_records((raw, file.parent, where) for file in _data_files(path)
+                                    for raw, where in _raw_records(file)))
     if not records:
         raise ValueError(f"{path}: no records")
     return datasets.Dataset.from_list(records, features=_features())
+
+
+def _checked_records(raw_records: Iterable[tuple[Any, Path, str]]) -> Iterator[dict]:
+    """:func:`normalize_record` of each (raw record, base folder, where), in order; ValueError for an id seen
+    before, naming both places."""
+    seen_ids: dict[str, str] = {}
+    for raw, base_dir, where in raw_records:
+        record = normalize_record(raw, base_dir, where)
+        if record["id"] in seen_ids:
+            raise ValueError(f"{where}: duplicate id {record['id']!r} (first seen at {seen_ids[record['id']]})")
+        seen_ids[record["id"]] = where
+        yield record
 
 
 def single_split(dataset: object, source: str) -> datasets.Dataset:

@@ -284,10 +284,11 @@ def run_eval(config: EvalConfig) -> dict | None:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         written = _generate_benchmark(benchmark, config, get_generator, predictions_path(out, name, config))
         print(f"{name}: {written} new predictions", file=sys.stderr)
-        limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples or 0)
-        stored = read_vas(out, name)
+        if not config.vas_samples or config.shard_index != 0:
+            continue
+        limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples)
         # kept on a rerun asking for the same samples; another --vas-samples (or --limit) computes it again
-        if config.vas_samples and config.shard_index == 0 and (stored or {}).get("requested_samples") != limit:
+        if (read_vas(out, name) or {}).get("requested_samples") != limit:
             samples = list(benchmark.samples(config.data_root, allow_hub=config.allow_hub, limit=limit))
             hf = get_generator()
             assert isinstance(hf, HFGenerator), "EvalConfig allows vas_samples with the hf backend only"

@@ -198,6 +198,8 @@ class SFTDataLoader:
         self.stats, self.fingerprint, self.data_fingerprint = load_or_compute_stats(
             self.dataset, self.processor, seq_length=config.seq_length, truncate=config.truncate,
             num_workers=config.num_workers, cache_dir=config.cache_dir)
+        # every sample's token count, which with the seed and the packing settings decides the rows (resumes)
+        self.lengths_fingerprint = hashlib.sha256(json.dumps(self.stats.lengths).encode()).hexdigest()
         self._renderer = _RowRenderer(self.dataset, self.processor, self.stats, config)
         self._epoch, self._row, self._step = 0, 0, 0
 
@@ -236,11 +238,8 @@ class SFTDataLoader:
         global_batch_size, seq_length and packing_buffer (``fingerprint``: the stats' cache key)."""
         return {"epoch": self._epoch, "row_in_epoch": self._row, "step": self._step, "seed": self.config.seed,
                 "fingerprint": self.fingerprint, "data_fingerprint": self.data_fingerprint,
-                "lengths_fingerprint": self._lengths_fingerprint(), "global_batch_size": self.global_batch_size,
+                "lengths_fingerprint": self.lengths_fingerprint, "global_batch_size": self.global_batch_size,
                 "seq_length": self.config.seq_length, "packing_buffer": self.config.packing_buffer}
-
-    def _lengths_fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.stats.lengths).encode()).hexdigest()
 
     def load_state_dict(self, state: dict, *, accept_data_change: bool = False) -> None:
         """Continue from a `state_dict()`; raises ValueError when it was made with other data or settings, naming
@@ -252,7 +251,7 @@ class SFTDataLoader:
                   ("data.seq_length", self.config.seq_length), ("data.packing_buffer", self.config.packing_buffer)]
         if "lengths_fingerprint" in state:
             same_data = state.get("data_fingerprint") == self.data_fingerprint
-            same_rows = same_data and state["lengths_fingerprint"] == self._lengths_fingerprint()
+            same_rows = same_data and state["lengths_fingerprint"] == self.lengths_fingerprint
         else:  # written before the data and token counts were recorded apart
             same_data = same_rows = state.get("fingerprint") == self.fingerprint
         if not same_rows and not accept_data_change:

@@ -252,9 +252,8 @@ class MegatronSettings:
     # none: perform_initialization=False). Conversion and CPU runs build here.
     # "cuda": on the current GPU, each tensor-parallel rank drawing its own shard from megatron's per-rank RNG
     # streams (the same distribution, other values at another TP size), in seconds, with no host copy.
-    # Either way every pipeline stage starts from the same seed (megatron's own pretraining adds 100 x the
-    # pipeline rank): fine for the benchmarks and resumes that draw random weights, not for training from
-    # scratch with pipeline parallelism, which this project does not do.
+    # Either way each pipeline stage draws from its own seed, train.seed + 100 x its pipeline rank (megatron's
+    # rule; ``build.init_model_parallel``).
     init_device: str = "cpu"
     init_on_meta_device: bool = False  # build without memory, e.g. to count parameters of a 72B model
     # Activation recompute of the decoder: "none"; "selective" (megatron's core-attention recompute);
