@@ -107,7 +107,6 @@ def test_a_resume_builds_its_model_without_drawing_weights_the_checkpoint_replac
     assert found == {"new run": True, "resume": False}
 
 
-
 def _first_layer_of_this_stage():
     from megatron.core import parallel_state
 
