@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_avar import atomic_files
+
 __all__ = ["register", "run_quickstart"]
 
 MARKER = "quickstart.json"
@@ -153,7 +155,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
         "grpo": grpo_curve,
         "seconds": seconds,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_files.write_json(out / "summary.json", summary)
     print(f"\nquickstart done in {sum(seconds.values()):.0f} s: {out / 'summary.json'}\n"
           f"  VAS on held-out samples: {summary['vas_before']:.3f} (base) -> {summary['vas_after']:.3f} (AVAR SFT) "
           f"vs {summary['vas_after_baseline']:.3f} (plain SFT)\n"

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_avar import atomic_files
+
 __all__ = ["load_report", "load_accuracies", "compare_reports"]
 
 _COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "image_share", "system_share",
@@ -142,9 +144,8 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
     result = dict(rows=rows, markdown=markdown, pearson=correlation)
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "compare.md").write_text(markdown)
-        (folder / "compare.json").write_text(json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n")
+        atomic_files.write_text(folder / "compare.md", markdown)
+        atomic_files.write_json(folder / "compare.json", dict(rows=rows, pearson=correlation))
         (folder / COMPARE_FILES[2]).unlink(missing_ok=True)  # an earlier comparison's plot (with --overwrite)
         if correlation is not None:
             from megatron_avar.analysis.figures import plot_vas_vs_accuracy

@@ -11,11 +11,12 @@ sets ``sweep_layers`` (alpha_img fixed); ``out`` holds the table, plus ``<out st
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from megatron_avar import atomic_files
 
 __all__ = ["InterveneConfig", "run_intervene"]
 
@@ -153,13 +154,11 @@ def run_intervene(config: InterveneConfig) -> dict:
             written = dict(header, baseline=dict(accuracy=baseline["accuracy"], num_graded=baseline["num_graded"],
                                                  samples=baseline["samples"]), rows=rows)
     written["runtime"] = dict(seconds=round(time.time() - started, 2), device=device)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(written, indent=2) + "\n")
-    os.replace(tmp, out)
+    atomic_files.write_json(out, written)
     if config.sweep:
         from megatron_avar.analysis.figures import plot_accuracy_vs_alpha
 
-        out.with_suffix(".md").write_text(_sweep_markdown(written))
+        atomic_files.write_text(out.with_suffix(".md"), _sweep_markdown(written))
         plot_accuracy_vs_alpha(written["rows"], written["baseline"]["accuracy"], out.with_suffix(".png"))
     return written
 

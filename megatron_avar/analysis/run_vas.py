@@ -12,11 +12,12 @@ ratio_distribution.png.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from megatron_avar import atomic_files
 
 __all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports",
            "refuse_existing_outputs"]
@@ -215,21 +216,16 @@ def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: 
         # every shard, and the merged report counts these samples as skipped.
         report = dict(vas=None, num_samples=0, skipped_sample_ids=list(accumulator.skipped), name=name,
                       config=config, checkpoint=checkpoint, runtime=runtime, accumulator_state=accumulator.state_dict())
-        _write_json(out / "report.json", report)
+        atomic_files.write_json(out / "report.json", report)
         print(f"shard {config['shard']}: no sample has VAS queries ({len(accumulator.skipped)} skipped); its state "
               f"is in {out / 'report.json'} for `avar vas merge`", flush=True)
         return report
     report = accumulator.result().to_json(exclude_sink=exclude_sink)
     report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime,
                   accumulator_state=accumulator.state_dict())
-    _write_json(out / "report.json", report)
+    atomic_files.write_json(out / "report.json", report)
     figures.plot_vas_per_layer(report, out / "vas_per_layer.png")
     figures.plot_image_share_heatmap(report, out / "image_share_heatmap.png")
     figures.plot_ratio_distribution(report, out / "ratio_distribution.png")
     return report
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

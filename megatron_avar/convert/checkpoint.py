@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_avar import atomic_files
 from megatron_avar.convert import hf_files
 from megatron_avar.local_ranks import launch  # noqa: F401  (how cli.py and verify.py start the rank functions)
 
@@ -148,4 +149,4 @@ def write_checkpoint_info(mcore_dir: Path, *, tp: int, pp: int, dtype: torch.dty
     name = {v: k for k, v in _DTYPES.items()}[dtype]
     info = {"format": "torch_dist", "model": "qwen2_5_vl", "dtype": name, "written_at_tp": tp, "written_at_pp": pp,
             "source": source}
-    (Path(mcore_dir) / CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_files.write_json(Path(mcore_dir) / CHECKPOINT_INFO, info)

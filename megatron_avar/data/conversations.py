@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_avar import atomic_files
 from megatron_avar.roles import validate_messages
 
 if TYPE_CHECKING:  # loaded lazily: `import megatron_avar.data` stays light
@@ -404,11 +404,6 @@ def write_conversations(rows: Iterable[dict], path: str | Path, *, overwrite: bo
         embedded.append({**row, "images": images})
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = datasets.Dataset.from_list(embedded, features=_features())
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        dataset.to_parquet(str(tmp_path))
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_files.replacing(path) as temporary:
+        dataset.to_parquet(str(temporary))
     return path

@@ -17,9 +17,9 @@ rule+judge summary and ``judge`` the counts.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS
 
 __all__ = ["PAPER_ROWS", "results_table", "write_report"]
@@ -99,10 +99,6 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = None) -> dict:
@@ -119,7 +115,8 @@ def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = 
                 sum(summaries[n]["with_judge"]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
     if judge is not None:
         scores["judge"] = judge
-    _write_atomic(out / "scores.json", json.dumps(scores, indent=2) + "\n")
+    atomic_files.write_json(out / "scores.json", scores)
     limit = run_config.get("limit")
-    _write_atomic(out / "results.md", results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge))
+    atomic_files.write_text(out / "results.md",
+                            results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge))
     return scores

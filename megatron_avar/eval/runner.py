@@ -27,11 +27,11 @@ field. Score only when no process still appends to them (a sharded run: after ev
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
 from megatron_avar.eval.generation import GenerationConfig, HFGenerator, make_generator
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
@@ -158,11 +158,8 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
             raise ValueError(
                 f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
                 f"mix them. Use another --out, or delete {out} to start over")
-    out.mkdir(parents=True, exist_ok=True)
     # atomic: shards of one run write this file concurrently (with the same content)
-    temporary = path.with_name(f".run_config.{config.shard_index}.tmp")
-    temporary.write_text(json.dumps({**current, "limit": limit}, indent=2) + "\n")
-    os.replace(temporary, path)
+    atomic_files.write_json(path, {**current, "limit": limit})
 
 
 def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path) -> int:
@@ -217,9 +214,8 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
 
 def _rewrite_predictions(path: Path, records: dict[str, dict]) -> None:
     """Replace a predictions file by ``records`` (id -> record, in file order), atomically."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records.values()))
-    os.replace(temporary, path)
+    atomic_files.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                          for record in records.values()))
 
 
 def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str = "test",

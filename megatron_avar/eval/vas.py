@@ -9,8 +9,9 @@ attention goes through the same hook (plain attention, the probe on the VAS quer
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from megatron_avar import atomic_files
 
 __all__ = ["benchmark_vas", "vas_path", "read_vas", "write_vas"]
 
@@ -50,8 +51,4 @@ def benchmark_vas(model, processor, samples, *, batch_size: int, device) -> dict
 
 
 def write_vas(out: Path, benchmark: str, result: dict) -> None:
-    path = vas_path(out, benchmark)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, path)
+    atomic_files.write_json(vas_path(out, benchmark), result)

@@ -9,7 +9,6 @@ do not depend on the TP/PP/DP layout or the micro-batch split; see ``training.ob
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from megatron_avar import atomic_files
 from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
-from megatron_avar.training.run_loop import check_model_path
+from megatron_avar.training.run_loop import SUMMARY_FILE, check_model_path
 
 if TYPE_CHECKING:  # built lazily (build_run): importing this module loads no megatron
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -310,7 +310,7 @@ def run_sft(config: SFTConfig) -> dict:
                "stopped_by": outcome.stopped_by, "checkpoints": outcome.checkpoints, "history": history,
                "layout": dataclasses.asdict(layout), "packing_efficiency": data.packing_efficiency()}
     if layout.is_logging_rank:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_files.write_json(out / SUMMARY_FILE, summary)
     parallel_state.destroy_model_parallel()
     end_run(out)
     return summary

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
+
+from megatron_avar import atomic_files
 
 __all__ = ["register"]
 
@@ -53,10 +54,8 @@ def _run(args) -> int:
         if point not in runnable:
             print(f"[sweep] {point.name}: {describe_misfit(plans[point.name])}; not submitted")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(config),
-                                                "points": [{**p.as_dict(), "plan": plans.get(p.name)}
-                                                           for p in points]}, indent=2) + "\n")
+    points_record = [{**p.as_dict(), "plan": plans.get(p.name)} for p in points]
+    atomic_files.write_json(out / "sweep.json", {"config": dataclasses.asdict(config), "points": points_record})
     from megatron_avar.sweep.submit import submit_points, wait_for_jobs
 
     jobs = submit_points(config, runnable, repo=Path.cwd())

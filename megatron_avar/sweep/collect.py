@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from megatron_avar import atomic_files
 from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
 from megatron_avar.sweep.submit import job_states, load_state, run_finished
 
@@ -157,7 +158,7 @@ def agto_overhead(rows: list[dict]) -> list[dict]:
 
 
 def _write_csv(path: Path, columns, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_files.replacing(path) as temporary, temporary.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
@@ -166,4 +167,4 @@ def _write_csv(path: Path, columns, rows: list[dict]) -> None:
 
 def _write(out: Path, rows: list[dict]) -> None:
     _write_csv(out / "results.csv", COLUMNS, rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_files.write_json(out / "results.json", rows)

@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from megatron_avar import atomic_files
 from megatron_avar.sweep.config import SweepConfig
 from megatron_avar.sweep.grid import Point
 
@@ -40,9 +41,7 @@ def load_state(out: Path) -> dict[str, list[str]]:
 
 
 def _save_state(out: Path, jobs: dict[str, list[str]]) -> None:
-    tmp = out / "state.json.tmp"
-    tmp.write_text(json.dumps({"jobs": jobs}, indent=2) + "\n")
-    tmp.replace(out / "state.json")
+    atomic_files.write_json(out / "state.json", {"jobs": jobs})
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:

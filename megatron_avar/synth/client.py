@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 import urllib.error
@@ -35,6 +34,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from megatron_avar import atomic_files
 from megatron_avar.synth.config import ClientConfig, TeacherConfig
 
 logger = logging.getLogger("megatron_avar.synth")
@@ -127,14 +127,7 @@ class RequestCache:
             return None
 
     def put(self, stage: str, key: str, entry: dict) -> None:
-        path = self._path(stage, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8") as handle:
-            json.dump(entry, handle, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        atomic_files.write_json(self._path(stage, key), entry, indent=None, ensure_ascii=False)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*/*.json"))

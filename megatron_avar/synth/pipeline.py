@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
+from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
 from megatron_avar.synth.client import chat_url
 from megatron_avar.synth.config import SynthConfig
@@ -34,7 +35,6 @@ from megatron_avar.synth.writer import merge_counts
 
 logger = logging.getLogger("megatron_avar.synth")
 MANIFEST = "manifest.json"
-MANIFEST_TMP = f".{MANIFEST}.tmp"  # written, then renamed to MANIFEST
 
 
 class TeacherFailuresError(RuntimeError):
@@ -56,7 +56,7 @@ def prepare_output(config: SynthConfig) -> None:
         raise ValueError(f"output.dir {out} exists and is not a folder")
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
-        (out / MANIFEST_TMP).unlink(missing_ok=True)
+        atomic_files.remove_leftovers(out / MANIFEST)
         foreign = sorted(p.name for p in out.iterdir() if p.name not in ("data", MANIFEST))
         if foreign:
             raise ValueError(f"output.dir {out} holds {foreign[:5]}, which avar synth did not write; choose another "
@@ -176,10 +176,7 @@ def run_synthesis(config: SynthConfig) -> dict:
     manifest = build_manifest(config, results, time.time() - started)
     check_teacher_failures(config, manifest)
     out = Path(config.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / MANIFEST_TMP
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    atomic_files.write_json(out / MANIFEST, manifest, sort_keys=True)
     logger.info("synth: kept %d of %d records; output %s", manifest["kept"], manifest["read"], out / "data")
     return manifest
 

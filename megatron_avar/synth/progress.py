@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+from megatron_avar import atomic_files
+
 logger = logging.getLogger("megatron_avar.synth")
 
 STAGE_ORDER = ("read", "describe", "reason", "anchor", "verify", "write")
@@ -42,10 +44,7 @@ class StageProgress:
         self.counts["dropped"] += max(0, alive_in - alive_out)
         payload = {"stage": self.stage, "started": self.started, "updated": time.time(), **self.counts,
                    "client": client_stats or {}}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_files.write_json(self.path, payload, indent=None)
 
 
 def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:

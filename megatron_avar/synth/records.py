@@ -23,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_avar import atomic_files
 from megatron_avar.synth.config import SourceConfig
 
 ROW_COLUMNS = ("id", "source", "question", "answer", "image_path", "image_mime", "image_sha", "metadata",
@@ -74,10 +73,7 @@ def store_image(image_bytes: bytes, store_dir: Path) -> tuple[str, str, str]:
     sha = hashlib.sha256(image_bytes).hexdigest()
     path = store_dir / f"{sha}.{extension}"
     if not path.is_file():
-        store_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=store_dir, prefix=f".{sha[:8]}.", delete=False) as handle:
-            handle.write(image_bytes)
-        os.replace(handle.name, path)
+        atomic_files.write_bytes(path, image_bytes)
     return str(path.resolve()), mime, sha
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_avar import console, platform
+from megatron_avar import atomic_files, console, platform
 from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
@@ -439,8 +439,9 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
 
     def write_rank_state() -> None:
         (partial / RANK_STATE).mkdir(exist_ok=True)
-        save_file(_rng_state(), str(_rank_state_file(partial, rank)),
-                  metadata={key: str(value) for key, value in _coordinates().items()})
+        rank_file = _rank_state_file(partial, rank)
+        save_file(_rng_state(), str(rank_file), metadata={key: str(value) for key, value in _coordinates().items()})
+        atomic_files.fsync_file(rank_file)  # on this rank's node: a shared file system flushes a file from its writer
         if rank == 0:
             state = dict(trainer_state, step=step, scheduler=model.scheduler.state_dict())
             if describe is not None:
@@ -456,12 +457,14 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
 def _publish(root: Path, final: Path, partial: Path, *, keep: int) -> None:
     """Collective: rename the complete ``partial`` to ``final``, point ``latest`` at it, prune (rank 0)."""
     if dist.get_rank() == 0:
+        # Durable before it is published: a node crash after `latest` names this checkpoint must not leave its
+        # files unwritten (megatron flushes its own files; this flushes the rest, and every folder entry).
+        atomic_files.fsync_tree(partial)
         if final.exists():  # a complete checkpoint of this step exists (e.g. re-run after resume): replace it
             shutil.rmtree(final)
         os.rename(partial, final)
-        pointer_tmp = root / f".{LATEST}.tmp"
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, root / LATEST)
+        atomic_files.fsync_directory(root)
+        atomic_files.write_text(root / LATEST, final.name + "\n")
         # The newest of the steps before this one. Folders of a higher step (left by an abandoned attempt, after
         # `latest` was pointed back at an earlier step) neither count nor go: counting them pruned this run's own
         # previous checkpoints; this run replaces each when it reaches its step.

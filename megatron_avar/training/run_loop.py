@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_avar import atomic_files
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
 __all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
@@ -211,9 +211,7 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
         summary = {**(summary or {"steps_run": 0, "start_step": start.start_step, "last_step": steps - 1,
                                   "checkpoints": [str(start.resume_from)], "history": []}), "stopped_by": None}
         if announce:
-            temporary = out / f".{SUMMARY_FILE}.tmp"
-            temporary.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(temporary, out / SUMMARY_FILE)
+            atomic_files.write_json(out / SUMMARY_FILE, summary)
     summary["already_finished"] = True
     return summary
 
@@ -234,7 +232,7 @@ def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
     _trim_metrics(out / METRICS_FILE, start.start_step)
-    (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    atomic_files.write_json(out / "config.json", run_config)
 
 
 def _trim_metrics(path: Path, start_step: int) -> None:
@@ -248,9 +246,7 @@ def _trim_metrics(path: Path, start_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text("".join(line + "\n" for line in kept))
-    os.replace(temp, path)
+    atomic_files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 @dataclass

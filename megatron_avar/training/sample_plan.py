@@ -19,7 +19,6 @@ import inspect
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_avar import atomic_files
 from megatron_avar import roles as roles_module
 from megatron_avar.roles import TokenRole, validate_messages
 
@@ -247,8 +247,5 @@ def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool
     stats = compute_sample_stats(dataset, processor, seq_length=seq_length, truncate=truncate,
                                  num_workers=num_workers)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump(asdict(stats), tmp)
-        os.replace(tmp.name, path)
+        atomic_files.write_json(path, asdict(stats), indent=None)
     return stats, key, data

@@ -173,14 +173,16 @@ def test_description_needs_all_sections_in_order():
 
 
 def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_path):
-    from megatron_avar.synth.pipeline import MANIFEST_TMP, prepare_output
+    from megatron_avar import atomic_files
+    from megatron_avar.synth.pipeline import MANIFEST, prepare_output
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
-    (out / MANIFEST_TMP).write_text('{"kept": ')
+    atomic_files.replacing(out / MANIFEST).__enter__().write_text('{"kept": ')  # killed before the rename
+    assert [p.name for p in out.iterdir() if p.name.startswith(f".{MANIFEST}.")]
     config = load_config(SynthConfig, None, SOURCE + [f"output.dir={out}", f"run.work_dir={tmp_path / 'work'}"])
     prepare_output(config)
-    assert not (out / MANIFEST_TMP).exists()
+    assert sorted(p.name for p in out.iterdir()) == []  # data of an unfinished run is redone
     (out / "notes.txt").write_text("the user's")
     with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which avar synth did not write"):
         prepare_output(config)

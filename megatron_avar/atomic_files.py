@@ -1,0 +1,121 @@
+"""Files that hold either their old content or their new content, never a torn mix, even after a node crash.
+
+A write goes to a temporary file beside the target (a unique name, so concurrent writers of one file never share
+it), is flushed to the disk (``fsync``), and is renamed over the target; the directory is then flushed too, so
+the rename itself survives a power loss or a kernel panic, not only a killed process. A write that fails removes
+its temporary file and leaves the target as it was. The temporary file is created with the process's umask, as
+a plain ``open`` would (not the owner-only mode of ``tempfile``), so results stay readable by a team.
+
+Every file this project publishes for a later run or a user to read (summaries, reports, trainer states, the
+``latest`` pointer of checkpoints, caches, datasets) is written here; append-only logs (metrics.jsonl,
+predictions) are not, since a torn last line of those is dropped on the next read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["replacing", "write_text", "write_bytes", "write_json", "fsync_file", "fsync_directory", "fsync_tree",
+           "remove_leftovers"]
+
+# A directory's fsync is refused by some file systems (EINVAL on some network mounts, EBADF/EACCES on others):
+# there the rename is as durable as the file system makes it, and the write must not fail for it.
+_DIRECTORY_SYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EACCES, errno.EPERM, errno.ENOTSUP,
+                               getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush ``path``'s data to the disk (it may have been written by anyone, through any handle)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush ``path``'s entries (the names created, renamed or removed in it) to the disk, where the file
+    system allows it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as error:
+        if error.errno in _DIRECTORY_SYNC_UNSUPPORTED:
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in _DIRECTORY_SYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file and directory under ``root`` (and ``root``), deepest first."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_file(os.path.join(folder, name))
+        fsync_directory(folder)
+
+
+def _temporary_pattern(path: Path) -> str:
+    return f".{path.name}.*.tmp"
+
+
+def remove_leftovers(path: str | Path) -> None:
+    """Remove the temporary files that writes of ``path`` killed mid-way left beside it (never a result)."""
+    path = Path(path)
+    for leftover in path.parent.glob(_temporary_pattern(path)):
+        leftover.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path) -> Path:
+    while True:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode: 0o666 & ~umask
+        except FileExistsError:
+            continue
+        return temporary
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """``with replacing(path) as temporary:`` write the new content to ``temporary`` (an empty file in
+    ``path``'s folder, which is created if missing); on leaving the block without an error it replaces ``path``
+    durably (module docstring). On an error, or KeyboardInterrupt, ``path`` is untouched and ``temporary`` gone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _create_temporary(path)
+    try:
+        yield temporary
+        fsync_file(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``, atomically and durably."""
+    with replacing(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` by ``text`` (UTF-8), atomically and durably."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data, *, indent: int | None = 2, **dump_options) -> None:
+    """Replace ``path`` by ``data`` as JSON (``indent``, a final newline; ``dump_options`` go to ``json.dumps``),
+    atomically and durably."""
+    write_text(path, json.dumps(data, indent=indent, **dump_options) + "\n")
