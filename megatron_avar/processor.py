@@ -28,6 +28,7 @@ __all__ = [
     "ImageOnlyQwen2_5_VLProcessor",
     "load_processor",
     "add_reasoning_tokens",
+    "write_added_tokens",
     "chat_template",
 ]
 
@@ -214,3 +215,31 @@ def add_reasoning_tokens(processor) -> list[int]:
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return [tokenizer.convert_tokens_to_ids(t) for t in REASONING_TOKENS]
+
+
+def write_added_tokens(tokenizer, model_dir: str | Path) -> list[str]:
+    """Make the tokenizer files of ``model_dir`` (copied from the model a run started from) hold the added tokens
+    ``tokenizer`` (the one the run trained with) has beyond them: the reasoning tokens training adds to a model
+    whose tokenizer lacks them. Without this, an exported model's tokenizer would not know the ids it was trained
+    to generate (they would decode as nothing, and `<think>` in a prompt would be plain text). Rewrites
+    tokenizer.json from ``tokenizer`` and adds the tokens to tokenizer_config.json's ``added_tokens_decoder``;
+    everything else in the folder (chat template, processor config) is kept. Returns the tokens written."""
+    from megatron_avar import atomic_files
+
+    model_dir = Path(model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    listed = {entry.get("content") for entry in tokenizer_config.get("added_tokens_decoder", {}).values()}
+    missing = {token_id: added for token_id, added in tokenizer.added_tokens_decoder.items()
+               if added.content not in listed}
+    if not missing:
+        return []
+    decoder = dict(tokenizer_config.get("added_tokens_decoder", {}))
+    for token_id, added in sorted(missing.items()):
+        decoder[str(token_id)] = {"content": added.content, "lstrip": added.lstrip, "normalized": added.normalized,
+                                  "rstrip": added.rstrip, "single_word": added.single_word, "special": added.special}
+    with atomic_files.replacing(model_dir / "tokenizer.json") as temporary:
+        tokenizer.backend_tokenizer.save(str(temporary))
+    atomic_files.write_json(config_path, {**tokenizer_config, "added_tokens_decoder": decoder}, ensure_ascii=False)
+    return [added.content for _, added in sorted(missing.items())]
+

@@ -184,6 +184,35 @@ def test_reasoning_tokens_are_single_special_tokens():
     assert response[0] == 151665 and 151668 in response
 
 
+def test_a_checkpoint_exports_the_tokens_its_run_trained_with(tmp_path):
+    """A run from a model whose tokenizer lacks the reasoning tokens adds them (151665-151668) and trains on them;
+    the HF files its checkpoints carry (what `avar convert mcore-to-hf` exports and `avar eval` loads) must know
+    them too. They used to be plain copies of the starting model's: `<think>x</think>` then encoded as six
+    ordinary tokens and the trained ids decoded as nothing."""
+    from types import SimpleNamespace
+
+    from megatron_avar.training.run_loop import hf_export_describer
+
+    base = load_processor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)  # a Hub model's tokenizer: no such tokens
+    base.save_pretrained(tmp_path / "base")
+    template = (tmp_path / "base" / "chat_template.jinja").read_text()
+    trained = load_processor(tmp_path / "base", reasoning_tokens=True)
+    describe = hf_export_describer(tmp_path / "base", tokenizer=trained.tokenizer,
+                                   layout=SimpleNamespace(tp=1, pp=1), dtype=torch.float32, source="test")
+    (tmp_path / "ckpt").mkdir()
+    describe(tmp_path / "ckpt")
+    exported = load_processor(tmp_path / "ckpt" / "hf")  # as avar eval loads it: no tokens added
+    text = "<think>x</think><answer>4</answer>"
+    ids = exported.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == trained.tokenizer(text, add_special_tokens=False)["input_ids"] and ids[0] == 151665
+    assert exported.tokenizer.decode([151665, 151668]) == "<think></answer>"
+    assert base.tokenizer(text, add_special_tokens=False)["input_ids"][0] != 151665  # the starting model's
+    assert (tmp_path / "ckpt" / "hf" / "chat_template.jinja").read_text() == template
+    from megatron_avar.processor import write_added_tokens
+
+    assert write_added_tokens(trained.tokenizer, tmp_path / "ckpt" / "hf") == []  # already there: untouched
+
+
 def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     reloaded = load_processor(tmp_path)

@@ -15,7 +15,8 @@ def _add_model_options(parser, with_defaults: bool = True) -> None:
     def default(value):
         return value if with_defaults else None
 
-    parser.add_argument("--model", help="HF Qwen2.5-VL checkpoint directory")
+    parser.add_argument("--model", help="HF Qwen2.5-VL checkpoint directory (avar vas: or a megatron checkpoint of "
+                        "avar sft / avar grpo / avar convert)")
     parser.add_argument("--data",
                         help="conversation dataset (.jsonl/.json/.parquet file or folder; see README Data format)")
     parser.add_argument("--batch-size", type=int, default=default(4), help="prompts per forward / generate call (4)")

@@ -58,6 +58,9 @@ class MegatronPolicy:
         self.visual_layers, self.epsilon = tuple(visual_layers), float(epsilon)
         self.seq_length, self.temperature, self.loss = seq_length, float(temperature), loss
         self.pad_token_id, self.role_attention_impl, self.mass_mode = pad_token_id, role_attention_impl, mass_mode
+        # "prompt_id/sample_index" of the rollouts whose loss was not finite in the last train_step, on the ranks
+        # that compute the loss (the last pipeline stage): the trainer's collective check names them.
+        self.nonfinite_loss_rollouts: list[str] = []
         from megatron.core import parallel_state
 
         cp_group = _process_group(parallel_state.get_context_parallel_group(check_initialized=False))
@@ -80,6 +83,18 @@ class MegatronPolicy:
         return ddp_model(to(b.input_ids), position_ids=to(b.position_ids), pixel_values=to(b.pixel_values),
                          image_grid_thw=to(b.image_grid_thw), token_roles=to(b.roles), segment_ids=to(b.segment_ids),
                          mass_sink=sink, role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
+
+    @staticmethod
+    def _nonfinite_rollouts(rollouts, logp_new, old_logp, advantages, mask) -> list[str]:
+        """"prompt_id/sample_index" of the rollouts of a micro-batch whose loss inputs are not finite on their
+        response tokens (all of them when none is: the loss overflowed as a whole)."""
+        mask = mask.to(logp_new.device)
+        finite = torch.isfinite(torch.where(mask, logp_new.detach(), 0.0)).all(-1)
+        finite &= torch.isfinite(torch.where(mask, old_logp.to(mask.device), 0.0)).all(-1).to(finite.device)
+        finite &= torch.isfinite(advantages).to(finite.device)
+        names = [f"{rollout.prompt_id}/{rollout.sample_index}" for rollout in rollouts]
+        failed = [name for name, ok in zip(names, finite.tolist()) if not ok]
+        return failed or names
 
     def _response_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
         """[rollouts of mb, num_columns] log softmax(logits / T)[next token] at the response tokens, from the
@@ -195,9 +210,10 @@ class MegatronPolicy:
                                             mask[rows].to(device), self.loss, num_tokens=num_tokens,
                                             num_sequences=num_sequences,
                                             logp_ref=None if ref_logp is None else ref_logp[rows].to(device))
-                if not torch.isfinite(loss):
-                    failed = [f"{rollouts[i].prompt_id}/{rollouts[i].sample_index}" for i in mb.rollouts]
-                    raise FloatingPointError(f"non-finite policy loss for rollouts {failed}")
+                if not torch.isfinite(loss):  # not raised here, on the last stage alone (the others would wait
+                    # in the schedule's collectives): the update's metrics carry the NaN to every rank
+                    self.nonfinite_loss_rollouts += self._nonfinite_rollouts(
+                        [rollouts[i] for i in mb.rollouts], logp_new, old_logp[rows], advantages[rows], mask[rows])
                 tokens = float(metrics["num_tokens"])
                 for k, name in enumerate(names):
                     sums[k] += float(metrics[name]) * tokens
@@ -207,6 +223,7 @@ class MegatronPolicy:
 
             return output, loss_func
 
+        self.nonfinite_loss_rollouts = []
         self.model.zero_grad_buffer()
         self.model.optimizer.zero_grad()
         self._schedule(micro_batches, forward_step, forward_only=False)

@@ -10,9 +10,12 @@ A record of the conversation format (`megatron_avar.data.conversations`) becomes
 The ground truth is ``str(record["answer"])`` as given (grading handles letters, numbers and LaTeX).
 
 Order, deterministic in (the kept prompts, seed, shuffle, prompts_per_step):
-- Epoch e is a permutation of the kept prompts drawn by numpy's generator seeded (seed, e) (the identity
-  with shuffle=False). It is cut into steps of ``prompts_per_step`` consecutive prompts; a tail that does
-  not fill a step is dropped (counted in `summary`), so every step holds distinct prompts of one epoch.
+- Epoch e is a permutation of the kept prompts drawn by numpy's generator seeded (seed, e). With
+  shuffle=False it is the dataset order rotated to start where the previous epoch stopped (the prompts are
+  one cyclic stream). It is cut into steps of ``prompts_per_step`` consecutive prompts; a tail that does
+  not fill a step is left out of that epoch (counted in `summary`), so every step holds distinct prompts of
+  one epoch. The tail is a new random draw each epoch, or (shuffle=False) where the next epoch starts, so
+  no prompt is left out of every epoch.
 - Global step s is step s % steps_per_epoch of epoch s // steps_per_epoch. Data-parallel rank r takes the
   step's prompts [r*P/dp, (r+1)*P/dp): whole prompts, so the n rollouts of a prompt (a GRPO group) are on
   one rank, and the union over ranks is the step whatever dp_size is.
@@ -74,7 +77,8 @@ class GRPODataConfig:
     max_pixels: int | None = None
     """Upper pixel bound (None: the processor's own). Lower it to shorten image-heavy prompts."""
     shuffle: bool = True
-    """Permute the prompts every epoch (seeded by (seed, epoch)); False: dataset order every epoch."""
+    """Permute the prompts every epoch (seeded by (seed, epoch)); False: dataset order, as one cyclic stream (each
+    epoch starts where the last stopped, so a tail that does not fill a step is trained in the next)."""
     seed: int = 0
     """Seed of the per-epoch permutations (>= 0)."""
 
@@ -269,8 +273,9 @@ class PromptLoader:
             if self.config.shuffle:
                 permutation = np.random.default_rng((self.config.seed, epoch)).permutation(len(self._kept))
                 self._orders[epoch] = [self._kept[k] for k in permutation.tolist()]
-            else:
-                self._orders[epoch] = list(self._kept)
+            else:  # start where epoch - 1 stopped: without the rotation its tail would never be trained
+                start = epoch * self.steps_per_epoch * self.prompts_per_step % len(self._kept)
+                self._orders[epoch] = self._kept[start:] + self._kept[:start]
         return self._orders[epoch]
 
     def step_indexes(self, step: int) -> list[int]:

@@ -21,19 +21,19 @@ step is trained, and a rerun resumes from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from megatron_avar import atomic_files
 from megatron_avar.grpo.advantages import group_advantages
 from megatron_avar.grpo.backends import build_backend
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
-from megatron_avar.training.run_loop import check_model_path
+from megatron_avar.training.run_loop import SUMMARY_FILE, check_model_path
 
 __all__ = ["run_grpo", "RolloutEngineError"]
 
@@ -165,10 +165,15 @@ def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, 
     dist.all_gather_object(gathered, list(prompts.prompt_ids), group=parallel_state.get_data_parallel_group())
     ids = [str(prompt_id) for replica in gathered for prompt_id in replica]
     shown = ", ".join(ids[:64]) + (f", ... ({len(ids)} in all)" if len(ids) > 64 else "")
+    losses: list = [None] * dist.get_world_size()  # known on the last pipeline stage only
+    dist.all_gather_object(losses, list(policy.nonfinite_loss_rollouts))
+    failed = sorted({rollout for rank_list in losses for rollout in rank_list})
+    culprits = (f" The loss was not finite for rollouts (prompt/sample) {', '.join(failed[:32])}"
+                f"{f', ... ({len(failed)} in all)' if len(failed) > 32 else ''}." if failed else "")
     raise NonFiniteUpdateError(
         f"step {step}: policy update {update + 1} of {updates} is not finite ({'; '.join(problems)}): the optimizer "
-        f"update diverged. Prompts of this step: {shown}. Lower optim.lr (or check the loss settings), or inspect "
-        f"these prompts")
+        f"update diverged.{culprits} Prompts of this step: {shown}. Lower optim.lr (or check the loss settings), "
+        f"or inspect these prompts")
 
 
 def run_grpo(config: GRPOConfig) -> dict:
@@ -254,7 +259,8 @@ def run_grpo(config: GRPOConfig) -> dict:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
-    describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar grpo {config.out}")
+    describe = hf_export_describer(config.model.hf_path, tokenizer=processor.tokenizer, layout=layout, dtype=dtype,
+                                   source=f"avar grpo {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                            run_config=config_to_dict(config), first_step=start_step)
@@ -284,7 +290,7 @@ def run_grpo(config: GRPOConfig) -> dict:
                "checkpoints": outcome.checkpoints, "history": history, "layout": dataclasses.asdict(layout),
                "prompts": prompts.summary()}
     if layout.is_logging_rank:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_files.write_json(out / SUMMARY_FILE, summary)
     parallel_state.destroy_model_parallel()
     end_run(out)
     return summary

@@ -44,6 +44,8 @@ QUERY_BLOCK = 2048
 def local_positions(seq: int, size: int, rank: int, device=None) -> torch.Tensor:
     """int64 [seq / size]: the positions of a row of ``seq`` tokens that CP rank ``rank`` of ``size`` holds, in the
     order it holds them (chunks ``rank`` and ``2·size − 1 − rank`` of ``2·size``)."""
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"context-parallel rank {rank} of {size}: need size >= 1 and 0 <= rank < size")
     if seq % (2 * size):
         raise ValueError(f"context parallelism over {size} ranks cuts each row into {2 * size} equal chunks, but "
                          f"the rows have {seq} tokens: make the row length a multiple of {2 * size}")

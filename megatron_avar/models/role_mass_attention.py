@@ -165,6 +165,7 @@ class RoleMassParams(PackedSeqParams):
             if low < -1 or high >= self.num_roles:
                 raise ValueError(f"key_roles must lie in [-1, {self.num_roles}) (TokenRole, -1 padding), got "
                                  f"{low}..{high}")
+        self._check_sink_rows()
         if self.segment_ids is not None and self._cu_seqlens is None:
             self._cu_seqlens = segment_cu_seqlens(self.segment_ids)  # here, not in the first layer (a host sync)
         if self.context is None and PLAIN_ATTENTION_FOR[self.impl] in ("auto", "sdpa"):
@@ -185,6 +186,22 @@ class RoleMassParams(PackedSeqParams):
                 if rows is None:
                     raise ValueError("under context parallelism a mass sink must declare its query_rows")
                 self._context_rows = ContextRows.build(self.context, rows, self.key_roles.shape[0])
+
+    def _check_sink_rows(self) -> None:
+        """The sink's query rows (flat token indices into key_roles, b·S + i) are read by index in every layer,
+        unchecked there (no host sync per layer): checked here, once per batch."""
+        rows = None if self.sink is None else getattr(self.sink, "query_rows", None)
+        if rows is None:
+            return
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point \
+                or rows.dtype == torch.bool:
+            got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise TypeError(f"the mass sink's query_rows must be a 1-D integer tensor of token indices, got {got}")
+        if rows.numel():
+            low, high = (int(x) for x in torch.aminmax(rows))
+            if low < 0 or high >= self.key_roles.numel():
+                raise ValueError(f"the mass sink's query_rows must lie in [0, {self.key_roles.numel()}) (flat indices "
+                                 f"b*S + i into this batch's {tuple(self.key_roles.shape)} tokens), got {low}..{high}")
 
     def context_rows(self) -> ContextRows:
         """The sink's rows over the CP group (built with the params; needs ``context`` and a sink)."""

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from megatron_avar import platform
 from megatron_avar.ops.role_attention import build_problem, role_attention
+from megatron_avar.segments import check_cu_seqlens
 
 __all__ = ["causal_attention", "attention_spans", "AttentionSpans", "ATTENTION_IMPLEMENTATIONS", "PLAIN_ATTENTION_FOR",
            "SDPA_MAX_SPANS"]
@@ -61,6 +62,10 @@ class AttentionSpans:
 def attention_spans(key_roles: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> AttentionSpans:
     """The spans of a batch: key_roles int [B, S] (or [T] with cu_seqlens, as causal_attention's). Reads
     key_roles (and cu_seqlens) on the host: call once per batch, not per layer."""
+    if not isinstance(key_roles, torch.Tensor):
+        raise TypeError(f"key_roles must be a torch.Tensor, got {type(key_roles).__name__}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, key_roles.numel())  # read on the host here anyway
     grid = key_roles.reshape(1, -1) if cu_seqlens is not None else key_roles
     if grid.dim() != 2:
         raise ValueError(f"key_roles must be [B, S] (or [T] with cu_seqlens), got {tuple(key_roles.shape)}")
@@ -99,6 +104,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_role
         on_gpu = q.is_cuda and platform.triton_gpu_available()
         impl = _auto_impl(on_gpu, q.dtype, spans, flash=on_gpu and platform.flash_attention_capable(q.device.index),
                           deterministic=torch.are_deterministic_algorithms_enabled())
+    if check_values and key_roles.numel() and int(key_roles.min()) < -1:
+        raise ValueError(f"key_roles must be >= -1 (-1 marks padding, any role >= 0 a real key), got "
+                         f"{int(key_roles.min())}")
     padding = key_roles.clamp(max=0)  # only padding (-1) matters here: one role, 0, for every real key
     if impl == "triton":
         from megatron_avar.ops import role_attention_triton
@@ -132,6 +140,8 @@ def _auto_impl(on_gpu: bool, dtype: torch.dtype, spans: AttentionSpans | None, *
     spans cost no host read; the Triton kernel, bitwise reproducible, under torch.use_deterministic_algorithms
     (FlashAttention's backward accumulates in a varying order)."""
     if not on_gpu:
+        return "sdpa"
+    if dtype == torch.float64:  # no Triton kernel takes it
         return "sdpa"
     few_spans = spans is not None and spans.contiguous and len(spans.spans) <= SDPA_MAX_SPANS
     two_bytes = dtype in (torch.float16, torch.bfloat16)
@@ -171,4 +181,6 @@ def _sdpa(q, k, v, spans: AttentionSpans, softmax_scale, *, thd: bool):
             pieces.append(q.new_zeros(length - done, *q.shape[2:]))
         out_rows.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
     out = torch.stack(out_rows)
+    if not any(spans.spans):  # all padding: zeros that still belong to the graph (zero gradients, as elsewhere)
+        out = out + 0 * (q.sum() + k.sum() + v.sum())
     return out[0] if thd else out

@@ -23,6 +23,7 @@ where c_ij = softmax_scale * scale[h, role_j] on edited rows and softmax_scale e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -153,9 +154,11 @@ def role_attention(
     if problem.q.numel() == 0 or problem.q.shape[1] == 0:
         out, mass = _empty_result(problem)
     elif impl == "reference":
-        out, mass = reference_role_attention(problem)
+        with exact_precision(problem.q):
+            out, mass = reference_role_attention(problem)
     elif impl == "blockwise":
-        out, mass = _BlockwiseRoleAttention.apply(problem.q, problem.k, problem.v, problem)
+        with exact_precision(problem.q):
+            out, mass = _BlockwiseRoleAttention.apply(problem.q, problem.k, problem.v, problem)
     else:
         from megatron_avar.ops import role_attention_triton
 
@@ -312,6 +315,15 @@ def _resolve_impl(impl: str, q: torch.Tensor) -> str:
     if impl == "triton" and q.dtype == torch.float64:
         raise TypeError("impl='triton' supports float32/float16/bfloat16; use impl='blockwise' for float64")
     return impl
+
+
+def exact_precision(tensor: torch.Tensor):
+    """Autocast off around this module's PyTorch paths (reference, blockwise): their softmax statistics and
+    masses are float32 or wider by design, which an enclosing ``torch.autocast`` would silently lower to
+    bf16/fp16 in their matmuls. The Triton kernels choose their own precisions."""
+    if tensor.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
+        return contextlib.nullcontext()  # meta tensors: nothing is computed
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _empty_result(problem: RoleAttentionProblem):
@@ -539,5 +551,6 @@ class _BlockwiseRoleAttention(torch.autograd.Function):
         if grad_out is None and grad_mass is None:
             return None, None, None, None
         problem = dataclasses.replace(ctx.problem, q=q, k=k, v=v)
-        dq, dk, dv = _blockwise_backward(problem, out, mass, lse, grad_out, grad_mass)
+        with exact_precision(q):  # a backward() called inside autocast runs this under it
+            dq, dk, dv = _blockwise_backward(problem, out, mass, lse, grad_out, grad_mass)
         return dq, dk, dv, None

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from megatron_avar.ops.role_attention import _mass_dtype, _resolve_impl, check_common_args
+from megatron_avar.ops.role_attention import _mass_dtype, _resolve_impl, check_common_args, exact_precision
 from megatron_avar.segments import packed_sample_windows
 
 __all__ = ["role_mass", "masses_at_rows", "build_mass_problem", "reference_role_mass", "RoleMassProblem",
@@ -111,9 +111,11 @@ def role_mass(
         return problem.q.new_zeros(0, problem.q.shape[1], num_roles, dtype=_mass_dtype(problem.q.dtype)) \
             + 0 * problem.q.sum() + 0 * problem.k.sum()  # keeps the autograd graph
     if impl == "reference":
-        return reference_role_mass(problem)
+        with exact_precision(problem.q):
+            return reference_role_mass(problem)
     if impl == "blockwise":
-        return _BlockwiseRoleMass.apply(problem.q, problem.k, problem)
+        with exact_precision(problem.q):
+            return _BlockwiseRoleMass.apply(problem.q, problem.k, problem)
     from megatron_avar.ops import role_mass_triton
 
     return role_mass_triton.triton_role_mass(problem)
@@ -337,5 +339,6 @@ class _BlockwiseRoleMass(torch.autograd.Function):
     def backward(ctx, grad_mass):
         q, k, mass, lse = ctx.saved_tensors
         problem = dataclasses.replace(ctx.problem, q=q, k=k)
-        dq, dk = _blockwise_backward(problem, mass, lse, grad_mass)
+        with exact_precision(q):  # a backward() called inside autocast runs this under it
+            dq, dk = _blockwise_backward(problem, mass, lse, grad_mass)
         return dq, dk, None

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="3b|7b|72b",
                         help="published Qwen2.5-VL size to plan with when model.hf_path has no config.json here")
     parser.add_argument("--gpus", type=int, default=None,
-                        help="GPUs (ranks) of the job; None: the smallest multiple of TP x PP filling 8 GPUs")
+                        help="GPUs (ranks) of the job; None: the smallest multiple of TP x PP x CP filling 8 GPUs")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
     parser.add_argument("--image-fraction", type=float, default=0.5,
                         help="share of a packed row's tokens that are image tokens (vision encoder memory)")

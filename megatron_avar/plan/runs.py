@@ -231,11 +231,12 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
         "rollout_model_copy", 0)
     # The refit, beside the trainer: the policy's weights gathered over TP (one tensor at a time, with its HF
     # pieces, under PP=1; a stage's whole copy under PP) and a vLLM engine's TP shard of the weights (awake, its
-    # KV cache not yet).
+    # KV cache not yet), besides what the sleeping engine keeps.
     whole = [stage_parameters(qwen_config, Parallelism(pp=parallel.pp, virtual_pipeline=parallel.virtual_pipeline), s)
              for s in range(parallel.pp)]
     gathered = 2 * max(largest for _, largest in whole) if parallel.pp == 1 else max(count for count, _ in whole)
-    refit_peak = trainer_static + gathered * value + (total * value // parallel.tp if vllm else 0)
+    refit_peak = (trainer_static + gathered * value + extra.get("rollout_engine_asleep", 0)
+                  + (total * value // parallel.tp if vllm else 0))
     if vllm:
         rollout_peak = trainer_static
     else:  # the local backend generates with the HF copy: + a KV cache of batch_size rollouts, last-position logits

@@ -279,7 +279,8 @@ def run_sft(config: SFTConfig) -> dict:
             print(f"resumed from {resume_from} (step {start_step})", flush=True)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
-    describe = hf_export_describer(config.model.hf_path, layout=layout, dtype=dtype, source=f"avar sft {config.out}")
+    describe = hf_export_describer(config.model.hf_path, tokenizer=data.processor.tokenizer, layout=layout,
+                                   dtype=dtype, source=f"avar sft {config.out}")
     logger = MetricsLogger(out, total_steps=config.train.steps, enabled=layout.is_logging_rank,
                            tensorboard=config.log.tensorboard, wandb_project=config.log.wandb_project,
                            run_config=config_to_dict(config), first_step=start_step)

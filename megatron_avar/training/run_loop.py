@@ -259,16 +259,19 @@ class LoopOutcome:
     stopped_by: str | None
 
 
-def hf_export_describer(hf_path: str | Path, *, layout, dtype: torch.dtype, source: str) -> Callable[[Path], None]:
+def hf_export_describer(hf_path: str | Path, *, tokenizer, layout, dtype: torch.dtype,
+                        source: str) -> Callable[[Path], None]:
     """``describe`` for ``checkpointing.save_checkpoint``: writes into the checkpoint what `avar convert
-    mcore-to-hf` reads to export it (the HF config, tokenizer and processor files of ``hf_path``, and the
-    layout / dtype / source record)."""
+    mcore-to-hf` reads to export it (the HF config, tokenizer and processor files of ``hf_path``, with the tokens
+    ``tokenizer``, the run's, added to them, and the layout / dtype / source record)."""
 
     def describe(path: Path) -> None:
         from megatron_avar.convert.checkpoint import HF_SIDE_DIR, write_checkpoint_info
         from megatron_avar.convert.hf_files import copy_side_files
+        from megatron_avar.processor import write_added_tokens
 
         copy_side_files(Path(hf_path), path / HF_SIDE_DIR)
+        write_added_tokens(tokenizer, path / HF_SIDE_DIR)
         write_checkpoint_info(path, tp=layout.tp, pp=layout.pp, dtype=dtype, source=source)
 
     return describe

@@ -55,6 +55,7 @@ class _DivergingPolicy:
 
     def __init__(self):
         self.model = torch.nn.Linear(2, 2)  # what the trainer reads of a TrainingModel: parameters()
+        self.nonfinite_loss_rollouts = []  # its loss is finite
 
     def named_weights(self):
         yield from self.model.named_parameters()

@@ -89,8 +89,29 @@ def _policy_runs(hf_path, data_path, layouts):
         new = policy.log_probs_with_masses(ours)
         results[(tp, pp, *options)] = {"slice": (mine.start, mine.stop), "logp": old.logp, "r_visual": old.r_visual,
                              "metrics": metrics, "new_logp": new.logp}
+        if pp == 2:
+            results["nonfinite"] = _nonfinite_update(policy, ours, old.logp, advantages[mine])
         parallel_state.destroy_model_parallel()
     return results
+
+
+def _nonfinite_update(policy, rollouts, old_logp, advantages) -> str:
+    """An update whose loss is NaN for one rollout (a NaN old log-prob), computed on the last pipeline stage
+    only: every rank must come back from the update and raise the trainer's error, none left waiting."""
+    from types import SimpleNamespace
+
+    from megatron_avar.grpo.trainer import _check_update
+    from megatron_avar.training.run_loop import NonFiniteUpdateError
+
+    broken = old_logp.clone()
+    broken[1, 0] = float("nan")
+    metrics = policy.train_step(rollouts, broken, advantages)
+    try:
+        _check_update(policy, metrics, step=3, update=0, updates=1,
+                      prompts=SimpleNamespace(prompt_ids=[r.prompt_id for r in rollouts[::2]]), grad_norm_known=True)
+    except NonFiniteUpdateError as error:
+        return str(error)
+    return "no error"
 
 
 def _kl_update(hf_path, data_path):
@@ -217,3 +238,12 @@ def test_update_equals_the_single_rank_update(runs, layout):
             assert ours["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-5, abs=1e-7), name
         torch.testing.assert_close(ours["new_logp"], reference["new_logp"][start:stop, :width], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(reference["new_logp"], reference["logp"])  # the update changed the policy
+
+
+def test_a_nonfinite_loss_on_the_last_stage_stops_every_rank_naming_the_rollout(runs, sft_inputs):
+    _, two = runs
+    rollouts, _ = _rollouts(sft_inputs["hf_path"], sft_inputs["data_path"], num_prompts=4)
+    culprit = f"{rollouts[1].prompt_id}/{rollouts[1].sample_index}"
+    for rank in two:  # the first stage too, which never saw the loss
+        assert "step 3: policy update 1 of 1 is not finite" in rank["nonfinite"]
+        assert f"The loss was not finite for rollouts (prompt/sample) {culprit}." in rank["nonfinite"]

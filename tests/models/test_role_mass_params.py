@@ -33,10 +33,21 @@ SPLIT = ContextSplit.for_rank(8, 2, 0, "cpu")
     (dict(key_roles=ROLES, context=SPLIT, sink=lambda *args: args[2]), "must declare its query_rows"),
     (dict(key_roles=ROLES[:, :6], context=SPLIT), "key_roles has 6 tokens per row but the context-parallel split "
                                                   "is of 8-token rows"),
+    # rows the layers read by index, unchecked: -1 was silently the last token in fused mode, 8 an IndexError
+    (dict(key_roles=ROLES, sink=RowsSink(torch.tensor([3, -1]))), r"query_rows must lie in \[0, 8\) .* got -1\.\.3"),
+    (dict(key_roles=ROLES, sink=RowsSink(torch.tensor([8])), mass_mode="fused"), r"got 8\.\.8"),
+    (dict(key_roles=ROLES, context=SPLIT, sink=RowsSink(torch.tensor([8]))), r"query_rows must lie in \[0, 8\)"),
 ])
 def test_what_the_layers_cannot_compute_is_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RoleMassParams(**kwargs)
+
+
+def test_sink_rows_of_the_wrong_type_are_refused_and_empty_rows_accepted():
+    for rows in ([1, 2], torch.tensor([1.0]), torch.tensor([[1]])):
+        with pytest.raises(TypeError, match="query_rows must be a 1-D integer tensor of token indices"):
+            RoleMassParams(key_roles=ROLES, sink=RowsSink(rows))
+    RoleMassParams(key_roles=ROLES, sink=RowsSink(torch.zeros(0, dtype=torch.long)))
 
 
 def test_an_analysis_role_past_tokenroles_is_accepted_with_its_count():

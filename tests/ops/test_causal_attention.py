@@ -90,6 +90,27 @@ def test_unknown_implementation_is_refused():
         causal_attention(q, k, v, roles, impl="flash")
 
 
+def test_bad_roles_and_boundaries_are_named():
+    q, k, v, roles, _ = make(Case(), torch.float32, seed=44)
+    with pytest.raises(ValueError, match="key_roles must be >= -1 \\(-1 marks padding"):
+        causal_attention(q, k, v, roles.masked_fill(roles == 0, -2))
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer tensor"):
+        attention_spans(torch.arange(4), [0, 2, 4])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attention_spans(torch.arange(4), torch.tensor([0, 2, 5]))
+
+
+def test_all_padding_through_sdpa_keeps_the_graph():
+    """Zero output and zero gradients, as the other paths give (SDPA's zeros used to be cut from the graph)."""
+    q, k, v, roles, _ = make(Case(padding="all", num_q_heads=2, num_kv_heads=1), torch.float64, seed=48)
+    roles = torch.full_like(roles, -1)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = causal_attention(q, k, v, roles, impl="sdpa")
+    out.sum().backward()
+    assert not out.any() and not q.grad.any() and not k.grad.any() and not v.grad.any()
+
+
 def test_attention_spans_are_the_runs_of_real_tokens():
     """Padded rows: each row's real tokens; THD: each sample's (an empty sample holds none); a sample with padding
     between real tokens is flagged (SDPA per run would not be exact). Spans are (row, start, end) on the grid."""
@@ -153,6 +174,7 @@ def test_auto_takes_sdpa_on_gpus_only_where_it_is_flash_and_costs_no_host_read()
     assert choose(True, torch.bfloat16, many) == "triton"
     assert choose(True, torch.bfloat16, AttentionSpans((1, 9), ((0, 0, 2), (0, 3, 9)), False)) == "triton"
     assert choose(False, torch.float32, None) == choose(False, torch.bfloat16, many) == "sdpa"
+    assert choose(True, torch.float64, None) == "sdpa"                      # no Triton kernel takes float64
 
 
 @pytest.mark.gpu

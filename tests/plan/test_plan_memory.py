@@ -183,7 +183,7 @@ def test_verdict_adds_fragmentation_and_reserve_and_the_engine_share():
 def test_a_grpo_refit_gathers_one_tensor_at_a_time():
     """The refit streams the policy's weights gathered over TP one tensor at a time (a whole gathered copy per
     rank was the 72B model again, 145 GB, on every rank): the plan counts the largest weight and its HF pieces,
-    and vLLM's TP shard of the weights, beside the trainer."""
+    and vLLM's TP shard of the weights with what its sleeping engine keeps, beside the trainer."""
     import json
 
     from megatron_avar.plan import Assumptions, plan_config
@@ -194,7 +194,9 @@ def test_a_grpo_refit_gathers_one_tensor_at_a_time():
     trainer = plan["rollout"]["trainer_bytes"]
     embedding = 152064 * 8192  # the largest weight: the embedding (and the output layer)
     total = plan["parameters"]
-    assert plan["rollout"]["refit_bytes"] == trainer + 2 * embedding * value + total * value // 8
+    asleep = memory["extra_static"]["rollout_engine_asleep"]
+    assert asleep == 10**9
+    assert plan["rollout"]["refit_bytes"] == trainer + 2 * embedding * value + asleep + total * value // 8
     assert json.dumps(memory)  # the plan stays plain data
     assert {v["gpu"]: v["fits"] for v in plan["verdicts"]}["h200"]
 
