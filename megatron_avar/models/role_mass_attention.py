@@ -191,7 +191,8 @@ class RoleMassParams(PackedSeqParams):
         """The sink's query rows (flat token indices into key_roles, b·S + i) are read by index in every layer,
         unchecked there (no host sync per layer): checked here, once per batch."""
         rows = None if self.sink is None else getattr(self.sink, "query_rows", None)
-        if rows is None:
+        roles = self.key_roles
+        if rows is None or roles is None:
             return
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point \
                 or rows.dtype == torch.bool:
@@ -199,9 +200,9 @@ class RoleMassParams(PackedSeqParams):
             raise TypeError(f"the mass sink's query_rows must be a 1-D integer tensor of token indices, got {got}")
         if rows.numel():
             low, high = (int(x) for x in torch.aminmax(rows))
-            if low < 0 or high >= self.key_roles.numel():
-                raise ValueError(f"the mass sink's query_rows must lie in [0, {self.key_roles.numel()}) (flat indices "
-                                 f"b*S + i into this batch's {tuple(self.key_roles.shape)} tokens), got {low}..{high}")
+            if low < 0 or high >= roles.numel():
+                raise ValueError(f"the mass sink's query_rows must lie in [0, {roles.numel()}) (flat indices "
+                                 f"b*S + i into this batch's {tuple(roles.shape)} tokens), got {low}..{high}")
 
     def context_rows(self) -> ContextRows:
         """The sink's rows over the CP group (built with the params; needs ``context`` and a sink)."""
