@@ -33,6 +33,7 @@ __all__ = [
     "vllm_available",
     "device_for_local_rank",
     "distributed_backend",
+    "on_any_rank",
     "bind_device",
     "prepare_megatron",
     "enable_megatron_on_cpu",
@@ -122,6 +123,19 @@ def reset_peak_memory() -> None:
     cannot be reset."""
     if cuda_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def on_any_rank(happened: bool, group=None) -> bool:
+    """Collective over ``group`` (the world by default): whether ``happened`` holds on any of its ranks, so that
+    every rank stops together and none is left waiting in a later collective for one that has given up. A
+    process without torch.distributed is its own world."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return happened
+    flag = torch.tensor([1.0 if happened else 0.0], device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
 
 
 def distributed_backend() -> str:

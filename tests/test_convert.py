@@ -91,6 +91,74 @@ def test_hf_to_mcore_tp2_pp2_and_back_is_bit_exact(hf_dir, tmp_path):
                  "--max-abs-diff", "1e-4"]) == 0
 
 
+@pytest.mark.multiprocess
+def test_a_checkpoint_and_a_model_that_do_not_match_are_named(hf_dir, tmp_path, capsys):
+    """A checkpoint whose hf/config.json disagrees with its weights (torch's CheckpointException, a BaseException,
+    used to escape as a traceback per rank), and `verify` against the HF folder of another model (it died with an
+    IndexError, or reported a large difference as if the conversion were broken)."""
+    import shutil
+
+    mcore = tmp_path / "mcore"
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(mcore)]) == 0
+    # this test model has neither: said, since the checkpoint cannot be trained or analysed without them
+    assert "has no tokenizer files and no image processor config" in capsys.readouterr().err
+    edited = tmp_path / "edited"
+    shutil.copytree(mcore, edited)
+    config = json.loads((edited / "hf" / "config.json").read_text())
+    text = config.get("text_config", config)
+    text["intermediate_size"] *= 2
+    (edited / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(edited), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model of its hf/config.json" in err and "Traceback" not in err
+    other = tmp_path / "other"
+    tiny_hf_model(num_text_layers=2).save_pretrained(other)
+    assert main(["convert", "verify", "--hf-path", str(other), "--mcore-path", str(mcore)]) == 2
+    err = capsys.readouterr().err
+    assert f"--hf-path {other} holds another model than --mcore-path {mcore} (text.num_layers: 2 vs 4" in err
+    assert main(["convert", "verify", "--hf-path", str(mcore / "hf"), "--mcore-path", str(mcore)]) == 2
+    assert "has neither model.safetensors.index.json nor model.safetensors" in capsys.readouterr().err
+
+
+def test_damaged_inputs_and_file_paths_are_named(hf_dir, tmp_path, capsys):
+    import shutil
+
+    for flag_value, message in ((hf_dir / "config.json", "config.json is a file: give the HF model folder"),
+                                (tmp_path / "nowhere", "nowhere is missing: give the HF model folder")):
+        assert main(["convert", "hf-to-mcore", "--hf-path", str(flag_value), "--out", str(tmp_path / "o")]) == 2
+        assert message in capsys.readouterr().err
+    no_map = tmp_path / "no-map"
+    shutil.copytree(hf_dir, no_map)
+    (no_map / INDEX_NAME).write_text('{"metadata": {}}')
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(no_map), "--out", str(tmp_path / "o")]) == 2
+    assert f"{no_map / INDEX_NAME} is not a safetensors index" in capsys.readouterr().err
+    truncated = tmp_path / "truncated"
+    shutil.copytree(hf_dir, truncated)
+    shard = sorted(truncated.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # a download cut short
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(truncated), "--out", str(tmp_path / "o")]) == 2
+    assert f"{shard} is not a readable safetensors file" in capsys.readouterr().err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("the user's")
+    for out in (a_file, a_file / "export"):  # --overwrite replaces folders it wrote, never a file
+        assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(out), "--overwrite"]) == 2
+        assert f"{a_file} is a file; choose an --out folder elsewhere" in capsys.readouterr().err
+    assert a_file.read_text() == "the user's" and not (tmp_path / "o").exists()
+
+
+def test_an_out_written_by_another_conversion_meanwhile_is_kept(tmp_path):
+    from megatron_avar.convert.hf_files import atomic_output_dir
+
+    out = tmp_path / "export"
+    with pytest.raises(ValueError, match="was written by another process while this conversion ran; it is kept"):
+        with atomic_output_dir(out, overwrite=False, inputs={}) as temp:
+            (temp / "model.safetensors").write_text("ours")
+            out.mkdir()
+            (out / "model.safetensors").write_text("theirs")  # the other conversion finished first
+    assert (out / "model.safetensors").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # our temporary folder is gone
+
+
 def test_existing_output_is_not_clobbered(hf_dir, tmp_path, capsys):
     out = tmp_path / "taken"
     out.mkdir()

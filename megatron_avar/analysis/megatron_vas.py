@@ -70,12 +70,12 @@ def _rank(config) -> None:
     qwen = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     layers = parse_layers(config.layers, qwen.text.num_layers)
     dtype = _DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
+    processor = load_processor(mcore_dir / HF_SIDE_DIR)  # refused here, before the model is built and loaded
     try:
         init_model_parallel(1, 1, seed=0)
         model = build_stage(qwen, tp=1, pp=1, dtype=dtype, role_mass_layers=layers, device=platform.current_device())
         load_model_weights(model, mcore_dir)
         model.eval()
-        processor = load_processor(mcore_dir / HF_SIDE_DIR)
         samples = prompt_samples(config.data, processor, num_samples=config.num_samples, shard=config.shard_index)
         pad_id = pad_token_id(processor.tokenizer)
         device = platform.current_device()

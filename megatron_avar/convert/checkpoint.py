@@ -115,8 +115,10 @@ def load_model_weights(model, mcore_dir: Path) -> None:
         state, missing, unexpected = typing.cast(
             tuple[dict, set[str], set[str]],
             dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir), strict=StrictHandling.RETURN_ALL))
-    except CheckpointingException as error:
-        raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {error}") from None
+    except BaseException as error:  # torch's CheckpointException (a shape mismatch) is a BaseException
+        if not isinstance(error, CheckpointingException) and type(error).__name__ != "CheckpointException":
+            raise
+        raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {_first_cause(error)}") from None
     # Keys on one side only, optimizer states and Transformer Engine's extra states aside (megatron's names for the
     # two sides vary by version; checkpoint_matching: a checkpoint written with TE loads without it).
     missing, unexpected = ([k for k in without_extra_states(keys) if not k.startswith("optimizer.")]
@@ -127,21 +129,36 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     load_module_state(model, {k: v for k, v in state.items() if k != "optimizer"}, source=Path(mcore_dir))
 
 
+def _first_cause(error: BaseException) -> str:
+    """The message of a checkpoint load failure without the per-rank tracebacks torch's CheckpointException
+    carries (``failures``: rank -> (exception, stack))."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        cause = next(iter(failures.values()))
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        return f"{type(cause).__name__}: {cause}"
+    return str(error)
+
+
 def read_checkpoint_info(mcore_dir: Path) -> dict:
     """The checkpoint's description; ValueError when the folder is missing, is not a checkpoint written by
-    `avar convert` or training, or lacks its HF side files (config, tokenizer, processor)."""
+    `avar convert` or training, or lacks its HF config (the model it holds)."""
     if not Path(mcore_dir).is_dir():
-        raise ValueError(f"{mcore_dir} does not exist: give a megatron checkpoint folder (`avar convert hf-to-mcore` "
-                         "output, or a training run's checkpoints/step_N)")
+        raise ValueError(f"{mcore_dir} {'is a file' if Path(mcore_dir).exists() else 'does not exist'}: give a "
+                         "megatron checkpoint folder (`avar convert hf-to-mcore` output, or a training run's "
+                         "checkpoints/step_N)")
     path = Path(mcore_dir) / CHECKPOINT_INFO
     if not path.is_file():
         raise ValueError(f"{mcore_dir} has no {CHECKPOINT_INFO}: not a checkpoint written by `avar convert`")
-    info = json.loads(path.read_text())
-    if info.get("format") != "torch_dist" or info.get("dtype") not in _DTYPES:
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint's description is damaged") from None
+    if not isinstance(info, dict) or info.get("format") != "torch_dist" or info.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: unsupported checkpoint description {info}")
     if not (Path(mcore_dir) / HF_SIDE_DIR / "config.json").is_file():
-        raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config, tokenizer and processor "
-                         "files every checkpoint carries): not a complete checkpoint")
+        raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config every checkpoint carries, with "
+                         "the tokenizer and processor files of the model it came from): not a complete checkpoint")
     return info
 
 

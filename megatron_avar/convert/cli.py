@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 # The choices of --hf-layout, spelled here so that `avar --help` does not import torch; equal to
@@ -62,6 +63,7 @@ def _hf_to_mcore(args) -> int:
     if args.tp < 1 or args.pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
     hf_dir = args.hf_path.absolute()
+    hf_files.safetensors_files(hf_dir)  # a model folder with its weights (not a file, not a weightless folder)
     config = Qwen25VLConfig.from_hf(str(hf_dir))  # refuses configs the model does not reproduce
     config.check_layout(tp=args.tp, pp=args.pp)
     num_tensors = checkpoint.check_hf_names(hf_dir, config)
@@ -72,6 +74,10 @@ def _hf_to_mcore(args) -> int:
         hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
         checkpoint.write_checkpoint_info(temp, tp=args.tp, pp=args.pp, dtype=dtype, source=str(hf_dir))
     print(f"wrote megatron checkpoint (torch_dist, TP={args.tp} PP={args.pp}, {dtype}) to {args.out}")
+    absent = hf_files.missing_processor_files(hf_dir)
+    if absent:
+        print(f"warning: {hf_dir} has no {' and no '.join(absent)}: the checkpoint carries none, so training from it "
+              "needs data.processor_path, and `avar vas` on it and its export to HF lack them too", file=sys.stderr)
     return 0
 
 

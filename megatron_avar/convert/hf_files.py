@@ -23,10 +23,18 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
 def safetensors_files(hf_dir: Path) -> list[Path]:
     """The weight files of an HF folder, in index order. Raises ValueError if there are none."""
+    if not hf_dir.is_dir():
+        raise ValueError(f"{hf_dir} is {'a file' if hf_dir.exists() else 'missing'}: give the HF model folder "
+                         "(the one holding config.json and the safetensors weights)")
     index = hf_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
+                             f"name -> shard file; {type(error).__name__}: {error}): download or copy it again"
+                             ) from None
         absent = [f for f in files if not (hf_dir / f).is_file()]
         if absent:
             raise ValueError(f"{index} names shard files that are missing: {absent}")
@@ -37,13 +45,25 @@ def safetensors_files(hf_dir: Path) -> list[Path]:
                      "supported)")
 
 
+@contextlib.contextmanager
+def _open_shard(path: Path):
+    """safetensors' reader of one weight file; a damaged file (a download cut short) is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        reader = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); a download or copy that was cut "
+                         "short leaves such a file: download or copy it again") from None
+    with reader:
+        yield reader
+
+
 def tensor_names_and_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype string) of every tensor, from the safetensors headers only (no tensor is read)."""
-    from safetensors import safe_open
-
     out = {}
     for path in safetensors_files(hf_dir):
-        with safe_open(path, framework="pt") as reader:
+        with _open_shard(path) as reader:
             for name in reader.keys():
                 piece = reader.get_slice(name)
                 out[name] = (tuple(piece.get_shape()), piece.get_dtype())
@@ -52,10 +72,8 @@ def tensor_names_and_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], st
 
 def iter_lazy_tensors(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """(name, read) for every tensor, file by file; ``read()`` loads that one tensor. One file open at a time."""
-    from safetensors import safe_open
-
     for path in safetensors_files(hf_dir):
-        with safe_open(path, framework="pt") as reader:
+        with _open_shard(path) as reader:
             for name in reader.keys():
                 yield name, (lambda reader=reader, name=name: reader.get_tensor(name))
 
@@ -101,6 +119,17 @@ def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_d
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return final
+
+
+def missing_processor_files(hf_dir: Path) -> list[str]:
+    """What an HF folder lacks of what a processor is loaded from: "tokenizer files" (tokenizer.json, or
+    vocab.json + merges.txt) and "image processor config" (preprocessor_config.json / processor_config.json)."""
+    missing = []
+    if not ((hf_dir / "tokenizer.json").is_file() or all((hf_dir / f).is_file() for f in ("vocab.json", "merges.txt"))):
+        missing.append("tokenizer files")
+    if not any((hf_dir / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("image processor config")
+    return missing
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -171,6 +200,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     :func:`check_output_apart`; checked here too, since this is what replaces ``out``)."""
     check_output_apart(out, inputs)
     out = Path(out).absolute()
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # --overwrite replaces a folder this wrote, never a file of the user's
+        raise ValueError(f"--out {out}: {blocked} is a file; choose an --out folder elsewhere")
     _clean_leftovers(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
@@ -183,10 +215,19 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    if out.exists() and not overwrite:  # written meanwhile, by another conversion into the same --out
+        shutil.rmtree(temp, ignore_errors=True)
+        raise ValueError(f"{out} was written by another process while this conversion ran; it is kept. Choose "
+                         "another --out or pass --overwrite")
     if out.exists():
         old = out.parent / f".{out.name}.old-{_owner()}"
         os.replace(out, old)
         os.replace(temp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(temp, out)
+        try:
+            os.rename(temp, out)  # fails where out appeared in between with content (never replaces it)
+        except OSError:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise ValueError(f"{out} was written by another process while this conversion ran; it is kept. "
+                             "Choose another --out or pass --overwrite") from None

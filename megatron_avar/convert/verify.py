@@ -9,12 +9,14 @@ host) and then compares that rounding too: raise the tolerance with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
 from megatron_avar.convert import checkpoint
+from megatron_avar.convert.hf_files import safetensors_files
 
 VERIFY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -85,6 +87,18 @@ def verify_rank(mcore_dir: str, tp: int, pp: int, batch: dict, out_file: str, dt
         parallel_state.destroy_model_parallel()
 
 
+def _differing_fields(a, b, prefix: str = "") -> list[str]:
+    """"field: a vs b" for each field of two (nested) config dataclasses that differs."""
+    differing = []
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+            differing += _differing_fields(x, y, f"{prefix}{field.name}.")
+        elif x != y:
+            differing.append(f"{prefix}{field.name}: {x} vs {y}")
+    return differing
+
+
 def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int,
            dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(max, mean) absolute logit difference between HF and megatron on :func:`verification_batch`, both run in
@@ -96,7 +110,12 @@ def verify(hf_dir: Path, mcore_dir: Path, *, tp: int, pp: int,
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
     checkpoint.read_checkpoint_info(mcore_dir)  # refused here, before HF loads, if it is not one
+    safetensors_files(Path(hf_dir))  # a folder with weights (not a file, not a checkpoint's weightless hf/)
     config = Qwen25VLConfig.from_hf(str(hf_dir))
+    differing = _differing_fields(config, Qwen25VLConfig.from_hf(str(Path(mcore_dir) / checkpoint.HF_SIDE_DIR)))
+    if differing:
+        raise ValueError(f"--hf-path {hf_dir} holds another model than --mcore-path {mcore_dir} ({', '.join(differing)}"
+                         "): verify compares a checkpoint with the HF model it was converted from or exported to")
     config.check_layout(tp=tp, pp=pp)
     batch = verification_batch(config)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=dtype).eval()

@@ -94,6 +94,7 @@ class SourceRankBackend:
 
     def __init__(self, inner: GenerationBackend | None, *, group, source: int, serves: str = "model-parallel group"):
         self.inner, self.group, self.source, self.serves = inner, group, source, serves
+        self._refit_failure: Exception | None = None  # of the last update_weights, on the source
         if (inner is not None) != (dist.get_rank() == source):
             raise ValueError(f"SourceRankBackend: rank {dist.get_rank()} must hold the backend exactly when it is "
                              f"the source ({source})")
@@ -103,20 +104,32 @@ class SourceRankBackend:
             self.inner.prepare_generation()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Collective walk of the weights. A refit that fails on the source (a name or shape the engine refuses)
+        finishes the walk first, so the group's other ranks are not left waiting in its gathers; the error then
+        reaches every rank of the group at the next ``generate``, as a generation error would."""
+        walk = iter(named_tensors)
+        self._refit_failure = None
         if self.inner is not None:
-            self.inner.update_weights(named_tensors)
-        else:
-            for _ in named_tensors:  # the walk is collective: join it, load nothing
-                pass
+            try:
+                self.inner.update_weights(walk)
+            except Exception as error:  # noqa: BLE001 — reported to the whole group by generate
+                self._refit_failure = error
+        for _ in walk:  # the walk is collective: join it (the rest of it, after a failed refit), load nothing
+            pass
 
     def generate(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> list[Rollout]:
         if dist.get_world_size(self.group) == 1:
             assert self.inner is not None, "a group of one rank is its own source rank"
+            if self._refit_failure is not None:
+                raise self._refit_failure
             return self.inner.generate(prompts, n, sampling)
         payload: list = [None]  # ("ok", rollouts) or ("error", message), broadcast from the source rank
         failure = None
         if self.inner is not None:
             try:
+                if self._refit_failure is not None:
+                    raise RuntimeError(f"the refit of its weights failed ({type(self._refit_failure).__name__}: "
+                                       f"{self._refit_failure})") from self._refit_failure
                 payload = [("ok", self.inner.generate(prompts, n, sampling))]
             except Exception as error:  # noqa: BLE001 — any failure must reach every rank of the group
                 payload, failure = [("error", f"{type(error).__name__}: {error}")], error

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files
+from megatron_avar import atomic_files, platform
 from megatron_avar.grpo.advantages import group_advantages
 from megatron_avar.grpo.backends import build_backend
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
@@ -48,21 +48,31 @@ def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                               seed=config.rollout.seed + step)
+    failure: RolloutEngineError | None = None
+    rollouts: list[Rollout] = []
     try:
         rollouts = backend.generate(prompts, config.rollout.n, sampling)
     except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
-        raise RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
-                                 f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
-                                 "same command to resume from the last checkpoint") from error
+        failure = RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
+                                     f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
+                                     "same command to resume from the last checkpoint")
+        failure.__cause__ = error
     # Groups are contiguous runs of n (group_advantages): a backend returning another order would compare
     # rollouts of different prompts, silently.
     n = config.rollout.n
     expected = [(prompt_id, k) for prompt_id in prompts.prompt_ids for k in range(n)]
-    if [(r.prompt_id, r.sample_index) for r in rollouts] != expected:
-        raise RolloutEngineError(f"step {step}: the rollout backend returned {len(rollouts)} rollouts not in "
-                                 f"prompt-major order (prompt p's sample k at p x {n} + k, for "
-                                 f"{len(prompts.prompt_ids)} prompts x {n}); a backend must keep that order "
-                                 "(grpo.interfaces.GenerationBackend.generate)")
+    if failure is None and [(r.prompt_id, r.sample_index) for r in rollouts] != expected:
+        failure = RolloutEngineError(f"step {step}: the rollout backend returned {len(rollouts)} rollouts not in "
+                                     f"prompt-major order (prompt p's sample k at p x {n} + k, for "
+                                     f"{len(prompts.prompt_ids)} prompts x {n}); a backend must keep that order "
+                                     "(grpo.interfaces.GenerationBackend.generate)")
+    # Every replica stops together: the others would wait for this one in the update's collectives.
+    if platform.on_any_rank(failure is not None) and failure is None:
+        failure = RolloutEngineError(f"step {step}: rollout generation failed on another data-parallel replica "
+                                     "(its error names the cause); no update was made — rerun the same command to "
+                                     "resume from the last checkpoint")
+    if failure is not None:
+        raise failure
     return rollouts
 
 

@@ -324,13 +324,6 @@ class CheckpointWriteError(ValueError):
     ValueError: the CLI shows the message alone."""
 
 
-def _on_any_rank(happened: bool) -> bool:
-    """Collective: whether ``happened`` holds on any rank (so every rank stops together, none left waiting)."""
-    flag = torch.tensor([1.0 if happened else 0.0], device=platform.current_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 class _PeerWriteFailure(RuntimeError):
     """Another rank failed to write its part of the checkpoint (that rank reports the cause)."""
 
@@ -426,7 +419,7 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
             write()
         except Exception as error:  # noqa: BLE001
             failure = error
-        failed_somewhere = _on_any_rank(failure is not None)
+        failed_somewhere = platform.on_any_rank(failure is not None)
         if failure is not None:
             raise failure
         if failed_somewhere:
@@ -491,7 +484,7 @@ def load_checkpoint(path: Path, model) -> dict:
         vet_dist_checkpoint(path)
     except ValueError as error:
         refusal = error
-    refused_somewhere = _on_any_rank(refusal is not None)
+    refused_somewhere = platform.on_any_rank(refusal is not None)
     if refusal is not None:
         raise refusal
     if refused_somewhere:
@@ -502,7 +495,7 @@ def load_checkpoint(path: Path, model) -> dict:
     state, _, absent = typing.cast(tuple[dict, set[str], set[str]], dist_checkpointing.load(
         _sharded_state(model, is_loading=True), str(path), strict=StrictHandling.RETURN_ALL))
     absent = without_extra_states(absent)
-    if _on_any_rank(bool(absent)):
+    if platform.on_any_rank(bool(absent)):
         raise ValueError(f"{path} lacks parts this model has ({absent[:5] or 'on another rank'}): it was written "
                          "for another model; resume from a checkpoint of this run, or start over "
                          "(checkpoint.resume=false checkpoint.overwrite=true)")
@@ -533,6 +526,4 @@ class PreemptionFlag:
         self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=platform.current_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return platform.on_any_rank(self.received)

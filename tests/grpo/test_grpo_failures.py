@@ -70,6 +70,60 @@ def test_a_rollout_engine_crash_fails_every_rank_of_the_group():
     assert results[1][2] == []
 
 
+class _RefusingRefitBackend(_CrashingBackend):
+    """Its refit refuses the second tensor (a name the engine does not know) without reading the rest."""
+
+    def update_weights(self, named_tensors):
+        for index, _ in enumerate(named_tensors):
+            if index == 1:
+                raise ValueError("update_weights: unknown tensor 'b'")
+
+    def generate(self, prompts, n, sampling):
+        raise AssertionError("generate must not run on a model left half refitted")
+
+
+def _replicas_where_one_fails(failing: str):
+    """DP=2 (TP=1): replica 0's backend fails (its refit or its generation), replica 1's works. Every rank must
+    raise at the same step: replica 1 would otherwise wait for replica 0 in the update's collectives."""
+    import dataclasses
+
+    from megatron.core import parallel_state
+
+    from megatron_avar.grpo.backends import on_model_parallel_source
+    from megatron_avar.grpo.trainer import RolloutEngineError, _generate
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    layout = init_distributed(1, 1, seed=0)
+    config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
+                                            "rollout.n=2"])
+    prompts = type("Prompts", (), {"prompt_ids": [f"p{layout.dp_rank}"]})()
+    working = type("Working", (_CrashingBackend,), {"generate": lambda self, prompts, n, sampling: [
+        dataclasses.replace(_rollout([11, 151645]), prompt_id=prompts.prompt_ids[0], sample_index=k)
+        for k in range(n)]})
+    broken = _RefusingRefitBackend if failing == "refit" else _CrashingBackend
+    backend = on_model_parallel_source(broken if layout.dp_rank == 0 else working)
+    walked = []
+    backend.update_weights(walked.append(name) or (name, torch.zeros(1)) for name in ("a", "b", "c"))
+    try:
+        _generate(backend, prompts, config, 5)
+        message = "no error"
+    except RolloutEngineError as error:
+        message = str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return message, walked
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("failing", ["refit", "generation"])
+def test_a_replica_whose_engine_fails_stops_every_replica(failing):
+    (failed, walked_0), (other, walked_1) = run_on_ranks(_replicas_where_one_fails, 2, failing, timeout_s=120)
+    cause = "unknown tensor 'b'" if failing == "refit" else "illegal memory access"
+    assert "step 5: rollout generation failed" in failed and cause in failed
+    assert "step 5: rollout generation failed on another data-parallel replica" in other
+    assert walked_0 == walked_1 == ["a", "b", "c"]  # a refused refit still finishes the collective walk
+
+
 def test_rollouts_out_of_prompt_major_order_are_refused():
     """Groups are contiguous runs of n: a backend returning sample-major order would mix prompts' advantages."""
     import dataclasses

@@ -157,8 +157,9 @@ class Qwen25VLConfig:
                 raise ValueError(f"{path} not found: a Qwen2.5-VL model folder holds config.json")
             try:
                 source = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} is not valid JSON ({error})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is not a JSON config ({error}): give the model folder or its "
+                                 "config.json") from None
         if isinstance(source, Mapping):
             if source.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
                 raise ValueError(f"model_type={source['model_type']!r}: only 'qwen2_5_vl' is supported")
