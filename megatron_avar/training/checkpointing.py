@@ -526,4 +526,4 @@ class PreemptionFlag:
         self.received = signal.Signals(signum).name
 
     def any_rank(self) -> bool:
-        return platform.on_any_rank(self.received)
+        return platform.on_any_rank(bool(self.received))
