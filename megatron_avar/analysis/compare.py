@@ -140,6 +140,11 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
                   + (" (p undefined for n = 2)" if p is None else "")]
     if any(row["exclude_sink"] for row in rows) and not all(row["exclude_sink"] for row in rows):
         lines += ["", "warning: the reports mix --exclude-sink settings; compare the vas_no_sink column instead"]
+    for key, what in (("data", "--data"), ("layers", "--layers"), ("num_samples", "--num-samples")):
+        values = {json.dumps((report.get("config") or {}).get(key), sort_keys=True) for _, report in loaded}
+        if len(values) > 1:
+            lines += ["", f"warning: the reports were computed with different {what} ({', '.join(sorted(values))}); "
+                          "their VAS are comparable only on the same samples and layers"]
     markdown = "\n".join(lines) + "\n"
     result = dict(rows=rows, markdown=markdown, pearson=correlation)
     if out is not None:

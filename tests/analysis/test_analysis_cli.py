@@ -198,6 +198,9 @@ def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
                      "--out", str(compare_out)]) == 0
         printed = capsys.readouterr().out
         assert "| base |" in printed and "+50.0%" in printed and "Pearson r" in printed
+        # layer1 averages one layer, the others all: said, as a mix of --exclude-sink is
+        assert "warning: the reports were computed with different --layers" in printed
+        assert "different --data" not in printed
         written = json.loads((compare_out / "compare.json").read_text())
         assert written["pearson"]["r"] == pytest.approx(expected_r, rel=1e-9)
         assert written["pearson"]["p_value"] == pytest.approx(expected_p, rel=1e-6)
