@@ -59,9 +59,10 @@ def _judge_lines(summaries: dict[str, dict], judge: dict) -> list[str]:
 
 
 def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | None = None,
-                  judge: dict | None = None) -> str:
+                  judge: dict | None = None, intervened: bool = False) -> str:
     """The Markdown results table (see the module docstring) plus per-benchmark detail lines. judge: the
-    judge's description (`AnswerJudge.describe`) when the summaries carry judged scores."""
+    judge's description (`AnswerJudge.describe`) when the summaries carry judged scores. intervened: the answers
+    were generated with the training-free intervention (the VAS line then says it is the model's own)."""
     names = list(BENCHMARKS)
     header = "| model | " + " | ".join(BENCHMARKS[n].paper_column for n in names) + " | Avg |"
     lines = [header, "|---|" + "---:|" * (len(names) + 1)]
@@ -88,7 +89,9 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         lines.append(detail)
     with_vas = [n for n in names if n in summaries and "vas" in summaries[n]]
     if with_vas:
-        lines.append("\nVisual Attention Score (prompt-only prefill, all layers and heads; docs/method.md): "
+        lines.append("\nVisual Attention Score (prompt-only prefill, all layers and heads; docs/method.md"
+                     + ("; of the model without the intervention the answers were generated with" if intervened else "")
+                     + "): "
                      + ", ".join(f"{BENCHMARKS[n].paper_column} {summaries[n]['vas']['vas']:.3f} "
                                  f"(n={summaries[n]['vas']['num_samples']})" for n in with_vas))
     if judge is not None:
@@ -118,5 +121,6 @@ def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = 
     atomic_files.write_json(out / "scores.json", scores)
     limit = run_config.get("limit")
     atomic_files.write_text(out / "results.md",
-                            results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge))
+                            results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge,
+                                          intervened=bool((run_config.get("generation") or {}).get("intervene"))))
     return scores

@@ -100,6 +100,19 @@ def test_results_table_has_the_paper_rows_and_ours(fake_generator, tmp_path, eva
     assert "average" not in json.loads((tmp_path / "out" / "scores.json").read_text())
 
 
+def test_the_vas_line_says_when_the_answers_were_intervened():
+    """--vas-samples measures the model; with --intervene the answers come from the model with edited attention,
+    and the line said nothing of it beside their accuracy."""
+    from megatron_avar.eval.report import results_table
+
+    summary = {"score": 50.0, "num_samples": 2, "extraction_failure_rate": 0.0, "format_failure_rate": 0.0,
+               "vas": {"vas": 1.234, "num_samples": 2}}
+    plain = results_table({"mmstar": summary}, "ours: m")
+    intervened = results_table({"mmstar": summary}, "ours: m", intervened=True)
+    assert "MMStar 1.234 (n=2)" in plain and "without the intervention" not in plain
+    assert "of the model without the intervention the answers were generated with): MMStar 1.234" in intervened
+
+
 def test_cli_errors_and_score_only(fake_generator, tmp_path, eval_data_root, capsys):
     assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar,nope"]) == 2
     assert "unknown; choose from mathvista" in capsys.readouterr().err
