@@ -3,8 +3,9 @@
 A write goes to a temporary file beside the target (a unique name, so concurrent writers of one file never share
 it), is flushed to the disk (``fsync``), and is renamed over the target; the directory is then flushed too, so
 the rename itself survives a power loss or a kernel panic, not only a killed process. A write that fails removes
-its temporary file and leaves the target as it was. The temporary file is created with the process's umask, as
-a plain ``open`` would (not the owner-only mode of ``tempfile``), so results stay readable by a team.
+its temporary file and leaves the target as it was. As with a plain ``open(path, "w")``: a new file gets the
+process's umask (not the owner-only mode of ``tempfile``), a replaced file keeps its mode, and a symlink is
+written through (its target is replaced, the link stays).
 
 Every file this project publishes for a later run or a user to read (summaries, reports, trainer states, the
 ``latest`` pointer of checkpoints, caches, datasets) is written here; append-only logs (metrics.jsonl,
@@ -18,6 +19,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,10 +93,12 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """``with replacing(path) as temporary:`` write the new content to ``temporary`` (an empty file in
     ``path``'s folder, which is created if missing); on leaving the block without an error it replaces ``path``
     durably (module docstring). On an error, or KeyboardInterrupt, ``path`` is untouched and ``temporary`` gone."""
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # through symlinks, as open() writes
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _create_temporary(path)
     try:
+        if path.exists():
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         yield temporary
         fsync_file(temporary)
         os.replace(temporary, path)

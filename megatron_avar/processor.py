@@ -223,10 +223,14 @@ def write_added_tokens(tokenizer, model_dir: str | Path) -> list[str]:
     whose tokenizer lacks them. Without this, an exported model's tokenizer would not know the ids it was trained
     to generate (they would decode as nothing, and `<think>` in a prompt would be plain text). Rewrites
     tokenizer.json from ``tokenizer`` and adds the tokens to tokenizer_config.json's ``added_tokens_decoder``;
-    everything else in the folder (chat template, processor config) is kept. Returns the tokens written."""
+    everything else in the folder (chat template, processor config) is kept. A folder with no tokenizer files is
+    left as it is (its model came without a tokenizer; `avar convert hf-to-mcore` says so). Returns the tokens
+    written."""
     from megatron_avar import atomic_files
 
     model_dir = Path(model_dir)
+    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
+        return []
     config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     listed = {entry.get("content") for entry in tokenizer_config.get("added_tokens_decoder", {}).values()}

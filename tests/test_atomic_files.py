@@ -48,6 +48,19 @@ def test_files_get_the_umask_mode_not_owner_only(tmp_path):
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
 
 
+def test_a_replaced_file_keeps_its_mode_and_a_symlink_is_written_through(tmp_path):
+    target = tmp_path / "shared" / "config.json"
+    target.parent.mkdir()
+    target.write_text("{}\n")
+    target.chmod(0o640)
+    link = tmp_path / "config.json"
+    link.symlink_to(target)
+    atomic_files.write_json(link, {"a": 1})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert _leftovers(target.parent) == [] and _leftovers(tmp_path) == []
+
+
 def test_concurrent_writers_of_one_file_never_share_a_temporary_file(tmp_path):
     target = tmp_path / "run_config.json"
     errors = []

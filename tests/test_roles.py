@@ -211,6 +211,9 @@ def test_a_checkpoint_exports_the_tokens_its_run_trained_with(tmp_path):
     from megatron_avar.processor import write_added_tokens
 
     assert write_added_tokens(trained.tokenizer, tmp_path / "ckpt" / "hf") == []  # already there: untouched
+    (tmp_path / "weights-only").mkdir()  # a model without tokenizer files: no half-built tokenizer appears
+    assert write_added_tokens(trained.tokenizer, tmp_path / "weights-only") == []
+    assert list((tmp_path / "weights-only").iterdir()) == []
 
 
 def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):

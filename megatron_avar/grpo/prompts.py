@@ -54,6 +54,10 @@ _MAX_LISTED = 8  # bad records named in one error message
 _GENERATION_PROMPT = "<|im_start|>assistant\n"
 
 
+# The order scheme the resume state records: "cyclic" (shuffle=false epochs start where the last stopped).
+# States without it come from the version whose shuffle=false order repeated the dataset order every epoch.
+ORDER = "cyclic"
+
 @dataclass(frozen=True)
 class GRPODataConfig:
     """The prompts GRPO trains on. Validated on construction (ValueError naming the field)."""
@@ -299,7 +303,7 @@ class PromptLoader:
         """{"step": the next step, and what the order depends on}. The position is global, so a run may
         resume with another dp_size."""
         return {"step": self._step, "seed": self.config.seed, "shuffle": self.config.shuffle,
-                "prompts_per_step": self.prompts_per_step, "fingerprint": self.fingerprint}
+                "prompts_per_step": self.prompts_per_step, "fingerprint": self.fingerprint, "order": ORDER}
 
     def load_state_dict(self, state: dict, *, accept_data_change: bool = False) -> None:
         """Continue from a `state_dict()`; ValueError when it was made with other prompts (unless
@@ -318,6 +322,13 @@ class PromptLoader:
                                  "or order settings")
         if not isinstance(state.get("step"), int) or state["step"] < 0:
             raise ValueError(f"prompt data state has step={state.get('step')!r}; expected an int >= 0")
+        tail = self.num_prompts % self.prompts_per_step
+        if state.get("order", "repeat") != ORDER and not self.config.shuffle and tail and not accept_data_change:
+            raise ValueError(f"the checkpoint was written by a version that repeated the dataset order every epoch "
+                             f"with data.shuffle=false, leaving out the same {tail} prompts each time; this version "
+                             "starts each epoch where the last stopped, so resuming would repeat or skip prompts of "
+                             "the current epoch. Pass checkpoint.accept_data_change=true to continue in the new "
+                             "order, or start over")
         self._step = state["step"]
 
     # -------------------------------------------------------------------------------- iteration

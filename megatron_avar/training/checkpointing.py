@@ -441,18 +441,22 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
                 describe(partial)
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
 
+    def flush() -> None:  # durable before it is published (_publish): megatron flushes its files, this the rest
+        if rank == 0:
+            atomic_files.fsync_tree(partial)
+
     on_every_rank(make_folder)
     _write_results_in_process()
     dist_checkpointing.save(_sharded_state(model, is_loading=False), str(partial))
     on_every_rank(write_rank_state)
+    on_every_rank(flush)  # where delayed write errors (EIO, a quota) show: a CheckpointWriteError on every rank
 
 
 def _publish(root: Path, final: Path, partial: Path, *, keep: int) -> None:
     """Collective: rename the complete ``partial`` to ``final``, point ``latest`` at it, prune (rank 0)."""
     if dist.get_rank() == 0:
-        # Durable before it is published: a node crash after `latest` names this checkpoint must not leave its
-        # files unwritten (megatron flushes its own files; this flushes the rest, and every folder entry).
-        atomic_files.fsync_tree(partial)
+        # `partial` was flushed to the disk by _write: a node crash after `latest` names it cannot leave its files
+        # unwritten. The rename and the pointer are flushed here.
         if final.exists():  # a complete checkpoint of this step exists (e.g. re-run after resume): replace it
             shutil.rmtree(final)
         os.rename(partial, final)

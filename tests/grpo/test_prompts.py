@@ -164,6 +164,14 @@ def test_epochs_are_seeded_permutations_each_leaving_out_another_tail(processor,
     assert in_order.epoch_order(2) == [6, 7, 8, 9, *range(6)]
     trained = [prompt for step, batch in _take(in_order, 3) for prompt in batch.prompt_ids]
     assert trained == [records[i]["id"] for i in [*range(10), 0, 1]]  # every prompt before any prompt twice
+    # a state of the version that repeated the dataset order: resuming in the new order would repeat or skip
+    # prompts, so it is refused unless accepted
+    old_state = {key: value for key, value in in_order.state_dict().items() if key != "order"}
+    with pytest.raises(ValueError, match="repeated the dataset order every epoch"):
+        _loader(path, processor, shuffle=False).load_state_dict(old_state)
+    _loader(path, processor, shuffle=False).load_state_dict(old_state, accept_data_change=True)
+    _loader(path, processor, prompts_per_step=5, shuffle=False).load_state_dict(  # no tail: the same order
+        {**old_state, "prompts_per_step": 5})
     steps = _take(loader, 4)
     epoch0 = steps[0][1].prompt_ids + steps[1][1].prompt_ids
     assert epoch0 == [records[i]["id"] for i in orders[0][:8]] and len(set(epoch0)) == 8
