@@ -84,6 +84,23 @@ def _tp1_results():
                                      {name: p.grad for name, p in model.vision.named_parameters()})
     model.zero_grad()
 
+    # Inputs that do not fit input_ids are named (they were raw index/size errors deep in the forward); an empty
+    # set of images is no images.
+    bad = {}
+    one = case_batch("one_image")
+    for name, kwargs in (("attention_mask", {"attention_mask": one["attention_mask"][:, :-1]}),
+                         ("labels", {"labels": one["input_ids"][0]}),
+                         ("position_ids", {"position_ids": torch.zeros(3, one["input_ids"].shape[1],
+                                                                       dtype=torch.long)})):
+        try:
+            model(one["input_ids"], **{"attention_mask": one["attention_mask"], **kwargs})
+        except ValueError as error:
+            bad[name] = str(error)
+    results["bad_shapes"] = bad
+    empty = {**text, "pixel_values": torch.zeros(0, inputs["pixel_values"].shape[1]),
+             "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
+    results["no_images"] = (_forward(model, empty), results["logits"]["text_only"][0])
+
     # Negative control: HF's [q; k; v] rows loaded without megatron's per-group interleaving.
     qkv = model.language_model.decoder.layers[0].self_attention.linear_qkv.weight
     attn = hf.model.language_model.layers[0].self_attn
@@ -133,6 +150,14 @@ def test_logits_equal_hf(results, name):
 def test_logits_equal_hf_with_tied_embeddings(results, name):
     ours, reference, real = results["tied_logits"][name]
     assert _relative(ours[real], reference[real]) < RELATIVE_TOLERANCE
+
+
+def test_inputs_that_do_not_fit_input_ids_are_named_and_no_images_is_text_only(results):
+    bad = results["bad_shapes"]
+    assert set(bad) == {"attention_mask", "labels", "position_ids"}
+    assert bad["attention_mask"].startswith("attention_mask must have input_ids' shape")
+    assert bad["position_ids"].startswith("position_ids must be [3, batch, seq]")
+    torch.testing.assert_close(*results["no_images"], rtol=0, atol=0)
 
 
 def test_vision_features_equal_hf(results):

@@ -80,6 +80,22 @@ def test_mismatched_image_tokens_name_both_counts():
         mrope_position_ids(split, torch.tensor([GRID_A]), image_token_id=IMAGE, spatial_merge_size=2)
 
 
+@pytest.mark.parametrize("grid,match", [
+    ([[1, 3, 4]], "image grid 1x3x4 is not an image the processor gives"),  # was a raw expand RuntimeError
+    ([[1, 0, 4]], "image grid 1x0x4"),
+    ([1, 4, 6], r"image_grid_thw must be an integer tensor \[num_images, 3\]"),
+    ([[1.0, 4.0, 6.0]], "image_grid_thw must be an integer tensor"),
+])
+def test_grids_no_processor_gives_are_named(grid, match):
+    from megatron_avar.models.qwen2_5_vl.vision import vision_packing
+
+    ids = torch.tensor([[7] + [IMAGE] * 3 + [9]])
+    with pytest.raises(ValueError, match=match):
+        mrope_position_ids(ids, torch.tensor(grid), image_token_id=IMAGE, spatial_merge_size=2)
+    with pytest.raises(ValueError, match=match):
+        vision_packing(torch.tensor(grid), Qwen25VLConfig.from_hf(tiny_hf_config()).vision)
+
+
 @pytest.mark.parametrize("grids", [[GRID_A], [GRID_B, GRID_C, GRID_D], [(1, 10, 4), (2, 4, 6), (1, 2, 8)]])
 def test_vision_packing_equals_hf(grids):
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index

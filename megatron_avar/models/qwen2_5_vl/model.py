@@ -260,10 +260,15 @@ class Qwen25VLModel(MegatronModule):
         labels), or the hidden states [S, B, H] for the next pipeline stage.
         """
         cfg = self.qwen_config
+        _check_shapes(input_ids, attention_mask=attention_mask, labels=labels, token_roles=token_roles,
+                      segment_ids=segment_ids, position_ids=position_ids)
         if bool((input_ids == cfg.video_token_id).any()):
             raise ValueError(f"video tokens (id {cfg.video_token_id}) are not supported, only images")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pass pixel_values and image_grid_thw together")
+        if image_grid_thw is not None and image_grid_thw.numel() == 0 and pixel_values is not None \
+                and pixel_values.shape[0] == 0:
+            pixel_values = image_grid_thw = None  # no images (an empty batch of them)
         split = None if self._cp_group is None else ContextSplit.build(self._cp_group, input_ids.shape[1],
                                                                           input_ids.device)
         local_seq = input_ids.shape[1] // (split.size if split is not None else 1)
@@ -321,3 +326,17 @@ class Qwen25VLModel(MegatronModule):
             labels = None if labels is None else split.local(labels, 1)
         return self.language_model(input_ids, position_ids, None,
                                    decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)
+
+
+def _check_shapes(input_ids: torch.Tensor, *, position_ids: torch.Tensor | None, **per_token: torch.Tensor | None):
+    """ValueError naming the argument whose shape does not fit ``input_ids`` [B, S] (each per-token input is
+    [B, S], position_ids [3, B, S]): shapes only, nothing read from the device."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    for name, value in per_token.items():
+        if value is not None and tuple(value.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(value.shape)}")
+    if position_ids is not None and tuple(position_ids.shape) != (3, *input_ids.shape):
+        raise ValueError(f"position_ids must be [3, batch, seq] = {(3, *input_ids.shape)} (t, h, w of the "
+                         f"multimodal rope), got {tuple(position_ids.shape)}")
+

@@ -12,7 +12,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mrope_position_ids", "image_token_counts"]
+__all__ = ["mrope_position_ids", "image_token_counts", "check_image_grids"]
+
+
+def check_image_grids(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[tuple[int, int, int]]:
+    """The grids as (t, h, w) tuples; ValueError unless ``image_grid_thw`` is an integer [num_images, 3] of
+    patch counts >= 1 whose h and w are multiples of ``spatial_merge_size`` (what the processor gives)."""
+    if not isinstance(image_grid_thw, torch.Tensor) or image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3 \
+            or image_grid_thw.dtype.is_floating_point:
+        got = (f"{image_grid_thw.dtype} {tuple(image_grid_thw.shape)}" if isinstance(image_grid_thw, torch.Tensor)
+               else type(image_grid_thw).__name__)
+        raise ValueError(f"image_grid_thw must be an integer tensor [num_images, 3] (t, h, w in patches), got {got}")
+    grids = [(int(t), int(h), int(w)) for t, h, w in image_grid_thw.tolist()]
+    for t, h, w in grids:
+        if min(t, h, w) < 1 or h % spatial_merge_size or w % spatial_merge_size:
+            raise ValueError(f"image grid {t}x{h}x{w} is not an image the processor gives: t, h, w must be >= 1 "
+                             f"and h, w multiples of spatial_merge_size={spatial_merge_size}")
+    return grids
 
 
 def image_token_counts(image_grid_thw: torch.Tensor, spatial_merge_size: int) -> list[int]:
@@ -41,7 +57,7 @@ def mrope_position_ids(
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     batch, seq = input_ids.shape
-    grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.tolist()]
+    grids = [] if image_grid_thw is None else check_image_grids(image_grid_thw, spatial_merge_size)
     counts = [t * h * w // spatial_merge_size**2 for t, h, w in grids]
     num_image_tokens = int((input_ids == image_token_id).sum())
     if attention_mask is not None:

@@ -52,6 +52,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_avar.models.qwen2_5_vl.config import Qwen25VLVisionConfig
 from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
+from megatron_avar.models.qwen2_5_vl.positions import check_image_grids
 
 __all__ = ["Qwen25VisionModel", "VisionSegmentAttention", "VisionSegments", "vision_layer_spec", "vision_packing"]
 
@@ -82,9 +83,7 @@ def vision_packing(grid_thw: torch.Tensor, config: Qwen25VLVisionConfig) -> Visi
     unit = merge * merge
     merged_order, window_lengths, frame_lengths, rows, columns = [], [], [], [], []
     offset = 0  # merged tokens of the previous images
-    for t, h, w in grid_thw.tolist():
-        if h % merge or w % merge:
-            raise ValueError(f"image grid {t}x{h}x{w} is not divisible by spatial_merge_size={merge}")
+    for t, h, w in check_image_grids(grid_thw, merge):
         mh, mw = h // merge, w // merge
         row, column = torch.meshgrid(torch.arange(mh), torch.arange(mw), indexing="ij")
         windows_per_row = -(-mw // side)
