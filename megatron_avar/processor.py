@@ -29,6 +29,7 @@ __all__ = [
     "load_processor",
     "add_reasoning_tokens",
     "write_added_tokens",
+    "check_processor_fits_model",
     "chat_template",
 ]
 
@@ -246,4 +247,18 @@ def write_added_tokens(tokenizer, model_dir: str | Path) -> list[str]:
         tokenizer.backend_tokenizer.save(str(temporary))
     atomic_files.write_json(config_path, {**tokenizer_config, "added_tokens_decoder": decoder}, ensure_ascii=False)
     return [added.content for _, added in sorted(missing.items())]
+
+
+def check_processor_fits_model(processor, qwen_config) -> None:
+    """ValueError unless the processor belongs to the model: the same `<|image_pad|>` id, and every token id it
+    can produce inside the model's embedding table (a larger vocabulary would index past it: on a GPU a
+    device-side assert that ends the process without naming the cause)."""
+    image_pad = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN)
+    if image_pad != qwen_config.image_token_id:
+        raise ValueError(f"the tokenizer's {IMAGE_PAD_TOKEN} id is {image_pad} but the model's image_token_id is "
+                         f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    size = len(processor.tokenizer)
+    if size > qwen_config.text.vocab_size:
+        raise ValueError(f"the tokenizer has {size} tokens but the model's vocabulary holds "
+                         f"{qwen_config.text.vocab_size}: data.processor_path does not belong to model.hf_path")
 

@@ -216,6 +216,22 @@ def test_a_checkpoint_exports_the_tokens_its_run_trained_with(tmp_path):
     assert list((tmp_path / "weights-only").iterdir()) == []
 
 
+def test_a_processor_of_another_model_is_named(processor):
+    """Token ids past the model's embedding table were a device-side assert on a GPU, naming nothing."""
+    from types import SimpleNamespace
+
+    from megatron_avar.processor import check_processor_fits_model
+
+    def model(image_token_id=151655, vocab_size=152064):
+        return SimpleNamespace(image_token_id=image_token_id, text=SimpleNamespace(vocab_size=vocab_size))
+
+    check_processor_fits_model(processor, model())
+    with pytest.raises(ValueError, match="the tokenizer has 151665 tokens but the model's vocabulary holds 151646"):
+        check_processor_fits_model(processor, model(vocab_size=151646))
+    with pytest.raises(ValueError, match="<\\|image_pad\\|> id is 151655 but the model's image_token_id is 7"):
+        check_processor_fits_model(processor, model(image_token_id=7))
+
+
 def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):
     processor.save_pretrained(tmp_path)
     reloaded = load_processor(tmp_path)

@@ -33,6 +33,7 @@ from megatron_avar.grpo.backends import build_backend
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
+from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.training.run_loop import SUMMARY_FILE, check_model_path
 
 __all__ = ["run_grpo", "RolloutEngineError"]
@@ -232,9 +233,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     data_config = config.data
     processor = build_prompt_processor(data_config, data_config.processor_path or config.model.hf_path)
-    if processor.image_token_id != qwen_config.image_token_id:
-        raise ValueError(f"the processor's <|image_pad|> id {processor.image_token_id} is not the model's "
-                         f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    check_processor_fits_model(processor, qwen_config)
     from megatron_avar.grpo.vllm_requests import MAX_IMAGES_PER_PROMPT
 
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,

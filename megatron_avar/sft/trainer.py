@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megatron_avar import atomic_files
 from megatron_avar.models.context_parallel import local_positions
+from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
@@ -208,10 +209,7 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
         data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)
     data = SFTDataLoader(data_config, global_batch_size=config.train.global_batch_size, dp_rank=layout.dp_rank,
                          dp_size=layout.dp)
-    image_pad = data.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    if image_pad != qwen_config.image_token_id:
-        raise ValueError(f"the tokenizer's <|image_pad|> id is {image_pad} but the model's image_token_id is "
-                         f"{qwen_config.image_token_id}: data.processor_path does not belong to model.hf_path")
+    check_processor_fits_model(data.processor, qwen_config)
     return SFTRun(model=model, data=data, qwen_config=qwen_config, avar_layers=avar_layers, dtype=dtype)
 
 
