@@ -13,6 +13,8 @@ tools/bench_grpo_refit.py and needs its own GPU environment).
 Phases, as `avar grpo` runs them (megatron_avar.grpo.trainer.grpo_step): refit (policy.named_weights ->
 backend.update_weights), generate (--prompts x --n rollouts of --max-new-tokens), old log-probs with masses
 (policy.log_probs_with_masses: every layer an AVAR layer, VisualRewardSink attached), update (policy.train_step).
+Each phase is timed after an untimed warm-up call (kernel compilation and autotuning, optimizer states):
+refit, the log-prob passes and the update as the median of --repeats calls, generation once.
 
 Visual-reward cost = t(old log-probs, AVAR layers + sink) / t(old log-probs, no sink) − 1, on the same rollouts
 and the same model, each the median of --repeats passes: without a sink the AVAR layers (probe mode) run only
@@ -20,7 +22,8 @@ the platform's fastest causal attention, so the difference is the role_mass prob
 reward's bookkeeping. Target: <= 5% on a GPU.
 
 FLOPs of one old-log-prob pass (forward only) = training_flops / 3 with megatron_avar.training.metrics:
-  2·P_lm·T + 2·L·d·Σ s_i² + 2·P_vision·patches     (T tokens of the packed rollouts, s_i rollout lengths)
+  2·P_lm·T + 2·L·d·Σ s_i² + 2·P_vision·Σ p_j + 4·hv·F·Σ p_j²
+  (T tokens of the packed rollouts, s_i rollout lengths, p_j patches of image j, F full-attention vision blocks)
 
 Results: tools/results/bench_grpo_<device>_<date>.md and .json.
 """
@@ -28,6 +31,7 @@ Results: tools/results/bench_grpo_<device>_<date>.md and .json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -55,9 +59,13 @@ def _arguments():
     return parser.parse_args()
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def _median_seconds(fn, repeats: int, *, warmup: int = 0) -> float:
+    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones (first calls compile and autotune
+    kernels, allocate optimizer states and fill the allocator's cache)."""
     from megatron_avar import platform
 
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         if platform.cuda_available():
@@ -99,7 +107,7 @@ def main() -> int:
     from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
     from megatron_avar.training.config import OptimConfig, ParallelConfig
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
-    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.metrics import frame_patches, training_flops
 
     gpu = platform.cuda_available()
     dtype = torch.bfloat16 if gpu and not args.tiny else torch.float32
@@ -130,7 +138,8 @@ def main() -> int:
     backend = LocalGenerationBackend(str(hf_path), processor, device=platform.current_device(), dtype=dtype)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
     rows = {}
-    rows["refit"] = _median_seconds(lambda: backend.update_weights(policy.named_weights()), 1)
+    rows["refit"] = _median_seconds(lambda: backend.update_weights(policy.named_weights()), args.repeats, warmup=1)
+    backend.generate(prompts, 1, dataclasses.replace(sampling, max_new_tokens=2))  # warm-up: kernels, allocator
     started = time.perf_counter()
     rollouts = backend.generate(prompts, args.n, sampling)
     rows["generate"] = time.perf_counter() - started
@@ -141,14 +150,12 @@ def main() -> int:
                                                                         args.repeats)
     old = policy.log_probs_with_masses(rollouts)
     advantages = torch.linspace(-1, 1, len(rollouts))
-    rows["update"] = _median_seconds(lambda: policy.train_step(rollouts, old.logp, advantages), 1)
+    rows["update"] = _median_seconds(lambda: policy.train_step(rollouts, old.logp, advantages), args.repeats,
+                                     warmup=1)
 
-    lm, vision = matmul_params(qwen_config)
     lengths = [int(r.input_ids.numel()) for r in rollouts]
-    patches = sum(int(r.image_grid_thw.prod(-1).sum()) for r in rollouts if r.image_grid_thw is not None)
-    forward_flops = training_flops(lm_params=lm, vision_params=vision, num_layers=qwen_config.text.num_layers,
-                                   hidden_size=qwen_config.text.hidden_size, sample_lengths=lengths,
-                                   num_patches=patches) / 3
+    patches = [p for r in rollouts if r.image_grid_thw is not None for p in frame_patches(r.image_grid_thw)]
+    forward_flops = training_flops(qwen_config, sample_lengths=lengths, image_patches=patches) / 3
     overhead = rows["old log-probs + masses"] / rows["old log-probs, plain attention (baseline)"] - 1
     device = torch.cuda.get_device_name() if gpu else "cpu"
     from results_meta import git_commit, results_stem

@@ -31,11 +31,17 @@ CPU part (one Qwen2.5-VL-7B GQA group: 7 query / 1 kv head, head_dim 128, fp32):
 = growth of the process's peak resident set over its resident set with inputs allocated (/proc/self/clear_refs
 resets the peak); time = best of N runs.
 
+GPU time: per call, the median over --reps timed regions, each a run of calls back to back between one pair of
+CUDA events (at least 20 ms of them), so a short kernel is not read as its host launch overhead. Results are
+written after each length.
+
 FLOP convention (FlashAttention's): forward = 2 matmuls (Q K^T, P V) of 2*S*S*D flops per head, halved
-when causal; backward = 2.5x forward (5 matmuls). Mass accumulation and masking are not counted as
-useful flops, so the masses' cost shows as lower TFLOP/s at equal FLOPs. Each GPU row also records the largest
-|out| difference between the Triton kernel (as autotuned) and SDPA flash on the same inputs: a check that the
-configurations autotuning picked compute the same attention.
+when causal; backward = 2.5x forward (5 matmuls), so forward+backward = 3.5x forward. (The SFT step's
+TFLOP/s, training.metrics.training_flops, counts attention forward+backward as 3x its forward, as model-FLOP
+counts usually do: kernel and step TFLOP/s are not on the same scale.) Mass accumulation and masking are not
+counted as useful flops, so the masses' cost shows as lower TFLOP/s at equal FLOPs. Each GPU row also records
+the largest |out| difference between the Triton kernel (as autotuned) and SDPA flash on the same inputs: a check
+that the configurations autotuning picked compute the same attention.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform as host_platform
 import statistics
@@ -181,26 +188,54 @@ def _gpu_methods(q, k, v, roles):
     }, (q_sdpa, k_sdpa, v_sdpa, q_cp, k_cp, v_cp)
 
 
+TIMED_REGION_MS = 20  # calls back to back per timed region: at least this long, so launch overhead is amortised
+MAX_CALLS_PER_REGION = 50
+
+
 def _cuda_time_ms(fn, reps):
+    """Median over ``reps`` timed regions of the time per call, each region a run of calls back to back between one
+    pair of CUDA events (one call per region would time the host's launch overhead at short lengths: a kernel
+    of 0.2 ms behind a Python wrapper of 0.4 ms reads as 0.4 ms)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    calls = max(1, min(MAX_CALLS_PER_REGION, math.ceil(TIMED_REGION_MS / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 
-def bench_gpu(seq_lens, reps):
+def bench_gpu(seq_lens, reps, written=lambda rows, shape: None):
+    """Rows of every method, length and mode; ``written(rows, shape)`` after each length (results are kept as
+    they come: a run stopped at its time limit keeps the lengths it finished)."""
+    from megatron_avar.ops.role_attention_triton import autotune_choices
+
     rows = []
     num_q_heads, num_kv_heads, head_dim, batch = 28, 4, 128, 1
+
+    def shape():
+        return dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
+                    dtype="bfloat16", causal=True, num_roles=NUM_ROLES, autotune_choices=autotune_choices())
+
     for seq_len in seq_lens:
         q, k, v, roles = make_inputs(batch, seq_len, num_q_heads, num_kv_heads, head_dim, torch.bfloat16, "cuda")
         for t in (q, k, v):
             t.requires_grad_()
-        methods, sdpa_inputs = _gpu_methods(q, k, v, roles)
+        try:  # block masks, compiled FlexAttention, the CP split: a failure costs this length, not the run
+            methods, sdpa_inputs = _gpu_methods(q, k, v, roles)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            rows.append(dict(method="(setup)", seq_len=seq_len, mode="-", ms=None, tflops=None, peak_extra_mib=None,
+                             note=f"failed: {str(exc)[:120]}"))
+            written(rows, shape())
+            continue
         with torch.no_grad():  # the timed kernels compute the same attention: largest |difference| of out
             ours = methods["role_attention[triton]"]()[0].float()
             flash = methods["torch SDPA (flash)"]()[0].transpose(1, 2).float()
@@ -239,10 +274,8 @@ def bench_gpu(seq_lens, reps):
                 torch.cuda.empty_cache()
                 rows.append(row)
                 print(row, flush=True)
-    from megatron_avar.ops.role_attention_triton import autotune_choices
-
-    return rows, dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, batch=batch,
-                      dtype="bfloat16", causal=True, num_roles=NUM_ROLES, autotune_choices=autotune_choices())
+        written(rows, shape())
+    return rows, shape()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,13 +365,15 @@ def _device_name(part):
     return f"{model} x{os.cpu_count()} cores"
 
 
-def write_results(part, rows, shape, out_dir: Path):
+def write_results(part, rows, shape, out_dir: Path, stem: Path | None = None) -> Path:
+    """The Markdown + JSON of ``rows`` at ``stem`` (this run's files: picked by the first call, rewritten by the
+    next ones)."""
     import triton
 
     now = datetime.datetime.now(datetime.UTC)
     device = _device_name(part)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")[:40]
-    stem = results_stem(out_dir, f"role_attention_{part}_{slug}_{now:%Y-%m-%d}")
+    stem = stem or results_stem(out_dir, f"role_attention_{part}_{slug}_{now:%Y-%m-%d}")
     # CPU timings on a shared machine depend on what else runs: record the load next to them.
     meta = dict(date=now.isoformat(timespec="seconds"), device=device, commit=git_commit("megatron_avar/ops", __file__),
                 torch=torch.__version__,
@@ -352,7 +387,8 @@ def write_results(part, rows, shape, out_dir: Path):
              *(f"- {key}: {value}" for key, value in meta.items()), "",
              f"Time relative to the baseline `{baseline}` at the same length and mode. ms: "
              + ("best of the timed runs (median in brackets); peak extra: growth of peak RSS over RSS with inputs"
-                if part == "cpu" else "median of the timed runs; peak extra: torch.cuda peak over allocated before"),
+                if part == "cpu" else "median over the timed regions of the time per call (calls back to back, "
+                ">= 20 ms per region); peak extra: torch.cuda peak over allocated before"),
              "", "| method | S | mode | ms | TFLOP/s | peak extra MiB | time vs baseline |",
              "|---|---:|---|---:|---:|---:|---:|"]
     base = {(r["seq_len"], r["mode"]): r["ms"] for r in rows if r["method"] == baseline}
@@ -388,10 +424,16 @@ def main(argv=None):
     if part == "gpu":
         if not (platform.cuda_available() and platform.triton_gpu_available()):
             raise SystemExit("--part gpu needs CUDA and Triton's GPU backend (and TRITON_INTERPRET unset)")
-        rows, shape = bench_gpu(args.seq_lens or [1024, 2048, 4096, 8192, 16384, 32768], args.reps or 10)
+        stems: list[Path] = []
+
+        def written(rows, shape):
+            stems[:] = [write_results(part, rows, shape, args.out_dir, stems[0] if stems else None)]
+
+        rows, shape = bench_gpu(args.seq_lens or [1024, 2048, 4096, 8192, 16384, 32768], args.reps or 10, written)
+        stem = stems[0]
     else:
         rows, shape = bench_cpu(args.seq_lens or [1024, 2048, 4096], args.reps or 3)
-    stem = write_results(part, rows, shape, args.out_dir)
+        stem = write_results(part, rows, shape, args.out_dir)
     print(f"wrote {stem}.md and {stem}.json")
 
 

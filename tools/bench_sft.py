@@ -27,16 +27,19 @@ Modes, each measured in a fresh process (so peak memory is its own), same data a
             (model.role_attention_impl=triton): the other route "auto" takes (many packed samples, fp32)
   fused     AGTO on, output and every row's masses from the fused role_attention kernel
   hf-sdpa   Hugging Face's Qwen2.5-VL with SDPA attention, plain LM loss, torch AdamW, same config and tokens:
-            what users run without AVAR
+            what users run without AVAR (bf16: fp32 weights under bf16 autocast, as HF Trainer's bf16=True)
 Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
 (CUDA max allocated over the timed steps, from what the warm-up left held; CPU peak RSS) after the last step.
 Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
 same config and row (its image tokens and AGTO query rows), so a GPU run of this benchmark validates the plan.
 
-FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops with matmul_params of the model —
-  6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·patches
-(T real tokens, s_i sample lengths, L layers, d hidden size; the masses and AGTO are not counted as useful work);
-"attention share" = 6·L·d·Σ s_i² over that total. MFU = TFLOP/s / --peak-tflops (H100 SXM bf16 dense: 989).
+FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops (batch_flops) of the step's rows —
+  6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·Σ p_j + 12·hv·F·Σ p_j²
+(T real tokens, s_i sample lengths, L layers, d hidden size, p_j patches of image j, F full-attention vision blocks
+of width hv; attention fwd+bwd counted 3x its forward, as the trainer's metric; the masses and AGTO are not
+counted as useful work);
+"attention share" = 6·L·d·Σ s_i² over that total. MFU = TFLOP/s / --peak-tflops (default: the card's dense bf16
+peak from megatron_avar.plan.gpus, 989.4 for H100 SXM and H200; recorded in the JSON's meta).
 
 The authors' eager implementation keeps S×S attention probabilities per layer and head: the column
 "eager S×S" is L·H·S²·4 bytes·2 (fp32 probabilities, forward copy + the copy saved for backward) for this
@@ -134,7 +137,7 @@ def worker(spec: dict) -> dict:
     from megatron_avar.config import load_config
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.sft.config import SFTConfig
-    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.metrics import batch_flops
     from megatron_avar.training.sft_data import SFTDataLoader
 
     mode, seq = spec["mode"], spec["seq_length"]
@@ -151,7 +154,6 @@ def worker(spec: dict) -> dict:
     data = SFTDataLoader(dataclasses.replace(config.data, processor_path=config.model.hf_path), global_batch_size=1,
                          dp_rank=0, dp_size=1)
     step_fn = _hf_sdpa_steps(config, dtype) if mode == "hf-sdpa" else _megatron_steps(config, qwen, dtype, mode)
-    lm_params, vision_params = matmul_params(qwen)
     batches, times, flops, attention, tokens = iter(data), [], [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         batch = next(batches)
@@ -163,13 +165,9 @@ def worker(spec: dict) -> dict:
         if step >= spec["warmup"]:
             lengths = [int(b - a) for mb in batch.microbatches for cu in mb.cu_seqlens
                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-            patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in batch.microbatches
-                          if mb.image_grid_thw is not None)
             times.append(seconds)
             tokens.append(batch.num_real_tokens)
-            total = training_flops(lm_params=lm_params, vision_params=vision_params,
-                                   num_layers=qwen.text.num_layers, hidden_size=qwen.text.hidden_size,
-                                   sample_lengths=lengths, num_patches=patches)
+            total = batch_flops(qwen, batch)
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
     median = statistics.median(times)
@@ -223,7 +221,9 @@ def _megatron_steps(config, qwen, dtype, mode):
 
 def _hf_sdpa_steps(config, dtype):
     """Hugging Face's Qwen2.5-VL (SDPA attention, random weights) trained with its own LM loss and AdamW on
-    the same rows (each row one sample here; its padding masked), as a user without AVAR would."""
+    the same rows (each row one sample here; its padding masked), as a user without AVAR would: in bf16 as the
+    HF Trainer's ``bf16=True`` runs it (fp32 weights and Adam states, bf16 autocast: the same precision scheme as
+    megatron's fp32 main weights), gradients clipped at optim.clip_grad as ours are."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -234,8 +234,9 @@ def _hf_sdpa_steps(config, dtype):
     hf_config = Qwen2_5_VLConfig.from_pretrained(config.model.hf_path)
     with device:  # weights drawn where they live: HF's host initialisation of 2B parameters takes ~30 s
         model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config, attn_implementation="sdpa",
-                                                                torch_dtype=dtype)
+                                                                torch_dtype=torch.float32)
     model.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     image_token_id = hf_config.image_token_id
@@ -247,11 +248,14 @@ def _hf_sdpa_steps(config, dtype):
             input_ids = mb.input_ids.to(device)
             # our labels hold the next token at each position; HF shifts its labels itself
             labels = torch.where(torch.roll(mb.labels, 1, dims=1) != IGNORE_INDEX, mb.input_ids, -100).to(device)
-            loss = model(input_ids=input_ids, attention_mask=real.long().to(device), labels=labels,
-                         pixel_values=None if mb.pixel_values is None else mb.pixel_values.to(device, dtype),
-                         image_grid_thw=None if mb.image_grid_thw is None else mb.image_grid_thw.to(device),
-                         mm_token_type_ids=(input_ids == image_token_id).int()).loss
+            with autocast:
+                loss = model(input_ids=input_ids, attention_mask=real.long().to(device), labels=labels,
+                             pixel_values=None if mb.pixel_values is None else mb.pixel_values.to(device),
+                             image_grid_thw=None if mb.image_grid_thw is None else mb.image_grid_thw.to(device),
+                             mm_token_type_ids=(input_ids == image_token_id).int()).loss
             loss.backward()
+        if config.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss)
@@ -289,7 +293,7 @@ def eager_attention_gb(layers: int, heads: int, seq: int) -> float:
     return layers * heads * seq * seq * 4 * 2 / 1e9
 
 
-def table(results: list[dict], args) -> list[dict]:
+def table(results: list[dict], args, peak_tflops: float | None) -> list[dict]:
     rows = []
     for seq in args.seq_lens:
         by_mode = {r["mode"]: r for r in results if r["seq_length"] == seq}
@@ -300,7 +304,8 @@ def table(results: list[dict], args) -> list[dict]:
             if "step_seconds" in r:
                 row.update(step_seconds=r["step_seconds"], real_tokens=r["real_tokens"], tflops=r["tflops"],
                            attention_share=r["attention_share"],
-                           mfu=r["tflops"] / args.peak_tflops, peak_memory_gb=r["peak_memory_gb"],
+                           mfu=r["tflops"] / peak_tflops if peak_tflops else None,
+                           peak_memory_gb=r["peak_memory_gb"],
                            planned_peak_gb=r.get("planned_peak_gb"),
                            eager_attention_gb=eager_attention_gb(r["layers"], r["heads"], seq),
                            eager_attention_gb_full_7b=eager_attention_gb(FULL_7B_LAYERS, FULL_7B_HEADS, seq))
@@ -336,7 +341,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
                      f" | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
                      f"{r['real_tokens']:.0f} | "
-                     f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | {100 * r['mfu']:.1f}% | "
+                     f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | "
+                     f"{'—' if r.get('mfu') is None else format(100 * r['mfu'], '.1f') + '%'} | "
                      f"{r['eager_attention_gb']:.1f} | "
                      f"{r['eager_attention_gb_full_7b']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -348,8 +354,14 @@ def write_results(results: list[dict], args, precision: str, commit: str, date: 
     files, from its first call; the first call picks a name no earlier run's results have)."""
     from results_meta import results_stem
 
-    rows = table(results, args)
     gpu = next((r["gpu_name"] for r in results if r.get("gpu_name")), None)
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and gpu is not None:
+        from megatron_avar.plan.gpus import gpu_of_device
+
+        card = gpu_of_device(gpu)
+        peak_tflops = None if card is None else card.peak_tflops[precision]
+    rows = table(results, args, peak_tflops)
     hardware = (gpu or "").replace(" ", "-").lower() if args.device == "cuda" else f"cpu-smoke_{host_platform.node()}"
     widths = ""
     if args.hidden:
@@ -359,6 +371,7 @@ def write_results(results: list[dict], args, precision: str, commit: str, date: 
             "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if args.tiny else ''}{widths}, "
                       f"{args.layers} LM layers, {args.vision_depth} vision blocks"),
             "precision": precision, "warmup": args.warmup, "steps": args.steps, "seconds": seconds,
+            "mfu_peak_tflops": peak_tflops,
             "argv": sys.argv[1:]}
     stem = stem or results_stem(args.results, f"bench_sft_{hardware}_{date}")
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "raw": results}, indent=2) + "\n")
@@ -381,7 +394,12 @@ def main() -> int:
                         help="default all (CPU: not probe-triton); --tiny: off probe")
     parser.add_argument("--warmup", type=int, default=None, help="default 3; --tiny: 1")
     parser.add_argument("--steps", type=int, default=None, help="default 5; --tiny: 2")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="MFU denominator per GPU")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="MFU denominator per GPU (default: the card's dense bf16 peak, for H100 SXM and H200; "
+                             "no MFU for other cards or the CPU)")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="start no measurement that would end past this many seconds from the start, judged by "
+                             "the longest one so far (a time-limited run keeps whole measurements, names the rest)")
     parser.add_argument("--work", default="runs/bench_sft", help="scratch directory (model config, data)")
     parser.add_argument("--results", default=str(REPO / "tools" / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -421,11 +439,21 @@ def main() -> int:
     first = [mode for mode in args.modes if mode in ("off", "probe")]
     order = ([(seq, mode) for seq in args.seq_lens for mode in first]
              + [(seq, mode) for seq in args.seq_lens for mode in args.modes if mode not in first])
+    longest = 0.0
     for seq, mode in order:
+        elapsed = time.monotonic() - started
+        if args.deadline_s is not None and elapsed + longest > args.deadline_s:
+            print(f"[bench_sft] seq {seq} {mode}: not run (--deadline-s {args.deadline_s:.0f}: {elapsed:.0f} s "
+                  f"spent, the longest measurement took {longest:.0f} s)", flush=True)
+            results.append({"mode": mode, "seq_length": seq, "error": f"not run: --deadline-s {args.deadline_s:.0f}"})
+            stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
+            continue
+        measured = time.monotonic()
         spec = {"mode": mode, "seq_length": seq, "work": str(work), "model": prepared["model"],
                 "data": prepared["datasets"][seq]["path"], "image_side": prepared["datasets"][seq]["image_side"],
                 "precision": precision, "warmup": args.warmup, "steps": args.steps}
         result = run_worker(spec, args.device)
+        longest = max(longest, time.monotonic() - measured)
         print(f"[bench_sft] seq {seq} {mode}: " + (result.get("error") or
               f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
         results.append(result)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GPU", "GPUS", "RUNTIME_RESERVE_BYTES", "FRAGMENTATION", "Verdict", "verdict", "gpu_named"]
+__all__ = ["GPU", "GPUS", "RUNTIME_RESERVE_BYTES", "FRAGMENTATION", "Verdict", "verdict", "gpu_named",
+           "gpu_of_device"]
 
 RUNTIME_RESERVE_BYTES = 4 * 10**9
 FRAGMENTATION = 0.05
@@ -37,6 +38,17 @@ GPUS = {
     "h100": GPU("h100", "H100 80GB", 81559 * 2**20, _HOPPER_TFLOPS),
     "h200": GPU("h200", "H200 141GB", 143771 * 2**20, _HOPPER_TFLOPS),
 }
+
+
+def gpu_of_device(device_name: str) -> GPU | None:
+    """The GPU of ``GPUS`` that a CUDA device name (``torch.cuda.get_device_name``) is, or None: an H100 other than
+    the SXM one (PCIe, NVL) has other clocks and peaks, and no other card is listed."""
+    name = device_name.upper()
+    if "H200" in name:
+        return GPUS["h200"]
+    if "H100" in name and not any(variant in name for variant in ("PCIE", "NVL")):
+        return GPUS["h100"]
+    return None
 
 
 def gpu_named(name: str, *, memory_gb: float | None = None) -> GPU:

@@ -150,12 +150,11 @@ def _layout(parallel_config, gpus: int | None) -> Parallelism:
 
 
 def _flops(qwen_config, *, samples: int, sample_tokens: int, patches: int) -> float:
-    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.metrics import training_flops
 
-    lm_params, vision_params = matmul_params(qwen_config)
-    return training_flops(lm_params=lm_params, vision_params=vision_params, num_layers=qwen_config.text.num_layers,
-                          hidden_size=qwen_config.text.hidden_size, sample_lengths=[sample_tokens] * samples,
-                          num_patches=patches)
+    # one image per sample (the planned rows' image tokens, at the assumed image fraction)
+    return training_flops(qwen_config, sample_lengths=[sample_tokens] * samples,
+                          image_patches=[patches // samples] * samples if samples else [])
 
 
 def _total_parameters(qwen_config) -> int:

@@ -218,17 +218,9 @@ def global_step_flops(step_batch, qwen_config, *, device) -> float:
     image patches, summed over the data-parallel ranks: they train as many rows each, not as many tokens)."""
     from megatron.core import parallel_state
 
-    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.metrics import batch_flops
 
-    lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
-               for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
-    patches = sum(int(mb.image_grid_thw.prod(-1).sum()) for mb in step_batch.microbatches
-                  if mb.image_grid_thw is not None)
-    lm_params, vision_params = matmul_params(qwen_config)
-    flops = torch.tensor([training_flops(lm_params=lm_params, vision_params=vision_params,
-                                         num_layers=qwen_config.text.num_layers,
-                                         hidden_size=qwen_config.text.hidden_size, sample_lengths=lengths,
-                                         num_patches=patches)], dtype=torch.float64, device=device)
+    flops = torch.tensor([batch_flops(qwen_config, step_batch)], dtype=torch.float64, device=device)
     dist.all_reduce(flops, group=parallel_state.get_data_parallel_group())
     return float(flops)
 

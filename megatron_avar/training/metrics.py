@@ -7,15 +7,17 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["matmul_params", "training_flops", "peak_memory_gb", "MetricsLogger"]
+__all__ = ["matmul_params", "training_flops", "batch_flops", "frame_patches", "peak_memory_gb", "MetricsLogger"]
 
 
 def matmul_params(qwen_config) -> tuple[int, int]:
-    """Weights that take part in matmuls, (language model, vision tower), from the architecture alone.
+    """Matmul weights each token passes through, (language model per text token, vision tower per patch), from
+    the architecture alone.
 
     Language model per layer: q and o projections (h x Hq·d each), k and v (h x Hkv·d each), SwiGLU
     (3 x h x ffn); plus the output layer (V x h, also when tied). Vision per block: qkv + proj (4 x hv²),
-    SwiGLU (3 x hv x ffn_v); the patch embedding (C·t·p² x hv) and the 2x2 merger MLP ((4hv)² + 4hv x h).
+    SwiGLU (3 x hv x ffn_v); the patch embedding (C·t·p² x hv); the 2x2 merger MLP ((4hv)² + 4hv x h) runs on
+    the merged tokens, one per merge² patches, so a patch passes through a quarter of it.
     """
     text, vision = qwen_config.text, qwen_config.vision
     head_dim = text.hidden_size // text.num_attention_heads
@@ -23,25 +25,51 @@ def matmul_params(qwen_config) -> tuple[int, int]:
                  + 2 * text.hidden_size * text.num_query_groups * head_dim
                  + 3 * text.hidden_size * text.ffn_hidden_size)
     lm = text.num_layers * per_layer + text.vocab_size * text.hidden_size
-    hv, merged = vision.hidden_size, vision.hidden_size * vision.spatial_merge_size ** 2
+    unit = vision.spatial_merge_size ** 2
+    hv, merged = vision.hidden_size, vision.hidden_size * unit
     per_block = 4 * hv * hv + 3 * hv * vision.intermediate_size
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2 * hv
-    return lm, vision.depth * per_block + patch + merged * merged + merged * vision.out_hidden_size
+    merger = (merged * merged + merged * vision.out_hidden_size) // unit
+    return lm, vision.depth * per_block + patch + merger
 
 
-def training_flops(*, lm_params: int, vision_params: int, num_layers: int, hidden_size: int,
-                   sample_lengths: list[int], num_patches: int) -> float:
+def frame_patches(image_grid_thw) -> list[int]:
+    """The patches of each frame, h·w, of the images of ``image_grid_thw`` [num_images, 3] (an image has one frame):
+    the units the vision tower's full attention runs over."""
+    return [h * w for t, h, w in image_grid_thw.tolist() for _ in range(t)]
+
+
+def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: list[int]) -> float:
     """Model FLOPs of one forward + backward pass over a global batch (the usual 3x forward count).
 
         6 · P_lm · T                 dense matmuls of the language model (T = real tokens, packing: no padding)
       + 6 · L · d · Σ_i s_i²         causal attention scores and values: 2 matmuls x 2 FLOP x s²/2 per layer,
                                      forward x 3 for backward (s_i = length of packed sample i)
-      + 6 · P_vision · patches       dense matmuls of the vision tower (windowed attention scores not counted)
-    with P_lm, P_vision from :func:`matmul_params` (embedding lookups are not matmuls).
+      + 6 · P_vision · Σ_j p_j       dense matmuls of the vision tower (p_j = patches of image frame j,
+                                     :func:`frame_patches`)
+      + 12 · hv · F · Σ_j p_j²       the F full-attention vision blocks (``fullatt_block_indexes``): scores and
+                                     values over each whole frame, 2 matmuls x 2 FLOP x p², not causal, x 3
+    with P_lm, P_vision from :func:`matmul_params` (embedding lookups are not matmuls). The windowed vision
+    blocks' attention (windows of at most (window_size / patch_size)² patches: about 1% of a block's matmuls at
+    Qwen2.5-VL's widths) is not counted.
     """
+    lm_params, vision_params = matmul_params(qwen_config)
+    text, vision = qwen_config.text, qwen_config.vision
     tokens = sum(sample_lengths)
-    attention = 6 * num_layers * hidden_size * sum(s * s for s in sample_lengths)
-    return 6.0 * lm_params * tokens + attention + 6.0 * vision_params * num_patches
+    attention = 6 * text.num_layers * text.hidden_size * sum(s * s for s in sample_lengths)
+    full_blocks = len(vision.fullatt_block_indexes)
+    vision_attention = 12 * vision.hidden_size * full_blocks * sum(p * p for p in image_patches)
+    return 6.0 * lm_params * tokens + attention + 6.0 * vision_params * sum(image_patches) + vision_attention
+
+
+def batch_flops(qwen_config, step_batch) -> float:
+    """:func:`training_flops` of a step's batch of packed rows (``training.sft_data``'s StepBatch: its micro-batches'
+    cu_seqlens give the samples, their image_grid_thw the images)."""
+    lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
+               for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    patches = [p for mb in step_batch.microbatches if mb.image_grid_thw is not None
+               for p in frame_patches(mb.image_grid_thw)]
+    return training_flops(qwen_config, sample_lengths=lengths, image_patches=patches)
 
 
 def peak_memory_gb() -> float:

@@ -203,14 +203,13 @@ def test_a_grpo_refit_gathers_one_tensor_at_a_time():
 
 def test_step_time_is_the_trainers_flops_at_the_stated_mfu():
     from megatron_avar.plan import Assumptions, plan_config
-    from megatron_avar.training.metrics import matmul_params, training_flops
+    from megatron_avar.training.metrics import training_flops
 
     plan = plan_config(str(REPO / "examples/sft/avar_7b.yaml"), [], preset="7b",
                        assumptions=Assumptions(gpus=16, mfu=0.5))
-    lm, vision = matmul_params(QWEN_7B)
     rows, seq = 128, 16384
-    flops = training_flops(lm_params=lm, vision_params=vision, num_layers=L, hidden_size=H,
-                           sample_lengths=[2048] * (rows * seq // 2048), num_patches=rows * (seq // 2) * 4)
+    samples = rows * seq // 2048  # one image of half a sample's tokens each: 1024 merged tokens, 4096 patches
+    flops = training_flops(QWEN_7B, sample_lengths=[2048] * samples, image_patches=[4096] * samples)
     assert plan.flops_per_step == flops
     assert plan.step_seconds(GPUS["h100"]) == pytest.approx(flops / (16 * 989.4e12 * 0.5), rel=1e-12)
     assert plan.shape.num_microbatches == math.ceil(rows / 8)
