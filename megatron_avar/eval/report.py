@@ -102,8 +102,6 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     return "\n".join(lines) + "\n"
 
 
-
-
 def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = None) -> dict:
     """Write ``out/scores.json`` and ``out/results.md``; return the scores dict. judge: as for
     :func:`results_table`."""

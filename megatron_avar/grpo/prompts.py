@@ -52,11 +52,10 @@ DEFAULT_INSTRUCTION = (
 
 _MAX_LISTED = 8  # bad records named in one error message
 _GENERATION_PROMPT = "<|im_start|>assistant\n"
-
-
 # The order scheme the resume state records: "cyclic" (shuffle=false epochs start where the last stopped).
 # States without it come from the version whose shuffle=false order repeated the dataset order every epoch.
 ORDER = "cyclic"
+
 
 @dataclass(frozen=True)
 class GRPODataConfig:
