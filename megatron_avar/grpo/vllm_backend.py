@@ -4,9 +4,10 @@ same GPUs), implementing :class:`megatron_avar.grpo.interfaces.GenerationBackend
 
 UNTESTED HERE: vLLM is a GPU-only extra (docs/installation.md, 'Not yet proven on GPU'). Every vLLM name used below
 was read in the vLLM 0.33.0 wheel's own source (``vllm/entrypoints/llm.py``, ``vllm/sampling_params.py``,
-``vllm/v1/executor/uniproc_executor.py``, ``vllm/v1/worker/gpu_worker.py``,
-``vllm/model_executor/models/qwen2_5_vl.py``, ``vllm/multimodal/processing/processor.py``); the GPU tests in
-``tests/grpo/test_vllm_backend.py`` check the behaviour. The request building and output decoding live in
+``vllm/v1/executor/uniproc_executor.py``, the default Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``,
+``vllm/v1/worker/gpu/sample/sampler.py``), ``vllm/model_executor/models/qwen2_5_vl.py``,
+``vllm/multimodal/processing/processor.py``); the GPU tests in ``tests/grpo/test_vllm_backend.py`` check the
+behaviour. The request building and output decoding live in
 ``grpo.vllm_requests`` (pure, no vLLM import) and are tested on the CPU.
 
 Colocation. Under torchrun the engine is built with ``distributed_executor_backend="external_launcher"``: one
@@ -39,9 +40,12 @@ numbers.
 Caches across refits. :meth:`update_weights` resets the prefix cache (``LLM.reset_prefix_cache``) and the
 encoder cache (``LLMEngine.reset_encoder_cache``: vision-tower outputs keyed by image hash, computed with the
 old weights), and every prompt carries ``cache_salt`` = the weight version (a second guard for the prefix
-cache), so no KV block and no vision embedding computed before a refit is reused after it. The multimodal
-processor cache (``mm_processor_cache_gb``) stays on: it holds the HF processor's outputs (pixel values),
-which do not depend on the weights.
+cache), so no KV block and no vision embedding computed before a refit is reused after it. (vLLM's sleep also
+clears its multimodal processor cache, so each step's images are processed again: time, not correctness.)
+
+Refit. The loader calls the model's ``load_weights`` directly, not vLLM's ``reload_weights`` route with its
+per-layer post-processing: right for the bf16, unquantized CUDA engine built here (no post-processing changes an
+unquantized weight on CUDA); a quantized model or an fp8 KV cache would need that route.
 """
 
 from __future__ import annotations

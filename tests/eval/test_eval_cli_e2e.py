@@ -116,3 +116,39 @@ def test_vas_on_a_subset_of_each_benchmark(toy_checkpoint, eval_data_root, tmp_p
     assert json.loads((out / "scores.json").read_text())["benchmarks"]["mathvista"]["vas"]["num_samples"] == 3
     with pytest.raises(ValueError, match="vas_samples needs the hf backend"):
         EvalConfig(out=tmp_path, vas_samples=2, generation={"backend": "vllm"})
+
+
+def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatures_it_changes(toy_checkpoint,
+                                                                                               monkeypatch):
+    """vLLM stops only at the tokenizer's and generation_config's eos; the HF backend also at <|im_end|>, so a
+    checkpoint whose eos is another token kept generating past the turn under vLLM. (vLLM is not installed here:
+    its two classes are stood in for, recording what the backend passes them.) A sampling temperature vLLM would
+    change (< 0.01) or refuse (> 2) is refused with the config, before any model loads."""
+    import sys
+    import types
+
+    import pytest
+
+    from megatron_avar.eval.generation import GenerationConfig
+    from megatron_avar.eval.vllm_backend import VLLMGenerator
+    from megatron_avar.models.hf_inference import END_OF_TURN, token_id
+    from megatron_avar.processor import load_processor
+
+    recorded = {}
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: recorded.setdefault("llm", kwargs)  # type: ignore[attr-defined]
+    fake.SamplingParams = lambda **kwargs: recorded.setdefault("sampling", kwargs)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    (toy_checkpoint / "generation_config.json").rename(toy_checkpoint / "generation_config.json.away")
+    try:  # a checkpoint without generation_config.json
+        VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm"))
+    finally:
+        (toy_checkpoint / "generation_config.json.away").rename(toy_checkpoint / "generation_config.json")
+    tokenizer = load_processor(toy_checkpoint).tokenizer
+    assert token_id(tokenizer, END_OF_TURN) in recorded["sampling"]["stop_token_ids"]
+    assert tokenizer.eos_token_id in recorded["sampling"]["stop_token_ids"]
+    for temperature in (0.005, 2.5):
+        with pytest.raises(ValueError, match=r"the vLLM backend samples with temperature in \[0.01, 2.0\]"):
+            GenerationConfig(backend="vllm", do_sample=True, temperature=temperature)
+    GenerationConfig(backend="vllm", do_sample=True, temperature=0.7)
+    GenerationConfig(backend="hf", do_sample=True, temperature=2.5)  # HF samples at any temperature
