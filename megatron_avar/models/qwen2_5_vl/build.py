@@ -24,8 +24,9 @@ __all__ = ["init_model_parallel", "build_stage"]
 def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) -> None:
     """Make megatron usable here (``platform.prepare_megatron``), initialise its parallel state at TP x PP x CP
     (with ``vpp`` model chunks per pipeline rank) over the default process group (already initialised) and seed
-    the RNGs megatron initialises weights with: ``seed + 100 * pipeline rank`` (megatron's own rule), so each
-    pipeline stage draws its layers from its own stream instead of repeating the first stage's."""
+    the RNGs weights are initialised with (megatron's CUDA / tensor-parallel streams and the host generator):
+    ``seed + 100 * pipeline rank`` (megatron's own rule), so each pipeline stage draws its layers from its own
+    stream instead of repeating the first stage's."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -33,7 +34,11 @@ def init_model_parallel(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
                                              context_parallel_size=cp)
-    model_parallel_cuda_manual_seed(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    # the host generator too: modules built on the host (the vision patch embedding, a torch Linear) draw from
+    # it; megatron's seeding reaches it only through the CPU shim, so on GPUs it kept torch's start-up seed
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
 
 
 def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layers: Collection[int] = (),
