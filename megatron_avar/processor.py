@@ -29,6 +29,7 @@ __all__ = [
     "load_processor",
     "add_reasoning_tokens",
     "write_added_tokens",
+    "missing_processor_files",
     "check_processor_fits_model",
     "chat_template",
 ]
@@ -149,6 +150,19 @@ def _chat_template_from_directory(path: Path) -> str:
     return chat_template()
 
 
+def missing_processor_files(model_dir: str | Path) -> list[str]:
+    """What an HF folder lacks of what a processor is loaded from: "tokenizer files" (tokenizer.json, or
+    vocab.json + merges.txt) and "image processor config" (preprocessor_config.json / processor_config.json)."""
+    model_dir = Path(model_dir)
+    missing = []
+    if not ((model_dir / "tokenizer.json").is_file()
+            or all((model_dir / f).is_file() for f in ("vocab.json", "merges.txt"))):
+        missing.append("tokenizer files")
+    if not any((model_dir / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+        missing.append("image processor config")
+    return missing
+
+
 def load_processor(
     path: str | Path | None = None,
     *,
@@ -181,7 +195,7 @@ def load_processor(
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
-        if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        if "image processor config" in missing_processor_files(path):
             raise ValueError(
                 f"{path} has neither preprocessor_config.json nor processor_config.json: not a Qwen2.5-VL model "
                 "directory (pass path=None for the offline default processor)"
@@ -230,7 +244,7 @@ def write_added_tokens(tokenizer, model_dir: str | Path) -> list[str]:
     from megatron_avar import atomic_files
 
     model_dir = Path(model_dir)
-    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.json").is_file()):
+    if "tokenizer files" in missing_processor_files(model_dir):
         return []
     config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}

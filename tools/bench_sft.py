@@ -137,7 +137,7 @@ def worker(spec: dict) -> dict:
     from megatron_avar.config import load_config
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.sft.config import SFTConfig
-    from megatron_avar.training.metrics import batch_flops
+    from megatron_avar.training.metrics import batch_flops, sample_lengths
     from megatron_avar.training.sft_data import SFTDataLoader
 
     mode, seq = spec["mode"], spec["seq_length"]
@@ -163,8 +163,7 @@ def worker(spec: dict) -> dict:
         step_fn(batch)  # ends in a host read of the loss: synchronised
         seconds = time.monotonic() - started
         if step >= spec["warmup"]:
-            lengths = [int(b - a) for mb in batch.microbatches for cu in mb.cu_seqlens
-                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+            lengths = sample_lengths(batch)
             times.append(seconds)
             tokens.append(batch.num_real_tokens)
             total = batch_flops(qwen, batch)

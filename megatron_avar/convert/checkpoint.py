@@ -105,6 +105,7 @@ def load_model_weights(model, mcore_dir: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException (a shape mismatch)
 
     from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
     from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
@@ -115,9 +116,7 @@ def load_model_weights(model, mcore_dir: Path) -> None:
         state, missing, unexpected = typing.cast(
             tuple[dict, set[str], set[str]],
             dist_checkpointing.load(model.sharded_state_dict(), str(mcore_dir), strict=StrictHandling.RETURN_ALL))
-    except BaseException as error:  # torch's CheckpointException (a shape mismatch) is a BaseException
-        if not isinstance(error, CheckpointingException) and type(error).__name__ != "CheckpointException":
-            raise
+    except (CheckpointingException, CheckpointException) as error:
         raise ValueError(f"{mcore_dir} does not match the model of its hf/config.json: {_first_cause(error)}") from None
     # Keys on one side only, optimizer states and Transformer Engine's extra states aside (megatron's names for the
     # two sides vary by version; checkpoint_matching: a checkpoint written with TE loads without it).

@@ -74,7 +74,9 @@ def _hf_to_mcore(args) -> int:
         hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
         checkpoint.write_checkpoint_info(temp, tp=args.tp, pp=args.pp, dtype=dtype, source=str(hf_dir))
     print(f"wrote megatron checkpoint (torch_dist, TP={args.tp} PP={args.pp}, {dtype}) to {args.out}")
-    absent = hf_files.missing_processor_files(hf_dir)
+    from megatron_avar.processor import missing_processor_files
+
+    absent = missing_processor_files(hf_dir)
     if absent:
         print(f"warning: {hf_dir} has no {' and no '.join(absent)}: the checkpoint carries none, so training from it "
               "needs data.processor_path, and `avar vas` on it and its export to HF lack them too", file=sys.stderr)

@@ -121,17 +121,6 @@ def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_d
     return final
 
 
-def missing_processor_files(hf_dir: Path) -> list[str]:
-    """What an HF folder lacks of what a processor is loaded from: "tokenizer files" (tokenizer.json, or
-    vocab.json + merges.txt) and "image processor config" (preprocessor_config.json / processor_config.json)."""
-    missing = []
-    if not ((hf_dir / "tokenizer.json").is_file() or all((hf_dir / f).is_file() for f in ("vocab.json", "merges.txt"))):
-        missing.append("tokenizer files")
-    if not any((hf_dir / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
-        missing.append("image processor config")
-    return missing
-
-
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy the top-level non-weight files (config, tokenizer, processor, chat template) from src to dst."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -215,10 +204,11 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+    taken = ValueError(f"{out} was written by another process while this conversion ran; it is kept. Choose "
+                       "another --out or pass --overwrite")
     if out.exists() and not overwrite:  # written meanwhile, by another conversion into the same --out
         shutil.rmtree(temp, ignore_errors=True)
-        raise ValueError(f"{out} was written by another process while this conversion ran; it is kept. Choose "
-                         "another --out or pass --overwrite")
+        raise taken
     if out.exists():
         old = out.parent / f".{out.name}.old-{_owner()}"
         os.replace(out, old)
@@ -229,5 +219,4 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
             os.rename(temp, out)  # fails where out appeared in between with content (never replaces it)
         except OSError:
             shutil.rmtree(temp, ignore_errors=True)
-            raise ValueError(f"{out} was written by another process while this conversion ran; it is kept. "
-                             "Choose another --out or pass --overwrite") from None
+            raise taken from None

@@ -74,12 +74,9 @@ class GenerationConfig:
             raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{self.temperature}, {self.top_p}, {self.top_k}")
         if self.backend == "vllm" and self.do_sample:  # checked now, not after vLLM has loaded the model
-            from megatron_avar.grpo.vllm_requests import VLLM_MAX_TEMPERATURE, VLLM_MIN_TEMPERATURE
+            from megatron_avar.grpo.vllm_requests import check_vllm_temperature
 
-            if not VLLM_MIN_TEMPERATURE <= self.temperature <= VLLM_MAX_TEMPERATURE:
-                raise ValueError(f"the vLLM backend samples with temperature in [{VLLM_MIN_TEMPERATURE}, "
-                                 f"{VLLM_MAX_TEMPERATURE}] (below it vLLM raises it to {VLLM_MIN_TEMPERATURE}, "
-                                 f"above it refuses), got {self.temperature}")
+            check_vllm_temperature(self.temperature, prefix="generation.")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.backend not in BACKENDS:

@@ -18,7 +18,7 @@ from megatron_avar.roles import TokenRole
 __all__ = ["RefitStats", "engine_kwargs", "sampling_request_kwargs", "collapse_image_pads",
            "images_from_pixel_values", "sampled_token_logprobs", "assemble_rollout", "checked_hf_names",
            "load_weights_on_worker", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT", "RESUME_HINT",
-           "check_vllm_sampling"]
+           "check_vllm_sampling", "check_vllm_temperature"]
 
 LOGPROBS_MODE = "processed_logprobs"
 MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
@@ -80,10 +80,16 @@ def check_vllm_sampling(*, temperature: float, top_p: float, top_k: int, prefix:
                          f"{top_k}): vLLM returns log-probs after top-p/top-k truncation, not the "
                          "log_softmax(logits / T) the trainer's ratio uses; use the local backend for truncated "
                          "sampling")
+    check_vllm_temperature(temperature, prefix=prefix)
+
+
+def check_vllm_temperature(temperature: float, *, prefix: str) -> None:
+    """ValueError for a sampling temperature outside [VLLM_MIN_TEMPERATURE, VLLM_MAX_TEMPERATURE]: below it vLLM
+    samples at another temperature (it raises it to the minimum), above it refuses."""
     if not VLLM_MIN_TEMPERATURE <= temperature <= VLLM_MAX_TEMPERATURE:
         raise ValueError(f"the vLLM backend needs {prefix}temperature in [{VLLM_MIN_TEMPERATURE}, "
                          f"{VLLM_MAX_TEMPERATURE}] (below it vLLM samples at another temperature than the "
-                         f"trainer's log-probs use, above it refuses), got {temperature}")
+                         f"one asked for, above it refuses), got {temperature}")
 
 
 def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_ids: Sequence[int],

@@ -104,9 +104,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_role
         on_gpu = q.is_cuda and platform.triton_gpu_available()
         impl = _auto_impl(on_gpu, q.dtype, spans, flash=on_gpu and platform.flash_attention_capable(q.device.index),
                           deterministic=torch.are_deterministic_algorithms_enabled())
-    if check_values and key_roles.numel() and int(key_roles.min()) < -1:
-        raise ValueError(f"key_roles must be >= -1 (-1 marks padding, any role >= 0 a real key), got "
-                         f"{int(key_roles.min())}")
+    lowest = int(key_roles.min()) if check_values and key_roles.numel() else -1
+    if lowest < -1:
+        raise ValueError(f"key_roles must be >= -1 (-1 marks padding, any role >= 0 a real key), got {lowest}")
     padding = key_roles.clamp(max=0)  # only padding (-1) matters here: one role, 0, for every real key
     if impl == "triton":
         from megatron_avar.ops import role_attention_triton

@@ -391,11 +391,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
     model.gather_updated_weights()  # an overlapped weight gather would otherwise save the pre-update weights
     trainer_state = {**trainer_state, **_grad_bucket_record(model)}
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     try:
         _write(root, final, partial, model, trainer_state, step=step, describe=describe)
-    except BaseException as error:  # torch's CheckpointException is a BaseException
-        if not isinstance(error, Exception) and type(error).__name__ != "CheckpointException":
-            raise  # KeyboardInterrupt, SystemExit
+    except (Exception, CheckpointException) as error:  # not KeyboardInterrupt, SystemExit
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         if _os_error_in(error) is None and not isinstance(error, _PeerWriteFailure):

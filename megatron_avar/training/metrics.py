@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["matmul_params", "training_flops", "batch_flops", "frame_patches", "peak_memory_gb", "MetricsLogger"]
+__all__ = ["matmul_params", "training_flops", "batch_flops", "frame_patches", "sample_lengths", "peak_memory_gb",
+           "MetricsLogger"]
 
 
 def matmul_params(qwen_config) -> tuple[int, int]:
@@ -65,11 +66,15 @@ def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: lis
 def batch_flops(qwen_config, step_batch) -> float:
     """:func:`training_flops` of a step's batch of packed rows (``training.sft_data``'s StepBatch: its micro-batches'
     cu_seqlens give the samples, their image_grid_thw the images)."""
-    lengths = [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
-               for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
     patches = [p for mb in step_batch.microbatches if mb.image_grid_thw is not None
                for p in frame_patches(mb.image_grid_thw)]
-    return training_flops(qwen_config, sample_lengths=lengths, image_patches=patches)
+    return training_flops(qwen_config, sample_lengths=sample_lengths(step_batch), image_patches=patches)
+
+
+def sample_lengths(step_batch) -> list[int]:
+    """The length of every packed sample of a step's batch (its micro-batches' cu_seqlens)."""
+    return [int(b - a) for mb in step_batch.microbatches for cu in mb.cu_seqlens
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
 
 
 def peak_memory_gb() -> float:

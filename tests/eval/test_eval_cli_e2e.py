@@ -148,7 +148,7 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
     assert token_id(tokenizer, END_OF_TURN) in recorded["sampling"]["stop_token_ids"]
     assert tokenizer.eos_token_id in recorded["sampling"]["stop_token_ids"]
     for temperature in (0.005, 2.5):
-        with pytest.raises(ValueError, match=r"the vLLM backend samples with temperature in \[0.01, 2.0\]"):
+        with pytest.raises(ValueError, match=r"the vLLM backend needs generation.temperature in \[0.01, 2.0\]"):
             GenerationConfig(backend="vllm", do_sample=True, temperature=temperature)
     GenerationConfig(backend="vllm", do_sample=True, temperature=0.7)
     GenerationConfig(backend="hf", do_sample=True, temperature=2.5)  # HF samples at any temperature
