@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = [
     "render_conversation",
     "validate_messages",
     "load_image",
+    "open_image",
     "to_rgb",
 ]
 
@@ -110,24 +112,37 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def open_image(source: str | Path | bytes | bytearray):
+    """A PIL RGB image decoded from a file or from encoded bytes, turned upright by its EXIF orientation (as
+    Hugging Face's ``load_image`` and `datasets.Image` do: a phone photo is stored sideways with a tag saying so)
+    and with transparent pixels on white (:func:`to_rgb`). PIL's errors propagate."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as opened:
+        opened.load()
+        return to_rgb(ImageOps.exif_transpose(opened))
+
+
 def load_image(image: Any, image_root: str | Path | None = None):
-    """A PIL RGB image from a PIL image or a path (relative paths resolve against ``image_root``); transparent
-    pixels become white (:func:`to_rgb`)."""
+    """A PIL RGB image from a PIL image (taken as it is) or a path (relative paths resolve against
+    ``image_root``; decoded by :func:`open_image`); transparent pixels become white (:func:`to_rgb`).
+    ValueError naming the fix for anything else, a URL, a missing or an unreadable file."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if not isinstance(image, (str, Path)):
-        raise TypeError(f"an image must be a PIL image or a file path, got {type(image).__name__}")
+        raise ValueError(f"an image must be a PIL image or a file path, got {type(image).__name__}; decode it "
+                         "(PIL.Image.open) or write it to a file and give the path")
+    if isinstance(image, str) and "://" in image:
+        raise ValueError(f"image {image!r} is a URL; images are not downloaded: fetch it and give the file's path")
     path = Path(image)
     if not path.is_absolute() and image_root is not None:
         path = Path(image_root) / path
     if not path.is_file():
         raise ValueError(f"image file not found: {path} (image paths are relative to the data file's folder)")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return to_rgb(opened)
+        return open_image(path)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"image file {path} is unreadable or corrupt ({error}); re-export it as PNG/JPEG") from error
 
@@ -169,6 +184,19 @@ def _check_text(text: str, where: str) -> None:
             )
 
 
+def _text_runs(items: list[dict]) -> list[str]:
+    """The texts of each run of adjacent text items, joined as the template renders them (with nothing between:
+    "<|im_" and "end|>" in two items render as one special token)."""
+    runs, current = [], []
+    for item in items:
+        if item["type"] == "text":
+            current.append(item["text"])
+        else:
+            runs.append("".join(current))
+            current = []
+    return runs + ["".join(current)]
+
+
 def validate_messages(messages: Sequence[dict], add_generation_prompt: bool = False) -> list[tuple[str, list[dict]]]:
     """Check a conversation against the chat format; return it as (role, content items) turns.
 
@@ -181,14 +209,13 @@ def validate_messages(messages: Sequence[dict], add_generation_prompt: bool = Fa
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content'")
         role = message["role"]
-        if role not in _CONTENT_ROLE:
+        if not isinstance(role, str) or role not in _CONTENT_ROLE:
             raise ValueError(f"messages[{index}].role is {role!r}; allowed: 'system', 'user', 'assistant'")
         if role == "system" and index != 0:
             raise ValueError(f"messages[{index}] is a system message; only the first message may be a system turn")
         items = _content_items(message, index)
-        for item in items:
-            if item["type"] == "text":
-                _check_text(item["text"], f"messages[{index}]")
+        for text in _text_runs(items):
+            _check_text(text, f"messages[{index}]")
         if role == "assistant" and not any(item["type"] == "text" and item["text"].strip() for item in items):
             raise ValueError(f"messages[{index}] is an empty assistant turn; drop the sample or give the response")
         turns.append((role, items))
@@ -270,7 +297,13 @@ def render_conversation(
     pixel_values = image_grid_thw = None
     image_token_counts: list[int] = []
     if images:
-        vision = processor.image_processor(images=images, return_tensors="pt")
+        try:  # transformers' resize refuses e.g. an aspect ratio over 200, naming no image
+            vision = processor.image_processor(images=images, return_tensors="pt")
+        except ValueError as error:
+            sizes = ", ".join(f"{image.width}x{image.height}" for image in images)
+            raise ValueError(f"the image processor refuses an image of this conversation ({error}); image sizes "
+                             f"(width x height, in order): {sizes}: crop or pad that image, or drop the "
+                             "sample") from None
         pixel_values, image_grid_thw = vision["pixel_values"], vision["image_grid_thw"].long()
         merge_length = processor.image_processor.merge_size**2
         image_token_counts = [int(thw.prod()) // merge_length for thw in image_grid_thw]

@@ -248,6 +248,11 @@ def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):
          "only the first message may be a system"),
         ([{"role": "robot", "content": "a"}], "allowed: 'system', 'user', 'assistant'"),
         ([{"role": "user", "content": "look <|image_pad|>"}], "literal special token"),
+        # split over two text items, which the template joins into one special token
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [
+            {"type": "text", "text": "The answer is <|im_"}, {"type": "text", "text": "end|> 42"}]}],
+         r"messages\[1\] contains the literal special token '<\|im_end\|>'"),
+        ([{"role": ["user"], "content": "a"}], "allowed: 'system', 'user', 'assistant'"),
         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}], "empty assistant turn"),
         ([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}], "no video"),
         ([{"role": "user", "content": [{"type": "image"}]}], "without an 'image'"),
@@ -259,13 +264,52 @@ def test_bad_conversations_are_rejected_with_the_reason(processor, messages, mes
         render_conversation(messages, processor)
 
 
+def test_text_items_split_by_an_image_are_not_joined(processor):
+    """Only adjacent text items render as one text: "<|im_" and "end|>" with an image between are plain text."""
+    image = Image.new("RGB", (56, 56), "red")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a <|im_"}, {"type": "image", "image": image},
+                                             {"type": "text", "text": "end|> b"}]}]
+    rendered = render_conversation(messages, processor, add_generation_prompt=True)
+    reference = _hf_reference(processor, messages, [image], True)
+    assert torch.equal(rendered.input_ids, reference["input_ids"][0])
+
+
 def test_missing_and_corrupt_images_are_named(processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    for name, message in (("absent.png", "image file not found"), ("broken.png", "unreadable or corrupt")):
+    Image.new("RGB", (28, 6000), "red").save(tmp_path / "strip.png")
+    for name, message in (("absent.png", "image file not found"), ("broken.png", "unreadable or corrupt"),
+                          ("https://example.com/a.png", "is a URL; images are not downloaded"),
+                          ("strip.png", r"aspect ratio .*28x6000: crop or pad that image")):
         with pytest.raises(ValueError, match=message) as error:
             render_conversation([{"role": "user", "content": [{"type": "image", "image": name}]}], processor,
                                 image_root=tmp_path)
-        assert name in str(error.value)
+        assert name in str(error.value) or "28x6000" in str(error.value)
+    with pytest.raises(ValueError, match="must be a PIL image or a file path, got bytes; decode it"):
+        render_conversation([{"role": "user", "content": [{"type": "image", "image": b"\x89PNG"}]}], processor)
+
+
+def test_a_photo_stored_sideways_is_turned_upright_as_in_hugging_face(processor, tmp_path):
+    """A portrait phone photo is stored landscape with an EXIF tag "rotate 90"; HF's load_image (and
+    `datasets.Image`) turn it upright, so the path API and the eval loader must too."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    from megatron_avar.eval.data import to_pil
+
+    stored = Image.new("RGB", (280, 112), "white")
+    stored.paste((200, 0, 0), (0, 0, 140, 112))  # left half red: which way it turns shows in the pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to view
+    path = tmp_path / "portrait.jpg"
+    stored.save(path, exif=exif.tobytes())
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "?"}]}]
+    rendered = render_conversation(messages, processor, add_generation_prompt=True)
+    upright = hf_load_image(str(path))
+    assert upright.size == (112, 280)
+    reference = _hf_reference(processor, messages, [upright], True)
+    assert rendered.image_grid_thw.tolist() == reference["image_grid_thw"].tolist()
+    assert torch.equal(rendered.pixel_values, reference["pixel_values"])
+    for source in (str(path), path.read_bytes(), {"bytes": path.read_bytes(), "path": None}):
+        assert np.array_equal(np.asarray(to_pil(source)), np.asarray(upright.convert("RGB")))
 
 
 def test_offline_tokenizer_reproduces_the_real_qwen_ids(processor):

@@ -18,7 +18,6 @@ a PIL image.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,27 +96,26 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
 
 
 def to_pil(image: Any, base_dir: Path | None = None):
-    """A PIL RGB image (transparency on white, ``roles.to_rgb``) from a decoded PIL image, a `datasets.Image`
-    dict ({"bytes", "path"}), raw bytes or a path (relative to ``base_dir``). Raises ValueError when there is no
-    image."""
+    """A PIL RGB image (transparency on white, ``roles.to_rgb``) from a decoded PIL image (taken as it is), a
+    `datasets.Image` dict ({"bytes", "path"}), raw bytes or a path (relative to ``base_dir``), the last three
+    decoded upright by ``roles.open_image``. Raises ValueError when there is no image."""
     from PIL import Image
 
-    from megatron_avar.roles import to_rgb
+    from megatron_avar.roles import open_image, to_rgb
 
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, dict):
         if image.get("bytes"):
-            return to_rgb(Image.open(io.BytesIO(image["bytes"])))
+            return open_image(image["bytes"])
         image = image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return to_rgb(Image.open(io.BytesIO(image)))
+        return open_image(image)
     if isinstance(image, str) and image:
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
-        with Image.open(path) as opened:
-            return to_rgb(opened)
+        return open_image(path)
     raise ValueError(f"no image in this field (got {type(image).__name__}); the benchmark row has no decodable image")

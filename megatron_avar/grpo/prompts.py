@@ -248,12 +248,14 @@ class PromptLoader:
             except ValueError as error:
                 errors.append(str(error) if repr(row["id"]) in str(error) else f"record {row['id']!r}: {error}")
                 continue
-            if self.max_images is not None and len(row["images"]) > self.max_images:
-                errors.append(f"record {row['id']!r} has {len(row['images'])} images; the rollout backend takes at "
-                              f"most {self.max_images} per prompt: drop it from the GRPO data or split it")
+            # the prompt's images: the first of the record's (later turns are not part of the prompt)
+            images = row["images"][:sum(item["type"] == "image" for _, items in turns for item in items)]
+            if self.max_images is not None and len(images) > self.max_images:
+                errors.append(f"record {row['id']!r} has {len(images)} images in its prompt; the rollout backend "
+                              f"takes at most {self.max_images} per prompt: drop it from the GRPO data or split it")
                 continue
             try:  # transformers' resize refuses an extreme aspect ratio, naming no record
-                grids = [image_grid(*_image_size(ref), processor.image_processor) for ref in row["images"]]
+                grids = [image_grid(*_image_size(ref), processor.image_processor) for ref in images]
             except (ValueError, OSError, SyntaxError) as error:
                 errors.append(f"record {row['id']!r}: its image cannot be a prompt image ({error})")
                 continue

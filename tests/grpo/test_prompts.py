@@ -226,11 +226,22 @@ def test_images_a_backend_cannot_take_are_named_at_start_up(processor, tmp_path)
     rows = [{"id": "good", "answer": "1", "messages": [{"role": "user", "content": [image("square.png")]}]},
             {"id": "three", "answer": "1", "messages": [{"role": "user", "content": [image("square.png")] * 3}]},
             {"id": "strip", "answer": "1", "messages": [{"role": "user", "content": [image("strip.png")]}]}]
+    # the prompt is the conversation before its first answer: later turns' images are not counted nor resized
+    later = [{"role": "assistant", "content": "1"}, {"role": "user", "content": [image("square.png")] * 2 +
+                                                                                 [image("strip.png")]}]
+    rows.append({"id": "later", "answer": "1",
+                 "messages": [{"role": "user", "content": [image("square.png")] * 2}] + later})
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with pytest.raises(ValueError, match=r"(?s)2 of 3 records .*'three' has 3 images; the rollout backend takes at "
-                                         r"most 2.*'strip': its image cannot be a prompt image \(absolute aspect"):
+    with pytest.raises(ValueError, match=r"(?s)2 of 4 records .*'three' has 3 images in its prompt; the rollout "
+                                         r"backend takes at most 2.*'strip': its image cannot be a prompt image "
+                                         r"\(absolute aspect") as error:
         PromptLoader(GRPODataConfig(path=str(data_file)), processor, prompts_per_step=1, max_images=2)
+    assert "'later'" not in str(error.value)
+    data_file.write_text("".join(json.dumps(row) + "\n" for row in rows if row["id"] in ("good", "later")))
+    loader = PromptLoader(GRPODataConfig(path=str(data_file), shuffle=False), processor, prompts_per_step=2,
+                          max_images=2)
+    assert [len(grid) for grid in loader.render_step(0).image_grid_thw] == [1, 2]
 
 
 @pytest.mark.parametrize("field, value, match", [
