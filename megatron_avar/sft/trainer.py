@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files
+from megatron_avar import atomic_files, console
 from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.roles import IGNORE_INDEX, TokenRole
@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # built lazily (build_run): importing this module loads no me
 __all__ = ["run_sft", "train_step", "build_run", "SFTRun"]
 
 
+SERIAL_RENDERING_NOTE = ("data.num_workers=0: every step's rows are rendered (images decoded and resized) in the "
+                         "training process while the GPU waits; set data.num_workers (2-8) to render them ahead")
+
+
 def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """Key roles with each sample's attention sink (``segments.attention_sink_mask``) moved out of SYSTEM (to
     TEMPLATE)."""
@@ -40,7 +44,9 @@ def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
 
 
 def _to_device(batch, device):
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
+    """``batch`` with its tensor fields on ``device``; asynchronous from the loader's pinned memory."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch)
                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
@@ -209,6 +215,8 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
         data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)
     data = SFTDataLoader(data_config, global_batch_size=config.train.global_batch_size, dp_rank=layout.dp_rank,
                          dp_size=layout.dp)
+    if data_config.num_workers == 0 and model.device.type == "cuda":
+        console.note_once(SERIAL_RENDERING_NOTE)
     check_processor_fits_model(data.processor, qwen_config)
     return SFTRun(model=model, data=data, qwen_config=qwen_config, avar_layers=avar_layers, dtype=dtype)
 

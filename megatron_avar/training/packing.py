@@ -12,6 +12,7 @@ Two pieces:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -136,8 +137,8 @@ def pack_row(
         roles=roles,
         position_ids=position_ids,
         cu_seqlens=torch.tensor(boundaries, dtype=torch.int32),
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids).long() if grids else None,
+        pixel_values=_concatenated(pixels),
+        image_grid_thw=None if not grids else torch.cat(grids).long(),
         sample_ids=list(sample_ids),
         has_image=has_image,
     )
@@ -192,6 +193,12 @@ class PackedBatch:
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    def pin_memory(self) -> PackedBatch:
+        """The batch with its tensor fields in page-locked memory (what `torch.utils.data.DataLoader`'s
+        ``pin_memory=True`` calls), so their copies to the GPU can run asynchronously."""
+        return dataclasses.replace(self, **{field.name: value.pin_memory() for field in dataclasses.fields(self)
+                                            if isinstance(value := getattr(self, field.name), torch.Tensor)})
+
     @property
     def num_real_tokens(self) -> int:
         return sum(int(c[-1]) for c in self.cu_seqlens)
@@ -199,6 +206,12 @@ class PackedBatch:
     @property
     def num_samples_with_image(self) -> int:
         return sum(sum(row) for row in self.has_image)
+
+
+def _concatenated(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One tensor of ``tensors`` (None for none), without copying a single one (a micro-batch of one row: its
+    pixels are often hundreds of MB)."""
+    return None if not tensors else tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def collate_rows(rows: Sequence[PackedRow]) -> PackedBatch:
@@ -221,8 +234,8 @@ def collate_rows(rows: Sequence[PackedRow]) -> PackedBatch:
         segment_ids=torch.stack([row.segment_ids() for row in rows]),
         cu_seqlens=[row.cu_seqlens for row in rows],
         cu_seqlens_flat=torch.cat(flat).to(torch.int32),
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
+        pixel_values=_concatenated(pixels),
+        image_grid_thw=_concatenated(grids),
         sample_ids=[list(row.sample_ids) for row in rows],
         has_image=[list(row.has_image) for row in rows],
     )

@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from megatron_avar import platform
 from megatron_avar.training.packing import PackedBatch, PackedRow, collate_rows, first_fit_decreasing, pack_row
 from megatron_avar.training.sample_plan import SampleStats, load_or_compute_stats
 
@@ -61,7 +63,9 @@ class SFTDataConfig:
     processor_path: str | None = None
     """HF model directory whose tokenizer/processor to use; None: the offline Qwen2.5-VL default."""
     num_workers: int = 0
-    """Processes for computing sample stats and rendering rows (0: the calling process)."""
+    """Processes for computing sample stats and rendering rows (0: the calling process, which then renders each
+    step's rows while the GPU waits: on GPUs give 2-8). With workers, a whole step's micro-batches are rendered
+    ahead, in host memory."""
     cache_dir: str | None = None
     """Folder for the sample-stats cache (None: no cache; recomputed at every start)."""
 
@@ -313,9 +317,14 @@ class SFTDataLoader:
                 planned.append(plan)
                 yield from plan[2]
 
+        workers = self.config.num_workers
+        # The workers render the next step while this one trains: a whole step's micro-batches in flight (the
+        # DataLoader's default, 2 per worker, left the rest to be rendered while the GPU waited). Pinned host
+        # memory on a GPU machine, so the trainer's copies to the device are asynchronous.
         batches = iter(torch.utils.data.DataLoader(
-            self._renderer, sampler=keys_of_rank(), batch_size=mbs, collate_fn=collate_rows,
-            num_workers=self.config.num_workers))
+            self._renderer, sampler=keys_of_rank(), batch_size=mbs, collate_fn=collate_rows, num_workers=workers,
+            prefetch_factor=max(2, math.ceil(per_step / workers)) if workers else None,
+            pin_memory=platform.cuda_available()))
         while True:
             microbatches = [next(batches) for _ in range(per_step)]
             step, keys, _, (epoch_after, row_after) = planned.pop(0)

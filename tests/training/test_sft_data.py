@@ -208,6 +208,44 @@ def test_worker_processes_give_the_same_batches(processor, data_dir):
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(_rows(a), _rows(b)))
 
 
+def test_workers_render_the_next_whole_step_while_one_trains(processor, data_dir, tmp_path, monkeypatch):
+    """One worker, 8 micro-batches a step: once a step is handed out, all 8 of the next are rendered while it
+    trains (the DataLoader's default, 2 per worker, left 6 to be rendered while the GPU waited). The worker is
+    forked with the counting renderer; each render appends a line to a file."""
+    import multiprocessing
+    import time
+
+    from megatron_avar.training import sft_data
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the counting renderer reaches the worker by fork")
+    log = tmp_path / "renders.log"
+    render = sft_data._RowRenderer.__getitem__
+
+    def counted(self, key):
+        with open(log, "a") as out:
+            out.write(f"{key}\n")
+        return render(self, key)
+
+    monkeypatch.setattr(sft_data._RowRenderer, "__getitem__", counted)
+    steps = iter(_loader(processor, data_dir / "data.jsonl", global_batch_size=8, num_workers=1))
+    next(steps)
+    deadline, rendered = time.monotonic() + 60, 0
+    while time.monotonic() < deadline and rendered < 16:
+        time.sleep(0.2)
+        rendered = len(log.read_text().splitlines())
+    time.sleep(1.0)  # nothing beyond the next step is asked for
+    assert len(log.read_text().splitlines()) == 16
+
+
+@pytest.mark.gpu
+def test_batches_come_in_pinned_memory_on_a_gpu_machine(processor, data_dir):
+    step = next(iter(_loader(processor, data_dir, num_workers=1)))
+    for batch in step.microbatches:
+        assert batch.input_ids.is_pinned() and batch.labels.is_pinned()
+        assert batch.pixel_values is None or batch.pixel_values.is_pinned()
+
+
 def test_row_renderer_survives_pickling(processor, data_dir):
     """Workers started with spawn/forkserver (Python 3.14's default) receive the renderer pickled."""
     renderer = _loader(processor, data_dir)._renderer
