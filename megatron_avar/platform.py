@@ -287,5 +287,22 @@ def enable_megatron_on_cpu() -> None:
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
 
+    import megatron.core.optimizer.clip_grads as megatron_clip_grads
+
+    # megatron's fallback (no apex, no TE) norms each gradient with an fp32 torch.norm, which on CPU loses ~1e-5
+    # relative on a 10M-element gradient, and differently on each shard the distributed optimizer cuts: the
+    # gradient norm (and so the clipping) would depend on the parallel layout. Summed in fp64 it does not.
+    megatron_clip_grads.l2_norm_impl = _fp64_l2_norm
+
     _cpu_mode = _CudaToCpuMode()
     _cpu_mode.__enter__()
+
+
+def _fp64_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """amp_C.multi_tensor_l2norm's contract (the norm of all tensors, as a float32 [1] tensor; per-tensor norms
+    not computed), accumulated in float64."""
+    del chunk_size, noop_flag, per_tensor, args
+    squares = [torch.linalg.vector_norm(tensor, dtype=torch.float64).square() for tensors in tensor_lists
+               for tensor in tensors]
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+    return total.sqrt().float().reshape(1), None

@@ -43,6 +43,13 @@ assert platform.megatron_cpu_mode_active()
 assert torch.zeros(2, device="cuda").device.type == "cpu"
 assert torch.ones(1).cuda().device.type == "cpu" and torch.ones(1).to("cuda:0").device.type == "cpu"
 assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # what megatron's optimizer checks
+# The gradient norm is exact to fp32 (megatron's fallback, an fp32 torch.norm per tensor, is ~1e-5 off here).
+from megatron.core.optimizer import clip_grads
+big = torch.randn(160_000, 64, generator=torch.Generator().manual_seed(0)) * 3 + 1
+norm, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, torch.zeros(1, dtype=torch.int),
+                                          [[big, big[:7]]], False)
+exact = (big.double().square().sum() + big[:7].double().square().sum()).sqrt()
+assert norm.dtype == torch.float32 and abs(float(norm) / float(exact) - 1) < 1e-7, (float(norm), float(exact))
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 store = dist.HashStore()

@@ -133,15 +133,19 @@ class Qwen25VLConfig:
         model chunks per pipeline rank): megatron's own checks are assertions inside every rank."""
         if tp < 1 or pp < 1 or vpp < 1:
             raise ValueError(f"tensor, pipeline and virtual pipeline sizes must be >= 1, got {tp}, {pp}, {vpp}")
-        splits = [(self.text.num_layers, pp * vpp, "language-model layers", "pipeline stages x model chunks"
-                   if vpp > 1 else "pipeline stages"),
-                  (self.text.num_attention_heads, tp, "attention heads", "tensor-parallel ranks"),
-                  (self.text.num_query_groups, tp, "key/value heads", "tensor-parallel ranks"),
-                  (self.vision.num_heads, tp, "vision attention heads", "tensor-parallel ranks")]
-        for count, ways, what, over in splits:
+        tensor = ("tensor-parallel ranks", "parallel.tensor_model_parallel_size (convert: --tp)")
+        pipeline = (("pipeline stages x model chunks", "parallel.pipeline_model_parallel_size x "
+                     "parallel.virtual_pipeline_model_parallel_size") if vpp > 1 else
+                    ("pipeline stages", "parallel.pipeline_model_parallel_size (convert: --pp)"))
+        splits = [(self.text.num_layers, pp * vpp, "language-model layers", pipeline),
+                  (self.text.num_attention_heads, tp, "attention heads", tensor),
+                  (self.text.num_query_groups, tp, "key/value heads", tensor),
+                  (self.vision.num_heads, tp, "vision attention heads", tensor)]
+        for count, ways, what, (over, setting) in splits:
             if count % ways:
-                raise ValueError(f"this model's {count} {what} do not split over {ways} {over}; choose a layout "
-                                 f"that divides them")
+                divisors = [d for d in range(1, count + 1) if count % d == 0]
+                raise ValueError(f"this model's {count} {what} do not split over {ways} {over}: choose "
+                                 f"{setting} to divide {count} (one of {divisors})")
 
     @classmethod
     def from_hf(cls, source: Any) -> Qwen25VLConfig:
