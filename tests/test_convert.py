@@ -166,6 +166,20 @@ def test_existing_output_is_not_clobbered(hf_dir, tmp_path, capsys):
     assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep").read_text() == "x"
+    # --overwrite replaces a model folder, never a folder of the user's (`--out ~` deleted a home)
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(out), "--overwrite"]) == 2
+    assert f"--out {out} holds other things than a model: --overwrite replaces only" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep"]
+    converted = tmp_path / "converted"
+    for _ in range(2):  # the second replaces the first conversion's output
+        assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(converted), "--overwrite"]) == 0
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "config.json").write_text("{}")
+    (exported / "model.safetensors").write_text("an earlier export")
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(converted), "--out", str(exported),
+                 "--overwrite"]) == 0
+    assert "model_type" in json.loads((exported / "config.json").read_text())
 
 
 def test_layouts_and_folders_that_cannot_work_are_named_before_any_rank_starts(hf_dir, tmp_path, capsys):

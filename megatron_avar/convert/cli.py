@@ -9,6 +9,8 @@ from pathlib import Path
 # The choices of --hf-layout, spelled here so that `avar --help` does not import torch; equal to
 # hf_mapping.HF_LAYOUTS (tested).
 HF_LAYOUTS = ("published", "transformers5")
+OVERWRITE_HELP = ("replace an existing --out that holds a model (an HF model folder, or a checkpoint hf-to-mcore "
+                  "wrote) or nothing; any other folder is refused")
 
 
 def register(subparsers) -> None:
@@ -22,7 +24,7 @@ def register(subparsers) -> None:
     to_mcore.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing ranks")
     to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the writing ranks")
-    to_mcore.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_mcore.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     to_mcore.set_defaults(handler=_hf_to_mcore)
 
     to_hf = commands.add_parser("mcore-to-hf", formatter_class=formatter,
@@ -36,7 +38,7 @@ def register(subparsers) -> None:
                             "loads in transformers 4.x and 5.x alike); 'transformers5' = transformers >= 4.52's "
                             "module names (model.language_model.*, model.visual.*, lm_head), which transformers 5 "
                             "loads too")
-    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_hf.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     to_hf.set_defaults(handler=_mcore_to_hf)
     check = commands.add_parser("verify", formatter_class=formatter,
                                 help="same batch (text + an image) through HF and the converted model: compare logits")

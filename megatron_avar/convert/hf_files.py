@@ -181,6 +181,19 @@ def _clean_leftovers(out: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _replaceable_by_a_conversion(out: Path) -> bool:
+    """Whether ``--overwrite`` may replace the folder ``out``: empty, a Hugging Face model folder or a megatron
+    checkpoint of ``avar convert hf-to-mcore`` — never a folder of the user's that merely exists (a home, a
+    repository, a run directory)."""
+    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO
+
+    if not any(out.iterdir()):
+        return True
+    if (out / CHECKPOINT_INFO).is_file() and (out / ".metadata").is_file():
+        return True
+    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     """Yield a fresh temporary folder next to ``out``; on success it becomes ``out`` by a rename (an existing
@@ -195,6 +208,10 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     _clean_leftovers(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
+    if out.exists() and not _replaceable_by_a_conversion(out):
+        raise ValueError(f"--out {out} holds other things than a model: --overwrite replaces only a Hugging Face "
+                         "model folder (config.json and safetensors weights), a megatron checkpoint `avar convert` "
+                         "wrote, or an empty folder. Choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.parent / f".{out.name}.tmp-{_owner()}"
     shutil.rmtree(temp, ignore_errors=True)

@@ -87,6 +87,37 @@ def test_only_extra_states_may_differ_between_a_checkpoint_and_the_model(tmp_pat
         load_module_state(plain, without_bias, source=tmp_path)
 
 
+def test_a_checkpoints_extra_state_never_reaches_a_module(tmp_path):
+    """Transformer Engine's set_extra_state unpickles a non-empty byte tensor without restriction (copied below):
+    a crafted checkpoint's _extra_state would run code on every GPU machine that resumes, converts or measures it.
+    The entries are dropped before the modules see them."""
+    import os
+    import pickle
+
+    from megatron_avar.checkpoint_matching import load_module_state
+
+    marker = tmp_path / "code ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch '{marker}'",))
+
+    class UnpicklesItsExtraState(torch.nn.Linear):  # TransformerEngineBaseModule.set_extra_state's tensor branch
+        def get_extra_state(self):
+            return torch.zeros(0, dtype=torch.uint8)
+
+        def set_extra_state(self, state):
+            if isinstance(state, torch.Tensor) and state.numel():
+                pickle.loads(state.numpy().tobytes())
+
+    module = UnpicklesItsExtraState(2, 2)
+    state = {**torch.nn.Linear(2, 2).state_dict(),
+             "_extra_state": torch.frombuffer(bytearray(pickle.dumps(Payload())), dtype=torch.uint8)}
+    load_module_state(module, state, source=tmp_path)
+    assert torch.equal(module.weight, state["weight"])
+    assert not marker.exists()
+
+
 def _restore_rng_written_elsewhere() -> dict:
     from megatron.core import tensor_parallel
 

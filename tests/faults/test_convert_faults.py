@@ -99,6 +99,7 @@ def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_r
     for folder in (stale, live, elsewhere, moved_aside):
         folder.mkdir()
     (moved_aside / "model.safetensors").write_text("the previous export")
+    (moved_aside / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="exists: choose another --out or pass --overwrite"):
         with atomic_output_dir(out, overwrite=False, inputs={}):
             pass
