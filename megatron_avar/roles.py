@@ -29,6 +29,7 @@ import torch
 __all__ = [
     "TokenRole",
     "NUM_ROLES",
+    "IMAGE_FORMATS",
     "IGNORE_INDEX",
     "RenderedConversation",
     "render_conversation",
@@ -70,6 +71,10 @@ _STRUCTURAL_TOKENS = (
 )
 
 _CONTENT_ROLE = {"system": TokenRole.SYSTEM, "user": TokenRole.USER_TEXT, "assistant": TokenRole.RESPONSE}
+
+# The formats images are decoded from (PIL's names; JPEG includes MPO, the JPEG of many phones). PIL's other
+# decoders stay shut: EPS, for one, runs the Ghostscript interpreter on the file's contents.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass
@@ -115,10 +120,12 @@ def to_rgb(image):
 def open_image(source: str | Path | bytes | bytearray):
     """A PIL RGB image decoded from a file or from encoded bytes, turned upright by its EXIF orientation (as
     Hugging Face's ``load_image`` and `datasets.Image` do: a phone photo is stored sideways with a tag saying so)
-    and with transparent pixels on white (:func:`to_rgb`). PIL's errors propagate."""
+    and with transparent pixels on white (:func:`to_rgb`). Only :data:`IMAGE_FORMATS` are decoded; PIL's errors
+    propagate."""
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as opened:
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                    formats=IMAGE_FORMATS) as opened:
         opened.load()
         return to_rgb(ImageOps.exif_transpose(opened))
 
@@ -144,7 +151,8 @@ def load_image(image: Any, image_root: str | Path | None = None):
     try:
         return open_image(path)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"image file {path} is unreadable or corrupt ({error}); re-export it as PNG/JPEG") from error
+        raise ValueError(f"image file {path} is unreadable, corrupt or not one of {', '.join(IMAGE_FORMATS)} "
+                         f"({error}); re-export it as PNG/JPEG") from error
 
 
 def _content_items(message: dict, index: int) -> list[dict]:

@@ -277,7 +277,7 @@ def test_text_items_split_by_an_image_are_not_joined(processor):
 def test_missing_and_corrupt_images_are_named(processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     Image.new("RGB", (28, 6000), "red").save(tmp_path / "strip.png")
-    for name, message in (("absent.png", "image file not found"), ("broken.png", "unreadable or corrupt"),
+    for name, message in (("absent.png", "image file not found"), ("broken.png", "unreadable, corrupt or not one of"),
                           ("https://example.com/a.png", "is a URL; images are not downloaded"),
                           ("strip.png", r"aspect ratio .*28x6000: crop or pad that image")):
         with pytest.raises(ValueError, match=message) as error:
@@ -286,6 +286,27 @@ def test_missing_and_corrupt_images_are_named(processor, tmp_path):
         assert name in str(error.value) or "28x6000" in str(error.value)
     with pytest.raises(ValueError, match="must be a PIL image or a file path, got bytes; decode it"):
         render_conversation([{"role": "user", "content": [{"type": "image", "image": b"\x89PNG"}]}], processor)
+
+
+def test_an_image_of_another_format_never_reaches_its_decoder(processor, tmp_path, monkeypatch):
+    """PostScript named cat.png: PIL would hand it to Ghostscript (an interpreter; a stand-in records whether it
+    ran). Only photo and figure formats are decoded, by the conversation loader and the renderer alike."""
+    from megatron_avar.data.conversations import load_conversations
+
+    bin_dir, ran = tmp_path / "bin", tmp_path / "gs ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && echo 10.02.1 && exit 0\ntouch "{ran}"\nexit 1\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    (tmp_path / "cat.png").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    messages = [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(ValueError, match="cat.png is unreadable, corrupt or not one of PNG, JPEG"):
+        render_conversation(messages, processor, image_root=tmp_path)
+    (tmp_path / "data.jsonl").write_text(__import__("json").dumps({"messages": messages + [
+        {"role": "assistant", "content": "a cat"}]}) + "\n")
+    with pytest.raises(ValueError, match="cat.png"):
+        load_conversations(tmp_path / "data.jsonl")
+    assert not ran.exists()
 
 
 def test_a_photo_stored_sideways_is_turned_upright_as_in_hugging_face(processor, tmp_path):

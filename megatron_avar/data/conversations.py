@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_avar import atomic_files
-from megatron_avar.roles import validate_messages
+from megatron_avar.roles import IMAGE_FORMATS, validate_messages
 
 if TYPE_CHECKING:  # loaded lazily: `import megatron_avar.data` stays light
     import datasets
@@ -82,10 +82,10 @@ def _verify_image(source: Path | bytes, where: str) -> None:
         raise ValueError(f"{where}: image file not found: {source} (paths are relative to the data file's folder)")
     what = f"image file {source}" if isinstance(source, Path) else "embedded image bytes"
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=IMAGE_FORMATS) as image:
             image.verify()  # PNG: every chunk's checksum; JPEG: only the headers
         if image.format == "JPEG":  # a truncated JPEG passes verify(); decode it at 1/8 scale (cheap) to find out
-            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as image:
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=IMAGE_FORMATS) as image:
                 image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
     except Image.DecompressionBombError as error:
@@ -94,7 +94,8 @@ def _verify_image(source: Path | bytes, where: str) -> None:
         raise ValueError(f"{where}: {what} is refused as a decompression bomb ({error}); downscale it (training "
                          "resizes every image to at most data.max_pixels) or drop the record") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{where}: {what} is unreadable or corrupt ({error})") from error
+        raise ValueError(f"{where}: {what} is unreadable or corrupt, or not one of {', '.join(IMAGE_FORMATS)} "
+                         f"({error})") from error
 
 
 def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:

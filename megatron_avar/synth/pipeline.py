@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -57,16 +58,27 @@ def prepare_output(config: SynthConfig) -> None:
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ("data", MANIFEST))
-        if foreign:
-            raise ValueError(f"output.dir {out} holds {foreign[:5]}, which avar synth did not write; choose another "
-                             "output.dir")
+        data = out / "data"
+        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST)] +
+                         [f"data/{p.name}" for p in (data.iterdir() if data.is_dir() else ())
+                          if not fnmatch.fnmatch(p.name, "shard-*.parquet")
+                          and not fnmatch.fnmatch(p.name, ".shard-*.parquet.*.tmp")])
+        if foreign or (data.exists() and not data.is_dir()):
+            raise ValueError(f"output.dir {out} holds {(foreign or ['data'])[:5]}, which avar synth did not write; "
+                             "choose another output.dir")
+        inside = [source.name for source in config.sources if Path(source.path).resolve().is_relative_to(out)]
+        if inside:
+            raise ValueError(f"the data of source(s) {inside} lies inside output.dir {out}, which a run replaces; "
+                             "choose an output.dir apart from the sources")
         if (out / MANIFEST).is_file():
             if not config.output.overwrite:
                 raise ValueError(f"output.dir {out} holds a finished run ({MANIFEST}); pass output.overwrite=true to "
                                  "replace it, or choose another output.dir")
             (out / MANIFEST).unlink()
-        shutil.rmtree(out / "data", ignore_errors=True)
+        if data.is_dir():  # holding only what the check above let through: an earlier run's shards
+            for shard in data.iterdir():
+                shard.unlink()
+            data.rmdir()
     progress = config.work_dir / "progress"
     shutil.rmtree(progress, ignore_errors=True)
     progress.mkdir(parents=True, exist_ok=True)

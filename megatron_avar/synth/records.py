@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from megatron_avar import atomic_files
+from megatron_avar.roles import IMAGE_FORMATS
 from megatron_avar.synth.config import SourceConfig
 
 ROW_COLUMNS = ("id", "source", "question", "answer", "image_path", "image_mime", "image_sha", "metadata",
                "description", "candidates", "response", "drop_reason", "tokens_spent", "tokens_cached")
 _MIME = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp"),
-         "GIF": ("image/gif", "gif"), "BMP": ("image/bmp", "bmp")}
+         "GIF": ("image/gif", "gif"), "BMP": ("image/bmp", "bmp"),
+         "MPO": ("image/jpeg", "jpg")}  # MPO: the JPEG of many phones (a JPEG with more frames after the first)
 
 
 def new_row(**fields) -> dict:
@@ -62,7 +64,7 @@ def store_image(image_bytes: bytes, store_dir: Path) -> tuple[str, str, str]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
+        with Image.open(io.BytesIO(image_bytes), formats=IMAGE_FORMATS) as image:
             image_format = image.format
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:

@@ -39,6 +39,7 @@ synchronous, so that queue is an in-process one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -87,8 +88,19 @@ def has_checkpoints(run_dir: str | Path) -> bool:
 
 
 def remove_checkpoints(run_dir: str | Path) -> None:
-    """Remove ``<run_dir>/checkpoints`` (a run starting over with the user's consent; rank 0, before it saves)."""
-    shutil.rmtree(_checkpoint_root(run_dir), ignore_errors=True)
+    """Remove what runs wrote in ``<run_dir>/checkpoints``: step folders (complete or partial), ``latest`` and its
+    temporary files (a run starting over with the user's consent; rank 0, before it saves). Anything else there
+    (another tool's checkpoints) stays, and with it the folder."""
+    root = _checkpoint_root(run_dir)
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.name.startswith(("step_", ".step_")) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name == LATEST or entry.name.startswith(f".{LATEST}."):
+            entry.unlink()
+    with contextlib.suppress(OSError):  # not empty: others' files stay
+        root.rmdir()
 
 
 def read_trainer_state(path: Path) -> dict:

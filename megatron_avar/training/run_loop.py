@@ -16,9 +16,9 @@ a resumed run trains with the schedule it was started with; metrics.jsonl holds 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +230,11 @@ def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
         checkpointing.remove_checkpoints(out)
         for name in (METRICS_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        events = out / "tensorboard"  # the event files this run's logger writes there, nothing else
+        for event_file in events.glob("events.out.tfevents.*") if events.is_dir() else ():
+            event_file.unlink()
+        with contextlib.suppress(OSError):
+            events.rmdir()
     _trim_metrics(out / METRICS_FILE, start.start_step)
     atomic_files.write_json(out / "config.json", run_config)
 

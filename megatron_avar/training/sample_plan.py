@@ -28,7 +28,7 @@ import torch
 
 from megatron_avar import atomic_files
 from megatron_avar import roles as roles_module
-from megatron_avar.roles import TokenRole, validate_messages
+from megatron_avar.roles import IMAGE_FORMATS, TokenRole, validate_messages
 
 __all__ = ["SampleStats", "image_grid", "sample_roles", "kept_length", "compute_sample_stats",
            "dataset_fingerprint", "processor_fingerprint", "load_or_compute_stats"]
@@ -84,7 +84,7 @@ def _image_size(reference: dict) -> tuple[int, int]:
     from PIL import Image
 
     source = io.BytesIO(reference["bytes"]) if reference.get("bytes") is not None else reference["path"]
-    with Image.open(source) as image:
+    with Image.open(source, formats=IMAGE_FORMATS) as image:
         return image.size
 
 

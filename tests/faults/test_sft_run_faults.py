@@ -102,6 +102,32 @@ def test_resume_false_over_earlier_checkpoints_is_refused_and_replaces_them_only
     assert _steps(run) == [0] and json.loads((run / "summary.json").read_text())["steps_run"] == 1
 
 
+def test_starting_over_removes_only_what_runs_wrote(tmp_path):
+    """checkpoint.overwrite=true in an out shared with other tools: their checkpoints and event logs stay (before:
+    <out>/checkpoints and <out>/tensorboard were deleted whole)."""
+    from megatron_avar.training.run_loop import RunStart, prepare_run_dir
+
+    out = tmp_path / "run"
+    ours = [out / "checkpoints" / "step_00000003" / "trainer_state.json", out / "checkpoints" / "latest",
+            out / "checkpoints" / ".step_00000004.partial" / "x", out / "tensorboard" / "events.out.tfevents.1.host",
+            out / "metrics.jsonl", out / "summary.json"]
+    theirs = [out / "checkpoints" / "other_project" / "model.ckpt", out / "tensorboard" / "other" / "events",
+              out / "notes.txt"]
+    for file in ours + theirs:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("x")
+    prepare_run_dir(out, RunStart(resume_from=None, start_step=0, replace_earlier=True), {"out": str(out)})
+    assert all(file.read_text() == "x" for file in theirs)
+    assert not any(file.exists() for file in ours)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["other_project"]
+    just_ours = tmp_path / "alone"
+    (just_ours / "checkpoints" / "step_00000000").mkdir(parents=True)
+    (just_ours / "tensorboard").mkdir()
+    (just_ours / "tensorboard" / "events.out.tfevents.2.host").write_text("x")
+    prepare_run_dir(just_ours, RunStart(resume_from=None, start_step=0, replace_earlier=True), {})
+    assert sorted(p.name for p in just_ours.iterdir()) == ["config.json"]
+
+
 def test_overwrite_without_resume_false_is_refused_by_config():
     from megatron_avar.config import load_config
     from megatron_avar.sft.config import SFTConfig

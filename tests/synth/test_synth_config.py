@@ -187,3 +187,18 @@ def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_pat
     with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which avar synth did not write"):
         prepare_output(config)
     assert (out / "notes.txt").read_text() == "the user's"
+    # a dataset in the Hub's data/ layout is not an earlier run's shards, even without a manifest
+    (out / "notes.txt").unlink()
+    (out / "data").mkdir()
+    (out / "data" / "train-00000-of-00001.parquet").write_bytes(b"the user's dataset")
+    with pytest.raises(ValueError, match=r"holds \['data/train-00000-of-00001.parquet'\], which avar synth did not"):
+        prepare_output(config)
+    sourced = load_config(SynthConfig, None, [f"sources=[{{name: vqa, path: {out / 'data'}}}]", f"output.dir={out}",
+                                              f"run.work_dir={tmp_path / 'work'}"])
+    (out / "data" / "shard-0123456789abcdef.parquet").write_bytes(b"an earlier run's")
+    (out / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "kept.parquet")
+    with pytest.raises(ValueError, match=r"source\(s\) \['vqa'\] lies inside output.dir"):
+        prepare_output(sourced)
+    assert (out / "data" / "shard-0123456789abcdef.parquet").is_file()
+    prepare_output(config)  # an unfinished run's shards alone: redone
+    assert sorted(p.name for p in out.iterdir()) == []
