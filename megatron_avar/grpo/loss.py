@@ -95,7 +95,9 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     if config.kl_coef > 0 and logp_ref is None:
         raise ValueError("loss.kl_coef > 0 needs logp_ref (the reference policy's log-probs)")
     lengths = mask.sum(1)
-    if n == 0 or int(lengths.min()) == 0:
+    # Checked when this call counts the tokens itself; a caller that gives the counts (the trainer, whose mask is
+    # on the GPU) checked its mask on the host: the check is a read of the device.
+    if n == 0 or (num_tokens is None and int(lengths.min()) == 0):
         raise ValueError("every rollout needs at least one response token in mask (and N >= 1)")
     total_tokens = int(lengths.sum()) if num_tokens is None else int(num_tokens)
     total_sequences = n if num_sequences is None else int(num_sequences)

@@ -23,6 +23,7 @@ response row on every CP rank, so r_visual needs no CP reduction.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,11 +33,32 @@ from megatron_avar.grpo.loss import PolicyLossConfig, policy_loss
 from megatron_avar.grpo.rollout_batches import RolloutMicroBatch, pack_rollouts, scatter_response_values
 from megatron_avar.grpo.visual_reward import ResponseTokens, VisualRewardSink
 from megatron_avar.models.context_parallel import local_positions
+from megatron_avar.roles import IGNORE_INDEX
 
 __all__ = ["MegatronPolicy", "LOSS_METRICS"]
 
 # policy_loss metrics that are token means (averaged over the step's tokens); ratio_max is a max.
 LOSS_METRICS = ("clip_fraction", "clip_fraction_low", "clip_fraction_high", "approx_kl", "ratio_mean", "pg_loss")
+
+
+@dataclass
+class _Staged:
+    """A micro-batch staged on the device for the schedule (:meth:`MegatronPolicy._stage`). inputs: the model's
+    inputs on the device, the pixels aside; pixel_values: on the host (pinned on a GPU); rollouts: int64 [rollouts
+    of the row], their indexes; positions: the row's ``response_positions``; labelled: int64, the flat positions
+    of the row's labels; gather / targets: the flat positions of the labels among this rank's logits and the
+    labels there (the row's, or under context parallelism this rank's part, ``held``: its positions in the row).
+    All on the device but the pixels."""
+
+    micro_batch: RolloutMicroBatch
+    inputs: dict[str, torch.Tensor | None]
+    pixel_values: torch.Tensor | None
+    rollouts: torch.Tensor
+    positions: tuple[torch.Tensor, torch.Tensor]
+    labelled: torch.Tensor
+    gather: torch.Tensor
+    targets: torch.Tensor
+    held: torch.Tensor | None
 
 
 def _process_group(group) -> dist.ProcessGroup:
@@ -76,50 +98,87 @@ class MegatronPolicy:
         return pack_rollouts(rollouts, seq_length=self.seq_length, pad_token_id=self.pad_token_id,
                              image_token_id=cfg.image_token_id, spatial_merge_size=cfg.vision.spatial_merge_size)
 
-    def _forward(self, ddp_model, mb: RolloutMicroBatch, sink=None):
-        b = mb.batch
+    def _stage(self, micro_batches: Sequence[RolloutMicroBatch]) -> list[_Staged]:
+        """The micro-batches' inputs on the device before the schedule runs: inside it, a blocking copy from
+        pageable host memory waits for every queued GPU kernel (torch synchronises the stream after it), once
+        per tensor per micro-batch. The pixels, the one large input, stay on the host (pinned on a GPU) and move
+        without a wait as each micro-batch starts (:meth:`_forward`)."""
         device = self._device
-        to = (lambda t: None if t is None else t.to(device))  # noqa: E731
-        return ddp_model(to(b.input_ids), position_ids=to(b.position_ids), pixel_values=to(b.pixel_values),
-                         image_grid_thw=to(b.image_grid_thw), token_roles=to(b.roles), segment_ids=to(b.segment_ids),
-                         mass_sink=sink, role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
+        staged = []
+        for mb in micro_batches:
+            b = mb.batch
+            inputs = {"input_ids": b.input_ids, "position_ids": b.position_ids, "image_grid_thw": b.image_grid_thw,
+                      "token_roles": b.roles, "segment_ids": b.segment_ids}
+            pixels = b.pixel_values
+            if pixels is not None and device.type == "cuda":
+                pixels = pixels.pin_memory()
+            rows, columns = mb.response_positions()
+            # The labelled positions, found here on the host: of the row, and of this rank's part of it under CP.
+            labelled = torch.nonzero(b.labels.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+            held = None
+            mine = b.labels
+            if self._cp_group is not None:
+                held = local_positions(b.labels.shape[1], self._cp_group.size(), self._cp_group.rank())
+                mine = b.labels[:, held]
+            gather = torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+            staged.append(_Staged(
+                micro_batch=mb, inputs={k: None if v is None else v.to(device) for k, v in inputs.items()},
+                pixel_values=pixels, rollouts=torch.tensor(mb.rollouts, device=device),
+                positions=(rows.to(device), columns.to(device)), labelled=labelled.to(device),
+                gather=gather.to(device), targets=mine.reshape(-1)[gather].to(device),
+                held=None if held is None else held.to(device)))
+        return staged
+
+    def _forward(self, ddp_model, staged: _Staged, sink=None):
+        pixels = None if staged.pixel_values is None else staged.pixel_values.to(self._device, non_blocking=True)
+        return ddp_model(**staged.inputs, pixel_values=pixels, mass_sink=sink,
+                         role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
 
     @staticmethod
-    def _nonfinite_rollouts(rollouts, logp_new, old_logp, advantages, mask) -> list[str]:
-        """"prompt_id/sample_index" of the rollouts of a micro-batch whose loss inputs are not finite on their
-        response tokens (all of them when none is: the loss overflowed as a whole)."""
-        mask = mask.to(logp_new.device)
+    def _finite_rows(logp_new, old_logp, advantages, mask) -> torch.Tensor:
+        """bool [rollouts]: whether each rollout's loss inputs are finite on its response tokens (on the device;
+        read once per step, see train_step)."""
         finite = torch.isfinite(torch.where(mask, logp_new.detach(), 0.0)).all(-1)
-        finite &= torch.isfinite(torch.where(mask, old_logp.to(mask.device), 0.0)).all(-1).to(finite.device)
-        finite &= torch.isfinite(advantages).to(finite.device)
-        names = [f"{rollout.prompt_id}/{rollout.sample_index}" for rollout in rollouts]
-        failed = [name for name, ok in zip(names, finite.tolist()) if not ok]
-        return failed or names
+        finite &= torch.isfinite(torch.where(mask, old_logp, 0.0)).all(-1)
+        return finite & torch.isfinite(advantages)
 
-    def _response_log_probs(self, logits: torch.Tensor, mb: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
+    @staticmethod
+    def _nonfinite_rollouts(finite, staged: Sequence[_Staged], rollouts: Sequence[Rollout]) -> list[str]:
+        """"prompt_id/sample_index" of the rollouts whose loss was not finite: those whose inputs were not, or
+        every rollout of a micro-batch whose loss overflowed as a whole. One read of the device for the step."""
+        if not finite:  # not the last pipeline stage: no loss here
+            return []
+        flags = torch.cat([torch.cat([rows, loss.reshape(1)]) for _, rows, loss in finite]).tolist()
+        failed, position = [], 0
+        for index, rows, _ in finite:
+            rows_ok, loss_ok = flags[position:position + rows.shape[0]], flags[position + rows.shape[0]]
+            position += rows.shape[0] + 1
+            if not loss_ok:
+                names = [f"{rollouts[i].prompt_id}/{rollouts[i].sample_index}"
+                         for i in staged[index].micro_batch.rollouts]
+                failed += [name for name, ok in zip(names, rows_ok) if not ok] or names
+        return failed
+
+    def _response_log_probs(self, logits: torch.Tensor, staged: _Staged, num_columns: int) -> torch.Tensor:
         """[rollouts of mb, num_columns] log softmax(logits / T)[next token] at the response tokens, from the
-        vocab-parallel logits [1, S, V / tp] — taken at the labelled positions first, so the softmax runs over
-        response tokens only (not the prompts nor the row's padding tail)."""
+        vocab-parallel logits [1, S, V / tp] (S / cp under context parallelism) — taken at the labelled
+        positions first, so the softmax runs over response tokens only (not the prompts nor the row's padding
+        tail). Gathers by the staged indexes: no boolean mask, whose result size the host would have to read."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        from megatron_avar.roles import IGNORE_INDEX
-
-        labels = mb.batch.labels.to(logits.device)
-        labelled = labels != IGNORE_INDEX
+        rollouts = len(staged.micro_batch.rollouts)
+        nll = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1])[staged.gather].float()
+                                           / self.temperature, staged.targets)
         if self._cp_group is None:
-            nll = vocab_parallel_cross_entropy(logits[labelled].float() / self.temperature, labels[labelled])
-            return scatter_response_values(-nll, mb, num_columns)
+            return scatter_response_values(-nll, staged.positions, rollouts, num_columns)
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 
-        held = local_positions(labels.shape[1], self._cp_group.size(), self._cp_group.rank(), labels.device)
-        mine = labels[:, held]
-        nll = vocab_parallel_cross_entropy(logits[mine != IGNORE_INDEX].float() / self.temperature,
-                                           mine[mine != IGNORE_INDEX])
-        local = torch.zeros(mine.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mine != IGNORE_INDEX,
-                                                                                          -nll)
-        row = torch.zeros(labels.shape, dtype=nll.dtype, device=nll.device).index_copy(1, held, local)
+        assert staged.held is not None  # staged under context parallelism
+        batch, seq = staged.micro_batch.batch.labels.shape
+        local = nll.new_zeros(batch * staged.held.shape[0]).index_put((staged.gather,), -nll)
+        row = nll.new_zeros(batch, seq).index_copy(1, staged.held, local.view(batch, -1))
         row = reduce_from_tensor_model_parallel_region(row, group=self._cp_group)  # every position, every CP rank
-        return scatter_response_values(row[labelled], mb, num_columns)
+        return scatter_response_values(row.reshape(-1)[staged.labelled], staged.positions, rollouts, num_columns)
 
     def _schedule(self, micro_batches, forward_step, *, forward_only: bool) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -134,39 +193,39 @@ class MegatronPolicy:
     def log_probs_with_masses(self, rollouts: Sequence[Rollout]) -> PolicyLogProbs:
         from megatron.core import parallel_state
 
-        micro_batches = self._pack(rollouts)
+        staged = self._stage(self._pack(rollouts))
         num_columns = int(response_token_mask(rollouts).shape[1])
         device = self._device
         logp = torch.zeros(len(rollouts), num_columns, device=device)
+        # From the host's roles, moved with the inputs: the layers read the rows on the device.
+        tokens = [ResponseTokens(s.micro_batch.batch.roles, s.micro_batch.batch.segment_ids).to(device)
+                  for s in staged]
         sinks: list[VisualRewardSink] = []
 
         def forward_step(data_iterator, ddp_model):
-            index, mb = next(data_iterator)
-            segments = None if mb.batch.segment_ids is None else mb.batch.segment_ids.to(device)
-            # Built on the device: the layers read its rows there (once per micro-batch, not per layer).
-            sink = VisualRewardSink(ResponseTokens(mb.batch.roles.to(device), segments), self.visual_layers,
-                                    epsilon=self.epsilon)
+            index, micro_batch = next(data_iterator)
+            sink = VisualRewardSink(tokens[index], self.visual_layers, epsilon=self.epsilon)
             sinks.append(sink)
-            output = self._forward(ddp_model, mb, sink)
+            output = self._forward(ddp_model, micro_batch, sink)
 
             def loss_func(logits):
-                values = self._response_log_probs(logits, mb, num_columns)
-                logp[torch.tensor(mb.rollouts, device=device)] = values
+                values = self._response_log_probs(logits, micro_batch, num_columns)
+                logp[micro_batch.rollouts] = values
                 return values.new_zeros(()), {}
 
             return output, loss_func
 
         self.model.train(False)
         with torch.no_grad():
-            self._schedule(micro_batches, forward_step, forward_only=True)
+            self._schedule(staged, forward_step, forward_only=True)
         self.model.train()
         groups = [_process_group(parallel_state.get_tensor_model_parallel_group())]
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             groups.append(_process_group(parallel_state.get_pipeline_model_parallel_group()))
         r_visual = torch.zeros(len(rollouts), device=device)
-        for sink, mb in zip(sinks, micro_batches):
+        for sink, micro_batch in zip(sinks, staged):
             sink.all_reduce(groups)
-            r_visual[torch.tensor(mb.rollouts, device=device)] = sink.r_visual().to(device)
+            r_visual[micro_batch.rollouts] = sink.r_visual().to(device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(logp, src=last, group=_process_group(parallel_state.get_pipeline_model_parallel_group()))
@@ -187,6 +246,8 @@ class MegatronPolicy:
         if (ref_logp is None) != (self.loss.kl_coef == 0) or (ref_logp is not None and ref_logp.shape != mask.shape):
             raise ValueError(f"ref_logp {None if ref_logp is None else tuple(ref_logp.shape)}: pass the reference "
                              f"log-probs [{', '.join(map(str, mask.shape))}] exactly when loss.kl_coef > 0")
+        if int(mask.sum(1).min()) == 0:  # here, on the host, once: policy_loss is given the counts and checks none
+            raise ValueError("every rollout needs at least one response token")
         names = LOSS_METRICS + (("kl_ref",) if ref_logp is not None else ())
         device = self._device
         dp_group = parallel_state.get_data_parallel_group()
@@ -195,30 +256,33 @@ class MegatronPolicy:
         num_tokens, num_sequences = int(counts[0]), int(counts[1])
         dp = parallel_state.get_data_parallel_world_size()
         scale = len(micro_batches) * dp  # undo megatron's 1/num_microbatches and DDP's 1/dp
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
-        ratio_max = torch.tensor(0.0)
+        # Everything the loss reads is on the device before the schedule, and what it reports stays there until
+        # the step is done: no read of the device per micro-batch.
+        staged = self._stage(micro_batches)
+        old_logp, advantages, mask = old_logp.to(device), advantages.to(device), mask.to(device)
+        ref_logp = None if ref_logp is None else ref_logp.to(device)
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        ratio_max = torch.zeros((), device=device)
+        finite: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (micro-batch, its rows' inputs, its loss)
 
         def forward_step(data_iterator, ddp_model):
-            index, mb = next(data_iterator)
-            output = self._forward(ddp_model, mb)
-            rows = torch.tensor(mb.rollouts)
+            index, micro_batch = next(data_iterator)
+            output = self._forward(ddp_model, micro_batch)
+            rows = micro_batch.rollouts
 
             def loss_func(logits):
                 nonlocal ratio_max
-                logp_new = self._response_log_probs(logits, mb, num_columns)
-                loss, metrics = policy_loss(logp_new, old_logp[rows].to(device), advantages[rows].to(device),
-                                            mask[rows].to(device), self.loss, num_tokens=num_tokens,
-                                            num_sequences=num_sequences,
-                                            logp_ref=None if ref_logp is None else ref_logp[rows].to(device))
-                if not torch.isfinite(loss):  # not raised here, on the last stage alone (the others would wait
-                    # in the schedule's collectives): the update's metrics carry the NaN to every rank
-                    self.nonfinite_loss_rollouts += self._nonfinite_rollouts(
-                        [rollouts[i] for i in mb.rollouts], logp_new, old_logp[rows], advantages[rows], mask[rows])
-                tokens = float(metrics["num_tokens"])
-                for k, name in enumerate(names):
-                    sums[k] += float(metrics[name]) * tokens
-                sums[-1] += float(loss.detach())  # already normalised by the global counts: shares add up
-                ratio_max = torch.maximum(ratio_max, metrics["ratio_max"].cpu())
+                logp_new = self._response_log_probs(logits, micro_batch, num_columns)
+                loss, metrics = policy_loss(logp_new, old_logp[rows], advantages[rows], mask[rows], self.loss,
+                                            num_tokens=num_tokens, num_sequences=num_sequences,
+                                            logp_ref=None if ref_logp is None else ref_logp[rows])
+                # Noted, not raised here on the last stage alone (the others would wait in the schedule's
+                # collectives); read after the schedule, named to every rank by the trainer's check.
+                finite.append((index, self._finite_rows(logp_new, old_logp[rows], advantages[rows], mask[rows]),
+                               torch.isfinite(loss)))
+                sums[:-1] += torch.stack([metrics[name] for name in names]).double() * metrics["num_tokens"].double()
+                sums[-1] += loss.detach().double()  # already normalised by the global counts: shares add up
+                ratio_max = torch.maximum(ratio_max, metrics["ratio_max"].float())
                 return loss * scale, {}
 
             return output, loss_func
@@ -226,7 +290,8 @@ class MegatronPolicy:
         self.nonfinite_loss_rollouts = []
         self.model.zero_grad_buffer()
         self.model.optimizer.zero_grad()
-        self._schedule(micro_batches, forward_step, forward_only=False)
+        self._schedule(staged, forward_step, forward_only=False)
+        self.nonfinite_loss_rollouts = self._nonfinite_rollouts(finite, staged, rollouts)
         update_ok, grad_norm, _ = self.model.optimizer.step()
         if not update_ok:
             raise FloatingPointError("the optimizer skipped the GRPO update (non-finite gradients)")
@@ -236,8 +301,7 @@ class MegatronPolicy:
         # Each token counted once: the last pipeline stage, tensor- and context-parallel rank 0, summed over DP.
         counted = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                    and parallel_state.get_context_parallel_rank() == 0)
-        packed = torch.cat([sums if counted else torch.zeros_like(sums),
-                            torch.tensor([float(ratio_max)], dtype=torch.float64)]).to(device)
+        packed = torch.cat([sums if counted else torch.zeros_like(sums), ratio_max.double().reshape(1)])
         dist.all_reduce(packed[:-1])
         dist.all_reduce(packed[-1:], op=dist.ReduceOp.MAX)
         packed = packed.cpu()

@@ -34,6 +34,13 @@ class RolloutMicroBatch:
     rollouts: list[int]
     response_lengths: list[int]
 
+    def response_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rollout, column) of each labelled position of the row, in row order: int64 [N_t] each, on the host
+        (where :func:`scatter_response_values` puts each value)."""
+        lengths = torch.tensor(self.response_lengths)
+        return (torch.repeat_interleave(torch.arange(len(lengths)), lengths),
+                torch.cat([torch.arange(length) for length in self.response_lengths]))
+
 
 def _as_sample(rollout: Rollout) -> RenderedConversation:
     labels = torch.where(rollout.roles == TokenRole.RESPONSE, rollout.input_ids, IGNORE_INDEX)
@@ -72,15 +79,15 @@ def pack_rollouts(rollouts: Sequence[Rollout], *, seq_length: int, pad_token_id:
     return out
 
 
-def scatter_response_values(values: torch.Tensor, micro_batch: RolloutMicroBatch, num_columns: int) -> torch.Tensor:
-    """[len(micro_batch.rollouts), num_columns]: ``values`` [N_t], one per labelled position of the row in
-    row order (e.g. next-token log-probs), laid out as response tokens (row j = the micro-batch's j-th
-    rollout, column t = its t-th response token, 0 beyond its length). Differentiable (index_put)."""
-    lengths = torch.tensor(micro_batch.response_lengths)
-    if values.dim() != 1 or values.numel() != int(lengths.sum()):
-        raise RuntimeError(f"{tuple(values.shape)} values for {int(lengths.sum())} response tokens: the packed row "
-                           "and its rollouts disagree")
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    cols = torch.cat([torch.arange(int(n)) for n in lengths])
-    out = values.new_zeros(len(lengths), num_columns)
-    return out.index_put((rows.to(out.device), cols.to(out.device)), values)
+def scatter_response_values(values: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor], num_rollouts: int,
+                            num_columns: int) -> torch.Tensor:
+    """[num_rollouts, num_columns]: ``values`` [N_t], one per labelled position of a row in row order (e.g.
+    next-token log-probs), laid out as response tokens (row j = the micro-batch's j-th rollout, column t = its
+    t-th response token, 0 beyond its length). ``positions``: the micro-batch's
+    :meth:`RolloutMicroBatch.response_positions`, on ``values``' device. Differentiable (index_put); reads
+    nothing from the device."""
+    rows, cols = positions
+    if values.dim() != 1 or values.shape[0] != rows.shape[0]:
+        raise RuntimeError(f"{tuple(values.shape)} values for {rows.shape[0]} response tokens: the packed row and "
+                           "its rollouts disagree")
+    return values.new_zeros(num_rollouts, num_columns).index_put((rows, cols), values)

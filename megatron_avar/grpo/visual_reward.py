@@ -29,6 +29,7 @@ The sink never changes the layer output and attaches no gradient: rewards are co
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +86,14 @@ class ResponseTokens:
     @property
     def num_tokens(self) -> int:
         return int(self.index.numel())
+
+    def to(self, device: torch.device) -> ResponseTokens:
+        """These tokens with their index tensors on ``device`` (built on the host from the loader's roles, the
+        checks above read nothing from a GPU)."""
+        moved = copy.copy(self)
+        for name in ("index", "rollout", "count", "rollout_row", "rollout_segment"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
 
 
 class VisualRewardSink:

@@ -114,8 +114,29 @@ def _nonfinite_update(policy, rollouts, old_logp, advantages) -> str:
     return "no error"
 
 
+def _losses_refusing_host_syncs(policy) -> None:
+    """Every micro-batch's loss function (the old-log-prob pass's and the update's) run with host reads refused:
+    inside the schedule, a read of the device would stall it once per micro-batch."""
+    from megatron_avar.testing.host_syncs import refusing_host_syncs
+
+    schedule = policy._schedule
+
+    def guarded(micro_batches, forward_step, *, forward_only):
+        def step(data_iterator, model):
+            output, loss_func = forward_step(data_iterator, model)
+
+            def checked(*args):
+                with refusing_host_syncs("in a GRPO micro-batch's loss"):
+                    return loss_func(*args)
+            return output, checked
+        schedule(micro_batches, step, forward_only=forward_only)
+
+    policy._schedule = guarded
+
+
 def _kl_update(hf_path, data_path):
-    """One update with a KL term to a given reference: the metrics, the old and the reference log-probs."""
+    """One update with a KL term to a given reference: the metrics, the old and the reference log-probs; the
+    micro-batches' losses read nothing from the device."""
     from megatron.core import parallel_state
 
     from megatron_avar.grpo.loss import PolicyLossConfig
@@ -133,6 +154,7 @@ def _kl_update(hf_path, data_path):
     build_optimizer(model, OptimConfig(lr=1e-3), steps=4, dtype=torch.float32)
     policy = MegatronPolicy(model, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
                             temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
+    _losses_refusing_host_syncs(policy)
     old = policy.log_probs_with_masses(rollouts)
     # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients.
     frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=layers,

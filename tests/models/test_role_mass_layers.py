@@ -14,6 +14,7 @@ import torch
 
 from megatron_avar.roles import TokenRole
 from megatron_avar.testing import run_on_ranks
+from megatron_avar.testing.host_syncs import refuse_host_syncs
 from qwen_vl_cases import IMAGE, VISION_END, VISION_START, case_batch, hf_logits, tiny_hf_model
 
 MASS_TOLERANCE = 2e-6
@@ -351,21 +352,9 @@ def test_the_gpu_kernel_family_equals_the_cpu_family_in_the_model():
                                        msg=lambda text, name=name: f"{name}: {text}")
 
 
-_SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
 def _refuse_host_syncs():
-    """Patch the Tensor methods that read device values on the host to raise; returns the undo."""
-    originals = {name: getattr(torch.Tensor, name) for name in _SYNCING}
-
-    def refuse(name):
-        def method(*_args, **_kwargs):
-            raise AssertionError(f"host sync inside an AVAR layer: Tensor.{name}")
-        return method
-
-    for name in _SYNCING:
-        setattr(torch.Tensor, name, refuse(name))
-    return lambda: [setattr(torch.Tensor, name, fn) for name, fn in originals.items()]
+    """Every host read refused (``megatron_avar.testing.host_syncs``); returns the undo."""
+    return refuse_host_syncs("inside an AVAR layer")
 
 
 def forward_refusing_host_syncs(forward):
