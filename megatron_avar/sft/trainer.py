@@ -74,7 +74,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
     # (models.context_parallel), so it needs the dp x cp factor itself.
     rows = microbatches[0].input_ids.shape
     held = None if layout.cp == 1 else local_positions(rows[1], layout.cp, layout.cp_rank, device)
-    sinks, lm_sums, nonfinite_lm = [], [], []
+    sinks, lm_sums, lm_sample_ids = [], [], []
 
     def forward_step(data_iterator, ddp_model):
         index, mb = next(data_iterator)
@@ -93,11 +93,11 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
 
         def loss_func(per_token_loss):
             lm_sum = (per_token_loss.float() * loss_mask).sum()
-            # Noted, not raised: raising here on one rank would leave the others waiting in a collective; the
-            # check after the update (_check_update) stops every rank together and names these samples.
-            if not torch.isfinite(lm_sum):
-                nonfinite_lm.extend(sample for row in mb.sample_ids for sample in row)
+            # Not checked here (a read of the device per micro-batch) nor raised on this rank alone (the others
+            # would wait in a collective): read once after the schedule, and _check_update stops every rank
+            # together, naming the samples.
             lm_sums.append(lm_sum.detach())
+            lm_sample_ids.append([sample for row in mb.sample_ids for sample in row])
             # megatron divides by num_microbatches (and multiplies by cp) and DDP averages over DP (x CP); undo
             # both: the global batch's token mean.
             return lm_sum * (num_microbatches * dp / num_loss_tokens), {"lm_sum": lm_sum.detach()}
@@ -110,6 +110,8 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
         num_microbatches=num_microbatches, seq_length=rows[1], micro_batch_size=rows[0], forward_only=False)
+    finite = torch.isfinite(torch.stack(lm_sums)).tolist() if lm_sums else []  # the last stage's losses, read once
+    nonfinite_lm = [sample for ok, ids in zip(finite, lm_sample_ids) if not ok for sample in ids]
     update_ok, grad_norm, _ = model.optimizer.step()
     lr = model.optimizer.param_groups[0]["lr"]  # the rate this update used, before the schedule moves on
     if update_ok:

@@ -68,6 +68,43 @@ def test_a_nonfinite_update_is_never_saved_and_the_last_good_checkpoint_stays_la
     assert _steps(run) == [0]  # the NaN step is not logged; step 1 of the earlier session was trimmed on resume
 
 
+def _step_with_a_poisoned_output_norm(overrides) -> str:
+    """One SFT step whose final norm weight is infinite (every micro-batch's LM loss NaN): the error it raises."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import load_config
+    from megatron_avar.sft.config import SFTConfig
+    from megatron_avar.sft.trainer import build_run, train_step
+    from megatron_avar.training.megatron_setup import init_distributed
+    from megatron_avar.training.run_loop import NonFiniteUpdateError
+
+    config = load_config(SFTConfig, None, overrides)
+    layout = init_distributed(1, 1, seed=config.train.seed)
+    run = build_run(config, layout)
+    with torch.no_grad():
+        run.model.modules[0].language_model.decoder.final_layernorm.weight.fill_(float("inf"))
+    try:
+        train_step(run.model, next(iter(run.data)), config, avar_layers=run.avar_layers, layout=layout)
+    except NonFiniteUpdateError as error:
+        return str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return "no error"
+
+
+def test_samples_whose_lm_loss_is_not_finite_are_named(sft_inputs, tmp_path):
+    """The losses are checked once after the schedule (not read per micro-batch), still naming the samples."""
+    from megatron_avar.testing import run_on_ranks
+    from sft_cases import sft_overrides
+
+    error = run_on_ranks(_step_with_a_poisoned_output_norm, 1, sft_overrides(sft_inputs, tmp_path / "run"),
+                         timeout_s=300)[0]
+    assert error.startswith("step 0: the update is not finite (")
+    named = re.search(r"the LM loss is not finite in samples (.*?)\. Samples of this step: (.*?)\. Lower", error)
+    assert named, error
+    assert named.group(1).split(", ") == named.group(2).split(", ")  # every micro-batch's loss: all its samples
+
+
 # -- 4. rerun of a finished run -------------------------------------------------------------------------------
 def test_rerunning_a_finished_run_changes_nothing(base_run, sft_inputs, tmp_path):
     run = _copy_run(base_run, tmp_path / "run")
