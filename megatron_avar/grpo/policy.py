@@ -107,8 +107,8 @@ class MegatronPolicy:
         staged = []
         for mb in micro_batches:
             b = mb.batch
-            inputs = {"input_ids": b.input_ids, "position_ids": b.position_ids, "image_grid_thw": b.image_grid_thw,
-                      "token_roles": b.roles, "segment_ids": b.segment_ids}
+            inputs = {"input_ids": b.input_ids, "position_ids": b.position_ids, "token_roles": b.roles,
+                      "segment_ids": b.segment_ids}
             pixels = b.pixel_values
             if pixels is not None and device.type == "cuda":
                 pixels = pixels.pin_memory()
@@ -131,7 +131,9 @@ class MegatronPolicy:
 
     def _forward(self, ddp_model, staged: _Staged, sink=None):
         pixels = None if staged.pixel_values is None else staged.pixel_values.to(self._device, non_blocking=True)
-        return ddp_model(**staged.inputs, pixel_values=pixels, mass_sink=sink,
+        # the image grids stay on the host, where the vision encoder plans its work (reading them costs nothing)
+        return ddp_model(**staged.inputs, pixel_values=pixels, image_grid_thw=staged.micro_batch.batch.image_grid_thw,
+                         image_sources=staged.micro_batch.image_sources or None, mass_sink=sink,
                          role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
 
     @staticmethod

@@ -44,10 +44,11 @@ def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
 
 
 def _to_device(batch, device):
-    """``batch`` with its tensor fields on ``device``; asynchronous from the loader's pinned memory."""
+    """``batch`` with its tensor fields on ``device`` (asynchronous from the loader's pinned memory), but the image
+    grids: the vision encoder plans its work from them on the host, where reading them costs no wait."""
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
-                                         for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+                                         for f in dataclasses.fields(batch) if f.name != "image_grid_thw"
+                                         and isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, ...], layout) -> dict[str, float]:

@@ -99,11 +99,14 @@ def pack_row(
     pad_token_id: int,
     image_token_id: int,
     spatial_merge_size: int,
+    with_pixels: bool = True,
 ) -> PackedRow:
     """Lay rendered samples back to back in one row of ``seq_length`` tokens (see `PackedRow`).
 
     Each sample must already fit (truncate before packing); raises ValueError naming the sample ids when
     the samples do not fit together, and when a sample's image tokens disagree with its image grid.
+    ``with_pixels=False``: the row's ``pixel_values`` stay None (the caller gives the images, e.g. each distinct
+    one once); its ``image_grid_thw`` is the samples' as always.
     """
     if len(samples) != len(sample_ids) or not samples:
         raise ValueError(f"pack_row needs one id per sample and at least one sample, got {len(samples)} "
@@ -129,7 +132,8 @@ def pack_row(
         boundaries.append(end)
         has_image.append(sample.num_images > 0)
         if sample.num_images:
-            pixels.append(sample.pixel_values)
+            if with_pixels:
+                pixels.append(sample.pixel_values)
             grids.append(sample.image_grid_thw)
     return PackedRow(
         input_ids=input_ids,

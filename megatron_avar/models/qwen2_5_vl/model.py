@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -56,7 +56,8 @@ from megatron_avar.models.role_mass_attention import (
 )
 from megatron_avar.roles import NUM_ROLES
 
-__all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features"]
+__all__ = ["Qwen25VLModel", "language_layer_spec", "language_block_spec", "scatter_image_features",
+           "repeat_image_features"]
 
 
 def language_layer_spec(core_attention: type):
@@ -106,6 +107,19 @@ def language_block_spec(language_config, *, role_mass_layers: Collection[int] = 
         final_norm = TorchNorm
     # (megatron's own block specs pass the norm class; its annotation asks for a ModuleSpec or a module)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)  # pyright: ignore[reportArgumentType]
+
+
+def repeat_image_features(features: torch.Tensor, image_grid_thw: torch.Tensor, image_sources: Sequence[int],
+                          spatial_merge_size: int) -> torch.Tensor:
+    """The features [N, H] of distinct images (grids ``image_grid_thw``, in order) laid out as the batch's images:
+    image k is distinct image ``image_sources[k]``. Slices joined by a cat, so the backward adds a repeated image's
+    gradients in a fixed order (deterministic, unlike an index_select's atomic adds on GPUs). Reads the grid on
+    the host: free for the host tensor GRPO passes."""
+    sizes = (image_grid_thw.prod(-1) // spatial_merge_size**2).tolist()
+    if any(not 0 <= source < len(sizes) for source in image_sources):
+        raise ValueError(f"image_sources {list(image_sources)[:8]} must index the {len(sizes)} distinct images")
+    parts = features.split(sizes)
+    return torch.cat([parts[source] for source in image_sources]) if image_sources else features[:0]
 
 
 def scatter_image_features(embeddings: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
@@ -245,7 +259,7 @@ class Qwen25VLModel(MegatronModule):
                 token_roles: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 mass_sink: MassSink | None = None, logit_edits: RoleLogitEdits | None = None,
                 role_attention_impl: str = "auto", mass_mode: str = "probe",
-                num_roles: int = NUM_ROLES) -> torch.Tensor:
+                num_roles: int = NUM_ROLES, image_sources: Sequence[int] | None = None) -> torch.Tensor:
         """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
         batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
@@ -255,6 +269,9 @@ class Qwen25VLModel(MegatronModule):
         kernel family of every layer's attention, ``ops.causal_attention.PLAIN_ATTENTION_FOR``); ``mass_mode``
         "probe" or "fused" (``models.role_mass_attention``). ``num_roles``: token_roles lie in [-1, num_roles);
         more than TokenRole's when an analysis gives some tokens a role of their own (VAS's attention sink).
+        ``image_sources``: pixel_values / image_grid_thw hold distinct images, each encoded once, and the batch's
+        images (in token order) are these: image k is distinct image ``image_sources[k]`` (GRPO's rollouts of one
+        prompt share its images); needs position_ids. None: the batch's images are pixel_values' in order.
 
         Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
         labels), or the hidden states [S, B, H] for the next pipeline stage.
@@ -277,6 +294,8 @@ class Qwen25VLModel(MegatronModule):
                              f" tensor-parallel ranks, but each rank's rows have {local_seq} tokens: make the row "
                              "length a multiple of tensor_model_parallel_size (x 2 x context_parallel_size)")
         if position_ids is None:
+            if image_sources is not None:
+                raise ValueError("image_sources (repeated images) needs the rows' position_ids")
             if segment_ids is not None:
                 raise ValueError("packed rows (segment_ids) need their per-sample position_ids")
             position_ids, _ = mrope_position_ids(input_ids, image_grid_thw, image_token_id=cfg.image_token_id,
@@ -298,6 +317,10 @@ class Qwen25VLModel(MegatronModule):
             elif torch.is_grad_enabled():
                 blank = self._blank_image_weighted_by_zero()
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+            if features is not None and image_sources is not None:
+                assert image_grid_thw is not None  # (features come from the images)
+                features = repeat_image_features(features, image_grid_thw, image_sources,
+                                                 cfg.vision.spatial_merge_size)
             if features is not None:
                 decoder_input = scatter_image_features(decoder_input, input_ids, features, cfg.image_token_id)
             if blank is not None:
