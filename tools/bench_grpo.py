@@ -23,7 +23,8 @@ reward's bookkeeping. Target: <= 5% on a GPU.
 
 FLOPs of one old-log-prob pass (forward only) = training_flops / 3 with megatron_avar.training.metrics:
   2·P_lm·T + 2·L·d·Σ s_i² + 2·P_vision·Σ p_j + 4·hv·F·Σ p_j²
-  (T tokens of the packed rollouts, s_i rollout lengths, p_j patches of image j, F full-attention vision blocks)
+  (T tokens of the packed rollouts, s_i rollout lengths, p_j patches of image j — each distinct image of a packed
+  row once, as the pass encodes them —, F full-attention vision blocks)
 
 Results: tools/results/bench_grpo_<device>_<date>.md and .json.
 """
@@ -82,7 +83,7 @@ def _plain_log_probs(policy, rollouts):
     """The old-log-prob pass of ``policy`` without a mass sink: the same attention, no masses."""
     from megatron_avar.grpo.interfaces import response_token_mask
 
-    micro_batches = policy._pack(rollouts)
+    micro_batches = policy._stage(policy._pack(rollouts))
     columns = int(response_token_mask(rollouts).shape[1])
 
     def forward_step(data_iterator, ddp_model):
@@ -154,7 +155,9 @@ def main() -> int:
                                      warmup=1)
 
     lengths = [int(r.input_ids.numel()) for r in rollouts]
-    patches = [p for r in rollouts if r.image_grid_thw is not None for p in frame_patches(r.image_grid_thw)]
+    # the images the pass encodes: each distinct image of a packed row once (grpo.rollout_batches)
+    patches = [p for mb in policy._pack(rollouts) if mb.batch.image_grid_thw is not None
+               for p in frame_patches(mb.batch.image_grid_thw)]
     forward_flops = training_flops(qwen_config, sample_lengths=lengths, image_patches=patches) / 3
     overhead = rows["old log-probs + masses"] / rows["old log-probs, plain attention (baseline)"] - 1
     device = torch.cuda.get_device_name() if gpu else "cpu"
