@@ -185,8 +185,7 @@ def test_existing_output_is_not_clobbered(hf_dir, tmp_path, capsys):
 def test_layouts_and_folders_that_cannot_work_are_named_before_any_rank_starts(hf_dir, tmp_path, capsys):
     """megatron's own checks are assertions inside each rank (a traceback per rank)."""
     for flags, message in ((["--pp", "3"], "4 language-model layers do not split over 3 pipeline stages: choose "
-                                           "parallel.pipeline_model_parallel_size (convert: --pp) to divide 4 "
-                                           "(one of [1, 2, 4])"),
+                                           "parallel.pipeline_model_parallel_size (convert: --pp) among [1, 2, 4]"),
                            (["--tp", "4"], "2 key/value heads do not split over 4 tensor-parallel ranks")):
         assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(tmp_path / "o"), *flags]) == 2
         assert message in capsys.readouterr().err

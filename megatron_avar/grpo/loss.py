@@ -82,6 +82,9 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     no gradient flows: ρ > 1 + clip_high with A > 0, or ρ < 1 − clip_low with A < 0), clip_fraction_low,
     clip_fraction_high, approx_kl (k3 estimate of KL(π_old ‖ π_θ): ρ − 1 − log ρ, >= 0), ratio_mean,
     ratio_max, kl_ref (mean ℓ_kl; only when kl_coef > 0), pg_loss, num_tokens (this call's count).
+
+    Every rollout needs a response token in ``mask``: checked here when ``num_tokens`` is None; a caller that gives
+    the counts has checked its mask on the host (the check would read the device).
     """
     n, t = logp_new.shape
     if logp_old.shape != (n, t) or mask.shape != (n, t) or (logp_ref is not None and logp_ref.shape != (n, t)):

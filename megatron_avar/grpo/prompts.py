@@ -248,8 +248,8 @@ class PromptLoader:
             except ValueError as error:
                 errors.append(str(error) if repr(row["id"]) in str(error) else f"record {row['id']!r}: {error}")
                 continue
-            # the prompt's images: the first of the record's (later turns are not part of the prompt)
-            images = row["images"][:sum(item["type"] == "image" for _, items in turns for item in items)]
+            # the prompt's own images (not those of later turns, nor of a system turn system_prompt replaced)
+            images = [item["image"] for _, items in turns for item in items if item["type"] == "image"]
             if self.max_images is not None and len(images) > self.max_images:
                 errors.append(f"record {row['id']!r} has {len(images)} images in its prompt; the rollout backend "
                               f"takes at most {self.max_images} per prompt: drop it from the GRPO data or split it")

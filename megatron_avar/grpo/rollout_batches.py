@@ -59,10 +59,10 @@ def _as_sample(rollout: Rollout) -> RenderedConversation:
 
 def pack_rollouts(rollouts: Sequence[Rollout], *, seq_length: int, pad_token_id: int, image_token_id: int,
                   spatial_merge_size: int) -> list[RolloutMicroBatch]:
-    """Pack ``rollouts`` whole into rows of ``seq_length`` tokens (first fit, longest first; deterministic),
-    one :class:`RolloutMicroBatch` per row. Raises ValueError naming the rollout when one is longer than
-    ``seq_length`` or holds image tokens its image grid does not account for (e.g. a generated
-    ``<|image_pad|>``)."""
+    """Pack ``rollouts`` whole into rows of ``seq_length`` tokens (:func:`pack_groups`, a prompt's rollouts
+    together; deterministic), one :class:`RolloutMicroBatch` per row, each distinct image of a row once. Raises
+    ValueError naming the rollout when one is longer than ``seq_length`` or holds image tokens its image grid
+    does not account for (e.g. a generated ``<|image_pad|>``)."""
     if not rollouts:
         raise ValueError("pack_rollouts needs at least one rollout")
     lengths = [int(r.input_ids.numel()) for r in rollouts]

@@ -131,6 +131,26 @@ def test_dp_ranks_take_disjoint_whole_prompts_that_make_up_the_step(processor, d
             assert torch.equal(x, batch.input_ids[k])
 
 
+def test_an_image_of_a_replaced_system_turn_is_not_counted(processor, tmp_path):
+    """system_prompt replaces the record's system turn, and with it that turn's image: the prompt's length is
+    counted from the images it keeps (it was counted with the system image's size in the user image's place)."""
+    from PIL import Image
+
+    Image.new("RGB", (448, 112), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (56, 56), "blue").save(tmp_path / "small.png")
+    image = lambda name: {"type": "image", "image": name}  # noqa: E731
+    record = {"id": "r0", "answer": "1", "messages": [
+        {"role": "system", "content": [image("wide.png"), {"type": "text", "text": "You see a logo."}]},
+        {"role": "user", "content": [image("small.png"), {"type": "text", "text": "What?"}]}]}
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text(json.dumps(record) + "\n")
+    for system_prompt, images in ((None, 2), ("Be brief.", 1)):  # max_images counts the prompt's images
+        loader = PromptLoader(GRPODataConfig(path=str(data_file), system_prompt=system_prompt), processor,
+                              prompts_per_step=1, max_images=images)
+        batch = loader.render_step(0)  # raised: "renders to 47 tokens but was counted as 107"
+        assert batch.image_grid_thw[0].shape[0] == images
+
+
 def test_resume_continues_exactly_even_with_another_dp_size(processor, data):
     path, _ = data
     uninterrupted = _take(_loader(path, processor), 6)  # 2 steps an epoch: crosses two epoch boundaries

@@ -146,6 +146,10 @@ def test_layouts_that_do_not_divide_are_refused():
         memory_plan(QWEN_7B, Parallelism(pp=3), StepShape(seq_length=1024))
     with pytest.raises(ValueError, match="recompute"):
         StepShape(seq_length=1024, recompute="some")
+    # the sizes offered divide every head count TP splits (7B: 28 heads, 4 key/value heads, 16 vision heads)
+    with pytest.raises(ValueError, match=r"choose parallel.tensor_model_parallel_size \(convert: --tp\) among "
+                                         r"\[1, 2, 4\]"):
+        QWEN_7B.check_layout(tp=3, pp=1)
 
 
 def test_cpu_kernels_count_what_the_cpu_path_saves():

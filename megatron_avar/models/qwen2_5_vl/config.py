@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,13 @@ class Qwen25VLConfig:
                   (self.text.num_attention_heads, tp, "attention heads", tensor),
                   (self.text.num_query_groups, tp, "key/value heads", tensor),
                   (self.vision.num_heads, tp, "vision attention heads", tensor)]
+        tensor_counts = math.gcd(*(count for count, _, _, split in splits if split is tensor))
         for count, ways, what, (over, setting) in splits:
             if count % ways:
-                divisors = [d for d in range(1, count + 1) if count % d == 0]
+                fits = tensor_counts if (over, setting) == tensor else count  # TP must divide every head count
+                divisors = [d for d in range(1, fits + 1) if fits % d == 0]
                 raise ValueError(f"this model's {count} {what} do not split over {ways} {over}: choose "
-                                 f"{setting} to divide {count} (one of {divisors})")
+                                 f"{setting} among {divisors}")
 
     @classmethod
     def from_hf(cls, source: Any) -> Qwen25VLConfig:
