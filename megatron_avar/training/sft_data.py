@@ -65,7 +65,7 @@ class SFTDataConfig:
     num_workers: int = 0
     """Processes for computing sample stats and rendering rows (0: the calling process, which then renders each
     step's rows while the GPU waits: on GPUs give 2-8). With workers, a whole step's micro-batches are rendered
-    ahead, in host memory."""
+    ahead; they reach the trainer through shared memory (/dev/shm: a container needs room for a step's pixels)."""
     cache_dir: str | None = None
     """Folder for the sample-stats cache (None: no cache; recomputed at every start)."""
 
