@@ -115,12 +115,11 @@ class MegatronPolicy:
             rows, columns = mb.response_positions()
             # The labelled positions, found here on the host: of the row, and of this rank's part of it under CP.
             labelled = torch.nonzero(b.labels.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
-            held = None
-            mine = b.labels
+            held, mine, gather = None, b.labels, labelled  # without CP this rank's logits are the row's
             if self._cp_group is not None:
                 held = local_positions(b.labels.shape[1], self._cp_group.size(), self._cp_group.rank())
                 mine = b.labels[:, held]
-            gather = torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+                gather = torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
             staged.append(_Staged(
                 micro_batch=mb, inputs={k: None if v is None else v.to(device) for k, v in inputs.items()},
                 pixel_values=pixels, rollouts=torch.tensor(mb.rollouts, device=device),
@@ -275,12 +274,13 @@ class MegatronPolicy:
             def loss_func(logits):
                 nonlocal ratio_max
                 logp_new = self._response_log_probs(logits, micro_batch, num_columns)
-                loss, metrics = policy_loss(logp_new, old_logp[rows], advantages[rows], mask[rows], self.loss,
+                old_rows, advantage_rows, mask_rows = old_logp[rows], advantages[rows], mask[rows]
+                loss, metrics = policy_loss(logp_new, old_rows, advantage_rows, mask_rows, self.loss,
                                             num_tokens=num_tokens, num_sequences=num_sequences,
                                             logp_ref=None if ref_logp is None else ref_logp[rows])
                 # Noted, not raised here on the last stage alone (the others would wait in the schedule's
                 # collectives); read after the schedule, named to every rank by the trainer's check.
-                finite.append((index, self._finite_rows(logp_new, old_logp[rows], advantages[rows], mask[rows]),
+                finite.append((index, self._finite_rows(logp_new, old_rows, advantage_rows, mask_rows),
                                torch.isfinite(loss)))
                 sums[:-1] += torch.stack([metrics[name] for name in names]).double() * metrics["num_tokens"].double()
                 sums[-1] += loss.detach().double()  # already normalised by the global counts: shares add up

@@ -14,7 +14,7 @@ __all__ = ["SYNCING_METHODS", "refuse_host_syncs", "refusing_host_syncs"]
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
-def refuse_host_syncs(where: str = "inside an AVAR layer") -> Callable[[], None]:
+def refuse_host_syncs(where: str) -> Callable[[], None]:
     """Patch :data:`SYNCING_METHODS` of ``torch.Tensor`` to raise AssertionError naming ``where``; returns the
     undo (call it in a ``finally``)."""
     originals = {name: getattr(torch.Tensor, name) for name in SYNCING_METHODS}

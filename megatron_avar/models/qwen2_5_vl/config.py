@@ -143,9 +143,10 @@ class Qwen25VLConfig:
                   (self.text.num_query_groups, tp, "key/value heads", tensor),
                   (self.vision.num_heads, tp, "vision attention heads", tensor)]
         tensor_counts = math.gcd(*(count for count, _, _, split in splits if split is tensor))
-        for count, ways, what, (over, setting) in splits:
+        for count, ways, what, split in splits:
             if count % ways:
-                fits = tensor_counts if (over, setting) == tensor else count  # TP must divide every head count
+                over, setting = split
+                fits = tensor_counts if split is tensor else count  # TP must divide every head count
                 divisors = [d for d in range(1, fits + 1) if fits % d == 0]
                 raise ValueError(f"this model's {count} {what} do not split over {ways} {over}: choose "
                                  f"{setting} among {divisors}")
