@@ -134,7 +134,7 @@ def load_image(image: Any, image_root: str | Path | None = None):
     """A PIL RGB image from a PIL image (taken as it is) or a path (relative paths resolve against
     ``image_root``; decoded by :func:`open_image`); transparent pixels become white (:func:`to_rgb`).
     ValueError naming the fix for anything else, a URL, a missing or an unreadable file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if isinstance(image, Image.Image):
         return to_rgb(image)
@@ -148,11 +148,19 @@ def load_image(image: Any, image_root: str | Path | None = None):
         path = Path(image_root) / path
     if not path.is_file():
         raise ValueError(f"image file not found: {path} (image paths are relative to the data file's folder)")
+    return read_image(path, f"image file {path}")
+
+
+def read_image(source: str | Path | bytes | bytearray, what: str):
+    """:func:`open_image` of ``source``; ValueError naming ``what`` (e.g. "image file x.png") and the fix when it
+    is unreadable, corrupt or of a format outside :data:`IMAGE_FORMATS`."""
+    from PIL import UnidentifiedImageError
+
     try:
-        return open_image(path)
+        return open_image(source)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"image file {path} is unreadable, corrupt or not one of {', '.join(IMAGE_FORMATS)} "
-                         f"({error}); re-export it as PNG/JPEG") from error
+        raise ValueError(f"{what} is unreadable, corrupt or not one of {', '.join(IMAGE_FORMATS)} ({error}); "
+                         "re-export it as PNG/JPEG") from error
 
 
 def _content_items(message: dict, index: int) -> list[dict]:

@@ -335,16 +335,35 @@ def single_split(dataset: object, source: str) -> datasets.Dataset:
 
 
 def undecoded(dataset: datasets.Dataset) -> datasets.Dataset:
-    """The dataset with its images as {"bytes", "path"} references (nothing decoded)."""
+    """The dataset with every image column (a `datasets.Image`, or a list of them) as {"bytes", "path"}
+    references: nothing decoded. `datasets` would decode an image with any format PIL knows (PostScript through
+    Ghostscript among them); the readers decode the references with ``roles.open_image`` (``IMAGE_FORMATS``)."""
     import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a cast of a few columns is not worth a progress bar per call
     try:
-        return dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
+        for name, feature in list(dataset.features.items()):
+            kept = _references(feature)
+            if kept != feature:
+                dataset = dataset.cast_column(name, kept)
+        return dataset
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def _references(feature: Any) -> Any:
+    """``feature`` with each `datasets.Image` in it (itself, or the items of a list) set not to decode."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List):
+        return datasets.List(_references(feature.feature), length=feature.length)
+    if isinstance(feature, datasets.LargeList):
+        return datasets.LargeList(_references(feature.feature))
+    return feature
 
 
 def dataset_rows(dataset: datasets.Dataset) -> Iterator[dict[str, Any]]:

@@ -11,9 +11,9 @@ and ``Dataset.save_to_disk`` produce:
 - files in a folder named after the split (``vision/test/0000.parquet``, the hub's parquet-converter layout);
 - a ``save_to_disk`` folder named after the split (``testmini/dataset_info.json``), or the folder itself.
 
-Image columns keep the benchmark's own schema: a `datasets.Image` (embedded bytes or a path) or, in json
-files, an image path (absolute, or relative to the working directory); :func:`to_pil` turns any of them into
-a PIL image.
+Image columns keep the benchmark's own schema: a `datasets.Image` (embedded bytes or a path; read undecoded,
+``data.conversations.undecoded``) or, in json files, an image path (absolute, or relative to the working
+directory); :func:`to_pil` decodes any of them, as one of ``roles.IMAGE_FORMATS`` only.
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
     """
     import datasets
 
-    from megatron_avar.data.conversations import single_split
+    from megatron_avar.data.conversations import single_split, undecoded
 
     if local_dir is not None:
         folder = local_dir / config if config is not None and config_subdir else local_dir
         if (folder / split).is_dir() and _is_saved_dataset(folder / split):
-            return single_split(datasets.load_from_disk(str(folder / split)), str(folder / split))
+            return undecoded(single_split(datasets.load_from_disk(str(folder / split)), str(folder / split)))
         if _is_saved_dataset(folder):
-            return single_split(datasets.load_from_disk(str(folder)), str(folder))
+            return undecoded(single_split(datasets.load_from_disk(str(folder)), str(folder)))
         files = split_files(folder, split) if folder.is_dir() else []
         if files:
             kinds = {path.suffix for path in files}
@@ -73,15 +73,15 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
                 raise ValueError(f"{benchmark}: {folder} mixes {sorted(kinds)} files for split {split!r}; "
                                  "keep one format")
             builder = "parquet" if ".parquet" in kinds else "json"
-            return single_split(datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train"),
-                              str(folder))
+            return undecoded(single_split(datasets.load_dataset(builder, data_files=[str(p) for p in files],
+                                                                split="train"), str(folder)))
     if allow_hub:
         try:
             hub_dataset = datasets.load_dataset(hub_name, config, split=split)
         except Exception as error:  # noqa: BLE001 - any hub failure becomes the same actionable message
             hub_error = f"; the hub failed too ({type(error).__name__}: {str(error)[:200]})"
         else:
-            return single_split(hub_dataset, hub_name)
+            return undecoded(single_split(hub_dataset, hub_name))
     else:
         hub_error = " (pass --allow-hub to try the hub)"
     where = local_dir / config if (local_dir is not None and config is not None and config_subdir) else local_dir
@@ -98,24 +98,26 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
 def to_pil(image: Any, base_dir: Path | None = None):
     """A PIL RGB image (transparency on white, ``roles.to_rgb``) from a decoded PIL image (taken as it is), a
     `datasets.Image` dict ({"bytes", "path"}), raw bytes or a path (relative to ``base_dir``), the last three
-    decoded upright by ``roles.open_image``. Raises ValueError when there is no image."""
+    decoded upright by ``roles.read_image`` (``IMAGE_FORMATS`` only). Raises ValueError when there is no image or
+    it does not decode."""
     from PIL import Image
 
-    from megatron_avar.roles import open_image, to_rgb
+    from megatron_avar.roles import read_image, to_rgb
 
     if isinstance(image, Image.Image):
         return to_rgb(image)
     if isinstance(image, dict):
         if image.get("bytes"):
-            return open_image(image["bytes"])
+            return read_image(image["bytes"], "the image bytes")
         image = image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return open_image(image)
+        return read_image(image, "the image bytes")
     if isinstance(image, str) and image:
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
-        return open_image(path)
+        return read_image(path, f"image file {path}")
     raise ValueError(f"no image in this field (got {type(image).__name__}); the benchmark row has no decodable image")
+

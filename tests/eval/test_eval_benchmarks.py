@@ -184,3 +184,44 @@ def test_parquet_converter_layout_and_save_to_disk_read_like_the_hub_files(eval_
         samples = _samples("mmstar", root)
         assert list(samples) == list(reference)
         assert [s.target for s in samples.values()] == [s.target for s in reference.values()]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def _with_postscript(source, dest, column, row):
+    """``source`` parquet with row ``row``'s ``column`` image replaced by PostScript bytes, written to ``dest``."""
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(source), split="train")
+    rows = rows.cast_column(column, datasets.Image(decode=False))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    rows.map(lambda r, i: {column: {"bytes": EPS, "path": "cat.png"} if i == row else r[column]},
+             with_indices=True).to_parquet(str(dest))
+
+
+def test_benchmark_images_decode_only_as_photo_and_figure_formats(eval_data_root, tmp_path, monkeypatch):
+    """PostScript in a benchmark's image column: `datasets` decodes images with any format PIL knows, and PIL hands
+    PostScript to Ghostscript (an interpreter; a stand-in records whether it ran). Every way a split is read
+    (hub shards, MMStar's own file, a save_to_disk folder) hands the images over undecoded, and they decode as
+    roles.IMAGE_FORMATS only: the row is named, nothing runs."""
+    import datasets
+
+    bin_dir, ran = tmp_path / "bin", tmp_path / "gs ran"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f'#!/bin/sh\n[ "$1" = "--version" ] && echo 10.02.1 && exit 0\ntouch "{ran}"\nexit 1\n')
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    shard = "mathvista/data/testmini-00000-of-00001.parquet"
+    _with_postscript(eval_data_root / shard, tmp_path / "shards" / shard, "decoded_image", 1)
+    _with_postscript(eval_data_root / "mmstar" / "mmstar.parquet", tmp_path / "own" / "mmstar" / "mmstar.parquet",
+                     "image", 2)
+    datasets.load_dataset("parquet", data_files=str(tmp_path / "shards" / shard), split="train").save_to_disk(
+        str(tmp_path / "saved" / "mathvista" / "testmini"))
+    for name, root, message in (("mathvista", tmp_path / "shards", "mathvista, row 1 of the data: the image bytes"),
+                                ("mmstar", tmp_path / "own", "mmstar, row 2 of the data: the image bytes"),
+                                ("mathvista", tmp_path / "saved", "mathvista, row 1 of the data: the image bytes")):
+        with pytest.raises(ValueError, match=message + " is unreadable, corrupt or not one of PNG, JPEG"):
+            _samples(name, root)
+        assert not ran.exists(), (name, root)
+    assert len(_samples("mathvista", tmp_path / "shards", limit=1)) == 1  # the rows before it read as before

@@ -98,7 +98,7 @@ class Benchmark:
     def samples(self, data_root: Path | None, *, allow_hub: bool = False, limit: int | None = None) -> Iterator[Sample]:
         """The evaluated samples in a fixed order; ``limit``: the first ``limit`` of them."""
         count = 0
-        for config, row in self.load_rows(data_root, allow_hub):
+        for index, (config, row) in enumerate(self.load_rows(data_root, allow_hub)):
             if limit is not None and count >= limit:
                 return
             try:
@@ -108,6 +108,9 @@ class Benchmark:
                 raise ValueError(f"{self.name}: a row lacks the column {error} of {self.hub_name}; a local copy "
                                  "keeps the hub's columns: download it again (`huggingface-cli download --repo-type "
                                  f"dataset {self.hub_name} --local-dir DATA_ROOT/{self.local_dir}`)") from error
+            except ValueError as error:  # an image that does not decode, a field that is not what the hub ships
+                where = self.name if config is None else f"{self.name} ({config})"
+                raise ValueError(f"{where}, row {index} of the data: {error}") from error
             if sample is not None:
                 yield sample
                 count += 1

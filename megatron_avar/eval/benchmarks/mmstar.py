@@ -57,7 +57,10 @@ class MMStar(Benchmark):
         if folder is not None and (folder / "mmstar.parquet").is_file():
             import datasets
 
-            for row in datasets.load_dataset("parquet", data_files=str(folder / "mmstar.parquet"), split="train"):
+            from megatron_avar.data.conversations import dataset_rows, undecoded
+
+            rows = datasets.load_dataset("parquet", data_files=str(folder / "mmstar.parquet"), split="train")
+            for row in dataset_rows(undecoded(rows)):
                 yield None, row
             return
         for row in load_split(hub_name=self.hub_name, config=None, split=self.split, local_dir=folder,
