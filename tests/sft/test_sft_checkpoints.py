@@ -5,7 +5,6 @@ position all restored). A half-written checkpoint left by a crash is never picke
 checkpoint exports to HF with logits equal to the megatron model's."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -103,10 +102,8 @@ def test_checkpoints_are_pruned_and_a_half_written_one_is_ignored(runs, tmp_path
 
 
 def test_final_checkpoint_exports_to_hf_with_equal_logits(runs, tmp_path):
+    from megatron_avar.cli import main
+
     checkpoint = runs["interrupted"] / "checkpoints" / f"step_{STEPS - 1:08d}"
-    run = lambda *args: subprocess.run([sys.executable, "-m", "megatron_avar", "convert", *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    exported = run("mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(tmp_path / "hf"))
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    verified = run("verify", "--hf-path", str(tmp_path / "hf"), "--mcore-path", str(checkpoint))
-    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", "verify", "--hf-path", str(tmp_path / "hf"), "--mcore-path", str(checkpoint)]) == 0
