@@ -13,7 +13,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path):
+def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path, capsys):
     out = tmp_path / "quickstart"
     command = [sys.executable, "-m", "megatron_avar", "quickstart", "--out", str(out), "--num-samples", "16",
                "--vas-samples", "4", "train.steps=5", "data.seq_length=512", "checkpoint.interval=0"]
@@ -33,9 +33,10 @@ def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path):
     assert [h["step"] for h in curve] == list(range(6))
     assert all(h["vas/rollouts"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in curve)
     assert all(h["reward/total"] > 0 and h["optim/grad_norm"] > 0 for h in curve)
-    # A second quickstart refuses to clobber the run without --overwrite.
-    again = subprocess.run(command, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    # A second quickstart refuses to clobber the run without --overwrite (the command line's entry point, here).
+    from megatron_avar.cli import main
+
+    assert main(command[3:]) == 2 and "--overwrite" in capsys.readouterr().err
 
 
 def test_a_bad_override_or_out_is_refused_before_anything_is_written(tmp_path, capsys):
