@@ -109,11 +109,9 @@ class MetricsLogger:
 
             # purge events from first_step on (0 too: a run that died before its first checkpoint starts over)
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb") from None
+        if wandb_project:  # (installed: LogConfig checks)
+            import wandb
+
             self.wandb = wandb.init(project=wandb_project, dir=str(out), config=run_config)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -130,11 +128,15 @@ class MetricsLogger:
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        done = step + 1 - self.start_step
-        per_step = (time.monotonic() - self.start_time) / max(done, 1)
-        eta = per_step * (self.total_steps - step - 1)
+        # the clock starts when the first step is logged (its time holds the start-up): the steps timed are those
+        # logged since, and the first line has no estimate yet
+        timed = step - self.start_step
+        eta = "-"
+        if timed > 0:
+            seconds = int((time.monotonic() - self.start_time) / timed * (self.total_steps - step - 1))
+            eta = f"{seconds // 60}m{seconds % 60:02d}s"
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/layer_" not in k)
-        print(f"step {step + 1}/{self.total_steps} | {shown} | eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
+        print(f"step {step + 1}/{self.total_steps} | {shown} | eta {eta}", flush=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -165,3 +165,16 @@ def test_a_non_finite_or_negative_agto_weight_is_refused(value):
 
     with pytest.raises(ValueError, match="avar.alpha and avar.beta must be finite and >= 0"):
         load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", f"avar.alpha={value}"])
+
+
+def test_wandb_without_wandb_installed_is_refused_with_the_config(tmp_path, capsys, no_training):
+    """Before: the logger found it, after a run starting over (checkpoint.resume=false checkpoint.overwrite=true)
+    had cleared the earlier run and the model was built."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ValueError, match="log.wandb_project is set but wandb is not installed: pip install wandb"):
+        load_config(SFTConfig, None, BASE + ["log.wandb_project=myproj"])
+    assert main(["sft", "--config", "examples/sft/quickstart.yaml", *BASE, "log.wandb_project=myproj"]) == 2
+    assert "wandb is not installed" in capsys.readouterr().err and not no_training

@@ -33,3 +33,21 @@ def test_a_run_restarted_from_step_0_shows_each_step_once(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss/lm")] == [0, 1, 2]
+
+
+def test_the_eta_is_the_time_per_step_since_the_first_logged_one_times_the_steps_left(tmp_path, capsys, monkeypatch):
+    """Before: the clock started after the first step but counted it, so the ETA read 0 after the first step and
+    (k - 1)/k of the truth after the k-th."""
+    from megatron_avar.training import metrics
+
+    now = [100.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    logger = MetricsLogger(tmp_path, total_steps=1000, enabled=True, tensorboard=False, wandb_project=None,
+                           run_config={})
+    now[0] += 30.0  # start-up and the first step
+    for step in range(3):
+        logger.log(step, {"loss/lm": 1.0})
+        now[0] += 0.5
+    logger.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit("eta ", 1)[1] for line in lines] == ["-", "8m19s", "8m18s"]  # 0.5 s x 998, x 997
