@@ -69,12 +69,24 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text(json.dumps({"written_by": "avar quickstart"}) + "\n")
 
 
-def _check_overrides(overrides: list[str]) -> None:
-    """ValueError naming a bad override of the SFT stages (unknown key, wrong type), as `avar sft` would."""
+def _check_sft_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
+    """ValueError naming a bad override of the SFT stages (unknown key, wrong type), as `avar sft` would, or an
+    --nproc their layout and global batch cannot split over."""
     from megatron_avar.config import load_config
     from megatron_avar.sft.config import SFTConfig
 
-    load_config(SFTConfig, SFT_CONFIG, ["out=unused", "model.hf_path=unused", "data.path=unused", *overrides])
+    config = load_config(SFTConfig, SFT_CONFIG, ["out=unused", "model.hf_path=unused", "data.path=unused",
+                                                 f"parallel.tensor_model_parallel_size={tp}", *overrides])
+    parallel, batch = config.parallel, config.train.global_batch_size
+    model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+                      * parallel.context_parallel_size)
+    if nproc % model_parallel:
+        raise ValueError(f"--nproc {nproc} is not a multiple of the SFT stages' TP x PP x CP = {model_parallel}")
+    if batch % (nproc // model_parallel):
+        raise ValueError(f"the SFT stages' train.global_batch_size ({batch}) does not split over the "
+                         f"{nproc // model_parallel} data-parallel ranks of --nproc {nproc}: pass an --nproc of "
+                         f"TP x PP x CP ({model_parallel}) times a divisor of {batch}, or set "
+                         "train.global_batch_size")
 
 
 def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int, overwrite: bool,
@@ -84,11 +96,14 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
 
     if not SFT_CONFIG.is_file() or not GRPO_CONFIG.is_file():
         raise ValueError(f"{SFT_CONFIG} not found: run `avar quickstart` from the repository root")
-    if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    for flag, value in (("--nproc", nproc), ("--num-samples", num_samples), ("--vas-samples", vas_samples)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the quickstart's runs")
-    _check_overrides(overrides)  # before anything is written: a typo must not cost the stages before sft
+    tp = "2" if nproc % 2 == 0 else "1"  # tensor parallelism of the training stages
+    # before anything is written or an earlier run replaced: a typo must not cost it, nor the stages before sft
+    _check_sft_stages(overrides, nproc=nproc, tp=tp)
     _prepare_out(out, overwrite)
     seconds: dict[str, float] = {}
 
@@ -105,8 +120,6 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     stage("held_out", lambda: write_dataset(ProceduralConfig(num_samples=vas_samples, seed=1, image_size=(112, 84)),
                                             held_out.parent))
     stage("model", lambda: write_toy_checkpoint(model, ToyModelConfig(num_layers=4)))
-
-    tp = "2" if nproc % 2 == 0 else "1"  # tensor parallelism of the training stages
 
     def vas(checkpoint: Path, name: str) -> dict:
         _avar("vas", "--model", str(checkpoint), "--data", str(held_out), "--num-samples", str(vas_samples),

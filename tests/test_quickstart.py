@@ -48,3 +48,17 @@ def test_a_bad_override_or_out_is_refused_before_anything_is_written(tmp_path, c
     (tmp_path / "file").write_text("mine")
     assert main(["quickstart", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+    # An earlier quickstart is kept when --overwrite comes with a count or a rank number the stages refuse (before:
+    # deleted, then the held-out data failed without naming the flag, or sft failed after four stages had run).
+    from megatron_avar.quickstart import MARKER
+
+    out.mkdir()
+    (out / MARKER).write_text("{}")
+    (out / "summary.json").write_text("earlier")
+    for flags, message in ((["--vas-samples", "0"], "--vas-samples must be >= 1, got 0"),
+                           (["--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
+                           (["--nproc", "3"], "train.global_batch_size (2) does not split over the 3 data-parallel "
+                                              "ranks of --nproc 3")):
+        assert main(["quickstart", "--out", str(out), "--overwrite", *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert (out / "summary.json").read_text() == "earlier", flags
