@@ -7,8 +7,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from megatron_avar import atomic_files
-
 __all__ = ["register"]
 
 
@@ -55,10 +53,10 @@ def _run(args) -> int:
             print(f"[sweep] {point.name}: {describe_misfit(plans[point.name])}; not submitted")
     out = Path(config.out)
     points_record = [{**p.as_dict(), "plan": plans.get(p.name)} for p in points]
-    atomic_files.write_json(out / "sweep.json", {"config": dataclasses.asdict(config), "points": points_record})
     from megatron_avar.sweep.submit import submit_points, wait_for_jobs
 
-    jobs = submit_points(config, runnable, repo=Path.cwd())
+    jobs = submit_points(config, runnable, repo=Path.cwd(),
+                         record={"config": dataclasses.asdict(config), "points": points_record})
     if args.no_wait:
         print(f"[sweep] submitted; collect with: avar sweep collect --out {out}")
         return 0

@@ -74,6 +74,9 @@ class PointSpec:
         if not isinstance(self.agto, bool):
             raise ValueError(f"point agto must be true or false, got {self.agto!r}")
         _check_overrides("point overrides", self.overrides)
+        if self.model is not None and any(c.isspace() for c in str(self.model)):
+            raise ValueError(f"point model {self.model!r} contains whitespace: the launcher passes overrides "
+                             "space-separated in OVERRIDES; give a path without spaces (a symlink to it)")
 
 
 @dataclass(frozen=True)

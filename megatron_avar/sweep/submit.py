@@ -124,14 +124,33 @@ def _sbatch_command(config: SweepConfig, point: Point, dependency: list[str]) ->
     return [*command, config.script]
 
 
-def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=print) -> dict[str, list[str]]:
+def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, record: dict | None = None,
+                  log=print) -> dict[str, list[str]]:
     """Submit every point that has neither finished nor a job still in the queue; returns the state (point ->
     job ids). Jobs of an earlier invocation that are still queued head the chains, so the limit holds across
-    re-runs too."""
+    re-runs too. ``record``: written to ``<out>/sweep.json`` once the finished points are known to match the
+    settings (a re-run refused for other settings leaves the record its results are collected against), before
+    the first submission (without sbatch, the plans are recorded and the command stops there). One submission at a
+    time per ``out`` (``training.run_lock``): two would chain their jobs apart and lose each other's ids."""
+    from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+
+    out = Path(config.out)
+    acquire_run_lock(out, is_logging_rank=True)
+    try:
+        return _submit_unlocked(config, points, out=out, repo=repo, record=record, log=log)
+    finally:
+        release_run_lock(out)
+
+
+def _submit_unlocked(config: SweepConfig, points: list[Point], *, out: Path, repo: Path, record: dict | None,
+                     log) -> dict[str, list[str]]:
+    finished = [point for point in points if run_finished(point.run_dir)]
+    for point in finished:  # before anything is recorded or submitted
+        _check_finished_settings(config, point)
+    if record is not None:
+        atomic_files.write_json(out / "sweep.json", record)
     if shutil.which("sbatch") is None:
         raise ValueError("sbatch not found: run `avar sweep` on a Slurm login node (or `avar sweep collect`)")
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = load_state(out)
     last_jobs = {p.name: jobs[p.name][-1] for p in points if jobs.get(p.name)}
     states = job_states(sorted(set(last_jobs.values())))
@@ -140,9 +159,6 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, log=p
     for index, job in enumerate(active):
         chains[index % len(chains)].append(job)
     next_chain = len(active)
-    finished = [point for point in points if run_finished(point.run_dir)]
-    for point in finished:  # before anything is submitted
-        _check_finished_settings(config, point)
     for point in points:
         if point in finished:
             log(f"[sweep] {point.name}: finished, skipped")

@@ -15,6 +15,7 @@ ranks, TP=2, AGTO on and off, 3 steps) plus one point that fails on purpose (TP=
 import csv
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -245,6 +246,8 @@ def test_a_context_parallel_point_divides_its_ranks_by_cp_too(monkeypatch):
     (["slurm.env={RUN_DIR: x}"], "slurm.env.RUN_DIR is set by the sweep"),
     (["grid.enabled=false"], "the sweep has no points"),
     (["points=[{overrides: [train.precision=fp64]}]", "grid.enabled=false"], "train.precision='fp64'"),
+    (["points=[{model: /models/my model}]"], "point model '/models/my model' contains whitespace"),
+    (["grid.model=[/models/my model]"], "point model '/models/my model' contains whitespace"),
 ])
 def test_bad_sweep_configs_fail_before_submitting(tmp_path, capsys, overrides, message):
     from megatron_avar.cli import main
@@ -269,6 +272,41 @@ def test_a_failing_sbatch_is_one_line_naming_the_point(tmp_path, monkeypatch, ca
     error = capsys.readouterr().err
     assert error.startswith("avar sweep: error: sbatch for point ") and "Unable to contact slurm controller" in error
     assert "Traceback" not in error
+
+
+def test_a_refused_or_concurrent_submission_leaves_the_earlier_sweep_as_it_was(tmp_path, monkeypatch, capsys):
+    """Before: sweep.json was rewritten before the checks (a re-run refused for other settings left the finished
+    results described by settings they were not run with), and two submissions at once chained their jobs apart,
+    each saving only its own job ids."""
+    import fcntl
+
+    from megatron_avar.cli import main
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.config import SweepConfig
+    from megatron_avar.sweep.grid import resolve_points
+    from megatron_avar.training.run_lock import LOCK_FILE
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "s"
+    command = ["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", f"out={out}", "--no-wait"]
+    finished = resolve_points(load_config(SweepConfig, "examples/sweeps/tiny_cpu.yaml", [f"out={out}"]))[0].run_dir
+    finished.mkdir(parents=True)  # a point that finished with another learning rate
+    (finished / "config.json").write_text(json.dumps({"train": {"steps": 1}, "optim": {"lr": 99.0}}))
+    (finished / "summary.json").write_text(json.dumps({"stopped_by": None, "last_step": 0}))
+    (out / "sweep.json").write_text("earlier")
+    (tmp_path / "bin").mkdir()
+    assert main(command) == 2 and "with other settings (optim.lr: ran 99.0" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == "earlier"
+    shutil.rmtree(finished)
+    for tool in ("sbatch", "squeue", "sacct"):
+        (tmp_path / "bin" / tool).write_text("#!/bin/sh\necho 7\n")
+        (tmp_path / "bin" / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    with (out / LOCK_FILE).open("a+") as held:  # another submission, in progress
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(command) == 2
+    assert f"{out} is in use by" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == "earlier" and not (out / "state.json").exists()
 
 
 def test_collect_outside_a_sweep_directory(tmp_path, capsys):
