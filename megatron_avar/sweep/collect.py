@@ -27,7 +27,7 @@ from typing import Any
 
 from megatron_avar import atomic_files
 from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
-from megatron_avar.sweep.submit import job_states, load_state, run_finished
+from megatron_avar.sweep.submit import SlurmUnavailable, job_states, load_state, run_finished
 
 __all__ = ["collect", "COLUMNS"]
 
@@ -92,7 +92,11 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
     settings, points = sweep["config"], sweep["points"]
     jobs = load_state(out)
     last = {p["name"]: jobs[p["name"]][-1] for p in points if jobs.get(p["name"])}
-    states = job_states(sorted(set(last.values())))
+    try:
+        states = job_states(sorted(set(last.values())))
+    except SlurmUnavailable as error:  # the run directories still tell which points finished
+        log(f"[sweep] {error}; the states of unfinished points are reported as UNKNOWN")
+        states = dict.fromkeys(last.values(), "UNKNOWN")
     rows = []
     for point in points:
         run_dir, job = Path(point["run_dir"]), last.get(point["name"])

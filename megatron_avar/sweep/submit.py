@@ -24,15 +24,29 @@ from megatron_avar import atomic_files
 from megatron_avar.sweep.config import SweepConfig
 from megatron_avar.sweep.grid import Point
 
-__all__ = ["submit_points", "wait_for_jobs", "job_states", "run_finished", "load_state", "ACTIVE_STATES"]
+__all__ = ["submit_points", "wait_for_jobs", "job_states", "run_finished", "load_state", "ACTIVE_STATES",
+           "SlurmUnavailable"]
 
 # squeue states of a job that may still run.
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING")
 
 
+SLURM_TIMEOUT_S = 60
+
+
+class SlurmUnavailable(ValueError):
+    """A Slurm command did not answer (a slow or unreachable controller) or could not be started."""
+
+
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable(f"`{' '.join(command[:2])} ...` did not answer within {SLURM_TIMEOUT_S} s: the Slurm "
+                               "controller is slow or unreachable; try again later") from None
+    except OSError as error:
+        raise SlurmUnavailable(f"`{command[0]}` could not be run ({error})") from None
 
 
 def load_state(out: Path) -> dict[str, list[str]]:
@@ -192,7 +206,14 @@ def wait_for_jobs(job_ids: list[str], *, poll_s: float = 10.0, timeout_s: float 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     previous = None
     while True:
-        states = job_states(job_ids)
+        try:
+            states = job_states(job_ids)
+        except SlurmUnavailable as error:  # a slow controller for a while does not end a wait of hours
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            log(f"[sweep] {error}; asking again in {poll_s:g} s")
+            time.sleep(poll_s)
+            continue
         active = {j: s for j, s in states.items() if s in ACTIVE_STATES}
         summary = ", ".join(f"{j} {s}" for j, s in sorted(active.items(), key=lambda kv: int(kv[0])))
         if summary != previous and active:

@@ -358,3 +358,24 @@ def test_bad_gpu_settings_are_refused(overrides, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(SweepConfig, REPO / "examples/sweeps/h100_7b_scaling.yaml", overrides)
+
+
+def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch):
+    """Before: squeue past its 60 s limit ended a wait of hours (and `avar sweep collect`) with a traceback."""
+    from megatron_avar.sweep import submit
+
+    calls = tmp_path / "calls"
+    (tmp_path / "squeue").write_text(f'#!/bin/sh\necho x >> "{calls}"\n[ "$(wc -l < "{calls}")" -le 1 ] && sleep 5\n'
+                                     "exit 0\n")  # the first call hangs, later ones find the job gone
+    (tmp_path / "sacct").write_text("#!/bin/sh\necho '7|COMPLETED'\n")
+    for tool in ("squeue", "sacct"):
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(submit, "SLURM_TIMEOUT_S", 0.5)
+    logged = []
+    submit.wait_for_jobs(["7"], poll_s=0.01, log=logged.append)
+    assert logged == ["[sweep] `squeue -h ...` did not answer within 0.5 s: the Slurm controller is slow or "
+                      "unreachable; try again later; asking again in 0.01 s"]
+    calls.write_text("")  # hangs again: a submission or a collect is told why, in one line
+    with pytest.raises(submit.SlurmUnavailable, match="did not answer within 0.5 s"):
+        submit.job_states(["7"])
