@@ -63,9 +63,15 @@ def _log_and_error(run_dir: Path, job: str | None) -> tuple[str, str]:
 
 def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: float) -> dict:
     records = _step_records(run_dir)
-    measured = [records[s] for s in sorted(records) if s >= warmup_steps] or [records[s] for s in sorted(records)]
-    if not measured:
+    if not records:
         return {}
+    measured = [records[s] for s in sorted(records) if s >= warmup_steps]
+    peaks = [r["perf/peak_memory_gb"] for r in records.values() if "perf/peak_memory_gb" in r]
+    if not measured:  # no timing rather than one that includes the warmup (compilation, first allocations)
+        return {"steps_measured": 0, "peak_memory_gb": max(peaks) if peaks else None,
+                "final_lm_loss": records[max(records)].get("loss/lm"),
+                "error": f"all {len(records)} logged steps are warmup (warmup_steps={warmup_steps}): no timing; "
+                         "run more steps or lower warmup_steps"}
 
     def median(key):
         values = [r[key] for r in measured if key in r]
@@ -73,7 +79,6 @@ def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: f
 
     tflops = median("perf/tflops_per_gpu")
     tokens = median("perf/tokens_per_second")
-    peaks = [r["perf/peak_memory_gb"] for r in records.values() if "perf/peak_memory_gb" in r]
     return {"steps_measured": len(measured), "median_step_seconds": median("perf/step_seconds"),
             "tokens_per_second_per_gpu": None if tokens is None else tokens / num_gpus,
             "tflops_per_gpu": tflops, "mfu": None if tflops is None else tflops / peak_tflops,

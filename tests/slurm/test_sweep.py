@@ -379,3 +379,19 @@ def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch):
     calls.write_text("")  # hangs again: a submission or a collect is told why, in one line
     with pytest.raises(submit.SlurmUnavailable, match="did not answer within 0.5 s"):
         submit.job_states(["7"])
+
+
+def test_a_run_with_only_warmup_steps_has_no_timing_rather_than_the_warmups(tmp_path):
+    """Before: with no step past warmup_steps, the medians silently took the warmup steps (a first step of
+    compilation and allocation made a run look slow)."""
+    from megatron_avar.sweep.collect import _metrics_row
+
+    records = [{"step": 0, "perf/step_seconds": 60.0, "perf/peak_memory_gb": 3.0, "loss/lm": 2.0},
+               {"step": 1, "perf/step_seconds": 1.0, "perf/peak_memory_gb": 4.0, "loss/lm": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = _metrics_row(tmp_path, num_gpus=1, warmup_steps=2, peak_tflops=989.0)
+    assert row["steps_measured"] == 0 and "median_step_seconds" not in row
+    assert (row["peak_memory_gb"], row["final_lm_loss"]) == (4.0, 1.5)
+    assert row["error"].startswith("all 2 logged steps are warmup (warmup_steps=2): no timing")
+    timed = _metrics_row(tmp_path, num_gpus=1, warmup_steps=1, peak_tflops=989.0)
+    assert (timed["steps_measured"], timed["median_step_seconds"]) == (1, 1.0)
