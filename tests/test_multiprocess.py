@@ -169,3 +169,39 @@ def test_launch_runs_command_ranks_without_deadline_and_keeps_value_errors():
     with pytest.raises(RankFailedError, match="RuntimeError"):
         launch(_bad_input_on_rank_one, 2, RuntimeError)
     assert run_on_ranks(_report_rank, 2, 0, scale=1, timeout_s=None, capture_output=False)[1]["rank"] == 1
+
+
+def test_ranks_die_with_a_caller_that_is_killed(tmp_path):
+    """A caller killed by a signal runs no cleanup (`avar convert` stopped with SIGTERM, or the OOM killer):
+    before, its ranks worked on, for hours on a real conversion. Now each rank dies with the process that started
+    it (the caller, or the forkserver, which exits with the caller)."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "napper.py").write_text(
+        "import os, pathlib, time\n"
+        "def nap(folder):\n"
+        "    pathlib.Path(folder, f'{os.getpid()}.pid').write_text('')\n"
+        "    time.sleep(120)\n")
+    caller = subprocess.Popen([sys.executable, "-c", (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import napper\n"
+        "from megatron_avar.testing import run_on_ranks\n"
+        f"run_on_ranks(napper.nap, 2, {str(tmp_path)!r}, timeout_s=None)\n")])
+    deadline = time.monotonic() + 120
+    while len(pids := [int(p.stem) for p in tmp_path.glob("*.pid")]) < 2:
+        assert caller.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.1)
+    caller.send_signal(signal.SIGTERM)
+    caller.wait(timeout=30)
+
+    def alive(pid):
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), f"ranks {pids} outlived their caller"

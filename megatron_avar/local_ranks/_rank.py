@@ -19,7 +19,9 @@ import datetime
 import faulthandler
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -51,8 +53,10 @@ def rank_main(
     payload: bytes,
     log_path: str | None,
     timeout_s: float | None,
+    caller: int,
 ) -> None:
-    """Run one rank: environment, process group, ``fn(*args, **kwargs)``, teardown, reply.
+    """Run one rank: environment, process group, ``fn(*args, **kwargs)``, teardown, reply; the rank dies with
+    ``caller`` (the pid of the process that started it: :func:`_die_with`).
 
     The rank's stdout/stderr (fds 1 and 2, so C++ output too) go to ``log_path``, which the parent replays
     (None: they stay where they are). ``environ``/``sys_path``/``cwd`` are the caller's at call time: the
@@ -66,6 +70,7 @@ def rank_main(
         os.dup2(log.fileno(), 2)
     faulthandler.register(STACK_DUMP_SIGNAL, file=log, all_threads=True)
     platform.tie_forked_children_to_this_process()
+    threading.Thread(target=_die_with, args=(caller,), name="die-with-caller", daemon=True).start()
     try:
         os.environ.clear()
         os.environ.update(environ)
@@ -94,6 +99,32 @@ def rank_main(
     log.flush()
     conn.send(message)
     conn.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _die_with(caller: int, poll_s: float = 1.0) -> None:
+    """Thread: SIGKILL this rank (and, tied to it, what it forked) once ``caller`` is gone. A caller killed by a
+    signal (`avar convert` stopped with SIGTERM, the OOM killer) runs no cleanup, and its ranks, children of the
+    forkserver (which each rank keeps alive) or spawned, would work on for as long as their task takes."""
+    while _alive(caller):
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float | None) -> None:

@@ -153,7 +153,7 @@ def run_on_ranks(
                     target=_rank_entry,
                     name=f"run_on_ranks-rank{rank}",
                     args=(child_conn, rank, world_size, store.port, environ, list(sys.path),
-                          os.getcwd(), payload, log_paths[rank], timeout_s),
+                          os.getcwd(), payload, log_paths[rank], timeout_s, os.getpid()),
                     daemon=False,  # megatron's checkpoint writer forks workers (module docstring)
                 )
                 process.start()
