@@ -34,7 +34,7 @@ from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, SamplingParams
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 from megatron_avar.processor import check_processor_fits_model
-from megatron_avar.training.run_loop import SUMMARY_FILE, check_model_path
+from megatron_avar.training.run_loop import SUMMARY_FILE, check_run_inputs
 
 __all__ = ["run_grpo", "RolloutEngineError"]
 
@@ -189,7 +189,7 @@ def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, 
 
 def run_grpo(config: GRPOConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
-    check_model_path(config.model.hf_path)  # before any process group or run directory exists
+    check_run_inputs(config)  # before any process group or run directory exists
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict

@@ -23,7 +23,7 @@ from megatron_avar.roles import IGNORE_INDEX, TokenRole
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
-from megatron_avar.training.run_loop import SUMMARY_FILE, check_model_path
+from megatron_avar.training.run_loop import SUMMARY_FILE, check_run_inputs
 
 if TYPE_CHECKING:  # built lazily (build_run): importing this module loads no megatron
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -238,7 +238,7 @@ def global_step_flops(step_batch, qwen_config, *, device) -> float:
 
 def run_sft(config: SFTConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
-    check_model_path(config.model.hf_path)  # before any process group or run directory exists
+    check_run_inputs(config)  # before any process group or run directory exists
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict

@@ -115,10 +115,11 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
         if plan is not None:
             row["planned_peak_gb"] = plan["planned_peak_gb"]
         if run_finished(run_dir):
-            row["state"] = "ok"
+            row["state"], row["error"] = "ok", ""  # (an earlier attempt's error in its log is not this run's)
             row.update(_metrics_row(run_dir, point["num_gpus"], settings["warmup_steps"],
                                     settings["peak_tflops_per_gpu"]))
-            row["error"] = ""
+            if row["error"]:
+                log(f"[sweep] {point['name']}: {row['error']}")
         elif plan is not None and not plan["fits"] and job is None:
             row["state"], row["error"] = DOES_NOT_FIT, describe_misfit(plan)
         else:

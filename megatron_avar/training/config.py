@@ -4,7 +4,6 @@ leaf of the config modules (no megatron import)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -205,7 +204,3 @@ class LogConfig:
     def __post_init__(self):
         if self.interval < 1:
             raise ValueError("log.interval must be >= 1")
-        # checked with the config, before a run starting over clears its folder or builds a model
-        if self.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb, or drop "
-                             "log.wandb_project")

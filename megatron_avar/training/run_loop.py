@@ -30,7 +30,7 @@ from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
 __all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
            "enter_run_dir", "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError",
-           "begin_run", "end_run", "check_model_path"]
+           "begin_run", "end_run", "check_run_inputs"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -159,8 +159,17 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
     return RunStart(resume_from=latest, start_step=start_step, finished=start_step >= steps)
 
 
-def check_model_path(hf_path: str | Path) -> None:
-    """Refuse a model.hf_path without a config.json, before any process group or run directory exists."""
+def check_run_inputs(config) -> None:
+    """Both trainers, before any process group or run directory exists (a run starting over would clear its
+    folder, and the model would be built, before the logger or the loader found out): the logging backends the
+    config asks for are installed, and model.hf_path holds a config.json. (Not in the config classes: `avar plan`
+    and `avar sweep` load the same configs on machines that need neither.)"""
+    import importlib.util
+
+    if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb, or drop "
+                         "log.wandb_project")
+    hf_path = config.model.hf_path
     if not (Path(hf_path) / "config.json").is_file():
         raise ValueError(f"model.hf_path={hf_path}: no config.json there; give a Hugging Face Qwen2.5-VL "
                          "checkpoint folder")

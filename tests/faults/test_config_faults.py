@@ -167,14 +167,24 @@ def test_a_non_finite_or_negative_agto_weight_is_refused(value):
         load_config(SFTConfig, None, ["out=o", "model.hf_path=m", "data.path=d", f"avar.alpha={value}"])
 
 
-def test_wandb_without_wandb_installed_is_refused_with_the_config(tmp_path, capsys, no_training):
+def test_wandb_without_wandb_installed_is_refused_before_the_run_starts(tmp_path):
     """Before: the logger found it, after a run starting over (checkpoint.resume=false checkpoint.overwrite=true)
-    had cleared the earlier run and the model was built."""
+    had cleared the earlier run and the model was built. The config itself loads (`avar plan` and `avar sweep`
+    read it on machines that need no wandb); both trainers refuse it before any process group exists."""
     import importlib.util
+
+    from megatron_avar.grpo.config import GRPOConfig
+    from megatron_avar.grpo.trainer import run_grpo
+    from megatron_avar.sft.trainer import run_sft
 
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    with pytest.raises(ValueError, match="log.wandb_project is set but wandb is not installed: pip install wandb"):
-        load_config(SFTConfig, None, BASE + ["log.wandb_project=myproj"])
-    assert main(["sft", "--config", "examples/sft/quickstart.yaml", *BASE, "log.wandb_project=myproj"]) == 2
-    assert "wandb is not installed" in capsys.readouterr().err and not no_training
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "summary.json").write_text("{}")
+    overrides = [f"out={tmp_path / 'earlier'}", "model.hf_path=m", "data.path=d", "log.wandb_project=myproj",
+                 "checkpoint.resume=false", "checkpoint.overwrite=true"]
+    for config_class, run in ((SFTConfig, run_sft), (GRPOConfig, run_grpo)):
+        config = load_config(config_class, None, overrides)
+        with pytest.raises(ValueError, match="log.wandb_project is set but wandb is not installed: pip install"):
+            run(config)
+    assert (tmp_path / "earlier" / "summary.json").read_text() == "{}"

@@ -381,17 +381,33 @@ def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch):
         submit.job_states(["7"])
 
 
-def test_a_run_with_only_warmup_steps_has_no_timing_rather_than_the_warmups(tmp_path):
+def test_a_run_with_only_warmup_steps_has_no_timing_rather_than_the_warmups(tmp_path, monkeypatch):
     """Before: with no step past warmup_steps, the medians silently took the warmup steps (a first step of
-    compilation and allocation made a run look slow)."""
-    from megatron_avar.sweep.collect import _metrics_row
+    compilation and allocation made a run look slow). Now its row has no timing and says why."""
+    import dataclasses
 
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.collect import _metrics_row, collect
+    from megatron_avar.sweep.config import SweepConfig
+    from megatron_avar.sweep.grid import resolve_points
+
+    monkeypatch.chdir(REPO)
+    config = load_config(SweepConfig, "examples/sweeps/tiny_cpu.yaml", [f"out={tmp_path}", "warmup_steps=2"])
+    points = resolve_points(config)
+    (tmp_path / "sweep.json").write_text(json.dumps({"config": dataclasses.asdict(config), "points": [
+        {**p.as_dict(), "plan": None} for p in points]}))
+    run = points[0].run_dir
+    run.mkdir(parents=True)
     records = [{"step": 0, "perf/step_seconds": 60.0, "perf/peak_memory_gb": 3.0, "loss/lm": 2.0},
                {"step": 1, "perf/step_seconds": 1.0, "perf/peak_memory_gb": 4.0, "loss/lm": 1.5}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    row = _metrics_row(tmp_path, num_gpus=1, warmup_steps=2, peak_tflops=989.0)
-    assert row["steps_measured"] == 0 and "median_step_seconds" not in row
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 2}}))
+    (run / "summary.json").write_text(json.dumps({"stopped_by": None, "last_step": 1}))
+    logged = []
+    row = next(r for r in collect(tmp_path, log=logged.append) if r["name"] == points[0].name)
+    assert row["state"] == "ok" and row["steps_measured"] == 0 and row["median_step_seconds"] is None
     assert (row["peak_memory_gb"], row["final_lm_loss"]) == (4.0, 1.5)
     assert row["error"].startswith("all 2 logged steps are warmup (warmup_steps=2): no timing")
-    timed = _metrics_row(tmp_path, num_gpus=1, warmup_steps=1, peak_tflops=989.0)
+    assert any(row["error"] in line for line in logged)
+    timed = _metrics_row(run, num_gpus=1, warmup_steps=1, peak_tflops=989.0)
     assert (timed["steps_measured"], timed["median_step_seconds"]) == (1, 1.0)
