@@ -159,7 +159,8 @@ def read_image(source: str | Path | bytes | bytearray, what: str):
     try:
         return open_image(source)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"{what} is unreadable, corrupt or not one of {', '.join(IMAGE_FORMATS)} ({error}); "
+        detail = "no decoder of these formats recognises it" if isinstance(error, UnidentifiedImageError) else error
+        raise ValueError(f"{what} is unreadable, corrupt or not one of {', '.join(IMAGE_FORMATS)} ({detail}); "
                          "re-export it as PNG/JPEG") from error
 
 

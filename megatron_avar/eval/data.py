@@ -108,10 +108,10 @@ def to_pil(image: Any, base_dir: Path | None = None):
         return to_rgb(image)
     if isinstance(image, dict):
         if image.get("bytes"):
-            return read_image(image["bytes"], "the image bytes")
+            return read_image(image["bytes"], "an embedded image")
         image = image.get("path")
     if isinstance(image, (bytes, bytearray)):
-        return read_image(image, "the image bytes")
+        return read_image(image, "an embedded image")
     if isinstance(image, str) and image:
         path = Path(image)
         if not path.is_absolute() and base_dir is not None:

@@ -2,6 +2,7 @@
 against hand-worked expectations (eval_fixtures.CASES); re-scoring a predictions file is exact."""
 
 import json
+import shutil
 
 import pytest
 
@@ -216,11 +217,17 @@ def test_benchmark_images_decode_only_as_photo_and_figure_formats(eval_data_root
     _with_postscript(eval_data_root / shard, tmp_path / "shards" / shard, "decoded_image", 1)
     _with_postscript(eval_data_root / "mmstar" / "mmstar.parquet", tmp_path / "own" / "mmstar" / "mmstar.parquet",
                      "image", 2)
+    pro = "mmmu_pro/vision/test-00000-of-00001.parquet"  # a config after the first: rows counted per config
+    shutil.copytree(eval_data_root / "mmmu_pro" / "standard (10 options)",
+                    tmp_path / "pro" / "mmmu_pro" / "standard (10 options)")
+    _with_postscript(eval_data_root / pro, tmp_path / "pro" / pro, "image", 1)
     datasets.load_dataset("parquet", data_files=str(tmp_path / "shards" / shard), split="train").save_to_disk(
         str(tmp_path / "saved" / "mathvista" / "testmini"))
-    for name, root, message in (("mathvista", tmp_path / "shards", "mathvista, row 1 of the data: the image bytes"),
-                                ("mmstar", tmp_path / "own", "mmstar, row 2 of the data: the image bytes"),
-                                ("mathvista", tmp_path / "saved", "mathvista, row 1 of the data: the image bytes")):
+    for name, root, message in (("mathvista", tmp_path / "shards", "mathvista, row 1 of the data: an embedded image"),
+                                ("mmstar", tmp_path / "own", "mmstar, row 2 of the data: an embedded image"),
+                                ("mathvista", tmp_path / "saved", "mathvista, row 1 of the data: an embedded image"),
+                                ("mmmu_pro", tmp_path / "pro", r"mmmu_pro \(vision\), row 1 of the data: an embedded "
+                                                               "image")):
         with pytest.raises(ValueError, match=message + " is unreadable, corrupt or not one of PNG, JPEG"):
             _samples(name, root)
         assert not ran.exists(), (name, root)

@@ -97,23 +97,28 @@ class Benchmark:
 
     def samples(self, data_root: Path | None, *, allow_hub: bool = False, limit: int | None = None) -> Iterator[Sample]:
         """The evaluated samples in a fixed order; ``limit``: the first ``limit`` of them."""
-        count = 0
-        for index, (config, row) in enumerate(self.load_rows(data_root, allow_hub)):
+        count, rows_read = 0, {}
+        for config, row in self.load_rows(data_root, allow_hub):
             if limit is not None and count >= limit:
                 return
-            try:
-                kept = self.keep(row)
-                sample = self.build(row, config) if kept else None
-            except KeyError as error:
-                raise ValueError(f"{self.name}: a row lacks the column {error} of {self.hub_name}; a local copy "
-                                 "keeps the hub's columns: download it again (`huggingface-cli download --repo-type "
-                                 f"dataset {self.hub_name} --local-dir DATA_ROOT/{self.local_dir}`)") from error
-            except ValueError as error:  # an image that does not decode, a field that is not what the hub ships
-                where = self.name if config is None else f"{self.name} ({config})"
-                raise ValueError(f"{where}, row {index} of the data: {error}") from error
+            rows_read[config] = rows_read.get(config, -1) + 1
+            sample = self.sample(row, config, rows_read[config])
             if sample is not None:
                 yield sample
                 count += 1
+
+    def sample(self, row: dict, config: str | None, index: int) -> Sample | None:
+        """The sample of a row (None: not in the evaluated subset); ``index``: the row's position in its config's
+        split, which a row that cannot be read is named by."""
+        try:
+            return self.build(row, config) if self.keep(row) else None
+        except KeyError as error:
+            raise ValueError(f"{self.name}: a row lacks the column {error} of {self.hub_name}; a local copy "
+                             "keeps the hub's columns: download it again (`huggingface-cli download --repo-type "
+                             f"dataset {self.hub_name} --local-dir DATA_ROOT/{self.local_dir}`)") from error
+        except ValueError as error:  # an image that does not decode, a field that is not what the hub ships
+            where = self.name if config is None else f"{self.name} ({config})"
+            raise ValueError(f"{where}, row {index} of the data: {error}") from error
 
     def build(self, row: dict, config: str | None) -> Sample:
         raise NotImplementedError

@@ -35,11 +35,14 @@ class MMMUPro(Benchmark):
     breakdown_key = "setting"
 
     def samples(self, data_root, *, allow_hub=False, limit=None):
-        counts = dict.fromkeys(self.configs, 0)
+        counts, rows_read = dict.fromkeys(self.configs, 0), dict.fromkeys(self.configs, -1)
         for config, row in self.load_rows(data_root, allow_hub):
+            rows_read[config] += 1
             if limit is None or counts[config] < limit:
                 counts[config] += 1
-                yield self.build(row, config)
+                sample = self.sample(row, config, rows_read[config])
+                assert sample is not None  # (every row is evaluated: keep is the base's)
+                yield sample
 
     def build(self, row: dict, config: str | None) -> Sample:
         options = parse_options(row["options"])
