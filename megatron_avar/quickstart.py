@@ -69,24 +69,31 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     (out / MARKER).write_text(json.dumps({"written_by": "avar quickstart"}) + "\n")
 
 
-def _check_sft_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
+def _check_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
     """ValueError naming a bad override of the SFT stages (unknown key, wrong type), as `avar sft` would, or an
-    --nproc their layout and global batch cannot split over."""
+    --nproc the layouts and batches of the SFT and GRPO stages cannot split over."""
     from megatron_avar.config import load_config
+    from megatron_avar.grpo.config import GRPOConfig
     from megatron_avar.sft.config import SFTConfig
 
-    config = load_config(SFTConfig, SFT_CONFIG, ["out=unused", "model.hf_path=unused", "data.path=unused",
-                                                 f"parallel.tensor_model_parallel_size={tp}", *overrides])
-    parallel, batch = config.parallel, config.train.global_batch_size
-    model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
-                      * parallel.context_parallel_size)
-    if nproc % model_parallel:
-        raise ValueError(f"--nproc {nproc} is not a multiple of the SFT stages' TP x PP x CP = {model_parallel}")
-    if batch % (nproc // model_parallel):
-        raise ValueError(f"the SFT stages' train.global_batch_size ({batch}) does not split over the "
-                         f"{nproc // model_parallel} data-parallel ranks of --nproc {nproc}: pass an --nproc of "
-                         f"TP x PP x CP ({model_parallel}) times a divisor of {batch}, or set "
-                         "train.global_batch_size")
+    unused = ["out=unused", "model.hf_path=unused", "data.path=unused", f"parallel.tensor_model_parallel_size={tp}"]
+    sft = load_config(SFTConfig, SFT_CONFIG, [*unused, *overrides])
+    grpo = load_config(GRPOConfig, GRPO_CONFIG, [*unused, f"train.steps={GRPO_STEPS}"])
+    for stage, config, batch, per_rank in (
+            ("SFT", sft, ("train.global_batch_size", sft.train.global_batch_size), sft.data.micro_batch_size),
+            ("GRPO", grpo, ("train.prompts_per_step", grpo.train.prompts_per_step), 1)):
+        parallel = config.parallel
+        model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+                          * parallel.context_parallel_size)
+        if nproc % model_parallel:
+            raise ValueError(f"--nproc {nproc} is not a multiple of the {stage} stages' TP x PP x CP = "
+                             f"{model_parallel}")
+        (name, value), dp = batch, nproc // model_parallel
+        if value % (dp * per_rank):
+            unit = f"{dp} data-parallel ranks" + (f" x data.micro_batch_size {per_rank}" if per_rank > 1 else "")
+            raise ValueError(f"the {stage} stages' {name} ({value}) does not split over the {unit} of --nproc "
+                             f"{nproc}: pass an --nproc of TP x PP x CP ({model_parallel}) times a divisor of "
+                             f"{value // per_rank}, or set {name}")
 
 
 def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int, overwrite: bool,
@@ -103,7 +110,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
         raise ValueError(f"--out {out} is a file; give a folder for the quickstart's runs")
     tp = "2" if nproc % 2 == 0 else "1"  # tensor parallelism of the training stages
     # before anything is written or an earlier run replaced: a typo must not cost it, nor the stages before sft
-    _check_sft_stages(overrides, nproc=nproc, tp=tp)
+    _check_stages(overrides, nproc=nproc, tp=tp)
     _prepare_out(out, overwrite)
     seconds: dict[str, float] = {}
 

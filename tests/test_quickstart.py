@@ -58,7 +58,11 @@ def test_a_bad_override_or_out_is_refused_before_anything_is_written(tmp_path, c
     for flags, message in ((["--vas-samples", "0"], "--vas-samples must be >= 1, got 0"),
                            (["--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
                            (["--nproc", "3"], "train.global_batch_size (2) does not split over the 3 data-parallel "
-                                              "ranks of --nproc 3")):
+                                              "ranks of --nproc 3"),
+                           (["--nproc", "4", "data.micro_batch_size=2"], "SFT stages' train.global_batch_size (2) does "
+                            "not split over the 2 data-parallel ranks x data.micro_batch_size 2 of --nproc 4"),
+                           (["--nproc", "6", "train.global_batch_size=6"], "GRPO stages' train.prompts_per_step (2) "
+                            "does not split over the 3 data-parallel ranks of --nproc 6")):
         assert main(["quickstart", "--out", str(out), "--overwrite", *flags]) == 2
         assert message in capsys.readouterr().err
         assert (out / "summary.json").read_text() == "earlier", flags
