@@ -102,20 +102,20 @@ def rank_main(
 
 
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: whether the pid exists
+    """Whether process ``pid`` runs (with /proc: a zombie, killed and not yet reaped, does not)."""
+    if os.path.isdir("/proc/self"):
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
             return False
-        except PermissionError:
-            pass
-        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        pass
+    return True
 
 
 def _die_with(caller: int, poll_s: float = 1.0) -> None:

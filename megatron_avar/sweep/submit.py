@@ -149,7 +149,9 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, recor
     from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
     out = Path(config.out)
-    acquire_run_lock(out, is_logging_rank=True)
+    acquire_run_lock(out, is_logging_rank=True, conflict=(
+        "two `avar sweep` submissions at once would chain their jobs apart and lose each other's job ids. Let "
+        "that one finish, then run this again (finished and queued points are skipped)"))
     try:
         return _submit_unlocked(config, points, out=out, repo=repo, record=record, log=log)
     finally:
@@ -186,7 +188,12 @@ def _submit_unlocked(config: SweepConfig, points: list[Point], *, out: Path, rep
         env = {**os.environ, **config.slurm.env, "CONFIG": str(Path(config.sft_config).resolve()),
                "RUN_DIR": str(point.run_dir.resolve()), "OVERRIDES": " ".join(point.overrides), "REPO": str(repo)}
         command = _sbatch_command(config, point, chain[-1:])
-        result = _run(command, env=env, cwd=repo)
+        try:
+            result = _run(command, env=env, cwd=repo)
+        except SlurmUnavailable as error:  # the controller may still have queued it
+            raise SlurmUnavailable(f"point {point.name}: {error}. The job may have been queued all the same: check "
+                                   "`squeue --me` (and scancel a duplicate) before running the sweep again; points "
+                                   f"submitted before it are in {out / 'state.json'}") from None
         if result.returncode != 0:
             submitted = f"; points submitted before it are in {out / 'state.json'}" if jobs else ""
             raise ValueError(f"sbatch for point {point.name} failed ({result.returncode}): "

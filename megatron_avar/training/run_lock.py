@@ -42,8 +42,13 @@ def _describe_holder(path: Path) -> str:
     return f"a run on {record.get('host')} (pid {record.get('pid')}{job}, started {record.get('started')})"
 
 
-def _try_lock(out: Path) -> str:
-    """Take the lock for this process; '' on success, else why not (a sentence naming the holder)."""
+_RUN_CONFLICT = ("two runs writing one out would mix their checkpoints and metrics. Wait for that run to end (or "
+                 "stop it), or choose another out")
+
+
+def _try_lock(out: Path, conflict: str = _RUN_CONFLICT) -> str:
+    """Take the lock for this process; '' on success, else why not (a sentence naming the holder, then
+    ``conflict``: what two holders would do, and the way out)."""
     import fcntl
 
     out.mkdir(parents=True, exist_ok=True)
@@ -55,8 +60,7 @@ def _try_lock(out: Path) -> str:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        return (f"{out} is in use by {_describe_holder(path)}: two runs writing one out would mix their "
-                "checkpoints and metrics. Wait for that run to end (or stop it), or choose another out")
+        return f"{out} is in use by {_describe_holder(path)}: {conflict}"
     except OSError as error:
         if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
@@ -72,13 +76,14 @@ def _try_lock(out: Path) -> str:
     return ""
 
 
-def acquire_run_lock(out: str | Path, *, is_logging_rank: bool) -> None:
+def acquire_run_lock(out: str | Path, *, is_logging_rank: bool, conflict: str = _RUN_CONFLICT) -> None:
     """Collective over the world (or local without one): the logging rank takes ``out``'s lock; ValueError on
-    every rank when another run holds it (module docstring)."""
+    every rank when another process holds it (module docstring), naming the holder and then ``conflict`` (what
+    two holders would do, and the way out; a training run's by default)."""
     import torch.distributed as dist
 
     try:
-        verdict = [_try_lock(Path(out)) if is_logging_rank else ""]
+        verdict = [_try_lock(Path(out), conflict) if is_logging_rank else ""]
     except OSError as error:  # shared with the other ranks, which would otherwise wait in the broadcast
         verdict = [f"{out}: cannot create its lock file {LOCK_FILE} ({error}); check that out is writable"]
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -305,7 +305,7 @@ def test_a_refused_or_concurrent_submission_leaves_the_earlier_sweep_as_it_was(t
     with (out / LOCK_FILE).open("a+") as held:  # another submission, in progress
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(command) == 2
-    assert f"{out} is in use by" in capsys.readouterr().err
+    assert f"{out} is in use by" in (error := capsys.readouterr().err) and "two `avar sweep` submissions" in error
     assert (out / "sweep.json").read_text() == "earlier" and not (out / "state.json").exists()
 
 
@@ -360,7 +360,7 @@ def test_bad_gpu_settings_are_refused(overrides, message):
         load_config(SweepConfig, REPO / "examples/sweeps/h100_7b_scaling.yaml", overrides)
 
 
-def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch):
+def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch, capsys):
     """Before: squeue past its 60 s limit ended a wait of hours (and `avar sweep collect`) with a traceback."""
     from megatron_avar.sweep import submit
 
@@ -379,6 +379,15 @@ def test_a_slow_slurm_controller_is_waited_out_and_named(tmp_path, monkeypatch):
     calls.write_text("")  # hangs again: a submission or a collect is told why, in one line
     with pytest.raises(submit.SlurmUnavailable, match="did not answer within 0.5 s"):
         submit.job_states(["7"])
+    # sbatch that does not answer may still have queued the job: the point is named, and how to check
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nsleep 5\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.chdir(REPO)
+    from megatron_avar.cli import main
+
+    assert main(["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", f"out={tmp_path / 's'}", "--no-wait"]) == 2
+    error = capsys.readouterr().err
+    assert "avar sweep: error: point base_n1_" in error and "check `squeue --me`" in error, error
 
 
 def test_a_run_with_only_warmup_steps_has_no_timing_rather_than_the_warmups(tmp_path, monkeypatch):
