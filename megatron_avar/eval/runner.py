@@ -27,6 +27,7 @@ field. Score only when no process still appends to them (a sharded run: after ev
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,11 +104,14 @@ class EvalConfig:
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
-    """id -> record of a predictions file; a half-written last line (an interrupted run) is dropped from
-    the file. A malformed line elsewhere, or one without :data:`PREDICTION_KEYS`, is an error naming it."""
+    """id -> record of a predictions file; a half-written last line (an interrupted run) is cut from the file,
+    and a whole last line the write left without its newline gets one (the next record would be glued to it).
+    Both repairs touch the file's end only: a kill during one loses nothing written before. A malformed line
+    elsewhere, or one without :data:`PREDICTION_KEYS`, is an error naming it."""
     if not path.is_file():
         return {}
-    lines = path.read_text().split("\n")
+    data = path.read_bytes()
+    lines = data.decode().split("\n")
     records: dict[str, dict] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -116,16 +120,27 @@ def read_predictions(path: Path) -> dict[str, dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             if number == len(lines):  # no trailing newline: the write was interrupted
-                path.write_text("\n".join(lines[:-1]) + ("\n" if number > 1 else ""))
+                os.truncate(path, len(data) - len(line.encode()))
                 print(f"{path}: dropped a half-written last line", file=sys.stderr)
                 break
             raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete that line") from error
+        if number == len(lines):  # whole, but the newline was never written
+            with path.open("a") as handle:
+                handle.write("\n")
         missing = [key for key in PREDICTION_KEYS if not isinstance(record, dict) or key not in record]
         if missing:
             raise ValueError(f"{path}:{number} lacks {', '.join(missing)} (a predictions record holds "
                              f"{', '.join(PREDICTION_KEYS)}); fix or delete that line")
         records[record["id"]] = record
     return records
+
+
+def _checked_out(out: str | Path) -> Path:
+    """``out`` as a Path; ValueError when it names a file (a run folder holds predictions/, scores, a report)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the evaluation's predictions and scores")
+    return out
 
 
 def predictions_path(out: Path, benchmark: str, config: EvalConfig) -> Path:
@@ -225,6 +240,7 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
     predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed."""
     from megatron_avar.eval.report import write_report
 
+    out = _checked_out(out)
     answer_judge = None if judge is None else AnswerJudge(judge, out)
     summaries = {}
     for name in benchmarks:
@@ -265,7 +281,7 @@ def run_eval(config: EvalConfig) -> dict | None:
     model_dir = config.model
     # loaded first, so that a bad config or an unset key fails before hours of generation; a shard never judges
     judge = None if config.judge is None or config.num_shards > 1 else load_judge_config(config.judge)
-    out = Path(config.out)
+    out = _checked_out(config.out)
     _check_run_config(out, config)
     (out / "predictions").mkdir(exist_ok=True)
     generator = None

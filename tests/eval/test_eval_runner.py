@@ -73,6 +73,34 @@ def test_interrupted_write_is_dropped_and_redone(fake_generator, tmp_path, eval_
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["0", "1", "2"]
 
 
+def test_the_repairs_touch_the_files_end_only(tmp_path, monkeypatch):
+    """Before: the half-written line was dropped by rewriting the whole file (a kill during the rewrite of a large
+    file left it empty), and a whole last line without its newline had the next record glued to it."""
+    path = tmp_path / "p.jsonl"
+    record = '{"id": "%s", "response": "B", "target": {"answer": "B"}}'
+    path.write_text(record % "a" + "\n" + record % "b" + "\n" + (record % "c")[:20])
+    import pathlib
+
+    inode, writes = path.stat().st_ino, []
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "write_text", lambda self, *args, **kwargs: writes.append(self))
+        assert list(read_predictions(path)) == ["a", "b"]
+    assert not writes and path.stat().st_ino == inode  # cut in place, nothing rewritten
+    assert path.read_text() == record % "a" + "\n" + record % "b" + "\n"
+    path.write_text(record % "a" + "\n" + record % "b")  # whole, no newline
+    assert list(read_predictions(path)) == ["a", "b"]
+    with path.open("a") as handle:  # what the next run appends
+        handle.write(record % "c" + "\n")
+    assert list(read_predictions(path)) == ["a", "b", "c"]
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, eval_data_root):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(ValueError, match="--out .*out is a file; give a folder"):
+        score_run(tmp_path / "out", ("mmstar",))
+    assert (tmp_path / "out").read_text() == "mine"
+
+
 def test_malformed_line_in_the_middle_is_an_error(tmp_path):
     path = tmp_path / "p.jsonl"
     record = '{"id": "%s", "response": "B", "target": {"answer": "B"}}\n'
