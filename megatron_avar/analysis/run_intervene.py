@@ -124,8 +124,8 @@ def run_intervene(config: InterveneConfig) -> dict:
     out = Path(config.out)
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: give a .json file path")
-    refuse_existing_outputs([out, *([out.with_suffix(".md"), out.with_suffix(".png")] if config.sweep else [])],
-                            overwrite=config.overwrite, what="intervention results")
+    sweep_outputs = [out.with_suffix(".md"), out.with_suffix(".png")]  # a single run's --out replaces them too
+    refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
@@ -155,7 +155,10 @@ def run_intervene(config: InterveneConfig) -> dict:
                                                  samples=baseline["samples"]), rows=rows)
     written["runtime"] = dict(seconds=round(time.time() - started, 2), device=device)
     atomic_files.write_json(out, written)
-    if config.sweep:
+    if not config.sweep:  # an earlier sweep's table and figure would describe other results than --out's
+        for stale in sweep_outputs:
+            stale.unlink(missing_ok=True)
+    else:
         from megatron_avar.analysis.figures import plot_accuracy_vs_alpha
 
         atomic_files.write_text(out.with_suffix(".md"), _sweep_markdown(written))

@@ -243,6 +243,14 @@ def test_intervene_and_sweep(toy, tmp_path):
     assert table["baseline"]["num_graded"] == 2
     assert "| layers |" in sweep.with_suffix(".md").read_text()
     assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    # A single run over the sweep's --out: refused unasked (its table and figure too); with --overwrite they go,
+    # not left to describe other results than the .json's.
+    single = ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(sweep), "--alpha-sys", "0",
+              "--max-new-tokens", "2", "--num-samples", "1"]
+    assert main(single) == 2
+    assert main([*single, "--overwrite"]) == 0
+    assert "intervention" in json.loads(sweep.read_text())
+    assert not sweep.with_suffix(".md").exists() and not sweep.with_suffix(".png").exists()
 
 
 def test_intervene_decodes_greedily_whatever_the_checkpoint_ships(toy, tmp_path):
