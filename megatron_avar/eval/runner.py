@@ -162,13 +162,20 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
     # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do
     generation = {k: v for k, v in config.generation.to_dict().items()
                   if k != "batch_size" or config.generation.do_sample}
-    current = {"model": str(config.model), "generation": generation, "mathvision_split": config.mathvision_split}
+    from megatron_avar.analysis.model_loading import checkpoint_identity
+
+    # the folder (however its path is spelt) and its weights: a folder whose weights were replaced is another model
+    assert config.model is not None  # (run_eval checked it)
+    current = {"model": str(config.model), "weights": checkpoint_identity(config.model), "generation": generation,
+               "mathvision_split": config.mathvision_split}
     limit = config.limit
     if path.is_file():
         previous = json.loads(path.read_text())
         # scoring reads every stored record: the folder holds the first max(limits) samples (all after a full run)
         limit = None if limit is None or previous.get("limit", limit) is None else max(limit, previous["limit"])
-        mismatched = [k for k in current if previous.get(k) != current[k]]
+        same = {"model": lambda old, new: Path(str(old)).resolve() == Path(new).resolve(),
+                "weights": lambda old, new: old is None or old == new}  # (None: recorded before weights were)
+        mismatched = [k for k in current if not same.get(k, lambda old, new: old == new)(previous.get(k), current[k])]
         if mismatched:
             raise ValueError(
                 f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
@@ -276,8 +283,9 @@ def run_eval(config: EvalConfig) -> dict | None:
     (None for one shard of a sharded run: score with `score_run` once all shards are done)."""
     if config.model is None:
         raise ValueError("a model directory is needed to generate (--model); use --score-only to re-score")
-    if not Path(config.model).is_dir():
-        raise ValueError(f"--model {config.model} is not a directory; pass an HF Qwen2.5-VL checkpoint folder")
+    from megatron_avar.analysis.model_loading import check_hf_checkpoint
+
+    check_hf_checkpoint(config.model)  # (its weights identify the predictions of a folder: _check_run_config)
     model_dir = config.model
     # loaded first, so that a bad config or an unset key fails before hours of generation; a shard never judges
     judge = None if config.judge is None or config.num_shards > 1 else load_judge_config(config.judge)

@@ -91,6 +91,8 @@ def judge_yaml(tmp_path, base_url, name="judge.yaml", cache_dir=None, **client) 
 
 def eval_argv(tmp_path, root, config, *extra) -> list[str]:
     (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # (generation is stood in for)
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
     return ["eval", "--model", str(tmp_path / "model"), "--data-root", str(root), "--out", str(tmp_path / "out"),
             "--benchmarks", BENCHMARKS, "--judge", str(config), *extra]
 

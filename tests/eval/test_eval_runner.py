@@ -31,6 +31,9 @@ def fake_generator(monkeypatch):
 
 def _config(tmp_path, root, **kwargs):
     (tmp_path / "model").mkdir(parents=True, exist_ok=True)
+    if not (tmp_path / "model" / "config.json").exists():
+        (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+        (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
     kwargs.setdefault("benchmarks", ("mmstar", "mathvista"))
     return EvalConfig(model=str(tmp_path / "model"), out=tmp_path / "out", data_root=root, **kwargs)
 
@@ -114,6 +117,12 @@ def test_other_settings_in_the_same_folder_are_refused(fake_generator, tmp_path,
     with pytest.raises(ValueError, match="different generation"):
         run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",),
                          generation=GenerationConfig(max_new_tokens=7)))
+    config = _config(tmp_path, eval_data_root, benchmarks=("mmstar",))
+    run_eval(EvalConfig(**{**config.__dict__, "model": config.model + "/"}))  # the same folder, spelt otherwise
+    # Before: the model was recorded by its path, so weights replaced in place were resumed as the same model.
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="holds predictions made with different weights"):
+        run_eval(config)
 
 
 def test_results_table_has_the_paper_rows_and_ours(fake_generator, tmp_path, eval_data_root):
