@@ -169,7 +169,9 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
     current = {"model": str(config.model), "weights": checkpoint_identity(config.model), "generation": generation,
                "mathvision_split": config.mathvision_split}
     limit = config.limit
-    if path.is_file():
+    # a run that stopped before its first prediction (a bad backend, a missing model) holds nothing to mix
+    holds_results = any((out / "predictions").glob("*.jsonl")) or any((out / "vas").glob("*.json"))
+    if path.is_file() and holds_results:
         previous = json.loads(path.read_text())
         # scoring reads every stored record: the folder holds the first max(limits) samples (all after a full run)
         limit = None if limit is None or previous.get("limit", limit) is None else max(limit, previous["limit"])
@@ -317,4 +319,6 @@ def run_eval(config: EvalConfig) -> dict | None:
                                   "requested_samples": limit})
     if config.num_shards > 1:
         return None
-    return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)
+    # the folder's other benchmarks (an earlier run's) stay in its scores and table
+    earlier = tuple(name for name in BENCHMARKS if name not in config.benchmarks and prediction_files(out, name))
+    return score_run(out, (*config.benchmarks, *earlier), mathvision_split=config.mathvision_split, judge=judge)

@@ -220,3 +220,28 @@ def test_a_scoring_failure_keeps_the_generated_responses(fake_generator, tmp_pat
     fake_generator.calls.clear()
     scores = score_run(tmp_path / "out", ("mmstar",))  # after the fix: scored from the stored responses
     assert scores["benchmarks"]["mmstar"]["num_samples"] == 2 and fake_generator.calls == []
+
+
+def test_a_later_run_of_other_benchmarks_keeps_the_earlier_scores(fake_generator, tmp_path, eval_data_root):
+    """Before: scores.json and results.md held only the last run's benchmarks, the earlier ones' predictions
+    left unscored beside them."""
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mathvista",)))
+    assert set(scores["benchmarks"]) == {"mmstar", "mathvista"}
+    assert set(json.loads((tmp_path / "out" / "scores.json").read_text())["benchmarks"]) == {"mmstar", "mathvista"}
+
+
+def test_a_run_that_stopped_before_its_first_prediction_does_not_bind_the_folder(fake_generator, tmp_path,
+                                                                                 eval_data_root, monkeypatch):
+    """Before: run_config.json was recorded before the generator was built, so a run that failed there (a backend
+    this machine lacks) left the folder refusing every other setting, with nothing in it to mix."""
+    def unavailable(model, config):
+        raise ValueError("the vllm backend needs vLLM")
+
+    monkeypatch.setattr(runner, "make_generator", unavailable)
+    with pytest.raises(ValueError, match="needs vLLM"):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",),
+                         generation=GenerationConfig(max_new_tokens=7)))
+    monkeypatch.setattr(runner, "make_generator", lambda model, config: fake_generator)
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))  # other settings: not refused
+    assert [sample for call in fake_generator.calls for sample in call] == ["0", "1", "2"]
