@@ -134,7 +134,25 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
 
 
 def run_vas(config: VASConfig) -> dict:
-    """Compute the report, write report.json and the figures into ``config.out``; return the report."""
+    """Compute the report, write report.json and the figures into ``config.out``; return the report. One run at a
+    time per ``out`` (``training.run_lock``): two (shards given one --out) would each write the report over the
+    other's and both say they had written it."""
+    from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the results")
+    refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report")
+    acquire_run_lock(out, is_logging_rank=True, conflict=(
+        "two `avar vas` runs writing one --out would replace each other's report. Give each shard its own --out "
+        "(`avar vas merge` combines them), or wait for that run to end"))
+    try:
+        return _run_vas(config)
+    finally:
+        release_run_lock(out)
+
+
+def _run_vas(config: VASConfig) -> dict:
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
@@ -143,7 +161,6 @@ def run_vas(config: VASConfig) -> dict:
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
 
-    refuse_existing_outputs([Path(config.out) / "report.json"], overwrite=config.overwrite, what="a VAS report")
     if is_megatron_checkpoint(config.model):
         return run_vas_megatron(config)
     check_hf_checkpoint(config.model)

@@ -157,6 +157,19 @@ def test_a_second_run_never_replaces_results_unasked(toy, vas_run, capsys, tmp_p
                  "--num-samples", "2", "--overwrite"]) == 0
     assert json.loads((replaced / "report.json").read_text())["layers"] == [1]
 
+    # Two runs (shards given one --out) at once: before, both wrote report.json and both said so; one was lost.
+    import fcntl
+
+    from megatron_avar.training.run_lock import LOCK_FILE
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with (busy / LOCK_FILE).open("a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(busy), "--shard", "1/2"]) == 2
+    assert "two `avar vas` runs writing one --out would replace each other's report" in capsys.readouterr().err
+    assert not (busy / "report.json").exists()
+
     sweep = tmp_path / "sweep.json"
     sweep.with_suffix(".png").write_bytes(b"an earlier plot")
     argv = ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(sweep), "--sweep",
