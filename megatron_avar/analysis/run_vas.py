@@ -137,19 +137,14 @@ def run_vas(config: VASConfig) -> dict:
     """Compute the report, write report.json and the figures into ``config.out``; return the report. One run at a
     time per ``out`` (``training.run_lock``): two (shards given one --out) would each write the report over the
     other's and both say they had written it."""
-    from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+    from megatron_avar.training.run_lock import holding_run_lock
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the results")
-    refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report")
-    acquire_run_lock(out, is_logging_rank=True, conflict=(
-        "two `avar vas` runs writing one --out would replace each other's report. Give each shard its own --out "
-        "(`avar vas merge` combines them), or wait for that run to end"))
-    try:
+    refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report")  # (a file too)
+    with holding_run_lock(out, conflict=(
+            "two `avar vas` runs writing one --out would replace each other's report. Give each shard its own "
+            "--out (`avar vas merge` combines them), or wait for that run to end")):
         return _run_vas(config)
-    finally:
-        release_run_lock(out)
 
 
 def _run_vas(config: VASConfig) -> dict:

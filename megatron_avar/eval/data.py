@@ -120,4 +120,3 @@ def to_pil(image: Any, base_dir: Path | None = None):
             raise ValueError(f"image file not found: {path}")
         return read_image(path, f"image file {path}")
     raise ValueError(f"no image in this field (got {type(image).__name__}); the benchmark row has no decodable image")
-

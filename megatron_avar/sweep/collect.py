@@ -67,11 +67,11 @@ def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: f
         return {}
     measured = [records[s] for s in sorted(records) if s >= warmup_steps]
     peaks = [r["perf/peak_memory_gb"] for r in records.values() if "perf/peak_memory_gb" in r]
+    whole_run = {"steps_measured": len(measured), "peak_memory_gb": max(peaks) if peaks else None,
+                 "final_lm_loss": records[max(records)].get("loss/lm")}
     if not measured:  # no timing rather than one that includes the warmup (compilation, first allocations)
-        return {"steps_measured": 0, "peak_memory_gb": max(peaks) if peaks else None,
-                "final_lm_loss": records[max(records)].get("loss/lm"),
-                "error": f"all {len(records)} logged steps are warmup (warmup_steps={warmup_steps}): no timing; "
-                         "run more steps or lower warmup_steps"}
+        return {**whole_run, "error": f"all {len(records)} logged steps are warmup (warmup_steps={warmup_steps}): "
+                                      "no timing; run more steps or lower warmup_steps"}
 
     def median(key):
         values = [r[key] for r in measured if key in r]
@@ -79,11 +79,9 @@ def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: f
 
     tflops = median("perf/tflops_per_gpu")
     tokens = median("perf/tokens_per_second")
-    return {"steps_measured": len(measured), "median_step_seconds": median("perf/step_seconds"),
+    return {**whole_run, "median_step_seconds": median("perf/step_seconds"),
             "tokens_per_second_per_gpu": None if tokens is None else tokens / num_gpus,
-            "tflops_per_gpu": tflops, "mfu": None if tflops is None else tflops / peak_tflops,
-            "peak_memory_gb": max(peaks) if peaks else None,
-            "final_lm_loss": records[max(records)].get("loss/lm")}
+            "tflops_per_gpu": tflops, "mfu": None if tflops is None else tflops / peak_tflops}
 
 
 def collect(out: str | Path, *, log=print) -> list[dict]:

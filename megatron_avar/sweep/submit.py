@@ -146,16 +146,13 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, recor
     settings (a re-run refused for other settings leaves the record its results are collected against), before
     the first submission (without sbatch, the plans are recorded and the command stops there). One submission at a
     time per ``out`` (``training.run_lock``): two would chain their jobs apart and lose each other's ids."""
-    from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
+    from megatron_avar.training.run_lock import holding_run_lock
 
     out = Path(config.out)
-    acquire_run_lock(out, is_logging_rank=True, conflict=(
-        "two `avar sweep` submissions at once would chain their jobs apart and lose each other's job ids. Let "
-        "that one finish, then run this again (finished and queued points are skipped)"))
-    try:
+    with holding_run_lock(out, conflict=(
+            "two `avar sweep` submissions at once would chain their jobs apart and lose each other's job ids. Let "
+            "that one finish, then run this again (finished and queued points are skipped)")):
         return _submit_unlocked(config, points, out=out, repo=repo, record=record, log=log)
-    finally:
-        release_run_lock(out)
 
 
 def _submit_unlocked(config: SweepConfig, points: list[Point], *, out: Path, repo: Path, record: dict | None,

@@ -109,7 +109,7 @@ class MetricsLogger:
 
             # purge events from first_step on (0 too: a run that died before its first checkpoint starts over)
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
-        if wandb_project:  # (installed: LogConfig checks)
+        if wandb_project:  # (installed: run_loop.check_run_inputs checked before the run started)
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, dir=str(out), config=run_config)

@@ -18,10 +18,12 @@ import errno
 import json
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["acquire_run_lock", "release_run_lock", "LOCK_FILE"]
+__all__ = ["acquire_run_lock", "release_run_lock", "holding_run_lock", "LOCK_FILE"]
 
 LOCK_FILE = ".avar.lock"
 
@@ -90,6 +92,17 @@ def acquire_run_lock(out: str | Path, *, is_logging_rank: bool, conflict: str = 
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
         raise ValueError(verdict[0])
+
+
+@contextmanager
+def holding_run_lock(out: str | Path, *, conflict: str) -> Iterator[None]:
+    """One process (no ranks): ``out``'s lock held for the ``with`` block, released however it ends; ValueError
+    as :func:`acquire_run_lock` when another process holds it."""
+    acquire_run_lock(out, is_logging_rank=True, conflict=conflict)
+    try:
+        yield
+    finally:
+        release_run_lock(out)
 
 
 def release_run_lock(out: str | Path) -> None:
