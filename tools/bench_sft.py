@@ -189,19 +189,18 @@ def _autotune_choices() -> dict | None:
 
 
 def _planned_peak_gb(config, qwen, batch) -> float | None:
-    """`avar plan`'s predicted peak (GB) for this step's row (its image tokens and AGTO query rows), with the
-    GPU kernel family; None on a CPU, where the measured peak is the process's RSS, not tensors."""
+    """`avar plan`'s predicted peak (GB) for this step's row (its image tokens, AGTO query rows, labelled tokens),
+    with the GPU kernel family; None on a CPU, where the measured peak is the process's RSS, not tensors."""
     from megatron_avar import platform
     from megatron_avar.plan import Assumptions, microbatch_row_counts, plan_sft
 
     if not platform.cuda_available():
         return None
     seq = config.data.seq_length
-    image_tokens, queries = microbatch_row_counts(batch.microbatches[0], image_token_id=qwen.image_token_id,
-                                                  exclude_sink=config.avar.exclude_sink)
-    assumptions = Assumptions(gpus=1, image_fraction=image_tokens / seq,
-                              query_fraction=queries / seq, sample_tokens=batch.num_real_tokens,
-                              kernels="gpu")
+    image_tokens, queries, labelled = microbatch_row_counts(batch.microbatches[0], image_token_id=qwen.image_token_id,
+                                                            exclude_sink=config.avar.exclude_sink)
+    assumptions = Assumptions(gpus=1, image_fraction=image_tokens / seq, query_fraction=queries / seq,
+                              response_fraction=labelled / seq, sample_tokens=batch.num_real_tokens, kernels="gpu")
     return plan_sft(config, qwen, "bench", assumptions).memory.peak / 1e9
 
 

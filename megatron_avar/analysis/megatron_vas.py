@@ -83,6 +83,8 @@ def _rank(config) -> None:
                                    image_token_id=processor.image_token_id).to(device)
                    for start in range(0, len(samples), config.batch_size))
 
+        no_rows = torch.zeros(0, dtype=torch.long, device=device)
+
         def forward(batch, on_mass):
             inputs = batch.inputs
             sink = _QueryRowsSink(vas_query_rows(batch.roles).to(device), on_mass)
@@ -90,7 +92,8 @@ def _rank(config) -> None:
                 model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                       pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
                       token_roles=mass_key_roles(batch.roles).to(device), num_roles=MASS_NUM_ROLES,
-                      mass_sink=sink, role_attention_impl=config.impl)
+                      mass_sink=sink, role_attention_impl=config.impl,
+                      output_rows=no_rows)  # VAS reads masses only: no logits
 
         accumulator = accumulate_vas(batches, forward, layers, qwen.text.num_attention_heads)
         write_vas_report(

@@ -1,11 +1,11 @@
 """The Megatron actor: ``grpo.interfaces.Policy`` on megatron-core with TP / PP / DP.
 
 - :meth:`MegatronPolicy.log_probs_with_masses`: one no-grad pass of megatron's forward schedule over the
-  rollouts packed into rows (``grpo.rollout_batches``). The last stage turns its vocab-parallel logits into
-  response log-probs, log softmax(logits / temperature)[token] (the convention of both generation
-  backends); every AVAR layer hands its per-role masses to a ``grpo.visual_reward.VisualRewardSink`` in the
-  same pass, reduced over TP and PP afterwards — r_visual costs no extra forward. Log-probs are broadcast
-  from the last stage, so every rank returns the same tensors.
+  rollouts packed into rows (``grpo.rollout_batches``). The last stage turns its vocab-parallel logits, computed
+  at the response tokens only, into response log-probs, log softmax(logits / temperature)[token] (the convention
+  of both generation backends); every AVAR layer hands its per-role masses to a
+  ``grpo.visual_reward.VisualRewardSink`` in the same pass, reduced over TP and PP afterwards — r_visual costs no
+  extra forward. Log-probs are broadcast from the last stage, so every rank returns the same tensors.
 - :meth:`MegatronPolicy.train_step`: one optimizer step of ``grpo.loss.policy_loss`` over this rank's
   rollouts, normalised by counts over the whole data-parallel batch (so the step does not depend on the
   layout or the packing); megatron's 1/num_microbatches and DDP's 1/dp are undone as in SFT.
@@ -46,9 +46,9 @@ class _Staged:
     """A micro-batch staged on the device for the schedule (:meth:`MegatronPolicy._stage`). inputs: the model's
     inputs on the device, the pixels aside; pixel_values: on the host (pinned on a GPU); rollouts: int64 [rollouts
     of the row], their indexes; positions: the row's ``response_positions``; labelled: int64, the flat positions
-    of the row's labels; gather / targets: the flat positions of the labels among this rank's logits and the
-    labels there (the row's, or under context parallelism this rank's part, ``held``: its positions in the row).
-    All on the device but the pixels."""
+    of the row's labels; gather / targets: the flat positions of the labels among this rank's tokens (the model's
+    ``output_rows``: logits are computed there only) and the labels there (the row's, or under context parallelism
+    this rank's part, ``held``: its positions in the row). All on the device but the pixels."""
 
     micro_batch: RolloutMicroBatch
     inputs: dict[str, torch.Tensor | None]
@@ -133,7 +133,8 @@ class MegatronPolicy:
         # the image grids stay on the host, where the vision encoder plans its work (reading them costs nothing)
         return ddp_model(**staged.inputs, pixel_values=pixels, image_grid_thw=staged.micro_batch.batch.image_grid_thw,
                          image_sources=staged.micro_batch.image_sources or None, mass_sink=sink,
-                         role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode)
+                         role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode,
+                         output_rows=staged.gather)
 
     @staticmethod
     def _finite_rows(logp_new, old_logp, advantages, mask) -> torch.Tensor:
@@ -162,14 +163,13 @@ class MegatronPolicy:
 
     def _response_log_probs(self, logits: torch.Tensor, staged: _Staged, num_columns: int) -> torch.Tensor:
         """[rollouts of mb, num_columns] log softmax(logits / T)[next token] at the response tokens, from the
-        vocab-parallel logits [1, S, V / tp] (S / cp under context parallelism) — taken at the labelled
-        positions first, so the softmax runs over response tokens only (not the prompts nor the row's padding
-        tail). Gathers by the staged indexes: no boolean mask, whose result size the host would have to read."""
+        vocab-parallel logits [N, V / tp] the model computed at the labelled positions of this rank's tokens only
+        (``output_rows=staged.gather``: not the prompts nor the row's padding tail). Indexes are the staged ones: no
+        boolean mask, whose result size the host would have to read."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         rollouts = len(staged.micro_batch.rollouts)
-        nll = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1])[staged.gather].float()
-                                           / self.temperature, staged.targets)
+        nll = vocab_parallel_cross_entropy(logits.float() / self.temperature, staged.targets)
         if self._cp_group is None:
             return scatter_response_values(-nll, staged.positions, rollouts, num_columns)
         from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region

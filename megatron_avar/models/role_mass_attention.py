@@ -121,7 +121,7 @@ class RoleLogitEdits:
 @dataclass
 class RoleMassParams(PackedSeqParams):
     """Per-batch inputs of every decoder layer's core attention, passed to megatron as ``packed_seq_params`` (sbhd
-    format); the sink, the edits and the mass mode concern the AVAR layers only.
+    format); the sink, the edits and the mass mode concern the AVAR layers only, ``output_rows`` the output layer.
 
     key_roles: int [B, S], TokenRole of every token, -1 on padding (never attended).
     segment_ids: int [B, S] or None: packed rows, the sample index of every token within its row (-1 on
@@ -135,6 +135,8 @@ class RoleMassParams(PackedSeqParams):
         key_roles and segment_ids are those of the whole rows (the same on every CP rank).
     num_roles: the key roles' count R (masses are [..., R]): TokenRole's by default; the VAS analysis passes
         ``analysis.vas.MASS_NUM_ROLES`` with each sample's attention sink as a role of its own.
+    output_rows: int [N] or None: the positions (b·S + i of this rank's tokens) the last stage computes logits
+        at (``models.qwen2_5_vl.language_model``); None: every position.
     Built once per batch: key_roles' values are checked here, so no layer waits on the device for them.
     """
 
@@ -146,6 +148,7 @@ class RoleMassParams(PackedSeqParams):
     mass_mode: str = "probe"
     context: ContextSplit | None = None
     num_roles: int = NUM_ROLES
+    output_rows: torch.Tensor | None = None
     _cu_seqlens: torch.Tensor | None = field(default=None, repr=False)
     _context_rows: ContextRows | None = field(default=None, repr=False)
     _spans: AttentionSpans | None = field(default=None, repr=False)

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the step time assumes")
     parser.add_argument("--image-fraction", type=float, default=0.5,
                         help="share of a packed row's tokens that are image tokens (vision encoder memory)")
+    parser.add_argument("--response-fraction", type=float, default=0.35,
+                        help="sft: share of a packed row's tokens that are labelled (responses): the output layer's "
+                             "logits and FLOPs")
     parser.add_argument("--sample-tokens", type=int, default=None,
                         help="mean tokens per packed sample (attention FLOPs; GRPO rows); None: min(2048, "
                              "seq_length) for sft, the longest rollout for grpo")
@@ -55,7 +58,7 @@ def _run(args) -> int:
     from megatron_avar.plan.runs import Assumptions, plan_config
 
     assumptions = Assumptions(gpus=args.gpus, image_fraction=args.image_fraction, sample_tokens=args.sample_tokens,
-                              mfu=args.mfu, kernels=args.kernels)
+                              response_fraction=args.response_fraction, mfu=args.mfu, kernels=args.kernels)
     plan = plan_config(args.config, args.overrides, command=args.command, preset=args.model,
                        assumptions=assumptions)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
@@ -80,8 +83,9 @@ def format_plan(plan) -> str:
         f"{'distributed' if p.distributed_optimizer else 'replicated'} optimizer",
         f"step:    {s.num_microbatches} micro-batch(es) of {s.micro_batch_size} x {s.seq_length} tokens per rank, "
         f"{s.precision}, recompute {s.recompute}, {avar} AVAR layer(s), "
-        f"{'LM loss' if s.loss == 'lm' else f'response loss over {s.loss_rows} rows'}",
-        f"assumed: {s.image_tokens} image tokens per row (image fraction {a.image_fraction:g}), samples of "
+        f"{'LM' if s.loss == 'lm' else 'response'} loss over {s.output_rows} labelled rows",
+        f"assumed: {s.image_tokens} image tokens per row (image fraction {a.image_fraction:g}"
+        f"{f', response fraction {a.response_fraction:g}' if plan.command == 'sft' else ''}), samples of "
         f"{plan.sample_tokens} tokens, {s.mass_rows} AGTO query rows per row, MFU {a.mfu:g}, {a.kernels} kernels",
         "",
         f"per-GPU memory, GB (pipeline stage {worst.stage} of {p.pp}, the largest; "

@@ -10,7 +10,8 @@ What each pipeline stage holds at its peak, the first backward pass after the la
     stored      decoder layers     in-flight micro-batches x layers x tokens x m_layer
                 vision encoder     in-flight micro-batches holding chunk 0 of stage 0 x patches x m_vision
                 AVAR masses        rows read x heads/tp x (roles + 1) x 4 per AVAR layer that feeds a loss
-                head inputs        tokens x b_norm·h / t_sp                (last stage: final norm, output layer)
+                head inputs        b_act·h x (tokens / t_sp + loss rows)   (last stage: the final norm's input, the
+                                                                          output layer's rows, whole on every rank)
     transient   the largest of:    the logits phase (last stage), one recomputed layer or vision block (full
                                    recompute), the weight gradient of the largest weight before DDP adds it to
                                    its fp32 buffer
@@ -39,11 +40,12 @@ images, balanced by patches):
 m_vision = depth x m_block + b_act·patch_dim + b_norm·hv / t_sp + b_act·2·hv / t (patch embedding input, final
 norm, 2x2 merger), m_block = 2·b_norm·hv / t_sp + b_act·((a_v·hv + n_vmlp·fv) / t + n_rope·dv); under full
 recompute m_block = b_act·hv / t_sp (each block's input), plus one block's activations while it is recomputed.
-Logits (last stage, one micro-batch at a time; L = tokens x vocab / t): the LM loss (megatron's vocab-parallel cross
-entropy upcasts to fp32, keeps the softmax in place) peaks at 6·L bytes in bf16 (bf16 logits + their fp32 copy;
-again in backward: fp32 softmax gradient + its bf16 cast) and 4·L in fp32, and at 2·L + the output layer's weight
-gradient when that is larger; GRPO's response loss (``grpo.policy``: the response rows gathered, upcast and divided
-by the temperature) peaks at b_act·L + 8·N·vocab/t for N response rows.
+Logits (last stage, one micro-batch at a time): the output layer runs on the labelled positions only (the trainers'
+``output_rows``, ``models.qwen2_5_vl.language_model``), L = micro-batch rows x loss_rows / cp x vocab / t. The LM
+loss (megatron's vocab-parallel cross entropy upcasts to fp32, keeps the softmax in place) peaks at 6·L bytes in
+bf16 (bf16 logits + their fp32 copy; again in backward: fp32 softmax gradient + its bf16 cast) and 4·L in fp32, and
+at 2·L + the output layer's weight gradient when that is larger; GRPO's response loss (``grpo.policy``: the logits
+upcast and divided by the temperature) peaks at (b_act + 8)·L.
 
 In flight on pipeline rank r (megatron's schedules): plain 1F1B keeps min(pp - r, micro-batches) forward passes;
 the interleaved schedule (v model chunks per rank) keeps its warm-up, (pp - r - 1)·2 + (v - 1)·pp chunk forwards,
@@ -108,8 +110,9 @@ class StepShape:
     """What one data-parallel rank computes in a step. seq_length: tokens per row; micro_batch_size: rows per
     micro-batch; num_microbatches: micro-batches per optimizer step on a rank; image_tokens: merged image tokens
     per row (each is spatial_merge_size² vision patches); mass_rows: rows per row whose AVAR masses feed a loss
-    (AGTO's queries; 0: none); loss: "lm" (cross entropy over every position) or "response" (GRPO: the
-    ``loss_rows`` response positions gathered); precision: bf16 or fp32; recompute: none | selective | full;
+    (AGTO's queries; 0: none); loss: "lm" (SFT's cross entropy) or "response" (GRPO's log-probs at temperature);
+    loss_rows: labelled positions per row, the only ones the output layer and the loss run on (the trainers'
+    ``output_rows``; None: every position); precision: bf16 or fp32; recompute: none | selective | full;
     avar_layers: 0-based decoder layers built as AVAR layers (role-mass core attention)."""
 
     seq_length: int
@@ -118,7 +121,7 @@ class StepShape:
     image_tokens: int = 0
     mass_rows: int = 0
     loss: str = "lm"
-    loss_rows: int = 0
+    loss_rows: int | None = None
     precision: str = "bf16"
     recompute: str = "none"
     avar_layers: tuple[int, ...] = ()
@@ -130,12 +133,17 @@ class StepShape:
         if not 0 <= self.image_tokens <= self.seq_length or not 0 <= self.mass_rows <= self.seq_length:
             raise ValueError(f"step image_tokens ({self.image_tokens}) and mass_rows ({self.mass_rows}) must be in "
                              f"[0, seq_length={self.seq_length}]")
-        if self.loss not in LOSS_KINDS or not 0 <= self.loss_rows <= self.seq_length:
+        if self.loss not in LOSS_KINDS or not 0 <= self.output_rows <= self.seq_length:
             raise ValueError(f"step loss={self.loss!r} must be one of {LOSS_KINDS}, loss_rows in [0, seq_length]")
         if self.precision not in _BYTES:
             raise ValueError(f"step precision={self.precision!r}: allowed {', '.join(_BYTES)}")
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"step recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
+
+    @property
+    def output_rows(self) -> int:
+        """Positions per row the output layer runs on: loss_rows, or every one."""
+        return self.seq_length if self.loss_rows is None else self.loss_rows
 
     @property
     def bytes_per_value(self) -> int:
@@ -281,6 +289,12 @@ def _tokens(shape: StepShape, parallel: Parallelism) -> int:
     return shape.micro_batch_size * math.ceil(shape.seq_length / parallel.cp)
 
 
+def _output_rows(shape: StepShape, parallel: Parallelism) -> int:
+    """Positions of a micro-batch the output layer runs on, on a rank (whole on every TP rank: the trainers'
+    ``output_rows``)."""
+    return shape.micro_batch_size * math.ceil(shape.output_rows / parallel.cp)
+
+
 def _layer_bytes(text, shape: StepShape, parallel: Parallelism, kernels: Kernels, *, recompute: str) -> float:
     """Bytes one decoder layer keeps for one micro-batch under ``recompute``."""
     h, g, f, d = text.hidden_size, text.num_query_groups * text.head_dim, text.ffn_hidden_size, text.head_dim
@@ -326,14 +340,13 @@ def _vision_bytes(vision, shape: StepShape, parallel: Parallelism, kernels: Kern
 
 
 def _logits_bytes(text, shape: StepShape, parallel: Parallelism, output_weight: int) -> float:
-    """The logits phase of one micro-batch on the last stage, including the output layer's weight gradient."""
+    """The logits phase of one micro-batch on the last stage (the logits of its labelled rows only), including the
+    output layer's weight gradient."""
     value = shape.bytes_per_value
-    tokens = _tokens(shape, parallel)
-    logits = tokens * text.vocab_size / parallel.tp
+    logits = _output_rows(shape, parallel) * text.vocab_size / parallel.tp
     weight_grad = output_weight * value
-    if shape.loss == "response":  # the gathered response rows: an fp32 copy and its division by the temperature
-        response = shape.micro_batch_size * math.ceil(shape.loss_rows / parallel.cp) * text.vocab_size / parallel.tp
-        return max(value * logits + 8 * response, value * logits + weight_grad)
+    if shape.loss == "response":  # an fp32 copy of the logits and its division by the temperature
+        return max((value + 8) * logits, value * logits + weight_grad)
     if value == 2:
         return max(6 * logits, 2 * logits + weight_grad)
     return 4 * logits + weight_grad
@@ -385,8 +398,8 @@ def memory_plan(config, parallel: Parallelism, shape: StepShape, *, kernels: Ker
         transient: dict[str, float] = {"weight_gradient": largest * value}
         if last:
             sp = parallel.tp if parallel.sequence_parallel else 1
-            stored["head_inputs"] = (_tokens(shape, parallel) * _norm_bytes(value)
-                                     * text.hidden_size / sp)
+            stored["head_inputs"] = value * text.hidden_size * (_tokens(shape, parallel) / sp
+                                                                  + _output_rows(shape, parallel))
             transient["logits"] = _logits_bytes(text, shape, parallel, text.vocab_size // parallel.tp
                                                 * text.hidden_size)
         if shape.recompute == "full":

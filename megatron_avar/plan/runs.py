@@ -2,8 +2,9 @@
 every stage (``plan.memory``), the step's FLOPs and time at a stated MFU, and a verdict per GPU (``plan.gpus``).
 
 What a config does not say is an :class:`Assumptions` field, printed with every plan: the world size, the share of
-a row that is image tokens, the mean packed sample length (attention FLOPs, GRPO's rows), the AGTO query rows
-and the MFU. FLOPs are the trainer's own formula (``training.metrics.training_flops``) over full rows.
+a row that is image tokens, the mean packed sample length (attention FLOPs, GRPO's rows), the AGTO query rows,
+the labelled share of an SFT row (the output layer runs on those positions only) and the MFU. FLOPs are the
+trainer's own formula (``training.metrics.training_flops``) over full rows.
 
 GRPO, per step: the update is an SFT-like step over the rollouts (one row per micro-batch, the response loss),
 the old-log-prob pass and the reference pass (``loss.kl_coef > 0``) are forward passes over the same rows, and
@@ -37,23 +38,29 @@ class Assumptions:
     """gpus: ranks of the job (None: the smallest multiple of tp x pp that fills an 8-GPU node). image_fraction:
     share of a row's tokens that are image tokens (4 vision patches each). sample_tokens: mean tokens per packed
     sample (None: min(2048, seq_length) for SFT; the longest rollout, prompt + response, for GRPO).
-    query_fraction: share of a row that AGTO reads masses of (user text after the image). mfu: the model FLOPs
-    utilisation the step time is predicted at. kernels: the kernel family (``plan.memory.KERNELS``): "gpu"
-    (with or without Transformer Engine) or "cpu"."""
+    query_fraction: share of a row that AGTO reads masses of (user text after the image). response_fraction: share
+    of an SFT row's tokens that are labelled (the responses: the output layer and the LM loss run on these only;
+    GRPO's are its rollouts' responses). mfu: the model FLOPs utilisation the step time is predicted at. kernels:
+    the kernel family (``plan.memory.KERNELS``): "gpu" (with or without Transformer Engine) or "cpu"."""
 
     gpus: int | None = None
     image_fraction: float = 0.5
     sample_tokens: int | None = None
     query_fraction: float = 0.1
+    response_fraction: float = 0.35
     mfu: float = 0.4
     kernels: str = "gpu"
 
     def __post_init__(self):
         if self.gpus is not None and self.gpus < 1:
             raise ValueError(f"gpus must be >= 1, got {self.gpus}")
-        for name in ("image_fraction", "query_fraction"):
+        for name in ("image_fraction", "query_fraction", "response_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.image_fraction + self.response_fraction > 1:
+            raise ValueError(f"image_fraction {self.image_fraction:g} + response_fraction {self.response_fraction:g} "
+                             "exceed 1: image tokens are never labelled, so the two shares of a row add up to at "
+                             "most 1")
         if self.sample_tokens is not None and self.sample_tokens < 1:
             raise ValueError(f"sample_tokens must be >= 1, got {self.sample_tokens}")
         if not 0 < self.mfu <= 1:
@@ -62,13 +69,20 @@ class Assumptions:
             raise ValueError(f"kernels={self.kernels!r}: allowed {', '.join(KERNELS)}")
 
 
-def microbatch_row_counts(microbatch, *, image_token_id: int, exclude_sink: bool) -> tuple[int, int]:
-    """(image tokens, AGTO query rows) of an SFT micro-batch (``training.sft_data``): what a plan is told about a
-    measured step's rows (``Assumptions.image_fraction`` / ``query_fraction`` = these / seq_length)."""
+def microbatch_row_counts(microbatch, *, image_token_id: int, exclude_sink: bool) -> tuple[int, int, int]:
+    """(image tokens, AGTO query rows, labelled tokens) per row of an SFT micro-batch (``training.sft_data``; the
+    largest over its rows): what a plan is told about a measured step's rows (``Assumptions.image_fraction`` /
+    ``query_fraction`` / ``response_fraction`` = these / seq_length)."""
+    import torch
+
+    from megatron_avar.roles import IGNORE_INDEX
     from megatron_avar.training.objective import QuerySets
 
     queries = QuerySets(microbatch.roles, microbatch.segment_ids, exclude_sink=exclude_sink)
-    return int((microbatch.input_ids == image_token_id).sum()), int(queries.q_index.numel())
+    per_row = torch.bincount(queries.q_index // microbatch.input_ids.shape[1],
+                             minlength=microbatch.input_ids.shape[0])
+    return (int((microbatch.input_ids == image_token_id).sum(1).max()), int(per_row.max()),
+            int((microbatch.labels != IGNORE_INDEX).sum(1).max()))
 
 
 @dataclass(frozen=True)
@@ -149,12 +163,12 @@ def _layout(parallel_config, gpus: int | None) -> Parallelism:
                        distributed_optimizer=parallel_config.distributed_optimizer)
 
 
-def _flops(qwen_config, *, samples: int, sample_tokens: int, patches: int) -> float:
+def _flops(qwen_config, *, samples: int, sample_tokens: int, patches: int, output_tokens: int) -> float:
     from megatron_avar.training.metrics import training_flops
 
     # one image per sample (the planned rows' image tokens, at the assumed image fraction)
     return training_flops(qwen_config, sample_lengths=[sample_tokens] * samples,
-                          image_patches=[patches // samples] * samples if samples else [])
+                          image_patches=[patches // samples] * samples if samples else [], output_tokens=output_tokens)
 
 
 def _total_parameters(qwen_config) -> int:
@@ -182,14 +196,15 @@ def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumpt
                       num_microbatches=microbatches,
                       image_tokens=image_tokens,
                       mass_rows=round(assumptions.query_fraction * seq) if agto_trains else 0,
-                      loss="lm", precision=train.precision, recompute=train.recompute,
+                      loss="lm", loss_rows=round(assumptions.response_fraction * seq),
+                      precision=train.precision, recompute=train.recompute,
                       avar_layers=config.avar.layer_indexes(qwen_config.text.num_layers))
     memory = memory_plan(qwen_config, parallel, shape, kernels=KERNELS[assumptions.kernels])
     sample_tokens = min(assumptions.sample_tokens or 2048, seq)
     rows = train.global_batch_size
     merge = qwen_config.vision.spatial_merge_size ** 2
     flops = _flops(qwen_config, samples=rows * seq // sample_tokens, sample_tokens=sample_tokens,
-                   patches=rows * image_tokens * merge)
+                   patches=rows * image_tokens * merge, output_tokens=rows * shape.output_rows)
     return RunPlan(command="sft", model=model, parameters=_total_parameters(qwen_config), parallel=parallel,
                    shape=shape, memory=memory, flops_per_step=flops, assumptions=assumptions,
                    sample_tokens=sample_tokens)
@@ -245,7 +260,8 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
     samples = rollouts_per_rank * parallel.dp * train.updates_per_step
     merge = qwen_config.vision.spatial_merge_size ** 2
     update = _flops(qwen_config, samples=samples, sample_tokens=sample_tokens,
-                    patches=samples * round(assumptions.image_fraction * sample_tokens) * merge)
+                    patches=samples * round(assumptions.image_fraction * sample_tokens) * merge,
+                    output_tokens=samples * min(rollout.max_new_tokens, sample_tokens))
     forward_passes = 1 + (config.loss.kl_coef > 0)  # old log-probs (+ the reference's): a third of fwd + bwd each
     return RunPlan(command="grpo", model=model, parameters=total, parallel=parallel, shape=shape, memory=memory,
                    flops_per_step=update * (1 + forward_passes / 3), assumptions=assumptions,

@@ -51,15 +51,26 @@ def _to_device(batch, device):
                                          and isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
+def _loss_rows(labels: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+    """int64 [N], on the host: the flat positions (b·S' + i) of the labelled tokens among this rank's tokens (the
+    row's; under context parallelism its part, ``held``: its positions in the row), where the model computes
+    logits and losses (``output_rows``)."""
+    mine = labels if held is None else labels[:, held]
+    return torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+
+
 def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, ...], layout) -> dict[str, float]:
     """One optimizer step on this rank's micro-batches; returns world-reduced metrics (on every rank)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = model.device
-    # Query sets from the loader's host tensors, before the copy to the device (no round trip back).
+    # Query sets and loss rows from the loader's host tensors, before the copy to the device (no round trip back).
     sets = [QuerySets(mb.roles, mb.segment_ids, exclude_sink=config.avar.exclude_sink)
             for mb in step_batch.microbatches]
+    rows = step_batch.microbatches[0].input_ids.shape
+    held = None if layout.cp == 1 else local_positions(rows[1], layout.cp, layout.cp_rank, torch.device("cpu"))
+    loss_rows = [_loss_rows(mb.labels, held).to(device, non_blocking=True) for mb in step_batch.microbatches]
     microbatches = [_to_device(mb, device) for mb in step_batch.microbatches]
     eligible = torch.tensor([float(sum(s.num_eligible for s in sets))], device=device)
     sets = [s.to(device) for s in sets]
@@ -73,8 +84,6 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
     # group trains the same rows); megatron's schedule multiplies the loss by cp and DDP averages over dp x cp.
     # The AGTO term is computed whole on every CP rank, each rank's gradient reaching its own tokens only
     # (models.context_parallel), so it needs the dp x cp factor itself.
-    rows = microbatches[0].input_ids.shape
-    held = None if layout.cp == 1 else local_positions(rows[1], layout.cp, layout.cp_rank, device)
     sinks, lm_sums, lm_sample_ids = [], [], []
 
     def forward_step(data_iterator, ddp_model):
@@ -86,14 +95,11 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         output = ddp_model(mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
                            image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=key_roles,
                            segment_ids=mb.segment_ids, mass_sink=sink if avar_layers else None,
-                           role_attention_impl=config.model.role_attention_impl, mass_mode=config.model.mass_mode)
+                           role_attention_impl=config.model.role_attention_impl, mass_mode=config.model.mass_mode,
+                           output_rows=loss_rows[index])
 
-        loss_mask = mb.labels != IGNORE_INDEX
-        if held is not None:
-            loss_mask = loss_mask[:, held]
-
-        def loss_func(per_token_loss):
-            lm_sum = (per_token_loss.float() * loss_mask).sum()
+        def loss_func(row_losses):  # [N]: the loss of each labelled position this rank holds
+            lm_sum = row_losses.float().sum()
             # Not checked here (a read of the device per micro-batch) nor raised on this rank alone (the others
             # would wait in a collective): read once after the schedule, and _check_update stops every rank
             # together, naming the samples.

@@ -40,10 +40,13 @@ def frame_patches(image_grid_thw) -> list[int]:
     return [h * w for t, h, w in image_grid_thw.tolist() for _ in range(t)]
 
 
-def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: list[int]) -> float:
+def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: list[int],
+                   output_tokens: int | None = None) -> float:
     """Model FLOPs of one forward + backward pass over a global batch (the usual 3x forward count).
 
-        6 · P_lm · T                 dense matmuls of the language model (T = real tokens, packing: no padding)
+        6 · (P_lm - V·h) · T         dense matmuls of the decoder layers (T = real tokens, packing: no padding)
+      + 6 · V·h · T_out              the output layer over the T_out tokens whose logits are computed: the labelled
+                                     ones (the trainers' ``output_rows``; None: T_out = T)
       + 6 · L · d · Σ_i s_i²         causal attention scores and values: 2 matmuls x 2 FLOP x s²/2 per layer,
                                      forward x 3 for backward (s_i = length of packed sample i)
       + 6 · P_vision · Σ_j p_j       dense matmuls of the vision tower (p_j = patches of image frame j,
@@ -57,18 +60,25 @@ def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: lis
     lm_params, vision_params = matmul_params(qwen_config)
     text, vision = qwen_config.text, qwen_config.vision
     tokens = sum(sample_lengths)
+    head = text.vocab_size * text.hidden_size
+    output_tokens = tokens if output_tokens is None else output_tokens
     attention = 6 * text.num_layers * text.hidden_size * sum(s * s for s in sample_lengths)
     full_blocks = len(vision.fullatt_block_indexes)
     vision_attention = 12 * vision.hidden_size * full_blocks * sum(p * p for p in image_patches)
-    return 6.0 * lm_params * tokens + attention + 6.0 * vision_params * sum(image_patches) + vision_attention
+    return (6.0 * (lm_params - head) * tokens + 6.0 * head * output_tokens + attention
+            + 6.0 * vision_params * sum(image_patches) + vision_attention)
 
 
 def batch_flops(qwen_config, step_batch) -> float:
     """:func:`training_flops` of a step's batch of packed rows (``training.sft_data``'s StepBatch: its micro-batches'
-    cu_seqlens give the samples, their image_grid_thw the images)."""
+    cu_seqlens give the samples, their image_grid_thw the images, their labels the output layer's tokens)."""
+    from megatron_avar.roles import IGNORE_INDEX
+
     patches = [p for mb in step_batch.microbatches if mb.image_grid_thw is not None
                for p in frame_patches(mb.image_grid_thw)]
-    return training_flops(qwen_config, sample_lengths=sample_lengths(step_batch), image_patches=patches)
+    labelled = sum(int((mb.labels != IGNORE_INDEX).sum()) for mb in step_batch.microbatches)
+    return training_flops(qwen_config, sample_lengths=sample_lengths(step_batch), image_patches=patches,
+                          output_tokens=labelled)
 
 
 def sample_lengths(step_batch) -> list[int]:

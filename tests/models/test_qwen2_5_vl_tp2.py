@@ -63,16 +63,8 @@ def _run_layout(tp, hf, config, sequence_parallel=False):
         load_hf_state_dict(model, hf.state_dict(), config)
         out = {"logits": {}, "losses": {}}
         for name in CASE_NAMES:
-            inputs = case_batch(name)
-            length = inputs["input_ids"].shape[1]
-            labels = torch.roll(inputs["input_ids"], -1, dims=1)
-            if sequence_parallel:  # rows split over the ranks: one more padding token makes the length even
-                extra = (0, length % tp)
-                inputs = {**inputs, **{key: torch.nn.functional.pad(inputs[key], extra)
-                                       for key in ("input_ids", "attention_mask")}}
-                labels = torch.nn.functional.pad(labels, extra)
-            kwargs = dict(attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"],
-                          image_grid_thw=inputs["image_grid_thw"])
+            inputs, labels, kwargs = _case(name, tp if sequence_parallel else 1)
+            length = case_batch(name)["input_ids"].shape[1]
             model.eval()
             with torch.no_grad():
                 out["logits"][name] = gather_from_tensor_model_parallel_region(
@@ -84,11 +76,70 @@ def _run_layout(tp, hf, config, sequence_parallel=False):
         _all_reduce_sequence_parallel_grads(model, groups.tp)
         grads = full_megatron_state(model, grads=True)
         out["grads"] = {name: grads[name] for name in CHECKED_GRADS}
+        # The output layer on the real tokens only (output_rows): the same logits, losses and gradients.
+        model.zero_grad()
+        out["row_logits"], out["row_losses"] = {}, {}
+        for name in CASE_NAMES:
+            inputs, labels, kwargs = _case(name, tp if sequence_parallel else 1)
+            rows = torch.nonzero(inputs["attention_mask"].reshape(-1), as_tuple=True)[0]
+            model.eval()
+            with torch.no_grad():
+                out["row_logits"][name] = gather_from_tensor_model_parallel_region(
+                    model(inputs["input_ids"], output_rows=rows, **kwargs), group=groups.tp)
+            model.train()
+            loss = model(inputs["input_ids"], labels=labels, output_rows=rows, **kwargs)
+            loss.sum().backward()
+            out["row_losses"][name] = loss.detach()
+        _all_reduce_sequence_parallel_grads(model, groups.tp)
+        grads = full_megatron_state(model, grads=True)
+        out["row_grads"] = {name: grads[name] for name in CHECKED_GRADS}
+        # no labelled token on this rank (a context-parallel part of a row can hold none): an empty loss, whose
+        # backward still joins the tensor-parallel collectives and gives the output layer a zero gradient
+        model.zero_grad()
+        inputs, labels, kwargs = _case(CASE_NAMES[0], tp if sequence_parallel else 1)
+        loss = model(inputs["input_ids"], labels=labels, output_rows=torch.zeros(0, dtype=torch.long), **kwargs)
+        loss.sum().backward()
+        weight = model.language_model.output_layer.weight
+        out["no_rows"] = (tuple(loss.shape), None if weight.grad is None else float(weight.grad.abs().sum()))
+        if tp == 1:
+            out["flops"] = _output_rows_flops(model, config)
         out["export"] = export_hf_state_dict(model, config)
         out["local_params"] = sum(p.numel() for p in model.parameters())
         return out
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def _case(name, multiple):
+    """(inputs, labels, model kwargs) of a case, its rows padded to a multiple of ``multiple`` tokens (sequence
+    parallelism splits them over the ranks)."""
+    inputs = case_batch(name)
+    labels = torch.roll(inputs["input_ids"], -1, dims=1)
+    extra = (0, -inputs["input_ids"].shape[1] % multiple)
+    inputs = {**inputs, **{key: torch.nn.functional.pad(inputs[key], extra) for key in ("input_ids", "attention_mask")}}
+    labels = torch.nn.functional.pad(labels, extra)
+    kwargs = dict(attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"],
+                  image_grid_thw=inputs["image_grid_thw"])
+    return inputs, labels, kwargs
+
+
+def _output_rows_flops(model, config):
+    """(forward FLOPs torch counts without output_rows - with output_rows = the real tokens, the same difference
+    from the trainers' FLOP formula)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_avar.training.metrics import training_flops
+
+    inputs, _, kwargs = _case(CASE_NAMES[1], 1)
+    rows = torch.nonzero(inputs["attention_mask"].reshape(-1), as_tuple=True)[0]
+    counted = []
+    for chosen in (None, rows):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(inputs["input_ids"], output_rows=chosen, **kwargs)
+        counted.append(counter.get_total_flops())
+    formula = [training_flops(config, sample_lengths=[], image_patches=[], output_tokens=n) / 3
+               for n in (inputs["input_ids"].numel(), rows.numel())]
+    return counted[0] - counted[1], formula[0] - formula[1]
 
 
 def _all_reduce_sequence_parallel_grads(model, group):
@@ -121,6 +172,7 @@ def _relative(actual, expected):
 
 
 TP2_LAYOUTS = ("tp2", "tp2_sp")
+ALL_LAYOUTS = ("tp1", *TP2_LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", TP2_LAYOUTS)
@@ -163,3 +215,41 @@ def test_tp2_export_is_bit_exact_and_parameters_are_split(layouts):
     assert layouts[0]["tp1"]["local_params"] == layouts[0]["hf_count"]
     # Each rank holds about half: everything but norms, row-parallel biases and the patch embedding is split.
     assert layouts[0]["tp2"]["local_params"] < 0.6 * layouts[0]["hf_count"]
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_output_rows_give_the_logits_and_losses_at_those_rows(layouts, name, layout):
+    """The output layer run on the real tokens only (output_rows, flat b·S + i) gives the logits and per-token
+    losses of the full output at those positions, under TP and sequence parallelism too."""
+    real = case_batch(name)["attention_mask"].bool()
+    for rank in range(2):
+        result = layouts[rank][layout]
+        assert result["row_logits"][name].shape == (int(real.sum()), layouts[rank]["tp1"]["logits"][name].shape[-1])
+        assert _relative(result["row_logits"][name], result["logits"][name][real]) < RELATIVE_TOLERANCE
+        torch.testing.assert_close(result["row_losses"][name], result["losses"][name][real],
+                                   rtol=RELATIVE_TOLERANCE, atol=0)
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+@pytest.mark.parametrize("name", CHECKED_GRADS)
+def test_output_rows_give_the_gradients_of_the_full_output(layouts, name, layout):
+    """The summed losses of output_rows = the real tokens have the full output's masked-loss gradients (under
+    sequence parallelism: no gradient reduced twice, none lost)."""
+    expected = layouts[0]["tp1"]["grads"][name]
+    for rank in range(2):
+        assert _relative(layouts[rank][layout]["row_grads"][name], expected) < RELATIVE_TOLERANCE, name
+
+
+def test_output_rows_cut_the_output_layers_flops_as_the_flop_formula_counts(layouts):
+    """Without output_rows the output layer runs on every position (padding too); with the real tokens only, torch
+    counts exactly the FLOPs the trainers' formula (output_tokens) takes off."""
+    counted, formula = layouts[0]["tp1"]["flops"]
+    assert counted > 0
+    assert counted == formula
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_no_output_rows_give_an_empty_loss_and_a_zero_output_gradient(layouts, layout):
+    for rank in range(2):
+        assert layouts[rank][layout]["no_rows"] == ((0,), 0.0)

@@ -40,8 +40,9 @@ from sft_cases import sft_overrides  # noqa: E402
 TOLERANCE = 0.15  # the issue's bound; every comparison here lands within ~2% (printed with -s)
 
 
-def _microbatch_counts(mb, config, image_token_id: int) -> tuple[int, int]:
-    """(image tokens, AGTO query rows) of a micro-batch: what the plan is told about a row."""
+def _microbatch_counts(mb, config, image_token_id: int) -> tuple[int, int, int]:
+    """(image tokens, AGTO query rows, labelled tokens) of a micro-batch's rows: what the plan is told about a
+    row."""
     from megatron_avar.plan import microbatch_row_counts
 
     return microbatch_row_counts(mb, image_token_id=image_token_id, exclude_sink=config.avar.exclude_sink)
@@ -65,15 +66,14 @@ def _profiled_steps(overrides: list[str], steps: int) -> dict:
     layout = init_distributed(1, 1, seed=config.train.seed)
     gc.collect()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    image_tokens = query_rows = 0
+    counts = (0, 0, 0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         run = build_run(config, layout)
         batches = iter(run.data)
         for _ in range(steps):
             step = next(batches)
             for mb in step.microbatches:
-                counts = _microbatch_counts(mb, config, run.qwen_config.image_token_id)
-                image_tokens, query_rows = max(image_tokens, counts[0]), max(query_rows, counts[1])
+                counts = tuple(map(max, counts, _microbatch_counts(mb, config, run.qwen_config.image_token_id)))
             train_step(run.model, step, config, avar_layers=run.avar_layers, layout=layout)
     events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
@@ -85,7 +85,7 @@ def _profiled_steps(overrides: list[str], steps: int) -> dict:
     parallel_state.destroy_model_parallel()
     del run, batches
     gc.collect()
-    return {"peak": peak, "image_tokens": image_tokens, "query_rows": query_rows, "rss_growth": rss_growth}
+    return {"peak": peak, "counts": counts, "rss_growth": rss_growth}
 
 
 def _saved_activations(overrides: list[str]) -> dict:
@@ -94,8 +94,9 @@ def _saved_activations(overrides: list[str]) -> dict:
     from megatron.core import parallel_state
 
     from megatron_avar.config import load_config
+    from megatron_avar.models.context_parallel import local_positions
     from megatron_avar.sft.config import SFTConfig
-    from megatron_avar.sft.trainer import build_run
+    from megatron_avar.sft.trainer import _loss_rows, build_run
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.objective import AGTOSink, QuerySets
 
@@ -116,17 +117,18 @@ def _saved_activations(overrides: list[str]) -> dict:
 
     sink = AGTOSink(QuerySets(mb.roles, mb.segment_ids), config.avar, num_layers=len(run.avar_layers), weight=1.0,
                     grad_scale=1.0)
+    held = None if cp == 1 else local_positions(mb.input_ids.shape[1], cp, parallel_state.get_context_parallel_rank(),
+                                                torch.device("cpu"))
+    rows = _loss_rows(mb.labels, held)  # the trainer's: the output layer runs on this rank's labelled tokens
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         run.model.chunks[0](mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
                             image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
-                            segment_ids=mb.segment_ids, mass_sink=sink)
-    vocab_logits = mb.input_ids.numel() // cp * run.qwen_config.text.vocab_size * run.dtype.itemsize * (
-        4 // run.dtype.itemsize)  # the cross entropy keeps an fp32 softmax of this rank's logits
+                            segment_ids=mb.segment_ids, mass_sink=sink, output_rows=rows)
+    vocab_logits = rows.numel() * run.qwen_config.text.vocab_size * 4  # the cross entropy's fp32 softmax
     logits = [n for n in saved.values() if n == vocab_logits]
     parallel_state.destroy_model_parallel()
-    image_tokens, query_rows = _microbatch_counts(mb, config, image_token_id)
-    return {"saved": sum(saved.values()) - sum(logits), "logits_saved": len(logits), "image_tokens": image_tokens,
-            "query_rows": query_rows}
+    return {"saved": sum(saved.values()) - sum(logits), "logits_saved": len(logits),
+            "counts": _microbatch_counts(mb, config, image_token_id)}
 
 
 def _on_one_rank(function, runs: dict[str, list[str]], *args) -> dict:
@@ -134,7 +136,8 @@ def _on_one_rank(function, runs: dict[str, list[str]], *args) -> dict:
     return {name: function(overrides, *args) for name, overrides in runs.items()}
 
 
-def _plan(overrides, image_tokens, query_rows, gpus=1):
+def _plan(overrides, counts, gpus=1):
+    """The plan of the run, told the measured rows' (image tokens, AGTO query rows, labelled tokens)."""
     from megatron_avar.config import load_config
     from megatron_avar.plan import Assumptions, load_model_config, plan_sft
     from megatron_avar.sft.config import SFTConfig
@@ -142,8 +145,10 @@ def _plan(overrides, image_tokens, query_rows, gpus=1):
     config = load_config(SFTConfig, None, overrides)
     qwen_config, source = load_model_config(config.model.hf_path, None)
     seq = config.data.seq_length
+    image_tokens, query_rows, labelled = counts
     return plan_sft(config, qwen_config, source, Assumptions(gpus=gpus, image_fraction=image_tokens / seq,
-                                                              query_fraction=query_rows / seq, kernels="cpu"))
+                                                              query_fraction=query_rows / seq,
+                                                              response_fraction=labelled / seq, kernels="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +182,7 @@ def activation_runs(overrides):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_predicted_peak_is_within_15_percent_of_the_measured_toy_run(overrides, profiled, precision):
     measured = profiled[precision]
-    plan = _plan(overrides[precision], measured["image_tokens"], measured["query_rows"])
+    plan = _plan(overrides[precision], measured["counts"])
     predicted = plan.memory.peak
     print(f"\n[plan] toy SFT {precision}: measured peak {measured['peak'] / 1e6:.1f} MB (tensors; peak RSS grew "
           f"{measured['rss_growth'] / 1e6:.1f} MB), predicted {predicted / 1e6:.1f} MB "
@@ -191,7 +196,7 @@ def test_saved_activations_are_predicted(activation_runs, name):
     runs, measured_runs = activation_runs
     run_overrides, measured = runs[name], measured_runs[name]
     assert measured["logits_saved"] == 1
-    worst = _plan(run_overrides, measured["image_tokens"], measured["query_rows"]).memory.worst
+    worst = _plan(run_overrides, measured["counts"]).memory.worst
     predicted = sum(worst.stored.values()) / worst.in_flight
     print(f"\n[plan] toy SFT {name}: saved activations {measured['saved'] / 1e6:.3f} MB, predicted "
           f"{predicted / 1e6:.3f} MB ({predicted / measured['saved'] - 1:+.1%})")
@@ -208,7 +213,7 @@ def test_saved_activations_under_context_parallelism_are_predicted(overrides):
     for measured in run_on_ranks(_on_one_rank, 2, _saved_activations, {"cp": run_overrides}, timeout_s=400):
         measured = measured["cp"]
         assert measured["logits_saved"] == 1
-        worst = _plan(run_overrides, measured["image_tokens"], measured["query_rows"], gpus=2).memory.worst
+        worst = _plan(run_overrides, measured["counts"], gpus=2).memory.worst
         predicted = sum(worst.stored.values()) / worst.in_flight
         print(f"\n[plan] toy SFT CP=2: saved activations {measured['saved'] / 1e6:.3f} MB, predicted "
               f"{predicted / 1e6:.3f} MB ({predicted / measured['saved'] - 1:+.1%})")

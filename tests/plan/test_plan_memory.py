@@ -91,7 +91,10 @@ def test_logits_phase_of_each_loss():
     fp32 = memory_plan(QWEN_7B, Parallelism(tp=t), StepShape(seq_length=s, precision="fp32")).worst
     assert fp32.transient["logits"] == 4 * s * V // t + 4 * weight_grad
     response = memory_plan(QWEN_7B, Parallelism(tp=t), StepShape(seq_length=s, loss="response", loss_rows=1000))
-    assert response.worst.transient["logits"] == 2 * s * V // t + 8 * 1000 * V // t
+    assert response.worst.transient["logits"] == (2 + 8) * 1000 * V // t  # the rows' logits, fp32 copy, / T
+    # SFT's labelled rows only (the trainers' output_rows): the logits of 1000 rows, not 4096
+    labelled = memory_plan(QWEN_7B, Parallelism(tp=t), StepShape(seq_length=s, loss_rows=1000)).worst
+    assert labelled.transient["logits"] == max(6 * 1000 * V // t, 2 * 1000 * V // t + 2 * weight_grad)
 
 
 def test_avar_masses_are_rows_times_heads_times_roles():
@@ -213,7 +216,9 @@ def test_step_time_is_the_trainers_flops_at_the_stated_mfu():
                        assumptions=Assumptions(gpus=16, mfu=0.5))
     rows, seq = 128, 16384
     samples = rows * seq // 2048  # one image of half a sample's tokens each: 1024 merged tokens, 4096 patches
-    flops = training_flops(QWEN_7B, sample_lengths=[2048] * samples, image_patches=[4096] * samples)
+    labelled = rows * round(0.35 * seq)  # the default response fraction: the output layer's tokens
+    flops = training_flops(QWEN_7B, sample_lengths=[2048] * samples, image_patches=[4096] * samples,
+                           output_tokens=labelled)
     assert plan.flops_per_step == flops
     assert plan.step_seconds(GPUS["h100"]) == pytest.approx(flops / (16 * 989.4e12 * 0.5), rel=1e-12)
     assert plan.shape.num_microbatches == math.ceil(rows / 8)

@@ -44,6 +44,7 @@ from megatron_avar.models.qwen2_5_vl.config import (
     Qwen25VLConfig,
     build_transformer_configs,
 )
+from megatron_avar.models.qwen2_5_vl.language_model import LanguageModel, check_output_rows
 from megatron_avar.models.qwen2_5_vl.norm import TorchNorm
 from megatron_avar.models.qwen2_5_vl.positions import mrope_position_ids
 from megatron_avar.models.qwen2_5_vl.vision import Qwen25VisionModel
@@ -169,7 +170,6 @@ class Qwen25VLModel(MegatronModule):
                  role_mass_layers: Collection[int] = (), role_mass_core_attention: type | None = None,
                  vp_stage: int | None = None):
         from megatron.core.enums import ModelType
-        from megatron.core.models.gpt import GPTModel
         from megatron.core.utils import get_pg_rank, get_pg_size
 
         configs = build_transformer_configs(config, settings)
@@ -191,7 +191,7 @@ class Qwen25VLModel(MegatronModule):
                                              pg_collection=pg_collection) if pre_process else None)
             # (megatron annotates transformer_layer_spec as a ModuleSpec and rotary_base as int; GPTModel takes block
             # submodules as well, and the base is used in float arithmetic)
-            self.language_model = GPTModel(
+            self.language_model = LanguageModel(
                 configs.language, block_spec, vocab_size=config.text.vocab_size,  # pyright: ignore[reportArgumentType]
                 max_sequence_length=config.text.max_position_embeddings, pre_process=pre_process,
                 post_process=post_process, parallel_output=parallel_output,
@@ -259,7 +259,8 @@ class Qwen25VLModel(MegatronModule):
                 token_roles: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 mass_sink: MassSink | None = None, logit_edits: RoleLogitEdits | None = None,
                 role_attention_impl: str = "auto", mass_mode: str = "probe",
-                num_roles: int = NUM_ROLES, image_sources: Sequence[int] | None = None) -> torch.Tensor:
+                num_roles: int = NUM_ROLES, image_sources: Sequence[int] | None = None,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids int [B, S]; attention_mask [B, S] (nonzero = real token, None = no padding);
         pixel_values [num_patches, patch_dim] and image_grid_thw [num_images, 3] for the images of the whole
         batch; position_ids [3, B, S] (default: :func:`mrope_position_ids`; packed rows must pass theirs);
@@ -272,13 +273,17 @@ class Qwen25VLModel(MegatronModule):
         ``image_sources``: pixel_values / image_grid_thw hold distinct images, each encoded once, and the batch's
         images (in token order) are these: image k is distinct image ``image_sources[k]`` (GRPO's rollouts of one
         prompt share its images); needs position_ids. None: the batch's images are pixel_values' in order.
+        ``output_rows``: int [N] on the device, flat positions b·S' + i of this rank's tokens (S' = S / cp under
+        context parallelism, in ``context_parallel.local_positions`` order): the last stage computes logits (and
+        losses) there only (``models.qwen2_5_vl.language_model``); None: everywhere.
 
         Returns logits [B, S, vocab / tp] (last stage, no labels), per-token loss [B, S] (last stage, with
-        labels), or the hidden states [S, B, H] for the next pipeline stage.
+        labels) — [N, vocab / tp] and [N] with output_rows — or the hidden states [S, B, H] for the next stage.
         """
         cfg = self.qwen_config
         _check_shapes(input_ids, attention_mask=attention_mask, labels=labels, token_roles=token_roles,
                       segment_ids=segment_ids, position_ids=position_ids)
+        check_output_rows(output_rows)
         if bool((input_ids == cfg.video_token_id).any()):
             raise ValueError(f"video tokens (id {cfg.video_token_id}) are not supported, only images")
         if (pixel_values is None) != (image_grid_thw is None):
@@ -343,7 +348,7 @@ class Qwen25VLModel(MegatronModule):
             key_roles = key_roles.masked_fill(segment_ids < 0, -1)
         role_params = RoleMassParams(key_roles=key_roles, segment_ids=segment_ids, edits=logit_edits,
                                      sink=mass_sink, impl=role_attention_impl, mass_mode=mass_mode, context=split,
-                                     num_roles=num_roles)
+                                     num_roles=num_roles, output_rows=output_rows)
         if split is not None:  # the language model sees this rank's tokens only
             input_ids, position_ids = split.local(input_ids, 1), split.local(position_ids, 2)
             labels = None if labels is None else split.local(labels, 1)
