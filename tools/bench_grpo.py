@@ -22,9 +22,10 @@ the platform's fastest causal attention, so the difference is the role_mass prob
 reward's bookkeeping. Target: <= 5% on a GPU.
 
 FLOPs of one old-log-prob pass (forward only) = training_flops / 3 with megatron_avar.training.metrics:
-  2·P_lm·T + 2·L·d·Σ s_i² + 2·P_vision·Σ p_j + 4·hv·F·Σ p_j²
-  (T tokens of the packed rollouts, s_i rollout lengths, p_j patches of image j — each distinct image of a packed
-  row once, as the pass encodes them —, F full-attention vision blocks)
+  2·(P_lm - V·h)·T + 2·V·h·T_out + 2·L·d·Σ s_i² + 2·P_vision·Σ p_j + 4·hv·F·Σ p_j²
+  (T tokens of the packed rollouts, T_out their response tokens (the output layer's), s_i rollout lengths, p_j
+  patches of image j — each distinct image of a packed row once, as the pass encodes them —, F full-attention
+  vision blocks)
 
 Results: tools/results/bench_grpo_<device>_<date>.md and .json.
 """
@@ -158,7 +159,9 @@ def main() -> int:
     # the images the pass encodes: each distinct image of a packed row once (grpo.rollout_batches)
     patches = [p for mb in policy._pack(rollouts) if mb.batch.image_grid_thw is not None
                for p in frame_patches(mb.batch.image_grid_thw)]
-    forward_flops = training_flops(qwen_config, sample_lengths=lengths, image_patches=patches) / 3
+    responses = sum(r.response_length for r in rollouts)
+    forward_flops = training_flops(qwen_config, sample_lengths=lengths, image_patches=patches,
+                                   output_tokens=responses) / 3
     overhead = rows["old log-probs + masses"] / rows["old log-probs, plain attention (baseline)"] - 1
     device = torch.cuda.get_device_name() if gpu else "cpu"
     from results_meta import git_commit, results_stem

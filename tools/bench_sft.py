@@ -34,10 +34,10 @@ Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar 
 same config and row (its image tokens and AGTO query rows), so a GPU run of this benchmark validates the plan.
 
 FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops (batch_flops) of the step's rows —
-  6·P_lm·T + 6·L·d·Σ s_i² + 6·P_vision·Σ p_j + 12·hv·F·Σ p_j²
-(T real tokens, s_i sample lengths, L layers, d hidden size, p_j patches of image j, F full-attention vision blocks
-of width hv; attention fwd+bwd counted 3x its forward, as the trainer's metric; the masses and AGTO are not
-counted as useful work);
+  6·(P_lm - V·h)·T + 6·V·h·T_out + 6·L·d·Σ s_i² + 6·P_vision·Σ p_j + 12·hv·F·Σ p_j²
+(T real tokens, T_out the labelled ones (the output layer runs on those only), s_i sample lengths, L layers, d
+hidden size, p_j patches of image j, F full-attention vision blocks of width hv; attention fwd+bwd counted 3x its
+forward, as the trainer's metric; the masses and AGTO are not counted as useful work);
 "attention share" = 6·L·d·Σ s_i² over that total. MFU = TFLOP/s / --peak-tflops (default: the card's dense bf16
 peak from megatron_avar.plan.gpus, 989.4 for H100 SXM and H200; recorded in the JSON's meta).
 
