@@ -31,7 +31,8 @@ Modes, each measured in a fresh process (so peak memory is its own), same data a
 Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
 (CUDA max allocated over the timed steps, from what the warm-up left held; CPU peak RSS) after the last step.
 Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
-same config and row (its image tokens and AGTO query rows), so a GPU run of this benchmark validates the plan.
+same config and row (its image tokens, AGTO query rows and labelled tokens), so a GPU run of this benchmark
+validates the plan.
 
 FLOPs (for TFLOP/s and MFU): megatron_avar.training.metrics.training_flops (batch_flops) of the step's rows —
   6·(P_lm - V·h)·T + 6·V·h·T_out + 6·L·d·Σ s_i² + 6·P_vision·Σ p_j + 12·hv·F·Σ p_j²

@@ -57,10 +57,6 @@ class Assumptions:
         for name in ("image_fraction", "query_fraction", "response_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.image_fraction + self.response_fraction > 1:
-            raise ValueError(f"image_fraction {self.image_fraction:g} + response_fraction {self.response_fraction:g} "
-                             "exceed 1: image tokens are never labelled, so the two shares of a row add up to at "
-                             "most 1")
         if self.sample_tokens is not None and self.sample_tokens < 1:
             raise ValueError(f"sample_tokens must be >= 1, got {self.sample_tokens}")
         if not 0 < self.mfu <= 1:
@@ -70,19 +66,22 @@ class Assumptions:
 
 
 def microbatch_row_counts(microbatch, *, image_token_id: int, exclude_sink: bool) -> tuple[int, int, int]:
-    """(image tokens, AGTO query rows, labelled tokens) per row of an SFT micro-batch (``training.sft_data``; the
-    largest over its rows): what a plan is told about a measured step's rows (``Assumptions.image_fraction`` /
-    ``query_fraction`` / ``response_fraction`` = these / seq_length)."""
+    """(image tokens, AGTO query rows, labelled tokens) of one row of an SFT micro-batch (``training.sft_data``):
+    the row with the most image and labelled tokens, the two shares the plan's memory grows with. What a plan is
+    told about a measured step's rows (``Assumptions.image_fraction`` / ``query_fraction`` / ``response_fraction``
+    = these / seq_length)."""
     import torch
 
     from megatron_avar.roles import IGNORE_INDEX
     from megatron_avar.training.objective import QuerySets
 
     queries = QuerySets(microbatch.roles, microbatch.segment_ids, exclude_sink=exclude_sink)
-    per_row = torch.bincount(queries.q_index // microbatch.input_ids.shape[1],
-                             minlength=microbatch.input_ids.shape[0])
-    return (int((microbatch.input_ids == image_token_id).sum(1).max()), int(per_row.max()),
-            int((microbatch.labels != IGNORE_INDEX).sum(1).max()))
+    rows, seq = microbatch.input_ids.shape
+    image = (microbatch.input_ids == image_token_id).sum(1)
+    labelled = (microbatch.labels != IGNORE_INDEX).sum(1)
+    query = torch.bincount(queries.q_index // seq, minlength=rows)
+    row = int(torch.argmax(image + labelled))
+    return int(image[row]), int(query[row]), int(labelled[row])
 
 
 @dataclass(frozen=True)
@@ -190,6 +189,10 @@ def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumpt
                          f"pipeline_model_parallel_size={parallel.pp}, but a step has {microbatches} per "
                          f"data-parallel rank: make it a multiple of {parallel.pp}")
     seq = data.seq_length
+    if assumptions.image_fraction + assumptions.response_fraction > 1:
+        raise ValueError(f"image fraction {assumptions.image_fraction:g} + response fraction "
+                         f"{assumptions.response_fraction:g} exceed 1: image tokens are never labelled, so the two "
+                         "shares of an SFT row add up to at most 1 (lower --response-fraction)")
     image_tokens = round(assumptions.image_fraction * seq)
     agto_trains = config.avar.alpha > 0 or config.avar.beta > 0
     shape = StepShape(seq_length=seq, micro_batch_size=data.micro_batch_size,

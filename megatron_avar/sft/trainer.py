@@ -80,7 +80,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
         raise ValueError(f"step {step_batch.step}: the global batch has no loss (RESPONSE) tokens")
     num_microbatches, dp = len(microbatches), layout.dp
     loss_scale = 1.0  # bf16 / fp32: megatron applies no loss scale (fp16 is not offered)
-    # Under context parallelism the model returns the per-token losses of this rank's tokens (every rank of the CP
+    # Under context parallelism the model returns the losses of this rank's labelled tokens (every rank of the CP
     # group trains the same rows); megatron's schedule multiplies the loss by cp and DDP averages over dp x cp.
     # The AGTO term is computed whole on every CP rank, each rank's gradient reaching its own tokens only
     # (models.context_parallel), so it needs the dp x cp factor itself.

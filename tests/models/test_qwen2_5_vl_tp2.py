@@ -253,3 +253,12 @@ def test_output_rows_cut_the_output_layers_flops_as_the_flop_formula_counts(layo
 def test_no_output_rows_give_an_empty_loss_and_a_zero_output_gradient(layouts, layout):
     for rank in range(2):
         assert layouts[rank][layout]["no_rows"] == ((0,), 0.0)
+
+
+@pytest.mark.parametrize("rows", [torch.zeros(2, dtype=torch.uint8), torch.zeros(2),
+                                  torch.zeros(1, 2, dtype=torch.long), [0, 1]], ids=["uint8", "float", "2-d", "list"])
+def test_output_rows_of_the_wrong_kind_are_refused_naming_what_is_expected(rows):
+    from megatron_avar.models.qwen2_5_vl.language_model import check_output_rows
+
+    with pytest.raises(TypeError, match="output_rows must be a 1-D int64"):
+        check_output_rows(rows)

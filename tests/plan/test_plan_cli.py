@@ -49,6 +49,14 @@ def test_json_has_every_stage_and_verdict(monkeypatch):
     assert all(v["headroom_bytes"] == v["memory_bytes"] - v["required_bytes"] for v in plan["verdicts"])
 
 
+def test_a_grpo_plan_takes_any_image_fraction(monkeypatch):
+    """The labelled share is an SFT assumption: a GRPO plan (responses from its rollout settings) never checks it."""
+    monkeypatch.chdir(REPO)
+    code, output = _plan("--config", "examples/grpo/avar_7b.yaml", "--model", "7b", "--gpus", "8",
+                         "--image-fraction", "0.7", "--json")
+    assert code == 0 and json.loads(output)["command"] == "grpo"
+
+
 def test_the_long_rows_example_plans_context_parallelism_and_fits_an_h100(monkeypatch):
     """README quotes a ~37 GB peak for the 32k-row example (CP=2): the plan reads CP from the config, halves the tokens
     and the image patches per rank, and the verdict is an H100 fit; without CP the same rows need more."""
@@ -105,6 +113,10 @@ def test_the_command_is_detected_from_the_config():
     (["--config", "examples/grpo/avar_7b.yaml", "--model", "7b", "parallel.pipeline_model_parallel_size=2"],
      "rollout.backend=vllm runs vLLM with the trainer's tensor parallelism"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--mfu", "1.5"], "mfu must be in (0, 1]"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--image-fraction", "0.7"],
+     "image fraction 0.7 + response fraction 0.35 exceed 1"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--response-fraction", "-0.1"],
+     "response_fraction must be in [0, 1]"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "train.recompute=some"], "train.recompute='some'"),
 ])
 def test_bad_input_is_a_one_line_error(monkeypatch, capsys, args, message):

@@ -73,7 +73,8 @@ def _profiled_steps(overrides: list[str], steps: int) -> dict:
         for _ in range(steps):
             step = next(batches)
             for mb in step.microbatches:
-                counts = tuple(map(max, counts, _microbatch_counts(mb, config, run.qwen_config.image_token_id)))
+                counts = max(counts, _microbatch_counts(mb, config, run.qwen_config.image_token_id),
+                             key=lambda row: row[0] + row[2])  # the fullest row (image + labelled tokens)
             train_step(run.model, step, config, avar_layers=run.avar_layers, layout=layout)
     events = sorted((e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)

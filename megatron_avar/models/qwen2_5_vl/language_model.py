@@ -25,14 +25,14 @@ __all__ = ["LanguageModel", "check_output_rows"]
 
 
 def check_output_rows(rows: torch.Tensor | None) -> None:
-    """TypeError unless ``rows`` is None or a 1-D integer tensor (shape and dtype only: nothing is read from the
-    device; the positions come from the trainers' own host-side indexes)."""
+    """TypeError unless ``rows`` is None or a 1-D int64 / int32 tensor (shape and dtype only: nothing is read from
+    the device; the positions come from the trainers' own host-side indexes)."""
     if rows is None:
         return
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point \
-            or rows.dtype == torch.bool:
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
         got = f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
-        raise TypeError(f"output_rows must be a 1-D integer tensor of flat token positions (b·S + i), got {got}")
+        raise TypeError(f"output_rows must be a 1-D int64 (or int32) tensor of flat positions b·S' + i of this rank's "
+                        f"tokens (S' = S / context_parallel_size), got {got}")
 
 
 class LanguageModel(GPTModel):
@@ -43,8 +43,10 @@ class LanguageModel(GPTModel):
         rows = getattr(kwargs.get("packed_seq_params"), "output_rows", None)
         if rows is None or not self.post_process:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
-        if self.mtp_process:
-            raise NotImplementedError("output_rows with multi-token prediction layers")
+        if self.mtp_process or self.config.defer_embedding_wgrad_compute:
+            # (megatron's deferred weight gradient re-gathers the sequence-parallel inputs it buffered, sized by the
+            # first micro-batch: the rows here are whole and their count changes per micro-batch)
+            raise NotImplementedError("output_rows with multi-token prediction or defer_embedding_wgrad_compute")
         layer = self.output_layer
         sequence_parallel = layer.sequence_parallel
         if sequence_parallel:

@@ -24,7 +24,8 @@ with padding and packing taken from the token roles and ``segment_ids``, memory 
 Context parallelism (``MegatronSettings.context_parallel_size`` > 1): every rank of the CP group is called with
 the whole rows; each rank encodes its share of the images and the ranks all-gather the image features, the
 embedding runs on the whole rows, then the language model keeps this rank's tokens (``models.context_parallel``).
-Logits and per-token losses are of those tokens, in ``context_parallel.local_positions`` order.
+Logits and per-token losses are of those tokens, in ``context_parallel.local_positions`` order (``output_rows``
+index them in that order).
 """
 
 from __future__ import annotations
