@@ -139,7 +139,23 @@ def resolve_intervene_config(args):
     if missing:
         raise ValueError(f"missing {', '.join(missing)}; usage: avar intervene --model DIR --data FILE --out FILE.json "
                          "(or model:/data:/out: in --config)")
-    return config_from_dict(InterveneConfig, values)
+    config = config_from_dict(InterveneConfig, values)
+    _check_sweep_flags(args, sweep=config.sweep)
+    return config
+
+
+def _check_sweep_flags(args, *, sweep: bool) -> None:
+    """ValueError when a flag would be ignored: a sweep runs the grid of --sweep-alpha-sys x --sweep-layers, not
+    --alpha-sys / --layers; a single run, --alpha-sys at --layers, not the grid."""
+    single = [flag for flag, value in (("--alpha-sys", args.alpha_sys), ("--layers", args.layers)) if value is not None]
+    grid = [flag for flag, value in (("--sweep-alpha-sys", args.sweep_alpha_sys), ("--sweep-layers", args.sweep_layers))
+            if value is not None]
+    if sweep and single:
+        raise ValueError(f"{' and '.join(single)} set one intervention, but this is a sweep (every --sweep-alpha-sys "
+                         "value on every --sweep-layers set): give those instead, or run without --sweep")
+    if not sweep and grid:
+        raise ValueError(f"{' and '.join(grid)} set a sweep's grid, but this run is a single intervention: add "
+                         "--sweep, or give --alpha-sys / --layers")
 
 
 def _require(args, names: tuple[str, ...], usage: str) -> None:

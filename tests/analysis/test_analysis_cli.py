@@ -317,15 +317,30 @@ def test_intervene_config_file_overrides_and_flags(capsys):
     example = Path(__file__).resolve().parents[2] / "examples" / "vas" / "intervene_sweep.yaml"
     capsys.readouterr()
     assert main(["intervene", "--config", str(example), "--model", "m", "--data", "d", "--out", "o.json",
-                 "max_new_tokens=64", "alpha_sys=0.3", "--alpha-sys", "0.2", "--sweep-layers", "0-1;all", "--keep-sink",
+                 "max_new_tokens=64", "alpha_img=0.3", "--alpha-img", "0.2", "--sweep-layers", "0-1;all", "--keep-sink",
                  "--print-config"]) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["sweep"] is True and config["sweep_alpha_sys"] == [0.0, 0.05, 0.4, 0.6]   # from the file
-    assert config["max_new_tokens"] == 64 and config["alpha_sys"] == 0.2                    # override, then flag
+    assert config["max_new_tokens"] == 64 and config["alpha_img"] == 0.2                    # override, then flag
     assert config["sweep_layers"] == ["0-1",
                                       "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
     assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "alpha_sis=0.3"]) == 2
     assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sweep", "--alpha-sys", "0.4", "--layers", "all"],
+     "--alpha-sys and --layers set one intervention, but this is a sweep"),
+    (["--sweep-alpha-sys", "0,0.4"], "--sweep-alpha-sys set a sweep's grid, but this run is a single intervention"),
+    (["--sweep-layers", "all"], "--sweep-layers set a sweep's grid, but this run is a single intervention: add"),
+], ids=["single-flags-in-a-sweep", "grid-flag-alone", "grid-layers-alone"])
+def test_intervene_refuses_flags_its_run_would_ignore(capsys, flags, message):
+    """A sweep runs --sweep-alpha-sys x --sweep-layers and a single run --alpha-sys at --layers: a flag of the other
+    kind used to be dropped without a word."""
+    capsys.readouterr()
+    assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", *flags, "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
 
 
 def test_megatron_checkpoint_gives_the_hf_vas(toy, vas_run):
