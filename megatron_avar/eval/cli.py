@@ -77,6 +77,9 @@ def register(subparsers) -> None:
                                              "VLMEvalKit's GPT judge does; both scores are reported (default: rules "
                                              "only)")
     add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
+    add("--allow-partial", action="store_true",
+        help="with --score-only: score benchmarks whose generation has not finished (a shard still running or never "
+             "run); their scores say they are partial")
     add("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(handler=_eval)
 
@@ -102,13 +105,16 @@ def _eval(args) -> int:
     from megatron_avar.eval.runner import run_eval, score_run
 
     config = resolve_config(args)
+    if args.allow_partial and not args.score_only:
+        raise ValueError("--allow-partial applies to --score-only (a generating run scores only what it finished)")
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
     try:
         if args.score_only:
             judge = None if config.judge is None else load_judge_config(config.judge)
-            scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)
+            scores = score_run(config.out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge,
+                               allow_partial=args.allow_partial)
         else:
             scores = run_eval(config)
             if scores is None:

@@ -86,6 +86,8 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         if name == "mmmu_pro":
             settings = ", ".join(f"{k} {v:.1f}" for k, v in s["by_setting"].items())
             detail += f"; {settings} (score = {s['headline']})"
+        if "partial" in s:
+            detail += f"; **partial: generation has not finished** ({s['partial']})"
         lines.append(detail)
     with_vas = [n for n in names if n in summaries and "vas" in summaries[n]]
     if with_vas:

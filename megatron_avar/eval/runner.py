@@ -5,15 +5,19 @@ Output folder (``--out``):
     predictions/<benchmark>.jsonl one line per sample: id, prompt (text, ``<image>`` marks), response, target,
                                  and the judgement at write time (answer_source, extracted, correct); with
                                  ``--judge``, a judged sample also its ``judge`` field (`megatron_avar.eval.judge`)
+    predictions/<benchmark>.done.json  written when the run (or shard) generating that file has finished it: the
+                                 benchmark's sample count; removed while a run generates into the file again
     scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns; with
                                  ``--judge`` also ``with_judge`` and the judge's counts)
     results.md                   the results table with the paper's rows (see `megatron_avar.eval.report`)
     judge_cache/                 with ``--judge``: every judge reply, as it arrives (unless cache_dir says elsewhere)
 
 Resuming: samples whose id is already in the predictions file are skipped, so an interrupted run continues
-where it stopped (a half-written last line is dropped). Scores are always recomputed from the stored
-responses of the whole file, so scoring the same file twice gives the same numbers, and a rule change
-re-scores old runs without generating again.
+where it stopped (a half-written last line is dropped). Scoring refuses a benchmark whose generation has not
+finished — a file without its ``.done.json``, or fewer predictions than the benchmark's samples (a shard that never
+ran) — unless asked to score the part (``--allow-partial``; the scores then say so). Scores are always recomputed
+from the stored responses of the whole file, so scoring the same file twice gives the same numbers, and a rule
+change re-scores old runs without generating again.
 
 Data parallelism: ``num_shards`` processes (e.g. one per GPU, via Slurm array tasks or ``CUDA_VISIBLE_DEVICES``)
 with ``shard_index`` 0..N-1 share one ``--out``; each appends to ``predictions/<benchmark>.shard-<i>-of-<n>.jsonl``
@@ -155,6 +159,27 @@ def prediction_files(out: Path, benchmark: str) -> list[Path]:
     return sorted([*folder.glob(f"{benchmark}.jsonl"), *folder.glob(f"{benchmark}.shard-*-of-*.jsonl")])
 
 
+def _done_path(predictions: Path) -> Path:
+    """``<benchmark>[.shard-i-of-n].done.json`` beside a predictions file: the run generating it has finished."""
+    return predictions.with_suffix(".done.json")
+
+
+def _unfinished(out: Path, files: list[Path], predicted: int) -> str | None:
+    """What is unfinished about a benchmark's predictions ``files`` (``predicted`` distinct samples in all), or None
+    when its generation has finished. A folder whose run_config predates the completion records is not checked."""
+    run_config = out / "run_config.json"
+    if not run_config.is_file() or not json.loads(run_config.read_text()).get("records_completion"):
+        return None
+    running = [path.name for path in files if not _done_path(path).is_file()]
+    totals = [json.loads(_done_path(path).read_text())["samples"] for path in files if _done_path(path).is_file()]
+    problems = []
+    if running:
+        problems.append(f"{', '.join(running)} not finished (a run still generating into it, or one that stopped)")
+    if totals and predicted < max(totals):
+        problems.append(f"{predicted} of the benchmark's {max(totals)} samples have predictions (has every shard run?)")
+    return "; ".join(problems) or None
+
+
 def _check_run_config(out: Path, config: EvalConfig) -> None:
     """Record the run's model and generation settings; refuse to mix different ones in one folder. The recorded
     ``limit`` is what the folder holds: the largest limit of its runs, None once one ran every sample."""
@@ -182,24 +207,27 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
             raise ValueError(
                 f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
                 f"mix them. Use another --out, or delete {out} to start over")
-    # atomic: shards of one run write this file concurrently (with the same content)
-    atomic_files.write_json(path, {**current, "limit": limit})
+    # atomic: shards of one run write this file concurrently (with the same content). records_completion: each
+    # predictions file has its .done.json once generated (a folder written before that is scored unchecked)
+    atomic_files.write_json(path, {**current, "limit": limit, "records_completion": True})
 
 
 def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path) -> int:
-    """Generate the samples of one benchmark that the predictions file lacks; returns how many."""
+    """Generate the samples of one benchmark that the predictions file lacks; returns how many. The file's
+    ``.done.json`` is removed while it runs and written (with the benchmark's sample count) when it has finished."""
     from tqdm import tqdm
 
+    _done_path(path).unlink(missing_ok=True)
     done = read_predictions(path)
     seen: set[str] = set()
     chunk_size = _VLLM_CHUNK if config.generation.backend == "vllm" else config.generation.batch_size
     pending, written = [], 0
+    failed = None  # the first sample the rules failed on: reported once the benchmark is generated
     progress = tqdm(desc=benchmark.name, unit="sample", file=sys.stderr)
 
     def flush():
-        nonlocal written
+        nonlocal written, failed
         responses = get_generator().generate(pending)
-        failed = None
         with path.open("a") as handle:
             for sample, response in zip(pending, responses):
                 record = {"id": sample.id, "prompt": sample.prompt_text, "response": response, "target": sample.target}
@@ -212,10 +240,6 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         written += len(pending)
         progress.update(len(pending))
         pending.clear()
-        if failed is not None:
-            raise ValueError(f"{benchmark.name}: scoring sample {failed[0]!r} failed ({type(failed[1]).__name__}: "
-                             f"{failed[1]}); its response is saved in {path}: after a fix, `avar eval --score-only` "
-                             "scores the stored responses without generating them again") from failed[1]
 
     for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
                                                         limit=config.limit)):
@@ -233,6 +257,11 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     if pending:
         flush()
     progress.close()
+    atomic_files.write_json(_done_path(path), {"samples": len(seen), "limit": config.limit})
+    if failed is not None:
+        raise ValueError(f"{benchmark.name}: scoring sample {failed[0]!r} failed ({type(failed[1]).__name__}: "
+                         f"{failed[1]}); every response is saved in {path}: after a fix, `avar eval --score-only` "
+                         "scores the stored responses without generating them again") from failed[1]
     return written
 
 
@@ -243,10 +272,12 @@ def _rewrite_predictions(path: Path, records: dict[str, dict]) -> None:
 
 
 def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str = "test",
-              judge: JudgeConfig | None = None) -> dict:
+              judge: JudgeConfig | None = None, allow_partial: bool = False) -> dict:
     """Score every predictions file of ``benchmarks`` in ``out``; write scores.json and results.md. With a
     ``judge``, also judge the rule failures (`megatron_avar.eval.judge`), record the judge's replies in the
-    predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed."""
+    predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed.
+    A benchmark whose generation has not finished is refused, or with ``allow_partial`` scored with a ``partial``
+    note saying what is missing."""
     from megatron_avar.eval.report import write_report
 
     out = _checked_out(out)
@@ -261,6 +292,11 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
                     records[sample_id], home[sample_id] = record, path
         if not records:
             raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
+        unfinished = _unfinished(out, list(files), len(records))
+        if unfinished is not None and not allow_partial:
+            raise ValueError(f"{name}: generation has not finished in {out / 'predictions'}: {unfinished}. Its score "
+                             "would be of part of the benchmark: finish it (the same `avar eval` command resumes, each "
+                             "shard its own), or score the part with --allow-partial")
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
         ids, records = list(records), list(records.values())
         ruled = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
@@ -271,6 +307,8 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
                 _rewrite_predictions(path, files[path])
             summaries[name]["with_judge"] = benchmark.aggregate(with_judge)
             summaries[name]["judge"] = answer_judge.counts[name]
+        if unfinished is not None:
+            summaries[name]["partial"] = unfinished
         vas = read_vas(out, name)
         if vas is not None:
             summaries[name]["vas"] = vas
@@ -319,6 +357,15 @@ def run_eval(config: EvalConfig) -> dict | None:
                                   "requested_samples": limit})
     if config.num_shards > 1:
         return None
-    # the folder's other benchmarks (an earlier run's) stay in its scores and table
-    earlier = tuple(name for name in BENCHMARKS if name not in config.benchmarks and prediction_files(out, name))
+    # the folder's other benchmarks (an earlier run's) stay in its scores and table, when their generation finished
+    earlier = []
+    for name in BENCHMARKS:
+        files = prediction_files(out, name)
+        if name in config.benchmarks or not files:
+            continue
+        unfinished = _unfinished(out, files, len({key for path in files for key in read_predictions(path)}))
+        if unfinished is None:
+            earlier.append(name)
+        else:
+            print(f"{name} (an earlier run's) left out of the scores: {unfinished}", file=sys.stderr)
     return score_run(out, (*config.benchmarks, *earlier), mathvision_split=config.mathvision_split, judge=judge)

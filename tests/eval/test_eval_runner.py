@@ -194,7 +194,7 @@ def test_shards_cover_every_sample_once_and_score_like_one_process(fake_generato
                                 shard_index=index)) is None
     sharded_ids = [sid for call in fake_generator.calls for sid in call]
     assert sorted(sharded_ids) == sorted(asked)  # every sample exactly once over the shards
-    files = sorted(p.name for p in (tmp_path / "out" / "predictions").iterdir())
+    files = sorted(p.name for p in (tmp_path / "out" / "predictions").glob("*.jsonl"))
     assert files == [f"{b}.shard-{i}-of-3.jsonl" for b in sorted(benchmarks) for i in range(3)]
     sharded = score_run(tmp_path / "out", benchmarks)
     assert sharded["benchmarks"] == single["benchmarks"]
@@ -203,23 +203,23 @@ def test_shards_cover_every_sample_once_and_score_like_one_process(fake_generato
 
 
 def test_a_scoring_failure_keeps_the_generated_responses(fake_generator, tmp_path, eval_data_root, monkeypatch):
-    """A rule that raises (a bug, or an input it never met) must not throw away what the model generated."""
+    """A rule that raises (a bug, or an input it never met) must not throw away what the model generated, nor stop
+    the benchmark's generation half-way (its scores after the fix would be of the first batches only)."""
     from megatron_avar.eval.benchmarks.mmstar import MMStar
 
     def broken(self, response, target):
         raise OverflowError("cannot convert float infinity to integer")
 
     monkeypatch.setattr(MMStar, "evaluate", broken)
-    with pytest.raises(ValueError, match=r"mmstar: scoring sample '0' failed \(OverflowError: .*its response is "
+    with pytest.raises(ValueError, match=r"mmstar: scoring sample '0' failed \(OverflowError: .*every response is "
                                          r"saved in .*--score-only"):
-        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=2,
-                         generation=GenerationConfig(batch_size=2)))
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), generation=GenerationConfig(batch_size=1)))
     saved = read_predictions(tmp_path / "out" / "predictions" / "mmstar.jsonl")
-    assert list(saved) == ["0", "1"] and all("OverflowError" in r["scoring_error"] for r in saved.values())
+    assert list(saved) == ["0", "1", "2"] and all("OverflowError" in r["scoring_error"] for r in saved.values())
     monkeypatch.undo()
     fake_generator.calls.clear()
     scores = score_run(tmp_path / "out", ("mmstar",))  # after the fix: scored from the stored responses
-    assert scores["benchmarks"]["mmstar"]["num_samples"] == 2 and fake_generator.calls == []
+    assert scores["benchmarks"]["mmstar"]["num_samples"] == 3 and fake_generator.calls == []
 
 
 def test_a_later_run_of_other_benchmarks_keeps_the_earlier_scores(fake_generator, tmp_path, eval_data_root):
@@ -245,3 +245,68 @@ def test_a_run_that_stopped_before_its_first_prediction_does_not_bind_the_folder
     monkeypatch.setattr(runner, "make_generator", lambda model, config: fake_generator)
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))  # other settings: not refused
     assert [sample for call in fake_generator.calls for sample in call] == ["0", "1", "2"]
+
+
+def test_scoring_refuses_a_benchmark_whose_generation_has_not_finished(fake_generator, tmp_path, eval_data_root,
+                                                                        capsys):
+    """Before: `--score-only` scored whatever the shard files held — with a shard still running, one that had
+    stopped, or one never started — as the benchmark's score, without a word."""
+    benchmarks = ("mmstar",)
+    for index in (0, 2):  # shard 1 of 3 never ran
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=benchmarks, num_shards=3, shard_index=index))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"mmstar: generation has not finished .*2 of the benchmark's 3 samples have "
+                                         r"predictions .*--allow-partial"):
+        score_run(out, benchmarks)
+    assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--score-only"]) == 2
+    assert "generation has not finished" in capsys.readouterr().err
+    assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--score-only", "--allow-partial"]) == 0
+    scores = json.loads((out / "scores.json").read_text())["benchmarks"]["mmstar"]
+    assert scores["num_samples"] == 2 and "2 of the benchmark's 3 samples" in scores["partial"]
+    assert "partial: generation has not finished" in (out / "results.md").read_text()
+    assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--allow-partial"]) == 2
+    assert "--allow-partial applies to --score-only" in capsys.readouterr().err
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=benchmarks, num_shards=3, shard_index=1))
+    assert "partial" not in score_run(out, benchmarks)["benchmarks"]["mmstar"]
+
+
+def test_a_run_that_stopped_mid_benchmark_is_not_scored_as_finished(fake_generator, tmp_path, eval_data_root,
+                                                                     monkeypatch, capsys):
+    """A run killed while generating leaves its file without the finished record, also over a folder whose
+    earlier, shorter run (--limit) had finished: its scores would be of the samples that happened to be done."""
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=1))
+    calls = []
+
+    def dies_on_the_second_batch(samples):
+        calls.append(samples)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return ["<answer>B</answer>"] * len(samples)
+
+    monkeypatch.setattr(fake_generator, "generate", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), generation=GenerationConfig(batch_size=1)))
+    with pytest.raises(ValueError, match=r"mmstar.jsonl not finished"):
+        score_run(tmp_path / "out", ("mmstar",))
+    # a later run of another benchmark leaves the unfinished one out of its scores, saying so
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "make_generator", lambda model, config: fake_generator)
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mathvista",),
+                              generation=GenerationConfig(batch_size=1)))
+    assert set(scores["benchmarks"]) == {"mathvista"}
+    assert "mmstar (an earlier run's) left out of the scores: mmstar.jsonl not finished" in capsys.readouterr().err
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",),
+                              generation=GenerationConfig(batch_size=1)))
+    assert scores["benchmarks"]["mmstar"]["num_samples"] == 3 and "partial" not in scores["benchmarks"]["mmstar"]
+    assert set(scores["benchmarks"]) == {"mmstar", "mathvista"}
+
+
+def test_a_folder_from_before_completion_records_is_scored_as_it_was(fake_generator, tmp_path, eval_data_root):
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    out = tmp_path / "out"
+    for done in (out / "predictions").glob("*.done.json"):
+        done.unlink()
+    run_config = json.loads((out / "run_config.json").read_text())
+    del run_config["records_completion"]
+    (out / "run_config.json").write_text(json.dumps(run_config))
+    assert score_run(out, ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 3
