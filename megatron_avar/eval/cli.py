@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 # flag dest -> dotted config key
 _FLAG_KEYS = {
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     add("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. generation.max_new_tokens=1024")
     add("--model", help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
     add("--benchmarks", help="comma-separated names (default: all seven: mathvista,mathvision,mathverse_vo,mmmu,"
-                             "mmmu_pro,mmstar,hallusionbench)")
+                             "mmmu_pro,mmstar,hallusionbench; with --score-only: those with predictions in --out)")
     add("--out", help="output folder (reusing one resumes the run)")
     add("--data-root", help="folder with one subfolder per benchmark (mathvista/, mathvision/, mathverse/, mmmu/, "
                             "mmmu_pro/, mmstar/, hallusionbench/) holding the hub files")
@@ -94,6 +95,12 @@ def resolve_config(args):
     if args.benchmarks is not None:  # comma-separated on the command line, a list in the config
         flags.append(f"benchmarks={json.dumps([name.strip() for name in args.benchmarks.split(',') if name.strip()])}")
     values = apply_overrides(values, list(args.overrides) + flags)
+    if args.score_only and "benchmarks" not in values and values.get("out") is not None:
+        from megatron_avar.eval.runner import ALL_BENCHMARKS, prediction_files
+
+        # scoring a folder: its benchmarks (a folder of one benchmark is not asked for the six it never ran)
+        held = [name for name in ALL_BENCHMARKS if prediction_files(Path(values["out"]), name)]
+        values["benchmarks"] = held or list(ALL_BENCHMARKS)
     if "out" not in values:
         raise ValueError("an output folder is needed: --out DIR (or out: in the config)")
     return config_from_dict(EvalConfig, values)

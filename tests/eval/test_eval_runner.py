@@ -161,6 +161,9 @@ def test_cli_errors_and_score_only(fake_generator, tmp_path, eval_data_root, cap
     before = (tmp_path / "out" / "scores.json").read_text()
     assert main(["eval", "--out", str(tmp_path / "out"), "--benchmarks", "mmstar", "--score-only"]) == 0
     assert (tmp_path / "out" / "scores.json").read_text() == before
+    # without --benchmarks: the folder's own (before: all seven, so "no predictions for mathvista")
+    assert main(["eval", "--out", str(tmp_path / "out"), "--score-only"]) == 0
+    assert (tmp_path / "out" / "scores.json").read_text() == before
 
 
 def test_example_config_then_overrides_then_flags(tmp_path):
