@@ -140,22 +140,25 @@ def resolve_intervene_config(args):
         raise ValueError(f"missing {', '.join(missing)}; usage: avar intervene --model DIR --data FILE --out FILE.json "
                          "(or model:/data:/out: in --config)")
     config = config_from_dict(InterveneConfig, values)
-    _check_sweep_flags(args, sweep=config.sweep)
+    _check_sweep_settings(values, sweep=config.sweep)
     return config
 
 
-def _check_sweep_flags(args, *, sweep: bool) -> None:
-    """ValueError when a flag would be ignored: a sweep runs the grid of --sweep-alpha-sys x --sweep-layers, not
-    --alpha-sys / --layers; a single run, --alpha-sys at --layers, not the grid."""
-    single = [flag for flag, value in (("--alpha-sys", args.alpha_sys), ("--layers", args.layers)) if value is not None]
-    grid = [flag for flag, value in (("--sweep-alpha-sys", args.sweep_alpha_sys), ("--sweep-layers", args.sweep_layers))
-            if value is not None]
+def _check_sweep_settings(values, *, sweep: bool) -> None:
+    """ValueError when a setting would be ignored, naming where it was set (the config file's line, a KEY=VALUE or a
+    flag): a sweep runs every sweep_alpha_sys value on every sweep_layers set, not alpha_sys / layers; a single run
+    alpha_sys at layers, not the grid."""
+    def named(keys):
+        return [f"{key} ({values.origins.get(key, 'set')})" for key in keys if key in values]
+
+    single, grid = named(("alpha_sys", "layers")), named(("sweep_alpha_sys", "sweep_layers"))
     if sweep and single:
-        raise ValueError(f"{' and '.join(single)} set one intervention, but this is a sweep (every --sweep-alpha-sys "
-                         "value on every --sweep-layers set): give those instead, or run without --sweep")
+        raise ValueError(f"{' and '.join(single)} set one intervention, but this run is a sweep (sweep: true, "
+                         f"{values.origins.get('sweep', 'set')}) of every sweep_alpha_sys value on every sweep_layers "
+                         "set: set those instead (--sweep-alpha-sys, --sweep-layers), or sweep=false")
     if not sweep and grid:
         raise ValueError(f"{' and '.join(grid)} set a sweep's grid, but this run is a single intervention: add "
-                         "--sweep, or give --alpha-sys / --layers")
+                         "--sweep, or set alpha_sys / layers (--alpha-sys, --layers)")
 
 
 def _require(args, names: tuple[str, ...], usage: str) -> None:

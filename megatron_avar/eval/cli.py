@@ -8,9 +8,9 @@ leaves the field alone).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from pathlib import Path
 
 # flag dest -> dotted config key
 _FLAG_KEYS = {
@@ -95,15 +95,23 @@ def resolve_config(args):
     if args.benchmarks is not None:  # comma-separated on the command line, a list in the config
         flags.append(f"benchmarks={json.dumps([name.strip() for name in args.benchmarks.split(',') if name.strip()])}")
     values = apply_overrides(values, list(args.overrides) + flags)
-    if args.score_only and "benchmarks" not in values and values.get("out") is not None:
-        from megatron_avar.eval.runner import ALL_BENCHMARKS, prediction_files
-
-        # scoring a folder: its benchmarks (a folder of one benchmark is not asked for the six it never ran)
-        held = [name for name in ALL_BENCHMARKS if prediction_files(Path(values["out"]), name)]
-        values["benchmarks"] = held or list(ALL_BENCHMARKS)
     if "out" not in values:
         raise ValueError("an output folder is needed: --out DIR (or out: in the config)")
-    return config_from_dict(EvalConfig, values)
+    config = config_from_dict(EvalConfig, values)
+    if args.score_only and "benchmarks" not in values:
+        from megatron_avar.eval.runner import folder_benchmarks
+
+        # scoring a folder: its finished benchmarks (a folder of one is not asked for the six it never ran)
+        chosen, notes = folder_benchmarks(config.out, allow_partial=args.allow_partial)
+        if notes and not chosen:
+            raise ValueError(f"nothing finished to score in {config.out}: {'; '.join(notes.values())}; finish the "
+                             "generation (the same `avar eval` command resumes), or score the part with "
+                             "--allow-partial")
+        for note in notes.values():
+            print(note, file=sys.stderr)
+        if chosen:
+            config = dataclasses.replace(config, benchmarks=tuple(chosen))
+    return config
 
 
 def _eval(args) -> int:

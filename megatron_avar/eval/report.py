@@ -39,7 +39,8 @@ def _cell(value) -> str:
 def _our_row(name: str, summaries: dict[str, dict], score=lambda summary: summary["score"]) -> str:
     ours = [score(summaries[n]) if n in summaries else None for n in BENCHMARKS]
     scored = [v for v in ours if v is not None]
-    average = sum(scored) / len(scored) if len(scored) == len(ours) else None
+    whole = len(scored) == len(ours) and not any("partial" in summary for summary in summaries.values())
+    average = sum(scored) / len(scored) if whole else None  # (no average over a partial benchmark)
     return f"| {name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |"
 
 
@@ -111,7 +112,7 @@ def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = 
     run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
     model = run_config.get("model") or "evaluated model"
     scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
-    if all(name in summaries for name in BENCHMARKS):
+    if all(name in summaries and "partial" not in summaries[name] for name in BENCHMARKS):
         scores["average"] = round(sum(summaries[n]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
         if judge is not None:
             scores["average_with_judge"] = round(

@@ -6,7 +6,7 @@ Output folder (``--out``):
                                  and the judgement at write time (answer_source, extracted, correct); with
                                  ``--judge``, a judged sample also its ``judge`` field (`megatron_avar.eval.judge`)
     predictions/<benchmark>.done.json  written when the run (or shard) generating that file has finished it: the
-                                 benchmark's sample count; removed while a run generates into the file again
+                                 benchmark's sample count under that run's limit (never narrowed by a later run)
     scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns; with
                                  ``--judge`` also ``with_judge`` and the judge's counts)
     results.md                   the results table with the paper's rows (see `megatron_avar.eval.report`)
@@ -14,10 +14,11 @@ Output folder (``--out``):
 
 Resuming: samples whose id is already in the predictions file are skipped, so an interrupted run continues
 where it stopped (a half-written last line is dropped). Scoring refuses a benchmark whose generation has not
-finished — a file without its ``.done.json``, or fewer predictions than the benchmark's samples (a shard that never
-ran) — unless asked to score the part (``--allow-partial``; the scores then say so). Scores are always recomputed
-from the stored responses of the whole file, so scoring the same file twice gives the same numbers, and a rule
-change re-scores old runs without generating again.
+finished — no run has finished the folder's samples (its largest ``limit``), or the files hold fewer predictions
+than those samples (a shard still running, stopped, or never run) — unless asked to score the part
+(``--allow-partial``; the scores then say so). Scoring only reads: it never repairs a file a shard may be
+writing. Scores are always recomputed from the stored responses of the whole file, so scoring the same file twice
+gives the same numbers, and a rule change re-scores old runs without generating again.
 
 Data parallelism: ``num_shards`` processes (e.g. one per GPU, via Slurm array tasks or ``CUDA_VISIBLE_DEVICES``)
 with ``shard_index`` 0..N-1 share one ``--out``; each appends to ``predictions/<benchmark>.shard-<i>-of-<n>.jsonl``
@@ -42,7 +43,8 @@ from megatron_avar.eval.generation import GenerationConfig, HFGenerator, make_ge
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
 from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
-__all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files"]
+__all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files",
+           "folder_benchmarks"]
 
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 PREDICTION_KEYS = ("id", "response", "target")  # what scoring reads of each predictions record
@@ -107,11 +109,12 @@ class EvalConfig:
             raise ValueError(f"mathvision_split must be 'test' or 'testmini', got {self.mathvision_split!r}")
 
 
-def read_predictions(path: Path) -> dict[str, dict]:
+def read_predictions(path: Path, *, repair: bool = True) -> dict[str, dict]:
     """id -> record of a predictions file; a half-written last line (an interrupted run) is cut from the file,
     and a whole last line the write left without its newline gets one (the next record would be glued to it).
-    Both repairs touch the file's end only: a kill during one loses nothing written before. A malformed line
-    elsewhere, or one without :data:`PREDICTION_KEYS`, is an error naming it."""
+    Both repairs touch the file's end only: a kill during one loses nothing written before. ``repair=False``
+    (scoring: another process may be appending) skips a half-written last line and leaves the file as it is. A
+    malformed line elsewhere, or one without :data:`PREDICTION_KEYS`, is an error naming it."""
     if not path.is_file():
         return {}
     data = path.read_bytes()
@@ -123,12 +126,13 @@ def read_predictions(path: Path) -> dict[str, dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            if number == len(lines):  # no trailing newline: the write was interrupted
-                os.truncate(path, len(data) - len(line.encode()))
-                print(f"{path}: dropped a half-written last line", file=sys.stderr)
+            if number == len(lines):  # no trailing newline: the write was interrupted (or is under way)
+                if repair:
+                    os.truncate(path, len(data) - len(line.encode()))
+                    print(f"{path}: dropped a half-written last line", file=sys.stderr)
                 break
             raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete that line") from error
-        if number == len(lines):  # whole, but the newline was never written
+        if number == len(lines) and repair:  # whole, but the newline was never written
             with path.open("a") as handle:
                 handle.write("\n")
         missing = [key for key in PREDICTION_KEYS if not isinstance(record, dict) or key not in record]
@@ -160,24 +164,72 @@ def prediction_files(out: Path, benchmark: str) -> list[Path]:
 
 
 def _done_path(predictions: Path) -> Path:
-    """``<benchmark>[.shard-i-of-n].done.json`` beside a predictions file: the run generating it has finished."""
+    """``<benchmark>[.shard-i-of-n].done.json`` beside a predictions file: a run generating it has finished."""
     return predictions.with_suffix(".done.json")
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object at ``path``, or None when there is none (also when it vanished since it was listed)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _covers(limit: int | None, required: int | None) -> bool:
+    """Whether a run over the first ``limit`` samples (None: all) covers the first ``required`` ones."""
+    return limit is None or (required is not None and limit >= required)
+
+
+def _record_finished(path: Path, samples: int, limit: int | None) -> None:
+    """Record that a run with ``limit`` has generated every sample of its share into ``path`` (``samples``: the
+    benchmark's samples under that limit); a record covering more samples stays (a shorter rerun narrows
+    nothing). The predictions reach the disk before the record does."""
+    if path.is_file():
+        atomic_files.fsync_file(path)
+    previous = _read_json(_done_path(path))
+    if previous is not None and _covers(previous.get("limit"), limit) and previous.get("samples", 0) >= samples:
+        return
+    atomic_files.write_json(_done_path(path), {"samples": samples, "limit": limit})
 
 
 def _unfinished(out: Path, files: list[Path], predicted: int) -> str | None:
     """What is unfinished about a benchmark's predictions ``files`` (``predicted`` distinct samples in all), or None
-    when its generation has finished. A folder whose run_config predates the completion records is not checked."""
-    run_config = out / "run_config.json"
-    if not run_config.is_file() or not json.loads(run_config.read_text()).get("records_completion"):
+    when its generation has finished: a run whose limit covers the folder's (run_config.json's, the largest of its
+    runs) has finished, and the files hold all of that run's samples. Leftover files of an unfinished run (another
+    sharding, say) do not matter once the others hold every sample. A folder from before these records is not
+    checked (run_config.json without ``records_completion``)."""
+    run_config = _read_json(out / "run_config.json")
+    if run_config is None or not run_config.get("records_completion"):
         return None
-    running = [path.name for path in files if not _done_path(path).is_file()]
-    totals = [json.loads(_done_path(path).read_text())["samples"] for path in files if _done_path(path).is_file()]
-    problems = []
-    if running:
-        problems.append(f"{', '.join(running)} not finished (a run still generating into it, or one that stopped)")
-    if totals and predicted < max(totals):
-        problems.append(f"{predicted} of the benchmark's {max(totals)} samples have predictions (has every shard run?)")
-    return "; ".join(problems) or None
+    required = run_config.get("limit")
+    records = [record for record in map(_read_json, map(_done_path, files)) if record is not None]
+    covering = [record["samples"] for record in records if _covers(record.get("limit"), required)]
+    if not covering:
+        wanted = "all its samples" if required is None else f"its first {required} samples"
+        return (f"no run has finished generating {wanted} ({', '.join(path.name for path in files)}: a run still "
+                "generating, or one that stopped)")
+    if predicted < max(covering):
+        return (f"{predicted} of its {max(covering)} samples have predictions (a shard still running, stopped, or "
+                "never run)")
+    return None
+
+
+def folder_benchmarks(out: Path, *, allow_partial: bool = False) -> tuple[list[str], dict[str, str]]:
+    """(benchmarks of ``out`` to score, {benchmark left out: why}): those with predictions whose generation has
+    finished (``allow_partial``: every one with predictions)."""
+    chosen, notes = [], {}
+    for name in BENCHMARKS:
+        files = prediction_files(out, name)
+        if not files:
+            continue
+        predicted = len({key for path in files for key in read_predictions(path, repair=False)})
+        unfinished = None if allow_partial else _unfinished(out, files, predicted)
+        if unfinished is None:
+            chosen.append(name)
+        else:
+            notes[name] = f"{name} left out of the scores: its generation has not finished ({unfinished})"
+    return chosen, notes
 
 
 def _check_run_config(out: Path, config: EvalConfig) -> None:
@@ -207,17 +259,23 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
             raise ValueError(
                 f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
                 f"mix them. Use another --out, or delete {out} to start over")
+        if not previous.get("records_completion"):  # a folder from before the records: its files stay unchecked
+            for predictions in (out / "predictions").glob("*.jsonl"):
+                if not _done_path(predictions).exists():
+                    atomic_files.write_json(_done_path(predictions), {"samples": 0, "limit": previous.get("limit"),
+                                                                      "recorded": "before completion records"})
     # atomic: shards of one run write this file concurrently (with the same content). records_completion: each
     # predictions file has its .done.json once generated (a folder written before that is scored unchecked)
     atomic_files.write_json(path, {**current, "limit": limit, "records_completion": True})
 
 
-def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path) -> int:
-    """Generate the samples of one benchmark that the predictions file lacks; returns how many. The file's
-    ``.done.json`` is removed while it runs and written (with the benchmark's sample count) when it has finished."""
+def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
+                        ) -> tuple[int, tuple[str, Exception] | None]:
+    """Generate the samples of one benchmark that the predictions file lacks, then record that the file is finished
+    (``_record_finished``); returns (how many were generated, the first (sample id, error) the rules failed on or
+    None: every response is kept, and the failure reported once everything is generated)."""
     from tqdm import tqdm
 
-    _done_path(path).unlink(missing_ok=True)
     done = read_predictions(path)
     seen: set[str] = set()
     chunk_size = _VLLM_CHUNK if config.generation.backend == "vllm" else config.generation.batch_size
@@ -257,12 +315,8 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     if pending:
         flush()
     progress.close()
-    atomic_files.write_json(_done_path(path), {"samples": len(seen), "limit": config.limit})
-    if failed is not None:
-        raise ValueError(f"{benchmark.name}: scoring sample {failed[0]!r} failed ({type(failed[1]).__name__}: "
-                         f"{failed[1]}); every response is saved in {path}: after a fix, `avar eval --score-only` "
-                         "scores the stored responses without generating them again") from failed[1]
-    return written
+    _record_finished(path, len(seen), config.limit)
+    return written, failed
 
 
 def _rewrite_predictions(path: Path, records: dict[str, dict]) -> None:
@@ -276,15 +330,18 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
     """Score every predictions file of ``benchmarks`` in ``out``; write scores.json and results.md. With a
     ``judge``, also judge the rule failures (`megatron_avar.eval.judge`), record the judge's replies in the
     predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed.
-    A benchmark whose generation has not finished is refused, or with ``allow_partial`` scored with a ``partial``
-    note saying what is missing."""
+    A benchmark whose generation has not finished is refused (every benchmark is checked before any is scored or
+    judged), or with ``allow_partial`` scored with a ``partial`` note saying what is missing. The files are only
+    read (a shard may still be appending), and rewritten only by the judge, which needs finished generation."""
     from megatron_avar.eval.report import write_report
 
     out = _checked_out(out)
-    answer_judge = None if judge is None else AnswerJudge(judge, out)
-    summaries = {}
+    if judge is not None and allow_partial:
+        raise ValueError("--judge records its replies by rewriting the predictions files, which a shard may still be "
+                         "writing: judge once generation has finished (without --allow-partial)")
+    read = {}
     for name in benchmarks:
-        files = {path: read_predictions(path) for path in prediction_files(out, name)}
+        files = {path: read_predictions(path, repair=False) for path in prediction_files(out, name)}
         records, home = {}, {}
         for path, file_records in files.items():
             for sample_id, record in file_records.items():
@@ -292,11 +349,16 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
                     records[sample_id], home[sample_id] = record, path
         if not records:
             raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
-        unfinished = _unfinished(out, list(files), len(records))
-        if unfinished is not None and not allow_partial:
-            raise ValueError(f"{name}: generation has not finished in {out / 'predictions'}: {unfinished}. Its score "
-                             "would be of part of the benchmark: finish it (the same `avar eval` command resumes, each "
-                             "shard its own), or score the part with --allow-partial")
+        read[name] = files, records, home, _unfinished(out, list(files), len(records))
+    unfinished = {name: gap for name, (*_, gap) in read.items() if gap is not None}
+    if unfinished and not allow_partial:
+        raise ValueError(f"generation has not finished in {out / 'predictions'}: "
+                         + "; ".join(f"{name}: {gap}" for name, gap in unfinished.items())
+                         + ". Scores now would be of part of a benchmark: finish it (the same `avar eval` command "
+                           "resumes, each shard its own), or score the part with --allow-partial")
+    answer_judge = None if judge is None else AnswerJudge(judge, out)
+    summaries = {}
+    for name, (files, records, home, gap) in read.items():
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
         ids, records = list(records), list(records.values())
         ruled = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
@@ -307,8 +369,8 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
                 _rewrite_predictions(path, files[path])
             summaries[name]["with_judge"] = benchmark.aggregate(with_judge)
             summaries[name]["judge"] = answer_judge.counts[name]
-        if unfinished is not None:
-            summaries[name]["partial"] = unfinished
+        if gap is not None:
+            summaries[name]["partial"] = gap
         vas = read_vas(out, name)
         if vas is not None:
             summaries[name]["vas"] = vas
@@ -340,10 +402,14 @@ def run_eval(config: EvalConfig) -> dict | None:
             generator = make_generator(model_dir, config.generation)
         return generator
 
+    failures = []  # (benchmark, path, (sample id, error)): reported once every benchmark is generated
     for name in config.benchmarks:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
-        written = _generate_benchmark(benchmark, config, get_generator, predictions_path(out, name, config))
+        path = predictions_path(out, name, config)
+        written, failed = _generate_benchmark(benchmark, config, get_generator, path)
         print(f"{name}: {written} new predictions", file=sys.stderr)
+        if failed is not None:
+            failures.append((name, path, failed))
         if not config.vas_samples or config.shard_index != 0:
             continue
         limit = config.vas_samples if config.limit is None else min(config.limit, config.vas_samples)
@@ -355,17 +421,18 @@ def run_eval(config: EvalConfig) -> dict | None:
             write_vas(out, name, {**benchmark_vas(hf.model, hf.processor, samples,
                                                   batch_size=config.generation.batch_size, device=hf.device),
                                   "requested_samples": limit})
+    if failures:
+        name, path, (sample_id, error) = failures[0]
+        others = "" if len(failures) == 1 else f" (and in {', '.join(f[0] for f in failures[1:])})"
+        raise ValueError(f"{name}: scoring sample {sample_id!r} failed ({type(error).__name__}: {error}){others}; "
+                         f"every response is saved in {path}: after a fix, `avar eval --score-only` scores the stored "
+                         "responses without generating them again") from error
     if config.num_shards > 1:
         return None
     # the folder's other benchmarks (an earlier run's) stay in its scores and table, when their generation finished
-    earlier = []
-    for name in BENCHMARKS:
-        files = prediction_files(out, name)
-        if name in config.benchmarks or not files:
-            continue
-        unfinished = _unfinished(out, files, len({key for path in files for key in read_predictions(path)}))
-        if unfinished is None:
-            earlier.append(name)
-        else:
-            print(f"{name} (an earlier run's) left out of the scores: {unfinished}", file=sys.stderr)
+    others, notes = folder_benchmarks(out)
+    for name, note in notes.items():
+        if name not in config.benchmarks:
+            print(f"(an earlier run's) {note}", file=sys.stderr)
+    earlier = tuple(name for name in others if name not in config.benchmarks)
     return score_run(out, (*config.benchmarks, *earlier), mathvision_split=config.mathvision_split, judge=judge)

@@ -328,15 +328,23 @@ def test_intervene_config_file_overrides_and_flags(capsys):
     assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
 
 
+SWEEP_EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "vas" / "intervene_sweep.yaml")
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--sweep", "--alpha-sys", "0.4", "--layers", "all"],
-     "--alpha-sys and --layers set one intervention, but this is a sweep"),
-    (["--sweep-alpha-sys", "0,0.4"], "--sweep-alpha-sys set a sweep's grid, but this run is a single intervention"),
-    (["--sweep-layers", "all"], "--sweep-layers set a sweep's grid, but this run is a single intervention: add"),
-], ids=["single-flags-in-a-sweep", "grid-flag-alone", "grid-layers-alone"])
-def test_intervene_refuses_flags_its_run_would_ignore(capsys, flags, message):
-    """A sweep runs --sweep-alpha-sys x --sweep-layers and a single run --alpha-sys at --layers: a flag of the other
-    kind used to be dropped without a word."""
+     "alpha_sys (override alpha_sys=0.4) and layers (override layers=\"all\") set one intervention, but this run is "
+     "a sweep (sweep: true, override sweep=true)"),
+    (["--sweep", "alpha_sys=0.4"], "alpha_sys (override alpha_sys=0.4) set one intervention"),
+    (["--config", SWEEP_EXAMPLE, "--layers", "all"], "but this run is a sweep (sweep: true, " + SWEEP_EXAMPLE + ":5)"),
+    (["--sweep-alpha-sys", "0,0.4"], "sweep_alpha_sys (override sweep_alpha_sys=[0.0, 0.4]) set a sweep's grid, but "
+                                     "this run is a single intervention"),
+    (["sweep_layers=[all]"], "sweep_layers (override sweep_layers=[all]) set a sweep's grid"),
+], ids=["single-flags-in-a-sweep", "override-in-a-sweep", "flag-over-a-sweep-file", "grid-flag-alone",
+        "grid-override-alone"])
+def test_intervene_refuses_settings_its_run_would_ignore(capsys, flags, message):
+    """A sweep runs sweep_alpha_sys x sweep_layers and a single run alpha_sys at layers: a setting of the other
+    kind, from a flag, a KEY=VALUE or the config file, used to be dropped without a word."""
     capsys.readouterr()
     assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", *flags, "--print-config"]) == 2
     error = capsys.readouterr().err

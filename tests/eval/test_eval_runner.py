@@ -250,6 +250,19 @@ def test_a_run_that_stopped_before_its_first_prediction_does_not_bind_the_folder
     assert [sample for call in fake_generator.calls for sample in call] == ["0", "1", "2"]
 
 
+def _generates_then_dies(fake_generator, monkeypatch, batches: int):
+    """Make the stand-in generator answer ``batches`` batches, then die as a killed run would."""
+    calls = []
+
+    def generate(samples):
+        calls.append(samples)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        return ["<answer>B</answer>"] * len(samples)
+
+    monkeypatch.setattr(fake_generator, "generate", generate)
+
+
 def test_scoring_refuses_a_benchmark_whose_generation_has_not_finished(fake_generator, tmp_path, eval_data_root,
                                                                         capsys):
     """Before: `--score-only` scored whatever the shard files held — with a shard still running, one that had
@@ -258,53 +271,86 @@ def test_scoring_refuses_a_benchmark_whose_generation_has_not_finished(fake_gene
     for index in (0, 2):  # shard 1 of 3 never ran
         run_eval(_config(tmp_path, eval_data_root, benchmarks=benchmarks, num_shards=3, shard_index=index))
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"mmstar: generation has not finished .*2 of the benchmark's 3 samples have "
-                                         r"predictions .*--allow-partial"):
+    with pytest.raises(ValueError, match=r"generation has not finished .*mmstar: 2 of its 3 samples have predictions "
+                                         r".*--allow-partial"):
         score_run(out, benchmarks)
     assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--score-only"]) == 2
     assert "generation has not finished" in capsys.readouterr().err
+    assert main(["eval", "--out", str(out), "--score-only"]) == 2  # the folder's benchmarks: none finished
+    assert "nothing finished to score" in capsys.readouterr().err
     assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--score-only", "--allow-partial"]) == 0
     scores = json.loads((out / "scores.json").read_text())["benchmarks"]["mmstar"]
-    assert scores["num_samples"] == 2 and "2 of the benchmark's 3 samples" in scores["partial"]
+    assert scores["num_samples"] == 2 and "2 of its 3 samples" in scores["partial"]
     assert "partial: generation has not finished" in (out / "results.md").read_text()
     assert main(["eval", "--out", str(out), "--benchmarks", "mmstar", "--allow-partial"]) == 2
     assert "--allow-partial applies to --score-only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--judge records its replies by rewriting the predictions files"):
+        score_run(out, benchmarks, judge=object(), allow_partial=True)  # type: ignore[arg-type]
     run_eval(_config(tmp_path, eval_data_root, benchmarks=benchmarks, num_shards=3, shard_index=1))
     assert "partial" not in score_run(out, benchmarks)["benchmarks"]["mmstar"]
 
 
 def test_a_run_that_stopped_mid_benchmark_is_not_scored_as_finished(fake_generator, tmp_path, eval_data_root,
                                                                      monkeypatch, capsys):
-    """A run killed while generating leaves its file without the finished record, also over a folder whose
-    earlier, shorter run (--limit) had finished: its scores would be of the samples that happened to be done."""
+    """A killed run is not finished, also over a folder whose earlier, shorter run (--limit) had finished, and also
+    after a later --limit rerun that had nothing to generate: its scores would be of the samples that happened to
+    be done, without the table's "first N samples" note."""
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=1))
-    calls = []
-
-    def dies_on_the_second_batch(samples):
-        calls.append(samples)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return ["<answer>B</answer>"] * len(samples)
-
-    monkeypatch.setattr(fake_generator, "generate", dies_on_the_second_batch)
+    _generates_then_dies(fake_generator, monkeypatch, batches=1)
     with pytest.raises(KeyboardInterrupt):
         run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), generation=GenerationConfig(batch_size=1)))
-    with pytest.raises(ValueError, match=r"mmstar.jsonl not finished"):
-        score_run(tmp_path / "out", ("mmstar",))
-    # a later run of another benchmark leaves the unfinished one out of its scores, saying so
     monkeypatch.undo()
     monkeypatch.setattr(runner, "make_generator", lambda model, config: fake_generator)
-    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mathvista",),
-                              generation=GenerationConfig(batch_size=1)))
+    with pytest.raises(ValueError, match=r"mmstar: no run has finished generating all its samples"):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=1))  # nothing left to generate
+    with pytest.raises(ValueError, match=r"mmstar: no run has finished generating all its samples"):
+        score_run(tmp_path / "out", ("mmstar",))
+    # a later run of another benchmark leaves the unfinished one out of its scores, saying so
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mathvista",)))
     assert set(scores["benchmarks"]) == {"mathvista"}
-    assert "mmstar (an earlier run's) left out of the scores: mmstar.jsonl not finished" in capsys.readouterr().err
-    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",),
-                              generation=GenerationConfig(batch_size=1)))
+    assert "(an earlier run's) mmstar left out of the scores: its generation has not finished" in \
+        capsys.readouterr().err
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
     assert scores["benchmarks"]["mmstar"]["num_samples"] == 3 and "partial" not in scores["benchmarks"]["mmstar"]
     assert set(scores["benchmarks"]) == {"mmstar", "mathvista"}
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), limit=1))  # a shorter rerun narrows nothing
+    assert score_run(tmp_path / "out", ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 3
+
+
+def test_a_rerun_that_fails_before_generating_keeps_the_benchmark_finished(fake_generator, tmp_path, eval_data_root):
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    with pytest.raises(ValueError):
+        run_eval(_config(tmp_path, tmp_path / "no-data", benchmarks=("mmstar",)))  # a wrong --data-root
+    assert score_run(tmp_path / "out", ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 3
+
+
+def test_a_resharded_run_that_holds_every_sample_is_finished(fake_generator, tmp_path, eval_data_root, monkeypatch):
+    """Shard 1 of 2 died; the benchmark was then run whole in one process: the dead shard's file is left over,
+    but every sample has a prediction."""
+    _generates_then_dies(fake_generator, monkeypatch, batches=0)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), num_shards=2, shard_index=1))
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "make_generator", lambda model, config: fake_generator)
+    (tmp_path / "out" / "predictions" / "mmstar.shard-1-of-2.jsonl").write_text("")  # what it had begun
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
+    assert scores["benchmarks"]["mmstar"]["num_samples"] == 3 and "partial" not in scores["benchmarks"]["mmstar"]
+
+
+def test_scoring_leaves_a_file_being_written_as_it_is(fake_generator, tmp_path, eval_data_root):
+    """Before: scoring cut a half-written last line off a file a running shard was appending to; the shard then
+    finished its line after the cut, leaving a headless fragment that broke every later read."""
+    run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",), num_shards=2, shard_index=0))
+    path = tmp_path / "out" / "predictions" / "mmstar.shard-1-of-2.jsonl"
+    path.write_text('{"id": "1", "response": "<answer>B</ans')  # shard 1, mid-write
+    with pytest.raises(ValueError, match="2 of its 3 samples"):
+        score_run(tmp_path / "out", ("mmstar",))
+    assert path.read_text() == '{"id": "1", "response": "<answer>B</ans'
 
 
 def test_a_folder_from_before_completion_records_is_scored_as_it_was(fake_generator, tmp_path, eval_data_root):
+    """A folder written before the completion records is scored unchecked, also after a later run of another
+    benchmark (which records completion from then on)."""
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
     out = tmp_path / "out"
     for done in (out / "predictions").glob("*.done.json"):
@@ -313,3 +359,5 @@ def test_a_folder_from_before_completion_records_is_scored_as_it_was(fake_genera
     del run_config["records_completion"]
     (out / "run_config.json").write_text(json.dumps(run_config))
     assert score_run(out, ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 3
+    scores = run_eval(_config(tmp_path, eval_data_root, benchmarks=("mathvista",)))
+    assert set(scores["benchmarks"]) == {"mmstar", "mathvista"}

@@ -317,18 +317,18 @@ def test_collect_outside_a_sweep_directory(tmp_path, capsys):
 
 
 def test_points_that_do_not_fit_the_gpu_are_reported_not_submitted(tmp_path, monkeypatch, capsys):
-    """examples/sweeps/h100_7b_scaling.yaml plans every point on an 80 GB H100 (`avar plan`, the 7B dimensions).
-    Its base config (sequence parallelism, full recompute) fits everywhere; without sequence parallelism and with
-    selective recompute, the 8k-token TP=2 point of 1 node (0.9 GB over) does not fit and is never submitted (on 2
-    nodes the optimizer shards over twice the ranks, and it fits); the others go to sbatch (absent here, so the
-    command stops there); collecting reports DOES_NOT_FIT with the plan's numbers."""
+    """examples/sweeps/h100_7b_scaling.yaml plans every point on an H100 (`avar plan`, the 7B dimensions), here
+    given as 80 GB (gpu_memory_gb). Its base config (sequence parallelism, full recompute) fits everywhere; without
+    sequence parallelism and with selective recompute, the 8k-token TP=2 point of 1 node (needs 83.8 GB) does not fit
+    and is never submitted (on 2 nodes the optimizer shards over twice the ranks: 77.3 GB, it fits); the others go to
+    sbatch (absent here, so the command stops there); collecting reports DOES_NOT_FIT with the plan's numbers."""
     from megatron_avar.cli import main
     from megatron_avar.sweep.collect import collect
 
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / squeue: nothing can be submitted by accident
     out = tmp_path / "sweep"
-    code = main(["sweep", "--config", "examples/sweeps/h100_7b_scaling.yaml", f"out={out}",
+    code = main(["sweep", "--config", "examples/sweeps/h100_7b_scaling.yaml", f"out={out}", "gpu_memory_gb=80",
                  "sft_overrides=[checkpoint.interval=0, parallel.sequence_parallel=false, train.recompute=selective]"])
     captured = capsys.readouterr()
     assert code == 2 and "sbatch not found" in captured.err
@@ -337,14 +337,14 @@ def test_points_that_do_not_fit_the_gpu_are_reported_not_submitted(tmp_path, mon
                if "does not fit H100 80GB" in line and line.endswith("not submitted")}
     assert {name.rsplit("_agto", 1)[0] for name in skipped} == misfits and len(skipped) == 2
     points = json.loads((out / "sweep.json").read_text())["points"]
-    assert all(p["plan"]["gpu"] == "H100 80GB" and p["plan"]["planned_peak_gb"] > 0 for p in points)
+    assert all(p["plan"]["gpu"] == "H100 80GB (80 GB)" and p["plan"]["planned_peak_gb"] > 0 for p in points)
     rows = {row["name"]: row for row in collect(out, log=lambda *_: None)}
     for name, row in rows.items():
         fits = name.rsplit("_agto", 1)[0] not in misfits
         assert row["state"] == ("NOT_SUBMITTED" if fits else "DOES_NOT_FIT"), row
         assert row["planned_peak_gb"] > 0
         if not fits:
-            assert "does not fit H100 80GB: planned peak" in row["error"] and "of 85.5 GB" in row["error"]
+            assert "does not fit H100 80GB (80 GB): planned peak" in row["error"] and "of 80.0 GB" in row["error"]
 
 
 @pytest.mark.parametrize("overrides, message", [
