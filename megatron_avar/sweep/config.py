@@ -125,7 +125,9 @@ class SweepConfig:
     planned as `avar plan` plans it, and a point that does not fit is not submitted but reported with the state
     DOES_NOT_FIT (None: no check). gpu_memory_gb: that GPU's memory in GB (1e9 bytes) when it is not the table's.
     plan_model: the published size (3b, 7b, 72b) to plan with when a point's model.hf_path has no config.json on
-    the submitting machine.
+    the submitting machine. plan_image_fraction / plan_response_fraction: the shares of a row the plan assumes
+    are image tokens and labelled (response) tokens (`avar plan --image-fraction / --response-fraction`): the
+    vision encoder's activations and the output layer's logits grow with them.
     grid / points: see the module docstring.
     """
 
@@ -142,6 +144,8 @@ class SweepConfig:
     gpu: str | None = None
     gpu_memory_gb: float | None = None
     plan_model: str | None = None
+    plan_image_fraction: float = 0.5
+    plan_response_fraction: float = 0.35
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     grid: GridConfig = field(default_factory=GridConfig)
     points: list = field(default_factory=list)  # list[PointSpec]; YAML mappings are converted and validated below

@@ -24,7 +24,9 @@ def plan_points(config: SweepConfig, points: list[Point]) -> dict[str, dict]:
     for point in points:
         try:
             plan = plan_config(config.sft_config, [*point.overrides, f"out={point.run_dir}"], command="sft",
-                               preset=config.plan_model, assumptions=Assumptions(gpus=point.num_gpus))
+                               preset=config.plan_model,
+                               assumptions=Assumptions(gpus=point.num_gpus, image_fraction=config.plan_image_fraction,
+                                                       response_fraction=config.plan_response_fraction))
         except ValueError as error:
             raise ValueError(f"point {point.name}: {error} (the sweep plans every point before submitting it: "
                              "plan_model names the model size where model.hf_path has no config.json, gpu: null "

@@ -347,6 +347,28 @@ def test_points_that_do_not_fit_the_gpu_are_reported_not_submitted(tmp_path, mon
             assert "does not fit H100 80GB (80 GB): planned peak" in row["error"] and "of 80.0 GB" in row["error"]
 
 
+def test_the_plan_of_a_point_takes_the_sweeps_row_shares(monkeypatch):
+    """plan_image_fraction / plan_response_fraction reach the plan (before: the plan's defaults, whatever the data):
+    more labelled tokens per row, more logits at the peak; shares over a whole row are refused, naming the point."""
+    from megatron_avar.config import load_config
+    from megatron_avar.sweep.config import SweepConfig
+    from megatron_avar.sweep.fit import plan_points
+    from megatron_avar.sweep.grid import resolve_points
+
+    monkeypatch.chdir(REPO)
+    one_point = ["grid.nodes=[1]", "grid.tp=[2]", "grid.seq_length=[8192]", "grid.agto=[true]"]
+
+    def peak(*overrides):
+        config = load_config(SweepConfig, "examples/sweeps/h100_7b_scaling.yaml", [*one_point, *overrides])
+        (plan,) = plan_points(config, resolve_points(config)).values()
+        return plan["planned_peak_gb"]
+
+    assert peak("plan_response_fraction=0.5", "plan_image_fraction=0.3") > peak() > peak("plan_response_fraction=0.1")
+    with pytest.raises(ValueError, match=r"point base_n1_tp2_pp1_dp4_seq8192_agto-on_steps200: image fraction 0.7 \+ "
+                                         r"response fraction 0.35 exceed 1"):
+        peak("plan_image_fraction=0.7")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["gpu=a100"], "gpu='a100': allowed h100, h200"),
     (["gpu=null", "gpu_memory_gb=94"], "gpu_memory_gb=94.0 needs gpu set"),
