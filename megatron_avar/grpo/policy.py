@@ -101,16 +101,20 @@ class MegatronPolicy:
     def _stage(self, micro_batches: Sequence[RolloutMicroBatch]) -> list[_Staged]:
         """The micro-batches' inputs on the device before the schedule runs: inside it, a blocking copy from
         pageable host memory waits for every queued GPU kernel (torch synchronises the stream after it), once
-        per tensor per micro-batch. The pixels, the one large input, stay on the host (pinned on a GPU) and move
-        without a wait as each micro-batch starts (:meth:`_forward`)."""
+        per tensor per micro-batch. The pixels, the one large input, stay on the host, pinned on a GPU where the
+        first pipeline stage copies them without a wait as each micro-batch starts (the model's forward); later
+        stages never read them."""
+        from megatron.core import parallel_state
+
         device = self._device
+        first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         staged = []
         for mb in micro_batches:
             b = mb.batch
             inputs = {"input_ids": b.input_ids, "position_ids": b.position_ids, "token_roles": b.roles,
                       "segment_ids": b.segment_ids}
             pixels = b.pixel_values
-            if pixels is not None and device.type == "cuda":
+            if pixels is not None and device.type == "cuda" and first_stage:
                 pixels = pixels.pin_memory()
             rows, columns = mb.response_positions()
             # The labelled positions, found here on the host: of the row, and of this rank's part of it under CP.
@@ -129,9 +133,10 @@ class MegatronPolicy:
         return staged
 
     def _forward(self, ddp_model, staged: _Staged, sink=None):
-        pixels = None if staged.pixel_values is None else staged.pixel_values.to(self._device, non_blocking=True)
-        # the image grids stay on the host, where the vision encoder plans its work (reading them costs nothing)
-        return ddp_model(**staged.inputs, pixel_values=pixels, image_grid_thw=staged.micro_batch.batch.image_grid_thw,
+        # the pixels (pinned) reach the device in the first stage's forward, as each micro-batch starts; the image
+        # grids stay on the host, where the vision encoder plans its work (reading them costs nothing)
+        return ddp_model(**staged.inputs, pixel_values=staged.pixel_values,
+                         image_grid_thw=staged.micro_batch.batch.image_grid_thw,
                          image_sources=staged.micro_batch.image_sources or None, mass_sink=sink,
                          role_attention_impl=self.role_attention_impl, mass_mode=self.mass_mode,
                          output_rows=staged.gather)

@@ -45,9 +45,12 @@ def _sink_key_roles(roles: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
 
 def _to_device(batch, device):
     """``batch`` with its tensor fields on ``device`` (asynchronous from the loader's pinned memory), but the image
-    grids: the vision encoder plans its work from them on the host, where reading them costs no wait."""
+    grids (the vision encoder plans its work from them on the host, where reading them costs no wait) and the
+    pixels: the model's first pipeline stage copies each micro-batch's as it starts, so the step's pixels are never
+    all on the device at once (~150 MB per 16k-token half-image row) and later stages never receive them."""
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
-                                         for f in dataclasses.fields(batch) if f.name != "image_grid_thw"
+                                         for f in dataclasses.fields(batch)
+                                         if f.name not in ("image_grid_thw", "pixel_values")
                                          and isinstance(getattr(batch, f.name), torch.Tensor)})
 
 

@@ -244,11 +244,12 @@ class Qwen25VLModel(MegatronModule):
         ranges = split_images(patches, split.size)
         first, end = ranges[split.rank]
         offsets = [0, *itertools.accumulate(patches)]
-        if end > first:
-            mine = self.vision(pixel_values[offsets[first]:offsets[end]], image_grid_thw[first:end])
+        weight = self.vision.patch_embed.weight
+        if end > first:  # this rank's images only reach its device
+            mine = self.vision(_to(pixel_values[offsets[first]:offsets[end]], weight.device),
+                               image_grid_thw[first:end])
         else:
-            mine = pixel_values.new_zeros((0, self.qwen_config.vision.out_hidden_size),
-                                          dtype=self.vision.patch_embed.weight.dtype)
+            mine = torch.zeros((0, self.qwen_config.vision.out_hidden_size), dtype=weight.dtype, device=weight.device)
             if torch.is_grad_enabled():  # in the graph, so this rank joins the gather's backward like the others
                 mine = mine + self._blank_image_weighted_by_zero()
         counts = [(offsets[b] - offsets[a]) // merge for a, b in ranges]
@@ -271,6 +272,9 @@ class Qwen25VLModel(MegatronModule):
         kernel family of every layer's attention, ``ops.causal_attention.PLAIN_ATTENTION_FOR``); ``mass_mode``
         "probe" or "fused" (``models.role_mass_attention``). ``num_roles``: token_roles lie in [-1, num_roles);
         more than TokenRole's when an analysis gives some tokens a role of their own (VAS's attention sink).
+        pixel_values may stay on the host (pinned on a GPU machine): only the first pipeline stage copies them to
+        its device, as each micro-batch starts (under context parallelism only this rank's images); later stages
+        never touch them.
         ``image_sources``: pixel_values / image_grid_thw hold distinct images, each encoded once, and the batch's
         images (in token order) are these: image k is distinct image ``image_sources[k]`` (GRPO's rollouts of one
         prompt share its images); needs position_ids. None: the batch's images are pixel_values' in order.
@@ -316,7 +320,7 @@ class Qwen25VLModel(MegatronModule):
             if pixel_values is not None and image_grid_thw is not None and split is not None:
                 features = self._images_over_context_parallel(pixel_values, image_grid_thw, split)
             elif pixel_values is not None:
-                features = self.vision(pixel_values, image_grid_thw)
+                features = self.vision(_to(pixel_values, self.vision.patch_embed.weight.device), image_grid_thw)
             elif bool((input_ids == cfg.image_token_id).any()):
                 raise ValueError(f"the batch has {int((input_ids == cfg.image_token_id).sum())} image tokens "
                                  "but no pixel_values")
@@ -355,6 +359,11 @@ class Qwen25VLModel(MegatronModule):
             labels = None if labels is None else split.local(labels, 1)
         return self.language_model(input_ids, position_ids, None,
                                    decoder_input=decoder_input, labels=labels, packed_seq_params=role_params)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``: without waiting from pinned host memory (a no-op when it is there already)."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _check_shapes(input_ids: torch.Tensor, *, position_ids: torch.Tensor | None, **per_token: torch.Tensor | None):
