@@ -31,6 +31,7 @@ __all__ = [
     "NUM_ROLES",
     "IMAGE_FORMATS",
     "IGNORE_INDEX",
+    "labelled_positions",
     "RenderedConversation",
     "render_conversation",
     "validate_messages",
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+def labelled_positions(labels: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [N]: the flat positions (b·S' + i) of the labelled tokens (not IGNORE_INDEX) of ``labels`` [B, S], or
+    of its columns ``held`` only (a context-parallel rank's part of the rows, ``context_parallel.local_positions``):
+    where the model computes logits and losses (its ``output_rows``). Meant for host tensors (``nonzero`` reads
+    its result's size)."""
+    mine = labels if held is None else labels[:, held]
+    return torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
 
 
 class TokenRole(enum.IntEnum):

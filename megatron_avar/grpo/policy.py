@@ -33,7 +33,7 @@ from megatron_avar.grpo.loss import PolicyLossConfig, policy_loss
 from megatron_avar.grpo.rollout_batches import RolloutMicroBatch, pack_rollouts, scatter_response_values
 from megatron_avar.grpo.visual_reward import ResponseTokens, VisualRewardSink
 from megatron_avar.models.context_parallel import local_positions
-from megatron_avar.roles import IGNORE_INDEX
+from megatron_avar.roles import labelled_positions
 
 __all__ = ["MegatronPolicy", "LOSS_METRICS"]
 
@@ -118,12 +118,11 @@ class MegatronPolicy:
                 pixels = pixels.pin_memory()
             rows, columns = mb.response_positions()
             # The labelled positions, found here on the host: of the row, and of this rank's part of it under CP.
-            labelled = torch.nonzero(b.labels.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+            labelled = labelled_positions(b.labels)
             held, mine, gather = None, b.labels, labelled  # without CP this rank's logits are the row's
             if self._cp_group is not None:
                 held = local_positions(b.labels.shape[1], self._cp_group.size(), self._cp_group.rank())
-                mine = b.labels[:, held]
-                gather = torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
+                mine, gather = b.labels[:, held], labelled_positions(b.labels, held)
             staged.append(_Staged(
                 micro_batch=mb, inputs={k: None if v is None else v.to(device) for k, v in inputs.items()},
                 pixel_values=pixels, rollouts=torch.tensor(mb.rollouts, device=device),

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_avar import atomic_files, console
 from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.processor import check_processor_fits_model
-from megatron_avar.roles import IGNORE_INDEX, TokenRole
+from megatron_avar.roles import TokenRole, labelled_positions
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
@@ -54,14 +54,6 @@ def _to_device(batch, device):
                                          and isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
-def _loss_rows(labels: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
-    """int64 [N], on the host: the flat positions (b·S' + i) of the labelled tokens among this rank's tokens (the
-    row's; under context parallelism its part, ``held``: its positions in the row), where the model computes
-    logits and losses (``output_rows``)."""
-    mine = labels if held is None else labels[:, held]
-    return torch.nonzero(mine.reshape(-1) != IGNORE_INDEX, as_tuple=True)[0]
-
-
 def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, ...], layout) -> dict[str, float]:
     """One optimizer step on this rank's micro-batches; returns world-reduced metrics (on every rank)."""
     from megatron.core import parallel_state
@@ -73,7 +65,7 @@ def train_step(model, step_batch, config: SFTConfig, *, avar_layers: tuple[int, 
             for mb in step_batch.microbatches]
     rows = step_batch.microbatches[0].input_ids.shape
     held = None if layout.cp == 1 else local_positions(rows[1], layout.cp, layout.cp_rank, torch.device("cpu"))
-    loss_rows = [_loss_rows(mb.labels, held).to(device, non_blocking=True) for mb in step_batch.microbatches]
+    loss_rows = [labelled_positions(mb.labels, held).to(device, non_blocking=True) for mb in step_batch.microbatches]
     microbatches = [_to_device(mb, device) for mb in step_batch.microbatches]
     eligible = torch.tensor([float(sum(s.num_eligible for s in sets))], device=device)
     sets = [s.to(device) for s in sets]

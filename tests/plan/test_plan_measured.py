@@ -96,8 +96,9 @@ def _saved_activations(overrides: list[str]) -> dict:
 
     from megatron_avar.config import load_config
     from megatron_avar.models.context_parallel import local_positions
+    from megatron_avar.roles import labelled_positions
     from megatron_avar.sft.config import SFTConfig
-    from megatron_avar.sft.trainer import _loss_rows, build_run
+    from megatron_avar.sft.trainer import build_run
     from megatron_avar.training.megatron_setup import init_distributed
     from megatron_avar.training.objective import AGTOSink, QuerySets
 
@@ -120,7 +121,7 @@ def _saved_activations(overrides: list[str]) -> dict:
                     grad_scale=1.0)
     held = None if cp == 1 else local_positions(mb.input_ids.shape[1], cp, parallel_state.get_context_parallel_rank(),
                                                 torch.device("cpu"))
-    rows = _loss_rows(mb.labels, held)  # the trainer's: the output layer runs on this rank's labelled tokens
+    rows = labelled_positions(mb.labels, held)  # the trainer's: the output layer runs on this rank's labelled tokens
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         run.model.chunks[0](mb.input_ids, position_ids=mb.position_ids, pixel_values=mb.pixel_values,
                             image_grid_thw=mb.image_grid_thw, labels=mb.labels, token_roles=mb.roles,
