@@ -28,8 +28,14 @@ Modes, each measured in a fresh process (so peak memory is its own), same data a
   fused     AGTO on, output and every row's masses from the fused role_attention kernel
   hf-sdpa   Hugging Face's Qwen2.5-VL with SDPA attention, plain LM loss, torch AdamW, same config and tokens:
             what users run without AVAR (bf16: fp32 weights under bf16 autocast, as HF Trainer's bf16=True)
-Step time: median of --steps steps after --warmup steps. Peak memory: megatron_avar.platform.peak_memory_bytes
-(CUDA max allocated over the timed steps, from what the warm-up left held; CPU peak RSS) after the last step.
+Step time: median of --steps steps after --warmup steps; with --rounds R, every (length, mode) is measured R times,
+the rounds interleaved (off, probe, ..., off, probe, ...: a slow minute of a shared machine falls on both), and
+the median is over every round's steps; "min s" is the fastest step and "spread" (max - min) / median, the
+run-to-run noise the comparison has to be read against. --profile runs one more step under torch.profiler and
+reports the time spent inside the role_mass probe's autograd functions (forward and backward, their kernels
+included: CUDA time on a GPU, CPU time on the CPU) — the probe's own cost, free of that noise.
+Peak memory: megatron_avar.platform.peak_memory_bytes (CUDA max allocated over the timed steps, from what the
+warm-up left held; CPU peak RSS) after the last timed step.
 Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
 same config and row (its image tokens, AGTO query rows and labelled tokens), so a GPU run of this benchmark
 validates the plan.
@@ -74,6 +80,7 @@ sys.path.insert(0, str(REPO))
 
 MODES = ("off", "probe", "probe-triton", "fused", "hf-sdpa")
 AVAR_MODES = ("probe", "probe-triton", "fused")  # AGTO on
+PROBE_MODES = ("probe", "probe-triton")  # masses from the role_mass probe
 TEXT_RESERVE_TOKENS = 150  # a procedural sample's text (prompt + reasoning + answer): ~115-135 tokens
 FULL_7B_LAYERS, FULL_7B_HEADS = 28, 28
 
@@ -141,12 +148,12 @@ def worker(spec: dict) -> dict:
     from megatron_avar.training.metrics import batch_flops, sample_lengths
     from megatron_avar.training.sft_data import SFTDataLoader
 
-    mode, seq = spec["mode"], spec["seq_length"]
+    mode, seq, rnd = spec["mode"], spec["seq_length"], spec.get("round", 0)
     alpha = 0.15 if mode in AVAR_MODES else 0.0
     config = load_config(SFTConfig, None, [
-        f"out={spec['work']}/run_{mode}_{seq}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
+        f"out={spec['work']}/run_{mode}_{seq}_{rnd}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
         f"data.seq_length={seq}", f"data.max_pixels={spec['image_side'] ** 2}", "train.global_batch_size=1",
-        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps']}",
+        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps'] + 1}",
         f"avar.alpha={alpha}", f"avar.beta={alpha}", "optim.lr=1.0e-6",
         f"model.mass_mode={'fused' if mode == 'fused' else 'probe'}",
         f"model.role_attention_impl={'triton' if mode == 'probe-triton' else 'auto'}"])
@@ -170,16 +177,48 @@ def worker(spec: dict) -> dict:
             total = batch_flops(qwen, batch)
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
+    peak_gb = platform.peak_memory_bytes() / 1e9  # before the profiled step, whose profiler holds memory
+    profiled = _profiled_probe_seconds(step_fn, next(batches)) if spec.get("profile") and mode in PROBE_MODES else None
     median = statistics.median(times)
     planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
-    return {"mode": mode, "seq_length": seq, "step_seconds": median, "step_seconds_all": times,
+    return {"mode": mode, "seq_length": seq, "round": rnd, "step_seconds": median, "step_seconds_all": times,
+            "probe_seconds": None if profiled is None else profiled[0],
+            "profiled_step_seconds": None if profiled is None else profiled[1],
             "planned_peak_gb": planned,
             "real_tokens": statistics.median(tokens), "tflops": statistics.median(flops) / median / 1e12,
             "attention_share": statistics.median(attention),
-            "peak_memory_gb": platform.peak_memory_bytes() / 1e9, "device": str(platform.current_device()),
+            "peak_memory_gb": peak_gb, "device": str(platform.current_device()),
             "gpu_name": torch.cuda.get_device_name() if platform.cuda_available() else None,
             "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads,
             "autotune_choices": _autotune_choices()}
+
+
+# The role_mass probe's autograd functions (forward; the backward's event is the name + "Backward").
+PROBE_FUNCTIONS = ("_BlockwiseRoleMass", "_TritonRoleMass")
+
+
+def _profiled_probe_seconds(step_fn, batch) -> tuple[float, float]:
+    """One more step under torch.profiler: (seconds inside the probe's autograd functions, forward + backward,
+    their kernels included — device time on a GPU, CPU time on the CPU; the step's wall seconds under the
+    profiler)."""
+    import torch
+
+    from megatron_avar import platform
+
+    names = {*PROBE_FUNCTIONS, *(f"{name}Backward" for name in PROBE_FUNCTIONS)}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if platform.cuda_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.monotonic()
+        step_fn(batch)
+        seconds = time.monotonic() - started
+    events = [e for e in prof.key_averages() if e.key in names]
+    if platform.cuda_available():
+        inside = sum(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) for e in events)
+    else:
+        inside = sum(e.cpu_time_total for e in events)
+    return inside / 1e6, seconds
 
 
 def _autotune_choices() -> dict | None:
@@ -269,7 +308,7 @@ def run_worker(spec: dict, device: str) -> dict:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     # The worker writes straight to its log: one stopped from outside (a time limit) still leaves its output.
-    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}.log"
+    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}_{spec.get('round', 0)}.log"
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=sink,
                               stderr=subprocess.STDOUT, cwd=REPO)
@@ -282,7 +321,8 @@ def run_worker(spec: dict, device: str) -> dict:
         # The exception line, not the last line (which can be a warning printed at exit).
         raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in output.splitlines())
                   if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "error": "OOM" if oom else
+        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "round": spec.get("round", 0),
+                "error": "OOM" if oom else
                 f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
 
@@ -292,16 +332,42 @@ def eager_attention_gb(layers: int, heads: int, seq: int) -> float:
     return layers * heads * seq * seq * 4 * 2 / 1e9
 
 
+def merge_rounds(results: list[dict]) -> dict[tuple[int, str], dict]:
+    """One result per (length, mode) from its rounds: the median over every round's steps, the fastest step, the
+    spread (max - min) / median, the highest peak memory; the first error where no round measured."""
+    merged: dict[tuple[int, str], dict] = {}
+    for key in dict.fromkeys((r["seq_length"], r["mode"]) for r in results):
+        rounds = [r for r in results if (r["seq_length"], r["mode"]) == key]
+        measured = [r for r in rounds if "step_seconds" in r]
+        if not measured:
+            merged[key] = rounds[0]
+            continue
+        steps = [t for r in measured for t in r["step_seconds_all"]]
+        median = statistics.median(steps)
+        first = measured[0]
+        probe = [r["probe_seconds"] / r["profiled_step_seconds"] for r in measured
+                 if r.get("probe_seconds") is not None]
+        merged[key] = {**first, "step_seconds": median, "step_seconds_all": steps, "step_seconds_min": min(steps),
+                       "spread": (max(steps) - min(steps)) / median, "rounds": len(measured),
+                       "rounds_failed": len(rounds) - len(measured),
+                       "tflops": first["tflops"] * first["step_seconds"] / median,
+                       "peak_memory_gb": max(r["peak_memory_gb"] for r in measured),
+                       "probe_share": statistics.median(probe) if probe else None}
+    return merged
+
+
 def table(results: list[dict], args, peak_tflops: float | None) -> list[dict]:
     rows = []
+    merged = merge_rounds(results)
     for seq in args.seq_lens:
-        by_mode = {r["mode"]: r for r in results if r["seq_length"] == seq}
-        base = by_mode.get("off", {})
+        base = merged.get((seq, "off"), {})
         for mode in args.modes:
-            r = by_mode.get(mode, {})
+            r = merged.get((seq, mode), {})
             row = {"seq_length": seq, "mode": mode, "error": r.get("error")}
             if "step_seconds" in r:
-                row.update(step_seconds=r["step_seconds"], real_tokens=r["real_tokens"], tflops=r["tflops"],
+                row.update(step_seconds=r["step_seconds"], step_seconds_min=r["step_seconds_min"],
+                           spread=r["spread"], rounds=r["rounds"], rounds_failed=r["rounds_failed"],
+                           probe_share=r["probe_share"], real_tokens=r["real_tokens"], tflops=r["tflops"],
                            attention_share=r["attention_share"],
                            mfu=r["tflops"] / peak_tflops if peak_tflops else None,
                            peak_memory_gb=r["peak_memory_gb"],
@@ -310,6 +376,7 @@ def table(results: list[dict], args, peak_tflops: float | None) -> list[dict]:
                            eager_attention_gb_full_7b=eager_attention_gb(FULL_7B_LAYERS, FULL_7B_HEADS, seq))
                 if "step_seconds" in base:
                     row.update(step_time_overhead=r["step_seconds"] / base["step_seconds"] - 1,
+                               min_step_time_overhead=r["step_seconds_min"] / base["step_seconds_min"] - 1,
                                extra_memory_gb=r["peak_memory_gb"] - base["peak_memory_gb"],
                                extra_memory_fraction=r["peak_memory_gb"] / base["peak_memory_gb"] - 1)
             rows.append(row)
@@ -321,29 +388,44 @@ def _fmt(value, spec):
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    rounds = meta.get("rounds", 1)
+    steps = (f"median of {meta['steps']} steps after {meta['warmup']} warm-up" if rounds == 1 else
+             f"median of {rounds} interleaved rounds x {meta['steps']} steps, each after {meta['warmup']} warm-up")
     lines = [f"# AVAR SFT step benchmark ({meta['hardware']}, {meta['date']})", "",
-             f"Commit `{meta['commit']}`. {meta['model']}. Batch 1 row, TP=PP=DP=1, {meta['precision']}, median of "
-             f"{meta['steps']} steps after {meta['warmup']} warm-up. Baseline: mode `off` (plain SFT, the same "
-             "fast attention, no masses). Targets: probe <= 1.05x off (CPU), <= 1.03x (GPU); memory <= +5%. FLOP "
-             "formula and modes: tools/bench_sft.py.",
+             f"Commit `{meta['commit']}`. {meta['model']}. Batch 1 row, TP=PP=DP=1, {meta['precision']}, {steps}. "
+             "Baseline: mode `off` (plain SFT, the same fast attention, no masses). Targets: probe <= 1.05x off "
+             "(CPU), <= 1.03x (GPU); memory <= +5%. \"spread\": (slowest - fastest step) / median, the noise "
+             "the ratios are read against; \"probe share\" (--profile): the time inside the role_mass probe "
+             "(forward + backward) over a profiled step's. FLOP formula and modes: tools/bench_sft.py.",
              "",
-             "| seq | mode | step s | vs off | peak GB | planned GB | extra GB vs off | tokens | TFLOP/s | attention "
-             "share | MFU | eager S×S GB (this L) | eager S×S GB (28 L) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seq | mode | step s | vs off | min s | min vs off | spread | probe share | peak GB | planned GB "
+             "| extra GB vs off | tokens | TFLOP/s | attention share | MFU | eager S×S GB (this L) "
+             "| eager S×S GB (28 L) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_seconds" not in r:
-            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 10)
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 14)
             continue
-        overhead = r.get("step_time_overhead")
-        vs_off = "baseline" if r["mode"] == "off" else _fmt(None if overhead is None else 100 * overhead, "+.1f") + "%"
-        lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | {vs_off}"
-                     f" | {r['peak_memory_gb']:.2f} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
+        baseline = r["mode"] == "off"
+        percent = lambda v: _fmt(None if v is None else 100 * v, "+.1f") + ("%" if v is not None else "")  # noqa: E731
+        lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
+                     f"{'baseline' if baseline else percent(r.get('step_time_overhead'))} | "
+                     f"{r['step_seconds_min']:.3f} | "
+                     f"{'baseline' if baseline else percent(r.get('min_step_time_overhead'))} | "
+                     f"{100 * r['spread']:.0f}% | "
+                     f"{_fmt(None if r.get('probe_share') is None else 100 * r['probe_share'], '.2f')}"
+                     f"{'%' if r.get('probe_share') is not None else ''} | "
+                     f"{r['peak_memory_gb']:.2f} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
                      f" | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
                      f"{r['real_tokens']:.0f} | "
                      f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | "
                      f"{'—' if r.get('mfu') is None else format(100 * r['mfu'], '.1f') + '%'} | "
                      f"{r['eager_attention_gb']:.1f} | "
                      f"{r['eager_attention_gb_full_7b']:.1f} |")
+    if any(r.get("rounds_failed") for r in rows):
+        lines += ["", "Rounds that failed (their rows use the rounds that measured): "
+                  + ", ".join(f"{r['seq_length']} {r['mode']}: {r['rounds_failed']}" for r in rows
+                              if r.get("rounds_failed"))]
     return "\n".join(lines) + "\n"
 
 
@@ -369,7 +451,8 @@ def write_results(results: list[dict], args, precision: str, commit: str, date: 
     meta = {"hardware": hardware, "date": date, "commit": commit,
             "model": (f"Qwen2.5-VL-7B widths{' (tiny: scaled down)' if args.tiny else ''}{widths}, "
                       f"{args.layers} LM layers, {args.vision_depth} vision blocks"),
-            "precision": precision, "warmup": args.warmup, "steps": args.steps, "seconds": seconds,
+            "precision": precision, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
+            "seconds": seconds,
             "mfu_peak_tflops": peak_tflops,
             "argv": sys.argv[1:]}
     stem = stem or results_stem(args.results, f"bench_sft_{hardware}_{date}")
@@ -393,6 +476,11 @@ def main() -> int:
                         help="default all (CPU: not probe-triton); --tiny: off probe")
     parser.add_argument("--warmup", type=int, default=None, help="default 3; --tiny: 1")
     parser.add_argument("--steps", type=int, default=None, help="default 5; --tiny: 2")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every (length, mode) this many times, the rounds interleaved (a noisy shared "
+                             "machine: 3 on the CPU); the median is over every round's steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per probe worker under torch.profiler: the probe's own share of a step")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="MFU denominator per GPU (default: the card's dense bf16 peak, for H100 SXM and H200; "
                              "no MFU for other cards or the CPU)")
@@ -436,24 +524,28 @@ def main() -> int:
     # The pair the targets compare (plain SFT and AVAR with the probe) at every length first, then the other
     # modes: a run stopped part-way (a time limit) keeps the comparison that matters most.
     first = [mode for mode in args.modes if mode in ("off", "probe")]
+    if args.rounds < 1:
+        raise SystemExit(f"bench_sft: --rounds must be at least 1, got {args.rounds}")
     order = ([(seq, mode) for seq in args.seq_lens for mode in first]
              + [(seq, mode) for seq in args.seq_lens for mode in args.modes if mode not in first])
     longest = 0.0
-    for seq, mode in order:
+    for rnd, seq, mode in [(rnd, seq, mode) for rnd in range(args.rounds) for seq, mode in order]:
         elapsed = time.monotonic() - started
         if args.deadline_s is not None and elapsed + longest > args.deadline_s:
-            print(f"[bench_sft] seq {seq} {mode}: not run (--deadline-s {args.deadline_s:.0f}: {elapsed:.0f} s "
-                  f"spent, the longest measurement took {longest:.0f} s)", flush=True)
-            results.append({"mode": mode, "seq_length": seq, "error": f"not run: --deadline-s {args.deadline_s:.0f}"})
+            print(f"[bench_sft] seq {seq} {mode} round {rnd}: not run (--deadline-s {args.deadline_s:.0f}: "
+                  f"{elapsed:.0f} s spent, the longest measurement took {longest:.0f} s)", flush=True)
+            results.append({"mode": mode, "seq_length": seq, "round": rnd,
+                            "error": f"not run: --deadline-s {args.deadline_s:.0f}"})
             stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
             continue
         measured = time.monotonic()
         spec = {"mode": mode, "seq_length": seq, "work": str(work), "model": prepared["model"],
                 "data": prepared["datasets"][seq]["path"], "image_side": prepared["datasets"][seq]["image_side"],
-                "precision": precision, "warmup": args.warmup, "steps": args.steps}
+                "precision": precision, "warmup": args.warmup, "steps": args.steps, "round": rnd,
+                "profile": args.profile}
         result = run_worker(spec, args.device)
         longest = max(longest, time.monotonic() - measured)
-        print(f"[bench_sft] seq {seq} {mode}: " + (result.get("error") or
+        print(f"[bench_sft] seq {seq} {mode} round {rnd}: " + (result.get("error") or
               f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
         results.append(result)
         # Written after every measurement: a run stopped part-way keeps what it measured.

@@ -1,0 +1,51 @@
+"""tools/bench_sft.py's reading of its measurements: rounds merged into one row per (length, mode), the ratios
+and the noise columns taken from every round's steps."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+import bench_sft  # noqa: E402
+
+
+def _measured(mode, rnd, steps, peak, probe=None):
+    return {"mode": mode, "seq_length": 512, "round": rnd, "step_seconds": sorted(steps)[len(steps) // 2],
+            "step_seconds_all": steps, "tflops": 1.0 / sorted(steps)[len(steps) // 2], "peak_memory_gb": peak,
+            "real_tokens": 400, "attention_share": 0.1, "layers": 2, "heads": 2, "planned_peak_gb": None,
+            "probe_seconds": probe, "profiled_step_seconds": None if probe is None else 10.0}
+
+
+def test_rounds_merge_into_one_row_per_mode_with_ratios_over_every_rounds_steps():
+    results = [_measured("off", 0, [10.0, 12.0, 11.0], 2.0), _measured("probe", 0, [10.5, 14.0, 11.0], 2.1, 0.05),
+               _measured("off", 1, [9.0, 10.0, 13.0], 2.2),
+               {"mode": "probe", "seq_length": 512, "round": 1, "error": "exit 1: RuntimeError"},
+               _measured("probe", 2, [10.0, 12.5, 9.5], 2.0, 0.03)]
+    args = argparse.Namespace(seq_lens=[512], modes=["off", "probe"])
+    off, probe = bench_sft.table(results, args, peak_tflops=None)
+    assert off["step_seconds"] == 10.5 and off["step_seconds_min"] == 9.0  # median / min of all six steps
+    assert off["spread"] == pytest.approx((13.0 - 9.0) / 10.5)
+    assert off["peak_memory_gb"] == 2.2 and off["rounds"] == 2 and off["rounds_failed"] == 0
+    assert off["tflops"] == pytest.approx(1.0 / 10.5)  # the first round's FLOPs over the merged median
+    assert probe["step_seconds"] == pytest.approx(10.75) and probe["step_seconds_min"] == 9.5
+    assert probe["rounds"] == 2 and probe["rounds_failed"] == 1  # the failed round is counted, not averaged
+    assert probe["step_time_overhead"] == pytest.approx(10.75 / 10.5 - 1)
+    assert probe["min_step_time_overhead"] == pytest.approx(9.5 / 9.0 - 1)
+    assert probe["probe_share"] == pytest.approx(0.004)  # median of 0.005 and 0.003
+    text = bench_sft.markdown([off, probe], {"hardware": "cpu", "date": "d", "commit": "c", "model": "m",
+                                             "precision": "fp32", "steps": 3, "warmup": 1, "rounds": 3})
+    assert "median of 3 interleaved rounds x 3 steps" in text
+    assert "| 512 | probe | 10.750 | +2.4% | 9.500 | +5.6% | 42% | 0.40% |" in text
+    assert "Rounds that failed (their rows use the rounds that measured): 512 probe: 1" in text
+
+
+def test_a_mode_no_round_measured_keeps_its_error():
+    results = [_measured("off", 0, [1.0], 1.0), {"mode": "probe", "seq_length": 512, "round": 0, "error": "OOM"}]
+    rows = bench_sft.table(results, argparse.Namespace(seq_lens=[512], modes=["off", "probe"]), peak_tflops=None)
+    assert rows[1]["error"] == "OOM" and "step_seconds" not in rows[1]
+    assert "| 512 | probe | OOM |" in bench_sft.markdown(rows, {"hardware": "cpu", "date": "d", "commit": "c",
+                                                                  "model": "m", "precision": "fp32", "steps": 1,
+                                                                  "warmup": 0})
