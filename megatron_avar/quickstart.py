@@ -30,7 +30,7 @@ MARKER = "quickstart.json"
 SFT_CONFIG = Path("examples/sft/quickstart.yaml")
 GRPO_CONFIG = Path("examples/grpo/tiny.yaml")
 GRPO_STEPS = 6
-GRPO_CURVE = ("reward/total", "reward/accuracy", "reward/format", "vas/rollouts", "response/length_mean",
+GRPO_CURVE = ("reward/total", "reward/accuracy", "reward/format", "reward/r_visual", "response/length_mean",
               "logprob/generator_max_abs_diff", "optim/grad_norm")
 
 
@@ -182,5 +182,5 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
           f"  final LM loss: {summary['final_lm_loss']:.3f} (AVAR SFT), {summary['final_lm_loss_baseline']:.3f} "
           f"(plain SFT)\n"
           f"  GRPO: reward {[round(h['reward/total'], 3) for h in grpo_curve]}, r_visual of the rollouts "
-          f"{[round(h['vas/rollouts'], 3) for h in grpo_curve]}", flush=True)
+          f"{[round(h['reward/r_visual'], 3) for h in grpo_curve]}", flush=True)
     return 0

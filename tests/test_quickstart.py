@@ -31,7 +31,7 @@ def test_quickstart_avar_raises_vas_more_than_plain_sft(tmp_path, capsys):
     # (the visual term on every rollout) rewards that differ within groups, so the policy is really updated.
     curve = summary["grpo"]
     assert [h["step"] for h in curve] == list(range(6))
-    assert all(h["vas/rollouts"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in curve)
+    assert all(h["reward/r_visual"] > 0 and 0 <= h["reward/accuracy"] <= 1 for h in curve)
     assert all(h["reward/total"] > 0 and h["optim/grad_norm"] > 0 for h in curve)
     # A second quickstart refuses to clobber the run without --overwrite (the command line's entry point, here).
     from megatron_avar.cli import main

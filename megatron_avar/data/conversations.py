@@ -71,7 +71,7 @@ def _features():
     )
 
 
-def _verify_image(source: Path | bytes, where: str) -> None:
+def verify_image(source: Path | bytes, where: str) -> None:
     """Check that an image file (or embedded bytes) decodes as an image: PIL's verify, and for a JPEG a decode
     at 1/8 scale (verify reads only its headers, so a truncated file would pass and fail mid-training)."""
     import io
@@ -101,7 +101,7 @@ def _verify_image(source: Path | bytes, where: str) -> None:
 def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     """An image reference as the Arrow image struct {"bytes", "path"}, checked to be readable."""
     if isinstance(image, dict) and image.get("bytes") is not None:
-        _verify_image(image["bytes"], where)
+        verify_image(image["bytes"], where)
         return {"bytes": image["bytes"], "path": image.get("path")}
     if isinstance(image, dict):
         image = image.get("path")
@@ -111,7 +111,7 @@ def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     path = Path(image)
     if not path.is_absolute():
         path = base_dir / path
-    _verify_image(path, where)
+    verify_image(path, where)
     return {"bytes": None, "path": str(path.resolve())}
 
 

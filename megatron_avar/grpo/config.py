@@ -44,7 +44,9 @@ class RolloutConfig:
     seed: the sampling seed; step s samples with seed + s, so a resumed run draws the same rollouts.
     batch_size: local backend, rows per generate call. vllm_gpu_memory_utilization: the fraction of GPU
     memory vLLM may take while awake. vllm_enable_sleep: release vLLM's weights and KV cache during the
-    policy update (colocated runs need it unless the GPU holds both).
+    policy update (colocated runs need it unless the GPU holds both). vLLM samples in bf16 whatever
+    train.precision says; the local backend samples in the training precision (bf16 on a GPU). Either way the
+    update's old log-probs are the trainer's own forward pass, in its precision.
     """
 
     backend: str = "local"
@@ -95,7 +97,8 @@ class GRPOTrainConfig:
     ranks per step (paper: 256; rollouts = prompts_per_step * rollout.n). updates_per_step: optimizer steps
     per rollout batch, each on an equal share of the prompts' groups (1 = on-policy; >1 reuses the rollouts
     with the clipped ratio). seq_length: tokens per packed row of the policy's forward passes (rollouts of
-    up to max_prompt_length + max_new_tokens tokens are packed whole; default 0 = that sum).
+    up to max_prompt_length + max_new_tokens tokens are packed whole; default 0 = that sum rounded up to a
+    multiple of what the layout splits rows by, ``ParallelConfig.row_multiple``; also vLLM's max_model_len).
     precision, recompute, seed: as in SFT.
     """
 

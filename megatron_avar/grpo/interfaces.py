@@ -168,6 +168,10 @@ class Policy(Protocol):
         rides along in the AVAR layers; heads reduced over TP). Shapes: :class:`PolicyLogProbs`."""
         ...
 
+    def log_probs(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """The log-probs alone, float32 [N, T], with no masses computed (the frozen reference policy's)."""
+        ...
+
     def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor,
                    ref_logp: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on ``grpo.loss.policy_loss`` over the rollouts (old_logp [N, T] from

@@ -2,10 +2,11 @@
 
 - :meth:`MegatronPolicy.log_probs_with_masses`: one no-grad pass of megatron's forward schedule over the
   rollouts packed into rows (``grpo.rollout_batches``). The last stage turns its vocab-parallel logits, computed
-  at the response tokens only, into response log-probs, log softmax(logits / temperature)[token] (the convention
-  of both generation backends); every AVAR layer hands its per-role masses to a
+  only at the positions that predict a response token, into response log-probs, log softmax(logits /
+  temperature)[token] (the convention of both generation backends); every AVAR layer hands its per-role masses to a
   ``grpo.visual_reward.VisualRewardSink`` in the same pass, reduced over TP and PP afterwards — r_visual costs no
   extra forward. Log-probs are broadcast from the last stage, so every rank returns the same tensors.
+  :meth:`MegatronPolicy.log_probs`: the same pass without the sink (the frozen reference's log-probs).
 - :meth:`MegatronPolicy.train_step`: one optimizer step of ``grpo.loss.policy_loss`` over this rank's
   rollouts, normalised by counts over the whole data-parallel batch (so the step does not depend on the
   layout or the packing); megatron's 1/num_microbatches and DDP's 1/dp are undone as in SFT.
@@ -196,6 +197,17 @@ class MegatronPolicy:
 
     # -- Policy ---------------------------------------------------------------------------------------------
     def log_probs_with_masses(self, rollouts: Sequence[Rollout]) -> PolicyLogProbs:
+        logp, r_visual = self._forward_only(rollouts, masses=True)
+        assert r_visual is not None
+        return PolicyLogProbs(logp=logp, r_visual=r_visual)
+
+    def log_probs(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """The response log-probs alone [N, T] (the frozen reference's, for the KL): no sink, so no layer pays
+        for masses nobody reads."""
+        return self._forward_only(rollouts, masses=False)[0]
+
+    def _forward_only(self, rollouts: Sequence[Rollout], *, masses: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs [N, T], r_visual [N] or None without ``masses``) on the host, the same on every rank."""
         from megatron.core import parallel_state
 
         staged = self._stage(self._pack(rollouts))
@@ -204,12 +216,12 @@ class MegatronPolicy:
         logp = torch.zeros(len(rollouts), num_columns, device=device)
         # From the host's roles, moved with the inputs: the layers read the rows on the device.
         tokens = [ResponseTokens(s.micro_batch.batch.roles, s.micro_batch.batch.segment_ids).to(device)
-                  for s in staged]
-        sinks: list[VisualRewardSink] = []
+                  for s in staged] if masses else []
+        sinks: list[VisualRewardSink | None] = []
 
         def forward_step(data_iterator, ddp_model):
             index, micro_batch = next(data_iterator)
-            sink = VisualRewardSink(tokens[index], self.visual_layers, epsilon=self.epsilon)
+            sink = VisualRewardSink(tokens[index], self.visual_layers, epsilon=self.epsilon) if masses else None
             sinks.append(sink)
             output = self._forward(ddp_model, micro_batch, sink)
 
@@ -224,17 +236,21 @@ class MegatronPolicy:
         with torch.no_grad():
             self._schedule(staged, forward_step, forward_only=True)
         self.model.train()
-        groups = [_process_group(parallel_state.get_tensor_model_parallel_group())]
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            groups.append(_process_group(parallel_state.get_pipeline_model_parallel_group()))
-        r_visual = torch.zeros(len(rollouts), device=device)
-        for sink, micro_batch in zip(sinks, staged):
-            sink.all_reduce(groups)
-            r_visual[micro_batch.rollouts] = sink.r_visual().to(device)
+        r_visual = None
+        if masses:
+            groups = [_process_group(parallel_state.get_tensor_model_parallel_group())]
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                groups.append(_process_group(parallel_state.get_pipeline_model_parallel_group()))
+            r_visual = torch.zeros(len(rollouts), device=device)
+            for sink, micro_batch in zip(sinks, staged):
+                assert sink is not None
+                sink.all_reduce(groups)
+                r_visual[micro_batch.rollouts] = sink.r_visual().to(device)
+            r_visual = r_visual.cpu()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(logp, src=last, group=_process_group(parallel_state.get_pipeline_model_parallel_group()))
-        return PolicyLogProbs(logp=logp.cpu(), r_visual=r_visual.cpu())
+        return logp.cpu(), r_visual
 
     def train_step(self, rollouts: Sequence[Rollout], old_logp: torch.Tensor, advantages: torch.Tensor,
                    ref_logp: torch.Tensor | None = None) -> dict[str, float]:

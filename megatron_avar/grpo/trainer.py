@@ -5,7 +5,7 @@ One step, on every data-parallel replica for its share of the step's prompts:
     refit       policy.named_weights() ──> backend.update_weights        (in memory, HF names)
     generate    backend.generate(prompts, n, sampling)                   rollouts, grouped by prompt
     old logp    policy.log_probs_with_masses(rollouts)                   log-probs + r_visual, ONE forward
-    (ref logp   reference.log_probs_with_masses(rollouts)                only with loss.kl_coef > 0)
+    (ref logp   reference.log_probs(rollouts)                            only with loss.kl_coef > 0)
     reward      reward.score(response, truth, r_visual) ──> group_advantages
     update      policy.train_step(...)  × train.updates_per_step         (each on an equal share of groups)
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -43,16 +44,19 @@ class RolloutEngineError(RuntimeError):
     """The generation backend failed; the step is abandoned before any update."""
 
 
-def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int) -> list[Rollout]:
+def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int,
+              failure: RolloutEngineError | None = None) -> list[Rollout]:
     """This replica's rollouts, on every rank of its model-parallel group (where they are generated is the
-    backend's business: ``grpo.backends``); any failure is a RolloutEngineError naming the step and prompts."""
+    backend's business: ``grpo.backends``); any failure is a RolloutEngineError naming the step and prompts.
+    failure: the engine already failed this step (its refit or wake-up): nothing is generated, and every rank
+    stops with the others."""
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                               seed=config.rollout.seed + step)
-    failure: RolloutEngineError | None = None
     rollouts: list[Rollout] = []
     try:
-        rollouts = backend.generate(prompts, config.rollout.n, sampling)
+        if failure is None:
+            rollouts = backend.generate(prompts, config.rollout.n, sampling)
     except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
         failure = RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
                                      f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
@@ -84,13 +88,36 @@ def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     started = time.monotonic()
     # The refit first: vLLM wakes only its weights for it, and its KV cache after, once the policy's gathered
     # copy of the weights is gone (both at once would not fit beside the trainer).
-    backend.update_weights(policy.named_weights())  # collective: every rank walks the policy's weights
-    backend.prepare_generation()
+    weights = iter(policy.named_weights())  # collective: every rank walks the policy's weights
+    failure = None
+    try:
+        backend.update_weights(weights)
+        backend.prepare_generation()
+    except Exception as error:  # noqa: BLE001 — a failed refit or wake-up (out of memory) ends the step
+        failure = RolloutEngineError(f"step {step}: the rollout engine's refit or wake-up failed "
+                                     f"({type(error).__name__}: {error}); no update was made — rerun the same "
+                                     "command to resume from the last checkpoint")
+        failure.__cause__ = error
+        for _ in weights:  # the walk gathers tensor-parallel shards: finish it, the peers are inside it
+            pass
     timings["perf/refit_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    rollouts = _generate(backend, prompts, config, step)
-    backend.finish_generation()
+    rollouts = _generate(backend, prompts, config, step, failure)
+    failure = None
+    try:
+        backend.finish_generation()
+    except Exception as error:  # noqa: BLE001 — the engine keeps the GPU: the update would not fit beside it
+        failure = RolloutEngineError(f"step {step}: the rollout engine failed to release the GPU after generating "
+                                     f"({type(error).__name__}: {error}); no update was made — rerun the same "
+                                     "command to resume from the last checkpoint")
+        failure.__cause__ = error
+    if platform.on_any_rank(failure is not None) and failure is None:
+        failure = RolloutEngineError(f"step {step}: the rollout engine failed on another data-parallel replica (its "
+                                     "error names the cause); no update was made — rerun the same command to "
+                                     "resume from the last checkpoint")
+    if failure is not None:
+        raise failure
     timings["perf/generate_seconds"] = time.monotonic() - started
     return rollouts
 
@@ -121,10 +148,11 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     ref_logp = None
     if reference is not None:
         started = time.monotonic()
-        ref_logp = reference.log_probs_with_masses(rollouts).logp
+        ref_logp = reference.log_probs(rollouts)
         timings["perf/reference_logprob_seconds"] = time.monotonic() - started
 
-    parts = [reward.score(r.response_text, r.ground_truth, float(v)) for r, v in zip(rollouts, old.r_visual)]
+    parts = _agreed_rewards([reward.score(r.response_text, r.ground_truth, float(v))
+                             for r, v in zip(rollouts, old.r_visual)])
     advantages = group_advantages(torch.tensor([p.total for p in parts], dtype=torch.float64), config.rollout.n,
                                   mode=config.advantage.mode, eps=config.advantage.eps)
     stats = rollout_stats(rollouts, parts, old.r_visual, advantages, old.logp)
@@ -154,6 +182,28 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     metrics.update(timings)
     metrics["perf/generated_tokens_per_second"] = float(generated_total) / max(timings["perf/generate_seconds"], 1e-9)
     return metrics
+
+
+def _agreed_rewards(parts: list) -> list:
+    """The rewards of the first rank of this rank's model-parallel group (then of its context-parallel group) on
+    every rank of them. Those ranks hold the same rollouts and grade them each, but grading need not agree: a
+    math-verify timeout (a wall-clock alarm) can fire on a loaded rank and not on its peer, and ranks of one
+    model with different advantages would train its replicated weights (norms, biases) apart, silently."""
+    from megatron.core import parallel_state
+
+    # (megatron's getters are unannotated: a type checker sees the union of their module globals' types)
+    groups = [cast(dist.ProcessGroup, parallel_state.get_model_parallel_group())]
+    if parallel_state.get_context_parallel_world_size() > 1:
+        groups.append(cast(dist.ProcessGroup, parallel_state.get_context_parallel_group()))
+    groups = [group for group in groups if dist.get_world_size(group) > 1]
+    if not groups:
+        return parts
+    values = torch.tensor([[p.accuracy, p.format, p.visual, p.total] for p in parts], dtype=torch.float64,
+                          device=platform.current_device())
+    for group in groups:  # model-parallel first: its sources are the ranks the context-parallel broadcast reads
+        dist.broadcast(values, src=dist.get_process_group_ranks(group)[0], group=group)
+    return [dataclasses.replace(part, accuracy=a, format=f, visual=v, total=t)
+            for part, (a, f, v, t) in zip(parts, values.cpu().tolist())]
 
 
 def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, updates: int, prompts,
@@ -256,8 +306,9 @@ def run_grpo(config: GRPOConfig) -> dict:
     reward = VisualAnchoredReward(config.reward)
     reference = None
     if config.loss.kl_coef > 0:  # the starting weights, frozen (also after a resume: always from model.hf_path)
+        # No AVAR layers: its log-probs need no masses (the same attention gives the same `out`)
         reference_model = build_model(qwen_config, parallel, dtype=dtype, recompute="none",
-                                      role_mass_layers=visual_layers, hf_path=config.model.hf_path, trainable=False)
+                                      role_mass_layers=(), hf_path=config.model.hf_path, trainable=False)
         reference = policy_of(reference_model)
     start_step = 0
     if resume_from is not None:

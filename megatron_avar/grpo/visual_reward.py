@@ -147,7 +147,9 @@ class VisualRewardSink:
             raise ValueError(f"layer {layer_index}: masses hold {local_heads} heads but heads.local = {heads.local}")
         partial, coverage = self._buffers(mass.device)
         with torch.no_grad():  # a reward, never a loss: no graph is kept or extended
-            rows = mass.detach()[..., [TokenRole.IMAGE, TokenRole.SYSTEM]].sum(1)            # [N_t, 2]
+            # Two integer indices, not a list: a list index is copied to the device, a host sync per layer.
+            mass = mass.detach()
+            rows = torch.stack((mass[..., TokenRole.IMAGE], mass[..., TokenRole.SYSTEM]), -1).sum(1)  # [N_t, 2]
             # Assignment, not accumulation: under activation recompute a layer is reported twice.
             partial[:, slot] = rows.float() / heads.total
             coverage[slot] = heads.local / heads.total

@@ -212,7 +212,7 @@ class RunConfig:
     progress_interval_s: float = 30.0
     """Seconds between progress lines."""
     ray_num_cpus: int | None = None
-    """CPUs for a local Ray start (no RAY_ADDRESS); default max(4, cpu count): Xenna needs a few slots."""
+    """CPUs for a local Ray start (no RAY_ADDRESS); default max(8, cpu count): Xenna needs a few slots."""
 
     def __post_init__(self) -> None:
         _check(self.executor in EXECUTORS, "run.executor", f"must be one of {list(EXECUTORS)}, got {self.executor!r}")
@@ -250,6 +250,14 @@ class SynthConfig:
         self.reason.teacher.validate("reason.teacher")
         if self.anchor.enabled:
             self.anchor.teacher.validate("anchor.teacher")
+        _check(self.verify.keep_only_correct or not self.anchor.enabled or not self.anchor.only_correct,
+               "verify.keep_only_correct",
+               "is false (keep records whose answer is wrong), but anchor.only_correct=true anchors only correct "
+               "candidates, so a wrong one would have no anchored chain to keep: set anchor.only_correct=false too")
+        work, out = self.work_dir.resolve(), Path(self.output.dir).resolve()
+        _check(not work.is_relative_to(out), "run.work_dir",
+               f"({work}) lies inside output.dir ({out}), which holds the dataset only (a rerun would refuse the "
+               "folder as not written by avar synth): put it beside output.dir (the default is <output.dir>.work)")
 
     @property
     def work_dir(self) -> Path:

@@ -149,6 +149,47 @@ def run_local(stages) -> list:
     return tasks
 
 
+@contextlib.contextmanager
+def _stage_errors_unwrapped():
+    """A stage's bad-input error (ValueError: a missing column, a teacher that refuses every request, an image
+    the writer cannot read) reaches the caller as itself, with its message naming the problem and the fix, not
+    as Ray's task error around a remote traceback. Ray Data raises a worker's original exception only when told
+    to (DataContext.raise_original_map_exception, else a UserCodeException that drops it); Ray then wraps it
+    in a RayTaskError, whose ``cause`` is the original."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    before = context.raise_original_map_exception
+    context.raise_original_map_exception = True
+    try:
+        yield
+    except Exception as error:
+        original = _stage_error(error)
+        if original is None:
+            raise
+        raise original from None
+    finally:
+        context.raise_original_map_exception = before
+
+
+def _stage_error(error: BaseException) -> ValueError | None:
+    """The first ValueError that is not one of Ray's own wrappers among ``error``'s causes (Ray's ``cause``,
+    Python's ``__cause__``), or None."""
+    from ray.exceptions import RayError
+
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        current = stack.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ValueError) and not isinstance(current, RayError):
+            return current
+        stack += [e for e in (getattr(current, "cause", None), current.__cause__) if isinstance(e, BaseException)]
+    return None
+
+
 def _executor(config: SynthConfig):
     if config.run.executor == "xenna":
         from nemo_curator.backends.xenna import XennaExecutor
@@ -179,7 +220,7 @@ def run_synthesis(config: SynthConfig) -> dict:
         if config.run.executor == "local":
             results = run_local(stages)
         else:
-            with ray_session(config):
+            with ray_session(config), _stage_errors_unwrapped():
                 pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data",
                                     stages=stages)
                 results = pipeline.run(executor=_executor(config))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from megatron_avar import atomic_files
 from megatron_avar.roles import IMAGE_FORMATS
 from megatron_avar.synth.config import SourceConfig
 
+logger = logging.getLogger("megatron_avar.synth")
 ROW_COLUMNS = ("id", "source", "question", "answer", "image_path", "image_mime", "image_sha", "metadata",
                "description", "candidates", "response", "drop_reason", "tokens_spent", "tokens_cached")
 _MIME = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp"),
@@ -60,15 +62,16 @@ def table_to_rows(table) -> list[dict]:
 
 def store_image(image_bytes: bytes, store_dir: Path) -> tuple[str, str, str]:
     """Check the bytes decode as an image and store them by content; returns (path, mime, sha256).
-    ValueError when they are not a readable image of a supported format."""
-    from PIL import Image, UnidentifiedImageError
+    ValueError when they are not a readable image of a supported format: the writer's check
+    (``data.conversations.verify_image``: a truncated JPEG, a decompression bomb), made before any teacher
+    request is paid for, so a record the writer would refuse never reaches it."""
+    from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(image_bytes), formats=IMAGE_FORMATS) as image:
-            image_format = image.format
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"unreadable image ({error})") from None
+    from megatron_avar.data.conversations import verify_image
+
+    verify_image(image_bytes, "image")
+    with Image.open(io.BytesIO(image_bytes), formats=IMAGE_FORMATS) as image:
+        image_format = image.format
     if image_format not in _MIME:
         raise ValueError(f"image format {image_format} is not one of {sorted(_MIME)}")
     mime, extension = _MIME[image_format]
@@ -144,21 +147,32 @@ def _normal_question(question: str) -> str:
 
 def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool) -> list[dict]:
     """Every record of every source as a working row, in config then file order. Records that cannot be
-    used (no question, no answer, not exactly one readable image) become rows dropped as "read.invalid";
-    repeats of an earlier (image bytes, question) pair are dropped as "read.duplicate" when ``dedup``."""
+    used (no question, no answer, not exactly one readable image) become rows dropped as "read.invalid" (the
+    reason in their metadata, and the first few logged); repeats of an earlier (image bytes, question) pair
+    are dropped as "read.duplicate" when ``dedup``. ValueError, before any teacher request, when two records
+    of a source share an id (the written dataset could not be loaded) or when none of a source's records is
+    usable (a wrong column or image folder, not a dataset to pay teachers for)."""
     rows, seen = [], set()
     for source in sources:
         reader = _conversation_records if source.format == "conversations" else _column_records
+        ids: dict[str, int] = {}
+        invalid: list[tuple[str, str]] = []
         for count, (record_id, question, answer, image, base_dir, metadata) in enumerate(reader(source)):
             if source.limit is not None and count >= source.limit:
                 break
+            if record_id in ids:
+                raise ValueError(f"source {source.name}: records {ids[record_id]} and {count} have the same id "
+                                 f"{record_id!r} (column {source.id_column!r}); the written dataset needs unique ids: "
+                                 "make them unique, or unset sources[].id_column (ids are then <name>-<index>)")
+            ids[record_id] = count
             row = new_row(id=f"{source.name}/{record_id}", source=source.name, question=question, answer=answer,
                           metadata=json.dumps(metadata, sort_keys=True))
             try:
                 if isinstance(image, Exception):
                     raise image
-                if not question or not str(question).strip():
-                    raise ValueError("no question text")
+                if not isinstance(question, str) or not question.strip():
+                    raise ValueError("no question text" if not question else
+                                     f"the question is a {type(question).__name__}, not text")
                 if answer is None or not str(answer).strip():
                     raise ValueError("no ground-truth answer")
                 folder = base_dir if base_dir.is_dir() else base_dir.parent
@@ -167,6 +181,7 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
             except ValueError as error:
                 row["drop_reason"] = "read.invalid"
                 row["metadata"] = json.dumps({**metadata, "invalid": str(error)}, sort_keys=True)
+                invalid.append((row["id"], str(error)))
                 rows.append(row)
                 continue
             key = (row["image_sha"], _normal_question(question))
@@ -174,4 +189,17 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
                 row["drop_reason"] = "read.duplicate"
             seen.add(key)
             rows.append(row)
+        _report_invalid(source, invalid, len(ids))
     return rows
+
+
+def _report_invalid(source: SourceConfig, invalid: list[tuple[str, str]], records: int) -> None:
+    """Log a source's unusable records (the first few with their reasons); ValueError when none is usable."""
+    if not invalid:
+        return
+    examples = "; ".join(f"{record}: {reason}" for record, reason in invalid[:3])
+    if len(invalid) == records:
+        raise ValueError(f"source {source.name}: none of its {records} records is usable (e.g. {examples}); check "
+                         "sources[].path and the image/question/answer columns")
+    logger.warning("synth: source %s: %d of %d records unusable (read.invalid), e.g. %s", source.name,
+                   len(invalid), records, examples)

@@ -27,7 +27,10 @@ from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
 
 DESCRIPTION_SECTIONS = ("Global scan", "Elements", "Relations", "Scene")
-_CHAIN_WRAPPER = re.compile(r"^\s*<chain>\s*(.*?)\s*</chain>\s*$", re.DOTALL | re.IGNORECASE)
+_CHAIN_WRAPPER = re.compile(r"<chain>\s*(.*?)\s*</chain>", re.DOTALL | re.IGNORECASE)
+_THINKING = re.compile(r"^\s*<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+# Tags of the response format (and of the anchor prompt's wrapper): a chain holding one would nest them.
+_RESERVED_TAGS = re.compile(r"</?(?:think|answer|chain)>", re.IGNORECASE)
 
 
 class Malformed(Exception):
@@ -53,8 +56,27 @@ def _ask(client: ChatClient, row: dict, messages: list[dict], parse, *, candidat
     raise AssertionError("unreachable")
 
 
+def without_thinking(text: str) -> str:
+    """A reply without the leading ``<think>…</think>`` block a reasoning model writes when its server runs no
+    reasoning parser (Qwen3 by default); Malformed when the block never closes (the reply ran out of tokens
+    while thinking)."""
+    match = _THINKING.match(text)
+    if match is not None:
+        return text[match.end():]
+    if re.match(r"^\s*<think>", text, re.IGNORECASE):
+        raise Malformed("the reply ends inside its <think> block (raise the teacher's max_tokens)")
+    return text
+
+
+def _check_no_reserved_tags(chain: str) -> None:
+    found = _RESERVED_TAGS.search(chain)
+    if found is not None:
+        raise Malformed(f"the chain holds the tag {found.group(0)} (the response wraps chains in <think>)")
+
+
 def parse_description(text: str) -> str:
     """The description when it has the four sections (as Markdown headings, in order, none empty)."""
+    text = without_thinking(text)
     positions = []
     for section in DESCRIPTION_SECTIONS:
         match = re.search(rf"^\s*#+\s*{re.escape(section)}\s*:?\s*$", text, re.IGNORECASE | re.MULTILINE)
@@ -70,7 +92,10 @@ def parse_description(text: str) -> str:
 
 
 def parse_chain(text: str) -> tuple[str, str]:
-    """(chain, predicted answer) when the chain ends in a final answer."""
+    """(chain, predicted answer) when the chain ends in a final answer (a leading thinking block removed; a
+    chain holding the response format's tags is malformed)."""
+    text = without_thinking(text)
+    _check_no_reserved_tags(text)
     predicted = extract_answer(text, SYNTHESIS).text
     if predicted is None:
         raise Malformed("no 'Final answer:' line")
@@ -79,11 +104,16 @@ def parse_chain(text: str) -> tuple[str, str]:
 
 def make_anchor_parser(min_anchors: int):
     """A parser accepting a rewritten chain with >= min_anchors balanced <anchor> spans and its final-answer
-    line; returns (chain without tags, number of anchors). Whether the answer survived is verify's check."""
+    line, alone or in one <chain>…</chain> block (words around it dropped); returns (chain without tags, number
+    of anchors). Whether the answer survived is verify's check."""
 
     def parse_anchored(text: str) -> tuple[str, int]:
-        wrapped = _CHAIN_WRAPPER.match(text)
-        text = wrapped.group(1) if wrapped else text
+        text = without_thinking(text)
+        wrapped = _CHAIN_WRAPPER.findall(text)
+        if len(wrapped) > 1:
+            raise Malformed(f"{len(wrapped)} <chain> blocks, one expected")
+        text = wrapped[0] if wrapped else text  # words around the one <chain> block are not the chain
+        _check_no_reserved_tags(text)
         stripped, num_anchors = strip_anchor_tags(text)
         if num_anchors < 0:
             raise Malformed("unbalanced <anchor> tags")

@@ -121,3 +121,59 @@ def test_grpo_config_refuses_a_nonfinite_learning_rate():
         with pytest.raises(ValueError, match=r"optim\.lr must be a finite number"):
             load_config(GRPOConfig, None, base + [f"optim.lr={value}"])
     assert math.isclose(load_config(GRPOConfig, None, base).optim.lr, 1e-6)
+
+
+class _RecordingPolicy(_DivergingPolicy):
+    """Records the advantages each update trains on; its updates leave the weights as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.advantages = []
+
+    def train_step(self, rollouts, old_logp, advantages, ref_logp=None):
+        self.advantages.append(advantages.tolist())
+        return {"loss/policy": 0.25, "loss/ratio_max": 1.0, "optim/grad_norm": 0.5, "optim/lr": 1e-6,
+                "data/response_tokens": float(3 * len(rollouts))}
+
+
+def _a_step_whose_grading_differs_between_tensor_parallel_ranks(cp: int):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import load_config
+    from megatron_avar.grpo.config import GRPOConfig
+    from megatron_avar.grpo.interfaces import PromptBatch
+    from megatron_avar.grpo.rewards import RewardParts
+    from megatron_avar.grpo.trainer import grpo_step
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    init_distributed(2 // cp, 1, seed=0, cp=cp)
+    config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
+                                            "rollout.n=2", "train.prompts_per_step=2"])
+    prompts = PromptBatch(prompt_ids=list(PROMPTS), input_ids=[torch.tensor([1, 2])] * 2,
+                          roles=[torch.tensor([0, 0])] * 2, pixel_values=[None] * 2, image_grid_thw=[None] * 2,
+                          ground_truths=["1", "1"])
+
+    class RankDependentReward:  # a grading that timed out on rank 1 for the first rollout
+        def score(self, response, truth, r_visual):
+            correct = float(dist.get_rank() == 0 or not response.endswith("<answer>0</answer>"))
+            return RewardParts(accuracy=correct, format=1.0, visual=0.0, total=correct + 0.5)
+
+    policy = _RecordingPolicy()
+    try:
+        metrics = grpo_step(0, prompts, policy=policy, backend=_Backend(), reward=RankDependentReward(),
+                            config=config)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return policy.advantages, metrics["reward/accuracy"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("cp", [1, 2])
+def test_ranks_of_one_model_train_on_the_same_rewards_when_their_grading_differs(cp):
+    """Tensor- (or context-) parallel ranks hold the same rollouts and grade them each; they train on the first
+    rank's rewards. Before, each trained on its own advantages: replicated weights drifted apart, silently."""
+    (first, accuracy0), (second, accuracy1) = run_on_ranks(_a_step_whose_grading_differs_between_tensor_parallel_ranks,
+                                                           2, cp, timeout_s=180)
+    assert first == second and accuracy0 == accuracy1 == 1.0
+    assert first == [[0.0, 0.0, 0.0, 0.0]]  # rank 0's rewards: every rollout correct, so no advantage

@@ -124,6 +124,75 @@ def test_a_replica_whose_engine_fails_stops_every_replica(failing):
     assert walked_0 == walked_1 == ["a", "b", "c"]  # a refused refit still finishes the collective walk
 
 
+class _EngineInEveryRank(_CrashingBackend):
+    """A backend in every rank (as vLLM is, at the trainer's TP): its wake-up or its release of the GPU fails."""
+
+    failing = ""
+
+    def update_weights(self, named_tensors):
+        for _ in named_tensors:
+            pass
+
+    def prepare_generation(self):
+        if self.failing == "wake":
+            raise RuntimeError("CUDA out of memory while waking the KV cache")
+
+    def finish_generation(self):
+        if self.failing == "sleep":
+            raise RuntimeError("cuMemUnmap failed")
+
+    def generate(self, prompts, n, sampling):
+        import dataclasses
+
+        return [dataclasses.replace(_rollout([11, 151645]), prompt_id=prompts.prompt_ids[0], sample_index=k)
+                for k in range(n)]
+
+
+def _replicas_whose_engine_fails_around_generation(failing: str):
+    """DP=2: replica 0's engine fails to wake (or to sleep), replica 1's works. The policy's weight walk is a
+    collective (a tensor-parallel gather in the real one): replica 0 must finish it, and every rank must raise."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_avar.grpo.trainer import RolloutEngineError, _rollouts
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    layout = init_distributed(1, 1, seed=0)
+    config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
+                                            "rollout.n=2"])
+    prompts = type("Prompts", (), {"prompt_ids": [f"p{layout.dp_rank}"]})()
+    walked = []
+
+    def named_weights():
+        for name in ("a", "b", "c"):
+            tensor = torch.ones(1)
+            dist.all_reduce(tensor)  # collective, as the real walk's gathers
+            walked.append(name)
+            yield name, tensor
+
+    policy = type("Policy", (), {"named_weights": staticmethod(named_weights)})()
+    backend = type("Engine", (_EngineInEveryRank,), {"failing": failing if layout.dp_rank == 0 else ""})()
+    try:
+        _rollouts(4, prompts, policy=policy, backend=backend, config=config, timings={})
+        message = "no error"
+    except RolloutEngineError as error:
+        message = str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+    return message, walked
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("failing", ["wake", "sleep"])
+def test_an_engine_that_fails_to_wake_or_sleep_on_one_replica_stops_every_replica(failing):
+    (failed, walked_0), (other, walked_1) = run_on_ranks(_replicas_whose_engine_fails_around_generation, 2, failing,
+                                                         timeout_s=120)
+    cause = "CUDA out of memory while waking" if failing == "wake" else "cuMemUnmap failed"
+    assert failed.startswith("step 4: the rollout engine") and cause in failed and "resume" in failed
+    assert other.startswith("step 4:") and "on another data-parallel replica" in other
+    assert walked_0 == walked_1 == ["a", "b", "c"]
+
+
 def test_rollouts_out_of_prompt_major_order_are_refused():
     """Groups are contiguous runs of n: a backend returning sample-major order would mix prompts' advantages."""
     import dataclasses

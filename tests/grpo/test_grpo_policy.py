@@ -156,12 +156,18 @@ def _kl_update(hf_path, data_path):
                             temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
     _losses_refusing_host_syncs(policy)
     old = policy.log_probs_with_masses(rollouts)
-    # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients.
-    frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=layers,
+    # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients, no AVAR
+    # layers; its log-probs come without masses (no probe runs: it would raise here).
+    frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=(),
                          hf_path=hf_path, trainable=False)
-    frozen_logp = MegatronPolicy(frozen, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
-                                 temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1),
-                                 pad_token_id=pad_id).log_probs_with_masses(rollouts).logp
+    reference = MegatronPolicy(frozen, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
+                               temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
+    from unittest import mock
+
+    import megatron_avar.models.role_mass_attention as layer_module
+
+    with mock.patch.object(layer_module, "role_mass", side_effect=AssertionError("the reference ran the probe")):
+        frozen_logp = reference.log_probs(rollouts)
     frozen_facts = {"equal": bool(torch.equal(frozen_logp, old.logp)),
                     "trainable": any(p.requires_grad for p in frozen.parameters()),
                     "wrapped": any(chunk is not module for chunk, module in zip(frozen.chunks, frozen.modules))}

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 STEPS = 3
-REPRODUCED = ("reward/total", "reward/accuracy", "reward/format", "vas/rollouts", "response/length_mean",
+REPRODUCED = ("reward/total", "reward/accuracy", "reward/format", "reward/r_visual", "response/length_mean",
               "loss/policy", "loss/approx_kl", "optim/grad_norm")
 
 
@@ -62,7 +62,7 @@ def test_run_completes_logs_and_checkpoints(runs):
     assert [line["step"] for line in lines] == list(range(STEPS))
     for line in lines:
         assert line["data/rollouts"] == 6  # 2 prompts x 3 rollouts
-        assert 0 <= line["reward/accuracy"] <= 1 and line["vas/rollouts"] > 0
+        assert 0 <= line["reward/accuracy"] <= 1 and line["reward/r_visual"] > 0
         assert line["advantage/zero_fraction"] < 1 and line["optim/grad_norm"] > 0  # a real update
         for name in ("perf/generate_seconds", "perf/refit_seconds", "perf/logprob_seconds", "perf/update_seconds"):
             assert line[name] > 0
@@ -106,7 +106,7 @@ def test_a_context_parallel_run_gives_the_tensor_parallel_runs_first_step(runs, 
 def test_the_same_seed_gives_the_same_numbers(runs):
     _, full, repeat, _ = runs
     _assert_same_steps(repeat["history"], full["history"])
-    assert len({step["vas/rollouts"] for step in full["history"]}) == STEPS  # not a constant
+    assert len({step["reward/r_visual"] for step in full["history"]}) == STEPS  # not a constant
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):

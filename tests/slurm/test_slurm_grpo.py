@@ -51,7 +51,7 @@ def test_preempted_grpo_job_requeues_resumes_and_finishes(preempted_job):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert {r["step"] for r in records} == set(range(STEPS))
     for record in records:
-        assert {"reward/total", "reward/accuracy", "reward/format", "vas/rollouts"} <= record.keys()
+        assert {"reward/total", "reward/accuracy", "reward/format", "reward/r_visual"} <= record.keys()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["last_step"] == STEPS - 1
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS - 1:08d}"

@@ -14,7 +14,7 @@ from megatron_avar.config import load_config
 from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
 from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.prompts import load_prompts, reason_messages
-from megatron_avar.synth.teachers import Malformed, parse_description
+from megatron_avar.synth.teachers import Malformed, make_anchor_parser, parse_chain, parse_description
 from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +47,9 @@ def test_example_configs_are_valid(name):
                                     r"from 0 to 0\); set the whole list instead \(sources=\[...\]\)"),
     (["sources.0.path=y"], r"sources is not set here .*no item 0; set the whole list"),
     (SOURCE + ["reason"], "not of the form dotted.key=value"),
+    (SOURCE + ["verify.keep_only_correct=false"], "verify.keep_only_correct is false .* set anchor.only_correct=false"),
+    (SOURCE + ["output.dir=runs/x", "run.work_dir=runs/x/work"], r"run.work_dir \(.*runs/x/work\) lies inside "
+                                                                 r"output.dir"),
 ])
 def test_invalid_configs_name_the_field(overrides, message, monkeypatch):
     monkeypatch.delenv("SYNTH_UNSET_VARIABLE", raising=False)
@@ -202,3 +205,22 @@ def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_pat
     assert (out / "data" / "shard-0123456789abcdef.parquet").is_file()
     prepare_output(config)  # an unfinished run's shards alone: redone
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_response_tags():
+    # a reasoning model behind a server without a reasoning parser: its <think> block is not the chain
+    chain, predicted = parse_chain("<think>Let me see.\nMaybe 3?</think>\nThe bars are 2 and 2.\nFinal answer: 4")
+    assert chain == "The bars are 2 and 2.\nFinal answer: 4" and predicted == "4"
+    assert format_response(chain, predicted).count("<think>") == 1
+    with pytest.raises(Malformed, match="ends inside its <think> block"):
+        parse_chain("<think>Let me see, the bars are")
+    with pytest.raises(Malformed, match="holds the tag <answer>"):
+        parse_chain("The bars are 2 and 2.\nFinal answer: <answer>4</answer>")
+    parse = make_anchor_parser(1)
+    text, anchors = parse("Here is the rewritten chain:\n<chain>\nTwo bars. <anchor>Looking again, both are 2."
+                          "</anchor>\nFinal answer: 4\n</chain>\nI hope this helps.")
+    assert text == "Two bars. Looking again, both are 2.\nFinal answer: 4" and anchors == 1
+    with pytest.raises(Malformed, match="2 <chain> blocks"):
+        parse("<chain>a <anchor>b</anchor> Final answer: 1</chain><chain>c</chain>")
+    assert parse_description("<think>hm</think>\n## Global scan\nA.\n## Elements\nB.\n## Relations\nC.\n"
+                             "## Scene\nD.").startswith("## Global scan")

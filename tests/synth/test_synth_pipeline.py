@@ -20,7 +20,7 @@ from megatron_avar.data.conversations import load_conversations
 from megatron_avar.synth.client import RequestCache
 from megatron_avar.synth.pipeline import MANIFEST, run_synthesis
 from synth_fake_teacher import FakeTeacher, Fault
-from synth_helpers import synth_config
+from synth_helpers import synth_config, synth_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,3 +115,16 @@ def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, proc
     while ray_processes(started) and time.time() < deadline:
         time.sleep(0.5)
     assert ray_processes(started) == []
+
+
+def test_a_stage_error_on_ray_reaches_the_cli_as_its_own_message(tmp_path, procedural_source, teacher, capsys):
+    """Under the default executor (Ray Data) a stage's bad-input error is the CLI's usage error, its message
+    naming the problem and the fix, not Ray's task error around a worker's traceback."""
+    from megatron_avar.cli import main
+
+    data, _, _ = procedural_source
+    sources = f"sources=[{{name: t, path: '{data}', format: columns, image_column: nope}}]"
+    assert main(["synth", *synth_overrides(tmp_path, data, teacher, "run.executor=ray_data", sources)]) == 2
+    err = capsys.readouterr().err
+    assert "source t: no column 'nope'" in err and "set sources[].image_column" in err
+    assert "Traceback" not in err and "RayTaskError" not in err and "UserCodeException" not in err

@@ -169,3 +169,37 @@ def test_output_is_sft_ready(tmp_path, procedural_source, teacher):
     batch = step.microbatches[0]
     assert step.num_loss_tokens > 0 and batch.pixel_values is not None
     assert torch.isin(torch.tensor(think_id), batch.input_ids)
+
+
+def test_read_refuses_what_the_writer_would_refuse_before_any_request(tmp_path, caplog):
+    from PIL import Image as PILImage
+
+    from megatron_avar.synth.config import SourceConfig
+    from megatron_avar.synth.records import read_sources
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    PILImage.new("RGB", (64, 48), (200, 30, 30)).save(folder / "good.png")
+    PILImage.new("RGB", (640, 480), (30, 200, 30)).save(folder / "whole.jpg", quality=95)
+    jpeg = (folder / "whole.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # PIL's verify() reads only a JPEG's headers
+    rows = [{"image": "good.png", "question": "What colour?", "answer": "red", "uid": "a"},
+            {"image": "cut.jpg", "question": "What colour?", "answer": "green", "uid": "b"},
+            {"image": "good.png", "question": 7, "answer": "red", "uid": "c"}]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = SourceConfig(name="t", path=str(folder / "rows.jsonl"), format="columns", id_column="uid")
+    with caplog.at_level(logging.WARNING, logger="megatron_avar.synth"):
+        read = read_sources((source,), tmp_path / "images", dedup=True)
+    assert [r["drop_reason"] for r in read] == [None, "read.invalid", "read.invalid"]
+    assert "unreadable or corrupt" in json.loads(read[1]["metadata"])["invalid"]
+    assert "the question is a int" in json.loads(read[2]["metadata"])["invalid"]
+    assert "source t: 2 of 3 records unusable (read.invalid), e.g. t/b: image" in caplog.text
+    # the same id twice: the written dataset could not be loaded, so the read stops before any request
+    rows[2].update(question="Which shape?", uid="a")
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"source t: records 0 and 2 have the same id 'a' \(column 'uid'\)"):
+        read_sources((source,), tmp_path / "images", dedup=True)
+    # nothing usable: a wrong column or folder, not a dataset to pay teachers for
+    (folder / "rows.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match="source t: none of its 1 records is usable"):
+        read_sources((source,), tmp_path / "images", dedup=True)
