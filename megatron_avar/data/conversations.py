@@ -2,7 +2,7 @@
 
 A record is one JSON object (a jsonl line) or one parquet row:
 
-    {"id": "geo-17",                                   # optional, unique string; defaults to "<file>:<line>"
+    {"id": "geo-17",                                   # optional, unique string; defaults to "<file> line <n>"
      "messages": [                                     # the Hugging Face chat format
         {"role": "system", "content": "..."},          # optional, first only
         {"role": "user", "content": [{"type": "image", "image": "images/geo-17.png"},
@@ -299,6 +299,8 @@ def load_conversations(path: str | Path) -> datasets.Dataset:
         dataset = single_split(datasets.load_from_disk(str(path)), str(path))
         if set(dataset.column_names) != set(_features()):
             raise ValueError(f"{path}: a saved dataset must have the columns {sorted(_features())}")
+        if len(dataset) == 0:
+            raise ValueError(f"{path}: no records")
         dataset = dataset.cast(_features())
         rows = ((row, f"{path.name} row {index}") for index, row in enumerate(dataset_rows(undecoded(dataset))))
         for _ in _checked_records((_inline_canonical_images({k: v for k, v in row.items() if v is not None}, where),

@@ -222,7 +222,13 @@ class ChatClient:
         except (KeyError, IndexError, TypeError):
             content = None
         if not isinstance(content, str):
-            reason = "response without choices[0].message.content"
+            try:
+                cut = response["choices"][0].get("finish_reason") == "length"
+            except (KeyError, IndexError, TypeError, AttributeError):
+                cut = False
+            # A reasoning model that spends max_tokens thinking answers no content: the same request fails again
+            reason = (f"no content: the reply was cut at max_tokens={self.teacher.max_tokens} (raise "
+                      f"{self.stage}.teacher.max_tokens)" if cut else "response without choices[0].message.content")
             raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
         usage = response.get("usage") or {}
         result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),

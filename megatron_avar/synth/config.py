@@ -109,7 +109,8 @@ class ClientConfig:
     """Retries after HTTP 429/5xx, timeouts and connection errors; then the record is dropped (not cached,
     so the next run asks again)."""
     backoff_initial_s: float = 1.0
-    """First retry delay; doubles per retry (with jitter), at most backoff_max_s. A Retry-After header wins."""
+    """First retry delay; doubles per retry (with jitter), at most backoff_max_s. A Retry-After header replaces
+    it (still at most backoff_max_s)."""
     backoff_max_s: float = 60.0
     """Longest retry delay."""
     format_retries: int = 1

@@ -95,7 +95,9 @@ def _image_bytes(value, base_dir: Path) -> bytes:
 
 
 def _conversation_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str | None, object, Path, dict]]:
-    """(id, question, answer, image or error, base_dir, metadata) from the project's conversation format."""
+    """(id, question, answer, image or error, base_dir, metadata) from the project's conversation format. The
+    whole source is validated first (``load_conversations``): a missing or corrupt image anywhere in it stops the
+    read with that record's error, as training would; a record with other than one image is read.invalid."""
     from datasets import Image, List
 
     from megatron_avar.data.conversations import dataset_rows, load_conversations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,13 @@ class Malformed(Exception):
     """A teacher answered, but not in the requested form."""
 
 
+_ACCOUNTING = threading.Lock()  # candidates of one row are asked from several threads (ChatClient.map)
+
+
 def _account(row: dict, result: ChatResult) -> None:
     tokens = result.prompt_tokens + result.completion_tokens
-    row["tokens_cached" if result.cached else "tokens_spent"] += tokens
+    with _ACCOUNTING:  # a read-add-write: unlocked, two threads could lose one's tokens
+        row["tokens_cached" if result.cached else "tokens_spent"] += tokens
 
 
 def _ask(client: ChatClient, row: dict, messages: list[dict], parse, *, candidate: int = 0, format_retries: int):

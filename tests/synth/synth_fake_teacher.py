@@ -32,8 +32,8 @@ from collections.abc import Callable
 class Fault:
     """Misbehave for requests of ``stage`` whose question contains ``match`` (and, if given, whose seed is
     ``seed``): the n-th such request (per question) gets ``kinds[n]``; afterwards it is answered normally,
-    unless ``always`` (then the last kind repeats forever). Kinds: "429", "500", "timeout", "malformed",
-    "garbage" (a non-JSON body), "wrong" (reason: a wrong final answer), "ok"."""
+    unless ``always`` (then the last kind repeats forever). Kinds: "429", "500", "timeout", "cut" (no content,
+    finish_reason length), "malformed", "garbage" (a non-JSON body), "wrong" (reason: a wrong final answer), "ok"."""
 
     stage: str
     kinds: list[str]
@@ -134,6 +134,9 @@ class FakeTeacher:
             return int(fault), json.dumps({"error": {"message": "busy"}}), fault
         if fault == "garbage":
             return 200, "<html>proxy error</html>", "garbage"
+        if fault == "cut":  # a reasoning model that spent max_tokens thinking: no content
+            return 200, json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                 "finish_reason": "length"}]}), "cut"
         if fault == "timeout":
             time.sleep(self.slow_s)
         text = self.answer(body, stage, question, seed, fault)

@@ -65,6 +65,13 @@ def test_gives_up_after_max_retries_and_caches_nothing(tmp_path, server):
     assert len(server.requests()) == 4
 
 
+def test_a_reply_cut_at_max_tokens_names_the_setting_to_raise(tmp_path, server):
+    server.faults.append(Fault("reason", ["cut"], always=True))
+    client = make_client(tmp_path, server)
+    with pytest.raises(TeacherRequestError, match=r"cut at max_tokens=\d+ \(raise reason.teacher.max_tokens\)"):
+        client.chat(reason_messages())
+
+
 def test_cache_answers_repeats_without_a_request(tmp_path, server):
     client = make_client(tmp_path, server)
     first = client.chat(reason_messages())
