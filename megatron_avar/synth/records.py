@@ -116,7 +116,7 @@ def _conversation_records(source: SourceConfig) -> Iterator[tuple[str, str | Non
 def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str | None, object, Path, dict]]:
     import datasets
 
-    from megatron_avar.data.conversations import dataset_rows, single_split
+    from megatron_avar.data.conversations import LLAVA_IMAGE_PLACEHOLDER, dataset_rows, single_split
 
     path = Path(source.path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
@@ -138,9 +138,10 @@ def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str
         dataset = dataset.cast_column(source.image_column, datasets.Image(decode=False))
     for index, row in enumerate(dataset_rows(dataset)):
         record_id = str(row[source.id_column]) if source.id_column else f"{source.name}-{index}"
-        answer = row[source.answer_column]
-        yield (record_id, row[source.question_column], None if answer is None else str(answer),
-               row[source.image_column], base_dir, {})
+        answer, question = row[source.answer_column], row[source.question_column]
+        if isinstance(question, str):  # a LLaVA-style "<image>" marks where the image column's image goes
+            question = question.replace(LLAVA_IMAGE_PLACEHOLDER, " ").strip()
+        yield (record_id, question, None if answer is None else str(answer), row[source.image_column], base_dir, {})
 
 
 def _normal_question(question: str) -> str:

@@ -183,7 +183,7 @@ def test_read_refuses_what_the_writer_would_refuse_before_any_request(tmp_path, 
     PILImage.new("RGB", (640, 480), (30, 200, 30)).save(folder / "whole.jpg", quality=95)
     jpeg = (folder / "whole.jpg").read_bytes()
     (folder / "cut.jpg").write_bytes(jpeg[:len(jpeg) // 2])  # PIL's verify() reads only a JPEG's headers
-    rows = [{"image": "good.png", "question": "What colour?", "answer": "red", "uid": "a"},
+    rows = [{"image": "good.png", "question": "<image>What colour?", "answer": "red", "uid": "a"},
             {"image": "cut.jpg", "question": "What colour?", "answer": "green", "uid": "b"},
             {"image": "good.png", "question": 7, "answer": "red", "uid": "c"}]
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -191,6 +191,7 @@ def test_read_refuses_what_the_writer_would_refuse_before_any_request(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="megatron_avar.synth"):
         read = read_sources((source,), tmp_path / "images", dedup=True)
     assert [r["drop_reason"] for r in read] == [None, "read.invalid", "read.invalid"]
+    assert read[0]["question"] == "What colour?"  # a LLaVA-style placeholder is not question text
     assert "unreadable or corrupt" in json.loads(read[1]["metadata"])["invalid"]
     assert "the question is a int" in json.loads(read[2]["metadata"])["invalid"]
     assert "source t: 2 of 3 records unusable (read.invalid), e.g. t/b: image" in caplog.text
