@@ -39,7 +39,7 @@ def test_rounds_merge_into_one_row_per_mode_with_ratios_over_every_rounds_steps(
                                              "precision": "fp32", "steps": 3, "warmup": 1, "rounds": 3})
     assert "median of 3 interleaved rounds x 3 steps" in text
     assert "| 512 | probe | 10.750 | +2.4% | 9.500 | +5.6% | 42% | 0.40% |" in text
-    assert "Rounds that failed (their rows use the rounds that measured): 512 probe: 1" in text
+    assert "Rounds not run or failed (their rows use the rounds that measured): 512 probe: 1" in text
 
 
 def test_a_mode_no_round_measured_keeps_its_error():
@@ -48,4 +48,13 @@ def test_a_mode_no_round_measured_keeps_its_error():
     assert rows[1]["error"] == "OOM" and "step_seconds" not in rows[1]
     assert "| 512 | probe | OOM |" in bench_sft.markdown(rows, {"hardware": "cpu", "date": "d", "commit": "c",
                                                                   "model": "m", "precision": "fp32", "steps": 1,
-                                                                  "warmup": 0})
+                                                                  "warmup": 0, "rounds": 1})
+
+
+def test_profile_reads_the_probes_autograd_functions_by_their_names():
+    import importlib
+
+    role_mass = importlib.import_module("megatron_avar.ops.role_mass")  # (the package exports the function)
+    role_mass_triton = importlib.import_module("megatron_avar.ops.role_mass_triton")
+    assert bench_sft.PROBE_FUNCTIONS == (role_mass._BlockwiseRoleMass.__name__,
+                                         role_mass_triton._TritonRoleMass.__name__)

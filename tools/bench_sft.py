@@ -32,8 +32,9 @@ Step time: median of --steps steps after --warmup steps; with --rounds R, every 
 the rounds interleaved (off, probe, ..., off, probe, ...: a slow minute of a shared machine falls on both), and
 the median is over every round's steps; "min s" is the fastest step and "spread" (max - min) / median, the
 run-to-run noise the comparison has to be read against. --profile runs one more step under torch.profiler and
-reports the time spent inside the role_mass probe's autograd functions (forward and backward, their kernels
-included: CUDA time on a GPU, CPU time on the CPU) — the probe's own cost, free of that noise.
+reports the time spent inside the role_mass probe's two autograd functions (forward and backward, their kernels
+included: CUDA time on a GPU, CPU time on the CPU) over that step's wall time — the probe's own cost, free of
+that noise, and a lower bound of AVAR's: the AGTO loss terms and the per-batch row bookkeeping are not in it.
 Peak memory: megatron_avar.platform.peak_memory_bytes (CUDA max allocated over the timed steps, from what the
 warm-up left held; CPU peak RSS) after the last timed step.
 Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
@@ -148,12 +149,12 @@ def worker(spec: dict) -> dict:
     from megatron_avar.training.metrics import batch_flops, sample_lengths
     from megatron_avar.training.sft_data import SFTDataLoader
 
-    mode, seq, rnd = spec["mode"], spec["seq_length"], spec.get("round", 0)
+    mode, seq, rnd = spec["mode"], spec["seq_length"], spec["round"]
     alpha = 0.15 if mode in AVAR_MODES else 0.0
     config = load_config(SFTConfig, None, [
         f"out={spec['work']}/run_{mode}_{seq}_{rnd}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
         f"data.seq_length={seq}", f"data.max_pixels={spec['image_side'] ** 2}", "train.global_batch_size=1",
-        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps'] + 1}",
+        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps'] + int(spec['profile'])}",
         f"avar.alpha={alpha}", f"avar.beta={alpha}", "optim.lr=1.0e-6",
         f"model.mass_mode={'fused' if mode == 'fused' else 'probe'}",
         f"model.role_attention_impl={'triton' if mode == 'probe-triton' else 'auto'}"])
@@ -178,7 +179,7 @@ def worker(spec: dict) -> dict:
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
     peak_gb = platform.peak_memory_bytes() / 1e9  # before the profiled step, whose profiler holds memory
-    profiled = _profiled_probe_seconds(step_fn, next(batches)) if spec.get("profile") and mode in PROBE_MODES else None
+    profiled = _profiled_probe_seconds(step_fn, next(batches)) if spec["profile"] and mode in PROBE_MODES else None
     median = statistics.median(times)
     planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
     return {"mode": mode, "seq_length": seq, "round": rnd, "step_seconds": median, "step_seconds_all": times,
@@ -193,14 +194,15 @@ def worker(spec: dict) -> dict:
             "autotune_choices": _autotune_choices()}
 
 
-# The role_mass probe's autograd functions (forward; the backward's event is the name + "Backward").
+# The role_mass probe's autograd functions, ops.role_mass._BlockwiseRoleMass and ops.role_mass_triton._TritonRoleMass
+# (forward; the backward's event is the name + "Backward"); tests/test_bench_sft.py checks the names.
 PROBE_FUNCTIONS = ("_BlockwiseRoleMass", "_TritonRoleMass")
 
 
-def _profiled_probe_seconds(step_fn, batch) -> tuple[float, float]:
+def _profiled_probe_seconds(step_fn, batch) -> tuple[float, float] | None:
     """One more step under torch.profiler: (seconds inside the probe's autograd functions, forward + backward,
     their kernels included — device time on a GPU, CPU time on the CPU; the step's wall seconds under the
-    profiler)."""
+    profiler); None when the profile holds none of them (not a 0% share)."""
     import torch
 
     from megatron_avar import platform
@@ -214,10 +216,10 @@ def _profiled_probe_seconds(step_fn, batch) -> tuple[float, float]:
         step_fn(batch)
         seconds = time.monotonic() - started
     events = [e for e in prof.key_averages() if e.key in names]
-    if platform.cuda_available():
-        inside = sum(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) for e in events)
-    else:
-        inside = sum(e.cpu_time_total for e in events)
+    inside = sum(e.device_time_total if platform.cuda_available() else e.cpu_time_total for e in events)
+    if not events or inside <= 0:
+        print(f"[bench_sft] --profile: no time inside {sorted(names)} in the profiled step", flush=True)
+        return None
     return inside / 1e6, seconds
 
 
@@ -308,7 +310,7 @@ def run_worker(spec: dict, device: str) -> dict:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     # The worker writes straight to its log: one stopped from outside (a time limit) still leaves its output.
-    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}_{spec.get('round', 0)}.log"
+    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}_{spec['round']}.log"
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=sink,
                               stderr=subprocess.STDOUT, cwd=REPO)
@@ -321,7 +323,7 @@ def run_worker(spec: dict, device: str) -> dict:
         # The exception line, not the last line (which can be a warning printed at exit).
         raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in output.splitlines())
                   if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "round": spec.get("round", 0),
+        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "round": spec["round"],
                 "error": "OOM" if oom else
                 f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
@@ -387,8 +389,12 @@ def _fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def _percent(fraction: float | None) -> str:
+    return "—" if fraction is None else f"{100 * fraction:+.1f}%"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    rounds = meta.get("rounds", 1)
+    rounds = meta["rounds"]
     steps = (f"median of {meta['steps']} steps after {meta['warmup']} warm-up" if rounds == 1 else
              f"median of {rounds} interleaved rounds x {meta['steps']} steps, each after {meta['warmup']} warm-up")
     lines = [f"# AVAR SFT step benchmark ({meta['hardware']}, {meta['date']})", "",
@@ -396,7 +402,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "Baseline: mode `off` (plain SFT, the same fast attention, no masses). Targets: probe <= 1.05x off "
              "(CPU), <= 1.03x (GPU); memory <= +5%. \"spread\": (slowest - fastest step) / median, the noise "
              "the ratios are read against; \"probe share\" (--profile): the time inside the role_mass probe "
-             "(forward + backward) over a profiled step's. FLOP formula and modes: tools/bench_sft.py.",
+             "(forward + backward) over a profiled step's, a lower bound of AVAR's cost (not the AGTO loss). "
+             "FLOP formula and modes: tools/bench_sft.py.",
              "",
              "| seq | mode | step s | vs off | min s | min vs off | spread | probe share | peak GB | planned GB "
              "| extra GB vs off | tokens | TFLOP/s | attention share | MFU | eager S×S GB (this L) "
@@ -407,11 +414,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 14)
             continue
         baseline = r["mode"] == "off"
-        percent = lambda v: _fmt(None if v is None else 100 * v, "+.1f") + ("%" if v is not None else "")  # noqa: E731
         lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
-                     f"{'baseline' if baseline else percent(r.get('step_time_overhead'))} | "
+                     f"{'baseline' if baseline else _percent(r.get('step_time_overhead'))} | "
                      f"{r['step_seconds_min']:.3f} | "
-                     f"{'baseline' if baseline else percent(r.get('min_step_time_overhead'))} | "
+                     f"{'baseline' if baseline else _percent(r.get('min_step_time_overhead'))} | "
                      f"{100 * r['spread']:.0f}% | "
                      f"{_fmt(None if r.get('probe_share') is None else 100 * r['probe_share'], '.2f')}"
                      f"{'%' if r.get('probe_share') is not None else ''} | "
@@ -423,7 +429,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{r['eager_attention_gb']:.1f} | "
                      f"{r['eager_attention_gb_full_7b']:.1f} |")
     if any(r.get("rounds_failed") for r in rows):
-        lines += ["", "Rounds that failed (their rows use the rounds that measured): "
+        lines += ["", "Rounds not run or failed (their rows use the rounds that measured): "
                   + ", ".join(f"{r['seq_length']} {r['mode']}: {r['rounds_failed']}" for r in rows
                               if r.get("rounds_failed"))]
     return "\n".join(lines) + "\n"
@@ -526,10 +532,13 @@ def main() -> int:
     first = [mode for mode in args.modes if mode in ("off", "probe")]
     if args.rounds < 1:
         raise SystemExit(f"bench_sft: --rounds must be at least 1, got {args.rounds}")
-    order = ([(seq, mode) for seq in args.seq_lens for mode in first]
-             + [(seq, mode) for seq in args.seq_lens for mode in args.modes if mode not in first])
+    # With --rounds, each group's rounds interleave (off, probe, off, probe, ...): drift falls on both modes.
+    rounds = range(args.rounds)
+    rest = [mode for mode in args.modes if mode not in first]
+    order = ([(rnd, seq, mode) for rnd in rounds for seq in args.seq_lens for mode in first]
+             + [(rnd, seq, mode) for rnd in rounds for seq in args.seq_lens for mode in rest])
     longest = 0.0
-    for rnd, seq, mode in [(rnd, seq, mode) for rnd in range(args.rounds) for seq, mode in order]:
+    for rnd, seq, mode in order:
         elapsed = time.monotonic() - started
         if args.deadline_s is not None and elapsed + longest > args.deadline_s:
             print(f"[bench_sft] seq {seq} {mode} round {rnd}: not run (--deadline-s {args.deadline_s:.0f}: "

@@ -27,7 +27,7 @@ A new backend: implement the interface, then ``@register_backend("name")`` a fac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from megatron_avar.training.megatron_setup import RankLayout
 
 __all__ = ["BACKENDS", "BackendFactory", "register_backend", "backend_names", "build_backend", "SourceRankBackend",
-           "PromptShareBackend", "prompt_share", "on_model_parallel_source", "SourceRankGenerationError"]
+           "PromptShareBackend", "prompt_share", "on_model_parallel_source", "model_parallel_source",
+           "SourceRankGenerationError"]
 
 BackendFactory = Callable[["GRPOConfig", Any, "RankLayout"], GenerationBackend]
 """(config, processor, layout) -> this rank's backend. processor: the one that rendered the prompts
@@ -199,18 +200,18 @@ class PromptShareBackend:
         self.inner.close()
 
 
-def _model_parallel_source():
+def model_parallel_source() -> tuple[dist.ProcessGroup, int]:
     """(this rank's model-parallel group, the global rank of its first member)."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_model_parallel_group()
     # megatron's getter is unannotated (its global also holds other types); initialised, it is a ProcessGroup
-    return group, dist.get_process_group_ranks(group)[0]  # pyright: ignore[reportArgumentType]
+    group = cast(dist.ProcessGroup, parallel_state.get_model_parallel_group())
+    return group, dist.get_process_group_ranks(group)[0]
 
 
 def on_model_parallel_source(build: Callable[[], GenerationBackend]) -> SourceRankBackend:
     """``build()`` on the first rank of this rank's model-parallel group only, wrapped for the whole group."""
-    group, source = _model_parallel_source()
+    group, source = model_parallel_source()
     return SourceRankBackend(build() if dist.get_rank() == source else None, group=group, source=source)
 
 

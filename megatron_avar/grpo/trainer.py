@@ -30,9 +30,10 @@ import torch.distributed as dist
 
 from megatron_avar import atomic_files, platform
 from megatron_avar.grpo.advantages import group_advantages
-from megatron_avar.grpo.backends import build_backend
+from megatron_avar.grpo.backends import build_backend, model_parallel_source
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
 from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, SamplingParams
+from megatron_avar.grpo.rewards import RewardParts
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.training.run_loop import SUMMARY_FILE, check_run_inputs
@@ -44,19 +45,16 @@ class RolloutEngineError(RuntimeError):
     """The generation backend failed; the step is abandoned before any update."""
 
 
-def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int,
-              failure: RolloutEngineError | None = None) -> list[Rollout]:
+def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int) -> list[Rollout]:
     """This replica's rollouts, on every rank of its model-parallel group (where they are generated is the
-    backend's business: ``grpo.backends``); any failure is a RolloutEngineError naming the step and prompts.
-    failure: the engine already failed this step (its refit or wake-up): nothing is generated, and every rank
-    stops with the others."""
+    backend's business: ``grpo.backends``); any failure is a RolloutEngineError naming the step and prompts."""
     sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                               top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                               seed=config.rollout.seed + step)
+    failure: RolloutEngineError | None = None
     rollouts: list[Rollout] = []
     try:
-        if failure is None:
-            rollouts = backend.generate(prompts, config.rollout.n, sampling)
+        rollouts = backend.generate(prompts, config.rollout.n, sampling)
     except Exception as error:  # noqa: BLE001 — any engine failure ends the step the same way
         failure = RolloutEngineError(f"step {step}: rollout generation failed ({type(error).__name__}: {error}) "
                                      f"for prompts {prompts.prompt_ids[:4]}...; no update was made — rerun the "
@@ -71,13 +69,7 @@ def _generate(backend: GenerationBackend, prompts, config: GRPOConfig, step: int
                                      f"prompt-major order (prompt p's sample k at p x {n} + k, for "
                                      f"{len(prompts.prompt_ids)} prompts x {n}); a backend must keep that order "
                                      "(grpo.interfaces.GenerationBackend.generate)")
-    # Every replica stops together: the others would wait for this one in the update's collectives.
-    if platform.on_any_rank(failure is not None) and failure is None:
-        failure = RolloutEngineError(f"step {step}: rollout generation failed on another data-parallel replica "
-                                     "(its error names the cause); no update was made — rerun the same command to "
-                                     "resume from the last checkpoint")
-    if failure is not None:
-        raise failure
+    _stop_together(failure, step)  # the others would wait for this rank in the update's collectives
     return rollouts
 
 
@@ -100,10 +92,13 @@ def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
         failure.__cause__ = error
         for _ in weights:  # the walk gathers tensor-parallel shards: finish it, the peers are inside it
             pass
+    # Agreed before anyone generates: generation is itself collective (vLLM's tensor-parallel forward, the
+    # context-parallel share of the prompts), and a rank that skipped it would leave its peers inside it.
+    _stop_together(failure, step)
     timings["perf/refit_seconds"] = time.monotonic() - started
 
     started = time.monotonic()
-    rollouts = _generate(backend, prompts, config, step, failure)
+    rollouts = _generate(backend, prompts, config, step)
     failure = None
     try:
         backend.finish_generation()
@@ -112,14 +107,18 @@ def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
                                      f"({type(error).__name__}: {error}); no update was made — rerun the same "
                                      "command to resume from the last checkpoint")
         failure.__cause__ = error
-    if platform.on_any_rank(failure is not None) and failure is None:
-        failure = RolloutEngineError(f"step {step}: the rollout engine failed on another data-parallel replica (its "
-                                     "error names the cause); no update was made — rerun the same command to "
-                                     "resume from the last checkpoint")
-    if failure is not None:
-        raise failure
+    _stop_together(failure, step)
     timings["perf/generate_seconds"] = time.monotonic() - started
     return rollouts
+
+
+def _stop_together(failure: RolloutEngineError | None, step: int) -> None:
+    """Collective over every rank: raise ``failure`` here, and a RolloutEngineError on the ranks where all went
+    well, when the rollout engine failed on any rank (the others would wait for it in the step's collectives)."""
+    if platform.on_any_rank(failure is not None):
+        raise failure or RolloutEngineError(
+            f"step {step}: the rollout engine failed on another rank (its error names the cause); no update was "
+            "made — rerun the same command to resume from the last checkpoint")
 
 
 def _start_backend(config: GRPOConfig, processor, layout) -> GenerationBackend:
@@ -184,24 +183,26 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     return metrics
 
 
-def _agreed_rewards(parts: list) -> list:
+def _agreed_rewards(parts: list[RewardParts]) -> list[RewardParts]:
     """The rewards of the first rank of this rank's model-parallel group (then of its context-parallel group) on
     every rank of them. Those ranks hold the same rollouts and grade them each, but grading need not agree: a
     math-verify timeout (a wall-clock alarm) can fire on a loaded rank and not on its peer, and ranks of one
     model with different advantages would train its replicated weights (norms, biases) apart, silently."""
     from megatron.core import parallel_state
 
-    # (megatron's getters are unannotated: a type checker sees the union of their module globals' types)
-    groups = [cast(dist.ProcessGroup, parallel_state.get_model_parallel_group())]
+    group, source = model_parallel_source()
+    sources = [(group, source)]
     if parallel_state.get_context_parallel_world_size() > 1:
-        groups.append(cast(dist.ProcessGroup, parallel_state.get_context_parallel_group()))
-    groups = [group for group in groups if dist.get_world_size(group) > 1]
-    if not groups:
+        # (megatron's getters are unannotated: a type checker sees the union of their module globals' types)
+        cp_group = cast(dist.ProcessGroup, parallel_state.get_context_parallel_group())
+        sources.append((cp_group, dist.get_process_group_ranks(cp_group)[0]))
+    sources = [(group, source) for group, source in sources if dist.get_world_size(group) > 1]
+    if not sources:
         return parts
     values = torch.tensor([[p.accuracy, p.format, p.visual, p.total] for p in parts], dtype=torch.float64,
                           device=platform.current_device())
-    for group in groups:  # model-parallel first: its sources are the ranks the context-parallel broadcast reads
-        dist.broadcast(values, src=dist.get_process_group_ranks(group)[0], group=group)
+    for group, source in sources:  # model-parallel first: its sources are the ranks the context-parallel one reads
+        dist.broadcast(values, src=source, group=group)
     return [dataclasses.replace(part, accuracy=a, format=f, visual=v, total=t)
             for part, (a, f, v, t) in zip(parts, values.cpu().tolist())]
 
@@ -306,9 +307,10 @@ def run_grpo(config: GRPOConfig) -> dict:
     reward = VisualAnchoredReward(config.reward)
     reference = None
     if config.loss.kl_coef > 0:  # the starting weights, frozen (also after a resume: always from model.hf_path)
-        # No AVAR layers: its log-probs need no masses (the same attention gives the same `out`)
+        # The policy's AVAR layers (under mass_mode=fused they take `out` from the fused kernel); its passes give
+        # them no sink (Policy.log_probs), so under the probe no layer computes masses
         reference_model = build_model(qwen_config, parallel, dtype=dtype, recompute="none",
-                                      role_mass_layers=(), hf_path=config.model.hf_path, trainable=False)
+                                      role_mass_layers=visual_layers, hf_path=config.model.hf_path, trainable=False)
         reference = policy_of(reference_model)
     start_step = 0
     if resume_from is not None:

@@ -228,7 +228,7 @@ class ChatClient:
                 cut = False
             # A reasoning model that spends max_tokens thinking answers no content: the same request fails again
             reason = (f"no content: the reply was cut at max_tokens={self.teacher.max_tokens} (raise "
-                      f"{self.stage}.teacher.max_tokens)" if cut else "response without choices[0].message.content")
+                      f"{self.config_key}.max_tokens)" if cut else "response without choices[0].message.content")
             raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
         usage = response.get("usage") or {}
         result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),

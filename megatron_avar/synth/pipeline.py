@@ -167,7 +167,7 @@ def _stage_errors_unwrapped():
         original = _stage_error(error)
         if original is None:
             raise
-        raise original from None
+        raise original.with_traceback(original.__traceback__) from original.__cause__
     finally:
         context.raise_original_map_exception = before
 

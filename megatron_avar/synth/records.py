@@ -153,7 +153,7 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
     used (no question, no answer, not exactly one readable image) become rows dropped as "read.invalid" (the
     reason in their metadata, and the first few logged); repeats of an earlier (image bytes, question) pair
     are dropped as "read.duplicate" when ``dedup``. ValueError, before any teacher request, when two records
-    of a source share an id (the written dataset could not be loaded) or when none of a source's records is
+    of a source share an id (the written dataset could not be loaded), or when a source has no record or none
     usable (a wrong column or image folder, not a dataset to pay teachers for)."""
     rows, seen = [], set()
     for source in sources:
@@ -198,6 +198,8 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
 
 def _report_invalid(source: SourceConfig, invalid: list[tuple[str, str]], records: int) -> None:
     """Log a source's unusable records (the first few with their reasons); ValueError when none is usable."""
+    if records == 0:
+        raise ValueError(f"source {source.name}: no records at {source.path}")
     if not invalid:
         return
     examples = "; ".join(f"{record}: {reason}" for record, reason in invalid[:3])

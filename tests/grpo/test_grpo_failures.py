@@ -120,12 +120,13 @@ def test_a_replica_whose_engine_fails_stops_every_replica(failing):
     (failed, walked_0), (other, walked_1) = run_on_ranks(_replicas_where_one_fails, 2, failing, timeout_s=120)
     cause = "unknown tensor 'b'" if failing == "refit" else "illegal memory access"
     assert "step 5: rollout generation failed" in failed and cause in failed
-    assert "step 5: rollout generation failed on another data-parallel replica" in other
+    assert "step 5: the rollout engine failed on another rank" in other
     assert walked_0 == walked_1 == ["a", "b", "c"]  # a refused refit still finishes the collective walk
 
 
 class _EngineInEveryRank(_CrashingBackend):
-    """A backend in every rank (as vLLM is, at the trainer's TP): its wake-up or its release of the GPU fails."""
+    """A backend in every rank (as vLLM is, at the trainer's TP): its wake-up or its release of the GPU fails.
+    Its generation is a collective over the world (vLLM's tensor-parallel forward)."""
 
     failing = ""
 
@@ -144,20 +145,24 @@ class _EngineInEveryRank(_CrashingBackend):
     def generate(self, prompts, n, sampling):
         import dataclasses
 
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.ones(1))
         return [dataclasses.replace(_rollout([11, 151645]), prompt_id=prompts.prompt_ids[0], sample_index=k)
                 for k in range(n)]
 
 
-def _replicas_whose_engine_fails_around_generation(failing: str):
-    """DP=2: replica 0's engine fails to wake (or to sleep), replica 1's works. The policy's weight walk is a
-    collective (a tensor-parallel gather in the real one): replica 0 must finish it, and every rank must raise."""
+def _ranks_whose_engine_fails_around_generation(failing: str, tp: int):
+    """Two ranks (two replicas, or one replica at TP=2); rank 0's engine fails to wake (or to sleep), rank 1's
+    works. The policy's weight walk is a collective (a tensor-parallel gather in the real one): rank 0 must finish
+    it, rank 1 must not be left inside generation, and every rank must raise."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_avar.grpo.trainer import RolloutEngineError, _rollouts
     from megatron_avar.training.megatron_setup import init_distributed
 
-    layout = init_distributed(1, 1, seed=0)
+    layout = init_distributed(tp, 1, seed=0)
     config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
                                             "rollout.n=2"])
     prompts = type("Prompts", (), {"prompt_ids": [f"p{layout.dp_rank}"]})()
@@ -171,7 +176,7 @@ def _replicas_whose_engine_fails_around_generation(failing: str):
             yield name, tensor
 
     policy = type("Policy", (), {"named_weights": staticmethod(named_weights)})()
-    backend = type("Engine", (_EngineInEveryRank,), {"failing": failing if layout.dp_rank == 0 else ""})()
+    backend = type("Engine", (_EngineInEveryRank,), {"failing": failing if dist.get_rank() == 0 else ""})()
     try:
         _rollouts(4, prompts, policy=policy, backend=backend, config=config, timings={})
         message = "no error"
@@ -183,13 +188,13 @@ def _replicas_whose_engine_fails_around_generation(failing: str):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("failing", ["wake", "sleep"])
-def test_an_engine_that_fails_to_wake_or_sleep_on_one_replica_stops_every_replica(failing):
-    (failed, walked_0), (other, walked_1) = run_on_ranks(_replicas_whose_engine_fails_around_generation, 2, failing,
+@pytest.mark.parametrize("failing, tp", [("wake", 1), ("sleep", 1), ("wake", 2)])
+def test_an_engine_that_fails_to_wake_or_sleep_on_one_rank_stops_every_rank(failing, tp):
+    (failed, walked_0), (other, walked_1) = run_on_ranks(_ranks_whose_engine_fails_around_generation, 2, failing, tp,
                                                          timeout_s=120)
     cause = "CUDA out of memory while waking" if failing == "wake" else "cuMemUnmap failed"
     assert failed.startswith("step 4: the rollout engine") and cause in failed and "resume" in failed
-    assert other.startswith("step 4:") and "on another data-parallel replica" in other
+    assert other.startswith("step 4: the rollout engine failed on another rank")
     assert walked_0 == walked_1 == ["a", "b", "c"]
 
 

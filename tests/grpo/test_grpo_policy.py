@@ -156,9 +156,9 @@ def _kl_update(hf_path, data_path):
                             temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
     _losses_refusing_host_syncs(policy)
     old = policy.log_probs_with_masses(rollouts)
-    # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients, no AVAR
-    # layers; its log-probs come without masses (no probe runs: it would raise here).
-    frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=(),
+    # The trainer's frozen reference (build_model(trainable=False)): same weights, no DDP, no gradients; its
+    # log-probs come without masses (no probe runs: it would raise here).
+    frozen = build_model(qwen_config, ParallelConfig(), dtype=torch.float32, recompute="none", role_mass_layers=layers,
                          hf_path=hf_path, trainable=False)
     reference = MegatronPolicy(frozen, qwen_config, visual_layers=layers, epsilon=1e-6, seq_length=SEQ_LENGTH,
                                temperature=TEMPERATURE, loss=PolicyLossConfig(kl_coef=0.1), pad_token_id=pad_id)
