@@ -71,9 +71,10 @@ def _features():
     )
 
 
-def verify_image(source: Path | bytes, where: str) -> None:
+def verify_image(source: Path | bytes, where: str) -> str:
     """Check that an image file (or embedded bytes) decodes as an image: PIL's verify, and for a JPEG a decode
-    at 1/8 scale (verify reads only its headers, so a truncated file would pass and fail mid-training)."""
+    at 1/8 scale (verify reads only its headers, so a truncated file would pass and fail mid-training). Returns
+    PIL's name of its format ("PNG", "JPEG", ...)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -96,6 +97,8 @@ def verify_image(source: Path | bytes, where: str) -> None:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{where}: {what} is unreadable or corrupt, or not one of {', '.join(IMAGE_FORMATS)} "
                          f"({error})") from error
+    assert image.format is not None  # (an image PIL opened with `formats` has one of them)
+    return image.format
 
 
 def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:

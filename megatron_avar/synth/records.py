@@ -21,7 +21,6 @@ nodes see (as on any Slurm cluster) when the pipeline runs on several nodes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import re
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from megatron_avar import atomic_files
-from megatron_avar.roles import IMAGE_FORMATS
 from megatron_avar.synth.config import SourceConfig
 
 logger = logging.getLogger("megatron_avar.synth")
@@ -65,13 +63,9 @@ def store_image(image_bytes: bytes, store_dir: Path) -> tuple[str, str, str]:
     ValueError when they are not a readable image of a supported format: the writer's check
     (``data.conversations.verify_image``: a truncated JPEG, a decompression bomb), made before any teacher
     request is paid for, so a record the writer would refuse never reaches it."""
-    from PIL import Image
-
     from megatron_avar.data.conversations import verify_image
 
-    verify_image(image_bytes, "image")
-    with Image.open(io.BytesIO(image_bytes), formats=IMAGE_FORMATS) as image:
-        image_format = image.format
+    image_format = verify_image(image_bytes, "image")
     if image_format not in _MIME:
         raise ValueError(f"image format {image_format} is not one of {sorted(_MIME)}")
     mime, extension = _MIME[image_format]
