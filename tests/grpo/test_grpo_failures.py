@@ -32,11 +32,33 @@ class _CrashingBackend:
         self.calls.append("close")
 
 
-def _generate_with_crashing_backend():
+def _engine_error(call) -> str:
+    """``call()``'s RolloutEngineError message ("no error" when it returned); megatron's parallel state is torn
+    down either way."""
     from megatron.core import parallel_state
 
+    from megatron_avar.grpo.trainer import RolloutEngineError
+
+    try:
+        call()
+        return "no error"
+    except RolloutEngineError as error:
+        return str(error)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _in_order(prompts, n):
+    """A working engine's rollouts: each prompt's n samples, in prompt-major order."""
+    import dataclasses
+
+    return [dataclasses.replace(_rollout([11, 151645]), prompt_id=prompt_id, sample_index=k)
+            for prompt_id in prompts.prompt_ids for k in range(n)]
+
+
+def _generate_with_crashing_backend():
     from megatron_avar.grpo.backends import on_model_parallel_source
-    from megatron_avar.grpo.trainer import RolloutEngineError, _generate
+    from megatron_avar.grpo.trainer import _generate
     from megatron_avar.training.megatron_setup import init_distributed
 
     init_distributed(2, 1, seed=0)
@@ -46,13 +68,7 @@ def _generate_with_crashing_backend():
     walked = []
     backend.prepare_generation()
     backend.update_weights(walked.append((name, None)) or (name, torch.zeros(1)) for name in ("a", "b"))
-    message = "no error"
-    try:
-        _generate(backend, prompts, config, 7)
-    except RolloutEngineError as error:
-        message = str(error)
-    finally:
-        parallel_state.destroy_model_parallel()
+    message = _engine_error(lambda: _generate(backend, prompts, config, 7))
     backend.finish_generation()
     backend.close()
     return message, len(walked), list(_CrashingBackend.calls)
@@ -85,33 +101,21 @@ class _RefusingRefitBackend(_CrashingBackend):
 def _replicas_where_one_fails(failing: str):
     """DP=2 (TP=1): replica 0's backend fails (its refit or its generation), replica 1's works. Every rank must
     raise at the same step: replica 1 would otherwise wait for replica 0 in the update's collectives."""
-    import dataclasses
-
-    from megatron.core import parallel_state
-
     from megatron_avar.grpo.backends import on_model_parallel_source
-    from megatron_avar.grpo.trainer import RolloutEngineError, _generate
+    from megatron_avar.grpo.trainer import _generate
     from megatron_avar.training.megatron_setup import init_distributed
 
     layout = init_distributed(1, 1, seed=0)
     config = load_config(GRPOConfig, None, ["out=/tmp/unused", "model.hf_path=/unused", "data.path=/unused",
                                             "rollout.n=2"])
     prompts = type("Prompts", (), {"prompt_ids": [f"p{layout.dp_rank}"]})()
-    working = type("Working", (_CrashingBackend,), {"generate": lambda self, prompts, n, sampling: [
-        dataclasses.replace(_rollout([11, 151645]), prompt_id=prompts.prompt_ids[0], sample_index=k)
-        for k in range(n)]})
+    working = type("Working", (_CrashingBackend,),
+                   {"generate": lambda self, prompts, n, sampling: _in_order(prompts, n)})
     broken = _RefusingRefitBackend if failing == "refit" else _CrashingBackend
     backend = on_model_parallel_source(broken if layout.dp_rank == 0 else working)
     walked = []
     backend.update_weights(walked.append(name) or (name, torch.zeros(1)) for name in ("a", "b", "c"))
-    try:
-        _generate(backend, prompts, config, 5)
-        message = "no error"
-    except RolloutEngineError as error:
-        message = str(error)
-    finally:
-        parallel_state.destroy_model_parallel()
-    return message, walked
+    return _engine_error(lambda: _generate(backend, prompts, config, 5)), walked
 
 
 @pytest.mark.multiprocess
@@ -143,13 +147,10 @@ class _EngineInEveryRank(_CrashingBackend):
             raise RuntimeError("cuMemUnmap failed")
 
     def generate(self, prompts, n, sampling):
-        import dataclasses
-
         import torch.distributed as dist
 
         dist.all_reduce(torch.ones(1))
-        return [dataclasses.replace(_rollout([11, 151645]), prompt_id=prompts.prompt_ids[0], sample_index=k)
-                for k in range(n)]
+        return _in_order(prompts, n)
 
 
 def _ranks_whose_engine_fails_around_generation(failing: str, tp: int):
@@ -157,9 +158,8 @@ def _ranks_whose_engine_fails_around_generation(failing: str, tp: int):
     works. The policy's weight walk is a collective (a tensor-parallel gather in the real one): rank 0 must finish
     it, rank 1 must not be left inside generation, and every rank must raise."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from megatron_avar.grpo.trainer import RolloutEngineError, _rollouts
+    from megatron_avar.grpo.trainer import _rollouts
     from megatron_avar.training.megatron_setup import init_distributed
 
     layout = init_distributed(tp, 1, seed=0)
@@ -177,14 +177,8 @@ def _ranks_whose_engine_fails_around_generation(failing: str, tp: int):
 
     policy = type("Policy", (), {"named_weights": staticmethod(named_weights)})()
     backend = type("Engine", (_EngineInEveryRank,), {"failing": failing if dist.get_rank() == 0 else ""})()
-    try:
-        _rollouts(4, prompts, policy=policy, backend=backend, config=config, timings={})
-        message = "no error"
-    except RolloutEngineError as error:
-        message = str(error)
-    finally:
-        parallel_state.destroy_model_parallel()
-    return message, walked
+    return _engine_error(lambda: _rollouts(4, prompts, policy=policy, backend=backend, config=config,
+                                           timings={})), walked
 
 
 @pytest.mark.multiprocess
