@@ -38,7 +38,7 @@ def test_rounds_merge_into_one_row_per_mode_with_ratios_over_every_rounds_steps(
     text = bench_sft.markdown([off, probe], {"hardware": "cpu", "date": "d", "commit": "c", "model": "m",
                                              "precision": "fp32", "steps": 3, "warmup": 1, "rounds": 3})
     assert "median of 3 interleaved rounds x 3 steps" in text
-    assert "| 512 | probe | 10.750 | +2.4% | 9.500 | +5.6% | 42% | 0.40% |" in text
+    assert "| 512 | probe | 10.750 | +2.4% | 9.500 | +5.6% | — | 42% | 0.40% |" in text
     assert "Rounds not run or failed (their rows use the rounds that measured): 512 probe: 1" in text
 
 
@@ -58,3 +58,29 @@ def test_profile_reads_the_probes_autograd_functions_by_their_names():
     role_mass_triton = importlib.import_module("megatron_avar.ops.role_mass_triton")
     assert bench_sft.PROBE_FUNCTIONS == (role_mass._BlockwiseRoleMass.__name__,
                                          role_mass_triton._TritonRoleMass.__name__)
+
+
+def test_paired_rounds_give_the_median_ratio_of_steps_on_the_same_batch():
+    # --paired: off and probe from one process, step i of both on the same batch; no CPU peak memory (one RSS)
+    results = [{**_measured("off", 0, [10.0, 20.0, 10.0], None), "paired_with": ["probe"]},
+               {**_measured("probe", 0, [11.0, 20.0, 10.5], None, 0.01), "paired_with": ["off"]},
+               {**_measured("off", 1, [30.0], None), "paired_with": ["probe"]},
+               {**_measured("probe", 1, [30.3], None, 0.01), "paired_with": ["off"]}]
+    off, probe = bench_sft.table(results, argparse.Namespace(seq_lens=[512], modes=["off", "probe"]),
+                                 peak_tflops=None)
+    # ratios 1.1, 1.0, 1.05, 1.01: their median, not the ratio of the two medians (10.5/10.75 ... from other steps)
+    assert probe["paired_ratio"] == pytest.approx(1.03)
+    assert off["paired_ratio"] is None  # the baseline has no ratio to itself
+    assert probe["peak_memory_gb"] is None and "extra_memory_gb" not in probe
+    text = bench_sft.markdown([off, probe], {"hardware": "cpu", "date": "d", "commit": "c", "model": "m",
+                                             "precision": "fp32", "steps": 3, "warmup": 1, "rounds": 2})
+    # off: the baseline in the paired column, no probe share, no peak; probe: its paired ratio, no peak
+    assert "| 512 | off | 15.000 | baseline | 10.000 | baseline | baseline | 133% | — | — |" in text
+    assert "| 512 | probe | 15.500 | +3.3% | 10.500 | +5.0% | +3.0% | 128% | 0.10% | — |" in text
+
+
+def test_a_round_paired_with_a_failed_off_has_no_ratio():
+    results = [{"mode": "off", "seq_length": 512, "round": 0, "error": "OOM"},
+               {**_measured("probe", 0, [11.0], None), "paired_with": ["off"]},
+               _measured("off", 1, [10.0], 2.0), _measured("probe", 1, [12.0], 2.0)]  # unpaired: no ratio either
+    assert bench_sft.paired_ratio(results, 512, "probe") is None

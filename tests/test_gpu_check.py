@@ -44,10 +44,11 @@ def test_dry_run_passes_every_step_and_writes_the_report(tmp_path):
     for bench in ("role_attention_cpu_*", "bench_sft_cpu-smoke_*", "bench_grpo_cpu-smoke-tiny_*"):
         assert len(list(tmp_path.glob(bench + ".json"))) == 1, bench
     assert (tmp_path / next(tmp_path.glob("gpu_check_*.md")).name).read_text().count("| passed |") == 6
-    # --profile found the probe's autograd functions in the profiled step
+    # --profile found the probe's autograd functions in the profiled step; --paired timed both modes on each batch
     sft_rows = json.loads(next(tmp_path.glob("bench_sft_cpu-smoke_*.json")).read_text())["rows"]
     probe = next(row for row in sft_rows if row["mode"] == "probe")
     assert 0 < probe["probe_share"] < 1
+    assert probe["paired_ratio"] > 0 and probe["rounds"] == 1
     # The archive holds this run's report, results and step logs, not what the folder held before.
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())

@@ -35,6 +35,11 @@ run-to-run noise the comparison has to be read against. --profile runs one more 
 reports the time spent inside the role_mass probe's two autograd functions (forward and backward, their kernels
 included: CUDA time on a GPU, CPU time on the CPU) over that step's wall time — the probe's own cost, free of
 that noise, and a lower bound of AVAR's: the AGTO loss terms and the per-batch row bookkeeping are not in it.
+--paired measures off and probe in one process instead: one model whose layers are all AVAR layers, every step's
+batch run in both modes (an off step passes no sink, so its layers compute the output only, as standard layers
+do), which goes first alternating; "paired vs off" is the median over steps of probe's time over off's. Both
+modes then see the same allocator, page and cache state — on a CPU, separate processes of the same step differ
+by more than the probe costs. On the CPU the two share one peak RSS: no peak memory then (run without --paired).
 Peak memory: megatron_avar.platform.peak_memory_bytes (CUDA max allocated over the timed steps, from what the
 warm-up left held; CPU peak RSS) after the last timed step.
 Overheads are relative to "off". "planned GB" (GPU, our trainer's modes): `avar plan`'s predicted peak for the
@@ -138,8 +143,10 @@ def prepare(work: Path, args) -> dict[int, dict]:
     return {"model": str(model_dir), "datasets": datasets}
 
 
-def worker(spec: dict) -> dict:
-    """One mode at one sequence length in this process: build, warm up, time ``steps`` steps."""
+def worker(spec: dict) -> list[dict]:
+    """The modes of ``spec["modes"]`` at one sequence length in this process: build, warm up, time ``steps``
+    steps. One mode: its own model. Two (--paired: off and probe): one model, and every step runs the same batch in
+    both modes, in alternating order (off first, then probe first, ...)."""
     import torch
 
     from megatron_avar import platform
@@ -149,49 +156,69 @@ def worker(spec: dict) -> dict:
     from megatron_avar.training.metrics import batch_flops, sample_lengths
     from megatron_avar.training.sft_data import SFTDataLoader
 
-    mode, seq, rnd = spec["mode"], spec["seq_length"], spec["round"]
-    alpha = 0.15 if mode in AVAR_MODES else 0.0
+    modes, seq, rnd = spec["modes"], spec["seq_length"], spec["round"]
+    name = "+".join(modes)
+    alpha = 0.15 if any(mode in AVAR_MODES for mode in modes) else 0.0  # paired: the off steps pass no sink
     config = load_config(SFTConfig, None, [
-        f"out={spec['work']}/run_{mode}_{seq}_{rnd}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
+        f"out={spec['work']}/run_{name}_{seq}_{rnd}", f"model.hf_path={spec['model']}", f"data.path={spec['data']}",
         f"data.seq_length={seq}", f"data.max_pixels={spec['image_side'] ** 2}", "train.global_batch_size=1",
-        f"train.precision={spec['precision']}", f"train.steps={spec['warmup'] + spec['steps'] + int(spec['profile'])}",
+        f"train.precision={spec['precision']}",
+        f"train.steps={len(modes) * (spec['warmup'] + spec['steps']) + int(spec['profile'])}",
         f"avar.alpha={alpha}", f"avar.beta={alpha}", "optim.lr=1.0e-6",
-        f"model.mass_mode={'fused' if mode == 'fused' else 'probe'}",
-        f"model.role_attention_impl={'triton' if mode == 'probe-triton' else 'auto'}"])
+        f"model.mass_mode={'fused' if 'fused' in modes else 'probe'}",
+        f"model.role_attention_impl={'triton' if 'probe-triton' in modes else 'auto'}"])
     qwen = Qwen25VLConfig.from_hf(config.model.hf_path)
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     data = SFTDataLoader(dataclasses.replace(config.data, processor_path=config.model.hf_path), global_batch_size=1,
                          dp_rank=0, dp_size=1)
-    step_fn = _hf_sdpa_steps(config, dtype) if mode == "hf-sdpa" else _megatron_steps(config, qwen, dtype, mode)
-    batches, times, flops, attention, tokens = iter(data), [], [], [], []
+    step_fns = ({"hf-sdpa": _hf_sdpa_steps(config, dtype)} if modes == ["hf-sdpa"] else
+                _megatron_steps(config, qwen, dtype, modes))
+    batches = iter(data)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    peaks = dict.fromkeys(modes, 0)
+    flops, attention, tokens = [], [], []
     for step in range(spec["warmup"] + spec["steps"]):
         batch = next(batches)
-        if step == spec["warmup"]:
-            platform.reset_peak_memory()  # the warm-up's one-off buffers (Triton autotuning's) are not the step's
-        started = time.monotonic()
-        step_fn(batch)  # ends in a host read of the loss: synchronised
-        seconds = time.monotonic() - started
-        if step >= spec["warmup"]:
+        timed = step >= spec["warmup"]
+        for mode in modes if step % 2 == 0 else modes[::-1]:
+            if timed:
+                platform.reset_peak_memory()  # not the warm-up's one-off buffers (Triton autotuning's) nor the
+                # other mode's step (CUDA; a no-op on the CPU, whose peak RSS is the process's)
+            started = time.monotonic()
+            step_fns[mode](batch)  # ends in a host read of the loss: synchronised
+            seconds = time.monotonic() - started
+            if timed:
+                times[mode].append(seconds)
+                peaks[mode] = max(peaks[mode], platform.peak_memory_bytes())
+        if timed:
             lengths = sample_lengths(batch)
-            times.append(seconds)
             tokens.append(batch.num_real_tokens)
             total = batch_flops(qwen, batch)
             flops.append(total)
             attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
-    peak_gb = platform.peak_memory_bytes() / 1e9  # before the profiled step, whose profiler holds memory
-    profiled = _profiled_probe_seconds(step_fn, next(batches)) if spec["profile"] and mode in PROBE_MODES else None
-    median = statistics.median(times)
-    planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
-    return {"mode": mode, "seq_length": seq, "round": rnd, "step_seconds": median, "step_seconds_all": times,
-            "probe_seconds": None if profiled is None else profiled[0],
-            "profiled_step_seconds": None if profiled is None else profiled[1],
+    # Read before the profiled step, whose profiler holds memory. On the CPU two modes share one process's peak RSS:
+    # none is reported for either (the unpaired runs measure memory).
+    shared_rss = len(modes) > 1 and not platform.cuda_available()
+    profiled = {mode: _profiled_probe_seconds(step_fns[mode], next(batches))
+                for mode in modes if spec["profile"] and mode in PROBE_MODES}
+    results = []
+    for mode in modes:
+        median = statistics.median(times[mode])
+        profile = profiled.get(mode)
+        planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
+        results.append({
+            "mode": mode, "seq_length": seq, "round": rnd, "step_seconds": median, "step_seconds_all": times[mode],
+            "paired_with": [other for other in modes if other != mode],
+            "probe_seconds": None if profile is None else profile[0],
+            "profiled_step_seconds": None if profile is None else profile[1],
             "planned_peak_gb": planned,
             "real_tokens": statistics.median(tokens), "tflops": statistics.median(flops) / median / 1e12,
             "attention_share": statistics.median(attention),
-            "peak_memory_gb": peak_gb, "device": str(platform.current_device()),
+            "peak_memory_gb": None if shared_rss else peaks[mode] / 1e9, "device": str(platform.current_device()),
             "gpu_name": torch.cuda.get_device_name() if platform.cuda_available() else None,
             "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads,
-            "autotune_choices": _autotune_choices()}
+            "autotune_choices": _autotune_choices()})
+    return results
 
 
 # The role_mass probe's autograd functions, ops.role_mass._BlockwiseRoleMass and ops.role_mass_triton._TritonRoleMass
@@ -246,17 +273,23 @@ def _planned_peak_gb(config, qwen, batch) -> float | None:
     return plan_sft(config, qwen, "bench", assumptions).memory.peak / 1e9
 
 
-def _megatron_steps(config, qwen, dtype, mode):
-    """train_step of our trainer: every layer an AVAR layer in the AGTO modes, none in "off"."""
+def _megatron_steps(config, qwen, dtype, modes):
+    """train_step of our trainer, one per mode, on one model: every layer an AVAR layer when a mode runs AGTO (its
+    step passes the AGTO sink; an "off" step passes none, so its layers compute the output only, as standard layers
+    do), no AVAR layer when "off" is the only mode."""
     from megatron_avar.sft.trainer import train_step
     from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
 
     layout = init_distributed(1, 1, seed=config.train.seed)
-    avar_layers = tuple(range(qwen.text.num_layers)) if mode in AVAR_MODES else ()  # (): no sink, no masses
+    avar_layers = tuple(range(qwen.text.num_layers)) if any(mode in AVAR_MODES for mode in modes) else ()
     model = build_model(qwen, config.parallel, dtype=dtype, recompute="none", role_mass_layers=avar_layers,
                         hf_path=None)
     build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
-    return lambda batch: train_step(model, batch, config, avar_layers=avar_layers, layout=layout)
+
+    def step(layers):
+        return lambda batch: train_step(model, batch, config, avar_layers=layers, layout=layout)
+
+    return {mode: step(() if mode == "off" else avar_layers) for mode in modes}
 
 
 def _hf_sdpa_steps(config, dtype):
@@ -303,14 +336,15 @@ def _hf_sdpa_steps(config, dtype):
     return step
 
 
-def run_worker(spec: dict, device: str) -> dict:
+def run_worker(spec: dict, device: str) -> list[dict]:
+    """The worker's results, one per mode of ``spec["modes"]``, or one error result per mode where it failed."""
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     # The worker writes straight to its log: one stopped from outside (a time limit) still leaves its output.
-    log = Path(spec["work"]) / f"worker_{spec['mode']}_{spec['seq_length']}_{spec['round']}.log"
+    log = Path(spec["work"]) / f"worker_{'+'.join(spec['modes'])}_{spec['seq_length']}_{spec['round']}.log"
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, stdout=sink,
                               stderr=subprocess.STDOUT, cwd=REPO)
@@ -323,9 +357,9 @@ def run_worker(spec: dict, device: str) -> dict:
         # The exception line, not the last line (which can be a warning printed at exit).
         raised = [line for line in (re.sub(r"^\[rank\d+\]: ", "", x) for x in output.splitlines())
                   if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-        return {"mode": spec["mode"], "seq_length": spec["seq_length"], "round": spec["round"],
-                "error": "OOM" if oom else
-                f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]}
+        error = "OOM" if oom else f"exit {done.returncode}: {raised[-1] if raised else 'no exception printed'}"[:300]
+        return [{"mode": mode, "seq_length": spec["seq_length"], "round": spec["round"], "error": error}
+                for mode in spec["modes"]]
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
 
 
@@ -353,9 +387,25 @@ def merge_rounds(results: list[dict]) -> dict[tuple[int, str], dict]:
                        "spread": (max(steps) - min(steps)) / median, "rounds": len(measured),
                        "rounds_failed": len(rounds) - len(measured),
                        "tflops": first["tflops"] * first["step_seconds"] / median,
-                       "peak_memory_gb": max(r["peak_memory_gb"] for r in measured),
-                       "probe_share": statistics.median(probe) if probe else None}
+                       "peak_memory_gb": max(peaks) if (peaks := [r["peak_memory_gb"] for r in measured
+                                                                   if r["peak_memory_gb"] is not None]) else None,
+                       "probe_share": statistics.median(probe) if probe else None,
+                       "paired_ratio": paired_ratio(results, *key)}
     return merged
+
+
+def paired_ratio(results: list[dict], seq: int, mode: str) -> float | None:
+    """The median over every paired step (--paired: one process, the same batch in both modes) of this mode's step
+    time over off's; None where ``mode`` was not measured paired with off."""
+    ratios = []
+    for r in results:
+        if r["seq_length"] != seq or r["mode"] != mode or "off" not in r.get("paired_with", ()) or "error" in r:
+            continue
+        off = next((o for o in results if (o["seq_length"], o["mode"], o["round"]) == (seq, "off", r["round"])
+                    and "error" not in o), None)
+        if off is not None:
+            ratios += [t / base for t, base in zip(r["step_seconds_all"], off["step_seconds_all"], strict=True)]
+    return statistics.median(ratios) if ratios else None
 
 
 def table(results: list[dict], args, peak_tflops: float | None) -> list[dict]:
@@ -372,14 +422,15 @@ def table(results: list[dict], args, peak_tflops: float | None) -> list[dict]:
                            probe_share=r["probe_share"], real_tokens=r["real_tokens"], tflops=r["tflops"],
                            attention_share=r["attention_share"],
                            mfu=r["tflops"] / peak_tflops if peak_tflops else None,
-                           peak_memory_gb=r["peak_memory_gb"],
+                           peak_memory_gb=r["peak_memory_gb"], paired_ratio=r["paired_ratio"],
                            planned_peak_gb=r.get("planned_peak_gb"),
                            eager_attention_gb=eager_attention_gb(r["layers"], r["heads"], seq),
                            eager_attention_gb_full_7b=eager_attention_gb(FULL_7B_LAYERS, FULL_7B_HEADS, seq))
                 if "step_seconds" in base:
                     row.update(step_time_overhead=r["step_seconds"] / base["step_seconds"] - 1,
-                               min_step_time_overhead=r["step_seconds_min"] / base["step_seconds_min"] - 1,
-                               extra_memory_gb=r["peak_memory_gb"] - base["peak_memory_gb"],
+                               min_step_time_overhead=r["step_seconds_min"] / base["step_seconds_min"] - 1)
+                if "step_seconds" in base and None not in (r["peak_memory_gb"], base["peak_memory_gb"]):
+                    row.update(extra_memory_gb=r["peak_memory_gb"] - base["peak_memory_gb"],
                                extra_memory_fraction=r["peak_memory_gb"] / base["peak_memory_gb"] - 1)
             rows.append(row)
     return rows
@@ -401,27 +452,31 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Commit `{meta['commit']}`. {meta['model']}. Batch 1 row, TP=PP=DP=1, {meta['precision']}, {steps}. "
              "Baseline: mode `off` (plain SFT, the same fast attention, no masses). Targets: probe <= 1.05x off "
              "(CPU), <= 1.03x (GPU); memory <= +5%. \"spread\": (slowest - fastest step) / median, the noise "
-             "the ratios are read against; \"probe share\" (--profile): the time inside the role_mass probe "
+             "the ratios are read against; \"paired vs off\" (--paired): the median over steps of the mode's time "
+             "over off's on the same batch, both run in one process, alternating (no peak memory on the CPU "
+             "there: the two share one RSS); \"probe share\" (--profile): the time inside the role_mass probe "
              "(forward + backward) over a profiled step's, a lower bound of AVAR's cost (not the AGTO loss). "
              "FLOP formula and modes: tools/bench_sft.py.",
              "",
-             "| seq | mode | step s | vs off | min s | min vs off | spread | probe share | peak GB | planned GB "
-             "| extra GB vs off | tokens | TFLOP/s | attention share | MFU | eager S×S GB (this L) "
+             "| seq | mode | step s | vs off | min s | min vs off | paired vs off | spread | probe share | peak GB "
+             "| planned GB | extra GB vs off | tokens | TFLOP/s | attention share | MFU | eager S×S GB (this L) "
              "| eager S×S GB (28 L) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error") or "step_seconds" not in r:
-            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 14)
+            lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 15)
             continue
+        paired = r.get("paired_ratio")
         baseline = r["mode"] == "off"
         lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
                      f"{'baseline' if baseline else _percent(r.get('step_time_overhead'))} | "
                      f"{r['step_seconds_min']:.3f} | "
                      f"{'baseline' if baseline else _percent(r.get('min_step_time_overhead'))} | "
+                     f"{'baseline' if baseline else _percent(None if paired is None else paired - 1)} | "
                      f"{100 * r['spread']:.0f}% | "
                      f"{_fmt(None if r.get('probe_share') is None else 100 * r['probe_share'], '.2f')}"
                      f"{'%' if r.get('probe_share') is not None else ''} | "
-                     f"{r['peak_memory_gb']:.2f} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
+                     f"{_fmt(r['peak_memory_gb'], '.2f')} | {_fmt(r.get('planned_peak_gb'), '.2f')}"
                      f" | {_fmt(r.get('extra_memory_gb'), '+.2f')} | "
                      f"{r['real_tokens']:.0f} | "
                      f"{r['tflops']:.2f} | {100 * r['attention_share']:.0f}% | "
@@ -485,6 +540,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every (length, mode) this many times, the rounds interleaved (a noisy shared "
                              "machine: 3 on the CPU); the median is over every round's steps")
+    parser.add_argument("--paired", action="store_true",
+                        help="measure off and probe in one process on one model, each step's batch in both modes, "
+                             "alternating which goes first: the same memory and page state for both (a CPU's "
+                             "per-process noise); no peak memory on the CPU (one RSS)")
     parser.add_argument("--profile", action="store_true",
                         help="one more step per probe worker under torch.profiler: the probe's own share of a step")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -532,31 +591,36 @@ def main() -> int:
     first = [mode for mode in args.modes if mode in ("off", "probe")]
     if args.rounds < 1:
         raise SystemExit(f"bench_sft: --rounds must be at least 1, got {args.rounds}")
+    if args.paired and first != ["off", "probe"]:
+        raise SystemExit("bench_sft: --paired measures off and probe in one process; give both in --modes")
     # With --rounds, each group's rounds interleave (off, probe, off, probe, ...): drift falls on both modes.
     rounds = range(args.rounds)
     rest = [mode for mode in args.modes if mode not in first]
-    order = ([(rnd, seq, mode) for rnd in rounds for seq in args.seq_lens for mode in first]
-             + [(rnd, seq, mode) for rnd in rounds for seq in args.seq_lens for mode in rest])
+    groups = [first] if args.paired else [[mode] for mode in first]
+    jobs = ([(rnd, seq, modes) for rnd in rounds for seq in args.seq_lens for modes in groups]
+            + [(rnd, seq, [mode]) for rnd in rounds for seq in args.seq_lens for mode in rest])
     longest = 0.0
-    for rnd, seq, mode in order:
-        elapsed = time.monotonic() - started
+    for rnd, seq, modes in jobs:
+        elapsed, name = time.monotonic() - started, "+".join(modes)
         if args.deadline_s is not None and elapsed + longest > args.deadline_s:
-            print(f"[bench_sft] seq {seq} {mode} round {rnd}: not run (--deadline-s {args.deadline_s:.0f}: "
+            print(f"[bench_sft] seq {seq} {name} round {rnd}: not run (--deadline-s {args.deadline_s:.0f}: "
                   f"{elapsed:.0f} s spent, the longest measurement took {longest:.0f} s)", flush=True)
-            results.append({"mode": mode, "seq_length": seq, "round": rnd,
-                            "error": f"not run: --deadline-s {args.deadline_s:.0f}"})
+            results += [{"mode": mode, "seq_length": seq, "round": rnd,
+                         "error": f"not run: --deadline-s {args.deadline_s:.0f}"} for mode in modes]
             stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
             continue
         measured = time.monotonic()
-        spec = {"mode": mode, "seq_length": seq, "work": str(work), "model": prepared["model"],
+        spec = {"modes": modes, "seq_length": seq, "work": str(work), "model": prepared["model"],
                 "data": prepared["datasets"][seq]["path"], "image_side": prepared["datasets"][seq]["image_side"],
                 "precision": precision, "warmup": args.warmup, "steps": args.steps, "round": rnd,
                 "profile": args.profile}
-        result = run_worker(spec, args.device)
+        for result in run_worker(spec, args.device):
+            peak = result.get("peak_memory_gb")
+            print(f"[bench_sft] seq {seq} {result['mode']} round {rnd}: " + (result.get("error") or
+                  f"{result['step_seconds']:.3f} s/step, peak " + ("—" if peak is None else f"{peak:.2f} GB")),
+                  flush=True)
+            results.append(result)
         longest = max(longest, time.monotonic() - measured)
-        print(f"[bench_sft] seq {seq} {mode} round {rnd}: " + (result.get("error") or
-              f"{result['step_seconds']:.3f} s/step, peak {result['peak_memory_gb']:.2f} GB"), flush=True)
-        results.append(result)
         # Written after every measurement: a run stopped part-way keeps what it measured.
         stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
     print(text)

@@ -17,8 +17,9 @@ killed early enough that the run ends inside the budget; ~400 s suits an 8-minut
                         where vLLM is not installed)
   bench_role_attention  tools/bench_role_attention.py --part gpu (1k-32k; SDPA flash / cuDNN columns)
   bench_sft             tools/bench_sft.py: 7B widths, 4 layers, 8k and 16k packed rows, bf16: plain SFT with the
-                        same attention (off), AVAR with the probe (out from SDPA, and from our Triton kernel)
-                        and fused, HF's Qwen2.5-VL with SDPA, and the probe's own share of a profiled step;
+                        same attention (off) and AVAR with the probe in one process, each batch in both
+                        (--paired), the probe with out from our Triton kernel, fused, HF's Qwen2.5-VL with
+                        SDPA, and the probe's own share of a profiled step;
                         measurements in order of importance, none started that would end past the step's limit
                         (--deadline-s)
   bench_grpo            tools/bench_grpo.py: the old-log-prob pass with and without the visual reward,
@@ -112,8 +113,8 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
             Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "cpu", "--seq-lens", "256",
                                           "--reps", "1", "--out-dir", out], 120),
             Step("bench_sft", [py, "tools/bench_sft.py", "--device", "cpu", "--tiny", "--seq-lens", "512",
-                               "--warmup", "0", "--steps", "1", "--profile", "--work", str(work / "bench_sft"),
-                               "--results", out], 300, deadline_flag="--deadline-s"),
+                               "--warmup", "0", "--steps", "2", "--paired", "--profile",
+                               "--work", str(work / "bench_sft"), "--results", out], 300, deadline_flag="--deadline-s"),
             Step("bench_grpo", [py, "tools/bench_grpo.py", "--tiny", "--layers", "1", "--prompts", "2", "--n", "2",
                                 "--max-new-tokens", "4", "--repeats", "1", "--out", out], 300),
             Step("triton_sweep",
@@ -128,7 +129,7 @@ def steps(dry_run: bool, out_dir: Path, work: Path) -> list[Step]:
         Step("bench_role_attention", [py, "tools/bench_role_attention.py", "--part", "gpu", "--seq-lens", "1024",
                                       "2048", "4096", "8192", "16384", "32768", "--reps", "5", "--out-dir", out], 150),
         Step("bench_sft", [py, "tools/bench_sft.py", "--seq-lens", "8192", "16384", "--modes", "off", "probe",
-                           "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3", "--profile",
+                           "probe-triton", "fused", "hf-sdpa", "--warmup", "1", "--steps", "3", "--paired", "--profile",
                            "--work", str(work / "bench_sft"), "--results", out], 360, deadline_flag="--deadline-s"),
         Step("bench_grpo", [py, "tools/bench_grpo.py", "--out", out], 150),
         # (its sm_90 compile test builds every kernel variant in one test: the step's limit, not 150 s per test)

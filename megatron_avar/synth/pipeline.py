@@ -5,6 +5,10 @@ command resumes it: shards are rewritten from scratch (deterministic names), and
 already in the request cache (``<work_dir>/cache``) is reused, so nothing paid for is asked again. With it
 the run is finished and is replaced only with ``output.overwrite=true``.
 
+One run at a time: a run holds the lock of its output.dir and of its work_dir (``training.run_lock``:
+``.avar.lock``, dropped by the kernel however the run ends) from before it looks at either until it has
+written its manifest; a second run on either is refused, naming the first.
+
 Failed requests: a teacher stage whose every request failed (a dead endpoint), or more than
 ``client.max_failed_share`` of whose requests failed, makes the run raise TeacherFailuresError after the
 pipeline ends, before the manifest is written: the shards stay, the run counts as unfinished, and the same
@@ -33,6 +37,7 @@ from megatron_avar.synth.client import chat_url
 from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.progress import ProgressMonitor, read_progress
 from megatron_avar.synth.writer import merge_counts
+from megatron_avar.training.run_lock import LOCK_FILE, holding_run_lock
 
 logger = logging.getLogger("megatron_avar.synth")
 MANIFEST = "manifest.json"
@@ -59,7 +64,7 @@ def prepare_output(config: SynthConfig) -> None:
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)
         data = out / "data"
-        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST)] +
+        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST, LOCK_FILE)] +
                          [f"data/{p.name}" for p in (data.iterdir() if data.is_dir() else ())
                           if not fnmatch.fnmatch(p.name, "shard-*.parquet")
                           and not fnmatch.fnmatch(p.name, ".shard-*.parquet.*.tmp")])
@@ -212,24 +217,27 @@ def run_synthesis(config: SynthConfig) -> dict:
     from megatron_avar.synth.stages import build_stages
 
     config = resolve_paths(config)
-    prepare_output(config)
-    stages = build_stages(config)
-    started = time.time()
-    teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
-    with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages):
-        if config.run.executor == "local":
-            results = run_local(stages)
-        else:
-            with ray_session(config), _stage_errors_unwrapped():
-                pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data",
-                                    stages=stages)
-                results = pipeline.run(executor=_executor(config))
-    if results is None:  # NeMo Curator's run() is typed Optional; its executors return the last stage's tasks
-        raise RuntimeError("NeMo Curator's pipeline returned no tasks; expected the writer stage's output")
-    manifest = build_manifest(config, results, time.time() - started)
-    check_teacher_failures(config, manifest)
+    conflict = ("two syntheses on one output.dir or run.work_dir would delete and overwrite each other's shards "
+                "and progress. Wait for that run to end (or stop it), or choose another output.dir and run.work_dir")
     out = Path(config.output.dir)
-    atomic_files.write_json(out / MANIFEST, manifest, sort_keys=True)
+    with holding_run_lock(out, conflict=conflict), holding_run_lock(config.work_dir, conflict=conflict):
+        prepare_output(config)
+        stages = build_stages(config)
+        started = time.time()
+        teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
+        with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages):
+            if config.run.executor == "local":
+                results = run_local(stages)
+            else:
+                with ray_session(config), _stage_errors_unwrapped():
+                    pipeline = Pipeline(name="avar_synth", description="AVAR visual-anchored reflection data",
+                                        stages=stages)
+                    results = pipeline.run(executor=_executor(config))
+        if results is None:  # NeMo Curator's run() is typed Optional; its executors return the last stage's tasks
+            raise RuntimeError("NeMo Curator's pipeline returned no tasks; expected the writer stage's output")
+        manifest = build_manifest(config, results, time.time() - started)
+        check_teacher_failures(config, manifest)
+        atomic_files.write_json(out / MANIFEST, manifest, sort_keys=True)
     logger.info("synth: kept %d of %d records; output %s", manifest["kept"], manifest["read"], out / "data")
     return manifest
 

@@ -79,3 +79,31 @@ def test_failed_share_above_the_limit_fails_below_it_succeeds(tmp_path, procedur
     manifest = run_synthesis(synth_config(tmp_path, data, teacher, "output.overwrite=true"))
     assert manifest["kept"] == 8 and manifest["teachers"]["describe"]["failures"] == 0
     assert len(load_conversations(Path(manifest["config"]["output"]["dir"]) / "data")) == 8
+
+
+@pytest.mark.parametrize("held", ["run", "work"])
+def test_a_second_synthesis_on_a_held_output_or_work_dir_is_refused_and_deletes_nothing(
+        tmp_path, procedural_source, teacher, held, capsys):
+    import fcntl
+    import json
+
+    from megatron_avar.training.run_lock import LOCK_FILE
+
+    args = synth_overrides(tmp_path, procedural_source[0], teacher)
+    assert main(["synth", *args]) == 0
+    finished = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    asked = len(teacher.requests())
+    with open(tmp_path / held / LOCK_FILE, "a+") as other:  # a run still going, in another process
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)  # (the finished run's record is still in it)
+        other.write(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "99", "started": "t0"}))
+        other.flush()
+        assert main(["synth", *args, "output.overwrite=true"]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / held} is in use by a run on node7 (pid 4242, Slurm job 99, started t0)" in error
+    assert "two syntheses on one output.dir or run.work_dir would delete and overwrite" in error
+    # the finished run is untouched (overwrite=true deletes it only once the lock is held), nothing was asked
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")
+            if p.is_file() and p.name != LOCK_FILE} == finished
+    assert len(teacher.requests()) == asked
+    assert main(["synth", *args, "output.overwrite=true"]) == 0  # once it ends, the run goes ahead
