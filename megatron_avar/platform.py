@@ -19,11 +19,15 @@ import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from megatron_avar import console
+
+T = TypeVar("T")
 
 __all__ = [
     "cuda_available",
@@ -34,6 +38,7 @@ __all__ = [
     "device_for_local_rank",
     "distributed_backend",
     "on_any_rank",
+    "agreed",
     "bind_device",
     "prepare_megatron",
     "enable_megatron_on_cpu",
@@ -136,6 +141,32 @@ def on_any_rank(happened: bool, group=None) -> bool:
     flag = torch.tensor([1.0 if happened else 0.0], device=current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
+
+
+def agreed(compute: Callable[[], T], what: str, group=None) -> T:
+    """Collective over ``group`` (the world by default): ``compute()``'s result when it raised on no rank of the
+    group; otherwise its own error on each rank where it raised, and on every other rank a ValueError naming
+    ``what``, the first rank that failed and that rank's error — so that no rank goes on into a collective that
+    another will never reach. ``compute`` is this rank's own work: a collective inside it would leave the ranks
+    that did not raise waiting there. One flag is reduced when all went well; the messages are gathered only
+    when something failed."""
+    import torch.distributed as dist
+
+    try:
+        result, failure = compute(), None
+    except Exception as error:  # noqa: BLE001 — re-raised below, after the others have been told
+        result, failure = None, error
+    if not on_any_rank(failure is not None, group=group):
+        return result  # type: ignore[return-value]  # (compute returned: result is its T)
+    if failure is not None and not dist.is_initialized():
+        raise failure
+    reports: list = [None] * dist.get_world_size(group)
+    mine = None if failure is None else (dist.get_rank(), f"{type(failure).__name__}: {failure}")
+    dist.all_gather_object(reports, mine, group=group)
+    if failure is not None:
+        raise failure
+    rank, message = next(report for report in reports if report is not None)
+    raise ValueError(f"{what} failed on rank {rank} (its error: {message})")
 
 
 def distributed_backend() -> str:

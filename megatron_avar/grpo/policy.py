@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_avar import platform
 from megatron_avar.grpo.interfaces import PolicyLogProbs, Rollout, response_token_mask
 from megatron_avar.grpo.loss import PolicyLossConfig, policy_loss
 from megatron_avar.grpo.rollout_batches import RolloutMicroBatch, pack_rollouts, scatter_response_values
@@ -210,7 +211,8 @@ class MegatronPolicy:
         """(log-probs [N, T], r_visual [N] or None without ``masses``) on the host, the same on every rank."""
         from megatron.core import parallel_state
 
-        staged = self._stage(self._pack(rollouts))
+        # agreed: a rank that failed here alone would leave the others waiting in the schedule's collectives
+        staged = platform.agreed(lambda: self._stage(self._pack(rollouts)), "packing the rollouts into rows")
         num_columns = int(response_token_mask(rollouts).shape[1])
         device = self._device
         logp = torch.zeros(len(rollouts), num_columns, device=device)
@@ -258,7 +260,7 @@ class MegatronPolicy:
         the same tokens, needed when ``loss.kl_coef > 0`` (then ``loss/kl_ref`` is reported)."""
         from megatron.core import parallel_state
 
-        micro_batches = self._pack(rollouts)
+        micro_batches = platform.agreed(lambda: self._pack(rollouts), "packing the rollouts into rows")
         mask = response_token_mask(rollouts)
         num_columns = int(mask.shape[1])
         if old_logp.shape != mask.shape or advantages.shape != (len(rollouts),):

@@ -135,8 +135,6 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     reference: the frozen reference policy (loss.kl_coef > 0), whose log-probs of the rollouts enter the KL."""
     from megatron.core import parallel_state
 
-    from megatron_avar import platform
-
     timings: dict[str, float] = {}
     rollouts = _rollouts(step, prompts, policy=policy, backend=backend, config=config, timings=timings)
     generated = sum(r.response_length for r in rollouts)
@@ -150,8 +148,7 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
         ref_logp = reference.log_probs(rollouts)
         timings["perf/reference_logprob_seconds"] = time.monotonic() - started
 
-    parts = _agreed_rewards([reward.score(r.response_text, r.ground_truth, float(v))
-                             for r, v in zip(rollouts, old.r_visual)])
+    parts = _graded(step, rollouts, old.r_visual, reward)
     advantages = group_advantages(torch.tensor([p.total for p in parts], dtype=torch.float64), config.rollout.n,
                                   mode=config.advantage.mode, eps=config.advantage.eps)
     stats = rollout_stats(rollouts, parts, old.r_visual, advantages, old.logp)
@@ -181,6 +178,24 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     metrics.update(timings)
     metrics["perf/generated_tokens_per_second"] = float(generated_total) / max(timings["perf/generate_seconds"], 1e-9)
     return metrics
+
+
+def _step_prompts(batches, step: int):
+    """This replica's prompts of ``step``, from the prompt loader; collective: a replica whose prompts fail to
+    render (an image gone, an unreadable file) stops every rank (``platform.agreed``)."""
+    data_step, prompt_batch = platform.agreed(lambda: next(batches), f"step {step}: rendering the prompts")
+    if data_step != step:
+        raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
+    return prompt_batch
+
+
+def _graded(step: int, rollouts: list[Rollout], r_visual, reward) -> list[RewardParts]:
+    """Each rollout's reward parts; collective: grading that fails on one rank (a visual score out of range)
+    stops every rank (``platform.agreed``), and the model-parallel peers take one rank's grades
+    (:func:`_agreed_rewards`)."""
+    return _agreed_rewards(platform.agreed(
+        lambda: [reward.score(r.response_text, r.ground_truth, float(v)) for r, v in zip(rollouts, r_visual)],
+        f"step {step}: grading the rollouts"))
 
 
 def _agreed_rewards(parts: list[RewardParts]) -> list[RewardParts]:
@@ -329,9 +344,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     batches = iter(prompts)
 
     def step_fn(step: int) -> dict[str, float]:
-        data_step, prompt_batch = next(batches)
-        if data_step != step:
-            raise RuntimeError(f"the prompt loader is at step {data_step}, the trainer at {step}")
+        prompt_batch = _step_prompts(batches, step)
         started = time.monotonic()
         metrics = grpo_step(step, prompt_batch, policy=policy, backend=backend, reward=reward, config=config,
                             reference=reference)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files, console
+from megatron_avar import atomic_files, console, platform
 from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.roles import TokenRole, labelled_positions
@@ -289,7 +289,9 @@ def run_sft(config: SFTConfig) -> dict:
     batches = iter(data)
 
     def step_fn(step: int) -> dict[str, float]:
-        step_batch = next(batches)
+        # agreed: a rank whose rows fail to render (an image unreadable past its header) stops every rank, which
+        # would otherwise wait for it in the step's collectives
+        step_batch = platform.agreed(lambda: next(batches), f"step {step}: rendering this step's rows")
         started = time.monotonic()
         metrics = train_step(model, step_batch, config, avar_layers=avar_layers, layout=layout)
         seconds = time.monotonic() - started

@@ -8,6 +8,7 @@ import torch
 from megatron_avar.config import load_config
 from megatron_avar.grpo.config import GRPOConfig
 from megatron_avar.grpo.interfaces import Rollout
+from megatron_avar.grpo.rewards import VisualAnchoredReward
 from megatron_avar.grpo.rollout_batches import pack_rollouts
 from megatron_avar.roles import TokenRole
 from megatron_avar.testing import run_on_ranks
@@ -126,6 +127,53 @@ def test_a_replica_whose_engine_fails_stops_every_replica(failing):
     assert "step 5: rollout generation failed" in failed and cause in failed
     assert "step 5: the rollout engine failed on another rank" in other
     assert walked_0 == walked_1 == ["a", "b", "c"]  # a refused refit still finishes the collective walk
+
+
+def _replicas_where_one_fails_in_its_own_work():
+    """DP=2: a failure in one replica's own work (rendering its prompts, grading its rollouts) raises there and,
+    on the other replica, an error naming the failed rank and its error — not a wait in the update's collectives."""
+    import dataclasses
+
+    from megatron_avar.grpo.trainer import _graded, _step_prompts
+    from megatron_avar.training.megatron_setup import init_distributed
+
+    rank = init_distributed(1, 1, seed=0).dp_rank
+
+    def outcome(call):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 — the test compares each rank's error
+            return f"{type(error).__name__}: {error}"
+
+    def loader(fails: bool):
+        if fails:
+            raise ValueError("prompt 'q7': cannot open images/q7.png")
+        yield 4, f"prompts of replica {rank}"
+
+    rollouts = [dataclasses.replace(_rollout([11, 151645]), response_text="<think>2+2</think><answer>1</answer>")]
+    try:
+        return [outcome(lambda: _step_prompts(loader(rank == 1), 4)),
+                outcome(lambda: _step_prompts(loader(False), 4)),
+                outcome(lambda: _graded(4, rollouts, [float("nan") if rank == 0 else 0.5], VisualAnchoredReward())),
+                outcome(lambda: [p.total for p in _graded(4, rollouts, [0.5], VisualAnchoredReward())])]
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.multiprocess
+def test_a_replica_failing_in_its_own_work_stops_every_replica_naming_the_cause():
+    replica_0, replica_1 = run_on_ranks(_replicas_where_one_fails_in_its_own_work, 2, timeout_s=120)
+    assert replica_1[0] == "ValueError: prompt 'q7': cannot open images/q7.png"
+    assert replica_0[0] == ("ValueError: step 4: rendering the prompts failed on rank 1 (its error: ValueError: "
+                            "prompt 'q7': cannot open images/q7.png)")
+    assert (replica_0[1], replica_1[1]) == ("prompts of replica 0", "prompts of replica 1")
+    assert replica_0[2].startswith("ValueError: r_visual must be a finite number >= 0")
+    assert replica_1[2].startswith("ValueError: step 4: grading the rollouts failed on rank 0 (its error: "
+                                   "ValueError: r_visual must be a finite number >= 0")
+    weights = VisualAnchoredReward().config  # correct, strictly formatted, r_visual 0.5
+    assert replica_0[3] == replica_1[3] == [pytest.approx(1.0 + 0.5 * weights.lambda_visual + weights.lambda_format)]
 
 
 class _EngineInEveryRank(_CrashingBackend):
