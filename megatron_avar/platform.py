@@ -161,7 +161,10 @@ def agreed(compute: Callable[[], T], what: str, group=None) -> T:
     if failure is not None and not dist.is_initialized():
         raise failure
     reports: list = [None] * dist.get_world_size(group)
-    mine = None if failure is None else (dist.get_rank(), f"{type(failure).__name__}: {failure}")
+    # one line: the first and last of a long message (a DataLoader worker's error holds its whole traceback)
+    lines = str(failure).strip().splitlines() or [""]
+    mine = None if failure is None else (
+        dist.get_rank(), f"{type(failure).__name__}: {lines[0]}" + (f" … {lines[-1]}" if len(lines) > 1 else ""))
     dist.all_gather_object(reports, mine, group=group)
     if failure is not None:
         raise failure

@@ -84,3 +84,23 @@ def test_a_round_paired_with_a_failed_off_has_no_ratio():
                {**_measured("probe", 0, [11.0], None), "paired_with": ["off"]},
                _measured("off", 1, [10.0], 2.0), _measured("probe", 1, [12.0], 2.0)]  # unpaired: no ratio either
     assert bench_sft.paired_ratio(results, 512, "probe") is None
+
+
+def test_timed_steps_alternate_the_order_and_a_failing_paired_mode_leaves_the_other_measured():
+    calls = []
+
+    def step(mode, fail_at=None):
+        def run(batch):
+            calls.append((mode, batch))
+            if batch == fail_at:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run
+
+    timed = bench_sft.timed_steps({"off": step("off"), "probe": step("probe", fail_at=2)}, iter(range(10)),
+                                  warmup=1, steps=3)
+    # each batch in both modes, the first mode alternating; probe left out after its step raised
+    assert calls == [("off", 0), ("probe", 0), ("probe", 1), ("off", 1), ("off", 2), ("probe", 2), ("off", 3)]
+    assert timed.failed == {"probe": "OOM"} and timed.batches == [1, 2, 3]
+    assert len(timed.seconds["off"]) == 3 and len(timed.seconds["probe"]) == 1  # warm-up steps not timed
+    with pytest.raises(RuntimeError, match="out of memory"):  # one mode, or the last one left: the worker fails
+        bench_sft.timed_steps({"off": step("off", fail_at=0)}, iter(range(10)), warmup=0, steps=1)

@@ -18,7 +18,7 @@ Data: one procedural visual-reasoning sample per packed row (megatron_avar.data.
 so that the sample fills ~80-90% of the sequence: the worst case for attention (one S-token sequence, not many
 short packed ones). Batch = 1 row, TP = PP = DP = 1, the trainer's own train_step (forward, backward, optimizer).
 
-Modes, each measured in a fresh process (so peak memory is its own), same data and seed:
+Modes, each measured in a fresh process (so peak memory is its own; but see --paired), same data and seed:
   off       baseline, plain SFT: no AVAR layer; every layer's attention is the platform's fastest causal attention
             (ops.causal_attention "auto": SDPA per sample, FlashAttention-2 on GPU), no masses, no AGTO term
   probe     AVAR SFT as it runs by default: AGTO on (alpha = beta = 0.15), the same attention for the output,
@@ -79,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,38 +175,31 @@ def worker(spec: dict) -> list[dict]:
     step_fns = ({"hf-sdpa": _hf_sdpa_steps(config, dtype)} if modes == ["hf-sdpa"] else
                 _megatron_steps(config, qwen, dtype, modes))
     batches = iter(data)
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    peaks = dict.fromkeys(modes, 0)
+    timed = timed_steps(step_fns, batches, warmup=spec["warmup"], steps=spec["steps"])
+    times, peaks, failed = timed.seconds, timed.peak_bytes, timed.failed
     flops, attention, tokens = [], [], []
-    for step in range(spec["warmup"] + spec["steps"]):
-        batch = next(batches)
-        timed = step >= spec["warmup"]
-        for mode in modes if step % 2 == 0 else modes[::-1]:
-            if timed:
-                platform.reset_peak_memory()  # not the warm-up's one-off buffers (Triton autotuning's) nor the
-                # other mode's step (CUDA; a no-op on the CPU, whose peak RSS is the process's)
-            started = time.monotonic()
-            step_fns[mode](batch)  # ends in a host read of the loss: synchronised
-            seconds = time.monotonic() - started
-            if timed:
-                times[mode].append(seconds)
-                peaks[mode] = max(peaks[mode], platform.peak_memory_bytes())
-        if timed:
-            lengths = sample_lengths(batch)
-            tokens.append(batch.num_real_tokens)
-            total = batch_flops(qwen, batch)
-            flops.append(total)
-            attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
+    for batch in timed.batches:
+        lengths = sample_lengths(batch)
+        tokens.append(batch.num_real_tokens)
+        total = batch_flops(qwen, batch)
+        flops.append(total)
+        attention.append(6 * qwen.text.num_layers * qwen.text.hidden_size * sum(n * n for n in lengths) / total)
     # Read before the profiled step, whose profiler holds memory. On the CPU two modes share one process's peak RSS:
     # none is reported for either (the unpaired runs measure memory).
     shared_rss = len(modes) > 1 and not platform.cuda_available()
     profiled = {mode: _profiled_probe_seconds(step_fns[mode], next(batches))
-                for mode in modes if spec["profile"] and mode in PROBE_MODES}
+                for mode in modes if spec["profile"] and mode in PROBE_MODES and mode not in failed}
+    # off's plan is plain SFT's (paired, the worker's config has AGTO on for the probe steps)
+    plain = dataclasses.replace(config, avar=dataclasses.replace(config.avar, alpha=0.0, beta=0.0))
     results = []
     for mode in modes:
+        if mode in failed:
+            results.append({"mode": mode, "seq_length": seq, "round": rnd, "error": failed[mode]})
+            continue
         median = statistics.median(times[mode])
         profile = profiled.get(mode)
-        planned = _planned_peak_gb(config, qwen, batch) if mode in ("off", *AVAR_MODES) else None
+        planned = (_planned_peak_gb(plain if mode == "off" else config, qwen, batch)
+                   if mode in ("off", *AVAR_MODES) else None)
         results.append({
             "mode": mode, "seq_length": seq, "round": rnd, "step_seconds": median, "step_seconds_all": times[mode],
             "paired_with": [other for other in modes if other != mode],
@@ -219,6 +213,53 @@ def worker(spec: dict) -> list[dict]:
             "layers": qwen.text.num_layers, "heads": qwen.text.num_attention_heads,
             "autotune_choices": _autotune_choices()})
     return results
+
+
+@dataclasses.dataclass
+class TimedSteps:
+    seconds: dict[str, list[float]]  # per mode, one per timed step
+    peak_bytes: dict[str, int]       # per mode, the most any of its timed steps held (platform.peak_memory_bytes)
+    failed: dict[str, str]           # paired: a mode whose step raised ("OOM" or the error), left out after it
+    batches: list                    # the timed steps' batches
+
+
+def timed_steps(step_fns: dict, batches, *, warmup: int, steps: int) -> TimedSteps:
+    """``warmup`` then ``steps`` steps, each of its own batch run by every mode of ``step_fns``, which mode goes
+    first alternating from step to step. With two modes (--paired) a mode whose step raises (out of memory at a
+    long row) is recorded as failed and the other goes on; a step that raises with one mode left raises."""
+    import torch
+
+    from megatron_avar import platform
+
+    modes = list(step_fns)
+    result = TimedSteps({mode: [] for mode in modes}, dict.fromkeys(modes, 0), {}, [])
+    for step in range(warmup + steps):
+        batch = next(batches)
+        timed = step >= warmup
+        for mode in modes if step % 2 == 0 else modes[::-1]:
+            if mode in result.failed:
+                continue
+            if timed:
+                platform.reset_peak_memory()  # not the warm-up's one-off buffers (Triton autotuning's) nor the
+                # other mode's step (CUDA; a no-op on the CPU, whose peak RSS is the process's)
+            started = time.monotonic()
+            try:
+                step_fns[mode](batch)  # ends in a host read of the loss: synchronised
+            except Exception as error:  # noqa: BLE001 — paired: recorded as this mode's result, the other goes on
+                if len(result.failed) == len(modes) - 1:
+                    raise
+                traceback.print_exc()
+                result.failed[mode] = "OOM" if "out of memory" in str(error).lower() else \
+                    f"{type(error).__name__}: {error}"[:300]
+                if platform.cuda_available():
+                    torch.cuda.empty_cache()  # what the failed step held, for the other mode's steps
+                continue
+            if timed:
+                result.seconds[mode].append(time.monotonic() - started)
+                result.peak_bytes[mode] = max(result.peak_bytes[mode], platform.peak_memory_bytes())
+        if timed:
+            result.batches.append(batch)
+    return result
 
 
 # The role_mass probe's autograd functions, ops.role_mass._BlockwiseRoleMass and ops.role_mass_triton._TritonRoleMass
@@ -467,12 +508,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             lines.append(f"| {r['seq_length']} | {r['mode']} | {r.get('error') or 'not measured'} |" + " |" * 15)
             continue
         paired = r.get("paired_ratio")
+        paired_cell = ("baseline" if any(row.get("paired_ratio") is not None for row in rows) else "—") \
+            if r["mode"] == "off" else _percent(None if paired is None else paired - 1)
         baseline = r["mode"] == "off"
         lines.append(f"| {r['seq_length']} | {r['mode']} | {r['step_seconds']:.3f} | "
                      f"{'baseline' if baseline else _percent(r.get('step_time_overhead'))} | "
                      f"{r['step_seconds_min']:.3f} | "
                      f"{'baseline' if baseline else _percent(r.get('min_step_time_overhead'))} | "
-                     f"{'baseline' if baseline else _percent(None if paired is None else paired - 1)} | "
+                     f"{paired_cell} | "
                      f"{100 * r['spread']:.0f}% | "
                      f"{_fmt(None if r.get('probe_share') is None else 100 * r['probe_share'], '.2f')}"
                      f"{'%' if r.get('probe_share') is not None else ''} | "
@@ -588,23 +631,24 @@ def main() -> int:
     results = []
     # The pair the targets compare (plain SFT and AVAR with the probe) at every length first, then the other
     # modes: a run stopped part-way (a time limit) keeps the comparison that matters most.
-    first = [mode for mode in args.modes if mode in ("off", "probe")]
+    first = [mode for mode in ("off", "probe") if mode in args.modes]
     if args.rounds < 1:
         raise SystemExit(f"bench_sft: --rounds must be at least 1, got {args.rounds}")
     if args.paired and first != ["off", "probe"]:
-        raise SystemExit("bench_sft: --paired measures off and probe in one process; give both in --modes")
+        raise SystemExit("bench_sft: --paired measures off and probe in one process; add probe to --modes")
     # With --rounds, each group's rounds interleave (off, probe, off, probe, ...): drift falls on both modes.
     rounds = range(args.rounds)
     rest = [mode for mode in args.modes if mode not in first]
     groups = [first] if args.paired else [[mode] for mode in first]
     jobs = ([(rnd, seq, modes) for rnd in rounds for seq in args.seq_lens for modes in groups]
             + [(rnd, seq, [mode]) for rnd in rounds for seq in args.seq_lens for mode in rest])
-    longest = 0.0
+    longest = 0.0  # seconds per mode of the longest measurement so far (a paired one measures two)
     for rnd, seq, modes in jobs:
-        elapsed, name = time.monotonic() - started, "+".join(modes)
-        if args.deadline_s is not None and elapsed + longest > args.deadline_s:
+        elapsed, name, expected = time.monotonic() - started, "+".join(modes), longest * len(modes)
+        if args.deadline_s is not None and elapsed + expected > args.deadline_s:
             print(f"[bench_sft] seq {seq} {name} round {rnd}: not run (--deadline-s {args.deadline_s:.0f}: "
-                  f"{elapsed:.0f} s spent, the longest measurement took {longest:.0f} s)", flush=True)
+                  f"{elapsed:.0f} s spent, measuring {len(modes)} mode(s) would take {expected:.0f} s, judged by "
+                  "the longest so far)", flush=True)
             results += [{"mode": mode, "seq_length": seq, "round": rnd,
                          "error": f"not run: --deadline-s {args.deadline_s:.0f}"} for mode in modes]
             stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
@@ -620,7 +664,7 @@ def main() -> int:
                   f"{result['step_seconds']:.3f} s/step, peak " + ("—" if peak is None else f"{peak:.2f} GB")),
                   flush=True)
             results.append(result)
-        longest = max(longest, time.monotonic() - measured)
+        longest = max(longest, (time.monotonic() - measured) / len(modes))
         # Written after every measurement: a run stopped part-way keeps what it measured.
         stem, text = write_results(results, args, precision, commit, date, time.monotonic() - started, stem)
     print(text)

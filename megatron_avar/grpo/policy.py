@@ -260,17 +260,25 @@ class MegatronPolicy:
         the same tokens, needed when ``loss.kl_coef > 0`` (then ``loss/kl_ref`` is reported)."""
         from megatron.core import parallel_state
 
-        micro_batches = platform.agreed(lambda: self._pack(rollouts), "packing the rollouts into rows")
         mask = response_token_mask(rollouts)
         num_columns = int(mask.shape[1])
-        if old_logp.shape != mask.shape or advantages.shape != (len(rollouts),):
-            raise ValueError(f"old_logp {tuple(old_logp.shape)} must be {tuple(mask.shape)} and advantages "
-                             f"{tuple(advantages.shape)} must be ({len(rollouts)},)")
-        if (ref_logp is None) != (self.loss.kl_coef == 0) or (ref_logp is not None and ref_logp.shape != mask.shape):
-            raise ValueError(f"ref_logp {None if ref_logp is None else tuple(ref_logp.shape)}: pass the reference "
-                             f"log-probs [{', '.join(map(str, mask.shape))}] exactly when loss.kl_coef > 0")
-        if int(mask.sum(1).min()) == 0:  # here, on the host, once: policy_loss is given the counts and checks none
-            raise ValueError("every rollout needs at least one response token")
+
+        def checked_and_staged() -> list[_Staged]:
+            if old_logp.shape != mask.shape or advantages.shape != (len(rollouts),):
+                raise ValueError(f"old_logp {tuple(old_logp.shape)} must be {tuple(mask.shape)} and advantages "
+                                 f"{tuple(advantages.shape)} must be ({len(rollouts)},)")
+            if (ref_logp is None) != (self.loss.kl_coef == 0) or (ref_logp is not None
+                                                                  and ref_logp.shape != mask.shape):
+                raise ValueError(f"ref_logp {None if ref_logp is None else tuple(ref_logp.shape)}: pass the reference "
+                                 f"log-probs [{', '.join(map(str, mask.shape))}] exactly when loss.kl_coef > 0")
+            if int(mask.sum(1).min()) == 0:  # here, on the host, once: policy_loss is given the counts, checks none
+                raise ValueError("every rollout needs at least one response token")
+            # Everything the loss reads is on the device before the schedule, and what it reports stays there
+            # until the step is done: no read of the device per micro-batch.
+            return self._stage(self._pack(rollouts))
+
+        # agreed: a rank that failed here alone would leave the others waiting in the collectives below
+        staged = platform.agreed(checked_and_staged, "checking and packing the rollouts into rows")
         names = LOSS_METRICS + (("kl_ref",) if ref_logp is not None else ())
         device = self._device
         dp_group = parallel_state.get_data_parallel_group()
@@ -278,10 +286,7 @@ class MegatronPolicy:
         dist.all_reduce(counts, group=dp_group)
         num_tokens, num_sequences = int(counts[0]), int(counts[1])
         dp = parallel_state.get_data_parallel_world_size()
-        scale = len(micro_batches) * dp  # undo megatron's 1/num_microbatches and DDP's 1/dp
-        # Everything the loss reads is on the device before the schedule, and what it reports stays there until
-        # the step is done: no read of the device per micro-batch.
-        staged = self._stage(micro_batches)
+        scale = len(staged) * dp  # undo megatron's 1/num_microbatches and DDP's 1/dp
         old_logp, advantages, mask = old_logp.to(device), advantages.to(device), mask.to(device)
         ref_logp = None if ref_logp is None else ref_logp.to(device)
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)

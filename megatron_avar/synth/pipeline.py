@@ -59,7 +59,7 @@ def prepare_output(config: SynthConfig) -> None:
     """Apply the resume/overwrite rules (module docstring) and clear this run's progress files."""
     out = Path(config.output.dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output.dir {out} exists and is not a folder")
+        raise ValueError(f"output.dir {out} exists and is not a folder; choose another output.dir")
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)
@@ -220,6 +220,9 @@ def run_synthesis(config: SynthConfig) -> dict:
     conflict = ("two syntheses on one output.dir or run.work_dir would delete and overwrite each other's shards "
                 "and progress. Wait for that run to end (or stop it), or choose another output.dir and run.work_dir")
     out = Path(config.output.dir)
+    for key, path in (("output.dir", out), ("run.work_dir", config.work_dir)):
+        if path.exists() and not path.is_dir():  # (before the lock, which would make the folder)
+            raise ValueError(f"{key} {path} exists and is not a folder; choose another {key}")
     with holding_run_lock(out, conflict=conflict), holding_run_lock(config.work_dir, conflict=conflict):
         prepare_output(config)
         stages = build_stages(config)

@@ -13,7 +13,9 @@ disk after a fault, and what a user sees.
   learning rate and horizon while config.json recorded the new ones);
 - resuming never unpickles code planted in a checkpoint: the per-rank RNG state is safetensors, a pickle where
   the old rank_state/*.pt was is refused (legacy) or ignored, and megatron's pickled parts (.metadata, the
-  byte items in *.distcp, common.pt) are vetted before megatron reads them (before: os.system ran on resume).
+  byte items in *.distcp, common.pt) are vetted before megatron reads them (before: os.system ran on resume);
+- a step's rows that fail to render on one data-parallel rank stop both ranks with one line each, the other
+  rank's naming the failed rank and its error (before: a traceback of the lost connection, or under NCCL a wait).
 
 One 2-step run (a checkpoint after each step) is made once; each test works on a copy of it.
 """
@@ -268,3 +270,42 @@ def test_megatrons_pickled_parts_are_vetted_before_megatron_reads_them(base_run,
     with pytest.raises(ValueError, match=r"common\.pt is refused"):
         vet_dist_checkpoint(step)
     assert not marker.exists()
+
+
+# -- one data-parallel rank's rows fail to render ---------------------------------------------------------------
+
+_RANK_1_READ_FAILS = '''
+import errno, os, sys
+if os.environ.get("RANK") == "1":
+    import megatron_avar.roles as roles
+    _render = roles.render_conversation
+    def _render_fails_in_a_step(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "__getitem__":  # a step's row, not the plan's counting
+            raise OSError(errno.EIO, os.strerror(errno.EIO), "/data/images/q7.png")
+        return _render(*args, **kwargs)
+    roles.render_conversation = _render_fails_in_a_step
+'''
+
+
+def test_rows_failing_to_render_on_one_rank_stop_both_ranks_naming_the_cause(sft_inputs, tmp_path):
+    import subprocess
+
+    from fault_runs import REPO, _free_port, sft_command
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_RANK_1_READ_FAILS)  # rank 1's disk fails under a step's image
+    run, port = tmp_path / "run", str(_free_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
+           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    ranks = [subprocess.Popen(sft_command(run, sft_inputs, **{"checkpoint.interval": 0}), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    # before: rank 0 died in the step's all-reduce, a traceback of gloo's lost connection (NCCL: a wait)
+    assert [rank.returncode for rank in ranks] == [2, 2], outputs
+    (_, errors_0), (_, errors_1) = outputs
+    assert "cannot be rendered ([Errno 5] Input/output error: '/data/images/q7.png')" in errors_1
+    assert "avar sft: error: step 0: rendering this step's rows failed on rank 1 (its error: ValueError: " in errors_0
+    assert "Input/output error" in errors_0 and "Traceback" not in errors_0
+    assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""

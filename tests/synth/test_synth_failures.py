@@ -107,3 +107,12 @@ def test_a_second_synthesis_on_a_held_output_or_work_dir_is_refused_and_deletes_
             if p.is_file() and p.name != LOCK_FILE} == finished
     assert len(teacher.requests()) == asked
     assert main(["synth", *args, "output.overwrite=true"]) == 0  # once it ends, the run goes ahead
+
+
+@pytest.mark.parametrize("key, name", [("output.dir", "run"), ("run.work_dir", "work")])
+def test_an_output_or_work_dir_that_is_a_file_is_named_as_such(tmp_path, procedural_source, teacher, key, name,
+                                                                 capsys):
+    (tmp_path / name).write_text("the user's file")
+    assert main(["synth", *synth_overrides(tmp_path, procedural_source[0], teacher)]) == 2
+    assert f"{key} {tmp_path / name} exists and is not a folder; choose another {key}" in capsys.readouterr().err
+    assert (tmp_path / name).read_text() == "the user's file" and teacher.requests() == []
