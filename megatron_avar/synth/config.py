@@ -193,7 +193,8 @@ class OutputConfig:
     dir: str = "runs/synth"
     """Output folder: data/shard-*.parquet (images embedded) and manifest.json."""
     overwrite: bool = False
-    """Replace a finished run's output (one with a manifest.json). An unfinished run is always resumed."""
+    """Replace a finished run's output (one with a manifest.json), kept in <dir>/.replaced until the new run is
+    finished. An unfinished run is always resumed."""
     system_prompt: str | None = None
     """System turn of the written conversations; null: none (Qwen2.5-VL's default is rendered)."""
 

@@ -3,7 +3,9 @@
 Resuming: a run writes ``<output.dir>/manifest.json`` last. Without it the run is unfinished and the same
 command resumes it: shards are rewritten from scratch (deterministic names), and every teacher answer
 already in the request cache (``<work_dir>/cache``) is reused, so nothing paid for is asked again. With it
-the run is finished and is replaced only with ``output.overwrite=true``.
+the run is finished and is replaced only with ``output.overwrite=true``. The run it replaces is moved aside
+into ``<output.dir>/.replaced`` (its manifest, then its shards) and deleted only once the new run has written its
+own manifest: a replacing run that fails, or is killed, leaves the finished run it replaced there, whole.
 
 One run at a time: a run holds the lock of its output.dir and of its work_dir (``training.run_lock``:
 ``.avar.lock``, dropped by the kernel however the run ends) from before it looks at either until it has
@@ -41,6 +43,7 @@ from megatron_avar.training.run_lock import LOCK_FILE, holding_run_lock
 
 logger = logging.getLogger("megatron_avar.synth")
 MANIFEST = "manifest.json"
+REPLACED = ".replaced"  # the finished run output.overwrite=true replaces, kept until the new one is finished
 
 
 class TeacherFailuresError(RuntimeError):
@@ -64,7 +67,7 @@ def prepare_output(config: SynthConfig) -> None:
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)
         data = out / "data"
-        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST, LOCK_FILE)] +
+        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST, LOCK_FILE, REPLACED)] +
                          [f"data/{p.name}" for p in (data.iterdir() if data.is_dir() else ())
                           if not fnmatch.fnmatch(p.name, "shard-*.parquet")
                           and not fnmatch.fnmatch(p.name, ".shard-*.parquet.*.tmp")])
@@ -75,11 +78,17 @@ def prepare_output(config: SynthConfig) -> None:
         if inside:
             raise ValueError(f"the data of source(s) {inside} lies inside output.dir {out}, which a run replaces; "
                              "choose an output.dir apart from the sources")
+        replaced = out / REPLACED
         if (out / MANIFEST).is_file():
+            if replaced.exists():  # a finished replacement killed before it removed the run it replaced
+                shutil.rmtree(replaced)
             if not config.output.overwrite:
                 raise ValueError(f"output.dir {out} holds a finished run ({MANIFEST}); pass output.overwrite=true to "
                                  "replace it, or choose another output.dir")
-            (out / MANIFEST).unlink()
+            replaced.mkdir()
+            (out / MANIFEST).rename(replaced / MANIFEST)  # first: out/ no longer looks finished
+        if (replaced / MANIFEST).is_file():  # its shards follow (again, after a kill part-way through)
+            _move_replaced_shards(out)
         if data.is_dir():  # holding only what the check above let through: an earlier run's shards
             for shard in data.iterdir():
                 shard.unlink()
@@ -87,6 +96,19 @@ def prepare_output(config: SynthConfig) -> None:
     progress = config.work_dir / "progress"
     shutil.rmtree(progress, ignore_errors=True)
     progress.mkdir(parents=True, exist_ok=True)
+
+
+def _move_replaced_shards(out: Path) -> None:
+    """Move the shards the manifest in ``<out>/.replaced`` lists from ``<out>/data`` into ``<out>/.replaced/data``,
+    those not there yet: one rename each, so a kill part-way leaves each shard in one place or the other, and the
+    next start moves the rest. A shard of the new run never moves: its name is in .replaced already when the
+    replaced run listed it (the move finished before the new run started)."""
+    listed = json.loads((out / REPLACED / MANIFEST).read_text())["shards"]
+    (out / REPLACED / "data").mkdir(exist_ok=True)
+    for shard in listed:
+        source, target = out / shard["file"], out / REPLACED / shard["file"]
+        if source.is_file() and not target.exists():
+            source.rename(target)
 
 
 def _ray_worker_pids(raylet_pids: set[int]) -> list:
@@ -241,6 +263,8 @@ def run_synthesis(config: SynthConfig) -> dict:
         manifest = build_manifest(config, results, time.time() - started)
         check_teacher_failures(config, manifest)
         atomic_files.write_json(out / MANIFEST, manifest, sort_keys=True)
+        if (out / REPLACED).exists():  # the finished run this one replaced: now it is replaced
+            shutil.rmtree(out / REPLACED)
     logger.info("synth: kept %d of %d records; output %s", manifest["kept"], manifest["read"], out / "data")
     return manifest
 
@@ -296,7 +320,9 @@ def check_teacher_failures(config: SynthConfig, manifest: dict) -> None:
     if problems:
         raise TeacherFailuresError(
             "; ".join(problems) + f". Kept {manifest['kept']} of {manifest['read']} records (shards in "
-            f"{Path(config.output.dir) / 'data'}), but wrote no {MANIFEST}: the run is unfinished. Once the endpoint "
+            f"{Path(config.output.dir) / 'data'}), but wrote no {MANIFEST}: the run is unfinished"
+            + (f" (the finished run it replaces stays in {Path(config.output.dir) / REPLACED} until it finishes)"
+               if (Path(config.output.dir) / REPLACED).is_dir() else "") + ". Once the endpoint "
             "answers (is its server up? are base_url and model right?), rerun the same command: it resumes, reusing "
             "every cached answer and asking only the failed requests again. To accept the loss instead, raise "
             "client.max_failed_share.")

@@ -224,3 +224,29 @@ def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_res
         parse("<chain>a <anchor>b</anchor> Final answer: 1</chain><chain>c</chain>")
     assert parse_description("<think>hm</think>\n## Global scan\nA.\n## Elements\nB.\n## Relations\nC.\n"
                              "## Scene\nD.").startswith("## Global scan")
+
+
+def test_a_kill_while_a_finished_run_is_moved_aside_is_completed_on_the_next_start(tmp_path):
+    import json
+
+    from megatron_avar.synth.pipeline import MANIFEST, REPLACED, prepare_output
+
+    out = tmp_path / "out"
+    (out / REPLACED / "data").mkdir(parents=True)
+    (out / "data").mkdir()
+    listed = [{"file": f"data/shard-{name}.parquet", "records": 1} for name in ("a", "b", "c")]
+    # killed after the manifest and shard a were moved: b and c are still in out/data, beside a shard d of nobody
+    (out / REPLACED / MANIFEST).write_text(json.dumps({"shards": listed}))
+    (out / REPLACED / "data" / "shard-a.parquet").write_bytes(b"a")
+    for name in ("b", "c", "d"):
+        (out / "data" / f"shard-{name}.parquet").write_bytes(name.encode())
+    config = load_config(SynthConfig, None, SOURCE + [f"output.dir={out}", f"run.work_dir={tmp_path / 'work'}"])
+    prepare_output(config)  # (no overwrite needed: the run out/ holds is unfinished)
+    assert sorted(p.name for p in (out / REPLACED / "data").iterdir()) == [f"shard-{x}.parquet" for x in "abc"]
+    assert (out / REPLACED / "data" / "shard-b.parquet").read_bytes() == b"b"
+    assert sorted(p.name for p in out.iterdir()) == [REPLACED]  # the unlisted shard went with the unfinished run
+    # a finished replacement killed before it removed what it replaced: the leftover goes, the run stays
+    (out / MANIFEST).write_text(json.dumps({"shards": []}))
+    with pytest.raises(ValueError, match="holds a finished run"):
+        prepare_output(config)
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST]

@@ -116,3 +116,23 @@ def test_an_output_or_work_dir_that_is_a_file_is_named_as_such(tmp_path, procedu
     assert main(["synth", *synth_overrides(tmp_path, procedural_source[0], teacher)]) == 2
     assert f"{key} {tmp_path / name} exists and is not a folder; choose another {key}" in capsys.readouterr().err
     assert (tmp_path / name).read_text() == "the user's file" and teacher.requests() == []
+
+
+def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, procedural_source, teacher, dead_url):
+    from megatron_avar.synth.pipeline import REPLACED
+    from megatron_avar.training.run_lock import LOCK_FILE
+
+    data, out = procedural_source[0], tmp_path / "run"
+    assert main(["synth", *synth_overrides(tmp_path, data, teacher)]) == 0
+    finished = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    assert any(path.parts[0] == "data" for path in finished)
+    # the replacement (its own request cache) finds its anchor teacher down: it fails before its manifest
+    replacing = ["output.overwrite=true", f"run.work_dir={tmp_path / 'work2'}"]
+    with pytest.raises(TeacherFailuresError, match=r"the finished run it replaces stays in .*/run/\.replaced until"):
+        run_synthesis(synth_config(tmp_path, data, teacher, *replacing, f"anchor.teacher.base_url={dead_url}"))
+    kept = {p.relative_to(out / REPLACED): p.read_bytes() for p in (out / REPLACED).rglob("*") if p.is_file()}
+    assert kept == finished and not (out / MANIFEST).exists()
+    # the same command once the endpoint answers: finished, and only then is the replaced run gone
+    run_synthesis(synth_config(tmp_path, data, teacher, *replacing))
+    assert (out / MANIFEST).is_file() and not (out / REPLACED).exists()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "data", MANIFEST]
