@@ -59,10 +59,9 @@ def resolve_paths(config: SynthConfig) -> SynthConfig:
 
 
 def prepare_output(config: SynthConfig) -> None:
-    """Apply the resume/overwrite rules (module docstring) and clear this run's progress files."""
+    """Apply the resume/overwrite rules (module docstring) and clear this run's progress files; under the run's
+    locks (run_synthesis, which has refused an output.dir that is a file)."""
     out = Path(config.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output.dir {out} exists and is not a folder; choose another output.dir")
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)

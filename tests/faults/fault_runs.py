@@ -67,16 +67,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_two_ranks(command: list[str]) -> list[str]:
-    """Run ``command`` as 2 ranks (torchrun's environment variables); both must succeed. Returns their outputs."""
+def two_ranks(command: list[str], *, env: dict | None = None) -> list[tuple[int, str]]:
+    """Run ``command`` as 2 ranks (torchrun's environment variables, plus ``env``); (exit code, stdout and stderr
+    together) of each."""
     port = str(_free_port())
     ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                              env={**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
              for rank in range(2)]
     outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    return outputs
+    return [(rank.returncode, text) for rank, text in zip(ranks, outputs)]
+
+
+def on_two_ranks(command: list[str]) -> list[str]:
+    """Run ``command`` as 2 ranks (:func:`two_ranks`); both must succeed. Returns their outputs."""
+    done = two_ranks(command)
+    assert [code for code, _ in done] == [0, 0], done[0][1][-3000:] + done[1][1][-3000:]
+    return [text for _, text in done]
 
 
 def exports_and_verifies(checkpoint: Path, hf: Path) -> None:

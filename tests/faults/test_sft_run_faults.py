@@ -288,24 +288,18 @@ if os.environ.get("RANK") == "1":
 
 
 def test_rows_failing_to_render_on_one_rank_stop_both_ranks_naming_the_cause(sft_inputs, tmp_path):
-    import subprocess
-
-    from fault_runs import REPO, _free_port, sft_command
+    from fault_runs import sft_command, two_ranks
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(_RANK_1_READ_FAILS)  # rank 1's disk fails under a step's image
-    run, port = tmp_path / "run", str(_free_port())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
-           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    ranks = [subprocess.Popen(sft_command(run, sft_inputs, **{"checkpoint.interval": 0}), cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
-    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    run = tmp_path / "run"
+    done = two_ranks(sft_command(run, sft_inputs, **{"checkpoint.interval": 0}),
+                     env={"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])})
     # before: rank 0 died in the step's all-reduce, a traceback of gloo's lost connection (NCCL: a wait)
-    assert [rank.returncode for rank in ranks] == [2, 2], outputs
-    (_, errors_0), (_, errors_1) = outputs
-    assert "cannot be rendered ([Errno 5] Input/output error: '/data/images/q7.png')" in errors_1
-    assert "avar sft: error: step 0: rendering this step's rows failed on rank 1 (its error: ValueError: " in errors_0
-    assert "Input/output error" in errors_0 and "Traceback" not in errors_0
+    assert [code for code, _ in done] == [2, 2], done
+    (_, output_0), (_, output_1) = done
+    assert "cannot be rendered ([Errno 5] Input/output error: '/data/images/q7.png')" in output_1
+    assert "avar sft: error: step 0: rendering this step's rows failed on rank 1 (its error: ValueError: " in output_0
+    assert "Input/output error" in output_0 and "Traceback" not in output_0
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
