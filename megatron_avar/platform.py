@@ -39,6 +39,7 @@ __all__ = [
     "distributed_backend",
     "on_any_rank",
     "agreed",
+    "stop_together",
     "bind_device",
     "prepare_megatron",
     "enable_megatron_on_cpu",
@@ -143,21 +144,17 @@ def on_any_rank(happened: bool, group=None) -> bool:
     return bool(flag.item())
 
 
-def agreed(compute: Callable[[], T], what: str, group=None) -> T:
-    """Collective over ``group`` (the world by default): ``compute()``'s result when it raised on no rank of the
-    group; otherwise its own error on each rank where it raised, and on every other rank a ValueError naming
-    ``what``, the first rank that failed and that rank's error — so that no rank goes on into a collective that
-    another will never reach. ``compute`` is this rank's own work: a collective inside it would leave the ranks
-    that did not raise waiting there. One flag is reduced when all went well; the messages are gathered only
-    when something failed."""
+def stop_together(failure: BaseException | None, what: str, group=None, *,
+                  error: Callable[[str], BaseException] = ValueError) -> None:
+    """Collective over ``group`` (the world by default): return when ``failure`` is None on every rank of the group.
+    Otherwise raise ``failure`` on each rank that has one, and on every other rank ``error(message)``, the message
+    naming ``what``, the first rank that failed and that rank's error ("<what> failed on rank R (its error: ...)")
+    — so that no rank goes on into a collective that another will never reach. One flag is reduced when all went
+    well; the messages are gathered only when something failed."""
     import torch.distributed as dist
 
-    try:
-        result, failure = compute(), None
-    except Exception as error:  # noqa: BLE001 — re-raised below, after the others have been told
-        result, failure = None, error
     if not on_any_rank(failure is not None, group=group):
-        return result  # type: ignore[return-value]  # (compute returned: result is its T)
+        return
     if failure is not None and not dist.is_initialized():
         raise failure
     reports: list = [None] * dist.get_world_size(group)
@@ -169,7 +166,21 @@ def agreed(compute: Callable[[], T], what: str, group=None) -> T:
     if failure is not None:
         raise failure
     rank, message = next(report for report in reports if report is not None)
-    raise ValueError(f"{what} failed on rank {rank} (its error: {message})")
+    raise error(f"{what} failed on rank {rank} (its error: {message})")
+
+
+def agreed(compute: Callable[[], T], what: str, group=None, *,
+           error: Callable[[str], BaseException] = ValueError) -> T:
+    """Collective over ``group`` (the world by default): ``compute()``'s result when it raised on no rank of the
+    group; otherwise :func:`stop_together`'s errors (its own on each rank where it raised, ``error(...)`` naming
+    the failed rank on the others). ``compute`` is this rank's own work: a collective inside it would leave the
+    ranks that did not raise waiting there."""
+    try:
+        result, failure = compute(), None
+    except Exception as error_here:  # noqa: BLE001 — re-raised by stop_together, after the others have been told
+        result, failure = None, error_here
+    stop_together(failure, what, group, error=error)
+    return result  # type: ignore[return-value]  # (compute returned: result is its T)
 
 
 def distributed_backend() -> str:

@@ -69,3 +69,44 @@ print("ok", next(model.parameters()).device)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok cpu")
+
+
+class _RankError(RuntimeError):
+    """The error factory of the test below: what the ranks that did not fail raise."""
+
+
+def _stop_together_on_two_ranks() -> list[str]:
+    """Each case's outcome on this rank: "ok", or the type and message of what it raised."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    outcomes = []
+
+    def fail_on(failing_rank: int):
+        if rank == failing_rank:
+            raise OSError(f"disk of rank {failing_rank} gone\n  traceback line\nlast line")
+        return rank
+
+    for case in (lambda: platform.agreed(lambda: rank, "nothing"),
+                 lambda: platform.agreed(lambda: fail_on(1), "reading the rows"),
+                 lambda: platform.stop_together(None if rank == 0 else OSError("no space"), "saving",
+                                                error=_RankError)):
+        try:
+            outcomes.append(f"ok {case()}")
+        except Exception as error:  # noqa: BLE001 — the outcome is what is compared
+            outcomes.append(f"{type(error).__name__}: {error}")
+    return outcomes
+
+
+@pytest.mark.multiprocess
+def test_a_failure_on_one_rank_stops_every_rank_naming_the_rank_and_its_error():
+    from megatron_avar.testing import run_on_ranks
+
+    rank_0, rank_1 = run_on_ranks(_stop_together_on_two_ranks, 2, timeout_s=120)
+    assert rank_0[0] == "ok 0" and rank_1[0] == "ok 1"  # nothing failed: each rank's own result
+    assert rank_1[1] == "OSError: disk of rank 1 gone\n  traceback line\nlast line"  # its own error, whole
+    # the other rank: one line, the first and last lines of the failed rank's error
+    assert rank_0[1] == ("ValueError: reading the rows failed on rank 1 (its error: OSError: disk of rank 1 gone … "
+                         "last line)")
+    assert rank_1[2] == "OSError: no space"
+    assert rank_0[2] == "_RankError: saving failed on rank 1 (its error: OSError: no space)"

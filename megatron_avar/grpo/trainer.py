@@ -113,12 +113,10 @@ def _rollouts(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
 
 
 def _stop_together(failure: RolloutEngineError | None, step: int) -> None:
-    """Collective over every rank: raise ``failure`` here, and a RolloutEngineError on the ranks where all went
-    well, when the rollout engine failed on any rank (the others would wait for it in the step's collectives)."""
-    if platform.on_any_rank(failure is not None):
-        raise failure or RolloutEngineError(
-            f"step {step}: the rollout engine failed on another rank (its error names the cause); no update was "
-            "made — rerun the same command to resume from the last checkpoint")
+    """Collective over every rank: raise ``failure`` here, and on the ranks where all went well a
+    RolloutEngineError naming the rank that failed and its error, when the rollout engine failed on any rank (the
+    others would wait for it in the step's collectives)."""
+    platform.stop_together(failure, f"step {step}: the rollout engine", error=RolloutEngineError)
 
 
 def _start_backend(config: GRPOConfig, processor, layout) -> GenerationBackend:

@@ -375,7 +375,8 @@ def _write_failure(error: BaseException, *, root: Path, final: Path, partial: Pa
         what = os.strerror(cause.errno)
     else:
         detail = str(cause or error).strip().splitlines()
-        what = f"{type(cause or error).__name__}: {detail[0] if detail else ''}"
+        what = f"{type(cause or error).__name__}: " * (not isinstance(cause or error, _PeerWriteFailure)) + (
+            detail[0] if detail else "")
         fix = f"check the file system of {root}, then rerun the same command: it resumes from the latest checkpoint"
     return CheckpointWriteError(f"writing checkpoint {final.name} failed ({what}). Nothing of it was published "
                                 f"(the partial folder {partial.name} is removed) and {kept}; {fix}")
@@ -426,16 +427,7 @@ def _write(root: Path, final: Path, partial: Path, model, trainer_state: dict, *
     rank = dist.get_rank()
 
     def on_every_rank(write) -> None:
-        failure = None
-        try:
-            write()
-        except Exception as error:  # noqa: BLE001
-            failure = error
-        failed_somewhere = platform.on_any_rank(failure is not None)
-        if failure is not None:
-            raise failure
-        if failed_somewhere:
-            raise _PeerWriteFailure("another rank failed to write its part (its error names the cause)")
+        platform.agreed(write, "writing its part", error=_PeerWriteFailure)
 
     def make_folder() -> None:
         if rank == 0:
@@ -490,22 +482,17 @@ def load_checkpoint(path: Path, model) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    refusal = None
-    try:
+    def vetted() -> tuple[dict, dict]:
         trainer_state = read_trainer_state(path)
-        layout = saved_layout(path)
-        source = _rank_state_source(path, dist.get_rank(), layout)
+        source = _rank_state_source(path, dist.get_rank(), saved_layout(path))
         rng_state = _read_rank_state(path, source)
         _check_grad_buckets(path, trainer_state, model)
         vet_dist_checkpoint(path)
-    except ValueError as error:
-        refusal = error
-    refused_somewhere = platform.on_any_rank(refusal is not None)
-    if refusal is not None:
-        raise refusal
-    if refused_somewhere:
-        raise ValueError(f"{path} was refused on another rank (that rank's error names the file): resume from a "
-                         "checkpoint you trust, or start over (checkpoint.resume=false checkpoint.overwrite=true)")
+        return trainer_state, rng_state
+
+    trainer_state, rng_state = platform.agreed(vetted, f"checking {path}", error=lambda message: ValueError(
+        f"{message}: resume from a checkpoint you trust, or start over (checkpoint.resume=false "
+        "checkpoint.overwrite=true)"))
     # RETURN_ALL: what the model asks for and the checkpoint lacks is left out of the load and returned (megatron's
     # annotation is a union with the state dict alone); only Transformer Engine's extra states may be (docstring).
     state, _, absent = typing.cast(tuple[dict, set[str], set[str]], dist_checkpointing.load(

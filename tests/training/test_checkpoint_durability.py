@@ -94,4 +94,6 @@ def test_a_failed_flush_fails_the_save_on_every_rank_and_publishes_nothing(tmp_p
         assert "step_00000001 stays the latest checkpoint" in result["error"]
         assert result["latest"] == "step_00000001"
     assert "OSError: [Errno 5] Input/output error" in results[0]["error"]
+    # the other rank names the rank whose write failed, and its error
+    assert "(writing its part failed on rank 0 (its error: OSError: [Errno 5] Input/output error" in results[1]["error"]
     assert results[0]["left"] == ["latest", "step_00000001"]  # the partial folder is gone
