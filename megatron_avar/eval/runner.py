@@ -118,20 +118,21 @@ def read_predictions(path: Path, *, repair: bool = True) -> dict[str, dict]:
     if not path.is_file():
         return {}
     data = path.read_bytes()
-    lines = data.decode().split("\n")
+    lines = data.split(b"\n")  # decoded line by line: a cut write may end inside a character (records keep UTF-8)
     records: dict[str, dict] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
+            record = json.loads(line.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             if number == len(lines):  # no trailing newline: the write was interrupted (or is under way)
                 if repair:
-                    os.truncate(path, len(data) - len(line.encode()))
+                    os.truncate(path, len(data) - len(line))
                     print(f"{path}: dropped a half-written last line", file=sys.stderr)
                 break
-            raise ValueError(f"{path}:{number} is not valid JSON ({error}); fix or delete that line") from error
+            kind = "UTF-8" if isinstance(error, UnicodeDecodeError) else "JSON"
+            raise ValueError(f"{path}:{number} is not valid {kind} ({error}); fix or delete that line") from error
         if number == len(lines) and repair:  # whole, but the newline was never written
             with path.open("a") as handle:
                 handle.write("\n")

@@ -111,7 +111,7 @@ class VLLMGenerationBackend:
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, seed=seed, enable_sleep_mode=enable_sleep_mode, dtype=dtype,
             min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"],
-            world_size=int(os.environ.get("WORLD_SIZE", "1")), distributed_initialized=distributed)
+            world_size=torch.distributed.get_world_size() if distributed else 1, distributed_initialized=distributed)
         self.processor, self.max_model_len, self.enable_sleep_mode = processor, max_model_len, enable_sleep_mode
         self.image_token_id = int(processor.image_token_id)
         self.suppressed = {hf_inference.token_id(processor.tokenizer, t): t for t in SUPPRESSED_TOKENS}

@@ -83,6 +83,10 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
             if name not in os.environ:
                 raise ValueError(f"{name} is not set: launch with torchrun, or export it before srun "
                                  "(see slurm/avar_sft_7b.sh)")
+        # torchrun's variables, whatever launched us: libraries that join this process group read them (vLLM's
+        # external_launcher executor takes RANK and LOCAL_RANK from the environment; srun sets neither)
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local or 0)):
+            os.environ[name] = str(value)
         platform.bind_device(local or 0)
         dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world)
     world = dist.get_world_size()

@@ -227,6 +227,22 @@ def processor_fingerprint(processor) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def _cache_folder(cache_dir: str | Path) -> Path:
+    """``cache_dir``, made if absent; a ValueError naming data.cache_dir when it cannot hold the stats — found
+    before the samples are counted (minutes at 30K samples), not when their stats are written."""
+    folder = Path(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        what = "is a file" if folder.exists() else f"cannot be made ({error.strerror or error})"
+        raise ValueError(f"data.cache_dir={cache_dir} {what}; give a folder this job can write, or drop "
+                         "data.cache_dir (the stats are then counted on every start)") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"data.cache_dir={cache_dir} is not writable by this job; give a folder it can write, or "
+                         "drop data.cache_dir (the stats are then counted on every start)")
+    return folder
+
+
 def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool, num_workers: int = 0,
                           cache_dir: str | Path | None = None) -> tuple[SampleStats, str, str]:
     """`SampleStats` of the dataset, their fingerprint (dataset + processor + seq_length + truncate) and the
@@ -238,7 +254,7 @@ def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool
     data = dataset_fingerprint(dataset)
     key = hashlib.sha256(json.dumps([_CACHE_FORMAT, data, processor_fingerprint(processor),
                                      seq_length, truncate]).encode()).hexdigest()[:32]
-    path = None if cache_dir is None else Path(cache_dir) / f"sample_stats_{key}.json"
+    path = None if cache_dir is None else _cache_folder(cache_dir) / f"sample_stats_{key}.json"
     if path is not None and path.is_file():
         stats = SampleStats(**json.loads(path.read_text()))
         if stats.ids != list(dataset["id"]):

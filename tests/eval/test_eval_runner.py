@@ -97,6 +97,22 @@ def test_the_repairs_touch_the_files_end_only(tmp_path, monkeypatch):
     assert list(read_predictions(path)) == ["a", "b", "c"]
 
 
+def test_a_line_cut_inside_a_character_is_a_half_written_line(tmp_path):
+    """Records keep UTF-8 (a response with ° or ×): a kill can cut the last line inside a character. Before, the
+    whole file was decoded first, and resuming (or scoring) stopped on a UnicodeDecodeError naming no file."""
+    path = tmp_path / "p.jsonl"
+    record = '{"id": "%s", "response": "the angle is 30°", "target": {"answer": "30"}}'
+    whole = (record % "a" + "\n").encode()
+    encoded = (record % "b").encode()
+    cut = encoded[:encoded.index("°".encode()) + 1]  # ends inside the two bytes of °
+    path.write_bytes(whole + cut)
+    assert list(read_predictions(path, repair=False)) == ["a"] and path.read_bytes() == whole + cut  # left as is
+    assert list(read_predictions(path)) == ["a"] and path.read_bytes() == whole  # cut at the end only
+    path.write_bytes(cut + b"\n" + whole)  # not the last line: an error naming it
+    with pytest.raises(ValueError, match="p.jsonl:1 is not valid UTF-8"):
+        read_predictions(path)
+
+
 def test_an_out_that_is_a_file_is_named(tmp_path, eval_data_root):
     (tmp_path / "out").write_text("mine")
     with pytest.raises(ValueError, match="--out .*out is a file; give a folder"):

@@ -1,6 +1,8 @@
 """Where `init_distributed` takes its ranks from: torchrun's variables, an srun step's, or a single process. A
 batch script (or an salloc shell) also has SLURM_PROCID=0 and the allocation's SLURM_NTASKS, yet runs one
-process: it used to ask for MASTER_ADDR, or, with it set, wait for ranks nobody starts."""
+process: it used to ask for MASTER_ADDR, or, with it set, wait for ranks nobody starts. Whatever launched the
+process, torchrun's RANK / WORLD_SIZE / LOCAL_RANK hold its place afterwards: vLLM's external_launcher reads them
+(an srun-launched GRPO run with vLLM rollouts stopped on a KeyError before)."""
 
 import json
 import os
@@ -9,10 +11,12 @@ import sys
 from pathlib import Path
 
 _PROBE = ("import json; from megatron_avar.training.megatron_setup import init_distributed; "
-          "layout = init_distributed(1, 1, seed=0); print(json.dumps([layout.rank, layout.world_size]))")
+          "import os; layout = init_distributed(1, 1, seed=0); "
+          "print(json.dumps([layout.rank, layout.world_size, [os.environ.get(name) for name in "
+          "('RANK', 'WORLD_SIZE', 'LOCAL_RANK')]]))")
 
 
-def _ranks(**env) -> tuple[int, list[int] | str]:
+def _ranks(**env) -> tuple[int, list | str]:
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                          "MASTER_PORT")}
@@ -23,7 +27,13 @@ def _ranks(**env) -> tuple[int, list[int] | str]:
 
 
 def test_one_process_in_a_batch_script_runs_alone():
-    assert _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_LOCALID="0") == (0, [0, 1])
+    assert _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="8", SLURM_LOCALID="0") == \
+        (0, [0, 1, ["0", "1", "0"]])
+
+
+def test_an_srun_step_leaves_torchruns_variables_for_the_libraries_that_read_them():
+    assert _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1", SLURM_LOCALID="0",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT="0") == (0, [0, 1, ["0", "1", "0"]])
 
 
 def test_an_srun_step_without_a_rendezvous_is_told_to_set_one():

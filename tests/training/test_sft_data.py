@@ -4,6 +4,7 @@ and loud errors for samples that cannot be trained on."""
 import itertools
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -272,6 +273,17 @@ def test_stats_cache_is_used_and_a_stale_one_is_caught(processor, data_dir, tmp_
     cache_file.write_text(json.dumps(stale))
     with pytest.raises(ValueError, match="stats cache is stale"):
         next(iter(_loader(processor, data_dir, cache_dir=str(tmp_path))))
+
+
+def test_a_stats_cache_folder_that_cannot_be_written_is_named_before_counting(processor, data_dir, tmp_path,
+                                                                              monkeypatch):
+    """Before: the samples were counted (minutes at 30K samples), then writing the cache raised a traceback."""
+    monkeypatch.setattr(sample_plan, "compute_sample_stats", lambda *args, **kwargs: pytest.fail("counted first"))
+    (tmp_path / "a_file").write_text("mine")
+    for cache_dir, says in [(tmp_path / "a_file", "is a file"), (tmp_path / "a_file" / "below", "cannot be made")]:
+        with pytest.raises(ValueError, match=rf"data.cache_dir={re.escape(str(cache_dir))} {says}.*; give a folder"):
+            _loader(processor, data_dir, cache_dir=str(cache_dir))
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def _one_sample(tmp_path, user_text, answer_text=None, image_first=True):
