@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import string
 
-from megatron_avar.grading import cue_answer, numbers_in, to_number
+from megatron_avar.grading import cue_answer, has_words, numbers_in, standalone_numbers, to_number, without_emphasis
 
 __all__ = ["can_infer", "option_letters", "free_form_candidate", "mcq_letter"]
 
@@ -71,26 +71,21 @@ def can_infer(answer: str, choices: dict[str, str], *, last_tokens: int | None =
     return None
 
 
-# A number standing on its own in a cue's words: not glued to a letter, a power, a LaTeX command or a brace,
-# and not a term of a sum or product ("x^2 + 3", "2 * 4").
-_STANDALONE_NUMBER = re.compile(r"(?<![\w^\\{.+*/])(?<![+*/] )-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w^{]|\.\d|\s?[-+*/^])")
-
-
 def free_form_candidate(text: str, *, numeric: bool) -> str | None:
     """The free-form answer in a response: the cue answer (boxed / "answer is"); else the whole text when it
     is short (at most 5 words, e.g. "12 cm", "\\frac{1}{2}"); else, for numeric answers, the last number.
     ``numeric``: the gold answer is a number (``to_number(gold) is not None``); an expression, an interval or a
     word answer is then read whole. For a numeric answer a cue holding words and numbers ("7 because 3 red
     and 4 green") gives its first number standing on its own, the one the cue states; a number that is part
-    of an expression ("12x", "x^2") is not one, and such a cue stays whole. None when nothing qualifies (an
-    extraction failure)."""
+    of an expression ("12x", "x^2") is not one, and such a cue stays whole. Markdown emphasis ("**12**") is
+    dropped. None when nothing qualifies (an extraction failure)."""
     candidate = cue_answer(text)
     if candidate is None and len(text.split()) <= 5 and text.strip():
-        candidate = text.strip()
+        candidate = without_emphasis(text.strip())
     if numeric:
-        if candidate is not None and to_number(candidate) is None:
-            stated = _STANDALONE_NUMBER.findall(candidate)
-            return stated[0].replace(",", "") if stated else candidate
+        if candidate is not None and (has_words(candidate) or to_number(candidate) is None):
+            stated = standalone_numbers(candidate)
+            return stated[0] if stated else candidate
         if candidate is None and numbers_in(text):
             return numbers_in(text)[-1]
     return candidate

@@ -16,6 +16,7 @@ command may depend on it without depending on another command.
 
 from megatron_avar.grading.compare import (
     edit_distance,
+    has_words,
     math_equal,
     math_equal_or_same_words,
     same_words,
@@ -35,7 +36,15 @@ from megatron_avar.grading.policies import (
     extract_answer,
     grade,
 )
-from megatron_avar.grading.spans import cue_answer, final_answer_line, last_boxed, numbers_in, remove_final_answer_line
+from megatron_avar.grading.spans import (
+    cue_answer,
+    final_answer_line,
+    last_boxed,
+    numbers_in,
+    remove_final_answer_line,
+    standalone_numbers,
+    without_emphasis,
+)
 from megatron_avar.grading.tags import (
     ANSWER_BLOCK,
     STRICT_FORMAT,
@@ -50,6 +59,7 @@ __all__ = [
     "RL_REWARD", "EVAL_HARNESS", "INTERVENTION", "SYNTHESIS", "POLICIES",
     "ANSWER_BLOCK", "STRICT_FORMAT", "last_answer_block", "text_after_think", "has_unclosed_think",
     "is_strictly_formatted",
-    "last_boxed", "cue_answer", "final_answer_line", "remove_final_answer_line", "numbers_in",
-    "strip_units", "to_number", "math_equal", "same_words", "math_equal_or_same_words", "edit_distance",
+    "last_boxed", "cue_answer", "final_answer_line", "remove_final_answer_line", "numbers_in", "standalone_numbers",
+    "without_emphasis",
+    "strip_units", "has_words", "to_number", "math_equal", "same_words", "math_equal_or_same_words", "edit_distance",
 ]

@@ -11,8 +11,14 @@ import re
 import threading
 from typing import Any, cast
 
-__all__ = ["strip_units", "to_number", "math_equal", "same_words", "math_equal_or_same_words", "edit_distance"]
+from megatron_avar.grading.spans import standalone_numbers, without_emphasis
 
+__all__ = ["strip_units", "has_words", "to_number", "math_equal", "same_words", "math_equal_or_same_words",
+           "edit_distance"]
+
+# Digit groups apart by LaTeX spacing or braces ("1\\,000", "12{,}500", "1\\!000"): one number, before the spacing
+# commands become blanks.
+_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,!;:]|\{,\}|\\ )(?=\d{3}(?!\d))")
 _UNIT_NOISE = re.compile(r"\\(?:text|mathrm|mbox)\{[^}]*\}|\^\{?\\circ\}?|°|\\circ|\\%|%|\$|\\,|\\!|\\;")
 
 
@@ -21,7 +27,8 @@ _UNIT_NOISE = re.compile(r"\\(?:text|mathrm|mbox)\{[^}]*\}|\^\{?\\circ\}?|°|\\c
 _UNIT_LETTERS = frozenset("mgslLNJWVAKh")
 _MATH_WORDS = frozenset({"pi", "sqrt", "and", "or", "to", "ln", "log", "exp", "sin", "cos", "tan", "cot", "csc",
                          "arcsin", "arccos", "arctan", "times", "plus", "minus", "over", "divided", "by", "of",
-                         "infty", "infinity", "inf", "not", "than", "i", "e"})
+                         "infty", "infinity", "inf", "not", "than", "i", "e", "sinh", "cosh", "tanh", "mod",
+                         "max", "min", "gcd", "lcm", "lim", "deg", "rad", "dx", "dy", "dt"})
 _UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?|[²³])?"
 _WITH_UNIT = re.compile(rf"([-+]?[\d.,/]*\d[\d.,/]*)\s*({_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD})*)\s*\.?")
 
@@ -32,15 +39,39 @@ def _is_unit(phrase: str) -> bool:
 
 
 def strip_units(text: str) -> str:
-    """Remove degree signs, percent signs, ``$``, LaTeX spacing and ``\\text{…}`` units, then the unit words
+    """Remove Markdown emphasis ("**12**"), degree signs, percent signs, ``$``, LaTeX spacing (digit groups
+    joined: "1\\,000" -> "1000") and ``\\text{…}`` units, then the unit words
     after a number ("12 cm" -> "12", "5 m/s" -> "5", "45°" -> "45", "3 square units" -> "3"); leaves other text
     as it is. Mathematics after a number is not a unit: "2x", "3x^2", "2 pi", "2 sqrt 2", "2 and 3" and "1e3"
     stay whole (a single letter is a unit only when it is a unit symbol: m, g, s, l, L, N, J, W, V, A, K, h)."""
-    cleaned = _UNIT_NOISE.sub(" ", text).strip()
+    cleaned = _UNIT_NOISE.sub(" ", _DIGIT_GROUPS.sub("", without_emphasis(text))).strip()
     match = _WITH_UNIT.fullmatch(cleaned)
     if match and _is_unit(match.group(2)):
         cleaned = match.group(1)
     return cleaned.strip()
+
+
+_LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
+_WORD = re.compile(r"(?<![a-zA-Z])[a-zA-Z]{2,}(?![a-zA-Z])")
+# Words of two letters that are English, not a product of two variables ("ab", "xy" are mathematics).
+_SHORT_WORDS = frozenset({"is", "in", "on", "at", "it", "so", "an", "as", "be", "we", "if", "no", "am", "are"})
+
+
+def _is_prose(text: str) -> bool:
+    """Whether ``text`` (units stripped) holds a word that is neither mathematics nor a LaTeX command: one of
+    three letters or more ("because", "rows", "Paris") or a two-letter English word ("is", "in"). math-verify
+    reads such text as one of its numbers ("12 because 3 rows of 4" -> 4). Text holding a ``\\boxed{}`` is not
+    prose: math-verify reads the box ("so \\boxed{7}" -> 7)."""
+    words = _WORD.findall(_LATEX_COMMAND.sub(" ", text))
+    return "\\boxed" not in text and any(
+        word.lower() not in _MATH_WORDS and (len(word) > 2 or word.lower() in _SHORT_WORDS) for word in words)
+
+
+def has_words(text: str) -> bool:
+    """Whether ``text`` holds words besides its units and its mathematics ("about 7 meters", "12 (3 rows of
+    4)"; not "12 cm", "2 pi", "x = 5"): an answer in a sentence, which is compared as text unless it states a
+    single number (:func:`to_number`)."""
+    return _is_prose(strip_units(text))
 
 
 def _math_verify_kwargs() -> tuple[dict, dict]:
@@ -61,12 +92,15 @@ def _parse(text: str):
 
 
 def to_number(text: str | None) -> float | None:
-    """The value of a numeric answer: plain ("1,000", "-2.5", "12 cm", "45°"), a fraction ("3/4") or LaTeX
-    (``\\frac{3}{4}``, ``2\\sqrt{2}``) evaluated by math-verify; None when it is not a single number."""
+    """The value of a numeric answer: plain ("1,000", "1\\,000", "2 500 000", "-2.5", "12 cm", "45°"), a fraction
+    ("3/4") or LaTeX (``\\frac{3}{4}``, ``2\\sqrt{2}``) evaluated by math-verify; in words, the one number they state
+    ("the side is 13 cm long" -> 13). None when it is not a single number: words stating several ("12 because
+    3 rows of 4", "either 3 or 4") give None, not one of them."""
     if text is None:
         return None
     cleaned = strip_units(text.strip())
-    plain = cleaned.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", cleaned) else cleaned
+    grouped = re.fullmatch(r"-?\d{1,3}(?:([, ])\d{3})(?:\1\d{3})*(?:\.\d+)?", cleaned)
+    plain = cleaned.replace(grouped.group(1), "") if grouped else cleaned
     try:
         return float(plain)
     except ValueError:
@@ -74,6 +108,9 @@ def to_number(text: str | None) -> float | None:
     fraction = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", plain)
     if fraction and float(fraction.group(2)) != 0:
         return float(fraction.group(1)) / float(fraction.group(2))
+    if _is_prose(cleaned):
+        stated = standalone_numbers(cleaned)
+        return float(stated[0]) if len(stated) == 1 else None
     for value in _parse(cleaned)[:1]:
         if hasattr(value, "evalf") and not _cheap_to_evaluate(value):
             return None  # a number too large to be an answer, and too slow to evaluate
@@ -117,14 +154,18 @@ def _cheap_to_evaluate(expression) -> bool:
 def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bool:
     """Whether ``predicted`` equals ``gold`` as mathematics: equal numbers (relative tolerance ``rel_tol``,
     after units/°/$ are stripped), else math-verify's symbolic equivalence (LaTeX vs plain, fractions vs
-    decimals, intervals, sets), else the same lowercased text (trailing full stop and ``$`` ignored).
-    None or blank ``predicted`` is never equal. An expression too large to evaluate (``10!!!``, a power
-    tower) is compared as text only: sympy would run for hours on it, holding the GIL, in any thread."""
+    decimals, intervals, sets), else the same lowercased text (trailing full stop and ``$`` ignored). Words
+    that are neither units nor mathematics ("12 (3 rows of 4)", "Paris") are compared as text only, unless both
+    sides are single numbers. None or blank ``predicted`` is never equal. An expression too large to evaluate
+    (``10!!!``, a power tower) is compared as text only: sympy would run for hours on it, holding the GIL, in any
+    thread."""
     if predicted is None or not predicted.strip():
         return False
     gold_number, predicted_number = to_number(gold), to_number(predicted)
     if gold_number is not None and predicted_number is not None:
         return abs(gold_number - predicted_number) <= rel_tol * max(1.0, abs(gold_number))
+    if has_words(gold) or has_words(predicted):
+        return _plain(gold) == _plain(predicted)  # words: math-verify would compare one of their numbers
     from math_verify import verify
 
     _, verify_kwargs = _math_verify_kwargs()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["last_boxed", "cue_answer", "final_answer_line", "remove_final_answer_line", "numbers_in"]
+__all__ = ["last_boxed", "cue_answer", "final_answer_line", "remove_final_answer_line", "numbers_in",
+           "standalone_numbers", "without_emphasis"]
 
 
 def last_boxed(text: str) -> str | None:
@@ -38,7 +39,7 @@ def cue_answer(text: str) -> str | None:
     if not cues:
         return None
     tail = text[cues[-1].end():].strip().split("\n", 1)[0].strip()
-    tail = re.sub(r"\.\s*$", "", tail).strip()
+    tail = re.sub(r"\.\s*$", "", without_emphasis(tail)).strip()
     return tail.strip("$ ").strip() or None
 
 
@@ -73,3 +74,24 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 def numbers_in(text: str) -> list[str]:
     """Every number in ``text`` in order of appearance, thousands separators removed ("1,000" -> "1000")."""
     return [n.replace(",", "") for n in _NUMBER.findall(text)]
+
+
+# A number standing on its own: not glued to a letter, a power, a LaTeX command or a brace, and not a term of a
+# sum or product ("x^2 + 3", "2 * 4").
+_STANDALONE_NUMBER = re.compile(r"(?<![\w^\\{.+*/])(?<![+*/] )-?\d+(?:,\d{3})*(?:\.\d+)?(?![\w^{]|\.\d|\s?[-+*/^])")
+
+
+def standalone_numbers(text: str) -> list[str]:
+    """The numbers of ``text`` that stand on their own, in order, thousands separators removed ("12 because 3
+    rows of 4" -> ["12", "3", "4"]; the 2 of "2x", "x^2" or "2 * 4" is not one)."""
+    return [n.replace(",", "") for n in _STANDALONE_NUMBER.findall(text)]
+
+
+# Markdown emphasis around words ("**12**", "__Yes__", "*B*"); not the ``**`` of a power ("x**2").
+_EMPHASIS = re.compile(r"(?<![\w*])(\*\*|__|\*)(?=[^\s*])(.+?)(?<=[^\s*])\1(?![\w*])")
+
+
+def without_emphasis(text: str) -> str:
+    """``text`` with Markdown bold / italic markers around words removed ("The answer is **12**" -> "The
+    answer is 12"); a model that bolds its answer states the same answer."""
+    return _EMPHASIS.sub(r"\2", text)

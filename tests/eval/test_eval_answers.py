@@ -62,6 +62,11 @@ def test_cue_answer(text, cue):
 @pytest.mark.parametrize("text, value", [
     ("12 cm", 12.0), ("45°", 45.0), ("60^\\circ", 60.0), ("1,000", 1000.0), ("-2.5", -2.5), ("3/4", 0.75),
     ("\\frac{3}{4}", 0.75), ("$5$", 5.0), ("50\\%", 50.0), ("12\\text{ m}", 12.0), ("abc", None), (None, None),
+    # digit groups apart by LaTeX spacing or blanks are one number (math-verify read "1\\,000" as 0)
+    ("1\\,000", 1000.0), ("12\\,500", 12500.0), ("1{,}000", 1000.0), ("2 500 000", 2500000.0), ("**12**", 12.0),
+    # words: the one number they state, or none (math-verify read the last: "12 because 3 rows of 4" -> 4)
+    ("the side is 13 cm long", 13.0), ("12 because 3 rows of 4", None), ("12 (3 rows of 4)", None),
+    ("either 3 or 4", None),
 ])
 def test_to_number(text, value):
     result = to_number(text)
@@ -84,6 +89,11 @@ def test_to_number_evaluates_latex_like_sympy():
     ("5", "5 m/s", True), ("12", "12 cm^2", True), ("3", "3 square units", True), ("1000", "1e3", True),
     ("2", "2x", False), ("3", "3x^2", False), ("3x^2", "3", False), ("2", "2 pi", False),
     ("2", "2 sqrt 2", False), ("2", "2 and 3", False),
+    # an answer in words is not whichever of its numbers math-verify reads (the last)
+    ("4", "12 (3 rows of 4)", False), ("4", "12 because 3 rows of 4", False), ("3", "either 3 or 4", False),
+    ("7", "the answer is 7", True), ("Yes", "yes", True), ("ab", "ba", True), ("7", "so \\boxed{7}", True),
+    # digit groups and Markdown emphasis
+    ("12500", "12\\,500", True), ("0", "1\\,000", False), ("12", "**12**", True),
 ])
 def test_math_equal(gold, predicted, equal):
     assert math_equal(gold, predicted) is equal
@@ -125,8 +135,14 @@ def test_free_form_candidate():
     assert free_form_candidate("The answer is x = 5.", numeric=True) == "5"
     assert free_form_candidate("The answer is 12x", numeric=True) == "12x"
     assert free_form_candidate("\\boxed{x^2 + 3}", numeric=True) == "x^2 + 3"
+    assert free_form_candidate("The answer is 12 (3 rows of 4)", numeric=True) == "12"
     # an expression answer is read whole
     assert free_form_candidate("The answer is y = 2x + 1", numeric=False) == "y = 2x + 1"
+    # Markdown emphasis is not part of the answer; a power written with ** is
+    assert free_form_candidate("The answer is **12**.", numeric=True) == "12"
+    assert free_form_candidate("**Yes**", numeric=False) == "Yes"
+    assert free_form_candidate("Answer: __12 apples__", numeric=True) == "12 apples"
+    assert free_form_candidate("x**2 + y**2", numeric=False) == "x**2 + y**2"
 
 
 @pytest.mark.parametrize("name", ["mathverse_vo", "mathvision"])
@@ -138,6 +154,23 @@ def test_free_form_benchmarks_read_expression_answers_whole(name, gold, response
     from megatron_avar.eval.benchmarks import get_benchmark
 
     target = {"answer": gold, "question_type": "free-form", "is_mcq": False, "options": []}
+    assert get_benchmark(name).judge(response, target).correct is correct
+
+
+@pytest.mark.parametrize("name, target, response, correct", [
+    ("mathvista", {"question_type": "free_form", "answer_type": "integer", "answer": "1000", "precision": None},
+     "The answer is $1\\,000$.", True),
+    ("mathvista", {"question_type": "free_form", "answer_type": "text", "answer": "Yes", "precision": None},
+     "**Yes**", True),
+    ("mathvision", {"answer": "12", "is_mcq": False, "options": []}, "The answer is **12**.", True),
+    ("mathvision", {"answer": "4", "is_mcq": False, "options": []}, "\\boxed{12 (3 rows of 4)}", False),
+    ("mathvision", {"answer": "12", "is_mcq": False, "options": []}, "\\boxed{12 (3 rows of 4)}", True),
+])
+def test_benchmarks_read_grouped_digits_emphasis_and_answers_in_words(name, target, response, correct):
+    """Found in review: "$1\\,000$" was read as 0, a bold answer as "**12**" (wrong, and not an extraction
+    failure, so --judge never saw it), and "12 (3 rows of 4)" as 4."""
+    from megatron_avar.eval.benchmarks import get_benchmark
+
     assert get_benchmark(name).judge(response, target).correct is correct
 
 
