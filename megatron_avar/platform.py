@@ -38,6 +38,7 @@ __all__ = [
     "device_for_local_rank",
     "distributed_backend",
     "on_any_rank",
+    "on_device_of",
     "agreed",
     "stop_together",
     "bind_device",
@@ -129,6 +130,14 @@ def reset_peak_memory() -> None:
     cannot be reset."""
     if cuda_available():
         torch.cuda.reset_peak_memory_stats()
+
+
+def on_device_of(tensor: torch.Tensor):
+    """A context in which ``tensor``'s CUDA device is the current one (nothing for a tensor elsewhere). Triton
+    launches a kernel on the current device and its stream, whatever device the arguments are on: without it, a
+    layer on cuda:1 of a model spread over GPUs (``device_map="auto"``) would run cuda:0's kernel on cuda:1's
+    memory."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 def on_any_rank(happened: bool, group=None) -> bool:

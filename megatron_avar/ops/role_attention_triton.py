@@ -509,12 +509,13 @@ def _configs(shapes):
 
 # Candidates (BLOCK_M, BLOCK_N, num_warps, num_stages). Each is compiled separately, once per
 # specialisation (head dim, roles, masks, dtype): seconds each for 2-byte inputs, up to ~30 s for fp32 with
-# 128-wide heads. fp32 inputs with BLOCK_D >= 128 take the *_WIDE_FP32 lists only: the others need more
-# than the 227 KiB of shared memory a Hopper block may use (ptxas for sm_90: the first forward candidate
-# needs 225 KiB in fp32 at D=128; the wide-fp32 ones 69-146 KiB), and a config that does not fit fails
-# at launch. AUTOTUNE_ENV=0 keeps the first fitting candidate of each kernel: the same kernels and results, a
-# fraction of the compile time, for correctness runs on a fresh machine (tools/gpu_check.py); so does
-# torch.use_deterministic_algorithms (kept_configs).
+# 128-wide heads. fp32 inputs with BLOCK_D >= 128, and any input with BLOCK_D > 128 (head dims up to 256), take
+# the *_WIDE lists only: the others need more than the 227 KiB of shared memory a Hopper block may use (ptxas
+# for sm_90: the first forward candidate needs 225 KiB in fp32 at D=128, 259 KiB in bf16 at D=256; the wide
+# ones 69-146 KiB in fp32 at D=128), and a config that does not fit fails at launch. AUTOTUNE_ENV=0 keeps the
+# first fitting candidate of each kernel: the same kernels and results, a fraction of the compile time, for
+# correctness runs on a fresh machine (tools/gpu_check.py); so does torch.use_deterministic_algorithms
+# (kept_configs).
 # Every 2-byte candidate is one ptxas compiles without register spills at Qwen2.5-VL's attention shape (D=128,
 # bf16, fused-QKV views), with every feature on and with none (tests/ops/role_attention_aot.py checks them all).
 # Spilling shapes dropped or not taken on that evidence: forward 128x64 w4 s3 (~1.4 KiB/thread), 128x128 w8 s2
@@ -524,11 +525,11 @@ def _configs(shapes):
 # 16- or 32-row query tiles, the 32-row ones unpipelined.
 AUTOTUNE_ENV = "MEGATRON_AVAR_TRITON_AUTOTUNE"
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 4)]
-_FWD_CONFIGS_WIDE_FP32 = [(64, 64, 4, 2), (64, 32, 4, 2)]
+_FWD_CONFIGS_WIDE = [(64, 64, 4, 2), (64, 32, 4, 2)]
 _DKDV_CONFIGS = [(32, 64, 4, 1), (16, 64, 4, 2), (32, 128, 8, 1), (16, 128, 8, 2), (16, 64, 4, 3)]
-_DKDV_CONFIGS_WIDE_FP32 = [(32, 64, 4, 2), (64, 64, 4, 2)]
+_DKDV_CONFIGS_WIDE = [(32, 64, 4, 2), (64, 64, 4, 2)]
 _DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 2)]
-_DQ_CONFIGS_WIDE_FP32 = [(64, 32, 4, 2), (64, 64, 4, 2)]
+_DQ_CONFIGS_WIDE = [(64, 32, 4, 2), (64, 64, 4, 2)]
 
 
 def _autotune_all() -> bool:
@@ -548,14 +549,16 @@ def kept_configs(configs, shapes, *, autotune_all: bool):
     return kept if autotune_all and not torch.are_deterministic_algorithms_enabled() else kept[:1]
 
 
-def _autotuned(kernel, shapes, wide_fp32_shapes, key):
-    """``kernel`` autotuned over ``shapes`` (2-byte inputs, or fp32 with narrow heads) or ``wide_fp32_shapes``."""
-    every = list(dict.fromkeys(shapes + wide_fp32_shapes))
+def _autotuned(kernel, shapes, wide_shapes, key):
+    """``kernel`` autotuned over ``shapes`` (2-byte inputs up to D=128, fp32 below it) or ``wide_shapes``."""
+    every = list(dict.fromkeys(shapes + wide_shapes))
     autotune_all = _autotune_all()  # read once, at import, like the decoration itself
 
     def prune(configs, named_args, **kwargs):
-        wide = named_args["Q"].element_size() == 4 and kwargs["BLOCK_D"] >= 128
-        return kept_configs(configs, wide_fp32_shapes if wide else shapes, autotune_all=autotune_all)
+        # fp32 tiles at D=128, and any tiles past it (bf16 at D=256: the first 2-byte candidates need 265-277 KB of
+        # shared memory, over the 227 KiB a Hopper block may have), take the smaller tiles
+        wide = kwargs["BLOCK_D"] > 128 or (named_args["Q"].element_size() == 4 and kwargs["BLOCK_D"] >= 128)
+        return kept_configs(configs, wide_shapes if wide else shapes, autotune_all=autotune_all)
 
     return triton.autotune(_configs(every), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
@@ -563,10 +566,10 @@ def _autotuned(kernel, shapes, wide_fp32_shapes, key):
 if INTERPRETING:
     _fwd, _dkdv, _dq = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
 else:  # Every kernel only stores its outputs (no accumulation across launches): safe to autotune.
-    _fwd = _autotuned(_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_WIDE_FP32, _TUNING_KEYS + ["COMPUTE_MASS"])
-    _dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_WIDE_FP32,
+    _fwd = _autotuned(_fwd_kernel, _FWD_CONFIGS, _FWD_CONFIGS_WIDE, _TUNING_KEYS + ["COMPUTE_MASS"])
+    _dkdv = _autotuned(_bwd_dkdv_kernel, _DKDV_CONFIGS, _DKDV_CONFIGS_WIDE,
                        _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
-    _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE_FP32,
+    _dq = _autotuned(_bwd_dq_kernel, _DQ_CONFIGS, _DQ_CONFIGS_WIDE,
                      _TUNING_KEYS + ["HAS_OUT_GRAD", "HAS_MASS_GRAD"])
 
 
@@ -730,7 +733,8 @@ class _TritonRoleAttention(torch.autograd.Function):
         if grad_out is None and grad_mass is None:
             return None, None, None, None, None
         problem = dataclasses.replace(ctx.problem, q=q, k=k, v=v)
-        dq, dk, dv = _backward(problem, out, mass, lse, grad_out, grad_mass)
+        with platform.on_device_of(q):
+            dq, dk, dv = _backward(problem, out, mass, lse, grad_out, grad_mass)
         return dq, dk, dv, None, None
 
 
@@ -742,4 +746,5 @@ def triton_role_attention(problem: RoleAttentionProblem, compute_mass: bool = Tr
     that measure what the masses cost.
     """
     _check_runnable(problem)
-    return _TritonRoleAttention.apply(problem.q, problem.k, problem.v, problem, compute_mass)
+    with platform.on_device_of(problem.q):
+        return _TritonRoleAttention.apply(problem.q, problem.k, problem.v, problem, compute_mass)

@@ -25,6 +25,7 @@ import triton
 import triton.knobs
 import triton.language as tl
 
+from megatron_avar import platform
 from megatron_avar.ops.role_mass import RoleMassProblem
 
 # Triton's DSL as pyright reads it: @triton.jit kernels take Python ints and bools for their tl.constexpr
@@ -326,11 +327,13 @@ class _TritonRoleMass(torch.autograd.Function):
     def backward(ctx, grad_mass):
         q, k, mass_sorted, lse = ctx.saved_tensors
         problem = dataclasses.replace(ctx.problem, q=q, k=k)
-        dq, dk = _backward(problem, ctx.rows, mass_sorted, lse, grad_mass[ctx.rows.order])
+        with platform.on_device_of(q):
+            dq, dk = _backward(problem, ctx.rows, mass_sorted, lse, grad_mass[ctx.rows.order])
         return dq, dk, None
 
 
 def triton_role_mass(problem: RoleMassProblem) -> torch.Tensor:
     """:func:`role_mass` on the fused kernels: mass float32 [N, Hq, R] in the caller's row order."""
     _check_runnable(problem)
-    return _TritonRoleMass.apply(problem.q, problem.k, problem)
+    with platform.on_device_of(problem.q):
+        return _TritonRoleMass.apply(problem.q, problem.k, problem)

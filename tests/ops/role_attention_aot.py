@@ -185,7 +185,8 @@ def variants():
     # Other dtypes and head sizes: the first candidate each pruning keeps.
     others = (("fp32 D=80 masses off", torch.float32, dict(QWEN, head_dim=80, num_roles=2), dict(compute_mass=False)),
               ("fp16 mass grad only", torch.float16, QWEN, dict(out_grad=False)),
-              ("fp32 D=128", torch.float32, QWEN, {}))
+              ("fp32 D=128", torch.float32, QWEN, {}),
+              ("bf16 D=256", torch.bfloat16, dict(QWEN, head_dim=256), {}))
     for label, dtype, shape, grads in others:
         launches = attention_launches(attention_problem(dtype, True, **shape), **grads)
         for name, (args, kwargs) in launches.items():
@@ -214,7 +215,7 @@ def main():
     # Which candidates each kernel may launch, by input dtype and BLOCK_D (its autotune pruning).
     pruned = {}
     for kernel_name, tuned in (("fwd", rat._fwd), ("dkdv", rat._dkdv), ("dq", rat._dq)):
-        for dtype, block_d in ((torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128)):
+        for dtype, block_d in ((torch.float32, 128), (torch.float32, 64), (torch.bfloat16, 128), (torch.bfloat16, 256)):
             kept = candidates(tuned, [torch.empty(1, dtype=dtype)], dict(BLOCK_D=block_d))
             pruned[f"{kernel_name} {dtype} {block_d}"] = [
                 [c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]] for _, c in kept]

@@ -208,7 +208,7 @@ def test_deterministic_algorithms_keep_one_candidate_so_every_process_tiles_alik
     """Autotuning picks by timing, and candidates tile (so sum) differently: under
     torch.use_deterministic_algorithms only the first candidate runs, in this process and in a resumed one."""
     shapes = role_attention_triton._FWD_CONFIGS
-    configs = role_attention_triton._configs(shapes + role_attention_triton._FWD_CONFIGS_WIDE_FP32)
+    configs = role_attention_triton._configs(shapes + role_attention_triton._FWD_CONFIGS_WIDE)
     kept = lambda **kw: [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
                          for c in role_attention_triton.kept_configs(configs, shapes, **kw)]
     assert kept(autotune_all=True) == shapes and kept(autotune_all=False) == shapes[:1]
@@ -257,7 +257,7 @@ def test_kernels_compile_for_hopper():
     qwen = [name for name in report if "qwen7b bf16" in name and not name.startswith("preprocess")]
     lists = (role_attention_triton._FWD_CONFIGS, role_attention_triton._DKDV_CONFIGS, role_attention_triton._DQ_CONFIGS)
     assert len(qwen) == 2 * sum(map(len, lists))
-    assert len(report) == len(qwen) + 12  # preprocess, other dtypes and head sizes, role_mass
+    assert len(report) == len(qwen) + 15  # preprocess, other dtypes and head sizes, role_mass
     for name, info in report.items():  # H100/H200 give a block at most 227 KiB of shared memory
         assert 0 < info["shared_bytes"] <= 227 * 1024, name
     for name in qwen:
@@ -265,14 +265,15 @@ def test_kernels_compile_for_hopper():
         assert report[name]["spill_stores"] == report[name]["spill_loads"] == 0, (name, report[name])
     as_lists = lambda shapes: [list(c) for c in shapes]  # noqa: E731
     for kernel, narrow, wide in (("fwd", role_attention_triton._FWD_CONFIGS,
-                                  role_attention_triton._FWD_CONFIGS_WIDE_FP32),
+                                  role_attention_triton._FWD_CONFIGS_WIDE),
                                  ("dkdv", role_attention_triton._DKDV_CONFIGS,
-                                  role_attention_triton._DKDV_CONFIGS_WIDE_FP32),
+                                  role_attention_triton._DKDV_CONFIGS_WIDE),
                                  ("dq", role_attention_triton._DQ_CONFIGS,
-                                  role_attention_triton._DQ_CONFIGS_WIDE_FP32)):
+                                  role_attention_triton._DQ_CONFIGS_WIDE)):
         assert pruned[f"{kernel} torch.float32 128"] == as_lists(wide)
         assert pruned[f"{kernel} torch.float32 64"] == as_lists(narrow)
         assert pruned[f"{kernel} torch.bfloat16 128"] == as_lists(narrow)
+        assert pruned[f"{kernel} torch.bfloat16 256"] == as_lists(wide)  # the narrow lists' tiles do not fit there
 
 
 @pytest.mark.gpu
@@ -321,3 +322,21 @@ def test_triton_is_deterministic_at_qwen_scale_on_gpu():
     second = values_and_grads(q, k, v, roles, kwargs, "triton")
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+def test_every_triton_launch_runs_on_the_device_of_its_tensors(device, monkeypatch):
+    """Triton launches on the current CUDA device, whatever device the tensors are on: a layer on cuda:1 of a
+    model spread over GPUs (`avar vas --device-map auto`) ran cuda:0's kernels on cuda:1's memory. Both kernel
+    families enter platform.on_device_of(q) around their forward and their backward."""
+    from megatron_avar.ops import role_mass
+
+    entered = []
+    real = platform.on_device_of
+    monkeypatch.setattr(platform, "on_device_of", lambda tensor: entered.append(tensor.device) or real(tensor))
+    q, k, v, roles, kwargs = _on(device, *make(Case(num_q_heads=2, num_kv_heads=1, head_dim=16), torch.float32,
+                                               seed=40))
+    values_and_grads(q, k, v, roles, kwargs, "triton")
+    assert entered == [q.device, q.device]  # role_attention: forward, backward
+    mass = role_mass(q, k, roles, torch.tensor([3, 9], device=device), num_roles=kwargs["num_roles"], impl="triton")
+    torch.autograd.grad(mass.sum(), (q, k))
+    assert entered == [q.device] * 4  # and the probe's

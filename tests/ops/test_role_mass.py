@@ -254,7 +254,7 @@ def test_triton_probe_equals_role_attention_masses_and_gradients(case, how, trit
 
 
 @pytest.mark.parametrize("case,how", HELD_APART, ids=[f"{c}-{h}" for c, h in HELD_APART])
-def test_triton_queries_held_apart_equal_queries_in_place(case, how, triton_device):
+def test_triton_probe_queries_held_apart_equal_queries_in_place(case, how, triton_device):
     """q_index on the kernels: they read each row's query where q_index points, and its dq lands there."""
     q, k, _, roles, kwargs, rows, weights = _inputs(case, how, torch.float32, seed=35, rows_seed=10,
                                                     device=triton_device)
