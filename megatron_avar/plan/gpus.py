@@ -1,8 +1,10 @@
 """The GPUs a plan is judged against, and the verdict: does a step's peak fit, with what headroom.
 
 Memory is what ``nvidia-smi`` reports as the total of each card (the 80 GB H100 SXM: 81559 MiB; the 141 GB H200:
-143771 MiB). Peak dense tensor-core throughput from NVIDIA's data sheets (H100 SXM and H200 share the
-Hopper core: 989.4 TFLOP/s bf16, 494.7 TF32 — fp32 runs are taken at the TF32 rate).
+143771 MiB). Peak dense throughput from NVIDIA's data sheets (H100 SXM and H200 share the Hopper core): 989.4
+TFLOP/s bf16 on tensor cores; 67 TFLOP/s for fp32 runs, the plain fp32 rate, not TF32's 494.7: nothing in this
+project turns TF32 on (torch's matmuls keep IEEE fp32 by default, and the attention kernels ask for IEEE products
+in fp32), so an fp32 step runs at that rate.
 
 A plan's peak is what ``torch.cuda.max_memory_allocated`` counts (tensors). A step also needs memory that is not a
 tensor: the CUDA context, NCCL's buffers, cuBLAS / Transformer Engine workspaces, and the caching allocator's
@@ -25,7 +27,7 @@ FRAGMENTATION = 0.05
 @dataclass(frozen=True)
 class GPU:
     """name: how commands name it; label: for tables; memory_bytes: the card's total; peak_tflops: dense
-    tensor-core TFLOP/s by training precision."""
+    TFLOP/s by training precision (module docstring)."""
 
     name: str
     label: str
@@ -33,7 +35,7 @@ class GPU:
     peak_tflops: dict[str, float]
 
 
-_HOPPER_TFLOPS = {"bf16": 989.4, "fp32": 494.7}
+_HOPPER_TFLOPS = {"bf16": 989.4, "fp32": 67.0}
 GPUS = {
     "h100": GPU("h100", "H100 80GB", 81559 * 2**20, _HOPPER_TFLOPS),
     "h200": GPU("h200", "H200 141GB", 143771 * 2**20, _HOPPER_TFLOPS),

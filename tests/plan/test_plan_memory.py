@@ -222,3 +222,7 @@ def test_step_time_is_the_trainers_flops_at_the_stated_mfu():
     assert plan.flops_per_step == flops
     assert plan.step_seconds(GPUS["h100"]) == pytest.approx(flops / (16 * 989.4e12 * 0.5), rel=1e-12)
     assert plan.shape.num_microbatches == math.ceil(rows / 8)
+    # fp32 runs at the plain fp32 rate: no part of a step turns TF32 on (it was priced at TF32's 494.7, 7.4x fast)
+    fp32 = plan_config(str(REPO / "examples/sft/avar_7b.yaml"), ["train.precision=fp32"], preset="7b",
+                       assumptions=Assumptions(gpus=16, mfu=0.5))
+    assert fp32.step_seconds(GPUS["h100"]) == pytest.approx(flops / (16 * 67e12 * 0.5), rel=1e-12)
