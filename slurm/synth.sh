@@ -22,7 +22,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=slurm-%x-%j.out
 
 set -euo pipefail
 
@@ -36,7 +36,7 @@ SERVER_WAIT_S=${SERVER_WAIT_S:-1800}
 VENV=${VENV:-$PWD/.venv}
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-mkdir -p logs
+mkdir -p logs  # the teacher servers' logs (the job's own goes to slurm-%x-%j.out: Slurm opens it before this line)
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD=${NODES[0]}

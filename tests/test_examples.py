@@ -197,6 +197,14 @@ def test_the_slurm_scripts_name_examples():
                                                            "grpo/avar_7b.yaml", "grpo/avar_72b.yaml"}
 
 
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "slurm").glob("*.sh")))
+def test_a_slurm_jobs_log_lands_in_the_submission_folder(script):
+    """Slurm opens --output before the script runs: a log in a folder the script makes (slurm/synth.sh had
+    logs/%x-%j.out) fails the job at once, with no log, on a fresh clone."""
+    outputs = re.findall(r"^#SBATCH --(?:output|error)=(\S+)", (REPO / "slurm" / script).read_text(), re.MULTILINE)
+    assert all("/" not in output for output in outputs), f"slurm/{script}: {outputs}"
+
+
 @pytest.mark.parametrize("script, name, ranks", _slurm_jobs())
 def test_slurm_job_ranks_fit_the_example(script, name, ranks, monkeypatch):
     config = _load(name, monkeypatch)

@@ -19,7 +19,9 @@ per sequence length (1k-32k), forward and forward+backward, for:
                            keys masked; mass_r = exp(lse_r - lse) (flex_role_attention). Block masks are built
                            once per input, outside the timed region, as a user with fixed roles would.
   role_mass probe          masses of 256 user-text rows only (ops.role_mass), no out: what an AVAR layer adds
-                           to the platform's fastest attention; its FLOPs are its own (2*N*Hq*keys*D, x3 fwd+bwd)
+                           to the platform's fastest attention; its FLOPs are its own: 2*N*Hq*keys*D forward
+                           (Q K^T), x4 forward+backward (the backward recomputes Q K^T, then dQ and dK: the
+                           convention below; role sums over R << D columns not counted)
   CP rank of 2             context parallelism's attention (models.context_parallel.local_rows_attention): one
                            rank's half of the rows (its two load-balanced chunks) over the whole row's keys, as
                            after the all-gather (not timed: no second GPU), blocks recomputed in backward; its
@@ -260,9 +262,9 @@ def bench_gpu(seq_lens, reps, written=lambda rows, shape: None):
                     flops = attention_flops(batch, num_q_heads, seq_len, head_dim, True, mode == "fwd+bwd")
                     if name.startswith("CP rank"):  # its two chunks hold half the row's causal work
                         flops /= 2
-                    if name.startswith("role_mass"):  # Q K^T of its rows only: 2*N*Hq*keys*D, x3 with backward
+                    if name.startswith("role_mass"):  # Q K^T of its rows only: 2*N*Hq*keys*D, x4 with backward
                         keys_seen = seq_len * 9 // 16  # the rows sit at 1/2..5/8 of the sequence (causal)
-                        flops = 2 * PROBE_ROWS * num_q_heads * keys_seen * head_dim * (3 if mode == "fwd+bwd" else 1)
+                        flops = 2 * PROBE_ROWS * num_q_heads * keys_seen * head_dim * (4 if mode == "fwd+bwd" else 1)
                     row.update(ms=ms, tflops=flops / ms / 1e9,
                                peak_extra_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
                 except torch.OutOfMemoryError:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import urllib.error
@@ -245,7 +246,7 @@ class ChatClient:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         for attempt in range(self.client.max_retries + 1):
-            retry_after = None
+            retry_after, unreachable = None, False
             self.stats.add(requests=1)
             try:
                 request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
@@ -275,7 +276,16 @@ class ChatClient:
                     json.JSONDecodeError, UnicodeDecodeError) as error:
                 reason = (f"URLError({error.reason})" if isinstance(error, urllib.error.URLError)
                           else type(error).__name__)
+                unreachable = _nothing_listens(error)
             if attempt == self.client.max_retries:
+                if unreachable and not self.stats.answered:
+                    # Every request would give up the same way, each after its retries: minutes to hours for a
+                    # dataset, before the end-of-run check would name the endpoint.
+                    raise TeacherConfigError(
+                        f"{self.stage} teacher {self.teacher.model!r}: nothing answers at {self._url} ({reason}, "
+                        f"{attempt + 1} attempt{'s' * (attempt > 0)}, no request of this run answered); start the "
+                        f"server, or fix "
+                        f"{self.config_key}.base_url") from None
                 reason = f"gave up after {attempt + 1} attempts (last: {reason})"
                 raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
             delay = min(self.client.backoff_max_s, self.client.backoff_initial_s * 2 ** attempt)
@@ -299,6 +309,12 @@ class ChatClient:
                 for future in futures:
                     future.cancel()
                 raise
+
+
+def _nothing_listens(error: BaseException) -> bool:
+    """Whether a request failed because no server is there: the connection refused, or the host name unknown."""
+    cause = error.reason if isinstance(error, urllib.error.URLError) else error
+    return isinstance(cause, (ConnectionRefusedError, socket.gaierror))
 
 
 def _retry_after(error: urllib.error.HTTPError) -> float | None:

@@ -118,10 +118,12 @@ class ClientConfig:
     max_failed_share: float = 0.05
     """Largest share of a teacher stage's requests (answered + cached + failed) that may fail for good
     (retries exhausted, non-retryable 4xx) in a successful run. Above it, or when every request of a stage
-    failed (a dead endpoint), the run ends with an error naming the stage, the counts, the most common error
-    and the endpoint, and writes no manifest.json: the shards written so far stay, and rerunning the same
-    command resumes (cached answers are reused, only the failed requests are asked again). 0: any failure
-    fails the run; 1: only a stage whose every request failed does."""
+    failed, the run ends with an error naming the stage, the counts, the most common error and the endpoint,
+    and writes no manifest.json: the shards written so far stay, and rerunning the same command resumes (cached
+    answers are reused, only the failed requests are asked again). 0: any failure fails the run; 1: only a
+    stage whose every request failed does. An endpoint where nothing listens (connection refused, unknown host)
+    stops the run at once, when a stage's first request gives up before any request of the run was answered:
+    not after every record has waited out its retries."""
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")

@@ -11,10 +11,12 @@ One run at a time: a run holds the lock of its output.dir and of its work_dir (`
 ``.avar.lock``, dropped by the kernel however the run ends) from before it looks at either until it has
 written its manifest; a second run on either is refused, naming the first.
 
-Failed requests: a teacher stage whose every request failed (a dead endpoint), or more than
+Failed requests: a teacher stage whose every request failed (a server answering errors), or more than
 ``client.max_failed_share`` of whose requests failed, makes the run raise TeacherFailuresError after the
 pipeline ends, before the manifest is written: the shards stay, the run counts as unfinished, and the same
-command resumes it once the endpoint is fixed (without the check such a run "succeeded" with 0 records).
+command resumes it once the endpoint is fixed (without the check such a run "succeeded" with 0 records). A URL
+where nothing listens stops the run sooner: the client raises TeacherConfigError when a request gives up on it
+before any request of the run was answered (synth.client).
 
 Ray: with RAY_ADDRESS set (a cluster started by slurm/synth.sh) the run joins that cluster and leaves it
 running. Otherwise it starts a local Ray instance and stops it afterwards, also killing worker processes
@@ -37,7 +39,7 @@ from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
 from megatron_avar.synth.client import chat_url
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.progress import ProgressMonitor, read_progress
+from megatron_avar.synth.progress import ProgressMonitor, clear_progress, read_progress
 from megatron_avar.synth.writer import merge_counts
 from megatron_avar.training.run_lock import LOCK_FILE, holding_run_lock
 
@@ -62,6 +64,8 @@ def prepare_output(config: SynthConfig) -> None:
     """Apply the resume/overwrite rules (module docstring) and clear this run's progress files; under the run's
     locks (run_synthesis, which has refused an output.dir that is a file)."""
     out = Path(config.output.dir)
+    progress = config.work_dir / "progress"
+    clear_progress(progress, check_only=True)  # a folder of the user's named as run.work_dir: refused before any change
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
         atomic_files.remove_leftovers(out / MANIFEST)
@@ -92,8 +96,7 @@ def prepare_output(config: SynthConfig) -> None:
             for shard in data.iterdir():
                 shard.unlink()
             data.rmdir()
-    progress = config.work_dir / "progress"
-    shutil.rmtree(progress, ignore_errors=True)
+    clear_progress(progress)
     progress.mkdir(parents=True, exist_ok=True)
 
 

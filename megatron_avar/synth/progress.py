@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -45,6 +46,30 @@ class StageProgress:
         payload = {"stage": self.stage, "started": self.started, "updated": time.time(), **self.counts,
                    "client": client_stats or {}}
         atomic_files.write_json(self.path, payload, indent=None)
+
+
+# <stage>.<host>.<pid>.<random>.json, and what an atomic write of one leaves when killed (atomic_files)
+_PROGRESS_FILE = re.compile(rf"(?:{'|'.join(STAGE_ORDER)})\.[^/]+\.\d+\.[0-9a-f]{{8}}\.json"
+                            r"|\.(?:[^/]+)\.json\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def clear_progress(progress_dir: str | os.PathLike, *, check_only: bool = False) -> None:
+    """Delete the progress files of an earlier run in ``progress_dir`` (the :class:`StageProgress` files and their
+    atomic writes' leftovers); a ValueError naming the folder when it holds anything else (a folder of the user's
+    given as run.work_dir): nothing is deleted then. ``check_only``: refuse, but delete nothing."""
+    folder = Path(progress_dir)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is a file, where avar synth keeps its progress; choose another run.work_dir")
+    entries = list(folder.iterdir())
+    foreign = sorted(entry.name for entry in entries if not (entry.is_file() and _PROGRESS_FILE.fullmatch(entry.name)))
+    if foreign:
+        raise ValueError(f"{folder} holds {foreign[:5]}, which avar synth did not write (it keeps its progress files "
+                         "there and clears them on each start); choose another run.work_dir")
+    if not check_only:
+        for entry in entries:
+            entry.unlink(missing_ok=True)
 
 
 def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:

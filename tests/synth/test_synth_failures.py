@@ -28,27 +28,30 @@ def dead_url():
 
 
 @pytest.mark.parametrize("dead_stage", ["describe", "anchor"])
-def test_dead_endpoint_exits_nonzero_with_the_reason(tmp_path, procedural_source, teacher, dead_url, dead_stage,
-                                                     capsys):
+def test_a_teacher_url_where_nothing_listens_stops_the_run_at_once(tmp_path, procedural_source, teacher, dead_url,
+                                                                   dead_stage, capsys):
+    """Found in review: every record waited out its own retries (~47 s each by default) before the end-of-run
+    check named the endpoint: minutes to hours for a port typo. Now the first request that gives up on a refused
+    connection, before any request of the run was answered, stops the run."""
     data = procedural_source[0]
-    # Per-stage shares: with anchor dead, describe and reason succeed (2/3 of all requests), still an error.
-    args = synth_overrides(tmp_path, data, teacher, f"{dead_stage}.teacher.base_url={dead_url}")
-    assert main(["synth", *args]) == 1
+    args = synth_overrides(tmp_path, data, teacher, f"{dead_stage}.teacher.base_url={dead_url}", "client.concurrency=1")
+    assert main(["synth", *args]) == 2
     error = capsys.readouterr().err
     assert f"avar synth: error: {dead_stage} teacher " in error
-    assert f"at {dead_url}/chat/completions: 8 of 8 requests failed (100%; every request failed)" in error
-    assert ("most common error (8 of 8): gave up after 4 attempts (last: URLError([Errno 111] Connection refused))"
-            in error)
-    assert "Kept 0 of 8 records" in error and "rerun the same command" in error
+    assert (f": nothing answers at {dead_url}/chat/completions (URLError([Errno 111] Connection refused), 4 attempts, "
+            f"no request of this run answered); start the server, or fix {dead_stage}.teacher.base_url") in error
     assert not (tmp_path / "run" / MANIFEST).exists()
     if dead_stage == "describe":
         assert teacher.requests() == []  # records without a description never reach the other teachers
 
 
-def test_every_request_failing_fails_even_at_share_one(tmp_path, procedural_source, teacher, dead_url):
-    config = synth_config(tmp_path, procedural_source[0], teacher, f"reason.teacher.base_url={dead_url}",
-                          "client.max_failed_share=1")
-    with pytest.raises(TeacherFailuresError, match=r"reason teacher .* 8 of 8 requests failed"):
+def test_every_request_failing_fails_even_at_share_one(tmp_path, procedural_source, teacher):
+    """A server that answers, but only errors: counted to the end of the run, then named with the counts."""
+    teacher.faults.append(Fault("reason", ["500"], always=True))
+    config = synth_config(tmp_path, procedural_source[0], teacher, "client.max_failed_share=1")
+    with pytest.raises(TeacherFailuresError, match=r"reason teacher .* 8 of 8 requests failed \(100%; every "
+                                                   r"request failed\).*most common error \(8 of 8\): gave up after "
+                                                   r"4 attempts \(last: HTTP 500\)"):
         run_synthesis(config)
 
 
@@ -118,7 +121,28 @@ def test_an_output_or_work_dir_that_is_a_file_is_named_as_such(tmp_path, procedu
     assert (tmp_path / name).read_text() == "the user's file" and teacher.requests() == []
 
 
-def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, procedural_source, teacher, dead_url):
+def test_a_work_dir_whose_progress_folder_holds_other_files_is_refused_and_kept(tmp_path, procedural_source,
+                                                                                teacher, capsys):
+    """Each start clears <run.work_dir>/progress: it used to delete the whole folder, a folder of the user's too
+    (run.work_dir=. in a project holding progress/), before the sources were even read."""
+    from megatron_avar.synth.progress import clear_progress
+
+    notes = tmp_path / "work" / "progress" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    assert main(["synth", *synth_overrides(tmp_path, procedural_source[0], teacher)]) == 2
+    assert f"{notes.parent} holds ['notes.txt'], which avar synth did not write" in capsys.readouterr().err
+    assert notes.read_text() == "mine" and teacher.requests() == []
+    # what a run leaves there is cleared: a worker's file (a host name with dots) and a killed write's leftover
+    notes.unlink()
+    ours = ["describe.node-7.cluster.local.4242.0a1b2c3d.json", ".reason.n1.17.deadbeef.json.17.cafe0123.tmp"]
+    for name in ours:
+        (notes.parent / name).write_text("{}")
+    clear_progress(notes.parent)
+    assert list(notes.parent.iterdir()) == []
+
+
+def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, procedural_source, teacher):
     from megatron_avar.synth.pipeline import REPLACED
     from megatron_avar.training.run_lock import LOCK_FILE
 
@@ -126,10 +150,12 @@ def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, pr
     assert main(["synth", *synth_overrides(tmp_path, data, teacher)]) == 0
     finished = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
     assert any(path.parts[0] == "data" for path in finished)
-    # the replacement (its own request cache) finds its anchor teacher down: it fails before its manifest
+    # the replacement (its own request cache) finds its anchor teacher failing: it fails before its manifest
     replacing = ["output.overwrite=true", f"run.work_dir={tmp_path / 'work2'}"]
+    teacher.faults.append(Fault("anchor", ["500"], always=True))
     with pytest.raises(TeacherFailuresError, match=r"the finished run it replaces stays in .*/run/\.replaced until"):
-        run_synthesis(synth_config(tmp_path, data, teacher, *replacing, f"anchor.teacher.base_url={dead_url}"))
+        run_synthesis(synth_config(tmp_path, data, teacher, *replacing))
+    teacher.faults.clear()
     kept = {p.relative_to(out / REPLACED): p.read_bytes() for p in (out / REPLACED).rglob("*") if p.is_file()}
     assert kept == finished and not (out / MANIFEST).exists()
     # the same command once the endpoint answers: finished, and only then is the replaced run gone
