@@ -45,6 +45,8 @@ class SamplingParams:
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
             raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got "
                              f"{self.temperature}, {self.top_p}, {self.top_k}, {self.max_new_tokens}")
+        for name in ("temperature", "top_p"):  # an int (temperature=2) is a float here: HF's warpers take floats only
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 @dataclass

@@ -55,3 +55,13 @@ def test_default_reward_is_score_rollout_with_its_config():
     response = "<think>a</think><answer>3</answer>"
     assert reward.score(response, "3", 5.0) == score_rollout(response, "3", 5.0, config)
     assert reward.score(response, "3", 5.0).total == pytest.approx(1 + 0.5 * 2.0 + 0.1)
+
+
+def test_sampling_params_take_whole_numbers_as_floats():
+    """Found in review: temperature=2 reached Hugging Face's TemperatureLogitsWarper as an int, which refuses it
+    (the local backend raised); the config loader made floats, a direct caller need not."""
+    from megatron_avar.grpo.local_backend import _RowSampler
+
+    sampling = SamplingParams(temperature=2, top_p=1)
+    assert type(sampling.temperature) is float and type(sampling.top_p) is float
+    _RowSampler([torch.Generator()], sampling, [], torch.device("cpu"))  # raised before
