@@ -31,6 +31,10 @@ _MATH_WORDS = frozenset({"pi", "sqrt", "and", "or", "to", "ln", "log", "exp", "s
                          "max", "min", "gcd", "lcm", "lim", "deg", "rad", "dx", "dy", "dt"})
 _UNIT_WORD = r"[a-zA-Z]+(?:\^\{?[23]\}?|[²³])?"
 _WITH_UNIT = re.compile(rf"([-+]?[\d.,/]*\d[\d.,/]*)\s*({_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD})*)\s*\.?")
+# The same words after an expression that ends in a digit, a brace or a LaTeX command ("\frac{1}{2} units",
+# "3\pi square units"), apart from it by a blank.
+_EXPRESSION_WITH_UNIT = re.compile(
+    rf"(.*?(?:\d|\}}|\\[a-zA-Z]+))\s+({_UNIT_WORD}(?:(?:\s+|\s*/\s*){_UNIT_WORD})*)\s*\.?")
 
 
 def _is_unit(phrase: str) -> bool:
@@ -41,13 +45,15 @@ def _is_unit(phrase: str) -> bool:
 def strip_units(text: str) -> str:
     """Remove Markdown emphasis ("**12**"), degree signs, percent signs, ``$``, LaTeX spacing (digit groups
     joined: "1\\,000" -> "1000") and ``\\text{…}`` units, then the unit words
-    after a number ("12 cm" -> "12", "5 m/s" -> "5", "45°" -> "45", "3 square units" -> "3"); leaves other text
+    after a number or an expression ("12 cm" -> "12", "5 m/s" -> "5", "45°" -> "45", "3 square units" -> "3",
+    "\\frac{1}{2} units" -> "\\frac{1}{2}"); leaves other text
     as it is. Mathematics after a number is not a unit: "2x", "3x^2", "2 pi", "2 sqrt 2", "2 and 3" and "1e3"
     stay whole (a single letter is a unit only when it is a unit symbol: m, g, s, l, L, N, J, W, V, A, K, h)."""
     cleaned = _UNIT_NOISE.sub(" ", _DIGIT_GROUPS.sub("", without_emphasis(text))).strip()
-    match = _WITH_UNIT.fullmatch(cleaned)
-    if match and _is_unit(match.group(2)):
-        cleaned = match.group(1)
+    for pattern in (_WITH_UNIT, _EXPRESSION_WITH_UNIT):
+        match = pattern.fullmatch(cleaned)
+        if match and _is_unit(match.group(2)):
+            return match.group(1).strip()
     return cleaned.strip()
 
 

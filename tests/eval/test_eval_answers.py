@@ -94,6 +94,9 @@ def test_to_number_evaluates_latex_like_sympy():
     ("7", "the answer is 7", True), ("Yes", "yes", True), ("ab", "ba", True), ("7", "so \\boxed{7}", True),
     # digit groups and Markdown emphasis
     ("12500", "12\\,500", True), ("0", "1\\,000", False), ("12", "**12**", True),
+    # unit words after an expression, as after a number
+    ("\\frac{1}{2}", "\\frac{1}{2} units", True), ("3\\pi", "3\\pi square units", True),
+    ("2\\sqrt{3}", "2\\sqrt{3} cm", True),
 ])
 def test_math_equal(gold, predicted, equal):
     assert math_equal(gold, predicted) is equal
