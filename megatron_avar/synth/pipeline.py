@@ -37,7 +37,7 @@ from pathlib import Path
 
 from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
-from megatron_avar.synth.client import chat_url
+from megatron_avar.synth.client import TeacherConfigError, chat_url
 from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.progress import ProgressMonitor, clear_progress, read_progress
 from megatron_avar.synth.writer import merge_counts
@@ -179,6 +179,20 @@ def run_local(stages) -> list:
 
 
 @contextlib.contextmanager
+def _naming_the_replaced_run(out: Path):
+    """A stage's bad-input error (a teacher where nothing listens, a missing column) in a run that replaces a
+    finished one says where that run is kept: ``<out>/.replaced``, until a run finishes."""
+    try:
+        yield
+    except ValueError as error:
+        replaced = out / REPLACED
+        if type(error) not in (ValueError, TeacherConfigError) or not replaced.is_dir():
+            raise
+        raise type(error)(f"{error} (the finished run this one replaces stays in {replaced} until a run "
+                          "finishes)") from error
+
+
+@contextlib.contextmanager
 def _stage_errors_unwrapped():
     """A stage's bad-input error (ValueError: a missing column, a teacher that refuses every request, an image
     the writer cannot read) reaches the caller as itself, with its message naming the problem and the fix, not
@@ -252,7 +266,8 @@ def run_synthesis(config: SynthConfig) -> dict:
         stages = build_stages(config)
         started = time.time()
         teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
-        with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages):
+        with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages), \
+                _naming_the_replaced_run(out):
             if config.run.executor == "local":
                 results = run_local(stages)
             else:

@@ -13,6 +13,7 @@ import pytest
 
 from megatron_avar.cli import main
 from megatron_avar.data.conversations import load_conversations
+from megatron_avar.synth.client import TeacherConfigError
 from megatron_avar.synth.pipeline import MANIFEST, TeacherFailuresError, run_synthesis
 from synth_fake_teacher import Fault
 from synth_helpers import synth_config, synth_overrides
@@ -142,7 +143,7 @@ def test_a_work_dir_whose_progress_folder_holds_other_files_is_refused_and_kept(
     assert list(notes.parent.iterdir()) == []
 
 
-def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, procedural_source, teacher):
+def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, procedural_source, teacher, dead_url):
     from megatron_avar.synth.pipeline import REPLACED
     from megatron_avar.training.run_lock import LOCK_FILE
 
@@ -156,6 +157,13 @@ def test_a_replacing_run_that_fails_keeps_the_run_it_replaces_whole(tmp_path, pr
     with pytest.raises(TeacherFailuresError, match=r"the finished run it replaces stays in .*/run/\.replaced until"):
         run_synthesis(synth_config(tmp_path, data, teacher, *replacing))
     teacher.faults.clear()
+    # a teacher where nothing listens stops it at once: the message says where the replaced run is too
+    with pytest.raises(TeacherConfigError, match=r"nothing answers at .* \(the finished run this one replaces stays "
+                                                  r"in .*/run/\.replaced until a run finishes\)"):
+        run_synthesis(synth_config(tmp_path, data, teacher, *replacing, f"anchor.teacher.base_url={dead_url}",
+                                   "client.concurrency=1"))
+    kept = {p.relative_to(out / REPLACED): p.read_bytes() for p in (out / REPLACED).rglob("*") if p.is_file()}
+    assert kept == finished and not (out / MANIFEST).exists()
     kept = {p.relative_to(out / REPLACED): p.read_bytes() for p in (out / REPLACED).rglob("*") if p.is_file()}
     assert kept == finished and not (out / MANIFEST).exists()
     # the same command once the endpoint answers: finished, and only then is the replaced run gone
