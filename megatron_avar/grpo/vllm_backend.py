@@ -18,14 +18,10 @@ prompts and sampling (checked). The engine core runs in-process (``VLLM_ENABLE_V
 external_launcher requires; set here for the single-process case too), so ``LLM.collective_rpc`` runs the
 weight loader in this process with the trainer's tensors by reference: no serialization, no disk.
 
-Prompts. The trainer's ``input_ids`` hold image pads already expanded (one ``<|image_pad|>`` per merged patch).
-vLLM 0.33 always applies Qwen2.5-VL's prompt update to token prompts (each single pad -> prod(grid_thw)/4
-pads), and its only pre-processed image input is ``image_embeds`` (model outputs, not ``pixel_values``). So
-each run of pads is collapsed to one pad (:func:`collapse_image_pads`) and each image is rebuilt exactly from
-its ``pixel_values`` (:func:`images_from_pixel_values`: the processor's patchify + normalisation inverted to
-the uint8 image the trainer's processor resized, sides multiples of 28). vLLM's processor, given the same
-min/max pixels, leaves that size unchanged, re-derives the same grid and expands the pads back; every
-rollout checks that vLLM's expanded prompt ids equal the trainer's ids.
+Prompts. The trainer's ``input_ids`` hold image pads already expanded (one ``<|image_pad|>`` per merged patch);
+``megatron_avar.vllm_inputs`` collapses them to one per image and rebuilds each image exactly from its
+``pixel_values``, and vLLM, given the same min/max pixels, re-derives the same grid and expands the pads back;
+every rollout checks that vLLM's expanded prompt ids equal the trainer's ids.
 
 Log-probs. ``logprobs_mode="processed_logprobs"``: vLLM returns log_softmax of the logits after logit bias
 and temperature and after top-k/top-p truncation; with top_p=1 and top_k=0 (the only sampling accepted,
@@ -67,14 +63,13 @@ from megatron_avar.grpo.vllm_requests import (
     RefitStats,
     assemble_rollout,
     checked_hf_names,
-    collapse_image_pads,
     engine_kwargs,
-    images_from_pixel_values,
     load_weights_on_worker,
     sampled_token_logprobs,
     sampling_request_kwargs,
 )
 from megatron_avar.models import hf_inference
+from megatron_avar.vllm_inputs import token_prompt
 
 __all__ = ["VLLMGenerationBackend"]
 
@@ -158,31 +153,21 @@ class VLLMGenerationBackend:
 
     # ------------------------------------------------------------------ generation
     def _request(self, prompts: PromptBatch, p: int) -> dict:
-        """A ``vllm.TokensPrompt`` dict: collapsed pads, the rebuilt images, the weight version as cache salt."""
-        from PIL import Image
-
+        """A ``vllm.TokensPrompt`` dict (``vllm_inputs.token_prompt``: collapsed pads, the rebuilt images) with the
+        weight version as cache salt."""
         prompt_id, ids, grid = prompts.prompt_ids[p], prompts.input_ids[p], prompts.image_grid_thw[p]
-        if (prompts.pixel_values[p] is None) != (grid is None):
-            raise ValueError(f"prompt {prompt_id}: pixel_values and image_grid_thw must both be given or both be None")
         if ids.numel() >= self.max_model_len:
             raise ValueError(f"prompt {prompt_id} has {ids.numel()} tokens, max_model_len is {self.max_model_len}: "
                              "raise max_model_len or filter long prompts")
-        image_processor = self.processor.image_processor
-        request = {"prompt_token_ids": collapse_image_pads(ids.tolist(), self.image_token_id, grid,
-                                                           image_processor.merge_size),
-                   "cache_salt": f"avar-weights-{self._weight_version}"}
-        pixel_values = prompts.pixel_values[p]
-        if grid is not None and pixel_values is not None:
-            if grid.shape[0] > MAX_IMAGES_PER_PROMPT:
-                raise ValueError(f"prompt {prompt_id} has {grid.shape[0]} images; the vLLM backend allows "
-                                 f"{MAX_IMAGES_PER_PROMPT} (MAX_IMAGES_PER_PROMPT)")
-            images = images_from_pixel_values(
-                pixel_values.float().cpu(), grid.cpu(), image_mean=image_processor.image_mean,
-                image_std=image_processor.image_std, rescale_factor=image_processor.rescale_factor,
-                patch_size=image_processor.patch_size, temporal_patch_size=image_processor.temporal_patch_size,
-                merge_size=image_processor.merge_size)
-            request["multi_modal_data"] = {"image": [Image.fromarray(image) for image in images]}
-        return request
+        if grid is not None and grid.shape[0] > MAX_IMAGES_PER_PROMPT:
+            raise ValueError(f"prompt {prompt_id} has {grid.shape[0]} images; the vLLM backend allows "
+                             f"{MAX_IMAGES_PER_PROMPT} (MAX_IMAGES_PER_PROMPT)")
+        try:
+            request = token_prompt(ids, prompts.pixel_values[p], grid, self.processor.image_processor,
+                                   self.image_token_id)
+        except ValueError as error:
+            raise ValueError(f"prompt {prompt_id}: {error}") from None
+        return {**request, "cache_salt": f"avar-weights-{self._weight_version}"}
 
     def _check_same_step_on_tp_group(self, prompts: PromptBatch, n: int, sampling: SamplingParams) -> None:
         """All ranks of a vLLM tensor-parallel group run one engine: they must submit identical requests."""

@@ -1,5 +1,5 @@
 """What VLLMGenerationBackend sends to vLLM 0.33 and how it reads the answers back: engine and request
-arguments, image-pad collapsing, exact images from ``pixel_values``, sampled-token log-probs, rollout assembly,
+arguments (the prompts themselves: ``megatron_avar.vllm_inputs``), sampled-token log-probs, rollout assembly,
 HF-name checks of a refit. Pure functions, no vLLM import (the worker-side loader imports it lazily), so they
 are tested on the CPU; the reasons behind each choice are in ``grpo.vllm_backend``'s docstring.
 """
@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.roles import TokenRole
 
-__all__ = ["RefitStats", "engine_kwargs", "sampling_request_kwargs", "collapse_image_pads",
-           "images_from_pixel_values", "sampled_token_logprobs", "assemble_rollout", "checked_hf_names",
+__all__ = ["RefitStats", "engine_kwargs", "sampling_request_kwargs", "sampled_token_logprobs", "assemble_rollout",
+           "checked_hf_names",
            "load_weights_on_worker", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT", "RESUME_HINT",
            "check_vllm_sampling", "check_vllm_temperature"]
 
@@ -108,67 +107,6 @@ def sampling_request_kwargs(sampling: SamplingParams, *, seed: int, stop_token_i
                 max_tokens=int(sampling.max_new_tokens), stop_token_ids=sorted(int(i) for i in stop_token_ids),
                 logprobs=0, logit_bias={int(i): float("-inf") for i in suppressed_token_ids},
                 skip_special_tokens=False, detokenize=False)
-
-
-def collapse_image_pads(input_ids: Sequence[int], image_token_id: int, image_grid_thw: torch.Tensor | None,
-                        merge_size: int) -> list[int]:
-    """``input_ids`` with each run of image pads replaced by ONE pad (what vLLM expands back).
-
-    Raises ValueError unless there is one run per image whose length is prod(image_grid_thw[k]) // merge_size**2.
-    """
-    ids = [int(i) for i in input_ids]
-    runs: list[tuple[int, int]] = []  # (start, length)
-    for pos, token in enumerate(ids):
-        if token == image_token_id:
-            if runs and runs[-1][0] + runs[-1][1] == pos:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((pos, 1))
-    expected = [] if image_grid_thw is None else [int(torch.prod(g)) // merge_size ** 2 for g in image_grid_thw]
-    if [length for _, length in runs] != expected:
-        raise ValueError(f"image pad runs of lengths {[length for _, length in runs]} do not match image_grid_thw "
-                         f"(expected {expected}): the prompt's ids and images disagree")
-    out, cursor = [], 0
-    for start, length in runs:
-        out += ids[cursor:start + 1]
-        cursor = start + length
-    return out + ids[cursor:]
-
-
-def images_from_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, *, image_mean, image_std,
-                             rescale_factor: float, patch_size: int, temporal_patch_size: int,
-                             merge_size: int) -> list[np.ndarray]:
-    """The uint8 RGB images [H, W, 3] (H = 14·grid_h, W = 14·grid_w) whose Qwen2-VL preprocessing is
-    ``pixel_values`` [num_patches, 3·T·14·14] (float32), inverting the processor's rescale, normalisation and
-    patch layout (patches ordered (h/m, w/m, m, m), each flattened as (C, T, P, P), T copies of the frame).
-
-    Raises ValueError when the values are not those of a uint8 image (e.g. cast to bf16 on the way), since a
-    rounded reconstruction would give vLLM different pixels from the trainer's.
-    """
-    mean = torch.tensor(image_mean, dtype=torch.float64).view(-1, 1, 1)
-    std = torch.tensor(image_std, dtype=torch.float64).view(-1, 1, 1)
-    channels = mean.shape[0]
-    grids = image_grid_thw.view(-1, 3).tolist()
-    if sum(t * h * w for t, h, w in grids) != pixel_values.shape[0]:
-        raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw accounts for "
-                         f"{sum(t * h * w for t, h, w in grids)}")
-    images, offset = [], 0
-    for t, h, w in grids:
-        if t != 1 or h % merge_size or w % merge_size:
-            raise ValueError(f"image grid {(t, h, w)} is not a single image with sides divisible by {merge_size}")
-        patches = pixel_values[offset:offset + h * w].to(torch.float64)
-        offset += h * w
-        patches = patches.reshape(h // merge_size, w // merge_size, merge_size, merge_size, channels,
-                                  temporal_patch_size, patch_size, patch_size)[:, :, :, :, :, 0]
-        image = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * patch_size, w * patch_size)
-        levels = (image * std + mean) / rescale_factor
-        rounded = levels.round().clamp(0, 255)
-        worst = float((levels - rounded).abs().max())
-        if worst > 0.05:
-            raise ValueError(f"pixel_values are {worst:.2f} grey levels away from a uint8 image: pass the processor's "
-                             "float32 pixel values unchanged (not cast to bf16/fp16)")
-        images.append(rounded.to(torch.uint8).permute(1, 2, 0).contiguous().numpy())
-    return images
 
 
 def sampled_token_logprobs(token_ids: Sequence[int], logprobs: Sequence) -> torch.Tensor:

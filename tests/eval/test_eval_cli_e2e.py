@@ -144,9 +144,30 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
         VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm"))
     finally:
         (toy_checkpoint / "generation_config.json.away").rename(toy_checkpoint / "generation_config.json")
-    tokenizer = load_processor(toy_checkpoint).tokenizer
+    processor = load_processor(toy_checkpoint)
+    tokenizer = processor.tokenizer
     assert token_id(tokenizer, END_OF_TURN) in recorded["sampling"]["stop_token_ids"]
     assert tokenizer.eos_token_id in recorded["sampling"]["stop_token_ids"]
+    # no video path; pixels normalised on the CPU, as the HF path's processor does
+    assert recorded["llm"]["limit_mm_per_prompt"] == {"image": 8, "video": 0}
+    assert recorded["llm"]["mm_device_do_normalize"] is False
+    # the prompt: the HF path's ids with one pad per image, and the processor's pixels as images (vLLM resized
+    # them with torchvision from the originals, which gives other pixels than the PIL processor's)
+    import torch
+    from PIL import Image
+
+    from megatron_avar.roles import render_conversation
+
+    content = [{"type": "image", "image": Image.new("RGB", (100, 70), (200, 30, 40))}, {"type": "text", "text": "Hi"}]
+    generator = VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm"))
+    prompt = generator._prompt(types.SimpleNamespace(content=content))
+    hf = render_conversation([{"role": "user", "content": content}], processor, add_generation_prompt=True)
+    pad = int(processor.image_token_id)
+    ids = hf.input_ids.tolist()
+    assert prompt["prompt_token_ids"] == [t for i, t in enumerate(ids) if t != pad or ids[i - 1] != pad]
+    (image,) = prompt["multi_modal_data"]["image"]
+    again = processor.image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(again["pixel_values"], hf.pixel_values)
     for temperature in (0.005, 2.5):
         with pytest.raises(ValueError, match=r"the vLLM backend needs generation.temperature in \[0.01, 2.0\]"):
             GenerationConfig(backend="vllm", do_sample=True, temperature=temperature)

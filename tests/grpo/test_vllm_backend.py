@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from megatron_avar import vllm_inputs as vi
 from megatron_avar.grpo import vllm_backend as vb
 from megatron_avar.grpo import vllm_requests as vr
 from megatron_avar.grpo.interfaces import PromptBatch, SamplingParams
@@ -53,17 +54,17 @@ def test_images_rebuilt_from_pixel_values_reprocess_to_the_same_pixels(processor
     image_processor = processor.image_processor
     images = [_random_image(100, 70, 0), _random_image(56, 84, 1), _random_image(230, 150, 2)]
     out = image_processor(images=images, return_tensors="pt")
-    rebuilt = vr.images_from_pixel_values(out["pixel_values"], out["image_grid_thw"], **_image_kwargs(image_processor))
+    rebuilt = vi.images_from_pixel_values(out["pixel_values"], out["image_grid_thw"], **_image_kwargs(image_processor))
     assert [r.shape for r in rebuilt] == [(14 * int(h), 14 * int(w), 3) for _, h, w in out["image_grid_thw"]]
     again = image_processor(images=[Image.fromarray(r) for r in rebuilt], return_tensors="pt")
     assert torch.equal(again["image_grid_thw"], out["image_grid_thw"])  # the size is a fixed point of the resize
     assert torch.equal(again["pixel_values"], out["pixel_values"])  # bit-identical features
     assert np.array_equal(rebuilt[1], np.asarray(images[1]))  # an image already at a 28-multiple size is itself
     with pytest.raises(ValueError, match="grey levels"):  # bf16 pixel values cannot be inverted exactly
-        vr.images_from_pixel_values(out["pixel_values"].bfloat16().float(), out["image_grid_thw"],
+        vi.images_from_pixel_values(out["pixel_values"].bfloat16().float(), out["image_grid_thw"],
                                     **_image_kwargs(image_processor))
     with pytest.raises(ValueError, match="patches"):
-        vr.images_from_pixel_values(out["pixel_values"][:-4], out["image_grid_thw"], **_image_kwargs(image_processor))
+        vi.images_from_pixel_values(out["pixel_values"][:-4], out["image_grid_thw"], **_image_kwargs(image_processor))
 
 
 def _expand_like_vllm(ids, grid_thw, merge_size):
@@ -85,13 +86,13 @@ def test_collapsed_image_pads_expand_back_to_the_trainers_ids(processor):
                                              {"type": "image", "image": _random_image(60, 200, 4)}]}]
     rendered = render_conversation(messages, processor, add_generation_prompt=True)
     merge = processor.image_processor.merge_size
-    collapsed = vr.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw, merge)
+    collapsed = vi.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw, merge)
     assert collapsed.count(IMAGE_PAD) == 2
     assert _expand_like_vllm(collapsed, rendered.image_grid_thw, merge) == rendered.input_ids.tolist()
     text_only = render_conversation([{"role": "user", "content": "hi"}], processor, add_generation_prompt=True)
-    assert vr.collapse_image_pads(text_only.input_ids.tolist(), IMAGE_PAD, None, merge) == text_only.input_ids.tolist()
+    assert vi.collapse_image_pads(text_only.input_ids.tolist(), IMAGE_PAD, None, merge) == text_only.input_ids.tolist()
     with pytest.raises(ValueError, match="do not match image_grid_thw"):
-        vr.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw[:1], merge)
+        vi.collapse_image_pads(rendered.input_ids.tolist(), IMAGE_PAD, rendered.image_grid_thw[:1], merge)
 
 
 def _suppressed_ids(processor):
