@@ -214,11 +214,14 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = None
-    if summary is None or summary.get("stopped_by") is not None:
-        # The run was killed between its last checkpoint and its summary, or (before this version) a stop signal
-        # during the last step was recorded as a stop: say it finished, or Slurm requeues and sweeps resubmit it.
-        summary = {**(summary or {"steps_run": 0, "start_step": start.start_step, "last_step": steps - 1,
-                                  "checkpoints": [str(start.resume_from)], "history": []}), "stopped_by": None}
+    if summary is None or summary.get("stopped_by") is not None or summary.get("last_step") != steps - 1:
+        # The run was killed between its last checkpoint and its summary (the summary, if any, is an earlier
+        # segment's, stopped at an earlier step), or (before this version) a stop signal during the last step was
+        # recorded as a stop: say it finished at its last step, or Slurm requeues and sweeps resubmit it.
+        summary = summary or {"steps_run": 0, "start_step": start.start_step, "checkpoints": [], "history": []}
+        final = [] if start.resume_from is None else [str(start.resume_from)]
+        summary = {**summary, "stopped_by": None, "last_step": steps - 1,
+                   "checkpoints": [c for c in summary.get("checkpoints", []) if c not in final] + final}
         if announce:
             atomic_files.write_json(out / SUMMARY_FILE, summary)
     summary["already_finished"] = True

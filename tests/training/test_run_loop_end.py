@@ -48,9 +48,24 @@ def test_a_rerun_repairs_a_summary_that_records_a_stop_or_is_missing(tmp_path):
     from megatron_avar.training.run_loop import RunStart, finished_run_summary
 
     start = RunStart(resume_from=tmp_path / "checkpoints" / "step_00000002", start_step=3, finished=True)
-    (tmp_path / "summary.json").write_text(json.dumps({"steps_run": 3, "last_step": 2, "stopped_by": "SIGUSR1"}))
+    final = str(start.resume_from)
+    (tmp_path / "summary.json").write_text(json.dumps({"steps_run": 3, "last_step": 2, "stopped_by": "SIGUSR1",
+                                                       "checkpoints": [final]}))
     assert finished_run_summary(tmp_path, start, steps=3, announce=True)["stopped_by"] is None
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"steps_run": 3, "last_step": 2, "stopped_by": None}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"steps_run": 3, "last_step": 2, "stopped_by": None,
+                                                                   "checkpoints": [final]}
     (tmp_path / "summary.json").unlink()
     assert finished_run_summary(tmp_path, start, steps=3, announce=True)["last_step"] == 2
     assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] is None
+    # Found in review: an earlier segment's summary (preempted at step 0), the finishing segment killed before its
+    # own: the repair kept last_step 0, so `avar sweep` resubmitted the point on every invocation
+    early = tmp_path / "checkpoints" / "step_00000000"
+    (tmp_path / "summary.json").write_text(json.dumps({"steps_run": 1, "last_step": 0, "stopped_by": "SIGTERM",
+                                                       "checkpoints": [str(early)]}))
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"steps": 3}}))
+    finished_run_summary(tmp_path, start, steps=3, announce=True)
+    repaired = json.loads((tmp_path / "summary.json").read_text())
+    assert repaired["last_step"] == 2 and repaired["checkpoints"] == [str(early), final]
+    from megatron_avar.sweep.submit import run_finished
+
+    assert run_finished(tmp_path)
