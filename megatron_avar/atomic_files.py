@@ -94,7 +94,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     ``path``'s folder, which is created if missing); on leaving the block without an error it replaces ``path``
     durably (module docstring). On an error, or KeyboardInterrupt, ``path`` is untouched and ``temporary`` gone."""
     path = Path(os.path.realpath(path))  # through symlinks, as open() writes
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(path.parent)
     temporary = _create_temporary(path)
     try:
         if path.exists():
@@ -106,6 +106,19 @@ def replacing(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+    for folder in made:  # each new folder's entry in its parent, deepest first: else a crash may lose the folder
+        fsync_directory(folder.parent)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and the folders above it that are missing; returns those it made, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+    return missing
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -109,3 +109,15 @@ def test_leftovers_of_killed_writes_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".other.json.1.a.tmp").write_text("{")
     atomic_files.remove_leftovers(tmp_path / "manifest.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.json.1.a.tmp", "manifest.json"]
+
+
+def test_folders_a_write_makes_are_flushed_into_their_parents(tmp_path, monkeypatch):
+    """Found in review: a write into a folder it had to make flushed the folder's content, not the folder's own
+    entry in its parent: after a power loss the new folder, and the file in it, could be gone."""
+    synced = []
+    monkeypatch.setattr(atomic_files, "fsync_directory", synced.append)
+    atomic_files.write_text(tmp_path / "a" / "b" / "summary.json", "{}")
+    assert synced == [tmp_path / "a" / "b", tmp_path / "a", tmp_path]  # the rename, then b in a, then a
+    synced.clear()
+    atomic_files.write_text(tmp_path / "a" / "b" / "summary.json", "{}")
+    assert synced == [tmp_path / "a" / "b"]  # nothing made: the rename only
