@@ -79,16 +79,25 @@ def vet_dist_checkpoint(path: Path) -> None:
     """Refuse (ValueError naming the file) a megatron dist checkpoint whose pickled parts name anything but
     plain data, before megatron unpickles them without restriction (module docstring). Reads only metadata,
     the small byte items and ``common.pt``, not the tensors."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
 
     metadata_file = path / ".metadata"
     if not metadata_file.is_file():
         raise ValueError(f"{path} has no .metadata: it is not a complete megatron torch_dist checkpoint")
+    # rank-local metadata, which torch.distributed.checkpoint falls back to reading (plain pickle) when .metadata
+    # cannot be used: megatron never writes one, so none is read unvetted
+    rank_local = sorted(p.name for p in path.glob("__*.metadata"))
+    if rank_local:
+        raise ValueError(f"{path} holds {rank_local}, rank-local metadata megatron never writes (torch would unpickle "
+                         "it unchecked): it was not written by avar; delete those files or resume from a checkpoint "
+                         "you trust")
     try:
         with metadata_file.open("rb") as stream:
             metadata = _MetadataUnpickler(stream).load()
         byte_items = [(index, info) for index, info in metadata.storage_data.items()
                       if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)]
+        if not isinstance(getattr(metadata, "storage_meta", None), (StorageMeta, type(None))):
+            raise ValueError(f"storage_meta is a {type(metadata.storage_meta).__name__}, not StorageMeta")
     except Exception as error:  # noqa: BLE001 — UnpicklingError, AttributeError of a foreign object, ...
         raise _refused(metadata_file, error) from None
     _check_file_sizes(path, metadata.storage_data)

@@ -265,6 +265,18 @@ def test_megatrons_pickled_parts_are_vetted_before_megatron_reads_them(base_run,
         vet_dist_checkpoint(step)
     (step / ".metadata").write_bytes(original)
 
+    # found in review: a .metadata whose storage_meta is not one (torch's reader then fails, and its fallback reads
+    # rank-local __<rank>.metadata with plain pickle), and such a rank-local file itself
+    metadata.storage_meta = torch.Size([])
+    _plant(step / ".metadata", metadata, plain_pickle=True)
+    with pytest.raises(ValueError, match=r"\.metadata is refused .*storage_meta is a Size"):
+        vet_dist_checkpoint(step)
+    (step / ".metadata").write_bytes(original)
+    _plant(step / "__0.metadata", {"metadata": _Payload(marker)}, plain_pickle=True)
+    with pytest.raises(ValueError, match=r"holds \['__0\.metadata'\], rank-local metadata megatron never writes"):
+        vet_dist_checkpoint(step)
+    (step / "__0.metadata").unlink()
+
     # common.pt (torch.load with torch's default)
     _plant(step / "common.pt", {"optimizer": _Payload(marker)})
     with pytest.raises(ValueError, match=r"common\.pt is refused"):
