@@ -350,12 +350,12 @@ def run_grpo(config: GRPOConfig) -> dict:
         return metrics
 
     try:
-        outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
-                            data=prompts, layout=layout, logger=logger, preemption=preemption,
-                            log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
-                            schedule=schedule)
+        with logger:
+            outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
+                                data=prompts, layout=layout, logger=logger, preemption=preemption,
+                                log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
+                                schedule=schedule)
     finally:
-        logger.close()
         backend.close()
     history = outcome.history
     summary = {"steps_run": len(history), "start_step": start_step,

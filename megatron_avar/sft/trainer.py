@@ -302,13 +302,11 @@ def run_sft(config: SFTConfig) -> dict:
                         "data/epoch": float(step_batch.epoch)})
         return metrics
 
-    try:
+    with logger:
         outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
                             data=data, layout=layout, logger=logger, preemption=preemption,
                             log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
                             history_filter=lambda name: "/layer_" not in name, schedule=schedule)
-    finally:
-        logger.close()
     history = outcome.history
     summary = {"steps_run": len(history), "start_step": start_step,
                "last_step": history[-1]["step"] if history else None,

@@ -148,10 +148,17 @@ class MetricsLogger:
         shown = " | ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/layer_" not in k)
         print(f"step {step + 1}/{self.total_steps} | {shown} | eta {eta}", flush=True)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Close every sink; ``failed``: the run ends on an error (W&B marks it failed, not finished)."""
         if self.enabled:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=1 if failed else 0)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close(failed=error_type is not None)

@@ -51,3 +51,25 @@ def test_the_eta_is_the_time_per_step_since_the_first_logged_one_times_the_steps
     logger.close()
     lines = capsys.readouterr().out.splitlines()
     assert [line.rsplit("eta ", 1)[1] for line in lines] == ["-", "8m19s", "8m18s"]  # 0.5 s x 998, x 997
+
+
+def test_a_run_ending_on_an_error_is_marked_failed_in_wandb(tmp_path, monkeypatch):
+    """Found in review: the logger's close() called wandb.finish() without an exit code, so a crashed run showed
+    as finished in W&B."""
+    import contextlib
+    import sys
+    import types
+
+    import pytest
+
+    finished = []
+    run = types.SimpleNamespace(log=lambda metrics, step: None, finish=lambda exit_code: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: run))
+    for fails in (False, True):
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            with MetricsLogger(tmp_path, total_steps=2, enabled=True, tensorboard=False, wandb_project="p",
+                               run_config={}) as logger:
+                logger.log(0, {"loss/lm": 1.0})
+                if fails:
+                    raise RuntimeError("step 1 is not finite")
+    assert finished == [0, 1]
