@@ -116,8 +116,11 @@ class HFGenerator:
             from megatron_avar.models.layer_sets import parse_layers
 
             layers = parse_layers(config.intervene_layers, self.model.config.get_text_config().num_hidden_layers)
-            self.intervention = InterventionSpec(alpha_img=config.alpha_img, alpha_sys=config.alpha_sys,
-                                                 mode=config.intervene_mode, layers=layers)
+            spec = InterventionSpec(alpha_img=config.alpha_img, alpha_sys=config.alpha_sys,
+                                    mode=config.intervene_mode, layers=layers)
+            # α = 0 edits nothing: Hugging Face's own generation, not the hook's kernels (whose bf16 rounding on a
+            # GPU differs from HF's attention and could flip a greedy token against a plain `avar eval` baseline)
+            self.intervention = None if spec.is_identity else spec
 
     def _batch(self, samples) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Left-padded input_ids / attention_mask / mm_token_type_ids [B, S] and concatenated images, and the

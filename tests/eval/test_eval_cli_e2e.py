@@ -77,7 +77,9 @@ def test_intervention_during_evaluation(toy_checkpoint, eval_data_root):
     samples = list(get_benchmark("mmmu").samples(eval_data_root))[:3]
     plain = HFGenerator(str(toy_checkpoint), GenerationConfig(max_new_tokens=6, batch_size=3)).generate(samples)
     identity = GenerationConfig(max_new_tokens=6, batch_size=3, intervene=True, alpha_img=0.0, alpha_sys=0.0)
-    assert HFGenerator(str(toy_checkpoint), identity).generate(samples) == plain
+    unedited = HFGenerator(str(toy_checkpoint), identity)
+    assert unedited.intervention is None  # HF's own attention, as a plain run's (not the hook's kernels)
+    assert unedited.generate(samples) == plain
     strong = GenerationConfig(max_new_tokens=6, batch_size=3, intervene=True, alpha_img=3.0, alpha_sys=0.9,
                               intervene_layers="all")
     assert HFGenerator(str(toy_checkpoint), strong).generate(samples) != plain
