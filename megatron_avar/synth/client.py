@@ -284,8 +284,7 @@ class ChatClient:
                     raise TeacherConfigError(
                         f"{self.stage} teacher {self.teacher.model!r}: nothing answers at {self._url} ({reason}, "
                         f"{attempt + 1} attempt{'s' * (attempt > 0)}, no request of this run answered); start the "
-                        f"server, or fix "
-                        f"{self.config_key}.base_url") from None
+                        f"server, or fix {self.config_key}.base_url") from None
                 reason = f"gave up after {attempt + 1} attempts (last: {reason})"
                 raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
             delay = min(self.client.backoff_max_s, self.client.backoff_initial_s * 2 ** attempt)

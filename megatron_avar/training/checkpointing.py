@@ -374,9 +374,10 @@ def _write_failure(error: BaseException, *, root: Path, final: Path, partial: Pa
                "then rerun the same command: it resumes from the latest checkpoint")
         what = os.strerror(cause.errno)
     else:
-        detail = str(cause or error).strip().splitlines()
-        what = f"{type(cause or error).__name__}: " * (not isinstance(cause or error, _PeerWriteFailure)) + (
-            detail[0] if detail else "")
+        failure = cause or error
+        detail = str(failure).strip().splitlines()
+        named = "" if isinstance(failure, _PeerWriteFailure) else f"{type(failure).__name__}: "  # it names its own
+        what = named + (detail[0] if detail else "")
         fix = f"check the file system of {root}, then rerun the same command: it resumes from the latest checkpoint"
     return CheckpointWriteError(f"writing checkpoint {final.name} failed ({what}). Nothing of it was published "
                                 f"(the partial folder {partial.name} is removed) and {kept}; {fix}")
