@@ -28,7 +28,7 @@ from typing import cast
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files, platform
+from megatron_avar import platform
 from megatron_avar.grpo.advantages import group_advantages
 from megatron_avar.grpo.backends import build_backend, model_parallel_source
 from megatron_avar.grpo.config import RESUME_FIXED, GRPOConfig
@@ -36,7 +36,7 @@ from megatron_avar.grpo.interfaces import GenerationBackend, Policy, Rollout, Sa
 from megatron_avar.grpo.rewards import RewardParts
 from megatron_avar.grpo.rollout_metrics import reduce_rollout_stats, rollout_stats
 from megatron_avar.processor import check_processor_fits_model
-from megatron_avar.training.run_loop import SUMMARY_FILE, check_run_inputs
+from megatron_avar.training.run_loop import check_run_inputs
 
 __all__ = ["run_grpo", "RolloutEngineError"]
 
@@ -351,19 +351,12 @@ def run_grpo(config: GRPOConfig) -> dict:
 
     try:
         with logger:
-            outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
+            summary = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
                                 data=prompts, layout=layout, logger=logger, preemption=preemption,
                                 log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
-                                schedule=schedule)
+                                schedule=schedule, summary_fields=lambda: {"prompts": prompts.summary()})
     finally:
         backend.close()
-    history = outcome.history
-    summary = {"steps_run": len(history), "start_step": start_step,
-               "last_step": history[-1]["step"] if history else None, "stopped_by": outcome.stopped_by,
-               "checkpoints": outcome.checkpoints, "history": history, "layout": dataclasses.asdict(layout),
-               "prompts": prompts.summary()}
-    if layout.is_logging_rank:
-        atomic_files.write_json(out / SUMMARY_FILE, summary)
     parallel_state.destroy_model_parallel()
     end_run(out)
     return summary

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files, console, platform
+from megatron_avar import console, platform
 from megatron_avar.models.context_parallel import local_positions
 from megatron_avar.processor import check_processor_fits_model
 from megatron_avar.roles import TokenRole, labelled_positions
 from megatron_avar.segments import attention_sink_mask
 from megatron_avar.sft.config import RESUME_FIXED, SFTConfig
 from megatron_avar.training.objective import LAYER_METRICS, AGTOSink, QuerySets
-from megatron_avar.training.run_loop import SUMMARY_FILE, check_run_inputs
+from megatron_avar.training.run_loop import check_run_inputs
 
 if TYPE_CHECKING:  # built lazily (build_run): importing this module loads no megatron
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -303,17 +303,11 @@ def run_sft(config: SFTConfig) -> dict:
         return metrics
 
     with logger:
-        outcome = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
+        summary = run_steps(step_fn, start_step=start_step, steps=config.train.steps, run_dir=out, model=model,
                             data=data, layout=layout, logger=logger, preemption=preemption,
                             log_interval=config.log.interval, checkpoint=config.checkpoint, describe=describe,
-                            history_filter=lambda name: "/layer_" not in name, schedule=schedule)
-    history = outcome.history
-    summary = {"steps_run": len(history), "start_step": start_step,
-               "last_step": history[-1]["step"] if history else None,
-               "stopped_by": outcome.stopped_by, "checkpoints": outcome.checkpoints, "history": history,
-               "layout": dataclasses.asdict(layout), "packing_efficiency": data.packing_efficiency()}
-    if layout.is_logging_rank:
-        atomic_files.write_json(out / SUMMARY_FILE, summary)
+                            history_filter=lambda name: "/layer_" not in name, schedule=schedule,
+                            summary_fields=lambda: {"packing_efficiency": data.packing_efficiency()})
     parallel_state.destroy_model_parallel()
     end_run(out)
     return summary

@@ -87,13 +87,15 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
 
 
 def run_finished(run_dir: Path) -> bool:
-    """True when the run's summary.json says it trained through its last configured step without a stop signal."""
+    """True when the run's summary.json says it trained through its last configured step without a stop signal
+    or a failure."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         steps = json.loads((run_dir / "config.json").read_text())["train"]["steps"]
     except (OSError, ValueError, KeyError):
         return False
-    return summary.get("stopped_by") is None and summary.get("last_step") == steps - 1
+    return (summary.get("stopped_by") is None and not summary.get("failed")
+            and summary.get("last_step") == steps - 1)
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -39,7 +39,7 @@ from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
 from megatron_avar.synth.client import TeacherConfigError, chat_url
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.progress import ProgressMonitor, clear_progress, read_progress
+from megatron_avar.synth.progress import ProgressMonitor, clear_progress, progress_dir, read_progress
 from megatron_avar.synth.writer import merge_counts
 from megatron_avar.training.run_lock import LOCK_FILE, holding_run_lock
 
@@ -64,7 +64,7 @@ def prepare_output(config: SynthConfig) -> None:
     """Apply the resume/overwrite rules (module docstring) and clear this run's progress files; under the run's
     locks (run_synthesis, which has refused an output.dir that is a file)."""
     out = Path(config.output.dir)
-    progress = config.work_dir / "progress"
+    progress = progress_dir(config.work_dir)
     clear_progress(progress, check_only=True)  # a folder of the user's named as run.work_dir: refused before any change
     if out.is_dir():
         # a kill while the manifest was being written leaves its temporary file: ours, and never a result
@@ -266,7 +266,7 @@ def run_synthesis(config: SynthConfig) -> dict:
         stages = build_stages(config)
         started = time.time()
         teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
-        with ProgressMonitor(config.work_dir / "progress", config.run.progress_interval_s, teacher_stages), \
+        with ProgressMonitor(progress_dir(config.work_dir), config.run.progress_interval_s, teacher_stages), \
                 _naming_the_replaced_run(out):
             if config.run.executor == "local":
                 results = run_local(stages)
@@ -298,7 +298,7 @@ def build_manifest(config: SynthConfig, results: list, elapsed_s: float) -> dict
     for source in sources.values():
         for reason, count in source["dropped"].items():
             filters[reason] = filters.get(reason, 0) + count
-    progress = read_progress(config.work_dir / "progress")
+    progress = read_progress(progress_dir(config.work_dir))
     teachers = {stage: totals["client"] for stage, totals in progress.items() if totals["client"]}
     return {
         "read": sum(s["read"] for s in sources.values()),

@@ -26,6 +26,11 @@ STAGE_ORDER = ("read", "describe", "reason", "anchor", "verify", "write")
 COUNTERS = ("tasks", "records_in", "records_out", "dropped")
 
 
+def progress_dir(work_dir: str | os.PathLike) -> Path:
+    """Where a run's stage workers write their counter files: ``<work_dir>/progress``."""
+    return Path(work_dir) / "progress"
+
+
 class StageProgress:
     """Counters of one stage worker, flushed to its own file."""
 

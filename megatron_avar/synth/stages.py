@@ -21,7 +21,7 @@ from nemo_curator.tasks import DocumentBatch, EmptyTask
 from megatron_avar.synth import teachers
 from megatron_avar.synth.client import ChatClient, RequestCache
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.progress import StageProgress
+from megatron_avar.synth.progress import StageProgress, progress_dir
 from megatron_avar.synth.records import read_sources, rows_to_table, table_to_rows
 from megatron_avar.synth.writer import write_rows
 
@@ -30,7 +30,7 @@ DATASET_NAME = "avar_synth"
 
 def work_paths(config: SynthConfig) -> dict[str, Path]:
     work = config.work_dir.resolve()
-    return {"cache": work / "cache", "images": work / "images", "progress": work / "progress"}
+    return {"cache": work / "cache", "images": work / "images", "progress": progress_dir(work)}
 
 
 class _RowStage(ProcessingStage[DocumentBatch, DocumentBatch]):

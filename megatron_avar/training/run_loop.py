@@ -17,6 +17,7 @@ a resumed run trains with the schedule it was started with; metrics.jsonl holds 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -203,7 +204,8 @@ def end_run(out: str | Path) -> None:
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
     """What a rerun of a finished run returns: the run's summary.json as it is. It writes nothing, except to
-    repair a summary.json that is missing or records a stop (``announce``: the logging rank writes)."""
+    repair a summary.json that is missing or records a stop or a failure (``announce``: the logging rank
+    writes)."""
     out = Path(out)
     if announce:
         checkpoint = "none" if start.resume_from is None else start.resume_from.name
@@ -214,13 +216,14 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = None
-    if summary is None or summary.get("stopped_by") is not None or summary.get("last_step") != steps - 1:
+    if (summary is None or summary.get("stopped_by") is not None or summary.get("failed")
+            or summary.get("last_step") != steps - 1):
         # The run was killed between its last checkpoint and its summary (the summary, if any, is an earlier
         # segment's, stopped at an earlier step), or (before this version) a stop signal during the last step was
         # recorded as a stop: say it finished at its last step, or Slurm requeues and sweeps resubmit it.
         summary = summary or {"steps_run": 0, "start_step": start.start_step, "checkpoints": [], "history": []}
         final = [] if start.resume_from is None else [str(start.resume_from)]
-        summary = {**summary, "stopped_by": None, "last_step": steps - 1,
+        summary = {**summary, "stopped_by": None, "failed": None, "last_step": steps - 1,
                    "checkpoints": [c for c in summary.get("checkpoints", []) if c not in final] + final}
         if announce:
             atomic_files.write_json(out / SUMMARY_FILE, summary)
@@ -295,17 +298,56 @@ def hf_export_describer(hf_path: str | Path, *, tokenizer, layout, dtype: torch.
 
 def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, steps: int, run_dir: str | Path,
               model, data, layout, logger, preemption, log_interval: int, checkpoint, describe,
-              history_filter: Callable[[str], bool] = lambda name: True, schedule: dict | None = None) -> LoopOutcome:
-    """Steps ``start_step .. steps - 1`` (collective over all ranks; module docstring). ``checkpoint``: the
-    trainer's CheckpointConfig (interval, keep); ``history_filter(name)``: which metrics the history keeps (all
-    are logged); ``schedule``: the :func:`schedule_record` saved in every checkpoint. A NonFiniteUpdateError of
-    ``step_fn`` stops the loop before that step is logged or saved; its message then names the checkpoint
-    that stays ``latest``."""
+              history_filter: Callable[[str], bool] = lambda name: True, schedule: dict | None = None,
+              summary_fields: Callable[[], dict] = dict) -> dict:
+    """Steps ``start_step .. steps - 1`` (collective over all ranks; module docstring), then the run summary,
+    written to <run_dir>/summary.json by the logging rank and returned. ``checkpoint``: the trainer's
+    CheckpointConfig (interval, keep); ``history_filter(name)``: which metrics the history keeps (all are
+    logged); ``schedule``: the :func:`schedule_record` saved in every checkpoint; ``summary_fields()``: the
+    trainer's own summary entries. A NonFiniteUpdateError of ``step_fn`` stops the loop before that step is
+    logged or saved; its message then names the checkpoint that stays ``latest``.
+
+    A run that fails (an exception, on this rank or agreed from another) writes its summary too, with
+    ``failed`` naming the error, before the error goes on: the summary.json of an earlier segment never stands
+    for a run that failed after it."""
+    outcome = LoopOutcome(history=[], checkpoints=[], stopped_by=None)
+    try:
+        _run_steps(outcome, step_fn, start_step=start_step, steps=steps, run_dir=run_dir, model=model, data=data,
+                   layout=layout, logger=logger, preemption=preemption, log_interval=log_interval,
+                   checkpoint=checkpoint, describe=describe, history_filter=history_filter, schedule=schedule)
+    except BaseException as error:
+        if layout.is_logging_rank:
+            # best effort: the error itself is what the user must see, not a second one from writing this
+            with contextlib.suppress(Exception):
+                failed = f"{type(error).__name__}: {error}".rstrip(": ")
+                _write_summary(run_dir, outcome, start_step=start_step, layout=layout, failed=failed,
+                               fields=summary_fields())
+        raise
+    return _write_summary(run_dir, outcome, start_step=start_step, layout=layout, failed=None,
+                          fields=summary_fields())
+
+
+def _write_summary(run_dir: str | Path, outcome: LoopOutcome, *, start_step: int, layout, failed: str | None,
+                   fields: dict) -> dict:
+    """The run summary (what README's run-directory section lists); written by the logging rank."""
+    history = outcome.history
+    summary = {"steps_run": len(history), "start_step": start_step,
+               "last_step": history[-1]["step"] if history else None, "stopped_by": outcome.stopped_by,
+               "failed": failed, "checkpoints": outcome.checkpoints, "history": history,
+               "layout": dataclasses.asdict(layout), **fields}
+    if layout.is_logging_rank:
+        atomic_files.write_json(Path(run_dir) / SUMMARY_FILE, summary)
+    return summary
+
+
+def _run_steps(outcome: LoopOutcome, step_fn: Callable[[int], dict[str, float]], *, start_step: int, steps: int,
+               run_dir: str | Path, model, data, layout, logger, preemption, log_interval: int, checkpoint,
+               describe, history_filter: Callable[[str], bool], schedule: dict | None) -> None:
+    """:func:`run_steps`' loop; fills ``outcome`` as the steps run."""
     from megatron_avar import platform
     from megatron_avar.training import checkpointing
     from megatron_avar.training.metrics import peak_memory_gb
 
-    outcome = LoopOutcome(history=[], checkpoints=[], stopped_by=None)
     for step in range(start_step, steps):
         platform.reset_peak_memory()  # perf/peak_memory_gb is the step's (GPU), not the build's or the load's
         try:
@@ -335,4 +377,3 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
                 print(f"stopping after step {step + 1}: {outcome.stopped_by}; checkpoint {outcome.checkpoints[-1]}",
                       flush=True)
             break
-    return outcome

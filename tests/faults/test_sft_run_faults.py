@@ -68,6 +68,9 @@ def test_a_nonfinite_update_is_never_saved_and_the_last_good_checkpoint_stays_la
     assert (checkpoints / "latest").read_text().strip() == "step_00000000"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000000"]  # no step 1, no partial
     assert _steps(run) == [0]  # the NaN step is not logged; step 1 of the earlier session was trimmed on resume
+    failed = json.loads((run / "summary.json").read_text())  # not the earlier session's, stopped after step 0
+    assert failed["failed"].startswith("NonFiniteUpdateError: step 1: the update is not finite (")
+    assert (failed["last_step"], failed["stopped_by"], failed["steps_run"]) == (None, None, 0)
 
 
 def _step_with_a_poisoned_output_norm(overrides) -> str:
@@ -315,3 +318,4 @@ def test_rows_failing_to_render_on_one_rank_stop_both_ranks_naming_the_cause(sft
     assert "avar sft: error: step 0: rendering this step's rows failed on rank 1 (its error: ValueError: " in output_0
     assert "Input/output error" in output_0 and "Traceback" not in output_0
     assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
+    assert "rendering this step's rows failed on rank 1" in json.loads((run / "summary.json").read_text())["failed"]
