@@ -174,6 +174,40 @@ def check_run_inputs(config) -> None:
     if not (Path(hf_path) / "config.json").is_file():
         raise ValueError(f"model.hf_path={hf_path}: no config.json there; give a Hugging Face Qwen2.5-VL "
                          "checkpoint folder")
+    _check_out_is_a_run_of(config)
+
+
+def _check_out_is_a_run_of(config) -> None:
+    """Refuse an ``out`` that is not this command's run directory: an empty path (the working directory), the
+    model folder or any folder whose config.json is not a run config (the run would replace it), or a run of the
+    other trainer (``avar grpo`` in an SFT run's folder took it for a finished GRPO run). A run directory holds
+    its run config in config.json from before its first checkpoint, so that file tells what the folder is."""
+    import dataclasses
+
+    out = str(config.out)
+    if not out.strip():
+        raise ValueError("out is empty: give the run directory (out=runs/NAME)")
+    if Path(out).resolve() == Path(config.model.hf_path).resolve():
+        raise ValueError(f"out={out} is model.hf_path: the run would write its config.json over the model's; "
+                         "choose another out")
+    found = Path(out) / "config.json"
+    if not found.is_file():
+        return
+    try:
+        saved = json.loads(found.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"out={out} holds a config.json that is not readable as a run config ({error}); a run "
+                         "would replace it: choose another out, or remove that file if it is a run's") from None
+    own = [field.name for field in dataclasses.fields(config)]
+    if not isinstance(saved, dict) or not {"out", "train", "checkpoint"} <= saved.keys():
+        what = (f"a Hugging Face model's (model_type {saved['model_type']!r})"
+                if isinstance(saved, dict) and "model_type" in saved else "not a run config")
+        raise ValueError(f"out={out} holds a config.json that is {what}; a run would write over it: choose "
+                         "another out")
+    others = sorted(saved.keys() - set(own))
+    if others:
+        raise ValueError(f"out={out} holds a run of another command (its config.json has sections "
+                         f"{', '.join(others)}, which this command's has not): choose another out")
 
 
 def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStart, dict]:
@@ -185,7 +219,45 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
     acquire_run_lock(config.out, is_logging_rank=layout.is_logging_rank)
     schedule = schedule_record(config, fixed_fields)
     start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps, layout=layout)
+    if start.resume_from is not None and not start.finished:
+        _check_same_model(start.resume_from, config.model.hf_path)
     return start, schedule
+
+
+def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
+    """Refuse a resume with another model than the checkpoint's (its copy of the HF config it was trained from):
+    megatron would fail deep in its load with a shape mismatch, and another parameter count reads as other
+    gradient buckets. Checkpoints without the copy pass (their load still checks every shape)."""
+    import dataclasses
+
+    from megatron_avar.convert.checkpoint import HF_SIDE_DIR
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+
+    saved_config = checkpoint / HF_SIDE_DIR / "config.json"
+    if not saved_config.is_file():
+        return
+    try:
+        theirs = Qwen25VLConfig.from_hf(saved_config)
+    except ValueError as error:
+        raise ValueError(f"{saved_config} (the model the checkpoint was trained from) is unreadable: {error}; "
+                         "resume from a checkpoint of this run, or start over (checkpoint.resume=false "
+                         "checkpoint.overwrite=true)") from None
+    ours = Qwen25VLConfig.from_hf(hf_path)
+    if theirs == ours:
+        return
+
+    def fields(config) -> dict:
+        flat = {}
+        for name, value in dataclasses.asdict(config).items():
+            flat.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+        return flat
+
+    saved_fields, our_fields = fields(theirs), fields(ours)
+    differ = "; ".join(f"{name}: {saved_fields[name]} in the checkpoint, {value} in model.hf_path"
+                       for name, value in our_fields.items() if saved_fields.get(name) != value)
+    raise ValueError(f"{checkpoint} was trained from another model than model.hf_path={hf_path} ({differ}). A run "
+                     "resumes with the model it started from: set model.hf_path to it, or start a new run "
+                     "(another out, or checkpoint.resume=false checkpoint.overwrite=true)")
 
 
 def enter_run_dir(config, start: RunStart, *, layout) -> None:

@@ -2,6 +2,9 @@
 syntax and a missing model folder give one line naming the field, the value, what is expected and (for YAML) the
 file and line; through `avar sft` that line and exit code 2, never a traceback. No training runs here."""
 
+import json
+import re
+
 import pytest
 
 from megatron_avar.cli import main
@@ -188,3 +191,44 @@ def test_wandb_without_wandb_installed_is_refused_before_the_run_starts(tmp_path
         with pytest.raises(ValueError, match="log.wandb_project is set but wandb is not installed: pip install"):
             run(config)
     assert (tmp_path / "earlier" / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_an_out_that_is_not_this_commands_run_directory_is_refused_before_anything_is_written(tmp_path, command):
+    """Found in review: out=model.hf_path replaced the model's config.json with the run config; `avar grpo` in an
+    SFT run's folder reported a finished GRPO run; out="" wrote the run into the working directory."""
+    from megatron_avar.config import load_config
+
+    if command == "sft":
+        from megatron_avar.sft.config import SFTConfig as Config
+        from megatron_avar.sft.trainer import run_sft as run
+        other = {"out": "o", "model": {}, "data": {}, "train": {}, "checkpoint": {}, "rollout": {}, "reward": {}}
+    else:
+        from megatron_avar.grpo.config import GRPOConfig as Config
+        from megatron_avar.grpo.trainer import run_grpo as run
+        other = {"out": "o", "model": {}, "data": {}, "train": {}, "checkpoint": {}, "avar": {}}
+    model = tmp_path / "model"
+    model.mkdir()
+    model_config = '{"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}'
+    (model / "config.json").write_text(model_config)
+    other_run, not_json = tmp_path / "other_run", tmp_path / "not_json"
+    for folder, text in ((other_run, json.dumps(other)), (not_json, "{not json")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    cases = [('""', "out is empty: give the run directory"),
+             (str(model), f"out={model} is model.hf_path: the run would write its config.json over the model's"),
+             (str(other_run), f"out={other_run} holds a run of another command (its config.json has sections "
+                              f"{'avar' if command == 'grpo' else 'reward, rollout'}"),
+             (str(not_json), f"out={not_json} holds a config.json that is not readable as a run config")]
+    copy = tmp_path / "model_copy"
+    copy.mkdir()
+    (copy / "config.json").write_text(model_config)
+    cases.append((str(copy), f"out={copy} holds a config.json that is a Hugging Face model's (model_type "
+                             "'qwen2_5_vl')"))
+    for out, message in cases:
+        config = load_config(Config, None, [f"out={out}", f"model.hf_path={model}", f"data.path={tmp_path}"])
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run(config)
+    assert (model / "config.json").read_text() == model_config and sorted(p.name for p in model.iterdir()) == [
+        "config.json"]
+    assert json.loads((other_run / "config.json").read_text()) == other and len(list(other_run.iterdir())) == 1

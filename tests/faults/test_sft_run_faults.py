@@ -191,6 +191,22 @@ def test_a_resume_that_changes_the_schedule_is_refused_by_name(base_run, sft_inp
     assert (run / "config.json").read_bytes() == config_before  # the config on disk still describes the run
 
 
+def test_a_resume_with_another_model_is_refused_by_name(base_run, sft_inputs, tmp_path):
+    """Found in review: a model with another layer count read as other gradient buckets (the error advised the
+    bucket settings the run already had), and without the distributed optimizer megatron's load failed with a
+    traceback of a shape mismatch."""
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
+    run = _copy_run(base_run, tmp_path / "run", latest_step=0)
+    config_before = (run / "config.json").read_bytes()
+    deeper = write_toy_checkpoint(tmp_path / "deeper", ToyModelConfig(num_layers=3))
+    done = _sft(run, {**sft_inputs, "hf_path": str(deeper)})
+    assert done.returncode == 2 and "Traceback" not in _output(done), _output(done)[-3000:]
+    assert (f"avar sft: error: {run / 'checkpoints' / 'step_00000000'} was trained from another model than "
+            f"model.hf_path={deeper} (text.num_layers: 2 in the checkpoint, 3 in model.hf_path)") in done.stderr
+    assert (run / "config.json").read_bytes() == config_before
+
+
 # -- 5. planted pickles ---------------------------------------------------------------------------------------
 class _Payload:
     """Unpickling this runs `touch <marker>`."""

@@ -75,6 +75,14 @@ def test_unsupported_configs_are_refused(path, value, message):
         Qwen25VLConfig.from_hf(_with(QWEN2_5_VL_7B, path, value))
 
 
+def test_a_config_without_model_type_is_refused():
+    """Found in review: `{}` (or any config.json without model_type) read as transformers' Qwen2.5-VL defaults,
+    and the error that followed blamed the defaults' vision width."""
+    raw = {k: v for k, v in QWEN2_5_VL_7B.items() if k != "model_type"}
+    with pytest.raises(ValueError, match="model_type=None: only 'qwen2_5_vl' is supported"):
+        Qwen25VLConfig.from_hf(raw)
+
+
 def test_tensor_parallel_sizes_that_do_not_split_are_refused():
     config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
     build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=4))

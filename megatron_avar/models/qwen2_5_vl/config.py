@@ -169,8 +169,9 @@ class Qwen25VLConfig:
                 raise ValueError(f"{path} is not a JSON config ({error}): give the model folder or its "
                                  "config.json") from None
         if isinstance(source, Mapping):
-            if source.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
-                raise ValueError(f"model_type={source['model_type']!r}: only 'qwen2_5_vl' is supported")
+            if source.get("model_type") != "qwen2_5_vl":  # (missing: transformers would fill in its defaults)
+                raise ValueError(f"model_type={source.get('model_type')!r}: only 'qwen2_5_vl' is supported (a "
+                                 "Hugging Face Qwen2.5-VL config.json names it)")
             source = Qwen2_5_VLConfig(**source)
         if not isinstance(source, Qwen2_5_VLConfig):
             raise TypeError(f"expected a path, dict or transformers.Qwen2_5_VLConfig, got {type(source).__name__}")
