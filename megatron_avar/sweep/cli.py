@@ -42,6 +42,11 @@ def _run(args) -> int:
         return 0 if rows else 1
     if args.config is None:
         raise ValueError("--config FILE is required (or `avar sweep collect --out DIR`)")
+    if not args.poll_seconds >= 1:  # (0 asked squeue hundreds of times a second)
+        raise ValueError(f"--poll-seconds {args.poll_seconds:g}: give at least 1 (seconds between squeue calls)")
+    if args.timeout_seconds is not None and not args.timeout_seconds > 0:
+        raise ValueError(f"--timeout-seconds {args.timeout_seconds:g}: give a positive number of seconds, or leave "
+                         "it out to wait until the jobs end")
     config = load_config(SweepConfig, args.config, args.args)
     points = _checked_points(config)
     from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit, plan_points

@@ -27,7 +27,7 @@ from typing import Any
 
 from megatron_avar import atomic_files
 from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
-from megatron_avar.sweep.submit import SlurmUnavailable, job_states, load_state, run_finished
+from megatron_avar.sweep.submit import SlurmUnavailable, job_states, load_state, read_sweep_file, run_finished
 
 __all__ = ["collect", "COLUMNS"]
 
@@ -91,7 +91,7 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
     sweep_file = out / "sweep.json"
     if not sweep_file.is_file():
         raise ValueError(f"{out} has no sweep.json: not a sweep directory (run `avar sweep --config ...` first)")
-    sweep = json.loads(sweep_file.read_text())
+    sweep = read_sweep_file(sweep_file, "config", "points")
     settings, points = sweep["config"], sweep["points"]
     jobs = load_state(out)
     last = {p["name"]: jobs[p["name"]][-1] for p in points if jobs.get(p["name"])}

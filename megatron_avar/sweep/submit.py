@@ -24,8 +24,8 @@ from megatron_avar import atomic_files
 from megatron_avar.sweep.config import SweepConfig
 from megatron_avar.sweep.grid import Point
 
-__all__ = ["submit_points", "wait_for_jobs", "job_states", "run_finished", "load_state", "ACTIVE_STATES",
-           "SlurmUnavailable"]
+__all__ = ["submit_points", "wait_for_jobs", "job_states", "run_finished", "load_state", "read_sweep_file",
+           "ACTIVE_STATES", "SlurmUnavailable"]
 
 # squeue states of a job that may still run.
 ACTIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -50,8 +50,30 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def load_state(out: Path) -> dict[str, list[str]]:
+    """The job ids submitted per point (``<out>/state.json``; empty before the first submission)."""
     path = out / "state.json"
-    return json.loads(path.read_text())["jobs"] if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    jobs = read_sweep_file(path, "jobs")["jobs"]
+    if not isinstance(jobs, dict) or not all(isinstance(ids, list) for ids in jobs.values()):
+        raise ValueError(f"{path} is not a sweep's job record ({{\"jobs\": {{point: [job ids]}}}}): it was altered; "
+                         "restore it, or use another out= for a new sweep")
+    return jobs
+
+
+def read_sweep_file(path: Path, *keys: str) -> dict:
+    """A JSON object the sweep wrote (``sweep.json``, ``state.json``) with ``keys``; ValueError naming the file
+    when it is unreadable or another file of that name."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error}): not written by `avar sweep`, or damaged; restore it, "
+                         "or use another out= for a new sweep") from None
+    missing = [key for key in keys if not isinstance(content, dict) or key not in content]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not written by `avar sweep`, or altered; restore it, "
+                         "or use another out= for a new sweep")
+    return content
 
 
 def _save_state(out: Path, jobs: dict[str, list[str]]) -> None:
@@ -126,6 +148,36 @@ def _check_finished_settings(config: SweepConfig, point: Point) -> None:
                          f"{point.run_dir} to train the point again")
 
 
+def _check_queued_settings(earlier: dict, points: list[Point], last_jobs: dict[str, str],
+                           states: dict[str, str]) -> None:
+    """ValueError when a point whose job is still queued or running was submitted with other overrides than the
+    point has now: it is skipped, and the record would report its numbers under the new settings."""
+    submitted = {p["name"]: p.get("overrides") for p in earlier["points"] if isinstance(p, dict) and "name" in p}
+    for point in points:
+        job = last_jobs.get(point.name)
+        if job is None or states.get(job) not in ACTIVE_STATES or submitted.get(point.name) is None:
+            continue
+        theirs, ours = submitted[point.name], list(point.overrides)
+        if theirs != ours:
+            differ = [o for o in ours if o not in theirs] + [f"(was) {o}" for o in theirs if o not in ours]
+            raise ValueError(f"point {point.name} has job {job} still {states[job]}, submitted with other settings "
+                             f"({', '.join(differ[:5])}); its results would be reported under these. Wait for it "
+                             f"to end (or scancel {job}) and run this again, or use another out= for this sweep")
+
+
+def _with_earlier_points(record: dict, earlier: dict | None, log) -> dict:
+    """``record`` with the points of the earlier record that the new grid lacks (their jobs and run directories
+    are still this sweep's: collect keeps reporting them)."""
+    if earlier is None:
+        return record
+    names = {p["name"] for p in record["points"]}
+    kept = [p for p in earlier["points"] if isinstance(p, dict) and p.get("name") not in names]
+    if kept:
+        log(f"[sweep] {len(kept)} point(s) of the earlier grid are not in this one and stay in the sweep's record: "
+            + ", ".join(p["name"] for p in kept))
+    return {**record, "points": record["points"] + kept}
+
+
 def _sbatch_command(config: SweepConfig, point: Point, dependency: list[str]) -> list[str]:
     slurm = config.slurm
     command = ["sbatch", "--parsable", f"--job-name=avar-sweep-{point.name}", f"--nodes={point.spec.nodes}",
@@ -144,9 +196,10 @@ def submit_points(config: SweepConfig, points: list[Point], *, repo: Path, recor
                   log=print) -> dict[str, list[str]]:
     """Submit every point that has neither finished nor a job still in the queue; returns the state (point ->
     job ids). Jobs of an earlier invocation that are still queued head the chains, so the limit holds across
-    re-runs too. ``record``: written to ``<out>/sweep.json`` once the finished points are known to match the
-    settings (a re-run refused for other settings leaves the record its results are collected against), before
-    the first submission (without sbatch, the plans are recorded and the command stops there). One submission at a
+    re-runs too. ``record``: written to ``<out>/sweep.json`` once the finished and the still queued points are
+    known to match the settings (a re-run refused for other settings leaves the record its results are collected
+    against), with the earlier record's points that the new grid lacks, before the first submission (without
+    sbatch, the plans are recorded and the command stops there). One submission at a
     time per ``out`` (``training.run_lock``): two would chain their jobs apart and lose each other's ids."""
     from megatron_avar.training.run_lock import holding_run_lock
 
@@ -162,13 +215,16 @@ def _submit_unlocked(config: SweepConfig, points: list[Point], *, out: Path, rep
     finished = [point for point in points if run_finished(point.run_dir)]
     for point in finished:  # before anything is recorded or submitted
         _check_finished_settings(config, point)
-    if record is not None:
-        atomic_files.write_json(out / "sweep.json", record)
-    if shutil.which("sbatch") is None:
-        raise ValueError("sbatch not found: run `avar sweep` on a Slurm login node (or `avar sweep collect`)")
     jobs = load_state(out)
     last_jobs = {p.name: jobs[p.name][-1] for p in points if jobs.get(p.name)}
     states = job_states(sorted(set(last_jobs.values())))
+    earlier = read_sweep_file(out / "sweep.json", "config", "points") if (out / "sweep.json").exists() else None
+    if earlier is not None:
+        _check_queued_settings(earlier, points, last_jobs, states)
+    if record is not None:
+        atomic_files.write_json(out / "sweep.json", _with_earlier_points(record, earlier, log))
+    if shutil.which("sbatch") is None:
+        raise ValueError("sbatch not found: run `avar sweep` on a Slurm login node (or `avar sweep collect`)")
     chains: list[list[str]] = [[] for _ in range(config.max_concurrent)]
     active = sorted((j for j in last_jobs.values() if states.get(j) in ACTIVE_STATES), key=int)
     for index, job in enumerate(active):

@@ -442,3 +442,81 @@ def test_a_run_with_only_warmup_steps_has_no_timing_rather_than_the_warmups(tmp_
     assert any(row["error"] in line for line in logged)
     timed = _metrics_row(run, num_gpus=1, warmup_steps=1, peak_tflops=989.0)
     assert (timed["steps_measured"], timed["median_step_seconds"]) == (1, 1.0)
+
+
+def _stub_slurm(bin_dir: Path, *, squeue_state: str | None) -> None:
+    """sbatch answering job 41, 42, ... and squeue reporting every asked job in ``squeue_state`` (None: none)."""
+    bin_dir.mkdir(exist_ok=True)
+    counter = bin_dir / "next_job"
+    counter.write_text("41")
+    queue = "exit 0" if squeue_state is None else (
+        f'for job in $(echo "$3" | tr , " "); do echo "$job {squeue_state}"; done')
+    for tool, script in (("sbatch", f'n=$(cat {counter}); echo $((n + 1)) > {counter}; echo "$n"'),
+                         ("squeue", queue), ("sacct", "exit 0"), ("scontrol", "exit 1")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_a_rerun_keeps_the_earlier_grids_points_and_refuses_new_settings_for_queued_ones(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Found in review: a re-run rewrote sweep.json before anything else, so another grid dropped the earlier
+    points (finished ones included) from the results, and changed settings were recorded for jobs still queued
+    with the old ones."""
+    from megatron_avar.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "s"
+    base = ["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", "--no-wait", f"out={out}"]
+    _stub_slurm(tmp_path / "bin", squeue_state="PENDING")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    assert main(base) == 0
+    first = json.loads((out / "sweep.json").read_text())["points"]
+    assert len(first) == 2 and json.loads((out / "state.json").read_text())["jobs"] == {
+        first[0]["name"]: ["41"], first[1]["name"]: ["42"]}
+    capsys.readouterr()
+    # the same points with another learning rate while their jobs are queued: refused, nothing changes
+    record = (out / "sweep.json").read_bytes()
+    assert main([*base, "sft_overrides=[checkpoint.interval=0,train.steps=3,optim.lr=0.5]"]) == 2
+    error = capsys.readouterr().err
+    assert f"point {first[0]['name']} has job 41 still PENDING, submitted with other settings (optim.lr=0.5" in error
+    assert "scancel 41" in error and (out / "sweep.json").read_bytes() == record
+    # another grid (AGTO on only): the earlier off point stays in the record, and collect still reports it
+    assert main([*base, "grid.agto=[true]"]) == 0
+    assert "1 point(s) of the earlier grid are not in this one" in capsys.readouterr().out
+    assert sorted(p["name"] for p in json.loads((out / "sweep.json").read_text())["points"]) == sorted(
+        p["name"] for p in first)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("sweep.json", '{"mine": 2}', "sweep.json lacks config, points: not written by `avar sweep`"),
+    ("sweep.json", "{not json", "sweep.json is unreadable (Expecting property name"),
+    ("state.json", '{"mine": 1}', "state.json lacks jobs: not written by `avar sweep`"),
+])
+def test_a_damaged_or_foreign_sweep_file_is_named_not_replaced(tmp_path, monkeypatch, capsys, name, content, message):
+    """Found in review: a KeyError traceback, or a JSON error naming no file; a sweep.json of something else was
+    replaced."""
+    from megatron_avar.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / name).write_text(content)
+    _stub_slurm(tmp_path / "bin", squeue_state=None)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    assert main(["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", f"out={out}", "--no-wait"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("avar sweep: error: ") and message in error and "Traceback" not in error
+    assert (out / name).read_text() == content
+    if name == "sweep.json":
+        assert main(["sweep", "collect", "--out", str(out)]) == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--poll-seconds", "0"), ("--poll-seconds", "-1"),
+                                         ("--timeout-seconds", "0")])
+def test_wait_settings_are_checked_before_submitting(tmp_path, capsys, flag, value):
+    from megatron_avar.cli import main
+
+    assert main(["sweep", "--config", str(REPO / "examples/sweeps/tiny_cpu.yaml"), flag, value,
+                 f"out={tmp_path / 's'}"]) == 2
+    assert f"avar sweep: error: {flag} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
