@@ -152,10 +152,11 @@ def _check_queued_settings(earlier: dict, points: list[Point], last_jobs: dict[s
                            states: dict[str, str]) -> None:
     """ValueError when a point whose job is still queued or running was submitted with other overrides than the
     point has now: it is skipped, and the record would report its numbers under the new settings."""
-    submitted = {p["name"]: p.get("overrides") for p in earlier["points"] if isinstance(p, dict) and "name" in p}
+    submitted: dict[str, list] = {p["name"]: p["overrides"] for p in earlier["points"]
+                                  if isinstance(p, dict) and "name" in p and isinstance(p.get("overrides"), list)}
     for point in points:
         job = last_jobs.get(point.name)
-        if job is None or states.get(job) not in ACTIVE_STATES or submitted.get(point.name) is None:
+        if job is None or states.get(job) not in ACTIVE_STATES or point.name not in submitted:
             continue
         theirs, ours = submitted[point.name], list(point.overrides)
         if theirs != ours:
