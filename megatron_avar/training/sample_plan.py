@@ -243,6 +243,28 @@ def _cache_folder(cache_dir: str | Path) -> Path:
     return folder
 
 
+def _cached_stats(path: Path, ids: list[str]) -> SampleStats | None:
+    """The stats cached in ``path`` for a dataset with ``ids``, or None (said once) when the file is damaged or
+    is not such a cache: a cache is recomputed and replaced, never the reason a run fails."""
+    from megatron_avar.console import note_once
+
+    problem = None
+    try:
+        content = json.loads(path.read_text())
+        stats = SampleStats(**content) if isinstance(content, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        stats, problem = None, f"{type(error).__name__}: {error}"
+    if stats is not None and any(not isinstance(column, list) or len(column) != len(ids)
+                                 for column in asdict(stats).values()):
+        stats = None
+    if stats is not None and stats.ids != ids:
+        stats, problem = None, "its ids are not the dataset's"
+    if stats is None:
+        note_once(f"{path} is not a readable sample-stats cache ({problem or 'wrong fields or lengths'}); "
+                  "recomputing it")
+    return stats
+
+
 def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool, num_workers: int = 0,
                           cache_dir: str | Path | None = None) -> tuple[SampleStats, str, str]:
     """`SampleStats` of the dataset, their fingerprint (dataset + processor + seq_length + truncate) and the
@@ -256,10 +278,9 @@ def load_or_compute_stats(dataset, processor, *, seq_length: int, truncate: bool
                                      seq_length, truncate]).encode()).hexdigest()[:32]
     path = None if cache_dir is None else _cache_folder(cache_dir) / f"sample_stats_{key}.json"
     if path is not None and path.is_file():
-        stats = SampleStats(**json.loads(path.read_text()))
-        if stats.ids != list(dataset["id"]):
-            raise ValueError(f"{path} does not match the dataset's ids; delete it (it is recomputed)")
-        return stats, key, data
+        stats = _cached_stats(path, list(dataset["id"]))
+        if stats is not None:
+            return stats, key, data
     stats = compute_sample_stats(dataset, processor, seq_length=seq_length, truncate=truncate,
                                  num_workers=num_workers)
     if path is not None:

@@ -275,6 +275,21 @@ def test_stats_cache_is_used_and_a_stale_one_is_caught(processor, data_dir, tmp_
         next(iter(_loader(processor, data_dir, cache_dir=str(tmp_path))))
 
 
+@pytest.mark.parametrize("content", ["{}", "[]", "not json", '{"ids": ["x"], "full_lengths": [1], "lengths": [1], '
+                                     '"num_loss_tokens": [1], "num_images": [1]}'])
+def test_a_damaged_stats_cache_is_recomputed_and_replaced(processor, data_dir, tmp_path, capsys, content):
+    """Found in review: a cache file holding `{}` gave a TypeError traceback, garbage a JSON error naming no file,
+    and one for other ids asked the user to delete it."""
+    fresh = _loader(processor, data_dir, cache_dir=str(tmp_path))
+    (cache_file,) = tmp_path.glob("sample_stats_*.json")
+    good = cache_file.read_text()
+    cache_file.write_text(content)
+    capsys.readouterr()
+    again = _loader(processor, data_dir, cache_dir=str(tmp_path))
+    assert again.stats == fresh.stats and cache_file.read_text() == good
+    assert f"avar: {cache_file} is not a readable sample-stats cache" in capsys.readouterr().err
+
+
 def test_a_stats_cache_folder_that_cannot_be_written_is_named_before_counting(processor, data_dir, tmp_path,
                                                                               monkeypatch):
     """Before: the samples were counted (minutes at 30K samples), then writing the cache raised a traceback."""
