@@ -61,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
             error = f"{error.strerror or error}: {error.filename} (AVAR_DEBUG=1 shows where it was read)"
         print(f"avar {args.subcommand}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C stops at once (what is published is whole: every file is replaced atomically); a stop that
+        # finishes the step and saves a checkpoint is SIGTERM / SIGUSR1, as Slurm sends them.
+        if os.environ.get("AVAR_DEBUG") == "1":
+            raise
+        stop = (" (a training run saves a checkpoint and stops after its step on SIGTERM or SIGUSR1: "
+                "kill -USR1 PID)" if args.subcommand in ("sft", "grpo") else "")
+        print(f"\navar {args.subcommand}: interrupted{stop}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

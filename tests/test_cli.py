@@ -62,3 +62,29 @@ def test_the_readme_example_dataset_validates(capsys):
     examples = Path(__file__).resolve().parents[1] / "examples" / "data" / "format_examples.jsonl"
     assert main(["data", "validate", str(examples)]) == 0
     assert json.loads(capsys.readouterr().out)["records"] == 4
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Found in review: Ctrl-C in `avar sft` printed a 66-line traceback ending in KeyboardInterrupt."""
+    import argparse
+
+    import megatron_avar.cli as cli
+
+    real_build = cli.build_parser
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def build_parser():
+        parser = real_build()
+        (subcommands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        for sub in subcommands.choices.values():
+            sub.set_defaults(handler=interrupted)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build_parser)
+    assert main(["sft", "--config", "c.yaml"]) == 130
+    error = capsys.readouterr().err
+    assert error.strip() == ("avar sft: interrupted (a training run saves a checkpoint and stops after its step on "
+                             "SIGTERM or SIGUSR1: kill -USR1 PID)")
+    assert main(["plan", "--config", "c.yaml"]) == 130 and capsys.readouterr().err.strip() == "avar plan: interrupted"
