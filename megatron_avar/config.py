@@ -392,9 +392,15 @@ def read_config_file(path: str | Path | None) -> ConfigValues:
     if path is None:
         return ConfigValues()
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder: give the YAML file (e.g. examples/sft/quickstart.yaml)")
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    loader = _Loader(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {error.start}): give the YAML file") from None
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         values = loader.construct_document(node) if node is not None else None

@@ -69,6 +69,7 @@ REASONING_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 # Qwen2.5-VL's preprocessor_config.json pixel bounds (min_pixels = 56*56, max_pixels = 28*28*16384).
 DEFAULT_MIN_PIXELS = 3136
 DEFAULT_MAX_PIXELS = 12845056
+MIN_IMAGE_PIXELS = 28 * 28  # one merged patch: the least a pixel bound can ask for
 
 _TEMPLATE_PATH = Path(__file__).parent / "templates" / "qwen2_5_vl_chat_template.jinja"
 
@@ -183,31 +184,33 @@ def load_processor(
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
-        raise ValueError(f"min_pixels ({min_pixels}) must not exceed max_pixels ({max_pixels})")
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        # (found in review: 0 meant the default, a negative bound failed on the first image as the data's fault)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < MIN_IMAGE_PIXELS):
+            raise ValueError(f"{name}={value!r}: give a pixel count >= {MIN_IMAGE_PIXELS} (one 28x28 merged "
+                             "patch), or leave it out for the processor's own")
     if path is None:
         tokenizer = _offline_tokenizer()
-        image_processor = _offline_image_processor(
-            min_pixels or DEFAULT_MIN_PIXELS, max_pixels or DEFAULT_MAX_PIXELS
-        )
+        image_processor = _offline_image_processor(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
         template = chat_template()
     else:
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
-        if "image processor config" in missing_processor_files(path):
-            raise ValueError(
-                f"{path} has neither preprocessor_config.json nor processor_config.json: not a Qwen2.5-VL model "
-                "directory (pass path=None for the offline default processor)"
-            )
+        missing = missing_processor_files(path)
+        if missing:
+            raise ValueError(f"{path} lacks its {' and '.join(missing)}: not a Hugging Face Qwen2.5-VL model "
+                             "folder (tokenizer.json or vocab.json + merges.txt; preprocessor_config.json or "
+                             "processor_config.json)")
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        if min_pixels is not None or max_pixels is not None:
-            image_processor.size = {
-                "shortest_edge": min_pixels or image_processor.size["shortest_edge"],
-                "longest_edge": max_pixels or image_processor.size["longest_edge"],
-            }
         template = _chat_template_from_directory(path)
+    bounds = {"shortest_edge": image_processor.size["shortest_edge"] if min_pixels is None else min_pixels,
+              "longest_edge": image_processor.size["longest_edge"] if max_pixels is None else max_pixels}
+    if bounds["shortest_edge"] > bounds["longest_edge"]:
+        raise ValueError(f"min_pixels ({bounds['shortest_edge']}) must not exceed max_pixels "
+                         f"({bounds['longest_edge']}{' of the processor' if max_pixels is None else ''})")
+    image_processor.size = bounds
     if tokenizer.convert_tokens_to_ids(IMAGE_PAD_TOKEN) in (None, tokenizer.unk_token_id):
         raise ValueError(f"the tokenizer at {path} has no {IMAGE_PAD_TOKEN} token: not a Qwen2.5-VL tokenizer")
     processor = ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,

@@ -27,6 +27,12 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
         load_config(SFTConfig, None, base + ["optim.lr"])
     with pytest.raises(ValueError, match="does not exist"):
         load_config(SFTConfig, tmp_path / "missing.yaml", base)
+    # found in review: a folder was "does not exist", a binary file a decode error naming no file
+    with pytest.raises(ValueError, match=f"config file {tmp_path} is a folder: give the YAML file"):
+        load_config(SFTConfig, tmp_path, base)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match=r"image.png is not UTF-8 text \(byte 0\)"):
+        load_config(SFTConfig, tmp_path / "image.png", base)
 
 
 def test_a_partial_section_keeps_the_fields_own_default_section():

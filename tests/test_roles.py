@@ -241,6 +241,24 @@ def test_processor_round_trips_through_an_hf_directory(processor, tmp_path):
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
 
 
+def test_bad_pixel_bounds_and_missing_tokenizer_files_are_named(processor, tmp_path):
+    """Found in review: max_pixels=0 silently meant the default, a negative bound failed on the first image as the
+    data's fault, a minimum above the processor's own maximum passed, and a folder without tokenizer files was
+    "not a Qwen2.5-VL tokenizer"."""
+    for bounds, message in [({"max_pixels": 0}, "max_pixels=0: give a pixel count >= 784"),
+                            ({"min_pixels": -5}, "min_pixels=-5: give a pixel count >= 784"),
+                            ({"min_pixels": 99_999_999}, r"min_pixels \(99999999\) must not exceed max_pixels "
+                                                         r"\(12845056 of the processor\)")]:
+        with pytest.raises(ValueError, match=message):
+            load_processor(None, **bounds)
+    assert load_processor(None, min_pixels=784, max_pixels=784).image_processor.size == {
+        "shortest_edge": 784, "longest_edge": 784}
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="lacks its tokenizer files: not a Hugging Face Qwen2.5-VL model folder"):
+        load_processor(tmp_path)
+
+
 @pytest.mark.parametrize(
     "messages, message",
     [

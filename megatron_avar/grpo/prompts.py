@@ -87,34 +87,34 @@ class GRPODataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"GRPODataConfig.path must be a non-empty path string, got {self.path!r}")
+            raise ValueError(f"data.path must be a non-empty path string, got {self.path!r}")
         if self.processor_path is not None and (not isinstance(self.processor_path, str) or not self.processor_path):
-            raise ValueError(f"GRPODataConfig.processor_path must be None or a path string, "
+            raise ValueError(f"data.processor_path must be null or a path string, "
                              f"got {self.processor_path!r}")
         for name in ("instruction", "system_prompt"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"GRPODataConfig.{name} must be None or a string, got {value!r}")
+                raise ValueError(f"data.{name} must be null or a string, got {value!r}")
             if isinstance(value, str):
                 try:
-                    roles_module._check_text(value, f"GRPODataConfig.{name}")
+                    roles_module._check_text(value, f"data.{name}")
                 except ValueError as error:
                     raise ValueError(f"{error}; write it as plain text") from None
         if self.system_prompt is not None and not self.system_prompt.strip():
-            raise ValueError("GRPODataConfig.system_prompt must be None (keep the record's) or a non-empty string")
+            raise ValueError("data.system_prompt must be null (keep the record's) or a non-empty string")
         for name, low in (("max_prompt_length", 1), ("seed", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"GRPODataConfig.{name} must be an int >= {low}, got {value!r}")
+                raise ValueError(f"data.{name} must be an int >= {low}, got {value!r}")
         for name in ("skip_long_prompts", "shuffle"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GRPODataConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"GRPODataConfig.{name} must be None or a positive int, got {value!r}")
+                raise ValueError(f"data.{name} must be null or a positive int, got {value!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"GRPODataConfig.min_pixels ({self.min_pixels}) must not exceed max_pixels "
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) must not exceed max_pixels "
                              f"({self.max_pixels})")
 
 
@@ -219,7 +219,7 @@ class PromptLoader:
         for name, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
             wanted = getattr(self.config, name)
             if wanted is not None and size[key] != wanted:
-                raise ValueError(f"the processor's {name} is {size[key]} but GRPODataConfig.{name} is {wanted}; "
+                raise ValueError(f"the processor's {name} is {size[key]} but data.{name} is {wanted}; "
                                  "pass processor=None or a processor built with build_prompt_processor(config)")
 
     def _prompt(self, row: dict) -> list[dict]:

@@ -137,14 +137,14 @@ def load_model_config(hf_path: str, preset: str | None):
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.published import PUBLISHED
 
+    if preset is not None and preset.lower() not in PUBLISHED:  # (checked even where config.json decides)
+        raise ValueError(f"--model {preset!r}: allowed {', '.join(PUBLISHED)}")
     config_json = Path(hf_path) / "config.json"
     if config_json.is_file():
         return Qwen25VLConfig.from_hf(config_json), str(config_json)
     if preset is None:
         raise ValueError(f"model.hf_path={hf_path} has no config.json on this machine: pass --model "
                          f"{'|'.join(PUBLISHED)} to plan with a published Qwen2.5-VL size")
-    if preset.lower() not in PUBLISHED:
-        raise ValueError(f"--model {preset!r}: allowed {', '.join(PUBLISHED)}")
     return Qwen25VLConfig.from_hf(PUBLISHED[preset.lower()]), f"published Qwen2.5-VL-{preset.upper()} config"
 
 

@@ -44,6 +44,7 @@ import errno
 import json
 import os
 import queue
+import re
 import shutil
 import typing
 from pathlib import Path
@@ -73,7 +74,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not re.fullmatch(r"step_\d+", name):  # (a planted ../ would reach outside the run)
+        raise ValueError(f"{pointer} does not name a step_* folder of this run: it was altered; point it at a "
+                         "complete step_* folder (echo step_00000012 > latest), or remove it to start over")
+    path = root / name
     if not (path / TRAINER_STATE).is_file():
         raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove the pointer "
                          "to start over or point it at a complete step_* directory")

@@ -71,25 +71,25 @@ class SFTDataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
-            raise ValueError(f"SFTDataConfig.path must be a non-empty path string, got {self.path!r}")
+            raise ValueError(f"data.path must be a non-empty path string, got {self.path!r}")
         bounds = {"seq_length": 16, "micro_batch_size": 1, "seed": 0, "packing_buffer": 1, "num_workers": 0}
         for name, low in bounds.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"SFTDataConfig.{name} must be an int >= {low}, got {value!r}")
+                raise ValueError(f"data.{name} must be an int >= {low}, got {value!r}")
         for name in ("truncate", "reasoning_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SFTDataConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("min_pixels", "max_pixels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"SFTDataConfig.{name} must be None or a positive int, got {value!r}")
+                raise ValueError(f"data.{name} must be null or a positive int, got {value!r}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"SFTDataConfig.min_pixels ({self.min_pixels}) must not exceed max_pixels "
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) must not exceed max_pixels "
                              f"({self.max_pixels})")
         for name in ("processor_path", "cache_dir"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"SFTDataConfig.{name} must be None or a path string")
+                raise ValueError(f"data.{name} must be null or a path string")
 
 
 def build_processor(config: SFTDataConfig):
@@ -191,8 +191,8 @@ class SFTDataLoader:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size) with dp_size >= 1, got {dp_rank}, {dp_size}")
         if global_batch_size < 1 or global_batch_size % (dp_size * config.micro_batch_size):
-            raise ValueError(f"global_batch_size ({global_batch_size}) must be a positive multiple of dp_size "
-                             f"({dp_size}) x micro_batch_size ({config.micro_batch_size})")
+            raise ValueError(f"train.global_batch_size ({global_batch_size}) must be a positive multiple of the "
+                             f"data-parallel size ({dp_size}) x data.micro_batch_size ({config.micro_batch_size})")
         self.config, self.global_batch_size, self.dp_rank, self.dp_size = config, global_batch_size, dp_rank, dp_size
         self.processor = build_processor(config) if processor is None else processor
         self._check_processor()
@@ -216,7 +216,7 @@ class SFTDataLoader:
         for name, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
             wanted = getattr(self.config, name)
             if wanted is not None and size[key] != wanted:
-                raise ValueError(f"the processor's {name} is {size[key]} but SFTDataConfig.{name} is {wanted}; "
+                raise ValueError(f"the processor's {name} is {size[key]} but data.{name} is {wanted}; "
                                  "pass processor=None or a processor built with build_processor(config)")
 
     def packing_efficiency(self, epoch: int = 0) -> float:

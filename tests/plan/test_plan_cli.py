@@ -75,7 +75,7 @@ def test_the_long_rows_example_plans_context_parallelism_and_fits_an_h100(monkey
         assert stored[0] == pytest.approx(stored[1] / 2), part
 
 
-def test_config_json_of_the_checkpoint_comes_before_the_preset(tmp_path, monkeypatch):
+def test_config_json_of_the_checkpoint_comes_before_the_preset(tmp_path, monkeypatch, capsys):
     from megatron_avar.models.qwen2_5_vl.published import QWEN2_5_VL_3B
 
     monkeypatch.chdir(REPO)
@@ -84,6 +84,9 @@ def test_config_json_of_the_checkpoint_comes_before_the_preset(tmp_path, monkeyp
                          "--json")
     plan = json.loads(output)
     assert code == 0 and plan["model"] == str(tmp_path / "config.json") and plan["parameters"] == 3754622976
+    # the preset is a fallback, but a wrong one is still refused (found in review: `--model 13b` passed)
+    assert main(["plan", "--config", "examples/sft/avar_7b.yaml", f"model.hf_path={tmp_path}", "--model", "13b"]) == 2
+    assert "--model '13b': allowed 3b, 7b, 72b" in capsys.readouterr().err
 
 
 def test_the_command_is_detected_from_the_config():

@@ -97,3 +97,15 @@ def test_a_failed_flush_fails_the_save_on_every_rank_and_publishes_nothing(tmp_p
     # the other rank names the rank whose write failed, and its error
     assert "(writing its part failed on rank 0 (its error: OSError: [Errno 5] Input/output error" in results[1]["error"]
     assert results[0]["left"] == ["latest", "step_00000001"]  # the partial folder is gone
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe", b"../../elsewhere\n", b"step_00000001/../../x"])
+def test_a_latest_pointer_that_names_no_step_folder_is_refused_by_name(tmp_path, pointer):
+    """Found in review: a non-UTF-8 `latest` gave a decode error naming no file, and one naming a path outside
+    the run was followed."""
+    from megatron_avar.training import checkpointing
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_bytes(pointer)
+    with pytest.raises(ValueError, match="latest does not name a step_\\* folder of this run: it was altered"):
+        checkpointing.latest_checkpoint(tmp_path)

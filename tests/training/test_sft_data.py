@@ -369,9 +369,10 @@ def test_config_is_validated(field, value, match):
 
 
 def test_loader_rejects_batch_layouts_and_foreign_processors(processor, data_dir):
-    with pytest.raises(ValueError, match="global_batch_size \\(6\\) must be a positive multiple of dp_size \\(4\\)"):
+    with pytest.raises(ValueError, match=r"train.global_batch_size \(6\) must be a positive multiple of the "
+                                         r"data-parallel size \(4\)"):
         _loader(processor, data_dir, global_batch_size=6, dp_size=4)
-    with pytest.raises(ValueError, match="the processor's max_pixels is 12544 but SFTDataConfig.max_pixels is 50176"):
+    with pytest.raises(ValueError, match="the processor's max_pixels is 12544 but data.max_pixels is 50176"):
         _loader(processor, data_dir, max_pixels=224 * 224)
 
 
