@@ -136,6 +136,6 @@ def _check_file_sizes(path: Path, storage: dict) -> None:
             state = ("is missing" if actual is None
                      else f"holds {actual} bytes, {size - actual} fewer than .metadata places in it")
             raise ValueError(f"{file} {state}: the checkpoint is incomplete (a copy cut short, or a damaged file "
-                             f"system). Resume from another complete checkpoint (point {path.parent / 'latest'} at "
-                             "an earlier step_* folder), copy the checkpoint again, or start over "
-                             "(checkpoint.resume=false checkpoint.overwrite=true)")
+                             "system). Copy it again or use another complete checkpoint (a training run resumes "
+                             f"from an earlier one once {path.parent / 'latest'} names that step_* folder, or "
+                             "starts over with checkpoint.resume=false checkpoint.overwrite=true)")

@@ -118,6 +118,10 @@ def test_a_checkpoint_and_a_model_that_do_not_match_are_named(hf_dir, tmp_path, 
     assert f"--hf-path {other} holds another model than --mcore-path {mcore} (text.num_layers: 2 vs 4" in err
     assert main(["convert", "verify", "--hf-path", str(mcore / "hf"), "--mcore-path", str(mcore)]) == 2
     assert "has neither model.safetensors.index.json nor model.safetensors" in capsys.readouterr().err
+    for tolerance in ("-1", "nan"):  # found in review: accepted, and the check then reported FAILED
+        assert main(["convert", "verify", "--hf-path", str(other), "--mcore-path", str(mcore), "--max-abs-diff",
+                     tolerance]) == 2
+        assert f"--max-abs-diff {float(tolerance)}: give a finite tolerance >= 0" in capsys.readouterr().err
 
 
 def test_damaged_inputs_and_file_paths_are_named(hf_dir, tmp_path, capsys):

@@ -111,6 +111,11 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
     from megatron_avar.analysis.compare import load_report
     from megatron_avar.analysis.vas import VASAccumulator
 
+    target = (Path(out) / "report.json").resolve()
+    for path in paths:  # (found in review: --out vs0 --overwrite replaced shard vs0's own report)
+        if (Path(path) / "report.json" if Path(path).is_dir() else Path(path)).resolve() == target:
+            raise ValueError(f"--out {out} holds {path}, one of the reports being merged: the merge would replace "
+                             "it; give another --out")
     refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report")
     reports = [load_report(p, shard_without_samples=True)[1] for p in paths]
     for path, report in zip(paths, reports):

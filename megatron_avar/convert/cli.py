@@ -103,8 +103,12 @@ def _mcore_to_hf(args) -> int:
 
 
 def _verify(args) -> int:
+    import math
+
     from megatron_avar.convert.verify import VERIFY_DTYPES, verify
 
+    if not (math.isfinite(args.max_abs_diff) and args.max_abs_diff >= 0):  # (a check nothing can pass, minutes later)
+        raise ValueError(f"--max-abs-diff {args.max_abs_diff}: give a finite tolerance >= 0")
     max_diff, mean_diff = verify(args.hf_path.absolute(), args.mcore_path.absolute(), tp=args.tp, pp=args.pp,
                                  dtype=VERIFY_DTYPES[args.dtype])
     ok = max_diff <= args.max_abs_diff

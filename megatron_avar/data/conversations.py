@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import typing
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -111,6 +112,9 @@ def _resolve_image(image: Any, base_dir: Path, where: str) -> dict:
     if not isinstance(image, (str, os.PathLike)) or not str(image):
         raise ValueError(f"{where}: an image must be a file path (or embedded bytes in parquet), "
                          f"got {type(image).__name__}")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(image)):  # (a Path would read it as http:/host/...)
+        raise ValueError(f"{where}: image {image} is a URL; images are read from files only: download it and give "
+                         "its path (relative to the data file's folder)")
     path = Path(image)
     if not path.is_absolute():
         path = base_dir / path

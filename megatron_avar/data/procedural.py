@@ -473,11 +473,11 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
         raise ValueError(f"{out_dir} exists and is not a directory")
     existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if existing and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+        raise ValueError(f"{out_dir} exists and is not empty; replace it with --overwrite (overwrite=True)")
     foreign = [name for name in existing if name not in ("data.jsonl", "images")]
     if foreign:
         raise ValueError(f"{out_dir} holds {foreign[:5]}, which write_dataset did not write; refusing to "
-                         f"replace it even with overwrite=True (remove it yourself or pick another folder)")
+                         f"replace it even with --overwrite (remove it yourself or pick another folder)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling_dir(out_dir, "tmp")
     try:

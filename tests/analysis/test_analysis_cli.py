@@ -116,6 +116,11 @@ def test_vas_shards_merge(toy, vas_run, capsys):
     assert main(["vas", "merge", shards[0], str(vas_run[0]), "--out", str(toy["root"] / "bad")]) == 2
     assert "is not a shard" in capsys.readouterr().err
     assert not (toy["root"] / "bad").exists()
+    # found in review: a merge into one of its inputs' folders replaced that shard's report
+    shard_report = (Path(shards[0]) / "report.json").read_bytes()
+    assert main(["vas", "merge", *shards, "--out", shards[0], "--overwrite"]) == 2
+    assert f"--out {shards[0]} holds {shards[0]}, one of the reports being merged" in capsys.readouterr().err
+    assert (Path(shards[0]) / "report.json").read_bytes() == shard_report
 
 
 def test_a_shard_without_vas_queries_still_merges(toy, tmp_path, capsys):
@@ -149,7 +154,7 @@ def test_a_second_run_never_replaces_results_unasked(toy, vas_run, capsys, tmp_p
     assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--layers", "1"]) == 2
     assert f"{out / 'report.json'} holds a VAS report from an earlier run; pass --overwrite" in capsys.readouterr().err
     assert main(["vas", "merge", str(out), "--out", str(out)]) == 2
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "one of the reports being merged: the merge would replace it" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     replaced = tmp_path / "vas"
     shutil.copytree(out, replaced)

@@ -91,6 +91,9 @@ def test_folder_of_files_loads_in_name_order(folder):
         (_record(answers="red"), r"unknown keys \['answers'\]"),
         (_record(messages=[{"role": "user", "content": [{"type": "image", "image": "images/none.png"}]}]),
          "image file not found"),
+        # found in review: reported as "image file not found: http:/example.com/a.png"
+        (_record(messages=[{"role": "user", "content": [{"type": "image", "image": "http://example.com/a.png"}]}]),
+         "image http://example.com/a.png is a URL; images are read from files only"),
         (_record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]),
          "empty assistant turn"),
         (_record(images=["images/red.png"], messages=[{"role": "user", "content": "no placeholder"}]),

@@ -399,7 +399,7 @@ def test_write_dataset_never_replaces_a_folder_it_did_not_write(tmp_path):
     out_dir = tmp_path / "precious"
     (out_dir / "images").mkdir(parents=True)
     (out_dir / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=r"\['notes.txt'\].*even with overwrite=True"):
+    with pytest.raises(ValueError, match=r"\['notes.txt'\].*even with --overwrite"):
         write_dataset(ProceduralConfig(num_samples=1), out_dir, overwrite=True)
     assert (out_dir / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
