@@ -6,6 +6,7 @@
 
 config.py (typed config), prompts/ (versioned prompt files), client.py (OpenAI-compatible client, retries,
 request cache), records.py (sources -> working rows), teachers.py (stage logic), verify.py (answers and
-format), writer.py (shards, counts), stages.py (Curator stages), pipeline.py (run, Ray, manifest),
-progress.py (progress lines), cli.py. NeMo Curator is imported only by stages.py / pipeline.py.
+format), writer.py (shards, counts), stages.py (Curator stages), output_dir.py (resume/overwrite rules),
+pipeline.py (run, Ray, manifest), progress.py (progress lines), cli.py. NeMo Curator is imported only by
+stages.py / pipeline.py.
 """

@@ -15,8 +15,8 @@ def register(subparsers) -> None:
         description=(
             "Runs read -> describe (VLM teacher) -> reason (LLM teacher) -> anchor -> verify -> write over the "
             "sources in the config, through OpenAI-compatible endpoints. Writes OUT/data/shard-*.parquet "
-            "(conversation format, images embedded) and OUT/manifest.json. Rerunning an unfinished run resumes "
-            "it without repeating any teacher request. Every config field and its default: "
+            "(conversation format, images embedded) and OUT/manifest.json. Rerunning an unfinished run with its "
+            "settings resumes it without repeating any teacher request. Every config field and its default: "
             "megatron_avar/synth/config.py."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -38,11 +38,11 @@ def _synth(args) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("megatron_avar.synth").setLevel(logging.INFO)
-    from megatron_avar.synth.pipeline import TeacherFailuresError, run_synthesis
+    from megatron_avar.synth.pipeline import SynthRunError, run_synthesis
 
     try:
         manifest = run_synthesis(config)
-    except TeacherFailuresError as error:
+    except SynthRunError as error:
         # Not a usage error (exit 2, which the top-level CLI gives ValueError): the run itself failed.
         print(f"avar synth: error: {error}", file=sys.stderr)
         return 1

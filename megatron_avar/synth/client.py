@@ -7,6 +7,11 @@ is written (fsync, then atomic rename) the moment its answer arrives, so a run k
 kept every answer it paid for, and a rerun asks only for the rest. Failed requests are not cached. The
 endpoint URL is not in the key: per-node servers of the same model share the cache.
 
+A reply's ``usage`` is bookkeeping: when it is missing or is not token counts (``[1]``, ``{"prompt_tokens":
+"lots"}``) the answer is still used, its tokens count as 0 and the answer as ``usage_unknown`` (ClientStats),
+and the client warns once; asking again would pay for the same answer, and a server that sends no usable usage
+would send none again.
+
 Only the standard library speaks HTTP here (urllib), so the client has no dependency to pin. The API key is
 read from the environment variable named in the config when the client is built; it is sent as a Bearer
 token and appears in no message, log line, cache file or repr. It never leaves the endpoint's origin
@@ -43,6 +48,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 FATAL_HTTP_CODES = (401, 403, 404)
+EXAMPLE_CHARS = 200  # of a malformed reply, kept to be quoted in the run's error
 
 
 class TeacherRequestError(Exception):
@@ -80,8 +86,21 @@ class ClientStats:
     """Chat calls that raised TeacherRequestError (their records are dropped)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    usage_unknown: int = 0
+    """Answers (fresh or cached) whose reply had no readable ``usage`` (missing, or not token counts): their
+    tokens count as 0, so the token totals are short by these answers' tokens."""
     errors: dict = dataclasses.field(default_factory=dict)
     """Failures by TeacherRequestError.reason: what the end-of-run check reports as the most common error."""
+    usable: int = 0
+    """Questions (one record's or candidate's request, with its format retries) answered in the form asked
+    for. This and the malformed counters are kept by the caller that parses the answers (synth.teachers)."""
+    malformed: int = 0
+    """Questions whose every answer was malformed (after client.format_retries); their records are dropped."""
+    malformed_reasons: dict = dataclasses.field(default_factory=dict)
+    """Malformed questions by the parser's reason (e.g. "no 'Final answer:' line")."""
+    malformed_examples: dict = dataclasses.field(default_factory=dict)
+    """The first malformed reply per reason (its first EXAMPLE_CHARS characters): what the end-of-run check
+    quotes."""
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -95,6 +114,13 @@ class ClientStats:
             self.failures += 1
             self.errors[error.reason] = self.errors.get(error.reason, 0) + 1
         return error
+
+    def malformed_answer(self, reason: str, reply: str) -> None:
+        """Count one question whose last answer was malformed for ``reason`` (``reply``: that answer)."""
+        with self._lock:
+            self.malformed += 1
+            self.malformed_reasons[reason] = self.malformed_reasons.get(reason, 0) + 1
+            self.malformed_examples.setdefault(reason, reply[:EXAMPLE_CHARS])
 
     def as_dict(self) -> dict:
         with self._lock:
@@ -197,6 +223,7 @@ class ChatClient:
         self._url = chat_url(teacher)
         self._opener = urllib.request.build_opener(_SameOriginRedirectHandler)
         self._api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
+        self._usage_warned = False
         if teacher.api_key_env and not self._api_key:
             raise TeacherConfigError(f"{stage} teacher: environment variable {teacher.api_key_env!r} (named by "
                                      f"{self.config_key}.api_key_env) is not set")
@@ -215,7 +242,7 @@ class ChatClient:
         key = RequestCache.key(prompt_version=self.prompt_version, stage=self.stage, body=body)
         entry = self.cache.get(self.stage, key)
         if entry is not None:
-            self.stats.add(cache_hits=1)
+            self.stats.add(cache_hits=1, usage_unknown=int(bool(entry.get("usage_unknown"))))
             return ChatResult(entry["content"], entry["prompt_tokens"], entry["completion_tokens"], cached=True)
         response = self._post_with_retries(body)
         try:
@@ -231,14 +258,26 @@ class ChatClient:
             reason = (f"no content: the reply was cut at max_tokens={self.teacher.max_tokens} (raise "
                       f"{self.config_key}.max_tokens)" if cut else "response without choices[0].message.content")
             raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
-        usage = response.get("usage") or {}
-        result = ChatResult(content, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                            cached=False)
-        self.cache.put(self.stage, key, {"content": content, "prompt_tokens": result.prompt_tokens,
-                                         "completion_tokens": result.completion_tokens, "model": self.teacher.model,
-                                         "prompt_version": self.prompt_version, "time": time.time()})
-        self.stats.add(answered=1, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+        tokens = _token_counts(response.get("usage"))
+        if tokens is None:
+            self._warn_usage_unknown(response.get("usage"))
+        prompt_tokens, completion_tokens = tokens or (0, 0)
+        result = ChatResult(content, prompt_tokens, completion_tokens, cached=False)
+        stored = {"content": content, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "model": self.teacher.model, "prompt_version": self.prompt_version, "time": time.time()}
+        self.cache.put(self.stage, key, stored if tokens is not None else {**stored, "usage_unknown": True})
+        self.stats.add(answered=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       usage_unknown=int(tokens is None))
         return result
+
+    def _warn_usage_unknown(self, usage) -> None:
+        """Say once per client that replies come without readable token counts (the run goes on: see
+        ``_token_counts``)."""
+        if not self._usage_warned:  # (two threads may both warn: harmless)
+            self._usage_warned = True
+            logger.warning("%s teacher %r at %s: a reply's usage is %s, not token counts; its answer is used, and the "
+                           "tokens of such replies count as 0 (counted as usage_unknown; token totals are short by "
+                           "them)", self.stage, self.teacher.model, self._url, _short_repr(usage))
 
     def _post_with_retries(self, body: dict) -> dict:
         data = json.dumps(body).encode("utf-8")
@@ -308,6 +347,26 @@ class ChatClient:
                 for future in futures:
                     future.cancel()
                 raise
+
+
+def _token_counts(usage) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of a reply's ``usage``, or None when it is missing or is not a mapping of
+    two non-negative integers. Usage is bookkeeping: an answer whose content is fine is used whatever its usage
+    says (asking again would pay for the same answer, likely with the same usage), and its tokens count as
+    unknown (ClientStats.usage_unknown) rather than as a guess."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens"))
+    return None if prompt is None or completion is None else (prompt, completion)
+
+
+def _token_count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    text = "missing" if value is None else repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _nothing_listens(error: BaseException) -> bool:

@@ -114,16 +114,21 @@ class ClientConfig:
     backoff_max_s: float = 60.0
     """Longest retry delay."""
     format_retries: int = 1
-    """Extra attempts (new seed) when a teacher's answer is malformed; then the record is dropped."""
+    """Extra attempts (new seed) when a teacher's answer is malformed; then the record is dropped. A resume may
+    raise it: the attempts already answered come from the cache, only the new ones are asked."""
     max_failed_share: float = 0.05
-    """Largest share of a teacher stage's requests (answered + cached + failed) that may fail for good
-    (retries exhausted, non-retryable 4xx) in a successful run. Above it, or when every request of a stage
-    failed, the run ends with an error naming the stage, the counts, the most common error and the endpoint,
-    and writes no manifest.json: the shards written so far stay, and rerunning the same command resumes (cached
-    answers are reused, only the failed requests are asked again). 0: any failure fails the run; 1: only a
-    stage whose every request failed does. An endpoint where nothing listens (connection refused, unknown host)
-    stops the run at once, when a stage's first request gives up before any request of the run was answered:
-    not after every record has waited out its retries."""
+    """Largest share of a teacher stage's requests (one record's or candidate's question, with its format
+    retries: answered usably, answered malformed every time, or failed) that may end without a usable answer
+    in a successful run: failed for good (retries exhausted, non-retryable 4xx) or malformed after
+    format_retries. Above it, or when no request of a stage got a usable answer, the run ends with an error
+    naming the stage, the counts, the most common error or malformation (with an example reply) and the
+    endpoint, and writes no manifest.json: the shards written so far stay, and rerunning resumes (cached
+    answers are reused, only the failed requests are asked again; malformed answers are cached too, so raise
+    format_retries or fix the teacher). 0: any loss fails the run; 1: only a stage with no usable answer does.
+    An endpoint where nothing listens (connection refused, unknown host) stops the run at once, when a stage's
+    first request gives up before any request of the run was answered: not after every record has waited out
+    its retries. Not part of a run's identity (synth.output_dir), like every client setting: a resume may
+    change it."""
 
     def __post_init__(self) -> None:
         _check(self.concurrency >= 1, "client.concurrency", f"must be >= 1, got {self.concurrency}")
@@ -195,8 +200,10 @@ class OutputConfig:
     dir: str = "runs/synth"
     """Output folder: data/shard-*.parquet (images embedded) and manifest.json."""
     overwrite: bool = False
-    """Replace a finished run's output (one with a manifest.json), kept in <dir>/.replaced until the new run is
-    finished. An unfinished run is always resumed."""
+    """Replace what the folder holds: a finished run (one with a manifest.json), kept in <dir>/.replaced until
+    the new run is finished, or an unfinished run of other settings, whose shards are deleted (its teacher
+    answers stay in the request cache). Without it a finished run is refused, and an unfinished one is resumed
+    by a run of its settings only (synth.output_dir: which settings count)."""
     system_prompt: str | None = None
     """System turn of the written conversations; null: none (Qwen2.5-VL's default is rendered)."""
 

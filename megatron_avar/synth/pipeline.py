@@ -1,22 +1,23 @@
 """Running a synthesis: output folder rules, executor choice, the Ray session, the manifest.
 
-Resuming: a run writes ``<output.dir>/manifest.json`` last. Without it the run is unfinished and the same
-command resumes it: shards are rewritten from scratch (deterministic names), and every teacher answer
-already in the request cache (``<work_dir>/cache``) is reused, so nothing paid for is asked again. With it
-the run is finished and is replaced only with ``output.overwrite=true``. The run it replaces is moved aside
-into ``<output.dir>/.replaced`` (its manifest, then its shards) and deleted only once the new run has written its
-own manifest: a replacing run that fails, or is killed, leaves the finished run it replaced there, whole.
+Output folder rules (resuming, overwriting, what makes a rerun the same run): synth.output_dir.
 
 One run at a time: a run holds the lock of its output.dir and of its work_dir (``training.run_lock``:
-``.avar.lock``, dropped by the kernel however the run ends) from before it looks at either until it has
-written its manifest; a second run on either is refused, naming the first.
+``.avar.lock``, dropped by the kernel however the run ends) from before it changes either until it has
+written its manifest; a second run on either is refused, naming the first. Every refusal comes first, from a
+look that changes nothing (a foreign output.dir keeps no lock file, and no ``<output.dir>.work`` is made), and
+is made again under the locks; the existing folders are locked first, so a refusal by a lock makes nothing.
 
-Failed requests: a teacher stage whose every request failed (a server answering errors), or more than
-``client.max_failed_share`` of whose requests failed, makes the run raise TeacherFailuresError after the
-pipeline ends, before the manifest is written: the shards stay, the run counts as unfinished, and the same
-command resumes it once the endpoint is fixed (without the check such a run "succeeded" with 0 records). A URL
-where nothing listens stops the run sooner: the client raises TeacherConfigError when a request gives up on it
-before any request of the run was answered (synth.client).
+Failed requests and unusable answers: a teacher stage none of whose questions (a record's or candidate's
+request with its format retries) got a usable answer, or more than ``client.max_failed_share`` of whose
+questions failed for good or were answered malformed every time, makes the run raise TeacherFailuresError
+after the pipeline ends, before the manifest is written, naming the stage, the most common error and the most
+common malformation with an example reply: the shards stay, the run counts as unfinished, and it resumes once
+the endpoint is fixed (malformed answers are cached: more client.format_retries, or another teacher). A run that
+keeps no record at all raises NothingKeptError the same way (a manifest over no data/ folder would only fail the
+next step). Without these checks such runs "succeeded" with 0 records. A URL where nothing listens stops the run
+sooner: the client raises TeacherConfigError when a request gives up on it before any request of the run was
+answered (synth.client).
 
 Ray: with RAY_ADDRESS set (a cluster started by slurm/synth.sh) the run joins that cluster and leaves it
 running. Otherwise it starts a local Ray instance and stops it afterwards, also killing worker processes
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import json
 import logging
 import os
@@ -39,17 +39,25 @@ from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
 from megatron_avar.synth.client import TeacherConfigError, chat_url
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.progress import ProgressMonitor, clear_progress, progress_dir, read_progress
+from megatron_avar.synth.output_dir import MANIFEST, REPLACED, RUN_RECORD, prepare_output
+from megatron_avar.synth.progress import ProgressMonitor, progress_dir, read_progress
 from megatron_avar.synth.writer import merge_counts
-from megatron_avar.training.run_lock import LOCK_FILE, holding_run_lock
+from megatron_avar.training.run_lock import holding_run_lock
 
 logger = logging.getLogger("megatron_avar.synth")
-MANIFEST = "manifest.json"
-REPLACED = ".replaced"  # the finished run output.overwrite=true replaces, kept until the new one is finished
 
 
-class TeacherFailuresError(RuntimeError):
-    """Too many teacher requests failed for the run to count as done (module docstring); `avar synth` exits 1."""
+class SynthRunError(RuntimeError):
+    """The pipeline ran, but its result does not count as done: no manifest is written, the run stays unfinished
+    (module docstring); `avar synth` exits 1."""
+
+
+class TeacherFailuresError(SynthRunError):
+    """Too many of a teacher stage's requests failed or were answered malformed (module docstring)."""
+
+
+class NothingKeptError(SynthRunError):
+    """Every record was dropped: there is no dataset to write (module docstring)."""
 
 
 def resolve_paths(config: SynthConfig) -> SynthConfig:
@@ -58,59 +66,6 @@ def resolve_paths(config: SynthConfig) -> SynthConfig:
     output = dataclasses.replace(config.output, dir=str(Path(config.output.dir).resolve()))
     run = dataclasses.replace(config.run, work_dir=str(config.work_dir.resolve()))
     return dataclasses.replace(config, sources=sources, output=output, run=run)
-
-
-def prepare_output(config: SynthConfig) -> None:
-    """Apply the resume/overwrite rules (module docstring) and clear this run's progress files; under the run's
-    locks (run_synthesis, which has refused an output.dir that is a file)."""
-    out = Path(config.output.dir)
-    progress = progress_dir(config.work_dir)
-    clear_progress(progress, check_only=True)  # a folder of the user's named as run.work_dir: refused before any change
-    if out.is_dir():
-        # a kill while the manifest was being written leaves its temporary file: ours, and never a result
-        atomic_files.remove_leftovers(out / MANIFEST)
-        data = out / "data"
-        foreign = sorted([p.name for p in out.iterdir() if p.name not in ("data", MANIFEST, LOCK_FILE, REPLACED)] +
-                         [f"data/{p.name}" for p in (data.iterdir() if data.is_dir() else ())
-                          if not fnmatch.fnmatch(p.name, "shard-*.parquet")
-                          and not fnmatch.fnmatch(p.name, ".shard-*.parquet.*.tmp")])
-        if foreign or (data.exists() and not data.is_dir()):
-            raise ValueError(f"output.dir {out} holds {(foreign or ['data'])[:5]}, which avar synth did not write; "
-                             "choose another output.dir")
-        inside = [source.name for source in config.sources if Path(source.path).resolve().is_relative_to(out)]
-        if inside:
-            raise ValueError(f"the data of source(s) {inside} lies inside output.dir {out}, which a run replaces; "
-                             "choose an output.dir apart from the sources")
-        replaced = out / REPLACED
-        if (out / MANIFEST).is_file():
-            if replaced.exists():  # a finished replacement killed before it removed the run it replaced
-                shutil.rmtree(replaced)
-            if not config.output.overwrite:
-                raise ValueError(f"output.dir {out} holds a finished run ({MANIFEST}); pass output.overwrite=true to "
-                                 "replace it, or choose another output.dir")
-            replaced.mkdir()
-            (out / MANIFEST).rename(replaced / MANIFEST)  # first: out/ no longer looks finished
-        if (replaced / MANIFEST).is_file():  # its shards follow (again, after a kill part-way through)
-            _move_replaced_shards(out)
-        if data.is_dir():  # holding only what the check above let through: an earlier run's shards
-            for shard in data.iterdir():
-                shard.unlink()
-            data.rmdir()
-    clear_progress(progress)
-    progress.mkdir(parents=True, exist_ok=True)
-
-
-def _move_replaced_shards(out: Path) -> None:
-    """Move the shards the manifest in ``<out>/.replaced`` lists from ``<out>/data`` into ``<out>/.replaced/data``,
-    those not there yet: one rename each, so a kill part-way leaves each shard in one place or the other, and the
-    next start moves the rest. A shard of the new run never moves: its name is in .replaced already when the
-    replaced run listed it (the move finished before the new run started)."""
-    listed = json.loads((out / REPLACED / MANIFEST).read_text())["shards"]
-    (out / REPLACED / "data").mkdir(exist_ok=True)
-    for shard in listed:
-        source, target = out / shard["file"], out / REPLACED / shard["file"]
-        if source.is_file() and not target.exists():
-            source.rename(target)
 
 
 def _ray_worker_pids(raylet_pids: set[int]) -> list:
@@ -261,8 +216,13 @@ def run_synthesis(config: SynthConfig) -> dict:
     for key, path in (("output.dir", out), ("run.work_dir", config.work_dir)):
         if path.exists() and not path.is_dir():  # (before the lock, which would make the folder)
             raise ValueError(f"{key} {path} exists and is not a folder; choose another {key}")
-    with holding_run_lock(out, conflict=conflict), holding_run_lock(config.work_dir, conflict=conflict):
-        prepare_output(config)
+    prepare_output(config, check_only=True)  # every refusal before a lock makes its folder and lock file
+    with contextlib.ExitStack() as locks:
+        # The existing folders first: a missing one has no holder (a holder makes it), so a refusal by a lock
+        # comes before this run has made anything (sorted() keeps output.dir first when both exist).
+        for folder in sorted((out, config.work_dir), key=lambda folder: not folder.exists()):
+            locks.enter_context(holding_run_lock(folder, conflict=conflict))
+        prepare_output(config)  # again under the locks, now acting: another run may have changed the folders
         stages = build_stages(config)
         started = time.time()
         teacher_stages = tuple(stage.name for stage in stages if getattr(stage, "teacher_stage", None))
@@ -279,9 +239,11 @@ def run_synthesis(config: SynthConfig) -> dict:
             raise RuntimeError("NeMo Curator's pipeline returned no tasks; expected the writer stage's output")
         manifest = build_manifest(config, results, time.time() - started)
         check_teacher_failures(config, manifest)
+        check_records_kept(config, manifest)
         atomic_files.write_json(out / MANIFEST, manifest, sort_keys=True)
         if (out / REPLACED).exists():  # the finished run this one replaced: now it is replaced
             shutil.rmtree(out / REPLACED)
+        (out / RUN_RECORD).unlink(missing_ok=True)  # finished: the manifest holds the whole config
     logger.info("synth: kept %d of %d records; output %s", manifest["kept"], manifest["read"], out / "data")
     return manifest
 
@@ -315,31 +277,77 @@ def build_manifest(config: SynthConfig, results: list, elapsed_s: float) -> dict
 
 
 def check_teacher_failures(config: SynthConfig, manifest: dict) -> None:
-    """Raise TeacherFailuresError when a teacher stage failed too often (module docstring). Shares are per
-    stage, since each stage has its own endpoint: a dead anchor server must not hide behind a healthy
-    describe server's successes."""
+    """Raise TeacherFailuresError when a teacher stage's requests too often got no usable answer: failed for
+    good, or answered malformed every time (module docstring). Shares are per stage, since each stage has its
+    own endpoint: a dead anchor server must not hide behind a healthy describe server's successes."""
+    problems = {stage: problem for stage, stats in manifest["teachers"].items()
+                if (problem := _stage_problem(config, stage, stats)) is not None}
+    if not problems:
+        return
+    advice = []
+    if any(manifest["teachers"][stage].get("failures") for stage in problems):
+        advice.append("Once the endpoint answers (is its server up? are base_url and model right?), rerun the same "
+                      "command: it resumes, reusing every cached answer and asking only the failed requests again.")
+    if any(manifest["teachers"][stage].get("malformed") for stage in problems):
+        advice.append("Malformed answers are cached, so the same command gets them again: raise client.format_retries "
+                      "(each retry asks with a new seed; the run resumes from the cache), or make the teacher answer "
+                      "in the form asked for (the model the stage needs? enough max_tokens?) and rerun.")
+    kept = (f"Kept {manifest['kept']} of {manifest['read']} records (shards in {Path(config.output.dir) / 'data'}), "
+            if manifest["kept"] else f"Kept 0 of {manifest['read']} records, ")
+    raise TeacherFailuresError("; ".join(problems.values()) + f". {kept}but {_unfinished(config)} " + " ".join(advice)
+                               + " To accept the loss instead, raise client.max_failed_share.")
+
+
+def _stage_problem(config: SynthConfig, stage: str, stats: dict) -> str | None:
+    """What is wrong with one teacher stage's answers (its client counters, summed over workers), or None.
+
+    A request here is one record's or candidate's question with its format retries: usable, malformed every time,
+    or failed for good. Cached answers count as usable: on a resumed run they are most of the work, and a few
+    requests that fail again must stay acceptable through client.max_failed_share, as the error promises."""
     limit = config.client.max_failed_share
-    problems = []
-    for stage, stats in manifest["teachers"].items():
-        failed = stats.get("failures", 0)
-        succeeded = stats.get("answered", 0) + stats.get("cache_hits", 0)
-        total = failed + succeeded
-        # Cached answers count as successes: on a resumed run they are most of the work, and a few requests
-        # that fail again must stay acceptable through client.max_failed_share, as the message below promises.
-        if not failed or (succeeded and failed <= limit * total):
-            continue
-        errors = stats.get("errors") or {}
-        reason, count = max(errors.items(), key=lambda item: item[1]) if errors else ("unknown", failed)
-        why = "every request failed" if not succeeded else f"more than client.max_failed_share={limit}"
-        teacher = getattr(config, stage).teacher
-        problems.append(f"{stage} teacher {teacher.model!r} at {chat_url(teacher)}: {failed} of {total} requests "
-                        f"failed ({failed / total:.0%}; {why}); most common error ({count} of {failed}): {reason}")
-    if problems:
-        raise TeacherFailuresError(
-            "; ".join(problems) + f". Kept {manifest['kept']} of {manifest['read']} records (shards in "
-            f"{Path(config.output.dir) / 'data'}), but wrote no {MANIFEST}: the run is unfinished"
-            + (f" (the finished run it replaces stays in {Path(config.output.dir) / REPLACED} until it finishes)"
-               if (Path(config.output.dir) / REPLACED).is_dir() else "") + ". Once the endpoint "
-            "answers (is its server up? are base_url and model right?), rerun the same command: it resumes, reusing "
-            "every cached answer and asking only the failed requests again. To accept the loss instead, raise "
-            "client.max_failed_share.")
+    failed, malformed, usable = stats.get("failures", 0), stats.get("malformed", 0), stats.get("usable", 0)
+    lost = failed + malformed
+    total = usable + lost
+    if not lost or (usable and lost <= limit * total):
+        return None
+    what = [f"{failed} of {total} requests failed"] if failed else []
+    if malformed:
+        what.append(f"{malformed} {'' if failed else f'of {total} requests '}got only malformed answers "
+                    f"(client.format_retries={config.client.format_retries})")
+    why = (f"more than client.max_failed_share={limit}" if usable else "every request failed" if not malformed
+           else "every answer was malformed" if not failed else "none usable")
+    details = []
+    if failed:
+        reason, count = max((stats.get("errors") or {"unknown": failed}).items(), key=lambda item: item[1])
+        details.append(f"most common error ({count} of {failed}): {reason}")
+    if malformed:
+        reason, count = max((stats.get("malformed_reasons") or {"unknown": malformed}).items(),
+                            key=lambda item: item[1])
+        example = (stats.get("malformed_examples") or {}).get(reason, "")
+        details.append(f"most common malformation ({count} of {malformed}): {reason}, e.g. the reply "
+                       f"{example[:100]!r}{'…' * (len(example) > 100)}")
+    teacher = getattr(config, stage).teacher
+    return (f"{stage} teacher {teacher.model!r} at {chat_url(teacher)}: {' and '.join(what)} ({lost / total:.0%}; "
+            f"{why}); " + "; ".join(details))
+
+
+def check_records_kept(config: SynthConfig, manifest: dict) -> None:
+    """Raise NothingKeptError when the run kept no record: a finished run with no data/ folder would only fail
+    the next step ("data path not found"), so it does not count as finished (module docstring)."""
+    if manifest["kept"]:
+        return
+    drops = ", ".join(f"{reason}: {count}" for reason, count in
+                      sorted(manifest["filters"].items(), key=lambda item: -item[1]))
+    raise NothingKeptError(
+        f"kept 0 of {manifest['read']} records ({drops}): there is no dataset to write, so it {_unfinished(config)} "
+        "Each drop reason names the stage that dropped the records (verify.wrong_answer: the teachers' final answers "
+        "differ from the sources' ground truth: check the sources' answer column and the teachers); change what "
+        "dropped them and rerun (cached teacher answers are reused).")
+
+
+def _unfinished(config: SynthConfig) -> str:
+    """What a failed run's error says it left: no manifest, and the finished run it replaces, if any."""
+    out = Path(config.output.dir)
+    replaced = (f" (the finished run it replaces stays in {out / REPLACED} until a run finishes)"
+                if (out / REPLACED).is_dir() else "")
+    return f"wrote no {MANIFEST}: the run is unfinished{replaced}."

@@ -90,10 +90,13 @@ def read_progress(progress_dir: str | os.PathLike) -> dict[str, dict]:
         for name in COUNTERS:
             stage[name] += payload[name]
         for name, value in payload["client"].items():
-            if isinstance(value, dict):  # counts by key (ClientStats.errors): summed key by key
+            if isinstance(value, dict):  # by key (ClientStats.errors): counts summed, texts (examples): the first
                 merged = stage["client"].setdefault(name, {})
-                for key, count in value.items():
-                    merged[key] = merged.get(key, 0) + count
+                for key, item in value.items():
+                    if isinstance(item, str):
+                        merged.setdefault(key, item)
+                    else:
+                        merged[key] = merged.get(key, 0) + item
             else:
                 stage["client"][name] = stage["client"].get(name, 0) + value
         stage["started"] = min(stage["started"], payload["started"])

@@ -49,15 +49,20 @@ def _account(row: dict, result: ChatResult) -> None:
 
 def _ask(client: ChatClient, row: dict, messages: list[dict], parse, *, candidate: int = 0, format_retries: int):
     """Ask until ``parse`` accepts the answer (at most 1 + format_retries answers, each with its own seed).
-    Returns parse's value; raises Malformed or TeacherRequestError."""
+    Returns parse's value; raises Malformed or TeacherRequestError. Counts the question in ``client.stats`` as
+    usable or malformed (with the last reply), what the end-of-run check weighs (pipeline.check_teacher_failures)."""
     for attempt in range(format_retries + 1):
         result = client.chat(messages, candidate=candidate, attempt=attempt)
         _account(row, result)
         try:
-            return parse(result.content)
-        except Malformed:
+            value = parse(result.content)
+        except Malformed as error:
             if attempt == format_retries:
+                client.stats.malformed_answer(str(error), result.content)
                 raise
+            continue
+        client.stats.add(usable=1)
+        return value
     raise AssertionError("unreachable")
 
 

@@ -156,3 +156,50 @@ def test_same_origin_redirect_keeps_the_post_and_the_key(tmp_path, monkeypatch):
     assert [(r["method"], r["path"]) for r in server.received] == [("POST", "/old/v1/chat/completions"),
                                                                   ("POST", "/v1/chat/completions")]
     assert all(r["headers"]["Authorization"] == "Bearer sk-same-origin" for r in server.received)
+
+
+class UsageServer(FakeTeacher):
+    """The fake teacher, its replies' ``usage`` replaced by ``usage`` (absent when ``MISSING``)."""
+
+    MISSING = object()
+    usage = MISSING
+
+    def respond(self, body: dict) -> tuple[int, str, str]:
+        import json
+
+        status, payload, label = super().respond(body)
+        reply = json.loads(payload)
+        reply.pop("usage")
+        if self.usage is not self.MISSING:
+            reply["usage"] = self.usage
+        return status, json.dumps(reply), label
+
+
+@pytest.mark.parametrize("usage", [[1], {"prompt_tokens": "lots", "completion_tokens": 3}, "12",
+                                   {"prompt_tokens": -1, "completion_tokens": 3}, {"prompt_tokens": 2.5},
+                                   {"prompt_tokens": True, "completion_tokens": 1}, None, UsageServer.MISSING])
+def test_a_malformed_usage_counts_as_unknown_and_the_answer_is_used(tmp_path, usage, caplog):
+    """Found in review: a 200 reply with ``"usage": [1]`` raised a raw AttributeError, and ``{"prompt_tokens":
+    "lots"}`` "invalid literal for int()", out of `avar synth` (and `avar eval --judge`, which uses this client).
+    Usage is bookkeeping: the answer is used (asking again would pay for it twice), its tokens count as 0, the
+    reply as usage_unknown (also when it comes from the cache), and the client warns once."""
+    with UsageServer({}) as server, caplog.at_level(logging.WARNING, logger="megatron_avar.synth"):
+        server.usage = usage
+        client = make_client(tmp_path, server)
+        first, second = client.chat(reason_messages()), client.chat(reason_messages("Another?"))
+        rerun = make_client(tmp_path, server)
+        cached = rerun.chat(reason_messages())
+    assert first.content.endswith("Final answer: 1") and second.content and cached.content == first.content
+    assert (first.prompt_tokens, first.completion_tokens, cached.cached) == (0, 0, True)
+    assert client.stats.answered == 2 and client.stats.failures == 0 and client.stats.usage_unknown == 2
+    assert (client.stats.prompt_tokens, client.stats.completion_tokens) == (0, 0)
+    assert rerun.stats.cache_hits == 1 and rerun.stats.usage_unknown == 1
+    warnings = [r.getMessage() for r in caplog.records if "usage" in r.getMessage()]
+    assert len(warnings) == 1 and "not token counts; its answer is used" in warnings[0]  # once per client
+
+
+def test_a_well_formed_usage_is_counted(tmp_path, server):
+    client = make_client(tmp_path, server)
+    result = client.chat(reason_messages())
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0 and client.stats.usage_unknown == 0
+    assert make_client(tmp_path, server).chat(reason_messages()).prompt_tokens == result.prompt_tokens

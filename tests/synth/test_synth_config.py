@@ -177,7 +177,7 @@ def test_description_needs_all_sections_in_order():
 
 def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_path):
     from megatron_avar import atomic_files
-    from megatron_avar.synth.pipeline import MANIFEST, prepare_output
+    from megatron_avar.synth.pipeline import MANIFEST, RUN_RECORD, prepare_output
 
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_pat
     assert [p.name for p in out.iterdir() if p.name.startswith(f".{MANIFEST}.")]
     config = load_config(SynthConfig, None, SOURCE + [f"output.dir={out}", f"run.work_dir={tmp_path / 'work'}"])
     prepare_output(config)
-    assert sorted(p.name for p in out.iterdir()) == []  # data of an unfinished run is redone
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD]  # data of an unfinished run is redone
     (out / "notes.txt").write_text("the user's")
     with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which avar synth did not write"):
         prepare_output(config)
@@ -203,8 +203,8 @@ def test_a_manifest_left_half_written_by_a_kill_does_not_block_the_rerun(tmp_pat
     with pytest.raises(ValueError, match=r"source\(s\) \['vqa'\] lies inside output.dir"):
         prepare_output(sourced)
     assert (out / "data" / "shard-0123456789abcdef.parquet").is_file()
-    prepare_output(config)  # an unfinished run's shards alone: redone
-    assert sorted(p.name for p in out.iterdir()) == []
+    prepare_output(config)  # an unfinished run's shards alone (of the settings it recorded): redone
+    assert sorted(p.name for p in out.iterdir()) == [RUN_RECORD]
 
 
 def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_response_tags():
@@ -229,6 +229,7 @@ def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_res
 def test_a_kill_while_a_finished_run_is_moved_aside_is_completed_on_the_next_start(tmp_path):
     import json
 
+    from megatron_avar.synth.output_dir import RUN_RECORD, run_identity
     from megatron_avar.synth.pipeline import MANIFEST, REPLACED, prepare_output
 
     out = tmp_path / "out"
@@ -241,10 +242,12 @@ def test_a_kill_while_a_finished_run_is_moved_aside_is_completed_on_the_next_sta
     for name in ("b", "c", "d"):
         (out / "data" / f"shard-{name}.parquet").write_bytes(name.encode())
     config = load_config(SynthConfig, None, SOURCE + [f"output.dir={out}", f"run.work_dir={tmp_path / 'work'}"])
-    prepare_output(config)  # (no overwrite needed: the run out/ holds is unfinished)
+    (out / RUN_RECORD).write_text(json.dumps({"identity": run_identity(config)}))  # (recorded before the move)
+    prepare_output(config)  # (no overwrite needed: the run out/ holds is unfinished, and of these settings)
     assert sorted(p.name for p in (out / REPLACED / "data").iterdir()) == [f"shard-{x}.parquet" for x in "abc"]
     assert (out / REPLACED / "data" / "shard-b.parquet").read_bytes() == b"b"
-    assert sorted(p.name for p in out.iterdir()) == [REPLACED]  # the unlisted shard went with the unfinished run
+    # the unlisted shard went with the unfinished run
+    assert sorted(p.name for p in out.iterdir()) == [REPLACED, RUN_RECORD]
     # a finished replacement killed before it removed what it replaced: the leftover goes, the run stays
     (out / MANIFEST).write_text(json.dumps({"shards": []}))
     with pytest.raises(ValueError, match="holds a finished run"):

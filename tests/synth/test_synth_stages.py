@@ -35,8 +35,10 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
         Fault("anchor", ["malformed"], match="tallest", always=True),   # records 2, 6: anchor.malformed
         Fault("anchor", ["500"], match="brown", always=True),           # record 4: anchor.request_failed
     ]
-    # 1 of the anchor stage's 6 requests fails for good, above the default client.max_failed_share: accepted here.
-    config = synth_config(tmp_path, data, teacher, "client.timeout_s=0.5", "client.max_failed_share=0.5")
+    # Far above the default client.max_failed_share, accepted here: 2 of the describe stage's 8 requests get only
+    # malformed answers, and 3 of the anchor stage's 4 end without a usable one (1 failed for good, 2 malformed).
+    lossy = ["client.timeout_s=0.5", "client.max_failed_share=1"]
+    config = synth_config(tmp_path, data, teacher, *lossy)
     manifest = run_synthesis(config)
     teacher.settle()
 
@@ -53,6 +55,9 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
     stats = manifest["teachers"]
     assert stats["reason"]["retries"] == 2 and stats["anchor"]["failures"] == 1
     assert stats["anchor"]["errors"] == {"gave up after 4 attempts (last: HTTP 500)": 1}
+    assert (stats["describe"]["usable"], stats["describe"]["malformed"]) == (6, 2)
+    assert (stats["anchor"]["usable"], stats["anchor"]["malformed"]) == (1, 2)
+    assert stats["anchor"]["malformed_reasons"] == {"unbalanced <anchor> tags": 2}
     assert manifest["tokens"]["spent"] == sum(s["prompt_tokens"] + s["completion_tokens"] for s in stats.values())
 
     # The kept record: the right one, in the AVAR format, anchors in the chain with their tags removed.
@@ -74,7 +79,7 @@ def test_faults_in_every_stage_are_retried_or_filtered_and_counted(tmp_path, pro
         run_synthesis(config)
     before = len(teacher.requests())
     teacher.faults.clear()
-    rerun = run_synthesis(synth_config(tmp_path, data, teacher, "client.timeout_s=0.5", "output.overwrite=true"))
+    rerun = run_synthesis(synth_config(tmp_path, data, teacher, *lossy, "output.overwrite=true"))
     new = teacher.requests()[before:]
     assert {(r["stage"], r["question"]) for r in new} == {("anchor", records[4]["messages"][0]["content"][1]["text"])}
     assert rerun["kept"] == 2 and rerun["filters"]["describe.malformed"] == 2
