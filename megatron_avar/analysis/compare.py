@@ -89,6 +89,30 @@ def _fmt(value) -> str:
 COMPARE_FILES = ("compare.md", "compare.json", "vas_vs_accuracy.png")
 
 
+def _refuse_repeated_reports(paths: Sequence[str]) -> None:
+    """A report given twice would be a row twice (and a point twice in Pearson r): refused, naming it."""
+    seen: dict[Path, str] = {}
+    for path in paths:
+        resolved = (Path(path) / "report.json" if Path(path).is_dir() else Path(path)).resolve()
+        if resolved in seen:
+            raise ValueError(f"{path} and {seen[resolved]} are the same report: give each report once")
+        seen[resolved] = path
+
+
+def _check_accuracy_keys(accuracy_file: str, accuracies: dict[str, float], loaded: list) -> None:
+    """Every key of --accuracy names a report (its path as given, or its name), and the accuracies share one
+    scale (all fractions or all percentages): a typo or a mixed file would correlate against the wrong numbers."""
+    known = {argument for argument, _ in loaded} | {report["name"] for _, report in loaded}
+    unknown = sorted(set(accuracies) - known)
+    if unknown:
+        raise ValueError(f"--accuracy {accuracy_file}: {unknown} name no report given here (the reports are "
+                         f"{sorted(known)}); remove them or fix their names")
+    values = list(accuracies.values())
+    if any(v > 1 for v in values) and any(0 < v < 1 for v in values):
+        raise ValueError(f"--accuracy {accuracy_file}: the accuracies mix fractions and percentages ({values}); "
+                         "give all of them on one scale")
+
+
 def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out: str | None = None, *,
                     overwrite: bool = False) -> dict:
     """Build the comparison; write compare.md / compare.json (and vas_vs_accuracy.png) into ``out`` if given
@@ -103,7 +127,10 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
         refuse_existing_outputs([Path(out) / name for name in COMPARE_FILES], overwrite=overwrite,
                                 what="a VAS comparison")
     loaded = [load_report(p) for p in paths]
+    _refuse_repeated_reports(paths)
     accuracies = load_accuracies(accuracy_file) if accuracy_file else {}
+    if accuracy_file:
+        _check_accuracy_keys(accuracy_file, accuracies, loaded)
     rows = []
     first_vas = loaded[0][1]["vas"]
     for argument, report in loaded:

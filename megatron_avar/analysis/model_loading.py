@@ -1,18 +1,24 @@
 """Open the checkpoint an analysis job names: an HF Qwen2.5-VL directory (model + processor), its identity.
 
 A megatron checkpoint of ours (``avar_checkpoint.json``, or a torch_dist layout without config.json) is
-refused with the conversion command to run first.
+refused with the conversion command to run first; so is a folder whose JSON files (config, tokenizer, processor)
+do not parse, naming the file (``json`` and ``tokenizers`` name none).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from megatron_avar.models.hf_inference import DTYPES
 
-__all__ = ["check_hf_checkpoint", "checkpoint_identity", "load_hf_model", "resolve_device", "DTYPES"]
+__all__ = ["check_hf_checkpoint", "check_weights_readable", "checkpoint_identity", "load_hf_model", "resolve_device",
+           "DTYPES"]
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 _HEAD_BYTES = 16 << 20  # the first shard's first 16 MiB (safetensors header + leading tensors) identify the weights
 
@@ -28,13 +34,39 @@ def check_hf_checkpoint(path: str | Path) -> Path:
         raise ValueError(f"--model {path}: Megatron checkpoint: export with avar convert mcore-to-hf first")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json; pass an HF Qwen2.5-VL checkpoint directory")
-    config = json.loads((path / "config.json").read_text())
+    config = _check_json_files(path)
     if config.get("model_type") not in ("qwen2_5_vl",):
         raise ValueError(f"--model {path}: model_type is {config.get('model_type')!r}; these tools need a Qwen2.5-VL "
                          "checkpoint (model_type 'qwen2_5_vl')")
     if not list(path.glob("*.safetensors")):
         raise ValueError(f"--model {path}: no *.safetensors weights found")
     return path
+
+
+def check_weights_readable(path: str | Path) -> None:
+    """ValueError naming a safetensors file of the HF directory ``path`` that is truncated or damaged (a download or
+    copy cut short), or a shard its index names that is missing: safetensors' own error (a SafetensorError out of
+    ``from_pretrained`` or vLLM) names no file. Reads the headers only (`convert.hf_files`, the check `avar convert`
+    makes), which also give every tensor's extent: a file shorter than its header says is caught here."""
+    from megatron_avar.convert.hf_files import tensor_names_and_shapes
+
+    tensor_names_and_shapes(Path(path))
+
+
+def _check_json_files(path: Path) -> dict:
+    """The checkpoint's config.json, after every top-level JSON file of ``path`` (config, generation config,
+    tokenizer, processor, safetensors index) has parsed: ValueError naming the first that does not, before a
+    loader reads it and fails without saying which file."""
+    parsed = {}
+    for file in sorted(path.glob("*.json")):
+        try:
+            parsed[file.name] = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"--model {path}: {file} is not valid JSON ({error}); the file is damaged or was cut "
+                             "short (an interrupted download or copy): copy or download it again") from None
+    if not isinstance(parsed["config.json"], dict):
+        raise ValueError(f"--model {path}: {path / 'config.json'} is not a JSON object; copy or download it again")
+    return parsed["config.json"]
 
 
 def _sha256(path: Path, limit: int | None = None) -> str:
@@ -68,12 +100,24 @@ def checkpoint_identity(path: str | Path) -> dict:
 
 
 def resolve_device(device: str) -> str:
+    """The torch device ``--device`` names: "auto" is cuda when CUDA is available, else cpu. ValueError for a name
+    outside auto, cpu, cuda, cuda:N (torch's own error lists every backend it knows, most of which these tools do
+    not run on), or a CUDA device this machine does not have."""
     from megatron_avar import platform
 
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"--device {device!r}: use one of {DEVICES}")
     if device == "auto":
         return "cuda" if platform.cuda_available() else "cpu"
     if device.startswith("cuda") and not platform.cuda_available():
         raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device.startswith("cuda:"):
+        import torch
+
+        count = torch.cuda.device_count()
+        if int(device.partition(":")[2]) >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to "
+                             f"cuda:{count - 1}); pick one of them, or --device cuda")
     return device
 
 
@@ -90,6 +134,7 @@ def load_hf_model(path: str | Path, *, device: str = "auto", dtype: str = "auto"
         raise ValueError(f"--dtype {dtype!r}: use one of {DTYPES}")
     path = check_hf_checkpoint(path)
     device = resolve_device(device)
+    check_weights_readable(path)
     processor = load_processor(path)
     model = load_model(path, device=device, dtype=resolve_dtype(dtype, device), device_map=device_map)
     return model, processor, str(model.device)

@@ -100,16 +100,19 @@ def _generate_and_grade(model, processor, samples, hook, spec, config, device) -
 
 
 def run_intervene(config: InterveneConfig) -> dict:
-    """Run (or sweep), write ``config.out`` (and the sweep's .md / .png); return what was written."""
-    from megatron_avar.analysis.batching import prompt_samples
-    from megatron_avar.analysis.hf_attention import RoleAttentionHook
+    """Run (or sweep), write ``config.out`` (and the sweep's .md / .png); return what was written. Every setting
+    is checked before the model loads. One run at a time per ``out`` (``training.run_lock``, on
+    ``<out folder>/.avar-locks/<out name>``: runs writing other files of one folder do not wait): two would each
+    write their results over the other's and both say they had written them."""
     from megatron_avar.analysis.intervention import InterventionSpec
-    from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.analysis.model_loading import check_hf_checkpoint, resolve_device
     from megatron_avar.analysis.run_vas import refuse_existing_outputs
     from megatron_avar.models.layer_sets import parse_layers
+    from megatron_avar.training.run_lock import holding_run_lock
 
     check_hf_checkpoint(config.model)
-    model_config = json.loads((Path(config.model) / "config.json").read_text())
+    resolve_device(config.device)
+    model_config = json.loads((Path(config.model) / "config.json").read_text())  # (parsed by the check above)
     num_layers = int(model_config.get("text_config", model_config)["num_hidden_layers"])
 
     def spec(alpha_sys: float, layer_text: str) -> InterventionSpec:
@@ -126,7 +129,19 @@ def run_intervene(config: InterveneConfig) -> dict:
         raise ValueError(f"--out {out}: give a .json file path")
     sweep_outputs = [out.with_suffix(".md"), out.with_suffix(".png")]  # a single run's --out replaces them too
     refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with holding_run_lock(out.parent / ".avar-locks" / out.name, conflict=(
+            "two `avar intervene` runs writing one --out would replace each other's results. Wait for that run to "
+            "end (or stop it), or give this one another --out")):
+        # again, now that no other run can write them: one that held the lock may have finished since
+        refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
+        return _run_locked(config, specs, num_layers, out, sweep_outputs)
+
+
+def _run_locked(config: InterveneConfig, specs: list, num_layers: int, out: Path, sweep_outputs: list[Path]) -> dict:
+    """The body of :func:`run_intervene` once its settings are checked and ``out`` is locked."""
+    from megatron_avar.analysis.batching import prompt_samples
+    from megatron_avar.analysis.hf_attention import RoleAttentionHook
+    from megatron_avar.analysis.model_loading import checkpoint_identity, load_hf_model
 
     started = time.time()
     model, processor, device = load_hf_model(config.model, device=config.device, dtype=config.dtype,

@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     add("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. generation.max_new_tokens=1024")
     add("--model", help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
     add("--benchmarks", help="comma-separated names (default: all seven: mathvista,mathvision,mathverse_vo,mmmu,"
-                             "mmmu_pro,mmstar,hallusionbench; with --score-only: those with predictions in --out)")
+                             "mmmu_pro,mmstar,hallusionbench; with --score-only: those with predictions in --out). "
+                             "The folder's other finished benchmarks stay in its scores")
     add("--out", help="output folder (reusing one resumes the run)")
     add("--data-root", help="folder with one subfolder per benchmark (mathvista/, mathvision/, mathverse/, mmmu/, "
                             "mmmu_pro/, mmstar/, hallusionbench/) holding the hub files")
@@ -111,6 +112,11 @@ def resolve_config(args):
             print(note, file=sys.stderr)
         if chosen:
             config = dataclasses.replace(config, benchmarks=tuple(chosen))
+    elif args.score_only:
+        from megatron_avar.eval.runner import with_earlier_benchmarks
+
+        # re-scoring some benchmarks keeps the folder's others in scores.json and results.md, as a generating run does
+        config = dataclasses.replace(config, benchmarks=with_earlier_benchmarks(config.out, config.benchmarks))
     return config
 
 

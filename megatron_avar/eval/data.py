@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # loaded lazily, by the functions that read data
     import datasets
 
-__all__ = ["load_split", "to_pil", "split_files"]
+__all__ = ["load_split", "read_data_files", "to_pil", "split_files"]
 
 _SUFFIXES = (".parquet", ".jsonl", ".json")
 
@@ -41,6 +41,30 @@ def split_files(folder: Path, split: str) -> list[Path]:
             found.append(path)
     parquet = [path for path in found if path.suffix == ".parquet"]
     return parquet or found
+
+
+def read_data_files(files: list[Path], *, benchmark: str, hub_name: str, local_dir: Path) -> datasets.Dataset:
+    """The rows of local parquet or json/jsonl ``files`` (one format) as one `datasets.Dataset`. A file that is
+    empty, not valid JSON or not a parquet file (a download cut short, a hand edit) is a ValueError naming it and the
+    download into ``local_dir`` that replaces it: `datasets` reports those as a StopIteration or a
+    DatasetGenerationError naming no file."""
+    import datasets
+    import pyarrow
+    from datasets.exceptions import DatasetGenerationError
+
+    download = f"download it again (`huggingface-cli download --repo-type dataset {hub_name} --local-dir {local_dir}`)"
+    folder = files[0].parent
+    empty = [path for path in files if path.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"benchmark {benchmark}: {empty[0]} is empty; {download}")
+    builder = "parquet" if files[0].suffix == ".parquet" else "json"
+    try:
+        return datasets.load_dataset(builder, data_files=[str(path) for path in files], split="train")
+    except (StopIteration, DatasetGenerationError, pyarrow.ArrowException) as error:
+        cause = error.__cause__ or error  # (datasets wraps the reader's error, which says what is wrong)
+        named = files[0] if len(files) == 1 else f"one of {len(files)} files ({files[0].name}, ...) in {folder}"
+        raise ValueError(f"benchmark {benchmark}: {named} cannot be read as {builder} ({type(cause).__name__}: "
+                         f"{str(cause)[:300] or 'no rows'}); {download}") from None
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -72,9 +96,8 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
             if len(kinds) > 1:
                 raise ValueError(f"{benchmark}: {folder} mixes {sorted(kinds)} files for split {split!r}; "
                                  "keep one format")
-            builder = "parquet" if ".parquet" in kinds else "json"
-            return undecoded(single_split(datasets.load_dataset(builder, data_files=[str(p) for p in files],
-                                                                split="train"), str(folder)))
+            return undecoded(single_split(read_data_files(files, benchmark=benchmark, hub_name=hub_name,
+                                                          local_dir=local_dir), str(folder)))
     if allow_hub:
         try:
             hub_dataset = datasets.load_dataset(hub_name, config, split=split)

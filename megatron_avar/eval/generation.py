@@ -10,16 +10,42 @@ rendered, as Qwen2.5-VL and VLMEvalKit do), so image token counts come from the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from megatron_avar.models import hf_inference
 from megatron_avar.models.hf_inference import DTYPES
 
-__all__ = ["GenerationConfig", "HFGenerator", "make_generator"]
+__all__ = ["GenerationConfig", "HFGenerator", "make_generator", "applied_settings"]
 
 BACKENDS = ("hf", "vllm")
+# field -> (the setting it needs to apply, its flag, the flag that gives that setting): a field set to another value
+# than its default without that setting would change nothing but what run_config.json says the run did
+_APPLIES_ONLY_WITH = {
+    "temperature": ("do_sample", "--temperature", "--do-sample"),
+    "top_p": ("do_sample", "--top-p", "--do-sample"),
+    "top_k": ("do_sample", "--top-k", "--do-sample"),
+    "seed": ("do_sample", "--seed", "--do-sample"),
+    "alpha_img": ("intervene", "--alpha-img", "--intervene"),
+    "alpha_sys": ("intervene", "--alpha-sys", "--intervene"),
+    "intervene_mode": ("intervene", "--intervene-mode", "--intervene"),
+    "intervene_layers": ("intervene", "--intervene-layers", "--intervene"),
+    "tensor_parallel_size": ("vllm", "--tensor-parallel-size", "--backend vllm"),
+}
+
+
+def _applies(settings: dict, condition: str) -> bool:
+    """Whether a run with ``settings`` (GenerationConfig fields) uses the fields that need ``condition``."""
+    return settings.get("backend") == "vllm" if condition == "vllm" else bool(settings.get(condition))
+
+
+def applied_settings(settings: dict) -> dict:
+    """``settings`` (a GenerationConfig as a dict, e.g. a run_config.json's) without the fields that run did not use
+    (the sampling fields of a greedy run, ...): what two runs must share to generate alike. A folder recorded before
+    such fields were refused may hold values that never applied."""
+    return {key: value for key, value in settings.items()
+            if key not in _APPLIES_ONLY_WITH or _applies(settings, _APPLIES_ONLY_WITH[key][0])}
 
 
 @dataclass(frozen=True)
@@ -59,6 +85,7 @@ class GenerationConfig:
     intervene_layers: str = "middle"
 
     def __post_init__(self):
+        self._refuse_unused_settings()
         if self.intervene and self.backend != "hf":
             raise ValueError("generation.intervene needs the hf backend (vLLM has no per-role logit edits); "
                              "use --backend hf")
@@ -85,6 +112,16 @@ class GenerationConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+
+    def _refuse_unused_settings(self) -> None:
+        """ValueError for a field set away from its default that this run would not use (a temperature without
+        sampling, an alpha without the intervention, TP without vLLM): it would be ignored, yet recorded."""
+        defaults = {f.name: f.default for f in fields(self)}
+        settings = asdict(self)
+        for name, (condition, flag, needed) in _APPLIES_ONLY_WITH.items():
+            if settings[name] != defaults[name] and not _applies(settings, condition):
+                raise ValueError(f"generation.{name}={settings[name]!r} ({flag}) applies only with {needed}, which "
+                                 f"this run lacks: add {needed}, or leave {flag} out (it would be ignored)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,7 +201,10 @@ class HFGenerator:
 
 def make_generator(model_dir: str, config: GenerationConfig):
     """The backend ``config.backend`` names. vLLM needs a CUDA machine with vLLM installed (the ``gpu``
-    extra); it is imported only then."""
+    extra); it is imported only then. A damaged weight file is named first (both backends' own errors name none)."""
+    from megatron_avar.analysis.model_loading import check_weights_readable
+
+    check_weights_readable(model_dir)
     if config.backend == "vllm":
         from megatron_avar import platform
 

@@ -16,13 +16,12 @@ rule+judge summary and ``judge`` the counts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS
 
-__all__ = ["PAPER_ROWS", "results_table", "write_report"]
+__all__ = ["PAPER_ROWS", "TABLE_HEADER", "results_table", "write_report"]
 
 # docs/method.md, 'Paper results', in BENCHMARKS order: MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar,
 # HallusionBench, then the paper's average.
@@ -30,6 +29,10 @@ PAPER_ROWS = {
     "Qwen2.5-VL-7B (paper)": (68.2, 25.2, 41.1, 58.1, 38.3, 62.1, 50.7, 49.1),
     "AVAR-Thinker-7B (paper)": (74.7, 37.4, 50.4, 63.8, 42.9, 64.1, 59.5, 56.1),
 }
+
+
+# the first line of every results.md (how a later run tells its own report from a file of the user's)
+TABLE_HEADER = "| model | " + " | ".join(b.paper_column for b in BENCHMARKS.values()) + " | Avg |"
 
 
 def _cell(value) -> str:
@@ -65,8 +68,7 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     judge's description (`AnswerJudge.describe`) when the summaries carry judged scores. intervened: the answers
     were generated with the training-free intervention (the VAS line then says it is the model's own)."""
     names = list(BENCHMARKS)
-    header = "| model | " + " | ".join(BENCHMARKS[n].paper_column for n in names) + " | Avg |"
-    lines = [header, "|---|" + "---:|" * (len(names) + 1)]
+    lines = [TABLE_HEADER, "|---|" + "---:|" * (len(names) + 1)]
     for row_name, values in PAPER_ROWS.items():
         lines.append(f"| {row_name} | " + " | ".join(_cell(v) for v in values) + " |")
     if judge is None:
@@ -105,11 +107,9 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, summaries: dict[str, dict], *, judge: dict | None = None) -> dict:
-    """Write ``out/scores.json`` and ``out/results.md``; return the scores dict. judge: as for
-    :func:`results_table`."""
-    run_config_path = out / "run_config.json"
-    run_config = json.loads(run_config_path.read_text()) if run_config_path.is_file() else {}
+def write_report(out: Path, summaries: dict[str, dict], run_config: dict, *, judge: dict | None = None) -> dict:
+    """Write ``out/scores.json`` and ``out/results.md``; return the scores dict. run_config: the folder's
+    run_config.json (model, generation, limit; {} for none). judge: as for :func:`results_table`."""
     model = run_config.get("model") or "evaluated model"
     scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
     if all(name in summaries and "partial" not in summaries[name] for name in BENCHMARKS):

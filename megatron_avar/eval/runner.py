@@ -1,19 +1,23 @@
 """The evaluation loop: generate per benchmark, append predictions as they come, score from the files.
 
 Output folder (``--out``):
-    run_config.json              model, generation config, benchmarks (a rerun must match it)
+    run_config.json              model, generation config, benchmarks (a rerun must match it); a folder holding
+                                 eval's other outputs without it is not eval's and is refused (`run_folder`)
     predictions/<benchmark>.jsonl one line per sample: id, prompt (text, ``<image>`` marks), response, target,
                                  and the judgement at write time (answer_source, extracted, correct); with
                                  ``--judge``, a judged sample also its ``judge`` field (`megatron_avar.eval.judge`)
     predictions/<benchmark>.done.json  written when the run (or shard) generating that file has finished it: the
                                  benchmark's sample count under that run's limit (never narrowed by a later run)
+    predictions/<benchmark>.samples.json  a digest of each sample the predictions were made from, in data order: a
+                                 resume reading other data is refused (`run_folder.SampleRecord`)
     scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns; with
                                  ``--judge`` also ``with_judge`` and the judge's counts)
     results.md                   the results table with the paper's rows (see `megatron_avar.eval.report`)
     judge_cache/                 with ``--judge``: every judge reply, as it arrives (unless cache_dir says elsewhere)
 
 Resuming: samples whose id is already in the predictions file are skipped, so an interrupted run continues
-where it stopped (a half-written last line is dropped). Scoring refuses a benchmark whose generation has not
+where it stopped (a half-written last line is dropped). One process at a time generates into a predictions file
+(`run_folder.holding_eval_lock`; each shard has its own). Scoring refuses a benchmark whose generation has not
 finished — no run has finished the folder's samples (its largest ``limit``), or the files hold fewer predictions
 than those samples (a shard still running, stopped, or never run) — unless asked to score the part
 (``--allow-partial``; the scores then say so). Scoring only reads: it never repairs a file a shard may be
@@ -34,17 +38,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
-from megatron_avar.eval.generation import GenerationConfig, HFGenerator, make_generator
+from megatron_avar.eval.generation import GenerationConfig, HFGenerator, applied_settings, make_generator
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
+from megatron_avar.eval.run_folder import SampleRecord, check_eval_folder, holding_eval_lock, read_json, read_run_config
 from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files",
-           "folder_benchmarks"]
+           "folder_benchmarks", "with_earlier_benchmarks"]
 
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 PREDICTION_KEYS = ("id", "response", "target")  # what scoring reads of each predictions record
@@ -169,12 +175,11 @@ def _done_path(predictions: Path) -> Path:
     return predictions.with_suffix(".done.json")
 
 
-def _read_json(path: Path) -> dict | None:
-    """The JSON object at ``path``, or None when there is none (also when it vanished since it was listed)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
+def _read_done(predictions: Path) -> dict | None:
+    """The completion record of a predictions file (None: none); a damaged one is named with the fix."""
+    return read_json(_done_path(predictions), fix=f"delete it and rerun the `avar eval` command that generated "
+                                                  f"{predictions.name}: it generates what is missing and records it "
+                                                  "again")
 
 
 def _covers(limit: int | None, required: int | None) -> bool:
@@ -188,7 +193,7 @@ def _record_finished(path: Path, samples: int, limit: int | None) -> None:
     nothing). The predictions reach the disk before the record does."""
     if path.is_file():
         atomic_files.fsync_file(path)
-    previous = _read_json(_done_path(path))
+    previous = _read_done(path)
     if previous is not None and _covers(previous.get("limit"), limit) and previous.get("samples", 0) >= samples:
         return
     atomic_files.write_json(_done_path(path), {"samples": samples, "limit": limit})
@@ -200,11 +205,11 @@ def _unfinished(out: Path, files: list[Path], predicted: int) -> str | None:
     runs) has finished, and the files hold all of that run's samples. Leftover files of an unfinished run (another
     sharding, say) do not matter once the others hold every sample. A folder from before these records is not
     checked (run_config.json without ``records_completion``)."""
-    run_config = _read_json(out / "run_config.json")
+    run_config = read_run_config(out)
     if run_config is None or not run_config.get("records_completion"):
         return None
     required = run_config.get("limit")
-    records = [record for record in map(_read_json, map(_done_path, files)) if record is not None]
+    records = [record for record in map(_read_done, files) if record is not None]
     covering = [record["samples"] for record in records if _covers(record.get("limit"), required)]
     if not covering:
         wanted = "all its samples" if required is None else f"its first {required} samples"
@@ -233,9 +238,12 @@ def folder_benchmarks(out: Path, *, allow_partial: bool = False) -> tuple[list[s
     return chosen, notes
 
 
-def _check_run_config(out: Path, config: EvalConfig) -> None:
+def _check_run_config(out: Path, config: EvalConfig) -> Callable[[], None]:
     """Record the run's model and generation settings; refuse to mix different ones in one folder. The recorded
-    ``limit`` is what the folder holds: the largest limit of its runs, None once one ran every sample."""
+    ``limit`` is what the folder holds: the largest limit of its runs, None once one ran every sample. Returns the
+    function that widens it to this run's: called before the run writes its first prediction or completion record,
+    so that a run refused before (other data under --data-root, a model that does not load) leaves the folder's
+    limit as it was, and its finished benchmarks finished."""
     path = out / "run_config.json"
     # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do
     generation = {k: v for k, v in config.generation.to_dict().items()
@@ -249,12 +257,14 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
     limit = config.limit
     # a run that stopped before its first prediction (a bad backend, a missing model) holds nothing to mix
     holds_results = any((out / "predictions").glob("*.jsonl")) or any((out / "vas").glob("*.json"))
-    if path.is_file() and holds_results:
-        previous = json.loads(path.read_text())
+    previous = read_run_config(out)
+    if previous is not None and holds_results:
         # scoring reads every stored record: the folder holds the first max(limits) samples (all after a full run)
         limit = None if limit is None or previous.get("limit", limit) is None else max(limit, previous["limit"])
         same = {"model": lambda old, new: Path(str(old)).resolve() == Path(new).resolve(),
-                "weights": lambda old, new: old is None or old == new}  # (None: recorded before weights were)
+                "weights": lambda old, new: old is None or old == new,  # (None: recorded before weights were)
+                # a setting the run did not use (a greedy run's temperature, recorded before those were refused)
+                "generation": lambda old, new: applied_settings(old or {}) == applied_settings(new)}
         mismatched = [k for k in current if not same.get(k, lambda old, new: old == new)(previous.get(k), current[k])]
         if mismatched:
             raise ValueError(
@@ -267,17 +277,42 @@ def _check_run_config(out: Path, config: EvalConfig) -> None:
                                                                       "recorded": "before completion records"})
     # atomic: shards of one run write this file concurrently (with the same content). records_completion: each
     # predictions file has its .done.json once generated (a folder written before that is scored unchecked)
-    atomic_files.write_json(path, {**current, "limit": limit, "records_completion": True})
+    held = limit if previous is None or not holds_results else previous.get("limit", limit)
+    atomic_files.write_json(path, {**current, "limit": held, "records_completion": True})
+
+    widened = held == limit
+
+    def widen_limit() -> None:
+        nonlocal widened
+        if widened:
+            return
+        recorded = (read_run_config(out) or {}).get("limit", held)  # (a shard may have widened it meanwhile)
+        wider = None if limit is None or recorded is None else max(limit, recorded)
+        atomic_files.write_json(path, {**current, "limit": wider, "records_completion": True})
+        widened = True
+
+    return widen_limit
 
 
-def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
+def _data_source(config: EvalConfig) -> str:
+    """Where a run reads its benchmarks, as the samples record names it."""
+    if config.data_root is None:
+        return "the hub"
+    return f"--data-root {config.data_root.resolve()}" + (" (or the hub)" if config.allow_hub else "")
+
+
+def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path, widen_limit: Callable[[], None]
                         ) -> tuple[int, tuple[str, Exception] | None]:
     """Generate the samples of one benchmark that the predictions file lacks, then record that the file is finished
     (``_record_finished``); returns (how many were generated, the first (sample id, error) the rules failed on or
-    None: every response is kept, and the failure reported once everything is generated)."""
+    None: every response is kept, and the failure reported once everything is generated). Every sample read is
+    compared with those the folder's predictions were made from (``run_folder.SampleRecord``) before it is
+    generated, and the record covers every sample before its prediction is appended. ``widen_limit``: from
+    ``_check_run_config``, called before anything is written."""
     from tqdm import tqdm
 
     done = read_predictions(path)
+    data_record = SampleRecord(path.parent / f"{benchmark.name}.samples.json", benchmark.name, _data_source(config))
     seen: set[str] = set()
     chunk_size = _VLLM_CHUNK if config.generation.backend == "vllm" else config.generation.batch_size
     pending, written = [], 0
@@ -287,6 +322,9 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     def flush():
         nonlocal written, failed
         responses = get_generator().generate(pending)
+        # (after generation, which may fail on a bad setting: nothing is written for nothing)
+        widen_limit()
+        data_record.save()
         with path.open("a") as handle:
             for sample, response in zip(pending, responses):
                 record = {"id": sample.id, "prompt": sample.prompt_text, "response": response, "target": sample.target}
@@ -305,6 +343,7 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         if sample.id in seen:
             raise ValueError(f"{benchmark.name}: sample id {sample.id!r} occurs twice in the data; ids must be unique")
         seen.add(sample.id)
+        data_record.check(sample, benchmark.limit_group(sample))
         if position % config.num_shards != config.shard_index:
             continue
         if sample.id in done:
@@ -316,6 +355,8 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
     if pending:
         flush()
     progress.close()
+    data_record.finish(limit=config.limit)
+    widen_limit()
     _record_finished(path, len(seen), config.limit)
     return written, failed
 
@@ -337,6 +378,7 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
     from megatron_avar.eval.report import write_report
 
     out = _checked_out(out)
+    check_eval_folder(out, generating=False)
     if judge is not None and allow_partial:
         raise ValueError("--judge records its replies by rewriting the predictions files, which a shard may still be "
                          "writing: judge once generation has finished (without --allow-partial)")
@@ -375,7 +417,8 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
         vas = read_vas(out, name)
         if vas is not None:
             summaries[name]["vas"] = vas
-    scores = write_report(out, summaries, judge=None if answer_judge is None else answer_judge.describe())
+    scores = write_report(out, summaries, read_run_config(out) or {},
+                          judge=None if answer_judge is None else answer_judge.describe())
     if answer_judge is not None:
         answer_judge.check_failures()
     return scores
@@ -389,11 +432,30 @@ def run_eval(config: EvalConfig) -> dict | None:
     from megatron_avar.analysis.model_loading import check_hf_checkpoint
 
     check_hf_checkpoint(config.model)  # (its weights identify the predictions of a folder: _check_run_config)
-    model_dir = config.model
     # loaded first, so that a bad config or an unset key fails before hours of generation; a shard never judges
     judge = None if config.judge is None or config.num_shards > 1 else load_judge_config(config.judge)
     out = _checked_out(config.out)
-    _check_run_config(out, config)
+    check_eval_folder(out, generating=True)
+    with holding_eval_lock(out, num_shards=config.num_shards, shard_index=config.shard_index):
+        return _run_locked(config, out, judge)
+
+
+def with_earlier_benchmarks(out: Path, benchmarks: tuple[str, ...]) -> tuple[str, ...]:
+    """``benchmarks`` and, after them, the folder's other benchmarks whose generation has finished (an earlier
+    run's): scoring keeps them in scores.json and results.md. The folder's unfinished others are left out, saying
+    so."""
+    others, notes = folder_benchmarks(out)
+    for name, note in notes.items():
+        if name not in benchmarks:
+            print(f"(an earlier run's) {note}", file=sys.stderr)
+    return (*benchmarks, *(name for name in others if name not in benchmarks))
+
+
+def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dict | None:
+    """The body of :func:`run_eval` once ``out`` is checked and this run's predictions files are locked."""
+    assert config.model is not None  # (run_eval checked it)
+    model_dir = config.model
+    widen_limit = _check_run_config(out, config)
     (out / "predictions").mkdir(exist_ok=True)
     generator = None
 
@@ -407,7 +469,7 @@ def run_eval(config: EvalConfig) -> dict | None:
     for name in config.benchmarks:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         path = predictions_path(out, name, config)
-        written, failed = _generate_benchmark(benchmark, config, get_generator, path)
+        written, failed = _generate_benchmark(benchmark, config, get_generator, path, widen_limit)
         print(f"{name}: {written} new predictions", file=sys.stderr)
         if failed is not None:
             failures.append((name, path, failed))
@@ -430,10 +492,5 @@ def run_eval(config: EvalConfig) -> dict | None:
                          "responses without generating them again") from error
     if config.num_shards > 1:
         return None
-    # the folder's other benchmarks (an earlier run's) stay in its scores and table, when their generation finished
-    others, notes = folder_benchmarks(out)
-    for name, note in notes.items():
-        if name not in config.benchmarks:
-            print(f"(an earlier run's) {note}", file=sys.stderr)
-    earlier = tuple(name for name in others if name not in config.benchmarks)
-    return score_run(out, (*config.benchmarks, *earlier), mathvision_split=config.mathvision_split, judge=judge)
+    return score_run(out, with_earlier_benchmarks(out, config.benchmarks), mathvision_split=config.mathvision_split,
+                     judge=judge)

@@ -8,7 +8,6 @@ attention goes through the same hook (plain attention, the probe on the VAS quer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from megatron_avar import atomic_files
@@ -23,8 +22,10 @@ def vas_path(out: Path, benchmark: str) -> Path:
 
 
 def read_vas(out: Path, benchmark: str) -> dict | None:
-    path = vas_path(out, benchmark)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The VAS a run wrote for ``benchmark`` into ``out`` (None: none); a damaged file is named."""
+    from megatron_avar.eval.run_folder import read_json
+
+    return read_json(vas_path(out, benchmark), fix="delete it; `avar eval --vas-samples N` computes it again")
 
 
 def benchmark_vas(model, processor, samples, *, batch_size: int, device) -> dict:

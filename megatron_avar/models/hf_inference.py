@@ -46,7 +46,9 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype, device_map: str | None = None):
     """``Qwen2_5_VLForConditionalGeneration`` of the HF directory ``path`` in ``dtype``, in eval mode, on
-    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead."""
+    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead. A damaged
+    weight file raises safetensors' error, which names no file: `avar eval`, `avar vas` and `avar intervene` check
+    the files first (``analysis.model_loading.check_weights_readable``; this module cannot: convert imports it)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     kwargs: dict[str, Any] = {} if device_map is None else {"device_map": device_map}

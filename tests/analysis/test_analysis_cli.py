@@ -231,6 +231,16 @@ def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
     bad.write_text('{"base": 0.4, "layer1": NaN, "text-sft": 0.5}')  # a NaN gave r = 1.0000, p = 0
     assert main(["vas", "compare", str(out), str(layer1), str(third), "--accuracy", str(bad)]) == 2
     assert "accuracy of 'layer1' is nan, not a finite number" in capsys.readouterr().err
+    # found in review: a report given twice was two rows (two points of r); a key naming no report and a file
+    # mixing fractions with percentages were used as they were
+    assert main(["vas", "compare", str(out), str(out / "report.json")]) == 2
+    assert "are the same report: give each report once" in capsys.readouterr().err
+    for content, message in (('{"base": 0.4, "layer1": 35, "text-sft": 0.5}', "mix fractions and percentages"),
+                             ('{"base": 0.4, "layer1": 0.3, "text-sft": 0.5, "txet-sft": 0.5}',
+                              "['txet-sft'] name no report given here")):
+        bad.write_text(content)
+        assert main(["vas", "compare", str(out), str(layer1), str(third), "--accuracy", str(bad)]) == 2
+        assert message in capsys.readouterr().err
     # an earlier comparison is replaced only with --overwrite, and its plot does not outlive it
     compare_out = tmp_path / "cmp-json"
     assert main(["vas", "compare", str(out), "--out", str(compare_out)]) == 2

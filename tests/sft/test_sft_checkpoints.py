@@ -97,6 +97,11 @@ def test_checkpoints_are_pruned_and_a_half_written_one_is_ignored(runs, tmp_path
     (crashed / "garbage").write_text("a save that died half way")
     assert latest_checkpoint(copy).name == complete[-1]
     (copy / "checkpoints" / "latest").write_text(crashed.name + "\n")
+    with pytest.raises(ValueError, match="latest does not name a step_\\* folder of this run"):
+        latest_checkpoint(copy)
+    incomplete = copy / "checkpoints" / f"step_{STEPS + 4:08d}"
+    incomplete.mkdir()
+    (copy / "checkpoints" / "latest").write_text(incomplete.name + "\n")
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         latest_checkpoint(copy)
 

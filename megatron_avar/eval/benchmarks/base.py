@@ -107,6 +107,12 @@ class Benchmark:
                 yield sample
                 count += 1
 
+    def limit_group(self, sample: Sample) -> str:
+        """The group of samples whose first ``limit`` :meth:`samples` reads ("": the whole benchmark). A run's
+        samples in each group are a prefix of the same sequence whatever its limit, which is how a resume with
+        another limit is compared with the samples the predictions were made from (`eval.run_folder`)."""
+        return ""
+
     def sample(self, row: dict, config: str | None, index: int) -> Sample | None:
         """The sample of a row (None: not in the evaluated subset); ``index``: the row's position in its config's
         split, which a row that cannot be read is named by."""

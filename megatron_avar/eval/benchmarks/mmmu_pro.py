@@ -44,6 +44,9 @@ class MMMUPro(Benchmark):
                 assert sample is not None  # (every row is evaluated: keep is the base's)
                 yield sample
 
+    def limit_group(self, sample: Sample) -> str:
+        return sample.target["setting"]  # --limit counts each setting
+
     def build(self, row: dict, config: str | None) -> Sample:
         options = parse_options(row["options"])
         target = {"answer": str(row["answer"]).strip(), "options": options, "setting": config,

@@ -20,7 +20,7 @@ import re
 from megatron_avar.eval.answers import can_infer
 from megatron_avar.eval.benchmarks.base import Benchmark, Judgement, Sample
 from megatron_avar.eval.benchmarks.mmmu import MMMU_INSTRUCTION, choice_judge_prompt, mcq_prompt
-from megatron_avar.eval.data import load_split, to_pil
+from megatron_avar.eval.data import load_split, read_data_files, to_pil
 
 __all__ = ["MMStar", "split_inline_options"]
 
@@ -55,11 +55,10 @@ class MMStar(Benchmark):
     def load_rows(self, data_root, allow_hub):
         folder = None if data_root is None else data_root / self.local_dir
         if folder is not None and (folder / "mmstar.parquet").is_file():
-            import datasets
-
             from megatron_avar.data.conversations import dataset_rows, undecoded
 
-            rows = datasets.load_dataset("parquet", data_files=str(folder / "mmstar.parquet"), split="train")
+            rows = read_data_files([folder / "mmstar.parquet"], benchmark=self.name, hub_name=self.hub_name,
+                                   local_dir=folder)
             for row in dataset_rows(undecoded(rows)):
                 yield None, row
             return
