@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         # finishes the step and saves a checkpoint is SIGTERM / SIGUSR1, as Slurm sends them.
         if os.environ.get("AVAR_DEBUG") == "1":
             raise
-        stop = (" (a training run saves a checkpoint and stops after its step on SIGTERM or SIGUSR1: "
-                "kill -USR1 PID)" if args.subcommand in ("sft", "grpo") else "")
+        stop = (" (a training run saves a checkpoint and stops after its step on SIGUSR1 or SIGTERM to its ranks: "
+                "scancel --batch --signal=USR1 JOBID under Slurm)" if args.subcommand in ("sft", "grpo") else "")
         print(f"\navar {args.subcommand}: interrupted{stop}", file=sys.stderr)
         return 130
 

@@ -164,6 +164,19 @@ def missing_processor_files(model_dir: str | Path) -> list[str]:
     return missing
 
 
+def check_pixel_bounds(min_pixels, max_pixels, *, prefix: str = "") -> None:
+    """ValueError unless each bound is None (the processor's own) or an int >= MIN_IMAGE_PIXELS, and the two given
+    are in order; ``prefix`` names them as the config does (``data.``). The one check of the processor's bounds,
+    also made by the data configs, so `avar plan` and `avar sweep` refuse what the run would (found in review: 0
+    had meant the default, a negative bound failed on the first image as the data's fault)."""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < MIN_IMAGE_PIXELS):
+            raise ValueError(f"{prefix}{name}={value!r}: give a pixel count >= {MIN_IMAGE_PIXELS} (one 28x28 merged "
+                             "patch), or leave it out for the processor's own")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise ValueError(f"{prefix}min_pixels ({min_pixels}) must not exceed {prefix}max_pixels ({max_pixels})")
+
+
 def load_processor(
     path: str | Path | None = None,
     *,
@@ -184,11 +197,7 @@ def load_processor(
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        # (found in review: 0 meant the default, a negative bound failed on the first image as the data's fault)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < MIN_IMAGE_PIXELS):
-            raise ValueError(f"{name}={value!r}: give a pixel count >= {MIN_IMAGE_PIXELS} (one 28x28 merged "
-                             "patch), or leave it out for the processor's own")
+    check_pixel_bounds(min_pixels, max_pixels)
     if path is None:
         tokenizer = _offline_tokenizer()
         image_processor = _offline_image_processor(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)

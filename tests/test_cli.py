@@ -86,5 +86,5 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["sft", "--config", "c.yaml"]) == 130
     error = capsys.readouterr().err
     assert error.strip() == ("avar sft: interrupted (a training run saves a checkpoint and stops after its step on "
-                             "SIGTERM or SIGUSR1: kill -USR1 PID)")
+                             "SIGUSR1 or SIGTERM to its ranks: scancel --batch --signal=USR1 JOBID under Slurm)")
     assert main(["plan", "--config", "c.yaml"]) == 130 and capsys.readouterr().err.strip() == "avar plan: interrupted"

@@ -109,13 +109,9 @@ class GRPODataConfig:
         for name in ("skip_long_prompts", "shuffle"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("min_pixels", "max_pixels"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"data.{name} must be null or a positive int, got {value!r}")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"data.min_pixels ({self.min_pixels}) must not exceed max_pixels "
-                             f"({self.max_pixels})")
+        from megatron_avar.processor import check_pixel_bounds
+
+        check_pixel_bounds(self.min_pixels, self.max_pixels, prefix="data.")
 
 
 def build_prompt_processor(config: GRPODataConfig, processor_path: str | None = None):

@@ -217,7 +217,8 @@ def _submit_unlocked(config: SweepConfig, points: list[Point], *, out: Path, rep
     for point in finished:  # before anything is recorded or submitted
         _check_finished_settings(config, point)
     jobs = load_state(out)
-    last_jobs = {p.name: jobs[p.name][-1] for p in points if jobs.get(p.name)}
+    # every point's last job, those of an earlier grid's points too: still queued, they head the chains as well
+    last_jobs = {name: ids[-1] for name, ids in jobs.items() if ids}
     states = job_states(sorted(set(last_jobs.values())))
     earlier = read_sweep_file(out / "sweep.json", "config", "points") if (out / "sweep.json").exists() else None
     if earlier is not None:

@@ -292,6 +292,8 @@ def check_teacher_failures(config: SynthConfig, manifest: dict) -> None:
         advice.append("Malformed answers are cached, so the same command gets them again: raise client.format_retries "
                       "(each retry asks with a new seed; the run resumes from the cache), or make the teacher answer "
                       "in the form asked for (the model the stage needs? enough max_tokens?) and rerun.")
+    advice.append("A changed teacher model or sampling setting makes another run: add output.overwrite=true to "
+                  "replace this one (its cached answers stay in the request cache).")
     kept = (f"Kept {manifest['kept']} of {manifest['read']} records (shards in {Path(config.output.dir) / 'data'}), "
             if manifest["kept"] else f"Kept 0 of {manifest['read']} records, ")
     raise TeacherFailuresError("; ".join(problems.values()) + f". {kept}but {_unfinished(config)} " + " ".join(advice)

@@ -29,7 +29,7 @@ import torch
 from megatron_avar import atomic_files
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
-__all__ = ["LoopOutcome", "run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
+__all__ = ["run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
            "enter_run_dir", "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError",
            "begin_run", "end_run", "check_run_inputs"]
 
@@ -182,8 +182,6 @@ def _check_out_is_a_run_of(config) -> None:
     model folder or any folder whose config.json is not a run config (the run would replace it), or a run of the
     other trainer (``avar grpo`` in an SFT run's folder took it for a finished GRPO run). A run directory holds
     its run config in config.json from before its first checkpoint, so that file tells what the folder is."""
-    import dataclasses
-
     out = str(config.out)
     if not out.strip():
         raise ValueError("out is empty: give the run directory (out=runs/NAME)")
@@ -207,7 +205,8 @@ def _check_out_is_a_run_of(config) -> None:
     others = sorted(saved.keys() - set(own))
     if others:
         raise ValueError(f"out={out} holds a run of another command (its config.json has sections "
-                         f"{', '.join(others)}, which this command's has not): choose another out")
+                         f"{', '.join(others)}, which this command's has not): choose another out (a run of one "
+                         "command never replaces the other's, checkpoint.overwrite=true included)")
 
 
 def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStart, dict]:
@@ -227,9 +226,9 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
 def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
     """Refuse a resume with another model than the checkpoint's (its copy of the HF config it was trained from):
     megatron would fail deep in its load with a shape mismatch, and another parameter count reads as other
-    gradient buckets. Checkpoints without the copy pass (their load still checks every shape)."""
-    import dataclasses
-
+    gradient buckets. Every field of the model config counts, not only the shapes (max_position_embeddings, the
+    special token ids): a run trains one model. Checkpoints without the copy pass (their load still checks every
+    shape)."""
     from megatron_avar.convert.checkpoint import HF_SIDE_DIR
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
@@ -238,7 +237,7 @@ def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
         return
     try:
         theirs = Qwen25VLConfig.from_hf(saved_config)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise ValueError(f"{saved_config} (the model the checkpoint was trained from) is unreadable: {error}; "
                          "resume from a checkpoint of this run, or start over (checkpoint.resume=false "
                          "checkpoint.overwrite=true)") from None
@@ -390,10 +389,12 @@ def run_steps(step_fn: Callable[[int], dict[str, float]], *, start_step: int, st
     except BaseException as error:
         if layout.is_logging_rank:
             # best effort: the error itself is what the user must see, not a second one from writing this
+            fields = {}
+            with contextlib.suppress(Exception):
+                fields = summary_fields()
             with contextlib.suppress(Exception):
                 failed = f"{type(error).__name__}: {error}".rstrip(": ")
-                _write_summary(run_dir, outcome, start_step=start_step, layout=layout, failed=failed,
-                               fields=summary_fields())
+                _write_summary(run_dir, outcome, start_step=start_step, layout=layout, failed=failed, fields=fields)
         raise
     return _write_summary(run_dir, outcome, start_step=start_step, layout=layout, failed=None,
                           fields=summary_fields())

@@ -80,13 +80,9 @@ class SFTDataConfig:
         for name in ("truncate", "reasoning_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"data.{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("min_pixels", "max_pixels"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"data.{name} must be null or a positive int, got {value!r}")
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"data.min_pixels ({self.min_pixels}) must not exceed max_pixels "
-                             f"({self.max_pixels})")
+        from megatron_avar.processor import check_pixel_bounds
+
+        check_pixel_bounds(self.min_pixels, self.max_pixels, prefix="data.")
         for name in ("processor_path", "cache_dir"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"data.{name} must be null or a path string")

@@ -451,7 +451,8 @@ def _stub_slurm(bin_dir: Path, *, squeue_state: str | None) -> None:
     counter.write_text("41")
     queue = "exit 0" if squeue_state is None else (
         f'for job in $(echo "$3" | tr , " "); do echo "$job {squeue_state}"; done')
-    for tool, script in (("sbatch", f'n=$(cat {counter}); echo $((n + 1)) > {counter}; echo "$n"'),
+    for tool, script in (("sbatch", f'echo "$@" >> {bin_dir / "sbatch.log"}; n=$(cat {counter}); '
+                                    f'echo $((n + 1)) > {counter}; echo "$n"'),
                          ("squeue", queue), ("sacct", "exit 0"), ("scontrol", "exit 1")):
         (bin_dir / tool).write_text(f"#!/bin/sh\n{script}\n")
         (bin_dir / tool).chmod(0o755)
@@ -485,6 +486,9 @@ def test_a_rerun_keeps_the_earlier_grids_points_and_refuses_new_settings_for_que
     assert "1 point(s) of the earlier grid are not in this one" in capsys.readouterr().out
     assert sorted(p["name"] for p in json.loads((out / "sweep.json").read_text())["points"]) == sorted(
         p["name"] for p in first)
+    # a new point queues behind every queued job, the dropped point's (42) too: max_concurrent holds across grids
+    assert main([*base, "grid.agto=[true]", "points=[{tp: 1}]"]) == 0
+    assert (tmp_path / "bin" / "sbatch.log").read_text().splitlines()[-1].count("--dependency=afterany:42") == 1
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -358,7 +358,8 @@ def test_truncation_keeps_a_prefix_and_never_labels_past_the_cut(processor, tmp_
     ("seq_length", 0, "seq_length must be an int >= 16"),
     ("micro_batch_size", 1.5, "micro_batch_size must be an int >= 1"),
     ("truncate", "yes", "truncate must be true or false"),
-    ("max_pixels", 100, r"min_pixels \(3136\) must not exceed max_pixels \(100\)"),
+    ("max_pixels", 1000, r"data.min_pixels \(3136\) must not exceed data.max_pixels \(1000\)"),
+    ("max_pixels", 100, "data.max_pixels=100: give a pixel count >= 784"),  # as the processor would refuse it
     ("path", "", "path must be a non-empty path string"),
 ])
 def test_config_is_validated(field, value, match):
