@@ -16,3 +16,24 @@ def toy_checkpoint(tmp_path_factory):
     from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
 
     return write_toy_checkpoint(tmp_path_factory.mktemp("toy") / "toy-qwen2.5-vl", ToyModelConfig(num_layers=2))
+
+
+class RecordingGenerator:
+    """Answers "B" to everything and records which sample ids it was asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, samples):
+        self.calls.append([s.id for s in samples])
+        return ["<think>looking</think><answer>B</answer>"] * len(samples)
+
+
+@pytest.fixture
+def fake_generator(monkeypatch):
+    """The runner's model replaced by a RecordingGenerator (no model is loaded)."""
+    import megatron_avar.eval.runner as runner
+
+    generator = RecordingGenerator()
+    monkeypatch.setattr(runner, "make_generator", lambda model, config: generator)
+    return generator

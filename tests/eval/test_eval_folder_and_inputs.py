@@ -9,28 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import megatron_avar.eval.runner as runner
 from megatron_avar.cli import main
 from megatron_avar.eval.runner import EvalConfig, read_predictions, run_eval, score_run
 from megatron_avar.training.run_lock import LOCK_FILE
-
-
-class CannedGenerator:
-    """Answers "B" to everything and records which sample ids it was asked for."""
-
-    def __init__(self):
-        self.calls = []
-
-    def generate(self, samples):
-        self.calls.append([s.id for s in samples])
-        return ["<answer>B</answer>"] * len(samples)
-
-
-@pytest.fixture
-def generator(monkeypatch):
-    canned = CannedGenerator()
-    monkeypatch.setattr(runner, "make_generator", lambda model, config: canned)
-    return canned
 
 
 def _model(tmp_path) -> Path:
@@ -83,7 +64,7 @@ def _shift_ids(rows):  # another split: other ids, questions and answers
         row["index"] += 10
 
 
-def test_a_resume_reading_other_data_is_refused(generator, tmp_path, eval_data_root, capsys):
+def test_a_resume_reading_other_data_is_refused(fake_generator, tmp_path, eval_data_root, capsys):
     """Found in review: rerunning an --out with another --data-root (a different split file) appended the new data's
     ids to predictions/mmstar.jsonl and scored the two datasets together as one benchmark."""
     other = _mmstar_copy(eval_data_root, tmp_path / "other", _shift_ids)
@@ -96,10 +77,10 @@ def test_a_resume_reading_other_data_is_refused(generator, tmp_path, eval_data_r
             f"{tmp_path / 'out' / 'predictions'} were made from (--data-root {eval_data_root.resolve()}): sample 0 "
             "(id '10') differs") in error and "give another --out for these data" in error
     assert _contents(tmp_path / "out") == before
-    assert generator.calls == [["0"], ["1"], ["2"]]  # nothing of the other data was generated
+    assert fake_generator.calls == [["0"], ["1"], ["2"]]  # nothing of the other data was generated
 
 
-def test_a_refused_resume_leaves_the_folder_finished(generator, tmp_path, eval_data_root):
+def test_a_refused_resume_leaves_the_folder_finished(fake_generator, tmp_path, eval_data_root):
     """A run refused for its data before writing anything leaves the folder's recorded limit alone: its benchmark
     stays finished (a widened limit would have made it unfinished until the other data were generated)."""
     other = _mmstar_copy(eval_data_root, tmp_path / "other", _shift_ids)
@@ -110,13 +91,13 @@ def test_a_refused_resume_leaves_the_folder_finished(generator, tmp_path, eval_d
     assert score_run(tmp_path / "out", ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 2
 
 
-def test_the_data_are_compared_on_the_samples_both_runs_read(generator, tmp_path, eval_data_root):
+def test_the_data_are_compared_on_the_samples_both_runs_read(fake_generator, tmp_path, eval_data_root):
     """--limit changes how many samples a run reads, not which: a resume with another limit is compared on the
     samples both read (MMMU-Pro's limit counts each setting); a changed answer, or data longer or shorter than a
     complete record, is refused."""
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar", "mmmu_pro"), limit=1))
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar", "mmmu_pro")))  # the rest of the same data
-    assert generator.calls[-1] == ["vision/test_Art_2"]
+    assert fake_generator.calls[-1] == ["vision/test_Art_2"]
 
     def change_answer(rows):
         rows[1]["answer"] = "C"
@@ -132,12 +113,12 @@ def test_the_data_are_compared_on_the_samples_both_runs_read(generator, tmp_path
         run_eval(_config(tmp_path, shorter))
     assert len(read_predictions(tmp_path / "out" / "predictions" / "mmstar.jsonl")) == 3
     # the same data again (copied elsewhere): resumed, nothing to generate
-    generator.calls.clear()
+    fake_generator.calls.clear()
     run_eval(_config(tmp_path, _mmstar_copy(eval_data_root, tmp_path / "copy", lambda rows: None)))
-    assert generator.calls == []
+    assert fake_generator.calls == []
 
 
-def test_a_folder_eval_did_not_write_is_refused(generator, tmp_path, eval_data_root, capsys):
+def test_a_folder_eval_did_not_write_is_refused(fake_generator, tmp_path, eval_data_root, capsys):
     """Found in review: `avar eval --out DIR` replaced the user's results.md and scores.json in a folder no eval run
     had written (no run_config.json), where `avar vas` / `avar intervene` refuse such an --out."""
     out = tmp_path / "out"
@@ -151,17 +132,17 @@ def test_a_folder_eval_did_not_write_is_refused(generator, tmp_path, eval_data_r
     assert (f"--out {out} holds scores.json and results.md that `avar eval` did not write, and a run would replace "
             "them: choose another --out") in error and error.count("\n") == 1
     assert main(["eval", "--out", str(out), "--score-only"]) == 2
-    assert _contents(out) == before and generator.calls == []
+    assert _contents(out) == before and fake_generator.calls == []
     # predictions without the run_config.json of the run that made them: of unknown model and settings
     shutil.rmtree(out)
     (out / "predictions").mkdir(parents=True)
     (out / "predictions" / "mmstar.jsonl").write_text('{"id": "0", "response": "B", "target": {"answer": "B"}}\n')
     assert main(_argv(tmp_path, eval_data_root)) == 2
     assert "holds predictions but no run_config.json" in capsys.readouterr().err
-    assert generator.calls == []
+    assert fake_generator.calls == []
 
 
-def test_scoring_some_benchmarks_keeps_the_folders_others(generator, tmp_path, eval_data_root):
+def test_scoring_some_benchmarks_keeps_the_folders_others(fake_generator, tmp_path, eval_data_root):
     """Found in review: `--score-only --benchmarks mmstar` on a folder that had scored mmstar and mathvista wrote a
     scores.json and results.md without mathvista."""
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar", "mathvista")))
@@ -172,7 +153,7 @@ def test_scoring_some_benchmarks_keeps_the_folders_others(generator, tmp_path, e
     assert "| ours: model |" in (tmp_path / "out" / "results.md").read_text()
 
 
-def test_two_runs_of_one_shard_on_one_folder_are_refused(generator, tmp_path, eval_data_root, capsys):
+def test_two_runs_of_one_shard_on_one_folder_are_refused(fake_generator, tmp_path, eval_data_root, capsys):
     """Found in review: two `avar eval` runs on one --out both generated the missing samples and interleaved their
     appends. The second is refused naming the holder; shards of one run have a lock each."""
     out = tmp_path / "out"
@@ -183,7 +164,7 @@ def test_two_runs_of_one_shard_on_one_folder_are_refused(generator, tmp_path, ev
         assert main(_argv(tmp_path, eval_data_root)) == 2
         error = capsys.readouterr().err
         assert "is in use by" in error and "two unsharded `avar eval` runs on one --out would both generate" in error
-        assert not (out / "predictions").exists() and generator.calls == []
+        assert not (out / "predictions").exists() and fake_generator.calls == []
         # another shard is not held up by it
         assert main(_argv(tmp_path, eval_data_root, "--num-shards", "2", "--shard-index", "1")) == 0
     shard_lock = out / ".avar-locks" / "shard-0-of-2" / LOCK_FILE
@@ -200,7 +181,7 @@ def test_two_runs_of_one_shard_on_one_folder_are_refused(generator, tmp_path, ev
     (b"", "is empty"),
     (b"{bad json\n", "cannot be read as json (ArrowInvalid: JSON parse error"),
 ], ids=["empty", "bad-json"])
-def test_a_damaged_benchmark_file_is_named(generator, tmp_path, capsys, content, problem):
+def test_a_damaged_benchmark_file_is_named(fake_generator, tmp_path, capsys, content, problem):
     """Found in review: an empty split file gave `RuntimeError: generator raised StopIteration` and one that is not
     JSON a DatasetGenerationError, both as tracebacks naming no file."""
     root = tmp_path / "data"
@@ -254,7 +235,7 @@ def test_the_settings_apply_with_what_they_need(capsys):
     assert (generation["temperature"], generation["top_k"], generation["alpha_img"]) == (0.5, 3, 0.3)
 
 
-def test_a_folder_recorded_with_an_ignored_setting_still_resumes(generator, tmp_path, eval_data_root):
+def test_a_folder_recorded_with_an_ignored_setting_still_resumes(fake_generator, tmp_path, eval_data_root):
     """A run_config.json written before ignored settings were refused holds e.g. a greedy run's temperature 0.7;
     that run decoded greedily, so a greedy resume is the same setting."""
     run_eval(_config(tmp_path, eval_data_root, limit=1))
@@ -263,10 +244,10 @@ def test_a_folder_recorded_with_an_ignored_setting_still_resumes(generator, tmp_
     recorded["generation"].update(temperature=0.7, alpha_img=0.5)
     path.write_text(json.dumps(recorded))
     run_eval(_config(tmp_path, eval_data_root))
-    assert generator.calls == [["0"], ["1"], ["2"]]
+    assert fake_generator.calls == [["0"], ["1"], ["2"]]
 
 
-def test_damaged_json_files_are_named(generator, tmp_path, eval_data_root, capsys):
+def test_damaged_json_files_are_named(fake_generator, tmp_path, eval_data_root, capsys):
     """Found in review: a damaged run_config.json in --out (or config.json / tokenizer.json in --model) printed only
     `Expecting value: line 1 column 1 (char 0)`, naming no file."""
     run_eval(_config(tmp_path, eval_data_root))

@@ -11,24 +11,6 @@ from megatron_avar.eval.generation import GenerationConfig
 from megatron_avar.eval.runner import EvalConfig, read_predictions, run_eval, score_run
 
 
-class RecordingGenerator:
-    """Answers "B" to everything and records which sample ids it was asked for."""
-
-    def __init__(self):
-        self.calls = []
-
-    def generate(self, samples):
-        self.calls.append([s.id for s in samples])
-        return ["<think>looking</think><answer>B</answer>"] * len(samples)
-
-
-@pytest.fixture
-def fake_generator(monkeypatch):
-    generator = RecordingGenerator()
-    monkeypatch.setattr(runner, "make_generator", lambda model, config: generator)
-    return generator
-
-
 def _config(tmp_path, root, **kwargs):
     (tmp_path / "model").mkdir(parents=True, exist_ok=True)
     if not (tmp_path / "model" / "config.json").exists():
