@@ -30,8 +30,8 @@ from typing import TypeVar
 
 import yaml
 
-__all__ = ["load_config", "config_from_dict", "config_to_dict", "apply_overrides", "read_config_file",
-           "flag_overrides", "ConfigValues"]
+__all__ = ["load_config", "config_from_dict", "config_to_dict", "flat_config", "apply_overrides",
+           "read_config_file", "flag_overrides", "ConfigValues"]
 
 T = TypeVar("T")
 
@@ -437,6 +437,18 @@ def config_to_dict(config) -> dict:
     """The resolved config as plain data (for run directories, logs and manifests): sections as dicts, tuples
     as lists, sections inside lists too."""
     return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config) if not f.name.startswith("_")}
+
+
+def flat_config(values: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a :func:`config_to_dict` result (``{"optim": {"lr": 1e-5}}`` -> ``{"optim.lr": 1e-5}``);
+    lists stay values. What comparisons of two configs name their differences by."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def _plain(value):

@@ -120,25 +120,15 @@ def run_finished(run_dir: Path) -> bool:
             and summary.get("last_step") == steps - 1)
 
 
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def _check_finished_settings(config: SweepConfig, point: Point) -> None:
     """ValueError when a finished run of ``point`` trained with other settings than the point has now (another
     global_batch_per_dp, sft_overrides or sft_config than the sweep that ran it): skipping it would report its
     numbers under the new settings. Compares every key both configs have, except ``out``."""
-    from megatron_avar.config import config_to_dict, load_config
+    from megatron_avar.config import config_to_dict, flat_config, load_config
     from megatron_avar.sft.config import SFTConfig
 
-    ran = _flat(json.loads((point.run_dir / "config.json").read_text()))
-    wanted = _flat(config_to_dict(load_config(SFTConfig, config.sft_config,
+    ran = flat_config(json.loads((point.run_dir / "config.json").read_text()))
+    wanted = flat_config(config_to_dict(load_config(SFTConfig, config.sft_config,
                                               [*point.overrides, f"out={point.run_dir}"])))
     differ = sorted(k for k in ran.keys() & wanted.keys() if k != "out" and ran[k] != wanted[k])
     if differ:

@@ -241,17 +241,12 @@ def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
         raise ValueError(f"{saved_config} (the model the checkpoint was trained from) is unreadable: {error}; "
                          "resume from a checkpoint of this run, or start over (checkpoint.resume=false "
                          "checkpoint.overwrite=true)") from None
+    from megatron_avar.config import config_to_dict, flat_config
+
     ours = Qwen25VLConfig.from_hf(hf_path)
     if theirs == ours:
         return
-
-    def fields(config) -> dict:
-        flat = {}
-        for name, value in dataclasses.asdict(config).items():
-            flat.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
-        return flat
-
-    saved_fields, our_fields = fields(theirs), fields(ours)
+    saved_fields, our_fields = flat_config(config_to_dict(theirs)), flat_config(config_to_dict(ours))
     differ = "; ".join(f"{name}: {saved_fields[name]} in the checkpoint, {value} in model.hf_path"
                        for name, value in our_fields.items() if saved_fields.get(name) != value)
     raise ValueError(f"{checkpoint} was trained from another model than model.hf_path={hf_path} ({differ}). A run "
