@@ -22,8 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="sweep YAML config (see examples/sweeps/)")
     parser.add_argument("--out", help="the sweep directory, for `avar sweep collect` (default: the config's out)")
     parser.add_argument("--no-wait", action="store_true", help="submit and return; collect later")
-    parser.add_argument("--poll-seconds", type=float, default=10.0, help="how often to ask squeue while waiting")
-    parser.add_argument("--timeout-seconds", type=float, default=None, help="give up waiting after this long")
+    parser.add_argument("--poll-seconds", type=float, default=10.0,
+                        help="seconds between squeue calls while waiting (at least 1)")
+    parser.add_argument("--timeout-seconds", type=float, default=None,
+                        help="give up waiting after this many seconds (> 0; the jobs go on)")
     parser.add_argument("args", nargs="*", metavar="collect | KEY=VALUE",
                         help="`collect`, or dotted overrides of the sweep config")
     parser.set_defaults(handler=_run)
