@@ -98,6 +98,12 @@ def _plain_log_probs(policy, rollouts):
 
 def main() -> int:
     args = _arguments()
+    # the toy checkpoint and the prompts live in a folder that is removed when the benchmark ends, even on an error
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as work:
+        return _benchmark(args, Path(work))
+
+
+def _benchmark(args: argparse.Namespace, work: Path) -> int:
     from megatron_avar import platform
     from megatron_avar.data.procedural import ProceduralConfig, write_dataset
     from megatron_avar.grpo.interfaces import SamplingParams
@@ -116,7 +122,6 @@ def main() -> int:
     toy = ToyModelConfig(num_layers=args.layers) if args.tiny else ToyModelConfig(
         num_layers=args.layers, hidden_size=3584, intermediate_size=18944, num_heads=28, num_kv_heads=4,
         vision_depth=2, vision_hidden_size=1280, min_pixels=256 * 28 * 28, max_pixels=256 * 28 * 28)
-    work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     hf_path = write_toy_checkpoint(work / "model", toy)
     data = write_dataset(ProceduralConfig(num_samples=args.prompts, image_size=(448, 448)), work / "data")
     layout = init_distributed(1, 1, seed=0)
