@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
 from megatron_avar.cli import main  # noqa: E402
-from megatron_avar.convert.hf_files import INDEX_NAME  # noqa: E402
+from megatron_avar.models.hf_weights import INDEX_NAME  # noqa: E402
 from megatron_avar.models.qwen2_5_vl.hf_mapping import hf_name_in_layout  # noqa: E402
 from qwen_vl_cases import case_batch, hf_logits, tiny_hf_model  # noqa: E402
 

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from megatron_avar.models.hf_inference import DTYPES
 
+# The check lives with the weight readers and runs in every ``hf_inference.load_model``; imported here for
+# ``eval.generation.make_generator``, which also checks before vLLM loads the weights (a loader that is not ours).
+from megatron_avar.models.hf_weights import check_weights_readable
+
 __all__ = ["check_hf_checkpoint", "check_weights_readable", "checkpoint_identity", "load_hf_model", "resolve_device",
            "DTYPES"]
 
@@ -41,16 +45,6 @@ def check_hf_checkpoint(path: str | Path) -> Path:
     if not list(path.glob("*.safetensors")):
         raise ValueError(f"--model {path}: no *.safetensors weights found")
     return path
-
-
-def check_weights_readable(path: str | Path) -> None:
-    """ValueError naming a safetensors file of the HF directory ``path`` that is truncated or damaged (a download or
-    copy cut short), or a shard its index names that is missing: safetensors' own error (a SafetensorError out of
-    ``from_pretrained`` or vLLM) names no file. Reads the headers only (`convert.hf_files`, the check `avar convert`
-    makes), which also give every tensor's extent: a file shorter than its header says is caught here."""
-    from megatron_avar.convert.hf_files import tensor_names_and_shapes
-
-    tensor_names_and_shapes(Path(path))
 
 
 def _check_json_files(path: Path) -> dict:
@@ -134,7 +128,6 @@ def load_hf_model(path: str | Path, *, device: str = "auto", dtype: str = "auto"
         raise ValueError(f"--dtype {dtype!r}: use one of {DTYPES}")
     path = check_hf_checkpoint(path)
     device = resolve_device(device)
-    check_weights_readable(path)
     processor = load_processor(path)
     model = load_model(path, device=device, dtype=resolve_dtype(dtype, device), device_map=device_map)
     return model, processor, str(model.device)

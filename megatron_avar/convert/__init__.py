@@ -9,6 +9,7 @@ A megatron checkpoint written here is megatron-core's ``torch_dist`` format of t
 template files, so the way back is self-contained) and ``avar_checkpoint.json`` (what wrote it). The way back
 writes the tensor names of the published Qwen2.5-VL checkpoints (``model.layers.*``, ``visual.*``; what
 ``save_pretrained`` writes) unless ``--hf-layout transformers5``; the way in reads either.
-Modules: :mod:`.hf_files` (safetensors shards, side files, atomic output folders), :mod:`.checkpoint` (the
-per-rank conversion work and its launcher), :mod:`.cli` (the subcommands).
+Modules: :mod:`.hf_files` (writing safetensors shards, side files, atomic output folders; reading them is
+``models.hf_weights``), :mod:`.checkpoint` (the per-rank conversion work and its launcher), :mod:`.cli` (the
+subcommands).
 """

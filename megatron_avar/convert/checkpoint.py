@@ -16,6 +16,7 @@ import torch
 from megatron_avar import atomic_files
 from megatron_avar.convert import hf_files
 from megatron_avar.local_ranks import launch  # noqa: F401  (how cli.py and verify.py start the rank functions)
+from megatron_avar.models import hf_weights
 
 CHECKPOINT_INFO = "avar_checkpoint.json"
 HF_SIDE_DIR = "hf"
@@ -24,7 +25,7 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 def checkpoint_dtype(hf_dir: Path) -> torch.dtype:
     """The one floating dtype of an HF checkpoint's tensors (float32 or bfloat16); ValueError otherwise."""
-    dtypes = {dtype for _, dtype in hf_files.tensor_names_and_shapes(hf_dir).values()}
+    dtypes = {dtype for _, dtype in hf_weights.tensor_names_and_shapes(hf_dir).values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         raise ValueError(f"{hf_dir}: tensors are {sorted(dtypes)}; supported: all F32 or all BF16")
     return _DTYPES[next(iter(dtypes))]
@@ -34,7 +35,7 @@ def check_hf_names(hf_dir: Path, config) -> int:
     """Every HF tensor name is one the config expects and none is missing; returns the number of tensors."""
     from megatron_avar.models.qwen2_5_vl.hf_mapping import canonical_hf_name, param_mappings
 
-    present = {canonical_hf_name(n) for n in hf_files.tensor_names_and_shapes(hf_dir)}
+    present = {canonical_hf_name(n) for n in hf_weights.tensor_names_and_shapes(hf_dir)}
     if config.text.tie_word_embeddings:
         present.discard("lm_head.weight")
     expected = {name for m in param_mappings(config) for name in m.hf}
@@ -59,7 +60,7 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
     config = Qwen25VLConfig.from_hf(hf_dir)
     try:
         init_model_parallel(tp, pp, seed=0)
-        tensors = hf_files.iter_lazy_tensors(Path(hf_dir))
+        tensors = hf_weights.iter_lazy_tensors(Path(hf_dir))
         if dist.get_rank() == 0:
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
         model = build_stage(config, tp=tp, pp=pp, dtype=dtype, hf_tensors=tensors)

@@ -58,6 +58,7 @@ def register(subparsers) -> None:
 
 def _hf_to_mcore(args) -> int:
     from megatron_avar.convert import checkpoint, hf_files
+    from megatron_avar.models.hf_weights import safetensors_files
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
 
     inputs = {"--hf-path": args.hf_path}
@@ -65,7 +66,7 @@ def _hf_to_mcore(args) -> int:
     if args.tp < 1 or args.pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {args.tp} and {args.pp}")
     hf_dir = args.hf_path.absolute()
-    hf_files.safetensors_files(hf_dir)  # a model folder with its weights (not a file, not a weightless folder)
+    safetensors_files(hf_dir)  # a model folder with its weights (not a file, not a weightless folder)
     config = Qwen25VLConfig.from_hf(str(hf_dir))  # refuses configs the model does not reproduce
     config.check_layout(tp=args.tp, pp=args.pp)
     num_tensors = checkpoint.check_hf_names(hf_dir, config)

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoint folders: read safetensors shards lazily, write sharded safetensors with an index,
-copy the non-weight files, and publish an output folder atomically."""
+"""Hugging Face checkpoint folders, the writing side: write sharded safetensors with an index, copy the non-weight
+files, and publish an output folder atomically. Reading them (the shard list, headers, lazy tensors, the check that
+every file is whole) is ``models.hf_weights``, which the HF loader uses too."""
 
 from __future__ import annotations
 
@@ -8,74 +9,17 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from megatron_avar.models.hf_weights import INDEX_NAME, SINGLE_NAME
+
 # Weight files are rewritten, never copied; everything else at the top level of an HF folder (config.json,
 # generation_config.json, tokenizer.json, tokenizer_config.json, vocab/merges, preprocessor_config.json,
 # chat_template.json / .jinja, ...) travels with the checkpoint.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-
-
-def safetensors_files(hf_dir: Path) -> list[Path]:
-    """The weight files of an HF folder, in index order. Raises ValueError if there are none."""
-    if not hf_dir.is_dir():
-        raise ValueError(f"{hf_dir} is {'a file' if hf_dir.exists() else 'missing'}: give the HF model folder "
-                         "(the one holding config.json and the safetensors weights)")
-    index = hf_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor "
-                             f"name -> shard file; {type(error).__name__}: {error}): download or copy it again"
-                             ) from None
-        absent = [f for f in files if not (hf_dir / f).is_file()]
-        if absent:
-            raise ValueError(f"{index} names shard files that are missing: {absent}")
-        return [hf_dir / f for f in files]
-    if (hf_dir / SINGLE_NAME).is_file():
-        return [hf_dir / SINGLE_NAME]
-    raise ValueError(f"{hf_dir} has neither {INDEX_NAME} nor {SINGLE_NAME} (only safetensors checkpoints are "
-                     "supported)")
-
-
-@contextlib.contextmanager
-def _open_shard(path: Path):
-    """safetensors' reader of one weight file; a damaged file (a download cut short) is a ValueError naming it."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        reader = safe_open(path, framework="pt")
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); a download or copy that was cut "
-                         "short leaves such a file: download or copy it again") from None
-    with reader:
-        yield reader
-
-
-def tensor_names_and_shapes(hf_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype string) of every tensor, from the safetensors headers only (no tensor is read)."""
-    out = {}
-    for path in safetensors_files(hf_dir):
-        with _open_shard(path) as reader:
-            for name in reader.keys():
-                piece = reader.get_slice(name)
-                out[name] = (tuple(piece.get_shape()), piece.get_dtype())
-    return out
-
-
-def iter_lazy_tensors(hf_dir: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """(name, read) for every tensor, file by file; ``read()`` loads that one tensor. One file open at a time."""
-    for path in safetensors_files(hf_dir):
-        with _open_shard(path) as reader:
-            for name in reader.keys():
-                yield name, (lambda reader=reader, name=name: reader.get_tensor(name))
 
 
 def write_sharded_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, *,

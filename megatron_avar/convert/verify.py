@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_avar.convert import checkpoint
-from megatron_avar.convert.hf_files import safetensors_files
+from megatron_avar.models.hf_weights import safetensors_files
 
 VERIFY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

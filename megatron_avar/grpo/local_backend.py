@@ -110,10 +110,11 @@ class LocalGenerationBackend:
     """HF KV-cache generation for GRPO rollouts (module docstring: sampling, seeding, log-prob convention).
 
     hf_path: an HF Qwen2.5-VL checkpoint directory; its weights are only the starting point, the trainer
-    replaces them with :meth:`update_weights`. processor: ``megatron_avar.processor.load_processor`` of the
-    checkpoint (decodes responses; gives the stop and suppressed token ids). device: default
-    ``platform.device_for_local_rank()``. dtype: model weights (float32 for log-prob checks). batch_size:
-    at most this many rows per ``generate`` call (a prompt's n samples are split into chunks).
+    replaces them with :meth:`update_weights` (a truncated or damaged weight file there is a ValueError naming it
+    and the fix: ``hf_inference.load_model`` checks the files first). processor:
+    ``megatron_avar.processor.load_processor`` of the checkpoint (decodes responses; gives the stop and suppressed
+    token ids). device: default ``platform.device_for_local_rank()``. dtype: model weights (float32 for log-prob
+    checks). batch_size: at most this many rows per ``generate`` call (a prompt's n samples are split into chunks).
     """
 
     def __init__(self, hf_path: str, processor, *, device: torch.device | None = None,

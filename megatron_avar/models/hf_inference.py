@@ -3,7 +3,8 @@
 vLLM backend's) and `avar vas` / `avar intervene` (``analysis/``).
 
 * :func:`resolve_dtype` and :func:`load_model`: the weights' dtype ("auto" = bfloat16 on CUDA, float32 on the
-  CPU) and ``Qwen2_5_VLForConditionalGeneration`` loaded in eval mode on a device (or spread by a device map).
+  CPU) and ``Qwen2_5_VLForConditionalGeneration`` loaded in eval mode on a device (or spread by a device map),
+  after its weight files are checked whole (``models.hf_weights``).
 * :func:`stop_token_ids`: a response ends at the first of the checkpoint's generation eos ids, the tokenizer's
   eos and ``<|im_end|>`` (the end of a chat turn, which a checkpoint's generation config may not list).
   :func:`cut_at_stop` keeps what comes before it.
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from megatron_avar.models.hf_weights import check_weights_readable
 from megatron_avar.roles import TokenRole
 
 __all__ = ["DTYPES", "END_OF_TURN", "resolve_dtype", "load_model", "token_id", "stop_token_ids", "pad_token_id",
@@ -46,11 +48,12 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype, device_map: str | None = None):
     """``Qwen2_5_VLForConditionalGeneration`` of the HF directory ``path`` in ``dtype``, in eval mode, on
-    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead. A damaged
-    weight file raises safetensors' error, which names no file: `avar eval`, `avar vas` and `avar intervene` check
-    the files first (``analysis.model_loading.check_weights_readable``; this module cannot: convert imports it)."""
+    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead. A truncated or
+    damaged weight file is a one-line ValueError naming it and the fix (``hf_weights.check_weights_readable``, the
+    safetensors headers only), checked first: safetensors' own error out of ``from_pretrained`` names no file."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    check_weights_readable(path)
     kwargs: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, **kwargs)
     if device_map is None:

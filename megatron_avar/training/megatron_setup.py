@@ -174,7 +174,7 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megatron_avar.convert.hf_files import iter_lazy_tensors
+    from megatron_avar.models.hf_weights import iter_lazy_tensors
     from megatron_avar.models.qwen2_5_vl.build import build_stage
 
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size

@@ -228,6 +228,24 @@ def test_update_weights_refits_what_hf_loads_from_files(setup):
     torch.testing.assert_close(again.generator_logprobs, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("keep", ["half", "header"])
+def test_a_truncated_weight_file_is_named_with_the_fix(tmp_path, keep):
+    """Found in review: a model.safetensors cut short (an interrupted copy of the checkpoint) made the backend raise
+    safetensors' own SafetensorError, a traceback naming no file. Now it is one line naming the file and the fix, cut
+    inside the tensor data or inside the header alike: the check every HF load makes
+    (``models.hf_weights.check_weights_readable`` in ``hf_inference.load_model``), before any weight is read."""
+    checkpoint = write_toy_checkpoint(tmp_path / "toy", ToyModelConfig(num_layers=1))
+    processor = load_processor(checkpoint)
+    weights = checkpoint / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if keep == "half" else data[:1000])
+    with pytest.raises(ValueError) as error:
+        LocalGenerationBackend(str(checkpoint), processor, device=torch.device("cpu"))
+    message = str(error.value)
+    assert message.startswith(f"{weights} is not a readable safetensors file ("), message
+    assert message.endswith("cut short leaves such a file: download or copy it again") and "\n" not in message
+
+
 @pytest.mark.gpu
 def test_on_cuda_logprobs_equal_the_hf_forward_and_samples_repeat(setup):
     prompts = setup["prompts"]

@@ -14,7 +14,7 @@ from qwen_vl_cases import tiny_hf_config, tiny_hf_model
 
 def _built(hf_dir):
     from megatron_avar import platform
-    from megatron_avar.convert.hf_files import iter_lazy_tensors
+    from megatron_avar.models.hf_weights import iter_lazy_tensors
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.models.qwen2_5_vl.build import build_stage, init_model_parallel
     from megatron_avar.models.qwen2_5_vl.hf_mapping import export_hf_state_dict

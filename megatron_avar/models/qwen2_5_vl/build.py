@@ -59,7 +59,7 @@ def build_stage(config, *, tp: int, pp: int, dtype: torch.dtype, role_mass_layer
     parameters there (``MegatronSettings.init_device``), anything else builds on the host and moves the stage
     (None: it stays on the CPU, as conversion wants).
     hf_tensors: (HF name, read()) pairs to load after the move (``hf_mapping.load_hf_tensors``: each rank reads
-    only its shard's tensors, cast to the parameter's dtype), e.g. ``convert.hf_files.iter_lazy_tensors(hf_dir)``.
+    only its shard's tensors, cast to the parameter's dtype), e.g. ``models.hf_weights.iter_lazy_tensors(hf_dir)``.
     """
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
