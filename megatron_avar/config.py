@@ -31,7 +31,7 @@ from typing import TypeVar
 import yaml
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "flat_config", "apply_overrides",
-           "read_config_file", "flag_overrides", "ConfigValues"]
+           "read_config_file", "flag_overrides", "refuse_unused_setting", "ConfigValues"]
 
 T = TypeVar("T")
 
@@ -449,6 +449,24 @@ def flat_config(values: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+def refuse_unused_setting(section, key: str, *, used: bool, here: str, only_with: str, why: str = "") -> None:
+    """Refuse a setting the run would ignore (yet record in its config as if it applied): ValueError when the field
+    ``key`` (dotted, e.g. "loss.max_len") of the config section ``section`` (a dataclass instance) differs from its
+    default while ``used`` is False. The one line names the key and its value, the setting of this config that
+    leaves it unused (``here``, e.g. "loss.aggregation=token_mean"), the setting that uses it (``only_with``) and
+    what for (``why``), and the fix: remove it (or set its default, as an override of a YAML file's value can), or
+    set ``only_with``. Called by a section's ``__post_init__``, where the rest of its validation lives."""
+    name = key.rpartition(".")[2]
+    default = {f.name: f.default for f in dataclasses.fields(section)}[name]
+    assert default is not dataclasses.MISSING, f"{key} has no plain default"
+    value = getattr(section, name)
+    if used or value == default:
+        return
+    raise ValueError(f"{key}={_show(value)} has no effect with {here}: only {only_with} uses it"
+                     f"{f' ({why})' if why else ''}. Remove {key} (or set its default, {key}={_show(default)}), or set "
+                     f"{only_with}")
 
 
 def _plain(value):

@@ -21,7 +21,9 @@ its weights, prompt and per-sample seed (``local_backend.sample_seed``), not on 
 rollouts are those one rank would generate, in 1/CP of the time.
 
 A new backend: implement the interface, then ``@register_backend("name")`` a factory here
-(docs/architecture.md, 'A new rollout backend'). ``rollout.backend`` accepts the registered names.
+(docs/architecture.md, 'A new rollout backend'). ``rollout.backend`` accepts the registered names. A factory
+declares the ``rollout.*`` fields only its backend reads (``settings``); a config that sets one of them away from
+its default for another backend is refused (``RolloutConfig``): the run would ignore it.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ if TYPE_CHECKING:
     from megatron_avar.grpo.config import GRPOConfig
     from megatron_avar.training.megatron_setup import RankLayout
 
-__all__ = ["BACKENDS", "BackendFactory", "register_backend", "backend_names", "build_backend", "SourceRankBackend",
-           "PromptShareBackend", "prompt_share", "on_model_parallel_source", "model_parallel_source",
-           "SourceRankGenerationError"]
+__all__ = ["BACKENDS", "BACKEND_SETTINGS", "BackendFactory", "register_backend", "backend_names",
+           "backends_reading", "build_backend", "SourceRankBackend", "PromptShareBackend", "prompt_share",
+           "on_model_parallel_source", "model_parallel_source", "SourceRankGenerationError"]
 
 BackendFactory = Callable[["GRPOConfig", Any, "RankLayout"], GenerationBackend]
 """(config, processor, layout) -> this rank's backend. processor: the one that rendered the prompts
@@ -50,19 +52,35 @@ naming the fix when the backend cannot run here (platform, parallel layout)."""
 BACKENDS: dict[str, BackendFactory] = {}
 """Backend name -> factory, in registration order (the order ``rollout.backend``'s error lists them in)."""
 
+BACKEND_SETTINGS: dict[str, tuple[str, ...]] = {}
+"""Backend name -> the ``rollout.*`` fields (names without the section) only that backend reads."""
 
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Decorator: register ``factory`` as the backend ``rollout.backend=name`` builds."""
+
+def register_backend(name: str, *, settings: tuple[str, ...] = ()) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator: register ``factory`` as the backend ``rollout.backend=name`` builds. settings: the ``rollout.*``
+    fields the factory reads that no backend reads unless it declares them too (e.g. the vLLM engine's memory
+    share); ``RolloutConfig`` refuses them set away from their defaults with any other backend."""
     def register(factory: BackendFactory) -> BackendFactory:
         if name in BACKENDS:
             raise ValueError(f"rollout backend {name!r} is registered twice")
         BACKENDS[name] = factory
+        BACKEND_SETTINGS[name] = tuple(settings)
         return factory
     return register
 
 
 def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
+
+
+def backends_reading() -> dict[str, tuple[str, ...]]:
+    """rollout field -> the registered backends that read it, for every field some backend declares (``settings``
+    of :func:`register_backend`); the fields not listed are every backend's."""
+    readers: dict[str, tuple[str, ...]] = {}
+    for name, settings in BACKEND_SETTINGS.items():
+        for setting in settings:
+            readers[setting] = (*readers.get(setting, ()), name)
+    return readers
 
 
 def build_backend(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
@@ -215,7 +233,7 @@ def on_model_parallel_source(build: Callable[[], GenerationBackend]) -> SourceRa
     return SourceRankBackend(build() if dist.get_rank() == source else None, group=group, source=source)
 
 
-@register_backend("local")
+@register_backend("local", settings=("batch_size",))
 def _local(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
     from megatron_avar import platform
 
@@ -230,7 +248,7 @@ def _local(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBacke
     return on_model_parallel_source(build)
 
 
-@register_backend("vllm")
+@register_backend("vllm", settings=("vllm_gpu_memory_utilization", "vllm_enable_sleep"))
 def _vllm(config: GRPOConfig, processor, layout: RankLayout) -> GenerationBackend:
     from megatron_avar import platform
 

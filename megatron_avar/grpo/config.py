@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_avar.config import refuse_unused_setting
 from megatron_avar.grpo.advantages import ADVANTAGE_MODES
-from megatron_avar.grpo.backends import backend_names
+from megatron_avar.grpo.backends import backend_names, backends_reading
 from megatron_avar.grpo.loss import PolicyLossConfig
 from megatron_avar.grpo.prompts import GRPODataConfig
 from megatron_avar.grpo.rewards import RewardConfig
@@ -44,7 +45,9 @@ class RolloutConfig:
     seed: the sampling seed; step s samples with seed + s, so a resumed run draws the same rollouts.
     batch_size: local backend, rows per generate call. vllm_gpu_memory_utilization: the fraction of GPU
     memory vLLM may take while awake. vllm_enable_sleep: release vLLM's weights and KV cache during the
-    policy update (colocated runs need it unless the GPU holds both). vLLM samples in bf16 whatever
+    policy update (colocated runs need it unless the GPU holds both). A backend's own fields (these three) set
+    away from their defaults with another backend are refused: the run would ignore them (``grpo.backends``
+    declares which backend reads which). vLLM samples in bf16 whatever
     train.precision says; the local backend samples in the training precision (bf16 on a GPU). Either way the
     update's old log-probs are the trainer's own forward pass, in its precision.
     """
@@ -74,12 +77,17 @@ class RolloutConfig:
         if not 0 < self.vllm_gpu_memory_utilization < 1:
             raise ValueError(f"rollout.vllm_gpu_memory_utilization must be in (0, 1), got "
                              f"{self.vllm_gpu_memory_utilization}")
+        for name, readers in backends_reading().items():
+            refuse_unused_setting(self, f"rollout.{name}", used=self.backend in readers,
+                                  here=f"rollout.backend={self.backend}",
+                                  only_with=" or ".join(f"rollout.backend={reader}" for reader in readers))
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
     """mode: "grpo" ((r − mean) / (std + eps) within a prompt's group) or "dr_grpo" (r − mean);
-    eps: the std guard (> 0). See ``grpo.advantages``."""
+    eps: the std guard (> 0; mode "grpo" only, refused away from its default with "dr_grpo", which would ignore it).
+    See ``grpo.advantages``."""
 
     mode: str = "grpo"
     eps: float = 1e-6
@@ -89,6 +97,8 @@ class AdvantageConfig:
             raise ValueError(f"advantage.mode={self.mode!r}: allowed {', '.join(ADVANTAGE_MODES)}")
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"advantage.eps must be a finite number > 0, got {self.eps}")
+        refuse_unused_setting(self, "advantage.eps", used=self.mode == "grpo", here=f"advantage.mode={self.mode}",
+                              only_with="advantage.mode=grpo", why="it divides by the group's std + eps")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_avar.config import refuse_unused_setting
+
 __all__ = ["AGGREGATIONS", "PolicyLossConfig", "policy_loss", "k3_kl"]
 
 AGGREGATIONS = ("token_mean", "sequence_mean", "sequence_sum_norm")
@@ -42,7 +44,8 @@ class PolicyLossConfig:
     """clip_low / clip_high: ρ is clipped to [1 − clip_low, 1 + clip_high] (clip_low in [0, 1), clip_high >= 0).
     kl_coef: weight of the k3 KL to the reference policy (>= 0; 0 = off, the paper's setting).
     aggregation: one of AGGREGATIONS (module docstring). max_len: the constant normaliser of
-    "sequence_sum_norm" (the generation budget in tokens); required for that mode, unused otherwise."""
+    "sequence_sum_norm" (the generation budget in tokens); required for that mode, refused with the others (they
+    would ignore it)."""
 
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -63,6 +66,9 @@ class PolicyLossConfig:
             if not (isinstance(self.max_len, int) and self.max_len > 0):
                 raise ValueError(f"loss.max_len must be a positive integer (the response-length budget) with "
                                  f"aggregation='sequence_sum_norm', got {self.max_len!r}")
+        refuse_unused_setting(self, "loss.max_len", used=self.aggregation == "sequence_sum_norm",
+                              here=f"loss.aggregation={self.aggregation}",
+                              only_with="loss.aggregation=sequence_sum_norm", why="its constant normaliser")
 
 
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from megatron_avar import roles as roles_module
+from megatron_avar.config import refuse_unused_setting
 from megatron_avar.grpo.interfaces import PromptBatch
 
 __all__ = ["DEFAULT_INSTRUCTION", "GRPODataConfig", "PromptLoader", "prompt_messages", "build_prompt_processor"]
@@ -83,7 +84,7 @@ class GRPODataConfig:
     """Permute the prompts every epoch (seeded by (seed, epoch)); False: dataset order, as one cyclic stream (each
     epoch starts where the last stopped, so a tail that does not fill a step is trained in the next)."""
     seed: int = 0
-    """Seed of the per-epoch permutations (>= 0)."""
+    """Seed of the per-epoch permutations (>= 0); with shuffle false there are none, and another seed is refused."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -112,6 +113,8 @@ class GRPODataConfig:
         from megatron_avar.processor import check_pixel_bounds
 
         check_pixel_bounds(self.min_pixels, self.max_pixels, prefix="data.")
+        refuse_unused_setting(self, "data.seed", used=self.shuffle, here="data.shuffle=false",
+                              only_with="data.shuffle=true", why="it seeds the per-epoch permutations")
 
 
 def build_prompt_processor(config: GRPODataConfig, processor_path: str | None = None):

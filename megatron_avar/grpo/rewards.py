@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_avar.config import refuse_unused_setting
 from megatron_avar.grading import RL_REWARD, grade, is_strictly_formatted
 from megatron_avar.models.layer_sets import check_layer_set, parse_layers
 
@@ -44,7 +45,7 @@ class RewardConfig:
         monotonically (after the clip when both are set). r_visual is an unbounded mean of ratios
         (≈ 7.5 for Qwen2.5-VL-7B on prompt queries), so unclipped and unnormalised λ_v·v can outweigh r_acc.
     gate_visual_on_correct: add the visual term only when r_acc > 0 (the paper's rule; False adds it to
-        every rollout, an ablation).
+        every rollout, an ablation; refused with lambda_visual = 0, where there is no visual term to add).
     visual_layers: the decoder layers r_visual averages over, a layer set (``models.layer_sets``): "all" (the
         spec's default), "middle", "A-B", "i,j,k" or a list of 0-based layer indexes (built as AVAR layers).
     """
@@ -73,6 +74,9 @@ class RewardConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"reward.{name} must be true or false, got {getattr(self, name)!r}")
         object.__setattr__(self, "visual_layers", check_layer_set(self.visual_layers, field="reward.visual_layers"))
+        refuse_unused_setting(self, "reward.gate_visual_on_correct", used=self.lambda_visual > 0,
+                              here=f"reward.lambda_visual={self.lambda_visual}", only_with="reward.lambda_visual > 0",
+                              why="it gates the visual term, which λ_v = 0 leaves out")
 
     def layer_indexes(self, num_layers: int) -> tuple[int, ...]:
         """visual_layers resolved for a model with ``num_layers`` decoder layers (sorted, distinct)."""

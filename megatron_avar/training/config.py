@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from megatron_avar.config import refuse_unused_setting
+
 __all__ = ["PRECISIONS", "RECOMPUTE", "OPTIM_RESUME_FIXED", "ModelConfig", "ParallelConfig", "OptimConfig",
            "CheckpointConfig", "LogConfig"]
 
@@ -71,9 +73,10 @@ class ParallelConfig:
     overlap_param_gather: with the distributed optimizer, all-gather the updated weights bucket by bucket during
         the next forward pass instead of right after the update. Same result; on by default with
         overlap_grad_reduce and the distributed optimizer.
-    ddp_bucket_size: parameters per gradient bucket when overlapping (null: megatron's max(40M, 1M x DP)). The
-        optimizer state of a checkpoint is stored per bucket: a resume needs the bucket layout it was written
-        with (a change is refused by name)."""
+    ddp_bucket_size: parameters per gradient bucket when overlapping (null: megatron's max(40M, 1M x DP)); without
+        overlap_grad_reduce megatron makes one bucket per buffer, so a size is refused there. The optimizer state
+        of a checkpoint is stored per bucket: a resume needs the bucket layout it was written with (a change is
+        refused by name)."""
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -100,6 +103,9 @@ class ParallelConfig:
                              "parallel.tensor_model_parallel_size > 1")
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ValueError(f"parallel.ddp_bucket_size must be >= 1 (or null), got {self.ddp_bucket_size}")
+        refuse_unused_setting(self, "parallel.ddp_bucket_size", used=self.overlap_grad_reduce,
+                              here="parallel.overlap_grad_reduce=false", only_with="parallel.overlap_grad_reduce=true",
+                              why="without it megatron makes one gradient bucket per buffer")
 
     @property
     def row_multiple(self) -> int:
@@ -175,7 +181,8 @@ class CheckpointConfig:
     see ``training.run_loop.plan_start``); accept_data_change: resume even though the data differ from the
     checkpoint's (their fingerprint: record ids, messages, image names relative to their common folder, sizes
     and dimensions — moving the data or touching files does not change it). The position (epoch, row / step)
-    is kept and applied to the new data, so the steps after the resume are not those of an unchanged run."""
+    is kept and applied to the new data, so the steps after the resume are not those of an unchanged run. With
+    resume=false nothing resumes: accept_data_change=true is refused there."""
 
     interval: int = 100
     keep: int = 2
@@ -190,6 +197,8 @@ class CheckpointConfig:
             raise ValueError("checkpoint.overwrite=true starts the run over, which contradicts checkpoint.resume=true "
                              "(the default): pass checkpoint.resume=false with it, or drop checkpoint.overwrite to "
                              "resume")
+        refuse_unused_setting(self, "checkpoint.accept_data_change", used=self.resume, here="checkpoint.resume=false",
+                              only_with="checkpoint.resume=true", why="when a resume meets changed data")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ file and line; through `avar sft` that line and exit code 2, never a traceback. 
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -232,3 +233,91 @@ def test_an_out_that_is_not_this_commands_run_directory_is_refused_before_anythi
     assert (model / "config.json").read_text() == model_config and sorted(p.name for p in model.iterdir()) == [
         "config.json"]
     assert json.loads((other_run / "config.json").read_text()) == other and len(list(other_run.iterdir())) == 1
+
+
+# A setting that only some other setting makes the run read: (command, overrides that set it where the run would ignore
+# it, the refused key=value, the setting that leaves it unused, the one that uses it). Each was accepted and recorded
+# in the run's config.json, yet changed nothing.
+UNUSED_SETTINGS = [
+    ("grpo", ["loss.max_len=2048"], "loss.max_len=2048", "loss.aggregation=token_mean",
+     "loss.aggregation=sequence_sum_norm"),
+    ("grpo", ["loss.aggregation=sequence_mean", "loss.max_len=2048"], "loss.max_len=2048",
+     "loss.aggregation=sequence_mean", "loss.aggregation=sequence_sum_norm"),
+    ("grpo", ["rollout.vllm_gpu_memory_utilization=0.3"], "rollout.vllm_gpu_memory_utilization=0.3",
+     "rollout.backend=local", "rollout.backend=vllm"),
+    ("grpo", ["rollout.vllm_enable_sleep=false"], "rollout.vllm_enable_sleep=false", "rollout.backend=local",
+     "rollout.backend=vllm"),
+    ("grpo", ["rollout.backend=vllm", "rollout.batch_size=4"], "rollout.batch_size=4", "rollout.backend=vllm",
+     "rollout.backend=local"),
+    ("grpo", ["advantage.mode=dr_grpo", "advantage.eps=1e-3"], "advantage.eps=0.001", "advantage.mode=dr_grpo",
+     "advantage.mode=grpo"),
+    ("grpo", ["data.shuffle=false", "data.seed=3"], "data.seed=3", "data.shuffle=false", "data.shuffle=true"),
+    ("grpo", ["reward.lambda_visual=0", "reward.gate_visual_on_correct=false"], "reward.gate_visual_on_correct=false",
+     "reward.lambda_visual=0.0", "reward.lambda_visual > 0"),
+    *[(command, ["checkpoint.resume=false", "checkpoint.accept_data_change=true"], "checkpoint.accept_data_change=true",
+       "checkpoint.resume=false", "checkpoint.resume=true") for command in ("sft", "grpo")],
+    *[(command, ["parallel.overlap_grad_reduce=false", "parallel.ddp_bucket_size=40000"],
+       "parallel.ddp_bucket_size=40000", "parallel.overlap_grad_reduce=false", "parallel.overlap_grad_reduce=true")
+      for command in ("sft", "grpo")],
+]
+
+
+def _config_class(command: str):
+    from megatron_avar.grpo.config import GRPOConfig
+
+    return SFTConfig if command == "sft" else GRPOConfig
+
+
+@pytest.mark.parametrize("command, overrides, setting, here, used_with", UNUSED_SETTINGS)
+def test_a_setting_the_run_would_ignore_is_refused_in_one_line_naming_the_fix(command, overrides, setting, here,
+                                                                              used_with):
+    """Before, each of these loaded: the run ignored the setting (loss.max_len under token_mean, vLLM's memory share
+    with the local backend, ...) while its config.json recorded it as applied. Now the config refuses it in one line
+    naming the key, the setting that leaves it unused, the one that uses it and the fix; the same setting loads where
+    it is used, and its default loads anywhere."""
+    key = setting.split("=")[0]
+    with pytest.raises(ValueError) as error:
+        load_config(_config_class(command), None, BASE + overrides)
+    message = str(error.value)
+    assert message.startswith(f"{setting} has no effect with {here}: only {used_with} uses it"), message
+    assert f"Remove {key} (or set its default, {key}=" in message and f"or set {used_with}" in message, message
+    assert "\n" not in message
+    fixed = [o for o in overrides if not o.startswith(key + "=")]
+    assert load_config(_config_class(command), None, BASE + fixed)  # without it the config loads
+    if ">" not in used_with:  # where it is used, it loads too
+        with_use = [o for o in overrides if not o.startswith(used_with.split("=")[0] + "=")] + [used_with]
+        if key == "loss.max_len":  # sequence_sum_norm needs it equal to the response budget
+            with_use.append("rollout.max_new_tokens=2048")
+        assert load_config(_config_class(command), None, BASE + with_use)
+
+
+def test_the_commands_refuse_an_ignored_setting_before_running(tmp_path, capsys, monkeypatch):
+    """The refusal is the config's own (one home): `avar grpo` prints it in one line and exits 2 without running, and
+    `avar plan` refuses it too (here the 7B example's vLLM memory share once the backend is switched to local), as
+    does `avar sweep` for a point's SFT config."""
+    import megatron_avar.grpo.trainer as trainer
+
+    started = []
+    monkeypatch.setattr(trainer, "run_grpo", started.append)
+    monkeypatch.delenv("AVAR_DEBUG", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text("out: o\nmodel: {hf_path: m}\ndata: {path: d}\nloss:\n  max_len: 2048\n")
+    assert main(["grpo", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avar grpo: error: loss.max_len=2048 has no effect with loss.aggregation=token_mean"), err
+    assert f"(loss.max_len: {config}:5)" in err and len(err.strip().splitlines()) == 1 and not started
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(repo)
+    assert main(["plan", "--config", "examples/grpo/avar_7b.yaml", "--model", "7b", "rollout.backend=local"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.vllm_gpu_memory_utilization=0.45 has no effect with rollout.backend=local" in err, err
+    assert "examples/grpo/avar_7b.yaml:" in err and err.count("\n") == 1
+
+    assert main(["sweep", "--config", "examples/sweeps/tiny_cpu.yaml", "--no-wait", f"out={tmp_path / 'sweep'}",
+                 "sft_overrides=[checkpoint.interval=0,parallel.overlap_grad_reduce=false,"
+                 "parallel.ddp_bucket_size=40000]"]) == 2
+    err = capsys.readouterr().err
+    assert "its SFT config does not load: parallel.ddp_bucket_size=40000 has no effect with " \
+           "parallel.overlap_grad_reduce=false" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "sweep").exists()
