@@ -254,24 +254,9 @@ def _check_update(policy, metrics: dict[str, float], *, step: int, update: int, 
 def run_grpo(config: GRPOConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
     check_run_inputs(config)  # before any process group or run directory exists
-    from megatron.core import parallel_state
-
-    from megatron_avar.config import config_to_dict
-    from megatron_avar.grpo.policy import MegatronPolicy
-    from megatron_avar.grpo.prompts import PromptLoader, build_prompt_processor
-    from megatron_avar.grpo.rewards import VisualAnchoredReward
-    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
     from megatron_avar.training import checkpointing
-    from megatron_avar.training.megatron_setup import build_model, build_optimizer, init_distributed
-    from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import (
-        begin_run,
-        end_run,
-        enter_run_dir,
-        finished_run_summary,
-        hf_export_describer,
-        run_steps,
-    )
+    from megatron_avar.training.megatron_setup import init_distributed
+    from megatron_avar.training.run_loop import begin_run, end_run
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -283,12 +268,35 @@ def run_grpo(config: GRPOConfig) -> dict:
         raise ValueError(f"train.prompts_per_step ({config.train.prompts_per_step}) must split evenly over the "
                          f"{layout.dp} data-parallel replicas and then over train.updates_per_step "
                          f"({config.train.updates_per_step})")
-    out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
+    try:
+        summary = _train(config, layout, start, schedule, preemption)
+    except BaseException:
+        end_run(config.out, failed=True)  # a first run that wrote nothing (a model that does not load) leaves no out
+        raise
+    end_run(config.out)
+    return summary
+
+
+def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dict:
+    """:func:`run_grpo` once its run directory is locked and its start decided (``run_loop.begin_run``)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.grpo.policy import MegatronPolicy
+    from megatron_avar.grpo.prompts import PromptLoader, build_prompt_processor
+    from megatron_avar.grpo.rewards import VisualAnchoredReward
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training import checkpointing
+    from megatron_avar.training.megatron_setup import build_model, build_optimizer
+    from megatron_avar.training.metrics import MetricsLogger
+    from megatron_avar.training.run_loop import enter_run_dir, finished_run_summary, hf_export_describer, run_steps
+
+    parallel = config.parallel
+    out = Path(config.out)
     if start.finished:
         parallel_state.destroy_model_parallel()
-        end_run(out)
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
 
@@ -358,5 +366,4 @@ def run_grpo(config: GRPOConfig) -> dict:
     finally:
         backend.close()
     parallel_state.destroy_model_parallel()
-    end_run(out)
     return summary

@@ -240,20 +240,9 @@ def global_step_flops(step_batch, qwen_config, *, device) -> float:
 def run_sft(config: SFTConfig) -> dict:
     """Train per ``config`` (collective over all ranks); returns the run summary (also <out>/summary.json)."""
     check_run_inputs(config)  # before any process group or run directory exists
-    from megatron.core import parallel_state
-
-    from megatron_avar.config import config_to_dict
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
-    from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import (
-        begin_run,
-        end_run,
-        enter_run_dir,
-        finished_run_summary,
-        hf_export_describer,
-        run_steps,
-    )
+    from megatron_avar.training.run_loop import begin_run, end_run
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -262,12 +251,29 @@ def run_sft(config: SFTConfig) -> dict:
     layout = init_distributed(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
                               seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size,
                               cp=parallel.context_parallel_size)
-    out = Path(config.out)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
     start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
+    try:
+        summary = _train(config, layout, start, schedule, preemption)
+    except BaseException:
+        end_run(config.out, failed=True)  # a first run that wrote nothing (a model that does not load) leaves no out
+        raise
+    end_run(config.out)
+    return summary
+
+
+def _train(config: SFTConfig, layout, start, schedule: dict, preemption) -> dict:
+    """:func:`run_sft` once its run directory is locked and its start decided (``run_loop.begin_run``)."""
+    from megatron.core import parallel_state
+
+    from megatron_avar.config import config_to_dict
+    from megatron_avar.training import checkpointing
+    from megatron_avar.training.metrics import MetricsLogger
+    from megatron_avar.training.run_loop import enter_run_dir, finished_run_summary, hf_export_describer, run_steps
+
+    out = Path(config.out)
     if start.finished:
         parallel_state.destroy_model_parallel()
-        end_run(out)
         return finished_run_summary(out, start, steps=config.train.steps, announce=layout.is_logging_rank)
     resume_from = start.resume_from
     run = build_run(config, layout, load_hf_weights=resume_from is None)
@@ -309,5 +315,4 @@ def run_sft(config: SFTConfig) -> dict:
                             history_filter=lambda name: "/layer_" not in name, schedule=schedule,
                             summary_fields=lambda: {"packing_efficiency": data.packing_efficiency()})
     parallel_state.destroy_model_parallel()
-    end_run(out)
     return summary

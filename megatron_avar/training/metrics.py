@@ -1,14 +1,33 @@
 """Training metrics: the FLOP count behind TFLOP/s, and the logger (console line, metrics.jsonl, TensorBoard,
-optional W&B). Only the logging rank writes; every number it gets is already reduced over the world."""
+optional W&B). Only the logging rank writes; every number it gets is already reduced over the world.
+
+One W&B run per training run: the first segment of a run (the first start of ``avar sft`` / ``avar grpo`` on an
+``out``) records the id of its W&B run in ``<out>/wandb_run.json``; every later segment (a Slurm requeue after a
+preemption, a resume by hand) continues that W&B run (``wandb.init(id=..., resume="allow")``). A resumed segment
+runs again the steps between its checkpoint and the interruption; TensorBoard purges them and metrics.jsonl is
+trimmed, but a W&B run only appends: it holds each step the interrupted segment logged with that segment's values,
+and this logger sends W&B only the steps after the last one it holds (W&B would drop the others with a warning
+each). A resume reproduces the loss curve, so the values agree, the timings aside. W&B's rewind
+(``resume_from="<id>?_step=N"``), which would cut the history back to the resumed step, is not used: it is a
+private preview that W&B support enables per account, and forking, which W&B recommends instead, makes a new run.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import string
 import time
 from pathlib import Path
 
+from megatron_avar import atomic_files
+
 __all__ = ["matmul_params", "training_flops", "batch_flops", "frame_patches", "sample_lengths", "peak_memory_gb",
-           "MetricsLogger"]
+           "MetricsLogger", "WANDB_RUN_FILE", "recorded_wandb_run"]
+
+WANDB_RUN_FILE = "wandb_run.json"
+_WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # W&B run ids (ours: 8 of [a-z0-9], as W&B makes its own)
 
 
 def matmul_params(qwen_config) -> tuple[int, int]:
@@ -100,19 +119,74 @@ def peak_memory_gb() -> float:
     return peak.item() / 1e9
 
 
+def recorded_wandb_run(out: str | Path, project: str) -> str | None:
+    """The id of the W&B run that ``out``'s earlier segments logged to (module docstring), from
+    <out>/wandb_run.json; None when there is none (the first segment). Reads only. ValueError, one line naming
+    the file and the way out, when the file is damaged or records a run of another project than ``project``."""
+    path = Path(out) / WANDB_RUN_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ValueError(f"{path} (the W&B run of this run's earlier segments) is unreadable ({error}): make it "
+                         "readable, or delete it to log from here on to a new W&B run") from None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("project"), str)
+            and isinstance(record.get("id"), str) and _WANDB_ID.fullmatch(record["id"])):
+        raise ValueError(f"{path} is damaged: it records the W&B run of this run's earlier segments as "
+                         '{"id": "<run id>", "project": "<project>"}, and holds ' f"{text[:80]!r}. Write that back "
+                         "(the run id ends the run's W&B address), or delete it to log from here on to a new W&B "
+                         "run")
+    if record["project"] != project:
+        raise ValueError(f"{path} records W&B run {record['id']} of project {record['project']!r}, but "
+                         f"log.wandb_project={project!r}: every segment of a run logs to one W&B run. Set "
+                         f"log.wandb_project={record['project']} to continue it, or delete {path} to log from here "
+                         f"on to a new W&B run in {project!r}")
+    return record["id"]
+
+
+def _start_wandb(out: Path, project: str, run_id: str | None, run_config: dict, first_step: int):
+    """The W&B run of this training run (module docstring; ``run_id``: :func:`recorded_wandb_run`), and the first
+    step it takes: W&B's ``starting_step`` (0 for a new run, the step after the last one it holds for a continued
+    one)."""
+    import wandb
+
+    if run_id is None:  # recorded before W&B is reached: a segment killed during init continues the same id
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        atomic_files.write_json(out / WANDB_RUN_FILE, {"id": run_id, "project": project})
+    # "allow": continue the run when W&B has it, else create it under this id (an earlier segment that never
+    # reached W&B, e.g. killed during its init); "must" would refuse the latter
+    run = wandb.init(project=project, dir=str(out), config=run_config, id=run_id, resume="allow")
+    # not a number: the placeholder run older wandb versions return under WANDB_MODE=disabled (it logs nothing)
+    starting_step = run.starting_step if isinstance(run.starting_step, int) else 0
+    if first_step < starting_step:
+        print(f"W&B run {run_id} already holds steps {first_step}-{starting_step - 1}, which this segment runs "
+              "again: W&B keeps the values logged before (a W&B run only appends); metrics.jsonl and TensorBoard "
+              "hold this segment's", flush=True)
+    return run, starting_step
+
+
 class MetricsLogger:
     """Writes each step's metrics: a console line with ETA, <out>/metrics.jsonl, TensorBoard, W&B.
     ``first_step``: the step this run starts at; a resumed run's TensorBoard writer purges the events of that
-    step and later that the interrupted run had written (those steps run again), so no step shows twice."""
+    step and later that the interrupted run had written (those steps run again), so no step shows twice. W&B:
+    one W&B run over every segment of the run (module docstring)."""
 
     def __init__(self, out_dir: str | Path, *, total_steps: int, enabled: bool, tensorboard: bool,
                  wandb_project: str | None, run_config: dict, first_step: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
         self.start_time, self.start_step = time.monotonic(), None
         self.writer = self.wandb = None
+        self.wandb_first_step = 0
         if not enabled:
             return
         out = Path(out_dir)
+        # a damaged W&B record is refused before any sink is open (run_loop.begin_run refused it on every rank)
+        run_id = recorded_wandb_run(out, wandb_project) if wandb_project else None
         self.jsonl = (out / "metrics.jsonl").open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -120,9 +194,7 @@ class MetricsLogger:
             # purge events from first_step on (0 too: a run that died before its first checkpoint starts over)
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=first_step)
         if wandb_project:  # (installed: run_loop.check_run_inputs checked before the run started)
-            import wandb
-
-            self.wandb = wandb.init(project=wandb_project, dir=str(out), config=run_config)
+            self.wandb, self.wandb_first_step = _start_wandb(out, wandb_project, run_id, run_config, first_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -136,7 +208,7 @@ class MetricsLogger:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
             self.writer.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and step >= self.wandb_first_step:
             self.wandb.log(metrics, step=step)
         # the clock starts when the first step is logged (its time holds the start-up): the steps timed are those
         # logged since, and the first line has no estimate yet

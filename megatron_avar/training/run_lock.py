@@ -7,6 +7,13 @@ refused run stops on all ranks at once. The lock belongs to the open file: the k
 exits in any way (SIGKILL and a crashed node's job step included: a requeued job never finds a stale lock of its
 own). The file records who holds it (host, pid, Slurm job, start time), which the refusal quotes.
 
+A run that fails before it wrote anything into an ``out`` it created (a model that does not load, a setting
+refused after the lock was taken) leaves no folder behind: :func:`release_run_lock` with ``failed`` removes the
+lock file and the folders this process made for it, and only while ``out`` holds nothing else. The lock file is
+removed while still locked, and a taker checks after its ``flock`` that the file it locked is still the one the
+path names (else it takes the lock afresh), so a run that opened the removed file never holds a lock no one
+else can see.
+
 File systems without ``flock`` support (some Lustre mounts) cannot enforce this; the run then says so once and
 goes on without the lock.
 """
@@ -19,7 +26,8 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -27,7 +35,17 @@ __all__ = ["acquire_run_lock", "release_run_lock", "holding_run_lock", "LOCK_FIL
 
 LOCK_FILE = ".avar.lock"
 
-_held: dict[Path, IO[str]] = {}  # out (resolved) -> the open lock file of this process
+
+@dataclass
+class _Held:
+    """The lock of one ``out`` taken by this process: the open lock file (None where the file system has no
+    ``flock``), and the folders the taker made, ``out`` first (then the missing folders above it)."""
+
+    handle: IO[str] | None
+    made: list[Path]
+
+
+_held: dict[Path, _Held] = {}  # out (resolved) -> the lock of this process
 
 
 def _holder_record() -> dict:
@@ -48,33 +66,63 @@ _RUN_CONFLICT = ("two runs writing one out would mix their checkpoints and metri
                  "stop it), or choose another out")
 
 
+def _make_folders(out: Path) -> list[Path]:
+    """Make ``out`` and the folders above it that are missing; returns those this call made, ``out`` first (a
+    folder another process made meanwhile is not counted)."""
+    missing, folder = [], out
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        made.append(folder)
+    return made[::-1]
+
+
 def _try_lock(out: Path, conflict: str = _RUN_CONFLICT) -> str:
     """Take the lock for this process; '' on success, else why not (a sentence naming the holder, then
     ``conflict``: what two holders would do, and the way out)."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    key = out.resolve()
     release_run_lock(out)  # a run of this process that ended by an exception left it taken: take it afresh
+    key = out.resolve()
+    made = _make_folders(key)
     path = key / LOCK_FILE
-    handle = path.open("a+")
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return f"{out} is in use by {_describe_holder(path)}: {conflict}"
-    except OSError as error:
-        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
-        handle.close()
-        print(f"warning: the file system of {out} does not support flock ({os.strerror(error.errno)}): two runs "
-              "started on this out would not be stopped from mixing their checkpoints", flush=True)
-        return ""
+    while True:
+        try:
+            handle = path.open("a+")
+        except FileNotFoundError:  # a failed run removed its empty out (module docstring) since: make it again
+            made = sorted({*made, *_make_folders(key)}, key=lambda folder: len(folder.parts), reverse=True)
+            continue
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return f"{out} is in use by {_describe_holder(path)}: {conflict}"
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            handle.close()
+            print(f"warning: the file system of {out} does not support flock ({os.strerror(error.errno)}): two runs "
+                  "started on this out would not be stopped from mixing their checkpoints", flush=True)
+            _held[key] = _Held(handle=None, made=made)
+            return ""
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(os.fstat(handle.fileno()), current):
+            break
+        handle.close()  # the file locked was removed by the run that held it: lock the one the path names now
     handle.seek(0)
     handle.truncate()
     handle.write(json.dumps(_holder_record()) + "\n")
     handle.flush()
-    _held[key] = handle
+    _held[key] = _Held(handle=handle, made=made)
     return ""
 
 
@@ -105,9 +153,32 @@ def holding_run_lock(out: str | Path, *, conflict: str) -> Iterator[None]:
         release_run_lock(out)
 
 
-def release_run_lock(out: str | Path) -> None:
-    """Drop this process's lock on ``out`` (no-op when it holds none). The file stays: removing it could let
-    two runs lock two different files of one name."""
-    handle = _held.pop(Path(out).resolve(), None)
-    if handle is not None:
-        handle.close()
+def release_run_lock(out: str | Path, *, failed: bool = False) -> None:
+    """Drop this process's lock on ``out`` (no-op when it holds none); the lock file stays for the next run.
+    ``failed``: the run ends on an error. Then, when this process made ``out`` for the lock and ``out`` holds
+    nothing but the lock file, the lock file and the folders made for it are removed (``out``, then the missing
+    folders above it that were made with it, each only while empty), so a failed first run leaves nothing behind.
+    A folder that existed before, or that holds anything else, keeps everything."""
+    key = Path(out).resolve()
+    held = _held.pop(key, None)
+    if held is None:
+        return
+    remove = failed and held.made[:1] == [key] and _holds_only_the_lock(key)
+    if remove:
+        with suppress(FileNotFoundError):
+            (key / LOCK_FILE).unlink()  # while still locked (module docstring)
+    if held.handle is not None:
+        held.handle.close()
+    if remove:
+        for folder in held.made:  # out first, then up; rmdir refuses a folder that is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _holds_only_the_lock(out: Path) -> bool:
+    try:
+        return [entry.name for entry in out.iterdir()] == [LOCK_FILE]
+    except OSError:
+        return False

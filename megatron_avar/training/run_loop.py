@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from megatron_avar import atomic_files
+from megatron_avar.training.metrics import WANDB_RUN_FILE, recorded_wandb_run
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
 __all__ = ["run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
@@ -214,12 +215,21 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
     released by :func:`end_run`), the schedule record of ``fixed_fields`` and :func:`plan_start`. Nothing in the
     run directory changes yet: the trainer calls :func:`enter_run_dir` once the model is built and the resume
     loaded, so a resume refused on the way (gradient buckets, changed data, an unreadable checkpoint) leaves the
-    directory as it was. Returns (start, schedule)."""
+    directory as it was. A damaged W&B run record (``training.metrics.recorded_wandb_run``) is refused here, on
+    every rank, not by the logging rank's logger alone. Returns (start, schedule); a refusal releases the lock
+    (``end_run(failed=True)``)."""
     acquire_run_lock(config.out, is_logging_rank=layout.is_logging_rank)
-    schedule = schedule_record(config, fixed_fields)
-    start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps, layout=layout)
-    if start.resume_from is not None and not start.finished:
-        _check_same_model(start.resume_from, config.model.hf_path)
+    try:
+        schedule = schedule_record(config, fixed_fields)
+        start = plan_start(config.out, config.checkpoint, schedule=schedule, steps=config.train.steps,
+                           layout=layout)
+        if start.resume_from is not None and not start.finished:
+            _check_same_model(start.resume_from, config.model.hf_path)
+        if config.log.wandb_project and not (start.finished or start.replace_earlier):
+            recorded_wandb_run(config.out, config.log.wandb_project)
+    except BaseException:
+        end_run(config.out, failed=True)
+        raise
     return start, schedule
 
 
@@ -263,9 +273,11 @@ def enter_run_dir(config, start: RunStart, *, layout) -> None:
         prepare_run_dir(config.out, start, config_to_dict(config))
 
 
-def end_run(out: str | Path) -> None:
-    """Both trainers' end: release the run directory's lock taken by :func:`begin_run`."""
-    release_run_lock(out)
+def end_run(out: str | Path, *, failed: bool = False) -> None:
+    """Both trainers' end: release the run directory's lock taken by :func:`begin_run`. ``failed``: the run ends
+    on an error; an ``out`` the lock created that holds nothing else is removed with it (``run_lock``), so a first
+    run that fails before writing anything (a model that does not load) leaves no folder behind."""
+    release_run_lock(out, failed=failed)
 
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
@@ -299,17 +311,17 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
 
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
     """Logging rank, after :func:`plan_start` and the resume's load, before the logger opens: create ``out``;
-    with consent to replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events
-    (before this run writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the
-    steps before ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again);
-    write the resolved config."""
+    with consent to replace an earlier run, remove its checkpoints, metrics, summary, TensorBoard events and W&B
+    run record, so the new run logs to a new W&B run (before this run writes anything, so nothing of this run is
+    ever removed); keep in metrics.jsonl only the steps before ``start.start_step`` (a run resumed after a crash
+    runs the steps after its checkpoint again); write the resolved config."""
     from megatron_avar.training import checkpointing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if start.replace_earlier:
         checkpointing.remove_checkpoints(out)
-        for name in (METRICS_FILE, SUMMARY_FILE):
+        for name in (METRICS_FILE, SUMMARY_FILE, WANDB_RUN_FILE):
             (out / name).unlink(missing_ok=True)
         events = out / "tensorboard"  # the event files this run's logger writes there, nothing else
         for event_file in events.glob("events.out.tfevents.*") if events.is_dir() else ():

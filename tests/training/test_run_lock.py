@@ -1,0 +1,156 @@
+"""The run lock of a failed first run leaves no litter: a run that made its ``out`` for the lock and fails before
+writing anything else there removes the lock file and the folders it made; a folder that existed, or holds
+anything else, keeps everything. Removing a lock file stays safe for a run waiting to take it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_avar.training.run_lock import LOCK_FILE, acquire_run_lock, release_run_lock
+
+REPO = Path(__file__).parents[2]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def test_a_failed_first_run_removes_its_lock_and_the_folders_it_made(tmp_path):
+    """Before: a run started on a new out that failed before writing anything (a model that does not load)
+    left out holding only .avar.lock. Now the lock file goes, with out and the missing folders above it that
+    the lock made (tmp_path, which existed, stays)."""
+    out = tmp_path / "runs" / "sweep" / "first"
+    acquire_run_lock(out, is_logging_rank=True)
+    assert _tree(tmp_path) == ["runs", "runs/sweep", "runs/sweep/first", f"runs/sweep/first/{LOCK_FILE}"]
+    release_run_lock(out, failed=True)
+    assert _tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["out existed", "a folder above existed", "out holds a file", "run succeeded"])
+def test_a_run_keeps_what_it_did_not_make_or_what_holds_anything_else(tmp_path, case):
+    """Never delete what the run did not create, nor what holds anything but the lock: an out that existed
+    (empty or not) keeps its lock file as before; a made out that holds config.json (the run got that far) keeps
+    both; a folder above out that existed stays when out goes; a run that ends well removes nothing."""
+    out = tmp_path / "runs" / "first"
+    if case == "out existed":
+        out.mkdir(parents=True)
+    elif case == "a folder above existed":
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "notes.txt").write_text("the user's")
+    acquire_run_lock(out, is_logging_rank=True)
+    if case == "out holds a file":
+        (out / "config.json").write_text("{}")
+    release_run_lock(out, failed=case != "run succeeded")
+    assert _tree(tmp_path) == {
+        "out existed": ["runs", "runs/first", f"runs/first/{LOCK_FILE}"],
+        "a folder above existed": ["runs", "runs/notes.txt"],
+        "out holds a file": ["runs", "runs/first", f"runs/first/{LOCK_FILE}", "runs/first/config.json"],
+        "run succeeded": ["runs", "runs/first", f"runs/first/{LOCK_FILE}"],
+    }[case]
+
+
+def test_a_taker_that_locked_a_removed_lock_file_takes_the_lock_afresh(tmp_path, monkeypatch):
+    """A run that opened the lock file just before a failed run removed it (with its empty out) gets the flock
+    on a file no one else can find: it must notice (the path no longer names the file it locked), make out again
+    and lock the file the path names, so a third run is refused, not given a second lock."""
+    import fcntl
+
+    from megatron_avar.training import run_lock
+
+    out = tmp_path / "out"
+    real_flock, removed = fcntl.flock, []
+
+    def flock_after_the_failed_run_cleaned_up(descriptor, operation):
+        if not removed:  # the failed holder removes its lock file and empty out between our open and our flock
+            (out / LOCK_FILE).unlink()
+            out.rmdir()
+            removed.append(True)
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_failed_run_cleaned_up)
+    acquire_run_lock(out, is_logging_rank=True)
+    monkeypatch.undo()
+    held = run_lock._held[out.resolve()]
+    assert removed and held.handle is not None and held.made == [out.resolve()]
+    assert os.path.samestat(os.stat(out / LOCK_FILE), os.fstat(held.handle.fileno()))
+    third = subprocess.run([sys.executable, "-c", "import sys; from megatron_avar.training.run_lock import "
+                            "acquire_run_lock as a; a(sys.argv[1], is_logging_rank=True)", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 1 and "is in use by" in third.stderr
+    release_run_lock(out, failed=True)  # this taker made out again: a failure removes it too
+    assert not out.exists()
+
+
+def _config(out: Path, *, wandb_project: str | None) -> SimpleNamespace:
+    return SimpleNamespace(out=str(out), train=SimpleNamespace(steps=4), model=SimpleNamespace(hf_path="m"),
+                           checkpoint=SimpleNamespace(resume=True, overwrite=False),
+                           log=SimpleNamespace(wandb_project=wandb_project))
+
+
+def test_a_run_refused_at_its_start_on_every_rank_releases_its_lock(tmp_path):
+    """begin_run refuses on every rank (not the logging rank's logger alone, which would leave the other ranks
+    waiting in the first step) an out whose W&B run record is damaged, and releases the lock it took on the way
+    out. The out existed, so it keeps everything, the record included."""
+    from megatron_avar.training import run_lock
+    from megatron_avar.training.metrics import WANDB_RUN_FILE
+    from megatron_avar.training.run_loop import begin_run
+
+    layout = SimpleNamespace(is_logging_rank=True, tp=1, pp=1, vpp=1, dp=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / WANDB_RUN_FILE).write_text('{"id": "3kd9')
+    with pytest.raises(ValueError, match=f"{out / WANDB_RUN_FILE} is damaged"):
+        begin_run(_config(out, wandb_project="avar"), (), layout=layout)
+    assert _tree(out) == sorted([LOCK_FILE, WANDB_RUN_FILE])
+    assert run_lock._held == {}  # released: the user's next attempt from this process is not refused by it
+
+
+def test_starting_a_run_over_gives_it_a_new_wandb_run(tmp_path):
+    """checkpoint.resume=false checkpoint.overwrite=true replaces the earlier run: its W&B run record goes with
+    its metrics and summary, so the new run logs to a new W&B run, not on top of the replaced one's steps."""
+    from megatron_avar.training.metrics import WANDB_RUN_FILE
+    from megatron_avar.training.run_loop import RunStart, prepare_run_dir
+
+    (tmp_path / WANDB_RUN_FILE).write_text(json.dumps({"id": "3kd9fj2m", "project": "avar"}))
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=3), {"out": "o"})  # a resume keeps it
+    assert (tmp_path / WANDB_RUN_FILE).is_file()
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=0, replace_earlier=True), {"out": "o"})
+    assert not (tmp_path / WANDB_RUN_FILE).exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_a_first_run_whose_model_does_not_load_leaves_no_folder(sft_inputs, tmp_path, command):
+    """Through the command line, as a user meets it: `avar sft` / `avar grpo` on a new out (two folders deep)
+    with a model whose weights are cut short fails after taking the run lock. Before,
+    out was left holding only .avar.lock; now nothing of the run is left. The same run on an out that existed
+    keeps the folder."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "tests" / "sft"))
+    from sft_cases import sft_overrides
+
+    model = Path(shutil.copytree(sft_inputs["hf_path"], tmp_path / "model"))
+    (model / "model.safetensors").write_bytes(b"cut short")
+    inputs = {**sft_inputs, "hf_path": str(model)}
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        overrides = sft_overrides(inputs, out, **{"parallel.tensor_model_parallel_size": 1})
+        if command == "grpo":  # the GRPO config has its own data and train fields
+            overrides = [o for o in overrides if o.split("=", 1)[0] in ("out", "model.hf_path", "data.path")]
+            overrides += ["parallel.tensor_model_parallel_size=1", "train.precision=fp32", "log.tensorboard=false"]
+        config = {"sft": "examples/sft/quickstart.yaml", "grpo": "examples/grpo/tiny.yaml"}[command]
+        return subprocess.run([sys.executable, "-m", "megatron_avar", command, "--config", config, *overrides],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    done = run(tmp_path / "runs" / "first")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "safetensors" in output, output[-3000:]  # the load failed, naming the file
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "existing").mkdir()
+    assert run(tmp_path / "existing").returncode != 0
+    assert _tree(tmp_path / "existing") == [LOCK_FILE]
