@@ -20,7 +20,8 @@ _FLAG_KEYS = {
     "do_sample": "generation.do_sample", "temperature": "generation.temperature", "top_p": "generation.top_p",
     "top_k": "generation.top_k", "seed": "generation.seed", "min_pixels": "generation.min_pixels",
     "max_pixels": "generation.max_pixels", "dtype": "generation.dtype",
-    "tensor_parallel_size": "generation.tensor_parallel_size", "num_shards": "num_shards", "shard_index": "shard_index",
+    "tensor_parallel_size": "generation.tensor_parallel_size", "max_model_len": "generation.max_model_len",
+    "num_shards": "num_shards", "shard_index": "shard_index",
     "vas_samples": "vas_samples", "intervene": "generation.intervene", "alpha_img": "generation.alpha_img",
     "alpha_sys": "generation.alpha_sys",
     "intervene_mode": "generation.intervene_mode", "intervene_layers": "generation.intervene_layers",
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
     add("--model", help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
     add("--benchmarks", help="comma-separated names (default: all seven: mathvista,mathvision,mathverse_vo,mmmu,"
                              "mmmu_pro,mmstar,hallusionbench; with --score-only: those with predictions in --out). "
-                             "The folder's other finished benchmarks stay in its scores")
+                             "Only these are scored and judged (--judge); the folder's other finished benchmarks "
+                             "stay in its scores as they were")
     add("--out", help="output folder (reusing one resumes the run)")
     add("--data-root", help="folder with one subfolder per benchmark (mathvista/, mathvision/, mathverse/, mmmu/, "
                             "mmmu_pro/, mmstar/, hallusionbench/) holding the hub files")
@@ -64,6 +66,9 @@ def register(subparsers) -> None:
     add("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
         help="weights (default: auto = bf16 on GPU, fp32 on CPU)")
     add("--tensor-parallel-size", type=int, help="vLLM tensor parallelism (default: 1)")
+    add("--max-model-len", type=int,
+        help="vLLM: tokens of prompt + response it reserves memory for (default: 0 = the longest prompt to generate + "
+             "--max-new-tokens, counted from the data before vLLM starts; a prompt that does not fit is named)")
     add("--vas-samples", type=int, help="also compute VAS on the first N samples of each benchmark (hf backend; "
                                         "default: 0 = off)")
     add("--intervene", action="store_true", default=None,
@@ -78,7 +83,8 @@ def register(subparsers) -> None:
                                              "compatible model extracts the answers the rules could not read, as "
                                              "VLMEvalKit's GPT judge does; both scores are reported (default: rules "
                                              "only)")
-    add("--score-only", action="store_true", help="re-score the predictions in --out without generating")
+    add("--score-only", action="store_true", help="re-score the predictions in --out without generating (with "
+                                                  "--benchmarks: only those; the others' scores are kept)")
     add("--allow-partial", action="store_true",
         help="with --score-only: score benchmarks whose generation has not finished (a shard still running or never "
              "run); their scores say they are partial")
@@ -108,15 +114,8 @@ def resolve_config(args):
             raise ValueError(f"nothing finished to score in {config.out}: {'; '.join(notes.values())}; finish the "
                              "generation (the same `avar eval` command resumes), or score the part with "
                              "--allow-partial")
-        for note in notes.values():
-            print(note, file=sys.stderr)
-        if chosen:
+        if chosen:  # (scoring says which were left out)
             config = dataclasses.replace(config, benchmarks=tuple(chosen))
-    elif args.score_only:
-        from megatron_avar.eval.runner import with_earlier_benchmarks
-
-        # re-scoring some benchmarks keeps the folder's others in scores.json and results.md, as a generating run does
-        config = dataclasses.replace(config, benchmarks=with_earlier_benchmarks(config.out, config.benchmarks))
     return config
 
 

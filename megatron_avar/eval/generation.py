@@ -17,7 +17,7 @@ import torch
 from megatron_avar.models import hf_inference
 from megatron_avar.models.hf_inference import DTYPES
 
-__all__ = ["GenerationConfig", "HFGenerator", "make_generator", "applied_settings"]
+__all__ = ["GenerationConfig", "HFGenerator", "make_generator", "applied_settings", "PromptTooLongError"]
 
 BACKENDS = ("hf", "vllm")
 # field -> (the setting it needs to apply, its flag, the flag that gives that setting): a field set to another value
@@ -32,6 +32,7 @@ _APPLIES_ONLY_WITH = {
     "intervene_mode": ("intervene", "--intervene-mode", "--intervene"),
     "intervene_layers": ("intervene", "--intervene-layers", "--intervene"),
     "tensor_parallel_size": ("vllm", "--tensor-parallel-size", "--backend vllm"),
+    "max_model_len": ("vllm", "--max-model-len", "--backend vllm"),
 }
 
 
@@ -60,6 +61,11 @@ class GenerationConfig:
         VLMEvalKit's Qwen2.5-VL setting is 1280*28*28 / 16384*28*28 (small images are upscaled).
     dtype: model weights; "auto" = bfloat16 on CUDA, float32 on CPU.
     backend: "hf" (transformers generate) or "vllm" (GPU only). tensor_parallel_size: vLLM only.
+    max_model_len: vLLM only: the tokens (prompt + response) of one sequence, what vLLM reserves KV cache for
+        (without it, the model's whole context: 128k for Qwen2.5-VL). 0 = the longest prompt the run generates for
+        + max_new_tokens, counted from the data before vLLM starts (`eval.vllm_backend.needed_max_model_len`). A
+        prompt that does not fit with max_new_tokens is refused, naming it: responses are never cut short by it,
+        so it changes no answer and a resume may use another value.
     intervene: apply the training-free attention intervention (docs/method.md, 'Training-free intervention'; hf
         backend) with alpha_img,
         alpha_sys, intervene_mode ("multiplicative" | "additive") in the decoder layers intervene_layers
@@ -78,6 +84,7 @@ class GenerationConfig:
     dtype: str = "auto"
     backend: str = "hf"
     tensor_parallel_size: int = 1
+    max_model_len: int = 0
     intervene: bool = False
     alpha_img: float = 0.15
     alpha_sys: float = 0.05
@@ -110,6 +117,12 @@ class GenerationConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len < 0:
+            raise ValueError(f"max_model_len must be >= 0 (0: derived from the data), got {self.max_model_len}")
+        if self.max_model_len and self.max_model_len <= self.max_new_tokens:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must exceed max_new_tokens "
+                             f"({self.max_new_tokens}): it holds the prompt and the response (or 0: derived from the "
+                             "data)")
         if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
 
@@ -125,6 +138,11 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the vLLM engine's max_model_len with max_new_tokens (the message names the sample;
+    the runner adds the benchmark)."""
 
 
 class HFGenerator:

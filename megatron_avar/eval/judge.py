@@ -45,10 +45,12 @@ from megatron_avar.grading import EVAL_HARNESS, extract_answer
 from megatron_avar.synth.client import ChatClient, ChatResult, RequestCache, TeacherRequestError, chat_url
 from megatron_avar.synth.config import ClientConfig, TeacherConfig
 
-__all__ = ["JudgeEndpoint", "JudgeConfig", "JudgeFailuresError", "AnswerJudge", "load_judge_config"]
+__all__ = ["JudgeEndpoint", "JudgeConfig", "JudgeFailuresError", "AnswerJudge", "load_judge_config", "same_judge"]
 
 STAGE = "judge"  # the client's stage: the cache's subfolder and part of every cache key
 _NO_ANSWER = ("", "null")  # replies that mean "no answer" (MathVerse's examples answer "null")
+# the parts of `AnswerJudge.describe` that decide the replies (max_failed_share decides only whether the run fails)
+_IDENTITY = ("model", "url", "prompt_version", "temperature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,12 @@ def load_judge_config(path: str | Path) -> JudgeConfig:
     from megatron_avar.config import load_config
 
     return load_config(JudgeConfig, path)
+
+
+def same_judge(described: dict, other: dict) -> bool:
+    """Whether two judge descriptions (`AnswerJudge.describe`, as scores.json records them) are of one judge: the
+    same model at the same URL with the same prompts and temperature, so the same replies."""
+    return all(described.get(key) == other.get(key) for key in _IDENTITY)
 
 
 class JudgeFailuresError(RuntimeError):

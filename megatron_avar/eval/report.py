@@ -11,7 +11,9 @@ With an answer judge (`avar eval --judge`, `megatron_avar.eval.judge`) our row a
 judge ignored) and "rule+judge", followed by a table of both scores per benchmark with the judge's counts:
 items sent to it, answers it extracted, items it also found no answer in, and failed requests (those items
 count as wrong). In scores.json each benchmark's ``score`` stays the rule score; ``with_judge`` holds the
-rule+judge summary and ``judge`` the counts.
+rule+judge summary and ``judge`` the counts. A benchmark without judged scores (a run judged only some:
+`avar eval --score-only --benchmarks X --judge J` keeps the others as they were) has an empty rule+judge cell,
+is left out of the judge's table, and the table says so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS
 
-__all__ = ["PAPER_ROWS", "TABLE_HEADER", "results_table", "write_report"]
+__all__ = ["PAPER_ROWS", "TABLE_HEADER", "results_table", "write_report", "read_scores"]
 
 # docs/method.md, 'Paper results', in BENCHMARKS order: MathVista, MathVision, MathVerse-VO, MMMU, MMMU-Pro, MMStar,
 # HallusionBench, then the paper's average.
@@ -47,26 +49,35 @@ def _our_row(name: str, summaries: dict[str, dict], score=lambda summary: summar
     return f"| {name} | " + " | ".join(_cell(v) for v in ours + [average]) + " |"
 
 
+def _judged_score(summary: dict) -> float | None:
+    """A benchmark's rule+judge score; None where it was not judged."""
+    return summary["with_judge"]["score"] if "with_judge" in summary else None
+
+
 def _judge_lines(summaries: dict[str, dict], judge: dict) -> list[str]:
     lines = [f"\nAnswer judge `{judge['model']}` ({judge['url']}, VLMEvalKit's prompts {judge['prompt_version']}), "
              "asked only where the rules read no answer:", "",
              "| benchmark | rule | rule+judge | sent to judge | judge extracted | judge also failed | judge errors |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in BENCHMARKS:
-        if name in summaries:
-            s, c = summaries[name], summaries[name]["judge"]
-            lines.append(f"| {BENCHMARKS[name].paper_column} | {_cell(s['score'])} | {_cell(s['with_judge']['score'])} "
-                         f"| {c['judged']} | {c['extracted']} | {c['no_answer']} | {c['errors']} |")
-    if any(summaries[n]["judge"]["errors"] for n in summaries):
+    judged = [name for name in BENCHMARKS if name in summaries and "with_judge" in summaries[name]]
+    for name in judged:
+        s, c = summaries[name], summaries[name]["judge"]
+        lines.append(f"| {BENCHMARKS[name].paper_column} | {_cell(s['score'])} | {_cell(s['with_judge']['score'])} "
+                     f"| {c['judged']} | {c['extracted']} | {c['no_answer']} | {c['errors']} |")
+    if any(summaries[n]["judge"]["errors"] for n in judged):
         lines.append("\nJudge errors are requests that failed for good; their items count as wrong in rule+judge.")
+    unjudged = [BENCHMARKS[name].paper_column for name in BENCHMARKS if name in summaries and name not in judged]
+    if unjudged:
+        lines.append(f"\nNot judged: {', '.join(unjudged)} (rule scores only; `avar eval --score-only --benchmarks "
+                     "NAME --judge JUDGE.yaml` judges one).")
     return lines
 
 
 def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | None = None,
                   judge: dict | None = None, intervened: bool = False) -> str:
     """The Markdown results table (see the module docstring) plus per-benchmark detail lines. judge: the
-    judge's description (`AnswerJudge.describe`) when the summaries carry judged scores. intervened: the answers
-    were generated with the training-free intervention (the VAS line then says it is the model's own)."""
+    judge's description (`AnswerJudge.describe`) when the summaries carry judged scores (some may not). intervened:
+    the answers were generated with the training-free intervention (the VAS line then says it is the model's own)."""
     names = list(BENCHMARKS)
     lines = [TABLE_HEADER, "|---|" + "---:|" * (len(names) + 1)]
     for row_name, values in PAPER_ROWS.items():
@@ -75,7 +86,7 @@ def results_table(summaries: dict[str, dict], model_name: str, *, limit: int | N
         lines.append(_our_row(model_name, summaries))
     else:
         lines.append(_our_row(f"{model_name}, rule", summaries))
-        lines.append(_our_row(f"{model_name}, rule+judge", summaries, lambda summary: summary["with_judge"]["score"]))
+        lines.append(_our_row(f"{model_name}, rule+judge", summaries, _judged_score))
     lines.append("")
     for name in names:
         if name not in summaries:
@@ -114,7 +125,7 @@ def write_report(out: Path, summaries: dict[str, dict], run_config: dict, *, jud
     scores = {"model": model, "generation": run_config.get("generation"), "benchmarks": summaries}
     if all(name in summaries and "partial" not in summaries[name] for name in BENCHMARKS):
         scores["average"] = round(sum(summaries[n]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
-        if judge is not None:
+        if judge is not None and all("with_judge" in summaries[n] for n in BENCHMARKS):
             scores["average_with_judge"] = round(
                 sum(summaries[n]["with_judge"]["score"] for n in BENCHMARKS) / len(BENCHMARKS), 2)
     if judge is not None:
@@ -124,4 +135,18 @@ def write_report(out: Path, summaries: dict[str, dict], run_config: dict, *, jud
     atomic_files.write_text(out / "results.md",
                             results_table(summaries, f"ours: {Path(model).name}", limit=limit, judge=judge,
                                           intervened=bool((run_config.get("generation") or {}).get("intervene"))))
+    return scores
+
+
+def read_scores(out: Path) -> dict:
+    """The scores.json an earlier scoring wrote into ``out`` ({} when there is none, or it is not one: scoring
+    replaces it, so a damaged one only means there is nothing to keep from it)."""
+    import json
+
+    try:
+        scores = json.loads((out / "scores.json").read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(scores, dict) or not isinstance(scores.get("benchmarks"), dict):
+        return {}
     return scores

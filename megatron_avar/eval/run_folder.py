@@ -162,7 +162,10 @@ class SampleRecord:
 
     def save(self, *, complete: bool = False) -> None:
         """Write the record when this run has read more samples than it holds (or read all of them); a record that
-        another process (a shard) extended meanwhile is kept."""
+        another process (a shard) extended meanwhile is kept. Replaced whole and atomically, not appended to: the
+        shards of a run write the same record at once (each reads every sample), and any write landing last leaves
+        a whole record of a prefix of the data, where appends would interleave; it costs ~20 bytes a sample, once
+        per generated chunk (a few ms for MathVision's 3040 samples, against seconds of generation per sample)."""
         on_disk = read_json(self.path, fix=_RECORD_FIX)
         longest = 0 if on_disk is None else sum(map(len, dict(on_disk.get("digests", {})).values()))
         read = sum(map(len, self.seen.values()))

@@ -28,29 +28,39 @@ Data parallelism: ``num_shards`` processes (e.g. one per GPU, via Slurm array ta
 with ``shard_index`` 0..N-1 share one ``--out``; each appends to ``predictions/<benchmark>.shard-<i>-of-<n>.jsonl``
 and does not score; ``--score-only`` afterwards scores the union of the shard files.
 
-Judging (``--judge FILE.yaml``) happens while scoring, once generation is done: the items the rules could not
-read go to the judge, and the predictions files are rewritten (atomically) with each judged record's ``judge``
-field. Score only when no process still appends to them (a sharded run: after every shard has finished).
+Judging (``--judge FILE.yaml``) happens while scoring, once generation is done: the items of the run's benchmarks
+(``--benchmarks``) that the rules could not read go to the judge, and the predictions files are rewritten
+(atomically) with each judged record's ``judge`` field. Score only when no process still appends to them (a sharded
+run: after every shard has finished). The folder's other finished benchmarks stay in scores.json and results.md as
+they were, judge results included, and are never sent to the judge (`score_run`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_avar import atomic_files
 from megatron_avar.eval.benchmarks import BENCHMARKS, get_benchmark
-from megatron_avar.eval.generation import GenerationConfig, HFGenerator, applied_settings, make_generator
+from megatron_avar.eval.benchmarks.base import Sample
+from megatron_avar.eval.generation import (
+    GenerationConfig,
+    HFGenerator,
+    PromptTooLongError,
+    applied_settings,
+    make_generator,
+)
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
 from megatron_avar.eval.run_folder import SampleRecord, check_eval_folder, holding_eval_lock, read_json, read_run_config
 from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files",
-           "folder_benchmarks", "with_earlier_benchmarks"]
+           "folder_benchmarks"]
 
 ALL_BENCHMARKS = tuple(BENCHMARKS)
 PREDICTION_KEYS = ("id", "response", "target")  # what scoring reads of each predictions record
@@ -245,9 +255,10 @@ def _check_run_config(out: Path, config: EvalConfig) -> Callable[[], None]:
     so that a run refused before (other data under --data-root, a model that does not load) leaves the folder's
     limit as it was, and its finished benchmarks finished."""
     path = out / "run_config.json"
-    # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do
+    # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do.
+    # max_model_len changes no response (a prompt that does not fit with max_new_tokens is refused, not cut)
     generation = {k: v for k, v in config.generation.to_dict().items()
-                  if k != "batch_size" or config.generation.do_sample}
+                  if (k != "batch_size" or config.generation.do_sample) and k != "max_model_len"}
     from megatron_avar.analysis.model_loading import checkpoint_identity
 
     # the folder (however its path is spelt) and its weights: a folder whose weights were replaced is another model
@@ -301,6 +312,36 @@ def _data_source(config: EvalConfig) -> str:
     return f"--data-root {config.data_root.resolve()}" + (" (or the hub)" if config.allow_hub else "")
 
 
+def _in_shard(position: int, config: EvalConfig) -> bool:
+    """Whether the sample at ``position`` (data order) of a benchmark is this run's shard's to generate."""
+    return position % config.num_shards == config.shard_index
+
+
+def _samples_to_generate(config: EvalConfig, out: Path) -> Iterator[tuple[str, Sample]]:
+    """(benchmark name, sample) for each sample this run generates: in its shard, without a prediction yet. (Reads
+    the data; the predictions files only.)"""
+    for name in config.benchmarks:
+        done = read_predictions(predictions_path(out, name, config), repair=False)
+        benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
+        for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
+                                                            limit=config.limit)):
+            if _in_shard(position, config) and sample.id not in done:
+                yield name, sample
+
+
+def _generation_settings(config: EvalConfig, out: Path) -> GenerationConfig:
+    """``config.generation`` as the generator is built with: for vLLM with ``max_model_len`` 0, that derived from the
+    samples this run generates (`vllm_backend.needed_max_model_len`)."""
+    generation = config.generation
+    if generation.backend != "vllm" or generation.max_model_len:
+        return generation
+    from megatron_avar.eval.vllm_backend import needed_max_model_len
+
+    assert config.model is not None  # (run_eval checked it)
+    needed = needed_max_model_len(config.model, generation, _samples_to_generate(config, out))
+    return dataclasses.replace(generation, max_model_len=needed)
+
+
 def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path, widen_limit: Callable[[], None]
                         ) -> tuple[int, tuple[str, Exception] | None]:
     """Generate the samples of one benchmark that the predictions file lacks, then record that the file is finished
@@ -321,7 +362,10 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
 
     def flush():
         nonlocal written, failed
-        responses = get_generator().generate(pending)
+        try:
+            responses = get_generator().generate(pending)
+        except PromptTooLongError as error:  # (it names the sample)
+            raise ValueError(f"{benchmark.name}: {error}") from None
         # (after generation, which may fail on a bad setting: nothing is written for nothing)
         widen_limit()
         data_record.save()
@@ -338,23 +382,26 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         progress.update(len(pending))
         pending.clear()
 
-    for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
-                                                        limit=config.limit)):
-        if sample.id in seen:
-            raise ValueError(f"{benchmark.name}: sample id {sample.id!r} occurs twice in the data; ids must be unique")
-        seen.add(sample.id)
-        data_record.check(sample, benchmark.limit_group(sample))
-        if position % config.num_shards != config.shard_index:
-            continue
-        if sample.id in done:
-            progress.update(1)
-            continue
-        pending.append(sample)
-        if len(pending) >= chunk_size:
+    try:  # (closed either way: an error is then said on a line of its own, not after the bar)
+        for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
+                                                            limit=config.limit)):
+            if sample.id in seen:
+                raise ValueError(f"{benchmark.name}: sample id {sample.id!r} occurs twice in the data; ids must be "
+                                 "unique")
+            seen.add(sample.id)
+            data_record.check(sample, benchmark.limit_group(sample))
+            if not _in_shard(position, config):
+                continue
+            if sample.id in done:
+                progress.update(1)
+                continue
+            pending.append(sample)
+            if len(pending) >= chunk_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
-    progress.close()
+    finally:
+        progress.close()
     data_record.finish(limit=config.limit)
     widen_limit()
     _record_finished(path, len(seen), config.limit)
@@ -367,31 +414,86 @@ def _rewrite_predictions(path: Path, records: dict[str, dict]) -> None:
                                           for record in records.values()))
 
 
+def _read_benchmark(out: Path, name: str) -> tuple[dict[Path, dict[str, dict]], dict[str, dict], dict[str, Path]]:
+    """(each predictions file of ``name`` -> its records, id -> record over all of them, id -> the file it was read
+    from: the first file holding an id); ValueError when there are none. Only reads (a shard may be appending)."""
+    files = {path: read_predictions(path, repair=False) for path in prediction_files(out, name)}
+    records, home = {}, {}
+    for path, file_records in files.items():
+        for sample_id, record in file_records.items():
+            if sample_id not in records:
+                records[sample_id], home[sample_id] = record, path
+    if not records:
+        raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
+    return files, records, home
+
+
+def _ruled(benchmark, records: list[dict]) -> list[dict]:
+    """`Benchmark.evaluate` of each stored response, with its target (what ``Benchmark.aggregate`` reads)."""
+    return [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
+
+
+_JUDGE_FIELDS = ("with_judge", "judge")  # a benchmark summary's fields that come from the judge
+
+
+def _kept_summary(out: Path, name: str, mathvision_split: str, previous: dict, judge: dict | None) -> dict:
+    """The summary of a finished benchmark of ``out`` that this scoring was not asked for. It is scored by the rules
+    from its predictions and never judged (the judge's requests cost money, and only the named benchmarks were asked
+    for); when that equals its entry in the earlier scores.json (``previous``, `report.read_scores`) without the
+    judge's fields, the entry is kept as it was, judge results included: unless ``judge`` (this scoring's judge's
+    description, None: no judge) is another judge than the one that gave them. Where judge results are dropped (the
+    predictions changed since, or another judge), a note says so."""
+    from megatron_avar.eval.judge import same_judge
+
+    _, records, _ = _read_benchmark(out, name)
+    benchmark = get_benchmark(name, mathvision_split=mathvision_split)
+    summary = benchmark.aggregate(_ruled(benchmark, list(records.values())))
+    vas = read_vas(out, name)
+    if vas is not None:
+        summary["vas"] = vas
+    entry = previous["benchmarks"].get(name) if previous else None
+    if not isinstance(entry, dict):
+        return summary
+    again = f"`avar eval --score-only --benchmarks {name} --judge JUDGE.yaml` judges it"
+    if {key: value for key, value in entry.items() if key not in _JUDGE_FIELDS} != json.loads(json.dumps(summary)):
+        if any(key in entry for key in _JUDGE_FIELDS):
+            print(f"{name}: its predictions changed since scores.json was written: reported with its rule score only "
+                  f"({again})", file=sys.stderr)
+        return summary
+    earlier = previous.get("judge")
+    another = not isinstance(earlier, dict) or (judge is not None and not same_judge(judge, earlier))
+    if "with_judge" in entry and another:
+        by = earlier.get("model") if isinstance(earlier, dict) else None
+        print(f"{name}: its rule+judge score came from another judge ({by!r}) than this run's: reported with its rule "
+              f"score only ({again} with this one)", file=sys.stderr)
+        return summary
+    return entry
+
+
 def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str = "test",
               judge: JudgeConfig | None = None, allow_partial: bool = False) -> dict:
     """Score every predictions file of ``benchmarks`` in ``out``; write scores.json and results.md. With a
-    ``judge``, also judge the rule failures (`megatron_avar.eval.judge`), record the judge's replies in the
-    predictions files and report both scores; then raise JudgeFailuresError if too many judge requests failed.
-    A benchmark whose generation has not finished is refused (every benchmark is checked before any is scored or
-    judged), or with ``allow_partial`` scored with a ``partial`` note saying what is missing. The files are only
-    read (a shard may still be appending), and rewritten only by the judge, which needs finished generation."""
-    from megatron_avar.eval.report import write_report
+    ``judge``, also judge the rule failures of ``benchmarks`` (`megatron_avar.eval.judge`), record the judge's
+    replies in the predictions files and report both scores; then raise JudgeFailuresError if too many judge
+    requests failed. The folder's other benchmarks whose generation has finished stay in the report as the earlier
+    scores.json had them, and are never judged (`_kept_summary`); its unfinished others are left out, saying so.
+    A benchmark of ``benchmarks`` whose generation has not finished is refused (every one is checked before any is
+    scored or judged), or with ``allow_partial`` scored with a ``partial`` note saying what is missing. The files are
+    only read (a shard may still be appending), and rewritten only by the judge, which needs finished generation."""
+    from megatron_avar.eval.report import read_scores, write_report
 
     out = _checked_out(out)
     check_eval_folder(out, generating=False)
     if judge is not None and allow_partial:
         raise ValueError("--judge records its replies by rewriting the predictions files, which a shard may still be "
                          "writing: judge once generation has finished (without --allow-partial)")
+    finished, notes = folder_benchmarks(out)
+    for name, note in notes.items():
+        if name not in benchmarks:
+            print(note, file=sys.stderr)
     read = {}
     for name in benchmarks:
-        files = {path: read_predictions(path, repair=False) for path in prediction_files(out, name)}
-        records, home = {}, {}
-        for path, file_records in files.items():
-            for sample_id, record in file_records.items():
-                if sample_id not in records:
-                    records[sample_id], home[sample_id] = record, path
-        if not records:
-            raise ValueError(f"no predictions for {name} in {out / 'predictions'}; run `avar eval --model ...` first")
+        files, records, home = _read_benchmark(out, name)
         read[name] = files, records, home, _unfinished(out, list(files), len(records))
     unfinished = {name: gap for name, (*_, gap) in read.items() if gap is not None}
     if unfinished and not allow_partial:
@@ -404,7 +506,7 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
     for name, (files, records, home, gap) in read.items():
         benchmark = get_benchmark(name, mathvision_split=mathvision_split)
         ids, records = list(records), list(records.values())
-        ruled = [{"target": r["target"], **benchmark.evaluate(r["response"], r["target"])} for r in records]
+        ruled = _ruled(benchmark, records)
         summaries[name] = benchmark.aggregate(ruled)
         if answer_judge is not None:
             with_judge, changed = answer_judge.judge_benchmark(benchmark, records, ruled)
@@ -417,8 +519,14 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
         vas = read_vas(out, name)
         if vas is not None:
             summaries[name]["vas"] = vas
-    scores = write_report(out, summaries, read_run_config(out) or {},
-                          judge=None if answer_judge is None else answer_judge.describe())
+    previous = read_scores(out)
+    described = None if answer_judge is None else answer_judge.describe()
+    for name in finished:
+        if name not in benchmarks:
+            summaries[name] = _kept_summary(out, name, mathvision_split, previous, described)
+    if described is None and any("with_judge" in summary for summary in summaries.values()):
+        described = previous["judge"]  # (a kept judged summary: _kept_summary checked that scores.json names it)
+    scores = write_report(out, summaries, read_run_config(out) or {}, judge=described)
     if answer_judge is not None:
         answer_judge.check_failures()
     return scores
@@ -440,17 +548,6 @@ def run_eval(config: EvalConfig) -> dict | None:
         return _run_locked(config, out, judge)
 
 
-def with_earlier_benchmarks(out: Path, benchmarks: tuple[str, ...]) -> tuple[str, ...]:
-    """``benchmarks`` and, after them, the folder's other benchmarks whose generation has finished (an earlier
-    run's): scoring keeps them in scores.json and results.md. The folder's unfinished others are left out, saying
-    so."""
-    others, notes = folder_benchmarks(out)
-    for name, note in notes.items():
-        if name not in benchmarks:
-            print(f"(an earlier run's) {note}", file=sys.stderr)
-    return (*benchmarks, *(name for name in others if name not in benchmarks))
-
-
 def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dict | None:
     """The body of :func:`run_eval` once ``out`` is checked and this run's predictions files are locked."""
     assert config.model is not None  # (run_eval checked it)
@@ -462,7 +559,7 @@ def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dic
     def get_generator():  # loaded only when something is left to generate
         nonlocal generator
         if generator is None:
-            generator = make_generator(model_dir, config.generation)
+            generator = make_generator(model_dir, _generation_settings(config, out))
         return generator
 
     failures = []  # (benchmark, path, (sample id, error)): reported once every benchmark is generated
@@ -492,5 +589,4 @@ def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dic
                          "responses without generating them again") from error
     if config.num_shards > 1:
         return None
-    return score_run(out, with_earlier_benchmarks(out, config.benchmarks), mathvision_split=config.mathvision_split,
-                     judge=judge)
+    return score_run(out, config.benchmarks, mathvision_split=config.mathvision_split, judge=judge)

@@ -143,7 +143,7 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
     monkeypatch.setitem(sys.modules, "vllm", fake)
     (toy_checkpoint / "generation_config.json").rename(toy_checkpoint / "generation_config.json.away")
     try:  # a checkpoint without generation_config.json
-        VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm"))
+        VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm", max_model_len=4096))
     finally:
         (toy_checkpoint / "generation_config.json.away").rename(toy_checkpoint / "generation_config.json")
     processor = load_processor(toy_checkpoint)
@@ -152,7 +152,7 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
     assert tokenizer.eos_token_id in recorded["sampling"]["stop_token_ids"]
     # no video path; pixels normalised on the CPU, as the HF path's processor does
     assert recorded["llm"]["limit_mm_per_prompt"] == {"image": 8, "video": 0}
-    assert recorded["llm"]["mm_device_do_normalize"] is False
+    assert recorded["llm"]["mm_device_do_normalize"] is False and recorded["llm"]["max_model_len"] == 4096
     # the prompt: the HF path's ids with one pad per image, and the processor's pixels as images (vLLM resized
     # them with torchvision from the originals, which gives other pixels than the PIL processor's)
     import torch
@@ -161,7 +161,7 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
     from megatron_avar.roles import render_conversation
 
     content = [{"type": "image", "image": Image.new("RGB", (100, 70), (200, 30, 40))}, {"type": "text", "text": "Hi"}]
-    generator = VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm"))
+    generator = VLLMGenerator(str(toy_checkpoint), GenerationConfig(backend="vllm", max_model_len=4096))
     prompt = generator._prompt(types.SimpleNamespace(content=content))
     hf = render_conversation([{"role": "user", "content": content}], processor, add_generation_prompt=True)
     pad = int(processor.image_token_id)
@@ -175,3 +175,66 @@ def test_the_vllm_backend_stops_where_the_hf_backend_does_and_refuses_temperatur
             GenerationConfig(backend="vllm", do_sample=True, temperature=temperature)
     GenerationConfig(backend="vllm", do_sample=True, temperature=0.7)
     GenerationConfig(backend="hf", do_sample=True, temperature=2.5)  # HF samples at any temperature
+
+
+def test_vllm_gets_the_context_the_run_needs_and_a_prompt_that_does_not_fit_is_named(toy_checkpoint, eval_data_root,
+                                                                                    tmp_path, monkeypatch, capsys):
+    """Before: vLLM's LLM was built without max_model_len, so it reserved KV cache for the model's whole context (128k
+    for Qwen2.5-VL), and a prompt too long for a set length failed inside vLLM naming no sample. Now the engine gets
+    the longest prompt to generate + --max-new-tokens, counted from image sizes exactly as the prompts render
+    (checked on every fixture sample, 1 to 3 images each); --max-model-len sets it; a prompt that does not fit with
+    --max-new-tokens is one error line naming the benchmark, the sample and the fix; and, changing no response, the
+    length may differ on a resume. (vLLM is not installed here: its classes are stood in for, and see no prompt.)"""
+    import functools
+    import sys
+    import types
+
+    import megatron_avar.processor as processor_module
+    from megatron_avar import platform
+    from megatron_avar.eval.benchmarks import get_benchmark
+    from megatron_avar.eval.vllm_backend import prompt_length
+    from megatron_avar.roles import render_conversation
+
+    loaded = functools.cache(processor_module.load_processor)  # (the test's runs load the same processor 4 times)
+    monkeypatch.setattr(processor_module, "load_processor", lambda *args, **kwargs: loaded(*args, **kwargs))
+    processor = processor_module.load_processor(str(toy_checkpoint), min_pixels=None, max_pixels=None)
+    lengths = {}
+    for name in BENCHMARKS:
+        for sample in get_benchmark(name).samples(eval_data_root):
+            rendered = render_conversation([{"role": "user", "content": sample.content}], processor,
+                                           add_generation_prompt=True)
+            lengths[name, sample.id] = prompt_length(sample.content, processor)
+            assert lengths[name, sample.id] == rendered.input_ids.numel(), (name, sample.id)
+
+    engines = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+        def generate(self, prompts, sampling):
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="<answer>B</answer>")])] * len(prompts)
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kwargs: kwargs  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(platform, "vllm_available", lambda: True)
+    argv = ["eval", "--model", str(toy_checkpoint), "--data-root", str(eval_data_root), "--benchmarks", "mmmu,mmstar",
+            "--backend", "vllm", "--max-new-tokens", "6"]
+    longest = max(length for (name, _), length in lengths.items() if name in ("mmmu", "mmstar"))
+    assert main([*argv, "--out", str(tmp_path / "derived")]) == 0
+    assert engines[-1]["max_model_len"] == longest + 6
+    assert f"vLLM max_model_len {longest + 6}: the longest prompt to generate (mmmu sample" in capsys.readouterr().err
+
+    # a length the longest prompt does not fit with --max-new-tokens: refused before vLLM sees it, naming it
+    (name, sample_id), length = max(((key, n) for key, n in lengths.items() if key[0] == "mmmu"), key=lambda kv: kv[1])
+    assert main([*argv, "--out", str(tmp_path / "short"), "--max-model-len", str(longest + 5)]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error == (f"avar eval: error: mmmu: sample {sample_id!r} has a {length}-token prompt: with --max-new-tokens "
+                     f"6 it needs --max-model-len >= {length + 6}, more than the {longest + 5} vLLM was started with. "
+                     "Raise --max-model-len (or leave it out: the default, 0, derives it from the data), or lower "
+                     "--max-pixels or --max-new-tokens")
+    # a resume with another length: the same responses, so not another setting
+    assert main([*argv, "--out", str(tmp_path / "derived"), "--max-model-len", "100000"]) == 0
+    assert "mmmu: 0 new predictions" in capsys.readouterr().err
+    assert "max_model_len" not in json.loads((tmp_path / "derived" / "run_config.json").read_text())["generation"]

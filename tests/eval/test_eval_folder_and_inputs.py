@@ -217,6 +217,7 @@ def test_a_damaged_parquet_file_is_named(tmp_path, eval_data_root):
     (["--intervene-mode", "additive"], "(--intervene-mode) applies only with --intervene"),
     (["--intervene-layers", "all"], "(--intervene-layers) applies only with --intervene"),
     (["--tensor-parallel-size", "2"], "(--tensor-parallel-size) applies only with --backend vllm"),
+    (["--max-model-len", "8192"], "(--max-model-len) applies only with --backend vllm"),
 ])
 def test_settings_the_run_would_ignore_are_refused(capsys, flags, message):
     """Found in review: sampling settings without --do-sample, intervention settings without --intervene and
@@ -233,6 +234,11 @@ def test_the_settings_apply_with_what_they_need(capsys):
     assert main(argv) == 0
     generation = json.loads(capsys.readouterr().out)["generation"]
     assert (generation["temperature"], generation["top_k"], generation["alpha_img"]) == (0.5, 3, 0.3)
+    assert main(["eval", "--out", "o", "--backend", "vllm", "--max-model-len", "8192", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["generation"]["max_model_len"] == 8192
+    # vLLM's length holds the prompt and the response
+    assert main(["eval", "--out", "o", "--backend", "vllm", "--max-model-len", "2048", "--print-config"]) == 2
+    assert "max_model_len (2048) must exceed max_new_tokens (2048)" in capsys.readouterr().err
 
 
 def test_a_folder_recorded_with_an_ignored_setting_still_resumes(fake_generator, tmp_path, eval_data_root):

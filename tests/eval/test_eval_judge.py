@@ -199,6 +199,60 @@ def test_judge_failures_past_the_share_exit_non_zero(judge, tmp_path, eval_data_
     assert "HTTP 401" in err and KEY_ENV in err and "sk-wrong" not in err
 
 
+def test_judging_some_benchmarks_judges_only_those_and_keeps_the_others_scores(judge, tmp_path, eval_data_root,
+                                                                              capsys):
+    """Before: `--score-only --benchmarks mathvista --judge J` (and a generating run of mathvista with --judge) also
+    sent the folder's other finished benchmarks to the judge, requests the user never asked for, and replaced their
+    scores. Now only the named benchmarks are judged and re-scored; the others' entries in scores.json stay exactly
+    as they were (judge results of the same judge included), and the report says which are not judged. Judge results
+    of another judge are not passed off as this one's: that benchmark is reported with its rule score."""
+    out = tmp_path / "out"
+    config = judge_yaml(tmp_path, judge.base_url)
+    argv = eval_argv(tmp_path, eval_data_root, config)
+    rules_only = argv[:argv.index("--judge")]
+    assert main(rules_only) == 0  # generate and score all three by the rules
+    before = json.loads((out / "scores.json").read_text())
+    others = {name: predictions(tmp_path, name) for name in ("mathverse_vo", "mmstar")}
+
+    score_only = ["eval", "--out", str(out), "--score-only"]
+    assert main([*score_only, "--benchmarks", "mathvista", "--judge", str(config)]) == 0
+    mathvista = {RESPONSES[key] for key in RESPONSES if key[0] == "mathvista"}
+    assert {r["question"] for r in judge.requests()} == JUDGED & mathvista  # none of the others' items
+    scores = json.loads((out / "scores.json").read_text())
+    assert {name: scores["benchmarks"][name] for name in others} == {name: before["benchmarks"][name]
+                                                                     for name in others}
+    assert scores["benchmarks"]["mathvista"]["with_judge"]["score"] == 75.0 and "average_with_judge" not in scores
+    assert {name: predictions(tmp_path, name) for name in others} == others  # no judge field written into them
+    table = (out / "results.md").read_text()
+    assert "| ours: model, rule+judge | 75.0 |  |  |  |  |  |  |  |" in table
+    assert "Not judged: MathVerse-VO, MMStar" in table and "| MathVista | 25.0 | 75.0 | 2 | 2 | 0 | 0 |" in table
+
+    # a generating run of mmstar with the judge (nothing left to generate): mathvista's judged entry is kept
+    judged_before = json.loads((out / "scores.json").read_text())["benchmarks"]
+    assert main([*argv[:argv.index("--benchmarks")], "--benchmarks", "mmstar", "--judge", str(config)]) == 0
+    assert {r["question"] for r in judge.requests()} == JUDGED & (mathvista | {RESPONSES[("mmstar", "1")]})
+    scores = json.loads((out / "scores.json").read_text())["benchmarks"]
+    assert scores["mathvista"] == judged_before["mathvista"] and scores["mathverse_vo"] == before["benchmarks"][
+        "mathverse_vo"]
+    assert scores["mmstar"]["with_judge"]["score"] == 66.67
+    # re-scoring without a judge keeps the others' judged scores, and says whose they are
+    assert main([*score_only, "--benchmarks", "mathverse_vo"]) == 0
+    rescored = json.loads((out / "scores.json").read_text())
+    assert rescored["benchmarks"]["mathvista"] == judged_before["mathvista"] and rescored["judge"]["model"] == "judge-x"
+
+    # another judge (another URL): mathvista's and mmstar's judge-x results are not reported as its own
+    capsys.readouterr()
+    with FakeJudge(api_key=SECRET) as other:
+        elsewhere = judge_yaml(tmp_path, other.base_url, "other.yaml", str(tmp_path / "other_cache"))
+        assert main([*score_only, "--benchmarks", "mathverse_vo", "--judge", str(elsewhere)]) == 0
+        assert {r["question"] for r in other.requests()} == JUDGED & {RESPONSES[key] for key in RESPONSES
+                                                                      if key[0] == "mathverse_vo"}
+    scores = json.loads((out / "scores.json").read_text())["benchmarks"]
+    assert scores["mathvista"] == before["benchmarks"]["mathvista"] and "with_judge" in scores["mathverse_vo"]
+    assert "mathvista: its rule+judge score came from another judge ('judge-x') than this run's" in \
+        capsys.readouterr().err
+
+
 def test_judge_config_keeps_keys_out_of_the_file(tmp_path, monkeypatch):
     example = Path(__file__).resolve().parents[2] / "examples" / "eval" / "judge.yaml"
     monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
