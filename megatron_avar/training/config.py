@@ -176,9 +176,9 @@ class CheckpointConfig:
     """interval: save every N steps (0: only at the end and on SIGTERM/SIGUSR1); keep: how many checkpoints to
     keep (older ones are removed after a newer one is complete); resume: continue from the run directory's
     latest checkpoint when there is one; overwrite: with resume=false, consent to start over in a run directory
-    that holds checkpoints of an earlier run: its checkpoints, metrics and summary are removed before the new
-    run writes anything (without it such a directory is refused, never mixed with the new run's checkpoints;
-    see ``training.run_loop.plan_start``); accept_data_change: resume even though the data differ from the
+    that holds checkpoints of an earlier run: its checkpoints, metrics, summary and W&B run record are removed
+    before the new run writes anything (without it such a directory is refused, never mixed with the new run's
+    checkpoints; see ``training.run_loop.plan_start``); accept_data_change: resume even though the data differ from the
     checkpoint's (their fingerprint: record ids, messages, image names relative to their common folder, sizes
     and dimensions — moving the data or touching files does not change it). The position (epoch, row / step)
     is kept and applied to the new data, so the steps after the resume are not those of an unchanged run. With
@@ -204,7 +204,8 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LogConfig:
     """interval: log every N steps; tensorboard: write event files under <out>/tensorboard; wandb_project:
-    also log to Weights & Biases (needs `pip install wandb` and WANDB_API_KEY)."""
+    also log to Weights & Biases (needs `pip install wandb` and WANDB_API_KEY), one W&B run per run directory: its
+    id is recorded in <out>/wandb_run.json and every resumed segment continues it."""
 
     interval: int = 1
     tensorboard: bool = True

@@ -144,13 +144,16 @@ def acquire_run_lock(out: str | Path, *, is_logging_rank: bool, conflict: str = 
 
 @contextmanager
 def holding_run_lock(out: str | Path, *, conflict: str) -> Iterator[None]:
-    """One process (no ranks): ``out``'s lock held for the ``with`` block, released however it ends; ValueError
-    as :func:`acquire_run_lock` when another process holds it."""
+    """One process (no ranks): ``out``'s lock held for the ``with`` block, released however it ends (a block that
+    raises releases it as a failed run: :func:`release_run_lock`); ValueError as :func:`acquire_run_lock` when
+    another process holds it."""
     acquire_run_lock(out, is_logging_rank=True, conflict=conflict)
+    failed = True
     try:
         yield
+        failed = False
     finally:
-        release_run_lock(out)
+        release_run_lock(out, failed=failed)
 
 
 def release_run_lock(out: str | Path, *, failed: bool = False) -> None:

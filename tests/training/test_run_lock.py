@@ -154,3 +154,24 @@ def test_a_first_run_whose_model_does_not_load_leaves_no_folder(sft_inputs, tmp_
     (tmp_path / "existing").mkdir()
     assert run(tmp_path / "existing").returncode != 0
     assert _tree(tmp_path / "existing") == [LOCK_FILE]
+
+
+def test_a_command_failing_inside_its_lock_leaves_no_folder_it_made(tmp_path):
+    """The one-process commands (eval, vas, intervene, synth, sweep) hold their lock with holding_run_lock: a
+    failure inside it on an out the command made leaves nothing (before: out holding only .avar.lock); a block
+    that ends well, or an out that existed, keeps the lock file."""
+    from megatron_avar.training.run_lock import holding_run_lock
+
+    made = tmp_path / "evals" / "first"
+    with pytest.raises(RuntimeError, match="model did not load"):
+        with holding_run_lock(made, conflict="two evals"):
+            raise RuntimeError("model did not load")
+    assert _tree(tmp_path) == []
+    existed = tmp_path / "existed"
+    existed.mkdir()
+    with pytest.raises(RuntimeError):
+        with holding_run_lock(existed, conflict="two evals"):
+            raise RuntimeError("model did not load")
+    with holding_run_lock(made, conflict="two evals"):
+        pass
+    assert _tree(tmp_path) == ["evals", "evals/first", f"evals/first/{LOCK_FILE}", "existed", f"existed/{LOCK_FILE}"]
