@@ -31,6 +31,7 @@ __all__ = [
     "NUM_ROLES",
     "IMAGE_FORMATS",
     "IGNORE_INDEX",
+    "GENERATION_PROMPT",
     "labelled_positions",
     "RenderedConversation",
     "render_conversation",
@@ -68,6 +69,7 @@ class TokenRole(enum.IntEnum):
 NUM_ROLES = 5  # roles with a non-negative id
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what the Qwen2.5-VL template renders when none is given
+GENERATION_PROMPT = "<|im_start|>assistant\n"  # what ends a prompt for generation (add_generation_prompt)
 
 # Tokens whose literal text inside a message would change the conversation's structure or its image count.
 _STRUCTURAL_TOKENS = (
@@ -337,7 +339,7 @@ def render_conversation(
 
     segments = _segments(turns, image_token_counts, processor.image_token)
     if add_generation_prompt:
-        segments.append(("<|im_start|>assistant\n", TokenRole.TEMPLATE))
+        segments.append((GENERATION_PROMPT, TokenRole.TEMPLATE))
     text = "".join(segment for segment, _ in segments)
     encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = torch.tensor(encoding["input_ids"], dtype=torch.long)

@@ -29,19 +29,19 @@ if TYPE_CHECKING:
 
 __all__ = ["VLLMGenerator", "needed_max_model_len", "prompt_length"]
 
-_GENERATION_PROMPT = "<|im_start|>assistant\n"  # what render_conversation(add_generation_prompt=True) appends
 
 
 def prompt_length(content: list[dict], processor) -> int:
     """The number of tokens `roles.render_conversation` gives the user turn ``content`` (chat items, PIL images) with
     the generation prompt, image pads expanded: counted from each image's size (`training.sample_plan`'s image grid
     and renderer), without resizing or normalising any image."""
+    from megatron_avar.roles import GENERATION_PROMPT
     from megatron_avar.training.sample_plan import image_grid, sample_roles
 
     sizes = [item["image"].size for item in content if item["type"] == "image"]  # (width, height)
     grids = [image_grid(width, height, processor.image_processor) for width, height in sizes]
     turn = int(sample_roles([{"role": "user", "content": content}], grids, processor).numel())
-    return turn + len(processor.tokenizer(_GENERATION_PROMPT, add_special_tokens=False)["input_ids"])
+    return turn + len(processor.tokenizer(GENERATION_PROMPT, add_special_tokens=False)["input_ids"])
 
 
 def needed_max_model_len(model_dir: str, config, samples: Iterable[tuple[str, Sample]]) -> int:

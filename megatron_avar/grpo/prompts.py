@@ -52,7 +52,6 @@ DEFAULT_INSTRUCTION = (
 )
 
 _MAX_LISTED = 8  # bad records named in one error message
-_GENERATION_PROMPT = "<|im_start|>assistant\n"
 # The order scheme the resume state records: "cyclic" (shuffle=false epochs start where the last stopped).
 # States without it come from the version whose shuffle=false order repeated the dataset order every epoch.
 ORDER = "cyclic"
@@ -260,7 +259,7 @@ class PromptLoader:
                 continue
             counts = [t * h * w // merge**2 for t, h, w in grids]
             segments = roles_module._segments(turns, counts, processor.image_token)
-            texts.append("".join(text for text, _ in segments) + _GENERATION_PROMPT)
+            texts.append("".join(text for text, _ in segments) + roles_module.GENERATION_PROMPT)
         if errors:
             listed = "\n  ".join(errors[:_MAX_LISTED])
             more = f"\n  ... and {len(errors) - _MAX_LISTED} more" if len(errors) > _MAX_LISTED else ""
