@@ -14,11 +14,7 @@ from pathlib import Path
 
 from megatron_avar.models.hf_inference import DTYPES
 
-# The check lives with the weight readers and runs in every ``hf_inference.load_model``; imported here for
-# ``eval.generation.make_generator``, which also checks before vLLM loads the weights (a loader that is not ours).
-from megatron_avar.models.hf_weights import check_weights_readable
-
-__all__ = ["check_hf_checkpoint", "check_weights_readable", "checkpoint_identity", "load_hf_model", "resolve_device",
+__all__ = ["check_hf_checkpoint", "checkpoint_identity", "load_hf_model", "resolve_device",
            "DTYPES"]
 
 DEVICES = "auto, cpu, cuda or cuda:N"

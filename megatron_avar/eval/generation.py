@@ -219,13 +219,13 @@ class HFGenerator:
 
 def make_generator(model_dir: str, config: GenerationConfig):
     """The backend ``config.backend`` names. vLLM needs a CUDA machine with vLLM installed (the ``gpu``
-    extra); it is imported only then. A damaged weight file is named first (both backends' own errors name none)."""
-    from megatron_avar.analysis.model_loading import check_weights_readable
-
-    check_weights_readable(model_dir)
+    extra); it is imported only then. A damaged weight file is named first (vLLM's own error names none; the hf
+    backend's loader, ``models.hf_inference.load_model``, checks as it loads)."""
     if config.backend == "vllm":
         from megatron_avar import platform
+        from megatron_avar.models.hf_weights import check_weights_readable
 
+        check_weights_readable(model_dir)
         if not platform.vllm_available():
             raise ValueError("--backend vllm needs CUDA and vLLM (pip install -e .[gpu]); use --backend hf on this "
                              "machine")
