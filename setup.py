@@ -40,7 +40,8 @@ SYNTH_REQUIREMENTS = ["nemo-curator==1.4.0"]
 LINT_REQUIREMENTS = ["ruff==0.17.6", "basedpyright==1.40.2"]
 
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100"] + LINT_REQUIREMENTS + SYNTH_REQUIREMENTS,
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100"]
+    + LINT_REQUIREMENTS + SYNTH_REQUIREMENTS,
     "synth": SYNTH_REQUIREMENTS,
     "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn"],
 }
