@@ -18,7 +18,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["collapse_image_pads", "images_from_pixel_values", "token_prompt"]
+__all__ = ["collapse_image_pads", "images_from_pixel_values", "token_prompt", "MAX_IMAGES_PER_PROMPT"]
+
+# the images one prompt may hold: vLLM engines are started with this limit (limit_mm_per_prompt) and profile their
+# memory for it, so a prompt with more is refused by vLLM; the callers refuse it first, naming the sample
+MAX_IMAGES_PER_PROMPT = 8
 
 
 def collapse_image_pads(input_ids: Sequence[int], image_token_id: int, image_grid_thw: torch.Tensor | None,

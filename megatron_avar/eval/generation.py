@@ -17,7 +17,7 @@ import torch
 from megatron_avar.models import hf_inference
 from megatron_avar.models.hf_inference import DTYPES
 
-__all__ = ["GenerationConfig", "HFGenerator", "make_generator", "applied_settings", "PromptTooLongError"]
+__all__ = ["GenerationConfig", "HFGenerator", "make_generator", "applied_settings", "PromptDoesNotFitError"]
 
 BACKENDS = ("hf", "vllm")
 # field -> (the setting it needs to apply, its flag, the flag that gives that setting): a field set to another value
@@ -140,9 +140,9 @@ class GenerationConfig:
         return asdict(self)
 
 
-class PromptTooLongError(ValueError):
-    """A prompt that does not fit the vLLM engine's max_model_len with max_new_tokens (the message names the sample;
-    the runner adds the benchmark)."""
+class PromptDoesNotFitError(ValueError):
+    """A prompt that does not fit the vLLM engine: longer than its max_model_len with max_new_tokens, or with more
+    images than it takes per prompt (the message names the sample; the runner adds the benchmark)."""
 
 
 class HFGenerator:

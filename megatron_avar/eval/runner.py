@@ -51,7 +51,7 @@ from megatron_avar.eval.benchmarks.base import Sample
 from megatron_avar.eval.generation import (
     GenerationConfig,
     HFGenerator,
-    PromptTooLongError,
+    PromptDoesNotFitError,
     applied_settings,
     make_generator,
 )
@@ -364,7 +364,7 @@ def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path
         nonlocal written, failed
         try:
             responses = get_generator().generate(pending)
-        except PromptTooLongError as error:  # (it names the sample)
+        except PromptDoesNotFitError as error:  # (it names the sample)
             raise ValueError(f"{benchmark.name}: {error}") from None
         # (after generation, which may fail on a bad setting: nothing is written for nothing)
         widen_limit()

@@ -14,7 +14,7 @@ model's whole context (128k for Qwen2.5-VL: more memory than a benchmark's promp
 The engine gets ``GenerationConfig.max_model_len``, by default what the run needs: the longest prompt it generates
 for + max_new_tokens, counted from the image sizes before vLLM starts (:func:`needed_max_model_len`, the same count
 as GRPO's prompts: `training.sample_plan`), as GRPO gives its engine prompt + response tokens. A prompt that does not
-fit with max_new_tokens is refused before vLLM sees it (`generation.PromptTooLongError`, naming the sample and the
+fit with max_new_tokens is refused before vLLM sees it (`generation.PromptDoesNotFitError`, naming the sample and the
 fix): vLLM would stop its response at max_model_len, shorter than the HF backend's, or fail naming no sample.
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from megatron_avar.eval.benchmarks.base import Sample
 
-__all__ = ["VLLMGenerator", "needed_max_model_len", "prompt_length"]
+__all__ = ["VLLMGenerator", "check_image_count", "needed_max_model_len", "prompt_length"]
 
 
 
@@ -44,6 +44,18 @@ def prompt_length(content: list[dict], processor) -> int:
     return turn + len(processor.tokenizer(GENERATION_PROMPT, add_special_tokens=False)["input_ids"])
 
 
+def check_image_count(sample: Sample) -> None:
+    """PromptDoesNotFitError naming ``sample`` when it has more images than a vLLM engine takes per prompt
+    (``vllm_inputs.MAX_IMAGES_PER_PROMPT``; vLLM's own refusal names no sample)."""
+    from megatron_avar.eval.generation import PromptDoesNotFitError
+    from megatron_avar.vllm_inputs import MAX_IMAGES_PER_PROMPT
+
+    count = sum(item["type"] == "image" for item in sample.content)
+    if count > MAX_IMAGES_PER_PROMPT:
+        raise PromptDoesNotFitError(f"sample {sample.id!r} has {count} images; the vLLM backend takes at most "
+                                 f"{MAX_IMAGES_PER_PROMPT} per prompt: use --backend hf for it")
+
+
 def needed_max_model_len(model_dir: str, config, samples: Iterable[tuple[str, Sample]]) -> int:
     """``config.max_new_tokens`` + the longest prompt of ``samples`` ((benchmark name, Sample) pairs: those the run
     generates), counted with the checkpoint's processor under the config's pixel bounds; said on stderr. A sample
@@ -53,6 +65,10 @@ def needed_max_model_len(model_dir: str, config, samples: Iterable[tuple[str, Sa
     processor = load_processor(model_dir, min_pixels=config.min_pixels, max_pixels=config.max_pixels)
     longest, where = 0, ""
     for benchmark, sample in samples:
+        try:
+            check_image_count(sample)
+        except ValueError as error:  # (it names the sample)
+            raise ValueError(f"{benchmark}: {error}") from None
         try:
             length = prompt_length(sample.content, processor)
         except ValueError as error:
@@ -72,9 +88,9 @@ class VLLMGenerator:
     def __init__(self, model_dir: str, config):
         from vllm import LLM, SamplingParams
 
-        from megatron_avar.grpo.vllm_requests import MAX_IMAGES_PER_PROMPT
         from megatron_avar.models import hf_inference
         from megatron_avar.processor import load_processor
+        from megatron_avar.vllm_inputs import MAX_IMAGES_PER_PROMPT
 
         if config.max_model_len < 1:
             raise ValueError("VLLMGenerator needs generation.max_model_len (0 is resolved by the runner: "
@@ -101,16 +117,17 @@ class VLLMGenerator:
         )
 
     def _prompt(self, sample) -> dict:
-        """vLLM's token prompt of ``sample`` (module docstring); PromptTooLongError where it does not fit."""
-        from megatron_avar.eval.generation import PromptTooLongError
+        """vLLM's token prompt of ``sample`` (module docstring); PromptDoesNotFitError where it does not fit."""
+        from megatron_avar.eval.generation import PromptDoesNotFitError
         from megatron_avar.roles import render_conversation
         from megatron_avar.vllm_inputs import token_prompt
 
+        check_image_count(sample)
         rendered = render_conversation([{"role": "user", "content": sample.content}], self.processor,
                                        add_generation_prompt=True)
         length, config = len(rendered.input_ids), self.config
         if length + config.max_new_tokens > config.max_model_len:
-            raise PromptTooLongError(
+            raise PromptDoesNotFitError(
                 f"sample {sample.id!r} has a {length}-token prompt: with --max-new-tokens {config.max_new_tokens} it "
                 f"needs --max-model-len >= {length + config.max_new_tokens}, more than the {config.max_model_len} vLLM "
                 "was started with. Raise --max-model-len (or leave it out: the default, 0, derives it from the data), "

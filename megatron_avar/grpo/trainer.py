@@ -306,7 +306,7 @@ def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dic
     data_config = config.data
     processor = build_prompt_processor(data_config, data_config.processor_path or config.model.hf_path)
     check_processor_fits_model(processor, qwen_config)
-    from megatron_avar.grpo.vllm_requests import MAX_IMAGES_PER_PROMPT
+    from megatron_avar.vllm_inputs import MAX_IMAGES_PER_PROMPT
 
     prompts = PromptLoader(data_config, processor, prompts_per_step=config.train.prompts_per_step,
                            dp_rank=layout.dp_rank, dp_size=layout.dp,

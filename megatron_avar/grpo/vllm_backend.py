@@ -58,7 +58,6 @@ import torch
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.grpo.local_backend import SUPPRESSED_TOKENS, sample_seed
 from megatron_avar.grpo.vllm_requests import (
-    MAX_IMAGES_PER_PROMPT,
     RESUME_HINT,
     RefitStats,
     assemble_rollout,
@@ -69,7 +68,7 @@ from megatron_avar.grpo.vllm_requests import (
     sampling_request_kwargs,
 )
 from megatron_avar.models import hf_inference
-from megatron_avar.vllm_inputs import token_prompt
+from megatron_avar.vllm_inputs import MAX_IMAGES_PER_PROMPT, token_prompt
 
 __all__ = ["VLLMGenerationBackend"]
 

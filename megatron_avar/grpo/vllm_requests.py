@@ -13,14 +13,14 @@ import torch
 
 from megatron_avar.grpo.interfaces import PromptBatch, Rollout, SamplingParams
 from megatron_avar.roles import TokenRole
+from megatron_avar.vllm_inputs import MAX_IMAGES_PER_PROMPT
 
 __all__ = ["RefitStats", "engine_kwargs", "sampling_request_kwargs", "sampled_token_logprobs", "assemble_rollout",
            "checked_hf_names",
-           "load_weights_on_worker", "LOGPROBS_MODE", "MAX_IMAGES_PER_PROMPT", "RESUME_HINT",
+           "load_weights_on_worker", "LOGPROBS_MODE", "RESUME_HINT",
            "check_vllm_sampling", "check_vllm_temperature"]
 
 LOGPROBS_MODE = "processed_logprobs"
-MAX_IMAGES_PER_PROMPT = 8  # vLLM profiles memory for this many images per prompt (limit_mm_per_prompt)
 DTYPES = ("bfloat16", "float16", "float32")
 VLLM_MAX_TEMPERATURE = 2.0  # vllm.SamplingParams refuses temperature > 2
 # vLLM samples greedily below 1e-5 (its _SAMPLING_EPS) and raises any temperature below 1e-2 (its _MAX_TEMP) to

@@ -238,3 +238,44 @@ def test_vllm_gets_the_context_the_run_needs_and_a_prompt_that_does_not_fit_is_n
     assert main([*argv, "--out", str(tmp_path / "derived"), "--max-model-len", "100000"]) == 0
     assert "mmmu: 0 new predictions" in capsys.readouterr().err
     assert "max_model_len" not in json.loads((tmp_path / "derived" / "run_config.json").read_text())["generation"]
+
+
+def test_a_sample_with_more_images_than_vllm_takes_is_named_before_vllm_sees_it(toy_checkpoint, eval_data_root,
+                                                                                tmp_path, monkeypatch, capsys):
+    """vLLM engines are started with at most vllm_inputs.MAX_IMAGES_PER_PROMPT images per prompt, and refuse a prompt
+    with more naming no sample. Before: eval passed such a sample on. Now it is one error line naming the benchmark,
+    the sample and the fix, whether the length is derived (before vLLM starts) or given (before the prompt is sent).
+    (The limit is lowered to 1 here, below the fixture's 2- and 3-image MMMU samples; vLLM is stood in for.)"""
+    import sys
+    import types
+
+    import megatron_avar.vllm_inputs as vllm_inputs
+    from megatron_avar import platform
+    from megatron_avar.eval.benchmarks import get_benchmark
+
+    engines, sent = [], []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            engines.append(kwargs)
+
+        def generate(self, prompts, sampling):
+            sent.extend(prompts)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="<answer>B</answer>")])] * len(prompts)
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kwargs: kwargs  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(platform, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_inputs, "MAX_IMAGES_PER_PROMPT", 1)
+    first = next(s for s in get_benchmark("mmmu").samples(eval_data_root)
+                 if sum(item["type"] == "image" for item in s.content) > 1)
+    count = sum(item["type"] == "image" for item in first.content)
+    expected = (f"avar eval: error: mmmu: sample {first.id!r} has {count} images; the vLLM backend takes at most 1 per "
+                "prompt: use --backend hf for it")
+    argv = ["eval", "--model", str(toy_checkpoint), "--data-root", str(eval_data_root), "--benchmarks", "mmmu",
+            "--backend", "vllm", "--max-new-tokens", "6"]
+    for extra in ([], ["--max-model-len", "100000"]):
+        assert main([*argv, "--out", str(tmp_path / f"run{len(extra)}"), *extra]) == 2
+        assert [line for line in capsys.readouterr().err.splitlines() if "error" in line] == [expected]
+        assert len(engines) == (1 if extra else 0) and sent == []  # derived: refused before vLLM starts
