@@ -313,8 +313,12 @@ class PromptLoader:
                              "record, its prompt length, the processor or max_prompt_length changed). Resume with "
                              "the prompts the run was started with, or pass checkpoint.accept_data_change=true to "
                              "continue at the same step on these prompts")
-        for key, mine in (("seed", self.config.seed),
-                          ("shuffle", self.config.shuffle), ("prompts_per_step", self.prompts_per_step)):
+        # the seed decides the order only with shuffle (and data.seed is refused without it, so a checkpoint of a
+        # run with shuffle=false and another seed could not resume if it were compared)
+        for key, mine in (("shuffle", self.config.shuffle), ("prompts_per_step", self.prompts_per_step),
+                          ("seed", self.config.seed)):
+            if key == "seed" and not self.config.shuffle:
+                continue
             if state.get(key) != mine:
                 raise ValueError(f"prompt data state has {key}={state.get(key)!r} but this loader has {mine!r}: the "
                                  "checkpoint was made with other prompts (dataset, processor, max_prompt_length) "

@@ -1,9 +1,12 @@
 """Training metrics: the FLOP count behind TFLOP/s, and the logger (console line, metrics.jsonl, TensorBoard,
 optional W&B). Only the logging rank writes; every number it gets is already reduced over the world.
 
-One W&B run per training run: the first segment of a run (the first start of ``avar sft`` / ``avar grpo`` on an
-``out``) records the id of its W&B run in ``<out>/wandb_run.json``; every later segment (a Slurm requeue after a
-preemption, a resume by hand) continues that W&B run (``wandb.init(id=..., resume="allow")``). A resumed segment
+One W&B run per training run: the first segment of a run (a start of ``avar sft`` / ``avar grpo`` that resumes no
+checkpoint) records the id of its W&B run in ``<out>/wandb_run.json``; every later segment that resumes a
+checkpoint of it (a Slurm requeue after a preemption, a resume by hand) continues that W&B run
+(``wandb.init(id=..., resume="allow")``). A start that resumes nothing is a new run, with a new W&B run
+(``run_loop.prepare_run_dir`` removes the record), so a run never logs into the values of an attempt it does not
+continue. A resumed segment
 runs again the steps between its checkpoint and the interruption; TensorBoard purges them and metrics.jsonl is
 trimmed, but a W&B run only appends: it holds each step the interrupted segment logged with that segment's values,
 and this logger sends W&B only the steps after the last one it holds (W&B would drop the others with a warning

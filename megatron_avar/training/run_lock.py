@@ -68,19 +68,24 @@ _RUN_CONFLICT = ("two runs writing one out would mix their checkpoints and metri
 
 def _make_folders(out: Path) -> list[Path]:
     """Make ``out`` and the folders above it that are missing; returns those this call made, ``out`` first (a
-    folder another process made meanwhile is not counted)."""
-    missing, folder = [], out
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    made = []
-    for folder in reversed(missing):
+    folder another process made meanwhile is not counted). A folder removed meanwhile by another run's cleanup
+    (module docstring: a failed run removes the empty folders it made) is made again."""
+    made: set[Path] = set()
+    while True:
+        missing, folder = [], out
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
         try:
-            folder.mkdir()
-        except FileExistsError:
+            for folder in reversed(missing):
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    continue
+                made.add(folder)
+        except FileNotFoundError:  # a folder above was removed after the walk: walk again
             continue
-        made.append(folder)
-    return made[::-1]
+        return sorted(made, key=lambda folder: len(folder.parts), reverse=True)
 
 
 def _try_lock(out: Path, conflict: str = _RUN_CONFLICT) -> str:

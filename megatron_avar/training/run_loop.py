@@ -225,8 +225,8 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
                            layout=layout)
         if start.resume_from is not None and not start.finished:
             _check_same_model(start.resume_from, config.model.hf_path)
-        if config.log.wandb_project and not (start.finished or start.replace_earlier):
-            recorded_wandb_run(config.out, config.log.wandb_project)
+        if config.log.wandb_project and start.resume_from is not None and not start.finished:
+            recorded_wandb_run(config.out, config.log.wandb_project)  # (a run that resumes nothing starts a new one)
     except BaseException:
         end_run(config.out, failed=True)
         raise
@@ -311,23 +311,27 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
 
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
     """Logging rank, after :func:`plan_start` and the resume's load, before the logger opens: create ``out``;
-    with consent to replace an earlier run, remove its checkpoints, metrics, summary, TensorBoard events and W&B
-    run record, so the new run logs to a new W&B run (before this run writes anything, so nothing of this run is
-    ever removed); keep in metrics.jsonl only the steps before ``start.start_step`` (a run resumed after a crash
-    runs the steps after its checkpoint again); write the resolved config."""
+    with consent to replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events (before
+    this run writes anything, so nothing of this run is ever removed); keep in metrics.jsonl only the steps before
+    ``start.start_step`` (a run resumed after a crash runs the steps after its checkpoint again); remove the W&B run
+    record unless a checkpoint is resumed, so a run that starts at step 0 (an earlier attempt died before its first
+    checkpoint, or resume=false) logs to a new W&B run, never into the values of one it does not continue; write
+    the resolved config."""
     from megatron_avar.training import checkpointing
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if start.replace_earlier:
         checkpointing.remove_checkpoints(out)
-        for name in (METRICS_FILE, SUMMARY_FILE, WANDB_RUN_FILE):
+        for name in (METRICS_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
         events = out / "tensorboard"  # the event files this run's logger writes there, nothing else
         for event_file in events.glob("events.out.tfevents.*") if events.is_dir() else ():
             event_file.unlink()
         with contextlib.suppress(OSError):
             events.rmdir()
+    if start.resume_from is None:
+        (out / WANDB_RUN_FILE).unlink(missing_ok=True)
     _trim_metrics(out / METRICS_FILE, start.start_step)
     atomic_files.write_json(out / "config.json", run_config)
 

@@ -92,33 +92,46 @@ def _config(out: Path, *, wandb_project: str | None) -> SimpleNamespace:
                            log=SimpleNamespace(wandb_project=wandb_project))
 
 
-def test_a_run_refused_at_its_start_on_every_rank_releases_its_lock(tmp_path):
-    """begin_run refuses on every rank (not the logging rank's logger alone, which would leave the other ranks
-    waiting in the first step) an out whose W&B run record is damaged, and releases the lock it took on the way
-    out. The out existed, so it keeps everything, the record included."""
-    from megatron_avar.training import run_lock
+def test_a_resume_refused_at_its_start_releases_its_lock(tmp_path, monkeypatch):
+    """begin_run, which every rank runs (not the logging rank's logger alone, which would leave the other ranks
+    waiting in the first step), refuses a resume whose W&B run record is damaged and releases the lock it took on
+    the way out. The out existed, so it keeps everything, the record included. A start that resumes nothing is
+    not refused: it gets a new W&B run (the record is replaced, test below)."""
+    from megatron_avar.training import run_lock, run_loop
     from megatron_avar.training.metrics import WANDB_RUN_FILE
-    from megatron_avar.training.run_loop import begin_run
+    from megatron_avar.training.run_loop import RunStart, begin_run
 
     layout = SimpleNamespace(is_logging_rank=True, tp=1, pp=1, vpp=1, dp=1)
     out = tmp_path / "run"
     out.mkdir()
     (out / WANDB_RUN_FILE).write_text('{"id": "3kd9')
+    begin_run(_config(out, wandb_project="avar"), (), layout=layout)  # nothing to resume: a new run
+    run_lock.release_run_lock(out)
+    resume = RunStart(resume_from=out / "checkpoints" / "step_1", start_step=2)
+    monkeypatch.setattr(run_loop, "plan_start", lambda *args, **kwargs: resume)
+    monkeypatch.setattr(run_loop, "_check_same_model", lambda *args: None)
     with pytest.raises(ValueError, match=f"{out / WANDB_RUN_FILE} is damaged"):
         begin_run(_config(out, wandb_project="avar"), (), layout=layout)
     assert _tree(out) == sorted([LOCK_FILE, WANDB_RUN_FILE])
     assert run_lock._held == {}  # released: the user's next attempt from this process is not refused by it
 
 
-def test_starting_a_run_over_gives_it_a_new_wandb_run(tmp_path):
-    """checkpoint.resume=false checkpoint.overwrite=true replaces the earlier run: its W&B run record goes with
-    its metrics and summary, so the new run logs to a new W&B run, not on top of the replaced one's steps."""
+def test_a_run_that_resumes_no_checkpoint_gets_a_new_wandb_run(tmp_path):
+    """Only a start that resumes a checkpoint continues the W&B run of the run directory. Starting over
+    (checkpoint.resume=false checkpoint.overwrite=true), and a start after an attempt that died before its first
+    checkpoint (found in review: it continued the dead attempt's W&B run, whose steps 0..k W&B kept while the new
+    run, perhaps with another config, logged from step 0), remove the record, so the new run logs to a new W&B run."""
     from megatron_avar.training.metrics import WANDB_RUN_FILE
     from megatron_avar.training.run_loop import RunStart, prepare_run_dir
 
-    (tmp_path / WANDB_RUN_FILE).write_text(json.dumps({"id": "3kd9fj2m", "project": "avar"}))
-    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=3), {"out": "o"})  # a resume keeps it
-    assert (tmp_path / WANDB_RUN_FILE).is_file()
+    record = json.dumps({"id": "3kd9fj2m", "project": "avar"})
+    (tmp_path / WANDB_RUN_FILE).write_text(record)
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    prepare_run_dir(tmp_path, RunStart(resume_from=checkpoint, start_step=4), {"out": "o"})  # a resume keeps it
+    assert (tmp_path / WANDB_RUN_FILE).read_text() == record
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=0), {"out": "o"})  # nothing to resume
+    assert not (tmp_path / WANDB_RUN_FILE).exists()
+    (tmp_path / WANDB_RUN_FILE).write_text(record)
     prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=0, replace_earlier=True), {"out": "o"})
     assert not (tmp_path / WANDB_RUN_FILE).exists()
 
@@ -175,3 +188,24 @@ def test_a_command_failing_inside_its_lock_leaves_no_folder_it_made(tmp_path):
     with holding_run_lock(made, conflict="two evals"):
         pass
     assert _tree(tmp_path) == ["evals", "evals/first", f"evals/first/{LOCK_FILE}", "existed", f"existed/{LOCK_FILE}"]
+
+
+def test_a_folder_removed_while_the_lock_makes_out_is_made_again(tmp_path, monkeypatch):
+    """Found in review: two runs under a new common parent (two eval shards' locks in a new out), one failing at
+    its start, removes the parent it made between the other's walk up to the first existing folder and its mkdir
+    below it. Before, that FileNotFoundError read "cannot create its lock file ... check that out is writable";
+    now the taker walks again and makes the folders, counting them as its own."""
+    out = tmp_path / "evals" / ".avar-locks" / "shard-0"
+    real_mkdir, raced = Path.mkdir, []
+
+    def mkdir(self, *args, **kwargs):
+        if self == tmp_path / "evals" / ".avar-locks" and not raced:  # the other run removes evals/ just now
+            raced.append(True)
+            (tmp_path / "evals").rmdir()
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    acquire_run_lock(out, is_logging_rank=True)
+    assert raced and (out / LOCK_FILE).is_file()
+    release_run_lock(out, failed=True)
+    assert _tree(tmp_path) == []
