@@ -50,7 +50,7 @@ __all__ = ["JudgeEndpoint", "JudgeConfig", "JudgeFailuresError", "AnswerJudge", 
 STAGE = "judge"  # the client's stage: the cache's subfolder and part of every cache key
 _NO_ANSWER = ("", "null")  # replies that mean "no answer" (MathVerse's examples answer "null")
 # the parts of `AnswerJudge.describe` that decide the replies (max_failed_share decides only whether the run fails)
-_IDENTITY = ("model", "url", "prompt_version", "temperature")
+_IDENTITY = ("model", "url", "prompt_version", "temperature", "top_p", "max_tokens", "seed", "extra_body")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,8 @@ def load_judge_config(path: str | Path) -> JudgeConfig:
 
 def same_judge(described: dict, other: dict) -> bool:
     """Whether two judge descriptions (`AnswerJudge.describe`, as scores.json records them) are of one judge: the
-    same model at the same URL with the same prompts and temperature, so the same replies."""
+    same model at the same URL with the same prompts and sampling settings, so the same replies. A description
+    without one of them (written by an earlier version) is another judge's: its judged scores are not kept."""
     return all(described.get(key) == other.get(key) for key in _IDENTITY)
 
 
@@ -119,7 +120,9 @@ class AnswerJudge:
         """What scores.json records about the judge (no secret: the key's variable name at most)."""
         endpoint = self.config.endpoint
         return {"model": endpoint.model, "url": chat_url(endpoint), "prompt_version": PROMPT_VERSION,
-                "temperature": endpoint.temperature, "max_failed_share": self.config.client.max_failed_share}
+                "temperature": endpoint.temperature, "top_p": endpoint.top_p, "max_tokens": endpoint.max_tokens,
+                "seed": endpoint.seed, "extra_body": endpoint.extra_body,
+                "max_failed_share": self.config.client.max_failed_share}
 
     def _ask(self, prompt: str) -> ChatResult | TeacherRequestError:
         try:

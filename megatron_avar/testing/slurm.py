@@ -52,9 +52,24 @@ class SlurmUnavailable(RuntimeError):
 
 
 def ensure_slurm_installed(timeout_s: float = 600) -> None:
-    """Install Debian's Slurm and munge with apt when ``slurmctld`` is missing (needs root)."""
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey")):
+    """Install Debian's Slurm and munge with apt when ``slurmctld`` is missing (needs root). One install at a time
+    on a machine: test processes running side by side (pytest-xdist workers) wait for the first one's, instead of
+    failing on apt's lock."""
+    import fcntl
+
+    if _slurm_installed():
         return
+    with open(Path(tempfile.gettempdir()) / "avar-slurm-install.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if not _slurm_installed():  # (another process may have installed it while this one waited)
+            _apt_install(timeout_s)
+
+
+def _slurm_installed() -> bool:
+    return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey"))
+
+
+def _apt_install(timeout_s: float) -> None:
     if os.geteuid() != 0:
         raise SlurmUnavailable("Slurm is not installed and installing it needs root: run as root, or "
                                f"`apt-get install {' '.join(APT_PACKAGES)}` beforehand")

@@ -299,3 +299,24 @@ def test_every_benchmark_has_its_vlmevalkit_judge_prompt(eval_data_root):
     vision = [s for s in get_benchmark("mmmu_pro").samples(eval_data_root) if s.id.startswith("vision/")][0]
     prompt = get_benchmark("mmmu_pro").judge_prompt(vision.prompt_text, "x", vision.target)
     assert "Question: Answer the following multiple-choice question in the image.?\nOptions:" in prompt
+
+
+def test_a_judge_sampling_otherwise_is_another_judge(tmp_path):
+    """Found in review: whether a benchmark's judged score is kept (another benchmark judged, this one not) compared
+    only the model, URL, prompts and temperature; a judge with another max_tokens, top_p, seed or extra_body
+    replies otherwise, yet its results were kept as this judge's. Every setting that decides the replies counts."""
+    import dataclasses
+
+    from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, JudgeEndpoint, same_judge
+
+    def described(**endpoint):
+        config = JudgeConfig(endpoint=JudgeEndpoint(base_url="http://127.0.0.1:9/v1", api_key_env=None, **endpoint))
+        return AnswerJudge(config, tmp_path).describe()
+
+    base = described()
+    assert same_judge(base, described())
+    assert same_judge(base, described() | {"max_failed_share": 0.5})  # decides only whether the run fails
+    for change in ({"max_tokens": 64}, {"top_p": 0.9}, {"seed": 1}, {"extra_body": {"top_k": 1}}):
+        assert not same_judge(base, described(**change)), change
+    assert not same_judge(base, {key: value for key, value in base.items() if key != "max_tokens"})  # older record
+    assert {field.name for field in dataclasses.fields(JudgeEndpoint)} - set(base) == {"base_url", "api_key_env"}
