@@ -13,7 +13,11 @@
 # Resume: re-submitting the same command resumes an unfinished run without repeating any teacher request
 # already answered (see megatron_avar/synth/pipeline.py).
 #
+# Teachers served elsewhere (a hosted API, servers of your own): VLLM_MODELS= (empty) starts no server and waits
+# for none; the config's base_urls point at those teachers.
+#
 # Environment knobs (defaults below): VLLM_MODELS, VLLM_ARGS (extra `vllm serve` flags), RAY_PORT,
+# RAY_ARGS (extra `ray start` flags on every node, e.g. --num-cpus=N: each pipeline stage holds a CPU),
 # VENV (the Python environment with `pip install -e .[synth,gpu]`), SERVER_WAIT_S.
 #SBATCH --job-name=avar-synth
 #SBATCH --nodes=2
@@ -29,9 +33,10 @@ set -euo pipefail
 CONFIG=${1:?usage: sbatch slurm/synth.sh CONFIG.yaml [dotted.overrides ...]}
 shift
 OVERRIDES=("$@")
-VLLM_MODELS=${VLLM_MODELS:-"Qwen/Qwen2.5-VL-72B-Instruct@8000@0,1,2,3 Qwen/Qwen3-32B@8001@4,5,6,7"}
+VLLM_MODELS=${VLLM_MODELS-"Qwen/Qwen2.5-VL-72B-Instruct@8000@0,1,2,3 Qwen/Qwen3-32B@8001@4,5,6,7"}
 VLLM_ARGS=${VLLM_ARGS:-"--max-model-len 32768 --gpu-memory-utilization 0.90"}
 RAY_PORT=${RAY_PORT:-6379}
+RAY_ARGS=${RAY_ARGS:-}
 SERVER_WAIT_S=${SERVER_WAIT_S:-1800}
 VENV=${VENV:-$PWD/.venv}
 # shellcheck disable=SC1091
@@ -42,35 +47,49 @@ mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD=${NODES[0]}
 HEAD_IP=$(srun --nodes=1 --ntasks=1 --overlap -w "$HEAD" hostname --ip-address | awk '{print $1}')
 export RAY_ADDRESS="$HEAD_IP:$RAY_PORT"
-echo "[synth] nodes: ${NODES[*]}; ray head $RAY_ADDRESS; teachers per node: $VLLM_MODELS"
+# Ray's token authentication, one token per job (in the environment of every step, the stage workers and the
+# driver). Left to itself, Ray (2.60) turns it on in `ray start` when ~/.ray/auth_token exists (any earlier local
+# `ray.init()` writes one) but not in a driver given an explicit RAY_ADDRESS, which the cluster then refuses.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python -c 'import secrets; print(secrets.token_hex(32))')}
+export RAY_AUTH_TOKEN
+# scancel: each node's Ray stops at once on Slurm's SIGTERM, instead of first draining for up to 30 s (for Ray Serve
+# replicas, which this job has none of) until Slurm's SIGKILL.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
+echo "[synth] nodes: ${NODES[*]}; ray head $RAY_ADDRESS; teachers per node: ${VLLM_MODELS:-none (served elsewhere)}"
 
 cleanup() {
-    # Stop the Ray cluster and the servers on every node (also on failure or scancel), then the steps.
-    srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap ray stop --force >/dev/null 2>&1 || true
+    # Stop this job's steps on every node (at the end and on failure; on scancel Slurm does it): each srun ends
+    # its step, and with it every process the step started: the vLLM servers, `ray start --block` and its Ray
+    # processes. Not `ray stop`: it stops every Ray instance of the user on the node, other jobs' too wherever
+    # nodes are shared.
     kill $(jobs -p) 2>/dev/null || true
     wait || true
+    echo "[synth] ray cluster and teacher servers stopped"
 }
 trap cleanup EXIT
 
 # 1. Teacher servers: one srun step on all nodes; each task starts the node's servers and waits on them.
 #    The Ray workers use no GPU (num-gpus 0 below), so the GPUs belong to vLLM.
-srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap --kill-on-bad-exit=1 \
-    --output="logs/%x-%j-vllm-%N.out" bash -c '
-    for entry in '"$VLLM_MODELS"'; do
-        IFS=@ read -r model port gpus <<< "$entry"
-        tp=$(awk -F, "{print NF}" <<< "$gpus")
-        CUDA_VISIBLE_DEVICES=$gpus vllm serve "$model" --port "$port" --tensor-parallel-size "$tp" \
-            '"$VLLM_ARGS"' &
-    done
-    wait' &
+if [[ -n $VLLM_MODELS ]]; then
+    srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap --kill-on-bad-exit=1 \
+        --output="logs/%x-%j-vllm-%N.out" bash -c '
+        for entry in '"$VLLM_MODELS"'; do
+            IFS=@ read -r model port gpus <<< "$entry"
+            tp=$(awk -F, "{print NF}" <<< "$gpus")
+            CUDA_VISIBLE_DEVICES=$gpus vllm serve "$model" --port "$port" --tensor-parallel-size "$tp" \
+                '"$VLLM_ARGS"' &
+        done
+        wait' &
+fi
 
 # 2. Ray: the head, then one worker per other node. --block keeps each step alive for the whole job.
 srun --nodes=1 --ntasks=1 --overlap -w "$HEAD" \
-    ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-gpus=0 --block &
+    ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-gpus=0 $RAY_ARGS --block &
 sleep 15
 for node in "${NODES[@]:1}"; do
     srun --nodes=1 --ntasks=1 --overlap -w "$node" \
-        ray start --address="$RAY_ADDRESS" --num-gpus=0 --block &
+        ray start --address="$RAY_ADDRESS" --num-gpus=0 $RAY_ARGS --block &
 done
 
 # 3. Wait until every node's servers answer (model loading takes minutes).

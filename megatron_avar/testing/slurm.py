@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["LocalSlurm", "SlurmUnavailable", "ensure_slurm_installed", "APT_PACKAGES"]
+__all__ = ["LocalSlurm", "SlurmUnavailable", "ensure_slurm_installed", "free_port", "APT_PACKAGES"]
 
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 _DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -83,7 +83,8 @@ def _apt_install(timeout_s: float) -> None:
             raise SlurmUnavailable(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr[-2000:]}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's choice): a cluster's, or a test job's own servers'."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -144,7 +145,7 @@ class LocalSlurm:
         for sub in ("munge", "etc", "state", "spool", "log", "run"):
             (scratch / sub).mkdir(mode=0o711)
         conf = scratch / "etc" / "slurm.conf"
-        conf.write_text(_slurm_conf(scratch, _free_port(), _free_port()))
+        conf.write_text(_slurm_conf(scratch, free_port(), free_port()))
         cluster = cls(scratch=scratch, env={**os.environ, "SLURM_CONF": str(conf)})
         try:
             cluster._start_daemons(timeout_s)

@@ -11,44 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from datasets import Image, List
 
-from megatron_avar.data.conversations import load_conversations
 from megatron_avar.synth.client import RequestCache
 from megatron_avar.synth.pipeline import MANIFEST, run_synthesis
 from synth_fake_teacher import FakeTeacher, Fault
-from synth_helpers import synth_config, synth_overrides
+from synth_helpers import dataset_rows, ray_processes, synth_config, synth_overrides
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def dataset_rows(folder: Path) -> list[dict]:
-    dataset = load_conversations(folder).cast_column("images", List(Image(decode=False)))
-    rows = sorted(dataset.to_list(), key=lambda row: row["id"])
-    for row in rows:
-        row["images"] = [image["bytes"] for image in row["images"]]
-    return rows
-
-
-def ray_processes(since: float) -> list[str]:
-    """Live (non-zombie) processes started after ``since`` that belong to a Ray session: Ray's daemons, its
-    workers ("ray::..."), or anything with a raylet's pid in its environment (a worker's children)."""
-    found = []
-    for process in psutil.process_iter(["pid", "ppid", "name", "cmdline", "create_time", "status"]):
-        info = process.info
-        if info["create_time"] < since or info["status"] == psutil.STATUS_ZOMBIE:
-            continue
-        command = " ".join(info["cmdline"] or [])
-        try:
-            from_ray = "RAY_RAYLET_PID" in process.environ()
-        except psutil.Error:
-            from_ray = False
-        if from_ray or info["name"] in ("raylet", "gcs_server") or command.startswith("ray::"):
-            found.append(f"pid {info['pid']} (parent {info['ppid']}, {info['status']}): {command[:160]}")
-    return found
 
 
 def wait_until(condition, timeout_s: float, what: str) -> None:
@@ -60,7 +31,7 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, procedural_source):
+def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, procedural_source, own_ray_tmpdir):
     data, facts, _ = procedural_source
     wrong = Fault("reason", ["wrong"], match="vertical leg", always=True)  # two records filtered out
 
@@ -71,7 +42,6 @@ def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, proc
     expected_bodies = set(reference_teacher.ok_by_body)
     assert reference["kept"] == 6 and max(reference_teacher.ok_by_body.values()) == 1
 
-    started = time.time()
     with FakeTeacher(facts) as teacher:
         teacher.faults.append(wrong)
         teacher.hold_after = 8  # the 8 descriptions get answered; then requests hang ...
@@ -110,11 +80,11 @@ def test_killed_run_resumes_on_curator_without_repeating_requests(tmp_path, proc
     assert resumed["filters"] == reference["filters"] == {"verify.wrong_answer": 2}
     assert dataset_rows(Path(resumed["config"]["output"]["dir"]) / "data") == dataset_rows(
         Path(reference["config"]["output"]["dir"]) / "data")
-    # No Ray process outlives the run (one that is still exiting gets a few seconds).
+    # No process of the run's Ray outlives the run (one that is still exiting gets a few seconds).
     deadline = time.time() + 10
-    while ray_processes(started) and time.time() < deadline:
+    while ray_processes(own_ray_tmpdir) and time.time() < deadline:
         time.sleep(0.5)
-    assert ray_processes(started) == []
+    assert ray_processes(own_ray_tmpdir) == []
 
 
 def test_a_stage_error_on_ray_reaches_the_cli_as_its_own_message(tmp_path, procedural_source, teacher, capsys):
