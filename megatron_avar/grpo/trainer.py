@@ -256,7 +256,7 @@ def run_grpo(config: GRPOConfig) -> dict:
     check_run_inputs(config)  # before any process group or run directory exists
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
-    from megatron_avar.training.run_loop import begin_run, end_run
+    from megatron_avar.training.run_loop import holding_run
 
     preemption = checkpointing.PreemptionFlag()  # first: signals during start-up are honoured after a step
     parallel = config.parallel
@@ -269,18 +269,12 @@ def run_grpo(config: GRPOConfig) -> dict:
                          f"{layout.dp} data-parallel replicas and then over train.updates_per_step "
                          f"({config.train.updates_per_step})")
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
-    try:
-        summary = _train(config, layout, start, schedule, preemption)
-    except BaseException:
-        end_run(config.out, failed=True)  # a first run that wrote nothing (a model that does not load) leaves no out
-        raise
-    end_run(config.out)
-    return summary
+    with holding_run(config, RESUME_FIXED, layout=layout) as (start, schedule):
+        return _train(config, layout, start, schedule, preemption)
 
 
 def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dict:
-    """:func:`run_grpo` once its run directory is locked and its start decided (``run_loop.begin_run``)."""
+    """:func:`run_grpo` once its run directory is locked and its start decided (``run_loop.holding_run``)."""
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict

@@ -242,7 +242,7 @@ def run_sft(config: SFTConfig) -> dict:
     check_run_inputs(config)  # before any process group or run directory exists
     from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import init_distributed
-    from megatron_avar.training.run_loop import begin_run, end_run
+    from megatron_avar.training.run_loop import holding_run
 
     # First: a SIGTERM / SIGUSR1 during the minutes of start-up (model build, weight loading) must not kill the
     # ranks; it is honoured after the first step.
@@ -252,18 +252,12 @@ def run_sft(config: SFTConfig) -> dict:
                               seed=config.train.seed, vpp=parallel.virtual_pipeline_model_parallel_size,
                               cp=parallel.context_parallel_size)
     # Resume, refuse, or do nothing (a finished run) — decided before anything is written (run_loop.plan_start).
-    start, schedule = begin_run(config, RESUME_FIXED, layout=layout)
-    try:
-        summary = _train(config, layout, start, schedule, preemption)
-    except BaseException:
-        end_run(config.out, failed=True)  # a first run that wrote nothing (a model that does not load) leaves no out
-        raise
-    end_run(config.out)
-    return summary
+    with holding_run(config, RESUME_FIXED, layout=layout) as (start, schedule):
+        return _train(config, layout, start, schedule, preemption)
 
 
 def _train(config: SFTConfig, layout, start, schedule: dict, preemption) -> dict:
-    """:func:`run_sft` once its run directory is locked and its start decided (``run_loop.begin_run``)."""
+    """:func:`run_sft` once its run directory is locked and its start decided (``run_loop.holding_run``)."""
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict

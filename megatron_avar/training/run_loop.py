@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
 __all__ = ["run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
            "enter_run_dir", "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError",
-           "begin_run", "end_run", "check_run_inputs"]
+           "begin_run", "holding_run", "check_run_inputs"]
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -212,12 +212,12 @@ def _check_out_is_a_run_of(config) -> None:
 
 def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStart, dict]:
     """Both trainers' start (collective): the run directory's lock (``training.run_lock``: one run per out,
-    released by :func:`end_run`), the schedule record of ``fixed_fields`` and :func:`plan_start`. Nothing in the
+    released by :func:`holding_run`), the schedule record of ``fixed_fields`` and :func:`plan_start`. Nothing in the
     run directory changes yet: the trainer calls :func:`enter_run_dir` once the model is built and the resume
     loaded, so a resume refused on the way (gradient buckets, changed data, an unreadable checkpoint) leaves the
     directory as it was. A damaged W&B run record (``training.metrics.recorded_wandb_run``) is refused here, on
-    every rank, not by the logging rank's logger alone. Returns (start, schedule); a refusal releases the lock
-    (``end_run(failed=True)``)."""
+    every rank, not by the logging rank's logger alone. Returns (start, schedule); a refusal releases the lock as
+    a failed run's (``run_lock.release_run_lock``)."""
     acquire_run_lock(config.out, is_logging_rank=layout.is_logging_rank)
     try:
         schedule = schedule_record(config, fixed_fields)
@@ -228,9 +228,24 @@ def begin_run(config, fixed_fields: tuple[str, ...], *, layout) -> tuple[RunStar
         if config.log.wandb_project and start.resume_from is not None and not start.finished:
             recorded_wandb_run(config.out, config.log.wandb_project)  # (a run that resumes nothing starts a new one)
     except BaseException:
-        end_run(config.out, failed=True)
+        release_run_lock(config.out, failed=True)
         raise
     return start, schedule
+
+
+@contextlib.contextmanager
+def holding_run(config, fixed_fields: tuple[str, ...], *, layout) -> Iterator[tuple[RunStart, dict]]:
+    """Both trainers' run: :func:`begin_run`'s (start, schedule) for the ``with`` block, then the run directory's
+    lock released. A block that raises releases it as a failed run's: an ``out`` the lock created that holds
+    nothing else is removed with it (``run_lock``), so a first run that fails before writing anything (a model
+    that does not load) leaves no folder behind."""
+    start, schedule = begin_run(config, fixed_fields, layout=layout)
+    failed = True
+    try:
+        yield start, schedule
+        failed = False
+    finally:
+        release_run_lock(config.out, failed=failed)
 
 
 def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
@@ -271,13 +286,6 @@ def enter_run_dir(config, start: RunStart, *, layout) -> None:
 
     if layout.is_logging_rank:
         prepare_run_dir(config.out, start, config_to_dict(config))
-
-
-def end_run(out: str | Path, *, failed: bool = False) -> None:
-    """Both trainers' end: release the run directory's lock taken by :func:`begin_run`. ``failed``: the run ends
-    on an error; an ``out`` the lock created that holds nothing else is removed with it (``run_lock``), so a first
-    run that fails before writing anything (a model that does not load) leaves no folder behind."""
-    release_run_lock(out, failed=failed)
 
 
 def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announce: bool) -> dict:
