@@ -82,6 +82,9 @@ _STRUCTURAL_TOKENS = (
     "<|vision_pad|>",
 )
 
+# The tokenizer's end-of-text token: EOS and pad id of Qwen2.5-VL checkpoints (a stop token in generation).
+_END_OF_TEXT = "<|endoftext|>"
+
 _CONTENT_ROLE = {"system": TokenRole.SYSTEM, "user": TokenRole.USER_TEXT, "assistant": TokenRole.RESPONSE}
 
 # The formats images are decoded from (PIL's names; JPEG includes MPO, the JPEG of many phones). PIL's other
@@ -205,6 +208,11 @@ def _content_items(message: dict, index: int) -> list[dict]:
 
 
 def _check_text(text: str, where: str) -> None:
+    if _END_OF_TEXT in text:
+        raise ValueError(f"{where} contains the literal special token {_END_OF_TEXT!r}, which the tokenizer turns into "
+                         "its end-of-text token (Qwen's EOS and pad id): a model trained on it learns to stop there, "
+                         "and generation stops at it. Remove it, or write it so it is not one token (e.g. "
+                         "'<|endoftext |>')")
     for token in _STRUCTURAL_TOKENS:
         if token in text:
             raise ValueError(

@@ -56,6 +56,23 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert "bad.jsonl line 1" in capsys.readouterr().err
 
 
+def test_validate_names_a_record_whose_image_fails_to_decode(tmp_path, capsys, monkeypatch):
+    """Found in review: an image that passed the load's check yet failed to decode (a truncated GIF, before the
+    load decoded GIFs) was decoded outside validate's error handling: a raw traceback instead of the record's id."""
+    from megatron_avar.data import conversations
+
+    out = tmp_path / "toy"
+    assert main(["data", "generate", "--out", str(out), "--num-samples", "2"]) == 0
+    image = sorted((out / "images").iterdir())[0]
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(conversations, "verify_image", lambda source, where: "PNG")  # the load's check passes it
+    capsys.readouterr()
+    assert main(["data", "validate", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "1 records cannot be rendered" in err and "Traceback" not in err
+
+
 def test_the_readme_example_dataset_validates(capsys):
     from pathlib import Path
 

@@ -67,7 +67,7 @@ def _generate(args) -> int:
 
 
 def _validate(args) -> int:
-    from megatron_avar.data.conversations import dataset_rows, load_conversations, to_chat_messages
+    from megatron_avar.data.conversations import load_conversations, to_chat_messages
     from megatron_avar.processor import load_processor
     from megatron_avar.roles import TokenRole, render_conversation
 
@@ -79,17 +79,17 @@ def _validate(args) -> int:
     processor = load_processor(args.processor, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                reasoning_tokens=args.reasoning_tokens)
     lengths, image_tokens, num_images, too_long, unreadable = [], 0, 0, [], []
-    for row in dataset_rows(dataset):
-        try:
-            rendered = render_conversation(to_chat_messages(row), processor)
-        except (ValueError, OSError, SyntaxError) as error:  # OSError, SyntaxError: PIL decoding an image
-            unreadable.append(f"{row['id']}: {error}")
+    for index, record_id in enumerate(dataset["id"]):
+        try:  # the row's images decode when it is read (OSError, SyntaxError: PIL decoding an image)
+            rendered = render_conversation(to_chat_messages(dataset[index]), processor)
+        except (ValueError, OSError, SyntaxError) as error:
+            unreadable.append(f"{record_id}: {error}")
             continue
         lengths.append(len(rendered))
         image_tokens += int((rendered.roles == TokenRole.IMAGE).sum())
         num_images += rendered.num_images
         if args.max_length is not None and len(rendered) > args.max_length:
-            too_long.append(row["id"])
+            too_long.append(record_id)
     if unreadable:
         listed = "\n  ".join(unreadable[:10])
         print(f"{len(unreadable)} records cannot be rendered:\n  {listed}", file=sys.stderr)

@@ -15,6 +15,8 @@ A record is one JSON object (a jsonl line) or one parquet row:
   hold the encoded bytes, as {"bytes": b"...", "path": "name.png"} (what `write_conversations` writes).
 - LLaVA-style records are accepted too: a top-level "images" list of paths and one "<image>"
   placeholder per image in the message texts, in order. They are rewritten into image items.
+- So is the Hugging Face/TRL vision layout (and the canonical schema below, exported as JSON): image items
+  without a payload, ``{"type": "image"}``, and a top-level "images" list holding their images in order.
 - Unknown top-level keys are errors: a typo like "answers" must not silently drop the ground truth.
 
 Loaded, a dataset has one canonical Arrow schema, so records of any origin mix and shard freely:
@@ -27,6 +29,7 @@ with PIL images, ready for `megatron_avar.roles.render_conversation`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import typing
@@ -73,22 +76,29 @@ def _features():
 
 
 def verify_image(source: Path | bytes, where: str) -> str:
-    """Check that an image file (or embedded bytes) decodes as an image: PIL's verify, and for a JPEG a decode
-    at 1/8 scale (verify reads only its headers, so a truncated file would pass and fail mid-training). Returns
-    PIL's name of its format ("PNG", "JPEG", ...)."""
+    """Check that an image file (or embedded bytes) decodes as an image: PIL's verify (for a PNG, every chunk's
+    checksum), and for every other format a decode, of a JPEG at 1/8 scale (their verify reads only the headers,
+    so a truncated file would pass and fail mid-training). Returns PIL's name of its format ("PNG", "JPEG", ...)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, Path) and not source.is_file():
-        raise ValueError(f"{where}: image file not found: {source} (paths are relative to the data file's folder)")
+    if isinstance(source, Path):
+        try:
+            found = source.is_file()
+        except OSError as error:  # a name too long for the file system, ...
+            raise ValueError(f"{where}: image path {str(source)[:200]!r} cannot be read ({error.strerror})") from None
+        if not found:
+            raise ValueError(f"{where}: image file not found: {source} (paths are relative to the data file's "
+                             "folder)")
     what = f"image file {source}" if isinstance(source, Path) else "embedded image bytes"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=IMAGE_FORMATS) as image:
-            image.verify()  # PNG: every chunk's checksum; JPEG: only the headers
-        if image.format == "JPEG":  # a truncated JPEG passes verify(); decode it at 1/8 scale (cheap) to find out
+            image.verify()  # PNG: every chunk's checksum; the other formats: only the headers
+        if image.format != "PNG":  # a truncated JPEG, GIF, BMP, TIFF or WebP passes verify(): decode it to find out
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=IMAGE_FORMATS) as image:
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                if image.format == "JPEG":  # at 1/8 scale: cheap, and it still reads every byte
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
     except Image.DecompressionBombError as error:
         # PIL refuses to open images over twice Image.MAX_IMAGE_PIXELS (a crafted file that would take
@@ -191,13 +201,14 @@ def normalize_record(record: Any, base_dir: Path, where: str) -> dict:
         canonical_messages.append({"role": role, "content": content})
 
     answer = record.get("answer")
-    if answer is not None and not isinstance(answer, (str, int, float)):
-        raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(answer).__name__}")
+    if answer is not None and (not isinstance(answer, (str, int, float)) or isinstance(answer, bool)
+                               or (isinstance(answer, float) and not math.isfinite(answer))):
+        raise ValueError(f"{where}: 'answer' must be a string or a finite number, got {answer!r}")
     metadata = record.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"{where}: 'metadata' must be a JSON object")
     record_id = record.get("id", where)
-    if not isinstance(record_id, (str, int)):
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
         raise ValueError(f"{where}: 'id' must be a string")
     return {
         "id": str(record_id),
@@ -208,9 +219,16 @@ def normalize_record(record: Any, base_dir: Path, where: str) -> dict:
     }
 
 
-def _inline_canonical_images(row: dict, where: str) -> dict:
-    """A row in the canonical schema (image items without payload, images in an 'images' column, metadata as
-    JSON text) back in the chat format; other rows (chat format, LLaVA style) are returned unchanged."""
+def _inline_canonical_images(row: Any, where: str, *, columnar: bool) -> Any:
+    """A row in the canonical schema (image items without payload, images in an 'images' list, metadata as JSON
+    text; also the Hugging Face/TRL vision layout of ``{"type": "image"}`` items and an 'images' list) back in the
+    chat format; other rows (chat format, LLaVA style) are returned unchanged. ``columnar``: the row comes from a
+    parquet file or a saved dataset, where every row has an 'images' column: an empty one is no images, not a
+    LLaVA record without any (whose "<image>" in a text would be refused as a placeholder without an image)."""
+    if not isinstance(row, dict):  # normalize_record names it
+        return row
+    if columnar and row.get("images") == []:
+        del row["images"]
     if isinstance(row.get("metadata"), str):
         try:
             row["metadata"] = json.loads(row["metadata"])
@@ -252,7 +270,8 @@ def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
 
         for index, row in enumerate(pq.read_table(file).to_pylist()):
             where = f"{file.name} row {index}"
-            yield _inline_canonical_images({k: v for k, v in row.items() if v is not None}, where), where
+            yield _inline_canonical_images({k: v for k, v in row.items() if v is not None}, where,
+                                           columnar=True), where
         return
     if file.suffix == ".json":
         raw = file.read_bytes()
@@ -263,7 +282,8 @@ def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
         if not isinstance(records, list):
             raise ValueError(f"{file}: a .json data file must hold a list of records (or use .jsonl)")
         for index, record in enumerate(records):
-            yield record, f"{file.name} record {index}"
+            where = f"{file.name} record {index}"
+            yield _inline_canonical_images(record, where, columnar=False), where
         return
     with file.open("rb") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
@@ -274,7 +294,8 @@ def _raw_records(file: Path) -> Iterator[tuple[Any, str]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file.name} line {line_number}: not valid JSON ({error})") from None
-            yield record, f"{file.name} line {line_number}"
+            where = f"{file.name} line {line_number}"
+            yield _inline_canonical_images(record, where, columnar=False), where
 
 
 def _utf8(raw: bytes, file: Path, *, line_number: int | None) -> str:
@@ -310,8 +331,8 @@ def load_conversations(path: str | Path) -> datasets.Dataset:
             raise ValueError(f"{path}: no records")
         dataset = dataset.cast(_features())
         rows = ((row, f"{path.name} row {index}") for index, row in enumerate(dataset_rows(undecoded(dataset))))
-        for _ in _checked_records((_inline_canonical_images({k: v for k, v in row.items() if v is not None}, where),
-                                   path, where) for row, where in rows):
+        for _ in _checked_records((_inline_canonical_images({k: v for k, v in row.items() if v is not None}, where,
+                                                            columnar=True), path, where) for row, where in rows):
             pass  # the checks a data file's records get; the saved dataset itself is returned
         return dataset
     records = list(_checked_records((raw, file.parent, where) for file in _data_files(path)

@@ -341,8 +341,12 @@ class PromptLoader:
 
         ids, input_ids, roles, pixels, grids, truths = [], [], [], [], [], []
         for index in self.step_indexes(step):
-            row = self.dataset[index]
-            rendered = render_conversation(self._prompt(row), self.processor, add_generation_prompt=True)
+            try:  # the prompt's images decode here (OSError, SyntaxError: PIL decoding an image)
+                row = self.dataset[index]
+                rendered = render_conversation(self._prompt(row), self.processor, add_generation_prompt=True)
+            except (OSError, SyntaxError, ValueError) as error:
+                raise ValueError(f"prompt {self._ids[index]!r} of {self.config.path} cannot be rendered ({error}); "
+                                 "fix or drop that record (`avar data validate` reads them all)") from error
             if len(rendered) != self._lengths[index]:
                 raise ValueError(f"prompt {row['id']!r} renders to {len(rendered)} tokens but was counted as "
                                  f"{self._lengths[index]}; the processor changed after the loader was built")

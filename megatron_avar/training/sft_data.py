@@ -24,6 +24,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -86,6 +87,11 @@ class SFTDataConfig:
         for name in ("processor_path", "cache_dir"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"data.{name} must be null or a path string")
+        if self.cache_dir is not None and Path(self.path).is_dir() and \
+                Path(self.cache_dir).resolve() == Path(self.path).resolve():
+            raise ValueError(f"data.cache_dir={self.cache_dir} is the data folder (data.path): every .json file there "
+                             "is read as data, the stats cache's too, so the next start would fail; give another "
+                             "folder (a subfolder of it works)")
 
 
 def build_processor(config: SFTDataConfig):

@@ -99,6 +99,9 @@ def test_folder_of_files_loads_in_name_order(folder):
         (_record(images=["images/red.png"], messages=[{"role": "user", "content": "no placeholder"}]),
          "0 '<image>' placeholders but 1 images"),
         (_record(messages=[{"role": "user", "content": "see <|image_pad|>"}]), "literal special token"),
+        # found in review: tokenized as the EOS / pad id and trained on as a response token
+        (_record(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<|endoftext|>b"}]),
+         "literal special token '<\\|endoftext\\|>', which the tokenizer turns into its end-of-text token"),
         ({"id": "x"}, "missing 'messages'"),
     ],
 )
@@ -122,19 +125,71 @@ def test_corrupt_image_duplicate_ids_and_bad_json_are_reported(folder):
         load_conversations(folder / "nope.jsonl")
 
 
-def test_a_truncated_jpeg_is_caught_when_the_data_load(folder):
-    """PIL's verify() reads only a JPEG's headers: the half of one passed every check and failed at the first
-    training step with a raw OSError naming no sample."""
-    Image.effect_noise((96, 64), 64).convert("RGB").save(folder / "images" / "full.jpg", quality=90)
-    data = (folder / "images" / "full.jpg").read_bytes()
-    (folder / "images" / "half.jpg").write_bytes(data[: len(data) // 2])
+@pytest.mark.parametrize("suffix", ["jpg", "gif", "bmp", "tif", "webp"])
+def test_a_truncated_image_is_caught_when_the_data_load(folder, suffix):
+    """PIL's verify() reads only the headers of these formats: the half of a JPEG (found first), and in review of
+    a GIF, BMP or TIFF, passed every check and failed at the step that drew it, hours into a run."""
+    Image.effect_noise((96, 64), 64).convert("RGB").save(folder / "images" / f"full.{suffix}")
+    data = (folder / "images" / f"full.{suffix}").read_bytes()
+    (folder / "images" / f"half.{suffix}").write_bytes(data[: len(data) // 2])
     record = lambda path: _record(messages=[  # noqa: E731
         {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": "x"}])
-    assert len(load_conversations(_write_jsonl(folder / "ok.jsonl", [record("images/full.jpg")]))) == 1
-    with pytest.raises(ValueError, match=r"t.jsonl line 1: image file .*half.jpg is unreadable or corrupt.* \(image "
-                                         r"file is truncated"):
-        load_conversations(_write_jsonl(folder / "t.jsonl", [record("images/half.jpg")]))
+    assert len(load_conversations(_write_jsonl(folder / "ok.jsonl", [record(f"images/full.{suffix}")]))) == 1
+    with pytest.raises(ValueError, match=rf"t.jsonl line 1: image file .*half.{suffix} is unreadable or corrupt"):
+        load_conversations(_write_jsonl(folder / "t.jsonl", [record(f"images/half.{suffix}")]))
+
+
+def test_the_hugging_face_vision_layout_loads_from_every_file_type(folder):
+    """{"type": "image"} items with a top-level "images" list (TRL's vision SFT layout, and this project's canonical
+    schema exported as JSON) loaded from parquet but were refused from jsonl as "0 '<image>' placeholders"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    record = {"id": "h1", "images": ["images/red.png"],
+              "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    _write_jsonl(folder / "h.jsonl", [record])
+    (folder / "h.json").write_text(json.dumps([record]))
+    pq.write_table(pa.Table.from_pylist([record]), folder / "h.parquet")
+    for name in ("h.jsonl", "h.json", "h.parquet"):
+        row = load_conversations(folder / name)[0]
+        assert [item["type"] for item in row["messages"][0]["content"]] == ["image", "text"], name
+        assert [image.size for image in row["images"]] == [(64, 48)], name
+    with pytest.raises(ValueError, match="1 image items but 2 entries in 'images'"):
+        load_conversations(_write_jsonl(folder / "two.jsonl", [{**record, "images": ["images/red.png"] * 2}]))
+
+
+def test_a_text_record_mentioning_the_llava_placeholder_survives_a_round_trip(folder):
+    """A text-only record whose text mentions "<image>" loaded from jsonl, but the parquet `write_conversations`
+    made of it was refused ("1 '<image>' placeholders but 0 images"): its empty 'images' column read as LLaVA."""
+    record = {"id": "t1", "messages": [{"role": "user", "content": "In LLaVA, what does <image> stand for?"},
+                                       {"role": "assistant", "content": "The image."}]}
+    dataset = load_conversations(_write_jsonl(folder / "t.jsonl", [record]))
+    out = write_conversations(dataset, folder / "out" / "t.parquet")
+    assert load_conversations(out)[0]["messages"] == dataset[0]["messages"]
+    dataset.save_to_disk(str(folder / "saved"))
+    assert load_conversations(folder / "saved")[0]["messages"] == dataset[0]["messages"]
+    with pytest.raises(ValueError, match="1 '<image>' placeholders but 0 images"):  # a LLaVA record stays checked
+        load_conversations(_write_jsonl(folder / "l.jsonl", [{**record, "images": []}]))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("answer", True, "'answer' must be a string or a finite number, got True"),
+    ("answer", float("nan"), "'answer' must be a string or a finite number, got nan"),
+    ("id", False, "'id' must be a string"),
+])
+def test_booleans_and_nan_are_not_answers_or_ids(folder, field, value, message):
+    """Found in review: "answer": true loaded as the ground truth "True" (a bool passed the int check)."""
+    with pytest.raises(ValueError, match=message):
+        load_conversations(_write_jsonl(folder / "b.jsonl", [_record(**{field: value})]))
+
+
+def test_an_image_path_too_long_for_the_file_system_is_named(folder):
+    record = _record(messages=[{"role": "user", "content": [{"type": "image", "image": "x" * 5000 + ".png"}]},
+                               {"role": "assistant", "content": "x"}])
+    with pytest.raises(ValueError, match=r"p.jsonl line 1: image path .* cannot be read \(File name too long\)"):
+        load_conversations(_write_jsonl(folder / "p.jsonl", [record]))
 
 
 @pytest.mark.parametrize("messages, message", [

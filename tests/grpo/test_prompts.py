@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from megatron_avar.data.procedural import ProceduralConfig, write_dataset
 from megatron_avar.grpo.prompts import DEFAULT_INSTRUCTION, GRPODataConfig, PromptLoader, prompt_messages
@@ -239,6 +240,21 @@ def test_unusable_records_are_named(processor, tmp_path, row, match):
     data_file.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=match):
         _loader(data_file, processor, prompts_per_step=1)
+
+
+def test_an_image_damaged_after_start_up_is_named_with_its_prompt(processor, tmp_path):
+    """Found in review: a step whose image no longer decoded raised PIL's raw OSError, naming no prompt."""
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.gif")
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text(json.dumps({"id": "gif-1", "answer": "red", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.gif"}, {"type": "text", "text": "Colour?"}]}]})
+                         + "\n")
+    loader = _loader(data_file, processor, prompts_per_step=1)
+    data = (tmp_path / "a.gif").read_bytes()
+    (tmp_path / "a.gif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"prompt 'gif-1' of .*rows.jsonl cannot be rendered \(.*truncated.*\); "
+                                         r"fix or drop that record"):
+        loader.render_step(0)
 
 
 def test_images_a_backend_cannot_take_are_named_at_start_up(processor, tmp_path):

@@ -301,6 +301,16 @@ def test_a_stats_cache_folder_that_cannot_be_written_is_named_before_counting(pr
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_a_stats_cache_in_the_data_folder_is_refused(tmp_path):
+    """Found in review: data.cache_dir = the data folder started once, then every later start (a Slurm requeue)
+    read the cache's sample_stats_*.json as a data file and failed."""
+    (tmp_path / "data.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"data.cache_dir=.* is the data folder \(data.path\).*a subfolder of it"):
+        SFTDataConfig(path=str(tmp_path), cache_dir=str(tmp_path / "." ))
+    SFTDataConfig(path=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    SFTDataConfig(path=str(tmp_path / "data.jsonl"), cache_dir=str(tmp_path))  # a file is read alone
+
+
 def _one_sample(tmp_path, user_text, answer_text=None, image_first=True):
     size = (112, 112)
     path = _save_image(tmp_path, "img.png", *size, seed=0)
