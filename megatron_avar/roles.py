@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "IGNORE_INDEX",
     "GENERATION_PROMPT",
+    "literal_special_token",
     "labelled_positions",
     "RenderedConversation",
     "render_conversation",
@@ -205,6 +206,12 @@ def _content_items(message: dict, index: int) -> list[dict]:
         else:
             raise ValueError(f"{where} has type {kind!r}; supported item types are 'text' and 'image' (no video)")
     return items
+
+
+def literal_special_token(text: str) -> str | None:
+    """The first special token whose literal text ``text`` holds that a message may not hold (the structural
+    tokens and the end-of-text token), or None."""
+    return next((token for token in (_END_OF_TEXT, *_STRUCTURAL_TOKENS) if token in text), None)
 
 
 def _check_text(text: str, where: str) -> None:

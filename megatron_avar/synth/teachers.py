@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_avar.grading import SYNTHESIS, extract_answer, grade, math_equal
+from megatron_avar.roles import literal_special_token
 from megatron_avar.synth import prompts
 from megatron_avar.synth.client import ChatClient, ChatResult, TeacherRequestError
 from megatron_avar.synth.config import SynthConfig
@@ -82,6 +83,9 @@ def _check_no_reserved_tags(chain: str) -> None:
     found = _RESERVED_TAGS.search(chain)
     if found is not None:
         raise Malformed(f"the chain holds the tag {found.group(0)} (the response wraps chains in <think>)")
+    token = literal_special_token(chain)
+    if token is not None:  # the dataset would refuse the record (the tokenizer reads it as that special token)
+        raise Malformed(f"the chain holds the special token {token}")
 
 
 def parse_description(text: str) -> str:

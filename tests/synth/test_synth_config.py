@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,12 @@ def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_res
         parse_chain("<think>Let me see, the bars are")
     with pytest.raises(Malformed, match="holds the tag <answer>"):
         parse_chain("The bars are 2 and 2.\nFinal answer: <answer>4</answer>")
+    # a literal special token: the record would be refused by the dataset, failing the whole task at the writer
+    for token in ("<|endoftext|>", "<|im_end|>"):
+        with pytest.raises(Malformed, match=rf"holds the special token {re.escape(token)}"):
+            parse_chain(f"The bars are 2 and 2.{token}\nFinal answer: 4")
+        with pytest.raises(Malformed, match=rf"holds the special token {re.escape(token)}"):
+            make_anchor_parser(1)(f"<chain>Two. <anchor>Both 2.</anchor>{token}\nFinal answer: 4</chain>")
     parse = make_anchor_parser(1)
     text, anchors = parse("Here is the rewritten chain:\n<chain>\nTwo bars. <anchor>Looking again, both are 2."
                           "</anchor>\nFinal answer: 4\n</chain>\nI hope this helps.")
