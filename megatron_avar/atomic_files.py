@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["replacing", "write_text", "write_bytes", "write_json", "fsync_file", "fsync_directory", "fsync_tree",
-           "remove_leftovers"]
+           "remove_leftovers", "os_error_in"]
 
 # A directory's fsync is refused by some file systems (EINVAL on some network mounts, EBADF/EACCES on others):
 # there the rename is as durable as the file system makes it, and the write must not fail for it.
@@ -136,3 +136,24 @@ def write_json(path: str | Path, data, *, indent: int | None = 2, **dump_options
     """Replace ``path`` by ``data`` as JSON (``indent``, a final newline; ``dump_options`` go to ``json.dumps``),
     atomically and durably."""
     write_text(path, json.dumps(data, indent=indent, **dump_options) + "\n")
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write ``error`` (a full disk, a quota, EIO): itself, its cause or context, or
+    one of the per-rank failures a torch.distributed.checkpoint CheckpointException (or megatron's wrapper)
+    carries; ENOSPC for an error of a library that says "No space left on device" in words alone (safetensors);
+    None when there is none."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        pending += [current.__cause__, current.__context__]
+        pending += [e for e in getattr(current, "failures", {}).values() if isinstance(e, BaseException)]
+        pending += [e for e in current.args if isinstance(e, BaseException)]
+    if "No space left on device" in str(error):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None

@@ -297,3 +297,52 @@ def test_unknown_hf_layout_is_refused(tmp_path, capsys):
         main(["convert", "mcore-to-hf", "--mcore-path", str(tmp_path), "--out", str(tmp_path / "out"),
               "--hf-layout", "hub"])
     assert exit_.value.code == 2 and "published" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _export_on_a_full_disk(mcore_dir: str, out_dir: str, how: str) -> str:
+    """One rank of mcore-to-hf on a file system that is full from the start ("no room") or fills up while the
+    shards are written ("fills up"); returns the ValueError's message."""
+    import shutil
+
+    import safetensors
+    import safetensors.torch
+
+    from megatron_avar.convert import checkpoint
+
+    if how == "no room":
+        real = shutil.disk_usage
+        shutil.disk_usage = lambda path: real(path)._replace(free=1000)
+    else:
+        def full(*args, **kwargs):  # what safetensors raises on ENOSPC: the cause in words only
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                                              "error 28)")
+        safetensors.torch.save_file = full
+    with pytest.raises(ValueError) as error:
+        checkpoint.mcore_to_hf_rank(mcore_dir, out_dir, 2**20)
+    return str(error.value)
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_is_named_in_one_line_before_or_while_writing(hf_dir, tmp_path, capsys, monkeypatch):
+    """Found in review: a full disk gave a 34-line traceback ending in SafetensorError (mcore-to-hf) and a 42-line
+    one naming no ENOSPC at all (hf-to-mcore: torch's zip writer said "unexpected pos 704 vs 598")."""
+    import shutil
+
+    from megatron_avar.convert import hf_files
+    from megatron_avar.testing import run_on_ranks
+
+    real = shutil.disk_usage
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_files.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+        assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(tmp_path / "mc")]) == 2
+    err = capsys.readouterr().err
+    assert "the conversion writes 0.00 GB, but the file system of" in err and "has 0.00 GB free: free space" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left, not even the temporary folder
+    assert main(["convert", "hf-to-mcore", "--hf-path", str(hf_dir), "--out", str(tmp_path / "mc")]) == 0
+    for how, says in (("no room", "has 0.00 GB free: free space there, or choose an --out on another file system"),
+                      ("fills up", "writing the converted checkpoint failed (No space left on device); nothing was "
+                                   "published: free space on the file system of")):
+        (tmp_path / how).mkdir()
+        message = run_on_ranks(_export_on_a_full_disk, 1, str(tmp_path / "mc"), str(tmp_path / how), how,
+                               timeout_s=300)[0]
+        assert says in message, message

@@ -65,7 +65,8 @@ def hf_to_mcore_rank(hf_dir: str, out_dir: str, tp: int, pp: int, dtype: torch.d
             tensors = tqdm(tensors, total=num_tensors, desc="reading HF tensors (rank 0)", unit="tensor")
         model = build_stage(config, tp=tp, pp=pp, dtype=dtype, hf_tensors=tensors)
         assert {p.dtype for p in model.parameters()} == {dtype}, "conversion would round"
-        dist_checkpointing.save(model.sharded_state_dict(), out_dir)
+        with hf_files.explaining_write_failures(Path(out_dir)):
+            dist_checkpointing.save(model.sharded_state_dict(), out_dir)
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -90,8 +91,10 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layo
         init_model_parallel(1, 1, seed=0)
         model = build_stage(config, tp=1, pp=1, dtype=dtype)
         load_model_weights(model, folder)
+        hf_files.check_free_space(Path(out_dir), sum(p.numel() * dtype.itemsize for p in model.parameters()))
         total = sum(len(m.hf) for m in param_mappings(config))
-        with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress:
+        with tqdm(total=total, desc="writing HF tensors", unit="tensor") as progress, \
+                hf_files.explaining_write_failures(Path(out_dir)):
             tensors = ((hf_name_in_layout(name, hf_layout), tensor.to(dtype))
                        for name, tensor in iter_hf_tensors(model, config))
             hf_files.write_sharded_safetensors(tensors, Path(out_dir), max_shard_bytes=max_shard_bytes,

@@ -72,10 +72,12 @@ def _hf_to_mcore(args) -> int:
     num_tensors = checkpoint.check_hf_names(hf_dir, config)
     dtype = checkpoint.checkpoint_dtype(hf_dir)
     with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
+        hf_files.check_free_space(temp, sum(file.stat().st_size for file in safetensors_files(hf_dir)))
         checkpoint.launch(checkpoint.hf_to_mcore_rank, args.tp * args.pp, str(hf_dir), str(temp), args.tp, args.pp,
                           dtype, num_tensors)
-        hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
-        checkpoint.write_checkpoint_info(temp, tp=args.tp, pp=args.pp, dtype=dtype, source=str(hf_dir))
+        with hf_files.explaining_write_failures(temp):
+            hf_files.copy_side_files(hf_dir, temp / checkpoint.HF_SIDE_DIR)
+            checkpoint.write_checkpoint_info(temp, tp=args.tp, pp=args.pp, dtype=dtype, source=str(hf_dir))
     print(f"wrote megatron checkpoint (torch_dist, TP={args.tp} PP={args.pp}, {dtype}) to {args.out}")
     from megatron_avar.processor import missing_processor_files
 
@@ -93,12 +95,13 @@ def _mcore_to_hf(args) -> int:
     hf_files.check_output_apart(args.out, inputs)  # first: before anything is read, created or replaced
     mcore_dir = args.mcore_path.absolute()
     checkpoint.read_checkpoint_info(mcore_dir)
-    if args.max_shard_size_mb <= 0:
-        raise ValueError(f"--max-shard-size-mb must be > 0, got {args.max_shard_size_mb}")
+    if not 0 < args.max_shard_size_mb < float("inf"):
+        raise ValueError(f"--max-shard-size-mb must be a finite size > 0 (MiB), got {args.max_shard_size_mb}")
     with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
         checkpoint.launch(checkpoint.mcore_to_hf_rank, 1, str(mcore_dir), str(temp),
                           int(args.max_shard_size_mb * 2**20), args.hf_layout)
-        hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
+        with hf_files.explaining_write_failures(temp):
+            hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
     print(f"wrote HF checkpoint ({args.hf_layout} tensor names) to {args.out}")
     return 0
 

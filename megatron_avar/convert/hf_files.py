@@ -5,6 +5,8 @@ every file is whole) is ``models.hf_weights``, which the HF loader uses too."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_avar import atomic_files
 from megatron_avar.models.hf_weights import INDEX_NAME, SINGLE_NAME
 
 # Weight files are rewritten, never copied; everything else at the top level of an HF folder (config.json,
@@ -76,6 +79,38 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """ValueError, before anything is written, when the file system of ``folder`` (the conversion's temporary
+    output, beside --out) has less room than the ``needed_bytes`` the conversion writes (2% spare): a write that
+    fills the disk fails far into a 72B conversion, in megatron's case without a word of ENOSPC."""
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes * 1.02:
+        raise ValueError(f"the conversion writes {needed_bytes / 1e9:.2f} GB, but the file system of "
+                         f"{folder.parent} has {free / 1e9:.2f} GB free: free space there, or choose an --out on "
+                         "another file system")
+
+
+@contextlib.contextmanager
+def explaining_write_failures(folder: Path):
+    """Turn a failure to write into ``folder`` with an OS error behind it (a full disk, a quota, EIO) into one
+    ValueError line naming the cause and the fix; other errors pass unchanged. The output is not published
+    (:func:`atomic_output_dir` removes the temporary folder)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        yield
+    except (Exception, CheckpointException) as error:
+        cause = atomic_files.os_error_in(error)
+        if cause is None:
+            raise
+        where = Path(folder).parent
+        fix = (f"free space on the file system of {where} ({shutil.disk_usage(where).free / 1e9:.2f} GB free now), "
+               "or choose an --out on another one" if cause.errno in (errno.ENOSPC, errno.EDQUOT) else
+               f"check the file system of {where}")
+        raise ValueError(f"writing the converted checkpoint failed ({os.strerror(cause.errno or 0)}); nothing was "
+                         f"published: {fix}, then rerun") from error
+
+
 def check_output_apart(out: Path, inputs: dict[str, Path]) -> None:
     """ValueError unless the output folder ``out`` and each input (``{"--flag": path}``) are disjoint: neither is
     the other nor lies inside it, symlinks resolved. An --out equal to or containing the input would be replaced
@@ -113,7 +148,7 @@ def _clean_leftovers(out: Path) -> None:
     of processes that no longer run. A ``.<name>.old-…`` folder is the previous ``out`` moved aside just
     before the new one took its place; if the process died in between (``out`` missing), it is moved back."""
     host = socket.gethostname()
-    for leftover in sorted(out.parent.glob(f".{out.name}.*-{host}-*")):
+    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-{glob.escape(host)}-*")):
         kind, _, pid = leftover.name[len(out.name) + 2:].partition(f"-{host}-")
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
@@ -128,11 +163,15 @@ def _clean_leftovers(out: Path) -> None:
 def _replaceable_by_a_conversion(out: Path) -> bool:
     """Whether ``--overwrite`` may replace the folder ``out``: empty, a Hugging Face model folder or a megatron
     checkpoint of ``avar convert hf-to-mcore`` — never a folder of the user's that merely exists (a home, a
-    repository, a run directory)."""
+    repository, a run directory) nor a training checkpoint (its optimizer and RNG states would go, and the run
+    could no longer resume)."""
     from megatron_avar.convert.checkpoint import CHECKPOINT_INFO
+    from megatron_avar.training.checkpointing import RANK_STATE, TRAINER_STATE
 
     if not any(out.iterdir()):
         return True
+    if (out / TRAINER_STATE).exists() or (out / RANK_STATE).exists():  # a training checkpoint (optimizer, RNG)
+        return False
     if (out / CHECKPOINT_INFO).is_file() and (out / ".metadata").is_file():
         return True
     return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
@@ -155,13 +194,19 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     if out.exists() and not _replaceable_by_a_conversion(out):
         raise ValueError(f"--out {out} holds other things than a model: --overwrite replaces only a Hugging Face "
                          "model folder (config.json and safetensors weights), a megatron checkpoint `avar convert` "
-                         "wrote, or an empty folder. Choose another --out")
+                         "wrote (not a training run's), or an empty folder. Choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.parent / f".{out.name}.tmp-{_owner()}"
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
         yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    try:  # on the disk before it replaces anything: a node crash after the renames cannot leave empty files
+        with explaining_write_failures(temp):
+            atomic_files.fsync_tree(temp)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -174,6 +219,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
         old = out.parent / f".{out.name}.old-{_owner()}"
         os.replace(out, old)
         os.replace(temp, out)
+        atomic_files.fsync_directory(out.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         try:
@@ -181,3 +227,4 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
         except OSError:
             shutil.rmtree(temp, ignore_errors=True)
             raise taken from None
+        atomic_files.fsync_directory(out.parent)

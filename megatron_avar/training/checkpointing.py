@@ -56,8 +56,8 @@ from megatron_avar import atomic_files, console, platform
 from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 
-__all__ = ["latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "has_checkpoints",
-           "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag"]
+__all__ = ["latest_checkpoint", "complete_checkpoints", "save_checkpoint", "load_checkpoint", "read_trainer_state",
+           "has_checkpoints", "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag"]
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -80,12 +80,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         name = None
     if name is None or not re.fullmatch(r"step_\d+", name):  # (a planted ../ would reach outside the run)
         raise ValueError(f"{pointer} does not name a step_* folder of this run: it was altered; point it at a "
-                         "complete step_* folder (echo step_00000012 > latest), or remove it to start over")
+                         f"complete step_* folder (echo step_00000012 > latest){_OR_START_OVER}")
     path = root / name
     if not (path / TRAINER_STATE).is_file():
-        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; remove the pointer "
-                         "to start over or point it at a complete step_* directory")
+        raise ValueError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at a "
+                         f"complete step_* folder{_OR_START_OVER}")
     return path
+
+
+_OR_START_OVER = ", or start over (checkpoint.resume=false checkpoint.overwrite=true)"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints (step folders holding their trainer state) of a run, oldest first."""
+    root = _checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*")
+                  if re.fullmatch(r"step_\d+", p.name) and (p / TRAINER_STATE).is_file())
 
 
 def has_checkpoints(run_dir: str | Path) -> bool:
@@ -348,27 +360,8 @@ class _PeerWriteFailure(RuntimeError):
     """Another rank failed to write its part of the checkpoint (that rank reports the cause)."""
 
 
-def _os_error_in(error: BaseException) -> OSError | None:
-    """The OSError behind ``error``: itself, its cause or context, or one of the per-rank failures a
-    torch.distributed.checkpoint CheckpointException (or megatron's wrapper) carries."""
-    seen, pending = set(), [error]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        pending += [current.__cause__, current.__context__]
-        pending += [e for e in getattr(current, "failures", {}).values() if isinstance(e, BaseException)]
-        pending += [e for e in current.args if isinstance(e, BaseException)]
-    if "No space left on device" in str(error):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return None
-
-
 def _write_failure(error: BaseException, *, root: Path, final: Path, partial: Path) -> CheckpointWriteError:
-    cause = _os_error_in(error)
+    cause = atomic_files.os_error_in(error)
     try:
         latest = latest_checkpoint(root.parent)
     except ValueError:  # a dangling pointer: not this failure's business, the next start reports it
@@ -420,7 +413,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     except (Exception, CheckpointException) as error:  # not KeyboardInterrupt, SystemExit
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        if _os_error_in(error) is None and not isinstance(error, _PeerWriteFailure):
+        if atomic_files.os_error_in(error) is None and not isinstance(error, _PeerWriteFailure):
             raise  # not a file-system failure (a bug): its own traceback says more than a summary would
         raise _write_failure(error, root=root, final=final, partial=partial) from error
     _publish(root, final, partial, keep=keep)
@@ -478,9 +471,13 @@ def _publish(root: Path, final: Path, partial: Path, *, keep: int) -> None:
         # The newest of the steps before this one. Folders of a higher step (left by an abandoned attempt, after
         # `latest` was pointed back at an earlier step) neither count nor go: counting them pruned this run's own
         # previous checkpoints; this run replaces each when it reaches its step.
-        others = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file() and p.name < final.name)
+        others = [p for p in complete_checkpoints(root.parent) if p.name < final.name]
         for old in others[:max(len(others) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
+        # Saves of earlier attempts killed mid-write (a preemption's save at a step this run does not save again
+        # would stay for good: a whole model and optimizer each). The run lock makes this run the only writer.
+        for stale in root.glob(".step_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
 
 

@@ -18,10 +18,13 @@ RECOMPUTE = ("none", "selective", "full")
 # What a resumed run must keep unchanged: the restored learning-rate schedule (peak, floor, warmup, decay
 # horizon = train.steps, weight decay), the optimizer's restored param groups (Adam's betas and eps) and RNG
 # states (train.seed) carry the checkpoint's values and would silently override new ones. A resume with any of
-# them changed is refused by name (``training.run_loop.plan_start``). optim.clip_grad is not restored: a new
-# value applies.
+# them changed is refused by name (``training.run_loop.plan_start``), as is a change of what the optimizer state
+# was written as (train.precision: fp32 main weights beside bf16 ones or not; parallel.distributed_optimizer:
+# states sharded or whole), which megatron cannot read otherwise. optim.clip_grad is not restored: a new value
+# applies.
 OPTIM_RESUME_FIXED = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.adam_beta1",
-                      "optim.adam_beta2", "optim.adam_eps", "train.seed")
+                      "optim.adam_beta2", "optim.adam_eps", "train.seed", "train.precision",
+                      "parallel.distributed_optimizer")
 
 
 @dataclass(frozen=True)

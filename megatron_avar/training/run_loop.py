@@ -123,10 +123,13 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
 
     checkpoint.resume (default): resume from the latest checkpoint when there is one. The restored scheduler,
     optimizer and RNG states carry the values of the config fields in ``schedule`` (the trainer's
-    ``RESUME_FIXED``: learning-rate schedule, train.steps, Adam's betas/eps, seed) and would silently override
+    ``RESUME_FIXED``: learning-rate schedule, train.steps, Adam's betas/eps, seed, precision and optimizer
+    sharding) and would silently override
     new ones, so a resume with any of them changed is refused, naming each with its old and new value: the
     rule is that a run keeps the schedule it started with. A checkpoint of the last step means the run is
     finished: ``finished`` is set and the trainer does nothing (metrics and summary stay as they are).
+    Complete step folders without the ``latest`` pointer (removed, or step folders copied alone) are refused,
+    naming the newest: starting over would replace them as it reached their steps.
     checkpoint.resume=false: a directory that holds checkpoints is refused (the new run's checkpoints would
     mix with the old ones, and pruning by step number could delete the new ones) unless checkpoint.overwrite
     gives consent; then ``replace_earlier`` is set and :func:`prepare_run_dir` removes the earlier run's
@@ -145,6 +148,13 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
         return RunStart(resume_from=None, start_step=0, replace_earlier=checkpoint.overwrite)
     latest = checkpointing.latest_checkpoint(out)
     if latest is None:
+        complete = checkpointing.complete_checkpoints(out)
+        if complete:  # (the pointer removed, or a copy of step folders alone): starting over would replace them
+            newest, pointer = complete[-1], complete[-1].parent / checkpointing.LATEST
+            raise ValueError(f"{newest.parent} holds complete checkpoints (newest {newest.name}) but no "
+                             f"'{pointer.name}' pointer naming the one to resume, and starting over would replace "
+                             f"them: resume from it (echo {newest.name} > {pointer}), or start over "
+                             "(checkpoint.resume=false checkpoint.overwrite=true)")
         return RunStart(resume_from=None, start_step=0)
     state = checkpointing.read_trainer_state(latest)
     _check_layout(out, latest, layout)
@@ -154,7 +164,8 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
         listed = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
         raise ValueError(f"{out} resumes from {latest.name}, whose schedule differs from this config ({listed}). A "
                          "resumed run keeps the schedule it started with (the restored scheduler and optimizer "
-                         "would silently keep the old values): set the old values to resume, or start a new run "
+                         "would silently keep the old values, or could not be read with the new precision or "
+                         "optimizer sharding): set the old values to resume, or start a new run "
                          "— another out (from an export of this checkpoint: avar convert mcore-to-hf), or "
                          "checkpoint.resume=false checkpoint.overwrite=true to replace this one")
     start_step = state["step"] + 1

@@ -82,7 +82,8 @@ def test_hf_to_mcore_refuses_an_out_overlapping_the_input(relation, tmp_path, ca
     assert _snapshot(tmp_path) == before
 
 
-def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_restored(tmp_path):
+@pytest.mark.parametrize("name", ["export", "export[v2]"])  # found in review: a glob pattern, never matched
+def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_restored(tmp_path, name):
     import socket
     import subprocess
 
@@ -91,11 +92,11 @@ def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_r
     host = socket.gethostname()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid names nothing now
-    out = tmp_path / "export"
-    stale = tmp_path / f".export.tmp-{host}-{dead.pid}"
-    live = tmp_path / f".export.tmp-{host}-{os.getppid()}"  # a conversion still running on this host
-    elsewhere = tmp_path / ".export.tmp-other-node-1"  # another host's: cannot be judged here
-    moved_aside = tmp_path / f".export.old-{host}-{dead.pid}"  # killed between moving out aside and replacing it
+    out = tmp_path / name
+    stale = tmp_path / f".{name}.tmp-{host}-{dead.pid}"
+    live = tmp_path / f".{name}.tmp-{host}-{os.getppid()}"  # a conversion still running on this host
+    elsewhere = tmp_path / f".{name}.tmp-other-node-1"  # another host's: cannot be judged here
+    moved_aside = tmp_path / f".{name}.old-{host}-{dead.pid}"  # killed between moving out aside and replacing it
     for folder in (stale, live, elsewhere, moved_aside):
         folder.mkdir()
     (moved_aside / "model.safetensors").write_text("the previous export")
@@ -109,3 +110,49 @@ def test_leftovers_of_a_killed_conversion_are_cleaned_and_a_moved_aside_output_r
     assert (out / "model.safetensors").read_text() == "the new export"
     assert not stale.exists() and not moved_aside.exists() and live.is_dir() and elsewhere.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, elsewhere.name])
+
+
+def test_overwrite_never_replaces_a_training_checkpoint(tmp_path):
+    """Found in review: a training run's step folder passed as a checkpoint `avar convert` wrote (it has
+    avar_checkpoint.json and .metadata too); replacing it lost the optimizer and RNG states, and the run could no
+    longer resume."""
+    from megatron_avar.convert.hf_files import atomic_output_dir
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for name in ("avar_checkpoint.json", ".metadata", "trainer_state.json"):
+        (step / name).parent.mkdir(parents=True, exist_ok=True)
+        (step / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"holds other things than a model: .* \(not a training run's\)"):
+        with atomic_output_dir(step, overwrite=True, inputs={}):
+            pytest.fail("started")
+    assert sorted(p.name for p in step.iterdir()) == [".metadata", "avar_checkpoint.json", "trainer_state.json"]
+    (step / "trainer_state.json").unlink()  # what hf-to-mcore writes: replaceable
+    with atomic_output_dir(step, overwrite=True, inputs={}) as temp:
+        (temp / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in step.iterdir()) == ["model.safetensors"]
+
+
+def test_a_published_output_is_on_the_disk_before_it_replaces_anything(tmp_path, monkeypatch):
+    """Found in review: the shards were never flushed before the old output was moved aside and deleted, so a
+    node crash could leave neither the old model nor a whole new one."""
+    from megatron_avar import atomic_files
+    from megatron_avar.convert.hf_files import atomic_output_dir
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("old")
+    events = []
+    monkeypatch.setattr(atomic_files, "fsync_tree", lambda root: events.append(("fsync", sorted(
+        p.name for p in Path(root).iterdir()), (out / "model.safetensors").read_text())))
+    with atomic_output_dir(out, overwrite=True, inputs={}) as temp:
+        (temp / "model.safetensors").write_text("new")
+    assert events == [("fsync", ["model.safetensors"], "old")]  # flushed while the old output was still in place
+    assert (out / "model.safetensors").read_text() == "new"
+
+
+def test_an_infinite_shard_size_is_refused(run_dir, capsys):
+    ckpt = run_dir / "checkpoints" / "iter_0000010"
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(ckpt), "--out", str(run_dir.parent / "o"),
+                 "--max-shard-size-mb", "inf"]) == 2
+    assert "--max-shard-size-mb must be a finite size > 0 (MiB), got inf" in capsys.readouterr().err

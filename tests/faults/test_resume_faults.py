@@ -16,6 +16,7 @@ the run's: what a user sees and what stays on disk.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -161,6 +162,38 @@ def test_a_resume_at_another_tensor_or_pipeline_layout_is_refused_naming_both(ba
         with pytest.raises(ValueError, match=r"written at TP=1 PP=2 VPP=2 \(DP=1\), but this run is TP=1 PP=2 "
                                              r"\(DP=1\)"):
             plan_start(run, CheckpointConfig(), schedule=schedule, steps=2, layout=_Layout(1, 2, 1))
+
+
+def test_step_folders_without_the_latest_pointer_are_not_started_over(base_run, tmp_path):
+    """Found in review: a run whose `latest` pointer was gone (removed, as an older message advised to start
+    over, or step folders copied alone) started at step 0 without a word and replaced the old checkpoints."""
+    from megatron_avar.training.config import CheckpointConfig
+    from megatron_avar.training.run_loop import plan_start
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    state = json.loads((run / CHECKPOINTS / "step_00000000" / "trainer_state.json").read_text())
+    (run / CHECKPOINTS / "latest").unlink()
+    with pytest.raises(ValueError, match=r"holds complete checkpoints \(newest step_00000000\) but no 'latest' "
+                                         r"pointer .*echo step_00000000 > .*latest\), or start over"):
+        plan_start(run, CheckpointConfig(), schedule=state["schedule"], steps=2, layout=_Layout(1, 1, 1))
+    (run / CHECKPOINTS / "step_00000000" / "trainer_state.json").unlink()  # a save that died: nothing to keep
+    assert plan_start(run, CheckpointConfig(), schedule=state["schedule"], steps=2,
+                      layout=_Layout(1, 1, 1)).start_step == 0
+
+
+def test_a_resume_in_another_precision_or_optimizer_sharding_is_refused_by_name(base_run, tmp_path):
+    """Found in review: megatron refused these with "lacks parts this model has (...dtype_(torch.bfloat16...)" and
+    "Different dict keys encountered in apply_factory_merges", naming neither setting."""
+    from megatron_avar.training.config import CheckpointConfig
+    from megatron_avar.training.run_loop import plan_start
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    schedule = json.loads((run / CHECKPOINTS / "step_00000000" / "trainer_state.json").read_text())["schedule"]
+    assert {"train.precision", "parallel.distributed_optimizer"} <= set(schedule)
+    for name, value in (("train.precision", "bf16" if schedule["train.precision"] == "fp32" else "fp32"),
+                        ("parallel.distributed_optimizer", not schedule["parallel.distributed_optimizer"])):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: .* in the checkpoint, {value!r} now"):
+            plan_start(run, CheckpointConfig(), schedule={**schedule, name: value}, steps=2, layout=_Layout(1, 1, 1))
 
 
 def _resumed_on_two_ranks(base_run, sft_inputs, run: Path, **extra) -> dict:

@@ -83,6 +83,18 @@ def test_a_config_without_model_type_is_refused():
         Qwen25VLConfig.from_hf(raw)
 
 
+def test_a_config_json_of_wrong_types_is_named_in_one_line(tmp_path):
+    """Found in review: a string for an int raised huggingface_hub's StrictDataclassFieldValidationError, and a
+    JSON list a TypeError: tracebacks from `avar convert`, which reports ValueErrors in one line."""
+    bad = _with(QWEN2_5_VL_7B, ("num_hidden_layers",), "28")
+    with pytest.raises(ValueError, match=r"refused by transformers \(Validation error for field 'num_hidden_layers': "
+                                         r"TypeError: .*expected int, got str.*\): fix that field of config.json"):
+        Qwen25VLConfig.from_hf(bad)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not a config object"):
+        Qwen25VLConfig.from_hf(tmp_path)
+
+
 def test_tensor_parallel_sizes_that_do_not_split_are_refused():
     config = Qwen25VLConfig.from_hf(QWEN2_5_VL_7B)
     build_transformer_configs(config, MegatronSettings(tensor_model_parallel_size=4))

@@ -168,11 +168,19 @@ class Qwen25VLConfig:
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(f"{path} is not a JSON config ({error}): give the model folder or its "
                                  "config.json") from None
+            if not isinstance(source, Mapping):
+                raise ValueError(f"{path} holds a JSON {type(source).__name__}, not a config object: give the model "
+                                 "folder or its config.json")
         if isinstance(source, Mapping):
             if source.get("model_type") != "qwen2_5_vl":  # (missing: transformers would fill in its defaults)
                 raise ValueError(f"model_type={source.get('model_type')!r}: only 'qwen2_5_vl' is supported (a "
                                  "Hugging Face Qwen2.5-VL config.json names it)")
-            source = Qwen2_5_VLConfig(**source)
+            try:
+                source = Qwen2_5_VLConfig(**source)
+            except Exception as error:  # transformers' field checks (a string for an int, ...), of several types
+                said = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or repr(error)
+                raise ValueError(f"the Qwen2.5-VL config is refused by transformers ({said}): fix that field of "
+                                 "config.json") from None
         if not isinstance(source, Qwen2_5_VLConfig):
             raise TypeError(f"expected a path, dict or transformers.Qwen2_5_VLConfig, got {type(source).__name__}")
         return cls(
