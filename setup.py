@@ -2,7 +2,7 @@
 
 Install torch FIRST (the CPU build here is ``pip install torch==2.13.0``; clusters use the torch of
 NVIDIA's PyTorch container), then ``pip install -e .[test]``. The ``gpu`` extra (Transformer Engine,
-vLLM, flash-attn) is for CUDA machines only: Transformer Engine's import raises on a CPU-only machine
+vLLM, flash-attn, accelerate) is for CUDA machines only: Transformer Engine's import raises on a CPU-only machine
 and takes ``import megatron.core`` down with it.
 """
 from setuptools import find_packages, setup
@@ -43,7 +43,8 @@ EXTRAS = {
     "test": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100"]
     + LINT_REQUIREMENTS + SYNTH_REQUIREMENTS,
     "synth": SYNTH_REQUIREMENTS,
-    "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn"],
+    # accelerate: transformers needs it to spread an HF model over GPUs (`avar vas / intervene --device-map`)
+    "gpu": ["transformer-engine[pytorch]", "vllm==0.33.0", "flash-attn", "accelerate>=1.1.0"],
 }
 
 setup(

@@ -24,7 +24,8 @@ def _add_model_options(parser, with_defaults: bool = True) -> None:
                         help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=default("auto"), choices=("auto", "float32", "bfloat16", "float16"),
                         help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--device-map", default=None, help="e.g. 'auto': spread a large model over the visible GPUs")
+    parser.add_argument("--device-map", default=None,
+                        help="e.g. 'auto': spread a large model over the visible GPUs (needs accelerate: gpu extra)")
     parser.add_argument("--impl", default=default("auto"), choices=("auto", "blockwise", "triton", "reference"),
                         help="role_attention implementation (auto)")
 

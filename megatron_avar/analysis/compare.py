@@ -17,7 +17,7 @@ from typing import Any
 
 from megatron_avar import atomic_files
 
-__all__ = ["load_report", "load_accuracies", "compare_reports"]
+__all__ = ["load_report", "load_accuracies", "compare_reports", "run_setting"]
 
 _COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "image_share", "system_share",
             "num_samples", "accuracy")
@@ -46,6 +46,17 @@ def load_report(path: str | Path, *, shard_without_samples: bool = False) -> tup
         raise ValueError(f"{file}: not a VAS report (missing {missing})")
     report.setdefault("name", file.parent.name)
     return str(path), report
+
+
+def run_setting(config: dict, key: str):
+    """Setting ``key`` of a report's config as the run used it, so that equal settings compare equal: ``data`` as
+    an absolute path (``data_resolved``; reports that lack it: ``data`` resolved against the current directory),
+    ``layers`` as the layer indexes (``layers_resolved``: "all" and "0-1" of a 2-layer model alike); else as given."""
+    if key == "data" and config.get("data") is not None:
+        return config.get("data_resolved") or str(Path(config["data"]).resolve())
+    if key == "layers" and "layers_resolved" in config:
+        return config["layers_resolved"]
+    return config.get(key)
 
 
 def load_accuracies(path: str | Path) -> dict[str, float]:
@@ -168,7 +179,7 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
     if any(row["exclude_sink"] for row in rows) and not all(row["exclude_sink"] for row in rows):
         lines += ["", "warning: the reports mix --exclude-sink settings; compare the vas_no_sink column instead"]
     for key, what in (("data", "--data"), ("layers", "--layers"), ("num_samples", "--num-samples")):
-        values = {json.dumps((report.get("config") or {}).get(key), sort_keys=True) for _, report in loaded}
+        values = {json.dumps(run_setting(report.get("config") or {}, key), sort_keys=True) for _, report in loaded}
         if len(values) > 1:
             lines += ["", f"warning: the reports were computed with different {what} ({', '.join(sorted(values))}); "
                           "their VAS are comparable only on the same samples and layers"]

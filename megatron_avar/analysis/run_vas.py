@@ -81,7 +81,7 @@ def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, wha
 
 
 # What the shards of one `avar vas` run share (besides the checkpoint); batch size and device may differ.
-_SHARD_RUN_KEYS = ("data", "num_samples", "layers_resolved", "dtype", "impl")
+_SHARD_RUN_KEYS = ("data", "num_samples", "layers", "dtype", "impl")  # compared as compare.run_setting resolves them
 
 
 def _weights_identity(report: dict) -> dict:
@@ -108,7 +108,7 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
                       overwrite: bool = False) -> dict:
     """Join the reports of `avar vas --shard I/N` jobs (same checkpoint and settings) into one report in ``out``
     (an earlier report there is replaced only with ``overwrite``)."""
-    from megatron_avar.analysis.compare import load_report
+    from megatron_avar.analysis.compare import load_report, run_setting
     from megatron_avar.analysis.vas import VASAccumulator
 
     target = (Path(out) / "report.json").resolve()
@@ -124,7 +124,8 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
         if _weights_identity(report) != _weights_identity(reports[0]):
             raise ValueError(f"{path} comes from another checkpoint than {paths[0]} (checkpoint records differ); merge "
                              "shards of one run only")
-        differ = [key for key in _SHARD_RUN_KEYS if report["config"].get(key) != reports[0]["config"].get(key)]
+        differ = [key for key in _SHARD_RUN_KEYS
+                  if run_setting(report["config"], key) != run_setting(reports[0]["config"], key)]
         if differ:
             raise ValueError(f"{path} was run with other {', '.join(differ)} than {paths[0]}; merge shards of one run "
                              "only")
@@ -223,11 +224,14 @@ def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], 
 def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: str, config: dict, checkpoint: dict,
                      runtime: dict) -> dict:
     """Write ``out``/report.json (the statistics, name, config, checkpoint, runtime and the accumulator state that
-    `avar vas merge` combines across data shards) and the three figures; return the report."""
+    `avar vas merge` combines across data shards) and the three figures; return the report. The config gets
+    ``data_resolved``, the absolute data path."""
     from megatron_avar.analysis import figures
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.get("data") is not None and "data_resolved" not in config:
+        config = dict(config, data_resolved=str(Path(config["data"]).resolve()))
     if not accumulator.sample_ids and config.get("shard"):
         # A shard whose records hold no VAS query (text-only ones) still writes its state: `avar vas merge` needs
         # every shard, and the merged report counts these samples as skipped.

@@ -48,11 +48,17 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
 
 def load_model(path: str | Path, *, device: str | torch.device, dtype: torch.dtype, device_map: str | None = None):
     """``Qwen2_5_VLForConditionalGeneration`` of the HF directory ``path`` in ``dtype``, in eval mode, on
-    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead. A truncated or
-    damaged weight file is a one-line ValueError naming it and the fix (``hf_weights.check_weights_readable``, the
-    safetensors headers only), checked first: safetensors' own error out of ``from_pretrained`` names no file."""
+    ``device``; with ``device_map`` (e.g. "auto") spread over the visible GPUs by accelerate instead (a one-line
+    ValueError first when accelerate is missing). A truncated or damaged weight file is a one-line ValueError naming
+    it and the fix (``hf_weights.check_weights_readable``, the safetensors headers only), checked first:
+    safetensors' own error out of ``from_pretrained`` names no file."""
     from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.utils import import_utils
 
+    if device_map is not None and not import_utils.is_accelerate_available():
+        raise ValueError(f"--device-map {device_map} needs accelerate>={import_utils.ACCELERATE_MIN_VERSION}, which is "
+                         "not installed: pip install accelerate (the gpu extra has it), or leave --device-map out "
+                         "to load the model on one device")
     check_weights_readable(path)
     kwargs: dict[str, Any] = {} if device_map is None else {"device_map": device_map}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(path), dtype=dtype, **kwargs)

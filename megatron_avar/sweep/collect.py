@@ -14,6 +14,11 @@ A point the plan says does not fit the sweep's GPU was never submitted: state DO
 in ``error``. A point that did not finish keeps its row with ``state`` (Slurm's: FAILED, CANCELLED, TIMEOUT,
 PREEMPTED, ...; PENDING / RUNNING while queued; NOT_SUBMITTED) and ``log`` (its Slurm log) and ``error`` (the
 log's last error line), and empty numbers: never dropped.
+
+A point's run directory is ``<out>/runs/<name>`` (sweep.grid.run_dir_of), not the run_dir in sweep.json (which
+older sweeps recorded relative to the directory they were submitted from): collect works from any directory and on
+a moved or copied sweep folder. A point that was ``ok`` in the earlier results.json and has no finished run now is
+said on stderr; with no job submitted for it since, its earlier row is kept.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import csv
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from megatron_avar import atomic_files
 from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit
+from megatron_avar.sweep.grid import run_dir_of
 from megatron_avar.sweep.submit import SlurmUnavailable, job_states, load_state, read_sweep_file, run_finished
 
 __all__ = ["collect", "COLUMNS"]
@@ -84,9 +91,13 @@ def _metrics_row(run_dir: Path, num_gpus: int, warmup_steps: int, peak_tflops: f
             "tflops_per_gpu": tflops, "mfu": None if tflops is None else tflops / peak_tflops}
 
 
-def collect(out: str | Path, *, log=print) -> list[dict]:
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def collect(out: str | Path, *, log=print, warn=_warn) -> list[dict]:
     """Rows of the sweep in <out> (as submitted: <out>/sweep.json); writes results.csv/.json, agto_overhead.csv
-    and the plots next to them. Returns the rows."""
+    and the plots next to them. Returns the rows. ``warn``: where a point that was ok and is no longer is said."""
     out = Path(out)
     sweep_file = out / "sweep.json"
     if not sweep_file.is_file():
@@ -102,7 +113,7 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
         states = dict.fromkeys(last.values(), "UNKNOWN")
     rows = []
     for point in points:
-        run_dir, job = Path(point["run_dir"]), last.get(point["name"])
+        run_dir, job = run_dir_of(out, point["name"]), last.get(point["name"])
         row: dict[str, Any] = dict.fromkeys(COLUMNS)
         row.update({k: point[k] for k in ("name", "model", "nodes", "num_gpus", "tp", "pp", "dp", "seq_length",
                                           "agto", "steps")})
@@ -125,6 +136,7 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
             if row["state"] == "COMPLETED":  # Slurm says it ended well but the run did not reach its last step
                 row["state"] = "INCOMPLETE"
         rows.append(row)
+    rows = _keep_earlier_results(out, rows, warn)
     _write(out, rows)
     overhead = agto_overhead(rows)
     _write_csv(out / "agto_overhead.csv", OVERHEAD_COLUMNS, overhead)
@@ -139,6 +151,35 @@ def collect(out: str | Path, *, log=print) -> list[dict]:
     done = sum(r["state"] == "ok" for r in rows)
     log(f"[sweep] {done}/{len(rows)} points finished; {out / 'results.csv'}")
     return rows
+
+
+def _keep_earlier_results(out: Path, rows: list[dict], warn) -> list[dict]:
+    """``rows``, where a point that was ok in the earlier results.json and is not now keeps its earlier row when no
+    job was submitted for it since (its run directory was moved, deleted or damaged: the numbers are still that
+    job's), and is replaced otherwise (a new job trains it again); said on stderr either way."""
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return rows
+    if not isinstance(earlier, list):
+        return rows
+    was_ok = {r["name"]: r for r in earlier if isinstance(r, dict) and r.get("state") == "ok" and "name" in r}
+    result = []
+    for row in rows:
+        before = was_ok.get(row["name"])
+        if before is None or row["state"] == "ok":
+            result.append(row)
+        elif before.get("job_id") == row["job_id"]:
+            warn(f"[sweep] warning: {row['name']}: {row['run_dir']} has no finished run ({row['state']}), but it was "
+                 f"ok in the earlier {out / 'results.json'} with the same job: its earlier row is kept. Restore the "
+                 "run directory, or re-run the sweep to train the point again")
+            result.append({**dict.fromkeys(COLUMNS), **{k: v for k, v in before.items() if k in COLUMNS}})
+        else:
+            warn(f"[sweep] warning: {row['name']}: was ok in the earlier {out / 'results.json'} (job "
+                 f"{before.get('job_id')}), now {row['state']} with job {row['job_id']}: its earlier numbers are "
+                 "replaced")
+            result.append(row)
+    return result
 
 
 def agto_overhead(rows: list[dict]) -> list[dict]:

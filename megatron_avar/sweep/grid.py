@@ -3,7 +3,8 @@ that turn the base SFT config into this point's run.
 
 The name is a function of the point alone (not of its position in the grid or of time), so re-running a sweep,
 or adding points to it, finds the same run directories: ``<model>_n<nodes>_tp<tp>_pp<pp>_dp<dp>_seq<S>_agto-on
-_steps<K>`` (``base`` where the base config decides), plus ``_x<hash>`` of the point's extra overrides.
+_steps<K>`` (``base`` where the base config decides), plus ``_x<hash>`` of the point's extra overrides. Its run
+directory is ``<out>/runs/<name>`` (:func:`run_dir_of`), in every sweep.json ever written.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from megatron_avar.sweep.config import PointSpec, SweepConfig
 
-__all__ = ["Point", "resolve_points"]
+__all__ = ["Point", "resolve_points", "run_dir_of", "RUNS_DIR"]
+
+RUNS_DIR = "runs"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,13 @@ class Point:
                 "pp": self.spec.pp, "cp": self.spec.cp, "dp": self.dp, "num_gpus": self.num_gpus,
                 "seq_length": self.spec.seq_length, "agto": self.spec.agto, "steps": self.spec.steps,
                 "extra_overrides": list(self.spec.overrides), "overrides": list(self.overrides),
-                "run_dir": str(self.run_dir)}
+                "run_dir": str(Path(RUNS_DIR) / self.name)}  # relative to the sweep folder: it may be moved
+
+
+def run_dir_of(out: str | Path, name: str) -> Path:
+    """The run directory of point ``name`` of the sweep in ``out``. Derived from the sweep folder, not from the
+    directory the sweep was submitted from, so a sweep collects from anywhere and after being moved or copied."""
+    return Path(out) / RUNS_DIR / name
 
 
 def _tag(value) -> str:
@@ -83,5 +92,5 @@ def resolve_points(config: SweepConfig) -> list[Point]:
         names[name] = spec
         points.append(Point(name=name, spec=spec, dp=dp, num_gpus=world,
                             overrides=(*config.sft_overrides, *overrides, *spec.overrides),
-                            run_dir=Path(config.out) / "runs" / name))
+                            run_dir=run_dir_of(config.out, name)))
     return points

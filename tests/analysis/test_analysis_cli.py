@@ -111,6 +111,12 @@ def test_vas_shards_merge(toy, vas_run, capsys):
         (edited / "report.json").write_text(json.dumps(report))
         assert main(["vas", "merge", shards[0], str(edited), "--out", str(toy["root"] / "bad")]) == 2
         assert message in capsys.readouterr().err
+    # found in review: the same data given as a relative path in one shard's job refused the merge
+    report = json.loads((Path(shards[1]) / "report.json").read_text())
+    assert report["config"]["data_resolved"] == str(Path(toy["data"]).resolve())
+    report["config"].update(data=str(Path(toy["data"]).relative_to(toy["root"])), layers="0-1")
+    (edited / "report.json").write_text(json.dumps(report))
+    assert main(["vas", "merge", shards[0], str(edited), "--out", str(toy["root"] / "merged-edited")]) == 0
     assert main(["vas", "merge", shards[0], "--out", str(toy["root"] / "bad")]) == 2
     assert "a merge needs each of 0/N .. N-1/N exactly once" in capsys.readouterr().err
     assert main(["vas", "merge", shards[0], str(vas_run[0]), "--out", str(toy["root"] / "bad")]) == 2
@@ -252,6 +258,31 @@ def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
     assert "not a VAS report (a JSON int, not an object)" in capsys.readouterr().err
 
 
+def test_vas_compare_warns_only_about_settings_that_differ(toy, vas_run, capsys, tmp_path, monkeypatch):
+    """Found in review: the raw --data and --layers strings were compared, so the same file given as a relative
+    and an absolute path, or --layers all and 0-1 on a 2-layer model, warned. Reports without data_resolved
+    (older ones) have their data resolved against the current directory."""
+    out, report = vas_run
+    monkeypatch.chdir(toy["root"])
+    relative = str(Path(toy["data"]).relative_to(toy["root"]))
+
+    def compared(**config) -> str:
+        folder = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / "report.json").write_text(json.dumps(dict(report, name=folder.name,
+                                                            config=dict(report["config"], **config))))
+        capsys.readouterr()
+        assert main(["vas", "compare", str(out), str(folder)]) == 0
+        return capsys.readouterr().out
+
+    assert report["config"]["layers"] == "all" and report["config"]["layers_resolved"] == [0, 1]
+    assert "warning" not in compared(data=relative, data_resolved=str(Path(toy["data"]).resolve()), layers="0-1")
+    old_report = {key: value for key, value in report["config"].items() if key != "data_resolved"}
+    assert "warning" not in compared(**dict(old_report, data=relative))
+    assert "different --data" in compared(data="other.jsonl", data_resolved=str(tmp_path / "other.jsonl"))
+    assert "different --layers" in compared(layers="1", layers_resolved=[1])
+
+
 def test_intervene_and_sweep(toy, tmp_path):
     out = tmp_path / "intervene.json"
     assert main(["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--alpha-sys", "0.4",
@@ -323,6 +354,22 @@ def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     assert "missing --data" in error_of(["vas", "--model", toy["model"], "--out", str(tmp_path / "o")])
     assert "alpha_sys" in error_of(["intervene", "--model", toy["model"], "--data", toy["data"],
                                     "--out", str(tmp_path / "i.json"), "--alpha-sys", "1.5"])
+
+
+def test_a_device_map_without_accelerate_is_one_line_naming_the_fix(toy, tmp_path, capsys, monkeypatch):
+    """Found in review: --device-map auto without accelerate (in no extra then) failed inside transformers."""
+    from transformers.utils import import_utils
+
+    monkeypatch.setattr(import_utils, "is_accelerate_available", lambda *args, **kwargs: False)
+    for command, out in (("vas", tmp_path / "o"), ("intervene", tmp_path / "i.json")):
+        assert main([command, "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--device-map",
+                     "auto"]) == 2
+        error = capsys.readouterr().err
+        assert error == (f"avar {command}: error: --device-map auto needs accelerate>="
+                         f"{import_utils.ACCELERATE_MIN_VERSION}, which is not installed: "
+                         "pip install accelerate (the gpu extra has it), or leave --device-map out to load the model "
+                         "on one device\n")
+        assert not out.exists()
 
 
 def test_intervene_config_file_overrides_and_flags(capsys):

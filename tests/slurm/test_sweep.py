@@ -524,3 +524,86 @@ def test_wait_settings_are_checked_before_submitting(tmp_path, capsys, flag, val
                  f"out={tmp_path / 's'}"]) == 2
     assert f"avar sweep: error: {flag} {value}" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def _submit_finished_sweep(tmp_path: Path, monkeypatch, out: str) -> Path:
+    """examples/sweeps/tiny_cpu.yaml submitted from ``tmp_path / "submit"`` with ``out`` (as given) to stub Slurm
+    (sacct says COMPLETED), and both points given a finished run; returns the sweep folder."""
+    from megatron_avar.cli import main
+
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    monkeypatch.chdir(submit_dir)
+    _stub_slurm(tmp_path / "bin", squeue_state=None)
+    (tmp_path / "bin" / "sacct").write_text('#!/bin/sh\nfor job in $(echo "$5" | tr , " "); do echo "$job|COMPLETED"; '
+                                            "done\n")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    assert main(["sweep", "--config", str(REPO / "examples/sweeps/tiny_cpu.yaml"), "--no-wait", f"out={out}",
+                 f"sft_config={REPO / 'examples/sft/slurm_tiny.yaml'}", f"script={REPO / 'slurm/avar_sft_7b.sh'}"]) == 0
+    sweep_dir = submit_dir / out
+    for point in json.loads((sweep_dir / "sweep.json").read_text())["points"]:
+        run = sweep_dir / "runs" / point["name"]
+        records = [{"step": s, "perf/step_seconds": 2.0 + s, "perf/tokens_per_second": 1000.0, "loss/lm": 5.0 - s}
+                   for s in range(3)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (run / "config.json").write_text(json.dumps({"train": {"steps": 3}}))
+        (run / "summary.json").write_text(json.dumps({"stopped_by": None, "last_step": 2}))
+    return sweep_dir
+
+
+def test_collect_finds_the_runs_from_any_directory_and_in_a_moved_sweep(tmp_path, monkeypatch, capsys):
+    """Found in review: sweep.json recorded each run_dir as out= was given (relative to the submitting directory)
+    and collect read it against its own: from another directory it found no run and rewrote results.csv with
+    every finished point INCOMPLETE. Records written that way are still collected."""
+    from megatron_avar.cli import main
+
+    sweep_dir = _submit_finished_sweep(tmp_path, monkeypatch, "runs/sweeps/tiny")
+    assert all(f"--output={sweep_dir}/runs/" in line  # the jobs still get absolute paths
+               for line in (tmp_path / "bin" / "sbatch.log").read_text().splitlines())
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "collect", "--out", str(sweep_dir)]) == 0
+    assert [row["state"] for row in _rows(sweep_dir).values()] == ["ok", "ok"]
+    moved = tmp_path / "moved"
+    shutil.move(sweep_dir, moved)
+    assert main(["sweep", "collect", "--out", "moved"]) == 0
+    rows = _rows(moved)
+    assert [row["state"] for row in rows.values()] == ["ok", "ok"]
+    assert all(row["run_dir"] == f"moved/runs/{name}" and row["median_step_seconds"] == "3.5"
+               for name, row in rows.items())
+    record = json.loads((moved / "sweep.json").read_text())
+    assert [p["run_dir"] for p in record["points"]] == [f"runs/{name}" for name in rows]
+    for point in record["points"]:  # as sweeps before recorded it: relative to the submitting directory
+        point["run_dir"] = f"runs/sweeps/tiny/runs/{point['name']}"
+    (moved / "sweep.json").write_text(json.dumps(record))
+    (moved / "results.json").unlink()
+    assert main(["sweep", "collect", "--out", "moved"]) == 0
+    assert [row["state"] for row in _rows(moved).values()] == ["ok", "ok"]
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_point_that_was_ok_is_not_made_worse_silently(tmp_path, monkeypatch, capsys):
+    """Found in review: collect replaced a finished point's numbers with an empty row without a word. A run
+    directory gone with no job since keeps its earlier row; a point trained again by a new job gets its new row;
+    both are said on stderr."""
+    from megatron_avar.cli import main
+
+    sweep_dir = _submit_finished_sweep(tmp_path, monkeypatch, str(tmp_path / "sweep"))
+    assert main(["sweep", "collect", "--out", str(sweep_dir)]) == 0
+    first = _rows(sweep_dir)
+    name = next(iter(first))
+    shutil.rmtree(sweep_dir / "runs" / name)
+    capsys.readouterr()
+    assert main(["sweep", "collect", "--out", str(sweep_dir)]) == 0
+    assert _rows(sweep_dir) == first
+    error = capsys.readouterr().err
+    assert f"[sweep] warning: {name}: {sweep_dir / 'runs' / name} has no finished run (INCOMPLETE), but it was ok " \
+           "in the earlier" in error and "its earlier row is kept" in error
+    state = json.loads((sweep_dir / "state.json").read_text())
+    state["jobs"][name].append("43")  # trained again
+    (sweep_dir / "state.json").write_text(json.dumps(state))
+    assert main(["sweep", "collect", "--out", str(sweep_dir)]) == 0
+    assert (_rows(sweep_dir)[name]["state"], _rows(sweep_dir)[name]["job_id"]) == ("INCOMPLETE", "43")
+    assert f"{name}: was ok in the earlier" in (error := capsys.readouterr().err)
+    assert "now INCOMPLETE with job 43: its earlier numbers are replaced" in error
+    assert main(["sweep", "collect", "--out", str(sweep_dir)]) == 0
+    assert "warning" not in capsys.readouterr().err
