@@ -333,7 +333,7 @@ def _kernel_families():
     return results
 
 
-def test_the_gpu_kernel_family_equals_the_cpu_family_in_the_model():
+def test_the_triton_kernel_family_under_the_interpreter_equals_the_cpu_family_in_the_model():
     """What bench_sft's probe-triton and fused modes run on a GPU, checked before a GPU is lent: fp32 on both
     sides, the same mathematics in other summation orders (observed ~1e-6 of the largest logit or gradient,
     ~1e-7 on masses), so 1e-5 relative to the largest magnitude and MASS_TOLERANCE on masses; a wrong stride,
