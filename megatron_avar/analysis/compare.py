@@ -178,11 +178,17 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
                   + (" (p undefined for n = 2)" if p is None else "")]
     if any(row["exclude_sink"] for row in rows) and not all(row["exclude_sink"] for row in rows):
         lines += ["", "warning: the reports mix --exclude-sink settings; compare the vas_no_sink column instead"]
-    for key, what in (("data", "--data"), ("layers", "--layers"), ("num_samples", "--num-samples")):
+    for key, what in (("data", "--data"), ("layers", "--layers")):
         values = {json.dumps(run_setting(report.get("config") or {}, key), sort_keys=True) for _, report in loaded}
         if len(values) > 1:
             lines += ["", f"warning: the reports were computed with different {what} ({', '.join(sorted(values))}); "
                           "their VAS are comparable only on the same samples and layers"]
+    # the samples measured, not --num-samples (200 and 500 of a 100-record dataset measure the same ones)
+    measured = {tuple(sorted(str(sample.get("id")) for sample in report.get("samples") or [])) for _, report in loaded}
+    if len(measured) > 1:
+        counts = ", ".join(str(n) for n in sorted({len(ids) for ids in measured}))
+        lines += ["", f"warning: the reports measured different samples ({counts} samples); their VAS are comparable "
+                      "only on the same samples and layers"]
     markdown = "\n".join(lines) + "\n"
     result = dict(rows=rows, markdown=markdown, pearson=correlation)
     if out is not None:

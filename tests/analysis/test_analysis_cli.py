@@ -281,6 +281,10 @@ def test_vas_compare_warns_only_about_settings_that_differ(toy, vas_run, capsys,
     assert "warning" not in compared(**dict(old_report, data=relative))
     assert "different --data" in compared(data="other.jsonl", data_resolved=str(tmp_path / "other.jsonl"))
     assert "different --layers" in compared(layers="1", layers_resolved=[1])
+    # the samples measured count, not --num-samples: 500 of a dataset with fewer records measure the same ones
+    assert "warning" not in compared(num_samples=500)
+    report = dict(report, samples=report["samples"][:-1])
+    assert "warning: the reports measured different samples" in compared()
 
 
 def test_intervene_and_sweep(toy, tmp_path):
