@@ -86,7 +86,11 @@ fi
 # 2. Ray: the head, then one worker per other node. --block keeps each step alive for the whole job.
 srun --nodes=1 --ntasks=1 --overlap -w "$HEAD" \
     ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-gpus=0 $RAY_ARGS --block &
-sleep 15
+ray_deadline=$((SECONDS + 180))  # the head answers in seconds; workers need it up to join
+until ray status --address="$RAY_ADDRESS" >/dev/null 2>&1; do
+    (( SECONDS < ray_deadline )) || { echo "[synth] the Ray head on $HEAD did not answer within 180 s"; exit 1; }
+    sleep 2
+done
 for node in "${NODES[@]:1}"; do
     srun --nodes=1 --ntasks=1 --overlap -w "$node" \
         ray start --address="$RAY_ADDRESS" --num-gpus=0 $RAY_ARGS --block &
