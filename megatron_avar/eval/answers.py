@@ -40,9 +40,9 @@ def can_infer(answer: str, choices: dict[str, str], *, last_tokens: int | None =
     """VLMEvalKit's rule-based MCQ matcher: the option letter ``answer`` names, or None.
 
     1. Separators ``.()[],:;!*#{}`` become spaces and the text is split. If exactly one option letter is a
-       standalone token (and, since VLMEvalKit #1175, among the last ``last_tokens`` tokens; None disables
-       that check) it is the answer. With no letter but a ``Z`` token, "Z" (the "none of these" option
-       when the choices carry one). Since #1552: "answer is X" (A-D) as a fallback.
+       standalone token (and, since VLMEvalKit #1175, its first occurrence is among the last ``last_tokens``
+       tokens; None disables that check) it is the answer. With no letter but a ``Z`` token, "Z" (the "none of
+       these" option when the choices carry one). Since #1552: "answer is X" (A-D) as a fallback.
     2. Otherwise, if exactly one option's text (lowercased) is a substring of the lowercased answer, that
        option — skipped when the answer is longer than twice the total option text (#1175).
     Both fail: None (an extraction failure; VLMEvalKit, and ``avar eval --judge``, then ask a judge).
@@ -54,7 +54,7 @@ def can_infer(answer: str, choices: dict[str, str], *, last_tokens: int | None =
     distinct = set(letters)
     if len(distinct) == 1:
         letter = letters[0]
-        if last_tokens is None or letter in tokens[-last_tokens:]:
+        if last_tokens is None or tokens.index(letter) >= len(tokens) - last_tokens:
             return letter
     elif not distinct and "Z" in tokens and "Z" in choices:
         return "Z"

@@ -24,7 +24,8 @@ not extraction; our rule fails on them only for an empty answer).
 Requests go through the synthesis client (`megatron_avar.synth.client.ChatClient`): retries with backoff,
 a timeout, a concurrency limit, the API key only from the environment variable the config names and never
 sent to another origin, and an on-disk cache (``cache_dir``, default ``<out>/judge_cache``) written as each
-answer arrives, so a rerun or a run killed while judging asks nothing twice. Each judged record of the
+answer arrives, so a rerun or a run killed while judging asks nothing twice; its keys hold the endpoint's URL
+with the model and sampling settings, so it never answers for another judge. Each judged record of the
 predictions files gets a ``judge`` field: ``{"model", "reply", "extracted", "correct"}``, or
 ``{"model", "error"}`` when the request failed for good.
 
@@ -113,7 +114,7 @@ class AnswerJudge:
         self.config = config
         self.cache_dir = config.cache_dir if config.cache_dir is not None else Path(out) / "judge_cache"
         self.client = ChatClient(STAGE, config.endpoint, config.client, RequestCache(self.cache_dir), PROMPT_VERSION,
-                                 config_key="endpoint")
+                                 config_key="endpoint", url_in_cache_key=True)
         self.counts: dict[str, dict] = {}
 
     def describe(self) -> dict:

@@ -19,7 +19,10 @@ __all__ = ["strip_units", "has_words", "to_number", "math_equal", "same_words", 
 # Digit groups apart by LaTeX spacing or braces ("1\\,000", "12{,}500", "1\\!000"): one number, before the spacing
 # commands become blanks.
 _DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,!;:]|\{,\}|\\ )(?=\d{3}(?!\d))")
-_UNIT_NOISE = re.compile(r"\\(?:text|mathrm|mbox)\{[^}]*\}|\^\{?\\circ\}?|°|\\circ|\\%|%|\$|\\,|\\!|\\;")
+# LaTeX text ("12 \\text{ cm}^2", "2 \\text{ and } 3"): its words, read as the unit words or the mathematics they are
+# (deleted, "12 \\text{ cm}^2" read 12^2 = 144 and "2 \\text{ and } 3" 23)
+_LATEX_TEXT = re.compile(r"\\(?:text|mathrm|mbox)\{([^}]*)\}")
+_UNIT_NOISE = re.compile(r"\^\{?\\circ\}?|°|\\circ|\\%|%|\$|\\,|\\!|\\;|\\ ")
 
 
 # Words a number may carry as its unit ("12 cm", "5 m/s", "3 square units", "4 apples"). A single letter counts
@@ -49,7 +52,8 @@ def strip_units(text: str) -> str:
     "\\frac{1}{2} units" -> "\\frac{1}{2}"); leaves other text
     as it is. Mathematics after a number is not a unit: "2x", "3x^2", "2 pi", "2 sqrt 2", "2 and 3" and "1e3"
     stay whole (a single letter is a unit only when it is a unit symbol: m, g, s, l, L, N, J, W, V, A, K, h)."""
-    cleaned = _UNIT_NOISE.sub(" ", _DIGIT_GROUPS.sub("", without_emphasis(text))).strip()
+    cleaned = _LATEX_TEXT.sub(lambda match: " " + match.group(1).strip(), without_emphasis(text))
+    cleaned = _UNIT_NOISE.sub(" ", _DIGIT_GROUPS.sub("", cleaned)).strip()
     for pattern in (_WITH_UNIT, _EXPRESSION_WITH_UNIT):
         match = pattern.fullmatch(cleaned)
         if match and _is_unit(match.group(2)):
@@ -97,6 +101,10 @@ def _parse(text: str):
     return parsed or parse(text, **parse_kwargs)
 
 
+# Numbers apart by blanks ("3 4"; digit groups, "2 500 000", are one number): math-verify's parser reads their sum
+_SEVERAL_NUMBERS = re.compile(r"[-+]?\d+(?:\.\d+)?(?:\s+[-+]?\d+(?:\.\d+)?)+")
+
+
 def to_number(text: str | None) -> float | None:
     """The value of a numeric answer: plain ("1,000", "1\\,000", "2 500 000", "-2.5", "12 cm", "45°"), a fraction
     ("3/4") or LaTeX (``\\frac{3}{4}``, ``2\\sqrt{2}``) evaluated by math-verify; in words, the one number they state
@@ -111,6 +119,8 @@ def to_number(text: str | None) -> float | None:
         return float(plain)
     except ValueError:
         pass
+    if _SEVERAL_NUMBERS.fullmatch(plain):
+        return None
     fraction = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)", plain)
     if fraction and float(fraction.group(2)) != 0:
         return float(fraction.group(1)) / float(fraction.group(2))
@@ -170,8 +180,9 @@ def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bo
     gold_number, predicted_number = to_number(gold), to_number(predicted)
     if gold_number is not None and predicted_number is not None:
         return abs(gold_number - predicted_number) <= rel_tol * max(1.0, abs(gold_number))
-    if has_words(gold) or has_words(predicted):
-        return _plain(gold) == _plain(predicted)  # words: math-verify would compare one of their numbers
+    if has_words(gold) or has_words(predicted) or any(_SEVERAL_NUMBERS.fullmatch(strip_units(side))
+                                                      for side in (gold, predicted)):
+        return _plain(gold) == _plain(predicted)  # words, several numbers: math-verify would compare one of them
     from math_verify import verify
 
     _, verify_kwargs = _math_verify_kwargs()

@@ -71,6 +71,13 @@ class PolicyLossConfig:
                               only_with="loss.aggregation=sequence_sum_norm", why="its constant normaliser")
 
 
+# ρ = exp(log ρ) overflows float32 past log ρ ≈ 88.7 (an old log-prob near -90, several updates per step): the
+# taken clipped term then got a NaN gradient (0 * inf through exp) and a negative advantage an infinite loss. ρ is
+# computed from log ρ clamped at 20 (as verl does): far outside any clip range, where a positive advantage gets no
+# gradient anyway and a negative one a bounded loss without the token's (e^20-scaled) gradient.
+MAX_LOG_RATIO = 20.0
+
+
 def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(π ‖ π_ref) from samples of π: exp(d) − d − 1 with d = logp_ref − logp."""
     d = logp_ref - logp
@@ -115,7 +122,7 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
     # so no inf / NaN appears in the forward pass nor (as 0 * NaN) in the backward pass.
     logp_new = torch.where(mask, logp_new, 0.0)
     log_ratio = logp_new - torch.where(mask, logp_old.detach(), 0.0)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(max=MAX_LOG_RATIO))
     adv = advantages.detach().to(ratio.dtype)[:, None]
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high) * adv

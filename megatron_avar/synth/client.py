@@ -215,8 +215,12 @@ class ChatClient:
     """
 
     def __init__(self, stage: str, teacher: TeacherConfig, client: ClientConfig, cache: RequestCache,
-                 prompt_version: str, stats: ClientStats | None = None, *, config_key: str | None = None):
+                 prompt_version: str, stats: ClientStats | None = None, *, config_key: str | None = None,
+                 url_in_cache_key: bool = False):
         self.stage, self.teacher, self.client, self.cache = stage, teacher, client, cache
+        # The synthesis leaves the URL out (per-node servers of one model share a cache); the answer judge keeps it
+        # in, since its scores name the URL as part of the judge.
+        self.url_in_cache_key = url_in_cache_key
         self.prompt_version = prompt_version
         self.config_key = config_key or f"{stage}.teacher"
         self.stats = stats if stats is not None else ClientStats()
@@ -239,7 +243,8 @@ class ChatClient:
 
     def chat(self, messages: list[dict], *, candidate: int = 0, attempt: int = 0) -> ChatResult:
         body = self._body(messages, candidate, attempt)
-        key = RequestCache.key(prompt_version=self.prompt_version, stage=self.stage, body=body)
+        fields = {"url": self._url} if self.url_in_cache_key else {}
+        key = RequestCache.key(prompt_version=self.prompt_version, stage=self.stage, body=body, **fields)
         entry = self.cache.get(self.stage, key)
         if entry is not None:
             self.stats.add(cache_hits=1, usage_unknown=int(bool(entry.get("usage_unknown"))))

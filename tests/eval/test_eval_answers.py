@@ -31,6 +31,8 @@ def test_harness_rule(response, text, source):
     ("The answer is B", "B"),
     # The letter is not in the last 4 tokens (#1175).
     ("B is right because the figure shows four equal sides and right angles", None),
+    # found in review: VLMEvalKit checks the letter's first occurrence, not any (splits.index(ch) > len - 5)
+    ("B might look right at first glance, so let me check again: B", None),
     ("It must be the square", "B"),  # exactly one option text inside
     ("a square or a circle", None),  # two option texts
     ("Z", None),  # Z only counts when the choices carry a Z option
@@ -97,6 +99,9 @@ def test_to_number_evaluates_latex_like_sympy():
     # unit words after an expression, as after a number
     ("\\frac{1}{2}", "\\frac{1}{2} units", True), ("3\\pi", "3\\pi square units", True),
     ("2\\sqrt{3}", "2\\sqrt{3} cm", True),
+    # found in review: a \\text{} unit was deleted and its exponent left ("12 ^2" = 144), its words too ("2 3" = 5)
+    ("12", "12 \\text{ cm}^2", True), ("144", "12 \\text{ cm}^2", False), ("12", "12 \\mathrm{cm}^{2}", True),
+    ("12", "12\\ \\text{cm}^2", True), ("5", "2 \\text{ and } 3", False), ("7", "3 4", False),
 ])
 def test_math_equal(gold, predicted, equal):
     assert math_equal(gold, predicted) is equal

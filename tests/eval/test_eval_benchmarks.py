@@ -232,3 +232,14 @@ def test_benchmark_images_decode_only_as_photo_and_figure_formats(eval_data_root
             _samples(name, root)
         assert not ran.exists(), (name, root)
     assert len(_samples("mathvista", tmp_path / "shards", limit=1)) == 1  # the rows before it read as before
+
+
+@pytest.mark.parametrize("gold, response, correct", [
+    # found in review: a one-character answer matched inside any word; MMMU's normalize_str pads it with a blank
+    ("c", "The answer is acceleration.", False), ("x", "The final result is the maximum value.", False),
+    ("c", "The answer is c.", True), ("C", "So the answer is c because of the graph", True),
+    ("iron", "The metal is Iron.", True), ("24", "The sum is 124.", False), ("24", "It is 24.", True),
+])
+def test_mmmu_open_answers_follow_the_official_normalisation(gold, response, correct):
+    target = {"answer": gold, "options": [], "open": True, "subject": "Math"}
+    assert get_benchmark("mmmu").evaluate(response, target)["correct"] is correct

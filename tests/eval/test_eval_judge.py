@@ -184,9 +184,8 @@ def test_judge_failures_past_the_share_exit_non_zero(judge, tmp_path, eval_data_
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"  # bound, not listening: connection refused
-        # its own cache: the URL is not part of a cache key, so the shared one would answer for the dead server
-        lenient = judge_yaml(tmp_path, dead, "dead.yaml", str(tmp_path / "dead_cache"), max_failed_share=1.0,
-                             max_retries=0)
+        # the folder's cache: the URL is part of a judge's cache keys, so it answers nothing for the dead server
+        lenient = judge_yaml(tmp_path, dead, "dead.yaml", max_failed_share=1.0, max_retries=0)
         assert main(eval_argv(tmp_path, eval_data_root, lenient, "--score-only")) == 2
     err = capsys.readouterr().err
     assert (f"nothing answers at {dead}/chat/completions (URLError([Errno 111] Connection refused), 1 attempt, no "
@@ -243,7 +242,7 @@ def test_judging_some_benchmarks_judges_only_those_and_keeps_the_others_scores(j
     # another judge (another URL): mathvista's and mmstar's judge-x results are not reported as its own
     capsys.readouterr()
     with FakeJudge(api_key=SECRET) as other:
-        elsewhere = judge_yaml(tmp_path, other.base_url, "other.yaml", str(tmp_path / "other_cache"))
+        elsewhere = judge_yaml(tmp_path, other.base_url, "other.yaml")
         assert main([*score_only, "--benchmarks", "mathverse_vo", "--judge", str(elsewhere)]) == 0
         assert {r["question"] for r in other.requests()} == JUDGED & {RESPONSES[key] for key in RESPONSES
                                                                       if key[0] == "mathverse_vo"}
@@ -251,6 +250,12 @@ def test_judging_some_benchmarks_judges_only_those_and_keeps_the_others_scores(j
     assert scores["mathvista"] == before["benchmarks"]["mathvista"] and "with_judge" in scores["mathverse_vo"]
     assert "mathvista: its rule+judge score came from another judge ('judge-x') than this run's" in \
         capsys.readouterr().err
+    # nor does the folder's cache answer for it (found in review: the URL was left out of the cache key, so a server
+    # serving another model under the same name got judge-x's cached replies, while the scores named its URL)
+    with FakeJudge(api_key=SECRET) as third:
+        assert main([*score_only, "--benchmarks", "mathvista", "--judge",
+                     str(judge_yaml(tmp_path, third.base_url, "third.yaml"))]) == 0
+        assert {r["question"] for r in third.requests()} == JUDGED & mathvista
 
 
 def test_judge_config_keeps_keys_out_of_the_file(tmp_path, monkeypatch):

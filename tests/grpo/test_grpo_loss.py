@@ -105,6 +105,22 @@ def test_padding_values_are_ignored_and_micro_batches_add_up():
     assert sum(parts).item() == pytest.approx(full.item(), rel=1e-12)
 
 
+def test_a_ratio_past_float32_range_gives_a_finite_loss_and_gradient():
+    """Found in review: log ρ = 94.5 (an old log-prob of -95) overflowed exp: with A > 0 the clipped term's gradient
+    was NaN (0 * inf), with A < 0 the loss was inf; the run stopped blaming the learning rate."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    old = torch.tensor([[-95.0, -1.0]])
+    for advantage, grad_of_the_clipped_token in ((1.0, 0.0), (-1.0, 0.0)):
+        new = torch.tensor([[-0.5, -1.0]], requires_grad=True)
+        loss, metrics = policy_loss(new, old, torch.tensor([advantage]), mask, PolicyLossConfig())
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(new.grad).all() and torch.isfinite(metrics["ratio_max"])
+        assert new.grad[0, 0] == grad_of_the_clipped_token and new.grad[0, 1] == -advantage / 2
+    new = torch.tensor([[-80.0, -1.0]], requires_grad=True)  # log ρ = 15: below the clamp, nothing changes
+    loss, _ = policy_loss(new, old, torch.tensor([-1.0]), mask, PolicyLossConfig())
+    assert loss.item() == pytest.approx((math.exp(15.0) + 1.0) / 2)
+
+
 def test_bad_inputs_are_named():
     logp_new, logp_old, logp_ref, mask, adv = _tensors()
     with pytest.raises(ValueError, match="needs logp_ref"):

@@ -121,9 +121,17 @@ def parse_open(response: str) -> list[str]:
     return kept + [n for k in kept for n in numbers_in(k)]
 
 
+def _text_forms(text: str) -> list[str]:
+    """MMMU's ``normalize_str`` of a text: stripped and lowercased; a single character padded with a blank on
+    either side, so that a one-letter answer is not found inside a word ("c" in "acceleration")."""
+    text = text.strip().lower()
+    return [f" {text}", f"{text} "] if len(text) == 1 else [text]
+
+
 def open_correct(gold: str, candidates: list[str]) -> bool:
     """MMMU's official open-question rule: a numeric gold answer equals a candidate's number when both are
-    rounded to 2 decimals; any other gold answer is a (lowercased) substring of a candidate."""
+    rounded to 2 decimals; any other gold answer is a substring of a candidate, both normalised by
+    :func:`_text_forms`."""
     golds = parse_options(gold) if gold.strip().startswith("[") else [gold]
     for answer in golds:
         gold_number = to_number(answer)
@@ -132,7 +140,7 @@ def open_correct(gold: str, candidates: list[str]) -> bool:
                 value = to_number(candidate)
                 if value is not None and math.isfinite(value) and round(value, 2) == round(gold_number, 2):
                     return True
-            elif answer.strip().lower() in candidate.lower():
+            elif any(form in text for form in _text_forms(answer) for text in _text_forms(candidate)):
                 return True
     return False
 
