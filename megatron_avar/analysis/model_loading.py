@@ -10,17 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from megatron_avar.models.hf_inference import DTYPES
 
-__all__ = ["check_hf_checkpoint", "checkpoint_identity", "load_hf_model", "resolve_device",
+__all__ = ["check_hf_checkpoint", "checkpoint_identity", "weights_differ", "load_hf_model", "resolve_device",
            "DTYPES"]
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
-_HEAD_BYTES = 16 << 20  # the first shard's first 16 MiB (safetensors header + leading tensors) identify the weights
+_CHUNK = 8 << 20  # bytes hashed at a time
+_HASH_THREADS = 8  # shards hashed at once: enough to keep a parallel file system busy
+_LEGACY_HEAD_BYTES = 16 << 20  # what identities before content hashes hashed of the first shard
 
 
 def check_hf_checkpoint(path: str | Path) -> Path:
@@ -64,7 +67,7 @@ def _sha256(path: Path, limit: int | None = None) -> str:
     with open(path, "rb") as handle:
         remaining = limit
         while remaining is None or remaining > 0:
-            chunk = handle.read(1 << 20 if remaining is None else min(1 << 20, remaining))
+            chunk = handle.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
             if not chunk:
                 break
             digest.update(chunk)
@@ -73,20 +76,90 @@ def _sha256(path: Path, limit: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def checkpoint_identity(path: str | Path) -> dict:
-    """What identifies the weights a report was computed on: the resolved path, sha256 of config.json and of
-    the safetensors index (if any), every shard's name / size / mtime, and the sha256 of the first shard's
-    first 16 MiB (its header, which lists every tensor with its offsets, and the leading tensor bytes)."""
+def _file_stat(path: Path) -> list[int]:
+    """What a rewrite, a copy or a replacement of a file changes: device, inode, size, mtime and ctime (ns). ctime
+    cannot be set back (``touch -d``, ``cp -p`` set mtime only), so a file with the same stat holds the same bytes."""
+    info = path.stat()
+    return [info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def _shard_record(path: Path, known: dict[tuple[str, tuple], str]) -> dict:
+    """{name, bytes, sha256 of the whole file, stat}: the sha256 is taken from ``known`` ((name, stat) -> sha256)
+    while the file's stat is unchanged, else read. A file that changed while it was read gets no stat (never
+    reused)."""
+    before = _file_stat(path)
+    digest = known.get((path.name, tuple(before))) or _sha256(path)
+    return dict(name=path.name, bytes=before[2], sha256=digest, stat=before if _file_stat(path) == before else None)
+
+
+def checkpoint_identity(path: str | Path, *, known: dict | None = None) -> dict:
+    """What identifies the weights a result was computed on: the resolved path, sha256 of config.json and of the
+    safetensors index (if any), and every shard's name, size and sha256 of its whole content, with
+    ``weights_sha256`` over all of them. Content, not modification times: a copy of the same weights (``cp``
+    without ``-p``, staging to node-local disk, a new LFS pull) is the same model, and a fine-tune written over
+    them is another also where it left the first shard's header and leading tensors as they were (a hash of the
+    first 16 MiB, as recorded before, covers ~2,300 rows of the 7B embedding table, which a fine-tune may freeze).
+
+    Reading every byte costs about one more load of the model: sha256 runs at ~1-2 GB/s per core and the shards
+    are hashed in parallel, so 7B (~17 GB) takes ~5-15 s, 72B (~146 GB) ~1-3 min depending on the file system.
+    ``known``: an earlier identity of these files (e.g. the one an `avar eval` folder recorded); a shard whose
+    ``stat`` (device, inode, size, mtime, ctime) is unchanged since keeps its sha256 without being read again, so a
+    resume in place costs nothing and a re-copied file is read once."""
     path = Path(path).resolve()
     shards = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
+    reusable = {}
+    for shard in (known or {}).get("shards") or []:
+        if isinstance(shard, dict) and isinstance(shard.get("stat"), list) and isinstance(shard.get("sha256"), str):
+            reusable[(shard.get("name"), tuple(shard["stat"]))] = shard["sha256"]
+    with ThreadPoolExecutor(max_workers=max(1, min(_HASH_THREADS, len(shards)))) as pool:  # (hashlib frees the GIL)
+        records = list(pool.map(lambda shard: _shard_record(shard, reusable), shards))
+    weights = hashlib.sha256("".join(f"{r['name']} {r['sha256']}\n" for r in records).encode()).hexdigest()
     return dict(
         path=str(path),
         config_sha256=_sha256(path / "config.json"),
         index_sha256=_sha256(index) if index.is_file() else None,
-        shards=[dict(name=s.name, bytes=s.stat().st_size, mtime=s.stat().st_mtime) for s in shards],
-        first_shard_head_sha256=_sha256(shards[0], _HEAD_BYTES) if shards else None,
+        shards=records,
+        weights_sha256=weights,
     )
+
+
+def _legacy_mismatch(recorded: dict, path: Path) -> str | None:
+    """`weights_differ` for an identity recorded before content hashes (shards by name, size and mtime, and the
+    sha256 of the first shard's first 16 MiB), compared as it was then: that hash does not tell a fine-tune from
+    its base, so a shard whose mtime changed is not taken for a copy."""
+    shards = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    head = _sha256(shards[0], _LEGACY_HEAD_BYTES) if shards else None
+    same_files = [(s.get("name"), s.get("bytes")) for s in recorded.get("shards") or [] if isinstance(s, dict)] \
+        == [(s.name, s.stat().st_size) for s in shards]
+    if (recorded.get("path"), recorded.get("config_sha256"), recorded.get("index_sha256"),
+            recorded.get("first_shard_head_sha256"), same_files) != \
+            (str(path), _sha256(path / "config.json"), _sha256(index) if index.is_file() else None, head, True):
+        return "their content differs"
+    times = {s["name"]: s.get("mtime") for s in recorded["shards"]}
+    # (1 µs: the float seconds recorded do not round-trip every nanosecond through `touch -d @T`)
+    moved = [s for s in shards if not isinstance(times[s.name], (int, float))
+             or abs(s.stat().st_mtime - times[s.name]) > 1e-6]
+    if not moved:
+        return None
+    return (f"recorded by size and mtime, before weights were identified by content, and {len(moved)} shard(s) "
+            "have another mtime: a copy, or a fine-tune of the same size, which that record cannot tell apart. If "
+            f"these are the very weights, give them back the recorded times (`touch -d @{times[moved[0].name]} "
+            f"{moved[0]}`, each shard as run_config.json lists) and rerun")
+
+
+_CONTENT_KEYS = ("config_sha256", "index_sha256", "weights_sha256")
+
+
+def weights_differ(recorded: dict, current: dict) -> str | None:
+    """Why the weights of identity ``recorded`` are not those of ``current`` (both `checkpoint_identity`; None:
+    the same): compared by content, not by where the files are or their ``stat``. An identity recorded before
+    content hashes (no ``weights_sha256``) is compared as it was then (`_legacy_mismatch`)."""
+    if "weights_sha256" not in recorded:
+        return _legacy_mismatch(recorded, Path(current["path"]))
+    same = all(recorded.get(key) == current.get(key) for key in _CONTENT_KEYS)
+    return None if same else "their content differs"
 
 
 def resolve_device(device: str) -> str:

@@ -84,11 +84,18 @@ def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, wha
 _SHARD_RUN_KEYS = ("data", "num_samples", "layers", "dtype", "impl")  # compared as compare.run_setting resolves them
 
 
-def _weights_identity(report: dict) -> dict:
-    """The checkpoint record of a report without what a copy or a touch changes (shard modification times)."""
-    checkpoint = dict(report["checkpoint"])
-    checkpoint["shards"] = [(s["name"], s["bytes"]) for s in checkpoint.get("shards", [])]
-    return checkpoint
+def _same_weights(report: dict, other: dict) -> bool:
+    """Whether two reports were computed on the same weights: by content (`model_loading.weights_differ`), wherever
+    each shard job read them from; reports from before content hashes by their records without what a copy or a
+    touch changes (shard modification times)."""
+    from megatron_avar.analysis.model_loading import weights_differ
+
+    a, b = report["checkpoint"], other["checkpoint"]
+    if "weights_sha256" in a and "weights_sha256" in b:
+        return weights_differ(a, b) is None
+    strip = lambda checkpoint: {**checkpoint, "shards": [(s["name"], s["bytes"])  # noqa: E731
+                                                         for s in checkpoint.get("shards", [])]}
+    return strip(a) == strip(b)
 
 
 def _check_shard_set(paths: Sequence[str], reports: list[dict]) -> None:
@@ -121,7 +128,7 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
     for path, report in zip(paths, reports):
         if "accumulator_state" not in report:
             raise ValueError(f"{path}: the report has no accumulator_state (written by an older avar vas); rerun it")
-        if _weights_identity(report) != _weights_identity(reports[0]):
+        if not _same_weights(report, reports[0]):
             raise ValueError(f"{path} comes from another checkpoint than {paths[0]} (checkpoint records differ); merge "
                              "shards of one run only")
         differ = [key for key in _SHARD_RUN_KEYS

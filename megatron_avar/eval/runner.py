@@ -1,13 +1,15 @@
 """The evaluation loop: generate per benchmark, append predictions as they come, score from the files.
 
 Output folder (``--out``):
-    run_config.json              model, generation config, benchmarks (a rerun must match it); a folder holding
+    run_config.json              model, its weights by content, generation config (a rerun must match them), and
+                                 per benchmark the widest ``--limit`` of the runs that generated it; a folder holding
                                  eval's other outputs without it is not eval's and is refused (`run_folder`)
     predictions/<benchmark>.jsonl one line per sample: id, prompt (text, ``<image>`` marks), response, target,
                                  and the judgement at write time (answer_source, extracted, correct); with
                                  ``--judge``, a judged sample also its ``judge`` field (`megatron_avar.eval.judge`)
-    predictions/<benchmark>.done.json  written when the run (or shard) generating that file has finished it: the
-                                 benchmark's sample count under that run's limit (never narrowed by a later run)
+    predictions/<benchmark>.done.json  written when the run (or shard) generating that file has finished: every
+                                 sample of its share has a prediction there or in another file of the benchmark;
+                                 the benchmark's sample count under that run's limit (never narrowed by a later run)
     predictions/<benchmark>.samples.json  a digest of each sample the predictions were made from, in data order: a
                                  resume reading other data is refused (`run_folder.SampleRecord`)
     scores.json                  per-benchmark summaries (headline ``score``, failure rates, breakdowns; with
@@ -15,11 +17,12 @@ Output folder (``--out``):
     results.md                   the results table with the paper's rows (see `megatron_avar.eval.report`)
     judge_cache/                 with ``--judge``: every judge reply, as it arrives (unless cache_dir says elsewhere)
 
-Resuming: samples whose id is already in the predictions file are skipped, so an interrupted run continues
-where it stopped (a half-written last line is dropped). One process at a time generates into a predictions file
+Resuming: samples whose id is already in a predictions file of the benchmark are skipped (under any sharding: the
+folder's files share model and settings), so an interrupted run continues where it stopped (a half-written last line
+is dropped), and scoring reads each sample once. One process at a time generates into a predictions file
 (`run_folder.holding_eval_lock`; each shard has its own). Scoring refuses a benchmark whose generation has not
-finished — no run has finished the folder's samples (its largest ``limit``), or the files hold fewer predictions
-than those samples (a shard still running, stopped, or never run) — unless asked to score the part
+finished — no run has finished its samples (under the widest ``limit`` of its runs), or the files hold fewer
+predictions than those samples (a shard still running, stopped, or never run) — unless asked to score the part
 (``--allow-partial``; the scores then say so). Scoring only reads: it never repairs a file a shard may be
 writing. Scores are always recomputed from the stored responses of the whole file, so scoring the same file twice
 gives the same numbers, and a rule change re-scores old runs without generating again.
@@ -38,6 +41,7 @@ they were, judge results included, and are never sent to the judge (`score_run`)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -57,7 +61,7 @@ from megatron_avar.eval.generation import (
 )
 from megatron_avar.eval.judge import AnswerJudge, JudgeConfig, load_judge_config
 from megatron_avar.eval.run_folder import SampleRecord, check_eval_folder, holding_eval_lock, read_json, read_run_config
-from megatron_avar.eval.vas import benchmark_vas, read_vas, write_vas
+from megatron_avar.eval.vas import benchmark_vas, read_vas, vas_path, write_vas
 
 __all__ = ["EvalConfig", "run_eval", "score_run", "read_predictions", "predictions_path", "prediction_files",
            "folder_benchmarks"]
@@ -198,9 +202,10 @@ def _covers(limit: int | None, required: int | None) -> bool:
 
 
 def _record_finished(path: Path, samples: int, limit: int | None) -> None:
-    """Record that a run with ``limit`` has generated every sample of its share into ``path`` (``samples``: the
-    benchmark's samples under that limit); a record covering more samples stays (a shorter rerun narrows
-    nothing). The predictions reach the disk before the record does."""
+    """Record that a run with ``limit`` writing ``path`` has finished: every sample of its share has a prediction
+    there or in another file of the benchmark (``samples``: the benchmark's samples under that limit); a record
+    covering more samples stays (a shorter rerun narrows nothing). The predictions reach the disk before the record
+    does."""
     if path.is_file():
         atomic_files.fsync_file(path)
     previous = _read_done(path)
@@ -209,22 +214,50 @@ def _record_finished(path: Path, samples: int, limit: int | None) -> None:
     atomic_files.write_json(_done_path(path), {"samples": samples, "limit": limit})
 
 
-def _unfinished(out: Path, files: list[Path], predicted: int) -> str | None:
-    """What is unfinished about a benchmark's predictions ``files`` (``predicted`` distinct samples in all), or None
-    when its generation has finished: a run whose limit covers the folder's (run_config.json's, the largest of its
-    runs) has finished, and the files hold all of that run's samples. Leftover files of an unfinished run (another
-    sharding, say) do not matter once the others hold every sample. A folder from before these records is not
-    checked (run_config.json without ``records_completion``)."""
+def _wider(limit: int | None, other: int | None) -> int | None:
+    """The wider of two ``--limit`` values (None: every sample)."""
+    return None if limit is None or other is None else max(limit, other)
+
+
+def _holds_results(out: Path, name: str) -> bool:
+    """Whether ``out`` holds predictions (or a VAS) of benchmark ``name``."""
+    return bool(prediction_files(out, name)) or vas_path(out, name).is_file()
+
+
+def _recorded_limits(run_config: dict | None, out: Path) -> dict[str, int | None]:
+    """benchmark -> the ``--limit`` its predictions in ``out`` are of: the widest of the runs that generated it
+    (None: every sample). A folder from before per-benchmark limits recorded one ``limit`` for all its benchmarks."""
+    if run_config is None:
+        return {}
+    if "limits" in run_config:
+        return dict(run_config["limits"])
+    return {name: run_config.get("limit") for name in BENCHMARKS if _holds_results(out, name)}
+
+
+def _finish_command(limit: int | None) -> str:
+    return "`avar eval` without --limit" if limit is None else f"`avar eval --limit {limit}`"
+
+
+def _unfinished(out: Path, name: str, files: list[Path], predicted: int) -> str | None:
+    """What is unfinished about the predictions ``files`` of benchmark ``name`` (``predicted`` distinct samples in
+    all), or None when its generation has finished: a run whose limit covers the benchmark's (run_config.json's
+    ``limits``: the widest of its runs) has finished, and the files hold all of that run's samples. Leftover files
+    of an unfinished run (another sharding, say) do not matter once the others hold every sample. A folder from
+    before these records is not checked (run_config.json without ``records_completion``)."""
     run_config = read_run_config(out)
     if run_config is None or not run_config.get("records_completion"):
         return None
-    required = run_config.get("limit")
-    records = [record for record in map(_read_done, files) if record is not None]
+    # (a benchmark missing from ``limits`` has no record of its runs: it must hold every sample)
+    required = _recorded_limits(run_config, out).get(name)
+    folder = out / "predictions"
+    done_files = sorted([*folder.glob(f"{name}.done.json"), *folder.glob(f"{name}.shard-*-of-*.done.json")])
+    # (every record: a run that found its share in the other files has finished without a file of its own)
+    records = [record for path in done_files if (record := _read_done(path.with_suffix("").with_suffix(".jsonl")))]
     covering = [record["samples"] for record in records if _covers(record.get("limit"), required)]
     if not covering:
         wanted = "all its samples" if required is None else f"its first {required} samples"
         return (f"no run has finished generating {wanted} ({', '.join(path.name for path in files)}: a run still "
-                "generating, or one that stopped)")
+                f"generating, or one that stopped; {_finish_command(required)} finishes it)")
     if predicted < max(covering):
         return (f"{predicted} of its {max(covering)} samples have predictions (a shard still running, stopped, or "
                 "never run)")
@@ -240,7 +273,7 @@ def folder_benchmarks(out: Path, *, allow_partial: bool = False) -> tuple[list[s
         if not files:
             continue
         predicted = len({key for path in files for key in read_predictions(path, repair=False)})
-        unfinished = None if allow_partial else _unfinished(out, files, predicted)
+        unfinished = None if allow_partial else _unfinished(out, name, files, predicted)
         if unfinished is None:
             chosen.append(name)
         else:
@@ -248,61 +281,69 @@ def folder_benchmarks(out: Path, *, allow_partial: bool = False) -> tuple[list[s
     return chosen, notes
 
 
-def _check_run_config(out: Path, config: EvalConfig) -> Callable[[], None]:
+def _check_run_config(out: Path, config: EvalConfig) -> Callable[[str], None]:
     """Record the run's model and generation settings; refuse to mix different ones in one folder. The recorded
-    ``limit`` is what the folder holds: the largest limit of its runs, None once one ran every sample. Returns the
-    function that widens it to this run's: called before the run writes its first prediction or completion record,
-    so that a run refused before (other data under --data-root, a model that does not load) leaves the folder's
-    limit as it was, and its finished benchmarks finished."""
+    ``limits`` say what the folder holds of each benchmark: the widest limit of the runs that generated it, None once
+    one ran every sample. Returns the function that widens a benchmark's to this run's: called before the run writes
+    its first prediction or completion record of that benchmark, so that a run refused before (other data under
+    --data-root, a model that does not load) leaves the folder's limits as they were, and its benchmarks finished."""
+    from megatron_avar.analysis.model_loading import checkpoint_identity, weights_differ
+
     path = out / "run_config.json"
     # batch_size may change between greedy runs: greedy outputs do not depend on it (tested); sampled ones do.
     # max_model_len changes no response (a prompt that does not fit with max_new_tokens is refused, not cut)
     generation = {k: v for k, v in config.generation.to_dict().items()
                   if (k != "batch_size" or config.generation.do_sample) and k != "max_model_len"}
-    from megatron_avar.analysis.model_loading import checkpoint_identity
-
-    # the folder (however its path is spelt) and its weights: a folder whose weights were replaced is another model
-    assert config.model is not None  # (run_eval checked it)
-    current = {"model": str(config.model), "weights": checkpoint_identity(config.model), "generation": generation,
-               "mathvision_split": config.mathvision_split}
-    limit = config.limit
-    # a run that stopped before its first prediction (a bad backend, a missing model) holds nothing to mix
-    holds_results = any((out / "predictions").glob("*.jsonl")) or any((out / "vas").glob("*.json"))
     previous = read_run_config(out)
-    if previous is not None and holds_results:
-        # scoring reads every stored record: the folder holds the first max(limits) samples (all after a full run)
-        limit = None if limit is None or previous.get("limit", limit) is None else max(limit, previous["limit"])
-        same = {"model": lambda old, new: Path(str(old)).resolve() == Path(new).resolve(),
-                "weights": lambda old, new: old is None or old == new,  # (None: recorded before weights were)
+    recorded_weights = previous.get("weights") if previous is not None else None
+    recorded_weights = recorded_weights if isinstance(recorded_weights, dict) else None
+    # the folder (however its path is spelt) and its weights, by content: a folder whose weights were replaced is
+    # another model, a copy of them the same (the recorded hashes of files unchanged since are not read again)
+    assert config.model is not None  # (run_eval checked it)
+    current = {"model": str(config.model), "weights": checkpoint_identity(config.model, known=recorded_weights),
+               "generation": generation, "mathvision_split": config.mathvision_split}
+    # a run that stopped before its first prediction (a bad backend, a missing model) holds nothing to mix
+    holding = {name for name in BENCHMARKS if _holds_results(out, name)}
+    if previous is not None and holding:
+        weights_gap = None if recorded_weights is None else weights_differ(recorded_weights, current["weights"])
+        # the model folder by path, or anywhere once the weights are known by content (staged per Slurm task)
+        by_content = recorded_weights is not None and "weights_sha256" in recorded_weights and weights_gap is None
+        same = {"model": lambda old, new: by_content or Path(str(old)).resolve() == Path(new).resolve(),
+                "weights": lambda old, new: weights_gap is None,  # (None recorded: before weights were)
                 # a setting the run did not use (a greedy run's temperature, recorded before those were refused)
                 "generation": lambda old, new: applied_settings(old or {}) == applied_settings(new)}
         mismatched = [k for k in current if not same.get(k, lambda old, new: old == new)(previous.get(k), current[k])]
         if mismatched:
+            why = "" if weights_gap is None else f": {weights_gap}"
             raise ValueError(
-                f"{out} holds predictions made with different {', '.join(mismatched)} ({path}); resuming would "
+                f"{out} holds predictions made with different {', '.join(mismatched)} ({path}{why}); resuming would "
                 f"mix them. Use another --out, or delete {out} to start over")
         if not previous.get("records_completion"):  # a folder from before the records: its files stay unchecked
             for predictions in (out / "predictions").glob("*.jsonl"):
                 if not _done_path(predictions).exists():
                     atomic_files.write_json(_done_path(predictions), {"samples": 0, "limit": previous.get("limit"),
                                                                       "recorded": "before completion records"})
-    # atomic: shards of one run write this file concurrently (with the same content). records_completion: each
-    # predictions file has its .done.json once generated (a folder written before that is scored unchecked)
-    held = limit if previous is None or not holds_results else previous.get("limit", limit)
-    atomic_files.write_json(path, {**current, "limit": held, "records_completion": True})
+    # scoring reads every stored record: a benchmark's limit is the widest of the runs that generated it. A
+    # benchmark without results takes this run's at once; one with results keeps its own until widen() is called.
+    held = {**_recorded_limits(previous if holding else None, out),
+            **{name: config.limit for name in config.benchmarks if name not in holding}}
 
-    widened = held == limit
+    def write(limits: dict[str, int | None]) -> None:
+        # atomic: shards of one run write this file concurrently (with the same content). records_completion: each
+        # predictions file has its .done.json once generated (a folder written before that is scored unchecked)
+        atomic_files.write_json(path, {**current, "limits": limits, "records_completion": True})
 
-    def widen_limit() -> None:
-        nonlocal widened
-        if widened:
+    write(held)
+    widened = {name for name in config.benchmarks if name in held and _wider(held[name], config.limit) == held[name]}
+
+    def widen(name: str) -> None:
+        if name in widened:
             return
-        recorded = (read_run_config(out) or {}).get("limit", held)  # (a shard may have widened it meanwhile)
-        wider = None if limit is None or recorded is None else max(limit, recorded)
-        atomic_files.write_json(path, {**current, "limit": wider, "records_completion": True})
-        widened = True
+        limits = _recorded_limits(read_run_config(out), out)  # (a shard may have widened one meanwhile)
+        write({**limits, name: _wider(limits.get(name, config.limit), config.limit)})
+        widened.add(name)
 
-    return widen_limit
+    return widen
 
 
 def _data_source(config: EvalConfig) -> str:
@@ -317,11 +358,22 @@ def _in_shard(position: int, config: EvalConfig) -> bool:
     return position % config.num_shards == config.shard_index
 
 
+def _predicted_ids(out: Path, name: str, path: Path, *, repair: bool) -> set[str]:
+    """The samples of benchmark ``name`` with a prediction in any of its files in ``out``: this run's ``path``
+    (repaired with ``repair``) and those of other shardings, which were made with the same model and settings
+    (`_check_run_config`) and are only read (a shard may be appending to one)."""
+    done = set(read_predictions(path, repair=repair))
+    for other in prediction_files(out, name):
+        if other != path:
+            done.update(read_predictions(other, repair=False))
+    return done
+
+
 def _samples_to_generate(config: EvalConfig, out: Path) -> Iterator[tuple[str, Sample]]:
     """(benchmark name, sample) for each sample this run generates: in its shard, without a prediction yet. (Reads
     the data; the predictions files only.)"""
     for name in config.benchmarks:
-        done = read_predictions(predictions_path(out, name, config), repair=False)
+        done = _predicted_ids(out, name, predictions_path(out, name, config), repair=False)
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         for position, sample in enumerate(benchmark.samples(config.data_root, allow_hub=config.allow_hub,
                                                             limit=config.limit)):
@@ -344,15 +396,16 @@ def _generation_settings(config: EvalConfig, out: Path) -> GenerationConfig:
 
 def _generate_benchmark(benchmark, config: EvalConfig, get_generator, path: Path, widen_limit: Callable[[], None]
                         ) -> tuple[int, tuple[str, Exception] | None]:
-    """Generate the samples of one benchmark that the predictions file lacks, then record that the file is finished
-    (``_record_finished``); returns (how many were generated, the first (sample id, error) the rules failed on or
-    None: every response is kept, and the failure reported once everything is generated). Every sample read is
-    compared with those the folder's predictions were made from (``run_folder.SampleRecord``) before it is
-    generated, and the record covers every sample before its prediction is appended. ``widen_limit``: from
+    """Generate the samples of one benchmark in this run's shard that no predictions file of the folder holds (a
+    resume under another sharding keeps what the others generated) into ``path``, then record that the run is
+    finished (``_record_finished``); returns (how many were generated, the first (sample id, error) the rules
+    failed on or None: every response is kept, and the failure reported once everything is generated). Every
+    sample read is compared with those the folder's predictions were made from (``run_folder.SampleRecord``) before
+    it is generated, and the record covers every sample before its prediction is appended. ``widen_limit``: from
     ``_check_run_config``, called before anything is written."""
     from tqdm import tqdm
 
-    done = read_predictions(path)
+    done = _predicted_ids(path.parent.parent, benchmark.name, path, repair=True)
     data_record = SampleRecord(path.parent / f"{benchmark.name}.samples.json", benchmark.name, _data_source(config))
     seen: set[str] = set()
     chunk_size = _VLLM_CHUNK if config.generation.backend == "vllm" else config.generation.batch_size
@@ -494,7 +547,7 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
     read = {}
     for name in benchmarks:
         files, records, home = _read_benchmark(out, name)
-        read[name] = files, records, home, _unfinished(out, list(files), len(records))
+        read[name] = files, records, home, _unfinished(out, name, list(files), len(records))
     unfinished = {name: gap for name, (*_, gap) in read.items() if gap is not None}
     if unfinished and not allow_partial:
         raise ValueError(f"generation has not finished in {out / 'predictions'}: "
@@ -526,7 +579,11 @@ def score_run(out: Path, benchmarks: tuple[str, ...], *, mathvision_split: str =
             summaries[name] = _kept_summary(out, name, mathvision_split, previous, described)
     if described is None and any("with_judge" in summary for summary in summaries.values()):
         described = previous["judge"]  # (a kept judged summary: _kept_summary checked that scores.json names it)
-    scores = write_report(out, summaries, read_run_config(out) or {}, judge=described)
+    run_config = read_run_config(out) or {}
+    # the table's "first N samples" note: the widest limit of a scored benchmark that does not hold every sample
+    limited = [limit for name, limit in _recorded_limits(run_config, out).items()
+               if name in summaries and limit is not None]
+    scores = write_report(out, summaries, {**run_config, "limit": max(limited, default=None)}, judge=described)
     if answer_judge is not None:
         answer_judge.check_failures()
     return scores
@@ -552,7 +609,7 @@ def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dic
     """The body of :func:`run_eval` once ``out`` is checked and this run's predictions files are locked."""
     assert config.model is not None  # (run_eval checked it)
     model_dir = config.model
-    widen_limit = _check_run_config(out, config)
+    widen = _check_run_config(out, config)
     (out / "predictions").mkdir(exist_ok=True)
     generator = None
 
@@ -566,7 +623,7 @@ def _run_locked(config: EvalConfig, out: Path, judge: JudgeConfig | None) -> dic
     for name in config.benchmarks:
         benchmark = get_benchmark(name, mathvision_split=config.mathvision_split)
         path = predictions_path(out, name, config)
-        written, failed = _generate_benchmark(benchmark, config, get_generator, path, widen_limit)
+        written, failed = _generate_benchmark(benchmark, config, get_generator, path, functools.partial(widen, name))
         print(f"{name}: {written} new predictions", file=sys.stderr)
         if failed is not None:
             failures.append((name, path, failed))

@@ -45,7 +45,7 @@ def test_vas_report_and_figures(toy, vas_run):
         assert key in report
     assert report["num_samples"] == NUM_SAMPLES and report["layers"] == [0, 1]
     assert len(report["vas_per_head"]) == 2 and len(report["vas_per_head"][0]) == 4
-    assert report["checkpoint"]["config_sha256"] and report["checkpoint"]["first_shard_head_sha256"]
+    assert report["checkpoint"]["config_sha256"] and report["checkpoint"]["weights_sha256"]
     assert report["vas"] == report["variants"]["sink_included"]["vas"] != report["variants"]["sink_excluded"]["vas"]
     for name in ("vas_per_layer.png", "image_share_heatmap.png", "ratio_distribution.png"):
         data = (out / name).read_bytes()
@@ -103,7 +103,7 @@ def test_vas_shards_merge(toy, vas_run, capsys):
     assert "['0/2', '0/2']: a merge needs each of 0/N .. N-1/N exactly once" in capsys.readouterr().err
     # only the shards of one run, all of them: another checkpoint or setting, a missing shard, a whole-run report
     edited = toy["root"] / "shard1-edited"
-    for change, message in ((lambda r: r["checkpoint"].update(first_shard_head_sha256="0" * 64), "another checkpoint"),
+    for change, message in ((lambda r: r["checkpoint"].update(weights_sha256="0" * 64), "another checkpoint"),
                             (lambda r: r["config"].update(num_samples=3), "was run with other num_samples")):
         report = json.loads((Path(shards[1]) / "report.json").read_text())
         change(report)
@@ -111,10 +111,13 @@ def test_vas_shards_merge(toy, vas_run, capsys):
         (edited / "report.json").write_text(json.dumps(report))
         assert main(["vas", "merge", shards[0], str(edited), "--out", str(toy["root"] / "bad")]) == 2
         assert message in capsys.readouterr().err
-    # found in review: the same data given as a relative path in one shard's job refused the merge
+    # found in review: the same data given as a relative path in one shard's job refused the merge; so did the same
+    # weights staged at another path (node-local disk): weights are compared by content
     report = json.loads((Path(shards[1]) / "report.json").read_text())
     assert report["config"]["data_resolved"] == str(Path(toy["data"]).resolve())
     report["config"].update(data=str(Path(toy["data"]).relative_to(toy["root"])), layers="0-1")
+    report["checkpoint"].update(path="/local/scratch/model", shards=[{**shard, "stat": None}
+                                                                     for shard in report["checkpoint"]["shards"]])
     (edited / "report.json").write_text(json.dumps(report))
     assert main(["vas", "merge", shards[0], str(edited), "--out", str(toy["root"] / "merged-edited")]) == 0
     assert main(["vas", "merge", shards[0], "--out", str(toy["root"] / "bad")]) == 2

@@ -87,7 +87,7 @@ def test_a_refused_resume_leaves_the_folder_finished(fake_generator, tmp_path, e
     run_eval(_config(tmp_path, eval_data_root, limit=2))
     with pytest.raises(ValueError, match="sample 0 .id '10'. differs"):
         run_eval(_config(tmp_path, other))
-    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["limit"] == 2
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["limits"]["mmstar"] == 2
     assert score_run(tmp_path / "out", ("mmstar",))["benchmarks"]["mmstar"]["num_samples"] == 2
 
 
