@@ -69,8 +69,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# 1. Teacher servers: one srun step on all nodes; each task starts the node's servers and waits on them.
-#    The Ray workers use no GPU (num-gpus 0 below), so the GPUs belong to vLLM.
+# 1. Teacher servers: one srun step on all nodes; each task starts the node's servers and waits on them. A server
+#    runs until the job ends, so one that exits (a failed start: CUDA OOM, a wrong model name) ends its task with a
+#    non-zero status, and --kill-on-bad-exit the step; step 3 then stops waiting. The Ray workers use no GPU
+#    (num-gpus 0 below), so the GPUs belong to vLLM.
+SERVER_LOGS="logs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}-vllm-<node>.out"
 if [[ -n $VLLM_MODELS ]]; then
     srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap --kill-on-bad-exit=1 \
         --output="logs/%x-%j-vllm-%N.out" bash -c '
@@ -80,7 +83,11 @@ if [[ -n $VLLM_MODELS ]]; then
             CUDA_VISIBLE_DEVICES=$gpus vllm serve "$model" --port "$port" --tensor-parallel-size "$tp" \
                 '"$VLLM_ARGS"' &
         done
-        wait' &
+        wait -n; status=$?
+        echo "[synth] a teacher server on $(hostname) exited (status $status); stopping the others" >&2
+        kill $(jobs -p) 2>/dev/null; wait  # (not left to Slurm: proctrack/linuxproc loses orphaned processes)
+        exit $(( status ? status : 1 ))' &
+    SERVER_STEP=$!
 fi
 
 # 2. Ray: the head, then one worker per other node. --block keeps each step alive for the whole job.
@@ -96,14 +103,19 @@ for node in "${NODES[@]:1}"; do
         ray start --address="$RAY_ADDRESS" --num-gpus=0 $RAY_ARGS --block &
 done
 
-# 3. Wait until every node's servers answer (model loading takes minutes).
+# 3. Wait until every node's servers answer (model loading takes minutes), or the server step has ended (step 1).
 deadline=$((SECONDS + SERVER_WAIT_S))
 for entry in $VLLM_MODELS; do
     IFS=@ read -r _ port _ <<< "$entry"
     until srun --nodes="${#NODES[@]}" --ntasks-per-node=1 --overlap \
             curl -sf "http://localhost:$port/v1/models" >/dev/null 2>&1; do
+        if ! kill -0 "$SERVER_STEP" 2>/dev/null; then
+            status=0; wait "$SERVER_STEP" || status=$?
+            echo "[synth] the teacher server step ended (status $status) before port $port served: see $SERVER_LOGS"
+            exit 1
+        fi
         (( SECONDS < deadline )) || { echo "[synth] servers on port $port not up after ${SERVER_WAIT_S}s"; exit 1; }
-        sleep 20
+        for _ in {1..20}; do kill -0 "$SERVER_STEP" 2>/dev/null || break; sleep 1; done  # 20 s, or until it ends
     done
     echo "[synth] port $port serving on all nodes"
 done

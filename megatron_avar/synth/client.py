@@ -48,6 +48,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 FATAL_HTTP_CODES = (401, 403, 404)
+CUT_FINISH_REASONS = ("length", "content_filter")  # a reply stopped before its end: a failed request (``chat``)
+READ_CHUNK = 65536  # bytes per read of a reply's body, between which the request's deadline is checked
 EXAMPLE_CHARS = 200  # of a malformed reply, kept to be quoted in the run's error
 
 
@@ -254,14 +256,21 @@ class ChatClient:
             content = response["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
             content = None
-        if not isinstance(content, str):
-            try:
-                cut = response["choices"][0].get("finish_reason") == "length"
-            except (KeyError, IndexError, TypeError, AttributeError):
-                cut = False
-            # A reasoning model that spends max_tokens thinking answers no content: the same request fails again
-            reason = (f"no content: the reply was cut at max_tokens={self.teacher.max_tokens} (raise "
-                      f"{self.config_key}.max_tokens)" if cut else "response without choices[0].message.content")
+        try:
+            finish_reason = response["choices"][0].get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            finish_reason = None
+        if finish_reason in CUT_FINISH_REASONS or not isinstance(content, str):
+            # A reply cut short is no answer, even with text (a description cut mid-section still has its headings, a
+            # chain cut after an early "Final answer:" still parses): not cached, and not asked again, since the same
+            # request (its seed) is cut the same way. A reasoning model that spends max_tokens thinking has no content.
+            if finish_reason == "length":
+                reason = (f"{'' if isinstance(content, str) else 'no content: '}the reply was cut at max_tokens="
+                          f"{self.teacher.max_tokens} (raise {self.config_key}.max_tokens)")
+            elif finish_reason == "content_filter":
+                reason = "the endpoint's content filter stopped the reply (finish_reason content_filter)"
+            else:
+                reason = "response without choices[0].message.content"
             raise self.stats.fail(TeacherRequestError(f"{self.stage}: {reason}", reason))
         tokens = _token_counts(response.get("usage"))
         if tokens is None:
@@ -293,9 +302,7 @@ class ChatClient:
             retry_after, unreachable = None, False
             self.stats.add(requests=1)
             try:
-                request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
-                with self._opener.open(request, timeout=self.client.timeout_s) as response:
-                    return json.loads(response.read().decode("utf-8"))
+                return json.loads(self._post_once(data, headers).decode("utf-8"))
             except _CrossOriginRedirect as redirect:
                 # Every request would be sent there, so the run stops rather than drop every record.
                 target = _without_userinfo(redirect.target)
@@ -304,6 +311,9 @@ class ChatClient:
                     f"a redirect to {target}, another origin (scheme, host, port); not followed, so the request and "
                     f"its API key stay with {self._url}. If {target} is the teacher, set {self.config_key}.base_url "
                     f"to it (without /chat/completions)") from None
+            except http.client.InvalidURL as error:  # a port "80OO" (TeacherConfig.validate refuses it)
+                raise TeacherConfigError(f"{self.stage} teacher: {self._url} is not a usable URL ({error}); fix "
+                                         f"{self.config_key}.base_url") from None
             except urllib.error.HTTPError as error:
                 if error.code in FATAL_HTTP_CODES:
                     hint = (f"check the key in ${self.teacher.api_key_env}" if self.teacher.api_key_env
@@ -318,6 +328,10 @@ class ChatClient:
                 retry_after = _retry_after(error)
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
                     json.JSONDecodeError, UnicodeDecodeError) as error:
+                if isinstance(error, urllib.error.URLError) and isinstance(error.reason, str):
+                    # urllib's own refusals of the URL ("no host given", "unknown url type"), not network errors
+                    raise TeacherConfigError(f"{self.stage} teacher: {self._url} is not a usable URL ({error.reason}); "
+                                             f"fix {self.config_key}.base_url") from None
                 reason = (f"URLError({error.reason})" if isinstance(error, urllib.error.URLError)
                           else type(error).__name__)
                 unreachable = _nothing_listens(error)
@@ -337,6 +351,27 @@ class ChatClient:
             self.stats.add(retries=1)
             time.sleep(min(delay, self.client.backoff_max_s))
         raise AssertionError("unreachable")
+
+    def _post_once(self, data: bytes, headers: dict) -> bytes:
+        """One attempt's reply body. TimeoutError once client.timeout_s has passed since the attempt began, however
+        the server sends it: a server that sends a byte at a time never trips a socket's per-read timeout, so the body
+        is read in chunks, each read waiting at most the time left."""
+        deadline = time.monotonic() + self.client.timeout_s
+        request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
+        with self._opener.open(request, timeout=self.client.timeout_s) as response:
+            # The reply's socket (http.client keeps it only in its reader), to bound each read by the time left.
+            sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+            chunks = []
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no whole reply within client.timeout_s={self.client.timeout_s}")
+                if sock is not None:
+                    sock.settimeout(left)
+                chunk = response.read1(READ_CHUNK)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``[function(item) for item in items]`` with at most ``concurrency`` calls running at once.

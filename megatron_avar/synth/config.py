@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from pathlib import Path
 
 EXECUTORS = ("xenna", "ray_data", "local")
 SOURCE_FORMATS = ("conversations", "columns")
 SELECT_RULES = ("most_anchors", "first")
+# Request fields extra_body may not set: the client sets the first group itself (from the teacher's own fields), and
+# the second changes the reply's shape (a stream of events, several or tool-call choices) or pays for generations
+# the client never reads.
+CLIENT_SET_FIELDS = ("model", "messages", "temperature", "top_p", "max_tokens", "seed")
+REPLY_SHAPE_FIELDS = ("stream", "stream_options", "n", "best_of", "tools", "tool_choice", "functions", "function_call")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
@@ -31,7 +37,8 @@ class SourceConfig:
     """One input dataset of (image, question, answer) records."""
 
     name: str
-    """Source name: the key of this source's counts in the manifest and ``metadata.source`` of its records."""
+    """Source name: the key of this source's counts in the manifest, ``metadata.source`` of its records and the
+    first part of their ids (``<name>/<record id>``), so it holds no "/" (and no ".")."""
     path: str
     """A .jsonl/.json/.parquet file, a folder of them, or a `datasets.save_to_disk` folder."""
     format: str = "conversations"
@@ -52,6 +59,10 @@ class SourceConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name) and "." not in self.name, "sources[].name",
                f"must be a non-empty name without dots, got {self.name!r}")
+        # "geo" with record "test/1" and "geo/test" with record "1" would both write the id "geo/test/1".
+        _check("/" not in self.name, "sources[].name",
+               f"{self.name!r} holds '/', which separates the source from the record id in the written ids "
+               f"(<name>/<id>); rename the source, e.g. {self.name.replace('/', '_')!r}")
         _check(bool(self.path), f"sources[{self.name}].path", "must name a file or folder")
         _check(self.format in SOURCE_FORMATS, f"sources[{self.name}].format",
                f"must be one of {list(SOURCE_FORMATS)}, got {self.format!r}")
@@ -82,12 +93,20 @@ class TeacherConfig:
     seed: int = 0
     """Sampling seed sent with the request; candidate i of a record uses seed + i."""
     extra_body: dict = dataclasses.field(default_factory=dict)
-    """Extra request fields (e.g. vLLM's ``chat_template_kwargs``); part of the cache key."""
+    """Extra request fields (e.g. vLLM's ``chat_template_kwargs``); part of the cache key. Not the fields the client
+    sets (model, messages, temperature, top_p, max_tokens, seed: set this section's own) nor those that change the
+    reply's shape or pay for unread generations (stream, stream_options, n, best_of, tools, tool_choice, functions,
+    function_call)."""
 
     def validate(self, where: str) -> None:
         _check(bool(self.model), f"{where}.model", "must be a model name")
-        _check(self.base_url.startswith(("http://", "https://")), f"{where}.base_url",
-               f"must start with http:// or https://, got {self.base_url!r}")
+        _check_base_url(self.base_url, f"{where}.base_url")
+        for key in self.extra_body:
+            own = "the prompt" if key == "messages" else f"{where}.{key}"
+            _check(key not in CLIENT_SET_FIELDS, f"{where}.extra_body.{key}",
+                   f"is set by the client (from {own}); remove it from extra_body")
+            _check(key not in REPLY_SHAPE_FIELDS, f"{where}.extra_body.{key}",
+                   "is not allowed: the client reads one whole chat completion per request; remove it")
         _check(0.0 <= self.temperature <= 2.0, f"{where}.temperature", f"must be in [0, 2], got {self.temperature}")
         _check(0.0 < self.top_p <= 1.0, f"{where}.top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.max_tokens >= 1, f"{where}.max_tokens", f"must be >= 1, got {self.max_tokens}")
@@ -97,6 +116,22 @@ class TeacherConfig:
                    f"{where}.api_key_env=null for an endpoint without a key)")
 
 
+def _check_base_url(url: str, field: str) -> None:
+    """An http(s) URL with a host and, if given, a numeric port (urllib would take "http://" or a port "80OO" for
+    a server that does not answer, and retry it like one)."""
+    example = "e.g. http://localhost:8000/v1"
+    parts = urllib.parse.urlsplit(url)
+    _check(parts.scheme in ("http", "https") and url.startswith(f"{parts.scheme}://"), field,
+           f"must start with http:// or https://, got {url!r} ({example})")
+    _check(bool(parts.hostname), field, f"names no host: {url!r} ({example})")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        _check(False, field, f"has a port that is not a number from 0 to 65535: {url!r} ({example})")
+    _check("?" not in url and "#" not in url, field,
+           f"must not hold a query or fragment ('?', '#'): requests go to <base_url>/chat/completions; got {url!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
     """How teacher requests are sent (shared by all stages)."""
@@ -104,7 +139,8 @@ class ClientConfig:
     concurrency: int = 8
     """Requests in flight per stage worker (total = workers x concurrency)."""
     timeout_s: float = 300.0
-    """Socket timeout of one request (connect and each read); a timeout is retried."""
+    """Longest time one attempt of a request may take, from connecting to the reply's last byte (a server that
+    sends its reply slowly is cut off at it, not only one that goes silent); a timeout is retried."""
     max_retries: int = 6
     """Retries after HTTP 429/5xx, timeouts and connection errors; then the record is dropped (not cached,
     so the next run asks again)."""
@@ -205,7 +241,18 @@ class OutputConfig:
     answers stay in the request cache). Without it a finished run is refused, and an unfinished one is resumed
     by a run of its settings only (synth.output_dir: which settings count)."""
     system_prompt: str | None = None
-    """System turn of the written conversations; null: none (Qwen2.5-VL's default is rendered)."""
+    """System turn of the written conversations; null: none (Qwen2.5-VL's default is rendered). Checked as the
+    dataset checks a system turn (no literal special token such as <|im_end|>)."""
+
+    def __post_init__(self) -> None:
+        if self.system_prompt is None:
+            return
+        from megatron_avar.roles import validate_messages  # (imports torch: only when there is a prompt to check)
+
+        try:
+            validate_messages([{"role": "system", "content": self.system_prompt}])
+        except ValueError as error:  # the writer would refuse every record, after all teacher work
+            raise ValueError(f"output.system_prompt {str(error).removeprefix('messages[0] ')}") from None
 
 
 @dataclasses.dataclass(frozen=True)

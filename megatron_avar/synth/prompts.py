@@ -1,9 +1,12 @@
 """Versioned teacher prompts: the text lives in megatron_avar/synth/prompts/<version>/*.txt.
 
-A prompt file is a `string.Template` (``$question``, ``$description_block``, ``$chain``,
+A prompt file is a `string.Template` (``$question``, ``$description_block``, ``$description``, ``$chain``,
 ``$min_anchors``), so LaTeX braces in questions need no escaping. The version is part of every request's
 cache key: edit prompts by adding a new version folder, never by changing a released one, or cached
 answers to the old prompt would be reused for the new one.
+
+The reasoning prompt's ``$description_block`` is ``reason_description`` (the description and the sentence that
+points at it) after a space, or nothing without a description (describe.enabled=false).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import string
 from pathlib import Path
 
 PROMPT_ROOT = Path(__file__).parent / "prompts"
-PROMPT_FILES = ("describe_system", "describe_user", "reason_system", "reason_user", "anchor_system", "anchor_user")
+PROMPT_FILES = ("describe_system", "describe_user", "reason_system", "reason_user", "reason_description",
+                "anchor_system", "anchor_user")
 
 
 @functools.cache
@@ -54,8 +58,14 @@ def reason_messages(version: str, question: str, description: str | None) -> lis
     return [
         {"role": "system", "content": prompts["reason_system"].substitute()},
         {"role": "user", "content": prompts["reason_user"].substitute(
-            question=question, description_block=_description_block(description))},
+            question=question, description_block=_reason_description_block(prompts, description))},
     ]
+
+
+def _reason_description_block(prompts: dict[str, string.Template], description: str | None) -> str:
+    # It follows the task's first sentence: v1 rendered "...about an image. You cannot see the image; rely on the
+    # description below..." before it was a block, and a prompt with a description still renders byte for byte so.
+    return " " + prompts["reason_description"].substitute(description=description) if description else ""
 
 
 def anchor_messages(version: str, question: str, description: str | None, chain: str, min_anchors: int) -> list[dict]:

@@ -37,6 +37,7 @@ ROW_COLUMNS = ("id", "source", "question", "answer", "image_path", "image_mime",
 _MIME = {"PNG": ("image/png", "png"), "JPEG": ("image/jpeg", "jpg"), "WEBP": ("image/webp", "webp"),
          "GIF": ("image/gif", "gif"), "BMP": ("image/bmp", "bmp"),
          "MPO": ("image/jpeg", "jpg")}  # MPO: the JPEG of many phones (a JPEG with more frames after the first)
+COLUMN_FILE_TYPES = (".jsonl", ".json", ".parquet")  # what a "columns" source's files may be
 
 
 def new_row(**fields) -> dict:
@@ -113,17 +114,21 @@ def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str
     from megatron_avar.data.conversations import LLAVA_IMAGE_PLACEHOLDER, dataset_rows, single_split
 
     path = Path(source.path)
-    if path.is_dir() and (path / "dataset_info.json").is_file():
-        dataset, base_dir = single_split(datasets.load_from_disk(str(path)), str(path)), path
-    else:
-        files = ([p for p in sorted(path.iterdir()) if p.suffix in (".jsonl", ".json", ".parquet")] if path.is_dir()
-                 else [path])
-        if not files or not all(f.is_file() for f in files):
-            raise ValueError(f"source {source.name}: no .jsonl/.json/.parquet data at {path}")
-        builder = "parquet" if files[0].suffix == ".parquet" else "json"
-        dataset = single_split(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train"),
-                               str(path))
-        base_dir = files[0].parent
+    kinds = "/".join(COLUMN_FILE_TYPES)
+    if path.is_file() and path.suffix not in COLUMN_FILE_TYPES:
+        raise ValueError(f"source {source.name}: {path} is not a {kinds} file; format columns reads those, a folder "
+                         "of them, or a datasets save_to_disk folder")
+    saved = path.is_dir() and (path / "dataset_info.json").is_file()  # a datasets save_to_disk folder
+    files = [path] if not path.is_dir() else [p for p in sorted(path.iterdir()) if p.suffix in COLUMN_FILE_TYPES]
+    if not saved and (not files or not all(f.is_file() for f in files)):
+        raise ValueError(f"source {source.name}: no {kinds} data at {path}")
+    try:
+        loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(
+            "parquet" if files[0].suffix == ".parquet" else "json", data_files=[str(f) for f in files], split="train")
+    except Exception as error:  # datasets' loaders raise many kinds (DatasetGenerationError, ArrowInvalid, OSError)
+        raise ValueError(f"source {source.name}: cannot read {path} as a table ({_first_line(error)}); check the "
+                         "file, or set sources[].format") from error
+    dataset, base_dir = single_split(loaded, str(path)), path if saved else files[0].parent
     for column in (source.image_column, source.question_column, source.answer_column, source.id_column):
         if column is not None and column not in dataset.column_names:
             raise ValueError(f"source {source.name}: no column {column!r} in {path} (columns: {dataset.column_names}); "
@@ -138,6 +143,15 @@ def _column_records(source: SourceConfig) -> Iterator[tuple[str, str | None, str
         yield (record_id, question, None if answer is None else str(answer), row[source.image_column], base_dir, {})
 
 
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's first line: datasets wraps a parser's error ("JSON parse error: ... in row 1") in one
+    that says only "An error occurred while generating the dataset"."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _normal_question(question: str) -> str:
     return re.sub(r"\s+", " ", question.strip())
 
@@ -147,9 +161,10 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
     used (no question, no answer, not exactly one readable image) become rows dropped as "read.invalid" (the
     reason in their metadata, and the first few logged); repeats of an earlier (image bytes, question) pair
     are dropped as "read.duplicate" when ``dedup``. ValueError, before any teacher request, when two records
-    of a source share an id (the written dataset could not be loaded), or when a source has no record or none
-    usable (a wrong column or image folder, not a dataset to pay teachers for)."""
+    share an id (the written dataset could not be loaded; ids are ``<source name>/<record id>``), or when a source
+    has no record or none usable (a wrong column or image folder, not a dataset to pay teachers for)."""
     rows, seen = [], set()
+    written_ids: dict[str, tuple[str, int]] = {}  # the ids the dataset gets, across sources: (source, record index)
     for source in sources:
         reader = _conversation_records if source.format == "conversations" else _column_records
         ids: dict[str, int] = {}
@@ -162,7 +177,13 @@ def read_sources(sources: tuple[SourceConfig, ...], store_dir: Path, dedup: bool
                                  f"{record_id!r} (column {source.id_column!r}); the written dataset needs unique ids: "
                                  "make them unique, or unset sources[].id_column (ids are then <name>-<index>)")
             ids[record_id] = count
-            row = new_row(id=f"{source.name}/{record_id}", source=source.name, question=question, answer=answer,
+            written_id = f"{source.name}/{record_id}"
+            if written_id in written_ids:  # (source names hold no "/", so only a source config built around that)
+                other, index = written_ids[written_id]
+                raise ValueError(f"sources {other} (record {index}) and {source.name} (record {count}) both give the "
+                                 f"id {written_id!r}; the written dataset needs unique ids: rename a source")
+            written_ids[written_id] = (source.name, count)
+            row = new_row(id=written_id, source=source.name, question=question, answer=answer,
                           metadata=json.dumps(metadata, sort_keys=True))
             try:
                 if isinstance(image, Exception):

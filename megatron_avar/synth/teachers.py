@@ -21,12 +21,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from megatron_avar.grading import SYNTHESIS, extract_answer, grade, math_equal
+from megatron_avar.grading import SYNTHESIS, extract_answer, grade, math_equal, same_words
 from megatron_avar.roles import literal_special_token
 from megatron_avar.synth import prompts
 from megatron_avar.synth.client import ChatClient, ChatResult, TeacherRequestError
 from megatron_avar.synth.config import SynthConfig
-from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
+from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags, without_anchor_spans
 
 DESCRIPTION_SECTIONS = ("Global scan", "Elements", "Relations", "Scene")
 _CHAIN_WRAPPER = re.compile(r"<chain>\s*(.*?)\s*</chain>", re.DOTALL | re.IGNORECASE)
@@ -116,10 +116,13 @@ def parse_chain(text: str) -> tuple[str, str]:
     return text.strip(), predicted
 
 
-def make_anchor_parser(min_anchors: int):
-    """A parser accepting a rewritten chain with >= min_anchors balanced <anchor> spans and its final-answer
-    line, alone or in one <chain>…</chain> block (words around it dropped); returns (chain without tags, number
-    of anchors). Whether the answer survived is verify's check."""
+def make_anchor_parser(min_anchors: int, chain: str):
+    """A parser accepting a rewrite of ``chain`` with >= min_anchors balanced <anchor> spans and its final-answer
+    line, alone or in one <chain>…</chain> block (words around it dropped), whose text outside the anchor spans has
+    the words of ``chain`` (case and punctuation aside: `grading.same_words`): the teacher may only insert tagged
+    sentences, so a rewrite that drops or changes reasoning, or adds words of its own ("Sure! Here is the rewritten
+    chain:"), is malformed. Returns (chain without tags, number of anchors). Whether the answer survived is
+    verify's check."""
 
     def parse_anchored(text: str) -> tuple[str, int]:
         text = without_thinking(text)
@@ -135,6 +138,9 @@ def make_anchor_parser(min_anchors: int):
             raise Malformed(f"{num_anchors} anchors, fewer than anchor.min_anchors={min_anchors}")
         if extract_answer(stripped, SYNTHESIS).text is None:
             raise Malformed("the 'Final answer:' line was lost")
+        if not same_words(without_anchor_spans(text), chain):
+            raise Malformed("outside its <anchor> spans the rewrite is not the original chain (reasoning dropped or "
+                            "changed, or words added)")
         return stripped.strip(), num_anchors
     return parse_anchored
 
@@ -201,7 +207,7 @@ def anchor_rows(rows: list[dict], client: ChatClient, config: SynthConfig) -> li
         row, candidate = job
         messages = prompts.anchor_messages(version, row["question"], row["description"], candidate["chain"],
                                            anchor.min_anchors)
-        parse = make_anchor_parser(anchor.min_anchors)
+        parse = make_anchor_parser(anchor.min_anchors, candidate["chain"])
         try:
             candidate["anchored"], candidate["num_anchors"] = _ask(client, row, messages, parse,
                                                                    candidate=candidate["index"], format_retries=retries)

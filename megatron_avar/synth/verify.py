@@ -28,6 +28,11 @@ def strip_anchor_tags(text: str) -> tuple[str, int]:
     return ANCHOR_TAG.sub("", text), spans
 
 
+def without_anchor_spans(text: str) -> str:
+    """``text`` without its <anchor>…</anchor> spans, content included: what an anchor rewrite kept of the chain."""
+    return _ANCHOR_SPAN.sub(" ", text)
+
+
 def select_candidate(candidates: list[dict], rule: str) -> dict | None:
     """The eligible candidate to keep: "first" (lowest index) or "most_anchors" (ties: lowest index)."""
     eligible = [c for c in candidates if c.get("eligible")]

@@ -12,9 +12,11 @@ turns token authentication on, and the script's driver must still get in.
    actors of that cluster), resumes without asking the teacher anything twice, and writes the dataset and counts of
    the same config run without Slurm (in this process, local executor); the job ends COMPLETED, its cleanup stops
    the Ray cluster and no process is left behind.
+3. A job whose teacher server fails to start (a fake `vllm` on PATH) fails at once, naming the servers' logs.
 """
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -216,3 +218,46 @@ def test_no_process_of_the_jobs_or_their_ray_clusters_is_left(synth_jobs):
     assert synth_jobs["job_processes"] == []  # Ray daemons, workers, steps, drivers of both jobs
     assert not Path(synth_jobs["scratch"]).exists()
     assert not [pid for pid in synth_jobs["daemon_pids"] if Path(f"/proc/{pid}").exists()]
+
+
+def test_a_teacher_server_that_fails_to_start_fails_the_job_at_once(tmp_path, slurm_installed):
+    """Found in review: the server step's `wait` returned 0 even when every `vllm serve` failed, and the job polled
+    for SERVER_WAIT_S (1800 s by default) before failing. A fake `vllm` on PATH: one model's server fails to start,
+    the other's runs on; the job fails as soon as the server step has ended, naming the servers' logs, and leaves
+    no process."""
+    from megatron_avar.testing.slurm import LocalSlurm, free_port
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vllm").write_text('#!/bin/bash\n# vllm serve MODEL ...\n'
+                                  'if [[ $2 == bad/model ]]; then echo "CUDA out of memory" >&2; exit 1; fi\n'
+                                  'exec sleep 600\n')
+    (bin_dir / "vllm").chmod(0o755)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="avar-ray-"))
+    server_wait_s = 240  # what the job would wait without the fix: more than this test waits for it
+    env = {"VLLM_MODELS": f"good/model@{free_port()}@0 bad/model@{free_port()}@1",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(Path(sys.executable).parents[1]),
+           "RAY_PORT": str(free_port()), "RAY_TMPDIR": str(ray_tmp),
+           "RAY_ARGS": f"--num-cpus=2 --disable-usage-stats --dashboard-port={free_port()} "
+                       f"--ray-client-server-port={free_port()} --dashboard-agent-listen-port={free_port()}",
+           "SERVER_WAIT_S": str(server_wait_s)}
+    try:
+        with LocalSlurm.start() as cluster:
+            started = time.monotonic()
+            job = cluster.sbatch([*CPU_SBATCH, "--job-name=avar-synth-badserver", f"--chdir={tmp_path}",
+                                  f"--output={tmp_path}/slurm-%j.out", str(REPO / "slurm/synth.sh"),
+                                  str(tmp_path / "unused.yaml")], env=env, cwd=REPO)
+            info = cluster.wait(job, timeout_s=server_wait_s - 60)
+            seconds = time.monotonic() - started
+            _until(lambda: _nothing_left(cluster, ray_tmp), 60, "the failed job's processes to end")
+            leftover = cluster.leftover_pids()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", log[-3000:]
+    assert re.search(rf"\[synth\] the teacher server step ended \(status [1-9]\d*\) before port \d+ served: see "
+                     rf"logs/avar-synth-badserver-{job}-vllm-<node>\.out", log), log[-3000:]
+    server_log = next((tmp_path / "logs").glob(f"avar-synth-badserver-{job}-vllm-*.out")).read_text()
+    assert "CUDA out of memory" in server_log and "exited (status 1); stopping the others" in server_log
+    assert "serving on all nodes" not in log and leftover == []
+    print(f"\n[slurm] synth with a failing teacher server: FAILED after {seconds:.0f} s")

@@ -7,10 +7,10 @@ It answers the way the teachers are asked to, from what the request contains:
   reflective chain ending in "Final answer: <value>" (so a lost or wrong description gives a wrong chain);
 - anchor (a request with <chain>): inserts 1 + (seed % 3) "<anchor>…</anchor>" sentences into the chain.
 
-Faults make it misbehave for chosen requests: HTTP 429/500, a reply slower than the client's timeout,
-malformed content, non-JSON bodies, wrong answers. Every request is logged; ``ok_by_body`` counts the
-answers (200 with a completion, even a bad one) per request body: how the tests prove that nothing paid for is
-asked twice.
+Faults make it misbehave for chosen requests: HTTP 429/500, a reply slower than the client's timeout (silent, or
+dripping in), malformed content, replies cut short, non-JSON bodies, wrong answers, gutted anchor rewrites. Every
+request is logged; ``ok_by_body`` counts the answers (200 with a completion, even a bad one) per request body: how
+the tests prove that nothing paid for is asked twice.
 A subclass answers other requests (tests/eval's fake answer judge) by overriding ``classify`` and ``answer``.
 """
 
@@ -32,8 +32,10 @@ from collections.abc import Callable
 class Fault:
     """Misbehave for requests of ``stage`` whose question contains ``match`` (and, if given, whose seed is
     ``seed``): the n-th such request (per question) gets ``kinds[n]``; afterwards it is answered normally,
-    unless ``always`` (then the last kind repeats forever). Kinds: "429", "500", "timeout", "cut" (no content,
-    finish_reason length), "malformed", "garbage" (a non-JSON body), "wrong" (reason: a wrong final answer), "ok"."""
+    unless ``always`` (then the last kind repeats forever). Kinds: "429", "500", "timeout", "drip" (the reply sent a
+    few bytes at a time over slow_s), "cut" (no content, finish_reason length), "cut_text" (half the answer,
+    finish_reason length), "filtered" (the answer, finish_reason content_filter), "malformed", "garbage" (a non-JSON
+    body), "wrong" (reason: a wrong final answer), "gutted" (anchor: only anchors and the final-answer line), "ok"."""
 
     stage: str
     kinds: list[str]
@@ -140,15 +142,18 @@ class FakeTeacher:
         if fault == "timeout":
             time.sleep(self.slow_s)
         text = self.answer(body, stage, question, seed, fault)
+        finish_reason = {"cut_text": "length", "filtered": "content_filter"}.get(fault or "", "stop")
+        if fault == "cut_text":  # a reply that ran out of max_tokens halfway
+            text = text[:len(text) // 2]
         completion = {"id": "chatcmpl-fake", "object": "chat.completion", "model": body["model"],
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                   "finish_reason": "stop"}],
+                                   "finish_reason": finish_reason}],
                       "usage": {"prompt_tokens": len(json.dumps(body["messages"])) // 4,
                                 "completion_tokens": len(text) // 4}}
         return 200, json.dumps(completion), fault or "ok"
 
     def answer(self, body: dict, stage: str, question: str, seed: int, fault: str | None) -> str:
-        """The completion text of a request that gets one (``fault``: None, "timeout", "malformed" or "wrong")."""
+        """The completion text of a request that gets one (``fault``: None or a kind that still answers)."""
         user = body["messages"][-1]["content"]
         if stage == "describe":
             image_url = next(item["image_url"]["url"] for item in user if item["type"] == "image_url")
@@ -179,6 +184,8 @@ class FakeTeacher:
                         for i in range(anchors)]
             if fault == "malformed":
                 inserted = ["<anchor>Looking at the figure again, it matches."]  # unclosed tag
+            if fault == "gutted":  # the reasoning dropped: anchors and the answer line, which still parse
+                lines = [lines[0], lines[-1]]
             text = "\n".join(lines[:1] + inserted + lines[1:])
         return text
 
@@ -212,21 +219,29 @@ class FakeTeacher:
                         stage, question = teacher.classify(body)
                         teacher.log.append({"stage": stage, "question": question, "seed": body.get("seed"),
                                             "status": label, "body": digest, "time": time.time()})
-                        if label in ("ok", "wrong", "malformed"):
+                        if label in ("ok", "wrong", "malformed", "gutted", "cut_text", "filtered", "drip"):
                             teacher.ok_by_body[digest] += 1
-                    self._send(status, payload)
+                    self._send(status, payload, teacher.slow_s if label == "drip" else 0.0)
                 finally:
                     with teacher._lock:
                         teacher.in_flight -= 1
 
-            def _send(self, status: int, payload: str) -> None:
+            def _send(self, status: int, payload: str, drip_s: float = 0.0) -> None:
+                """Send the reply; with ``drip_s`` its body in 20 pieces spread over drip_s seconds."""
                 data = payload.encode("utf-8")
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not drip_s:
+                        self.wfile.write(data)
+                        return
+                    step = -(-len(data) // 20)
+                    for start in range(0, len(data), step):
+                        self.wfile.write(data[start:start + step])
+                        self.wfile.flush()
+                        time.sleep(drip_s / 20)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout) or was killed
 

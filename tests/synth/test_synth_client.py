@@ -203,3 +203,50 @@ def test_a_well_formed_usage_is_counted(tmp_path, server):
     result = client.chat(reason_messages())
     assert result.prompt_tokens > 0 and result.completion_tokens > 0 and client.stats.usage_unknown == 0
     assert make_client(tmp_path, server).chat(reason_messages()).prompt_tokens == result.prompt_tokens
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("cut_text", r"^reason: the reply was cut at max_tokens=4096 \(raise reason.teacher.max_tokens\)$"),
+    ("filtered", r"^reason: the endpoint's content filter stopped the reply \(finish_reason content_filter\)$")])
+def test_a_reply_with_text_stopped_short_is_a_failed_request_not_cached_nor_asked_again(tmp_path, server, kind,
+                                                                                       message):
+    """Found in review: finish_reason was read only when a reply had no content, so a reply cut at max_tokens with
+    text (a description cut mid-section still has its four headings; a chain cut after an early "Final answer:"
+    still parses) was used, counted usable and cached for every rerun. The same request (its seed) is cut the same
+    way, so it is not retried either: the record is dropped, and the error names the setting to raise."""
+    from megatron_avar.synth.records import new_row
+    from megatron_avar.synth.teachers import _ask, parse_chain
+
+    server.faults.append(Fault("reason", [kind], always=True))
+    client = make_client(tmp_path, server)
+    with pytest.raises(TeacherRequestError, match=message):
+        _ask(client, new_row(id="x"), reason_messages(), parse_chain, format_retries=2)
+    assert [r["status"] for r in server.requests()] == [kind]  # neither a network retry nor a format retry
+    assert len(client.cache) == 0 and (client.stats.failures, client.stats.usable, client.stats.answered) == (1, 0, 0)
+    server.faults.clear()
+    assert client.chat(reason_messages()).content.endswith("Final answer: 1")  # a rerun asks again
+
+
+def test_a_reply_that_drips_in_is_cut_off_at_timeout_s(tmp_path, server):
+    """Found in review: client.timeout_s bounded each socket read, so a server sending a few bytes at a time held a
+    request as long as it liked (timeout 1 s: 17 s). Now it bounds the whole attempt, which is retried."""
+    import time
+
+    server.slow_s = 3.0
+    server.faults.append(Fault("reason", ["drip"]))
+    client = make_client(tmp_path, server, timeout_s=0.5)
+    started = time.monotonic()
+    assert client.chat(reason_messages()).content.endswith("Final answer: 1")
+    assert time.monotonic() - started < 2.0 and client.stats.retries == 1
+    assert [r["status"] for r in server.requests()] == ["drip", "ok"]
+
+
+@pytest.mark.parametrize("url, why", [("http://", "no host given"), ("http://localhost:80OO/v1", "nonnumeric port")])
+def test_a_url_urllib_cannot_use_is_a_config_error_at_once(tmp_path, url, why):
+    """Found in review: "http://" or a port "80OO" was retried like a server that does not answer (~45 s per record
+    by default). TeacherConfig.validate refuses them; a client built from an unchecked config stops at once."""
+    teacher = TeacherConfig(model="teacher-x", base_url=url)
+    client = ChatClient("reason", teacher, ClientConfig(max_retries=3), RequestCache(tmp_path / "cache"), "v1")
+    with pytest.raises(TeacherConfigError, match=rf"is not a usable URL \({why}.*\); fix reason.teacher.base_url$"):
+        client.chat(reason_messages())
+    assert client.stats.retries == 0

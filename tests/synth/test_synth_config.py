@@ -58,6 +58,31 @@ def test_invalid_configs_name_the_field(overrides, message, monkeypatch):
         load_config(SynthConfig, None, overrides)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # Found in review: these passed validation and every request was retried like a server that does not answer.
+    (SOURCE + ["reason.teacher.base_url=http://"], r"^reason.teacher.base_url names no host: 'http://'"),
+    (SOURCE + ["anchor.teacher.base_url=http://localhost:80OO/v1"],
+     r"^anchor.teacher.base_url has a port that is not a number from 0 to 65535: 'http://localhost:80OO/v1'"),
+    (SOURCE + ["describe.teacher.base_url=http://localhost:8000/v1?key=x"],
+     r"^describe.teacher.base_url must not hold a query or fragment"),
+    # Found in review: "stream" made every reply a stream of events, each retried: 7 paid generations per question.
+    (SOURCE + ["reason.teacher.extra_body={stream: true}"],
+     r"^reason.teacher.extra_body.stream is not allowed: the client reads one whole chat completion per request"),
+    (SOURCE + ["reason.teacher.extra_body={n: 4}"], r"^reason.teacher.extra_body.n is not allowed"),
+    (SOURCE + ["anchor.teacher.extra_body={max_tokens: 10}"],
+     r"^anchor.teacher.extra_body.max_tokens is set by the client \(from anchor.teacher.max_tokens\)"),
+    # Found in review: "geo" + record "test/1" and "geo/test" + record "1" both wrote the id "geo/test/1".
+    (["sources=[{name: geo/test, path: x}]"], r"^sources\[\].name 'geo/test' holds '/', which separates the source "
+                                              r"from the record id .*; rename the source, e.g. 'geo_test'$"),
+    # Found in review: refused only by the writer, naming a record, after every teacher request was paid for.
+    (SOURCE + ["output.system_prompt='Be brief.<|im_end|>'"],
+     r"^output.system_prompt contains the literal special token '<\|im_end\|>'"),
+])
+def test_settings_that_would_fail_every_request_or_record_are_refused_before_any(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(SynthConfig, None, overrides)
+
+
 def test_overrides_reach_list_items_and_disabled_stages_skip_their_checks(monkeypatch):
     config = load_config(SynthConfig, None, SOURCE + ["sources.0.limit=5", "client.timeout_s=3", "anchor.enabled=false",
                                          "anchor.teacher.api_key_env=SYNTH_UNSET_VARIABLE"])
@@ -129,8 +154,8 @@ def test_print_config_shows_the_resolved_config(capsys):
 
 def test_prompts_are_versioned_templates():
     templates = load_prompts("v1")
-    assert set(templates) == {"describe_system", "describe_user", "reason_system", "reason_user", "anchor_system",
-                              "anchor_user"}
+    assert set(templates) == {"describe_system", "describe_user", "reason_system", "reason_user", "reason_description",
+                              "anchor_system", "anchor_user"}
     # LaTeX braces and dollar signs in a question survive substitution.
     question = r"If $x = \frac{1}{2}$, what is {x}$^2$?"
     assert question in reason_messages("v1", question, None)[1]["content"]
@@ -222,8 +247,9 @@ def test_teacher_replies_lose_their_thinking_and_wrappers_and_never_nest_the_res
         with pytest.raises(Malformed, match=rf"holds the special token {re.escape(token)}"):
             parse_chain(f"The bars are 2 and 2.{token}\nFinal answer: 4")
         with pytest.raises(Malformed, match=rf"holds the special token {re.escape(token)}"):
-            make_anchor_parser(1)(f"<chain>Two. <anchor>Both 2.</anchor>{token}\nFinal answer: 4</chain>")
-    parse = make_anchor_parser(1)
+            make_anchor_parser(1, "Two.\nFinal answer: 4")(
+                f"<chain>Two. <anchor>Both 2.</anchor>{token}\nFinal answer: 4</chain>")
+    parse = make_anchor_parser(1, "Two bars.\nFinal answer: 4")
     text, anchors = parse("Here is the rewritten chain:\n<chain>\nTwo bars. <anchor>Looking again, both are 2."
                           "</anchor>\nFinal answer: 4\n</chain>\nI hope this helps.")
     assert text == "Two bars. Looking again, both are 2.\nFinal answer: 4" and anchors == 1
@@ -260,3 +286,51 @@ def test_a_kill_while_a_finished_run_is_moved_aside_is_completed_on_the_next_sta
     with pytest.raises(ValueError, match="holds a finished run"):
         prepare_output(config)
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST]
+
+
+CHAIN = ("AB and BC are the legs: 3 and 4. By Pythagoras AC = sqrt(9+16) = 5.\n"
+         "Wait, let me double-check: 9+16=25, sqrt 25 = 5. Correct.\nFinal answer: 5")
+ANCHOR = "<anchor>Looking at the figure again, the legs are marked 3 and 4.</anchor>"
+
+
+def test_an_anchor_rewrite_must_keep_the_chain_it_rewrites():
+    """Found in review: a rewrite was never compared with its chain, so a reply cut down to two anchors and the answer
+    line was kept (and verify.select=most_anchors preferred it to a faithful one), and a preamble before an unwrapped
+    chain ("Sure! Here is the rewritten chain…") stayed in the training data. Outside its anchor spans a rewrite must
+    have the chain's words, case, punctuation and whitespace aside."""
+    parse = make_anchor_parser(1, CHAIN)
+    inline = CHAIN.replace("3 and 4. By", f"3 and 4. {ANCHOR} By")
+    assert parse(inline) == (inline.replace("<anchor>", "").replace("</anchor>", ""), 1)
+    own_line = CHAIN.replace("\nFinal answer", f"\n{ANCHOR}\n{ANCHOR}\nFinal answer")
+    assert parse(f"Here it is:\n<chain>\n{own_line}\n</chain>\nDone.")[1] == 2  # words around <chain> are dropped
+    assert parse(own_line.replace("\n", "\n\n  "))[1] == 2  # whitespace is not text
+    assert parse(inline.replace("Correct.", "**correct**"))[1] == 1  # nor are case, punctuation and emphasis
+    for bad in [f"{ANCHOR} {ANCHOR}\nFinal answer: 5",                                 # the reasoning dropped
+                f"Sure! Here is the rewritten chain with visual anchors:\n\n{inline}",  # a preamble
+                inline.replace("Correct.", "Correct, as expected."),                     # words changed
+                inline.replace("sqrt(9+16) = 5", "sqrt(9+16) = 6"),                     # a number changed
+                CHAIN.replace("AB and BC are the legs: 3 and 4.",                       # a sentence of the chain
+                              "<anchor>AB and BC are the legs: 3 and 4.</anchor>")]:    # tagged as an anchor
+        with pytest.raises(Malformed, match="outside its <anchor> spans the rewrite is not the original chain"):
+            parse(bad)
+
+
+def test_the_reasoning_prompt_points_at_a_description_only_when_there_is_one():
+    """Found in review: with describe.enabled=false the prompt still said "rely on the description below", followed
+    by nothing. With a description the prompt is byte for byte v1's as released (its cache keys and resumed runs
+    stay valid): the template below is v1's reason_user.txt before the sentence moved into the description block."""
+    import string
+
+    released = string.Template(
+        "Solve the problem about an image. You cannot see the image; rely on the description below, which was written "
+        "by a careful observer.\n\n$description_block\nQuestion:\n$question\n\nReason step by step. Along the way, "
+        "question your own steps (\"wait, let me double-check ...\"), verify intermediate results, and fix any error "
+        "you find. End with one final line of the form\nFinal answer: <answer>\nwhere <answer> is only the answer (a "
+        "number, an expression, a word or an option letter), with nothing after it.")
+    question, description = r"If $x = \frac{1}{2}$, what is {x}?", "## Global scan\nA chart.\n## Elements\n$5 bars."
+    with_description = reason_messages("v1", question, description)[1]["content"]
+    assert with_description == released.substitute(question=question,
+                                                   description_block=f"Image description:\n{description}\n")
+    without = reason_messages("v1", question, None)[1]["content"]
+    assert "description" not in without and "cannot see" not in without
+    assert without.startswith(f"Solve the problem about an image.\n\nQuestion:\n{question}\n\nReason step by step.")

@@ -209,3 +209,61 @@ def test_read_refuses_what_the_writer_would_refuse_before_any_request(tmp_path, 
     (folder / "rows.jsonl").write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(ValueError, match="source t: none of its 1 records is usable"):
         read_sources((source,), tmp_path / "images", dedup=True)
+
+
+def test_ids_repeated_across_sources_are_refused_before_any_request(tmp_path):
+    """Found in review: ids are "<source>/<record id>", so "geo" + "test/1" and "geo/test" + "1" collided (one
+    record overwrote the other's shard, or the dataset was refused later). A "/" in a source name is refused by the
+    config (test_synth_config); the read refuses any id two sources give, naming both."""
+    import dataclasses
+
+    from PIL import Image as PILImage
+
+    from megatron_avar.synth.config import SourceConfig
+    from megatron_avar.synth.records import read_sources
+
+    PILImage.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "a.png")
+    for name, uid in (("one", "test/1"), ("two", "1")):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"image": "a.png", "question": f"Q {name}?", "answer": "1",
+                                                            "uid": uid}) + "\n")
+    geo = SourceConfig(name="geo", path=str(tmp_path / "one.jsonl"), format="columns", id_column="uid")
+    geo_test = dataclasses.replace(geo, name="other", path=str(tmp_path / "two.jsonl"))
+    object.__setattr__(geo_test, "name", "geo/test")  # past the config's check: the read's own holds too
+    with pytest.raises(ValueError, match=r"^sources geo \(record 0\) and geo/test \(record 0\) both give the id "
+                                         r"'geo/test/1'; the written dataset needs unique ids: rename a source$"):
+        read_sources((geo, geo_test), tmp_path / "images", dedup=True)
+
+
+@pytest.mark.parametrize("file_name, content, message", [
+    ("rows.csv", "image,question,answer\na.png,q,1\n", r"^source t: .*/rows.csv is not a .jsonl/.json/.parquet file; "
+                                                      "format columns reads those"),
+    ("rows.jsonl", '{"image": "a.png", "question": "q", "answer": 1}\n{"image": ',
+     r"^source t: cannot read .*/rows.jsonl as a table \(ArrowInvalid: JSON parse error: .* in row 1\); check the "
+     r"file, or set sources\[\].format$")])
+def test_a_column_source_that_is_no_table_is_named_in_one_line(tmp_path, file_name, content, message):
+    """Found in review: a .csv file or invalid JSON gave an 85-line traceback of datasets' internals."""
+    from megatron_avar.synth.config import SourceConfig
+    from megatron_avar.synth.records import read_sources
+
+    (tmp_path / file_name).write_text(content)
+    source = SourceConfig(name="t", path=str(tmp_path / file_name), format="columns")
+    with pytest.raises(ValueError, match=message) as error:
+        read_sources((source,), tmp_path / "images", dedup=True)
+    assert "\n" not in str(error.value)
+
+
+def test_gutted_anchor_rewrites_and_replies_cut_short_are_dropped_and_named(tmp_path, procedural_source, teacher):
+    """Found in review: an anchor rewrite cut down to its anchors and answer line was kept (and preferred by
+    verify.select=most_anchors), and a description cut at max_tokens with its four headings was used and cached."""
+    data, _, records = procedural_source
+    teacher.faults += [Fault("anchor", ["gutted"], match="pink", always=True),
+                       Fault("describe", ["cut_text"], match="brown", always=True)]
+    manifest = run_synthesis(synth_config(tmp_path, data, teacher, "client.max_failed_share=1"))
+    assert manifest["filters"] == {"anchor.malformed": 1, "describe.request_failed": 1} and manifest["kept"] == 6
+    stats = manifest["teachers"]
+    assert stats["anchor"]["malformed_reasons"] == {"outside its <anchor> spans the rewrite is not the original chain "
+                                                    "(reasoning dropped or changed, or words added)": 1}
+    assert stats["describe"]["errors"] == {
+        "the reply was cut at max_tokens=4096 (raise describe.teacher.max_tokens)": 1}
+    assert statuses(teacher, "anchor", "pink") == ["gutted"] * 2  # a format retry with another seed, then dropped
+    assert statuses(teacher, "describe", "brown") == ["cut_text"]  # the same request would be cut the same way
