@@ -83,9 +83,18 @@ def _make_folders(out: Path) -> list[Path]:
                 except FileExistsError:
                     continue
                 made.add(folder)
-        except FileNotFoundError:  # a folder above was removed after the walk: walk again
-            continue
+        except FileNotFoundError as error:
+            if not folder.parent.is_dir():  # a folder above was removed after the walk: walk again
+                continue
+            raise _cannot_make(folder, error) from None  # (/proc refuses a new folder this way)
+        except OSError as error:  # not writable, a read-only file system, a file in the way
+            raise _cannot_make(folder, error) from None
         return sorted(made, key=lambda folder: len(folder.parts), reverse=True)
+
+
+def _cannot_make(folder: Path, error: OSError) -> ValueError:
+    return ValueError(f"cannot make the folder {folder} ({error.strerror or error}): give an output folder on a file "
+                      "system this user can write")
 
 
 def _try_lock(out: Path, conflict: str = _RUN_CONFLICT) -> str:

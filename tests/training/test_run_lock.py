@@ -209,3 +209,15 @@ def test_a_folder_removed_while_the_lock_makes_out_is_made_again(tmp_path, monke
     assert raced and (out / LOCK_FILE).is_file()
     release_run_lock(out, failed=True)
     assert _tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["proc", "file"])
+def test_an_out_that_cannot_be_made_is_one_line_not_a_hang(tmp_path, where):
+    """Found in review: output.dir=/proc/synth_out hung for ever (/proc answers mkdir with ENOENT, which the retry
+    for a folder removed meanwhile by another run's cleanup took for that), and a file in the way of out was a raw
+    NotADirectoryError."""
+    (tmp_path / "notes.txt").write_text("the user's")
+    out = Path("/proc/avar_out") if where == "proc" else tmp_path / "notes.txt" / "run"
+    with pytest.raises(ValueError, match=rf"cannot make the folder {out} \(.*\): give an output folder on a file "):
+        acquire_run_lock(out, is_logging_rank=True)
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
