@@ -202,6 +202,12 @@ def bind_device(local_rank: int) -> torch.device:
     ``torch.cuda.set_device``; on the CPU there is nothing to pin). Returns the device."""
     device = device_for_local_rank(local_rank)
     if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:  # (torch: a raw "CUDA error: invalid device ordinal")
+            raise ValueError(f"local rank {local_rank} needs cuda:{local_rank}, but this process sees {visible} "
+                             "GPU(s): every rank of a node must see all of the node's GPUs (no per-task GPU binding "
+                             "such as --gpus-per-task or --gpu-bind in SRUN_ARGS; CUDA_VISIBLE_DEVICES listing them "
+                             "all)")
         torch.cuda.set_device(device)
     return device
 

@@ -110,3 +110,16 @@ def test_a_failure_on_one_rank_stops_every_rank_naming_the_rank_and_its_error():
                          "last line)")
     assert rank_1[2] == "OSError: no space"
     assert rank_0[2] == "_RankError: saving failed on rank 1 (its error: OSError: no space)"
+
+
+def test_a_local_rank_beyond_the_visible_gpus_is_named(monkeypatch):
+    """Found in review: with per-task GPU binding (each rank sees one GPU) rank 5 asked for cuda:5 and got torch's
+    raw "CUDA error: invalid device ordinal"."""
+    import torch
+
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device reached"))
+    with pytest.raises(ValueError, match=r"local rank 5 needs cuda:5, but this process sees 1 GPU\(s\): .*no "
+                                         r"per-task GPU binding"):
+        platform.bind_device(5)

@@ -20,6 +20,10 @@ from megatron_avar.models import hf_weights
 
 CHECKPOINT_INFO = "avar_checkpoint.json"
 HF_SIDE_DIR = "hf"
+# What a training checkpoint holds beside the model (`training.checkpointing` writes them): its trainer state and
+# per-rank RNG states. A conversion never writes them, and never replaces a folder holding them (`hf_files`).
+TRAINER_STATE = "trainer_state.json"
+RANK_STATE = "rank_state"
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
 
 

@@ -165,8 +165,7 @@ def _replaceable_by_a_conversion(out: Path) -> bool:
     checkpoint of ``avar convert hf-to-mcore`` — never a folder of the user's that merely exists (a home, a
     repository, a run directory) nor a training checkpoint (its optimizer and RNG states would go, and the run
     could no longer resume)."""
-    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO
-    from megatron_avar.training.checkpointing import RANK_STATE, TRAINER_STATE
+    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO, RANK_STATE, TRAINER_STATE
 
     if not any(out.iterdir()):
         return True

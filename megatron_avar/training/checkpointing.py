@@ -55,13 +55,13 @@ import torch.distributed as dist
 from megatron_avar import atomic_files, console, platform
 from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
+from megatron_avar.convert.checkpoint import RANK_STATE, TRAINER_STATE  # the names a checkpoint folder's parts go by
 
 __all__ = ["latest_checkpoint", "complete_checkpoints", "save_checkpoint", "load_checkpoint", "read_trainer_state",
-           "has_checkpoints", "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag"]
+           "has_checkpoints", "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag",
+           "STOP_SIGNALS", "ignore_stop_signals"]
 
 LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
-RANK_STATE = "rank_state"
 
 
 def _checkpoint_root(run_dir: str | Path) -> Path:
@@ -518,11 +518,25 @@ def load_checkpoint(path: Path, model) -> dict:
     return trainer_state
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm's preemption / scancel and its time-limit warning (the launch scripts)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader with worker processes: they ignore the stop signals, which Slurm
+    sends to every process of a step. torch's own SIGTERM handler in a worker kills it when the signal does not
+    come from its parent, and the rank then failed mid-step ("DataLoader worker is killed by signal:
+    Terminated") instead of finishing it and saving a checkpoint. A worker still dies with its rank."""
+    import signal
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1 (Slurm preemption and time-limit warnings); read collectively after each step
     so every rank stops at the same step."""
 
-    def __init__(self, signals=("SIGTERM", "SIGUSR1")):
+    def __init__(self, signals=STOP_SIGNALS):
         import signal
 
         self.received: str | None = None

@@ -46,9 +46,15 @@ class RankLayout:
 
 
 def _env_int(*names: str | None) -> int | None:
+    """The first of the environment variables ``names`` that is set, as an int >= 0; ValueError naming it when its
+    value is not one."""
     for name in names:
         if name is not None and os.environ.get(name):
-            return int(os.environ[name])
+            value = os.environ[name]
+            if not value.isdigit():
+                raise ValueError(f"{name}={value!r} is not a rank number (an int >= 0); fix or unset {name} (the "
+                                 "launcher sets it: torchrun, or srun's SLURM_* variables)")
+            return int(value)
     return None
 
 
@@ -83,6 +89,9 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
             if name not in os.environ:
                 raise ValueError(f"{name} is not set: launch with torchrun, or export it before srun "
                                  "(see slurm/avar_sft_7b.sh)")
+        port = os.environ["MASTER_PORT"]
+        if not (port.isdigit() and int(port) < 65536):
+            raise ValueError(f"MASTER_PORT={port!r} is not a port (0-65535): export another one before the launch")
         # torchrun's variables, whatever launched us: libraries that join this process group read them (vLLM's
         # external_launcher executor takes RANK and LOCAL_RANK from the environment; srun sets neither)
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local or 0)):

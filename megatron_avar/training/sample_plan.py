@@ -175,9 +175,11 @@ def compute_sample_stats(dataset, processor, *, seq_length: int, truncate: bool,
     """`SampleStats` of a canonical conversation dataset (`load_conversations`); ``num_workers`` processes
     (0: this one). Raises ValueError listing every bad sample (id and fix) when any is unusable."""
     from megatron_avar.data.conversations import undecoded
+    from megatron_avar.training.checkpointing import ignore_stop_signals
 
     task = _StatsTask(undecoded(dataset), processor, seq_length, truncate)
-    loader = torch.utils.data.DataLoader(task, batch_size=64, num_workers=num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader(task, batch_size=64, num_workers=num_workers, collate_fn=list,
+                                         worker_init_fn=ignore_stop_signals)
     results = [result for batch in loader for result in batch]
     errors = [result[1] for result in results if len(result) == 2]
     if errors:

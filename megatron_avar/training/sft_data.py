@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_avar import platform
+from megatron_avar.training.checkpointing import ignore_stop_signals
 from megatron_avar.training.packing import PackedBatch, PackedRow, collate_rows, first_fit_decreasing, pack_row
 from megatron_avar.training.sample_plan import SampleStats, load_or_compute_stats
 
@@ -326,7 +327,7 @@ class SFTDataLoader:
         batches = iter(torch.utils.data.DataLoader(
             self._renderer, sampler=keys_of_rank(), batch_size=mbs, collate_fn=collate_rows, num_workers=workers,
             prefetch_factor=max(2, math.ceil(per_step / workers)) if workers else None,
-            pin_memory=platform.cuda_available()))
+            pin_memory=platform.cuda_available(), worker_init_fn=ignore_stop_signals))
         while True:
             microbatches = [next(batches) for _ in range(per_step)]
             step, keys, _, (epoch_after, row_after) = planned.pop(0)

@@ -27,9 +27,10 @@
 # seconds before the time limit; `scancel --batch --signal=USR1 JOBID` sends it by hand). The trap below
 # forwards it to the srun step, every rank finishes its current step, writes a checkpoint
 # (<RUN_DIR>/checkpoints/latest) and exits 0; then this script requeues the job (same job id, log
-# appended), and the requeued job's identical command resumes from that checkpoint. SIGTERM (scancel,
-# preemption with PreemptMode=REQUEUE) is forwarded as well so the ranks checkpoint within KillWait, but
-# never requeues by itself: Slurm decides whether a preempted job comes back.
+# appended), and the requeued job's identical command resumes from that checkpoint. A SIGTERM to this shell
+# (`scancel --batch --signal=TERM`, preemption) is passed on the same way, as USR1 (srun answers a SIGTERM by
+# killing the step: the ranks would write no checkpoint; they stop alike on either signal), so the ranks
+# checkpoint within KillWait, but never requeues by itself: Slurm decides whether a preempted job comes back.
 
 set -euo pipefail
 
@@ -60,7 +61,9 @@ exec >>"$LOG" 2>&1   # this shell and the ranks, appended across requeues (same 
 log() { echo "[avar-slurm $(date -u +%FT%TZ)] $*"; }
 
 # Rendezvous: the first host of the allocation; a port derived from the job id (stable across requeues).
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# (sed reads the whole list: `head -n 1` would close the pipe early, and under pipefail scontrol's SIGPIPE on a
+# long node list failed the job)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -98,7 +101,8 @@ SRUN_PID=""
 forward() {
     STOP_SIGNAL=$1
     log "received SIG$1: asking the ranks to checkpoint and stop"
-    if [ -n "$SRUN_PID" ]; then kill -s "$1" "$SRUN_PID" 2>/dev/null || true; fi
+    # USR1 either way: srun passes USR1 on to every rank, but answers a TERM by killing the step
+    if [ -n "$SRUN_PID" ]; then kill -s USR1 "$SRUN_PID" 2>/dev/null || true; fi
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -110,6 +114,9 @@ while :; do
     wait "$SRUN_PID" || rc=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break  # still alive: wait was interrupted by a trapped signal
 done
+# srun may have ended during the trap that interrupted the last wait (rc > 128 is then that wait's, not srun's,
+# and a finished run would be requeued): wait once more for srun's own status
+if [ "$rc" -gt 128 ]; then rc=0; wait "$SRUN_PID" || rc=$?; fi
 log "ranks exited with status $rc"
 
 if [ "$STOP_SIGNAL" = USR1 ]; then

@@ -8,7 +8,10 @@ srun), a toy Qwen2.5-VL and a procedural dataset.
 2. Preemption for real: the batch script gets USR1 (what `#SBATCH --signal=B:USR1@S` sends before the time
    limit) after the first logged step; the ranks checkpoint and stop, the job requeues itself, the requeued
    job resumes from the checkpoint and finishes, and its loss curve equals the uninterrupted job's.
-3. The cluster stops with no process left behind.
+3. SIGTERM (`scancel --batch --signal=TERM`, preemption): to the batch shell, passed on to the ranks as USR1 (srun
+   kills the step on a TERM); to every process of the step, DataLoader workers included (they ignore it, or torch
+   killed them and the rank failed mid-step). Either way the ranks checkpoint and stop, and the job is not requeued.
+4. The cluster stops with no process left behind.
 """
 
 import json
@@ -41,13 +44,24 @@ def slurm_runs(tmp_path_factory, slurm_installed, sft_inputs):
     root = tmp_path_factory.mktemp("slurm_sft")
     model, data = sft_inputs["hf_path"], sft_inputs["data_path"]
 
-    def submit(cluster, name: str) -> tuple[str, Path, float]:
+    def submit(cluster, name: str, *overrides: str) -> tuple[str, Path, float]:
         run_dir = root / name
         env = {"CONFIG": "examples/sft/slurm_tiny.yaml", "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
-               "OVERRIDES": f"model.hf_path={model} data.path={data}"}
+               "OVERRIDES": " ".join([f"model.hf_path={model}", f"data.path={data}", *overrides])}
         job = cluster.sbatch([*CPU_SBATCH, f"--job-name=avar-{name}", f"--output={root}/sbatch-%j.out",
                               "slurm/avar_sft_7b.sh", f"train.steps={STEPS}"], env=env, cwd=REPO)
         return job, run_dir, time.monotonic()
+
+    def signal_after_first_step(cluster, job: str, run_dir: Path, scancel: list[str]) -> float:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            state = cluster.job(job).get("JobState")
+            assert state in ("PENDING", "RUNNING"), f"job {job} is {state} before logging a step"
+            assert time.monotonic() < deadline, f"job {job} logged no step in {JOB_TIMEOUT_S} s"
+            time.sleep(0.2)
+        cluster.run(["scancel", *scancel, job])
+        return time.monotonic()
 
     results = {}
     with LocalSlurm.start() as cluster:
@@ -56,18 +70,15 @@ def slurm_runs(tmp_path_factory, slurm_installed, sft_inputs):
         results["straight"] = dict(job=job, run_dir=run_dir, info=info, seconds=time.monotonic() - started)
 
         job, run_dir, started = submit(cluster, "preempted")
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            state = cluster.job(job).get("JobState")
-            assert state in ("PENDING", "RUNNING"), f"job {job} is {state} before logging a step"
-            assert time.monotonic() < deadline, f"job {job} logged no step in {JOB_TIMEOUT_S} s"
-            time.sleep(0.2)
-        signalled = time.monotonic()
-        cluster.run(["scancel", "--batch", "--signal=USR1", job])
+        signalled = signal_after_first_step(cluster, job, run_dir, ["--batch", "--signal=USR1"])
         info = cluster.wait(job, timeout_s=JOB_TIMEOUT_S)
         results["preempted"] = dict(job=job, run_dir=run_dir, info=info, seconds=time.monotonic() - started,
                                     first_step_seconds=signalled - started)
+        # SIGTERM to the batch shell, and to every process of the step (with a DataLoader worker per rank)
+        for name, scancel in (("terminated", ["--batch", "--signal=TERM"]), ("terminated-step", ["--signal=TERM"])):
+            job, run_dir, _ = submit(cluster, name, "data.num_workers=1")
+            signal_after_first_step(cluster, job, run_dir, scancel)
+            results[name] = dict(job=job, run_dir=run_dir, info=cluster.wait(job, timeout_s=JOB_TIMEOUT_S))
         results["scratch"] = cluster.scratch
         results["daemon_pids"] = [process.pid for process in cluster.processes.values()]
     results["leftover_pids"] = cluster.leftover_pids()  # after stop: job processes that outlived the cluster
@@ -129,6 +140,23 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(slurm_runs):
     for step in range(STEPS):
         for key in ("loss/lm", "avar/l_enh", "optim/lr"):
             assert resumed[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-8), (step, key)
+
+
+@pytest.mark.parametrize("name", ["terminated", "terminated-step"])
+def test_sigterm_checkpoints_and_stops_without_requeueing(slurm_runs, name):
+    """Found in review: a SIGTERM to the batch shell was passed to srun as a TERM, which srun answers by killing the
+    step (no checkpoint, no summary); one to the whole step killed the DataLoader workers (torch's handler), and
+    the ranks failed mid-step."""
+    run = slurm_runs[name]
+    run_dir, job, info = run["run_dir"], run["job"], run["info"]
+    log = (run_dir / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", log[-4000:]
+    assert "stopping after step" in log and "killed by signal" not in log and "requeueing" not in log, log[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_by"] in ("SIGTERM", "SIGUSR1") and summary["failed"] is None
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{summary['last_step']:08d}"
+    if name == "terminated":
+        assert "received SIGTERM: asking the ranks to checkpoint and stop" in log
 
 
 def test_cluster_stops_without_leftovers(slurm_runs):

@@ -40,3 +40,13 @@ def test_an_srun_step_without_a_rendezvous_is_told_to_set_one():
     code, error = _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
                          SLURM_LOCALID="0")
     assert code != 0 and "MASTER_ADDR is not set" in error
+
+
+def test_a_bad_rank_variable_or_port_is_named():
+    """Found in review: `RANK=x` gave "invalid literal for int() with base 10: 'x'" and MASTER_PORT=99999 "port must
+    have value from 0 to 65535 but was 99999.", naming neither variable."""
+    code, error = _ranks(RANK="x", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    assert code != 0 and "RANK='x' is not a rank number (an int >= 0); fix or unset RANK" in error
+    code, error = _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="1", SLURM_LOCALID="0",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT="99999")
+    assert code != 0 and "MASTER_PORT='99999' is not a port (0-65535)" in error
