@@ -46,8 +46,8 @@ class RoleMassProblem:
     q [M, Hq, D] and k [T, Hkv, D] (a padded [B, S] batch flattened to T = B*S tokens); key_roles int [T] in
     [-1, R); rows int64 [N] flat query indices; q_index int64 [N]: the row of q holding row n's query (``rows``
     itself when q has k's tokens, M = T); key_lo / key_hi int64 [N]: the keys [lo, hi) row n may see (its batch
-    row or packed sample, cut at the row itself when causal). Built on the inputs' device with no host
-    synchronisation.
+    row or packed sample, cut at the row itself when causal); num_windows: how many batch rows or packed samples
+    there are (a bound on the distinct key_lo values). Built on the inputs' device with no host synchronisation.
     """
 
     q: torch.Tensor
@@ -59,6 +59,7 @@ class RoleMassProblem:
     key_hi: torch.Tensor
     num_roles: int
     softmax_scale: float
+    num_windows: int
 
 
 def masses_at_rows(mass: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,8 @@ def build_mass_problem(q, k, key_roles, query_rows, *, num_roles, causal=True, s
     return RoleMassProblem(q=q.reshape(total, num_q_heads, head_dim) if q_index is None else q,
                            k=k.reshape(total, num_kv_heads, head_dim), key_roles=key_roles.reshape(total), rows=rows,
                            q_index=rows if q_index is None else q_index.long(), key_lo=key_lo, key_hi=key_hi,
-                           num_roles=num_roles, softmax_scale=float(softmax_scale))
+                           num_roles=num_roles, softmax_scale=float(softmax_scale),
+                           num_windows=len(cu_seqlens) - 1 if thd else tokens_shape[0])
 
 
 def _packed_windows(cu_seqlens, rows, total, check_values):

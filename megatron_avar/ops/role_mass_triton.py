@@ -3,9 +3,12 @@
 Design: the forward of FlashAttention-2 (an online softmax in base 2 over key tiles, keeping only the row
 log-sum-exp) applied to a gathered block of selected query rows, with the role masses as the only output:
 per key tile, P @ one-hot(key roles) adds each role's probability (a [BLOCK_M, BLOCK_N] x [BLOCK_N, BLOCK_R]
-product). Rows are sorted first, so a block's rows sit in one or two packed samples; each block walks only
-the keys between its rows' first window start and last window end, and skips key tiles no row of the block
-may see, so the work follows N x (keys those rows see).
+product). Rows are sorted, and each window's rows (a batch row's, a packed sample's) start a row block of their
+own: the rows are laid out in slots with empty ones (no keys) after a window's last block. A block's rows thus see
+one window: it walks only the keys between its rows' first window start and last window end, and skips key tiles
+no row of the block may see, so the work follows N x (keys those rows see). (Blocks cut every BLOCK_M rows
+spanned several samples when each has fewer rows, as AGTO's tens of query rows per packed sample: every key tile
+from the first sample's start to the last one's end, ~1.5x the tiles at 16 samples of 2k with 40 rows each.)
 
 Backward (dz_nj = P_nj * (g[n, role_j] - D_n), D_n = sum_r g_nr mass_nr): one kernel per row block for dq
 (the selected rows' gradient, added into dq by PyTorch, so repeated rows accumulate), one per (key tile, kv
@@ -225,8 +228,9 @@ def _mass_dk_kernel(
 @dataclasses.dataclass(frozen=True)
 class _Sorted:
     order: torch.Tensor   # sorted position -> caller's row index
-    queries: torch.Tensor  # the rows of q holding the sorted rows' queries (the kernels read q there only)
-    lo: torch.Tensor
+    slot: torch.Tensor    # sorted position -> its slot in the kernels' row layout (module docstring)
+    queries: torch.Tensor  # per slot: the row of q holding its query (the kernels read q there only); 0 when empty
+    lo: torch.Tensor      # per slot: the key window [lo, hi); [0, 0) when empty
     hi: torch.Tensor
 
 
@@ -255,13 +259,30 @@ def _flags(problem: RoleMassProblem) -> dict:
 
 
 def _sort(problem: RoleMassProblem) -> _Sorted:
+    """The rows in the kernels' layout: sorted, each window's run of rows starting at a multiple of BLOCK_M. On the
+    device, no host sync: the number of slots is a bound known on the host (N plus BLOCK_M - 1 per window)."""
+    block_m = _blocks()[0]["BLOCK_M"]
     order = torch.argsort(problem.rows, stable=True)
-    return _Sorted(order=order, queries=problem.q_index[order].contiguous(), lo=problem.key_lo[order].contiguous(),
-                   hi=problem.key_hi[order].contiguous())
+    lo = problem.key_lo[order]
+    num_rows = lo.numel()
+    first = torch.ones(num_rows, dtype=torch.bool, device=lo.device)                # a window's first row
+    first[1:] = lo[1:] != lo[:-1]                                                 # (lo: the window's start)
+    window = torch.cumsum(first, 0) - 1                                           # [N] run index, runs <= N
+    counts = torch.zeros(num_rows, dtype=torch.int64, device=lo.device).index_add_(0, window, torch.ones_like(lo))
+    padded = (counts + block_m - 1) // block_m * block_m
+    slot = (torch.cumsum(padded, 0) - padded)[window] \
+        + torch.arange(num_rows, device=lo.device) - (torch.cumsum(counts, 0) - counts)[window]
+    num_slots = num_rows + min(num_rows, problem.num_windows) * (block_m - 1)
+
+    def laid_out(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(num_slots).index_copy_(0, slot, values)
+
+    return _Sorted(order=order, slot=slot, queries=laid_out(problem.q_index[order]), lo=laid_out(lo),
+                   hi=laid_out(problem.key_hi[order]))
 
 
 def _forward(problem: RoleMassProblem, rows: _Sorted):
-    """mass [N, Hq, R] fp32 and the base-2 lse [N, Hq] fp32, both in sorted row order."""
+    """mass [slots, Hq, R] fp32 and the base-2 lse [slots, Hq] fp32, in the rows' slots (empty ones: 0 and inf)."""
     q, k = problem.q.contiguous(), problem.k.contiguous()
     num_rows, num_q_heads = rows.queries.numel(), q.shape[1]
     mass = torch.empty(num_rows, num_q_heads, problem.num_roles, dtype=torch.float32, device=q.device)
@@ -277,7 +298,8 @@ def _forward(problem: RoleMassProblem, rows: _Sorted):
 
 
 def _backward(problem: RoleMassProblem, rows: _Sorted, mass, lse, grad_mass):
-    """dq, dk of a loss with gradient ``grad_mass`` [N, Hq, R] (sorted order) on the masses."""
+    """dq, dk of a loss with gradient ``grad_mass`` [slots, Hq, R] (in the rows' slots; 0 in empty ones) on the
+    masses."""
     q, k = problem.q.contiguous(), problem.k.contiguous()
     num_rows, num_q_heads = rows.queries.numel(), q.shape[1]
     num_keys, num_kv_heads = k.shape[0], k.shape[1]
@@ -314,21 +336,23 @@ class _TritonRoleMass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, problem):
         rows = _sort(problem)
-        mass_sorted, lse = _forward(problem, rows)
+        mass_slots, lse = _forward(problem, rows)
         ctx.problem = dataclasses.replace(problem, q=None, k=None)
         ctx.rows = rows
-        ctx.save_for_backward(q, k, mass_sorted, lse)
-        mass = torch.empty_like(mass_sorted)
-        mass[rows.order] = mass_sorted
+        ctx.save_for_backward(q, k, mass_slots, lse)
+        mass = mass_slots.new_empty(rows.order.numel(), *mass_slots.shape[1:])
+        mass[rows.order] = mass_slots[rows.slot]
         return mass
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mass):
-        q, k, mass_sorted, lse = ctx.saved_tensors
+        q, k, mass_slots, lse = ctx.saved_tensors
         problem = dataclasses.replace(ctx.problem, q=q, k=k)
+        rows = ctx.rows
         with platform.on_device_of(q):
-            dq, dk = _backward(problem, ctx.rows, mass_sorted, lse, grad_mass[ctx.rows.order])
+            grad_slots = grad_mass.new_zeros(mass_slots.shape).index_copy_(0, rows.slot, grad_mass[rows.order])
+            dq, dk = _backward(problem, rows, mass_slots, lse, grad_slots)
         return dq, dk, None
 
 

@@ -294,6 +294,30 @@ def _plain_grads(q, k, v, roles, kwargs, rows, weights):
     return torch.autograd.grad((flat[rows].double() * weights).sum(), (q_, k_))
 
 
+def test_triton_probe_row_blocks_never_span_two_samples(triton_device):
+    """Found in review: row blocks were cut every BLOCK_M sorted rows, so with few rows per packed sample (AGTO's
+    tens of query rows) a block held rows of several samples and walked every key tile from the first one's start
+    to the last one's end. Now each sample's rows start a block of their own; the values stay the truth's."""
+    case = Case(packed=(20, 9, 1, 33, 17, 26, 12, 30), num_q_heads=4, num_kv_heads=2, head_dim=32, num_roles=3)
+    q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=41))
+    starts = [0, *torch.tensor(case.packed).cumsum(0).tolist()[:-1]]
+    rows = torch.tensor([s + i for s, n in zip(starts, case.packed) for i in range(0, n, 3)][::-1],
+                        device=triton_device)  # a few rows of every sample, in reverse order
+    problem = role_mass_module.build_mass_problem(q, k, roles, rows, num_roles=3, cu_seqlens=kwargs["cu_seqlens"])
+    laid = role_mass_triton._sort(problem)
+    block = role_mass_triton._blocks()[0]["BLOCK_M"]
+    for start in range(0, laid.lo.numel(), block):
+        used = laid.hi[start:start + block] > laid.lo[start:start + block]
+        assert laid.lo[start:start + block][used].unique().numel() <= 1, f"block at slot {start}"
+    assert laid.lo.numel() <= rows.numel() + len(case.packed) * (block - 1)
+    weights = torch.randn(rows.numel(), 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want, want_dq, want_dk = _truth(q, k, v, roles, kwargs, rows, weights.to(triton_device))
+    got, dq, dk = _probe(q, k, roles, kwargs, rows, weights.to(triton_device), "triton")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    for got_g, want_g in ((dq, want_dq), (dk, want_dk)):
+        torch.testing.assert_close(got_g.double(), want_g, atol=1e-5 * max(want_g.abs().max().item(), 1.0), rtol=0)
+
+
 def test_triton_probe_is_deterministic(triton_device):
     case = Case(packed=(25, 40), num_q_heads=4, num_kv_heads=1, head_dim=32)
     q, k, v, roles, kwargs = _to(triton_device, *make(case, torch.float32, seed=31))
