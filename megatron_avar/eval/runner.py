@@ -178,10 +178,11 @@ def predictions_path(out: Path, benchmark: str, config: EvalConfig) -> Path:
     return out / "predictions" / f"{benchmark}{suffix}.jsonl"
 
 
-def prediction_files(out: Path, benchmark: str) -> list[Path]:
-    """Every predictions file of ``benchmark`` in ``out`` (unsharded and shard files), sorted."""
+def prediction_files(out: Path, benchmark: str, *, suffix: str = ".jsonl") -> list[Path]:
+    """Every predictions file of ``benchmark`` in ``out`` (unsharded and shard files), sorted; with another
+    ``suffix``, the files of that kind beside them (".done.json": their completion records)."""
     folder = out / "predictions"
-    return sorted([*folder.glob(f"{benchmark}.jsonl"), *folder.glob(f"{benchmark}.shard-*-of-*.jsonl")])
+    return sorted([*folder.glob(f"{benchmark}{suffix}"), *folder.glob(f"{benchmark}.shard-*-of-*{suffix}")])
 
 
 def _done_path(predictions: Path) -> Path:
@@ -249,10 +250,9 @@ def _unfinished(out: Path, name: str, files: list[Path], predicted: int) -> str 
         return None
     # (a benchmark missing from ``limits`` has no record of its runs: it must hold every sample)
     required = _recorded_limits(run_config, out).get(name)
-    folder = out / "predictions"
-    done_files = sorted([*folder.glob(f"{name}.done.json"), *folder.glob(f"{name}.shard-*-of-*.done.json")])
     # (every record: a run that found its share in the other files has finished without a file of its own)
-    records = [record for path in done_files if (record := _read_done(path.with_suffix("").with_suffix(".jsonl")))]
+    records = [record for path in prediction_files(out, name, suffix=".done.json")
+               if (record := _read_done(path.with_suffix("").with_suffix(".jsonl")))]
     covering = [record["samples"] for record in records if _covers(record.get("limit"), required)]
     if not covering:
         wanted = "all its samples" if required is None else f"its first {required} samples"
