@@ -139,8 +139,9 @@ class ClientConfig:
     concurrency: int = 8
     """Requests in flight per stage worker (total = workers x concurrency)."""
     timeout_s: float = 300.0
-    """Longest time one attempt of a request may take, from connecting to the reply's last byte (a server that
-    sends its reply slowly is cut off at it, not only one that goes silent); a timeout is retried."""
+    """Longest time one attempt of a request may take, from connecting to the reply's last byte: a reply body sent
+    slowly is cut off at it, not only a server that goes silent (the wait for the reply's headers is bounded per
+    read only); a timeout is retried."""
     max_retries: int = 6
     """Retries after HTTP 429/5xx, timeouts and connection errors; then the record is dropped (not cached,
     so the next run asks again)."""
