@@ -8,7 +8,6 @@ SLURM_STEP_NUM_TASKS / SLURM_LOCALID, rendezvous in MASTER_ADDR / MASTER_PORT), 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -58,12 +57,6 @@ def _env_int(*names: str | None) -> int | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) -> RankLayout:
     """Initialise torch.distributed (if needed) and megatron's parallel state (``vpp`` model chunks per pipeline
     rank, ``cp`` context-parallel ranks); seed megatron's RNG tracker."""
@@ -81,10 +74,16 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
         rank = _env_int("RANK", slurm[0])
         world = _env_int("WORLD_SIZE", slurm[1])
         local = _env_int("LOCAL_RANK", slurm[2])
+        store = None  # None: torch's env:// rendezvous on MASTER_ADDR:MASTER_PORT
         if rank is None or world is None:
             rank, world, local = 0, 1, 0
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            if "MASTER_PORT" not in os.environ:
+                # the OS picks the port while our store binds it: a port probed free and released could be taken
+                # (another run's store, or any process's outgoing connection) before torch binds it
+                store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
+                    "127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+                os.environ["MASTER_PORT"] = str(store.port)
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ValueError(f"{name} is not set: launch with torchrun, or export it before srun "
@@ -97,7 +96,7 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local or 0)):
             os.environ[name] = str(value)
         platform.bind_device(local or 0)
-        dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world)
+        dist.init_process_group(platform.distributed_backend(), rank=rank, world_size=world, store=store)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"world size {world} is not a multiple of tensor_model_parallel_size ({tp}) x "

@@ -5,7 +5,6 @@ directory."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,19 +60,19 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/lm"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_ranks(command: list[str], *, env: dict | None = None) -> list[tuple[int, str]]:
-    """Run ``command`` as 2 ranks (torchrun's environment variables, plus ``env``); (exit code, stdout and stderr
-    together) of each."""
-    port = str(_free_port())
+    """Run ``command`` as 2 ranks, launched as torchrun launches them: its environment variables (plus ``env``), and
+    the rendezvous store hosted here, as by torchrun's agent (the ranks connect to it as clients). The OS picks the
+    store's port while binding it: a port probed free and released for rank 0 to bind could be taken in between.
+    (exit code, stdout and stderr together) of each."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, None, is_master=True,  # pyright: ignore[reportPrivateImportUsage]
+                          wait_for_workers=False)
     ranks = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+                                   "TORCHELASTIC_USE_AGENT_STORE": "True"})
              for rank in range(2)]
     outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
     return [(rank.returncode, text) for rank, text in zip(ranks, outputs)]
