@@ -17,6 +17,7 @@ from megatron_avar.grading import (
     extract_answer,
     grade,
     math_equal,
+    same_words,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,15 @@ def test_intervention_compares_words_too_the_reward_does_not():
     response = "<think>the colour of the disc</think><answer>Red!</answer>"
     assert grade(response, "red", INTERVENTION).correct
     assert not grade(response, "red", RL_REWARD).correct
+
+
+@pytest.mark.parametrize("gold, predicted", [("-3", "3"), ("x > 1", "x < 1"), ("3.5", "3 5"), ("1/2", "1 2"),
+                                             ("x^2", "x 2"), ("x + 1", "x 1")])
+def test_the_word_rule_keeps_signs_and_decimal_points(gold, predicted):
+    """Found in review: every punctuation mark was dropped, signs too, so `avar intervene` graded "3" correct for
+    "-3" and "x < 1" for "x > 1", and a teacher's anchor rewrite could flip a sign in the chain it must keep."""
+    assert not same_words(gold, predicted) and not grade(f"<answer>{predicted}</answer>", gold, INTERVENTION).correct
+    assert same_words(gold, gold.upper() + ".") and same_words("(A) dark-red!", "a dark red")
 
 
 def test_the_eval_harness_leaves_comparison_to_the_benchmarks():

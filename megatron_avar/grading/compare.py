@@ -197,13 +197,21 @@ def _plain(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().strip("$").strip().rstrip(".")).lower()
 
 
-def _words(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+# A number with its decimal point or thousands separators ("3.5", "2,000"), a word, or a sign that changes what
+# text means ("-3" is not "3", "x>1" not "x<1", "1/2" not "1 2"). Everything else is punctuation: ".!?,;:'\"()[]{}$\\",
+# a hyphen joining two words, and "*" (Markdown's emphasis far more often than a product).
+_WORD_OR_SIGN = re.compile(r"\d+(?:[.,]\d+)*|\w+|[-+/^<>=%±×÷≤≥≠√°]")
+_WORD_HYPHEN = re.compile(r"(?<=[^\W\d_])-(?=[^\W\d_])")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_OR_SIGN.findall(_WORD_HYPHEN.sub(" ", text.casefold()))
 
 
 def same_words(gold: str, predicted: str | None) -> bool:
-    """Whether both hold the same words, ignoring case and every punctuation mark ("Red!" = "red",
-    "dark-red" = "dark red"); blank or punctuation-only text is never equal."""
+    """Whether both hold the same words, numbers and mathematical signs, ignoring case, spacing and punctuation
+    ("Red!" = "red", "dark-red" = "dark red", "(A)" = "A"; but "-3" != "3", "x>1" != "x<1", "3.5" != "3 5");
+    blank or punctuation-only text is never equal."""
     if predicted is None:
         return False
     words = _words(predicted)

@@ -309,6 +309,7 @@ def test_an_anchor_rewrite_must_keep_the_chain_it_rewrites():
                 f"Sure! Here is the rewritten chain with visual anchors:\n\n{inline}",  # a preamble
                 inline.replace("Correct.", "Correct, as expected."),                     # words changed
                 inline.replace("sqrt(9+16) = 5", "sqrt(9+16) = 6"),                     # a number changed
+                inline.replace("sqrt(9+16)", "sqrt(9-16)"),                             # a sign changed
                 CHAIN.replace("AB and BC are the legs: 3 and 4.",                       # a sentence of the chain
                               "<anchor>AB and BC are the legs: 3 and 4.</anchor>")]:    # tagged as an anchor
         with pytest.raises(Malformed, match="outside its <anchor> spans the rewrite is not the original chain"):
