@@ -7,6 +7,7 @@ adds for answers in words. math-verify is imported on first use (it is slow to i
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from typing import Any, cast
@@ -178,7 +179,8 @@ def math_equal(gold: str, predicted: str | None, *, rel_tol: float = 1e-6) -> bo
     if predicted is None or not predicted.strip():
         return False
     gold_number, predicted_number = to_number(gold), to_number(predicted)
-    if gold_number is not None and predicted_number is not None:
+    if gold_number is not None and predicted_number is not None and math.isfinite(gold_number) \
+            and math.isfinite(predicted_number):  # (past a float's range, 2^{10000} and 3^{10000} are both inf)
         return abs(gold_number - predicted_number) <= rel_tol * max(1.0, abs(gold_number))
     if has_words(gold) or has_words(predicted) or any(_SEVERAL_NUMBERS.fullmatch(strip_units(side))
                                                       for side in (gold, predicted)):

@@ -133,6 +133,12 @@ def test_answers_too_large_to_evaluate_are_graded_at_once_in_any_thread():
     assert to_number("100!") == pytest.approx(9.332621544394415e157) and to_number("2^{100}") == 2.0 ** 100
 
 
+def test_numbers_past_a_floats_range_are_compared_as_text():
+    """Found in review: 2^{10000} is inf as a float, and inf - inf is nan, so the answer was graded wrong against
+    itself (and any two such numbers would be equal if compared as floats)."""
+    assert math_equal("2^{10000}", "2^{10000}") and not math_equal("2^{10000}", "3^{10000}")
+
+
 def test_free_form_candidate():
     assert free_form_candidate("The side is 13 cm long and more words follow", numeric=True) == "13"
     assert free_form_candidate("\\frac{1}{2}", numeric=True) == "\\frac{1}{2}"
