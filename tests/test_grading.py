@@ -123,6 +123,7 @@ def test_the_word_rule_keeps_signs_and_decimal_points(gold, predicted):
     "-3" and "x < 1" for "x > 1", and a teacher's anchor rewrite could flip a sign in the chain it must keep."""
     assert not same_words(gold, predicted) and not grade(f"<answer>{predicted}</answer>", gold, INTERVENTION).correct
     assert same_words(gold, gold.upper() + ".") and same_words("(A) dark-red!", "a dark red")
+    assert same_words("-3", "\u22123")  # the minus sign U+2212 is a hyphen-minus
 
 
 def test_the_eval_harness_leaves_comparison_to_the_benchmarks():

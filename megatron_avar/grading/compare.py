@@ -207,7 +207,7 @@ _WORD_HYPHEN = re.compile(r"(?<=[^\W\d_])-(?=[^\W\d_])")
 
 
 def _words(text: str) -> list[str]:
-    return _WORD_OR_SIGN.findall(_WORD_HYPHEN.sub(" ", text.casefold()))
+    return _WORD_OR_SIGN.findall(_WORD_HYPHEN.sub(" ", text.casefold().replace("\u2212", "-")))  # (U+2212 minus)
 
 
 def same_words(gold: str, predicted: str | None) -> bool:
