@@ -171,37 +171,80 @@ def test_launch_runs_command_ranks_without_deadline_and_keeps_value_errors():
     assert run_on_ranks(_report_rank, 2, 0, scale=1, timeout_s=None, capture_output=False)[1]["rank"] == 1
 
 
+_NAPPER = """\
+import multiprocessing, os, pathlib, time
+import torch.distributed as dist
+
+def nap(folder):
+    # a spawned helper, as megatron's async checkpoint writer's Manager: fork + exec, not tied to the rank by
+    # the fork hook
+    helper = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(300,))
+    helper.start()
+    pathlib.Path(folder, f"{os.getpid()}.pid").write_text("")
+    pathlib.Path(folder, f"{helper.pid}.helper").write_text("")
+    time.sleep(120)
+
+def nap_or_fail(folder):
+    if dist.get_rank() == 0:
+        nap(folder)
+    while not list(pathlib.Path(folder).glob("*.helper")):
+        time.sleep(0.1)
+    raise RuntimeError("rank 1 fails while rank 0 waits")
+"""
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _all_gone(pids, wait_s=20.0):
+    deadline = time.monotonic() + wait_s
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(pid) for pid in pids)
+
+
 def test_ranks_die_with_a_caller_that_is_killed(tmp_path):
     """A caller killed by a signal runs no cleanup (`avar convert` stopped with SIGTERM, or the OOM killer):
     before, its ranks worked on, for hours on a real conversion. Now each rank dies with the process that started
-    it (the caller, or the forkserver, which exits with the caller)."""
+    it (the caller, or the forkserver, which exits with the caller), and so does what the rank spawned (found in
+    review: megatron's checkpoint writer's Manager process outlived a killed `avar convert`, holding its output
+    pipe open, so `avar convert ... | tee log` never ended)."""
     import signal
     import subprocess
     import sys
 
-    (tmp_path / "napper.py").write_text(
-        "import os, pathlib, time\n"
-        "def nap(folder):\n"
-        "    pathlib.Path(folder, f'{os.getpid()}.pid').write_text('')\n"
-        "    time.sleep(120)\n")
+    (tmp_path / "napper.py").write_text(_NAPPER)
     caller = subprocess.Popen([sys.executable, "-c", (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import napper\n"
         "from megatron_avar.testing import run_on_ranks\n"
         f"run_on_ranks(napper.nap, 2, {str(tmp_path)!r}, timeout_s=None)\n")])
     deadline = time.monotonic() + 120
-    while len(pids := [int(p.stem) for p in tmp_path.glob("*.pid")]) < 2:
+    while len(helpers := [int(p.stem) for p in tmp_path.glob("*.helper")]) < 2:
         assert caller.poll() is None and time.monotonic() < deadline, "the ranks never started"
         time.sleep(0.1)
+    pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
     caller.send_signal(signal.SIGTERM)
     caller.wait(timeout=30)
+    assert _all_gone(pids), f"ranks {pids} outlived their caller"
+    assert _all_gone(helpers), f"the ranks' spawned helpers {helpers} outlived them"
 
-    def alive(pid):
-        try:
-            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
 
-    deadline = time.monotonic() + 20
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids), f"ranks {pids} outlived their caller"
+def test_what_a_killed_rank_spawned_dies_with_it(tmp_path):
+    import sys
+
+    (tmp_path / "napper.py").write_text(_NAPPER)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import napper
+
+        with pytest.raises(RankFailedError, match="rank 1 fails while rank 0 waits"):
+            run_on_ranks(napper.nap_or_fail, 2, str(tmp_path), timeout_s=120)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("napper", None)
+    helpers = [int(p.stem) for p in tmp_path.glob("*.helper")]
+    assert len(helpers) == 1 and _all_gone(helpers, wait_s=10), "rank 0's spawned helper outlived it"

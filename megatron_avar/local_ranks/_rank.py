@@ -62,6 +62,10 @@ def rank_main(
     (None: they stay where they are). ``environ``/``sys_path``/``cwd`` are the caller's at call time: the
     forkserver captured its own when it started, which may be stale.
     """
+    # A process group of its own, so that what the rank starts dies with it, spawned processes too (fork + exec:
+    # megatron's async checkpoint writer starts a Manager process; the fork hook below does not reach those):
+    # the launcher and _die_with kill the group. (The launcher, not the terminal, stops ranks on Ctrl-C.)
+    os.setpgrp()
     log = open(log_path, "w", buffering=1) if log_path is not None else sys.stderr
     sys.stdout.flush()
     sys.stderr.flush()
@@ -119,12 +123,12 @@ def _alive(pid: int) -> bool:
 
 
 def _die_with(caller: int, poll_s: float = 1.0) -> None:
-    """Thread: SIGKILL this rank (and, tied to it, what it forked) once ``caller`` is gone. A caller killed by a
-    signal (`avar convert` stopped with SIGTERM, the OOM killer) runs no cleanup, and its ranks, children of the
-    forkserver (which each rank keeps alive) or spawned, would work on for as long as their task takes."""
+    """Thread: SIGKILL this rank and its process group (what it started) once ``caller`` is gone. A caller killed
+    by a signal (`avar convert` stopped with SIGTERM, the OOM killer) runs no cleanup, and its ranks, children of
+    the forkserver (which each rank keeps alive) or spawned, would work on for as long as their task takes."""
     while _alive(caller):
         time.sleep(poll_s)
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _init_process_group(rank: int, world_size: int, store_port: int, timeout_s: float | None) -> None:

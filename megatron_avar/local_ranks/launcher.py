@@ -270,7 +270,7 @@ def _failure_error(r: _Rank, world_size: int, log_paths: list[str | None]) -> Ra
 
 def _timeout_error(unfinished: list[int], world_size: int, log_paths: list[str | None], ranks) -> RanksTimedOutError:
     for rank in unfinished:
-        _signal(ranks[rank].process, STACK_DUMP_SIGNAL)
+        _signal(ranks[rank].process, STACK_DUMP_SIGNAL, group=False)
     time.sleep(_STACK_DUMP_WAIT_S)  # let faulthandler write the stacks before the ranks are killed
     finished = sorted(set(range(world_size)) - set(unfinished))
     dumps = "\n".join(f"--- last output of rank {rank} (stacks at timeout) ---\n{_tail(log_paths[rank])}"
@@ -294,16 +294,41 @@ def _stop(ranks: list[_Rank], exit_grace_s: float) -> None:
     for r in ranks:
         r.process.join(timeout=max(0.0, deadline - time.monotonic()))
         if r.process.is_alive():
-            r.process.kill()
+            _signal(r.process, signal.SIGKILL)
             r.process.join()
+        _kill_leftovers(r.process)
         r.conn.close()
 
 
-def _signal(process, signum: int) -> None:
+def _signal(process, signum: int, *, group: bool = True) -> None:
+    """Send ``signum`` to a live rank: to its process group (the rank and what it started: each rank leads its
+    own), or with ``group=False`` (or before the rank has made its group) to the rank alone."""
+    if process.pid is None:  # never started
+        return
     try:
-        os.kill(process.pid, signum)
-    except (ProcessLookupError, TypeError):  # already gone, or never started (pid None)
+        if group and _leads_group(process.pid):
+            os.killpg(process.pid, signum)
+        else:
+            os.kill(process.pid, signum)
+    except ProcessLookupError:  # already gone
         pass
+
+
+def _leads_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return False
+
+
+def _kill_leftovers(process) -> None:
+    """SIGKILL what a rank that has exited (and been reaped) left running in its process group. Never signals the
+    pid itself: once reaped it may be another process's."""
+    if process.pid is not None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # nothing left (or the group was never made)
+            pass
 
 
 def _tail(path: str | None) -> str:
