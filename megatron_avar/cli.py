@@ -44,22 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE overrides after a flag (`avar sft a=1 --config X b=2`): argparse takes one run of a positional
+        # list, so the second run reaches here; anything else is a mistake, shown with the subcommand's usage
+        if isinstance(getattr(args, "overrides", None), list) and all(_is_override(word) for word in extra):
+            args.overrides.extend(extra)
+        else:
+            getattr(args, "help_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "handler", None) is None:
         getattr(args, "help_parser", parser).print_help(sys.stderr)
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         # Bad input raises ValueError with a message that names the problem and the fix: show just that.
-        # A FileNotFoundError is a path given wrong (a config value or flag read before anything checked it):
-        # its one line names the path, and the traceback would only show where it was read.
-        # AVAR_DEBUG=1 shows the traceback too.
+        # An OSError is a path given wrong or a file system that refused (a missing input, an unwritable or
+        # full output, a folder where a file belongs) met before anything checked it: its one line names the
+        # error and the path, and the traceback would only show where. AVAR_DEBUG=1 shows the traceback too.
         if os.environ.get("AVAR_DEBUG") == "1":
             raise
-        if isinstance(error, FileNotFoundError) and error.filename is not None:
-            error = f"{error.strerror or error}: {error.filename} (AVAR_DEBUG=1 shows where it was read)"
-        print(f"avar {args.subcommand}: error: {error}", file=sys.stderr)
+        print(f"avar {args.subcommand}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C stops at once (what is published is whole: every file is replaced atomically); a stop that
@@ -70,6 +75,17 @@ def main(argv: list[str] | None = None) -> int:
                 "scancel --batch --signal=USR1 JOBID under Slurm)" if args.subcommand in ("sft", "grpo") else "")
         print(f"\navar {args.subcommand}: interrupted{stop}", file=sys.stderr)
         return 130
+
+
+def _is_override(word: str) -> bool:
+    return "=" in word and not word.startswith("-")
+
+
+def _one_line(error: Exception) -> str:
+    if not isinstance(error, OSError) or error.filename is None:
+        return str(error)
+    paths = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+    return f"{error.strerror or error}: {paths} (AVAR_DEBUG=1 shows where)"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from megatron_avar.cli import main
 
 
@@ -54,6 +56,29 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "messages": [], "answer": "1"}\n')
     assert main(["data", "validate", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl line 1" in capsys.readouterr().err
+
+
+def test_a_file_system_error_is_one_line(tmp_path, capsys):
+    """Found in review: only FileNotFoundError was caught, so a path under a file, an unwritable folder or a full
+    disk printed a traceback (here: `--out` below a file)."""
+    (tmp_path / "afile").write_text("")
+    assert main(["data", "generate", "--out", str(tmp_path / "afile" / "sub"), "--num-samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("avar data: error: ") and str(tmp_path / "afile") in err and "Traceback" not in err
+
+
+def test_overrides_may_come_on_both_sides_of_a_flag(capsys):
+    """Found in review: `avar plan a=1 --model 7b b=2` failed with the top-level usage, "unrecognized arguments:
+    b=2", as if the key were unknown; argparse takes one run of a positional list."""
+    from pathlib import Path
+
+    config = str(Path(__file__).resolve().parents[1] / "examples" / "sft" / "avar_7b.yaml")
+    assert main(["plan", "--config", config, "data.seq_length=4096", "--model", "7b", "train.recompute=full"]) == 0
+    assert "4096 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        main(["plan", "--config", config, "--model", "7b", "--bogus"])
+    err = capsys.readouterr().err
+    assert "usage: avar plan" in err and "unrecognized arguments: --bogus" in err
 
 
 def test_validate_names_a_record_whose_image_fails_to_decode(tmp_path, capsys, monkeypatch):
