@@ -16,10 +16,14 @@ hf_export_dir, the AVAR metrics of both runs, the GRPO reward curve (grpo) and t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from megatron_avar import atomic_files
@@ -27,6 +31,12 @@ from megatron_avar import atomic_files
 __all__ = ["register", "run_quickstart"]
 
 MARKER = "quickstart.json"
+REPLACED = ".replaced"  # an earlier run while --overwrite replaces it: deleted once the new run is complete
+TOY_LAYERS = 4
+# what the quickstart sets itself: an override of these would send a stage elsewhere, or leave one stage's output
+# where the next does not look
+OWN_SETTINGS = ("out", "model.hf_path", "data.path", "parallel.tensor_model_parallel_size")
+STAGE_STOP_S = 60  # a stopped stage's time to finish (a training stage saves a checkpoint) before it is killed
 SFT_CONFIG = Path("examples/sft/quickstart.yaml")
 GRPO_CONFIG = Path("examples/grpo/tiny.yaml")
 GRPO_STEPS = 6
@@ -50,23 +60,105 @@ def register(subparsers) -> None:
 
 
 def _avar(*args: str, nproc: int = 0) -> None:
+    """Run a stage: `avar ARGS` (under torchrun with ``nproc`` ranks), in a process group of its own, so that a
+    stopped quickstart stops all of it (torchrun and its ranks) rather than orphaning it (:func:`_stopping`)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command = (launcher + ["-m", "megatron_avar", *args]) if nproc else [sys.executable, "-m", "megatron_avar", *args]
     print("+ " + " ".join(command), flush=True)
-    result = subprocess.run(command)
-    if result.returncode:
-        raise ValueError(f"stage `avar {args[0]}` failed with exit code {result.returncode} (output above)")
+    if code := _run_stage(command):
+        raise ValueError(f"stage `avar {args[0]}` failed with exit code {code} (output above)")
+
+
+def _run_stage(command: list[str]) -> int:
+    """``command``'s exit code; it runs in a process group of its own, stopped with it on an exception."""
+    stage = subprocess.Popen(command, process_group=0)
+    try:
+        return stage.wait()
+    except BaseException:  # Ctrl-C, or SIGTERM / SIGHUP (see _stopping)
+        _stop(stage)
+        raise
+
+
+def _stop(stage: subprocess.Popen) -> None:
+    """SIGTERM to the stage's process group (torchrun passes it on; a training rank saves a checkpoint and stops),
+    SIGKILL to what is left after STAGE_STOP_S."""
+    with suppress(ProcessLookupError):
+        os.killpg(stage.pid, signal.SIGTERM)
+    try:
+        stage.wait(timeout=STAGE_STOP_S)
+    except subprocess.TimeoutExpired:
+        pass
+    with suppress(ProcessLookupError):
+        os.killpg(stage.pid, signal.SIGKILL)
+    stage.wait()
+
+
+@contextmanager
+def _stopping() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the quickstart as Ctrl-C does: the running stage is
+    stopped and the earlier run, if one is being replaced, is put back."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
+    """Check ``out`` (held under its run lock) and, with ``overwrite``, move an earlier run into ``out/.replaced``:
+    :func:`_replaced_run_kept` deletes it once the new run is complete, or puts it back."""
+    earlier = _entries(out)
+    if earlier or (out / REPLACED).exists():
         if not overwrite:
             raise ValueError(f"{out} is not empty; pass --overwrite to replace an earlier quickstart run")
-        if not (out / MARKER).is_file():
+        if not (out / MARKER).is_file() and not (out / REPLACED / MARKER).is_file():
             raise ValueError(f"{out} is not empty and was not written by `avar quickstart`: refusing to delete it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"written_by": "avar quickstart"}) + "\n")
+        if (out / REPLACED).exists() and not (out / "summary.json").is_file():
+            for entry in earlier:  # a replacing run that was killed: what it wrote is not a run
+                _remove(entry)
+        else:  # (a complete run and an older one aside: a replacing run killed as it finished; keep the newer)
+            shutil.rmtree(out / REPLACED, ignore_errors=True)
+            (out / REPLACED).mkdir()
+            for entry in earlier:
+                entry.rename(out / REPLACED / entry.name)
+    atomic_files.write_json(out / MARKER, {"written_by": "avar quickstart"})
+
+
+@contextmanager
+def _replaced_run_kept(out: Path) -> Iterator[None]:
+    """The run in ``out/.replaced`` (if any) deleted when the block ends well, else put back in place of what the
+    block wrote."""
+    aside = out / REPLACED
+    try:
+        yield
+    except BaseException:
+        if aside.is_dir():
+            for entry in _entries(out):
+                _remove(entry)
+            for entry in aside.iterdir():
+                entry.rename(out / entry.name)
+            aside.rmdir()
+            print(f"avar quickstart: the earlier run in {out} is back in place", file=sys.stderr)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _entries(out: Path) -> list[Path]:
+    """What a run wrote in ``out``: all but its lock file and the run being replaced."""
+    from megatron_avar.training.run_lock import LOCK_FILE
+
+    return [entry for entry in out.iterdir() if entry.name not in (LOCK_FILE, REPLACED)]
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def _check_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
@@ -76,8 +168,13 @@ def _check_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
     from megatron_avar.grpo.config import GRPOConfig
     from megatron_avar.sft.config import SFTConfig
 
+    own = [override for override in overrides if override.partition("=")[0] in OWN_SETTINGS]
+    if own:
+        raise ValueError(f"{', '.join(own)}: the quickstart sets {', '.join(OWN_SETTINGS)} itself (--out for the run "
+                         "folder, --nproc for the ranks); run `avar sft` for a run of your own")
     unused = ["out=unused", "model.hf_path=unused", "data.path=unused", f"parallel.tensor_model_parallel_size={tp}"]
     sft = load_config(SFTConfig, SFT_CONFIG, [*unused, *overrides])
+    sft.avar.layer_indexes(TOY_LAYERS)  # the toy model's layers, checked before the stages that would find out
     grpo = load_config(GRPOConfig, GRPO_CONFIG, [*unused, f"train.steps={GRPO_STEPS}"])
     for stage, config, batch, per_rank in (
             ("SFT", sft, ("train.global_batch_size", sft.train.global_batch_size), sft.data.micro_batch_size),
@@ -98,8 +195,7 @@ def _check_stages(overrides: list[str], *, nproc: int, tp: str) -> None:
 
 def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int, overwrite: bool,
                    overrides: list[str]) -> int:
-    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
-    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+    from megatron_avar.training.run_lock import holding_run_lock
 
     if not SFT_CONFIG.is_file() or not GRPO_CONFIG.is_file():
         raise ValueError(f"{SFT_CONFIG} not found: run `avar quickstart` from the repository root")
@@ -111,7 +207,20 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     tp = "2" if nproc % 2 == 0 else "1"  # tensor parallelism of the training stages
     # before anything is written or an earlier run replaced: a typo must not cost it, nor the stages before sft
     _check_stages(overrides, nproc=nproc, tp=tp)
-    _prepare_out(out, overwrite)
+    conflict = "two quickstarts on one --out would delete each other's files; wait for it to end, or pass another --out"
+    with holding_run_lock(out, conflict=conflict), _stopping():
+        _prepare_out(out, overwrite)
+        with _replaced_run_kept(out):
+            _run_stages(out, nproc=nproc, num_samples=num_samples, vas_samples=vas_samples, overrides=overrides,
+                        tp=tp)
+    return 0
+
+
+def _run_stages(out: Path, *, nproc: int, num_samples: int, vas_samples: int, overrides: list[str],
+                tp: str) -> None:
+    from megatron_avar.data.procedural import ProceduralConfig, write_dataset
+    from megatron_avar.models.qwen2_5_vl.toy import ToyModelConfig, write_toy_checkpoint
+
     seconds: dict[str, float] = {}
 
     def stage(name: str, fn):
@@ -126,7 +235,7 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
     stage("data", lambda: write_dataset(ProceduralConfig(num_samples=num_samples, image_size=(112, 84)), data.parent))
     stage("held_out", lambda: write_dataset(ProceduralConfig(num_samples=vas_samples, seed=1, image_size=(112, 84)),
                                             held_out.parent))
-    stage("model", lambda: write_toy_checkpoint(model, ToyModelConfig(num_layers=4)))
+    stage("model", lambda: write_toy_checkpoint(model, ToyModelConfig(num_layers=TOY_LAYERS)))
 
     def vas(checkpoint: Path, name: str) -> dict:
         _avar("vas", "--model", str(checkpoint), "--data", str(held_out), "--num-samples", str(vas_samples),
@@ -183,4 +292,3 @@ def run_quickstart(out: Path, *, nproc: int, num_samples: int, vas_samples: int,
           f"(plain SFT)\n"
           f"  GRPO: reward {[round(h['reward/total'], 3) for h in grpo_curve]}, r_visual of the rollouts "
           f"{[round(h['reward/r_visual'], 3) for h in grpo_curve]}", flush=True)
-    return 0

@@ -66,3 +66,112 @@ def test_a_bad_override_or_out_is_refused_before_anything_is_written(tmp_path, c
         assert main(["quickstart", "--out", str(out), "--overwrite", *flags]) == 2
         assert message in capsys.readouterr().err
         assert (out / "summary.json").read_text() == "earlier", flags
+
+
+def test_settings_the_quickstart_makes_itself_and_bad_layers_are_refused_before_anything_runs(tmp_path, capsys):
+    """Found in review: `out=...` sent the sft stage elsewhere, then the next stage failed on a missing file;
+    `model.hf_path` / `data.path` silently replaced the toy model or data; `avar.layers=[9]` ran three stages, then
+    failed in sft under 40 lines of torchrun traceback."""
+    from megatron_avar.cli import main
+
+    out = tmp_path / "quickstart"
+    assert main(["quickstart", "--out", str(out), f"out={tmp_path / 'elsewhere'}", "train.steps=1"]) == 2
+    assert "the quickstart sets out, model.hf_path, data.path" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(out), "avar.layers=[9]"]) == 2
+    assert "avar.layers" in capsys.readouterr().err and not out.exists()
+
+
+def _earlier_run(out: Path) -> None:
+    from megatron_avar.quickstart import MARKER
+
+    (out / "sft").mkdir(parents=True)
+    (out / MARKER).write_text("{}")
+    (out / "summary.json").write_text("earlier")
+    (out / "sft" / "metrics.jsonl").write_text("earlier")
+
+
+def _is_the_earlier_run(out: Path) -> bool:
+    return ((out / "summary.json").read_text() == "earlier" and (out / "sft" / "metrics.jsonl").read_text() == "earlier"
+            and not (out / ".replaced").exists() and not (out / "new-stage").exists())
+
+
+_STOPPED_QUICKSTART = """\
+import sys
+from pathlib import Path
+
+import megatron_avar.quickstart as quickstart
+from megatron_avar.cli import main
+
+def stages(out, **settings):  # a stage that has started a process of its own, then runs until stopped
+    (out / "new-stage").mkdir()
+    child = "import os, subprocess, sys, time; "
+    child += "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+    child += f"open({str(out.parent / 'stage.pid')!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    quickstart._run_stage([sys.executable, "-c", child])
+
+quickstart._run_stages = stages
+sys.exit(main(["quickstart", "--out", sys.argv[1], "--overwrite"]))
+"""
+
+
+def test_a_stopped_or_failed_overwrite_puts_the_earlier_run_back_and_stops_its_stage(tmp_path):
+    """Found in review: --overwrite deleted the earlier run before the first stage, so a Ctrl-C or a failed stage
+    lost it, and two quickstarts on one --out deleted each other's folders; and SIGTERM left the running stage
+    (torchrun and its ranks) working on, writing into --out."""
+    import signal
+    import time
+
+    out = tmp_path / "quickstart"
+    _earlier_run(out)
+    (tmp_path / "stopped.py").write_text(_STOPPED_QUICKSTART)
+    quickstart = subprocess.Popen([sys.executable, str(tmp_path / "stopped.py"), str(out)],
+                                  cwd=Path(__file__).parents[1], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "stage.pid").is_file() or not (tmp_path / "stage.pid").read_text():
+        assert quickstart.poll() is None and time.monotonic() < deadline, quickstart.stderr.read()  # type: ignore
+        time.sleep(0.1)
+    stage = int((tmp_path / "stage.pid").read_text())
+    assert (out / ".replaced" / "summary.json").read_text() == "earlier"  # aside while the new run works
+    quickstart.send_signal(signal.SIGTERM)
+    _, err = quickstart.communicate(timeout=120)
+    assert quickstart.returncode == 130 and "interrupted" in err, err
+    assert _is_the_earlier_run(out), sorted(p.name for p in out.iterdir())
+    deadline = time.monotonic() + 20
+    while (left := _running_in_group(stage)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"the stage's processes {left} outlived it"
+
+
+def _running_in_group(group: int) -> list[int]:
+    """Processes of process group ``group`` that run (zombies, dead and not yet reaped by init, do not)."""
+    running = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # (state, ppid, pgrp, ...)
+            running.append(int(stat.parent.name))
+    return running
+
+
+def test_a_killed_overwrite_leaves_the_earlier_run_for_the_next_one(tmp_path, monkeypatch):
+    """A quickstart killed with SIGKILL while replacing a run leaves the earlier run in .replaced and its own partial
+    output beside it: the next --overwrite run drops the partial output, keeps the earlier run aside until it
+    completes (here it fails, and the earlier run is back)."""
+    import megatron_avar.quickstart as quickstart
+    from megatron_avar.cli import main
+
+    out = tmp_path / "quickstart"
+    _earlier_run(out)
+    quickstart._prepare_out(out, overwrite=True)  # as the killed run left it: the earlier run aside, a partial one
+    (out / "new-stage").mkdir()
+
+    def failing_stages(out, **settings):
+        assert not (out / "new-stage").exists() and (out / ".replaced" / "summary.json").read_text() == "earlier"
+        raise ValueError("a stage failed")
+
+    monkeypatch.setattr(quickstart, "_run_stages", failing_stages)
+    monkeypatch.chdir(Path(__file__).parents[1])
+    assert main(["quickstart", "--out", str(out), "--overwrite"]) == 2
+    assert _is_the_earlier_run(out)
