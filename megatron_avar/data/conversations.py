@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from megatron_avar import atomic_files
+from megatron_avar.data.synth_output import refuse_unfinished_synthesis
 from megatron_avar.roles import IMAGE_FORMATS, validate_messages
 
 if TYPE_CHECKING:  # loaded lazily: `import megatron_avar.data` stays light
@@ -318,11 +319,13 @@ def load_conversations(path: str | Path) -> datasets.Dataset:
     folder written by `datasets.Dataset.save_to_disk` in the canonical schema. Returns a `datasets.Dataset`.
 
     Every record is validated before anything is returned; the first bad record raises ValueError naming
-    the file, the line/row, the problem and the fix. Duplicate ids are errors.
+    the file, the line/row, the problem and the fix. Duplicate ids are errors. The output of an `avar synth`
+    run that has not finished is refused: its shards are only part of the dataset (``synth_output``).
     """
     import datasets
 
     path = Path(path)
+    refuse_unfinished_synthesis(path)
     if path.is_dir() and (path / "dataset_info.json").is_file():
         dataset = single_split(datasets.load_from_disk(str(path)), str(path))
         if set(dataset.column_names) != set(_features()):

@@ -15,6 +15,8 @@ import os
 import urllib.parse
 from pathlib import Path
 
+from megatron_avar.config import refuse_unused_setting
+
 EXECUTORS = ("xenna", "ray_data", "local")
 SOURCE_FORMATS = ("conversations", "columns")
 SELECT_RULES = ("most_anchors", "first")
@@ -44,7 +46,8 @@ class SourceConfig:
     format: str = "conversations"
     """"conversations": the project's conversation format (first user turn = image + question, "answer"
     field = ground truth), e.g. `avar data generate` output. "columns": a flat table whose columns are
-    named by image_column / question_column / answer_column (id_column optional)."""
+    named by image_column / question_column / answer_column (id_column optional); those four settings are
+    refused away from their defaults with "conversations", which would ignore them."""
     image_column: str = "image"
     """Column with the image (path relative to the data file, or an HF Image struct); format "columns"."""
     question_column: str = "question"
@@ -68,6 +71,14 @@ class SourceConfig:
                f"must be one of {list(SOURCE_FORMATS)}, got {self.format!r}")
         _check(self.limit is None or self.limit >= 1, f"sources[{self.name}].limit",
                f"must be >= 1 or null, got {self.limit}")
+        # A conversation record names its own image, question and answer: a column setting there would be
+        # recorded in the run's config and manifest as if it had chosen them.
+        for column in ("image_column", "question_column", "answer_column", "id_column"):
+            refuse_unused_setting(self, f"sources[{self.name}].{column}", used=self.format == "columns",
+                                  here=f"sources[{self.name}].format={self.format}",
+                                  only_with=f"sources[{self.name}].format=columns",
+                                  why="a conversations source takes the image, question, answer and id from each "
+                                      "record's own fields")
 
 
 @dataclasses.dataclass(frozen=True)

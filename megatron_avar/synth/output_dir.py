@@ -1,7 +1,8 @@
 """The output folder of `avar synth`: what a run finds there, what it may replace, and how a rerun resumes.
 
-Resuming: a run writes ``<output.dir>/manifest.json`` last. Without it the run is unfinished and the same
-command resumes it: shards are rewritten from scratch (deterministic names), and every teacher answer
+Resuming: a run writes ``<output.dir>/manifest.json`` last. Without it the run is unfinished (the data loader
+refuses its shards while its RUN_RECORD is there: megatron_avar.data.synth_output, the home of both file names)
+and the same command resumes it: shards are rewritten from scratch (deterministic names), and every teacher answer
 already in the request cache (``<work_dir>/cache``) is reused, so nothing paid for is asked again. With it
 the run is finished and is replaced only with ``output.overwrite=true``. The run it replaces is moved aside
 into ``<output.dir>/.replaced`` (its manifest, then its shards) and deleted only once the new run has written its
@@ -32,12 +33,11 @@ from pathlib import Path
 
 from megatron_avar import atomic_files
 from megatron_avar.config import config_to_dict
+from megatron_avar.data.synth_output import MANIFEST, RUN_RECORD
 from megatron_avar.synth.config import SynthConfig
 from megatron_avar.synth.progress import clear_progress, progress_dir
 from megatron_avar.training.run_lock import LOCK_FILE
 
-MANIFEST = "manifest.json"
-RUN_RECORD = ".synth_run.json"  # the settings of the run in output.dir, while it is unfinished
 REPLACED = ".replaced"  # the finished run output.overwrite=true replaces, kept until the new one is finished
 
 # Settings that do not decide what a run writes (module docstring), as dotted keys of config_to_dict: how

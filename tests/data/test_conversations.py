@@ -225,3 +225,25 @@ def test_a_saved_dataset_is_validated_like_a_data_file(folder):
     broken.cast(dataset.features).save_to_disk(str(folder / "broken"))
     with pytest.raises(ValueError, match=r"broken row 1: embedded image bytes is unreadable or corrupt"):
         load_conversations(folder / "broken")
+
+
+def test_the_shards_of_an_unfinished_synthesis_are_refused_and_of_a_finished_one_load(folder):
+    """`avar synth` keeps OUT/.synth_run.json from before its first shard until after its manifest.json: shards
+    beside the record alone are part of a dataset (a killed run loaded as a smaller one, without an error)."""
+    from megatron_avar.data.synth_output import MANIFEST, RUN_RECORD
+
+    out = folder / "out"
+    shard = write_conversations(load_conversations(_write_jsonl(folder / "data.jsonl", [_record()])),
+                                out / "data" / "shard-0.parquet")
+    assert len(load_conversations(out / "data")) == 1  # no record: a folder of the user's, like any other
+    (out / RUN_RECORD).write_text("{}")
+    for path in (out / "data", shard, out):
+        with pytest.raises(ValueError) as error:
+            load_conversations(path)
+        assert str(error.value) == (
+            f"{path} is part of an unfinished `avar synth` run (output.dir {out} holds {RUN_RECORD} and no {MANIFEST}: "
+            "the run is still going, or it was stopped or failed), so its shards are only part of the dataset; rerun "
+            "the same `avar synth` command (same config) to resume and finish it (cached teacher answers are reused), "
+            f"then load {out / 'data'}")
+    (out / MANIFEST).write_text("{}")  # written last by a finished run, before it removes its record
+    assert len(load_conversations(out / "data")) == len(load_conversations(shard)) == 1

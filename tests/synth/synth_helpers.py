@@ -1,6 +1,7 @@
 """Helpers of the synthesis tests, also used by tests/slurm/test_slurm_synth.py: the procedural source with the
 answers the fake teacher needs, configs that point every teacher at it (fast retries, local executor), a written
-dataset's rows for comparing two runs, and the processes left of a Ray instance."""
+dataset's rows for comparing two runs (and the row count of an unfinished one), and the processes left of a Ray
+instance."""
 
 from __future__ import annotations
 
@@ -77,3 +78,11 @@ def dataset_rows(folder: Path) -> list[dict]:
     for row in rows:
         row["images"] = [image["bytes"] for image in row["images"]]
     return rows
+
+
+def shard_rows(folder: Path) -> int:
+    """The number of rows in the shards in ``folder`` (OUT/data), read from their parquet footers: how many records
+    an unfinished run has written, which the loader refuses to load."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(shard).num_rows for shard in folder.glob("shard-*.parquet"))

@@ -13,7 +13,7 @@ import pytest
 from megatron_avar.cli import main
 from megatron_avar.config import load_config
 from megatron_avar.grading import SYNTHESIS, extract_answer, math_equal
-from megatron_avar.synth.config import SynthConfig
+from megatron_avar.synth.config import SourceConfig, SynthConfig
 from megatron_avar.synth.prompts import load_prompts, reason_messages
 from megatron_avar.synth.teachers import Malformed, make_anchor_parser, parse_chain, parse_description
 from megatron_avar.synth.verify import format_response, select_candidate, strip_anchor_tags
@@ -81,6 +81,23 @@ def test_invalid_configs_name_the_field(overrides, message, monkeypatch):
 def test_settings_that_would_fail_every_request_or_record_are_refused_before_any(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(SynthConfig, None, overrides)
+
+
+@pytest.mark.parametrize("column, value", [("image_column", "img"), ("question_column", "prompt"),
+                                           ("answer_column", "gt"), ("id_column", "uid")])
+def test_a_column_setting_on_a_conversations_source_is_refused(column, value):
+    """Found in review: a conversations source (the default format) accepted sources.0.image_column=img and read
+    each record's own image anyway, recording the setting in the manifest as if it applied."""
+    with pytest.raises(ValueError, match=re.escape(
+            f'sources[a].{column}="{value}" has no effect with sources[a].format=conversations: only '
+            f"sources[a].format=columns uses it") + ".*" + re.escape(f"Remove sources[a].{column}")):
+        load_config(SynthConfig, None, SOURCE + [f"sources.0.{column}={value}"])
+    # on a table source the setting is what it is for
+    table = load_config(SynthConfig, None, SOURCE + ["sources.0.format=columns", f"sources.0.{column}={value}"])
+    assert getattr(table.sources[0], column) == value
+    # its default, written out (as a shared YAML might), changes nothing and stays accepted
+    default = {field.name: field.default for field in dataclasses.fields(SourceConfig)}[column]
+    assert getattr(SourceConfig(name="a", path="x", **{column: default}), column) == default
 
 
 def test_overrides_reach_list_items_and_disabled_stages_skip_their_checks(monkeypatch):

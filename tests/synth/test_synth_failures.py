@@ -16,7 +16,7 @@ from megatron_avar.data.conversations import load_conversations
 from megatron_avar.synth.client import TeacherConfigError
 from megatron_avar.synth.pipeline import MANIFEST, TeacherFailuresError, run_synthesis
 from synth_fake_teacher import Fault
-from synth_helpers import synth_config, synth_overrides
+from synth_helpers import shard_rows, synth_config, synth_overrides
 
 
 @pytest.fixture
@@ -68,7 +68,9 @@ def test_failed_share_above_the_limit_fails_below_it_succeeds(tmp_path, procedur
            "requests failed (12%; more than client.max_failed_share=0.05)" in message
     assert "most common error (1 of 1): gave up after 4 attempts (last: HTTP 500)" in message
     assert "Kept 7 of 8 records" in message
-    assert len(load_conversations(tmp_path / "run" / "data")) == 7 and not (tmp_path / "run" / MANIFEST).exists()
+    assert shard_rows(tmp_path / "run" / "data") == 7 and not (tmp_path / "run" / MANIFEST).exists()
+    with pytest.raises(ValueError, match="is part of an unfinished `avar synth` run"):  # not a dataset yet
+        load_conversations(tmp_path / "run" / "data")
 
     # Below a raised limit: the same run succeeds, from the cache, asking only for the failed record again.
     before = len(teacher.requests())
