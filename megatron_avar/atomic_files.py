@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import secrets
+import shutil
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["replacing", "write_text", "write_bytes", "write_json", "fsync_file", "fsync_directory", "fsync_tree",
-           "remove_leftovers", "os_error_in"]
+           "remove_leftovers", "os_error_in", "sibling_folder", "remove_stale_siblings"]
 
 # A directory's fsync is refused by some file systems (EINVAL on some network mounts, EBADF/EACCES on others):
 # there the rename is as durable as the file system makes it, and the write must not fail for it.
@@ -157,3 +160,39 @@ def os_error_in(error: BaseException) -> OSError | None:
     if "No space left on device" in str(error):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return None
+
+
+def sibling_folder(path: str | Path, kind: str) -> Path:
+    """``.<name>.<kind>-<host>-<pid>`` beside the folder ``path``: where this process writes a new ``path``
+    (``kind`` "tmp") or sets the old one aside while it renames the new one into place ("old"). Not created here.
+    Named by host and pid so that a later run can tell a dead process's folder (:func:`remove_stale_siblings`)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_siblings(path: str | Path) -> None:
+    """Clean up after processes of this host that died (SIGKILL, SIGTERM, a crash) while replacing the folder
+    ``path``: their ``tmp`` folders are removed; an ``old`` folder is the previous ``path`` set aside just before
+    the new one took its place: if the process died in between (``path`` missing) it is moved back, else removed."""
+    path = Path(path)
+    host = socket.gethostname()
+    for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-{glob.escape(host)}-*")):
+        kind, _, pid = leftover.name[len(path.name) + 2:].partition(f"-{host}-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not path.exists():
+            os.replace(leftover, path)
+            print(f"restored {path} from {leftover.name}, left by a run that was killed while replacing it",
+                  flush=True)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -128,38 +126,6 @@ def check_output_apart(out: Path, inputs: dict[str, Path]) -> None:
                              f"into the input; choose an --out that neither is, contains nor lies inside {path}")
 
 
-def _owner() -> str:
-    """``<host>-<pid>``: names this process's temporary folders, so a later run can tell whether they are stale."""
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Remove what a killed conversion into ``out`` left on this host: ``.<name>.tmp-<host>-<pid>`` folders
-    of processes that no longer run. A ``.<name>.old-…`` folder is the previous ``out`` moved aside just
-    before the new one took its place; if the process died in between (``out`` missing), it is moved back."""
-    host = socket.gethostname()
-    for leftover in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-{glob.escape(host)}-*")):
-        kind, _, pid = leftover.name[len(out.name) + 2:].partition(f"-{host}-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not out.exists():
-            os.replace(leftover, out)
-            print(f"restored {out} from {leftover.name}, left by a conversion that was killed while replacing it",
-                  flush=True)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _replaceable_by_a_conversion(out: Path) -> bool:
     """Whether ``--overwrite`` may replace the folder ``out``: empty, a Hugging Face model folder or a megatron
     checkpoint of ``avar convert hf-to-mcore`` — never a folder of the user's that merely exists (a home, a
@@ -187,7 +153,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
     blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:  # --overwrite replaces a folder this wrote, never a file of the user's
         raise ValueError(f"--out {out}: {blocked} is a file; choose an --out folder elsewhere")
-    _clean_leftovers(out)
+    atomic_files.remove_stale_siblings(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists: choose another --out or pass --overwrite")
     if out.exists() and not _replaceable_by_a_conversion(out):
@@ -195,7 +161,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
                          "model folder (config.json and safetensors weights), a megatron checkpoint `avar convert` "
                          "wrote (not a training run's), or an empty folder. Choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.tmp-{_owner()}"
+    temp = atomic_files.sibling_folder(out, "tmp")
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()
     try:
@@ -215,7 +181,7 @@ def atomic_output_dir(out: Path, *, overwrite: bool, inputs: dict[str, Path]):
         shutil.rmtree(temp, ignore_errors=True)
         raise taken
     if out.exists():
-        old = out.parent / f".{out.name}.old-{_owner()}"
+        old = atomic_files.sibling_folder(out, "old")
         os.replace(out, old)
         os.replace(temp, out)
         atomic_files.fsync_directory(out.parent)

@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from megatron_avar import atomic_files
 from megatron_avar.data.drawing import (  # noqa: F401  (re-exported: tests and users read the palette and fonts here)
     AXIS_COLOUR,
     BACKGROUND,
@@ -58,6 +60,7 @@ from megatron_avar.data.drawing import (  # noqa: F401  (re-exported: tests and 
 
 SHAPES = ("circle", "square", "triangle")
 TASK_KINDS: tuple[str, ...] = ("count_colour", "right_triangle", "bar_chart", "largest_shape")
+_IMAGE_NAME = re.compile(rf"({'|'.join(TASK_KINDS)})-s\d+-\d{{6,}}\.png")  # images/<task id>.png (generate_tasks)
 MIN_IMAGE_SIDE = 56
 MAX_IMAGE_SIDE = 4096
 
@@ -471,15 +474,21 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory")
+    atomic_files.remove_stale_siblings(out_dir)  # a killed run's staging folder (or its set-aside dataset)
     existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
     if existing and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty; replace it with --overwrite (overwrite=True)")
     foreign = [name for name in existing if name not in ("data.jsonl", "images")]
+    if (out_dir / "images").is_dir():
+        foreign += [f"images/{entry.name}" for entry in sorted((out_dir / "images").iterdir())
+                    if not (_IMAGE_NAME.fullmatch(entry.name) and entry.is_file())]
     if foreign:
         raise ValueError(f"{out_dir} holds {foreign[:5]}, which write_dataset did not write; refusing to "
                          f"replace it even with --overwrite (remove it yourself or pick another folder)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling_dir(out_dir, "tmp")
+    staging = atomic_files.sibling_folder(out_dir, "tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # (this process's own, from an earlier call that was interrupted)
+    staging.mkdir()
     try:
         (staging / "images").mkdir()
         with open(staging / "data.jsonl", "w", encoding="utf-8") as jsonl:
@@ -496,26 +505,13 @@ def write_dataset(config: ProceduralConfig, out_dir: str | os.PathLike, *, overw
     return out_dir / "data.jsonl"
 
 
-def _sibling_dir(path: Path, tag: str) -> Path:
-    """A new hidden folder next to `path`, with the default (umask) permissions, unlike mkdtemp's 0700,
-    so the renamed dataset stays readable by the group."""
-    while True:
-        candidate = path.parent / f".{path.name}.{tag}-{os.getpid()}-{os.urandom(4).hex()}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-
-
 def _replace_dir(new: Path, target: Path) -> None:
     """Move `new` to `target`; an existing `target` is set aside first and removed only after the
     move succeeded (restored if it failed)."""
     if not target.exists():
         os.replace(new, target)
         return
-    backup = _sibling_dir(target, "old")
-    os.rmdir(backup)
+    backup = atomic_files.sibling_folder(target, "old")
     os.replace(target, backup)
     try:
         os.replace(new, target)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -403,6 +404,40 @@ def test_write_dataset_never_replaces_a_folder_it_did_not_write(tmp_path):
         write_dataset(ProceduralConfig(num_samples=1), out_dir, overwrite=True)
     assert (out_dir / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_write_dataset_never_replaces_a_file_of_the_users_among_its_images(tmp_path):
+    """Found in review: only the top-level names were checked, so --overwrite deleted a user's images/mine.png."""
+    out_dir = tmp_path / "ds"
+    write_dataset(ProceduralConfig(num_samples=2), out_dir)
+    (out_dir / "images" / "mine.png").write_bytes(b"keep me")
+    with pytest.raises(ValueError, match=r"\['images/mine.png'\].*even with --overwrite"):
+        write_dataset(ProceduralConfig(num_samples=2), out_dir, overwrite=True)
+    assert (out_dir / "images" / "mine.png").read_bytes() == b"keep me"
+
+
+def test_what_a_killed_write_left_is_cleaned_up_by_the_next(tmp_path):
+    """Found in review: a `data generate` killed by SIGTERM left its staging folder (images of a partial dataset)
+    beside --out for good; one killed between setting the old dataset aside and renaming the new one into place
+    left no dataset at --out at all. The next write cleans the first up and puts the second back."""
+    import subprocess
+    import sys
+
+    from megatron_avar import atomic_files
+
+    out_dir = tmp_path / "ds"
+    write_dataset(ProceduralConfig(num_samples=2), out_dir)
+    before = {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = dead.stdout.strip()  # a process that has exited
+    staging = Path(str(atomic_files.sibling_folder(out_dir, "tmp")).replace(f"-{os.getpid()}", f"-{pid}"))
+    (staging / "images").mkdir(parents=True)
+    aside = Path(str(atomic_files.sibling_folder(out_dir, "old")).replace(f"-{os.getpid()}", f"-{pid}"))
+    out_dir.rename(aside)  # killed after setting the dataset aside, before the new one took its place
+    with pytest.raises(ValueError, match="not empty"):
+        write_dataset(ProceduralConfig(num_samples=3), out_dir)  # the dataset is back first: not replaced
+    assert {p.relative_to(out_dir): p.read_bytes() for p in out_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
 def test_written_dataset_has_default_permissions(tmp_path):
