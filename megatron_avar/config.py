@@ -393,7 +393,9 @@ def read_config_file(path: str | Path | None) -> ConfigValues:
         return ConfigValues()
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"config file {path} is a folder: give the YAML file (e.g. examples/sft/quickstart.yaml)")
+        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise ValueError(f"config file {path} is a folder: give a YAML file"
+                         + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     try:

@@ -205,7 +205,8 @@ def load_processor(
     else:
         path = Path(path)
         if not path.is_dir():
-            raise ValueError(f"processor path {path} is not a directory; pass an HF model directory or None")
+            raise ValueError(f"processor path {path} is not a directory; give a Hugging Face model folder (with its "
+                             "tokenizer and preprocessor_config.json)")
         missing = missing_processor_files(path)
         if missing:
             raise ValueError(f"{path} lacks its {' and '.join(missing)}: not a Hugging Face Qwen2.5-VL model "

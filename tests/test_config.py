@@ -28,7 +28,7 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_config(SFTConfig, tmp_path / "missing.yaml", base)
     # found in review: a folder was "does not exist", a binary file a decode error naming no file
-    with pytest.raises(ValueError, match=f"config file {tmp_path} is a folder: give the YAML file"):
+    with pytest.raises(ValueError, match=f"config file {tmp_path} is a folder: give a YAML file"):
         load_config(SFTConfig, tmp_path, base)
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(ValueError, match=r"image.png is not UTF-8 text \(byte 0\)"):

@@ -90,8 +90,9 @@ def verify_image(source: Path | bytes, where: str) -> str:
         except OSError as error:  # a name too long for the file system, ...
             raise ValueError(f"{where}: image path {str(source)[:200]!r} cannot be read ({error.strerror})") from None
         if not found:
-            raise ValueError(f"{where}: image file not found: {source} (paths are relative to the data file's "
-                             "folder)")
+            problem = f"image path {source} is a folder, not a file" if source.is_dir() else \
+                f"image file not found: {source}"
+            raise ValueError(f"{where}: {problem} (paths are relative to the data file's folder)")
     what = f"image file {source}" if isinstance(source, Path) else "embedded image bytes"
     try:
         with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=IMAGE_FORMATS) as image:

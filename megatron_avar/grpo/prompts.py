@@ -194,8 +194,8 @@ class PromptLoader:
             listed = "\n  ".join(f"prompt {self._ids[i]!r}: {self._lengths[i]} tokens" for i in long[:_MAX_LISTED])
             more = f"\n  ... and {len(long) - _MAX_LISTED} more" if len(long) > _MAX_LISTED else ""
             raise ValueError(f"{len(long)} of {len(self._ids)} prompts are longer than max_prompt_length {limit}:"
-                             f"\n  {listed}{more}\nraise max_prompt_length (to >= {max(self._lengths)}), lower "
-                             "max_pixels, or set skip_long_prompts=true")
+                             f"\n  {listed}{more}\nraise data.max_prompt_length (to >= {max(self._lengths)}), lower "
+                             "data.max_pixels, or set data.skip_long_prompts=true")
         self._skipped = [self._ids[i] for i in long]
         self._kept = [i for i, n in enumerate(self._lengths) if n <= limit]
         if prompts_per_step > len(self._kept):

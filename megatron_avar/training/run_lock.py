@@ -149,7 +149,9 @@ def acquire_run_lock(out: str | Path, *, is_logging_rank: bool, conflict: str = 
     try:
         verdict = [_try_lock(Path(out), conflict) if is_logging_rank else ""]
     except OSError as error:  # shared with the other ranks, which would otherwise wait in the broadcast
-        verdict = [f"{out}: cannot create its lock file {LOCK_FILE} ({error}); check that out is writable"]
+        verdict = [f"{out}: cannot create its lock file {LOCK_FILE} ({error}); "
+                   + ("it is a file, not a folder: choose another out" if Path(out).is_file() else
+                      "check that out is a folder you can write")]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:

@@ -128,14 +128,14 @@ def kept_length(roles: torch.Tensor, seq_length: int, truncate: bool, sample_id:
     if length > seq_length:
         if not truncate:
             raise ValueError(f"sample {sample_id!r} has {length} tokens, more than seq_length {seq_length}: "
-                             f"raise seq_length to >= {length}, lower max_pixels, drop the sample, or set "
-                             "truncate=True")
+                             f"raise data.seq_length to >= {length}, lower data.max_pixels, drop the sample, or "
+                             "set data.truncate=true")
         image_at = torch.nonzero(roles == TokenRole.IMAGE)
         needed = int(image_at[-1]) + 2 if image_at.numel() else 0  # last image token, then <|vision_end|>
         if needed > seq_length:
             raise ValueError(f"sample {sample_id!r} has {length} tokens and its images end at token {needed}; "
-                             f"truncating to seq_length {seq_length} would cut an image: raise seq_length to "
-                             f">= {needed} (or {length} to keep it whole) or lower max_pixels")
+                             f"truncating to data.seq_length {seq_length} would cut an image: raise "
+                             f"data.seq_length to >= {needed} (or {length} to keep it whole) or lower data.max_pixels")
         kept = seq_length
     if not bool((roles[1:kept] == TokenRole.RESPONSE).any()):
         where = f" in its first {kept} tokens (it has {length})" if kept < length else ""

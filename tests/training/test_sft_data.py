@@ -325,8 +325,8 @@ LONG = " ".join(["word"] * 150)  # ~150 tokens
 
 
 @pytest.mark.parametrize("case,truncate,match", [
-    ("too_long", False, r"'bad-sample' has \d+ tokens, more than seq_length 128: raise seq_length"),
-    ("cut_before_image", True, r"'bad-sample'.*would cut an image: raise seq_length .* max_pixels"),
+    ("too_long", False, r"'bad-sample' has \d+ tokens, more than seq_length 128: raise data.seq_length"),
+    ("cut_before_image", True, r"'bad-sample'.*would cut an image: raise data.seq_length .* data.max_pixels"),
     ("no_loss_after_cut", True, r"'bad-sample' has no response token to train on in its first 128 tokens"),
     ("no_assistant", False, r"'bad-sample' has no response token to train on: give it an assistant turn"),
 ])
