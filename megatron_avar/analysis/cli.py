@@ -31,23 +31,26 @@ def _add_model_options(parser, with_defaults: bool = True) -> None:
 
 
 def register(subparsers) -> None:
+    # No defaults here (VASConfig has them): a flag left as None was not given, so `avar vas compare` / `merge`
+    # can refuse one given before them, which they would ignore.
     vas = subparsers.add_parser(
-        "vas", formatter_class=_DEFAULTS,
+        "vas",
         help="Visual Attention Score of a checkpoint (or `avar vas compare REPORT...`)",
         description="Compute the VAS (docs/method.md, 'Visual Attention Score (VAS)') of an HF Qwen2.5-VL "
                     "checkpoint from a prompt-only prefill: `avar vas --model DIR --data FILE --out DIR`. Compare "
                     "reports: `avar vas compare REPORT... [--accuracy FILE] [--out DIR]`.")
-    _add_model_options(vas)
+    _add_model_options(vas, with_defaults=False)
     vas.add_argument("--out", help="output folder for report.json and the figures")
-    vas.add_argument("--num-samples", type=int, default=200, help="use the first N records")
-    vas.add_argument("--layers", default="all", help="decoder layers: all, middle, A-B (inclusive) or i,j,k")
-    vas.add_argument("--exclude-sink", action="store_true",
+    vas.add_argument("--num-samples", type=int, help="use the first N records (200)")
+    vas.add_argument("--layers", help="decoder layers: all (the default), middle, A-B (inclusive) or i,j,k")
+    vas.add_argument("--exclude-sink", action="store_true", default=None,
                      help="top-level numbers without the sink (position 0) in K_sys; report.json always holds both")
     vas.add_argument("--shard", default=None,
                      help="I/N: only records I, I+N, ... (one job per GPU); join the reports with `avar vas merge`")
     vas.add_argument("--name", default=None,
                      help="label of this checkpoint in `avar vas compare`; None: the model folder's name")
-    vas.add_argument("--overwrite", action="store_true", help="replace the report of an earlier run in --out")
+    vas.add_argument("--overwrite", action="store_true", default=None,
+                     help="replace the report of an earlier run in --out")
     commands = vas.add_subparsers(title="vas commands", dest="vas_command", metavar="COMMAND")
     compare = commands.add_parser("compare", formatter_class=_DEFAULTS,
                                   help="VAS reports side by side; VAS vs accuracy",
@@ -168,22 +171,38 @@ def _require(args, names: tuple[str, ...], usage: str) -> None:
         raise ValueError(f"missing {', '.join(missing)}; usage: {usage}")
 
 
+def _vas_options(args) -> dict:
+    """The `avar vas` flags given (not None), by VASConfig field: each flag of `avar vas` is one field."""
+    from dataclasses import fields
+
+    from megatron_avar.analysis.run_vas import VASConfig
+
+    values = {field.name: getattr(args, field.name, None) for field in fields(VASConfig)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _refuse_vas_options(args, command: str, usage: str) -> None:
+    """ValueError naming the `avar vas` flags given before `compare` / `merge` (except --overwrite, which means the
+    same to them): they read reports, and would ignore a setting of the run that computes one."""
+    given = [f"--{name.replace('_', '-')}" for name in _vas_options(args) if name != "overwrite"]
+    if given:
+        raise ValueError(f"`avar vas {command}` does not use {', '.join(given)} (options of `avar vas` itself, given "
+                         f"before `{command}`); remove {'it' if len(given) == 1 else 'them'}. Usage: {usage}")
+
+
 def _vas(args) -> int:
     from megatron_avar.analysis.run_vas import VASConfig, run_vas
 
     _require(args, ("model", "data", "out"),
              "avar vas --model DIR --data FILE --out DIR (or avar vas compare REPORT...)")
-    config = VASConfig(model=args.model, data=args.data, out=args.out, num_samples=args.num_samples, layers=args.layers,
-                       exclude_sink=args.exclude_sink, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                       device_map=args.device_map, impl=args.impl, name=args.name, shard=args.shard,
-                       overwrite=args.overwrite)
+    config = VASConfig(**_vas_options(args))
     report = run_vas(config)
     if report["num_samples"] == 0:  # a shard of records without VAS queries: its state is written for the merge
         return 0
     included, excluded = report["variants"]["sink_included"], report["variants"].get("sink_excluded")
     print(f"VAS {included['vas']:.4f} (K_sys with the sink)"
           + ("" if excluded is None else f", {excluded['vas']:.4f} (without the sink)")
-          + f"; top-level numbers {'without' if args.exclude_sink else 'with'} the sink: "
+          + f"; top-level numbers {'without' if config.exclude_sink else 'with'} the sink: "
           f"ratio of means {report['ratio_of_means']:.4f}, image share {report['image_share']:.4f} "
           f"over {report['num_samples']} samples ({len(report['skipped_sample_ids'])} without VAS queries skipped); "
           f"wrote {args.out}/report.json and figures")
@@ -193,10 +212,9 @@ def _vas(args) -> int:
 def _compare(args) -> int:
     from megatron_avar.analysis.compare import compare_reports
 
-    if args.model is not None or args.data is not None or args.out is not None:
-        raise ValueError("`avar vas compare` takes reports, not --model/--data/--out before `compare`; "
-                         "use `avar vas compare REPORT... --out DIR`")
-    result = compare_reports(args.reports, args.accuracy, args.compare_out, overwrite=args.compare_overwrite)
+    _refuse_vas_options(args, "compare", "avar vas compare REPORT... [--accuracy FILE] [--out DIR] [--overwrite]")
+    result = compare_reports(args.reports, args.accuracy, args.compare_out,
+                             overwrite=args.compare_overwrite or bool(args.overwrite))
     sys.stdout.write(result["markdown"])
     return 0
 
@@ -204,10 +222,8 @@ def _compare(args) -> int:
 def _merge(args) -> int:
     from megatron_avar.analysis.run_vas import merge_vas_reports
 
-    if args.model is not None or args.data is not None or args.out is not None:
-        raise ValueError("`avar vas merge` takes reports, not --model/--data/--out before `merge`; "
-                         "use `avar vas merge REPORT... --out DIR`")
-    report = merge_vas_reports(args.reports, args.merge_out, overwrite=args.merge_overwrite)
+    _refuse_vas_options(args, "merge", "avar vas merge REPORT... --out DIR [--overwrite]")
+    report = merge_vas_reports(args.reports, args.merge_out, overwrite=args.merge_overwrite or bool(args.overwrite))
     print(f"merged {len(args.reports)} reports: VAS {report['vas']:.4f} over {report['num_samples']} samples; "
           f"wrote {args.merge_out}/report.json and figures")
     return 0

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_avar import atomic_files
-
 __all__ = ["load_report", "load_accuracies", "compare_reports", "run_setting"]
 
 _COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "image_share", "system_share",
@@ -192,14 +190,22 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
     markdown = "\n".join(lines) + "\n"
     result = dict(rows=rows, markdown=markdown, pearson=correlation)
     if out is not None:
-        folder = Path(out)
-        atomic_files.write_text(folder / "compare.md", markdown)
-        atomic_files.write_json(folder / "compare.json", dict(rows=rows, pearson=correlation))
-        (folder / COMPARE_FILES[2]).unlink(missing_ok=True)  # an earlier comparison's plot (with --overwrite)
-        if correlation is not None:
-            from megatron_avar.analysis.figures import plot_vas_vs_accuracy
-
-            plot_vas_vs_accuracy([row["name"] for row in rows], [row["vas"] for row in rows],
-                                 [row["accuracy"] for row in rows], correlation["r"], correlation["p_value"],
-                                 folder / "vas_vs_accuracy.png")
+        _write_comparison(Path(out), result)
     return result
+
+
+def _write_comparison(folder: Path, result: dict) -> None:
+    """compare.md last, after compare.json and the plot (figures.publish): never beside an earlier comparison's
+    files; an earlier comparison's plot goes when this one has none."""
+    from megatron_avar.analysis.figures import plot_vas_vs_accuracy, publish
+
+    rows, correlation = result["rows"], result["pearson"]
+
+    def plot(path: Path) -> None:
+        plot_vas_vs_accuracy([row["name"] for row in rows], [row["vas"] for row in rows],
+                             [row["accuracy"] for row in rows], correlation["r"], correlation["p_value"], path)
+
+    table = json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n"
+    publish(folder / "compare.md", result["markdown"],
+            {folder / "compare.json": lambda path: path.write_text(table, encoding="utf-8"),
+             folder / "vas_vs_accuracy.png": None if correlation is None else plot})

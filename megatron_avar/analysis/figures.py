@@ -1,12 +1,36 @@
-"""PNG figures of the analysis reports (matplotlib, Agg backend: no display needed)."""
+"""PNG figures of the analysis reports (matplotlib, Agg backend: no display needed), and :func:`publish`, which
+writes a report with its figures."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from megatron_avar import atomic_files
+
 __all__ = ["plot_vas_per_layer", "plot_image_share_heatmap", "plot_ratio_distribution", "plot_vas_vs_accuracy",
-           "plot_accuracy_vs_alpha"]
+           "plot_accuracy_vs_alpha", "publish"]
+
+
+def publish(report: Path, report_text: str, companions: Mapping[Path, Callable[[Path], object] | None]) -> None:
+    """Replace ``report`` by ``report_text`` and the files drawn from it: ``companions`` maps each path to a
+    function that writes that file at the path it is given, or to None for a file this report lacks (an earlier
+    report's, removed).
+
+    A report is never beside a companion of another run: every companion is written to a temporary file first (a
+    failure or a signal there leaves the earlier files as they were), then the earlier report is removed, the
+    companions are renamed into place and ``report`` is written last, each atomically (``atomic_files``). A run
+    killed in between leaves companions without a report, which the next run replaces."""
+    with contextlib.ExitStack() as renames:  # on leaving: each temporary renamed over its file, or removed on error
+        for path, write in companions.items():
+            if write is not None:
+                write(renames.enter_context(atomic_files.replacing(path)))
+        report.unlink(missing_ok=True)
+        for path, write in companions.items():
+            if write is None:
+                path.unlink(missing_ok=True)
+    atomic_files.write_text(report, report_text)
 
 
 def _pyplot():
@@ -20,7 +44,7 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # not from the name: publish() draws into temporary files
     _pyplot().close(fig)
     return path
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from megatron_avar import atomic_files
 
 __all__ = ["InterveneConfig", "run_intervene"]
 
@@ -106,7 +105,6 @@ def run_intervene(config: InterveneConfig) -> dict:
     write their results over the other's and both say they had written them."""
     from megatron_avar.analysis.intervention import InterventionSpec
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, resolve_device
-    from megatron_avar.analysis.run_vas import refuse_existing_outputs
     from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.training.run_lock import holding_run_lock
 
@@ -128,18 +126,80 @@ def run_intervene(config: InterveneConfig) -> dict:
     if out.suffix.lower() != ".json":
         raise ValueError(f"--out {out}: give a .json file path")
     sweep_outputs = [out.with_suffix(".md"), out.with_suffix(".png")]  # a single run's --out replaces them too
-    refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
+    _refuse_inputs_as_out(config, out)  # before the lock, whose folder would land beside --out
+    _refuse_outputs(config, out, sweep_outputs)
     with holding_run_lock(out.parent / ".avar-locks" / out.name, conflict=(
             "two `avar intervene` runs writing one --out would replace each other's results. Wait for that run to "
             "end (or stop it), or give this one another --out")):
         # again, now that no other run can write them: one that held the lock may have finished since
-        refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
+        _refuse_outputs(config, out, sweep_outputs)
         return _run_locked(config, specs, num_layers, out, sweep_outputs)
+
+
+def _refuse_inputs_as_out(config: InterveneConfig, out: Path) -> None:
+    """ValueError when --out is what the run reads: the --data file, a file in a --data folder (each .json file
+    there is read as records) or in the --model folder. (Found in review: --overwrite replaced the dataset.)"""
+    target, data, model = out.resolve(), Path(config.data).resolve(), Path(config.model).resolve()
+    if target == data:
+        raise ValueError(f"--out {out} is the --data file: the results would replace the dataset; choose another "
+                         "--out")
+    if data in target.parents:
+        raise ValueError(f"--out {out} lies in the --data folder {config.data}, whose .json files are read as records; "
+                         "choose another --out")
+    if model in target.parents:
+        raise ValueError(f"--out {out} lies in the --model folder {config.model}: the results would go among the "
+                         "model's files; choose another --out")
+
+
+def _refuse_outputs(config: InterveneConfig, out: Path, sweep_outputs: list[Path]) -> None:
+    """ValueError unless every file the run writes is missing or holds results of an earlier `avar intervene` run
+    (replaced only with --overwrite): a file of anything else is never replaced, --overwrite or not."""
+    from megatron_avar.analysis.run_vas import refuse_existing_outputs
+
+    for path in (out, *sweep_outputs):
+        held = _foreign_content(path)
+        if held is not None:
+            raise ValueError(f"{path} holds {held}, which `avar intervene --out {out}` would replace; it replaces "
+                             "only its own results, --overwrite or not: choose another --out")
+    refuse_existing_outputs([out, *sweep_outputs], overwrite=config.overwrite, what="intervention results")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _foreign_content(path: Path) -> str | None:
+    """What the file ``path`` holds, in words, when that is not what `avar intervene` writes there: results JSON
+    (recognised by its keys), a sweep table (by its first line) or a PNG figure. None for those, and when ``path``
+    is no file (a folder is refused by refuse_existing_outputs)."""
+    if not path.is_file():
+        return None
+    content = path.read_bytes()
+    if path.suffix == ".png":
+        return None if content.startswith(_PNG_SIGNATURE) else "a file that is not a PNG figure"
+    if path.suffix == ".md":
+        return None if content.startswith(_SWEEP_TITLE.encode()) else "text that is not a sweep table"
+    try:
+        data = json.loads(content)
+    except ValueError:  # (a UnicodeDecodeError is one too)
+        return "a file that is not JSON"
+    if isinstance(data, dict):
+        if {"config", "checkpoint", "num_model_layers"} <= data.keys() and ("intervention" in data or "rows" in data):
+            return None
+        if "model_type" in data or "architectures" in data:
+            return "a model's config"
+        if "vas_per_layer" in data:
+            return "a VAS report"
+        if "messages" in data:
+            return "a conversation record"
+    if isinstance(data, list):
+        return "a list of records (a .json dataset)"
+    return "JSON of another kind"
 
 
 def _run_locked(config: InterveneConfig, specs: list, num_layers: int, out: Path, sweep_outputs: list[Path]) -> dict:
     """The body of :func:`run_intervene` once its settings are checked and ``out`` is locked."""
     from megatron_avar.analysis.batching import prompt_samples
+    from megatron_avar.analysis.figures import plot_accuracy_vs_alpha, publish
     from megatron_avar.analysis.hf_attention import RoleAttentionHook
     from megatron_avar.analysis.model_loading import checkpoint_identity, load_hf_model
 
@@ -169,21 +229,23 @@ def _run_locked(config: InterveneConfig, specs: list, num_layers: int, out: Path
             written = dict(header, baseline=dict(accuracy=baseline["accuracy"], num_graded=baseline["num_graded"],
                                                  samples=baseline["samples"]), rows=rows)
     written["runtime"] = dict(seconds=round(time.time() - started, 2), device=device)
-    atomic_files.write_json(out, written)
-    if not config.sweep:  # an earlier sweep's table and figure would describe other results than --out's
-        for stale in sweep_outputs:
-            stale.unlink(missing_ok=True)
-    else:
-        from megatron_avar.analysis.figures import plot_accuracy_vs_alpha
-
-        atomic_files.write_text(out.with_suffix(".md"), _sweep_markdown(written))
-        plot_accuracy_vs_alpha(written["rows"], written["baseline"]["accuracy"], out.with_suffix(".png"))
+    table, figure = sweep_outputs
+    # A single run removes an earlier sweep's table and figure: they would describe other results than --out's.
+    companions: dict[Path, Callable[[Path], object] | None] = dict.fromkeys(sweep_outputs)
+    if config.sweep:
+        companions = {table: lambda path: path.write_text(_sweep_markdown(written), encoding="utf-8"),
+                      figure: lambda path: plot_accuracy_vs_alpha(written["rows"], written["baseline"]["accuracy"],
+                                                                  path)}
+    publish(out, json.dumps(written, indent=2) + "\n", companions)  # --out last: never beside another run's table
     return written
+
+
+_SWEEP_TITLE = "Intervention sweep on "  # the first line of every sweep table: how a rerun knows one
 
 
 def _sweep_markdown(written: dict) -> str:
     base = written["baseline"]["accuracy"]
-    lines = [f"Intervention sweep on {written['checkpoint']['path']} "
+    lines = [f"{_SWEEP_TITLE}{written['checkpoint']['path']} "
              f"({written['baseline']['num_graded']} graded samples)",
              "", f"No intervention: accuracy {base:.4f}" if base is not None else "No intervention: no graded samples",
              "",

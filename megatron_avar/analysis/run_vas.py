@@ -11,16 +11,17 @@ ratio_distribution.png.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from megatron_avar import atomic_files
-
 __all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports",
-           "refuse_existing_outputs"]
+           "refuse_existing_outputs", "VAS_FIGURES"]
+
+VAS_FIGURES = ("vas_per_layer.png", "image_share_heatmap.png", "ratio_distribution.png")  # beside report.json
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,21 @@ class VASConfig:
         return int(index), int(count)
 
 
-def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, what: str) -> None:
+def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, what: str,
+                            also_writes: Sequence[str | Path] = ()) -> None:
     """A second run never replaces an earlier run's results unasked: ValueError naming the first of ``paths`` that
-    exists (``what`` it holds) and the fix, unless ``overwrite``; also when their folder is a file. Called before
-    any work starts."""
-    for folder in {Path(p).parent for p in paths}:
+    exists (``what`` it holds) and the fix, unless ``overwrite``. ``also_writes``: files the run replaces whatever
+    they hold (a report's figures). Refused whatever ``overwrite`` says: a folder among these files (a run replaces
+    files, never a folder, and would fail only after its work), or a file where their folder should be. Called
+    before any work starts."""
+    files = [Path(p) for p in [*paths, *also_writes]]
+    for folder in dict.fromkeys(file.parent for file in files):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"--out {folder} is a file; give a folder for the results")
+    for file in files:
+        if file.is_dir():
+            raise ValueError(f"{file} is a folder, where this run writes a file; move the folder away or choose "
+                             "another --out")
     existing = [Path(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ValueError(f"{existing[0]} holds {what} from an earlier run; pass --overwrite to replace it, or choose "
@@ -123,7 +132,8 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
         if (Path(path) / "report.json" if Path(path).is_dir() else Path(path)).resolve() == target:
             raise ValueError(f"--out {out} holds {path}, one of the reports being merged: the merge would replace "
                              "it; give another --out")
-    refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report")
+    refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report",
+                            also_writes=[Path(out) / name for name in VAS_FIGURES])
     reports = [load_report(p, shard_without_samples=True)[1] for p in paths]
     for path, report in zip(paths, reports):
         if "accumulator_state" not in report:
@@ -153,7 +163,8 @@ def run_vas(config: VASConfig) -> dict:
     from megatron_avar.training.run_lock import holding_run_lock
 
     out = Path(config.out)
-    refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report")  # (a file too)
+    refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report",
+                            also_writes=[out / name for name in VAS_FIGURES])
     with holding_run_lock(out, conflict=(
             "two `avar vas` runs writing one --out would replace each other's report. Give each shard its own "
             "--out (`avar vas merge` combines them), or wait for that run to end")):
@@ -231,29 +242,32 @@ def accumulate_vas(batches: Iterable, forward: Callable, layers: Sequence[int], 
 def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: str, config: dict, checkpoint: dict,
                      runtime: dict) -> dict:
     """Write ``out``/report.json (the statistics, name, config, checkpoint, runtime and the accumulator state that
-    `avar vas merge` combines across data shards) and the three figures; return the report. The config gets
-    ``data_resolved``, the absolute data path."""
+    `avar vas merge` combines across data shards) and the three figures (figures.publish: the report last, never
+    beside an earlier run's figures); return the report. The config gets ``data_resolved``, the absolute data
+    path."""
     from megatron_avar.analysis import figures
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if config.get("data") is not None and "data_resolved" not in config:
         config = dict(config, data_resolved=str(Path(config["data"]).resolve()))
     if not accumulator.sample_ids and config.get("shard"):
         # A shard whose records hold no VAS query (text-only ones) still writes its state: `avar vas merge` needs
-        # every shard, and the merged report counts these samples as skipped.
+        # every shard, and the merged report counts these samples as skipped. No figures: an earlier run's are removed.
         report = dict(vas=None, num_samples=0, skipped_sample_ids=list(accumulator.skipped), name=name,
                       config=config, checkpoint=checkpoint, runtime=runtime, accumulator_state=accumulator.state_dict())
-        atomic_files.write_json(out / "report.json", report)
+        figures.publish(out / "report.json", _json_text(report), dict.fromkeys(out / figure for figure in VAS_FIGURES))
         print(f"shard {config['shard']}: no sample has VAS queries ({len(accumulator.skipped)} skipped); its state "
               f"is in {out / 'report.json'} for `avar vas merge`", flush=True)
         return report
     report = accumulator.result().to_json(exclude_sink=exclude_sink)
     report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime,
                   accumulator_state=accumulator.state_dict())
-    atomic_files.write_json(out / "report.json", report)
-    figures.plot_vas_per_layer(report, out / "vas_per_layer.png")
-    figures.plot_image_share_heatmap(report, out / "image_share_heatmap.png")
-    figures.plot_ratio_distribution(report, out / "ratio_distribution.png")
+    draws = (figures.plot_vas_per_layer, figures.plot_image_share_heatmap, figures.plot_ratio_distribution)
+    figures.publish(out / "report.json", _json_text(report),
+                    {out / figure: functools.partial(draw, report) for figure, draw in zip(VAS_FIGURES, draws)})
     return report
 
+
+def _json_text(data) -> str:
+    """``data`` as atomic_files.write_json writes it."""
+    return json.dumps(data, indent=2) + "\n"

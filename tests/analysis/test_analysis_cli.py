@@ -185,14 +185,77 @@ def test_a_second_run_never_replaces_results_unasked(toy, vas_run, capsys, tmp_p
     assert not (busy / "report.json").exists()
 
     sweep = tmp_path / "sweep.json"
-    sweep.with_suffix(".png").write_bytes(b"an earlier plot")
+    sweep.with_suffix(".png").write_bytes(b"\x89PNG\r\n\x1a\nan earlier plot")
     argv = ["intervene", "--model", toy["model"], "--data", toy["data"], "--out", str(sweep), "--sweep",
             "--sweep-alpha-sys", "0", "--sweep-layers", "0", "--max-new-tokens", "2", "--num-samples", "1"]
     assert main(argv) == 2
     assert f"{sweep.with_suffix('.png')} holds intervention results" in capsys.readouterr().err
-    assert not sweep.exists() and sweep.with_suffix(".png").read_bytes() == b"an earlier plot"
+    assert not sweep.exists() and sweep.with_suffix(".png").read_bytes() == b"\x89PNG\r\n\x1a\nan earlier plot"
     assert main([*argv, "--overwrite"]) == 0
     assert sweep.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vas_overwrite_never_leaves_a_report_beside_another_runs_figures(vas_run, tmp_path, monkeypatch):
+    """Found in review: `avar vas --overwrite` killed after report.json was written left the new report beside the
+    earlier run's figures. The figures are drawn into temporary files first, the report is written last."""
+    from megatron_avar import atomic_files
+    from megatron_avar.analysis import figures
+    from megatron_avar.analysis.run_vas import write_vas_report
+    from megatron_avar.analysis.vas import VASAccumulator
+
+    figure_names = ("vas_per_layer.png", "image_share_heatmap.png", "ratio_distribution.png")
+    out, report = vas_run
+    folder = tmp_path / "vas"
+    shutil.copytree(out, folder)
+    earlier = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def write():  # the statistics of vas_run under another name: a report of the same run that tells itself apart
+        return write_vas_report(VASAccumulator.merge([report["accumulator_state"]]), folder, exclude_sink=True,
+                                name="new", config=report["config"], checkpoint=report["checkpoint"],
+                                runtime=report["runtime"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # killed while the last figure is drawn: the earlier run stays whole
+        patch.setattr(figures, "plot_ratio_distribution", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == earlier
+    for name in figure_names:  # marked, to tell the earlier figures from new ones of the same statistics
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\nan earlier figure")
+    with monkeypatch.context() as patch:  # killed after the figures, before the report: no report beside them
+        patch.setattr(atomic_files, "write_text", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    assert not (folder / "report.json").exists()
+    assert all((folder / name).read_bytes()[:4] == b"\x89PNG" and b"earlier" not in (folder / name).read_bytes()
+               for name in figure_names)
+    write()
+    assert json.loads((folder / "report.json").read_text())["name"] == "new"
+    assert sorted(path.name for path in folder.iterdir()) == sorted(earlier)  # no temporary file left
+
+
+def test_vas_compare_and_merge_refuse_the_flags_of_a_vas_run(vas_run, tmp_path, capsys):
+    """Found in review: `avar vas --exclude-sink --layers 0 --num-samples 3 --name foo compare A B` printed the
+    sink-included numbers (exit 0), its flags ignored; `avar vas --overwrite compare A --out C` said to pass
+    --overwrite. A flag of the VAS run before `compare` / `merge` is refused by name; --overwrite works there."""
+    out, report = vas_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "report.json").write_text(json.dumps(dict(report, name="other")))
+    capsys.readouterr()
+    assert main(["vas", "--exclude-sink", "--layers", "0", "--num-samples", "3", "--name", "foo", "compare", str(out),
+                 str(other), "--out", str(tmp_path / "c1")]) == 2
+    error = capsys.readouterr().err
+    assert "`avar vas compare` does not use --num-samples, --layers, --exclude-sink, --name" in error, error
+    assert error.count("\n") == 1 and not (tmp_path / "c1").exists()
+    assert main(["vas", "--batch-size", "2", "merge", str(out), "--out", str(tmp_path / "m")]) == 2
+    assert "`avar vas merge` does not use --batch-size (options of `avar vas` itself" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(["vas", "compare", str(out), "--out", str(tmp_path / "c2")]) == 0
+    assert main(["vas", "--overwrite", "compare", str(out), str(other), "--out", str(tmp_path / "c2")]) == 0
+    assert "| other |" in (tmp_path / "c2" / "compare.md").read_text()
 
 
 def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):

@@ -1,8 +1,11 @@
-"""`avar vas` / `avar intervene` on a damaged checkpoint, a device name torch does not take, and a second
-`avar intervene` run on an --out in use: one line naming the problem and the fix, nothing written."""
+"""`avar vas` / `avar intervene` on a damaged checkpoint, a device name torch does not take, a second
+`avar intervene` run on an --out in use, an --out that is an input, another file or a folder: one line naming the
+problem and the fix, nothing written."""
 
 import fcntl
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +98,85 @@ def test_two_intervene_runs_on_one_out_are_refused(toy, tmp_path, capsys):
         other = [*argv[:argv.index("--out") + 1], str(tmp_path / "j.json"), *argv[argv.index("--out") + 2:]]
         assert main(other) == 0 and (tmp_path / "j.json").is_file()
     assert main(argv) == 0 and (tmp_path / "i.json").is_file()  # released
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """A refusal comes before any work: loading the model fails the test."""
+    from megatron_avar.analysis import model_loading
+
+    def load_hf_model(*args, **kwargs):
+        raise AssertionError("the model was loaded: the refusal came after the work")
+
+    monkeypatch.setattr(model_loading, "load_hf_model", load_hf_model)
+
+
+def test_intervene_never_writes_over_its_inputs(toy, tmp_path, capsys, no_work):
+    """Found in review: `avar intervene --data D.json --out D.json --overwrite` replaced the dataset by its
+    results; an --out in the model folder would replace a model file. Refused before any work, --overwrite or not."""
+    model, data_dir = tmp_path / "model", tmp_path / "data_j"
+    shutil.copytree(toy["model"], model)
+    shutil.copytree(Path(toy["data"]).parent, data_dir)  # the images come along
+    data = data_dir / "data.json"
+    data.write_text(json.dumps([json.loads(line) for line in (data_dir / "data.jsonl").read_text().splitlines()]))
+    (data_dir / "data.jsonl").unlink()
+    before = {path: path.read_bytes() for path in (data, model / "config.json")}
+    argv = ["intervene", "--model", str(model), "--num-samples", "1", "--max-new-tokens", "2", "--overwrite"]
+    for flags, message in (
+            (["--data", str(data), "--out", str(data)], f"--out {data} is the --data file"),
+            (["--data", str(data), "--out", str(model / "config.json")],
+             f"--out {model / 'config.json'} lies in the --model folder {model}"),
+            (["--data", str(data_dir), "--out", str(data_dir / "results.json")],
+             f"--out {data_dir / 'results.json'} lies in the --data folder {data_dir}, whose .json files are read")):
+        assert message in _error(capsys, [*argv, *flags])
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (data_dir / "results.json").exists()
+    assert not (model / ".avar-locks").exists() and not (data_dir / ".avar-locks").exists()
+
+
+def test_intervene_overwrite_replaces_only_its_own_results(toy, tmp_path, capsys):
+    """--overwrite replaces the results of an earlier `avar intervene` (known by their keys, a sweep's table by its
+    first line, its figure as a PNG); any other file at --out or beside it is named and kept."""
+    out = tmp_path / "results.json"
+    argv = ["intervene", "--model", str(toy["model"]), "--data", toy["data"], "--out", str(out), "--num-samples", "1",
+            "--max-new-tokens", "2", "--layers", "0", "--overwrite"]
+    for path, content, what in (
+            (out, (Path(toy["model"]) / "config.json").read_bytes(), "a model's config"),
+            (out, b'[{"messages": []}]', "a list of records (a .json dataset)"),
+            (out, b"results: 3 of 4", "a file that is not JSON"),
+            (out.with_suffix(".md"), b"# my notes on the results", "text that is not a sweep table"),
+            (out.with_suffix(".png"), b"GIF89a", "a file that is not a PNG figure")):
+        path.write_bytes(content)
+        error = _error(capsys, argv)
+        assert f"{path} holds {what}, which `avar intervene --out {out}` would replace" in error, error
+        assert path.read_bytes() == content
+        path.unlink()
+    assert main(argv) == 0
+    out.write_text(json.dumps(dict(json.loads(out.read_text()), runtime="the earlier run")))
+    assert main(argv) == 0  # its own results: replaced
+    assert json.loads(out.read_text())["runtime"] != "the earlier run"
+
+
+def test_a_folder_where_an_output_file_goes_is_refused_before_any_work(toy, tmp_path, capsys, no_work):
+    """Found in review: `avar intervene --out dir.json` with dir.json a folder said it held an earlier run's results,
+    and with --overwrite ran all the generation, then died with an IsADirectoryError traceback; so did `avar vas`
+    with a folder at report.json (or a figure) and `avar vas compare` with one at compare.md. A folder is never
+    replaced: refused before any work, naming it."""
+    report = tmp_path / "r" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps(dict(vas=1.0, vas_per_layer=[1.0], ratio_of_means=1.0, image_share=0.5,
+                                      num_samples=1)))
+    run = ["--model", str(toy["model"]), "--data", toy["data"], "--num-samples", "1"]
+    for folder, argv in (
+            (tmp_path / "dir.json", ["intervene", *run, "--out", str(tmp_path / "dir.json"), "--max-new-tokens", "2"]),
+            (tmp_path / "v9" / "report.json", ["vas", *run, "--out", str(tmp_path / "v9")]),
+            (tmp_path / "v8" / "vas_per_layer.png", ["vas", *run, "--out", str(tmp_path / "v8")]),
+            (tmp_path / "c9" / "compare.md", ["vas", "compare", str(report), "--out", str(tmp_path / "c9")]),
+            (tmp_path / "m9" / "image_share_heatmap.png",
+             ["vas", "merge", str(report), "--out", str(tmp_path / "m9")])):
+        folder.mkdir(parents=True)
+        for overwrite in ([], ["--overwrite"]):
+            error = _error(capsys, [*argv, *overwrite])
+            assert f"{folder} is a folder, where this run writes a file; move the folder away or choose another " \
+                   "--out" in error, error
+        assert folder.is_dir() and not any(folder.iterdir())
