@@ -31,7 +31,8 @@ from typing import TypeVar
 import yaml
 
 __all__ = ["load_config", "config_from_dict", "config_to_dict", "flat_config", "apply_overrides",
-           "read_config_file", "flag_overrides", "refuse_unused_setting", "ConfigValues"]
+           "read_config_file", "flag_overrides", "refuse_unused_setting", "check_seed", "SEED_LIMIT", "VLLM_SEED_LIMIT",
+           "ConfigValues"]
 
 T = TypeVar("T")
 
@@ -451,6 +452,20 @@ def flat_config(values: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
+
+
+# Seeds: torch.manual_seed takes a 64-bit integer (a negative one stands for seed + 2**64) and the trainers add small
+# offsets to it (100 per pipeline stage, megatron's 2718 + tensor-parallel rank), so 0 <= seed < 2**63 loses
+# nothing; vLLM also seeds numpy, whose seeds are 32-bit.
+SEED_LIMIT = 2**63
+VLLM_SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int, key: str, *, limit: int = SEED_LIMIT, where: str = "") -> None:
+    """ValueError naming the setting ``key`` unless 0 <= ``seed`` < ``limit`` (``where``: e.g. " with the vllm
+    backend"): checked with the config, not by torch or vLLM once processes have started or a model has loaded."""
+    if not 0 <= seed < limit:
+        raise ValueError(f"{key} must be in [0, 2**{limit.bit_length() - 1}){where}, got {seed}")
 
 
 def refuse_unused_setting(section, key: str, *, used: bool, here: str, only_with: str, why: str = "") -> None:

@@ -53,6 +53,9 @@ def test_bad_input_is_an_error_message_not_a_traceback(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["data", "generate", "--out", str(tmp_path / "x"), "--kinds", "count_colour,unicorns"]) == 2
     assert "unknown kind(s) ['unicorns']" in capsys.readouterr().err
+    for length in ("0", "-1"):  # found in review: accepted, every record then "too long"
+        assert main(["data", "validate", str(out), "--max-length", length]) == 2
+        assert f"--max-length {length}: give a number of tokens >= 1" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "messages": [], "answer": "1"}\n')
     assert main(["data", "validate", str(tmp_path / "bad.jsonl")]) == 1
     assert "bad.jsonl line 1" in capsys.readouterr().err

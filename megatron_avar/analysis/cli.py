@@ -137,7 +137,11 @@ def resolve_intervene_config(args):
                              "0,0.05,0.4") from None
         flags.append(f"sweep_alpha_sys={json.dumps(alphas)}")
     if args.sweep_layers is not None:
-        flags.append(f"sweep_layers={json.dumps([s.strip() for s in args.sweep_layers.split(';') if s.strip()])}")
+        layer_sets = [s.strip() for s in args.sweep_layers.split(";")]
+        if not all(layer_sets):
+            raise ValueError(f"--sweep-layers {args.sweep_layers!r} has an empty layer set: separate the sets with "
+                             "one ';' (e.g. 'middle;all')")
+        flags.append(f"sweep_layers={json.dumps(layer_sets)}")
     values = apply_overrides(values, list(args.overrides) + flags)
     missing = [f"--{key.replace('_', '-')}" for key in ("model", "data", "out") if values.get(key) is None]
     if missing:

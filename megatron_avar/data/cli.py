@@ -71,6 +71,8 @@ def _validate(args) -> int:
     from megatron_avar.processor import load_processor
     from megatron_avar.roles import TokenRole, render_conversation
 
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length {args.max_length}: give a number of tokens >= 1 (a run's data.seq_length)")
     try:
         dataset = load_conversations(args.path)
     except ValueError as error:

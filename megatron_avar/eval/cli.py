@@ -27,6 +27,10 @@ _FLAG_KEYS = {
     "intervene_mode": "generation.intervene_mode", "intervene_layers": "generation.intervene_layers",
     "judge": "judge",
 }
+# What --score-only reads (the folder, which benchmarks, how MathVision's samples are defined, the judge): every other
+# field (model, data, generation, sharding, VAS) only applies to generating, so a flag or KEY=VALUE setting it would be
+# ignored. A --config file's values are not checked: one file may serve the generating run and its scoring.
+_SCORING_KEYS = ("out", "benchmarks", "mathvision_split", "judge")
 
 
 def register(subparsers) -> None:
@@ -41,7 +45,7 @@ def register(subparsers) -> None:
     add = parser.add_argument
     add("--config", default=None, help="YAML config (see examples/eval/); flags and KEY=VALUE override it")
     add("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. generation.max_new_tokens=1024")
-    add("--model", help="HF Qwen2.5-VL checkpoint directory (not needed with --score-only)")
+    add("--model", help="HF Qwen2.5-VL checkpoint directory (generating runs; not with --score-only)")
     add("--benchmarks", help="comma-separated names (default: all seven: mathvista,mathvision,mathverse_vo,mmmu,"
                              "mmmu_pro,mmstar,hallusionbench; with --score-only: those with predictions in --out). "
                              "Only these are scored and judged (--judge); the folder's other finished benchmarks "
@@ -84,7 +88,9 @@ def register(subparsers) -> None:
                                              "VLMEvalKit's GPT judge does; both scores are reported (default: rules "
                                              "only)")
     add("--score-only", action="store_true", help="re-score the predictions in --out without generating (with "
-                                                  "--benchmarks: only those; the others' scores are kept)")
+                                                  "--benchmarks: only those; the others' scores are kept). Takes "
+                                                  "--out, --benchmarks, --mathvision-split, --judge, --allow-partial; "
+                                                  "the generating flags are refused")
     add("--allow-partial", action="store_true",
         help="with --score-only: score benchmarks whose generation has not finished (a shard still running or never "
              "run); their scores say they are partial")
@@ -102,9 +108,15 @@ def resolve_config(args):
     if args.benchmarks is not None:  # comma-separated on the command line, a list in the config
         flags.append(f"benchmarks={json.dumps([name.strip() for name in args.benchmarks.split(',') if name.strip()])}")
     values = apply_overrides(values, list(args.overrides) + flags)
+    if args.score_only:  # (after apply_overrides, which names a malformed KEY=VALUE)
+        _refuse_generation_settings(args)
     if "out" not in values:
         raise ValueError("an output folder is needed: --out DIR (or out: in the config)")
     config = config_from_dict(EvalConfig, values)
+    if args.score_only and not config.out.is_dir():  # (else: "no predictions for mathvista", naming no folder)
+        problem = "is not a folder" if config.out.exists() else "does not exist"
+        raise ValueError(f"--out {config.out} {problem}: --score-only scores the predictions an earlier `avar eval` "
+                         "wrote there; give that run's folder")
     if args.score_only and "benchmarks" not in values:
         from megatron_avar.eval.runner import folder_benchmarks
 
@@ -114,9 +126,39 @@ def resolve_config(args):
             raise ValueError(f"nothing finished to score in {config.out}: {'; '.join(notes.values())}; finish the "
                              "generation (the same `avar eval` command resumes), or score the part with "
                              "--allow-partial")
-        if chosen:  # (scoring says which were left out)
-            config = dataclasses.replace(config, benchmarks=tuple(chosen))
+        if not chosen:
+            raise ValueError(f"no predictions to score in {config.out / 'predictions'}; generate them first "
+                             f"(`avar eval --model DIR --out {config.out}`), or give the folder of the run to score")
+        config = dataclasses.replace(config, benchmarks=tuple(chosen))  # (scoring says which were left out)
+    _refuse_unused_split(args, config)
     return config
+
+
+def _given_settings(args) -> list[tuple[str, str]]:
+    """(top-level config key, how the command line set it: the KEY=VALUE override or the flag) of each override and
+    flag given, in that order (the --config file's values are not among them)."""
+    given = [(override.partition("=")[0].strip().split(".")[0], override) for override in args.overrides]
+    return given + [(key.split(".")[0], "--" + dest.replace("_", "-")) for dest, key in _FLAG_KEYS.items()
+                    if getattr(args, dest) is not None]
+
+
+def _refuse_generation_settings(args) -> None:
+    """ValueError naming the flags and overrides of a --score-only run that only a generating run uses: scoring reads
+    the stored responses, so they would be ignored (a generating run refuses its unused settings too)."""
+    unused = [shown for key, shown in _given_settings(args) if key not in _SCORING_KEYS]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} only when generating; "
+                         "--score-only re-scores the stored predictions without generating: leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out, or drop --score-only to generate")
+
+
+def _refuse_unused_split(args, config) -> None:
+    """ValueError for a --mathvision-split (or mathvision_split=) given to a run without MathVision: it defines
+    MathVision's samples only, so it would be ignored."""
+    shown = next((shown for key, shown in reversed(_given_settings(args)) if key == "mathvision_split"), None)
+    if shown is not None and "mathvision" not in config.benchmarks:
+        raise ValueError(f"{shown} applies to mathvision, which this run's benchmarks ({', '.join(config.benchmarks)}) "
+                         "leave out: add mathvision to --benchmarks, or leave it out (it would be ignored)")
 
 
 def _eval(args) -> int:
@@ -130,6 +172,11 @@ def _eval(args) -> int:
     if args.print_config:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
+    root = config.data_root
+    if not args.score_only and root is not None and not root.is_dir():  # checked before the model loads
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise ValueError(f"--data-root (data_root) {root} {problem}: give the folder with one subfolder per "
+                         "benchmark (mathvista/, mathvision/, ...; see --help)")
     try:
         if args.score_only:
             judge = None if config.judge is None else load_judge_config(config.judge)

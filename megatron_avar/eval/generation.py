@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from megatron_avar.config import SEED_LIMIT, VLLM_SEED_LIMIT, check_seed
 from megatron_avar.models import hf_inference
 from megatron_avar.models.hf_inference import DTYPES
 
@@ -55,7 +56,8 @@ class GenerationConfig:
 
     max_new_tokens: response length limit (VLMEvalKit uses 2048 for Qwen2.5-VL).
     do_sample: False = greedy (the default, as in VLMEvalKit); True samples with temperature / top_p / top_k
-        (top_k 0 = off), reproducibly: the torch seed is reset to ``seed`` before every batch.
+        (top_k 0 = off), reproducibly: the torch seed is reset to ``seed`` before every batch (0 <= seed < 2**63;
+        vLLM: < 2**32).
     batch_size: prompts per ``generate`` call (HF backend; left padding). Greedy outputs do not depend on it.
     min_pixels / max_pixels: image preprocessing bounds; None keeps the checkpoint's processor config.
         VLMEvalKit's Qwen2.5-VL setting is 1280*28*28 / 16384*28*28 (small images are upscaled).
@@ -115,6 +117,8 @@ class GenerationConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        check_seed(self.seed, "generation.seed (--seed)", limit=VLLM_SEED_LIMIT if self.backend == "vllm" else
+                   SEED_LIMIT, where=f" with the {self.backend} backend")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len < 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megatron_avar.config import refuse_unused_setting
+from megatron_avar.config import SEED_LIMIT, VLLM_SEED_LIMIT, check_seed, refuse_unused_setting
 from megatron_avar.grpo.advantages import ADVANTAGE_MODES
 from megatron_avar.grpo.backends import backend_names, backends_reading
 from megatron_avar.grpo.loss import PolicyLossConfig
@@ -42,7 +42,8 @@ class RolloutConfig:
         memory every step; CPU and small GPU runs) or "vllm" (GPU; colocated with the actor, sleeping while
         it trains). n: rollouts per prompt (the GRPO group; paper: 8). temperature / top_p / top_k (0 =
         off) / max_new_tokens: sampling; log-probs on both sides are of softmax(logits / temperature).
-    seed: the sampling seed; step s samples with seed + s, so a resumed run draws the same rollouts.
+    seed: the sampling seed (0 <= seed < 2**63; vLLM: < 2**32); step s samples with seed + s, so a resumed run draws
+    the same rollouts.
     batch_size: local backend, rows per generate call. vllm_gpu_memory_utilization: the fraction of GPU
     memory vLLM may take while awake. vllm_enable_sleep: release vLLM's weights and KV cache during the
     policy update (colocated runs need it unless the GPU holds both). A backend's own fields (these three) set
@@ -72,6 +73,8 @@ class RolloutConfig:
         if not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1 or self.top_k < 0 or self.max_new_tokens < 1:
             raise ValueError("rollout needs a finite temperature > 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; "
                              f"got {self.temperature}, {self.top_p}, {self.top_k}, {self.max_new_tokens}")
+        check_seed(self.seed, "rollout.seed", limit=VLLM_SEED_LIMIT if self.backend == "vllm" else SEED_LIMIT,
+                   where=f" with rollout.backend={self.backend}")  # (vLLM seeds numpy; the local backend hashes it)
         if self.batch_size < 1:
             raise ValueError(f"rollout.batch_size must be >= 1, got {self.batch_size}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
@@ -109,7 +112,7 @@ class GRPOTrainConfig:
     with the clipped ratio). seq_length: tokens per packed row of the policy's forward passes (rollouts of
     up to max_prompt_length + max_new_tokens tokens are packed whole; default 0 = that sum rounded up to a
     multiple of what the layout splits rows by, ``ParallelConfig.row_multiple``; also vLLM's max_model_len).
-    precision, recompute, seed: as in SFT.
+    precision, recompute, seed: as in SFT (0 <= seed < 2**63).
     """
 
     steps: int = 100
@@ -131,6 +134,7 @@ class GRPOTrainConfig:
             raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass(frozen=True)

@@ -163,11 +163,21 @@ def _layout(parallel_config, gpus: int | None) -> Parallelism:
 
 
 def _flops(qwen_config, *, samples: int, sample_tokens: int, patches: int, output_tokens: int) -> float:
+    """training_flops of ``samples`` packed samples of ``sample_tokens`` tokens, each with one image of
+    ``patches // samples`` patches (the planned rows' image tokens, at the assumed image fraction), given as copies
+    of one sample: a list of them held billions of items at seq_length=1e12 (a MemoryError)."""
     from megatron_avar.training.metrics import training_flops
 
-    # one image per sample (the planned rows' image tokens, at the assumed image fraction)
-    return training_flops(qwen_config, sample_lengths=[sample_tokens] * samples,
-                          image_patches=[patches // samples] * samples if samples else [], output_tokens=output_tokens)
+    return training_flops(qwen_config, sample_lengths=[sample_tokens], image_patches=[patches // samples] if samples
+                          else [], output_tokens=output_tokens, copies=samples)
+
+
+def _check_sample_tokens(assumptions: Assumptions, seq: int, row_length: str) -> None:
+    """ValueError for an assumed sample longer than the run's rows: a packed sample lies within one row, and planning
+    with a shorter one than asked for would be a plan of other samples than the ones stated."""
+    if assumptions.sample_tokens is not None and assumptions.sample_tokens > seq:
+        raise ValueError(f"--sample-tokens {assumptions.sample_tokens} exceeds the run's rows of {seq} tokens "
+                         f"({row_length}): a packed sample lies within one row; give at most {seq}")
 
 
 def _total_parameters(qwen_config) -> int:
@@ -189,6 +199,7 @@ def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumpt
                          f"pipeline_model_parallel_size={parallel.pp}, but a step has {microbatches} per "
                          f"data-parallel rank: make it a multiple of {parallel.pp}")
     seq = data.seq_length
+    _check_sample_tokens(assumptions, seq, "data.seq_length")
     if assumptions.image_fraction + assumptions.response_fraction > 1:
         raise ValueError(f"image fraction {assumptions.image_fraction:g} + response fraction "
                          f"{assumptions.response_fraction:g} exceed 1: image tokens are never labelled, so the two "
@@ -203,7 +214,7 @@ def plan_sft(config, qwen_config, model: str, assumptions: Assumptions = Assumpt
                       precision=train.precision, recompute=train.recompute,
                       avar_layers=config.avar.layer_indexes(qwen_config.text.num_layers))
     memory = memory_plan(qwen_config, parallel, shape, kernels=KERNELS[assumptions.kernels])
-    sample_tokens = min(assumptions.sample_tokens or 2048, seq)
+    sample_tokens = min(assumptions.sample_tokens or 2048, seq)  # (the default only: a longer one is refused)
     rows = train.global_batch_size
     merge = qwen_config.vision.spatial_merge_size ** 2
     flops = _flops(qwen_config, samples=rows * seq // sample_tokens, sample_tokens=sample_tokens,
@@ -223,7 +234,10 @@ def plan_grpo(config, qwen_config, model: str, assumptions: Assumptions = Assump
     if per_update % parallel.dp:
         raise ValueError(f"train.prompts_per_step / updates_per_step = {per_update} prompts do not split over the "
                          f"{parallel.dp} data-parallel replicas of {parallel.world_size} GPUs")
-    sample_tokens = min(assumptions.sample_tokens or config.data.max_prompt_length + rollout.max_new_tokens, seq)
+    _check_sample_tokens(assumptions, seq, "train.seq_length" if train.seq_length else
+                         "data.max_prompt_length + rollout.max_new_tokens, rounded up")
+    # (within a row: GRPOConfig refuses a train.seq_length shorter than the longest rollout)
+    sample_tokens = assumptions.sample_tokens or config.data.max_prompt_length + rollout.max_new_tokens
     rollouts_per_rank = per_update // parallel.dp * rollout.n
     rows = math.ceil(rollouts_per_rank * sample_tokens / seq)
     image_tokens = round(assumptions.image_fraction * seq)

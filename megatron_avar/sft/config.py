@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_avar.config import check_seed
 from megatron_avar.training.config import (
     OPTIM_RESUME_FIXED,
     PRECISIONS,
@@ -28,7 +29,7 @@ RESUME_FIXED = OPTIM_RESUME_FIXED + ("train.steps",)
 class TrainConfig:
     """steps: optimizer steps to train; global_batch_size: packed rows per step over all data-parallel ranks
     (accumulated in micro-batches of data.micro_batch_size); precision: fp32 or bf16 (bf16 on GPU);
-    recompute: activation recompute (none | selective | full); seed: parameter/dropout RNG seed."""
+    recompute: activation recompute (none | selective | full); seed: parameter/dropout RNG seed, 0 <= seed < 2**63."""
 
     steps: int = 100
     global_batch_size: int = 8
@@ -43,6 +44,7 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
+        check_seed(self.seed, "train.seed")
 
 
 @dataclass(frozen=True)

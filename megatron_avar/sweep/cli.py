@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+POLL_SECONDS = 10.0  # between squeue calls while a sweep waits for its jobs
+
 __all__ = ["register"]
 
 
@@ -22,8 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="sweep YAML config (see examples/sweeps/)")
     parser.add_argument("--out", help="the sweep directory, for `avar sweep collect` (default: the config's out)")
     parser.add_argument("--no-wait", action="store_true", help="submit and return; collect later")
-    parser.add_argument("--poll-seconds", type=float, default=10.0,
-                        help="seconds between squeue calls while waiting (at least 1)")
+    parser.add_argument("--poll-seconds", type=float, default=None,
+                        help=f"seconds between squeue calls while waiting (at least 1; {POLL_SECONDS:g} if not given)")
     parser.add_argument("--timeout-seconds", type=float, default=None,
                         help="give up waiting after this many seconds (> 0; the jobs go on)")
     parser.add_argument("args", nargs="*", metavar="collect | KEY=VALUE",
@@ -36,7 +38,15 @@ def _run(args) -> int:
     from megatron_avar.sweep.collect import collect
     from megatron_avar.sweep.config import SweepConfig
 
+    if "collect" in args.args[1:]:
+        raise ValueError("`collect` comes first, before any KEY=VALUE override: avar sweep collect --out DIR")
     if args.args[:1] == ["collect"]:
+        given = {"--no-wait": args.no_wait, "--poll-seconds": args.poll_seconds is not None,
+                 "--timeout-seconds": args.timeout_seconds is not None}
+        waiting = [flag for flag, set_ in given.items() if set_]
+        if waiting:
+            raise ValueError(f"`avar sweep collect` does not wait for jobs: {', '.join(waiting)} apply only to a "
+                             "sweep that submits (avar sweep --config FILE)")
         if args.out is None and args.config is None:
             raise ValueError("`avar sweep collect` needs --out DIR (or --config FILE)")
         out = args.out or load_config(SweepConfig, args.config, args.args[1:]).out
@@ -44,8 +54,9 @@ def _run(args) -> int:
         return 0 if rows else 1
     if args.config is None:
         raise ValueError("--config FILE is required (or `avar sweep collect --out DIR`)")
-    if not args.poll_seconds >= 1:  # (0 asked squeue hundreds of times a second)
-        raise ValueError(f"--poll-seconds {args.poll_seconds:g}: give at least 1 (seconds between squeue calls)")
+    poll_seconds = POLL_SECONDS if args.poll_seconds is None else args.poll_seconds
+    if not poll_seconds >= 1:  # (0 asked squeue hundreds of times a second)
+        raise ValueError(f"--poll-seconds {poll_seconds:g}: give at least 1 (seconds between squeue calls)")
     if args.timeout_seconds is not None and not args.timeout_seconds > 0:
         raise ValueError(f"--timeout-seconds {args.timeout_seconds:g}: give a positive number of seconds, or leave "
                          "it out to wait until the jobs end")
@@ -68,7 +79,7 @@ def _run(args) -> int:
         print(f"[sweep] submitted; collect with: avar sweep collect --out {out}")
         return 0
     wait_for_jobs([ids[-1] for name, ids in jobs.items() if any(p.name == name for p in runnable)],
-                  poll_s=args.poll_seconds, timeout_s=args.timeout_seconds)
+                  poll_s=poll_seconds, timeout_s=args.timeout_seconds)
     rows = collect(out)
     grid = {point.name for point in points}  # (an earlier grid's points stay in the results, not in the verdict)
     return 0 if all(row["state"] in ("ok", DOES_NOT_FIT) for row in rows if row["name"] in grid) else 1

@@ -63,8 +63,10 @@ def frame_patches(image_grid_thw) -> list[int]:
 
 
 def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: list[int],
-                   output_tokens: int | None = None) -> float:
-    """Model FLOPs of one forward + backward pass over a global batch (the usual 3x forward count).
+                   output_tokens: int | None = None, copies: int = 1) -> float:
+    """Model FLOPs of one forward + backward pass over a global batch (the usual 3x forward count); ``copies``: the
+    batch is that many copies of ``sample_lengths`` and ``image_patches`` (a plan's alike samples, without lists of
+    billions of items: every sum below is an exact integer, so the result is the same float).
 
         6 · (P_lm - V·h) · T         dense matmuls of the decoder layers (T = real tokens, packing: no padding)
       + 6 · V·h · T_out              the output layer over the T_out tokens whose logits are computed: the labelled
@@ -81,14 +83,14 @@ def training_flops(qwen_config, *, sample_lengths: list[int], image_patches: lis
     """
     lm_params, vision_params = matmul_params(qwen_config)
     text, vision = qwen_config.text, qwen_config.vision
-    tokens = sum(sample_lengths)
+    tokens = copies * sum(sample_lengths)
     head = text.vocab_size * text.hidden_size
     output_tokens = tokens if output_tokens is None else output_tokens
-    attention = 6 * text.num_layers * text.hidden_size * sum(s * s for s in sample_lengths)
+    attention = 6 * text.num_layers * text.hidden_size * (copies * sum(s * s for s in sample_lengths))
     full_blocks = len(vision.fullatt_block_indexes)
-    vision_attention = 12 * vision.hidden_size * full_blocks * sum(p * p for p in image_patches)
+    vision_attention = 12 * vision.hidden_size * full_blocks * (copies * sum(p * p for p in image_patches))
     return (6.0 * (lm_params - head) * tokens + 6.0 * head * output_tokens + attention
-            + 6.0 * vision_params * sum(image_patches) + vision_attention)
+            + 6.0 * vision_params * (copies * sum(image_patches)) + vision_attention)
 
 
 def batch_flops(qwen_config, step_batch) -> float:

@@ -458,6 +458,9 @@ def test_intervene_config_file_overrides_and_flags(capsys):
                                       "all"] and config["edit_sink"] is False and config["mode"] == "multiplicative"
     assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "alpha_sis=0.3"]) == 2
     assert "unknown config key(s) alpha_sis" in capsys.readouterr().err
+    # found in review: an empty set ("middle;;all") was dropped without a word
+    assert main(["intervene", "--model", "m", "--data", "d", "--out", "o.json", "--sweep-layers", "0;;all"]) == 2
+    assert "--sweep-layers '0;;all' has an empty layer set" in capsys.readouterr().err
 
 
 SWEEP_EXAMPLE = str(Path(__file__).resolve().parents[2] / "examples" / "vas" / "intervene_sweep.yaml")

@@ -286,3 +286,96 @@ def test_a_truncated_weights_file_is_named(toy_checkpoint, tmp_path, eval_data_r
     error = _error(capsys.readouterr().err)
     assert f"{weights} is not a readable safetensors file" in error and "cut short" in error
     assert "download or copy it again" in error
+
+
+def test_score_only_refuses_the_settings_only_generation_uses(fake_generator, tmp_path, eval_data_root, capsys):
+    """Found in review: `--score-only` with --model, --data-root, --limit, --vas-samples, sampling or intervention
+    flags printed scores and exited 0, every one of them ignored (a generating run refuses the settings it would not
+    use)."""
+    run_eval(_config(tmp_path, eval_data_root))
+    fake_generator.calls.clear()
+    out = tmp_path / "out"
+    before = _contents(out)
+    score_only = ["eval", "--score-only", "--out", str(out)]
+    capsys.readouterr()
+    assert main([*score_only, "--vas-samples", "3", "--intervene", "--alpha-img", "0.5", "--do-sample",
+                 "--temperature", "0.3", "--limit", "99", "--data-root", "nosuch"]) == 2
+    error = capsys.readouterr().err
+    assert ("--data-root, --limit, --do-sample, --temperature, --vas-samples, --intervene, --alpha-img apply only "
+            "when generating; --score-only re-scores the stored predictions without generating: leave them out, or "
+            "drop --score-only to generate") in error and error.count("\n") == 1, error
+    for extra in (["--model", str(_model(tmp_path))], ["--seed", "3"], ["--num-shards", "2"],
+                  ["generation.max_new_tokens=5"], ["limit=2"]):
+        assert main([*score_only, *extra]) == 2
+        error = capsys.readouterr().err
+        assert f"{extra[0]} applies only when generating" in error and "leave it out" in error, error
+    assert _contents(out) == before and fake_generator.calls == []
+    # what scoring reads is taken
+    assert main([*score_only, "--benchmarks", "mmstar", "benchmarks=[mmstar]", f"out={out}"]) == 0
+
+
+def test_score_only_names_an_out_that_is_not_a_run_folder(tmp_path, capsys):
+    """Before: `--score-only --out nosuch` said "no predictions for mathvista" (the first of all seven)."""
+    capsys.readouterr()
+    assert main(["eval", "--score-only", "--out", str(tmp_path / "nosuch")]) == 2
+    error = capsys.readouterr().err
+    assert (f"--out {tmp_path / 'nosuch'} does not exist: --score-only scores the predictions an earlier `avar eval` "
+            "wrote there; give that run's folder") in error and error.count("\n") == 1
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", "--score-only", "--out", str(tmp_path / "file")]) == 2
+    assert f"--out {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--score-only", "--out", str(tmp_path / "empty")]) == 2
+    assert f"no predictions to score in {tmp_path / 'empty' / 'predictions'}" in capsys.readouterr().err
+    assert not (tmp_path / "nosuch").exists() and list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("split", [["--mathvision-split", "testmini"], ["--mathvision-split", "test"],
+                                   ["mathvision_split=testmini"]])
+def test_a_mathvision_split_for_a_run_without_mathvision_is_refused(capsys, split):
+    """Found in review: `--mathvision-split testmini --benchmarks mmstar` was accepted, and ignored."""
+    capsys.readouterr()
+    assert main(["eval", "--out", "o", "--benchmarks", "mmstar,mmmu", *split, "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert (f"{split[-1] if '=' in split[-1] else split[0]} applies to mathvision, which this run's benchmarks "
+            "(mmstar, mmmu) leave out: add mathvision to --benchmarks") in error and error.count("\n") == 1, error
+    assert main(["eval", "--out", "o", "--benchmarks", "mmstar,mathvision", *split, "--print-config"]) == 0
+
+
+def test_a_data_root_that_is_not_a_folder_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Found in review: `--data-root nosuch` (or a file) was reported as "split 'val' not found" once the model had
+    loaded."""
+    import megatron_avar.eval.runner as runner
+
+    def loading(config):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(runner, "run_eval", loading)
+    (tmp_path / "file").write_text("x")
+    capsys.readouterr()
+    for root, problem in ((tmp_path / "nosuch", "does not exist"), (tmp_path / "file", "is not a folder")):
+        assert main(["eval", "--model", str(_model(tmp_path)), "--data-root", str(root), "--out",
+                     str(tmp_path / "out"), "--benchmarks", "mmstar"]) == 2
+        error = capsys.readouterr().err
+        assert (f"--data-root (data_root) {root} {problem}: give the folder with one subfolder per benchmark"
+                in error and error.count("\n") == 1), error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed", str(2**63)], f"generation.seed (--seed) must be in [0, 2**63) with the hf backend, got {2**63}"),
+    (["--seed", "99999999999999999999999"], "generation.seed (--seed) must be in [0, 2**63)"),
+    (["--seed", "-1"], "generation.seed (--seed) must be in [0, 2**63) with the hf backend, got -1"),
+    # vLLM seeds numpy with it, which takes 32-bit seeds
+    (["--backend", "vllm", "--seed", str(2**32)], "generation.seed (--seed) must be in [0, 2**32) with the vllm"),
+])
+def test_a_seed_torch_or_vllm_cannot_take_is_refused_before_the_model_loads(capsys, flags, message):
+    """Before: `--do-sample --seed 99999999999999999999999` failed with torch's "Overflow when unpacking long long",
+    after the model had loaded."""
+    capsys.readouterr()
+    assert main(["eval", "--out", "o", "--do-sample", *flags, "--print-config"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1, error
+    assert main(["eval", "--out", "o", "--do-sample", "--seed", str(2**63 - 1), "--print-config"]) == 0
+    assert main(["eval", "--out", "o", "--do-sample", "--backend", "vllm", "--seed", str(2**32 - 1),
+                 "--print-config"]) == 0

@@ -93,8 +93,10 @@ def eval_argv(tmp_path, root, config, *extra) -> list[str]:
     (tmp_path / "model").mkdir(exist_ok=True)
     (tmp_path / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')  # (generation is stood in for)
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
-    return ["eval", "--model", str(tmp_path / "model"), "--data-root", str(root), "--out", str(tmp_path / "out"),
-            "--benchmarks", BENCHMARKS, "--judge", str(config), *extra]
+    # (--score-only refuses the generating run's --model and --data-root: it would ignore them)
+    generating = [] if "--score-only" in extra else ["--model", str(tmp_path / "model"), "--data-root", str(root)]
+    return ["eval", *generating, "--out", str(tmp_path / "out"), "--benchmarks", BENCHMARKS, "--judge", str(config),
+            *extra]
 
 
 def predictions(tmp_path, name) -> dict[str, dict]:

@@ -154,6 +154,9 @@ def test_cli_errors_and_score_only(fake_generator, tmp_path, eval_data_root, cap
     assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar"]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar", "--score-only"]) == 2
+    assert f"--out {tmp_path / 'o'} does not exist: --score-only scores" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    assert main(["eval", "--out", str(tmp_path / "o"), "--benchmarks", "mmstar", "--score-only"]) == 2
     assert "no predictions for mmstar" in capsys.readouterr().err
     run_eval(_config(tmp_path, eval_data_root, benchmarks=("mmstar",)))
     before = (tmp_path / "out" / "scores.json").read_text()

@@ -303,3 +303,28 @@ def test_config_mistakes_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(GRPOConfig, None, ["out=/tmp/x", "model.hf_path=/m", "data.path=/d", "train.prompts_per_step=4",
                                        *override.split()])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.seed=-5"], "train.seed must be in [0, 2**63), got -5"),
+    (["train.seed=99999999999999999999999"], "train.seed must be in [0, 2**63), got 99999999999999999999999"),
+    (["rollout.seed=-1"], "rollout.seed must be in [0, 2**63) with rollout.backend=local, got -1"),
+    (["rollout.seed=9223372036854775808"], "rollout.seed must be in [0, 2**63) with rollout.backend=local"),
+    # the vLLM engine seeds numpy with it, which takes 32-bit seeds
+    (["rollout.backend=vllm", "rollout.seed=4294967296"],
+     "rollout.seed must be in [0, 2**32) with rollout.backend=vllm"),
+])
+def test_seeds_out_of_range_are_named(overrides, message):
+    """Before: a seed past int64 (or past numpy's 32 bits, for vLLM) failed once the processes or the engine had
+    started ("Overflow when unpacking long long", naming no setting); negative seeds were accepted."""
+    with pytest.raises(ValueError) as error:
+        load_config(GRPOConfig, None, ["out=/tmp/x", "model.hf_path=/m", "data.path=/d", *overrides])
+    assert message in str(error.value)
+
+
+def test_the_seeds_each_backend_takes_are_accepted():
+    base = ["out=/tmp/x", "model.hf_path=/m", "data.path=/d"]
+    config = load_config(GRPOConfig, None, [*base, f"train.seed={2**63 - 1}", f"rollout.seed={2**63 - 1}"])
+    assert config.train.seed == config.rollout.seed == 2**63 - 1
+    assert load_config(GRPOConfig, None, [*base, "rollout.backend=vllm", f"rollout.seed={2**32 - 1}"]).rollout.seed == (
+        2**32 - 1)

@@ -121,6 +121,15 @@ def test_the_command_is_detected_from_the_config():
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--response-fraction", "-0.1"],
      "response_fraction must be in [0, 1]"),
     (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "train.recompute=some"], "train.recompute='some'"),
+    # before: clamped to the row length, silently (the plan said "samples of 16384 tokens")
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "--sample-tokens", "999999"],
+     "--sample-tokens 999999 exceeds the run's rows of 16384 tokens (data.seq_length): a packed sample lies within "
+     "one row; give at most 16384"),
+    (["--config", "examples/grpo/avar_7b.yaml", "--model", "7b", "--sample-tokens", "999999"],
+     "--sample-tokens 999999 exceeds the run's rows of 4096 tokens (data.max_prompt_length + rollout.max_new_tokens, "
+     "rounded up)"),
+    (["--config", "examples/sft/avar_7b.yaml", "--model", "7b", "train.seed=99999999999999999999999"],
+     "train.seed must be in [0, 2**63), got 99999999999999999999999"),
 ])
 def test_bad_input_is_a_one_line_error(monkeypatch, capsys, args, message):
     monkeypatch.chdir(REPO)

@@ -226,3 +226,57 @@ def test_step_time_is_the_trainers_flops_at_the_stated_mfu():
     fp32 = plan_config(str(REPO / "examples/sft/avar_7b.yaml"), ["train.precision=fp32"], preset="7b",
                        assumptions=Assumptions(gpus=16, mfu=0.5))
     assert fp32.step_seconds(GPUS["h100"]) == pytest.approx(flops / (16 * 67e12 * 0.5), rel=1e-12)
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED))
+@pytest.mark.parametrize(("samples", "sample_tokens", "patches", "output_tokens"), [
+    (0, 2048, 0, 0), (1, 1, 1, 1), (7, 333, 4 * 7 * 50 + 3, 1000), (1024, 2048, 1024 * 4096, 128 * 5734),
+    (96, 4096, 96 * 4 * 1024, 96 * 2048), (5000, 8192, 5000 * 4 * 4096 + 4999, 5000 * 512)])
+def test_the_plans_flops_are_the_trainers_without_a_list_per_sample(size, samples, sample_tokens, patches,
+                                                                   output_tokens):
+    """Before: the plan built a list of every sample's length for training_flops: data.seq_length=1e12 was a
+    MemoryError (1e9 took 10 s and 1.4 GB). The closed form gives the same float, to the last bit."""
+    from megatron_avar.plan.runs import _flops
+    from megatron_avar.training.metrics import training_flops
+
+    qwen = Qwen25VLConfig.from_hf(PUBLISHED[size])
+    listed = training_flops(qwen, sample_lengths=[sample_tokens] * samples,
+                            image_patches=[patches // samples] * samples if samples else [],
+                            output_tokens=output_tokens)
+    assert _flops(qwen, samples=samples, sample_tokens=sample_tokens, patches=patches,
+                  output_tokens=output_tokens) == listed
+
+
+@pytest.mark.parametrize(("config", "overrides", "sample_tokens"), [
+    ("examples/sft/avar_7b.yaml", [], None), ("examples/sft/avar_7b.yaml", ["data.seq_length=6000"], 1500),
+    ("examples/sft/avar_72b.yaml", [], 777), ("examples/grpo/avar_7b.yaml", [], None),
+    ("examples/grpo/avar_7b.yaml", ["loss.kl_coef=0"], 1000)])
+def test_a_plans_flops_are_those_of_its_samples_listed(config, overrides, sample_tokens, monkeypatch):
+    """Whole plans, SFT and GRPO: the step's FLOPs equal training_flops over the list of its samples."""
+    import megatron_avar.plan.runs as runs
+    from megatron_avar.plan import Assumptions, plan_config
+    from megatron_avar.training.metrics import training_flops
+
+    preset = "72b" if "72b" in config else "7b"
+    assumptions = Assumptions(gpus=64 if preset == "72b" else 16, sample_tokens=sample_tokens)
+    closed = plan_config(str(REPO / config), overrides, preset=preset, assumptions=assumptions)
+
+    def listed(qwen_config, *, samples, sample_tokens, patches, output_tokens):  # the plan's FLOPs before
+        return training_flops(qwen_config, sample_lengths=[sample_tokens] * samples,
+                              image_patches=[patches // samples] * samples if samples else [],
+                              output_tokens=output_tokens)
+
+    monkeypatch.setattr(runs, "_flops", listed)
+    assert closed.flops_per_step == plan_config(str(REPO / config), overrides, preset=preset,
+                                                assumptions=assumptions).flops_per_step
+
+
+def test_a_plan_of_rows_longer_than_memory_holds_is_computed_not_listed():
+    """data.seq_length=1e12: 6e10 samples per step (a list of them: 500 GB), planned from their count (it does not
+    fit any GPU)."""
+    from megatron_avar.plan import Assumptions, plan_config
+
+    plan = plan_config(str(REPO / "examples/sft/avar_7b.yaml"), ["data.seq_length=1e12"], preset="7b",
+                       assumptions=Assumptions(gpus=16))
+    assert plan.sample_tokens == 2048 and plan.shape.seq_length == 10**12
+    assert plan.flops_per_step > 0 and not any(v.fits for v in plan.verdicts())

@@ -526,6 +526,20 @@ def test_wait_settings_are_checked_before_submitting(tmp_path, capsys, flag, val
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["collect", "--no-wait", "--poll-seconds", "5"], "`avar sweep collect` does not wait for jobs: --no-wait, "
+                                                      "--poll-seconds apply only to a sweep that submits"),
+    (["out=x", "collect"], "`collect` comes first, before any KEY=VALUE override"),
+])
+def test_collect_refuses_what_it_would_ignore(tmp_path, capsys, args, message):
+    """Found in review: `avar sweep collect --no-wait --poll-seconds 5` ignored both flags, and `collect` after an
+    override was read as a malformed override."""
+    from megatron_avar.cli import main
+
+    assert main(["sweep", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def _submit_finished_sweep(tmp_path: Path, monkeypatch, out: str) -> Path:
     """examples/sweeps/tiny_cpu.yaml submitted from ``tmp_path / "submit"`` with ``out`` (as given) to stub Slurm
     (sacct says COMPLETED), and both points given a finished run; returns the sweep folder."""
