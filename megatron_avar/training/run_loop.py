@@ -328,6 +328,10 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
     return summary
 
 
+# Settings of how a run is started, not of what it trains: a resume changing them says nothing.
+_RUN_CONTROL = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.accept_data_change")
+
+
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
     """Logging rank, after :func:`plan_start` and the resume's load, before the logger opens: create ``out``;
     with consent to replace an earlier run, remove its checkpoints, metrics, summary and TensorBoard events (before
@@ -351,8 +355,28 @@ def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
             events.rmdir()
     if start.resume_from is None:
         (out / WANDB_RUN_FILE).unlink(missing_ok=True)
+    else:
+        _say_changed_settings(out / "config.json", run_config, start.start_step)
     _trim_metrics(out / METRICS_FILE, start.start_step)
     atomic_files.write_json(out / "config.json", run_config)
+
+
+def _say_changed_settings(previous: Path, run_config: dict, start_step: int) -> None:
+    """Say which settings a resumed run changed since its last segment (``previous``: that segment's config.json):
+    those that are not refused (the schedule is, by :func:`plan_start`) apply from ``start_step`` on, so a loss
+    curve that bends there, with other loss weights or layers, is explained where the run is started."""
+    from megatron_avar.config import flat_config
+
+    try:
+        before = flat_config(json.loads(previous.read_text()))
+    except (OSError, ValueError, AttributeError):  # no record of the last segment's settings: nothing to compare
+        return
+    now = flat_config(run_config)
+    changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in now
+               if key in before and before[key] != now[key] and key not in _RUN_CONTROL]
+    if changed:
+        print(f"resumed with settings changed since the last segment, applying from step {start_step}: "
+              f"{'; '.join(changed)}", flush=True)
 
 
 def _trim_metrics(path: Path, start_step: int) -> None:

@@ -136,6 +136,21 @@ def test_a_run_that_resumes_no_checkpoint_gets_a_new_wandb_run(tmp_path):
     assert not (tmp_path / WANDB_RUN_FILE).exists()
 
 
+def test_a_resume_says_which_settings_changed_since_the_last_segment(tmp_path, capsys):
+    """Found in review: a resume with another avar.alpha or avar.layers (not refused: only the schedule is) went
+    ahead saying only "resumed from ...", so a loss curve bending there had no explanation in the run's output."""
+    from megatron_avar.training.run_loop import RunStart, prepare_run_dir
+
+    first = {"out": "o", "avar": {"alpha": 0.1, "layers": "all"}, "checkpoint": {"resume": True}}
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=0), first)
+    resume = RunStart(resume_from=tmp_path / "checkpoints" / "step_3", start_step=4)
+    prepare_run_dir(tmp_path, resume, first)
+    assert "settings changed" not in capsys.readouterr().out
+    prepare_run_dir(tmp_path, resume, {**first, "avar": {"alpha": 0.2, "layers": "all"}})
+    assert "changed since the last segment, applying from step 4: avar.alpha: 0.1 -> 0.2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["avar"]["alpha"] == 0.2
+
+
 @pytest.mark.parametrize("command", ["sft", "grpo"])
 def test_a_first_run_whose_model_does_not_load_leaves_no_folder(sft_inputs, tmp_path, command):
     """Through the command line, as a user meets it: `avar sft` / `avar grpo` on a new out (two folders deep)
