@@ -78,6 +78,9 @@ def test_overrides_may_come_on_both_sides_of_a_flag(capsys):
     config = str(Path(__file__).resolve().parents[1] / "examples" / "sft" / "avar_7b.yaml")
     assert main(["plan", "--config", config, "data.seq_length=4096", "--model", "7b", "train.recompute=full"]) == 0
     assert "4096 tokens" in capsys.readouterr().out
+    sweep = str(Path(config).parents[1] / "sweeps" / "tiny_cpu.yaml")  # (its positional list holds `collect` too)
+    assert main(["sweep", "--config", sweep, "out=x", "--no-wait", "bogus.key=2"]) == 2
+    assert "(bogus: override bogus.key=2)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):
         main(["plan", "--config", config, "--model", "7b", "--bogus"])
     err = capsys.readouterr().err

@@ -95,7 +95,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-COMPARE_FILES = ("compare.md", "compare.json", "vas_vs_accuracy.png")
+COMPARE_FILES = ("compare.md", "compare.json", "vas_vs_accuracy.png")  # the report, its table, its plot
 
 
 def _refuse_repeated_reports(paths: Sequence[str]) -> None:
@@ -206,6 +206,6 @@ def _write_comparison(folder: Path, result: dict) -> None:
                              [row["accuracy"] for row in rows], correlation["r"], correlation["p_value"], path)
 
     table = json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n"
-    publish(folder / "compare.md", result["markdown"],
-            {folder / "compare.json": lambda path: path.write_text(table, encoding="utf-8"),
-             folder / "vas_vs_accuracy.png": None if correlation is None else plot})
+    report, data, figure = (folder / name for name in COMPARE_FILES)
+    publish(report, result["markdown"], {data: lambda path: path.write_text(table, encoding="utf-8"),
+                                         figure: None if correlation is None else plot})

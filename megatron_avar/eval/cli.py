@@ -173,10 +173,12 @@ def _eval(args) -> int:
         print(json.dumps(config_to_dict(config), indent=2, default=str))
         return 0
     root = config.data_root
-    if not args.score_only and root is not None and not root.is_dir():  # checked before the model loads
+    # checked before the model loads; with --allow-hub a missing folder means "from the hub" (eval.data.load_split)
+    if not args.score_only and root is not None and not root.is_dir() and not (config.allow_hub and not root.exists()):
         problem = "is not a folder" if root.exists() else "does not exist"
         raise ValueError(f"--data-root (data_root) {root} {problem}: give the folder with one subfolder per "
-                         "benchmark (mathvista/, mathvision/, ...; see --help)")
+                         "benchmark (mathvista/, mathvision/, ...; see --help), or pass --allow-hub to load the "
+                         "benchmarks from the Hugging Face hub")
     try:
         if args.score_only:
             judge = None if config.judge is None else load_judge_config(config.judge)

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
                         help=f"seconds between squeue calls while waiting (at least 1; {POLL_SECONDS:g} if not given)")
     parser.add_argument("--timeout-seconds", type=float, default=None,
                         help="give up waiting after this many seconds (> 0; the jobs go on)")
-    parser.add_argument("args", nargs="*", metavar="collect | KEY=VALUE",
+    parser.add_argument("overrides", nargs="*", metavar="collect | KEY=VALUE",
                         help="`collect`, or dotted overrides of the sweep config")
     parser.set_defaults(handler=_run)
 
@@ -38,9 +38,9 @@ def _run(args) -> int:
     from megatron_avar.sweep.collect import collect
     from megatron_avar.sweep.config import SweepConfig
 
-    if "collect" in args.args[1:]:
+    if "collect" in args.overrides[1:]:
         raise ValueError("`collect` comes first, before any KEY=VALUE override: avar sweep collect --out DIR")
-    if args.args[:1] == ["collect"]:
+    if args.overrides[:1] == ["collect"]:
         given = {"--no-wait": args.no_wait, "--poll-seconds": args.poll_seconds is not None,
                  "--timeout-seconds": args.timeout_seconds is not None}
         waiting = [flag for flag, set_ in given.items() if set_]
@@ -49,7 +49,7 @@ def _run(args) -> int:
                              "sweep that submits (avar sweep --config FILE)")
         if args.out is None and args.config is None:
             raise ValueError("`avar sweep collect` needs --out DIR (or --config FILE)")
-        out = args.out or load_config(SweepConfig, args.config, args.args[1:]).out
+        out = args.out or load_config(SweepConfig, args.config, args.overrides[1:]).out
         rows = collect(out)
         return 0 if rows else 1
     if args.config is None:
@@ -60,7 +60,7 @@ def _run(args) -> int:
     if args.timeout_seconds is not None and not args.timeout_seconds > 0:
         raise ValueError(f"--timeout-seconds {args.timeout_seconds:g}: give a positive number of seconds, or leave "
                          "it out to wait until the jobs end")
-    config = load_config(SweepConfig, args.config, args.args)
+    config = load_config(SweepConfig, args.config, args.overrides)
     points = _checked_points(config)
     from megatron_avar.sweep.fit import DOES_NOT_FIT, describe_misfit, plan_points
 

@@ -360,6 +360,10 @@ def test_a_data_root_that_is_not_a_folder_is_named_before_the_model_loads(tmp_pa
         assert (f"--data-root (data_root) {root} {problem}: give the folder with one subfolder per benchmark"
                 in error and error.count("\n") == 1), error
     assert not (tmp_path / "out").exists()
+    # with --allow-hub a missing folder means the hub (a shared config's data_root, absent on this machine)
+    with pytest.raises(AssertionError, match="the run started"):
+        main(["eval", "--model", str(_model(tmp_path)), "--data-root", str(tmp_path / "nosuch"), "--allow-hub",
+              "--out", str(tmp_path / "out"), "--benchmarks", "mmstar"])
 
 
 @pytest.mark.parametrize(("flags", "message"), [
