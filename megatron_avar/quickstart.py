@@ -81,51 +81,105 @@ def _run_stage(command: list[str]) -> int:
 
 def _stop(stage: subprocess.Popen) -> None:
     """SIGTERM to the stage's process group (torchrun passes it on; a training rank saves a checkpoint and stops),
-    SIGKILL to what is left after STAGE_STOP_S."""
-    with suppress(ProcessLookupError):
-        os.killpg(stage.pid, signal.SIGTERM)
+    SIGKILL to what is left after STAGE_STOP_S; not cut short by another Ctrl-C or SIGTERM (held until it returns),
+    so the stage is gone before the earlier run is put back."""
+    with _signals_held():
+        with suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGTERM)
+        try:
+            stage.wait(timeout=STAGE_STOP_S)
+        except subprocess.TimeoutExpired:
+            pass
+        with suppress(ProcessLookupError):
+            os.killpg(stage.pid, signal.SIGKILL)
+        stage.wait()
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_holding = {"depth": 0, "pending": False}  # _signals_held's state: blocks open, and a stop that arrived in one
+
+
+def _interrupt(signum, frame) -> None:
+    if _holding["depth"]:
+        _holding["pending"] = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Under :func:`_stopping`: Ctrl-C, SIGTERM and SIGHUP held back for the block (raised as KeyboardInterrupt
+    once it ends), so what moves a run aside or back, or stops a stage, is not left half done by a stop."""
+    _holding["depth"] += 1
     try:
-        stage.wait(timeout=STAGE_STOP_S)
-    except subprocess.TimeoutExpired:
-        pass
-    with suppress(ProcessLookupError):
-        os.killpg(stage.pid, signal.SIGKILL)
-    stage.wait()
+        yield
+    finally:
+        _holding["depth"] -= 1
+    if not _holding["depth"] and _holding["pending"]:
+        _holding["pending"] = False
+        raise KeyboardInterrupt
 
 
 @contextmanager
 def _stopping() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal, `kill`) stop the quickstart as Ctrl-C does: the running stage is
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal, `kill`) stop the quickstart alike: the running stage is
     stopped and the earlier run, if one is being replaced, is put back."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {signum: signal.signal(signum, _interrupt) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _holding["pending"] = False
+
+
+# While --overwrite replaces a run, the earlier run waits in out/.replaced. Two marks in there tell a later run what
+# a SIGKILL interrupted: MOVED (written once the whole earlier run is aside: without it, the move aside was cut short,
+# and every entry of out is still the earlier run's) and RESTORING (written before the earlier run is moved back:
+# the new run's entries are gone by then, so every entry of out is the earlier run's).
+MOVED, RESTORING = ".moved", ".restoring"
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Check ``out`` (held under its run lock) and, with ``overwrite``, move an earlier run into ``out/.replaced``:
-    :func:`_replaced_run_kept` deletes it once the new run is complete, or puts it back."""
-    earlier = _entries(out)
-    if earlier or (out / REPLACED).exists():
+    :func:`_replaced_run_kept` deletes it once the new run is complete, or puts it back. What a killed replacing
+    run left (module comment above MOVED) is sorted out first."""
+    aside = out / REPLACED
+    if _entries(out) or aside.exists():
         if not overwrite:
             raise ValueError(f"{out} is not empty; pass --overwrite to replace an earlier quickstart run")
-        if not (out / MARKER).is_file() and not (out / REPLACED / MARKER).is_file():
+        if not (out / MARKER).is_file() and not (aside / MARKER).is_file():
             raise ValueError(f"{out} is not empty and was not written by `avar quickstart`: refusing to delete it")
-        if (out / REPLACED).exists() and not (out / "summary.json").is_file():
-            for entry in earlier:  # a replacing run that was killed: what it wrote is not a run
+    with _signals_held():
+        if (aside / RESTORING).exists():  # killed putting the earlier run back: finish that first
+            _move_back(out)
+        if aside.exists() and not (aside / MOVED).exists():  # killed moving it aside: every entry is the earlier run's
+            _move_aside(out)
+        elif aside.exists() and (out / "summary.json").is_file():  # killed as the replacing run finished: keep the new
+            shutil.rmtree(aside)
+        elif aside.exists():  # killed while replacing: what it wrote is not a run
+            for entry in _entries(out):
                 _remove(entry)
-        else:  # (a complete run and an older one aside: a replacing run killed as it finished; keep the newer)
-            shutil.rmtree(out / REPLACED, ignore_errors=True)
-            (out / REPLACED).mkdir()
-            for entry in earlier:
-                entry.rename(out / REPLACED / entry.name)
+        if _entries(out):
+            _move_aside(out)
     atomic_files.write_json(out / MARKER, {"written_by": "avar quickstart"})
+
+
+def _move_aside(out: Path) -> None:
+    aside = out / REPLACED
+    aside.mkdir(exist_ok=True)
+    for entry in _entries(out):
+        entry.rename(aside / entry.name)
+    atomic_files.write_text(aside / MOVED, "")
+
+
+def _move_back(out: Path) -> None:
+    aside = out / REPLACED
+    atomic_files.write_text(aside / RESTORING, "")
+    for entry in aside.iterdir():
+        if entry.name not in (MOVED, RESTORING):
+            entry.rename(out / entry.name)
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -137,11 +191,10 @@ def _replaced_run_kept(out: Path) -> Iterator[None]:
         yield
     except BaseException:
         if aside.is_dir():
-            for entry in _entries(out):
-                _remove(entry)
-            for entry in aside.iterdir():
-                entry.rename(out / entry.name)
-            aside.rmdir()
+            with _signals_held():
+                for entry in _entries(out):
+                    _remove(entry)
+                _move_back(out)
             print(f"avar quickstart: the earlier run in {out} is back in place", file=sys.stderr)
         raise
     shutil.rmtree(aside, ignore_errors=True)

@@ -102,14 +102,15 @@ from pathlib import Path
 import megatron_avar.quickstart as quickstart
 from megatron_avar.cli import main
 
-def stages(out, **settings):  # a stage that has started a process of its own, then runs until stopped
+def stages(out, **settings):  # a stage that has started a process of its own, then runs until killed
     (out / "new-stage").mkdir()
-    child = "import os, subprocess, sys, time; "
+    child = "import os, signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
     child += "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
     child += f"open({str(out.parent / 'stage.pid')!r}, 'w').write(str(os.getpid())); time.sleep(300)"
     quickstart._run_stage([sys.executable, "-c", child])
 
 quickstart._run_stages = stages
+quickstart.STAGE_STOP_S = 3  # (this stage ignores SIGTERM: it is killed after that)
 sys.exit(main(["quickstart", "--out", sys.argv[1], "--overwrite"]))
 """
 
@@ -117,7 +118,8 @@ sys.exit(main(["quickstart", "--out", sys.argv[1], "--overwrite"]))
 def test_a_stopped_or_failed_overwrite_puts_the_earlier_run_back_and_stops_its_stage(tmp_path):
     """Found in review: --overwrite deleted the earlier run before the first stage, so a Ctrl-C or a failed stage
     lost it, and two quickstarts on one --out deleted each other's folders; and SIGTERM left the running stage
-    (torchrun and its ranks) working on, writing into --out."""
+    (torchrun and its ranks) working on, writing into --out. A second stop while the stage is stopped waits for it
+    (before, it would put the earlier run back while the stage still wrote into it)."""
     import signal
     import time
 
@@ -133,6 +135,8 @@ def test_a_stopped_or_failed_overwrite_puts_the_earlier_run_back_and_stops_its_s
     stage = int((tmp_path / "stage.pid").read_text())
     assert (out / ".replaced" / "summary.json").read_text() == "earlier"  # aside while the new run works
     quickstart.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    quickstart.send_signal(signal.SIGTERM)  # impatient: a second stop while the stage is being stopped
     _, err = quickstart.communicate(timeout=120)
     assert quickstart.returncode == 130 and "interrupted" in err, err
     assert _is_the_earlier_run(out), sorted(p.name for p in out.iterdir())
@@ -175,3 +179,35 @@ def test_a_killed_overwrite_leaves_the_earlier_run_for_the_next_one(tmp_path, mo
     monkeypatch.chdir(Path(__file__).parents[1])
     assert main(["quickstart", "--out", str(out), "--overwrite"]) == 2
     assert _is_the_earlier_run(out)
+
+
+@pytest.mark.parametrize("cut", ["moving-aside", "moving-back"])
+def test_a_run_killed_while_moving_the_earlier_run_aside_or_back_loses_none_of_it(tmp_path, monkeypatch, cut):
+    """Found in review: the next --overwrite told the runs apart by where summary.json was, so a SIGKILL in the
+    middle of moving the earlier run aside (or back) made it delete the part of the earlier run on one side."""
+    import megatron_avar.quickstart as quickstart
+    from megatron_avar.cli import main
+
+    out = tmp_path / "quickstart"
+    _earlier_run(out)
+    (out / "vas-base").mkdir()
+    aside = out / quickstart.REPLACED
+    aside.mkdir()
+    if cut == "moving-aside":  # summary.json and sft moved, the rest not yet, no MOVED mark
+        for name in ("summary.json", "sft"):
+            (out / name).rename(aside / name)
+    else:  # the new run's entries gone, the RESTORING mark written, summary.json and sft back, the rest not yet
+        for name in (quickstart.MARKER, "vas-base"):
+            (out / name).rename(aside / name)
+        (aside / quickstart.MOVED).write_text("")
+        (aside / quickstart.RESTORING).write_text("")
+
+    def failing_stages(out, **settings):
+        moved = sorted(p.name for p in (out / quickstart.REPLACED).iterdir())
+        assert moved == sorted([quickstart.MOVED, quickstart.MARKER, "summary.json", "sft", "vas-base"]), moved
+        raise ValueError("a stage failed")
+
+    monkeypatch.setattr(quickstart, "_run_stages", failing_stages)
+    monkeypatch.chdir(Path(__file__).parents[1])
+    assert main(["quickstart", "--out", str(out), "--overwrite"]) == 2
+    assert _is_the_earlier_run(out) and (out / "vas-base").is_dir()
