@@ -26,8 +26,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["replacing", "write_text", "write_bytes", "write_json", "fsync_file", "fsync_directory", "fsync_tree",
-           "remove_leftovers", "os_error_in", "sibling_folder", "remove_stale_siblings"]
+__all__ = ["replacing", "write_text", "write_bytes", "write_json", "json_text", "fsync_file", "fsync_directory",
+           "fsync_tree", "remove_leftovers", "os_error_in", "sibling_folder", "remove_stale_siblings"]
 
 # A directory's fsync is refused by some file systems (EINVAL on some network mounts, EBADF/EACCES on others):
 # there the rename is as durable as the file system makes it, and the write must not fail for it.
@@ -135,10 +135,15 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(data, *, indent: int | None = 2, **dump_options) -> str:
+    """``data`` as :func:`write_json` writes it (``indent``, a final newline; ``dump_options`` go to ``json.dumps``):
+    for a JSON file published by other means (beside its figures: ``analysis.figures.publish``)."""
+    return json.dumps(data, indent=indent, **dump_options) + "\n"
+
+
 def write_json(path: str | Path, data, *, indent: int | None = 2, **dump_options) -> None:
-    """Replace ``path`` by ``data`` as JSON (``indent``, a final newline; ``dump_options`` go to ``json.dumps``),
-    atomically and durably."""
-    write_text(path, json.dumps(data, indent=indent, **dump_options) + "\n")
+    """Replace ``path`` by ``data`` as JSON (:func:`json_text`), atomically and durably."""
+    write_text(path, json_text(data, indent=indent, **dump_options))
 
 
 def os_error_in(error: BaseException) -> OSError | None:

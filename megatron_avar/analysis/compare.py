@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_avar import atomic_files
+
 __all__ = ["load_report", "load_accuracies", "compare_reports", "run_setting"]
 
 _COLUMNS = ("name", "vas", "vas_no_sink", "delta_vs_first", "ratio_of_means", "image_share", "system_share",
@@ -205,7 +207,7 @@ def _write_comparison(folder: Path, result: dict) -> None:
         plot_vas_vs_accuracy([row["name"] for row in rows], [row["vas"] for row in rows],
                              [row["accuracy"] for row in rows], correlation["r"], correlation["p_value"], path)
 
-    table = json.dumps(dict(rows=rows, pearson=correlation), indent=2) + "\n"
+    table = atomic_files.json_text(dict(rows=rows, pearson=correlation))
     report, data, figure = (folder / name for name in COMPARE_FILES)
     publish(report, result["markdown"], {data: lambda path: path.write_text(table, encoding="utf-8"),
                                          figure: None if correlation is None else plot})

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_avar import atomic_files
+
 __all__ = ["InterveneConfig", "run_intervene"]
 
 
@@ -236,7 +238,7 @@ def _run_locked(config: InterveneConfig, specs: list, num_layers: int, out: Path
         companions = {table: lambda path: path.write_text(_sweep_markdown(written), encoding="utf-8"),
                       figure: lambda path: plot_accuracy_vs_alpha(written["rows"], written["baseline"]["accuracy"],
                                                                   path)}
-    publish(out, json.dumps(written, indent=2) + "\n", companions)  # --out last: never beside another run's table
+    publish(out, atomic_files.json_text(written), companions)  # --out last: never beside another run's table
     return written
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from megatron_avar import atomic_files
+
 __all__ = ["VASConfig", "run_vas", "accumulate_vas", "accumulate_hf_vas", "write_vas_report", "merge_vas_reports",
            "refuse_existing_outputs", "VAS_FIGURES"]
 
@@ -255,7 +257,8 @@ def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: 
         # every shard, and the merged report counts these samples as skipped. No figures: an earlier run's are removed.
         report = dict(vas=None, num_samples=0, skipped_sample_ids=list(accumulator.skipped), name=name,
                       config=config, checkpoint=checkpoint, runtime=runtime, accumulator_state=accumulator.state_dict())
-        figures.publish(out / "report.json", _json_text(report), dict.fromkeys(out / figure for figure in VAS_FIGURES))
+        figures.publish(out / "report.json", atomic_files.json_text(report),
+                        dict.fromkeys(out / figure for figure in VAS_FIGURES))
         print(f"shard {config['shard']}: no sample has VAS queries ({len(accumulator.skipped)} skipped); its state "
               f"is in {out / 'report.json'} for `avar vas merge`", flush=True)
         return report
@@ -263,11 +266,6 @@ def write_vas_report(accumulator, out: str | Path, *, exclude_sink: bool, name: 
     report.update(name=name, config=config, checkpoint=checkpoint, runtime=runtime,
                   accumulator_state=accumulator.state_dict())
     draws = (figures.plot_vas_per_layer, figures.plot_image_share_heatmap, figures.plot_ratio_distribution)
-    figures.publish(out / "report.json", _json_text(report),
+    figures.publish(out / "report.json", atomic_files.json_text(report),
                     {out / figure: functools.partial(draw, report) for figure, draw in zip(VAS_FIGURES, draws)})
     return report
-
-
-def _json_text(data) -> str:
-    """``data`` as atomic_files.write_json writes it."""
-    return json.dumps(data, indent=2) + "\n"
