@@ -52,7 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="training ranks (TP=2 needs 2; default 2)")
     parser.add_argument("--num-samples", type=int, default=48, help="procedural training samples (default 48)")
     parser.add_argument("--vas-samples", type=int, default=16, help="samples for each VAS report (default 16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier quickstart run in --out (kept in --out/.replaced until the new one "
+                             "completes, put back if it fails or is stopped)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of examples/sft/quickstart.yaml")
     parser.set_defaults(handler=lambda args: run_quickstart(
         Path(args.out), nproc=args.nproc, num_samples=args.num_samples, vas_samples=args.vas_samples,
