@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["replacing", "write_text", "write_bytes", "write_json", "json_text", "fsync_file", "fsync_directory",
-           "fsync_tree", "remove_leftovers", "os_error_in", "sibling_folder", "remove_stale_siblings"]
+           "fsync_tree", "remove_leftovers", "os_error_in", "sibling_folder", "remove_stale_siblings",
+           "process_alive"]
 
 # A directory's fsync is refused by some file systems (EINVAL on some network mounts, EBADF/EACCES on others):
 # there the rename is as durable as the file system makes it, and the write must not fail for it.
@@ -183,7 +184,7 @@ def remove_stale_siblings(path: str | Path) -> None:
     host = socket.gethostname()
     for leftover in sorted(path.parent.glob(f".{glob.escape(path.name)}.*-{glob.escape(host)}-*")):
         kind, _, pid = leftover.name[len(path.name) + 2:].partition(f"-{host}-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or process_alive(int(pid)):
             continue
         if kind == "old" and not path.exists():
             os.replace(leftover, path)
@@ -193,11 +194,20 @@ def remove_stale_siblings(path: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs: one of another user counts; with /proc, a zombie (exited or
+    killed, not yet reaped by its parent) does not."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as proc_stat:
+                return proc_stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
         return True
+    return True
     return True

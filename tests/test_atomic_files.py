@@ -5,7 +5,10 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -121,3 +124,14 @@ def test_folders_a_write_makes_are_flushed_into_their_parents(tmp_path, monkeypa
     synced.clear()
     atomic_files.write_text(tmp_path / "a" / "b" / "summary.json", "{}")
     assert synced == [tmp_path / "a" / "b"]  # nothing made: the rename only
+
+
+def test_a_zombie_or_finished_process_is_not_alive_and_a_running_one_is():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 20
+    while atomic_files.process_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # exited but not reaped: a zombie, which os.kill(pid, 0) alone calls alive
+    assert not atomic_files.process_alive(child.pid)
+    child.wait()
+    assert not atomic_files.process_alive(child.pid)
+    assert atomic_files.process_alive(os.getpid())

@@ -91,6 +91,21 @@ def refuse_existing_outputs(paths: Sequence[str | Path], *, overwrite: bool, wha
                          "another --out")
 
 
+def refuse_foreign_report(out: str | Path) -> None:
+    """ValueError when ``out/report.json`` exists and is not a VAS report: `avar vas` and `avar vas merge` replace
+    only a report of their own, --overwrite or not (found in review: any report.json was replaced)."""
+    from megatron_avar.analysis.compare import load_report
+
+    file = Path(out) / "report.json"
+    if not file.is_file():
+        return  # (missing, or a folder: refuse_existing_outputs names that)
+    try:
+        load_report(file, shard_without_samples=True)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{file} is not a VAS report, and `avar vas` replaces only its own report, --overwrite or "
+                         "not; choose another --out") from None
+
+
 # What the shards of one `avar vas` run share (besides the checkpoint); batch size and device may differ.
 _SHARD_RUN_KEYS = ("data", "num_samples", "layers", "dtype", "impl")  # compared as compare.run_setting resolves them
 
@@ -134,6 +149,7 @@ def merge_vas_reports(paths: Sequence[str], out: str | Path, *, exclude_sink: bo
         if (Path(path) / "report.json" if Path(path).is_dir() else Path(path)).resolve() == target:
             raise ValueError(f"--out {out} holds {path}, one of the reports being merged: the merge would replace "
                              "it; give another --out")
+    refuse_foreign_report(out)
     refuse_existing_outputs([Path(out) / "report.json"], overwrite=overwrite, what="a VAS report",
                             also_writes=[Path(out) / name for name in VAS_FIGURES])
     reports = [load_report(p, shard_without_samples=True)[1] for p in paths]
@@ -165,6 +181,7 @@ def run_vas(config: VASConfig) -> dict:
     from megatron_avar.training.run_lock import holding_run_lock
 
     out = Path(config.out)
+    refuse_foreign_report(out)
     refuse_existing_outputs([out / "report.json"], overwrite=config.overwrite, what="a VAS report",
                             also_writes=[out / name for name in VAS_FIGURES])
     with holding_run_lock(out, conflict=(

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from megatron_avar import platform
+from megatron_avar.atomic_files import process_alive
 from megatron_avar.local_ranks.launcher import STACK_DUMP_SIGNAL
 
 # megatron-core's import-time warnings (Transformer Engine / Apex absent) are filtered by megatron_avar.console,
@@ -105,28 +106,11 @@ def rank_main(
     conn.close()
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (with /proc: a zombie, killed and not yet reaped, does not)."""
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        pass
-    return True
-
-
 def _die_with(caller: int, poll_s: float = 1.0) -> None:
     """Thread: SIGKILL this rank and its process group (what it started) once ``caller`` is gone. A caller killed
     by a signal (`avar convert` stopped with SIGTERM, the OOM killer) runs no cleanup, and its ranks, children of
     the forkserver (which each rank keeps alive) or spawned, would work on for as long as their task takes."""
-    while _alive(caller):
+    while process_alive(caller):
         time.sleep(poll_s)
     os.killpg(os.getpgrp(), signal.SIGKILL)
 

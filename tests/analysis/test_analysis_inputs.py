@@ -157,6 +157,20 @@ def test_intervene_overwrite_replaces_only_its_own_results(toy, tmp_path, capsys
     assert json.loads(out.read_text())["runtime"] != "the earlier run"
 
 
+def test_vas_overwrite_replaces_only_a_vas_report(toy, tmp_path, capsys, no_work):
+    """Found in review: `avar vas --overwrite` (and `vas merge --overwrite`) replaced any report.json at --out (a
+    user's own, another tool's). Refused before any work, --overwrite or not; the file is kept."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for content in (b'{"accuracy": 0.61, "model": "mine"}', b"not json", b"\xff\xfe"):
+        (out / "report.json").write_bytes(content)
+        for argv in (["vas", "--model", str(toy["model"]), "--data", toy["data"], "--out", str(out), "--overwrite"],
+                     ["vas", "merge", str(tmp_path / "shard"), "--out", str(out), "--overwrite"]):
+            error = _error(capsys, argv)
+            assert f"{out / 'report.json'} is not a VAS report, and `avar vas` replaces only its own" in error, error
+            assert (out / "report.json").read_bytes() == content
+
+
 def test_a_folder_where_an_output_file_goes_is_refused_before_any_work(toy, tmp_path, capsys, no_work):
     """Found in review: `avar intervene --out dir.json` with dir.json a folder said it held an earlier run's results,
     and with --overwrite ran all the generation, then died with an IsADirectoryError traceback; so did `avar vas`
