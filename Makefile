@@ -10,6 +10,9 @@
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+# Where torch comes from (empty: pip's configured index). On PyPI the default Linux wheel is the CUDA build:
+# make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV := .venv
 VPY := $(VENV)/bin/python
 # The stamp changes whenever the install recipe or setup.py changes, so `make` re-syncs exactly then.
@@ -32,7 +35,7 @@ $(STAMP):
 		$(PYTHON) -m venv $(VENV); \
 		$(VPY) -m pip install -q --upgrade pip; \
 		echo "[setup] installing $(TORCH_SPEC) first"; \
-		$(VPY) -m pip install -q "$(TORCH_SPEC)"; \
+		$(VPY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"); \
 	fi
 	$(VPY) -m pip install -q -e ".[test]"
 	@rm -f $(VENV)/.installed-*

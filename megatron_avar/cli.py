@@ -42,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The subcommands that checkpoint and stop on SIGTERM / SIGUSR1: held from here on (``stop_signals``).
+TRAINING_SUBCOMMANDS = ("sft", "grpo")
+
+
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in TRAINING_SUBCOMMANDS:
+        from megatron_avar import stop_signals
+
+        with stop_signals.held():  # first: before the seconds of imports that follow, which a signal would cut short
+            return _run(argv)
+    return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("AVAR_DEBUG") == "1":
             raise
         stop = (" (a training run saves a checkpoint and stops after its step on SIGUSR1 or SIGTERM to its ranks: "
-                "scancel --batch --signal=USR1 JOBID under Slurm)" if args.subcommand in ("sft", "grpo") else "")
+                "scancel --batch --signal=USR1 JOBID under Slurm)" if args.subcommand in TRAINING_SUBCOMMANDS else "")
         print(f"\navar {args.subcommand}: interrupted{stop}", file=sys.stderr)
         return 130
 

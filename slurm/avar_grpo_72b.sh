@@ -3,6 +3,10 @@
 # vLLM colocated with TP=8 (PP=1; the memory arithmetic is in the config). Same launcher, knobs and preemption
 # handling as slurm/avar_grpo_7b.sh (slurm/lib/launch.sh).
 #
+# H200 nodes only: on 80 GB H100s this layout does not fit (`avar plan --config examples/grpo/avar_72b.yaml
+# --model 72b --gpus 64`: short by ~16 GB at the rollout). --gpus-per-node=8 asks for any GPU; select H200 nodes
+# the way your cluster names them (--partition, --constraint, or --gpus-per-node=h200:8), on the command line.
+#
 #   sbatch slurm/avar_grpo_72b.sh [dotted.overrides ...]
 #   sbatch --nodes=16 slurm/avar_grpo_72b.sh train.prompts_per_step=512     # DP=16
 #SBATCH --job-name=avar-grpo-72b

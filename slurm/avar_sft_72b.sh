@@ -1,8 +1,8 @@
 #!/bin/bash
 # AVAR cold-start SFT of Qwen2.5-VL-72B (examples/sft/avar_72b.yaml): 8 nodes x 8 H100, TP=8 (within a node,
 # sequence parallel) x PP=4 x DP=2, full recompute, one rank per GPU started by srun. Same launcher, knobs and
-# preemption handling as slurm/avar_sft_7b.sh (see slurm/lib/launch.sh); more nodes give more data parallelism
-# (nodes x 8 must be a multiple of 32).
+# preemption handling as slurm/avar_sft_7b.sh (see slurm/lib/launch.sh); more nodes give more data parallelism:
+# DP = nodes x 8 / 32, which must divide train.global_batch_size (128): 4, 8, 16, 32 or 64 nodes.
 #
 #   sbatch slurm/avar_sft_72b.sh [dotted.overrides ...]
 #   sbatch --nodes=16 slurm/avar_sft_72b.sh          # DP=4

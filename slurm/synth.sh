@@ -29,6 +29,9 @@
 #SBATCH --output=slurm-%x-%j.out
 
 set -euo pipefail
+# Slurm >= 23.11 no longer hands sbatch's --cpus-per-task to srun: without this each step below (the teacher servers,
+# the Ray nodes) would be bound to one core.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 
 CONFIG=${1:?usage: sbatch slurm/synth.sh CONFIG.yaml [dotted.overrides ...]}
 shift
@@ -124,4 +127,4 @@ done
 #    cleanup stops it). API keys of hosted teachers come from the environment variables the config names:
 #    export them before sbatch (Slurm passes the environment to the job, and `ray start` above passes it to
 #    the stage workers); never put a key in the config.
-python -m megatron_avar synth --config "$CONFIG" "${OVERRIDES[@]}"
+python -m megatron_avar synth --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"}  # (bash < 4.4: no overrides)

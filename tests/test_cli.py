@@ -136,3 +136,33 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert error.strip() == ("avar sft: interrupted (a training run saves a checkpoint and stops after its step on "
                              "SIGUSR1 or SIGTERM to its ranks: scancel --batch --signal=USR1 JOBID under Slurm)")
     assert main(["plan", "--config", "c.yaml"]) == 130 and capsys.readouterr().err.strip() == "avar plan: interrupted"
+
+
+_EARLY_SIGNAL = """
+import os, signal, sys
+from megatron_avar import cli
+from megatron_avar.sft import cli as sft_cli
+
+def handler(args):
+    os.kill(os.getpid(), signal.SIGUSR1)  # arrives while the trainer imports torch, before its PreemptionFlag
+    from megatron_avar.training.checkpointing import PreemptionFlag
+    print("received", PreemptionFlag().received, flush=True)
+    return 0
+
+sft_cli._run = handler
+before = signal.getsignal(signal.SIGUSR1)
+code = cli.main(["sft", "--config", "run.yaml"])
+print("restored", signal.getsignal(signal.SIGUSR1) is before, "exit", code, flush=True)
+os.kill(os.getpid(), signal.SIGUSR1)  # the caller's own handling again (the default: die)
+print("survived")
+"""
+
+
+def test_a_stop_signal_during_the_training_commands_start_up_is_held_for_the_trainer():
+    """Found in review on a real Slurm: a USR1 (the time-limit warning) or SIGTERM in the seconds a rank spends
+    importing torch and megatron-core, before the trainer's PreemptionFlag, killed it without a checkpoint.
+    `avar sft` / `avar grpo` hold them from their first line; the trainer honours one that came; the handlers of
+    an in-process caller are put back when the command returns."""
+    result = subprocess.run([sys.executable, "-c", _EARLY_SIGNAL], capture_output=True, text=True, timeout=300)
+    assert result.stdout.splitlines() == ["received SIGUSR1", "restored True exit 0"], result.stdout + result.stderr
+    assert result.returncode == -10  # SIGUSR1 after main: as before it

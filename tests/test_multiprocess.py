@@ -248,3 +248,19 @@ def test_what_a_killed_rank_spawned_dies_with_it(tmp_path):
         sys.modules.pop("napper", None)
     helpers = [int(p.stem) for p in tmp_path.glob("*.helper")]
     assert len(helpers) == 1 and _all_gone(helpers, wait_s=10), "rank 0's spawned helper outlived it"
+
+
+def test_a_command_with_more_ranks_than_gpus_is_refused_before_any_starts(monkeypatch):
+    """Found in review: `avar convert --tp 8 --pp 4` (32 ranks) on an 8-GPU node failed inside its ranks, the
+    message blaming srun's GPU binding. Refused before any rank starts, naming the CPU route."""
+    from megatron_avar.local_ranks import launch
+
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(ValueError, match=r"starts 32 ranks .* one per GPU, but this machine has 8 GPU\(s\): .* "
+                                         r"CUDA_VISIBLE_DEVICES= "):
+        launch(_never_called, 32)
+
+
+def _never_called():
+    raise AssertionError("a rank started")

@@ -6,7 +6,7 @@
 
 Steps, in order, each a subprocess with its own time limit, cut to what is left of --budget-s (a step that
 would start with under MIN_STEP_S left is recorded as not run, so a rerun can take it with --only; a step is
-killed early enough that the run ends inside the budget; ~400 s suits an 8-minute slot):
+killed early enough that the run ends inside the budget; ~400 s suits a run limited to 8 minutes):
   environment           GPU, driver, versions; the measured bf16 matmul rate and copy bandwidth (the ceilings
                         the benchmarks' TFLOP/s are read against); the project's imports
   triton_kernels        the Triton kernels' GPU tests: role_attention bf16/fp16 at Qwen2.5-VL-7B heads up to a
@@ -33,8 +33,8 @@ The tests compile each Triton kernel with its first autotune candidate only
 Writes to --out-dir (default tools/results; --dry-run: runs/gpu_check_dry): each benchmark's own Markdown +
 JSON, and gpu_check_<device>_<time>.md / .json with every step's status, seconds, test counts, failures and
 the log tails, rewritten after every step. --archive FILE.tar.gz also (re)writes, after every step, one archive
-of that report, the results this run wrote and every log (on a lent machine: a path in the folder that comes
-back even when the call is stopped at its time limit). A step past its limit is killed with its whole process
+of that report, the results this run wrote and every log (on a remote machine: a path in the folder that is
+copied back even when the run is stopped at its time limit). A step past its limit is killed with its whole process
 tree; one that outlives SIGKILL by 15 s is left behind and recorded so. Exit status 0 only if every selected
 step passed.
 

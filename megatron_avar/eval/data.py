@@ -1,7 +1,7 @@
 """Reading a benchmark split with `datasets`, from a local copy (clusters are often offline) or the hub.
 
 Local layout: ``DATA_ROOT/<benchmark dir>/[<config>/]`` holding the split in any of these forms, which are
-what ``huggingface-cli download --repo-type dataset <hub name> --local-dir DATA_ROOT/<benchmark dir>``
+what ``hf download --repo-type dataset <hub name> --local-dir DATA_ROOT/<benchmark dir>``
 and ``Dataset.save_to_disk`` produce:
 
 - parquet / jsonl / json files named after the split (``testmini.parquet``, ``validation.jsonl``) or hub
@@ -52,7 +52,7 @@ def read_data_files(files: list[Path], *, benchmark: str, hub_name: str, local_d
     import pyarrow
     from datasets.exceptions import DatasetGenerationError
 
-    download = f"download it again (`huggingface-cli download --repo-type dataset {hub_name} --local-dir {local_dir}`)"
+    download = f"download it again (`hf download --repo-type dataset {hub_name} --local-dir {local_dir}`)"
     folder = files[0].parent
     empty = [path for path in files if path.stat().st_size == 0]
     if empty:
@@ -112,7 +112,7 @@ def load_split(*, hub_name: str, config: str | None, split: str, local_dir: Path
                 if where is not None else "nothing: no --data-root was given")
     raise ValueError(
         f"benchmark {benchmark}: split {split!r} not found. Looked for {expected}; download it with "
-        f"`huggingface-cli download --repo-type dataset {hub_name} "
+        f"`hf download --repo-type dataset {hub_name} "
         f"--local-dir <DATA_ROOT>/{local_dir.name if local_dir else '<dir>'}`"
         f" (hub name {hub_name}{', config ' + repr(config) if config else ''}){hub_error}"
     )

@@ -175,13 +175,32 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """:func:`run_on_ranks` as a command starts its ranks (`avar convert`, `avar vas` on a megatron checkpoint):
     their output shown as it comes (progress bars), no deadline (a 72B conversion takes hours), and a rank's
     ValueError (bad input the rank found, e.g. a checkpoint that does not match its config) raised here as a
-    ValueError with the rank's message, which the CLI reports in one line."""
+    ValueError with the rank's message, which the CLI reports in one line. On a machine with GPUs each rank takes
+    one (NCCL): more ranks than GPUs is refused before any starts, naming the CPU route."""
+    _check_gpus_for(world_size)
     try:
         return run_on_ranks(fn, world_size, *args, timeout_s=None, capture_output=False)
     except RankFailedError as error:
         if error.exception_type == "ValueError" and error.exception_message is not None:
             raise ValueError(error.exception_message) from None
         raise
+
+
+def _check_gpus_for(world_size: int) -> None:
+    """ValueError when this machine has GPUs but fewer than ``world_size`` (found in review: `avar convert --tp 8
+    --pp 4` on an 8-GPU node failed in its ranks with a message about srun's GPU binding)."""
+    from megatron_avar import platform
+
+    if not platform.cuda_available():
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if world_size > visible:
+        raise ValueError(f"this command starts {world_size} ranks (tensor x pipeline parallel sizes), one per GPU, "
+                         f"but this machine has {visible} GPU(s): run it where {world_size} GPUs are visible, or on "
+                         "the CPUs with CUDA_VISIBLE_DEVICES= (gloo; a conversion needs no GPU, only host memory "
+                         "for the weights)")
 
 
 def _rank_entry(*args) -> None:

@@ -52,10 +52,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_avar import atomic_files, console, platform
+from megatron_avar import atomic_files, console, platform, stop_signals
 from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
 from megatron_avar.convert.checkpoint import RANK_STATE, TRAINER_STATE  # the names a checkpoint folder's parts go by
+from megatron_avar.stop_signals import STOP_SIGNALS
 
 __all__ = ["latest_checkpoint", "complete_checkpoints", "save_checkpoint", "load_checkpoint", "read_trainer_state",
            "has_checkpoints", "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag",
@@ -405,7 +406,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model, trainer_state: dict, 
     root = _checkpoint_root(run_dir)
     final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
     model.gather_updated_weights()  # an overlapped weight gather would otherwise save the pre-update weights
-    trainer_state = {**trainer_state, **_grad_bucket_record(model)}
+    # the Slurm job that wrote it: a requeued attempt of that job resumes it, whatever its start-over settings
+    # (run_loop.plan_start)
+    trainer_state = {**trainer_state, **_grad_bucket_record(model), "slurm_job": os.environ.get("SLURM_JOB_ID")}
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
@@ -518,7 +521,6 @@ def load_checkpoint(path: Path, model) -> dict:
     return trainer_state
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm's preemption / scancel and its time-limit warning (the launch scripts)
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -533,13 +535,14 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (Slurm preemption and time-limit warnings); read collectively after each step
-    so every rank stops at the same step."""
+    """Set by SIGTERM / SIGUSR1 (Slurm preemption and time-limit warnings; one that came since the command started,
+    held by ``stop_signals.held``, counts too); read collectively after each step so every rank stops at the same
+    step."""
 
     def __init__(self, signals=STOP_SIGNALS):
         import signal
 
-        self.received: str | None = None
+        self.received: str | None = stop_signals.take()
         for name in signals:
             signal.signal(getattr(signal, name), self._handler)
 

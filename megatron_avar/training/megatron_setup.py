@@ -77,6 +77,7 @@ def init_distributed(tp: int, pp: int, *, seed: int, vpp: int = 1, cp: int = 1) 
         store = None  # None: torch's env:// rendezvous on MASTER_ADDR:MASTER_PORT
         if rank is None or world is None:
             rank, world, local = 0, 1, 0
+        if world == 1:  # one process, alone or a one-task srun step (`srun -n1`, `srun --pty`): no rendezvous
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             if "MASTER_PORT" not in os.environ:
                 # the OS picks the port while our store binds it: a port probed free and released could be taken

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,12 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
     from megatron_avar.training import checkpointing
 
     out = Path(out)
-    if not checkpoint.resume:
+    requeued = _requeued_job_checkpoint(out) if not checkpoint.resume else None
+    if requeued is not None and layout.is_logging_rank:
+        print(f"{out}: attempt {os.environ.get('SLURM_RESTART_COUNT')} of Slurm job {os.environ.get('SLURM_JOB_ID')}, "
+              f"requeued; its first attempt started this run over and wrote {requeued.name}: resuming it "
+              "(checkpoint.resume=false applies to a job's first attempt, not to its requeues)", flush=True)
+    if not checkpoint.resume and requeued is None:
         if checkpointing.has_checkpoints(out) and not checkpoint.overwrite:
             raise ValueError(f"{out} holds checkpoints of an earlier run ({out / 'checkpoints'}) and "
                              "checkpoint.resume=false would start a new run over them: resume it (drop "
@@ -170,6 +176,23 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
                          "checkpoint.resume=false checkpoint.overwrite=true to replace this one")
     start_step = state["step"] + 1
     return RunStart(resume_from=latest, start_step=start_step, finished=start_step >= steps)
+
+
+def _requeued_job_checkpoint(out: Path) -> Path | None:
+    """The latest checkpoint in ``out`` when this process is a requeued attempt of the Slurm job that wrote it
+    (``SLURM_RESTART_COUNT`` >= 1, same ``SLURM_JOB_ID``), else None. Slurm runs a requeued job with its first
+    command line: a job started with checkpoint.resume=false checkpoint.overwrite=true would otherwise delete what
+    its earlier attempt trained and start again at step 0 at every requeue, never finishing a run longer than one
+    time limit. (Found in review, on a real Slurm: step folders deleted at each requeue.)"""
+    from megatron_avar.training import checkpointing
+
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not job or not restarts.isdigit() or int(restarts) < 1:
+        return None
+    latest = checkpointing.latest_checkpoint(out)
+    if latest is None or checkpointing.read_trainer_state(latest).get("slurm_job") != job:
+        return None
+    return latest
 
 
 def check_run_inputs(config) -> None:

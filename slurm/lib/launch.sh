@@ -15,11 +15,14 @@
 #                   sbatch's --export=NAME=value list splits at commas)
 #   NPROC_PER_NODE  ranks per node (default: sbatch's --ntasks-per-node, i.e. one per GPU)
 #   PYTHON          the interpreter (default: $VENV/bin/python if VENV is set, else <repo>/.venv/bin/python
-#                   if it exists, else python3; `python` inside a container)
-#   CONTAINER       optional container image for the ranks (pyxis: srun --container-image), with
-#                   CONTAINER_MOUNTS (default: the repo at the same path) and the repo as working directory
+#                   if it exists (outside a container), else python3 (`python` inside a container))
+#   CONTAINER       optional container image for the ranks (pyxis: srun --container-image), with the repo as
+#                   working directory and CONTAINER_MOUNTS (default: the repo, RUN_DIR and VENV, each at its
+#                   own path; set it to add the model and data folders when they lie elsewhere). Each srun
+#                   starts a fresh container: the image holds the dependencies, or VENV is one on a mounted path
 #   MASTER_PORT     rendezvous port (default: 15000 + job id mod 20000, so jobs sharing a node differ)
-#   MAX_REQUEUES    how many times the job requeues itself after a USR1 (default 20)
+#   MAX_REQUEUES    how many times the job requeues itself after a USR1 (default 20); an attempt that wrote no
+#                   new checkpoint is not requeued (the next one would start where it did)
 #   SRUN_ARGS       extra srun options (e.g. "--cpu-bind=none")
 #   REPO            the repository (default: the directory sbatch was called from)
 #
@@ -48,8 +51,8 @@ MAX_REQUEUES=${MAX_REQUEUES:-20}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 SRUN_ARGS=${SRUN_ARGS:-}
 if [ -z "${PYTHON:-}" ]; then
-    if [ -n "${CONTAINER:-}" ]; then PYTHON=python
-    elif [ -n "${VENV:-}" ]; then PYTHON=$VENV/bin/python
+    if [ -n "${VENV:-}" ]; then PYTHON=$VENV/bin/python
+    elif [ -n "${CONTAINER:-}" ]; then PYTHON=python
     elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python
     else PYTHON=python3; fi
 fi
@@ -70,18 +73,31 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron's TP comm/compute ordering
 export PYTHONUNBUFFERED=1
 
+override_args=()
 read -r -a override_args <<< "$OVERRIDES"
-COMMAND=("$PYTHON" -m megatron_avar "$SUBCOMMAND" --config "$CONFIG" "out=$RUN_DIR" "${override_args[@]}" "$@")
+# (${a[@]+"${a[@]}"}: an empty array under `set -u` is an error in bash < 4.4, e.g. RHEL 7's 4.2)
+COMMAND=("$PYTHON" -m megatron_avar "$SUBCOMMAND" --config "$CONFIG" "out=$RUN_DIR"
+         ${override_args[@]+"${override_args[@]}"} "$@")
 SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$NPROC_PER_NODE" --ntasks=$((NNODES * NPROC_PER_NODE))
       --kill-on-bad-exit=1 --label)
 # Slurm >= 23.11 no longer hands sbatch's --cpus-per-task to srun: pass it on, or each rank gets one core.
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 if [ -n "${CONTAINER:-}" ]; then
-    SRUN+=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$REPO:$REPO}"
+    # The ranks see only what is mounted: a RUN_DIR (or VENV) outside the repo, unmounted, would be written inside
+    # the container's throwaway file system, its checkpoints lost with it.
+    mounts=$REPO:$REPO
+    for path in "$RUN_DIR" "${VENV:-}"; do
+        if [ -z "$path" ] || [ ! -d "$path" ]; then continue; fi
+        path=$(cd "$path" && pwd)
+        case "$path/" in "$REPO"/*) continue;; esac  # in the repo, mounted with it
+        mounts=$mounts,$path:$path
+    done
+    SRUN+=(--container-image="$CONTAINER" --container-mounts="${CONTAINER_MOUNTS:-$mounts}"
            --container-workdir="$REPO")
 fi
+extra_srun=()
 read -r -a extra_srun <<< "$SRUN_ARGS"
-SRUN+=("${extra_srun[@]}")
+SRUN+=(${extra_srun[@]+"${extra_srun[@]}"})
 
 # What this job ran with: the config as given (the trainer writes the resolved one to config.json), the
 # command and the Slurm environment, in files named by the job id: a second job on this RUN_DIR (refused by
@@ -98,6 +114,8 @@ log "command: ${COMMAND[*]}"
 
 STOP_SIGNAL=""
 SRUN_PID=""
+latest_checkpoint() { cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || true; }
+LATEST_BEFORE=$(latest_checkpoint)
 forward() {
     STOP_SIGNAL=$1
     log "received SIG$1: asking the ranks to checkpoint and stop"
@@ -122,6 +140,13 @@ log "ranks exited with status $rc"
 if [ "$STOP_SIGNAL" = USR1 ]; then
     if [ "$rc" -eq 0 ] && grep -q '"stopped_by": null' "$RUN_DIR/summary.json" 2>/dev/null; then
         log "training finished before the signal took effect: not requeueing"
+    elif [ "$(latest_checkpoint)" = "$LATEST_BEFORE" ]; then
+        # (a time limit shorter than the signal's lead, or a stop before the first step: every attempt would
+        # end the same way)
+        log "this attempt wrote no new checkpoint (checkpoints/latest: ${LATEST_BEFORE:-none}): not requeueing," \
+            "since the next attempt would start where this one did. If the signal came at the start, the job's" \
+            "--time must exceed the --signal=B:USR1@SECONDS lead by the time a step and a checkpoint take"
+        exit 1
     elif [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
         log "already requeued $RESTARTS times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing"; exit 1
     else

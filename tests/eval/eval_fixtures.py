@@ -1,6 +1,6 @@
 """Small copies of the seven benchmarks in their real hub schemas and file layouts, with canned responses.
 
-`write_all(root)` writes DATA_ROOT the way `huggingface-cli download` lays the hub repositories out (images
+`write_all(root)` writes DATA_ROOT the way `hf download` lays the hub repositories out (images
 embedded as parquet `Image` columns, generated with PIL). `CASES[benchmark]` lists (sample id, response,
 expected correct) triples whose expectations follow the rules of docs/evaluation.md, worked out by hand;
 the first case of each sample is its "canned" response for whole-file scoring.

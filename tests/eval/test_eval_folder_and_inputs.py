@@ -191,7 +191,7 @@ def test_a_damaged_benchmark_file_is_named(fake_generator, tmp_path, capsys, con
     assert main(_argv(tmp_path, root)) == 2
     error = _error(capsys.readouterr().err)
     assert error.startswith(f"avar eval: error: benchmark mmstar: {root / 'mmstar' / 'val.jsonl'} {problem}")
-    assert "huggingface-cli download --repo-type dataset Lin-Chen/MMStar" in error
+    assert "hf download --repo-type dataset Lin-Chen/MMStar" in error
 
 
 def test_a_damaged_parquet_file_is_named(tmp_path, eval_data_root):

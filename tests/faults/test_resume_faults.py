@@ -132,6 +132,8 @@ def test_the_lock_is_taken_released_and_refused_in_process(tmp_path):
 
 # -- resuming at another layout ---------------------------------------------------------------------------------
 class _Layout:
+    is_logging_rank = True
+
     def __init__(self, tp, pp, dp, vpp=1):
         self.tp, self.pp, self.dp, self.vpp = tp, pp, dp, vpp
 
@@ -179,6 +181,38 @@ def test_step_folders_without_the_latest_pointer_are_not_started_over(base_run, 
     (run / CHECKPOINTS / "step_00000000" / "trainer_state.json").unlink()  # a save that died: nothing to keep
     assert plan_start(run, CheckpointConfig(), schedule=state["schedule"], steps=2,
                       layout=_Layout(1, 1, 1)).start_step == 0
+
+
+def test_a_requeued_slurm_job_that_started_over_resumes_its_own_checkpoints(base_run, tmp_path, monkeypatch, capsys):
+    """Found in review on a real Slurm: a job submitted with checkpoint.resume=false checkpoint.overwrite=true ran
+    its first command line again at every requeue, deleted what its earlier attempt trained and started at step 0:
+    a run longer than one time limit never finished. A requeued attempt (SLURM_RESTART_COUNT >= 1) resumes the
+    checkpoints its own job wrote; another job's, or a first attempt, still starts over."""
+    from megatron_avar.training.config import CheckpointConfig
+    from megatron_avar.training.run_loop import plan_start
+
+    run = copy_run(base_run, tmp_path / "run", latest_step=0)
+    state_file = run / CHECKPOINTS / "step_00000000" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert "slurm_job" in state  # what wrote it (None outside Slurm)
+    state_file.write_text(json.dumps(dict(state, slurm_job="4711")))
+    start_over = CheckpointConfig(resume=False, overwrite=True)
+
+    def start(job, restarts):
+        for name, value in (("SLURM_JOB_ID", job), ("SLURM_RESTART_COUNT", restarts)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        return plan_start(run, start_over, schedule=state["schedule"], steps=2, layout=_Layout(1, 1, 1))
+
+    requeued = start("4711", "2")
+    assert (requeued.resume_from, requeued.start_step, requeued.replace_earlier) == \
+        (run / CHECKPOINTS / "step_00000000", 1, False)
+    assert "attempt 2 of Slurm job 4711, requeued; its first attempt started this run over" in capsys.readouterr().out
+    for job, restarts in (("4711", "0"), ("4711", None), ("4712", "1"), (None, None)):
+        over = start(job, restarts)
+        assert (over.resume_from, over.start_step, over.replace_earlier) == (None, 0, True), (job, restarts)
 
 
 def test_a_resume_in_another_precision_or_optimizer_sharding_is_refused_by_name(base_run, tmp_path):

@@ -36,6 +36,13 @@ def test_an_srun_step_leaves_torchruns_variables_for_the_libraries_that_read_the
                   MASTER_ADDR="127.0.0.1", MASTER_PORT="0") == (0, [0, 1, ["0", "1", "0"]])
 
 
+def test_a_one_task_srun_step_runs_alone_without_a_rendezvous():
+    """Found in review: `srun -n1 avar sft ...` (or a run in `srun --pty bash`) asked for MASTER_ADDR, which the
+    same command outside Slurm does not need."""
+    assert _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1",
+                  SLURM_LOCALID="0") == (0, [0, 1, ["0", "1", "0"]])
+
+
 def test_an_srun_step_without_a_rendezvous_is_told_to_set_one():
     code, error = _ranks(SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2",
                          SLURM_LOCALID="0")

@@ -120,7 +120,7 @@ class Benchmark:
             return self.build(row, config) if self.keep(row) else None
         except KeyError as error:
             raise ValueError(f"{self.name}: a row lacks the column {error} of {self.hub_name}; a local copy "
-                             "keeps the hub's columns: download it again (`huggingface-cli download --repo-type "
+                             "keeps the hub's columns: download it again (`hf download --repo-type "
                              f"dataset {self.hub_name} --local-dir DATA_ROOT/{self.local_dir}`)") from error
         except ValueError as error:  # an image that does not decode, a field that is not what the hub ships
             where = self.name if config is None else f"{self.name} ({config})"
