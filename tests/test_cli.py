@@ -166,3 +166,37 @@ def test_a_stop_signal_during_the_training_commands_start_up_is_held_for_the_tra
     result = subprocess.run([sys.executable, "-c", _EARLY_SIGNAL], capture_output=True, text=True, timeout=300)
     assert result.stdout.splitlines() == ["received SIGUSR1", "restored True exit 0"], result.stdout + result.stderr
     assert result.returncode == -10  # SIGUSR1 after main: as before it
+
+
+def test_a_training_run_folder_given_as_a_model_or_checkpoint_is_named_with_the_fix(tmp_path, capsys):
+    """Found in review: a run's folder (or its checkpoints/) given to `avar convert mcore-to-hf` was "not a checkpoint
+    written by `avar convert`", to `avar vas` a model with "model_type None"; a checkpoint given as model.hf_path
+    had "no config.json". Each names what was given and the fix, with the newest checkpoint's path."""
+    run = tmp_path / "run"
+    newest = run / "checkpoints" / "step_00000003"
+    newest.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000003\n")
+    (run / "config.json").write_text("{}")  # the trainer's resolved config, not a model's
+    (newest / "avar_checkpoint.json").write_text("{}")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": []}\n')
+    export = f"(avar convert mcore-to-hf --mcore-path {newest} --out DIR) and give DIR"
+    for argv, message in (
+            (["convert", "mcore-to-hf", "--mcore-path", str(run), "--out", str(tmp_path / "o")],
+             f"{run} is a training run's folder, not a checkpoint: give one of its checkpoints, e.g. the newest, "
+             f"{newest}"),
+            (["convert", "mcore-to-hf", "--mcore-path", str(run / "checkpoints"), "--out", str(tmp_path / "o")],
+             f"{run / 'checkpoints'} is a training run's checkpoints folder, not a checkpoint"),
+            (["vas", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "v")],
+             f"--model {run} is a training run's folder, not a checkpoint: give one of its checkpoints"),
+            (["intervene", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "i.json")],
+             f"--model {run} is a training run's folder, not a Hugging Face model folder: export its newest "
+             f"checkpoint {export}"),
+            (["sft", "--config", "examples/sft/quickstart.yaml", f"model.hf_path={newest}", f"data.path={data}",
+              f"out={tmp_path / 's'}"],
+             f"model.hf_path={newest} is a megatron checkpoint: export it {export}")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert message in error, error
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()

@@ -89,6 +89,15 @@ def test_hf_to_mcore_tp2_pp2_and_back_is_bit_exact(hf_dir, tmp_path):
                  "--max-abs-diff", "1e-4"]) == 0
     assert main(["convert", "verify", "--hf-path", str(hf_dir), "--mcore-path", str(mcore), "--pp", "2",
                  "--max-abs-diff", "1e-4"]) == 0
+    # The export's config names the dtype its weights are written in, not the one of the model the checkpoint
+    # came from (found in review: an fp32-trained export of a bf16 model said bfloat16, and from_pretrained and
+    # vLLM's dtype=auto loaded it in bf16, rounding the training away).
+    side_config = mcore / "hf" / "config.json"
+    side_config.write_text(json.dumps(dict(json.loads(side_config.read_text()), dtype="bfloat16")))
+    again = tmp_path / "again"
+    assert main(["convert", "mcore-to-hf", "--mcore-path", str(mcore), "--out", str(again)]) == 0
+    assert json.loads((again / "config.json").read_text())["dtype"] == "float32"
+    _assert_loads_like(again, hf_dir)
 
 
 @pytest.mark.multiprocess

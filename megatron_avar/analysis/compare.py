@@ -128,7 +128,8 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
                     overwrite: bool = False) -> dict:
     """Build the comparison; write compare.md / compare.json (and vas_vs_accuracy.png) into ``out`` if given
     (an earlier comparison there is replaced only with ``overwrite``). Returns {"rows": [...], "markdown": str,
-    "pearson": {...} or None}."""
+    "pearson": {r, p_value, n} (r and p_value None, with "undefined" saying why, when the VAS or the accuracy is
+    the same for every report) or None without accuracies}."""
     from megatron_avar.analysis.run_vas import refuse_existing_outputs
     from megatron_avar.analysis.stats import pearson
 
@@ -172,10 +173,17 @@ def compare_reports(paths: Sequence[str], accuracy_file: str | None = None, out:
     if accuracy_file:
         if len(rows) < 2:
             raise ValueError("a correlation needs at least two reports with accuracies")
-        r, p = pearson([row["vas"] for row in rows], [row["accuracy"] for row in rows])
-        correlation = dict(r=r, p_value=p, n=len(rows))
-        lines += ["", f"Pearson r (VAS vs accuracy) = {r:.4f}, p = {_fmt(p)}, n = {len(rows)}"
-                  + (" (p undefined for n = 2)" if p is None else "")]
+        constant = [what for what in ("accuracy", "vas") if len({row[what] for row in rows}) == 1]
+        if constant:  # (found in review: all-zero accuracies of early models stopped the comparison, no table)
+            what = "accuracy" if constant[0] == "accuracy" else "VAS"
+            correlation = dict(r=None, p_value=None, n=len(rows), undefined=f"the {what} is the same for every report")
+            lines += ["", f"Pearson r (VAS vs accuracy): undefined, the {what} is the same "
+                          f"({_fmt(rows[0][constant[0]])}) for every report, n = {len(rows)}"]
+        else:
+            r, p = pearson([row["vas"] for row in rows], [row["accuracy"] for row in rows])
+            correlation = dict(r=r, p_value=p, n=len(rows))
+            lines += ["", f"Pearson r (VAS vs accuracy) = {r:.4f}, p = {_fmt(p)}, n = {len(rows)}"
+                      + (" (p undefined for n = 2)" if p is None else "")]
     if any(row["exclude_sink"] for row in rows) and not all(row["exclude_sink"] for row in rows):
         lines += ["", "warning: the reports mix --exclude-sink settings; compare the vas_no_sink column instead"]
     for key, what in (("data", "--data"), ("layers", "--layers")):
@@ -210,4 +218,4 @@ def _write_comparison(folder: Path, result: dict) -> None:
     table = atomic_files.json_text(dict(rows=rows, pearson=correlation))
     report, data, figure = (folder / name for name in COMPARE_FILES)
     publish(report, result["markdown"], {data: lambda path: path.write_text(table, encoding="utf-8"),
-                                         figure: None if correlation is None else plot})
+                                         figure: None if correlation is None or correlation["r"] is None else plot})

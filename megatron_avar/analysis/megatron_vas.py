@@ -57,7 +57,7 @@ def _rank(config) -> None:
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.run_vas import accumulate_vas, write_vas_report
     from megatron_avar.analysis.vas import MASS_NUM_ROLES, mass_key_roles, vas_query_rows
-    from megatron_avar.convert.checkpoint import _DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
+    from megatron_avar.convert.checkpoint import DTYPES, HF_SIDE_DIR, load_model_weights, read_checkpoint_info
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
@@ -69,7 +69,7 @@ def _rank(config) -> None:
     info = read_checkpoint_info(mcore_dir)
     qwen = Qwen25VLConfig.from_hf(str(mcore_dir / HF_SIDE_DIR))
     layers = parse_layers(config.layers, qwen.text.num_layers)
-    dtype = _DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
+    dtype = DTYPES[info["dtype"]] if config.dtype == "auto" else getattr(torch, config.dtype)
     processor = load_processor(mcore_dir / HF_SIDE_DIR)  # refused here, before the model is built and loaded
     try:
         init_model_parallel(1, 1, seed=0)

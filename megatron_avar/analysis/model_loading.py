@@ -28,13 +28,18 @@ _LEGACY_HEAD_BYTES = 16 << 20  # what identities before content hashes hashed of
 
 def check_hf_checkpoint(path: str | Path) -> Path:
     """The directory as a Path, or ValueError naming what is wrong with it and the fix."""
+    from megatron_avar.convert.checkpoint import export_hint, not_a_checkpoint_hint
+
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"--model {path}: not a directory; pass an HF Qwen2.5-VL checkpoint directory")
+    hint = not_a_checkpoint_hint(path, hf_only=True)
+    if hint is not None:
+        raise ValueError(f"--model {hint}")
     megatron = (path / "avar_checkpoint.json").is_file() or (path / "latest_checkpointed_iteration.txt").is_file() \
         or (path / ".metadata").is_file() or any(path.glob("iter_*"))
     if megatron and not (path / "config.json").is_file():
-        raise ValueError(f"--model {path}: Megatron checkpoint: export with avar convert mcore-to-hf first")
+        raise ValueError(f"--model {export_hint(path)}")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json; pass an HF Qwen2.5-VL checkpoint directory")
     config = _check_json_files(path)

@@ -196,9 +196,13 @@ def _run_vas(config: VASConfig) -> dict:
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
     from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
+    from megatron_avar.convert.checkpoint import not_a_checkpoint_hint
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
 
+    hint = not_a_checkpoint_hint(config.model)  # (avar vas reads megatron checkpoints too: no export needed)
+    if hint is not None:
+        raise ValueError(f"--model {hint}")
     if is_megatron_checkpoint(config.model):
         return run_vas_megatron(config)
     check_hf_checkpoint(config.model)

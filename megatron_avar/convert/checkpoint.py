@@ -24,15 +24,16 @@ HF_SIDE_DIR = "hf"
 # per-rank RNG states. A conversion never writes them, and never replaces a folder holding them (`hf_files`).
 TRAINER_STATE = "trainer_state.json"
 RANK_STATE = "rank_state"
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}
+LATEST = "latest"  # in a run's checkpoints/ folder: the name of its newest complete checkpoint
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}  # safetensors / avar_checkpoint.json names -> torch dtypes
 
 
 def checkpoint_dtype(hf_dir: Path) -> torch.dtype:
     """The one floating dtype of an HF checkpoint's tensors (float32 or bfloat16); ValueError otherwise."""
     dtypes = {dtype for _, dtype in hf_weights.tensor_names_and_shapes(hf_dir).values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
         raise ValueError(f"{hf_dir}: tensors are {sorted(dtypes)}; supported: all F32 or all BF16")
-    return _DTYPES[next(iter(dtypes))]
+    return DTYPES[next(iter(dtypes))]
 
 
 def check_hf_names(hf_dir: Path, config) -> int:
@@ -91,7 +92,7 @@ def mcore_to_hf_rank(mcore_dir: str, out_dir: str, max_shard_bytes: int, hf_layo
     info = read_checkpoint_info(folder)
     config = Qwen25VLConfig.from_hf(str(folder / HF_SIDE_DIR))
     try:
-        dtype = _DTYPES[info["dtype"]]
+        dtype = DTYPES[info["dtype"]]
         init_model_parallel(1, 1, seed=0)
         model = build_stage(config, tp=1, pp=1, dtype=dtype)
         load_model_weights(model, folder)
@@ -147,6 +148,33 @@ def _first_cause(error: BaseException) -> str:
     return str(error)
 
 
+def not_a_checkpoint_hint(path: str | Path, *, hf_only: bool = False) -> str | None:
+    """What ``path``, given where one checkpoint belongs, is instead, with the fix: a training run's folder, or
+    its checkpoints folder (found in review: both were called "not a checkpoint written by `avar convert`", or a
+    model with model_type None). ``hf_only``: the command reads Hugging Face folders only, so the fix is an export.
+    None for anything else."""
+    path = Path(path)
+    for pointer, what in ((path / "checkpoints" / LATEST, "a training run's folder"),
+                          (path / LATEST, "a training run's checkpoints folder")):
+        if pointer.is_file():
+            try:
+                newest = pointer.parent / pointer.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                newest = pointer.parent / "step_..."
+            if hf_only:
+                export = export_hint(newest, its="its newest checkpoint")
+                return f"{path} is {what}, not a Hugging Face model folder: {export}"
+            return f"{path} is {what}, not a checkpoint: give one of its checkpoints, e.g. the newest, {newest}"
+    return None
+
+
+def export_hint(path: str | Path, *, its: str = "") -> str:
+    """The fix for a megatron checkpoint ``path`` given where a Hugging Face model folder belongs (``its``: how to
+    name it when it is not what was given)."""
+    named = f"export {its}" if its else f"{path} is a megatron checkpoint: export it"
+    return f"{named} (avar convert mcore-to-hf --mcore-path {path} --out DIR) and give DIR"
+
+
 def read_checkpoint_info(mcore_dir: Path) -> dict:
     """The checkpoint's description; ValueError when the folder is missing, is not a checkpoint written by
     `avar convert` or training, or lacks its HF config (the model it holds)."""
@@ -156,12 +184,14 @@ def read_checkpoint_info(mcore_dir: Path) -> dict:
                          "checkpoints/step_N)")
     path = Path(mcore_dir) / CHECKPOINT_INFO
     if not path.is_file():
-        raise ValueError(f"{mcore_dir} has no {CHECKPOINT_INFO}: not a checkpoint written by `avar convert`")
+        raise ValueError(not_a_checkpoint_hint(mcore_dir) or
+                         f"{mcore_dir} has no {CHECKPOINT_INFO}: not a megatron checkpoint (`avar convert "
+                         "hf-to-mcore` output, or a training run's checkpoints/step_00000007)")
     try:
         info = json.loads(path.read_text())
     except ValueError as error:
         raise ValueError(f"{path} is not valid JSON ({error}): the checkpoint's description is damaged") from None
-    if not isinstance(info, dict) or info.get("format") != "torch_dist" or info.get("dtype") not in _DTYPES:
+    if not isinstance(info, dict) or info.get("format") != "torch_dist" or info.get("dtype") not in DTYPES:
         raise ValueError(f"{path}: unsupported checkpoint description {info}")
     if not (Path(mcore_dir) / HF_SIDE_DIR / "config.json").is_file():
         raise ValueError(f"{mcore_dir} lacks {HF_SIDE_DIR}/config.json (the HF config every checkpoint carries, with "
@@ -170,7 +200,7 @@ def read_checkpoint_info(mcore_dir: Path) -> dict:
 
 
 def write_checkpoint_info(mcore_dir: Path, *, tp: int, pp: int, dtype: torch.dtype, source: str) -> None:
-    name = {v: k for k, v in _DTYPES.items()}[dtype]
+    name = {v: k for k, v in DTYPES.items()}[dtype]
     info = {"format": "torch_dist", "model": "qwen2_5_vl", "dtype": name, "written_at_tp": tp, "written_at_pp": pp,
             "source": source}
     atomic_files.write_json(Path(mcore_dir) / CHECKPOINT_INFO, info)

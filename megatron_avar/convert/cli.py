@@ -94,7 +94,7 @@ def _mcore_to_hf(args) -> int:
     inputs = {"--mcore-path": args.mcore_path}
     hf_files.check_output_apart(args.out, inputs)  # first: before anything is read, created or replaced
     mcore_dir = args.mcore_path.absolute()
-    checkpoint.read_checkpoint_info(mcore_dir)
+    info = checkpoint.read_checkpoint_info(mcore_dir)
     if not 0 < args.max_shard_size_mb < float("inf"):
         raise ValueError(f"--max-shard-size-mb must be a finite size > 0 (MiB), got {args.max_shard_size_mb}")
     with hf_files.atomic_output_dir(args.out, overwrite=args.overwrite, inputs=inputs) as temp:
@@ -102,6 +102,7 @@ def _mcore_to_hf(args) -> int:
                           int(args.max_shard_size_mb * 2**20), args.hf_layout)
         with hf_files.explaining_write_failures(temp):
             hf_files.copy_side_files(mcore_dir / checkpoint.HF_SIDE_DIR, temp)
+            hf_files.record_dtype(temp, checkpoint.DTYPES[info["dtype"]])
     print(f"wrote HF checkpoint ({args.hf_layout} tensor names) to {args.out}")
     return 0
 

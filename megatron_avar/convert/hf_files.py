@@ -77,6 +77,27 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def record_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Make ``folder/config.json`` name ``dtype``, the dtype its weights were written in: its top-level ``dtype``,
+    and every ``dtype`` / ``torch_dtype`` its sub-configs carry. The copied config names the dtype of the model
+    a run started from, which ``from_pretrained(dtype="auto")`` and vLLM's ``dtype=auto`` load the weights as
+    (found in review: an fp32-trained export of a bf16 model loaded in bf16, its training rounded away)."""
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    name = str(dtype).removeprefix("torch.")
+
+    def set_in(section: dict) -> None:
+        for key, value in section.items():
+            if key in ("dtype", "torch_dtype"):
+                section[key] = name
+            elif isinstance(value, dict):
+                set_in(value)
+
+    set_in(config)
+    config["dtype"] = name
+    atomic_files.write_json(file, config)
+
+
 def check_free_space(folder: Path, needed_bytes: int) -> None:
     """ValueError, before anything is written, when the file system of ``folder`` (the conversion's temporary
     output, beside --out) has less room than the ``needed_bytes`` the conversion writes (2% spare): a write that

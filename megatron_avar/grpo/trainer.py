@@ -309,7 +309,8 @@ def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dic
     model = build_model(qwen_config, parallel, dtype=dtype, recompute=config.train.recompute,
                         role_mass_layers=visual_layers, hf_path=None if resume_from else config.model.hf_path,
                         checkpoint_follows=resume_from is not None)
-    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype)
+    build_optimizer(model, config.optim, steps=config.train.steps * config.train.updates_per_step, dtype=dtype,
+                    reschedule=config.checkpoint.reschedule)
 
     def policy_of(training_model) -> MegatronPolicy:
         return MegatronPolicy(training_model, qwen_config, visual_layers=visual_layers, epsilon=config.reward.epsilon,
@@ -333,7 +334,9 @@ def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dic
         prompts.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
         start_step = state["step"] + 1
         if layout.is_logging_rank:
-            print(f"resumed from {resume_from} (step {start_step})", flush=True)
+            # (numbered as the console numbers steps, from 1: found in review, "(step 4)" was then "step 5/8")
+            print(f"resumed from {resume_from}: continuing with step {start_step + 1}/{config.train.steps}",
+                  flush=True)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, tokenizer=processor.tokenizer, layout=layout, dtype=dtype,

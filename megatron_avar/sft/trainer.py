@@ -213,7 +213,8 @@ def build_run(config: SFTConfig, layout, *, load_hf_weights: bool = True) -> SFT
     model = build_model(qwen_config, config.parallel, dtype=dtype, recompute=config.train.recompute,
                         role_mass_layers=avar_layers, hf_path=config.model.hf_path if load_hf_weights else None,
                         checkpoint_follows=not load_hf_weights)
-    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype)
+    build_optimizer(model, config.optim, steps=config.train.steps, dtype=dtype,
+                    reschedule=config.checkpoint.reschedule)
     data_config = config.data
     if data_config.processor_path is None:
         data_config = dataclasses.replace(data_config, processor_path=config.model.hf_path)
@@ -278,7 +279,9 @@ def _train(config: SFTConfig, layout, start, schedule: dict, preemption) -> dict
         data.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
         start_step = state["step"] + 1
         if layout.is_logging_rank:
-            print(f"resumed from {resume_from} (step {start_step})", flush=True)
+            # (numbered as the console numbers steps, from 1: found in review, "(step 4)" was then "step 5/8")
+            print(f"resumed from {resume_from}: continuing with step {start_step + 1}/{config.train.steps}",
+                  flush=True)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, tokenizer=data.processor.tokenizer, layout=layout,

@@ -55,14 +55,13 @@ import torch.distributed as dist
 from megatron_avar import atomic_files, console, platform, stop_signals
 from megatron_avar.checkpoint_matching import load_module_state, without_extra_states
 from megatron_avar.checkpoint_vetting import vet_dist_checkpoint
-from megatron_avar.convert.checkpoint import RANK_STATE, TRAINER_STATE  # the names a checkpoint folder's parts go by
+from megatron_avar.convert.checkpoint import LATEST, RANK_STATE, TRAINER_STATE  # the names of a checkpoint's parts
 from megatron_avar.stop_signals import STOP_SIGNALS
 
 __all__ = ["latest_checkpoint", "complete_checkpoints", "save_checkpoint", "load_checkpoint", "read_trainer_state",
            "has_checkpoints", "remove_checkpoints", "saved_layout", "CheckpointWriteError", "PreemptionFlag",
            "STOP_SIGNALS", "ignore_stop_signals"]
 
-LATEST = "latest"
 
 
 def _checkpoint_root(run_dir: str | Path) -> Path:

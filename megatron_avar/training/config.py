@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from megatron_avar.config import refuse_unused_setting
 
-__all__ = ["PRECISIONS", "RECOMPUTE", "OPTIM_RESUME_FIXED", "ModelConfig", "ParallelConfig", "OptimConfig",
-           "CheckpointConfig", "LogConfig"]
+__all__ = ["PRECISIONS", "RECOMPUTE", "OPTIM_RESUME_FIXED", "RESCHEDULABLE", "ModelConfig", "ParallelConfig",
+           "OptimConfig", "CheckpointConfig", "LogConfig"]
 
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE = ("none", "selective", "full")
@@ -25,6 +25,9 @@ RECOMPUTE = ("none", "selective", "full")
 OPTIM_RESUME_FIXED = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "optim.adam_beta1",
                       "optim.adam_beta2", "optim.adam_eps", "train.seed", "train.precision",
                       "parallel.distributed_optimizer")
+# What a resume may change with checkpoint.reschedule=true: the learning-rate schedule and its horizon (a run given
+# more steps). The restored scheduler keeps its step count and follows this config's schedule from there.
+RESCHEDULABLE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay", "train.steps")
 
 
 @dataclass(frozen=True)
@@ -185,13 +188,19 @@ class CheckpointConfig:
     checkpoint's (their fingerprint: record ids, messages, image names relative to their common folder, sizes
     and dimensions — moving the data or touching files does not change it). The position (epoch, row / step)
     is kept and applied to the new data, so the steps after the resume are not those of an unchanged run. With
-    resume=false nothing resumes: accept_data_change=true is refused there."""
+    resume=false nothing resumes: accept_data_change=true is refused there. reschedule: resume with this config's
+    learning-rate schedule (``RESCHEDULABLE``: optim.lr, optim.min_lr, optim.warmup_steps, optim.weight_decay and
+    train.steps, e.g. a run given more steps) instead of refusing it: the restored scheduler keeps its step count
+    and follows the new schedule from the resumed step on (megatron's override of the checkpoint's scheduler), so
+    the learning rate may jump there; the run prints the old and new values. Adam's betas and eps, the seed, the
+    precision and the optimizer sharding stay fixed."""
 
     interval: int = 100
     keep: int = 2
     resume: bool = True
     overwrite: bool = False
     accept_data_change: bool = False
+    reschedule: bool = False
 
     def __post_init__(self):
         if self.interval < 0 or self.keep < 1:
@@ -202,6 +211,8 @@ class CheckpointConfig:
                              "resume")
         refuse_unused_setting(self, "checkpoint.accept_data_change", used=self.resume, here="checkpoint.resume=false",
                               only_with="checkpoint.resume=true", why="when a resume meets changed data")
+        refuse_unused_setting(self, "checkpoint.reschedule", used=self.resume, here="checkpoint.resume=false",
+                              only_with="checkpoint.resume=true", why="when a resume changes the schedule")
 
 
 @dataclass(frozen=True)

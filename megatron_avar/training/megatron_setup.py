@@ -222,9 +222,10 @@ def build_model(qwen_config, parallel, *, dtype: torch.dtype, recompute: str, ro
     return TrainingModel(chunks=chunks, modules=modules)
 
 
-def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype):
+def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dtype, reschedule: bool = False):
     """AdamW (megatron's optimizer: fp32 main params for bf16, grad clipping, optional ZeRO-1) and a cosine
-    schedule with linear warmup; set on ``model``."""
+    schedule with linear warmup; set on ``model``. ``reschedule`` (checkpoint.reschedule): a resumed scheduler
+    state keeps only its step count, the schedule is this one."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -237,5 +238,6 @@ def build_optimizer(model: TrainingModel, optim, *, steps: int, dtype: torch.dty
         model.optimizer, init_lr=0.0 if optim.warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps, lr_decay_steps=max(steps, optim.warmup_steps + 1),
         lr_decay_style="cosine", start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-        wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+        wd_incr_steps=max(steps, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not reschedule, override_opt_param_scheduler=reschedule)
     return model

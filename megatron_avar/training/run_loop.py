@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_avar import atomic_files
+from megatron_avar.training.config import RESCHEDULABLE
 from megatron_avar.training.metrics import WANDB_RUN_FILE, recorded_wandb_run
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
@@ -166,15 +167,26 @@ def plan_start(out: str | Path, checkpoint, *, schedule: dict, steps: int, layou
     _check_layout(out, latest, layout)
     saved = _saved_schedule(state)
     changed = [(name, saved[name], value) for name, value in schedule.items() if name in saved and saved[name] != value]
-    if changed:
-        listed = "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now" for name, old, new in changed)
-        raise ValueError(f"{out} resumes from {latest.name}, whose schedule differs from this config ({listed}). A "
-                         "resumed run keeps the schedule it started with (the restored scheduler and optimizer "
-                         "would silently keep the old values, or could not be read with the new precision or "
-                         "optimizer sharding): set the old values to resume, or start a new run "
-                         "— another out (from an export of this checkpoint: avar convert mcore-to-hf), or "
-                         "checkpoint.resume=false checkpoint.overwrite=true to replace this one")
     start_step = state["step"] + 1
+    listed = lambda pairs: "; ".join(f"{name}: {old!r} in the checkpoint, {new!r} now"  # noqa: E731
+                                     for name, old, new in pairs)
+    if checkpoint.reschedule:
+        rescheduled = [change for change in changed if change[0] in RESCHEDULABLE]
+        changed = [change for change in changed if change[0] not in RESCHEDULABLE]
+        if rescheduled and not changed and layout.is_logging_rank:
+            print(f"{out}: resuming {latest.name} with a new learning-rate schedule from step {start_step + 1} on "
+                  f"(checkpoint.reschedule=true): {listed(rescheduled)}", flush=True)
+    if changed:
+        fix = ("checkpoint.reschedule=true changes only the learning-rate schedule and train.steps"
+               if checkpoint.reschedule else
+               "to change only the learning-rate schedule or train.steps (e.g. to train for more steps) pass "
+               "checkpoint.reschedule=true")
+        raise ValueError(f"{out} resumes from {latest.name}, whose schedule differs from this config "
+                         f"({listed(changed)}). A resumed run keeps the schedule it started with (the restored "
+                         "scheduler and optimizer would silently keep the old values, or could not be read with the "
+                         "new precision or optimizer sharding): set the old values to resume, or start a new run "
+                         "— another out (from an export of this checkpoint: avar convert mcore-to-hf), or "
+                         f"checkpoint.resume=false checkpoint.overwrite=true to replace this one; {fix}")
     return RunStart(resume_from=latest, start_step=start_step, finished=start_step >= steps)
 
 
@@ -205,7 +217,14 @@ def check_run_inputs(config) -> None:
     if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb, or drop "
                          "log.wandb_project")
+    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO, export_hint, not_a_checkpoint_hint
+
     hf_path = config.model.hf_path
+    hint = not_a_checkpoint_hint(hf_path, hf_only=True)
+    if hint is None and (Path(hf_path) / CHECKPOINT_INFO).is_file():
+        hint = export_hint(hf_path)
+    if hint is not None:
+        raise ValueError(f"model.hf_path={hint}")
     if not (Path(hf_path) / "config.json").is_file():
         raise ValueError(f"model.hf_path={hf_path}: no config.json there; give a Hugging Face Qwen2.5-VL "
                          "checkpoint folder")
@@ -352,7 +371,7 @@ def finished_run_summary(out: str | Path, start: RunStart, *, steps: int, announ
 
 
 # Settings of how a run is started, not of what it trains: a resume changing them says nothing.
-_RUN_CONTROL = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.accept_data_change")
+_RUN_CONTROL = ("checkpoint.resume", "checkpoint.overwrite", "checkpoint.accept_data_change", "checkpoint.reschedule")
 
 
 def prepare_run_dir(out: str | Path, start: RunStart, run_config: dict) -> None:
@@ -398,8 +417,8 @@ def _say_changed_settings(previous: Path, run_config: dict, start_step: int) -> 
     changed = [f"{key}: {before[key]!r} -> {now[key]!r}" for key in now
                if key in before and before[key] != now[key] and key not in _RUN_CONTROL]
     if changed:
-        print(f"resumed with settings changed since the last segment, applying from step {start_step}: "
-              f"{'; '.join(changed)}", flush=True)
+        print(f"resumed with settings changed since the last segment, applying from step {start_step + 1} on (as the "
+              f"console counts; step {start_step} in metrics.jsonl): {'; '.join(changed)}", flush=True)
 
 
 def _trim_metrics(path: Path, start_step: int) -> None:
@@ -419,7 +438,8 @@ def _trim_metrics(path: Path, start_step: int) -> None:
 @dataclass
 class LoopOutcome:
     """history: one record per step run ({"step": s, **metrics}, filtered by ``history_filter``);
-    checkpoints: the checkpoints written, in order; stopped_by: the signal that stopped the run early, or None."""
+    checkpoints: the checkpoints this segment wrote that are still there (checkpoint.keep prunes), in order;
+    stopped_by: the signal that stopped the run early, or None."""
 
     history: list[dict]
     checkpoints: list[str]
@@ -521,6 +541,8 @@ def _run_steps(outcome: LoopOutcome, step_fn: Callable[[int], dict[str, float]],
                                         "cp": layout.cp}}
             outcome.checkpoints.append(str(checkpointing.save_checkpoint(
                 run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
+            # those checkpoint.keep pruned are gone (found in review: summary.json listed them)
+            outcome.checkpoints[:] = [path for path in outcome.checkpoints if Path(path).is_dir()]
         if interrupted and not last:  # a signal during the last step: every step ran, the run is finished
             outcome.stopped_by = preemption.received or "signal on another rank"
             if layout.is_logging_rank:

@@ -296,6 +296,17 @@ def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
         assert written["pearson"]["p_value"] == pytest.approx(expected_p, rel=1e-6)
         assert (compare_out / "compare.md").read_text().startswith("| name |")
         assert (compare_out / "vas_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # found in review: accuracies all equal (0 for early or toy models) stopped the comparison with no table
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(dict.fromkeys(accuracies, 0.0)))
+    assert main(["vas", "compare", str(out), str(layer1), str(third), "--accuracy", str(same), "--out",
+                 str(tmp_path / "cmp-same")]) == 0
+    assert "Pearson r (VAS vs accuracy): undefined, the accuracy is the same (0) for every report, n = 3" in \
+        capsys.readouterr().out
+    written = json.loads((tmp_path / "cmp-same" / "compare.json").read_text())
+    assert written["pearson"] == {"r": None, "p_value": None, "n": 3,
+                                  "undefined": "the accuracy is the same for every report"}
+    assert len(written["rows"]) == 3 and not (tmp_path / "cmp-same" / "vas_vs_accuracy.png").exists()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"base": 0.4}))
     assert main(["vas", "compare", str(out), str(layer1), "--accuracy", str(bad)]) == 2

@@ -215,6 +215,29 @@ def test_a_requeued_slurm_job_that_started_over_resumes_its_own_checkpoints(base
         assert (over.resume_from, over.start_step, over.replace_earlier) == (None, 0, True), (job, restarts)
 
 
+def test_a_run_given_more_steps_resumes_with_the_new_schedule_when_asked(base_run, sft_inputs, tmp_path):
+    """Found in review: a finished run could not be given more steps (train.steps sets the schedule's horizon,
+    which a resume keeps), and the only way on, a new run from an export, lost the optimizer state.
+    checkpoint.reschedule=true resumes with this config's learning-rate schedule, at the restored step count;
+    what the schedule does not cover (Adam's betas) stays refused."""
+    run = copy_run(base_run, tmp_path / "run")  # 2 steps, finished
+    refused = run_sft(run, sft_inputs, **{"train.steps": 4})
+    assert refused.returncode == 2 and "pass checkpoint.reschedule=true" in output(refused), output(refused)[-2000:]
+    beta = run_sft(run, sft_inputs, **{"train.steps": 4, "checkpoint.reschedule": True, "optim.adam_beta1": 0.8})
+    assert beta.returncode == 2 and "optim.adam_beta1: 0.9 in the checkpoint, 0.8 now" in output(beta)
+    assert "checkpoint.reschedule=true changes only the learning-rate schedule and train.steps" in output(beta)
+    assert logged_steps(run) == [0, 1]
+    done = run_sft(run, sft_inputs, **{"train.steps": 4, "checkpoint.reschedule": True})
+    assert done.returncode == 0, output(done)[-3000:]
+    assert ("resuming step_00000001 with a new learning-rate schedule from step 3 on (checkpoint.reschedule=true): "
+            "train.steps: 2 in the checkpoint, 4 now") in output(done)
+    records = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(records) == [0, 1, 2, 3]
+    # megatron's cosine schedule over 4 steps after 2 warm-up steps: the peak 1e-3 at step 2, half of it at step 3
+    # (the old 2-step schedule had decayed to its floor, 0, by then)
+    assert [records[step]["optim/lr"] for step in (2, 3)] == pytest.approx([1e-3, 5e-4], rel=1e-9)
+
+
 def test_a_resume_in_another_precision_or_optimizer_sharding_is_refused_by_name(base_run, tmp_path):
     """Found in review: megatron refused these with "lacks parts this model has (...dtype_(torch.bfloat16...)" and
     "Different dict keys encountered in apply_factory_merges", naming neither setting."""

@@ -42,7 +42,7 @@ def _losses(out: Path) -> dict[int, float]:
 def runs(sft_inputs, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     straight, interrupted = root / "straight", root / "interrupted"
-    reference = _sft(straight, sft_inputs)
+    reference = _sft(straight, sft_inputs, **{"checkpoint.keep": 1})  # writes 2 checkpoints (interval 4), keeps 1
     victim = _sft(interrupted, sft_inputs)
     metrics = interrupted / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -76,8 +76,9 @@ def test_signal_stops_at_a_step_with_a_checkpoint(runs):
 
 
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(runs):
-    resumed_from = runs["first_summary"]["last_step"] + 1
-    assert f"(step {resumed_from})" in runs["resumed_output"]
+    resumed_from = runs["first_summary"]["last_step"] + 1  # (a step index; the console counts from 1)
+    assert f"checkpoints/step_{resumed_from - 1:08d}: continuing with step {resumed_from + 1}/{STEPS}" in \
+        runs["resumed_output"]
     straight, interrupted = _losses(runs["straight"]), _losses(runs["interrupted"])
     assert sorted(interrupted) == sorted(straight) == list(range(STEPS))
     for step in range(STEPS):
@@ -90,6 +91,9 @@ def test_checkpoints_are_pruned_and_a_half_written_one_is_ignored(runs, tmp_path
     root = runs["interrupted"] / "checkpoints"
     complete = sorted(p.name for p in root.glob("step_*"))
     assert complete[-1] == f"step_{STEPS - 1:08d}" and len(complete) <= 2  # checkpoint.keep = 2
+    # summary.json lists the checkpoints that are there, not those pruned (found in review: it listed them all)
+    straight = json.loads((runs["straight"] / "summary.json").read_text())["checkpoints"]
+    assert [Path(path).name for path in straight] == [f"step_{STEPS - 1:08d}"]
     copy = tmp_path / "run"
     shutil.copytree(runs["interrupted"], copy)
     crashed = copy / "checkpoints" / f".step_{STEPS + 3:08d}.partial"

@@ -129,7 +129,8 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_curve(slurm_runs):
     stopped_at = int(first.split("stopping after step ")[1].split(":")[0])  # steps done before stopping
     assert 1 <= stopped_at < STEPS, "the signal must stop the run before its last step"
     # Attempt 1: the same command resumed from that checkpoint and ran the remaining steps.
-    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at - 1:08d} (step {stopped_at})" in second
+    checkpoint = f"{run_dir}/checkpoints/step_{stopped_at - 1:08d}"
+    assert f"resumed from {checkpoint}: continuing with step {stopped_at + 1}/{STEPS}" in second
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["start_step"] == stopped_at and summary["last_step"] == STEPS - 1
     assert summary["stopped_by"] is None

@@ -147,7 +147,8 @@ def test_a_resume_says_which_settings_changed_since_the_last_segment(tmp_path, c
     prepare_run_dir(tmp_path, resume, first)
     assert "settings changed" not in capsys.readouterr().out
     prepare_run_dir(tmp_path, resume, {**first, "avar": {"alpha": 0.2, "layers": "all"}})
-    assert "changed since the last segment, applying from step 4: avar.alpha: 0.1 -> 0.2" in capsys.readouterr().out
+    assert ("changed since the last segment, applying from step 5 on (as the console counts; step 4 in "
+            "metrics.jsonl): avar.alpha: 0.1 -> 0.2") in capsys.readouterr().out
     assert json.loads((tmp_path / "config.json").read_text())["avar"]["alpha"] == 0.2
 
 
