@@ -53,6 +53,11 @@ EXPECTED_WARNINGS = (
                     "Apex is never installed: Transformer Engine's norms are used on GPUs, torch's on CPUs"),
     ExpectedWarning(UserWarning, r"full scope is deprecated", r"megatron\.core\.transformer\.transformer_config",
                     "TransformerConfig's own default cuda_graph_scope='full' triggers it; CUDA graphs are not used"),
+    ExpectedWarning(UserWarning, r"If you are using transformer_engine as the transformer implementation, the "
+                                 r"core_attn is from transformer_engine",
+                    r"megatron\.core\.transformer\.transformer_config",
+                    "train.recompute=selective recomputes core_attn, which here is this project's own attention "
+                    "(torch SDPA or the role kernels), never Transformer Engine's fused one"),
     ExpectedWarning(FutureWarning,
                     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
                     r"torch\.distributed\.c10d_logger",

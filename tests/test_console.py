@@ -81,6 +81,10 @@ KNOWN_TEXTS = [
     (UserWarning, "Apex is not installed. Falling back to Torch Norm", "megatron.core.models.gpt.gpt_layer_specs"),
     (UserWarning, "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.",
      "megatron.core.transformer.transformer_config"),
+    (UserWarning, "If you are using transformer_engine as the transformer implementation, the core_attn is from "
+                  "transformer_engine and may be the fused version. For fused attention, you have no need to set "
+                  "'core_attn' to recompute. Please check that the core_attn recompute is really needed.",
+     "megatron.core.transformer.transformer_config"),
     (FutureWarning, "`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
                     "`torch.distributed.all_gather_single` instead.", "torch.distributed.c10d_logger"),
     (FutureWarning, "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` "

@@ -7,6 +7,7 @@ adds for answers in words. math-verify is imported on first use (it is slow to i
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -85,11 +86,24 @@ def has_words(text: str) -> bool:
     return _is_prose(strip_units(text))
 
 
+class _TimeoutOffNotice(logging.Filter):
+    """Drops math-verify's "Timeout is disabled ..." notice: its timeout is off here on purpose (below), and the
+    notice came once per process and module, four times in an `avar synth` run (found in review)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+_NOTICE_FILTER = _TimeoutOffNotice()
+
+
 def _math_verify_kwargs() -> tuple[dict, dict]:
     # math-verify times out with SIGALRM, which only works in the main thread
     # (docs/installation.md, 'Known dependency quirks').
     if threading.current_thread() is threading.main_thread():
         return {}, {}
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_NOTICE_FILTER)  # (a filter added twice is kept once)
     return {"parsing_timeout": None}, {"timeout_seconds": None}
 
 

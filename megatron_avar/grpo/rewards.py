@@ -87,13 +87,15 @@ class RewardConfig:
 class RewardParts:
     """One rollout's reward and its parts. accuracy, format ∈ {0, 1}; visual: v, the rollout's r_visual
     after the configured clip / normalisation, reported even when the gate drops it from ``total``;
-    total = accuracy + λ_v·visual·gate + λ_f·format. answer: the extracted answer (None: none found)."""
+    visual_term: what the visual term added to ``total``, λ_v·visual·gate (0 for a gated-out rollout);
+    total = accuracy + visual_term + λ_f·format. answer: the extracted answer (None: none found)."""
 
     accuracy: float
     format: float
     visual: float
     total: float
     answer: str | None = None
+    visual_term: float = 0.0
 
 
 def format_reward(response: str) -> float:
@@ -127,8 +129,10 @@ def score_rollout(response_text: str, ground_truth: str, r_visual: float,
     form = format_reward(response_text)
     visual = transform_visual(r_visual, config)
     gate = (accuracy > 0) if config.gate_visual_on_correct else True
-    total = accuracy + config.lambda_visual * visual * gate + config.lambda_format * form
-    return RewardParts(accuracy=accuracy, format=form, visual=visual, total=total, answer=graded.answer)
+    visual_term = config.lambda_visual * visual * gate
+    total = accuracy + visual_term + config.lambda_format * form
+    return RewardParts(accuracy=accuracy, format=form, visual=visual, total=total, answer=graded.answer,
+                       visual_term=visual_term)
 
 
 class VisualAnchoredReward:

@@ -17,7 +17,7 @@ from megatron_avar.grpo.rewards import RewardParts
 
 __all__ = ["rollout_stats", "reduce_rollout_stats"]
 
-_SUMS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "reward/r_visual",
+_SUMS = ("reward/total", "reward/accuracy", "reward/format", "reward/visual", "reward/visual_term", "reward/r_visual",
          "response/length_mean", "response/truncated_fraction", "advantage/zero_fraction",
          "logprob/generator_mean_abs_diff")
 _MAXES = ("response/length_max", "logprob/generator_max_abs_diff")
@@ -36,6 +36,7 @@ def rollout_stats(rollouts: Sequence[Rollout], rewards: Sequence[RewardParts], r
     stats = {
         "reward/total": sum(r.total for r in rewards), "reward/accuracy": sum(r.accuracy for r in rewards),
         "reward/format": sum(r.format for r in rewards), "reward/visual": sum(r.visual for r in rewards),
+        "reward/visual_term": sum(r.visual_term for r in rewards),
         "reward/r_visual": float(r_visual.double().sum()), "response/length_mean": float(lengths.sum()),
         "response/truncated_fraction": float(sum(r.finish_reason == "length" for r in rollouts)),
         "advantage/zero_fraction": float((advantages == 0).sum()),

@@ -175,6 +175,12 @@ def grpo_step(step: int, prompts, *, policy: Policy, backend: GenerationBackend,
     dist.all_reduce(generated_total, group=parallel_state.get_data_parallel_group())
     metrics.update(timings)
     metrics["perf/generated_tokens_per_second"] = float(generated_total) / max(timings["perf/generate_seconds"], 1e-9)
+    if metrics["advantage/zero_fraction"] == 1.0 and dist.get_rank() == 0:
+        # (found in review: a run whose every step was this trained nothing, and said nothing)
+        print(f"step {step + 1}: every group's rollouts have equal rewards (reward/total "
+              f"{metrics['reward/total']:.4g}), so every advantage is 0 and this step's update changes nothing "
+              "(e.g. no rollout answered correctly, which also gates out the visual term: reward/visual_term)",
+              flush=True)
     return metrics
 
 

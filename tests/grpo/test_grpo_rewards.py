@@ -58,13 +58,15 @@ def test_parts_and_gated_total():
     wrong = score_rollout("<think>hmm</think><answer>0.4</answer>", "0.5", 2.0, config)
     assert (wrong.accuracy, wrong.format, wrong.visual) == (0.0, 1.0, 2.0)
     assert wrong.total == pytest.approx(0.1)                              # no visual reward for a wrong answer
+    # the visual term as paid: λ_v·v when correct, 0 when gated out (v itself is reported either way)
+    assert (right.visual_term, wrong.visual_term) == (pytest.approx(0.3 * 2.0), 0.0)
     boxed = score_rollout("It is \\boxed{50\\%}", "50", 1.0, config)     # unformatted but right
     assert (boxed.accuracy, boxed.format) == (1.0, 0.0) and boxed.total == pytest.approx(1.3)
     cut = score_rollout("<think>so \\boxed{0.5}", "0.5", 4.0, config)
     assert cut.accuracy == 0.0 and cut.answer is None and cut.total == 0.0
     ungated = score_rollout("<think>hmm</think><answer>0.4</answer>", "0.5", 2.0,
                             RewardConfig(gate_visual_on_correct=False))
-    assert ungated.total == pytest.approx(0.3 * 2.0 + 0.1)
+    assert ungated.total == pytest.approx(0.3 * 2.0 + 0.1) and ungated.visual_term == pytest.approx(0.3 * 2.0)
     symbolic = score_rollout("<think>x</think><answer>2\\sqrt{2}</answer>", "\\sqrt{8}", 0.0, config)
     assert symbolic.accuracy == 1.0 and symbolic.total == pytest.approx(1.1)
     word = score_rollout("<think>x</think><answer>Red</answer>", "red", 0.0, config)

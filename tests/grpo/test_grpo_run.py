@@ -64,6 +64,9 @@ def test_run_completes_logs_and_checkpoints(runs):
         assert line["data/rollouts"] == 6  # 2 prompts x 3 rollouts
         assert 0 <= line["reward/accuracy"] <= 1 and line["reward/r_visual"] > 0
         assert line["advantage/zero_fraction"] < 1 and line["optim/grad_norm"] > 0  # a real update
+        # the visual term paid: λ_v·v on correct rollouts only, so at most λ_v·v over all of them
+        lambda_v = json.loads((root / "full" / "config.json").read_text())["reward"]["lambda_visual"]
+        assert 0 <= line["reward/visual_term"] <= lambda_v * line["reward/visual"] + 1e-12
         for name in ("perf/generate_seconds", "perf/refit_seconds", "perf/logprob_seconds", "perf/update_seconds"):
             assert line[name] > 0
         # The HF generator and the Megatron actor score the same tokens alike (fp32, same weights).
