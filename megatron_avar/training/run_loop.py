@@ -422,16 +422,25 @@ def _say_changed_settings(previous: Path, run_config: dict, start_step: int) -> 
 
 
 def _trim_metrics(path: Path, start_step: int) -> None:
-    """Keep the records of steps < start_step (a torn last line of a crashed run goes too); atomic."""
+    """Keep the records of steps < start_step (a torn last line of a crashed run goes too); atomic. The steps
+    dropped, run by an attempt after its last checkpoint, are named (found in review: a run killed before its
+    first checkpoint started again at step 1 without a word about the steps it had logged)."""
     if not path.is_file():
         return
-    kept = []
+    kept, dropped = [], set()
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] < start_step:
-                kept.append(line)
+            step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             continue
+        if step < start_step:
+            kept.append(line)
+        else:
+            dropped.add(step)
+    if dropped:
+        print(f"{path}: the records of steps {min(dropped) + 1}-{max(dropped) + 1} (as the console counts) came from "
+              "an attempt that ended before checkpointing them; they are dropped and those steps run again",
+              flush=True)
     atomic_files.write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -237,3 +237,18 @@ def test_an_out_that_cannot_be_made_is_one_line_not_a_hang(tmp_path, where):
     with pytest.raises(ValueError, match=rf"cannot make the folder {out} \(.*\): give an output folder on a file "):
         acquire_run_lock(out, is_logging_rank=True)
     assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
+def test_steps_logged_after_the_last_checkpoint_are_named_when_dropped(tmp_path, capsys):
+    """Found in review: a run killed before its first checkpoint started again at step 1, its logged steps gone
+    from metrics.jsonl without a word."""
+    from megatron_avar.training.run_loop import METRICS_FILE, RunStart, prepare_run_dir
+
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text("".join(json.dumps({"step": step, "loss/lm": 1.0}) + "\n" for step in range(4)) + '{"st')
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=2), {"out": "o"})
+    assert "the records of steps 3-4 (as the console counts) came from an attempt that ended before " \
+           "checkpointing them; they are dropped" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [0, 1]
+    prepare_run_dir(tmp_path, RunStart(resume_from=None, start_step=2), {"out": "o"})
+    assert "dropped" not in capsys.readouterr().out  # nothing to drop: nothing said
