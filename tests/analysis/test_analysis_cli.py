@@ -74,12 +74,18 @@ def test_cli_vas_equals_unbatched_eager_probabilities(toy, vas_run):
         assert report["variants"][variant]["vas"] == pytest.approx(sum(values) / len(values), rel=2e-5)
 
 
-def test_vas_exclude_sink_and_layer_subset(toy, vas_run):
-    _, full = vas_run
+@pytest.fixture(scope="module")
+def layer1_run(toy):
+    """A second report: layer 1 only, without the sink."""
     out = toy["root"] / "vas-layer1"
     assert main(["vas", "--model", toy["model"], "--data", toy["data"], "--out", str(out), "--layers", "1",
                  "--exclude-sink", "--name", "layer1"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    return out
+
+
+def test_vas_exclude_sink_and_layer_subset(vas_run, layer1_run):
+    _, full = vas_run
+    report = json.loads((layer1_run / "report.json").read_text())
     assert report["exclude_sink"] and report["layers"] == [1]
     # other batch sizes pad differently: fp32 noise only
     assert report["vas"] == pytest.approx(full["variants"]["sink_excluded"]["vas_per_layer"][1], rel=1e-6)
@@ -258,11 +264,8 @@ def test_vas_compare_and_merge_refuse_the_flags_of_a_vas_run(vas_run, tmp_path, 
     assert "| other |" in (tmp_path / "c2" / "compare.md").read_text()
 
 
-def test_vas_compare_with_accuracies(toy, vas_run, capsys, tmp_path):
-    out, _ = vas_run
-    layer1 = toy["root"] / "vas-layer1"
-    if not (layer1 / "report.json").is_file():
-        pytest.skip("needs test_vas_exclude_sink_and_layer_subset's report")
+def test_vas_compare_with_accuracies(vas_run, layer1_run, capsys, tmp_path):
+    out, layer1 = vas_run[0], layer1_run
     third = tmp_path / "third"
     third.mkdir()
     report = json.loads((out / "report.json").read_text())

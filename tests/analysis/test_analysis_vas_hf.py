@@ -186,6 +186,7 @@ def test_a_prefill_after_generated_tokens_lays_the_batch_out_again(run):
             logits = run["model"](**inputs).logits
     real = inputs["attention_mask"].bool()
     torch.testing.assert_close(logits[real], eager[real], atol=2e-5, rtol=1e-5)
+    assert sorted(masses) == sorted(run["masses"])  # every layer reported (found in review: an empty loop passed)
     for layer, mass in masses.items():
         whole = run["masses"][layer]
         torch.testing.assert_close(mass, whole.permute(0, 2, 1, 3).reshape(-1, *whole.shape[1::2])[rows],
@@ -283,6 +284,7 @@ def test_hook_on_gpu_gives_the_cpu_masses_and_logits(run, monkeypatch, dtype):
             hook.set_batch(roles, on_mass=masses.__setitem__, mass_rows=mass_rows)
             logits = model(**inputs).logits.float().cpu()
         torch.testing.assert_close(logits[real], run["eager_logits"][real], atol=logit_tol, rtol=logit_tol)
+        assert sorted(masses) == sorted(run["masses"])  # every layer reported
         for layer, mass in masses.items():
             whole = run["masses"][layer]
             at_rows = whole.permute(0, 2, 1, 3).reshape(-1, *whole.shape[1::2])[rows]

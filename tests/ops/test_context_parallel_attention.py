@@ -74,9 +74,10 @@ def test_the_ranks_rows_equal_attention_of_the_whole_row(size, packed, query_blo
     want_grads = torch.autograd.grad((want * weights).sum(), inputs)
     got = _by_ranks(*inputs, roles, segments, size)
     got_grads = torch.autograd.grad((got * weights).sum(), inputs)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for got_grad, want_grad in zip(got_grads, want_grads):
-        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    # fp32 sums in another order: errors of order 1e-7 of the tensor's scale, so 1e-5 of the largest |value|
+    # (an element-wise bound failed on one near-zero gradient element, 1.2e-6 off, in 6144: found in review)
+    for got_value, want_value in ((got, want), *zip(got_grads, want_grads)):
+        torch.testing.assert_close(got_value, want_value, rtol=0, atol=1e-5 * float(want_value.abs().max()))
     assert bool((got[roles.t() < 0] == 0).all())  # padding rows give 0
 
 
