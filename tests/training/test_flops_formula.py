@@ -33,3 +33,29 @@ def test_vision_flops_equal_torchs_count_of_hf_vision_tower(grids):
         model.model.visual(pixels, grid_thw=grid)
     forward = training_flops(Qwen25VLConfig.from_hf(config), sample_lengths=[], image_patches=patches) / 3
     assert forward == counter.get_total_flops()
+
+
+def test_text_flops_equal_torchs_count_of_hf_text_model():
+    """The decoder's part (dense matmuls, the output layer, causal attention 2·L·d·s² per forward) against torch's
+    count of Hugging Face's text model on packed samples run one by one (found in review: only the vision part was
+    compared with a count; halving the attention term passed every test). Eager attention multiplies the whole
+    s x s score matrix, the masked upper half too, which the formula leaves out: 2·L·d·s² more per sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
+    from megatron_avar.training.metrics import training_flops
+
+    config = tiny_hf_config()
+    config._attn_implementation = config.text_config._attn_implementation = "eager"  # matmuls the counter sees
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    lengths = [7, 19, 32]
+    counted = 0
+    for length in lengths:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(input_ids=torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length)))
+        counted += counter.get_total_flops()
+    ours = Qwen25VLConfig.from_hf(config)
+    forward = training_flops(ours, sample_lengths=lengths, image_patches=[]) / 3
+    masked_half = 2 * ours.text.num_layers * ours.text.hidden_size * sum(s * s for s in lengths)
+    assert forward + masked_half == counted
