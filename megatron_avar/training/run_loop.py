@@ -548,10 +548,10 @@ def _run_steps(outcome: LoopOutcome, step_fn: Callable[[int], dict[str, float]],
             trainer_state = {"data": data.state_dict(), "metrics": outcome.history[-1], "schedule": schedule,
                              "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp,
                                         "cp": layout.cp}}
-            outcome.checkpoints.append(str(checkpointing.save_checkpoint(
-                run_dir, step, model, trainer_state, keep=checkpoint.keep, describe=describe)))
-            # those checkpoint.keep pruned are gone (found in review: summary.json listed them)
-            outcome.checkpoints[:] = [path for path in outcome.checkpoints if Path(path).is_dir()]
+            written = str(checkpointing.save_checkpoint(run_dir, step, model, trainer_state, keep=checkpoint.keep,
+                                                        describe=describe))
+            # the earlier ones checkpoint.keep pruned are gone (found in review: summary.json listed them)
+            outcome.checkpoints[:] = [path for path in outcome.checkpoints if Path(path).is_dir()] + [written]
         if interrupted and not last:  # a signal during the last step: every step ran, the run is finished
             outcome.stopped_by = preemption.received or "signal on another rank"
             if layout.is_logging_rank:

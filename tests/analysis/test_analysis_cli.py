@@ -433,8 +433,9 @@ def test_bad_input_gives_clear_errors(toy, tmp_path, capsys):
     (megatron / "avar_checkpoint.json").write_text("{}")
     assert "unsupported checkpoint description" in error_of(
         ["vas", "--model", str(megatron), "--data", toy["data"], "--out", str(tmp_path / "o")])
-    assert "Megatron checkpoint: export with avar convert mcore-to-hf first" in error_of(
-        ["intervene", "--model", str(megatron), "--data", toy["data"], "--out", str(tmp_path / "i.json")])
+    export = f"{megatron} is a megatron checkpoint: export it (avar convert mcore-to-hf --mcore-path {megatron}"
+    assert export in error_of(["intervene", "--model", str(megatron), "--data", toy["data"], "--out",
+                               str(tmp_path / "i.json")])
     assert "missing --data" in error_of(["vas", "--model", toy["model"], "--out", str(tmp_path / "o")])
     assert "alpha_sys" in error_of(["intervene", "--model", toy["model"], "--data", toy["data"],
                                     "--out", str(tmp_path / "i.json"), "--alpha-sys", "1.5"])
