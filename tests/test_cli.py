@@ -200,3 +200,28 @@ def test_a_training_run_folder_given_as_a_model_or_checkpoint_is_named_with_the_
         error = capsys.readouterr().err
         assert message in error, error
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_megatron_lm_checkpoint_is_told_apart_from_ours_and_from_a_model_folder(tmp_path, capsys):
+    """One predicate (convert.checkpoint.is_megatron_checkpoint) for every command that takes a model folder. Found
+    in review: three detectors disagreed: a Megatron-LM checkpoint (tracker file, iter_* folders) given to `avar
+    vas` or as model.hf_path was "no config.json", and the export the others advised then failed on it."""
+    foreign = tmp_path / "megatron-lm"
+    (foreign / "iter_0000010").mkdir(parents=True)
+    (foreign / "latest_checkpointed_iteration.txt").write_text("10\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"messages": []}\n')
+    told = f"{foreign} is a Megatron-LM checkpoint that megatron_avar did not write (it has no avar_checkpoint.json"
+    for argv, prefix in (
+            (["convert", "mcore-to-hf", "--mcore-path", str(foreign), "--out", str(tmp_path / "o")], ""),
+            (["vas", "--model", str(foreign), "--data", str(data), "--out", str(tmp_path / "v")], ""),
+            (["intervene", "--model", str(foreign), "--data", str(data), "--out", str(tmp_path / "i.json")],
+             "--model "),
+            (["sft", "--config", "examples/sft/quickstart.yaml", f"model.hf_path={foreign}", f"data.path={data}",
+              f"out={tmp_path / 's'}"], "model.hf_path=")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert prefix + told in error, (argv[0], error)
+        assert "give the Hugging Face model it came from" in error
+    assert not any((tmp_path / name).exists() for name in ("o", "v", "i.json", "s"))

@@ -14,13 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["is_megatron_checkpoint", "run_vas_megatron"]
-
-
-def is_megatron_checkpoint(path: str | Path) -> bool:
-    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO
-
-    return (Path(path) / CHECKPOINT_INFO).is_file()
+__all__ = ["run_vas_megatron"]
 
 
 def run_vas_megatron(config) -> dict:

@@ -1,8 +1,8 @@
 """Open the checkpoint an analysis job names: an HF Qwen2.5-VL directory (model + processor), its identity.
 
-A megatron checkpoint of ours (``avar_checkpoint.json``, or a torch_dist layout without config.json) is
-refused with the conversion command to run first; so is a folder whose JSON files (config, tokenizer, processor)
-do not parse, naming the file (``json`` and ``tokenizers`` name none).
+A megatron checkpoint (``convert.checkpoint.is_megatron_checkpoint``) is refused with the conversion command to
+run first (one Megatron-LM wrote, with the model it came from); so is a folder whose JSON files (config,
+tokenizer, processor) do not parse, naming the file (``json`` and ``tokenizers`` name none).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _LEGACY_HEAD_BYTES = 16 << 20  # what identities before content hashes hashed of
 
 def check_hf_checkpoint(path: str | Path) -> Path:
     """The directory as a Path, or ValueError naming what is wrong with it and the fix."""
-    from megatron_avar.convert.checkpoint import export_hint, not_a_checkpoint_hint
+    from megatron_avar.convert.checkpoint import export_hint, is_megatron_checkpoint, not_a_checkpoint_hint
 
     path = Path(path)
     if not path.is_dir():
@@ -36,9 +36,7 @@ def check_hf_checkpoint(path: str | Path) -> Path:
     hint = not_a_checkpoint_hint(path, hf_only=True)
     if hint is not None:
         raise ValueError(f"--model {hint}")
-    megatron = (path / "avar_checkpoint.json").is_file() or (path / "latest_checkpointed_iteration.txt").is_file() \
-        or (path / ".metadata").is_file() or any(path.glob("iter_*"))
-    if megatron and not (path / "config.json").is_file():
+    if is_megatron_checkpoint(path):
         raise ValueError(f"--model {export_hint(path)}")
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {path}: no config.json; pass an HF Qwen2.5-VL checkpoint directory")

@@ -194,9 +194,9 @@ def _run_vas(config: VASConfig) -> dict:
     import torch
 
     from megatron_avar.analysis.batching import collate_prompts, prompt_samples
-    from megatron_avar.analysis.megatron_vas import is_megatron_checkpoint, run_vas_megatron
+    from megatron_avar.analysis.megatron_vas import run_vas_megatron
     from megatron_avar.analysis.model_loading import check_hf_checkpoint, checkpoint_identity, load_hf_model
-    from megatron_avar.convert.checkpoint import not_a_checkpoint_hint
+    from megatron_avar.convert.checkpoint import is_megatron_checkpoint, not_a_checkpoint_hint
     from megatron_avar.models.hf_inference import pad_token_id
     from megatron_avar.models.layer_sets import parse_layers
 

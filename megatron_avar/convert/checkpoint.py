@@ -26,6 +26,8 @@ TRAINER_STATE = "trainer_state.json"
 RANK_STATE = "rank_state"
 LATEST = "latest"  # in a run's checkpoints/ folder: the name of its newest complete checkpoint
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16}  # safetensors / avar_checkpoint.json names -> torch dtypes
+# Files only a megatron checkpoint has at its top: ours, Megatron-LM's iteration tracker, torch_dist's metadata.
+_MEGATRON_FILES = (CHECKPOINT_INFO, "latest_checkpointed_iteration.txt", ".metadata")
 
 
 def checkpoint_dtype(hf_dir: Path) -> torch.dtype:
@@ -168,11 +170,28 @@ def not_a_checkpoint_hint(path: str | Path, *, hf_only: bool = False) -> str | N
     return None
 
 
+def is_megatron_checkpoint(path: str | Path) -> bool:
+    """Whether the folder ``path`` is a megatron checkpoint rather than a Hugging Face model folder: one of ours
+    (``avar_checkpoint.json``) or one Megatron-LM wrote (its iteration tracker, torch_dist's ``.metadata``, or
+    ``iter_*`` folders). The one test every command that takes a model folder uses to tell the two apart."""
+    path = Path(path)
+    return path.is_dir() and (any((path / name).is_file() for name in _MEGATRON_FILES)
+                              or any(child.is_dir() for child in path.glob("iter_*")))
+
+
 def export_hint(path: str | Path, *, its: str = "") -> str:
     """The fix for a megatron checkpoint ``path`` given where a Hugging Face model folder belongs (``its``: how to
-    name it when it is not what was given)."""
+    name it when it is not what was given). One megatron_avar did not write cannot be exported by it."""
+    if not its and not (Path(path) / CHECKPOINT_INFO).is_file():
+        return _foreign_hint(path)
     named = f"export {its}" if its else f"{path} is a megatron checkpoint: export it"
     return f"{named} (avar convert mcore-to-hf --mcore-path {path} --out DIR) and give DIR"
+
+
+def _foreign_hint(path: str | Path) -> str:
+    return (f"{path} is a Megatron-LM checkpoint that megatron_avar did not write (it has no {CHECKPOINT_INFO}, "
+            "which names the model and layout it holds): give the Hugging Face model it came from (avar convert "
+            "hf-to-mcore makes a megatron checkpoint of it when one is needed)")
 
 
 def read_checkpoint_info(mcore_dir: Path) -> dict:
@@ -185,6 +204,7 @@ def read_checkpoint_info(mcore_dir: Path) -> dict:
     path = Path(mcore_dir) / CHECKPOINT_INFO
     if not path.is_file():
         raise ValueError(not_a_checkpoint_hint(mcore_dir) or
+                         (_foreign_hint(mcore_dir) if is_megatron_checkpoint(mcore_dir) else None) or
                          f"{mcore_dir} has no {CHECKPOINT_INFO}: not a megatron checkpoint (`avar convert "
                          "hf-to-mcore` output, or a training run's checkpoints/step_00000007)")
     try:

@@ -217,11 +217,11 @@ def check_run_inputs(config) -> None:
     if config.log.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError("log.wandb_project is set but wandb is not installed: pip install wandb, or drop "
                          "log.wandb_project")
-    from megatron_avar.convert.checkpoint import CHECKPOINT_INFO, export_hint, not_a_checkpoint_hint
+    from megatron_avar.convert.checkpoint import export_hint, is_megatron_checkpoint, not_a_checkpoint_hint
 
     hf_path = config.model.hf_path
     hint = not_a_checkpoint_hint(hf_path, hf_only=True)
-    if hint is None and (Path(hf_path) / CHECKPOINT_INFO).is_file():
+    if hint is None and is_megatron_checkpoint(hf_path):
         hint = export_hint(hf_path)
     if hint is not None:
         raise ValueError(f"model.hf_path={hint}")
