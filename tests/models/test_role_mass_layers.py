@@ -145,6 +145,8 @@ def _results(tp):
     with torch.no_grad():
         out["eager"] = hf(**inputs, mm_token_type_ids=(inputs["input_ids"] == IMAGE).int(),
                           output_attentions=True).attentions
+    out["standard_layers"]["hf_eager_layer_1"] = _hf_eager_logits_edited(hf, inputs, roles,
+                                                                         out["standard_layers"]["edits"], layer=1)
     parallel_state.destroy_model_parallel()
     dist.barrier()
     return out
@@ -152,7 +154,9 @@ def _results(tp):
 
 def _standard_layers(config, hf, inputs, roles):
     """Layer 1 the only AVAR layer: how often the fused kernel runs in fused mode, the logits under logit edits
-    meant for every AVAR layer, for layer 1 alone, and none, and the refusal of a sink without token roles."""
+    meant for every AVAR layer, for layer 1 alone, and none (HF's reference is computed later, with eager
+    attention: _hf_eager_logits_edited), and the refusal of a sink without token roles."""
+    from megatron_avar.analysis.intervention import intervention_query_mask
     from megatron_avar.models import role_mass_attention
     from megatron_avar.models.qwen2_5_vl.hf_mapping import load_hf_state_dict
     from megatron_avar.models.role_mass_attention import RoleLogitEdits
@@ -167,7 +171,10 @@ def _standard_layers(config, hf, inputs, roles):
         _run(model, inputs, roles, mass_mode="fused")
     finally:
         role_mass_attention.role_attention = fused_kernel
-    edits = RoleLogitEdits(query_mask=roles >= 0, bias=torch.tensor([0.0, 2.0, -1.0, 0.5, 0.0]))
+    # the intervention's query rows (text after the first image), so an edit of other rows differs from HF's
+    edits = RoleLogitEdits(query_mask=intervention_query_mask(roles, "user_text_and_response"),
+                           bias=torch.tensor([0.0, 2.0, -1.0, 0.5, 0.0]))
+    assert 0 < int(edits.query_mask.sum()) < int((roles >= 0).sum())
 
     def logits(layers=None, edit=True):
         with torch.no_grad():
@@ -181,7 +188,32 @@ def _standard_layers(config, hf, inputs, roles):
     except ValueError as error:
         refusal = str(error)
     return dict(fused_calls=len(calls), every_avar_layer=logits(), layer_1=logits(frozenset({1})),
-                unedited=logits(edit=False), real=inputs["attention_mask"].bool(), refusal=refusal)
+                unedited=logits(edit=False), real=inputs["attention_mask"].bool(), refusal=refusal,
+                edits=edits)
+
+
+def _hf_eager_logits_edited(hf, inputs, roles, edits, layer: int):
+    """HF's eager logits with the edit ``edits`` (a RoleLogitEdits of biases) describes written as an additive
+    attention mask of decoder layer ``layer``: bias[role of key j] added to the logit of (i, j) on the rows i of
+    ``edits.query_mask``. The reference of the megatron model's edits, computed by no code of ours."""
+    key_bias = torch.where(roles >= 0, edits.bias[roles.clamp(min=0)], 0.0)  # [B, S]
+    edit = edits.query_mask[:, None, :, None].float() * key_bias[:, None, None, :]  # [B, 1, S, S]
+    seen = []
+
+    def add_edit(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dtype.is_floating_point and mask.shape[-2:] == edit.shape[-2:], mask
+        seen.append(1)
+        return args, {**kwargs, "attention_mask": mask + edit.to(mask.dtype)}
+
+    attention = hf.model.language_model.layers[layer].self_attn
+    handle = attention.register_forward_pre_hook(add_edit, with_kwargs=True)
+    try:
+        logits = hf_logits(hf, inputs)
+    finally:
+        handle.remove()
+    assert seen == [1]
+    return logits
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +305,10 @@ def test_standard_layers_run_plain_attention_in_every_mode(tp1):
     real = standard["real"]
     assert torch.equal(standard["every_avar_layer"], standard["layer_1"])
     assert (standard["layer_1"] - standard["unedited"])[real].abs().max() > 1e-3  # the edits did change layer 1
+    # and changed it as the same bias in HF's eager attention of layer 1 does (found in review: "changed" alone
+    # passed a bias applied to the wrong roles, rows or layer)
+    reference = standard["hf_eager_layer_1"]
+    assert ((standard["layer_1"] - reference)[real].abs().max() / reference[real].abs().max()) < RELATIVE_TOLERANCE
     assert standard["refusal"] == "mass_sink and logit_edits need token_roles (TokenRole per token)"
 
 
