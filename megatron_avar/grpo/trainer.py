@@ -288,10 +288,15 @@ def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dic
     from megatron_avar.grpo.prompts import PromptLoader, build_prompt_processor
     from megatron_avar.grpo.rewards import VisualAnchoredReward
     from megatron_avar.models.qwen2_5_vl import Qwen25VLConfig
-    from megatron_avar.training import checkpointing
     from megatron_avar.training.megatron_setup import build_model, build_optimizer
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import enter_run_dir, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (
+        enter_run_dir,
+        finished_run_summary,
+        hf_export_describer,
+        resume_checkpoint,
+        run_steps,
+    )
 
     parallel = config.parallel
     out = Path(config.out)
@@ -334,15 +339,9 @@ def _train(config: GRPOConfig, layout, start, schedule: dict, preemption) -> dic
         reference_model = build_model(qwen_config, parallel, dtype=dtype, recompute="none",
                                       role_mass_layers=visual_layers, hf_path=config.model.hf_path, trainable=False)
         reference = policy_of(reference_model)
-    start_step = 0
+    start_step = start.start_step
     if resume_from is not None:
-        state = checkpointing.load_checkpoint(resume_from, model)
-        prompts.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
-        start_step = state["step"] + 1
-        if layout.is_logging_rank:
-            # (numbered as the console numbers steps, from 1: found in review, "(step 4)" was then "step 5/8")
-            print(f"resumed from {resume_from}: continuing with step {start_step + 1}/{config.train.steps}",
-                  flush=True)
+        resume_checkpoint(config, start, model, prompts, layout=layout)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, tokenizer=processor.tokenizer, layout=layout, dtype=dtype,

@@ -262,9 +262,14 @@ def _train(config: SFTConfig, layout, start, schedule: dict, preemption) -> dict
     from megatron.core import parallel_state
 
     from megatron_avar.config import config_to_dict
-    from megatron_avar.training import checkpointing
     from megatron_avar.training.metrics import MetricsLogger
-    from megatron_avar.training.run_loop import enter_run_dir, finished_run_summary, hf_export_describer, run_steps
+    from megatron_avar.training.run_loop import (
+        enter_run_dir,
+        finished_run_summary,
+        hf_export_describer,
+        resume_checkpoint,
+        run_steps,
+    )
 
     out = Path(config.out)
     if start.finished:
@@ -273,15 +278,9 @@ def _train(config: SFTConfig, layout, start, schedule: dict, preemption) -> dict
     resume_from = start.resume_from
     run = build_run(config, layout, load_hf_weights=resume_from is None)
     model, data, qwen_config, avar_layers, dtype = run.model, run.data, run.qwen_config, run.avar_layers, run.dtype
-    start_step = 0
+    start_step = start.start_step
     if resume_from is not None:
-        state = checkpointing.load_checkpoint(resume_from, model)
-        data.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
-        start_step = state["step"] + 1
-        if layout.is_logging_rank:
-            # (numbered as the console numbers steps, from 1: found in review, "(step 4)" was then "step 5/8")
-            print(f"resumed from {resume_from}: continuing with step {start_step + 1}/{config.train.steps}",
-                  flush=True)
+        resume_checkpoint(config, start, model, data, layout=layout)
     enter_run_dir(config, start, layout=layout)  # every refusal passed
 
     describe = hf_export_describer(config.model.hf_path, tokenizer=data.processor.tokenizer, layout=layout,

@@ -32,7 +32,7 @@ from megatron_avar.training.config import RESCHEDULABLE
 from megatron_avar.training.metrics import WANDB_RUN_FILE, recorded_wandb_run
 from megatron_avar.training.run_lock import acquire_run_lock, release_run_lock
 
-__all__ = ["run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir",
+__all__ = ["run_steps", "hf_export_describer", "RunStart", "plan_start", "prepare_run_dir", "resume_checkpoint",
            "enter_run_dir", "finished_run_summary", "schedule_record", "nonfinite_update", "NonFiniteUpdateError",
            "begin_run", "holding_run", "check_run_inputs"]
 
@@ -330,6 +330,21 @@ def _check_same_model(checkpoint: Path, hf_path: str | Path) -> None:
     raise ValueError(f"{checkpoint} was trained from another model than model.hf_path={hf_path} ({differ}). A run "
                      "resumes with the model it started from: set model.hf_path to it, or start a new run "
                      "(another out, or checkpoint.resume=false checkpoint.overwrite=true)")
+
+
+def resume_checkpoint(config, start: RunStart, model, data, *, layout) -> None:
+    """Both trainers, when ``start`` resumes (collective): load its checkpoint into ``model`` (weights, optimizer,
+    scheduler, this rank's RNG) and the data position into ``data`` (its ``load_state_dict``), then say on the
+    logging rank where the run goes on (steps numbered from 1, as the console numbers them: found in review,
+    "(step 4)" was then "step 5/8")."""
+    from megatron_avar.training import checkpointing
+
+    assert start.resume_from is not None, "resume_checkpoint on a run that starts at step 0"
+    state = checkpointing.load_checkpoint(start.resume_from, model)
+    data.load_state_dict(state["data"], accept_data_change=config.checkpoint.accept_data_change)
+    if layout.is_logging_rank:
+        print(f"resumed from {start.resume_from}: continuing with step {start.start_step + 1}/{config.train.steps}",
+              flush=True)
 
 
 def enter_run_dir(config, start: RunStart, *, layout) -> None:
