@@ -19,7 +19,7 @@ from megatron_avar.grpo.rewards import RewardConfig
 from megatron_avar.training.config import (
     OPTIM_RESUME_FIXED,
     PRECISIONS,
-    RECOMPUTE,
+    RECOMPUTE_MODES,
     CheckpointConfig,
     LogConfig,
     ModelConfig,
@@ -132,8 +132,8 @@ class GRPOTrainConfig:
                              f"train.updates_per_step ({self.updates_per_step})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
         check_seed(self.seed, "train.seed")
 
 

@@ -8,7 +8,7 @@ from megatron_avar.config import check_seed
 from megatron_avar.training.config import (
     OPTIM_RESUME_FIXED,
     PRECISIONS,
-    RECOMPUTE,
+    RECOMPUTE_MODES,
     CheckpointConfig,
     LogConfig,
     ModelConfig,
@@ -42,8 +42,8 @@ class TrainConfig:
             raise ValueError("train.steps and train.global_batch_size must be >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: allowed {', '.join(PRECISIONS)}")
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE)}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"train.recompute={self.recompute!r}: allowed {', '.join(RECOMPUTE_MODES)}")
         check_seed(self.seed, "train.seed")
 
 

@@ -8,12 +8,12 @@ import math
 from dataclasses import dataclass
 
 from megatron_avar.config import refuse_unused_setting
+from megatron_avar.models.qwen2_5_vl.config import RECOMPUTE_MODES
 
-__all__ = ["PRECISIONS", "RECOMPUTE", "OPTIM_RESUME_FIXED", "RESCHEDULABLE", "ModelConfig", "ParallelConfig",
+__all__ = ["PRECISIONS", "RECOMPUTE_MODES", "OPTIM_RESUME_FIXED", "RESCHEDULABLE", "ModelConfig", "ParallelConfig",
            "OptimConfig", "CheckpointConfig", "LogConfig"]
 
 PRECISIONS = ("fp32", "bf16")
-RECOMPUTE = ("none", "selective", "full")
 
 # What a resumed run must keep unchanged: the restored learning-rate schedule (peak, floor, warmup, decay
 # horizon = train.steps, weight decay), the optimizer's restored param groups (Adam's betas and eps) and RNG
