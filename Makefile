@@ -20,9 +20,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.py Makefile | cksum | cut -d' ' -f
 PYTEST_ARGS ?=
 # The suite runs in PYTEST_WORKERS processes (pytest-xdist), each test file whole in one of them (its module
 # fixtures built once); many tests spend most of their time starting processes, which leaves a core idle, so two
-# workers on 2 cores take ~0.6x the time of one. Files are handed out in collection order, the longest first
-# (tests/conftest.py), so neither worker ends alone in a long file. PYTEST_WORKERS=0 runs it in this process (pdb,
-# -x, profiling).
+# workers on 2 cores take ~0.6x the time of one. PYTEST_WORKERS=0 runs it in this process (pdb, -x, profiling).
 PYTEST_WORKERS ?= 2
 
 .PHONY: test lint quickstart setup clean-venv
@@ -50,7 +48,7 @@ lint: $(STAMP)
 	$(VENV)/bin/basedpyright
 
 test: lint
-	$(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
 	$(VPY) -m megatron_avar quickstart --out runs/quickstart --overwrite

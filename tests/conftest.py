@@ -27,22 +27,7 @@ def pytest_configure(config):
     console.install_warning_filters()
 
 
-# The longest test files, with their seconds on 2 CPU cores (measured 2026-12-07), run first: `make test` hands whole
-# files to its two workers in collection order (--dist loadfile --no-loadscope-reorder), so both end with short
-# files instead of one running a 5-minute file alone at the end. Order only: a stale entry costs time, no result.
-LONGEST_FILES = {
-    "tests/faults/test_resume_faults.py": 328, "tests/sft/test_sft_layouts.py": 303,
-    "tests/faults/test_bf16_runs.py": 274, "tests/test_quickstart.py": 234, "tests/slurm/test_slurm_sft.py": 217,
-    "tests/faults/test_kill_faults.py": 213, "tests/grpo/test_grpo_run.py": 165,
-    "tests/synth/test_synth_pipeline.py": 153, "tests/slurm/test_slurm_synth.py": 145,
-    "tests/faults/test_sft_run_faults.py": 133, "tests/test_gpu_check.py": 130, "tests/slurm/test_sweep.py": 129,
-    "tests/plan/test_plan_measured.py": 115, "tests/faults/test_checkpoint_portability.py": 78,
-    "tests/test_convert.py": 68, "tests/slurm/test_slurm_grpo.py": 63,
-}
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -LONGEST_FILES.get(item.nodeid.split("::")[0], 0))  # stable: the rest as collected
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
